@@ -1,0 +1,226 @@
+"""The optimisation loop shared by the attacks: T independent problems as one batched problem.
+
+The objective returns one loss per problem; the loop sums them before `backward`, which keeps
+the problems independent (each problem's variables only receive its own gradient), and the
+optimisers act per coordinate (Adam) or per problem (the batched L-BFGS below), so a batch of
+T problems gives the same result as T separate runs, only faster.
+
+Nothing in the inner loop moves data to the host: the time budget, NaN detection and progress
+are checked every `check_every` iterations (the only synchronisations), and the learning rate
+schedule is computed on the host from the iteration number.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from fedleak.attacks.types import Budget
+
+# objective(variables, iteration) -> (total loss [T], matching loss [T]); iteration None asks for
+# the final evaluation (full matching, no stochastic terms such as gradient dropout).
+Objective = Callable[[Sequence[Tensor], int | None], tuple[Tensor, Tensor]]
+
+
+@dataclass(frozen=True)
+class StepDecay:
+    """IG's schedule: the rate times `decay` at each milestone (fractions of the iterations);
+    with `stages` > 1 the schedule restarts at the start of each equal stage (stepwise)."""
+
+    learning_rate: float
+    milestones: tuple[float, ...] = (3 / 8, 5 / 8, 7 / 8)
+    decay: float = 0.1
+    stages: int = 1
+
+    def rate(self, iteration: int, total: int) -> float:
+        """The learning rate at `iteration` of `total`."""
+        length = max(1, math.ceil(total / self.stages))
+        position = (iteration % length) / length
+        passed = sum(position >= m for m in self.milestones)
+        return self.learning_rate * self.decay**passed
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How to optimise: `adam` (optionally on gradient signs) or `lbfgs`; `box` projects the
+    first variable (the inputs) after each step."""
+
+    optimizer: str = "adam"
+    schedule: StepDecay = StepDecay(0.1)
+    signed: bool = True
+    box: tuple[float, float] | None = None
+    history: int = 100
+    check_every: int = 50
+    description: str = "inversion"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The optimised variables (detached, the last finite iterate for diverged problems), the
+    final matching loss per problem (+inf where diverged), and what the run used."""
+
+    variables: list[Tensor]
+    matching: Tensor
+    diverged: Tensor
+    iterations: int
+    seconds: float
+    stopped_by: str
+
+
+class BatchedLBFGS:
+    """L-BFGS with fixed step size (DLG's setting: no line search) and a separate curvature
+    history per problem, so that stacked problems do not influence each other.
+
+    Pairs with non-positive curvature are stored with rho = 0, which makes them no-ops in the
+    two-loop recursion for that problem only.
+    """
+
+    def __init__(self, variables: Sequence[Tensor], lr: float, history: int) -> None:
+        self.variables = list(variables)
+        self.lr = lr
+        self.history = history
+        self.problems = self.variables[0].shape[0]
+        self.s: list[Tensor] = []
+        self.y: list[Tensor] = []
+        self.rho: list[Tensor] = []
+        self.gamma: Tensor | None = None
+        self.previous_gradient: Tensor | None = None
+        self.previous_step: Tensor | None = None
+
+    def _flat_gradient(self) -> Tensor:
+        grads = [
+            torch.zeros_like(v) if v.grad is None else v.grad for v in self.variables
+        ]
+        return torch.cat([g.reshape(self.problems, -1) for g in grads], dim=1)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One step from the gradients stored in `.grad` (non-finite entries count as 0)."""
+        g = torch.nan_to_num(self._flat_gradient(), nan=0.0, posinf=0.0, neginf=0.0)
+        if self.previous_gradient is not None and self.previous_step is not None:
+            s, y = self.previous_step, g - self.previous_gradient
+            ys = (y * s).sum(dim=1)
+            valid = ys > 1e-10
+            self.s.append(s)
+            self.y.append(y)
+            self.rho.append(torch.where(valid, 1.0 / ys.clamp_min(1e-10), 0.0))
+            gamma = ys / (y * y).sum(dim=1).clamp_min(1e-30)
+            previous = torch.ones_like(gamma) if self.gamma is None else self.gamma
+            self.gamma = torch.where(valid, gamma, previous)
+            if len(self.s) > self.history:
+                self.s.pop(0), self.y.pop(0), self.rho.pop(0)
+        q = g.clone()
+        alphas = []
+        for s, y, rho in zip(reversed(self.s), reversed(self.y), reversed(self.rho), strict=True):
+            alpha = rho * (s * q).sum(dim=1)
+            q -= alpha[:, None] * y
+            alphas.append(alpha)
+        if self.gamma is not None:
+            q *= self.gamma[:, None]
+        for (s, y, rho), alpha in zip(
+            zip(self.s, self.y, self.rho, strict=True), reversed(alphas), strict=True
+        ):
+            beta = rho * (y * q).sum(dim=1)
+            q += s * (alpha - beta)[:, None]
+        if self.previous_gradient is None:
+            # As torch.optim.LBFGS: the first step is scaled by min(1, 1/|g|_1).
+            scale = (1.0 / g.abs().sum(dim=1).clamp_min(1e-30)).clamp(max=1.0)
+            step = -self.lr * scale[:, None] * q
+        else:
+            step = -self.lr * q
+        offset = 0
+        for v in self.variables:
+            size = v[0].numel()
+            v += step[:, offset : offset + size].reshape(v.shape)
+            offset += size
+        self.previous_gradient, self.previous_step = g, step
+
+
+def _finite_per_problem(variables: Sequence[Tensor], loss: Tensor) -> Tensor:
+    finite = torch.isfinite(loss)
+    for v in variables:
+        finite &= torch.isfinite(v.reshape(v.shape[0], -1)).all(dim=1)
+    return finite
+
+
+def _keep(snapshot: list[Tensor], variables: Sequence[Tensor], finite: Tensor) -> None:
+    for kept, v in zip(snapshot, variables, strict=True):
+        mask = finite.reshape((-1,) + (1,) * (v.dim() - 1))
+        kept.copy_(torch.where(mask, v.detach(), kept))
+
+
+def optimise(
+    objective: Objective,
+    variables: Sequence[Tensor],
+    settings: Settings,
+    budget: Budget,
+) -> Outcome:
+    """Minimise the summed per-problem objective over `variables` (each [T, ...], leaves
+    requiring grad) within the budget, keeping the last finite iterate of each problem."""
+    variables = [v.detach().clone().requires_grad_(True) for v in variables]
+    snapshot = [v.detach().clone() for v in variables]
+    total = max(0, int(budget.max_iterations))
+    adam = settings.optimizer == "adam"
+    if adam:
+        optimizer: torch.optim.Adam | BatchedLBFGS = torch.optim.Adam(
+            variables, lr=settings.schedule.learning_rate
+        )
+    else:
+        optimizer = BatchedLBFGS(variables, settings.schedule.learning_rate, settings.history)
+    start = time.perf_counter()
+    stopped_by, iteration = "iterations", 0
+    progress = tqdm(
+        total=total, desc=settings.description, disable=not budget.show_progress, leave=False
+    )
+    try:
+        while iteration < total:
+            for v in variables:
+                v.grad = None
+            loss, matching = objective(variables, iteration)
+            loss.sum().backward()
+            if adam:
+                for v in variables:
+                    if v.grad is not None:
+                        torch.nan_to_num_(v.grad, nan=0.0, posinf=0.0, neginf=0.0)
+                        if settings.signed:
+                            v.grad.sign_()
+                rate = settings.schedule.rate(iteration, total)
+                for group in optimizer.param_groups:  # type: ignore[union-attr]
+                    group["lr"] = rate
+            optimizer.step()
+            if settings.box is not None:
+                with torch.no_grad():
+                    variables[0].clamp_(*settings.box)
+            iteration += 1
+            if iteration % settings.check_every == 0 or iteration == total:
+                finite = _finite_per_problem(variables, matching.detach())
+                _keep(snapshot, variables, finite)
+                progress.update(iteration - progress.n)
+                if budget.show_progress:
+                    progress.set_postfix(matching=f"{matching.detach().mean().item():.4g}")
+                if not bool(finite.any()):
+                    stopped_by = "nan"
+                    break
+                if time.perf_counter() - start > budget.max_seconds:
+                    stopped_by = "seconds"
+                    break
+    finally:
+        progress.close()
+    with torch.no_grad():  # torch.func.grad inside still differentiates w.r.t. the weights
+        matching = objective(snapshot, None)[1].detach()
+    diverged = ~torch.isfinite(matching)
+    matching = torch.where(diverged, torch.full_like(matching, math.inf), matching)
+    return Outcome(
+        variables=snapshot,
+        matching=matching,
+        diverged=diverged,
+        iterations=iteration,
+        seconds=time.perf_counter() - start,
+        stopped_by=stopped_by,
+    )

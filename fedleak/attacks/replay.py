@@ -1,0 +1,230 @@
+"""The client's computation replayed on dummy data, for many independent problems at once.
+
+A problem is one guess of a private batch (b images + labels) whose update is matched to one
+observed update. T problems (targets x restarts) are stacked along a leading dimension and
+pushed through `torch.func.vmap` over `grad`, so their dummy updates come out in one call and
+stay differentiable with respect to the dummy inputs (double backward through vmap).
+
+BatchNorm layers are replaced by `InversionBatchNorm`, which normalises per problem and
+realises GradAttack's three threat models for the batch statistics: `exact` (the client's
+shared statistics), `infer` (the dummy batch's own statistics, as the client computed them)
+and `proxy` (the model's running statistics).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from fedleak.attacks.types import UpdateKind
+
+Statistics = list[tuple[Tensor, Tensor]]
+
+_BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+BN_MODES: tuple[str, ...] = ("exact", "infer", "proxy")
+
+
+class ReplayError(ValueError):
+    """The client's computation cannot be replayed as asked (e.g. per-sample with BatchNorm)."""
+
+
+class InversionBatchNorm(nn.Module):
+    """BatchNorm in training mode that normalises with the statistics of a threat model.
+
+    `exact`: the forward values use the client's statistics while derivatives flow as through
+    the batch's own statistics (straight-through), so the dummy update has the client's
+    structure and equals it when the dummy batch is the private one. Every forward appends the
+    batch statistics to `record` when it is a list (for the BatchNorm prior).
+    """
+
+    def __init__(self, source: nn.Module, mode: str) -> None:
+        super().__init__()
+        self.mode = mode
+        self.eps = float(source.eps)
+        self.weight = source.weight
+        self.bias = source.bias
+        running_mean = source.running_mean
+        running_var = source.running_var
+        channels = source.num_features
+        if running_mean is None:  # track_running_stats=False: the prior falls back to N(0, 1)
+            running_mean, running_var = torch.zeros(channels), torch.ones(channels)
+        self.register_buffer("running_mean", running_mean.detach().clone())
+        self.register_buffer("running_var", running_var.detach().clone())
+        self.exact: tuple[Tensor, Tensor] | None = None
+        self.record: list[tuple[Tensor, Tensor]] | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        dims = [d for d in range(x.dim()) if d != 1]
+        mean = x.mean(dim=dims)
+        var = x.var(dim=dims, unbiased=False)
+        if self.record is not None:
+            self.record.append((mean, var))
+        if self.mode == "proxy":
+            mean, var = self.running_mean, self.running_var
+        elif self.mode == "exact":
+            if self.exact is None:
+                raise ReplayError("BatchNorm mode 'exact' needs the client's batch statistics")
+            mean = mean + (self.exact[0] - mean).detach()
+            var = var + (self.exact[1] - var).detach()
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        out = (x - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + self.eps)
+        if self.weight is not None:
+            out = out * self.weight.reshape(shape) + self.bias.reshape(shape)
+        return out
+
+
+def _swap_batchnorm(module: nn.Module, mode: str) -> list[tuple[str, InversionBatchNorm]]:
+    swapped = []
+    for name, child in list(module.named_modules()):
+        if isinstance(child, _BATCHNORM):
+            parent_name, _, attr = name.rpartition(".")
+            parent = module.get_submodule(parent_name) if parent_name else module
+            replacement = InversionBatchNorm(child, mode)
+            setattr(parent, attr, replacement)
+            swapped.append((name, replacement))
+    return swapped
+
+
+@dataclass(frozen=True)
+class ClientProtocol:
+    """What the client declared: FedSGD (`gradient`, one batch gradient) or FedAvg (`delta`,
+    `local_steps` SGD steps of `batch_size` on N-cyclic mini-batches, step k starting at sample
+    k * batch_size mod N, as `fedleak.client.update` computes it)."""
+
+    kind: UpdateKind
+    local_steps: int = 1
+    batch_size: int = 1
+    learning_rate: float = 0.1
+
+
+@dataclass(frozen=True)
+class ReplayOutput:
+    """Dummy updates [T, ...] per parameter, per-sample gradients [T, b, ...] when asked, and
+    each BatchNorm layer's dummy batch statistics (mean, var) [T, C] at w_t."""
+
+    update: list[Tensor]
+    per_sample: list[Tensor] | None
+    statistics: Statistics
+
+
+class Replay:
+    """The client's update as a differentiable function of T stacked dummy batches."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        protocol: ClientProtocol,
+        bn_mode: str = "infer",
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if bn_mode not in BN_MODES:
+            raise ReplayError(f"bn_mode={bn_mode!r}: allowed {', '.join(BN_MODES)}")
+        self.model = copy.deepcopy(model).train()
+        # Shared statistics describe the whole batch at w_t; FedAvg's later steps see other
+        # weights and mini-batches, so there they only serve the prior.
+        normalise = "infer" if bn_mode == "exact" and protocol.kind == "delta" else bn_mode
+        self._batchnorms = _swap_batchnorm(self.model, normalise)
+        self.model.to(device)
+        self.protocol = protocol
+        self.bn_mode = bn_mode
+        self.params = {name: p.detach() for name, p in self.model.named_parameters()}
+        self.names = list(self.params)
+
+    @property
+    def has_batchnorm(self) -> bool:
+        """Whether the model normalises with batch statistics (samples are coupled)."""
+        return bool(self._batchnorms)
+
+    @property
+    def batchnorm_names(self) -> list[str]:
+        """Module names of the BatchNorm layers, in forward order of definition."""
+        return [name for name, _ in self._batchnorms]
+
+    def running_statistics(self) -> Statistics:
+        """The model's running (mean, var) of each BatchNorm layer: the prior of `infer`."""
+        return [(bn.running_mean, bn.running_var) for _, bn in self._batchnorms]
+
+    def _loss(
+        self, params: dict[str, Tensor], x: Tensor, y: Tensor, record: bool
+    ) -> tuple[Tensor, tuple[tuple[Tensor, Tensor], ...]]:
+        recorded: list[tuple[Tensor, Tensor]] = []
+        for _, bn in self._batchnorms:
+            bn.record = recorded if record else None
+        try:
+            logits = functional_call(self.model, params, (x,))
+        finally:
+            for _, bn in self._batchnorms:
+                bn.record = None
+        return F.cross_entropy(logits, y), tuple(recorded)
+
+    def _problem(
+        self, params: dict[str, Tensor], x: Tensor, y: Tensor, exact: Statistics | None
+    ) -> tuple[list[Tensor], tuple[tuple[Tensor, Tensor], ...]]:
+        for index, (_, bn) in enumerate(self._batchnorms):
+            bn.exact = None if exact is None else exact[index]
+        gradient_of = grad(self._loss, has_aux=True)
+        if self.protocol.kind == "gradient":
+            gradient, statistics = gradient_of(params, x, y, True)
+            return [gradient[n] for n in self.names], statistics
+        # Statistics (for the prior) of the whole dummy batch at w_t, as the client shares them.
+        statistics = self._loss(params, x, y, True)[1]
+        count, size, lr = x.shape[0], self.protocol.batch_size, self.protocol.learning_rate
+        current = params
+        for step in range(self.protocol.local_steps):
+            index = [(step * size + j) % count for j in range(size)]
+            gradient, _ = gradient_of(current, x[index], y[index], False)
+            current = {n: current[n] - lr * gradient[n] for n in self.names}
+        return [current[n] - params[n] for n in self.names], statistics
+
+    def __call__(
+        self,
+        x: Tensor,
+        y: Tensor,
+        exact: Statistics | None = None,
+        per_sample: bool = False,
+    ) -> ReplayOutput:
+        """Dummy updates of T problems: `x` [T, b, ...], `y` int64 [T, b] or soft [T, b, K];
+        `exact` (mean, var) per BatchNorm layer, [T, C] each, for the `exact` mode."""
+        if per_sample:
+            return self._per_sample(x, y)
+        exact_dims = None if exact is None else 0
+        update, statistics = vmap(self._problem, in_dims=(None, 0, 0, exact_dims))(
+            self.params, x, y, exact
+        )
+        return ReplayOutput(list(update), None, list(statistics))
+
+    def _per_sample(self, x: Tensor, y: Tensor) -> ReplayOutput:
+        if self.has_batchnorm or self.protocol.kind != "gradient":
+            raise ReplayError(
+                "per-sample dummy gradients need a FedSGD gradient and a model without BatchNorm"
+            )
+
+        def sample_loss(params: dict[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:
+            return self._loss(params, xi.unsqueeze(0), yi.unsqueeze(0), False)[0]
+
+        each = vmap(vmap(grad(sample_loss), in_dims=(None, 0, 0)), in_dims=(None, 0, 0))
+        grads = each(self.params, x, y)
+        per = [grads[n] for n in self.names]
+        return ReplayOutput([g.mean(dim=1) for g in per], per, [])
+
+
+def stack_statistics(
+    statistics: dict[str, Tensor], names: Sequence[str], problems: int, device: torch.device
+) -> Statistics:
+    """Shared BatchNorm statistics (`<module>.mean` / `<module>.var`) as [T, C] per layer."""
+    out = []
+    for name in names:
+        mean, var = statistics[f"{name}.mean"], statistics[f"{name}.var"]
+        out.append(
+            (
+                mean.to(device).float().expand(problems, -1).contiguous(),
+                var.to(device).float().expand(problems, -1).contiguous(),
+            )
+        )
+    return out

@@ -1,0 +1,151 @@
+"""A client's gradients: per-sample (torch.func, vmap over grad), batch, and BatchNorm statistics.
+
+Every function runs the model in training mode (restoring the caller's mode afterwards) and
+leaves the model untouched: parameters are read, never written, and BatchNorm running
+statistics are updated on copies of the buffers, which are then dropped. Gradients come back
+detached, keyed by `named_parameters()` names in that order.
+
+Labels are int64 class indices [B] or soft targets [B, C] (mixed labels of an input encoding);
+the loss is the cross-entropy, against the soft target distribution in the second case.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from fedleak.models import has_batchnorm
+
+Params = dict[str, Tensor]
+
+_BATCHNORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+_GROUPNORM_VARIANTS = "resnet20 -> resnet20-gn, resnet18 -> resnet18-gn, convnet-bn -> convnet"
+
+
+class PerSampleRefused(ValueError):
+    """Per-sample gradients were asked of a model whose BatchNorm couples the samples."""
+
+
+@contextmanager
+def _training(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.train()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _parameters(model: nn.Module, params: Params | None) -> Params:
+    if params is not None:
+        return params
+    return {name: p.detach() for name, p in model.named_parameters()}
+
+
+def _buffer_copies(model: nn.Module) -> Params:
+    # Copies, so that BatchNorm's running-statistics update in train mode never reaches the model.
+    return {name: b.clone() for name, b in model.named_buffers()}
+
+
+def _check_targets(x: Tensor, y: Tensor) -> None:
+    hard = not y.is_floating_point() and y.dim() == 1
+    soft = y.is_floating_point() and y.dim() == 2
+    if not (hard or soft) or y.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"labels of shape {tuple(y.shape)} and dtype {y.dtype} do not fit inputs of shape "
+            f"{tuple(x.shape)}; expected int64 [B] class indices or float [B, C] soft labels"
+        )
+
+
+def refuse_batchnorm(model: nn.Module) -> None:
+    """Raise `PerSampleRefused` when the model has BatchNorm (samples are not independent)."""
+    if has_batchnorm(model):
+        raise PerSampleRefused(
+            f"per-sample gradients are undefined for {type(model).__name__} with BatchNorm "
+            f"(batch statistics mix the samples); use its GroupNorm or BatchNorm-free variant "
+            f"({_GROUPNORM_VARIANTS})"
+        )
+
+
+def per_sample_gradients_with_loss(
+    model: nn.Module, x: Tensor, y: Tensor, *, params: Params | None = None
+) -> tuple[Params, Tensor]:
+    """Each sample's gradient of its own loss (leading dim B) and the losses [B], in one
+    vectorised call; `params` replaces the model's parameters (e.g. during local training)."""
+    refuse_batchnorm(model)
+    _check_targets(x, y)
+    buffers = _buffer_copies(model)
+
+    def sample_loss(p: Params, xi: Tensor, yi: Tensor) -> tuple[Tensor, Tensor]:
+        logits = functional_call(model, (p, buffers), (xi.unsqueeze(0),))
+        loss = F.cross_entropy(logits, yi.unsqueeze(0))
+        return loss, loss.detach()
+
+    per_sample = vmap(grad(sample_loss, has_aux=True), in_dims=(None, 0, 0))
+    with _training(model):
+        grads, losses = per_sample(_parameters(model, params), x, y)
+    return {name: g.detach() for name, g in grads.items()}, losses
+
+
+def per_sample_gradients(
+    model: nn.Module, x: Tensor, y: Tensor, *, params: Params | None = None
+) -> Params:
+    """Per-sample gradients (leading dim B) via torch.func; `PerSampleRefused` with BatchNorm."""
+    return per_sample_gradients_with_loss(model, x, y, params=params)[0]
+
+
+def batch_gradient_with_loss(
+    model: nn.Module, x: Tensor, y: Tensor, *, params: Params | None = None
+) -> tuple[Params, Tensor]:
+    """The gradient of the mean loss over the batch and that loss; BatchNorm uses the batch's
+    own statistics (train mode), so this is the true batch gradient of BatchNorm models."""
+    _check_targets(x, y)
+    leaves = {name: p.detach().requires_grad_() for name, p in _parameters(model, params).items()}
+    with _training(model), torch.enable_grad():
+        logits = functional_call(model, (leaves, _buffer_copies(model)), (x,))
+        loss = F.cross_entropy(logits, y)
+        grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+    return {
+        name: torch.zeros_like(p) if g is None else g
+        for (name, p), g in zip(leaves.items(), grads, strict=True)
+    }, loss.detach()
+
+
+def batch_gradient(
+    model: nn.Module, x: Tensor, y: Tensor, *, params: Params | None = None
+) -> Params:
+    """The gradient of the mean cross-entropy over the batch, by ordinary autograd."""
+    return batch_gradient_with_loss(model, x, y, params=params)[0]
+
+
+def batchnorm_statistics(model: nn.Module, x: Tensor) -> dict[str, Tensor]:
+    """The batch mean and (biased, as BatchNorm normalises with) variance of every BatchNorm
+    layer's input in train mode, keyed `<module>.mean` and `<module>.var`; {} without BatchNorm."""
+    stats: dict[str, Tensor] = {}
+
+    def recorder(name: str) -> Callable[[nn.Module, tuple[Tensor, ...]], None]:
+        def record(_module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+            features = inputs[0]
+            dims = [d for d in range(features.dim()) if d != 1]
+            stats[f"{name}.mean"] = features.mean(dim=dims).detach()
+            stats[f"{name}.var"] = features.var(dim=dims, unbiased=False).detach()
+
+        return record
+
+    handles = [
+        module.register_forward_pre_hook(recorder(name))
+        for name, module in model.named_modules()
+        if isinstance(module, _BATCHNORM_LAYERS)
+    ]
+    try:
+        with _training(model), torch.no_grad():
+            functional_call(model, (_parameters(model, None), _buffer_copies(model)), (x,))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats

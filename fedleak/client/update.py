@@ -1,0 +1,202 @@
+"""One client's update for one round: encode, gradients, local training, defenses.
+
+FedSGD shares the (defended) gradient of one batch at w_t; FedAvg shares the (defended) weight
+delta w_K - w_t after K local SGD steps. The defense pipeline fixes the order: encode once,
+then per-sample clipping (DP-SGD), mean, noise, compression. The passed model is never
+modified: local training runs on detached copies of its parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fedleak.client.gradients import (
+    Params,
+    batch_gradient_with_loss,
+    batchnorm_statistics,
+    per_sample_gradients_with_loss,
+)
+from fedleak.defenses import DPSGD, DefensePipeline, EncodedBatch
+from fedleak.models import has_batchnorm
+
+_MODES = ("fedsgd", "fedavg")
+_SHARES = ("batch", "per-sample")
+
+
+class LocalTrainingError(ValueError):
+    """A local-training setting is out of range or does not fit the client's data."""
+
+
+@dataclass(frozen=True)
+class LocalTraining:
+    """What a client declares about its local computation (the server sees all of it).
+
+    `local_steps` only matters in FedAvg; FedSGD always computes one batch gradient.
+    `share="per-sample"` (the per-sample threat model) exists only in FedSGD.
+    """
+
+    mode: Literal["fedsgd", "fedavg"]
+    batch_size: int
+    local_steps: int = 1
+    learning_rate: float = 0.1
+    share: Literal["batch", "per-sample"] = "batch"
+
+    def __post_init__(self) -> None:
+        if self.mode not in _MODES:
+            raise LocalTrainingError(f"mode={self.mode!r}: expected one of {', '.join(_MODES)}")
+        if self.share not in _SHARES:
+            raise LocalTrainingError(f"share={self.share!r}: expected one of {', '.join(_SHARES)}")
+        if self.batch_size < 1 or self.local_steps < 1:
+            raise LocalTrainingError(
+                f"batch_size={self.batch_size}, local_steps={self.local_steps}: both must be >= 1"
+            )
+        if not self.learning_rate > 0:
+            raise LocalTrainingError(f"learning_rate={self.learning_rate!r}: must be > 0")
+        if self.mode == "fedavg" and self.share == "per-sample":
+            raise LocalTrainingError(
+                "share='per-sample' with mode='fedavg': per-sample updates exist only in "
+                "fedsgd; use mode='fedsgd' or share='batch'"
+            )
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """A client's reply for one round.
+
+    `update`: the shared tensor per parameter (FedSGD: defended mean gradient; FedAvg: defended
+    delta w_K - w_t). `per_sample`: defended per-sample gradients (leading dim B) under the
+    per-sample threat model, else None. `bn_statistics`: mean/var of each BatchNorm input at
+    w_t over the (encoded) examples, i.e. the FedSGD batch or FedAvg's N examples, when shared
+    and the model has BatchNorm, else None. `encoded`: the input
+    encoding (None without an encoder); it is ground truth, for the auditor only. `loss`: mean
+    training loss (FedAvg: averaged over the local steps).
+    """
+
+    update: dict[str, Tensor]
+    per_sample: dict[str, Tensor] | None
+    bn_statistics: dict[str, Tensor] | None
+    encoded: EncodedBatch | None
+    loss: float
+    num_examples: int
+
+
+def compute_update(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    num_classes: int,
+    pipeline: DefensePipeline,
+    training: LocalTraining,
+    generator: torch.Generator,
+    *,
+    public: Tensor | None = None,
+    share_bn_statistics: bool = False,
+) -> ClientUpdate:
+    """The defended update of a client holding images `x` [N, ...] and int64 labels `y` [N].
+
+    FedSGD needs N == batch_size. FedAvg runs `local_steps` SGD steps; step k uses the N-cyclic
+    mini-batch starting at (k * batch_size) mod N. Randomness (encoding, noise) comes from
+    `generator`, on the tensors' device. `public` is the pool of inter-InstaHide.
+    BatchNorm models with per-sample operations raise `PerSampleRefused`.
+    """
+    _check_data(x, y, num_classes, training)
+    onehot = F.one_hot(y, num_classes).to(x.dtype)
+    encoded = pipeline.encode(x, onehot, generator, public) if pipeline.encoder else None
+    inputs, targets = (encoded.inputs, encoded.soft_labels) if encoded else (x, y)
+    statistics = None
+    if share_bn_statistics and has_batchnorm(model):
+        statistics = batchnorm_statistics(model, inputs)
+    if training.mode == "fedsgd":
+        update, per_sample, loss = _fedsgd(model, inputs, targets, pipeline, training, generator)
+    else:
+        update, loss = _fedavg(model, inputs, targets, pipeline, training, generator)
+        per_sample = None
+    return ClientUpdate(
+        update=update,
+        per_sample=per_sample,
+        bn_statistics=statistics,
+        encoded=encoded,
+        loss=float(loss),
+        num_examples=x.shape[0],
+    )
+
+
+def _check_data(x: Tensor, y: Tensor, num_classes: int, training: LocalTraining) -> None:
+    if y.dim() != 1 or y.dtype != torch.int64 or y.shape[0] != x.shape[0]:
+        raise LocalTrainingError(
+            f"labels of shape {tuple(y.shape)} and dtype {y.dtype}: expected int64 [N] for "
+            f"inputs of shape {tuple(x.shape)}"
+        )
+    if y.numel() and not (int(y.min()) >= 0 and int(y.max()) < num_classes):
+        raise LocalTrainingError(
+            f"labels range {int(y.min())}..{int(y.max())}: expected 0..{num_classes - 1}"
+        )
+    n = x.shape[0]
+    if training.mode == "fedsgd" and n != training.batch_size:
+        raise LocalTrainingError(
+            f"fedsgd with batch_size={training.batch_size} got {n} examples; expected exactly "
+            f"one batch"
+        )
+    if training.mode == "fedavg" and not 1 <= training.batch_size <= n:
+        raise LocalTrainingError(
+            f"fedavg with batch_size={training.batch_size} got {n} examples; expected "
+            f"batch_size <= examples"
+        )
+
+
+def _fedsgd(
+    model: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    pipeline: DefensePipeline,
+    training: LocalTraining,
+    generator: torch.Generator,
+) -> tuple[Params, Params | None, Tensor]:
+    batch_size = inputs.shape[0]
+    if not (pipeline.needs_per_sample or training.share == "per-sample"):
+        gradient, loss = batch_gradient_with_loss(model, inputs, targets)
+        return pipeline.share(gradient, batch_size, generator), None, loss
+    per_sample, losses = per_sample_gradients_with_loss(model, inputs, targets)
+    clipped = pipeline.clip(per_sample)
+    mean = {name: g.mean(dim=0) for name, g in clipped.items()}
+    update = pipeline.share(mean, batch_size, generator)
+    shared_each = None
+    if training.share == "per-sample":
+        shared_each = pipeline.share_each(clipped, generator)
+    return update, shared_each, losses.mean()
+
+
+def _fedavg(
+    model: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    pipeline: DefensePipeline,
+    training: LocalTraining,
+    generator: torch.Generator,
+) -> tuple[Params, Tensor]:
+    n, batch_size = inputs.shape[0], training.batch_size
+    start = {name: p.detach() for name, p in model.named_parameters()}
+    params = dict(start)
+    offsets = torch.arange(batch_size, device=inputs.device)
+    dp = pipeline.find(DPSGD)
+    losses = []
+    for step in range(training.local_steps):
+        index = (step * batch_size + offsets) % n
+        xb, yb = inputs[index], targets[index]
+        if dp is None:
+            gradient, loss = batch_gradient_with_loss(model, xb, yb, params=params)
+        else:
+            # DP-SGD: every local step clips per sample and adds noise to its own mean.
+            per_sample, sample_losses = per_sample_gradients_with_loss(model, xb, yb, params=params)
+            clipped = dp.clip(per_sample)
+            mean = {name: g.mean(dim=0) for name, g in clipped.items()}
+            gradient, loss = dp.noise(mean, batch_size, generator), sample_losses.mean()
+        params = {name: p - training.learning_rate * gradient[name] for name, p in params.items()}
+        losses.append(loss)
+    delta = {name: params[name] - start[name] for name in start}
+    return pipeline.share_delta(delta, generator), torch.stack(losses).mean()

@@ -1,0 +1,39 @@
+"""Data sets, client partitions, the attacker's auxiliary split and the per-round batch sampler."""
+
+from fedleak.data.auxiliary import AuxiliarySplit, split_auxiliary
+from fedleak.data.dataset import DatasetUnavailable, ImageDataset
+from fedleak.data.federation import FederatedData, auxiliary, build_federated_data, client_batch
+from fedleak.data.folder import FolderLayoutError
+from fedleak.data.partition import SCHEMES, partition_indices
+from fedleak.data.registry import (
+    DATA_DIR_ENV,
+    DATASETS,
+    FOLDER_PREFIX,
+    UnknownDatasetError,
+    default_data_dir,
+    load_dataset,
+)
+from fedleak.data.sampler import sample_batch
+from fedleak.data.stratify import DataSplitError
+
+__all__ = [
+    "DATASETS",
+    "DATA_DIR_ENV",
+    "FOLDER_PREFIX",
+    "SCHEMES",
+    "AuxiliarySplit",
+    "DataSplitError",
+    "DatasetUnavailable",
+    "FederatedData",
+    "FolderLayoutError",
+    "ImageDataset",
+    "UnknownDatasetError",
+    "auxiliary",
+    "build_federated_data",
+    "client_batch",
+    "default_data_dir",
+    "load_dataset",
+    "partition_indices",
+    "sample_batch",
+    "split_auxiliary",
+]

@@ -1,0 +1,118 @@
+"""The in-memory image data set every other part of fedleak reads, and the errors of loading one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fedleak.data.stratify import holdout_split
+
+
+class DatasetUnavailable(RuntimeError):
+    """The data set's files are not where fedleak looked; the message names every place and a way
+    to obtain them."""
+
+
+@dataclass(frozen=True, eq=False)
+class ImageDataset:
+    """Images as float32 NCHW tensors in [0, 1] with int64 labels.
+
+    `test_x` may hold no rows: victim-only sets keep every image for the clients, and the server
+    then reports no test accuracy. `source` says where the images were read from.
+    """
+
+    name: str
+    train_x: Tensor
+    train_y: Tensor
+    test_x: Tensor
+    test_y: Tensor
+    num_classes: int
+    class_names: tuple[str, ...]
+    source: str
+
+    def __post_init__(self) -> None:
+        # Cheap shape and type checks: a loader bug here would silently corrupt every metric.
+        for split, x, y in (
+            ("train", self.train_x, self.train_y),
+            ("test", self.test_x, self.test_y),
+        ):
+            if x.ndim != 4 or x.dtype != torch.float32:
+                raise ValueError(
+                    f"{self.name}: {split}_x must be float32 NCHW, got "
+                    f"{x.dtype} of shape {tuple(x.shape)}"
+                )
+            if y.ndim != 1 or y.dtype != torch.int64 or len(y) != len(x):
+                raise ValueError(
+                    f"{self.name}: {split}_y must be int64 with one label per image, "
+                    f"got {y.dtype} of shape {tuple(y.shape)} for {len(x)} images"
+                )
+        if self.test_x.shape[1:] != self.train_x.shape[1:]:
+            raise ValueError(
+                f"{self.name}: test images {tuple(self.test_x.shape[1:])} differ from "
+                f"training images {tuple(self.train_x.shape[1:])}"
+            )
+        if len(self.class_names) != self.num_classes:
+            raise ValueError(
+                f"{self.name}: {len(self.class_names)} class names for {self.num_classes} classes"
+            )
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of one image."""
+        _, c, h, w = self.train_x.shape
+        return int(c), int(h), int(w)
+
+
+def images_to_tensor(images: np.ndarray) -> Tensor:
+    """uint8 NCHW pixels -> float32 in [0, 1]; done once per load so batches are plain slices."""
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise ValueError(f"expected uint8 NCHW pixels, got {images.dtype} {images.shape}")
+    # from_numpy needs a writable buffer; idx files and PIL can hand over read-only ones.
+    return torch.from_numpy(np.require(images, requirements=["C", "W"])).float().div_(255.0)
+
+
+def dataset_from_arrays(
+    name: str,
+    images: np.ndarray,
+    labels: np.ndarray,
+    class_names: tuple[str, ...],
+    source: str,
+    *,
+    test_images: np.ndarray | None = None,
+    test_labels: np.ndarray | None = None,
+) -> ImageDataset:
+    """Build an `ImageDataset` from uint8 NCHW arrays; no test arrays means an empty test split."""
+    if test_images is None or test_labels is None:
+        test_images = np.zeros((0, *images.shape[1:]), dtype=np.uint8)
+        test_labels = np.zeros(0, dtype=np.int64)
+    return ImageDataset(
+        name=name,
+        train_x=images_to_tensor(images),
+        train_y=torch.from_numpy(np.asarray(labels, dtype=np.int64).copy()),
+        test_x=images_to_tensor(test_images),
+        test_y=torch.from_numpy(np.asarray(test_labels, dtype=np.int64).copy()),
+        num_classes=len(class_names),
+        class_names=class_names,
+        source=source,
+    )
+
+
+def with_holdout(dataset: ImageDataset, test_fraction: float, seed: int) -> ImageDataset:
+    """Move a stratified `test_fraction` of the training images into the (empty) test split."""
+    if len(dataset.test_x):
+        raise ValueError(f"{dataset.name} already has a test split")
+    train, test = holdout_split(dataset.train_y.numpy(), test_fraction, seed)
+    train_t, test_t = torch.from_numpy(train), torch.from_numpy(test)
+    return ImageDataset(
+        name=dataset.name,
+        train_x=dataset.train_x[train_t],
+        train_y=dataset.train_y[train_t],
+        test_x=dataset.train_x[test_t],
+        test_y=dataset.train_y[test_t],
+        num_classes=dataset.num_classes,
+        class_names=dataset.class_names,
+        source=dataset.source,
+    )

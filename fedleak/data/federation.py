@@ -1,0 +1,161 @@
+"""Everything a run needs from the data room, built the same way in the server and every client.
+
+Order of the splits (all drawn from the training images, the test split stays with the server):
+1. the attacker's auxiliary images (`split_auxiliary`),
+2. an optional public pool (for InstaHide's inter-data-set mixing) from what is left,
+3. the clients' partitions of the rest.
+Steps 1 and 2 do not depend on the number of partitions, so a server that builds the data with
+one partition sees exactly the auxiliary set and public pool that the clients see.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fedleak.data.auxiliary import split_auxiliary
+from fedleak.data.dataset import ImageDataset
+from fedleak.data.partition import partition_indices
+from fedleak.data.registry import load_dataset
+from fedleak.data.sampler import sample_batch
+from fedleak.data.stratify import DataSplitError, stratified_sample
+
+# Stream tag keeping the public-pool draw independent of the other draws made from the same seed.
+_PUBLIC_STREAM = 0x5055424C
+
+
+@dataclass(frozen=True, eq=False)
+class FederatedData:
+    """A data set and its disjoint splits, as sorted, read-only indices into `dataset.train_x`.
+
+    The instance is cached and shared within a process: treat its tensors as read-only too.
+    """
+
+    dataset: ImageDataset
+    aux: np.ndarray
+    partitions: tuple[np.ndarray, ...]
+    public: np.ndarray
+
+    @property
+    def num_partitions(self) -> int:
+        return len(self.partitions)
+
+    def public_inputs(self) -> Tensor:
+        """The public pool's images (no labels: InstaHide mixes public images only)."""
+        return self.dataset.train_x[_index(self.public)]
+
+
+def build_federated_data(
+    dataset_name: str,
+    data_dir: str | Path | None,
+    num_partitions: int,
+    scheme: str,
+    seed: int,
+    *,
+    alpha: float = 0.5,
+    shards_per_partition: int = 2,
+    aux_size: int = 0,
+    aux_beta: float = 1.0,
+    aux_in_classes: tuple[int, ...] | None = None,
+    test_fraction: float = 0.2,
+    public_size: int = 0,
+    download: bool = True,
+) -> FederatedData:
+    """Load the data set and split it into auxiliary, public and client data (cached)."""
+    root = None if data_dir in (None, "") else str(Path(data_dir).expanduser().resolve())
+    in_classes = None if aux_in_classes is None else tuple(int(c) for c in aux_in_classes)
+    return _build(
+        dataset_name,
+        root,
+        num_partitions,
+        scheme,
+        seed,
+        alpha,
+        shards_per_partition,
+        aux_size,
+        aux_beta,
+        in_classes,
+        test_fraction,
+        public_size,
+        download,
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _build(
+    dataset_name: str,
+    data_dir: str | None,
+    num_partitions: int,
+    scheme: str,
+    seed: int,
+    alpha: float,
+    shards_per_partition: int,
+    aux_size: int,
+    aux_beta: float,
+    aux_in_classes: tuple[int, ...] | None,
+    test_fraction: float,
+    public_size: int,
+    download: bool,
+) -> FederatedData:
+    dataset = load_dataset(
+        dataset_name, data_dir, seed=seed, test_fraction=test_fraction, download=download
+    )
+    labels = dataset.train_y.numpy()
+    split = split_auxiliary(labels, aux_size, seed, beta=aux_beta, in_classes=aux_in_classes)
+    if not 0 <= public_size < len(split.clients):
+        raise DataSplitError(
+            f"public_size={public_size}: expected 0..{len(split.clients) - 1}, since "
+            f"{len(split.clients)} training images remain after the auxiliary split and the "
+            "clients need some"
+        )
+    rng = np.random.default_rng([seed, _PUBLIC_STREAM])
+    public = stratified_sample(labels, split.clients, public_size, rng)
+    pool = np.setdiff1d(split.clients, public, assume_unique=True)
+    partitions = partition_indices(
+        labels,
+        num_partitions,
+        scheme,
+        seed,
+        alpha=alpha,
+        shards_per_partition=shards_per_partition,
+        pool=pool,
+    )
+    return FederatedData(
+        dataset, _frozen(split.aux), tuple(_frozen(p) for p in partitions), _frozen(public)
+    )
+
+
+def client_batch(
+    fd: FederatedData, partition_id: int, server_round: int, batch_size: int, seed: int
+) -> tuple[Tensor, Tensor]:
+    """The images and labels partition `partition_id` trains on in `server_round`."""
+    if not 0 <= partition_id < fd.num_partitions:
+        raise DataSplitError(f"partition_id={partition_id}: expected 0..{fd.num_partitions - 1}")
+    chosen = _index(
+        sample_batch(fd.partitions[partition_id], batch_size, seed, partition_id, server_round)
+    )
+    return fd.dataset.train_x[chosen], fd.dataset.train_y[chosen]
+
+
+def auxiliary(fd: FederatedData) -> tuple[Tensor, Tensor]:
+    """The attacker's auxiliary images and labels; zero rows when the run gives it none, so an
+    attack that needs auxiliary data must check and say so."""
+    chosen = _index(fd.aux)
+    return fd.dataset.train_x[chosen], fd.dataset.train_y[chosen]
+
+
+def _frozen(indices: np.ndarray) -> np.ndarray:
+    # The arrays are shared through the cache; a stray in-place edit must fail loudly.
+    indices = np.asarray(indices, dtype=np.int64).copy()
+    indices.flags.writeable = False
+    return indices
+
+
+def _index(indices: np.ndarray) -> Tensor:
+    # torch.tensor copies, so read-only index arrays are fine (from_numpy would warn on them).
+    return torch.tensor(indices, dtype=torch.int64)

@@ -1,0 +1,34 @@
+"""Which of its images a client trains on in a round: a pure function of (seed, client, round).
+
+Being a pure function lets a resumed run, a run with attacks off and the auditor all agree on
+each client's batch without any shared state between simulated clients.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fedleak.data.stratify import DataSplitError
+
+# Stream tag keeping batch sampling independent of the other draws made from the same seed.
+_STREAM = 0x42415443
+
+
+def sample_batch(
+    partition: np.ndarray, batch_size: int, seed: int, partition_id: int, server_round: int
+) -> np.ndarray:
+    """`batch_size` distinct dataset indices drawn from `partition`, in random order."""
+    for setting, value in (
+        ("seed", seed),
+        ("partition_id", partition_id),
+        ("server_round", server_round),
+    ):
+        if value < 0:
+            raise DataSplitError(f"{setting}={value}: expected an integer >= 0")
+    if not 1 <= batch_size <= len(partition):
+        raise DataSplitError(
+            f"batch_size={batch_size}: partition {partition_id} holds "
+            f"{len(partition)} images, so expected 1..{len(partition)}"
+        )
+    rng = np.random.default_rng(np.random.SeedSequence([seed, partition_id, server_round, _STREAM]))
+    return rng.choice(np.asarray(partition, dtype=np.int64), size=batch_size, replace=False)

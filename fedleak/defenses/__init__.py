@@ -1,0 +1,41 @@
+"""Client-side defenses: gradient transforms and input encodings in one ordered pipeline.
+
+Build one from a spec string with `parse_defense_spec("instahide:4+prune:0.9")`. The same
+objects serve clients (to defend) and adaptive attackers (to replay the defense).
+"""
+
+from fedleak.defenses.compress import SignCompression
+from fedleak.defenses.encode import (
+    MAX_COEFFICIENT,
+    EncodedBatch,
+    EncodingError,
+    InstaHide,
+    MixUp,
+    mix_images,
+    mix_labels,
+)
+from fedleak.defenses.grammar import ALLOWED_FORMS, DefenseSpecError
+from fedleak.defenses.noise import DPSGD, GaussianNoise
+from fedleak.defenses.prune import Prune, pruned_count
+from fedleak.defenses.spec import DefensePipeline, Encoder, Step, parse_defense_spec
+
+__all__ = [
+    "ALLOWED_FORMS",
+    "DPSGD",
+    "MAX_COEFFICIENT",
+    "DefensePipeline",
+    "DefenseSpecError",
+    "EncodedBatch",
+    "Encoder",
+    "EncodingError",
+    "GaussianNoise",
+    "InstaHide",
+    "MixUp",
+    "Prune",
+    "SignCompression",
+    "Step",
+    "mix_images",
+    "mix_labels",
+    "parse_defense_spec",
+    "pruned_count",
+]

@@ -1,0 +1,25 @@
+"""Sign compression (signSGD): share only the sign of each coordinate."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class SignCompression:
+    """Replace each coordinate by its sign; exact zeros (e.g. pruned ones) stay zero."""
+
+    kind: ClassVar[str] = "sign"
+
+    @property
+    def spec(self) -> str:
+        """This step's canonical spec part."""
+        return "sign"
+
+    def __call__(self, grads: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Signs in {-1, 0, 1}, any shape (a leading batch dimension included)."""
+        return {name: torch.sign(t) for name, t in grads.items()}

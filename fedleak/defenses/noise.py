@@ -1,0 +1,103 @@
+"""Noise defenses: additive Gaussian noise, and DP-SGD (per-sample clipping, then noise).
+
+Noise is drawn per parameter tensor in `named_parameters` order from the caller's generator
+(which must live on the tensors' device), so the same generator state gives the same noise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from fedleak.defenses.grammar import DefenseSpecError, format_number
+
+
+def add_gaussian(
+    tensors: dict[str, Tensor], std: float, generator: torch.Generator
+) -> dict[str, Tensor]:
+    """Each tensor plus independent N(0, std^2) noise of its own shape."""
+    if std == 0.0:
+        return dict(tensors)
+    return {
+        name: t + std * torch.randn(t.shape, generator=generator, device=t.device, dtype=t.dtype)
+        for name, t in tensors.items()
+    }
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class GaussianNoise:
+    """Add N(0, sigma^2) to every coordinate (Zhu et al.'s and LTI's noise defense)."""
+
+    sigma: float
+    kind: ClassVar[str] = "gauss"
+
+    def __post_init__(self) -> None:
+        if not (_finite(self.sigma) and self.sigma >= 0):
+            raise DefenseSpecError(f"gauss: SIGMA={self.sigma!r} must be a finite number >= 0")
+
+    @property
+    def spec(self) -> str:
+        """This step's canonical spec part."""
+        return f"gauss:{format_number(self.sigma)}"
+
+    def __call__(self, grads: dict[str, Tensor], generator: torch.Generator) -> dict[str, Tensor]:
+        """Noisy copies; any shape (with a leading batch dim every sample gets its own noise)."""
+        return add_gaussian(grads, self.sigma, generator)
+
+
+@dataclass(frozen=True)
+class DPSGD:
+    """DP-SGD (Abadi et al. 2016): clip each sample's gradient to L2 norm <= C over all
+    parameters together, average, and add N(0, (Z*C/B)^2) to the mean (Z: noise multiplier)."""
+
+    clip_norm: float
+    noise_multiplier: float
+    kind: ClassVar[str] = "dpsgd"
+
+    def __post_init__(self) -> None:
+        if not (_finite(self.clip_norm) and self.clip_norm > 0):
+            raise DefenseSpecError(f"dpsgd: C={self.clip_norm!r} must be a finite number > 0")
+        if not (_finite(self.noise_multiplier) and self.noise_multiplier >= 0):
+            raise DefenseSpecError(
+                f"dpsgd: Z={self.noise_multiplier!r} must be a finite number >= 0"
+            )
+
+    @property
+    def spec(self) -> str:
+        """This step's canonical spec part."""
+        return f"dpsgd:{format_number(self.clip_norm)}:{format_number(self.noise_multiplier)}"
+
+    def noise_std(self, batch_size: int) -> float:
+        """Standard deviation of the noise on the mean of `batch_size` clipped gradients."""
+        return self.noise_multiplier * self.clip_norm / batch_size
+
+    def clip(self, per_sample: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Per-sample gradients (leading dim B) scaled so that each sample's norm is <= C."""
+        if not per_sample:
+            return {}
+        squares = sum(t.flatten(1).square().sum(dim=1) for t in per_sample.values())
+        norms = torch.sqrt(squares)
+        scale = self.clip_norm / norms.clamp(min=self.clip_norm)
+        return {name: t * scale.reshape(-1, *[1] * (t.dim() - 1)) for name, t in per_sample.items()}
+
+    def noise(
+        self, mean: dict[str, Tensor], batch_size: int, generator: torch.Generator
+    ) -> dict[str, Tensor]:
+        """The mean of `batch_size` clipped gradients plus its DP noise."""
+        return add_gaussian(mean, self.noise_std(batch_size), generator)
+
+    def __call__(
+        self, per_sample: dict[str, Tensor], generator: torch.Generator
+    ) -> dict[str, Tensor]:
+        """The privatised gradient of a batch: clip, average, add noise."""
+        clipped = self.clip(per_sample)
+        batch_size = next(iter(per_sample.values())).shape[0]
+        return self.noise({k: t.mean(dim=0) for k, t in clipped.items()}, batch_size, generator)

@@ -1,0 +1,73 @@
+"""Gradient pruning (DLG's defense, GradAttack's GradPrune): zero all but the largest magnitudes."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+from torch import Tensor
+
+from fedleak.defenses.grammar import DefenseSpecError, format_number
+
+PruneScope = Literal["layer", "global"]
+PRUNE_SCOPES: tuple[str, ...] = ("layer", "global")
+
+# Guards floor(rate * n) against rates such as 0.29 whose binary value lies just below the decimal.
+_ROUNDING_SLACK = 1e-6
+
+
+def pruned_count(rate: float, numel: int) -> int:
+    """How many of `numel` coordinates a rate prunes: floor(rate * numel), so exactly
+    numel - pruned_count of them are kept."""
+    return min(numel, math.floor(rate * numel + _ROUNDING_SLACK))
+
+
+def _keep_largest(rows: Tensor, rate: float) -> Tensor:
+    """`rows` [R, n] with all but the n - floor(rate*n) largest magnitudes of each row zeroed."""
+    keep = rows.shape[1] - pruned_count(rate, rows.shape[1])
+    if keep == rows.shape[1]:
+        return rows
+    # topk keeps exactly `keep` coordinates even when magnitudes tie.
+    index = rows.abs().topk(keep, dim=1, sorted=False).indices
+    mask = torch.zeros_like(rows, dtype=torch.bool).scatter_(1, index, True)
+    return rows * mask
+
+
+@dataclass(frozen=True)
+class Prune:
+    """Keep the top (1 - rate) fraction of coordinates by magnitude, per parameter tensor
+    (`layer`) or over all parameters together (`global`)."""
+
+    rate: float
+    scope: PruneScope = "layer"
+    kind: ClassVar[str] = "prune"
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.rate, int | float) and 0.0 <= self.rate < 1.0):
+            raise DefenseSpecError(f"prune: rate P={self.rate!r} must be a number in [0, 1)")
+        if self.scope not in PRUNE_SCOPES:
+            raise DefenseSpecError(
+                f"prune: scope {self.scope!r} must be one of {', '.join(PRUNE_SCOPES)}"
+            )
+
+    @property
+    def spec(self) -> str:
+        """This step's canonical spec part (the default `layer` scope is left out)."""
+        rate = format_number(self.rate)
+        return f"prune:{rate}" if self.scope == "layer" else f"prune:{rate}:global"
+
+    def __call__(self, grads: dict[str, Tensor], *, batched: bool = False) -> dict[str, Tensor]:
+        """Pruned copies; with `batched`, dim 0 indexes samples pruned independently."""
+        if not grads:
+            return {}
+        rows = next(iter(grads.values())).shape[0] if batched else 1
+        flat = {name: t.reshape(rows, -1) for name, t in grads.items()}
+        if self.scope == "layer":
+            kept = {name: _keep_largest(f, self.rate) for name, f in flat.items()}
+        else:
+            joined = _keep_largest(torch.cat(list(flat.values()), dim=1), self.rate)
+            sizes = [f.shape[1] for f in flat.values()]
+            kept = dict(zip(flat, joined.split(sizes, dim=1), strict=True))
+        return {name: kept[name].reshape(t.shape) for name, t in grads.items()}

@@ -1,0 +1,37 @@
+"""How well an attack recovered the labels of the private batch."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+
+
+def _hard(labels: torch.Tensor) -> torch.Tensor:
+    """Class indices from indices [B], or from soft labels / scores [B, K] by argmax."""
+    return labels.argmax(dim=1) if labels.dim() == 2 else labels.reshape(-1).long()
+
+
+def label_accuracy(pred: torch.Tensor | None, true: torch.Tensor) -> float:
+    """Fraction of positions where the predicted class equals the true one; NaN if no labels
+    were predicted. Either side may be soft ([B, K], e.g. MixUp targets): its argmax counts."""
+    if pred is None:
+        return float("nan")
+    p, t = _hard(pred), _hard(true)
+    if p.shape != t.shape:
+        raise ValueError(f"label batches differ in size: {tuple(p.shape)} vs {tuple(t.shape)}")
+    if t.numel() == 0:
+        return float("nan")
+    return (p.cpu() == t.cpu()).float().mean().item()
+
+
+def label_multiset_accuracy(pred: torch.Tensor | None, true: torch.Tensor) -> float:
+    """Fraction of the true labels recovered regardless of order, counting repeats (the batch
+    label-recovery score of iDLG / LLG-style attacks, which find labels but not positions)."""
+    if pred is None:
+        return float("nan")
+    t = Counter(_hard(true).tolist())
+    if not t:
+        return float("nan")
+    p = Counter(_hard(pred).tolist())
+    return sum((p & t).values()) / sum(t.values())

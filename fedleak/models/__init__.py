@@ -1,0 +1,21 @@
+"""Target models by name, built from a public `ModelSpec`."""
+
+from fedleak.models.build import (
+    INIT_NAMES,
+    MODEL_NAMES,
+    ModelSpecError,
+    build_model,
+    count_parameters,
+    has_batchnorm,
+)
+from fedleak.models.spec import ModelSpec
+
+__all__ = [
+    "INIT_NAMES",
+    "MODEL_NAMES",
+    "ModelSpec",
+    "ModelSpecError",
+    "build_model",
+    "count_parameters",
+    "has_batchnorm",
+]

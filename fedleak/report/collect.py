@@ -1,0 +1,142 @@
+"""Load a run directory or a sweep directory into one tidy study, from its files alone.
+
+A sweep directory is recognised by its `sweep.json` manifest (cells in the manifest's order);
+a folder without one whose sub-folders are run directories is read the same way. Settings
+that differ between runs become the study's *groups* (e.g. `batch-size=4`), except the
+defense (the tables' columns), the seed (pooled into the confidence intervals) and the
+attack list (the tables' rows).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from fedleak.config import RunConfig
+from fedleak.report.rundir import RunDirectory, RunDirectoryError
+
+MANIFEST = "sweep.json"
+SWEEP_SOURCE = "sweep.toml"
+# Keys that never define a group: they are per-run bookkeeping or the tables' own axes.
+_NOT_GROUPS = ("name", "out-dir", "seed", "defense.spec", "attack.names", "sim.resume")
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One run's files, read once."""
+
+    name: str
+    path: Path
+    config: RunConfig
+    environment: dict[str, Any]
+    leakage: pd.DataFrame
+    utility: pd.DataFrame
+    images: tuple[Path, ...]
+
+
+@dataclass(frozen=True)
+class Study:
+    """A run or a sweep: its runs, which settings vary, and the manifest of a sweep."""
+
+    path: Path
+    kind: str  # "run" or "sweep"
+    runs: tuple[RunRecord, ...]
+    manifest: dict[str, Any] | None
+    group_keys: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        """The run's configured name, or the sweep's."""
+        if self.kind == "run":
+            return self.runs[0].config.name
+        return str((self.manifest or {}).get("name", self.path.name))
+
+    def group_of(self, run: RunRecord) -> str:
+        """The label of a run's group: its values of the varying keys ('' when none vary)."""
+        flat = run.config.to_flat()
+        short = _short_names(self.group_keys)
+        return ", ".join(f"{short[k]}={flat.get(k)}" for k in self.group_keys)
+
+    def leakage(self) -> pd.DataFrame:
+        """All runs' leakage rows, with `run` and `group` columns added."""
+        frames = [r.leakage.assign(run=r.name, group=self.group_of(r)) for r in self.runs]
+        return pd.concat(frames, ignore_index=True)
+
+    def utility(self) -> pd.DataFrame:
+        """All runs' utility rows, with `run`, `group`, `defense` and `seed` added."""
+        frames = [
+            r.utility.assign(
+                run=r.name,
+                group=self.group_of(r),
+                defense=r.config.defense.spec,
+                seed=r.config.seed,
+            )
+            for r in self.runs
+        ]
+        return pd.concat(frames, ignore_index=True)
+
+    def defenses(self) -> list[str]:
+        """Defense specs in first-seen order, with 'none' first (the papers' first column)."""
+        seen = list(dict.fromkeys(r.config.defense.spec for r in self.runs))
+        return sorted(seen, key=lambda d: (d != "none", seen.index(d)))
+
+    def groups(self) -> list[str]:
+        """Group labels in first-seen order."""
+        return list(dict.fromkeys(self.group_of(r) for r in self.runs))
+
+
+def _short_names(keys: tuple[str, ...]) -> dict[str, str]:
+    """Last dotted part of each key (`batch-size`), unless two keys would then look alike."""
+    last = [k.rsplit(".", 1)[-1] for k in keys]
+    return {k: (s if last.count(s) == 1 else k) for k, s in zip(keys, last, strict=True)}
+
+
+def _read_run(path: Path, name: str | None = None) -> RunRecord:
+    run = RunDirectory.open(path)
+    config = run.config
+    return RunRecord(
+        name=name or config.name,
+        path=path,
+        config=config,
+        environment=run.environment(),
+        leakage=run.leakage(),
+        utility=run.utility(),
+        images=tuple(run.images()),
+    )
+
+
+def _varying(runs: list[RunRecord]) -> tuple[str, ...]:
+    flats = [r.config.to_flat() for r in runs]
+    keys = list(dict.fromkeys(k for flat in flats for k in flat))
+    return tuple(
+        k for k in keys if k not in _NOT_GROUPS and len({repr(flat.get(k)) for flat in flats}) > 1
+    )
+
+
+def load_study(path: Path) -> Study:
+    """Read a run directory or a sweep directory; RunDirectoryError if it is neither."""
+    path = Path(path)
+    if (path / "config.toml").is_file():
+        run = _read_run(path)
+        return Study(path=path, kind="run", runs=(run,), manifest=None, group_keys=())
+    manifest = None
+    if (path / MANIFEST).is_file():
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+        folders = [path / cell["id"] for cell in manifest.get("cells", [])]
+    else:
+        folders = sorted(p for p in path.iterdir() if p.is_dir()) if path.is_dir() else []
+    runs = [
+        _read_run(folder, folder.name) for folder in folders if (folder / "config.toml").is_file()
+    ]
+    if not runs:
+        raise RunDirectoryError(
+            f"{path}: neither a run directory (config.toml) nor a sweep directory with "
+            "finished or started cells"
+        )
+    return Study(
+        path=path, kind="sweep", runs=tuple(runs), manifest=manifest, group_keys=_varying(runs)
+    )

@@ -1,0 +1,534 @@
+"""One run's directory: the resolved config, per-round leakage and utility records, images, state.
+
+Layout (DESIGN.md, Results)::
+
+    config.toml         the resolved RunConfig
+    environment.json    versions, device, seed, creation time
+    leakage.parquet     one row per round x client x attack x reconstructed sample (+ .csv copy)
+    utility.csv         one row per finished round
+    images/             r{round}_c{client}_{attack}.png: ground truth above reconstruction
+    checkpoints/        global.pt: the global model after the last finished round
+    state/<name>/       caches that outlive a round (e.g. a learned attack's trained inverter)
+    summary.md          per-round table, rebuilt from the files alone
+
+Every write replaces a whole file atomically (temporary file, fsync, `os.replace`), so a run
+killed at any moment leaves each file either before or after a round, never half-written.
+`utility.csv` is written last in a round and is the record of which rounds finished.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from fedleak.config import RunConfig, load_toml
+
+# Column -> dtype. Strings use pandas' "str" dtype; ints are int64 with -1 for "not applicable".
+LEAKAGE_COLUMNS: Mapping[str, str] = {
+    "round": "int64",
+    "client_id": "int64",
+    "attack": "str",
+    "sample": "int64",
+    "target_index": "int64",
+    "defense": "str",
+    "batch_size": "int64",
+    "mode": "str",
+    "dataset": "str",
+    "model": "str",
+    "seed": "int64",
+    "mse": "float64",
+    "psnr": "float64",
+    "ssim": "float64",
+    "lpips_alex": "float64",
+    "lpips_vgg": "float64",
+    "label_acc": "float64",
+    "true_label": "int64",
+    "pred_label": "int64",
+    "scored_against": "str",
+    "seconds": "float64",
+    "iterations": "int64",
+    "status": "str",
+    "message": "str",
+    "label_method": "str",
+}
+
+UTILITY_COLUMNS: Mapping[str, str] = {
+    "round": "int64",
+    "test_loss": "float64",
+    "test_accuracy": "float64",
+    "epsilon": "float64",
+    "num_replies": "int64",
+    "num_failures": "int64",
+    "round_seconds": "float64",
+    "attack_seconds": "float64",
+}
+
+STATUSES = ("ok", "failed", "nan", "timeout")
+SCORED_AGAINST = ("original", "encoded")
+
+CONFIG_FILE = "config.toml"
+ENVIRONMENT_FILE = "environment.json"
+LEAKAGE_FILE = "leakage.parquet"
+LEAKAGE_CSV = "leakage.csv"
+UTILITY_FILE = "utility.csv"
+SUMMARY_FILE = "summary.md"
+CHECKPOINT_FILE = "checkpoints/global.pt"
+
+
+class RunDirectoryError(ValueError):
+    """A run directory is missing, already used, or given rows it cannot record."""
+
+
+def _default(dtype: str) -> object:
+    return {"int64": -1, "float64": math.nan, "str": ""}[dtype]
+
+
+def empty_frame(columns: Mapping[str, str]) -> pd.DataFrame:
+    """A frame with no rows and the fixed columns and dtypes."""
+    return pd.DataFrame({name: pd.Series(dtype=dtype) for name, dtype in columns.items()})
+
+
+def tidy(
+    rows: Iterable[Mapping[str, object]],
+    columns: Mapping[str, str],
+    defaults: Mapping[str, object] | None = None,
+    what: str = "row",
+) -> pd.DataFrame:
+    """Rows to a frame with exactly `columns`: missing values take `defaults`, then -1/NaN/''.
+
+    An unknown key raises, so a typo in a producer cannot silently drop a measurement.
+    """
+    rows = list(rows)
+    if not rows:
+        return empty_frame(columns)
+    data: dict[str, list[object]] = {name: [] for name in columns}
+    for row in rows:
+        unknown = sorted(set(row) - set(columns))
+        if unknown:
+            raise RunDirectoryError(
+                f"{what} has unknown column(s) {', '.join(unknown)}; allowed: {', '.join(columns)}"
+            )
+        for name, dtype in columns.items():
+            value = row.get(name)
+            if value is None:
+                value = (defaults or {}).get(name, _default(dtype))
+            data[name].append(value)
+    frame = pd.DataFrame(data)
+    for name, dtype in columns.items():
+        if dtype == "str":
+            frame[name] = frame[name].astype(str)
+        elif dtype == "float64":
+            frame[name] = pd.to_numeric(frame[name], errors="raise").astype("float64")
+        else:
+            frame[name] = frame[name].astype("int64")
+    return frame
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write all of `data` to `path` or nothing: temp file in the same folder, fsync, rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.chmod(fd, 0o644)  # mkstemp makes 0600 files; results are meant to be shared
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _csv_bytes(frame: pd.DataFrame) -> bytes:
+    return frame.to_csv(index=False).encode("utf-8")
+
+
+def _parquet_bytes(frame: pd.DataFrame) -> bytes:
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False)
+    return buffer.getvalue()
+
+
+def read_utility_csv(path: Path) -> pd.DataFrame:
+    """`utility.csv` with its fixed dtypes (an absent file reads as no rows)."""
+    if not path.exists():
+        return empty_frame(UTILITY_COLUMNS)
+    frame = pd.read_csv(path)
+    return frame.astype(dict(UTILITY_COLUMNS))[list(UTILITY_COLUMNS)]
+
+
+def read_leakage_parquet(path: Path) -> pd.DataFrame:
+    """`leakage.parquet` with its fixed dtypes (an absent file reads as no rows)."""
+    if not path.exists():
+        return empty_frame(LEAKAGE_COLUMNS)
+    frame = pd.read_parquet(path)
+    return frame.astype(dict(LEAKAGE_COLUMNS))[list(LEAKAGE_COLUMNS)]
+
+
+def lpips_column(frame: pd.DataFrame) -> str:
+    """The LPIPS column to report: AlexNet's unless only VGG's was measured."""
+    if "lpips_alex" in frame and frame["lpips_alex"].notna().any():
+        return "lpips_alex"
+    if "lpips_vgg" in frame and frame["lpips_vgg"].notna().any():
+        return "lpips_vgg"
+    return "lpips_alex"
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "attack"
+
+
+class RunDirectory:
+    """Reads and writes one run's directory; see the module docstring for the layout."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._config: RunConfig | None = None
+        self._leakage: pd.DataFrame | None = None
+        self._utility: pd.DataFrame | None = None
+
+    @classmethod
+    def create(
+        cls, path: Path, config: RunConfig, environment: Mapping[str, object]
+    ) -> RunDirectory:
+        """Start a new run in `path` (created if needed); refuses a folder that holds records."""
+        path = Path(path)
+        for name in (UTILITY_FILE, LEAKAGE_FILE):
+            if (path / name).exists():
+                raise RunDirectoryError(
+                    f"{path}: already holds a run ({name}); resume it with sim.resume=true "
+                    "or choose another out-dir"
+                )
+        path.mkdir(parents=True, exist_ok=True)
+        atomic_write(path / CONFIG_FILE, config.to_toml().encode("utf-8"))
+        env = {"created": datetime.now(UTC).isoformat(timespec="seconds"), **environment}
+        atomic_write(
+            path / ENVIRONMENT_FILE, json.dumps(env, indent=2, default=str).encode("utf-8")
+        )
+        run = cls(path)
+        run._config = config
+        return run
+
+    @classmethod
+    def open(cls, path: Path) -> RunDirectory:
+        """An existing run directory (to resume it or report on it)."""
+        path = Path(path)
+        if not (path / CONFIG_FILE).is_file():
+            raise RunDirectoryError(f"{path}: not a run directory (no {CONFIG_FILE})")
+        return cls(path)
+
+    @property
+    def config(self) -> RunConfig:
+        """The run's resolved configuration, parsed from config.toml."""
+        if self._config is None:
+            self._config = load_toml(self.path / CONFIG_FILE)
+        return self._config
+
+    def environment(self) -> dict[str, object]:
+        """environment.json as written at creation ({} if absent)."""
+        file = self.path / ENVIRONMENT_FILE
+        return json.loads(file.read_text(encoding="utf-8")) if file.exists() else {}
+
+    # Records -----------------------------------------------------------------------------
+
+    def _row_defaults(self) -> dict[str, object]:
+        """Run-wide columns a producer may leave out, taken from the config."""
+        config = self.config
+        return {
+            "defense": config.defense.spec,
+            "batch_size": config.train.batch_size,
+            "mode": config.train.mode,
+            "dataset": config.data.dataset,
+            "model": config.model.name,
+            "seed": config.seed,
+            "scored_against": "original",
+            "status": "ok",
+        }
+
+    def append_round(
+        self,
+        server_round: int,
+        leakage_rows: Sequence[Mapping[str, object]],
+        utility_row: Mapping[str, object],
+    ) -> None:
+        """Record one finished round; rows of a round recorded before (a redo) are replaced.
+
+        Leakage rows may leave out run-wide columns (defense, batch size, mode, data set,
+        model, seed), which are filled from the config, and metrics, which become NaN.
+        `leakage.parquet`/`.csv` are written first and `utility.csv` last, so a round counts
+        as finished only when all of its rows are on disk.
+        """
+        for row in leakage_rows:
+            if row.get("round", server_round) != server_round:
+                raise RunDirectoryError(
+                    f"leakage row round={row.get('round')}: expected round {server_round}"
+                )
+        if utility_row.get("round", server_round) != server_round:
+            raise RunDirectoryError(
+                f"utility row round={utility_row.get('round')}: expected round {server_round}"
+            )
+        new_leakage = tidy(
+            ({**row, "round": server_round} for row in leakage_rows),
+            LEAKAGE_COLUMNS,
+            self._row_defaults(),
+            "leakage row",
+        )
+        self._check_values(new_leakage)
+        new_utility = tidy(
+            [{**utility_row, "round": server_round}],
+            UTILITY_COLUMNS,
+            {"num_failures": 0},
+            "utility row",
+        )
+
+        leakage = self.leakage()
+        leakage = leakage[leakage["round"] != server_round]
+        leakage = (
+            _concat(leakage, new_leakage)
+            .sort_values(["round", "client_id", "attack"], kind="stable")
+            .reset_index(drop=True)
+        )
+        atomic_write(self.path / LEAKAGE_FILE, _parquet_bytes(leakage))
+        atomic_write(self.path / LEAKAGE_CSV, _csv_bytes(leakage))
+        self._leakage = leakage
+
+        utility = self.utility()
+        utility = utility[utility["round"] != server_round]
+        utility = _concat(utility, new_utility).sort_values("round").reset_index(drop=True)
+        atomic_write(self.path / UTILITY_FILE, _csv_bytes(utility))
+        self._utility = utility
+
+    @staticmethod
+    def _check_values(frame: pd.DataFrame) -> None:
+        for column, allowed in (("status", STATUSES), ("scored_against", SCORED_AGAINST)):
+            bad = sorted(set(frame[column]) - set(allowed))
+            if bad:
+                raise RunDirectoryError(
+                    f"leakage row {column}={bad[0]!r}: expected one of {', '.join(allowed)}"
+                )
+
+    def leakage(self) -> pd.DataFrame:
+        """All leakage rows recorded so far (a copy)."""
+        if self._leakage is None:
+            self._leakage = read_leakage_parquet(self.path / LEAKAGE_FILE)
+        return self._leakage.copy()
+
+    def utility(self) -> pd.DataFrame:
+        """All utility rows recorded so far, one per finished round (a copy)."""
+        if self._utility is None:
+            self._utility = read_utility_csv(self.path / UTILITY_FILE)
+        return self._utility.copy()
+
+    def finished_rounds(self) -> int:
+        """The last round recorded in utility.csv; 0 if none."""
+        utility = self.utility()
+        return int(utility["round"].max()) if len(utility) else 0
+
+    def is_finished(self) -> bool:
+        """Whether every configured round is recorded."""
+        return self.finished_rounds() >= self.config.num_server_rounds
+
+    # Images, checkpoints, state -----------------------------------------------------------
+
+    def image_path(self, server_round: int, client_id: int, attack: str) -> Path:
+        """Where `save_images` puts the grid of one round, client and attack."""
+        return self.path / "images" / f"r{server_round:03d}_c{client_id:03d}_{_safe(attack)}.png"
+
+    def save_images(
+        self,
+        server_round: int,
+        client_id: int,
+        attack: str,
+        truth: torch.Tensor,
+        reconstruction: torch.Tensor,
+    ) -> Path:
+        """A PNG grid: ground truth on the top row, the matched reconstructions below.
+
+        Both are [B, C, H, W] in matched order; values are clamped to [0, 1] (pass |x| for
+        encodings in [-1, 1]). One channel is shown as gray.
+        """
+        from PIL import Image
+        from torchvision.utils import make_grid
+
+        if truth.ndim != 4 or truth.shape != reconstruction.shape:
+            raise RunDirectoryError(
+                f"save_images: truth {tuple(truth.shape)} and reconstruction "
+                f"{tuple(reconstruction.shape)} must be equal [B, C, H, W] shapes"
+            )
+        both = torch.cat([truth, reconstruction]).detach().float().cpu().clamp(0, 1)
+        grid = make_grid(both, nrow=truth.shape[0], padding=2, pad_value=1.0)
+        pixels = (grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        buffer = io.BytesIO()
+        Image.fromarray(pixels, mode="RGB").save(buffer, format="PNG")
+        path = self.image_path(server_round, client_id, attack)
+        atomic_write(path, buffer.getvalue())
+        return path
+
+    def images(self) -> list[Path]:
+        """The saved image grids, sorted by name (round, client, attack)."""
+        folder = self.path / "images"
+        return sorted(folder.glob("r*_c*_*.png")) if folder.is_dir() else []
+
+    def save_global_model(self, server_round: int, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Save the global weights after `server_round` (call after `append_round`).
+
+        Saving after the round's records means a crash in between resumes from the previous
+        checkpoint and redoes the round, whose rows are then replaced.
+        """
+        buffer = io.BytesIO()
+        state = {k: v.detach().cpu() for k, v in state_dict.items()}
+        torch.save({"round": int(server_round), "state_dict": state}, buffer)
+        atomic_write(self.path / CHECKPOINT_FILE, buffer.getvalue())
+
+    def load_global_model(self) -> tuple[int, dict[str, torch.Tensor]] | None:
+        """(round, weights) of the last checkpoint, or None; loads tensors only."""
+        file = self.path / CHECKPOINT_FILE
+        if not file.exists():
+            return None
+        saved = torch.load(file, map_location="cpu", weights_only=True)
+        return int(saved["round"]), dict(saved["state_dict"])
+
+    def state_dir(self, name: str) -> Path:
+        """A folder under `state/` for caches that outlive a round (created if needed)."""
+        folder = self.path / "state" / _safe(name)
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    # Summary ------------------------------------------------------------------------------
+
+    def write_summary(self) -> Path:
+        """summary.md: a per-round table built from utility.csv and leakage.parquet alone."""
+        config = self.config
+        table = round_table(self.utility(), self.leakage())
+        lines = [
+            f"# {config.name}",
+            "",
+            f"{config.data.dataset}, {config.model.name}, {config.train.mode}, "
+            f"batch size {config.train.batch_size}, defense `{config.defense.spec}`, "
+            f"attacks {', '.join(config.attack.names)}, seed {config.seed}; "
+            f"{self.finished_rounds()} of {config.num_server_rounds} rounds finished.",
+            "",
+            "Leakage columns are means over the attacked clients' reconstructed samples, "
+            "scored against the private originals; failures count failed attack runs.",
+            "",
+            markdown_table(table),
+            "",
+        ]
+        path = self.path / SUMMARY_FILE
+        atomic_write(path, "\n".join(lines).encode("utf-8"))
+        return path
+
+
+def _concat(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
+    if old.empty:
+        return new.copy()
+    if new.empty:
+        return old.copy()
+    return pd.concat([old, new], ignore_index=True)
+
+
+def _fmt(value: object, digits: int = 3) -> str:
+    if isinstance(value, float):
+        return "–" if math.isnan(value) else f"{value:.{digits}f}"
+    return str(value)
+
+
+def round_table(utility: pd.DataFrame, leakage: pd.DataFrame) -> pd.DataFrame:
+    """One row per round: accuracy, loss, ε (if any), mean PSNR/SSIM/LPIPS per attack, failures."""
+    rounds = sorted(set(utility["round"]) | set(leakage["round"]))
+    lpips = lpips_column(leakage)
+    ok = leakage[(leakage["status"] == "ok") & (leakage["scored_against"] == "original")]
+    means = ok.groupby(["round", "attack"])[["psnr", "ssim", lpips]].mean()
+    runs = leakage.drop_duplicates(["round", "client_id", "attack"])
+    failed = runs[runs["status"] != "ok"].groupby("round").size()
+    by_round = utility.set_index("round")
+    has_epsilon = utility["epsilon"].notna().any()
+    attacks = sorted(leakage["attack"].unique())
+    records = []
+    for r in rounds:
+        rec: dict[str, object] = {"round": int(r)}
+        u = by_round.loc[r] if r in by_round.index else None
+        rec["accuracy"] = float(u["test_accuracy"]) if u is not None else math.nan
+        rec["loss"] = float(u["test_loss"]) if u is not None else math.nan
+        if has_epsilon:
+            rec["ε"] = float(u["epsilon"]) if u is not None else math.nan
+        for attack in attacks:
+            got = (r, attack) in means.index
+            for metric, label in (("psnr", "PSNR"), ("ssim", "SSIM"), (lpips, "LPIPS")):
+                rec[f"{attack} {label}"] = (
+                    float(means.loc[(r, attack), metric]) if got else math.nan
+                )
+        rec["client failures"] = int(u["num_failures"]) if u is not None else 0
+        rec["attack failures"] = int(failed.get(r, 0))
+        records.append(rec)
+    return pd.DataFrame.from_records(records)
+
+
+def markdown_table(frame: pd.DataFrame, digits: int = 3) -> str:
+    """A GitHub-flavoured Markdown table (no extra dependency such as tabulate)."""
+    if frame.empty:
+        return "_(no rows yet)_"
+    header = "| " + " | ".join(str(c) for c in frame.columns) + " |"
+    rule = (
+        "|"
+        + "|".join(
+            "---:" if pd.api.types.is_numeric_dtype(frame[c]) else "---" for c in frame.columns
+        )
+        + "|"
+    )
+    body = [
+        "| " + " | ".join(_fmt(v, digits).replace("|", "\\|") for v in row) + " |"
+        for row in frame.itertuples(index=False)
+    ]
+    return "\n".join([header, rule, *body])
+
+
+def console_line(
+    server_round: int,
+    utility_row: Mapping[str, object],
+    leakage_rows: Sequence[Mapping[str, object]],
+) -> str:
+    """One compact progress line: accuracy, loss, then mean PSNR/LPIPS per attack."""
+    parts = [f"round {server_round}"]
+    acc, loss = utility_row.get("test_accuracy"), utility_row.get("test_loss")
+    if acc is not None:
+        parts.append(
+            f"acc {float(acc):.3f} loss {float(loss):.3f}"
+            if loss is not None
+            else f"acc {float(acc):.3f}"
+        )
+    eps = utility_row.get("epsilon")
+    if eps is not None and not math.isnan(float(eps)):
+        parts.append(f"ε {float(eps):.2f}")
+    frame = tidy(
+        leakage_rows, LEAKAGE_COLUMNS, {"status": "ok", "scored_against": "original"}, "leakage row"
+    )
+    lpips = lpips_column(frame)
+    for attack in sorted(frame["attack"].unique()):
+        rows = frame[frame["attack"] == attack]
+        good = rows[(rows["status"] == "ok") & (rows["scored_against"] == "original")]
+        failed = rows[rows["status"] != "ok"].drop_duplicates(["client_id"])
+        text = (
+            f"{attack} PSNR {_fmt(float(good['psnr'].mean()), 1)} "
+            f"LPIPS {_fmt(float(good[lpips].mean()), 3)}"
+            if len(good)
+            else f"{attack} -"
+        )
+        if len(failed):
+            text += f" ({len(failed)} failed)"
+        parts.append(text)
+    failures = utility_row.get("num_failures")
+    if failures:
+        parts.append(f"{int(failures)} client failures")
+    return " | ".join(parts)

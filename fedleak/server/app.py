@@ -1,0 +1,258 @@
+"""The ServerApp: builds the model, the curious strategy and the attacks, runs the rounds, and
+records every round's leakage and utility in the run directory as it finishes."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import logging
+import platform
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+
+from fedleak.attacks.registry import build_attack
+from fedleak.attacks.types import AttackerKnowledge, Budget
+from fedleak.client.app import federated_data, model_spec, resolve_device
+from fedleak.config import RunConfig, parse_flat
+from fedleak.data import FederatedData, auxiliary
+from fedleak.models import build_model
+from fedleak.report.rundir import RunDirectory, console_line
+from fedleak.server.auditor import Auditor
+from fedleak.server.runner import AttackRunner
+from fedleak.server.strategy import CuriousStrategy, PublicSetting
+from fedleak.server.validate import validate_components
+
+log = logging.getLogger(__name__)
+
+
+def default_run_dir(config: RunConfig, root: Path | None = None) -> Path:
+    """`runs/<time>-<name>` under `root` (the current directory by default), absolute."""
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return ((root or Path.cwd()) / "runs" / f"{stamp}-{config.name}").resolve()
+
+
+def environment(device: torch.device, config: RunConfig) -> dict[str, object]:
+    """Versions, device and seed: what a reader needs to reproduce the run."""
+    import flwr
+
+    return {
+        "fedleak": __import__("fedleak").__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "flwr": flwr.__version__,
+        "platform": platform.platform(),
+        "device": str(device),
+        "cuda": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
+        "seed": config.seed,
+        "started": dt.datetime.now().isoformat(timespec="seconds"),
+    }
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module, fd: FederatedData, device: torch.device
+) -> tuple[float, float]:
+    """Test loss and accuracy of the global model on the held-out split (NaN when it is empty)."""
+    x, y = fd.dataset.test_x, fd.dataset.test_y
+    if len(x) == 0:
+        return float("nan"), float("nan")
+    model.eval()
+    loss, correct = 0.0, 0
+    for start in range(0, len(x), 512):
+        logits = model(x[start : start + 512].to(device))
+        target = y[start : start + 512].to(device)
+        loss += float(F.cross_entropy(logits, target, reduction="sum"))
+        correct += int((logits.argmax(1) == target).sum())
+    return loss / len(x), correct / len(x)
+
+
+class RoundRecorder:
+    """Writes one round's rows, images, checkpoint and console line when the round ends."""
+
+    def __init__(
+        self,
+        run_dir: RunDirectory,
+        strategy: CuriousStrategy,
+        model: torch.nn.Module,
+        fd: FederatedData,
+        device: torch.device,
+        images_per_client: int,
+    ) -> None:
+        self.run_dir = run_dir
+        self.strategy = strategy
+        self.model = model
+        self.fd = fd
+        self.device = device
+        self.images_per_client = images_per_client
+        self.started = time.perf_counter()
+        self.attack_seconds = 0.0
+
+    def save_images(self, server_round: int, attacked: list, rows: list[dict]) -> None:
+        """Ground truth beside each reconstruction, in the auditor's matched order."""
+        for attack, reply, reconstruction in attacked:
+            self.attack_seconds += reconstruction.seconds
+            if reconstruction.status != "ok" or self.images_per_client == 0:
+                continue
+            client = reply.observation.client_id
+            pairs = [
+                (int(r["sample"]), int(r["target_index"]))
+                for r in rows
+                if r["client_id"] == client
+                and r["attack"] == attack
+                and r["scored_against"] == "original"
+            ][: self.images_per_client]
+            if not pairs:
+                continue
+            samples, targets = zip(*pairs, strict=True)
+            truth = reply.truth.inputs[list(targets)]
+            self.run_dir.save_images(
+                server_round, client, attack, truth, reconstruction.inputs[list(samples)]
+            )
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        """Flower's evaluate_fn: evaluate, then flush this round to disk."""
+        self.model.load_state_dict(arrays.to_torch_state_dict())
+        self.model.to(self.device)
+        loss, accuracy = evaluate(self.model, self.fd, self.device)
+        server_round += self.strategy.round_offset
+        if server_round == self.strategy.round_offset and server_round > 0:
+            return MetricRecord({"test-loss": loss, "test-accuracy": accuracy})
+        rows = self.strategy.take_rows(server_round)
+        utility = {
+            "round": server_round,
+            "test_loss": loss,
+            "test_accuracy": accuracy,
+            "epsilon": float("nan"),
+            "num_replies": self.strategy.replies.get(server_round, 0),
+            "num_failures": self.strategy.failures.get(server_round, 0),
+            "round_seconds": time.perf_counter() - self.started,
+            "attack_seconds": self.attack_seconds,
+        }
+        self.run_dir.append_round(server_round, rows, utility)
+        self.run_dir.save_global_model(
+            server_round, {k: v.cpu() for k, v in arrays.to_torch_state_dict().items()}
+        )
+        print(console_line(server_round, utility, rows), flush=True)
+        self.started, self.attack_seconds = time.perf_counter(), 0.0
+        return MetricRecord({"test-loss": loss, "test-accuracy": accuracy})
+
+
+def serve(grid: Grid, config: RunConfig) -> Path:
+    """Run the whole study on `grid` and return its run directory."""
+    validate_components(config)
+    device = resolve_device(config.device)
+    path = Path(config.out_dir) if config.out_dir else default_run_dir(config)
+    config = dataclasses.replace(config, out_dir=str(path))
+    if config.sim.resume and (path / "config.toml").exists():
+        run_dir = RunDirectory.open(path)
+    else:
+        run_dir = RunDirectory.create(path, config, environment(device, config))
+    fd = federated_data(config, num_partitions=1)
+    spec = model_spec(config, fd)
+    model = build_model(spec)
+    offset = 0
+    checkpoint = run_dir.load_global_model() if config.sim.resume else None
+    if checkpoint is not None:
+        offset, state = checkpoint
+        model.load_state_dict(state)
+    remaining = config.num_server_rounds - offset
+    if remaining <= 0:
+        log.info("run %s already has all %d rounds", path, config.num_server_rounds)
+        run_dir.write_summary()
+        return path
+
+    strategy = build_strategy(config, spec, fd, device, offset)
+    recorder = RoundRecorder(
+        run_dir, strategy, build_model(spec), fd, device, config.attack.images_per_client
+    )
+    strategy.on_attacked = recorder.save_images
+    train = config.train
+    strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(model.state_dict()),
+        num_rounds=remaining,
+        timeout=config.sim.timeout,
+        train_config=ConfigRecord({"lr": train.lr, "local-steps": train.local_steps}),
+        evaluate_fn=recorder,
+    )
+    if strategy.runner is not None:
+        strategy.runner.close()
+    run_dir.write_summary()
+    (path / "DONE").write_text(json.dumps({"rounds": config.num_server_rounds}))
+    return path
+
+
+def build_strategy(
+    config: RunConfig, spec, fd: FederatedData, device: torch.device, offset: int
+) -> CuriousStrategy:
+    """FedAvg wrapped by the curious server, with its attacks and their budget."""
+    train = config.train
+    inner = FedAvg(
+        fraction_train=train.fraction_train,
+        fraction_evaluate=0.0,
+        min_train_nodes=train.min_clients,
+        min_available_nodes=train.min_clients,
+    )
+    aux_x, aux_y = auxiliary(fd)
+    knowledge = AttackerKnowledge(
+        aux_inputs=aux_x.to(device),
+        aux_labels=aux_y.to(device),
+        input_shape=fd.dataset.input_shape,
+        num_classes=fd.dataset.num_classes,
+        device=device,
+        seed=config.seed,
+    )
+    attack = config.attack
+    attacks = {
+        name: build_attack(name, attack.params.get(name, {}), seed=config.seed)
+        for name in attack.names
+    }
+    budget = Budget(attack.max_iterations, attack.max_seconds, attack.show_progress)
+    public = PublicSetting(
+        model=spec,
+        update_kind="gradient" if train.mode == "fedsgd" else "delta",
+        learning_rate=train.lr,
+        server_lr=train.server_lr,
+        defense=config.defense.spec,
+        share_bn_statistics=config.threat.bn_stats == "shared",
+        view=config.threat.view,
+    )
+    context = {
+        "defense": config.defense.spec,
+        "mode": train.mode,
+        "dataset": config.data.dataset,
+        "model": config.model.name,
+        "seed": config.seed,
+    }
+    return CuriousStrategy(
+        inner,
+        public,
+        AttackRunner(attacks, knowledge, budget) if attacks else None,
+        Auditor(),
+        attacks=attack.names,
+        clients_per_round=attack.clients_per_round,
+        seed=config.seed,
+        round_offset=offset,
+        row_context=context,
+    )
+
+
+def make_server_app(config: RunConfig | None = None) -> ServerApp:
+    """A ServerApp bound to `config`, or reading Flower's run config when None (`flwr run`)."""
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        serve(grid, config or parse_flat(context.run_config))
+
+    return server
+
+
+app = make_server_app()

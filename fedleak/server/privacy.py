@@ -1,0 +1,204 @@
+"""Privacy accounting for client-side DP-SGD: (ε, δ) per client, composed over its rounds.
+
+The guarantee is example-level and local to each client: two partitions that differ by one
+example (add or remove) must give nearly the same distribution of everything that client sends
+the server, over all the rounds it took part in. The server is the adversary, so nothing is
+credited to aggregation, to secure aggregation or to the sampling of clients; a round a client
+sat out costs it nothing (client selection does not look at the data).
+
+One round of client c, holding n_c examples, drawing E of them (`train.examples`; the batch
+size B in FedSGD) and taking K local steps of B examples (K = 1 in FedSGD), is accounted as
+sampled Gaussian releases with noise multiplier Z (noise Z * C on a sum of gradients clipped
+to C):
+
+- When no example is used twice in the round (K * B <= E), as DP-SGD is usually accounted:
+  K releases, each sampling at rate q = B / n_c. The accountant assumes Poisson subsampling;
+  `fedleak.data.sample_batch` draws a fixed-size batch without replacement instead (and FedAvg
+  takes its K batches as disjoint slices of it), as most DP-SGD implementations do in
+  practice. The gap between the two is not bounded here.
+- When FedAvg reuses examples (K * B > E: its steps cycle through the E drawn examples, and
+  with `train.examples` = 0 every step sees the same batch), counting K fresh draws at rate
+  B / n_c would under-report ε. The round is then one release sampling at rate q = E / n_c in
+  which each drawn example enters m = ceil(K * B / E) noisy steps; m Gaussian releases of one
+  example compose to one with multiplier Z / sqrt(m).
+- Under the per-sample threat model (FedSGD only) each clipped gradient is also released on its
+  own with noise Z * C: two releases per step, multiplier Z / sqrt(2).
+
+The accountant is Flower's `RdpAccountant` (the `flwr[dp]` extra, backed by Google's
+`dp-accounting`): it ships with the framework this app is pinned to, and its Poisson path is
+the standard Rényi-DP analysis of the sampled Gaussian mechanism (Mironov et al. 2019).
+Its without-replacement path would match our sampler, but it is defined under replace-one
+adjacency and scores the Gaussian mechanism as if replacing an example moved the clipped sum
+by C rather than up to 2C, so using it correctly would need the multiplier halved; the Poisson
+path keeps the usual add/remove meaning of ε that papers report.
+
+ε is NaN ("not DP") when the defense has no DP-SGD step (`gauss:SIGMA` alone adds noise to an
+unclipped gradient: no sensitivity bound, no guarantee), and when DP-SGD runs on the output of
+an intra-client input encoding (MixUp, intra InstaHide): clipping then bounds each *encoded*
+sample, but one private image is mixed into several encoded samples, so the accounted ε is not
+a per-image guarantee. Inter InstaHide mixes each private image with public ones only and
+keeps the guarantee (for the private images; the public pool is not protected). DP-SGD with
+Z = 0 clips without noise: ε is infinite.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from flwr.serverapp import (
+    GaussianPrivacyEvent,
+    NeighboringRelation,
+    PrivacyConfig,
+    RdpAccountant,
+    SamplingMethod,
+)
+
+from fedleak.config import RunConfig
+from fedleak.data import FederatedData
+from fedleak.defenses import DPSGD, InstaHide, MixUp, parse_defense_spec
+
+
+@dataclass(frozen=True)
+class PrivacyLedger:
+    """The DP-SGD accounting of one run: what a round costs each client, and ε after rounds.
+
+    Each round of a client is `events_per_round` sampled Gaussian releases, each drawing
+    `sample_size` of the client's `partition_sizes[c]` examples, in which a drawn example is
+    released `releases` times with multiplier `noise_multiplier` (see the module docstring).
+    `not_dp` says why ε is NaN, and is empty when the accounting applies.
+    """
+
+    delta: float
+    noise_multiplier: float
+    sample_size: int
+    events_per_round: int
+    releases: int
+    partition_sizes: tuple[int, ...]
+    not_dp: str = ""
+
+    @classmethod
+    def from_config(cls, config: RunConfig, fd: FederatedData) -> PrivacyLedger:
+        """The ledger of `config`, with n_c from `fd` (built with the run's number of clients)."""
+        return cls.from_settings(config, [len(p) for p in fd.partitions])
+
+    @classmethod
+    def from_settings(cls, config: RunConfig, partition_sizes: Sequence[int]) -> PrivacyLedger:
+        """The ledger of `config` for clients holding `partition_sizes` examples."""
+        pipeline = parse_defense_spec(config.defense.spec)
+        train = config.train
+        dp = pipeline.find(DPSGD)
+        encoder = pipeline.encoder
+        if dp is None:
+            reason = "no dpsgd step in the defense (noise without clipping has no DP guarantee)"
+        elif isinstance(encoder, MixUp) or (isinstance(encoder, InstaHide) and not encoder.inter):
+            reason = (
+                f"dpsgd clips encoded samples, and {encoder.spec} mixes each private image into "
+                "several of them: the accounted ε would not bound one image's influence"
+            )
+        else:
+            reason = ""
+        drawn, used = train.examples_per_round, train.local_steps * train.batch_size
+        per_sample = 2 if config.threat.share == "per-sample" else 1
+        if used <= drawn:
+            sample, events, releases = train.batch_size, train.local_steps, per_sample
+        else:
+            sample, events, releases = drawn, 1, -(-used // drawn) * per_sample
+        return cls(
+            delta=config.defense.dp_delta,
+            noise_multiplier=dp.noise_multiplier if dp else 0.0,
+            sample_size=sample,
+            events_per_round=events,
+            releases=releases,
+            partition_sizes=tuple(int(n) for n in partition_sizes),
+            not_dp=reason,
+        )
+
+    @property
+    def applies(self) -> bool:
+        """Whether the run is DP-SGD with a meaningful per-example ε."""
+        return not self.not_dp
+
+    @property
+    def effective_noise_multiplier(self) -> float:
+        """The multiplier of one event's releases composed into one: Z / sqrt(releases)."""
+        return self.noise_multiplier / math.sqrt(self.releases)
+
+    def sampling_rate(self, client: int) -> float:
+        """The sampling rate of one event for client `client`."""
+        return self.sample_size / self._size(client)
+
+    def client_epsilon(self, client: int, rounds: int) -> float:
+        """ε at `delta` after client `client` took part in `rounds` rounds."""
+        size = self._size(client, rounds)
+        if not self.applies:
+            return math.nan
+        if rounds == 0:
+            return 0.0
+        if self.noise_multiplier == 0.0:
+            return math.inf
+        count = rounds * self.events_per_round
+        return _epsilon(self.effective_noise_multiplier, self.sample_size, size, count, self.delta)
+
+    def epsilons(self, participation: Mapping[int, int]) -> dict[int, float]:
+        """ε per client, from how many rounds each client (partition id) has taken part in."""
+        return {c: self.client_epsilon(c, rounds) for c, rounds in sorted(participation.items())}
+
+    def epsilon(self, participation: Mapping[int, int]) -> float:
+        """The worst case over clients: the ε a run reports (NaN when not DP, 0 before any
+        round)."""
+        if not self.applies:
+            return math.nan
+        # ε grows with rounds and with the sampling rate, so only clients that no other
+        # client beats on both (more rounds, smaller partition) can be the worst: one
+        # accountant call per such client instead of one per client.
+        worst: dict[int, int] = {}
+        for client, rounds in participation.items():
+            size = self._size(client, rounds)
+            if rounds not in worst or size < self.partition_sizes[worst[rounds]]:
+                worst[rounds] = client
+        candidates, smallest = [], math.inf
+        for rounds in sorted(worst, reverse=True):
+            client = worst[rounds]
+            if self.partition_sizes[client] < smallest:
+                candidates.append(self.client_epsilon(client, rounds))
+                smallest = self.partition_sizes[client]
+        return max(candidates, default=0.0)
+
+    def _size(self, client: int, rounds: int = 0) -> int:
+        if rounds < 0:
+            raise ValueError(f"rounds={rounds}: expected an integer >= 0")
+        if not 0 <= client < len(self.partition_sizes):
+            raise ValueError(
+                f"client={client}: expected a partition id in 0..{len(self.partition_sizes) - 1}"
+            )
+        size = self.partition_sizes[client]
+        if size < self.sample_size:
+            raise ValueError(
+                f"partition {client} holds {size} examples: expected at least "
+                f"{self.sample_size} (the examples one accounted release draws)"
+            )
+        return size
+
+
+@functools.lru_cache(maxsize=4096)
+def _epsilon(
+    noise_multiplier: float, sample: int, population: int, count: int, delta: float
+) -> float:
+    """ε of `count` Poisson-sampled Gaussian releases (rate sample/population), via Flower.
+
+    Cached: clients with equal partition sizes share it, and each call costs ~0.1 s.
+    """
+    accountant = RdpAccountant(
+        PrivacyConfig(
+            target_delta=delta,
+            population_size=population,
+            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+            sampling_method=SamplingMethod.POISSON,
+        )
+    )
+    event = GaussianPrivacyEvent(noise_multiplier, sample, population)
+    accountant.compose(event, count=count)
+    return accountant.get_epsilon(delta)

@@ -1,0 +1,252 @@
+"""`CuriousStrategy`: aggregates exactly as the strategy it wraps, and attacks what it sees.
+
+The wrapped strategy (FedAvg by default) never sees the extra records a simulated client
+sends (the audit batch, per-sample updates, BatchNorm statistics): they are split off into the
+attacker's `Observation` and the auditor's `GroundTruth` first, then stripped.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedleak.attacks.types import Observation, Reconstruction, UpdateKind
+from fedleak.models.spec import ModelSpec
+from fedleak.server.auditor import Auditor, GroundTruth
+from fedleak.server.runner import AttackJob, AttackRunner
+
+log = logging.getLogger(__name__)
+
+# Records beyond FedAvg's one ArrayRecord + one MetricRecord; all are stripped before aggregating.
+AUDIT, PER_SAMPLE, BN_STATS, BUFFERS = "audit", "per-sample", "bn-stats", "buffers"
+EXTRA_RECORDS = (AUDIT, PER_SAMPLE, BN_STATS, BUFFERS)
+
+
+@dataclass(frozen=True)
+class PublicSetting:
+    """What the server legitimately knows about every update: the protocol, not the data."""
+
+    model: ModelSpec
+    update_kind: UpdateKind
+    learning_rate: float
+    server_lr: float
+    defense: str
+    share_bn_statistics: bool
+    view: str = "client"
+
+
+@dataclass(frozen=True)
+class ClientReply:
+    """One reply, split at the wall."""
+
+    observation: Observation
+    truth: GroundTruth
+
+
+def _tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    return dict(record.to_torch_state_dict())
+
+
+def _metric(metrics: MetricRecord, key: str, default: float) -> float:
+    value = metrics.get(key, default)
+    return float(value)
+
+
+class CuriousStrategy(Strategy):
+    """An honest-but-curious server: honest aggregation, plus attacks on every reply it sees."""
+
+    def __init__(
+        self,
+        inner: Strategy,
+        public: PublicSetting,
+        runner: AttackRunner | None,
+        auditor: Auditor,
+        *,
+        attacks: tuple[str, ...],
+        clients_per_round: int,
+        seed: int,
+        round_offset: int = 0,
+        row_context: dict[str, object] | None = None,
+        on_attacked: Callable[
+            [int, list[tuple[str, ClientReply, Reconstruction]], list[dict]], None
+        ]
+        | None = None,
+    ) -> None:
+        self.inner = inner
+        self.public = public
+        self.runner = runner
+        self.auditor = auditor
+        self.attacks = attacks
+        self.clients_per_round = clients_per_round
+        self.seed = seed
+        self.round_offset = round_offset
+        self.row_context = row_context or {}
+        self.on_attacked = on_attacked
+        self.global_weights: dict[str, torch.Tensor] = {}
+        self.rows: dict[int, list[dict[str, object]]] = {}
+        self.failures: dict[int, int] = {}
+        self.replies: dict[int, int] = {}
+
+    # -- rounds -----------------------------------------------------------------------------
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Remember w_t (the attacker's view and the FedSGD step both need it), then delegate."""
+        self.global_weights = _tensors(arrays)
+        return self.inner.configure_train(server_round + self.round_offset, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Split, attack, score, strip, then aggregate exactly as the wrapped strategy would."""
+        server_round += self.round_offset
+        replies = list(replies)
+        valid = [msg for msg in replies if not msg.has_error()]
+        self.replies[server_round] = len(valid)
+        self.failures[server_round] = len(replies) - len(valid)
+        for msg in replies:
+            if msg.has_error():
+                log.warning("round %d: client reply failed: %s", server_round, msg.error.reason)
+        split = [self.split(server_round, msg) for msg in valid]
+        self.rows[server_round] = self.attack(server_round, split) if self.runner else []
+        for msg in valid:
+            for key in EXTRA_RECORDS:
+                if key in msg.content:
+                    del msg.content[key]
+        aggregate, metrics = self.inner.aggregate_train(server_round, replies)
+        if aggregate is None:
+            return None, metrics
+        return ArrayRecord(self.step(_tensors(aggregate), split)), metrics
+
+    def split(self, server_round: int, msg: Message) -> ClientReply:
+        """The attacker's view and the auditor's view of one reply."""
+        content = msg.content
+        metrics = content["metrics"]
+        client_id = int(_metric(metrics, "partition-id", -1))
+        per_sample = _tensors(content[PER_SAMPLE]) if PER_SAMPLE in content else None
+        bn_stats = None
+        if self.public.share_bn_statistics and BN_STATS in content:
+            bn_stats = _tensors(content[BN_STATS])
+        observation = Observation(
+            round=server_round,
+            client_id=client_id,
+            model=self.public.model,
+            weights=self.global_weights,
+            update=_tensors(content["arrays"]),
+            update_kind=self.public.update_kind,
+            num_examples=int(_metric(metrics, "num-examples", 0)),
+            batch_size=int(_metric(metrics, "batch-size", 0)),
+            local_steps=int(_metric(metrics, "local-steps", 1)),
+            learning_rate=_metric(metrics, "learning-rate", self.public.learning_rate),
+            defense=self.public.defense,
+            per_sample_updates=per_sample,
+            bn_statistics=bn_stats,
+        )
+        truth = GroundTruth.from_audit(client_id, _tensors(content[AUDIT]))
+        return ClientReply(observation, truth)
+
+    def chosen(self, server_round: int, split: list[ClientReply]) -> list[ClientReply]:
+        """The clients attacked this round: all, or a seeded sample of `clients_per_round`."""
+        ordered = sorted(split, key=lambda reply: reply.observation.client_id)
+        if self.clients_per_round == 0 or self.clients_per_round >= len(ordered):
+            return ordered
+        rng = np.random.default_rng([self.seed, server_round, 0xA77AC])
+        picked = sorted(rng.choice(len(ordered), self.clients_per_round, replace=False))
+        return [ordered[i] for i in picked]
+
+    def attack(self, server_round: int, split: list[ClientReply]) -> list[dict[str, object]]:
+        """Hand the chosen observations to the runner and score what comes back."""
+        targets = self.chosen(server_round, split)
+        if self.public.view == "aggregate" and targets:
+            targets = [self.aggregate_view(server_round, split)]
+        jobs = [AttackJob(name, t.observation) for t in targets for name in self.attacks]
+        truths = {id(t.observation): t.truth for t in targets}
+        results = self.runner.run(jobs)
+        rows: list[dict[str, object]] = []
+        attacked = []
+        for result in results:
+            truth = truths[id(result.observation)]
+            rows += self.auditor.score(
+                result.observation,
+                result.attack,
+                result.reconstruction,
+                truth,
+                self.row_context,
+            )
+            attacked.append(
+                (result.attack, ClientReply(result.observation, truth), result.reconstruction)
+            )
+        if self.on_attacked:
+            self.on_attacked(server_round, attacked, rows)
+        return rows
+
+    def aggregate_view(self, server_round: int, split: list[ClientReply]) -> ClientReply:
+        """What a server behind secure aggregation sees: only the weighted sum of the round."""
+        total = sum(r.observation.num_examples for r in split)
+        update = {
+            name: sum(
+                r.observation.update[name] * (r.observation.num_examples / total) for r in split
+            )
+            for name in split[0].observation.update
+        }
+        first = split[0].observation
+        observation = Observation(
+            round=server_round,
+            client_id=-1,
+            model=first.model,
+            weights=first.weights,
+            update=update,
+            update_kind=first.update_kind,
+            num_examples=total,
+            batch_size=total,
+            local_steps=first.local_steps,
+            learning_rate=first.learning_rate,
+            defense=first.defense,
+        )
+        return ClientReply(observation, GroundTruth.union([r.truth for r in split]))
+
+    def step(
+        self, aggregate: dict[str, torch.Tensor], split: list[ClientReply]
+    ) -> dict[str, torch.Tensor]:
+        """Apply the aggregated update to w_t: an SGD step for gradients, a sum for deltas."""
+        new = {name: value.clone() for name, value in self.global_weights.items()}
+        scale = -self.public.learning_rate * self.public.server_lr
+        if self.public.update_kind == "delta":
+            scale = self.public.server_lr
+        for name, value in aggregate.items():
+            new[name] = self.global_weights[name] + scale * value
+        return new
+
+    # -- delegated hooks --------------------------------------------------------------------
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Federated evaluation is the wrapped strategy's business."""
+        return self.inner.configure_evaluate(server_round + self.round_offset, arrays, config, grid)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Federated evaluation is the wrapped strategy's business."""
+        return self.inner.aggregate_evaluate(server_round + self.round_offset, replies)
+
+    def summary(self) -> None:
+        """Log the wrapped strategy and what this one adds."""
+        self.inner.summary()
+        log.info(
+            "CuriousStrategy: attacks %s on %s clients per round, defense %r",
+            ",".join(self.attacks) or "none",
+            self.clients_per_round or "all",
+            self.public.defense,
+        )
+
+    def take_rows(self, server_round: int) -> list[dict[str, object]]:
+        """The scored rows of a finished round (handed over once, for the recorder)."""
+        return self.rows.pop(server_round, [])

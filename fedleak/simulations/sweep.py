@@ -1,0 +1,509 @@
+"""Sweeps: many run configurations, each a normal run directory under one sweep directory.
+
+A sweep file is TOML::
+
+    # description: what the sweep measures
+    [sweep]
+    name = "defense-grid"        # the sweep directory's name (default: the file's stem)
+    preset = "quickstart"        # optional base run preset (a name or a path)
+    num-clients = 10             # simulated clients per cell
+    parallel = 1                 # cells at once: 1 = one after another
+    client-cpus = 1.0            # Ray resources per simulated client
+    client-gpus = 0.0
+    skip-unavailable-data = false  # true: a cell whose data set's files are absent is skipped
+
+    [sweep.grid]                 # cartesian product of these flat keys' values
+    "train.batch-size" = [1, 4]
+    seed = [0, 1]
+
+    [[sweep.cells]]              # explicit settings, each crossed with the grid
+    "defense.spec" = "none"
+    [[sweep.cells]]
+    "defense.spec" = "prune:0.9"
+
+    [base]                       # run-config keys on top of the preset (nested tables too)
+    num-server-rounds = 2
+    [base.attack]
+    names = "ig"
+
+Cells are the explicit cells (outer) crossed with the grid points (inner, last key fastest);
+with only one of the two, its own list. A key may be set by the grid or by the cells, not
+both. Every cell is parsed and checked before any run starts; bad files raise `SweepError`
+with one line.
+
+Cells live in `<out>/<name>/cell-XXX-<short description>/`, listed with their status in
+`sweep.json`. A cell is finished when its `utility.csv` records every configured round; a
+rerun skips finished cells and starts unfinished ones again from scratch. With
+`skip-unavailable-data`, cells whose data set is not on disk (e.g. CIFAR-10 offline) are
+recorded as skipped instead of failing, and a later rerun tries them again.
+
+With `parallel > 1`, that many cells run at once, each in its own process as its own Ray
+driver. Point every cell at one Ray cluster by setting `RAY_ADDRESS` (e.g.
+`ray start --head` on one machine, `ray start --address=HEAD:6379` on the others, then
+`RAY_ADDRESS=HEAD:6379 fedleak sweep FILE`): the cells' clients then share the cluster's CPUs
+and GPUs. Without it each cell starts a private Ray instance on this machine, so keep
+`parallel x num-clients x client-cpus` within its cores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import json
+import multiprocessing
+import re
+import shutil
+import time
+import tomllib
+from collections.abc import Callable, Mapping
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from fedleak.config import ConfigError, RunConfig, flatten_toml, parse_flat
+from fedleak.report.rundir import RunDirectory, RunDirectoryError
+from fedleak.simulations.presets import load_preset, preset_path
+
+MANIFEST = "sweep.json"
+SOURCE_COPY = "sweep.toml"
+SWEEP_KEYS = (
+    "name",
+    "preset",
+    "num-clients",
+    "parallel",
+    "client-cpus",
+    "client-gpus",
+    "skip-unavailable-data",
+    "grid",
+    "cells",
+)
+# Set by the sweep for every cell, so a sweep file may not set them.
+_RESERVED = ("name", "out-dir")
+_SHORT = {"train.batch-size": "B", "seed": "seed", "num-server-rounds": "R"}
+_VALUE_ONLY = ("defense.spec", "attack.names", "model.name", "data.dataset", "train.mode")
+
+Runner = Callable[[RunConfig, Path], Path]
+
+
+class SweepError(ConfigError):
+    """A sweep file is invalid, or its directory holds cells of a different sweep."""
+
+
+class SweepFailed(RuntimeError):
+    """Some cells failed; the finished ones are kept and a rerun retries the rest."""
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of a sweep: its directory name, the keys it sets, its configuration."""
+
+    index: int
+    id: str
+    overrides: Mapping[str, Any]
+    config: RunConfig
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    """A parsed, fully checked sweep file."""
+
+    name: str
+    source: Path
+    num_clients: int
+    parallel: int
+    client_cpus: float
+    client_gpus: float
+    skip_unavailable_data: bool
+    base: RunConfig
+    cells: tuple[Cell, ...]
+
+    @property
+    def varying(self) -> tuple[str, ...]:
+        """The keys the cells set, in first-seen order."""
+        keys: dict[str, None] = {}
+        for cell in self.cells:
+            keys.update(dict.fromkeys(cell.overrides))
+        return tuple(keys)
+
+
+def _slug(overrides: Mapping[str, Any]) -> str:
+    """A short, filesystem-safe description of a cell, e.g. `prune-0.9_B4_seed1`."""
+    parts = []
+    for key, value in overrides.items():
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        label = "" if key in _VALUE_ONLY else _SHORT.get(key, key.rsplit(".", 1)[-1] + "-")
+        part = f"{label}{text}".replace(",", "-").replace(":", "-")
+        parts.append(re.sub(r"[^A-Za-z0-9.+-]+", "", part))
+    slug = "_".join(part for part in parts if part)
+    return slug[:48].rstrip("_-.") or "base"
+
+
+def _int(section: Mapping[str, Any], key: str, default: int, low: int) -> int:
+    value = section.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise SweepError(f"sweep.{key}={value!r}: expected an integer >= {low}")
+    return value
+
+
+def _float(section: Mapping[str, Any], key: str, default: float) -> float:
+    value = section.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise SweepError(f"sweep.{key}={value!r}: expected a number >= 0")
+    return float(value)
+
+
+def _bool(section: Mapping[str, Any], key: str) -> bool:
+    value = section.get(key, False)
+    if not isinstance(value, bool):
+        raise SweepError(f"sweep.{key}={value!r}: expected true or false")
+    return value
+
+
+def _check_key(where: str, key: str) -> None:
+    if key in _RESERVED:
+        raise SweepError(f"{where}.{key}: set by the sweep for each cell; remove it")
+
+
+def _grid(raw: Any) -> dict[str, list[Any]]:
+    if not isinstance(raw, dict):
+        raise SweepError(f"sweep.grid={raw!r}: expected a table of key = [values]")
+    grid = {}
+    for key, values in flatten_toml(raw).items():
+        _check_key("sweep.grid", key)
+        if not isinstance(values, list):
+            raise SweepError(f"sweep.grid.{key}={values!r}: expected a list of values")
+        if not values:
+            raise SweepError(f"sweep.grid.{key}: empty list; give at least one value")
+        for i, value in enumerate(values):
+            if value in values[:i]:
+                raise SweepError(f"sweep.grid.{key}: lists {value!r} more than once")
+        grid[key] = values
+    return grid
+
+
+def _cells(raw: Any, grid: Mapping[str, list[Any]]) -> list[dict[str, Any]]:
+    if not isinstance(raw, list) or not all(isinstance(c, dict) for c in raw):
+        raise SweepError("sweep.cells: expected [[sweep.cells]] tables of key = value")
+    cells = []
+    for number, table in enumerate(raw, start=1):
+        cell = flatten_toml(table)
+        for key, value in cell.items():
+            _check_key(f"sweep.cells #{number}", key)
+            if key in grid:
+                raise SweepError(
+                    f"sweep.cells #{number}: {key}={value!r} clashes with sweep.grid.{key}; "
+                    "set a key in the grid or in the cells, not both"
+                )
+            if isinstance(value, list):
+                raise SweepError(
+                    f"sweep.cells #{number}: {key}={value!r}: a cell sets one value; put lists "
+                    "in [sweep.grid]"
+                )
+        cells.append(cell)
+    return cells
+
+
+def _base(document: Mapping[str, Any], section: Mapping[str, Any]) -> RunConfig:
+    preset = section.get("preset")
+    if preset is not None and not isinstance(preset, str):
+        raise SweepError(f"sweep.preset={preset!r}: expected a preset name or path")
+    base = load_preset(preset) if preset else RunConfig()
+    table = document.get("base", {})
+    if not isinstance(table, dict):
+        raise SweepError("base: expected a table of run-config keys")
+    flat = flatten_toml(table)
+    for key in flat:
+        _check_key("base", key)
+    try:
+        return parse_flat(flat, base)
+    except ConfigError as error:
+        raise SweepError(f"base: {error}") from None
+
+
+def load_sweep(path: str | Path) -> SweepPlan:
+    """Parse and check a sweep file (a path, or a shipped sweep preset's name)."""
+    source = preset_path(path)
+    try:
+        document = tomllib.loads(source.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as error:
+        raise SweepError(f"{source}: not valid TOML: {error}") from None
+    extra = sorted(set(document) - {"sweep", "base"})
+    if extra:
+        raise SweepError(
+            f"{extra[0]}: unknown top-level key in a sweep file; expected [sweep] and [base]"
+        )
+    section = document.get("sweep")
+    if not isinstance(section, dict):
+        raise SweepError(f"{source}: not a sweep file (no [sweep] table)")
+    unknown = sorted(set(section) - set(SWEEP_KEYS))
+    if unknown:
+        raise SweepError(
+            f"sweep.{unknown[0]}: unknown sweep setting; expected one of {', '.join(SWEEP_KEYS)}"
+        )
+    name = section.get("name", source.stem)
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise SweepError(f"sweep.name={name!r}: expected letters, digits, '.', '_' or '-'")
+    grid = _grid(section.get("grid", {}))
+    explicit = _cells(section.get("cells", []), grid)
+    if not grid and not explicit:
+        raise SweepError("sweep: no cells; give [sweep.grid] values or [[sweep.cells]] tables")
+    base = _base(document, section)
+
+    points = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
+    combos = [{**cell, **point} for cell in (explicit or [{}]) for point in points]
+    cells: list[Cell] = []
+    seen: dict[tuple[tuple[str, Any], ...], int] = {}
+    for index, overrides in enumerate(combos):
+        label = f"cell {index} ({', '.join(f'{k}={v!r}' for k, v in overrides.items())})"
+        try:
+            config = parse_flat(overrides, base)
+        except ConfigError as error:
+            raise SweepError(f"{label}: {error}") from None
+        cell_id = f"cell-{index:03d}-{_slug(overrides)}"
+        config = dataclasses.replace(config, name=cell_id)
+        key = tuple(sorted((k, repr(v)) for k, v in config.to_flat().items() if k != "name"))
+        if key in seen:
+            raise SweepError(f"{label}: same configuration as cell {seen[key]}; remove one")
+        seen[key] = index
+        cells.append(Cell(index=index, id=cell_id, overrides=overrides, config=config))
+    return SweepPlan(
+        name=name,
+        source=source,
+        num_clients=_int(section, "num-clients", 10, 1),
+        parallel=_int(section, "parallel", 1, 1),
+        client_cpus=_float(section, "client-cpus", 1.0),
+        client_gpus=_float(section, "client-gpus", 0.0),
+        skip_unavailable_data=_bool(section, "skip-unavailable-data"),
+        base=base,
+        cells=tuple(cells),
+    )
+
+
+def _study_runner(
+    config: RunConfig, path: Path, *, num_clients: int, client_cpus: float, client_gpus: float
+) -> Path:
+    """The default cell runner: one in-process Flower simulation (module level: picklable)."""
+    from fedleak.simulations.launch import run_study
+
+    return run_study(
+        config, num_clients=num_clients, client_cpus=client_cpus, client_gpus=client_gpus
+    )
+
+
+def _validate(plan: SweepPlan) -> None:
+    """Check every cell against the registries (data sets, models, attacks, defenses)."""
+    from fedleak.server.validate import validate_components
+
+    for cell in plan.cells:
+        try:
+            validate_components(cell.config)
+        except ConfigError as error:
+            raise SweepError(f"{cell.id}: {error}") from None
+
+
+def _missing_data(config: RunConfig) -> str:
+    """Why the cell's data set cannot be loaded without a download ('' when it can)."""
+    from fedleak.data import DatasetUnavailable, load_dataset
+
+    try:
+        load_dataset(
+            config.data.dataset,
+            config.data.data_dir or None,
+            seed=config.seed,
+            test_fraction=config.data.test_fraction,
+            download=False,
+        )
+    except DatasetUnavailable as error:
+        return f"data set {config.data.dataset!r} unavailable: {_one_line(error)}"
+    return ""
+
+
+def _unavailable(config: RunConfig, known: dict[tuple[str, str], str]) -> str:
+    """`_missing_data`, asked once per (data set, data dir)."""
+    key = (config.data.dataset, config.data.data_dir)
+    if key not in known:
+        known[key] = _missing_data(config)
+    return known[key]
+
+
+def _one_line(error: BaseException) -> str:
+    """`Type: first line of the message`, at most 300 characters."""
+    lines = str(error).strip().splitlines()
+    return (f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__)[:300]
+
+
+def _run_cell(runner: Runner, config: RunConfig, path: Path) -> tuple[str, str, float]:
+    """Run one cell; (status, message, seconds). Executed in a worker process when parallel."""
+    start = time.perf_counter()
+    try:
+        runner(config, path)
+    except Exception as error:  # one cell's failure must not stop the others
+        return "failed", _one_line(error), time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    if not _finished(path):
+        done = RunDirectory.open(path).finished_rounds() if _is_run(path) else 0
+        return (
+            "failed",
+            f"runner returned after {done} of {config.num_server_rounds} rounds",
+            seconds,
+        )
+    return "done", "", seconds
+
+
+def _is_run(path: Path) -> bool:
+    return (path / "config.toml").is_file()
+
+
+def _finished(path: Path) -> bool:
+    return _is_run(path) and RunDirectory.open(path).is_finished()
+
+
+def _check_existing(cell: Cell, path: Path) -> None:
+    """A cell folder from an earlier start must hold this very cell's configuration."""
+    try:
+        stored = RunDirectory.open(path).config.to_flat()
+    except (ConfigError, RunDirectoryError) as error:
+        raise SweepError(f"{path}: unreadable cell configuration ({error})") from None
+    wanted = dataclasses.replace(cell.config, out_dir=str(path)).to_flat()
+    for key in dict.fromkeys([*wanted, *stored]):
+        if key != "sim.resume" and stored.get(key) != wanted.get(key):
+            raise SweepError(
+                f"{path}: was run with {key}={stored.get(key)!r}, this sweep wants "
+                f"{wanted.get(key)!r}; use another out dir or sweep name"
+            )
+
+
+def _write_manifest(sweep_dir: Path, plan: SweepPlan, status: Mapping[str, dict[str, Any]]) -> None:
+    manifest = {
+        "name": plan.name,
+        "source": str(plan.source),
+        "num_clients": plan.num_clients,
+        "parallel": plan.parallel,
+        "varying": list(plan.varying),
+        "updated": datetime.now(UTC).isoformat(timespec="seconds"),
+        "cells": [
+            {
+                "id": cell.id,
+                "index": cell.index,
+                "overrides": dict(cell.overrides),
+                **status[cell.id],
+            }
+            for cell in plan.cells
+        ],
+    }
+    tmp = sweep_dir / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, default=str), encoding="utf-8")
+    tmp.replace(sweep_dir / MANIFEST)
+
+
+def read_manifest(sweep_dir: Path) -> dict[str, Any]:
+    """`sweep.json` of a sweep directory."""
+    return json.loads((Path(sweep_dir) / MANIFEST).read_text(encoding="utf-8"))
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def run_sweep(
+    path: str | Path,
+    *,
+    out_dir: Path | None = None,
+    runner: Runner | None = None,
+    say: Callable[[str], None] = _say,
+) -> Path:
+    """Run every unfinished cell of a sweep file; return the sweep directory.
+
+    `out_dir` defaults to `./runs`; the sweep directory is `<out_dir>/<sweep name>`. With the
+    default runner (`fedleak.simulations.launch.run_study`) every cell is also checked against
+    the component registries before anything runs. Raises `SweepFailed` after the last cell if
+    any cell failed. `say` receives one progress line per cell.
+    """
+    plan = load_sweep(path)
+    if runner is None:
+        _validate(plan)
+        runner = functools.partial(
+            _study_runner,
+            num_clients=plan.num_clients,
+            client_cpus=plan.client_cpus,
+            client_gpus=plan.client_gpus,
+        )
+    sweep_dir = (Path(out_dir) if out_dir else Path("runs")).resolve() / plan.name
+    paths = {cell.id: sweep_dir / cell.id for cell in plan.cells}
+    for cell in plan.cells:
+        if _is_run(paths[cell.id]):
+            _check_existing(cell, paths[cell.id])
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    copy = sweep_dir / SOURCE_COPY
+    if not (copy.exists() and copy.samefile(plan.source)):
+        shutil.copyfile(plan.source, copy)
+
+    status: dict[str, dict[str, Any]] = {}
+    old = (
+        {c["id"]: c for c in read_manifest(sweep_dir)["cells"]}
+        if (sweep_dir / MANIFEST).exists()
+        else {}
+    )
+    pending = []
+    missing: dict[tuple[str, str], str] = {}
+    for cell in plan.cells:
+        if _finished(paths[cell.id]):
+            seconds = old.get(cell.id, {}).get("seconds")
+            status[cell.id] = {"status": "done", "message": "", "seconds": seconds}
+        elif plan.skip_unavailable_data and (reason := _unavailable(cell.config, missing)):
+            status[cell.id] = {"status": "skipped", "message": reason, "seconds": None}
+        else:
+            status[cell.id] = {"status": "pending", "message": "", "seconds": None}
+            pending.append(cell)
+    _write_manifest(sweep_dir, plan, status)
+
+    say(f"sweep {plan.name}: {len(plan.cells)} cells, {len(pending)} to run, in {sweep_dir}")
+    for cell in plan.cells:
+        if status[cell.id]["status"] == "skipped":
+            say(f"  {cell.id}: skipped ({status[cell.id]['message']})")
+
+    def record(cell: Cell, result: tuple[str, str, float]) -> None:
+        state, message, seconds = result
+        status[cell.id] = {"status": state, "message": message, "seconds": round(seconds, 3)}
+        _write_manifest(sweep_dir, plan, status)
+        say(f"  {cell.id}: {state} in {seconds:.1f} s" + (f" ({message})" if message else ""))
+
+    def fresh(cell: Cell) -> RunConfig:
+        # An unfinished cell starts over: its partial records belong to an interrupted run.
+        if paths[cell.id].exists():
+            shutil.rmtree(paths[cell.id])
+        return dataclasses.replace(cell.config, out_dir=str(paths[cell.id]))
+
+    if plan.parallel == 1 or len(pending) <= 1:
+        for cell in pending:
+            status[cell.id] = {"status": "running", "message": "", "seconds": None}
+            _write_manifest(sweep_dir, plan, status)
+            say(f"  {cell.id}: running")
+            record(cell, _run_cell(runner, fresh(cell), paths[cell.id]))
+    else:
+        context = multiprocessing.get_context("spawn")
+        workers = min(plan.parallel, len(pending))
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+            futures = {}
+            for cell in pending:
+                futures[cell.id] = pool.submit(_run_cell, runner, fresh(cell), paths[cell.id])
+                status[cell.id] = {"status": "queued", "message": "", "seconds": None}
+            _write_manifest(sweep_dir, plan, status)
+            for cell in pending:
+                try:
+                    result = futures[cell.id].result()
+                except Exception as error:  # the worker process itself died
+                    result = ("failed", _one_line(error), 0.0)
+                record(cell, result)
+
+    failed = [cell.id for cell in plan.cells if status[cell.id]["status"] == "failed"]
+    if failed:
+        first = status[failed[0]]["message"]
+        raise SweepFailed(
+            f"{len(failed)} of {len(plan.cells)} cells failed ({failed[0]}: {first}); finished "
+            f"cells are kept in {sweep_dir}; rerun the sweep to retry the rest"
+        )
+    return sweep_dir

@@ -1,0 +1,106 @@
+"""The configuration parser: presets parse, every invalid value fails with one clear line."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedleak.config import (
+    ConfigError,
+    RunConfig,
+    known_keys,
+    parse_flat,
+    parse_toml,
+)
+
+INVALID = [
+    ({"train.batch-size": -1}, "train.batch-size=-1: expected an integer >= 1"),
+    ({"train.batch-size": 2.5}, "train.batch-size=2.5: expected an integer >= 1"),
+    ({"train.mode": "fedprox"}, "train.mode='fedprox': expected one of 'fedsgd', 'fedavg'"),
+    ({"data.partition": "random"}, "data.partition='random': expected one of"),
+    ({"data.test-fraction": 1.0}, "data.test-fraction=1.0: expected a number in [0, 1)"),
+    ({"data.aux-beta": 1.5}, "data.aux-beta=1.5: expected a number in [0, 1]"),
+    ({"data.dirichlet-alpha": 0}, "data.dirichlet-alpha=0: expected a number > 0"),
+    ({"num-server-rounds": 0}, "num-server-rounds=0: expected an integer >= 1"),
+    ({"seed": True}, "seed=True: expected an integer >= 0"),
+    ({"attack.names": ""}, "attack.names='': expected at least one name"),
+    ({"attack.max-seconds": float("nan")}, "attack.max-seconds=nan: expected a number > 0"),
+    ({"device": "tpu"}, "device='tpu': expected one of 'auto', 'cpu', 'cuda'"),
+    ({"data.datset": "x"}, "data.datset: unknown setting; did you mean data.dataset"),
+    ({"out-dir": "relative/dir"}, "out-dir='relative/dir': expected an absolute path"),
+    ({"train.local-steps": 3}, "train.local-steps=3: fedsgd shares one gradient"),
+    ({"attack.ig.lr": 0.1}, "attack.ig.*: parameters given for an attack that is not in"),
+    (
+        {"threat.share": "per-sample", "train.mode": "fedavg"},
+        "threat.share='per-sample': per-sample updates exist only in fedsgd",
+    ),
+]
+
+
+@pytest.mark.parametrize(("flat", "message"), INVALID)
+def test_invalid_values_give_one_clear_line(flat: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        parse_flat(flat)
+    text = str(error.value)
+    assert message in text
+    assert "\n" not in text
+
+
+def test_defaults_round_trip_through_toml_and_flat() -> None:
+    config = parse_flat({"attack.names": "ig,aux-mean", "attack.ig.lr": 0.05, "seed": 3})
+    assert parse_toml(config.to_toml()) == config
+    assert parse_flat(config.to_flat()) == config
+    assert config.attack.names == ("ig", "aux-mean")
+    assert config.attack.params == {"ig": {"lr": 0.05}}
+
+
+def test_nested_toml_and_flat_keys_name_the_same_settings() -> None:
+    nested = parse_toml('[train]\nbatch-size = 4\nmode = "fedavg"\nlocal-steps = 3\n')
+    flat = parse_flat({"train.batch-size": 4, "train.mode": "fedavg", "train.local-steps": 3})
+    assert nested == flat
+    assert nested.train.examples_per_round == 4
+
+
+def test_fedsgd_uses_exactly_one_batch() -> None:
+    config = parse_flat({"train.batch-size": 8})
+    assert config.train.examples_per_round == 8
+    fedavg = parse_flat({"train.mode": "fedavg", "train.examples": 32, "train.local-steps": 4})
+    assert fedavg.train.examples_per_round == 32
+
+
+def test_every_known_key_is_accepted_with_its_default() -> None:
+    flat = RunConfig().to_flat()
+    assert set(flat) == set(known_keys())
+    assert parse_flat(flat) == RunConfig()
+
+
+def test_bad_toml_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        parse_toml("[train\nbatch-size = ")
+
+
+values = st.one_of(
+    st.integers(-(10**6), 10**6), st.floats(allow_nan=True), st.booleans(), st.text(max_size=12)
+)
+keys = st.one_of(st.sampled_from(known_keys()), st.text(max_size=20))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(keys, values, max_size=6))
+def test_no_input_crashes_the_parser(flat: dict) -> None:
+    try:
+        config = parse_flat(flat)
+    except ConfigError as error:
+        assert "\n" not in str(error)
+    else:
+        assert isinstance(config, RunConfig)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.text(max_size=200))
+def test_no_toml_text_crashes_the_parser(text: str) -> None:
+    try:
+        parse_toml(text)
+    except ConfigError as error:
+        assert "\n" not in str(error)

@@ -1,0 +1,356 @@
+"""The data room: real embedded sets, partitions, the auxiliary split and the batch sampler."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import re
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+import fedleak.data.torchvision_sets as torchvision_sets
+from fedleak.data import (
+    DATASETS,
+    DatasetUnavailable,
+    DataSplitError,
+    FolderLayoutError,
+    UnknownDatasetError,
+    auxiliary,
+    build_federated_data,
+    client_batch,
+    load_dataset,
+    partition_indices,
+    sample_batch,
+    split_auxiliary,
+)
+
+MNIST5K_LABELS = np.repeat(np.arange(10), 500)
+
+
+# --- data sets ------------------------------------------------------------------------------
+
+
+def test_mnist5k_is_the_real_5000_image_subset():
+    data = load_dataset("mnist5k", test_fraction=0.0)
+    assert data.train_x.shape == (5000, 1, 28, 28)
+    assert data.input_shape == (1, 28, 28)
+    assert data.train_x.dtype == torch.float32 and data.train_y.dtype == torch.int64
+    assert torch.bincount(data.train_y).tolist() == [500] * 10
+    assert data.train_x.min() == 0.0 and data.train_x.max() == 1.0
+    # MNIST's pixel mean is about 0.13; random or blank data would not land there.
+    assert 0.10 < float(data.train_x.mean()) < 0.16
+    assert len(data.test_x) == 0 and data.test_x.shape[1:] == (1, 28, 28)
+    assert data.class_names == tuple("0123456789")
+
+
+def test_mnist5k_holdout_is_stratified_disjoint_and_seeded():
+    full = load_dataset("mnist5k", test_fraction=0.0).train_x.flatten(1)
+    a = load_dataset("mnist5k", seed=3, test_fraction=0.2)
+    assert (len(a.train_x), len(a.test_x)) == (4000, 1000)
+    assert torch.bincount(a.test_y).tolist() == [100] * 10
+    # Every image sits in exactly one split: compare pixel sums as a cheap fingerprint.
+    sums = torch.cat([a.train_x, a.test_x]).flatten(1).sum(1).sort().values
+    assert torch.allclose(sums, full.sum(1).sort().values)
+    again = load_dataset("mnist5k", seed=3, test_fraction=0.2)
+    assert again is a  # cached in the process
+    other = load_dataset("mnist5k", seed=4, test_fraction=0.2)
+    assert not torch.equal(other.test_x, a.test_x)
+
+
+def test_cifar10_foolbox_images_and_labels_match_file_names():
+    data = load_dataset("cifar10-foolbox")
+    assert data.train_x.shape == (20, 3, 32, 32) and len(data.test_x) == 0
+    assert data.num_classes == 10 and data.class_names[3] == "cat"
+    folder = Path(importlib.util.find_spec("foolbox").submodule_search_locations[0]) / "data"
+    named = sorted(
+        (int(m.group(1)), int(m.group(2)), p)
+        for p in folder.iterdir()
+        if (m := re.fullmatch(r"cifar10_(\d+)_(\d+)\.png", p.name))
+    )
+    assert data.train_y.tolist() == [label for _, label, _ in named]
+    first = np.array(Image.open(named[0][2]).convert("RGB"))
+    assert torch.equal(data.train_x[0], torch.from_numpy(first).permute(2, 0, 1).float() / 255)
+    # Colour images: the channels differ.
+    assert float((data.train_x[:, 0] - data.train_x[:, 2]).abs().max()) > 0.2
+
+
+def test_missing_torchvision_set_names_every_place_looked(tmp_path):
+    with pytest.raises(DatasetUnavailable) as caught:
+        load_dataset("cifar10", tmp_path, download=False)
+    message = str(caught.value)
+    assert str(tmp_path / "cifar-10-batches-py") in message
+    assert "downloading was off" in message and "internet" in message
+    assert "mnist5k" in message and "\n" not in message
+
+
+def test_missing_fashion_mnist_names_debian_and_torchvision_places(tmp_path, monkeypatch):
+    monkeypatch.setattr(torchvision_sets, "DEBIAN_FASHION_MNIST", tmp_path / "debian")
+    with pytest.raises(DatasetUnavailable) as caught:
+        load_dataset("fashion-mnist", tmp_path / "data", download=False)
+    message = str(caught.value)
+    assert str(tmp_path / "debian") in message
+    assert str(tmp_path / "data" / "FashionMNIST" / "raw") in message
+    assert "apt-get install dataset-fashion-mnist" in message
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 8, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    payload = header + array.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(payload) if path.suffix == ".gz" else payload)
+
+
+def _fake_mnist(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), rng.integers(0, 10, n)
+
+
+def test_torchvision_mnist_files_are_converted_once_to_float(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    (x, y), (tx, ty) = _fake_mnist(30, 0), _fake_mnist(12, 1)
+    for stem, array in (
+        ("train-images-idx3-ubyte", x),
+        ("train-labels-idx1-ubyte", y),
+        ("t10k-images-idx3-ubyte", tx),
+        ("t10k-labels-idx1-ubyte", ty),
+    ):
+        _write_idx(raw / stem, array)
+    data = load_dataset("mnist", tmp_path, download=False)
+    assert data.train_x.shape == (30, 1, 28, 28) and data.test_x.shape == (12, 1, 28, 28)
+    assert torch.equal(data.train_x[:, 0], torch.from_numpy(x).float() / 255)
+    assert data.test_y.tolist() == ty.tolist()
+
+
+def test_fashion_mnist_reads_debian_idx_files(tmp_path, monkeypatch):
+    (x, y), (tx, ty) = _fake_mnist(25, 2), _fake_mnist(7, 3)
+    for stem, array in (
+        ("train-images-idx3-ubyte", x),
+        ("train-labels-idx1-ubyte", y),
+        ("t10k-images-idx3-ubyte", tx),
+        ("t10k-labels-idx1-ubyte", ty),
+    ):
+        _write_idx(tmp_path / f"{stem}.gz", array)
+    monkeypatch.setattr(torchvision_sets, "DEBIAN_FASHION_MNIST", tmp_path)
+    data = load_dataset("fashion-mnist", tmp_path / "unused", download=False)
+    assert data.train_x.shape == (25, 1, 28, 28) and len(data.test_x) == 7
+    assert torch.equal(data.test_x[:, 0], torch.from_numpy(tx).float() / 255)
+    assert data.train_y.tolist() == y.tolist() and data.class_names[9] == "Ankle boot"
+
+
+def test_truncated_idx_file_is_reported(tmp_path):
+    path = tmp_path / "broken-idx3-ubyte"
+    path.write_bytes(bytes([0, 0, 8, 3]) + struct.pack(">3I", 10, 28, 28) + b"\x00" * 99)
+    with pytest.raises(DatasetUnavailable, match="truncated"):
+        torchvision_sets.read_idx(path)
+
+
+def test_unknown_name_lists_the_allowed_names():
+    with pytest.raises(UnknownDatasetError) as caught:
+        load_dataset("imagenet")
+    message = str(caught.value)
+    assert "'imagenet'" in message and "\n" not in message
+    assert all(name in message for name in DATASETS) and "folder:<path>" in message
+
+
+def _save_png(path: Path, pixels: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+
+
+def test_image_folder_loads_classes_in_name_order(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (10, 6, 5), dtype=np.uint8)
+    for i, pixels in enumerate(images):
+        _save_png(tmp_path / ("b" if i % 2 else "a") / f"{i:02d}.png", pixels)
+    data = load_dataset(f"folder:{tmp_path}", test_fraction=0.2, seed=0)
+    assert data.class_names == ("a", "b") and data.input_shape == (1, 6, 5)
+    assert (len(data.train_x), len(data.test_x)) == (8, 2)
+    assert sorted(data.test_y.tolist()) == [0, 1]
+    every = torch.cat([data.train_x, data.test_x]).flatten(1).sum(1).sort().values
+    assert torch.allclose(
+        every, torch.from_numpy(images).float().flatten(1).sum(1).sort().values / 255
+    )
+
+
+def test_image_folder_rejects_mixed_sizes_and_missing_folders(tmp_path):
+    _save_png(tmp_path / "a" / "0.png", np.zeros((8, 8, 3), dtype=np.uint8))
+    _save_png(tmp_path / "b" / "1.png", np.zeros((9, 8, 3), dtype=np.uint8))
+    with pytest.raises(FolderLayoutError, match="differ in size"):
+        load_dataset(f"folder:{tmp_path}")
+    with pytest.raises(DatasetUnavailable, match=re.escape(str(tmp_path / "nowhere"))):
+        load_dataset(f"folder:{tmp_path / 'nowhere'}")
+
+
+# --- partitions -----------------------------------------------------------------------------
+
+
+def _check_partitions(parts: list[np.ndarray], pool: np.ndarray, n: int) -> None:
+    assert len(parts) == n
+    assert all(len(p) > 0 for p in parts)
+    joined = np.concatenate(parts)
+    assert len(joined) == len(np.unique(joined))  # disjoint
+    assert np.array_equal(np.sort(joined), np.sort(pool))  # cover
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    labels=st.lists(st.integers(0, 5), min_size=1, max_size=200),
+    n=st.integers(1, 12),
+    scheme=st.sampled_from(["iid", "dirichlet", "shards"]),
+    seed=st.integers(0, 2**32 - 1),
+    alpha=st.floats(0.01, 10.0),
+    shards=st.integers(1, 4),
+    use_pool=st.booleans(),
+)
+def test_partitions_are_disjoint_cover_the_pool_and_repeat(
+    labels, n, scheme, seed, alpha, shards, use_pool
+):
+    labels = np.array(labels)
+    pool = np.arange(len(labels))[::2] if use_pool else None
+    expected = np.arange(len(labels)) if pool is None else pool
+    kwargs = {"alpha": alpha, "shards_per_partition": shards, "pool": pool}
+    needed = n * shards if scheme == "shards" else n
+    if len(expected) < needed:
+        with pytest.raises(DataSplitError, match="exceed"):
+            partition_indices(labels, n, scheme, seed, **kwargs)
+        return
+    parts = partition_indices(labels, n, scheme, seed, **kwargs)
+    _check_partitions(parts, expected, n)
+    again = partition_indices(labels, n, scheme, seed, **kwargs)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
+
+
+def _dominant_share(labels: np.ndarray, parts: list[np.ndarray]) -> float:
+    return float(np.mean([np.bincount(labels[p]).max() / len(p) for p in parts]))
+
+
+def test_small_alpha_dirichlet_is_skewed_and_iid_is_not():
+    skewed = partition_indices(MNIST5K_LABELS, 10, "dirichlet", 0, alpha=0.05)
+    iid = partition_indices(MNIST5K_LABELS, 10, "iid", 0)
+    assert _dominant_share(MNIST5K_LABELS, skewed) > 0.6
+    assert _dominant_share(MNIST5K_LABELS, iid) < 0.2
+    shards = partition_indices(MNIST5K_LABELS, 10, "shards", 0, shards_per_partition=2)
+    assert all(len(np.unique(MNIST5K_LABELS[p])) <= 2 for p in shards)
+    assert not np.array_equal(partition_indices(MNIST5K_LABELS, 10, "iid", 1)[0], iid[0])
+
+
+def test_tiny_alpha_still_gives_every_partition_an_image():
+    parts = partition_indices(MNIST5K_LABELS[:40], 30, "dirichlet", 7, alpha=1e-3)
+    _check_partitions(parts, np.arange(40), 30)
+
+
+def test_bad_partition_settings_are_named():
+    with pytest.raises(DataSplitError, match="scheme='random'"):
+        partition_indices(MNIST5K_LABELS, 2, "random", 0)
+    with pytest.raises(DataSplitError, match="num_partitions=11 exceeds the 10 images"):
+        partition_indices(MNIST5K_LABELS[:10], 11, "iid", 0)
+    with pytest.raises(DataSplitError, match="alpha=0"):
+        partition_indices(MNIST5K_LABELS, 2, "dirichlet", 0, alpha=0)
+
+
+# --- auxiliary split ------------------------------------------------------------------------
+
+
+def test_aux_is_stratified_and_disjoint_from_every_client():
+    fd = build_federated_data(
+        "mnist5k", None, 8, "dirichlet", 0, alpha=0.3, aux_size=1000, public_size=40
+    )
+    labels = fd.dataset.train_y.numpy()
+    assert np.bincount(labels[fd.aux]).tolist() == [100] * 10
+    assert len(fd.public) == 40
+    for part in fd.partitions:
+        assert not np.intersect1d(part, fd.aux).size
+        assert not np.intersect1d(part, fd.public).size
+    assert not np.intersect1d(fd.aux, fd.public).size
+    everyone = np.concatenate([fd.aux, fd.public, *fd.partitions])
+    assert np.array_equal(np.sort(everyone), np.arange(len(labels)))
+    x, y = auxiliary(fd)
+    assert torch.equal(x, fd.dataset.train_x[torch.from_numpy(fd.aux.copy())])
+    assert y.tolist() == labels[fd.aux].tolist()
+    with pytest.raises(ValueError, match="read-only"):
+        fd.aux[0] = 0
+
+
+def test_server_with_one_partition_sees_the_clients_aux():
+    clients = build_federated_data("mnist5k", None, 6, "iid", 2, aux_size=300, public_size=10)
+    server = build_federated_data("mnist5k", None, 1, "iid", 2, aux_size=300, public_size=10)
+    assert np.array_equal(clients.aux, server.aux)
+    assert np.array_equal(clients.public, server.public)
+    assert (
+        build_federated_data("mnist5k", None, 6, "iid", 2, aux_size=300, public_size=10) is clients
+    )
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
+def test_beta_sets_the_in_distribution_share_and_clients_hold_in_classes(beta):
+    in_classes = None if beta < 1 else (0, 1, 2, 3, 4)
+    split = split_auxiliary(MNIST5K_LABELS, 1000, 0, beta=beta, in_classes=in_classes)
+    aux_labels = MNIST5K_LABELS[split.aux]
+    assert len(split.aux) == 1000
+    assert int((aux_labels < 5).sum()) == round(beta * 1000)
+    assert set(MNIST5K_LABELS[split.clients]) == {0, 1, 2, 3, 4}
+    assert len(split.clients) == 2500 - round(beta * 1000)
+    assert not np.intersect1d(split.aux, split.clients).size
+
+
+def test_plain_aux_keeps_all_classes_for_clients_and_is_seeded():
+    split = split_auxiliary(MNIST5K_LABELS, 50, 0)
+    assert np.bincount(MNIST5K_LABELS[split.aux]).tolist() == [5] * 10
+    assert len(split.clients) == 4950
+    assert not np.array_equal(split_auxiliary(MNIST5K_LABELS, 50, 1).aux, split.aux)
+    assert np.array_equal(split_auxiliary(MNIST5K_LABELS, 50, 0).aux, split.aux)
+
+
+def test_bad_aux_settings_are_named():
+    with pytest.raises(DataSplitError, match="aux_size=5000 leaves none"):
+        split_auxiliary(MNIST5K_LABELS, 5000, 0)
+    with pytest.raises(DataSplitError, match=r"beta=1\.5"):
+        split_auxiliary(MNIST5K_LABELS, 10, 0, beta=1.5)
+    with pytest.raises(DataSplitError, match="out-of-distribution"):
+        split_auxiliary(MNIST5K_LABELS, 3000, 0, beta=0.0)
+    with pytest.raises(DataSplitError, match="aux_size=21"):
+        build_federated_data("cifar10-foolbox", None, 2, "iid", 0, aux_size=21)
+
+
+def test_cifar10_foolbox_runs_without_aux():
+    fd = build_federated_data("cifar10-foolbox", None, 4, "iid", 0, aux_size=0)
+    assert [len(p) for p in fd.partitions] == [5, 5, 5, 5]
+    x, y = auxiliary(fd)
+    assert x.shape == (0, 3, 32, 32) and y.shape == (0,)
+
+
+# --- batch sampler --------------------------------------------------------------------------
+
+
+def test_batches_repeat_per_seed_client_round_and_vary_otherwise():
+    partition = np.arange(100, 164)
+    batch = sample_batch(partition, 8, 0, 3, 1)
+    assert len(np.unique(batch)) == 8 and np.isin(batch, partition).all()
+    assert np.array_equal(batch, sample_batch(partition, 8, 0, 3, 1))
+    for other in (
+        sample_batch(partition, 8, 0, 3, 2),
+        sample_batch(partition, 8, 0, 4, 1),
+        sample_batch(partition, 8, 1, 3, 1),
+    ):
+        assert not np.array_equal(batch, other)
+    whole = sample_batch(partition, 64, 0, 3, 1)
+    assert np.array_equal(np.sort(whole), partition)  # without replacement
+    with pytest.raises(DataSplitError, match="batch_size=65"):
+        sample_batch(partition, 65, 0, 3, 1)
+
+
+def test_client_batch_returns_that_partitions_images():
+    fd = build_federated_data("mnist5k", None, 5, "shards", 1, aux_size=100)
+    x, y = client_batch(fd, 2, 3, 4, 1)
+    chosen = sample_batch(fd.partitions[2], 4, 1, 2, 3)
+    assert torch.equal(x, fd.dataset.train_x[torch.from_numpy(chosen)])
+    assert torch.equal(y, fd.dataset.train_y[torch.from_numpy(chosen)])
+    with pytest.raises(DataSplitError, match="partition_id=5"):
+        client_batch(fd, 5, 1, 4, 1)

@@ -1,0 +1,264 @@
+"""Client gradients (per-sample, batch, BatchNorm statistics) and the update computation."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedleak.client.gradients import (
+    PerSampleRefused,
+    batch_gradient,
+    batchnorm_statistics,
+    per_sample_gradients,
+)
+from fedleak.client.update import (
+    ClientUpdate,
+    LocalTraining,
+    LocalTrainingError,
+    compute_update,
+)
+from fedleak.defenses import DPSGD, MixUp, parse_defense_spec
+from fedleak.models import ModelSpec, build_model
+
+NO_DEFENSE = parse_defense_spec("none")
+
+
+def _model(name: str, shape: tuple[int, ...], seed: int = 0) -> nn.Module:
+    return build_model(ModelSpec(name, shape, 10, seed=seed))
+
+
+def _data(n: int, shape: tuple[int, ...], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, *shape, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _autograd(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The textbook gradient: forward, mean cross-entropy, backward."""
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    return grads
+
+
+def _assert_close(a: dict, b: dict, atol: float = 1e-6, rtol: float = 1e-5) -> None:
+    assert list(a) == list(b)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=rtol, msg=name)
+
+
+# --- per-sample gradients ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "shape", "batch"),
+    [
+        ("lenet", (3, 16, 16), 6),
+        ("convnet", (3, 8, 8), 5),
+        ("resnet20-gn", (3, 8, 8), 3),
+        ("mlp", (1, 6, 6), 7),
+        pytest.param("resnet18-gn", (3, 4, 4), 2, marks=pytest.mark.slow),
+    ],
+)
+def test_per_sample_gradients_equal_a_loop_of_single_sample_gradients(
+    name: str, shape: tuple[int, ...], batch: int
+) -> None:
+    model = _model(name, shape)
+    x, y = _data(batch, shape)
+    per_sample = per_sample_gradients(model, x, y)
+    assert list(per_sample) == [n for n, _ in model.named_parameters()]
+    for i in range(batch):
+        single = _autograd(model, x[i : i + 1], y[i : i + 1])
+        for param, g in single.items():
+            assert per_sample[param].shape == (batch, *g.shape)
+            torch.testing.assert_close(per_sample[param][i], g, atol=1e-5, rtol=0)
+
+
+def test_per_sample_gradients_take_soft_labels() -> None:
+    model = _model("lenet", (3, 8, 8))
+    x, y = _data(4, (3, 8, 8))
+    onehot = F.one_hot(y, 10).float()
+    _assert_close(per_sample_gradients(model, x, onehot), per_sample_gradients(model, x, y))
+    soft = torch.softmax(torch.randn(4, 10, generator=_gen(1)), dim=1)
+    per_sample = per_sample_gradients(model, x, soft)
+    for i in range(4):
+        single = _autograd(model, x[i : i + 1], soft[i : i + 1])
+        _assert_close({k: v[i] for k, v in per_sample.items()}, single)
+
+
+def test_per_sample_gradients_refuse_bad_labels() -> None:
+    model = _model("mlp", (1, 4, 4))
+    x, _ = _data(3, (1, 4, 4))
+    with pytest.raises(ValueError, match="expected int64"):
+        per_sample_gradients(model, x, torch.zeros(3, 10, 2))
+
+
+@pytest.mark.parametrize(
+    ("name", "variant"), [("resnet20", "resnet20-gn"), ("convnet-bn", "convnet")]
+)
+def test_batchnorm_models_refuse_per_sample_and_keep_exact_batch_gradients(
+    name: str, variant: str
+) -> None:
+    model = _model(name, (3, 8, 8))
+    x, y = _data(4, (3, 8, 8))
+    with pytest.raises(PerSampleRefused, match=f"{name} -> {variant}") as caught:
+        per_sample_gradients(model, x, y)
+    assert "\n" not in str(caught.value) and "BatchNorm" in str(caught.value)
+    model.eval()
+    buffers = {k: v.clone() for k, v in model.state_dict().items()}
+    gradient = batch_gradient(model, x, y)
+    assert not model.training  # the caller's mode comes back
+    assert all(torch.equal(buffers[k], v) for k, v in model.state_dict().items())
+    reference = copy.deepcopy(model).train()
+    _assert_close(gradient, _autograd(reference, x, y))
+
+
+def test_batchnorm_statistics_are_the_batch_moments_of_each_bn_input() -> None:
+    model = _model("convnet-bn", (3, 8, 8))
+    x, _ = _data(5, (3, 8, 8))
+    stats = batchnorm_statistics(model, x)
+    bn_names = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    assert list(stats) == [f"{n}.{s}" for n in bn_names for s in ("mean", "var")]
+    first_input = model.features[0](x).detach()
+    torch.testing.assert_close(stats[f"{bn_names[0]}.mean"], first_input.mean(dim=(0, 2, 3)))
+    torch.testing.assert_close(
+        stats[f"{bn_names[0]}.var"], first_input.var(dim=(0, 2, 3), unbiased=False)
+    )
+    assert batchnorm_statistics(_model("lenet", (3, 8, 8)), x) == {}
+
+
+# --- the update --------------------------------------------------------------------------------
+
+
+def test_fedsgd_update_without_defense_is_the_mean_gradient() -> None:
+    model = _model("lenet", (3, 16, 16))
+    x, y = _data(4, (3, 16, 16))
+    result = compute_update(model, x, y, 10, NO_DEFENSE, LocalTraining("fedsgd", 4), _gen())
+    assert isinstance(result, ClientUpdate)
+    _assert_close(result.update, _autograd(model, x, y))
+    assert result.per_sample is None and result.encoded is None and result.bn_statistics is None
+    assert result.num_examples == 4
+    assert result.loss == pytest.approx(F.cross_entropy(model(x), y).item(), rel=1e-6)
+
+
+def test_per_sample_share_keeps_the_batch_update_as_their_mean() -> None:
+    model = _model("lenet", (3, 16, 16))
+    x, y = _data(6, (3, 16, 16))
+    training = LocalTraining("fedsgd", 6, share="per-sample")
+    result = compute_update(model, x, y, 10, NO_DEFENSE, training, _gen())
+    assert result.per_sample is not None
+    _assert_close({k: v.mean(0) for k, v in result.per_sample.items()}, result.update)
+    batch_only = compute_update(model, x, y, 10, NO_DEFENSE, LocalTraining("fedsgd", 6), _gen())
+    _assert_close(result.update, batch_only.update)
+    # With pruning, every shared per-sample gradient is pruned on its own.
+    pruned = compute_update(model, x, y, 10, parse_defense_spec("prune:0.9"), training, _gen())
+    weight = pruned.per_sample["classifier.weight"]
+    assert (
+        (weight != 0).flatten(1).sum(1) == weight[0].numel() - int(0.9 * weight[0].numel())
+    ).all()
+
+
+def test_fedsgd_with_dpsgd_clips_per_sample_then_adds_noise() -> None:
+    model = _model("mlp", (1, 6, 6))
+    x, y = _data(8, (1, 6, 6))
+    training = LocalTraining("fedsgd", 8)
+    exact = compute_update(model, x, y, 10, parse_defense_spec("dpsgd:0.01:0"), training, _gen())
+    clipped = DPSGD(0.01, 0).clip(per_sample_gradients(model, x, y))
+    _assert_close(exact.update, {k: v.mean(0) for k, v in clipped.items()})
+    noisy = compute_update(model, x, y, 10, parse_defense_spec("dpsgd:0.01:4"), training, _gen(3))
+    again = compute_update(model, x, y, 10, parse_defense_spec("dpsgd:0.01:4"), training, _gen(3))
+    noise = torch.cat([(noisy.update[k] - exact.update[k]).flatten() for k in exact.update])
+    assert noise.std().item() == pytest.approx(4 * 0.01 / 8, rel=0.05)
+    _assert_close(noisy.update, again.update, atol=0, rtol=0)
+
+
+def test_encoded_update_is_the_gradient_of_the_encoded_batch() -> None:
+    model = _model("lenet", (3, 8, 8))
+    x, y = _data(6, (3, 8, 8))
+    result = compute_update(
+        model, x, y, 10, parse_defense_spec("mixup:3"), LocalTraining("fedsgd", 6), _gen(4)
+    )
+    expected = MixUp(3)(x, F.one_hot(y, 10).float(), _gen(4))
+    assert result.encoded is not None
+    assert torch.equal(result.encoded.inputs, expected.inputs)
+    _assert_close(result.update, _autograd(model, expected.inputs, expected.soft_labels))
+
+
+def test_fedavg_one_step_delta_is_minus_lr_times_the_gradient() -> None:
+    model = _model("convnet", (3, 8, 8))
+    before = copy.deepcopy(model.state_dict())
+    x, y = _data(4, (3, 8, 8))
+    training = LocalTraining("fedavg", 4, local_steps=1, learning_rate=0.05)
+    result = compute_update(model, x, y, 10, NO_DEFENSE, training, _gen())
+    gradient = _autograd(model, x, y)
+    _assert_close(result.update, {k: -0.05 * g for k, g in gradient.items()}, atol=1e-7)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_fedavg_steps_walk_the_data_cyclically() -> None:
+    model = _model("lenet", (3, 8, 8))
+    x, y = _data(5, (3, 8, 8))
+    training = LocalTraining("fedavg", 2, local_steps=3, learning_rate=0.1)
+    result = compute_update(model, x, y, 10, NO_DEFENSE, training, _gen())
+    reference = copy.deepcopy(model)
+    optimiser = torch.optim.SGD(reference.parameters(), lr=0.1)
+    for index in ([0, 1], [2, 3], [4, 0]):  # starts at (k * B) mod N, wrapping around
+        optimiser.zero_grad()
+        F.cross_entropy(reference(x[index]), y[index]).backward()
+        optimiser.step()
+    expected = {
+        name: p.detach() - q.detach()
+        for (name, p), q in zip(reference.named_parameters(), model.parameters(), strict=True)
+    }
+    _assert_close(result.update, expected, atol=1e-6)
+    assert result.num_examples == 5 and result.per_sample is None
+
+
+def test_fedavg_with_batchnorm_trains_and_shares_statistics() -> None:
+    model = _model("convnet-bn", (3, 8, 8))
+    x, y = _data(6, (3, 8, 8))
+    training = LocalTraining("fedavg", 3, local_steps=2, learning_rate=0.1)
+    result = compute_update(model, x, y, 10, NO_DEFENSE, training, _gen(), share_bn_statistics=True)
+    assert result.bn_statistics is not None
+    _assert_close(result.bn_statistics, batchnorm_statistics(model, x))
+    assert any(v.abs().sum() > 0 for v in result.update.values())
+    with pytest.raises(PerSampleRefused, match="convnet-bn -> convnet"):
+        compute_update(model, x, y, 10, parse_defense_spec("dpsgd:1:1"), training, _gen())
+
+
+def test_fedavg_dpsgd_adds_noise_at_every_step_and_defenses_once_at_the_end() -> None:
+    model = _model("mlp", (1, 4, 4))
+    x, y = _data(8, (1, 4, 4))
+    training = LocalTraining("fedavg", 4, local_steps=2, learning_rate=0.1)
+    spec = parse_defense_spec("dpsgd:1:1+prune:0.5+sign")
+    result = compute_update(model, x, y, 10, spec, training, _gen(5))
+    again = compute_update(model, x, y, 10, spec, training, _gen(5))
+    _assert_close(result.update, again.update, atol=0, rtol=0)
+    for name, value in result.update.items():
+        assert set(value.unique().tolist()) <= {-1.0, 0.0, 1.0}, name
+        assert int((value != 0).sum()) <= value.numel() - int(0.5 * value.numel())
+
+
+def test_local_training_and_inputs_are_validated() -> None:
+    with pytest.raises(LocalTrainingError, match="per-sample updates exist only in fedsgd"):
+        LocalTraining("fedavg", 4, share="per-sample")
+    with pytest.raises(LocalTrainingError, match="mode='sgd'"):
+        LocalTraining("sgd", 4)  # type: ignore[arg-type]
+    with pytest.raises(LocalTrainingError, match="learning_rate"):
+        LocalTraining("fedsgd", 4, learning_rate=0.0)
+    model = _model("mlp", (1, 4, 4))
+    x, y = _data(3, (1, 4, 4))
+    with pytest.raises(LocalTrainingError, match="expected exactly one batch"):
+        compute_update(model, x, y, 10, NO_DEFENSE, LocalTraining("fedsgd", 4), _gen())
+    with pytest.raises(LocalTrainingError, match="batch_size <= examples"):
+        compute_update(model, x, y, 10, NO_DEFENSE, LocalTraining("fedavg", 4), _gen())
+    with pytest.raises(LocalTrainingError, match=r"expected 0\.\.9"):
+        compute_update(model, x, y + 10, 10, NO_DEFENSE, LocalTraining("fedsgd", 3), _gen())

@@ -1,0 +1,159 @@
+"""DP-SGD accounting: ε per client and per run, checked against references computed apart.
+
+Clipping and the noise scale of DP-SGD itself are tested in test_defenses.py and
+test_gradients.py; this file tests what the ledger adds on top.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+from dp_accounting import GaussianDpEvent, PoissonSampledDpEvent, SelfComposedDpEvent
+from dp_accounting.rdp import RdpAccountant
+from scipy.optimize import brentq
+from scipy.stats import norm
+
+from fedleak.client.app import federated_data
+from fedleak.config import parse_flat
+from fedleak.server.privacy import PrivacyLedger
+
+DELTA = 1e-5
+
+
+def _ledger(sizes: list[int], **settings: object) -> PrivacyLedger:
+    flat = {"defense.spec": "dpsgd:1:1.1", "train.batch-size": 10, **settings}
+    return PrivacyLedger.from_settings(parse_flat(flat), sizes)
+
+
+def _reference(rate: float, noise: float, rounds: int, releases: int = 1) -> float:
+    """The same model written directly in dp-accounting's own event language."""
+    accountant = RdpAccountant()
+    inner = SelfComposedDpEvent(GaussianDpEvent(noise), releases)
+    accountant.compose(PoissonSampledDpEvent(rate, inner), rounds)
+    return accountant.get_epsilon(DELTA)
+
+
+def test_fedsgd_epsilon_equals_the_accountants_reference() -> None:
+    ledger = _ledger([500, 400, 1000])
+    participation = {0: 30, 1: 30, 2: 12}
+    sizes = [500, 400, 1000]
+    expected = {c: _reference(10 / n, 1.1, participation[c]) for c, n in enumerate(sizes)}
+    epsilons = ledger.epsilons(participation)
+    for client, value in expected.items():
+        assert epsilons[client] == pytest.approx(value, rel=1e-9)
+    # The run reports the worst client: here the smallest partition, at the most rounds.
+    assert ledger.epsilon(participation) == max(expected.values()) == epsilons[1]
+    assert ledger.sampling_rate(1) == pytest.approx(0.025)
+    # The worst case is found without asking the accountant about every client.
+    uneven = _ledger([300, 200, 500, 200, 250, 120])
+    pattern = {0: 5, 1: 3, 2: 7, 3: 2, 4: 6, 5: 0}
+    assert uneven.epsilon(pattern) == max(uneven.epsilons(pattern).values())
+    assert 1.0 < epsilons[1] < 3.0  # sanity: a moderate budget, not 0 and not inf
+
+
+def test_fedavg_steps_are_counted_and_reused_examples_are_not_fresh_draws() -> None:
+    # One pass over the drawn examples: 3 steps at rate B / n, as DP-SGD is usually accounted.
+    one_pass = _ledger(
+        [400], **{"train.mode": "fedavg", "train.local-steps": 3, "train.examples": 30}
+    )
+    assert (one_pass.sample_size, one_pass.events_per_round, one_pass.releases) == (10, 3, 1)
+    assert one_pass.client_epsilon(0, 20) == pytest.approx(_reference(10 / 400, 1.1, 60))
+    # 4 steps of 5 cycling through 10 drawn examples: each is used in 2 steps of one draw.
+    cycled = _ledger(
+        [400],
+        **{
+            "train.mode": "fedavg",
+            "train.batch-size": 5,
+            "train.local-steps": 4,
+            "train.examples": 10,
+        },
+    )
+    assert (cycled.sample_size, cycled.events_per_round, cycled.releases) == (10, 1, 2)
+    assert cycled.client_epsilon(0, 20) == pytest.approx(_reference(10 / 400, 1.1, 20, 2))
+    # With examples = 0 the same batch serves all 3 local steps: worse than 3 fresh batches.
+    same_batch = _ledger([400], **{"train.mode": "fedavg", "train.local-steps": 3})
+    assert (same_batch.sample_size, same_batch.events_per_round, same_batch.releases) == (10, 1, 3)
+    assert same_batch.client_epsilon(0, 20) > one_pass.client_epsilon(0, 20)
+    # The per-sample threat model releases each clipped gradient a second time.
+    per_sample = _ledger([400], **{"threat.share": "per-sample"})
+    assert per_sample.releases == 2
+    assert per_sample.client_epsilon(0, 20) == pytest.approx(_reference(10 / 400, 1.1, 20, 2))
+
+
+def test_full_participation_matches_the_gaussian_mechanism_in_closed_form() -> None:
+    # q = 1 (the client's whole partition every round): T rounds are one Gaussian mechanism
+    # with multiplier z / sqrt(T), whose RDP is alpha * T / (2 z^2).
+    rounds, z = 10, 2.0
+    ledger = _ledger([16], **{"train.batch-size": 16, "defense.spec": f"dpsgd:0.5:{z}"})
+    epsilon = ledger.client_epsilon(0, rounds)
+    # RDP -> (ε, δ) conversion of Balle et al. 2020 (Prop. 12), minimised over a fine grid.
+    alphas = np.linspace(1.02, 200, 400_000)
+    rdp = alphas * rounds / (2 * z**2)
+    optimum = np.min(rdp + np.log1p(-1 / alphas) - np.log(DELTA * alphas) / (alphas - 1))
+    assert optimum <= epsilon <= optimum * 1.01
+    # And RDP is an upper bound on the exact ε of that Gaussian (Balle & Wang 2018).
+    mu = math.sqrt(rounds) / z
+
+    def delta_of(eps: float) -> float:
+        return norm.cdf(mu / 2 - eps / mu) - math.exp(eps) * norm.cdf(-mu / 2 - eps / mu) - DELTA
+
+    exact = brentq(delta_of, 0.0, 50.0)
+    assert exact < epsilon < 1.5 * exact
+
+
+def test_epsilon_grows_with_rounds_and_shrinks_with_noise() -> None:
+    ledger = _ledger([400])
+    curve = [ledger.client_epsilon(0, rounds) for rounds in (0, 1, 2, 4, 8, 16)]
+    assert curve[0] == 0.0
+    assert all(a < b for a, b in itertools.pairwise(curve))
+    noisier = _ledger([400], **{"defense.spec": "dpsgd:1:2"})
+    assert noisier.client_epsilon(0, 16) < curve[-1]
+    assert ledger.epsilon({}) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("spec", "reason"),
+    [
+        ("none", "no dpsgd step"),
+        ("gauss:0.1", "no dpsgd step"),
+        ("prune:0.9+sign", "no dpsgd step"),
+        ("mixup:2+dpsgd:1:1", "mixup:2 mixes each private image"),
+        ("instahide:2+dpsgd:1:1", "instahide:2 mixes each private image"),
+    ],
+)
+def test_runs_without_a_per_example_guarantee_report_nan(spec: str, reason: str) -> None:
+    ledger = _ledger([400], **{"defense.spec": spec})
+    assert not ledger.applies
+    assert reason in ledger.not_dp
+    assert math.isnan(ledger.epsilon({0: 5}))
+    assert math.isnan(ledger.client_epsilon(0, 5))
+
+
+def test_post_processing_keeps_the_guarantee_and_no_noise_has_none() -> None:
+    plain = _ledger([400], **{"defense.spec": "dpsgd:1:1"}).client_epsilon(0, 5)
+    # Extra noise, pruning and sign after DP-SGD are post-processing; inter InstaHide mixes
+    # each private image with public ones only.
+    for spec in ("gauss:0.5+dpsgd:1:1+prune:0.5+sign", "instahide:2:inter+dpsgd:1:1"):
+        assert _ledger([400], **{"defense.spec": spec}).client_epsilon(0, 5) == plain
+    assert _ledger([400], **{"defense.spec": "dpsgd:1:0"}).client_epsilon(0, 5) == math.inf
+
+
+def test_partition_sizes_come_from_the_federated_data() -> None:
+    config = parse_flat({"defense.spec": "dpsgd:1:1", "train.batch-size": 4, "data.aux-size": 200})
+    fd = federated_data(config, num_partitions=3)
+    ledger = PrivacyLedger.from_config(config, fd)
+    assert ledger.partition_sizes == tuple(len(p) for p in fd.partitions)
+    assert ledger.delta == config.defense.dp_delta
+
+
+def test_bad_queries_name_the_problem() -> None:
+    ledger = _ledger([400, 8])
+    with pytest.raises(ValueError, match=r"client=2: expected a partition id in 0..1"):
+        ledger.client_epsilon(2, 1)
+    with pytest.raises(ValueError, match=r"rounds=-1"):
+        ledger.client_epsilon(0, -1)
+    with pytest.raises(ValueError, match=r"partition 1 holds 8 examples"):
+        ledger.epsilon({1: 1})

@@ -1,0 +1,194 @@
+"""The run directory: per-round records flushed at once, redo replaces, fixed dtypes, images."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from fedleak.config import RunConfig, parse_flat
+from fedleak.report.rundir import (
+    LEAKAGE_COLUMNS,
+    UTILITY_COLUMNS,
+    RunDirectory,
+    RunDirectoryError,
+    console_line,
+)
+
+
+def _config() -> RunConfig:
+    return parse_flat(
+        {
+            "name": "unit",
+            "seed": 7,
+            "num-server-rounds": 3,
+            "defense.spec": "prune:0.9",
+            "train.batch-size": 2,
+            "attack.names": "aux-mean,ig",
+            "attack.ig.tv": 0.01,
+        }
+    )
+
+
+def _rows(server_round: int, psnr: float) -> list[dict[str, object]]:
+    rows: list[dict[str, object]] = []
+    for client in (0, 1):
+        for sample in (0, 1):
+            rows.append(
+                {
+                    "round": server_round,
+                    "client_id": client,
+                    "attack": "ig",
+                    "sample": sample,
+                    "target_index": 1 - sample,
+                    "mse": 10 ** (-psnr / 10),
+                    "psnr": psnr + sample,
+                    "ssim": 0.5,
+                    "lpips_alex": 0.2,
+                    "label_acc": 1.0,
+                    "true_label": 3,
+                    "pred_label": 3,
+                    "seconds": 1.5,
+                    "iterations": 100,
+                }
+            )
+    rows.append(
+        {
+            "round": server_round,
+            "client_id": 0,
+            "attack": "aux-mean",
+            "status": "failed",
+            "message": "ValueError: boom",
+        }
+    )
+    return rows
+
+
+def _utility(acc: float) -> dict[str, object]:
+    return {
+        "test_loss": 2.0 - acc,
+        "test_accuracy": acc,
+        "num_replies": 2,
+        "num_failures": 0,
+        "round_seconds": 3.0,
+        "attack_seconds": 2.5,
+    }
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> RunDirectory:
+    return RunDirectory.create(tmp_path / "run", _config(), {"torch": torch.__version__})
+
+
+def test_create_writes_config_and_environment(run: RunDirectory) -> None:
+    reopened = RunDirectory.open(run.path)
+    assert reopened.config == _config()
+    assert reopened.environment()["torch"] == torch.__version__
+    assert "created" in reopened.environment()
+
+
+def test_empty_frames_have_fixed_dtypes(run: RunDirectory) -> None:
+    leakage, utility = run.leakage(), run.utility()
+    assert list(leakage.columns) == list(LEAKAGE_COLUMNS) and leakage.empty
+    assert list(utility.columns) == list(UTILITY_COLUMNS) and utility.empty
+    assert leakage["psnr"].dtype == np.float64 and leakage["round"].dtype == np.int64
+    assert pd.api.types.is_string_dtype(leakage["attack"])
+    assert run.finished_rounds() == 0
+
+
+def test_append_flushes_each_round_and_fills_defaults(run: RunDirectory) -> None:
+    run.append_round(1, _rows(1, 20.0), _utility(0.3))
+    # A fresh reader (as after a crash) sees the round without any close/flush call.
+    fresh = RunDirectory.open(run.path)
+    leakage = fresh.leakage()
+    assert len(leakage) == 5 and fresh.finished_rounds() == 1
+    assert set(leakage["defense"]) == {"prune:0.9"} and set(leakage["batch_size"]) == {2}
+    assert set(leakage["seed"]) == {7} and set(leakage["mode"]) == {"fedsgd"}
+    failed = leakage[leakage["attack"] == "aux-mean"].iloc[0]
+    assert failed["status"] == "failed" and math.isnan(failed["psnr"]) and failed["sample"] == -1
+    for column, dtype in LEAKAGE_COLUMNS.items():
+        assert str(leakage[column].dtype) == dtype or (
+            dtype == "str" and pd.api.types.is_string_dtype(leakage[column])
+        ), column
+    csv = pd.read_csv(run.path / "leakage.csv")
+    assert len(csv) == 5 and np.allclose(csv["psnr"].dropna(), leakage["psnr"].dropna())
+    assert not list(run.path.glob(".*.tmp")), "temporary files left behind"
+
+
+def test_redoing_a_round_replaces_its_rows(run: RunDirectory) -> None:
+    run.append_round(1, _rows(1, 20.0), _utility(0.3))
+    run.append_round(2, _rows(2, 22.0), _utility(0.4))
+    run.append_round(2, _rows(2, 30.0)[:2], _utility(0.5))
+    fresh = RunDirectory.open(run.path)
+    leakage, utility = fresh.leakage(), fresh.utility()
+    assert len(leakage[leakage["round"] == 1]) == 5
+    redone = leakage[leakage["round"] == 2]
+    assert len(redone) == 2 and set(redone["psnr"]) == {30.0, 31.0}
+    assert list(utility["round"]) == [1, 2] and utility["test_accuracy"].tolist() == [0.3, 0.5]
+    assert fresh.finished_rounds() == 2 and not fresh.is_finished()
+
+
+def test_bad_rows_are_refused_before_writing(run: RunDirectory) -> None:
+    with pytest.raises(RunDirectoryError, match="unknown column"):
+        run.append_round(1, [{"client_id": 0, "attack": "ig", "psnnr": 3.0}], _utility(0.1))
+    with pytest.raises(RunDirectoryError, match="status='weird'"):
+        run.append_round(1, [{"client_id": 0, "attack": "ig", "status": "weird"}], _utility(0.1))
+    with pytest.raises(RunDirectoryError, match="expected round 1"):
+        run.append_round(1, _rows(2, 20.0), _utility(0.1))
+    assert not (run.path / "utility.csv").exists() and not (run.path / "leakage.parquet").exists()
+
+
+def test_create_refuses_a_folder_with_records(run: RunDirectory) -> None:
+    run.append_round(1, _rows(1, 20.0), _utility(0.3))
+    with pytest.raises(RunDirectoryError, match="already holds a run"):
+        RunDirectory.create(run.path, _config(), {})
+    with pytest.raises(RunDirectoryError, match="not a run directory"):
+        RunDirectory.open(run.path / "nowhere")
+
+
+def test_checkpoint_round_trip_loads_tensors_only(run: RunDirectory) -> None:
+    assert run.load_global_model() is None
+    weights = {"conv.weight": torch.randn(4, 3, 5, 5), "fc.bias": torch.randn(10)}
+    run.save_global_model(2, weights)
+    server_round, loaded = RunDirectory.open(run.path).load_global_model()
+    assert server_round == 2 and list(loaded) == list(weights)
+    assert all(torch.equal(loaded[k], weights[k]) for k in weights)
+    torch.load(run.path / "checkpoints" / "global.pt", weights_only=True)
+
+
+def test_summary_lists_each_round_with_means(run: RunDirectory) -> None:
+    run.append_round(1, _rows(1, 20.0), _utility(0.3))
+    run.append_round(2, _rows(2, 24.0), _utility(0.45))
+    text = RunDirectory.open(run.path).write_summary().read_text()
+    lines = [line for line in text.splitlines() if line.startswith("| ")]
+    assert "ig PSNR" in lines[0] and "attack failures" in lines[0]
+    # ig's mean PSNR per round: samples score psnr and psnr+1 -> mean psnr + 0.5.
+    assert lines[1].startswith("| 1 | 0.300 | 1.700 | ") and "20.500" in lines[1]
+    assert "24.500" in lines[2] and lines[2].rstrip().endswith("| 0 | 1 |")
+    assert "2 of 3 rounds finished" in text
+
+
+def test_images_put_truth_above_reconstruction(run: RunDirectory) -> None:
+    truth = torch.zeros(3, 1, 6, 6)
+    recon = torch.full((3, 1, 6, 6), 2.0)  # clamped to 1
+    path = run.save_images(4, 1, "ig", truth, recon)
+    assert path.name == "r004_c001_ig.png"
+    pixels = np.asarray(Image.open(path))
+    assert pixels.shape == (2 + 2 * 8, 2 + 3 * 8, 3)
+    assert (pixels[2:8, 2:8] == 0).all() and (pixels[10:16, 2:8] == 255).all()
+    with pytest.raises(RunDirectoryError, match="shapes"):
+        run.save_images(4, 1, "ig", truth, recon[:2])
+    assert run.images() == [path]
+
+
+def test_state_dir_and_console_line(run: RunDirectory) -> None:
+    folder = run.state_dir("lti")
+    assert folder.is_dir() and folder.parent.name == "state"
+    line = console_line(3, _utility(0.42), _rows(3, 20.0))
+    assert line.startswith("round 3 | acc 0.420")
+    assert "ig PSNR 20.5 LPIPS 0.200" in line and "aux-mean - (1 failed)" in line

@@ -1,0 +1,95 @@
+"""End to end through the README's entry point: real Flower simulations on the embedded data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from fedleak.simulations.cli import main
+
+TINY = [
+    "--num-clients",
+    "3",
+    "--set",
+    "num-server-rounds=2",
+    "--set",
+    "attack.max-iterations=20",
+    "--set",
+    "attack.clients-per-round=2",
+    "--set",
+    "train.batch-size=2",
+    "--set",
+    "data.aux-size=200",
+]
+
+
+def _run(out: Path, *overrides: str) -> Path:
+    args = ["run", "quickstart", "--out", str(out), *TINY]
+    for item in overrides:
+        args += ["--set", item]
+    assert main(args) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def attacked(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _run(tmp_path_factory.mktemp("sim") / "attacked", "attack.names=aux-mean,ig")
+
+
+def test_run_directory_holds_every_record(attacked: Path) -> None:
+    for name in (
+        "config.toml",
+        "environment.json",
+        "leakage.parquet",
+        "leakage.csv",
+        "utility.csv",
+        "summary.md",
+        "report.html",
+        "checkpoints/global.pt",
+        "DONE",
+    ):
+        assert (attacked / name).exists(), name
+    leakage = pd.read_parquet(attacked / "leakage.parquet")
+    original = leakage[leakage.scored_against == "original"]
+    # 2 rounds x 2 attacked clients x 2 attacks x batch of 2
+    assert len(original) == 16
+    assert set(original.attack) == {"aux-mean", "ig"}
+    assert (original.status == "ok").all()
+    assert original.psnr.notna().all()
+    utility = pd.read_csv(attacked / "utility.csv")
+    assert list(utility["round"]) == [0, 1, 2]
+    assert utility.test_accuracy.between(0, 1).all()
+    assert len(list((attacked / "images").glob("*.png"))) == 8
+
+
+def test_attacks_do_not_change_the_global_model(attacked: Path, tmp_path: Path) -> None:
+    honest = _run(tmp_path / "honest", "attack.names=none")
+    curious = torch.load(attacked / "checkpoints" / "global.pt", weights_only=True)
+    plain = torch.load(honest / "checkpoints" / "global.pt", weights_only=True)
+    assert curious.keys() == plain.keys()
+    for name in curious:
+        if isinstance(curious[name], torch.Tensor):
+            assert torch.equal(curious[name], plain[name]), name
+    assert len(pd.read_parquet(honest / "leakage.parquet")) == 0
+
+
+def test_failing_clients_and_attacks_are_recorded_and_the_run_completes(tmp_path: Path) -> None:
+    out = _run(tmp_path / "faulty", "sim.fail-rate=0.4", "data.aux-size=0", "attack.names=aux-mean")
+    utility = pd.read_csv(out / "utility.csv")
+    assert list(utility["round"]) == [0, 1, 2]
+    assert utility.num_failures.sum() > 0
+    leakage = pd.read_parquet(out / "leakage.parquet")
+    assert len(leakage) > 0
+    assert (leakage.status == "failed").all()
+    assert leakage.message.str.contains("auxiliary data").all()
+
+
+def test_resume_continues_after_the_last_finished_round(tmp_path: Path) -> None:
+    out = _run(tmp_path / "resumed", "attack.names=aux-mean", "num-server-rounds=1")
+    _run(out, "attack.names=aux-mean", "num-server-rounds=2", "sim.resume=true")
+    utility = pd.read_csv(out / "utility.csv")
+    assert list(utility["round"]) == [0, 1, 2]
+    assert sorted(pd.read_parquet(out / "leakage.parquet")["round"].unique()) == [1, 2]

@@ -1,0 +1,345 @@
+"""Sweeps: one-line errors before any run, cells as run directories, skip-finished reruns.
+
+Most tests use a fake runner that writes a plausible run directory; the end-to-end test runs
+a tiny 2 x 2 sweep through the real Flower simulation (`run_study`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fedleak.config import ConfigError, RunConfig
+from fedleak.report.rundir import RunDirectory
+from fedleak.simulations.presets import PRESETS_DIR, is_sweep, list_presets, load_preset
+from fedleak.simulations.sweep import (
+    SweepError,
+    SweepFailed,
+    load_sweep,
+    read_manifest,
+    run_sweep,
+)
+
+GRID = """
+[sweep]
+name = "tiny"
+num-clients = 2
+
+[sweep.grid]
+"train.batch-size" = [1, 2]
+defense.spec = ["none", "prune:0.5"]
+
+[base]
+num-server-rounds = 2
+[base.attack]
+names = "aux-mean"
+"""
+
+
+def fake_runner(config: RunConfig, path: Path) -> Path:
+    """Writes every configured round as a real run would (module level: picklable)."""
+    run = RunDirectory.create(path, config, {"runner": "fake"})
+    for r in range(1, config.num_server_rounds + 1):
+        rows = [
+            {
+                "client_id": c,
+                "attack": a,
+                "sample": 0,
+                "target_index": 0,
+                "psnr": 10.0 + r,
+                "mse": 0.1,
+                "ssim": 0.2,
+                "lpips_alex": 0.5,
+            }
+            for c in (0, 1)
+            for a in config.attack.names
+        ]
+        run.append_round(r, rows, {"test_loss": 1.0, "test_accuracy": 0.1 * r, "num_replies": 2})
+    return path
+
+
+class Recorder:
+    """A runner that records its calls and can be told to stop or fail at some call."""
+
+    def __init__(self, interrupt_at: int | None = None, fail_cell: str | None = None) -> None:
+        self.calls: list[str] = []
+        self.interrupt_at = interrupt_at
+        self.fail_cell = fail_cell
+
+    def __call__(self, config: RunConfig, path: Path) -> Path:
+        self.calls.append(path.name)
+        if self.fail_cell and path.name.startswith(self.fail_cell):
+            raise RuntimeError("simulated crash\nwith a second line")
+        if self.interrupt_at == len(self.calls):
+            # Killed mid-cell: one round recorded of two.
+            run = RunDirectory.create(path, config, {})
+            run.append_round(1, [], {"test_loss": 1.0, "test_accuracy": 0.1})
+            raise KeyboardInterrupt
+        return fake_runner(config, path)
+
+
+def _write(tmp_path: Path, text: str, name: str = "sweep.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_grid_and_cells_cross_in_a_fixed_order(tmp_path: Path) -> None:
+    text = """
+[sweep]
+name = "crossed"
+[sweep.grid]
+seed = [0, 1]
+[[sweep.cells]]
+"defense.spec" = "none"
+[[sweep.cells]]
+"defense.spec" = "prune:0.9"
+"attack.names" = "ig"
+"attack.ig.tv" = 0.05
+"""
+    plan = load_sweep(_write(tmp_path, text))
+    assert [c.id for c in plan.cells] == [
+        "cell-000-none_seed0",
+        "cell-001-none_seed1",
+        "cell-002-prune-0.9_ig_tv-0.05_seed0",
+        "cell-003-prune-0.9_ig_tv-0.05_seed1",
+    ]
+    assert plan.cells[3].config.seed == 1 and plan.cells[3].config.defense.spec == "prune:0.9"
+    assert plan.cells[3].config.attack.params == {"ig": {"tv": 0.05}}
+    assert plan.varying == ("defense.spec", "seed", "attack.names", "attack.ig.tv")
+    assert (plan.num_clients, plan.parallel) == (10, 1)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            '[sweep]\n[sweep.grid]\n"train.batchsize" = [1, 2]\n',
+            r"train\.batchsize: unknown setting; did you mean train\.batch-size",
+        ),
+        (
+            '[sweep]\n[sweep.grid]\n"train.batch-size" = []\n',
+            r"sweep\.grid\.train\.batch-size: empty list",
+        ),
+        ("[sweep]\n[sweep.grid]\n", r"no cells"),
+        ("[sweep]\n", r"no cells"),
+        (
+            '[sweep]\n[sweep.grid]\n"train.batch-size" = 4\n',
+            r"sweep\.grid\.train\.batch-size=4: expected a list of values",
+        ),
+        ("[sweep]\n[sweep.grid]\nseed = [1, 1]\n", r"sweep\.grid\.seed: lists 1 more than once"),
+        (
+            "[sweep]\n[sweep.grid]\nseed = [1, 2]\n[[sweep.cells]]\nseed = 3\n",
+            r"sweep\.cells #1: seed=3 clashes with sweep\.grid\.seed",
+        ),
+        (
+            "[sweep]\n[[sweep.cells]]\nseed = 3\n[[sweep.cells]]\nseed = 3\n",
+            r"cell 1 \(seed=3\): same configuration as cell 0",
+        ),
+        ("[sweep]\n[[sweep.cells]]\nseed = [3]\n", r"a cell sets one value"),
+        (
+            "[sweep]\nparalel = 2\n[sweep.grid]\nseed = [1]\n",
+            r"sweep\.paralel: unknown sweep setting",
+        ),
+        (
+            "[sweep]\nparallel = 0\n[sweep.grid]\nseed = [1]\n",
+            r"sweep\.parallel=0: expected an integer >= 1",
+        ),
+        ("[sweep]\n[sweep.grid]\nseed = [1]\n[runs]\nx = 1\n", r"runs: unknown top-level key"),
+        ('[sweep]\n[sweep.grid]\n"out-dir" = ["/a", "/b"]\n', r"sweep\.grid\.out-dir: set by"),
+        (
+            "[sweep]\n[sweep.grid]\nseed = [1]\n[base]\nrounds = 3\n",
+            r"base: rounds: unknown setting",
+        ),
+        ("[sweep]\n[sweep.grid]\nseed = [1, -1]\n", r"cell 1 \(seed=-1\): seed=-1: expected"),
+        ('[sweep]\npreset = "nope"\n[sweep.grid]\nseed = [1]\n', r"preset 'nope': unknown"),
+        ("[sweep\n", r"not valid TOML"),
+    ],
+)
+def test_bad_sweep_files_fail_with_one_line_before_any_run(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    runner = Recorder()
+    with pytest.raises(ConfigError, match=message) as error:
+        run_sweep(_write(tmp_path, text), out_dir=tmp_path / "out", runner=runner)
+    assert "\n" not in str(error.value)
+    assert runner.calls == [] and not (tmp_path / "out").exists()
+
+
+def test_tiny_sweep_runs_every_cell_and_a_rerun_skips_them(tmp_path: Path) -> None:
+    source = _write(tmp_path, GRID)
+    lines: list[str] = []
+    sweep_dir = run_sweep(source, out_dir=tmp_path / "out", runner=fake_runner, say=lines.append)
+    assert sweep_dir == (tmp_path / "out" / "tiny").resolve()
+    manifest = read_manifest(sweep_dir)
+    assert [c["status"] for c in manifest["cells"]] == ["done"] * 4
+    assert manifest["cells"][3]["overrides"] == {"train.batch-size": 2, "defense.spec": "prune:0.5"}
+    for cell in manifest["cells"]:
+        run = RunDirectory.open(sweep_dir / cell["id"])
+        assert run.is_finished() and run.config.out_dir == str(sweep_dir / cell["id"])
+    assert (sweep_dir / "sweep.toml").read_text() == GRID
+    assert "4 cells, 4 to run" in lines[0]
+
+    again = Recorder()
+    run_sweep(source, out_dir=tmp_path / "out", runner=again, say=lines.append)
+    assert again.calls == [] and "0 to run" in lines[-1]
+
+
+def test_interrupted_sweep_resumes_without_redoing_finished_cells(tmp_path: Path) -> None:
+    source = _write(tmp_path, GRID)
+    first = Recorder(interrupt_at=2)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(source, out_dir=tmp_path, runner=first, say=lambda _: None)
+    sweep_dir = tmp_path / "tiny"
+    done = sweep_dir / first.calls[0] / "utility.csv"
+    stamp = done.stat().st_mtime_ns
+    assert RunDirectory.open(sweep_dir / first.calls[1]).finished_rounds() == 1
+
+    second = Recorder()
+    run_sweep(source, out_dir=tmp_path, runner=second, say=lambda _: None)
+    assert (
+        second.calls == first.calls[1:] + [c["id"] for c in read_manifest(sweep_dir)["cells"]][2:]
+    )
+    assert done.stat().st_mtime_ns == stamp
+    redone = RunDirectory.open(sweep_dir / first.calls[1])
+    assert list(redone.utility()["round"]) == [1, 2]
+    assert all(c["status"] == "done" for c in read_manifest(sweep_dir)["cells"])
+
+
+def test_a_failing_cell_is_recorded_and_retried_alone(tmp_path: Path) -> None:
+    source = _write(tmp_path, GRID)
+    runner = Recorder(fail_cell="cell-002")
+    with pytest.raises(
+        SweepFailed,
+        match=r"1 of 4 cells failed \(cell-002-B2_none: "
+        r"RuntimeError: simulated crash",
+    ) as error:
+        run_sweep(source, out_dir=tmp_path, runner=runner, say=lambda _: None)
+    assert "\n" not in str(error.value) and len(runner.calls) == 4
+    cells = read_manifest(tmp_path / "tiny")["cells"]
+    assert [c["status"] for c in cells] == ["done", "done", "failed", "done"]
+    retry = Recorder()
+    run_sweep(source, out_dir=tmp_path, runner=retry, say=lambda _: None)
+    assert retry.calls == ["cell-002-B2_none"]
+
+
+def test_a_changed_sweep_refuses_to_reuse_cells(tmp_path: Path) -> None:
+    run_sweep(_write(tmp_path, GRID), out_dir=tmp_path, runner=fake_runner, say=lambda _: None)
+    changed = GRID + "[base.train]\nlr = 0.05\n"
+    runner = Recorder()
+    with pytest.raises(
+        SweepError,
+        match=r"cell-000-B1_none: was run with train\.lr=0\.1, this "
+        r"sweep wants 0\.05; use another out dir or sweep name",
+    ):
+        run_sweep(_write(tmp_path, changed, "changed.toml"), out_dir=tmp_path, runner=runner)
+    assert runner.calls == []
+
+
+def test_cells_without_their_data_are_skipped_not_failed(tmp_path: Path) -> None:
+    text = f"""
+[sweep]
+name = "optional"
+skip-unavailable-data = true
+[sweep.grid]
+"data.dataset" = ["mnist5k", "cifar10"]
+[base]
+num-server-rounds = 1
+[base.data]
+data-dir = "{tmp_path / "empty"}"
+"""
+    runner = Recorder()
+    sweep_dir = run_sweep(
+        _write(tmp_path, text), out_dir=tmp_path, runner=runner, say=lambda _: None
+    )
+    cells = read_manifest(sweep_dir)["cells"]
+    assert runner.calls == ["cell-000-mnist5k"]
+    assert cells[1]["status"] == "skipped" and "'cifar10' unavailable" in cells[1]["message"]
+
+
+def test_parallel_cells_run_in_worker_processes(tmp_path: Path) -> None:
+    source = _write(tmp_path, GRID.replace("num-clients = 2", "num-clients = 2\nparallel = 2"))
+    sweep_dir = run_sweep(source, out_dir=tmp_path, runner=fake_runner, say=lambda _: None)
+    cells = read_manifest(sweep_dir)["cells"]
+    assert [c["status"] for c in cells] == ["done"] * 4
+    environments = {
+        json.loads((sweep_dir / c["id"] / "environment.json").read_text())["runner"] for c in cells
+    }
+    assert environments == {"fake"}
+
+
+def test_presets_are_listed_loaded_and_valid() -> None:
+    listed = list_presets()
+    assert {"lti-table", "defense-tradeoff", "leakage-over-rounds"} <= set(listed)
+    assert all(listed.values()), "every preset needs a '# description:' line"
+    assert is_sweep("lti-table") and is_sweep("defense-tradeoff")
+    assert not is_sweep("leakage-over-rounds")
+    assert load_preset("leakage-over-rounds").num_server_rounds > 10
+    assert load_preset(PRESETS_DIR / "leakage-over-rounds.toml").name == "leakage-over-rounds"
+    lti = load_sweep("lti-table")
+    assert {c.config.train.batch_size for c in lti.cells} == {1, 4}
+    assert {c.config.defense.spec for c in lti.cells} == {"none", "sign", "prune:0.9", "gauss:0.1"}
+    assert all(c.config.model.name == "lenet" for c in lti.cells)
+    tradeoff = load_sweep("defense-tradeoff")
+    assert {c.config.train.batch_size for c in tradeoff.cells} == {1, 16, 32}
+    with pytest.raises(ConfigError, match=r"is a sweep; run it with `fedleak sweep lti-table`"):
+        load_preset("lti-table")
+    with pytest.raises(ConfigError, match=r"preset 'nope': unknown; expected one of "):
+        load_preset("nope")
+
+
+REAL = """
+[sweep]
+name = "real"
+num-clients = 2
+
+[sweep.grid]
+"defense.spec" = ["none", "gauss:0.01"]
+seed = [0, 1]
+
+[base]
+num-server-rounds = 1
+[base.data]
+aux-size = 40
+[base.attack]
+names = "aux-mean"
+clients-per-round = 1
+images-per-client = 1
+"""
+
+
+@pytest.mark.slow
+def test_real_sweep_end_to_end_with_an_interruption(tmp_path: Path) -> None:
+    """2 x 2 cells through the real Flower simulation; stopped after one cell, then resumed."""
+    from fedleak.report.build import build_report
+    from fedleak.simulations.sweep import _study_runner
+
+    source = _write(tmp_path, REAL)
+    calls: list[str] = []
+
+    def first_cell_only(config: RunConfig, path: Path) -> Path:
+        calls.append(path.name)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return _study_runner(config, path, num_clients=2, client_cpus=1.0, client_gpus=0.0)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(source, out_dir=tmp_path, runner=first_cell_only, say=lambda _: None)
+    sweep_dir = tmp_path / "real"
+    first = sweep_dir / calls[0]
+    assert RunDirectory.open(first).is_finished()
+    stamp = (first / "utility.csv").stat().st_mtime_ns
+
+    run_sweep(source, out_dir=tmp_path, say=lambda _: None)  # the default runner: run_study
+    cells = read_manifest(sweep_dir)["cells"]
+    assert [c["status"] for c in cells] == ["done"] * 4
+    assert (first / "utility.csv").stat().st_mtime_ns == stamp, "the finished cell was redone"
+    for cell in cells:
+        run = RunDirectory.open(sweep_dir / cell["id"])
+        leakage = run.leakage()
+        assert run.finished_rounds() == 1 and set(leakage["attack"]) == {"aux-mean"}
+        assert set(leakage["defense"]) == {run.config.defense.spec}
+    html, _ = build_report(sweep_dir)
+    assert "gauss:0.01" in html.read_text()

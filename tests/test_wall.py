@@ -1,0 +1,77 @@
+"""The wall: attacks see only what an honest-but-curious server sees, never the ground truth."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+from pathlib import Path
+
+import fedleak
+from fedleak.attacks.types import AttackerKnowledge, Observation
+
+PACKAGE = Path(fedleak.__file__).parent
+
+# Rooms and what each may import (DESIGN.md); `fedleak.config` is open to the rooms that read
+# run settings.
+ALLOWED = {
+    "attacks": {"attacks", "models", "defenses", "client"},
+    "client": {"client", "data", "models", "defenses", "config"},
+    "data": {"data", "config"},
+    "models": {"models"},
+    "defenses": {"defenses", "models"},
+    "metrics": {"metrics"},
+    "report": {"report", "metrics", "config"},
+}
+
+
+def _fedleak_imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module]
+        elif isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        else:
+            continue
+        found.update(name for name in names if name.split(".")[0] == "fedleak")
+    return found
+
+
+def test_attacks_never_import_the_server_or_the_auditor() -> None:
+    for path in (PACKAGE / "attacks").rglob("*.py"):
+        for module in _fedleak_imports(path):
+            assert not module.startswith("fedleak.server"), f"{path.name} imports {module}"
+
+
+def test_attacks_never_read_the_audit_record() -> None:
+    for path in (PACKAGE / "attacks").rglob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        strings = {
+            n.value
+            for n in ast.walk(tree)
+            if isinstance(n, ast.Constant) and isinstance(n.value, str)
+        }
+        assert "audit" not in strings, f"{path.name} names the audit record"
+        names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+        assert "GroundTruth" not in names, f"{path.name} uses GroundTruth"
+
+
+def test_rooms_import_only_what_the_design_allows() -> None:
+    for room, allowed in ALLOWED.items():
+        for path in (PACKAGE / room).rglob("*.py"):
+            for module in _fedleak_imports(path):
+                target = module.split(".")[1] if "." in module else module
+                assert target in allowed, f"fedleak/{room}/{path.name} imports {module}"
+    for path in PACKAGE.rglob("*.py"):
+        if path.parent.name != "simulations":
+            for module in _fedleak_imports(path):
+                assert not module.startswith("fedleak.simulations"), f"{path} imports {module}"
+
+
+def test_observation_and_knowledge_hold_no_ground_truth() -> None:
+    observed = {f.name for f in dataclasses.fields(Observation)}
+    owned = {f.name for f in dataclasses.fields(AttackerKnowledge)}
+    private = {"inputs", "labels", "targets", "truth", "ground_truth", "audit", "private"}
+    assert not observed & private
+    assert not owned & private
