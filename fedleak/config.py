@@ -117,6 +117,9 @@ class AttackConfig:
     max_seconds: float = _setting(120.0, low=0.0, low_open=True)
     show_progress: bool = _setting(False)
     images_per_client: int = _setting(8, low=0, doc="samples saved to image grids")
+    workers: int = _setting(0, low=0, doc="Ray attack workers; 0 = run attacks inline")
+    worker_cpus: float = _setting(1.0, low=0.0, low_open=True)
+    worker_gpus: float = _setting(0.0, low=0.0)
     params: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
@@ -127,6 +130,7 @@ class SimulationConfig:
     fail_rate: float = _setting(0.0, low=0.0, high=1.0)
     resume: bool = _setting(False)
     timeout: float = _setting(3600.0, low=0.0, low_open=True)
+    payload_budget_mb: float = _setting(0.0, low=0.0, doc="refuse larger rounds; 0 = no limit")
 
 
 @dataclass(frozen=True)

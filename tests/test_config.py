@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tomllib
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -104,3 +106,14 @@ def test_no_toml_text_crashes_the_parser(text: str) -> None:
         parse_toml(text)
     except ConfigError as error:
         assert "\n" not in str(error)
+
+
+def test_flower_app_defaults_equal_the_quickstart_preset() -> None:
+    from pathlib import Path
+
+    from fedleak.config import flatten_toml
+    from fedleak.simulations.presets import load_preset
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    app_config = flatten_toml(pyproject["tool"]["flwr"]["app"]["config"])
+    assert parse_flat(app_config) == load_preset("quickstart")

@@ -66,6 +66,8 @@ class InversionConfig:
     restarts: int = 1
     init: Init = "randn"
     check_every: int = 50
+    # Sign compression with B = 1: divide the squared hinge by ||g||^2 (see losses.sign_hinge).
+    normalised_hinge: bool = True
     # Sign compression with B > 1: tanh(scale * g_i / rms(g_i)) of each per-sample dummy gradient.
     tanh_scale: float = 1.0
     # Evolutionary search of HFGradInv label counts.

@@ -94,9 +94,7 @@ class BatchedLBFGS:
         self.previous_step: Tensor | None = None
 
     def _flat_gradient(self) -> Tensor:
-        grads = [
-            torch.zeros_like(v) if v.grad is None else v.grad for v in self.variables
-        ]
+        grads = [torch.zeros_like(v) if v.grad is None else v.grad for v in self.variables]
         return torch.cat([g.reshape(self.problems, -1) for g in grads], dim=1)
 
     @torch.no_grad()

@@ -5,10 +5,12 @@ observed update. T problems (targets x restarts) are stacked along a leading dim
 pushed through `torch.func.vmap` over `grad`, so their dummy updates come out in one call and
 stay differentiable with respect to the dummy inputs (double backward through vmap).
 
-BatchNorm layers are replaced by `InversionBatchNorm`, which normalises per problem and
-realises GradAttack's three threat models for the batch statistics: `exact` (the client's
-shared statistics), `infer` (the dummy batch's own statistics, as the client computed them)
-and `proxy` (the model's running statistics).
+BatchNorm layers are replaced by `InversionBatchNorm`, which normalises each problem with the
+dummy batch's own statistics, as the client computed them (GradAttack's `exact` and `infer`
+threat models; they differ in the prior's target, see the attacks), or with the model's
+running statistics (`proxy`). Normalising a far-off dummy with fixed shared statistics instead
+overflows through a deep network (measured: inf dummy gradients on ResNet-20 from N(0, 1)
+inputs), which is why shared statistics enter through the prior.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from fedleak.attacks.types import UpdateKind
 Statistics = list[tuple[Tensor, Tensor]]
 
 _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-BN_MODES: tuple[str, ...] = ("exact", "infer", "proxy")
+BN_MODES: tuple[str, ...] = ("infer", "proxy")
 
 
 class ReplayError(ValueError):
@@ -35,13 +37,9 @@ class ReplayError(ValueError):
 
 
 class InversionBatchNorm(nn.Module):
-    """BatchNorm in training mode that normalises with the statistics of a threat model.
-
-    `exact`: the forward values use the client's statistics while derivatives flow as through
-    the batch's own statistics (straight-through), so the dummy update has the client's
-    structure and equals it when the dummy batch is the private one. Every forward appends the
-    batch statistics to `record` when it is a list (for the BatchNorm prior).
-    """
+    """BatchNorm in training mode normalising with the batch's own statistics (`infer`) or the
+    running ones (`proxy`). Every forward appends the batch statistics to `record` when it is a
+    list (for the BatchNorm prior)."""
 
     def __init__(self, source: nn.Module, mode: str) -> None:
         super().__init__()
@@ -56,7 +54,6 @@ class InversionBatchNorm(nn.Module):
             running_mean, running_var = torch.zeros(channels), torch.ones(channels)
         self.register_buffer("running_mean", running_mean.detach().clone())
         self.register_buffer("running_var", running_var.detach().clone())
-        self.exact: tuple[Tensor, Tensor] | None = None
         self.record: list[tuple[Tensor, Tensor]] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
@@ -67,11 +64,6 @@ class InversionBatchNorm(nn.Module):
             self.record.append((mean, var))
         if self.mode == "proxy":
             mean, var = self.running_mean, self.running_var
-        elif self.mode == "exact":
-            if self.exact is None:
-                raise ReplayError("BatchNorm mode 'exact' needs the client's batch statistics")
-            mean = mean + (self.exact[0] - mean).detach()
-            var = var + (self.exact[1] - var).detach()
         shape = [1, -1] + [1] * (x.dim() - 2)
         out = (x - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + self.eps)
         if self.weight is not None:
@@ -126,10 +118,7 @@ class Replay:
         if bn_mode not in BN_MODES:
             raise ReplayError(f"bn_mode={bn_mode!r}: allowed {', '.join(BN_MODES)}")
         self.model = copy.deepcopy(model).train()
-        # Shared statistics describe the whole batch at w_t; FedAvg's later steps see other
-        # weights and mini-batches, so there they only serve the prior.
-        normalise = "infer" if bn_mode == "exact" and protocol.kind == "delta" else bn_mode
-        self._batchnorms = _swap_batchnorm(self.model, normalise)
+        self._batchnorms = _swap_batchnorm(self.model, bn_mode)
         self.model.to(device)
         self.protocol = protocol
         self.bn_mode = bn_mode
@@ -164,10 +153,8 @@ class Replay:
         return F.cross_entropy(logits, y), tuple(recorded)
 
     def _problem(
-        self, params: dict[str, Tensor], x: Tensor, y: Tensor, exact: Statistics | None
+        self, params: dict[str, Tensor], x: Tensor, y: Tensor
     ) -> tuple[list[Tensor], tuple[tuple[Tensor, Tensor], ...]]:
-        for index, (_, bn) in enumerate(self._batchnorms):
-            bn.exact = None if exact is None else exact[index]
         gradient_of = grad(self._loss, has_aux=True)
         if self.protocol.kind == "gradient":
             gradient, statistics = gradient_of(params, x, y, True)
@@ -182,21 +169,12 @@ class Replay:
             current = {n: current[n] - lr * gradient[n] for n in self.names}
         return [current[n] - params[n] for n in self.names], statistics
 
-    def __call__(
-        self,
-        x: Tensor,
-        y: Tensor,
-        exact: Statistics | None = None,
-        per_sample: bool = False,
-    ) -> ReplayOutput:
+    def __call__(self, x: Tensor, y: Tensor, per_sample: bool = False) -> ReplayOutput:
         """Dummy updates of T problems: `x` [T, b, ...], `y` int64 [T, b] or soft [T, b, K];
-        `exact` (mean, var) per BatchNorm layer, [T, C] each, for the `exact` mode."""
+        with `per_sample` also each sample's gradient (FedSGD, no BatchNorm)."""
         if per_sample:
             return self._per_sample(x, y)
-        exact_dims = None if exact is None else 0
-        update, statistics = vmap(self._problem, in_dims=(None, 0, 0, exact_dims))(
-            self.params, x, y, exact
-        )
+        update, statistics = vmap(self._problem, in_dims=(None, 0, 0))(self.params, x, y)
         return ReplayOutput(list(update), None, list(statistics))
 
     def _per_sample(self, x: Tensor, y: Tensor) -> ReplayOutput:
@@ -214,17 +192,9 @@ class Replay:
         return ReplayOutput([g.mean(dim=1) for g in per], per, [])
 
 
-def stack_statistics(
-    statistics: dict[str, Tensor], names: Sequence[str], problems: int, device: torch.device
-) -> Statistics:
-    """Shared BatchNorm statistics (`<module>.mean` / `<module>.var`) as [T, C] per layer."""
-    out = []
-    for name in names:
-        mean, var = statistics[f"{name}.mean"], statistics[f"{name}.var"]
-        out.append(
-            (
-                mean.to(device).float().expand(problems, -1).contiguous(),
-                var.to(device).float().expand(problems, -1).contiguous(),
-            )
-        )
-    return out
+def shared_statistics(statistics: dict[str, Tensor], names: Sequence[str]) -> Statistics:
+    """The client's shared BatchNorm statistics (`<module>.mean` / `<module>.var`) per layer."""
+    missing = [n for n in names if f"{n}.mean" not in statistics or f"{n}.var" not in statistics]
+    if missing:
+        raise ReplayError(f"shared BatchNorm statistics lack layers {missing[:3]}")
+    return [(statistics[f"{n}.mean"].float(), statistics[f"{n}.var"].float()) for n in names]

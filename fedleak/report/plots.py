@@ -67,8 +67,11 @@ def rounds_figure(leakage: pd.DataFrame, utility: pd.DataFrame, metrics: list[Me
     rows, cols = len(metrics) + 1, len(attacks)
     figure = plt.figure(figsize=(max(4.2 * cols, 8), 2.7 * rows))
     grid = figure.add_gridspec(rows, cols)
+    accuracy = figure.add_subplot(grid[rows - 1, :])
+    panels = [accuracy]
     for (i, metric), (j, attack) in itertools.product(enumerate(metrics), enumerate(attacks)):
-        ax = figure.add_subplot(grid[i, j])
+        ax = figure.add_subplot(grid[i, j], sharex=accuracy)
+        panels.append(ax)
         for setting in settings:
             sub = leakage[
                 (leakage["group"] == setting[0])
@@ -88,8 +91,7 @@ def rounds_figure(leakage: pd.DataFrame, utility: pd.DataFrame, metrics: list[Me
         better = "higher" if metric.higher_is_better else "lower"
         ax.set_title(f"{attack}: {metric.label} ({better} = more leakage)", fontsize=9, loc="left")
         ax.grid(alpha=0.3)
-        ax.xaxis.get_major_locator().set_params(integer=True)
-    ax = figure.add_subplot(grid[rows - 1, :])
+    ax = accuracy
     for setting in settings:
         sub = utility[(utility["group"] == setting[0]) & (utility["defense"] == setting[1])]
         if not sub.empty:
@@ -98,7 +100,15 @@ def rounds_figure(leakage: pd.DataFrame, utility: pd.DataFrame, metrics: list[Me
     ax.set_title("global model test accuracy (mean over seeds)", fontsize=9, loc="left")
     ax.set_xlabel("round")
     ax.grid(alpha=0.3)
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    rounds = sorted(set(utility["round"]) | set(leakage["round"]))
+    if 0 < len(rounds) <= 16:
+        accuracy.set_xticks(rounds)
+    else:
+        accuracy.xaxis.get_major_locator().set_params(integer=True)
+    if len(rounds) == 1:
+        accuracy.set_xlim(rounds[0] - 1, rounds[0] + 1)
+    for ax in panels:
+        ax.tick_params(labelbottom=True)
     handles = [
         Line2D([], [], color=colors[s], marker="o", markersize=4, label=setting_label(*s))
         for s in settings

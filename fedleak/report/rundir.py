@@ -293,21 +293,36 @@ class RunDirectory:
         )
 
         leakage = self.leakage()
-        leakage = leakage[leakage["round"] != server_round]
-        leakage = (
-            _concat(leakage, new_leakage)
-            .sort_values(["round", "client_id", "attack"], kind="stable")
-            .reset_index(drop=True)
-        )
-        atomic_write(self.path / LEAKAGE_FILE, _parquet_bytes(leakage))
-        atomic_write(self.path / LEAKAGE_CSV, _csv_bytes(leakage))
-        self._leakage = leakage
+        self._store_leakage(_concat(leakage[leakage["round"] != server_round], new_leakage))
 
         utility = self.utility()
         utility = utility[utility["round"] != server_round]
         utility = _concat(utility, new_utility).sort_values("round").reset_index(drop=True)
         atomic_write(self.path / UTILITY_FILE, _csv_bytes(utility))
         self._utility = utility
+
+    def append_leakage(
+        self, server_round: int, leakage_rows: Sequence[Mapping[str, object]]
+    ) -> None:
+        """Add rows to a round recorded before: attacks that finished after their round ended
+        (a worker pool) land under the round whose update they attacked."""
+        if not leakage_rows:
+            return
+        new_leakage = tidy(
+            ({**row, "round": server_round} for row in leakage_rows),
+            LEAKAGE_COLUMNS,
+            self._row_defaults(),
+            "leakage row",
+        )
+        self._check_values(new_leakage)
+        self._store_leakage(_concat(self.leakage(), new_leakage))
+
+    def _store_leakage(self, leakage: pd.DataFrame) -> None:
+        leakage = leakage.sort_values(["round", "client_id", "attack"], kind="stable")
+        leakage = leakage.reset_index(drop=True)
+        atomic_write(self.path / LEAKAGE_FILE, _parquet_bytes(leakage))
+        atomic_write(self.path / LEAKAGE_CSV, _csv_bytes(leakage))
+        self._leakage = leakage
 
     @staticmethod
     def _check_values(frame: pd.DataFrame) -> None:

@@ -24,8 +24,8 @@ from fedleak.config import RunConfig, parse_flat
 from fedleak.data import FederatedData, auxiliary
 from fedleak.models import build_model
 from fedleak.report.rundir import RunDirectory, console_line
-from fedleak.server.auditor import Auditor
-from fedleak.server.runner import AttackRunner
+from fedleak.server.auditor import Auditor, GroundTruth
+from fedleak.server.runner import AttackResult, AttackRunner, InlineRunner
 from fedleak.server.strategy import CuriousStrategy, PublicSetting
 from fedleak.server.validate import validate_components
 
@@ -94,27 +94,32 @@ class RoundRecorder:
         self.started = time.perf_counter()
         self.attack_seconds = 0.0
 
-    def save_images(self, server_round: int, attacked: list, rows: list[dict]) -> None:
-        """Ground truth beside each reconstruction, in the auditor's matched order."""
-        for attack, reply, reconstruction in attacked:
-            self.attack_seconds += reconstruction.seconds
-            if reconstruction.status != "ok" or self.images_per_client == 0:
-                continue
-            client = reply.observation.client_id
-            pairs = [
-                (int(r["sample"]), int(r["target_index"]))
-                for r in rows
-                if r["client_id"] == client
-                and r["attack"] == attack
-                and r["scored_against"] == "original"
-            ][: self.images_per_client]
-            if not pairs:
-                continue
+    def on_scored(self, result: AttackResult, truth: GroundTruth, rows: list[dict]) -> None:
+        """Save ground truth beside the reconstruction, in the auditor's matched order."""
+        reconstruction = result.reconstruction
+        self.attack_seconds += reconstruction.seconds
+        if reconstruction.status != "ok" or self.images_per_client == 0:
+            return
+        pairs = [
+            (int(r["sample"]), int(r["target_index"]))
+            for r in rows
+            if r["scored_against"] == "original"
+        ][: self.images_per_client]
+        if pairs:
             samples, targets = zip(*pairs, strict=True)
-            truth = reply.truth.inputs[list(targets)]
+            observation = result.job.observation
             self.run_dir.save_images(
-                server_round, client, attack, truth, reconstruction.inputs[list(samples)]
+                observation.round,
+                observation.client_id,
+                result.job.attack,
+                truth.inputs[list(targets)],
+                reconstruction.inputs[list(samples)],
             )
+
+    def flush_late_rows(self) -> None:
+        """Rows of earlier rounds that a worker pool finished after their round was recorded."""
+        for server_round, rows in sorted(self.strategy.take_rows().items()):
+            self.run_dir.append_leakage(server_round, rows)
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         """Flower's evaluate_fn: evaluate, then flush this round to disk."""
@@ -124,7 +129,8 @@ class RoundRecorder:
         server_round += self.strategy.round_offset
         if server_round == self.strategy.round_offset and server_round > 0:
             return MetricRecord({"test-loss": loss, "test-accuracy": accuracy})
-        rows = self.strategy.take_rows(server_round)
+        ready = self.strategy.take_rows()
+        rows = ready.pop(server_round, [])
         utility = {
             "round": server_round,
             "test_loss": loss,
@@ -136,6 +142,8 @@ class RoundRecorder:
             "attack_seconds": self.attack_seconds,
         }
         self.run_dir.append_round(server_round, rows, utility)
+        for late_round, late_rows in sorted(ready.items()):
+            self.run_dir.append_leakage(late_round, late_rows)
         self.run_dir.save_global_model(
             server_round, {k: v.cpu() for k, v in arrays.to_torch_state_dict().items()}
         )
@@ -172,7 +180,7 @@ def serve(grid: Grid, config: RunConfig) -> Path:
     recorder = RoundRecorder(
         run_dir, strategy, build_model(spec), fd, device, config.attack.images_per_client
     )
-    strategy.on_attacked = recorder.save_images
+    strategy.on_scored = recorder.on_scored
     train = config.train
     strategy.start(
         grid=grid,
@@ -183,10 +191,30 @@ def serve(grid: Grid, config: RunConfig) -> Path:
         evaluate_fn=recorder,
     )
     if strategy.runner is not None:
+        strategy.collect(wait=True)
+        recorder.flush_late_rows()
         strategy.runner.close()
     run_dir.write_summary()
     (path / "DONE").write_text(json.dumps({"rounds": config.num_server_rounds}))
     return path
+
+
+def build_runner(
+    config: RunConfig, knowledge: AttackerKnowledge, budget: Budget
+) -> AttackRunner | None:
+    """Inline by default; a pool of Ray workers when `attack.workers` asks for one."""
+    attack = config.attack
+    if not attack.names:
+        return None
+    if attack.workers > 0:
+        from fedleak.server.pool import RayAttackPool
+
+        return RayAttackPool(config, knowledge, budget)
+    attacks = {
+        name: build_attack(name, attack.params.get(name, {}), seed=config.seed)
+        for name in attack.names
+    }
+    return InlineRunner(attacks, knowledge, budget)
 
 
 def build_strategy(
@@ -210,10 +238,6 @@ def build_strategy(
         seed=config.seed,
     )
     attack = config.attack
-    attacks = {
-        name: build_attack(name, attack.params.get(name, {}), seed=config.seed)
-        for name in attack.names
-    }
     budget = Budget(attack.max_iterations, attack.max_seconds, attack.show_progress)
     public = PublicSetting(
         model=spec,
@@ -234,7 +258,7 @@ def build_strategy(
     return CuriousStrategy(
         inner,
         public,
-        AttackRunner(attacks, knowledge, budget) if attacks else None,
+        build_runner(config, knowledge, budget),
         Auditor(),
         attacks=attack.names,
         clients_per_round=attack.clients_per_round,

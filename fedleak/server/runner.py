@@ -1,7 +1,9 @@
 """Runs the configured attacks on the server's device, each isolated from the others' failures.
 
-The runner takes jobs and returns results; it does not know about rounds, strategies or
-ground truth, so a pool of remote workers can replace `run` without touching the strategy.
+A runner takes jobs (`submit`) and hands back whatever has finished (`ready`); it knows
+nothing of strategies or ground truth. The inline runner finishes every job inside `submit`;
+a pool of remote workers (`fedleak.server.pool`) returns results rounds later through the
+same two calls, so the strategy never waits for attacks unless it asks to.
 """
 
 from __future__ import annotations
@@ -9,9 +11,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -28,8 +30,9 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class AttackJob:
-    """One attack on one observation."""
+    """One attack on one observation; `job_id` is unique within a run."""
 
+    job_id: int
     attack: str
     observation: Observation
 
@@ -38,23 +41,34 @@ class AttackJob:
 class AttackResult:
     """What came back from one job: a reconstruction, or a failure recorded as one."""
 
-    attack: str
-    observation: Observation
+    job: AttackJob
     reconstruction: Reconstruction
 
 
-def _failed(error: BaseException, seconds: float) -> Reconstruction:
-    detail = "".join(traceback.format_exception_only(type(error), error)).strip()
+class AttackRunner(Protocol):
+    """Where attack jobs run: inline here, or on a pool of workers."""
+
+    def submit(self, jobs: Sequence[AttackJob]) -> None:
+        """Start the jobs; never raises for a failing attack."""
+
+    def ready(self, wait: bool = False) -> list[AttackResult]:
+        """Results finished since the last call; with `wait`, all outstanding ones."""
+
+    def close(self) -> None:
+        """Release workers; outstanding jobs are abandoned (call `ready(wait=True)` first)."""
+
+
+def failed_reconstruction(error: BaseException | str, seconds: float) -> Reconstruction:
+    """A failure recorded as a reconstruction, so it lands in the leakage rows."""
+    if isinstance(error, BaseException):
+        first = str(error).strip().splitlines()
+        error = f"{type(error).__name__}: {first[0]}" if first else type(error).__name__
     return Reconstruction(
-        inputs=torch.empty(0),
-        labels=None,
-        seconds=seconds,
-        status="failed",
-        message=detail.splitlines()[-1][:500] if detail else type(error).__name__,
+        inputs=torch.empty(0), labels=None, seconds=seconds, status="failed", message=error[:500]
     )
 
 
-def _checked(reconstruction: Reconstruction, seconds: float, expected: int) -> Reconstruction:
+def checked(reconstruction: Reconstruction, seconds: float, expected: int) -> Reconstruction:
     """Move to the CPU, time it, and turn NaN or a wrong shape into a recorded status."""
     inputs = reconstruction.inputs.detach().float().cpu()
     labels = None if reconstruction.labels is None else reconstruction.labels.detach().cpu()
@@ -74,8 +88,23 @@ def _checked(reconstruction: Reconstruction, seconds: float, expected: int) -> R
     )
 
 
-class AttackRunner:
-    """Runs attack jobs one after another in this process, on `knowledge.device`."""
+def run_job(
+    job: AttackJob, attack: Attack, knowledge: AttackerKnowledge, budget: Budget
+) -> AttackResult:
+    """Run one job where this process is; an exception or NaN becomes a recorded status."""
+    observation = job.observation
+    start = time.perf_counter()
+    try:
+        reconstruction = attack.reconstruct(observation, knowledge, budget)
+    except Exception as error:  # an attack's failure must not end the round
+        log.warning("attack %s failed on client %s: %s", job.attack, observation.client_id, error)
+        return AttackResult(job, failed_reconstruction(error, time.perf_counter() - start))
+    seconds = time.perf_counter() - start
+    return AttackResult(job, checked(reconstruction, seconds, observation.num_targets))
+
+
+class InlineRunner:
+    """Runs each job to completion inside `submit`, in this process, on `knowledge.device`."""
 
     def __init__(
         self, attacks: dict[str, Attack], knowledge: AttackerKnowledge, budget: Budget
@@ -83,27 +112,18 @@ class AttackRunner:
         self.attacks = attacks
         self.knowledge = knowledge
         self.budget = budget
+        self._done: list[AttackResult] = []
 
-    def run(self, jobs: Sequence[AttackJob]) -> list[AttackResult]:
-        """Run every job; an attack that raises or returns NaN is recorded, never propagated."""
-        return [self._run_one(job) for job in jobs]
+    def submit(self, jobs: Sequence[AttackJob]) -> None:
+        """Run every job now."""
+        self._done += [
+            run_job(job, self.attacks[job.attack], self.knowledge, self.budget) for job in jobs
+        ]
 
-    def _run_one(self, job: AttackJob) -> AttackResult:
-        observation = job.observation
-        start = time.perf_counter()
-        try:
-            reconstruction = self.attacks[job.attack].reconstruct(
-                observation, self.knowledge, self.budget
-            )
-        except Exception as error:  # an attack's failure must not end the round
-            log.warning(
-                "attack %s failed on client %s: %s", job.attack, observation.client_id, error
-            )
-            reconstruction = _failed(error, time.perf_counter() - start)
-            return AttackResult(job.attack, observation, reconstruction)
-        seconds = time.perf_counter() - start
-        expected = observation.num_targets
-        return AttackResult(job.attack, observation, _checked(reconstruction, seconds, expected))
+    def ready(self, wait: bool = False) -> list[AttackResult]:
+        """Everything submitted so far: nothing is ever outstanding."""
+        done, self._done = self._done, []
+        return done
 
     def close(self) -> None:
-        """Wait for outstanding work; nothing is outstanding when running inline."""
+        """Nothing to release."""

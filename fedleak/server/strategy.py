@@ -17,10 +17,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedleak.attacks.types import Observation, Reconstruction, UpdateKind
+from fedleak.attacks.types import Observation, UpdateKind
 from fedleak.models.spec import ModelSpec
 from fedleak.server.auditor import Auditor, GroundTruth
-from fedleak.server.runner import AttackJob, AttackRunner
+from fedleak.server.runner import AttackJob, AttackResult, AttackRunner
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +74,7 @@ class CuriousStrategy(Strategy):
         seed: int,
         round_offset: int = 0,
         row_context: dict[str, object] | None = None,
-        on_attacked: Callable[
-            [int, list[tuple[str, ClientReply, Reconstruction]], list[dict]], None
-        ]
+        on_scored: Callable[[AttackResult, GroundTruth, list[dict[str, object]]], None]
         | None = None,
     ) -> None:
         self.inner = inner
@@ -88,9 +86,11 @@ class CuriousStrategy(Strategy):
         self.seed = seed
         self.round_offset = round_offset
         self.row_context = row_context or {}
-        self.on_attacked = on_attacked
+        self.on_scored = on_scored
         self.global_weights: dict[str, torch.Tensor] = {}
         self.rows: dict[int, list[dict[str, object]]] = {}
+        self._truths: dict[int, GroundTruth] = {}
+        self._next_job = 0
         self.failures: dict[int, int] = {}
         self.replies: dict[int, int] = {}
 
@@ -115,7 +115,8 @@ class CuriousStrategy(Strategy):
             if msg.has_error():
                 log.warning("round %d: client reply failed: %s", server_round, msg.error.reason)
         split = [self.split(server_round, msg) for msg in valid]
-        self.rows[server_round] = self.attack(server_round, split) if self.runner else []
+        if self.runner is not None:
+            self.attack(server_round, split)
         for msg in valid:
             for key in EXTRA_RECORDS:
                 if key in msg.content:
@@ -161,31 +162,33 @@ class CuriousStrategy(Strategy):
         picked = sorted(rng.choice(len(ordered), self.clients_per_round, replace=False))
         return [ordered[i] for i in picked]
 
-    def attack(self, server_round: int, split: list[ClientReply]) -> list[dict[str, object]]:
-        """Hand the chosen observations to the runner and score what comes back."""
+    def attack(self, server_round: int, split: list[ClientReply]) -> None:
+        """Hand the chosen observations to the runner; score whatever is already finished."""
         targets = self.chosen(server_round, split)
         if self.public.view == "aggregate" and targets:
             targets = [self.aggregate_view(server_round, split)]
-        jobs = [AttackJob(name, t.observation) for t in targets for name in self.attacks]
-        truths = {id(t.observation): t.truth for t in targets}
-        results = self.runner.run(jobs)
-        rows: list[dict[str, object]] = []
-        attacked = []
-        for result in results:
-            truth = truths[id(result.observation)]
-            rows += self.auditor.score(
-                result.observation,
-                result.attack,
-                result.reconstruction,
-                truth,
-                self.row_context,
+        jobs = []
+        for target in targets:
+            for name in self.attacks:
+                jobs.append(AttackJob(self._next_job, name, target.observation))
+                self._truths[self._next_job] = target.truth
+                self._next_job += 1
+        self.runner.submit(jobs)
+        self.collect(wait=False)
+
+    def collect(self, wait: bool) -> None:
+        """Score finished attacks under the round their observation came from."""
+        if self.runner is None:
+            return
+        for result in self.runner.ready(wait):
+            observation = result.job.observation
+            truth = self._truths.pop(result.job.job_id)
+            rows = self.auditor.score(
+                observation, result.job.attack, result.reconstruction, truth, self.row_context
             )
-            attacked.append(
-                (result.attack, ClientReply(result.observation, truth), result.reconstruction)
-            )
-        if self.on_attacked:
-            self.on_attacked(server_round, attacked, rows)
-        return rows
+            self.rows.setdefault(observation.round, []).extend(rows)
+            if self.on_scored:
+                self.on_scored(result, truth, rows)
 
     def aggregate_view(self, server_round: int, split: list[ClientReply]) -> ClientReply:
         """What a server behind secure aggregation sees: only the weighted sum of the round."""
@@ -247,6 +250,7 @@ class CuriousStrategy(Strategy):
             self.public.defense,
         )
 
-    def take_rows(self, server_round: int) -> list[dict[str, object]]:
-        """The scored rows of a finished round (handed over once, for the recorder)."""
-        return self.rows.pop(server_round, [])
+    def take_rows(self) -> dict[int, list[dict[str, object]]]:
+        """Scored rows not yet handed over, by round (each row is handed over once)."""
+        rows, self.rows = self.rows, {}
+        return rows

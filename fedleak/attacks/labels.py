@@ -1,0 +1,221 @@
+"""Label recovery from the last layer's update.
+
+With softmax cross-entropy, row c of the last layer's weight gradient is
+(1/B) sum_i (p_ic - y_ic) h_i, where h_i >= 0 are the features entering the layer (after a
+sigmoid or ReLU) and p_i the softmax. Hence:
+
+- iDLG (Zhao et al. 2020), B = 1: the true class is the only row with a negative sum.
+- Batch rows (Yin et al. 2021 / GradAttack), distinct labels: the B most negative rows, or,
+  with auxiliary data, the B classes of largest estimated count (see `batch_rows`).
+- Counts for repeated labels (after HFGradInv, Ye et al. 2024): last-layer features have a small
+  coefficient of variation of their mass ||h||_1 across samples (measured on the attacker's
+  auxiliary data and reported), so every sample's mass may be replaced by the auxiliary mean m.
+  Then B * rowsum_c / m ~= P_c(n) - n_c, with P_c(n) = sum_k n_k pbar_kc the expected softmax
+  mass given the counts n (pbar_k: mean softmax of auxiliary class k), and likewise for the
+  bias gradient. An evolutionary search over integer count vectors (sum B) minimises the
+  squared residual of these equations.
+- Joint soft labels (DLG) are optimised with the inputs by the attacks themselves.
+
+All functions take gradients: for a FedAvg delta pass -delta / (lr * local steps), which is
+about the mean gradient when the local steps cover the data evenly.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class LabelRecoveryError(ValueError):
+    """The model or update has no last layer that label recovery can read."""
+
+
+@dataclass(frozen=True)
+class LastLayer:
+    """Names of the classifier's weight [K, d] and bias [K] (None without bias) parameters."""
+
+    weight: str
+    bias: str | None
+
+    @property
+    def module(self) -> str:
+        """The module name owning the weight."""
+        return self.weight.rpartition(".")[0]
+
+
+def find_last_layer(model: nn.Module, num_classes: int) -> LastLayer:
+    """The last linear layer producing `num_classes` outputs."""
+    names = [n for n, p in model.named_parameters() if p.dim() == 2 and p.shape[0] == num_classes]
+    if not names:
+        raise LabelRecoveryError(
+            f"no 2-D parameter with {num_classes} rows (a linear classifier) to read labels from"
+        )
+    weight = names[-1]
+    bias = weight.rpartition(".")[0] + ".bias"
+    params = dict(model.named_parameters())
+    return LastLayer(weight, bias if bias in params and params[bias].dim() == 1 else None)
+
+
+def row_sums(weight: Tensor) -> Tensor:
+    """Sum of each class row of the last-layer weight gradient: [..., K, d] -> [..., K]."""
+    return weight.sum(dim=-1)
+
+
+def idlg(weight: Tensor) -> Tensor:
+    """iDLG: the class whose row sum is most negative, per problem: [T, K, d] -> [T] int64."""
+    return row_sums(weight).argmin(dim=-1)
+
+
+def negative_rows(weight: Tensor) -> Tensor:
+    """How many classes have a negative row sum (the distinct labels present): [T, K, d] -> [T]."""
+    return (row_sums(weight) < 0).sum(dim=-1)
+
+
+def batch_rows(weight: Tensor, batch: int, stats: AuxiliaryStatistics | None = None) -> Tensor:
+    """Distinct labels: the `batch` classes with the most negative row sums, sorted,
+    [T, K, d] -> [T, batch] (classes repeat cyclically when `batch` > K).
+
+    With `stats`, classes are ranked by their estimated count `estimated_counts` instead: the
+    plain rule assumes little softmax mass per class, and fails when the model concentrates
+    it (the untrained uniform-init LeNet puts ~0.7 on one class: that class's row is positive
+    even when it is in the batch).
+    """
+    if stats is None:
+        order = row_sums(weight).argsort(dim=-1)
+    else:
+        score = torch.stack([estimated_counts(w, None, batch, stats) for w in weight])
+        order = score.to(weight.device).argsort(dim=-1, descending=True)
+    repeats = -(-batch // order.shape[-1])
+    return order.repeat(1, repeats)[:, :batch].sort(dim=-1).values
+
+
+@dataclass(frozen=True)
+class AuxiliaryStatistics:
+    """What the counts method needs from the auxiliary data at w_t: the mean feature mass,
+    its coefficient of variation (the approximation's error scale), and `class_softmax` [K, K]
+    (row k: mean softmax of auxiliary samples of class k; the overall mean for absent classes)."""
+
+    mean_mass: float
+    mass_cv: float
+    class_softmax: Tensor
+
+
+@torch.no_grad()
+def auxiliary_statistics(
+    model: nn.Module,
+    layer: LastLayer,
+    inputs: Tensor,
+    labels: Tensor,
+    num_classes: int,
+    chunk: int = 256,
+) -> AuxiliaryStatistics:
+    """Forward the auxiliary data through a copy of `model` (train mode, as clients compute)."""
+    if inputs.shape[0] == 0:
+        raise LabelRecoveryError("label counts need auxiliary data; set data.aux-size > 0")
+    model = copy.deepcopy(model).train()
+    features: list[Tensor] = []
+    hook = model.get_submodule(layer.module).register_forward_pre_hook(
+        lambda _m, args: features.append(args[0].flatten(1))
+    )
+    device = next(model.parameters()).device
+    probs = []
+    try:
+        for start in range(0, inputs.shape[0], chunk):
+            batch = inputs[start : start + chunk].to(device).float()
+            probs.append(F.softmax(model(batch), dim=1))
+    finally:
+        hook.remove()
+    p = torch.cat(probs)
+    mass = torch.cat(features).sum(dim=1)
+    y = labels.to(device).long()
+    onehot = F.one_hot(y, num_classes).to(p.dtype)
+    per_class = onehot.T @ p
+    counts = onehot.sum(dim=0)
+    overall = p.mean(dim=0, keepdim=True).expand(num_classes, -1)
+    class_softmax = torch.where(
+        counts[:, None] > 0, per_class / counts.clamp_min(1)[:, None], overall
+    )
+    mean = mass.mean()
+    cv = mass.std() / mean.abs() if mass.numel() > 1 else torch.zeros(())
+    return AuxiliaryStatistics(float(mean), float(cv), class_softmax)
+
+
+def _residual(
+    counts: Tensor, rows: Tensor, bias: Tensor | None, stats: AuxiliaryStatistics, batch: int
+) -> Tensor:
+    """Squared residual of the count equations for candidate count vectors [P, K] -> [P]."""
+    n = counts.to(stats.class_softmax.dtype)
+    excess = n @ stats.class_softmax - n  # expected P_c(n) - n_c
+    residual = (batch * rows / stats.mean_mass - excess).square().sum(dim=1)
+    if bias is not None:
+        residual = residual + (batch * bias - excess).square().sum(dim=1)
+    return residual
+
+
+def estimated_counts(
+    weight: Tensor, bias: Tensor | None, batch: int, stats: AuxiliaryStatistics
+) -> Tensor:
+    """The closed-form (real-valued) count of each class, [K, d] -> [K]: B (pbar - rowsum/m),
+    averaged with B (pbar - bias gradient) when the layer has a bias."""
+    mean_softmax = stats.class_softmax.mean(dim=0).to(weight.device, weight.dtype)
+    estimate = batch * (mean_softmax - row_sums(weight) / stats.mean_mass)
+    if bias is not None:
+        estimate = (estimate + batch * (mean_softmax - bias)) / 2
+    return estimate
+
+
+def _largest_remainder(values: Tensor, total: int) -> Tensor:
+    """Non-negative integers summing to `total`, closest to `values` (Hamilton's method)."""
+    v = values.clamp_min(0)
+    v = v / v.sum() * total if v.sum() > 0 else torch.full_like(v, total / v.numel())
+    floor = v.floor()
+    missing = total - int(floor.sum())
+    order = torch.argsort(v - floor, descending=True)
+    floor[order[:missing]] += 1
+    return floor.long()
+
+
+def label_counts(
+    weight: Tensor,
+    bias: Tensor | None,
+    batch: int,
+    stats: AuxiliaryStatistics,
+    generator: torch.Generator,
+    population: int = 64,
+    generations: int = 60,
+) -> Tensor:
+    """How many samples of each class the batch holds (int64 [K], sum `batch`), from one
+    problem's last-layer gradient `weight` [K, d] and `bias` [K] (HFGradInv-style search).
+
+    The population starts from the rounded closed-form estimate and evolves by moving one
+    sample between classes; the best `population` distinct vectors survive each generation.
+    Randomness comes from `generator` (CPU), so the result is deterministic under its seed.
+    """
+    rows = row_sums(weight).double().cpu()
+    bias = None if bias is None else bias.double().cpu()
+    stats = AuxiliaryStatistics(stats.mean_mass, stats.mass_cv, stats.class_softmax.double().cpu())
+    classes = rows.shape[0]
+    start = _largest_remainder(estimated_counts(weight.double().cpu(), bias, batch, stats), batch)
+    pool = start.unsqueeze(0).repeat(population, 1)
+    arange = torch.arange(population)
+    for _ in range(generations):
+        children = pool.clone()
+        source = torch.multinomial((children > 0).double(), 1, generator=generator).squeeze(1)
+        target = torch.randint(0, classes, (population,), generator=generator)
+        children[arange, source] -= 1
+        children[arange, target] += 1
+        candidates = torch.cat([pool, children]).unique(dim=0)
+        order = torch.argsort(_residual(candidates, rows, bias, stats, batch), stable=True)
+        survivors = candidates[order[:population]]
+        fill = torch.randint(0, survivors.shape[0], (population,), generator=generator)
+        pool = torch.cat([survivors, survivors[fill]])[:population]
+    return pool[0]
+
+
+def counts_to_labels(counts: Tensor) -> Tensor:
+    """The sorted label multiset of a count vector: [K] -> int64 [sum(counts)]."""
+    return torch.repeat_interleave(torch.arange(counts.numel()), counts.cpu().long())

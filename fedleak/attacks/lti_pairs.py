@@ -1,0 +1,282 @@
+"""LTI's training pairs: (featurised defended update of aux samples, those samples).
+
+The attacker simulates a client on its own auxiliary data at the current global weights and
+passes the result through the clients' own `DefensePipeline`, so the inverter learns to undo
+the defense (the attack is adaptive by construction). A pair's *group* is the set of aux
+samples one update is computed from: one sample for B = 1 (or the per-sample threat model),
+B samples for a FedSGD batch, the N examples of a FedAvg client.
+
+How a group's update is computed, fastest first:
+- FedSGD, no input encoding, no BatchNorm: per-sample gradients by torch.func (the client's
+  own `per_sample_gradients`), DP-SGD clipping, mean over the group.
+- FedSGD, no input encoding, BatchNorm: per-sample gradients are undefined, so each group is
+  one forward in train mode with the group's own batch statistics, exactly as the client
+  computes its batch gradient; groups are vectorised with vmap over a copy of the model whose
+  BatchNorm layers keep no running statistics. For B = 1 the statistics are those of the single
+  image over its spatial positions, which is what a client with batch size 1 shares.
+- Anything else (FedAvg local training, MixUp/InstaHide encodings): the client's own
+  `compute_update`, one group at a time (a Python loop: exact but slow).
+
+What stays fixed within a round is computed once: when the release (noise, pruning, sign) is
+deterministic the features themselves are cached; otherwise the pre-release updates are kept
+(when they fit in `max_cache_bytes`) and only the release is re-drawn each epoch.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad, replace_all_batch_norm_modules_, vmap
+
+from fedleak.attacks.hashing import FeatureHasher, resolve_num_bins
+from fedleak.client.gradients import per_sample_gradients, refuse_batchnorm
+from fedleak.client.update import LocalTraining, compute_update
+from fedleak.defenses import DPSGD, DefensePipeline, GaussianNoise
+from fedleak.models import has_batchnorm
+
+Params = dict[str, Tensor]
+UnitKind = Literal["gradient", "delta"]
+
+
+@dataclass(frozen=True)
+class Unit:
+    """What one observed update is computed from: `size` samples, by FedSGD or FedAvg."""
+
+    kind: UnitKind
+    size: int
+    batch_size: int
+    local_steps: int
+    learning_rate: float
+
+    def training(self) -> LocalTraining:
+        """The client's declared local computation for one group."""
+        if self.kind == "gradient":
+            return LocalTraining(mode="fedsgd", batch_size=self.size)
+        return LocalTraining(
+            mode="fedavg",
+            batch_size=self.batch_size,
+            local_steps=self.local_steps,
+            learning_rate=self.learning_rate,
+        )
+
+
+class Featuriser:
+    """Update dict (leading dim N) -> inverter input [N, F].
+
+    Each parameter block is first scaled to unit L2 norm (optional): an update's scale follows
+    the sample's loss, its direction carries the image, and sign/pruned/noisy updates stay
+    comparable. Then the blocks are concatenated, or feature-hashed to `hash_bins` bins.
+    """
+
+    def __init__(
+        self,
+        sizes: Mapping[str, int],
+        hash_bins: int | float | None,
+        hash_seed: int,
+        hash_signed: bool,
+        block_normalise: bool,
+    ) -> None:
+        self.sizes = dict(sizes)
+        self.in_features = sum(self.sizes.values())
+        self.block_normalise = block_normalise
+        self.hasher = None
+        if hash_bins is not None:
+            bins = resolve_num_bins(hash_bins, self.in_features)
+            self.hasher = FeatureHasher(self.in_features, bins, hash_seed, hash_signed)
+
+    @property
+    def out_features(self) -> int:
+        return self.in_features if self.hasher is None else self.hasher.num_bins
+
+    def __call__(self, update: Mapping[str, Tensor]) -> Tensor:
+        missing = [name for name in self.sizes if name not in update]
+        if missing:
+            raise ValueError(f"the update lacks parameters {missing[:3]}; expected all of them")
+        rows = next(iter(update.values())).shape[0]
+        blocks = {name: update[name].reshape(rows, -1).float() for name in self.sizes}
+        if self.block_normalise:
+            blocks = {
+                name: b / b.norm(dim=1, keepdim=True).clamp_min(1e-12) for name, b in blocks.items()
+            }
+        if self.hasher is None:
+            return torch.cat(list(blocks.values()), dim=1)
+        return self.hasher.hash_dict(blocks)
+
+
+def release_is_random(pipeline: DefensePipeline) -> bool:
+    """Whether the release step (after the mean) draws noise."""
+    dp = pipeline.find(DPSGD)
+    gauss = pipeline.find(GaussianNoise)
+    return (dp is not None and dp.noise_multiplier > 0) or (gauss is not None and gauss.sigma > 0)
+
+
+def _index(params: Params, rows: slice) -> Params:
+    return {name: t[rows] for name, t in params.items()}
+
+
+class PairSource:
+    """Featurised defended updates of fixed groups of aux samples, re-drawn per call if random.
+
+    `groups` [P, size] indexes `aux_x`/`aux_y` (already on the device).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        pipeline: DefensePipeline,
+        unit: Unit,
+        aux_x: Tensor,
+        aux_y: Tensor,
+        num_classes: int,
+        groups: Tensor,
+        featuriser: Featuriser,
+        chunk: int,
+        max_cache_bytes: int,
+    ) -> None:
+        self.model = model
+        self.pipeline = pipeline
+        self.unit = unit
+        self.aux_x, self.aux_y = aux_x, aux_y
+        self.num_classes = num_classes
+        self.groups = groups
+        self.featuriser = featuriser
+        self.chunk = max(1, chunk)
+        self.has_bn = has_batchnorm(model)
+        simple = unit.kind == "gradient" and pipeline.encoder is None
+        # Randomness inside the client's computation (encodings, DP noise at every FedAvg step)
+        # cannot be split from the release: such groups run through `compute_update` each time.
+        self.exact_loop = not simple and (
+            pipeline.encoder is not None or pipeline.find(DPSGD) is not None
+        )
+        self.mode = "vector" if simple else "loop"
+        if simple and self.has_bn:
+            if pipeline.needs_per_sample:
+                refuse_batchnorm(model)
+            self.mode = "vector-bn"
+            self._bn_model = copy.deepcopy(model).train()
+            replace_all_batch_norm_modules_(self._bn_model)
+        self.fixed = not self.exact_loop and not release_is_random(pipeline)
+        self._features: Tensor | None = None
+        self._raw: Params | None = None
+        size = groups.shape[0] * featuriser.in_features * 4
+        self._keep_raw = not self.fixed and not self.exact_loop and size <= max_cache_bytes
+
+    @property
+    def num_pairs(self) -> int:
+        return self.groups.shape[0]
+
+    def features(self, generator: torch.Generator) -> Tensor:
+        """[P, F] features; the same tensor every call when nothing random is involved."""
+        if self._features is not None:
+            return self._features
+        parts = []
+        for start in range(0, self.num_pairs, self.chunk):
+            rows = slice(start, min(self.num_pairs, start + self.chunk))
+            parts.append(self.featuriser(self._released(rows, generator)))
+        features = torch.cat(parts)
+        if self.fixed:
+            self._features = features
+        return features
+
+    def _released(self, rows: slice, generator: torch.Generator) -> Params:
+        if self.exact_loop:
+            return self._loop(rows, self.pipeline, generator)
+        if self._keep_raw:
+            if self._raw is None:
+                self._raw = self._all_raw(generator)
+            raw = _index(self._raw, rows)
+        else:
+            raw = self._pre_release(rows, generator)
+        return self._release(raw, generator)
+
+    def _all_raw(self, generator: torch.Generator) -> Params:
+        parts = [
+            self._pre_release(slice(s, min(self.num_pairs, s + self.chunk)), generator)
+            for s in range(0, self.num_pairs, self.chunk)
+        ]
+        return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+
+    def _pre_release(self, rows: slice, generator: torch.Generator) -> Params:
+        """Each group's update before the release (clipped mean gradient, or FedAvg delta)."""
+        group = self.groups[rows]
+        count, size = group.shape
+        x, y = self.aux_x[group.flatten()], self.aux_y[group.flatten()]
+        if self.mode == "vector":
+            per_sample = self.pipeline.clip(per_sample_gradients(self.model, x, y))
+            return {
+                name: g.reshape(count, size, *g.shape[1:]).mean(dim=1)
+                for name, g in per_sample.items()
+            }
+        if self.mode == "vector-bn":
+            return _group_gradients(self._bn_model, x.reshape(count, size, *x.shape[1:]),
+                                    y.reshape(count, size))
+        return self._loop(rows, DefensePipeline(), generator)
+
+    def _release(self, raw: Params, generator: torch.Generator) -> Params:
+        """The defense's release applied to each group independently."""
+        size = self.unit.size
+        if self.unit.kind == "gradient" and size > 1 and self.pipeline.find(DPSGD) is not None:
+            # DP noise on a mean of `size` clipped gradients has std Z*C/size: share() per group.
+            count = next(iter(raw.values())).shape[0]
+            shared = [
+                self.pipeline.share(_index(raw, slice(i, i + 1)), size, generator)
+                for i in range(count)
+            ]
+            return {name: torch.cat([s[name] for s in shared]) for name in raw}
+        # Without DP, FedAvg's share_delta and FedSGD's share are the same per-row release.
+        return self.pipeline.share_each(raw, generator)
+
+    def _loop(
+        self, rows: slice, pipeline: DefensePipeline, generator: torch.Generator
+    ) -> Params:
+        """`compute_update` of each group: the client's computation, one group at a time."""
+        training = self.unit.training()
+        updates = []
+        for group in self.groups[rows]:
+            update = compute_update(
+                self.model,
+                self.aux_x[group],
+                self.aux_y[group],
+                self.num_classes,
+                pipeline,
+                training,
+                generator,
+                public=self.aux_x,  # the attacker's own images stand in for a public pool
+            )
+            updates.append(update.update)
+        return {name: torch.stack([u[name] for u in updates]) for name in updates[0]}
+
+
+def _group_gradients(model: nn.Module, x: Tensor, y: Tensor) -> Params:
+    """Gradient of each group's mean loss, x [G, b, ...], for a model without running stats."""
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    buffers = {name: b for name, b in model.named_buffers()}
+
+    def group_loss(p: Params, xg: Tensor, yg: Tensor) -> Tensor:
+        return F.cross_entropy(functional_call(model, (p, buffers), (xg,)), yg)
+
+    grads: Callable[..., Params] = vmap(grad(group_loss), in_dims=(None, 0, 0))
+    return {name: g.detach() for name, g in grads(params, x, y).items()}
+
+
+def make_groups(
+    count: int, size: int, generator: torch.Generator, device: torch.device
+) -> Tensor:
+    """Groups [P, size] of indices into `count` samples: each sample once for size 1; for
+    size > 1, `size` independent shuffles cut into groups, so every sample appears in `size`
+    groups (about `count` pairs, as many as for B = 1)."""
+    if size == 1:
+        return torch.arange(count, device=device).unsqueeze(1)
+    if count < size:
+        raise ValueError(
+            f"LTI needs at least {size} auxiliary samples to build groups of {size}, got {count}"
+        )
+    per = count // size
+    shuffles = [torch.randperm(count, generator=generator)[: per * size] for _ in range(size)]
+    return torch.cat(shuffles).reshape(-1, size).to(device)

@@ -1,0 +1,514 @@
+"""Optimisation attacks: DLG / iDLG, Inverting Gradients, GradInversion-style BatchNorm prior,
+stepwise high-fidelity inversion. Each implements the `Attack` protocol.
+
+One observation becomes T = targets x restarts independent problems: one target for a batch
+update (its b = num_examples images are optimised together), or one per sample when the run
+shares per-sample updates (b = 1 each). All problems are optimised as one batched problem
+(`fedleak.attacks.engine`), the dummy updates come from replaying the client's declared
+computation (`fedleak.attacks.replay`: FedSGD gradient, or FedAvg's K local steps unrolled),
+and the matching loss follows the public defense spec (`fedleak.attacks.losses`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fedleak.attacks import labels as label_recovery
+from fedleak.attacks.config import (
+    GRADATTACK_TV,
+    IG_TV,
+    DLGConfig,
+    GradInversionConfig,
+    IGConfig,
+    InversionConfig,
+    StepwiseConfig,
+)
+from fedleak.attacks.engine import Outcome, Settings, StepDecay, optimise
+from fedleak.attacks.losses import (
+    MatchingLoss,
+    batchnorm_prior,
+    choose_matching,
+    total_variation,
+)
+from fedleak.attacks.replay import ClientProtocol, Replay, Statistics, shared_statistics
+from fedleak.attacks.types import AttackerKnowledge, Budget, Observation, Reconstruction
+from fedleak.defenses import DefensePipeline, InstaHide, SignCompression, parse_defense_spec
+from fedleak.models import build_model
+
+
+class ObservationError(ValueError):
+    """An observation this attack cannot invert (wrong modality, missing statistics)."""
+
+
+def attack_seed(seed: int, knowledge: AttackerKnowledge, observation: Observation) -> int:
+    """One seed per (attack, attacker, round, client): deterministic, distinct per observation."""
+    parts = [seed, knowledge.seed, observation.round, observation.client_id]
+    return int(np.random.SeedSequence([abs(int(p)) for p in parts]).generate_state(1)[0])
+
+
+@dataclass
+class Problem:
+    """An observation laid out as T = restarts x targets problems of `samples` images each.
+
+    Problem t = r * targets + i is restart r of target i. `labels` is int64 [T, samples], or
+    None when labels are optimised jointly (soft labels).
+    """
+
+    replay: Replay
+    target: list[Tensor]
+    labels: Tensor | None
+    label_method: str
+    targets: int
+    samples: int
+    restarts: int
+    matching: MatchingLoss
+    pipeline: DefensePipeline
+    bn_exact: bool
+    bn_reference: Statistics | None
+    input_shape: tuple[int, ...]
+    device: torch.device
+    diagnostics: dict[str, float]
+
+    @property
+    def problems(self) -> int:
+        """T, the leading dimension of every batched tensor."""
+        return self.targets * self.restarts
+
+    @property
+    def sign_flipped(self) -> bool:
+        """InstaHide multiplies pixels by random signs: the prior works on |x|."""
+        return self.pipeline.find(InstaHide) is not None
+
+
+def _load_model(observation: Observation, device: torch.device) -> nn.Module:
+    model = build_model(observation.model)
+    model.load_state_dict(observation.weights)
+    return model.to(device)
+
+
+def _resolve_bn_mode(mode: str, observation: Observation, model_has_bn: bool) -> str:
+    if mode == "auto":
+        return "exact" if observation.bn_statistics else "infer"
+    if mode == "exact" and model_has_bn and not observation.bn_statistics:
+        raise ObservationError(
+            "attack parameter bn-mode='exact' needs BatchNorm statistics in the observation; "
+            "share them (threat model) or use bn-mode=auto, infer or proxy"
+        )
+    return mode
+
+
+def _recover_labels(
+    method: str,
+    model: nn.Module,
+    target: list[Tensor],
+    names: list[str],
+    observation: Observation,
+    knowledge: AttackerKnowledge,
+    pipeline: DefensePipeline,
+    samples: int,
+    config: InversionConfig,
+    seed: int,
+) -> tuple[Tensor | None, str, dict[str, float]]:
+    """Labels [targets, samples] and the method used; None for joint optimisation."""
+    magnitudes = pipeline.find(SignCompression) is None
+    has_aux = knowledge.aux_inputs.shape[0] > 0
+    if method == "auto":
+        if pipeline.encoder is not None:
+            method = "joint"  # encoded labels are mixtures: no hard label fits
+        elif samples == 1:
+            method = "idlg"
+        else:  # counts handle distinct and repeated labels but need magnitudes and aux data
+            method = "counts" if magnitudes and has_aux else "rows"
+    if method == "joint":
+        return None, "joint", {}
+    num_classes = observation.model.num_classes
+    layer = label_recovery.find_last_layer(model, num_classes)
+    # -delta ~ lr * K * (mean gradient) when FedAvg's local steps cover the data evenly.
+    scale = 1.0
+    if observation.update_kind == "delta":
+        scale = -1.0 / (observation.learning_rate * observation.local_steps)
+    weight = target[names.index(layer.weight)] * scale
+    if method == "idlg":
+        if samples != 1:
+            raise ObservationError(
+                f"attack parameter labels='idlg' needs one sample per target, got {samples}; "
+                "use labels=auto, rows, counts or joint"
+            )
+        return label_recovery.idlg(weight).unsqueeze(1), "idlg", {}
+    stats = None
+    if method == "counts" or (has_aux and magnitudes):
+        stats = label_recovery.auxiliary_statistics(
+            model, layer, knowledge.aux_inputs, knowledge.aux_labels, num_classes
+        )
+    if method == "rows":
+        return label_recovery.batch_rows(weight, samples, stats), "rows", {}
+    assert stats is not None
+    bias = None if layer.bias is None else target[names.index(layer.bias)] * scale
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for t in range(weight.shape[0]):
+        counts = label_recovery.label_counts(
+            weight[t],
+            None if bias is None else bias[t],
+            samples,
+            stats,
+            generator,
+            config.count_population,
+            config.count_generations,
+        )
+        rows.append(label_recovery.counts_to_labels(counts))
+    return torch.stack(rows), "counts", {"aux_feature_mass_cv": stats.mass_cv}
+
+
+def prepare(
+    observation: Observation,
+    knowledge: AttackerKnowledge,
+    config: InversionConfig,
+    bn_mode: str,
+    seed: int,
+) -> Problem:
+    """Lay one observation out as a batched inversion problem (labels recovered up front)."""
+    if observation.modality != "image":
+        raise ObservationError(
+            f"observation modality={observation.modality!r}: optimisation attacks invert images"
+        )
+    device = torch.device(knowledge.device)
+    model = _load_model(observation, device)
+    pipeline = parse_defense_spec(observation.defense)
+    per_sample = observation.per_sample_updates is not None
+    if per_sample:
+        shared = observation.per_sample_updates
+        targets, samples = next(iter(shared.values())).shape[0], 1
+        protocol = ClientProtocol("gradient")
+    else:
+        shared = {name: u.unsqueeze(0) for name, u in observation.update.items()}
+        targets, samples = 1, observation.num_examples
+        protocol = ClientProtocol(
+            observation.update_kind,
+            observation.local_steps,
+            observation.batch_size,
+            observation.learning_rate,
+        )
+    names = [name for name, _ in model.named_parameters()]
+    missing = [name for name in names if name not in shared]
+    if missing:
+        raise ObservationError(f"the update lacks parameters {missing[:3]}; expected all of them")
+    target = [shared[name].to(device).float() for name in names]
+    has_bn = any(True for _ in _batchnorm_modules(model))
+    mode = _resolve_bn_mode(bn_mode, observation, has_bn)
+    replay = Replay(model, protocol, "proxy" if mode == "proxy" else "infer", device)
+    labels, method, diagnostics = _recover_labels(
+        config.labels,
+        model,
+        target,
+        names,
+        observation,
+        knowledge,
+        pipeline,
+        samples,
+        config,
+        seed,
+    )
+    restarts = config.restarts
+    bn_reference = None
+    if has_bn and mode == "exact":
+        shared_stats = shared_statistics(observation.bn_statistics or {}, replay.batchnorm_names)
+        bn_reference = [(m.to(device), v.to(device)) for m, v in shared_stats]
+    elif has_bn:
+        bn_reference = replay.running_statistics()
+    per_sample_possible = not has_bn and protocol.kind == "gradient"
+    matching = choose_matching(
+        config.matching,
+        pipeline,
+        samples,
+        config.adaptive,
+        config.tanh_scale,
+        per_sample_possible,
+        config.normalised_hinge,
+    )
+    return Problem(
+        replay=replay,
+        target=[t.repeat((restarts,) + (1,) * (t.dim() - 1)) for t in target],
+        labels=None if labels is None else labels.to(device).repeat(restarts, 1),
+        label_method=method,
+        targets=targets,
+        samples=samples,
+        restarts=restarts,
+        matching=matching,
+        pipeline=pipeline,
+        bn_exact=has_bn and mode == "exact",
+        bn_reference=bn_reference,
+        input_shape=tuple(observation.model.input_shape),
+        device=device,
+        diagnostics=diagnostics,
+    )
+
+
+def _batchnorm_modules(model: nn.Module) -> list[nn.Module]:
+    kinds = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+    return [m for m in model.modules() if isinstance(m, kinds)]
+
+
+def initial_inputs(
+    problem: Problem, init: str, knowledge: AttackerKnowledge, generator: torch.Generator
+) -> Tensor:
+    """Starting guesses [T, samples, C, H, W] in the data range's scale."""
+    shape = (problem.problems, problem.samples, *problem.input_shape)
+    low, high = knowledge.data_range
+    if init == "randn":
+        return torch.randn(shape, generator=generator, device=problem.device)
+    if init == "rand":
+        return low + (high - low) * torch.rand(shape, generator=generator, device=problem.device)
+    return torch.full(shape, (low + high) / 2, device=problem.device)
+
+
+def _box(problem: Problem, knowledge: AttackerKnowledge) -> tuple[float, float]:
+    low, high = knowledge.data_range
+    if problem.sign_flipped:
+        bound = max(abs(low), abs(high))
+        return (-bound, bound)
+    return (low, high)
+
+
+def _finish(
+    problem: Problem,
+    outcome: Outcome,
+    knowledge: AttackerKnowledge,
+    extra: dict[str, float],
+) -> Reconstruction:
+    """Keep each target's best restart; images on the CPU in the data range."""
+    r, n, b = problem.restarts, problem.targets, problem.samples
+    best = outcome.matching.reshape(r, n).argmin(dim=0)
+    pick = torch.arange(n, device=best.device)
+    x = outcome.variables[0].reshape(r, n, b, *problem.input_shape)[best, pick]
+    if problem.sign_flipped:
+        x = x.abs()
+    low, high = knowledge.data_range
+    inputs = x.reshape(n * b, *problem.input_shape).clamp(low, high).detach().float().cpu()
+    if problem.labels is not None:
+        labels = problem.labels.reshape(r, n, b)[best, pick].reshape(-1)
+    else:
+        logits = outcome.variables[1].reshape(r, n, b, -1)[best, pick]
+        labels = logits.argmax(dim=-1).reshape(-1)
+    matching = outcome.matching.reshape(r, n)[best, pick]
+    diverged = int(torch.isinf(matching).sum())
+    status = "nan" if diverged == n else "ok"
+    message = f"matching={problem.matching.name}; stopped by {outcome.stopped_by}"
+    if diverged:
+        message += f"; {diverged} of {n} targets diverged (last finite iterate returned)"
+    finite = matching[torch.isfinite(matching)]
+    diagnostics = {
+        "matching_loss": float(finite.mean()) if finite.numel() else math.nan,
+        "restarts": float(r),
+        "diverged_targets": float(diverged),
+        **problem.diagnostics,
+        **extra,
+    }
+    return Reconstruction(
+        inputs=inputs,
+        labels=labels.detach().cpu().long(),
+        label_method=problem.label_method,
+        iterations=outcome.iterations,
+        seconds=outcome.seconds,
+        status=status,
+        message=message,
+        diagnostics=diagnostics,
+    )
+
+
+def _soft_labels(problem: Problem, variables: Sequence[Tensor]) -> Tensor:
+    if problem.labels is not None:
+        return problem.labels
+    return F.softmax(variables[1], dim=-1)
+
+
+def _layer_groups(names: list[str]) -> list[list[int]]:
+    """Parameter indices grouped by owning module, in forward (definition) order."""
+    groups: dict[str, list[int]] = {}
+    for index, name in enumerate(names):
+        groups.setdefault(name.rpartition(".")[0], []).append(index)
+    return list(groups.values())
+
+
+class DLG:
+    """Deep Leakage from Gradients (and iDLG with `labels='auto'`): L2 matching, L-BFGS."""
+
+    def __init__(self, config: DLGConfig | None = None, seed: int = 0, name: str = "dlg") -> None:
+        self.config = config or DLGConfig()
+        self.seed = seed
+        self.name = name
+
+    def reconstruct(
+        self, observation: Observation, knowledge: AttackerKnowledge, budget: Budget
+    ) -> Reconstruction:
+        """Invert the observation within the budget."""
+        cfg = self.config
+        seed = attack_seed(self.seed, knowledge, observation)
+        problem = prepare(observation, knowledge, cfg, "auto", seed)
+        generator = torch.Generator(device=problem.device).manual_seed(seed)
+        variables = [initial_inputs(problem, cfg.init, knowledge, generator)]
+        if problem.labels is None:
+            shape = (problem.problems, problem.samples, observation.model.num_classes)
+            variables.append(torch.randn(shape, generator=generator, device=problem.device))
+
+        def objective(v: Sequence[Tensor], _iteration: int | None) -> tuple[Tensor, Tensor]:
+            out = problem.replay(v[0], _soft_labels(problem, v), problem.matching.needs_per_sample)
+            matching = problem.matching(out.update, problem.target, out.per_sample)
+            return matching, matching
+
+        settings = Settings(
+            optimizer="lbfgs",
+            schedule=StepDecay(cfg.learning_rate, ()),
+            history=cfg.history,
+            check_every=cfg.check_every,
+            description=self.name,
+        )
+        outcome = optimise(objective, variables, settings, budget)
+        return _finish(problem, outcome, knowledge, {})
+
+
+class InvertingGradients:
+    """Inverting Gradients (IG), and with a BatchNorm weight the GradInversion-style prior.
+
+    The same class serves `ig` (bn_weight 0, IG's TV 1e-4) and `gradinversion` (GradAttack's
+    alpha_BN = 1e-3 and per-defense TV). Under InstaHide the box is [-1, 1] and TV acts on |x|.
+    """
+
+    def __init__(self, config: IGConfig | None = None, seed: int = 0, name: str = "ig") -> None:
+        self.config = config or IGConfig()
+        self.seed = seed
+        self.name = name
+
+    def tv_weight(self, pipeline: DefensePipeline) -> float:
+        """The configured TV weight, or the default for this attack and defense."""
+        if self.config.tv_weight is not None:
+            return self.config.tv_weight
+        if not isinstance(self.config, GradInversionConfig):
+            return IG_TV
+        for kind in ("prune", "mixup", "instahide"):
+            if any(step.kind == kind for step in pipeline.steps):
+                return GRADATTACK_TV[kind]
+        return GRADATTACK_TV["none"]
+
+    def _weights(self, problem: Problem, iteration: int | None, total: int) -> tuple[float, float]:
+        """(TV weight, BN weight) at this iteration."""
+        return self.tv_weight(problem.pipeline), self.config.bn_weight
+
+    def _selection(
+        self, problem: Problem, iteration: int | None, total: int, generator: torch.Generator
+    ) -> tuple[list[int], list[Tensor] | None]:
+        """Which parameters are matched, and dropout masks (None: all coordinates)."""
+        return list(range(len(problem.target))), None
+
+    def reconstruct(
+        self, observation: Observation, knowledge: AttackerKnowledge, budget: Budget
+    ) -> Reconstruction:
+        """Invert the observation within the budget."""
+        cfg = self.config
+        seed = attack_seed(self.seed, knowledge, observation)
+        problem = prepare(observation, knowledge, cfg, cfg.bn_mode, seed)
+        generator = torch.Generator(device=problem.device).manual_seed(seed)
+        variables = [initial_inputs(problem, cfg.init, knowledge, generator)]
+        if problem.labels is None:
+            shape = (problem.problems, problem.samples, observation.model.num_classes)
+            variables.append(torch.randn(shape, generator=generator, device=problem.device))
+        total = int(budget.max_iterations)
+        absolute = problem.sign_flipped
+        use_bn = problem.bn_reference is not None
+
+        def objective(v: Sequence[Tensor], iteration: int | None) -> tuple[Tensor, Tensor]:
+            out = problem.replay(v[0], _soft_labels(problem, v), problem.matching.needs_per_sample)
+            chosen, masks = self._selection(problem, iteration, total, generator)
+            dummy = [out.update[i] for i in chosen]
+            target = [problem.target[i] for i in chosen]
+            per_sample = None if out.per_sample is None else [out.per_sample[i] for i in chosen]
+            if masks is not None:
+                dummy = [d * m for d, m in zip(dummy, masks, strict=True)]
+                target = [t * m for t, m in zip(target, masks, strict=True)]
+                if per_sample is not None:
+                    per_sample = [
+                        p * m.unsqueeze(1) for p, m in zip(per_sample, masks, strict=True)
+                    ]
+            matching = problem.matching(dummy, target, per_sample)
+            tv_weight, bn_weight = self._weights(problem, iteration, total)
+            loss = matching
+            if tv_weight > 0:
+                loss = loss + tv_weight * total_variation(v[0], absolute)
+            if bn_weight > 0 and use_bn:
+                loss = loss + bn_weight * batchnorm_prior(out.statistics, problem.bn_reference)
+            return loss, matching
+
+        settings = Settings(
+            optimizer="adam",
+            schedule=StepDecay(cfg.learning_rate, cfg.milestones, cfg.decay, self._stages()),
+            signed=cfg.signed,
+            box=_box(problem, knowledge) if cfg.boxed else None,
+            check_every=cfg.check_every,
+            description=self.name,
+        )
+        outcome = optimise(objective, variables, settings, budget)
+        extra = {"tv_weight": self.tv_weight(problem.pipeline), "bn_weight": cfg.bn_weight}
+        if use_bn:
+            extra["bn_exact"] = float(problem.bn_exact)
+        return _finish(problem, outcome, knowledge, extra)
+
+    def _stages(self) -> int:
+        return 1
+
+
+class StepwiseInversion(InvertingGradients):
+    """HFGradInv's stepwise inversion on top of IG: stage s of S matches the deepest
+    ceil(s * L / S) of the L layers, with gradient dropout; TV from `tv_stage`, the BatchNorm
+    prior from `bn_stage`; IG's learning-rate schedule restarts in each stage."""
+
+    def __init__(
+        self, config: StepwiseConfig | None = None, seed: int = 0, name: str = "stepwise"
+    ) -> None:
+        super().__init__(config or StepwiseConfig(), seed, name)
+
+    @property
+    def stepwise(self) -> StepwiseConfig:
+        """The configuration, typed."""
+        assert isinstance(self.config, StepwiseConfig)
+        return self.config
+
+    def _stage(self, iteration: int | None, total: int) -> int:
+        stages = self.stepwise.stages
+        if iteration is None:
+            return stages
+        return min(stages, iteration // max(1, math.ceil(total / stages)) + 1)
+
+    def _stages(self) -> int:
+        return self.stepwise.stages
+
+    def _weights(self, problem: Problem, iteration: int | None, total: int) -> tuple[float, float]:
+        stage = self._stage(iteration, total)
+        tv = self.tv_weight(problem.pipeline) if stage >= self.stepwise.tv_stage else 0.0
+        bn = self.stepwise.bn_weight if stage >= self.stepwise.bn_stage else 0.0
+        return tv, bn
+
+    def _selection(
+        self, problem: Problem, iteration: int | None, total: int, generator: torch.Generator
+    ) -> tuple[list[int], list[Tensor] | None]:
+        groups = _layer_groups(problem.replay.names)
+        stage = self._stage(iteration, total)
+        count = math.ceil(stage * len(groups) / self.stepwise.stages)
+        chosen = [i for group in groups[len(groups) - count :] for i in group]
+        if iteration is None or self.stepwise.dropout == 0:
+            return chosen, None
+        keep = 1.0 - self.stepwise.dropout
+        masks = [
+            (
+                torch.rand(problem.target[i].shape, generator=generator, device=problem.device)
+                < keep
+            ).to(problem.target[i].dtype)
+            for i in chosen
+        ]
+        return chosen, masks

@@ -1,0 +1,92 @@
+"""The inline attack runner isolates failures: a raising or NaN attack becomes a recorded row."""
+
+from __future__ import annotations
+
+import torch
+
+from fedleak.attacks.baseline import AuxMeanBaseline
+from fedleak.attacks.types import AttackerKnowledge, Budget, Observation, Reconstruction
+from fedleak.models.spec import ModelSpec
+from fedleak.server.auditor import Auditor, GroundTruth
+from fedleak.server.runner import AttackJob, InlineRunner
+
+
+class Raising:
+    name = "raising"
+
+    def reconstruct(self, observation, knowledge, budget) -> Reconstruction:
+        raise RuntimeError("diverged\nsecond line")
+
+
+class NotANumber:
+    name = "nan"
+
+    def reconstruct(self, observation, knowledge, budget) -> Reconstruction:
+        return Reconstruction(inputs=torch.full((2, 1, 4, 4), float("nan")), labels=None)
+
+
+def _observation() -> Observation:
+    return Observation(
+        round=1,
+        client_id=3,
+        model=ModelSpec("mlp", (1, 4, 4), 2),
+        weights={},
+        update={},
+        update_kind="gradient",
+        num_examples=2,
+        batch_size=2,
+        local_steps=1,
+        learning_rate=0.1,
+        defense="none",
+    )
+
+
+def _knowledge() -> AttackerKnowledge:
+    aux = torch.rand(10, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    return AttackerKnowledge(aux, torch.tensor([0] * 7 + [1] * 3), (1, 4, 4), 2)
+
+
+def test_failures_are_recorded_and_do_not_stop_other_attacks() -> None:
+    attacks = {"raising": Raising(), "nan": NotANumber(), "aux-mean": AuxMeanBaseline()}
+    runner = InlineRunner(attacks, _knowledge(), Budget(10, 5.0))
+    observation = _observation()
+    runner.submit([AttackJob(i, name, observation) for i, name in enumerate(attacks)])
+    results = {r.job.attack: r.reconstruction for r in runner.ready()}
+    assert results["raising"].status == "failed"
+    assert results["raising"].message == "RuntimeError: diverged"
+    assert results["nan"].status == "nan"
+    assert results["aux-mean"].status == "ok"
+    assert results["aux-mean"].labels.tolist() == [0, 0]
+    assert runner.ready() == []
+
+
+def test_auditor_scores_a_failure_as_one_row_and_a_success_per_sample() -> None:
+    truth = GroundTruth(3, torch.rand(2, 1, 4, 4), torch.tensor([1, 0]))
+    observation = _observation()
+    failed = Reconstruction(inputs=torch.empty(0), labels=None, status="failed", message="x")
+    rows = Auditor(lpips_nets=()).score(observation, "a", failed, truth, {})
+    assert [(r["status"], r["sample"]) for r in rows] == [("failed", -1)]
+    exact = Reconstruction(inputs=truth.inputs.flip(0), labels=torch.tensor([0, 1]))
+    rows = Auditor(lpips_nets=()).score(observation, "a", exact, truth, {"defense": "none"})
+    assert sorted((r["sample"], r["target_index"]) for r in rows) == [(0, 1), (1, 0)]
+    assert all(r["mse"] == 0 and r["label_acc"] == 1.0 for r in rows)
+    assert all(r["defense"] == "none" and r["scored_against"] == "original" for r in rows)
+
+
+def test_encoded_samples_are_scored_against_their_best_private_source() -> None:
+    private = torch.stack([torch.zeros(1, 4, 4), torch.ones(1, 4, 4)])
+    encoded = 0.6 * private + 0.4 * private.flip(0)
+    truth = GroundTruth(
+        0, private, torch.tensor([0, 1]), encoded=encoded, sources=torch.tensor([[0, 1], [1, 0]])
+    )
+    guess = Reconstruction(inputs=encoded.clone(), labels=torch.tensor([0, 1]))
+    rows = Auditor(lpips_nets=()).score(_observation(), "a", guess, truth, {})
+    against = {r["scored_against"] for r in rows}
+    assert against == {"original", "encoded"}
+    for row in rows:
+        if row["scored_against"] == "encoded":
+            assert row["mse"] == 0
+        else:
+            # 0.4 of the way to the other image: the nearer source is the dominant one.
+            assert row["target_index"] == row["sample"]
+            assert abs(row["mse"] - 0.16) < 1e-6
