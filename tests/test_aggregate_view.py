@@ -16,13 +16,16 @@ from fedleak.simulations.cli import main
 
 # Batch 1 per client: inverting one client's gradient is easy, inverting the mean of three
 # clients' gradients (three images in one update) is much harder for the same attack budget.
+# The DLG paper's uniform initialisation of the sigmoid LeNet: with PyTorch's default one, IG
+# stays near 12 dB on either view at this budget.
 TINY = {
     "num-server-rounds": "1",
     "train.batch-size": "1",
+    "model.init": "uniform",
     "data.aux-size": "200",
     "attack.names": "ig",
     "attack.clients-per-round": "0",
-    "attack.max-iterations": "300",
+    "attack.max-iterations": "600",
     "attack.images-per-client": "0",
 }
 
@@ -59,8 +62,9 @@ def test_aggregate_view_leaks_less_than_per_client_observation(views: dict[str, 
         pd.read_csv(run / "utility.csv")[["test_loss", "test_accuracy"]] for run in views.values()
     ]
     assert honest[0].equals(honest[1])
+    # Measured: 22.0 / 36.1 / 11.9 dB per client against 12.2 / 9.5 / 7.8 dB from the aggregate.
     gap = client.psnr.mean() - aggregate.psnr.mean()
-    assert gap > 3.0, (client.psnr.tolist(), aggregate.psnr.tolist())
+    assert gap > 5.0, (client.psnr.tolist(), aggregate.psnr.tolist())
     assert client.mse.mean() < aggregate.mse.mean()
 
 

@@ -16,7 +16,9 @@ def explicit_projection(hasher: FeatureHasher) -> torch.Tensor:
     bins = hasher.bin_ids(0, m)
     signs = hasher.signs(0, m)
     indices = torch.stack([bins, torch.arange(m)])
-    return torch.sparse_coo_tensor(indices, signs, (hasher.num_bins, m), check_invariants=True).to_dense()
+    return torch.sparse_coo_tensor(
+        indices, signs, (hasher.num_bins, m), check_invariants=True
+    ).to_dense()
 
 
 @pytest.mark.parametrize("signed", [False, True])
@@ -95,9 +97,7 @@ def test_peak_working_memory_is_bounded_by_the_chunk(monkeypatch: pytest.MonkeyP
     torch.testing.assert_close(out.sum(1), torch.full((rows,), float(m)))
 
 
-@pytest.mark.parametrize(
-    ("value", "expected"), [(10, 10), (0.1, 100), (1.0, 1000), (1e-6, 1)]
-)
+@pytest.mark.parametrize(("value", "expected"), [(10, 10), (0.1, 100), (1.0, 1000), (1e-6, 1)])
 def test_bins_from_count_or_ratio(value: int | float, expected: int) -> None:
     assert resolve_num_bins(value, 1000) == expected
 

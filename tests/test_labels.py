@@ -14,12 +14,23 @@ import torch
 from fedleak.attacks import labels as L
 from fedleak.attacks.registry import build_attack
 from fedleak.attacks.types import AttackerKnowledge, Budget, Observation
+from fedleak.client.gradients import per_sample_gradients
 from fedleak.client.update import LocalTraining, compute_update
 from fedleak.data import load_dataset
 from fedleak.defenses import parse_defense_spec
 from fedleak.models import ModelSpec, build_model
 
 NUM_CLASSES = 10
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These problems are small enough that per-op overhead dominates: one intra-op thread is
+    faster, and on a shared 2-core machine two threads wait on each other (measured ~10x)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +69,11 @@ def _update(spec, x, y, defense="none", mode="fedsgd", share="batch", batch_size
 
 def _batches(mnist, pool, count, distinct, seed):
     """`count` batches of 8 from the pool: distinct labels, or drawn from 2-5 classes."""
-    x, y = mnist
+    return [(mnist[0][i], mnist[1][i]) for i in _batch_indices(mnist, pool, count, distinct, seed)]
+
+
+def _batch_indices(mnist, pool, count, distinct, seed):
+    y = mnist[1]
     g = torch.Generator().manual_seed(seed)
     pool_labels = y[pool]
     out = []
@@ -74,9 +89,19 @@ def _batches(mnist, pool, count, distinct, seed):
         for label in labels.tolist():
             candidates = pool[pool_labels == label]
             index.append(candidates[torch.randint(0, candidates.numel(), (1,), generator=g)])
-        index = torch.cat(index)
-        out.append((x[index], y[index]))
+        out.append(torch.cat(index))
     return out
+
+
+def _batch_gradients(spec, mnist, batches):
+    """FedSGD gradients of many batches from one vectorised per-sample call (no BatchNorm:
+    a batch's mean gradient is the mean of its samples' gradients)."""
+    index = torch.cat(batches)
+    per_sample = per_sample_gradients(build_model(spec), mnist[0][index], mnist[1][index])
+    return [
+        {name: g[k * 8 : (k + 1) * 8].mean(dim=0) for name, g in per_sample.items()}
+        for k in range(len(batches))
+    ]
 
 
 @pytest.mark.parametrize(
@@ -94,7 +119,7 @@ def test_idlg_recovers_every_single_sample_label(mnist, split, spec, defense, mo
     else:  # one FedAvg delta per sample: -delta is a positive multiple of summed gradients
         weight = torch.stack(
             [
-                -_update(spec, x[i : i + 1], y[i : i + 1], defense, mode="fedavg").update[
+                -_update(spec, x[i : i + 1], y[i : i + 1], defense, mode="fedavg")[1].update[
                     layer.weight
                 ]
                 for i in index.tolist()
@@ -109,9 +134,10 @@ def test_batch_rows_recover_distinct_labels(mnist, split, spec):
     aux = split[0]
     stats = L.auxiliary_statistics(model, layer, mnist[0][aux], mnist[1][aux], NUM_CLASSES)
     hits, plain_hits = 0, 0
-    batches = _batches(mnist, split[1], 25, distinct=True, seed=1)
-    for xb, yb in batches:
-        weight = _update(spec, xb, yb)[1].update[layer.weight].unsqueeze(0)
+    batches = _batch_indices(mnist, split[1], 25, distinct=True, seed=1)
+    for index, update in zip(batches, _batch_gradients(spec, mnist, batches), strict=True):
+        yb = mnist[1][index]
+        weight = update[layer.weight].unsqueeze(0)
         hits += torch.equal(L.batch_rows(weight, 8, stats)[0], yb.sort().values)
         plain_hits += torch.equal(L.batch_rows(weight, 8)[0], yb.sort().values)
     assert hits == len(batches)
@@ -125,11 +151,11 @@ def test_counts_recover_label_multisets_with_repeats(mnist, split, spec):
     aux = split[0]
     stats = L.auxiliary_statistics(model, layer, mnist[0][aux], mnist[1][aux], NUM_CLASSES)
     assert stats.mass_cv < 0.05  # the premise of the method: feature mass barely varies
-    batches = _batches(mnist, split[1], 40, distinct=False, seed=2)
+    batches = _batch_indices(mnist, split[1], 40, distinct=False, seed=2)
     generator = torch.Generator().manual_seed(0)
     exact = 0
-    for xb, yb in batches:
-        update = _update(spec, xb, yb)[1].update
+    for index, update in zip(batches, _batch_gradients(spec, mnist, batches), strict=True):
+        yb = mnist[1][index]
         counts = L.label_counts(update[layer.weight], update[layer.bias], 8, stats, generator)
         assert int(counts.sum()) == 8 and bool((counts >= 0).all())
         exact += torch.equal(L.counts_to_labels(counts), yb.sort().values)

@@ -293,7 +293,7 @@ def test_presets_are_listed_loaded_and_valid() -> None:
 REAL = """
 [sweep]
 name = "real"
-num-clients = 2
+num-clients = 1
 
 [sweep.grid]
 "defense.spec" = ["none", "gauss:0.01"]
@@ -323,7 +323,7 @@ def test_real_sweep_end_to_end_with_an_interruption(tmp_path: Path) -> None:
         calls.append(path.name)
         if len(calls) > 1:
             raise KeyboardInterrupt
-        return _study_runner(config, path, num_clients=2, client_cpus=1.0, client_gpus=0.0)
+        return _study_runner(config, path, num_clients=1, client_cpus=1.0, client_gpus=0.0)
 
     with pytest.raises(KeyboardInterrupt):
         run_sweep(source, out_dir=tmp_path, runner=first_cell_only, say=lambda _: None)

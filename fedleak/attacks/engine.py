@@ -5,9 +5,9 @@ the problems independent (each problem's variables only receive its own gradient
 optimisers act per coordinate (Adam) or per problem (the batched L-BFGS below), so a batch of
 T problems gives the same result as T separate runs, only faster.
 
-Nothing in the inner loop moves data to the host: the time budget, NaN detection and progress
-are checked every `check_every` iterations (the only synchronisations), and the learning rate
-schedule is computed on the host from the iteration number.
+Nothing in the inner loop moves data to the host: NaN detection, snapshots and progress run
+every `check_every` iterations (the only synchronisations), the clock is read on the host every
+iteration, and the learning-rate schedule is computed on the host from the iteration number.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ class BatchedLBFGS:
             previous = torch.ones_like(gamma) if self.gamma is None else self.gamma
             self.gamma = torch.where(valid, gamma, previous)
             if len(self.s) > self.history:
-                self.s.pop(0), self.y.pop(0), self.rho.pop(0)
+                del self.s[0], self.y[0], self.rho[0]
         q = g.clone()
         alphas = []
         for s, y, rho in zip(reversed(self.s), reversed(self.y), reversed(self.rho), strict=True):
@@ -196,7 +196,9 @@ def optimise(
                 with torch.no_grad():
                     variables[0].clamp_(*settings.box)
             iteration += 1
-            if iteration % settings.check_every == 0 or iteration == total:
+            # The clock is read every iteration (no device sync); the checks below sync.
+            out_of_time = time.perf_counter() - start > budget.max_seconds
+            if iteration % settings.check_every == 0 or iteration == total or out_of_time:
                 finite = _finite_per_problem(variables, matching.detach())
                 _keep(snapshot, variables, finite)
                 progress.update(iteration - progress.n)
@@ -205,7 +207,7 @@ def optimise(
                 if not bool(finite.any()):
                     stopped_by = "nan"
                     break
-                if time.perf_counter() - start > budget.max_seconds:
+                if out_of_time:
                     stopped_by = "seconds"
                     break
     finally:

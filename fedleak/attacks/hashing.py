@@ -93,7 +93,9 @@ class FeatureHasher:
         for begin in range(0, width, self.chunk_size):
             end = min(width, begin + self.chunk_size)
             start, stop = offset + begin, offset + end
-            hashed = _hash32(torch.arange(start, stop, dtype=torch.int64, device=out.device), self.seed)
+            hashed = _hash32(
+                torch.arange(start, stop, dtype=torch.int64, device=out.device), self.seed
+            )
             bins = (hashed * self.num_bins) >> 32
             values = flat[:, begin:end].to(out.dtype)
             if self.signed:
@@ -103,9 +105,7 @@ class FeatureHasher:
     def __call__(self, flat: torch.Tensor) -> torch.Tensor:
         """[N, in_features] -> [N, num_bins] (float32, on the input's device)."""
         if flat.dim() != 2 or flat.shape[1] != self.in_features:
-            raise HashingError(
-                f"input shape {tuple(flat.shape)} must be [N, {self.in_features}]"
-            )
+            raise HashingError(f"input shape {tuple(flat.shape)} must be [N, {self.in_features}]")
         out = torch.zeros(flat.shape[0], self.num_bins, device=flat.device)
         self._accumulate(out, flat, 0)
         return out
@@ -122,7 +122,9 @@ class FeatureHasher:
         rows = values[0].shape[0]
         total = sum(t[0].numel() for t in values)
         if total != self.in_features:
-            raise HashingError(f"dict holds {total} coordinates per row, expected {self.in_features}")
+            raise HashingError(
+                f"dict holds {total} coordinates per row, expected {self.in_features}"
+            )
         out = torch.zeros(rows, self.num_bins, device=values[0].device)
         offset = 0
         for tensor in values:

@@ -52,9 +52,7 @@ class Inverter(nn.Module):
     ) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
-            raise InverterError(
-                f"activation={activation!r} is not one of {sorted(ACTIVATIONS)}"
-            )
+            raise InverterError(f"activation={activation!r} is not one of {sorted(ACTIVATIONS)}")
         if in_features < 1 or num_targets < 1 or num_classes < 1:
             raise InverterError(
                 f"in_features={in_features}, num_targets={num_targets}, "
@@ -78,7 +76,7 @@ class Inverter(nn.Module):
 
     @torch.no_grad()
     def fit_standardisation(self, features: torch.Tensor, eps: float = 1e-8) -> None:
-        """Sets the input statistics from training features [N, F] (constant features keep scale 1)."""
+        """Input statistics from training features [N, F]; constant features keep scale 1."""
         self.feature_mean.copy_(features.mean(0))
         std = features.std(0, unbiased=False)
         self.feature_scale.copy_(torch.where(std > eps, std, torch.ones_like(std)))

@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -28,8 +29,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from fedleak.attacks.config import IGConfig, configure
 from fedleak.attacks.inverter import ACTIVATIONS, Inverter, best_assignment, inversion_loss
 from fedleak.attacks.lti_pairs import Featuriser, PairSource, Unit, make_groups
+from fedleak.attacks.optimization import InvertingGradients
 from fedleak.attacks.types import AttackerKnowledge, Budget, Observation, Reconstruction
 from fedleak.defenses import DefensePipeline, parse_defense_spec
 from fedleak.models import build_model
@@ -85,7 +88,9 @@ class LTIConfig:
 
     def __post_init__(self) -> None:
         def bad(name: str, allowed: str) -> LTIConfigError:
-            return LTIConfigError(f"lti parameter {name}={getattr(self, name)!r}: allowed {allowed}")
+            return LTIConfigError(
+                f"lti parameter {name}={getattr(self, name)!r}: allowed {allowed}"
+            )
 
         if not self.hidden or any(
             isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in self.hidden
@@ -101,8 +106,11 @@ class LTIConfig:
                 raise bad(name, "a whole number >= 1")
         for name in ("finetune_epochs", "lr_drop_epoch", "patience"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                      or value < (1 if name == "patience" else 0)):
+            if value is not None and (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                or value < (1 if name == "patience" else 0)
+            ):
                 raise bad(name, "a whole number >= 0" if name != "patience" else "None or >= 1")
         for name in ("learning_rate", "lr_drop_to", "finetune_learning_rate"):
             value = getattr(self, name)
@@ -258,21 +266,7 @@ class LearningToInvert:
             cfg.hash_signed,
             cfg.block_normalise,
         )
-        key = repr(
-            (
-                observation.model.name,
-                tuple(observation.model.input_shape),
-                observation.model.num_classes,
-                pipeline.spec,
-                dataclasses.astuple(unit),
-                featuriser.out_features,
-                cfg.hidden,
-                cfg.activation,
-                cfg.hash_signed,
-                cfg.block_normalise,
-                tuple(knowledge.data_range),
-            )
-        )
+        key = _setting_key(observation, pipeline, unit, featuriser, knowledge, cfg)
         fingerprint = _fingerprint(observation.weights)
         self._load_cache(key, observation, knowledge, featuriser, unit, device)
         warm = self.inverter is not None and self._key == key
@@ -289,7 +283,9 @@ class LearningToInvert:
             outcome = self._train(
                 model, pipeline, unit, featuriser, observation, knowledge, budget, deadline, warm
             )
-            self._key, self._fingerprint, self._val_psnr = key, fingerprint, outcome.val_psnr
+            self._key, self._val_psnr = key, outcome.val_psnr
+            # A training cut short by the time budget goes on in the round's next call.
+            self._fingerprint = None if outcome.timed_out else fingerprint
             self._save_cache(observation.round)
         assert self.inverter is not None
         inverter = self.inverter.to(device).eval()
@@ -372,14 +368,14 @@ class LearningToInvert:
                 last.bias[target * pixels : (target + 1) * pixels] = logit
         return inverter
 
-    def _split_aux(self, knowledge: AttackerKnowledge, device: torch.device) -> tuple[
-        tuple[Tensor, Tensor], tuple[Tensor, Tensor] | None
-    ]:
+    def _split_aux(
+        self, knowledge: AttackerKnowledge, device: torch.device
+    ) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor] | None]:
         """(train x, y) and (validation x, y) on the device; the split is fixed for the run."""
         x = knowledge.aux_inputs.to(device).float()
         y = knowledge.aux_labels.to(device).long()
         count = x.shape[0]
-        n_val = int(round(self.config.aux_val_fraction * count))
+        n_val = round(self.config.aux_val_fraction * count)
         if n_val == 0:
             return (x, y), None
         order = torch.randperm(
@@ -547,9 +543,7 @@ class _Trainer:
                 rows = order[begin : begin + cfg.batch_size]
                 index = pairs.groups[rows]
                 images, logits = inverter(features[rows])
-                loss = inversion_loss(
-                    images, logits, aux_x[index], aux_y[index], cfg.label_weight
-                )
+                loss = inversion_loss(images, logits, aux_x[index], aux_y[index], cfg.label_weight)
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 optimiser.step()
@@ -577,9 +571,7 @@ class _Trainer:
             inverter.load_state_dict(best_state)
             val_psnr = best_psnr
         inverter.eval()
-        return TrainingOutcome(
-            done, steps, time.perf_counter() - began, val_psnr, timed_out, early
-        )
+        return TrainingOutcome(done, steps, time.perf_counter() - began, val_psnr, timed_out, early)
 
     @torch.no_grad()
     def validate(self, features: Tensor, groups: Tensor, x: Tensor, y: Tensor) -> float:
@@ -593,8 +585,35 @@ class _Trainer:
             perm = best_assignment(cost)
             index = perm.reshape(n, b, *([1] * (targets.dim() - 2))).expand_as(targets)
             targets = torch.gather(targets, 1, index)
-        return float(psnr_per_image(images.flatten(0, 1), targets.flatten(0, 1),
-                                    self.data_range).mean())
+        return float(
+            psnr_per_image(images.flatten(0, 1), targets.flatten(0, 1), self.data_range).mean()
+        )
+
+
+def _setting_key(
+    observation: Observation,
+    pipeline: DefensePipeline,
+    unit: Unit,
+    featuriser: Featuriser,
+    knowledge: AttackerKnowledge,
+    cfg: LTIConfig,
+) -> str:
+    """What an inverter is specific to; a change means training from scratch."""
+    return repr(
+        (
+            observation.model.name,
+            tuple(observation.model.input_shape),
+            observation.model.num_classes,
+            pipeline.spec,
+            dataclasses.astuple(unit),
+            featuriser.out_features,
+            cfg.hidden,
+            cfg.activation,
+            cfg.hash_signed,
+            cfg.block_normalise,
+            tuple(knowledge.data_range),
+        )
+    )
 
 
 def _unit_and_updates(observation: Observation) -> tuple[Unit, dict[str, Tensor]]:
@@ -611,3 +630,82 @@ def _unit_and_updates(observation: Observation) -> tuple[Unit, dict[str, Tensor]
     )
     return unit, {name: u.unsqueeze(0) for name, u in observation.update.items()}
 
+
+class LTIThenIG:
+    """`lti+ig`: Inverting Gradients started from LTI's reconstruction instead of noise.
+
+    The learned inverter acts as a prior for optimisation: IG refines its guess by matching
+    the observed update (defense-adaptive loss as configured). LTI's training counts against
+    `Budget.max_seconds`; IG gets the rest of the seconds and all of `max_iterations`.
+    A smaller IG learning rate than IG's 0.1 keeps the refinement near the learned guess.
+    """
+
+    def __init__(self, lti: LearningToInvert, ig: InvertingGradients, name: str = "lti+ig") -> None:
+        self.lti = lti
+        self.ig = ig
+        self.name = name
+
+    def reconstruct(
+        self, observation: Observation, knowledge: AttackerKnowledge, budget: Budget
+    ) -> Reconstruction:
+        """LTI's guess, then IG from it; diagnostics of both (LTI's prefixed `lti_`)."""
+        first = self.lti.reconstruct(observation, knowledge, budget)
+        remaining = Budget(
+            budget.max_iterations,
+            max(0.0, budget.max_seconds - first.seconds),
+            budget.show_progress,
+        )
+        second = self.ig.reconstruct(observation, knowledge, remaining, initial=first.inputs)
+        diagnostics = {
+            **second.diagnostics,
+            **{f"lti_{k}": v for k, v in first.diagnostics.items()},
+        }
+        # The run's per-round training record keeps LTI's own keys.
+        for key in ("train_seconds", "train_epochs", "val_psnr"):
+            diagnostics[key] = first.diagnostics[key]
+        status = second.status if second.status != "ok" else first.status
+        return dataclasses.replace(
+            second,
+            seconds=first.seconds + second.seconds,
+            status=status,
+            message=f"lti: {first.message}; then ig: {second.message}",
+            diagnostics=diagnostics,
+        )
+
+
+HYBRID_IG_LEARNING_RATE = 0.01
+
+
+def _coerce_lti(key: str, value: object) -> object:
+    """Run-config values (TOML / Flower: numbers, strings, lists) in LTIConfig's types."""
+    name = key.replace("-", "_")
+    if name == "hidden" and isinstance(value, str):
+        try:
+            return tuple(int(part) for part in value.replace("x", ",").split(",") if part.strip())
+        except ValueError:
+            raise LTIConfigError(
+                f"lti parameter hidden={value!r}: allowed sizes such as '1000' or '3000,3000'"
+            ) from None
+    nullable = ("hash_bins", "lr_drop_epoch", "patience", "finetune_learning_rate", "cache_dir")
+    if name in nullable and isinstance(value, str) and value.strip().lower() in ("", "none"):
+        return None
+    return value
+
+
+def build_lti(params: Mapping[str, object], seed: int, name: str = "lti") -> LearningToInvert:
+    """The `lti` attack from run parameters: `preset` (default `cpu`) plus any LTIConfig field."""
+    options = dict(params)
+    preset = str(options.pop("preset", "cpu"))
+    overrides = {k: _coerce_lti(k, v) for k, v in options.items()}
+    return LearningToInvert(lti_config(preset, **overrides), seed, name)
+
+
+def build_lti_ig(params: Mapping[str, object], seed: int) -> LTIThenIG:
+    """`lti+ig`: keys starting with `ig-` configure IG (learning rate 0.01 unless given),
+    the others LTI as in `build_lti`."""
+    ig_params = {k[3:]: v for k, v in params.items() if k.startswith(("ig-", "ig_"))}
+    lti_params = {k: v for k, v in params.items() if not k.startswith(("ig-", "ig_"))}
+    ig_config = configure(IGConfig(learning_rate=HYBRID_IG_LEARNING_RATE), ig_params)
+    return LTIThenIG(
+        build_lti(lti_params, seed, "lti+ig"), InvertingGradients(ig_config, seed, "ig")
+    )

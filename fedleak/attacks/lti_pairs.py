@@ -214,8 +214,9 @@ class PairSource:
                 for name, g in per_sample.items()
             }
         if self.mode == "vector-bn":
-            return _group_gradients(self._bn_model, x.reshape(count, size, *x.shape[1:]),
-                                    y.reshape(count, size))
+            return _group_gradients(
+                self._bn_model, x.reshape(count, size, *x.shape[1:]), y.reshape(count, size)
+            )
         return self._loop(rows, DefensePipeline(), generator)
 
     def _release(self, raw: Params, generator: torch.Generator) -> Params:
@@ -232,9 +233,7 @@ class PairSource:
         # Without DP, FedAvg's share_delta and FedSGD's share are the same per-row release.
         return self.pipeline.share_each(raw, generator)
 
-    def _loop(
-        self, rows: slice, pipeline: DefensePipeline, generator: torch.Generator
-    ) -> Params:
+    def _loop(self, rows: slice, pipeline: DefensePipeline, generator: torch.Generator) -> Params:
         """`compute_update` of each group: the client's computation, one group at a time."""
         training = self.unit.training()
         updates = []
@@ -265,9 +264,7 @@ def _group_gradients(model: nn.Module, x: Tensor, y: Tensor) -> Params:
     return {name: g.detach() for name, g in grads(params, x, y).items()}
 
 
-def make_groups(
-    count: int, size: int, generator: torch.Generator, device: torch.device
-) -> Tensor:
+def make_groups(count: int, size: int, generator: torch.Generator, device: torch.device) -> Tensor:
     """Groups [P, size] of indices into `count` samples: each sample once for size 1; for
     size > 1, `size` independent shuffles cut into groups, so every sample appears in `size`
     groups (about `count` pairs, as many as for B = 1)."""

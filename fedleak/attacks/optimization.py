@@ -40,7 +40,7 @@ from fedleak.attacks.losses import (
 from fedleak.attacks.replay import ClientProtocol, Replay, Statistics, shared_statistics
 from fedleak.attacks.types import AttackerKnowledge, Budget, Observation, Reconstruction
 from fedleak.defenses import DefensePipeline, InstaHide, SignCompression, parse_defense_spec
-from fedleak.models import build_model
+from fedleak.models import build_model, has_batchnorm
 
 
 class ObservationError(ValueError):
@@ -53,7 +53,7 @@ def attack_seed(seed: int, knowledge: AttackerKnowledge, observation: Observatio
     return int(np.random.SeedSequence([abs(int(p)) for p in parts]).generate_state(1)[0])
 
 
-@dataclass
+@dataclass(frozen=True)
 class Problem:
     """An observation laid out as T = restarts x targets problems of `samples` images each.
 
@@ -201,7 +201,7 @@ def prepare(
     if missing:
         raise ObservationError(f"the update lacks parameters {missing[:3]}; expected all of them")
     target = [shared[name].to(device).float() for name in names]
-    has_bn = any(True for _ in _batchnorm_modules(model))
+    has_bn = has_batchnorm(model)
     mode = _resolve_bn_mode(bn_mode, observation, has_bn)
     replay = Replay(model, protocol, "proxy" if mode == "proxy" else "infer", device)
     labels, method, diagnostics = _recover_labels(
@@ -249,11 +249,6 @@ def prepare(
         device=device,
         diagnostics=diagnostics,
     )
-
-
-def _batchnorm_modules(model: nn.Module) -> list[nn.Module]:
-    kinds = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-    return [m for m in model.modules() if isinstance(m, kinds)]
 
 
 def initial_inputs(

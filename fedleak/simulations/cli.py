@@ -51,12 +51,18 @@ def _run(args: argparse.Namespace) -> int:
 
 def _sweep(args: argparse.Namespace) -> int:
     from fedleak.report.build import build_report
-    from fedleak.simulations.sweep import run_sweep
+    from fedleak.simulations.sweep import SweepFailed, run_sweep
 
-    path = run_sweep(Path(args.file), out_dir=Path(args.out).resolve() if args.out else None)
+    out = Path(args.out).resolve() if args.out else None
+    try:
+        path, status = run_sweep(Path(args.file), out_dir=out), 0
+    except SweepFailed as failure:
+        # The finished cells still make a report; rerunning the sweep retries the failed ones.
+        print(f"fedleak: {failure}", file=sys.stderr)
+        path, status = failure.sweep_dir, 1
     html, _ = build_report(path)
     print(f"sweep directory: {path}\nreport: {html}")
-    return 0
+    return status
 
 
 def _report(args: argparse.Namespace) -> int:

@@ -95,6 +95,10 @@ class SweepError(ConfigError):
 class SweepFailed(RuntimeError):
     """Some cells failed; the finished ones are kept and a rerun retries the rest."""
 
+    def __init__(self, message: str, sweep_dir: Path) -> None:
+        super().__init__(message)
+        self.sweep_dir = sweep_dir
+
 
 @dataclass(frozen=True)
 class Cell:
@@ -504,6 +508,7 @@ def run_sweep(
         first = status[failed[0]]["message"]
         raise SweepFailed(
             f"{len(failed)} of {len(plan.cells)} cells failed ({failed[0]}: {first}); finished "
-            f"cells are kept in {sweep_dir}; rerun the sweep to retry the rest"
+            f"cells are kept in {sweep_dir}; rerun the sweep to retry the rest",
+            sweep_dir,
         )
     return sweep_dir

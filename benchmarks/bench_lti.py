@@ -1,0 +1,145 @@
+"""LTI throughput: pair generation, inverter training, feature hashing (all in one process).
+
+Prints, for the sigmoid LeNet (CIFAR shape, 15.8k parameters) and ResNet-20 (BatchNorm,
+272k parameters, hashed):
+- pair generation in pairs/s (aux gradients at w_t, the defense, block norm, hashing);
+- inverter training in pairs/s, and its ratio to the plain matrix-multiply bound of the MLP's
+  first layer (forward + weight gradient of that layer alone, the cost no implementation avoids);
+- hashing in GB/s of float32 gradient, and its ratio to a plain read of the same tensor (sum).
+
+    .venv/bin/python benchmarks/bench_lti.py [--device cuda] [--pairs 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+
+from fedleak.attacks.hashing import FeatureHasher
+from fedleak.attacks.inverter import Inverter, inversion_loss
+from fedleak.attacks.lti_pairs import Featuriser, PairSource, Unit, make_groups
+from fedleak.defenses import parse_defense_spec
+from fedleak.models import ModelSpec, build_model, count_parameters
+
+
+def timed(fn: Callable[[], object], device: torch.device, repeat: int = 3) -> float:
+    """Best wall time of `repeat` runs after one warm-up."""
+    fn()
+    best = float("inf")
+    for _ in range(repeat):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def pair_generation(
+    name: str, bins: int | None, pairs: int, defense: str, device: torch.device
+) -> tuple[float, int]:
+    """pairs/s of featurised defended aux gradients, and the gradient size m."""
+    spec = ModelSpec(name, (3, 32, 32), 10, init="uniform" if name == "lenet" else "default")
+    model = build_model(spec).to(device)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(pairs, 3, 32, 32, generator=gen).to(device)
+    y = (torch.arange(pairs) % 10).to(device)
+    featuriser = Featuriser(
+        {n: p.numel() for n, p in model.named_parameters()}, bins, 0, False, True
+    )
+    groups = make_groups(pairs, 1, gen, device)
+    unit = Unit("gradient", 1, 1, 1, 0.1)
+    # A random defense, so every call recomputes (max_cache_bytes=1: nothing is kept).
+    source = PairSource(
+        model, parse_defense_spec(defense), unit, x, y, 10, groups, featuriser, 64, 1
+    )
+    noise = torch.Generator(device=device).manual_seed(0)
+    seconds = timed(lambda: source.features(noise), device, repeat=2)
+    return pairs / seconds, count_parameters(model)
+
+
+def training(
+    in_features: int, hidden: tuple[int, ...], pairs: int, batch: int, device: torch.device
+) -> tuple[float, float]:
+    """(pairs/s of one epoch of inverter training, pairs/s of the first layer's matmuls alone)."""
+    gen = torch.Generator().manual_seed(0)
+    features = torch.randn(pairs, in_features, generator=gen).to(device)
+    images = torch.rand(pairs, 1, 3, 32, 32, generator=gen).to(device)
+    labels = (torch.arange(pairs) % 10).reshape(pairs, 1).to(device)
+    inverter = Inverter(in_features, hidden, (3, 32, 32), 1, 10).to(device)
+    optimiser = torch.optim.Adam(inverter.parameters(), lr=1e-4)
+
+    def epoch() -> None:
+        for start in range(0, pairs, batch):
+            rows = slice(start, start + batch)
+            out, logits = inverter(features[rows])
+            loss = inversion_loss(out, logits, images[rows], labels[rows])
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+
+    weight = torch.randn(hidden[0], in_features, generator=gen).to(device)
+    upstream = torch.randn(batch, hidden[0], generator=gen).to(device)
+
+    def first_layer() -> None:
+        for start in range(0, pairs, batch):
+            chunk = features[start : start + batch]
+            chunk @ weight.T  # forward
+            upstream[: chunk.shape[0]].T @ chunk  # weight gradient (its input needs none)
+
+    return pairs / timed(epoch, device, 2), pairs / timed(first_layer, device, 2)
+
+
+def hashing(m: int, rows: int, bins: int, device: torch.device) -> tuple[float, float]:
+    """(GB/s of hashing [rows, m] float32, GB/s of summing it: a plain read)."""
+    x = torch.randn(rows, m, generator=torch.Generator().manual_seed(0)).to(device)
+    hasher = FeatureHasher(m, bins, seed=0, signed=True)
+    gigabytes = x.numel() * 4 / 1e9
+    return gigabytes / timed(lambda: hasher(x), device), gigabytes / timed(lambda: x.sum(1), device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--pairs", type=int, default=512)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    print(f"device {device}, torch threads {torch.get_num_threads()}, pairs {args.pairs}")
+
+    print("\npair generation (aux gradients -> defense gauss:0.1 -> block norm -> features)")
+    for name, bins in (("lenet", None), ("lenet", 4096), ("resnet20", 4096), ("resnet20", 27_000)):
+        rate, m = pair_generation(name, bins, args.pairs, "gauss:0.1", device)
+        print(f"  {name:9s} m={m:7d} features={bins or m:6d}: {rate:8.1f} pairs/s")
+
+    print("\ninverter training (one epoch, Adam; bound = first layer's two matmuls alone)")
+    settings = [
+        ("LeNet raw, cpu preset", 15_826, (1000,), 32),
+        ("hashed 4096, cpu preset", 4096, (1000,), 32),
+        ("hashed 4096, cpu-small", 4096, (500,), 32),
+        ("ResNet-20 hashed 10%, paper MLP", 27_000, (3000, 3000), 256),
+        ("LeNet raw, paper MLP", 15_826, (3000, 3000), 256),
+    ]
+    for label, features, hidden, batch in settings:
+        rate, bound = training(features, hidden, args.pairs, batch, device)
+        print(
+            f"  {label:32s}: {rate:8.1f} pairs/s, first-layer bound {bound:8.1f} pairs/s, "
+            f"ratio {rate / bound:.2f}"
+        )
+
+    print("\nfeature hashing (signed; GB/s of float32 gradient; ratio to a plain read)")
+    for label, m in (("LeNet", 15_826), ("ResNet-20", 272_474)):
+        for bins in (1024, 27_000):
+            rate, read = hashing(m, 256, bins, device)
+            print(
+                f"  {label:9s} m={m:7d} -> {bins:6d} bins: {rate:6.2f} GB/s "
+                f"(read {read:6.2f} GB/s, ratio {rate / read:.2f})"
+            )
+
+
+if __name__ == "__main__":
+    main()

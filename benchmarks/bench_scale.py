@@ -1,0 +1,226 @@
+"""Scale: attacks inline vs on the Ray worker pool, and round time vs number of clients.
+
+1. A study of N clients x R rounds attacked by IG on every client, run inline and with
+   `attack.workers` = 1, 2: wall time of each whole study (Ray start-up included), the ratio
+   inline / pool, and the attack throughput (jobs per second of wall time).
+2. Round time against the number of clients (10, 50, 100) with a tiny MLP and no attacks:
+   the median of `round_seconds` over rounds 2..R (round 1 also holds start-up work).
+3. On CUDA only: per-sample gradient and IG iteration times on the GPU, and the GPU's
+   utilisation sampled by nvidia-smi during a pool study whose clients and worker hold GPU
+   shares (written for a CUDA machine; not yet run on one).
+
+Every study runs through `run_study`, as `fedleak run` does. Numbers depend on the machine and
+its load; the script prints both, so read ratios from one run only.
+
+    python benchmarks/bench_scale.py [--clients 6] [--rounds 3] [--iterations 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from fedleak.config import RunConfig, parse_flat
+from fedleak.simulations.launch import run_study
+
+
+def study(out: Path, num_clients: int, client_gpus: float = 0.0, **flat: object) -> dict:
+    """Run one study; its wall time, attack jobs, summed attack seconds and round times."""
+    settings = {
+        "name": "bench",
+        "out-dir": str(out),
+        "data.aux-size": 200,
+        "train.batch-size": 2,
+        "attack.images-per-client": 0,
+        "attack.max-seconds": 600.0,
+        **flat,
+    }
+    config: RunConfig = parse_flat(settings)
+    start = time.perf_counter()
+    run_study(config, num_clients=num_clients, client_gpus=client_gpus)
+    wall = time.perf_counter() - start
+    leakage = pd.read_parquet(out / "leakage.parquet")
+    jobs = leakage.drop_duplicates(["round", "client_id", "attack"])
+    utility = pd.read_csv(out / "utility.csv")
+    rounds = utility[utility["round"] >= 2].round_seconds
+    return {
+        "wall": wall,
+        "jobs": len(jobs),
+        "failed": int((jobs.status != "ok").sum()),
+        "attack_seconds": float(jobs.seconds.sum()),
+        "round": float(statistics.median(rounds)) if len(rounds) else float("nan"),
+    }
+
+
+def attacks_inline_vs_pool(root: Path, args: argparse.Namespace) -> None:
+    print(
+        f"\n1. {args.clients} clients x {args.rounds} rounds, IG ({args.iterations} iterations, "
+        "batch 2, LeNet) on every client"
+    )
+    print(f"{'runner':<10} {'wall s':>8} {'jobs':>5} {'failed':>6} {'attack s':>9} {'jobs/s':>7}")
+    flat = {
+        "num-server-rounds": args.rounds,
+        "attack.names": "ig",
+        "attack.max-iterations": args.iterations,
+    }
+    results = {}
+    for workers in (0, *args.workers):
+        name = "inline" if workers == 0 else f"pool x{workers}"
+        r = study(root / name.replace(" ", ""), args.clients, **flat, **{"attack.workers": workers})
+        results[workers] = r
+        print(
+            f"{name:<10} {r['wall']:8.1f} {r['jobs']:5d} {r['failed']:6d} "
+            f"{r['attack_seconds']:9.1f} {r['jobs'] / r['wall']:7.3f}"
+        )
+    for workers in args.workers:
+        ratio = results[0]["wall"] / results[workers]["wall"]
+        print(f"wall-time ratio inline / pool x{workers}: {ratio:.2f}")
+
+
+def round_time_vs_clients(root: Path, args: argparse.Namespace) -> None:
+    print(f"\n2. round time vs clients (MLP, no attacks, {args.rounds} rounds)")
+    print(f"{'clients':>7} {'round s':>8} {'per client ms':>14} {'study wall s':>13}")
+    flat = {"num-server-rounds": args.rounds, "model.name": "mlp", "attack.names": "none"}
+    for clients in args.scaling:
+        r = study(root / f"clients{clients}", clients, **flat)
+        print(
+            f"{clients:7d} {r['round']:8.2f} {r['round'] / clients * 1e3:14.1f} {r['wall']:13.1f}"
+        )
+
+
+def _timed(work, repeats: int) -> float:
+    work()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        work()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats
+
+
+def gpu_kernels() -> None:
+    from fedleak.attacks.registry import build_attack
+    from fedleak.attacks.types import AttackerKnowledge, Budget, Observation
+    from fedleak.client.gradients import batch_gradient, per_sample_gradients
+    from fedleak.models import ModelSpec, build_model
+
+    print(f"\n3a. on {torch.cuda.get_device_name(0)}")
+    device = torch.device("cuda")
+    for name in ("lenet", "resnet20-gn"):
+        spec = ModelSpec(name, (3, 32, 32), 10, seed=0)
+        model = build_model(spec).to(device)
+        x = torch.rand(64, 3, 32, 32, device=device)
+        y = torch.randint(0, 10, (64,), device=device)
+        vmap = _timed(lambda m=model, x=x, y=y: per_sample_gradients(m, x, y), 10)
+        print(f"per-sample gradients, {name}, batch 64: {vmap * 1e3:.2f} ms")
+        observation = Observation(
+            round=1,
+            client_id=0,
+            model=spec,
+            weights={k: v.detach().cpu() for k, v in model.named_parameters()},
+            update={k: v.cpu() for k, v in batch_gradient(model, x[:1], y[:1]).items()},
+            update_kind="gradient",
+            num_examples=1,
+            batch_size=1,
+            local_steps=1,
+            learning_rate=0.1,
+            defense="none",
+        )
+        aux = torch.rand(100, 3, 32, 32, device=device)
+        knowledge = AttackerKnowledge(
+            aux, torch.randint(0, 10, (100,), device=device), (3, 32, 32), 10, device=device
+        )
+        attack = build_attack("ig", {}, seed=0)
+        times = {}
+        for iterations in (50, 250):
+            start = time.perf_counter()
+            attack.reconstruct(observation, knowledge, Budget(iterations, 600.0))
+            torch.cuda.synchronize()
+            times[iterations] = time.perf_counter() - start
+        per_iteration = (times[250] - times[50]) / 200
+        print(f"IG iteration, {name}, batch 1: {per_iteration * 1e3:.2f} ms")
+
+
+def gpu_study(root: Path, args: argparse.Namespace) -> None:
+    samples: list[float] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        query = ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"]
+        while not done.is_set():
+            out = subprocess.run(query, capture_output=True, text=True, check=False).stdout
+            samples.extend(float(v) for v in out.split() if v.strip())
+            time.sleep(0.5)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    flat = {
+        "num-server-rounds": args.rounds,
+        "model.name": "resnet20-gn",
+        "attack.names": "ig",
+        "attack.max-iterations": args.iterations,
+        "attack.workers": 1,
+        "attack.worker-gpus": 0.1,
+    }
+    try:
+        # Flower packs floor(1 / 0.3) = 3 clients on a GPU and leaves 0.1 for the worker.
+        r = study(root / "gpu", args.clients, client_gpus=0.3, **flat)
+    finally:
+        done.set()
+        sampler.join()
+    busy = statistics.mean(samples) if samples else float("nan")
+    print(
+        f"\n3b. GPU study (clients 0.3 GPU, 1 worker x 0.1 GPU): wall {r['wall']:.1f} s, "
+        f"{r['jobs'] / r['wall']:.3f} jobs/s, mean GPU utilisation {busy:.0f}%"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--iterations", type=int, default=200)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--scaling", type=int, nargs="+", default=[10, 50, 100])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["pool", "scaling", "gpu"])
+    parser.add_argument(
+        "--server-threads", type=int, default=0, help="torch threads of the server (0: default)"
+    )
+    args = parser.parse_args()
+    if args.server_threads:
+        torch.set_num_threads(args.server_threads)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(
+        f"{platform.node()}: {os.cpu_count()} CPUs, load {load:.1f}, torch {torch.__version__} "
+        f"({torch.get_num_threads()} server threads), "
+        f"CUDA {'yes: ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no'}"
+    )
+    root = Path(tempfile.mkdtemp(prefix="bench-scale-"))
+    try:
+        if "pool" not in args.skip:
+            attacks_inline_vs_pool(root, args)
+        if "scaling" not in args.skip:
+            round_time_vs_clients(root, args)
+        if "gpu" not in args.skip:
+            if torch.cuda.is_available():
+                gpu_kernels()
+                gpu_study(root, args)
+            else:
+                print("\n3. no CUDA device: GPU timings and utilisation not measured")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,493 @@
+"""Learning To Invert: training pairs, inverter, refresh policies, cache, and quality bars.
+
+The quality tests (marked slow) use MNIST-5k, the untrained sigmoid LeNet (init "uniform"),
+B = 1 and the `cpu-small` preset. Their numbers are printed (run with -s to see them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from fedleak.attacks.config import IGConfig
+from fedleak.attacks.inverter import Inverter, InverterError, best_assignment, inversion_loss
+from fedleak.attacks.learned import (
+    LTI_PRESETS,
+    LearningToInvert,
+    LTIConfig,
+    LTIConfigError,
+    LTIObservationError,
+    LTIThenIG,
+    build_lti,
+    build_lti_ig,
+    lti_config,
+    psnr_per_image,
+)
+from fedleak.attacks.lti_pairs import Featuriser, PairSource, Unit, make_groups
+from fedleak.attacks.optimization import InvertingGradients
+from fedleak.attacks.types import AttackerKnowledge, Budget, Observation
+from fedleak.client.update import LocalTraining, compute_update
+from fedleak.data import auxiliary, build_federated_data
+from fedleak.defenses import parse_defense_spec
+from fedleak.models import ModelSpec, build_model
+
+LENET = ModelSpec("lenet", (1, 28, 28), 10, init="uniform", seed=0)
+NO_LIMIT = Budget(max_iterations=1, max_seconds=1e9)
+
+
+def observe(
+    spec: ModelSpec,
+    weights: dict[str, torch.Tensor],
+    defense: str,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    round_: int = 1,
+    training: LocalTraining | None = None,
+    seed: int = 5,
+) -> Observation:
+    """What the server sees when a client with (x, y) trains on `weights`."""
+    model = build_model(spec)
+    model.load_state_dict(weights)
+    training = training or LocalTraining("fedsgd", x.shape[0], share="per-sample")
+    update = compute_update(
+        model,
+        x,
+        y,
+        spec.num_classes,
+        parse_defense_spec(defense),
+        training,
+        torch.Generator().manual_seed(seed),
+    )
+    return Observation(
+        round=round_,
+        client_id=0,
+        model=spec,
+        weights=weights,
+        update=update.update,
+        update_kind="gradient" if training.mode == "fedsgd" else "delta",
+        num_examples=x.shape[0],
+        batch_size=training.batch_size,
+        local_steps=training.local_steps,
+        learning_rate=training.learning_rate,
+        defense=defense,
+        per_sample_updates=update.per_sample,
+    )
+
+
+def state(spec: ModelSpec) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in build_model(spec).state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def mnist() -> dict[str, torch.Tensor]:
+    """4,000 aux images; the targets come from the clients' images (disjoint)."""
+    fd = build_federated_data("mnist5k", None, 1, "iid", 0, aux_size=4000, test_fraction=0.1)
+    aux_x, aux_y = auxiliary(fd)
+    client = torch.tensor(fd.partitions[0])
+    x, y = fd.dataset.train_x[client], fd.dataset.train_y[client]
+    return {"aux_x": aux_x, "aux_y": aux_y, "x": x, "y": y}
+
+
+def knowledge_of(mnist: dict[str, torch.Tensor], aux: int | None = None) -> AttackerKnowledge:
+    count = aux or mnist["aux_x"].shape[0]
+    return AttackerKnowledge(mnist["aux_x"][:count], mnist["aux_y"][:count], (1, 28, 28), 10)
+
+
+def tiny(**overrides: object) -> LTIConfig:
+    base = LTIConfig(
+        hidden=(16,),
+        learning_rate=1e-3,
+        batch_size=32,
+        epochs=2,
+        lr_drop_epoch=None,
+        finetune_epochs=1,
+        hash_bins=256,
+        aux_val_fraction=0.2,
+        patience=None,
+    )
+    return dataclasses.replace(base, **overrides)
+
+
+# --- configuration -------------------------------------------------------------------------
+
+
+def test_paper_defaults_and_presets() -> None:
+    paper = LTIConfig()
+    assert (paper.hidden, paper.learning_rate, paper.batch_size, paper.epochs) == (
+        (3000, 3000),
+        1e-4,
+        256,
+        200,
+    )
+    assert paper.learning_rate_at(149, warm=False) == 1e-4
+    assert paper.learning_rate_at(150, warm=False) == 1e-5
+    assert paper.refresh == "finetune"
+    assert set(LTI_PRESETS) == {"paper", "cpu", "cpu-small"}
+    cfg = lti_config("cpu", **{"hash-bins": 0.1, "hidden": [64, 32], "cache-dir": "runs/x"})
+    assert cfg.hash_bins == 0.1 and cfg.hidden == (64, 32) and cfg.cache_dir == Path("runs/x")
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("refresh", "sometimes"),
+        ("hidden", ()),
+        ("activation", "swish"),
+        ("epochs", 0),
+        ("hash_bins", 0),
+        ("hash_bins", 1.5),
+        ("aux_val_fraction", 1.0),
+        ("learning_rate", -1.0),
+        ("patience", 0),
+    ],
+)
+def test_bad_settings_are_refused_in_one_line(field: str, value: object) -> None:
+    with pytest.raises(LTIConfigError, match=field) as info:
+        LTIConfig(**{field: value})
+    assert "\n" not in str(info.value)
+
+
+def test_factories_read_run_parameters() -> None:
+    attack = build_lti({"preset": "cpu-small", "hidden": "64x32", "hash-bins": "none"}, 7)
+    assert attack.name == "lti" and attack.seed == 7
+    assert attack.config.hidden == (64, 32) and attack.config.hash_bins is None
+    assert build_lti({}, 0).config == LTI_PRESETS["cpu"]
+    hybrid = build_lti_ig({"epochs": 3, "ig-learning-rate": 0.05, "ig-restarts": 2}, 1)
+    assert hybrid.name == "lti+ig" and hybrid.lti.config.epochs == 3
+    assert hybrid.ig.config.learning_rate == 0.05 and hybrid.ig.config.restarts == 2
+    assert build_lti_ig({}, 0).ig.config.learning_rate == 0.01
+    with pytest.raises(LTIConfigError, match="hidden"):
+        build_lti({"hidden": "wide"}, 0)
+
+
+def test_unknown_preset_or_parameter() -> None:
+    with pytest.raises(LTIConfigError, match="preset"):
+        lti_config("gpu-huge")
+    with pytest.raises(LTIConfigError, match="unknown lti parameter 'depth'"):
+        lti_config("cpu", depth=3)
+
+
+# --- inverter and loss ---------------------------------------------------------------------
+
+
+def test_inverter_shapes_range_and_bad_activation() -> None:
+    inverter = Inverter(12, (8, 8), (1, 4, 4), 3, 5, activation="gelu", data_range=(-1.0, 1.0))
+    images, logits = inverter(torch.randn(2, 12))
+    assert images.shape == (2, 3, 1, 4, 4) and logits.shape == (2, 3, 5)
+    assert images.min() >= -1 and images.max() <= 1
+    with pytest.raises(InverterError, match="activation"):
+        Inverter(12, (8,), (1, 4, 4), 1, 5, activation="swish")
+
+
+def test_best_assignment_is_optimal_exhaustive_and_hungarian() -> None:
+    gen = torch.Generator().manual_seed(0)
+    for b in (2, 4, 5, 7):
+        cost = torch.rand(6, b, b, generator=gen)
+        perm = best_assignment(cost)
+        for n in range(6):
+            rows, cols = linear_sum_assignment(cost[n].numpy())
+            best = cost[n][rows, cols].sum()
+            assert torch.isclose(cost[n][torch.arange(b), perm[n]].sum(), best)
+            assert sorted(perm[n].tolist()) == list(range(b))
+
+
+def test_loss_is_permutation_invariant() -> None:
+    gen = torch.Generator().manual_seed(1)
+    targets = torch.rand(4, 3, 1, 5, 5, generator=gen)
+    labels = torch.randint(0, 7, (4, 3), generator=gen)
+    logits = torch.randn(4, 3, 7, generator=gen)
+    images = torch.rand(4, 3, 1, 5, 5, generator=gen)
+    loss = inversion_loss(images, logits, targets, labels)
+    for perm in itertools.permutations(range(3)):
+        shuffled = inversion_loss(images, logits, targets[:, list(perm)], labels[:, list(perm)])
+        torch.testing.assert_close(shuffled, loss)
+    # Outputs equal to permuted targets cost no image error at all.
+    perfect = inversion_loss(targets[:, [2, 0, 1]], logits, targets, labels, label_weight=0.0)
+    assert float(perfect) < 1e-12
+
+
+# --- training pairs ------------------------------------------------------------------------
+
+
+def _small_world(name: str) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    spec = ModelSpec(name, (1, 8, 8), 4, seed=1)
+    gen = torch.Generator().manual_seed(2)
+    return build_model(spec), torch.rand(24, 1, 8, 8, generator=gen), torch.arange(24) % 4
+
+
+@pytest.mark.parametrize(
+    ("name", "defense", "unit"),
+    [
+        ("lenet", "none", Unit("gradient", 1, 1, 1, 0.1)),
+        ("lenet", "prune:0.5+sign", Unit("gradient", 3, 3, 1, 0.1)),
+        ("lenet", "dpsgd:0.5:0", Unit("gradient", 3, 3, 1, 0.1)),
+        ("convnet-bn", "prune:0.7", Unit("gradient", 2, 2, 1, 0.1)),
+        ("convnet-bn", "none", Unit("gradient", 1, 1, 1, 0.1)),
+        ("lenet", "prune:0.8:global", Unit("delta", 4, 2, 3, 0.05)),
+    ],
+)
+def test_pairs_equal_the_clients_own_updates(name: str, defense: str, unit: Unit) -> None:
+    """The fast paths (vmap per sample / per BatchNorm group) equal `compute_update`."""
+    model, x, y = _small_world(name)
+    pipeline = parse_defense_spec(defense)
+    sizes = {n: p.numel() for n, p in model.named_parameters()}
+    featuriser = Featuriser(sizes, None, 0, False, block_normalise=False)
+    groups = make_groups(24, unit.size, torch.Generator().manual_seed(3), torch.device("cpu"))
+    source = PairSource(model, pipeline, unit, x, y, 4, groups, featuriser, 5, 1 << 30)
+    assert source.fixed
+    got = source.features(torch.Generator().manual_seed(0))
+    for row in (0, groups.shape[0] - 1):
+        update = compute_update(
+            model,
+            x[groups[row]],
+            y[groups[row]],
+            4,
+            pipeline,
+            unit.training(),
+            torch.Generator().manual_seed(0),
+        ).update
+        expected = featuriser({k: v.unsqueeze(0) for k, v in update.items()})
+        torch.testing.assert_close(got[row : row + 1], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_random_defenses_are_redrawn_each_epoch() -> None:
+    model, x, y = _small_world("lenet")
+    sizes = {n: p.numel() for n, p in model.named_parameters()}
+    featuriser = Featuriser(sizes, 64, 0, True, block_normalise=True)
+    groups = make_groups(24, 1, torch.Generator(), torch.device("cpu"))
+    unit = Unit("gradient", 1, 1, 1, 0.1)
+    gen = torch.Generator().manual_seed(0)
+    noisy = PairSource(
+        model,
+        parse_defense_spec("gauss:0.1+prune:0.5"),
+        unit,
+        x,
+        y,
+        4,
+        groups,
+        featuriser,
+        7,
+        1 << 30,
+    )
+    assert not noisy.fixed
+    assert not torch.equal(noisy.features(gen), noisy.features(gen))
+    plain = PairSource(model, parse_defense_spec("sign"), unit, x, y, 4, groups, featuriser, 7, 0)
+    assert plain.features(gen) is plain.features(gen)
+
+
+def test_groups_use_every_sample_once_per_shuffle() -> None:
+    groups = make_groups(10, 3, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert groups.shape == (9, 3)
+    assert all(len(set(g.tolist())) == 3 for g in groups)  # a group is part of one shuffle
+    assert torch.bincount(groups.flatten(), minlength=10).max() <= 3
+
+
+# --- the attack: refresh, cache, budget, shapes ---------------------------------------------
+
+
+def test_refresh_policies_across_rounds(mnist: dict[str, torch.Tensor], tmp_path: Path) -> None:
+    know = knowledge_of(mnist, aux=150)
+    x, y = mnist["x"][:3], mnist["y"][:3]
+    w1 = state(LENET)
+    w2 = {k: v + 0.01 for k, v in w1.items()}
+    epochs = {}
+    for policy in ("retrain", "finetune", "frozen"):
+        attack = LearningToInvert(tiny(refresh=policy, cache_dir=tmp_path / policy), seed=0)
+        runs = [
+            attack.reconstruct(observe(LENET, w, "none", x, y, round_=r), know, NO_LIMIT)
+            for r, w in ((1, w1), (1, w1), (2, w2))
+        ]
+        epochs[policy] = [r.diagnostics["train_epochs"] for r in runs]
+        for run in runs:
+            assert run.inputs.shape == (3, 1, 28, 28) and run.labels is not None
+            assert {"train_seconds", "train_epochs", "val_psnr"} <= set(run.diagnostics)
+            assert math.isfinite(run.diagnostics["val_psnr"])
+        assert runs[2].diagnostics["warm_start"] == float(policy == "finetune")
+        assert (tmp_path / policy / "lti-inverter.pt").exists()
+    # Same weights twice: the second client of a round reuses the round's inverter.
+    assert epochs == {"retrain": [2, 0, 2], "finetune": [2, 0, 1], "frozen": [2, 0, 0]}
+
+
+def test_cache_resumes_a_fresh_instance(mnist: dict[str, torch.Tensor], tmp_path: Path) -> None:
+    know = knowledge_of(mnist, aux=150)
+    x, y = mnist["x"][:2], mnist["y"][:2]
+    obs = observe(LENET, state(LENET), "sign", x, y)
+    first = LearningToInvert(tiny(cache_dir=tmp_path), seed=0)
+    a = first.reconstruct(obs, know, NO_LIMIT)
+    saved = torch.load(tmp_path / "lti-inverter.pt", weights_only=True)
+    assert saved["meta"]["round"] == 1 and "body.0.weight" in saved["state_dict"]
+    resumed = LearningToInvert(tiny(cache_dir=tmp_path), seed=0)
+    b = resumed.reconstruct(obs, know, NO_LIMIT)
+    assert b.diagnostics["train_epochs"] == 0  # trained at these weights already
+    torch.testing.assert_close(a.inputs, b.inputs)
+    # A different defense is another inverter: the cached one is not used.
+    other = LearningToInvert(tiny(cache_dir=tmp_path), seed=0)
+    c = other.reconstruct(observe(LENET, state(LENET), "none", x, y), know, NO_LIMIT)
+    assert c.diagnostics["train_epochs"] == 2
+
+
+def test_time_budget_stops_training(mnist: dict[str, torch.Tensor]) -> None:
+    know = knowledge_of(mnist, aux=400)
+    obs = observe(LENET, state(LENET), "none", mnist["x"][:2], mnist["y"][:2])
+    attack = LearningToInvert(tiny(epochs=1000), seed=0)
+    started = time.perf_counter()
+    result = attack.reconstruct(obs, know, Budget(max_iterations=1, max_seconds=1.5))
+    assert time.perf_counter() - started < 30
+    assert result.status == "timeout" and "time budget ran out" in result.message
+    assert result.diagnostics["timed_out"] == 1.0
+    assert 0 < result.diagnostics["train_epochs"] < 1000
+    assert result.inputs.shape == (2, 1, 28, 28)
+
+
+def test_batches_and_fedavg_give_one_image_per_example(mnist: dict[str, torch.Tensor]) -> None:
+    know = knowledge_of(mnist, aux=120)
+    x, y = mnist["x"][:3], mnist["y"][:3]
+    batch = observe(LENET, state(LENET), "prune:0.9", x, y, training=LocalTraining("fedsgd", 3))
+    fedavg = observe(LENET, state(LENET), "none", x, y, training=LocalTraining("fedavg", 2, 2, 0.1))
+    for obs in (batch, fedavg):
+        result = LearningToInvert(tiny(epochs=1), seed=0).reconstruct(obs, know, NO_LIMIT)
+        assert result.inputs.shape == (3, 1, 28, 28) and result.labels.shape == (3,)
+        assert math.isfinite(result.diagnostics["val_psnr"])
+
+
+def test_seeded_runs_are_identical(mnist: dict[str, torch.Tensor]) -> None:
+    know = knowledge_of(mnist, aux=120)
+    obs = observe(LENET, state(LENET), "gauss:0.1", mnist["x"][:2], mnist["y"][:2])
+    runs = [LearningToInvert(tiny(), seed=3).reconstruct(obs, know, NO_LIMIT) for _ in range(2)]
+    torch.testing.assert_close(runs[0].inputs, runs[1].inputs, rtol=0, atol=0)
+
+
+def test_needs_aux_data(mnist: dict[str, torch.Tensor]) -> None:
+    empty = AttackerKnowledge(
+        torch.zeros(0, 1, 28, 28), torch.zeros(0, dtype=torch.long), (1, 28, 28), 10
+    )
+    obs = observe(LENET, state(LENET), "none", mnist["x"][:1], mnist["y"][:1])
+    with pytest.raises(LTIObservationError, match="aux"):
+        LearningToInvert(tiny()).reconstruct(obs, empty, NO_LIMIT)
+
+
+# --- quality bars (MNIST-5k, untrained sigmoid LeNet, B = 1) --------------------------------
+
+DEFENSES = ("none", "sign", "prune:0.9", "gauss:0.1")
+TARGETS = 32
+
+
+@pytest.fixture(scope="module")
+def quality(mnist: dict[str, torch.Tensor]) -> dict[str, object]:
+    """One `cpu-small` inverter per defense on 4,000 aux images; PSNR on 32 client images."""
+    know = knowledge_of(mnist)
+    x, y = mnist["x"][:TARGETS], mnist["y"][:TARGETS]
+    weights = state(LENET)
+    aux_mean = know.aux_inputs.mean(0, keepdim=True).expand_as(x)
+    out: dict[str, object] = {"aux_mean": float(psnr_per_image(aux_mean, x, 1.0).mean())}
+    for defense in DEFENSES:
+        attack = LearningToInvert(lti_config("cpu-small"), seed=0)
+        obs = observe(LENET, weights, defense, x, y)
+        result = attack.reconstruct(obs, know, NO_LIMIT)
+        out[defense] = {
+            "attack": attack,
+            "psnr": psnr_per_image(result.inputs, x, 1.0),
+            "labels": float((result.labels == y).float().mean()),
+            "seconds": result.diagnostics["train_seconds"],
+        }
+    return out
+
+
+@pytest.mark.slow
+def test_beats_aux_mean_by_4db_under_each_defense(quality: dict[str, object]) -> None:
+    baseline = quality["aux_mean"]
+    for defense in DEFENSES:
+        row = quality[defense]
+        psnr = float(row["psnr"].mean())
+        print(
+            f"LTI {defense}: {psnr:.2f} dB (aux-mean {baseline:.2f}), labels "
+            f"{row['labels']:.2f}, training {row['seconds']:.0f} s"
+        )
+        assert psnr >= baseline + 4.0, defense
+        assert row["labels"] >= 0.9
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("defense", ["sign", "prune:0.9"])
+def test_beats_adaptive_ig_under_compression(
+    quality: dict[str, object], mnist: dict[str, torch.Tensor], defense: str
+) -> None:
+    """IG (adaptive loss on) at 2,000 iterations on 4 images, against LTI on the same 4."""
+    x, y = mnist["x"][:4], mnist["y"][:4]
+    obs = observe(LENET, state(LENET), defense, x, y)
+    ig = InvertingGradients(IGConfig(adaptive=True), seed=0)
+    result = ig.reconstruct(obs, knowledge_of(mnist), Budget(2000, 1e9))
+    ig_psnr = float(psnr_per_image(result.inputs, x, 1.0).mean())
+    lti_psnr = float(quality[defense]["psnr"][:4].mean())
+    print(f"{defense}: LTI {lti_psnr:.2f} dB vs IG {ig_psnr:.2f} dB on 4 images")
+    assert lti_psnr > ig_psnr
+
+
+@pytest.mark.slow
+def test_hybrid_refines_lti_with_ig(
+    quality: dict[str, object], mnist: dict[str, torch.Tensor]
+) -> None:
+    """Without a defense IG started from LTI's guess improves on the guess."""
+    x, y = mnist["x"][:4], mnist["y"][:4]
+    lti = quality["none"]["attack"]
+    hybrid = LTIThenIG(lti, InvertingGradients(IGConfig(learning_rate=0.01), seed=0))
+    result = hybrid.reconstruct(
+        observe(LENET, state(LENET), "none", x, y), knowledge_of(mnist), Budget(500, 1e9)
+    )
+    assert result.diagnostics["train_epochs"] == 0  # the round's inverter is reused
+    psnr = float(psnr_per_image(result.inputs, x, 1.0).mean())
+    lti_psnr = float(quality["none"]["psnr"][:4].mean())
+    print(f"lti+ig none: {psnr:.2f} dB vs LTI {lti_psnr:.2f} dB")
+    assert psnr > lti_psnr + 1.0
+
+
+@pytest.mark.slow
+def test_finetune_tracks_retrain_across_training_rounds(mnist: dict[str, torch.Tensor]) -> None:
+    """3 rounds; between rounds the LeNet takes 5 SGD steps on client data."""
+    know = knowledge_of(mnist, aux=2000)
+    x, y = mnist["x"][:TARGETS], mnist["y"][:TARGETS]
+    cfg = lti_config("cpu-small", hash_bins=2048)
+    model = build_model(LENET)
+    optimiser = torch.optim.SGD(model.parameters(), lr=0.1)
+    train_x, train_y = mnist["x"][100:], mnist["y"][100:]
+    attacks = {
+        p: LearningToInvert(dataclasses.replace(cfg, refresh=p), seed=0)
+        for p in ("retrain", "finetune")
+    }
+    psnr = {p: [] for p in attacks}
+    seconds = {p: 0.0 for p in attacks}
+    epochs = {p: 0.0 for p in attacks}
+    gen = torch.Generator().manual_seed(0)
+    for round_ in (1, 2, 3):
+        weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        obs = observe(LENET, weights, "sign", x, y, round_=round_)
+        for policy, attack in attacks.items():
+            result = attack.reconstruct(obs, know, NO_LIMIT)
+            psnr[policy].append(float(psnr_per_image(result.inputs, x, 1.0).mean()))
+            if round_ > 1:
+                seconds[policy] += result.diagnostics["train_seconds"]
+                epochs[policy] += result.diagnostics["train_epochs"]
+        for _ in range(5):
+            batch = torch.randint(0, train_x.shape[0], (32,), generator=gen)
+            loss = torch.nn.functional.cross_entropy(model(train_x[batch]), train_y[batch])
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+    print(
+        f"retrain PSNR {np.round(psnr['retrain'], 2)}, rounds 2-3 {seconds['retrain']:.1f} s / "
+        f"{epochs['retrain']:.0f} epochs; finetune {np.round(psnr['finetune'], 2)}, "
+        f"{seconds['finetune']:.1f} s / {epochs['finetune']:.0f} epochs"
+    )
+    for r in (1, 2):
+        assert psnr["finetune"][r] >= psnr["retrain"][r] - 1.0
+    assert epochs["finetune"] <= 0.5 * epochs["retrain"]
+    assert seconds["finetune"] < 0.6 * seconds["retrain"]
