@@ -34,13 +34,27 @@ def _observation(spec: ModelSpec, count: int, seed: int) -> tuple[Observation, A
     y = torch.randint(0, CLASSES, (count,), generator=g)
     model = build_model(spec)
     update = compute_update(
-        model, x, y, CLASSES, parse_defense_spec("none"),
-        LocalTraining("fedsgd", count, share="per-sample"), g,
+        model,
+        x,
+        y,
+        CLASSES,
+        parse_defense_spec("none"),
+        LocalTraining("fedsgd", count, share="per-sample"),
+        g,
     )
     observation = Observation(
-        round=0, client_id=seed, model=spec, weights=model.state_dict(), update=update.update,
-        update_kind="gradient", num_examples=count, batch_size=count, local_steps=1,
-        learning_rate=0.1, defense="none", per_sample_updates=update.per_sample,
+        round=0,
+        client_id=seed,
+        model=spec,
+        weights=model.state_dict(),
+        update=update.update,
+        update_kind="gradient",
+        num_examples=count,
+        batch_size=count,
+        local_steps=1,
+        learning_rate=0.1,
+        defense="none",
+        per_sample_updates=update.per_sample,
     )
     aux = torch.rand(16, *SHAPE, generator=g)
     knowledge = AttackerKnowledge(aux, torch.arange(16) % CLASSES, SHAPE, CLASSES)

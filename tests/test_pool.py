@@ -1,4 +1,5 @@
-"""The Ray attack-worker pool: same results as inline, dead workers cost one job, placement.
+"""The Ray attack-worker pool (same results as inline, dead workers cost one job, placement) and
+round payload budgets.
 
 The unit tests start a small local Ray of their own (as Flower would) and stop it; the end to
 end tests run real simulations through `run_study` with `attack.workers`.

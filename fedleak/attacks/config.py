@@ -13,9 +13,10 @@ Sources (texts in `shared/seeds/`):
 - GradInversion-style BatchNorm prior as evaluated by GradAttack (Huang et al. 2021): the IG
   objective + alpha_BN * sum_l (||mean_l - mu_l||_2 + ||var_l - sigma_l^2||_2), alpha_BN = 1e-3;
   TV weight by defense as tuned there (0.05 pruning, 0.1 MixUp, 0.01 InstaHide; 1e-2 otherwise).
-  Three threat models for the statistics: `exact` (the client shared its batch statistics),
-  `infer` (the dummy batch's own statistics, running statistics as the prior) and `proxy`
-  (normalise with the running statistics).
+  Three threat models for the statistics: `exact` (the client shared its batch statistics:
+  they are the prior's target), `infer` (the running statistics are the prior's target) and
+  `proxy` (normalise with the running statistics). In `exact` and `infer` the dummy batch is
+  normalised with its own statistics, as the client's was (see `fedleak.attacks.replay`).
 - Stepwise high-fidelity inversion (HFGradInv, Ye et al. 2024): match the gradients of the
   deepest layers first and add shallower layers stage by stage, with gradient dropout 0.3,
   switching on TV and then the BatchNorm prior at later stages.

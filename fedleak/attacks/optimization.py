@@ -252,16 +252,35 @@ def prepare(
 
 
 def initial_inputs(
-    problem: Problem, init: str, knowledge: AttackerKnowledge, generator: torch.Generator
+    problem: Problem,
+    init: str,
+    knowledge: AttackerKnowledge,
+    generator: torch.Generator,
+    initial: Tensor | None = None,
 ) -> Tensor:
-    """Starting guesses [T, samples, C, H, W] in the data range's scale."""
+    """Starting guesses [T, samples, C, H, W] in the data range's scale.
+
+    `initial` (laid out as `Reconstruction.inputs`, e.g. a learned attack's guess) replaces the
+    first restart's start; further restarts start from `init` as usual.
+    """
     shape = (problem.problems, problem.samples, *problem.input_shape)
     low, high = knowledge.data_range
     if init == "randn":
-        return torch.randn(shape, generator=generator, device=problem.device)
-    if init == "rand":
-        return low + (high - low) * torch.rand(shape, generator=generator, device=problem.device)
-    return torch.full(shape, (low + high) / 2, device=problem.device)
+        start = torch.randn(shape, generator=generator, device=problem.device)
+    elif init == "rand":
+        start = low + (high - low) * torch.rand(shape, generator=generator, device=problem.device)
+    else:
+        start = torch.full(shape, (low + high) / 2, device=problem.device)
+    if initial is not None:
+        expected = (problem.targets * problem.samples, *problem.input_shape)
+        if tuple(initial.shape) != expected:
+            raise ObservationError(
+                f"initial guess of shape {tuple(initial.shape)}: expected {expected}"
+            )
+        start[: problem.targets] = initial.to(problem.device, start.dtype).reshape(
+            problem.targets, *shape[1:]
+        )
+    return start
 
 
 def _box(problem: Problem, knowledge: AttackerKnowledge) -> tuple[float, float]:
@@ -341,14 +360,19 @@ class DLG:
         self.name = name
 
     def reconstruct(
-        self, observation: Observation, knowledge: AttackerKnowledge, budget: Budget
+        self,
+        observation: Observation,
+        knowledge: AttackerKnowledge,
+        budget: Budget,
+        initial: Tensor | None = None,
     ) -> Reconstruction:
-        """Invert the observation within the budget."""
+        """Invert the observation within the budget; `initial` starts the first restart from
+        a given guess (layout of `Reconstruction.inputs`) instead of noise."""
         cfg = self.config
         seed = attack_seed(self.seed, knowledge, observation)
         problem = prepare(observation, knowledge, cfg, "auto", seed)
         generator = torch.Generator(device=problem.device).manual_seed(seed)
-        variables = [initial_inputs(problem, cfg.init, knowledge, generator)]
+        variables = [initial_inputs(problem, cfg.init, knowledge, generator, initial)]
         if problem.labels is None:
             shape = (problem.problems, problem.samples, observation.model.num_classes)
             variables.append(torch.randn(shape, generator=generator, device=problem.device))
@@ -403,14 +427,19 @@ class InvertingGradients:
         return list(range(len(problem.target))), None
 
     def reconstruct(
-        self, observation: Observation, knowledge: AttackerKnowledge, budget: Budget
+        self,
+        observation: Observation,
+        knowledge: AttackerKnowledge,
+        budget: Budget,
+        initial: Tensor | None = None,
     ) -> Reconstruction:
-        """Invert the observation within the budget."""
+        """Invert the observation within the budget; `initial` starts the first restart from
+        a given guess (layout of `Reconstruction.inputs`) instead of noise."""
         cfg = self.config
         seed = attack_seed(self.seed, knowledge, observation)
         problem = prepare(observation, knowledge, cfg, cfg.bn_mode, seed)
         generator = torch.Generator(device=problem.device).manual_seed(seed)
-        variables = [initial_inputs(problem, cfg.init, knowledge, generator)]
+        variables = [initial_inputs(problem, cfg.init, knowledge, generator, initial)]
         if problem.labels is None:
             shape = (problem.problems, problem.samples, observation.model.num_classes)
             variables.append(torch.randn(shape, generator=generator, device=problem.device))

@@ -25,6 +25,7 @@ from fedleak.data import FederatedData, auxiliary
 from fedleak.models import build_model
 from fedleak.report.rundir import RunDirectory, console_line
 from fedleak.server.auditor import Auditor, GroundTruth
+from fedleak.server.privacy import PrivacyLedger
 from fedleak.server.runner import AttackResult, AttackRunner, InlineRunner
 from fedleak.server.strategy import CuriousStrategy, PublicSetting
 from fedleak.server.validate import validate_components
@@ -84,7 +85,9 @@ class RoundRecorder:
         fd: FederatedData,
         device: torch.device,
         images_per_client: int,
+        ledger: PrivacyLedger,
     ) -> None:
+        self.ledger = ledger
         self.run_dir = run_dir
         self.strategy = strategy
         self.model = model
@@ -135,7 +138,7 @@ class RoundRecorder:
             "round": server_round,
             "test_loss": loss,
             "test_accuracy": accuracy,
-            "epsilon": float("nan"),
+            "epsilon": self.ledger.epsilon(self.strategy.participation),
             "num_replies": self.strategy.replies.get(server_round, 0),
             "num_failures": self.strategy.failures.get(server_round, 0),
             "round_seconds": time.perf_counter() - self.started,
@@ -177,8 +180,13 @@ def serve(grid: Grid, config: RunConfig) -> Path:
         return path
 
     strategy = build_strategy(config, spec, fd, device, offset)
+    # ε needs every client's partition size; the server's own `fd` has a single partition.
+    num_clients = len(list(grid.get_node_ids()))
+    ledger = PrivacyLedger.from_config(config, federated_data(config, num_clients))
+    # Rounds before a resume were not recorded per client: count every client in each of them.
+    strategy.participation.update({client: offset for client in range(num_clients)})
     recorder = RoundRecorder(
-        run_dir, strategy, build_model(spec), fd, device, config.attack.images_per_client
+        run_dir, strategy, build_model(spec), fd, device, config.attack.images_per_client, ledger
     )
     strategy.on_scored = recorder.on_scored
     train = config.train

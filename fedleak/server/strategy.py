@@ -8,6 +8,7 @@ attacker's `Observation` and the auditor's `GroundTruth` first, then stripped.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -93,6 +94,7 @@ class CuriousStrategy(Strategy):
         self._next_job = 0
         self.failures: dict[int, int] = {}
         self.replies: dict[int, int] = {}
+        self.participation: Counter[int] = Counter()
 
     # -- rounds -----------------------------------------------------------------------------
     def configure_train(
@@ -115,6 +117,7 @@ class CuriousStrategy(Strategy):
             if msg.has_error():
                 log.warning("round %d: client reply failed: %s", server_round, msg.error.reason)
         split = [self.split(server_round, msg) for msg in valid]
+        self.participation.update(reply.observation.client_id for reply in split)
         if self.runner is not None:
             self.attack(server_round, split)
         for msg in valid:
