@@ -1,8 +1,9 @@
 """Scale: attacks inline vs on the Ray worker pool, and round time vs number of clients.
 
 1. A study of N clients x R rounds attacked by IG on every client, run inline and with
-   `attack.workers` = 1, 2: wall time of each whole study (Ray start-up included), the ratio
-   inline / pool, and the attack throughput (jobs per second of wall time).
+   `attack.workers` = 1, 2 (`--worker-cpus` each): wall time of each whole study (Ray
+   start-up included), the ratio inline / pool, and the attack throughput (jobs per second
+   of wall time).
 2. Round time against the number of clients (10, 50, 100) with a tiny MLP and no attacks:
    the median of `round_seconds` over rounds 2..R (round 1 also holds start-up work).
 3. On CUDA only: per-sample gradient and IG iteration times on the GPU, and the GPU's
@@ -77,7 +78,8 @@ def attacks_inline_vs_pool(root: Path, args: argparse.Namespace) -> None:
     results = {}
     for workers in (0, *args.workers):
         name = "inline" if workers == 0 else f"pool x{workers}"
-        r = study(root / name.replace(" ", ""), args.clients, **flat, **{"attack.workers": workers})
+        pool = {"attack.workers": workers, "attack.worker-cpus": args.worker_cpus}
+        r = study(root / name.replace(" ", ""), args.clients, **flat, **pool)
         results[workers] = r
         print(
             f"{name:<10} {r['wall']:8.1f} {r['jobs']:5d} {r['failed']:6d} "
@@ -192,6 +194,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--iterations", type=int, default=200)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--worker-cpus", type=float, default=1.0)
     parser.add_argument("--scaling", type=int, nargs="+", default=[10, 50, 100])
     parser.add_argument("--skip", nargs="*", default=[], choices=["pool", "scaling", "gpu"])
     parser.add_argument(

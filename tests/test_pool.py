@@ -14,6 +14,7 @@ import pytest
 import ray
 import torch
 from flwr.app import Message
+from flwr.simulation.run_simulation import _replace_keys
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedleak.attacks.registry import build_attack
@@ -161,6 +162,9 @@ def test_init_args_take_the_workers_share_from_the_clients(
     assert ray_init_args(gpu, 1.0, 0.25, cpus=16, gpus=1)["num_cpus"] == 2
     with pytest.raises(ResourceRequestError, match="fewer than one client needs"):
         ray_init_args(_config(), 1.0, 0.0, cpus=2, gpus=0)
+    # run_simulation rewrites '-' to '_' in every backend key: the resource must survive it.
+    backend = {"init_args": ray_init_args(one, 1.0, 0.0, cpus=2, gpus=0)}
+    assert _replace_keys(backend, match="-", target="_") == backend
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
     assert ray_init_args(one, 1.0, 0.0, cpus=2, gpus=0) == {}
 

@@ -520,7 +520,9 @@ class _Trainer:
         description: str,
     ) -> TrainingOutcome:
         cfg, inverter = self.config, self.inverter
-        optimiser = torch.optim.Adam(inverter.parameters(), lr=cfg.learning_rate_at(0, self.warm))
+        optimiser = torch.optim.Adam(
+            inverter.parameters(), lr=cfg.learning_rate_at(0, self.warm), fused=True
+        )
         best_psnr, best_state, stale = -math.inf, None, 0
         val_psnr, steps, done, timed_out, early = math.nan, 0, 0, False, False
         features = None

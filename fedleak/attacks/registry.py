@@ -16,6 +16,7 @@ from fedleak.attacks.config import (
     StepwiseConfig,
     configure,
 )
+from fedleak.attacks.learned import build_lti, build_lti_ig
 from fedleak.attacks.optimization import DLG, InvertingGradients, StepwiseInversion
 from fedleak.attacks.types import Attack
 
@@ -41,6 +42,8 @@ ATTACKS: dict[str, Factory] = {
         configure(GradInversionConfig(), p), s, "gradinversion"
     ),
     "stepwise": lambda p, s: StepwiseInversion(configure(StepwiseConfig(), p), s, "stepwise"),
+    "lti": build_lti,
+    "lti+ig": build_lti_ig,
 }
 
 ATTACK_NAMES: tuple[str, ...] = tuple(ATTACKS)

@@ -71,6 +71,7 @@ UTILITY_COLUMNS: Mapping[str, str] = {
     "num_failures": "int64",
     "round_seconds": "float64",
     "attack_seconds": "float64",
+    "payload_mb": "float64",
 }
 
 STATUSES = ("ok", "failed", "nan", "timeout")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import json
 import logging
 import platform
@@ -25,6 +26,7 @@ from fedleak.data import FederatedData, auxiliary
 from fedleak.models import build_model
 from fedleak.report.rundir import RunDirectory, console_line
 from fedleak.server.auditor import Auditor, GroundTruth
+from fedleak.server.payload import check_payload
 from fedleak.server.privacy import PrivacyLedger
 from fedleak.server.runner import AttackResult, AttackRunner, InlineRunner
 from fedleak.server.strategy import CuriousStrategy, PublicSetting
@@ -143,6 +145,7 @@ class RoundRecorder:
             "num_failures": self.strategy.failures.get(server_round, 0),
             "round_seconds": time.perf_counter() - self.started,
             "attack_seconds": self.attack_seconds,
+            "payload_mb": self.strategy.payload.get(server_round, 0) / 1e6,
         }
         self.run_dir.append_round(server_round, rows, utility)
         for late_round, late_rows in sorted(ready.items()):
@@ -189,6 +192,7 @@ def serve(grid: Grid, config: RunConfig) -> Path:
         run_dir, strategy, build_model(spec), fd, device, config.attack.images_per_client, ledger
     )
     strategy.on_scored = recorder.on_scored
+    strategy.payload_check = functools.partial(check_payload, config, spec)
     train = config.train
     strategy.start(
         grid=grid,

@@ -7,7 +7,7 @@ started in this process (the ServerApp runs in a thread of it) and never starts 
 
 Placement. Flower's client pool claims every CPU (and, with GPU fractions, as many GPU shares
 as fit) of every node, so attack workers must not compete for those: they ask Ray for no CPU
-and for `attack.worker-cpus` units of the custom resource `fedleak-attack` instead, which
+and for `attack.worker-cpus` units of the custom resource `fedleak_attack` instead, which
 `ray_init_args` reserves on a local machine (taking those CPUs away from the clients) and a
 cluster operator declares with `ray start --resources`. Without that resource the workers
 share the clients' cores (a warning says so). `attack.worker-gpus` is an ordinary Ray GPU
@@ -41,7 +41,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import ray
 import torch
+from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
 from fedleak.attacks.baseline import AuxMeanBaseline
 from fedleak.attacks.optimization import DLG, InvertingGradients
@@ -52,7 +54,7 @@ from fedleak.server.runner import AttackJob, AttackResult, failed_reconstruction
 
 log = logging.getLogger(__name__)
 
-ATTACK_RESOURCE = "fedleak-attack"
+ATTACK_RESOURCE = "fedleak_attack"  # no dash: Flower turns dashes in backend keys into "_"
 KILL_ENV = "FEDLEAK_KILL_WORKER"
 PLACEMENT_TIMEOUT = 120.0
 
@@ -240,8 +242,6 @@ class RayAttackPool:
     # -- start-up ---------------------------------------------------------------------------
     def _start(self) -> None:
         """Join Flower's Ray, check the cluster can hold the workers, start and place them."""
-        import ray
-
         if not ray.is_initialized():
             raise PoolError(
                 f"attack.workers={self.workers} runs attacks on Ray actors, but Ray is not "
@@ -278,8 +278,6 @@ class RayAttackPool:
         self._slots = [_Slot(actor) for actor in actors]
 
     def _new_actor(self) -> Any:
-        import ray
-
         threads = max(1, round(self.worker_cpus))
         remote = ray.remote(AttackWorker).options(**self._options)
         return remote.remote(
@@ -293,9 +291,6 @@ class RayAttackPool:
         )
 
     def _await_placement(self, actors: list[Any]) -> None:
-        import ray
-        from ray.exceptions import GetTimeoutError, RayActorError
-
         try:
             devices = ray.get([a.ready.remote() for a in actors], timeout=self.placement_timeout)
         except GetTimeoutError:
@@ -325,8 +320,6 @@ class RayAttackPool:
         if not self._started:
             self._start()
             self._started = True
-        import ray
-
         # Every job of a round shares w_t, and every attack on a client shares its update:
         # each goes to the object store once.
         stored: dict[int, tuple[object, Any]] = {}
@@ -361,8 +354,6 @@ class RayAttackPool:
 
     def ready(self, wait: bool = False) -> list[AttackResult]:
         """Finished results in each worker's order; with `wait`, every outstanding one."""
-        import ray
-
         results = self._harvest()
         while wait and self.outstanding:
             ray.wait([p.future for s in self._slots for p in s.queue], num_returns=1)
@@ -381,9 +372,6 @@ class RayAttackPool:
         return sum(len(slot.queue) for slot in self._slots)
 
     def _harvest(self) -> list[AttackResult]:
-        import ray
-        from ray.exceptions import RayActorError, RayError
-
         futures = [p.future for s in self._slots for p in s.queue]
         if not futures:
             return []
@@ -402,22 +390,23 @@ class RayAttackPool:
                     results.append(
                         AttackResult(pending.job, failed_reconstruction(message, seconds))
                     )
-                    results += self._replace(slot)
+                    self._replace(slot)
                     break
                 except RayError as error:
-                    results.append(AttackResult(pending.job, failed_reconstruction(error, seconds)))
+                    # An error outside `run_job` (e.g. unpickling); report its cause, not Ray's
+                    # wrapper, whose first line is only the task's name.
+                    cause = getattr(error, "cause", None) or error
+                    results.append(AttackResult(pending.job, failed_reconstruction(cause, seconds)))
                 else:
                     results.append(AttackResult(pending.job, reconstruction))
         return results
 
-    def _replace(self, slot: _Slot) -> list[AttackResult]:
+    def _replace(self, slot: _Slot) -> None:
         """A fresh actor in the dead one's place; the jobs queued behind go to it, in order.
 
         When no replacement can be placed (a lost node), the slot is dropped and its queue
         moves to the other workers; with none left, those jobs are recorded as failed.
         """
-        import ray
-
         ray.kill(slot.actor, no_restart=True)
         slot.actor = self._new_actor()
         try:
@@ -429,16 +418,13 @@ class RayAttackPool:
             orphans, slot.queue = list(slot.queue), deque()
             for pending in orphans:
                 self._enqueue(pending)
-            return []
+            return
         self.replaced += 1
         for pending in slot.queue:
             pending.future = slot.actor.run.remote(*pending.args)
-        return []
 
     def close(self) -> None:
         """Stop the workers; jobs still outstanding are abandoned."""
-        import ray
-
         if ray.is_initialized():
             for slot in self._slots:
                 ray.kill(slot.actor, no_restart=True)
@@ -518,7 +504,7 @@ def ray_init_args(
 
     Flower sizes its client pool from a node's total resources, so cores and GPU shares for
     the workers are taken from the clients here: the clients' logical CPUs shrink by
-    ceil(workers x worker-cpus), which become the `fedleak-attack` resource, and the CPU
+    ceil(workers x worker-cpus), which become the `fedleak_attack` resource, and the CPU
     count is capped so that the clients' GPU shares leave workers x worker-gpus free.
     Returns {} without workers, and when joining an existing cluster (its nodes declare
     their resources themselves, see docs/scale.md). Raises `ResourceRequestError` when

@@ -21,6 +21,7 @@ from flwr.serverapp.strategy import Strategy
 from fedleak.attacks.types import Observation, UpdateKind
 from fedleak.models.spec import ModelSpec
 from fedleak.server.auditor import Auditor, GroundTruth
+from fedleak.server.payload import reply_bytes
 from fedleak.server.runner import AttackJob, AttackResult, AttackRunner
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ class CuriousStrategy(Strategy):
         row_context: dict[str, object] | None = None,
         on_scored: Callable[[AttackResult, GroundTruth, list[dict[str, object]]], None]
         | None = None,
+        payload_check: Callable[[int], object] | None = None,
     ) -> None:
         self.inner = inner
         self.public = public
@@ -94,6 +96,9 @@ class CuriousStrategy(Strategy):
         self._next_job = 0
         self.failures: dict[int, int] = {}
         self.replies: dict[int, int] = {}
+        self.payload_check = payload_check
+        self.payload: dict[int, int] = {}
+        self._sent = 0
         self.participation: Counter[int] = Counter()
 
     # -- rounds -----------------------------------------------------------------------------
@@ -102,7 +107,13 @@ class CuriousStrategy(Strategy):
     ) -> Iterable[Message]:
         """Remember w_t (the attacker's view and the FedSGD step both need it), then delegate."""
         self.global_weights = _tensors(arrays)
-        return self.inner.configure_train(server_round + self.round_offset, arrays, config, grid)
+        messages = list(
+            self.inner.configure_train(server_round + self.round_offset, arrays, config, grid)
+        )
+        if self.payload_check is not None:
+            self.payload_check(len(messages))  # refuse the round before any client works
+        self._sent = len(messages) * sum(len(array.data) for array in arrays.values())
+        return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -112,6 +123,7 @@ class CuriousStrategy(Strategy):
         replies = list(replies)
         valid = [msg for msg in replies if not msg.has_error()]
         self.replies[server_round] = len(valid)
+        self.payload[server_round] = self._sent + sum(reply_bytes(msg) for msg in valid)
         self.failures[server_round] = len(replies) - len(valid)
         for msg in replies:
             if msg.has_error():
