@@ -7,6 +7,11 @@ changes every round, so the inverter is refreshed: `retrain` (from scratch each 
 `finetune` (warm start from the previous round for `finetune_epochs`; the default) or `frozen`
 (train once). Every client of one round shares the inverter trained for that round.
 
+One inverted update stands for one sample (B = 1, or each row of per-sample updates), a
+FedSGD batch of B (B images out, loss matched by assignment) or a FedAvg client's N examples
+after K local steps; how its training pairs are computed, BatchNorm models included, is in
+`fedleak.attacks.lti_pairs`.
+
 Budget: the training length comes from `LTIConfig` (epochs, early stopping), not from
 `Budget.max_iterations`; `Budget.max_seconds` bounds training + inference of one call, and
 training stops early (status `timeout`, said in the message) when it runs out.
@@ -57,11 +62,11 @@ class LTIConfig:
     (here: two hidden layers of 3000, i.e. three linear layers), MSE on images, Adam 1e-4,
     batch 256, 200 epochs, learning rate 1e-5 after epoch 150. Labels are predicted too
     (cross-entropy, weight `label_weight`). `hash_bins`: None (the raw update), a count of
-    bins, or a ratio of the update's size (the paper hashes to 10% for its 1.1M-parameter
-    models). `block_normalise` scales each parameter's block to unit norm before hashing.
-    The last layer's bias starts at the logit of the mean aux image, so training starts
-    from the aux-mean guess. `aux_val_fraction` of the aux data is held out for the
-    validation PSNR; `patience` epochs without improvement stop training (None: never) and
+    bins, or a ratio of the update's size (the paper hashes its 1.1M-parameter language
+    model's gradient to 10%). `block_normalise` scales each parameter's block to unit norm
+    before hashing. The last layer's bias starts at the logit of the mean aux image, so
+    training starts from the aux-mean guess. `aux_val_fraction` of the aux data is held out
+    for the validation PSNR; `patience` epochs without improvement stop training (None: never) and
     the best epoch's weights are kept. `cache_dir`: where the trained inverter is saved
     (`<name>-inverter.pt`) and from where a fresh instance resumes.
     """
