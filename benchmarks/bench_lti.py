@@ -7,7 +7,7 @@ Prints, for the sigmoid LeNet (CIFAR shape, 15.8k parameters) and ResNet-20 (Bat
   first layer (forward + weight gradient of that layer alone, the cost no implementation avoids);
 - hashing in GB/s of float32 gradient, and its ratio to a plain read of the same tensor (sum).
 
-    .venv/bin/python benchmarks/bench_lti.py [--device cuda] [--pairs 512]
+    .venv/bin/python benchmarks/bench_lti.py [--device cuda] [--pairs 512] [--threads 1]
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from fedleak.defenses import parse_defense_spec
 from fedleak.models import ModelSpec, build_model, count_parameters
 
 
-def timed(fn: Callable[[], object], device: torch.device, repeat: int = 3) -> float:
+def timed(fn: Callable[[], object], device: torch.device, repeat: int = 5) -> float:
     """Best wall time of `repeat` runs after one warm-up."""
     fn()
     best = float("inf")
@@ -59,7 +59,7 @@ def pair_generation(
         model, parse_defense_spec(defense), unit, x, y, 10, groups, featuriser, 64, 1
     )
     noise = torch.Generator(device=device).manual_seed(0)
-    seconds = timed(lambda: source.features(noise), device, repeat=2)
+    seconds = timed(lambda: source.features(noise), device, repeat=3)
     return pairs / seconds, count_parameters(model)
 
 
@@ -92,7 +92,7 @@ def training(
             chunk @ weight.T  # forward
             upstream[: chunk.shape[0]].T @ chunk  # weight gradient (its input needs none)
 
-    return pairs / timed(epoch, device, 2), pairs / timed(first_layer, device, 2)
+    return pairs / timed(epoch, device, 3), pairs / timed(first_layer, device, 3)
 
 
 def hashing(
@@ -109,7 +109,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--pairs", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     print(f"device {device}, torch threads {torch.get_num_threads()}, pairs {args.pairs}")
 
