@@ -279,13 +279,7 @@ class RunDirectory:
             raise RunDirectoryError(
                 f"utility row round={utility_row.get('round')}: expected round {server_round}"
             )
-        new_leakage = tidy(
-            ({**row, "round": server_round} for row in leakage_rows),
-            LEAKAGE_COLUMNS,
-            self._row_defaults(),
-            "leakage row",
-        )
-        self._check_values(new_leakage)
+        new_leakage = self._leakage_frame(server_round, leakage_rows)
         new_utility = tidy(
             [{**utility_row, "round": server_round}],
             UTILITY_COLUMNS,
@@ -309,14 +303,20 @@ class RunDirectory:
         (a worker pool) land under the round whose update they attacked."""
         if not leakage_rows:
             return
-        new_leakage = tidy(
+        new_leakage = self._leakage_frame(server_round, leakage_rows)
+        self._store_leakage(_concat(self.leakage(), new_leakage))
+
+    def _leakage_frame(
+        self, server_round: int, leakage_rows: Sequence[Mapping[str, object]]
+    ) -> pd.DataFrame:
+        frame = tidy(
             ({**row, "round": server_round} for row in leakage_rows),
             LEAKAGE_COLUMNS,
             self._row_defaults(),
             "leakage row",
         )
-        self._check_values(new_leakage)
-        self._store_leakage(_concat(self.leakage(), new_leakage))
+        self._check_values(frame)
+        return frame
 
     def _store_leakage(self, leakage: pd.DataFrame) -> None:
         leakage = leakage.sort_values(["round", "client_id", "attack"], kind="stable")
