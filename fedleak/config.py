@@ -101,10 +101,17 @@ class ThreatConfig:
 
 @dataclass(frozen=True)
 class DefenseConfig:
-    """Client-side defenses as one spec string, e.g. `prune:0.9+gauss:0.01`."""
+    """Client-side defenses as one spec string, e.g. `prune:0.9+gauss:0.01`, and central DP
+    (the server clips each client's update and noises the aggregate, after it has seen them)."""
 
     spec: str = _setting("none")
     dp_delta: float = _setting(1e-5, low=0.0, high=1.0, low_open=True, high_open=True)
+    central_clip: float = _setting(
+        0.0, low=0.0, doc="server-side clip C of each client's update; 0 = no central DP"
+    )
+    central_noise: float = _setting(
+        0.0, low=0.0, doc="central DP noise multiplier z: std z*C/m on the mean of m clients"
+    )
 
 
 @dataclass(frozen=True)
@@ -359,6 +366,12 @@ def _check_consistency(config: RunConfig) -> None:
         raise ConfigError(
             "threat.share='per-sample': per-sample updates exist only in fedsgd; "
             "expected train.mode='fedsgd' or threat.share='batch'"
+        )
+    defense = config.defense
+    if defense.central_noise > 0 and defense.central_clip == 0:
+        raise ConfigError(
+            f"defense.central-noise={defense.central_noise:g}: central DP noise is calibrated to "
+            "the clipping norm, so expected defense.central-clip > 0 (or central-noise = 0)"
         )
     for attack in config.attack.params:
         if attack not in config.attack.names:

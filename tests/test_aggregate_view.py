@@ -1,5 +1,6 @@
-"""End to end through real Flower simulations: the aggregate-only view leaks less than per-client
-observation, and every defense's run records utility (and ε) beside leakage.
+"""The aggregate-only view: the union of the round's ground truth keeps the encodings, and, end
+to end through real Flower simulations, it leaks less than per-client observation, and every
+defense's run records utility (and ε) beside leakage.
 
 Each run costs ~15 s, most of it Ray start-up, so the runs are few and shared between tests.
 """
@@ -11,7 +12,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
+from fedleak.attacks.types import Observation, Reconstruction
+from fedleak.models.spec import ModelSpec
+from fedleak.server.auditor import Auditor, GroundTruth
 from fedleak.simulations.cli import main
 
 # Batch 1 per client: inverting one client's gradient is easy, inverting the mean of three
@@ -91,3 +96,61 @@ def test_every_defense_records_utility_beside_leakage(
         assert epsilon[0] == 0.0 and 0.0 < epsilon[1] < math.inf
     else:
         assert all(math.isnan(e) for e in epsilon)
+
+
+def _encoded_truth(client: int, private: torch.Tensor, sources: list[list[int]]) -> GroundTruth:
+    index = torch.tensor(sources)
+    # Each encoding mixes its sources 0.6 / 0.4; a public image (-1) counts as all zeros.
+    padded = torch.cat([private, torch.zeros_like(private[:1])])
+    encoded = 0.6 * padded[index[:, 0]] + 0.4 * padded[index[:, 1]]
+    labels = torch.arange(len(private)) + 10 * client
+    return GroundTruth(client, private, labels, encoded=encoded, sources=index)
+
+
+def test_the_union_keeps_encodings_and_shifts_their_sources() -> None:
+    first = _encoded_truth(0, torch.rand(2, 1, 4, 4), [[0, 1], [1, -1]])
+    second = _encoded_truth(1, torch.rand(3, 1, 4, 4), [[2, 0], [-1, 1], [1, 2]])
+    union = GroundTruth.union([first, second])
+    assert torch.equal(union.inputs, torch.cat([first.inputs, second.inputs]))
+    assert torch.equal(union.encoded, torch.cat([first.encoded, second.encoded]))
+    # The second client's originals sit after the first's two: its indices move up by 2.
+    assert union.sources.tolist() == [[0, 1], [1, -1], [4, 2], [-1, 3], [3, 4]]
+    for row, sources in enumerate(union.sources.tolist()):
+        owner = first if row < 2 else second
+        for s in sources:
+            if s >= 0:
+                assert any(torch.equal(union.inputs[s], x) for x in owner.inputs)
+    plain = GroundTruth.union([GroundTruth(0, first.inputs, first.labels), first])
+    assert plain.encoded is None and plain.sources is None
+
+
+def test_the_aggregate_view_is_scored_against_originals_and_encodings() -> None:
+    first = _encoded_truth(0, torch.rand(2, 1, 4, 4), [[0, 1], [1, 0]])
+    second = _encoded_truth(1, torch.rand(2, 1, 4, 4), [[1, 0], [0, -1]])
+    union = GroundTruth.union([first, second])
+    observation = Observation(
+        round=1,
+        client_id=-1,
+        model=ModelSpec("mlp", (1, 4, 4), 20),
+        weights={},
+        update={},
+        update_kind="gradient",
+        num_examples=4,
+        batch_size=4,
+        local_steps=1,
+        learning_rate=0.1,
+        defense="mixup:2",
+    )
+    # A perfect attack on the aggregate recovers the four encodings.
+    guess = Reconstruction(inputs=union.encoded.clone(), labels=None)
+    rows = Auditor(lpips_nets=()).score(observation, "a", guess, union, {})
+    encoded = [r for r in rows if r["scored_against"] == "encoded"]
+    original = [r for r in rows if r["scored_against"] == "original"]
+    assert len(encoded) == 4 and all(r["mse"] < 1e-12 for r in encoded)
+    # Against the originals, each encoding counts as its dominant (0.6) source, in the union.
+    assert sorted((r["sample"], r["target_index"]) for r in original) == [
+        (0, 0),
+        (1, 1),
+        (2, 3),
+        (3, 2),
+    ]

@@ -233,10 +233,12 @@ def _small_world(name: str) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor
         ("convnet-bn", "prune:0.7", Unit("gradient", 2, 2, 1, 0.1)),
         ("convnet-bn", "none", Unit("gradient", 1, 1, 1, 0.1)),
         ("lenet", "prune:0.8:global", Unit("delta", 4, 2, 3, 0.05)),
+        ("convnet-bn", "sign", Unit("delta", 4, 2, 2, 0.05)),
     ],
 )
 def test_pairs_equal_the_clients_own_updates(name: str, defense: str, unit: Unit) -> None:
-    """The fast paths (vmap per sample / per BatchNorm group) equal `compute_update`."""
+    """The fast paths (vmap per sample, per BatchNorm group, unrolled FedAvg steps) equal
+    `compute_update`."""
     model, x, y = _small_world(name)
     pipeline = parse_defense_spec(defense)
     sizes = {n: p.numel() for n, p in model.named_parameters()}

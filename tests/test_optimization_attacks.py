@@ -1,12 +1,13 @@
 """Optimisation attacks: quality on the untrained sigmoid LeNet, batching, budgets, losses.
 
 Measured here (CPU, per-sample observations of 4 images optimised as one batched problem):
-IG 2,000 iterations ~31 dB on MNIST-5k (uniform init); on the CIFAR-10 foolbox images ~17.8 dB
-with the default init but only ~12 dB with the uniform init (most images stall at a cosine
-distance ~3e-4; also in float64, with 4 restarts and for model seeds 0-2), so the CIFAR bar
-uses the default init. Under sign compression (1,000 iterations) ~18 dB adaptive vs ~4.6 dB
-plain; under 90% pruning ~17 dB adaptive vs ~5.3 dB plain. The aux-mean baseline scores
-~10.5 dB on these MNIST images.
+IG 2,000 iterations ~43 dB on MNIST-5k with IG's TV weight 1e-4. On the CIFAR-10 foolbox images
+that weight gives ~12 dB (most images stall at a cosine distance ~3e-4); GradAttack's CIFAR-10
+value 1e-2 gives ~17.6 dB, and ~18.5 dB with 4 restarts (batched: about twice the time of one).
+Measured on CIFAR with other settings, 2,000 iterations: TV 0 11.7, 3e-3 15.7, 3e-2 17.2 dB;
+Adam lr 0.01 12.8, unsigned gradients 12.8 dB. On MNIST TV 1e-2 costs detail (~25 dB).
+Under sign compression (1,000 iterations) ~18 dB adaptive vs ~4.6 dB plain; under 90% pruning
+~17 dB adaptive vs ~5.3 dB plain. The aux-mean baseline scores ~10.5 dB on these MNIST images.
 """
 
 from __future__ import annotations
@@ -144,10 +145,11 @@ def test_ig_single_samples_mnist(mnist):
 
 @pytest.mark.slow
 def test_ig_single_samples_cifar(cifar):
-    observation, knowledge = observe(cifar, init="default")
-    result = run("ig", observation, knowledge, 2000)
+    observation, knowledge = observe(cifar)
+    # Natural images want GradAttack's CIFAR-10 TV weight, not IG's default tuned for digits.
+    result = run("ig", observation, knowledge, 2000, {"tv_weight": 1e-2, "restarts": 4})
     score = mean_psnr(result, cifar[0])
-    assert score >= 17.0  # measured ~17.8 dB
+    assert score >= 17.0  # measured ~18.5 dB
     assert score > baseline_psnr(observation, knowledge, cifar[0]) + 3
 
 
@@ -162,6 +164,16 @@ def test_adaptive_loss_beats_plain_cosine(mnist, defense, margin):
     assert "matching=cosine;" in plain.message
     gap = mean_psnr(adaptive, mnist[0]) - mean_psnr(plain, mnist[0])
     assert gap >= margin  # measured ~13.6 dB (sign) and ~11.4 dB (prune)
+
+
+def test_hinge_on_the_batch_mean_beats_plain_cosine_under_sign(mnist):
+    """A client's sign release of a batch of 4 is inverted as one sign: hinge on the mean."""
+    observation, knowledge = observe(mnist, "sign", share="batch")
+    adaptive = run("ig", observation, knowledge, 600)
+    plain = run("ig", observation, knowledge, 600, {"adaptive": False})
+    assert "matching=sign-hinge" in adaptive.message
+    gap = mean_psnr(adaptive, mnist[0]) - mean_psnr(plain, mnist[0])
+    assert gap >= 3.0  # measured 10.6 vs 4.1 dB
 
 
 @pytest.mark.parametrize(
@@ -348,15 +360,45 @@ def test_losses_behave_as_documented():
         ("none", 1, "cosine"),
         ("gauss:0.01", 4, "cosine"),
         ("sign", 1, "sign-hinge"),
-        ("sign", 4, "tanh-cosine"),
+        ("sign", 4, "sign-hinge"),
         ("prune:0.9", 4, "cosine+mask"),
-        ("prune:0.5+sign", 4, "tanh-cosine+mask"),
+        ("prune:0.5+sign", 4, "sign-hinge"),
     ],
 )
 def test_matching_follows_the_public_defense_spec(spec, samples, expected):
     pipeline = parse_defense_spec(spec)
     assert choose_matching("cosine", pipeline, samples, adaptive=True).name == expected
     assert choose_matching("cosine", pipeline, samples, adaptive=False).name == "cosine"
+
+
+@pytest.mark.parametrize(
+    ("spec", "samples", "contributors", "expected", "groups"),
+    [
+        ("sign", 4, 4, "tanh-cosine", 4),
+        ("prune:0.5+sign", 6, 3, "tanh-cosine+mask", 3),
+        ("sign", 5, 2, "tanh-cosine", 0),  # uneven clients: one tanh per sample
+        ("prune:0.9", 4, 2, "cosine+mask", 0),
+    ],
+)
+def test_a_mean_of_sign_releases_gets_tanh_per_contributor(
+    spec, samples, contributors, expected, groups
+):
+    loss = choose_matching(
+        "cosine", parse_defense_spec(spec), samples, adaptive=True, contributors=contributors
+    )
+    assert (loss.name, loss.groups) == (expected, groups)
+
+
+def test_tanh_mean_averages_within_contributor_groups():
+    per_sample = [torch.randn(2, 6, 3, 4, generator=torch.Generator().manual_seed(1))]
+    got = tanh_mean(per_sample, 2.0, groups=3)[0]
+    grouped = per_sample[0].reshape(2, 3, 2, 3, 4).mean(dim=2)
+    rms = grouped.flatten(2).square().mean(dim=2).sqrt()
+    expected = torch.tanh(2.0 * grouped / rms[..., None, None]).mean(dim=1)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(
+        tanh_mean(per_sample, 2.0, groups=6)[0], tanh_mean(per_sample, 2.0)[0]
+    )
 
 
 def test_registry_names_and_errors():

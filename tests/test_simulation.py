@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -93,3 +94,30 @@ def test_resume_continues_after_the_last_finished_round(tmp_path: Path) -> None:
     utility = pd.read_csv(out / "utility.csv")
     assert list(utility["round"]) == [0, 1, 2]
     assert sorted(pd.read_parquet(out / "leakage.parquet")["round"].unique()) == [1, 2]
+
+
+def test_lti_inverter_is_cached_in_the_run_directory_and_resumed(tmp_path: Path) -> None:
+    lti = [
+        "attack.names=lti",
+        "attack.lti.preset=cpu-small",
+        "attack.lti.epochs=2",
+        "attack.lti.refresh=frozen",
+        "attack.clients-per-round=1",
+    ]
+    out = _run(tmp_path / "lti", *lti, "num-server-rounds=1")
+    cache = out / "state" / "lti" / "lti-inverter.pt"
+    assert cache.exists()
+    saved = torch.load(cache, weights_only=True)
+    assert saved["meta"]["round"] == 1
+    _run(out, *lti, "num-server-rounds=2", "sim.resume=true")
+    leakage = pd.read_parquet(out / "leakage.parquet")
+    second = leakage[(leakage["round"] == 2) & (leakage.scored_against == "original")]
+    assert len(second) > 0
+    # Frozen after a resume: the fresh server process reuses the cached inverter, no training.
+    assert second.message.str.contains("reused the inverter").all()
+    first = leakage[leakage["round"] == 1].diagnostics.map(json.loads)
+    assert all(d["train_epochs"] == 2 and d["val_psnr"] > 0 for d in first)
+    assert all(d["train_epochs"] == 0 for d in second.diagnostics.map(json.loads))
+    report = (out / "report.md").read_text(encoding="utf-8")
+    assert "Learned attacks' training per round" in report
+    assert "from scratch" in report and "reused" in report

@@ -4,10 +4,16 @@ Updates are lists of tensors in parameter order, each with a leading problem dim
 (per-sample dummy gradients carry a second, sample dimension). Every function returns one value
 per problem, shape [T], so that summing before `backward` keeps the problems independent.
 
-The defense-adaptive variants follow the LTI supplementary: sign compression (one sample) ->
-squared hinge on sign agreement; sign compression (batch) -> cosine between the received signs
-and the mean of tanh'ed per-sample dummy gradients; pruning -> the distance over the kept
-(non-zero) coordinates only. Gaussian noise and DP need no change.
+The defense-adaptive variants follow the LTI supplementary: sign compression of one released
+update -> squared hinge on sign agreement; a mean of several sign-compressed updates (the
+aggregate-only view) -> cosine between it and the mean of tanh'ed dummy updates, one per
+contributor; pruning -> the distance over the kept (non-zero) coordinates only. Gaussian noise
+and DP need no change. The supplementary states the hinge for B = 1 and tanh for B > 1, where
+it assumes the release is an average of per-sample signs. A fedleak client releases the sign of
+its batch-mean gradient, for which the hinge on the dummy batch mean is the exact analogue
+(measured on 4 MNIST-5k images in one batch, 1,000 IG iterations: 10.7 dB hinge, 4.8 dB tanh,
+4.1 dB plain cosine); an average of signs arises when the server sees only the sum of
+sign-compressed clients.
 """
 
 from __future__ import annotations
@@ -63,10 +69,16 @@ def sign_hinge(dummy: Updates, target: Updates, normalised: bool = True) -> Tens
     return hinge / (sum(_rowsum(d.square()) for d in dummy) + _EPS)
 
 
-def tanh_mean(per_sample: Updates, scale: float) -> list[Tensor]:
-    """The mean over samples (dim 1) of tanh(scale * g / rms(g)) of each per-sample gradient:
-    a differentiable stand-in for the mean of signs. Normalising by each sample's RMS over all
-    coordinates makes `scale` independent of the gradient's magnitude."""
+def tanh_mean(per_sample: Updates, scale: float, groups: int = 0) -> list[Tensor]:
+    """The mean of tanh(scale * g / rms(g)) over the contributors' updates g: a differentiable
+    stand-in for a mean of signs. Per-sample gradients [T, B, ...] are first averaged within
+    `groups` equal consecutive groups (a contributor's batch; 0: each sample alone). Normalising
+    by each update's RMS over all coordinates makes `scale` independent of its magnitude."""
+    if groups > 0:
+        per_sample = [
+            g.reshape(g.shape[0], groups, g.shape[1] // groups, *g.shape[2:]).mean(dim=2)
+            for g in per_sample
+        ]
     squares = sum(g.flatten(2).square().sum(dim=2) for g in per_sample)
     count = sum(g[0, 0].numel() for g in per_sample)
     rms = (squares / count).sqrt().clamp_min(_EPS)  # [T, B]
@@ -104,7 +116,8 @@ class MatchingLoss:
 
     `kind`: `cosine`, `l2`, `sign-hinge` or `tanh-cosine`; `masked`: restrict to the received
     non-zero coordinates (pruning). `needs_per_sample`: tanh-cosine reads per-sample dummy
-    gradients (else it takes tanh of the whole dummy update).
+    gradients (else it takes tanh of the whole dummy update), averaged within `groups`
+    contributor groups (0: one sample per contributor).
     """
 
     kind: str
@@ -112,6 +125,7 @@ class MatchingLoss:
     tanh_scale: float = 1.0
     needs_per_sample: bool = False
     normalised_hinge: bool = True
+    groups: int = 0
 
     @property
     def name(self) -> str:
@@ -132,7 +146,9 @@ class MatchingLoss:
         if self.kind == "tanh-cosine":
             if per_sample is None:
                 per_sample = [d.unsqueeze(1) for d in dummy]
-            return cosine_distance(tanh_mean(per_sample, self.tanh_scale), target, masks)
+            groups = self.groups if per_sample[0].shape[1] > 1 else 0
+            tanh = tanh_mean(per_sample, self.tanh_scale, groups)
+            return cosine_distance(tanh, target, masks)
         raise ValueError(
             f"matching kind={self.kind!r}: allowed cosine, l2, sign-hinge, tanh-cosine"
         )
@@ -146,18 +162,23 @@ def choose_matching(
     tanh_scale: float = 1.0,
     per_sample_available: bool = True,
     normalised_hinge: bool = True,
+    contributors: int = 1,
 ) -> MatchingLoss:
     """The loss for a defense known from the public spec (LTI supplementary); `base` when not
     `adaptive` or when the defense needs no change (noise, DP, encodings).
 
+    Under sign compression, one contributor's release is the sign of its update: the hinge.
+    A mean over `contributors` > 1 releases gets tanh-cosine, one tanh per contributor of
+    `samples_per_target / contributors` samples (per sample when they do not divide evenly).
     `per_sample_available` is False where per-sample dummy gradients cannot be formed (FedAvg
-    deltas, BatchNorm); sign compression of a batch then matches tanh of the whole update.
+    deltas, BatchNorm); tanh then acts on the whole dummy update.
     """
     if not adaptive:
         return MatchingLoss(base)
     masked = defense.find(Prune) is not None
     if defense.find(SignCompression) is not None:
-        if samples_per_target == 1:
+        if contributors == 1:
             return MatchingLoss("sign-hinge", normalised_hinge=normalised_hinge)
-        return MatchingLoss("tanh-cosine", masked, tanh_scale, per_sample_available)
+        groups = contributors if samples_per_target % contributors == 0 else 0
+        return MatchingLoss("tanh-cosine", masked, tanh_scale, per_sample_available, groups=groups)
     return MatchingLoss(base, masked=masked)

@@ -14,8 +14,11 @@ How a group's update is computed, fastest first:
   computes its batch gradient; groups are vectorised with vmap over a copy of the model whose
   BatchNorm layers keep no running statistics. For B = 1 the statistics are those of the single
   image over its spatial positions, which is what a client with batch size 1 shares.
-- Anything else (FedAvg local training, MixUp/InstaHide encodings): the client's own
-  `compute_update`, one group at a time (a Python loop: exact but slow).
+- FedAvg, no input encoding, no DP-SGD: the K local steps of every group unrolled at once by
+  the attacks' `Replay` (vmap over groups), which replays the client's steps exactly.
+- Anything else (DP-SGD inside FedAvg steps, MixUp/InstaHide encodings): the client's own
+  `compute_update`, one group at a time (a Python loop: exact but slow), because their
+  randomness sits inside the client's computation.
 
 What stays fixed within a round is computed once: when the release (noise, pruning, sign) is
 deterministic the features themselves are cached; otherwise the pre-release updates are kept
@@ -35,6 +38,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, replace_all_batch_norm_modules_, vmap
 
 from fedleak.attacks.hashing import FeatureHasher, resolve_num_bins
+from fedleak.attacks.replay import ClientProtocol, Replay
 from fedleak.client.gradients import per_sample_gradients, refuse_batchnorm
 from fedleak.client.update import LocalTraining, compute_update
 from fedleak.defenses import DPSGD, DefensePipeline, GaussianNoise
@@ -155,6 +159,12 @@ class PairSource:
             pipeline.encoder is not None or pipeline.find(DPSGD) is not None
         )
         self.mode = "vector" if simple else "loop"
+        if unit.kind == "delta" and not self.exact_loop:
+            self.mode = "replay"
+            protocol = ClientProtocol(
+                "delta", unit.local_steps, unit.batch_size, unit.learning_rate
+            )
+            self._replay = Replay(model, protocol, bn_mode="infer", device=aux_x.device)
         if simple and self.has_bn:
             if pipeline.needs_per_sample:
                 refuse_batchnorm(model)
@@ -217,6 +227,11 @@ class PairSource:
             return _group_gradients(
                 self._bn_model, x.reshape(count, size, *x.shape[1:]), y.reshape(count, size)
             )
+        if self.mode == "replay":
+            shape = (count, size, *x.shape[1:])
+            with torch.no_grad():
+                update = self._replay(x.reshape(shape), y.reshape(count, size)).update
+            return dict(zip(self._replay.names, update, strict=True))
         return self._loop(rows, DefensePipeline(), generator)
 
     def _release(self, raw: Params, generator: torch.Generator) -> Params:

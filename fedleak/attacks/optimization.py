@@ -185,11 +185,11 @@ def prepare(
     per_sample = observation.per_sample_updates is not None
     if per_sample:
         shared = observation.per_sample_updates
-        targets, samples = next(iter(shared.values())).shape[0], 1
+        targets, samples, contributors = next(iter(shared.values())).shape[0], 1, 1
         protocol = ClientProtocol("gradient")
     else:
         shared = {name: u.unsqueeze(0) for name, u in observation.update.items()}
-        targets, samples = 1, observation.num_examples
+        targets, samples, contributors = 1, observation.num_examples, observation.contributors
         protocol = ClientProtocol(
             observation.update_kind,
             observation.local_steps,
@@ -232,6 +232,7 @@ def prepare(
         config.tanh_scale,
         per_sample_possible,
         config.normalised_hinge,
+        contributors,
     )
     return Problem(
         replay=replay,

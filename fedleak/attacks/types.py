@@ -26,7 +26,9 @@ class Observation:
     the defended batch gradient in FedSGD, the weight delta w_after - w_t in FedAvg.
     `per_sample_updates` is set only when the threat model shares per-sample updates
     (leading dimension = batch size). `bn_statistics` is set only when the run shares BatchNorm
-    batch statistics (keys `<module>.mean` / `<module>.var`).
+    batch statistics (keys `<module>.mean` / `<module>.var`). `contributors`: how many released
+    updates `update` averages (1 for one client; the round's clients in the aggregate-only
+    view), which adaptive losses need: the mean of several signs is not a sign.
     """
 
     round: int
@@ -43,6 +45,7 @@ class Observation:
     per_sample_updates: dict[str, torch.Tensor] | None = None
     bn_statistics: dict[str, torch.Tensor] | None = None
     modality: Modality = "image"
+    contributors: int = 1
 
     @property
     def num_targets(self) -> int:

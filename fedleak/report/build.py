@@ -36,6 +36,7 @@ from fedleak.report.tables import (
     metrics_present,
     runs_table,
     scored,
+    training_table,
     utility_table,
 )
 
@@ -120,6 +121,7 @@ def _rounds_section(study: Study) -> list[Block]:
     if leakage.empty and utility.empty:
         return []
     png = rounds_figure(leakage, utility, metrics)
+    training = training_table(study)
     return [
         Heading("Leakage per round"),
         Figure.of(
@@ -129,6 +131,7 @@ def _rounds_section(study: Study) -> list[Block]:
             "metric, one line per setting (band: 95% t-interval, drawn for up to "
             f"{MAX_BANDS} settings), above the global model's test accuracy.",
         ),
+        *([Heading("Learned attacks' training per round", 3), training] if training else []),
     ]
 
 
@@ -145,6 +148,7 @@ def _frontier_points(study: Study) -> pd.DataFrame:
                 continue
             cells = leakage[(leakage["group"] == group) & (leakage["defense"] == defense)]
             eps = runs["epsilon"].dropna()
+            central = runs["central_epsilon"].dropna()
             for attack, sub in cells.groupby("attack"):
                 rows.append(
                     {
@@ -153,6 +157,7 @@ def _frontier_points(study: Study) -> pd.DataFrame:
                         "attack": attack,
                         "accuracy": float(runs["test_accuracy"].mean()),
                         "epsilon": float(eps.mean()) if len(eps) else float("nan"),
+                        "central_epsilon": float(central.mean()) if len(central) else float("nan"),
                         **{c: float(sub[c].mean()) for c in columns},
                     }
                 )
@@ -178,7 +183,7 @@ def _frontier_section(study: Study) -> list[Block]:
                     "privacy-utility.png",
                     frontier_figure(points, metrics),
                     "Final test accuracy against mean leakage, one point per defense setting and "
-                    "attack (ε where differential privacy is on).",
+                    "attack (ε where DP-SGD is on, central ε where central DP is).",
                 )
             )
     blocks.append(utility_table(study))

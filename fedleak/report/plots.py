@@ -129,7 +129,8 @@ def rounds_figure(leakage: pd.DataFrame, utility: pd.DataFrame, metrics: list[Me
 def frontier_figure(points: pd.DataFrame, metrics: list[Metric]) -> bytes:
     """Final accuracy against mean leakage: one point per setting (colour) and attack (shape).
 
-    `points` has columns group, defense, attack, accuracy, epsilon and one per metric column.
+    `points` has columns group, defense, attack, accuracy, epsilon, central_epsilon and one per
+    metric column.
     """
     settings = _settings(points)
     colors = _palette(settings)
@@ -155,12 +156,19 @@ def frontier_figure(points: pd.DataFrame, metrics: list[Metric]) -> bytes:
         ax.set_ylabel("final test accuracy")
         ax.set_title(f"more private to the {private}, more useful up", fontsize=9, loc="left")
         ax.grid(alpha=0.3)
-    epsilon = points.groupby(["group", "defense"], sort=False)["epsilon"].mean()
+    epsilons = points.groupby(["group", "defense"], sort=False)[
+        ["epsilon", "central_epsilon"]
+    ].mean()
     handles = []
     for setting in settings:
         label = setting_label(*setting)
-        if not np.isnan(epsilon.get(setting, np.nan)):
-            label += f" (ε={epsilon[setting]:.3g})"
+        shown = [
+            f"{name}={epsilons.loc[setting, column]:.3g}"
+            for column, name in (("epsilon", "ε"), ("central_epsilon", "central ε"))
+            if setting in epsilons.index and not np.isnan(epsilons.loc[setting, column])
+        ]
+        if shown:
+            label += f" ({', '.join(shown)})"
         handles.append(
             Line2D(
                 [], [], linestyle="", marker="o", markersize=7, color=colors[setting], label=label

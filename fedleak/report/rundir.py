@@ -60,6 +60,8 @@ LEAKAGE_COLUMNS: Mapping[str, str] = {
     "status": "str",
     "message": "str",
     "label_method": "str",
+    # The attack's own numbers as JSON (e.g. a learned attack's training epochs and time).
+    "diagnostics": "str",
 }
 
 UTILITY_COLUMNS: Mapping[str, str] = {
@@ -67,6 +69,7 @@ UTILITY_COLUMNS: Mapping[str, str] = {
     "test_loss": "float64",
     "test_accuracy": "float64",
     "epsilon": "float64",
+    "central_epsilon": "float64",
     "num_replies": "int64",
     "num_failures": "int64",
     "round_seconds": "float64",
@@ -166,6 +169,10 @@ def read_utility_csv(path: Path) -> pd.DataFrame:
     if not path.exists():
         return empty_frame(UTILITY_COLUMNS)
     frame = pd.read_csv(path)
+    # Columns added since a run was written (central_epsilon) read as their missing value.
+    for name, dtype in UTILITY_COLUMNS.items():
+        if name not in frame:
+            frame[name] = _default(dtype)
     return frame.astype(dict(UTILITY_COLUMNS))[list(UTILITY_COLUMNS)]
 
 
@@ -174,6 +181,10 @@ def read_leakage_parquet(path: Path) -> pd.DataFrame:
     if not path.exists():
         return empty_frame(LEAKAGE_COLUMNS)
     frame = pd.read_parquet(path)
+    # Columns added since a run was written (diagnostics) read as their missing value.
+    for name, dtype in LEAKAGE_COLUMNS.items():
+        if name not in frame:
+            frame[name] = _default(dtype)
     return frame.astype(dict(LEAKAGE_COLUMNS))[list(LEAKAGE_COLUMNS)]
 
 
@@ -461,7 +472,8 @@ def _fmt(value: object, digits: int = 3) -> str:
 
 
 def round_table(utility: pd.DataFrame, leakage: pd.DataFrame) -> pd.DataFrame:
-    """One row per round: accuracy, loss, ε (if any), mean PSNR/SSIM/LPIPS per attack, failures."""
+    """One row per round: accuracy, loss, ε and central ε (if any), mean PSNR/SSIM/LPIPS per
+    attack, failures."""
     rounds = sorted(set(utility["round"]) | set(leakage["round"]))
     lpips = lpips_column(leakage)
     ok = leakage[(leakage["status"] == "ok") & (leakage["scored_against"] == "original")]
@@ -470,6 +482,7 @@ def round_table(utility: pd.DataFrame, leakage: pd.DataFrame) -> pd.DataFrame:
     failed = runs[runs["status"] != "ok"].groupby("round").size()
     by_round = utility.set_index("round")
     has_epsilon = utility["epsilon"].notna().any()
+    has_central = utility["central_epsilon"].notna().any()
     attacks = sorted(leakage["attack"].unique())
     records = []
     for r in rounds:
@@ -479,6 +492,8 @@ def round_table(utility: pd.DataFrame, leakage: pd.DataFrame) -> pd.DataFrame:
         rec["loss"] = float(u["test_loss"]) if u is not None else math.nan
         if has_epsilon:
             rec["ε"] = float(u["epsilon"]) if u is not None else math.nan
+        if has_central:
+            rec["central ε"] = float(u["central_epsilon"]) if u is not None else math.nan
         for attack in attacks:
             got = (r, attack) in means.index
             for metric, label in (("psnr", "PSNR"), ("ssim", "SSIM"), (lpips, "LPIPS")):
@@ -524,9 +539,10 @@ def console_line(
             if loss is not None
             else f"acc {float(acc):.3f}"
         )
-    eps = utility_row.get("epsilon")
-    if eps is not None and not math.isnan(float(eps)):
-        parts.append(f"ε {float(eps):.2f}")
+    for key, label in (("epsilon", "ε"), ("central_epsilon", "central ε")):
+        eps = utility_row.get(key)
+        if eps is not None and not math.isnan(float(eps)):
+            parts.append(f"{label} {float(eps):.2f}")
     frame = tidy(
         leakage_rows, LEAKAGE_COLUMNS, {"status": "ok", "scored_against": "original"}, "leakage row"
     )

@@ -8,6 +8,7 @@ successfully scored reconstructed samples of a cell, pooled over clients, rounds
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
@@ -155,31 +156,46 @@ def final_utility(study: Study) -> pd.DataFrame:
 
 
 def utility_table(study: Study) -> Table:
-    """Per group and defense: final accuracy and loss (mean ± CI over seeds), ε, rounds."""
+    """Per group and defense: final accuracy and loss (mean ± CI over seeds), ε, central ε where
+    any run has it, rounds."""
     final = final_utility(study)
+    central = bool(final["central_epsilon"].notna().any())
     body = []
     for group in study.groups():
         for defense in study.defenses():
             runs = final[(final["group"] == group) & (final["defense"] == defense)]
             if runs.empty:
                 continue
-            eps = runs["epsilon"].dropna()
+            epsilons = [runs["epsilon"].dropna()]
+            if central:
+                epsilons.append(runs["central_epsilon"].dropna())
             body.append(
                 (
                     Cell(group or "–"),
                     Cell(defense),
                     Cell(format_ci(*mean_ci(runs["test_accuracy"])[:2], 3)),
                     Cell(format_ci(*mean_ci(runs["test_loss"])[:2], 3)),
-                    Cell(f"{eps.mean():.2f}" if len(eps) else "–"),
+                    *(Cell(f"{eps.mean():.2f}" if len(eps) else "–") for eps in epsilons),
                     Cell(", ".join(str(int(r)) for r in sorted(set(runs["round"])))),
                     Cell(str(len(runs))),
                 )
             )
+    epsilon_columns = ("ε", "central ε") if central else ("ε",)
     return Table(
-        columns=("group", "defense", "final accuracy", "final loss", "ε", "rounds", "runs"),
+        columns=(
+            "group",
+            "defense",
+            "final accuracy",
+            "final loss",
+            *epsilon_columns,
+            "rounds",
+            "runs",
+        ),
         rows=tuple(body),
         caption="The global model after the last recorded round, on the held-out test split; "
-        "mean ± 95% t-interval over seeds where a setting ran with several.",
+        "mean ± 95% t-interval over seeds where a setting ran with several. ε: example-level, "
+        "DP-SGD on the clients; central ε: client-level, central DP on the released model, "
+        "which does not bound what the server saw.",
     )
 
 
@@ -237,6 +253,45 @@ def cost_table(study: Study) -> Table:
         rows=tuple(body),
         caption="Wall-clock time of each attack run on the server (mean ± 95% t-interval).",
     )
+
+
+def training_table(study: Study) -> Table | None:
+    """Per run, round and learned attack: the training its refresh did (epochs, seconds,
+    validation PSNR, warm start), from the attacks' diagnostics; None without learned attacks."""
+    runs = study.leakage().drop_duplicates(["run", "round", "client_id", "attack"])
+    body = []
+    for (run, server_round, attack), rows in runs.groupby(["run", "round", "attack"], sort=True):
+        trained = [d for d in map(_diagnostics, rows["diagnostics"]) if "train_epochs" in d]
+        if not trained:
+            continue
+        epochs = sum(d["train_epochs"] for d in trained)
+        seconds = sum(d.get("train_seconds", 0.0) for d in trained)
+        val_psnr = trained[-1].get("val_psnr", math.nan)
+        warm = any(d.get("warm_start", 0.0) > 0 for d in trained)
+        body.append(
+            (
+                Cell(str(run)),
+                Cell(str(server_round)),
+                Cell(attack),
+                Cell(f"{epochs:.0f}"),
+                Cell(f"{seconds:.1f}"),
+                Cell("–" if math.isnan(val_psnr) else f"{val_psnr:.2f}"),
+                Cell("reused" if epochs == 0 else "warm start" if warm else "from scratch"),
+            )
+        )
+    if not body:
+        return None
+    return Table(
+        columns=("run", "round", "attack", "epochs", "train seconds", "val PSNR (dB)", "how"),
+        rows=tuple(body),
+        caption="Learned attacks refresh their inverter as the global model changes: the "
+        "training each round cost (summed over the round's attack runs) and the validation "
+        "PSNR on held-out auxiliary data after it.",
+    )
+
+
+def _diagnostics(text: str) -> dict[str, float]:
+    return json.loads(text) if text else {}
 
 
 def runs_table(study: Study) -> Table:

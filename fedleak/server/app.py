@@ -26,6 +26,7 @@ from fedleak.data import FederatedData, auxiliary
 from fedleak.models import build_model
 from fedleak.report.rundir import RunDirectory, console_line
 from fedleak.server.auditor import Auditor, GroundTruth
+from fedleak.server.central_dp import CentralDP
 from fedleak.server.payload import check_payload
 from fedleak.server.privacy import PrivacyLedger
 from fedleak.server.runner import AttackResult, AttackRunner, InlineRunner
@@ -141,6 +142,7 @@ class RoundRecorder:
             "test_loss": loss,
             "test_accuracy": accuracy,
             "epsilon": self.ledger.epsilon(self.strategy.participation),
+            "central_epsilon": self.strategy.central_epsilon(),
             "num_replies": self.strategy.replies.get(server_round, 0),
             "num_failures": self.strategy.failures.get(server_round, 0),
             "round_seconds": time.perf_counter() - self.started,
@@ -168,6 +170,7 @@ def serve(grid: Grid, config: RunConfig) -> Path:
         run_dir = RunDirectory.open(path)
     else:
         run_dir = RunDirectory.create(path, config, environment(device, config))
+    config = with_attack_caches(config, run_dir)
     fd = federated_data(config, num_partitions=1)
     spec = model_spec(config, fd)
     model = build_model(spec)
@@ -211,6 +214,20 @@ def serve(grid: Grid, config: RunConfig) -> Path:
     return path
 
 
+def with_attack_caches(config: RunConfig, run_dir: RunDirectory) -> RunConfig:
+    """Point attacks that cache trained state (LTI's inverter) at `state/<attack>/` of the run
+    directory, unless the user chose a folder: `resume` then picks the state up again."""
+    params = {name: dict(p) for name, p in config.attack.params.items()}
+    for name in config.attack.names:
+        given = params.setdefault(name, {})
+        attack = build_attack(name, given, seed=config.seed)
+        if not hasattr(getattr(attack, "config", None), "cache_dir"):
+            continue
+        if not any(key.replace("-", "_") == "cache_dir" for key in given):
+            given["cache-dir"] = str(run_dir.state_dir(name))
+    return dataclasses.replace(config, attack=dataclasses.replace(config.attack, params=params))
+
+
 def build_runner(
     config: RunConfig, knowledge: AttackerKnowledge, budget: Budget
 ) -> AttackRunner | None:
@@ -232,7 +249,8 @@ def build_runner(
 def build_strategy(
     config: RunConfig, spec, fd: FederatedData, device: torch.device, offset: int
 ) -> CuriousStrategy:
-    """FedAvg wrapped by the curious server, with its attacks and their budget."""
+    """FedAvg (inside Flower's central-DP wrapper when configured) wrapped by the curious
+    server, with its attacks and their budget."""
     train = config.train
     inner = FedAvg(
         fraction_train=train.fraction_train,
@@ -240,6 +258,8 @@ def build_strategy(
         min_train_nodes=train.min_clients,
         min_available_nodes=train.min_clients,
     )
+    if config.defense.central_clip > 0:
+        inner = CentralDP.from_config(inner, config, prior_releases=offset)
     aux_x, aux_y = auxiliary(fd)
     knowledge = AttackerKnowledge(
         aux_inputs=aux_x.to(device),

@@ -6,6 +6,7 @@ audit record straight here, around the attackers.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -43,11 +44,27 @@ class GroundTruth:
 
     @staticmethod
     def union(truths: list[GroundTruth]) -> GroundTruth:
-        """All participating clients' data as one batch (the aggregate-only view)."""
+        """All participating clients' data as one batch (the aggregate-only view).
+
+        Encodings are kept when every client has them (one run, one defense), with each
+        client's source indices shifted past the originals of the clients before it; -1 (an
+        image from the public pool) stays -1.
+        """
+        encoded = sources = None
+        if all(t.encoded is not None for t in truths):
+            encoded = torch.cat([t.encoded for t in truths])
+        if encoded is not None and all(t.sources is not None for t in truths):
+            shifted, offset = [], 0
+            for t in truths:
+                shifted.append(torch.where(t.sources >= 0, t.sources + offset, t.sources))
+                offset += len(t.inputs)
+            sources = torch.cat(shifted)
         return GroundTruth(
             client_id=-1,
             inputs=torch.cat([t.inputs for t in truths]),
             labels=torch.cat([t.labels for t in truths]),
+            encoded=encoded,
+            sources=sources,
         )
 
 
@@ -76,6 +93,7 @@ class Auditor:
             "status": reconstruction.status,
             "message": reconstruction.message,
             "label_method": reconstruction.label_method,
+            "diagnostics": json.dumps(reconstruction.diagnostics, sort_keys=True),
             **context,
         }
         if reconstruction.status != "ok":

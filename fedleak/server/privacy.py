@@ -1,4 +1,5 @@
-"""Privacy accounting for client-side DP-SGD: (ε, δ) per client, composed over its rounds.
+"""Privacy accounting: example-level ε of client-side DP-SGD (`PrivacyLedger`), and
+client-level ε of central DP on the server (`central_epsilon`).
 
 The guarantee is example-level and local to each client: two partitions that differ by one
 example (add or remove) must give nearly the same distribution of everything that client sends
@@ -39,6 +40,15 @@ sample, but one private image is mixed into several encoded samples, so the acco
 a per-image guarantee. Inter InstaHide mixes each private image with public ones only and
 keeps the guarantee (for the private images; the public pool is not protected). DP-SGD with
 Z = 0 clips without noise: ε is infinite.
+
+Central DP (`defense.central-clip`, `defense.central-noise`) is a different guarantee: the
+server clips each client's whole update to C and adds N(0, (z·C/m)²) to the mean of the m
+sampled clients, which is z·C on the sum: a Gaussian release of multiplier z for a client added
+to or removed from the federation. Each released aggregate is accounted as one such release,
+Poisson-sampled at rate m / N (N clients in the federation; Flower samples exactly m without
+replacement, the same substitution as above). It protects whole clients in the *released model*
+only: the curious server saw every raw update before clipping, so it says nothing about leakage
+to the server.
 """
 
 from __future__ import annotations
@@ -140,7 +150,9 @@ class PrivacyLedger:
         if self.noise_multiplier == 0.0:
             return math.inf
         count = rounds * self.events_per_round
-        return _epsilon(self.effective_noise_multiplier, self.sample_size, size, count, self.delta)
+        return _epsilon(
+            self.effective_noise_multiplier, size, ((self.sample_size, count),), self.delta
+        )
 
     def epsilons(self, participation: Mapping[int, int]) -> dict[int, float]:
         """ε per client, from how many rounds each client (partition id) has taken part in."""
@@ -183,11 +195,28 @@ class PrivacyLedger:
         return size
 
 
+def central_epsilon(
+    noise_multiplier: float, population: int, releases: Mapping[int, int], delta: float
+) -> float:
+    """Client-level ε at `delta` of central DP after `releases[m]` aggregates of m sampled
+    clients each, out of `population` (0 before any release; infinite without noise)."""
+    events = tuple(sorted((m, count) for m, count in releases.items() if count > 0))
+    if not events:
+        return 0.0
+    if noise_multiplier == 0.0:
+        return math.inf
+    return _epsilon(noise_multiplier, population, events, delta)
+
+
 @functools.lru_cache(maxsize=4096)
 def _epsilon(
-    noise_multiplier: float, sample: int, population: int, count: int, delta: float
+    noise_multiplier: float,
+    population: int,
+    events: tuple[tuple[int, int], ...],
+    delta: float,
 ) -> float:
-    """ε of `count` Poisson-sampled Gaussian releases (rate sample/population), via Flower.
+    """ε of Poisson-sampled Gaussian releases via Flower: `count` of them at rate
+    `sample / population` for each (sample, count) of `events`.
 
     Cached: clients with equal partition sizes share it, and each call costs ~0.1 s.
     """
@@ -199,6 +228,6 @@ def _epsilon(
             sampling_method=SamplingMethod.POISSON,
         )
     )
-    event = GaussianPrivacyEvent(noise_multiplier, sample, population)
-    accountant.compose(event, count=count)
+    for sample, count in events:
+        accountant.compose(GaussianPrivacyEvent(noise_multiplier, sample, population), count=count)
     return accountant.get_epsilon(delta)

@@ -8,6 +8,7 @@ attacker's `Observation` and the auditor's `GroundTruth` first, then stripped.
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from flwr.serverapp.strategy import Strategy
 from fedleak.attacks.types import Observation, UpdateKind
 from fedleak.models.spec import ModelSpec
 from fedleak.server.auditor import Auditor, GroundTruth
+from fedleak.server.central_dp import CentralDP
 from fedleak.server.payload import reply_bytes
 from fedleak.server.runner import AttackJob, AttackResult, AttackRunner
 
@@ -227,6 +229,7 @@ class CuriousStrategy(Strategy):
             local_steps=first.local_steps,
             learning_rate=first.learning_rate,
             defense=first.defense,
+            contributors=len(split),
         )
         return ClientReply(observation, GroundTruth.union([r.truth for r in split]))
 
@@ -264,6 +267,10 @@ class CuriousStrategy(Strategy):
             self.clients_per_round or "all",
             self.public.defense,
         )
+
+    def central_epsilon(self) -> float:
+        """Client-level ε of central DP so far (`CentralDP` as the inner strategy), else NaN."""
+        return self.inner.epsilon() if isinstance(self.inner, CentralDP) else math.nan
 
     def take_rows(self) -> dict[int, list[dict[str, object]]]:
         """Scored rows not yet handed over, by round (each row is handed over once)."""

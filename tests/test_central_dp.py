@@ -1,0 +1,284 @@
+"""Central DP: Flower's server-side fixed-clipping wrapper applied to update replies.
+
+The released aggregate is the mean of each client's update clipped to C plus N(0, (z·C/m)²)
+noise drawn from the run's seed; the attacks still see every raw update; ε is client-level.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from dp_accounting import GaussianDpEvent, PoissonSampledDpEvent, SelfComposedDpEvent
+from dp_accounting.rdp import RdpAccountant
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, SamplingMethod
+from flwr.serverapp import RdpAccountant as FlowerAccountant
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedleak.config import ConfigError, parse_flat
+from fedleak.models.spec import ModelSpec
+from fedleak.report.rundir import UTILITY_COLUMNS, read_utility_csv
+from fedleak.server.auditor import Auditor
+from fedleak.server.central_dp import CentralDP
+from fedleak.server.privacy import central_epsilon
+from fedleak.server.runner import AttackJob
+from fedleak.server.strategy import CuriousStrategy, PublicSetting
+from fedleak.simulations.cli import main
+
+DELTA = 1e-5
+
+
+class Grid:
+    """Just enough of Flower's Grid for FedAvg to sample nodes."""
+
+    def __init__(self, nodes: int) -> None:
+        self.nodes = list(range(1, nodes + 1))
+
+    def get_node_ids(self) -> list[int]:
+        return self.nodes
+
+
+class Recorder:
+    """An attack runner that keeps what it was given and never finishes anything."""
+
+    def __init__(self) -> None:
+        self.jobs: list[AttackJob] = []
+
+    def submit(self, jobs: list[AttackJob]) -> None:
+        self.jobs.extend(jobs)
+
+    def ready(self, wait: bool = False) -> list:
+        return []
+
+
+@pytest.fixture(autouse=True)
+def _message_identity() -> None:
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+
+
+def _weights(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"w": torch.randn(6, 5, generator=g), "b": torch.randn(6, generator=g)}
+
+
+def _reply(update: dict[str, torch.Tensor], client: int, audit: bool = False) -> Message:
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({k: v.contiguous() for k, v in update.items()}),
+            "metrics": MetricRecord({"num-examples": 4, "partition-id": client}),
+        }
+    )
+    if audit:
+        content["audit"] = ArrayRecord({"inputs": torch.rand(4, 1, 2, 2), "labels": torch.zeros(4)})
+    return Message(content=content, dst_node_id=client + 1, message_type="train")
+
+
+def _central(clip: float, noise: float, kind: str = "delta", lr: float = 0.1) -> CentralDP:
+    inner = FedAvg(fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1)
+    return CentralDP(
+        inner,
+        clip=clip,
+        noise=noise,
+        update_kind=kind,
+        learning_rate=lr,
+        seed=7,
+        delta=DELTA,
+    )
+
+
+def _round(
+    strategy, weights: dict[str, torch.Tensor], updates: list[dict[str, torch.Tensor]], r: int = 1
+) -> dict[str, torch.Tensor]:
+    messages = list(strategy.configure_train(r, ArrayRecord(weights), ConfigRecord(), Grid(3)))
+    assert len(messages) == len(updates)
+    replies = [
+        _reply(u, c, audit=isinstance(strategy, CuriousStrategy)) for c, u in enumerate(updates)
+    ]
+    aggregate, _ = strategy.aggregate_train(r, replies)
+    return dict(aggregate.to_torch_state_dict())
+
+
+def _norm(update: dict[str, torch.Tensor]) -> float:
+    return float(torch.sqrt(sum((v.double() ** 2).sum() for v in update.values())))
+
+
+def _updates(scales: tuple[float, ...]) -> list[dict[str, torch.Tensor]]:
+    return [{k: v * s for k, v in _weights(10 + i).items()} for i, s in enumerate(scales)]
+
+
+@pytest.mark.parametrize("kind", ["delta", "gradient"])
+def test_the_aggregate_is_the_mean_of_updates_clipped_to_c(kind: str) -> None:
+    clip, lr = 1.0, 0.1
+    updates = _updates((0.05, 0.5, 3.0))  # norms around 0.3, 3 and 18
+    # C bounds the change each client proposes: Δ in FedAvg, η·g in FedSGD.
+    step = 1.0 if kind == "delta" else lr
+    assert min(_norm(u) * step for u in updates) < clip < max(_norm(u) * step for u in updates)
+    # A buffer that was sent but is not part of any update (BatchNorm statistics) adds nothing.
+    weights = {**_weights(), "running_mean": torch.full((4,), 3.0)}
+    got = _round(_central(clip, 0.0, kind, lr), weights, updates)
+    assert got.keys() == updates[0].keys()
+    expected = {
+        k: sum(u[k] * min(1.0, clip / (_norm(u) * step)) for u in updates) / len(updates)
+        for k in updates[0]
+    }
+    for k in expected:
+        assert got[k].dtype == torch.float32
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-6, atol=1e-7)
+
+
+def test_the_noise_has_std_z_c_over_m_and_comes_from_the_seed() -> None:
+    clip, noise, m = 2.0, 1.5, 3
+    weights = {"w": torch.randn(200, 200, generator=torch.Generator().manual_seed(1))}
+    # Tiny updates, well inside C: the aggregate minus their mean is the noise alone.
+    updates = [{"w": torch.full((200, 200), 1e-4 * (i + 1))} for i in range(m)]
+    mean = sum(u["w"] for u in updates) / m
+    np.random.seed(123)
+    before = np.random.get_state()
+    first = _round(_central(clip, noise), weights, updates)["w"]
+    # Flower draws from NumPy's global generator; the caller's state is handed back untouched.
+    after = np.random.get_state()
+    assert all(np.array_equal(a, b) for a, b in zip(before[1:3], after[1:3], strict=True))
+    residual = (first - mean).double()
+    std = float(residual.std())
+    assert std == pytest.approx(noise * clip / m, rel=0.02)  # 40k draws: 2% is ~4.5 sigma
+    assert abs(float(residual.mean())) < 4 * std / math.sqrt(residual.numel())
+    again = _round(_central(clip, noise), weights, updates)["w"]
+    assert torch.equal(first, again)
+    other_round = _round(_central(clip, noise), weights, updates, r=2)["w"]
+    assert not torch.equal(first, other_round)
+
+
+def test_attacks_see_raw_updates_and_the_model_gets_the_clipped_noised_aggregate() -> None:
+    weights, updates = _weights(), _updates((0.5, 1.0, 2.0))
+    public = PublicSetting(
+        model=ModelSpec("mlp", (1, 2, 2), 3),
+        update_kind="delta",
+        learning_rate=0.1,
+        server_lr=1.0,
+        defense="none",
+        share_bn_statistics=False,
+    )
+    results = {}
+    for name, inner in (("plain", FedAvg(fraction_evaluate=0.0)), ("central", _central(1.0, 1.0))):
+        runner = Recorder()
+        strategy = CuriousStrategy(
+            inner, public, runner, Auditor(), attacks=("aux-mean",), clients_per_round=0, seed=7
+        )
+        results[name] = (_round(strategy, weights, updates), runner.jobs)
+        for job in runner.jobs:
+            raw = updates[job.observation.client_id]
+            assert job.observation.update.keys() == raw.keys()
+            assert all(torch.equal(job.observation.update[k], raw[k]) for k in raw)
+        assert sorted(job.observation.client_id for job in runner.jobs) == [0, 1, 2]
+    plain, central = results["plain"][0], results["central"][0]
+    mean = {k: sum(u[k] for u in updates) / 3 for k in weights}
+    torch.testing.assert_close(plain["w"], weights["w"] + mean["w"])
+    # The model moves by exactly what the wrapper releases (same seed, same round).
+    released = _round(_central(1.0, 1.0), weights, updates)
+    for k in weights:
+        torch.testing.assert_close(central[k], weights[k] + released[k])
+    assert not torch.allclose(central["w"], plain["w"], atol=1e-3)
+    assert strategy.central_epsilon() > 0
+    honest = CuriousStrategy(
+        FedAvg(), public, None, Auditor(), attacks=(), clients_per_round=0, seed=0
+    )
+    assert math.isnan(honest.central_epsilon())
+
+
+@pytest.mark.parametrize(
+    ("flat", "start"),
+    [
+        ({"defense.central-clip": -1.0}, "defense.central-clip=-1.0: expected a number >= 0"),
+        ({"defense.central-noise": "lots"}, "defense.central-noise='lots': expected a number"),
+        (
+            {"defense.central-noise": 1.0},
+            "defense.central-noise=1: central DP noise is calibrated to the clipping norm",
+        ),
+    ],
+)
+def test_bad_values_give_one_line_errors(flat: dict[str, object], start: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        parse_flat(flat)
+    assert str(error.value).startswith(start) and "\n" not in str(error.value)
+
+
+def test_config_keys_parse_and_print_back() -> None:
+    config = parse_flat({"defense.central-clip": 0.5, "defense.central-noise": 1.2})
+    assert (config.defense.central_clip, config.defense.central_noise) == (0.5, 1.2)
+    assert parse_flat(config.to_flat()) == config
+    assert parse_flat({}).defense.central_clip == 0.0  # off by default
+
+
+def _reference(rate: float, noise: float, releases: int) -> float:
+    accountant = RdpAccountant()
+    event = PoissonSampledDpEvent(rate, GaussianDpEvent(noise))
+    accountant.compose(SelfComposedDpEvent(event, releases))
+    return accountant.get_epsilon(DELTA)
+
+
+def test_central_epsilon_equals_the_accountant_and_grows_with_rounds() -> None:
+    # 3 of 10 clients a round, z = 1.1: Poisson-sampled Gaussian releases at rate 0.3.
+    curve = [central_epsilon(1.1, 10, {3: rounds}, DELTA) for rounds in (0, 1, 2, 5, 20)]
+    assert curve[0] == 0.0
+    assert all(a < b for a, b in itertools.pairwise(curve))
+    assert curve[3] == pytest.approx(_reference(0.3, 1.1, 5))
+    assert curve[4] == pytest.approx(_reference(0.3, 1.1, 20))
+    assert central_epsilon(0.0, 10, {3: 1}, DELTA) == math.inf
+    # With every client sampled, it is what Flower's own (no-amplification) accounting reports.
+    flower = FlowerAccountant(
+        PrivacyConfig(
+            target_delta=DELTA,
+            population_size=3,
+            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+            sampling_method=SamplingMethod.NO_AMPLIFICATION,
+        )
+    )
+    flower.compose(GaussianPrivacyEvent(1.1, 3, 3), count=4)
+    assert central_epsilon(1.1, 3, {3: 4}, DELTA) == pytest.approx(flower.get_epsilon(DELTA))
+    # The wrapper counts its releases with the m it sampled out of the grid's N.
+    strategy = _central(1.0, 1.1)
+    for r in (1, 2):
+        _round(strategy, _weights(), _updates((1.0, 1.0, 1.0)), r)
+    assert strategy.releases == {3: 2}
+    assert strategy.epsilon() == pytest.approx(_reference(1.0, 1.1, 2))
+
+
+def test_run_directories_written_before_central_dp_still_read(tmp_path: Path) -> None:
+    old = tmp_path / "utility.csv"
+    old.write_text(
+        "round,test_loss,test_accuracy,epsilon,num_replies,num_failures,"
+        "round_seconds,attack_seconds,payload_mb\n1,2.0,0.1,nan,3,0,1.0,0.5,0.1\n"
+    )
+    utility = read_utility_csv(old)
+    assert list(utility.columns) == list(UTILITY_COLUMNS)
+    assert utility["central_epsilon"].isna().all() and utility["num_replies"].tolist() == [3]
+
+
+def test_a_run_records_central_epsilon_in_utility_csv(tmp_path: Path) -> None:
+    args = ["run", "quickstart", "--out", str(tmp_path / "run"), "--num-clients", "3"]
+    settings = {
+        "num-server-rounds": "2",
+        "train.mode": "fedavg",
+        "train.local-steps": "2",
+        "data.aux-size": "50",
+        "attack.names": "aux-mean",
+        "attack.images-per-client": "0",
+        "defense.central-clip": "0.5",
+        "defense.central-noise": "1.0",
+    }
+    for key, value in settings.items():
+        args += ["--set", f"{key}={value}"]
+    assert main(args) == 0
+    utility = pd.read_csv(tmp_path / "run" / "utility.csv")
+    expected = [central_epsilon(1.0, 3, {3: r}, DELTA) for r in (0, 1, 2)]  # round 0: w_0
+    assert utility["central_epsilon"].tolist() == pytest.approx(expected)
+    assert utility["epsilon"].isna().all()  # no DP-SGD: no example-level guarantee
+    for shown in ("summary.md", "report.md"):
+        assert "central ε" in (tmp_path / "run" / shown).read_text()
