@@ -133,6 +133,20 @@ def test_the_aggregate_is_the_mean_of_updates_clipped_to_c(kind: str) -> None:
         torch.testing.assert_close(got[k], expected[k], rtol=1e-6, atol=1e-7)
 
 
+def test_zero_updates_count_in_the_mean_without_breaking_flowers_clipping() -> None:
+    clip = 1.0
+    updates = _updates((0.5, 3.0))
+    zero = {k: torch.zeros_like(v) for k, v in updates[0].items()}
+    got = _round(_central(clip, 0.0), _weights(), [*updates, zero])
+    expected = {k: sum(u[k] * min(1.0, clip / _norm(u)) for u in updates) / 3 for k in updates[0]}
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-6, atol=1e-7)
+    # All zero: the release is the noise alone, std z*C/m.
+    big = {"w": torch.zeros(200, 200)}
+    noise = _round(_central(clip, 1.5), {"w": torch.ones(200, 200)}, [big, big, big])["w"]
+    assert float(noise.double().std()) == pytest.approx(1.5 * clip / 3, rel=0.02)
+
+
 def test_the_noise_has_std_z_c_over_m_and_comes_from_the_seed() -> None:
     clip, noise, m = 2.0, 1.5, 3
     weights = {"w": torch.randn(200, 200, generator=torch.Generator().manual_seed(1))}

@@ -20,6 +20,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, Strategy
+from flwr.supercore.differential_privacy import add_gaussian_noise_inplace, compute_stdv
 
 from fedleak.attacks.types import UpdateKind
 from fedleak.config import RunConfig
@@ -109,23 +110,51 @@ class CentralDP(Strategy):
         """Rewrite updates as weights, clip + mean + seeded noise by Flower, back to an update.
 
         A round with a failed reply is not released (Flower's wrapper refuses it): (None, None).
+        An all-zero update (Flower's clipping would divide by its norm) adds nothing to the
+        clipped sum: it is left out and the others' mean, noised for their count k, is scaled
+        by k/m, which gives the same mean and the same noise std z·C/m as with it.
         """
         replies = list(replies)
         valid = [msg for msg in replies if not msg.has_error()]
         dtypes = {k: v.dtype for k, v in _arrays(valid[0].content[ARRAYS]).items()} if valid else {}
-        for msg in valid:
-            msg.content[ARRAYS] = self.as_weights(msg.content[ARRAYS])
+        sampled = self.dp.num_sampled_clients
+        complete = bool(valid) and len(valid) == len(replies)
+        nonzero = [msg for msg in valid if not _all_zero(msg.content[ARRAYS])]
+        kept = nonzero if complete and nonzero else replies
+        for msg in kept:
+            if not msg.has_error():
+                msg.content[ARRAYS] = self.as_weights(msg.content[ARRAYS])
         with seeded_global_numpy(self.seed, server_round):
-            aggregate, metrics = self.dp.aggregate_train(server_round, replies)
+            if complete and not nonzero:
+                aggregate, metrics = self._noise_only(server_round, kept, sampled)
+            else:
+                self.dp.num_sampled_clients = len(kept)
+                try:
+                    aggregate, metrics = self.dp.aggregate_train(server_round, kept)
+                finally:
+                    self.dp.num_sampled_clients = sampled
         if aggregate is None:
             return None, metrics
-        self.releases[self.dp.num_sampled_clients] += 1
+        self.releases[sampled] += 1
+        share = len(kept) / sampled if complete and nonzero else 1.0
         weights = _arrays(aggregate)
         update = {
-            k: ((weights[k] - self._sent[k]) / self.scale).astype(dtype)
+            k: ((weights[k] - self._sent[k]) / self.scale * share).astype(dtype)
             for k, dtype in dtypes.items()
         }
         return ArrayRecord({k: Array(v) for k, v in update.items()}), metrics
+
+    def _noise_only(
+        self, server_round: int, replies: list[Message], sampled: int
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Every update is zero: nothing to clip; the mean (w_t) plus Flower's noise."""
+        aggregate, metrics = self.dp.strategy.aggregate_train(server_round, replies)
+        if aggregate is None:
+            return None, metrics
+        arrays = aggregate.to_numpy_ndarrays()
+        std = compute_stdv(self.noise, self.dp.clipping_norm, sampled)
+        add_gaussian_noise_inplace(arrays, std)
+        return ArrayRecord(dict(zip(aggregate.keys(), map(Array, arrays), strict=True))), metrics
 
     def as_weights(self, update: ArrayRecord) -> ArrayRecord:
         """w_t + scale·u for every array that was sent (w_t alone where the reply has none,
@@ -158,6 +187,10 @@ class CentralDP(Strategy):
     def summary(self) -> None:
         """Flower's wrapper logs C and z, then the wrapped strategy."""
         self.dp.summary()
+
+
+def _all_zero(record: ArrayRecord) -> bool:
+    return not any(np.any(a) for a in record.to_numpy_ndarrays())
 
 
 def _arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
