@@ -2,7 +2,8 @@
 
 Prints, for the sigmoid LeNet (CIFAR shape, 15.8k parameters) and ResNet-20 (BatchNorm,
 270k parameters, hashed):
-- pair generation in pairs/s (aux gradients at w_t, the defense, block norm, hashing);
+- pair generation in pairs/s (aux gradients at w_t, the defense, block norm, hashing), and for
+  FedAvg deltas vectorised vs the client's computation one group at a time;
 - inverter training in pairs/s, and its ratio to the plain matrix-multiply bound of the MLP's
   first layer (forward + weight gradient of that layer alone, the cost no implementation avoids);
 - hashing in GB/s of float32 gradient, and its ratio to a plain read of the same tensor (sum).
@@ -21,6 +22,7 @@ import torch
 from fedleak.attacks.hashing import FeatureHasher
 from fedleak.attacks.inverter import Inverter, inversion_loss
 from fedleak.attacks.lti_pairs import Featuriser, PairSource, Unit, make_groups
+from fedleak.client.update import compute_update
 from fedleak.defenses import parse_defense_spec
 from fedleak.models import ModelSpec, build_model, count_parameters
 
@@ -61,6 +63,35 @@ def pair_generation(
     noise = torch.Generator(device=device).manual_seed(0)
     seconds = timed(lambda: source.features(noise), device, repeat=3)
     return pairs / seconds, count_parameters(model)
+
+
+def fedavg_pairs(pairs: int, device: torch.device) -> tuple[float, float]:
+    """pairs/s of FedAvg weight deltas (K = 3 steps of 2 over 4 examples, LeNet, prune:0.9):
+    the vectorised unroll of `PairSource`, and the client's `compute_update` group by group."""
+    spec = ModelSpec("lenet", (3, 32, 32), 10, init="uniform")
+    model = build_model(spec).to(device)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(pairs, 3, 32, 32, generator=gen).to(device)
+    y = (torch.arange(pairs) % 10).to(device)
+    pipeline = parse_defense_spec("prune:0.9")
+    unit = Unit("delta", 4, 2, 3, 0.1)
+    featuriser = Featuriser(
+        {n: p.numel() for n, p in model.named_parameters()}, None, 0, False, True
+    )
+    groups = make_groups(pairs, unit.size, gen, device)
+    noise = torch.Generator(device=device).manual_seed(0)
+
+    def vectorised() -> None:
+        PairSource(model, pipeline, unit, x, y, 10, groups, featuriser, 256, 1).features(noise)
+
+    def one_by_one() -> None:
+        for group in groups:
+            compute_update(model, x[group], y[group], 10, pipeline, unit.training(), noise)
+
+    return (
+        groups.shape[0] / timed(vectorised, device, repeat=2),
+        groups.shape[0] / timed(one_by_one, device, repeat=2),
+    )
 
 
 def training(
@@ -120,6 +151,12 @@ def main() -> None:
     for name, bins in (("lenet", None), ("lenet", 4096), ("resnet20", 4096), ("resnet20", 27_000)):
         rate, m = pair_generation(name, bins, args.pairs, "gauss:0.1", device)
         print(f"  {name:9s} m={m:7d} features={bins or m:6d}: {rate:8.1f} pairs/s")
+
+    vector, loop = fedavg_pairs(args.pairs, device)
+    print(
+        f"  lenet     FedAvg deltas (K=3, 4 examples): {vector:8.1f} pairs/s vectorised, "
+        f"{loop:8.1f} one group at a time, x{vector / loop:.1f}"
+    )
 
     print("\ninverter training (one epoch, Adam; bound = first layer's two matmuls alone)")
     settings = [

@@ -272,7 +272,7 @@ def test_parallel_cells_run_in_worker_processes(tmp_path: Path) -> None:
 
 def test_presets_are_listed_loaded_and_valid() -> None:
     listed = list_presets()
-    assert {"lti-table", "defense-tradeoff", "leakage-over-rounds"} <= set(listed)
+    assert {"lti-table", "defense-tradeoff", "leakage-over-rounds", "dp-frontier"} <= set(listed)
     assert all(listed.values()), "every preset needs a '# description:' line"
     assert is_sweep("lti-table") and is_sweep("defense-tradeoff")
     assert not is_sweep("leakage-over-rounds")
@@ -284,6 +284,9 @@ def test_presets_are_listed_loaded_and_valid() -> None:
     assert all(c.config.model.name == "lenet" for c in lti.cells)
     tradeoff = load_sweep("defense-tradeoff")
     assert {c.config.train.batch_size for c in tradeoff.cells} == {1, 16, 32}
+    dp = load_sweep("dp-frontier")
+    assert sum(c.config.defense.spec.startswith("dpsgd") for c in dp.cells) == 3
+    assert {c.config.defense.central_noise for c in dp.cells} == {0.0, 0.3, 1.0}
     with pytest.raises(ConfigError, match=r"is a sweep; run it with `fedleak sweep lti-table`"):
         load_preset("lti-table")
     with pytest.raises(ConfigError, match=r"preset 'nope': unknown; expected one of "):
