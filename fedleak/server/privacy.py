@@ -54,6 +54,7 @@ to the server.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -228,6 +229,15 @@ def _epsilon(
             sampling_method=SamplingMethod.POISSON,
         )
     )
-    for sample, count in events:
-        accountant.compose(GaussianPrivacyEvent(noise_multiplier, sample, population), count=count)
-    return accountant.get_epsilon(delta)
+    # At small multipliers dp-accounting logs each Rényi order whose series did not converge;
+    # it drops those orders, so ε stays a valid bound, and the lines would drown the run log.
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        for sample, count in events:
+            event = GaussianPrivacyEvent(noise_multiplier, sample, population)
+            accountant.compose(event, count=count)
+        return accountant.get_epsilon(delta)
+    finally:
+        absl.setLevel(level)
