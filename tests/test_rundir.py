@@ -18,6 +18,7 @@ from fedleak.report.rundir import (
     RunDirectory,
     RunDirectoryError,
     console_line,
+    read_leakage_parquet,
 )
 
 
@@ -192,3 +193,16 @@ def test_state_dir_and_console_line(run: RunDirectory) -> None:
     line = console_line(3, _utility(0.42), _rows(3, 20.0))
     assert line.startswith("round 3 | acc 0.420")
     assert "ig PSNR 20.5 LPIPS 0.200" in line and "aux-mean - (1 failed)" in line
+
+
+def test_leakage_written_before_the_diagnostics_column_still_reads(tmp_path: Path) -> None:
+    old = tmp_path / "leakage.parquet"
+    columns = [c for c in LEAKAGE_COLUMNS if c != "diagnostics"]
+    row = {
+        c: (1 if LEAKAGE_COLUMNS[c] == "int64" else "x" if LEAKAGE_COLUMNS[c] == "str" else 0.5)
+        for c in columns
+    }
+    pd.DataFrame([row]).to_parquet(old)
+    leakage = read_leakage_parquet(old)
+    assert list(leakage.columns) == list(LEAKAGE_COLUMNS)
+    assert leakage["diagnostics"].tolist() == [""] and leakage["psnr"].tolist() == [0.5]
