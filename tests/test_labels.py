@@ -23,14 +23,7 @@ from fedleak.models import ModelSpec, build_model
 NUM_CLASSES = 10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These problems are small enough that per-op overhead dominates: one intra-op thread is
-    faster, and on a shared 2-core machine two threads wait on each other (measured ~10x)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

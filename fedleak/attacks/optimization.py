@@ -338,6 +338,26 @@ def _finish(
     )
 
 
+def start(
+    attack_seed_base: int,
+    observation: Observation,
+    knowledge: AttackerKnowledge,
+    config: InversionConfig,
+    bn_mode: str,
+    initial: Tensor | None,
+) -> tuple[Problem, torch.Generator, list[Tensor]]:
+    """The problem, its seeded generator and the optimised variables: dummy inputs (from
+    `initial` for the first restart when given) and, without recovered labels, label logits."""
+    seed = attack_seed(attack_seed_base, knowledge, observation)
+    problem = prepare(observation, knowledge, config, bn_mode, seed)
+    generator = torch.Generator(device=problem.device).manual_seed(seed)
+    variables = [initial_inputs(problem, config.init, knowledge, generator, initial)]
+    if problem.labels is None:
+        shape = (problem.problems, problem.samples, observation.model.num_classes)
+        variables.append(torch.randn(shape, generator=generator, device=problem.device))
+    return problem, generator, variables
+
+
 def _soft_labels(problem: Problem, variables: Sequence[Tensor]) -> Tensor:
     if problem.labels is not None:
         return problem.labels
@@ -370,13 +390,7 @@ class DLG:
         """Invert the observation within the budget; `initial` starts the first restart from
         a given guess (layout of `Reconstruction.inputs`) instead of noise."""
         cfg = self.config
-        seed = attack_seed(self.seed, knowledge, observation)
-        problem = prepare(observation, knowledge, cfg, "auto", seed)
-        generator = torch.Generator(device=problem.device).manual_seed(seed)
-        variables = [initial_inputs(problem, cfg.init, knowledge, generator, initial)]
-        if problem.labels is None:
-            shape = (problem.problems, problem.samples, observation.model.num_classes)
-            variables.append(torch.randn(shape, generator=generator, device=problem.device))
+        problem, _, variables = start(self.seed, observation, knowledge, cfg, "auto", initial)
 
         def objective(v: Sequence[Tensor], _iteration: int | None) -> tuple[Tensor, Tensor]:
             out = problem.replay(v[0], _soft_labels(problem, v), problem.matching.needs_per_sample)
@@ -437,13 +451,9 @@ class InvertingGradients:
         """Invert the observation within the budget; `initial` starts the first restart from
         a given guess (layout of `Reconstruction.inputs`) instead of noise."""
         cfg = self.config
-        seed = attack_seed(self.seed, knowledge, observation)
-        problem = prepare(observation, knowledge, cfg, cfg.bn_mode, seed)
-        generator = torch.Generator(device=problem.device).manual_seed(seed)
-        variables = [initial_inputs(problem, cfg.init, knowledge, generator, initial)]
-        if problem.labels is None:
-            shape = (problem.problems, problem.samples, observation.model.num_classes)
-            variables.append(torch.randn(shape, generator=generator, device=problem.device))
+        problem, generator, variables = start(
+            self.seed, observation, knowledge, cfg, cfg.bn_mode, initial
+        )
         total = int(budget.max_iterations)
         absolute = problem.sign_flipped
         use_bn = problem.bn_reference is not None
