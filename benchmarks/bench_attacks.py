@@ -19,9 +19,9 @@ import torch
 
 from fedleak.attacks.registry import build_attack
 from fedleak.attacks.types import AttackerKnowledge, Budget, Observation
-from fedleak.client.update import LocalTraining, compute_update
 from fedleak.defenses import parse_defense_spec
 from fedleak.models import ModelSpec, build_model
+from fedleak.training.update import LocalTraining, compute_update
 
 SHAPE = (3, 32, 32)
 CLASSES = 10

@@ -19,12 +19,12 @@ from collections.abc import Callable
 
 import torch
 
-from fedleak.attacks.hashing import FeatureHasher
-from fedleak.attacks.inverter import Inverter, inversion_loss
-from fedleak.attacks.lti_pairs import Featuriser, PairSource, Unit, make_groups
-from fedleak.client.update import compute_update
+from fedleak.attacks.learned.hashing import FeatureHasher
+from fedleak.attacks.learned.inverter import Inverter, inversion_loss
+from fedleak.attacks.learned.pairs import Featuriser, PairSource, Unit, make_groups
 from fedleak.defenses import parse_defense_spec
 from fedleak.models import ModelSpec, build_model, count_parameters
+from fedleak.training.update import compute_update
 
 
 def timed(fn: Callable[[], object], device: torch.device, repeat: int = 5) -> float:

@@ -19,8 +19,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from fedleak.client.gradients import batch_gradient, per_sample_gradients
 from fedleak.models import ModelSpec, build_model
+from fedleak.training.gradients import batch_gradient, per_sample_gradients
 
 
 def _median_seconds(work: Callable[[], object], repeats: int) -> float:

@@ -114,8 +114,8 @@ def _timed(work, repeats: int) -> float:
 def gpu_kernels() -> None:
     from fedleak.attacks.registry import build_attack
     from fedleak.attacks.types import AttackerKnowledge, Budget, Observation
-    from fedleak.client.gradients import batch_gradient, per_sample_gradients
     from fedleak.models import ModelSpec, build_model
+    from fedleak.training.gradients import batch_gradient, per_sample_gradients
 
     print(f"\n3a. on {torch.cuda.get_device_name(0)}")
     device = torch.device("cuda")

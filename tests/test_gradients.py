@@ -9,20 +9,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedleak.client.gradients import (
+from fedleak.defenses import DPSGD, MixUp, parse_defense_spec
+from fedleak.models import ModelSpec, build_model
+from fedleak.training.gradients import (
     PerSampleRefused,
     batch_gradient,
     batchnorm_statistics,
     per_sample_gradients,
 )
-from fedleak.client.update import (
+from fedleak.training.update import (
     ClientUpdate,
     LocalTraining,
     LocalTrainingError,
     compute_update,
 )
-from fedleak.defenses import DPSGD, MixUp, parse_defense_spec
-from fedleak.models import ModelSpec, build_model
 
 NO_DEFENSE = parse_defense_spec("none")
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedleak.attacks.hashing import FeatureHasher, HashingError, resolve_num_bins
-from fedleak.attacks.inverter import Inverter
-from fedleak.attacks.lti_pairs import Featuriser
+from fedleak.attacks.learned.hashing import FeatureHasher, HashingError, resolve_num_bins
+from fedleak.attacks.learned.inverter import Inverter
+from fedleak.attacks.learned.pairs import Featuriser
 
 
 def explicit_projection(hasher: FeatureHasher) -> torch.Tensor:

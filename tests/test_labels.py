@@ -14,11 +14,11 @@ import torch
 from fedleak.attacks import labels as L
 from fedleak.attacks.registry import build_attack
 from fedleak.attacks.types import AttackerKnowledge, Budget, Observation
-from fedleak.client.gradients import per_sample_gradients
-from fedleak.client.update import LocalTraining, compute_update
 from fedleak.data import load_dataset
 from fedleak.defenses import parse_defense_spec
 from fedleak.models import ModelSpec, build_model
+from fedleak.training.gradients import per_sample_gradients
+from fedleak.training.update import LocalTraining, compute_update
 
 NUM_CLASSES = 10
 

@@ -17,9 +17,7 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from fedleak.attacks.config import IGConfig
-from fedleak.attacks.inverter import Inverter, InverterError, best_assignment, inversion_loss
-from fedleak.attacks.learned import (
+from fedleak.attacks.learned.attack import (
     LTI_PRESETS,
     LearningToInvert,
     LTIConfig,
@@ -31,13 +29,20 @@ from fedleak.attacks.learned import (
     lti_config,
     psnr_per_image,
 )
-from fedleak.attacks.lti_pairs import Featuriser, PairSource, Unit, make_groups
-from fedleak.attacks.optimization import InvertingGradients
+from fedleak.attacks.learned.inverter import (
+    Inverter,
+    InverterError,
+    best_assignment,
+    inversion_loss,
+)
+from fedleak.attacks.learned.pairs import Featuriser, PairSource, Unit, make_groups
+from fedleak.attacks.optimization.attacks import InvertingGradients
+from fedleak.attacks.optimization.config import IGConfig
 from fedleak.attacks.types import AttackerKnowledge, Budget, Observation
-from fedleak.client.update import LocalTraining, compute_update
 from fedleak.data import auxiliary, build_federated_data
 from fedleak.defenses import parse_defense_spec
 from fedleak.models import ModelSpec, build_model
+from fedleak.training.update import LocalTraining, compute_update
 
 LENET = ModelSpec("lenet", (1, 28, 28), 10, init="uniform", seed=0)
 NO_LIMIT = Budget(max_iterations=1, max_seconds=1e9)

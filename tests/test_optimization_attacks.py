@@ -17,9 +17,10 @@ import math
 import pytest
 import torch
 
-from fedleak.attacks.config import AttackConfigError
-from fedleak.attacks.engine import BatchedLBFGS, Settings, StepDecay, optimise
-from fedleak.attacks.losses import (
+from fedleak.attacks.optimization.attacks import ObservationError
+from fedleak.attacks.optimization.config import AttackConfigError
+from fedleak.attacks.optimization.engine import BatchedLBFGS, Settings, StepDecay, optimise
+from fedleak.attacks.optimization.losses import (
     MatchingLoss,
     choose_matching,
     cosine_distance,
@@ -27,14 +28,13 @@ from fedleak.attacks.losses import (
     tanh_mean,
     total_variation,
 )
-from fedleak.attacks.optimization import ObservationError
 from fedleak.attacks.registry import ATTACK_NAMES, UnknownAttackError, build_attack
 from fedleak.attacks.types import AttackerKnowledge, Budget, Observation
-from fedleak.client.update import LocalTraining, compute_update
 from fedleak.data import load_dataset
 from fedleak.defenses import parse_defense_spec
 from fedleak.metrics.image import psnr
 from fedleak.models import ModelSpec, build_model
+from fedleak.training.update import LocalTraining, compute_update
 
 NUM_CLASSES = 10
 

@@ -19,12 +19,12 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedleak.attacks.registry import build_attack
 from fedleak.attacks.types import AttackerKnowledge, Budget, Observation
-from fedleak.client.app import _reply_content, federated_data, local_training, model_spec
-from fedleak.client.update import compute_update
 from fedleak.config import RunConfig, parse_flat
 from fedleak.data import auxiliary, client_batch
 from fedleak.defenses import parse_defense_spec
+from fedleak.messages import reply_content
 from fedleak.models import build_model
+from fedleak.runtime import federated_data, local_training, model_spec
 from fedleak.server.payload import (
     PayloadBudgetError,
     check_payload,
@@ -45,6 +45,7 @@ from fedleak.server.pool import (
 )
 from fedleak.server.runner import AttackJob, InlineRunner
 from fedleak.simulations.launch import run_study
+from fedleak.training.update import compute_update
 
 ATTACKS = ("aux-mean", "ig")
 
@@ -287,7 +288,7 @@ def test_the_estimate_is_what_a_client_sends(flat: dict[str, object]) -> None:
         share_bn_statistics=config.threat.bn_stats == "shared",
     )
     reply = Message(
-        content=_reply_content(update, x, y, 0, config), dst_node_id=1, message_type="train"
+        content=reply_content(update, x, y, 0, config), dst_node_id=1, message_type="train"
     )
     payload = estimate_payload(config, spec, num_clients=3)
     assert payload.reply == reply_bytes(reply)

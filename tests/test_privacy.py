@@ -16,8 +16,8 @@ from dp_accounting.rdp import RdpAccountant
 from scipy.optimize import brentq
 from scipy.stats import norm
 
-from fedleak.client.app import federated_data
 from fedleak.config import parse_flat
+from fedleak.runtime import federated_data
 from fedleak.server.privacy import PrivacyLedger
 
 DELTA = 1e-5

@@ -14,8 +14,9 @@ PACKAGE = Path(fedleak.__file__).parent
 # Rooms and what each may import (DESIGN.md); `fedleak.config` is open to the rooms that read
 # run settings.
 ALLOWED = {
-    "attacks": {"attacks", "models", "defenses", "client"},
-    "client": {"client", "data", "models", "defenses", "config"},
+    "attacks": {"attacks", "models", "defenses", "training"},
+    "client": {"client", "data", "models", "defenses", "training", "config", "runtime", "messages"},
+    "training": {"training", "models", "defenses"},
     "data": {"data", "config"},
     "models": {"models"},
     "defenses": {"defenses", "models"},

@@ -1,7 +1,7 @@
 """Attacks by name: `build_attack("ig", {"restarts": 2}, seed=0)`.
 
 `ATTACKS` maps each name to a factory `(params, seed) -> Attack`; hyper-parameters and their
-defaults are documented in `fedleak.attacks.config`.
+defaults are documented in `fedleak.attacks.optimization.config`.
 """
 
 from __future__ import annotations
@@ -9,15 +9,15 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 from fedleak.attacks.baseline import AuxMeanBaseline
-from fedleak.attacks.config import (
+from fedleak.attacks.learned.attack import build_lti, build_lti_ig
+from fedleak.attacks.optimization.attacks import DLG, InvertingGradients, StepwiseInversion
+from fedleak.attacks.optimization.config import (
     DLGConfig,
     GradInversionConfig,
     IGConfig,
     StepwiseConfig,
     configure,
 )
-from fedleak.attacks.learned import build_lti, build_lti_ig
-from fedleak.attacks.optimization import DLG, InvertingGradients, StepwiseInversion
 from fedleak.attacks.types import Attack
 
 Factory = Callable[[Mapping[str, object], int], Attack]

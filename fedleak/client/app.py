@@ -10,69 +10,20 @@ import functools
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedleak.client.update import ClientUpdate, LocalTraining, compute_update
 from fedleak.config import RunConfig, parse_flat
-from fedleak.data import FederatedData, build_federated_data, client_batch
+from fedleak.data import client_batch
 from fedleak.defenses import parse_defense_spec
+from fedleak.messages import reply_content
 from fedleak.models import build_model
-from fedleak.models.spec import ModelSpec
+from fedleak.runtime import federated_data, local_training, model_spec, resolve_device
+from fedleak.training.update import compute_update
 
 
 class InjectedClientFailure(RuntimeError):
     """Raised on purpose (`sim.fail-rate`) to exercise the server's handling of failed clients."""
-
-
-def resolve_device(requested: str) -> torch.device:
-    """`auto` takes CUDA when this process can see a GPU."""
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device='cuda' but no CUDA device is visible to this process")
-    if requested == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda")
-
-
-def federated_data(config: RunConfig, num_partitions: int) -> FederatedData:
-    """The run's data split, identical in every client and in the server."""
-    data = config.data
-    return build_federated_data(
-        data.dataset,
-        data.data_dir or None,
-        num_partitions,
-        data.partition,
-        config.seed,
-        alpha=data.dirichlet_alpha,
-        shards_per_partition=data.shards_per_client,
-        aux_size=data.aux_size,
-        aux_beta=data.aux_beta,
-        test_fraction=data.test_fraction,
-        public_size=data.public_size,
-    )
-
-
-def model_spec(config: RunConfig, fd: FederatedData) -> ModelSpec:
-    """The public architecture, shaped by the data set."""
-    return ModelSpec(
-        name=config.model.name,
-        input_shape=fd.dataset.input_shape,
-        num_classes=fd.dataset.num_classes,
-        init=config.model.init,
-        seed=config.seed,
-    )
-
-
-def local_training(config: RunConfig) -> LocalTraining:
-    """What every client declares about its local computation."""
-    train = config.train
-    return LocalTraining(
-        mode=train.mode,
-        batch_size=train.batch_size,
-        local_steps=train.local_steps,
-        learning_rate=train.lr,
-        share=config.threat.share,
-    )
 
 
 def _seed_of(*parts: int) -> int:
@@ -113,42 +64,7 @@ def train_reply(msg: Message, context: Context, config: RunConfig) -> Message:
         public=public,
         share_bn_statistics=config.threat.bn_stats == "shared",
     )
-    return Message(content=_reply_content(update, x, y, partition_id, config), reply_to=msg)
-
-
-def _cpu(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
-    return ArrayRecord({name: t.detach().float().cpu().contiguous() for name, t in tensors.items()})
-
-
-def _reply_content(
-    update: ClientUpdate, x: torch.Tensor, y: torch.Tensor, partition_id: int, config: RunConfig
-) -> RecordDict:
-    metrics = MetricRecord(
-        {
-            "num-examples": update.num_examples,
-            "partition-id": partition_id,
-            "batch-size": config.train.batch_size,
-            "local-steps": config.train.local_steps,
-            "learning-rate": config.train.lr,
-            "train-loss": float(update.loss),
-        }
-    )
-    audit = {"inputs": x, "labels": y}
-    if update.encoded is not None:
-        audit["encoded"] = update.encoded.inputs
-        audit["sources"] = update.encoded.sources
-    content = RecordDict(
-        {
-            "arrays": _cpu(update.update),
-            "metrics": metrics,
-            "audit": ArrayRecord({k: v.detach().cpu().contiguous() for k, v in audit.items()}),
-        }
-    )
-    if update.per_sample is not None:
-        content["per-sample"] = _cpu(update.per_sample)
-    if update.bn_statistics is not None:
-        content["bn-stats"] = _cpu(update.bn_statistics)
-    return content
+    return Message(content=reply_content(update, x, y, partition_id, config), reply_to=msg)
 
 
 @functools.lru_cache(maxsize=8)

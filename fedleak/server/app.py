@@ -20,11 +20,11 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedleak.attacks.registry import build_attack
 from fedleak.attacks.types import AttackerKnowledge, Budget
-from fedleak.client.app import federated_data, model_spec, resolve_device
 from fedleak.config import RunConfig, parse_flat
 from fedleak.data import FederatedData, auxiliary
 from fedleak.models import build_model
 from fedleak.report.rundir import RunDirectory, console_line
+from fedleak.runtime import federated_data, model_spec, resolve_device
 from fedleak.server.auditor import Auditor, GroundTruth
 from fedleak.server.central_dp import CentralDP
 from fedleak.server.payload import check_payload

@@ -46,7 +46,7 @@ import torch
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
 from fedleak.attacks.baseline import AuxMeanBaseline
-from fedleak.attacks.optimization import DLG, InvertingGradients
+from fedleak.attacks.optimization.attacks import DLG, InvertingGradients
 from fedleak.attacks.registry import build_attack
 from fedleak.attacks.types import Attack, AttackerKnowledge, Budget, Observation, Reconstruction
 from fedleak.config import ConfigError, RunConfig

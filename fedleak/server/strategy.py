@@ -20,6 +20,15 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedleak.attacks.types import Observation, UpdateKind
+from fedleak.messages import (
+    ARRAYS,
+    AUDIT,
+    BN_STATS,
+    EXTRA_RECORDS,
+    METRICS,
+    PER_SAMPLE,
+    tensors_of,
+)
 from fedleak.models.spec import ModelSpec
 from fedleak.server.auditor import Auditor, GroundTruth
 from fedleak.server.central_dp import CentralDP
@@ -27,10 +36,6 @@ from fedleak.server.payload import reply_bytes
 from fedleak.server.runner import AttackJob, AttackResult, AttackRunner
 
 log = logging.getLogger(__name__)
-
-# Records beyond FedAvg's one ArrayRecord + one MetricRecord; all are stripped before aggregating.
-AUDIT, PER_SAMPLE, BN_STATS, BUFFERS = "audit", "per-sample", "bn-stats", "buffers"
-EXTRA_RECORDS = (AUDIT, PER_SAMPLE, BN_STATS, BUFFERS)
 
 
 @dataclass(frozen=True)
@@ -52,10 +57,6 @@ class ClientReply:
 
     observation: Observation
     truth: GroundTruth
-
-
-def _tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    return dict(record.to_torch_state_dict())
 
 
 def _metric(metrics: MetricRecord, key: str, default: float) -> float:
@@ -108,7 +109,7 @@ class CuriousStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Remember w_t (the attacker's view and the FedSGD step both need it), then delegate."""
-        self.global_weights = _tensors(arrays)
+        self.global_weights = tensors_of(arrays)
         messages = list(
             self.inner.configure_train(server_round + self.round_offset, arrays, config, grid)
         )
@@ -141,23 +142,23 @@ class CuriousStrategy(Strategy):
         aggregate, metrics = self.inner.aggregate_train(server_round, replies)
         if aggregate is None:
             return None, metrics
-        return ArrayRecord(self.step(_tensors(aggregate), split)), metrics
+        return ArrayRecord(self.step(tensors_of(aggregate), split)), metrics
 
     def split(self, server_round: int, msg: Message) -> ClientReply:
         """The attacker's view and the auditor's view of one reply."""
         content = msg.content
-        metrics = content["metrics"]
+        metrics = content[METRICS]
         client_id = int(_metric(metrics, "partition-id", -1))
-        per_sample = _tensors(content[PER_SAMPLE]) if PER_SAMPLE in content else None
+        per_sample = tensors_of(content[PER_SAMPLE]) if PER_SAMPLE in content else None
         bn_stats = None
         if self.public.share_bn_statistics and BN_STATS in content:
-            bn_stats = _tensors(content[BN_STATS])
+            bn_stats = tensors_of(content[BN_STATS])
         observation = Observation(
             round=server_round,
             client_id=client_id,
             model=self.public.model,
             weights=self.global_weights,
-            update=_tensors(content["arrays"]),
+            update=tensors_of(content[ARRAYS]),
             update_kind=self.public.update_kind,
             num_examples=int(_metric(metrics, "num-examples", 0)),
             batch_size=int(_metric(metrics, "batch-size", 0)),
@@ -167,7 +168,7 @@ class CuriousStrategy(Strategy):
             per_sample_updates=per_sample,
             bn_statistics=bn_stats,
         )
-        truth = GroundTruth.from_audit(client_id, _tensors(content[AUDIT]))
+        truth = GroundTruth.from_audit(client_id, tensors_of(content[AUDIT]))
         return ClientReply(observation, truth)
 
     def chosen(self, server_round: int, split: list[ClientReply]) -> list[ClientReply]:

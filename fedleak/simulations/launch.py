@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
-from fedleak.client.app import federated_data, make_client_app, model_spec
+from fedleak.client.app import make_client_app
 from fedleak.config import RunConfig
 from fedleak.report.rundir import RunDirectory
+from fedleak.runtime import federated_data, model_spec
 from fedleak.server.app import default_run_dir, make_server_app
 from fedleak.server.payload import check_payload
 from fedleak.server.pool import ray_init_args

@@ -15,14 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fedleak.client.gradients import (
+from fedleak.defenses import DPSGD, DefensePipeline, EncodedBatch
+from fedleak.models import has_batchnorm
+from fedleak.training.gradients import (
     Params,
     batch_gradient_with_loss,
     batchnorm_statistics,
     per_sample_gradients_with_loss,
 )
-from fedleak.defenses import DPSGD, DefensePipeline, EncodedBatch
-from fedleak.models import has_batchnorm
 
 _MODES = ("fedsgd", "fedavg")
 _SHARES = ("batch", "per-sample")

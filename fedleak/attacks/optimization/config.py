@@ -18,7 +18,7 @@ Sources (texts in `shared/seeds/`):
   Three threat models for the statistics: `exact` (the client shared its batch statistics:
   they are the prior's target), `infer` (the running statistics are the prior's target) and
   `proxy` (normalise with the running statistics). In `exact` and `infer` the dummy batch is
-  normalised with its own statistics, as the client's was (see `fedleak.attacks.replay`).
+  normalised with its own statistics, as the client's was (see `replay`).
 - Stepwise high-fidelity inversion (HFGradInv, Ye et al. 2024): match the gradients of the
   deepest layers first and add shallower layers stage by stage, with gradient dropout 0.3,
   switching on TV and then the BatchNorm prior at later stages.
@@ -26,7 +26,7 @@ Sources (texts in `shared/seeds/`):
   hinge on sign agreement with one client's release (the sign of its batch-mean update, any B),
   and the cosine to the mean of tanh'ed dummy updates, one per client, for the aggregate-only
   view's mean of signs; under pruning the cosine over the kept coordinates only (see
-  `fedleak.attacks.losses` for why the hinge also serves B > 1).
+  `fedleak.attacks.optimization.losses` for why the hinge also serves B > 1).
 
 Every field can be set through `build_attack(name, params)` (dashes or underscores).
 """

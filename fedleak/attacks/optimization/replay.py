@@ -87,7 +87,7 @@ def _swap_batchnorm(module: nn.Module, mode: str) -> list[tuple[str, InversionBa
 class ClientProtocol:
     """What the client declared: FedSGD (`gradient`, one batch gradient) or FedAvg (`delta`,
     `local_steps` SGD steps of `batch_size` on N-cyclic mini-batches, step k starting at sample
-    k * batch_size mod N, as `fedleak.client.update` computes it)."""
+    k * batch_size mod N, as `fedleak.training.update` computes it)."""
 
     kind: UpdateKind
     local_steps: int = 1

@@ -37,12 +37,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, replace_all_batch_norm_modules_, vmap
 
-from fedleak.attacks.hashing import FeatureHasher, resolve_num_bins
-from fedleak.attacks.replay import ClientProtocol, Replay
-from fedleak.client.gradients import per_sample_gradients, refuse_batchnorm
-from fedleak.client.update import LocalTraining, compute_update
+from fedleak.attacks.learned.hashing import FeatureHasher, resolve_num_bins
+from fedleak.attacks.optimization.replay import ClientProtocol, Replay
 from fedleak.defenses import DPSGD, DefensePipeline, GaussianNoise
 from fedleak.models import has_batchnorm
+from fedleak.training.gradients import per_sample_gradients, refuse_batchnorm
+from fedleak.training.update import LocalTraining, compute_update
 
 Params = dict[str, Tensor]
 UnitKind = Literal["gradient", "delta"]

@@ -1,7 +1,7 @@
 """Learning To Invert (LTI; Wu, Chen, Guo, Weinberger): a learned, defense-adaptive inversion.
 
 The server knows w_t and owns auxiliary data, so it computes the updates its own samples
-would produce, passes them through the clients' public defense (`lti_pairs`), and trains an
+would produce, passes them through the clients' public defense (`pairs`), and trains an
 MLP g_theta (`inverter`) that maps an update back to images and labels. The global model
 changes every round, so the inverter is refreshed: `retrain` (from scratch each round),
 `finetune` (warm start from the previous round for `finetune_epochs`; the default) or `frozen`
@@ -10,7 +10,7 @@ changes every round, so the inverter is refreshed: `retrain` (from scratch each 
 One inverted update stands for one sample (B = 1, or each row of per-sample updates), a
 FedSGD batch of B (B images out, loss matched by assignment) or a FedAvg client's N examples
 after K local steps; how its training pairs are computed, BatchNorm models included, is in
-`fedleak.attacks.lti_pairs`.
+`fedleak.attacks.learned.pairs`.
 
 Budget: the training length comes from `LTIConfig` (epochs, early stopping), not from
 `Budget.max_iterations`; `Budget.max_seconds` bounds training + inference of one call, and
@@ -34,10 +34,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from fedleak.attacks.config import IGConfig, configure
-from fedleak.attacks.inverter import ACTIVATIONS, Inverter, best_assignment, inversion_loss
-from fedleak.attacks.lti_pairs import Featuriser, PairSource, Unit, make_groups
-from fedleak.attacks.optimization import InvertingGradients
+from fedleak.attacks.learned.inverter import ACTIVATIONS, Inverter, best_assignment, inversion_loss
+from fedleak.attacks.learned.pairs import Featuriser, PairSource, Unit, make_groups
+from fedleak.attacks.optimization.attacks import InvertingGradients
+from fedleak.attacks.optimization.config import IGConfig, configure
 from fedleak.attacks.types import AttackerKnowledge, Budget, Observation, Reconstruction
 from fedleak.defenses import DefensePipeline, parse_defense_spec
 from fedleak.models import build_model

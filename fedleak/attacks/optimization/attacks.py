@@ -4,9 +4,9 @@ stepwise high-fidelity inversion. Each implements the `Attack` protocol.
 One observation becomes T = targets x restarts independent problems: one target for a batch
 update (its b = num_examples images are optimised together), or one per sample when the run
 shares per-sample updates (b = 1 each). All problems are optimised as one batched problem
-(`fedleak.attacks.engine`), the dummy updates come from replaying the client's declared
-computation (`fedleak.attacks.replay`: FedSGD gradient, or FedAvg's K local steps unrolled),
-and the matching loss follows the public defense spec (`fedleak.attacks.losses`).
+(`engine`), the dummy updates come from replaying the client's declared computation (`replay`:
+FedSGD gradient, or FedAvg's K local steps unrolled), and the matching loss follows the public
+defense spec (`losses`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedleak.attacks import labels as label_recovery
-from fedleak.attacks.config import (
+from fedleak.attacks.optimization.config import (
     GRADATTACK_TV,
     IG_TV,
     DLGConfig,
@@ -30,14 +30,19 @@ from fedleak.attacks.config import (
     InversionConfig,
     StepwiseConfig,
 )
-from fedleak.attacks.engine import Outcome, Settings, StepDecay, optimise
-from fedleak.attacks.losses import (
+from fedleak.attacks.optimization.engine import Outcome, Settings, StepDecay, optimise
+from fedleak.attacks.optimization.losses import (
     MatchingLoss,
     batchnorm_prior,
     choose_matching,
     total_variation,
 )
-from fedleak.attacks.replay import ClientProtocol, Replay, Statistics, shared_statistics
+from fedleak.attacks.optimization.replay import (
+    ClientProtocol,
+    Replay,
+    Statistics,
+    shared_statistics,
+)
 from fedleak.attacks.types import AttackerKnowledge, Budget, Observation, Reconstruction
 from fedleak.defenses import DefensePipeline, InstaHide, SignCompression, parse_defense_spec
 from fedleak.models import build_model, has_batchnorm

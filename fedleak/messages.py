@@ -1,0 +1,61 @@
+"""The reply format between a client and the curious server, defined once for both sides.
+
+A reply holds the records FedAvg aggregates (`arrays`: the shared update; `metrics`: what the
+client declares) and extra records that the strategy splits off before aggregating: the audit
+batch (ground truth, simulation only), per-sample updates, BatchNorm batch statistics and the
+client's BatchNorm buffers after its local computation.
+"""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
+
+from fedleak.config import RunConfig
+from fedleak.training.update import ClientUpdate
+
+ARRAYS, METRICS = "arrays", "metrics"
+AUDIT, PER_SAMPLE, BN_STATS, BUFFERS = "audit", "per-sample", "bn-stats", "buffers"
+EXTRA_RECORDS = (AUDIT, PER_SAMPLE, BN_STATS, BUFFERS)
+
+
+def as_record(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
+    """Float32 CPU copies (Flower's `Array` takes no bfloat16, and records cross processes)."""
+    return ArrayRecord({name: t.detach().float().cpu().contiguous() for name, t in tensors.items()})
+
+
+def tensors_of(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    """A record's arrays as torch tensors, by name."""
+    return dict(record.to_torch_state_dict())
+
+
+def reply_content(
+    update: ClientUpdate, x: torch.Tensor, y: torch.Tensor, partition_id: int, config: RunConfig
+) -> RecordDict:
+    """Everything a simulated client sends back for one round."""
+    metrics = MetricRecord(
+        {
+            "num-examples": update.num_examples,
+            "partition-id": partition_id,
+            "batch-size": config.train.batch_size,
+            "local-steps": config.train.local_steps,
+            "learning-rate": config.train.lr,
+            "train-loss": float(update.loss),
+        }
+    )
+    audit = {"inputs": x, "labels": y}
+    if update.encoded is not None:
+        audit["encoded"] = update.encoded.inputs
+        audit["sources"] = update.encoded.sources
+    content = RecordDict(
+        {
+            ARRAYS: as_record(update.update),
+            METRICS: metrics,
+            AUDIT: ArrayRecord({k: v.detach().cpu().contiguous() for k, v in audit.items()}),
+        }
+    )
+    if update.per_sample is not None:
+        content[PER_SAMPLE] = as_record(update.per_sample)
+    if update.bn_statistics is not None:
+        content[BN_STATS] = as_record(update.bn_statistics)
+    return content
