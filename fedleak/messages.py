@@ -9,7 +9,7 @@ client's BatchNorm buffers after its local computation.
 from __future__ import annotations
 
 import torch
-from flwr.app import ArrayRecord, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedleak.config import RunConfig
 from fedleak.training.update import ClientUpdate
@@ -17,6 +17,8 @@ from fedleak.training.update import ClientUpdate
 ARRAYS, METRICS = "arrays", "metrics"
 AUDIT, PER_SAMPLE, BN_STATS, BUFFERS = "audit", "per-sample", "bn-stats", "buffers"
 EXTRA_RECORDS = (AUDIT, PER_SAMPLE, BN_STATS, BUFFERS)
+PARTITION_ID = "partition-id"
+_QUERY = "query"
 
 
 def as_record(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
@@ -36,7 +38,7 @@ def reply_content(
     metrics = MetricRecord(
         {
             "num-examples": update.num_examples,
-            "partition-id": partition_id,
+            PARTITION_ID: partition_id,
             "batch-size": config.train.batch_size,
             "local-steps": config.train.local_steps,
             "learning-rate": config.train.lr,
@@ -59,3 +61,20 @@ def reply_content(
     if update.bn_statistics is not None:
         content[BN_STATS] = as_record(update.bn_statistics)
     return content
+
+
+def partition_query() -> RecordDict:
+    """The one-time question the server asks a node it has not met: its partition id."""
+    return RecordDict({_QUERY: ConfigRecord({"ask": PARTITION_ID})})
+
+
+def partition_answer(partition_id: int) -> RecordDict:
+    """A ClientApp's answer to `partition_query`."""
+    return RecordDict({METRICS: MetricRecord({PARTITION_ID: int(partition_id)})})
+
+
+def partition_id_of(content: RecordDict) -> int | None:
+    """The partition id a reply (train reply or query answer) declares, or None."""
+    if METRICS not in content or PARTITION_ID not in content[METRICS]:
+        return None
+    return int(content[METRICS][PARTITION_ID])

@@ -16,7 +16,7 @@ from flwr.clientapp import ClientApp
 from fedleak.config import RunConfig, parse_flat
 from fedleak.data import client_batch
 from fedleak.defenses import parse_defense_spec
-from fedleak.messages import reply_content
+from fedleak.messages import partition_answer, reply_content
 from fedleak.models import build_model
 from fedleak.runtime import federated_data, local_training, model_spec, resolve_device
 from fedleak.training.update import compute_update
@@ -80,6 +80,12 @@ def make_client_app(config: RunConfig | None = None) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         resolved = config or _config_from(tuple(sorted(context.run_config.items())))
         return train_reply(msg, context, resolved)
+
+    @client.query()
+    def query(msg: Message, context: Context) -> Message:
+        # The server's seeded client selection asks each node once for its partition id.
+        partition_id = int(context.node_config["partition-id"])
+        return Message(content=partition_answer(partition_id), reply_to=msg)
 
     return client
 

@@ -30,6 +30,7 @@ from fedleak.server.central_dp import CentralDP
 from fedleak.server.payload import check_payload
 from fedleak.server.privacy import PrivacyLedger
 from fedleak.server.runner import AttackResult, AttackRunner, InlineRunner
+from fedleak.server.selection import ClientSelection
 from fedleak.server.strategy import CuriousStrategy, PublicSetting
 from fedleak.server.validate import validate_components
 
@@ -252,11 +253,16 @@ def build_strategy(
     """FedAvg (inside Flower's central-DP wrapper when configured) wrapped by the curious
     server, with its attacks and their budget."""
     train = config.train
+    # The curious strategy draws each round's clients itself (seeded, over partition ids) and
+    # shows FedAvg only those, so FedAvg takes every node it is shown.
     inner = FedAvg(
-        fraction_train=train.fraction_train,
+        fraction_train=1.0,
         fraction_evaluate=0.0,
         min_train_nodes=train.min_clients,
         min_available_nodes=train.min_clients,
+    )
+    selection = ClientSelection(
+        train.fraction_train, train.min_clients, config.seed, timeout=config.sim.timeout
     )
     if config.defense.central_clip > 0:
         inner = CentralDP.from_config(inner, config, prior_releases=offset)
@@ -297,6 +303,7 @@ def build_strategy(
         seed=config.seed,
         round_offset=offset,
         row_context=context,
+        selection=selection,
     )
 
 

@@ -3,6 +3,11 @@
 The wrapped strategy (FedAvg by default) never sees the extra records a simulated client
 sends (the audit batch, per-sample updates, BatchNorm statistics): they are split off into the
 attacker's `Observation` and the auditor's `GroundTruth` first, then stripped.
+
+Same seed, same bits: replies are put in a canonical order (partition id, errors last) before
+anything reads them, because FedAvg sums float32 arrays in the order it is given them and
+replies arrive in whatever order the clients finish; and each round's clients are drawn by a
+`ClientSelection` seeded from the run's seed and the round (`fedleak.server.selection`).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from fedleak.server.auditor import Auditor, GroundTruth
 from fedleak.server.central_dp import CentralDP
 from fedleak.server.payload import reply_bytes
 from fedleak.server.runner import AttackJob, AttackResult, AttackRunner
+from fedleak.server.selection import ClientSelection, canonical_order
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +88,10 @@ class CuriousStrategy(Strategy):
         on_scored: Callable[[AttackResult, GroundTruth, list[dict[str, object]]], None]
         | None = None,
         payload_check: Callable[[int], object] | None = None,
+        selection: ClientSelection | None = None,
     ) -> None:
         self.inner = inner
+        self.selection = selection
         self.public = public
         self.runner = runner
         self.auditor = auditor
@@ -108,11 +116,13 @@ class CuriousStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Remember w_t (the attacker's view and the FedSGD step both need it), then delegate."""
+        """Remember w_t (the attacker's view and the FedSGD step both need it), draw the
+        round's clients (seeded), then let the wrapped strategy address them."""
         self.global_weights = tensors_of(arrays)
-        messages = list(
-            self.inner.configure_train(server_round + self.round_offset, arrays, config, grid)
-        )
+        server_round += self.round_offset
+        if self.selection is not None:
+            grid = self.selection.grid_for(server_round, grid)
+        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
         if self.payload_check is not None:
             self.payload_check(len(messages))  # refuse the round before any client works
         self._sent = len(messages) * sum(len(array.data) for array in arrays.values())
@@ -123,7 +133,8 @@ class CuriousStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Split, attack, score, strip, then aggregate exactly as the wrapped strategy would."""
         server_round += self.round_offset
-        replies = list(replies)
+        known = self.selection.partitions if self.selection is not None else None
+        replies = canonical_order(replies, known)
         valid = [msg for msg in replies if not msg.has_error()]
         self.replies[server_round] = len(valid)
         self.payload[server_round] = self._sent + sum(reply_bytes(msg) for msg in valid)
