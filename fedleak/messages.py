@@ -17,13 +17,24 @@ from fedleak.training.update import ClientUpdate
 ARRAYS, METRICS = "arrays", "metrics"
 AUDIT, PER_SAMPLE, BN_STATS, BUFFERS = "audit", "per-sample", "bn-stats", "buffers"
 EXTRA_RECORDS = (AUDIT, PER_SAMPLE, BN_STATS, BUFFERS)
-PARTITION_ID = "partition-id"
+PARTITION_ID, NUM_EXAMPLES = "partition-id", "num-examples"
 _QUERY = "query"
 
 
 def as_record(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
     """Float32 CPU copies (Flower's `Array` takes no bfloat16, and records cross processes)."""
     return ArrayRecord({name: t.detach().float().cpu().contiguous() for name, t in tensors.items()})
+
+
+def state_record(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
+    """CPU copies that keep integer dtypes (BatchNorm's `num_batches_tracked` is int64) and
+    carry floating tensors as float32."""
+    return ArrayRecord(
+        {
+            name: (t.detach().float() if t.is_floating_point() else t.detach()).cpu().contiguous()
+            for name, t in tensors.items()
+        }
+    )
 
 
 def tensors_of(record: ArrayRecord) -> dict[str, torch.Tensor]:
@@ -37,7 +48,7 @@ def reply_content(
     """Everything a simulated client sends back for one round."""
     metrics = MetricRecord(
         {
-            "num-examples": update.num_examples,
+            NUM_EXAMPLES: update.num_examples,
             PARTITION_ID: partition_id,
             "batch-size": config.train.batch_size,
             "local-steps": config.train.local_steps,
@@ -47,8 +58,13 @@ def reply_content(
     )
     audit = {"inputs": x, "labels": y}
     if update.encoded is not None:
+        # Every source of every encoded sample: indices into the batch followed by the private
+        # partners, or into the public pool where `from-public` (see `EncodedBatch`).
         audit["encoded"] = update.encoded.inputs
         audit["sources"] = update.encoded.sources
+        audit["from-public"] = update.encoded.from_public
+        audit["partners"] = update.encoded.partners
+        audit["partner-labels"] = update.encoded.partner_labels
     content = RecordDict(
         {
             ARRAYS: as_record(update.update),
@@ -60,6 +76,8 @@ def reply_content(
         content[PER_SAMPLE] = as_record(update.per_sample)
     if update.bn_statistics is not None:
         content[BN_STATS] = as_record(update.bn_statistics)
+    if update.buffers:
+        content[BUFFERS] = state_record(update.buffers)
     return content
 
 

@@ -15,6 +15,7 @@ from fedleak.config import (
     parse_flat,
     parse_toml,
 )
+from fedleak.server.validate import validate_components
 
 INVALID = [
     ({"train.batch-size": -1}, "train.batch-size=-1: expected an integer >= 1"),
@@ -36,6 +37,11 @@ INVALID = [
     (
         {"threat.share": "per-sample", "train.mode": "fedavg"},
         "threat.share='per-sample': per-sample updates exist only in fedsgd",
+    ),
+    ({"attack.names": "ig,aux-mean,ig"}, "attack.names='ig,aux-mean,ig': ig named more than once"),
+    (
+        {"threat.view": "aggregate", "train.mode": "fedavg"},
+        "threat.view='aggregate' with train.mode='fedavg': the aggregate of FedAvg deltas",
     ),
 ]
 
@@ -117,3 +123,22 @@ def test_flower_app_defaults_equal_the_quickstart_preset() -> None:
     pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     app_config = flatten_toml(pyproject["tool"]["flwr"]["app"]["config"])
     assert parse_flat(app_config) == load_preset("quickstart")
+
+
+@pytest.mark.parametrize(
+    ("flat", "message"),
+    [
+        (
+            {"threat.view": "aggregate", "model.name": "convnet-bn"},
+            "threat.view='aggregate' with model.name='convnet-bn': each client normalises",
+        ),
+        (
+            {"attack.names": "ig", "attack.ig.init": "aux-mean", "data.aux-size": 0},
+            "attack.ig.init='aux-mean': starts from the mean auxiliary image",
+        ),
+    ],
+)
+def test_components_refuse_what_cannot_be_measured(flat: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        validate_components(parse_flat(flat))
+    assert message in str(error.value) and "\n" not in str(error.value)

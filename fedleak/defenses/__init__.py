@@ -11,6 +11,7 @@ from fedleak.defenses.encode import (
     EncodingError,
     InstaHide,
     MixUp,
+    PartnerPool,
     mix_images,
     mix_labels,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "GaussianNoise",
     "InstaHide",
     "MixUp",
+    "PartnerPool",
     "Prune",
     "SignCompression",
     "Step",

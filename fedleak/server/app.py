@@ -29,6 +29,7 @@ from fedleak.server.auditor import Auditor, GroundTruth
 from fedleak.server.central_dp import CentralDP
 from fedleak.server.payload import check_payload
 from fedleak.server.privacy import PrivacyLedger
+from fedleak.server.resume import check_resume
 from fedleak.server.runner import AttackResult, AttackRunner, InlineRunner
 from fedleak.server.selection import ClientSelection
 from fedleak.server.strategy import CuriousStrategy, PublicSetting
@@ -119,7 +120,7 @@ class RoundRecorder:
                 observation.round,
                 observation.client_id,
                 result.job.attack,
-                truth.inputs[list(targets)],
+                truth.private[list(targets)],
                 reconstruction.inputs[list(samples)],
             )
 
@@ -169,6 +170,8 @@ def serve(grid: Grid, config: RunConfig) -> Path:
     config = dataclasses.replace(config, out_dir=str(path))
     if config.sim.resume and (path / "config.toml").exists():
         run_dir = RunDirectory.open(path)
+        check_resume(run_dir.config, config, str(path))
+        run_dir.record_config(config)  # the same study, perhaps with more rounds
     else:
         run_dir = RunDirectory.create(path, config, environment(device, config))
     config = with_attack_caches(config, run_dir)

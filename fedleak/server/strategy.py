@@ -1,8 +1,11 @@
 """`CuriousStrategy`: aggregates exactly as the strategy it wraps, and attacks what it sees.
 
 The wrapped strategy (FedAvg by default) never sees the extra records a simulated client
-sends (the audit batch, per-sample updates, BatchNorm statistics): they are split off into the
-attacker's `Observation` and the auditor's `GroundTruth` first, then stripped.
+sends (the audit batch, per-sample updates, BatchNorm statistics, buffers): they are split off
+into the attacker's `Observation` and the auditor's `GroundTruth` first, then stripped. The
+clients' buffers (BatchNorm running statistics after their local computation) are averaged
+with FedAvg's weights into the new global state beside the aggregated parameters, so that
+evaluation, and attacks that use running statistics, see what the clients computed.
 
 Same seed, same bits: replies are put in a canonical order (partition id, errors last) before
 anything reads them, because FedAvg sums float32 arrays in the order it is given them and
@@ -20,17 +23,20 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from fedleak.attacks.types import Observation, UpdateKind
 from fedleak.messages import (
     ARRAYS,
     AUDIT,
     BN_STATS,
+    BUFFERS,
     EXTRA_RECORDS,
     METRICS,
+    NUM_EXAMPLES,
     PER_SAMPLE,
     tensors_of,
 )
@@ -68,6 +74,29 @@ class ClientReply:
 def _metric(metrics: MetricRecord, key: str, default: float) -> float:
     value = metrics.get(key, default)
     return float(value)
+
+
+def average_buffers(replies: list[Message]) -> dict[str, torch.Tensor]:
+    """The clients' buffers (BatchNorm running statistics and batch counts) averaged with
+    FedAvg's `num-examples` weights, by Flower's own helper, as FedAvg averages a full state.
+
+    `num_batches_tracked` is averaged like the rest and rounded to the nearest integer: every
+    client of a round runs the same declared number of local steps, so the counts agree and
+    the average is exact; it only matters to BatchNorm layers without momentum.
+    """
+    records = [
+        RecordDict({BUFFERS: msg.content[BUFFERS], METRICS: msg.content[METRICS]})
+        for msg in replies
+        if BUFFERS in msg.content
+    ]
+    if not records:
+        return {}
+    sent = tensors_of(records[0][BUFFERS])
+    averaged = tensors_of(aggregate_arrayrecords(records, NUM_EXAMPLES))
+    return {
+        name: (value if sent[name].is_floating_point() else value.round()).to(sent[name].dtype)
+        for name, value in averaged.items()
+    }
 
 
 class CuriousStrategy(Strategy):
@@ -146,6 +175,7 @@ class CuriousStrategy(Strategy):
         self.participation.update(reply.observation.client_id for reply in split)
         if self.runner is not None:
             self.attack(server_round, split)
+        buffers = average_buffers(valid)
         for msg in valid:
             for key in EXTRA_RECORDS:
                 if key in msg.content:
@@ -153,7 +183,7 @@ class CuriousStrategy(Strategy):
         aggregate, metrics = self.inner.aggregate_train(server_round, replies)
         if aggregate is None:
             return None, metrics
-        return ArrayRecord(self.step(tensors_of(aggregate), split)), metrics
+        return ArrayRecord(self.step(tensors_of(aggregate), buffers)), metrics
 
     def split(self, server_round: int, msg: Message) -> ClientReply:
         """The attacker's view and the auditor's view of one reply."""
@@ -246,15 +276,19 @@ class CuriousStrategy(Strategy):
         return ClientReply(observation, GroundTruth.union([r.truth for r in split]))
 
     def step(
-        self, aggregate: dict[str, torch.Tensor], split: list[ClientReply]
+        self, aggregate: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        """Apply the aggregated update to w_t: an SGD step for gradients, a sum for deltas."""
+        """Apply the aggregated update to w_t (an SGD step for gradients, a sum for deltas) and
+        take the clients' averaged buffers (w_t's own where no client sent any)."""
         new = {name: value.clone() for name, value in self.global_weights.items()}
         scale = -self.public.learning_rate * self.public.server_lr
         if self.public.update_kind == "delta":
             scale = self.public.server_lr
         for name, value in aggregate.items():
             new[name] = self.global_weights[name] + scale * value
+        for name, value in buffers.items():
+            if name in new:
+                new[name] = value.to(new[name].dtype)
         return new
 
     # -- delegated hooks --------------------------------------------------------------------

@@ -39,12 +39,25 @@ def validate_components(config: RunConfig) -> None:
             build_attack(name, config.attack.params.get(name, {}), seed=config.seed)
         except (ValueError, TypeError) as error:
             raise ConfigError(f"attack.{name}.*: {error}") from None
+        init = [v for k, v in config.attack.params.get(name, {}).items() if k.endswith("init")]
+        if "aux-mean" in init and config.data.aux_size == 0:
+            raise ConfigError(
+                f"attack.{name}.init='aux-mean': starts from the mean auxiliary image, so "
+                "expected data.aux-size > 0 (or another init: randn, rand, half)"
+            )
     per_sample = config.threat.share == "per-sample" or pipeline.needs_per_sample
     if per_sample and _has_batchnorm(config.model.name):
         raise ConfigError(
             f"model.name={config.model.name!r}: BatchNorm couples the samples of a batch, so "
             f"per-sample operations (threat.share / defense {config.defense.spec!r}) are "
             f"undefined; use a GroupNorm variant such as {_groupnorm_variant(config.model.name)!r}"
+        )
+    if config.threat.view == "aggregate" and _has_batchnorm(config.model.name):
+        raise ConfigError(
+            f"threat.view='aggregate' with model.name={config.model.name!r}: each client "
+            "normalises with its own batch's BatchNorm statistics, so the aggregate is not the "
+            "gradient of one batch of the union that the attacks replay; use a model without "
+            f"BatchNorm such as {_groupnorm_variant(config.model.name)!r} or threat.view='client'"
         )
 
 

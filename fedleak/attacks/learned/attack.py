@@ -14,7 +14,8 @@ after K local steps; how its training pairs are computed, BatchNorm models inclu
 
 Budget: the training length comes from `LTIConfig` (epochs, early stopping), not from
 `Budget.max_iterations`; `Budget.max_seconds` bounds training + inference of one call, and
-training stops early (status `timeout`, said in the message) when it runs out.
+training stops early when it runs out (said in the message, `stopped_by = "seconds"` in the
+diagnostics); the inverter trained so far still inverts, and its reconstruction is scored.
 `Reconstruction.iterations` counts the optimiser steps taken in the call.
 """
 
@@ -204,6 +205,16 @@ class TrainingOutcome:
     timed_out: bool
     early_stopped: bool
 
+    @property
+    def stopped_by(self) -> str:
+        """What ended the training: the time budget, early stopping, or its epochs (or
+        nothing to train: the inverter was reused)."""
+        if self.timed_out:
+            return "seconds"
+        if self.early_stopped:
+            return "early-stop"
+        return "epochs" if self.epochs else "reused"
+
 
 def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence([abs(int(p)) for p in parts]).generate_state(1)[0])
@@ -332,14 +343,13 @@ class LearningToInvert:
             label_method="lti",
             iterations=outcome.steps,
             seconds=time.perf_counter() - start,
-            status="timeout" if outcome.timed_out else "ok",
             message=f"{how}; {featuriser.out_features} input features",
             diagnostics={
                 "train_seconds": outcome.seconds,
                 "train_epochs": float(outcome.epochs),
                 "val_psnr": outcome.val_psnr,
                 "warm_start": float(warm and outcome.epochs > 0),
-                "timed_out": float(outcome.timed_out),
+                "stopped_by": outcome.stopped_by,
                 "input_features": float(featuriser.out_features),
             },
         )
@@ -676,11 +686,9 @@ class LTIThenIG:
         # The run's per-round training record keeps LTI's own keys.
         for key in ("train_seconds", "train_epochs", "val_psnr"):
             diagnostics[key] = first.diagnostics[key]
-        status = second.status if second.status != "ok" else first.status
         return dataclasses.replace(
             second,
             seconds=first.seconds + second.seconds,
-            status=status,
             message=f"lti: {first.message}; then ig: {second.message}",
             diagnostics=diagnostics,
         )
