@@ -7,8 +7,13 @@ The cross-process check (two separate processes, different PYTHONHASHSEED) is at
 from __future__ import annotations
 
 import itertools
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -158,3 +163,75 @@ def test_canonical_order_sorts_by_partition_and_puts_errors_last() -> None:
     ordered = canonical_order(replies)
     assert [partition_id_of(m.content) for m in ordered[:3]] == [0, 2, 3]
     assert ordered[3].has_error()
+
+
+# -- across processes ------------------------------------------------------------------------
+# A small study that exercises every random choice: a seeded half of 4 clients per round,
+# inter-InstaHide (partners from the public pool), attacks, B = 1.
+STUDY = {
+    "num-server-rounds": "2",
+    "train.fraction-train": "0.5",
+    "train.batch-size": "1",
+    "defense.spec": "instahide:2:inter",
+    "data.public-size": "50",
+    "data.aux-size": "100",
+    "attack.names": "aux-mean,ig",
+    "attack.max-iterations": "20",
+    "attack.clients-per-round": "0",
+    "attack.images-per-client": "1",
+}
+TIMINGS = {"seconds", "round_seconds", "attack_seconds"}
+
+
+def _study(out: Path, hash_seed: str) -> subprocess.Popen:
+    args = [sys.executable, "-m", "fedleak.simulations.cli", "run", "quickstart"]
+    args += ["--out", str(out), "--num-clients", "4"]
+    for key, value in STUDY.items():
+        args += ["--set", f"{key}={value}"]
+    env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+    return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+@pytest.fixture(scope="module")
+def twins(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("twins")
+    runs = (root / "first", root / "second")
+    for out, hash_seed in zip(runs, ("1", "2"), strict=True):
+        process = _study(out, hash_seed)
+        output, _ = process.communicate(timeout=600)
+        assert process.returncode == 0, output.decode(errors="replace")[-3000:]
+    return runs
+
+
+def test_the_same_study_in_two_processes_gives_the_same_bits(twins: tuple[Path, Path]) -> None:
+    models = [torch.load(run / "checkpoints" / "global.pt", weights_only=True) for run in twins]
+    assert models[0]["round"] == models[1]["round"] == 2
+    weights = [m["state_dict"] for m in models]
+    assert weights[0].keys() == weights[1].keys()
+    for name in weights[0]:
+        assert torch.equal(weights[0][name], weights[1][name]), name
+    utility = [pd.read_csv(run / "utility.csv") for run in twins]
+    kept = [c for c in utility[0].columns if c not in TIMINGS]
+    pd.testing.assert_frame_equal(utility[0][kept], utility[1][kept], check_exact=True)
+    leakage = [pd.read_parquet(run / "leakage.parquet") for run in twins]
+    kept = [c for c in leakage[0].columns if c not in TIMINGS]
+    assert len(leakage[0]) > 0
+    pd.testing.assert_frame_equal(leakage[0][kept], leakage[1][kept], check_exact=True)
+    # The seeded selection took half of the clients, and not the same half every round.
+    assert list(utility[0].num_replies) == [0, 2, 2]
+    attacked = leakage[0].groupby("round").client_id.apply(lambda c: tuple(sorted(set(c))))
+    assert all(len(c) == 2 for c in attacked)
+
+
+def test_inter_instahide_runs_and_is_scored_against_private_images_only(
+    twins: tuple[Path, Path],
+) -> None:
+    leakage = pd.read_parquet(twins[0] / "leakage.parquet")
+    assert (leakage.status == "ok").all(), leakage.message.tolist()
+    original = leakage[leakage.scored_against == "original"]
+    encoded = leakage[leakage.scored_against == "encoded"]
+    # B = 1: each encoding mixes the client's one image with a public one; only the private
+    # image (index 0 of the batch) is ever a target, never a public partner.
+    assert len(original) == len(encoded) > 0
+    assert set(original.target_index) == {0}
+    assert original.psnr.notna().all() and original.converged.notna().any()
