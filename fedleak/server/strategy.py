@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedleak.attacks.types import Observation, UpdateKind
+from fedleak.interrupt import raise_if_stopped
 from fedleak.messages import (
     ARRAYS,
     AUDIT,
@@ -57,6 +59,16 @@ class ClientReply:
 
     observation: Observation
     truth: GroundTruth
+
+
+def error_line(reason: str) -> str:
+    """The one line of a failed reply's reason that says what went wrong: Flower wraps the
+    client's exception in Ray's traceback text (colour codes included)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", reason)
+    if "Message: " in text:
+        text = text.rsplit("Message: ", 1)[1].removesuffix("'>")
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return (lines[-1] if lines else "no reason given")[:300]
 
 
 def _metric(metrics: MetricRecord, key: str, default: float) -> float:
@@ -98,6 +110,7 @@ class CuriousStrategy(Strategy):
         self._truths: dict[int, GroundTruth] = {}
         self._next_job = 0
         self.failures: dict[int, int] = {}
+        self.client_errors: dict[int, str] = {}  # the first failed reply's reason, by round
         self.replies: dict[int, int] = {}
         self.payload_check = payload_check
         self.payload: dict[int, int] = {}
@@ -109,6 +122,7 @@ class CuriousStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Remember w_t (the attacker's view and the FedSGD step both need it), then delegate."""
+        raise_if_stopped(f"before round {server_round + self.round_offset}")
         self.global_weights = tensors_of(arrays)
         messages = list(
             self.inner.configure_train(server_round + self.round_offset, arrays, config, grid)
@@ -123,6 +137,7 @@ class CuriousStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Split, attack, score, strip, then aggregate exactly as the wrapped strategy would."""
         server_round += self.round_offset
+        raise_if_stopped(f"in round {server_round}, before it was recorded")
         replies = list(replies)
         valid = [msg for msg in replies if not msg.has_error()]
         self.replies[server_round] = len(valid)
@@ -130,11 +145,15 @@ class CuriousStrategy(Strategy):
         self.failures[server_round] = len(replies) - len(valid)
         for msg in replies:
             if msg.has_error():
-                log.warning("round %d: client reply failed: %s", server_round, msg.error.reason)
+                reason = error_line(msg.error.reason)
+                log.warning("round %d: client reply failed: %s", server_round, reason)
+                self.client_errors.setdefault(server_round, reason)
         split = [self.split(server_round, msg) for msg in valid]
         self.participation.update(reply.observation.client_id for reply in split)
         if self.runner is not None:
             self.attack(server_round, split)
+        # Attacks cut short by a stop request must not be recorded as the round's leakage.
+        raise_if_stopped(f"in round {server_round}, before it was recorded")
         for msg in valid:
             for key in EXTRA_RECORDS:
                 if key in msg.content:
