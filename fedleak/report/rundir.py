@@ -455,7 +455,12 @@ class RunDirectory:
         utility, leakage = self.utility(), self.leakage()
         rounds = utility[utility["round"] > 0]  # round 0 is the initial model's evaluation
         if len(rounds) and (rounds["num_replies"] == 0).all():
-            return f"every client failed in every one of the {len(rounds)} recorded rounds"
+            if (rounds["num_failures"] > 0).all():
+                return f"every client failed in every one of the {len(rounds)} recorded rounds"
+            return (
+                f"no client replied in time in any of the {len(rounds)} recorded rounds (each "
+                f"failed or did not answer within sim.timeout={self.config.sim.timeout:g} s)"
+            )
         for attack in self.config.attack.names:
             rows = leakage[leakage["attack"] == attack]
             if len(rows) and (rows["status"] == "failed").all():
