@@ -20,7 +20,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedleak.attacks.registry import build_attack
 from fedleak.attacks.types import AttackerKnowledge, Budget
-from fedleak.config import RunConfig, parse_flat
+from fedleak.config import ConfigError, RunConfig, parse_flat
 from fedleak.data import FederatedData, auxiliary
 from fedleak.interrupt import RunInterrupted
 from fedleak.metrics.lpips import lpips_status, lpips_warning
@@ -53,7 +53,7 @@ def default_run_dir(config: RunConfig, root: Path | None = None) -> Path:
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     path = (runs / f"{stamp}-{config.name}").resolve()
     if path.parent != runs:
-        raise ValueError(f"name={config.name!r}: expected one folder name inside {runs}")
+        raise ConfigError(f"name={config.name!r}: expected one folder name inside {runs}")
     return path
 
 

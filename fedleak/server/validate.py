@@ -19,12 +19,13 @@ from fedleak.data import DATASETS, FOLDER_PREFIX, DataSplitError, FederatedData
 from fedleak.defenses import DefenseSpecError, InstaHide, parse_defense_spec
 from fedleak.models import MODEL_NAMES, ModelSpec, build_model, has_batchnorm
 from fedleak.runtime import federated_data
+from fedleak.server.payload import clients_per_round
+from fedleak.server.pool import _cluster_address, local_cpus
 
 # Data-room argument names in DataSplitError messages -> the settings a user writes.
 _SPLIT_SETTINGS = {
     "aux_size=": "data.aux-size=",
     "beta=": "data.aux-beta=",
-    "in_classes=": "data.aux-in-classes=",
     "public_size=": "data.public-size=",
     "test_fraction=": "data.test-fraction=",
     "alpha=": "data.dirichlet-alpha=",
@@ -64,8 +65,6 @@ def check_resources(
         raise ConfigError(f"client-cpus={client_cpus!r}: expected a number > 0")
     if not (math.isfinite(client_gpus) and client_gpus >= 0):
         raise ConfigError(f"client-gpus={client_gpus!r}: expected a number >= 0")
-    from fedleak.server.pool import _cluster_address, local_cpus
-
     cpus = local_cpus()
     if _cluster_address() is None and client_cpus > cpus:
         raise ConfigError(
@@ -138,8 +137,6 @@ def check_attacks(config: RunConfig, fd: FederatedData, num_clients: int) -> Non
     if config.threat.share == "per-sample":
         targets = 1
     elif config.threat.view == "aggregate":
-        from fedleak.server.payload import clients_per_round
-
         targets *= clients_per_round(config, num_clients)
     for name in config.attack.names:
         attack = build_attack(name, config.attack.params.get(name, {}), seed=config.seed)

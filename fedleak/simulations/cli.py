@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import os
 import shlex
 import sys
 import tomllib
@@ -285,8 +286,9 @@ def _describe(error: BaseException) -> tuple[str, int]:
         return f"fedleak: {_one_line(str(error))}", EXIT_ERROR
     if type(error).__module__.split(".")[0] == "fedleak":
         return f"fedleak: error: {_one_line(str(error))}", EXIT_ERROR
-    if isinstance(error, OSError) and error.filename is not None:
-        return f"fedleak: error: {error.filename}: {error.strerror}", EXIT_ERROR
+    if isinstance(error, OSError):  # the system's own words: disk full, permission denied
+        where = f"{error.filename}: " if error.filename is not None else ""
+        return f"fedleak: error: {where}{_one_line(error.strerror or str(error))}", EXIT_ERROR
     detail = _one_line(f"{type(error).__name__}: {error}")
     return (
         f"fedleak: internal error ({detail}); rerun with --verbose for the traceback",
@@ -305,6 +307,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as error:
         print(f"fedleak: {_interrupted(args, error)}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`fedleak presets | head -1`): nothing left to tell it. Point
+        # stdout at /dev/null so that Python's final flush does not complain either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_ERROR
     except Exception as error:
         if verbose and not isinstance(error, UsageError):
             traceback.print_exc()
