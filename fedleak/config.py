@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -23,6 +24,13 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message is one line naming key, value and rule."""
 
 
+# Flower's run config carries integers as signed 64-bit values (`flwr run` path).
+INT64_MAX = 2**63 - 1
+# A run's name becomes a folder name (runs/<time>-<name>): one safe path component.
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}"
+NAME_RULE = "letters, digits, '.', '_' or '-', starting with a letter or digit, at most 100"
+
+
 def _setting(
     default: Any,
     *,
@@ -31,6 +39,8 @@ def _setting(
     high: float | None = None,
     high_open: bool = False,
     low_open: bool = False,
+    pattern: str = "",
+    pattern_rule: str = "",
     doc: str = "",
 ) -> Any:
     rules = {
@@ -39,6 +49,8 @@ def _setting(
         "high": high,
         "high_open": high_open,
         "low_open": low_open,
+        "pattern": pattern,
+        "pattern_rule": pattern_rule,
         "doc": doc,
     }
     if isinstance(default, tuple):
@@ -131,6 +143,17 @@ class AttackConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """How reconstructions are scored beyond MSE, PSNR and SSIM."""
+
+    lpips_nets: tuple[str, ...] = _setting(
+        ("alex",),
+        choices=("alex", "vgg"),
+        doc="LPIPS backbones, comma-separated (alex, vgg), or 'none'; see `fedleak weights`",
+    )
+
+
+@dataclass(frozen=True)
 class SimulationConfig:
     """Fault injection and continuation."""
 
@@ -144,8 +167,8 @@ class SimulationConfig:
 class RunConfig:
     """Everything one run needs; the single source of truth for clients and server alike."""
 
-    name: str = _setting("run")
-    seed: int = _setting(0, low=0)
+    name: str = _setting("run", pattern=NAME_PATTERN, pattern_rule=NAME_RULE)
+    seed: int = _setting(0, low=0, high=INT64_MAX)
     num_server_rounds: int = _setting(3, low=1)
     out_dir: str = _setting("", doc="absolute run directory; '' = runs/<time>-<name>")
     device: str = _setting("auto", choices=("auto", "cpu", "cuda"))
@@ -155,6 +178,7 @@ class RunConfig:
     threat: ThreatConfig = field(default_factory=ThreatConfig)
     defense: DefenseConfig = field(default_factory=DefenseConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     sim: SimulationConfig = field(default_factory=SimulationConfig)
 
     def to_flat(self) -> dict[str, Any]:
@@ -186,7 +210,7 @@ class RunConfig:
 SECTIONS: dict[str, type] = {
     f.name: f.type if isinstance(f.type, type) else get_type_hints(RunConfig)[f.name]
     for f in dataclasses.fields(RunConfig)
-    if f.name in ("data", "model", "train", "threat", "defense", "attack", "sim")
+    if f.name in ("data", "model", "train", "threat", "defense", "attack", "metrics", "sim")
 }
 
 
@@ -205,70 +229,115 @@ def _flatten_value(flat: dict[str, Any], key: str, value: Any) -> None:
         flat[key] = value
 
 
+_TOML_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n"}
+_TOML_ESCAPES |= {"\f": "\\f", "\r": "\\r"}
+
+
+def _toml_string(text: str) -> str:
+    """A TOML basic string: quotes, backslashes and control characters escaped."""
+    out = []
+    for char in text:
+        if char in _TOML_ESCAPES:
+            out.append(_TOML_ESCAPES[char])
+        elif ord(char) < 0x20 or ord(char) == 0x7F:
+            out.append(f"\\u{ord(char):04X}")
+        else:
+            out.append(char)
+    return '"' + "".join(out) + '"'
+
+
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
-    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{escaped}"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return _toml_string(str(value))
 
 
 def _describe(rules: Mapping[str, Any], kind: type) -> str:
     if rules["choices"]:
         return "one of " + ", ".join(repr(c) for c in rules["choices"])
     low, high = rules["low"], rules["high"]
+    if rules["pattern_rule"]:
+        return rules["pattern_rule"]
     name = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
         kind, kind.__name__
     )
+
+    def shown(v: float) -> str:
+        if kind is not int:
+            return f"{v:g}"
+        return "2**63-1" if v == INT64_MAX else str(v)
+
     if low is not None and high is not None:
         left = "(" if rules["low_open"] else "["
         right = ")" if rules["high_open"] else "]"
-        return f"{name} in {left}{low:g}, {high:g}{right}"
+        return f"{name} in {left}{shown(low)}, {shown(high)}{right}"
     if low is not None:
-        return f"{name} {'>' if rules['low_open'] else '>='} {low:g}"
+        return f"{name} {'>' if rules['low_open'] else '>='} {shown(low)}"
     return name
 
 
 def _coerce(key: str, raw: Any, kind: Any, rules: Mapping[str, Any]) -> Any:
     """Convert one raw value to the field's type and check its rule, or raise ConfigError."""
+    shown = _shown_value(raw)
     if get_origin(kind) is tuple:
         if not isinstance(raw, str):
-            raise ConfigError(f"{key}={raw!r}: expected a comma-separated string of names")
+            raise ConfigError(f"{key}={shown}: expected a comma-separated string of names")
         names = tuple(part.strip() for part in raw.split(",") if part.strip())
         if not names:
-            raise ConfigError(f"{key}={raw!r}: expected at least one name, or 'none'")
-        return () if names == ("none",) else names
+            raise ConfigError(f"{key}={shown}: expected at least one name, or 'none'")
+        names = () if names == ("none",) else names
+        unknown = [n for n in names if rules["choices"] and n not in rules["choices"]]
+        if unknown:
+            raise ConfigError(
+                f"{key}={shown}: unknown name {unknown[0]!r}; expected names from "
+                f"{', '.join(rules['choices'])}, comma-separated, or 'none'"
+            )
+        if len(set(names)) != len(names):
+            raise ConfigError(f"{key}={shown}: names a value twice; give each once")
+        return names
     allowed = _describe(rules, kind)
     if kind is bool:
         if isinstance(raw, bool):
             return raw
         if isinstance(raw, str) and raw.lower() in ("true", "false"):
             return raw.lower() == "true"
-        raise ConfigError(f"{key}={raw!r}: expected {allowed}")
+        raise ConfigError(f"{key}={shown}: expected {allowed}")
     if kind is int:
         if isinstance(raw, bool) or not isinstance(raw, int):
-            raise ConfigError(f"{key}={raw!r}: expected {allowed}")
+            raise ConfigError(f"{key}={shown}: expected {allowed}")
+        if abs(raw) > INT64_MAX and "2**63-1" not in allowed:
+            raise ConfigError(
+                f"{key}={shown}: expected {allowed}, at most 2**63-1 (run configs carry "
+                "64-bit integers)"
+            )
         value: Any = raw
     elif kind is float:
         if isinstance(raw, bool) or not isinstance(raw, (int, float)):
-            raise ConfigError(f"{key}={raw!r}: expected {allowed}")
-        value = float(raw)
+            raise ConfigError(f"{key}={shown}: expected {allowed}")
+        value = float(raw) if abs(raw) <= 1e308 else math.inf
         if not math.isfinite(value):
-            raise ConfigError(f"{key}={raw!r}: expected {allowed}")
+            raise ConfigError(f"{key}={shown}: expected {allowed}")
     elif kind is str:
         if not isinstance(raw, str):
-            raise ConfigError(f"{key}={raw!r}: expected {allowed}")
+            raise ConfigError(f"{key}={shown}: expected {allowed}")
+        if "\x00" in raw:
+            raise ConfigError(f"{key}={shown}: expected {allowed} without NUL characters")
+        if rules["pattern"] and not re.fullmatch(rules["pattern"], raw):
+            raise ConfigError(f"{key}={shown}: expected {allowed}")
         value = raw
     else:  # pragma: no cover - every field type is handled above
         raise ConfigError(f"{key}: unsupported setting type {kind}")
     if rules["choices"] and value not in rules["choices"]:
-        raise ConfigError(f"{key}={raw!r}: expected {allowed}")
+        raise ConfigError(f"{key}={shown}: expected {allowed}")
     low, high = rules["low"], rules["high"]
     too_low = low is not None and (value <= low if rules["low_open"] else value < low)
     too_high = high is not None and (value >= high if rules["high_open"] else value > high)
     if too_low or too_high:
-        raise ConfigError(f"{key}={raw!r}: expected {allowed}")
+        raise ConfigError(f"{key}={shown}: expected {allowed}")
     return value
 
 
@@ -291,6 +360,15 @@ def known_keys() -> list[str]:
     for section, fields in SECTION_FIELDS.items():
         keys.extend(f"{section}.{k}" for k in fields)
     return keys
+
+
+def _shown_value(value: Any) -> str:
+    """repr of a value, shortened: a 5000-digit integer must not flood the one line (nor
+    raise: Python refuses to print integers of more than 4300 digits)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 200:
+        return f"an integer of {value.bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:60]}... ({len(text)} characters)"
 
 
 def _shown(name: str) -> str:
@@ -334,8 +412,7 @@ def parse_flat(flat: Mapping[str, Any], base: RunConfig | None = None) -> RunCon
                 raise ConfigError(
                     f"{_shown(key)}: attack parameters are written attack.<name>.<param>"
                 )
-            if isinstance(raw, dict):
-                raise ConfigError(f"{_shown(key)}: expected a number, string or boolean")
+            _check_param(key, raw)
             params.setdefault(attack, {})[param] = raw
         else:
             raise _unknown(key)
@@ -347,6 +424,25 @@ def parse_flat(flat: Mapping[str, Any], base: RunConfig | None = None) -> RunCon
     config = dataclasses.replace(base, **top, **replaced)
     _check_consistency(config)
     return config
+
+
+def _check_param(key: str, raw: Any) -> None:
+    """What any attack parameter must be before its attack reads it: a value a run config
+    (TOML, Flower's int64 run config) can carry, and no NUL inside strings."""
+    values = raw if isinstance(raw, list) else [raw]
+    for value in values:
+        if isinstance(value, dict | list) or not isinstance(value, int | float | str | bool):
+            raise ConfigError(
+                f"{_shown(key)}={_shown_value(raw)}: expected a number, string or boolean "
+                "(or a list of numbers)"
+            )
+        if isinstance(value, int) and abs(value) > INT64_MAX:
+            raise ConfigError(
+                f"{_shown(key)}={_shown_value(raw)}: expected an integer in "
+                f"[-{INT64_MAX}, {INT64_MAX}]"
+            )
+        if isinstance(value, str) and "\x00" in value:
+            raise ConfigError(f"{_shown(key)}={_shown_value(raw)}: expected no NUL characters")
 
 
 def _check_consistency(config: RunConfig) -> None:
@@ -414,7 +510,7 @@ def parse_toml(text: str, base: RunConfig | None = None) -> RunConfig:
     """Parse a TOML preset (nested tables or dotted keys)."""
     try:
         document = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as error:
+    except ValueError as error:  # TOMLDecodeError, or int() of a number too long to convert
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ConfigError(f"preset is not valid TOML: {first_line}") from None
     return parse_flat(flatten_toml(document), base)
@@ -427,4 +523,6 @@ def load_toml(path: str | Path, base: RunConfig | None = None) -> RunConfig:
         text = path.read_text(encoding="utf-8")
     except OSError as error:
         raise ConfigError(f"{path}: cannot read preset ({error.strerror})") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {error.start})") from None
     return parse_toml(text, base)

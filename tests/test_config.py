@@ -26,7 +26,7 @@ INVALID = [
     ({"data.aux-beta": 1.5}, "data.aux-beta=1.5: expected a number in [0, 1]"),
     ({"data.dirichlet-alpha": 0}, "data.dirichlet-alpha=0: expected a number > 0"),
     ({"num-server-rounds": 0}, "num-server-rounds=0: expected an integer >= 1"),
-    ({"seed": True}, "seed=True: expected an integer >= 0"),
+    ({"seed": True}, "seed=True: expected an integer in [0, 2**63-1]"),
     ({"attack.names": ""}, "attack.names='': expected at least one name"),
     ({"attack.max-seconds": float("nan")}, "attack.max-seconds=nan: expected a number > 0"),
     ({"device": "tpu"}, "device='tpu': expected one of 'auto', 'cpu', 'cuda'"),

@@ -12,9 +12,9 @@ from fedleak.attacks.types import AttackerKnowledge, Observation
 PACKAGE = Path(fedleak.__file__).parent
 
 # Rooms and what each may import (DESIGN.md); `fedleak.config` is open to the rooms that read
-# run settings.
+# run settings, `fedleak.interrupt` (a stop request, no imports) to long-running attack loops.
 ALLOWED = {
-    "attacks": {"attacks", "models", "defenses", "training"},
+    "attacks": {"attacks", "models", "defenses", "training", "interrupt"},
     "client": {"client", "data", "models", "defenses", "training", "config", "runtime", "messages"},
     "training": {"training", "models", "defenses"},
     "data": {"data", "config"},

@@ -16,6 +16,11 @@ class AuxMeanBaseline:
 
     name = "aux-mean"
 
+    def check_feasible(self, targets: int, aux: int) -> None:
+        """Refuse a run without auxiliary data, where every call would fail."""
+        if aux == 0:
+            raise ValueError("aux-mean needs auxiliary data, but data.aux-size=0; set it > 0")
+
     def reconstruct(
         self, observation: Observation, knowledge: AttackerKnowledge, budget: Budget
     ) -> Reconstruction:

@@ -67,11 +67,15 @@ class ImageDataset:
 
 
 def images_to_tensor(images: np.ndarray) -> Tensor:
-    """uint8 NCHW pixels -> float32 in [0, 1]; done once per load so batches are plain slices."""
-    if images.dtype != np.uint8 or images.ndim != 4:
-        raise ValueError(f"expected uint8 NCHW pixels, got {images.dtype} {images.shape}")
+    """uint8 or uint16 NCHW pixels -> float32 in [0, 1] (each type's full range); done once per
+    load so batches are plain slices."""
+    if images.dtype not in (np.uint8, np.uint16) or images.ndim != 4:
+        raise ValueError(f"expected uint8 or uint16 NCHW pixels, got {images.dtype} {images.shape}")
+    top = float(np.iinfo(images.dtype).max)
+    if images.dtype == np.uint16:
+        images = images.astype(np.int32)  # torch has no uint16 arithmetic on every version
     # from_numpy needs a writable buffer; idx files and PIL can hand over read-only ones.
-    return torch.from_numpy(np.require(images, requirements=["C", "W"])).float().div_(255.0)
+    return torch.from_numpy(np.require(images, requirements=["C", "W"])).float().div_(top)
 
 
 def dataset_from_arrays(
@@ -84,9 +88,10 @@ def dataset_from_arrays(
     test_images: np.ndarray | None = None,
     test_labels: np.ndarray | None = None,
 ) -> ImageDataset:
-    """Build an `ImageDataset` from uint8 NCHW arrays; no test arrays means an empty test split."""
+    """Build an `ImageDataset` from uint8 (or 16-bit) NCHW arrays; no test arrays means an empty
+    test split."""
     if test_images is None or test_labels is None:
-        test_images = np.zeros((0, *images.shape[1:]), dtype=np.uint8)
+        test_images = np.zeros((0, *images.shape[1:]), dtype=images.dtype)
         test_labels = np.zeros(0, dtype=np.int64)
     return ImageDataset(
         name=name,

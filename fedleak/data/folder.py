@@ -2,6 +2,9 @@
 
 Images are never resized: reconstruction quality is measured in pixels, so silently rescaling a
 user's images would change what is measured. All images must therefore share one size.
+16-bit grayscale images are read at their full range (0..65535 -> [0, 1]); 8-bit images in the
+same folder are scaled to match. Images whose range is unknown (32-bit integer or float
+pixels outside 0..65535) are refused.
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ from PIL import Image
 from fedleak.data.dataset import DatasetUnavailable, ImageDataset, dataset_from_arrays
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
-_GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F"})
+_GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
+# Modes whose pixels do not fit 8 bits: read as numbers, never through convert("L"), which clips.
+_WIDE_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
 
 
 class FolderLayoutError(ValueError):
@@ -70,10 +75,37 @@ def _read_all(paths: list[Path], name: str) -> np.ndarray:
                 f"{w}x{h}); fedleak does not resize, so resize them to one size first"
             )
     modes = {mode for _, mode in headers}
+    wide = modes & _WIDE_MODES
+    if wide and not modes <= _GRAY_MODES:
+        raise FolderLayoutError(
+            f"{name}: mixes 16-bit or wider grayscale images ({', '.join(sorted(wide))}) with "
+            "colour ones; convert them to one kind first"
+        )
     mode = "L" if modes <= _GRAY_MODES else "RGB"
     pixels = []
     for path in paths:
         with Image.open(path) as image:
-            pixels.append(np.asarray(image.convert(mode), dtype=np.uint8))
+            pixels.append(
+                _wide_gray(image, path, name) if wide else np.asarray(image.convert(mode))
+            )
     stacked = np.stack(pixels)
     return stacked[:, None] if mode == "L" else stacked.transpose(0, 3, 1, 2)
+
+
+def _wide_gray(image: Image.Image, path: Path, name: str) -> np.ndarray:
+    """One grayscale image as uint16 at full range: 16-bit as is, 8-bit x 257, others refused."""
+    if image.mode not in _WIDE_MODES:
+        return np.asarray(image.convert("L"), dtype=np.uint16) * np.uint16(257)
+    if image.mode == "F":
+        raise FolderLayoutError(
+            f"{name}: {path} has floating-point pixels, whose range fedleak cannot know; "
+            "convert it to an 8- or 16-bit image"
+        )
+    values = np.asarray(image)
+    if values.min() < 0 or values.max() > 65535:
+        raise FolderLayoutError(
+            f"{name}: {path} has {image.mode} pixels outside 0..65535 (range "
+            f"{values.min():g}..{values.max():g}); fedleak reads 8- and 16-bit images only, "
+            "so convert it to one of those"
+        )
+    return values.astype(np.uint16)

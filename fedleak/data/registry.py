@@ -84,12 +84,17 @@ def load_dataset(
 def _load(
     name: str, kind: str, root: str, seed: int, test_fraction: float, download: bool
 ) -> ImageDataset:
-    if kind == "mnist5k":
-        dataset = load_mnist5k()
-    elif kind == "cifar10-foolbox":
-        dataset = load_cifar10_foolbox()
-    elif kind == FOLDER_PREFIX:
-        dataset = load_folder(Path(root), name)
-    else:
-        dataset = load_torchvision_set(kind, Path(root), download)
+    dataset = _read(name, kind, root, download)
     return with_holdout(dataset, test_fraction, seed) if kind in _HOLDOUT else dataset
+
+
+@functools.lru_cache(maxsize=8)
+def _read(name: str, kind: str, root: str, download: bool) -> ImageDataset:
+    # Cached apart from the hold-out: runs that differ only in their seed share one read.
+    if kind == "mnist5k":
+        return load_mnist5k()
+    if kind == "cifar10-foolbox":
+        return load_cifar10_foolbox()
+    if kind == FOLDER_PREFIX:
+        return load_folder(Path(root), name)
+    return load_torchvision_set(kind, Path(root), download)

@@ -162,8 +162,10 @@ def _number(text: str, what: str) -> float:
 
 
 def _integer(text: str, what: str) -> int:
+    if text.isascii() and text.isdigit() and not _INTEGER.fullmatch(text):
+        raise ValueError(f"{what}={text[:30]!r} is too large; expected a whole number below 10^9")
     if not _INTEGER.fullmatch(text):
-        raise ValueError(f"{what}={text!r} is not a whole number")
+        raise ValueError(f"{what}={text[:30]!r} is not a whole number")
     return int(text)
 
 

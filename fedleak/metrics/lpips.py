@@ -259,6 +259,7 @@ class LPIPSScorer:
 
 
 _SCORERS: dict[tuple[str, str], LPIPSScorer] = {}
+WEIGHTS_HINT = "`fedleak weights --fetch` installs them"
 
 
 def load_lpips(net: str = "alex", device: str | torch.device = "cpu") -> LPIPSScorer:
@@ -267,3 +268,23 @@ def load_lpips(net: str = "alex", device: str | torch.device = "cpu") -> LPIPSSc
     if key not in _SCORERS:
         _SCORERS[key] = LPIPSScorer(net, device)
     return _SCORERS[key]
+
+
+def lpips_status(nets: tuple[str, ...]) -> dict[str, str]:
+    """Per requested backbone: the source of its real weights, or `unavailable: <why>`."""
+    status = {}
+    for net in nets:
+        scorer = load_lpips(net, "cpu")
+        status[net] = scorer.source if scorer.available else f"unavailable: {scorer.reason}"
+    return status
+
+
+def lpips_warning(nets: tuple[str, ...]) -> str:
+    """One line saying which requested LPIPS backbones have no real weights ('' if all do)."""
+    missing = [net for net, source in lpips_status(nets).items() if source.startswith("unav")]
+    if not missing:
+        return ""
+    return (
+        f"LPIPS ({', '.join(missing)}) is unavailable: no pretrained backbone weights were found "
+        f"offline, so its columns stay empty (NaN); {WEIGHTS_HINT}"
+    )

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +25,7 @@ from fedleak.report.document import (
 )
 from fedleak.report.document import Cell as TableCell
 from fedleak.report.plots import MAX_BANDS, frontier_figure, rounds_figure
-from fedleak.report.rundir import atomic_write, lpips_column
+from fedleak.report.rundir import atomic_write, lpips_column, replace_owned_files
 from fedleak.report.tables import (
     METRICS,
     cost_table,
@@ -78,6 +77,28 @@ def _overview(study: Study) -> list[Block]:
             "Student-t intervals over the reconstructed samples, pooled over clients, rounds "
             "and seeds."
         ),
+        *_lpips_note(study),
+    ]
+
+
+def _lpips_note(study: Study) -> list[Block]:
+    """Say so when a run asked for LPIPS and had no real weights (its column is empty)."""
+    missing = sorted(
+        {
+            f"{net} ({source.removeprefix('unavailable: ')})"
+            for run in study.runs
+            for net, source in dict(run.environment.get("lpips") or {}).items()
+            if str(source).startswith("unavailable")
+        }
+    )
+    if not missing:
+        return []
+    return [
+        Text(
+            "LPIPS was not measured: no pretrained weights were found for "
+            f"{'; '.join(missing)}. Its columns are empty; `fedleak weights --fetch` installs "
+            "the weights, and the run must then be repeated to measure it."
+        )
     ]
 
 
@@ -288,11 +309,7 @@ def build_report(path: Path) -> tuple[Path, Path]:
     html_path, md_path = path / HTML_FILE, path / MARKDOWN_FILE
     atomic_write(html_path, render_html(title, blocks).encode("utf-8"))
     markdown, files = render_markdown(title, blocks, FILES_DIR)
-    folder = path / FILES_DIR
-    if folder.exists():
-        shutil.rmtree(folder)  # only this report's own figures live here
-    folder.mkdir()
-    for name, data in files.items():
-        (folder / name).write_bytes(data)
+    # Figures of an earlier build that this one no longer has go; a user's own files stay.
+    replace_owned_files(path / FILES_DIR, files)
     atomic_write(md_path, markdown.encode("utf-8"))
     return html_path, md_path

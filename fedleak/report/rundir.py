@@ -10,23 +10,32 @@ Layout (DESIGN.md, Results)::
     checkpoints/        global.pt: the global model after the last finished round
     state/<name>/       caches that outlive a round (e.g. a learned attack's trained inverter)
     summary.md          per-round table, rebuilt from the files alone
+    DONE / FAILED       written when the run ends: every round recorded / why the run failed
+    .fedleak.lock       held (flock) by the process running in the directory
 
 Every write replaces a whole file atomically (temporary file, fsync, `os.replace`), so a run
 killed at any moment leaves each file either before or after a round, never half-written.
 `utility.csv` is written last in a round and is the record of which rounds finished.
+
+fedleak writes only into a new folder, an empty one or one of its own run directories, and
+deletes only files it wrote itself (`clear`, `replace_owned_files`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
 import json
 import math
 import os
 import re
+import socket
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import ClassVar
 
 import pandas as pd
 import torch
@@ -93,6 +102,18 @@ LEAKAGE_CSV = "leakage.csv"
 UTILITY_FILE = "utility.csv"
 SUMMARY_FILE = "summary.md"
 CHECKPOINT_FILE = "checkpoints/global.pt"
+DONE_FILE = "DONE"
+FAILED_FILE = "FAILED"
+LOCK_FILE = ".fedleak.lock"
+# Lists, inside a folder fedleak fills (report_files/), the files it wrote there.
+OWNED_MANIFEST = ".fedleak-files"
+# Settings a resumed run may change: how long it runs and bookkeeping, not what it measures.
+RESUME_MAY_CHANGE = frozenset(
+    {"sim.resume", "out-dir", "num-server-rounds", "sim.timeout", "attack.show-progress"}
+    | {"sim.payload-budget-mb"}
+)
+# Optional columns: written only when the run asked for them (LPIPS backbones).
+LPIPS_COLUMNS = {"alex": "lpips_alex", "vgg": "lpips_vgg"}
 
 
 class RunDirectoryError(ValueError):
@@ -170,11 +191,24 @@ def _parquet_bytes(frame: pd.DataFrame) -> bytes:
     return buffer.getvalue()
 
 
+def _unreadable(path: Path, error: Exception) -> RunDirectoryError:
+    detail = " ".join(f"{type(error).__name__}: {error}".split())[:200]
+    return RunDirectoryError(
+        f"{path}: unreadable ({detail}); restore it or start the run again in a new out-dir"
+    )
+
+
 def read_utility_csv(path: Path) -> pd.DataFrame:
     """`utility.csv` with its fixed dtypes (an absent file reads as no rows)."""
     if not path.exists():
         return empty_frame(UTILITY_COLUMNS)
-    frame = pd.read_csv(path)
+    try:
+        return _typed_utility(pd.read_csv(path))
+    except Exception as error:  # pandas' parser errors, bad dtypes, a folder in its place
+        raise _unreadable(path, error) from None
+
+
+def _typed_utility(frame: pd.DataFrame) -> pd.DataFrame:
     # Columns added since a run was written (central_epsilon) read as their missing value.
     for name, dtype in UTILITY_COLUMNS.items():
         if name not in frame:
@@ -186,7 +220,13 @@ def read_leakage_parquet(path: Path) -> pd.DataFrame:
     """`leakage.parquet` with its fixed dtypes (an absent file reads as no rows)."""
     if not path.exists():
         return empty_frame(LEAKAGE_COLUMNS)
-    frame = pd.read_parquet(path)
+    try:
+        return _typed_leakage(pd.read_parquet(path))
+    except Exception as error:  # pyarrow's errors, bad dtypes, a folder in its place
+        raise _unreadable(path, error) from None
+
+
+def _typed_leakage(frame: pd.DataFrame) -> pd.DataFrame:
     # Columns added since a run was written (diagnostics) read as their missing value.
     for name, dtype in LEAKAGE_COLUMNS.items():
         if name not in frame:
@@ -216,24 +256,60 @@ class RunDirectory:
         self._leakage: pd.DataFrame | None = None
         self._utility: pd.DataFrame | None = None
 
+    @staticmethod
+    def check_target(path: Path, resume: bool = False) -> None:
+        """Refuse, before any work, a folder a new run must not write into: a file, a folder
+        with someone else's files, or a finished-or-started run unless `resume` continues it.
+        A new folder, an empty one and a run that recorded no round yet are fine."""
+        path = Path(path)
+        if not path.exists():
+            if path.is_symlink():
+                raise RunDirectoryError(f"{path}: a broken symbolic link; choose another out-dir")
+            return
+        if not path.is_dir():
+            raise RunDirectoryError(f"{path}: exists and is not a folder; choose another out-dir")
+        try:
+            entries = [entry.name for entry in path.iterdir() if entry.name != LOCK_FILE]
+        except OSError as error:
+            raise RunDirectoryError(f"{path}: cannot list the folder ({error.strerror})") from None
+        if not entries:
+            return
+        if not is_run_directory(path):
+            raise RunDirectoryError(
+                f"{path}: not empty and not a fedleak run directory (it holds {entries[0]!r}"
+                f"{f' and {len(entries) - 1} more' if len(entries) > 1 else ''}); fedleak writes "
+                "only into a new or empty folder or one of its run directories"
+            )
+        if resume:
+            return
+        for name in (UTILITY_FILE, LEAKAGE_FILE):
+            if (path / name).exists():
+                raise RunDirectoryError(
+                    f"{path}: already holds a run ({name}); resume it with "
+                    "--set sim.resume=true or choose another out-dir"
+                )
+
     @classmethod
     def create(
         cls, path: Path, config: RunConfig, environment: Mapping[str, object]
     ) -> RunDirectory:
-        """Start a new run in `path` (created if needed); refuses a folder that holds records."""
+        """Start a new run in `path` (created if needed); refuses a folder that holds records
+        or files that are not fedleak's (`check_target`)."""
         path = Path(path)
-        for name in (UTILITY_FILE, LEAKAGE_FILE):
-            if (path / name).exists():
-                raise RunDirectoryError(
-                    f"{path}: already holds a run ({name}); resume it with sim.resume=true "
-                    "or choose another out-dir"
-                )
+        cls.check_target(path)
         path.mkdir(parents=True, exist_ok=True)
-        atomic_write(path / CONFIG_FILE, config.to_toml().encode("utf-8"))
-        env = {"created": datetime.now(UTC).isoformat(timespec="seconds"), **environment}
+        for name in (DONE_FILE, FAILED_FILE):
+            (path / name).unlink(missing_ok=True)
+        # environment.json first: it marks the folder as a run directory (`is_run_directory`).
+        env = {
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "fedleak": _package_version(),
+            **environment,
+        }
         atomic_write(
             path / ENVIRONMENT_FILE, json.dumps(env, indent=2, default=str).encode("utf-8")
         )
+        atomic_write(path / CONFIG_FILE, config.to_toml().encode("utf-8"))
         run = cls(path)
         run._config = config
         return run
@@ -245,12 +321,6 @@ class RunDirectory:
         if not (path / CONFIG_FILE).is_file():
             raise RunDirectoryError(f"{path}: not a run directory (no {CONFIG_FILE})")
         return cls(path)
-
-    def record_config(self, config: RunConfig) -> None:
-        """Replace config.toml (a resumed run that asks for more rounds, see
-        `fedleak.server.resume`)."""
-        atomic_write(self.path / CONFIG_FILE, config.to_toml().encode("utf-8"))
-        self._config = config
 
     @property
     def config(self) -> RunConfig:
@@ -344,8 +414,13 @@ class RunDirectory:
     def _store_leakage(self, leakage: pd.DataFrame) -> None:
         leakage = leakage.sort_values(["round", "client_id", "attack"], kind="stable")
         leakage = leakage.reset_index(drop=True)
-        atomic_write(self.path / LEAKAGE_FILE, _parquet_bytes(leakage))
-        atomic_write(self.path / LEAKAGE_CSV, _csv_bytes(leakage))
+        # LPIPS backbones the run did not ask for would be columns of NaN only: leave them out
+        # of the files (they read back as NaN).
+        requested = self.config.metrics.lpips_nets
+        unused = [c for net, c in LPIPS_COLUMNS.items() if net not in requested]
+        written = leakage.drop(columns=unused)
+        atomic_write(self.path / LEAKAGE_FILE, _parquet_bytes(written))
+        atomic_write(self.path / LEAKAGE_CSV, _csv_bytes(written))
         self._leakage = leakage
 
     @staticmethod
@@ -375,8 +450,63 @@ class RunDirectory:
         return int(utility["round"].max()) if len(utility) else 0
 
     def is_finished(self) -> bool:
-        """Whether every configured round is recorded."""
+        """Whether every configured round is recorded and the run was not marked failed."""
+        if (self.path / FAILED_FILE).exists():
+            return False
         return self.finished_rounds() >= self.config.num_server_rounds
+
+    def failure(self) -> str:
+        """Why the recorded rounds make a failed run ('' when they do not): every client
+        failed in every round, or an attack failed on every update it was given."""
+        utility, leakage = self.utility(), self.leakage()
+        rounds = utility[utility["round"] > 0]  # round 0 is the initial model's evaluation
+        if len(rounds) and (rounds["num_replies"] == 0).all():
+            if (rounds["num_failures"] > 0).all():
+                return f"every client failed in every one of the {len(rounds)} recorded rounds"
+            return (
+                f"no client replied in time in any of the {len(rounds)} recorded rounds (each "
+                f"failed or did not answer within sim.timeout={self.config.sim.timeout:g} s)"
+            )
+        for attack in self.config.attack.names:
+            rows = leakage[leakage["attack"] == attack]
+            if len(rows) and (rows["status"] == "failed").all():
+                message = next((m for m in rows["message"] if m), "no message")
+                return (
+                    f"attack {attack} failed on every one of its {len(rows)} updates "
+                    f"(first error: {_one_line(message)})"
+                )
+        return ""
+
+    def mark_done(self) -> None:
+        """Write DONE: every configured round is recorded and the run did not fail."""
+        (self.path / FAILED_FILE).unlink(missing_ok=True)
+        rounds = {"rounds": self.config.num_server_rounds}
+        atomic_write(self.path / DONE_FILE, json.dumps(rounds).encode("utf-8"))
+
+    def mark_failed(self, reason: str) -> None:
+        """Write FAILED with the reason (and no DONE): a sweep retries such a run."""
+        (self.path / DONE_FILE).unlink(missing_ok=True)
+        atomic_write(self.path / FAILED_FILE, json.dumps({"reason": reason}).encode("utf-8"))
+
+    def clear(self) -> None:
+        """Delete this run's own files, and nothing else, so that it can start again."""
+        own = [CONFIG_FILE, ENVIRONMENT_FILE, LEAKAGE_FILE, LEAKAGE_CSV, UTILITY_FILE]
+        own += [SUMMARY_FILE, CHECKPOINT_FILE, DONE_FILE, FAILED_FILE, "report.html", "report.md"]
+        for name in own:
+            (self.path / name).unlink(missing_ok=True)
+        for image in self.images():
+            image.unlink()
+        for cache in (self.path / "state").glob("*/*-inverter.pt"):
+            cache.unlink()
+        replace_owned_files(self.path / "report_files", {})
+        for folder in (
+            "checkpoints",
+            "images",
+            "report_files",
+            *_subfolders(self.path / "state"),
+            "state",
+        ):
+            _remove_if_empty(self.path / folder)
 
     # Images, checkpoints, state -----------------------------------------------------------
 
@@ -431,12 +561,62 @@ class RunDirectory:
         atomic_write(self.path / CHECKPOINT_FILE, buffer.getvalue())
 
     def load_global_model(self) -> tuple[int, dict[str, torch.Tensor]] | None:
-        """(round, weights) of the last checkpoint, or None; loads tensors only."""
+        """(round, weights) of the last checkpoint, or None; loads tensors only (a pickle that
+        asks for anything else is refused, never executed)."""
         file = self.path / CHECKPOINT_FILE
         if not file.exists():
             return None
-        saved = torch.load(file, map_location="cpu", weights_only=True)
-        return int(saved["round"]), dict(saved["state_dict"])
+        try:
+            saved = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as error:  # torch's unpickling errors, truncated zip files, ...
+            raise _unreadable(file, error) from None
+        state = saved.get("state_dict") if isinstance(saved, dict) else None
+        server_round = saved.get("round") if isinstance(saved, dict) else None
+        if (
+            not isinstance(state, dict)
+            or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())
+            or isinstance(server_round, bool)
+            or not isinstance(server_round, int)
+            or server_round < 0
+        ):
+            raise RunDirectoryError(
+                f"{file}: not a fedleak checkpoint (expected a round and a state dict of "
+                "tensors); restore it or start the run again in a new out-dir"
+            )
+        return server_round, dict(state)
+
+    def check_resume(self, config: RunConfig) -> None:
+        """Refuse to continue this run with settings that would mix two studies in it: only
+        more rounds and bookkeeping (`RESUME_MAY_CHANGE`) may differ; every difference is named."""
+        stored, wanted = self.config.to_flat(), config.to_flat()
+        changed = [
+            f"{key}={wanted.get(key)!r} (the run has {stored.get(key)!r})"
+            for key in dict.fromkeys([*stored, *wanted])
+            if key not in RESUME_MAY_CHANGE and stored.get(key) != wanted.get(key)
+        ]
+        if changed:
+            raise RunDirectoryError(
+                f"{self.path}: was run with other settings; differing: {'; '.join(changed)}. "
+                "Resuming would mix two studies in one directory: resume with the run's own "
+                "settings (its config.toml), only more rounds, or choose another out-dir"
+            )
+        if config.num_server_rounds < self.config.num_server_rounds:
+            raise RunDirectoryError(
+                f"num-server-rounds={config.num_server_rounds} is fewer than the "
+                f"{self.config.num_server_rounds} rounds {self.path} was run for; a resumed run "
+                "may only add rounds"
+            )
+        finished = self.finished_rounds()
+        if config.num_server_rounds < finished:
+            raise RunDirectoryError(
+                f"num-server-rounds={config.num_server_rounds} is fewer than the {finished} "
+                f"rounds {self.path} already finished; a resumed run may only add rounds"
+            )
+
+    def update_config(self, config: RunConfig) -> None:
+        """Store the configuration a resumed run continues with (`check_resume` first)."""
+        atomic_write(self.path / CONFIG_FILE, config.to_toml().encode("utf-8"))
+        self._config = config
 
     def state_dir(self, name: str) -> Path:
         """A folder under `state/` for caches that outlive a round (created if needed)."""
@@ -467,6 +647,204 @@ class RunDirectory:
         path = self.path / SUMMARY_FILE
         atomic_write(path, "\n".join(lines).encode("utf-8"))
         return path
+
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fedleak")
+    except PackageNotFoundError:  # a source checkout that was never installed
+        return "unknown"
+
+
+def is_run_directory(path: Path) -> bool:
+    """Whether `path` is a folder fedleak made for a run: its environment.json names fedleak."""
+    try:
+        environment = json.loads((Path(path) / ENVIRONMENT_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(environment, dict) and "fedleak" in environment
+
+
+def replace_owned_files(folder: Path, files: Mapping[str, bytes]) -> None:
+    """Make `files` (name -> bytes) the fedleak-written content of `folder`: write them, and
+    delete what an earlier call wrote there and `files` no longer holds. Files fedleak did not
+    write (not listed in the folder's manifest) are never touched."""
+    folder = Path(folder)
+    manifest = folder / OWNED_MANIFEST
+    try:
+        earlier = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        earlier = []
+    if not isinstance(earlier, list):
+        earlier = []
+    for name in files:
+        if Path(name).name != name or name in ("", ".", "..", OWNED_MANIFEST):
+            raise RunDirectoryError(f"{name!r}: not a plain file name for {folder}")
+    for name in earlier:
+        if isinstance(name, str) and Path(name).name == name and name not in files:
+            (folder / name).unlink(missing_ok=True)
+    if not files:
+        manifest.unlink(missing_ok=True)
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    # The manifest is written before the files, so a crash midway never orphans one.
+    atomic_write(manifest, json.dumps(sorted(files)).encode("utf-8"))
+    for name, data in files.items():
+        atomic_write(folder / name, data)
+
+
+def _subfolders(folder: Path) -> list[str]:
+    if not folder.is_dir():
+        return []
+    return [f"{folder.name}/{child.name}" for child in folder.iterdir() if child.is_dir()]
+
+
+def _remove_if_empty(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # absent, or holds files that are not fedleak's
+        folder.rmdir()
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    return " ".join(str(text).split())[:limit]
+
+
+class RunLock:
+    """An exclusive lock on a run directory, held by one process from start to exit.
+
+    The lock is `flock` on `.fedleak.lock`, which also records the holder's PID, host and start
+    time for the refusal message. The kernel drops it when the holder exits, however it exits
+    (crash, kill -9), so a dead run never leaves a stale lock behind. Where the file system
+    offers no `flock`, the recorded PID decides: a lock whose process is gone (on this host) is
+    stale and taken over. Re-entrant within one process (`fedleak run` takes it before Ray
+    starts, the ServerApp again when the run begins).
+    """
+
+    _held: ClassVar[dict[Path, tuple[int, int | None]]] = {}
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path).resolve()
+        self.file = self.path / LOCK_FILE
+
+    def probe(self) -> None:
+        """Raise `RunDirectoryError` if another process holds the lock; creates nothing."""
+        if self.path in self._held or not self.file.is_file():
+            return
+        try:
+            fd = os.open(self.file, os.O_RDWR)
+        except OSError:
+            return  # unreadable or gone: `acquire` will say what is wrong
+        try:
+            _flock(fd)
+        except BlockingIOError:
+            raise RunDirectoryError(
+                f"{self.path}: in use by another fedleak run ({_describe_holder(self.file)}); "
+                "wait for it to end or choose another out-dir"
+            ) from None
+        except OSError:
+            pass  # no flock here: `acquire` falls back to the recorded PID
+        finally:
+            os.close(fd)  # closing drops a lock taken just now
+
+    def acquire(self) -> RunLock:
+        """Take the lock or raise `RunDirectoryError` naming the process that holds it."""
+        if self.path in self._held:
+            count, fd = self._held[self.path]
+            self._held[self.path] = (count + 1, fd)
+            return self
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            _flock(fd)
+        except BlockingIOError:
+            holder = _describe_holder(self.file)
+            os.close(fd)
+            raise RunDirectoryError(
+                f"{self.path}: in use by another fedleak run ({holder}); wait for it to end or "
+                "choose another out-dir"
+            ) from None
+        except OSError as error:
+            if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                os.close(fd)
+                raise
+            _check_pid_lock(self.file, self.path, fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(_holder()).encode("utf-8"), 0)
+        self._held[self.path] = (1, fd)
+        return self
+
+    def release(self) -> None:
+        """Release one acquisition; the last one empties the file and drops the lock."""
+        count, fd = self._held.get(self.path, (0, None))
+        if count > 1:
+            self._held[self.path] = (count - 1, fd)
+            return
+        self._held.pop(self.path, None)
+        if fd is not None:
+            # Emptied, not deleted: deleting would let a waiting process lock a dead inode.
+            os.ftruncate(fd, 0)
+            os.close(fd)  # closing drops the flock
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *_: object) -> None:
+        self.release()
+
+
+def _flock(fd: int) -> None:
+    import fcntl
+
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def _holder() -> dict[str, object]:
+    return {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "since": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def _read_holder(file: Path) -> dict[str, object]:
+    try:
+        holder = json.loads(file.read_text(encoding="utf-8") or "{}")
+    except (OSError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _describe_holder(file: Path) -> str:
+    holder = _read_holder(file)
+    if "pid" not in holder:
+        return "process unknown"
+    return f"process {holder['pid']} on {holder.get('host', '?')} since {holder.get('since', '?')}"
+
+
+def _check_pid_lock(file: Path, path: Path, fd: int) -> None:
+    """The fallback without flock: refuse while the recorded process lives (on this host)."""
+    holder = _read_holder(file)
+    pid = holder.get("pid")
+    if not isinstance(pid, int) or pid == os.getpid():
+        return
+    if holder.get("host") != socket.gethostname():
+        os.close(fd)
+        raise RunDirectoryError(
+            f"{path}: in use by another fedleak run ({_describe_holder(file)}) on another host; "
+            f"delete {file} if that run is gone"
+        )
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return  # stale: its process is gone
+    except PermissionError:
+        pass  # alive, owned by someone else
+    os.close(fd)
+    raise RunDirectoryError(
+        f"{path}: in use by another fedleak run ({_describe_holder(file)}); wait for it to end "
+        "or choose another out-dir"
+    )
 
 
 def _concat(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:

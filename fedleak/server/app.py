@@ -6,9 +6,9 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import functools
-import json
 import logging
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -20,16 +20,18 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedleak.attacks.registry import build_attack
 from fedleak.attacks.types import AttackerKnowledge, Budget
-from fedleak.config import RunConfig, parse_flat
+from fedleak.config import ConfigError, RunConfig, parse_flat
 from fedleak.data import FederatedData, auxiliary
+from fedleak.interrupt import RunInterrupted
+from fedleak.metrics.lpips import lpips_status, lpips_warning
 from fedleak.models import build_model
-from fedleak.report.rundir import RunDirectory, console_line
+from fedleak.report.rundir import RunDirectory, RunDirectoryError, RunLock, console_line
 from fedleak.runtime import federated_data, model_spec, resolve_device
 from fedleak.server.auditor import Auditor, GroundTruth
 from fedleak.server.central_dp import CentralDP
-from fedleak.server.payload import check_payload
+from fedleak.server.grid import StoppableGrid
+from fedleak.server.payload import check_round_payload
 from fedleak.server.privacy import PrivacyLedger
-from fedleak.server.resume import check_resume
 from fedleak.server.runner import AttackResult, AttackRunner, InlineRunner
 from fedleak.server.selection import ClientSelection
 from fedleak.server.strategy import CuriousStrategy, PublicSetting
@@ -38,14 +40,27 @@ from fedleak.server.validate import validate_components
 log = logging.getLogger(__name__)
 
 
+class RunFailed(RuntimeError):
+    """Every round was recorded, but the run failed: every client, or an attack on every
+    update it was given. The run directory holds FAILED with the reason instead of DONE."""
+
+
 def default_run_dir(config: RunConfig, root: Path | None = None) -> Path:
-    """`runs/<time>-<name>` under `root` (the current directory by default), absolute."""
+    """`runs/<time>-<name>` under `root` (the current directory by default), absolute.
+
+    `name` is a safe slug (`fedleak.config.NAME_PATTERN`); the check below keeps a name that
+    bypassed the configuration's rule from leaving `runs/` all the same."""
+    runs = ((root or Path.cwd()) / "runs").resolve()
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return ((root or Path.cwd()) / "runs" / f"{stamp}-{config.name}").resolve()
+    path = (runs / f"{stamp}-{config.name}").resolve()
+    if path.parent != runs:
+        raise ConfigError(f"name={config.name!r}: expected one folder name inside {runs}")
+    return path
 
 
 def environment(device: torch.device, config: RunConfig) -> dict[str, object]:
-    """Versions, device and seed: what a reader needs to reproduce the run."""
+    """Versions, device, seed and where LPIPS's weights came from: what a reader needs to
+    reproduce the run."""
     import flwr
 
     return {
@@ -57,6 +72,7 @@ def environment(device: torch.device, config: RunConfig) -> dict[str, object]:
         "device": str(device),
         "cuda": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
         "seed": config.seed,
+        "lpips": lpips_status(config.metrics.lpips_nets),
         "started": dt.datetime.now().isoformat(timespec="seconds"),
     }
 
@@ -163,17 +179,55 @@ class RoundRecorder:
 
 
 def serve(grid: Grid, config: RunConfig) -> Path:
-    """Run the whole study on `grid` and return its run directory."""
+    """Run the whole study on `grid` and return its run directory.
+
+    Holds the run directory's lock throughout. Raises `RunFailed` when the recorded rounds
+    make a failed run (FAILED is written instead of DONE), and `RunInterrupted` when a stop
+    was requested (every finished round is on disk; resume continues after the last one).
+    """
     validate_components(config)
     device = resolve_device(config.device)
     path = Path(config.out_dir) if config.out_dir else default_run_dir(config)
     config = dataclasses.replace(config, out_dir=str(path))
+    lock = RunLock(path)
+    lock.probe()
+    RunDirectory.check_target(path, resume=config.sim.resume)
+    with lock:
+        check_resumable(config, path)
+        return _serve(StoppableGrid(grid), config, path, device)
+
+
+def check_resumable(config: RunConfig, path: Path) -> None:
+    """For `sim.resume` on an existing run: its settings match (`RunDirectory.check_resume`)
+    and its checkpoint is a fedleak checkpoint that fits the configured model."""
+    if not (config.sim.resume and (path / "config.toml").exists()):
+        return
+    run_dir = RunDirectory.open(path)
+    run_dir.check_resume(config)
+    checkpoint = run_dir.load_global_model()
+    if checkpoint is None:
+        return
+    spec = model_spec(config, federated_data(config, num_partitions=1))
+    try:
+        build_model(spec).load_state_dict(checkpoint[1])
+    except RuntimeError as error:
+        detail = " ".join(str(error).split())[:200]
+        raise RunDirectoryError(
+            f"{path / 'checkpoints' / 'global.pt'}: does not fit model {spec.name} on "
+            f"{spec.input_shape} ({detail}); restore it or start again in a new out-dir"
+        ) from None
+
+
+def _serve(grid: Grid, config: RunConfig, path: Path, device: torch.device) -> Path:
+    """`serve` once the run directory is checked and locked."""
     if config.sim.resume and (path / "config.toml").exists():
         run_dir = RunDirectory.open(path)
-        check_resume(run_dir.config, config, str(path))
-        run_dir.record_config(config)  # the same study, perhaps with more rounds
+        run_dir.update_config(config)
     else:
         run_dir = RunDirectory.create(path, config, environment(device, config))
+    warning = lpips_warning(config.metrics.lpips_nets)
+    if warning:
+        print(f"fedleak: warning: {warning}", file=sys.stderr, flush=True)
     config = with_attack_caches(config, run_dir)
     fd = federated_data(config, num_partitions=1)
     spec = model_spec(config, fd)
@@ -187,7 +241,7 @@ def serve(grid: Grid, config: RunConfig) -> Path:
     if remaining <= 0:
         log.info("run %s already has all %d rounds", path, config.num_server_rounds)
         run_dir.write_summary()
-        return path
+        return _finish(run_dir, {})
 
     strategy = build_strategy(config, spec, fd, device, offset)
     # ε needs every client's partition size; the server's own `fd` has a single partition.
@@ -199,23 +253,41 @@ def serve(grid: Grid, config: RunConfig) -> Path:
         run_dir, strategy, build_model(spec), fd, device, config.attack.images_per_client, ledger
     )
     strategy.on_scored = recorder.on_scored
-    strategy.payload_check = functools.partial(check_payload, config, spec)
+    strategy.payload_check = functools.partial(check_round_payload, config, spec)
     train = config.train
-    strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(model.state_dict()),
-        num_rounds=remaining,
-        timeout=config.sim.timeout,
-        train_config=ConfigRecord({"lr": train.lr, "local-steps": train.local_steps}),
-        evaluate_fn=recorder,
-    )
-    if strategy.runner is not None:
-        strategy.collect(wait=True)
-        recorder.flush_late_rows()
-        strategy.runner.close()
+    try:
+        strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(model.state_dict()),
+            num_rounds=remaining,
+            timeout=config.sim.timeout,
+            train_config=ConfigRecord({"lr": train.lr, "local-steps": train.local_steps}),
+            evaluate_fn=recorder,
+        )
+        if strategy.runner is not None:
+            strategy.collect(wait=True)
+            recorder.flush_late_rows()
+    except RunInterrupted:
+        run_dir.write_summary()  # the finished rounds, for whoever looks before resuming
+        raise
+    finally:
+        if strategy.runner is not None:
+            strategy.runner.close()
     run_dir.write_summary()
-    (path / "DONE").write_text(json.dumps({"rounds": config.num_server_rounds}))
-    return path
+    return _finish(run_dir, strategy.client_errors)
+
+
+def _finish(run_dir: RunDirectory, client_errors: dict[int, str]) -> Path:
+    """Mark the run DONE, or FAILED and raise `RunFailed` when its rounds make a failed run."""
+    reason = run_dir.failure()
+    if reason.startswith("every client failed") and client_errors:
+        first = " ".join(client_errors[min(client_errors)].split())[:300]
+        reason += f" (first error: {first})"
+    if reason:
+        run_dir.mark_failed(reason)
+        raise RunFailed(f"{run_dir.path}: {reason}")
+    run_dir.mark_done()
+    return run_dir.path
 
 
 def with_attack_caches(config: RunConfig, run_dir: RunDirectory) -> RunConfig:
@@ -300,7 +372,7 @@ def build_strategy(
         inner,
         public,
         build_runner(config, knowledge, budget),
-        Auditor(),
+        Auditor(config.metrics.lpips_nets),
         attacks=attack.names,
         clients_per_round=attack.clients_per_round,
         seed=config.seed,

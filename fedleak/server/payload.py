@@ -57,8 +57,9 @@ class RoundPayload:
         """`total` in MB (10^6 bytes)."""
         return self.total / MB
 
-    def describe(self) -> str:
-        """One line: the total and what one reply is made of."""
+    def describe(self, budget: float = 0.0) -> str:
+        """One line: the total (with the digits that show it exceeds `budget` MB) and what one
+        reply is made of."""
         parts = {
             "update": self.update,
             "per-sample": self.per_sample,
@@ -67,8 +68,11 @@ class RoundPayload:
             "buffers": self.buffers,
         }
         shown = ", ".join(f"{k} {v / MB:.2f}" for k, v in parts.items() if v)
+        digits = 1
+        while budget > 0 and digits < 6 and round(self.total_mb, digits) <= budget:
+            digits += 1
         return (
-            f"{self.total_mb:.1f} MB per round = {self.clients} clients x "
+            f"{self.total_mb:.{digits}f} MB per round = {self.clients} clients x "
             f"({self.weights / MB:.2f} MB weights + {self.reply / MB:.2f} MB reply: {shown})"
         )
 
@@ -79,7 +83,9 @@ def clients_per_round(config: RunConfig, num_clients: int) -> int:
     return min(num_clients, max(int(num_clients * train.fraction_train), train.min_clients))
 
 
-def estimate_payload(config: RunConfig, spec: ModelSpec, num_clients: int) -> RoundPayload:
+def estimate_payload(
+    config: RunConfig, spec: ModelSpec, num_clients: int, *, sampled: bool = False
+) -> RoundPayload:
     """The bytes of one round of `config` on `spec` with `num_clients` clients, as the arrays
     travel (float32 tensors, int64 labels, a .npy header each); metrics left out. Under MixUp
     and intra-InstaHide the partners from outside the batch are counted at their maximum."""
@@ -109,7 +115,7 @@ def estimate_payload(config: RunConfig, spec: ModelSpec, num_clients: int) -> Ro
         layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         bn = sum(2 * (m.num_features * FLOAT32 + ARRAY_HEADER) for m in layers)
     return RoundPayload(
-        clients=clients_per_round(config, num_clients),
+        clients=num_clients if sampled else clients_per_round(config, num_clients),
         weights=weights,
         update=update,
         per_sample=per_sample,
@@ -119,16 +125,24 @@ def estimate_payload(config: RunConfig, spec: ModelSpec, num_clients: int) -> Ro
     )
 
 
-def check_payload(config: RunConfig, spec: ModelSpec, num_clients: int) -> RoundPayload:
-    """The round's payload; `PayloadBudgetError` when it exceeds `sim.payload-budget-mb`."""
-    payload = estimate_payload(config, spec, num_clients)
+def check_payload(
+    config: RunConfig, spec: ModelSpec, num_clients: int, *, sampled: bool = False
+) -> RoundPayload:
+    """The round's payload; `PayloadBudgetError` when it exceeds `sim.payload-budget-mb`.
+    `sampled` as in `estimate_payload`."""
+    payload = estimate_payload(config, spec, num_clients, sampled=sampled)
     budget = config.sim.payload_budget_mb
     if budget > 0 and payload.total_mb > budget:
         raise PayloadBudgetError(
-            f"sim.payload-budget-mb={budget:g}: a round would move {payload.describe()}; "
+            f"sim.payload-budget-mb={budget:g}: a round would move {payload.describe(budget)}; "
             "raise the budget, or use fewer clients, a smaller batch or threat.share='batch'"
         )
     return payload
+
+
+def check_round_payload(config: RunConfig, spec: ModelSpec, sampled: int) -> RoundPayload:
+    """`check_payload` for a round that sampled `sampled` clients (the strategy's check)."""
+    return check_payload(config, spec, sampled, sampled=True)
 
 
 def reply_bytes(message: Message) -> int:

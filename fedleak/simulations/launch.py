@@ -2,31 +2,51 @@
 
 `flwr run .` remains the Flower-native path; this one binds the configuration to the apps
 directly, so a study needs no SuperLink and its errors surface in the caller.
+
+Everything that can be checked is checked before Ray starts (`validate_run`, resources, the
+payload budget, the run directory), and the run directory is locked for the whole run. The
+first Ctrl-C asks the run to stop at its next safe point, keeping every finished round; a
+second one leaves at once (the files are still consistent: every write is atomic and a round
+counts as finished only once its last file is written).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
+import signal
+import sys
+import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from fedleak.client.app import make_client_app
 from fedleak.config import RunConfig
-from fedleak.report.rundir import RunDirectory
+from fedleak.interrupt import RunInterrupted, clear_stop, request_stop, stop_requested
+from fedleak.report.rundir import RunDirectory, RunLock
 from fedleak.runtime import federated_data, model_spec
-from fedleak.server.app import default_run_dir, make_server_app
+from fedleak.server.app import RunFailed, check_resumable, default_run_dir, make_server_app
 from fedleak.server.payload import check_payload
 from fedleak.server.pool import ray_init_args
-from fedleak.server.resume import check_resume
-from fedleak.server.validate import validate_components
+from fedleak.server.validate import validate_run
 
 
 class StudyFailed(RuntimeError):
-    """The simulation ended before every configured round was recorded."""
+    """The simulation ended before every configured round was recorded, or the recorded
+    rounds make a failed run (every client, or an attack on every update, failed)."""
+
+
+class StudyInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped the study at a safe point; `finished` rounds are kept in `path`."""
+
+    def __init__(self, path: Path, finished: int, total: int) -> None:
+        super().__init__(f"stopped after {finished} of {total} rounds; they are kept in {path}")
+        self.path, self.finished, self.total = path, finished, total
 
 
 def run_study(
@@ -37,20 +57,46 @@ def run_study(
     client_gpus: float = 0.0,
     verbose: bool = False,
 ) -> Path:
-    """Simulate `num_clients` clients for the configured rounds; return the run directory."""
-    validate_components(config)
-    if num_clients < config.train.min_clients:
-        raise ValueError(
-            f"num-clients={num_clients}: expected at least train.min-clients "
-            f"({config.train.min_clients})"
-        )
+    """Simulate `num_clients` clients for the configured rounds; return the run directory.
+
+    Raises `ConfigError` (and `DatasetUnavailable`, `RunDirectoryError`) before Ray starts,
+    `StudyFailed` for a failed run and `StudyInterrupted` after a Ctrl-C.
+    """
+    validate_run(config, num_clients, client_cpus, client_gpus)
     # Refused before Ray starts: GPU shares that do not exist, rounds over the payload budget.
     init_args = ray_init_args(config, client_cpus, client_gpus)
     check_payload(config, model_spec(config, federated_data(config, 1)), num_clients)
     out = Path(config.out_dir) if config.out_dir else default_run_dir(config)
     config = dataclasses.replace(config, out_dir=str(out))
-    if config.sim.resume and (out / "config.toml").exists():
-        check_resume(RunDirectory.open(out).config, config, str(out))
+    lock = RunLock(out)
+    lock.probe()  # a run in progress there is the first thing to say
+    RunDirectory.check_target(out, resume=config.sim.resume)
+    check_resumable(config, out)
+    with lock, _stop_on_first_sigint():
+        try:
+            simulate(config, num_clients, client_cpus, client_gpus, init_args, verbose)
+        except RunFailed as failure:
+            raise StudyFailed(f"run failed: {failure}") from None
+        except (RunInterrupted, KeyboardInterrupt):
+            raise StudyInterrupted(out, _finished(out), config.num_server_rounds) from None
+    done = _finished(out)
+    if done < config.num_server_rounds:
+        raise StudyFailed(
+            f"run failed: it stopped after {done} of {config.num_server_rounds} rounds; finished "
+            f"rounds are kept in {out} (rerun with --set sim.resume=true to continue)"
+        )
+    return out
+
+
+def simulate(
+    config: RunConfig,
+    num_clients: int,
+    client_cpus: float,
+    client_gpus: float,
+    init_args: dict[str, object],
+    verbose: bool,
+) -> None:
+    """Flower's simulation engine on the bound apps (the one place Ray starts)."""
     from flwr.simulation import run_simulation
 
     if not verbose:
@@ -76,10 +122,38 @@ def run_study(
         )
     finally:
         torch.set_num_threads(threads)
-    done = RunDirectory.open(out).finished_rounds() if (out / "config.toml").exists() else 0
-    if done < config.num_server_rounds:
-        raise StudyFailed(
-            f"the study stopped after {done} of {config.num_server_rounds} rounds; finished "
-            f"rounds are kept in {out} (rerun with --set sim.resume=true to continue)"
+
+
+def _finished(out: Path) -> int:
+    return RunDirectory.open(out).finished_rounds() if (out / "config.toml").exists() else 0
+
+
+@contextlib.contextmanager
+def _stop_on_first_sigint() -> Iterator[None]:
+    """The first SIGINT requests a stop at the next safe point; the second leaves at once.
+
+    Only the main thread may install signal handlers; elsewhere (a sweep's worker thread, a
+    notebook's executor) Python's default handling stays.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(_signum: int, _frame: object) -> None:
+        if stop_requested():
+            os.write(2, b"\nfedleak: stopped at once; finished rounds are kept\n")
+            os._exit(130)
+        request_stop()
+        sys.stderr.write(
+            "\nfedleak: stopping at the next safe point, keeping every finished round "
+            "(Ctrl-C again to stop at once)\n"
         )
-    return out
+        sys.stderr.flush()
+
+    clear_stop()
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        clear_stop()

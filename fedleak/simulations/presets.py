@@ -19,6 +19,8 @@ from fedleak.config import ConfigError, RunConfig, parse_toml
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 _DESCRIPTION = "# description:"
+# A preset is a short text file; anything larger is almost surely the wrong file.
+MAX_PRESET_BYTES = 1_000_000
 
 
 def _names() -> list[str]:
@@ -27,10 +29,20 @@ def _names() -> list[str]:
 
 def preset_path(name_or_path: str | Path) -> Path:
     """The file of a preset name (`lti-table`) or an existing TOML path; ConfigError otherwise."""
+    text = str(name_or_path)
+    if not text or "\x00" in text:
+        raise ConfigError(f"preset {text!r}: expected a preset name or a path to a .toml file")
     candidate = Path(name_or_path)
-    if candidate.suffix == ".toml" or candidate.exists():
-        if not candidate.is_file():
+    try:
+        exists = candidate.exists()
+    except OSError as error:  # a name too long for the file system, a loop of links, ...
+        raise ConfigError(f"{text!r}: cannot read the preset file ({error.strerror})") from None
+    if candidate.suffix == ".toml" or exists or "/" in text:
+        if not exists:
             raise ConfigError(f"{candidate}: no such preset file")
+        if not candidate.is_file():
+            kind = "a folder" if candidate.is_dir() else "not a regular file"
+            raise ConfigError(f"{candidate}: {kind}; expected a preset (.toml) file")
         return candidate
     path = PRESETS_DIR / f"{name_or_path}.toml"
     if not path.is_file():
@@ -41,9 +53,28 @@ def preset_path(name_or_path: str | Path) -> Path:
     return path
 
 
+def read_preset_text(path: Path) -> str:
+    """A preset or sweep file's text; ConfigError (one line) when it cannot be read as UTF-8."""
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(MAX_PRESET_BYTES + 1)
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read the preset file ({error.strerror})") from None
+    if len(data) > MAX_PRESET_BYTES:
+        raise ConfigError(
+            f"{path}: larger than {MAX_PRESET_BYTES // 1_000_000} MB; expected a TOML preset"
+        )
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {error.start}); expected a TOML preset, saved as UTF-8"
+        ) from None
+
+
 def describe(path: Path) -> str:
     """The text of the file's leading `# description:` comment ('' if it has none)."""
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in read_preset_text(path).splitlines():
         stripped = line.strip()
         if stripped.startswith(_DESCRIPTION):
             return stripped[len(_DESCRIPTION) :].strip()
@@ -53,10 +84,16 @@ def describe(path: Path) -> str:
 
 
 def _document(path: Path) -> dict[str, object]:
+    text = read_preset_text(path)
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as error:
-        raise ConfigError(f"{path}: not valid TOML: {error}") from None
+        return tomllib.loads(text)
+    except ValueError as error:  # TOMLDecodeError, or int() of a number too long to convert
+        raise ConfigError(f"{path}: not valid TOML: {_first_line(error)}") from None
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def is_sweep(name_or_path: str | Path) -> bool:
@@ -82,6 +119,6 @@ def load_preset(name_or_path: str | Path) -> RunConfig:
             f"preset {str(name_or_path)!r} is a sweep; run it with `fedleak sweep {name_or_path}`"
         )
     try:
-        return parse_toml(path.read_text(encoding="utf-8"))
+        return parse_toml(read_preset_text(path))
     except ConfigError as error:
         raise ConfigError(f"{path.name}: {error}") from None

@@ -51,6 +51,7 @@ import dataclasses
 import functools
 import itertools
 import json
+import math
 import multiprocessing
 import re
 import shutil
@@ -64,8 +65,14 @@ from pathlib import Path
 from typing import Any
 
 from fedleak.config import ConfigError, RunConfig, flatten_toml, parse_flat
-from fedleak.report.rundir import RunDirectory, RunDirectoryError
-from fedleak.simulations.presets import load_preset, preset_path
+from fedleak.report.rundir import (
+    LOCK_FILE,
+    RunDirectory,
+    RunDirectoryError,
+    RunLock,
+    is_run_directory,
+)
+from fedleak.simulations.presets import load_preset, preset_path, read_preset_text
 
 MANIFEST = "sweep.json"
 SOURCE_COPY = "sweep.toml"
@@ -147,15 +154,20 @@ def _slug(overrides: Mapping[str, Any]) -> str:
 
 def _int(section: Mapping[str, Any], key: str, default: int, low: int) -> int:
     value = section.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise SweepError(f"sweep.{key}={value!r}: expected an integer >= {low}")
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= 2**31:
+        big = isinstance(value, int) and value.bit_length() > 200
+        shown = f"an integer of {value.bit_length()} bits" if big else repr(value)
+        bound = " and <= 2**31" if isinstance(value, int) and value > 2**31 else ""
+        raise SweepError(f"sweep.{key}={shown}: expected an integer >= {low}{bound}")
     return value
 
 
-def _float(section: Mapping[str, Any], key: str, default: float) -> float:
+def _float(section: Mapping[str, Any], key: str, default: float, *, positive: bool) -> float:
     value = section.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise SweepError(f"sweep.{key}={value!r}: expected a number >= 0")
+    ok = not isinstance(value, bool) and isinstance(value, (int, float))
+    ok = ok and math.isfinite(value) and (value > 0 if positive else value >= 0)
+    if not ok:
+        raise SweepError(f"sweep.{key}={value!r}: expected a number {'>' if positive else '>='} 0")
     return float(value)
 
 
@@ -231,9 +243,10 @@ def load_sweep(path: str | Path) -> SweepPlan:
     """Parse and check a sweep file (a path, or a shipped sweep preset's name)."""
     source = preset_path(path)
     try:
-        document = tomllib.loads(source.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as error:
-        raise SweepError(f"{source}: not valid TOML: {error}") from None
+        document = tomllib.loads(read_preset_text(source))
+    except ValueError as error:  # TOMLDecodeError, or a number too long to convert
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise SweepError(f"{source}: not valid TOML: {first}") from None
     extra = sorted(set(document) - {"sweep", "base"})
     if extra:
         raise SweepError(
@@ -278,8 +291,8 @@ def load_sweep(path: str | Path) -> SweepPlan:
         source=source,
         num_clients=_int(section, "num-clients", 10, 1),
         parallel=_int(section, "parallel", 1, 1),
-        client_cpus=_float(section, "client-cpus", 1.0),
-        client_gpus=_float(section, "client-gpus", 0.0),
+        client_cpus=_float(section, "client-cpus", 1.0, positive=True),
+        client_gpus=_float(section, "client-gpus", 0.0, positive=False),
         skip_unavailable_data=_bool(section, "skip-unavailable-data"),
         base=base,
         cells=tuple(cells),
@@ -298,14 +311,37 @@ def _study_runner(
 
 
 def _validate(plan: SweepPlan) -> None:
-    """Check every cell against the registries (data sets, models, attacks, defenses)."""
-    from fedleak.server.validate import validate_components
+    """Check every cell as `fedleak run` would before Ray starts (registries, resources, the
+    data split for the sweep's clients, what each attack needs); cells whose data set is
+    absent are left to `skip-unavailable-data` or to their own run."""
+    from fedleak.data import DatasetUnavailable
+    from fedleak.server.validate import validate_run
 
     for cell in plan.cells:
         try:
-            validate_components(cell.config)
+            validate_run(cell.config, plan.num_clients, plan.client_cpus, plan.client_gpus)
         except ConfigError as error:
             raise SweepError(f"{cell.id}: {error}") from None
+        except DatasetUnavailable:
+            continue
+
+
+def _check_folders(sweep_dir: Path, paths: Mapping[str, Path]) -> None:
+    """Refuse a sweep folder, or a cell folder, that holds files fedleak did not write."""
+    if sweep_dir.exists():
+        if not sweep_dir.is_dir():
+            raise SweepError(f"{sweep_dir}: exists and is not a folder; choose another --out")
+        entries = [p.name for p in sweep_dir.iterdir() if p.name != LOCK_FILE]
+        if entries and not (sweep_dir / MANIFEST).is_file():
+            raise SweepError(
+                f"{sweep_dir}: not empty and not a fedleak sweep directory (no {MANIFEST}); "
+                "choose another --out or sweep name"
+            )
+    for path in paths.values():
+        try:
+            RunDirectory.check_target(path, resume=True)
+        except RunDirectoryError as error:
+            raise SweepError(str(error)) from None
 
 
 def _missing_data(config: RunConfig) -> str:
@@ -437,10 +473,22 @@ def run_sweep(
         )
     sweep_dir = (Path(out_dir) if out_dir else Path("runs")).resolve() / plan.name
     paths = {cell.id: sweep_dir / cell.id for cell in plan.cells}
+    _check_folders(sweep_dir, paths)
     for cell in plan.cells:
         if _is_run(paths[cell.id]):
             _check_existing(cell, paths[cell.id])
-    sweep_dir.mkdir(parents=True, exist_ok=True)
+    with RunLock(sweep_dir):
+        return _run_plan(plan, sweep_dir, paths, runner, say)
+
+
+def _run_plan(
+    plan: SweepPlan,
+    sweep_dir: Path,
+    paths: Mapping[str, Path],
+    runner: Runner,
+    say: Callable[[str], None],
+) -> Path:
+    """`run_sweep` once its folders are checked and locked."""
     copy = sweep_dir / SOURCE_COPY
     if not (copy.exists() and copy.samefile(plan.source)):
         shutil.copyfile(plan.source, copy)
@@ -477,8 +525,9 @@ def run_sweep(
 
     def fresh(cell: Cell) -> RunConfig:
         # An unfinished cell starts over: its partial records belong to an interrupted run.
-        if paths[cell.id].exists():
-            shutil.rmtree(paths[cell.id])
+        # Only the run's own files go (`_check_folders` refused folders with others' files).
+        if is_run_directory(paths[cell.id]):
+            RunDirectory(paths[cell.id]).clear()
         return dataclasses.replace(cell.config, out_dir=str(paths[cell.id]))
 
     if plan.parallel == 1 or len(pending) <= 1:

@@ -41,6 +41,7 @@ from fedleak.attacks.optimization.attacks import InvertingGradients
 from fedleak.attacks.optimization.config import IGConfig, configure
 from fedleak.attacks.types import AttackerKnowledge, Budget, Observation, Reconstruction
 from fedleak.defenses import DefensePipeline, parse_defense_spec
+from fedleak.interrupt import stop_requested
 from fedleak.models import build_model
 
 Refresh = Literal["retrain", "finetune", "frozen"]
@@ -249,6 +250,24 @@ class LearningToInvert:
         self._fingerprint: str | None = None
         self._val_psnr = math.nan
         self._cache_checked = False
+
+    def aux_needed(self, targets: int) -> int:
+        """The fewest auxiliary images that leave `targets` for training after the validation
+        hold-out (`aux_val_fraction`), so that one training group can be built."""
+        count = targets
+        while count - round(self.config.aux_val_fraction * count) < targets:
+            count += 1
+        return count
+
+    def check_feasible(self, targets: int, aux: int) -> None:
+        """Refuse, before a run, auxiliary data too small to train on updates of `targets`."""
+        needed = self.aux_needed(targets)
+        if aux < needed:
+            raise ValueError(
+                f"{self.name} trains on groups of {targets} auxiliary images and holds out "
+                f"{self.config.aux_val_fraction:g} of them for validation, so it needs "
+                f"data.aux-size >= {needed}, got {aux}"
+            )
 
     @property
     def cache_path(self) -> Path | None:
@@ -546,7 +565,8 @@ class _Trainer:
         device = aux_x.device
         bar = tqdm(total=epochs, desc=description, disable=not show_progress, leave=False)
         for epoch in range(epochs):
-            if time.perf_counter() >= deadline:
+            # A requested stop (Ctrl-C) ends training as the time budget would.
+            if time.perf_counter() >= deadline or stop_requested():
                 timed_out = True
                 break
             if features is None or not pairs.fixed:
@@ -567,7 +587,7 @@ class _Trainer:
                 loss.backward()
                 optimiser.step()
                 steps += 1
-                if time.perf_counter() >= deadline:
+                if time.perf_counter() >= deadline or stop_requested():
                     timed_out = True
                     break
             done = epoch + 1
@@ -667,6 +687,11 @@ class LTIThenIG:
         self.lti = lti
         self.ig = ig
         self.name = name
+
+    def check_feasible(self, targets: int, aux: int) -> None:
+        """Both stages' conditions (see their `check_feasible`)."""
+        self.lti.check_feasible(targets, aux)
+        self.ig.check_feasible(targets, aux)
 
     def reconstruct(
         self, observation: Observation, knowledge: AttackerKnowledge, budget: Budget

@@ -393,6 +393,23 @@ def _layer_groups(names: list[str]) -> list[list[int]]:
     return list(groups.values())
 
 
+def check_feasible(config: InversionConfig, name: str, targets: int, aux: int) -> None:
+    """Refuse, before a run, settings under which this attack fails on every update: labels
+    or a start from auxiliary data without any, iDLG's label rule on updates of several samples.
+    """
+    for setting, value in (("labels", config.labels), ("init", config.init)):
+        if value in ("counts", "aux-mean") and aux == 0:
+            raise ValueError(
+                f"attack.{name}.{setting}={value!r} needs auxiliary data, but data.aux-size=0; "
+                f"set data.aux-size > 0 or choose another {setting}"
+            )
+    if config.labels == "idlg" and targets != 1:
+        raise ValueError(
+            f"attack.{name}.labels='idlg' reads one label per update, but each update holds "
+            f"{targets} samples; use labels=auto, rows, counts or joint"
+        )
+
+
 class DLG:
     """Deep Leakage from Gradients (and iDLG with `labels='auto'`): L2 matching, L-BFGS."""
 
@@ -400,6 +417,10 @@ class DLG:
         self.config = config or DLGConfig()
         self.seed = seed
         self.name = name
+
+    def check_feasible(self, targets: int, aux: int) -> None:
+        """See `check_feasible`: `targets` samples per observed update, `aux` auxiliary images."""
+        check_feasible(self.config, self.name, targets, aux)
 
     def reconstruct(
         self,
@@ -440,6 +461,10 @@ class InvertingGradients:
         self.config = config or IGConfig()
         self.seed = seed
         self.name = name
+
+    def check_feasible(self, targets: int, aux: int) -> None:
+        """See `check_feasible`: `targets` samples per observed update, `aux` auxiliary images."""
+        check_feasible(self.config, self.name, targets, aux)
 
     def tv_weight(self, pipeline: DefensePipeline) -> float:
         """The configured TV weight, or the default for this attack and defense."""

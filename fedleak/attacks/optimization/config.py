@@ -184,8 +184,31 @@ def _coerce(key: str, current: object, value: object) -> object:
             return None if value is None else float(value)  # type: ignore[arg-type]
     elif isinstance(current, str) and isinstance(value, str):
         return value
-    kind = "a list of numbers" if isinstance(current, tuple) else type(current).__name__
-    raise AttackConfigError(f"attack parameter {key}={value!r}: expected {kind}")
+    raise AttackConfigError(
+        f"attack parameter {key}={_shown(value)}: expected {_kind(key, current)}"
+    )
+
+
+def _kind(key: str, current: object) -> str:
+    """What a parameter takes, in words, from its default."""
+    if current is None and key.endswith("weight"):
+        return "a number >= 0 (leave it unset for the default)"
+    if isinstance(current, tuple):
+        return "a list of numbers"
+    if isinstance(current, bool):
+        return "true or false"
+    if isinstance(current, int):
+        return "an integer"
+    if isinstance(current, float):
+        return "a number"
+    return "a string"
+
+
+def _shown(value: object) -> str:
+    text = (
+        repr(value) if not isinstance(value, int) or value.bit_length() < 200 else "a big integer"
+    )
+    return text if len(text) <= 80 else text[:60] + "..."
 
 
 C = TypeVar("C", bound=InversionConfig)

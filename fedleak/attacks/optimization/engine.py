@@ -22,6 +22,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from fedleak.attacks.types import Budget
+from fedleak.interrupt import stop_requested
 
 # objective(variables, iteration) -> (total loss [T], matching loss [T]); iteration None asks for
 # the final evaluation (full matching, no stochastic terms such as gradient dropout).
@@ -201,7 +202,8 @@ def optimise(
                     variables[0].clamp_(*settings.box)
             iteration += 1
             # The clock is read every iteration (no device sync); the checks below sync.
-            out_of_time = time.perf_counter() - start > budget.max_seconds
+            # A requested stop (Ctrl-C) ends the run's attacks as the budget would.
+            out_of_time = time.perf_counter() - start > budget.max_seconds or stop_requested()
             if iteration % settings.check_every == 0 or iteration == total or out_of_time:
                 finite = _finite_per_problem(variables, matching.detach())
                 _keep(snapshot, variables, finite)

@@ -1,0 +1,38 @@
+"""A process-wide request to stop a run at its next safe point (the first Ctrl-C).
+
+`fedleak run` sets it from its SIGINT handler. The server checks it where a round can be
+abandoned without recording half of it (`raise_if_stopped`), and long attack loops check it
+beside their time budget (`stop_requested`), so the run ends promptly with every finished round
+on disk. Imports nothing from fedleak: every room may ask.
+"""
+
+from __future__ import annotations
+
+import threading
+
+_STOP = threading.Event()
+
+
+class RunInterrupted(Exception):
+    """The run was stopped on request at a safe point; finished rounds are on disk."""
+
+
+def request_stop() -> None:
+    """Ask the run in this process to stop at its next safe point."""
+    _STOP.set()
+
+
+def stop_requested() -> bool:
+    """Whether a stop was requested (cheap: long loops call it with their budget checks)."""
+    return _STOP.is_set()
+
+
+def clear_stop() -> None:
+    """Forget a request (a new run in the same process starts clean)."""
+    _STOP.clear()
+
+
+def raise_if_stopped(where: str) -> None:
+    """`RunInterrupted` if a stop was requested; `where` names the safe point for the message."""
+    if _STOP.is_set():
+        raise RunInterrupted(f"stopped on request {where}")

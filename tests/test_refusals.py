@@ -1,0 +1,415 @@
+"""Every bad input is refused through the real entry point before any work starts: one line on
+stderr naming the setting, a non-zero exit, no traceback, nothing written but what should be.
+
+Each case runs `fedleak.simulations.cli.main` in-process with Ray's start replaced by a failure,
+so a case that got as far as starting a simulation fails the test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fedleak.config import parse_flat
+from fedleak.report.rundir import RunDirectory
+from fedleak.simulations import launch
+from fedleak.simulations.cli import main
+
+Setup = Callable[[Path], None]
+
+
+def _nothing(_: Path) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class Case:
+    """argv (with `{tmp}` for the case's folder), the line's expected text, the exit status."""
+
+    id: str
+    argv: tuple[str, ...]
+    says: str
+    status: int = 2
+    setup: Setup = _nothing
+    # Paths (relative to tmp) that setup made and the refusal must leave exactly as they were.
+    keeps: tuple[str, ...] = field(default_factory=tuple)
+
+
+def _write(relative: str, data: bytes) -> Setup:
+    def setup(tmp: Path) -> None:
+        path = tmp / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+    return setup
+
+
+def _finished_run(tmp: Path) -> None:
+    config = parse_flat({"num-server-rounds": 1, "out-dir": str(tmp / "done")})
+    run = RunDirectory.create(tmp / "done", config, {})
+    run.append_round(1, [], {"test_loss": 1.0, "test_accuracy": 0.5, "num_replies": 2})
+
+
+def _run_with_checkpoint(state: object) -> Setup:
+    def setup(tmp: Path) -> None:
+        _finished_run(tmp)
+        checkpoint = tmp / "done" / "checkpoints" / "global.pt"
+        checkpoint.parent.mkdir()
+        torch.save(state, checkpoint)
+
+    return setup
+
+
+def _image_folder(sizes: tuple[int, ...], dtype: str = "uint8") -> Setup:
+    def setup(tmp: Path) -> None:
+        for label, size in enumerate(sizes):
+            folder = tmp / "images" / f"class{label}"
+            folder.mkdir(parents=True)
+            pixels = np.full((size, size), 100, dtype=dtype)
+            suffix = "tif" if dtype == "float32" else "png"
+            Image.fromarray(pixels).save(folder / f"{label}.{suffix}")
+
+    return setup
+
+
+BAD_CSV = b"round,test_loss\nabc,def\n"
+SWEEP_NAN_CPUS = b"[sweep]\nclient-cpus = nan\n[sweep.grid]\nseed = [1, 2]\n"
+RUN = ("run", "quickstart")
+CHECK = ("check", "quickstart")
+RESUME = ("run", "{tmp}/done/config.toml", "--out", "{tmp}/done", "--set", "sim.resume=true")
+
+CASES = [
+    # Client counts and resources (Flower divided by zero or hung on these).
+    Case("clients-0", (*RUN, "--num-clients", "0"), "num-clients=0: expected an integer >= 1"),
+    Case("clients-neg", (*RUN, "--num-clients", "-1"), "num-clients=-1: expected an integer"),
+    Case(
+        "clients-below-min",
+        (*RUN, "--num-clients", "2", "--set", "train.min-clients=3"),
+        "num-clients=2: expected at least train.min-clients (3)",
+    ),
+    Case("cpus-0", (*RUN, "--client-cpus", "0"), "client-cpus=0.0: expected a number > 0"),
+    Case("cpus-nan", (*RUN, "--client-cpus", "nan"), "client-cpus=nan: expected a number > 0"),
+    Case("cpus-inf", (*RUN, "--client-cpus", "inf"), "client-cpus=inf: expected a number > 0"),
+    Case("cpus-huge", (*RUN, "--client-cpus", "100000"), "Ray could never start a client"),
+    Case("gpus-nan", (*RUN, "--client-gpus", "nan"), "client-gpus=nan: expected a number >= 0"),
+    Case("clients-text", (*RUN, "--num-clients", "many"), "invalid int value: 'many'"),
+    # Settings out of range or unsafe.
+    Case(
+        "seed-65-bits",
+        (*CHECK, "--set", "seed=18446744073709551616"),
+        "seed=18446744073709551616: expected an integer in [0, 2**63-1]",
+    ),
+    Case("seed-huge", (*CHECK, "--set", "seed=" + "9" * 5000), "(5002 characters): expected an"),
+    Case("nul-out-dir", (*RUN, "--set", "out-dir=/tmp/a\x00b"), "without NUL characters"),
+    Case("nul-out", (*RUN, "--out", "a\x00b"), "--out='a\\x00b': expected a folder path"),
+    Case("nul-preset", ("run", "pre\x00set"), "expected a preset name or a path"),
+    Case(
+        "name-escapes",
+        (*RUN, "--set", "name=x/../../../escaped"),
+        "name='x/../../../escaped': expected letters, digits",
+    ),
+    Case(
+        "name-escapes-in-preset",
+        ("run", "{tmp}/p.toml"),
+        "name='../../outside': expected letters, digits",
+        setup=_write("p.toml", b'name = "../../outside"\n'),
+        keeps=("p.toml",),
+    ),
+    Case(
+        "tv-weight-text",
+        (*CHECK, "--set", "attack.names=ig", "--set", "attack.ig.tv-weight=abc"),
+        "tv-weight='abc': expected a number >= 0",
+    ),
+    Case(
+        "mixup-huge",
+        (*CHECK, "--set", "defense.spec=mixup:1000000000"),
+        "K='1000000000' is too large; expected a whole number below 10^9",
+    ),
+    Case("set-no-equals", (*RUN, "--set", "seed"), "--set 'seed': expected key=value"),
+    Case("unknown-key", (*RUN, "--set", "trian.lr=1"), "trian.lr: unknown setting"),
+    Case("unknown-option", (*RUN, "--bogus"), "unrecognized arguments: --bogus"),
+    Case("unknown-command", ("fly",), "invalid choice: 'fly'"),
+    # Runs in which every client, or every attack, would fail in every round.
+    Case(
+        "batch-over-partition",
+        (*RUN, "--set", "train.batch-size=500"),
+        "train.batch-size=500: client 0 holds only 300 images",
+    ),
+    Case(
+        "clients-over-data",
+        (*RUN, "--num-clients", "6", "--set", "data.aux-size=3990"),
+        "train.batch-size=2: client 4 holds only 1 image ",
+    ),
+    Case(
+        "clients-over-images",
+        (*RUN, "--num-clients", "20", "--set", "data.aux-size=3990"),
+        "num-clients=20: the clients share 10 training images",
+    ),
+    Case(
+        "aux-over-data",
+        (*RUN, "--set", "data.aux-size=4000"),
+        "data.aux-size=4000 leaves none of the 4000 training images for the clients",
+    ),
+    Case(
+        "instahide-inter-no-pool",
+        (*RUN, "--set", "defense.spec=instahide:4:inter", "--set", "train.batch-size=4"),
+        "set data.public-size >= 3",
+    ),
+    Case(
+        "mixup-over-batch",
+        (*RUN, "--set", "defense.spec=mixup:4"),
+        "mixup:4 mixes 4 images of a client's batch, but a round's batch holds 2",
+    ),
+    Case(
+        "aux-0-aux-mean",
+        (*RUN, "--set", "data.aux-size=0"),
+        "aux-mean needs auxiliary data, but data.aux-size=0",
+    ),
+    Case(
+        "aux-0-label-counts",
+        (
+            *RUN,
+            "--set",
+            "data.aux-size=0",
+            "--set",
+            "attack.names=ig",
+            "--set",
+            "attack.ig.labels=counts",
+        ),
+        "attack.ig.labels='counts' needs auxiliary data",
+    ),
+    Case(
+        "aux-too-small-for-lti",
+        (*RUN, "--set", "data.aux-size=1", "--set", "attack.names=lti"),
+        "lti trains on groups of 2 auxiliary images",
+    ),
+    Case(
+        "idlg-on-batches",
+        (*RUN, "--set", "attack.names=ig", "--set", "attack.ig.labels=idlg"),
+        "attack.ig.labels='idlg' reads one label per update, but each update holds 2",
+    ),
+    Case(
+        "payload-budget",
+        (*RUN, "--set", "sim.payload-budget-mb=0.3"),
+        "sim.payload-budget-mb=0.3: a round would move 1.",
+    ),
+    # Data: missing, empty path, unreadable images.
+    Case("folder-empty", (*RUN, "--set", "data.dataset=folder:"), "expected folder:<path"),
+    Case(
+        "folder-missing",
+        (*RUN, "--set", "data.dataset=folder:{tmp}/nowhere"),
+        "looked for the folder",
+        status=1,
+    ),
+    Case(
+        "folder-mixed-sizes",
+        (*RUN, "--set", "data.dataset=folder:{tmp}/images"),
+        "images differ in size",
+        status=1,
+        setup=_image_folder((8, 9)),
+    ),
+    Case(
+        "folder-float-pixels",
+        (*RUN, "--set", "data.dataset=folder:{tmp}/images"),
+        "floating-point pixels",
+        status=1,
+        setup=_image_folder((8, 8), "float32"),
+    ),
+    # Preset and sweep files.
+    Case("preset-dev-null", ("run", "/dev/null"), "/dev/null: not a regular file"),
+    Case("preset-folder", ("run", "{tmp}"), "a folder; expected a preset (.toml) file"),
+    Case("preset-missing", ("run", "{tmp}/none.toml"), "none.toml: no such preset file"),
+    Case(
+        "preset-latin1",
+        ("run", "{tmp}/p.toml"),
+        "p.toml: not UTF-8 text (byte 11)",
+        setup=_write("p.toml", b'name = "caf\xe9"\n'),
+        keeps=("p.toml",),
+    ),
+    Case(
+        "preset-long-number",
+        ("run", "{tmp}/p.toml"),
+        "not valid TOML",
+        setup=_write("p.toml", b"seed = " + b"1" * 5000 + b"\n"),
+        keeps=("p.toml",),
+    ),
+    Case(
+        "sweep-latin1",
+        ("sweep", "{tmp}/s.toml", "--out", "{tmp}/out"),
+        "s.toml: not UTF-8 text",
+        setup=_write("s.toml", b"# \xff\n[sweep]\n"),
+        keeps=("s.toml",),
+    ),
+    Case(
+        "sweep-nan-cpus",
+        ("sweep", "{tmp}/s.toml", "--out", "{tmp}/out"),
+        "sweep.client-cpus=nan: expected a number > 0",
+        setup=_write("s.toml", SWEEP_NAN_CPUS),
+        keeps=("s.toml",),
+    ),
+    # Folders that are not fedleak's, or not to be written again.
+    Case(
+        "out-foreign-folder",
+        (*RUN, "--out", "{tmp}/mine"),
+        "not empty and not a fedleak run directory (it holds 'config.toml' and 1 more)",
+        status=1,
+        setup=lambda tmp: (_write("mine/config.toml", b"mine")(tmp), _write("mine/a", b"")(tmp)),
+        keeps=("mine/config.toml", "mine/a"),
+    ),
+    Case(
+        "out-is-a-file",
+        (*RUN, "--out", "{tmp}/file"),
+        "exists and is not a folder",
+        status=1,
+        setup=_write("file", b"x"),
+        keeps=("file",),
+    ),
+    Case(
+        "out-holds-a-run",
+        (*RUN, "--out", "{tmp}/done", "--set", "num-server-rounds=1"),
+        "already holds a run (utility.csv); resume it with --set sim.resume=true",
+        status=1,
+        setup=_finished_run,
+    ),
+    Case(
+        "resume-other-settings",
+        (*RUN, "--out", "{tmp}/done", "--set", "sim.resume=true"),
+        "differing: name='quickstart' (the run has 'run')",
+        status=1,
+        setup=_finished_run,
+    ),
+    Case(
+        "resume-fewer-rounds",
+        (*RESUME, "--set", "num-server-rounds=1"),
+        "num-server-rounds=1 is fewer than the 2 rounds ",
+        status=1,
+        setup=lambda tmp: (_finished_run(tmp), _more_rounds(tmp)),
+    ),
+    Case(
+        "resume-unsafe-checkpoint",
+        RESUME,
+        "global.pt: unreadable (UnpicklingError",
+        status=1,
+        setup=_run_with_checkpoint({"round": 1, "state_dict": {}, "x": Path("/")}),
+    ),
+    Case(
+        "resume-misshaped-checkpoint",
+        RESUME,
+        "global.pt: does not fit model lenet",
+        status=1,
+        setup=_run_with_checkpoint({"round": 1, "state_dict": {"w": torch.zeros(2)}}),
+    ),
+    Case(
+        "resume-not-a-checkpoint",
+        RESUME,
+        "global.pt: not a fedleak checkpoint",
+        status=1,
+        setup=_run_with_checkpoint([1, 2, 3]),
+    ),
+    Case("report-missing", ("report", "{tmp}/nowhere"), "neither a run directory", status=1),
+    Case(
+        "report-corrupt",
+        ("report", "{tmp}/done"),
+        "utility.csv: unreadable",
+        status=1,
+        setup=lambda tmp: (_finished_run(tmp), _write("done/utility.csv", BAD_CSV)(tmp)),
+    ),
+    Case("weights-net", ("weights", "--nets", "squeeze"), "--nets='squeeze': expected names"),
+]
+
+
+def _more_rounds(tmp: Path) -> None:
+    run = RunDirectory.open(tmp / "done")
+    run.append_round(2, [], {"test_loss": 1.0, "test_accuracy": 0.5, "num_replies": 2})
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes() if p.is_file() else b"<dir>"
+        for p in sorted(root.rglob("*"))
+    }
+
+
+@pytest.fixture
+def no_ray(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*_: object, **__: object) -> None:
+        raise AssertionError("a simulation started: the input was not refused before Ray")
+
+    monkeypatch.setattr(launch, "simulate", refuse)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_is_refused_with_one_line(
+    case: Case,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    no_ray: None,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    case.setup(tmp_path)
+    capsys.readouterr()
+    before = _files(tmp_path)
+    status = main([arg.replace("{tmp}", str(tmp_path)) for arg in case.argv])
+    out, err = capsys.readouterr()
+    assert status == case.status, err
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("fedleak: ")
+    assert case.says in lines[0]
+    assert "Traceback" not in err and out == ""
+    assert _files(tmp_path) == before, "a refused input wrote or deleted files"
+    for kept in case.keeps:
+        assert (tmp_path / kept).read_bytes() == before[kept]
+
+
+def test_every_error_of_fedleak_is_one_line_and_verbose_shows_the_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], no_ray: None
+) -> None:
+    args = ["run", "--set", f"data.dataset=folder:{tmp_path}/nowhere"]
+    assert main(args) == 1
+    assert len(capsys.readouterr().err.splitlines()) == 1
+    assert main([*args, "--verbose"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err
+    assert err.splitlines()[-1].startswith("fedleak: error: data set")
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == "fedleak 0.1.0"
+
+
+def test_a_report_rebuild_deletes_only_its_own_files(tmp_path: Path) -> None:
+    from fedleak.report.build import FILES_DIR, build_report
+
+    _finished_run(tmp_path)
+    run = tmp_path / "done"
+    build_report(run)
+    ours = sorted(p.name for p in (run / FILES_DIR).iterdir())
+    (run / FILES_DIR / "my-notes.txt").write_text("mine")
+    (run / FILES_DIR / ".fedleak-files").write_text(json.dumps([*ours, "old-figure.png"]))
+    (run / FILES_DIR / "old-figure.png").write_bytes(b"an earlier build's figure")
+    build_report(run)
+    assert (run / FILES_DIR / "my-notes.txt").read_text() == "mine"
+    assert not (run / FILES_DIR / "old-figure.png").exists()
+
+
+def test_a_restarted_sweep_cell_keeps_files_fedleak_did_not_write(tmp_path: Path) -> None:
+    _finished_run(tmp_path)
+    run = RunDirectory.open(tmp_path / "done")
+    (run.path / "notes.md").write_text("mine")
+    (run.path / "images").mkdir()
+    (run.path / "images" / "r001_c000_ig.png").write_bytes(b"png")
+    run.clear()
+    assert sorted(os.listdir(run.path)) == ["notes.md"]

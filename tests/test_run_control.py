@@ -1,0 +1,115 @@
+"""Real runs as a user drives them: a run in which every client fails is not DONE; a second run
+on the same folder is refused while the first holds it; Ctrl-C in the middle of a round keeps
+every finished round, and the command it prints resumes the run to the end."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from fedleak.simulations.cli import main
+
+# Rounds that take at least 12 s of attack time each, so that a second run is refused while the
+# first one is busy and a signal lands inside a round.
+SLOW_ROUNDS = [
+    "--num-clients",
+    "2",
+    "--set",
+    "num-server-rounds=2",
+    "--set",
+    "attack.names=ig",
+    "--set",
+    "attack.max-iterations=1000000000",
+    "--set",
+    "attack.max-seconds=12",
+    "--set",
+    "attack.clients-per-round=1",
+]
+
+
+def _fedleak(*args: str, **popen: object) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "fedleak.simulations.cli", *args]
+    return subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **popen
+    )
+
+
+def _wait_for(condition: Callable[[], bool], seconds: float, what: str) -> None:
+    end = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def _rounds(out: Path) -> list[int]:
+    try:
+        return list(pd.read_csv(out / "utility.csv")["round"])
+    except (OSError, pd.errors.EmptyDataError, KeyError):
+        return []
+
+
+def test_a_run_in_which_every_client_fails_exits_non_zero_and_is_not_done(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "failing"
+    args = ["run", "--num-clients", "2", "--out", str(out), "--set", "num-server-rounds=1"]
+    status = main([*args, "--set", "sim.fail-rate=1.0", "--set", "attack.names=aux-mean"])
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert status == 1
+    assert last.startswith("fedleak: run failed: ")
+    assert "every client failed in every one of the 1 recorded rounds" in last
+    assert "failed on purpose" in last  # the clients' own reason, not Ray's traceback
+    assert not (out / "DONE").exists()
+    assert "every client failed" in json.loads((out / "FAILED").read_text())["reason"]
+    assert (out / "report.html").exists()  # the failed run can still be looked at
+
+
+def test_a_second_run_is_refused_and_ctrl_c_keeps_finished_rounds_then_resumes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    first = _fedleak("run", "quickstart", *SLOW_ROUNDS, "--out", str(out), start_new_session=True)
+    try:
+        lock = out / ".fedleak.lock"
+        _wait_for(lambda: lock.is_file() and lock.stat().st_size > 0, 180, "the first run's lock")
+        # The second run is this test's own process (already warm, so it asks at once).
+        assert main(["run", "quickstart", *SLOW_ROUNDS, "--out", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1
+        assert f"in use by another fedleak run (process {first.pid} " in err
+        assert first.poll() is None, "the first run must still be running"
+
+        _wait_for(lambda: 1 in _rounds(out), 300, "round 1 to be recorded")
+        sent = time.monotonic()
+        os.killpg(first.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole group
+        _, err = first.communicate(timeout=120)
+        stopped = time.monotonic() - sent
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    assert first.returncode == 130, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("fedleak: interrupted: stopped after 1 of 2 rounds"), line
+    assert stopped < 60, f"the first Ctrl-C took {stopped:.0f} s to stop the run"
+    assert _rounds(out) == [0, 1]
+    assert not (out / "DONE").exists() and not (out / "FAILED").exists()
+    assert lock.read_text() == "", "the lock must be released"
+
+    resume = shlex.split(line.split("resume with: ", 1)[1])
+    assert resume[:2] == ["fedleak", "run"] and resume[-2:] == ["--set", "sim.resume=true"]
+    assert main(resume[1:]) == 0
+    assert _rounds(out) == [0, 1, 2]
+    assert (out / "DONE").exists()
+    leakage = pd.read_parquet(out / "leakage.parquet")
+    assert sorted(leakage["round"].unique()) == [1, 2]

