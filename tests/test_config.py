@@ -32,7 +32,6 @@ INVALID = [
     ({"data.datset": "x"}, "data.datset: unknown setting; did you mean data.dataset"),
     ({"out-dir": "relative/dir"}, "out-dir='relative/dir': expected an absolute path"),
     ({"train.local-steps": 3}, "train.local-steps=3: fedsgd shares one gradient"),
-    ({"attack.ig.lr": 0.1}, "attack.ig.*: parameters given for an attack that is not in"),
     (
         {"threat.share": "per-sample", "train.mode": "fedavg"},
         "threat.share='per-sample': per-sample updates exist only in fedsgd",
@@ -117,3 +116,18 @@ def test_flower_app_defaults_equal_the_quickstart_preset() -> None:
     pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     app_config = flatten_toml(pyproject["tool"]["flwr"]["app"]["config"])
     assert parse_flat(app_config) == load_preset("quickstart")
+
+
+def test_parameters_of_unused_attacks_are_checked_and_unknown_attacks_refused() -> None:
+    from fedleak.server.validate import validate_components
+    from fedleak.simulations.presets import load_preset
+
+    # A preset's attack parameters survive overriding attack.names (the quickstart sets ig's
+    # and lti's), checked but unused.
+    dropped = parse_flat({"attack.names": "aux-mean,ig"}, load_preset("quickstart"))
+    validate_components(dropped)
+    assert dropped.attack.params["lti"] == {"preset": "cpu-small"}
+    with pytest.raises(ConfigError, match=r"attack\.igg\.\*: parameters for an unknown attack"):
+        validate_components(parse_flat({"attack.igg.lr": 0.05}))
+    with pytest.raises(ConfigError, match=r"attack\.ig\.\*: "):
+        validate_components(parse_flat({"attack.names": "aux-mean", "attack.ig.restarts": 0}))

@@ -33,7 +33,8 @@ import torch
 
 from fedleak.config import RunConfig, load_toml
 
-# Column -> dtype. Strings use pandas' "str" dtype; ints are int64 with -1 for "not applicable".
+# Column -> dtype. Strings use pandas' "str" dtype; ints are int64 with -1 for "not applicable";
+# bools default to False.
 LEAKAGE_COLUMNS: Mapping[str, str] = {
     "round": "int64",
     "client_id": "int64",
@@ -62,7 +63,12 @@ LEAKAGE_COLUMNS: Mapping[str, str] = {
     "label_method": "str",
     # The attack's own numbers as JSON (e.g. a learned attack's training epochs and time).
     "diagnostics": "str",
+    # The row comes from a reference baseline (aux-mean): the report's floor, never ranked.
+    "reference": "bool",
 }
+
+# Reference baselines of run directories written before the `reference` column existed.
+LEGACY_REFERENCES = ("aux-mean",)
 
 UTILITY_COLUMNS: Mapping[str, str] = {
     "round": "int64",
@@ -94,7 +100,7 @@ class RunDirectoryError(ValueError):
 
 
 def _default(dtype: str) -> object:
-    return {"int64": -1, "float64": math.nan, "str": ""}[dtype]
+    return {"int64": -1, "float64": math.nan, "str": "", "bool": False}[dtype]
 
 
 def empty_frame(columns: Mapping[str, str]) -> pd.DataFrame:
@@ -133,6 +139,8 @@ def tidy(
             frame[name] = frame[name].astype(str)
         elif dtype == "float64":
             frame[name] = pd.to_numeric(frame[name], errors="raise").astype("float64")
+        elif dtype == "bool":
+            frame[name] = frame[name].astype(bool)
         else:
             frame[name] = frame[name].astype("int64")
     return frame
@@ -181,6 +189,8 @@ def read_leakage_parquet(path: Path) -> pd.DataFrame:
     if not path.exists():
         return empty_frame(LEAKAGE_COLUMNS)
     frame = pd.read_parquet(path)
+    if "reference" not in frame:
+        frame["reference"] = frame["attack"].isin(LEGACY_REFERENCES) if len(frame) else False
     # Columns added since a run was written (diagnostics) read as their missing value.
     for name, dtype in LEAKAGE_COLUMNS.items():
         if name not in frame:
@@ -529,9 +539,11 @@ def console_line(
     server_round: int,
     utility_row: Mapping[str, object],
     leakage_rows: Sequence[Mapping[str, object]],
+    prefix: str | None = None,
 ) -> str:
-    """One compact progress line: accuracy, loss, then mean PSNR/LPIPS per attack."""
-    parts = [f"round {server_round}"]
+    """One compact progress line: `prefix` (default `round N`), accuracy, loss, then mean
+    PSNR/LPIPS per attack."""
+    parts = [prefix or f"round {server_round}"]
     acc, loss = utility_row.get("test_accuracy"), utility_row.get("test_loss")
     if acc is not None:
         parts.append(

@@ -64,6 +64,7 @@ from pathlib import Path
 from typing import Any
 
 from fedleak.config import ConfigError, RunConfig, flatten_toml, parse_flat
+from fedleak.report.progress import Progress
 from fedleak.report.rundir import RunDirectory, RunDirectoryError
 from fedleak.simulations.presets import load_preset, preset_path
 
@@ -469,11 +470,21 @@ def run_sweep(
         if status[cell.id]["status"] == "skipped":
             say(f"  {cell.id}: skipped ({status[cell.id]['message']})")
 
+    skipped = sum(status[c.id]["status"] == "skipped" for c in plan.cells)
+    progress = Progress(
+        "cells", len(plan.cells) - skipped, len(plan.cells) - skipped - len(pending)
+    )
+
     def record(cell: Cell, result: tuple[str, str, float]) -> None:
         state, message, seconds = result
         status[cell.id] = {"status": state, "message": message, "seconds": round(seconds, 3)}
         _write_manifest(sweep_dir, plan, status)
-        say(f"  {cell.id}: {state} in {seconds:.1f} s" + (f" ({message})" if message else ""))
+        progress.advance()
+        say(
+            f"  {cell.id}: {state} in {seconds:.1f} s"
+            + (f" ({message})" if message else "")
+            + f"; {progress.text()}"
+        )
 
     def fresh(cell: Cell) -> RunConfig:
         # An unfinished cell starts over: its partial records belong to an interrupted run.
