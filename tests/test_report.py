@@ -423,9 +423,39 @@ def test_chromium_renders_every_image(
     for src in sources:
         width, height = _check_data_uri(src)
         assert width > 0 and height > 0
+    # The plots and the reconstruction grids are in the rendered page, after the verdict.
+    alts = re.findall(r'<img[^>]*\salt="([^"]*)"', dom)
+    assert any(alt.startswith("Per round, against the private originals") for alt in alts)
+    assert any("its private samples (top row) and its reconstructions" in alt for alt in alts)
+    assert dom.index('id="verdict"') < dom.index('id="leakage-per-round"')
     shot = tmp_path / "page.png"
     subprocess.run(
         [*flags, f"--screenshot={shot}", url], capture_output=True, timeout=120, check=True
     )
     pixels = np.asarray(Image.open(shot).convert("L"))
     assert pixels.shape == (2000, 1280) and pixels.std() > 10  # a rendered page, not blank
+
+
+def test_attack_runs_that_did_not_converge_are_marked() -> None:
+    from fedleak.report.tables import METRICS, leakage_table, not_converged
+
+    rows = pd.DataFrame(
+        {
+            "run": "r",
+            "group": "",
+            "defense": "none",
+            "round": 1,
+            "client_id": [0, 0, 1, 1],
+            "attack": "ig",
+            "reference": False,
+            "psnr": [30.0, 31.0, 5.0, 6.0],
+            "converged": [1.0, 1.0, 0.0, 0.0],
+        }
+    )
+    assert not_converged(rows) == 1  # one attack run (client 1) of two
+    table = leakage_table(rows, METRICS[0], ["none"], [""], "")
+    assert table.rows[0][1].text == "18.00 [5.00, 31.00] n=4 †"
+    # Runs written before the convergence columns existed carry no mark.
+    assert not_converged(rows.drop(columns="converged")) == 0
+    plain = leakage_table(rows.drop(columns="converged"), METRICS[0], ["none"], [""], "")
+    assert plain.rows[0][1].text == "18.00 [5.00, 31.00] n=4"

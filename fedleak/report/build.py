@@ -222,6 +222,8 @@ def _images_section(study: Study) -> list[Block]:
         if not any(by_attack.values()):
             continue
         label = setting_label(group, defense)
+        if len(settings) > 1:
+            blocks.append(Heading(f"Reconstructions: {label}", 3))
         blocks.append(
             Figure.of(
                 f"reconstructions-{index:02d}.png",

@@ -456,7 +456,7 @@ class RunDirectory:
             f"attacks {', '.join(config.attack.names)}, seed {config.seed}; "
             f"{self.finished_rounds()} of {config.num_server_rounds} rounds finished.",
             "",
-            "Leakage columns are means over the attacked clients' reconstructed samples, "
+            "Leakage columns are medians over the attacked clients' reconstructed samples, "
             "scored against the private originals; failures count failed attack runs.",
             "",
             markdown_table(table),
@@ -482,12 +482,12 @@ def _fmt(value: object, digits: int = 3) -> str:
 
 
 def round_table(utility: pd.DataFrame, leakage: pd.DataFrame) -> pd.DataFrame:
-    """One row per round: accuracy, loss, ε and central ε (if any), mean PSNR/SSIM/LPIPS per
-    attack, failures."""
+    """One row per round: accuracy, loss, ε and central ε (if any), median PSNR/SSIM/LPIPS per
+    attack (leakage is often bimodal, where a mean misleads), failures."""
     rounds = sorted(set(utility["round"]) | set(leakage["round"]))
     lpips = lpips_column(leakage)
     ok = leakage[(leakage["status"] == "ok") & (leakage["scored_against"] == "original")]
-    means = ok.groupby(["round", "attack"])[["psnr", "ssim", lpips]].mean()
+    means = ok.groupby(["round", "attack"])[["psnr", "ssim", lpips]].median()
     runs = leakage.drop_duplicates(["round", "client_id", "attack"])
     failed = runs[runs["status"] != "ok"].groupby("round").size()
     by_round = utility.set_index("round")
@@ -541,7 +541,7 @@ def console_line(
     leakage_rows: Sequence[Mapping[str, object]],
     prefix: str | None = None,
 ) -> str:
-    """One compact progress line: `prefix` (default `round N`), accuracy, loss, then mean
+    """One compact progress line: `prefix` (default `round N`), accuracy, loss, then median
     PSNR/LPIPS per attack."""
     parts = [prefix or f"round {server_round}"]
     acc, loss = utility_row.get("test_accuracy"), utility_row.get("test_loss")
@@ -564,8 +564,8 @@ def console_line(
         good = rows[(rows["status"] == "ok") & (rows["scored_against"] == "original")]
         failed = rows[rows["status"] != "ok"].drop_duplicates(["client_id"])
         text = (
-            f"{attack} PSNR {_fmt(float(good['psnr'].mean()), 1)} "
-            f"LPIPS {_fmt(float(good[lpips].mean()), 3)}"
+            f"{attack} PSNR {_fmt(float(good['psnr'].median()), 1)} "
+            f"LPIPS {_fmt(float(good[lpips].median()), 3)}"
             if len(good)
             else f"{attack} -"
         )
