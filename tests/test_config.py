@@ -131,3 +131,17 @@ def test_parameters_of_unused_attacks_are_checked_and_unknown_attacks_refused() 
         validate_components(parse_flat({"attack.igg.lr": 0.05}))
     with pytest.raises(ConfigError, match=r"attack\.ig\.\*: "):
         validate_components(parse_flat({"attack.names": "aux-mean", "attack.ig.restarts": 0}))
+
+
+def test_the_demo_is_the_quickstart_without_and_with_sign_compression() -> None:
+    import dataclasses
+
+    from fedleak.simulations.presets import load_preset
+    from fedleak.simulations.sweep import load_sweep
+
+    quickstart = load_preset("quickstart")
+    plan = load_sweep("demo")
+    assert [cell.config.defense.spec for cell in plan.cells] == ["none", "sign"]
+    for cell in plan.cells:
+        same = dataclasses.replace(cell.config, name=quickstart.name, defense=quickstart.defense)
+        assert same == quickstart, cell.id
