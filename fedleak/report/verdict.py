@@ -134,10 +134,7 @@ def _setting_sentence(v: SettingVerdict, baseline: SettingVerdict | None) -> str
     if math.isfinite(v.accuracy_start):
         text += f" (round 0: {_accuracy(v.accuracy_start)})"
     if baseline is not None and baseline is not v and math.isfinite(baseline.accuracy_final):
-        cost = baseline.accuracy_final - v.accuracy_final
-        text += f", {cost:+.3f} below the undefended model" if cost > 0 else ""
-        if cost <= 0:
-            text += ", no lower than the undefended model"
+        text += f", against {_accuracy(baseline.accuracy_final)} without the defense"
     return text + "."
 
 
