@@ -52,7 +52,13 @@ MAX_GRID_SETTINGS = 24
 
 
 def _verdict(study: Study) -> list[Block]:
-    return [Heading("Verdict"), Text(verdict(study)), Heading("Summary", 3), summary_table(study)]
+    summary = summary_table(study)
+    return [
+        Heading("Verdict"),
+        Text(verdict(study)),
+        Heading("Summary", 3),
+        summary if summary.rows else Text("No attack has produced a scored reconstruction."),
+    ]
 
 
 def _method(study: Study) -> list[Block]:

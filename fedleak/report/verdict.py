@@ -117,17 +117,17 @@ def _setting_sentence(v: SettingVerdict, baseline: SettingVerdict | None) -> str
         where += f" ({v.group})"
     leader = v.leader
     if leader is None:
-        return f"{where} no attack produced a scored reconstruction."
-    text = (
-        f"{where}, {leader.attack} leaks most: it reconstructed "
-        f"{_rate(leader).removeprefix(leader.attack + ' ')} of the private samples "
-        f"({_scores(leader)})"
-    )
-    if v.floor is not None:
-        text += f" against the {v.floor.attack} floor's {_scores(v.floor)}"
-    others = [s for s in v.attacks[1:]]
-    if others:
-        text += "; " + ", ".join(_rate(s) for s in others)
+        text = f"{where}, no attack produced a scored reconstruction"
+    else:
+        text = (
+            f"{where}, {leader.attack} leaks most: it reconstructed "
+            f"{_rate(leader).removeprefix(leader.attack + ' ')} of the private samples "
+            f"({_scores(leader)})"
+        )
+        if v.floor is not None:
+            text += f" against the {v.floor.attack} floor's {_scores(v.floor)}"
+        if len(v.attacks) > 1:
+            text += "; " + ", ".join(_rate(s) for s in v.attacks[1:])
     text += f". The global model's test accuracy is {_accuracy(v.accuracy_final)}"
     if v.final_round:
         text += f" after round {v.final_round}"
