@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fedleak-installed
 
-.PHONY: demo test install lint bench clean
+.PHONY: demo flwr-run test install lint bench clean
 
 install: $(STAMP)
 
@@ -23,7 +23,19 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/fedleak run quickstart
+	$(BIN)/fedleak sweep demo
+
+# The same study through Flower's own CLI. `flwr run` starts `flower-superlink`, which starts
+# the app processes, all by name: the environment's bin folder goes first on PATH. Flower's
+# runtime dependency installation (uv sync, a fresh torch download) is switched off. Results go
+# to an absolute folder (the SuperLink's working directory is not this one); add settings with
+# RUN_CONFIG="defense.spec='sign'", federation settings with FEDERATION_CONFIG.
+FLWR_OUT ?= $(CURDIR)/runs/flwr-$(shell date +%Y%m%d-%H%M%S)
+FEDERATION_CONFIG ?= num-supernodes=10 client-resources-num-cpus=1
+flwr-run: $(STAMP)
+	PATH="$(abspath $(BIN)):$$PATH" FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 \
+	  $(BIN)/flwr run . --stream --run-config "out-dir='$(FLWR_OUT)' $(RUN_CONFIG)" \
+	  --federation-config "$(FEDERATION_CONFIG)"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -33,7 +33,6 @@ INVALID = [
     ({"data.datset": "x"}, "data.datset: unknown setting; did you mean data.dataset"),
     ({"out-dir": "relative/dir"}, "out-dir='relative/dir': expected an absolute path"),
     ({"train.local-steps": 3}, "train.local-steps=3: fedsgd shares one gradient"),
-    ({"attack.ig.lr": 0.1}, "attack.ig.*: parameters given for an attack that is not in"),
     (
         {"threat.share": "per-sample", "train.mode": "fedavg"},
         "threat.share='per-sample': per-sample updates exist only in fedsgd",
@@ -142,3 +141,32 @@ def test_components_refuse_what_cannot_be_measured(flat: dict, message: str) -> 
     with pytest.raises(ConfigError) as error:
         validate_components(parse_flat(flat))
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_parameters_of_unused_attacks_are_checked_and_unknown_attacks_refused() -> None:
+    from fedleak.server.validate import validate_components
+    from fedleak.simulations.presets import load_preset
+
+    # A preset's attack parameters survive overriding attack.names (the quickstart sets ig's
+    # and lti's), checked but unused.
+    dropped = parse_flat({"attack.names": "aux-mean,ig"}, load_preset("quickstart"))
+    validate_components(dropped)
+    assert dropped.attack.params["lti"] == {"preset": "cpu-small"}
+    with pytest.raises(ConfigError, match=r"attack\.igg\.\*: parameters for an unknown attack"):
+        validate_components(parse_flat({"attack.igg.lr": 0.05}))
+    with pytest.raises(ConfigError, match=r"attack\.ig\.\*: "):
+        validate_components(parse_flat({"attack.names": "aux-mean", "attack.ig.restarts": 0}))
+
+
+def test_the_demo_is_the_quickstart_without_and_with_sign_compression() -> None:
+    import dataclasses
+
+    from fedleak.simulations.presets import load_preset
+    from fedleak.simulations.sweep import load_sweep
+
+    quickstart = load_preset("quickstart")
+    plan = load_sweep("demo")
+    assert [cell.config.defense.spec for cell in plan.cells] == ["none", "sign"]
+    for cell in plan.cells:
+        same = dataclasses.replace(cell.config, name=quickstart.name, defense=quickstart.defense)
+        assert same == quickstart, cell.id

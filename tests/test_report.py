@@ -23,11 +23,17 @@ from PIL import Image
 from scipy import stats
 
 from fedleak.config import parse_flat
+from fedleak.metrics.image import psnr as psnr_of
 from fedleak.report.build import build_report
 from fedleak.report.rundir import RunDirectory
-from fedleak.report.tables import mean_ci
+from fedleak.report.stats import SUCCESS_FRACTION, mean_ci, median_interval, order_rank
+from fedleak.report.tables import Metric, strongest
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+# Reconstruction noise per attack (None: the floor's constant guess); ig sharpens each round.
+_NOISE = {"aux-mean": None, "dlg": lambda r: 0.4, "ig": lambda r: 0.2 / r}
 
 
 def _make_run(
@@ -40,7 +46,8 @@ def _make_run(
     encoded: bool = False,
     epsilon: bool = False,
 ) -> None:
-    """A plausible run: two attacks, two clients, one failed attack run, images each round."""
+    """A plausible run: the floor and two attacks on two clients, one failed attack run, and
+    image grids whose pixels agree with the rows' PSNR (LPIPS is a function of the PSNR)."""
     config = parse_flat(
         {
             "name": "fixture",
@@ -48,16 +55,16 @@ def _make_run(
             "num-server-rounds": rounds,
             "defense.spec": defense,
             "train.batch-size": batch_size,
-            "attack.names": "aux-mean,ig",
+            "attack.names": "aux-mean,ig,dlg",
         }
     )
     run = RunDirectory.create(path, config, {"torch": torch.__version__, "device": "cpu"})
-    rng = np.random.default_rng(seed + 100 * batch_size)
-    gen = torch.Generator().manual_seed(seed)
-    for r in range(1, rounds + 1):
+    gen = torch.Generator().manual_seed(seed + 100 * batch_size)
+    for r in range(0, rounds + 1):
         rows: list[dict[str, object]] = []
-        for client in (0, 3):
-            for attack, level in (("aux-mean", 11.0), ("ig", 17.0 + r)):
+        for client in (0, 3) if r else ():
+            truth = torch.rand(batch_size, 1, 12, 12, generator=gen)
+            for attack, noise in _NOISE.items():
                 if attack == "ig" and r == 2 and client == 3:
                     rows.append(
                         {
@@ -68,35 +75,41 @@ def _make_run(
                         }
                     )
                     continue
+                if noise is None:
+                    recon = torch.full_like(truth, 0.45)
+                else:
+                    recon = truth + noise(r) * torch.randn(truth.shape, generator=gen)
+                recon = recon.clamp(0, 1)
+                psnr = psnr_of(recon, truth)
                 for sample in range(batch_size):
                     for against in ("original", "encoded") if encoded else ("original",):
-                        psnr = float(level + rng.normal())
+                        value = float(psnr[sample])
                         rows.append(
                             {
                                 "client_id": client,
                                 "attack": attack,
+                                "reference": attack == "aux-mean",
                                 "sample": sample,
                                 "target_index": sample,
                                 "scored_against": against,
-                                "psnr": psnr,
-                                "mse": 10 ** (-psnr / 10),
-                                "ssim": psnr / 40,
-                                "lpips_alex": 1 - psnr / 30,
+                                "psnr": value,
+                                "mse": 10 ** (-value / 10),
+                                "ssim": value / 40,
+                                "lpips_alex": float(np.exp(-value / 10)),
                                 "label_acc": 1.0,
                                 "true_label": 2,
                                 "pred_label": 2,
-                                "seconds": 1.0 + rng.random(),
+                                "seconds": 1.0 + 0.1 * sample,
                                 "iterations": 50,
                             }
                         )
-                truth = torch.rand(batch_size, 1, 12, 12, generator=gen)
-                run.save_images(r, client, attack, truth, (truth * 0.8).clamp(0, 1))
+                run.save_images(r, client, attack, truth, recon)
         run.append_round(
             r,
             rows,
             {
                 "test_loss": 2.3 - 0.2 * r,
-                "test_accuracy": 0.1 * r + 0.01 * seed,
+                "test_accuracy": 0.1 + 0.1 * r + 0.01 * seed,
                 "epsilon": 0.4 * r if epsilon else float("nan"),
                 "num_replies": 2,
                 "round_seconds": 2.0,
@@ -157,9 +170,40 @@ def _table(markdown: str, heading: str, nth: int = 0) -> list[list[str]]:
 
 
 def _expected(values: pd.Series, digits: int) -> str:
-    """Mean ± half-width of scipy's 95% t-interval, formatted as the report does."""
+    """Median [order-statistic 95% interval] n=, recomputed from scipy's binomial directly."""
+    v = np.sort(values.to_numpy(dtype=float))
+    n = len(v)
+    ks = [k for k in range(1, n // 2 + 1) if 1 - 2 * stats.binom.cdf(k - 1, n, 0.5) >= 0.95]
+    k = max(ks, default=1)
+    return f"{np.median(v):.{digits}f} [{v[k - 1]:.{digits}f}, {v[n - k]:.{digits}f}] n={n}"
+
+
+def _expected_mean(values: pd.Series, digits: int) -> str:
+    """Mean ± half-width of scipy's 95% t-interval."""
     low, high = stats.t.interval(0.95, len(values) - 1, loc=values.mean(), scale=stats.sem(values))
     return f"{values.mean():.{digits}f} ± {(high - low) / 2:.{digits}f}"
+
+
+def _successes(leakage: pd.DataFrame, attack: str) -> tuple[int, int]:
+    """(k, n) by the documented rule: LPIPS at most SUCCESS_FRACTION x the floor's, per sample."""
+    ok = leakage[(leakage["status"] == "ok") & (leakage["scored_against"] == "original")]
+    keys = ["round", "client_id", "target_index"]
+    floor = ok[ok["attack"] == "aux-mean"][[*keys, "lpips_alex"]]
+    pairs = ok[ok["attack"] == attack].merge(floor, on=keys, suffixes=("", "_floor"))
+    hits = pairs["lpips_alex"] <= SUCCESS_FRACTION * pairs["lpips_alex_floor"]
+    return int(hits.sum()), len(pairs)
+
+
+def test_order_statistic_interval_has_the_tabulated_ranks() -> None:
+    # Known ranks of the distribution-free 95% interval for the median (e.g. Conover, table A3).
+    for n, k, coverage in ((6, 1, 0.96875), (10, 2, 0.9785), (20, 6, 0.9586), (100, 40, 0.9648)):
+        got_k, got_coverage = order_rank(n)
+        assert got_k == k and got_coverage == pytest.approx(coverage, abs=5e-4), n
+    assert order_rank(5) == (1, pytest.approx(0.9375))  # too few: the range, coverage stated
+    values = np.array([5.0, 1.0, 3.0, np.nan, 2.0, 4.0, 9.0, 7.0, 8.0, 6.0, 10.0])
+    median = median_interval(values)
+    assert (median.value, median.low, median.high, median.n) == (5.5, 2.0, 9.0, 10)
+    assert median_interval(np.array([np.nan])).n == 0
 
 
 def test_mean_ci_is_the_student_t_interval() -> None:
@@ -168,6 +212,15 @@ def test_mean_ci_is_the_student_t_interval() -> None:
     low, high = stats.t.interval(0.95, 3, loc=values.mean(), scale=stats.sem(values))
     assert (n, mean) == (4, 3.5) and half == pytest.approx((high - low) / 2)
     assert mean_ci(np.array([5.0, np.nan]))[1:] == (pytest.approx(np.nan, nan_ok=True), 1)
+
+
+def test_strongest_is_marked_only_between_separate_intervals() -> None:
+    psnr = Metric("psnr", "PSNR", True, 2)
+    apart = {"ig": median_interval(np.arange(30.0, 40.0)), "dlg": median_interval(np.arange(10.0))}
+    assert strongest(apart, psnr) == "ig"
+    close = {"ig": median_interval(np.arange(10.0, 20.0)), "dlg": median_interval(np.arange(15.0))}
+    assert strongest(close, psnr) is None
+    assert strongest({"ig": apart["ig"]}, psnr) is None  # nothing to be stronger than
 
 
 def test_run_tables_match_the_parquet(run_report: Path) -> None:
@@ -181,17 +234,82 @@ def test_run_tables_match_the_parquet(run_report: Path) -> None:
     ):
         table = _table(markdown, heading)
         assert table[0] == ["attack", "none"]
+        # Attacks by name, the floor last and labelled as such.
+        assert [row[0] for row in table[1:]] == ["dlg", "ig", "aux-mean (floor)"]
         rows = {row[0]: row[1] for row in table[1:]}
-        for attack in ("aux-mean", "ig"):
+        for attack, label in (("aux-mean", "aux-mean (floor)"), ("ig", "ig"), ("dlg", "dlg")):
             expected = _expected(ok.loc[ok["attack"] == attack, column], digits)
-            assert rows[attack].strip("*") == expected, (heading, attack)
-        # ig leaks more on every metric here: bold in PSNR (higher) and LPIPS/MSE (lower).
-        assert rows["ig"].startswith("**") and not rows["aux-mean"].startswith("**")
+            assert rows[label].strip("*") == expected, (heading, attack)
+        # ig clearly leaks more than dlg: bold; the floor is never ranked.
+        assert rows["ig"].startswith("**")
+        assert not rows["dlg"].startswith("**") and not rows["aux-mean (floor)"].startswith("**")
     html = (run_report / "report.html").read_text()
     expected_ig = _expected(ok.loc[ok["attack"] == "ig", "psnr"], 2)
     assert re.search(rf'class="best"[^>]*>{re.escape(expected_ig)}</td>', html)
+    success = {row[0]: row[1] for row in _table(markdown, "Success rate")[1:]}
+    assert set(success) == {"dlg", "ig"}
+    for attack in ("ig", "dlg"):
+        k, n = _successes(leakage, attack)
+        assert success[attack].startswith(f"{100 * k / n:.0f}% ({k}/{n}) ["), attack
+    assert 0 < _successes(leakage, "ig")[0] < _successes(leakage, "ig")[1]  # a mixed result
+    summary = {row[1]: row for row in _table(markdown, "Summary")[1:]}
+    ig = ok[(ok["attack"] == "ig") & (ok["scored_against"] == "original")]
+    assert summary["ig"][2] == str(len(ig))
+    assert summary["ig"][6] == _expected_mean(ig["lpips_alex"], 3)
+    assert summary["aux-mean (floor)"][3] == "–"
     failures = _table(markdown, "Failed attack runs")
     assert failures[1][1:5] == ["ig", "none", "failed", "1 of 6"]
+
+
+def test_verdict_quotes_numbers_from_the_tables(run_report: Path) -> None:
+    leakage = pd.read_parquet(run_report / "leakage.parquet")
+    markdown = (run_report / "report.md").read_text()
+    verdict = markdown.split("## Verdict\n\n", 1)[1].split("\n", 1)[0]
+    k, n = _successes(leakage, "ig")
+    ok = leakage[(leakage["status"] == "ok") & (leakage["attack"] == "ig")]
+    median = float(np.median(ok["psnr"]))
+    assert verdict.startswith(f"Without a defense, ig leaks most: it reconstructed {k}/{n} (")
+    assert f"median PSNR {median:.2f} dB" in verdict
+    assert "against the aux-mean floor's" in verdict
+    utility = pd.read_csv(run_report / "utility.csv")
+    assert f"test accuracy is {utility['test_accuracy'].iloc[-1]:.3f} after round 3" in verdict
+    for number in re.findall(r"\d+\.\d+", verdict):
+        assert number in markdown.split("## Verdict", 1)[1].split("\n", 3)[3], number
+
+
+def test_reconstruction_grids_show_ranked_samples(run_report: Path) -> None:
+    from fedleak.report.collect import load_study
+    from fedleak.report.gallery import ranked, run_samples
+    from fedleak.report.tables import originals
+
+    study = load_study(run_report)
+    rows = originals(study.leakage())
+    ig = rows[rows["attack"] == "ig"]
+    samples = run_samples(study.runs[0], ig, "lpips_alex")
+    # Every scored ig sample has its tile, matched to its own row (the PSNR check passed).
+    assert len(samples) == len(ig)
+    chosen = ranked(samples)
+    labels = [label for label, _ in chosen]
+    assert labels == ["best", "1st quartile", "median", "3rd quartile", "worst"]
+    lpips = [sample.lpips for _, sample in chosen]
+    assert lpips == sorted(lpips) and lpips[0] == ig["lpips_alex"].min()
+    assert lpips[-1] == ig["lpips_alex"].max()
+    markdown = (run_report / "report.md").read_text()
+    assert "## Reconstructions" in markdown and "reconstructions-00.png" in markdown
+    with Image.open(run_report / "report_files" / "reconstructions-00.png") as image:
+        assert image.width >= 5 * 100  # tiles upscaled far beyond 12 pixels
+
+
+def test_legacy_runs_without_the_reference_column_draw_aux_mean_as_the_floor(
+    run_report: Path, tmp_path: Path
+) -> None:
+    copy = tmp_path / "legacy"
+    shutil.copytree(run_report, copy)
+    frame = pd.read_parquet(copy / "leakage.parquet").drop(columns=["reference"])
+    frame.to_parquet(copy / "leakage.parquet")
+    build_report(copy)
+    table = _table((copy / "report.md").read_text(), "PSNR (dB)")
+    assert [row[0] for row in table[1:]] == ["dlg", "ig", "aux-mean (floor)"]
 
 
 def test_sweep_tables_group_and_separate_encoded_scores(sweep_report: Path) -> None:
@@ -205,9 +323,9 @@ def test_sweep_tables_group_and_separate_encoded_scores(sweep_report: Path) -> N
     assert original[0] == ["group", "attack", "none", "instahide:2"]
     assert encoded[0] == ["group", "attack", "instahide:2"]
     assert "scored against the encoded images" in markdown
-    cells = {(row[0], row[1]): row[2:] for row in original[1:]}
+    cells = {(row[0], row[1].removesuffix(" (floor)")): row[2:] for row in original[1:]}
     for batch in (1, 4):
-        for attack in ("aux-mean", "ig"):
+        for attack in ("aux-mean", "ig", "dlg"):
             for i, defense in enumerate(("none", "instahide:2")):
                 values = ok.loc[
                     (ok["batch_size"] == batch)
@@ -219,13 +337,20 @@ def test_sweep_tables_group_and_separate_encoded_scores(sweep_report: Path) -> N
                 got = cells[f"batch-size={batch}", attack][i].strip("*")
                 assert got == _expected(values, 2), (batch, attack, defense)
     utility = _table(markdown, "## Privacy–utility frontier")
-    assert utility[0][:5] == ["group", "defense", "final accuracy", "final loss", "ε"]
+    assert utility[0][:6] == [
+        "group",
+        "defense",
+        "round-0 accuracy",
+        "final accuracy",
+        "final loss",
+        "ε",
+    ]
     rows = {(row[0], row[1]): row for row in utility[1:]}
-    # Final round 2: accuracy 0.2 + 0.01 * seed over seeds 0 and 1; ε = 0.4 * round.
-    accuracy = pd.Series([0.20, 0.21])
-    assert rows["batch-size=1", "instahide:2"][2] == _expected(accuracy, 3)
-    assert rows["batch-size=1", "instahide:2"][4] == "0.80"
-    assert rows["batch-size=4", "none"][4] == "–"
+    # Final round 2: accuracy 0.3 + 0.01 * seed over seeds 0 and 1; ε = 0.4 * round.
+    accuracy = pd.Series([0.30, 0.31])
+    assert rows["batch-size=1", "instahide:2"][3] == _expected_mean(accuracy, 3)
+    assert rows["batch-size=1", "instahide:2"][5] == "0.80"
+    assert rows["batch-size=4", "none"][5] == "–"
     assert "privacy-utility.png" in markdown
 
 
@@ -245,7 +370,9 @@ def test_every_referenced_image_exists(which: str, request: pytest.FixtureReques
     path: Path = request.getfixturevalue(which)
     markdown = (path / "report.md").read_text()
     refs = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
-    assert len(refs) >= 4 and all(ref.startswith("report_files/") for ref in refs)
+    assert len(refs) >= 2 and all(ref.startswith("report_files/") for ref in refs)
+    assert "report_files/leakage-per-round.png" in refs
+    assert any(ref.startswith("report_files/reconstructions-") for ref in refs)
     for ref in refs:
         with Image.open(path / ref) as img:
             img.load()
@@ -292,13 +419,43 @@ def test_chromium_renders_every_image(
         [*flags, "--dump-dom", url], capture_output=True, text=True, timeout=120, check=True
     ).stdout
     sources = _img_sources(dom)
-    assert len(sources) >= 4
+    assert len(sources) >= 2
     for src in sources:
         width, height = _check_data_uri(src)
         assert width > 0 and height > 0
+    # The plots and the reconstruction grids are in the rendered page, after the verdict.
+    alts = re.findall(r'<img[^>]*\salt="([^"]*)"', dom)
+    assert any(alt.startswith("Per round, against the private originals") for alt in alts)
+    assert any("its private samples (top row) and its reconstructions" in alt for alt in alts)
+    assert dom.index('id="verdict"') < dom.index('id="leakage-per-round"')
     shot = tmp_path / "page.png"
     subprocess.run(
         [*flags, f"--screenshot={shot}", url], capture_output=True, timeout=120, check=True
     )
     pixels = np.asarray(Image.open(shot).convert("L"))
     assert pixels.shape == (2000, 1280) and pixels.std() > 10  # a rendered page, not blank
+
+
+def test_attack_runs_that_did_not_converge_are_marked() -> None:
+    from fedleak.report.tables import METRICS, leakage_table, not_converged
+
+    rows = pd.DataFrame(
+        {
+            "run": "r",
+            "group": "",
+            "defense": "none",
+            "round": 1,
+            "client_id": [0, 0, 1, 1],
+            "attack": "ig",
+            "reference": False,
+            "psnr": [30.0, 31.0, 5.0, 6.0],
+            "converged": [1.0, 1.0, 0.0, 0.0],
+        }
+    )
+    assert not_converged(rows) == 1  # one attack run (client 1) of two
+    table = leakage_table(rows, METRICS[0], ["none"], [""], "")
+    assert table.rows[0][1].text == "18.00 [5.00, 31.00] n=4 †"
+    # Runs written before the convergence columns existed carry no mark.
+    assert not_converged(rows.drop(columns="converged")) == 0
+    plain = leakage_table(rows.drop(columns="converged"), METRICS[0], ["none"], [""], "")
+    assert plain.rows[0][1].text == "18.00 [5.00, 31.00] n=4"

@@ -168,7 +168,7 @@ def test_summary_lists_each_round_with_means(run: RunDirectory) -> None:
     text = RunDirectory.open(run.path).write_summary().read_text()
     lines = [line for line in text.splitlines() if line.startswith("| ")]
     assert "ig PSNR" in lines[0] and "attack failures" in lines[0]
-    # ig's mean PSNR per round: samples score psnr and psnr+1 -> mean psnr + 0.5.
+    # ig's median PSNR per round: samples score psnr and psnr+1 -> median psnr + 0.5.
     assert lines[1].startswith("| 1 | 0.300 | 1.700 | ") and "20.500" in lines[1]
     assert "24.500" in lines[2] and lines[2].rstrip().endswith("| 0 | 1 |")
     assert "2 of 3 rounds finished" in text

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -37,7 +41,10 @@ def _run(out: Path, *overrides: str) -> Path:
     args = ["run", "quickstart", "--out", str(out), *TINY]
     for item in overrides:
         args += ["--set", item]
-    assert main(args) == 0
+    console = io.StringIO()
+    with contextlib.redirect_stdout(console):
+        assert main(args) == 0
+    (out / "console.txt").write_text(console.getvalue())
     return out
 
 
@@ -70,6 +77,45 @@ def test_run_directory_holds_every_record(attacked: Path) -> None:
     assert list(utility["round"]) == [0, 1, 2]
     assert utility.test_accuracy.between(0, 1).all()
     assert len(list((attacked / "images").glob("*.png"))) == 8
+    assert original.groupby("attack")["reference"].all().to_dict() == {
+        "aux-mean": True,
+        "ig": False,
+    }
+
+
+def test_console_shows_progress_and_the_numbers_that_matter(attacked: Path) -> None:
+    console = (attacked / "console.txt").read_text()
+    assert re.search(r"^round 1/2 \(\d+s, ETA \d+s\) \| acc ", console, flags=re.M), console
+    assert re.search(r"^round 2/2 \(\d+s\) \| acc ", console, flags=re.M), console
+    assert f"fedleak: run directory {attacked}" in console
+    assert f"report: {attacked / 'report.html'}" in console
+    headline = console.split("what leaked", 1)[1]
+    assert re.search(r"none: accuracy 0\.\d{3} -> 0\.\d{3} \| reconstructed: ig \d+/8 ", headline)
+    assert "floor aux-mean median PSNR" in headline
+
+
+def test_report_numbers_are_recomputed_from_the_parquet(attacked: Path) -> None:
+    from scipy import stats
+
+    leakage = pd.read_parquet(attacked / "leakage.parquet")
+    ok = leakage[(leakage.status == "ok") & (leakage.scored_against == "original")]
+    markdown = (attacked / "report.md").read_text()
+    section = markdown.split("### Summary\n\n", 1)[1]
+    lines = section.split("\n\n", 1)[0].splitlines()[2:]  # the first table, header dropped
+    rows = {
+        cells[1]: cells
+        for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines)
+    }
+    assert set(rows) == {"ig", "aux-mean (floor)"}
+    for attack, label in (("ig", "ig"), ("aux-mean", "aux-mean (floor)")):
+        values = np.sort(ok.loc[ok.attack == attack, "psnr"].to_numpy())
+        n = len(values)
+        ks = [k for k in range(1, n // 2 + 1) if 1 - 2 * stats.binom.cdf(k - 1, n, 0.5) >= 0.95]
+        k = max(ks, default=1)
+        median = f"{np.median(values):.2f} [{values[k - 1]:.2f}, {values[n - k]:.2f}]"
+        assert rows[label][2] == str(n) and rows[label][4] == median, attack
+    utility = pd.read_csv(attacked / "utility.csv")
+    assert f"test accuracy is {utility.test_accuracy.iloc[-1]:.3f} after round 2" in markdown
 
 
 def test_attacks_do_not_change_the_global_model(attacked: Path, tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ class AuxMeanBaseline:
     """Every sample is the mean auxiliary image; every label the majority auxiliary class."""
 
     name = "aux-mean"
+    reference = True  # a floor for the report, never ranked as an attack
 
     def check_feasible(self, targets: int, aux: int) -> None:
         """Refuse a run without auxiliary data, where every call would fail."""

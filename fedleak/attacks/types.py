@@ -132,10 +132,20 @@ class Reconstruction:
 
 @runtime_checkable
 class Attack(Protocol):
-    """A gradient-inversion attack. Implementations may keep state across rounds."""
+    """A gradient-inversion attack. Implementations may keep state across rounds.
+
+    A class attribute `reference: bool` (False unless set) marks a reference baseline that
+    ignores the update (aux-mean): reports draw it as the floor and never rank it as an attack;
+    read it with `is_reference`.
+    """
 
     name: str
 
     def reconstruct(
         self, observation: Observation, knowledge: AttackerKnowledge, budget: Budget
     ) -> Reconstruction: ...
+
+
+def is_reference(attack: object) -> bool:
+    """Whether an attack is a reference baseline (its class sets `reference = True`)."""
+    return bool(getattr(attack, "reference", False))

@@ -5,7 +5,6 @@ a sweep, built only from the files in DIR, so it can be rebuilt at any time with
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,6 @@ from fedleak.report.document import (
     Block,
     Code,
     Figure,
-    Gallery,
     Heading,
     Table,
     Text,
@@ -24,30 +22,45 @@ from fedleak.report.document import (
     render_markdown,
 )
 from fedleak.report.document import Cell as TableCell
-from fedleak.report.plots import MAX_BANDS, frontier_figure, rounds_figure
+from fedleak.report.gallery import gallery_figure, ranked, run_samples
+from fedleak.report.plots import frontier_figure, rounds_figure, setting_label
 from fedleak.report.rundir import atomic_write, lpips_column, replace_owned_files
 from fedleak.report.tables import (
     METRICS,
+    SUCCESS_RULE,
     cost_table,
     failure_table,
     final_utility,
     leakage_tables,
     metrics_present,
+    originals,
     runs_table,
     scored,
+    success_table,
+    summary_table,
     training_table,
     utility_table,
 )
+from fedleak.report.verdict import verdict
 
 HTML_FILE = "report.html"
 MARKDOWN_FILE = "report.md"
 FILES_DIR = "report_files"
-_GRID_NAME = re.compile(r"r(\d+)_c(\d+)_(.+)\.png")
-# Grids of a sweep: at most this many runs get their reconstructions shown.
-MAX_GRID_RUNS = 24
+# Reconstructions are shown for at most this many settings of a sweep.
+MAX_GRID_SETTINGS = 24
 
 
-def _overview(study: Study) -> list[Block]:
+def _verdict(study: Study) -> list[Block]:
+    summary = summary_table(study)
+    return [
+        Heading("Verdict"),
+        Text(verdict(study)),
+        Heading("Summary", 3),
+        summary if summary.rows else Text("No attack has produced a scored reconstruction."),
+    ]
+
+
+def _method(study: Study) -> list[Block]:
     leakage = study.leakage()
     rounds = sorted(set(leakage["round"]))
     lpips = lpips_column(leakage)
@@ -63,6 +76,7 @@ def _overview(study: Study) -> list[Block]:
         else ""
     )
     return [
+        Heading("How to read this report"),
         Text(
             f"This report covers {what}: {len(leakage)} leakage rows from "
             f"{leakage.drop_duplicates(['run', 'round', 'client_id', 'attack']).shape[0]} "
@@ -73,9 +87,10 @@ def _overview(study: Study) -> list[Block]:
         Text(
             "Each reconstruction is matched to one private sample (Hungarian assignment on "
             "MSE) before scoring; images are in [0, 1] and PSNR uses a data range of 1. "
-            f"LPIPS is reported from the `{lpips}` column. Confidence intervals are 95% "
-            "Student-t intervals over the reconstructed samples, pooled over clients, rounds "
-            "and seeds."
+            f"LPIPS is reported from the `{lpips}` column. {SUCCESS_RULE}. Medians come with "
+            "95% order-statistic intervals and n, pooled over clients, rounds and seeds; the "
+            "floor is what an attacker gets from its auxiliary data alone, without looking at "
+            "the update: an attack at the floor has learned nothing about the private data."
         ),
         *_lpips_note(study),
     ]
@@ -104,6 +119,9 @@ def _lpips_note(study: Study) -> list[Block]:
 
 def _leakage_section(study: Study) -> list[Block]:
     blocks: list[Block] = [Heading("Leakage tables")]
+    success = success_table(study)
+    if success is not None:
+        blocks += [Heading("Success rate", 3), success]
     tables = leakage_tables(study)
     if not tables:
         blocks.append(Text("No attack produced a scored reconstruction."))
@@ -134,8 +152,7 @@ def _leakage_section(study: Study) -> list[Block]:
 
 
 def _rounds_section(study: Study) -> list[Block]:
-    leakage = scored(study.leakage())
-    leakage = leakage[leakage["scored_against"] == "original"]
+    leakage = originals(study.leakage())
     lpips = lpips_column(leakage)
     metrics = [m for m in metrics_present(leakage) if m.column in ("psnr", lpips)]
     utility = study.utility()
@@ -148,9 +165,10 @@ def _rounds_section(study: Study) -> list[Block]:
         Figure.of(
             "leakage-per-round.png",
             png,
-            "Mean leakage per round against the private originals, one panel per attack and "
-            "metric, one line per setting (band: 95% t-interval, drawn for up to "
-            f"{MAX_BANDS} settings), above the global model's test accuracy.",
+            "Per round, against the private originals: the success rate and the median of "
+            "each metric over the attacked clients' samples (band: 95% interval where few "
+            "lines share a panel), every attack a line on shared axes, the floor (reference "
+            "baselines) dashed grey; the global model's test accuracy in the bottom row.",
         ),
         *([Heading("Learned attacks' training per round", 3), training] if training else []),
     ]
@@ -158,8 +176,8 @@ def _rounds_section(study: Study) -> list[Block]:
 
 def _frontier_points(study: Study) -> pd.DataFrame:
     final = final_utility(study)
-    leakage = scored(study.leakage())
-    leakage = leakage[leakage["scored_against"] == "original"]
+    leakage = originals(study.leakage())
+    leakage = leakage[~leakage["reference"]]
     columns = [m.column for m in METRICS if m.column in leakage]
     rows = []
     for group in study.groups():
@@ -179,7 +197,7 @@ def _frontier_points(study: Study) -> pd.DataFrame:
                         "accuracy": float(runs["test_accuracy"].mean()),
                         "epsilon": float(eps.mean()) if len(eps) else float("nan"),
                         "central_epsilon": float(central.mean()) if len(central) else float("nan"),
-                        **{c: float(sub[c].mean()) for c in columns},
+                        **{c: float(sub[c].median()) for c in columns},
                     }
                 )
     return pd.DataFrame(rows)
@@ -203,56 +221,58 @@ def _frontier_section(study: Study) -> list[Block]:
                 Figure.of(
                     "privacy-utility.png",
                     frontier_figure(points, metrics),
-                    "Final test accuracy against mean leakage, one point per defense setting and "
-                    "attack (ε where DP-SGD is on, central ε where central DP is).",
+                    "Final test accuracy against median leakage, one point per defense setting "
+                    "and attack (ε where DP-SGD is on, central ε where central DP is).",
                 )
             )
     blocks.append(utility_table(study))
     return blocks
 
 
-def _grid_choice(study: Study) -> list[tuple[str, Path, int, int, str]]:
-    """(run, file, round, client, attack) of fixed samples: per run, the first and the last
-    round with images, the lowest client id in it, every attack."""
-    chosen = []
-    for run in study.runs[:MAX_GRID_RUNS]:
-        parsed = [
-            (int(m[1]), int(m[2]), m[3], p)
-            for p in run.images
-            if (m := _GRID_NAME.fullmatch(p.name))
-        ]
-        if not parsed:
-            continue
-        rounds = sorted({r for r, _, _, _ in parsed})
-        for server_round in dict.fromkeys((rounds[0], rounds[-1])):
-            client = min(c for r, c, _, _ in parsed if r == server_round)
-            for r, c, attack, path in sorted(parsed):
-                if r == server_round and c == client:
-                    chosen.append((run.name, path, r, c, attack))
-    return chosen
-
-
 def _images_section(study: Study) -> list[Block]:
-    chosen = _grid_choice(study)
-    if not chosen:
+    leakage = originals(study.leakage())
+    leakage = leakage[~leakage["reference"]]
+    lpips = lpips_column(leakage)
+    runs = {run.name: run for run in study.runs}
+    blocks: list[Block] = []
+    settings = list(dict.fromkeys(zip(leakage["group"], leakage["defense"], strict=True)))
+    for index, (group, defense) in enumerate(settings[:MAX_GRID_SETTINGS]):
+        here = leakage[(leakage["group"] == group) & (leakage["defense"] == defense)]
+        by_attack = {}
+        for attack, rows in sorted(here.groupby("attack"), key=lambda item: item[0]):
+            samples = [
+                sample
+                for run_name, run_rows in rows.groupby("run", sort=False)
+                for sample in run_samples(runs[run_name], run_rows, lpips)
+            ]
+            by_attack[attack] = ranked(samples)
+        if not any(by_attack.values()):
+            continue
+        label = setting_label(group, defense)
+        if len(settings) > 1:
+            blocks.append(Heading(f"Reconstructions: {label}", 3))
+        blocks.append(
+            Figure.of(
+                f"reconstructions-{index:02d}.png",
+                gallery_figure(by_attack, "LPIPS"),
+                f"{label}: for each attack, its private samples (top row) and its "
+                "reconstructions (below), chosen by LPIPS among the samples with saved images: "
+                "best, quartiles, median and worst.",
+            )
+        )
+    if not blocks:
         return []
-    blocks: list[Block] = [
-        Heading("Reconstructions"),
-        Text(
-            "Each grid: the client's private samples on top, the attack's reconstructions "
-            "matched to them below. Every attack is shown on the same round and client. Under "
-            "an input encoding the top row shows whatever the run saved as the truth."
-        ),
-    ]
-    by_sample: dict[tuple[str, int, int], list[Figure]] = {}
-    for run, path, server_round, client, attack in chosen:
-        prefix = f"{run}-" if study.kind == "sweep" else ""
-        figure = Figure.of(f"{prefix}{path.name}", path.read_bytes(), attack, scale=3)
-        by_sample.setdefault((run, server_round, client), []).append(figure)
-    for (run, server_round, client), figures in by_sample.items():
-        where = f"{run}: " if study.kind == "sweep" else ""
-        blocks.append(Gallery(tuple(figures), f"{where}round {server_round}, client {client}"))
-    return blocks
+    intro = Text(
+        "Reconstructions as a person sees them, enlarged without smoothing. Columns are chosen "
+        "by rank of LPIPS (lower = closer), so the worst column shows how often an attack "
+        "fails, not only its best case."
+        + (
+            f" Shown for the first {MAX_GRID_SETTINGS} settings."
+            if len(settings) > MAX_GRID_SETTINGS
+            else ""
+        )
+    )
+    return [Heading("Reconstructions"), intro, *blocks]
 
 
 def _environment_table(environment: dict[str, object]) -> Table:
@@ -291,11 +311,12 @@ def _setup_section(study: Study) -> list[Block]:
 def report_blocks(study: Study) -> list[Block]:
     """The whole report as blocks, in reading order."""
     return [
-        *_overview(study),
-        *_leakage_section(study),
+        *_verdict(study),
         *_rounds_section(study),
-        *_frontier_section(study),
         *_images_section(study),
+        *_leakage_section(study),
+        *_frontier_section(study),
+        *_method(study),
         *_setup_section(study),
     ]
 

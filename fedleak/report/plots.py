@@ -1,7 +1,8 @@
 """The report's figures, drawn with matplotlib's headless Agg backend into PNG bytes.
 
-Colours stand for settings (group and defense), marker shapes for attacks, the same in
-every figure of a report.
+Leakage per round shares its axes: every attack is a line in the same panel (one colour per
+attack, the same in every figure), reference baselines are dashed grey floor lines, and each
+metric's panels share one y-axis, so an attack below the floor cannot hide on its own scale.
 """
 
 from __future__ import annotations
@@ -20,11 +21,16 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from fedleak.report.tables import Metric, mean_ci
+from fedleak.report.stats import median_interval, success_rate
+from fedleak.report.tables import Metric, attack_label, attack_order
 
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
-# Confidence bands are drawn only while they stay readable.
+# Settings side by side in the per-round figure; more are drawn as lines per attack panel.
+MAX_SETTING_COLUMNS = 6
+# Interval bands are drawn only while they stay readable.
 MAX_BANDS = 4
+FLOOR_STYLE = {"color": "0.35", "linestyle": "--", "linewidth": 1.4}
+SUCCESS = Metric("success", "success rate (%)", True, 0)
 
 Setting = tuple[str, str]  # (group, defense)
 
@@ -53,76 +59,142 @@ def _settings(*frames: pd.DataFrame) -> list[Setting]:
     return list(seen)
 
 
-def rounds_figure(leakage: pd.DataFrame, utility: pd.DataFrame, metrics: list[Metric]) -> bytes:
-    """Leakage per round: one panel per metric (rows) and attack (columns), one line per
-    setting, with the global model's test accuracy per round underneath.
+def _per_round(rows: pd.DataFrame, metric: Metric) -> tuple[np.ndarray, ...]:
+    """Rounds, medians and interval bounds (success: the rate and its exact interval, in %)."""
+    stats = []
+    for server_round, group in rows.groupby("round"):
+        if metric is SUCCESS:
+            rate = success_rate(group["success"])
+            if rate.n:
+                stats.append((server_round, 100 * rate.value, 100 * rate.low, 100 * rate.high))
+        else:
+            median = median_interval(group[metric.column])
+            if median.n:
+                stats.append((server_round, median.value, median.low, median.high))
+    if not stats:
+        return (np.array([]),) * 4
+    return tuple(np.array(v, dtype=float) for v in zip(*stats, strict=True))
 
-    `leakage` holds successfully scored rows with a `group` column; `utility` the utility
-    rows with `group` and `defense`.
+
+def _line(ax, rows: pd.DataFrame, metric: Metric, style: dict, band: bool) -> None:
+    x, mid, low, high = _per_round(rows, metric)
+    if not len(x):
+        return
+    ax.plot(x, mid, markersize=3.5, **style)
+    if band and len(x) > 1:
+        ax.fill_between(x, low, high, color=style.get("color"), alpha=0.12, linewidth=0)
+
+
+def rounds_figure(
+    leakage: pd.DataFrame, utility: pd.DataFrame, metrics: list[Metric], success: bool = True
+) -> bytes:
+    """Leakage per round: one row of panels per metric (success rate first when `success`),
+    sharing its y-axis, with test accuracy in the last row (0 to 1).
+
+    Up to MAX_SETTING_COLUMNS settings (group, defense) are columns and attacks are lines;
+    beyond that, attacks are columns and settings are lines. `leakage` holds scored rows
+    against the originals with `group`, `reference` and (for the success row) `success`;
+    `utility` the utility rows with `group` and `defense`.
     """
     settings = _settings(utility, leakage)
-    colors = _palette(settings)
-    attacks = sorted(leakage["attack"].unique()) or ["–"]
-    bands = len(settings) <= MAX_BANDS
-    rows, cols = len(metrics) + 1, len(attacks)
-    figure = plt.figure(figsize=(max(4.2 * cols, 8), 2.7 * rows))
-    grid = figure.add_gridspec(rows, cols)
-    accuracy = figure.add_subplot(grid[rows - 1, :])
-    panels = [accuracy]
-    for (i, metric), (j, attack) in itertools.product(enumerate(metrics), enumerate(attacks)):
-        ax = figure.add_subplot(grid[i, j], sharex=accuracy)
-        panels.append(ax)
-        for setting in settings:
-            sub = leakage[
-                (leakage["group"] == setting[0])
-                & (leakage["defense"] == setting[1])
-                & (leakage["attack"] == attack)
-            ]
-            if sub.empty:
-                continue
-            stats = [(r, *mean_ci(g[metric.column])[:2]) for r, g in sub.groupby("round")]
-            x, mean, half = (np.array(v, dtype=float) for v in zip(*stats, strict=True))
-            ax.plot(x, mean, "-", marker="o", markersize=3, color=colors[setting])
-            if bands:
-                band = np.nan_to_num(half)
-                ax.fill_between(
-                    x, mean - band, mean + band, color=colors[setting], alpha=0.15, linewidth=0
-                )
-        better = "higher" if metric.higher_is_better else "lower"
-        ax.set_title(f"{attack}: {metric.label} ({better} = more leakage)", fontsize=9, loc="left")
+    order = attack_order(leakage)
+    attacks = [a for a, ref in order if not ref]
+    references = [a for a, ref in order if ref]
+    rows_metrics = ([SUCCESS] if success and "success" in leakage else []) + list(metrics)
+    by_setting = len(settings) <= MAX_SETTING_COLUMNS
+    columns = settings if by_setting else attacks or ["–"]
+    colors = _palette(attacks if by_setting else settings)
+    markers = dict(zip(attacks, itertools.cycle(_MARKERS), strict=False))
+    n_rows, n_cols = len(rows_metrics) + 1, max(len(columns), 1)
+    figure, axes = plt.subplots(
+        n_rows,
+        n_cols,
+        figsize=(max(3.6 * n_cols, 7.5), 2.5 * n_rows),
+        sharex=True,
+        sharey="row",
+        squeeze=False,
+    )
+    floors = leakage[leakage["reference"]]
+    for i, metric in enumerate(rows_metrics):
+        for j, column in enumerate(columns):
+            ax = axes[i, j]
+            if by_setting:
+                group, defense = column
+                here = leakage[(leakage["group"] == group) & (leakage["defense"] == defense)]
+                for attack in attacks:
+                    style = {"color": colors[attack], "marker": markers[attack], "label": attack}
+                    _line(ax, here[here["attack"] == attack], metric, style, len(attacks) <= 3)
+                floor_rows = here[here["reference"]]
+                title = setting_label(group, defense)
+            else:
+                for setting in settings:
+                    here = leakage[
+                        (leakage["group"] == setting[0])
+                        & (leakage["defense"] == setting[1])
+                        & (leakage["attack"] == column)
+                    ]
+                    style = {"color": colors[setting], "marker": "o"}
+                    _line(ax, here, metric, style, len(settings) <= MAX_BANDS)
+                floor_rows = floors
+                title = column
+            if metric is not SUCCESS:
+                for reference in references:
+                    rows = floor_rows[floor_rows["attack"] == reference]
+                    style = {**FLOOR_STYLE, "label": attack_label(reference, True)}
+                    _line(ax, rows, metric, style, False)
+            else:
+                ax.set_ylim(-3, 103)
+            ax.grid(alpha=0.3)
+            if i == 0:
+                ax.set_title(title, fontsize=9.5, loc="left", fontweight="bold")
+            if j == 0:
+                better = "higher" if metric.higher_is_better else "lower"
+                ax.set_ylabel(f"{metric.label}\n({better} = more leakage)", fontsize=8.5)
+    for j, column in enumerate(columns):
+        ax = axes[-1, j]
+        wanted = [column] if by_setting else settings
+        for setting in wanted:
+            sub = utility[(utility["group"] == setting[0]) & (utility["defense"] == setting[1])]
+            if not sub.empty:
+                acc = sub.groupby("round")["test_accuracy"].mean()
+                color = "black" if by_setting else colors[setting]
+                ax.plot(acc.index, acc.values, "-", marker="o", markersize=3, color=color)
+        ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
-    ax = accuracy
-    for setting in settings:
-        sub = utility[(utility["group"] == setting[0]) & (utility["defense"] == setting[1])]
-        if not sub.empty:
-            acc = sub.groupby("round")["test_accuracy"].mean()
-            ax.plot(acc.index, acc.values, "-", marker="o", markersize=3, color=colors[setting])
-    ax.set_title("global model test accuracy (mean over seeds)", fontsize=9, loc="left")
-    ax.set_xlabel("round")
-    ax.grid(alpha=0.3)
+        ax.set_xlabel("round")
+        if j == 0:
+            ax.set_ylabel("global model\ntest accuracy", fontsize=8.5)
     rounds = sorted(set(utility["round"]) | set(leakage["round"]))
     if 0 < len(rounds) <= 16:
-        accuracy.set_xticks(rounds)
+        axes[-1, 0].set_xticks(rounds)
     else:
-        accuracy.xaxis.get_major_locator().set_params(integer=True)
+        axes[-1, 0].xaxis.get_major_locator().set_params(integer=True)
     if len(rounds) == 1:
-        accuracy.set_xlim(rounds[0] - 1, rounds[0] + 1)
-    for ax in panels:
-        ax.tick_params(labelbottom=True)
-    handles = [
-        Line2D([], [], color=colors[s], marker="o", markersize=4, label=setting_label(*s))
-        for s in settings
-    ]
+        axes[-1, 0].set_xlim(rounds[0] - 1, rounds[0] + 1)
+    for ax in axes.flat:
+        ax.tick_params(labelbottom=True, labelleft=True, labelsize=8)
+    if by_setting:
+        handles = [
+            Line2D([], [], color=colors[a], marker=markers[a], markersize=4, label=a)
+            for a in attacks
+        ]
+    else:
+        handles = [
+            Line2D([], [], color=colors[s], marker="o", markersize=4, label=setting_label(*s))
+            for s in settings
+        ]
+    handles += [Line2D([], [], **FLOOR_STYLE, label=attack_label(r, True)) for r in references]
     figure.legend(
         handles=handles,
         loc="upper left",
         bbox_to_anchor=(1.0, 0.98),
-        fontsize=8,
+        fontsize=8.5,
         frameon=False,
-        title="setting",
-        title_fontsize=8,
+        title="attack" if by_setting else "setting",
+        title_fontsize=8.5,
     )
-    figure.tight_layout()
+    # Fixed spacing instead of tight_layout, which costs as much as drawing the figure twice.
+    figure.subplots_adjust(left=0.1, right=0.98, bottom=0.06, top=0.95, wspace=0.12, hspace=0.35)
     return _png(figure)
 
 

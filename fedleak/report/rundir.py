@@ -42,7 +42,8 @@ import torch
 
 from fedleak.config import RunConfig, load_toml
 
-# Column -> dtype. Strings use pandas' "str" dtype; ints are int64 with -1 for "not applicable".
+# Column -> dtype. Strings use pandas' "str" dtype; ints are int64 with -1 for "not applicable";
+# bools default to False.
 LEAKAGE_COLUMNS: Mapping[str, str] = {
     "round": "int64",
     "client_id": "int64",
@@ -76,7 +77,12 @@ LEAKAGE_COLUMNS: Mapping[str, str] = {
     "loss_start": "float64",
     "loss_final": "float64",
     "converged": "float64",
+    # The row comes from a reference baseline (aux-mean): the report's floor, never ranked.
+    "reference": "bool",
 }
+
+# Reference baselines of run directories written before the `reference` column existed.
+LEGACY_REFERENCES = ("aux-mean",)
 
 UTILITY_COLUMNS: Mapping[str, str] = {
     "round": "int64",
@@ -121,7 +127,7 @@ class RunDirectoryError(ValueError):
 
 
 def _default(dtype: str) -> object:
-    return {"int64": -1, "float64": math.nan, "str": ""}[dtype]
+    return {"int64": -1, "float64": math.nan, "str": "", "bool": False}[dtype]
 
 
 def empty_frame(columns: Mapping[str, str]) -> pd.DataFrame:
@@ -160,6 +166,8 @@ def tidy(
             frame[name] = frame[name].astype(str)
         elif dtype == "float64":
             frame[name] = pd.to_numeric(frame[name], errors="raise").astype("float64")
+        elif dtype == "bool":
+            frame[name] = frame[name].astype(bool)
         else:
             frame[name] = frame[name].astype("int64")
     return frame
@@ -227,6 +235,8 @@ def read_leakage_parquet(path: Path) -> pd.DataFrame:
 
 
 def _typed_leakage(frame: pd.DataFrame) -> pd.DataFrame:
+    if "reference" not in frame:
+        frame["reference"] = frame["attack"].isin(LEGACY_REFERENCES) if len(frame) else False
     # Columns added since a run was written (diagnostics) read as their missing value.
     for name, dtype in LEAKAGE_COLUMNS.items():
         if name not in frame:
@@ -638,7 +648,7 @@ class RunDirectory:
             f"attacks {', '.join(config.attack.names)}, seed {config.seed}; "
             f"{self.finished_rounds()} of {config.num_server_rounds} rounds finished.",
             "",
-            "Leakage columns are means over the attacked clients' reconstructed samples, "
+            "Leakage columns are medians over the attacked clients' reconstructed samples, "
             "scored against the private originals; failures count failed attack runs.",
             "",
             markdown_table(table),
@@ -862,12 +872,12 @@ def _fmt(value: object, digits: int = 3) -> str:
 
 
 def round_table(utility: pd.DataFrame, leakage: pd.DataFrame) -> pd.DataFrame:
-    """One row per round: accuracy, loss, ε and central ε (if any), mean PSNR/SSIM/LPIPS per
-    attack, failures."""
+    """One row per round: accuracy, loss, ε and central ε (if any), median PSNR/SSIM/LPIPS per
+    attack (leakage is often bimodal, where a mean misleads), failures."""
     rounds = sorted(set(utility["round"]) | set(leakage["round"]))
     lpips = lpips_column(leakage)
     ok = leakage[(leakage["status"] == "ok") & (leakage["scored_against"] == "original")]
-    means = ok.groupby(["round", "attack"])[["psnr", "ssim", lpips]].mean()
+    means = ok.groupby(["round", "attack"])[["psnr", "ssim", lpips]].median()
     runs = leakage.drop_duplicates(["round", "client_id", "attack"])
     failed = runs[runs["status"] != "ok"].groupby("round").size()
     by_round = utility.set_index("round")
@@ -919,9 +929,11 @@ def console_line(
     server_round: int,
     utility_row: Mapping[str, object],
     leakage_rows: Sequence[Mapping[str, object]],
+    prefix: str | None = None,
 ) -> str:
-    """One compact progress line: accuracy, loss, then mean PSNR/LPIPS per attack."""
-    parts = [f"round {server_round}"]
+    """One compact progress line: `prefix` (default `round N`), accuracy, loss, then median
+    PSNR/LPIPS per attack."""
+    parts = [prefix or f"round {server_round}"]
     acc, loss = utility_row.get("test_accuracy"), utility_row.get("test_loss")
     if acc is not None:
         parts.append(
@@ -942,8 +954,8 @@ def console_line(
         good = rows[(rows["status"] == "ok") & (rows["scored_against"] == "original")]
         failed = rows[rows["status"] != "ok"].drop_duplicates(["client_id"])
         text = (
-            f"{attack} PSNR {_fmt(float(good['psnr'].mean()), 1)} "
-            f"LPIPS {_fmt(float(good[lpips].mean()), 3)}"
+            f"{attack} PSNR {_fmt(float(good['psnr'].median()), 1)} "
+            f"LPIPS {_fmt(float(good[lpips].median()), 3)}"
             if len(good)
             else f"{attack} -"
         )

@@ -1,9 +1,10 @@
-"""The report's tables: leakage in the papers' layout (attacks x defenses, mean ± 95% CI), utility,
-failures and attack cost, computed with pandas from the tidy frames of a study.
+"""The report's tables: leakage in the papers' layout (attacks x defenses), the success rate per
+attack, a summary per setting, utility, failures and attack cost, from a study's tidy frames.
 
-Confidence intervals are Student-t intervals, mean ± t(0.975, n-1) · s / sqrt(n), over the
-successfully scored reconstructed samples of a cell, pooled over clients, rounds and seeds
-(samples treated as independent draws); a cell with one sample shows its mean alone.
+Leakage cells show the median with its order-statistic 95% interval and n (`stats`); the mean
+appears only where it is meaningful (bounded metrics). Reference baselines (aux-mean) are the
+floor: listed last, labelled, never marked strongest. Within a column the strongest attack is
+bold only when its interval overlaps no other attack's.
 """
 
 from __future__ import annotations
@@ -14,29 +15,44 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from fedleak.report.collect import Study
 from fedleak.report.document import Cell, Table
+from fedleak.report.rundir import lpips_column
+from fedleak.report.stats import (
+    SUCCESS_FRACTION,
+    Median,
+    Rate,
+    format_ci,
+    mean_ci,
+    median_interval,
+    success_rate,
+    successes,
+)
+
+__all__ = ["METRICS", "Metric", "format_ci", "mean_ci"]
 
 
 @dataclass(frozen=True)
 class Metric:
-    """How a leakage column is labelled, which direction is better, and its decimals."""
+    """How a leakage column is labelled, which direction leaks more, its decimals, and whether
+    its mean means something (bounded metrics; not dB or MSE, where exact reconstructions
+    dominate any mean)."""
 
     column: str
     label: str
     higher_is_better: bool
     digits: int
+    mean_meaningful: bool = False
 
 
 METRICS: tuple[Metric, ...] = (
     Metric("psnr", "PSNR (dB)", True, 2),
-    Metric("ssim", "SSIM", True, 3),
-    Metric("lpips_alex", "LPIPS (AlexNet)", False, 3),
-    Metric("lpips_vgg", "LPIPS (VGG)", False, 3),
+    Metric("ssim", "SSIM", True, 3, True),
+    Metric("lpips_alex", "LPIPS (AlexNet)", False, 3, True),
+    Metric("lpips_vgg", "LPIPS (VGG)", False, 3, True),
     Metric("mse", "MSE", False, 4),
-    Metric("label_acc", "label accuracy", True, 3),
+    Metric("label_acc", "label accuracy", True, 3, True),
 )
 
 SCORED_AGAINST = {
@@ -46,33 +62,25 @@ SCORED_AGAINST = {
     "private data",
 }
 
-
-def mean_ci(values: np.ndarray | pd.Series) -> tuple[float, float, int]:
-    """(mean, half-width of the 95% Student-t interval, n) of the finite values."""
-    array = np.asarray(values, dtype=np.float64)
-    array = array[np.isfinite(array)]
-    n = int(array.size)
-    if n == 0:
-        return math.nan, math.nan, 0
-    mean = float(array.mean())
-    if n == 1:
-        return mean, math.nan, 1
-    half = float(stats.t.ppf(0.975, n - 1) * array.std(ddof=1) / math.sqrt(n))
-    return mean, half, n
-
-
-def format_ci(mean: float, half: float, digits: int) -> str:
-    """`12.34 ± 0.56`; the mean alone when there is no interval; `–` without data."""
-    if math.isnan(mean):
-        return "–"
-    if math.isnan(half):
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ± {half:.{digits}f}"
+FLOOR = "floor"
+NOT_CONVERGED = "†"
+INTERVAL_NOTE = (
+    "Median [95% order-statistic interval] and n over reconstructed samples, pooled over "
+    "clients, rounds and seeds (for n < 6 the bracket is the sample range, coverage 1 - 2^(1-n))"
+)
 
 
 def scored(leakage: pd.DataFrame) -> pd.DataFrame:
-    """Rows with a successful reconstruction (failed attack runs carry no metrics)."""
+    """Rows with a scored reconstruction (failed attack runs carry no metrics)."""
     return leakage[leakage["status"] == "ok"]
+
+
+def originals(leakage: pd.DataFrame) -> pd.DataFrame:
+    """Scored rows against the private originals, with a `success` column (`stats.successes`)."""
+    rows = scored(leakage)
+    rows = rows[rows["scored_against"] == "original"].copy()
+    rows["success"] = successes(rows, lpips_column(rows)) if len(rows) else np.nan
+    return rows
 
 
 def metrics_present(leakage: pd.DataFrame) -> list[Metric]:
@@ -81,46 +89,96 @@ def metrics_present(leakage: pd.DataFrame) -> list[Metric]:
     return [m for m in METRICS if m.column in ok and np.isfinite(ok[m.column]).any()]
 
 
-def _best(means: dict[str, float], metric: Metric) -> set[str]:
-    finite = {k: v for k, v in means.items() if not math.isnan(v)}
-    if len(finite) < 2:
-        return set()
-    target = max(finite.values()) if metric.higher_is_better else min(finite.values())
-    return {k for k, v in finite.items() if v == target}
+def attack_label(attack: str, reference: bool) -> str:
+    """`aux-mean (floor)` for reference baselines, the attack's name otherwise."""
+    return f"{attack} ({FLOOR})" if reference else attack
+
+
+def attack_order(rows: pd.DataFrame) -> list[tuple[str, bool]]:
+    """(attack, is reference) pairs: attacks by name, then the reference baselines."""
+    pairs = rows[["attack", "reference"]].drop_duplicates()
+    pairs = sorted(
+        zip(pairs["attack"], pairs["reference"], strict=True), key=lambda p: (p[1], p[0])
+    )
+    return [(str(a), bool(r)) for a, r in pairs]
+
+
+def not_converged(rows: pd.DataFrame) -> int:
+    """Attack runs among `rows` flagged as not converged (0 without a `converged` column)."""
+    if "converged" not in rows or rows.empty:
+        return 0
+    runs = rows.drop_duplicates(["run", "round", "client_id", "attack"])
+    return int((runs["converged"] == 0).sum())
+
+
+def strongest(cells: dict[str, Median], metric: Metric) -> str | None:
+    """The attack whose median leaks most, if its interval overlaps no other attack's."""
+    present = {a: m for a, m in cells.items() if m.n > 0}
+    if len(present) < 2:
+        return None
+    pick = max if metric.higher_is_better else min
+    best = pick(present, key=lambda a: present[a].value)
+    if any(present[best].overlaps(m) for a, m in present.items() if a != best):
+        return None
+    return best
+
+
+def _cell_text(median: Median, digits: int, flagged: int) -> str:
+    if median.n == 0:
+        return "–"
+    return f"{median.text(digits)} n={median.n}" + (f" {NOT_CONVERGED}" if flagged else "")
 
 
 def leakage_table(
     rows: pd.DataFrame, metric: Metric, defenses: list[str], groups: list[str], caption: str
 ) -> Table:
-    """Rows: attacks (in blocks per group); columns: defenses; cells: mean ± 95% CI.
-
-    Within each group and column the attack that leaks most (highest PSNR/SSIM/label
-    accuracy, lowest MSE/LPIPS), i.e. the strongest attack against that defense, is bold.
-    """
-    attacks = sorted(rows["attack"].unique())
+    """Rows: attacks (in blocks per group, the floor last); columns: defenses; cells: median
+    [interval] n=. Bold: the strongest attack of a column, when it is clearly so (`strongest`)."""
     columns = [d for d in defenses if d in set(rows["defense"])]
     grouped = groups != [""]
     body = []
     for group in groups:
         sub = rows[rows["group"] == group]
+        order = attack_order(sub)
         cells = {
-            (a, d): mean_ci(sub.loc[(sub["attack"] == a) & (sub["defense"] == d), metric.column])
-            for a in attacks
+            (a, d): sub[(sub["attack"] == a) & (sub["defense"] == d)]
+            for a, _ in order
             for d in columns
         }
-        best = {d: _best({a: cells[a, d][0] for a in attacks}, metric) for d in columns}
-        for attack in attacks:
-            if all(cells[attack, d][2] == 0 for d in columns):
+        medians = {key: median_interval(cell[metric.column]) for key, cell in cells.items()}
+        best = {
+            d: strongest({a: medians[a, d] for a, ref in order if not ref}, metric) for d in columns
+        }
+        for attack, reference in order:
+            if all(medians[attack, d].n == 0 for d in columns):
                 continue
             row = [Cell(group)] if grouped else []
-            row.append(Cell(attack))
+            row.append(Cell(attack_label(attack, reference)))
             for d in columns:
-                mean, half, n = cells[attack, d]
-                text = format_ci(mean, half, metric.digits)
-                row.append(Cell(text, bold=attack in best[d], title=f"n={n}"))
+                median = medians[attack, d]
+                flagged = not_converged(cells[attack, d])
+                title = f"n={median.n}"
+                if median.n > 1:
+                    title += f", interval coverage {100 * median.coverage:.1f}%"
+                row.append(
+                    Cell(
+                        _cell_text(median, metric.digits, flagged),
+                        bold=best[d] == attack,
+                        title=title,
+                    )
+                )
             body.append(tuple(row))
     header = ("group", "attack") if grouped else ("attack",)
     return Table(columns=(*header, *columns), rows=tuple(body), caption=caption)
+
+
+def _caption_tail(grouped: bool) -> str:
+    return (
+        "; bold: the attack that leaks most against that defense"
+        f"{' within its group' if grouped else ''}, only where its interval overlaps no other "
+        f"attack's; the floor (reference baseline) is never ranked; {NOT_CONVERGED}: the cell "
+        "holds attack runs that did not converge."
+    )
 
 
 def leakage_tables(study: Study) -> list[tuple[Metric, str, Table]]:
@@ -137,12 +195,134 @@ def leakage_tables(study: Study) -> list[tuple[Metric, str, Table]]:
                 continue
             caption = (
                 f"{metric.label} ({direction[metric.higher_is_better]}), "
-                f"{SCORED_AGAINST[against]}. Mean ± 95% t-interval over reconstructed samples, "
-                "clients, rounds and seeds; bold: the strongest attack per defense"
-                f"{' within each group' if groups != [''] else ''}; hover a cell for n."
+                f"{SCORED_AGAINST[against]}. {INTERVAL_NOTE}{_caption_tail(groups != [''])}"
             )
             out.append((metric, against, leakage_table(rows, metric, defenses, groups, caption)))
     return out
+
+
+SUCCESS_RULE = (
+    f"A private sample counts as reconstructed when the attack's LPIPS to it is at most "
+    f"{SUCCESS_FRACTION:g} x the floor's LPIPS to the same sample (the best reference baseline "
+    "that scored it, else the run's median floor)"
+)
+
+
+def success_table(study: Study) -> Table | None:
+    """Per attack and defense: the share of private samples reconstructed (`SUCCESS_RULE`),
+    with its exact 95% interval; None when no sample could be decided (no floor or no LPIPS)."""
+    rows = originals(study.leakage())
+    rows = rows[~rows["reference"]]
+    if rows.empty or not np.isfinite(rows["success"]).any():
+        return None
+    defenses = [d for d in study.defenses() if d in set(rows["defense"])]
+    groups = study.groups()
+    grouped = groups != [""]
+    body = []
+    for group in groups:
+        sub = rows[rows["group"] == group]
+        for attack, _ in attack_order(sub):
+            cells = [
+                success_rate(sub.loc[(sub["attack"] == attack) & (sub["defense"] == d), "success"])
+                for d in defenses
+            ]
+            if all(c.n == 0 for c in cells):
+                continue
+            head = [Cell(group)] if grouped else []
+            body.append((*head, Cell(attack), *(Cell(c.text()) for c in cells)))
+    header = ("group", "attack") if grouped else ("attack",)
+    return Table(
+        columns=(*header, *defenses),
+        rows=tuple(body),
+        caption=f"Success rate: {SUCCESS_RULE}. Share of samples (k/n) with its exact "
+        "(Clopper–Pearson) 95% interval in brackets, in percent.",
+    )
+
+
+@dataclass(frozen=True)
+class SettingSummary:
+    """One attack in one setting (group, defense): the figures the summary and verdict use."""
+
+    group: str
+    defense: str
+    attack: str
+    reference: bool
+    success: Rate
+    psnr: Median
+    lpips: Median
+    lpips_mean: tuple[float, float, int]
+    not_converged: int
+    attack_runs: int
+
+
+def setting_summaries(study: Study) -> list[SettingSummary]:
+    """Every (group, defense, attack) with scored samples against the originals."""
+    rows = originals(study.leakage())
+    lpips = lpips_column(rows)
+    out = []
+    for group in study.groups():
+        for defense in study.defenses():
+            sub = rows[(rows["group"] == group) & (rows["defense"] == defense)]
+            for attack, reference in attack_order(sub):
+                cell = sub[sub["attack"] == attack]
+                out.append(
+                    SettingSummary(
+                        group=group,
+                        defense=defense,
+                        attack=attack,
+                        reference=reference,
+                        success=success_rate(cell["success"]),
+                        psnr=median_interval(cell["psnr"]),
+                        lpips=median_interval(cell[lpips]),
+                        lpips_mean=mean_ci(cell[lpips]),
+                        not_converged=not_converged(cell),
+                        attack_runs=len(cell.drop_duplicates(["run", "round", "client_id"])),
+                    )
+                )
+    return out
+
+
+def summary_table(study: Study) -> Table:
+    """One row per setting and attack: success rate, median PSNR and LPIPS, LPIPS mean."""
+    summaries = setting_summaries(study)
+    grouped = study.groups() != [""]
+    flags = any(s.not_converged for s in summaries)
+    body = []
+    for s in summaries:
+        head = [Cell(s.group)] if grouped else []
+        row = [
+            *head,
+            Cell(s.defense),
+            Cell(attack_label(s.attack, s.reference)),
+            Cell(str(s.psnr.n)),
+            Cell("–" if s.reference else s.success.text()),
+            Cell(s.psnr.text(2)),
+            Cell(s.lpips.text(3)),
+            Cell(format_ci(s.lpips_mean[0], s.lpips_mean[1], 3)),
+        ]
+        if flags:
+            row.append(Cell(f"{s.not_converged} of {s.attack_runs}"))
+        body.append(tuple(row))
+    header = ("group",) if grouped else ()
+    columns = (
+        *header,
+        "defense",
+        "attack",
+        "n",
+        "success rate",
+        "PSNR median (dB)",
+        "LPIPS median",
+        "LPIPS mean ± 95% t",
+        *(("not converged (attack runs)",) if flags else ()),
+    )
+    return Table(
+        columns=columns,
+        rows=tuple(body),
+        caption=f"Against the private originals. n: reconstructed samples. {SUCCESS_RULE}; "
+        "exact 95% interval in brackets. Medians with their 95% order-statistic interval "
+        "(the sample range for n < 6). The mean is given for LPIPS, which is bounded; PSNR's "
+        "mean is not, because exact reconstructions (80+ dB) dominate it.",
+    )
 
 
 def final_utility(study: Study) -> pd.DataFrame:
@@ -156,9 +336,11 @@ def final_utility(study: Study) -> pd.DataFrame:
 
 
 def utility_table(study: Study) -> Table:
-    """Per group and defense: final accuracy and loss (mean ± CI over seeds), ε, central ε where
-    any run has it, rounds."""
+    """Per group and defense: accuracy at round 0 and at the end, final loss (mean ± CI over
+    seeds), ε, central ε where any run has it, rounds."""
     final = final_utility(study)
+    utility = study.utility()
+    initial = utility[utility["round"] == 0]
     central = bool(final["central_epsilon"].notna().any())
     body = []
     for group in study.groups():
@@ -166,6 +348,7 @@ def utility_table(study: Study) -> Table:
             runs = final[(final["group"] == group) & (final["defense"] == defense)]
             if runs.empty:
                 continue
+            start = initial[(initial["group"] == group) & (initial["defense"] == defense)]
             epsilons = [runs["epsilon"].dropna()]
             if central:
                 epsilons.append(runs["central_epsilon"].dropna())
@@ -173,6 +356,7 @@ def utility_table(study: Study) -> Table:
                 (
                     Cell(group or "–"),
                     Cell(defense),
+                    Cell(format_ci(*mean_ci(start["test_accuracy"])[:2], 3)),
                     Cell(format_ci(*mean_ci(runs["test_accuracy"])[:2], 3)),
                     Cell(format_ci(*mean_ci(runs["test_loss"])[:2], 3)),
                     *(Cell(f"{eps.mean():.2f}" if len(eps) else "–") for eps in epsilons),
@@ -185,6 +369,7 @@ def utility_table(study: Study) -> Table:
         columns=(
             "group",
             "defense",
+            "round-0 accuracy",
             "final accuracy",
             "final loss",
             *epsilon_columns,
@@ -192,10 +377,10 @@ def utility_table(study: Study) -> Table:
             "runs",
         ),
         rows=tuple(body),
-        caption="The global model after the last recorded round, on the held-out test split; "
-        "mean ± 95% t-interval over seeds where a setting ran with several. ε: example-level, "
-        "DP-SGD on the clients; central ε: client-level, central DP on the released model, "
-        "which does not bound what the server saw.",
+        caption="The global model on the held-out test split before training (round 0) and "
+        "after the last recorded round; mean ± 95% t-interval over seeds where a setting ran "
+        "with several. ε: example-level, DP-SGD on the clients; central ε: client-level, "
+        "central DP on the released model, which does not bound what the server saw.",
     )
 
 

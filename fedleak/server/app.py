@@ -15,16 +15,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.common.logger import log as flwr_log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from fedleak.attacks.registry import build_attack
-from fedleak.attacks.types import AttackerKnowledge, Budget
+from fedleak.attacks.types import AttackerKnowledge, Budget, is_reference
 from fedleak.config import ConfigError, RunConfig, parse_flat
 from fedleak.data import FederatedData, auxiliary
 from fedleak.interrupt import RunInterrupted
 from fedleak.metrics.lpips import lpips_status, lpips_warning
 from fedleak.models import build_model
+from fedleak.report.progress import Progress
 from fedleak.report.rundir import RunDirectory, RunDirectoryError, RunLock, console_line
 from fedleak.runtime import federated_data, model_spec, resolve_device
 from fedleak.server.auditor import Auditor, GroundTruth
@@ -34,7 +36,7 @@ from fedleak.server.payload import check_round_payload
 from fedleak.server.privacy import PrivacyLedger
 from fedleak.server.runner import AttackResult, AttackRunner, InlineRunner
 from fedleak.server.selection import ClientSelection
-from fedleak.server.strategy import CuriousStrategy, PublicSetting
+from fedleak.server.strategy import CuriousStrategy, PublicSetting, train_metrics
 from fedleak.server.validate import validate_components
 
 log = logging.getLogger(__name__)
@@ -107,8 +109,10 @@ class RoundRecorder:
         device: torch.device,
         images_per_client: int,
         ledger: PrivacyLedger,
+        progress: Progress | None = None,
     ) -> None:
         self.ledger = ledger
+        self.progress = progress
         self.run_dir = run_dir
         self.strategy = strategy
         self.model = model
@@ -173,7 +177,11 @@ class RoundRecorder:
         self.run_dir.save_global_model(
             server_round, {k: v.cpu() for k, v in arrays.to_torch_state_dict().items()}
         )
-        print(console_line(server_round, utility, rows), flush=True)
+        prefix = None
+        if self.progress is not None:
+            self.progress.advance(server_round)
+            prefix = self.progress.text()
+        print(console_line(server_round, utility, rows, prefix), flush=True)
         self.started, self.attack_seconds = time.perf_counter(), 0.0
         return MetricRecord({"test-loss": loss, "test-accuracy": accuracy})
 
@@ -228,6 +236,7 @@ def _serve(grid: Grid, config: RunConfig, path: Path, device: torch.device) -> P
     warning = lpips_warning(config.metrics.lpips_nets)
     if warning:
         print(f"fedleak: warning: {warning}", file=sys.stderr, flush=True)
+    announce(f"fedleak: run directory {path}")
     config = with_attack_caches(config, run_dir)
     fd = federated_data(config, num_partitions=1)
     spec = model_spec(config, fd)
@@ -250,7 +259,14 @@ def _serve(grid: Grid, config: RunConfig, path: Path, device: torch.device) -> P
     # Rounds before a resume were not recorded per client: count every client in each of them.
     strategy.participation.update({client: offset for client in range(num_clients)})
     recorder = RoundRecorder(
-        run_dir, strategy, build_model(spec), fd, device, config.attack.images_per_client, ledger
+        run_dir,
+        strategy,
+        build_model(spec),
+        fd,
+        device,
+        config.attack.images_per_client,
+        ledger,
+        Progress("round", config.num_server_rounds, offset),
     )
     strategy.on_scored = recorder.on_scored
     strategy.payload_check = functools.partial(check_round_payload, config, spec)
@@ -287,7 +303,31 @@ def _finish(run_dir: RunDirectory, client_errors: dict[int, str]) -> Path:
         run_dir.mark_failed(reason)
         raise RunFailed(f"{run_dir.path}: {reason}")
     run_dir.mark_done()
+    write_report(run_dir.path)
     return run_dir.path
+
+
+def announce(text: str) -> None:
+    """A line for the person running the study: printed (`fedleak run`) and logged through
+    Flower's logger, which `flwr run --stream` relays from the ServerApp's process."""
+    print(text, flush=True)
+    flwr_log(logging.INFO, "%s", text)
+
+
+def write_report(path: Path) -> None:
+    """report.html / report.md in the run directory, as `fedleak report` builds them; a report
+    that cannot be built is announced, not raised: the run's records are complete without it."""
+    from fedleak.report.build import build_report
+
+    try:
+        html, _ = build_report(path)
+    except Exception as error:  # the records are what matters; the report can be rebuilt
+        announce(
+            f"fedleak: report not built ({type(error).__name__}: {error}); rebuild it with "
+            f"`fedleak report {path}`"
+        )
+        return
+    announce(f"fedleak: report {html}")
 
 
 def with_attack_caches(config: RunConfig, run_dir: RunDirectory) -> RunConfig:
@@ -322,6 +362,15 @@ def build_runner(
     return InlineRunner(attacks, knowledge, budget)
 
 
+def reference_attacks(config: RunConfig) -> frozenset[str]:
+    """The configured attacks that are reference baselines (drawn as the report's floor)."""
+    return frozenset(
+        name
+        for name in config.attack.names
+        if is_reference(build_attack(name, config.attack.params.get(name, {}), seed=config.seed))
+    )
+
+
 def build_strategy(
     config: RunConfig, spec, fd: FederatedData, device: torch.device, offset: int
 ) -> CuriousStrategy:
@@ -335,6 +384,7 @@ def build_strategy(
         fraction_evaluate=0.0,
         min_train_nodes=train.min_clients,
         min_available_nodes=train.min_clients,
+        train_metrics_aggr_fn=train_metrics,
     )
     selection = ClientSelection(
         train.fraction_train, train.min_clients, config.seed, timeout=config.sim.timeout
@@ -374,6 +424,8 @@ def build_strategy(
         build_runner(config, knowledge, budget),
         Auditor(config.metrics.lpips_nets),
         attacks=attack.names,
+        references=reference_attacks(config),
+        attack_round=functools.partial(attack.attacks_round, last_round=config.num_server_rounds),
         clients_per_round=attack.clients_per_round,
         seed=config.seed,
         round_offset=offset,

@@ -83,6 +83,25 @@ def error_line(reason: str) -> str:
     return (lines[-1] if lines else "no reason given")[:300]
 
 
+def train_metrics(records: list[RecordDict], weighting_metric_name: str) -> MetricRecord:
+    """The round's training metrics that mean something once aggregated (FedAvg's
+    `train_metrics_aggr_fn`): the example-weighted mean training loss, the examples and the
+    clients. Per-client declarations (partition id, batch size, learning rate) are left out:
+    their mean describes no one."""
+    metrics = [next(iter(record.metric_records.values())) for record in records]
+    weights = [float(m[weighting_metric_name]) for m in metrics]
+    total = sum(weights)
+    aggregated = MetricRecord({"num-examples": int(total), "clients": len(metrics)})
+    losses = [
+        (float(m["train-loss"]), w)
+        for m, w in zip(metrics, weights, strict=True)
+        if "train-loss" in m
+    ]
+    if losses and total > 0:
+        aggregated["train-loss"] = sum(loss * w for loss, w in losses) / total
+    return aggregated
+
+
 def _metric(metrics: MetricRecord, key: str, default: float) -> float:
     value = metrics.get(key, default)
     return float(value)
@@ -122,6 +141,8 @@ class CuriousStrategy(Strategy):
         auditor: Auditor,
         *,
         attacks: tuple[str, ...],
+        references: frozenset[str] = frozenset(),
+        attack_round: Callable[[int], bool] | None = None,
         clients_per_round: int,
         seed: int,
         round_offset: int = 0,
@@ -137,6 +158,8 @@ class CuriousStrategy(Strategy):
         self.runner = runner
         self.auditor = auditor
         self.attacks = attacks
+        self.references = references
+        self.attack_round = attack_round
         self.clients_per_round = clients_per_round
         self.seed = seed
         self.round_offset = round_offset
@@ -242,6 +265,9 @@ class CuriousStrategy(Strategy):
 
     def attack(self, server_round: int, split: list[ClientReply]) -> None:
         """Hand the chosen observations to the runner; score whatever is already finished."""
+        if self.attack_round is not None and not self.attack_round(server_round):
+            self.collect(wait=False)
+            return
         targets = self.chosen(server_round, split)
         if self.public.view == "aggregate" and targets:
             targets = [self.aggregate_view(server_round, split)]
@@ -261,8 +287,9 @@ class CuriousStrategy(Strategy):
         for result in self.runner.ready(wait):
             observation = result.job.observation
             truth = self._truths.pop(result.job.job_id)
+            context = {**self.row_context, "reference": result.job.attack in self.references}
             rows = self.auditor.score(
-                observation, result.job.attack, result.reconstruction, truth, self.row_context
+                observation, result.job.attack, result.reconstruction, truth, context
             )
             self.rows.setdefault(observation.round, []).extend(rows)
             if self.on_scored:

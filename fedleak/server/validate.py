@@ -178,6 +178,15 @@ def validate_components(config: RunConfig) -> None:
                 f"attack.names: unknown attack {name!r}; expected names from "
                 f"{', '.join(ATTACK_NAMES)}"
             )
+    # Parameters of a known attack left out of attack.names (a preset's, after the names were
+    # overridden) are checked but unused; those of an unknown attack are a typo.
+    for name in config.attack.params:
+        if name not in ATTACK_NAMES:
+            raise ConfigError(
+                f"attack.{name}.*: parameters for an unknown attack {name!r}; expected names "
+                f"from {', '.join(ATTACK_NAMES)}"
+            )
+    for name in dict.fromkeys([*config.attack.names, *config.attack.params]):
         try:
             build_attack(name, config.attack.params.get(name, {}), seed=config.seed)
         except (ValueError, TypeError) as error:

@@ -69,7 +69,7 @@ def _absolute(text: str, option: str) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from fedleak.report.build import build_report
+    from fedleak.report.build import HTML_FILE, build_report
     from fedleak.simulations.launch import StudyFailed, run_study
 
     config = _config(args)
@@ -89,8 +89,11 @@ def _run(args: argparse.Namespace) -> int:
             with contextlib.suppress(Exception):
                 build_report(out)
         raise
-    html, _ = build_report(path)
+    html = path / HTML_FILE
+    if not html.exists():  # the ServerApp builds it; a failure there was announced
+        html, _ = build_report(path)
     print(f"run directory: {path}\nsummary: {path / 'summary.md'}\nreport: {html}")
+    _headline(path)
     return 0
 
 
@@ -110,7 +113,20 @@ def _sweep(args: argparse.Namespace) -> int:
         raise
     html, _ = build_report(path)
     print(f"sweep directory: {path}\nreport: {html}")
+    _headline(path)
     return 0
+
+
+def _headline(path: Path) -> None:
+    """The numbers that matter, per setting, after a run or sweep."""
+    from fedleak.report.collect import load_study
+    from fedleak.report.stats import SUCCESS_FRACTION
+    from fedleak.report.verdict import headline
+
+    lines = headline(load_study(path))
+    if lines:
+        rule = f"reconstructed = LPIPS at most {SUCCESS_FRACTION:g} x the floor's"
+        print("\n".join(["", f"what leaked ({rule}):", *lines]))
 
 
 def _report(args: argparse.Namespace) -> int:

@@ -65,6 +65,7 @@ from pathlib import Path
 from typing import Any
 
 from fedleak.config import ConfigError, RunConfig, flatten_toml, parse_flat
+from fedleak.report.progress import Progress
 from fedleak.report.rundir import (
     LOCK_FILE,
     RunDirectory,
@@ -517,11 +518,21 @@ def _run_plan(
         if status[cell.id]["status"] == "skipped":
             say(f"  {cell.id}: skipped ({status[cell.id]['message']})")
 
+    skipped = sum(status[c.id]["status"] == "skipped" for c in plan.cells)
+    progress = Progress(
+        "cells", len(plan.cells) - skipped, len(plan.cells) - skipped - len(pending)
+    )
+
     def record(cell: Cell, result: tuple[str, str, float]) -> None:
         state, message, seconds = result
         status[cell.id] = {"status": state, "message": message, "seconds": round(seconds, 3)}
         _write_manifest(sweep_dir, plan, status)
-        say(f"  {cell.id}: {state} in {seconds:.1f} s" + (f" ({message})" if message else ""))
+        progress.advance()
+        say(
+            f"  {cell.id}: {state} in {seconds:.1f} s"
+            + (f" ({message})" if message else "")
+            + f"; {progress.text()}"
+        )
 
     def fresh(cell: Cell) -> RunConfig:
         # An unfinished cell starts over: its partial records belong to an interrupted run.

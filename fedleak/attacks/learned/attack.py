@@ -239,6 +239,8 @@ def psnr_per_image(images: Tensor, targets: Tensor, data_range: float) -> Tensor
 class LearningToInvert:
     """The `lti` attack; keeps its inverter across rounds (see the module docstring)."""
 
+    reference = False
+
     stateful = True  # the inverter carries over: route every call to the same instance
 
     def __init__(self, config: LTIConfig | None = None, seed: int = 0, name: str = "lti") -> None:
@@ -680,6 +682,8 @@ class LTIThenIG:
     Under Gaussian noise IG fits the noise and moves away from the better learned guess
     (measured: 15.6 dB for LTI, 9.3 dB after IG on MNIST/LeNet with gauss:0.1).
     """
+
+    reference = False
 
     stateful = True
 

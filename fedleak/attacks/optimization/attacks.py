@@ -413,6 +413,8 @@ def check_feasible(config: InversionConfig, name: str, targets: int, aux: int) -
 class DLG:
     """Deep Leakage from Gradients (and iDLG with `labels='auto'`): L2 matching, L-BFGS."""
 
+    reference = False
+
     def __init__(self, config: DLGConfig | None = None, seed: int = 0, name: str = "dlg") -> None:
         self.config = config or DLGConfig()
         self.seed = seed
@@ -456,6 +458,8 @@ class InvertingGradients:
     The same class serves `ig` (bn_weight 0, IG's TV 1e-4) and `gradinversion` (GradAttack's
     alpha_BN = 1e-3 and per-defense TV). Under InstaHide the box is [-1, 1] and TV acts on |x|.
     """
+
+    reference = False
 
     def __init__(self, config: IGConfig | None = None, seed: int = 0, name: str = "ig") -> None:
         self.config = config or IGConfig()

@@ -1,0 +1,173 @@
+"""The report's statistics: medians with distribution-free intervals, means where they mean
+something, success rates with exact binomial intervals, and the rule that defines success.
+
+Leakage metrics are often bimodal (an attack either inverts a sample exactly, 80+ dB, or not at
+all, ~5 dB), so a mean ± t-interval can be meaningless (41 ± 486 dB). The report therefore leads
+with the median and its order-statistic interval: the sorted values x(1) <= ... <= x(n) give
+P(x(k) <= median <= x(n-k+1)) = 1 - 2 P(Binomial(n, 1/2) <= k - 1) for any continuous
+distribution, so k is the largest rank with that coverage >= 95%. It needs no resampling (so it
+is deterministic) and needs n >= 6; below that the interval is the sample range, whose coverage
+1 - 2^(1-n) is stated beside it. Samples are pooled over clients, rounds and seeds and treated
+as independent draws.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+CONFIDENCE = 0.95
+
+# Success: a private sample counts as reconstructed recognisably when the attack's LPIPS to it
+# is at most SUCCESS_FRACTION of the floor's LPIPS to the same sample (the best reference
+# baseline that ran on it; the run's median floor where none did). Calibrated by eye on 8
+# MNIST-5k digits (AlexNet LPIPS, per-sample updates, sigmoid LeNet and MLP): the aux-mean
+# floor scored 0.44-0.52; digits a person reads correctly 0.05-0.34 (IG and LTI under sign
+# compression, IG's binarised digits on the MLP); noise-like failures 0.54-0.64.
+SUCCESS_FRACTION = 0.7
+
+
+@dataclass(frozen=True)
+class Median:
+    """The median of n finite values and a two-sided interval of at least `coverage`."""
+
+    value: float
+    low: float
+    high: float
+    n: int
+    coverage: float
+
+    def overlaps(self, other: Median) -> bool:
+        """Whether the two intervals share a point (no 'strongest' claim between them)."""
+        return not (self.high < other.low or other.high < self.low)
+
+    def text(self, digits: int) -> str:
+        """`12.34 [11.02, 13.50]`, the value alone for n = 1, `–` without data."""
+        if self.n == 0:
+            return "–"
+        if self.n == 1:
+            return f"{self.value:.{digits}f}"
+        return f"{self.value:.{digits}f} [{self.low:.{digits}f}, {self.high:.{digits}f}]"
+
+
+@dataclass(frozen=True)
+class Rate:
+    """k successes of n trials with the Clopper–Pearson (exact) 95% interval."""
+
+    k: int
+    n: int
+    low: float
+    high: float
+
+    @property
+    def value(self) -> float:
+        """k / n (NaN for n = 0)."""
+        return self.k / self.n if self.n else math.nan
+
+    def text(self) -> str:
+        """`75% (6/8) [35, 97]`, `–` without trials."""
+        if self.n == 0:
+            return "–"
+        return (
+            f"{100 * self.value:.0f}% ({self.k}/{self.n}) "
+            f"[{100 * self.low:.0f}, {100 * self.high:.0f}]"
+        )
+
+
+def finite(values: np.ndarray | pd.Series) -> np.ndarray:
+    """The finite values as float64."""
+    array = np.asarray(values, dtype=np.float64)
+    return array[np.isfinite(array)]
+
+
+def order_rank(n: int, confidence: float = CONFIDENCE) -> tuple[int, float]:
+    """(k, coverage): the 1-based rank k of the interval [x(k), x(n-k+1)] around the median
+    with the highest coverage-respecting k, or k = 1 (the range) when n is too small."""
+    best = 1
+    for k in range(1, n // 2 + 1):
+        if 1 - 2 * stats.binom.cdf(k - 1, n, 0.5) >= confidence:
+            best = k
+        else:
+            break
+    return best, float(1 - 2 * stats.binom.cdf(best - 1, n, 0.5))
+
+
+def median_interval(values: np.ndarray | pd.Series) -> Median:
+    """The median of the finite values with its order-statistic interval (module docstring)."""
+    array = np.sort(finite(values))
+    n = int(array.size)
+    if n == 0:
+        return Median(math.nan, math.nan, math.nan, 0, math.nan)
+    median = float(np.median(array))
+    if n == 1:
+        return Median(median, median, median, 1, math.nan)
+    k, coverage = order_rank(n)
+    return Median(median, float(array[k - 1]), float(array[n - k]), n, coverage)
+
+
+def mean_ci(values: np.ndarray | pd.Series) -> tuple[float, float, int]:
+    """(mean, half-width of the 95% Student-t interval, n) of the finite values."""
+    array = finite(values)
+    n = int(array.size)
+    if n == 0:
+        return math.nan, math.nan, 0
+    mean = float(array.mean())
+    if n == 1:
+        return mean, math.nan, 1
+    half = float(stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1) * array.std(ddof=1) / math.sqrt(n))
+    return mean, half, n
+
+
+def format_ci(mean: float, half: float, digits: int) -> str:
+    """`12.34 ± 0.56`; the mean alone when there is no interval; `–` without data."""
+    if math.isnan(mean):
+        return "–"
+    if math.isnan(half):
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {half:.{digits}f}"
+
+
+def success_rate(successes: np.ndarray | pd.Series) -> Rate:
+    """Successes (booleans; NaN = not decidable, left out) as a rate with its exact interval."""
+    array = np.asarray(successes, dtype=np.float64)
+    array = array[np.isfinite(array)]
+    n, k = int(array.size), int(array.sum())
+    if n == 0:
+        return Rate(0, 0, math.nan, math.nan)
+    interval = stats.binomtest(k, n).proportion_ci(CONFIDENCE, method="exact")
+    return Rate(k, n, float(interval.low), float(interval.high))
+
+
+_SAMPLE = ["run", "round", "client_id", "target_index", "scored_against"]
+
+
+def floor_values(leakage: pd.DataFrame, column: str) -> pd.Series:
+    """Per row, the floor's `column` on the same private sample: the best (lowest) value of the
+    reference baselines that scored it, else the median of the references in the same run.
+
+    `leakage` holds scored rows with `run` and `reference` columns; NaN where the run has no
+    reference baseline.
+    """
+    references = leakage[leakage["reference"] & np.isfinite(leakage[column])]
+    if references.empty:
+        return pd.Series(np.nan, index=leakage.index)
+    per_sample = references.groupby(_SAMPLE)[column].min()
+    per_run = references.groupby("run")[column].median()
+    keys = pd.MultiIndex.from_frame(leakage[_SAMPLE])
+    exact = pd.Series(per_sample.reindex(keys).to_numpy(), index=leakage.index)
+    fallback = leakage["run"].map(per_run)
+    return exact.fillna(fallback)
+
+
+def successes(leakage: pd.DataFrame, lpips: str) -> pd.Series:
+    """Per row: 1.0 when the sample counts as reconstructed (SUCCESS_FRACTION of the floor's
+    LPIPS or less), 0.0 when not, NaN where LPIPS or the floor is missing."""
+    floor = floor_values(leakage, lpips)
+    values = leakage[lpips]
+    decided = np.isfinite(values) & np.isfinite(floor)
+    hit = (values <= SUCCESS_FRACTION * floor).astype(float)
+    return hit.where(decided, np.nan)

@@ -1,0 +1,108 @@
+"""`flwr run .`, the README's Flower-native path, end to end: a local SuperLink, the ServerApp and
+the simulated clients as Flower starts them, writing the same run directory as `fedleak run`.
+
+The SuperLink listens on Flower's fixed local ports, so the test skips when one already answers
+(it would run our app in someone else's environment). It gets its own FLWR_HOME, and the
+SuperLink it started (found by that FLWR_HOME in its command line) is stopped afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).parents[1]
+BIN = Path(sys.executable).parent
+LOCAL_PORTS = (9091, 9093, 39091, 39093)
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if text in cmdline and int(entry.name) != os.getpid():
+            pids.append(int(entry.name))
+    return pids
+
+
+@pytest.fixture
+def flwr_home(tmp_path: Path) -> Iterator[Path]:
+    if not (BIN / "flwr").exists() or not (BIN / "flower-superlink").exists():
+        pytest.skip("the environment has no flwr / flower-superlink commands")
+    busy = [port for port in LOCAL_PORTS if _port_open(port)]
+    if busy:
+        pytest.skip(f"a SuperLink (or something else) already listens on 127.0.0.1:{busy[0]}")
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    yield home
+    for pid in _processes_mentioning(str(home)):  # the SuperLink this test started
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+
+
+@pytest.mark.slow
+def test_flwr_run_writes_the_same_run_directory_with_its_report(
+    flwr_home: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    env = {
+        **os.environ,
+        # What `make flwr-run` and the README's activated shell provide.
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    }
+    settings = (
+        f"out-dir='{out}' num-server-rounds=2 attack.names='aux-mean,ig' attack.every=1 "
+        "attack.max-iterations=20 train.batch-size=2 data.aux-size=100 attack.images-per-client=2"
+    )
+    result = subprocess.run(
+        [
+            str(BIN / "flwr"),
+            "run",
+            str(REPO),
+            "--stream",
+            "--run-config",
+            settings,
+            "--federation-config",
+            "num-supernodes=2 client-resources-num-cpus=1",
+        ],
+        cwd=tmp_path,  # not the app folder: Flower then imports one copy of the code
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-3000:]
+    assert f"fedleak: run directory {out}" in log, log[-3000:]
+    assert f"fedleak: report {out / 'report.html'}" in log, log[-3000:]
+    # The per-client declarations are no longer averaged into Flower's log.
+    assert "'partition-id'" not in log and "train-loss" in log
+    for name in ("config.toml", "leakage.parquet", "utility.csv", "summary.md", "DONE"):
+        assert (out / name).exists(), name
+    assert (out / "report.html").stat().st_size > 10_000
+    leakage = pd.read_parquet(out / "leakage.parquet")
+    assert set(leakage["attack"]) == {"aux-mean", "ig"}
+    assert leakage.loc[leakage["attack"] == "aux-mean", "reference"].all()
+    assert list(pd.read_csv(out / "utility.csv")["round"]) == [0, 1, 2]

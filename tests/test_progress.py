@@ -1,0 +1,33 @@
+"""Console progress: items done of total, time spent and an ETA from this process's pace; and the
+training metrics Flower logs per round."""
+
+from __future__ import annotations
+
+import pytest
+from flwr.app import MetricRecord, RecordDict
+
+from fedleak.report.progress import Progress, clock
+from fedleak.server.strategy import train_metrics
+
+
+def test_eta_extrapolates_the_pace_of_this_process_only() -> None:
+    now = [100.0]
+    progress = Progress("round", total=10, already=4, now=lambda: now[0])
+    assert progress.text() == "round 4/10 (0s)"  # nothing finished here yet: no ETA
+    now[0] += 30.0
+    progress.advance(6)  # two rounds in 30 s; four left
+    assert progress.eta() == pytest.approx(60.0)
+    assert progress.text() == "round 6/10 (30s, ETA 1m00s)"
+    now[0] += 60.0
+    progress.advance(10)
+    assert progress.text() == "round 10/10 (1m30s)"
+    assert (clock(59.6), clock(3725)) == ("1m00s", "1h02m")
+
+
+def test_flower_aggregates_only_meaningful_training_metrics() -> None:
+    def reply(partition: int, examples: int, loss: float) -> RecordDict:
+        metrics = {"num-examples": examples, "partition-id": partition, "train-loss": loss}
+        return RecordDict({"metrics": MetricRecord({**metrics, "batch-size": 2})})
+
+    aggregated = train_metrics([reply(0, 1, 2.0), reply(7, 3, 1.0)], "num-examples")
+    assert dict(aggregated) == {"num-examples": 4, "clients": 2, "train-loss": 1.25}
