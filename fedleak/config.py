@@ -120,6 +120,9 @@ class AttackConfig:
 
     names: tuple[str, ...] = _setting(("aux-mean",), doc="comma-separated names, or 'none'")
     clients_per_round: int = _setting(0, low=0, doc="0 = attack every client")
+    rounds: str = _setting(
+        "all", doc="rounds attacked: 'all', or comma-separated round numbers and/or 'last'"
+    )
     max_iterations: int = _setting(2000, low=1)
     max_seconds: float = _setting(120.0, low=0.0, low_open=True)
     show_progress: bool = _setting(False)
@@ -373,6 +376,7 @@ def _check_consistency(config: RunConfig) -> None:
             f"defense.central-noise={defense.central_noise:g}: central DP noise is calibrated to "
             "the clipping norm, so expected defense.central-clip > 0 (or central-noise = 0)"
         )
+    attacked_rounds(config.attack.rounds, config.num_server_rounds)
     for attack in config.attack.params:
         if attack not in config.attack.names:
             raise ConfigError(
@@ -384,6 +388,24 @@ def _check_consistency(config: RunConfig) -> None:
             f"out-dir={config.out_dir!r}: expected an absolute path (the SuperLink's working "
             "directory is not yours) or '' for the default"
         )
+
+
+def attacked_rounds(spec: str, num_rounds: int) -> frozenset[int] | None:
+    """The rounds `attack.rounds` names (None: every round); `ConfigError` when it names a
+    round the run does not have. 'last' is round `num_rounds`."""
+    tokens = [token.strip().lower() for token in spec.split(",")]
+    if tokens == ["all"]:
+        return None
+    allowed = f"'all', or comma-separated round numbers in 1..{num_rounds} and/or 'last'"
+    rounds = set()
+    for token in tokens:
+        if token == "last":
+            rounds.add(num_rounds)
+        elif token.isdigit() and 1 <= int(token) <= num_rounds:
+            rounds.add(int(token))
+        else:
+            raise ConfigError(f"attack.rounds={spec!r}: expected {allowed}")
+    return frozenset(rounds)
 
 
 def flatten_toml(document: Mapping[str, Any], parent: str = "") -> dict[str, Any]:

@@ -259,6 +259,42 @@ data-dir = "{tmp_path / "empty"}"
     assert cells[1]["status"] == "skipped" and "'cifar10' unavailable" in cells[1]["message"]
 
 
+def test_overrides_apply_to_every_cell_last(tmp_path: Path) -> None:
+    text = GRID + '\n[[sweep.cells]]\n"attack.max-iterations" = 7\n'
+    plan = load_sweep(_write(tmp_path, text), {"num-server-rounds": 1, "attack.max-iterations": 3})
+    assert [c.id for c in plan.cells][:2] == [
+        "cell-000-max-iterations-7_B1_none",
+        "cell-001-max-iterations-7_B1_prune-0.5",
+    ]
+    assert {(c.config.num_server_rounds, c.config.attack.max_iterations) for c in plan.cells} == {
+        (1, 3)
+    }
+    assert plan.base.num_server_rounds == 1
+    with pytest.raises(SweepError, match=r"--set train.batch-size: the sweep's grid varies"):
+        load_sweep(_write(tmp_path, GRID), {"train.batch-size": 2})
+    with pytest.raises(SweepError, match=r"--set: train.batchsize: unknown setting"):
+        load_sweep(_write(tmp_path, GRID), {"train.batchsize": 2})
+
+
+@pytest.mark.parametrize(
+    ("aux", "start"),
+    [
+        (4000, "cell-000-B1_none: data split of 'mnist5k' for 8 clients (data.aux-size=4000"),
+        (3990, "cell-002-B2_none: train.batch-size=2: the smallest of the 8 client partitions"),
+    ],
+)
+def test_data_splits_are_checked_before_any_cell_runs(tmp_path: Path, aux: int, start: str) -> None:
+    """The default runner's preflight builds every cell's split for the sweep's clients
+    (MNIST-5k keeps 4,000 training images; 3,990 aux images leave 8 clients 1 or 2 each)."""
+    text = GRID.replace("[base.attack]", f"[base.data]\naux-size = {aux}\n[base.attack]")
+    text = text.replace("num-clients = 2", "num-clients = 8")
+    with pytest.raises(SweepError) as error:
+        run_sweep(_write(tmp_path, text), out_dir=tmp_path, say=lambda _: None)
+    message = str(error.value)
+    assert message.startswith(start) and "\n" not in message, message
+    assert not (tmp_path / "tiny").exists(), "nothing may start before every cell is checked"
+
+
 def test_parallel_cells_run_in_worker_processes(tmp_path: Path) -> None:
     source = _write(tmp_path, GRID.replace("num-clients = 2", "num-clients = 2\nparallel = 2"))
     sweep_dir = run_sweep(source, out_dir=tmp_path, runner=fake_runner, say=lambda _: None)

@@ -20,7 +20,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedleak.attacks.registry import build_attack
 from fedleak.attacks.types import AttackerKnowledge, Budget
-from fedleak.config import RunConfig, parse_flat
+from fedleak.config import RunConfig, attacked_rounds, parse_flat
 from fedleak.data import FederatedData, auxiliary
 from fedleak.models import build_model
 from fedleak.report.rundir import RunDirectory, console_line
@@ -297,6 +297,7 @@ def build_strategy(
         seed=config.seed,
         round_offset=offset,
         row_context=context,
+        attacked_rounds=attacked_rounds(attack.rounds, config.num_server_rounds),
     )
 
 

@@ -82,6 +82,7 @@ class CuriousStrategy(Strategy):
         on_scored: Callable[[AttackResult, GroundTruth, list[dict[str, object]]], None]
         | None = None,
         payload_check: Callable[[int], object] | None = None,
+        attacked_rounds: frozenset[int] | None = None,
     ) -> None:
         self.inner = inner
         self.public = public
@@ -89,6 +90,7 @@ class CuriousStrategy(Strategy):
         self.auditor = auditor
         self.attacks = attacks
         self.clients_per_round = clients_per_round
+        self.attacked_rounds = attacked_rounds
         self.seed = seed
         self.round_offset = round_offset
         self.row_context = row_context or {}
@@ -133,7 +135,8 @@ class CuriousStrategy(Strategy):
                 log.warning("round %d: client reply failed: %s", server_round, msg.error.reason)
         split = [self.split(server_round, msg) for msg in valid]
         self.participation.update(reply.observation.client_id for reply in split)
-        if self.runner is not None:
+        attacked = self.attacked_rounds is None or server_round in self.attacked_rounds
+        if self.runner is not None and attacked:
             self.attack(server_round, split)
         for msg in valid:
             for key in EXTRA_RECORDS:

@@ -51,16 +51,22 @@ def _run(args: argparse.Namespace) -> int:
 
 def _sweep(args: argparse.Namespace) -> int:
     from fedleak.report.build import build_report
+    from fedleak.report.rundir import RunDirectoryError
     from fedleak.simulations.sweep import SweepFailed, run_sweep
 
     out = Path(args.out).resolve() if args.out else None
+    overrides = dict(_override(item) for item in args.set or [])
     try:
-        path, status = run_sweep(Path(args.file), out_dir=out), 0
+        path, status = run_sweep(Path(args.file), out_dir=out, overrides=overrides), 0
     except SweepFailed as failure:
         # The finished cells still make a report; rerunning the sweep retries the failed ones.
         print(f"fedleak: {failure}", file=sys.stderr)
         path, status = failure.sweep_dir, 1
-    html, _ = build_report(path)
+    try:
+        html, _ = build_report(path)
+    except RunDirectoryError as error:  # no cell ran (all failed or were skipped)
+        print(f"sweep directory: {path}\nno report: {error}", file=sys.stderr)
+        return status
     print(f"sweep directory: {path}\nreport: {html}")
     return status
 
@@ -131,6 +137,12 @@ def parser() -> argparse.ArgumentParser:
     sweep = commands.add_parser("sweep", help="run a grid of studies from a sweep file")
     sweep.add_argument("file")
     sweep.add_argument("--out", help="directory that holds the sweep (default runs/)")
+    sweep.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a setting in every cell, e.g. --set attack.max-iterations=50",
+    )
     sweep.set_defaults(handler=_sweep)
 
     report = commands.add_parser("report", help="(re)build report.html and report.md")
@@ -149,6 +161,14 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except ConfigError as error:
         print(f"fedleak: configuration error: {error}", file=sys.stderr)
+        return 2
+    except RuntimeError as error:
+        # Imported here: `fedleak presets` and friends should not pay for importing torch.
+        from fedleak.data.dataset import DatasetUnavailable
+
+        if not isinstance(error, DatasetUnavailable):
+            raise
+        print(f"fedleak: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
 
 

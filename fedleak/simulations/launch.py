@@ -21,7 +21,7 @@ from fedleak.runtime import federated_data, model_spec
 from fedleak.server.app import default_run_dir, make_server_app
 from fedleak.server.payload import check_payload
 from fedleak.server.pool import ray_init_args
-from fedleak.server.validate import validate_components
+from fedleak.server.validate import validate_components, validate_data_split
 
 
 class StudyFailed(RuntimeError):
@@ -43,6 +43,7 @@ def run_study(
             f"num-clients={num_clients}: expected at least train.min-clients "
             f"({config.train.min_clients})"
         )
+    validate_data_split(config, num_clients)
     # Refused before Ray starts: GPU shares that do not exist, rounds over the payload budget.
     init_args = ray_init_args(config, client_cpus, client_gpus)
     check_payload(config, model_spec(config, federated_data(config, 1)), num_clients)

@@ -28,7 +28,10 @@ A sweep file is TOML::
 
 Cells are the explicit cells (outer) crossed with the grid points (inner, last key fastest);
 with only one of the two, its own list. A key may be set by the grid or by the cells, not
-both. Every cell is parsed and checked before any run starts; bad files raise `SweepError`
+both. Overrides given to `run_sweep` (`fedleak sweep FILE --set key=value`) apply to every cell
+last, e.g. to run a shipped sweep cheaply (fewer iterations, smaller auxiliary set). Every cell
+is parsed and checked before any run starts, its data split included (the auxiliary set,
+public pool and client partitions for `num-clients` clients); bad files raise `SweepError`
 with one line.
 
 Cells live in `<out>/<name>/cell-XXX-<short description>/`, listed with their status in
@@ -227,8 +230,21 @@ def _base(document: Mapping[str, Any], section: Mapping[str, Any]) -> RunConfig:
         raise SweepError(f"base: {error}") from None
 
 
-def load_sweep(path: str | Path) -> SweepPlan:
-    """Parse and check a sweep file (a path, or a shipped sweep preset's name)."""
+def _overrides(raw: Mapping[str, Any] | None, grid: Mapping[str, list[Any]]) -> dict[str, Any]:
+    overrides = dict(raw or {})
+    for key in overrides:
+        _check_key("--set", key)
+        if key in grid:
+            raise SweepError(
+                f"--set {key}: the sweep's grid varies {key}; an override would make its cells "
+                "identical"
+            )
+    return overrides
+
+
+def load_sweep(path: str | Path, overrides: Mapping[str, Any] | None = None) -> SweepPlan:
+    """Parse and check a sweep file (a path, or a shipped sweep preset's name); `overrides`
+    (flat run-config keys) apply to the base and to every cell, after the cell's own keys."""
     source = preset_path(path)
     try:
         document = tomllib.loads(source.read_text(encoding="utf-8"))
@@ -254,7 +270,13 @@ def load_sweep(path: str | Path) -> SweepPlan:
     explicit = _cells(section.get("cells", []), grid)
     if not grid and not explicit:
         raise SweepError("sweep: no cells; give [sweep.grid] values or [[sweep.cells]] tables")
+    extra = _overrides(overrides, grid)
     base = _base(document, section)
+    if extra:
+        try:
+            base = parse_flat(extra, base)
+        except ConfigError as error:
+            raise SweepError(f"--set: {error}") from None
 
     points = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
     combos = [{**cell, **point} for cell in (explicit or [{}]) for point in points]
@@ -263,7 +285,7 @@ def load_sweep(path: str | Path) -> SweepPlan:
     for index, overrides in enumerate(combos):
         label = f"cell {index} ({', '.join(f'{k}={v!r}' for k, v in overrides.items())})"
         try:
-            config = parse_flat(overrides, base)
+            config = parse_flat({**overrides, **extra}, base)
         except ConfigError as error:
             raise SweepError(f"{label}: {error}") from None
         cell_id = f"cell-{index:03d}-{_slug(overrides)}"
@@ -297,15 +319,25 @@ def _study_runner(
     )
 
 
-def _validate(plan: SweepPlan) -> None:
-    """Check every cell against the registries (data sets, models, attacks, defenses)."""
-    from fedleak.server.validate import validate_components
+def _validate(plan: SweepPlan, missing: dict[tuple[str, str], str]) -> None:
+    """Check every cell against the registries (data sets, models, attacks, defenses) and its
+    data split for the sweep's clients; cells skipped for absent data are not split."""
+    from fedleak.data import DatasetUnavailable
+    from fedleak.server.validate import validate_components, validate_data_split
 
     for cell in plan.cells:
         try:
             validate_components(cell.config)
+            if plan.skip_unavailable_data and _unavailable(cell.config, missing):
+                continue
+            validate_data_split(cell.config, plan.num_clients)
         except ConfigError as error:
             raise SweepError(f"{cell.id}: {error}") from None
+        except DatasetUnavailable as error:
+            raise SweepError(
+                f"{cell.id}: {_one_line(error)} (set skip-unavailable-data = true in [sweep] "
+                "to run the other cells)"
+            ) from None
 
 
 def _missing_data(config: RunConfig) -> str:
@@ -418,17 +450,20 @@ def run_sweep(
     out_dir: Path | None = None,
     runner: Runner | None = None,
     say: Callable[[str], None] = _say,
+    overrides: Mapping[str, Any] | None = None,
 ) -> Path:
     """Run every unfinished cell of a sweep file; return the sweep directory.
 
     `out_dir` defaults to `./runs`; the sweep directory is `<out_dir>/<sweep name>`. With the
     default runner (`fedleak.simulations.launch.run_study`) every cell is also checked against
-    the component registries before anything runs. Raises `SweepFailed` after the last cell if
-    any cell failed. `say` receives one progress line per cell.
+    the component registries and its data split before anything runs. `overrides` apply to
+    every cell (see `load_sweep`). Raises `SweepFailed` after the last cell if any cell failed.
+    `say` receives one progress line per cell.
     """
-    plan = load_sweep(path)
+    plan = load_sweep(path, overrides)
+    missing: dict[tuple[str, str], str] = {}
     if runner is None:
-        _validate(plan)
+        _validate(plan, missing)
         runner = functools.partial(
             _study_runner,
             num_clients=plan.num_clients,
@@ -452,7 +487,6 @@ def run_sweep(
         else {}
     )
     pending = []
-    missing: dict[tuple[str, str], str] = {}
     for cell in plan.cells:
         if _finished(paths[cell.id]):
             seconds = old.get(cell.id, {}).get("seconds")

@@ -87,6 +87,7 @@ class LTIConfig:
     block_normalise: bool = True
     aux_val_fraction: float = 0.1
     patience: int | None = 20
+    regroup: bool = False
     pair_chunk: int = 256
     max_cache_bytes: int = 1 << 30
     cache_dir: Path | None = None
@@ -416,7 +417,7 @@ class LearningToInvert:
                 "aux_val_fraction"
             )
 
-        def source(x: Tensor, y: Tensor) -> PairSource:
+        def source(x: Tensor, y: Tensor, regroup: bool) -> PairSource:
             groups = make_groups(x.shape[0], unit.size, cpu_gen, device)
             return PairSource(
                 model,
@@ -429,13 +430,14 @@ class LearningToInvert:
                 featuriser,
                 cfg.pair_chunk,
                 cfg.max_cache_bytes,
+                regroup,
             )
 
         began = time.perf_counter()
-        pairs = source(train_x, train_y)
+        pairs = source(train_x, train_y, cfg.regroup)
         validation = None
         if val is not None and val[0].shape[0] >= unit.size:
-            val_pairs = source(*val)
+            val_pairs = source(*val, False)
             validation = (val_pairs.features(noise_gen), val_pairs.groups, *val)
         epochs = cfg.finetune_epochs if warm else cfg.epochs
         trainer = _Trainer(self.inverter, cfg, knowledge.data_range, warm)
@@ -539,7 +541,9 @@ class _Trainer:
             if time.perf_counter() >= deadline:
                 timed_out = True
                 break
-            if features is None or not pairs.fixed:
+            if epoch > 0 and pairs.regroups:
+                pairs.regroup(cpu_gen)
+            if features is None or not pairs.fixed or pairs.regroups:
                 features = pairs.features(noise_gen)
             if epoch == 0:
                 # Refit even when warm: the features' scale follows the changing global model.
