@@ -291,6 +291,41 @@ def test_random_defenses_are_redrawn_each_epoch() -> None:
     assert plain.features(gen) is plain.features(gen)
 
 
+@pytest.mark.parametrize("defense", ["prune:0.5+sign", "dpsgd:0.5:0"])
+def test_regrouped_pairs_are_fresh_batches_of_the_clients_updates(defense: str) -> None:
+    """B > 1 with `regroup`: new groups on each call, and each group's release equals what a
+    client holding that batch shares (DP-SGD: clipped per sample, then the mean)."""
+    model, x, y = _small_world("lenet")
+    pipeline = parse_defense_spec(defense)
+    sizes = {n: p.numel() for n, p in model.named_parameters()}
+    featuriser = Featuriser(sizes, None, 0, False, block_normalise=False)
+    unit = Unit("gradient", 3, 3, 1, 0.1)
+    gen = torch.Generator().manual_seed(3)
+    groups = make_groups(24, 3, gen, torch.device("cpu"))
+    source = PairSource(model, pipeline, unit, x, y, 4, groups, featuriser, 5, 1 << 30, True)
+    assert source.regroups
+    before = source.features(torch.Generator())
+    source.regroup(gen)
+    assert source.groups.shape == groups.shape and not torch.equal(source.groups, groups)
+    got = source.features(torch.Generator())
+    assert not torch.equal(got, before)
+    for row in (0, source.num_pairs - 1):
+        update = compute_update(
+            model,
+            x[source.groups[row]],
+            y[source.groups[row]],
+            4,
+            pipeline,
+            unit.training(),
+            torch.Generator(),
+        ).update
+        expected = featuriser({k: v.unsqueeze(0) for k, v in update.items()})
+        torch.testing.assert_close(got[row : row + 1], expected, rtol=1e-4, atol=1e-5)
+    # Regrouping keeps every aux sample's gradient in memory; without room it stays off.
+    small = PairSource(model, pipeline, unit, x, y, 4, groups, featuriser, 5, 1000, True)
+    assert not small.regroups
+
+
 def test_groups_use_every_sample_once_per_shuffle() -> None:
     groups = make_groups(10, 3, torch.Generator().manual_seed(0), torch.device("cpu"))
     assert groups.shape == (9, 3)
