@@ -276,6 +276,27 @@ def test_overrides_apply_to_every_cell_last(tmp_path: Path) -> None:
         load_sweep(_write(tmp_path, GRID), {"train.batchsize": 2})
 
 
+def test_cell_patterns_select_a_subset_with_unchanged_ids(tmp_path: Path) -> None:
+    source = _write(tmp_path, GRID)
+    plan = load_sweep(source, cells=["*-B2_*", "cell-000-*"])
+    assert [c.id for c in plan.cells] == [
+        "cell-000-B1_none",
+        "cell-002-B2_none",
+        "cell-003-B2_prune-0.5",
+    ]
+    runner = Recorder()
+    run_sweep(source, out_dir=tmp_path, runner=runner, say=lambda _: None, cells=["cell-003-*"])
+    assert runner.calls == ["cell-003-B2_prune-0.5"]
+    run_sweep(source, out_dir=tmp_path, runner=runner, say=lambda _: None)
+    assert sorted(runner.calls[1:]) == [
+        "cell-000-B1_none",
+        "cell-001-B1_prune-0.5",
+        "cell-002-B2_none",
+    ]
+    with pytest.raises(SweepError, match=r"--cells nope: matches none of the cell ids"):
+        load_sweep(source, cells=["nope"])
+
+
 @pytest.mark.parametrize(
     ("aux", "start"),
     [

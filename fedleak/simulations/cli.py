@@ -56,8 +56,10 @@ def _sweep(args: argparse.Namespace) -> int:
 
     out = Path(args.out).resolve() if args.out else None
     overrides = dict(_override(item) for item in args.set or [])
+    cells = [p.strip() for item in args.cells or [] for p in item.split(",") if p.strip()]
     try:
-        path, status = run_sweep(Path(args.file), out_dir=out, overrides=overrides), 0
+        path = run_sweep(Path(args.file), out_dir=out, overrides=overrides, cells=cells)
+        status = 0
     except SweepFailed as failure:
         # The finished cells still make a report; rerunning the sweep retries the failed ones.
         print(f"fedleak: {failure}", file=sys.stderr)
@@ -142,6 +144,12 @@ def parser() -> argparse.ArgumentParser:
         action="append",
         metavar="KEY=VALUE",
         help="override a setting in every cell, e.g. --set attack.max-iterations=50",
+    )
+    sweep.add_argument(
+        "--cells",
+        action="append",
+        metavar="PATTERN",
+        help="run only the cells whose id matches (fnmatch, comma-separated), e.g. '*_B4_*'",
     )
     sweep.set_defaults(handler=_sweep)
 

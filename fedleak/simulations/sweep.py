@@ -29,7 +29,8 @@ A sweep file is TOML::
 Cells are the explicit cells (outer) crossed with the grid points (inner, last key fastest);
 with only one of the two, its own list. A key may be set by the grid or by the cells, not
 both. Overrides given to `run_sweep` (`fedleak sweep FILE --set key=value`) apply to every cell
-last, e.g. to run a shipped sweep cheaply (fewer iterations, smaller auxiliary set). Every cell
+last, e.g. to run a shipped sweep cheaply (fewer iterations, smaller auxiliary set), and
+`cells` patterns (`--cells 'cell-00[0-3]-*'`, fnmatch on the cell ids) run a subset. Every cell
 is parsed and checked before any run starts, its data split included (the auxiliary set,
 public pool and client partitions for `num-clients` clients); bad files raise `SweepError`
 with one line.
@@ -51,6 +52,7 @@ and GPUs. Without it each cell starts a private Ray instance on this machine, so
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import functools
 import itertools
 import json
@@ -59,7 +61,7 @@ import re
 import shutil
 import time
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -242,9 +244,26 @@ def _overrides(raw: Mapping[str, Any] | None, grid: Mapping[str, list[Any]]) -> 
     return overrides
 
 
-def load_sweep(path: str | Path, overrides: Mapping[str, Any] | None = None) -> SweepPlan:
+def _select(cells: list[Cell], patterns: Sequence[str] | None) -> tuple[Cell, ...]:
+    if not patterns:
+        return tuple(cells)
+    chosen = tuple(c for c in cells if any(fnmatch.fnmatchcase(c.id, p) for p in patterns))
+    if not chosen:
+        raise SweepError(
+            f"--cells {','.join(patterns)}: matches none of the cell ids ({cells[0].id}, ...); "
+            "patterns are fnmatch globs such as 'cell-003-*' or '*-B4_*'"
+        )
+    return chosen
+
+
+def load_sweep(
+    path: str | Path,
+    overrides: Mapping[str, Any] | None = None,
+    cells: Sequence[str] | None = None,
+) -> SweepPlan:
     """Parse and check a sweep file (a path, or a shipped sweep preset's name); `overrides`
-    (flat run-config keys) apply to the base and to every cell, after the cell's own keys."""
+    (flat run-config keys) apply to the base and to every cell, after the cell's own keys;
+    `cells` (fnmatch patterns on cell ids) keeps only the matching cells, ids unchanged."""
     source = preset_path(path)
     try:
         document = tomllib.loads(source.read_text(encoding="utf-8"))
@@ -280,7 +299,7 @@ def load_sweep(path: str | Path, overrides: Mapping[str, Any] | None = None) -> 
 
     points = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
     combos = [{**cell, **point} for cell in (explicit or [{}]) for point in points]
-    cells: list[Cell] = []
+    planned: list[Cell] = []
     seen: dict[tuple[tuple[str, Any], ...], int] = {}
     for index, overrides in enumerate(combos):
         label = f"cell {index} ({', '.join(f'{k}={v!r}' for k, v in overrides.items())})"
@@ -294,7 +313,7 @@ def load_sweep(path: str | Path, overrides: Mapping[str, Any] | None = None) -> 
         if key in seen:
             raise SweepError(f"{label}: same configuration as cell {seen[key]}; remove one")
         seen[key] = index
-        cells.append(Cell(index=index, id=cell_id, overrides=overrides, config=config))
+        planned.append(Cell(index=index, id=cell_id, overrides=overrides, config=config))
     return SweepPlan(
         name=name,
         source=source,
@@ -304,7 +323,7 @@ def load_sweep(path: str | Path, overrides: Mapping[str, Any] | None = None) -> 
         client_gpus=_float(section, "client-gpus", 0.0),
         skip_unavailable_data=_bool(section, "skip-unavailable-data"),
         base=base,
-        cells=tuple(cells),
+        cells=_select(planned, cells),
     )
 
 
@@ -451,16 +470,17 @@ def run_sweep(
     runner: Runner | None = None,
     say: Callable[[str], None] = _say,
     overrides: Mapping[str, Any] | None = None,
+    cells: Sequence[str] | None = None,
 ) -> Path:
     """Run every unfinished cell of a sweep file; return the sweep directory.
 
     `out_dir` defaults to `./runs`; the sweep directory is `<out_dir>/<sweep name>`. With the
     default runner (`fedleak.simulations.launch.run_study`) every cell is also checked against
     the component registries and its data split before anything runs. `overrides` apply to
-    every cell (see `load_sweep`). Raises `SweepFailed` after the last cell if any cell failed.
-    `say` receives one progress line per cell.
+    every cell and `cells` selects some (see `load_sweep`). Raises `SweepFailed` after the last
+    cell if any cell failed. `say` receives one progress line per cell.
     """
-    plan = load_sweep(path, overrides)
+    plan = load_sweep(path, overrides, cells)
     missing: dict[tuple[str, str], str] = {}
     if runner is None:
         _validate(plan, missing)
