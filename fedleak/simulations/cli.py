@@ -149,7 +149,7 @@ def parser() -> argparse.ArgumentParser:
         "--cells",
         action="append",
         metavar="PATTERN",
-        help="run only the cells whose id matches (fnmatch, comma-separated), e.g. '*_B4_*'",
+        help="run only the cells whose id matches (fnmatch, comma-separated), e.g. '*-B4_*'",
     )
     sweep.set_defaults(handler=_sweep)
 
