@@ -136,7 +136,13 @@ def test_paper_defaults_and_presets() -> None:
     assert paper.learning_rate_at(149, warm=False) == 1e-4
     assert paper.learning_rate_at(150, warm=False) == 1e-5
     assert paper.refresh == "finetune"
-    assert set(LTI_PRESETS) == {"paper", "cpu", "cpu-small"}
+    assert set(LTI_PRESETS) == {"paper", "paper-tuned", "cpu", "cpu-small"}
+    assert LTI_PRESETS["paper-tuned"] == paper
+    # The paper as written: raw update, linear head, every aux image trained on, no stopping.
+    exact = LTI_PRESETS["paper"]
+    assert (exact.hash_bins, exact.head, exact.block_normalise) == (None, "linear", False)
+    assert (exact.aux_val_fraction, exact.patience) == (0.0, None)
+    assert exact.epochs == 200 and exact.learning_rate_at(150, warm=False) == 1e-5
     cfg = lti_config("cpu", **{"hash-bins": 0.1, "hidden": [64, 32], "cache-dir": "runs/x"})
     assert cfg.hash_bins == 0.1 and cfg.hidden == (64, 32) and cfg.cache_dir == Path("runs/x")
 
@@ -153,6 +159,8 @@ def test_paper_defaults_and_presets() -> None:
         ("aux_val_fraction", 1.0),
         ("learning_rate", -1.0),
         ("patience", 0),
+        ("head", "tanh"),
+        ("slots", "sorted"),
     ],
 )
 def test_bad_settings_are_refused_in_one_line(field: str, value: object) -> None:
@@ -218,6 +226,40 @@ def test_loss_is_permutation_invariant() -> None:
     # Outputs equal to permuted targets cost no image error at all.
     perfect = inversion_loss(targets[:, [2, 0, 1]], logits, targets, labels, label_weight=0.0)
     assert float(perfect) < 1e-12
+
+
+def test_by_label_slots_give_each_output_the_target_of_its_label_rank() -> None:
+    """Output i answers for the i-th smallest label; only equal labels may swap."""
+    gen = torch.Generator().manual_seed(2)
+    targets = torch.rand(1, 4, 1, 5, 5, generator=gen)
+    labels = torch.tensor([[3, 1, 3, 0]])
+    logits = torch.zeros(1, 4, 7)
+    ranked = targets[:, [3, 1, 0, 2]]  # labels 0, 1, 3, 3
+    for images in (ranked, targets[:, [3, 1, 2, 0]]):  # the two label-3 targets may swap
+        loss = inversion_loss(images, logits, targets, labels, 0.0, slots="by-label")
+        assert float(loss) < 1e-12
+    # Any order fits the matched loss; by label, outputs out of rank order pay their error.
+    shuffled = targets[:, [0, 1, 2, 3]]
+    assert float(inversion_loss(shuffled, logits, targets, labels, 0.0)) < 1e-12
+    assert float(inversion_loss(shuffled, logits, targets, labels, 0.0, slots="by-label")) > 0.01
+    with pytest.raises(InverterError, match="slots"):
+        inversion_loss(shuffled, logits, targets, labels, slots="sorted")
+
+
+def test_linear_head_is_unbounded_and_starts_at_the_given_image() -> None:
+    inverter = Inverter(6, (4,), (1, 2, 2), 2, 3, head="linear", data_range=(0.0, 1.0))
+    mean = torch.tensor([[[0.0, 0.5], [1.0, 0.25]]])
+    with torch.no_grad():
+        inverter.body[-1].weight.zero_()
+        inverter.body[-1].bias[:8] = inverter.initial_pixels(mean).repeat(2)
+    images, _ = inverter(torch.randn(3, 6))
+    torch.testing.assert_close(images, mean.expand(3, 2, 1, 2, 2))
+    sigmoid = Inverter(6, (4,), (1, 2, 2), 1, 3)
+    assert float(torch.sigmoid(sigmoid.initial_pixels(torch.full((1, 2, 2), 0.25)))[0]) == (
+        pytest.approx(0.25)
+    )
+    with pytest.raises(InverterError, match="head"):
+        Inverter(6, (4,), (1, 2, 2), 1, 3, head="tanh")
 
 
 # --- training pairs ------------------------------------------------------------------------

@@ -87,8 +87,20 @@ SWEEP_KEYS = (
 )
 # Set by the sweep for every cell, so a sweep file may not set them.
 _RESERVED = ("name", "out-dir")
-_SHORT = {"train.batch-size": "B", "seed": "seed", "num-server-rounds": "R"}
-_VALUE_ONLY = ("defense.spec", "attack.names", "model.name", "data.dataset", "train.mode")
+_SHORT = {
+    "train.batch-size": "B",
+    "seed": "seed",
+    "num-server-rounds": "R",
+    "attack.clients-per-round": "c",
+}
+_VALUE_ONLY = (
+    "defense.spec",
+    "attack.names",
+    "model.name",
+    "data.dataset",
+    "train.mode",
+    "threat.share",
+)
 
 Runner = Callable[[RunConfig, Path], Path]
 
@@ -519,9 +531,12 @@ def run_sweep(
     _write_manifest(sweep_dir, plan, status)
 
     say(f"sweep {plan.name}: {len(plan.cells)} cells, {len(pending)} to run, in {sweep_dir}")
+    skipped: dict[str, list[str]] = {}
     for cell in plan.cells:
         if status[cell.id]["status"] == "skipped":
-            say(f"  {cell.id}: skipped ({status[cell.id]['message']})")
+            skipped.setdefault(status[cell.id]["message"], []).append(cell.id)
+    for reason, ids in skipped.items():
+        say(f"  skipped {len(ids)} cells ({ids[0]} .. {ids[-1]}): {reason}")
 
     def record(cell: Cell, result: tuple[str, str, float]) -> None:
         state, message, seconds = result

@@ -20,6 +20,8 @@ from torch.nn import functional as F
 
 EXHAUSTIVE_MAX_B = 5
 
+HEADS: tuple[str, ...] = ("sigmoid", "linear")
+
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
     "leaky_relu": nn.LeakyReLU,
@@ -37,7 +39,9 @@ class Inverter(nn.Module):
     """MLP g_theta: standardised features [N, F] -> images [N, B, *shape], logits [N, B, C].
 
     The per-feature standardisation (mean, scale) is part of the model's state so that a
-    saved inverter carries the input statistics it was trained with.
+    saved inverter carries the input statistics it was trained with. `head`: `sigmoid` maps
+    the pixel outputs into the data range; `linear` leaves them unbounded (the LTI paper's
+    MLP regresses the flattened image directly; the attack clamps its final guess).
     """
 
     def __init__(
@@ -49,10 +53,14 @@ class Inverter(nn.Module):
         num_classes: int,
         activation: str = "relu",
         data_range: tuple[float, float] = (0.0, 1.0),
+        head: str = "sigmoid",
     ) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
             raise InverterError(f"activation={activation!r} is not one of {sorted(ACTIVATIONS)}")
+        if head not in HEADS:
+            raise InverterError(f"head={head!r} is not one of {list(HEADS)}")
+        self.head = head
         if in_features < 1 or num_targets < 1 or num_classes < 1:
             raise InverterError(
                 f"in_features={in_features}, num_targets={num_targets}, "
@@ -85,9 +93,20 @@ class Inverter(nn.Module):
         z = self.body((features - self.feature_mean) / self.feature_scale)
         n, b = features.shape[0], self.num_targets
         pixels, logits = z.split([b * self.image_size, b * self.num_classes], dim=1)
+        pixels = pixels.reshape(n, b, *self.image_shape)
+        if self.head == "sigmoid":
+            low, high = self.data_range
+            pixels = low + (high - low) * torch.sigmoid(pixels)
+        return pixels, logits.reshape(n, b, self.num_classes)
+
+    def initial_pixels(self, mean_image: torch.Tensor) -> torch.Tensor:
+        """The last layer's pixel bias that makes every output the given image (the head's
+        inverse of it): the inverter then starts from the aux-mean guess."""
+        if self.head == "linear":
+            return mean_image.flatten()
         low, high = self.data_range
-        images = low + (high - low) * torch.sigmoid(pixels.reshape(n, b, *self.image_shape))
-        return images, logits.reshape(n, b, self.num_classes)
+        unit = (mean_image.flatten() - low) / (high - low)
+        return torch.logit(unit.clamp(0.01, 0.99))
 
 
 def _pair_costs(
@@ -126,21 +145,40 @@ def best_assignment(cost: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(perm).to(cost.device)
 
 
+SLOTS: tuple[str, ...] = ("matched", "by-label")
+
+
+def _label_order_penalty(labels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[N, B, B]: 0 where target j carries the label of rank i in its group, else a penalty
+    larger than any cost, so the assignment only permutes targets of equal label."""
+    ranked = labels.sort(dim=1).values
+    return (ranked.unsqueeze(2) != labels.unsqueeze(1)).to(dtype) * 1e6
+
+
 def inversion_loss(
     images: torch.Tensor,
     logits: torch.Tensor,
     targets: torch.Tensor,
     labels: torch.Tensor,
     label_weight: float = 1.0,
+    slots: str = "matched",
 ) -> torch.Tensor:
     """MSE on images + label_weight * CE on labels, after the best output-target assignment.
 
     images [N, B, *shape], logits [N, B, C], targets like images, labels [N, B] (int64).
+    `slots`: `matched` lets any output take any target (fully permutation invariant);
+    `by-label` gives output i the target of the i-th smallest label (matching only among
+    equal labels), a fixed role per output that the inverter can read off the update's labels.
     """
+    if slots not in SLOTS:
+        raise InverterError(f"slots={slots!r} is not one of {list(SLOTS)}")
     n, b = images.shape[:2]
     if b > 1:
         with torch.no_grad():
-            perm = best_assignment(_pair_costs(images, logits, targets, labels, label_weight))
+            cost = _pair_costs(images, logits, targets, labels, label_weight)
+            if slots == "by-label":
+                cost = cost + _label_order_penalty(labels, cost.dtype)
+            perm = best_assignment(cost)
         index = perm.reshape(n, b, *([1] * (targets.dim() - 2))).expand_as(targets)
         targets = torch.gather(targets, 1, index)
         labels = torch.gather(labels, 1, perm)
