@@ -336,11 +336,16 @@ def test_presets_are_listed_loaded_and_valid() -> None:
     assert load_preset("leakage-over-rounds").num_server_rounds > 10
     assert load_preset(PRESETS_DIR / "leakage-over-rounds.toml").name == "leakage-over-rounds"
     lti = load_sweep("lti-table")
-    assert {c.config.train.batch_size for c in lti.cells} == {1, 4}
+    # B=1 is the per-sample threat model over batches of 16; B=4 shares batch gradients.
+    columns = {(c.config.threat.share, c.config.train.batch_size) for c in lti.cells}
+    assert columns == {("per-sample", 16), ("batch", 4)}
     assert {c.config.defense.spec for c in lti.cells} == {"none", "sign", "prune:0.9", "gauss:0.1"}
     assert all(c.config.model.name == "lenet" for c in lti.cells)
+    assert {c.config.data.dataset for c in lti.cells} == {"mnist5k", "fashion-mnist", "cifar10"}
     tradeoff = load_sweep("defense-tradeoff")
-    assert {c.config.train.batch_size for c in tradeoff.cells} == {1, 16, 32}
+    columns = {(c.config.threat.share, c.config.train.batch_size) for c in tradeoff.cells}
+    assert columns == {("per-sample", 32), ("batch", 16), ("batch", 32)}
+    assert "instahide:4+prune:0.9" in {c.config.defense.spec for c in tradeoff.cells}
     dp = load_sweep("dp-frontier")
     assert sum(c.config.defense.spec.startswith("dpsgd") for c in dp.cells) == 3
     assert {c.config.defense.central_noise for c in dp.cells} == {0.0, 0.3, 1.0}
