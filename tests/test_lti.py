@@ -174,6 +174,7 @@ def test_factories_read_run_parameters() -> None:
     assert attack.name == "lti" and attack.seed == 7
     assert attack.config.hidden == (64, 32) and attack.config.hash_bins is None
     assert build_lti({}, 0).config == LTI_PRESETS["cpu"]
+    assert build_lti({"hidden": 300}, 0).config.hidden == (300,)
     hybrid = build_lti_ig({"epochs": 3, "ig-learning-rate": 0.05, "ig-restarts": 2}, 1)
     assert hybrid.name == "lti+ig" and hybrid.lti.config.epochs == 3
     assert hybrid.ig.config.learning_rate == 0.05 and hybrid.ig.config.restarts == 2

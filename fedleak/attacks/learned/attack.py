@@ -729,6 +729,8 @@ HYBRID_IG_LEARNING_RATE = 0.01
 def _coerce_lti(key: str, value: object) -> object:
     """Run-config values (TOML / Flower: numbers, strings, lists) in LTIConfig's types."""
     name = key.replace("-", "_")
+    if name == "hidden" and isinstance(value, int) and not isinstance(value, bool):
+        return (value,)  # one layer: `--set attack.lti.hidden=1000` reads as a TOML integer
     if name == "hidden" and isinstance(value, str):
         try:
             return tuple(int(part) for part in value.replace("x", ",").split(",") if part.strip())
