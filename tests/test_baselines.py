@@ -6,6 +6,7 @@ class means of the labels it recovers, and recover them as the optimisation atta
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -26,7 +27,9 @@ BUDGET = Budget(1, 60.0)
 def mnist() -> dict[str, torch.Tensor]:
     fd = build_federated_data("mnist5k", None, 1, "iid", 0, aux_size=1000)
     aux_x, aux_y = auxiliary(fd)
-    client = torch.tensor(fd.partitions[0][:32])
+    # MNIST-5k is stored sorted by class: draw the client's images at random.
+    chosen = np.random.default_rng(0).choice(fd.partitions[0], 32, replace=False)
+    client = torch.tensor(chosen)
     return {
         "aux_x": aux_x,
         "aux_y": aux_y,
@@ -109,7 +112,7 @@ def test_class_mean_pastes_the_class_of_each_recovered_label(
 
 
 def test_class_mean_beats_aux_mean_when_labels_leak(mnist: dict[str, torch.Tensor]) -> None:
-    """32 MNIST images, per-sample updates: measured 11.9 dB against aux-mean's 10.5 dB."""
+    """32 MNIST images, per-sample updates: measured 12.7 dB against aux-mean's 11.6 dB."""
     x, y = mnist["x"], mnist["y"]
     observation = _observe(x, y, "none", "per-sample")
     know = _knowledge(mnist)
