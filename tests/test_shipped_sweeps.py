@@ -37,7 +37,7 @@ CHEAP = {
     "defense-tradeoff": (
         {**TINY_ATTACKS, "num-server-rounds": 2},
         # B=1 under the combined defense the paper recommends; B=32 under MixUp.
-        ["*_per-sample_*instahide-4+prune-0.9", "*_batch_B32_*mixup-4"],
+        ["*-per-sample_*_instahide-4+prune-0.9", "*-batch_B32_*_mixup-4"],
     ),
     "dp-frontier": (
         {**TINY_ATTACKS, "num-server-rounds": 1},
