@@ -38,6 +38,7 @@ from fedleak.attacks.learned.inverter import (
 from fedleak.attacks.learned.pairs import Featuriser, PairSource, Unit, make_groups
 from fedleak.attacks.optimization.attacks import InvertingGradients
 from fedleak.attacks.optimization.config import IGConfig
+from fedleak.attacks.registry import build_attack
 from fedleak.attacks.types import AttackerKnowledge, Budget, Observation
 from fedleak.data import auxiliary, build_federated_data
 from fedleak.defenses import parse_defense_spec
@@ -136,7 +137,7 @@ def test_paper_defaults_and_presets() -> None:
     assert paper.learning_rate_at(149, warm=False) == 1e-4
     assert paper.learning_rate_at(150, warm=False) == 1e-5
     assert paper.refresh == "finetune"
-    assert set(LTI_PRESETS) == {"paper", "paper-tuned", "cpu", "cpu-small"}
+    assert set(LTI_PRESETS) == {"paper", "paper-tuned", "cpu", "cpu-batch", "cpu-small"}
     assert LTI_PRESETS["paper-tuned"] == paper
     # The paper as written: raw update, linear head, every aux image trained on, no stopping.
     exact = LTI_PRESETS["paper"]
@@ -160,7 +161,6 @@ def test_paper_defaults_and_presets() -> None:
         ("learning_rate", -1.0),
         ("patience", 0),
         ("head", "tanh"),
-        ("slots", "sorted"),
     ],
 )
 def test_bad_settings_are_refused_in_one_line(field: str, value: object) -> None:
@@ -227,24 +227,6 @@ def test_loss_is_permutation_invariant() -> None:
     # Outputs equal to permuted targets cost no image error at all.
     perfect = inversion_loss(targets[:, [2, 0, 1]], logits, targets, labels, label_weight=0.0)
     assert float(perfect) < 1e-12
-
-
-def test_by_label_slots_give_each_output_the_target_of_its_label_rank() -> None:
-    """Output i answers for the i-th smallest label; only equal labels may swap."""
-    gen = torch.Generator().manual_seed(2)
-    targets = torch.rand(1, 4, 1, 5, 5, generator=gen)
-    labels = torch.tensor([[3, 1, 3, 0]])
-    logits = torch.zeros(1, 4, 7)
-    ranked = targets[:, [3, 1, 0, 2]]  # labels 0, 1, 3, 3
-    for images in (ranked, targets[:, [3, 1, 2, 0]]):  # the two label-3 targets may swap
-        loss = inversion_loss(images, logits, targets, labels, 0.0, slots="by-label")
-        assert float(loss) < 1e-12
-    # Any order fits the matched loss; by label, outputs out of rank order pay their error.
-    shuffled = targets[:, [0, 1, 2, 3]]
-    assert float(inversion_loss(shuffled, logits, targets, labels, 0.0)) < 1e-12
-    assert float(inversion_loss(shuffled, logits, targets, labels, 0.0, slots="by-label")) > 0.01
-    with pytest.raises(InverterError, match="slots"):
-        inversion_loss(shuffled, logits, targets, labels, slots="sorted")
 
 
 def test_linear_head_is_unbounded_and_starts_at_the_given_image() -> None:
@@ -576,3 +558,55 @@ def test_finetune_tracks_retrain_across_training_rounds(mnist: dict[str, torch.T
         assert psnr["finetune"][r] >= psnr["retrain"][r] - 1.0
     assert epochs["finetune"] <= 0.5 * epochs["retrain"]
     assert seconds["finetune"] < 0.6 * seconds["retrain"]
+
+
+# --- B = 4 (batch gradients, permutation-invariant loss) -----------------------------------
+
+
+@pytest.mark.slow
+def test_lti_learns_at_batch_4(one_thread: None) -> None:
+    """`cpu-batch` at CI size (one hidden layer of 500, 24 epochs, 1,500 aux images) on 128
+    random MNIST-5k images in batches of 4. Measured: LTI 12.49 dB, aux-mean 11.75 dB,
+    class-mean 12.80 dB (with the `cpu` preset's Adam 1e-3 LTI stays at the aux-mean level:
+    11.68 dB, early stop at epoch 8). At this scale LTI learns about the labels but not yet
+    what lies beyond them: it does not beat class-mean (docs/reproduction.md)."""
+    from fedleak.attacks.baseline import ClassMeanBaseline
+    from fedleak.metrics import assign
+
+    fd = build_federated_data("mnist5k", None, 1, "iid", 0, aux_size=1500)
+    aux_x, aux_y = auxiliary(fd)
+    know = AttackerKnowledge(aux_x, aux_y, (1, 28, 28), 10)
+    # MNIST-5k is stored sorted by class: the client's batches are a random draw.
+    chosen = torch.tensor(np.random.default_rng(0).choice(fd.partitions[0], 128, replace=False))
+    x, y = fd.dataset.train_x[chosen], fd.dataset.train_y[chosen]
+    weights = state(LENET)
+    observations = [
+        observe(
+            LENET,
+            weights,
+            "none",
+            x[i : i + 4],
+            y[i : i + 4],
+            training=LocalTraining("fedsgd", 4),
+        )
+        for i in range(0, 128, 4)
+    ]
+    cfg = lti_config("cpu-batch", hidden=(500,), epochs=24, lr_drop_epoch=16, patience=24)
+
+    def psnr(attack: object) -> float:
+        values = []
+        for i, obs in enumerate(observations):
+            recon = attack.reconstruct(obs, know, NO_LIMIT).inputs
+            truth = x[4 * i : 4 * i + 4]
+            r, t = assign(recon, truth)
+            values.append(psnr_per_image(recon[r], truth[t], 1.0))
+        return float(torch.cat(values).mean())
+
+    lti = LearningToInvert(cfg, seed=0)
+    scores = {
+        "lti": psnr(lti),
+        "aux-mean": psnr(build_attack("aux-mean")),
+        "class-mean": psnr(ClassMeanBaseline()),
+    }
+    print(f"B=4: {scores}, LTI trained {lti._val_psnr:.2f} dB on validation")
+    assert scores["lti"] >= scores["aux-mean"] + 0.4

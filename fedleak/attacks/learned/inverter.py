@@ -145,40 +145,21 @@ def best_assignment(cost: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(perm).to(cost.device)
 
 
-SLOTS: tuple[str, ...] = ("matched", "by-label")
-
-
-def _label_order_penalty(labels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[N, B, B]: 0 where target j carries the label of rank i in its group, else a penalty
-    larger than any cost, so the assignment only permutes targets of equal label."""
-    ranked = labels.sort(dim=1).values
-    return (ranked.unsqueeze(2) != labels.unsqueeze(1)).to(dtype) * 1e6
-
-
 def inversion_loss(
     images: torch.Tensor,
     logits: torch.Tensor,
     targets: torch.Tensor,
     labels: torch.Tensor,
     label_weight: float = 1.0,
-    slots: str = "matched",
 ) -> torch.Tensor:
     """MSE on images + label_weight * CE on labels, after the best output-target assignment.
 
     images [N, B, *shape], logits [N, B, C], targets like images, labels [N, B] (int64).
-    `slots`: `matched` lets any output take any target (fully permutation invariant);
-    `by-label` gives output i the target of the i-th smallest label (matching only among
-    equal labels), a fixed role per output that the inverter can read off the update's labels.
     """
-    if slots not in SLOTS:
-        raise InverterError(f"slots={slots!r} is not one of {list(SLOTS)}")
     n, b = images.shape[:2]
     if b > 1:
         with torch.no_grad():
-            cost = _pair_costs(images, logits, targets, labels, label_weight)
-            if slots == "by-label":
-                cost = cost + _label_order_penalty(labels, cost.dtype)
-            perm = best_assignment(cost)
+            perm = best_assignment(_pair_costs(images, logits, targets, labels, label_weight))
         index = perm.reshape(n, b, *([1] * (targets.dim() - 2))).expand_as(targets)
         targets = torch.gather(targets, 1, index)
         labels = torch.gather(labels, 1, perm)
