@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fedleak-installed
 
-.PHONY: demo flwr-run test install lint bench clean
+.PHONY: demo flwr-run test install lint bench clean data
 
 install: $(STAMP)
 
@@ -43,6 +43,14 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest -q --durations=15
+
+# Offline data beyond the embedded sets: Fashion-MNIST from Debian's package (root or sudo;
+# fedleak reads it from /usr/share/datasets/fashion-mnist). The lti-table sweep uses it as its
+# offline stand-in for CIFAR-10 and skips its cells when it is absent.
+data:
+	@if [ -d /usr/share/datasets/fashion-mnist ]; then echo "Fashion-MNIST already installed"; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get install -y dataset-fashion-mnist; \
+	else sudo apt-get install -y dataset-fashion-mnist; fi
 
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done

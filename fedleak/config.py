@@ -132,7 +132,11 @@ class AttackConfig:
 
     names: tuple[str, ...] = _setting(("aux-mean",), doc="comma-separated names, or 'none'")
     clients_per_round: int = _setting(0, low=0, doc="0 = attack every client")
-    every: int = _setting(1, low=1, doc="attack rounds 1, 1+k, 1+2k, ... and the last round")
+    rounds: str = _setting(
+        "all",
+        doc="rounds attacked: 'all'; 'every:K' (rounds 1, 1+K, 1+2K, ... and the last); or "
+        "comma-separated round numbers and/or 'last'",
+    )
     max_iterations: int = _setting(2000, low=1)
     max_seconds: float = _setting(120.0, low=0.0, low_open=True)
     show_progress: bool = _setting(False)
@@ -141,11 +145,6 @@ class AttackConfig:
     worker_cpus: float = _setting(1.0, low=0.0, low_open=True)
     worker_gpus: float = _setting(0.0, low=0.0)
     params: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-
-    def attacks_round(self, server_round: int, last_round: int) -> bool:
-        """Whether the server attacks in `server_round` (`every`: 1, 1+k, ..., and the last),
-        so long studies can follow leakage without paying for attacks every round."""
-        return (server_round - 1) % self.every == 0 or server_round == last_round
 
 
 @dataclass(frozen=True)
@@ -475,23 +474,45 @@ def _check_consistency(config: RunConfig) -> None:
             f"defense.central-noise={defense.central_noise:g}: central DP noise is calibrated to "
             "the clipping norm, so expected defense.central-clip > 0 (or central-noise = 0)"
         )
-    repeated = sorted({name for name in config.attack.names if config.attack.names.count(name) > 1})
-    if repeated:
-        raise ConfigError(
-            f"attack.names={','.join(config.attack.names)!r}: {', '.join(repeated)} named more "
-            "than once; expected each attack once (one run of an attack per observation)"
-        )
     if config.threat.view == "aggregate" and train.mode == "fedavg":
         raise ConfigError(
             "threat.view='aggregate' with train.mode='fedavg': the aggregate of FedAvg deltas "
             "mixes each client's own K local steps, which the attacks cannot replay as one "
             "client's; expected train.mode='fedsgd' or threat.view='client'"
         )
+    attacked_rounds(config.attack.rounds, config.num_server_rounds)
     if config.out_dir and not Path(config.out_dir).is_absolute():
         raise ConfigError(
             f"out-dir={config.out_dir!r}: expected an absolute path (the SuperLink's working "
             "directory is not yours) or '' for the default"
         )
+
+
+def attacked_rounds(spec: str, num_rounds: int) -> frozenset[int] | None:
+    """The rounds `attack.rounds` names (None: every round); `ConfigError` when it names a
+    round the run does not have. 'last' is round `num_rounds`; 'every:K' follows leakage
+    through a long study (1, 1+K, ... and the last) without paying for attacks every round."""
+    tokens = [token.strip().lower() for token in spec.split(",")]
+    if tokens == ["all"]:
+        return None
+    allowed = (
+        f"'all', 'every:K' with K >= 1, or comma-separated round numbers in 1..{num_rounds} "
+        "and/or 'last'"
+    )
+    if len(tokens) == 1 and tokens[0].startswith("every:"):
+        step = tokens[0].removeprefix("every:").strip()
+        if not (step.isdigit() and int(step) >= 1):
+            raise ConfigError(f"attack.rounds={spec!r}: expected {allowed}")
+        return frozenset(range(1, num_rounds + 1, int(step))) | {num_rounds}
+    rounds = set()
+    for token in tokens:
+        if token == "last":
+            rounds.add(num_rounds)
+        elif token.isdigit() and 1 <= int(token) <= num_rounds:
+            rounds.add(int(token))
+        else:
+            raise ConfigError(f"attack.rounds={spec!r}: expected {allowed}")
+    return frozenset(rounds)
 
 
 def flatten_toml(document: Mapping[str, Any], parent: str = "") -> dict[str, Any]:

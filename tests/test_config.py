@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from fedleak.config import (
     ConfigError,
     RunConfig,
+    attacked_rounds,
     known_keys,
     parse_flat,
     parse_toml,
@@ -37,11 +38,17 @@ INVALID = [
         {"threat.share": "per-sample", "train.mode": "fedavg"},
         "threat.share='per-sample': per-sample updates exist only in fedsgd",
     ),
-    ({"attack.names": "ig,aux-mean,ig"}, "attack.names='ig,aux-mean,ig': ig named more than once"),
+    ({"attack.names": "ig,aux-mean,ig"}, "attack.names='ig,aux-mean,ig': names a value twice"),
     (
         {"threat.view": "aggregate", "train.mode": "fedavg"},
         "threat.view='aggregate' with train.mode='fedavg': the aggregate of FedAvg deltas",
     ),
+    (
+        {"attack.rounds": "1,4", "num-server-rounds": 3},
+        "attack.rounds='1,4': expected 'all', or comma-separated round numbers in 1..3",
+    ),
+    ({"attack.rounds": "0"}, "attack.rounds='0': expected 'all', or comma-separated round"),
+    ({"attack.rounds": "first"}, "attack.rounds='first': expected 'all', or comma-separated"),
 ]
 
 
@@ -60,6 +67,13 @@ def test_defaults_round_trip_through_toml_and_flat() -> None:
     assert parse_flat(config.to_flat()) == config
     assert config.attack.names == ("ig", "aux-mean")
     assert config.attack.params == {"ig": {"lr": 0.05}}
+
+
+def test_attacked_rounds_name_numbers_and_the_last_round() -> None:
+    assert attacked_rounds("all", 5) is None
+    assert attacked_rounds("1, last", 5) == frozenset({1, 5})
+    assert attacked_rounds("LAST,5", 5) == frozenset({5})
+    assert parse_flat({"attack.rounds": "2,3", "num-server-rounds": 3}).attack.rounds == "2,3"
 
 
 def test_nested_toml_and_flat_keys_name_the_same_settings() -> None:

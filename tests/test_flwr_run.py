@@ -73,7 +73,7 @@ def test_flwr_run_writes_the_same_run_directory_with_its_report(
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
     }
     settings = (
-        f"out-dir='{out}' num-server-rounds=2 attack.names='aux-mean,ig' attack.every=1 "
+        f"out-dir='{out}' num-server-rounds=2 attack.names='aux-mean,ig' attack.rounds='all' "
         "attack.max-iterations=20 train.batch-size=2 data.aux-size=100 attack.images-per-client=2"
     )
     result = subprocess.run(

@@ -73,6 +73,18 @@ def test_auditor_scores_a_failure_as_one_row_and_a_success_per_sample() -> None:
     assert all(r["defense"] == "none" and r["scored_against"] == "original" for r in rows)
 
 
+def test_per_sample_updates_are_scored_in_order_not_matched() -> None:
+    """Row i of per-sample updates is sample i's: a swapped guess scores as swapped."""
+    import dataclasses
+
+    truth = GroundTruth(3, torch.rand(2, 1, 4, 4), torch.tensor([1, 0]))
+    swapped = Reconstruction(inputs=truth.inputs.flip(0), labels=torch.tensor([0, 1]))
+    per_sample = dataclasses.replace(_observation(), per_sample_updates={"w": torch.zeros(2, 1)})
+    rows = Auditor(lpips_nets=()).score(per_sample, "a", swapped, truth, {})
+    assert [(r["sample"], r["target_index"]) for r in rows] == [(0, 0), (1, 1)]
+    assert all(r["mse"] > 0 and r["label_acc"] == 0.0 for r in rows)
+
+
 def test_encoded_samples_are_scored_against_their_best_private_source() -> None:
     private = torch.stack([torch.zeros(1, 4, 4), torch.ones(1, 4, 4)])
     encoded = 0.6 * private + 0.4 * private.flip(0)

@@ -259,6 +259,63 @@ data-dir = "{tmp_path / "empty"}"
     assert cells[1]["status"] == "skipped" and "'cifar10' unavailable" in cells[1]["message"]
 
 
+def test_overrides_apply_to_every_cell_last(tmp_path: Path) -> None:
+    text = GRID + '\n[[sweep.cells]]\n"attack.max-iterations" = 7\n'
+    plan = load_sweep(_write(tmp_path, text), {"num-server-rounds": 1, "attack.max-iterations": 3})
+    assert [c.id for c in plan.cells][:2] == [
+        "cell-000-max-iterations-7_B1_none",
+        "cell-001-max-iterations-7_B1_prune-0.5",
+    ]
+    assert {(c.config.num_server_rounds, c.config.attack.max_iterations) for c in plan.cells} == {
+        (1, 3)
+    }
+    assert plan.base.num_server_rounds == 1
+    with pytest.raises(SweepError, match=r"--set train.batch-size: the sweep's grid varies"):
+        load_sweep(_write(tmp_path, GRID), {"train.batch-size": 2})
+    with pytest.raises(SweepError, match=r"--set: train.batchsize: unknown setting"):
+        load_sweep(_write(tmp_path, GRID), {"train.batchsize": 2})
+
+
+def test_cell_patterns_select_a_subset_with_unchanged_ids(tmp_path: Path) -> None:
+    source = _write(tmp_path, GRID)
+    plan = load_sweep(source, cells=["*-B2_*", "cell-000-*"])
+    assert [c.id for c in plan.cells] == [
+        "cell-000-B1_none",
+        "cell-002-B2_none",
+        "cell-003-B2_prune-0.5",
+    ]
+    runner = Recorder()
+    run_sweep(source, out_dir=tmp_path, runner=runner, say=lambda _: None, cells=["cell-003-*"])
+    assert runner.calls == ["cell-003-B2_prune-0.5"]
+    run_sweep(source, out_dir=tmp_path, runner=runner, say=lambda _: None)
+    assert sorted(runner.calls[1:]) == [
+        "cell-000-B1_none",
+        "cell-001-B1_prune-0.5",
+        "cell-002-B2_none",
+    ]
+    with pytest.raises(SweepError, match=r"--cells nope: matches none of the cell ids"):
+        load_sweep(source, cells=["nope"])
+
+
+@pytest.mark.parametrize(
+    ("aux", "start"),
+    [
+        (4000, "cell-000-B1_none: data split of 'mnist5k' for 8 clients (data.aux-size=4000"),
+        (3990, "cell-002-B2_none: train.batch-size=2: the smallest of the 8 client partitions"),
+    ],
+)
+def test_data_splits_are_checked_before_any_cell_runs(tmp_path: Path, aux: int, start: str) -> None:
+    """The default runner's preflight builds every cell's split for the sweep's clients
+    (MNIST-5k keeps 4,000 training images; 3,990 aux images leave 8 clients 1 or 2 each)."""
+    text = GRID.replace("[base.attack]", f"[base.data]\naux-size = {aux}\n[base.attack]")
+    text = text.replace("num-clients = 2", "num-clients = 8")
+    with pytest.raises(SweepError) as error:
+        run_sweep(_write(tmp_path, text), out_dir=tmp_path, say=lambda _: None)
+    message = str(error.value)
+    assert message.startswith(start) and "\n" not in message, message
+    assert not (tmp_path / "tiny").exists(), "nothing may start before every cell is checked"
+
+
 def test_parallel_cells_run_in_worker_processes(tmp_path: Path) -> None:
     source = _write(tmp_path, GRID.replace("num-clients = 2", "num-clients = 2\nparallel = 2"))
     sweep_dir = run_sweep(source, out_dir=tmp_path, runner=fake_runner, say=lambda _: None)
@@ -279,11 +336,16 @@ def test_presets_are_listed_loaded_and_valid() -> None:
     assert load_preset("leakage-over-rounds").num_server_rounds > 10
     assert load_preset(PRESETS_DIR / "leakage-over-rounds.toml").name == "leakage-over-rounds"
     lti = load_sweep("lti-table")
-    assert {c.config.train.batch_size for c in lti.cells} == {1, 4}
+    # B=1 is the per-sample threat model over batches of 16; B=4 shares batch gradients.
+    columns = {(c.config.threat.share, c.config.train.batch_size) for c in lti.cells}
+    assert columns == {("per-sample", 16), ("batch", 4)}
     assert {c.config.defense.spec for c in lti.cells} == {"none", "sign", "prune:0.9", "gauss:0.1"}
     assert all(c.config.model.name == "lenet" for c in lti.cells)
+    assert {c.config.data.dataset for c in lti.cells} == {"mnist5k", "fashion-mnist", "cifar10"}
     tradeoff = load_sweep("defense-tradeoff")
-    assert {c.config.train.batch_size for c in tradeoff.cells} == {1, 16, 32}
+    columns = {(c.config.threat.share, c.config.train.batch_size) for c in tradeoff.cells}
+    assert columns == {("per-sample", 32), ("batch", 16), ("batch", 32)}
+    assert "instahide:4+prune:0.9" in {c.config.defense.spec for c in tradeoff.cells}
     dp = load_sweep("dp-frontier")
     assert sum(c.config.defense.spec.startswith("dpsgd") for c in dp.cells) == 3
     assert {c.config.defense.central_noise for c in dp.cells} == {0.0, 0.3, 1.0}

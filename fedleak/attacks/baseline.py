@@ -1,14 +1,26 @@
-"""The aux-mean reference: what an attacker gets from its auxiliary data alone.
+"""Reference baselines: what an attacker gets without inverting the images at all.
 
-It ignores the update entirely, so any attack that actually inverts gradients must beat it;
-it also exercises the whole loop end to end at no cost.
+`aux-mean` ignores the update entirely; `class-mean` reads only the labels from it. An attack
+that actually inverts gradients must beat both: the gap to `class-mean` is what it learns
+beyond the labels. Both exercise the whole loop end to end at almost no cost and are drawn as
+floors in reports, never ranked as attacks (`reference = True`).
 """
 
 from __future__ import annotations
 
+import time
+
 import torch
 
+from fedleak.attacks.optimization.attacks import attack_seed, prepare
+from fedleak.attacks.optimization.config import InversionConfig
 from fedleak.attacks.types import AttackerKnowledge, Budget, Observation, Reconstruction
+from fedleak.defenses import parse_defense_spec
+
+
+def _require_aux(name: str, knowledge: AttackerKnowledge) -> None:
+    if knowledge.aux_inputs.shape[0] == 0:
+        raise ValueError(f"{name} needs auxiliary data; set data.aux-size > 0")
 
 
 class AuxMeanBaseline:
@@ -26,8 +38,7 @@ class AuxMeanBaseline:
         self, observation: Observation, knowledge: AttackerKnowledge, budget: Budget
     ) -> Reconstruction:
         """Return the same guess for each of the observation's targets."""
-        if knowledge.aux_inputs.shape[0] == 0:
-            raise ValueError("aux-mean needs auxiliary data; set data.aux-size > 0")
+        _require_aux(self.name, knowledge)
         count = observation.num_targets
         mean = knowledge.aux_inputs.float().mean(dim=0, keepdim=True)
         majority = torch.bincount(knowledge.aux_labels.long(), minlength=knowledge.num_classes)
@@ -36,4 +47,54 @@ class AuxMeanBaseline:
             inputs=mean.expand(count, *mean.shape[1:]).cpu().clone(),
             labels=labels,
             label_method="aux-majority",
+        )
+
+
+def class_means(knowledge: AttackerKnowledge) -> torch.Tensor:
+    """Mean auxiliary image of each class [K, C, H, W]; the overall mean for absent classes."""
+    x = knowledge.aux_inputs.float().cpu()
+    y = knowledge.aux_labels.long().cpu()
+    onehot = torch.nn.functional.one_hot(y, knowledge.num_classes).to(x.dtype)
+    counts = onehot.sum(dim=0)
+    sums = torch.einsum("nk,nd->kd", onehot, x.flatten(1))
+    overall = x.flatten(1).mean(dim=0, keepdim=True).expand_as(sums)
+    means = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], overall)
+    return means.reshape(knowledge.num_classes, *x.shape[1:])
+
+
+class ClassMeanBaseline:
+    """Each sample is the mean auxiliary image of the class recovered for it from the update.
+
+    Labels come from the last layer exactly as the optimisation attacks recover them (`auto`:
+    iDLG for one sample, HFGradInv-style counts for a batch, the most negative rows without
+    magnitudes). Under MixUp/InstaHide, whose labels are mixtures, the rows rule names the
+    classes present. The images say nothing the labels do not: this is the floor of an attack
+    that reads labels and guesses the typical image of each.
+    """
+
+    name = "class-mean"
+    reference = True
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+
+    def reconstruct(
+        self, observation: Observation, knowledge: AttackerKnowledge, budget: Budget
+    ) -> Reconstruction:
+        """Recover the labels, then paste each label's auxiliary class mean."""
+        began = time.perf_counter()
+        _require_aux(self.name, knowledge)
+        encoded = parse_defense_spec(observation.defense).encoder is not None
+        config = InversionConfig(labels="rows" if encoded else "auto")
+        seed = attack_seed(self.seed, knowledge, observation)
+        problem = prepare(observation, knowledge, config, "auto", seed)
+        assert problem.labels is not None  # "auto" and "rows" always give hard labels
+        labels = problem.labels.reshape(-1).long().cpu()
+        images = class_means(knowledge)[labels]
+        return Reconstruction(
+            inputs=images,
+            labels=labels,
+            label_method=problem.label_method,
+            seconds=time.perf_counter() - began,
+            diagnostics=dict(problem.diagnostics),
         )

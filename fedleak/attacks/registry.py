@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-from fedleak.attacks.baseline import AuxMeanBaseline
+from fedleak.attacks.baseline import AuxMeanBaseline, ClassMeanBaseline
 from fedleak.attacks.learned.attack import build_lti, build_lti_ig
 from fedleak.attacks.optimization.attacks import DLG, InvertingGradients, StepwiseInversion
 from fedleak.attacks.optimization.config import (
@@ -33,8 +33,15 @@ def _aux_mean(params: Mapping[str, object], _seed: int) -> Attack:
     return AuxMeanBaseline()
 
 
+def _class_mean(params: Mapping[str, object], seed: int) -> Attack:
+    if params:
+        raise UnknownAttackError(f"attack 'class-mean' takes no parameters, got {sorted(params)}")
+    return ClassMeanBaseline(seed)
+
+
 ATTACKS: dict[str, Factory] = {
     "aux-mean": _aux_mean,
+    "class-mean": _class_mean,
     "dlg": lambda p, s: DLG(configure(DLGConfig(), p), s, "dlg"),
     "idlg": lambda p, s: DLG(configure(DLGConfig(labels="auto"), p), s, "idlg"),
     "ig": lambda p, s: InvertingGradients(configure(IGConfig(), p), s, "ig"),

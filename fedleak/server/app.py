@@ -21,7 +21,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedleak.attacks.registry import build_attack
 from fedleak.attacks.types import AttackerKnowledge, Budget, is_reference
-from fedleak.config import ConfigError, RunConfig, parse_flat
+from fedleak.config import ConfigError, RunConfig, attacked_rounds, parse_flat
 from fedleak.data import FederatedData, auxiliary
 from fedleak.interrupt import RunInterrupted
 from fedleak.metrics.lpips import lpips_status, lpips_warning
@@ -425,12 +425,12 @@ def build_strategy(
         Auditor(config.metrics.lpips_nets),
         attacks=attack.names,
         references=reference_attacks(config),
-        attack_round=functools.partial(attack.attacks_round, last_round=config.num_server_rounds),
         clients_per_round=attack.clients_per_round,
         seed=config.seed,
         round_offset=offset,
         row_context=context,
         selection=selection,
+        attacked_rounds=attacked_rounds(attack.rounds, config.num_server_rounds),
     )
 
 

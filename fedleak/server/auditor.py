@@ -116,6 +116,11 @@ class Auditor:
     `converged` by the rule of `fedleak.attacks.types.converged` (NaN without a matching loss).
     The auditor never ends a round: an error while scoring becomes a failed row, like an
     attack's.
+
+    A batch update is symmetric in its samples, so its reconstructions are matched to the batch
+    one to one at the lowest total cost. Per-sample updates are not: row i is sample i's own
+    update and the attacker inverts it alone, so reconstruction i is scored against sample i
+    (matching across rows would let a weak attack borrow a better-fitting neighbour).
     """
 
     def __init__(self, lpips_nets: tuple[str, ...] = ("alex",)) -> None:
@@ -134,10 +139,15 @@ class Auditor:
         base = self._base(observation, attack, reconstruction, context)
         if reconstruction.status != "ok":
             return [{**base, "sample": -1, "target_index": -1, "scored_against": "original"}]
+        in_order = observation.per_sample_updates is not None
         try:
-            rows = self._score_against(base, reconstruction, truth.inputs, truth.labels, "original")
+            rows = self._score_against(
+                base, reconstruction, truth.inputs, truth.labels, "original", in_order
+            )
             if truth.encoded is not None:
-                rows += self._score_against(base, reconstruction, truth.encoded, None, "encoded")
+                rows += self._score_against(
+                    base, reconstruction, truth.encoded, None, "encoded", in_order
+                )
                 if truth.sources is not None:
                     rows = self._best_source(rows, reconstruction, truth)
         except Exception as error:  # scoring must not end the round: record it instead
@@ -184,11 +194,15 @@ class Auditor:
         targets: torch.Tensor,
         labels: torch.Tensor | None,
         against: str,
+        in_order: bool = False,
     ) -> list[dict[str, object]]:
         recon = reconstruction.inputs.detach().float().cpu()
         # InstaHide encodings live in [-1, 1]; their magnitude is what an image attack can see.
         shown = targets.float().abs() if against == "encoded" else targets.float()
-        recon_idx, truth_idx = assign(recon, shown, metric="mse")
+        if in_order and len(recon) == len(shown):
+            recon_idx = truth_idx = torch.arange(len(shown))
+        else:
+            recon_idx, truth_idx = assign(recon, shown, metric="mse")
         scores = score_images(recon[recon_idx], shown[truth_idx], self.lpips_nets)
         rows = []
         for j, (r, t) in enumerate(zip(recon_idx.tolist(), truth_idx.tolist(), strict=True)):

@@ -142,7 +142,6 @@ class CuriousStrategy(Strategy):
         *,
         attacks: tuple[str, ...],
         references: frozenset[str] = frozenset(),
-        attack_round: Callable[[int], bool] | None = None,
         clients_per_round: int,
         seed: int,
         round_offset: int = 0,
@@ -151,6 +150,7 @@ class CuriousStrategy(Strategy):
         | None = None,
         payload_check: Callable[[int], object] | None = None,
         selection: ClientSelection | None = None,
+        attacked_rounds: frozenset[int] | None = None,
     ) -> None:
         self.inner = inner
         self.selection = selection
@@ -159,8 +159,8 @@ class CuriousStrategy(Strategy):
         self.auditor = auditor
         self.attacks = attacks
         self.references = references
-        self.attack_round = attack_round
         self.clients_per_round = clients_per_round
+        self.attacked_rounds = attacked_rounds
         self.seed = seed
         self.round_offset = round_offset
         self.row_context = row_context or {}
@@ -265,7 +265,7 @@ class CuriousStrategy(Strategy):
 
     def attack(self, server_round: int, split: list[ClientReply]) -> None:
         """Hand the chosen observations to the runner; score whatever is already finished."""
-        if self.attack_round is not None and not self.attack_round(server_round):
+        if self.attacked_rounds is not None and server_round not in self.attacked_rounds:
             self.collect(wait=False)
             return
         targets = self.chosen(server_round, split)

@@ -99,11 +99,14 @@ def _run(args: argparse.Namespace) -> int:
 
 def _sweep(args: argparse.Namespace) -> int:
     from fedleak.report.build import build_report
+    from fedleak.report.rundir import RunDirectoryError
     from fedleak.simulations.sweep import SweepFailed, run_sweep
 
     out = Path(_absolute(args.out, "--out")) if args.out is not None else None
+    overrides = dict(_override(item) for item in args.set or [])
+    cells = [p.strip() for item in args.cells or [] for p in item.split(",") if p.strip()]
     try:
-        path = run_sweep(Path(args.file), out_dir=out)
+        path = run_sweep(Path(args.file), out_dir=out, overrides=overrides, cells=cells)
     except SweepFailed as failure:
         # The finished cells still make a report (rerunning the sweep retries the failed ones);
         # the failure is what the user must see, so a report error is not shown.
@@ -111,7 +114,11 @@ def _sweep(args: argparse.Namespace) -> int:
             html, _ = build_report(failure.sweep_dir)
             print(f"sweep directory: {failure.sweep_dir}\nreport: {html}")
         raise
-    html, _ = build_report(path)
+    try:
+        html, _ = build_report(path)
+    except RunDirectoryError as error:  # no cell ran (every one skipped for absent data)
+        print(f"sweep directory: {path}\nno report: {error}", file=sys.stderr)
+        return 0
     print(f"sweep directory: {path}\nreport: {html}")
     _headline(path)
     return 0
@@ -232,6 +239,18 @@ def parser() -> argparse.ArgumentParser:
     )
     sweep.add_argument("file")
     sweep.add_argument("--out", help="directory that holds the sweep (default runs/)")
+    sweep.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a setting in every cell, e.g. --set attack.max-iterations=50",
+    )
+    sweep.add_argument(
+        "--cells",
+        action="append",
+        metavar="PATTERN",
+        help="run only the cells whose id matches (fnmatch, comma-separated), e.g. '*-B4_*'",
+    )
     sweep.set_defaults(handler=_sweep)
 
     report = commands.add_parser(

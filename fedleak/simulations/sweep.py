@@ -28,7 +28,11 @@ A sweep file is TOML::
 
 Cells are the explicit cells (outer) crossed with the grid points (inner, last key fastest);
 with only one of the two, its own list. A key may be set by the grid or by the cells, not
-both. Every cell is parsed and checked before any run starts; bad files raise `SweepError`
+both. Overrides given to `run_sweep` (`fedleak sweep FILE --set key=value`) apply to every cell
+last, e.g. to run a shipped sweep cheaply (fewer iterations, smaller auxiliary set), and
+`cells` patterns (`--cells 'cell-00[0-3]-*'`, fnmatch on the cell ids) run a subset. Every cell
+is parsed and checked before any run starts, its data split included (the auxiliary set,
+public pool and client partitions for `num-clients` clients); bad files raise `SweepError`
 with one line.
 
 Cells live in `<out>/<name>/cell-XXX-<short description>/`, listed with their status in
@@ -48,6 +52,7 @@ and GPUs. Without it each cell starts a private Ray instance on this machine, so
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import functools
 import itertools
 import json
@@ -57,7 +62,7 @@ import re
 import shutil
 import time
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -90,8 +95,20 @@ SWEEP_KEYS = (
 )
 # Set by the sweep for every cell, so a sweep file may not set them.
 _RESERVED = ("name", "out-dir")
-_SHORT = {"train.batch-size": "B", "seed": "seed", "num-server-rounds": "R"}
-_VALUE_ONLY = ("defense.spec", "attack.names", "model.name", "data.dataset", "train.mode")
+_SHORT = {
+    "train.batch-size": "B",
+    "seed": "seed",
+    "num-server-rounds": "R",
+    "attack.clients-per-round": "c",
+}
+_VALUE_ONLY = (
+    "defense.spec",
+    "attack.names",
+    "model.name",
+    "data.dataset",
+    "train.mode",
+    "threat.share",
+)
 
 Runner = Callable[[RunConfig, Path], Path]
 
@@ -240,8 +257,38 @@ def _base(document: Mapping[str, Any], section: Mapping[str, Any]) -> RunConfig:
         raise SweepError(f"base: {error}") from None
 
 
-def load_sweep(path: str | Path) -> SweepPlan:
-    """Parse and check a sweep file (a path, or a shipped sweep preset's name)."""
+def _overrides(raw: Mapping[str, Any] | None, grid: Mapping[str, list[Any]]) -> dict[str, Any]:
+    overrides = dict(raw or {})
+    for key in overrides:
+        _check_key("--set", key)
+        if key in grid:
+            raise SweepError(
+                f"--set {key}: the sweep's grid varies {key}; an override would make its cells "
+                "identical"
+            )
+    return overrides
+
+
+def _select(cells: list[Cell], patterns: Sequence[str] | None) -> tuple[Cell, ...]:
+    if not patterns:
+        return tuple(cells)
+    chosen = tuple(c for c in cells if any(fnmatch.fnmatchcase(c.id, p) for p in patterns))
+    if not chosen:
+        raise SweepError(
+            f"--cells {','.join(patterns)}: matches none of the cell ids ({cells[0].id}, ...); "
+            "patterns are fnmatch globs such as 'cell-003-*' or '*-B4_*'"
+        )
+    return chosen
+
+
+def load_sweep(
+    path: str | Path,
+    overrides: Mapping[str, Any] | None = None,
+    cells: Sequence[str] | None = None,
+) -> SweepPlan:
+    """Parse and check a sweep file (a path, or a shipped sweep preset's name); `overrides`
+    (flat run-config keys) apply to the base and to every cell, after the cell's own keys;
+    `cells` (fnmatch patterns on cell ids) keeps only the matching cells, ids unchanged."""
     source = preset_path(path)
     try:
         document = tomllib.loads(read_preset_text(source))
@@ -268,16 +315,22 @@ def load_sweep(path: str | Path) -> SweepPlan:
     explicit = _cells(section.get("cells", []), grid)
     if not grid and not explicit:
         raise SweepError("sweep: no cells; give [sweep.grid] values or [[sweep.cells]] tables")
+    extra = _overrides(overrides, grid)
     base = _base(document, section)
+    if extra:
+        try:
+            base = parse_flat(extra, base)
+        except ConfigError as error:
+            raise SweepError(f"--set: {error}") from None
 
     points = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
     combos = [{**cell, **point} for cell in (explicit or [{}]) for point in points]
-    cells: list[Cell] = []
+    planned: list[Cell] = []
     seen: dict[tuple[tuple[str, Any], ...], int] = {}
     for index, overrides in enumerate(combos):
         label = f"cell {index} ({', '.join(f'{k}={v!r}' for k, v in overrides.items())})"
         try:
-            config = parse_flat(overrides, base)
+            config = parse_flat({**overrides, **extra}, base)
         except ConfigError as error:
             raise SweepError(f"{label}: {error}") from None
         cell_id = f"cell-{index:03d}-{_slug(overrides)}"
@@ -286,7 +339,7 @@ def load_sweep(path: str | Path) -> SweepPlan:
         if key in seen:
             raise SweepError(f"{label}: same configuration as cell {seen[key]}; remove one")
         seen[key] = index
-        cells.append(Cell(index=index, id=cell_id, overrides=overrides, config=config))
+        planned.append(Cell(index=index, id=cell_id, overrides=overrides, config=config))
     return SweepPlan(
         name=name,
         source=source,
@@ -296,7 +349,7 @@ def load_sweep(path: str | Path) -> SweepPlan:
         client_gpus=_float(section, "client-gpus", 0.0, positive=False),
         skip_unavailable_data=_bool(section, "skip-unavailable-data"),
         base=base,
-        cells=tuple(cells),
+        cells=_select(planned, cells),
     )
 
 
@@ -309,22 +362,6 @@ def _study_runner(
     return run_study(
         config, num_clients=num_clients, client_cpus=client_cpus, client_gpus=client_gpus
     )
-
-
-def _validate(plan: SweepPlan) -> None:
-    """Check every cell as `fedleak run` would before Ray starts (registries, resources, the
-    data split for the sweep's clients, what each attack needs); cells whose data set is
-    absent are left to `skip-unavailable-data` or to their own run."""
-    from fedleak.data import DatasetUnavailable
-    from fedleak.server.validate import validate_run
-
-    for cell in plan.cells:
-        try:
-            validate_run(cell.config, plan.num_clients, plan.client_cpus, plan.client_gpus)
-        except ConfigError as error:
-            raise SweepError(f"{cell.id}: {error}") from None
-        except DatasetUnavailable:
-            continue
 
 
 def _check_folders(sweep_dir: Path, paths: Mapping[str, Path]) -> None:
@@ -343,6 +380,28 @@ def _check_folders(sweep_dir: Path, paths: Mapping[str, Path]) -> None:
             RunDirectory.check_target(path, resume=True)
         except RunDirectoryError as error:
             raise SweepError(str(error)) from None
+
+
+def _validate(plan: SweepPlan, missing: dict[tuple[str, str], str]) -> None:
+    """Check every cell as `fedleak run` would before Ray starts (registries, resources, the
+    data split for the sweep's clients, what each attack needs); cells skipped for absent data
+    are checked against the registries only."""
+    from fedleak.data import DatasetUnavailable
+    from fedleak.server.validate import validate_components, validate_run
+
+    for cell in plan.cells:
+        try:
+            if plan.skip_unavailable_data and _unavailable(cell.config, missing):
+                validate_components(cell.config)
+                continue
+            validate_run(cell.config, plan.num_clients, plan.client_cpus, plan.client_gpus)
+        except ConfigError as error:
+            raise SweepError(f"{cell.id}: {error}") from None
+        except DatasetUnavailable as error:
+            raise SweepError(
+                f"{cell.id}: {_one_line(error)} (set skip-unavailable-data = true in [sweep] "
+                "to run the other cells)"
+            ) from None
 
 
 def _missing_data(config: RunConfig) -> str:
@@ -455,17 +514,21 @@ def run_sweep(
     out_dir: Path | None = None,
     runner: Runner | None = None,
     say: Callable[[str], None] = _say,
+    overrides: Mapping[str, Any] | None = None,
+    cells: Sequence[str] | None = None,
 ) -> Path:
     """Run every unfinished cell of a sweep file; return the sweep directory.
 
     `out_dir` defaults to `./runs`; the sweep directory is `<out_dir>/<sweep name>`. With the
     default runner (`fedleak.simulations.launch.run_study`) every cell is also checked against
-    the component registries before anything runs. Raises `SweepFailed` after the last cell if
-    any cell failed. `say` receives one progress line per cell.
+    the component registries and its data split before anything runs. `overrides` apply to
+    every cell and `cells` selects some (see `load_sweep`). Raises `SweepFailed` after the last
+    cell if any cell failed. `say` receives one progress line per cell.
     """
-    plan = load_sweep(path)
+    plan = load_sweep(path, overrides, cells)
+    missing: dict[tuple[str, str], str] = {}
     if runner is None:
-        _validate(plan)
+        _validate(plan, missing)
         runner = functools.partial(
             _study_runner,
             num_clients=plan.num_clients,
@@ -479,7 +542,7 @@ def run_sweep(
         if _is_run(paths[cell.id]):
             _check_existing(cell, paths[cell.id])
     with RunLock(sweep_dir):
-        return _run_plan(plan, sweep_dir, paths, runner, say)
+        return _run_plan(plan, sweep_dir, paths, runner, say, missing)
 
 
 def _run_plan(
@@ -488,6 +551,7 @@ def _run_plan(
     paths: Mapping[str, Path],
     runner: Runner,
     say: Callable[[str], None],
+    missing: dict[tuple[str, str], str],
 ) -> Path:
     """`run_sweep` once its folders are checked and locked."""
     copy = sweep_dir / SOURCE_COPY
@@ -501,7 +565,6 @@ def _run_plan(
         else {}
     )
     pending = []
-    missing: dict[tuple[str, str], str] = {}
     for cell in plan.cells:
         if _finished(paths[cell.id]):
             seconds = old.get(cell.id, {}).get("seconds")
@@ -514,9 +577,12 @@ def _run_plan(
     _write_manifest(sweep_dir, plan, status)
 
     say(f"sweep {plan.name}: {len(plan.cells)} cells, {len(pending)} to run, in {sweep_dir}")
+    skipped: dict[str, list[str]] = {}
     for cell in plan.cells:
         if status[cell.id]["status"] == "skipped":
-            say(f"  {cell.id}: skipped ({status[cell.id]['message']})")
+            skipped.setdefault(status[cell.id]["message"], []).append(cell.id)
+    for reason, ids in skipped.items():
+        say(f"  skipped {len(ids)} cells ({ids[0]} .. {ids[-1]}): {reason}")
 
     skipped = sum(status[c.id]["status"] == "skipped" for c in plan.cells)
     progress = Progress(

@@ -20,6 +20,8 @@ from torch.nn import functional as F
 
 EXHAUSTIVE_MAX_B = 5
 
+HEADS: tuple[str, ...] = ("sigmoid", "linear")
+
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
     "leaky_relu": nn.LeakyReLU,
@@ -37,7 +39,9 @@ class Inverter(nn.Module):
     """MLP g_theta: standardised features [N, F] -> images [N, B, *shape], logits [N, B, C].
 
     The per-feature standardisation (mean, scale) is part of the model's state so that a
-    saved inverter carries the input statistics it was trained with.
+    saved inverter carries the input statistics it was trained with. `head`: `sigmoid` maps
+    the pixel outputs into the data range; `linear` leaves them unbounded (the LTI paper's
+    MLP regresses the flattened image directly; the attack clamps its final guess).
     """
 
     def __init__(
@@ -49,10 +53,14 @@ class Inverter(nn.Module):
         num_classes: int,
         activation: str = "relu",
         data_range: tuple[float, float] = (0.0, 1.0),
+        head: str = "sigmoid",
     ) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
             raise InverterError(f"activation={activation!r} is not one of {sorted(ACTIVATIONS)}")
+        if head not in HEADS:
+            raise InverterError(f"head={head!r} is not one of {list(HEADS)}")
+        self.head = head
         if in_features < 1 or num_targets < 1 or num_classes < 1:
             raise InverterError(
                 f"in_features={in_features}, num_targets={num_targets}, "
@@ -85,9 +93,20 @@ class Inverter(nn.Module):
         z = self.body((features - self.feature_mean) / self.feature_scale)
         n, b = features.shape[0], self.num_targets
         pixels, logits = z.split([b * self.image_size, b * self.num_classes], dim=1)
+        pixels = pixels.reshape(n, b, *self.image_shape)
+        if self.head == "sigmoid":
+            low, high = self.data_range
+            pixels = low + (high - low) * torch.sigmoid(pixels)
+        return pixels, logits.reshape(n, b, self.num_classes)
+
+    def initial_pixels(self, mean_image: torch.Tensor) -> torch.Tensor:
+        """The last layer's pixel bias that makes every output the given image (the head's
+        inverse of it): the inverter then starts from the aux-mean guess."""
+        if self.head == "linear":
+            return mean_image.flatten()
         low, high = self.data_range
-        images = low + (high - low) * torch.sigmoid(pixels.reshape(n, b, *self.image_shape))
-        return images, logits.reshape(n, b, self.num_classes)
+        unit = (mean_image.flatten() - low) / (high - low)
+        return torch.logit(unit.clamp(0.01, 0.99))
 
 
 def _pair_costs(

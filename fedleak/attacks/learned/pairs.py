@@ -125,9 +125,13 @@ def _index(params: Params, rows: slice) -> Params:
 
 
 class PairSource:
-    """Featurised defended updates of fixed groups of aux samples, re-drawn per call if random.
+    """Featurised defended updates of groups of aux samples, re-drawn per call if random.
 
-    `groups` [P, size] indexes `aux_x`/`aux_y` (already on the device).
+    `groups` [P, size] indexes `aux_x`/`aux_y` (already on the device). With `regroup` (FedSGD
+    batches of size > 1, no input encoding, no BatchNorm), each aux sample's gradient is kept
+    and `regroup()` draws fresh groups whose updates are means of kept gradients: a new set of
+    training batches every epoch for the price of a mean, so the inverter sees many more
+    distinct batches than aux samples (see `regroups` for whether it is active).
     """
 
     def __init__(
@@ -142,6 +146,7 @@ class PairSource:
         featuriser: Featuriser,
         chunk: int,
         max_cache_bytes: int,
+        regroup: bool = False,
     ) -> None:
         self.model = model
         self.pipeline = pipeline
@@ -174,12 +179,30 @@ class PairSource:
         self.fixed = not self.exact_loop and not release_is_random(pipeline)
         self._features: Tensor | None = None
         self._raw: Params | None = None
+        self._per_sample: Params | None = None
+        per_sample_bytes = aux_x.shape[0] * featuriser.in_features * 4
+        self.regroups = (
+            regroup
+            and self.mode == "vector"
+            and unit.size > 1
+            and per_sample_bytes <= max_cache_bytes
+        )
         size = groups.shape[0] * featuriser.in_features * 4
-        self._keep_raw = not self.fixed and not self.exact_loop and size <= max_cache_bytes
+        self._keep_raw = (
+            not self.fixed and not self.exact_loop and not self.regroups and size <= max_cache_bytes
+        )
 
     @property
     def num_pairs(self) -> int:
         return self.groups.shape[0]
+
+    def regroup(self, generator: torch.Generator) -> None:
+        """Draw fresh groups of the same aux samples (only when `regroups`)."""
+        if not self.regroups:
+            return
+        count = self.aux_x.shape[0]
+        self.groups = make_groups(count, self.unit.size, generator, self.aux_x.device)
+        self._features = None
 
     def features(self, generator: torch.Generator) -> Tensor:
         """[P, F] features; the same tensor every call when nothing random is involved."""
@@ -215,6 +238,8 @@ class PairSource:
     def _pre_release(self, rows: slice, generator: torch.Generator) -> Params:
         """Each group's update before the release (clipped mean gradient, or FedAvg delta)."""
         group = self.groups[rows]
+        if self.regroups:
+            return {name: g[group].mean(dim=1) for name, g in self._kept_gradients().items()}
         count, size = group.shape
         x, y = self.aux_x[group.flatten()], self.aux_y[group.flatten()]
         if self.mode == "vector":
@@ -233,6 +258,18 @@ class PairSource:
                 update = self._replay(x.reshape(shape), y.reshape(count, size)).update
             return dict(zip(self._replay.names, update, strict=True))
         return self._loop(rows, DefensePipeline(), generator)
+
+    def _kept_gradients(self) -> Params:
+        """Every aux sample's (clipped) gradient, computed once: [count, ...] per parameter."""
+        if self._per_sample is None:
+            count = self.aux_x.shape[0]
+            parts = []
+            for start in range(0, count, self.chunk):
+                rows = slice(start, min(count, start + self.chunk))
+                gradients = per_sample_gradients(self.model, self.aux_x[rows], self.aux_y[rows])
+                parts.append(self.pipeline.clip(gradients))
+            self._per_sample = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+        return self._per_sample
 
     def _release(self, raw: Params, generator: torch.Generator) -> Params:
         """The defense's release applied to each group independently."""

@@ -23,12 +23,12 @@ from torch import Tensor, nn
 from fedleak.attacks import labels as label_recovery
 from fedleak.attacks.optimization.config import (
     GRADATTACK_TV,
-    IG_TV,
     DLGConfig,
     GradInversionConfig,
     IGConfig,
     InversionConfig,
     StepwiseConfig,
+    ig_tv_weight,
 )
 from fedleak.attacks.optimization.engine import Outcome, Settings, StepDecay, optimise
 from fedleak.attacks.optimization.losses import (
@@ -470,12 +470,13 @@ class InvertingGradients:
         """See `check_feasible`: `targets` samples per observed update, `aux` auxiliary images."""
         check_feasible(self.config, self.name, targets, aux)
 
-    def tv_weight(self, pipeline: DefensePipeline) -> float:
-        """The configured TV weight, or the default for this attack and defense."""
+    def tv_weight(self, pipeline: DefensePipeline, channels: int) -> float:
+        """The configured TV weight, or the default for this attack, defense and images'
+        channel count (IG: by channels; GradInversion: GradAttack's per-defense value)."""
         if self.config.tv_weight is not None:
             return self.config.tv_weight
         if not isinstance(self.config, GradInversionConfig):
-            return IG_TV
+            return ig_tv_weight(channels)
         for kind in ("prune", "mixup", "instahide"):
             if any(step.kind == kind for step in pipeline.steps):
                 return GRADATTACK_TV[kind]
@@ -483,7 +484,7 @@ class InvertingGradients:
 
     def _weights(self, problem: Problem, iteration: int | None, total: int) -> tuple[float, float]:
         """(TV weight, BN weight) at this iteration."""
-        return self.tv_weight(problem.pipeline), self.config.bn_weight
+        return self.tv_weight(problem.pipeline, problem.input_shape[0]), self.config.bn_weight
 
     def _selection(
         self, problem: Problem, iteration: int | None, total: int, generator: torch.Generator
@@ -539,7 +540,10 @@ class InvertingGradients:
             description=self.name,
         )
         outcome = optimise(objective, variables, settings, budget)
-        extra = {"tv_weight": self.tv_weight(problem.pipeline), "bn_weight": cfg.bn_weight}
+        extra = {
+            "tv_weight": self.tv_weight(problem.pipeline, problem.input_shape[0]),
+            "bn_weight": cfg.bn_weight,
+        }
         if use_bn:
             extra["bn_exact"] = float(problem.bn_exact)
         return _finish(problem, outcome, knowledge, extra)
@@ -575,7 +579,11 @@ class StepwiseInversion(InvertingGradients):
 
     def _weights(self, problem: Problem, iteration: int | None, total: int) -> tuple[float, float]:
         stage = self._stage(iteration, total)
-        tv = self.tv_weight(problem.pipeline) if stage >= self.stepwise.tv_stage else 0.0
+        tv = (
+            self.tv_weight(problem.pipeline, problem.input_shape[0])
+            if stage >= self.stepwise.tv_stage
+            else 0.0
+        )
         bn = self.stepwise.bn_weight if stage >= self.stepwise.bn_stage else 0.0
         return tv, bn
 

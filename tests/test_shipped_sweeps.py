@@ -1,0 +1,87 @@
+"""The shipped sweeps in their cheap mode: every cell parsed and preflighted (registries and
+data split), one or two representative cells run end to end through Flower with tiny budgets
+(each cell costs a Flower simulation's start, ~30 s here, so not every cell runs in CI).
+
+Each sweep is run exactly as a user would (`run_sweep` on the shipped file, `--set` overrides
+that shrink budgets but keep the sample layout, `--cells` to pick cells), so a preset that
+stops working offline fails here. Every cell must score at least 64 reconstructions per
+attack: the layout (clients attacked x samples each) is what the overrides leave alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from fedleak.config import attacked_rounds
+from fedleak.report.rundir import RunDirectory
+from fedleak.simulations.sweep import _validate, load_sweep, read_manifest, run_sweep
+
+MIN_SCORED = 64
+
+TINY_ATTACKS = {"attack.max-iterations": 4, "attack.images-per-client": 1}
+TINY_LTI = {
+    "attack.lti.epochs": 1,
+    "attack.lti.hidden": "16",
+    "attack.lti.hash-bins": 256,
+    "data.aux-size": 400,
+}
+
+CHEAP = {
+    "lti-table": (
+        {**TINY_ATTACKS, **TINY_LTI},
+        # B=1 (per-sample) without defense; B=4 under sign compression.
+        ["cell-000-*", "cell-005-*"],
+    ),
+    "defense-tradeoff": (
+        {**TINY_ATTACKS, "num-server-rounds": 2},
+        # B=1 (per-sample) under the combined defense the paper recommends.
+        ["*-per-sample_*_instahide-4+prune-0.9"],
+    ),
+    "dp-frontier": (
+        # Two clients x batches of 8 per round: 4 rounds score 64.
+        {**TINY_ATTACKS, "num-server-rounds": 4},
+        ["*dpsgd-1.0-1.1*"],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CHEAP))
+def test_every_cell_of_the_shipped_sweeps_passes_the_preflight(name: str) -> None:
+    overrides, _ = CHEAP[name]
+    _validate(load_sweep(name, overrides), {})
+    plan = load_sweep(name)
+    _validate(plan, {})  # components and data split, for the sweep's clients
+    for cell in plan.cells:
+        # Each attacked client's batch is scored whole: B single-sample updates under the
+        # per-sample threat model, or one update of B samples.
+        config = cell.config
+        clients = min(config.attack.clients_per_round or plan.num_clients, plan.num_clients)
+        rounds = attacked_rounds(config.attack.rounds, config.num_server_rounds)
+        count = len(rounds) if rounds is not None else config.num_server_rounds
+        assert clients * config.train.batch_size * count >= MIN_SCORED, cell.id
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(CHEAP))
+def test_shipped_sweep_runs_its_cheap_cells_end_to_end(name: str, tmp_path: Path) -> None:
+    from fedleak.report.build import build_report
+
+    overrides, cells = CHEAP[name]
+    sweep_dir = run_sweep(name, out_dir=tmp_path, overrides=overrides, cells=cells, say=print)
+    manifest = read_manifest(sweep_dir)["cells"]
+    assert len(manifest) == len(cells)
+    for cell in manifest:
+        assert cell["status"] == "done", cell
+        run = RunDirectory.open(sweep_dir / cell["id"])
+        rows = run.leakage()
+        ok = rows[(rows["status"] == "ok") & (rows["scored_against"] == "original")]
+        counts = ok.groupby("attack").size()
+        attacks = run.config.attack.names
+        assert set(counts.index) == set(attacks), (cell["id"], counts.to_dict())
+        assert (counts >= MIN_SCORED).all(), (cell["id"], counts.to_dict())
+        assert pd.notna(run.utility()["test_accuracy"]).all()
+    html, _ = build_report(sweep_dir)
+    assert html.is_file()
