@@ -15,6 +15,7 @@ class AuxMeanBaseline:
     """Every sample is the mean auxiliary image; every label the majority auxiliary class."""
 
     name = "aux-mean"
+    stateful = False
 
     def reconstruct(
         self, observation: Observation, knowledge: AttackerKnowledge, budget: Budget

@@ -9,9 +9,14 @@ from fedleak.data.registry import (
     DATA_DIR_ENV,
     DATASETS,
     FOLDER_PREFIX,
+    DatasetEntry,
     UnknownDatasetError,
+    data_shape,
+    dataset_entry,
+    dataset_names,
     default_data_dir,
     load_dataset,
+    register_dataset,
 )
 from fedleak.data.sampler import sample_batch
 from fedleak.data.stratify import DataSplitError
@@ -23,6 +28,7 @@ __all__ = [
     "SCHEMES",
     "AuxiliarySplit",
     "DataSplitError",
+    "DatasetEntry",
     "DatasetUnavailable",
     "FederatedData",
     "FolderLayoutError",
@@ -31,9 +37,13 @@ __all__ = [
     "auxiliary",
     "build_federated_data",
     "client_batch",
+    "data_shape",
+    "dataset_entry",
+    "dataset_names",
     "default_data_dir",
     "load_dataset",
     "partition_indices",
+    "register_dataset",
     "sample_batch",
     "split_auxiliary",
 ]

@@ -1,58 +1,50 @@
 """Checks of a configuration against the registries of the other rooms, before any work starts.
 
 `fedleak.config` checks types and ranges on its own; names that only a registry knows (data
-sets, models, attacks, defense specs) and combinations that only a built model reveals
-(BatchNorm with per-sample operations) are checked here, each with one clear line.
+sets, models, attacks, defenses; plugins included) are looked up in those same registries, each
+attack's parameters are parsed by its own settings dataclass (nothing is built), and
+combinations that only a built model reveals (BatchNorm with per-sample operations) are checked
+here, each with one clear line.
 """
 
 from __future__ import annotations
 
-from fedleak.attacks.registry import ATTACK_NAMES, build_attack
+from fedleak.attacks.registry import attack_entry
 from fedleak.config import ConfigError, RunConfig
-from fedleak.data import DATASETS
+from fedleak.data import data_shape, dataset_entry, load_dataset
 from fedleak.defenses import DefenseSpecError, parse_defense_spec
-from fedleak.models import MODEL_NAMES, ModelSpec, build_model, has_batchnorm
+from fedleak.models import ModelSpec, build_model, groupnorm_advice, has_batchnorm, model_entry
 
 
 def validate_components(config: RunConfig) -> None:
     """Raise `ConfigError` for the first setting no registry accepts."""
-    dataset = config.data.dataset
-    if dataset not in DATASETS and not dataset.startswith("folder:"):
-        raise ConfigError(
-            f"data.dataset={dataset!r}: expected one of {', '.join(DATASETS)} or folder:<path>"
-        )
-    if config.model.name not in MODEL_NAMES:
-        raise ConfigError(
-            f"model.name={config.model.name!r}: expected one of {', '.join(MODEL_NAMES)}"
-        )
+    dataset_entry(config.data.dataset)
+    model_entry(config.model.name)
     try:
         pipeline = parse_defense_spec(config.defense.spec)
     except DefenseSpecError as error:
         raise ConfigError(f"defense.spec={config.defense.spec!r}: {error}") from None
     for name in config.attack.names:
-        if name not in ATTACK_NAMES:
-            raise ConfigError(
-                f"attack.names: unknown attack {name!r}; expected names from "
-                f"{', '.join(ATTACK_NAMES)}"
-            )
-        try:
-            build_attack(name, config.attack.params.get(name, {}), seed=config.seed)
-        except (ValueError, TypeError) as error:
-            raise ConfigError(f"attack.{name}.*: {error}") from None
+        attack_entry(name).configure(config.attack.params.get(name, {}))
     per_sample = config.threat.share == "per-sample" or pipeline.needs_per_sample
-    if per_sample and _has_batchnorm(config.model.name):
+    if per_sample and has_batchnorm(build_model(model_spec_of(config))):
         raise ConfigError(
             f"model.name={config.model.name!r}: BatchNorm couples the samples of a batch, so "
             f"per-sample operations (threat.share / defense {config.defense.spec!r}) are "
-            f"undefined; use a GroupNorm variant such as {_groupnorm_variant(config.model.name)!r}"
+            f"undefined; {groupnorm_advice(config.model.name)}"
         )
 
 
-def _has_batchnorm(model_name: str) -> bool:
-    # Any data shape reveals the normalisation layers; a small colour one keeps this cheap.
-    return has_batchnorm(build_model(ModelSpec(model_name, (3, 32, 32), 10)))
-
-
-def _groupnorm_variant(model_name: str) -> str:
-    base = model_name.removesuffix("-bn")
-    return base if base in MODEL_NAMES and base != model_name else f"{model_name}-gn"
+def model_spec_of(config: RunConfig) -> ModelSpec:
+    """The run's model spec, shaped by the data set (declared by its registry entry, else read
+    from the loaded set)."""
+    shape = data_shape(config.data.dataset)
+    if shape is None:
+        dataset = load_dataset(
+            config.data.dataset,
+            config.data.data_dir or None,
+            seed=config.seed,
+            test_fraction=config.data.test_fraction,
+        )
+        shape = dataset.input_shape, dataset.num_classes
+    return ModelSpec(config.model.name, shape[0], shape[1], config.model.init, config.seed)

@@ -7,7 +7,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-from fedleak.config import ConfigError, RunConfig, known_keys, parse_flat
+from fedleak.config import ConfigError, RunConfig, key_help, parse_flat
 
 
 def _override(text: str) -> tuple[str, object]:
@@ -81,10 +81,27 @@ def _presets(_: argparse.Namespace) -> int:
     return 0
 
 
-def _keys(_: argparse.Namespace) -> int:
-    print("\n".join(known_keys()))
-    print("attack.<attack-name>.<parameter>   (per-attack hyper-parameters)")
+def _keys(args: argparse.Namespace) -> int:
+    from fedleak.attacks.registry import ATTACKS
+
+    lines = key_help()
+    for name, entry in ATTACKS.items():
+        if args.attack in (None, name):
+            lines += entry.help()
+    if args.attack is None:
+        lines = [line for line in lines if not line.key.startswith("attack.")] + [
+            line for line in lines if line.key.startswith("attack.")
+        ]
+    widths = [max(len(getattr(line, column)) for line in lines) for column in COLUMNS[:3]]
+    widths = [min(width, 40) for width in widths]
+    print("  ".join(f"{c.upper():{w}}" for c, w in zip(COLUMNS, widths, strict=False)) + "  HELP")
+    for line in lines:
+        cells = [f"{getattr(line, c):{w}}" for c, w in zip(COLUMNS, widths, strict=False)]
+        print(("  ".join(cells) + f"  {line.doc}").rstrip())
     return 0
+
+
+COLUMNS = ("key", "kind", "default")
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -138,7 +155,11 @@ def parser() -> argparse.ArgumentParser:
     report.set_defaults(handler=_report)
 
     commands.add_parser("presets", help="list the shipped presets").set_defaults(handler=_presets)
-    commands.add_parser("config-keys", help="list every setting").set_defaults(handler=_keys)
+    keys = commands.add_parser(
+        "config-keys", help="list every setting: key, type, default and a line of help"
+    )
+    keys.add_argument("--attack", help="only the run settings and this attack's parameters")
+    keys.set_defaults(handler=_keys)
     return main
 
 

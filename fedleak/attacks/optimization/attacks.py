@@ -380,6 +380,8 @@ def _layer_groups(names: list[str]) -> list[list[int]]:
 class DLG:
     """Deep Leakage from Gradients (and iDLG with `labels='auto'`): L2 matching, L-BFGS."""
 
+    stateful = False  # every random choice comes from (seed, round, client): any worker will do
+
     def __init__(self, config: DLGConfig | None = None, seed: int = 0, name: str = "dlg") -> None:
         self.config = config or DLGConfig()
         self.seed = seed
@@ -419,6 +421,8 @@ class InvertingGradients:
     The same class serves `ig` (bn_weight 0, IG's TV 1e-4) and `gradinversion` (GradAttack's
     alpha_BN = 1e-3 and per-defense TV). Under InstaHide the box is [-1, 1] and TV acts on |x|.
     """
+
+    stateful = False  # every random choice comes from (seed, round, client): any worker will do
 
     def __init__(self, config: IGConfig | None = None, seed: int = 0, name: str = "ig") -> None:
         self.config = config or IGConfig()
