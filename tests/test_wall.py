@@ -26,6 +26,7 @@ ALLOWED = {
     "defenses": {"defenses", "models"},
     "metrics": {"metrics"},
     "report": {"report", "metrics", "config"},
+    "simulations": {"simulations", "server", "client", "report", "config", "runtime", "messages"},
     # Shared modules at the package root.
     "config.py": set(),
     "runtime.py": {"config", "data", "models", "training"},

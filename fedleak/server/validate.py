@@ -9,11 +9,12 @@ here, each with one clear line.
 
 from __future__ import annotations
 
-from fedleak.attacks.registry import attack_entry
-from fedleak.config import ConfigError, RunConfig
-from fedleak.data import data_shape, dataset_entry, load_dataset
+from fedleak.attacks.registry import ATTACKS, attack_entry
+from fedleak.config import ConfigError, RunConfig, key_help
+from fedleak.data import DatasetUnavailable, data_shape, dataset_entry, load_dataset
 from fedleak.defenses import DefenseSpecError, parse_defense_spec
 from fedleak.models import ModelSpec, build_model, groupnorm_advice, has_batchnorm, model_entry
+from fedleak.settings import KeyHelp
 
 
 def validate_components(config: RunConfig) -> None:
@@ -48,3 +49,29 @@ def model_spec_of(config: RunConfig) -> ModelSpec:
         )
         shape = dataset.input_shape, dataset.num_classes
     return ModelSpec(config.model.name, shape[0], shape[1], config.model.init, config.seed)
+
+
+def data_unavailable(config: RunConfig) -> str:
+    """Why the run's data set cannot be loaded without a download ('' when it can)."""
+    try:
+        load_dataset(
+            config.data.dataset,
+            config.data.data_dir or None,
+            seed=config.seed,
+            test_fraction=config.data.test_fraction,
+            download=False,
+        )
+    except DatasetUnavailable as error:
+        first = " ".join(str(error).split())
+        return f"data set {config.data.dataset!r} unavailable: {first}"
+    return ""
+
+
+def setting_help(attack: str | None = None) -> list[KeyHelp]:
+    """Every run setting, then every registered attack's parameters (or one attack's), each
+    with its type, default and a line of help (`fedleak config-keys`)."""
+    lines = key_help()
+    names = ATTACKS.names() if attack is None else (attack_entry(attack).name,)
+    for name in names:
+        lines += attack_entry(name).help()
+    return lines

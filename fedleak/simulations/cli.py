@@ -7,7 +7,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-from fedleak.config import ConfigError, RunConfig, key_help, parse_flat
+from fedleak.config import ConfigError, RunConfig, parse_flat
 
 
 def _override(text: str) -> tuple[str, object]:
@@ -82,16 +82,9 @@ def _presets(_: argparse.Namespace) -> int:
 
 
 def _keys(args: argparse.Namespace) -> int:
-    from fedleak.attacks.registry import ATTACKS
+    from fedleak.server.validate import setting_help
 
-    lines = key_help()
-    for name, entry in ATTACKS.items():
-        if args.attack in (None, name):
-            lines += entry.help()
-    if args.attack is None:
-        lines = [line for line in lines if not line.key.startswith("attack.")] + [
-            line for line in lines if line.key.startswith("attack.")
-        ]
+    lines = setting_help(args.attack)
     widths = [max(len(getattr(line, column)) for line in lines) for column in COLUMNS[:3]]
     widths = [min(width, 40) for width in widths]
     print("  ".join(f"{c.upper():{w}}" for c, w in zip(COLUMNS, widths, strict=False)) + "  HELP")
