@@ -309,6 +309,18 @@ def _check_consistency(config: RunConfig) -> None:
             f"defense.central-noise={defense.central_noise:g}: central DP noise is calibrated to "
             "the clipping norm, so expected defense.central-clip > 0 (or central-noise = 0)"
         )
+    repeated = sorted({name for name in config.attack.names if config.attack.names.count(name) > 1})
+    if repeated:
+        raise ConfigError(
+            f"attack.names={','.join(config.attack.names)!r}: {', '.join(repeated)} named more "
+            "than once; expected each attack once (one run of an attack per observation)"
+        )
+    if config.threat.view == "aggregate" and train.mode == "fedavg":
+        raise ConfigError(
+            "threat.view='aggregate' with train.mode='fedavg': the aggregate of FedAvg deltas "
+            "mixes each client's own K local steps, which the attacks cannot replay as one "
+            "client's; expected train.mode='fedsgd' or threat.view='client'"
+        )
     for attack in config.attack.params:
         if attack not in config.attack.names:
             raise ConfigError(

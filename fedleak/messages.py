@@ -22,11 +22,24 @@ ARRAYS, METRICS = "arrays", "metrics"
 AUDIT, PER_SAMPLE, BN_STATS, BUFFERS = "audit", "per-sample", "bn-stats", "buffers"
 DECLARED = "fedleak-declared"  # added to a foreign app's reply by fedleak's client mod
 EXTRA_RECORDS = (AUDIT, PER_SAMPLE, BN_STATS, BUFFERS, DECLARED)
+PARTITION_ID, NUM_EXAMPLES = "partition-id", "num-examples"
+_QUERY = "query"
 
 
 def as_record(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
     """Float32 CPU copies (Flower's `Array` takes no bfloat16, and records cross processes)."""
     return ArrayRecord({name: t.detach().float().cpu().contiguous() for name, t in tensors.items()})
+
+
+def state_record(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
+    """CPU copies that keep integer dtypes (BatchNorm's `num_batches_tracked` is int64) and
+    carry floating tensors as float32."""
+    return ArrayRecord(
+        {
+            name: (t.detach().float() if t.is_floating_point() else t.detach()).cpu().contiguous()
+            for name, t in tensors.items()
+        }
+    )
 
 
 def tensors_of(record: ArrayRecord) -> dict[str, torch.Tensor]:
@@ -40,8 +53,8 @@ def reply_content(
     """Everything a simulated client sends back for one round."""
     metrics = MetricRecord(
         {
-            "num-examples": update.num_examples,
-            "partition-id": partition_id,
+            NUM_EXAMPLES: update.num_examples,
+            PARTITION_ID: partition_id,
             "batch-size": config.train.batch_size,
             "local-steps": config.train.local_steps,
             "learning-rate": config.train.lr,
@@ -50,8 +63,13 @@ def reply_content(
     )
     audit = {"inputs": x, "labels": y}
     if update.encoded is not None:
+        # Every source of every encoded sample: indices into the batch followed by the private
+        # partners, or into the public pool where `from-public` (see `EncodedBatch`).
         audit["encoded"] = update.encoded.inputs
         audit["sources"] = update.encoded.sources
+        audit["from-public"] = update.encoded.from_public
+        audit["partners"] = update.encoded.partners
+        audit["partner-labels"] = update.encoded.partner_labels
     content = RecordDict(
         {
             ARRAYS: as_record(update.update),
@@ -63,7 +81,29 @@ def reply_content(
         content[PER_SAMPLE] = as_record(update.per_sample)
     if update.bn_statistics is not None:
         content[BN_STATS] = as_record(update.bn_statistics)
+    if update.buffers:
+        content[BUFFERS] = state_record(update.buffers)
     return content
+
+
+def partition_query() -> RecordDict:
+    """The one-time question the server asks a node it has not met: its partition id."""
+    return RecordDict({_QUERY: ConfigRecord({"ask": PARTITION_ID})})
+
+
+def partition_answer(partition_id: int) -> RecordDict:
+    """A ClientApp's answer to `partition_query`."""
+    return RecordDict({METRICS: MetricRecord({PARTITION_ID: int(partition_id)})})
+
+
+def partition_id_of(content: RecordDict) -> int | None:
+    """The partition id a reply (train reply, query answer, or a foreign app's reply through
+    fedleak's client mod) declares, or None."""
+    if DECLARED in content and PARTITION_ID in content[DECLARED]:
+        return int(content[DECLARED][PARTITION_ID])
+    if METRICS not in content or PARTITION_ID not in content[METRICS]:
+        return None
+    return int(content[METRICS][PARTITION_ID])
 
 
 # -- a foreign Flower app audited through fedleak's client mod (fedleak.client.audit) ----------
@@ -123,7 +163,7 @@ class Declaration:
 def add_declaration(content: RecordDict, partition_id: int, declared: Declaration | None) -> None:
     """What fedleak's client mod adds to a foreign app's train reply: that its arrays are
     weights, its partition id, and the declaration (protocol record and audit batch) if any."""
-    record = ConfigRecord({"arrays": "weights", "partition-id": int(partition_id)})
+    record = ConfigRecord({"arrays": "weights", PARTITION_ID: int(partition_id)})
     if declared is not None:
         record.update(
             {
@@ -131,7 +171,7 @@ def add_declaration(content: RecordDict, partition_id: int, declared: Declaratio
                 "learning-rate": declared.learning_rate,
                 "local-steps": declared.local_steps,
                 "batch-size": declared.batch_size,
-                "num-examples": len(declared.inputs),
+                NUM_EXAMPLES: len(declared.inputs),
             }
         )
         content[AUDIT] = ArrayRecord({"inputs": declared.inputs, "labels": declared.labels})

@@ -15,6 +15,7 @@ from fedleak.config import (
     parse_flat,
     parse_toml,
 )
+from fedleak.server.validate import validate_components
 
 INVALID = [
     ({"train.batch-size": -1}, "train.batch-size=-1: expected an integer >= 1"),
@@ -36,6 +37,11 @@ INVALID = [
     (
         {"threat.share": "per-sample", "train.mode": "fedavg"},
         "threat.share='per-sample': per-sample updates exist only in fedsgd",
+    ),
+    ({"attack.names": "ig,aux-mean,ig"}, "attack.names='ig,aux-mean,ig': ig named more than once"),
+    (
+        {"threat.view": "aggregate", "train.mode": "fedavg"},
+        "threat.view='aggregate' with train.mode='fedavg': the aggregate of FedAvg deltas",
     ),
 ]
 
@@ -141,3 +147,22 @@ def test_every_setting_has_a_line_of_help() -> None:
     lines = key_help() + [line for _, entry in ATTACKS.items() for line in entry.help()]
     undocumented = [line.key for line in lines if not line.doc]
     assert not undocumented
+
+
+@pytest.mark.parametrize(
+    ("flat", "message"),
+    [
+        (
+            {"threat.view": "aggregate", "model.name": "convnet-bn"},
+            "threat.view='aggregate' with model.name='convnet-bn': each client normalises",
+        ),
+        (
+            {"attack.names": "ig", "attack.ig.init": "aux-mean", "data.aux-size": 0},
+            "attack.ig.init='aux-mean': starts from the mean auxiliary image",
+        ),
+    ],
+)
+def test_components_refuse_what_cannot_be_measured(flat: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        validate_components(parse_flat(flat))
+    assert message in str(error.value) and "\n" not in str(error.value)

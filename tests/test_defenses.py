@@ -19,6 +19,7 @@ from fedleak.defenses import (
     GaussianNoise,
     InstaHide,
     MixUp,
+    PartnerPool,
     Prune,
     SignCompression,
     parse_defense_spec,
@@ -474,3 +475,61 @@ def test_pipeline_encode_uses_its_encoder() -> None:
     pipeline = parse_defense_spec("prune:0.9+mixup:3")
     encoded = pipeline.encode(x, y, _gen(3), public=torch.rand(5, 3, 8, 8))
     assert torch.equal(encoded.inputs, MixUp(3)(x, y, _gen(3)).inputs)
+
+
+def _partition(n: int = 30, classes: int = 10) -> PartnerPool:
+    images, onehot = _batch(n, classes, seed=11)
+    return PartnerPool(images, torch.arange(n), onehot.argmax(1), torch.tensor([5]))
+
+
+@pytest.mark.parametrize("encoder", [MixUp(4), InstaHide(4)])
+def test_partners_come_from_the_whole_partition_so_one_image_can_be_encoded(encoder) -> None:
+    pool = _partition()
+    x, y = pool.images[5:6], torch.nn.functional.one_hot(pool.labels[5:6], 10).float()
+    seen: set[int] = set()
+    for seed in range(20):
+        encoded = encoder(x, y, _gen(seed), private=pool)
+        assert encoded.sources.shape == (1, 4) and encoded.sources[0, 0] == 0
+        # Three partners from outside the batch, sent along: the batch followed by them.
+        assert encoded.partners.shape == (3, 3, 8, 8)
+        assert sorted(encoded.sources[0, 1:].tolist()) == [1, 2, 3]
+        rows = [
+            next(r for r in range(30) if torch.equal(pool.images[r], p)) for p in encoded.partners
+        ]
+        assert 5 not in rows  # never its own partner
+        assert encoded.partner_labels.tolist() == pool.labels[rows].tolist()
+        seen.update(rows)
+        private = torch.cat([x, encoded.partners])
+        order = encoded.sources[0]
+        mixed = (encoded.coefficients[0].view(4, 1, 1, 1) * private[order]).sum(0, keepdim=True)
+        if encoded.signs is not None:
+            mixed = mixed * encoded.signs
+        assert torch.allclose(encoded.inputs, mixed, atol=1e-6)
+        labels = torch.cat([y, torch.nn.functional.one_hot(encoded.partner_labels, 10).float()])
+        assert torch.allclose(encoded.soft_labels, encoded.coefficients @ labels[order], atol=1e-6)
+        assert torch.allclose(encoded.reapply(private), encoded.inputs, atol=1e-6)
+    assert len(seen) > 20  # partners spread over the partition, not a fixed few
+
+
+def test_a_partner_that_is_in_the_batch_is_recorded_as_that_sample() -> None:
+    pool = _partition(6)
+    rows = torch.tensor([0, 1, 2, 3, 4])
+    pool = PartnerPool(pool.images, pool.members, pool.labels, rows)
+    x = pool.images[rows]
+    y = torch.nn.functional.one_hot(pool.labels[rows], 10).float()
+    encoded = MixUp(3)(x, y, _gen(3), private=pool)
+    # Six images in all: every partner is another batch sample or the one image outside it.
+    assert len(encoded.partners) <= 1
+    for i, row in enumerate(encoded.sources.tolist()):
+        assert row[0] == i and i not in row[1:] and len(set(row)) == 3
+    private = torch.cat([x, encoded.partners])
+    assert torch.allclose(encoded.reapply(private), encoded.inputs, atol=1e-6)
+    if len(encoded.partners):
+        assert torch.equal(encoded.partners[0], pool.images[5])
+
+
+def test_an_encoding_needs_k_images_in_the_clients_data() -> None:
+    images, onehot = _batch(3)
+    pool = PartnerPool(images, torch.arange(3), onehot.argmax(1), torch.tensor([2]))
+    with pytest.raises(EncodingError, match=r"the client's data holds 3 \(2 besides the image"):
+        MixUp(4)(images[2:], onehot[2:], _gen(), private=pool)

@@ -347,8 +347,9 @@ def test_time_budget_stops_training(mnist: dict[str, torch.Tensor]) -> None:
     started = time.perf_counter()
     result = attack.reconstruct(obs, know, Budget(max_iterations=1, max_seconds=1.5))
     assert time.perf_counter() - started < 30
-    assert result.status == "timeout" and "time budget ran out" in result.message
-    assert result.diagnostics["timed_out"] == 1.0
+    # Running out of time is a diagnostic, not a failure: the reconstruction is kept.
+    assert result.status == "ok" and "time budget ran out" in result.message
+    assert result.diagnostics["stopped_by"] == "seconds"
     assert 0 < result.diagnostics["train_epochs"] < 1000
     assert result.inputs.shape == (2, 1, 28, 28)
 

@@ -411,3 +411,32 @@ def test_registry_names_and_errors():
         with pytest.raises(ConfigError) as error:
             build_attack(name, params)
         assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_aux_mean_init_starts_from_the_mean_auxiliary_image(mnist):
+    observation, knowledge = observe(tuple(t[:2] for t in mnist[:2]) + mnist[2:])
+    start = run("ig", observation, knowledge, 0, {"init": "aux-mean"})
+    mean = knowledge.aux_inputs.float().mean(dim=0)
+    assert start.inputs.shape == (2, *mean.shape)
+    assert all(torch.allclose(image, mean, atol=1e-6) for image in start.inputs)
+    assert float(mean.std()) > 0.05  # a real image, not mid-grey
+    # Two restarts: the second starts near the mean, not on it, so they do not coincide.
+    two = run("ig", observation, knowledge, 0, {"init": "aux-mean", "restarts": 2})
+    assert two.diagnostics["restarts"] == 2
+    with pytest.raises(ObservationError, match="init='aux-mean' needs auxiliary data"):
+        empty = AttackerKnowledge(mnist[2][:0], mnist[3][:0], (1, 28, 28), NUM_CLASSES)
+        run("ig", observation, empty, 1, {"init": "aux-mean"})
+
+
+def test_matching_losses_at_start_and_end_are_recorded_per_sample(mnist):
+    observation, knowledge = observe(tuple(t[:2] for t in mnist[:2]) + mnist[2:])
+    result = run("ig", observation, knowledge, 100)
+    assert result.loss_start.shape == (2,) and result.loss_final.shape == (2,)
+    assert result.loss_start[0] != result.loss_start[1]  # one problem per sample
+    assert (result.loss_final < 0.1 * result.loss_start).all()
+    assert result.diagnostics["stopped_by"] == "iterations"
+    # A batch update is one problem: its samples share the losses.
+    batch, knowledge = observe(tuple(t[:2] for t in mnist[:2]) + mnist[2:], share="batch")
+    shared = run("ig", batch, knowledge, 5)
+    assert shared.loss_start[0] == shared.loss_start[1]
+    assert shared.loss_final[0] == shared.loss_final[1] < shared.loss_start[0]

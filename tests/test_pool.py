@@ -7,23 +7,24 @@ end tests run real simulations through `run_study` with `attack.workers`.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import ray
 import torch
-from flwr.app import Message
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.simulation.run_simulation import _replace_keys
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedleak.attacks import registry as attack_registry
 from fedleak.attacks.registry import attack_entry, build_attack, register_attack
 from fedleak.attacks.types import AttackerKnowledge, Budget, Observation
+from fedleak.client.app import train_reply
 from fedleak.config import RunConfig, parse_flat
 from fedleak.data import auxiliary, client_batch
 from fedleak.defenses import parse_defense_spec
-from fedleak.messages import reply_content
 from fedleak.models import build_model
 from fedleak.runtime import federated_data, local_training, model_spec
 from fedleak.server.payload import (
@@ -275,30 +276,36 @@ class TestPool:
         {"train.batch-size": 4},
         {"train.batch-size": 4, "threat.share": "per-sample", "defense.spec": "mixup:2"},
         {"model.name": "resnet20", "threat.bn-stats": "shared", "train.batch-size": 2},
+        {"train.batch-size": 1, "defense.spec": "instahide:3"},
+        {"train.batch-size": 2, "defense.spec": "instahide:3:inter", "data.public-size": 20},
     ],
 )
 def test_the_estimate_is_what_a_client_sends(flat: dict[str, object]) -> None:
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
     config = parse_flat(flat)
-    fd = federated_data(config, 3)
-    spec = model_spec(config, fd)
-    model = build_model(spec)
-    x, y = client_batch(fd, 0, 1, config.train.batch_size, config.seed)
-    update = compute_update(
-        model,
-        x,
-        y,
-        spec.num_classes,
-        parse_defense_spec(config.defense.spec),
-        local_training(config),
-        torch.Generator().manual_seed(0),
-        share_bn_statistics=config.threat.bn_stats == "shared",
+    spec = model_spec(config, federated_data(config, 3))
+    sent = Message(
+        content=RecordDict(
+            {
+                "arrays": ArrayRecord(build_model(spec).state_dict()),
+                "config": ConfigRecord({"server-round": 1}),
+            }
+        ),
+        dst_node_id=1,
+        message_type=MessageType.TRAIN,
     )
-    reply = Message(
-        content=reply_content(update, x, y, 0, config), dst_node_id=1, message_type="train"
-    )
+    node = {"partition-id": 0, "num-partitions": 3}
+    reply = train_reply(sent, Context(1, 1, node, RecordDict(), {}), config)
     payload = estimate_payload(config, spec, num_clients=3)
-    assert payload.reply == reply_bytes(reply)
+    # Encodings: the estimate counts k - 1 partners per sample from outside the batch; those
+    # that were drawn from the batch itself are not sent again.
+    unsent = 0
+    encoder = parse_defense_spec(config.defense.spec).encoder
+    if encoder is not None and not getattr(encoder, "inter", False):
+        audit = reply.content["audit"]
+        examples, image = audit["inputs"].shape[0], math.prod(spec.input_shape) * 4
+        unsent = (examples * (encoder.k - 1) - audit["partners"].shape[0]) * (image + 8)
+    assert payload.reply - unsent == reply_bytes(reply)
     assert payload.total == 3 * (payload.weights + payload.reply)
 
 

@@ -197,7 +197,8 @@ def test_state_dir_and_console_line(run: RunDirectory) -> None:
 
 def test_leakage_written_before_the_diagnostics_column_still_reads(tmp_path: Path) -> None:
     old = tmp_path / "leakage.parquet"
-    columns = [c for c in LEAKAGE_COLUMNS if c != "diagnostics"]
+    added = ("diagnostics", "loss_start", "loss_final", "converged")
+    columns = [c for c in LEAKAGE_COLUMNS if c not in added]
     row = {
         c: (1 if LEAKAGE_COLUMNS[c] == "int64" else "x" if LEAKAGE_COLUMNS[c] == "str" else 0.5)
         for c in columns
@@ -206,3 +207,4 @@ def test_leakage_written_before_the_diagnostics_column_still_reads(tmp_path: Pat
     leakage = read_leakage_parquet(old)
     assert list(leakage.columns) == list(LEAKAGE_COLUMNS)
     assert leakage["diagnostics"].tolist() == [""] and leakage["psnr"].tolist() == [0.5]
+    assert leakage[["loss_start", "loss_final", "converged"]].isna().all().all()

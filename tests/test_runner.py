@@ -90,3 +90,34 @@ def test_encoded_samples_are_scored_against_their_best_private_source() -> None:
             # 0.4 of the way to the other image: the nearer source is the dominant one.
             assert row["target_index"] == row["sample"]
             assert abs(row["mse"] - 0.16) < 1e-6
+
+
+class Finite:
+    """Returns a finite guess but calls it diverged after running out of time."""
+
+    name = "finite"
+
+    def __init__(self, shape: tuple[int, ...] = (2, 1, 4, 4)) -> None:
+        self.shape = shape
+
+    def reconstruct(self, observation, knowledge, budget) -> Reconstruction:
+        return Reconstruction(
+            inputs=torch.rand(self.shape),
+            labels=None,
+            status="nan",
+            diagnostics={"stopped_by": "seconds"},
+        )
+
+
+def test_one_status_rule_any_finite_reconstruction_of_the_right_shape_is_scored() -> None:
+    attacks = {"finite": Finite(), "wrong": Finite((2, 1, 5, 5)), "few": Finite((1, 1, 4, 4))}
+    runner = InlineRunner(attacks, _knowledge(), Budget(10, 5.0))
+    runner.submit([AttackJob(i, name, _observation()) for i, name in enumerate(attacks)])
+    results = {r.job.attack: r.reconstruction for r in runner.ready()}
+    # Running out of budget is a diagnostic: the guess is kept and scored.
+    assert results["finite"].status == "ok"
+    assert results["finite"].diagnostics["stopped_by"] == "seconds"
+    assert (
+        results["wrong"].status == "failed" and "expected (2, 1, 4, 4)" in results["wrong"].message
+    )
+    assert results["few"].status == "failed" and "1 samples, expected 2" in results["few"].message

@@ -9,7 +9,10 @@ import pandas as pd
 import pytest
 import torch
 
+from fedleak.config import parse_flat
+from fedleak.report.rundir import RunDirectory
 from fedleak.simulations.cli import main
+from fedleak.simulations.presets import load_preset
 
 TINY = [
     "--num-clients",
@@ -24,6 +27,9 @@ TINY = [
     "train.batch-size=2",
     "--set",
     "data.aux-size=200",
+    # A seeded draw of 2 of the 3 clients per round: attacks on and off must agree on it.
+    "--set",
+    "train.fraction-train=0.67",
 ]
 
 
@@ -94,6 +100,29 @@ def test_resume_continues_after_the_last_finished_round(tmp_path: Path) -> None:
     utility = pd.read_csv(out / "utility.csv")
     assert list(utility["round"]) == [0, 1, 2]
     assert sorted(pd.read_parquet(out / "leakage.parquet")["round"].unique()) == [1, 2]
+    # The directory now describes one study of 2 rounds, all finished.
+    assert RunDirectory.open(out).config.num_server_rounds == 2
+    assert "2 of 2 rounds finished" in (out / "summary.md").read_text(encoding="utf-8")
+
+
+def test_resume_refuses_any_change_but_more_rounds(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "kept"
+    stored = parse_flat({"out-dir": str(out)}, load_preset("quickstart"))
+    RunDirectory.create(out, stored, {})
+    changed = ["seed=1", "defense.spec=sign", "train.lr=0.1", "num-server-rounds=5"]
+    args = ["run", "quickstart", "--out", str(out), "--set", "sim.resume=true"]
+    assert main([*args, *[a for c in changed for a in ("--set", c)]]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "differing: " in error
+    differing = error.split("differing: ")[1].split(". ")[0]
+    for named in ("seed=1 (the run has 0)", "defense.spec='sign' (the run has 'none')"):
+        assert named in differing
+    assert "train.lr=0.1 (the run has 0.01)" in differing and "num-server-rounds" not in differing
+    assert main([*args, "--set", "num-server-rounds=2"]) == 2
+    assert "num-server-rounds=2 is fewer than the 3" in capsys.readouterr().err
+    # Nothing was started or written: the stored study is untouched.
+    assert RunDirectory.open(out).config == stored
+    assert not (out / "utility.csv").exists()
 
 
 def test_lti_inverter_is_cached_in_the_run_directory_and_resumed(tmp_path: Path) -> None:

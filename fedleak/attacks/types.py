@@ -7,6 +7,7 @@ attacker's own resources are in `AttackerKnowledge`. Ground truth lives in
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
@@ -75,12 +76,47 @@ class Budget:
     show_progress: bool = False
 
 
-AttackStatus = Literal["ok", "failed", "nan", "timeout"]
+# One rule for every attack (applied by the server's runner): a finite reconstruction of the
+# right shape is "ok" and scored, whatever budget it ran out of (that is `stopped_by` in the
+# diagnostics); "nan" when it holds NaN or inf; "failed" when the attack raised or returned
+# the wrong shape.
+AttackStatus = Literal["ok", "failed", "nan"]
+
+# An optimisation attack converged when its final matching loss is at most this fraction of
+# the matching loss of its starting point: an order of magnitude (see `converged`).
+CONVERGED_RATIO = 0.1
+
+
+def converged(loss_start: float, loss_final: float) -> float:
+    """1.0 when the final matching loss is at most `CONVERGED_RATIO` (1/10) times the starting
+    one, 0.0 when it is not (a diverged, +inf, final loss included), NaN when the rule does not
+    apply: no matching loss (NaN), or a start that is not a positive finite number.
+
+    A relative rule, because matching losses live on different scales (cosine distance in
+    [0, 2], squared L2, hinges). Measured on MNIST-5k, sigmoid LeNet, B = 1 (final / start):
+    IG 300 iterations 3e-5 to 2e-3 without defense, 1e-3 to 7e-3 under prune:0.9, 1e-5 under
+    sign; IG stopped after 5 iterations 0.25 to 0.33; DLG 2e-4, or above 1 when it diverged;
+    under gauss:0.1 0.6, gauss:1.0 and dpsgd:1:1 0.9 to 0.95. A row that did not converge did
+    not fit the update: its poor reconstruction tells of a budget that ran out or of an update
+    the attack could not match (noise sets a floor under the loss), not of an attack that
+    matched the update and still found the wrong image.
+    """
+    if math.isnan(loss_start) or math.isnan(loss_final):
+        return math.nan
+    if not (math.isfinite(loss_start) and loss_start > 0):
+        return math.nan
+    return 1.0 if loss_final <= CONVERGED_RATIO * loss_start else 0.0
 
 
 @dataclass(frozen=True)
 class Reconstruction:
-    """An attack's guess of the private batch. `inputs` is on the CPU, in the data range."""
+    """An attack's guess of the private batch. `inputs` is on the CPU, in the data range.
+
+    `loss_start` / `loss_final`: the matching loss [N] of each reconstructed sample at the
+    optimisation's starting point and at its end (the problem it belongs to: all samples of a
+    batch update share one); None for attacks without a matching loss. `diagnostics` holds the
+    attack's own numbers, and `stopped_by` (iterations, seconds, epochs, ...) when it has one.
+    """
 
     inputs: torch.Tensor
     labels: torch.Tensor | None
@@ -89,7 +125,9 @@ class Reconstruction:
     seconds: float = 0.0
     status: AttackStatus = "ok"
     message: str = ""
-    diagnostics: dict[str, float] = field(default_factory=dict)
+    diagnostics: dict[str, float | str] = field(default_factory=dict)
+    loss_start: torch.Tensor | None = None
+    loss_final: torch.Tensor | None = None
 
 
 @runtime_checkable

@@ -14,9 +14,9 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedleak.config import RunConfig, parse_flat
-from fedleak.data import client_batch
-from fedleak.defenses import parse_defense_spec
-from fedleak.messages import reply_content
+from fedleak.data import client_rows, partition_rows
+from fedleak.defenses import PartnerPool, parse_defense_spec
+from fedleak.messages import partition_answer, reply_content
 from fedleak.models import build_model
 from fedleak.runtime import federated_data, local_training, model_spec, resolve_device
 from fedleak.training.update import compute_update
@@ -44,8 +44,11 @@ def train_reply(msg: Message, context: Context, config: RunConfig) -> Message:
             )
     fd = federated_data(config, num_partitions)
     device = resolve_device(config.device)
-    x, y = client_batch(
-        fd, partition_id, server_round, config.train.examples_per_round, config.seed
+    rows = client_rows(fd, partition_id, server_round, config.train.examples_per_round, config.seed)
+    x, y = fd.dataset.train_x[rows], fd.dataset.train_y[rows]
+    # MixUp and intra-InstaHide draw each sample's partners from the client's whole partition.
+    own_data = PartnerPool(
+        fd.dataset.train_x, partition_rows(fd, partition_id), fd.dataset.train_y, rows
     )
     model = build_model(model_spec(config, fd))
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
@@ -62,6 +65,7 @@ def train_reply(msg: Message, context: Context, config: RunConfig) -> Message:
         local_training(config),
         generator,
         public=public,
+        private=own_data,
         share_bn_statistics=config.threat.bn_stats == "shared",
     )
     return Message(content=reply_content(update, x, y, partition_id, config), reply_to=msg)
@@ -80,6 +84,12 @@ def make_client_app(config: RunConfig | None = None) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         resolved = config or _config_from(tuple(sorted(context.run_config.items())))
         return train_reply(msg, context, resolved)
+
+    @client.query()
+    def query(msg: Message, context: Context) -> Message:
+        # The server's seeded client selection asks each node once for its partition id.
+        partition_id = int(context.node_config["partition-id"])
+        return Message(content=partition_answer(partition_id), reply_to=msg)
 
     return client
 

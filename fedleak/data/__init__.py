@@ -2,7 +2,14 @@
 
 from fedleak.data.auxiliary import AuxiliarySplit, split_auxiliary
 from fedleak.data.dataset import DatasetUnavailable, ImageDataset
-from fedleak.data.federation import FederatedData, auxiliary, build_federated_data, client_batch
+from fedleak.data.federation import (
+    FederatedData,
+    auxiliary,
+    build_federated_data,
+    client_batch,
+    client_rows,
+    partition_rows,
+)
 from fedleak.data.folder import FolderLayoutError
 from fedleak.data.partition import SCHEMES, partition_indices
 from fedleak.data.registry import (
@@ -37,12 +44,14 @@ __all__ = [
     "auxiliary",
     "build_federated_data",
     "client_batch",
+    "client_rows",
     "data_shape",
     "dataset_entry",
     "dataset_names",
     "default_data_dir",
     "load_dataset",
     "partition_indices",
+    "partition_rows",
     "register_dataset",
     "sample_batch",
     "split_auxiliary",

@@ -130,16 +130,28 @@ def _build(
     )
 
 
+def client_rows(
+    fd: FederatedData, partition_id: int, server_round: int, batch_size: int, seed: int
+) -> Tensor:
+    """The rows of `dataset.train_x` partition `partition_id` trains on in `server_round`."""
+    if not 0 <= partition_id < fd.num_partitions:
+        raise DataSplitError(f"partition_id={partition_id}: expected 0..{fd.num_partitions - 1}")
+    return _index(
+        sample_batch(fd.partitions[partition_id], batch_size, seed, partition_id, server_round)
+    )
+
+
 def client_batch(
     fd: FederatedData, partition_id: int, server_round: int, batch_size: int, seed: int
 ) -> tuple[Tensor, Tensor]:
     """The images and labels partition `partition_id` trains on in `server_round`."""
-    if not 0 <= partition_id < fd.num_partitions:
-        raise DataSplitError(f"partition_id={partition_id}: expected 0..{fd.num_partitions - 1}")
-    chosen = _index(
-        sample_batch(fd.partitions[partition_id], batch_size, seed, partition_id, server_round)
-    )
+    chosen = client_rows(fd, partition_id, server_round, batch_size, seed)
     return fd.dataset.train_x[chosen], fd.dataset.train_y[chosen]
+
+
+def partition_rows(fd: FederatedData, partition_id: int) -> Tensor:
+    """The rows of `dataset.train_x` that partition `partition_id` holds."""
+    return _index(fd.partitions[partition_id])
 
 
 def auxiliary(fd: FederatedData) -> tuple[Tensor, Tensor]:

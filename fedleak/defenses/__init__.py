@@ -12,6 +12,7 @@ from fedleak.defenses.encode import (
     EncodingError,
     InstaHide,
     MixUp,
+    PartnerPool,
     mix_images,
     mix_labels,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "GaussianNoise",
     "InstaHide",
     "MixUp",
+    "PartnerPool",
     "Prune",
     "SignCompression",
     "Step",

@@ -6,10 +6,18 @@ al. 2020). Coefficients are a uniform (Dirichlet(1, ..., 1)) draw on the simplex
 that bound by rejection: draws with a coefficient above 0.65 are discarded and redrawn, so the
 accepted ones are exactly the conditioned distribution (clipping and renormalising would not be).
 
-- MixUp mixes with K-1 other images of the client's batch; encoded inputs stay in [0, 1].
-- InstaHide mixes the same way (intra: partners from the batch; inter: K-1 partners from a
-  public pool the caller passes), then multiplies every coordinate by a random sign (+1 or -1,
-  a fresh mask per encoded image). Encoded inputs therefore lie in [-1, 1].
+- MixUp mixes with K-1 other images of the client's training set (its whole partition, as
+  GradAttack and InstaHide define it, not only the batch: this is what lets it run at B = 1);
+  encoded inputs stay in [0, 1].
+- InstaHide mixes the same way (intra: partners from the client's partition; inter: K-1
+  partners from a public pool the caller passes), then multiplies every coordinate by a random
+  sign (+1 or -1, a fresh mask per encoded image). Encoded inputs therefore lie in [-1, 1].
+
+The caller describes the client's partition as a `PartnerPool` (rows of an image store, read
+only where drawn); without one, the batch stands in for it. A sample is never its own partner.
+The result records every source: `sources[i, j]` indexes the private images, i.e. the batch
+followed by `partners` (the private partner images from outside the batch), or the public pool
+where `from_public[i, j]`.
 
 Labels are mixed with the same coefficients. Public images carry no label, so under
 inter-InstaHide a soft label holds only the private share lambda_1 * y_1 (its mass is lambda_1
@@ -22,6 +30,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from fedleak.defenses.grammar import DefenseSpecError
@@ -34,12 +43,38 @@ class EncodingError(ValueError):
 
 
 @dataclass(frozen=True)
+class PartnerPool:
+    """The private images an encoding may mix a sample with: rows `members` of `images` (e.g.
+    the client's partition within the whole training set), with int64 `labels` per row of
+    `images`. `batch_rows[i]` is the row holding batch sample i (so it is never its own partner,
+    and a partner that is also in the batch is recorded as that batch sample)."""
+
+    images: Tensor
+    members: Tensor
+    labels: Tensor
+    batch_rows: Tensor
+
+    @classmethod
+    def of_batch(cls, x: Tensor, y_onehot: Tensor) -> PartnerPool:
+        """The batch standing in for the client's data (when no partition is given)."""
+        rows = torch.arange(x.shape[0])
+        return cls(x, rows, y_onehot.argmax(dim=1).cpu(), rows)
+
+    @property
+    def size(self) -> int:
+        """How many images the pool holds."""
+        return int(self.members.shape[0])
+
+
+@dataclass(frozen=True)
 class EncodedBatch:
     """An encoded batch and everything needed to recompute it from the source images.
 
-    `sources[i, j]` indexes the private batch, or the public pool where `from_public[i, j]`;
-    `coefficients[i]` sums to 1; `signs` is the ±1 mask of InstaHide (None otherwise). Without
-    an encoder the batch is the identity: K = 1, sources = arange, coefficients = 1.
+    `sources[i, j]` indexes the private images, the batch followed by `partners` (private
+    partner images from outside the batch, int64 labels `partner_labels`), or the public pool
+    where `from_public[i, j]`; `coefficients[i]` sums to 1; `signs` is the ±1 mask of
+    InstaHide (None otherwise). Without an encoder the batch is the identity: K = 1,
+    sources = arange, coefficients = 1, no partners.
     """
 
     inputs: Tensor
@@ -48,6 +83,8 @@ class EncodedBatch:
     coefficients: Tensor
     signs: Tensor | None
     from_public: Tensor
+    partners: Tensor
+    partner_labels: Tensor
 
     @property
     def k(self) -> int:
@@ -65,11 +102,14 @@ class EncodedBatch:
             coefficients=torch.ones(batch, 1, device=x.device, dtype=x.dtype),
             signs=None,
             from_public=torch.zeros(batch, 1, device=x.device, dtype=torch.bool),
+            partners=x.new_zeros((0, *x.shape[1:])),
+            partner_labels=torch.zeros(0, dtype=torch.int64, device=x.device),
         )
 
     def reapply(self, private: Tensor, public: Tensor | None = None) -> Tensor:
-        """The encoding of other (e.g. dummy) private images with the same sources, coefficients
-        and signs; differentiable in `private`, which is what an adaptive attacker needs."""
+        """The encoding of other (e.g. dummy) private images (the batch followed by the
+        partners) with the same sources, coefficients and signs; differentiable in `private`,
+        which is what an adaptive attacker needs."""
         return mix_images(
             private, self.sources, self.coefficients, self.from_public, self.signs, public
         )
@@ -130,20 +170,44 @@ def _check_k(name: str, k: int) -> None:
         raise DefenseSpecError(f"{name}: K={k!r} must be an integer >= 2 (images mixed per sample)")
 
 
-def _partners(
+def _draw(
     pool_size: int,
     batch: int,
     count: int,
-    exclude_self: bool,
+    own: Tensor | None,
     generator: torch.Generator,
     device: torch.device,
 ) -> Tensor:
-    """`count` distinct random indices into a pool for each of `batch` rows (never the row itself
-    when `exclude_self`): the smallest of uniform scores."""
+    """`count` distinct random positions in a pool for each of `batch` rows (never the position
+    where `own` [batch, pool_size] is True): the smallest of uniform scores."""
     scores = torch.rand(batch, pool_size, generator=generator, device=device)
-    if exclude_self:
-        scores.fill_diagonal_(2.0)
+    if own is not None:
+        scores = scores.masked_fill(own.to(device), 2.0)
     return scores.topk(count, dim=1, largest=False).indices
+
+
+def _private_partners(
+    x: Tensor, k: int, pool: PartnerPool, generator: torch.Generator, name: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """K-1 partners per sample from the private pool: (their indices into the batch followed by
+    the new partners [B, K-1], the new partner images, their int64 labels)."""
+    batch, device = x.shape[0], x.device
+    members, rows = pool.members.cpu(), pool.batch_rows.cpu()
+    own = members.unsqueeze(0) == rows.unsqueeze(1)  # [B, N]: where each sample sits in the pool
+    available = pool.size - (int(own.sum(dim=1).max()) if batch else 0)
+    if available < k - 1:
+        where = "the batch holds" if pool.images is x else "the client's data holds"
+        raise EncodingError(
+            f"{name} mixes each image with K-1={k - 1} others but {where} {pool.size} "
+            f"({available} besides the image itself); use a smaller K or more data per client"
+        )
+    drawn = members[_draw(pool.size, batch, k - 1, own, generator, device).cpu()]  # rows
+    in_batch = drawn.unsqueeze(-1) == rows.view(1, 1, -1)  # [B, K-1, B]
+    outside = drawn[~in_batch.any(dim=-1)].unique()
+    slot = torch.searchsorted(outside, drawn).clamp(max=max(len(outside) - 1, 0)) + batch
+    index = torch.where(in_batch.any(dim=-1), in_batch.int().argmax(dim=-1), slot)
+    partners = pool.images[outside].to(device=device, dtype=x.dtype)
+    return index.to(device), partners, pool.labels[outside].to(device=device, dtype=torch.int64)
 
 
 def _encode(
@@ -152,18 +216,17 @@ def _encode(
     k: int,
     generator: torch.Generator,
     name: str,
+    private: PartnerPool | None,
     public: Tensor | None,
     flip_signs: bool,
 ) -> EncodedBatch:
     batch, device = x.shape[0], x.device
     own = torch.arange(batch, device=device).unsqueeze(1)
+    partners = x.new_zeros((0, *x.shape[1:]))
+    partner_labels = torch.zeros(0, dtype=torch.int64, device=device)
     if public is None:
-        if batch < k:
-            raise EncodingError(
-                f"{name} mixes K={k} images of the batch but the batch holds {batch}; "
-                f"use a batch of at least {k} or a smaller K"
-            )
-        partners = _partners(batch, batch, k - 1, True, generator, device)
+        pool = private if private is not None else PartnerPool.of_batch(x, y_onehot)
+        drawn, partners, partner_labels = _private_partners(x, k, pool, generator, name)
         from_public = torch.zeros(batch, k, dtype=torch.bool, device=device)
     else:
         if public.shape[0] < k - 1 or public.shape[1:] != x.shape[1:]:
@@ -171,28 +234,33 @@ def _encode(
                 f"{name} needs a public pool of at least {k - 1} images shaped "
                 f"{tuple(x.shape[1:])}; got {tuple(public.shape)}"
             )
-        partners = _partners(public.shape[0], batch, k - 1, False, generator, device)
+        drawn = _draw(public.shape[0], batch, k - 1, None, generator, device)
         from_public = torch.ones(batch, k, dtype=torch.bool, device=device)
         from_public[:, 0] = False
-    sources = torch.cat([own, partners], dim=1)
+    sources = torch.cat([own, drawn], dim=1)
     coefficients = bounded_coefficients(batch, k, generator, device, x.dtype)
     signs = None
     if flip_signs:
         bits = torch.randint(0, 2, x.shape, generator=generator, device=device)
         signs = (bits * 2 - 1).to(x.dtype)
+    private_images = torch.cat([x, partners])
+    classes = y_onehot.shape[1]
+    private_labels = torch.cat([y_onehot, F.one_hot(partner_labels, classes).to(y_onehot.dtype)])
     return EncodedBatch(
-        inputs=mix_images(x, sources, coefficients, from_public, signs, public),
-        soft_labels=mix_labels(y_onehot, sources, coefficients, from_public),
+        inputs=mix_images(private_images, sources, coefficients, from_public, signs, public),
+        soft_labels=mix_labels(private_labels, sources, coefficients, from_public),
         sources=sources,
         coefficients=coefficients,
         signs=signs,
         from_public=from_public,
+        partners=partners,
+        partner_labels=partner_labels,
     )
 
 
 @dataclass(frozen=True)
 class MixUp:
-    """MixUp with K images per encoded sample, all from the client's batch."""
+    """MixUp with K images per encoded sample, all from the client's own data."""
 
     k: int
     kind: ClassVar[str] = "mixup"
@@ -208,16 +276,22 @@ class MixUp:
         return f"mixup:{self.k}"
 
     def __call__(
-        self, x: Tensor, y_onehot: Tensor, generator: torch.Generator, public: Tensor | None = None
+        self,
+        x: Tensor,
+        y_onehot: Tensor,
+        generator: torch.Generator,
+        public: Tensor | None = None,
+        private: PartnerPool | None = None,
     ) -> EncodedBatch:
-        """Encode a batch; `public` is ignored (MixUp only mixes private images)."""
-        return _encode(x, y_onehot, self.k, generator, self.spec, None, flip_signs=False)
+        """Encode a batch with partners from `private` (the batch when None); `public` is
+        ignored (MixUp only mixes private images)."""
+        return _encode(x, y_onehot, self.k, generator, self.spec, private, None, flip_signs=False)
 
 
 @dataclass(frozen=True)
 class InstaHide:
-    """InstaHide with K images per encoded sample: intra (batch partners) or inter (public pool),
-    then a random ±1 mask per encoded image."""
+    """InstaHide with K images per encoded sample: intra (partners from the client's own data)
+    or inter (partners from a public pool), then a random ±1 mask per encoded image."""
 
     k: int
     inter: bool = False
@@ -234,10 +308,16 @@ class InstaHide:
         return f"instahide:{self.k}:inter" if self.inter else f"instahide:{self.k}"
 
     def __call__(
-        self, x: Tensor, y_onehot: Tensor, generator: torch.Generator, public: Tensor | None = None
+        self,
+        x: Tensor,
+        y_onehot: Tensor,
+        generator: torch.Generator,
+        public: Tensor | None = None,
+        private: PartnerPool | None = None,
     ) -> EncodedBatch:
-        """Encode a batch; the inter version needs `public`, the intra version ignores it."""
+        """Encode a batch; the inter version needs `public`, the intra version draws from
+        `private` (the batch when None) and ignores `public`."""
         if self.inter and public is None:
             raise EncodingError(f"{self.spec} mixes public images; pass a public pool (public=...)")
         pool = public if self.inter else None
-        return _encode(x, y_onehot, self.k, generator, self.spec, pool, flip_signs=True)
+        return _encode(x, y_onehot, self.k, generator, self.spec, private, pool, flip_signs=True)

@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Protocol, TypeVar
 import torch
 from torch import Tensor
 
-from fedleak.defenses.encode import EncodedBatch, InstaHide, MixUp
+from fedleak.defenses.encode import EncodedBatch, InstaHide, MixUp, PartnerPool
 from fedleak.defenses.grammar import DefenseSpecError
 from fedleak.defenses.registry import DEFENSES, allowed_forms
 from fedleak.registry import UnknownNameError
@@ -105,12 +105,14 @@ class DefensePipeline:
         y_onehot: Tensor,
         generator: torch.Generator,
         public: Tensor | None = None,
+        private: PartnerPool | None = None,
     ) -> EncodedBatch:
-        """The encoded batch; the identity (K = 1, no signs) when there is no encoder."""
+        """The encoded batch; the identity (K = 1, no signs) when there is no encoder.
+        `private` is the client's own data partners are drawn from (the batch when None)."""
         encoder = self.encoder
         if encoder is None:
             return EncodedBatch.identity(x, y_onehot)
-        return encoder(x, y_onehot, generator, public)
+        return encoder(x, y_onehot, generator, public, private)
 
     def clip(self, per_sample: dict[str, Tensor]) -> dict[str, Tensor]:
         """Per-sample clipping (leading dim = samples); the identity without a clip step."""

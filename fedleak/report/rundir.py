@@ -62,6 +62,11 @@ LEAKAGE_COLUMNS: Mapping[str, str] = {
     "label_method": "str",
     # The attack's own numbers as JSON (e.g. a learned attack's training epochs and time).
     "diagnostics": "str",
+    # Matching loss at the start and the end of an optimisation attack (NaN without one) and
+    # whether it converged (1.0 / 0.0 / NaN; rule: fedleak.attacks.types.converged).
+    "loss_start": "float64",
+    "loss_final": "float64",
+    "converged": "float64",
 }
 
 UTILITY_COLUMNS: Mapping[str, str] = {
@@ -77,7 +82,8 @@ UTILITY_COLUMNS: Mapping[str, str] = {
     "payload_mb": "float64",
 }
 
-STATUSES = ("ok", "failed", "nan", "timeout")
+# Runs written before the one status rule may also hold "timeout" rows; new rows may not.
+STATUSES = ("ok", "failed", "nan")
 SCORED_AGAINST = ("original", "encoded")
 
 CONFIG_FILE = "config.toml"
@@ -239,6 +245,12 @@ class RunDirectory:
         if not (path / CONFIG_FILE).is_file():
             raise RunDirectoryError(f"{path}: not a run directory (no {CONFIG_FILE})")
         return cls(path)
+
+    def record_config(self, config: RunConfig) -> None:
+        """Replace config.toml (a resumed run that asks for more rounds, see
+        `fedleak.server.resume`)."""
+        atomic_write(self.path / CONFIG_FILE, config.to_toml().encode("utf-8"))
+        self._config = config
 
     @property
     def config(self) -> RunConfig:

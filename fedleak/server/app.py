@@ -29,7 +29,9 @@ from fedleak.server.auditor import Auditor, GroundTruth
 from fedleak.server.central_dp import CentralDP
 from fedleak.server.payload import check_payload
 from fedleak.server.privacy import PrivacyLedger
+from fedleak.server.resume import check_resume
 from fedleak.server.runner import AttackResult, AttackRunner, InlineRunner
+from fedleak.server.selection import ClientSelection
 from fedleak.server.strategy import CuriousStrategy, PublicSetting
 from fedleak.server.validate import validate_components
 
@@ -118,7 +120,7 @@ class RoundRecorder:
                 observation.round,
                 observation.client_id,
                 result.job.attack,
-                truth.inputs[list(targets)],
+                truth.private[list(targets)],
                 reconstruction.inputs[list(samples)],
             )
 
@@ -168,6 +170,8 @@ def serve(grid: Grid, config: RunConfig) -> Path:
     config = dataclasses.replace(config, out_dir=str(path))
     if config.sim.resume and (path / "config.toml").exists():
         run_dir = RunDirectory.open(path)
+        check_resume(run_dir.config, config, str(path))
+        run_dir.record_config(config)  # the same study, perhaps with more rounds
     else:
         run_dir = RunDirectory.create(path, config, environment(device, config))
     config = with_attack_caches(config, run_dir)
@@ -251,11 +255,16 @@ def build_strategy(
     """FedAvg (inside Flower's central-DP wrapper when configured) wrapped by the curious
     server, with its attacks and their budget."""
     train = config.train
+    # The curious strategy draws each round's clients itself (seeded, over partition ids) and
+    # shows FedAvg only those, so FedAvg takes every node it is shown.
     inner = FedAvg(
-        fraction_train=train.fraction_train,
+        fraction_train=1.0,
         fraction_evaluate=0.0,
         min_train_nodes=train.min_clients,
         min_available_nodes=train.min_clients,
+    )
+    selection = ClientSelection(
+        train.fraction_train, train.min_clients, config.seed, timeout=config.sim.timeout
     )
     if config.defense.central_clip > 0:
         inner = CentralDP.from_config(inner, config, prior_releases=offset)
@@ -296,6 +305,7 @@ def build_strategy(
         seed=config.seed,
         round_offset=offset,
         row_context=context,
+        selection=selection,
     )
 
 

@@ -7,22 +7,29 @@ audit record straight here, around the attackers.
 from __future__ import annotations
 
 import json
+import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
-from fedleak.attacks.types import Observation, Reconstruction
+from fedleak.attacks.types import Observation, Reconstruction, converged
 from fedleak.metrics import assign, label_accuracy, score_images
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class GroundTruth:
     """A client's private batch of one round, as the auditor knows it.
 
-    `inputs` are the private originals. Under an input encoding (MixUp, InstaHide),
-    `encoded` holds what the gradient was computed on and `sources[i]` lists the indices of
-    the private images mixed into encoded sample i (-1 for images from a public pool).
+    `inputs` are the private originals of the batch. Under an input encoding (MixUp,
+    InstaHide), `encoded` holds what the gradient was computed on, `partners` the private
+    images from outside the batch that were mixed in (labels `partner_labels`), and
+    `sources[i]` the indices into `private` (the batch followed by the partners) of the images
+    mixed into encoded sample i, -1 for images from a public pool: those are nobody's private
+    data and are never scored against.
     """
 
     client_id: int
@@ -30,46 +37,86 @@ class GroundTruth:
     labels: torch.Tensor
     encoded: torch.Tensor | None = None
     sources: torch.Tensor | None = None
+    partners: torch.Tensor | None = None
+    partner_labels: torch.Tensor | None = None
+
+    @property
+    def private(self) -> torch.Tensor:
+        """Every private image of the round: the batch, then the encodings' partners."""
+        if self.partners is None or len(self.partners) == 0:
+            return self.inputs
+        return torch.cat([self.inputs, self.partners.to(self.inputs.dtype)])
+
+    @property
+    def private_labels(self) -> torch.Tensor:
+        """The labels of `private`."""
+        if self.partner_labels is None or len(self.partner_labels) == 0:
+            return self.labels
+        return torch.cat([self.labels, self.partner_labels.long()])
 
     @classmethod
     def from_audit(cls, client_id: int, audit: Mapping[str, torch.Tensor]) -> GroundTruth:
-        """Rebuild from the tensors of a reply's audit record."""
+        """Rebuild from the tensors of a reply's audit record (`fedleak.messages`)."""
+        sources = audit.get("sources")
+        if sources is not None and "from-public" in audit:
+            sources = torch.where(audit["from-public"].bool(), -1, sources.long())
+        partner_labels = audit.get("partner-labels")
         return cls(
             client_id=client_id,
             inputs=audit["inputs"],
             labels=audit["labels"].long(),
             encoded=audit.get("encoded"),
-            sources=audit.get("sources"),
+            sources=sources,
+            partners=audit.get("partners"),
+            partner_labels=None if partner_labels is None else partner_labels.long(),
         )
 
     @staticmethod
     def union(truths: list[GroundTruth]) -> GroundTruth:
-        """All participating clients' data as one batch (the aggregate-only view).
+        """All participating clients' data as one batch (the aggregate-only view), in the
+        order given (the strategy's canonical order).
 
-        Encodings are kept when every client has them (one run, one defense), with each
-        client's source indices shifted past the originals of the clients before it; -1 (an
-        image from the public pool) stays -1.
+        Encodings are kept when every client has them (one run, one defense). The union's
+        private images are every batch, then every client's partners; each client's source
+        indices move accordingly, and -1 (an image from the public pool) stays -1.
         """
         encoded = sources = None
         if all(t.encoded is not None for t in truths):
             encoded = torch.cat([t.encoded for t in truths])
         if encoded is not None and all(t.sources is not None for t in truths):
-            shifted, offset = [], 0
+            batches = sum(len(t.inputs) for t in truths)
+            shifted, batch_offset, partner_offset = [], 0, batches
             for t in truths:
-                shifted.append(torch.where(t.sources >= 0, t.sources + offset, t.sources))
-                offset += len(t.inputs)
+                size = len(t.inputs)
+                moved = torch.where(
+                    t.sources < size, t.sources + batch_offset, t.sources - size + partner_offset
+                )
+                shifted.append(torch.where(t.sources >= 0, moved, t.sources))
+                batch_offset += size
+                partner_offset += 0 if t.partners is None else len(t.partners)
             sources = torch.cat(shifted)
+        partners = [t.partners for t in truths if t.partners is not None and len(t.partners)]
+        labels = [t.partner_labels for t in truths if t.partners is not None and len(t.partners)]
         return GroundTruth(
             client_id=-1,
             inputs=torch.cat([t.inputs for t in truths]),
             labels=torch.cat([t.labels for t in truths]),
             encoded=encoded,
             sources=sources,
+            partners=torch.cat(partners) if partners else None,
+            partner_labels=torch.cat(labels).long() if labels else None,
         )
 
 
 class Auditor:
-    """Matches each reconstruction to the ground truth (Hungarian on MSE) and scores it."""
+    """Matches each reconstruction to the ground truth (Hungarian on MSE) and scores it.
+
+    Every row also carries the attack's convergence: the matching loss of the reconstructed
+    sample at the start and the end of the optimisation (`loss_start`, `loss_final`) and
+    `converged` by the rule of `fedleak.attacks.types.converged` (NaN without a matching loss).
+    The auditor never ends a round: an error while scoring becomes a failed row, like an
+    attack's.
+    """
 
     def __init__(self, lpips_nets: tuple[str, ...] = ("alex",)) -> None:
         self.lpips_nets = lpips_nets
@@ -82,8 +129,41 @@ class Auditor:
         truth: GroundTruth,
         context: Mapping[str, object],
     ) -> list[dict[str, object]]:
-        """One row per reconstructed sample; a failed attack gives one row with its status."""
-        base = {
+        """One row per reconstructed sample; a failed attack (or a failure to score it) gives
+        one row with its status and message."""
+        base = self._base(observation, attack, reconstruction, context)
+        if reconstruction.status != "ok":
+            return [{**base, "sample": -1, "target_index": -1, "scored_against": "original"}]
+        try:
+            rows = self._score_against(base, reconstruction, truth.inputs, truth.labels, "original")
+            if truth.encoded is not None:
+                rows += self._score_against(base, reconstruction, truth.encoded, None, "encoded")
+                if truth.sources is not None:
+                    rows = self._best_source(rows, reconstruction, truth)
+        except Exception as error:  # scoring must not end the round: record it instead
+            log.warning("auditor failed on %s for client %s: %s", attack, base["client_id"], error)
+            first = (str(error).strip().splitlines() or [""])[0]
+            message = f"auditor: {type(error).__name__}: {first}"[:500]
+            return [
+                {
+                    **base,
+                    "status": "failed",
+                    "message": message,
+                    "sample": -1,
+                    "target_index": -1,
+                    "scored_against": "original",
+                }
+            ]
+        return [{**row, **_convergence(reconstruction, int(row["sample"]))} for row in rows]
+
+    @staticmethod
+    def _base(
+        observation: Observation,
+        attack: str,
+        reconstruction: Reconstruction,
+        context: Mapping[str, object],
+    ) -> dict[str, object]:
+        return {
             "round": observation.round,
             "client_id": observation.client_id,
             "attack": attack,
@@ -96,14 +176,6 @@ class Auditor:
             "diagnostics": json.dumps(reconstruction.diagnostics, sort_keys=True),
             **context,
         }
-        if reconstruction.status != "ok":
-            return [{**base, "sample": -1, "target_index": -1, "scored_against": "original"}]
-        rows = self._score_against(base, reconstruction, truth.inputs, truth.labels, "original")
-        if truth.encoded is not None:
-            rows += self._score_against(base, reconstruction, truth.encoded, None, "encoded")
-            if truth.sources is not None:
-                rows = self._best_source(rows, reconstruction, truth)
-        return rows
 
     def _score_against(
         self,
@@ -136,16 +208,19 @@ class Auditor:
     def _best_source(
         self, rows: list[dict[str, object]], reconstruction: Reconstruction, truth: GroundTruth
     ) -> list[dict[str, object]]:
-        """Against the originals, an encoded sample counts as leaking its best-matched source."""
+        """Against the originals, an encoded sample counts as leaking its best-matched source:
+        every private image mixed into it is scored (batch and partners alike), public ones
+        never; `target_index` then indexes `truth.private`."""
         encoded = [r for r in rows if r["scored_against"] == "encoded"]
         recon = reconstruction.inputs.detach().float().cpu()
+        private, private_labels = truth.private, truth.private_labels
         best_rows = []
         for row in encoded:
             sample = int(row["sample"])
             sources = [s for s in truth.sources[int(row["target_index"])].tolist() if s >= 0]
             if not sources:
                 continue
-            candidates = truth.inputs[sources].float()
+            candidates = private[sources].float()
             scores = score_images(
                 recon[sample : sample + 1].expand_as(candidates), candidates, self.lpips_nets
             )
@@ -157,10 +232,19 @@ class Auditor:
                     "scored_against": "original",
                     "target_index": source,
                     **_metric_fields(scores, best),
-                    **_label_fields(reconstruction, sample, truth.labels[source : source + 1]),
+                    **_label_fields(reconstruction, sample, private_labels[source : source + 1]),
                 }
             )
         return best_rows + encoded
+
+
+def _convergence(reconstruction: Reconstruction, sample: int) -> dict[str, float]:
+    """`loss_start`, `loss_final` and `converged` of one reconstructed sample."""
+    start, final = reconstruction.loss_start, reconstruction.loss_final
+    if start is None or final is None:
+        return {"loss_start": math.nan, "loss_final": math.nan, "converged": math.nan}
+    first, last = float(start[sample]), float(final[sample])
+    return {"loss_start": first, "loss_final": last, "converged": converged(first, last)}
 
 
 def _metric_fields(scores: Mapping[str, torch.Tensor], j: int) -> dict[str, float]:

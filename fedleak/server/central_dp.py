@@ -25,6 +25,7 @@ from flwr.supercore.differential_privacy import add_gaussian_noise_inplace, comp
 from fedleak.attacks.types import UpdateKind
 from fedleak.config import RunConfig
 from fedleak.server.privacy import central_epsilon
+from fedleak.server.selection import federation_size
 
 ARRAYS = "arrays"
 
@@ -94,7 +95,7 @@ class CentralDP(Strategy):
     ) -> Iterable[Message]:
         """Keep w_t in float64 (so w_t + Δ − w_t gives Δ back), let `inner` sample, note m."""
         self._sent = {k: np.asarray(v, dtype=np.float64) for k, v in _arrays(arrays).items()}
-        nodes = len(list(grid.get_node_ids()))
+        nodes = federation_size(grid)
         self.population = min(self.population or nodes, nodes)
         messages = list(self.dp.configure_train(server_round, arrays, config, grid))
         if messages:

@@ -21,7 +21,7 @@ from fedleak.defenses import parse_defense_spec
 from fedleak.models import ModelSpec, build_model
 
 MB = 1_000_000
-FLOAT32, INT64 = 4, 8
+FLOAT32, INT64, BOOL = 4, 8, 1
 ARRAY_HEADER = 128  # each array travels as a .npy buffer with a 128-byte header
 
 
@@ -39,11 +39,13 @@ class RoundPayload:
     per_sample: int
     audit: int
     bn_statistics: int
+    buffers: int = 0
 
     @property
     def reply(self) -> int:
-        """One client's reply: update, per-sample updates, audit batch, BatchNorm statistics."""
-        return self.update + self.per_sample + self.audit + self.bn_statistics
+        """One client's reply: update, per-sample updates, audit batch, BatchNorm statistics,
+        and the buffers (running statistics) after its local computation."""
+        return self.update + self.per_sample + self.audit + self.bn_statistics + self.buffers
 
     @property
     def total(self) -> int:
@@ -62,6 +64,7 @@ class RoundPayload:
             "per-sample": self.per_sample,
             "audit": self.audit,
             "bn-stats": self.bn_statistics,
+            "buffers": self.buffers,
         }
         shown = ", ".join(f"{k} {v / MB:.2f}" for k, v in parts.items() if v)
         return (
@@ -78,20 +81,26 @@ def clients_per_round(config: RunConfig, num_clients: int) -> int:
 
 def estimate_payload(config: RunConfig, spec: ModelSpec, num_clients: int) -> RoundPayload:
     """The bytes of one round of `config` on `spec` with `num_clients` clients, as the arrays
-    travel (float32 tensors, int64 labels, a .npy header each); metrics left out."""
+    travel (float32 tensors, int64 labels, a .npy header each); metrics left out. Under MixUp
+    and intra-InstaHide the partners from outside the batch are counted at their maximum."""
     model = build_model(spec)
     tensors = list(model.parameters())
     parameters = sum(p.numel() for p in tensors)
     update = parameters * FLOAT32 + len(tensors) * ARRAY_HEADER
     state = model.state_dict()
     weights = sum(t.numel() for t in state.values()) * FLOAT32 + len(state) * ARRAY_HEADER
+    own = dict(model.named_buffers())
+    buffers = sum(t.numel() * t.element_size() for t in own.values()) + len(own) * ARRAY_HEADER
     examples = config.train.examples_per_round
     image = math.prod(spec.input_shape) * FLOAT32
     audit = examples * (image + INT64) + 2 * ARRAY_HEADER
     encoder = parse_defense_spec(config.defense.spec).encoder
     if encoder is not None:
-        # The encoded batch and, per encoded sample, the k indices it mixes.
-        audit += examples * (image + encoder.k * INT64) + 2 * ARRAY_HEADER
+        # The encoded batch, per encoded sample the k sources it mixes and which are public,
+        # and the private partners from outside the batch: at most k - 1 per sample (intra).
+        audit += examples * (image + encoder.k * (INT64 + BOOL)) + 3 * ARRAY_HEADER
+        partners = 0 if getattr(encoder, "inter", False) else examples * (encoder.k - 1)
+        audit += partners * (image + INT64) + 2 * ARRAY_HEADER
     per_sample = 0
     if config.threat.share == "per-sample":
         per_sample = config.train.batch_size * parameters * FLOAT32 + len(tensors) * ARRAY_HEADER
@@ -106,6 +115,7 @@ def estimate_payload(config: RunConfig, spec: ModelSpec, num_clients: int) -> Ro
         per_sample=per_sample,
         audit=audit,
         bn_statistics=bn,
+        buffers=buffers,
     )
 
 

@@ -68,16 +68,30 @@ def failed_reconstruction(error: BaseException | str, seconds: float) -> Reconst
     )
 
 
-def checked(reconstruction: Reconstruction, seconds: float, expected: int) -> Reconstruction:
-    """Move to the CPU, time it, and turn NaN or a wrong shape into a recorded status."""
+def checked(
+    reconstruction: Reconstruction,
+    seconds: float,
+    expected: int,
+    shape: tuple[int, ...] | None = None,
+) -> Reconstruction:
+    """Move to the CPU, time it, and give it its status by the one rule of every attack: a
+    finite reconstruction of `expected` samples (of `shape` when given) is "ok" and scored,
+    whatever budget the attack ran out of; NaN or inf is "nan"; a wrong shape is "failed"."""
     inputs = reconstruction.inputs.detach().float().cpu()
     labels = None if reconstruction.labels is None else reconstruction.labels.detach().cpu()
-    status, message = reconstruction.status, reconstruction.message
-    if status == "ok" and not torch.isfinite(inputs).all():
-        status, message = "nan", "reconstruction contains NaN or inf"
-    elif status == "ok" and inputs.shape[0] != expected:
+    status, message = "ok", reconstruction.message
+    wanted = (expected, *shape) if shape is not None else None
+    if inputs.dim() == 0 or inputs.shape[0] != expected:
         status = "failed"
-        message = f"reconstruction has {inputs.shape[0]} samples, expected {expected}"
+        count = inputs.shape[0] if inputs.dim() else 0
+        message = f"reconstruction has {count} samples, expected {expected}"
+    elif wanted is not None and tuple(inputs.shape) != wanted:
+        status = "failed"
+        message = f"reconstruction of shape {tuple(inputs.shape)}, expected {wanted}"
+    elif not torch.isfinite(inputs).all():
+        status, message = "nan", "reconstruction contains NaN or inf"
+    if reconstruction.status == "failed" and status != "ok":
+        message = reconstruction.message or message
     return dataclasses.replace(
         reconstruction,
         inputs=inputs,
@@ -85,7 +99,13 @@ def checked(reconstruction: Reconstruction, seconds: float, expected: int) -> Re
         seconds=seconds,
         status=status,
         message=message,
+        loss_start=_cpu(reconstruction.loss_start),
+        loss_final=_cpu(reconstruction.loss_final),
     )
+
+
+def _cpu(values: torch.Tensor | None) -> torch.Tensor | None:
+    return None if values is None else values.detach().double().cpu()
 
 
 def run_job(
@@ -100,7 +120,8 @@ def run_job(
         log.warning("attack %s failed on client %s: %s", job.attack, observation.client_id, error)
         return AttackResult(job, failed_reconstruction(error, time.perf_counter() - start))
     seconds = time.perf_counter() - start
-    return AttackResult(job, checked(reconstruction, seconds, observation.num_targets))
+    shape = tuple(observation.model.input_shape) if observation.modality == "image" else None
+    return AttackResult(job, checked(reconstruction, seconds, observation.num_targets, shape))
 
 
 class InlineRunner:

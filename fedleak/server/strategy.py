@@ -1,8 +1,16 @@
 """`CuriousStrategy`: aggregates exactly as the strategy it wraps, and attacks what it sees.
 
 The wrapped strategy (FedAvg by default) never sees the extra records a simulated client
-sends (the audit batch, per-sample updates, BatchNorm statistics): they are split off into the
-attacker's `Observation` and the auditor's `GroundTruth` first, then stripped.
+sends (the audit batch, per-sample updates, BatchNorm statistics, buffers): they are split off
+into the attacker's `Observation` and the auditor's `GroundTruth` first, then stripped. The
+clients' buffers (BatchNorm running statistics after their local computation) are averaged
+with FedAvg's weights into the new global state beside the aggregated parameters, so that
+evaluation, and attacks that use running statistics, see what the clients computed.
+
+Same seed, same bits: replies are put in a canonical order (partition id, errors last) before
+anything reads them, because FedAvg sums float32 arrays in the order it is given them and
+replies arrive in whatever order the clients finish; and each round's clients are drawn by a
+`ClientSelection` seeded from the run's seed and the round (`fedleak.server.selection`).
 """
 
 from __future__ import annotations
@@ -15,17 +23,20 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from fedleak.attacks.types import Observation, UpdateKind
 from fedleak.messages import (
     ARRAYS,
     AUDIT,
     BN_STATS,
+    BUFFERS,
     EXTRA_RECORDS,
     METRICS,
+    NUM_EXAMPLES,
     PER_SAMPLE,
     tensors_of,
 )
@@ -34,6 +45,7 @@ from fedleak.server.auditor import Auditor, GroundTruth
 from fedleak.server.central_dp import CentralDP
 from fedleak.server.payload import reply_bytes
 from fedleak.server.runner import AttackJob, AttackResult, AttackRunner
+from fedleak.server.selection import ClientSelection, canonical_order
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +76,29 @@ def _metric(metrics: MetricRecord, key: str, default: float) -> float:
     return float(value)
 
 
+def average_buffers(replies: list[Message]) -> dict[str, torch.Tensor]:
+    """The clients' buffers (BatchNorm running statistics and batch counts) averaged with
+    FedAvg's `num-examples` weights, by Flower's own helper, as FedAvg averages a full state.
+
+    `num_batches_tracked` is averaged like the rest and rounded to the nearest integer: every
+    client of a round runs the same declared number of local steps, so the counts agree and
+    the average is exact; it only matters to BatchNorm layers without momentum.
+    """
+    records = [
+        RecordDict({BUFFERS: msg.content[BUFFERS], METRICS: msg.content[METRICS]})
+        for msg in replies
+        if BUFFERS in msg.content
+    ]
+    if not records:
+        return {}
+    sent = tensors_of(records[0][BUFFERS])
+    averaged = tensors_of(aggregate_arrayrecords(records, NUM_EXAMPLES))
+    return {
+        name: (value if sent[name].is_floating_point() else value.round()).to(sent[name].dtype)
+        for name, value in averaged.items()
+    }
+
+
 class CuriousStrategy(Strategy):
     """An honest-but-curious server: honest aggregation, plus attacks on every reply it sees."""
 
@@ -82,8 +117,10 @@ class CuriousStrategy(Strategy):
         on_scored: Callable[[AttackResult, GroundTruth, list[dict[str, object]]], None]
         | None = None,
         payload_check: Callable[[int], object] | None = None,
+        selection: ClientSelection | None = None,
     ) -> None:
         self.inner = inner
+        self.selection = selection
         self.public = public
         self.runner = runner
         self.auditor = auditor
@@ -108,11 +145,13 @@ class CuriousStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Remember w_t (the attacker's view and the FedSGD step both need it), then delegate."""
+        """Remember w_t (the attacker's view and the FedSGD step both need it), draw the
+        round's clients (seeded), then let the wrapped strategy address them."""
         self.global_weights = tensors_of(arrays)
-        messages = list(
-            self.inner.configure_train(server_round + self.round_offset, arrays, config, grid)
-        )
+        server_round += self.round_offset
+        if self.selection is not None:
+            grid = self.selection.grid_for(server_round, grid)
+        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
         if self.payload_check is not None:
             self.payload_check(len(messages))  # refuse the round before any client works
         self._sent = len(messages) * sum(len(array.data) for array in arrays.values())
@@ -123,7 +162,8 @@ class CuriousStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Split, attack, score, strip, then aggregate exactly as the wrapped strategy would."""
         server_round += self.round_offset
-        replies = list(replies)
+        known = self.selection.partitions if self.selection is not None else None
+        replies = canonical_order(replies, known)
         valid = [msg for msg in replies if not msg.has_error()]
         self.replies[server_round] = len(valid)
         self.payload[server_round] = self._sent + sum(reply_bytes(msg) for msg in valid)
@@ -135,6 +175,7 @@ class CuriousStrategy(Strategy):
         self.participation.update(reply.observation.client_id for reply in split)
         if self.runner is not None:
             self.attack(server_round, split)
+        buffers = average_buffers(valid)
         for msg in valid:
             for key in EXTRA_RECORDS:
                 if key in msg.content:
@@ -142,7 +183,7 @@ class CuriousStrategy(Strategy):
         aggregate, metrics = self.inner.aggregate_train(server_round, replies)
         if aggregate is None:
             return None, metrics
-        return ArrayRecord(self.step(tensors_of(aggregate), split)), metrics
+        return ArrayRecord(self.step(tensors_of(aggregate), buffers)), metrics
 
     def split(self, server_round: int, msg: Message) -> ClientReply:
         """The attacker's view and the auditor's view of one reply."""
@@ -235,15 +276,19 @@ class CuriousStrategy(Strategy):
         return ClientReply(observation, GroundTruth.union([r.truth for r in split]))
 
     def step(
-        self, aggregate: dict[str, torch.Tensor], split: list[ClientReply]
+        self, aggregate: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        """Apply the aggregated update to w_t: an SGD step for gradients, a sum for deltas."""
+        """Apply the aggregated update to w_t (an SGD step for gradients, a sum for deltas) and
+        take the clients' averaged buffers (w_t's own where no client sent any)."""
         new = {name: value.clone() for name, value in self.global_weights.items()}
         scale = -self.public.learning_rate * self.public.server_lr
         if self.public.update_kind == "delta":
             scale = self.public.server_lr
         for name, value in aggregate.items():
             new[name] = self.global_weights[name] + scale * value
+        for name, value in buffers.items():
+            if name in new:
+                new[name] = value.to(new[name].dtype)
         return new
 
     # -- delegated hooks --------------------------------------------------------------------

@@ -27,12 +27,26 @@ def validate_components(config: RunConfig) -> None:
         raise ConfigError(f"defense.spec={config.defense.spec!r}: {error}") from None
     for name in config.attack.names:
         attack_entry(name).configure(config.attack.params.get(name, {}))
+        init = [v for k, v in config.attack.params.get(name, {}).items() if k.endswith("init")]
+        if "aux-mean" in init and config.data.aux_size == 0:
+            raise ConfigError(
+                f"attack.{name}.init='aux-mean': starts from the mean auxiliary image, so "
+                "expected data.aux-size > 0 (or another init: randn, rand, half)"
+            )
     per_sample = config.threat.share == "per-sample" or pipeline.needs_per_sample
-    if per_sample and has_batchnorm(build_model(model_spec_of(config))):
+    aggregate = config.threat.view == "aggregate"
+    if (per_sample or aggregate) and has_batchnorm(build_model(model_spec_of(config))):
+        if per_sample:
+            raise ConfigError(
+                f"model.name={config.model.name!r}: BatchNorm couples the samples of a batch, "
+                f"so per-sample operations (threat.share / defense {config.defense.spec!r}) are "
+                f"undefined; {groupnorm_advice(config.model.name)}"
+            )
         raise ConfigError(
-            f"model.name={config.model.name!r}: BatchNorm couples the samples of a batch, so "
-            f"per-sample operations (threat.share / defense {config.defense.spec!r}) are "
-            f"undefined; {groupnorm_advice(config.model.name)}"
+            f"threat.view='aggregate' with model.name={config.model.name!r}: each client "
+            "normalises with its own batch's BatchNorm statistics, so the aggregate is not the "
+            "gradient of one batch of the union that the attacks replay; use a model without "
+            f"BatchNorm ({groupnorm_advice(config.model.name)}) or threat.view='client'"
         )
 
 

@@ -21,6 +21,7 @@ from fedleak.runtime import federated_data, model_spec
 from fedleak.server.app import default_run_dir, make_server_app
 from fedleak.server.payload import check_payload
 from fedleak.server.pool import ray_init_args
+from fedleak.server.resume import check_resume
 from fedleak.server.validate import validate_components
 
 
@@ -48,6 +49,8 @@ def run_study(
     check_payload(config, model_spec(config, federated_data(config, 1)), num_clients)
     out = Path(config.out_dir) if config.out_dir else default_run_dir(config)
     config = dataclasses.replace(config, out_dir=str(out))
+    if config.sim.resume and (out / "config.toml").exists():
+        check_resume(RunDirectory.open(out).config, config, str(out))
     from flwr.simulation import run_simulation
 
     if not verbose:

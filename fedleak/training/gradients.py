@@ -2,8 +2,9 @@
 
 Every function runs the model in training mode (restoring the caller's mode afterwards) and
 leaves the model untouched: parameters are read, never written, and BatchNorm running
-statistics are updated on copies of the buffers, which are then dropped. Gradients come back
-detached, keyed by `named_parameters()` names in that order.
+statistics are updated on copies of the buffers, which are dropped unless the caller passes
+its own (`buffers=`, see `buffer_copies`) to carry them through local training. Gradients come
+back detached, keyed by `named_parameters()` names in that order.
 
 Labels are int64 class indices [B] or soft targets [B, C] (mixed labels of an input encoding);
 the loss is the cross-entropy, against the soft target distribution in the second case.
@@ -47,9 +48,10 @@ def _parameters(model: nn.Module, params: Params | None) -> Params:
     return {name: p.detach() for name, p in model.named_parameters()}
 
 
-def _buffer_copies(model: nn.Module) -> Params:
-    # Copies, so that BatchNorm's running-statistics update in train mode never reaches the model.
-    return {name: b.clone() for name, b in model.named_buffers()}
+def buffer_copies(model: nn.Module) -> Params:
+    """Copies of the model's buffers (BatchNorm running statistics and batch counts), which
+    train-mode forwards update in place instead of the model's own."""
+    return {name: b.detach().clone() for name, b in model.named_buffers()}
 
 
 def _check_targets(x: Tensor, y: Tensor) -> None:
@@ -79,7 +81,7 @@ def per_sample_gradients_with_loss(
     vectorised call; `params` replaces the model's parameters (e.g. during local training)."""
     refuse_batchnorm(model)
     _check_targets(x, y)
-    buffers = _buffer_copies(model)
+    buffers = buffer_copies(model)
 
     def sample_loss(p: Params, xi: Tensor, yi: Tensor) -> tuple[Tensor, Tensor]:
         logits = functional_call(model, (p, buffers), (xi.unsqueeze(0),))
@@ -100,14 +102,21 @@ def per_sample_gradients(
 
 
 def batch_gradient_with_loss(
-    model: nn.Module, x: Tensor, y: Tensor, *, params: Params | None = None
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    params: Params | None = None,
+    buffers: Params | None = None,
 ) -> tuple[Params, Tensor]:
     """The gradient of the mean loss over the batch and that loss; BatchNorm uses the batch's
-    own statistics (train mode), so this is the true batch gradient of BatchNorm models."""
+    own statistics (train mode), so this is the true batch gradient of BatchNorm models.
+    `buffers` (from `buffer_copies`) receive the running-statistics update of this forward."""
     _check_targets(x, y)
     leaves = {name: p.detach().requires_grad_() for name, p in _parameters(model, params).items()}
+    state = buffer_copies(model) if buffers is None else buffers
     with _training(model), torch.enable_grad():
-        logits = functional_call(model, (leaves, _buffer_copies(model)), (x,))
+        logits = functional_call(model, (leaves, state), (x,))
         loss = F.cross_entropy(logits, y)
         grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
     return {
@@ -144,7 +153,7 @@ def batchnorm_statistics(model: nn.Module, x: Tensor) -> dict[str, Tensor]:
     ]
     try:
         with _training(model), torch.no_grad():
-            functional_call(model, (_parameters(model, None), _buffer_copies(model)), (x,))
+            functional_call(model, (_parameters(model, None), buffer_copies(model)), (x,))
     finally:
         for handle in handles:
             handle.remove()

@@ -8,19 +8,20 @@ modified: local training runs on detached copies of its parameters.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fedleak.defenses import DPSGD, DefensePipeline, EncodedBatch
+from fedleak.defenses import DPSGD, DefensePipeline, EncodedBatch, PartnerPool
 from fedleak.models import has_batchnorm
 from fedleak.training.gradients import (
     Params,
     batch_gradient_with_loss,
     batchnorm_statistics,
+    buffer_copies,
     per_sample_gradients_with_loss,
 )
 
@@ -74,7 +75,10 @@ class ClientUpdate:
     w_t over the (encoded) examples, i.e. the FedSGD batch or FedAvg's N examples, when shared
     and the model has BatchNorm, else None. `encoded`: the input
     encoding (None without an encoder); it is ground truth, for the auditor only. `loss`: mean
-    training loss (FedAvg: averaged over the local steps).
+    training loss (FedAvg: averaged over the local steps). `buffers`: the model's buffers after
+    the local computation (BatchNorm running statistics updated by every train-mode forward:
+    once in FedSGD, once per local step in FedAvg; {} for a model without buffers), which the
+    server averages into the global state as FedAvg does for a full state.
     """
 
     update: dict[str, Tensor]
@@ -83,6 +87,7 @@ class ClientUpdate:
     encoded: EncodedBatch | None
     loss: float
     num_examples: int
+    buffers: dict[str, Tensor] = field(default_factory=dict)
 
 
 def compute_update(
@@ -95,26 +100,32 @@ def compute_update(
     generator: torch.Generator,
     *,
     public: Tensor | None = None,
+    private: PartnerPool | None = None,
     share_bn_statistics: bool = False,
 ) -> ClientUpdate:
     """The defended update of a client holding images `x` [N, ...] and int64 labels `y` [N].
 
     FedSGD needs N == batch_size. FedAvg runs `local_steps` SGD steps; step k uses the N-cyclic
     mini-batch starting at (k * batch_size) mod N. Randomness (encoding, noise) comes from
-    `generator`, on the tensors' device. `public` is the pool of inter-InstaHide.
+    `generator`, on the tensors' device. `public` is the pool of inter-InstaHide; `private`
+    the client's own data that MixUp and intra-InstaHide draw partners from (the batch when
+    None).
     BatchNorm models with per-sample operations raise `PerSampleRefused`.
     """
     _check_data(x, y, num_classes, training)
     onehot = F.one_hot(y, num_classes).to(x.dtype)
-    encoded = pipeline.encode(x, onehot, generator, public) if pipeline.encoder else None
+    encoded = pipeline.encode(x, onehot, generator, public, private) if pipeline.encoder else None
     inputs, targets = (encoded.inputs, encoded.soft_labels) if encoded else (x, y)
     statistics = None
     if share_bn_statistics and has_batchnorm(model):
         statistics = batchnorm_statistics(model, inputs)
+    buffers = buffer_copies(model)
     if training.mode == "fedsgd":
-        update, per_sample, loss = _fedsgd(model, inputs, targets, pipeline, training, generator)
+        update, per_sample, loss = _fedsgd(
+            model, inputs, targets, pipeline, training, generator, buffers
+        )
     else:
-        update, loss = _fedavg(model, inputs, targets, pipeline, training, generator)
+        update, loss = _fedavg(model, inputs, targets, pipeline, training, generator, buffers)
         per_sample = None
     return ClientUpdate(
         update=update,
@@ -123,6 +134,7 @@ def compute_update(
         encoded=encoded,
         loss=float(loss),
         num_examples=x.shape[0],
+        buffers=buffers,
     )
 
 
@@ -156,10 +168,11 @@ def _fedsgd(
     pipeline: DefensePipeline,
     training: LocalTraining,
     generator: torch.Generator,
+    buffers: Params,
 ) -> tuple[Params, Params | None, Tensor]:
     batch_size = inputs.shape[0]
     if not (pipeline.needs_per_sample or training.share == "per-sample"):
-        gradient, loss = batch_gradient_with_loss(model, inputs, targets)
+        gradient, loss = batch_gradient_with_loss(model, inputs, targets, buffers=buffers)
         return pipeline.share(gradient, batch_size, generator), None, loss
     per_sample, losses = per_sample_gradients_with_loss(model, inputs, targets)
     clipped = pipeline.clip(per_sample)
@@ -178,6 +191,7 @@ def _fedavg(
     pipeline: DefensePipeline,
     training: LocalTraining,
     generator: torch.Generator,
+    buffers: Params,
 ) -> tuple[Params, Tensor]:
     n, batch_size = inputs.shape[0], training.batch_size
     start = {name: p.detach() for name, p in model.named_parameters()}
@@ -189,7 +203,7 @@ def _fedavg(
         index = (step * batch_size + offsets) % n
         xb, yb = inputs[index], targets[index]
         if dp is None:
-            gradient, loss = batch_gradient_with_loss(model, xb, yb, params=params)
+            gradient, loss = batch_gradient_with_loss(model, xb, yb, params=params, buffers=buffers)
         else:
             # DP-SGD: every local step clips per sample and adds noise to its own mean.
             per_sample, sample_losses = per_sample_gradients_with_loss(model, xb, yb, params=params)

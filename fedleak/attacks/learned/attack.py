@@ -14,7 +14,8 @@ after K local steps; how its training pairs are computed, BatchNorm models inclu
 
 Budget: the training length comes from `LTIConfig` (epochs, early stopping), not from
 `Budget.max_iterations`; `Budget.max_seconds` bounds training + inference of one call, and
-training stops early (status `timeout`, said in the message) when it runs out.
+training stops early when it runs out (said in the message, `stopped_by = "seconds"` in the
+diagnostics); the inverter trained so far still inverts, and its reconstruction is scored.
 `Reconstruction.iterations` counts the optimiser steps taken in the call.
 """
 
@@ -166,14 +167,13 @@ class LearningToInvert:
             label_method="lti",
             iterations=outcome.steps,
             seconds=time.perf_counter() - start,
-            status="timeout" if outcome.timed_out else "ok",
             message=f"{how}; {featuriser.out_features} input features",
             diagnostics={
                 "train_seconds": outcome.seconds,
                 "train_epochs": float(outcome.epochs),
                 "val_psnr": outcome.val_psnr,
                 "warm_start": float(warm and outcome.epochs > 0),
-                "timed_out": float(outcome.timed_out),
+                "stopped_by": outcome.stopped_by,
                 "input_features": float(featuriser.out_features),
             },
         )

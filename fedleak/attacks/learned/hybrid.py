@@ -68,11 +68,9 @@ class LTIThenIG:
         # The run's per-round training record keeps LTI's own keys.
         for key in ("train_seconds", "train_epochs", "val_psnr"):
             diagnostics[key] = first.diagnostics[key]
-        status = second.status if second.status != "ok" else first.status
         return dataclasses.replace(
             second,
             seconds=first.seconds + second.seconds,
-            status=status,
             message=f"lti: {first.message}; then ig: {second.message}",
             diagnostics=diagnostics,
         )

@@ -39,7 +39,7 @@ from torch.func import functional_call, grad, replace_all_batch_norm_modules_, v
 
 from fedleak.attacks.learned.hashing import FeatureHasher, resolve_num_bins
 from fedleak.attacks.optimization.replay import ClientProtocol, Replay
-from fedleak.defenses import DPSGD, DefensePipeline, GaussianNoise
+from fedleak.defenses import DPSGD, DefensePipeline, GaussianNoise, PartnerPool
 from fedleak.models import has_batchnorm
 from fedleak.training.gradients import per_sample_gradients, refuse_batchnorm
 from fedleak.training.update import LocalTraining, compute_update
@@ -251,6 +251,7 @@ class PairSource:
     def _loop(self, rows: slice, pipeline: DefensePipeline, generator: torch.Generator) -> Params:
         """`compute_update` of each group: the client's computation, one group at a time."""
         training = self.unit.training()
+        members = torch.arange(self.aux_x.shape[0])
         updates = []
         for group in self.groups[rows]:
             update = compute_update(
@@ -261,7 +262,9 @@ class PairSource:
                 pipeline,
                 training,
                 generator,
-                public=self.aux_x,  # the attacker's own images stand in for a public pool
+                # The attacker's own images stand in for a public pool and a client's data.
+                public=self.aux_x,
+                private=PartnerPool(self.aux_x, members, self.aux_y, group.cpu()),
             )
             updates.append(update.update)
         return {name: torch.stack([u[name] for u in updates]) for name in updates[0]}

@@ -30,6 +30,16 @@ class TrainingOutcome:
     timed_out: bool
     early_stopped: bool
 
+    @property
+    def stopped_by(self) -> str:
+        """What ended the training: the time budget, early stopping, or its epochs (or
+        nothing to train: the inverter was reused)."""
+        if self.timed_out:
+            return "seconds"
+        if self.early_stopped:
+            return "early-stop"
+        return "epochs" if self.epochs else "reused"
+
 
 def psnr_per_image(images: Tensor, targets: Tensor, data_range: float) -> Tensor:
     """PSNR of each image [N, ...] against its target, in dB."""

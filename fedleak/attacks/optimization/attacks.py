@@ -266,8 +266,11 @@ def initial_inputs(
 ) -> Tensor:
     """Starting guesses [T, samples, C, H, W] in the data range's scale.
 
-    `initial` (laid out as `Reconstruction.inputs`, e.g. a learned attack's guess) replaces the
-    first restart's start; further restarts start from `init` as usual.
+    `randn`: N(0, 1); `rand`: uniform over the data range; `half`: mid-grey; `aux-mean`: the
+    mean auxiliary image (the aux-mean reference's guess), every sample of the first restart
+    exactly it and those of further restarts it plus N(0, (range/10)^2) noise, so that restarts
+    differ. `initial` (laid out as `Reconstruction.inputs`, e.g. a learned attack's guess)
+    replaces the first restart's start; further restarts start from `init` as usual.
     """
     shape = (problem.problems, problem.samples, *problem.input_shape)
     low, high = knowledge.data_range
@@ -275,6 +278,16 @@ def initial_inputs(
         start = torch.randn(shape, generator=generator, device=problem.device)
     elif init == "rand":
         start = low + (high - low) * torch.rand(shape, generator=generator, device=problem.device)
+    elif init == "aux-mean":
+        if knowledge.aux_inputs.shape[0] == 0:
+            raise ObservationError(
+                "attack parameter init='aux-mean' needs auxiliary data; set data.aux-size > 0 "
+                "or use init=randn, rand or half"
+            )
+        mean = knowledge.aux_inputs.float().mean(dim=0).to(problem.device)
+        start = mean.expand(shape).clone()
+        noise = torch.randn(shape, generator=generator, device=problem.device)
+        start[problem.targets :] += 0.1 * (high - low) * noise[problem.targets :]
     else:
         start = torch.full(shape, (low + high) / 2, device=problem.device)
     if initial is not None:
@@ -318,16 +331,17 @@ def _finish(
         logits = outcome.variables[1].reshape(r, n, b, -1)[best, pick]
         labels = logits.argmax(dim=-1).reshape(-1)
     matching = outcome.matching.reshape(r, n)[best, pick]
+    initial = outcome.initial.reshape(r, n)[best, pick]
     diverged = int(torch.isinf(matching).sum())
-    status = "nan" if diverged == n else "ok"
     message = f"matching={problem.matching.name}; stopped by {outcome.stopped_by}"
     if diverged:
         message += f"; {diverged} of {n} targets diverged (last finite iterate returned)"
     finite = matching[torch.isfinite(matching)]
-    diagnostics = {
+    diagnostics: dict[str, float | str] = {
         "matching_loss": float(finite.mean()) if finite.numel() else math.nan,
         "restarts": float(r),
         "diverged_targets": float(diverged),
+        "stopped_by": outcome.stopped_by,
         **problem.diagnostics,
         **extra,
     }
@@ -337,9 +351,11 @@ def _finish(
         label_method=problem.label_method,
         iterations=outcome.iterations,
         seconds=outcome.seconds,
-        status=status,
         message=message,
         diagnostics=diagnostics,
+        # Each of a target's b samples carries its problem's matching losses.
+        loss_start=initial.repeat_interleave(b).detach().cpu(),
+        loss_final=matching.repeat_interleave(b).detach().cpu(),
     )
 
 

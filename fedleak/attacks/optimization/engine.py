@@ -63,7 +63,9 @@ class Settings:
 @dataclass(frozen=True)
 class Outcome:
     """The optimised variables (detached, the last finite iterate for diverged problems), the
-    final matching loss per problem (+inf where diverged), and what the run used."""
+    final matching loss per problem (+inf where diverged), the matching loss of the starting
+    point per problem (`initial`, same evaluation as the final one; +inf where not finite),
+    and what the run used."""
 
     variables: list[Tensor]
     matching: Tensor
@@ -71,6 +73,7 @@ class Outcome:
     iterations: int
     seconds: float
     stopped_by: str
+    initial: Tensor
 
 
 class BatchedLBFGS:
@@ -163,6 +166,7 @@ def optimise(
     requiring grad) within the budget, keeping the last finite iterate of each problem."""
     variables = [v.detach().clone().requires_grad_(True) for v in variables]
     snapshot = [v.detach().clone() for v in variables]
+    initial = _final_matching(objective, snapshot)
     total = max(0, int(budget.max_iterations))
     adam = settings.optimizer == "adam"
     if adam:
@@ -212,15 +216,20 @@ def optimise(
                     break
     finally:
         progress.close()
-    with torch.no_grad():  # torch.func.grad inside still differentiates w.r.t. the weights
-        matching = objective(snapshot, None)[1].detach()
-    diverged = ~torch.isfinite(matching)
-    matching = torch.where(diverged, torch.full_like(matching, math.inf), matching)
+    matching = _final_matching(objective, snapshot)
     return Outcome(
         variables=snapshot,
         matching=matching,
-        diverged=diverged,
+        diverged=~torch.isfinite(matching),
         iterations=iteration,
         seconds=time.perf_counter() - start,
         stopped_by=stopped_by,
+        initial=initial,
     )
+
+
+def _final_matching(objective: Objective, variables: Sequence[Tensor]) -> Tensor:
+    """The full matching loss per problem (no stochastic terms), +inf where not finite."""
+    with torch.no_grad():  # torch.func.grad inside still differentiates w.r.t. the weights
+        matching = objective(variables, None)[1].detach()
+    return torch.where(torch.isfinite(matching), matching, torch.full_like(matching, math.inf))

@@ -1,0 +1,163 @@
+"""Which clients train in a round: a draw seeded by the run's seed and the round, made over
+partition ids, so that two runs with the same seed select the same clients.
+
+Flower's FedAvg samples node ids with Python's unseeded `random`, and node ids are random
+64-bit numbers drawn anew in every run, so neither the draw nor what it is drawn over is
+stable. The server does not know a node's partition id before that node has answered, so
+`ClientSelection` asks every node it has not met yet once, with a query message the ClientApp
+answers with its partition id (`fedleak.messages.partition_query`), and caches the answers.
+It then draws `max(int(n * fraction), min_clients)` of the n nodes (Flower's count), sorted by
+partition id, and hands the wrapped strategy a `SelectedNodes` view of the grid that holds
+only those nodes; the wrapped strategy is built with `fraction_train=1` and takes them all.
+
+A node that does not answer the query (a foreign ClientApp without a query handler) is still
+selectable: it is ordered after every known partition, by node id, which is stable within a
+run but not across runs. With `fraction == 1` nothing is drawn and no query is sent.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
+from flwr.supercore.run import Run
+
+from fedleak.messages import partition_id_of, partition_query
+
+log = logging.getLogger(__name__)
+
+# Stream tag keeping the selection independent of the other draws made from the same seed.
+_STREAM = 0x53454C45
+
+
+class SelectedNodes(Grid):
+    """A grid that shows only `chosen` of its nodes; everything else goes to `grid`.
+
+    `population` is the size of the whole federation (central DP's sampling rate needs it).
+    """
+
+    def __init__(self, grid: Grid, chosen: Sequence[int], population: int) -> None:
+        self.grid = grid
+        self.chosen = list(chosen)
+        self.population = population
+
+    def set_run(self, run: Run) -> None:
+        """Delegated."""
+        self.grid.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        """Delegated."""
+        return self.grid.run
+
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        """Delegated."""
+        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        """Only the selected nodes, in partition order."""
+        return list(self.chosen)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Delegated."""
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """Delegated."""
+        return self.grid.pull_messages(message_ids)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        """Delegated."""
+        return self.grid.send_and_receive(messages, timeout=timeout)
+
+
+def federation_size(grid: Grid) -> int:
+    """How many nodes the federation holds, also when `grid` shows only a selection."""
+    if isinstance(grid, SelectedNodes):
+        return grid.population
+    return len(list(grid.get_node_ids()))
+
+
+@dataclass
+class ClientSelection:
+    """The seeded draw of each round's clients (see the module docstring).
+
+    `partitions` caches node id -> partition id, learnt from the query and from replies.
+    """
+
+    fraction: float
+    min_clients: int
+    seed: int
+    timeout: float | None = None
+    partitions: dict[int, int] = field(default_factory=dict)
+
+    def grid_for(self, server_round: int, grid: Grid) -> Grid:
+        """`grid` itself when every node trains, else a view holding the round's draw."""
+        if self.fraction >= 1.0:
+            return grid
+        # Flower's own wait for enough connected nodes (it draws nothing for a size of 0).
+        _, nodes = sample_nodes(grid, self.min_clients, 0)
+        self.learn(grid, nodes)
+        ordered = sorted(nodes, key=self.order_key)
+        count = min(len(ordered), max(int(len(ordered) * self.fraction), self.min_clients))
+        rng = np.random.default_rng([self.seed, server_round, _STREAM])
+        picked = sorted(int(i) for i in rng.choice(len(ordered), size=count, replace=False))
+        return SelectedNodes(grid, [ordered[i] for i in picked], len(ordered))
+
+    def learn(self, grid: Grid, nodes: Iterable[int]) -> None:
+        """Ask the nodes whose partition id is unknown for it, once."""
+        unknown = [node for node in nodes if node not in self.partitions]
+        if not unknown:
+            return
+        queries = [
+            Message(content=partition_query(), dst_node_id=node, message_type=MessageType.QUERY)
+            for node in unknown
+        ]
+        for reply in grid.send_and_receive(queries, timeout=self.timeout):
+            partition = None if reply.has_error() else partition_id_of(reply.content)
+            if partition is not None:
+                self.partitions[reply.metadata.src_node_id] = partition
+        silent = len([node for node in unknown if node not in self.partitions])
+        if silent:
+            log.warning(
+                "%d node(s) did not say their partition id; their selection is not reproducible",
+                silent,
+            )
+
+    def order_key(self, node: int) -> tuple[int, int]:
+        """Known partitions first, by partition id; unknown nodes after them, by node id."""
+        partition = self.partitions.get(node)
+        return (0, partition) if partition is not None else (1, node)
+
+
+def canonical_order(
+    replies: Iterable[Message], known: Mapping[int, int] | None = None
+) -> list[Message]:
+    """Replies sorted by the partition id they declare (or that `known` maps their node to),
+    replies without one after them by node id, error replies last: the order in which every
+    later step reads them, whatever order they arrived in."""
+
+    def key(msg: Message) -> tuple[int, int, int]:
+        node = msg.metadata.src_node_id
+        if msg.has_error():
+            return (2, node, 0)
+        partition = partition_id_of(msg.content)
+        if partition is None and known is not None:
+            partition = known.get(node)
+        return (0, partition, node) if partition is not None else (1, node, 0)
+
+    return sorted(replies, key=key)

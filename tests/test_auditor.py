@@ -1,0 +1,140 @@
+"""The auditor scores only against private sources and against every one of them (partners from
+the client's data included), records convergence, and never ends a round."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fedleak.attacks.types import CONVERGED_RATIO, Observation, Reconstruction, converged
+from fedleak.models.spec import ModelSpec
+from fedleak.server.auditor import Auditor, GroundTruth
+
+
+def _observation(examples: int, defense: str = "none") -> Observation:
+    return Observation(
+        round=1,
+        client_id=0,
+        model=ModelSpec("mlp", (1, 4, 4), 10),
+        weights={},
+        update={},
+        update_kind="gradient",
+        num_examples=examples,
+        batch_size=examples,
+        local_steps=1,
+        learning_rate=0.1,
+        defense=defense,
+    )
+
+
+def _images(count: int, seed: int) -> torch.Tensor:
+    return torch.rand(count, 1, 4, 4, generator=torch.Generator().manual_seed(seed))
+
+
+def test_public_partners_are_never_scored_against() -> None:
+    # Inter-InstaHide at B = 2: each image mixed with two public ones, whose indices into the
+    # public pool (7, 12, ...) are not batch indices. The audit record says which are public.
+    private, public = _images(2, 0), _images(20, 1)
+    sources = torch.tensor([[0, 7, 12], [1, 19, 3]])
+    from_public = torch.tensor([[False, True, True], [False, True, True]])
+    mixed = 0.5 * private + 0.25 * public[sources[:, 1]] + 0.25 * public[sources[:, 2]]
+    audit = {
+        "inputs": private,
+        "labels": torch.tensor([4, 5]),
+        "encoded": mixed,
+        "sources": sources,
+        "from-public": from_public,
+        "partners": torch.zeros(0, 1, 4, 4),
+        "partner-labels": torch.zeros(0, dtype=torch.int64),
+    }
+    truth = GroundTruth.from_audit(0, audit)
+    assert truth.sources.tolist() == [[0, -1, -1], [1, -1, -1]]
+    # An attack that recovers the public image 7 exactly leaks nothing private.
+    guess = Reconstruction(inputs=torch.stack([public[7], public[19]]), labels=None)
+    rows = Auditor(lpips_nets=()).score(_observation(2), "a", guess, truth, {})
+    original = [r for r in rows if r["scored_against"] == "original"]
+    assert sorted((r["sample"], r["target_index"]) for r in original) == [(0, 0), (1, 1)]
+    for row in original:
+        expected = float(
+            (guess.inputs[row["sample"]] - private[row["target_index"]]).square().mean()
+        )
+        assert math.isclose(row["mse"], expected, rel_tol=1e-5) and row["mse"] > 1e-3
+
+
+def test_every_private_source_counts_partners_from_outside_the_batch_included() -> None:
+    # MixUp at B = 1 with two partners drawn from the client's partition (not in the batch).
+    batch, partners = _images(1, 2), _images(2, 3)
+    private = torch.cat([batch, partners])
+    audit = {
+        "inputs": batch,
+        "labels": torch.tensor([3]),
+        "encoded": 0.4 * batch + 0.35 * partners[:1] + 0.25 * partners[1:],
+        "sources": torch.tensor([[0, 2, 1]]),
+        "from-public": torch.zeros(1, 3, dtype=torch.bool),
+        "partners": partners,
+        "partner-labels": torch.tensor([8, 9]),
+    }
+    truth = GroundTruth.from_audit(0, audit)
+    assert torch.equal(truth.private, private) and truth.private_labels.tolist() == [3, 8, 9]
+    # The attack recovers the second partner exactly: that private image leaked.
+    guess = Reconstruction(inputs=partners[1:].clone(), labels=torch.tensor([9]))
+    rows = Auditor(lpips_nets=()).score(_observation(1, "mixup:3"), "a", guess, truth, {})
+    (best,) = [r for r in rows if r["scored_against"] == "original"]
+    assert best["target_index"] == 2 and best["mse"] == 0.0
+    assert best["true_label"] == 9 and best["label_acc"] == 1.0
+
+
+def test_the_union_keeps_each_clients_partners_apart() -> None:
+    def client(seed: int, batch: int, partners: int, sources: list[list[int]]) -> GroundTruth:
+        return GroundTruth(
+            seed,
+            _images(batch, seed),
+            torch.arange(batch),
+            encoded=_images(batch, seed + 10),
+            sources=torch.tensor(sources),
+            partners=_images(partners, seed + 20),
+            partner_labels=torch.arange(partners) + 5,
+        )
+
+    first = client(0, 2, 1, [[0, 2], [1, -1]])
+    second = client(1, 1, 2, [[0, 2]])
+    union = GroundTruth.union([first, second])
+    # Private images of the union: both batches, then both clients' partners.
+    assert torch.equal(
+        union.private,
+        torch.cat([first.inputs, second.inputs, first.partners, second.partners]),
+    )
+    assert union.sources.tolist() == [[0, 3], [1, -1], [2, 5]]
+    for row, owner in zip(union.sources.tolist(), (first, first, second), strict=True):
+        owned = torch.cat([owner.inputs, owner.partners])
+        for s in row:
+            if s >= 0:
+                assert any(torch.equal(union.private[s], image) for image in owned)
+
+
+def test_an_error_while_scoring_becomes_a_failed_row() -> None:
+    truth = GroundTruth(0, _images(2, 0), torch.tensor([0, 1]))
+    wrong = Reconstruction(inputs=torch.rand(2, 3, 5, 5), labels=None)
+    rows = Auditor(lpips_nets=()).score(_observation(2), "a", wrong, truth, {"defense": "none"})
+    assert len(rows) == 1 and rows[0]["status"] == "failed" and rows[0]["sample"] == -1
+    assert rows[0]["message"].startswith("auditor: ") and rows[0]["defense"] == "none"
+
+
+def test_rows_carry_the_matching_losses_and_the_convergence_rule() -> None:
+    truth = GroundTruth(0, _images(3, 0), torch.tensor([0, 1, 2]))
+    guess = Reconstruction(
+        inputs=truth.inputs.clone(),
+        labels=None,
+        loss_start=torch.tensor([1.0, 1.0, 0.5]),
+        loss_final=torch.tensor([0.05, 0.5, math.inf]),
+    )
+    rows = Auditor(lpips_nets=()).score(_observation(3), "a", guess, truth, {})
+    by_sample = {r["sample"]: r for r in rows}
+    assert [by_sample[i]["converged"] for i in range(3)] == [1.0, 0.0, 0.0]
+    assert by_sample[1]["loss_start"] == 1.0 and by_sample[1]["loss_final"] == 0.5
+    plain = Reconstruction(inputs=truth.inputs.clone(), labels=None)
+    for row in Auditor(lpips_nets=()).score(_observation(3), "a", plain, truth, {}):
+        assert math.isnan(row["loss_start"]) and math.isnan(row["converged"])
+    assert converged(1.0, CONVERGED_RATIO) == 1.0 and converged(1.0, 0.11) == 0.0
+    assert math.isnan(converged(0.0, 0.0)) and math.isnan(converged(math.nan, 1.0))

@@ -1,0 +1,173 @@
+"""Both ends of the wire: what a client packs (`fedleak.messages`) is what the server unpacks,
+record by record, for every defense and for a BatchNorm model.
+
+The client side is the real ClientApp function; its `ClientUpdate` is captured on its way into
+the reply. The reply crosses Flower's protobuf serialisation (the deployment wire) before the
+curious strategy splits it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.common.serde import message_from_proto, message_to_proto
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore.task_identity import TaskIdentity
+
+import fedleak.client.app as client_app
+from fedleak.config import parse_flat
+from fedleak.data import client_batch, partition_rows
+from fedleak.messages import (
+    ARRAYS,
+    AUDIT,
+    BN_STATS,
+    BUFFERS,
+    EXTRA_RECORDS,
+    METRICS,
+    PER_SAMPLE,
+    partition_id_of,
+    partition_query,
+)
+from fedleak.models import build_model
+from fedleak.runtime import federated_data, model_spec
+from fedleak.server.auditor import Auditor
+from fedleak.server.strategy import CuriousStrategy, PublicSetting, average_buffers
+
+BASE = {"train.batch-size": 2, "data.aux-size": 100}
+CASES = {
+    "none": {},
+    "prune": {"defense.spec": "prune:0.9"},
+    "sign": {"defense.spec": "sign"},
+    "gauss": {"defense.spec": "gauss:0.01"},
+    "dpsgd": {"defense.spec": "dpsgd:1.0:1.0"},
+    "per-sample": {"threat.share": "per-sample", "defense.spec": "prune:0.5"},
+    "mixup-b1": {"defense.spec": "mixup:3", "train.batch-size": 1},
+    "instahide": {"defense.spec": "instahide:2"},
+    "instahide-inter": {"defense.spec": "instahide:3:inter", "data.public-size": 30},
+    "fedavg": {"train.mode": "fedavg", "train.examples": 4, "train.local-steps": 2},
+    "batchnorm-fedsgd": {"model.name": "convnet-bn", "threat.bn-stats": "shared"},
+    "batchnorm-fedavg": {
+        "model.name": "convnet-bn",
+        "train.mode": "fedavg",
+        "train.examples": 4,
+        "train.local-steps": 2,
+    },
+}
+
+
+@pytest.fixture(autouse=True)
+def _message_identity() -> None:
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+
+
+def _context(partition: int) -> Context:
+    node = {"partition-id": partition, "num-partitions": 3}
+    return Context(
+        run_id=1, node_id=partition + 1, node_config=node, state=RecordDict(), run_config={}
+    )
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_what_a_client_packs_is_what_the_server_unpacks(case: str, monkeypatch) -> None:
+    config = parse_flat({**BASE, **CASES[case]})
+    fd = federated_data(config, 3)
+    spec = model_spec(config, fd)
+    weights = build_model(spec).state_dict()
+    sent = Message(
+        content=RecordDict(
+            {"arrays": ArrayRecord(weights), "config": ConfigRecord({"server-round": 2})}
+        ),
+        dst_node_id=2,
+        message_type=MessageType.TRAIN,
+    )
+    captured = []
+
+    def capture(*args, **kwargs):
+        captured.append(compute_update(*args, **kwargs))
+        return captured[-1]
+
+    compute_update = client_app.compute_update
+    monkeypatch.setattr(client_app, "compute_update", capture)
+    reply = client_app.train_reply(sent, _context(1), config)
+    (update,) = captured
+    wire = message_from_proto(message_to_proto(reply))
+
+    # Records: exactly the ones this configuration produces.
+    expected = {ARRAYS, METRICS, AUDIT}
+    expected |= {PER_SAMPLE} if update.per_sample is not None else set()
+    expected |= {BN_STATS} if update.bn_statistics is not None else set()
+    expected |= {BUFFERS} if update.buffers else set()
+    assert set(wire.content.keys()) == expected and expected <= {ARRAYS, METRICS, *EXTRA_RECORDS}
+
+    public = PublicSetting(
+        spec,
+        "gradient" if config.train.mode == "fedsgd" else "delta",
+        config.train.lr,
+        config.train.server_lr,
+        config.defense.spec,
+        config.threat.bn_stats == "shared",
+    )
+    strategy = CuriousStrategy(
+        FedAvg(), public, None, Auditor(lpips_nets=()), attacks=(), clients_per_round=0, seed=0
+    )
+    strategy.global_weights = dict(weights)
+    reply_split = strategy.split(2, wire)
+    observation, truth = reply_split.observation, reply_split.truth
+
+    # arrays + metrics -> the attacker's observation.
+    assert observation.update.keys() == update.update.keys()
+    assert all(torch.equal(observation.update[k], update.update[k]) for k in update.update)
+    assert observation.client_id == 1 == partition_id_of(wire.content)
+    assert observation.num_examples == config.train.examples_per_round
+    assert observation.batch_size == config.train.batch_size
+    assert observation.local_steps == config.train.local_steps
+    assert observation.learning_rate == config.train.lr
+    assert observation.defense == config.defense.spec
+    if update.per_sample is None:
+        assert observation.per_sample_updates is None
+    else:
+        assert all(
+            torch.equal(observation.per_sample_updates[k], v) for k, v in update.per_sample.items()
+        )
+    if update.bn_statistics is None:
+        assert observation.bn_statistics is None
+    else:
+        assert all(
+            torch.equal(observation.bn_statistics[k], v) for k, v in update.bn_statistics.items()
+        )
+
+    # audit -> the auditor's ground truth.
+    x, y = client_batch(fd, 1, 2, config.train.examples_per_round, config.seed)
+    assert torch.equal(truth.inputs, x) and torch.equal(truth.labels, y)
+    encoded = update.encoded
+    if encoded is None:
+        assert truth.encoded is None and truth.sources is None
+    else:
+        assert torch.equal(truth.encoded, encoded.inputs)
+        assert torch.equal(truth.sources, torch.where(encoded.from_public, -1, encoded.sources))
+        assert torch.equal(truth.partners, encoded.partners)
+        assert torch.equal(truth.partner_labels, encoded.partner_labels)
+        # Every private source resolves to an image of the client's partition.
+        rows = fd.dataset.train_x[partition_rows(fd, 1)]
+        for source in truth.sources[truth.sources >= 0].tolist():
+            assert (rows == truth.private[source]).flatten(1).all(1).any()
+
+    # buffers -> the server's average (one client: its own buffers, dtypes kept).
+    averaged = average_buffers([wire])
+    assert averaged.keys() == update.buffers.keys()
+    for name, value in update.buffers.items():
+        assert averaged[name].dtype == value.dtype and torch.equal(averaged[name], value)
+    if spec.name == "convnet-bn":
+        steps = config.train.local_steps if config.train.mode == "fedavg" else 1
+        counts = [v for k, v in averaged.items() if k.endswith("num_batches_tracked")]
+        assert counts and all(int(c) == steps for c in counts)
+        means = [v for k, v in averaged.items() if k.endswith("running_mean")]
+        assert all(not torch.equal(m, torch.zeros_like(m)) for m in means)
+
+
+def test_a_node_answers_the_partition_query() -> None:
+    app = client_app.make_client_app(parse_flat(BASE))
+    query = Message(content=partition_query(), dst_node_id=3, message_type=MessageType.QUERY)
+    reply = app(query, _context(2))
+    assert partition_id_of(message_from_proto(message_to_proto(reply)).content) == 2

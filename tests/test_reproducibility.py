@@ -1,0 +1,237 @@
+"""Same seed, same bits: replies are read in a canonical order and clients are drawn by a
+seeded selection over partition ids, so neither arrival order nor node ids reach the results.
+
+The cross-process check (two separate processes, different PYTHONHASHSEED) is at the end.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Error as MessageError
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedleak.messages import partition_answer, partition_id_of
+from fedleak.models.spec import ModelSpec
+from fedleak.server.auditor import Auditor
+from fedleak.server.central_dp import CentralDP
+from fedleak.server.selection import ClientSelection, SelectedNodes, canonical_order
+from fedleak.server.strategy import CuriousStrategy, PublicSetting
+
+
+@pytest.fixture(autouse=True)
+def _message_identity() -> None:
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+
+
+class FakeGrid:
+    """Nodes with random ids that answer the partition query like fedleak's ClientApp."""
+
+    def __init__(self, partitions: int, seed: int, silent: tuple[int, ...] = ()) -> None:
+        rng = random.Random(seed)
+        self.partition_of = {rng.getrandbits(63): p for p in range(partitions)}
+        self.silent = silent
+        self.queries = 0
+
+    def get_node_ids(self) -> list[int]:
+        nodes = list(self.partition_of)
+        random.Random(len(nodes)).shuffle(nodes)
+        return nodes
+
+    def send_and_receive(self, messages: list[Message], *, timeout: float | None = None) -> list:
+        replies = []
+        for msg in messages:
+            assert msg.metadata.message_type == MessageType.QUERY
+            self.queries += 1
+            partition = self.partition_of[msg.metadata.dst_node_id]
+            if partition in self.silent:
+                reply = Message(MessageError(code=0, reason="no query handler"), reply_to=msg)
+            else:
+                reply = Message(content=partition_answer(partition), reply_to=msg)
+            replies.append(reply)
+        return replies
+
+
+def _selected(selection: ClientSelection, grid: FakeGrid, server_round: int) -> list[int]:
+    view = selection.grid_for(server_round, grid)
+    assert isinstance(view, SelectedNodes) and view.population == len(grid.partition_of)
+    return [grid.partition_of[node] for node in view.get_node_ids()]
+
+
+def test_selection_is_a_function_of_seed_round_and_partition_ids() -> None:
+    # Two runs: the same ten partitions behind different random node ids.
+    first, second = FakeGrid(10, seed=1), FakeGrid(10, seed=2)
+    assert set(first.partition_of).isdisjoint(second.partition_of)
+    a = ClientSelection(0.3, 1, seed=7)
+    b = ClientSelection(0.3, 1, seed=7)
+    draws = [_selected(a, first, r) for r in range(1, 6)]
+    assert draws == [_selected(b, second, r) for r in range(1, 6)]
+    assert all(len(d) == 3 and d == sorted(d) for d in draws)
+    assert len({tuple(d) for d in draws}) > 1  # the round changes the draw
+    other = ClientSelection(0.3, 1, seed=8)
+    assert [_selected(other, FakeGrid(10, seed=1), r) for r in range(1, 6)] != draws
+    # Each node is asked once, in the first round only.
+    assert first.queries == 10 and a.partitions == first.partition_of
+
+
+def test_selection_honours_min_clients_and_keeps_silent_nodes_selectable() -> None:
+    grid = FakeGrid(4, seed=3, silent=(2,))
+    selection = ClientSelection(0.25, 3, seed=0)
+    chosen = _selected(selection, grid, 1)
+    assert len(chosen) == 3  # max(int(4 * 0.25), min_clients)
+    assert len(selection.partitions) == 3  # partition 2 never said who it is
+    # Every node trains when the fraction is 1: the grid goes through untouched, no query.
+    everyone = FakeGrid(4, seed=4)
+    assert ClientSelection(1.0, 1, seed=0).grid_for(1, everyone) is everyone
+    assert everyone.queries == 0
+
+
+def test_central_dp_counts_the_whole_federation_behind_a_selection() -> None:
+    grid = FakeGrid(10, seed=5)
+    view = ClientSelection(0.3, 1, seed=0).grid_for(1, grid)
+    inner = FedAvg(fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1)
+    dp = CentralDP(
+        inner, clip=1.0, noise=1.0, update_kind="gradient", learning_rate=0.1, seed=0, delta=1e-5
+    )
+    weights = ArrayRecord({"w": torch.zeros(3)})
+    messages = list(dp.configure_train(1, weights, ConfigRecord({}), view))
+    assert len(messages) == 3 and dp.population == 10
+
+
+def _reply(partition: int, update: torch.Tensor, examples: int, audit: bool = True) -> Message:
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({"w": update.contiguous()}),
+            "metrics": MetricRecord({"num-examples": examples, "partition-id": partition}),
+        }
+    )
+    if audit:
+        inputs, labels = torch.rand(examples, 1, 2, 2), torch.zeros(examples)
+        content["audit"] = ArrayRecord({"inputs": inputs, "labels": labels})
+    query = Message(content=RecordDict(), dst_node_id=1000 + partition, message_type="train")
+    return Message(content=content, reply_to=query)
+
+
+def _failed(node: int) -> Message:
+    query = Message(content=RecordDict(), dst_node_id=node, message_type="train")
+    return Message(MessageError(code=0, reason="client failed"), reply_to=query)
+
+
+def _strategy() -> CuriousStrategy:
+    public = PublicSetting(ModelSpec("mlp", (1, 2, 2), 2), "gradient", 0.1, 1.0, "none", False)
+    inner = FedAvg(fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1)
+    strategy = CuriousStrategy(
+        inner, public, None, Auditor(lpips_nets=()), attacks=(), clients_per_round=0, seed=0
+    )
+    strategy.global_weights = {"w": torch.zeros(257)}
+    return strategy
+
+
+def test_permuting_a_rounds_replies_does_not_change_the_aggregate() -> None:
+    # Float32 sums depend on their order: magnitudes spread over many decades make sure that
+    # at least one order of these replies rounds differently from the arrival order.
+    g = torch.Generator().manual_seed(0)
+    updates = [torch.randn(257, generator=g) * 10.0 ** (3 * i - 6) for i in range(5)]
+    examples = [3, 1, 4, 1, 5]
+    aggregates = set()
+    plain = set()
+    for order in itertools.islice(itertools.permutations(range(5)), 0, None, 7):
+        replies = [_reply(i, updates[i], examples[i]) for i in order]
+        replies.insert(2, _failed(99))
+        arrays, _ = _strategy().aggregate_train(1, replies)
+        aggregates.add(arrays["w"].numpy().tobytes())
+        # What FedAvg alone makes of the same replies in arrival order.
+        valid = [_reply(i, updates[i], examples[i], audit=False) for i in order]
+        plain.add(FedAvg().aggregate_train(1, valid)[0]["w"].numpy().tobytes())
+    assert len(plain) > 1, "the test needs replies whose sum depends on their order"
+    assert len(aggregates) == 1
+
+
+def test_canonical_order_sorts_by_partition_and_puts_errors_last() -> None:
+    replies = [_reply(p, torch.zeros(2), 1) for p in (3, 0, 2)]
+    replies.insert(1, _failed(5))
+    ordered = canonical_order(replies)
+    assert [partition_id_of(m.content) for m in ordered[:3]] == [0, 2, 3]
+    assert ordered[3].has_error()
+
+
+# -- across processes ------------------------------------------------------------------------
+# A small study that exercises every random choice: a seeded half of 4 clients per round,
+# inter-InstaHide (partners from the public pool), attacks, B = 1.
+STUDY = {
+    "num-server-rounds": "2",
+    "train.fraction-train": "0.5",
+    "train.batch-size": "1",
+    "defense.spec": "instahide:2:inter",
+    "data.public-size": "50",
+    "data.aux-size": "100",
+    "attack.names": "aux-mean,ig",
+    "attack.max-iterations": "20",
+    "attack.clients-per-round": "0",
+    "attack.images-per-client": "1",
+}
+TIMINGS = {"seconds", "round_seconds", "attack_seconds"}
+
+
+def _study(out: Path, hash_seed: str) -> subprocess.Popen:
+    args = [sys.executable, "-m", "fedleak.simulations.cli", "run", "quickstart"]
+    args += ["--out", str(out), "--num-clients", "4"]
+    for key, value in STUDY.items():
+        args += ["--set", f"{key}={value}"]
+    env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+    return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+@pytest.fixture(scope="module")
+def twins(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("twins")
+    runs = (root / "first", root / "second")
+    for out, hash_seed in zip(runs, ("1", "2"), strict=True):
+        process = _study(out, hash_seed)
+        output, _ = process.communicate(timeout=600)
+        assert process.returncode == 0, output.decode(errors="replace")[-3000:]
+    return runs
+
+
+def test_the_same_study_in_two_processes_gives_the_same_bits(twins: tuple[Path, Path]) -> None:
+    models = [torch.load(run / "checkpoints" / "global.pt", weights_only=True) for run in twins]
+    assert models[0]["round"] == models[1]["round"] == 2
+    weights = [m["state_dict"] for m in models]
+    assert weights[0].keys() == weights[1].keys()
+    for name in weights[0]:
+        assert torch.equal(weights[0][name], weights[1][name]), name
+    utility = [pd.read_csv(run / "utility.csv") for run in twins]
+    kept = [c for c in utility[0].columns if c not in TIMINGS]
+    pd.testing.assert_frame_equal(utility[0][kept], utility[1][kept], check_exact=True)
+    leakage = [pd.read_parquet(run / "leakage.parquet") for run in twins]
+    kept = [c for c in leakage[0].columns if c not in TIMINGS]
+    assert len(leakage[0]) > 0
+    pd.testing.assert_frame_equal(leakage[0][kept], leakage[1][kept], check_exact=True)
+    # The seeded selection took half of the clients, and not the same half every round.
+    assert list(utility[0].num_replies) == [0, 2, 2]
+    attacked = leakage[0].groupby("round").client_id.apply(lambda c: tuple(sorted(set(c))))
+    assert all(len(c) == 2 for c in attacked)
+
+
+def test_inter_instahide_runs_and_is_scored_against_private_images_only(
+    twins: tuple[Path, Path],
+) -> None:
+    leakage = pd.read_parquet(twins[0] / "leakage.parquet")
+    assert (leakage.status == "ok").all(), leakage.message.tolist()
+    original = leakage[leakage.scored_against == "original"]
+    encoded = leakage[leakage.scored_against == "encoded"]
+    # B = 1: each encoding mixes the client's one image with a public one; only the private
+    # image (index 0 of the batch) is ever a target, never a public partner.
+    assert len(original) == len(encoded) > 0
+    assert set(original.target_index) == {0}
+    assert original.psnr.notna().all() and original.converged.notna().any()
