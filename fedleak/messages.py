@@ -3,10 +3,14 @@
 A reply holds the records FedAvg aggregates (`arrays`: the shared update; `metrics`: what the
 client declares) and extra records that the strategy splits off before aggregating: the audit
 batch (ground truth, simulation only), per-sample updates, BatchNorm batch statistics and the
-client's BatchNorm buffers after its local computation.
+client's BatchNorm buffers after its local computation. A foreign Flower app audited through
+fedleak's client mod replies with its own arrays (updated weights) and metrics, plus the
+`fedleak-declared` record (what it declared) and, when it declared its batch, the audit record.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
@@ -16,7 +20,8 @@ from fedleak.training.update import ClientUpdate
 
 ARRAYS, METRICS = "arrays", "metrics"
 AUDIT, PER_SAMPLE, BN_STATS, BUFFERS = "audit", "per-sample", "bn-stats", "buffers"
-EXTRA_RECORDS = (AUDIT, PER_SAMPLE, BN_STATS, BUFFERS)
+DECLARED = "fedleak-declared"  # added to a foreign app's reply by fedleak's client mod
+EXTRA_RECORDS = (AUDIT, PER_SAMPLE, BN_STATS, BUFFERS, DECLARED)
 PARTITION_ID, NUM_EXAMPLES = "partition-id", "num-examples"
 _QUERY = "query"
 
@@ -92,7 +97,82 @@ def partition_answer(partition_id: int) -> RecordDict:
 
 
 def partition_id_of(content: RecordDict) -> int | None:
-    """The partition id a reply (train reply or query answer) declares, or None."""
+    """The partition id a reply (train reply, query answer, or a foreign app's reply through
+    fedleak's client mod) declares, or None."""
+    if DECLARED in content and PARTITION_ID in content[DECLARED]:
+        return int(content[DECLARED][PARTITION_ID])
     if METRICS not in content or PARTITION_ID not in content[METRICS]:
         return None
     return int(content[METRICS][PARTITION_ID])
+
+
+# -- a foreign Flower app audited through fedleak's client mod (fedleak.client.audit) ----------
+MODES = ("fedsgd", "fedavg")
+
+
+@dataclass(frozen=True)
+class Declaration:
+    """What a foreign client declares: the batch it trained on and its local training."""
+
+    inputs: torch.Tensor
+    labels: torch.Tensor
+    mode: str
+    learning_rate: float
+    local_steps: int
+    batch_size: int
+
+    @classmethod
+    def of(
+        cls,
+        inputs: torch.Tensor,
+        labels: torch.Tensor,
+        mode: str,
+        learning_rate: float,
+        local_steps: int,
+        batch_size: int | None,
+    ) -> Declaration:
+        """Checked values; one-line `ValueError` naming the argument."""
+        if mode not in MODES:
+            raise ValueError(f"declare(mode={mode!r}): expected one of {', '.join(MODES)}")
+        if inputs.dim() < 2 or labels.shape != (inputs.shape[0],):
+            raise ValueError(
+                f"declare(inputs, labels): expected inputs [N, ...] and labels [N], got "
+                f"{tuple(inputs.shape)} and {tuple(labels.shape)}"
+            )
+        size = len(inputs) if batch_size is None else int(batch_size)
+        if size < 1 or int(local_steps) < 1 or not float(learning_rate) > 0:
+            raise ValueError(
+                f"declare(batch_size={size}, local_steps={local_steps}, "
+                f"learning_rate={learning_rate}): expected positive values"
+            )
+        if mode == "fedsgd" and (int(local_steps) != 1 or size != len(inputs)):
+            raise ValueError(
+                "declare(mode='fedsgd'): one step on one batch, so expected local_steps=1 and "
+                f"batch_size={len(inputs)} (the declared inputs)"
+            )
+        return cls(
+            inputs.detach().float().cpu().contiguous(),
+            labels.detach().long().cpu().contiguous(),
+            mode,
+            float(learning_rate),
+            int(local_steps),
+            size,
+        )
+
+
+def add_declaration(content: RecordDict, partition_id: int, declared: Declaration | None) -> None:
+    """What fedleak's client mod adds to a foreign app's train reply: that its arrays are
+    weights, its partition id, and the declaration (protocol record and audit batch) if any."""
+    record = ConfigRecord({"arrays": "weights", PARTITION_ID: int(partition_id)})
+    if declared is not None:
+        record.update(
+            {
+                "mode": declared.mode,
+                "learning-rate": declared.learning_rate,
+                "local-steps": declared.local_steps,
+                "batch-size": declared.batch_size,
+                NUM_EXAMPLES: len(declared.inputs),
+            }
+        )
+        content[AUDIT] = ArrayRecord({"inputs": declared.inputs, "labels": declared.labels})
+    content[DECLARED] = record

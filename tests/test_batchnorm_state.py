@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from fedleak.attacks.optimization.attacks import prepare
-from fedleak.attacks.optimization.config import GradInversionConfig, configure
+from fedleak.attacks.optimization.config import GradInversionConfig
 from fedleak.attacks.types import AttackerKnowledge, Observation
 from fedleak.config import RunConfig, parse_flat
 from fedleak.data import client_batch
@@ -167,9 +167,7 @@ def test_infer_and_proxy_read_the_aggregated_running_statistics(run: Path, mode:
     )
     aux = fd.dataset.train_x[:20], fd.dataset.train_y[:20]
     knowledge = AttackerKnowledge(*aux, spec.input_shape, spec.num_classes)
-    problem = prepare(
-        observation, knowledge, configure(GradInversionConfig(), {"labels": "rows"}), mode, 0
-    )
+    problem = prepare(observation, knowledge, GradInversionConfig(labels="rows"), mode, 0)
     layers = [n.removesuffix(".running_mean") for n in state if n.endswith(".running_mean")]
     assert len(problem.bn_reference) == len(layers) > 0
     for (mean, var), layer in zip(problem.bn_reference, layers, strict=True):

@@ -45,7 +45,7 @@ INVALID = [
     ),
     (
         {"attack.rounds": "1,4", "num-server-rounds": 3},
-        "attack.rounds='1,4': expected 'all', or comma-separated round numbers in 1..3",
+        "attack.rounds='1,4': expected 'all', 'every:K' with K >= 1, or comma-separated round numbers in 1..3",
     ),
     ({"attack.rounds": "0"}, "attack.rounds='0': expected 'all', or comma-separated round"),
     ({"attack.rounds": "first"}, "attack.rounds='first': expected 'all', or comma-separated"),
@@ -136,6 +136,30 @@ def test_flower_app_defaults_equal_the_quickstart_preset() -> None:
     pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     app_config = flatten_toml(pyproject["tool"]["flwr"]["app"]["config"])
     assert parse_flat(app_config) == load_preset("quickstart")
+
+
+def test_config_keys_prints_type_default_and_help(capsys: pytest.CaptureFixture[str]) -> None:
+    from fedleak.simulations.cli import main
+
+    assert main(["config-keys"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line for line in lines[1:]}
+    assert set(known_keys()) <= set(rows)
+    batch = rows["train.batch-size"]
+    assert "int >= 1" in batch and "samples per client batch" in batch
+    tv = rows["attack.ig.tv-weight"]
+    assert "float >= 0 | none" in tv and "total variation" in tv
+    assert "paper|cpu|cpu-small" in rows["attack.lti.preset"]
+    assert " 0.01 " in rows["attack.lti+ig.ig-learning-rate"]  # the hybrid's own default
+
+
+def test_every_setting_has_a_line_of_help() -> None:
+    from fedleak.attacks.registry import ATTACKS
+    from fedleak.config import key_help
+
+    lines = key_help() + [line for _, entry in ATTACKS.items() for line in entry.help()]
+    undocumented = [line.key for line in lines if not line.doc]
+    assert not undocumented
 
 
 @pytest.mark.parametrize(

@@ -17,18 +17,9 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from fedleak.attacks.learned.attack import (
-    LTI_PRESETS,
-    LearningToInvert,
-    LTIConfig,
-    LTIConfigError,
-    LTIObservationError,
-    LTIThenIG,
-    build_lti,
-    build_lti_ig,
-    lti_config,
-    psnr_per_image,
-)
+from fedleak.attacks.learned.attack import LearningToInvert, LTIObservationError
+from fedleak.attacks.learned.config import LTI_PRESETS, LTIConfig, lti_config
+from fedleak.attacks.learned.hybrid import LTIThenIG
 from fedleak.attacks.learned.inverter import (
     Inverter,
     InverterError,
@@ -36,6 +27,7 @@ from fedleak.attacks.learned.inverter import (
     inversion_loss,
 )
 from fedleak.attacks.learned.pairs import Featuriser, PairSource, Unit, make_groups
+from fedleak.attacks.learned.trainer import psnr_per_image
 from fedleak.attacks.optimization.attacks import InvertingGradients
 from fedleak.attacks.optimization.config import IGConfig
 from fedleak.attacks.registry import build_attack
@@ -43,6 +35,7 @@ from fedleak.attacks.types import AttackerKnowledge, Budget, Observation
 from fedleak.data import auxiliary, build_federated_data
 from fedleak.defenses import parse_defense_spec
 from fedleak.models import ModelSpec, build_model
+from fedleak.settings import ConfigError
 from fedleak.training.update import LocalTraining, compute_update
 
 LENET = ModelSpec("lenet", (1, 28, 28), 10, init="uniform", seed=0)
@@ -164,30 +157,34 @@ def test_paper_defaults_and_presets() -> None:
     ],
 )
 def test_bad_settings_are_refused_in_one_line(field: str, value: object) -> None:
-    with pytest.raises(LTIConfigError, match=field) as info:
+    with pytest.raises(ConfigError, match=field.replace("_", "-")) as info:
         LTIConfig(**{field: value})
     assert "\n" not in str(info.value)
 
 
 def test_factories_read_run_parameters() -> None:
-    attack = build_lti({"preset": "cpu-small", "hidden": "64x32", "hash-bins": "none"}, 7)
+    params = {"preset": "cpu-small", "hidden": "64x32", "hash-bins": "none"}
+    attack = build_attack("lti", params, seed=7)
     assert attack.name == "lti" and attack.seed == 7
     assert attack.config.hidden == (64, 32) and attack.config.hash_bins is None
-    assert build_lti({}, 0).config == LTI_PRESETS["cpu"]
-    assert build_lti({"hidden": 300}, 0).config.hidden == (300,)
-    hybrid = build_lti_ig({"epochs": 3, "ig-learning-rate": 0.05, "ig-restarts": 2}, 1)
+    assert build_attack("lti").config == LTI_PRESETS["cpu"]
+    assert build_attack("lti", {"hidden": 300}).config.hidden == (300,)
+    params = {"epochs": 3, "ig-learning-rate": 0.05, "ig-restarts": 2}
+    hybrid = build_attack("lti+ig", params, seed=1)
     assert hybrid.name == "lti+ig" and hybrid.lti.config.epochs == 3
     assert hybrid.ig.config.learning_rate == 0.05 and hybrid.ig.config.restarts == 2
-    assert build_lti_ig({}, 0).ig.config.learning_rate == 0.01
-    with pytest.raises(LTIConfigError, match="hidden"):
-        build_lti({"hidden": "wide"}, 0)
+    assert build_attack("lti+ig").ig.config.learning_rate == 0.01
+    with pytest.raises(ConfigError, match=r"attack\.lti\.hidden='wide'"):
+        build_attack("lti", {"hidden": "wide"})
 
 
 def test_unknown_preset_or_parameter() -> None:
-    with pytest.raises(LTIConfigError, match="preset"):
+    with pytest.raises(ConfigError, match=r"attack\.lti\.preset='gpu-huge': expected one of"):
         lti_config("gpu-huge")
-    with pytest.raises(LTIConfigError, match="unknown lti parameter 'depth'"):
+    with pytest.raises(ConfigError, match=r"attack\.lti\.depth: unknown setting"):
         lti_config("cpu", depth=3)
+    with pytest.raises(ConfigError, match=r"attack\.lti\.preset='gpu-huge': expected one of"):
+        build_attack("lti", {"preset": "gpu-huge"})
 
 
 # --- inverter and loss ---------------------------------------------------------------------

@@ -7,12 +7,12 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from fedleak.models import (
-    MODEL_NAMES,
     ModelSpec,
     ModelSpecError,
     build_model,
     count_parameters,
     has_batchnorm,
+    model_names,
 )
 
 MNIST = (1, 28, 28)
@@ -35,7 +35,7 @@ def test_parameter_counts(name: str, shape: tuple[int, ...], expected: int) -> N
     assert count_parameters(build_model(ModelSpec(name, shape, 10))) == expected
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", model_names())
 @pytest.mark.parametrize("shape", [MNIST, CIFAR, (3, 16, 24)])
 def test_forward_shapes(name: str, shape: tuple[int, ...]) -> None:
     model = build_model(ModelSpec(name, shape, 7)).eval()
@@ -111,7 +111,10 @@ def test_per_sample_gradients_with_vmap_match_single_gradients(name: str) -> Non
 @pytest.mark.parametrize(
     ("spec", "match"),
     [
-        (ModelSpec("vgg11", CIFAR, 10), "model.name='vgg11' is unknown; choose one of lenet"),
+        (ModelSpec("vgg11", CIFAR, 10), "model.name='vgg11': unknown model; expected one of lenet"),
+        (ModelSpec("torch.nn:Nope", CIFAR, 10), "model.name='torch.nn:Nope': 'torch.nn' has no"),
+        (ModelSpec("no_such_pkg.m:f", CIFAR, 10), "model.name='no_such_pkg.m:f': cannot import"),
+        (ModelSpec("torch.nn:Linear", CIFAR, 10), "model.name='torch.nn:Linear': the factory"),
         (ModelSpec("lenet", CIFAR, 10, init="xavier"), "model.init='xavier'.*default, uniform"),
         (ModelSpec("lenet", (32, 32), 10), r"model.input_shape=\(32, 32\)"),
         (ModelSpec("convnet", (3, 2, 2), 10), "H, W >= 4"),

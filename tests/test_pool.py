@@ -18,7 +18,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.simulation.run_simulation import _replace_keys
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedleak.attacks.registry import build_attack
+from fedleak.attacks import registry as attack_registry
+from fedleak.attacks.registry import attack_entry, build_attack, register_attack
 from fedleak.attacks.types import AttackerKnowledge, Budget, Observation
 from fedleak.client.app import train_reply
 from fedleak.config import RunConfig, parse_flat
@@ -41,7 +42,6 @@ from fedleak.server.pool import (
     RayAttackPool,
     ResourceRequestError,
     check_gpu_request,
-    is_stateful,
     ray_init_args,
 )
 from fedleak.server.runner import AttackJob, InlineRunner
@@ -113,8 +113,9 @@ def test_the_pool_refuses_to_run_without_flowers_ray() -> None:
 
 
 def test_known_attacks_are_spread_and_others_pinned() -> None:
-    assert not is_stateful(build_attack("aux-mean"))
-    assert not is_stateful(build_attack("ig"))
+    assert not attack_entry("aux-mean").stateful
+    assert not attack_entry("ig").stateful
+    assert attack_entry("lti").stateful
 
     class Learner:
         name = "learner"
@@ -123,8 +124,14 @@ def test_known_attacks_are_spread_and_others_pinned() -> None:
         name = "declared"
         stateful = False
 
-    assert is_stateful(Learner())
-    assert not is_stateful(Declared())
+    try:
+        register_attack("test-learner", Learner)
+        register_attack("test-declared", Declared)
+        assert attack_entry("test-learner").stateful
+        assert not attack_entry("test-declared").stateful
+    finally:
+        attack_registry.ATTACKS.remove("test-learner")
+        attack_registry.ATTACKS.remove("test-declared")
 
 
 def test_fault_spec_parses_and_rejects_garbage() -> None:

@@ -28,6 +28,7 @@ class AuxMeanBaseline:
 
     name = "aux-mean"
     reference = True  # a floor for the report, never ranked as an attack
+    stateful = False
 
     def check_feasible(self, targets: int, aux: int) -> None:
         """Refuse a run without auxiliary data, where every call would fail."""
@@ -74,6 +75,7 @@ class ClassMeanBaseline:
 
     name = "class-mean"
     reference = True
+    stateful = False  # labels from the update, images from the aux data: any worker will do
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed

@@ -1,64 +1,197 @@
-"""Attacks by name: `build_attack("ig", {"restarts": 2}, seed=0)`.
+"""Attacks by name: `build_attack("ig", {"restarts": 2}, seed=0)`, and how to add your own.
 
-`ATTACKS` maps each name to a factory `(params, seed) -> Attack`; hyper-parameters and their
-defaults are documented in `fedleak.attacks.optimization.config`.
+An attack is registered with a factory `(config, seed) -> Attack` and, when it takes
+hyper-parameters, a default settings dataclass (`fedleak.settings`): its fields are the keys
+`attack.<name>.<key>`, parsed and checked by the generic parser without building the attack.
+
+    @dataclass(frozen=True)
+    class BlurConfig(Settings):
+        sigma: float = setting(1.0, low=0.0, doc="blur of the aux mean")
+
+    @register_attack("blur", config=BlurConfig())
+    class Blur:
+        stateful = False  # keeps nothing across calls: any worker may run any job
+        def __init__(self, config: BlurConfig, seed: int) -> None: ...
+        def reconstruct(self, observation, knowledge, budget) -> Reconstruction: ...
+
+A package makes the same attack available to every process with an entry point in group
+`fedleak.attacks` (see `fedleak.registry`); an entry point that names a class or function
+without registering it is adopted with the class attributes `default_config` and `stateful`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
-from fedleak.attacks.baseline import AuxMeanBaseline, ClassMeanBaseline
-from fedleak.attacks.learned.attack import build_lti, build_lti_ig
-from fedleak.attacks.optimization.attacks import DLG, InvertingGradients, StepwiseInversion
-from fedleak.attacks.optimization.config import (
-    DLGConfig,
-    GradInversionConfig,
-    IGConfig,
-    StepwiseConfig,
-    configure,
-)
 from fedleak.attacks.types import Attack
+from fedleak.registry import Registry, UnknownNameError
+from fedleak.settings import ConfigError, KeyHelp, flat_keys, help_lines, parse_settings, render
 
-Factory = Callable[[Mapping[str, object], int], Attack]
+Factory = Callable[[Any, int], Attack]
 
-
-class UnknownAttackError(ValueError):
-    """An attack name that is not registered, or parameters for one that takes none."""
-
-
-def _aux_mean(params: Mapping[str, object], _seed: int) -> Attack:
-    if params:
-        raise UnknownAttackError(f"attack 'aux-mean' takes no parameters, got {sorted(params)}")
-    return AuxMeanBaseline()
+# Kept for callers that catch it by name; every attack-setting error is a ConfigError.
+UnknownAttackError = UnknownNameError
+AttackConfigError = ConfigError
 
 
-def _class_mean(params: Mapping[str, object], seed: int) -> Attack:
-    if params:
-        raise UnknownAttackError(f"attack 'class-mean' takes no parameters, got {sorted(params)}")
-    return ClassMeanBaseline(seed)
+@dataclass(frozen=True)
+class AttackEntry:
+    """A registered attack: how to build it, its default settings and named alternatives.
+
+    `presets` are alternative defaults chosen by the parameter `preset` (`default_preset` when
+    it is not given). `stateful`: whether the attack keeps state across calls, so that all its
+    jobs must run on one worker, in order (the safe default).
+    """
+
+    name: str
+    build: Factory
+    config: Any = None
+    presets: Mapping[str, Any] = field(default_factory=dict)
+    default_preset: str | None = None
+    stateful: bool = True
+    doc: str = ""
+
+    @property
+    def prefix(self) -> str:
+        """The run-config prefix of this attack's parameters."""
+        return f"attack.{self.name}."
+
+    def defaults(self, preset: str | None = None) -> Any:
+        """The default settings, or those of a named preset."""
+        if not self.presets:
+            return self.config
+        chosen = preset if preset is not None else self.default_preset
+        if chosen not in self.presets:
+            raise ConfigError(
+                f"{self.prefix}preset={chosen!r}: expected one of "
+                f"{', '.join(repr(p) for p in self.presets)}"
+            )
+        return self.presets[chosen]
+
+    def configure(self, params: Mapping[str, object] | None = None) -> Any:
+        """The attack's settings with `params` applied and checked (one-line `ConfigError`)."""
+        values = dict(params or {})
+        preset = values.pop("preset", None) if self.presets else None
+        if preset is not None and not isinstance(preset, str):
+            raise ConfigError(f"{self.prefix}preset={preset!r}: expected a preset name")
+        base = self.defaults(preset)
+        if base is None:
+            if values:
+                raise ConfigError(
+                    f"{self.prefix}{sorted(values)[0]}: unknown setting; attack {self.name!r} "
+                    "takes no parameters"
+                )
+            return None
+        return parse_settings(base, values, self.prefix)
+
+    def create(self, params: Mapping[str, object] | None = None, seed: int = 0) -> Attack:
+        """The attack, configured by `params`."""
+        return self.build(self.configure(params), seed)
+
+    def accepts(self, key: str) -> bool:
+        """Whether `key` (kebab-case) is one of this attack's parameters."""
+        config = self.defaults()
+        return config is not None and key in dict(flat_keys(type(config)))
+
+    def help(self) -> list[KeyHelp]:
+        """Type, default and help of each parameter (`fedleak config-keys`)."""
+        lines = []
+        if self.presets:
+            lines.append(
+                KeyHelp(
+                    f"{self.prefix}preset",
+                    "|".join(self.presets),
+                    render(self.default_preset),
+                    "named base settings; the other keys change them",
+                )
+            )
+        config = self.defaults()
+        if config is not None:
+            lines += help_lines(config, self.prefix)
+        return lines
 
 
-ATTACKS: dict[str, Factory] = {
-    "aux-mean": _aux_mean,
-    "class-mean": _class_mean,
-    "dlg": lambda p, s: DLG(configure(DLGConfig(), p), s, "dlg"),
-    "idlg": lambda p, s: DLG(configure(DLGConfig(labels="auto"), p), s, "idlg"),
-    "ig": lambda p, s: InvertingGradients(configure(IGConfig(), p), s, "ig"),
-    "gradinversion": lambda p, s: InvertingGradients(
-        configure(GradInversionConfig(), p), s, "gradinversion"
-    ),
-    "stepwise": lambda p, s: StepwiseInversion(configure(StepwiseConfig(), p), s, "stepwise"),
-    "lti": build_lti,
-    "lti+ig": build_lti_ig,
-}
+def _adopt(name: str, obj: Any) -> AttackEntry:
+    if isinstance(obj, AttackEntry):
+        return dataclasses.replace(obj, name=name)
+    if not callable(obj):
+        raise TypeError(
+            f"expected an attack class or factory (config, seed) -> Attack, got {obj!r}"
+        )
+    return AttackEntry(
+        name,
+        obj,
+        config=getattr(obj, "default_config", None),
+        stateful=bool(getattr(obj, "stateful", True)),
+    )
 
-ATTACK_NAMES: tuple[str, ...] = tuple(ATTACKS)
+
+def _builtins() -> None:
+    import fedleak.attacks.catalog  # noqa: F401  (registers the built-in attacks)
+
+
+ATTACKS: Registry[AttackEntry] = Registry(
+    "attack",
+    "fedleak.attacks",
+    "attack.names",
+    adopt=_adopt,
+    builtins=_builtins,
+    forbidden=",.",
+)
+
+
+def register_attack(
+    name: str,
+    build: Factory | None = None,
+    *,
+    config: Any = None,
+    presets: Mapping[str, Any] | None = None,
+    default_preset: str | None = None,
+    stateful: bool | None = None,
+    replace: bool = False,
+) -> Any:
+    """Register an attack factory `(config, seed) -> Attack` under `name`; usable as a decorator.
+
+    `config`: the default settings dataclass instance (None: the attack takes no parameters).
+    `stateful` defaults to the factory's `stateful` attribute, else True.
+    """
+
+    def add(factory: Factory) -> Factory:
+        declared = getattr(factory, "stateful", True) if stateful is None else stateful
+        entry = AttackEntry(
+            name,
+            factory,
+            config=config,
+            presets=dict(presets or {}),
+            default_preset=default_preset,
+            stateful=bool(declared),
+            doc=_first_doc_line(factory),
+        )
+        ATTACKS.add(name, entry, replace=replace)
+        return factory
+
+    return add if build is None else add(build)
+
+
+def _first_doc_line(obj: object) -> str:
+    lines = (getattr(obj, "__doc__", None) or "").strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def attack_entry(name: str) -> AttackEntry:
+    """The registered attack `name` (built-in or plugin); one-line error when unknown."""
+    return ATTACKS.get(name)
+
+
+def attack_names() -> tuple[str, ...]:
+    """Every registered attack name, plugins included."""
+    return ATTACKS.names()
 
 
 def build_attack(name: str, params: Mapping[str, object] | None = None, *, seed: int = 0) -> Attack:
-    """The attack registered under `name`, configured by `params` (keys as in the config
-    dataclasses, dashes or underscores); `ValueError` subclasses on bad names or values."""
-    if name not in ATTACKS:
-        raise UnknownAttackError(f"attack {name!r} is unknown; choose one of {', '.join(ATTACKS)}")
-    return ATTACKS[name](dict(params or {}), seed)
+    """The attack registered under `name`, configured by `params` (keys as in its settings
+    dataclass, dashes or underscores); `ConfigError` (a ValueError) on bad names or values."""
+    return attack_entry(name).create(params, seed)

@@ -16,9 +16,14 @@ from fedleak.data.registry import (
     DATA_DIR_ENV,
     DATASETS,
     FOLDER_PREFIX,
+    DatasetEntry,
     UnknownDatasetError,
+    data_shape,
+    dataset_entry,
+    dataset_names,
     default_data_dir,
     load_dataset,
+    register_dataset,
 )
 from fedleak.data.sampler import sample_batch
 from fedleak.data.stratify import DataSplitError
@@ -30,6 +35,7 @@ __all__ = [
     "SCHEMES",
     "AuxiliarySplit",
     "DataSplitError",
+    "DatasetEntry",
     "DatasetUnavailable",
     "FederatedData",
     "FolderLayoutError",
@@ -39,10 +45,14 @@ __all__ = [
     "build_federated_data",
     "client_batch",
     "client_rows",
+    "data_shape",
+    "dataset_entry",
+    "dataset_names",
     "default_data_dir",
     "load_dataset",
     "partition_indices",
     "partition_rows",
+    "register_dataset",
     "sample_batch",
     "split_auxiliary",
 ]

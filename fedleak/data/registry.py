@@ -1,4 +1,16 @@
-"""Data sets by name: the offline embedded ones, the torchvision ones and `folder:<path>`.
+"""Data sets by name: the offline embedded ones, the torchvision ones, `folder:<path>`, and yours.
+
+A data set is registered with a loader `(root, download) -> ImageDataset`, where `root` is the
+data folder (`data.data-dir`, else `$FEDLEAK_DATA_DIR` or `~/.cache/fedleak/data`) for sets
+that live there:
+
+    @register_dataset("my-set", holdout=True, input_shape=(3, 32, 32), num_classes=10)
+    def my_set(root: Path, download: bool) -> ImageDataset: ...
+
+`holdout`: the set has no official test split, so a stratified `data.test-fraction` is held out
+(seeded by the run). `input_shape` and `num_classes`, when declared, let configuration checks
+(BatchNorm, payload) run without loading the set. A package makes a set available to every
+process with an entry point in group `fedleak.datasets` (see `fedleak.registry`).
 
 Loaded sets are cached in the process: every simulated client asks for the same set each round.
 Data files always live outside the package tree (Flower's app bundle carries only source).
@@ -6,34 +18,152 @@ Data files always live outside the package tree (Flower's app bundle carries onl
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from fedleak.data.dataset import DatasetUnavailable, ImageDataset, with_holdout
 from fedleak.data.embedded import load_cifar10_foolbox, load_mnist5k
 from fedleak.data.folder import load_folder
 from fedleak.data.torchvision_sets import TORCHVISION_SETS, load_torchvision_set
+from fedleak.registry import Registry, UnknownNameError
+from fedleak.settings import ConfigError
 
 FOLDER_PREFIX = "folder:"
-DATASETS: tuple[str, ...] = ("mnist5k", "cifar10-foolbox", *TORCHVISION_SETS)
-# Sets without an official test split get a stratified hold-out; victim-only sets get none.
-_HOLDOUT = frozenset({"mnist5k", FOLDER_PREFIX})
 DATA_DIR_ENV = "FEDLEAK_DATA_DIR"
+
+Loader = Callable[[Path, bool], ImageDataset]
 
 __all__ = [
     "DATASETS",
     "DATA_DIR_ENV",
     "FOLDER_PREFIX",
+    "DatasetEntry",
     "DatasetUnavailable",
     "UnknownDatasetError",
+    "data_shape",
+    "dataset_entry",
+    "dataset_names",
     "default_data_dir",
     "load_dataset",
+    "register_dataset",
 ]
 
+UnknownDatasetError = UnknownNameError
 
-class UnknownDatasetError(ValueError):
-    """The data-set name is not in the registry."""
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    """A registered data set: its loader and what is known without loading it."""
+
+    name: str
+    load: Loader
+    holdout: bool = True
+    uses_data_dir: bool = False
+    input_shape: tuple[int, ...] | None = None
+    num_classes: int | None = None
+
+
+def _adopt(name: str, obj: object) -> DatasetEntry:
+    if isinstance(obj, DatasetEntry):
+        return dataclasses.replace(obj, name=name)
+    if not callable(obj):
+        raise TypeError(f"expected a data-set loader (root, download) -> ImageDataset, got {obj!r}")
+    return DatasetEntry(name, obj, uses_data_dir=True)
+
+
+def _builtins() -> None:
+    register_dataset(
+        "mnist5k",
+        lambda _root, _download: load_mnist5k(),
+        holdout=True,
+        input_shape=(1, 28, 28),
+        num_classes=10,
+    )
+    register_dataset(
+        "cifar10-foolbox",
+        lambda _root, _download: load_cifar10_foolbox(),
+        holdout=False,
+        input_shape=(3, 32, 32),
+        num_classes=10,
+    )
+    shapes = {
+        "cifar10": ((3, 32, 32), 10),
+        "cifar100": ((3, 32, 32), 100),
+        "mnist": ((1, 28, 28), 10),
+        "fashion-mnist": ((1, 28, 28), 10),
+        "svhn": ((3, 32, 32), 10),
+    }
+    for name in TORCHVISION_SETS:
+        shape, classes = shapes[name]
+        register_dataset(
+            name,
+            functools.partial(load_torchvision_set, name),
+            holdout=False,
+            uses_data_dir=True,
+            input_shape=shape,
+            num_classes=classes,
+        )
+
+
+DATASETS: Registry[DatasetEntry] = Registry(
+    "data set",
+    "fedleak.datasets",
+    "data.dataset",
+    adopt=_adopt,
+    builtins=_builtins,
+    forbidden=",:",
+)
+
+
+def register_dataset(
+    name: str,
+    load: Loader | None = None,
+    *,
+    holdout: bool = True,
+    uses_data_dir: bool = True,
+    input_shape: tuple[int, ...] | None = None,
+    num_classes: int | None = None,
+    replace: bool = False,
+) -> object:
+    """Register a loader `(root, download) -> ImageDataset`; usable as a decorator."""
+
+    def add(loader: Loader) -> Loader:
+        shape = None if input_shape is None else tuple(input_shape)
+        entry = DatasetEntry(name, loader, holdout, uses_data_dir, shape, num_classes)
+        DATASETS.add(name, entry, replace=replace)
+        return loader
+
+    return add if load is None else add(load)
+
+
+def dataset_names() -> tuple[str, ...]:
+    """Every registered data-set name, plugins included (`folder:<path>` aside)."""
+    return DATASETS.names()
+
+
+def dataset_entry(name: str) -> DatasetEntry:
+    """The entry of `name`; a one-line error naming every registered set and `folder:<path>`."""
+    if name.startswith(FOLDER_PREFIX):
+        return DatasetEntry(name, lambda root, _download: load_folder(root, name), holdout=True)
+    try:
+        return DATASETS.get(name)
+    except UnknownNameError:
+        raise UnknownNameError(
+            f"data.dataset={name!r}: expected one of {', '.join(dataset_names())} or "
+            f"{FOLDER_PREFIX}<path>"
+        ) from None
+
+
+def data_shape(name: str) -> tuple[tuple[int, ...], int] | None:
+    """(input shape, number of classes) when the set declares them, else None."""
+    entry = dataset_entry(name)
+    if entry.input_shape is None or entry.num_classes is None:
+        return None
+    return entry.input_shape, entry.num_classes
 
 
 def default_data_dir() -> Path:
@@ -52,49 +182,42 @@ def load_dataset(
     """Load a data set by registry name or as `folder:<path>`.
 
     `seed` and `test_fraction` shape the stratified hold-out of sets without an official test
-    split (mnist5k, folders); torchvision sets keep their own split and cifar10-foolbox keeps
-    all 20 images for training. `data_dir` matters to torchvision sets only.
+    split (mnist5k, folders, plugins that say so); the others keep their own split.
+    `data_dir` matters to sets that live in the data folder only.
     """
-    kind = FOLDER_PREFIX if name.startswith(FOLDER_PREFIX) else name
-    if kind not in DATASETS and kind != FOLDER_PREFIX:
-        raise UnknownDatasetError(
-            f"dataset={name!r}: expected one of {', '.join(DATASETS)} or {FOLDER_PREFIX}<path>"
-        )
+    entry = dataset_entry(name)
     if not 0.0 <= test_fraction < 1.0:
-        raise ValueError(f"test_fraction={test_fraction}: expected a value in [0, 1)")
+        raise ConfigError(f"data.test-fraction={test_fraction}: expected a number in [0, 1)")
     # The cache key carries only what the set depends on, so equal requests share one load.
-    holdout = kind in _HOLDOUT
-    if kind == FOLDER_PREFIX:
+    if name.startswith(FOLDER_PREFIX):
         root = str(Path(name.removeprefix(FOLDER_PREFIX)).expanduser().resolve())
-    elif kind in TORCHVISION_SETS:
+    elif entry.uses_data_dir:
         root = str(Path(data_dir or default_data_dir()).expanduser().resolve())
     else:
         root = ""
+    holdout = entry.holdout
     return _load(
         name,
-        kind,
         root,
         seed if holdout else 0,
         test_fraction if holdout else 0.0,
-        download and kind in TORCHVISION_SETS,
+        download and entry.uses_data_dir,
     )
 
 
 @functools.lru_cache(maxsize=16)
-def _load(
-    name: str, kind: str, root: str, seed: int, test_fraction: float, download: bool
-) -> ImageDataset:
-    dataset = _read(name, kind, root, download)
-    return with_holdout(dataset, test_fraction, seed) if kind in _HOLDOUT else dataset
+def _load(name: str, root: str, seed: int, test_fraction: float, download: bool) -> ImageDataset:
+    dataset = _read(name, root, download)
+    return with_holdout(dataset, test_fraction, seed) if dataset_entry(name).holdout else dataset
 
 
 @functools.lru_cache(maxsize=8)
-def _read(name: str, kind: str, root: str, download: bool) -> ImageDataset:
+def _read(name: str, root: str, download: bool) -> ImageDataset:
     # Cached apart from the hold-out: runs that differ only in their seed share one read.
-    if kind == "mnist5k":
-        return load_mnist5k()
-    if kind == "cifar10-foolbox":
-        return load_cifar10_foolbox()
-    if kind == FOLDER_PREFIX:
-        return load_folder(Path(root), name)
-    return load_torchvision_set(kind, Path(root), download)
+    dataset = dataset_entry(name).load(Path(root), download)
+    if not all(hasattr(dataset, a) for a in ("train_x", "train_y", "test_x", "num_classes")):
+        raise ConfigError(
+            f"data.dataset={name!r}: the loader returned {type(dataset).__name__}, expected an "
+            "ImageDataset (fedleak.data.dataset_from_arrays builds one)"
+        )
+    return dataset

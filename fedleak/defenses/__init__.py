@@ -1,6 +1,7 @@
 """Client-side defenses: gradient transforms and input encodings in one ordered pipeline.
 
-Build one from a spec string with `parse_defense_spec("instahide:4+prune:0.9")`. The same
+Build one from a spec string with `parse_defense_spec("instahide:4+prune:0.9")`; add your own
+with `register_defense` (see `fedleak.defenses.registry`). The same
 objects serve clients (to defend) and adaptive attackers (to replay the defense).
 """
 
@@ -18,12 +19,16 @@ from fedleak.defenses.encode import (
 from fedleak.defenses.grammar import ALLOWED_FORMS, DefenseSpecError
 from fedleak.defenses.noise import DPSGD, GaussianNoise
 from fedleak.defenses.prune import Prune, pruned_count
-from fedleak.defenses.spec import DefensePipeline, Encoder, Step, parse_defense_spec
+from fedleak.defenses.registry import DEFENSES, DefenseEntry, allowed_forms, register_defense
+from fedleak.defenses.spec import STAGES, DefensePipeline, Encoder, Step, parse_defense_spec
 
 __all__ = [
     "ALLOWED_FORMS",
+    "DEFENSES",
     "DPSGD",
     "MAX_COEFFICIENT",
+    "STAGES",
+    "DefenseEntry",
     "DefensePipeline",
     "DefenseSpecError",
     "EncodedBatch",
@@ -36,8 +41,10 @@ __all__ = [
     "Prune",
     "SignCompression",
     "Step",
+    "allowed_forms",
     "mix_images",
     "mix_labels",
     "parse_defense_spec",
     "pruned_count",
+    "register_defense",
 ]

@@ -14,6 +14,8 @@ class SignCompression:
     """Replace each coordinate by its sign; exact zeros (e.g. pruned ones) stay zero."""
 
     kind: ClassVar[str] = "sign"
+    stage: ClassVar[str] = "release"
+    rank: ClassVar[float] = 4.0  # last: the sign of whatever the other steps left
 
     @property
     def spec(self) -> str:
@@ -23,3 +25,14 @@ class SignCompression:
     def __call__(self, grads: dict[str, Tensor]) -> dict[str, Tensor]:
         """Signs in {-1, 0, 1}, any shape (a leading batch dimension included)."""
         return {name: torch.sign(t) for name, t in grads.items()}
+
+    def release(
+        self,
+        grads: dict[str, Tensor],
+        generator: torch.Generator,
+        *,
+        batched: bool,
+        dp_batch_size: int | None,
+    ) -> dict[str, Tensor]:
+        """The pipeline's hook: signs."""
+        return self(grads)

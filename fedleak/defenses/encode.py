@@ -264,6 +264,8 @@ class MixUp:
 
     k: int
     kind: ClassVar[str] = "mixup"
+    stage: ClassVar[str] = "encode"
+    rank: ClassVar[float] = 0.0
 
     def __post_init__(self) -> None:
         _check_k(self.kind, self.k)
@@ -294,6 +296,8 @@ class InstaHide:
     k: int
     inter: bool = False
     kind: ClassVar[str] = "instahide"
+    stage: ClassVar[str] = "encode"
+    rank: ClassVar[float] = 0.0
 
     def __post_init__(self) -> None:
         _check_k(self.kind, self.k)

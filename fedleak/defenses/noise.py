@@ -38,6 +38,8 @@ class GaussianNoise:
 
     sigma: float
     kind: ClassVar[str] = "gauss"
+    stage: ClassVar[str] = "release"
+    rank: ClassVar[float] = 2.0
 
     def __post_init__(self) -> None:
         if not (_finite(self.sigma) and self.sigma >= 0):
@@ -52,6 +54,17 @@ class GaussianNoise:
         """Noisy copies; any shape (with a leading batch dim every sample gets its own noise)."""
         return add_gaussian(grads, self.sigma, generator)
 
+    def release(
+        self,
+        grads: dict[str, Tensor],
+        generator: torch.Generator,
+        *,
+        batched: bool,
+        dp_batch_size: int | None,
+    ) -> dict[str, Tensor]:
+        """The pipeline's hook: add the noise."""
+        return self(grads, generator)
+
 
 @dataclass(frozen=True)
 class DPSGD:
@@ -61,6 +74,8 @@ class DPSGD:
     clip_norm: float
     noise_multiplier: float
     kind: ClassVar[str] = "dpsgd"
+    stage: ClassVar[str] = "clip"
+    rank: ClassVar[float] = 1.0
 
     def __post_init__(self) -> None:
         if not (_finite(self.clip_norm) and self.clip_norm > 0):
@@ -93,6 +108,20 @@ class DPSGD:
     ) -> dict[str, Tensor]:
         """The mean of `batch_size` clipped gradients plus its DP noise."""
         return add_gaussian(mean, self.noise_std(batch_size), generator)
+
+    def release(
+        self,
+        grads: dict[str, Tensor],
+        generator: torch.Generator,
+        *,
+        batched: bool,
+        dp_batch_size: int | None,
+    ) -> dict[str, Tensor]:
+        """The pipeline's hook: the noise of a mean of `dp_batch_size` clipped gradients; none
+        for FedAvg's delta, whose local steps were noised one by one."""
+        if dp_batch_size is None:
+            return dict(grads)
+        return self.noise(grads, dp_batch_size, generator)
 
     def __call__(
         self, per_sample: dict[str, Tensor], generator: torch.Generator

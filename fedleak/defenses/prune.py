@@ -43,6 +43,8 @@ class Prune:
     rate: float
     scope: PruneScope = "layer"
     kind: ClassVar[str] = "prune"
+    stage: ClassVar[str] = "release"
+    rank: ClassVar[float] = 3.0
 
     def __post_init__(self) -> None:
         if not (isinstance(self.rate, int | float) and 0.0 <= self.rate < 1.0):
@@ -71,3 +73,14 @@ class Prune:
             sizes = [f.shape[1] for f in flat.values()]
             kept = dict(zip(flat, joined.split(sizes, dim=1), strict=True))
         return {name: kept[name].reshape(t.shape) for name, t in grads.items()}
+
+    def release(
+        self,
+        grads: dict[str, Tensor],
+        generator: torch.Generator,
+        *,
+        batched: bool,
+        dp_batch_size: int | None,
+    ) -> dict[str, Tensor]:
+        """The pipeline's hook: prune (each sample on its own when `batched`)."""
+        return self(grads, batched=batched)

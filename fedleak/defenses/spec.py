@@ -1,6 +1,7 @@
 """Defense spec strings and the pipeline they describe.
 
-A spec is `none` or parts joined with `+` (grammar in `ALLOWED_FORMS`). Whatever order the
+A spec is `none` or parts joined with `+` (grammar in `allowed_forms()`; defenses are
+registered by name in `fedleak.defenses.registry`, plugins included). Whatever order the
 parts are written in, the pipeline applies the declared order of a client's computation:
 
     encode (mixup | instahide) -> per-sample clip (dpsgd) -> mean
@@ -14,60 +15,67 @@ attackers, who replay a pipeline on their own guesses.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import torch
 from torch import Tensor
 
-from fedleak.defenses.compress import SignCompression
 from fedleak.defenses.encode import EncodedBatch, InstaHide, MixUp, PartnerPool
-from fedleak.defenses.grammar import ALLOWED_FORMS, DefenseSpecError
-from fedleak.defenses.noise import DPSGD, GaussianNoise
-from fedleak.defenses.prune import Prune
+from fedleak.defenses.grammar import DefenseSpecError
+from fedleak.defenses.registry import DEFENSES, allowed_forms
+from fedleak.registry import UnknownNameError
 
-Step = MixUp | InstaHide | DPSGD | GaussianNoise | Prune | SignCompression
 Encoder = MixUp | InstaHide
 S = TypeVar("S")
 
-# Position of each step in the applied order; the two encoders share a slot.
-_RANK: dict[type, int] = {
-    MixUp: 0,
-    InstaHide: 0,
-    DPSGD: 1,
-    GaussianNoise: 2,
-    Prune: 3,
-    SignCompression: 4,
-}
+# The applied order of the stages; within a stage, steps go by `rank`.
+STAGES: tuple[str, ...] = ("encode", "clip", "release")
 
-_NUMBER = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
-_INTEGER = re.compile(r"[0-9]{1,9}")
 # `+` joins parts, except as the exponent sign of a number such as 1e+3.
 _JOIN = re.compile(r"(?<![0-9.][eE])\+")
+
+
+class Step(Protocol):
+    """One defense of a pipeline (the contract is in `fedleak.defenses.registry`)."""
+
+    kind: ClassVar[str]
+    stage: ClassVar[str]
+    rank: ClassVar[float]
+
+    @property
+    def spec(self) -> str:
+        """This step's canonical spec part."""
+        ...
 
 
 @dataclass(frozen=True)
 class DefensePipeline:
     """An ordered, conflict-free chain of defenses. `steps` are sorted into the applied order
-    on construction; `spec` is the canonical string."""
+    on construction (stage, then rank); `spec` is the canonical string."""
 
-    steps: tuple[Step, ...] = ()
+    steps: tuple[Any, ...] = ()
 
     def __post_init__(self) -> None:
-        seen: dict[int, Step] = {}
+        seen: dict[str, Any] = {}
         for step in self.steps:
-            if type(step) not in _RANK:
-                raise DefenseSpecError(f"{step!r} is not a defense step; allowed: {ALLOWED_FORMS}")
-            rank = _RANK[type(step)]
-            if rank in seen:
-                what = "two input encodings" if rank == 0 else f"{step.kind} twice"
+            stage = getattr(step, "stage", None)
+            if stage not in STAGES or not hasattr(step, "kind") or not hasattr(step, "spec"):
                 raise DefenseSpecError(
-                    f"conflicting defense parts {seen[rank].spec!r} and {step.spec!r} "
-                    f"({what}); allowed: {ALLOWED_FORMS}"
+                    f"{step!r} is not a defense step; allowed: {allowed_forms()}"
                 )
-            seen[rank] = step
-        object.__setattr__(self, "steps", tuple(seen[rank] for rank in sorted(seen)))
+            if stage != "encode" and not callable(getattr(step, "release", None)):
+                raise DefenseSpecError(f"{step.kind}: a {stage} step needs a release() method")
+            slot = "encode" if stage == "encode" else step.kind
+            if slot in seen:
+                what = "two input encodings" if stage == "encode" else f"{step.kind} twice"
+                raise DefenseSpecError(
+                    f"conflicting defense parts {seen[slot].spec!r} and {step.spec!r} "
+                    f"({what}); allowed: {allowed_forms()}"
+                )
+            seen[slot] = step
+        ordered = sorted(seen.values(), key=lambda s: (STAGES.index(s.stage), float(s.rank)))
+        object.__setattr__(self, "steps", tuple(ordered))
 
     @property
     def spec(self) -> str:
@@ -84,12 +92,12 @@ class DefensePipeline:
     @property
     def encoder(self) -> Encoder | None:
         """The input encoding (MixUp or InstaHide), if any."""
-        return self.find(MixUp) or self.find(InstaHide)
+        return next((step for step in self.steps if step.stage == "encode"), None)
 
     @property
     def needs_per_sample(self) -> bool:
         """Whether the client must compute per-sample gradients (DP-SGD clips each sample)."""
-        return self.find(DPSGD) is not None
+        return any(step.stage == "clip" for step in self.steps)
 
     def encode(
         self,
@@ -107,9 +115,12 @@ class DefensePipeline:
         return encoder(x, y_onehot, generator, public, private)
 
     def clip(self, per_sample: dict[str, Tensor]) -> dict[str, Tensor]:
-        """DP-SGD's per-sample clipping (leading dim = samples); the identity without dpsgd."""
-        dp = self.find(DPSGD)
-        return dict(per_sample) if dp is None else dp.clip(per_sample)
+        """Per-sample clipping (leading dim = samples); the identity without a clip step."""
+        out = dict(per_sample)
+        for step in self.steps:
+            if step.stage == "clip":
+                out = step.clip(out)
+        return out
 
     def share(
         self, grad: dict[str, Tensor], batch_size: int, generator: torch.Generator
@@ -140,90 +151,20 @@ class DefensePipeline:
         batched: bool,
     ) -> dict[str, Tensor]:
         out = dict(grads)
-        dp = self.find(DPSGD)
-        if dp is not None and dp_batch_size is not None:
-            out = dp.noise(out, dp_batch_size, generator)
-        gauss = self.find(GaussianNoise)
-        if gauss is not None:
-            out = gauss(out, generator)
-        prune = self.find(Prune)
-        if prune is not None:
-            out = prune(out, batched=batched)
-        sign = self.find(SignCompression)
-        if sign is not None:
-            out = sign(out)
+        for step in self.steps:
+            if step.stage != "encode":
+                out = step.release(out, generator, batched=batched, dp_batch_size=dp_batch_size)
         return out
 
 
-def _number(text: str, what: str) -> float:
-    if not _NUMBER.fullmatch(text):
-        raise ValueError(f"{what}={text!r} is not a number")
-    return float(text) + 0.0
-
-
-def _integer(text: str, what: str) -> int:
-    if text.isascii() and text.isdigit() and not _INTEGER.fullmatch(text):
-        raise ValueError(f"{what}={text[:30]!r} is too large; expected a whole number below 10^9")
-    if not _INTEGER.fullmatch(text):
-        raise ValueError(f"{what}={text[:30]!r} is not a whole number")
-    return int(text)
-
-
-def _arity(args: list[str], low: int, high: int, form: str) -> None:
-    if not low <= len(args) <= high:
-        raise ValueError(f"expected the form {form}")
-
-
-def _prune(args: list[str]) -> Step:
-    _arity(args, 1, 2, "prune:P[:layer|:global]")
-    scope = args[1] if len(args) == 2 else "layer"
-    return Prune(_number(args[0], "P"), scope)  # type: ignore[arg-type]
-
-
-def _sign(args: list[str]) -> Step:
-    _arity(args, 0, 0, "sign")
-    return SignCompression()
-
-
-def _gauss(args: list[str]) -> Step:
-    _arity(args, 1, 1, "gauss:SIGMA")
-    return GaussianNoise(_number(args[0], "SIGMA"))
-
-
-def _dpsgd(args: list[str]) -> Step:
-    _arity(args, 2, 2, "dpsgd:C:Z")
-    return DPSGD(_number(args[0], "C"), _number(args[1], "Z"))
-
-
-def _mixup(args: list[str]) -> Step:
-    _arity(args, 1, 1, "mixup:K")
-    return MixUp(_integer(args[0], "K"))
-
-
-def _instahide(args: list[str]) -> Step:
-    _arity(args, 1, 2, "instahide:K[:intra|:inter]")
-    mode = args[1] if len(args) == 2 else "intra"
-    if mode not in ("intra", "inter"):
-        raise ValueError(f"mode {mode!r} must be intra or inter")
-    return InstaHide(_integer(args[0], "K"), inter=mode == "inter")
-
-
-_PARSERS: dict[str, Callable[[list[str]], Step]] = {
-    "prune": _prune,
-    "sign": _sign,
-    "gauss": _gauss,
-    "dpsgd": _dpsgd,
-    "mixup": _mixup,
-    "instahide": _instahide,
-}
-
-
-def _parse_part(part: str) -> Step:
+def _parse_part(part: str) -> Any:
     name, *args = [field.strip() for field in part.split(":")]
     name = name.lower()
-    if name not in _PARSERS:
-        raise ValueError(f"unknown defense {name!r}")
-    return _PARSERS[name]([a.lower() for a in args])
+    try:
+        entry = DEFENSES.get(name)
+    except UnknownNameError:
+        raise ValueError(f"unknown defense {name!r}") from None
+    return entry.parse([a.lower() for a in args])
 
 
 def parse_defense_spec(spec: str) -> DefensePipeline:
@@ -233,7 +174,7 @@ def parse_defense_spec(spec: str) -> DefensePipeline:
     """
     if not isinstance(spec, str):
         raise DefenseSpecError(
-            f"defense spec must be a string, got {spec!r}; allowed: {ALLOWED_FORMS}"
+            f"defense spec must be a string, got {spec!r}; allowed: {allowed_forms()}"
         )
     parts = [part.strip() for part in _JOIN.split(spec)]
     if len(parts) == 1 and parts[0].lower() == "none":
@@ -251,7 +192,7 @@ def parse_defense_spec(spec: str) -> DefensePipeline:
             except ValueError as error:  # DefenseSpecError too: add the part and the forms
                 problem = str(error)
         raise DefenseSpecError(
-            f"defense spec {spec!r}: bad part {part!r}: {problem}; allowed: {ALLOWED_FORMS}"
+            f"defense spec {spec!r}: bad part {part!r}: {problem}; allowed: {allowed_forms()}"
         )
     try:
         return DefensePipeline(tuple(steps))

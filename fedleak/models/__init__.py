@@ -1,21 +1,33 @@
-"""Target models by name, built from a public `ModelSpec`."""
+"""Target models by name or import path, built from a public `ModelSpec`."""
 
 from fedleak.models.build import (
     INIT_NAMES,
-    MODEL_NAMES,
     ModelSpecError,
     build_model,
     count_parameters,
     has_batchnorm,
 )
+from fedleak.models.registry import (
+    MODELS,
+    ModelEntry,
+    groupnorm_advice,
+    model_entry,
+    model_names,
+    register_model,
+)
 from fedleak.models.spec import ModelSpec
 
 __all__ = [
     "INIT_NAMES",
-    "MODEL_NAMES",
+    "MODELS",
+    "ModelEntry",
     "ModelSpec",
     "ModelSpecError",
     "build_model",
     "count_parameters",
+    "groupnorm_advice",
     "has_batchnorm",
+    "model_entry",
+    "model_names",
+    "register_model",
 ]

@@ -1,49 +1,31 @@
-"""Build a target model from its public `ModelSpec`, with weights fixed by the spec's seed."""
+"""Build a target model from its public `ModelSpec`, with weights fixed by the spec's seed.
+
+`spec.name` is a registered name or an import path (`fedleak.models.registry`).
+"""
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from fedleak.models.convnet import ConvNet
-from fedleak.models.lenet import LeNet
-from fedleak.models.mlp import MLP
-from fedleak.models.resnet import resnet18, resnet20
+from fedleak.models.registry import is_import_path, model_entry
 from fedleak.models.spec import ModelSpec
+from fedleak.settings import ConfigError
 
-Builder = Callable[[tuple[int, ...], int], nn.Module]
-
-_BUILDERS: dict[str, Builder] = {
-    "lenet": lambda shape, k: LeNet(shape, k),
-    "convnet": lambda shape, k: ConvNet(shape, k),
-    "convnet-bn": lambda shape, k: ConvNet(shape, k, batchnorm=True),
-    "resnet20": lambda shape, k: resnet20(shape, k, norm="bn"),
-    "resnet20-gn": lambda shape, k: resnet20(shape, k, norm="gn"),
-    "resnet18": lambda shape, k: resnet18(shape, k, norm="bn"),
-    "resnet18-gn": lambda shape, k: resnet18(shape, k, norm="gn"),
-    "mlp": lambda shape, k: MLP(shape, k),
-}
-
-MODEL_NAMES: tuple[str, ...] = tuple(_BUILDERS)
 INIT_NAMES: tuple[str, ...] = ("default", "uniform")
-
-# Smallest height/width each convolutional model handles (two 2x2 poolings in the ConvNet).
-_MIN_SIZE = {"convnet": 4, "convnet-bn": 4}
 
 _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
-class ModelSpecError(ValueError):
+class ModelSpecError(ConfigError):
     """A `ModelSpec` names an unknown model or init, or a shape the model cannot take."""
 
 
 def _validate(spec: ModelSpec) -> None:
-    if spec.name not in _BUILDERS:
-        raise ModelSpecError(
-            f"model.name={spec.name!r} is unknown; choose one of {', '.join(MODEL_NAMES)}"
-        )
+    try:
+        entry = model_entry(spec.name)
+    except ConfigError as error:
+        raise ModelSpecError(str(error)) from None
     if spec.init not in INIT_NAMES:
         raise ModelSpecError(
             f"model.init={spec.init!r} is unknown; choose one of {', '.join(INIT_NAMES)}"
@@ -55,13 +37,11 @@ def _validate(spec: ModelSpec) -> None:
     shape = tuple(spec.input_shape)
     if any(d < 1 for d in shape):
         raise ModelSpecError(f"model.input_shape={shape} must have positive sizes")
-    if spec.name != "mlp":
-        min_size = _MIN_SIZE.get(spec.name, 1)
-        if len(shape) != 3 or min(shape[1:]) < min_size:
-            raise ModelSpecError(
-                f"model.input_shape={shape} for {spec.name!r} must be (C, H, W) "
-                f"with H, W >= {min_size}"
-            )
+    if entry.image and (len(shape) != 3 or min(shape[1:]) < entry.min_size):
+        raise ModelSpecError(
+            f"model.input_shape={shape} for {spec.name!r} must be (C, H, W) "
+            f"with H, W >= {entry.min_size}"
+        )
 
 
 def _uniform_init(module: nn.Module, generator: torch.Generator) -> None:
@@ -79,9 +59,24 @@ def build_model(spec: ModelSpec) -> nn.Module:
     """
     _validate(spec)
     shape = tuple(spec.input_shape)
+    build = model_entry(spec.name).build
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
-        model = _BUILDERS[spec.name](shape, spec.num_classes)
+        try:
+            model = build(shape, spec.num_classes)
+        except Exception as error:
+            if not is_import_path(spec.name):
+                raise
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise ModelSpecError(
+                f"model.name={spec.name!r}: the factory failed for input shape {shape} and "
+                f"{spec.num_classes} classes ({type(error).__name__}: {first})"
+            ) from None
+    if not isinstance(model, nn.Module):
+        raise ModelSpecError(
+            f"model.name={spec.name!r}: the factory returned {type(model).__name__}, "
+            "expected a torch.nn.Module"
+        )
     if spec.init == "uniform":
         _uniform_init(model, torch.Generator().manual_seed(spec.seed))
     return model

@@ -19,7 +19,7 @@ from flwr.common.logger import log as flwr_log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
-from fedleak.attacks.registry import build_attack
+from fedleak.attacks.registry import attack_entry, build_attack
 from fedleak.attacks.types import AttackerKnowledge, Budget, is_reference
 from fedleak.config import ConfigError, RunConfig, attacked_rounds, parse_flat
 from fedleak.data import FederatedData, auxiliary
@@ -335,11 +335,10 @@ def with_attack_caches(config: RunConfig, run_dir: RunDirectory) -> RunConfig:
     directory, unless the user chose a folder: `resume` then picks the state up again."""
     params = {name: dict(p) for name, p in config.attack.params.items()}
     for name in config.attack.names:
-        given = params.setdefault(name, {})
-        attack = build_attack(name, given, seed=config.seed)
-        if not hasattr(getattr(attack, "config", None), "cache_dir"):
+        if not attack_entry(name).accepts("cache-dir"):
             continue
-        if not any(key.replace("-", "_") == "cache_dir" for key in given):
+        given = params.setdefault(name, {})
+        if not any(key.replace("_", "-") == "cache-dir" for key in given):
             given["cache-dir"] = str(run_dir.state_dir(name))
     return dataclasses.replace(config, attack=dataclasses.replace(config.attack, params=params))
 

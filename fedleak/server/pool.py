@@ -18,9 +18,9 @@ first `submit` (the client pool exists by then) and must be placed within
 Routing. A job goes to the least-loaded worker, except for attacks that keep state across
 rounds (the learned LTI attack trains and keeps an inverter): all jobs of such an attack go to
 one worker, which runs them in submission order, so it sees the same sequence of
-observations as inline execution. An attack is taken as stateless when it says so
-(`stateful = False`) or is one of the optimisation attacks that seed every observation
-afresh; every other attack is pinned.
+observations as inline execution. An attack is taken as stateless when its registry entry
+says so (`stateful=False` at registration, or the class attribute `stateful = False`); every
+other attack is pinned.
 
 Failures. An attack's exception becomes a failed row inside the worker (`run_job`). A worker
 that dies (a segfault, the OOM killer, a lost node) costs only the job it was running: that
@@ -45,9 +45,7 @@ import ray
 import torch
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
-from fedleak.attacks.baseline import AuxMeanBaseline
-from fedleak.attacks.optimization.attacks import DLG, InvertingGradients
-from fedleak.attacks.registry import build_attack
+from fedleak.attacks.registry import attack_entry, build_attack
 from fedleak.attacks.types import Attack, AttackerKnowledge, Budget, Observation, Reconstruction
 from fedleak.config import ConfigError, RunConfig
 from fedleak.server.runner import AttackJob, AttackResult, failed_reconstruction, run_job
@@ -57,10 +55,6 @@ log = logging.getLogger(__name__)
 ATTACK_RESOURCE = "fedleak_attack"  # no dash: Flower turns dashes in backend keys into "_"
 KILL_ENV = "FEDLEAK_KILL_WORKER"
 PLACEMENT_TIMEOUT = 120.0
-
-# Attacks that derive every random choice from (seed, round, client) and keep nothing between
-# calls, so any worker gives the same reconstruction.
-_PER_OBSERVATION = (AuxMeanBaseline, DLG, InvertingGradients)
 
 
 class PoolError(RuntimeError):
@@ -101,14 +95,6 @@ class Fault:
             self.round,
             self.client,
         )
-
-
-def is_stateful(attack: Attack) -> bool:
-    """Whether the attack may keep state across calls, so its jobs must stay on one worker."""
-    declared = getattr(attack, "stateful", None)
-    if declared is not None:
-        return bool(declared)
-    return not isinstance(attack, _PER_OBSERVATION)
 
 
 def _on_cpu(knowledge: AttackerKnowledge) -> AttackerKnowledge:
@@ -221,12 +207,8 @@ class RayAttackPool:
         self.device = config.device
         self.seed = config.seed
         self.specs = {name: dict(attack.params.get(name, {})) for name in attack.names}
-        # Built here too: bad parameters fail before the run, and routing needs to know state.
-        self.stateful = {
-            name
-            for name in attack.names
-            if is_stateful(build_attack(name, self.specs[name], seed=config.seed))
-        }
+        # Routing needs to know which attacks keep state; their registry entries say so.
+        self.stateful = {name for name in attack.names if attack_entry(name).stateful}
         self.knowledge = _on_cpu(knowledge)
         self.budget = budget
         self.placement_timeout = placement_timeout

@@ -13,14 +13,23 @@ from __future__ import annotations
 
 import math
 
-from fedleak.attacks.registry import ATTACK_NAMES, build_attack
-from fedleak.config import ConfigError, RunConfig
-from fedleak.data import DATASETS, FOLDER_PREFIX, DataSplitError, FederatedData
+from fedleak.attacks.registry import ATTACKS, attack_entry, build_attack
+from fedleak.config import ConfigError, RunConfig, key_help
+from fedleak.data import (
+    FOLDER_PREFIX,
+    DatasetUnavailable,
+    DataSplitError,
+    FederatedData,
+    data_shape,
+    dataset_entry,
+    load_dataset,
+)
 from fedleak.defenses import DefenseSpecError, InstaHide, parse_defense_spec
-from fedleak.models import MODEL_NAMES, ModelSpec, build_model, has_batchnorm
+from fedleak.models import ModelSpec, build_model, groupnorm_advice, has_batchnorm, model_entry
 from fedleak.runtime import federated_data
 from fedleak.server.payload import clients_per_round
 from fedleak.server.pool import _cluster_address, local_cpus
+from fedleak.settings import KeyHelp
 
 # Data-room argument names in DataSplitError messages -> the settings a user writes.
 _SPLIT_SETTINGS = {
@@ -159,38 +168,25 @@ def _setting_names(message: str) -> str:
 
 def validate_components(config: RunConfig) -> None:
     """Raise `ConfigError` for the first setting no registry accepts."""
-    dataset = config.data.dataset
-    if dataset not in DATASETS and not dataset.startswith(FOLDER_PREFIX):
-        raise ConfigError(
-            f"data.dataset={dataset!r}: expected one of {', '.join(DATASETS)} or folder:<path>"
-        )
-    if config.model.name not in MODEL_NAMES:
-        raise ConfigError(
-            f"model.name={config.model.name!r}: expected one of {', '.join(MODEL_NAMES)}"
-        )
+    dataset_entry(config.data.dataset)
+    model_entry(config.model.name)
     try:
         pipeline = parse_defense_spec(config.defense.spec)
     except DefenseSpecError as error:
         raise ConfigError(f"defense.spec={config.defense.spec!r}: {error}") from None
     for name in config.attack.names:
-        if name not in ATTACK_NAMES:
-            raise ConfigError(
-                f"attack.names: unknown attack {name!r}; expected names from "
-                f"{', '.join(ATTACK_NAMES)}"
-            )
+        attack_entry(name)
     # Parameters of a known attack left out of attack.names (a preset's, after the names were
     # overridden) are checked but unused; those of an unknown attack are a typo.
+    known = ATTACKS.names()
     for name in config.attack.params:
-        if name not in ATTACK_NAMES:
+        if name not in known:
             raise ConfigError(
                 f"attack.{name}.*: parameters for an unknown attack {name!r}; expected names "
-                f"from {', '.join(ATTACK_NAMES)}"
+                f"from {', '.join(known)}"
             )
     for name in dict.fromkeys([*config.attack.names, *config.attack.params]):
-        try:
-            build_attack(name, config.attack.params.get(name, {}), seed=config.seed)
-        except (ValueError, TypeError) as error:
-            raise ConfigError(f"attack.{name}.*: {error}") from None
+        attack_entry(name).configure(config.attack.params.get(name, {}))
         init = [v for k, v in config.attack.params.get(name, {}).items() if k.endswith("init")]
         if "aux-mean" in init and config.data.aux_size == 0:
             raise ConfigError(
@@ -198,26 +194,58 @@ def validate_components(config: RunConfig) -> None:
                 "expected data.aux-size > 0 (or another init: randn, rand, half)"
             )
     per_sample = config.threat.share == "per-sample" or pipeline.needs_per_sample
-    if per_sample and _has_batchnorm(config.model.name):
-        raise ConfigError(
-            f"model.name={config.model.name!r}: BatchNorm couples the samples of a batch, so "
-            f"per-sample operations (threat.share / defense {config.defense.spec!r}) are "
-            f"undefined; use a GroupNorm variant such as {_groupnorm_variant(config.model.name)!r}"
-        )
-    if config.threat.view == "aggregate" and _has_batchnorm(config.model.name):
+    aggregate = config.threat.view == "aggregate"
+    if (per_sample or aggregate) and has_batchnorm(build_model(model_spec_of(config))):
+        if per_sample:
+            raise ConfigError(
+                f"model.name={config.model.name!r}: BatchNorm couples the samples of a batch, "
+                f"so per-sample operations (threat.share / defense {config.defense.spec!r}) are "
+                f"undefined; {groupnorm_advice(config.model.name)}"
+            )
         raise ConfigError(
             f"threat.view='aggregate' with model.name={config.model.name!r}: each client "
             "normalises with its own batch's BatchNorm statistics, so the aggregate is not the "
             "gradient of one batch of the union that the attacks replay; use a model without "
-            f"BatchNorm such as {_groupnorm_variant(config.model.name)!r} or threat.view='client'"
+            f"BatchNorm ({groupnorm_advice(config.model.name)}) or threat.view='client'"
         )
 
 
-def _has_batchnorm(model_name: str) -> bool:
-    # Any data shape reveals the normalisation layers; a small colour one keeps this cheap.
-    return has_batchnorm(build_model(ModelSpec(model_name, (3, 32, 32), 10)))
+def model_spec_of(config: RunConfig) -> ModelSpec:
+    """The run's model spec, shaped by the data set (declared by its registry entry, else read
+    from the loaded set)."""
+    shape = data_shape(config.data.dataset)
+    if shape is None:
+        dataset = load_dataset(
+            config.data.dataset,
+            config.data.data_dir or None,
+            seed=config.seed,
+            test_fraction=config.data.test_fraction,
+        )
+        shape = dataset.input_shape, dataset.num_classes
+    return ModelSpec(config.model.name, shape[0], shape[1], config.model.init, config.seed)
 
 
-def _groupnorm_variant(model_name: str) -> str:
-    base = model_name.removesuffix("-bn")
-    return base if base in MODEL_NAMES and base != model_name else f"{model_name}-gn"
+def data_unavailable(config: RunConfig) -> str:
+    """Why the run's data set cannot be loaded without a download ('' when it can)."""
+    try:
+        load_dataset(
+            config.data.dataset,
+            config.data.data_dir or None,
+            seed=config.seed,
+            test_fraction=config.data.test_fraction,
+            download=False,
+        )
+    except DatasetUnavailable as error:
+        first = " ".join(str(error).split())
+        return f"data set {config.data.dataset!r} unavailable: {first}"
+    return ""
+
+
+def setting_help(attack: str | None = None) -> list[KeyHelp]:
+    """Every run setting, then every registered attack's parameters (or one attack's), each
+    with its type, default and a line of help (`fedleak config-keys`)."""
+    lines = key_help()
+    names = ATTACKS.names() if attack is None else (attack_entry(attack).name,)
+    for name in names:
+        lines += attack_entry(name).help()
+    return lines

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from fedleak import __version__
-from fedleak.config import ConfigError, RunConfig, known_keys, parse_flat
+from fedleak.config import ConfigError, RunConfig, parse_flat
 
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 # One line must stay readable: longer messages are cut.
@@ -152,10 +152,20 @@ def _presets(_: argparse.Namespace) -> int:
     return 0
 
 
-def _keys(_: argparse.Namespace) -> int:
-    print("\n".join(known_keys()))
-    print("attack.<attack-name>.<parameter>   (per-attack hyper-parameters)")
+def _keys(args: argparse.Namespace) -> int:
+    from fedleak.server.validate import setting_help
+
+    lines = setting_help(args.attack)
+    widths = [max(len(getattr(line, column)) for line in lines) for column in COLUMNS[:3]]
+    widths = [min(width, 40) for width in widths]
+    print("  ".join(f"{c.upper():{w}}" for c, w in zip(COLUMNS, widths, strict=False)) + "  HELP")
+    for line in lines:
+        cells = [f"{getattr(line, c):{w}}" for c, w in zip(COLUMNS, widths, strict=False)]
+        print(("  ".join(cells) + f"  {line.doc}").rstrip())
     return 0
+
+
+COLUMNS = ("key", "kind", "default")
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -275,9 +285,13 @@ def parser() -> argparse.ArgumentParser:
     commands.add_parser("presets", help="list the shipped presets", parents=[common]).set_defaults(
         handler=_presets
     )
-    commands.add_parser("config-keys", help="list every setting", parents=[common]).set_defaults(
-        handler=_keys
+    keys = commands.add_parser(
+        "config-keys",
+        help="list every setting: key, type, default and a line of help",
+        parents=[common],
     )
+    keys.add_argument("--attack", help="only the run settings and this attack's parameters")
+    keys.set_defaults(handler=_keys)
     return main
 
 

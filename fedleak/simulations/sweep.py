@@ -406,19 +406,9 @@ def _validate(plan: SweepPlan, missing: dict[tuple[str, str], str]) -> None:
 
 def _missing_data(config: RunConfig) -> str:
     """Why the cell's data set cannot be loaded without a download ('' when it can)."""
-    from fedleak.data import DatasetUnavailable, load_dataset
+    from fedleak.server.validate import data_unavailable
 
-    try:
-        load_dataset(
-            config.data.dataset,
-            config.data.data_dir or None,
-            seed=config.seed,
-            test_fraction=config.data.test_fraction,
-            download=False,
-        )
-    except DatasetUnavailable as error:
-        return f"data set {config.data.dataset!r} unavailable: {_one_line(error)}"
-    return ""
+    return data_unavailable(config)
 
 
 def _unavailable(config: RunConfig, known: dict[tuple[str, str], str]) -> str:

@@ -25,234 +25,25 @@ import dataclasses
 import hashlib
 import math
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from fedleak.attacks.learned.inverter import (
-    ACTIVATIONS,
-    HEADS,
-    Inverter,
-    best_assignment,
-    inversion_loss,
-)
+from fedleak.attacks.learned.config import LTI_PRESETS, LTIConfig, lti_config
+from fedleak.attacks.learned.inverter import Inverter
 from fedleak.attacks.learned.pairs import Featuriser, PairSource, Unit, make_groups
-from fedleak.attacks.optimization.attacks import InvertingGradients
-from fedleak.attacks.optimization.config import IGConfig, configure
+from fedleak.attacks.learned.trainer import InverterTrainer, TrainingOutcome
 from fedleak.attacks.types import AttackerKnowledge, Budget, Observation, Reconstruction
 from fedleak.defenses import DefensePipeline, parse_defense_spec
-from fedleak.interrupt import stop_requested
 from fedleak.models import build_model
 
-Refresh = Literal["retrain", "finetune", "frozen"]
-REFRESH_POLICIES: tuple[str, ...] = ("retrain", "finetune", "frozen")
-
-
-class LTIConfigError(ValueError):
-    """An LTI hyper-parameter is out of range."""
+__all__ = ["LTI_PRESETS", "LTIConfig", "LTIObservationError", "LearningToInvert", "lti_config"]
 
 
 class LTIObservationError(ValueError):
     """An observation or attacker knowledge LTI cannot work with."""
-
-
-@dataclass(frozen=True)
-class LTIConfig:
-    """LTI's hyper-parameters; the defaults are the `paper-tuned` preset.
-
-    The paper's vision recipe (appendix, CIFAR-10 LeNet, B = 1; the `paper` preset): an MLP of
-    three linear layers (two hidden layers of 3000), trained with MSE on the flattened image,
-    Adam 1e-4, batch 256, 200 epochs, learning rate 1e-5 after epoch 150, on the whole aux set.
-    Labels are predicted too (cross-entropy, weight `label_weight`). `hash_bins`: None (the raw
-    update), a count of bins, or a ratio of the update's size (the paper hashes its
-    1.1M-parameter language model's gradient to 10%). `block_normalise` scales each parameter's
-    block to unit norm before hashing. `head`: `sigmoid` (outputs in the data range) or
-    `linear`. The last layer's bias starts at the mean aux image, so training starts from the
-    aux-mean guess. `aux_val_fraction` of the aux data is held out for the validation PSNR;
-    `patience` epochs without improvement stop training (None: never) and the best epoch's
-    weights are kept. `regroup` (B > 1): fresh random batches of the aux samples every epoch
-    (see `pairs.PairSource`). `cache_dir`: where the trained inverter is saved
-    (`<name>-inverter.pt`) and from where a fresh instance resumes.
-    """
-
-    hidden: tuple[int, ...] = (3000, 3000)
-    activation: str = "relu"
-    head: str = "sigmoid"
-    learning_rate: float = 1e-4
-    batch_size: int = 256
-    epochs: int = 200
-    lr_drop_epoch: int | None = 150
-    lr_drop_to: float = 1e-5
-    label_weight: float = 1.0
-    refresh: Refresh = "finetune"
-    finetune_epochs: int = 20
-    finetune_learning_rate: float | None = None
-    hash_bins: int | float | None = None
-    hash_signed: bool = False
-    block_normalise: bool = True
-    aux_val_fraction: float = 0.1
-    patience: int | None = 20
-    regroup: bool = False
-    pair_chunk: int = 256
-    max_cache_bytes: int = 1 << 30
-    cache_dir: Path | None = None
-
-    def __post_init__(self) -> None:
-        def bad(name: str, allowed: str) -> LTIConfigError:
-            return LTIConfigError(
-                f"lti parameter {name}={getattr(self, name)!r}: allowed {allowed}"
-            )
-
-        if not self.hidden or any(
-            isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in self.hidden
-        ):
-            raise bad("hidden", "a non-empty list of whole numbers >= 1")
-        if self.activation not in ACTIVATIONS:
-            raise bad("activation", ", ".join(ACTIVATIONS))
-        if self.head not in HEADS:
-            raise bad("head", ", ".join(HEADS))
-        if self.refresh not in REFRESH_POLICIES:
-            raise bad("refresh", ", ".join(REFRESH_POLICIES))
-        for name in ("batch_size", "epochs", "pair_chunk", "max_cache_bytes"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise bad(name, "a whole number >= 1")
-        for name in ("finetune_epochs", "lr_drop_epoch", "patience"):
-            value = getattr(self, name)
-            if value is not None and (
-                isinstance(value, bool)
-                or not isinstance(value, int)
-                or value < (1 if name == "patience" else 0)
-            ):
-                raise bad(name, "a whole number >= 0" if name != "patience" else "None or >= 1")
-        for name in ("learning_rate", "lr_drop_to", "finetune_learning_rate"):
-            value = getattr(self, name)
-            if value is not None and not (isinstance(value, int | float) and value > 0):
-                raise bad(name, "a number > 0")
-        if not self.label_weight >= 0:
-            raise bad("label_weight", "a number >= 0")
-        if not 0.0 <= self.aux_val_fraction < 1.0:
-            raise bad("aux_val_fraction", "a fraction in [0, 1)")
-        bins = self.hash_bins
-        if bins is not None and (
-            isinstance(bins, bool)
-            or (isinstance(bins, int) and bins < 1)
-            or (isinstance(bins, float) and not 0.0 < bins <= 1.0)
-            or not isinstance(bins, int | float)
-        ):
-            raise bad("hash_bins", "None, a count >= 1 or a ratio in (0, 1]")
-
-    def learning_rate_at(self, epoch: int, warm: bool) -> float:
-        """The learning rate of an epoch (0-based) of a fresh or a warm-started training."""
-        if warm:
-            return self.finetune_learning_rate or self.learning_rate
-        if self.lr_drop_epoch is not None and epoch >= self.lr_drop_epoch:
-            return self.lr_drop_to
-        return self.learning_rate
-
-
-PAPER = LTIConfig(
-    head="linear", block_normalise=False, aux_val_fraction=0.0, patience=None, refresh="retrain"
-)
-
-# `paper`: the paper's recipe as written. What fedleak still adds (it has to or it always
-# does): a label head (cross-entropy beside the MSE; the paper's vision inverter outputs the
-# image only), per-feature standardisation of the inputs, the aux-mean start of the output
-# bias, the clamp of the final guess into the data range, and, across training rounds, a
-# retrain from scratch (the paper attacks one model).
-# `paper-tuned`: the paper's sizes and schedule with four stabilisers: block normalisation of
-# the update, a sigmoid head, a 10% validation split and early stopping on it (best epoch kept).
-# `cpu`, `cpu-small`: CPU-sized for B = 1 (one hidden layer, hashed to 4,096 features, batch
-# 32, Adam 1e-3). `cpu-small` is the tests' setting. `cpu-batch`: `cpu` for B > 1: at 1e-3 the
-# inverter's validation PSNR never rises past the first epoch at B = 4 (early stop at epoch 6,
-# below the aux-mean floor); Adam 3e-4, 3e-5 after epoch 20, patience 10 and fresh random
-# batches every epoch (`regroup`) let it learn (measured: docs/reproduction.md).
-LTI_PRESETS: dict[str, LTIConfig] = {
-    "paper": PAPER,
-    "paper-tuned": LTIConfig(),
-    "cpu": LTIConfig(
-        hidden=(1000,),
-        learning_rate=1e-3,
-        batch_size=32,
-        epochs=30,
-        lr_drop_epoch=20,
-        lr_drop_to=1e-4,
-        finetune_epochs=5,
-        hash_bins=4096,
-        patience=5,
-    ),
-    "cpu-batch": LTIConfig(
-        hidden=(1000,),
-        learning_rate=3e-4,
-        batch_size=32,
-        epochs=30,
-        lr_drop_epoch=20,
-        lr_drop_to=3e-5,
-        finetune_epochs=5,
-        hash_bins=4096,
-        patience=10,
-        regroup=True,
-    ),
-    "cpu-small": LTIConfig(
-        hidden=(500,),
-        learning_rate=1e-3,
-        batch_size=32,
-        epochs=15,
-        lr_drop_epoch=10,
-        lr_drop_to=1e-4,
-        finetune_epochs=3,
-        hash_bins=4096,
-        patience=5,
-    ),
-}
-
-
-def lti_config(preset: str = "paper", **overrides: object) -> LTIConfig:
-    """A preset with some fields replaced (keys may use dashes); one-line errors."""
-    if preset not in LTI_PRESETS:
-        raise LTIConfigError(f"lti preset={preset!r}: allowed {', '.join(LTI_PRESETS)}")
-    base = LTI_PRESETS[preset]
-    fields = {f.name for f in dataclasses.fields(base)}
-    updates = {}
-    for key, value in overrides.items():
-        name = key.replace("-", "_")
-        if name not in fields:
-            allowed = ", ".join(sorted(n.replace("_", "-") for n in fields))
-            raise LTIConfigError(f"unknown lti parameter {key!r}; allowed: {allowed}")
-        if name == "hidden" and isinstance(value, list | tuple):
-            value = tuple(value)
-        if name == "cache_dir" and isinstance(value, str):
-            value = Path(value) if value else None
-        updates[name] = value
-    return dataclasses.replace(base, **updates)
-
-
-@dataclass(frozen=True)
-class TrainingOutcome:
-    """What one (re)training did."""
-
-    epochs: int
-    steps: int
-    seconds: float
-    val_psnr: float
-    timed_out: bool
-    early_stopped: bool
-
-    @property
-    def stopped_by(self) -> str:
-        """What ended the training: the time budget, early stopping, or its epochs (or
-        nothing to train: the inverter was reused)."""
-        if self.timed_out:
-            return "seconds"
-        if self.early_stopped:
-            return "early-stop"
-        return "epochs" if self.epochs else "reused"
 
 
 def _seed(*parts: int) -> int:
@@ -266,12 +57,6 @@ def _fingerprint(weights: dict[str, Tensor]) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
-
-
-def psnr_per_image(images: Tensor, targets: Tensor, data_range: float) -> Tensor:
-    """PSNR of each image [N, ...] against its target, in dB."""
-    mse = (images - targets).flatten(1).pow(2).mean(1).clamp_min(1e-12)
-    return 10.0 * torch.log10(data_range**2 / mse)
 
 
 class LearningToInvert:
@@ -508,7 +293,8 @@ class LearningToInvert:
             val_pairs = source(*val, False)
             validation = (val_pairs.features(noise_gen), val_pairs.groups, *val)
         epochs = cfg.finetune_epochs if warm else cfg.epochs
-        trainer = _Trainer(self.inverter, cfg, knowledge.data_range, warm)
+        assert self.inverter is not None
+        trainer = InverterTrainer(self.inverter, cfg, knowledge.data_range, warm)
         return trainer.run(
             pairs,
             train_x,
@@ -566,114 +352,6 @@ class LearningToInvert:
         self._val_psnr = float(meta["val_psnr"])
 
 
-class _Trainer:
-    """One training run of an inverter on a pair source (fresh or warm-started)."""
-
-    def __init__(
-        self,
-        inverter: Inverter | None,
-        config: LTIConfig,
-        data_range: tuple[float, float],
-        warm: bool,
-    ) -> None:
-        assert inverter is not None
-        self.inverter = inverter
-        self.config = config
-        self.bounds = (float(data_range[0]), float(data_range[1]))
-        self.data_range = self.bounds[1] - self.bounds[0]
-        self.warm = warm
-
-    def run(
-        self,
-        pairs: PairSource,
-        aux_x: Tensor,
-        aux_y: Tensor,
-        validation: tuple[Tensor, Tensor, Tensor, Tensor] | None,
-        epochs: int,
-        noise_gen: torch.Generator,
-        cpu_gen: torch.Generator,
-        deadline: float,
-        began: float,
-        show_progress: bool,
-        description: str,
-    ) -> TrainingOutcome:
-        cfg, inverter = self.config, self.inverter
-        optimiser = torch.optim.Adam(
-            inverter.parameters(), lr=cfg.learning_rate_at(0, self.warm), fused=True
-        )
-        best_psnr, best_state, stale = -math.inf, None, 0
-        val_psnr, steps, done, timed_out, early = math.nan, 0, 0, False, False
-        features = None
-        device = aux_x.device
-        bar = tqdm(total=epochs, desc=description, disable=not show_progress, leave=False)
-        for epoch in range(epochs):
-            # A requested stop (Ctrl-C) ends training as the time budget would.
-            if time.perf_counter() >= deadline or stop_requested():
-                timed_out = True
-                break
-            if epoch > 0 and pairs.regroups:
-                pairs.regroup(cpu_gen)
-            if features is None or not pairs.fixed or pairs.regroups:
-                features = pairs.features(noise_gen)
-            if epoch == 0:
-                # Refit even when warm: the features' scale follows the changing global model.
-                inverter.fit_standardisation(features)
-            for group in optimiser.param_groups:
-                group["lr"] = cfg.learning_rate_at(epoch, self.warm)
-            inverter.train()
-            order = torch.randperm(pairs.num_pairs, generator=cpu_gen).to(device)
-            for begin in range(0, pairs.num_pairs, cfg.batch_size):
-                rows = order[begin : begin + cfg.batch_size]
-                index = pairs.groups[rows]
-                images, logits = inverter(features[rows])
-                loss = inversion_loss(images, logits, aux_x[index], aux_y[index], cfg.label_weight)
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                optimiser.step()
-                steps += 1
-                if time.perf_counter() >= deadline or stop_requested():
-                    timed_out = True
-                    break
-            done = epoch + 1
-            if validation is not None:
-                val_psnr = self.validate(*validation)
-                if val_psnr > best_psnr:
-                    best_psnr, stale = val_psnr, 0
-                    best_state = {k: v.detach().clone() for k, v in inverter.state_dict().items()}
-                else:
-                    stale += 1
-            bar.update(1)
-            bar.set_postfix(val_psnr=f"{val_psnr:.2f}")
-            if timed_out:
-                break
-            if cfg.patience is not None and stale >= cfg.patience:
-                early = True
-                break
-        bar.close()
-        if best_state is not None:
-            inverter.load_state_dict(best_state)
-            val_psnr = best_psnr
-        inverter.eval()
-        return TrainingOutcome(done, steps, time.perf_counter() - began, val_psnr, timed_out, early)
-
-    @torch.no_grad()
-    def validate(self, features: Tensor, groups: Tensor, x: Tensor, y: Tensor) -> float:
-        """Mean PSNR on held-out aux pairs (outputs matched to targets for B > 1)."""
-        self.inverter.eval()
-        images, _ = self.inverter(features)
-        images = images.clamp(*self.bounds)  # scored as the attack returns them
-        targets = x[groups]
-        n, b = images.shape[:2]
-        if b > 1:
-            cost = (images.reshape(n, b, 1, -1) - targets.reshape(n, 1, b, -1)).pow(2).mean(-1)
-            perm = best_assignment(cost)
-            index = perm.reshape(n, b, *([1] * (targets.dim() - 2))).expand_as(targets)
-            targets = torch.gather(targets, 1, index)
-        return float(
-            psnr_per_image(images.flatten(0, 1), targets.flatten(0, 1), self.data_range).mean()
-        )
-
-
 def _setting_key(
     observation: Observation,
     pipeline: DefensePipeline,
@@ -714,94 +392,3 @@ def _unit_and_updates(observation: Observation) -> tuple[Unit, dict[str, Tensor]
         observation.learning_rate,
     )
     return unit, {name: u.unsqueeze(0) for name, u in observation.update.items()}
-
-
-class LTIThenIG:
-    """`lti+ig`: Inverting Gradients started from LTI's reconstruction instead of noise.
-
-    The learned inverter acts as a prior for optimisation: IG refines its guess by matching
-    the observed update (defense-adaptive loss as configured). LTI's training counts against
-    `Budget.max_seconds`; IG gets the rest of the seconds and all of `max_iterations`.
-    A smaller IG learning rate than IG's 0.1 keeps the refinement near the learned guess.
-    Under Gaussian noise IG fits the noise and moves away from the better learned guess
-    (measured: 15.6 dB for LTI, 9.3 dB after IG on MNIST/LeNet with gauss:0.1).
-    """
-
-    reference = False
-
-    stateful = True
-
-    def __init__(self, lti: LearningToInvert, ig: InvertingGradients, name: str = "lti+ig") -> None:
-        self.lti = lti
-        self.ig = ig
-        self.name = name
-
-    def check_feasible(self, targets: int, aux: int) -> None:
-        """Both stages' conditions (see their `check_feasible`)."""
-        self.lti.check_feasible(targets, aux)
-        self.ig.check_feasible(targets, aux)
-
-    def reconstruct(
-        self, observation: Observation, knowledge: AttackerKnowledge, budget: Budget
-    ) -> Reconstruction:
-        """LTI's guess, then IG from it; diagnostics of both (LTI's prefixed `lti_`)."""
-        first = self.lti.reconstruct(observation, knowledge, budget)
-        remaining = Budget(
-            budget.max_iterations,
-            max(0.0, budget.max_seconds - first.seconds),
-            budget.show_progress,
-        )
-        second = self.ig.reconstruct(observation, knowledge, remaining, initial=first.inputs)
-        diagnostics = {
-            **second.diagnostics,
-            **{f"lti_{k}": v for k, v in first.diagnostics.items()},
-        }
-        # The run's per-round training record keeps LTI's own keys.
-        for key in ("train_seconds", "train_epochs", "val_psnr"):
-            diagnostics[key] = first.diagnostics[key]
-        return dataclasses.replace(
-            second,
-            seconds=first.seconds + second.seconds,
-            message=f"lti: {first.message}; then ig: {second.message}",
-            diagnostics=diagnostics,
-        )
-
-
-HYBRID_IG_LEARNING_RATE = 0.01
-
-
-def _coerce_lti(key: str, value: object) -> object:
-    """Run-config values (TOML / Flower: numbers, strings, lists) in LTIConfig's types."""
-    name = key.replace("-", "_")
-    if name == "hidden" and isinstance(value, int) and not isinstance(value, bool):
-        return (value,)  # one layer: `--set attack.lti.hidden=1000` reads as a TOML integer
-    if name == "hidden" and isinstance(value, str):
-        try:
-            return tuple(int(part) for part in value.replace("x", ",").split(",") if part.strip())
-        except ValueError:
-            raise LTIConfigError(
-                f"lti parameter hidden={value!r}: allowed sizes such as '1000' or '3000,3000'"
-            ) from None
-    nullable = ("hash_bins", "lr_drop_epoch", "patience", "finetune_learning_rate", "cache_dir")
-    if name in nullable and isinstance(value, str) and value.strip().lower() in ("", "none"):
-        return None
-    return value
-
-
-def build_lti(params: Mapping[str, object], seed: int, name: str = "lti") -> LearningToInvert:
-    """The `lti` attack from run parameters: `preset` (default `cpu`) plus any LTIConfig field."""
-    options = dict(params)
-    preset = str(options.pop("preset", "cpu"))
-    overrides = {k: _coerce_lti(k, v) for k, v in options.items()}
-    return LearningToInvert(lti_config(preset, **overrides), seed, name)
-
-
-def build_lti_ig(params: Mapping[str, object], seed: int) -> LTIThenIG:
-    """`lti+ig`: keys starting with `ig-` configure IG (learning rate 0.01 unless given),
-    the others LTI as in `build_lti`."""
-    ig_params = {k[3:]: v for k, v in params.items() if k.startswith(("ig-", "ig_"))}
-    lti_params = {k: v for k, v in params.items() if not k.startswith(("ig-", "ig_"))}
-    ig_config = configure(IGConfig(learning_rate=HYBRID_IG_LEARNING_RATE), ig_params)
-    return LTIThenIG(
-        build_lti(lti_params, seed, "lti+ig"), InvertingGradients(ig_config, seed, "ig")
-    )

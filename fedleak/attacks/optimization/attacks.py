@@ -414,6 +414,7 @@ class DLG:
     """Deep Leakage from Gradients (and iDLG with `labels='auto'`): L2 matching, L-BFGS."""
 
     reference = False
+    stateful = False  # every random choice comes from (seed, round, client): any worker will do
 
     def __init__(self, config: DLGConfig | None = None, seed: int = 0, name: str = "dlg") -> None:
         self.config = config or DLGConfig()
@@ -460,6 +461,7 @@ class InvertingGradients:
     """
 
     reference = False
+    stateful = False  # every random choice comes from (seed, round, client): any worker will do
 
     def __init__(self, config: IGConfig | None = None, seed: int = 0, name: str = "ig") -> None:
         self.config = config or IGConfig()

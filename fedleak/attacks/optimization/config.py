@@ -28,15 +28,16 @@ Sources (texts in `shared/seeds/`):
   view's mean of signs; under pruning the cosine over the kept coordinates only (see
   `fedleak.attacks.optimization.losses` for why the hinge also serves B > 1).
 
-Every field can be set through `build_attack(name, params)` (dashes or underscores).
+Every field is a setting (`fedleak.settings`): `attack.<name>.<key>` in a run, or
+`build_attack(name, params)` in Python (dashes or underscores); `fedleak config-keys` lists them.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Literal
+
+from fedleak.settings import Settings, setting
 
 LabelMethod = Literal["auto", "idlg", "rows", "counts", "joint"]
 Init = Literal["randn", "rand", "half", "aux-mean"]
@@ -49,12 +50,8 @@ MATCHINGS: tuple[str, ...] = ("cosine", "l2")
 BATCHNORM_MODES: tuple[str, ...] = ("auto", "exact", "infer", "proxy")
 
 
-class AttackConfigError(ValueError):
-    """An attack hyper-parameter is unknown or out of range."""
-
-
 @dataclass(frozen=True)
-class InversionConfig:
+class InversionConfig(Settings):
     """What every optimisation attack shares.
 
     `labels`: how labels are obtained (`auto`: iDLG for one sample, the negative last-layer
@@ -65,19 +62,22 @@ class InversionConfig:
     checks of the time budget, NaN and progress.
     """
 
-    matching: Matching = "cosine"
-    labels: LabelMethod = "auto"
-    adaptive: bool = True
-    restarts: int = 1
-    init: Init = "randn"
-    check_every: int = 50
-    # Sign compression of one release: divide the squared hinge by ||g||^2 (losses.sign_hinge).
-    normalised_hinge: bool = True
-    # A mean of sign releases: tanh(scale * g_c / rms(g_c)) of each contributor's dummy update.
-    tanh_scale: float = 1.0
-    # Evolutionary search of HFGradInv label counts.
-    count_population: int = 64
-    count_generations: int = 60
+    matching: Matching = setting("cosine", doc="gradient matching: cosine (IG) or l2 (DLG)")
+    labels: LabelMethod = setting(
+        "auto", doc="label recovery; auto: idlg (B=1), rows, counts, or joint under encodings"
+    )
+    adaptive: bool = setting(True, doc="choose the matching loss from the public defense spec")
+    restarts: int = setting(1, low=1, doc="initialisations per target, best matching loss kept")
+    init: Init = setting("randn", doc="initial dummy inputs")
+    check_every: int = setting(50, low=1, doc="iterations between budget/NaN/progress checks")
+    normalised_hinge: bool = setting(
+        True, doc="sign compression of one release: divide the squared hinge by ||g||^2"
+    )
+    tanh_scale: float = setting(
+        1.0, low=0.0, low_open=True, doc="mean of sign releases: tanh(scale * g / rms(g))"
+    )
+    count_population: int = setting(64, low=1, doc="HFGradInv label-count search: population")
+    count_generations: int = setting(60, low=1, doc="HFGradInv label-count search: generations")
 
 
 @dataclass(frozen=True)
@@ -86,8 +86,8 @@ class DLGConfig(InversionConfig):
 
     matching: Matching = "l2"
     labels: LabelMethod = "joint"
-    learning_rate: float = 1.0
-    history: int = 100
+    learning_rate: float = setting(1.0, low=0.0, low_open=True, doc="L-BFGS step size")
+    history: int = setting(100, low=1, doc="L-BFGS history size")
     check_every: int = 25
 
 
@@ -95,15 +95,25 @@ class DLGConfig(InversionConfig):
 class IGConfig(InversionConfig):
     """Inverting Gradients: cosine + TV, Adam on signed gradients, boxed, step decay."""
 
-    learning_rate: float = 0.1
-    milestones: tuple[float, ...] = (3 / 8, 5 / 8, 7 / 8)
-    decay: float = 0.1
-    signed: bool = True
-    boxed: bool = True
-    # None: IG's 1e-4 (GradInversion: GradAttack's per-defense value, see `tv_weight_for`).
-    tv_weight: float | None = None
-    bn_weight: float = 0.0
-    bn_mode: BatchNormMode = "auto"
+    learning_rate: float = setting(0.1, low=0.0, low_open=True, doc="Adam learning rate")
+    milestones: tuple[float, ...] = setting(
+        (3 / 8, 5 / 8, 7 / 8),
+        low=0.0,
+        high=1.0,
+        low_open=True,
+        high_open=True,
+        doc="fractions of the iterations where the learning rate decays",
+    )
+    decay: float = setting(
+        0.1, low=0.0, high=1.0, low_open=True, doc="learning-rate factor at each milestone"
+    )
+    signed: bool = setting(True, doc="step on the signs of the input gradients")
+    boxed: bool = setting(True, doc="project onto the data range after each step")
+    tv_weight: float | None = setting(
+        None, low=0.0, doc="total variation weight; none: 1e-4 (GradInversion: per defense)"
+    )
+    bn_weight: float = setting(0.0, low=0.0, doc="BatchNorm statistics prior weight")
+    bn_mode: BatchNormMode = setting("auto", doc="whose BatchNorm statistics the prior targets")
 
 
 @dataclass(frozen=True)
@@ -120,10 +130,10 @@ class StepwiseConfig(IGConfig):
     from stage `tv_stage` on and the BatchNorm prior (models with BatchNorm) from `bn_stage` on
     (stages are numbered from 1)."""
 
-    stages: int = 4
-    dropout: float = 0.3
-    tv_stage: int = 2
-    bn_stage: int = 3
+    stages: int = setting(4, low=1, doc="stages from the deepest layers to all layers")
+    dropout: float = setting(0.3, low=0.0, high=1.0, high_open=True, doc="gradient dropout")
+    tv_stage: int = setting(2, low=1, doc="first stage with total variation")
+    bn_stage: int = setting(3, low=1, doc="first stage with the BatchNorm prior")
     bn_weight: float = 1e-3
 
 
@@ -138,100 +148,3 @@ IG_TV_COLOUR = 1e-2
 def ig_tv_weight(channels: int) -> float:
     """IG's default TV weight for images with `channels` channels."""
     return IG_TV_GREY if channels == 1 else IG_TV_COLOUR
-
-
-def _check(config: InversionConfig) -> None:
-    def bad(name: str, allowed: str) -> AttackConfigError:
-        value = getattr(config, name)
-        return AttackConfigError(f"attack parameter {name}={value!r}: allowed {allowed}")
-
-    choices = {
-        "labels": LABEL_METHODS,
-        "init": INITS,
-        "matching": MATCHINGS,
-        "bn_mode": BATCHNORM_MODES,
-    }
-    for name, allowed in choices.items():
-        if hasattr(config, name) and getattr(config, name) not in allowed:
-            raise bad(name, ", ".join(allowed))
-    positive_ints = ["restarts", "check_every", "count_population", "count_generations"]
-    positive_ints += [n for n in ("history", "stages") if hasattr(config, n)]
-    for name in positive_ints:
-        value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise bad(name, "a whole number >= 1")
-    for name in ("learning_rate", "tanh_scale"):
-        if hasattr(config, name) and not getattr(config, name) > 0:
-            raise bad(name, "a number > 0")
-    for name in ("bn_weight", "tv_weight"):
-        value = getattr(config, name, 0.0)
-        if value is not None and not value >= 0:
-            raise bad(name, "a number >= 0")
-    if hasattr(config, "decay") and not 0 < config.decay <= 1:
-        raise bad("decay", "a number in (0, 1]")
-    if hasattr(config, "milestones") and not all(0 < m < 1 for m in config.milestones):
-        raise bad("milestones", "fractions in (0, 1)")
-    if hasattr(config, "dropout") and not 0 <= config.dropout < 1:
-        raise bad("dropout", "a number in [0, 1)")
-
-
-def _coerce(key: str, current: object, value: object) -> object:
-    """`value` in the type of the default `current` (ints become floats where floats are due)."""
-    numeric = isinstance(value, int | float) and not isinstance(value, bool)
-    if isinstance(current, tuple) and isinstance(value, list | tuple):
-        if all(isinstance(v, int | float) and not isinstance(v, bool) for v in value):
-            return tuple(float(v) for v in value)
-    elif isinstance(current, bool):
-        if isinstance(value, bool):
-            return value
-    elif isinstance(current, int):
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif isinstance(current, float) or (current is None and key.endswith("weight")):
-        if numeric or (current is None and value is None):
-            return None if value is None else float(value)  # type: ignore[arg-type]
-    elif isinstance(current, str) and isinstance(value, str):
-        return value
-    raise AttackConfigError(
-        f"attack parameter {key}={_shown(value)}: expected {_kind(key, current)}"
-    )
-
-
-def _kind(key: str, current: object) -> str:
-    """What a parameter takes, in words, from its default."""
-    if current is None and key.endswith("weight"):
-        return "a number >= 0 (leave it unset for the default)"
-    if isinstance(current, tuple):
-        return "a list of numbers"
-    if isinstance(current, bool):
-        return "true or false"
-    if isinstance(current, int):
-        return "an integer"
-    if isinstance(current, float):
-        return "a number"
-    return "a string"
-
-
-def _shown(value: object) -> str:
-    text = (
-        repr(value) if not isinstance(value, int) or value.bit_length() < 200 else "a big integer"
-    )
-    return text if len(text) <= 80 else text[:60] + "..."
-
-
-C = TypeVar("C", bound=InversionConfig)
-
-
-def configure(base: C, params: Mapping[str, object] | None) -> C:
-    """`base` with `params` applied (keys may use dashes), validated; one-line errors."""
-    fields = {f.name: f for f in dataclasses.fields(base)}
-    updates: dict[str, Any] = {}
-    for key, value in (params or {}).items():
-        name = key.replace("-", "_")
-        if name not in fields:
-            allowed = ", ".join(n.replace("_", "-") for n in fields)
-            raise AttackConfigError(f"unknown attack parameter {key!r}; allowed: {allowed}")
-        updates[name] = _coerce(key, getattr(base, name), value)
-    config = dataclasses.replace(base, **updates)
-    _check(config)
-    return config

@@ -1,0 +1,295 @@
+"""fedleak as a library: attack an update you computed yourself, and score what leaked.
+
+    import fedleak
+    grads = torch.autograd.grad(loss, model.parameters())      # your model, your batch
+    observation = fedleak.observe(model, grads, input_shape=x.shape[1:], num_examples=len(x))
+    attack = fedleak.build_attack("ig")
+    result = fedleak.reconstruct(attack, observation, max_iterations=500)
+    print(fedleak.score(result, x, y).summary())
+
+`observe` packs what an honest-but-curious server sees (the architecture, the weights it sent,
+the update, the declared protocol and the public defense) into an `Observation`; any
+`nn.Module` works: its architecture is registered in this process under a name derived from
+it, so that attacks can rebuild it. `reconstruct` runs an attack with the attacker's own
+auxiliary data under a budget; `score` matches the guesses to the private batch (Hungarian on
+MSE) and measures them exactly as a run's auditor does. `docs/api.md` has runnable examples.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from fedleak.attacks.types import (
+    Attack,
+    AttackerKnowledge,
+    Budget,
+    Observation,
+    Reconstruction,
+    UpdateKind,
+)
+from fedleak.metrics import assign, label_accuracy, score_images
+from fedleak.models import MODELS, ModelSpec, register_model
+from fedleak.settings import ConfigError
+
+# Below this many parameters an attack's tensor ops are too small to gain from several intra-op
+# threads, and on a busy machine the threads wait on each other (docs/api.md has the numbers).
+SMALL_MODEL_PARAMETERS = 1_000_000
+
+
+@contextmanager
+def torch_threads(count: int | None) -> Iterator[int]:
+    """Run the block with `count` torch intra-op threads (None: keep the current setting),
+    restoring the previous count afterwards."""
+    previous = torch.get_num_threads()
+    wanted = previous if count is None else int(count)
+    if wanted < 1:
+        raise ConfigError(f"threads={count!r}: expected an integer >= 1 or None")
+    torch.set_num_threads(wanted)
+    try:
+        yield wanted
+    finally:
+        torch.set_num_threads(previous)
+
+
+def default_threads(observation: Observation, device: torch.device) -> int | None:
+    """fedleak's choice of torch threads for one attack: one for small models on the CPU
+    (`FEDLEAK_THREADS` overrides), else torch's own setting (None)."""
+    chosen = os.environ.get("FEDLEAK_THREADS", "")
+    if chosen:
+        try:
+            return max(1, int(chosen))
+        except ValueError:
+            raise ConfigError(f"FEDLEAK_THREADS={chosen!r}: expected an integer >= 1") from None
+    if device.type != "cpu":
+        return None
+    size = sum(t.numel() for t in observation.update.values())
+    return 1 if size < SMALL_MODEL_PARAMETERS else None
+
+
+def _architecture_name(model: nn.Module) -> str:
+    """A registry name for a user's module: its class and a digest of its structure."""
+    digest = hashlib.blake2b(digest_size=6)
+    digest.update(f"{type(model).__module__}.{type(model).__qualname__}".encode())
+    digest.update(repr(model).encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+    clean = "".join(c if c.isalnum() else "-" for c in type(model).__name__.lower())
+    return f"custom-{clean}-{digest.hexdigest()}"
+
+
+def model_spec_for(model: nn.Module, input_shape: Sequence[int], num_classes: int) -> ModelSpec:
+    """A `ModelSpec` attacks can rebuild `model` from in this process: its architecture is
+    registered (a snapshot; the weights travel in the observation)."""
+    name = _architecture_name(model)
+    if name not in MODELS:
+        template = copy.deepcopy(model).cpu()
+        register_model(name, lambda _shape, _classes: copy.deepcopy(template), replace=True)
+    return ModelSpec(name, tuple(int(d) for d in input_shape), int(num_classes))
+
+
+def _num_classes(model: nn.Module, input_shape: Sequence[int]) -> int:
+    probe = copy.deepcopy(model).cpu().eval()
+    with torch.no_grad():
+        out = probe(torch.zeros(1, *input_shape))
+    if out.dim() != 2:
+        raise ConfigError(
+            f"num_classes: the model's output has shape {tuple(out.shape)} for one input; pass "
+            "num_classes= explicitly"
+        )
+    return int(out.shape[1])
+
+
+def observe(
+    model: nn.Module,
+    update: Mapping[str, Tensor] | Sequence[Tensor],
+    *,
+    input_shape: Sequence[int],
+    num_examples: int,
+    num_classes: int | None = None,
+    kind: UpdateKind = "gradient",
+    batch_size: int | None = None,
+    local_steps: int = 1,
+    learning_rate: float = 0.1,
+    defense: str = "none",
+    weights: Mapping[str, Tensor] | None = None,
+    round: int = 1,
+    client_id: int = 0,
+    per_sample_updates: Mapping[str, Tensor] | None = None,
+) -> Observation:
+    """What a curious server sees of one client's update, from your own model and update.
+
+    `update`: the shared gradient (`kind="gradient"`, FedSGD), or the weight delta after local
+    training (`kind="delta"`, FedAvg), as a name -> tensor mapping or in `model.parameters()`
+    order (what `torch.autograd.grad` returns). `weights`: the weights the update was computed
+    at (default: the model's current state). `num_examples`, `batch_size`, `local_steps`,
+    `learning_rate`: the local-training protocol the client declares. `defense`: the public
+    defense spec the update went through (adaptive attacks read it).
+    """
+    names = [name for name, _ in model.named_parameters()]
+    if isinstance(update, Mapping):
+        tensors = dict(update)
+    else:
+        tensors = list(update)
+        if len(tensors) != len(names):
+            raise ConfigError(
+                f"update: {len(tensors)} tensors for the model's {len(names)} parameters; pass "
+                "one per parameter in model.parameters() order, or a name -> tensor mapping"
+            )
+        tensors = dict(zip(names, tensors, strict=True))
+    unknown = sorted(set(tensors) - set(names))
+    if unknown:
+        raise ConfigError(f"update: {unknown[0]!r} is not a parameter of the model")
+    shape = tuple(int(d) for d in input_shape)
+    classes = _num_classes(model, shape) if num_classes is None else int(num_classes)
+    state = model.state_dict() if weights is None else weights
+    return Observation(
+        round=int(round),
+        client_id=int(client_id),
+        model=model_spec_for(model, shape, classes),
+        weights={k: v.detach().cpu().clone() for k, v in state.items()},
+        update={n: tensors[n].detach().cpu().float() for n in names if n in tensors},
+        update_kind=kind,
+        num_examples=int(num_examples),
+        batch_size=int(batch_size if batch_size is not None else num_examples),
+        local_steps=int(local_steps),
+        learning_rate=float(learning_rate),
+        defense=defense,
+        per_sample_updates=(
+            None
+            if per_sample_updates is None
+            else {k: v.detach().cpu().float() for k, v in per_sample_updates.items()}
+        ),
+    )
+
+
+def knowledge(
+    observation: Observation,
+    aux_inputs: Tensor | None = None,
+    aux_labels: Tensor | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    data_range: tuple[float, float] = (0.0, 1.0),
+) -> AttackerKnowledge:
+    """The attacker's resources for an observation: its own auxiliary data (none by default),
+    shaped like the observed model's inputs."""
+    shape = tuple(observation.model.input_shape)
+    if aux_inputs is None:
+        aux_inputs = torch.zeros(0, *shape)
+        aux_labels = torch.zeros(0, dtype=torch.long)
+    if aux_labels is None or len(aux_labels) != len(aux_inputs):
+        raise ConfigError("aux_labels: expected one label per auxiliary input")
+    if tuple(aux_inputs.shape[1:]) != shape:
+        raise ConfigError(
+            f"aux_inputs: samples of shape {tuple(aux_inputs.shape[1:])}, expected {shape}"
+        )
+    target = torch.device(device)
+    return AttackerKnowledge(
+        aux_inputs=aux_inputs.detach().float().to(target),
+        aux_labels=aux_labels.detach().long().to(target),
+        input_shape=shape,
+        num_classes=observation.model.num_classes,
+        data_range=data_range,
+        device=target,
+        seed=seed,
+    )
+
+
+def reconstruct(
+    attack: Attack,
+    observation: Observation,
+    aux_inputs: Tensor | None = None,
+    aux_labels: Tensor | None = None,
+    *,
+    attacker: AttackerKnowledge | None = None,
+    max_iterations: int = 2000,
+    max_seconds: float = 120.0,
+    device: str | torch.device = "cpu",
+    threads: int | str | None = "auto",
+    show_progress: bool = False,
+) -> Reconstruction:
+    """Run `attack` on `observation` with the attacker's auxiliary data (or a prepared
+    `attacker` knowledge) under a budget; the guess comes back on the CPU.
+
+    `threads`: torch intra-op threads while the attack runs; "auto" takes one for models under
+    a million parameters on the CPU (several threads only wait on each other there), None
+    keeps the process's setting.
+    """
+    if attacker is None:
+        attacker = knowledge(observation, aux_inputs, aux_labels, device=device)
+    budget = Budget(int(max_iterations), float(max_seconds), show_progress)
+    count = default_threads(observation, attacker.device) if threads == "auto" else threads
+    with torch_threads(count):  # type: ignore[arg-type]
+        return attack.reconstruct(observation, attacker, budget)
+
+
+@dataclass(frozen=True)
+class Leakage:
+    """How much of a private batch a reconstruction reveals, per matched pair.
+
+    `pairs`: (reconstruction index, private index) of each matched pair; `mse`, `psnr`, `ssim`,
+    `lpips` are per pair (LPIPS NaN when it was not computed); `label_accuracy` over pairs.
+    """
+
+    pairs: list[tuple[int, int]]
+    mse: Tensor
+    psnr: Tensor
+    ssim: Tensor
+    lpips: Tensor
+    label_accuracy: float
+
+    def summary(self) -> dict[str, float]:
+        """Means over the matched pairs."""
+        return {
+            "mse": float(self.mse.mean()),
+            "psnr": float(self.psnr.mean()),
+            "ssim": float(self.ssim.mean()),
+            "lpips": float(self.lpips.mean()),
+            "label_accuracy": self.label_accuracy,
+        }
+
+
+def score(
+    reconstruction: Reconstruction | Tensor,
+    inputs: Tensor,
+    labels: Tensor | None = None,
+    *,
+    lpips: bool = True,
+) -> Leakage:
+    """Match each reconstructed sample to a private one (Hungarian on MSE) and measure the
+    pairs: MSE, PSNR, SSIM, LPIPS (AlexNet), and label accuracy when labels are given."""
+    if isinstance(reconstruction, Reconstruction):
+        if reconstruction.status != "ok":
+            raise ConfigError(
+                f"reconstruction status {reconstruction.status!r}: {reconstruction.message}"
+            )
+        guess, predicted = reconstruction.inputs, reconstruction.labels
+    else:
+        guess, predicted = reconstruction, None
+    guess = guess.detach().float().cpu()
+    truth = inputs.detach().float().cpu()
+    recon_idx, truth_idx = assign(guess, truth, metric="mse")
+    nets = ("alex",) if lpips else ()
+    scores = score_images(guess[recon_idx], truth[truth_idx], nets)
+    nan = torch.full((len(recon_idx),), math.nan)
+    accuracy = math.nan
+    if labels is not None and predicted is not None:
+        true = labels.detach().cpu()[truth_idx]
+        accuracy = label_accuracy(predicted.detach().cpu()[recon_idx], true)
+    return Leakage(
+        pairs=list(zip(recon_idx.tolist(), truth_idx.tolist(), strict=True)),
+        mse=scores["mse"],
+        psnr=scores["psnr"],
+        ssim=scores["ssim"],
+        lpips=scores.get("lpips_alex", nan),
+        label_accuracy=accuracy,
+    )

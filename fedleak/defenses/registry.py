@@ -1,0 +1,95 @@
+"""Defenses by name, as spec parts (`prune:0.9`), and how to add your own.
+
+A defense is registered with a parser `(args) -> step`, where `args` are the part's
+colon-separated arguments (lower-cased) and the step is a frozen dataclass with
+
+- `kind` (its name), `spec` (its canonical part, which parses back to it);
+- `stage`: `release` for a transform of what leaves the client (noise, compression, ...),
+  `clip` for per-sample clipping, `encode` for an input encoding;
+- `rank`: its place among release steps (built-ins: DP noise 1, gauss 2, prune 3, sign 4);
+- for release steps, `release(grads, generator, *, batched, dp_batch_size) -> grads`
+  (`batched`: dim 0 indexes samples transformed independently; draw randomness only from
+  `generator`, so runs are reproducible).
+
+    @register_defense("round", form="round:DECIMALS")
+    @dataclass(frozen=True)
+    class Round:
+        decimals: int
+        kind: ClassVar[str] = "round"
+        stage: ClassVar[str] = "release"
+        rank: ClassVar[float] = 3.5
+        @classmethod
+        def from_args(cls, args: list[str]) -> "Round": return cls(int(args[0]))
+        ...
+
+A package makes a defense available to every process with an entry point in group
+`fedleak.defenses` (see `fedleak.registry`). Adaptive attacks replay every release step on
+their guesses through the same pipeline, so a plugin defense is adapted to as far as an
+attack replays the client's computation (LTI learns through any of them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fedleak.registry import Registry
+
+Parser = Callable[[list[str]], Any]
+
+
+@dataclass(frozen=True)
+class DefenseEntry:
+    """A registered defense: its spec-part parser and the form shown in errors."""
+
+    name: str
+    parse: Parser
+    form: str
+
+
+def _parser_of(obj: Any) -> Parser:
+    return obj.from_args if hasattr(obj, "from_args") else obj
+
+
+def _adopt(name: str, obj: object) -> DefenseEntry:
+    if isinstance(obj, DefenseEntry):
+        return dataclasses.replace(obj, name=name)
+    if not callable(obj):
+        raise TypeError(f"expected a defense class with from_args or a parser, got {obj!r}")
+    return DefenseEntry(name, _parser_of(obj), getattr(obj, "form", name))
+
+
+def _builtins() -> None:
+    import fedleak.defenses.catalog  # noqa: F401  (registers the built-in defenses)
+
+
+DEFENSES: Registry[DefenseEntry] = Registry(
+    "defense", "fedleak.defenses", "defense.spec", adopt=_adopt, builtins=_builtins, forbidden=",+:"
+)
+
+
+def register_defense(
+    name: str, parse: Any = None, *, form: str | None = None, replace: bool = False
+) -> Any:
+    """Register a defense under `name`: a parser `(args) -> step`, or a class with a
+    `from_args` class method; usable as a decorator (it returns what it decorates)."""
+
+    def add(obj: Any) -> Any:
+        entry = DefenseEntry(name, _parser_of(obj), form or getattr(obj, "form", None) or name)
+        DEFENSES.add(name, entry, replace=replace)
+        return obj
+
+    return add if parse is None else add(parse)
+
+
+def allowed_forms() -> str:
+    """The grammar of spec strings, built-in and registered defenses included."""
+    from fedleak.defenses.grammar import ALLOWED_FORMS
+
+    builtin = {"prune", "sign", "gauss", "dpsgd", "mixup", "instahide"}
+    extra = [entry.form for name, entry in DEFENSES.items() if name not in builtin]
+    if not extra:
+        return ALLOWED_FORMS
+    return f"{ALLOWED_FORMS}; registered: {' | '.join(extra)}"

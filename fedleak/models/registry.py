@@ -1,0 +1,109 @@
+"""Target models by name or import path, and how to add your own.
+
+`model.name` is a registered name (`lenet`, `resnet20-gn`, a plugin's) or an import path
+`package.module:factory`, Flower's convention for apps. Either way the factory is called with
+the data set's input shape and number of classes and returns an `nn.Module`:
+
+    @register_model("tiny-cnn")
+    def tiny_cnn(input_shape: tuple[int, ...], num_classes: int) -> nn.Module: ...
+
+A package makes a model available to every process with an entry point in group
+`fedleak.models` (see `fedleak.registry`). BatchNorm checks and GroupNorm advice apply to every
+model: `groupnorm` names the registered variant to suggest when BatchNorm is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from fedleak.registry import Registry, load_object
+
+Builder = Callable[[tuple[int, ...], int], nn.Module]
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A model factory and what it needs of the data shape.
+
+    `image`: the model takes (C, H, W) inputs of at least `min_size` pixels a side.
+    `groupnorm`: the name of a variant without BatchNorm, for the advice when per-sample
+    operations meet BatchNorm.
+    """
+
+    name: str
+    build: Builder
+    image: bool = False
+    min_size: int = 1
+    groupnorm: str | None = None
+
+
+def _adopt(name: str, obj: object) -> ModelEntry:
+    if isinstance(obj, ModelEntry):
+        return dataclasses.replace(obj, name=name)
+    if not callable(obj):
+        raise TypeError(
+            f"expected a model factory (input_shape, num_classes) -> nn.Module, got {obj!r}"
+        )
+    return ModelEntry(name, obj)
+
+
+def _builtins() -> None:
+    import fedleak.models.catalog  # noqa: F401  (registers the built-in models)
+
+
+MODELS: Registry[ModelEntry] = Registry(
+    "model", "fedleak.models", "model.name", adopt=_adopt, builtins=_builtins, forbidden=",:"
+)
+
+
+def register_model(
+    name: str,
+    build: Builder | None = None,
+    *,
+    image: bool = False,
+    min_size: int = 1,
+    groupnorm: str | None = None,
+    replace: bool = False,
+) -> object:
+    """Register a factory `(input_shape, num_classes) -> nn.Module`; usable as a decorator."""
+
+    def add(factory: Builder) -> Builder:
+        MODELS.add(name, ModelEntry(name, factory, image, min_size, groupnorm), replace=replace)
+        return factory
+
+    return add if build is None else add(build)
+
+
+def is_import_path(name: str) -> bool:
+    """Whether `model.name` is an import path `package.module:factory` rather than a name."""
+    return ":" in name
+
+
+def model_entry(name: str) -> ModelEntry:
+    """The entry of a registered name, or one made from an import path; one-line errors."""
+    if is_import_path(name):
+        factory = load_object(name, "model.name")
+        if not callable(factory):
+            from fedleak.settings import ConfigError
+
+            raise ConfigError(f"model.name={name!r}: {factory!r} is not callable")
+        return ModelEntry(name, factory)
+    return MODELS.get(name)
+
+
+def model_names() -> tuple[str, ...]:
+    """Every registered model name, plugins included."""
+    return MODELS.names()
+
+
+def groupnorm_advice(name: str) -> str:
+    """What to use instead of a BatchNorm model for per-sample operations."""
+    if not is_import_path(name):
+        variant = model_entry(name).groupnorm
+        if variant is not None:
+            return f"use a GroupNorm variant such as {variant!r}"
+    return "replace its BatchNorm layers by torch.nn.GroupNorm (per-sample statistics)"

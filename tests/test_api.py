@@ -1,0 +1,132 @@
+"""The public API: `docs/api.md`'s examples run as written, and `observe`, `reconstruct` and
+`score` agree with what a run's server and auditor compute."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import fedleak
+from fedleak.attacks import registry as attack_registry
+from fedleak.attacks.types import Reconstruction
+from fedleak.server.auditor import Auditor, GroundTruth
+from fedleak.settings import ConfigError
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "api.md"
+
+
+def _examples() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", DOC.read_text(encoding="utf-8"), flags=re.S)
+
+
+def test_import_fedleak_is_cheap_and_lists_the_api() -> None:
+    code = "import sys, fedleak; print('torch' in sys.modules, sorted(fedleak.__all__)[:3])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("False")
+    for name in ("observe", "reconstruct", "score", "build_attack", "register_attack"):
+        assert name in fedleak.__all__ and getattr(fedleak, name).__doc__
+
+
+@pytest.mark.slow
+def test_the_ig_example_reconstructs_the_digit(one_thread: None) -> None:
+    namespace: dict[str, object] = {}
+    exec(compile(_examples()[0], f"{DOC}:ig", "exec"), namespace)
+    summary = namespace["leak"].summary()  # type: ignore[union-attr]
+    assert summary["psnr"] > 20.0 and summary["label_accuracy"] == 1.0
+
+
+@pytest.mark.slow
+def test_the_lti_example_trains_on_the_given_aux_data() -> None:
+    namespace: dict[str, object] = {}
+    exec(compile(_examples()[1], f"{DOC}:lti", "exec"), namespace)
+    result = namespace["result"]
+    assert isinstance(result, Reconstruction) and result.status == "ok"
+    assert "8 epochs" in result.message
+    # Well above the aux-mean floor (about 11 dB on MNIST digits).
+    assert namespace["leak"].summary()["psnr"] > 13.0  # type: ignore[union-attr]
+
+
+def test_the_settings_example_registers_a_configurable_attack() -> None:
+    namespace: dict[str, object] = {}
+    try:
+        exec(compile(_examples()[2], f"{DOC}:settings", "exec"), namespace)
+        attack = namespace["attack"]
+        assert attack.config.passes == 2  # type: ignore[attr-defined]
+        with pytest.raises(ConfigError, match=r"^attack\.blurred-mean\.passes=0: expected"):
+            fedleak.build_attack("blurred-mean", {"passes": 0})
+        observation, _, _ = _client(batch=3)
+        aux = torch.rand(6, 1, 28, 28)
+        result = fedleak.reconstruct(attack, observation, aux, torch.zeros(6))  # type: ignore[arg-type]
+        assert result.inputs.shape == (3, 1, 28, 28)
+    finally:
+        attack_registry.ATTACKS.remove("blurred-mean")
+
+
+def _client(batch: int) -> tuple[fedleak.Observation, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 32), nn.Sigmoid(), nn.Linear(32, 10))
+    data = fedleak.load_dataset("mnist5k")
+    x, y = data.train_x[:batch], data.train_y[:batch]
+    grads = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), model.parameters())
+    observation = fedleak.observe(model, grads, input_shape=(1, 28, 28), num_examples=batch)
+    return observation, x, y
+
+
+def test_observe_packs_what_the_server_sees() -> None:
+    observation, x, _ = _client(batch=2)
+    assert observation.model.num_classes == 10 and observation.model.input_shape == (1, 28, 28)
+    assert list(observation.update) == ["1.weight", "1.bias", "3.weight", "3.bias"]
+    assert (observation.num_examples, observation.batch_size, observation.update_kind) == (
+        2,
+        2,
+        "gradient",
+    )
+    rebuilt = fedleak.build_model(observation.model)
+    rebuilt.load_state_dict(observation.weights)
+    with torch.no_grad():
+        assert rebuilt(x).shape == (2, 10)
+    model = nn.Linear(3, 2)
+    with pytest.raises(ConfigError, match="update: 1 tensors for the model's 2 parameters"):
+        fedleak.observe(model, [torch.zeros(2, 3)], input_shape=(3,), num_examples=1)
+    with pytest.raises(ConfigError, match="'nope' is not a parameter"):
+        fedleak.observe(model, {"nope": torch.zeros(1)}, input_shape=(3,), num_examples=1)
+
+
+def test_score_matches_the_auditor_rows() -> None:
+    observation, x, y = _client(batch=3)
+    guess = Reconstruction(
+        inputs=(x[[2, 0, 1]] + 0.05 * torch.rand_like(x)).clamp(0, 1),
+        labels=y[[2, 0, 1]],
+    )
+    leak = fedleak.score(guess, x, y)
+    assert sorted(leak.pairs) == [(0, 2), (1, 0), (2, 1)]
+    rows = Auditor().score(observation, "test", guess, GroundTruth(0, x, y), {})
+    by_sample = {int(r["sample"]): r for r in rows}
+    for index, (sample, _) in enumerate(leak.pairs):
+        assert float(leak.psnr[index]) == pytest.approx(by_sample[sample]["psnr"])
+        assert float(leak.ssim[index]) == pytest.approx(by_sample[sample]["ssim"])
+        assert float(leak.lpips[index]) == pytest.approx(by_sample[sample]["lpips_alex"])
+    assert leak.label_accuracy == 1.0
+
+
+def test_reconstruct_sets_and_restores_the_thread_count() -> None:
+    observation, _, _ = _client(batch=1)
+    seen: list[int] = []
+
+    class Probe:
+        name = "probe"
+
+        def reconstruct(self, observation, knowledge, budget):
+            seen.append(torch.get_num_threads())
+            return Reconstruction(inputs=torch.zeros(1, 1, 28, 28), labels=None)
+
+    before = torch.get_num_threads()
+    fedleak.reconstruct(Probe(), observation)  # type: ignore[arg-type]
+    fedleak.reconstruct(Probe(), observation, threads=before + 1)  # type: ignore[arg-type]
+    assert seen == [1, before + 1] and torch.get_num_threads() == before

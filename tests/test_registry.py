@@ -1,0 +1,399 @@
+"""One registry mechanism for attacks, defenses, models and data sets: decorators in-process,
+entry points for installed plugins (found in every process, Ray workers included), import
+paths for models, and validation that reads the same registries."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from fedleak.attacks import registry as attack_registry
+from fedleak.attacks.registry import attack_entry, attack_names, build_attack, register_attack
+from fedleak.attacks.types import AttackerKnowledge, Budget, Observation
+from fedleak.config import parse_flat
+from fedleak.data import DATASETS, dataset_names, load_dataset, register_dataset
+from fedleak.data.embedded import load_mnist5k
+from fedleak.defenses import DEFENSES, parse_defense_spec, register_defense
+from fedleak.models import MODELS, ModelSpec, build_model, model_names, register_model
+from fedleak.registry import PluginError, Registry
+from fedleak.server.validate import validate_components
+from fedleak.settings import ConfigError, Settings, setting
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A plugin distribution: one module and its metadata, as `pip install` would leave them.
+PLUGIN = '''
+"""A tiny fedleak plugin: an attack, a defense, a model and a data set."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from fedleak.attacks.types import Reconstruction
+from fedleak.defenses import register_defense
+from fedleak.settings import Settings, setting
+
+
+@dataclass(frozen=True)
+class ShiftConfig(Settings):
+    shift: float = setting(0.0, low=-1.0, high=1.0, doc="added to the aux mean")
+
+
+class ShiftedMean:
+    """The aux mean plus a constant; records the process it ran in."""
+
+    default_config = ShiftConfig()
+    stateful = False
+
+    def __init__(self, config: ShiftConfig, seed: int) -> None:
+        self.config, self.name = config, "shifted-mean"
+
+    def reconstruct(self, observation, knowledge, budget):
+        count = observation.num_targets
+        mean = knowledge.aux_inputs.float().mean(0, keepdim=True) + self.config.shift
+        return Reconstruction(
+            inputs=mean.clamp(0, 1).expand(count, *mean.shape[1:]).clone(),
+            labels=torch.zeros(count, dtype=torch.long),
+            diagnostics={"pid": float(os.getpid()), "shift": self.config.shift},
+        )
+
+
+@register_defense("halve", form="halve")
+@dataclass(frozen=True)
+class Halve:
+    kind: ClassVar[str] = "halve"
+    stage: ClassVar[str] = "release"
+    rank: ClassVar[float] = 2.5
+
+    @classmethod
+    def from_args(cls, args):
+        if args:
+            raise ValueError("halve takes no arguments")
+        return cls()
+
+    @property
+    def spec(self) -> str:
+        return "halve"
+
+    def release(self, grads, generator, *, batched, dp_batch_size):
+        return {name: 0.5 * g for name, g in grads.items()}
+
+
+def tiny_model(input_shape, num_classes):
+    features = int(torch.tensor(input_shape).prod())
+    return nn.Sequential(nn.Flatten(), nn.Linear(features, num_classes))
+
+
+def batchnorm_model(input_shape, num_classes):
+    channels = input_shape[0]
+    return nn.Sequential(
+        nn.Conv2d(channels, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Flatten(),
+        nn.Linear(4 * input_shape[1] * input_shape[2], num_classes),
+    )
+
+
+def toy_digits(root, download):
+    from fedleak.data.embedded import load_mnist5k
+
+    return load_mnist5k()
+
+
+def broken():
+    raise RuntimeError("never adopted")
+'''
+
+ENTRY_POINTS = """
+[fedleak.attacks]
+shifted-mean = fedleak_toy:ShiftedMean
+missing-module = fedleak_toy_missing:Nothing
+
+[fedleak.defenses]
+halve = fedleak_toy:Halve
+
+[fedleak.models]
+toy-linear = fedleak_toy:tiny_model
+
+[fedleak.datasets]
+toy-digits = fedleak_toy:toy_digits
+"""
+
+
+@pytest.fixture(scope="module")
+def plugin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The plugin on a temporary path: on sys.path here, and on PYTHONPATH for subprocesses."""
+    root = tmp_path_factory.mktemp("plugin")
+    (root / "fedleak_toy.py").write_text(textwrap.dedent(PLUGIN))
+    info = root / "fedleak_toy-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fedleak-toy\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(
+        ENTRY_POINTS.replace("[fedleak.attacks]\nmissing", "missing")
+    )
+    sys.path.insert(0, str(root))
+    yield root
+    sys.path.remove(str(root))
+    for registry, name in [
+        (attack_registry.ATTACKS, "shifted-mean"),
+        (DEFENSES, "halve"),
+        (MODELS, "toy-linear"),
+        (DATASETS, "toy-digits"),
+        (attack_registry.ATTACKS, "missing-module"),
+    ]:
+        registry.remove(name)
+    sys.modules.pop("fedleak_toy", None)
+
+
+# -- in-process registration -----------------------------------------------------------------
+@dataclass(frozen=True)
+class BlurConfig(Settings):
+    sigma: float = setting(1.0, low=0.0, doc="blur of the guess")
+    passes: int = setting(1, low=1, doc="how many times")
+
+
+def test_the_decorator_registers_an_attack_with_checked_settings() -> None:
+    @register_attack("test-blur", config=BlurConfig())
+    class Blur:
+        """Blur the aux mean (a test attack)."""
+
+        stateful = False
+
+        def __init__(self, config: BlurConfig, seed: int) -> None:
+            self.config, self.seed, self.name = config, seed, "test-blur"
+
+    try:
+        attack = build_attack("test-blur", {"sigma": 2, "passes": 3}, seed=4)
+        assert (attack.config, attack.seed) == (BlurConfig(sigma=2.0, passes=3), 4)
+        assert isinstance(attack.config.sigma, float)
+        assert "test-blur" in attack_names() and not attack_entry("test-blur").stateful
+        with pytest.raises(ConfigError, match=r"^attack\.test-blur\.sigma=-1: expected a number"):
+            build_attack("test-blur", {"sigma": -1})
+        # Validation reads the same registry and parses without building the attack.
+        validate_components(parse_flat({"attack.names": "test-blur", "attack.test-blur.passes": 2}))
+        with pytest.raises(ConfigError, match=r"attack\.test-blur\.passes=0: expected an integer"):
+            validate_components(
+                parse_flat({"attack.names": "test-blur", "attack.test-blur.passes": 0})
+            )
+        keys = {line.key: line for line in attack_entry("test-blur").help()}
+        assert keys["attack.test-blur.sigma"].default == "1"
+        assert keys["attack.test-blur.sigma"].doc == "blur of the guess"
+        with pytest.raises(ConfigError, match="already registered"):
+            register_attack("test-blur", lambda config, seed: None)
+    finally:
+        attack_registry.ATTACKS.remove("test-blur")
+    with pytest.raises(ConfigError, match=r"attack\.names='test-blur': unknown attack"):
+        validate_components(parse_flat({"attack.names": "test-blur"}))
+
+
+def test_names_that_would_break_settings_are_refused() -> None:
+    for bad in ("a,b", "a.b", "", "two words"):
+        with pytest.raises(ConfigError, match="attack name"):
+            register_attack(bad, lambda config, seed: None)
+    with pytest.raises(ConfigError, match="defense name"):
+        register_defense("a+b", lambda args: None)
+    with pytest.raises(ConfigError, match="model name"):
+        register_model("pkg:thing", lambda shape, k: nn.Linear(1, 1))
+
+
+def test_a_registered_defense_joins_the_declared_order() -> None:
+    @register_defense("test-double", form="test-double")
+    @dataclass(frozen=True)
+    class Double:
+        kind: ClassVar[str] = "test-double"
+        stage: ClassVar[str] = "release"
+        rank: ClassVar[float] = 3.5  # after pruning, before the sign
+
+        @classmethod
+        def from_args(cls, args: list[str]) -> Double:
+            return cls()
+
+        @property
+        def spec(self) -> str:
+            return "test-double"
+
+        def release(self, grads, generator, *, batched, dp_batch_size):
+            return {name: 2 * g for name, g in grads.items()}
+
+    try:
+        pipeline = parse_defense_spec("test-double+gauss:0+prune:0.5")
+        assert pipeline.spec == "gauss:0+prune:0.5+test-double"
+        grads = {"w": torch.tensor([1.0, -3.0, 0.5, 4.0])}
+        shared = pipeline.share(grads, 1, torch.Generator().manual_seed(0))
+        torch.testing.assert_close(shared["w"], torch.tensor([0.0, -6.0, 0.0, 8.0]))
+        with pytest.raises(ValueError, match="test-double twice"):
+            parse_defense_spec("test-double+test-double")
+        with pytest.raises(ValueError, match="registered: test-double"):
+            parse_defense_spec("nope")
+    finally:
+        DEFENSES.remove("test-double")
+
+
+def test_models_by_registered_name_or_import_path() -> None:
+    register_model("test-linear", lambda shape, k: nn.Linear(shape[-1], k))
+    try:
+        model = build_model(ModelSpec("test-linear", (5,), 3))
+        assert isinstance(model, nn.Linear) and model.out_features == 3
+        assert "test-linear" in model_names()
+    finally:
+        MODELS.remove("test-linear")
+    # torchvision's factories take keyword arguments; a lambda-free import path works when the
+    # factory takes (input_shape, num_classes).
+    path = f"{__name__}:_two_layer"
+    spec = ModelSpec(path, (1, 28, 28), 10, seed=3)
+    first, second = build_model(spec), build_model(spec)
+    assert all(
+        torch.equal(a, b) for a, b in zip(first.parameters(), second.parameters(), strict=True)
+    )
+
+
+def _two_layer(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(int(torch.tensor(input_shape).prod()), num_classes)
+    )
+
+
+def _bn(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(input_shape[0], 2, 3, padding=1),
+        nn.BatchNorm2d(2),
+        nn.Flatten(),
+        nn.Linear(2 * input_shape[1] * input_shape[2], num_classes),
+    )
+
+
+def test_batchnorm_checks_and_groupnorm_advice_apply_to_every_model() -> None:
+    with pytest.raises(ConfigError) as registered:
+        validate_components(parse_flat({"model.name": "resnet20", "defense.spec": "dpsgd:1:0"}))
+    assert "use a GroupNorm variant such as 'resnet20-gn'" in str(registered.value)
+    path = f"{__name__}:_bn"
+    with pytest.raises(ConfigError) as imported:
+        validate_components(parse_flat({"model.name": path, "threat.share": "per-sample"}))
+    message = str(imported.value)
+    assert message.startswith(f"model.name={path!r}: BatchNorm couples the samples")
+    assert "torch.nn.GroupNorm" in message and "\n" not in message
+    validate_components(parse_flat({"model.name": f"{__name__}:_two_layer"}))
+    with pytest.raises(ConfigError, match="cannot import 'nowhere'"):
+        validate_components(parse_flat({"model.name": "nowhere:model"}))
+
+
+def test_a_registered_data_set_loads_with_a_seeded_holdout() -> None:
+    register_dataset("test-digits", lambda root, download: load_mnist5k(), holdout=True)
+    try:
+        assert "test-digits" in dataset_names()
+        first = load_dataset("test-digits", seed=1, test_fraction=0.1)
+        assert len(first.test_x) == 500 and len(first.train_x) == 4500
+        assert torch.equal(
+            first.test_y, load_dataset("test-digits", seed=1, test_fraction=0.1).test_y
+        )
+        validate_components(parse_flat({"data.dataset": "test-digits"}))
+    finally:
+        DATASETS.remove("test-digits")
+    with pytest.raises(ConfigError, match=r"data\.dataset='test-digits': expected one of mnist5k"):
+        validate_components(parse_flat({"data.dataset": "test-digits"}))
+
+
+# -- entry points ----------------------------------------------------------------------------
+def test_entry_points_are_found_by_name_and_listed(plugin: Path) -> None:
+    assert "shifted-mean" in attack_names()
+    entry = attack_entry("shifted-mean")
+    assert not entry.stateful  # adopted from the class attribute
+    attack = build_attack("shifted-mean", {"shift": 0.25})
+    observation = _observation()
+    knowledge = AttackerKnowledge(torch.full((4, 1, 2, 2), 0.5), torch.zeros(4), (1, 2, 2), 2)
+    result = attack.reconstruct(observation, knowledge, Budget(1, 1.0))
+    torch.testing.assert_close(result.inputs, torch.full((2, 1, 2, 2), 0.75))
+    assert parse_defense_spec("halve+sign").spec == "halve+sign"
+    assert isinstance(build_model(ModelSpec("toy-linear", (1, 28, 28), 10)), nn.Sequential)
+    assert "toy-digits" in dataset_names()
+    assert load_dataset("toy-digits").num_classes == 10
+    with pytest.raises(ConfigError, match=r"attack\.shifted-mean\.shift=2: expected a number in"):
+        validate_components(
+            parse_flat({"attack.names": "shifted-mean", "attack.shifted-mean.shift": 2})
+        )
+
+
+def test_a_broken_plugin_fails_in_one_line_naming_its_distribution(plugin: Path) -> None:
+    with pytest.raises(PluginError) as error:
+        attack_entry("missing-module")
+    message = str(error.value)
+    assert "entry point 'missing-module'" in message and "fedleak-toy 0.1" in message
+    assert "ModuleNotFoundError" in message and "\n" not in message
+    assert "missing-module" not in attack_names()  # listed names leave it out, with a warning
+
+
+def test_an_entry_point_that_gives_nothing_usable_is_refused(tmp_path: Path) -> None:
+    registry: Registry[str] = Registry(
+        "widget", "fedleak.test-widgets", "widget.name", adopt=lambda name, obj: str(obj())
+    )
+    registry.add("plain", "value")
+    assert registry.get("plain") == "value"
+    with pytest.raises(ConfigError, match=r"widget\.name='other': unknown widget; expected one of"):
+        registry.get("other")
+
+
+def _observation() -> Observation:
+    spec = ModelSpec("mlp", (1, 2, 2), 2)
+    return Observation(
+        round=1,
+        client_id=0,
+        model=spec,
+        weights={},
+        update={},
+        update_kind="gradient",
+        num_examples=2,
+        batch_size=2,
+        local_steps=1,
+        learning_rate=0.1,
+        defense="none",
+    )
+
+
+@pytest.mark.slow
+def test_a_plugin_runs_on_a_ray_worker_in_a_simulation(plugin: Path, tmp_path: Path) -> None:
+    """The plugin's attack on an attack worker, its defense and model on the clients (Ray
+    actors): all found through entry points and an import path, none imported by the test."""
+    out = tmp_path / "run"
+    settings = {
+        "num-server-rounds": 1,
+        "attack.names": "aux-mean,shifted-mean",
+        "attack.shifted-mean.shift": 0.1,
+        "attack.clients-per-round": 1,
+        "attack.workers": 1,
+        "attack.images-per-client": 0,
+        "data.aux-size": 200,
+        "defense.spec": "halve",
+        "model.name": "fedleak_toy:tiny_model",
+    }
+    command = [sys.executable, "-m", "fedleak.simulations.cli", "run", "quickstart"]
+    for key, value in settings.items():
+        command += ["--set", f"{key}={json.dumps(value)}"]
+    command += ["--num-clients", "2", "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(plugin), str(ROOT)])}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output.decode()[-3000:]
+    rows = pd.read_csv(out / "leakage.csv")
+    shifted = rows[rows.attack == "shifted-mean"]
+    assert len(shifted) == 2 and set(shifted.status) == {"ok"}
+    diagnostics = [json.loads(text) for text in shifted.diagnostics]
+    assert {d["shift"] for d in diagnostics} == {0.1}
+    # It ran in the worker's process, not in the simulation (server) process.
+    assert {int(d["pid"]) for d in diagnostics} != {process.pid}
+    config = (out / "config.toml").read_text()
+    assert 'spec = "halve"' in config and 'name = "fedleak_toy:tiny_model"' in config
