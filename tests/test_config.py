@@ -45,7 +45,8 @@ INVALID = [
     ),
     (
         {"attack.rounds": "1,4", "num-server-rounds": 3},
-        "attack.rounds='1,4': expected 'all', 'every:K' with K >= 1, or comma-separated round numbers in 1..3",
+        "attack.rounds='1,4': expected 'all', 'every:K' with K >= 1, or comma-separated round "
+        "numbers in 1..3",
     ),
     ({"attack.rounds": "0"}, "attack.rounds='0': expected 'all', or comma-separated round"),
     ({"attack.rounds": "first"}, "attack.rounds='first': expected 'all', or comma-separated"),
