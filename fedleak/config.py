@@ -127,6 +127,9 @@ class AttackConfig:
     workers: int = _setting(0, low=0, doc="Ray attack workers; 0 = run attacks inline")
     worker_cpus: float = _setting(1.0, low=0.0, low_open=True)
     worker_gpus: float = _setting(0.0, low=0.0)
+    max_batch: int = _setting(
+        0, low=0, doc="problems (targets x restarts) optimised as one batch; 0 = by device memory"
+    )
     params: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 

@@ -663,10 +663,8 @@ class LTIThenIG:
     ) -> Reconstruction:
         """LTI's guess, then IG from it; diagnostics of both (LTI's prefixed `lti_`)."""
         first = self.lti.reconstruct(observation, knowledge, budget)
-        remaining = Budget(
-            budget.max_iterations,
-            max(0.0, budget.max_seconds - first.seconds),
-            budget.show_progress,
+        remaining = dataclasses.replace(
+            budget, max_seconds=max(0.0, budget.max_seconds - first.seconds)
         )
         second = self.ig.reconstruct(observation, knowledge, remaining, initial=first.inputs)
         diagnostics = {

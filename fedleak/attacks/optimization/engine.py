@@ -12,6 +12,7 @@ iteration, and the learning-rate schedule is computed on the host from the itera
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -71,6 +72,22 @@ class Outcome:
     iterations: int
     seconds: float
     stopped_by: str
+
+    def part(self, start: int, stop: int) -> Outcome:
+        """Problems `start:stop` of a batched run: every per-problem tensor (leading dimension
+        T) sliced, the run's scalars kept, as if those problems had been optimised alone."""
+        problems = self.matching.shape[0]
+
+        def cut(value: object) -> object:
+            if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == problems:
+                return value[start:stop]
+            if isinstance(value, list):
+                return [cut(v) for v in value]
+            return value
+
+        return dataclasses.replace(
+            self, **{f.name: cut(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        )
 
 
 class BatchedLBFGS:
@@ -181,7 +198,8 @@ def optimise(
             for v in variables:
                 v.grad = None
             loss, matching = objective(variables, iteration)
-            loss.sum().backward()
+            # Only the variables: the single-problem replay's weights are autograd leaves.
+            torch.autograd.backward(loss.sum(), inputs=variables)
             if adam:
                 for v in variables:
                     if v.grad is not None:

@@ -124,6 +124,8 @@ class Replay:
         self.bn_mode = bn_mode
         self.params = {name: p.detach() for name, p in self.model.named_parameters()}
         self.names = list(self.params)
+        # Leaves for the single-problem path, which differentiates with plain autograd.
+        self._leaves = {name: p.detach().requires_grad_() for name, p in self.params.items()}
 
     @property
     def has_batchnorm(self) -> bool:
@@ -152,10 +154,24 @@ class Replay:
                 bn.record = None
         return F.cross_entropy(logits, y), tuple(recorded)
 
+    def _autograd(
+        self, params: dict[str, Tensor], x: Tensor, y: Tensor, record: bool
+    ) -> tuple[dict[str, Tensor], tuple[tuple[Tensor, Tensor], ...]]:
+        """`grad(self._loss, has_aux=True)` with plain autograd (graph kept for the outer
+        derivative): one problem needs no vmap, and functorch's wrappers cost ~1.5x here."""
+        loss, statistics = self._loss(params, x, y, record)
+        inputs = [params[n] for n in self.names]
+        grads = torch.autograd.grad(loss, inputs, create_graph=True, allow_unused=True)
+        gradient = {
+            n: torch.zeros_like(p) if g is None else g
+            for n, p, g in zip(self.names, inputs, grads, strict=True)
+        }
+        return gradient, statistics
+
     def _problem(
-        self, params: dict[str, Tensor], x: Tensor, y: Tensor
+        self, params: dict[str, Tensor], x: Tensor, y: Tensor, single: bool = False
     ) -> tuple[list[Tensor], tuple[tuple[Tensor, Tensor], ...]]:
-        gradient_of = grad(self._loss, has_aux=True)
+        gradient_of = self._autograd if single else grad(self._loss, has_aux=True)
         if self.protocol.kind == "gradient":
             gradient, statistics = gradient_of(params, x, y, True)
             return [gradient[n] for n in self.names], statistics
@@ -174,6 +190,14 @@ class Replay:
         with `per_sample` also each sample's gradient (FedSGD, no BatchNorm)."""
         if per_sample:
             return self._per_sample(x, y)
+        if x.shape[0] == 1:
+            with torch.enable_grad():  # also under no_grad: the update is a gradient
+                update, statistics = self._problem(self._leaves, x[0], y[0], single=True)
+            return ReplayOutput(
+                [u.unsqueeze(0) for u in update],
+                None,
+                [(m.unsqueeze(0), v.unsqueeze(0)) for m, v in statistics],
+            )
         update, statistics = vmap(self._problem, in_dims=(None, 0, 0))(self.params, x, y)
         return ReplayOutput(list(update), None, list(statistics))
 
