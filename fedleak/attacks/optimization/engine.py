@@ -157,6 +157,40 @@ class BatchedLBFGS:
         self.previous_gradient, self.previous_step = g, step
 
 
+class BatchedAdam:
+    """Adam exactly as `torch.optim.Adam` computes it (default betas and eps, no weight decay),
+    without the optimiser's per-step bookkeeping, which costs more than the update itself on
+    small problems (measured ~0.45 ms a step against ~0.1 ms here). Coordinate-wise, so
+    stacked problems stay independent; the rate is given at each step (IG's step decay)."""
+
+    def __init__(
+        self,
+        variables: Sequence[Tensor],
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ) -> None:
+        self.variables = list(variables)
+        self.beta1, self.beta2 = betas
+        self.eps = eps
+        self.steps = 0
+        self.first = [torch.zeros_like(v) for v in self.variables]
+        self.second = [torch.zeros_like(v) for v in self.variables]
+
+    @torch.no_grad()
+    def step(self, rate: float) -> None:
+        """One step from the gradients stored in `.grad` (variables without one stay put)."""
+        self.steps += 1
+        correction1 = 1 - self.beta1**self.steps
+        correction2 = (1 - self.beta2**self.steps) ** 0.5
+        for v, m, s in zip(self.variables, self.first, self.second, strict=True):
+            if v.grad is None:
+                continue
+            m.lerp_(v.grad, 1 - self.beta1)
+            s.mul_(self.beta2).addcmul_(v.grad, v.grad, value=1 - self.beta2)
+            denominator = (s.sqrt() / correction2).add_(self.eps)
+            v.addcdiv_(m, denominator, value=-rate / correction1)
+
+
 def _finite_per_problem(variables: Sequence[Tensor], loss: Tensor) -> Tensor:
     finite = torch.isfinite(loss)
     for v in variables:
@@ -181,13 +215,10 @@ def optimise(
     variables = [v.detach().clone().requires_grad_(True) for v in variables]
     snapshot = [v.detach().clone() for v in variables]
     total = max(0, int(budget.max_iterations))
-    adam = settings.optimizer == "adam"
-    if adam:
-        optimizer: torch.optim.Adam | BatchedLBFGS = torch.optim.Adam(
-            variables, lr=settings.schedule.learning_rate
-        )
-    else:
-        optimizer = BatchedLBFGS(variables, settings.schedule.learning_rate, settings.history)
+    adam = BatchedAdam(variables) if settings.optimizer == "adam" else None
+    lbfgs = None
+    if adam is None:
+        lbfgs = BatchedLBFGS(variables, settings.schedule.learning_rate, settings.history)
     start = time.perf_counter()
     stopped_by, iteration = "iterations", 0
     progress = tqdm(
@@ -200,16 +231,16 @@ def optimise(
             loss, matching = objective(variables, iteration)
             # Only the variables: the single-problem replay's weights are autograd leaves.
             torch.autograd.backward(loss.sum(), inputs=variables)
-            if adam:
+            if adam is not None:
                 for v in variables:
                     if v.grad is not None:
                         torch.nan_to_num_(v.grad, nan=0.0, posinf=0.0, neginf=0.0)
                         if settings.signed:
                             v.grad.sign_()
-                rate = settings.schedule.rate(iteration, total)
-                for group in optimizer.param_groups:  # type: ignore[union-attr]
-                    group["lr"] = rate
-            optimizer.step()
+                adam.step(settings.schedule.rate(iteration, total))
+            else:
+                assert lbfgs is not None
+                lbfgs.step()
             if settings.box is not None:
                 with torch.no_grad():
                     variables[0].clamp_(*settings.box)

@@ -124,8 +124,11 @@ class Replay:
         self.bn_mode = bn_mode
         self.params = {name: p.detach() for name, p in self.model.named_parameters()}
         self.names = list(self.params)
-        # Leaves for the single-problem path, which differentiates with plain autograd.
-        self._leaves = {name: p.detach().requires_grad_() for name, p in self.params.items()}
+        # The single-problem path differentiates with plain autograd w.r.t. the module's own
+        # parameters and calls the module directly (no re-binding of parameters per call).
+        self._leaves = dict(self.model.named_parameters())
+        for leaf in self._leaves.values():
+            leaf.requires_grad_(True)
 
     @property
     def has_batchnorm(self) -> bool:
@@ -148,7 +151,10 @@ class Replay:
         for _, bn in self._batchnorms:
             bn.record = recorded if record else None
         try:
-            logits = functional_call(self.model, params, (x,))
+            if params is self._leaves:
+                logits = self.model(x)
+            else:
+                logits = functional_call(self.model, params, (x,))
         finally:
             for _, bn in self._batchnorms:
                 bn.record = None
