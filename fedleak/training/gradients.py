@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from fedleak.models import has_batchnorm
-from fedleak.training.per_sample import layerwise_per_sample_gradients, supported
+from fedleak.training.per_sample import layerwise_gradients, supported
 
 Params = dict[str, Tensor]
 
@@ -86,7 +86,7 @@ def per_sample_gradients_with_loss(
     buffers = _buffer_copies(model)
     if supported(model):
         with _training(model):
-            grads, losses = layerwise_per_sample_gradients(
+            grads, losses = layerwise_gradients(
                 model, _parameters(model, params), buffers, x, y, _per_sample_loss
             )
         return grads, losses

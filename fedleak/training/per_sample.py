@@ -1,9 +1,11 @@
-"""Per-sample gradients from one batched forward and backward, layer by layer.
+"""Per-sample (or per-group) gradients from one batched forward and backward, layer by layer.
 
 Without BatchNorm the samples of a batch are independent, so the gradient of the summed
 loss with respect to a layer's output holds each sample's own output gradient. One backward
 pass to the layer outputs (which skips the batch weight gradients) then gives every
-sample's parameter gradient from that layer's input and output gradient alone:
+sample's parameter gradient from that layer's input and output gradient alone, and the
+gradient of a group of consecutive samples (an inversion problem's dummy batch) is the sum
+over the group:
 
 - Linear: g_W[b] = sum over positions of dy[b] outer x[b]; g_bias[b] = sum of dy[b];
 - Conv2d: g_W[b] = the weight gradient of sample b alone, all B at once as one grouped
@@ -14,8 +16,10 @@ sample's parameter gradient from that layer's input and output gradient alone:
 
 This costs little more than one batch gradient (the per-sample products have the FLOPs of
 the batch weight gradient), where vmap over `grad` pays its batching rules on every op
-(`benchmarks/bench_per_sample.py` prints both ratios). Models with parameters outside these
-layers are not `supported`; the caller then uses vmap.
+(`benchmarks/bench_per_sample.py` prints both ratios). With `create_graph` the gradients stay
+differentiable with respect to the inputs, which is how gradient inversion replays a batch
+of independent dummy problems. Models with parameters outside these layers are not
+`supported`; callers then use vmap.
 """
 
 from __future__ import annotations
@@ -65,71 +69,81 @@ class _Record:
     outputs: list[Tensor] = field(default_factory=list)
 
 
-def _linear(m: nn.Linear, x: Tensor, dy: Tensor, w: Tensor, b: Tensor | None) -> list[Tensor]:
-    dy2 = dy.reshape(dy.shape[0], -1, dy.shape[-1])
-    x2 = x.reshape(x.shape[0], -1, x.shape[-1])
-    grads = [torch.bmm(dy2.transpose(1, 2), x2)]
-    if b is not None:
+def _linear(m: nn.Linear, x: Tensor, dy: Tensor, groups: int) -> list[Tensor]:
+    dy2 = dy.reshape(groups, -1, dy.shape[-1])
+    grads = [torch.bmm(dy2.transpose(1, 2), x.reshape(groups, -1, x.shape[-1]))]
+    if m.bias is not None:
         grads.append(dy2.sum(dim=1))
     return grads
 
 
-def _conv2d(m: nn.Conv2d, x: Tensor, dy: Tensor, w: Tensor, b: Tensor | None) -> list[Tensor]:
-    # The batch as B groups of one sample: a grouped weight-gradient convolution returns the B
-    # weight gradients side by side (much faster than im2col and a batched product on CPUs).
-    batch, out_channels = dy.shape[0], dy.shape[1]
+def _conv2d(m: nn.Conv2d, x: Tensor, dy: Tensor, groups: int) -> list[Tensor]:
+    # Each group as one group of a grouped weight-gradient convolution, its samples as that
+    # convolution's batch: the G weight gradients come out side by side, summed within each
+    # group (far faster than im2col and a batched product on CPUs).
+    per = x.shape[0] // groups
+    inputs = x.reshape(groups, per, *x.shape[1:]).transpose(0, 1).flatten(1, 2)
+    outputs = dy.reshape(groups, per, *dy.shape[1:]).transpose(0, 1).flatten(1, 2)
+    weight = m.weight
     grouped = torch.ops.aten.convolution_backward(
-        dy.reshape(1, batch * out_channels, *dy.shape[2:]),
-        x.reshape(1, batch * x.shape[1], *x.shape[2:]),
-        w.new_empty(batch * out_channels, *w.shape[1:]),
+        outputs,
+        inputs,
+        weight.new_empty(groups * weight.shape[0], *weight.shape[1:]),
         None,
         list(m.stride),
         list(m.padding),
         list(m.dilation),
         False,
         [0, 0],
-        batch,
+        groups,
         [False, True, False],
     )[1]
-    grads = [grouped.reshape(batch, *w.shape)]
-    if b is not None:
-        grads.append(dy.sum(dim=(2, 3)))
+    grads = [grouped.reshape(groups, *weight.shape)]
+    if m.bias is not None:
+        grads.append(dy.sum(dim=(2, 3)).reshape(groups, per, -1).sum(dim=1))
     return grads
 
 
-def _group_norm(
-    m: nn.GroupNorm, x: Tensor, dy: Tensor, w: Tensor, b: Tensor | None
+def _affine(
+    normalised: Tensor, dy: Tensor, trailing: int, groups: int, m: nn.Module
 ) -> list[Tensor]:
+    """Weight and bias gradients of an elementwise affine map after a normalisation: sums of
+    dy * x_hat and of dy over the positions between the batch and the parameter's dims."""
+
+    def per_group(t: Tensor) -> Tensor:
+        t = t.reshape(groups, -1, *t.shape[t.dim() - trailing :])
+        return t.sum(dim=1)
+
+    grads = []
+    if getattr(m, "weight", None) is not None:
+        grads.append(per_group(dy * normalised))
+    if getattr(m, "bias", None) is not None:
+        grads.append(per_group(dy))
+    return grads
+
+
+def _group_norm(m: nn.GroupNorm, x: Tensor, dy: Tensor, groups: int) -> list[Tensor]:
     normalised = F.group_norm(x, m.num_groups, None, None, m.eps)
-    dims = [d for d in range(2, x.dim())]
-    grads = []
-    if w is not None:
-        grads.append((dy * normalised).sum(dim=dims) if dims else dy * normalised)
-    if b is not None:
-        grads.append(dy.sum(dim=dims) if dims else dy)
-    return grads
+    # Parameters are per channel: move channels last so that positions can be summed.
+    channels_last = [0, *range(2, x.dim()), 1]
+    return _affine(normalised.permute(channels_last), dy.permute(channels_last), 1, groups, m)
 
 
-def _layer_norm(
-    m: nn.LayerNorm, x: Tensor, dy: Tensor, w: Tensor, b: Tensor | None
-) -> list[Tensor]:
+def _layer_norm(m: nn.LayerNorm, x: Tensor, dy: Tensor, groups: int) -> list[Tensor]:
     normalised = F.layer_norm(x, m.normalized_shape, None, None, m.eps)
-    dims = list(range(1, x.dim() - len(m.normalized_shape)))
-    grads = []
-    if w is not None:
-        grads.append((dy * normalised).sum(dim=dims) if dims else dy * normalised)
-    if b is not None:
-        grads.append(dy.sum(dim=dims) if dims else dy)
-    return grads
+    return _affine(normalised, dy, len(m.normalized_shape), groups, m)
 
 
-def _embedding(m: nn.Embedding, x: Tensor, dy: Tensor, w: Tensor, b: Tensor | None) -> list[Tensor]:
-    batch = x.shape[0]
-    grad = dy.new_zeros(batch, *w.shape)
-    index = x.reshape(batch, -1, 1).expand(-1, -1, w.shape[1])
-    grad.scatter_add_(1, index, dy.reshape(batch, -1, w.shape[1]))
+def _embedding(m: nn.Embedding, x: Tensor, dy: Tensor, groups: int) -> list[Tensor]:
+    width = m.weight.shape[1]
+    rows = dy.reshape(groups, -1, width)
+    index = x.reshape(groups, -1, 1).expand(-1, -1, width)
+    grad = torch.zeros(groups, *m.weight.shape, dtype=dy.dtype, device=dy.device)
+    grad = grad.scatter_add(1, index, rows)
     if m.padding_idx is not None:
-        grad[:, m.padding_idx] = 0
+        keep = torch.ones(m.weight.shape[0], 1, dtype=dy.dtype, device=dy.device)
+        keep[m.padding_idx] = 0
+        grad = grad * keep
     return [grad]
 
 
@@ -149,17 +163,24 @@ def _rule(module: nn.Module) -> Callable[..., list[Tensor]]:
     raise TypeError(f"no per-sample rule for {type(module).__name__}")
 
 
-def layerwise_per_sample_gradients(
+def layerwise_gradients(
     model: nn.Module,
     params: Params,
     buffers: Params,
     x: Tensor,
     y: Tensor,
     loss_of: Callable[[Tensor, Tensor], Tensor],
+    groups: int | None = None,
+    create_graph: bool = False,
 ) -> tuple[Params, Tensor]:
-    """Each sample's gradient of its own loss (keyed as `params`, leading dim B) and the
-    per-sample losses [B], for a `supported` model in the mode it is in; `loss_of(logits, y)`
-    returns one loss per sample."""
+    """The gradient of each group's summed loss (keyed as `params`, leading dim `groups`;
+    default one group per sample) and the per-sample losses [B], for a `supported` model in
+    the mode it is in. `loss_of(logits, y)` returns one loss per sample; groups are
+    consecutive and equal. With `create_graph` the gradients are differentiable (with respect
+    to `x` and to `params` where those require grad); without, they are detached."""
+    groups = x.shape[0] if groups is None else groups
+    if x.shape[0] % groups:
+        raise ValueError(f"{x.shape[0]} samples do not split into {groups} equal groups")
     records: dict[nn.Module, _Record] = {}
     for name, module in model.named_modules():
         if any(True for _ in module.parameters(recurse=False)):
@@ -167,44 +188,54 @@ def layerwise_per_sample_gradients(
 
     def save(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
         record = records[module]
-        record.inputs.append(inputs[0].detach())
+        record.inputs.append(inputs[0] if create_graph else inputs[0].detach())
         record.outputs.append(output)
 
-    # Leaves that require grad, so that layer outputs carry a graph; the backward asks only
-    # for the outputs' gradients, so no batch weight gradient is ever computed.
-    leaves = {name: p.detach().requires_grad_() for name, p in params.items()}
+    # Parameters as leaves that require grad, so that layer outputs carry a graph even for
+    # integer inputs; the backward asks only for the outputs' gradients, so no batch weight
+    # gradient is ever computed.
+    leaves = {
+        name: p if p.requires_grad else p.detach().requires_grad_() for name, p in params.items()
+    }
     handles = [module.register_forward_hook(save) for module in records]
     try:
         with torch.enable_grad():
             logits = functional_call(model, (leaves, buffers), (x,))
             losses = loss_of(logits, y)
             outputs = [out for record in records.values() for out in record.outputs]
-            grads = torch.autograd.grad(losses.sum(), outputs, allow_unused=True)
+            grads = torch.autograd.grad(
+                losses.sum(), outputs, allow_unused=True, create_graph=create_graph
+            )
+            gradients = _assemble(records, grads, leaves, groups, create_graph)
     finally:
         for handle in handles:
             handle.remove()
+    return {name: gradients[name] for name in params}, losses.detach()
+
+
+def _assemble(
+    records: dict[nn.Module, _Record],
+    grads: tuple[Tensor | None, ...],
+    leaves: Params,
+    groups: int,
+    create_graph: bool,
+) -> Params:
+    """Each layer's parameter gradients from its saved inputs and output gradients."""
     gradients: Params = {}
     it = iter(grads)
     for module, record in records.items():
         prefix = f"{record.name}." if record.name else ""
-        names = [n for n, _ in module.named_parameters(recurse=False)]
-        own = {n: params[prefix + n] for n in names}
+        names = [n for n in ("weight", "bias") if getattr(module, n, None) is not None]
         summed: list[Tensor] | None = None
         for inputs, output in zip(record.inputs, record.outputs, strict=True):
             dy = next(it)
-            if dy is None:
-                dy = torch.zeros_like(output)
-            parts = _rule(module)(module, inputs, dy.detach(), own.get("weight"), own.get("bias"))
-            summed = (
-                parts if summed is None else [a + b for a, b in zip(summed, parts, strict=True)]
-            )
-        batch = x.shape[0]
-        for key, grad in zip(_ordered(names), summed or [], strict=True):
-            gradients[prefix + key] = grad.reshape(batch, *own[key].shape)
-    ordered = {name: gradients[name] for name in params}
-    return ordered, losses.detach()
-
-
-def _ordered(names: list[str]) -> list[str]:
-    """The rules return (weight, bias) for whichever of the two exist."""
-    return [n for n in ("weight", "bias") if n in names]
+            dy = torch.zeros_like(output) if dy is None else dy
+            parts = _rule(module)(module, inputs, dy if create_graph else dy.detach(), groups)
+            if summed is not None:  # a layer called more than once: its uses add up
+                parts = [a + b for a, b in zip(summed, parts, strict=True)]
+            summed = parts
+        for key, grad in zip(names, summed or [], strict=True):
+            shape = leaves[prefix + key].shape
+            value = grad.reshape(groups, *shape)
+            gradients[prefix + key] = value if create_graph else value.detach()
+    return gradients

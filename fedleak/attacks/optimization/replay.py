@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from fedleak.attacks.types import UpdateKind
+from fedleak.training.per_sample import layerwise_gradients, supported
 
 Statistics = list[tuple[Tensor, Tensor]]
 
@@ -129,6 +130,9 @@ class Replay:
         self._leaves = dict(self.model.named_parameters())
         for leaf in self._leaves.values():
             leaf.requires_grad_(True)
+        # Stacked FedSGD problems without BatchNorm: per-problem gradients from one batched
+        # backward (`fedleak.training.per_sample`), cheaper to differentiate than vmap.
+        self.layerwise = protocol.kind == "gradient" and supported(self.model)
 
     @property
     def has_batchnorm(self) -> bool:
@@ -194,6 +198,8 @@ class Replay:
     def __call__(self, x: Tensor, y: Tensor, per_sample: bool = False) -> ReplayOutput:
         """Dummy updates of T problems: `x` [T, b, ...], `y` int64 [T, b] or soft [T, b, K];
         with `per_sample` also each sample's gradient (FedSGD, no BatchNorm)."""
+        if self.layerwise and (per_sample or x.shape[0] > 1):
+            return self._layerwise(x, y, per_sample)
         if per_sample:
             return self._per_sample(x, y)
         if x.shape[0] == 1:
@@ -206,6 +212,29 @@ class Replay:
             )
         update, statistics = vmap(self._problem, in_dims=(None, 0, 0))(self.params, x, y)
         return ReplayOutput(list(update), None, list(statistics))
+
+    def _layerwise(self, x: Tensor, y: Tensor, per_sample: bool) -> ReplayOutput:
+        problems, samples = x.shape[0], x.shape[1]
+        scale = 1.0 if per_sample else 1.0 / samples  # the client's loss is the batch mean
+
+        def loss_of(logits: Tensor, target: Tensor) -> Tensor:
+            return F.cross_entropy(logits, target, reduction="none") * scale
+
+        groups = problems * samples if per_sample else problems
+        grads, _ = layerwise_gradients(
+            self.model,
+            self.params,
+            {},
+            x.reshape(problems * samples, *x.shape[2:]),
+            y.reshape(problems * samples, *y.shape[2:]),
+            loss_of,
+            groups,
+            create_graph=True,
+        )
+        if not per_sample:
+            return ReplayOutput([grads[n] for n in self.names], None, [])
+        per = [grads[n].reshape(problems, samples, *grads[n].shape[1:]) for n in self.names]
+        return ReplayOutput([g.mean(dim=1) for g in per], per, [])
 
     def _per_sample(self, x: Tensor, y: Tensor) -> ReplayOutput:
         if self.has_batchnorm or self.protocol.kind != "gradient":
