@@ -611,6 +611,7 @@ class DLG(BatchedInversion):
             history=self.config.history,
             check_every=self.config.check_every,
             description=self.name,
+            keep_best=self.config.keep_best,
         )
 
 
@@ -693,6 +694,8 @@ class InvertingGradients(BatchedInversion):
             box=_box(problem, knowledge) if cfg.boxed else None,
             check_every=cfg.check_every,
             description=self.name,
+            # Stages match different layers: their losses are not comparable across stages.
+            keep_best=cfg.keep_best and self._stages() == 1,
         )
 
     def _extra(self, problem: Problem) -> dict[str, float]:

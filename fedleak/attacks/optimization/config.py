@@ -71,6 +71,8 @@ class InversionConfig:
     restarts: int = 1
     init: Init = "randn"
     check_every: int = 50
+    # Return each target's iterate of lowest matching loss instead of the last one.
+    keep_best: bool = False
     # Sign compression of one release: divide the squared hinge by ||g||^2 (losses.sign_hinge).
     normalised_hinge: bool = True
     # A mean of sign releases: tanh(scale * g_c / rms(g_c)) of each contributor's dummy update.

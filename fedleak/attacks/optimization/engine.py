@@ -59,6 +59,7 @@ class Settings:
     history: int = 100
     check_every: int = 50
     description: str = "inversion"
+    keep_best: bool = False
 
 
 @dataclass(frozen=True)
@@ -191,6 +192,24 @@ class BatchedAdam:
             v.addcdiv_(m, denominator, value=-rate / correction1)
 
 
+class Best:
+    """Each problem's iterate of lowest matching loss so far (non-finite losses never win)."""
+
+    def __init__(self, variables: Sequence[Tensor]) -> None:
+        self.variables = [v.detach().clone() for v in variables]
+        self.matching = torch.full((variables[0].shape[0],), math.inf, device=variables[0].device)
+
+    @torch.no_grad()
+    def offer(self, variables: Sequence[Tensor], matching: Tensor) -> None:
+        """Keep the problems of `variables` whose `matching` beats the best so far."""
+        value = matching.detach().to(self.matching.dtype)
+        better = value < self.matching
+        self.matching = torch.where(better, value, self.matching)
+        for kept, v in zip(self.variables, variables, strict=True):
+            mask = better.reshape((-1,) + (1,) * (v.dim() - 1))
+            kept.copy_(torch.where(mask, v.detach(), kept))
+
+
 def _finite_per_problem(variables: Sequence[Tensor], loss: Tensor) -> Tensor:
     finite = torch.isfinite(loss)
     for v in variables:
@@ -211,9 +230,12 @@ def optimise(
     budget: Budget,
 ) -> Outcome:
     """Minimise the summed per-problem objective over `variables` (each [T, ...], leaves
-    requiring grad) within the budget, keeping the last finite iterate of each problem."""
+    requiring grad) within the budget, keeping the last finite iterate of each problem, or
+    with `keep_best` the iterate of lowest matching loss seen (checked at every iteration on
+    the device, without synchronising)."""
     variables = [v.detach().clone().requires_grad_(True) for v in variables]
     snapshot = [v.detach().clone() for v in variables]
+    best = Best(variables) if settings.keep_best else None
     total = max(0, int(budget.max_iterations))
     adam = BatchedAdam(variables) if settings.optimizer == "adam" else None
     lbfgs = None
@@ -229,6 +251,8 @@ def optimise(
             for v in variables:
                 v.grad = None
             loss, matching = objective(variables, iteration)
+            if best is not None:
+                best.offer(variables, matching)
             # Only the variables: the single-problem replay's weights are autograd leaves.
             torch.autograd.backward(loss.sum(), inputs=variables)
             if adam is not None:
@@ -261,6 +285,10 @@ def optimise(
                     break
     finally:
         progress.close()
+    if best is not None:
+        with torch.no_grad():
+            best.offer(variables, objective(variables, None)[1])
+        snapshot = best.variables
     with torch.no_grad():  # torch.func.grad inside still differentiates w.r.t. the weights
         matching = objective(snapshot, None)[1].detach()
     diverged = ~torch.isfinite(matching)
