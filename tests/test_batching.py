@@ -210,3 +210,21 @@ def test_the_memory_probe_runs_the_batched_step_without_touching_the_seeds(mnist
     assert attack._probe(member, Budget(10, 60.0)) == 2 * member.problem.problems
     assert torch.equal(member.generator.get_state(), state)
     assert all(v.grad is None for v in member.variables)
+
+
+def test_lti_then_ig_refines_a_round_of_learned_guesses_as_one_batch(mnist):
+    """`lti+ig`: LTI's guesses one after another (it trains once, at the first), then IG from
+    all of them together; each job equals its run alone."""
+    observations, _, knowledge = _round(mnist, 3, 1)
+    params = {"hidden": "64", "epochs": 2, "batch-size": 32}
+    batched = build_attack("lti+ig", params, seed=0).reconstruct_batch(
+        observations, knowledge, Budget(4, 600.0)
+    )
+    alone = build_attack("lti+ig", params, seed=0)
+    for observation, together in zip(observations, batched, strict=True):
+        single = alone.reconstruct(observation, knowledge, Budget(4, 600.0))
+        assert together.status == single.status == "ok"
+        torch.testing.assert_close(together.inputs, single.inputs, atol=1e-4, rtol=0)
+        assert together.diagnostics["batch_jobs"] == 3
+        assert together.message.startswith("lti: ") and "then ig: " in together.message
+    assert [r.diagnostics["train_epochs"] for r in batched] == [2.0, 0.0, 0.0]
