@@ -5,8 +5,9 @@ together (`BatchedInversion.reconstruct_batch`, used by the runners). Each job k
 seed, labels, starts, dropout draws, iteration budget and diagnostics, so for the first
 iterations batched and one-at-a-time runs agree to float32 round-off (kernels differ between
 batch sizes, and signed steps can amplify a flipped sign later on), and over a full run their
-leakage rows agree in distribution. The CUDA chunk size is checked on the CPU with a fake
-memory meter.
+leakage rows agree in distribution. No GPU is lent to this project's tests: the CUDA chunk
+size is checked with a fake memory meter, and the step's device, shape and dtype logic on
+PyTorch's `meta` device.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ import torch
 from fedleak.attacks.optimization import batching
 from fedleak.attacks.optimization.attacks import ObservationError, start
 from fedleak.attacks.optimization.batching import automatic_cap, plan, problems_that_fit
+from fedleak.attacks.optimization.engine import BatchedAdam
+from fedleak.attacks.optimization.losses import MatchingLoss, total_variation
+from fedleak.attacks.optimization.replay import ClientProtocol, Replay
 from fedleak.attacks.registry import build_attack
 from fedleak.attacks.types import AttackerKnowledge, Budget, Observation
 from fedleak.data import load_dataset
@@ -228,3 +232,36 @@ def test_lti_then_ig_refines_a_round_of_learned_guesses_as_one_batch(mnist):
         assert together.diagnostics["batch_jobs"] == 3
         assert together.message.startswith("lti: ") and "then ig: " in together.message
     assert [r.diagnostics["train_epochs"] for r in batched] == [2.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("name", ["lenet", "resnet20-gn"])
+def test_the_batched_step_runs_on_a_device_that_is_not_the_cpu(name):
+    """No GPU here: the `meta` device (shapes and dtypes, no data) stands in for CUDA. Every
+    path of one optimisation step (single problem, stacked layer-wise, per-sample, FedAvg
+    unrolled through vmap; matching, TV, backward, Adam) keeps tensors on the problem's
+    device with the right shapes and dtypes."""
+    model = build_model(ModelSpec(name, (3, 16, 16), CLASSES, seed=0))
+    cases = [
+        (ClientProtocol("gradient"), 1, False),
+        (ClientProtocol("gradient"), 4, False),
+        (ClientProtocol("gradient"), 3, True),
+        (ClientProtocol("delta", local_steps=2, batch_size=1), 3, False),
+    ]
+    for protocol, problems, per_sample in cases:
+        replay = Replay(model, protocol, device="meta")
+        x = torch.rand(problems, 2, 3, 16, 16, device="meta").requires_grad_()
+        y = torch.zeros(problems, 2, dtype=torch.long, device="meta")
+        out = replay(x, y, per_sample=per_sample)
+        for update, (_, parameter) in zip(out.update, model.named_parameters(), strict=True):
+            assert update.device.type == "meta" and update.dtype == torch.float32
+            assert update.shape == (problems, *parameter.shape)
+        if per_sample:
+            assert out.per_sample[0].shape == (problems, 2, *out.update[0].shape[1:])
+        target = [torch.empty_like(u) for u in out.update]
+        loss = MatchingLoss("cosine")(out.update, target) + total_variation(x)
+        assert loss.shape == (problems,) and loss.device.type == "meta"
+        torch.autograd.backward(loss.sum(), inputs=[x])
+        assert x.grad.shape == x.shape and x.grad.device.type == "meta"
+        adam = BatchedAdam([x])
+        adam.step(0.1)
+        assert x.shape == (problems, 2, 3, 16, 16) and adam.first[0].device.type == "meta"
