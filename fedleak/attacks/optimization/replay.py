@@ -1,9 +1,13 @@
 """The client's computation replayed on dummy data, for many independent problems at once.
 
 A problem is one guess of a private batch (b images + labels) whose update is matched to one
-observed update. T problems (targets x restarts) are stacked along a leading dimension and
-pushed through `torch.func.vmap` over `grad`, so their dummy updates come out in one call and
-stay differentiable with respect to the dummy inputs (double backward through vmap).
+observed update. T problems (targets x restarts, of one or several observations) are stacked
+along a leading dimension and their dummy updates come out in one call, differentiable with
+respect to the dummy inputs (the attack then differentiates them once more). Three paths give
+the same function: one problem goes through plain autograd on the module itself (no vmap, no
+re-binding of parameters); stacked FedSGD problems of a model without BatchNorm through one
+batched backward and layer-wise per-problem gradients (`fedleak.training.per_sample`); every
+other case (FedAvg's unrolled steps, BatchNorm) through `torch.func.vmap` over `grad`.
 
 BatchNorm layers are replaced by `InversionBatchNorm`, which normalises each problem with the
 dummy batch's own statistics, as the client computed them (GradAttack's `exact` and `infer`
