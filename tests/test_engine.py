@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import pytest
 import torch
 
-from fedleak.attacks.optimization.engine import BatchedAdam, Outcome
+from fedleak.attacks.optimization.engine import (
+    BatchedAdam,
+    Outcome,
+    Settings,
+    StepDecay,
+    optimise,
+)
+from fedleak.attacks.types import Budget
 
 
 def test_batched_adam_steps_exactly_as_torch_adam():
@@ -44,3 +54,22 @@ def test_an_outcome_part_is_its_problems_alone():
     assert torch.equal(part.variables[1], variables[1][1:3])
     assert part.matching.tolist() == [1.0, 2.0] and part.diverged.tolist() == [True, False]
     assert (part.iterations, part.seconds, part.stopped_by) == (7, 3.0, "iterations")
+
+
+def test_keep_best_returns_the_iterate_of_lowest_matching_loss():
+    """A problem that first improves and then gets worse (a rate far too large for its
+    minimum at 0) is returned at its best iterate; the last one is kept without the option."""
+
+    def objective(variables, iteration):
+        loss = variables[0].square().sum(dim=1)
+        return loss, loss
+
+    start = [torch.tensor([[3.0], [0.05]])]
+    settings = Settings(optimizer="adam", schedule=StepDecay(1.0, ()), signed=True)
+    best = optimise(
+        objective, start, dataclasses.replace(settings, keep_best=True), Budget(6, 60.0)
+    )
+    last = optimise(objective, start, settings, Budget(6, 60.0))
+    assert float(best.matching[1]) < float(last.matching[1])
+    assert float(best.matching[1]) == pytest.approx(0.05**2)
+    assert torch.equal(best.variables[0][1], torch.tensor([0.05]))  # the start was its best

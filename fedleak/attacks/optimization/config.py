@@ -71,7 +71,9 @@ class InversionConfig:
     restarts: int = 1
     init: Init = "randn"
     check_every: int = 50
-    # Return each target's iterate of lowest matching loss instead of the last one.
+    # Return each target's iterate of lowest matching loss instead of the last one (breaching
+    # does). Measured on 8 CIFAR-10 / MNIST-5k images, IG 1,000 iterations: -0.02 dB (IG's
+    # step decay ends at its best), so off by default; stepwise ignores it.
     keep_best: bool = False
     # Sign compression of one release: divide the squared hinge by ||g||^2 (losses.sign_hinge).
     normalised_hinge: bool = True
