@@ -9,6 +9,11 @@ those paired ratios, beside the ratio of the minima. A ratio is refused, with th
 when a measurement is non-positive or not finite (e.g. a difference of two runs whose short
 run met more load than the long one), when too few rounds are valid, or when the paired
 ratios scatter so much that their median means little.
+
+Two clocks are read: wall time (what a user waits) and the process's CPU time (what the work
+costs, far less sensitive to other jobs on a shared machine; with several threads it adds
+theirs up, spinning included). Benchmarks print wall-time ratios, and CPU-time ratios where
+the machine is shared.
 """
 
 from __future__ import annotations
@@ -34,11 +39,27 @@ class InvalidMeasurement(ValueError):
 
 
 @dataclass(frozen=True)
+class Reading:
+    """Seconds of one measurement on both clocks (NaN where a clock was not read)."""
+
+    wall: float
+    cpu: float = math.nan
+
+
+@dataclass(frozen=True)
 class Series:
-    """One variant's values (seconds per unit), one per round."""
+    """One variant's values (seconds per unit), one per round, on the wall clock, and the
+    CPU seconds beside them."""
 
     name: str
     values: tuple[float, ...]
+    cpu: tuple[float, ...] = ()
+
+    def on(self, clock: str) -> Series:
+        """The series on `clock` ("wall" or "cpu")."""
+        if clock == "wall":
+            return self
+        return Series(f"{self.name} (cpu)", self.cpu or tuple(math.nan for _ in self.values))
 
     def problem(self) -> str | None:
         """Why this series is unusable, or None."""
@@ -113,53 +134,65 @@ class Ratio:
 
 
 def interleave(
-    variants: Mapping[str, Callable[[], float]], rounds: int, warmup: int = 1
+    variants: Mapping[str, Callable[[], Reading | float]], rounds: int, warmup: int = 1
 ) -> dict[str, Series]:
     """Call every variant once per round in a rotating order; each call returns its seconds per
-    unit or raises `InvalidMeasurement` (recorded as NaN, which invalidates its series)."""
+    unit (a `Reading`, or wall seconds) or raises `InvalidMeasurement` (recorded as NaN,
+    which invalidates its series)."""
     names = list(variants)
     for _ in range(warmup):
         for name in names:
             with contextlib.suppress(InvalidMeasurement):
                 variants[name]()
-    values: dict[str, list[float]] = {name: [] for name in names}
+    values: dict[str, list[Reading]] = {name: [] for name in names}
     for index in range(rounds):
         order = names[index % len(names) :] + names[: index % len(names)]
         for name in order:
             try:
-                values[name].append(float(variants[name]()))
+                reading = variants[name]()
             except InvalidMeasurement:
-                values[name].append(math.nan)
-    return {name: Series(name, tuple(v)) for name, v in values.items()}
+                reading = Reading(math.nan, math.nan)
+            if not isinstance(reading, Reading):
+                reading = Reading(float(reading))
+            values[name].append(reading)
+    return {
+        name: Series(name, tuple(r.wall for r in v), tuple(r.cpu for r in v))
+        for name, v in values.items()
+    }
 
 
-def per_unit(run: Callable[[int], float], short: int, long: int) -> Callable[[], float]:
+def per_unit(run: Callable[[int], Reading], short: int, long: int) -> Callable[[], Reading]:
     """Seconds per unit as the difference of a long and a short run, `run(n)` returning the
-    seconds of n units: fixed costs (set-up, label recovery, final evaluation) cancel."""
+    seconds of n units: fixed costs (set-up, label recovery, final evaluation) cancel. A
+    non-positive difference on a clock is recorded as NaN (that clock's series is invalid)."""
     if not 0 < short < long:
         raise ValueError(f"short={short}, long={long}: need 0 < short < long")
 
-    def measure() -> float:
+    def measure() -> Reading:
         first = run(short)
         second = run(long)
-        value = (second - first) / (long - short)
-        if not value > 0:
-            raise InvalidMeasurement(f"long run {second:.3f} s <= short run {first:.3f} s")
-        return value
+        wall = (second.wall - first.wall) / (long - short)
+        cpu = (second.cpu - first.cpu) / (long - short)
+        return Reading(wall if wall > 0 else math.nan, cpu if cpu > 0 else math.nan)
 
     return measure
 
 
-def timed(work: Callable[[], object], repeat: int = 1) -> Callable[[], float]:
-    """Seconds per call of `work` (CUDA work synchronised), averaged over `repeat` calls."""
+def clock(work: Callable[[], object]) -> Reading:
+    """Run `work` once (CUDA work synchronised) and read both clocks."""
+    sync()
+    wall, cpu = time.perf_counter(), time.process_time()
+    work()
+    sync()
+    return Reading(time.perf_counter() - wall, time.process_time() - cpu)
 
-    def measure() -> float:
-        sync()
-        start = time.perf_counter()
-        for _ in range(repeat):
-            work()
-        sync()
-        return (time.perf_counter() - start) / repeat
+
+def timed(work: Callable[[], object], repeat: int = 1) -> Callable[[], Reading]:
+    """Seconds per call of `work` on both clocks, averaged over `repeat` calls."""
+
+    def measure() -> Reading:
+        total = clock(lambda: [work() for _ in range(repeat)])
+        return Reading(total.wall / repeat, total.cpu / repeat)
 
     return measure
 
