@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fedleak-installed
 
-.PHONY: demo flwr-run test install lint bench clean data
+.PHONY: demo flwr-run test install lint bench bench-scale clean data
 
 install: $(STAMP)
 
@@ -55,8 +55,18 @@ data:
 	elif [ "$$(id -u)" = 0 ]; then apt-get install -y dataset-fashion-mnist; \
 	else sudo apt-get install -y dataset-fashion-mnist; fi
 
+# Speed ratios measured in one process each (benchmarks/timing.py): IG against breaching
+# (skipped without its environment), a round of 16 clients batched against one by one,
+# per-sample gradients against one batch gradient, LTI throughput. Whole studies (inline vs
+# worker pool, round time vs clients) take longer: `make bench-scale`.
 bench: $(STAMP)
-	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done
+	$(BIN)/python benchmarks/bench_vs_breaching.py
+	$(BIN)/python benchmarks/bench_attacks.py
+	$(BIN)/python benchmarks/bench_per_sample.py
+	$(BIN)/python benchmarks/bench_lti.py
+
+bench-scale: $(STAMP)
+	$(BIN)/python benchmarks/bench_scale.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,113 +1,154 @@
-"""Inverting Gradients: 64 targets optimised as one batched problem vs one after another.
+"""A round's attacks: 16 clients at B=1 inverted as one batched problem vs one after another.
 
-For the sigmoid LeNet and ResNet-20 (GroupNorm, so that per-sample targets exist) on 3x32x32
-inputs, prints the time per iteration of one B=1 target, the time per target-iteration of 64
-targets batched, and their throughput ratio (target >= 5x on CPU); on CUDA too when present.
-The sequential time is measured on a few targets and is per target, so the ratio compares
-like with like. Iteration times are differences between runs of two lengths, so model set-up
-and label recovery cancel out.
+One FedSGD round of `--clients` clients, each holding one image (B = 1), all attacked by
+Inverting Gradients through the inline runner, as a study runs them: batched (the default:
+the round's jobs are stacked into one problem, `attack.max-batch=0`) against one job after
+another (`attack.max-batch=1`, each job its own batch, which is what the runner did before
+jobs were batched). Seconds per round-iteration come from the difference of a long and a
+short run of every job, the variants alternate round by round (`timing.interleave`), and the
+printed ratio batched / one-after-another is the median of the paired rounds.
+Target: <= 0.2 (the round attacked in at most a fifth of the time). On CUDA too when present.
 
-    python benchmarks/bench_attacks.py [--threads N] [--devices cpu,cuda]
+    python benchmarks/bench_attacks.py [--clients 16] [--models lenet] [--threads 1]
+        [--devices cpu,cuda] [--rounds 5]
 """
 
 from __future__ import annotations
 
 import argparse
-import time
+import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import Ratio, Reading, clock, interleave, load, machine, per_unit, table
 
 from fedleak.attacks.registry import build_attack
 from fedleak.attacks.types import AttackerKnowledge, Budget, Observation
 from fedleak.defenses import parse_defense_spec
 from fedleak.models import ModelSpec, build_model
+from fedleak.server.runner import AttackJob, InlineRunner
 from fedleak.training.update import LocalTraining, compute_update
 
 SHAPE = (3, 32, 32)
 CLASSES = 10
-TARGETS = 64
+# Iterations of the short and long runs per model.
+LENGTHS = {"lenet": (10, 60), "resnet20-gn": (3, 13)}
+INIT = {"lenet": "uniform", "resnet20-gn": "default"}
 
 
-def _observation(spec: ModelSpec, count: int, seed: int) -> tuple[Observation, AttackerKnowledge]:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(count, *SHAPE, generator=g)
-    y = torch.randint(0, CLASSES, (count,), generator=g)
-    model = build_model(spec)
-    update = compute_update(
-        model,
-        x,
-        y,
-        CLASSES,
-        parse_defense_spec("none"),
-        LocalTraining("fedsgd", count, share="per-sample"),
-        g,
-    )
-    observation = Observation(
-        round=0,
-        client_id=seed,
-        model=spec,
-        weights=model.state_dict(),
-        update=update.update,
-        update_kind="gradient",
-        num_examples=count,
-        batch_size=count,
-        local_steps=1,
-        learning_rate=0.1,
-        defense="none",
-        per_sample_updates=update.per_sample,
-    )
-    aux = torch.rand(16, *SHAPE, generator=g)
-    knowledge = AttackerKnowledge(aux, torch.arange(16) % CLASSES, SHAPE, CLASSES)
-    return observation, knowledge
+def round_of(model: str, clients: int) -> tuple[list[AttackJob], AttackerKnowledge]:
+    """One round: every client's B=1 FedSGD update at the same w_t, one IG job each."""
+    spec = ModelSpec(model, SHAPE, CLASSES, init=INIT[model], seed=0)
+    net = build_model(spec)
+    weights = net.state_dict()
+    g = torch.Generator().manual_seed(0)
+    jobs = []
+    for client in range(clients):
+        x = torch.rand(1, *SHAPE, generator=g)
+        y = torch.randint(0, CLASSES, (1,), generator=g)
+        update = compute_update(
+            net, x, y, CLASSES, parse_defense_spec("none"), LocalTraining("fedsgd", 1), g
+        )
+        observation = Observation(
+            round=1,
+            client_id=client,
+            model=spec,
+            weights=weights,
+            update=update.update,
+            update_kind="gradient",
+            num_examples=1,
+            batch_size=1,
+            local_steps=1,
+            learning_rate=0.1,
+            defense="none",
+        )
+        jobs.append(AttackJob(client, "ig", observation))
+    empty = torch.empty(0, *SHAPE)
+    knowledge = AttackerKnowledge(empty, torch.empty(0, dtype=torch.long), SHAPE, CLASSES)
+    return jobs, knowledge
 
 
-def _seconds(observation, knowledge, device: str, iterations: int) -> float:
+def compare(model: str, clients: int, device: str, rounds: int) -> Ratio:
+    jobs, knowledge = round_of(model, clients)
     knowledge = AttackerKnowledge(
         knowledge.aux_inputs, knowledge.aux_labels, SHAPE, CLASSES, device=torch.device(device)
     )
-    attack = build_attack("ig", {"check-every": max(1, iterations)})
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    attack.reconstruct(observation, knowledge, Budget(iterations, 1e9))
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+    attacks = {"ig": build_attack("ig", {}, seed=0)}
 
+    def runner_run(cap: int):
+        def run(iterations: int) -> Reading:
+            runner = InlineRunner(attacks, knowledge, Budget(iterations, 1e9, False, cap))
+            reading = clock(lambda: runner.submit(jobs))
+            results = runner.ready()
+            assert all(r.reconstruction.status == "ok" for r in results), results[0]
+            return reading
 
-def per_iteration(observation, knowledge, device: str, short: int, long: int) -> float:
-    """Seconds per iteration, from the difference of a long and a short run (after warm-up)."""
-    _seconds(observation, knowledge, device, 1)
-    return (
-        _seconds(observation, knowledge, device, long)
-        - _seconds(observation, knowledge, device, short)
-    ) / (long - short)
+        return run
 
-
-def bench(model: str, init: str, device: str, iterations: tuple[int, int], alone: int) -> None:
-    spec = ModelSpec(model, SHAPE, CLASSES, init=init, seed=0)
-    batched_obs, knowledge = _observation(spec, TARGETS, 0)
-    batched = per_iteration(batched_obs, knowledge, device, *iterations) / TARGETS
-    singles = [_observation(spec, 1, 1 + i)[0] for i in range(alone)]
-    single = sum(per_iteration(o, knowledge, device, *iterations) for o in singles) / alone
-    print(
-        f"{model:12s} {device:5s} one target {single * 1e3:8.2f} ms/iteration | "
-        f"{TARGETS} batched {batched * 1e3:7.3f} ms/target-iteration | "
-        f"throughput x{single / batched:5.1f}"
+    short, long = LENGTHS[model]
+    series = interleave(
+        {
+            "batched": per_unit(runner_run(0), short, long),
+            "one after another": per_unit(runner_run(1), short, long),
+        },
+        rounds,
     )
+    return Ratio(series["batched"], series["one after another"])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--models", nargs="+", default=["lenet"])
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--devices", default="cpu,cuda")
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     devices = [d for d in args.devices.split(",") if d != "cuda" or torch.cuda.is_available()]
-    print(f"torch {torch.__version__}, {args.threads} CPU threads, devices {devices}")
+    print(
+        f"A round of {args.clients} clients at B=1 attacked by IG: ms per round-iteration "
+        "(min / median), batched vs one after another"
+    )
+    print(machine())
+    rows = [
+        [
+            "model",
+            "device",
+            "batched",
+            "one after another",
+            "batched / one by one",
+            "CPU: batched / one by one",
+            "load",
+        ]
+    ]
     for device in devices:
-        bench("lenet", "uniform", device, (5, 25), alone=4)
-        bench("resnet20-gn", "default", device, (2, 6), alone=2)
+        for model in args.models:
+            ratio = compare(model, args.clients, device, args.rounds)
+            cpu = Ratio(ratio.numerator.on("cpu"), ratio.denominator.on("cpu"))
+            rows.append(
+                [
+                    model,
+                    device,
+                    ratio.numerator.text(),
+                    ratio.denominator.text(),
+                    ratio.text(),
+                    cpu.text(),
+                    load(),
+                ]
+            )
+            print(table(rows[-1:]), flush=True)
+            for label, r in (("wall time", ratio), ("CPU time", cpu)):
+                if r.problem() is None:
+                    verdict = "met" if r.median <= 0.2 else "NOT met"
+                    print(
+                        f"round of {args.clients} clients at B=1 ({model}, {device}): "
+                        f"{r.median:.2f} of the one-after-another {label} "
+                        f"(target <= 0.2: {verdict})"
+                    )
+    print(table(rows))
 
 
 if __name__ == "__main__":

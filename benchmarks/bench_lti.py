@@ -8,16 +8,26 @@ Prints, for the sigmoid LeNet (CIFAR shape, 15.8k parameters) and ResNet-20 (Bat
   first layer (forward + weight gradient of that layer alone, the cost no implementation avoids);
 - hashing in GB/s of float32 gradient, and its ratio to a plain read of the same tensor (sum).
 
+Every figure is the best (and the median) of several rounds; compared variants alternate
+round by round and their ratio is the median of the paired rounds, or is refused with the
+reason (`timing`).
+
     .venv/bin/python benchmarks/bench_lti.py [--device cuda] [--pairs 512] [--threads 1]
+        [--rounds 5]
 """
 
 from __future__ import annotations
 
 import argparse
-import time
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import Ratio, Series, interleave, load, machine
+from timing import timed as timer
 
 from fedleak.attacks.learned.hashing import FeatureHasher
 from fedleak.attacks.learned.inverter import Inverter, inversion_loss
@@ -26,25 +36,30 @@ from fedleak.defenses import parse_defense_spec
 from fedleak.models import ModelSpec, build_model, count_parameters
 from fedleak.training.update import compute_update
 
+ROUNDS = 5
 
-def timed(fn: Callable[[], object], device: torch.device, repeat: int = 5) -> float:
-    """Best wall time of `repeat` runs after one warm-up."""
-    fn()
-    best = float("inf")
-    for _ in range(repeat):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best
+
+def rate(count: float, series: Series) -> str:
+    """`count` per second at the best / median round."""
+    if series.problem():
+        return f"invalid ({series.problem()})"
+    return f"{count / series.min:8.1f} / {count / series.median:8.1f}"
+
+
+def alone(fn: Callable[[], object]) -> Series:
+    """One variant's rounds."""
+    return interleave({"it": timer(fn)}, ROUNDS)["it"]
+
+
+def pair(first: Callable[[], object], second: Callable[[], object]) -> Ratio:
+    """Two variants alternating: the ratio first / second of their seconds."""
+    series = interleave({"first": timer(first), "second": timer(second)}, ROUNDS)
+    return Ratio(series["first"], series["second"])
 
 
 def pair_generation(
     name: str, bins: int | None, pairs: int, defense: str, device: torch.device
-) -> tuple[float, int]:
+) -> tuple[Series, int]:
     """pairs/s of featurised defended aux gradients, and the gradient size m."""
     spec = ModelSpec(name, (3, 32, 32), 10, init="uniform" if name == "lenet" else "default")
     model = build_model(spec).to(device)
@@ -61,11 +76,10 @@ def pair_generation(
         model, parse_defense_spec(defense), unit, x, y, 10, groups, featuriser, 64, 1
     )
     noise = torch.Generator(device=device).manual_seed(0)
-    seconds = timed(lambda: source.features(noise), device, repeat=3)
-    return pairs / seconds, count_parameters(model)
+    return alone(lambda: source.features(noise)), count_parameters(model)
 
 
-def fedavg_pairs(pairs: int, device: torch.device) -> tuple[float, float]:
+def fedavg_pairs(pairs: int, device: torch.device) -> tuple[Ratio, int]:
     """pairs/s of FedAvg weight deltas (K = 3 steps of 2 over 4 examples, LeNet, prune:0.9):
     the vectorised unroll of `PairSource`, and the client's `compute_update` group by group."""
     spec = ModelSpec("lenet", (3, 32, 32), 10, init="uniform")
@@ -88,16 +102,13 @@ def fedavg_pairs(pairs: int, device: torch.device) -> tuple[float, float]:
         for group in groups:
             compute_update(model, x[group], y[group], 10, pipeline, unit.training(), noise)
 
-    return (
-        groups.shape[0] / timed(vectorised, device, repeat=2),
-        groups.shape[0] / timed(one_by_one, device, repeat=2),
-    )
+    return pair(one_by_one, vectorised), groups.shape[0]
 
 
 def training(
     in_features: int, hidden: tuple[int, ...], pairs: int, batch: int, device: torch.device
-) -> tuple[float, float]:
-    """(pairs/s of one epoch of inverter training, pairs/s of the first layer's matmuls alone)."""
+) -> Ratio:
+    """Seconds of one epoch of inverter training over those of the first layer's matmuls."""
     gen = torch.Generator().manual_seed(0)
     features = torch.randn(pairs, in_features, generator=gen).to(device)
     images = torch.rand(pairs, 1, 3, 32, 32, generator=gen).to(device)
@@ -123,39 +134,44 @@ def training(
             chunk @ weight.T  # forward
             upstream[: chunk.shape[0]].T @ chunk  # weight gradient (its input needs none)
 
-    return pairs / timed(epoch, device, 3), pairs / timed(first_layer, device, 3)
+    return pair(epoch, first_layer)
 
 
 def hashing(
     m: int, rows: int, bins: int, signed: bool, device: torch.device
-) -> tuple[float, float]:
-    """(GB/s of hashing [rows, m] float32, GB/s of summing it: a plain read)."""
+) -> tuple[Ratio, float]:
+    """Seconds of hashing [rows, m] float32 over those of summing it (a plain read), and the
+    gigabytes read."""
     x = torch.randn(rows, m, generator=torch.Generator().manual_seed(0)).to(device)
     hasher = FeatureHasher(m, bins, seed=0, signed=signed)
-    gigabytes = x.numel() * 4 / 1e9
-    return gigabytes / timed(lambda: hasher(x), device), gigabytes / timed(lambda: x.sum(1), device)
+    return pair(lambda: hasher(x), lambda: x.sum(1)), x.numel() * 4 / 1e9
 
 
 def main() -> None:
+    global ROUNDS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--pairs", type=int, default=512)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    parser.add_argument("--rounds", type=int, default=ROUNDS)
     args = parser.parse_args()
+    ROUNDS = args.rounds
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    print(f"device {device}, torch threads {torch.get_num_threads()}, pairs {args.pairs}")
+    print(f"LTI throughput on {device}, pairs {args.pairs}; rates best / median of {ROUNDS} rounds")
+    print(machine())
 
     print("\npair generation (aux gradients -> defense gauss:0.1 -> block norm -> features)")
     for name, bins in (("lenet", None), ("lenet", 4096), ("resnet20", 4096), ("resnet20", 27_000)):
-        rate, m = pair_generation(name, bins, args.pairs, "gauss:0.1", device)
-        print(f"  {name:9s} m={m:7d} features={bins or m:6d}: {rate:8.1f} pairs/s")
+        series, m = pair_generation(name, bins, args.pairs, "gauss:0.1", device)
+        print(f"  {name:9s} m={m:7d} features={bins or m:6d}: {rate(args.pairs, series)} pairs/s")
 
-    vector, loop = fedavg_pairs(args.pairs, device)
+    ratio, count = fedavg_pairs(args.pairs, device)
     print(
-        f"  lenet     FedAvg deltas (K=3, 4 examples): {vector:8.1f} pairs/s vectorised, "
-        f"{loop:8.1f} one group at a time, x{vector / loop:.1f}"
+        f"  lenet     FedAvg deltas (K=3, 4 examples): {rate(count, ratio.denominator)} pairs/s "
+        f"vectorised, {rate(count, ratio.numerator)} one group at a time; "
+        f"speed-up {ratio.text()}"
     )
 
     print("\ninverter training (one epoch, Adam; bound = first layer's two matmuls alone)")
@@ -167,21 +183,23 @@ def main() -> None:
         ("LeNet raw, paper MLP", 15_826, (3000, 3000), 256),
     ]
     for label, features, hidden, batch in settings:
-        rate, bound = training(features, hidden, args.pairs, batch, device)
+        ratio = training(features, hidden, args.pairs, batch, device)
         print(
-            f"  {label:32s}: {rate:8.1f} pairs/s, first-layer bound {bound:8.1f} pairs/s, "
-            f"ratio {rate / bound:.2f}"
+            f"  {label:32s}: {rate(args.pairs, ratio.numerator)} pairs/s; bound "
+            f"{rate(args.pairs, ratio.denominator)} pairs/s; epoch / bound {ratio.text()}"
         )
 
     print("\nfeature hashing of 256 rows (GB/s of float32 gradient; ratio to a plain read)")
     for label, m in (("LeNet", 15_826), ("ResNet-20", 269_722)):
         for bins, signed in ((1024, False), (1024, True), (27_000, False), (27_000, True)):
-            rate, read = hashing(m, 256, bins, signed, device)
+            ratio, gigabytes = hashing(m, 256, bins, signed, device)
             kind = "signed" if signed else "plain"
             print(
-                f"  {label:9s} m={m:7d} -> {bins:6d} bins {kind:6s}: {rate:6.2f} GB/s "
-                f"(read {read:6.2f} GB/s, ratio {rate / read:.2f})"
+                f"  {label:9s} m={m:7d} -> {bins:6d} bins {kind:6s}: "
+                f"{rate(gigabytes, ratio.numerator)} GB/s (read "
+                f"{rate(gigabytes, ratio.denominator)} GB/s); hashing / read {ratio.text()}"
             )
+    print(load())
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """Scale: attacks inline vs on the Ray worker pool, and round time vs number of clients.
 
 1. A study of N clients x R rounds attacked by IG on every client, run inline and with
-   `attack.workers` = 1, 2 (`--worker-cpus` each): wall time of each whole study (Ray
-   start-up included), the ratio inline / pool, and the attack throughput (jobs per second
-   of wall time).
+   `attack.workers` = 1, 2 (`--worker-cpus` each), `--repeats` times in a rotating order:
+   wall time of each whole study (Ray start-up included; min / median), the paired ratio
+   pool / inline (refused when the repeats disagree, `timing`), and the attack throughput.
 2. Round time against the number of clients (10, 50, 100) with a tiny MLP and no attacks:
    the median of `round_seconds` over rounds 2..R (round 1 also holds start-up work).
 3. On CUDA only: per-sample gradient and IG iteration times on the GPU, and the GPU's
@@ -19,11 +19,11 @@ its load; the script prints both, so read ratios from one run only.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
+import itertools
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -31,6 +31,9 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import Ratio, interleave, machine
 
 from fedleak.config import RunConfig, parse_flat
 from fedleak.simulations.launch import run_study
@@ -67,27 +70,39 @@ def study(out: Path, num_clients: int, client_gpus: float = 0.0, **flat: object)
 def attacks_inline_vs_pool(root: Path, args: argparse.Namespace) -> None:
     print(
         f"\n1. {args.clients} clients x {args.rounds} rounds, IG ({args.iterations} iterations, "
-        "batch 2, LeNet) on every client"
+        f"batch 2, LeNet) on every client; {args.repeats} repeats, wall s min / median"
     )
-    print(f"{'runner':<10} {'wall s':>8} {'jobs':>5} {'failed':>6} {'attack s':>9} {'jobs/s':>7}")
     flat = {
         "num-server-rounds": args.rounds,
         "attack.names": "ig",
         "attack.max-iterations": args.iterations,
     }
-    results = {}
-    for workers in (0, *args.workers):
-        name = "inline" if workers == 0 else f"pool x{workers}"
-        pool = {"attack.workers": workers, "attack.worker-cpus": args.worker_cpus}
-        r = study(root / name.replace(" ", ""), args.clients, **flat, **pool)
-        results[workers] = r
+    counter = itertools.count()
+    jobs: dict[int, int] = {}
+
+    def variant(workers: int):
+        def run() -> float:
+            pool = {"attack.workers": workers, "attack.worker-cpus": args.worker_cpus}
+            r = study(root / f"w{workers}-{next(counter)}", args.clients, **flat, **pool)
+            if r["failed"]:
+                raise RuntimeError(f"{r['failed']} attack jobs failed with {workers} workers")
+            jobs[workers] = r["jobs"]
+            return r["wall"]
+
+        return run
+
+    names = {0: "inline", **{w: f"pool x{w}" for w in args.workers}}
+    series = interleave({names[w]: variant(w) for w in names}, args.repeats, warmup=0)
+    print(f"{'runner':<10} {'wall s':>18} {'jobs':>5} {'jobs/s':>7}")
+    for workers, name in names.items():
+        wall = series[name]
         print(
-            f"{name:<10} {r['wall']:8.1f} {r['jobs']:5d} {r['failed']:6d} "
-            f"{r['attack_seconds']:9.1f} {r['jobs'] / r['wall']:7.3f}"
+            f"{name:<10} {wall.text(1.0, 's'):>18} {jobs[workers]:5d} "
+            f"{jobs[workers] / wall.median:7.3f}"
         )
     for workers in args.workers:
-        ratio = results[0]["wall"] / results[workers]["wall"]
-        print(f"wall-time ratio inline / pool x{workers}: {ratio:.2f}")
+        ratio = Ratio(series[names[workers]], series["inline"])
+        print(f"wall-time ratio pool x{workers} / inline: {ratio.text()}")
 
 
 def round_time_vs_clients(root: Path, args: argparse.Namespace) -> None:
@@ -195,6 +210,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=200)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--worker-cpus", type=float, default=1.0)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--scaling", type=int, nargs="+", default=[10, 50, 100])
     parser.add_argument("--skip", nargs="*", default=[], choices=["pool", "scaling", "gpu"])
     parser.add_argument(
@@ -203,12 +219,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.server_threads:
         torch.set_num_threads(args.server_threads)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(
-        f"{platform.node()}: {os.cpu_count()} CPUs, load {load:.1f}, torch {torch.__version__} "
-        f"({torch.get_num_threads()} server threads), "
-        f"CUDA {'yes: ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no'}"
-    )
+    print(machine())
     root = Path(tempfile.mkdtemp(prefix="bench-scale-"))
     try:
         if "pool" not in args.skip:

@@ -69,11 +69,17 @@ class AttackerKnowledge:
 
 @dataclass(frozen=True)
 class Budget:
-    """Limits every attack honours: whichever of iterations or seconds runs out first."""
+    """Limits every attack honours: whichever of iterations or seconds runs out first.
+
+    `max_seconds` is per job: attacks that invert several observations as one batch may use
+    the sum over its jobs. `max_batch` caps the problems (targets x restarts) optimised as
+    one batch; 0 chooses from the device (free memory on CUDA).
+    """
 
     max_iterations: int
     max_seconds: float
     show_progress: bool = False
+    max_batch: int = 0
 
 
 # One rule for every attack (applied by the server's runner): a finite reconstruction of the

@@ -400,7 +400,9 @@ def build_strategy(
         seed=config.seed,
     )
     attack = config.attack
-    budget = Budget(attack.max_iterations, attack.max_seconds, attack.show_progress)
+    budget = Budget(
+        attack.max_iterations, attack.max_seconds, attack.show_progress, attack.max_batch
+    )
     public = PublicSetting(
         model=spec,
         update_kind="gradient" if train.mode == "fedsgd" else "delta",

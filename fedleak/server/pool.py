@@ -15,18 +15,26 @@ share, left free by `ray_init_args` capping the number of client actors. Workers
 first `submit` (the client pool exists by then) and must be placed within
 `PLACEMENT_TIMEOUT` seconds, or the round fails with a message naming what was missing.
 
-Routing. A job goes to the least-loaded worker, except for attacks that keep state across
-rounds (the learned LTI attack trains and keeps an inverter): all jobs of such an attack go to
-one worker, which runs them in submission order, so it sees the same sequence of
-observations as inline execution. An attack is taken as stateless when its registry entry
-says so (`stateful=False` at registration, or the class attribute `stateful = False`); every
-other attack is pinned.
+Batches. Workers receive batches, not single jobs: the jobs of one attack in one `submit`
+(a round's attacked clients) travel as one batch when the attack inverts several
+observations at once (`BatchAttack`), exactly as the inline runner groups them, so a batch
+gives the same reconstructions on either; other attacks send one job per batch. The round's
+weights go to the object store once, and each observation once.
+
+Routing. A batch goes to the worker with the fewest queued jobs, except for attacks that keep
+state across rounds (the learned LTI attack trains and keeps an inverter): all batches of
+such an attack go to one worker, which runs them in submission order, so it sees the same
+sequence of observations as inline execution. An attack is taken as stateless when its
+registry entry says so (`stateful=False` at registration, or the class attribute
+`stateful = False`); every other attack is pinned.
 
 Failures. An attack's exception becomes a failed row inside the worker (`run_job`). A worker
-that dies (a segfault, the OOM killer, a lost node) costs only the job it was running: that
-job is recorded as failed ("worker died: ..."), the actor is replaced, and the jobs queued
-behind it are resubmitted to the replacement in order. Setting `FEDLEAK_KILL_WORKER` to
-`<attack>@<round>:<client>` makes the worker that runs that job exit, for tests.
+that dies (a segfault, the OOM killer, a lost node) costs only the job it was running: the
+actor is replaced, a batch it was running is retried one job at a time (so a batch too big
+for memory still completes, and a job that kills its worker dies alone), a single job is
+recorded as failed ("worker died: ..."), and the batches queued behind are resubmitted to
+the replacement in order. Setting `FEDLEAK_KILL_WORKER` to `<attack>@<round>:<client>`
+makes the worker that runs that job exit, for tests.
 """
 
 from __future__ import annotations
@@ -48,7 +56,14 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayError
 from fedleak.attacks.registry import attack_entry, build_attack
 from fedleak.attacks.types import Attack, AttackerKnowledge, Budget, Observation, Reconstruction
 from fedleak.config import ConfigError, RunConfig
-from fedleak.server.runner import AttackJob, AttackResult, failed_reconstruction, run_job
+from fedleak.server.runner import (
+    AttackJob,
+    AttackResult,
+    BatchAttack,
+    batches,
+    failed_reconstruction,
+    run_batch,
+)
 
 log = logging.getLogger(__name__)
 
@@ -145,28 +160,52 @@ class AttackWorker:
 
     def run(
         self,
-        job_id: int,
+        job_ids: list[int],
         attack: str,
-        observation: Observation,
         weights: dict[str, torch.Tensor],
-    ) -> Reconstruction:
-        """Run one job; the weights travel separately, once per round for all its jobs."""
-        job = AttackJob(job_id, attack, dataclasses.replace(observation, weights=weights))
-        if self.fault is not None and self.fault.hits(job):
+        *observations: Observation,
+    ) -> list[Reconstruction]:
+        """Run one batch of an attack's jobs; the weights travel separately, once per round
+        for all its jobs, and are put back into every observation."""
+        jobs = [
+            AttackJob(job_id, attack, dataclasses.replace(observation, weights=weights))
+            for job_id, observation in zip(job_ids, observations, strict=True)
+        ]
+        if self.fault is not None and any(self.fault.hits(job) for job in jobs):
             os._exit(17)
         if attack not in self.attacks:
             self.attacks[attack] = build_attack(attack, self.specs.get(attack, {}), seed=self.seed)
-        return run_job(job, self.attacks[attack], self.knowledge, self.budget).reconstruction
+        results = run_batch(jobs, self.attacks[attack], self.knowledge, self.budget)
+        return [result.reconstruction for result in results]
 
 
 @dataclass
 class _Pending:
-    """A job on its way: the future of its result and the arguments to resubmit it with."""
+    """A batch on its way: its jobs, the object-store references to (re)submit it with, and
+    the future of its results."""
 
-    job: AttackJob
-    args: tuple[Any, ...]
+    jobs: list[AttackJob]
+    weights: Any
+    observations: list[Any]
     future: Any
     submitted: float
+
+    @property
+    def attack(self) -> str:
+        """The attack every job of the batch runs."""
+        return self.jobs[0].attack
+
+    def args(self) -> tuple[Any, ...]:
+        """`AttackWorker.run` arguments; references at the top level, so Ray resolves them."""
+        job_ids = [job.job_id for job in self.jobs]
+        return (job_ids, self.attack, self.weights, *self.observations)
+
+    def singles(self) -> list[_Pending]:
+        """The batch as one-job batches, to retry after its worker died."""
+        return [
+            _Pending([job], self.weights, [ref], None, time.perf_counter())
+            for job, ref in zip(self.jobs, self.observations, strict=True)
+        ]
 
 
 @dataclass
@@ -207,8 +246,12 @@ class RayAttackPool:
         self.device = config.device
         self.seed = config.seed
         self.specs = {name: dict(attack.params.get(name, {})) for name in attack.names}
-        # Routing needs to know which attacks keep state; their registry entries say so.
+        # Built here too: bad parameters fail before the run, and routing needs to know state.
+        built = {
+            name: build_attack(name, self.specs[name], seed=config.seed) for name in attack.names
+        }
         self.stateful = {name for name in attack.names if attack_entry(name).stateful}
+        self.batched = {name for name, a in built.items() if isinstance(a, BatchAttack)}
         self.knowledge = _on_cpu(knowledge)
         self.budget = budget
         self.placement_timeout = placement_timeout
@@ -311,25 +354,37 @@ class RayAttackPool:
                 stored[id(key)] = (key, ray.put(value))
             return stored[id(key)][1]
 
-        for job in jobs:
-            observation = job.observation
-            bare = ref(observation, dataclasses.replace(observation, weights={}))
-            args = (job.job_id, job.attack, bare, ref(observation.weights, observation.weights))
-            self._enqueue(_Pending(job, args, None, time.perf_counter()))
+        for group in batches(jobs):
+            if group[0].attack in self.batched:
+                # One weights reference per batch: observations of one round share w_t.
+                split: dict[int, list[AttackJob]] = {}
+                for job in group:
+                    split.setdefault(id(job.observation.weights), []).append(job)
+                parts = list(split.values())
+            else:
+                parts = [[job] for job in group]
+            for part in parts:
+                weights = part[0].observation.weights
+                bare = [
+                    ref(job.observation, dataclasses.replace(job.observation, weights={}))
+                    for job in part
+                ]
+                pending = _Pending(part, ref(weights, weights), bare, None, time.perf_counter())
+                self._enqueue(pending)
 
     def _enqueue(self, pending: _Pending) -> None:
         if not self._slots:
             reconstruction = failed_reconstruction("no attack worker left (all died)", 0.0)
-            self._lost.append(AttackResult(pending.job, reconstruction))
+            self._lost += [AttackResult(job, reconstruction) for job in pending.jobs]
             return
-        slot = self._route(pending.job.attack)
-        pending.future = slot.actor.run.remote(*pending.args)
+        slot = self._route(pending.attack)
+        pending.future = slot.actor.run.remote(*pending.args())
         slot.queue.append(pending)
 
     def _route(self, attack: str) -> _Slot:
         if attack in self._pinned:
             return self._pinned[attack]
-        slot = min(self._slots, key=lambda s: len(s.queue))
+        slot = min(self._slots, key=lambda s: sum(len(p.jobs) for p in s.queue))
         if attack in self.stateful:
             self._pinned[attack] = slot
         return slot
@@ -345,13 +400,13 @@ class RayAttackPool:
 
     @property
     def queued(self) -> list[list[AttackJob]]:
-        """The jobs each worker still holds, the running one first."""
-        return [[pending.job for pending in slot.queue] for slot in self._slots]
+        """The jobs each worker still holds, the running batch first."""
+        return [[job for pending in slot.queue for job in pending.jobs] for slot in self._slots]
 
     @property
     def outstanding(self) -> int:
         """Jobs submitted and not yet handed back."""
-        return sum(len(slot.queue) for slot in self._slots)
+        return sum(len(pending.jobs) for slot in self._slots for pending in slot.queue)
 
     def _harvest(self) -> list[AttackResult]:
         futures = [p.future for s in self._slots for p in s.queue]
@@ -363,24 +418,36 @@ class RayAttackPool:
         for slot in list(self._slots):
             while slot.queue and slot.queue[0].future in done:
                 pending = slot.queue.popleft()
-                seconds = time.perf_counter() - pending.submitted
+                seconds = (time.perf_counter() - pending.submitted) / len(pending.jobs)
                 try:
-                    reconstruction = ray.get(pending.future)
+                    reconstructions = ray.get(pending.future)
                 except RayActorError as error:
                     message = f"worker died: {_first_line(error)}"
-                    log.warning("attack %s: %s", pending.job.attack, message)
-                    results.append(
-                        AttackResult(pending.job, failed_reconstruction(message, seconds))
-                    )
+                    if len(pending.jobs) > 1:
+                        log.warning(
+                            "attack %s: %s; retrying its batch of %d one job at a time",
+                            pending.attack,
+                            message,
+                            len(pending.jobs),
+                        )
+                        slot.queue.extendleft(reversed(pending.singles()))
+                    else:
+                        log.warning("attack %s: %s", pending.attack, message)
+                        failed = failed_reconstruction(message, seconds)
+                        results.append(AttackResult(pending.jobs[0], failed))
                     self._replace(slot)
                     break
                 except RayError as error:
                     # An error outside `run_job` (e.g. unpickling); report its cause, not Ray's
                     # wrapper, whose first line is only the task's name.
                     cause = getattr(error, "cause", None) or error
-                    results.append(AttackResult(pending.job, failed_reconstruction(cause, seconds)))
+                    failed = failed_reconstruction(cause, seconds)
+                    results += [AttackResult(job, failed) for job in pending.jobs]
                 else:
-                    results.append(AttackResult(pending.job, reconstruction))
+                    results += [
+                        AttackResult(job, reconstruction)
+                        for job, reconstruction in zip(pending.jobs, reconstructions, strict=True)
+                    ]
         return results
 
     def _replace(self, slot: _Slot) -> None:
@@ -403,7 +470,8 @@ class RayAttackPool:
             return
         self.replaced += 1
         for pending in slot.queue:
-            pending.future = slot.actor.run.remote(*pending.args)
+            pending.submitted = time.perf_counter()
+            pending.future = slot.actor.run.remote(*pending.args())
 
     def close(self) -> None:
         """Stop the workers; jobs still outstanding are abandoned."""

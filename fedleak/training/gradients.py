@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from fedleak.models import has_batchnorm
+from fedleak.training.per_sample import layerwise_gradients, supported
 
 Params = dict[str, Tensor]
 
@@ -78,11 +79,25 @@ def per_sample_gradients_with_loss(
     model: nn.Module, x: Tensor, y: Tensor, *, params: Params | None = None
 ) -> tuple[Params, Tensor]:
     """Each sample's gradient of its own loss (leading dim B) and the losses [B], in one
-    vectorised call; `params` replaces the model's parameters (e.g. during local training)."""
+    vectorised call; `params` replaces the model's parameters (e.g. during local training).
+
+    Models made of the layers `fedleak.training.per_sample` knows get their per-sample
+    gradients from one batched backward; any other model through vmap over `grad`."""
     refuse_batchnorm(model)
     _check_targets(x, y)
     buffers = buffer_copies(model)
+    if supported(model):
+        with _training(model):
+            grads, losses = layerwise_gradients(
+                model, _parameters(model, params), buffers, x, y, _per_sample_loss
+            )
+        return grads, losses
+    return _vmapped(model, x, y, params, buffers)
 
+
+def _vmapped(
+    model: nn.Module, x: Tensor, y: Tensor, params: Params | None, buffers: Params
+) -> tuple[Params, Tensor]:
     def sample_loss(p: Params, xi: Tensor, yi: Tensor) -> tuple[Tensor, Tensor]:
         logits = functional_call(model, (p, buffers), (xi.unsqueeze(0),))
         loss = F.cross_entropy(logits, yi.unsqueeze(0))
@@ -92,6 +107,20 @@ def per_sample_gradients_with_loss(
     with _training(model):
         grads, losses = per_sample(_parameters(model, params), x, y)
     return {name: g.detach() for name, g in grads.items()}, losses
+
+
+def _per_sample_loss(logits: Tensor, y: Tensor) -> Tensor:
+    return F.cross_entropy(logits, y, reduction="none")
+
+
+def vmap_per_sample_gradients_with_loss(
+    model: nn.Module, x: Tensor, y: Tensor, *, params: Params | None = None
+) -> tuple[Params, Tensor]:
+    """Per-sample gradients through vmap over `grad`, for any model without BatchNorm (the
+    general path, and the reference the layer-wise path is checked against)."""
+    refuse_batchnorm(model)
+    _check_targets(x, y)
+    return _vmapped(model, x, y, params, buffer_copies(model))
 
 
 def per_sample_gradients(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from fedleak.attacks.learned.attack import LearningToInvert
@@ -61,26 +62,58 @@ class LTIThenIG:
         self, observation: Observation, knowledge: AttackerKnowledge, budget: Budget
     ) -> Reconstruction:
         """LTI's guess, then IG from it; diagnostics of both (LTI's prefixed `lti_`)."""
-        first = self.lti.reconstruct(observation, knowledge, budget)
-        remaining = Budget(
-            budget.max_iterations,
-            max(0.0, budget.max_seconds - first.seconds),
-            budget.show_progress,
+        result = self.reconstruct_batch([observation], knowledge, budget)[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def reconstruct_batch(
+        self,
+        observations: Sequence[Observation],
+        knowledge: AttackerKnowledge,
+        budget: Budget,
+    ) -> list[Reconstruction | Exception]:
+        """LTI's guesses one observation after another (it trains on the first), then IG from
+        all of them as one batched problem; each job keeps the seconds LTI left it."""
+        firsts: list[Reconstruction | Exception] = []
+        for observation in observations:
+            try:
+                firsts.append(self.lti.reconstruct(observation, knowledge, budget))
+            except Exception as error:  # this observation only
+                firsts.append(error)
+        done = [i for i, first in enumerate(firsts) if isinstance(first, Reconstruction)]
+        results: list[Reconstruction | Exception] = list(firsts)
+        if not done:
+            return results
+        guesses = [first for first in firsts if isinstance(first, Reconstruction)]
+        left = [max(0.0, budget.max_seconds - guess.seconds) for guess in guesses]
+        # IG's batch may spend the mean of what its jobs have left, per job.
+        remaining = dataclasses.replace(budget, max_seconds=sum(left) / len(left))
+        seconds = self.ig.reconstruct_batch(
+            [observations[i] for i in done], knowledge, remaining, [g.inputs for g in guesses]
         )
-        second = self.ig.reconstruct(observation, knowledge, remaining, initial=first.inputs)
-        diagnostics = {
-            **second.diagnostics,
-            **{f"lti_{k}": v for k, v in first.diagnostics.items()},
-        }
-        # The run's per-round training record keeps LTI's own keys.
-        for key in ("train_seconds", "train_epochs", "val_psnr"):
-            diagnostics[key] = first.diagnostics[key]
-        return dataclasses.replace(
-            second,
-            seconds=first.seconds + second.seconds,
-            message=f"lti: {first.message}; then ig: {second.message}",
-            diagnostics=diagnostics,
-        )
+        for i, first, second in zip(done, guesses, seconds, strict=True):
+            results[i] = second if isinstance(second, Exception) else _then(first, second)
+        return results
+
+
+def _then(first: Reconstruction, second: Reconstruction) -> Reconstruction:
+    """IG's reconstruction with LTI's time and diagnostics (LTI's keys prefixed `lti_`)."""
+    diagnostics = {
+        **second.diagnostics,
+        **{f"lti_{k}": v for k, v in first.diagnostics.items()},
+    }
+    # The run's per-round training record keeps LTI's own keys.
+    for key in ("train_seconds", "train_epochs", "val_psnr"):
+        diagnostics[key] = first.diagnostics[key]
+    status = second.status if second.status != "ok" else first.status
+    return dataclasses.replace(
+        second,
+        seconds=first.seconds + second.seconds,
+        status=status,
+        message=f"lti: {first.message}; then ig: {second.message}",
+        diagnostics=diagnostics,
+    )
 
 
 def build_hybrid(config: LTIThenIGConfig, seed: int) -> LTIThenIG:

@@ -11,9 +11,10 @@ defense spec (`losses`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedleak.attacks import labels as label_recovery
+from fedleak.attacks.optimization.batching import automatic_cap, plan
 from fedleak.attacks.optimization.config import (
     GRADATTACK_TV,
     DLGConfig,
@@ -45,7 +47,7 @@ from fedleak.attacks.optimization.replay import (
 )
 from fedleak.attacks.types import AttackerKnowledge, Budget, Observation, Reconstruction
 from fedleak.defenses import DefensePipeline, InstaHide, SignCompression, parse_defense_spec
-from fedleak.models import build_model, has_batchnorm
+from fedleak.models import ModelSpec, build_model, has_batchnorm
 
 
 class ObservationError(ValueError):
@@ -80,6 +82,9 @@ class Problem:
     input_shape: tuple[int, ...]
     device: torch.device
     diagnostics: dict[str, float]
+    spec: ModelSpec | None = None
+    defense: str = "none"
+    weights: Mapping[str, Tensor] = field(default_factory=dict)
 
     @property
     def problems(self) -> int:
@@ -90,6 +95,69 @@ class Problem:
     def sign_flipped(self) -> bool:
         """InstaHide multiplies pixels by random signs: the prior works on |x|."""
         return self.pipeline.find(InstaHide) is not None
+
+    def batch_key(self) -> tuple[object, ...]:
+        """Problems with equal keys and equal weights replay the same function of their dummy
+        inputs and differ only in their targets: they can be optimised as one batch."""
+        replay = self.replay
+        return (
+            self.spec,
+            replay.protocol,
+            replay.bn_mode,
+            self.samples,
+            self.input_shape,
+            self.labels is None,
+            self.matching,
+            self.defense,
+            self.bn_exact,
+            self.bn_reference is None,
+            str(self.device),
+        )
+
+    def same_weights(self, other: Problem) -> bool:
+        """Whether both observations carry the same w_t (in a round they are one object)."""
+        if self.weights is other.weights:
+            return True
+        if self.weights.keys() != other.weights.keys():
+            return False
+        return all(torch.equal(v, other.weights[k]) for k, v in self.weights.items())
+
+
+def stack(problems: Sequence[Problem]) -> Problem:
+    """Several compatible problems (equal `batch_key` and weights) as one: targets, labels and
+    BatchNorm references concatenated along T; the first problem's replay serves them all."""
+    first = problems[0]
+    if len(problems) == 1:
+        return first
+    target = [torch.cat(parts) for parts in zip(*(p.target for p in problems), strict=True)]
+    labels = None
+    if first.labels is not None:
+        labels = torch.cat([p.labels for p in problems])  # type: ignore[misc]
+    reference = None
+    if first.bn_reference is not None:
+        layers = zip(*(_per_problem(p.bn_reference, p.problems) for p in problems), strict=True)
+        reference = [
+            (torch.cat([mean for mean, _ in layer]), torch.cat([var for _, var in layer]))
+            for layer in layers
+        ]
+    return dataclasses.replace(
+        first,
+        target=target,
+        labels=labels,
+        targets=sum(p.problems for p in problems),
+        restarts=1,
+        bn_reference=reference,
+        diagnostics={},
+    )
+
+
+def _per_problem(reference: Statistics | None, count: int) -> Statistics:
+    """A BatchNorm reference as one row per problem: [C] (shared) expands to [count, C]."""
+    assert reference is not None
+    return [
+        (mean.expand(count, -1), var.expand(count, -1)) if mean.dim() == 1 else (mean, var)
+        for mean, var in reference
+    ]
 
 
 def _load_model(observation: Observation, device: torch.device) -> nn.Module:
@@ -254,6 +322,9 @@ def prepare(
         input_shape=tuple(observation.model.input_shape),
         device=device,
         diagnostics=diagnostics,
+        spec=observation.model,
+        defense=observation.defense,
+        weights=observation.weights,
     )
 
 
@@ -359,6 +430,16 @@ def _finish(
     )
 
 
+@dataclass(frozen=True)
+class Member:
+    """One observation ready to optimise: its problems, the generator seeded for it (random
+    starts, gradient dropout) and its starting variables."""
+
+    problem: Problem
+    generator: torch.Generator
+    variables: list[Tensor]
+
+
 def start(
     attack_seed_base: int,
     observation: Observation,
@@ -366,7 +447,7 @@ def start(
     config: InversionConfig,
     bn_mode: str,
     initial: Tensor | None,
-) -> tuple[Problem, torch.Generator, list[Tensor]]:
+) -> Member:
     """The problem, its seeded generator and the optimised variables: dummy inputs (from
     `initial` for the first restart when given) and, without recovered labels, label logits."""
     seed = attack_seed(attack_seed_base, knowledge, observation)
@@ -376,7 +457,13 @@ def start(
     if problem.labels is None:
         shape = (problem.problems, problem.samples, observation.model.num_classes)
         variables.append(torch.randn(shape, generator=generator, device=problem.device))
-    return problem, generator, variables
+    return Member(problem, generator, variables)
+
+
+# Each member's generator and problem count, in stacking order: random draws inside the
+# objective (gradient dropout) come from each observation's own stream, as if run alone.
+Draws = Sequence[tuple[torch.Generator, int]]
+Objective = Callable[[Sequence[Tensor], int | None], tuple[Tensor, Tensor]]
 
 
 def _soft_labels(problem: Problem, variables: Sequence[Tensor]) -> Tensor:
@@ -410,16 +497,36 @@ def check_feasible(config: InversionConfig, name: str, targets: int, aux: int) -
         )
 
 
-class DLG:
-    """Deep Leakage from Gradients (and iDLG with `labels='auto'`): L2 matching, L-BFGS."""
+class BatchedInversion:
+    """What the optimisation attacks share: a round's observations, inverted together.
+
+    `reconstruct_batch` lays every observation out as its own problems (own seed, labels and
+    starts), stacks those that share model, weights and layout (`batching.plan`, at most
+    `Budget.max_batch` problems, 0: automatic), optimises each stack as one problem and splits
+    the outcome, so each observation gets the reconstruction and diagnostics it would get
+    alone. Iterations are per problem; the seconds of a stack are those its jobs would have
+    had one after another (`max_seconds` x jobs), and each job is charged an equal share.
+    Subclasses give the objective, the optimiser settings and their diagnostics.
+    """
 
     reference = False
     stateful = False  # every random choice comes from (seed, round, client): any worker will do
 
-    def __init__(self, config: DLGConfig | None = None, seed: int = 0, name: str = "dlg") -> None:
-        self.config = config or DLGConfig()
-        self.seed = seed
-        self.name = name
+    config: InversionConfig
+    seed: int
+    name: str
+
+    def _bn_mode(self) -> str:
+        return "auto"
+
+    def _objective(self, problem: Problem, draws: Draws, total: int) -> Objective:
+        raise NotImplementedError
+
+    def _settings(self, problem: Problem, knowledge: AttackerKnowledge) -> Settings:
+        raise NotImplementedError
+
+    def _extra(self, problem: Problem) -> dict[str, float]:
+        return {}
 
     def check_feasible(self, targets: int, aux: int) -> None:
         """See `check_feasible`: `targets` samples per observed update, `aux` auxiliary images."""
@@ -432,51 +539,145 @@ class DLG:
         budget: Budget,
         initial: Tensor | None = None,
     ) -> Reconstruction:
-        """Invert the observation within the budget; `initial` starts the first restart from
+        """Invert one observation within the budget; `initial` starts the first restart from
         a given guess (layout of `Reconstruction.inputs`) instead of noise."""
-        cfg = self.config
-        problem, _, variables = start(self.seed, observation, knowledge, cfg, "auto", initial)
+        result = self.reconstruct_batch([observation], knowledge, budget, [initial])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
 
+    def reconstruct_batch(
+        self,
+        observations: Sequence[Observation],
+        knowledge: AttackerKnowledge,
+        budget: Budget,
+        initials: Sequence[Tensor | None] | None = None,
+    ) -> list[Reconstruction | Exception]:
+        """Each observation's reconstruction, or the exception that stopped it (an observation
+        that cannot be inverted fails alone; a failing stack fails its own jobs)."""
+        starts = list(initials) if initials is not None else [None] * len(observations)
+        results: list[Reconstruction | Exception | None] = [None] * len(observations)
+        members: list[Member] = []
+        where: list[int] = []
+        for index, (observation, initial) in enumerate(zip(observations, starts, strict=True)):
+            try:
+                member = start(
+                    self.seed, observation, knowledge, self.config, self._bn_mode(), initial
+                )
+            except Exception as error:  # this observation only
+                results[index] = error
+                continue
+            members.append(member)
+            where.append(index)
+        if members:
+            cap = budget.max_batch or automatic_cap(
+                members[0].problem.device, lambda: self._probe(members[0], budget)
+            )
+            chunks = plan(
+                members,
+                key=lambda m: m.problem.batch_key(),
+                same=lambda a, b: a.problem.same_weights(b.problem),
+                problems=lambda m: m.problem.problems,
+                cap=cap,
+            )
+            for chunk in chunks:
+                try:
+                    done: Sequence[Reconstruction | Exception] = self._solve(
+                        chunk.members, knowledge, budget
+                    )
+                except Exception as error:  # e.g. out of memory: this stack's jobs fail
+                    done = [error] * chunk.size
+                for index, result in zip(chunk.indices, done, strict=True):
+                    results[where[index]] = result
+        assert all(result is not None for result in results)
+        return results  # type: ignore[return-value]
+
+    def _probe(self, member: Member, budget: Budget) -> int:
+        """One objective and backward on two copies of `member` (the batched path), for the
+        memory a problem needs; draws come from a throwaway generator. Returns the count."""
+        problem = stack([member.problem, member.problem])
+        variables = [torch.cat([v, v]).detach().requires_grad_() for v in member.variables]
+        throwaway = torch.Generator(device=problem.device).manual_seed(0)
+        objective = self._objective(problem, [(throwaway, problem.problems)], 1)
+        loss, _ = objective(variables, 0)
+        torch.autograd.backward(loss.sum(), inputs=variables)
+        return problem.problems
+
+    def _solve(
+        self, members: Sequence[Member], knowledge: AttackerKnowledge, budget: Budget
+    ) -> list[Reconstruction]:
+        problem = stack([m.problem for m in members])
+        columns = zip(*(m.variables for m in members), strict=True)
+        variables = [torch.cat(parts) for parts in columns]
+        draws = [(m.generator, m.problem.problems) for m in members]
+        jobs = len(members)
+        shared = dataclasses.replace(budget, max_seconds=budget.max_seconds * jobs)
+        objective = self._objective(problem, draws, int(budget.max_iterations))
+        outcome = optimise(objective, variables, self._settings(problem, knowledge), shared)
+        batch = {"batch_jobs": float(jobs), "batch_problems": float(problem.problems)}
+        results, offset = [], 0
+        for member in members:
+            count = member.problem.problems
+            part = dataclasses.replace(
+                outcome.part(offset, offset + count), seconds=outcome.seconds / jobs
+            )
+            offset += count
+            extra = {**self._extra(member.problem), **batch}
+            results.append(_finish(member.problem, part, knowledge, extra))
+        return results
+
+
+class DLG(BatchedInversion):
+    """Deep Leakage from Gradients (and iDLG with `labels='auto'`): L2 matching, L-BFGS."""
+
+    def __init__(self, config: DLGConfig | None = None, seed: int = 0, name: str = "dlg") -> None:
+        self.config = config or DLGConfig()
+        self.seed = seed
+        self.name = name
+
+    def _objective(self, problem: Problem, draws: Draws, total: int) -> Objective:
         def objective(v: Sequence[Tensor], _iteration: int | None) -> tuple[Tensor, Tensor]:
             out = problem.replay(v[0], _soft_labels(problem, v), problem.matching.needs_per_sample)
             matching = problem.matching(out.update, problem.target, out.per_sample)
             return matching, matching
 
-        settings = Settings(
+        return objective
+
+    def _settings(self, problem: Problem, knowledge: AttackerKnowledge) -> Settings:
+        assert isinstance(self.config, DLGConfig)
+        return Settings(
             optimizer="lbfgs",
-            schedule=StepDecay(cfg.learning_rate, ()),
-            history=cfg.history,
-            check_every=cfg.check_every,
+            schedule=StepDecay(self.config.learning_rate, ()),
+            history=self.config.history,
+            check_every=self.config.check_every,
             description=self.name,
+            keep_best=self.config.keep_best,
         )
-        outcome = optimise(objective, variables, settings, budget)
-        return _finish(problem, outcome, knowledge, {})
 
 
-class InvertingGradients:
+class InvertingGradients(BatchedInversion):
     """Inverting Gradients (IG), and with a BatchNorm weight the GradInversion-style prior.
 
     The same class serves `ig` (bn_weight 0, IG's TV 1e-4) and `gradinversion` (GradAttack's
     alpha_BN = 1e-3 and per-defense TV). Under InstaHide the box is [-1, 1] and TV acts on |x|.
     """
 
-    reference = False
-    stateful = False  # every random choice comes from (seed, round, client): any worker will do
-
     def __init__(self, config: IGConfig | None = None, seed: int = 0, name: str = "ig") -> None:
         self.config = config or IGConfig()
         self.seed = seed
         self.name = name
 
-    def check_feasible(self, targets: int, aux: int) -> None:
-        """See `check_feasible`: `targets` samples per observed update, `aux` auxiliary images."""
-        check_feasible(self.config, self.name, targets, aux)
+    @property
+    def ig(self) -> IGConfig:
+        """The configuration, typed."""
+        assert isinstance(self.config, IGConfig)
+        return self.config
 
     def tv_weight(self, pipeline: DefensePipeline, channels: int) -> float:
         """The configured TV weight, or the default for this attack, defense and images'
         channel count (IG: by channels; GradInversion: GradAttack's per-defense value)."""
-        if self.config.tv_weight is not None:
-            return self.config.tv_weight
+        if self.ig.tv_weight is not None:
+            return self.ig.tv_weight
         if not isinstance(self.config, GradInversionConfig):
             return ig_tv_weight(channels)
         for kind in ("prune", "mixup", "instahide"):
@@ -484,36 +685,26 @@ class InvertingGradients:
                 return GRADATTACK_TV[kind]
         return GRADATTACK_TV["none"]
 
+    def _bn_mode(self) -> str:
+        return self.ig.bn_mode
+
     def _weights(self, problem: Problem, iteration: int | None, total: int) -> tuple[float, float]:
         """(TV weight, BN weight) at this iteration."""
-        return self.tv_weight(problem.pipeline, problem.input_shape[0]), self.config.bn_weight
+        return self.tv_weight(problem.pipeline, problem.input_shape[0]), self.ig.bn_weight
 
     def _selection(
-        self, problem: Problem, iteration: int | None, total: int, generator: torch.Generator
+        self, problem: Problem, iteration: int | None, total: int, draws: Draws
     ) -> tuple[list[int], list[Tensor] | None]:
         """Which parameters are matched, and dropout masks (None: all coordinates)."""
         return list(range(len(problem.target))), None
 
-    def reconstruct(
-        self,
-        observation: Observation,
-        knowledge: AttackerKnowledge,
-        budget: Budget,
-        initial: Tensor | None = None,
-    ) -> Reconstruction:
-        """Invert the observation within the budget; `initial` starts the first restart from
-        a given guess (layout of `Reconstruction.inputs`) instead of noise."""
-        cfg = self.config
-        problem, generator, variables = start(
-            self.seed, observation, knowledge, cfg, cfg.bn_mode, initial
-        )
-        total = int(budget.max_iterations)
+    def _objective(self, problem: Problem, draws: Draws, total: int) -> Objective:
         absolute = problem.sign_flipped
         use_bn = problem.bn_reference is not None
 
         def objective(v: Sequence[Tensor], iteration: int | None) -> tuple[Tensor, Tensor]:
             out = problem.replay(v[0], _soft_labels(problem, v), problem.matching.needs_per_sample)
-            chosen, masks = self._selection(problem, iteration, total, generator)
+            chosen, masks = self._selection(problem, iteration, total, draws)
             dummy = [out.update[i] for i in chosen]
             target = [problem.target[i] for i in chosen]
             per_sample = None if out.per_sample is None else [out.per_sample[i] for i in chosen]
@@ -533,22 +724,29 @@ class InvertingGradients:
                 loss = loss + bn_weight * batchnorm_prior(out.statistics, problem.bn_reference)
             return loss, matching
 
-        settings = Settings(
+        return objective
+
+    def _settings(self, problem: Problem, knowledge: AttackerKnowledge) -> Settings:
+        cfg = self.ig
+        return Settings(
             optimizer="adam",
             schedule=StepDecay(cfg.learning_rate, cfg.milestones, cfg.decay, self._stages()),
             signed=cfg.signed,
             box=_box(problem, knowledge) if cfg.boxed else None,
             check_every=cfg.check_every,
             description=self.name,
+            # Stages match different layers: their losses are not comparable across stages.
+            keep_best=cfg.keep_best and self._stages() == 1,
         )
-        outcome = optimise(objective, variables, settings, budget)
+
+    def _extra(self, problem: Problem) -> dict[str, float]:
         extra = {
             "tv_weight": self.tv_weight(problem.pipeline, problem.input_shape[0]),
-            "bn_weight": cfg.bn_weight,
+            "bn_weight": self.ig.bn_weight,
         }
-        if use_bn:
+        if problem.bn_reference is not None:
             extra["bn_exact"] = float(problem.bn_exact)
-        return _finish(problem, outcome, knowledge, extra)
+        return extra
 
     def _stages(self) -> int:
         return 1
@@ -590,7 +788,7 @@ class StepwiseInversion(InvertingGradients):
         return tv, bn
 
     def _selection(
-        self, problem: Problem, iteration: int | None, total: int, generator: torch.Generator
+        self, problem: Problem, iteration: int | None, total: int, draws: Draws
     ) -> tuple[list[int], list[Tensor] | None]:
         groups = _layer_groups(problem.replay.names)
         stage = self._stage(iteration, total)
@@ -599,11 +797,12 @@ class StepwiseInversion(InvertingGradients):
         if iteration is None or self.stepwise.dropout == 0:
             return chosen, None
         keep = 1.0 - self.stepwise.dropout
-        masks = [
-            (
-                torch.rand(problem.target[i].shape, generator=generator, device=problem.device)
-                < keep
-            ).to(problem.target[i].dtype)
-            for i in chosen
-        ]
+        masks = []
+        for i in chosen:
+            shape, dtype = problem.target[i].shape[1:], problem.target[i].dtype
+            drawn = [
+                torch.rand((problems, *shape), generator=generator, device=problem.device) < keep
+                for generator, problems in draws
+            ]
+            masks.append(torch.cat(drawn).to(dtype))
         return chosen, masks

@@ -12,6 +12,7 @@ iteration, and the learning-rate schedule is computed on the host from the itera
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -59,6 +60,7 @@ class Settings:
     history: int = 100
     check_every: int = 50
     description: str = "inversion"
+    keep_best: bool = False
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,22 @@ class Outcome:
     seconds: float
     stopped_by: str
     initial: Tensor
+
+    def part(self, start: int, stop: int) -> Outcome:
+        """Problems `start:stop` of a batched run: every per-problem tensor (leading dimension
+        T) sliced, the run's scalars kept, as if those problems had been optimised alone."""
+        problems = self.matching.shape[0]
+
+        def cut(value: object) -> object:
+            if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == problems:
+                return value[start:stop]
+            if isinstance(value, list):
+                return [cut(v) for v in value]
+            return value
+
+        return dataclasses.replace(
+            self, **{f.name: cut(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        )
 
 
 class BatchedLBFGS:
@@ -144,6 +162,58 @@ class BatchedLBFGS:
         self.previous_gradient, self.previous_step = g, step
 
 
+class BatchedAdam:
+    """Adam exactly as `torch.optim.Adam` computes it (default betas and eps, no weight decay),
+    without the optimiser's per-step bookkeeping, which costs more than the update itself on
+    small problems (measured ~0.45 ms a step against ~0.1 ms here). Coordinate-wise, so
+    stacked problems stay independent; the rate is given at each step (IG's step decay)."""
+
+    def __init__(
+        self,
+        variables: Sequence[Tensor],
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ) -> None:
+        self.variables = list(variables)
+        self.beta1, self.beta2 = betas
+        self.eps = eps
+        self.steps = 0
+        self.first = [torch.zeros_like(v) for v in self.variables]
+        self.second = [torch.zeros_like(v) for v in self.variables]
+
+    @torch.no_grad()
+    def step(self, rate: float) -> None:
+        """One step from the gradients stored in `.grad` (variables without one stay put)."""
+        self.steps += 1
+        correction1 = 1 - self.beta1**self.steps
+        correction2 = (1 - self.beta2**self.steps) ** 0.5
+        for v, m, s in zip(self.variables, self.first, self.second, strict=True):
+            if v.grad is None:
+                continue
+            m.lerp_(v.grad, 1 - self.beta1)
+            s.mul_(self.beta2).addcmul_(v.grad, v.grad, value=1 - self.beta2)
+            denominator = (s.sqrt() / correction2).add_(self.eps)
+            v.addcdiv_(m, denominator, value=-rate / correction1)
+
+
+class Best:
+    """Each problem's iterate of lowest matching loss so far (non-finite losses never win)."""
+
+    def __init__(self, variables: Sequence[Tensor]) -> None:
+        self.variables = [v.detach().clone() for v in variables]
+        self.matching = torch.full((variables[0].shape[0],), math.inf, device=variables[0].device)
+
+    @torch.no_grad()
+    def offer(self, variables: Sequence[Tensor], matching: Tensor) -> None:
+        """Keep the problems of `variables` whose `matching` beats the best so far."""
+        value = matching.detach().to(self.matching.dtype)
+        better = value < self.matching
+        self.matching = torch.where(better, value, self.matching)
+        for kept, v in zip(self.variables, variables, strict=True):
+            mask = better.reshape((-1,) + (1,) * (v.dim() - 1))
+            kept.copy_(torch.where(mask, v.detach(), kept))
+
+
 def _finite_per_problem(variables: Sequence[Tensor], loss: Tensor) -> Tensor:
     finite = torch.isfinite(loss)
     for v in variables:
@@ -164,18 +234,18 @@ def optimise(
     budget: Budget,
 ) -> Outcome:
     """Minimise the summed per-problem objective over `variables` (each [T, ...], leaves
-    requiring grad) within the budget, keeping the last finite iterate of each problem."""
+    requiring grad) within the budget, keeping the last finite iterate of each problem, or
+    with `keep_best` the iterate of lowest matching loss seen (checked at every iteration on
+    the device, without synchronising)."""
     variables = [v.detach().clone().requires_grad_(True) for v in variables]
     snapshot = [v.detach().clone() for v in variables]
     initial = _final_matching(objective, snapshot)
+    best = Best(variables) if settings.keep_best else None
     total = max(0, int(budget.max_iterations))
-    adam = settings.optimizer == "adam"
-    if adam:
-        optimizer: torch.optim.Adam | BatchedLBFGS = torch.optim.Adam(
-            variables, lr=settings.schedule.learning_rate
-        )
-    else:
-        optimizer = BatchedLBFGS(variables, settings.schedule.learning_rate, settings.history)
+    adam = BatchedAdam(variables) if settings.optimizer == "adam" else None
+    lbfgs = None
+    if adam is None:
+        lbfgs = BatchedLBFGS(variables, settings.schedule.learning_rate, settings.history)
     start = time.perf_counter()
     stopped_by, iteration = "iterations", 0
     progress = tqdm(
@@ -186,17 +256,20 @@ def optimise(
             for v in variables:
                 v.grad = None
             loss, matching = objective(variables, iteration)
-            loss.sum().backward()
-            if adam:
+            if best is not None:
+                best.offer(variables, matching)
+            # Only the variables: the single-problem replay's weights are autograd leaves.
+            torch.autograd.backward(loss.sum(), inputs=variables)
+            if adam is not None:
                 for v in variables:
                     if v.grad is not None:
                         torch.nan_to_num_(v.grad, nan=0.0, posinf=0.0, neginf=0.0)
                         if settings.signed:
                             v.grad.sign_()
-                rate = settings.schedule.rate(iteration, total)
-                for group in optimizer.param_groups:  # type: ignore[union-attr]
-                    group["lr"] = rate
-            optimizer.step()
+                adam.step(settings.schedule.rate(iteration, total))
+            else:
+                assert lbfgs is not None
+                lbfgs.step()
             if settings.box is not None:
                 with torch.no_grad():
                     variables[0].clamp_(*settings.box)
@@ -218,6 +291,10 @@ def optimise(
                     break
     finally:
         progress.close()
+    if best is not None:
+        with torch.no_grad():
+            best.offer(variables, objective(variables, None)[1])
+        snapshot = best.variables
     matching = _final_matching(objective, snapshot)
     return Outcome(
         variables=snapshot,

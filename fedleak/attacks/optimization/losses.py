@@ -32,25 +32,28 @@ Updates = Sequence[Tensor]
 _EPS = 1e-12
 
 
-def _rowsum(t: Tensor) -> Tensor:
-    return t.flatten(1).sum(dim=1)
+def _flat(updates: Updates) -> Tensor:
+    """One row per problem, all coordinates: a handful of large ops instead of several per
+    parameter tensor (small problems are dominated by per-op overhead)."""
+    return torch.cat([u.flatten(1) for u in updates], dim=1)
 
 
 def l2_distance(dummy: Updates, target: Updates, masks: Updates | None = None) -> Tensor:
     """Squared Euclidean distance over all coordinates (DLG), or over `masks` only."""
-    if masks is None:
-        return sum(_rowsum((d - t).square()) for d, t in zip(dummy, target, strict=True))
-    return sum(_rowsum((d - t).square() * m) for d, t, m in zip(dummy, target, masks, strict=True))
+    squares = (_flat(dummy) - _flat(target)).square()
+    if masks is not None:
+        squares = squares * _flat(masks)
+    return squares.sum(dim=1)
 
 
 def cosine_distance(dummy: Updates, target: Updates, masks: Updates | None = None) -> Tensor:
     """1 - cosine similarity of the concatenated updates (IG), or over `masks` only."""
+    d, t = _flat(dummy), _flat(target)
     if masks is not None:
-        dummy = [d * m for d, m in zip(dummy, masks, strict=True)]
-    dot = sum(_rowsum(d * t) for d, t in zip(dummy, target, strict=True))
-    dummy_norm = sum(_rowsum(d.square()) for d in dummy)
-    target_norm = sum(_rowsum(t.square()) for t in target)
-    return 1.0 - dot / (dummy_norm.sqrt() * target_norm.sqrt() + _EPS)
+        d = d * _flat(masks)
+    dot = (d * t).sum(dim=1)
+    norms = d.square().sum(dim=1).sqrt() * t.square().sum(dim=1).sqrt()
+    return 1.0 - dot / (norms + _EPS)
 
 
 def sign_hinge(dummy: Updates, target: Updates, normalised: bool = True) -> Tensor:
@@ -61,12 +64,11 @@ def sign_hinge(dummy: Updates, target: Updates, normalised: bool = True) -> Tens
     gradient, which makes it scale-invariant like the cosine. Measured on 4 MNIST-5k images,
     sigmoid LeNet, 1,000 IG iterations: 18.2 dB normalised vs 9.8 dB as printed in the paper.
     """
-    hinge = sum(
-        _rowsum(torch.relu(-d * torch.sign(t)).square()) for d, t in zip(dummy, target, strict=True)
-    )
+    d = _flat(dummy)
+    hinge = torch.relu(-d * torch.sign(_flat(target))).square().sum(dim=1)
     if not normalised:
         return hinge
-    return hinge / (sum(_rowsum(d.square()) for d in dummy) + _EPS)
+    return hinge / (d.square().sum(dim=1) + _EPS)
 
 
 def tanh_mean(per_sample: Updates, scale: float, groups: int = 0) -> list[Tensor]:

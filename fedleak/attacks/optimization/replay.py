@@ -1,9 +1,13 @@
 """The client's computation replayed on dummy data, for many independent problems at once.
 
 A problem is one guess of a private batch (b images + labels) whose update is matched to one
-observed update. T problems (targets x restarts) are stacked along a leading dimension and
-pushed through `torch.func.vmap` over `grad`, so their dummy updates come out in one call and
-stay differentiable with respect to the dummy inputs (double backward through vmap).
+observed update. T problems (targets x restarts, of one or several observations) are stacked
+along a leading dimension and their dummy updates come out in one call, differentiable with
+respect to the dummy inputs (the attack then differentiates them once more). Three paths give
+the same function: one problem goes through plain autograd on the module itself (no vmap, no
+re-binding of parameters); stacked FedSGD problems of a model without BatchNorm through one
+batched backward and layer-wise per-problem gradients (`fedleak.training.per_sample`); every
+other case (FedAvg's unrolled steps, BatchNorm) through `torch.func.vmap` over `grad`.
 
 BatchNorm layers are replaced by `InversionBatchNorm`, which normalises each problem with the
 dummy batch's own statistics, as the client computed them (GradAttack's `exact` and `infer`
@@ -25,6 +29,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from fedleak.attacks.types import UpdateKind
+from fedleak.training.per_sample import layerwise_gradients, supported
 
 Statistics = list[tuple[Tensor, Tensor]]
 
@@ -124,6 +129,14 @@ class Replay:
         self.bn_mode = bn_mode
         self.params = {name: p.detach() for name, p in self.model.named_parameters()}
         self.names = list(self.params)
+        # The single-problem path differentiates with plain autograd w.r.t. the module's own
+        # parameters and calls the module directly (no re-binding of parameters per call).
+        self._leaves = dict(self.model.named_parameters())
+        for leaf in self._leaves.values():
+            leaf.requires_grad_(True)
+        # Stacked FedSGD problems without BatchNorm: per-problem gradients from one batched
+        # backward (`fedleak.training.per_sample`), cheaper to differentiate than vmap.
+        self.layerwise = protocol.kind == "gradient" and supported(self.model)
 
     @property
     def has_batchnorm(self) -> bool:
@@ -146,16 +159,33 @@ class Replay:
         for _, bn in self._batchnorms:
             bn.record = recorded if record else None
         try:
-            logits = functional_call(self.model, params, (x,))
+            if params is self._leaves:
+                logits = self.model(x)
+            else:
+                logits = functional_call(self.model, params, (x,))
         finally:
             for _, bn in self._batchnorms:
                 bn.record = None
         return F.cross_entropy(logits, y), tuple(recorded)
 
+    def _autograd(
+        self, params: dict[str, Tensor], x: Tensor, y: Tensor, record: bool
+    ) -> tuple[dict[str, Tensor], tuple[tuple[Tensor, Tensor], ...]]:
+        """`grad(self._loss, has_aux=True)` with plain autograd (graph kept for the outer
+        derivative): one problem needs no vmap, and functorch's wrappers cost ~1.5x here."""
+        loss, statistics = self._loss(params, x, y, record)
+        inputs = [params[n] for n in self.names]
+        grads = torch.autograd.grad(loss, inputs, create_graph=True, allow_unused=True)
+        gradient = {
+            n: torch.zeros_like(p) if g is None else g
+            for n, p, g in zip(self.names, inputs, grads, strict=True)
+        }
+        return gradient, statistics
+
     def _problem(
-        self, params: dict[str, Tensor], x: Tensor, y: Tensor
+        self, params: dict[str, Tensor], x: Tensor, y: Tensor, single: bool = False
     ) -> tuple[list[Tensor], tuple[tuple[Tensor, Tensor], ...]]:
-        gradient_of = grad(self._loss, has_aux=True)
+        gradient_of = self._autograd if single else grad(self._loss, has_aux=True)
         if self.protocol.kind == "gradient":
             gradient, statistics = gradient_of(params, x, y, True)
             return [gradient[n] for n in self.names], statistics
@@ -172,10 +202,43 @@ class Replay:
     def __call__(self, x: Tensor, y: Tensor, per_sample: bool = False) -> ReplayOutput:
         """Dummy updates of T problems: `x` [T, b, ...], `y` int64 [T, b] or soft [T, b, K];
         with `per_sample` also each sample's gradient (FedSGD, no BatchNorm)."""
+        if self.layerwise and (per_sample or x.shape[0] > 1):
+            return self._layerwise(x, y, per_sample)
         if per_sample:
             return self._per_sample(x, y)
+        if x.shape[0] == 1:
+            with torch.enable_grad():  # also under no_grad: the update is a gradient
+                update, statistics = self._problem(self._leaves, x[0], y[0], single=True)
+            return ReplayOutput(
+                [u.unsqueeze(0) for u in update],
+                None,
+                [(m.unsqueeze(0), v.unsqueeze(0)) for m, v in statistics],
+            )
         update, statistics = vmap(self._problem, in_dims=(None, 0, 0))(self.params, x, y)
         return ReplayOutput(list(update), None, list(statistics))
+
+    def _layerwise(self, x: Tensor, y: Tensor, per_sample: bool) -> ReplayOutput:
+        problems, samples = x.shape[0], x.shape[1]
+        scale = 1.0 if per_sample else 1.0 / samples  # the client's loss is the batch mean
+
+        def loss_of(logits: Tensor, target: Tensor) -> Tensor:
+            return F.cross_entropy(logits, target, reduction="none") * scale
+
+        groups = problems * samples if per_sample else problems
+        grads, _ = layerwise_gradients(
+            self.model,
+            self.params,
+            {},
+            x.reshape(problems * samples, *x.shape[2:]),
+            y.reshape(problems * samples, *y.shape[2:]),
+            loss_of,
+            groups,
+            create_graph=True,
+        )
+        if not per_sample:
+            return ReplayOutput([grads[n] for n in self.names], None, [])
+        per = [grads[n].reshape(problems, samples, *grads[n].shape[1:]) for n in self.names]
+        return ReplayOutput([g.mean(dim=1) for g in per], per, [])
 
     def _per_sample(self, x: Tensor, y: Tensor) -> ReplayOutput:
         if self.has_batchnorm or self.protocol.kind != "gradient":

@@ -1,0 +1,237 @@
+"""Measurements that cannot print nonsense: repeated, interleaved, checked before any ratio.
+
+Every benchmark compares variants measured in this run, round by round: each round calls
+every variant once, in a rotating order (so none always runs first, right after a pause, or
+last), and a variant's value is its seconds per unit (an iteration, a target-iteration, a
+gradient). Ratios are taken per round between variants measured moments apart, so a load
+change on a shared machine hits both sides of a ratio; the printed ratio is the median of
+those paired ratios, beside the ratio of the minima. A ratio is refused, with the reason,
+when a measurement is non-positive or not finite (e.g. a difference of two runs whose short
+run met more load than the long one), when too few rounds are valid, or when the paired
+ratios scatter so much that their median means little.
+
+Two clocks are read: wall time (what a user waits) and the process's CPU time (what the work
+costs, far less sensitive to other jobs on a shared machine; with several threads it adds
+theirs up, spinning included). Benchmarks print wall-time ratios, and CPU-time ratios where
+the machine is shared.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+MIN_ROUNDS = 3
+# Paired ratios whose interquartile range exceeds this share of their median are refused.
+MAX_SCATTER = 0.5
+
+
+class InvalidMeasurement(ValueError):
+    """A measurement that must not be turned into a ratio (the message says why)."""
+
+
+@dataclass(frozen=True)
+class Reading:
+    """Seconds of one measurement on both clocks (NaN where a clock was not read)."""
+
+    wall: float
+    cpu: float = math.nan
+
+
+@dataclass(frozen=True)
+class Series:
+    """One variant's values (seconds per unit), one per round, on the wall clock, and the
+    CPU seconds beside them."""
+
+    name: str
+    values: tuple[float, ...]
+    cpu: tuple[float, ...] = ()
+
+    def on(self, clock: str) -> Series:
+        """The series on `clock` ("wall" or "cpu")."""
+        if clock == "wall":
+            return self
+        return Series(f"{self.name} (cpu)", self.cpu or tuple(math.nan for _ in self.values))
+
+    def problem(self) -> str | None:
+        """Why this series is unusable, or None."""
+        bad = [v for v in self.values if not (math.isfinite(v) and v > 0)]
+        if bad:
+            return f"{self.name}: {len(bad)} of {len(self.values)} measurements <= 0 or not finite"
+        if len(self.values) < MIN_ROUNDS:
+            return f"{self.name}: {len(self.values)} rounds, fewer than {MIN_ROUNDS}"
+        return None
+
+    @property
+    def min(self) -> float:
+        """The fastest round: closest to the machine's unloaded speed."""
+        return min(self.values)
+
+    @property
+    def median(self) -> float:
+        """The typical round."""
+        return statistics.median(self.values)
+
+    def text(self, unit: float = 1e3, label: str = "ms") -> str:
+        """`min / median` in the given unit."""
+        if self.problem():
+            return f"{self.name}: invalid"
+        return f"{self.min * unit:.3f} / {self.median * unit:.3f} {label}"
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """numerator / denominator, paired by round."""
+
+    numerator: Series
+    denominator: Series
+
+    def paired(self) -> list[float]:
+        """The per-round ratios."""
+        return [a / b for a, b in zip(self.numerator.values, self.denominator.values, strict=True)]
+
+    def problem(self) -> str | None:
+        """Why no ratio may be printed, or None."""
+        for series in (self.numerator, self.denominator):
+            if (reason := series.problem()) is not None:
+                return reason
+        paired = sorted(self.paired())
+        middle = statistics.median(paired)
+        q1, _, q3 = statistics.quantiles(paired, n=4, method="inclusive")
+        if (q3 - q1) > MAX_SCATTER * middle:
+            return (
+                f"paired ratios scatter too much (interquartile range {q3 - q1:.2f} around a "
+                f"median of {middle:.2f}): the load changed during the run"
+            )
+        return None
+
+    @property
+    def median(self) -> float:
+        """The median of the paired per-round ratios."""
+        return statistics.median(self.paired())
+
+    @property
+    def of_minima(self) -> float:
+        """The ratio of the two fastest rounds."""
+        return self.numerator.min / self.denominator.min
+
+    def text(self) -> str:
+        """The ratio (paired median, and ratio of minima), or why there is none."""
+        reason = self.problem()
+        if reason is not None:
+            return f"no ratio: {reason}"
+        return (
+            f"{self.median:.2f} (ratio of minima {self.of_minima:.2f}, {len(self.paired())} rounds)"
+        )
+
+
+def interleave(
+    variants: Mapping[str, Callable[[], Reading | float]], rounds: int, warmup: int = 1
+) -> dict[str, Series]:
+    """Call every variant once per round in a rotating order; each call returns its seconds per
+    unit (a `Reading`, or wall seconds) or raises `InvalidMeasurement` (recorded as NaN,
+    which invalidates its series)."""
+    names = list(variants)
+    for _ in range(warmup):
+        for name in names:
+            with contextlib.suppress(InvalidMeasurement):
+                variants[name]()
+    values: dict[str, list[Reading]] = {name: [] for name in names}
+    for index in range(rounds):
+        order = names[index % len(names) :] + names[: index % len(names)]
+        for name in order:
+            try:
+                reading = variants[name]()
+            except InvalidMeasurement:
+                reading = Reading(math.nan, math.nan)
+            if not isinstance(reading, Reading):
+                reading = Reading(float(reading))
+            values[name].append(reading)
+    return {
+        name: Series(name, tuple(r.wall for r in v), tuple(r.cpu for r in v))
+        for name, v in values.items()
+    }
+
+
+def per_unit(run: Callable[[int], Reading], short: int, long: int) -> Callable[[], Reading]:
+    """Seconds per unit as the difference of a long and a short run, `run(n)` returning the
+    seconds of n units: fixed costs (set-up, label recovery, final evaluation) cancel. A
+    non-positive difference on a clock is recorded as NaN (that clock's series is invalid)."""
+    if not 0 < short < long:
+        raise ValueError(f"short={short}, long={long}: need 0 < short < long")
+
+    def measure() -> Reading:
+        first = run(short)
+        second = run(long)
+        wall = (second.wall - first.wall) / (long - short)
+        cpu = (second.cpu - first.cpu) / (long - short)
+        return Reading(wall if wall > 0 else math.nan, cpu if cpu > 0 else math.nan)
+
+    return measure
+
+
+def clock(work: Callable[[], object]) -> Reading:
+    """Run `work` once (CUDA work synchronised) and read both clocks."""
+    sync()
+    wall, cpu = time.perf_counter(), time.process_time()
+    work()
+    sync()
+    return Reading(time.perf_counter() - wall, time.process_time() - cpu)
+
+
+def timed(work: Callable[[], object], repeat: int = 1) -> Callable[[], Reading]:
+    """Seconds per call of `work` on both clocks, averaged over `repeat` calls."""
+
+    def measure() -> Reading:
+        total = clock(lambda: [work() for _ in range(repeat)])
+        return Reading(total.wall / repeat, total.cpu / repeat)
+
+    return measure
+
+
+def sync() -> None:
+    """Wait for queued CUDA work, so that wall time covers it."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def machine() -> str:
+    """The machine in one line: CPU model, cores, torch threads, CUDA device, load."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA"
+    return (
+        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} with "
+        f"{torch.get_num_threads()} threads, {cuda}, {load()}"
+    )
+
+
+def load() -> str:
+    """The 1/5/15-minute load averages (on a shared machine, read ratios beside them)."""
+    if not hasattr(os, "getloadavg"):
+        return "load unknown"
+    one, five, fifteen = os.getloadavg()
+    return f"load {one:.1f} {five:.1f} {fifteen:.1f}"
+
+
+def table(rows: Sequence[Sequence[str]]) -> str:
+    """Left-aligned columns."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows
+    )

@@ -1,0 +1,75 @@
+"""The optimisation engine's own optimiser and batch splitting, against their references."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from fedleak.attacks.optimization.engine import (
+    BatchedAdam,
+    Outcome,
+    Settings,
+    StepDecay,
+    optimise,
+)
+from fedleak.attacks.types import Budget
+
+
+def test_batched_adam_steps_exactly_as_torch_adam():
+    g = torch.Generator().manual_seed(0)
+    start = [torch.randn(3, 2, 4, generator=g), torch.randn(3, 5, generator=g)]
+    ours = [v.clone().requires_grad_() for v in start]
+    theirs = [v.clone().requires_grad_() for v in start]
+    adam = BatchedAdam(ours)
+    reference = torch.optim.Adam(theirs, lr=0.1)
+    for step in range(25):
+        rate = 0.1 if step < 10 else 0.01  # IG's step decay changes the rate between steps
+        grads = [torch.randn(v.shape, generator=g).sign() for v in start]
+        for v, grad in zip(ours, grads, strict=True):
+            v.grad = grad.clone()
+        for v, grad in zip(theirs, grads, strict=True):
+            v.grad = grad.clone()
+        for group in reference.param_groups:
+            group["lr"] = rate
+        adam.step(rate)
+        reference.step()
+    for a, b in zip(ours, theirs, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_an_outcome_part_is_its_problems_alone():
+    variables = [torch.arange(12.0).reshape(6, 2), torch.arange(6.0).reshape(6, 1)]
+    outcome = Outcome(
+        variables=variables,
+        matching=torch.arange(6.0),
+        diverged=torch.tensor([False, True, False, False, False, False]),
+        iterations=7,
+        seconds=3.0,
+        stopped_by="iterations",
+    )
+    part = outcome.part(1, 3)
+    assert torch.equal(part.variables[0], variables[0][1:3])
+    assert torch.equal(part.variables[1], variables[1][1:3])
+    assert part.matching.tolist() == [1.0, 2.0] and part.diverged.tolist() == [True, False]
+    assert (part.iterations, part.seconds, part.stopped_by) == (7, 3.0, "iterations")
+
+
+def test_keep_best_returns_the_iterate_of_lowest_matching_loss():
+    """A problem that first improves and then gets worse (a rate far too large for its
+    minimum at 0) is returned at its best iterate; the last one is kept without the option."""
+
+    def objective(variables, iteration):
+        loss = variables[0].square().sum(dim=1)
+        return loss, loss
+
+    start = [torch.tensor([[3.0], [0.05]])]
+    settings = Settings(optimizer="adam", schedule=StepDecay(1.0, ()), signed=True)
+    best = optimise(
+        objective, start, dataclasses.replace(settings, keep_best=True), Budget(6, 60.0)
+    )
+    last = optimise(objective, start, settings, Budget(6, 60.0))
+    assert float(best.matching[1]) < float(last.matching[1])
+    assert float(best.matching[1]) == pytest.approx(0.05**2)
+    assert torch.equal(best.variables[0][1], torch.tensor([0.05]))  # the start was its best
