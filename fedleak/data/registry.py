@@ -1,4 +1,5 @@
-"""Data sets by name: the offline embedded ones, the torchvision ones and `folder:<path>`.
+"""Data sets by name: the offline embedded ones, the torchvision ones, `folder:<path>`, and the
+text corpora of the language task (`TEXT_DATASETS`, loaded with `load_corpus`).
 
 Loaded sets are cached in the process: every simulated client asks for the same set each round.
 Data files always live outside the package tree (Flower's app bundle carries only source).
@@ -13,10 +14,18 @@ from pathlib import Path
 from fedleak.data.dataset import DatasetUnavailable, ImageDataset, with_holdout
 from fedleak.data.embedded import load_cifar10_foolbox, load_mnist5k
 from fedleak.data.folder import load_folder
+from fedleak.data.text.corpus import (
+    TEXT_DATASETS,
+    TextCorpus,
+    load_lee_news,
+    load_wikipedia,
+    load_wikitext,
+)
 from fedleak.data.torchvision_sets import TORCHVISION_SETS, load_torchvision_set
 
 FOLDER_PREFIX = "folder:"
-DATASETS: tuple[str, ...] = ("mnist5k", "cifar10-foolbox", *TORCHVISION_SETS)
+IMAGE_DATASETS: tuple[str, ...] = ("mnist5k", "cifar10-foolbox", *TORCHVISION_SETS)
+DATASETS: tuple[str, ...] = (*IMAGE_DATASETS, *TEXT_DATASETS)
 # Sets without an official test split get a stratified hold-out; victim-only sets get none.
 _HOLDOUT = frozenset({"mnist5k", FOLDER_PREFIX})
 DATA_DIR_ENV = "FEDLEAK_DATA_DIR"
@@ -25,9 +34,13 @@ __all__ = [
     "DATASETS",
     "DATA_DIR_ENV",
     "FOLDER_PREFIX",
+    "IMAGE_DATASETS",
+    "TEXT_DATASETS",
     "DatasetUnavailable",
     "UnknownDatasetError",
+    "dataset_modality",
     "default_data_dir",
+    "load_corpus",
     "load_dataset",
 ]
 
@@ -56,7 +69,9 @@ def load_dataset(
     all 20 images for training. `data_dir` matters to torchvision sets only.
     """
     kind = FOLDER_PREFIX if name.startswith(FOLDER_PREFIX) else name
-    if kind not in DATASETS and kind != FOLDER_PREFIX:
+    if kind in TEXT_DATASETS:
+        raise UnknownDatasetError(f"dataset={name!r} is a text corpus: load it with load_corpus")
+    if kind not in IMAGE_DATASETS and kind != FOLDER_PREFIX:
         raise UnknownDatasetError(
             f"dataset={name!r}: expected one of {', '.join(DATASETS)} or {FOLDER_PREFIX}<path>"
         )
@@ -93,3 +108,28 @@ def _load(
     else:
         dataset = load_torchvision_set(kind, Path(root), download)
     return with_holdout(dataset, test_fraction, seed) if kind in _HOLDOUT else dataset
+
+
+def dataset_modality(name: str) -> str:
+    """`tokens` for the text corpora, `image` for everything else."""
+    return "tokens" if name in TEXT_DATASETS else "image"
+
+
+def load_corpus(
+    name: str, data_dir: str | Path | None = None, *, download: bool = True
+) -> TextCorpus:
+    """A text corpus by name (cached in the process); `data_dir` holds WikiText's download and
+    the cleaned Wikipedia articles."""
+    if name not in TEXT_DATASETS:
+        raise UnknownDatasetError(f"dataset={name!r}: expected one of {', '.join(TEXT_DATASETS)}")
+    root = str(Path(data_dir or default_data_dir()).expanduser().resolve())
+    return _load_corpus(name, root, download)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_corpus(name: str, root: str, download: bool) -> TextCorpus:
+    if name == "wikipedia":
+        return load_wikipedia(Path(root))
+    if name == "lee-news":
+        return load_lee_news()
+    return load_wikitext(name, Path(root), download)
