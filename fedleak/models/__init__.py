@@ -7,6 +7,7 @@ from fedleak.models.build import (
     build_model,
     count_parameters,
     has_batchnorm,
+    model_modality,
 )
 from fedleak.models.spec import ModelSpec
 
@@ -18,4 +19,5 @@ __all__ = [
     "build_model",
     "count_parameters",
     "has_batchnorm",
+    "model_modality",
 ]

@@ -12,6 +12,7 @@ from fedleak.models.lenet import LeNet
 from fedleak.models.mlp import MLP
 from fedleak.models.resnet import resnet18, resnet20
 from fedleak.models.spec import ModelSpec
+from fedleak.models.transformer import MAX_POSITIONS, CausalTransformer
 
 Builder = Callable[[tuple[int, ...], int], nn.Module]
 
@@ -24,9 +25,13 @@ _BUILDERS: dict[str, Builder] = {
     "resnet18": lambda shape, k: resnet18(shape, k, norm="bn"),
     "resnet18-gn": lambda shape, k: resnet18(shape, k, norm="gn"),
     "mlp": lambda shape, k: MLP(shape, k),
+    # The language task: input_shape (L,) of token ids, num_classes = vocabulary size.
+    "transformer3": lambda shape, k: CausalTransformer(k),
 }
 
 MODEL_NAMES: tuple[str, ...] = tuple(_BUILDERS)
+# What each model reads; the rest read images.
+_TOKEN_MODELS = frozenset({"transformer3"})
 INIT_NAMES: tuple[str, ...] = ("default", "uniform")
 
 # Smallest height/width each convolutional model handles (two 2x2 poolings in the ConvNet).
@@ -55,7 +60,14 @@ def _validate(spec: ModelSpec) -> None:
     shape = tuple(spec.input_shape)
     if any(d < 1 for d in shape):
         raise ModelSpecError(f"model.input_shape={shape} must have positive sizes")
-    if spec.name != "mlp":
+    if spec.name in _TOKEN_MODELS:
+        if len(shape) != 1 or not 2 <= shape[0] <= MAX_POSITIONS or spec.num_classes < 2:
+            raise ModelSpecError(
+                f"model {spec.name!r} reads token sequences: expected input_shape (L,) with "
+                f"2 <= L <= {MAX_POSITIONS} and a vocabulary (num_classes) of at least 2, got "
+                f"{shape} and {spec.num_classes}"
+            )
+    elif spec.name != "mlp":
         min_size = _MIN_SIZE.get(spec.name, 1)
         if len(shape) != 3 or min(shape[1:]) < min_size:
             raise ModelSpecError(
@@ -85,6 +97,11 @@ def build_model(spec: ModelSpec) -> nn.Module:
     if spec.init == "uniform":
         _uniform_init(model, torch.Generator().manual_seed(spec.seed))
     return model
+
+
+def model_modality(name: str) -> str:
+    """What a registered model reads: `tokens` (language models) or `image`."""
+    return "tokens" if name in _TOKEN_MODELS else "image"
 
 
 def has_batchnorm(module: nn.Module) -> bool:

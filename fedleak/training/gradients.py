@@ -6,7 +6,8 @@ statistics are updated on copies of the buffers, which are then dropped. Gradien
 detached, keyed by `named_parameters()` names in that order.
 
 Labels are int64 class indices [B] or soft targets [B, C] (mixed labels of an input encoding);
-the loss is the cross-entropy, against the soft target distribution in the second case.
+the loss is the cross-entropy, against the soft target distribution in the second case. Token
+sequences [B, L] are their own targets; `fedleak.training.loss` holds both tasks' loss.
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from fedleak.models import has_batchnorm
+from fedleak.training.loss import check_targets, task_loss
 
 Params = dict[str, Tensor]
 
@@ -52,16 +53,6 @@ def _buffer_copies(model: nn.Module) -> Params:
     return {name: b.clone() for name, b in model.named_buffers()}
 
 
-def _check_targets(x: Tensor, y: Tensor) -> None:
-    hard = not y.is_floating_point() and y.dim() == 1
-    soft = y.is_floating_point() and y.dim() == 2
-    if not (hard or soft) or y.shape[0] != x.shape[0]:
-        raise ValueError(
-            f"labels of shape {tuple(y.shape)} and dtype {y.dtype} do not fit inputs of shape "
-            f"{tuple(x.shape)}; expected int64 [B] class indices or float [B, C] soft labels"
-        )
-
-
 def refuse_batchnorm(model: nn.Module) -> None:
     """Raise `PerSampleRefused` when the model has BatchNorm (samples are not independent)."""
     if has_batchnorm(model):
@@ -78,12 +69,12 @@ def per_sample_gradients_with_loss(
     """Each sample's gradient of its own loss (leading dim B) and the losses [B], in one
     vectorised call; `params` replaces the model's parameters (e.g. during local training)."""
     refuse_batchnorm(model)
-    _check_targets(x, y)
+    check_targets(x, y)
     buffers = _buffer_copies(model)
 
     def sample_loss(p: Params, xi: Tensor, yi: Tensor) -> tuple[Tensor, Tensor]:
         logits = functional_call(model, (p, buffers), (xi.unsqueeze(0),))
-        loss = F.cross_entropy(logits, yi.unsqueeze(0))
+        loss = task_loss(logits, yi.unsqueeze(0))
         return loss, loss.detach()
 
     per_sample = vmap(grad(sample_loss, has_aux=True), in_dims=(None, 0, 0))
@@ -104,11 +95,11 @@ def batch_gradient_with_loss(
 ) -> tuple[Params, Tensor]:
     """The gradient of the mean loss over the batch and that loss; BatchNorm uses the batch's
     own statistics (train mode), so this is the true batch gradient of BatchNorm models."""
-    _check_targets(x, y)
+    check_targets(x, y)
     leaves = {name: p.detach().requires_grad_() for name, p in _parameters(model, params).items()}
     with _training(model), torch.enable_grad():
         logits = functional_call(model, (leaves, _buffer_copies(model)), (x,))
-        loss = F.cross_entropy(logits, y)
+        loss = task_loss(logits, y)
         grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
     return {
         name: torch.zeros_like(p) if g is None else g

@@ -20,11 +20,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from fedleak.attacks.types import UpdateKind
+from fedleak.training.loss import task_loss
 
 Statistics = list[tuple[Tensor, Tensor]]
 
@@ -150,7 +150,7 @@ class Replay:
         finally:
             for _, bn in self._batchnorms:
                 bn.record = None
-        return F.cross_entropy(logits, y), tuple(recorded)
+        return task_loss(logits, y), tuple(recorded)
 
     def _problem(
         self, params: dict[str, Tensor], x: Tensor, y: Tensor
@@ -170,7 +170,8 @@ class Replay:
         return [current[n] - params[n] for n in self.names], statistics
 
     def __call__(self, x: Tensor, y: Tensor, per_sample: bool = False) -> ReplayOutput:
-        """Dummy updates of T problems: `x` [T, b, ...], `y` int64 [T, b] or soft [T, b, K];
+        """Dummy updates of T problems: `x` [T, b, ...], `y` int64 [T, b] or soft [T, b, K]
+        (token sequences: embeddings [T, b, L, d] and targets [T, b, L] or soft [T, b, L, V]);
         with `per_sample` also each sample's gradient (FedSGD, no BatchNorm)."""
         if per_sample:
             return self._per_sample(x, y)
