@@ -9,7 +9,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 from fedleak.attacks.baseline import AuxMeanBaseline
+from fedleak.attacks.frequency import TokenFrequencyBaseline
 from fedleak.attacks.learned.attack import build_lti, build_lti_ig
+from fedleak.attacks.learned.text import build_text_lti, build_text_lti_p
 from fedleak.attacks.optimization.attacks import DLG, InvertingGradients, StepwiseInversion
 from fedleak.attacks.optimization.config import (
     DLGConfig,
@@ -18,6 +20,7 @@ from fedleak.attacks.optimization.config import (
     StepwiseConfig,
     configure,
 )
+from fedleak.attacks.optimization.tag import build_tag
 from fedleak.attacks.types import Attack
 
 Factory = Callable[[Mapping[str, object], int], Attack]
@@ -33,6 +36,14 @@ def _aux_mean(params: Mapping[str, object], _seed: int) -> Attack:
     return AuxMeanBaseline()
 
 
+def _aux_frequency(params: Mapping[str, object], _seed: int) -> Attack:
+    if params:
+        raise UnknownAttackError(
+            f"attack 'aux-frequency' takes no parameters, got {sorted(params)}"
+        )
+    return TokenFrequencyBaseline()
+
+
 ATTACKS: dict[str, Factory] = {
     "aux-mean": _aux_mean,
     "dlg": lambda p, s: DLG(configure(DLGConfig(), p), s, "dlg"),
@@ -44,9 +55,19 @@ ATTACKS: dict[str, Factory] = {
     "stepwise": lambda p, s: StepwiseInversion(configure(StepwiseConfig(), p), s, "stepwise"),
     "lti": build_lti,
     "lti+ig": build_lti_ig,
+    # The language task (token sequences).
+    "aux-frequency": _aux_frequency,
+    "tag": lambda p, s: build_tag(dict(p), s),
+    "lti-text": build_text_lti,
+    "lti-p": build_text_lti_p,
 }
 
 ATTACK_NAMES: tuple[str, ...] = tuple(ATTACKS)
+
+
+def attack_modalities(attack: Attack) -> tuple[str, ...]:
+    """What an attack reconstructs: its `modalities` attribute, images when it declares none."""
+    return tuple(getattr(attack, "modalities", ("image",)))
 
 
 def build_attack(name: str, params: Mapping[str, object] | None = None, *, seed: int = 0) -> Attack:

@@ -29,6 +29,7 @@ from fedleak.report.plots import MAX_BANDS, frontier_figure, rounds_figure
 from fedleak.report.rundir import atomic_write, lpips_column
 from fedleak.report.tables import (
     METRICS,
+    TEXT_FIGURE_METRICS,
     cost_table,
     failure_table,
     final_utility,
@@ -39,6 +40,7 @@ from fedleak.report.tables import (
     training_table,
     utility_table,
 )
+from fedleak.report.text_section import texts_section
 
 HTML_FILE = "report.html"
 MARKDOWN_FILE = "report.md"
@@ -73,10 +75,12 @@ def _overview(study: Study) -> list[Block]:
         ),
         Text(
             "Each reconstruction is matched to one private sample (Hungarian assignment on "
-            "MSE) before scoring; images are in [0, 1] and PSNR uses a data range of 1. "
-            f"LPIPS is reported from the `{lpips}` column. Confidence intervals are 95% "
-            "Student-t intervals over the reconstructed samples, pooled over clients, rounds "
-            "and seeds."
+            "MSE for images, on the fraction of mismatched positions for token sequences) "
+            "before scoring; images are in [0, 1] and PSNR uses a data range of 1. "
+            f"LPIPS is reported from the `{lpips}` column. Text is scored by token accuracy "
+            "(position by position) and ROUGE-1/2/L F-measures of the decoded texts. "
+            "Confidence intervals are 95% Student-t intervals over the reconstructed samples, "
+            "pooled over clients, rounds and seeds."
         ),
     ]
 
@@ -116,7 +120,8 @@ def _rounds_section(study: Study) -> list[Block]:
     leakage = scored(study.leakage())
     leakage = leakage[leakage["scored_against"] == "original"]
     lpips = lpips_column(leakage)
-    metrics = [m for m in metrics_present(leakage) if m.column in ("psnr", lpips)]
+    shown = ("psnr", lpips, *TEXT_FIGURE_METRICS)
+    metrics = [m for m in metrics_present(leakage) if m.column in shown]
     utility = study.utility()
     if leakage.empty and utility.empty:
         return []
@@ -175,7 +180,8 @@ def _frontier_section(study: Study) -> list[Block]:
         metrics = [
             m
             for m in METRICS
-            if m.column in ("psnr", lpips) and np.isfinite(points[m.column]).any()
+            if m.column in ("psnr", lpips, *TEXT_FIGURE_METRICS)
+            and np.isfinite(points[m.column]).any()
         ]
         if metrics:
             blocks.append(
@@ -275,6 +281,7 @@ def report_blocks(study: Study) -> list[Block]:
         *_rounds_section(study),
         *_frontier_section(study),
         *_images_section(study),
+        *texts_section(study),
         *_setup_section(study),
     ]
 

@@ -62,7 +62,16 @@ LEAKAGE_COLUMNS: Mapping[str, str] = {
     "label_method": "str",
     # The attack's own numbers as JSON (e.g. a learned attack's training epochs and time).
     "diagnostics": "str",
+    # The language task: what was reconstructed ("image" / "tokens"), and the text metrics
+    # (NaN on image rows, as the image metrics are on text rows).
+    "modality": "str",
+    "token_acc": "float64",
+    "rouge1": "float64",
+    "rouge2": "float64",
+    "rougeL": "float64",
 }
+# Values of columns a run written before they existed reads as (default: -1 / NaN / '').
+MISSING_COLUMN_VALUES: Mapping[str, object] = {"modality": "image"}
 
 UTILITY_COLUMNS: Mapping[str, str] = {
     "round": "int64",
@@ -181,10 +190,11 @@ def read_leakage_parquet(path: Path) -> pd.DataFrame:
     if not path.exists():
         return empty_frame(LEAKAGE_COLUMNS)
     frame = pd.read_parquet(path)
-    # Columns added since a run was written (diagnostics) read as their missing value.
+    # Columns added since a run was written (diagnostics, text metrics) read as their missing
+    # value; such runs reconstructed images.
     for name, dtype in LEAKAGE_COLUMNS.items():
         if name not in frame:
-            frame[name] = _default(dtype)
+            frame[name] = MISSING_COLUMN_VALUES.get(name, _default(dtype))
     return frame.astype(dict(LEAKAGE_COLUMNS))[list(LEAKAGE_COLUMNS)]
 
 
@@ -266,6 +276,7 @@ class RunDirectory:
             "seed": config.seed,
             "scored_against": "original",
             "status": "ok",
+            "modality": "image",
         }
 
     def append_round(
@@ -473,11 +484,14 @@ def _fmt(value: object, digits: int = 3) -> str:
 
 def round_table(utility: pd.DataFrame, leakage: pd.DataFrame) -> pd.DataFrame:
     """One row per round: accuracy, loss, ε and central ε (if any), mean PSNR/SSIM/LPIPS per
-    attack, failures."""
+    attack (token accuracy and ROUGE-1/L for the language task), failures."""
     rounds = sorted(set(utility["round"]) | set(leakage["round"]))
     lpips = lpips_column(leakage)
     ok = leakage[(leakage["status"] == "ok") & (leakage["scored_against"] == "original")]
-    means = ok.groupby(["round", "attack"])[["psnr", "ssim", lpips]].mean()
+    shown = [("psnr", "PSNR"), ("ssim", "SSIM"), (lpips, "LPIPS")]
+    if ok["token_acc"].notna().any() and not ok["psnr"].notna().any():
+        shown = [("token_acc", "token acc"), ("rouge1", "ROUGE-1"), ("rougeL", "ROUGE-L")]
+    means = ok.groupby(["round", "attack"])[[c for c, _ in shown]].mean()
     runs = leakage.drop_duplicates(["round", "client_id", "attack"])
     failed = runs[runs["status"] != "ok"].groupby("round").size()
     by_round = utility.set_index("round")
@@ -496,7 +510,7 @@ def round_table(utility: pd.DataFrame, leakage: pd.DataFrame) -> pd.DataFrame:
             rec["central ε"] = float(u["central_epsilon"]) if u is not None else math.nan
         for attack in attacks:
             got = (r, attack) in means.index
-            for metric, label in (("psnr", "PSNR"), ("ssim", "SSIM"), (lpips, "LPIPS")):
+            for metric, label in shown:
                 rec[f"{attack} {label}"] = (
                     float(means.loc[(r, attack), metric]) if got else math.nan
                 )
@@ -530,7 +544,8 @@ def console_line(
     utility_row: Mapping[str, object],
     leakage_rows: Sequence[Mapping[str, object]],
 ) -> str:
-    """One compact progress line: accuracy, loss, then mean PSNR/LPIPS per attack."""
+    """One compact progress line: accuracy, loss, then mean PSNR/LPIPS (or token accuracy and
+    ROUGE-L) per attack."""
     parts = [f"round {server_round}"]
     acc, loss = utility_row.get("test_accuracy"), utility_row.get("test_loss")
     if acc is not None:
@@ -551,12 +566,18 @@ def console_line(
         rows = frame[frame["attack"] == attack]
         good = rows[(rows["status"] == "ok") & (rows["scored_against"] == "original")]
         failed = rows[rows["status"] != "ok"].drop_duplicates(["client_id"])
-        text = (
-            f"{attack} PSNR {_fmt(float(good['psnr'].mean()), 1)} "
-            f"LPIPS {_fmt(float(good[lpips].mean()), 3)}"
-            if len(good)
-            else f"{attack} -"
-        )
+        if len(good) and good["token_acc"].notna().any():
+            text = (
+                f"{attack} token acc {_fmt(float(good['token_acc'].mean()), 3)} "
+                f"ROUGE-L {_fmt(float(good['rougeL'].mean()), 3)}"
+            )
+        elif len(good):
+            text = (
+                f"{attack} PSNR {_fmt(float(good['psnr'].mean()), 1)} "
+                f"LPIPS {_fmt(float(good[lpips].mean()), 3)}"
+            )
+        else:
+            text = f"{attack} -"
         if len(failed):
             text += f" ({len(failed)} failed)"
         parts.append(text)

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
@@ -24,6 +23,7 @@ from fedleak.config import RunConfig, parse_flat
 from fedleak.data import FederatedData, auxiliary
 from fedleak.models import build_model
 from fedleak.report.rundir import RunDirectory, console_line
+from fedleak.report.texts import save_token_pairs
 from fedleak.runtime import federated_data, model_spec, resolve_device
 from fedleak.server.auditor import Auditor, GroundTruth
 from fedleak.server.central_dp import CentralDP
@@ -32,6 +32,7 @@ from fedleak.server.privacy import PrivacyLedger
 from fedleak.server.runner import AttackResult, AttackRunner, InlineRunner
 from fedleak.server.strategy import CuriousStrategy, PublicSetting
 from fedleak.server.validate import validate_components
+from fedleak.training.loss import task_scores
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +43,21 @@ def default_run_dir(config: RunConfig, root: Path | None = None) -> Path:
     return ((root or Path.cwd()) / "runs" / f"{stamp}-{config.name}").resolve()
 
 
-def environment(device: torch.device, config: RunConfig) -> dict[str, object]:
-    """Versions, device and seed: what a reader needs to reproduce the run."""
+def data_record(fd: FederatedData) -> dict[str, object]:
+    """Where the data came from and, for text, which tokenizer the federation uses."""
+    record: dict[str, object] = {"source": fd.dataset.source, "modality": fd.dataset.modality}
+    tokenizer = getattr(fd.dataset, "tokenizer", None)
+    if tokenizer is not None:
+        record["tokenizer"] = tokenizer.record()
+        record["seq_len"] = fd.dataset.input_shape[0]
+    return record
+
+
+def environment(
+    device: torch.device, config: RunConfig, data: dict[str, object] | None = None
+) -> dict[str, object]:
+    """Versions, device, seed and the data's provenance: what a reader needs to reproduce the
+    run."""
     import flwr
 
     return {
@@ -56,6 +70,7 @@ def environment(device: torch.device, config: RunConfig) -> dict[str, object]:
         "cuda": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
         "seed": config.seed,
         "started": dt.datetime.now().isoformat(timespec="seconds"),
+        **({"data": data} if data is not None else {}),
     }
 
 
@@ -63,18 +78,18 @@ def environment(device: torch.device, config: RunConfig) -> dict[str, object]:
 def evaluate(
     model: torch.nn.Module, fd: FederatedData, device: torch.device
 ) -> tuple[float, float]:
-    """Test loss and accuracy of the global model on the held-out split (NaN when it is empty)."""
+    """Test loss and accuracy of the global model on the held-out split (NaN when it is empty):
+    per image, or per predicted next token of a language model."""
     x, y = fd.dataset.test_x, fd.dataset.test_y
     if len(x) == 0:
         return float("nan"), float("nan")
     model.eval()
-    loss, correct = 0.0, 0
-    for start in range(0, len(x), 512):
-        logits = model(x[start : start + 512].to(device))
-        target = y[start : start + 512].to(device)
-        loss += float(F.cross_entropy(logits, target, reduction="sum"))
-        correct += int((logits.argmax(1) == target).sum())
-    return loss / len(x), correct / len(x)
+    loss, correct, count = 0.0, 0, 0
+    for start in range(0, len(x), 256):
+        logits = model(x[start : start + 256].to(device))
+        scores = task_scores(logits, y[start : start + 256].to(device))
+        loss, correct, count = loss + scores[0], correct + scores[1], count + scores[2]
+    return loss / count, correct / count
 
 
 class RoundRecorder:
@@ -111,7 +126,20 @@ class RoundRecorder:
             for r in rows
             if r["scored_against"] == "original"
         ][: self.images_per_client]
-        if pairs:
+        if pairs and result.job.observation.modality == "tokens":
+            samples, targets = zip(*pairs, strict=True)
+            observation = result.job.observation
+            save_token_pairs(
+                self.run_dir.path,
+                observation.round,
+                observation.client_id,
+                result.job.attack,
+                truth.inputs[list(targets)],
+                reconstruction.inputs[list(samples)],
+                self.fd.dataset.tokenizer.pieces,
+                targets,
+            )
+        elif pairs:
             samples, targets = zip(*pairs, strict=True)
             observation = result.job.observation
             self.run_dir.save_images(
@@ -166,12 +194,12 @@ def serve(grid: Grid, config: RunConfig) -> Path:
     device = resolve_device(config.device)
     path = Path(config.out_dir) if config.out_dir else default_run_dir(config)
     config = dataclasses.replace(config, out_dir=str(path))
+    fd = federated_data(config, num_partitions=1)
     if config.sim.resume and (path / "config.toml").exists():
         run_dir = RunDirectory.open(path)
     else:
-        run_dir = RunDirectory.create(path, config, environment(device, config))
+        run_dir = RunDirectory.create(path, config, environment(device, config, data_record(fd)))
     config = with_attack_caches(config, run_dir)
-    fd = federated_data(config, num_partitions=1)
     spec = model_spec(config, fd)
     model = build_model(spec)
     offset = 0
@@ -271,7 +299,9 @@ def build_strategy(
     )
     attack = config.attack
     budget = Budget(attack.max_iterations, attack.max_seconds, attack.show_progress)
+    modality = fd.dataset.modality
     public = PublicSetting(
+        modality=modality,
         model=spec,
         update_kind="gradient" if train.mode == "fedsgd" else "delta",
         learning_rate=train.lr,
@@ -291,7 +321,7 @@ def build_strategy(
         inner,
         public,
         build_runner(config, knowledge, budget),
-        Auditor(),
+        Auditor(decode=fd.dataset.tokenizer.decode if modality == "tokens" else None),
         attacks=attack.names,
         clients_per_round=attack.clients_per_round,
         seed=config.seed,

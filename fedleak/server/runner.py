@@ -69,8 +69,11 @@ def failed_reconstruction(error: BaseException | str, seconds: float) -> Reconst
 
 
 def checked(reconstruction: Reconstruction, seconds: float, expected: int) -> Reconstruction:
-    """Move to the CPU, time it, and turn NaN or a wrong shape into a recorded status."""
-    inputs = reconstruction.inputs.detach().float().cpu()
+    """Move to the CPU, time it, and turn NaN or a wrong shape into a recorded status.
+    Images become float32; token ids stay integers."""
+    inputs = reconstruction.inputs.detach().cpu()
+    if inputs.is_floating_point():
+        inputs = inputs.float()
     labels = None if reconstruction.labels is None else reconstruction.labels.detach().cpu()
     status, message = reconstruction.status, reconstruction.message
     if status == "ok" and not torch.isfinite(inputs).all():

@@ -19,7 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedleak.attacks.types import Observation, UpdateKind
+from fedleak.attacks.types import Modality, Observation, UpdateKind
 from fedleak.messages import (
     ARRAYS,
     AUDIT,
@@ -49,6 +49,7 @@ class PublicSetting:
     defense: str
     share_bn_statistics: bool
     view: str = "client"
+    modality: Modality = "image"
 
 
 @dataclass(frozen=True)
@@ -167,6 +168,7 @@ class CuriousStrategy(Strategy):
             defense=self.public.defense,
             per_sample_updates=per_sample,
             bn_statistics=bn_stats,
+            modality=self.public.modality,
         )
         truth = GroundTruth.from_audit(client_id, tensors_of(content[AUDIT]))
         return ClientReply(observation, truth)
@@ -230,6 +232,7 @@ class CuriousStrategy(Strategy):
             local_steps=first.local_steps,
             learning_rate=first.learning_rate,
             defense=first.defense,
+            modality=first.modality,
             contributors=len(split),
         )
         return ClientReply(observation, GroundTruth.union([r.truth for r in split]))

@@ -34,7 +34,7 @@ Every field can be set through `build_attack(name, params)` (dashes or underscor
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
@@ -188,11 +188,14 @@ def _coerce(key: str, current: object, value: object) -> object:
     raise AttackConfigError(f"attack parameter {key}={value!r}: expected {kind}")
 
 
-C = TypeVar("C", bound=InversionConfig)
+C = TypeVar("C")
 
 
-def configure(base: C, params: Mapping[str, object] | None) -> C:
-    """`base` with `params` applied (keys may use dashes), validated; one-line errors."""
+def configure(
+    base: C, params: Mapping[str, object] | None, check: Callable[[Any], None] | None = None
+) -> C:
+    """`base` with `params` applied (keys may use dashes), validated by `check` (the inversion
+    attacks' rules by default); one-line errors."""
     fields = {f.name: f for f in dataclasses.fields(base)}
     updates: dict[str, Any] = {}
     for key, value in (params or {}).items():
@@ -202,5 +205,5 @@ def configure(base: C, params: Mapping[str, object] | None) -> C:
             raise AttackConfigError(f"unknown attack parameter {key!r}; allowed: {allowed}")
         updates[name] = _coerce(key, getattr(base, name), value)
     config = dataclasses.replace(base, **updates)
-    _check(config)
+    (check or _check)(config)
     return config
