@@ -1,7 +1,8 @@
 """Real text corpora as documents: offline ones shipped inside the gensim wheel, WikiText online.
 
-- `wikipedia`: the English Wikipedia excerpt in gensim's test data (106 articles of the April
-  2016 dump, about 440k words of prose once the markup is stripped by `markup`).
+- `wikipedia`: the English Wikipedia excerpt in gensim's test data (the April 2016 dump's first
+  articles: 96 with at least 100 words of prose, about 390k words, once `markup` has stripped
+  the wikitext).
 - `lee-news`: gensim's Lee background corpus, 300 Australian news articles (about 60k words).
 - `wikitext-2`, `wikitext-103`: Merity et al.'s WikiText (raw) through Hugging Face `datasets`,
   downloaded once into the data folder when the internet is reachable; its test split is kept.
