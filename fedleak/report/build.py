@@ -73,16 +73,32 @@ def _overview(study: Study) -> list[Block]:
             f"{rounds[-1] if rounds else '–'}. It was built from the directory's files alone."
             + grouped
         ),
-        Text(
-            "Each reconstruction is matched to one private sample (Hungarian assignment on "
-            "MSE for images, on the fraction of mismatched positions for token sequences) "
-            "before scoring; images are in [0, 1] and PSNR uses a data range of 1. "
-            f"LPIPS is reported from the `{lpips}` column. Text is scored by token accuracy "
-            "(position by position) and ROUGE-1/2/L F-measures of the decoded texts. "
-            "Confidence intervals are 95% Student-t intervals over the reconstructed samples, "
-            "pooled over clients, rounds and seeds."
-        ),
+        Text(" ".join(_scoring(leakage, lpips))),
     ]
+
+
+def _scoring(leakage: pd.DataFrame, lpips: str) -> list[str]:
+    """How reconstructions were scored, for the modalities the study holds."""
+    modalities = set(leakage["modality"]) if len(leakage) else {"image"}
+    parts = []
+    if "image" in modalities:
+        parts.append(
+            "Each image reconstruction is matched to one private sample (Hungarian assignment "
+            "on MSE) before scoring; images are in [0, 1] and PSNR uses a data range of 1. "
+            f"LPIPS is reported from the `{lpips}` column."
+        )
+    if "tokens" in modalities:
+        parts.append(
+            "Each reconstructed token sequence is matched to one private sequence (Hungarian "
+            "assignment on the fraction of mismatched positions) and scored by token accuracy "
+            "(position by position) and by the ROUGE-1, ROUGE-2 and ROUGE-L F-measures of the "
+            "decoded texts (`rouge-score`, no stemming)."
+        )
+    parts.append(
+        "Confidence intervals are 95% Student-t intervals over the reconstructed samples, "
+        "pooled over clients, rounds and seeds."
+    )
+    return parts
 
 
 def _leakage_section(study: Study) -> list[Block]:

@@ -155,6 +155,8 @@ def _coerce(name: str, value: object) -> object:
             ) from None
     if name == "hidden" and isinstance(value, list | tuple):
         return tuple(value)
+    if name == "hidden" and isinstance(value, int) and not isinstance(value, bool):
+        return (value,)
     nullable = name in ("hash_bins", "patience", "cache_dir")
     if nullable and isinstance(value, str) and value.strip().lower() in ("", "none"):
         return None
