@@ -91,7 +91,7 @@ def world() -> dict[str, object]:
     knowledge = AttackerKnowledge(
         aux_inputs=aux_x, aux_labels=aux_y, input_shape=(LENGTH,), num_classes=VOCAB
     )
-    index = torch.tensor(fd.partitions[1][:8].copy())
+    index = torch.tensor(fd.partitions[1][:32].copy())
     return {
         "spec": spec,
         "weights": build_model(spec).state_dict(),
@@ -157,9 +157,14 @@ def test_adaptive_tag_distances_follow_the_defense() -> None:
     agree = [torch.tensor([[0.3, -2.0, 5.0]])]
     disagree = [torch.tensor([[-0.3, -2.0, 5.0]])]
     assert float(loss(agree, target, None)) == 0.0 and float(loss(disagree, target, None)) > 0
-    # ... and scale-invariant, so that shrinking the dummy gradient cannot lower it.
-    assert float(loss([2 * disagree[0]], target, None)) == pytest.approx(
-        float(loss(disagree, target, None))
+    # As printed, shrinking the dummy gradient lowers it (the trivial minimum at zero) ...
+    assert float(loss([0.5 * disagree[0]], target, None)) < float(loss(disagree, target, None))
+    # ... which the normalised hinge removes: it is scale-invariant.
+    normalised = choose_tag_loss(
+        TAGConfig(normalised_hinge=True), parse_defense_spec("sign"), 1, 2, 1, True
+    )
+    assert float(normalised([0.5 * disagree[0]], target, None)) == pytest.approx(
+        float(normalised(disagree, target, None))
     )
     # Pruning: coordinates received as zero do not count.
     masked = _distances("prune:0.9", blocks=1)
@@ -278,7 +283,7 @@ DEFENSES = ("none", "sign", "prune:0.9", "gauss:0.01")
 
 @pytest.fixture(scope="module")
 def quality(world: dict[str, object], one_thread: None) -> dict[tuple[str, str], float]:
-    """Token accuracy of every attack under every defense on the same 8 private sequences
+    """Token accuracy of every attack under every defense on the same 32 private sequences
     (TAG: the first 4)."""
     spec, weights, knowledge = world["spec"], world["weights"], world["knowledge"]
     private = world["private"]
@@ -287,8 +292,8 @@ def quality(world: dict[str, object], one_thread: None) -> dict[tuple[str, str],
         observation = observe(spec, weights, defense, private)  # type: ignore[arg-type]
         attacks = {
             "aux-frequency": TokenFrequencyBaseline(),
-            "lti-text": build_text_lti({"epochs": 8}, 0),
-            "lti-p": build_text_lti_p({"epochs": 4, "pseudo-size": 400}, 0),
+            "lti-text": build_text_lti({"epochs": 6}, 0),
+            "lti-p": build_text_lti_p({"epochs": 5, "pseudo-size": 400}, 0),
         }
         for name, attack in attacks.items():
             began = time.perf_counter()
@@ -298,13 +303,13 @@ def quality(world: dict[str, object], one_thread: None) -> dict[tuple[str, str],
                 f"{defense:10s} {name:13s} {results[name, defense]:.3f} "
                 f"{time.perf_counter() - began:.0f}s"
             )
-    for defense in ("none", "sign"):
+    for name, defense in (("tag", "none"), ("tag", "sign"), ("tag-normalised", "sign")):
         observation = observe(spec, weights, defense, private[:4])  # type: ignore[arg-type]
         began = time.perf_counter()
-        out = TAG().reconstruct(observation, knowledge, Budget(200, 1e9))
-        results["tag", defense] = float((out.inputs == private[:4]).float().mean())
+        out = build_attack(name).reconstruct(observation, knowledge, Budget(150, 1e9))
+        results[name, defense] = float((out.inputs == private[:4]).float().mean())
         print(
-            f"{defense:10s} tag           {results['tag', defense]:.3f} "
+            f"{defense:10s} {name:13s} {results[name, defense]:.3f} "
             f"{time.perf_counter() - began:.0f}s"
         )
     return results
@@ -331,6 +336,13 @@ def test_lti_p_beats_tag_under_sign_compression(quality: dict[tuple[str, str], f
 
 
 def test_registered_text_attacks_declare_tokens() -> None:
-    for name in ("tag", "lti-text", "lti-p", "aux-frequency"):
+    for name in ("tag", "tag-normalised", "lti-text", "lti-p", "aux-frequency"):
         assert build_attack(name).modalities == ("tokens",)  # type: ignore[attr-defined]
     assert build_attack("aux-frequency").reference is True  # type: ignore[attr-defined]
+
+
+@pytest.mark.slow
+def test_the_normalised_hinge_strengthens_tag_under_sign(
+    quality: dict[tuple[str, str], float],
+) -> None:
+    assert quality["tag-normalised", "sign"] > quality["tag", "sign"]

@@ -20,7 +20,7 @@ from fedleak.attacks.optimization.config import (
     StepwiseConfig,
     configure,
 )
-from fedleak.attacks.optimization.tag import build_tag
+from fedleak.attacks.optimization.tag import build_tag, build_tag_normalised
 from fedleak.attacks.types import Attack
 
 Factory = Callable[[Mapping[str, object], int], Attack]
@@ -58,6 +58,7 @@ ATTACKS: dict[str, Factory] = {
     # The language task (token sequences).
     "aux-frequency": _aux_frequency,
     "tag": lambda p, s: build_tag(dict(p), s),
+    "tag-normalised": lambda p, s: build_tag_normalised(dict(p), s),
     "lti-text": build_text_lti,
     "lti-p": build_text_lti_p,
 }

@@ -11,10 +11,15 @@ each position is mapped to the table row of highest cosine similarity (after cen
 
 Defense-adaptive variants (LTI supplementary, "Language baselines"): under sign compression of
 one release, ||.||^2 and ||.||_1 act on the hinge h = max(-g * sign(s), 0) instead of the
-difference (normalised by ||g||^2 and ||g||_1, as the vision hinge, so that shrinking the dummy
-gradient cannot lower the loss); for a mean of several sign releases (the aggregate-only view)
-the distances compare the mean of tanh'ed dummy updates, one per contributor; under pruning
-only the received non-zero coordinates count. Noise needs no change.
+difference, exactly as printed (`tag`); for a mean of several sign releases (the aggregate-only
+view) the distances compare the mean of tanh'ed dummy updates, one per contributor; under
+pruning only the received non-zero coordinates count. Noise needs no change.
+
+The printed hinge has a trivial minimum: with the next-token targets optimised jointly, the
+dummy gradient can shrink towards zero (targets equal to the model's own predictions), which
+drives both hinge terms to zero whatever the signs. `tag-normalised` divides them by ||g||^2
+and ||g||_1 (scale invariance, as fedleak's vision hinge), which is a much stronger attack under
+sign compression; see the README's language-task section for both measured.
 
 Targets (one batch update, or each sample's under per-sample sharing) and restarts are
 optimised as one batched problem by the shared engine.
@@ -58,6 +63,7 @@ class TAGConfig:
     it decays linearly to zero. `init_scale`: the dummy embeddings start from N(0, s^2) with s
     this times the embedding table's standard deviation. `label_scale`: standard deviation of
     the initial next-token logits. `adaptive`: choose the distance from the public defense.
+    `normalised_hinge`: scale-invariant sign hinge (`tag-normalised`; see the module docstring).
     """
 
     learning_rate: float = 0.05
@@ -67,7 +73,7 @@ class TAGConfig:
     restarts: int = 1
     init_scale: float = 1.0
     label_scale: float = 0.1
-    normalised_hinge: bool = True
+    normalised_hinge: bool = False
     tanh_scale: float = 1.0
     check_every: int = 50
 
@@ -90,9 +96,10 @@ def _check(config: TAGConfig) -> None:
         raise bad("warmup", "a fraction in [0, 1)")
 
 
-def tag_config(params: dict[str, object] | None = None) -> TAGConfig:
-    """TAGConfig with run parameters applied (dashes or underscores); one-line errors."""
-    return configure(TAGConfig(), params, _check)
+def tag_config(params: dict[str, object] | None = None, base: TAGConfig | None = None) -> TAGConfig:
+    """`base` (default TAGConfig()) with run parameters applied (dashes or underscores);
+    one-line errors."""
+    return configure(base or TAGConfig(), params, _check)
 
 
 @dataclass(frozen=True)
@@ -323,3 +330,8 @@ class TAG:
 def build_tag(params: dict[str, object], seed: int) -> TAG:
     """The registered `tag` attack from run parameters (fields of `TAGConfig`)."""
     return TAG(tag_config(params), seed, "tag")
+
+
+def build_tag_normalised(params: dict[str, object], seed: int) -> TAG:
+    """`tag-normalised`: TAG with the scale-invariant sign hinge."""
+    return TAG(tag_config(params, TAGConfig(normalised_hinge=True)), seed, "tag-normalised")
