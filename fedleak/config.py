@@ -81,9 +81,14 @@ class DataConfig(Settings):
     test_fraction: float = _setting(
         0.2, low=0.0, high=1.0, high_open=True, doc="held-out test share of sets without a split"
     )
-    aux_size: int = _setting(1000, low=0, doc="attacker's auxiliary images, disjoint from clients")
+    aux_size: int = _setting(
+        1000, low=0, doc="attacker's auxiliary images (text: sequences), disjoint from clients"
+    )
     aux_beta: float = _setting(1.0, low=0.0, high=1.0, doc="fraction of in-distribution aux")
     public_size: int = _setting(0, low=0, doc="public pool for InstaHide-inter, disjoint too")
+    seq_len: int = _setting(16, low=2, doc="text: tokens per sequence (L)")
+    vocab_size: int = _setting(8192, low=257, doc="text: tokens of the BPE trained on aux text")
+    tokenizer: str = _setting("bpe", doc="text: bpe (trained on aux text), gpt2, file:<json>")
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,9 @@ def federated_data(config: RunConfig, num_partitions: int) -> FederatedData:
         aux_beta=data.aux_beta,
         test_fraction=data.test_fraction,
         public_size=data.public_size,
+        seq_len=data.seq_len,
+        vocab_size=data.vocab_size,
+        tokenizer=data.tokenizer,
     )
 
 

@@ -191,6 +191,11 @@ def attack_names() -> tuple[str, ...]:
     return ATTACKS.names()
 
 
+def attack_modalities(attack: Attack) -> tuple[str, ...]:
+    """What an attack reconstructs: its `modalities` attribute, images when it declares none."""
+    return tuple(getattr(attack, "modalities", ("image",)))
+
+
 def build_attack(name: str, params: Mapping[str, object] | None = None, *, seed: int = 0) -> Attack:
     """The attack registered under `name`, configured by `params` (keys as in its settings
     dataclass, dashes or underscores); `ConfigError` (a ValueError) on bad names or values."""

@@ -16,23 +16,29 @@ from fedleak.data.registry import (
     DATA_DIR_ENV,
     DATASETS,
     FOLDER_PREFIX,
+    TEXT_DATASETS,
     DatasetEntry,
     UnknownDatasetError,
     data_shape,
     dataset_entry,
+    dataset_modality,
     dataset_names,
     default_data_dir,
+    load_corpus,
     load_dataset,
     register_dataset,
 )
 from fedleak.data.sampler import sample_batch
 from fedleak.data.stratify import DataSplitError
+from fedleak.data.text import TOKENIZER_KINDS, TokenDataset
 
 __all__ = [
     "DATASETS",
     "DATA_DIR_ENV",
     "FOLDER_PREFIX",
     "SCHEMES",
+    "TEXT_DATASETS",
+    "TOKENIZER_KINDS",
     "AuxiliarySplit",
     "DataSplitError",
     "DatasetEntry",
@@ -40,6 +46,7 @@ __all__ = [
     "FederatedData",
     "FolderLayoutError",
     "ImageDataset",
+    "TokenDataset",
     "UnknownDatasetError",
     "auxiliary",
     "build_federated_data",
@@ -47,8 +54,10 @@ __all__ = [
     "client_rows",
     "data_shape",
     "dataset_entry",
+    "dataset_modality",
     "dataset_names",
     "default_data_dir",
+    "load_corpus",
     "load_dataset",
     "partition_indices",
     "partition_rows",

@@ -33,6 +33,8 @@ class ImageDataset:
     class_names: tuple[str, ...]
     source: str
 
+    modality = "image"
+
     def __post_init__(self) -> None:
         # Cheap shape and type checks: a loader bug here would silently corrupt every metric.
         for split, x, y in (

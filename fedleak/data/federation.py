@@ -6,6 +6,9 @@ Order of the splits (all drawn from the training images, the test split stays wi
 3. the clients' partitions of the rest.
 Steps 1 and 2 do not depend on the number of partitions, so a server that builds the data with
 one partition sees exactly the auxiliary set and public pool that the clients see.
+
+Text corpora are split by whole documents instead (`fedleak.data.text.split`): test, auxiliary
+and client documents, a tokenizer trained on the auxiliary text, sequences of L tokens.
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ from torch import Tensor
 from fedleak.data.auxiliary import split_auxiliary
 from fedleak.data.dataset import ImageDataset
 from fedleak.data.partition import partition_indices
-from fedleak.data.registry import load_dataset
+from fedleak.data.registry import load_corpus, load_dataset
 from fedleak.data.sampler import sample_batch
 from fedleak.data.stratify import DataSplitError, stratified_sample
+from fedleak.data.text import TEXT_DATASETS, TokenDataset, split_text
 
 # Stream tag keeping the public-pool draw independent of the other draws made from the same seed.
 _PUBLIC_STREAM = 0x5055424C
@@ -36,7 +40,7 @@ class FederatedData:
     The instance is cached and shared within a process: treat its tensors as read-only too.
     """
 
-    dataset: ImageDataset
+    dataset: ImageDataset | TokenDataset
     aux: np.ndarray
     partitions: tuple[np.ndarray, ...]
     public: np.ndarray
@@ -65,9 +69,31 @@ def build_federated_data(
     test_fraction: float = 0.2,
     public_size: int = 0,
     download: bool = True,
+    seq_len: int = 16,
+    vocab_size: int = 8192,
+    tokenizer: str = "bpe",
 ) -> FederatedData:
-    """Load the data set and split it into auxiliary, public and client data (cached)."""
+    """Load the data set and split it into auxiliary, public and client data (cached).
+
+    `seq_len`, `vocab_size` and `tokenizer` shape the text corpora's token sequences.
+    """
     root = None if data_dir in (None, "") else str(Path(data_dir).expanduser().resolve())
+    if dataset_name in TEXT_DATASETS:
+        return _build_text(
+            dataset_name,
+            root,
+            num_partitions,
+            scheme,
+            seed,
+            aux_size,
+            aux_beta,
+            test_fraction,
+            public_size,
+            download,
+            seq_len,
+            vocab_size,
+            tokenizer,
+        )
     in_classes = None if aux_in_classes is None else tuple(int(c) for c in aux_in_classes)
     return _build(
         dataset_name,
@@ -138,6 +164,51 @@ def client_rows(
         raise DataSplitError(f"partition_id={partition_id}: expected 0..{fd.num_partitions - 1}")
     return _index(
         sample_batch(fd.partitions[partition_id], batch_size, seed, partition_id, server_round)
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _build_text(
+    dataset_name: str,
+    data_dir: str | None,
+    num_partitions: int,
+    scheme: str,
+    seed: int,
+    aux_size: int,
+    aux_beta: float,
+    test_fraction: float,
+    public_size: int,
+    download: bool,
+    seq_len: int,
+    vocab_size: int,
+    tokenizer: str,
+) -> FederatedData:
+    for setting, value, allowed in (
+        ("data.partition", scheme, "iid"),
+        ("data.aux-beta", aux_beta, 1.0),
+        ("data.public-size", public_size, 0),
+    ):
+        if value != allowed:
+            raise DataSplitError(
+                f"{setting}={value!r}: text corpora are split by whole documents with no classes "
+                f"or public pool, so expected {allowed!r} for {dataset_name!r}"
+            )
+    corpus = load_corpus(dataset_name, data_dir, download=download)
+    split = split_text(
+        corpus,
+        num_partitions,
+        seed,
+        aux_size=aux_size,
+        test_fraction=test_fraction,
+        seq_len=seq_len,
+        vocab_size=vocab_size,
+        tokenizer_kind=tokenizer,
+    )
+    return FederatedData(
+        split.dataset,
+        _frozen(split.aux),
+        tuple(_frozen(p) for p in split.partitions),
+        _frozen(np.zeros(0, dtype=np.int64)),
     )
 
 

@@ -1,4 +1,5 @@
-"""Data sets by name: the offline embedded ones, the torchvision ones, `folder:<path>`, and yours.
+"""Data sets by name: the offline embedded ones, the torchvision ones, `folder:<path>`, yours,
+and the text corpora of the language task (`TEXT_DATASETS`, loaded with `load_corpus`).
 
 A data set is registered with a loader `(root, download) -> ImageDataset`, where `root` is the
 data folder (`data.data-dir`, else `$FEDLEAK_DATA_DIR` or `~/.cache/fedleak/data`) for sets
@@ -28,6 +29,13 @@ from pathlib import Path
 from fedleak.data.dataset import DatasetUnavailable, ImageDataset, with_holdout
 from fedleak.data.embedded import load_cifar10_foolbox, load_mnist5k
 from fedleak.data.folder import load_folder
+from fedleak.data.text.corpus import (
+    TEXT_DATASETS,
+    TextCorpus,
+    load_lee_news,
+    load_wikipedia,
+    load_wikitext,
+)
 from fedleak.data.torchvision_sets import TORCHVISION_SETS, load_torchvision_set
 from fedleak.registry import Registry, UnknownNameError
 from fedleak.settings import ConfigError
@@ -41,13 +49,16 @@ __all__ = [
     "DATASETS",
     "DATA_DIR_ENV",
     "FOLDER_PREFIX",
+    "TEXT_DATASETS",
     "DatasetEntry",
     "DatasetUnavailable",
     "UnknownDatasetError",
     "data_shape",
     "dataset_entry",
+    "dataset_modality",
     "dataset_names",
     "default_data_dir",
+    "load_corpus",
     "load_dataset",
     "register_dataset",
 ]
@@ -146,16 +157,44 @@ def dataset_names() -> tuple[str, ...]:
 
 
 def dataset_entry(name: str) -> DatasetEntry:
-    """The entry of `name`; a one-line error naming every registered set and `folder:<path>`."""
+    """The entry of an image set `name`; a one-line error naming every registered set and
+    `folder:<path>` (a text corpus is loaded with `load_corpus`)."""
     if name.startswith(FOLDER_PREFIX):
         return DatasetEntry(name, lambda root, _download: load_folder(root, name), holdout=True)
+    if name in TEXT_DATASETS:
+        raise UnknownNameError(f"data.dataset={name!r} is a text corpus: load it with load_corpus")
     try:
         return DATASETS.get(name)
     except UnknownNameError:
         raise UnknownNameError(
-            f"data.dataset={name!r}: expected one of {', '.join(dataset_names())} or "
-            f"{FOLDER_PREFIX}<path>"
+            f"data.dataset={name!r}: expected one of "
+            f"{', '.join((*dataset_names(), *TEXT_DATASETS))} or {FOLDER_PREFIX}<path>"
         ) from None
+
+
+def dataset_modality(name: str) -> str:
+    """`tokens` for the text corpora, `image` for everything else."""
+    return "tokens" if name in TEXT_DATASETS else "image"
+
+
+def load_corpus(
+    name: str, data_dir: str | Path | None = None, *, download: bool = True
+) -> TextCorpus:
+    """A text corpus by name (cached in the process); `data_dir` holds WikiText's download and
+    the cleaned Wikipedia articles."""
+    if name not in TEXT_DATASETS:
+        raise UnknownNameError(f"dataset={name!r}: expected one of {', '.join(TEXT_DATASETS)}")
+    root = str(Path(data_dir or default_data_dir()).expanduser().resolve())
+    return _load_corpus(name, root, download)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_corpus(name: str, root: str, download: bool) -> TextCorpus:
+    if name == "wikipedia":
+        return load_wikipedia(Path(root))
+    if name == "lee-news":
+        return load_lee_news()
+    return load_wikitext(name, Path(root), download)
 
 
 def data_shape(name: str) -> tuple[tuple[int, ...], int] | None:

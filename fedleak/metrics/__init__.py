@@ -1,4 +1,5 @@
-"""Leakage metrics: image similarity, LPIPS, label recovery, and matching to ground truth."""
+"""Leakage metrics: image similarity, LPIPS, label recovery, text (token accuracy, ROUGE), and
+matching to ground truth."""
 
 from __future__ import annotations
 
@@ -14,6 +15,13 @@ from fedleak.metrics.lpips import (
     LPIPSScorer,
     UnsafePickleError,
     load_lpips,
+)
+from fedleak.metrics.text import (
+    ROUGE_TYPES,
+    TokenShapeError,
+    pairwise_token_mismatch,
+    rouge,
+    token_accuracy,
 )
 
 
@@ -34,9 +42,11 @@ __all__ = [
     "LPIPS_MIN_SIZE",
     "LPIPS_NETS",
     "PSNR_MAX_DB",
+    "ROUGE_TYPES",
     "ImageShapeError",
     "LPIPSNetError",
     "LPIPSScorer",
+    "TokenShapeError",
     "UnsafePickleError",
     "assign",
     "cost_matrix",
@@ -44,7 +54,10 @@ __all__ = [
     "label_multiset_accuracy",
     "load_lpips",
     "mse",
+    "pairwise_token_mismatch",
     "psnr",
+    "rouge",
     "score_images",
     "ssim",
+    "token_accuracy",
 ]

@@ -11,8 +11,9 @@ from scipy.optimize import linear_sum_assignment
 
 from fedleak.metrics.image import psnr_from_mse, ssim
 from fedleak.metrics.lpips import LPIPSScorer
+from fedleak.metrics.text import pairwise_token_mismatch
 
-ASSIGN_METRICS: tuple[str, ...] = ("mse", "psnr", "ssim", "lpips")
+ASSIGN_METRICS: tuple[str, ...] = ("mse", "psnr", "ssim", "lpips", "tokens")
 
 # Pixel values per chunk of pairs scored at once by SSIM, to bound memory on large batches.
 _SSIM_CHUNK_VALUES = 1 << 22
@@ -40,7 +41,10 @@ def pairwise_ssim(recon: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
 def cost_matrix(
     recon: torch.Tensor, truth: torch.Tensor, metric: str, scorer: LPIPSScorer | None = None
 ) -> torch.Tensor:
-    """Pairwise matching cost [B, B2], lower is better: MSE, -PSNR, -SSIM or LPIPS."""
+    """Pairwise matching cost [B, B2], lower is better: MSE, -PSNR, -SSIM, LPIPS, or the
+    fraction of mismatched positions of token sequences (`tokens`)."""
+    if metric == "tokens":
+        return pairwise_token_mismatch(recon, truth)
     if metric == "mse":
         return pairwise_mse(recon, truth)
     if metric == "psnr":

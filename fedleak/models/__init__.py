@@ -12,6 +12,7 @@ from fedleak.models.registry import (
     ModelEntry,
     groupnorm_advice,
     model_entry,
+    model_modality,
     model_names,
     register_model,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "groupnorm_advice",
     "has_batchnorm",
     "model_entry",
+    "model_modality",
     "model_names",
     "register_model",
 ]

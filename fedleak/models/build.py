@@ -10,6 +10,7 @@ from torch import nn
 
 from fedleak.models.registry import is_import_path, model_entry
 from fedleak.models.spec import ModelSpec
+from fedleak.models.transformer import MAX_POSITIONS
 from fedleak.settings import ConfigError
 
 INIT_NAMES: tuple[str, ...] = ("default", "uniform")
@@ -37,7 +38,14 @@ def _validate(spec: ModelSpec) -> None:
     shape = tuple(spec.input_shape)
     if any(d < 1 for d in shape):
         raise ModelSpecError(f"model.input_shape={shape} must have positive sizes")
-    if entry.image and (len(shape) != 3 or min(shape[1:]) < entry.min_size):
+    if entry.modality == "tokens":
+        if len(shape) != 1 or not 2 <= shape[0] <= MAX_POSITIONS or spec.num_classes < 2:
+            raise ModelSpecError(
+                f"model {spec.name!r} reads token sequences: expected input_shape (L,) with "
+                f"2 <= L <= {MAX_POSITIONS} and a vocabulary (num_classes) of at least 2, got "
+                f"{shape} and {spec.num_classes}"
+            )
+    elif entry.image and (len(shape) != 3 or min(shape[1:]) < entry.min_size):
         raise ModelSpecError(
             f"model.input_shape={shape} for {spec.name!r} must be (C, H, W) "
             f"with H, W >= {entry.min_size}"

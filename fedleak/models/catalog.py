@@ -10,6 +10,7 @@ from fedleak.models.lenet import LeNet
 from fedleak.models.mlp import MLP
 from fedleak.models.registry import register_model
 from fedleak.models.resnet import resnet18, resnet20
+from fedleak.models.transformer import CausalTransformer
 
 register_model("lenet", lambda shape, k: LeNet(shape, k), image=True)
 register_model("convnet", lambda shape, k: ConvNet(shape, k), image=True, min_size=4)
@@ -29,3 +30,5 @@ register_model(
 )
 register_model("resnet18-gn", lambda shape, k: resnet18(shape, k, norm="gn"), image=True)
 register_model("mlp", lambda shape, k: MLP(shape, k))
+# The language task: input_shape (L,) of token ids, num_classes = vocabulary size.
+register_model("transformer3", lambda shape, k: CausalTransformer(k), modality="tokens")

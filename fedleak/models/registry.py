@@ -31,7 +31,8 @@ class ModelEntry:
 
     `image`: the model takes (C, H, W) inputs of at least `min_size` pixels a side.
     `groupnorm`: the name of a variant without BatchNorm, for the advice when per-sample
-    operations meet BatchNorm.
+    operations meet BatchNorm. `modality`: what the model reads, `image` or `tokens` (a language
+    model: input shape (L,) of token ids, num_classes the vocabulary size).
     """
 
     name: str
@@ -39,6 +40,7 @@ class ModelEntry:
     image: bool = False
     min_size: int = 1
     groupnorm: str | None = None
+    modality: str = "image"
 
 
 def _adopt(name: str, obj: object) -> ModelEntry:
@@ -67,12 +69,14 @@ def register_model(
     image: bool = False,
     min_size: int = 1,
     groupnorm: str | None = None,
+    modality: str = "image",
     replace: bool = False,
 ) -> object:
     """Register a factory `(input_shape, num_classes) -> nn.Module`; usable as a decorator."""
 
     def add(factory: Builder) -> Builder:
-        MODELS.add(name, ModelEntry(name, factory, image, min_size, groupnorm), replace=replace)
+        entry = ModelEntry(name, factory, image, min_size, groupnorm, modality)
+        MODELS.add(name, entry, replace=replace)
         return factory
 
     return add if build is None else add(build)
@@ -93,6 +97,11 @@ def model_entry(name: str) -> ModelEntry:
             raise ConfigError(f"model.name={name!r}: {factory!r} is not callable")
         return ModelEntry(name, factory)
     return MODELS.get(name)
+
+
+def model_modality(name: str) -> str:
+    """What a model reads: `tokens` (language models) or `image`."""
+    return model_entry(name).modality
 
 
 def model_names() -> tuple[str, ...]:

@@ -28,6 +28,7 @@ from fedleak.report.rundir import atomic_write, lpips_column, replace_owned_file
 from fedleak.report.tables import (
     METRICS,
     SUCCESS_RULE,
+    TEXT_FIGURE_METRICS,
     cost_table,
     failure_table,
     final_utility,
@@ -41,6 +42,7 @@ from fedleak.report.tables import (
     training_table,
     utility_table,
 )
+from fedleak.report.text_section import texts_section
 from fedleak.report.verdict import verdict
 
 HTML_FILE = "report.html"
@@ -84,16 +86,35 @@ def _method(study: Study) -> list[Block]:
             f"{rounds[-1] if rounds else '–'}. It was built from the directory's files alone."
             + grouped
         ),
-        Text(
-            "Each reconstruction is matched to one private sample (Hungarian assignment on "
-            "MSE) before scoring; images are in [0, 1] and PSNR uses a data range of 1. "
-            f"LPIPS is reported from the `{lpips}` column. {SUCCESS_RULE}. Medians come with "
-            "95% order-statistic intervals and n, pooled over clients, rounds and seeds; the "
-            "floor is what an attacker gets from its auxiliary data alone, without looking at "
-            "the update: an attack at the floor has learned nothing about the private data."
-        ),
+        Text(" ".join(_scoring(leakage, lpips))),
         *_lpips_note(study),
     ]
+
+
+def _scoring(leakage: pd.DataFrame, lpips: str) -> list[str]:
+    """How reconstructions were scored, for the modalities the study holds."""
+    modalities = set(leakage["modality"]) if len(leakage) else {"image"}
+    parts = []
+    if "image" in modalities:
+        parts.append(
+            "Each image reconstruction is matched to one private sample (Hungarian assignment "
+            "on MSE) before scoring; images are in [0, 1] and PSNR uses a data range of 1. "
+            f"LPIPS is reported from the `{lpips}` column. {SUCCESS_RULE}."
+        )
+    if "tokens" in modalities:
+        parts.append(
+            "Each reconstructed token sequence is matched to one private sequence (Hungarian "
+            "assignment on the fraction of mismatched positions) and scored by token accuracy "
+            "(position by position) and by the ROUGE-1, ROUGE-2 and ROUGE-L F-measures of the "
+            "decoded texts (`rouge-score`, no stemming)."
+        )
+    parts.append(
+        "Medians come with 95% order-statistic intervals and n, pooled over clients, rounds "
+        "and seeds; the floor is what an attacker gets from its auxiliary data alone, without "
+        "looking at the update: an attack at the floor has learned nothing about the private "
+        "data."
+    )
+    return parts
 
 
 def _lpips_note(study: Study) -> list[Block]:
@@ -115,6 +136,30 @@ def _lpips_note(study: Study) -> list[Block]:
             "the weights, and the run must then be repeated to measure it."
         )
     ]
+
+
+def _scoring(leakage: pd.DataFrame, lpips: str) -> list[str]:
+    """How reconstructions were scored, for the modalities the study holds."""
+    modalities = set(leakage["modality"]) if len(leakage) else {"image"}
+    parts = []
+    if "image" in modalities:
+        parts.append(
+            "Each image reconstruction is matched to one private sample (Hungarian assignment "
+            "on MSE) before scoring; images are in [0, 1] and PSNR uses a data range of 1. "
+            f"LPIPS is reported from the `{lpips}` column."
+        )
+    if "tokens" in modalities:
+        parts.append(
+            "Each reconstructed token sequence is matched to one private sequence (Hungarian "
+            "assignment on the fraction of mismatched positions) and scored by token accuracy "
+            "(position by position) and by the ROUGE-1, ROUGE-2 and ROUGE-L F-measures of the "
+            "decoded texts (`rouge-score`, no stemming)."
+        )
+    parts.append(
+        "Confidence intervals are 95% Student-t intervals over the reconstructed samples, "
+        "pooled over clients, rounds and seeds."
+    )
+    return parts
 
 
 def _leakage_section(study: Study) -> list[Block]:
@@ -154,7 +199,8 @@ def _leakage_section(study: Study) -> list[Block]:
 def _rounds_section(study: Study) -> list[Block]:
     leakage = originals(study.leakage())
     lpips = lpips_column(leakage)
-    metrics = [m for m in metrics_present(leakage) if m.column in ("psnr", lpips)]
+    shown = ("psnr", lpips, *TEXT_FIGURE_METRICS)
+    metrics = [m for m in metrics_present(leakage) if m.column in shown]
     utility = study.utility()
     if leakage.empty and utility.empty:
         return []
@@ -214,7 +260,8 @@ def _frontier_section(study: Study) -> list[Block]:
         metrics = [
             m
             for m in METRICS
-            if m.column in ("psnr", lpips) and np.isfinite(points[m.column]).any()
+            if m.column in ("psnr", lpips, *TEXT_FIGURE_METRICS)
+            and np.isfinite(points[m.column]).any()
         ]
         if metrics:
             blocks.append(
@@ -314,6 +361,7 @@ def report_blocks(study: Study) -> list[Block]:
         *_verdict(study),
         *_rounds_section(study),
         *_images_section(study),
+        *texts_section(study),
         *_leakage_section(study),
         *_frontier_section(study),
         *_method(study),

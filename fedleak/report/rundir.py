@@ -79,7 +79,16 @@ LEAKAGE_COLUMNS: Mapping[str, str] = {
     "converged": "float64",
     # The row comes from a reference baseline (aux-mean): the report's floor, never ranked.
     "reference": "bool",
+    # The language task: what was reconstructed ("image" / "tokens"), and the text metrics
+    # (NaN on image rows, as the image metrics are on text rows).
+    "modality": "str",
+    "token_acc": "float64",
+    "rouge1": "float64",
+    "rouge2": "float64",
+    "rougeL": "float64",
 }
+# Values of columns a run written before they existed reads as (default: -1 / NaN / '').
+MISSING_COLUMN_VALUES: Mapping[str, object] = {"modality": "image"}
 
 # Reference baselines of run directories written before the `reference` column existed.
 LEGACY_REFERENCES = ("aux-mean",)
@@ -240,7 +249,7 @@ def _typed_leakage(frame: pd.DataFrame) -> pd.DataFrame:
     # Columns added since a run was written (diagnostics) read as their missing value.
     for name, dtype in LEAKAGE_COLUMNS.items():
         if name not in frame:
-            frame[name] = _default(dtype)
+            frame[name] = MISSING_COLUMN_VALUES.get(name, _default(dtype))
     return frame.astype(dict(LEAKAGE_COLUMNS))[list(LEAKAGE_COLUMNS)]
 
 
@@ -358,6 +367,7 @@ class RunDirectory:
             "seed": config.seed,
             "scored_against": "original",
             "status": "ok",
+            "modality": "image",
         }
 
     def append_round(
@@ -873,11 +883,15 @@ def _fmt(value: object, digits: int = 3) -> str:
 
 def round_table(utility: pd.DataFrame, leakage: pd.DataFrame) -> pd.DataFrame:
     """One row per round: accuracy, loss, ε and central ε (if any), median PSNR/SSIM/LPIPS per
-    attack (leakage is often bimodal, where a mean misleads), failures."""
+    attack (token accuracy and ROUGE-1/L for the language task; leakage is often bimodal,
+    where a mean misleads), failures."""
     rounds = sorted(set(utility["round"]) | set(leakage["round"]))
     lpips = lpips_column(leakage)
     ok = leakage[(leakage["status"] == "ok") & (leakage["scored_against"] == "original")]
-    means = ok.groupby(["round", "attack"])[["psnr", "ssim", lpips]].median()
+    shown = [("psnr", "PSNR"), ("ssim", "SSIM"), (lpips, "LPIPS")]
+    if ok["token_acc"].notna().any() and not ok["psnr"].notna().any():
+        shown = [("token_acc", "token acc"), ("rouge1", "ROUGE-1"), ("rougeL", "ROUGE-L")]
+    means = ok.groupby(["round", "attack"])[[c for c, _ in shown]].median()
     runs = leakage.drop_duplicates(["round", "client_id", "attack"])
     failed = runs[runs["status"] != "ok"].groupby("round").size()
     by_round = utility.set_index("round")
@@ -896,7 +910,7 @@ def round_table(utility: pd.DataFrame, leakage: pd.DataFrame) -> pd.DataFrame:
             rec["central ε"] = float(u["central_epsilon"]) if u is not None else math.nan
         for attack in attacks:
             got = (r, attack) in means.index
-            for metric, label in (("psnr", "PSNR"), ("ssim", "SSIM"), (lpips, "LPIPS")):
+            for metric, label in shown:
                 rec[f"{attack} {label}"] = (
                     float(means.loc[(r, attack), metric]) if got else math.nan
                 )
@@ -932,7 +946,7 @@ def console_line(
     prefix: str | None = None,
 ) -> str:
     """One compact progress line: `prefix` (default `round N`), accuracy, loss, then median
-    PSNR/LPIPS per attack."""
+    PSNR/LPIPS (or token accuracy and ROUGE-L) per attack."""
     parts = [prefix or f"round {server_round}"]
     acc, loss = utility_row.get("test_accuracy"), utility_row.get("test_loss")
     if acc is not None:
@@ -953,12 +967,18 @@ def console_line(
         rows = frame[frame["attack"] == attack]
         good = rows[(rows["status"] == "ok") & (rows["scored_against"] == "original")]
         failed = rows[rows["status"] != "ok"].drop_duplicates(["client_id"])
-        text = (
-            f"{attack} PSNR {_fmt(float(good['psnr'].median()), 1)} "
-            f"LPIPS {_fmt(float(good[lpips].median()), 3)}"
-            if len(good)
-            else f"{attack} -"
-        )
+        if len(good) and good["token_acc"].notna().any():
+            text = (
+                f"{attack} token acc {_fmt(float(good['token_acc'].median()), 3)} "
+                f"ROUGE-L {_fmt(float(good['rougeL'].median()), 3)}"
+            )
+        elif len(good):
+            text = (
+                f"{attack} PSNR {_fmt(float(good['psnr'].median()), 1)} "
+                f"LPIPS {_fmt(float(good[lpips].median()), 3)}"
+            )
+        else:
+            text = f"{attack} -"
         if len(failed):
             text += f" ({len(failed)} failed)"
         parts.append(text)

@@ -54,9 +54,12 @@ METRICS: tuple[Metric, ...] = (
     Metric("mse", "MSE", False, 4),
     Metric("label_acc", "label accuracy", True, 3, True),
 )
+# The two metrics per modality that figures show: PSNR and LPIPS for images, token accuracy
+# and ROUGE-L for text.
+TEXT_FIGURE_METRICS = ("token_acc", "rougeL")
 
 SCORED_AGAINST = {
-    "original": "scored against the private original images",
+    "original": "scored against the private originals",
     "encoded": "scored against the encoded images the gradient was computed on (MixUp/InstaHide "
     "encodings, shown as |x|): how well the attack inverts the encoding's input, not the "
     "private data",
@@ -442,7 +445,8 @@ def cost_table(study: Study) -> Table:
 
 def training_table(study: Study) -> Table | None:
     """Per run, round and learned attack: the training its refresh did (epochs, seconds,
-    validation PSNR, warm start), from the attacks' diagnostics; None without learned attacks."""
+    validation PSNR or token accuracy, warm start), from the attacks' diagnostics; None without
+    learned attacks."""
     runs = study.leakage().drop_duplicates(["run", "round", "client_id", "attack"])
     body = []
     for (run, server_round, attack), rows in runs.groupby(["run", "round", "attack"], sort=True):
@@ -452,6 +456,14 @@ def training_table(study: Study) -> Table | None:
         epochs = sum(d["train_epochs"] for d in trained)
         seconds = sum(d.get("train_seconds", 0.0) for d in trained)
         val_psnr = trained[-1].get("val_psnr", math.nan)
+        val_acc = trained[-1].get("val_token_acc", math.nan)
+        validation = (
+            f"{val_psnr:.2f} dB"
+            if not math.isnan(val_psnr)
+            else "–"
+            if math.isnan(val_acc)
+            else f"token acc {val_acc:.3f}"
+        )
         warm = any(d.get("warm_start", 0.0) > 0 for d in trained)
         body.append(
             (
@@ -460,18 +472,19 @@ def training_table(study: Study) -> Table | None:
                 Cell(attack),
                 Cell(f"{epochs:.0f}"),
                 Cell(f"{seconds:.1f}"),
-                Cell("–" if math.isnan(val_psnr) else f"{val_psnr:.2f}"),
+                Cell(validation),
                 Cell("reused" if epochs == 0 else "warm start" if warm else "from scratch"),
             )
         )
     if not body:
         return None
     return Table(
-        columns=("run", "round", "attack", "epochs", "train seconds", "val PSNR (dB)", "how"),
+        columns=("run", "round", "attack", "epochs", "train seconds", "validation", "how"),
         rows=tuple(body),
         caption="Learned attacks refresh their inverter as the global model changes: the "
         "training each round cost (summed over the round's attack runs) and the validation "
-        "PSNR on held-out auxiliary data after it.",
+        "score on held-out auxiliary data after it (PSNR for images, token accuracy for text; "
+        "LTI-P validates on held-out pseudo-sequences).",
     )
 
 

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log as flwr_log
 from flwr.serverapp import Grid, ServerApp
@@ -28,6 +27,7 @@ from fedleak.metrics.lpips import lpips_status, lpips_warning
 from fedleak.models import build_model
 from fedleak.report.progress import Progress
 from fedleak.report.rundir import RunDirectory, RunDirectoryError, RunLock, console_line
+from fedleak.report.texts import save_token_pairs
 from fedleak.runtime import federated_data, model_spec, resolve_device
 from fedleak.server.auditor import Auditor, GroundTruth
 from fedleak.server.central_dp import CentralDP
@@ -38,6 +38,7 @@ from fedleak.server.runner import AttackResult, AttackRunner, InlineRunner
 from fedleak.server.selection import ClientSelection
 from fedleak.server.strategy import CuriousStrategy, PublicSetting, train_metrics
 from fedleak.server.validate import validate_components
+from fedleak.training.loss import task_scores
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +61,21 @@ def default_run_dir(config: RunConfig, root: Path | None = None) -> Path:
     return path
 
 
-def environment(device: torch.device, config: RunConfig) -> dict[str, object]:
-    """Versions, device, seed and where LPIPS's weights came from: what a reader needs to
-    reproduce the run."""
+def data_record(fd: FederatedData) -> dict[str, object]:
+    """Where the data came from and, for text, which tokenizer the federation uses."""
+    record: dict[str, object] = {"source": fd.dataset.source, "modality": fd.dataset.modality}
+    tokenizer = getattr(fd.dataset, "tokenizer", None)
+    if tokenizer is not None:
+        record["tokenizer"] = tokenizer.record()
+        record["seq_len"] = fd.dataset.input_shape[0]
+    return record
+
+
+def environment(
+    device: torch.device, config: RunConfig, data: dict[str, object] | None = None
+) -> dict[str, object]:
+    """Versions, device, seed, the data's provenance and where LPIPS's weights came from: what
+    a reader needs to reproduce the run."""
     import flwr
 
     return {
@@ -76,6 +89,7 @@ def environment(device: torch.device, config: RunConfig) -> dict[str, object]:
         "seed": config.seed,
         "lpips": lpips_status(config.metrics.lpips_nets),
         "started": dt.datetime.now().isoformat(timespec="seconds"),
+        **({"data": data} if data is not None else {}),
     }
 
 
@@ -83,18 +97,18 @@ def environment(device: torch.device, config: RunConfig) -> dict[str, object]:
 def evaluate(
     model: torch.nn.Module, fd: FederatedData, device: torch.device
 ) -> tuple[float, float]:
-    """Test loss and accuracy of the global model on the held-out split (NaN when it is empty)."""
+    """Test loss and accuracy of the global model on the held-out split (NaN when it is empty):
+    per image, or per predicted next token of a language model."""
     x, y = fd.dataset.test_x, fd.dataset.test_y
     if len(x) == 0:
         return float("nan"), float("nan")
     model.eval()
-    loss, correct = 0.0, 0
-    for start in range(0, len(x), 512):
-        logits = model(x[start : start + 512].to(device))
-        target = y[start : start + 512].to(device)
-        loss += float(F.cross_entropy(logits, target, reduction="sum"))
-        correct += int((logits.argmax(1) == target).sum())
-    return loss / len(x), correct / len(x)
+    loss, correct, count = 0.0, 0, 0
+    for start in range(0, len(x), 256):
+        logits = model(x[start : start + 256].to(device))
+        scores = task_scores(logits, y[start : start + 256].to(device))
+        loss, correct, count = loss + scores[0], correct + scores[1], count + scores[2]
+    return loss / count, correct / count
 
 
 class RoundRecorder:
@@ -133,7 +147,20 @@ class RoundRecorder:
             for r in rows
             if r["scored_against"] == "original"
         ][: self.images_per_client]
-        if pairs:
+        if pairs and result.job.observation.modality == "tokens":
+            samples, targets = zip(*pairs, strict=True)
+            observation = result.job.observation
+            save_token_pairs(
+                self.run_dir.path,
+                observation.round,
+                observation.client_id,
+                result.job.attack,
+                truth.inputs[list(targets)],
+                reconstruction.inputs[list(samples)],
+                self.fd.dataset.tokenizer.pieces,
+                targets,
+            )
+        elif pairs:
             samples, targets = zip(*pairs, strict=True)
             observation = result.job.observation
             self.run_dir.save_images(
@@ -228,17 +255,17 @@ def check_resumable(config: RunConfig, path: Path) -> None:
 
 def _serve(grid: Grid, config: RunConfig, path: Path, device: torch.device) -> Path:
     """`serve` once the run directory is checked and locked."""
+    fd = federated_data(config, num_partitions=1)
     if config.sim.resume and (path / "config.toml").exists():
         run_dir = RunDirectory.open(path)
         run_dir.update_config(config)
     else:
-        run_dir = RunDirectory.create(path, config, environment(device, config))
+        run_dir = RunDirectory.create(path, config, environment(device, config, data_record(fd)))
     warning = lpips_warning(config.metrics.lpips_nets)
     if warning:
         print(f"fedleak: warning: {warning}", file=sys.stderr, flush=True)
     announce(f"fedleak: run directory {path}")
     config = with_attack_caches(config, run_dir)
-    fd = federated_data(config, num_partitions=1)
     spec = model_spec(config, fd)
     model = build_model(spec)
     offset = 0
@@ -403,7 +430,9 @@ def build_strategy(
     budget = Budget(
         attack.max_iterations, attack.max_seconds, attack.show_progress, attack.max_batch
     )
+    modality = fd.dataset.modality
     public = PublicSetting(
+        modality=modality,
         model=spec,
         update_kind="gradient" if train.mode == "fedsgd" else "delta",
         learning_rate=train.lr,
@@ -423,7 +452,10 @@ def build_strategy(
         inner,
         public,
         build_runner(config, knowledge, budget),
-        Auditor(config.metrics.lpips_nets),
+        Auditor(
+            config.metrics.lpips_nets,
+            decode=fd.dataset.tokenizer.decode if modality == "tokens" else None,
+        ),
         attacks=attack.names,
         references=reference_attacks(config),
         clients_per_round=attack.clients_per_round,

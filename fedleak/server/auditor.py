@@ -9,13 +9,15 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from fedleak.attacks.types import Observation, Reconstruction, converged
-from fedleak.metrics import assign, label_accuracy, score_images
+from fedleak.metrics import assign, label_accuracy, rouge, score_images, token_accuracy
+
+Decoder = Callable[[Sequence[int]], str]
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +111,9 @@ class GroundTruth:
 
 
 class Auditor:
-    """Matches each reconstruction to the ground truth (Hungarian on MSE) and scores it.
+    """Matches each reconstruction to the ground truth (Hungarian on MSE for images, on the
+    fraction of mismatched positions for token sequences) and scores it. `decode` turns token
+    ids into text for ROUGE (the run's tokenizer).
 
     Every row also carries the attack's convergence: the matching loss of the reconstructed
     sample at the start and the end of the optimisation (`loss_start`, `loss_final`) and
@@ -123,8 +127,11 @@ class Auditor:
     (matching across rows would let a weak attack borrow a better-fitting neighbour).
     """
 
-    def __init__(self, lpips_nets: tuple[str, ...] = ("alex",)) -> None:
+    def __init__(
+        self, lpips_nets: tuple[str, ...] = ("alex",), decode: Decoder | None = None
+    ) -> None:
         self.lpips_nets = lpips_nets
+        self.decode = decode
 
     def score(
         self,
@@ -141,9 +148,12 @@ class Auditor:
             return [{**base, "sample": -1, "target_index": -1, "scored_against": "original"}]
         in_order = observation.per_sample_updates is not None
         try:
-            rows = self._score_against(
-                base, reconstruction, truth.inputs, truth.labels, "original", in_order
-            )
+            if observation.modality == "tokens":
+                rows = self._score_tokens(base, reconstruction, truth.inputs)
+            else:
+                rows = self._score_against(
+                    base, reconstruction, truth.inputs, truth.labels, "original", in_order
+                )
             if truth.encoded is not None:
                 rows += self._score_against(
                     base, reconstruction, truth.encoded, None, "encoded", in_order
@@ -184,6 +194,7 @@ class Auditor:
             "message": reconstruction.message,
             "label_method": reconstruction.label_method,
             "diagnostics": json.dumps(reconstruction.diagnostics, sort_keys=True),
+            "modality": observation.modality,
             **context,
         }
 
@@ -218,6 +229,32 @@ class Auditor:
                 }
             )
         return rows
+
+    def _score_tokens(
+        self, base: Mapping[str, object], reconstruction: Reconstruction, truth: torch.Tensor
+    ) -> list[dict[str, object]]:
+        """Token accuracy and ROUGE of each reconstructed sequence against its matched truth."""
+        if self.decode is None:
+            raise ValueError("scoring token sequences needs the run's tokenizer (decode)")
+        recon = reconstruction.inputs.detach().long().cpu()
+        truth = truth.long().cpu()
+        recon_idx, truth_idx = assign(recon, truth, metric="tokens")
+        matched, targets = recon[recon_idx], truth[truth_idx]
+        accuracy = token_accuracy(matched, targets)
+        scores = rouge(
+            [self.decode(r.tolist()) for r in matched], [self.decode(t.tolist()) for t in targets]
+        )
+        return [
+            {
+                **base,
+                "sample": r,
+                "target_index": t,
+                "scored_against": "original",
+                "token_acc": float(accuracy[j]),
+                **{name: values[j] for name, values in scores.items()},
+            }
+            for j, (r, t) in enumerate(zip(recon_idx.tolist(), truth_idx.tolist(), strict=True))
+        ]
 
     def _best_source(
         self, rows: list[dict[str, object]], reconstruction: Reconstruction, truth: GroundTruth

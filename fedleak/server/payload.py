@@ -18,7 +18,7 @@ from torch import nn
 
 from fedleak.config import ConfigError, RunConfig
 from fedleak.defenses import parse_defense_spec
-from fedleak.models import ModelSpec, build_model
+from fedleak.models import ModelSpec, build_model, model_modality
 
 MB = 1_000_000
 FLOAT32, INT64, BOOL = 4, 8, 1
@@ -100,6 +100,8 @@ def estimate_payload(
     examples = config.train.examples_per_round
     image = math.prod(spec.input_shape) * FLOAT32
     audit = examples * (image + INT64) + 2 * ARRAY_HEADER
+    if model_modality(spec.name) == "tokens":  # int64 ids, and the same ids as targets
+        audit = examples * 2 * math.prod(spec.input_shape) * INT64 + 2 * ARRAY_HEADER
     encoder = parse_defense_spec(config.defense.spec).encoder
     if encoder is not None:
         # The encoded batch, per encoded sample the k sources it mixes and which are public,

@@ -103,8 +103,11 @@ def checked(
 ) -> Reconstruction:
     """Move to the CPU, time it, and give it its status by the one rule of every attack: a
     finite reconstruction of `expected` samples (of `shape` when given) is "ok" and scored,
-    whatever budget the attack ran out of; NaN or inf is "nan"; a wrong shape is "failed"."""
-    inputs = reconstruction.inputs.detach().float().cpu()
+    whatever budget the attack ran out of; NaN or inf is "nan"; a wrong shape is "failed".
+    Images become float32; token ids stay integers."""
+    inputs = reconstruction.inputs.detach().cpu()
+    if inputs.is_floating_point():
+        inputs = inputs.float()
     labels = None if reconstruction.labels is None else reconstruction.labels.detach().cpu()
     status, message = "ok", reconstruction.message
     wanted = (expected, *shape) if shape is not None else None

@@ -29,7 +29,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from fedleak.attacks.types import Observation, UpdateKind
+from fedleak.attacks.types import Modality, Observation, UpdateKind
 from fedleak.interrupt import raise_if_stopped
 from fedleak.messages import (
     ARRAYS,
@@ -63,6 +63,7 @@ class PublicSetting:
     defense: str
     share_bn_statistics: bool
     view: str = "client"
+    modality: Modality = "image"
 
 
 @dataclass(frozen=True)
@@ -250,6 +251,7 @@ class CuriousStrategy(Strategy):
             defense=self.public.defense,
             per_sample_updates=per_sample,
             bn_statistics=bn_stats,
+            modality=self.public.modality,
         )
         truth = GroundTruth.from_audit(client_id, tensors_of(content[AUDIT]))
         return ClientReply(observation, truth)
@@ -317,6 +319,7 @@ class CuriousStrategy(Strategy):
             local_steps=first.local_steps,
             learning_rate=first.learning_rate,
             defense=first.defense,
+            modality=first.modality,
             contributors=len(split),
         )
         return ClientReply(observation, GroundTruth.union([r.truth for r in split]))

@@ -13,19 +13,30 @@ from __future__ import annotations
 
 import math
 
-from fedleak.attacks.registry import ATTACKS, attack_entry, build_attack
+from fedleak.attacks.registry import ATTACKS, attack_entry, attack_modalities, build_attack
 from fedleak.config import ConfigError, RunConfig, key_help
 from fedleak.data import (
     FOLDER_PREFIX,
+    TOKENIZER_KINDS,
     DatasetUnavailable,
     DataSplitError,
     FederatedData,
     data_shape,
     dataset_entry,
+    dataset_modality,
+    load_corpus,
     load_dataset,
 )
 from fedleak.defenses import DefenseSpecError, InstaHide, parse_defense_spec
-from fedleak.models import ModelSpec, build_model, groupnorm_advice, has_batchnorm, model_entry
+from fedleak.models import (
+    ModelSpec,
+    build_model,
+    groupnorm_advice,
+    has_batchnorm,
+    model_entry,
+    model_modality,
+    model_names,
+)
 from fedleak.runtime import federated_data
 from fedleak.server.payload import clients_per_round
 from fedleak.server.pool import _cluster_address, local_cpus
@@ -168,14 +179,32 @@ def _setting_names(message: str) -> str:
 
 def validate_components(config: RunConfig) -> None:
     """Raise `ConfigError` for the first setting no registry accepts."""
-    dataset_entry(config.data.dataset)
+    dataset = config.data.dataset
+    modality = dataset_modality(dataset)
+    if modality == "image":
+        dataset_entry(dataset)
     model_entry(config.model.name)
     try:
         pipeline = parse_defense_spec(config.defense.spec)
     except DefenseSpecError as error:
         raise ConfigError(f"defense.spec={config.defense.spec!r}: {error}") from None
+    if model_modality(config.model.name) != modality:
+        fitting = [m for m in model_names() if model_modality(m) == modality]
+        raise ConfigError(
+            f"model.name={config.model.name!r} reads {model_modality(config.model.name)}s but "
+            f"data.dataset={dataset!r} holds {modality}; expected one of {', '.join(fitting)}"
+        )
+    if modality == "tokens":
+        _validate_text(config, pipeline.encoder is not None)
     for name in config.attack.names:
-        attack_entry(name)
+        attack = attack_entry(name).create(config.attack.params.get(name, {}), config.seed)
+        if modality not in attack_modalities(attack):
+            fitting = [n for n in ATTACKS.names() if modality in attack_modalities(build_attack(n))]
+            raise ConfigError(
+                f"attack.names: {name!r} reconstructs {', '.join(attack_modalities(attack))}s, "
+                f"not the {modality} of data.dataset={dataset!r}; attacks for them: "
+                f"{', '.join(fitting)}"
+            )
     # Parameters of a known attack left out of attack.names (a preset's, after the names were
     # overridden) are checked but unused; those of an unknown attack are a typo.
     known = ATTACKS.names()
@@ -210,9 +239,42 @@ def validate_components(config: RunConfig) -> None:
         )
 
 
+_TEXT_DEFENSES = "prune, sign, gauss, dpsgd"
+
+
+def _validate_text(config: RunConfig, encoded: bool) -> None:
+    """What the language task cannot honour: encodings, label-based splits, a public pool."""
+    data = config.data
+    if encoded:
+        raise ConfigError(
+            f"defense.spec={config.defense.spec!r}: input encodings (mixup, instahide) mix "
+            f"images and do not apply to token sequences; allowed for text: {_TEXT_DEFENSES}"
+        )
+    for key, value, allowed in (
+        ("data.partition", data.partition, "iid"),
+        ("data.aux-beta", data.aux_beta, 1.0),
+        ("data.public-size", data.public_size, 0),
+    ):
+        if value != allowed:
+            raise ConfigError(
+                f"{key}={value!r}: text corpora are split by whole documents, without classes "
+                f"or a public pool, so expected {allowed!r} for data.dataset={data.dataset!r}"
+            )
+    tokenizer = data.tokenizer
+    if tokenizer not in ("bpe", "gpt2") and not tokenizer.startswith("file:"):
+        raise ConfigError(
+            f"data.tokenizer={tokenizer!r}: expected one of {', '.join(TOKENIZER_KINDS)}"
+        )
+
+
 def model_spec_of(config: RunConfig) -> ModelSpec:
     """The run's model spec, shaped by the data set (declared by its registry entry, else read
-    from the loaded set)."""
+    from the loaded set; a language model's from the sequence length and vocabulary)."""
+    if dataset_modality(config.data.dataset) == "tokens":
+        data = config.data
+        return ModelSpec(
+            config.model.name, (data.seq_len,), data.vocab_size, config.model.init, config.seed
+        )
     shape = data_shape(config.data.dataset)
     if shape is None:
         dataset = load_dataset(
@@ -228,6 +290,9 @@ def model_spec_of(config: RunConfig) -> ModelSpec:
 def data_unavailable(config: RunConfig) -> str:
     """Why the run's data set cannot be loaded without a download ('' when it can)."""
     try:
+        if dataset_modality(config.data.dataset) == "tokens":
+            load_corpus(config.data.dataset, config.data.data_dir or None, download=False)
+            return ""
         load_dataset(
             config.data.dataset,
             config.data.data_dir or None,

@@ -7,7 +7,8 @@ its own (`buffers=`, see `buffer_copies`) to carry them through local training. 
 back detached, keyed by `named_parameters()` names in that order.
 
 Labels are int64 class indices [B] or soft targets [B, C] (mixed labels of an input encoding);
-the loss is the cross-entropy, against the soft target distribution in the second case.
+the loss is the cross-entropy, against the soft target distribution in the second case. Token
+sequences [B, L] are their own targets; `fedleak.training.loss` holds both tasks' loss.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from fedleak.models import has_batchnorm
+from fedleak.training.loss import check_targets, task_loss
 from fedleak.training.per_sample import layerwise_gradients, supported
 
 Params = dict[str, Tensor]
@@ -55,16 +57,6 @@ def buffer_copies(model: nn.Module) -> Params:
     return {name: b.detach().clone() for name, b in model.named_buffers()}
 
 
-def _check_targets(x: Tensor, y: Tensor) -> None:
-    hard = not y.is_floating_point() and y.dim() == 1
-    soft = y.is_floating_point() and y.dim() == 2
-    if not (hard or soft) or y.shape[0] != x.shape[0]:
-        raise ValueError(
-            f"labels of shape {tuple(y.shape)} and dtype {y.dtype} do not fit inputs of shape "
-            f"{tuple(x.shape)}; expected int64 [B] class indices or float [B, C] soft labels"
-        )
-
-
 def refuse_batchnorm(model: nn.Module) -> None:
     """Raise `PerSampleRefused` when the model has BatchNorm (samples are not independent)."""
     if has_batchnorm(model):
@@ -84,9 +76,9 @@ def per_sample_gradients_with_loss(
     Models made of the layers `fedleak.training.per_sample` knows get their per-sample
     gradients from one batched backward; any other model through vmap over `grad`."""
     refuse_batchnorm(model)
-    _check_targets(x, y)
+    check_targets(x, y)
     buffers = buffer_copies(model)
-    if supported(model):
+    if supported(model) and x.is_floating_point():  # token models: vmap over the task loss
         with _training(model):
             grads, losses = layerwise_gradients(
                 model, _parameters(model, params), buffers, x, y, _per_sample_loss
@@ -100,7 +92,7 @@ def _vmapped(
 ) -> tuple[Params, Tensor]:
     def sample_loss(p: Params, xi: Tensor, yi: Tensor) -> tuple[Tensor, Tensor]:
         logits = functional_call(model, (p, buffers), (xi.unsqueeze(0),))
-        loss = F.cross_entropy(logits, yi.unsqueeze(0))
+        loss = task_loss(logits, yi.unsqueeze(0))
         return loss, loss.detach()
 
     per_sample = vmap(grad(sample_loss, has_aux=True), in_dims=(None, 0, 0))
@@ -119,7 +111,7 @@ def vmap_per_sample_gradients_with_loss(
     """Per-sample gradients through vmap over `grad`, for any model without BatchNorm (the
     general path, and the reference the layer-wise path is checked against)."""
     refuse_batchnorm(model)
-    _check_targets(x, y)
+    check_targets(x, y)
     return _vmapped(model, x, y, params, buffer_copies(model))
 
 
@@ -141,12 +133,12 @@ def batch_gradient_with_loss(
     """The gradient of the mean loss over the batch and that loss; BatchNorm uses the batch's
     own statistics (train mode), so this is the true batch gradient of BatchNorm models.
     `buffers` (from `buffer_copies`) receive the running-statistics update of this forward."""
-    _check_targets(x, y)
+    check_targets(x, y)
     leaves = {name: p.detach().requires_grad_() for name, p in _parameters(model, params).items()}
     state = buffer_copies(model) if buffers is None else buffers
     with _training(model), torch.enable_grad():
         logits = functional_call(model, (leaves, state), (x,))
-        loss = F.cross_entropy(logits, y)
+        loss = task_loss(logits, y)
         grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
     return {
         name: torch.zeros_like(p) if g is None else g

@@ -103,7 +103,8 @@ def compute_update(
     private: PartnerPool | None = None,
     share_bn_statistics: bool = False,
 ) -> ClientUpdate:
-    """The defended update of a client holding images `x` [N, ...] and int64 labels `y` [N].
+    """The defended update of a client holding images `x` [N, ...] and int64 labels `y` [N], or
+    token sequences `x` [N, L] with `y` the same ids (a causal language model's targets).
 
     FedSGD needs N == batch_size. FedAvg runs `local_steps` SGD steps; step k uses the N-cyclic
     mini-batch starting at (k * batch_size) mod N. Randomness (encoding, noise) comes from
@@ -113,8 +114,15 @@ def compute_update(
     BatchNorm models with per-sample operations raise `PerSampleRefused`.
     """
     _check_data(x, y, num_classes, training)
-    onehot = F.one_hot(y, num_classes).to(x.dtype)
-    encoded = pipeline.encode(x, onehot, generator, public, private) if pipeline.encoder else None
+    encoded = None
+    if pipeline.encoder is not None:
+        if not x.is_floating_point():
+            raise LocalTrainingError(
+                f"defense {pipeline.encoder.spec!r}: input encodings mix images, and token "
+                "sequences cannot be mixed; use gradient defenses (prune, sign, gauss, dpsgd)"
+            )
+        onehot = F.one_hot(y, num_classes).to(x.dtype)
+        encoded = pipeline.encode(x, onehot, generator, public, private)
     inputs, targets = (encoded.inputs, encoded.soft_labels) if encoded else (x, y)
     statistics = None
     if share_bn_statistics and has_batchnorm(model):
@@ -139,9 +147,12 @@ def compute_update(
 
 
 def _check_data(x: Tensor, y: Tensor, num_classes: int, training: LocalTraining) -> None:
-    if y.dim() != 1 or y.dtype != torch.int64 or y.shape[0] != x.shape[0]:
+    tokens = x.dtype == torch.int64 and x.dim() == 2
+    expected_dim = 2 if tokens else 1
+    if y.dim() != expected_dim or y.dtype != torch.int64 or y.shape[0] != x.shape[0]:
+        what = "int64 [N, L] token ids" if tokens else "int64 [N]"
         raise LocalTrainingError(
-            f"labels of shape {tuple(y.shape)} and dtype {y.dtype}: expected int64 [N] for "
+            f"labels of shape {tuple(y.shape)} and dtype {y.dtype}: expected {what} for "
             f"inputs of shape {tuple(x.shape)}"
         )
     if y.numel() and not (int(y.min()) >= 0 and int(y.max()) < num_classes):

@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, replace_all_batch_norm_modules_, vmap
 
@@ -42,6 +41,7 @@ from fedleak.attacks.optimization.replay import ClientProtocol, Replay
 from fedleak.defenses import DPSGD, DefensePipeline, GaussianNoise, PartnerPool
 from fedleak.models import has_batchnorm
 from fedleak.training.gradients import per_sample_gradients, refuse_batchnorm
+from fedleak.training.loss import task_loss
 from fedleak.training.update import LocalTraining, compute_update
 
 Params = dict[str, Tensor]
@@ -313,7 +313,7 @@ def _group_gradients(model: nn.Module, x: Tensor, y: Tensor) -> Params:
     buffers = {name: b for name, b in model.named_buffers()}
 
     def group_loss(p: Params, xg: Tensor, yg: Tensor) -> Tensor:
-        return F.cross_entropy(functional_call(model, (p, buffers), (xg,)), yg)
+        return task_loss(functional_call(model, (p, buffers), (xg,)), yg)
 
     grads: Callable[..., Params] = vmap(grad(group_loss), in_dims=(None, 0, 0))
     return {name: g.detach() for name, g in grads(params, x, y).items()}

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from fedleak.attacks.types import UpdateKind
+from fedleak.training.loss import task_loss
 from fedleak.training.per_sample import layerwise_gradients, supported
 
 Statistics = list[tuple[Tensor, Tensor]]
@@ -166,7 +167,7 @@ class Replay:
         finally:
             for _, bn in self._batchnorms:
                 bn.record = None
-        return F.cross_entropy(logits, y), tuple(recorded)
+        return task_loss(logits, y), tuple(recorded)
 
     def _autograd(
         self, params: dict[str, Tensor], x: Tensor, y: Tensor, record: bool
@@ -200,7 +201,8 @@ class Replay:
         return [current[n] - params[n] for n in self.names], statistics
 
     def __call__(self, x: Tensor, y: Tensor, per_sample: bool = False) -> ReplayOutput:
-        """Dummy updates of T problems: `x` [T, b, ...], `y` int64 [T, b] or soft [T, b, K];
+        """Dummy updates of T problems: `x` [T, b, ...], `y` int64 [T, b] or soft [T, b, K]
+        (token sequences: embeddings [T, b, L, d] and targets [T, b, L] or soft [T, b, L, V]);
         with `per_sample` also each sample's gradient (FedSGD, no BatchNorm)."""
         if self.layerwise and (per_sample or x.shape[0] > 1):
             return self._layerwise(x, y, per_sample)

@@ -1,0 +1,176 @@
+"""The language task's hot paths, on the paper's 3-layer transformer (1.1M trainable parameters).
+
+Prints, measured in this process (median of several repeats after a warm-up):
+1. per-sample gradients of B sequences: torch.func (vmap over grad) against a Python loop of
+   autograd passes and one batch gradient (sequences per second and ratios);
+2. TAG, time per target-iteration: T targets optimised as one batched problem against one
+   target at a time (the ratio is the batching gain);
+3. LTI-P, training pairs per second (fresh pseudo-sequences -> per-sample gradients -> defense
+   -> feature hashing) and inverter steps per second (the paper's MLP, batch 64).
+Runs on CUDA as well when a GPU is visible (`--device cuda`).
+
+    python benchmarks/bench_text.py [--vocab 2048] [--length 16] [--threads 1] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from fedleak.attacks.learned.pairs import Featuriser, PairSource, Unit
+from fedleak.attacks.learned.text import TokenInverter, sequence_loss
+from fedleak.attacks.optimization.tag import TAG, TAGConfig
+from fedleak.attacks.types import AttackerKnowledge, Budget, Observation
+from fedleak.defenses import parse_defense_spec
+from fedleak.models import ModelSpec, build_model
+from fedleak.training.gradients import batch_gradient, per_sample_gradients
+from fedleak.training.loss import task_loss
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _median_seconds(work: Callable[[], object], repeats: int, device: torch.device) -> float:
+    work()  # warm-up: first-call dispatch and allocation costs
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        work()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _loop(model: torch.nn.Module, x: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+    """The naive baseline: one ordinary autograd pass per sequence."""
+    params = [p for _, p in model.named_parameters()]
+    return [
+        torch.autograd.grad(task_loss(model(x[i : i + 1]), x[i : i + 1]), params)
+        for i in range(x.shape[0])
+    ]
+
+
+def per_sample(spec: ModelSpec, batch: int, repeats: int, device: torch.device) -> None:
+    model = build_model(spec).to(device)
+    x = torch.randint(0, spec.num_classes, (batch, spec.input_shape[0]), device=device)
+    vmap = _median_seconds(lambda: per_sample_gradients(model, x, x), repeats, device)
+    loop = _median_seconds(lambda: _loop(model, x), repeats, device)
+    whole = _median_seconds(lambda: batch_gradient(model, x, x), repeats, device)
+    print(
+        f"per-sample gradients, B={batch}: vmap {batch / vmap:7.1f} seq/s, loop "
+        f"{batch / loop:7.1f} seq/s, one batch gradient {batch / whole:7.1f} seq/s; "
+        f"loop/vmap {loop / vmap:.2f}x, vmap/batch {vmap / whole:.2f}x"
+    )
+
+
+def _observation(spec: ModelSpec, weights: dict, x: torch.Tensor) -> Observation:
+    model = build_model(spec)
+    model.load_state_dict(weights)
+    update = per_sample_gradients(model, x, x)
+    return Observation(
+        round=1,
+        client_id=0,
+        model=spec,
+        weights=weights,
+        update={k: v.mean(0) for k, v in update.items()},
+        update_kind="gradient",
+        num_examples=x.shape[0],
+        batch_size=x.shape[0],
+        local_steps=1,
+        learning_rate=0.1,
+        defense="none",
+        per_sample_updates=update,
+        modality="tokens",
+    )
+
+
+def tag(spec: ModelSpec, targets: int, iterations: int, device: torch.device) -> None:
+    weights = build_model(spec).state_dict()
+    x = torch.randint(0, spec.num_classes, (targets, spec.input_shape[0]))
+    knowledge = AttackerKnowledge(x[:0], x[:0], spec.input_shape, spec.num_classes, device=device)
+    attack = TAG(TAGConfig(check_every=iterations))
+    budget = Budget(iterations, 1e9)
+    every, first = _observation(spec, weights, x), _observation(spec, weights, x[:1])
+    batched = _median_seconds(lambda: attack.reconstruct(every, knowledge, budget), 1, device)
+    alone = _median_seconds(lambda: attack.reconstruct(first, knowledge, budget), 1, device)
+    per_batched = batched / (targets * iterations)
+    per_alone = alone / iterations
+    print(
+        f"TAG, {targets} targets x {iterations} iterations: batched {per_batched * 1e3:.1f} ms "
+        f"per target-iteration, one at a time {per_alone * 1e3:.1f} ms; gain "
+        f"{per_alone / per_batched:.2f}x"
+    )
+
+
+def lti_p(spec: ModelSpec, pairs: int, bins: int, device: torch.device, defense: str) -> None:
+    model = build_model(spec).to(device)
+    sizes = {name: p.numel() for name, p in model.named_parameters()}
+    featuriser = Featuriser(sizes, bins, 0, False, True)
+    unit = Unit("gradient", 1, 1, 1, 0.1)
+    pipeline = parse_defense_spec(defense)
+    generator = torch.Generator(device=device).manual_seed(0)
+    length, vocab = spec.input_shape[0], spec.num_classes
+
+    def fresh() -> torch.Tensor:
+        x = torch.randint(0, vocab, (pairs, length), device=device, generator=generator)
+        groups = torch.arange(pairs, device=device).unsqueeze(1)
+        source = PairSource(model, pipeline, unit, x, x, vocab, groups, featuriser, 32, 1 << 30)
+        return source.features(generator)
+
+    seconds = _median_seconds(fresh, 1, device)
+    inverter = TokenInverter(featuriser.out_features, (600, 1000), length, vocab, 1).to(device)
+    optimiser = torch.optim.Adam(inverter.parameters(), lr=1e-3)
+    features = torch.randn(64, featuriser.out_features, device=device)
+    targets = torch.randint(0, vocab, (64, 1, length), device=device)
+
+    def step() -> None:
+        loss = sequence_loss(inverter(features), targets)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+
+    step_seconds = _median_seconds(step, 3, device)
+    print(
+        f"LTI-P ({defense}, {bins} hash bins): {pairs / seconds:.1f} training pairs/s; "
+        f"inverter {1 / step_seconds:.2f} steps/s of 64 ({64 / step_seconds:.0f} pairs/s)"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vocab", type=int, default=2048)
+    parser.add_argument("--length", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--targets", type=int, default=8)
+    parser.add_argument("--iterations", type=int, default=20)
+    parser.add_argument("--pairs", type=int, default=128)
+    parser.add_argument("--bins", type=int, default=4096)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch CPU threads (0: torch's default)"
+    )
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    spec = ModelSpec("transformer3", (args.length,), args.vocab)
+    trainable = sum(p.numel() for p in build_model(spec).parameters())
+    print(
+        f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads; transformer3, "
+        f"V={args.vocab}, L={args.length}, {trainable:,} trainable parameters"
+    )
+    per_sample(spec, args.batch, args.repeats, device)
+    tag(spec, args.targets, args.iterations, device)
+    lti_p(spec, args.pairs, args.bins, device, "sign")
+
+
+if __name__ == "__main__":
+    main()

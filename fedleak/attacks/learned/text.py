@@ -1,0 +1,539 @@
+"""Learning To Invert for text (LTI) and its pseudo-data variant (LTI-P), the LTI paper's
+language attacks (Wu et al., section 4.2).
+
+The inverter is the paper's MLP (hidden 600 then 1,000, ReLU) on the feature-hashed update
+(10% of its dimension), with L x V outputs: one distribution over the vocabulary per position,
+trained with cross-entropy. Training pairs are the updates the attacker computes at the current
+global weights and passes through the clients' public defense (`pairs`), as for images:
+
+- `lti-text`: from the attacker's auxiliary sequences (real text, disjoint from the clients');
+- `lti-p`: from pseudo-sequences whose tokens are drawn independently from the marginal token
+  distribution (the attacker knows token frequencies only; here they are counted on its
+  auxiliary text), with fresh sequences every epoch: unlimited training data.
+
+A FedSGD batch of B sequences gives B x L outputs, matched to the batch by the best
+assignment (order is unknown); FedAvg deltas and the per-sample threat model work as for
+images. The inverter is kept across rounds (`refresh`: retrain, finetune or frozen) and saved
+under the run's `state/` folder; `Budget.max_seconds` bounds training, which stops early when
+it runs out (said in the message and the `timed_out` diagnostic).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from fedleak.attacks.learned.attack import _fingerprint, _seed
+from fedleak.attacks.learned.config import Refresh
+from fedleak.attacks.learned.inverter import ACTIVATIONS, best_assignment
+from fedleak.attacks.learned.pairs import Featuriser, PairSource, Unit, make_groups
+from fedleak.attacks.types import AttackerKnowledge, Budget, Observation, Reconstruction
+from fedleak.defenses import DefensePipeline, parse_defense_spec
+from fedleak.models import build_model
+from fedleak.settings import ConfigError, Settings, parse_settings, setting
+
+# Kept for callers that catch it by name: text LTI's setting errors are ConfigErrors.
+TextLTIConfigError = ConfigError
+
+
+class TextLTIObservationError(ValueError):
+    """An observation or attacker knowledge the text inverter cannot work with."""
+
+
+def _bins_ok(bins: int | float) -> bool:
+    if isinstance(bins, int):
+        return bins >= 1
+    return 0.0 < bins <= 1.0
+
+
+@dataclass(frozen=True)
+class TextLTIConfig(Settings):
+    """Text LTI's settings; the defaults are the paper's (section 4.2): MLP 600 -> 1,000 with
+    ReLU, hashing to 10% of the update, Adam, batch 64, 20 epochs, learning rate chosen per
+    defense from {1e-3, 1e-4, 1e-5} there (1e-3 here for every defense).
+
+    `pseudo`: LTI-P; `pseudo_size`: pseudo-sequence groups drawn per epoch (0: as many as the
+    auxiliary training groups). `aux_val_fraction` of the auxiliary sequences (LTI-P: a fixed
+    pseudo set of that size) is held out for the validation token accuracy; `patience` epochs
+    without improvement stop training (None: never) and the best epoch's weights are kept.
+    """
+
+    hidden: tuple[int, ...] = setting(
+        (600, 1000),
+        low=1,
+        check=bool,
+        allowed="a non-empty list of whole numbers >= 1 (e.g. 600,1000)",
+        doc="hidden layer sizes of the inverter MLP",
+    )
+    activation: str = setting("relu", choices=ACTIVATIONS, doc="hidden activation")
+    learning_rate: float = setting(1e-3, low=0.0, low_open=True, doc="Adam learning rate")
+    batch_size: int = setting(64, low=1, doc="training pairs per step")
+    epochs: int = setting(20, low=1, doc="epochs of a training from scratch")
+    refresh: Refresh = setting("finetune", doc="inverter refresh when the global model moves")
+    finetune_epochs: int = setting(5, low=0, doc="epochs of a warm-started refresh")
+    hash_bins: int | float | None = setting(
+        0.1,
+        check=_bins_ok,
+        allowed="a count >= 1 or a ratio in (0, 1]",
+        doc="feature hashing of the update: none, a count of bins, or a ratio of its size",
+    )
+    hash_signed: bool = setting(False, doc="signed feature hashing")
+    block_normalise: bool = setting(True, doc="scale each parameter's block to unit norm")
+    # Fixed by the attack's name (lti-text: False, lti-p: True), not a setting.
+    pseudo: bool = field(default=False, metadata={"internal": True})
+    pseudo_size: int = setting(
+        0, low=0, doc="LTI-P: pseudo-sequence groups per epoch; 0 = as many as aux groups"
+    )
+    aux_val_fraction: float = setting(
+        0.1, low=0.0, high=1.0, high_open=True, doc="aux data held out for validation"
+    )
+    patience: int | None = setting(None, low=1, doc="epochs without improvement before stopping")
+    pair_chunk: int = setting(32, low=1, doc="training pairs computed per vectorised chunk")
+    max_cache_bytes: int = setting(1 << 30, low=1, doc="memory for cached training features")
+    cache_dir: Path | None = setting(None, doc="where the trained inverter is saved and resumed")
+
+
+# CPU-sized settings: hashing to 4,096 bins keeps the first layer small, and LTI-P draws 2,000
+# pseudo-sequences per epoch; the MLP is the paper's.
+TEXT_LTI_PRESETS: dict[str, TextLTIConfig] = {
+    "paper": TextLTIConfig(),
+    "cpu": TextLTIConfig(epochs=10, finetune_epochs=3, hash_bins=4096, pseudo_size=2000),
+}
+# LTI-P: the same settings, trained on pseudo-sequences drawn from the token marginal.
+TEXT_LTI_P_PRESETS: dict[str, TextLTIConfig] = {
+    name: dataclasses.replace(config, pseudo=True) for name, config in TEXT_LTI_PRESETS.items()
+}
+
+
+def text_lti_config(preset: str = "paper", **overrides: object) -> TextLTIConfig:
+    """A preset with some fields replaced (keys may use dashes); one-line errors."""
+    if preset not in TEXT_LTI_PRESETS:
+        raise ConfigError(
+            f"attack.lti-text.preset={preset!r}: expected one of "
+            f"{', '.join(repr(p) for p in TEXT_LTI_PRESETS)}"
+        )
+    return parse_settings(TEXT_LTI_PRESETS[preset], overrides, "attack.lti-text.")
+
+
+class TokenInverter(nn.Module):
+    """MLP g_theta: standardised features [N, F] -> token logits [N, B, L, V] (B sequences of L
+    positions per update). The feature standardisation is part of the state, as for images."""
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden: Sequence[int],
+        length: int,
+        vocab: int,
+        num_targets: int,
+        activation: str = "relu",
+    ) -> None:
+        super().__init__()
+        self.length, self.vocab, self.num_targets = length, vocab, num_targets
+        widths = [in_features, *hidden]
+        layers: list[nn.Module] = []
+        for width_in, width_out in itertools.pairwise(widths):
+            layers += [nn.Linear(width_in, width_out), ACTIVATIONS[activation]()]
+        layers.append(nn.Linear(widths[-1], num_targets * length * vocab))
+        self.body = nn.Sequential(*layers)
+        self.register_buffer("feature_mean", torch.zeros(in_features))
+        self.register_buffer("feature_scale", torch.ones(in_features))
+
+    @torch.no_grad()
+    def fit_standardisation(self, features: Tensor, eps: float = 1e-8) -> None:
+        """Input statistics from training features [N, F]; constant features keep scale 1."""
+        self.feature_mean.copy_(features.mean(0))
+        std = features.std(0, unbiased=False)
+        self.feature_scale.copy_(torch.where(std > eps, std, torch.ones_like(std)))
+
+    def forward(self, features: Tensor) -> Tensor:
+        z = self.body((features - self.feature_mean) / self.feature_scale)
+        return z.reshape(features.shape[0], self.num_targets, self.length, self.vocab)
+
+
+def sequence_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Cross-entropy of logits [N, B, L, V] against token ids [N, B, L], after matching the B
+    outputs of each example to its B sequences at least total cost (order is unknown)."""
+    n, b = logits.shape[:2]
+    if b > 1:
+        with torch.no_grad():
+            log_probs = F.log_softmax(logits, dim=-1)  # [N, B, L, V]
+            index = targets.unsqueeze(1).expand(n, b, b, targets.shape[-1])
+            cost = -torch.gather(
+                log_probs.unsqueeze(2).expand(-1, -1, b, -1, -1), 4, index.unsqueeze(-1)
+            )
+            perm = best_assignment(cost.squeeze(-1).mean(-1))  # cost[n, output, target]
+        targets = torch.gather(targets, 1, perm.unsqueeze(-1).expand_as(targets))
+    return F.cross_entropy(logits.flatten(0, 2), targets.flatten())
+
+
+def matched_accuracy(logits: Tensor, targets: Tensor) -> Tensor:
+    """Token accuracy of the argmax of logits [N, B, L, V] against [N, B, L], per example,
+    after the best matching of outputs to sequences."""
+    predicted = logits.argmax(-1)
+    if predicted.shape[1] == 1:
+        return (predicted == targets).float().mean(dim=(1, 2))
+    cost = 1.0 - (predicted.unsqueeze(2) == targets.unsqueeze(1)).float().mean(-1)
+    perm = best_assignment(cost)
+    matched = torch.gather(targets, 1, perm.unsqueeze(-1).expand_as(targets))
+    return (predicted == matched).float().mean(dim=(1, 2))
+
+
+def marginal(tokens: Tensor, vocab: int) -> Tensor:
+    """Token frequencies [V] of token ids (any shape): the marginal distribution LTI-P needs."""
+    counts = torch.bincount(tokens.flatten().long(), minlength=vocab).double()
+    return (counts / counts.sum()).float()
+
+
+@dataclass(frozen=True)
+class TrainingOutcome:
+    """What one (re)training did."""
+
+    epochs: int
+    steps: int
+    pairs: int
+    seconds: float
+    val_token_acc: float
+    timed_out: bool
+    early_stopped: bool
+
+
+def _unit_and_updates(observation: Observation) -> tuple[Unit, dict[str, Tensor]]:
+    if observation.per_sample_updates is not None:
+        return Unit("gradient", 1, 1, 1, observation.learning_rate), dict(
+            observation.per_sample_updates
+        )
+    unit = Unit(
+        observation.update_kind,
+        observation.num_examples,
+        observation.batch_size,
+        observation.local_steps,
+        observation.learning_rate,
+    )
+    return unit, {name: u.unsqueeze(0) for name, u in observation.update.items()}
+
+
+class TextLearningToInvert:
+    """`lti-text` and `lti-p`; keeps its inverter across rounds (see the module docstring)."""
+
+    stateful = True
+    modalities = ("tokens",)
+
+    def __init__(
+        self, config: TextLTIConfig | None = None, seed: int = 0, name: str = "lti-text"
+    ) -> None:
+        self.config = config or TextLTIConfig()
+        self.seed = seed
+        self.name = name
+        self.inverter: TokenInverter | None = None
+        self._key: str | None = None
+        self._fingerprint: str | None = None
+        self._val_acc = math.nan
+        self._cache_checked = False
+
+    @property
+    def cache_path(self) -> Path | None:
+        """Where the trained inverter is saved, if a cache directory is configured."""
+        if self.config.cache_dir is None:
+            return None
+        return Path(self.config.cache_dir) / f"{self.name}-inverter.pt"
+
+    def reconstruct(
+        self, observation: Observation, knowledge: AttackerKnowledge, budget: Budget
+    ) -> Reconstruction:
+        """Refresh the inverter for this round if needed, then invert the observed update."""
+        start = time.perf_counter()
+        cfg = self.config
+        if observation.modality != "tokens":
+            raise TextLTIObservationError(
+                f"observation modality={observation.modality!r}: {self.name} inverts token "
+                "sequences"
+            )
+        if knowledge.aux_inputs.shape[0] == 0:
+            raise TextLTIObservationError(
+                f"{self.name} needs auxiliary text (LTI-P: its token frequencies); "
+                "set data.aux-size > 0"
+            )
+        device = torch.device(knowledge.device)
+        model = build_model(observation.model)
+        model.load_state_dict(observation.weights)
+        model = model.to(device)
+        pipeline = parse_defense_spec(observation.defense)
+        unit, shared = _unit_and_updates(observation)
+        sizes = {name: p.numel() for name, p in model.named_parameters()}
+        featuriser = Featuriser(
+            sizes, cfg.hash_bins, _seed(self.seed, 0x4853), cfg.hash_signed, cfg.block_normalise
+        )
+        key = repr(
+            (
+                observation.model.name,
+                tuple(observation.model.input_shape),
+                observation.model.num_classes,
+                pipeline.spec,
+                dataclasses.astuple(unit),
+                featuriser.out_features,
+                cfg.hidden,
+                cfg.activation,
+                cfg.pseudo,
+                cfg.hash_signed,
+                cfg.block_normalise,
+            )
+        )
+        fingerprint = _fingerprint(observation.weights)
+        self._load_cache(key, observation, featuriser, unit, device)
+        warm = self.inverter is not None and self._key == key
+        fresh_weights = not (warm and self._fingerprint == fingerprint)
+        outcome = None
+        if fresh_weights and not (warm and cfg.refresh == "frozen"):
+            if cfg.refresh == "retrain" or not warm:
+                self.inverter = self._fresh_inverter(observation, featuriser, unit)
+                warm = False
+            outcome = self._train(
+                model,
+                pipeline,
+                unit,
+                featuriser,
+                observation,
+                knowledge,
+                start + budget.max_seconds,
+                warm,
+                budget,
+            )
+            self._key, self._val_acc = key, outcome.val_token_acc
+            self._fingerprint = None if outcome.timed_out else fingerprint
+            self._save_cache(observation.round)
+        assert self.inverter is not None
+        inverter = self.inverter.to(device).eval()
+        with torch.no_grad():
+            features = featuriser({n: t.to(device) for n, t in shared.items()})
+            tokens = inverter(features).argmax(dim=-1)
+        inputs = tokens.reshape(-1, tokens.shape[-1]).cpu()
+        return self._result(inputs, outcome, warm, featuriser, start)
+
+    def _result(
+        self,
+        inputs: Tensor,
+        outcome: TrainingOutcome | None,
+        warm: bool,
+        featuriser: Featuriser,
+        start: float,
+    ) -> Reconstruction:
+        cfg = self.config
+        data = "pseudo-sequences from the aux token marginal" if cfg.pseudo else "aux sequences"
+        if outcome is None:
+            how = f"reused the inverter (refresh={cfg.refresh}, trained at these weights or frozen)"
+            outcome = TrainingOutcome(0, 0, 0, 0.0, self._val_acc, False, False)
+        else:
+            how = (
+                f"refresh={cfg.refresh}: {'warm start' if warm else 'trained from scratch'} on "
+                f"{data}, {outcome.epochs} epochs, validation token accuracy "
+                f"{outcome.val_token_acc:.3f}"
+            )
+            if outcome.early_stopped:
+                how += " (early stop)"
+            if outcome.timed_out:
+                how += "; training stopped early: the time budget ran out"
+        return Reconstruction(
+            inputs=inputs,
+            labels=None,
+            iterations=outcome.steps,
+            seconds=time.perf_counter() - start,
+            message=f"{how}; {featuriser.out_features} input features",
+            diagnostics={
+                "train_seconds": outcome.seconds,
+                "train_epochs": float(outcome.epochs),
+                "train_pairs": float(outcome.pairs),
+                "val_token_acc": outcome.val_token_acc,
+                "warm_start": float(warm and outcome.epochs > 0),
+                "timed_out": float(outcome.timed_out),
+                "input_features": float(featuriser.out_features),
+            },
+        )
+
+    def _fresh_inverter(
+        self, observation: Observation, featuriser: Featuriser, unit: Unit
+    ) -> TokenInverter:
+        cfg = self.config
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_seed(self.seed, 0x494E56))
+            return TokenInverter(
+                featuriser.out_features,
+                cfg.hidden,
+                int(observation.model.input_shape[0]),
+                observation.model.num_classes,
+                unit.size,
+                cfg.activation,
+            )
+
+    def _train(
+        self,
+        model: nn.Module,
+        pipeline: DefensePipeline,
+        unit: Unit,
+        featuriser: Featuriser,
+        observation: Observation,
+        knowledge: AttackerKnowledge,
+        deadline: float,
+        warm: bool,
+        budget: Budget,
+    ) -> TrainingOutcome:
+        cfg = self.config
+        device = torch.device(knowledge.device)
+        seed = _seed(self.seed, knowledge.seed, observation.round)
+        cpu_gen = torch.Generator().manual_seed(seed)
+        noise_gen = torch.Generator(device=device).manual_seed(seed)
+        aux = knowledge.aux_inputs.to(device).long()
+        vocab = observation.model.num_classes
+
+        def source(x: Tensor) -> PairSource:
+            groups = make_groups(x.shape[0], unit.size, cpu_gen, device)
+            return PairSource(
+                model,
+                pipeline,
+                unit,
+                x,
+                x,
+                vocab,
+                groups,
+                featuriser,
+                cfg.pair_chunk,
+                cfg.max_cache_bytes,
+            )
+
+        order = torch.randperm(aux.shape[0], generator=cpu_gen).to(device)
+        n_val = round(cfg.aux_val_fraction * aux.shape[0])
+        train_x, val_x = aux[order[n_val:]], aux[order[:n_val]]
+        frequencies = marginal(train_x, vocab).to(device)
+        if cfg.pseudo:
+            size = cfg.pseudo_size * unit.size or train_x.shape[0]
+            draw_gen = torch.Generator(device=device).manual_seed(_seed(seed, 0x50534555))
+
+            def pseudo(count: int) -> Tensor:
+                flat = torch.multinomial(
+                    frequencies, count * aux.shape[1], True, generator=draw_gen
+                )
+                return flat.reshape(count, aux.shape[1])
+
+            val_x = pseudo(n_val)
+        if (train_x.shape[0] if not cfg.pseudo else size) < unit.size:
+            raise TextLTIObservationError(
+                f"{self.name} needs at least {unit.size} training sequences for groups of "
+                f"{unit.size}; raise data.aux-size"
+            )
+        began = time.perf_counter()
+        fixed = None if cfg.pseudo else source(train_x)
+        validation = None
+        if val_x.shape[0] >= unit.size:
+            val_pairs = source(val_x)
+            validation = (val_pairs.features(noise_gen), val_x[val_pairs.groups])
+        inverter = self.inverter
+        assert inverter is not None
+        inverter.to(device)
+        optimiser = torch.optim.Adam(inverter.parameters(), lr=cfg.learning_rate)
+        epochs = cfg.finetune_epochs if warm else cfg.epochs
+        best_acc, best_state, stale = -math.inf, None, 0
+        val_acc, steps, done, pairs_seen = math.nan, 0, 0, 0
+        timed_out = early = False
+        bar = tqdm(
+            total=epochs,
+            desc=f"{self.name} round {observation.round}",
+            disable=not budget.show_progress,
+            leave=False,
+        )
+        for epoch in range(epochs):
+            if time.perf_counter() >= deadline:
+                timed_out = True
+                break
+            pairs = fixed if fixed is not None else source(pseudo(size))
+            features = pairs.features(noise_gen)
+            targets = pairs.aux_x[pairs.groups]  # [P, B, L]
+            if epoch == 0:
+                inverter.fit_standardisation(features)  # refit when warm: the scale drifts
+            inverter.train()
+            shuffled = torch.randperm(pairs.num_pairs, generator=cpu_gen).to(device)
+            for begin in range(0, pairs.num_pairs, cfg.batch_size):
+                rows = shuffled[begin : begin + cfg.batch_size]
+                loss = sequence_loss(inverter(features[rows]), targets[rows])
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+                steps += 1
+                if time.perf_counter() >= deadline:
+                    timed_out = True
+                    break
+            pairs_seen += pairs.num_pairs
+            done = epoch + 1
+            if validation is not None:
+                inverter.eval()
+                with torch.no_grad():
+                    val_acc = float(matched_accuracy(inverter(validation[0]), validation[1]).mean())
+                if val_acc > best_acc:
+                    best_acc, stale = val_acc, 0
+                    best_state = {k: v.detach().clone() for k, v in inverter.state_dict().items()}
+                else:
+                    stale += 1
+            bar.update(1)
+            bar.set_postfix(val_acc=f"{val_acc:.3f}")
+            if timed_out:
+                break
+            if cfg.patience is not None and stale >= cfg.patience:
+                early = True
+                break
+        bar.close()
+        if best_state is not None:
+            inverter.load_state_dict(best_state)
+            val_acc = best_acc
+        inverter.eval()
+        return TrainingOutcome(
+            done, steps, pairs_seen, time.perf_counter() - began, val_acc, timed_out, early
+        )
+
+    def _save_cache(self, round_: int) -> None:
+        path = self.cache_path
+        if path is None or self.inverter is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu() for k, v in self.inverter.state_dict().items()}
+        meta = {
+            "key": self._key,
+            "fingerprint": self._fingerprint,
+            "round": int(round_),
+            "val_token_acc": float(self._val_acc),
+        }
+        temporary = path.with_suffix(".tmp")
+        torch.save({"state_dict": state, "meta": meta}, temporary)
+        temporary.replace(path)
+
+    def _load_cache(
+        self,
+        key: str,
+        observation: Observation,
+        featuriser: Featuriser,
+        unit: Unit,
+        device: torch.device,
+    ) -> None:
+        """On the first call, adopt a saved inverter trained for the same setting (resume)."""
+        if self._cache_checked or self.inverter is not None:
+            return
+        self._cache_checked = True
+        path = self.cache_path
+        if path is None or not path.exists():
+            return
+        saved = torch.load(path, map_location=device, weights_only=True)
+        if saved["meta"]["key"] != key:
+            return
+        inverter = self._fresh_inverter(observation, featuriser, unit)
+        inverter.load_state_dict(saved["state_dict"])
+        self.inverter = inverter.to(device)
+        self._key, self._fingerprint = key, saved["meta"]["fingerprint"]
+        self._val_acc = float(saved["meta"]["val_token_acc"])

@@ -1,0 +1,317 @@
+"""TAG (Deng et al. 2021), the LTI paper's language baseline: gradient matching in the space of
+token embeddings, then the nearest token of the embedding table at every position.
+
+As the LTI paper runs it (through the breaching library): the dummy inputs are continuous rows
+of the (frozen, public) embedding table [b, L, d] and the next-token targets are optimised
+jointly as soft distributions [b, L, V]; the objective is the squared L2 distance between the
+dummy and the observed update plus `tag_scale` times an L1 distance weighted per parameter
+block, the weights falling linearly from 1 (first block in forward order) to 1/n (last), since
+TAG finds early layers the most informative; Adam with a linear warm-up and linear decay;
+each position is mapped to the table row of highest cosine similarity (after centring).
+
+Defense-adaptive variants (LTI supplementary, "Language baselines"): under sign compression of
+one release, ||.||^2 and ||.||_1 act on the hinge h = max(-g * sign(s), 0) instead of the
+difference, exactly as printed (`tag`); for a mean of several sign releases (the aggregate-only
+view) the distances compare the mean of tanh'ed dummy updates, one per contributor; under
+pruning only the received non-zero coordinates count. Noise needs no change.
+
+The printed hinge has a trivial minimum: with the next-token targets optimised jointly, the
+dummy gradient can shrink towards zero (targets equal to the model's own predictions), which
+drives both hinge terms to zero whatever the signs. `tag-normalised` divides them by ||g||^2
+and ||g||_1 (scale invariance, as fedleak's vision hinge), which is a much stronger attack under
+sign compression; see the README's language-task section for both measured.
+
+Targets (one batch update, or each sample's under per-sample sharing) and restarts are
+optimised as one batched problem by the shared engine.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fedleak.attacks.optimization.engine import Settings, optimise
+from fedleak.attacks.optimization.losses import tanh_mean
+from fedleak.attacks.optimization.replay import ClientProtocol, Replay
+from fedleak.attacks.types import AttackerKnowledge, Budget, Observation, Reconstruction
+from fedleak.defenses import DefensePipeline, Prune, SignCompression, parse_defense_spec
+from fedleak.models import build_model, has_batchnorm
+from fedleak.settings import ConfigError, parse_settings, setting
+from fedleak.settings import Settings as SettingsBase
+
+_EPS = 1e-12
+
+
+# Kept for callers that catch it by name: TAG's setting errors are ConfigErrors.
+TAGConfigError = ConfigError
+
+
+class TokenObservationError(ValueError):
+    """An observation a token attack cannot invert (images, or a model without embeddings)."""
+
+
+@dataclass(frozen=True)
+class TAGConfig(SettingsBase):
+    """TAG's settings; defaults follow breaching's TAG configuration used by the LTI paper
+    (Adam, step 0.05, 1,000 iterations via `attack.max-iterations`, L1 weight 0.1).
+
+    `warmup`: fraction of the iterations over which the learning rate ramps up linearly before
+    it decays linearly to zero. `init_scale`: the dummy embeddings start from N(0, s^2) with s
+    this times the embedding table's standard deviation. `label_scale`: standard deviation of
+    the initial next-token logits. `adaptive`: choose the distance from the public defense.
+    `normalised_hinge`: scale-invariant sign hinge (`tag-normalised`; see the module docstring).
+    """
+
+    learning_rate: float = setting(0.05, low=0.0, low_open=True, doc="Adam step size")
+    warmup: float = setting(
+        0.05, low=0.0, high=1.0, high_open=True, doc="fraction of iterations of linear warm-up"
+    )
+    tag_scale: float = setting(0.1, low=0.0, doc="weight of the L1 term beside the L2 distance")
+    adaptive: bool = setting(True, doc="choose the distance from the public defense spec")
+    restarts: int = setting(1, low=1, doc="initialisations per target, best matching loss kept")
+    init_scale: float = setting(
+        1.0, low=0.0, low_open=True, doc="initial embeddings' std over the table's"
+    )
+    label_scale: float = setting(0.1, low=0.0, doc="std of the initial next-token logits")
+    normalised_hinge: bool = setting(False, doc="scale-invariant sign hinge (tag-normalised)")
+    tanh_scale: float = setting(
+        1.0, low=0.0, low_open=True, doc="mean of sign releases: tanh(scale * g / rms(g))"
+    )
+    check_every: int = setting(50, low=1, doc="iterations between budget/NaN/progress checks")
+
+
+def tag_config(params: dict[str, object] | None = None, base: TAGConfig | None = None) -> TAGConfig:
+    """`base` (default TAGConfig()) with run parameters applied (dashes or underscores);
+    one-line errors."""
+    return parse_settings(base or TAGConfig(), dict(params or {}), "attack.tag.")
+
+
+@dataclass(frozen=True)
+class WarmupLinear:
+    """Linear warm-up over `warmup` of the iterations, then linear decay to zero (the schedule
+    of BERT's Adam, which TAG used)."""
+
+    learning_rate: float
+    warmup: float
+
+    def rate(self, iteration: int, total: int) -> float:
+        """The learning rate at `iteration` of `total`."""
+        ramp = max(1, round(self.warmup * total))
+        if iteration < ramp and self.warmup > 0:
+            return self.learning_rate * (iteration + 1) / ramp
+        return self.learning_rate * max(0.0, (total - iteration) / max(1, total - ramp))
+
+
+def layer_weights(blocks: int) -> list[float]:
+    """TAG's L1 weights per parameter block in forward order: 1 down to 1/blocks."""
+    return [1.0 - i / blocks for i in range(blocks)]
+
+
+def _rowsum(t: Tensor) -> Tensor:
+    return t.flatten(1).sum(dim=1)
+
+
+@dataclass(frozen=True)
+class TAGLoss:
+    """The matching distance for one observation, one value per problem ([T]).
+
+    `kind`: `tag` (L2^2 + scale * weighted L1 of the difference), `tag-sign` (the same on the
+    sign hinge) or `tag-tanh` (`tag` on the mean of tanh'ed per-contributor dummy updates);
+    `masked`: only the received non-zero coordinates (pruning).
+    """
+
+    kind: str
+    weights: tuple[float, ...]
+    scale: float
+    masked: bool = False
+    normalised_hinge: bool = True
+    tanh_scale: float = 1.0
+    groups: int = 0
+    needs_per_sample: bool = False
+
+    @property
+    def name(self) -> str:
+        """A label for reports, e.g. `tag+mask`."""
+        return self.kind + ("+mask" if self.masked else "")
+
+    def __call__(
+        self, dummy: Sequence[Tensor], target: Sequence[Tensor], per_sample: Sequence[Tensor] | None
+    ) -> Tensor:
+        if self.kind == "tag-sign":
+            hinge = [torch.relu(-d * torch.sign(t)) for d, t in zip(dummy, target, strict=True)]
+            squared = sum(_rowsum(h.square()) for h in hinge)
+            absolute = sum(w * _rowsum(h) for w, h in zip(self.weights, hinge, strict=True))
+            if self.normalised_hinge:
+                squared = squared / (sum(_rowsum(d.square()) for d in dummy) + _EPS)
+                absolute = absolute / (sum(_rowsum(d.abs()) for d in dummy) + _EPS)
+            return squared + self.scale * absolute
+        if self.kind == "tag-tanh":
+            if per_sample is None:
+                per_sample = [d.unsqueeze(1) for d in dummy]
+            groups = self.groups if per_sample[0].shape[1] > 1 else 0
+            dummy = tanh_mean(per_sample, self.tanh_scale, groups)
+        diff = [d - t for d, t in zip(dummy, target, strict=True)]
+        if self.masked:
+            diff = [x * (t != 0) for x, t in zip(diff, target, strict=True)]
+        squared = sum(_rowsum(x.square()) for x in diff)
+        absolute = sum(w * _rowsum(x.abs()) for w, x in zip(self.weights, diff, strict=True))
+        return squared + self.scale * absolute
+
+
+def choose_tag_loss(
+    config: TAGConfig,
+    pipeline: DefensePipeline,
+    blocks: int,
+    samples: int,
+    contributors: int,
+    per_sample_available: bool,
+) -> TAGLoss:
+    """TAG's distance, adapted to the public defense when `config.adaptive` (module docstring)."""
+    weights = tuple(layer_weights(blocks))
+    if not config.adaptive:
+        return TAGLoss("tag", weights, config.tag_scale)
+    masked = pipeline.find(Prune) is not None
+    if pipeline.find(SignCompression) is not None:
+        if contributors == 1:
+            return TAGLoss(
+                "tag-sign", weights, config.tag_scale, normalised_hinge=config.normalised_hinge
+            )
+        groups = contributors if samples % contributors == 0 else 0
+        return TAGLoss(
+            "tag-tanh",
+            weights,
+            config.tag_scale,
+            masked,
+            tanh_scale=config.tanh_scale,
+            groups=groups,
+            needs_per_sample=per_sample_available,
+        )
+    return TAGLoss("tag", weights, config.tag_scale, masked)
+
+
+def nearest_tokens(embeddings: Tensor, table: Tensor) -> Tensor:
+    """Token ids [...] of the table rows [V, d] most cosine-similar (after centring each
+    vector) to `embeddings` [..., d]."""
+    rows = table - table.mean(dim=-1, keepdim=True)
+    rows = rows / rows.norm(dim=-1, keepdim=True).clamp_min(_EPS)
+    flat = embeddings.reshape(-1, embeddings.shape[-1])
+    flat = flat - flat.mean(dim=-1, keepdim=True)
+    flat = flat / flat.norm(dim=-1, keepdim=True).clamp_min(_EPS)
+    return (flat @ rows.T).argmax(dim=-1).reshape(embeddings.shape[:-1])
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([abs(int(p)) for p in parts]).generate_state(1)[0])
+
+
+class TAG:
+    """The `tag` attack on token observations (see the module docstring)."""
+
+    modalities = ("tokens",)
+    stateful = False  # every random choice comes from (seed, round, client): any worker will do
+
+    def __init__(self, config: TAGConfig | None = None, seed: int = 0, name: str = "tag") -> None:
+        self.config = config or TAGConfig()
+        self.seed = seed
+        self.name = name
+
+    def reconstruct(
+        self, observation: Observation, knowledge: AttackerKnowledge, budget: Budget
+    ) -> Reconstruction:
+        """Invert the observation within the budget: token ids [targets * b, L]."""
+        cfg = self.config
+        if observation.modality != "tokens":
+            raise TokenObservationError(
+                f"observation modality={observation.modality!r}: tag inverts token sequences"
+            )
+        device = torch.device(knowledge.device)
+        model = build_model(observation.model)
+        model.load_state_dict(observation.weights)
+        model = model.to(device)
+        table = getattr(model, "token_embedding", None)
+        if not isinstance(table, Tensor):
+            raise TokenObservationError(
+                f"model {observation.model.name!r} has no token embedding table to decode with"
+            )
+        pipeline = parse_defense_spec(observation.defense)
+        if observation.per_sample_updates is not None:
+            shared = observation.per_sample_updates
+            targets, samples, contributors = next(iter(shared.values())).shape[0], 1, 1
+            protocol = ClientProtocol("gradient")
+        else:
+            shared = {name: u.unsqueeze(0) for name, u in observation.update.items()}
+            targets, samples = 1, observation.num_examples
+            contributors = observation.contributors
+            protocol = ClientProtocol(
+                observation.update_kind,
+                observation.local_steps,
+                observation.batch_size,
+                observation.learning_rate,
+            )
+        names = [name for name, _ in model.named_parameters()]
+        missing = [name for name in names if name not in shared]
+        if missing:
+            raise TokenObservationError(f"the update lacks parameters {missing[:3]}")
+        replay = Replay(model, protocol, "infer", device)
+        per_sample_ok = not has_batchnorm(model) and protocol.kind == "gradient"
+        loss = choose_tag_loss(cfg, pipeline, len(names), samples, contributors, per_sample_ok)
+        restarts = cfg.restarts
+        target = [
+            shared[name].to(device).float().repeat((restarts,) + (1,) * (shared[name].dim() - 1))
+            for name in names
+        ]
+        problems = restarts * targets
+        length, vocab = observation.model.input_shape[0], observation.model.num_classes
+        seed = _seed(self.seed, knowledge.seed, observation.round, observation.client_id)
+        generator = torch.Generator(device=device).manual_seed(seed)
+        scale = cfg.init_scale * float(table.std())
+        embeddings = scale * torch.randn(
+            (problems, samples, length, table.shape[1]), generator=generator, device=device
+        )
+        logits = cfg.label_scale * torch.randn(
+            (problems, samples, length, vocab), generator=generator, device=device
+        )
+
+        def objective(v: Sequence[Tensor], _iteration: int | None) -> tuple[Tensor, Tensor]:
+            out = replay(v[0], torch.softmax(v[1], dim=-1), loss.needs_per_sample)
+            matching = loss(out.update, target, out.per_sample)
+            return matching, matching
+
+        settings = Settings(
+            optimizer="adam",
+            schedule=WarmupLinear(cfg.learning_rate, cfg.warmup),  # type: ignore[arg-type]
+            signed=False,
+            check_every=cfg.check_every,
+            description=self.name,
+        )
+        outcome = optimise(objective, [embeddings, logits], settings, budget)
+        matching = outcome.matching.reshape(restarts, targets)
+        best = matching.argmin(dim=0)
+        pick = torch.arange(targets, device=best.device)
+        chosen = outcome.variables[0].reshape(restarts, targets, samples, length, -1)[best, pick]
+        tokens = nearest_tokens(chosen, table).reshape(targets * samples, length)
+        kept = matching[best, pick]
+        diverged = int(torch.isinf(kept).sum())
+        finite = kept[torch.isfinite(kept)]
+        message = f"matching={loss.name}; stopped by {outcome.stopped_by}"
+        if diverged:
+            message += f"; {diverged} of {targets} targets diverged (last finite iterate returned)"
+        return Reconstruction(
+            inputs=tokens.cpu(),
+            labels=None,
+            iterations=outcome.iterations,
+            seconds=outcome.seconds,
+            status="nan" if diverged == targets else "ok",
+            message=message,
+            diagnostics={
+                "matching_loss": float(finite.mean()) if finite.numel() else math.nan,
+                "restarts": float(restarts),
+                "diverged_targets": float(diverged),
+                "tag_scale": cfg.tag_scale,
+            },
+        )

@@ -1,0 +1,122 @@
+"""The federation's tokenizer: a byte-level BPE trained offline on the attacker's auxiliary
+text (Hugging Face `tokenizers`), GPT-2's when it can be fetched, or any `tokenizer.json`.
+
+Byte-level BPE (GPT-2's scheme) never meets an unknown character, so every sequence decodes
+back to its text. Training is deterministic: every client process that trains it on the same
+auxiliary text gets the same vocabulary (a test checks this across processes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from fedleak.data.dataset import DatasetUnavailable
+
+FILE_PREFIX = "file:"
+TOKENIZER_KINDS = ("bpe", "gpt2", f"{FILE_PREFIX}<path to tokenizer.json>")
+MIN_BPE_VOCAB = 257  # the 256 byte symbols and at least one merge
+
+
+class TokenizerError(ValueError):
+    """A tokenizer setting cannot be honoured."""
+
+
+@dataclass(frozen=True, eq=False)
+class TextTokenizer:
+    """A trained tokenizer and how it came about (`description`, for the run's environment)."""
+
+    kind: str
+    tokenizer: Tokenizer
+    description: str
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids run from 0 to vocab_size - 1."""
+        return self.tokenizer.get_vocab_size()
+
+    @property
+    def fingerprint(self) -> str:
+        """A digest of the whole vocabulary and merges: equal fingerprints, equal tokenizers."""
+        return hashlib.sha256(self.tokenizer.to_str().encode("utf-8")).hexdigest()[:16]
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text."""
+        return [encoding.ids for encoding in self.tokenizer.encode_batch(list(texts))]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text of a token sequence."""
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def pieces(self, ids: Sequence[int]) -> list[str]:
+        """Each token decoded on its own (its leading space kept), for token-level display."""
+        return [self.tokenizer.decode([int(i)], skip_special_tokens=False) for i in ids]
+
+    def record(self) -> dict[str, object]:
+        """What the run's environment record says about the tokenizer."""
+        return {
+            "kind": self.kind,
+            "vocab_size": self.vocab_size,
+            "fingerprint": self.fingerprint,
+            "description": self.description,
+        }
+
+
+def train_bpe(texts: Sequence[str], vocab_size: int) -> TextTokenizer:
+    """A byte-level BPE with `vocab_size` tokens learnt from `texts` (no special tokens)."""
+    if vocab_size < MIN_BPE_VOCAB:
+        raise TokenizerError(
+            f"data.vocab-size={vocab_size}: a byte-level BPE needs at least {MIN_BPE_VOCAB} tokens"
+        )
+    if not any(text.strip() for text in texts):
+        raise TokenizerError("the BPE tokenizer has no text to learn from")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+        special_tokens=[],
+    )
+    tokenizer.train_from_iterator(list(texts), trainer=trainer)
+    words = sum(len(text.split()) for text in texts)
+    return TextTokenizer(
+        "bpe",
+        tokenizer,
+        f"byte-level BPE, {tokenizer.get_vocab_size()} tokens, trained with Hugging Face "
+        f"tokenizers on the attacker's auxiliary text only ({len(texts)} documents, "
+        f"{words} words)",
+    )
+
+
+def load_tokenizer(kind: str, aux_texts: Sequence[str], vocab_size: int) -> TextTokenizer:
+    """The tokenizer a run names: `bpe` (trained on `aux_texts`), `gpt2` (Hugging Face Hub) or
+    `file:<path>` (a saved `tokenizer.json`)."""
+    if kind == "bpe":
+        return train_bpe(aux_texts, vocab_size)
+    if kind == "gpt2":
+        try:
+            tokenizer = Tokenizer.from_pretrained("gpt2")
+        except Exception as error:  # offline: connection or hub errors
+            cause = " ".join(str(error).split())[:200]
+            raise DatasetUnavailable(
+                f"tokenizer 'gpt2' is not available: fetching it from the Hugging Face Hub "
+                f"failed ({type(error).__name__}: {cause}). Run once with internet access (the "
+                "hub caches it), or use data.tokenizer=bpe (trained offline on the attacker's "
+                "auxiliary text) or file:<path to a tokenizer.json>."
+            ) from error
+        return TextTokenizer("gpt2", tokenizer, "GPT-2's byte-level BPE from the Hugging Face Hub")
+    if kind.startswith(FILE_PREFIX):
+        path = Path(kind.removeprefix(FILE_PREFIX)).expanduser()
+        if not path.is_file():
+            raise DatasetUnavailable(
+                f"tokenizer {kind!r} is not available: {path} is not a file; save one with "
+                "`tokenizers.Tokenizer.save(path)` or use data.tokenizer=bpe"
+            )
+        return TextTokenizer("file", Tokenizer.from_file(str(path)), f"tokenizer.json at {path}")
+    raise TokenizerError(f"data.tokenizer={kind!r}: expected one of {', '.join(TOKENIZER_KINDS)}")

@@ -1,0 +1,351 @@
+"""The language task's attacks: TAG and its defense-adaptive distances, LTI and LTI-P for text,
+the frequency reference, and the wall between modalities.
+
+The quality tests (marked slow) use gensim's news corpus, a 300-token BPE, sequences of 8 tokens
+and the untrained paper transformer, B = 1 (each of a client's sequences shared alone). Their
+numbers are printed (run with -s to see them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import pytest
+import torch
+
+from fedleak.attacks.frequency import TokenFrequencyBaseline
+from fedleak.attacks.learned.text import (
+    TEXT_LTI_PRESETS,
+    TextLTIConfigError,
+    TokenInverter,
+    marginal,
+    matched_accuracy,
+    sequence_loss,
+    text_lti_config,
+)
+from fedleak.attacks.optimization.attacks import InvertingGradients, ObservationError
+from fedleak.attacks.optimization.tag import (
+    TAG,
+    TAGConfig,
+    TAGConfigError,
+    TokenObservationError,
+    WarmupLinear,
+    choose_tag_loss,
+    layer_weights,
+    nearest_tokens,
+    tag_config,
+)
+from fedleak.attacks.registry import build_attack
+from fedleak.attacks.types import AttackerKnowledge, Budget, Observation
+from fedleak.data import auxiliary, build_federated_data
+from fedleak.defenses import parse_defense_spec
+from fedleak.models import ModelSpec, build_model
+from fedleak.training.update import LocalTraining, compute_update
+
+VOCAB, LENGTH = 300, 8
+
+
+def observe(
+    spec: ModelSpec, weights: dict[str, torch.Tensor], defense: str, x: torch.Tensor
+) -> Observation:
+    """What the server sees when a client shares each of its sequences' defended gradient."""
+    model = build_model(spec)
+    model.load_state_dict(weights)
+    pipeline = parse_defense_spec(defense)
+    update = compute_update(
+        model,
+        x,
+        x,
+        spec.num_classes,
+        pipeline,
+        LocalTraining("fedsgd", x.shape[0], share="per-sample"),
+        torch.Generator().manual_seed(11),
+    )
+    return Observation(
+        round=1,
+        client_id=0,
+        model=spec,
+        weights=weights,
+        update=update.update,
+        update_kind="gradient",
+        num_examples=x.shape[0],
+        batch_size=x.shape[0],
+        local_steps=1,
+        learning_rate=0.1,
+        defense=pipeline.spec,
+        per_sample_updates=update.per_sample,
+        modality="tokens",
+    )
+
+
+@pytest.fixture(scope="module")
+def world() -> dict[str, object]:
+    fd = build_federated_data(
+        "lee-news", None, 4, "iid", 0, aux_size=600, seq_len=LENGTH, vocab_size=VOCAB
+    )
+    spec = ModelSpec("transformer3", (LENGTH,), VOCAB)
+    aux_x, aux_y = auxiliary(fd)
+    knowledge = AttackerKnowledge(
+        aux_inputs=aux_x, aux_labels=aux_y, input_shape=(LENGTH,), num_classes=VOCAB
+    )
+    index = torch.tensor(fd.partitions[1][:32].copy())
+    return {
+        "spec": spec,
+        "weights": build_model(spec).state_dict(),
+        "knowledge": knowledge,
+        "private": fd.dataset.train_x[index],
+        "tokenizer": fd.dataset.tokenizer,
+    }
+
+
+# --- TAG ------------------------------------------------------------------------------------
+
+
+def test_tag_defaults_and_bad_settings() -> None:
+    config = tag_config({"tag-scale": 0.5, "restarts": 2})
+    assert (config.learning_rate, config.tag_scale, config.restarts) == (0.05, 0.5, 2)
+    for params in ({"restarts": 0}, {"warmup": 1.0}, {"learning-rate": 0}, {"tag-scale": -1}):
+        with pytest.raises(TAGConfigError) as caught:
+            tag_config(params)
+        assert "\n" not in str(caught.value)
+    with pytest.raises(ValueError, match="lr: unknown"):
+        tag_config({"lr": 0.1})
+
+
+def test_warmup_then_linear_decay() -> None:
+    schedule = WarmupLinear(0.1, 0.1)
+    rates = [schedule.rate(i, 100) for i in range(100)]
+    assert rates[0] == pytest.approx(0.01) and rates[9] == pytest.approx(0.1)
+    assert rates[10] == pytest.approx(0.1) and rates[55] == pytest.approx(0.05)
+    assert rates[-1] == pytest.approx(0.1 / 90)
+    assert layer_weights(4) == [1.0, 0.75, 0.5, 0.25]
+
+
+def _distances(defense: str, contributors: int = 1, blocks: int = 2):
+    return choose_tag_loss(
+        TAGConfig(),
+        parse_defense_spec(defense),
+        blocks,
+        samples=2,
+        contributors=contributors,
+        per_sample_available=True,
+    )
+
+
+def test_tag_distance_is_l2_plus_weighted_l1() -> None:
+    loss = _distances("none")
+    dummy = [torch.tensor([[1.0, 2.0]]), torch.tensor([[0.0, 1.0, 1.0]])]
+    target = [torch.tensor([[0.0, 0.0]]), torch.tensor([[0.0, 0.0, 3.0]])]
+    squared, absolute = 1 + 4 + 1 + 4, 1.0 * 3 + 0.5 * 3
+    assert loss.name == "tag"
+    assert float(loss(dummy, target, None)) == pytest.approx(squared + 0.1 * absolute)
+
+
+def test_adaptive_tag_distances_follow_the_defense() -> None:
+    assert _distances("prune:0.9").name == "tag+mask"
+    assert _distances("gauss:0.1").name == "tag"
+    assert _distances("sign").name == "tag-sign"
+    assert _distances("sign", contributors=2).name == "tag-tanh"
+    plain = choose_tag_loss(TAGConfig(adaptive=False), parse_defense_spec("sign"), 2, 1, 1, True)
+    assert plain.name == "tag"
+    # Sign: zero exactly when every dummy coordinate has the received sign (zeros are free).
+    loss = _distances("sign", blocks=1)
+    target = [torch.tensor([[1.0, -1.0, 0.0]])]
+    agree = [torch.tensor([[0.3, -2.0, 5.0]])]
+    disagree = [torch.tensor([[-0.3, -2.0, 5.0]])]
+    assert float(loss(agree, target, None)) == 0.0 and float(loss(disagree, target, None)) > 0
+    # As printed, shrinking the dummy gradient lowers it (the trivial minimum at zero) ...
+    assert float(loss([0.5 * disagree[0]], target, None)) < float(loss(disagree, target, None))
+    # ... which the normalised hinge removes: it is scale-invariant.
+    normalised = choose_tag_loss(
+        TAGConfig(normalised_hinge=True), parse_defense_spec("sign"), 1, 2, 1, True
+    )
+    assert float(normalised([0.5 * disagree[0]], target, None)) == pytest.approx(
+        float(normalised(disagree, target, None))
+    )
+    # Pruning: coordinates received as zero do not count.
+    masked = _distances("prune:0.9", blocks=1)
+    assert float(masked([torch.tensor([[9.0, 1.0]])], [torch.tensor([[0.0, 1.0]])], None)) == 0.0
+
+
+def test_nearest_tokens_find_table_rows_under_noise_and_scale() -> None:
+    table = torch.empty(50, 16).uniform_(-0.1, 0.1, generator=torch.Generator().manual_seed(0))
+    ids = torch.tensor([[3, 7, 7, 49]])
+    noisy = 3.0 * table[ids] + 0.01 * torch.randn(1, 4, 16, generator=torch.Generator())
+    assert torch.equal(nearest_tokens(noisy, table), ids)
+
+
+def test_tag_refuses_images_and_image_attacks_refuse_tokens(world: dict[str, object]) -> None:
+    spec, weights = world["spec"], world["weights"]
+    observation = observe(spec, weights, "none", world["private"][:1])  # type: ignore[arg-type]
+    with pytest.raises(ObservationError, match="modality='tokens'"):
+        InvertingGradients().reconstruct(observation, world["knowledge"], Budget(1, 10))
+    image = Observation(
+        round=1,
+        client_id=0,
+        model=ModelSpec("lenet", (1, 28, 28), 10),
+        weights={},
+        update={},
+        update_kind="gradient",
+        num_examples=1,
+        batch_size=1,
+        local_steps=1,
+        learning_rate=0.1,
+        defense="none",
+    )
+    for attack in (TAG(), build_attack("lti-text", {}), TokenFrequencyBaseline()):
+        with pytest.raises(ValueError, match="modality='image'"):
+            attack.reconstruct(image, world["knowledge"], Budget(1, 10))
+    with pytest.raises(TokenObservationError):
+        TAG().reconstruct(image, world["knowledge"], Budget(1, 10))
+
+
+def test_frequency_reference_predicts_the_positional_mode(world: dict[str, object]) -> None:
+    knowledge = world["knowledge"]
+    observation = observe(world["spec"], world["weights"], "none", world["private"][:3])
+    guess = TokenFrequencyBaseline().reconstruct(observation, knowledge, Budget(1, 1))
+    aux = knowledge.aux_inputs  # type: ignore[union-attr]
+    assert guess.inputs.shape == (3, LENGTH)
+    for position in (0, LENGTH - 1):
+        assert int(guess.inputs[0, position]) == int(aux[:, position].mode().values)
+
+
+# --- LTI for text ---------------------------------------------------------------------------
+
+
+def test_text_lti_defaults_are_the_papers() -> None:
+    paper = TEXT_LTI_PRESETS["paper"]
+    assert paper.hidden == (600, 1000) and paper.activation == "relu"
+    assert (paper.batch_size, paper.epochs, paper.hash_bins) == (64, 20, 0.1)
+    assert build_attack("lti-p", {"epochs": 3}).config.pseudo is True
+    assert build_attack("lti-text", {}).config.pseudo is False
+    assert build_attack("lti-text", {"hidden": "100,50"}).config.hidden == (100, 50)
+    for params in ({"pseudo": True}, {"epochs": 0}, {"hash-bins": 2.0}, {"nope": 1}):
+        with pytest.raises(TextLTIConfigError) as caught:
+            build_attack("lti-text", params)
+        assert "\n" not in str(caught.value)
+    with pytest.raises(TextLTIConfigError, match="preset"):
+        text_lti_config("gpu")
+
+
+def test_sequence_loss_matches_outputs_to_sequences() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(5, 3, 4, 11)
+    targets = torch.randint(0, 11, (5, 3, 4))
+    permuted = targets[:, [2, 0, 1]]
+    assert float(sequence_loss(logits, targets)) == pytest.approx(
+        float(sequence_loss(logits, permuted)), rel=1e-6
+    )
+    perfect = torch.nn.functional.one_hot(targets, 11).float() * 50
+    assert float(matched_accuracy(perfect, permuted).min()) == 1.0
+    inverter = TokenInverter(7, (9,), 4, 11, 3)
+    assert inverter(torch.randn(2, 7)).shape == (2, 3, 4, 11)
+
+
+def test_marginal_counts_tokens() -> None:
+    frequencies = marginal(torch.tensor([[0, 1, 1], [1, 3, 3]]), 5)
+    assert frequencies.tolist() == pytest.approx([1 / 6, 3 / 6, 0.0, 2 / 6, 0.0])
+
+
+def test_text_lti_keeps_and_reuses_its_inverter(world: dict[str, object], tmp_path) -> None:
+    spec, weights, full = world["spec"], world["weights"], world["knowledge"]
+    knowledge = dataclasses.replace(full, aux_inputs=full.aux_inputs[:60])  # type: ignore[union-attr]
+    observation = observe(spec, weights, "sign", world["private"][:2])  # type: ignore[arg-type]
+    params = {
+        "epochs": 1,
+        "pseudo-size": 40,
+        "hash-bins": 256,
+        "hidden": "32",
+        "cache-dir": str(tmp_path),
+    }
+    attack = build_attack("lti-p", params)
+    first = attack.reconstruct(observation, knowledge, Budget(1, 1e9))
+    assert first.inputs.shape == (2, LENGTH) and first.inputs.dtype == torch.int64
+    assert first.diagnostics["train_epochs"] == 1 and first.diagnostics["train_pairs"] == 40
+    again = attack.reconstruct(observation, knowledge, Budget(1, 1e9))
+    assert again.diagnostics["train_epochs"] == 0 and torch.equal(again.inputs, first.inputs)
+    resumed = build_attack("lti-p", params).reconstruct(observation, knowledge, Budget(1, 1e9))
+    assert resumed.diagnostics["train_epochs"] == 0 and torch.equal(resumed.inputs, first.inputs)
+    stopped = build_attack(
+        "lti-text", {"epochs": 50, "hash-bins": 256, "hidden": "32"}
+    ).reconstruct(observation, knowledge, Budget(1, 0.5))
+    assert stopped.status == "ok" and stopped.diagnostics["timed_out"] == 1.0
+    assert "time budget ran out" in stopped.message
+
+
+# --- quality bars ---------------------------------------------------------------------------
+
+DEFENSES = ("none", "sign", "prune:0.9", "gauss:0.01")
+
+
+@pytest.fixture(scope="module")
+def quality(world: dict[str, object], one_thread: None) -> dict[tuple[str, str], float]:
+    """Token accuracy of every attack under every defense on the same 32 private sequences
+    (TAG: the first 4)."""
+    spec, weights, knowledge = world["spec"], world["weights"], world["knowledge"]
+    private = world["private"]
+    results: dict[tuple[str, str], float] = {}
+    for defense in DEFENSES:
+        observation = observe(spec, weights, defense, private)  # type: ignore[arg-type]
+        attacks = {
+            "aux-frequency": TokenFrequencyBaseline(),
+            "lti-text": build_attack("lti-text", {"epochs": 5}),
+            "lti-p": build_attack("lti-p", {"epochs": 4, "pseudo-size": 400}),
+        }
+        for name, attack in attacks.items():
+            began = time.perf_counter()
+            out = attack.reconstruct(observation, knowledge, Budget(1, 1e9))
+            results[name, defense] = float((out.inputs == private).float().mean())
+            # The same accuracy on the 4 sequences TAG attacks, for a like-for-like comparison.
+            results[f"{name} (tag's 4)", defense] = float(
+                (out.inputs[:4] == private[:4]).float().mean()
+            )
+            print(
+                f"{defense:10s} {name:13s} {results[name, defense]:.3f} "
+                f"{time.perf_counter() - began:.0f}s"
+            )
+    runs = (("tag", "none", 200), ("tag", "sign", 150), ("tag-normalised", "sign", 150))
+    for name, defense, iterations in runs:
+        observation = observe(spec, weights, defense, private[:4])  # type: ignore[arg-type]
+        began = time.perf_counter()
+        out = build_attack(name).reconstruct(observation, knowledge, Budget(iterations, 1e9))
+        results[name, defense] = float((out.inputs == private[:4]).float().mean())
+        print(
+            f"{defense:10s} {name:13s} {results[name, defense]:.3f} "
+            f"{time.perf_counter() - began:.0f}s"
+        )
+    return results
+
+
+@pytest.mark.slow
+def test_tag_recovers_most_tokens_without_defense(quality: dict[tuple[str, str], float]) -> None:
+    assert quality["tag", "none"] >= 0.6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("defense", DEFENSES)
+def test_learned_attacks_beat_the_frequency_reference(
+    quality: dict[tuple[str, str], float], defense: str
+) -> None:
+    floor = quality["aux-frequency", defense]
+    assert quality["lti-text", defense] >= floor + 0.15
+    assert quality["lti-p", defense] >= floor + 0.1
+
+
+@pytest.mark.slow
+def test_lti_p_beats_tag_under_sign_compression(quality: dict[tuple[str, str], float]) -> None:
+    assert quality["lti-p", "sign"] > quality["tag", "sign"]
+
+
+def test_registered_text_attacks_declare_tokens() -> None:
+    for name in ("tag", "tag-normalised", "lti-text", "lti-p", "aux-frequency"):
+        assert build_attack(name).modalities == ("tokens",)  # type: ignore[attr-defined]
+    assert build_attack("aux-frequency").reference is True  # type: ignore[attr-defined]
+
+
+@pytest.mark.slow
+def test_the_normalised_hinge_strengthens_tag_under_sign(
+    quality: dict[tuple[str, str], float],
+) -> None:
+    assert quality["tag-normalised", "sign"] > quality["tag", "sign"]

@@ -1,0 +1,248 @@
+"""The language task's data: real offline text, markup stripping, the attacker-trained tokenizer,
+document-level splits (auxiliary text disjoint from every client's) and their errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedleak.data import (
+    DatasetUnavailable,
+    DataSplitError,
+    auxiliary,
+    build_federated_data,
+    client_batch,
+    load_corpus,
+)
+from fedleak.data.text import (
+    MAX_TEST_SEQUENCES,
+    TextCorpus,
+    TokenizerError,
+    load_tokenizer,
+    split_text,
+    train_bpe,
+)
+from fedleak.data.text.corpus import Document, load_wikitext, wikitext_articles
+from fedleak.data.text.markup import plain_paragraphs
+
+WIKITEXT = "\n".join(
+    [
+        "'''Albedo''' ({{IPA|ælˈbiːdoʊ}}; from Latin ''albedo'') is the [[diffuse reflection|"
+        "diffuse reflectivity]] or reflecting power of a surface, measured on a scale from zero "
+        "to one.<ref>{{cite book|title=A Book}}</ref>",
+        "[[File:Albedo-e hg.svg|thumb|Percentage of diffusely reflected sunlight in relation to "
+        "various surface conditions of the Earth]]",
+        "{{Infobox thing|name=Albedo}}",
+        "== Terrestrial albedo ==",
+        '{| class="wikitable"',
+        "|+ Sample albedos",
+        "|-",
+        "! Surface !! Typical albedo",
+        "|-",
+        "| Fresh asphalt || 0.04",
+        "|}",
+        "* A list item that is long enough to count as a line of prose otherwise.",
+        "Albedos of typical materials in visible light range from up to 0.9 for fresh snow to "
+        "about 0.04.",
+        "Short line.",
+        "<!-- a comment that is long enough to be mistaken for a sentence of prose -->",
+        "A line with [[File:broken.png|thumb|a caption [[with a nested link that the parser "
+        "keeps as text]] since it is malformed",
+        "[[Category:Radiometry]]",
+        "[[de:Albedo]]",
+    ]
+)
+
+
+def test_markup_is_stripped_by_the_parser_keeping_prose_only() -> None:
+    paragraphs = plain_paragraphs(WIKITEXT)
+    assert paragraphs == [
+        "Albedo (from Latin albedo) is the diffuse reflectivity or reflecting power of a "
+        "surface, measured on a scale from zero to one.",
+        "Albedos of typical materials in visible light range from up to 0.9 for fresh snow to "
+        "about 0.04.",
+    ]
+
+
+def test_wikitext_lines_become_articles() -> None:
+    lines = [
+        " = Valkyria Chronicles III = \n",
+        " \n",
+        " Senjō no Valkyria 3 is a tactical role @-@ playing video game . \n",
+        " = = Gameplay = = \n",
+        " As with previous games , the player controls a squad . \n",
+        " = Tower Building = \n",
+        " The Tower Building is a building in Little Rock . \n",
+    ]
+    articles = wikitext_articles(lines)
+    assert [a.title for a in articles] == ["Valkyria Chronicles III", "Tower Building"]
+    assert articles[0].text.splitlines() == [
+        "Senjō no Valkyria 3 is a tactical role @-@ playing video game .",
+        "As with previous games , the player controls a squad .",
+    ]
+
+
+def test_lee_news_is_the_real_corpus() -> None:
+    corpus = load_corpus("lee-news")
+    assert len(corpus.documents) == 300
+    assert 55_000 < sum(d.words for d in corpus.documents) < 65_000
+    assert corpus.documents[0].text.startswith("Hundreds of people have been forced to vacate")
+    assert corpus.source.endswith("lee_background.cor")
+
+
+def test_wikipedia_is_real_prose_without_markup() -> None:
+    corpus = load_corpus("wikipedia")
+    titles = {d.title for d in corpus.documents}
+    assert {"Anarchism", "Albedo", "Achilles", "Abraham Lincoln"} <= titles
+    assert len(corpus.documents) > 90
+    assert 370_000 < sum(d.words for d in corpus.documents) < 410_000
+    text = "\n".join(d.text for d in corpus.documents)
+    for remnant in ("[[", "]]", "{{", "}}", "<ref", "'''", "thumb|", "Category:"):
+        assert remnant not in text, remnant
+
+
+def _corpus(count: int = 40, words: int = 120) -> TextCorpus:
+    rng = np.random.default_rng(0)
+    vocabulary = [f"word{i}" for i in range(300)]
+    documents = tuple(
+        Document(f"doc-{d}", " ".join(rng.choice(vocabulary, words))) for d in range(count)
+    )
+    return TextCorpus("synthetic", documents, (), "generated in the test")
+
+
+def _split(corpus: TextCorpus, partitions: int = 4, **overrides: object):
+    options = {
+        "aux_size": 100,
+        "test_fraction": 0.1,
+        "seq_len": 8,
+        "vocab_size": 400,
+        "tokenizer_kind": "bpe",
+    }
+    options.update(overrides)
+    return split_text(corpus, partitions, 3, **options)  # type: ignore[arg-type]
+
+
+def test_documents_are_split_whole_and_the_aux_text_is_disjoint() -> None:
+    corpus = _corpus()
+    split = _split(corpus)
+    dataset = split.dataset
+    aux_docs = set(dataset.documents[split.aux].tolist())
+    client_docs = [set(dataset.documents[p].tolist()) for p in split.partitions]
+    assert len(split.aux) == 100
+    assert aux_docs.isdisjoint(set().union(*client_docs))
+    for a in range(len(client_docs)):
+        for b in range(a + 1, len(client_docs)):
+            assert client_docs[a].isdisjoint(client_docs[b])
+    everything = np.sort(np.concatenate([split.aux, *split.partitions]))
+    assert np.array_equal(everything, np.arange(len(dataset.train_x)))
+    sizes = [len(p) for p in split.partitions]
+    assert max(sizes) - min(sizes) <= 14  # balanced up to one document's sequences
+    assert dataset.input_shape == (8,) and dataset.train_y is dataset.train_x
+    assert dataset.num_classes == 400 and dataset.train_x.dtype == torch.int64
+
+
+def test_tokenizer_is_trained_on_the_aux_documents_only() -> None:
+    corpus = _corpus()
+    split = _split(corpus)
+    aux_docs = sorted(set(split.dataset.documents[split.aux].tolist()))
+    # The aux documents are those the split takes, so retraining on exactly them (in the split's
+    # order) gives the same vocabulary; any client text would change it.
+    order = [
+        int(i) for i in np.random.default_rng([3, 0x54455854]).permutation(len(corpus.documents))
+    ]
+    taken = [i for i in order if i in aux_docs]
+    again = train_bpe([corpus.documents[i].text for i in taken], 400)
+    assert again.fingerprint == split.dataset.tokenizer.fingerprint
+    leaked = train_bpe([corpus.documents[i].text for i in order[: len(taken) + 1]], 400)
+    assert leaked.fingerprint != split.dataset.tokenizer.fingerprint
+
+
+def test_sequences_are_the_documents_text() -> None:
+    corpus = _corpus(count=12)
+    split = _split(corpus, partitions=2, aux_size=20)
+    dataset = split.dataset
+    tokenizer = dataset.tokenizer
+    for index in (0, len(dataset.train_x) - 1, int(split.partitions[1][3])):
+        text = tokenizer.decode(dataset.train_x[index].tolist())
+        assert text.strip() in corpus.documents[int(dataset.documents[index])].text
+
+
+def test_aux_and_test_splits_do_not_depend_on_the_number_of_clients() -> None:
+    corpus = _corpus()
+    one, four = _split(corpus, partitions=1), _split(corpus, partitions=4)
+    assert one.dataset.tokenizer.fingerprint == four.dataset.tokenizer.fingerprint
+    assert torch.equal(one.dataset.train_x[one.aux], four.dataset.train_x[four.aux])
+    assert torch.equal(one.dataset.test_x, four.dataset.test_x)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "partitions", "match"),
+    [
+        ({"aux_size": 10_000}, 4, "data.aux-size=10000"),
+        ({}, 60, "num_partitions=60"),
+        ({"aux_size": 0}, 4, "data.aux-size=0: the BPE tokenizer"),
+        ({"seq_len": 1}, 4, "data.seq-len=1"),
+        ({"vocab_size": 100}, 4, "data.vocab-size=100"),
+    ],
+)
+def test_impossible_splits_say_which_setting(
+    overrides: dict[str, object], partitions: int, match: str
+) -> None:
+    with pytest.raises((DataSplitError, TokenizerError), match=match) as caught:
+        _split(_corpus(), partitions=partitions, **overrides)
+    assert "\n" not in str(caught.value)
+
+
+def test_federated_text_through_the_data_room() -> None:
+    fd = build_federated_data(
+        "lee-news", None, 5, "iid", 0, aux_size=500, seq_len=16, vocab_size=1024
+    )
+    assert fd.dataset.modality == "tokens" and fd.dataset.input_shape == (16,)
+    x, y = client_batch(fd, 2, 1, 4, seed=0)
+    assert x.shape == (4, 16) and torch.equal(x, y)
+    aux_x, _ = auxiliary(fd)
+    assert aux_x.shape == (500, 16)
+    assert 0 < len(fd.dataset.test_x) <= MAX_TEST_SEQUENCES
+    with pytest.raises(DataSplitError, match=r"data.partition='dirichlet'.*expected 'iid'"):
+        build_federated_data("lee-news", None, 5, "dirichlet", 0, aux_size=500)
+
+
+def test_same_split_and_tokenizer_in_separate_processes(tmp_path: Path) -> None:
+    script = (
+        "import json; from fedleak.data import build_federated_data; "
+        "fd = build_federated_data('lee-news', None, 3, 'iid', 7, aux_size=300, seq_len=8, "
+        "vocab_size=600); "
+        "print(json.dumps([fd.dataset.tokenizer.fingerprint, fd.dataset.train_x[:50].tolist(), "
+        "[p.tolist()[:20] for p in fd.partitions]]))"
+    )
+    outputs = []
+    for hash_seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        done = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True
+        )
+        outputs.append(json.loads(done.stdout))
+    assert outputs[0] == outputs[1]
+
+
+def test_missing_text_sources_say_how_to_get_them(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(DatasetUnavailable) as caught:
+        load_wikitext("wikitext-2", tmp_path, download=True)
+    message = str(caught.value)
+    assert "data set 'wikitext-2' is not available" in message and "\n" not in message
+    assert "wikipedia, lee-news" in message and str(tmp_path) in message
+    with pytest.raises(DatasetUnavailable, match=r"tokenizer 'gpt2' is not available.*bpe"):
+        load_tokenizer("gpt2", [], 1000)
+    with pytest.raises(DatasetUnavailable, match="is not a file"):
+        load_tokenizer(f"file:{tmp_path / 'missing.json'}", [], 1000)

@@ -1,0 +1,126 @@
+"""The language task end to end, through the README's entry point: a real Flower simulation of
+the causal transformer on the news corpus, its leakage rows, texts, report and resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from fedleak.config import ConfigError, parse_flat
+from fedleak.server.validate import validate_components
+from fedleak.simulations.cli import main
+from fedleak.simulations.presets import load_preset
+
+TINY = [
+    "--num-clients",
+    "3",
+    "--set",
+    "data.dataset=lee-news",
+    "--set",
+    "data.aux-size=300",
+    "--set",
+    "data.vocab-size=300",
+    "--set",
+    "data.seq-len=8",
+    "--set",
+    "attack.max-iterations=5",
+    "--set",
+    "attack.clients-per-round=2",
+    "--set",
+    "train.batch-size=2",
+]
+LEARNED = [
+    "attack.lti-p.epochs=1",
+    "attack.lti-p.pseudo-size=20",
+    "attack.lti-p.hash-bins=256",
+    "attack.lti-p.hidden=32",
+]
+
+
+def _run(out: Path, *overrides: str) -> Path:
+    args = ["run", "text-quickstart", "--out", str(out), *TINY]
+    for item in overrides:
+        args += ["--set", item]
+    assert main(args) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("text") / "run"
+    _run(out, "attack.names=aux-frequency,tag,lti-p", *LEARNED, "num-server-rounds=1")
+    return _run(
+        out,
+        "attack.names=aux-frequency,tag,lti-p",
+        *LEARNED,
+        "num-server-rounds=2",
+        "sim.resume=true",
+    )
+
+
+def test_text_rows_carry_text_metrics_only(text_run: Path) -> None:
+    leakage = pd.read_parquet(text_run / "leakage.parquet")
+    # 2 rounds (the second after a resume) x 2 attacked clients x 3 attacks x batch of 2
+    assert len(leakage) == 24 and sorted(leakage["round"].unique()) == [1, 2]
+    assert set(leakage.attack) == {"aux-frequency", "tag", "lti-p"}
+    assert (leakage.status == "ok").all() and (leakage.modality == "tokens").all()
+    assert leakage.token_acc.between(0, 1).all() and leakage.rougeL.notna().any()
+    assert leakage[["psnr", "ssim", "mse", "label_acc"]].isna().all().all()
+    utility = pd.read_csv(text_run / "utility.csv")
+    assert list(utility["round"]) == [0, 1, 2]
+    # Next-token accuracy of the global model on held-out text.
+    assert utility.test_accuracy.between(0, 1).all() and (utility.test_loss > 0).all()
+
+
+def test_texts_environment_and_report(text_run: Path) -> None:
+    texts = sorted((text_run / "texts").glob("*.json"))
+    assert len(texts) == 2 * 2 * 3
+    pairs = json.loads(texts[0].read_text())["pairs"]
+    assert len(pairs[0]["truth"]) == 8 and len(pairs[0]["reconstruction_pieces"]) == 8
+    environment = json.loads((text_run / "environment.json").read_text())
+    tokenizer = environment["data"]["tokenizer"]
+    assert tokenizer["kind"] == "bpe" and tokenizer["vocab_size"] == 300
+    assert "auxiliary text only" in tokenizer["description"]
+    report = (text_run / "report.md").read_text(encoding="utf-8")
+    for heading in ("### token accuracy", "### ROUGE-1", "### ROUGE-2", "### ROUGE-L"):
+        assert heading in report
+    assert "## Reconstructed text" in report and "| truth |" in report
+    assert "PSNR" not in report.split("## Reconstructed text")[0].split("## Leakage per round")[0]
+    summary = (text_run / "summary.md").read_text(encoding="utf-8")
+    assert "tag token acc" in summary
+
+
+def test_the_global_model_trains_on_text(text_run: Path) -> None:
+    saved = torch.load(text_run / "checkpoints" / "global.pt", weights_only=True)
+    from fedleak.models import ModelSpec, build_model
+
+    start = build_model(ModelSpec("transformer3", (8,), 300))
+    state = saved["state_dict"]
+    assert torch.equal(state["token_embedding"], start.token_embedding)  # frozen
+    assert not torch.equal(state["output.bias"], start.output.bias)
+    assert not torch.equal(
+        state["blocks.0.feed_forward.0.weight"], start.blocks[0].feed_forward[0].weight
+    )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"model.name": "lenet"}, "model.name='lenet' reads images but data.dataset='wikipedia'"),
+        ({"attack.names": "ig"}, "'ig' reconstructs images, not the tokens"),
+        ({"defense.spec": "mixup:2"}, "input encodings .* do not apply to token sequences"),
+        ({"data.partition": "dirichlet"}, "data.partition='dirichlet'.*expected 'iid'"),
+        ({"data.tokenizer": "words"}, "data.tokenizer='words': expected one of bpe, gpt2"),
+    ],
+)
+def test_text_settings_are_checked_before_any_work(
+    overrides: dict[str, object], match: str
+) -> None:
+    config = parse_flat(overrides, load_preset("text-quickstart"))
+    with pytest.raises(ConfigError, match=match) as caught:
+        validate_components(config)
+    assert "\n" not in str(caught.value)
