@@ -257,16 +257,22 @@ def _describe_inner(kind: Any, rule: Rule) -> str:
     return name + _range(rule)
 
 
+def _bound(value: float) -> str:
+    if value == INT64_MAX:
+        return "2**63-1"
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else f"{value:g}"
+
+
 def _range(rule: Rule) -> str:
     low, high = rule.low, rule.high
     if low is not None and high is not None:
         left = "(" if rule.low_open else "["
         right = ")" if rule.high_open else "]"
-        return f" in {left}{low:g}, {high:g}{right}"
+        return f" in {left}{_bound(low)}, {_bound(high)}{right}"
     if low is not None:
-        return f" {'>' if rule.low_open else '>='} {low:g}"
+        return f" {'>' if rule.low_open else '>='} {_bound(low)}"
     if high is not None:
-        return f" {'<' if rule.high_open else '<='} {high:g}"
+        return f" {'<' if rule.high_open else '<='} {_bound(high)}"
     return ""
 
 
@@ -329,7 +335,7 @@ def _convert(key: str, raw: Any, kind: Any, rule: Rule, refuse: Callable[[], Exc
     if kind is int:
         if isinstance(raw, bool) or not isinstance(raw, int):
             raise refuse()
-        if abs(raw) > INT64_MAX:
+        if abs(raw) > INT64_MAX and rule.high != INT64_MAX:
             raise ConfigError(
                 f"{shown(key)}={shown_value(raw)}: expected {describe(kind, rule)}, at most "
                 "2**63-1 (run configs carry 64-bit integers)"

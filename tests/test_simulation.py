@@ -164,7 +164,7 @@ def test_resume_refuses_any_change_but_more_rounds(tmp_path: Path, capsys) -> No
     differing = error.split("differing: ")[1].split(". ")[0]
     for named in ("seed=1 (the run has 0)", "defense.spec='sign' (the run has 'none')"):
         assert named in differing
-    assert "train.lr=0.1 (the run has 0.01)" in differing and "num-server-rounds" not in differing
+    assert "train.lr=0.1 (the run has 0.15)" in differing and "num-server-rounds" not in differing
     assert main([*args, "--set", "num-server-rounds=2"]) == 1
     assert "num-server-rounds=2 is fewer than the 3" in capsys.readouterr().err
     # Nothing was started or written: the stored study is untouched.

@@ -101,11 +101,6 @@ def check_data_split(config: RunConfig, num_clients: int) -> FederatedData:
     Reusable on its own (a sweep's preflight calls it per cell); loads the data set.
     """
     data, train = config.data, config.train
-    if data.dataset.startswith(FOLDER_PREFIX) and not data.dataset[len(FOLDER_PREFIX) :].strip():
-        raise ConfigError(
-            f"data.dataset={data.dataset!r}: expected folder:<path to an image folder with one "
-            "sub-folder per class>"
-        )
     try:
         pool = federated_data(config, 1).partitions[0]
     except DataSplitError as error:
@@ -180,6 +175,11 @@ def _setting_names(message: str) -> str:
 def validate_components(config: RunConfig) -> None:
     """Raise `ConfigError` for the first setting no registry accepts."""
     dataset = config.data.dataset
+    if dataset.startswith(FOLDER_PREFIX) and not dataset[len(FOLDER_PREFIX) :].strip():
+        raise ConfigError(
+            f"data.dataset={dataset!r}: expected folder:<path to an image folder with one "
+            "sub-folder per class>"
+        )
     modality = dataset_modality(dataset)
     if modality == "image":
         dataset_entry(dataset)

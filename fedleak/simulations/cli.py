@@ -15,10 +15,10 @@ import shlex
 import sys
 import tomllib
 import traceback
+from importlib.metadata import version
 from pathlib import Path
 from typing import NoReturn
 
-from fedleak import __version__
 from fedleak.config import ConfigError, RunConfig, parse_flat
 
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
@@ -211,7 +211,7 @@ def parser() -> argparse.ArgumentParser:
         help="show tracebacks, and Flower's and Ray's logs",
     )
     main = _Parser(prog="fedleak", description=__doc__.split("\n\n")[0], parents=[common])
-    main.add_argument("--version", action="version", version=f"fedleak {__version__}")
+    main.add_argument("--version", action="version", version=f"fedleak {version('fedleak')}")
     commands = main.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def study_args(sub: argparse.ArgumentParser) -> None:
