@@ -26,7 +26,17 @@ ALLOWED = {
     "defenses": {"defenses", "models"},
     "metrics": {"metrics"},
     "report": {"report", "metrics", "config"},
-    "simulations": {"simulations", "server", "client", "report", "config", "runtime", "messages"},
+    # The command line also manages LPIPS's weights (`fedleak weights`).
+    "simulations": {
+        "simulations",
+        "server",
+        "client",
+        "report",
+        "config",
+        "runtime",
+        "messages",
+        "metrics",
+    },
     # Shared modules at the package root.
     "config.py": set(),
     "runtime.py": {"config", "data", "models", "training"},
