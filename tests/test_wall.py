@@ -11,9 +11,9 @@ from fedleak.attacks.types import AttackerKnowledge, Observation
 
 PACKAGE = Path(fedleak.__file__).parent
 
-# Leaf modules every room may import: the settings parser and the registry mechanism (they
-# import nothing from fedleak but each other).
-SHARED = {"settings", "registry"}
+# Leaf modules every room may import: the settings parser, the registry mechanism and the stop
+# request (they import nothing from fedleak but each other).
+SHARED = {"settings", "registry", "interrupt"}
 
 # Rooms and what each may import (DESIGN.md); `fedleak.config` is open to the rooms that read
 # run settings, `fedleak.interrupt` (a stop request, no imports) to long-running attack loops.
@@ -26,7 +26,8 @@ ALLOWED = {
     "defenses": {"defenses", "models"},
     "metrics": {"metrics"},
     "report": {"report", "metrics", "config"},
-    # The command line also manages LPIPS's weights (`fedleak weights`).
+    # The command line also manages LPIPS's weights (`fedleak weights`); a sweep checks which
+    # cells' data sets are on disk before it starts.
     "simulations": {
         "simulations",
         "server",
@@ -36,6 +37,7 @@ ALLOWED = {
         "runtime",
         "messages",
         "metrics",
+        "data",
     },
     # Shared modules at the package root.
     "config.py": set(),
