@@ -31,6 +31,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 STUDY = {
     "model.name": "convnet-bn",
     "train.mode": "fedavg",
+    "threat.share": "batch",
     "train.batch-size": 2,
     "train.examples": 4,
     "train.local-steps": 2,
