@@ -17,30 +17,27 @@ import torch
 from fedleak.attacks.frequency import TokenFrequencyBaseline
 from fedleak.attacks.learned.text import (
     TEXT_LTI_PRESETS,
-    TextLTIConfigError,
     TokenInverter,
     marginal,
     matched_accuracy,
     sequence_loss,
-    text_lti_config,
 )
 from fedleak.attacks.optimization.attacks import InvertingGradients, ObservationError
 from fedleak.attacks.optimization.tag import (
     TAG,
     TAGConfig,
-    TAGConfigError,
     TokenObservationError,
     WarmupLinear,
     choose_tag_loss,
     layer_weights,
     nearest_tokens,
-    tag_config,
 )
 from fedleak.attacks.registry import build_attack
 from fedleak.attacks.types import AttackerKnowledge, Budget, Observation
 from fedleak.data import auxiliary, build_federated_data
 from fedleak.defenses import parse_defense_spec
 from fedleak.models import ModelSpec, build_model
+from fedleak.settings import ConfigError
 from fedleak.training.update import LocalTraining, compute_update
 
 VOCAB, LENGTH = 300, 8
@@ -103,14 +100,15 @@ def world() -> dict[str, object]:
 
 
 def test_tag_defaults_and_bad_settings() -> None:
-    config = tag_config({"tag-scale": 0.5, "restarts": 2})
+    config = build_attack("tag", {"tag-scale": 0.5, "restarts": 2}).config
     assert (config.learning_rate, config.tag_scale, config.restarts) == (0.05, 0.5, 2)
+    assert build_attack("tag-normalised").config.normalised_hinge is True
     for params in ({"restarts": 0}, {"warmup": 1.0}, {"learning-rate": 0}, {"tag-scale": -1}):
-        with pytest.raises(TAGConfigError) as caught:
-            tag_config(params)
+        with pytest.raises(ConfigError) as caught:
+            build_attack("tag", params)
         assert "\n" not in str(caught.value)
-    with pytest.raises(ValueError, match="lr: unknown"):
-        tag_config({"lr": 0.1})
+    with pytest.raises(ConfigError, match="lr"):
+        build_attack("tag", {"lr": 0.1})
 
 
 def test_warmup_then_linear_decay() -> None:
@@ -222,11 +220,11 @@ def test_text_lti_defaults_are_the_papers() -> None:
     assert build_attack("lti-text", {}).config.pseudo is False
     assert build_attack("lti-text", {"hidden": "100,50"}).config.hidden == (100, 50)
     for params in ({"pseudo": True}, {"epochs": 0}, {"hash-bins": 2.0}, {"nope": 1}):
-        with pytest.raises(TextLTIConfigError) as caught:
+        with pytest.raises(ConfigError) as caught:
             build_attack("lti-text", params)
         assert "\n" not in str(caught.value)
-    with pytest.raises(TextLTIConfigError, match="preset"):
-        text_lti_config("gpu")
+    with pytest.raises(ConfigError, match="preset"):
+        build_attack("lti-text", {"preset": "gpu"})
 
 
 def test_sequence_loss_matches_outputs_to_sequences() -> None:

@@ -53,6 +53,11 @@ METRICS: tuple[Metric, ...] = (
     Metric("lpips_vgg", "LPIPS (VGG)", False, 3, True),
     Metric("mse", "MSE", False, 4),
     Metric("label_acc", "label accuracy", True, 3, True),
+    # The language task (the LTI paper's Table 2 reports these in %); all bounded in [0, 1].
+    Metric("token_acc", "token accuracy", True, 3, True),
+    Metric("rouge1", "ROUGE-1", True, 3, True),
+    Metric("rouge2", "ROUGE-2", True, 3, True),
+    Metric("rougeL", "ROUGE-L", True, 3, True),
 )
 # The two metrics per modality that figures show: PSNR and LPIPS for images, token accuracy
 # and ROUGE-L for text.

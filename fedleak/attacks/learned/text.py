@@ -40,10 +40,7 @@ from fedleak.attacks.learned.pairs import Featuriser, PairSource, Unit, make_gro
 from fedleak.attacks.types import AttackerKnowledge, Budget, Observation, Reconstruction
 from fedleak.defenses import DefensePipeline, parse_defense_spec
 from fedleak.models import build_model
-from fedleak.settings import ConfigError, Settings, parse_settings, setting
-
-# Kept for callers that catch it by name: text LTI's setting errors are ConfigErrors.
-TextLTIConfigError = ConfigError
+from fedleak.settings import Settings, setting
 
 
 class TextLTIObservationError(ValueError):
@@ -113,16 +110,6 @@ TEXT_LTI_PRESETS: dict[str, TextLTIConfig] = {
 TEXT_LTI_P_PRESETS: dict[str, TextLTIConfig] = {
     name: dataclasses.replace(config, pseudo=True) for name, config in TEXT_LTI_PRESETS.items()
 }
-
-
-def text_lti_config(preset: str = "paper", **overrides: object) -> TextLTIConfig:
-    """A preset with some fields replaced (keys may use dashes); one-line errors."""
-    if preset not in TEXT_LTI_PRESETS:
-        raise ConfigError(
-            f"attack.lti-text.preset={preset!r}: expected one of "
-            f"{', '.join(repr(p) for p in TEXT_LTI_PRESETS)}"
-        )
-    return parse_settings(TEXT_LTI_PRESETS[preset], overrides, "attack.lti-text.")
 
 
 class TokenInverter(nn.Module):

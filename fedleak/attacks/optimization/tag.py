@@ -41,14 +41,10 @@ from fedleak.attacks.optimization.replay import ClientProtocol, Replay
 from fedleak.attacks.types import AttackerKnowledge, Budget, Observation, Reconstruction
 from fedleak.defenses import DefensePipeline, Prune, SignCompression, parse_defense_spec
 from fedleak.models import build_model, has_batchnorm
-from fedleak.settings import ConfigError, parse_settings, setting
 from fedleak.settings import Settings as SettingsBase
+from fedleak.settings import setting
 
 _EPS = 1e-12
-
-
-# Kept for callers that catch it by name: TAG's setting errors are ConfigErrors.
-TAGConfigError = ConfigError
 
 
 class TokenObservationError(ValueError):
@@ -83,12 +79,6 @@ class TAGConfig(SettingsBase):
         1.0, low=0.0, low_open=True, doc="mean of sign releases: tanh(scale * g / rms(g))"
     )
     check_every: int = setting(50, low=1, doc="iterations between budget/NaN/progress checks")
-
-
-def tag_config(params: dict[str, object] | None = None, base: TAGConfig | None = None) -> TAGConfig:
-    """`base` (default TAGConfig()) with run parameters applied (dashes or underscores);
-    one-line errors."""
-    return parse_settings(base or TAGConfig(), dict(params or {}), "attack.tag.")
 
 
 @dataclass(frozen=True)
