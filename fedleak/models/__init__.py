@@ -3,6 +3,7 @@
 from fedleak.models.build import (
     INIT_NAMES,
     ModelSpecError,
+    batchnorm_buffer_names,
     build_model,
     count_parameters,
     has_batchnorm,
@@ -24,6 +25,7 @@ __all__ = [
     "ModelEntry",
     "ModelSpec",
     "ModelSpecError",
+    "batchnorm_buffer_names",
     "build_model",
     "count_parameters",
     "groupnorm_advice",

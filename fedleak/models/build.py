@@ -95,6 +95,17 @@ def has_batchnorm(module: nn.Module) -> bool:
     return any(isinstance(m, _BATCHNORM) for m in module.modules())
 
 
+def batchnorm_buffer_names(module: nn.Module) -> frozenset[str]:
+    """State-dict names of the BatchNorm layers' buffers (running statistics and batch counts):
+    the only buffers local computation changes; others (a frozen token table) are constants."""
+    return frozenset(
+        f"{prefix}.{name}" if prefix else name
+        for prefix, layer in module.named_modules()
+        if isinstance(layer, _BATCHNORM)
+        for name, _ in layer.named_buffers(recurse=False)
+    )
+
+
 def count_parameters(module: nn.Module) -> int:
     """The number of scalar parameters (buffers such as BatchNorm running means excluded)."""
     return sum(p.numel() for p in module.parameters())

@@ -204,14 +204,17 @@ def _rounds_section(study: Study) -> list[Block]:
     utility = study.utility()
     if leakage.empty and utility.empty:
         return []
-    png = rounds_figure(leakage, utility, metrics)
+    # Success is decided on LPIPS: text rows (and runs without LPIPS weights) have none.
+    decided = "success" in leakage and bool(np.isfinite(leakage["success"]).any())
+    png = rounds_figure(leakage, utility, metrics, success=decided)
     training = training_table(study)
     return [
         Heading("Leakage per round"),
         Figure.of(
             "leakage-per-round.png",
             png,
-            "Per round, against the private originals: the success rate and the median of "
+            f"Per round, against the private originals: {'the success rate and ' * decided}"
+            "the median of "
             "each metric over the attacked clients' samples (band: 95% interval where few "
             "lines share a panel), every attack a line on shared axes, the floor (reference "
             "baselines) dashed grey; the global model's test accuracy in the bottom row.",

@@ -261,6 +261,14 @@ class SettingSummary:
     lpips_mean: tuple[float, float, int]
     not_converged: int
     attack_runs: int
+    token_acc: Median
+    token_acc_mean: tuple[float, float, int]
+    rougeL: Median
+
+    @property
+    def tokens(self) -> bool:
+        """A language-task setting: scored by token accuracy and ROUGE, not PSNR and LPIPS."""
+        return self.token_acc.n > 0 and self.psnr.n == 0
 
 
 def setting_summaries(study: Study) -> list[SettingSummary]:
@@ -285,14 +293,20 @@ def setting_summaries(study: Study) -> list[SettingSummary]:
                         lpips_mean=mean_ci(cell[lpips]),
                         not_converged=not_converged(cell),
                         attack_runs=len(cell.drop_duplicates(["run", "round", "client_id"])),
+                        token_acc=median_interval(cell["token_acc"]),
+                        token_acc_mean=mean_ci(cell["token_acc"]),
+                        rougeL=median_interval(cell["rougeL"]),
                     )
                 )
     return out
 
 
 def summary_table(study: Study) -> Table:
-    """One row per setting and attack: success rate, median PSNR and LPIPS, LPIPS mean."""
+    """One row per setting and attack: success rate, median PSNR and LPIPS, LPIPS mean (for
+    the language task: token accuracy median and mean, ROUGE-L median)."""
     summaries = setting_summaries(study)
+    if summaries and all(s.tokens or s.token_acc.n == s.psnr.n == 0 for s in summaries):
+        return _text_summary_table(summaries, study.groups() != [""])
     grouped = study.groups() != [""]
     flags = any(s.not_converged for s in summaries)
     body = []
@@ -330,6 +344,38 @@ def summary_table(study: Study) -> Table:
         "exact 95% interval in brackets. Medians with their 95% order-statistic interval "
         "(the sample range for n < 6). The mean is given for LPIPS, which is bounded; PSNR's "
         "mean is not, because exact reconstructions (80+ dB) dominate it.",
+    )
+
+
+def _text_summary_table(summaries: list[SettingSummary], grouped: bool) -> Table:
+    body = []
+    for s in summaries:
+        head = [Cell(s.group)] if grouped else []
+        body.append(
+            (
+                *head,
+                Cell(s.defense),
+                Cell(attack_label(s.attack, s.reference)),
+                Cell(str(s.token_acc.n)),
+                Cell(s.token_acc.text(3)),
+                Cell(format_ci(s.token_acc_mean[0], s.token_acc_mean[1], 3)),
+                Cell(s.rougeL.text(3)),
+            )
+        )
+    return Table(
+        columns=(
+            *(("group",) if grouped else ()),
+            "defense",
+            "attack",
+            "n",
+            "token accuracy median",
+            "token accuracy mean ± 95% t",
+            "ROUGE-L median",
+        ),
+        rows=tuple(body),
+        caption="Against the private sequences. n: reconstructed sequences. Token accuracy: the "
+        "share of positions recovered; medians with their 95% order-statistic interval (the "
+        "sample range for n < 6); the mean, bounded, with its Student-t interval.",
     )
 
 

@@ -44,12 +44,20 @@ class SettingVerdict:
 
 
 def _leak_key(summary: SettingSummary) -> tuple[float, float]:
+    if summary.tokens:
+        accuracy = summary.token_acc.value
+        return (-accuracy, -summary.rougeL.value if summary.rougeL.n else math.inf)
     rate = summary.success.value
     lpips = summary.lpips.value
     return (
         -(rate if math.isfinite(rate) else -1.0),
         lpips if math.isfinite(lpips) else math.inf,
     )
+
+
+def _floor_key(summary: SettingSummary) -> float:
+    """The strongest floor first: lowest LPIPS, or highest token accuracy for text."""
+    return -summary.token_acc.value if summary.tokens else summary.lpips.value
 
 
 def setting_verdicts(study: Study) -> list[SettingVerdict]:
@@ -65,8 +73,8 @@ def setting_verdicts(study: Study) -> list[SettingVerdict]:
             if not here and runs.empty:
                 continue
             attacks = tuple(sorted((s for s in here if not s.reference), key=_leak_key))
-            floors = [s for s in here if s.reference and s.lpips.n]
-            floor = min(floors, key=lambda s: s.lpips.value) if floors else None
+            floors = [s for s in here if s.reference and (s.lpips.n or s.tokens)]
+            floor = min(floors, key=_floor_key) if floors else None
             start = utility[
                 (utility["group"] == group)
                 & (utility["defense"] == defense)
@@ -92,6 +100,8 @@ def _mean(values: pd.Series) -> float:
 
 
 def _rate(s: SettingSummary) -> str:
+    if s.tokens:
+        return f"{s.attack} a median {s.token_acc.value:.3f} of the tokens"
     rate = s.success
     if rate.n == 0:
         return f"{s.attack} (success not decidable: no floor or no LPIPS)"
@@ -100,6 +110,10 @@ def _rate(s: SettingSummary) -> str:
 
 def _scores(s: SettingSummary) -> str:
     parts = []
+    if s.tokens:
+        parts.append(f"median token accuracy {s.token_acc.value:.3f}")
+        if s.rougeL.n:
+            parts.append(f"ROUGE-L {s.rougeL.value:.3f}")
     if s.psnr.n:
         parts.append(f"median PSNR {s.psnr.value:.2f} dB")
     if s.lpips.n:
@@ -119,9 +133,10 @@ def _setting_sentence(v: SettingVerdict, baseline: SettingVerdict | None) -> str
     if leader is None:
         text = f"{where}, no attack produced a scored reconstruction"
     else:
+        what = "sequences" if leader.tokens else "samples"
         text = (
             f"{where}, {leader.attack} leaks most: it reconstructed "
-            f"{_rate(leader).removeprefix(leader.attack + ' ')} of the private samples "
+            f"{_rate(leader).removeprefix(leader.attack + ' ')} of the private {what} "
             f"({_scores(leader)})"
         )
         if v.floor is not None:
@@ -167,7 +182,8 @@ def headline(study: Study) -> list[str]:
         attacks = ", ".join(_rate(s) for s in v.attacks) or "no scored attack"
         floor = f"; floor {v.floor.attack} {_scores(v.floor)}" if v.floor else ""
         accuracy = f"accuracy {_accuracy(v.accuracy_start)} -> {_accuracy(v.accuracy_final)}"
-        lines.append(f"{v.label}: {accuracy} | reconstructed: {attacks}{floor}")
+        what = "recovered" if any(s.tokens for s in v.attacks) else "reconstructed"
+        lines.append(f"{v.label}: {accuracy} | {what}: {attacks}{floor}")
     if len(settings) > 2 * MAX_SETTINGS_NAMED:
         lines.append(f"... and {len(settings) - 2 * MAX_SETTINGS_NAMED} more settings")
     return lines

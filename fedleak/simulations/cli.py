@@ -130,9 +130,12 @@ def _headline(path: Path) -> None:
     from fedleak.report.stats import SUCCESS_FRACTION
     from fedleak.report.verdict import headline
 
-    lines = headline(load_study(path))
+    study = load_study(path)
+    lines = headline(study)
     if lines:
         rule = f"reconstructed = LPIPS at most {SUCCESS_FRACTION:g} x the floor's"
+        if study.leakage()["psnr"].isna().all():
+            rule = "token accuracy = share of positions recovered"
         print("\n".join(["", f"what leaked ({rule}):", *lines]))
 
 

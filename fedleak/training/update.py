@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedleak.defenses import DPSGD, DefensePipeline, EncodedBatch, PartnerPool
-from fedleak.models import has_batchnorm
+from fedleak.models import batchnorm_buffer_names, has_batchnorm
 from fedleak.training.gradients import (
     Params,
     batch_gradient_with_loss,
@@ -77,8 +77,9 @@ class ClientUpdate:
     encoding (None without an encoder); it is ground truth, for the auditor only. `loss`: mean
     training loss (FedAvg: averaged over the local steps). `buffers`: the model's buffers after
     the local computation (BatchNorm running statistics updated by every train-mode forward:
-    once in FedSGD, once per local step in FedAvg; {} for a model without buffers), which the
-    server averages into the global state as FedAvg does for a full state.
+    once in FedSGD, once per local step in FedAvg; {} for a model without BatchNorm; constant
+    buffers stay the server's), which the server averages into the global state as FedAvg
+    does for a full state.
     """
 
     update: dict[str, Tensor]
@@ -142,7 +143,9 @@ def compute_update(
         encoded=encoded,
         loss=float(loss),
         num_examples=x.shape[0],
-        buffers=buffers,
+        # Only what local computation changed travels: an average of equal floats need not be
+        # bit-equal, and constant buffers (a frozen token table) would only add payload.
+        buffers={k: v for k, v in buffers.items() if k in batchnorm_buffer_names(model)},
     )
 
 
