@@ -107,7 +107,7 @@ table { border-collapse: collapse; margin: .6rem 0 .2rem; font-size: .9rem; }
 th, td { border: 1px solid #ccc; padding: .25rem .55rem; text-align: right; }
 th.text, td.text { text-align: left; }
 th { background: #f3f3f5; }
-td.best { font-weight: 700; background: #eaf5ea; }
+td.best { font-weight: 700; background: #cfeccf; }
 .caption { color: #555; font-size: .85rem; margin: .1rem 0 1rem; }
 figure { margin: 1rem 0; }
 figure img { max-width: 100%; border: 1px solid #eee; }
