@@ -371,6 +371,9 @@ def test_a_plugin_runs_on_a_ray_worker_in_a_simulation(plugin: Path, tmp_path: P
     out = tmp_path / "run"
     settings = {
         "num-server-rounds": 1,
+        # The quickstart's study shares 32 per-sample updates; one batch of two is enough here.
+        "train.batch-size": 2,
+        "threat.share": "batch",
         "attack.names": "aux-mean,shifted-mean",
         "attack.shifted-mean.shift": 0.1,
         "attack.clients-per-round": 1,
