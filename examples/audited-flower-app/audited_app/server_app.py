@@ -38,7 +38,7 @@ def audit_settings(cfg: dict) -> dict[str, object]:  # fedleak
     return {
         "seed": int(cfg["seed"]),
         "num-server-rounds": int(cfg["num-server-rounds"]),
-        "model.name": "audited_app.task:make_net",  # the app's model, by import path
+        "model.name": "audited_app.task:Net",  # the app's model, by import path
         "data.dataset": "mnist5k",  # the attacker's auxiliary digits and the test set
         "train.mode": "fedavg",
         "train.lr": float(cfg["lr"]),

@@ -77,11 +77,3 @@ def test(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, flo
     model.eval()
     logits = model(x)
     return float(F.cross_entropy(logits, y)), float((logits.argmax(1) == y).float().mean())
-
-
-def make_net(input_shape: tuple[int, ...], num_classes: int) -> Net:
-    """`Net` as a factory by import path (`audited_app.task:make_net`): how the curious server
-    rebuilds the architecture it attacks."""
-    if tuple(input_shape) != (1, 28, 28) or num_classes != 10:
-        raise ValueError(f"Net is built for 1x28x28 digits in 10 classes, not {input_shape}")
-    return Net()
