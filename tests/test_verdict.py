@@ -44,3 +44,16 @@ def test_without_lpips_psnr_ranks_and_success_breaks_ties() -> None:
     b = _summary("b", 12, 25.0, math.nan)
     c = _summary("c", 15, 25.0, math.nan)
     assert [s.attack for s in sorted((a, b, c), key=_leak_key)] == ["c", "b", "a"]
+
+
+def test_an_attack_at_the_floor_is_called_so() -> None:
+    # The demo under sign: LTI still reconstructs, IG is no closer than the aux-mean floor.
+    lti = _summary("lti", 187, 13.96, 0.190)
+    ig = _summary("ig", 0, 5.72, 0.512)
+    floor = _summary("aux-mean", 0, 12.01, 0.478)
+    setting = SettingVerdict("", "sign", (lti, ig), floor, 0.1, 0.702, 50)
+    sentence = _setting_sentence(setting, None)
+    assert sentence.startswith("Under sign, lti leaks most: it reconstructed 187/192 (97%)")
+    runner_up = "; ig 0/192 (0%), median PSNR 5.72 dB, LPIPS 0.512, no closer than the floor."
+    assert runner_up in sentence
+    assert "no closer than the floor" not in sentence.split("; ig")[0]

@@ -114,6 +114,13 @@ def _scores(s: SettingSummary) -> str:
     return ", ".join(parts)
 
 
+def _at_floor(s: SettingSummary, v: SettingVerdict) -> bool:
+    """The attack's median LPIPS is not below the floor's: it learned nothing from the update."""
+    if v.floor is None or not (s.lpips.n and v.floor.lpips.n):
+        return False
+    return s.lpips.value >= v.floor.lpips.value
+
+
 def _accuracy(value: float) -> str:
     return "–" if math.isnan(value) else f"{value:.3f}"
 
@@ -134,7 +141,10 @@ def _setting_sentence(v: SettingVerdict, baseline: SettingVerdict | None) -> str
         if v.floor is not None:
             text += f" against the {v.floor.attack} floor's {_scores(v.floor)}"
         if len(v.attacks) > 1:
-            text += "; " + "; ".join(_rate_and_scores(s) for s in v.attacks[1:])
+            text += "; " + "; ".join(
+                _rate_and_scores(s) + (", no closer than the floor" if _at_floor(s, v) else "")
+                for s in v.attacks[1:]
+            )
     text += f". The global model's test accuracy is {_accuracy(v.accuracy_final)}"
     if v.final_round:
         text += f" after round {v.final_round}"
