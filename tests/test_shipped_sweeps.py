@@ -38,7 +38,7 @@ CHEAP = {
     "defense-tradeoff": (
         {**TINY_ATTACKS, "num-server-rounds": 2},
         # B=1 (per-sample) under the combined defense the paper recommends.
-        ["*-per-sample_*_instahide-4-and-prune-0.9"],
+        ["*-per-sample_*_instahide-4+prune-0.9"],
     ),
     "dp-frontier": (
         # Two clients x batches of 8 per round: 4 rounds score 64.

@@ -346,9 +346,9 @@ def test_presets_are_listed_loaded_and_valid() -> None:
     columns = {(c.config.threat.share, c.config.train.batch_size) for c in tradeoff.cells}
     assert columns == {("per-sample", 32), ("batch", 16), ("batch", 32)}
     assert "instahide:4+prune:0.9" in {c.config.defense.spec for c in tradeoff.cells}
-    # Cell ids are run names: a pipeline's '+' is spelled out, long ids keep their defense.
+    # Cell ids are run names; the long ones keep their defense.
     ids = {c.id for c in (*lti.cells, *tradeoff.cells)}
-    assert "cell-032-batch_B32_c2_instahide-4-and-prune-0.9" in ids
+    assert "cell-032-batch_B32_c2_instahide-4+prune-0.9" in ids
     assert "cell-015-fashion-mnist_batch_B4_c16_preset-cpu-batch_gauss-0.1" in ids
     dp = load_sweep("dp-frontier")
     assert sum(c.config.defense.spec.startswith("dpsgd") for c in dp.cells) == 3

@@ -159,14 +159,13 @@ class SweepPlan:
 
 
 def _slug(overrides: Mapping[str, Any]) -> str:
-    """A short description of a cell that is a valid run name (letters, digits, '.', '_', '-'),
-    e.g. `prune-0.9_B4_seed1`; a defense pipeline's '+' reads '-and-'."""
+    """A short description of a cell that is a valid run name, e.g. `prune-0.9_B4_seed1`."""
     parts = []
     for key, value in overrides.items():
         text = str(value).lower() if isinstance(value, bool) else str(value)
         label = "" if key in _VALUE_ONLY else _SHORT.get(key, key.rsplit(".", 1)[-1] + "-")
-        part = f"{label}{text}".replace(",", "-").replace(":", "-").replace("+", "-and-")
-        parts.append(re.sub(r"[^A-Za-z0-9.-]+", "", part))
+        part = f"{label}{text}".replace(",", "-").replace(":", "-")
+        parts.append(re.sub(r"[^A-Za-z0-9.+-]+", "", part))
     slug = "_".join(part for part in parts if part)
     # The id ("cell-NNN-" + slug) must fit the run-name limit of 100 characters.
     return slug[:88].rstrip("_-.") or "base"
