@@ -377,6 +377,7 @@ def test_a_plugin_runs_on_a_ray_worker_in_a_simulation(plugin: Path, tmp_path: P
         "attack.workers": 1,
         "attack.images-per-client": 0,
         "data.aux-size": 200,
+        "threat.share": "batch",
         "defense.spec": "halve",
         "model.name": "fedleak_toy:tiny_model",
     }
