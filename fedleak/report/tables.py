@@ -247,6 +247,9 @@ def success_table(study: Study) -> Table | None:
     )
 
 
+NO_MEDIAN = Median(math.nan, math.nan, math.nan, 0, math.nan)
+
+
 @dataclass(frozen=True)
 class SettingSummary:
     """One attack in one setting (group, defense): the figures the summary and verdict use."""
@@ -261,9 +264,10 @@ class SettingSummary:
     lpips_mean: tuple[float, float, int]
     not_converged: int
     attack_runs: int
-    token_acc: Median
-    token_acc_mean: tuple[float, float, int]
-    rougeL: Median
+    # The language task's scores; empty (n = 0) for image settings.
+    token_acc: Median = NO_MEDIAN
+    token_acc_mean: tuple[float, float, int] = (math.nan, math.nan, 0)
+    rougeL: Median = NO_MEDIAN
 
     @property
     def tokens(self) -> bool:
