@@ -191,7 +191,7 @@ def validate_components(config: RunConfig) -> None:
     if model_modality(config.model.name) != modality:
         fitting = [m for m in model_names() if model_modality(m) == modality]
         raise ConfigError(
-            f"model.name={config.model.name!r} reads {model_modality(config.model.name)}s but "
+            f"model.name={config.model.name!r} reads {model_modality(config.model.name)} but "
             f"data.dataset={dataset!r} holds {modality}; expected one of {', '.join(fitting)}"
         )
     if modality == "tokens":
