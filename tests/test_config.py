@@ -187,7 +187,7 @@ def test_every_setting_has_a_line_of_help() -> None:
         ),
         (
             {"model.name": "transformer3"},
-            "model.name='transformer3' reads tokens but data.dataset='mnist5k' holds image; "
+            "model.name='transformer3' reads tokens but data.dataset='mnist5k' holds images; "
             "expected one of lenet,",
         ),
     ],

@@ -42,6 +42,8 @@ from fedleak.server.payload import clients_per_round
 from fedleak.server.pool import _cluster_address, local_cpus
 from fedleak.settings import KeyHelp
 
+# What each modality's inputs are called in a refusal ("reconstructs images, not the tokens").
+_PLURAL = {"image": "images", "tokens": "tokens"}
 # Data-room argument names in DataSplitError messages -> the settings a user writes.
 _SPLIT_SETTINGS = {
     "aux_size=": "data.aux-size=",
@@ -191,8 +193,9 @@ def validate_components(config: RunConfig) -> None:
     if model_modality(config.model.name) != modality:
         fitting = [m for m in model_names() if model_modality(m) == modality]
         raise ConfigError(
-            f"model.name={config.model.name!r} reads {model_modality(config.model.name)} but "
-            f"data.dataset={dataset!r} holds {modality}; expected one of {', '.join(fitting)}"
+            f"model.name={config.model.name!r} reads {_PLURAL[model_modality(config.model.name)]} "
+            f"but data.dataset={dataset!r} holds {_PLURAL[modality]}; expected one of "
+            f"{', '.join(fitting)}"
         )
     if modality == "tokens":
         _validate_text(config, pipeline.encoder is not None)
@@ -201,8 +204,9 @@ def validate_components(config: RunConfig) -> None:
         if modality not in attack_modalities(attack):
             fitting = [n for n in ATTACKS.names() if modality in attack_modalities(build_attack(n))]
             raise ConfigError(
-                f"attack.names: {name!r} reconstructs {', '.join(attack_modalities(attack))}s, "
-                f"not the {modality} of data.dataset={dataset!r}; attacks for them: "
+                f"attack.names: {name!r} reconstructs "
+                f"{', '.join(_PLURAL[m] for m in attack_modalities(attack))}, not the "
+                f"{_PLURAL[modality]} of data.dataset={dataset!r}; attacks for them: "
                 f"{', '.join(fitting)}"
             )
     # Parameters of a known attack left out of attack.names (a preset's, after the names were
