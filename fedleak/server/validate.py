@@ -37,9 +37,9 @@ from fedleak.models import (
     model_modality,
     model_names,
 )
-from fedleak.runtime import federated_data
-from fedleak.server.payload import clients_per_round
-from fedleak.server.pool import _cluster_address, local_cpus
+from fedleak.runtime import federated_data, model_spec
+from fedleak.server.payload import check_payload, clients_per_round
+from fedleak.server.pool import _cluster_address, local_cpus, ray_init_args
 from fedleak.settings import KeyHelp
 
 # What each modality's inputs are called in a refusal ("reconstructs images, not the tokens").
@@ -66,8 +66,10 @@ def validate_run(
     """
     validate_components(config)
     check_resources(config, num_clients, client_cpus, client_gpus)
+    ray_init_args(config, client_cpus, client_gpus)  # GPU shares, room for attack workers
     fd = check_data_split(config, num_clients)
     check_attacks(config, fd, num_clients)
+    check_payload(config, model_spec(config, fd), num_clients)
     return fd
 
 
