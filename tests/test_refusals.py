@@ -167,6 +167,12 @@ CASES = [
         "data.aux-size=4000 leaves none of the 4000 training images for the clients",
     ),
     Case(
+        "aux-beyond-out-of-distribution",
+        (*RUN, "--set", "data.aux-beta=0", "--set", "data.test-fraction=0.999"),
+        "data.aux-size=1000 with data.aux-beta=0.0 needs 1000 out-of-distribution images but "
+        "only 3 exist; lower data.aux-size or raise data.aux-beta",
+    ),
+    Case(
         "instahide-inter-no-pool",
         (*RUN, "--set", "defense.spec=instahide:4:inter", "--set", "train.batch-size=4"),
         "set data.public-size >= 3",

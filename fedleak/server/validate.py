@@ -12,6 +12,7 @@ for each cell before the first one starts.
 from __future__ import annotations
 
 import math
+import re
 
 from fedleak.attacks.registry import ATTACKS, attack_entry, attack_modalities, build_attack
 from fedleak.config import ConfigError, RunConfig, key_help
@@ -46,14 +47,15 @@ from fedleak.settings import KeyHelp
 _PLURAL = {"image": "images", "tokens": "tokens"}
 # Data-room argument names in DataSplitError messages -> the settings a user writes.
 _SPLIT_SETTINGS = {
-    "aux_size=": "data.aux-size=",
-    "beta=": "data.aux-beta=",
-    "public_size=": "data.public-size=",
-    "test_fraction=": "data.test-fraction=",
-    "alpha=": "data.dirichlet-alpha=",
-    "shards_per_partition=": "data.shards-per-client=",
-    "num_partitions=": "num-clients=",
+    "aux_size": "data.aux-size",
+    "beta": "data.aux-beta",
+    "public_size": "data.public-size",
+    "test_fraction": "data.test-fraction",
+    "alpha": "data.dirichlet-alpha",
+    "shards_per_partition": "data.shards-per-client",
+    "num_partitions": "num-clients",
 }
+_SPLIT_ARGUMENT = re.compile(r"(?<![\w.-])(" + "|".join(_SPLIT_SETTINGS) + r")\b")
 
 
 def validate_run(
@@ -169,11 +171,10 @@ def check_attacks(config: RunConfig, fd: FederatedData, num_clients: int) -> Non
 
 
 def _setting_names(message: str) -> str:
-    """A data-room message with its argument names replaced by the settings' keys."""
-    for argument, setting in _SPLIT_SETTINGS.items():
-        if message.startswith(argument):
-            return setting + message[len(argument) :]
-    return f"data split: {message}"
+    """A data-room message with its argument names replaced by the settings' keys, wherever
+    they occur ("lower aux_size or raise beta" names settings too)."""
+    named = _SPLIT_ARGUMENT.sub(lambda match: _SPLIT_SETTINGS[match.group(1)], message)
+    return named if _SPLIT_ARGUMENT.match(message) else f"data split: {named}"
 
 
 def validate_components(config: RunConfig) -> None:
