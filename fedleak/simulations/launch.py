@@ -98,9 +98,10 @@ def simulate(
     from flwr.simulation import run_simulation
 
     if not verbose:
-        # run_simulation warns that it is deprecated in favour of `flwr run`; both paths are
-        # supported here, so the warning is noise for a fedleak user.
-        logging.getLogger("flwr").setLevel(logging.ERROR)
+        # run_simulation warns that it is deprecated in favour of `flwr run`, and Flower logs
+        # every client exception with its traceback; fedleak reports each failed client on one
+        # line itself (and a failed run as its last line), so Flower's logs wait for --verbose.
+        logging.getLogger("flwr").setLevel(logging.CRITICAL)
         warnings.filterwarnings("ignore", category=FutureWarning, module="ray")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     # The clients' Ray actors hold the cores; a multi-threaded server thrashes against them
