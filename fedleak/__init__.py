@@ -9,6 +9,10 @@ As a library (`docs/api.md`):
 - `reconstruct(attack, observation, aux_inputs, aux_labels, max_iterations=...)`: run it;
 - `score(reconstruction, inputs, labels)`: match the guesses to the private batch and measure
   them (MSE, PSNR, SSIM, LPIPS, label accuracy);
+- `audit(grid, strategy, settings, ...)`: inside your own Flower ServerApp, in place of
+  `strategy.start(...)`: your strategy wrapped in fedleak's `CuriousStrategy` (your ClientApp
+  adds `fedleak.client.audit.fedleak_mod` and declares its batch; README "Audit your Flower
+  app");
 - `register_attack`, `register_defense`, `register_model`, `register_dataset`: add your own
   (or declare entry points in groups `fedleak.attacks`, `fedleak.defenses`, `fedleak.models`,
   `fedleak.datasets` so that every process of a run finds them).
@@ -30,6 +34,7 @@ _EXPORTS = {
     "knowledge": "fedleak.api",
     "torch_threads": "fedleak.api",
     "Leakage": "fedleak.api",
+    "audit": "fedleak.server.app",
     "build_attack": "fedleak.attacks.registry",
     "attack_names": "fedleak.attacks.registry",
     "register_attack": "fedleak.attacks.registry",

@@ -61,8 +61,8 @@ __all__ = [
 _setting = setting
 
 # A run's name becomes a folder name (runs/<time>-<name>): one safe path component.
-NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}"
-NAME_RULE = "letters, digits, '.', '_' or '-', starting with a letter or digit, at most 100"
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}"
+NAME_RULE = "letters, digits, '.', '_', '+' or '-', starting with a letter or digit, at most 100"
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from fedleak.simulations.cli import main
 TINY = {
     "num-server-rounds": "1",
     "train.batch-size": "1",
+    "threat.share": "batch",
     "model.init": "uniform",
     "data.aux-size": "200",
     "attack.names": "ig",

@@ -25,11 +25,17 @@ def _examples() -> list[str]:
     return re.findall(r"```python\n(.*?)```", DOC.read_text(encoding="utf-8"), flags=re.S)
 
 
+def test_every_example_of_the_page_is_run_here() -> None:
+    """Three examples, each executed by one test below: a new one must get its test."""
+    assert len(_examples()) == 3
+    assert "tests/test_api.py" in DOC.read_text(encoding="utf-8")
+
+
 def test_import_fedleak_is_cheap_and_lists_the_api() -> None:
     code = "import sys, fedleak; print('torch' in sys.modules, sorted(fedleak.__all__)[:3])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.startswith("False")
-    for name in ("observe", "reconstruct", "score", "build_attack", "register_attack"):
+    for name in ("observe", "reconstruct", "score", "build_attack", "register_attack", "audit"):
         assert name in fedleak.__all__ and getattr(fedleak, name).__doc__
 
 

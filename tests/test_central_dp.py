@@ -280,6 +280,7 @@ def test_a_run_records_central_epsilon_in_utility_csv(tmp_path: Path) -> None:
     settings = {
         "num-server-rounds": "2",
         "train.mode": "fedavg",
+        "threat.share": "batch",
         "train.local-steps": "2",
         "data.aux-size": "50",
         "attack.names": "aux-mean",

@@ -48,11 +48,13 @@ def test_an_outcome_part_is_its_problems_alone():
         iterations=7,
         seconds=3.0,
         stopped_by="iterations",
+        initial=torch.arange(6.0) + 10,
     )
     part = outcome.part(1, 3)
     assert torch.equal(part.variables[0], variables[0][1:3])
     assert torch.equal(part.variables[1], variables[1][1:3])
     assert part.matching.tolist() == [1.0, 2.0] and part.diverged.tolist() == [True, False]
+    assert part.initial.tolist() == [11.0, 12.0]
     assert (part.iterations, part.seconds, part.stopped_by) == (7, 3.0, "iterations")
 
 

@@ -399,7 +399,7 @@ def test_registry_names_and_errors():
     assert build_attack("stepwise").config.dropout == 0.3
     assert build_attack("ig", {"tv-weight": 1e-3, "restarts": 2}).config.restarts == 2
     refusals = [
-        ("nope", {}, "attack.names='nope': unknown attack; expected one of aux-mean, dlg"),
+        ("nope", {}, "attack.names='nope': unknown attack; expected one of aux-mean, class-mean"),
         ("ig", {"lr": 0.1}, "attack.ig.lr: unknown setting; did you mean"),
         ("ig", {"restarts": 0}, "attack.ig.restarts=0: expected an integer >= 1"),
         ("dlg", {"labels": "magic"}, "attack.dlg.labels='magic': expected one of 'auto'"),

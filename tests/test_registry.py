@@ -260,6 +260,16 @@ def test_models_by_registered_name_or_import_path() -> None:
     assert all(
         torch.equal(a, b) for a, b in zip(first.parameters(), second.parameters(), strict=True)
     )
+    # A Flower app's own model class, built for its own data, takes no arguments.
+    app_model = build_model(ModelSpec(f"{__name__}:_AppNet", (1, 28, 28), 10, seed=3))
+    assert isinstance(app_model, _AppNet) and app_model.fc.out_features == 10
+
+
+class _AppNet(nn.Module):
+    def __init__(self, hidden: int = 4) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(784, hidden))
+        self.fc = nn.Linear(hidden, 10)
 
 
 def _two_layer(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
@@ -371,6 +381,9 @@ def test_a_plugin_runs_on_a_ray_worker_in_a_simulation(plugin: Path, tmp_path: P
     out = tmp_path / "run"
     settings = {
         "num-server-rounds": 1,
+        # The quickstart's study shares 32 per-sample updates; one batch of two is enough here.
+        "train.batch-size": 2,
+        "threat.share": "batch",
         "attack.names": "aux-mean,shifted-mean",
         "attack.shifted-mean.shift": 0.1,
         "attack.clients-per-round": 1,

@@ -172,6 +172,7 @@ STUDY = {
     "num-server-rounds": "2",
     "train.fraction-train": "0.5",
     "train.batch-size": "1",
+    "threat.share": "batch",
     "defense.spec": "instahide:2:inter",
     "data.public-size": "50",
     "data.aux-size": "100",

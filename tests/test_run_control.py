@@ -27,6 +27,8 @@ SLOW_ROUNDS = [
     "--set",
     "num-server-rounds=2",
     "--set",
+    "threat.share=batch",
+    "--set",
     "attack.names=ig",
     "--set",
     "attack.max-iterations=1000000000",

@@ -30,6 +30,8 @@ TINY = [
     "--set",
     "train.batch-size=2",
     "--set",
+    "threat.share=batch",
+    "--set",
     "data.aux-size=200",
     # A seeded draw of 2 of the 3 clients per round: attacks on and off must agree on it.
     "--set",

@@ -2,7 +2,8 @@
 
 `model.name` is a registered name (`lenet`, `resnet20-gn`, a plugin's) or an import path
 `package.module:factory`, Flower's convention for apps. Either way the factory is called with
-the data set's input shape and number of classes and returns an `nn.Module`:
+the data set's input shape and number of classes and returns an `nn.Module` (an import path
+may also name a factory that takes no arguments, such as a Flower app's own `Net` class):
 
     @register_model("tiny-cnn")
     def tiny_cnn(input_shape: tuple[int, ...], num_classes: int) -> nn.Module: ...
@@ -15,6 +16,7 @@ model: `groupnorm` names the registered variant to suggest when BatchNorm is ref
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -95,8 +97,26 @@ def model_entry(name: str) -> ModelEntry:
             from fedleak.settings import ConfigError
 
             raise ConfigError(f"model.name={name!r}: {factory!r} is not callable")
-        return ModelEntry(name, factory)
+        return ModelEntry(name, _shaped(factory))
     return MODELS.get(name)
+
+
+def _shaped(factory: Callable[..., nn.Module]) -> Builder:
+    """`factory` as a `Builder`: called with (input_shape, num_classes), or with nothing when
+    it takes no arguments (a Flower app's `Net()`, built for its own data)."""
+    try:
+        parameters = list(inspect.signature(factory).parameters.values())
+    except (TypeError, ValueError):  # no signature to read (some builtins): call it as a Builder
+        return factory
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    takes_arguments = any(
+        p.kind is inspect.Parameter.VAR_POSITIONAL
+        or (p.kind in positional and p.default is inspect.Parameter.empty)
+        for p in parameters
+    )
+    if takes_arguments:
+        return factory
+    return lambda input_shape, num_classes: factory()
 
 
 def model_modality(name: str) -> str:

@@ -108,7 +108,8 @@ UTILITY_COLUMNS: Mapping[str, str] = {
 
 # Runs written before the one status rule may also hold "timeout" rows; new rows may not.
 STATUSES = ("ok", "failed", "nan")
-SCORED_AGAINST = ("original", "encoded")
+# "unavailable": a reconstruction without ground truth (a foreign client that declared no batch).
+SCORED_AGAINST = ("original", "encoded", "unavailable")
 
 CONFIG_FILE = "config.toml"
 ENVIRONMENT_FILE = "environment.json"
@@ -539,10 +540,11 @@ class RunDirectory:
         server_round: int,
         client_id: int,
         attack: str,
-        truth: torch.Tensor,
+        truth: torch.Tensor | None,
         reconstruction: torch.Tensor,
     ) -> Path:
-        """A PNG grid: ground truth on the top row, the matched reconstructions below.
+        """A PNG grid: ground truth on the top row, the matched reconstructions below (only
+        the reconstructions when there is no ground truth: a client that declared no batch).
 
         Both are [B, C, H, W] in matched order; values are clamped to [0, 1] (pass |x| for
         encodings in [-1, 1]). One channel is shown as gray.
@@ -550,13 +552,15 @@ class RunDirectory:
         from PIL import Image
         from torchvision.utils import make_grid
 
-        if truth.ndim != 4 or truth.shape != reconstruction.shape:
+        shown = reconstruction if truth is None else truth
+        if shown.ndim != 4 or shown.shape != reconstruction.shape:
             raise RunDirectoryError(
-                f"save_images: truth {tuple(truth.shape)} and reconstruction "
+                f"save_images: truth {tuple(shown.shape)} and reconstruction "
                 f"{tuple(reconstruction.shape)} must be equal [B, C, H, W] shapes"
             )
-        both = torch.cat([truth, reconstruction]).detach().float().cpu().clamp(0, 1)
-        grid = make_grid(both, nrow=truth.shape[0], padding=2, pad_value=1.0)
+        rows = [reconstruction] if truth is None else [truth, reconstruction]
+        both = torch.cat(rows).detach().float().cpu().clamp(0, 1)
+        grid = make_grid(both, nrow=shown.shape[0], padding=2, pad_value=1.0)
         pixels = (grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
         buffer = io.BytesIO()
         Image.fromarray(pixels, mode="RGB").save(buffer, format="PNG")

@@ -10,13 +10,15 @@ import logging
 import platform
 import sys
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log as flwr_log
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Strategy
 
 from fedleak.attacks.registry import attack_entry, build_attack
 from fedleak.attacks.types import AttackerKnowledge, Budget, is_reference
@@ -136,11 +138,23 @@ class RoundRecorder:
         self.started = time.perf_counter()
         self.attack_seconds = 0.0
 
-    def on_scored(self, result: AttackResult, truth: GroundTruth, rows: list[dict]) -> None:
-        """Save ground truth beside the reconstruction, in the auditor's matched order."""
+    def on_scored(self, result: AttackResult, truth: GroundTruth | None, rows: list[dict]) -> None:
+        """Save ground truth beside the reconstruction, in the auditor's matched order (the
+        reconstruction alone when there is no ground truth)."""
         reconstruction = result.reconstruction
         self.attack_seconds += reconstruction.seconds
         if reconstruction.status != "ok" or self.images_per_client == 0:
+            return
+        if truth is None:
+            if result.job.observation.modality == "image":
+                observation = result.job.observation
+                self.run_dir.save_images(
+                    observation.round,
+                    observation.client_id,
+                    result.job.attack,
+                    None,
+                    reconstruction.inputs[: self.images_per_client],
+                )
             return
         pairs = [
             (int(r["sample"]), int(r["target_index"]))
@@ -213,8 +227,40 @@ class RoundRecorder:
         return MetricRecord({"test-loss": loss, "test-accuracy": accuracy})
 
 
-def serve(grid: Grid, config: RunConfig) -> Path:
-    """Run the whole study on `grid` and return its run directory.
+@dataclass(frozen=True)
+class ForeignServer:
+    """The server side of a Flower app audited by fedleak: the app's own strategy (which selects
+    its clients and aggregates their new weights), its initial weights (None: the configured
+    model's) and the configuration its clients are sent each round (None: fedleak's)."""
+
+    strategy: Strategy
+    initial_arrays: ArrayRecord | None = None
+    train_config: ConfigRecord | None = None
+
+
+def audit(
+    grid: Grid,
+    strategy: Strategy,
+    settings: Mapping[str, object],
+    *,
+    initial_arrays: ArrayRecord | None = None,
+    train_config: ConfigRecord | None = None,
+) -> Path:
+    """Run a Flower app's own `strategy` wrapped in `CuriousStrategy`, in place of
+    `strategy.start(...)` in its ServerApp, and return the run directory.
+
+    `settings`: fedleak's flat settings (`fedleak config-keys`), e.g. `model.name` (the app's
+    model as an import path `package.module:factory`), `data.dataset` (the attacker's
+    auxiliary data and the held-out test set), `attack.names`, `num-server-rounds`, `out-dir`.
+    The app's ClientApp adds `fedleak.client.audit.fedleak_mod` and calls `declare(...)`.
+    """
+    server = ForeignServer(strategy, initial_arrays, train_config)
+    return serve(grid, parse_flat(dict(settings)), server)
+
+
+def serve(grid: Grid, config: RunConfig, app: ForeignServer | None = None) -> Path:
+    """Run the whole study on `grid` and return its run directory; with `app`, the strategy
+    of a foreign Flower app is the one wrapped (`audit`).
 
     Holds the run directory's lock throughout. Raises `RunFailed` when the recorded rounds
     make a failed run (FAILED is written instead of DONE), and `RunInterrupted` when a stop
@@ -229,7 +275,7 @@ def serve(grid: Grid, config: RunConfig) -> Path:
     RunDirectory.check_target(path, resume=config.sim.resume)
     with lock:
         check_resumable(config, path)
-        return _serve(StoppableGrid(grid), config, path, device)
+        return _serve(StoppableGrid(grid), config, path, device, app)
 
 
 def check_resumable(config: RunConfig, path: Path) -> None:
@@ -253,7 +299,9 @@ def check_resumable(config: RunConfig, path: Path) -> None:
         ) from None
 
 
-def _serve(grid: Grid, config: RunConfig, path: Path, device: torch.device) -> Path:
+def _serve(
+    grid: Grid, config: RunConfig, path: Path, device: torch.device, app: ForeignServer | None
+) -> Path:
     """`serve` once the run directory is checked and locked."""
     fd = federated_data(config, num_partitions=1)
     if config.sim.resume and (path / "config.toml").exists():
@@ -269,6 +317,8 @@ def _serve(grid: Grid, config: RunConfig, path: Path, device: torch.device) -> P
     spec = model_spec(config, fd)
     model = build_model(spec)
     offset = 0
+    if app is not None and app.initial_arrays is not None:
+        model.load_state_dict(app.initial_arrays.to_torch_state_dict())
     checkpoint = run_dir.load_global_model() if config.sim.resume else None
     if checkpoint is not None:
         offset, state = checkpoint
@@ -279,7 +329,9 @@ def _serve(grid: Grid, config: RunConfig, path: Path, device: torch.device) -> P
         run_dir.write_summary()
         return _finish(run_dir, {})
 
-    strategy = build_strategy(config, spec, fd, device, offset)
+    strategy = build_strategy(
+        config, spec, fd, device, offset, inner=app.strategy if app is not None else None
+    )
     # ε needs every client's partition size; the server's own `fd` has a single partition.
     num_clients = len(list(grid.get_node_ids()))
     ledger = PrivacyLedger.from_config(config, federated_data(config, num_clients))
@@ -298,13 +350,16 @@ def _serve(grid: Grid, config: RunConfig, path: Path, device: torch.device) -> P
     strategy.on_scored = recorder.on_scored
     strategy.payload_check = functools.partial(check_round_payload, config, spec)
     train = config.train
+    train_config = ConfigRecord({"lr": train.lr, "local-steps": train.local_steps})
+    if app is not None and app.train_config is not None:
+        train_config = app.train_config
     try:
         strategy.start(
             grid=grid,
             initial_arrays=ArrayRecord(model.state_dict()),
             num_rounds=remaining,
             timeout=config.sim.timeout,
-            train_config=ConfigRecord({"lr": train.lr, "local-steps": train.local_steps}),
+            train_config=train_config,
             evaluate_fn=recorder,
         )
         if strategy.runner is not None:
@@ -398,23 +453,31 @@ def reference_attacks(config: RunConfig) -> frozenset[str]:
 
 
 def build_strategy(
-    config: RunConfig, spec, fd: FederatedData, device: torch.device, offset: int
+    config: RunConfig,
+    spec,
+    fd: FederatedData,
+    device: torch.device,
+    offset: int,
+    inner: Strategy | None = None,
 ) -> CuriousStrategy:
     """FedAvg (inside Flower's central-DP wrapper when configured) wrapped by the curious
-    server, with its attacks and their budget."""
+    server, with its attacks and their budget; or `inner`, a foreign app's own strategy,
+    which then selects its clients itself."""
     train = config.train
-    # The curious strategy draws each round's clients itself (seeded, over partition ids) and
-    # shows FedAvg only those, so FedAvg takes every node it is shown.
-    inner = FedAvg(
-        fraction_train=1.0,
-        fraction_evaluate=0.0,
-        min_train_nodes=train.min_clients,
-        min_available_nodes=train.min_clients,
-        train_metrics_aggr_fn=train_metrics,
-    )
-    selection = ClientSelection(
-        train.fraction_train, train.min_clients, config.seed, timeout=config.sim.timeout
-    )
+    selection = None
+    if inner is None:
+        # The curious strategy draws each round's clients itself (seeded, over partition
+        # ids) and shows FedAvg only those, so FedAvg takes every node it is shown.
+        inner = FedAvg(
+            fraction_train=1.0,
+            fraction_evaluate=0.0,
+            min_train_nodes=train.min_clients,
+            min_available_nodes=train.min_clients,
+            train_metrics_aggr_fn=train_metrics,
+        )
+        selection = ClientSelection(
+            train.fraction_train, train.min_clients, config.seed, timeout=config.sim.timeout
+        )
     if config.defense.central_clip > 0:
         inner = CentralDP.from_config(inner, config, prior_releases=offset)
     aux_x, aux_y = auxiliary(fd)

@@ -138,14 +138,18 @@ class Auditor:
         observation: Observation,
         attack: str,
         reconstruction: Reconstruction,
-        truth: GroundTruth,
+        truth: GroundTruth | None,
         context: Mapping[str, object],
     ) -> list[dict[str, object]]:
         """One row per reconstructed sample; a failed attack (or a failure to score it) gives
-        one row with its status and message."""
+        one row with its status and message. Without ground truth (a client of a foreign app
+        that declared no batch: a real deployment) the rows are `scored_against`
+        "unavailable", with NaN metrics and the recovered labels."""
         base = self._base(observation, attack, reconstruction, context)
         if reconstruction.status != "ok":
             return [{**base, "sample": -1, "target_index": -1, "scored_against": "original"}]
+        if truth is None:
+            return self._unavailable(base, reconstruction)
         in_order = observation.per_sample_updates is not None
         try:
             if observation.modality == "tokens":
@@ -175,6 +179,24 @@ class Auditor:
                 }
             ]
         return [{**row, **_convergence(reconstruction, int(row["sample"]))} for row in rows]
+
+    @staticmethod
+    def _unavailable(
+        base: Mapping[str, object], reconstruction: Reconstruction
+    ) -> list[dict[str, object]]:
+        """Rows for a reconstruction with nothing to score it against."""
+        return [
+            {
+                **base,
+                "sample": sample,
+                "target_index": -1,
+                "scored_against": "unavailable",
+                **_metric_fields({"mse": _NAN, "psnr": _NAN, "ssim": _NAN}, 0),
+                **_label_fields(reconstruction, sample, None),
+                **_convergence(reconstruction, sample),
+            }
+            for sample in range(len(reconstruction.inputs))
+        ]
 
     @staticmethod
     def _base(
@@ -287,6 +309,9 @@ class Auditor:
                 }
             )
         return best_rows + encoded
+
+
+_NAN = torch.tensor([math.nan])
 
 
 def _convergence(reconstruction: Reconstruction, sample: int) -> dict[str, float]:

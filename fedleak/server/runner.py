@@ -22,6 +22,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from fedleak.attacks.threads import default_threads, torch_threads
 from fedleak.attacks.types import (
     Attack,
     AttackerKnowledge,
@@ -182,7 +183,8 @@ def run_batch(
 
 
 class InlineRunner:
-    """Runs each job to completion inside `submit`, in this process, on `knowledge.device`."""
+    """Runs each job to completion inside `submit`, in this process, on `knowledge.device`,
+    with `fedleak.attacks.threads`'s thread count."""
 
     def __init__(
         self, attacks: dict[str, Attack], knowledge: AttackerKnowledge, budget: Budget
@@ -197,7 +199,9 @@ class InlineRunner:
         done = []
         for batch in batches(jobs):
             attack = self.attacks[batch[0].attack]
-            done += run_batch(batch, attack, self.knowledge, self.budget)
+            # One thread for small models, as `fedleak.reconstruct` (the clients hold cores).
+            with torch_threads(default_threads(batch[0].observation, self.knowledge.device)):
+                done += run_batch(batch, attack, self.knowledge, self.budget)
         self._done += sorted(done, key=lambda result: result.job.job_id)
 
     def ready(self, wait: bool = False) -> list[AttackResult]:

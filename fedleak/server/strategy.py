@@ -11,6 +11,10 @@ Same seed, same bits: replies are put in a canonical order (partition id, errors
 anything reads them, because FedAvg sums float32 arrays in the order it is given them and
 replies arrive in whatever order the clients finish; and each round's clients are drawn by a
 `ClientSelection` seeded from the run's seed and the round (`fedleak.server.selection`).
+
+A foreign Flower app audited through fedleak's client mod (`fedleak.client.audit`) replies with
+its new weights: the wrapped strategy (the app's own) aggregates them as they are, and the
+attacks see their difference to w_t (a FedSGD client's gradient is that difference over -lr).
 """
 
 from __future__ import annotations
@@ -36,12 +40,15 @@ from fedleak.messages import (
     AUDIT,
     BN_STATS,
     BUFFERS,
+    DECLARED,
     EXTRA_RECORDS,
     METRICS,
     NUM_EXAMPLES,
+    PARTITION_ID,
     PER_SAMPLE,
     tensors_of,
 )
+from fedleak.models import build_model
 from fedleak.models.spec import ModelSpec
 from fedleak.server.auditor import Auditor, GroundTruth
 from fedleak.server.central_dp import CentralDP
@@ -71,7 +78,7 @@ class ClientReply:
     """One reply, split at the wall."""
 
     observation: Observation
-    truth: GroundTruth
+    truth: GroundTruth | None  # None: a foreign client that declared no batch
 
 
 def error_line(reason: str) -> str:
@@ -147,7 +154,7 @@ class CuriousStrategy(Strategy):
         seed: int,
         round_offset: int = 0,
         row_context: dict[str, object] | None = None,
-        on_scored: Callable[[AttackResult, GroundTruth, list[dict[str, object]]], None]
+        on_scored: Callable[[AttackResult, GroundTruth | None, list[dict[str, object]]], None]
         | None = None,
         payload_check: Callable[[int], object] | None = None,
         selection: ClientSelection | None = None,
@@ -168,7 +175,7 @@ class CuriousStrategy(Strategy):
         self.on_scored = on_scored
         self.global_weights: dict[str, torch.Tensor] = {}
         self.rows: dict[int, list[dict[str, object]]] = {}
-        self._truths: dict[int, GroundTruth] = {}
+        self._truths: dict[int, GroundTruth | None] = {}
         self._next_job = 0
         self.failures: dict[int, int] = {}
         self.client_errors: dict[int, str] = {}  # the first failed reply's reason, by round
@@ -177,6 +184,7 @@ class CuriousStrategy(Strategy):
         self.payload: dict[int, int] = {}
         self._sent = 0
         self.participation: Counter[int] = Counter()
+        self._parameters: tuple[str, ...] | None = None
 
     # -- rounds -----------------------------------------------------------------------------
     def configure_train(
@@ -216,7 +224,9 @@ class CuriousStrategy(Strategy):
         self.participation.update(reply.observation.client_id for reply in split)
         if self.runner is not None:
             self.attack(server_round, split)
-        buffers = average_buffers(valid)
+        # A foreign app's clients send weights, which its own strategy aggregates as they are.
+        foreign = any(DECLARED in msg.content for msg in valid)
+        buffers = {} if foreign else average_buffers(valid)
         # Attacks cut short by a stop request must not be recorded as the round's leakage.
         raise_if_stopped(f"in round {server_round}, before it was recorded")
         for msg in valid:
@@ -224,15 +234,17 @@ class CuriousStrategy(Strategy):
                 if key in msg.content:
                     del msg.content[key]
         aggregate, metrics = self.inner.aggregate_train(server_round, replies)
-        if aggregate is None:
-            return None, metrics
+        if aggregate is None or foreign:
+            return aggregate, metrics
         return ArrayRecord(self.step(tensors_of(aggregate), buffers)), metrics
 
     def split(self, server_round: int, msg: Message) -> ClientReply:
         """The attacker's view and the auditor's view of one reply."""
         content = msg.content
+        if DECLARED in content:
+            return self.split_foreign(server_round, msg)
         metrics = content[METRICS]
-        client_id = int(_metric(metrics, "partition-id", -1))
+        client_id = int(_metric(metrics, PARTITION_ID, -1))
         per_sample = tensors_of(content[PER_SAMPLE]) if PER_SAMPLE in content else None
         bn_stats = None
         if self.public.share_bn_statistics and BN_STATS in content:
@@ -255,6 +267,52 @@ class CuriousStrategy(Strategy):
         )
         truth = GroundTruth.from_audit(client_id, tensors_of(content[AUDIT]))
         return ClientReply(observation, truth)
+
+    def split_foreign(self, server_round: int, msg: Message) -> ClientReply:
+        """A foreign app's reply (through fedleak's client mod): its arrays are the client's
+        new weights w, so the update is w - w_t, or (w_t - w) / lr for a client that declared
+        FedSGD (one step on one batch). The protocol is what the client declared, else one
+        step of the run's learning rate on the examples its metrics report; without a declared
+        batch there is no ground truth (the rows say so)."""
+        content = msg.content
+        declared = content[DECLARED]
+        client_id = int(declared[PARTITION_ID])
+        after = tensors_of(content[ARRAYS])
+        names = self.parameter_names()
+        lr = float(declared.get("learning-rate", self.public.learning_rate))
+        reported = _metric(content[METRICS], NUM_EXAMPLES, 0) if METRICS in content else 0
+        examples = int(declared.get(NUM_EXAMPLES, reported))
+        kind: UpdateKind = "delta"
+        update = {n: after[n] - self.global_weights[n] for n in names}
+        if declared.get("mode") == "fedsgd":
+            kind = "gradient"
+            update = {n: -value / lr for n, value in update.items()}
+        observation = Observation(
+            round=server_round,
+            client_id=client_id,
+            model=self.public.model,
+            weights=self.global_weights,
+            update=update,
+            update_kind=kind,
+            num_examples=examples,
+            batch_size=int(declared.get("batch-size", examples)),
+            local_steps=int(declared.get("local-steps", 1)),
+            learning_rate=lr,
+            defense=self.public.defense,
+            modality=self.public.modality,
+        )
+        truth = None
+        if AUDIT in content:
+            truth = GroundTruth.from_audit(client_id, tensors_of(content[AUDIT]))
+        return ClientReply(observation, truth)
+
+    def parameter_names(self) -> tuple[str, ...]:
+        """The model's trainable parameters (a foreign reply's arrays also hold its buffers,
+        which are state, not update)."""
+        if self._parameters is None:
+            model = build_model(self.public.model)
+            self._parameters = tuple(name for name, _ in model.named_parameters())
+        return self._parameters
 
     def chosen(self, server_round: int, split: list[ClientReply]) -> list[ClientReply]:
         """The clients attacked this round: all, or a seeded sample of `clients_per_round`."""
@@ -322,7 +380,10 @@ class CuriousStrategy(Strategy):
             modality=first.modality,
             contributors=len(split),
         )
-        return ClientReply(observation, GroundTruth.union([r.truth for r in split]))
+        truths = [r.truth for r in split]
+        known = [t for t in truths if t is not None]
+        union = GroundTruth.union(known) if len(known) == len(truths) else None
+        return ClientReply(observation, union)
 
     def step(
         self, aggregate: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]

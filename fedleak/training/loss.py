@@ -36,21 +36,21 @@ def task_scores(logits: Tensor, targets: Tensor) -> tuple[float, int, int]:
 
 
 def check_targets(x: Tensor, y: Tensor) -> None:
-    """Raise ValueError unless `y` fits inputs `x`: class indices [B], soft labels [B, C], or
-    a token sequence's own ids [B, L] / soft targets [B, L, V]."""
+    """Raise ValueError unless `y` fits inputs `x`: class indices [B] or soft labels [B, C] (any
+    inputs, token ids included), or, for token inputs [B, L], the sequence's own ids [B, L] or
+    soft targets [B, L, V] (a language model)."""
+    hard = not y.is_floating_point() and y.dim() == 1
+    soft = y.is_floating_point() and y.dim() == 2
+    if (hard or soft) and y.shape[0] == x.shape[0]:
+        return
     tokens = not x.is_floating_point() and x.dim() == 2
+    sequence = y.dim() == (3 if y.is_floating_point() else 2)
+    if tokens and sequence and y.shape[:2] == x.shape:
+        return
+    expected = "int64 [B] class indices or float [B, C] soft labels"
     if tokens:
-        ok = y.shape[:2] == x.shape and (
-            (not y.is_floating_point() and y.dim() == 2) or (y.is_floating_point() and y.dim() == 3)
-        )
-        expected = "int64 [B, L] token ids or float [B, L, V] soft targets"
-    else:
-        hard = not y.is_floating_point() and y.dim() == 1
-        soft = y.is_floating_point() and y.dim() == 2
-        ok = (hard or soft) and y.shape[0] == x.shape[0]
-        expected = "int64 [B] class indices or float [B, C] soft labels"
-    if not ok:
-        raise ValueError(
-            f"labels of shape {tuple(y.shape)} and dtype {y.dtype} do not fit inputs of shape "
-            f"{tuple(x.shape)}; expected {expected}"
-        )
+        expected += ", or int64 [B, L] token ids / float [B, L, V] soft targets"
+    raise ValueError(
+        f"labels of shape {tuple(y.shape)} and dtype {y.dtype} do not fit inputs of shape "
+        f"{tuple(x.shape)}; expected {expected}"
+    )

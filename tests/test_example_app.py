@@ -1,0 +1,283 @@
+"""The example Flower app (`examples/audited-flower-app`): a plain Flower PyTorch app audited by
+fedleak's client mod, `declare(...)` and `fedleak.audit(...)`.
+
+Its leakage rows agree with fedleak's own client (`compute_update` + `reply_content`) on the
+same model, weights, batch and seed; a client that declares nothing is still attacked, its
+reconstructions saved, its metrics marked unavailable. The end-to-end test runs the app with
+`flwr run` as its README says.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedleak.config import parse_flat
+from fedleak.defenses import parse_defense_spec
+from fedleak.messages import Declaration, add_declaration, reply_content, tensors_of
+from fedleak.models import build_model
+from fedleak.report.rundir import RunDirectory
+from fedleak.runtime import federated_data, model_spec
+from fedleak.server.app import RoundRecorder, build_strategy
+from fedleak.server.privacy import PrivacyLedger
+from fedleak.server.strategy import CuriousStrategy
+from fedleak.training.update import LocalTraining, compute_update
+
+BIN = Path(sys.executable).parent
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "audited-flower-app"
+COMPARED = ["mse", "psnr", "ssim", "lpips_alex", "label_acc", "loss_final"]
+EXACT = ["round", "client_id", "attack", "sample", "target_index", "true_label", "pred_label"]
+
+
+@pytest.fixture(scope="module")
+def app() -> Iterator[object]:
+    """The example's own modules (model, data, training), imported as its ServerApp does."""
+    sys.path.insert(0, str(EXAMPLE))
+    import audited_app.server_app as server_app
+    import audited_app.task as task
+
+    yield task, server_app
+    sys.path.remove(str(EXAMPLE))
+    for name in [m for m in sys.modules if m.startswith("audited_app")]:
+        del sys.modules[name]
+
+
+@pytest.fixture(autouse=True)
+def _message_identity() -> None:
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+
+
+def _settings(server_app, **overrides: object) -> dict[str, object]:
+    """The example's fedleak settings for its pyproject.toml run config plus `overrides`."""
+    cfg = {
+        "seed": 0,
+        "num-server-rounds": 1,
+        "lr": 0.1,
+        "attacks": "aux-mean,ig",
+        "attack-iterations": 5,
+        "out-dir": "",
+        **overrides,
+    }
+    return server_app.audit_settings(cfg)
+
+
+def _strategy(settings: dict[str, object], **own: object) -> CuriousStrategy:
+    """The curious server of `fedleak.audit`, wrapping FedAvg; `own` settings describe fedleak's
+    own clients' protocol (what their replies declare in their metrics)."""
+    config = parse_flat({**settings, **{f"train.{k}": v for k, v in own.items()}})
+    fd = federated_data(config, 1)
+    inner = FedAvg(fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1)
+    return build_strategy(config, model_spec(config, fd), fd, torch.device("cpu"), 0, inner)
+
+
+def _client_batch(task, partition: int, server_round: int, seed: int = 0, examples: int = 4):
+    """The batch the example's ClientApp trains on (its own data loading and sampling)."""
+    x, y = task.load_partition(partition, 2)
+    return task.local_batch(x, y, examples, seed * 1_000_003 + server_round * 1_009 + partition)
+
+
+def _own_reply(strategy: CuriousStrategy, x, y, partition: int, training: LocalTraining):
+    """fedleak's own client on the same weights and batch."""
+    model = build_model(strategy.public.model)
+    model.load_state_dict(strategy.global_weights)
+    generator = torch.Generator().manual_seed(0)
+    update = compute_update(model, x, y, 10, parse_defense_spec("none"), training, generator)
+    config = parse_flat(
+        {
+            "train.mode": training.mode,
+            "train.batch-size": training.batch_size,
+            "train.local-steps": training.local_steps,
+            "train.lr": training.learning_rate,
+        }
+    )
+    content = reply_content(update, x, y, partition, config)
+    return Message(content=content, dst_node_id=partition + 1, message_type="train")
+
+
+def _foreign_reply(task, weights, x, y, partition: int, training: LocalTraining, declare: bool):
+    """The example's ClientApp on the same weights and batch: its own training loop, its
+    weights as the reply, and what fedleak's client mod adds."""
+    model = task.Net()
+    model.load_state_dict(weights)
+    task.train(model, x, y, training.learning_rate, training.local_steps, training.batch_size)
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({k: v.detach() for k, v in model.state_dict().items()}),
+            "metrics": MetricRecord({"num-examples": len(x)}),
+        }
+    )
+    declared = None
+    if declare:
+        declared = Declaration.of(
+            x, y, training.mode, training.learning_rate, training.local_steps, training.batch_size
+        )
+    add_declaration(content, partition, declared)
+    return Message(content=content, dst_node_id=partition + 1, message_type="train")
+
+
+def _rows(strategy: CuriousStrategy, replies: list[Message], server_round: int = 1):
+    strategy.aggregate_train(server_round, replies)
+    strategy.collect(wait=True)
+    rows = [row for rows in strategy.take_rows().values() for row in rows]
+    return pd.DataFrame(rows).sort_values(["client_id", "attack", "sample"], ignore_index=True)
+
+
+def _assert_rows_agree(audited: pd.DataFrame, own: pd.DataFrame) -> None:
+    assert len(audited) == len(own) > 0
+    assert set(audited["status"]) == set(own["status"]) == {"ok"}
+    pd.testing.assert_frame_equal(audited[EXACT], own[EXACT], check_dtype=False)
+    np.testing.assert_allclose(
+        audited[COMPARED].to_numpy(float), own[COMPARED].to_numpy(float), rtol=1e-3, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+    "training",
+    [LocalTraining("fedavg", 2, 2, 0.1), LocalTraining("fedsgd", 4, 1, 0.1)],
+    ids=["fedavg", "fedsgd"],
+)
+def test_the_audited_app_leaks_what_fedleaks_own_client_leaks(
+    app, training: LocalTraining, one_thread: None
+) -> None:
+    task, server_app = app
+    settings = _settings(server_app)
+    own_strategy = _strategy(
+        settings,
+        mode=training.mode,
+        **{"batch-size": training.batch_size, "local-steps": training.local_steps},
+    )
+    audited_strategy = _strategy(settings)
+    torch.manual_seed(0)
+    weights = task.Net().state_dict()
+    for strategy in (own_strategy, audited_strategy):
+        strategy.global_weights = {k: v.clone() for k, v in weights.items()}
+    batches = [_client_batch(task, p, 1) for p in (0, 1)]
+    own = [_own_reply(own_strategy, x, y, p, training) for p, (x, y) in enumerate(batches)]
+    audited = [
+        _foreign_reply(task, weights, x, y, p, training, declare=True)
+        for p, (x, y) in enumerate(batches)
+    ]
+    # The attacker's view: the same update up to float rounding (weights in, weights out).
+    for mine, theirs in zip(own, audited, strict=True):
+        seen = audited_strategy.split(1, theirs).observation
+        expected = own_strategy.split(1, mine).observation
+        assert (seen.update_kind, seen.num_examples, seen.batch_size, seen.local_steps) == (
+            expected.update_kind,
+            expected.num_examples,
+            expected.batch_size,
+            expected.local_steps,
+        )
+        for name, value in expected.update.items():
+            torch.testing.assert_close(seen.update[name], value, rtol=1e-4, atol=1e-6)
+    _assert_rows_agree(_rows(audited_strategy, audited), _rows(own_strategy, own))
+
+
+def test_without_a_declaration_attacks_run_and_reconstructions_are_saved(
+    app, tmp_path: Path, one_thread: None
+) -> None:
+    task, server_app = app
+    settings = _settings(server_app, **{"out-dir": str(tmp_path / "run")})
+    strategy = _strategy(settings)
+    config = parse_flat(settings)
+    fd = federated_data(config, 1)
+    run_dir = RunDirectory.create(tmp_path / "run", config, {"seed": 0})
+    recorder = RoundRecorder(
+        run_dir,
+        strategy,
+        build_model(strategy.public.model),
+        fd,
+        torch.device("cpu"),
+        config.attack.images_per_client,
+        PrivacyLedger.from_config(config, fd),
+    )
+    strategy.on_scored = recorder.on_scored
+    torch.manual_seed(0)
+    weights = task.Net().state_dict()
+    strategy.global_weights = dict(weights)
+    training = LocalTraining("fedavg", 2, 2, 0.1)
+    replies = [
+        _foreign_reply(task, weights, *_client_batch(task, p, 1), p, training, declare=False)
+        for p in (0, 1)
+    ]
+    aggregate, _ = strategy.aggregate_train(1, replies)
+    strategy.collect(wait=True)
+    rows = pd.DataFrame([row for rows in strategy.take_rows().values() for row in rows])
+    # Undeclared: one step on the examples the metrics report, at the run's learning rate.
+    assert set(rows["attack"]) == {"aux-mean", "ig"} and set(rows["status"]) == {"ok"}
+    assert set(rows["scored_against"]) == {"unavailable"}
+    assert rows[["mse", "psnr", "ssim", "lpips_alex", "label_acc"]].isna().all().all()
+    assert (rows.loc[rows["attack"] == "ig", "iterations"] == 5).all()
+    assert sorted(set(rows["client_id"])) == [0, 1] and (rows["batch_size"] == 4).all()
+    saved = sorted(path.name for path in run_dir.images())
+    assert saved == [f"r001_c00{c}_{a}.png" for c in (0, 1) for a in ("aux-mean", "ig")]
+    # The app's own FedAvg aggregated the clients' weights as they are.
+    expected = {
+        k: (
+            tensors_of(replies[0].content["arrays"])[k]
+            + tensors_of(replies[1].content["arrays"])[k]
+        )
+        / 2
+        for k in weights
+    }
+    for name, value in aggregate.to_torch_state_dict().items():
+        torch.testing.assert_close(value, expected[name])
+    # The run directory keeps them as such.
+    run_dir.append_leakage(1, rows.to_dict("records"))
+    assert set(RunDirectory.open(run_dir.path).leakage()["scored_against"]) == {"unavailable"}
+
+
+@pytest.mark.slow
+def test_flwr_run_audits_the_example_app(
+    app, flwr_home: Path, tmp_path: Path, one_thread: None
+) -> None:
+    """`flwr run examples/audited-flower-app`, as its README says: the run directory holds
+    leakage rows equal to those of fedleak's own client on the same weights and batches."""
+    task, server_app = app
+    out = tmp_path / "run"
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    }
+    result = subprocess.run(
+        [
+            str(BIN / "flwr"),
+            "run",
+            str(EXAMPLE),
+            "--stream",
+            "--run-config",
+            f"out-dir='{out}' num-server-rounds=1 attack-iterations=5",
+            "--federation-config",
+            "num-supernodes=2 client-resources-num-cpus=1",
+        ],
+        cwd=tmp_path,  # not the app folder: Flower then imports one copy of the code
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    log = result.stdout + result.stderr
+    assert result.returncode == 0 and (out / "DONE").exists(), log[-3000:]
+    recorded = pd.read_parquet(out / "leakage.parquet")
+    recorded = recorded.sort_values(["client_id", "attack", "sample"], ignore_index=True)
+    assert len(run_dir_images := sorted((out / "images").glob("r001_*.png"))) == 4, run_dir_images
+
+    settings = _settings(server_app)
+    training = LocalTraining("fedavg", 2, 2, 0.1)
+    strategy = _strategy(settings, **{"batch-size": 2, "local-steps": 2})
+    torch.manual_seed(0)
+    strategy.global_weights = dict(task.Net().state_dict())
+    own = [_own_reply(strategy, *_client_batch(task, p, 1), p, training) for p in (0, 1)]
+    _assert_rows_agree(recorded, _rows(strategy, own))
