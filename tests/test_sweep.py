@@ -300,8 +300,8 @@ def test_cell_patterns_select_a_subset_with_unchanged_ids(tmp_path: Path) -> Non
 @pytest.mark.parametrize(
     ("aux", "start"),
     [
-        (4000, "cell-000-B1_none: data split of 'mnist5k' for 8 clients (data.aux-size=4000"),
-        (3990, "cell-002-B2_none: train.batch-size=2: the smallest of the 8 client partitions"),
+        (4000, "cell-000-B1_none: data.aux-size=4000 leaves none of the 4000 training images"),
+        (3990, "cell-002-B2_none: train.batch-size=2: client 2 holds only 1 image (iid split"),
     ],
 )
 def test_data_splits_are_checked_before_any_cell_runs(tmp_path: Path, aux: int, start: str) -> None:
@@ -346,6 +346,10 @@ def test_presets_are_listed_loaded_and_valid() -> None:
     columns = {(c.config.threat.share, c.config.train.batch_size) for c in tradeoff.cells}
     assert columns == {("per-sample", 32), ("batch", 16), ("batch", 32)}
     assert "instahide:4+prune:0.9" in {c.config.defense.spec for c in tradeoff.cells}
+    # Cell ids are run names; the long ones keep their defense.
+    ids = {c.id for c in (*lti.cells, *tradeoff.cells)}
+    assert "cell-032-batch_B32_c2_instahide-4+prune-0.9" in ids
+    assert "cell-015-fashion-mnist_batch_B4_c16_preset-cpu-batch_gauss-0.1" in ids
     dp = load_sweep("dp-frontier")
     assert sum(c.config.defense.spec.startswith("dpsgd") for c in dp.cells) == 3
     assert {c.config.defense.central_noise for c in dp.cells} == {0.0, 0.3, 1.0}

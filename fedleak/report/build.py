@@ -138,30 +138,6 @@ def _lpips_note(study: Study) -> list[Block]:
     ]
 
 
-def _scoring(leakage: pd.DataFrame, lpips: str) -> list[str]:
-    """How reconstructions were scored, for the modalities the study holds."""
-    modalities = set(leakage["modality"]) if len(leakage) else {"image"}
-    parts = []
-    if "image" in modalities:
-        parts.append(
-            "Each image reconstruction is matched to one private sample (Hungarian assignment "
-            "on MSE) before scoring; images are in [0, 1] and PSNR uses a data range of 1. "
-            f"LPIPS is reported from the `{lpips}` column."
-        )
-    if "tokens" in modalities:
-        parts.append(
-            "Each reconstructed token sequence is matched to one private sequence (Hungarian "
-            "assignment on the fraction of mismatched positions) and scored by token accuracy "
-            "(position by position) and by the ROUGE-1, ROUGE-2 and ROUGE-L F-measures of the "
-            "decoded texts (`rouge-score`, no stemming)."
-        )
-    parts.append(
-        "Confidence intervals are 95% Student-t intervals over the reconstructed samples, "
-        "pooled over clients, rounds and seeds."
-    )
-    return parts
-
-
 def _leakage_section(study: Study) -> list[Block]:
     blocks: list[Block] = [Heading("Leakage tables")]
     success = success_table(study)

@@ -106,6 +106,7 @@ h3 { margin-top: 1.4rem; }
 table { border-collapse: collapse; margin: .6rem 0 .2rem; font-size: .9rem; }
 th, td { border: 1px solid #ccc; padding: .25rem .55rem; text-align: right; }
 th.text, td.text { text-align: left; }
+td:not(.text) { white-space: nowrap; }  /* a median and its interval stay on one line */
 th { background: #f3f3f5; }
 td.best { font-weight: 700; background: #eaf5ea; }
 .caption { color: #555; font-size: .85rem; margin: .1rem 0 1rem; }

@@ -174,7 +174,7 @@ def gallery_figure(by_attack: dict[str, list[tuple[str, Sample]]], metric_label:
     scale = max(1, math.ceil(TILE_PIXELS / max(tile_h, tile_w)))
     cell_w, cell_h = tile_w * scale, tile_h * scale
     columns = max(len(by_attack[a]) for a in attacks)
-    block_h = 2 * _LINE + 4 + cell_h + 6 + cell_h + 2 * _LINE + 8 + _GAP
+    block_h = 2 * _LINE + 4 + cell_h + 6 + cell_h + 3 * _LINE + 8 + _GAP
     width = _LABEL_WIDTH + columns * (cell_w + _GAP)
     canvas = Image.new("RGB", (width, block_h * len(attacks)), _PAPER)
     draw = ImageDraw.Draw(canvas)
@@ -200,8 +200,9 @@ def gallery_figure(by_attack: dict[str, list[tuple[str, Sample]]], metric_label:
             color = _ALERT if sample.not_converged else _INK
             below = recon_y + cell_h + 3
             draw.text((x, below), f"PSNR {sample.psnr:.1f} dB", font=small, fill=color)
-            note = " (not conv.)" if sample.not_converged else ""
-            draw.text((x, below + _LINE), f"{metric_label} {lpips}{note}", font=small, fill=color)
+            draw.text((x, below + _LINE), f"{metric_label} {lpips}", font=small, fill=color)
+            if sample.not_converged:  # its own line: beside the score it ran into the next tile
+                draw.text((x, below + 2 * _LINE), "not converged", font=small, fill=color)
     buffer = io.BytesIO()
     canvas.save(buffer, format="PNG")
     return buffer.getvalue()

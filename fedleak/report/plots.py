@@ -224,7 +224,7 @@ def frontier_figure(points: pd.DataFrame, metrics: list[Metric]) -> bytes:
                 zorder=3,
             )
         private = "left" if metric.higher_is_better else "right"
-        ax.set_xlabel(f"{metric.label} (mean over samples)")
+        ax.set_xlabel(f"{metric.label} (median over samples)")
         ax.set_ylabel("final test accuracy")
         ax.set_title(f"more private to the {private}, more useful up", fontsize=9, loc="left")
         ax.grid(alpha=0.3)

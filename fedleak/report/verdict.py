@@ -39,16 +39,18 @@ class SettingVerdict:
 
     @property
     def leader(self) -> SettingSummary | None:
-        """The attack that leaks most here (by success rate, then median LPIPS)."""
+        """The attack that leaks most here (by median LPIPS, then PSNR, then success rate)."""
         return self.attacks[0] if self.attacks else None
 
 
-def _leak_key(summary: SettingSummary) -> tuple[float, float]:
-    rate = summary.success.value
-    lpips = summary.lpips.value
+def _leak_key(summary: SettingSummary) -> tuple[float, float, float]:
+    # Closeness first: the success rate saturates (a blurry but recognisable reconstruction
+    # and an exact one both count), so it only breaks ties between equally close attacks.
+    lpips, psnr, rate = summary.lpips.value, summary.psnr.value, summary.success.value
     return (
+        lpips if summary.lpips.n and math.isfinite(lpips) else math.inf,
+        -psnr if summary.psnr.n and math.isfinite(psnr) else math.inf,
         -(rate if math.isfinite(rate) else -1.0),
-        lpips if math.isfinite(lpips) else math.inf,
     )
 
 
@@ -98,6 +100,11 @@ def _rate(s: SettingSummary) -> str:
     return f"{s.attack} {rate.k}/{rate.n} ({100 * rate.value:.0f}%)"
 
 
+def _rate_and_scores(s: SettingSummary) -> str:
+    scores = _scores(s)
+    return f"{_rate(s)}, {scores}" if scores else _rate(s)
+
+
 def _scores(s: SettingSummary) -> str:
     parts = []
     if s.psnr.n:
@@ -105,6 +112,13 @@ def _scores(s: SettingSummary) -> str:
     if s.lpips.n:
         parts.append(f"LPIPS {s.lpips.value:.3f}")
     return ", ".join(parts)
+
+
+def _at_floor(s: SettingSummary, v: SettingVerdict) -> bool:
+    """The attack's median LPIPS is not below the floor's: it learned nothing from the update."""
+    if v.floor is None or not (s.lpips.n and v.floor.lpips.n):
+        return False
+    return s.lpips.value >= v.floor.lpips.value
 
 
 def _accuracy(value: float) -> str:
@@ -127,7 +141,10 @@ def _setting_sentence(v: SettingVerdict, baseline: SettingVerdict | None) -> str
         if v.floor is not None:
             text += f" against the {v.floor.attack} floor's {_scores(v.floor)}"
         if len(v.attacks) > 1:
-            text += "; " + ", ".join(_rate(s) for s in v.attacks[1:])
+            text += "; " + "; ".join(
+                _rate_and_scores(s) + (", no closer than the floor" if _at_floor(s, v) else "")
+                for s in v.attacks[1:]
+            )
     text += f". The global model's test accuracy is {_accuracy(v.accuracy_final)}"
     if v.final_round:
         text += f" after round {v.final_round}"

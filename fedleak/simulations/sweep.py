@@ -159,7 +159,7 @@ class SweepPlan:
 
 
 def _slug(overrides: Mapping[str, Any]) -> str:
-    """A short, filesystem-safe description of a cell, e.g. `prune-0.9_B4_seed1`."""
+    """A short description of a cell that is a valid run name, e.g. `prune-0.9_B4_seed1`."""
     parts = []
     for key, value in overrides.items():
         text = str(value).lower() if isinstance(value, bool) else str(value)
@@ -167,7 +167,8 @@ def _slug(overrides: Mapping[str, Any]) -> str:
         part = f"{label}{text}".replace(",", "-").replace(":", "-")
         parts.append(re.sub(r"[^A-Za-z0-9.+-]+", "", part))
     slug = "_".join(part for part in parts if part)
-    return slug[:48].rstrip("_-.") or "base"
+    # The id ("cell-NNN-" + slug) must fit the run-name limit of 100 characters.
+    return slug[:88].rstrip("_-.") or "base"
 
 
 def _int(section: Mapping[str, Any], key: str, default: int, low: int) -> int:

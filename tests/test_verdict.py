@@ -1,0 +1,59 @@
+"""The verdict's ranking: the attack named as leaking most is the one whose reconstructions are
+closest (median LPIPS, then PSNR); the success rate, which saturates, only breaks ties."""
+
+from __future__ import annotations
+
+import math
+
+from fedleak.report.stats import Median, Rate
+from fedleak.report.tables import SettingSummary
+from fedleak.report.verdict import SettingVerdict, _leak_key, _setting_sentence
+
+
+def _summary(attack: str, k: int, psnr: float, lpips: float, n: int = 192) -> SettingSummary:
+    return SettingSummary(
+        group="",
+        defense="none",
+        attack=attack,
+        reference=False,
+        success=Rate(k, n, 0.0, 1.0),
+        psnr=Median(psnr, psnr, psnr, n, 0.95),
+        lpips=Median(lpips, lpips, lpips, n, 0.95),
+        lpips_mean=(lpips, 0.0, n),
+        not_converged=0,
+        attack_runs=6,
+    )
+
+
+def test_an_exact_attack_leads_a_blurry_one_with_a_higher_success_rate() -> None:
+    # The demo's shape: IG is exact on most samples, LTI blurry but above the floor on more.
+    exact = _summary("ig", 185, 47.61, 0.0001)
+    blurry = _summary("lti", 188, 15.08, 0.146)
+    floor = _summary("aux-mean", 0, 12.01, 0.478)
+    attacks = tuple(sorted((blurry, exact), key=_leak_key))
+    assert [s.attack for s in attacks] == ["ig", "lti"]
+    setting = SettingVerdict("", "none", attacks, floor, 0.1, 0.406, 50)
+    sentence = _setting_sentence(setting, setting)
+    assert sentence.startswith("Without a defense, ig leaks most: it reconstructed 185/192 (96%)")
+    # The runner-up is quoted with its medians, so the ranking is visible in the sentence.
+    assert "; lti 188/192 (98%), median PSNR 15.08 dB, LPIPS 0.146." in sentence
+
+
+def test_without_lpips_psnr_ranks_and_success_breaks_ties() -> None:
+    a = _summary("a", 10, 20.0, math.nan)
+    b = _summary("b", 12, 25.0, math.nan)
+    c = _summary("c", 15, 25.0, math.nan)
+    assert [s.attack for s in sorted((a, b, c), key=_leak_key)] == ["c", "b", "a"]
+
+
+def test_an_attack_at_the_floor_is_called_so() -> None:
+    # The demo under sign: LTI still reconstructs, IG is no closer than the aux-mean floor.
+    lti = _summary("lti", 187, 13.96, 0.190)
+    ig = _summary("ig", 0, 5.72, 0.512)
+    floor = _summary("aux-mean", 0, 12.01, 0.478)
+    setting = SettingVerdict("", "sign", (lti, ig), floor, 0.1, 0.702, 50)
+    sentence = _setting_sentence(setting, None)
+    assert sentence.startswith("Under sign, lti leaks most: it reconstructed 187/192 (97%)")
+    runner_up = "; ig 0/192 (0%), median PSNR 5.72 dB, LPIPS 0.512, no closer than the floor."
+    assert runner_up in sentence
+    assert "no closer than the floor" not in sentence.split("; ig")[0]
