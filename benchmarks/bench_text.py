@@ -1,25 +1,30 @@
 """The language task's hot paths, on the paper's 3-layer transformer (1.1M trainable parameters).
 
-Prints, measured in this process (median of several repeats after a warm-up):
-1. per-sample gradients of B sequences: torch.func (vmap over grad) against a Python loop of
-   autograd passes and one batch gradient (sequences per second and ratios);
+Prints, measured in this process (`timing`: the compared variants alternate round by round,
+min and median per variant, ratios are medians of the paired rounds or are refused):
+1. per-sample gradients of B sequences: fedleak's (`per_sample_gradients`) against a Python loop
+   of autograd passes and one batch gradient (sequences per second and ratios);
 2. TAG, time per target-iteration: T targets optimised as one batched problem against one
-   target at a time (the ratio is the batching gain);
+   target at a time (the ratio is the batching gain; seconds per iteration from the difference
+   of a long and a short run, so set-up cancels);
 3. LTI-P, training pairs per second (fresh pseudo-sequences -> per-sample gradients -> defense
    -> feature hashing) and inverter steps per second (the paper's MLP, batch 64).
 Runs on CUDA as well when a GPU is visible (`--device cuda`).
 
     python benchmarks/bench_text.py [--vocab 2048] [--length 16] [--threads 1] [--device cpu]
+        [--rounds 5]
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
+import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import Ratio, Reading, Series, clock, interleave, machine, per_unit, timed
 
 from fedleak.attacks.learned.pairs import Featuriser, PairSource, Unit
 from fedleak.attacks.learned.text import TokenInverter, sequence_loss
@@ -30,22 +35,14 @@ from fedleak.models import ModelSpec, build_model
 from fedleak.training.gradients import batch_gradient, per_sample_gradients
 from fedleak.training.loss import task_loss
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+ROUNDS = 5
 
 
-def _median_seconds(work: Callable[[], object], repeats: int, device: torch.device) -> float:
-    work()  # warm-up: first-call dispatch and allocation costs
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        work()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def rate(count: float, series: Series) -> str:
+    """`count` per second at the best / median round, or why there is none."""
+    if series.problem():
+        return f"invalid ({series.problem()})"
+    return f"{count / series.min:.1f} / {count / series.median:.1f}"
 
 
 def _loop(model: torch.nn.Module, x: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
@@ -57,17 +54,25 @@ def _loop(model: torch.nn.Module, x: torch.Tensor) -> list[tuple[torch.Tensor, .
     ]
 
 
-def per_sample(spec: ModelSpec, batch: int, repeats: int, device: torch.device) -> None:
+def per_sample(spec: ModelSpec, batch: int, device: torch.device) -> None:
     model = build_model(spec).to(device)
     x = torch.randint(0, spec.num_classes, (batch, spec.input_shape[0]), device=device)
-    vmap = _median_seconds(lambda: per_sample_gradients(model, x, x), repeats, device)
-    loop = _median_seconds(lambda: _loop(model, x), repeats, device)
-    whole = _median_seconds(lambda: batch_gradient(model, x, x), repeats, device)
-    print(
-        f"per-sample gradients, B={batch}: vmap {batch / vmap:7.1f} seq/s, loop "
-        f"{batch / loop:7.1f} seq/s, one batch gradient {batch / whole:7.1f} seq/s; "
-        f"loop/vmap {loop / vmap:.2f}x, vmap/batch {vmap / whole:.2f}x"
+    series = interleave(
+        {
+            "per-sample": timed(lambda: per_sample_gradients(model, x, x)),
+            "loop": timed(lambda: _loop(model, x)),
+            "batch": timed(lambda: batch_gradient(model, x, x)),
+        },
+        ROUNDS,
     )
+    ours, loop, whole = series["per-sample"], series["loop"], series["batch"]
+    print(
+        f"per-sample gradients, B={batch}, sequences/s (best / median): per-sample "
+        f"{rate(batch, ours)}, loop {rate(batch, loop)}, one batch gradient {rate(batch, whole)}"
+    )
+    print(f"  loop / per-sample {Ratio(loop, ours).text()}")
+    print(f"  per-sample / batch {Ratio(ours, whole).text()}")
+    print(f"  CPU: per-sample / batch {Ratio(ours.on('cpu'), whole.on('cpu')).text()}")
 
 
 def _observation(spec: ModelSpec, weights: dict, x: torch.Tensor) -> Observation:
@@ -96,17 +101,23 @@ def tag(spec: ModelSpec, targets: int, iterations: int, device: torch.device) ->
     x = torch.randint(0, spec.num_classes, (targets, spec.input_shape[0]))
     knowledge = AttackerKnowledge(x[:0], x[:0], spec.input_shape, spec.num_classes, device=device)
     attack = TAG(TAGConfig(check_every=iterations))
-    budget = Budget(iterations, 1e9)
     every, first = _observation(spec, weights, x), _observation(spec, weights, x[:1])
-    batched = _median_seconds(lambda: attack.reconstruct(every, knowledge, budget), 1, device)
-    alone = _median_seconds(lambda: attack.reconstruct(first, knowledge, budget), 1, device)
-    per_batched = batched / (targets * iterations)
-    per_alone = alone / iterations
+
+    def run(observation: Observation, share: int):
+        def seconds(n: int) -> Reading:
+            took = clock(lambda: attack.reconstruct(observation, knowledge, Budget(n, 1e9)))
+            return Reading(took.wall / share, took.cpu / share)
+
+        return per_unit(seconds, max(1, iterations // 4), iterations)
+
+    series = interleave({"batched": run(every, targets), "alone": run(first, 1)}, ROUNDS)
+    batched, alone = series["batched"], series["alone"]
     print(
-        f"TAG, {targets} targets x {iterations} iterations: batched {per_batched * 1e3:.1f} ms "
-        f"per target-iteration, one at a time {per_alone * 1e3:.1f} ms; gain "
-        f"{per_alone / per_batched:.2f}x"
+        f"TAG, {targets} targets, ms per target-iteration (best / median): batched "
+        f"{batched.text()}, one at a time {alone.text()}"
     )
+    print(f"  gain (one at a time / batched) {Ratio(alone, batched).text()}")
+    print(f"  CPU: gain {Ratio(alone.on('cpu'), batched.on('cpu')).text()}")
 
 
 def lti_p(spec: ModelSpec, pairs: int, bins: int, device: torch.device, defense: str) -> None:
@@ -124,7 +135,7 @@ def lti_p(spec: ModelSpec, pairs: int, bins: int, device: torch.device, defense:
         source = PairSource(model, pipeline, unit, x, x, vocab, groups, featuriser, 32, 1 << 30)
         return source.features(generator)
 
-    seconds = _median_seconds(fresh, 1, device)
+    pairs_series = interleave({"pairs": timed(fresh)}, ROUNDS)["pairs"]
     inverter = TokenInverter(featuriser.out_features, (600, 1000), length, vocab, 1).to(device)
     optimiser = torch.optim.Adam(inverter.parameters(), lr=1e-3)
     features = torch.randn(64, featuriser.out_features, device=device)
@@ -136,19 +147,20 @@ def lti_p(spec: ModelSpec, pairs: int, bins: int, device: torch.device, defense:
         loss.backward()
         optimiser.step()
 
-    step_seconds = _median_seconds(step, 3, device)
+    steps = interleave({"step": timed(step, 3)}, ROUNDS)["step"]
     print(
-        f"LTI-P ({defense}, {bins} hash bins): {pairs / seconds:.1f} training pairs/s; "
-        f"inverter {1 / step_seconds:.2f} steps/s of 64 ({64 / step_seconds:.0f} pairs/s)"
+        f"LTI-P ({defense}, {bins} hash bins), best / median: {rate(pairs, pairs_series)} "
+        f"training pairs/s; inverter {rate(1, steps)} steps/s of 64 ({rate(64, steps)} pairs/s)"
     )
 
 
 def main() -> None:
+    global ROUNDS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vocab", type=int, default=2048)
     parser.add_argument("--length", type=int, default=16)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=ROUNDS)
     parser.add_argument("--targets", type=int, default=8)
     parser.add_argument("--iterations", type=int, default=20)
     parser.add_argument("--pairs", type=int, default=128)
@@ -158,16 +170,18 @@ def main() -> None:
         "--threads", type=int, default=0, help="torch CPU threads (0: torch's default)"
     )
     args = parser.parse_args()
+    ROUNDS = args.rounds
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     spec = ModelSpec("transformer3", (args.length,), args.vocab)
     trainable = sum(p.numel() for p in build_model(spec).parameters())
+    print(machine())
     print(
-        f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads; transformer3, "
-        f"V={args.vocab}, L={args.length}, {trainable:,} trainable parameters"
+        f"{device}; transformer3, V={args.vocab}, L={args.length}, {trainable:,} trainable "
+        f"parameters; {ROUNDS} rounds"
     )
-    per_sample(spec, args.batch, args.repeats, device)
+    per_sample(spec, args.batch, device)
     tag(spec, args.targets, args.iterations, device)
     lti_p(spec, args.pairs, args.bins, device, "sign")
 

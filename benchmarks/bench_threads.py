@@ -4,21 +4,25 @@ Runs Inverting Gradients through the public API (`fedleak.reconstruct`) on MNIST
 sigmoid LeNet (B = 1 and B = 8) and with ResNet-20-GN on 32x32 colour images (B = 1), each with
 torch's default thread count and with one thread, first as the machine is, then while
 `--load` other processes each keep one core busy (what Ray's client actors do to the server
-process of a simulation). Prints seconds per run and the ratio default / one thread; the
-runs alternate so that a change of machine load hits both settings alike.
+process of a simulation). Prints seconds per run (min / median) and the ratio default / one
+thread on the wall and CPU clocks; the two settings alternate round by round (`timing`), so a
+change of machine load hits both alike, and a ratio from an invalid measurement is refused.
 
-    python benchmarks/bench_threads.py [--iterations 100] [--repeats 3] [--load 2]
+    python benchmarks/bench_threads.py [--iterations 100] [--rounds 3] [--load 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import Ratio, Reading, clock, interleave, machine
 
 import fedleak
 
@@ -42,21 +46,23 @@ def _case(model_name: str, shape: tuple[int, ...], batch: int) -> tuple[object, 
     return observation, sum(p.numel() for p in model.parameters())
 
 
-def _time(observation: object, iterations: int, threads: int | None) -> float:
+def _run(observation: object, iterations: int, threads: int) -> Reading:
+    """Seconds of one attack run (the whole call, set-up included) with `threads`."""
     attack = fedleak.build_attack("ig", {"check-every": iterations})
-    start = time.perf_counter()
-    fedleak.reconstruct(attack, observation, max_iterations=iterations, threads=threads)
-    return time.perf_counter() - start
+    return clock(
+        lambda: fedleak.reconstruct(attack, observation, max_iterations=iterations, threads=threads)
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--iterations", type=int, default=100)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--load", type=int, default=2, help="busy processes in the loaded runs")
     args = parser.parse_args()
     default = torch.get_num_threads()
-    print(f"torch default threads: {default}")
+    print(machine())
+    print(f"torch default threads: {default}; seconds per run (min / median)")
     cases = {
         "lenet B=1": _case("lenet", (1, 28, 28), 1),
         "lenet B=8": _case("lenet", (1, 28, 28), 8),
@@ -69,16 +75,18 @@ def main() -> None:
             worker.start()
         try:
             for label, (observation, size) in cases.items():
-                _time(observation, 5, None)  # warm-up
-                many, one = [], []
-                for _ in range(args.repeats):
-                    many.append(_time(observation, args.iterations, default))
-                    one.append(_time(observation, args.iterations, 1))
-                ratio = statistics.median(many) / statistics.median(one)
+                series = interleave(
+                    {
+                        "many": lambda o=observation: _run(o, args.iterations, default),
+                        "one": lambda o=observation: _run(o, args.iterations, 1),
+                    },
+                    args.rounds,
+                )
+                many, one = series["many"], series["one"]
                 print(
                     f"busy={load} {label:16s} ({size:>7,} params): {default} threads "
-                    f"{statistics.median(many):6.2f} s, 1 thread {statistics.median(one):6.2f} s"
-                    f" -> default/one = {ratio:4.2f}x"
+                    f"{many.text(1, 's')}, 1 thread {one.text(1, 's')} -> default / one "
+                    f"{Ratio(many, one).text()}; CPU {Ratio(many.on('cpu'), one.on('cpu')).text()}"
                 )
         finally:
             stop.set()

@@ -15,7 +15,10 @@ breaching lives in its own environment (its pins clash with fedleak's):
 Without it the benchmark says so and exits 0 (CI).
 
     python benchmarks/bench_vs_breaching.py [--threads 1 2] [--models lenet resnet20-gn]
-        [--rounds 5] [--breaching-python PATH] [--quality 2000]
+        [--rounds 5] [--breaching-python PATH] [--quality 2000] [--profile 100]
+
+`--profile N` prints where fedleak's time goes instead (torch's profiler over N iterations,
+one per model and thread count; breaching not needed): the operators by their own CPU time.
 """
 
 from __future__ import annotations
@@ -207,6 +210,27 @@ def quality(model: str, python: Path, iterations: int, image: torch.Tensor, labe
     )
 
 
+def profile(model: str, threads: int, iterations: int, image: torch.Tensor, label: int) -> None:
+    """fedleak's IG on one target under torch's profiler: operators by their own CPU time, and
+    the share of the convolutions (forward, and both gradients of double backpropagation)."""
+    torch.set_num_threads(threads)
+    observation, knowledge = victim(model, image, label)
+    attack = build_attack("ig", {}, seed=0)
+    attack.reconstruct(observation, knowledge, Budget(5, 1e9))  # warm-up
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities) as profiler:
+        reading = clock(lambda: attack.reconstruct(observation, knowledge, Budget(iterations, 1e9)))
+    events = profiler.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    convolution = sum(e.self_cpu_time_total for e in events if "conv" in e.key.lower())
+    print(
+        f"\nprofile {model}, {threads} thread(s), {iterations} iterations: "
+        f"{reading.cpu / iterations * 1e3:.2f} ms CPU per iteration (profiled); convolution "
+        f"kernels {convolution / total:.0%} of the operators' own CPU time; {load()}"
+    )
+    print(events.table(sort_by="self_cpu_time_total", row_limit=15))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
@@ -214,7 +238,15 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--breaching-python")
     parser.add_argument("--quality", type=int, default=0, help="also compare PSNR after N its")
+    parser.add_argument("--profile", type=int, default=0, help="profile fedleak over N its")
     args = parser.parse_args()
+    if args.profile:
+        print(machine())
+        image, label = first_image()
+        for model in args.models:
+            for threads in args.threads:
+                profile(model, threads, args.profile, image, label)
+        return 0
     python = find_breaching(args.breaching_python)
     print("IG single target (B=1), fedleak vs breaching, ms per iteration (min / median)")
     missing = breaching_missing(python)

@@ -60,7 +60,8 @@ __all__ = [
 # The declaration form every section uses (kept under this name for contributors' fields).
 _setting = setting
 
-# A run's name becomes a folder name (runs/<time>-<name>): one safe path component.
+# A run's name becomes a folder name (runs/<time>-<name>): one safe path component. '+' is
+# allowed because sweep cells are named after combined defenses (`mixup-4+prune-0.9`).
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}"
 NAME_RULE = "letters, digits, '.', '_', '+' or '-', starting with a letter or digit, at most 100"
 

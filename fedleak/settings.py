@@ -349,6 +349,10 @@ def _convert(key: str, raw: Any, kind: Any, rule: Rule, refuse: Callable[[], Exc
             raise refuse()
         return raw if isinstance(raw, float) else value
     if kind is str:
+        if isinstance(raw, int) and not isinstance(raw, bool):
+            # `--set attack.rounds=5` or `name = 2024` reads as a TOML integer; its digits are
+            # the text the user meant (the setting's own rule still judges them).
+            raw = str(raw)
         if not isinstance(raw, str):
             raise refuse()
         if "\x00" in raw:

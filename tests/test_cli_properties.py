@@ -229,10 +229,13 @@ def test_the_command_line_never_crashes_nor_writes_outside_its_folder(
     capsys.readouterr()
     seen = {"count": 0}
 
+    # Derandomised: CI sees the same 1,000 command lines every run (a landing must not depend
+    # on a draw); wider random campaigns are run by hand (see the hardening issue's note).
     @settings(
         max_examples=EXAMPLES,
         deadline=None,
         database=None,
+        derandomize=True,
         suppress_health_check=list(HealthCheck),
     )
     @given(command_lines())

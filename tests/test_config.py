@@ -81,6 +81,11 @@ def test_attacked_rounds_name_numbers_and_the_last_round() -> None:
     assert attacked_rounds("1, last", 5) == frozenset({1, 5})
     assert attacked_rounds("LAST,5", 5) == frozenset({5})
     assert parse_flat({"attack.rounds": "2,3", "num-server-rounds": 3}).attack.rounds == "2,3"
+    # `--set attack.rounds=3` (or `rounds = 3` in a preset) reads as a TOML integer: one round.
+    assert parse_flat({"attack.rounds": 3, "num-server-rounds": 3}).attack.rounds == "3"
+    assert parse_flat({"name": 2024}).name == "2024"
+    with pytest.raises(ConfigError, match=r"attack\.rounds='4': expected 'all'"):
+        parse_flat({"attack.rounds": 4, "num-server-rounds": 3})
 
 
 def test_nested_toml_and_flat_keys_name_the_same_settings() -> None:
@@ -179,6 +184,11 @@ def test_every_setting_has_a_line_of_help() -> None:
         (
             {"attack.names": "ig", "attack.ig.init": "aux-mean", "data.aux-size": 0},
             "attack.ig.init='aux-mean': starts from the mean auxiliary image",
+        ),
+        (
+            {"model.name": "transformer3"},
+            "model.name='transformer3' reads tokens but data.dataset='mnist5k' holds images; "
+            "expected one of lenet,",
         ),
     ],
 )

@@ -82,6 +82,11 @@ def _image_folder(sizes: tuple[int, ...], dtype: str = "uint8") -> Setup:
 
 BAD_CSV = b"round,test_loss\nabc,def\n"
 SWEEP_NAN_CPUS = b"[sweep]\nclient-cpus = nan\n[sweep.grid]\nseed = [1, 2]\n"
+# A two-cell sweep of the quickstart's small-batch form; cases append keys to its [base].
+SWEEP_SMALL = (
+    b'[sweep]\npreset = "quickstart"\nnum-clients = 10\n[sweep.grid]\nseed = [1, 2]\n'
+    b'[base]\n"train.batch-size" = 2\n"threat.share" = "batch"\n'
+)
 # The quickstart with the small batches these cases were measured on (a batch of 2, shared as
 # one update): the refusals below name those numbers.
 SMALL = ("--set", "train.batch-size=2", "--set", "threat.share=batch")
@@ -162,6 +167,12 @@ CASES = [
         "data.aux-size=4000 leaves none of the 4000 training images for the clients",
     ),
     Case(
+        "aux-beyond-out-of-distribution",
+        (*RUN, "--set", "data.aux-beta=0", "--set", "data.test-fraction=0.999"),
+        "data.aux-size=1000 with data.aux-beta=0.0 needs 1000 out-of-distribution images but "
+        "only 3 exist; lower data.aux-size or raise data.aux-beta",
+    ),
+    Case(
         "instahide-inter-no-pool",
         (*RUN, "--set", "defense.spec=instahide:4:inter", "--set", "train.batch-size=4"),
         "set data.public-size >= 3",
@@ -202,6 +213,11 @@ CASES = [
     Case(
         "payload-budget",
         (*RUN, "--set", "sim.payload-budget-mb=0.3"),
+        "sim.payload-budget-mb=0.3: a round would move 1.",
+    ),
+    Case(
+        "payload-budget-check",
+        (*CHECK, "--set", "sim.payload-budget-mb=0.3"),
         "sim.payload-budget-mb=0.3: a round would move 1.",
     ),
     # Data: missing, empty path, unreadable images.
@@ -256,6 +272,20 @@ CASES = [
         ("sweep", "{tmp}/s.toml", "--out", "{tmp}/out"),
         "sweep.client-cpus=nan: expected a number > 0",
         setup=_write("s.toml", SWEEP_NAN_CPUS),
+        keeps=("s.toml",),
+    ),
+    Case(
+        "sweep-payload-budget",
+        ("sweep", "{tmp}/s.toml", "--out", "{tmp}/out"),
+        "cell-000-seed1: sim.payload-budget-mb=0.3: a round would move 1.",
+        setup=_write("s.toml", SWEEP_SMALL + b'"sim.payload-budget-mb" = 0.3\n'),
+        keeps=("s.toml",),
+    ),
+    Case(
+        "sweep-cuda-without-gpu-share",
+        ("sweep", "{tmp}/s.toml", "--out", "{tmp}/out"),
+        "cell-000-seed1: client-gpus=0 with device='cuda'",
+        setup=_write("s.toml", SWEEP_SMALL + b'device = "cuda"\n'),
         keeps=("s.toml",),
     ),
     # Folders that are not fedleak's, or not to be written again.

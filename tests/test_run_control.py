@@ -62,13 +62,15 @@ def _rounds(out: Path) -> list[int]:
 
 
 def test_a_run_in_which_every_client_fails_exits_non_zero_and_is_not_done(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "failing"
     args = ["run", "--num-clients", "2", "--out", str(out), "--set", "num-server-rounds=1"]
     status = main([*args, "--set", "sim.fail-rate=1.0", "--set", "attack.names=aux-mean"])
-    last = capsys.readouterr().err.splitlines()[-1]
+    err = capfd.readouterr().err  # the process's own stderr: Flower's log handler writes there
+    last = err.splitlines()[-1]
     assert status == 1
+    assert "Traceback" not in err  # each failed client is one line of fedleak's, not Flower's log
     assert last.startswith("fedleak: run failed: ")
     assert "every client failed in every one of the 1 recorded rounds" in last
     assert "failed on purpose" in last  # the clients' own reason, not Ray's traceback

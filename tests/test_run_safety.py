@@ -165,7 +165,7 @@ def test_missing_lpips_is_said_once_in_environment_and_report_and_vgg_stays_out(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from fedleak.report.build import build_report
-    from fedleak.server.app import environment
+    from fedleak.server.app import environment, scored_lpips_nets
 
     class Missing:
         available, source, reason = False, "", "no pretrained alex backbone found offline"
@@ -175,6 +175,9 @@ def test_missing_lpips_is_said_once_in_environment_and_report_and_vgg_stays_out(
     config = parse_flat({"num-server-rounds": 1})
     env = environment(torch.device("cpu"), config)
     assert env["lpips"] == {"alex": "unavailable: no pretrained alex backbone found offline"}
+    # LPIPS does not apply to text: a language run neither warns nor records missing weights.
+    text = parse_flat({"data.dataset": "wikipedia", "model.name": "transformer3"})
+    assert scored_lpips_nets(text) == () and environment(torch.device("cpu"), text)["lpips"] == {}
     run = RunDirectory.create(tmp_path / "run", config, env)
     row = {**_row("aux-mean", "ok"), "sample": 0, "target_index": 0, "psnr": 10.0}
     run.append_round(1, [row], _utility(2))

@@ -24,6 +24,7 @@ from fedleak.attacks.registry import attack_entry, build_attack
 from fedleak.attacks.types import AttackerKnowledge, Budget, is_reference
 from fedleak.config import ConfigError, RunConfig, attacked_rounds, parse_flat
 from fedleak.data import FederatedData, auxiliary
+from fedleak.data.registry import dataset_modality
 from fedleak.interrupt import RunInterrupted
 from fedleak.metrics.lpips import lpips_status, lpips_warning
 from fedleak.models import build_model
@@ -73,6 +74,12 @@ def data_record(fd: FederatedData) -> dict[str, object]:
     return record
 
 
+def scored_lpips_nets(config: RunConfig) -> tuple[str, ...]:
+    """The LPIPS backbones the run scores with: none on text, where LPIPS does not apply (so a
+    text run neither warns about nor records missing image weights)."""
+    return config.metrics.lpips_nets if dataset_modality(config.data.dataset) == "image" else ()
+
+
 def environment(
     device: torch.device, config: RunConfig, data: dict[str, object] | None = None
 ) -> dict[str, object]:
@@ -89,7 +96,7 @@ def environment(
         "device": str(device),
         "cuda": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
         "seed": config.seed,
-        "lpips": lpips_status(config.metrics.lpips_nets),
+        "lpips": lpips_status(scored_lpips_nets(config)),
         "started": dt.datetime.now().isoformat(timespec="seconds"),
         **({"data": data} if data is not None else {}),
     }
@@ -309,7 +316,7 @@ def _serve(
         run_dir.update_config(config)
     else:
         run_dir = RunDirectory.create(path, config, environment(device, config, data_record(fd)))
-    warning = lpips_warning(config.metrics.lpips_nets)
+    warning = lpips_warning(scored_lpips_nets(config))
     if warning:
         print(f"fedleak: warning: {warning}", file=sys.stderr, flush=True)
     announce(f"fedleak: run directory {path}")

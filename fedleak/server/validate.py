@@ -12,6 +12,7 @@ for each cell before the first one starts.
 from __future__ import annotations
 
 import math
+import re
 
 from fedleak.attacks.registry import ATTACKS, attack_entry, attack_modalities, build_attack
 from fedleak.config import ConfigError, RunConfig, key_help
@@ -37,21 +38,24 @@ from fedleak.models import (
     model_modality,
     model_names,
 )
-from fedleak.runtime import federated_data
-from fedleak.server.payload import clients_per_round
-from fedleak.server.pool import _cluster_address, local_cpus
+from fedleak.runtime import federated_data, model_spec
+from fedleak.server.payload import check_payload, clients_per_round
+from fedleak.server.pool import _cluster_address, local_cpus, ray_init_args
 from fedleak.settings import KeyHelp
 
+# What each modality's inputs are called in a refusal ("reconstructs images, not the tokens").
+_PLURAL = {"image": "images", "tokens": "tokens"}
 # Data-room argument names in DataSplitError messages -> the settings a user writes.
 _SPLIT_SETTINGS = {
-    "aux_size=": "data.aux-size=",
-    "beta=": "data.aux-beta=",
-    "public_size=": "data.public-size=",
-    "test_fraction=": "data.test-fraction=",
-    "alpha=": "data.dirichlet-alpha=",
-    "shards_per_partition=": "data.shards-per-client=",
-    "num_partitions=": "num-clients=",
+    "aux_size": "data.aux-size",
+    "beta": "data.aux-beta",
+    "public_size": "data.public-size",
+    "test_fraction": "data.test-fraction",
+    "alpha": "data.dirichlet-alpha",
+    "shards_per_partition": "data.shards-per-client",
+    "num_partitions": "num-clients",
 }
+_SPLIT_ARGUMENT = re.compile(r"(?<![\w.-])(" + "|".join(_SPLIT_SETTINGS) + r")\b")
 
 
 def validate_run(
@@ -64,8 +68,10 @@ def validate_run(
     """
     validate_components(config)
     check_resources(config, num_clients, client_cpus, client_gpus)
+    ray_init_args(config, client_cpus, client_gpus)  # GPU shares, room for attack workers
     fd = check_data_split(config, num_clients)
     check_attacks(config, fd, num_clients)
+    check_payload(config, model_spec(config, fd), num_clients)
     return fd
 
 
@@ -165,11 +171,10 @@ def check_attacks(config: RunConfig, fd: FederatedData, num_clients: int) -> Non
 
 
 def _setting_names(message: str) -> str:
-    """A data-room message with its argument names replaced by the settings' keys."""
-    for argument, setting in _SPLIT_SETTINGS.items():
-        if message.startswith(argument):
-            return setting + message[len(argument) :]
-    return f"data split: {message}"
+    """A data-room message with its argument names replaced by the settings' keys, wherever
+    they occur ("lower aux_size or raise beta" names settings too)."""
+    named = _SPLIT_ARGUMENT.sub(lambda match: _SPLIT_SETTINGS[match.group(1)], message)
+    return named if _SPLIT_ARGUMENT.match(message) else f"data split: {named}"
 
 
 def validate_components(config: RunConfig) -> None:
@@ -191,8 +196,9 @@ def validate_components(config: RunConfig) -> None:
     if model_modality(config.model.name) != modality:
         fitting = [m for m in model_names() if model_modality(m) == modality]
         raise ConfigError(
-            f"model.name={config.model.name!r} reads {model_modality(config.model.name)}s but "
-            f"data.dataset={dataset!r} holds {modality}; expected one of {', '.join(fitting)}"
+            f"model.name={config.model.name!r} reads {_PLURAL[model_modality(config.model.name)]} "
+            f"but data.dataset={dataset!r} holds {_PLURAL[modality]}; expected one of "
+            f"{', '.join(fitting)}"
         )
     if modality == "tokens":
         _validate_text(config, pipeline.encoder is not None)
@@ -201,8 +207,9 @@ def validate_components(config: RunConfig) -> None:
         if modality not in attack_modalities(attack):
             fitting = [n for n in ATTACKS.names() if modality in attack_modalities(build_attack(n))]
             raise ConfigError(
-                f"attack.names: {name!r} reconstructs {', '.join(attack_modalities(attack))}s, "
-                f"not the {modality} of data.dataset={dataset!r}; attacks for them: "
+                f"attack.names: {name!r} reconstructs "
+                f"{', '.join(_PLURAL[m] for m in attack_modalities(attack))}, not the "
+                f"{_PLURAL[modality]} of data.dataset={dataset!r}; attacks for them: "
                 f"{', '.join(fitting)}"
             )
     # Parameters of a known attack left out of attack.names (a preset's, after the names were

@@ -172,12 +172,10 @@ COLUMNS = ("key", "kind", "default")
 
 
 def _check(args: argparse.Namespace) -> int:
-    from fedleak.server.pool import ray_init_args
     from fedleak.server.validate import validate_run
 
     config = _config(args)
     validate_run(config, args.num_clients, args.client_cpus, args.client_gpus)
-    ray_init_args(config, args.client_cpus, args.client_gpus)
     print(config.to_toml(), end="")
     return 0
 

@@ -29,9 +29,7 @@ from fedleak.client.app import make_client_app
 from fedleak.config import RunConfig
 from fedleak.interrupt import RunInterrupted, clear_stop, request_stop, stop_requested
 from fedleak.report.rundir import RunDirectory, RunLock
-from fedleak.runtime import federated_data, model_spec
 from fedleak.server.app import RunFailed, check_resumable, default_run_dir, make_server_app
-from fedleak.server.payload import check_payload
 from fedleak.server.pool import ray_init_args
 from fedleak.server.validate import validate_run
 
@@ -62,10 +60,10 @@ def run_study(
     Raises `ConfigError` (and `DatasetUnavailable`, `RunDirectoryError`) before Ray starts,
     `StudyFailed` for a failed run and `StudyInterrupted` after a Ctrl-C.
     """
+    # Refused before Ray starts: components, resources (GPU shares that do not exist), the data
+    # split, infeasible attacks and rounds over the payload budget.
     validate_run(config, num_clients, client_cpus, client_gpus)
-    # Refused before Ray starts: GPU shares that do not exist, rounds over the payload budget.
     init_args = ray_init_args(config, client_cpus, client_gpus)
-    check_payload(config, model_spec(config, federated_data(config, 1)), num_clients)
     out = Path(config.out_dir) if config.out_dir else default_run_dir(config)
     config = dataclasses.replace(config, out_dir=str(out))
     lock = RunLock(out)
@@ -100,9 +98,10 @@ def simulate(
     from flwr.simulation import run_simulation
 
     if not verbose:
-        # run_simulation warns that it is deprecated in favour of `flwr run`; both paths are
-        # supported here, so the warning is noise for a fedleak user.
-        logging.getLogger("flwr").setLevel(logging.ERROR)
+        # run_simulation warns that it is deprecated in favour of `flwr run`, and Flower logs
+        # every client exception with its traceback; fedleak reports each failed client on one
+        # line itself (and a failed run as its last line), so Flower's logs wait for --verbose.
+        logging.getLogger("flwr").setLevel(logging.CRITICAL)
         warnings.filterwarnings("ignore", category=FutureWarning, module="ray")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     # The clients' Ray actors hold the cores; a multi-threaded server thrashes against them

@@ -1,0 +1,73 @@
+"""The benchmark harness (`benchmarks/timing.py`) refuses ratios it cannot stand behind."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+_PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "timing.py"
+_SPEC = importlib.util.spec_from_file_location("bench_timing", _PATH)
+assert _SPEC is not None and _SPEC.loader is not None
+timing = importlib.util.module_from_spec(_SPEC)
+sys.modules[_SPEC.name] = timing  # dataclasses look their module up
+_SPEC.loader.exec_module(timing)
+
+
+def test_a_steady_pair_gives_the_median_of_paired_ratios():
+    ratio = timing.Ratio(
+        timing.Series("a", (1.0, 2.0, 1.1, 1.05)), timing.Series("b", (2.0, 4.0, 2.0, 2.0))
+    )
+    assert ratio.problem() is None
+    assert ratio.median == pytest.approx(0.5125)
+    assert ratio.of_minima == pytest.approx(0.5)
+    assert ratio.text().startswith("0.51 (ratio of minima 0.50, 4 rounds)")
+
+
+@pytest.mark.parametrize(
+    ("values", "reason"),
+    [
+        ((1.0, -0.2, 1.0), "<= 0 or not finite"),
+        ((1.0, math.nan, 1.0), "<= 0 or not finite"),
+        ((1.0, 1.0), "fewer than 3"),
+    ],
+)
+def test_an_invalid_series_gets_no_ratio(values, reason):
+    ratio = timing.Ratio(timing.Series("a", values), timing.Series("b", (1.0,) * len(values)))
+    assert reason in ratio.problem()
+    assert ratio.text().startswith("no ratio: a:")
+
+
+def test_scattered_paired_ratios_are_refused():
+    ratio = timing.Ratio(
+        timing.Series("a", (1.0, 5.0, 1.0, 5.0)), timing.Series("b", (1.0, 1.0, 1.0, 1.0))
+    )
+    assert "scatter too much" in ratio.problem()
+
+
+def test_a_negative_difference_of_runs_is_recorded_as_not_a_number():
+    seconds = {10: timing.Reading(2.0, 1.0), 20: timing.Reading(1.5, 2.0)}
+    measure = timing.per_unit(seconds.__getitem__, 10, 20)
+    reading = measure()
+    assert math.isnan(reading.wall) and reading.cpu == pytest.approx(0.1)
+
+
+def test_interleave_rotates_the_order_and_marks_invalid_rounds():
+    calls: list[str] = []
+
+    def variant(name: str, fail_at: int | None = None):
+        def run() -> timing.Reading:
+            calls.append(name)
+            if fail_at is not None and calls.count(name) == fail_at:
+                raise timing.InvalidMeasurement("short run slower than the long one")
+            return timing.Reading(1.0, 1.0)
+
+        return run
+
+    series = timing.interleave({"x": variant("x", fail_at=3), "y": variant("y")}, 3, warmup=1)
+    assert calls == ["x", "y", "x", "y", "y", "x", "x", "y"]
+    assert math.isnan(series["x"].values[1]) and series["x"].problem() is not None
+    assert series["y"].problem() is None
