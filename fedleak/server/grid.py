@@ -19,8 +19,8 @@ from fedleak.interrupt import raise_if_stopped
 POLL_SECONDS = 0.1
 
 
-class StoppableGrid(Grid):
-    """Delegates everything to `inner`; `send_and_receive` checks for a stop request."""
+class DelegatingGrid(Grid):
+    """A Grid that hands every call to `inner`; subclasses override only what they change."""
 
     def __init__(self, inner: Grid) -> None:
         self.inner = inner
@@ -56,6 +56,16 @@ class StoppableGrid(Grid):
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         """Delegated."""
         return self.inner.pull_messages(message_ids)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        """Delegated."""
+        return self.inner.send_and_receive(messages, timeout=timeout)
+
+
+class StoppableGrid(DelegatingGrid):
+    """Delegates everything to `inner`; `send_and_receive` checks for a stop request."""
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None

@@ -22,12 +22,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import Message, MessageType, RecordDict
+from flwr.app import Message, MessageType
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
-from flwr.supercore.run import Run
 
 from fedleak.messages import partition_id_of, partition_query
+from fedleak.server.grid import DelegatingGrid
 
 log = logging.getLogger(__name__)
 
@@ -35,54 +35,20 @@ log = logging.getLogger(__name__)
 _STREAM = 0x53454C45
 
 
-class SelectedNodes(Grid):
-    """A grid that shows only `chosen` of its nodes; everything else goes to `grid`.
+class SelectedNodes(DelegatingGrid):
+    """A grid that shows only `chosen` of its nodes; everything else goes to `inner`.
 
     `population` is the size of the whole federation (central DP's sampling rate needs it).
     """
 
-    def __init__(self, grid: Grid, chosen: Sequence[int], population: int) -> None:
-        self.grid = grid
+    def __init__(self, inner: Grid, chosen: Sequence[int], population: int) -> None:
+        super().__init__(inner)
         self.chosen = list(chosen)
         self.population = population
-
-    def set_run(self, run: Run) -> None:
-        """Delegated."""
-        self.grid.set_run(run)
-
-    @property
-    def run(self) -> Run:
-        """Delegated."""
-        return self.grid.run
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        """Delegated."""
-        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def get_node_ids(self) -> Iterable[int]:
         """Only the selected nodes, in partition order."""
         return list(self.chosen)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        """Delegated."""
-        return self.grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        """Delegated."""
-        return self.grid.pull_messages(message_ids)
-
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
-        """Delegated."""
-        return self.grid.send_and_receive(messages, timeout=timeout)
 
 
 def federation_size(grid: Grid) -> int:
