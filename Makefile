@@ -45,8 +45,12 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# Two pytest workers (pytest-xdist), one module at a time each: a module's expensive fixtures
+# are built once, and while one worker waits on a simulation's processes the other computes.
+# TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 2
 test: lint
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
 # Offline data beyond the embedded sets: Fashion-MNIST from Debian's package (root or sudo;
 # fedleak reads it from /usr/share/datasets/fashion-mnist). The lti-table sweep uses it as its
