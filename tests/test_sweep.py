@@ -57,6 +57,7 @@ def fake_runner(config: RunConfig, path: Path) -> Path:
             for a in config.attack.names
         ]
         run.append_round(r, rows, {"test_loss": 1.0, "test_accuracy": 0.1 * r, "num_replies": 2})
+        print(f"round {r}/{config.num_server_rounds}", flush=True)
     return path
 
 
@@ -316,11 +317,18 @@ def test_data_splits_are_checked_before_any_cell_runs(tmp_path: Path, aux: int, 
     assert not (tmp_path / "tiny").exists(), "nothing may start before every cell is checked"
 
 
-def test_parallel_cells_run_in_worker_processes(tmp_path: Path) -> None:
+def test_parallel_cells_run_in_worker_processes(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
     source = _write(tmp_path, GRID.replace("num-clients = 2", "num-clients = 2\nparallel = 2"))
     sweep_dir = run_sweep(source, out_dir=tmp_path, runner=fake_runner, say=lambda _: None)
     cells = read_manifest(sweep_dir)["cells"]
     assert [c["status"] for c in cells] == ["done"] * 4
+    # Cells printing at once: every line of theirs says whose it is.
+    printed = capfd.readouterr().out.splitlines()
+    assert sorted(printed) == sorted(f"{c['id']}: round {r}/2" for c in cells for r in (1, 2)), (
+        printed
+    )
     environments = {
         json.loads((sweep_dir / c["id"] / "environment.json").read_text())["runner"] for c in cells
     }

@@ -51,15 +51,18 @@ and GPUs. Without it each cell starts a private Ray instance on this machine, so
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import functools
+import io
 import itertools
 import json
 import math
 import multiprocessing
 import re
 import shutil
+import sys
 import time
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
@@ -67,7 +70,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from fedleak.config import ConfigError, RunConfig, flatten_toml, parse_flat
 from fedleak.report.progress import Progress
@@ -426,11 +429,40 @@ def _one_line(error: BaseException) -> str:
     return (f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__)[:300]
 
 
-def _run_cell(runner: Runner, config: RunConfig, path: Path) -> tuple[str, str, float]:
-    """Run one cell; (status, message, seconds). Executed in a worker process when parallel."""
+class _LabelledLines(io.TextIOBase):
+    """Standard output whose lines start with a label: cells running at once print to one
+    terminal, and an unlabelled `round 11/50` could belong to any of them."""
+
+    def __init__(self, stream: TextIO, label: str) -> None:
+        self._stream = stream
+        self._label = label
+        self._line_start = True
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        for piece in text.splitlines(keepends=True):
+            if self._line_start:
+                self._stream.write(self._label)
+            self._stream.write(piece)
+            self._line_start = piece.endswith("\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+
+def _run_cell(
+    runner: Runner, config: RunConfig, path: Path, label: str | None = None
+) -> tuple[str, str, float]:
+    """Run one cell; (status, message, seconds). Executed in a worker process when parallel,
+    where `label` starts each line the cell prints."""
     start = time.perf_counter()
+    labelled = contextlib.redirect_stdout(_LabelledLines(sys.stdout, label)) if label else None
     try:
-        runner(config, path)
+        with labelled or contextlib.nullcontext():
+            runner(config, path)
     except Exception as error:  # one cell's failure must not stop the others
         return "failed", _one_line(error), time.perf_counter() - start
     seconds = time.perf_counter() - start
@@ -610,7 +642,9 @@ def _run_plan(
         with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
             futures = {}
             for cell in pending:
-                futures[cell.id] = pool.submit(_run_cell, runner, fresh(cell), paths[cell.id])
+                futures[cell.id] = pool.submit(
+                    _run_cell, runner, fresh(cell), paths[cell.id], f"{cell.id}: "
+                )
                 status[cell.id] = {"status": "queued", "message": "", "seconds": None}
             _write_manifest(sweep_dir, plan, status)
             for cell in pending:
