@@ -34,7 +34,7 @@ _EXPORTS = {
     "knowledge": "fedleak.api",
     "torch_threads": "fedleak.api",
     "Leakage": "fedleak.api",
-    "audit": "fedleak.server.app",
+    "audit": "fedleak.simulations.study",
     "build_attack": "fedleak.attacks.registry",
     "attack_names": "fedleak.attacks.registry",
     "register_attack": "fedleak.attacks.registry",

@@ -29,9 +29,11 @@ from fedleak.messages import Declaration, add_declaration, reply_content, tensor
 from fedleak.models import build_model
 from fedleak.report.rundir import RunDirectory
 from fedleak.runtime import federated_data, model_spec
-from fedleak.server.app import RoundRecorder, build_strategy
+from fedleak.server.build import build_strategy
 from fedleak.server.privacy import PrivacyLedger
+from fedleak.server.rounds import RoundHistory, RoundSink
 from fedleak.server.strategy import CuriousStrategy
+from fedleak.simulations.recording import RunRecorder
 from fedleak.training.update import LocalTraining, compute_update
 
 BIN = Path(sys.executable).parent
@@ -72,13 +74,17 @@ def _settings(server_app, **overrides: object) -> dict[str, object]:
     return server_app.audit_settings(cfg)
 
 
-def _strategy(settings: dict[str, object], **own: object) -> CuriousStrategy:
-    """The curious server of `fedleak.audit`, wrapping FedAvg; `own` settings describe fedleak's
-    own clients' protocol (what their replies declare in their metrics)."""
+def _strategy(
+    settings: dict[str, object], sink: RoundSink | None = None, **own: object
+) -> CuriousStrategy:
+    """The curious server of `fedleak.audit`, wrapping FedAvg and reporting to `sink` (a
+    `RoundHistory` by default); `own` settings describe fedleak's own clients' protocol (what
+    their replies declare in their metrics)."""
     config = parse_flat({**settings, **{f"train.{k}": v for k, v in own.items()}})
     fd = federated_data(config, 1)
     inner = FedAvg(fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1)
-    return build_strategy(config, model_spec(config, fd), fd, torch.device("cpu"), 0, inner)
+    spec = model_spec(config, fd)
+    return build_strategy(config, spec, fd, torch.device("cpu"), 0, inner, sink=sink)
 
 
 def _client_batch(task, partition: int, server_round: int, seed: int = 0, examples: int = 4):
@@ -129,8 +135,10 @@ def _foreign_reply(task, weights, x, y, partition: int, training: LocalTraining,
 def _rows(strategy: CuriousStrategy, replies: list[Message], server_round: int = 1):
     strategy.aggregate_train(server_round, replies)
     strategy.collect(wait=True)
-    rows = [row for rows in strategy.take_rows().values() for row in rows]
-    return pd.DataFrame(rows).sort_values(["client_id", "attack", "sample"], ignore_index=True)
+    assert isinstance(strategy.sink, RoundHistory)  # the strategy's default sink
+    return pd.DataFrame(strategy.sink.rows()).sort_values(
+        ["client_id", "attack", "sample"], ignore_index=True
+    )
 
 
 def _assert_rows_agree(audited: pd.DataFrame, own: pd.DataFrame) -> None:
@@ -188,20 +196,12 @@ def test_without_a_declaration_attacks_run_and_reconstructions_are_saved(
 ) -> None:
     task, server_app = app
     settings = _settings(server_app, **{"out-dir": str(tmp_path / "run")})
-    strategy = _strategy(settings)
     config = parse_flat(settings)
     fd = federated_data(config, 1)
     run_dir = RunDirectory.create(tmp_path / "run", config, {"seed": 0})
-    recorder = RoundRecorder(
-        run_dir,
-        strategy,
-        build_model(strategy.public.model),
-        fd,
-        torch.device("cpu"),
-        config.attack.images_per_client,
-        PrivacyLedger.from_config(config, fd),
-    )
-    strategy.on_scored = recorder.on_scored
+    ledger = PrivacyLedger.from_config(config, fd)
+    recorder = RunRecorder(run_dir, fd, config.attack.images_per_client, ledger)
+    strategy = _strategy(settings, sink=recorder)
     torch.manual_seed(0)
     weights = task.Net().state_dict()
     strategy.global_weights = dict(weights)
@@ -212,7 +212,8 @@ def test_without_a_declaration_attacks_run_and_reconstructions_are_saved(
     ]
     aggregate, _ = strategy.aggregate_train(1, replies)
     strategy.collect(wait=True)
-    rows = pd.DataFrame([row for rows in strategy.take_rows().values() for row in rows])
+    strategy.end_round(1, aggregate, None)  # the round's records go to the run directory
+    rows = RunDirectory.open(run_dir.path).leakage()
     # Undeclared: one step on the examples the metrics report, at the run's learning rate.
     assert set(rows["attack"]) == {"aux-mean", "ig"} and set(rows["status"]) == {"ok"}
     assert set(rows["scored_against"]) == {"unavailable"}
@@ -232,9 +233,6 @@ def test_without_a_declaration_attacks_run_and_reconstructions_are_saved(
     }
     for name, value in aggregate.to_torch_state_dict().items():
         torch.testing.assert_close(value, expected[name])
-    # The run directory keeps them as such.
-    run_dir.append_leakage(1, rows.to_dict("records"))
-    assert set(RunDirectory.open(run_dir.path).leakage()["scored_against"]) == {"unavailable"}
 
 
 @pytest.mark.slow

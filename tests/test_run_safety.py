@@ -165,7 +165,7 @@ def test_missing_lpips_is_said_once_in_environment_and_report_and_vgg_stays_out(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from fedleak.report.build import build_report
-    from fedleak.server.app import environment, scored_lpips_nets
+    from fedleak.simulations.recording import environment, scored_lpips_nets
 
     class Missing:
         available, source, reason = False, "", "no pretrained alex backbone found offline"

@@ -26,8 +26,7 @@ ALLOWED = {
     "defenses": {"defenses", "models"},
     "metrics": {"metrics"},
     "report": {"report", "metrics", "config"},
-    # The round recorder (run directory, progress lines) still lives in `server.app`, hence
-    # `report`; evaluation reads the task's loss from `training`.
+    # Evaluation reads the task's loss from `training`.
     "server": {
         "server",
         "attacks",
@@ -39,7 +38,6 @@ ALLOWED = {
         "config",
         "runtime",
         "messages",
-        "report",
     },
     # The command line also manages LPIPS's weights (`fedleak weights`); a sweep checks which
     # cells' data sets are on disk before it starts.

@@ -15,14 +15,17 @@ replies arrive in whatever order the clients finish; and each round's clients ar
 A foreign Flower app audited through fedleak's client mod (`fedleak.client.audit`) replies with
 its new weights: the wrapped strategy (the app's own) aggregates them as they are, and the
 attacks see their difference to w_t (a FedSGD client's gradient is that difference over -lr).
+
+What happened goes to the `RoundSink` the strategy was built with (`fedleak.server.rounds`):
+every scored attack job, and one `RoundLog` per round after its evaluation (`start`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import re
-from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -30,7 +33,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy import Result, Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from fedleak.attacks.types import Modality, Observation, UpdateKind
@@ -53,7 +56,8 @@ from fedleak.models.spec import ModelSpec
 from fedleak.server.auditor import Auditor, GroundTruth
 from fedleak.server.central_dp import CentralDP
 from fedleak.server.payload import reply_bytes
-from fedleak.server.runner import AttackJob, AttackResult, AttackRunner
+from fedleak.server.rounds import RoundHistory, RoundLog, RoundSink, ScoredJob
+from fedleak.server.runner import AttackJob, AttackRunner
 from fedleak.server.selection import ClientSelection, canonical_order
 
 log = logging.getLogger(__name__)
@@ -139,7 +143,13 @@ def average_buffers(replies: list[Message]) -> dict[str, torch.Tensor]:
 
 
 class CuriousStrategy(Strategy):
-    """An honest-but-curious server: honest aggregation, plus attacks on every reply it sees."""
+    """An honest-but-curious server: honest aggregation, plus attacks on every reply it sees.
+
+    Its collaborators come in through the constructor: the wrapped strategy, the public
+    setting, the attack runner (None: no attacks), the auditor, the sink that receives every
+    scored job and round log (a `RoundHistory` in memory by default), the seeded client
+    selection (None: the wrapped strategy selects) and a payload check run before each round.
+    """
 
     def __init__(
         self,
@@ -154,8 +164,7 @@ class CuriousStrategy(Strategy):
         seed: int,
         round_offset: int = 0,
         row_context: dict[str, object] | None = None,
-        on_scored: Callable[[AttackResult, GroundTruth | None, list[dict[str, object]]], None]
-        | None = None,
+        sink: RoundSink | None = None,
         payload_check: Callable[[int], object] | None = None,
         selection: ClientSelection | None = None,
         attacked_rounds: frozenset[int] | None = None,
@@ -172,19 +181,65 @@ class CuriousStrategy(Strategy):
         self.seed = seed
         self.round_offset = round_offset
         self.row_context = row_context or {}
-        self.on_scored = on_scored
+        self.sink: RoundSink = sink if sink is not None else RoundHistory()
+        self.payload_check = payload_check
         self.global_weights: dict[str, torch.Tensor] = {}
-        self.rows: dict[int, list[dict[str, object]]] = {}
         self._truths: dict[int, GroundTruth | None] = {}
         self._next_job = 0
-        self.failures: dict[int, int] = {}
-        self.client_errors: dict[int, str] = {}  # the first failed reply's reason, by round
-        self.replies: dict[int, int] = {}
-        self.payload_check = payload_check
-        self.payload: dict[int, int] = {}
         self._sent = 0
-        self.participation: Counter[int] = Counter()
+        self._round = RoundLog(round=0)  # the current round's log, completed by `start`
         self._parameters: tuple[str, ...] | None = None
+
+    # -- the run ----------------------------------------------------------------------------
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+    ) -> Result:
+        """Flower's round loop. After each round's evaluation (`evaluate_fn`; round 0 is the
+        initial model, not reported again when the run resumes) the round's `RoundLog` goes to
+        the sink; once the rounds are done, outstanding attack jobs are awaited and scored.
+        The runner is closed however the loop ends (a stop request, a failure)."""
+
+        def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+            metrics = evaluate_fn(server_round, arrays) if evaluate_fn is not None else None
+            if server_round > 0 or self.round_offset == 0:
+                self.end_round(server_round + self.round_offset, arrays, metrics)
+            return metrics
+
+        try:
+            result = super().start(
+                grid=grid,
+                initial_arrays=initial_arrays,
+                num_rounds=num_rounds,
+                timeout=timeout,
+                train_config=train_config,
+                evaluate_config=evaluate_config,
+                evaluate_fn=evaluate,
+            )
+            self.collect(wait=True)
+        finally:
+            if self.runner is not None:
+                self.runner.close()
+        return result
+
+    def end_round(
+        self, server_round: int, arrays: ArrayRecord, metrics: MetricRecord | None
+    ) -> RoundLog:
+        """Close `server_round` (counted from the run's first round): its log, with the global
+        model's evaluation, goes to the sink with the new global state."""
+        tally = self._round if self._round.round == server_round else RoundLog(server_round)
+        scalars = {k: float(v) for k, v in (metrics or {}).items() if isinstance(v, int | float)}
+        log_ = dataclasses.replace(
+            tally, central_epsilon=self.central_epsilon(), evaluation=scalars
+        )
+        self.sink.round_finished(log_, arrays)
+        return log_
 
     # -- rounds -----------------------------------------------------------------------------
     def configure_train(
@@ -212,16 +267,18 @@ class CuriousStrategy(Strategy):
         known = self.selection.partitions if self.selection is not None else None
         replies = canonical_order(replies, known)
         valid = [msg for msg in replies if not msg.has_error()]
-        self.replies[server_round] = len(valid)
-        self.payload[server_round] = self._sent + sum(reply_bytes(msg) for msg in valid)
-        self.failures[server_round] = len(replies) - len(valid)
-        for msg in replies:
-            if msg.has_error():
-                reason = error_line(msg.error.reason)
-                log.warning("round %d: client reply failed: %s", server_round, reason)
-                self.client_errors.setdefault(server_round, reason)
+        errors = [error_line(msg.error.reason) for msg in replies if msg.has_error()]
+        for reason in errors:
+            log.warning("round %d: client reply failed: %s", server_round, reason)
         split = [self.split(server_round, msg) for msg in valid]
-        self.participation.update(reply.observation.client_id for reply in split)
+        self._round = RoundLog(
+            round=server_round,
+            replies=len(valid),
+            failures=len(errors),
+            payload_bytes=self._sent + sum(reply_bytes(msg) for msg in valid),
+            participants=tuple(reply.observation.client_id for reply in split),
+            first_error=errors[0] if errors else None,
+        )
         if self.runner is not None:
             self.attack(server_round, split)
         # A foreign app's clients send weights, which its own strategy aggregates as they are.
@@ -351,9 +408,7 @@ class CuriousStrategy(Strategy):
             rows = self.auditor.score(
                 observation, result.job.attack, result.reconstruction, truth, context
             )
-            self.rows.setdefault(observation.round, []).extend(rows)
-            if self.on_scored:
-                self.on_scored(result, truth, rows)
+            self.sink.scored(ScoredJob(result, truth, tuple(rows)))
 
     def aggregate_view(self, server_round: int, split: list[ClientReply]) -> ClientReply:
         """What a server behind secure aggregation sees: only the weighted sum of the round."""
@@ -427,8 +482,3 @@ class CuriousStrategy(Strategy):
     def central_epsilon(self) -> float:
         """Client-level ε of central DP so far (`CentralDP` as the inner strategy), else NaN."""
         return self.inner.epsilon() if isinstance(self.inner, CentralDP) else math.nan
-
-    def take_rows(self) -> dict[int, list[dict[str, object]]]:
-        """Scored rows not yet handed over, by round (each row is handed over once)."""
-        rows, self.rows = self.rows, {}
-        return rows

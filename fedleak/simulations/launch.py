@@ -29,9 +29,11 @@ from fedleak.client.app import make_client_app
 from fedleak.config import RunConfig
 from fedleak.interrupt import RunInterrupted, clear_stop, request_stop, stop_requested
 from fedleak.report.rundir import RunDirectory, RunLock
-from fedleak.server.app import RunFailed, check_resumable, default_run_dir, make_server_app
 from fedleak.server.pool import ray_init_args
 from fedleak.server.validate import validate_run
+from fedleak.simulations.apps import make_server_app
+from fedleak.simulations.recording import default_run_dir
+from fedleak.simulations.study import RunFailed, check_resumable
 
 
 class StudyFailed(RuntimeError):

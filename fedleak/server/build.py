@@ -1,0 +1,198 @@
+"""The curious server of a run, built from its configuration: the strategy with its attacks,
+runner, auditor and client selection; the global model's first state; and the evaluation of
+each round's global model.
+
+Whoever runs the study (`fedleak.simulations.study`) builds these and hands the strategy the
+sink that keeps its records (`fedleak.server.rounds`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, MetricRecord
+from flwr.serverapp.strategy import FedAvg, Strategy
+
+from fedleak.attacks.registry import attack_entry, build_attack
+from fedleak.attacks.types import AttackerKnowledge, Budget, is_reference
+from fedleak.config import RunConfig, attacked_rounds
+from fedleak.data import FederatedData, auxiliary
+from fedleak.models import ModelSpec, build_model
+from fedleak.server.auditor import Auditor
+from fedleak.server.central_dp import CentralDP
+from fedleak.server.rounds import RoundSink
+from fedleak.server.runner import AttackRunner, InlineRunner
+from fedleak.server.selection import ClientSelection
+from fedleak.server.strategy import CuriousStrategy, PublicSetting, train_metrics
+from fedleak.training.loss import task_scores
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module, fd: FederatedData, device: torch.device
+) -> tuple[float, float]:
+    """Test loss and accuracy of the global model on the held-out split (NaN when it is empty):
+    per image, or per predicted next token of a language model."""
+    x, y = fd.dataset.test_x, fd.dataset.test_y
+    if len(x) == 0:
+        return float("nan"), float("nan")
+    model.eval()
+    loss, correct, count = 0.0, 0, 0
+    for start in range(0, len(x), 256):
+        logits = model(x[start : start + 256].to(device))
+        scores = task_scores(logits, y[start : start + 256].to(device))
+        loss, correct, count = loss + scores[0], correct + scores[1], count + scores[2]
+    return loss / count, correct / count
+
+
+class GlobalEvaluation:
+    """Flower's `evaluate_fn`: test loss and accuracy of each round's global model."""
+
+    def __init__(self, spec: ModelSpec, fd: FederatedData, device: torch.device) -> None:
+        self.model = build_model(spec)
+        self.fd = fd
+        self.device = device
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        """Load the global state and evaluate it."""
+        self.model.load_state_dict(arrays.to_torch_state_dict())
+        self.model.to(self.device)
+        loss, accuracy = evaluate(self.model, self.fd, self.device)
+        return MetricRecord({"test-loss": loss, "test-accuracy": accuracy})
+
+
+def initial_state(spec: ModelSpec, *states: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    """The run's first global state: the model built from torch's global seed, with each of
+    `states` loaded in turn (a foreign app's initial weights, a resumed run's checkpoint).
+    Raises `RuntimeError` (torch's) when a state does not fit the model."""
+    model = build_model(spec)
+    for state in states:
+        model.load_state_dict(state)
+    return ArrayRecord(model.state_dict())
+
+
+def with_attack_caches(config: RunConfig, cache_dir: Callable[[str], Path]) -> RunConfig:
+    """Point attacks that cache trained state (LTI's inverter) at `cache_dir(attack)`, unless
+    the user chose a folder: `resume` then picks the state up again."""
+    params = {name: dict(p) for name, p in config.attack.params.items()}
+    for name in config.attack.names:
+        if not attack_entry(name).accepts("cache-dir"):
+            continue
+        given = params.setdefault(name, {})
+        if not any(key.replace("_", "-") == "cache-dir" for key in given):
+            given["cache-dir"] = str(cache_dir(name))
+    return dataclasses.replace(config, attack=dataclasses.replace(config.attack, params=params))
+
+
+def build_runner(
+    config: RunConfig, knowledge: AttackerKnowledge, budget: Budget
+) -> AttackRunner | None:
+    """Inline by default; a pool of Ray workers when `attack.workers` asks for one."""
+    attack = config.attack
+    if not attack.names:
+        return None
+    if attack.workers > 0:
+        from fedleak.server.pool import RayAttackPool
+
+        return RayAttackPool(config, knowledge, budget)
+    attacks = {
+        name: build_attack(name, attack.params.get(name, {}), seed=config.seed)
+        for name in attack.names
+    }
+    return InlineRunner(attacks, knowledge, budget)
+
+
+def reference_attacks(config: RunConfig) -> frozenset[str]:
+    """The configured attacks that are reference baselines (drawn as the report's floor)."""
+    return frozenset(
+        name
+        for name in config.attack.names
+        if is_reference(build_attack(name, config.attack.params.get(name, {}), seed=config.seed))
+    )
+
+
+def build_strategy(
+    config: RunConfig,
+    spec: ModelSpec,
+    fd: FederatedData,
+    device: torch.device,
+    offset: int,
+    inner: Strategy | None = None,
+    *,
+    sink: RoundSink | None = None,
+    payload_check: Callable[[int], object] | None = None,
+) -> CuriousStrategy:
+    """FedAvg (inside Flower's central-DP wrapper when configured) wrapped by the curious
+    server, with its attacks and their budget; or `inner`, a foreign app's own strategy,
+    which then selects its clients itself. `sink` receives the strategy's records (None: a
+    `RoundHistory` in memory); `payload_check` may refuse a round before any client works."""
+    train = config.train
+    selection = None
+    if inner is None:
+        # The curious strategy draws each round's clients itself (seeded, over partition
+        # ids) and shows FedAvg only those, so FedAvg takes every node it is shown.
+        inner = FedAvg(
+            fraction_train=1.0,
+            fraction_evaluate=0.0,
+            min_train_nodes=train.min_clients,
+            min_available_nodes=train.min_clients,
+            train_metrics_aggr_fn=train_metrics,
+        )
+        selection = ClientSelection(
+            train.fraction_train, train.min_clients, config.seed, timeout=config.sim.timeout
+        )
+    if config.defense.central_clip > 0:
+        inner = CentralDP.from_config(inner, config, prior_releases=offset)
+    aux_x, aux_y = auxiliary(fd)
+    knowledge = AttackerKnowledge(
+        aux_inputs=aux_x.to(device),
+        aux_labels=aux_y.to(device),
+        input_shape=fd.dataset.input_shape,
+        num_classes=fd.dataset.num_classes,
+        device=device,
+        seed=config.seed,
+    )
+    attack = config.attack
+    budget = Budget(
+        attack.max_iterations, attack.max_seconds, attack.show_progress, attack.max_batch
+    )
+    modality = fd.dataset.modality
+    public = PublicSetting(
+        modality=modality,
+        model=spec,
+        update_kind="gradient" if train.mode == "fedsgd" else "delta",
+        learning_rate=train.lr,
+        server_lr=train.server_lr,
+        defense=config.defense.spec,
+        share_bn_statistics=config.threat.bn_stats == "shared",
+        view=config.threat.view,
+    )
+    context = {
+        "defense": config.defense.spec,
+        "mode": train.mode,
+        "dataset": config.data.dataset,
+        "model": config.model.name,
+        "seed": config.seed,
+    }
+    return CuriousStrategy(
+        inner,
+        public,
+        build_runner(config, knowledge, budget),
+        Auditor(
+            config.metrics.lpips_nets,
+            decode=fd.dataset.tokenizer.decode if modality == "tokens" else None,
+        ),
+        attacks=attack.names,
+        references=reference_attacks(config),
+        clients_per_round=attack.clients_per_round,
+        seed=config.seed,
+        round_offset=offset,
+        row_context=context,
+        sink=sink,
+        payload_check=payload_check,
+        selection=selection,
+        attacked_rounds=attacked_rounds(attack.rounds, config.num_server_rounds),
+    )

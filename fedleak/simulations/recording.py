@@ -1,0 +1,187 @@
+"""The run directory of a study, written as its rounds end: the curious server's records kept.
+
+`RunRecorder` is the `RoundSink` (`fedleak.server.rounds`) a study's `CuriousStrategy` reports
+to: it saves each scored job's images as the job is scored, and when a round ends writes the
+round's leakage rows and utility row, the global checkpoint and a console line; rows of attacks
+that finished after their round (a worker pool) follow at the next round's end or at the run's.
+The helpers here describe the run for its directory (environment, data provenance, its path).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import platform
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord
+
+from fedleak.config import ConfigError, RunConfig
+from fedleak.data import FederatedData
+from fedleak.data.registry import dataset_modality
+from fedleak.metrics.lpips import lpips_status
+from fedleak.report.progress import Progress
+from fedleak.report.rundir import RunDirectory, console_line
+from fedleak.report.texts import save_token_pairs
+from fedleak.server.privacy import PrivacyLedger
+from fedleak.server.rounds import RoundLog, Row, ScoredJob
+
+
+def default_run_dir(config: RunConfig, root: Path | None = None) -> Path:
+    """`runs/<time>-<name>` under `root` (the current directory by default), absolute.
+
+    `name` is a safe slug (`fedleak.config.NAME_PATTERN`); the check below keeps a name that
+    bypassed the configuration's rule from leaving `runs/` all the same."""
+    runs = ((root or Path.cwd()) / "runs").resolve()
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = (runs / f"{stamp}-{config.name}").resolve()
+    if path.parent != runs:
+        raise ConfigError(f"name={config.name!r}: expected one folder name inside {runs}")
+    return path
+
+
+def data_record(fd: FederatedData) -> dict[str, object]:
+    """Where the data came from and, for text, which tokenizer the federation uses."""
+    record: dict[str, object] = {"source": fd.dataset.source, "modality": fd.dataset.modality}
+    tokenizer = getattr(fd.dataset, "tokenizer", None)
+    if tokenizer is not None:
+        record["tokenizer"] = tokenizer.record()
+        record["seq_len"] = fd.dataset.input_shape[0]
+    return record
+
+
+def scored_lpips_nets(config: RunConfig) -> tuple[str, ...]:
+    """The LPIPS backbones the run scores with: none on text, where LPIPS does not apply (so a
+    text run neither warns about nor records missing image weights)."""
+    return config.metrics.lpips_nets if dataset_modality(config.data.dataset) == "image" else ()
+
+
+def environment(
+    device: torch.device, config: RunConfig, data: dict[str, object] | None = None
+) -> dict[str, object]:
+    """Versions, device, seed, the data's provenance and where LPIPS's weights came from: what
+    a reader needs to reproduce the run."""
+    import flwr
+
+    return {
+        "fedleak": __import__("fedleak").__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "flwr": flwr.__version__,
+        "platform": platform.platform(),
+        "device": str(device),
+        "cuda": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
+        "seed": config.seed,
+        "lpips": lpips_status(scored_lpips_nets(config)),
+        "started": dt.datetime.now().isoformat(timespec="seconds"),
+        **({"data": data} if data is not None else {}),
+    }
+
+
+class RunRecorder:
+    """Keeps a study's rounds in its run directory (see the module docstring).
+
+    `ledger` turns the clients' participation into ε; a resumed run's earlier rounds
+    (`offset`) were not recorded per client, so every one of `num_clients` counts in each.
+    """
+
+    def __init__(
+        self,
+        run_dir: RunDirectory,
+        fd: FederatedData,
+        images_per_client: int,
+        ledger: PrivacyLedger,
+        *,
+        num_clients: int = 0,
+        offset: int = 0,
+        progress: Progress | None = None,
+    ) -> None:
+        self.run_dir = run_dir
+        self.fd = fd
+        self.images_per_client = images_per_client
+        self.ledger = ledger
+        self.progress = progress
+        self.participation: Counter[int] = Counter({c: offset for c in range(num_clients)})
+        self.first_error: str | None = None  # the first failed reply's reason in the run
+        self._pending: dict[int, list[Row]] = {}
+        self._started = time.perf_counter()
+        self._attack_seconds = 0.0
+
+    def scored(self, job: ScoredJob) -> None:
+        """Keep the job's rows for its round's record; save its images now."""
+        self._attack_seconds += job.result.reconstruction.seconds
+        self._pending.setdefault(job.round, []).extend(job.rows)
+        self._save_images(job)
+
+    def round_finished(self, log: RoundLog, arrays: ArrayRecord) -> None:
+        """Write the round: its leakage and utility rows, the late rows of earlier rounds, the
+        global checkpoint, and a console line."""
+        self.participation.update(log.participants)
+        if self.first_error is None:
+            self.first_error = log.first_error
+        utility = {
+            "round": log.round,
+            "test_loss": log.evaluation.get("test-loss", float("nan")),
+            "test_accuracy": log.evaluation.get("test-accuracy", float("nan")),
+            "epsilon": self.ledger.epsilon(self.participation),
+            "central_epsilon": log.central_epsilon,
+            "num_replies": log.replies,
+            "num_failures": log.failures,
+            "round_seconds": time.perf_counter() - self._started,
+            "attack_seconds": self._attack_seconds,
+            "payload_mb": log.payload_bytes / 1e6,
+        }
+        rows = self._pending.pop(log.round, [])
+        self.run_dir.append_round(log.round, rows, utility)
+        self.flush_late_rows()
+        self.run_dir.save_global_model(
+            log.round, {k: v.cpu() for k, v in arrays.to_torch_state_dict().items()}
+        )
+        prefix = None
+        if self.progress is not None:
+            self.progress.advance(log.round)
+            prefix = self.progress.text()
+        print(console_line(log.round, utility, rows, prefix), flush=True)
+        self._started, self._attack_seconds = time.perf_counter(), 0.0
+
+    def flush_late_rows(self) -> None:
+        """Rows of rounds already recorded that a worker pool finished after them."""
+        for server_round in sorted(self._pending):
+            self.run_dir.append_leakage(server_round, self._pending.pop(server_round))
+
+    def _save_images(self, job: ScoredJob) -> None:
+        """Ground truth beside the reconstruction, in the auditor's matched order (the
+        reconstruction alone when there is no ground truth)."""
+        reconstruction, observation = job.result.reconstruction, job.result.job.observation
+        if reconstruction.status != "ok" or self.images_per_client == 0:
+            return
+        where = (observation.round, observation.client_id, job.result.job.attack)
+        if job.truth is None:
+            if observation.modality == "image":
+                self.run_dir.save_images(
+                    *where, None, reconstruction.inputs[: self.images_per_client]
+                )
+            return
+        pairs = [
+            (int(r["sample"]), int(r["target_index"]))  # type: ignore[call-overload]
+            for r in job.rows
+            if r["scored_against"] == "original"
+        ][: self.images_per_client]
+        if not pairs:
+            return
+        samples, targets = zip(*pairs, strict=True)
+        if observation.modality == "tokens":
+            save_token_pairs(
+                self.run_dir.path,
+                *where,
+                job.truth.inputs[list(targets)],
+                reconstruction.inputs[list(samples)],
+                self.fd.dataset.tokenizer.pieces,
+                targets,
+            )
+        else:
+            self.run_dir.save_images(
+                *where, job.truth.private[list(targets)], reconstruction.inputs[list(samples)]
+            )

@@ -1,0 +1,233 @@
+"""One study on a Flower grid: the curious server (`fedleak.server`) wired to the run directory
+(`fedleak.simulations.recording`), from the first round (or the last recorded one, on resume)
+to DONE or FAILED and the report.
+
+`serve` runs fedleak's own study (the ServerApp of `fedleak.simulations.apps`); `audit` runs a
+foreign Flower app's strategy wrapped in `CuriousStrategy`, in place of `strategy.start(...)`
+in that app's ServerApp.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.common.logger import log as flwr_log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedleak.config import RunConfig, parse_flat
+from fedleak.interrupt import RunInterrupted
+from fedleak.metrics.lpips import lpips_warning
+from fedleak.report.progress import Progress
+from fedleak.report.rundir import RunDirectory, RunDirectoryError, RunLock
+from fedleak.runtime import federated_data, model_spec, resolve_device
+from fedleak.server.build import GlobalEvaluation, build_strategy, initial_state, with_attack_caches
+from fedleak.server.grid import StoppableGrid
+from fedleak.server.payload import check_round_payload
+from fedleak.server.privacy import PrivacyLedger
+from fedleak.server.validate import validate_components
+from fedleak.simulations.recording import (
+    RunRecorder,
+    data_record,
+    default_run_dir,
+    environment,
+    scored_lpips_nets,
+)
+
+log = logging.getLogger(__name__)
+
+
+class RunFailed(RuntimeError):
+    """Every round was recorded, but the run failed: every client, or an attack on every
+    update it was given. The run directory holds FAILED with the reason instead of DONE."""
+
+
+@dataclass(frozen=True)
+class ForeignServer:
+    """The server side of a Flower app audited by fedleak: the app's own strategy (which selects
+    its clients and aggregates their new weights), its initial weights (None: the configured
+    model's) and the configuration its clients are sent each round (None: fedleak's)."""
+
+    strategy: Strategy
+    initial_arrays: ArrayRecord | None = None
+    train_config: ConfigRecord | None = None
+
+
+def audit(
+    grid: Grid,
+    strategy: Strategy,
+    settings: Mapping[str, object],
+    *,
+    initial_arrays: ArrayRecord | None = None,
+    train_config: ConfigRecord | None = None,
+) -> Path:
+    """Run a Flower app's own `strategy` wrapped in `CuriousStrategy`, in place of
+    `strategy.start(...)` in its ServerApp, and return the run directory.
+
+    `settings`: fedleak's flat settings (`fedleak config-keys`), e.g. `model.name` (the app's
+    model as an import path `package.module:factory`), `data.dataset` (the attacker's
+    auxiliary data and the held-out test set), `attack.names`, `num-server-rounds`, `out-dir`.
+    The app's ClientApp adds `fedleak.client.audit.fedleak_mod` and calls `declare(...)`.
+    """
+    server = ForeignServer(strategy, initial_arrays, train_config)
+    return serve(grid, parse_flat(dict(settings)), server)
+
+
+def serve(grid: Grid, config: RunConfig, app: ForeignServer | None = None) -> Path:
+    """Run the whole study on `grid` and return its run directory; with `app`, the strategy
+    of a foreign Flower app is the one wrapped (`audit`).
+
+    Holds the run directory's lock throughout. Raises `RunFailed` when the recorded rounds
+    make a failed run (FAILED is written instead of DONE), and `RunInterrupted` when a stop
+    was requested (every finished round is on disk; resume continues after the last one).
+    """
+    validate_components(config)
+    device = resolve_device(config.device)
+    path = Path(config.out_dir) if config.out_dir else default_run_dir(config)
+    config = dataclasses.replace(config, out_dir=str(path))
+    lock = RunLock(path)
+    lock.probe()
+    RunDirectory.check_target(path, resume=config.sim.resume)
+    with lock:
+        check_resumable(config, path)
+        return _serve(StoppableGrid(grid), config, path, device, app)
+
+
+def check_resumable(config: RunConfig, path: Path) -> None:
+    """For `sim.resume` on an existing run: its settings match (`RunDirectory.check_resume`)
+    and its checkpoint is a fedleak checkpoint that fits the configured model."""
+    if not (config.sim.resume and (path / "config.toml").exists()):
+        return
+    run_dir = RunDirectory.open(path)
+    run_dir.check_resume(config)
+    checkpoint = run_dir.load_global_model()
+    if checkpoint is None:
+        return
+    spec = model_spec(config, federated_data(config, num_partitions=1))
+    try:
+        initial_state(spec, checkpoint[1])
+    except RuntimeError as error:
+        detail = " ".join(str(error).split())[:200]
+        raise RunDirectoryError(
+            f"{path / 'checkpoints' / 'global.pt'}: does not fit model {spec.name} on "
+            f"{spec.input_shape} ({detail}); restore it or start again in a new out-dir"
+        ) from None
+
+
+def _serve(
+    grid: Grid, config: RunConfig, path: Path, device: torch.device, app: ForeignServer | None
+) -> Path:
+    """`serve` once the run directory is checked and locked."""
+    fd = federated_data(config, num_partitions=1)
+    if config.sim.resume and (path / "config.toml").exists():
+        run_dir = RunDirectory.open(path)
+        run_dir.update_config(config)
+    else:
+        run_dir = RunDirectory.create(path, config, environment(device, config, data_record(fd)))
+    warning = lpips_warning(scored_lpips_nets(config))
+    if warning:
+        print(f"fedleak: warning: {warning}", file=sys.stderr, flush=True)
+    announce(f"fedleak: run directory {path}")
+    config = with_attack_caches(config, run_dir.state_dir)
+    spec = model_spec(config, fd)
+    states = []
+    if app is not None and app.initial_arrays is not None:
+        states.append(app.initial_arrays.to_torch_state_dict())
+    offset = 0
+    checkpoint = run_dir.load_global_model() if config.sim.resume else None
+    if checkpoint is not None:
+        offset = checkpoint[0]
+        states.append(checkpoint[1])
+    initial = initial_state(spec, *states)
+    remaining = config.num_server_rounds - offset
+    if remaining <= 0:
+        log.info("run %s already has all %d rounds", path, config.num_server_rounds)
+        run_dir.write_summary()
+        return _finish(run_dir, None)
+
+    # ε needs every client's partition size; the server's own `fd` has a single partition.
+    num_clients = len(list(grid.get_node_ids()))
+    ledger = PrivacyLedger.from_config(config, federated_data(config, num_clients))
+    recorder = RunRecorder(
+        run_dir,
+        fd,
+        config.attack.images_per_client,
+        ledger,
+        num_clients=num_clients,
+        offset=offset,
+        progress=Progress("round", config.num_server_rounds, offset),
+    )
+    strategy = build_strategy(
+        config,
+        spec,
+        fd,
+        device,
+        offset,
+        inner=app.strategy if app is not None else None,
+        sink=recorder,
+        payload_check=functools.partial(check_round_payload, config, spec),
+    )
+    evaluation = GlobalEvaluation(spec, fd, device)
+    train = config.train
+    train_config = ConfigRecord({"lr": train.lr, "local-steps": train.local_steps})
+    if app is not None and app.train_config is not None:
+        train_config = app.train_config
+    try:
+        strategy.start(
+            grid=grid,
+            initial_arrays=initial,
+            num_rounds=remaining,
+            timeout=config.sim.timeout,
+            train_config=train_config,
+            evaluate_fn=evaluation,
+        )
+    except RunInterrupted:
+        run_dir.write_summary()  # the finished rounds, for whoever looks before resuming
+        raise
+    recorder.flush_late_rows()
+    run_dir.write_summary()
+    return _finish(run_dir, recorder.first_error)
+
+
+def _finish(run_dir: RunDirectory, first_error: str | None) -> Path:
+    """Mark the run DONE, or FAILED and raise `RunFailed` when its rounds make a failed run."""
+    reason = run_dir.failure()
+    if reason.startswith("every client failed") and first_error:
+        reason += f" (first error: {' '.join(first_error.split())[:300]})"
+    if reason:
+        run_dir.mark_failed(reason)
+        raise RunFailed(f"{run_dir.path}: {reason}")
+    run_dir.mark_done()
+    write_report(run_dir.path)
+    return run_dir.path
+
+
+def announce(text: str) -> None:
+    """A line for the person running the study: printed (`fedleak run`) and logged through
+    Flower's logger, which `flwr run --stream` relays from the ServerApp's process."""
+    print(text, flush=True)
+    flwr_log(logging.INFO, "%s", text)
+
+
+def write_report(path: Path) -> None:
+    """report.html / report.md in the run directory, as `fedleak report` builds them; a report
+    that cannot be built is announced, not raised: the run's records are complete without it."""
+    from fedleak.report.build import build_report
+
+    try:
+        html, _ = build_report(path)
+    except Exception as error:  # the records are what matters; the report can be rebuilt
+        announce(
+            f"fedleak: report not built ({type(error).__name__}: {error}); rebuild it with "
+            f"`fedleak report {path}`"
+        )
+        return
+    announce(f"fedleak: report {html}")
