@@ -39,13 +39,6 @@ from fedleak.training.update import compute_update
 ROUNDS = 5
 
 
-def rate(count: float, series: Series) -> str:
-    """`count` per second at the best / median round."""
-    if series.problem():
-        return f"invalid ({series.problem()})"
-    return f"{count / series.min:8.1f} / {count / series.median:8.1f}"
-
-
 def alone(fn: Callable[[], object]) -> Series:
     """One variant's rounds."""
     return interleave({"it": timer(fn)}, ROUNDS)["it"]
@@ -165,12 +158,12 @@ def main() -> None:
     print("\npair generation (aux gradients -> defense gauss:0.1 -> block norm -> features)")
     for name, bins in (("lenet", None), ("lenet", 4096), ("resnet20", 4096), ("resnet20", 27_000)):
         series, m = pair_generation(name, bins, args.pairs, "gauss:0.1", device)
-        print(f"  {name:9s} m={m:7d} features={bins or m:6d}: {rate(args.pairs, series)} pairs/s")
+        print(f"  {name:9s} m={m:7d} features={bins or m:6d}: {series.rate(args.pairs)} pairs/s")
 
     ratio, count = fedavg_pairs(args.pairs, device)
     print(
-        f"  lenet     FedAvg deltas (K=3, 4 examples): {rate(count, ratio.denominator)} pairs/s "
-        f"vectorised, {rate(count, ratio.numerator)} one group at a time; "
+        f"  lenet     FedAvg deltas (K=3, 4 examples): {ratio.denominator.rate(count)} pairs/s "
+        f"vectorised, {ratio.numerator.rate(count)} one group at a time; "
         f"speed-up {ratio.text()}"
     )
 
@@ -185,8 +178,8 @@ def main() -> None:
     for label, features, hidden, batch in settings:
         ratio = training(features, hidden, args.pairs, batch, device)
         print(
-            f"  {label:32s}: {rate(args.pairs, ratio.numerator)} pairs/s; bound "
-            f"{rate(args.pairs, ratio.denominator)} pairs/s; epoch / bound {ratio.text()}"
+            f"  {label:32s}: {ratio.numerator.rate(args.pairs)} pairs/s; bound "
+            f"{ratio.denominator.rate(args.pairs)} pairs/s; epoch / bound {ratio.text()}"
         )
 
     print("\nfeature hashing of 256 rows (GB/s of float32 gradient; ratio to a plain read)")
@@ -196,8 +189,8 @@ def main() -> None:
             kind = "signed" if signed else "plain"
             print(
                 f"  {label:9s} m={m:7d} -> {bins:6d} bins {kind:6s}: "
-                f"{rate(gigabytes, ratio.numerator)} GB/s (read "
-                f"{rate(gigabytes, ratio.denominator)} GB/s); hashing / read {ratio.text()}"
+                f"{ratio.numerator.rate(gigabytes)} GB/s (read "
+                f"{ratio.denominator.rate(gigabytes)} GB/s); hashing / read {ratio.text()}"
             )
     print(load())
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import Ratio, Reading, Series, clock, interleave, machine, per_unit, timed
+from timing import Ratio, Reading, clock, interleave, machine, per_unit, timed
 
 from fedleak.attacks.learned.pairs import Featuriser, PairSource, Unit
 from fedleak.attacks.learned.text import TokenInverter, sequence_loss
@@ -36,13 +36,6 @@ from fedleak.training.gradients import batch_gradient, per_sample_gradients
 from fedleak.training.loss import task_loss
 
 ROUNDS = 5
-
-
-def rate(count: float, series: Series) -> str:
-    """`count` per second at the best / median round, or why there is none."""
-    if series.problem():
-        return f"invalid ({series.problem()})"
-    return f"{count / series.min:.1f} / {count / series.median:.1f}"
 
 
 def _loop(model: torch.nn.Module, x: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
@@ -68,7 +61,7 @@ def per_sample(spec: ModelSpec, batch: int, device: torch.device) -> None:
     ours, loop, whole = series["per-sample"], series["loop"], series["batch"]
     print(
         f"per-sample gradients, B={batch}, sequences/s (best / median): per-sample "
-        f"{rate(batch, ours)}, loop {rate(batch, loop)}, one batch gradient {rate(batch, whole)}"
+        f"{ours.rate(batch)}, loop {loop.rate(batch)}, one batch gradient {whole.rate(batch)}"
     )
     print(f"  loop / per-sample {Ratio(loop, ours).text()}")
     print(f"  per-sample / batch {Ratio(ours, whole).text()}")
@@ -149,8 +142,8 @@ def lti_p(spec: ModelSpec, pairs: int, bins: int, device: torch.device, defense:
 
     steps = interleave({"step": timed(step, 3)}, ROUNDS)["step"]
     print(
-        f"LTI-P ({defense}, {bins} hash bins), best / median: {rate(pairs, pairs_series)} "
-        f"training pairs/s; inverter {rate(1, steps)} steps/s of 64 ({rate(64, steps)} pairs/s)"
+        f"LTI-P ({defense}, {bins} hash bins), best / median: {pairs_series.rate(pairs)} "
+        f"training pairs/s; inverter {steps.rate(1)} steps/s of 64 ({steps.rate(64)} pairs/s)"
     )
 
 

@@ -86,6 +86,12 @@ class Series:
             return f"{self.name}: invalid"
         return f"{self.min * unit:.3f} / {self.median * unit:.3f} {label}"
 
+    def rate(self, count: float) -> str:
+        """`count` per second at the fastest / the median round, or why there is none."""
+        if self.problem():
+            return f"invalid ({self.problem()})"
+        return f"{count / self.min:8.1f} / {count / self.median:8.1f}"
+
 
 @dataclass(frozen=True)
 class Ratio:

@@ -71,3 +71,10 @@ def test_interleave_rotates_the_order_and_marks_invalid_rounds():
     assert calls == ["x", "y", "x", "y", "y", "x", "x", "y"]
     assert math.isnan(series["x"].values[1]) and series["x"].problem() is not None
     assert series["y"].problem() is None
+
+
+def test_a_rate_reads_the_fastest_and_the_median_round_and_refuses_bad_ones():
+    series = timing.Series("pairs", (0.5, 2.0, 1.0))
+    assert series.rate(100).split() == ["200.0", "/", "100.0"]
+    broken = timing.Series("pairs", (0.5, -1.0, 1.0))
+    assert broken.rate(100) == f"invalid ({broken.problem()})"
