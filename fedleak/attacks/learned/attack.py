@@ -33,7 +33,14 @@ from torch import Tensor, nn
 
 from fedleak.attacks.learned.config import LTI_PRESETS, LTIConfig, lti_config
 from fedleak.attacks.learned.inverter import Inverter
-from fedleak.attacks.learned.pairs import Featuriser, PairSource, Unit, make_groups
+from fedleak.attacks.learned.pairs import (
+    Featuriser,
+    PairSource,
+    Unit,
+    make_groups,
+    unit_and_updates,
+)
+from fedleak.attacks.learned.store import InverterStore
 from fedleak.attacks.learned.trainer import InverterTrainer, TrainingOutcome
 from fedleak.attacks.types import AttackerKnowledge, Budget, Observation, Reconstruction
 from fedleak.defenses import DefensePipeline, parse_defense_spec
@@ -74,6 +81,7 @@ class LearningToInvert:
         self._key: str | None = None
         self._fingerprint: str | None = None
         self._val_psnr = math.nan
+        self._store = InverterStore(self.config.cache_dir, name)
         self._cache_checked = False
 
     def aux_needed(self, targets: int) -> int:
@@ -97,9 +105,7 @@ class LearningToInvert:
     @property
     def cache_path(self) -> Path | None:
         """Where the trained inverter is saved, if a cache directory is configured."""
-        if self.config.cache_dir is None:
-            return None
-        return Path(self.config.cache_dir) / f"{self.name}-inverter.pt"
+        return self._store.path
 
     def reconstruct(
         self, observation: Observation, knowledge: AttackerKnowledge, budget: Budget
@@ -119,7 +125,7 @@ class LearningToInvert:
         model.load_state_dict(observation.weights)
         model = model.to(device)
         pipeline = parse_defense_spec(observation.defense)
-        unit, shared = _unit_and_updates(observation)
+        unit, shared = unit_and_updates(observation)
         sizes = {name: p.numel() for name, p in model.named_parameters()}
         featuriser = Featuriser(
             sizes,
@@ -145,10 +151,16 @@ class LearningToInvert:
             outcome = self._train(
                 model, pipeline, unit, featuriser, observation, knowledge, budget, deadline, warm
             )
-            self._key, self._val_psnr = key, outcome.val_psnr
+            self._key, self._val_psnr = key, outcome.score
             # A training cut short by the time budget goes on in the round's next call.
             self._fingerprint = None if outcome.timed_out else fingerprint
-            self._save_cache(observation.round)
+            self._store.save(
+                self.inverter,
+                key,
+                self._fingerprint,
+                observation.round,
+                {"val_psnr": outcome.score},
+            )
         assert self.inverter is not None
         inverter = self.inverter.to(device).eval()
         with torch.no_grad():
@@ -172,11 +184,11 @@ class LearningToInvert:
         cfg = self.config
         if outcome is None:
             how = f"reused the inverter (refresh={cfg.refresh}, trained at these weights or frozen)"
-            outcome = TrainingOutcome(0, 0, 0.0, self._val_psnr, False, False)
+            outcome = TrainingOutcome.reused(self._val_psnr)
         else:
             how = (
                 f"refresh={cfg.refresh}: {'warm start' if warm else 'trained from scratch'}, "
-                f"{outcome.epochs} epochs, validation PSNR {outcome.val_psnr:.2f} dB"
+                f"{outcome.epochs} epochs, validation PSNR {outcome.score:.2f} dB"
             )
             if outcome.early_stopped:
                 how += " (early stop)"
@@ -192,7 +204,7 @@ class LearningToInvert:
             diagnostics={
                 "train_seconds": outcome.seconds,
                 "train_epochs": float(outcome.epochs),
-                "val_psnr": outcome.val_psnr,
+                "val_psnr": outcome.score,
                 "warm_start": float(warm and outcome.epochs > 0),
                 "stopped_by": outcome.stopped_by,
                 "input_features": float(featuriser.out_features),
@@ -294,36 +306,20 @@ class LearningToInvert:
             validation = (val_pairs.features(noise_gen), val_pairs.groups, *val)
         epochs = cfg.finetune_epochs if warm else cfg.epochs
         assert self.inverter is not None
-        trainer = InverterTrainer(self.inverter, cfg, knowledge.data_range, warm)
-        return trainer.run(
+        trainer = InverterTrainer(
+            self.inverter,
+            cfg,
+            knowledge.data_range,
+            warm,
             pairs,
-            train_x,
-            train_y,
+            (train_x, train_y),
             validation,
-            epochs,
             noise_gen,
             cpu_gen,
-            deadline,
-            began,
-            budget.show_progress,
-            f"{self.name} round {observation.round}",
         )
-
-    def _save_cache(self, round_: int) -> None:
-        path = self.cache_path
-        if path is None or self.inverter is None:
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu() for k, v in self.inverter.state_dict().items()}
-        meta = {
-            "key": self._key,
-            "fingerprint": self._fingerprint,
-            "round": int(round_),
-            "val_psnr": float(self._val_psnr),
-        }
-        temporary = path.with_suffix(".tmp")
-        torch.save({"state_dict": state, "meta": meta}, temporary)
-        temporary.replace(path)
+        return trainer.run(
+            epochs, deadline, began, budget.show_progress, f"{self.name} round {observation.round}"
+        )
 
     def _load_cache(
         self,
@@ -338,18 +334,14 @@ class LearningToInvert:
         if self._cache_checked or self.inverter is not None:
             return
         self._cache_checked = True
-        path = self.cache_path
-        if path is None or not path.exists():
-            return
-        saved = torch.load(path, map_location=device, weights_only=True)
-        meta = saved["meta"]
-        if meta["key"] != key:
+        saved = self._store.load(key, device)
+        if saved is None:
             return
         inverter = self._fresh_inverter(observation, knowledge, featuriser, unit)
-        inverter.load_state_dict(saved["state_dict"])
+        inverter.load_state_dict(saved.state_dict)
         self.inverter = inverter
-        self._key, self._fingerprint = key, meta["fingerprint"]
-        self._val_psnr = float(meta["val_psnr"])
+        self._key, self._fingerprint = key, saved.fingerprint
+        self._val_psnr = saved.score("val_psnr")
 
 
 def _setting_key(
@@ -377,18 +369,3 @@ def _setting_key(
             tuple(knowledge.data_range),
         )
     )
-
-
-def _unit_and_updates(observation: Observation) -> tuple[Unit, dict[str, Tensor]]:
-    """The unit one inverted update stands for, and the updates as rows [T, ...]."""
-    if observation.per_sample_updates is not None:
-        unit = Unit("gradient", 1, 1, 1, observation.learning_rate)
-        return unit, dict(observation.per_sample_updates)
-    unit = Unit(
-        observation.update_kind,
-        observation.num_examples,
-        observation.batch_size,
-        observation.local_steps,
-        observation.learning_rate,
-    )
-    return unit, {name: u.unsqueeze(0) for name, u in observation.update.items()}

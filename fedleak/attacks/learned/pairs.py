@@ -38,6 +38,7 @@ from torch.func import functional_call, grad, replace_all_batch_norm_modules_, v
 
 from fedleak.attacks.learned.hashing import FeatureHasher, resolve_num_bins
 from fedleak.attacks.optimization.replay import ClientProtocol, Replay
+from fedleak.attacks.types import Observation
 from fedleak.defenses import DPSGD, DefensePipeline, GaussianNoise, PartnerPool
 from fedleak.models import has_batchnorm
 from fedleak.training.gradients import per_sample_gradients, refuse_batchnorm
@@ -68,6 +69,22 @@ class Unit:
             local_steps=self.local_steps,
             learning_rate=self.learning_rate,
         )
+
+
+def unit_and_updates(observation: Observation) -> tuple[Unit, Params]:
+    """The unit one inverted update stands for, and the observed updates as rows [T, ...]
+    (each sample's under the per-sample threat model, else the client's one update)."""
+    if observation.per_sample_updates is not None:
+        unit = Unit("gradient", 1, 1, 1, observation.learning_rate)
+        return unit, dict(observation.per_sample_updates)
+    unit = Unit(
+        observation.update_kind,
+        observation.num_examples,
+        observation.batch_size,
+        observation.local_steps,
+        observation.learning_rate,
+    )
+    return unit, {name: u.unsqueeze(0) for name, u in observation.update.items()}
 
 
 class Featuriser:

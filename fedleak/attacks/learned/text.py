@@ -24,19 +24,26 @@ import dataclasses
 import itertools
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from fedleak.attacks.learned.attack import _fingerprint, _seed
 from fedleak.attacks.learned.config import Refresh
 from fedleak.attacks.learned.inverter import ACTIVATIONS, best_assignment
-from fedleak.attacks.learned.pairs import Featuriser, PairSource, Unit, make_groups
+from fedleak.attacks.learned.pairs import (
+    Featuriser,
+    PairSource,
+    Unit,
+    make_groups,
+    unit_and_updates,
+)
+from fedleak.attacks.learned.store import InverterStore
+from fedleak.attacks.learned.trainer import EpochTrainer, TrainingOutcome
 from fedleak.attacks.types import AttackerKnowledge, Budget, Observation, Reconstruction
 from fedleak.defenses import DefensePipeline, parse_defense_spec
 from fedleak.models import build_model
@@ -182,32 +189,42 @@ def marginal(tokens: Tensor, vocab: int) -> Tensor:
     return (counts / counts.sum()).float()
 
 
-@dataclass(frozen=True)
-class TrainingOutcome:
-    """What one (re)training did."""
+class TokenInverterTrainer(EpochTrainer):
+    """The text inverter on aux sequences (one fixed pair set) or, for LTI-P, on fresh
+    pseudo-sequences every epoch; validation token accuracy after matching."""
 
-    epochs: int
-    steps: int
-    pairs: int
-    seconds: float
-    val_token_acc: float
-    timed_out: bool
-    early_stopped: bool
-
-
-def _unit_and_updates(observation: Observation) -> tuple[Unit, dict[str, Tensor]]:
-    if observation.per_sample_updates is not None:
-        return Unit("gradient", 1, 1, 1, observation.learning_rate), dict(
-            observation.per_sample_updates
+    def __init__(
+        self,
+        inverter: TokenInverter,
+        config: TextLTIConfig,
+        epoch_source: Callable[[int], PairSource],
+        validation: tuple[Tensor, Tensor] | None,
+        noise_gen: torch.Generator,
+        cpu_gen: torch.Generator,
+    ) -> None:
+        optimiser = torch.optim.Adam(inverter.parameters(), lr=config.learning_rate)
+        super().__init__(
+            inverter, optimiser, config.batch_size, config.patience, cpu_gen, "val_token_acc"
         )
-    unit = Unit(
-        observation.update_kind,
-        observation.num_examples,
-        observation.batch_size,
-        observation.local_steps,
-        observation.learning_rate,
-    )
-    return unit, {name: u.unsqueeze(0) for name, u in observation.update.items()}
+        self.epoch_source = epoch_source
+        self.validation = validation
+        self.noise_gen = noise_gen
+        self.tokens: Tensor | None = None
+
+    def epoch_pairs(self, epoch: int) -> tuple[Tensor, Tensor]:
+        pairs = self.epoch_source(epoch)
+        self.tokens = pairs.aux_x
+        return pairs.features(self.noise_gen), pairs.groups
+
+    def loss(self, features: Tensor, index: Tensor) -> Tensor:
+        assert self.tokens is not None
+        return sequence_loss(self.inverter(features), self.tokens[index])
+
+    def score(self) -> float | None:
+        if self.validation is None:
+            return None
+        features, targets = self.validation
+        return float(matched_accuracy(self.inverter(features), targets).mean())
 
 
 class TextLearningToInvert:
@@ -226,14 +243,13 @@ class TextLearningToInvert:
         self._key: str | None = None
         self._fingerprint: str | None = None
         self._val_acc = math.nan
+        self._store = InverterStore(self.config.cache_dir, name)
         self._cache_checked = False
 
     @property
     def cache_path(self) -> Path | None:
         """Where the trained inverter is saved, if a cache directory is configured."""
-        if self.config.cache_dir is None:
-            return None
-        return Path(self.config.cache_dir) / f"{self.name}-inverter.pt"
+        return self._store.path
 
     def reconstruct(
         self, observation: Observation, knowledge: AttackerKnowledge, budget: Budget
@@ -256,7 +272,7 @@ class TextLearningToInvert:
         model.load_state_dict(observation.weights)
         model = model.to(device)
         pipeline = parse_defense_spec(observation.defense)
-        unit, shared = _unit_and_updates(observation)
+        unit, shared = unit_and_updates(observation)
         sizes = {name: p.numel() for name, p in model.named_parameters()}
         featuriser = Featuriser(
             sizes, cfg.hash_bins, _seed(self.seed, 0x4853), cfg.hash_signed, cfg.block_normalise
@@ -296,9 +312,15 @@ class TextLearningToInvert:
                 warm,
                 budget,
             )
-            self._key, self._val_acc = key, outcome.val_token_acc
+            self._key, self._val_acc = key, outcome.score
             self._fingerprint = None if outcome.timed_out else fingerprint
-            self._save_cache(observation.round)
+            self._store.save(
+                self.inverter,
+                key,
+                self._fingerprint,
+                observation.round,
+                {"val_token_acc": outcome.score},
+            )
         assert self.inverter is not None
         inverter = self.inverter.to(device).eval()
         with torch.no_grad():
@@ -319,12 +341,12 @@ class TextLearningToInvert:
         data = "pseudo-sequences from the aux token marginal" if cfg.pseudo else "aux sequences"
         if outcome is None:
             how = f"reused the inverter (refresh={cfg.refresh}, trained at these weights or frozen)"
-            outcome = TrainingOutcome(0, 0, 0, 0.0, self._val_acc, False, False)
+            outcome = TrainingOutcome.reused(self._val_acc)
         else:
             how = (
                 f"refresh={cfg.refresh}: {'warm start' if warm else 'trained from scratch'} on "
                 f"{data}, {outcome.epochs} epochs, validation token accuracy "
-                f"{outcome.val_token_acc:.3f}"
+                f"{outcome.score:.3f}"
             )
             if outcome.early_stopped:
                 how += " (early stop)"
@@ -340,7 +362,7 @@ class TextLearningToInvert:
                 "train_seconds": outcome.seconds,
                 "train_epochs": float(outcome.epochs),
                 "train_pairs": float(outcome.pairs),
-                "val_token_acc": outcome.val_token_acc,
+                "val_token_acc": outcome.score,
                 "warm_start": float(warm and outcome.epochs > 0),
                 "timed_out": float(outcome.timed_out),
                 "input_features": float(featuriser.out_features),
@@ -423,83 +445,22 @@ class TextLearningToInvert:
         if val_x.shape[0] >= unit.size:
             val_pairs = source(val_x)
             validation = (val_pairs.features(noise_gen), val_x[val_pairs.groups])
-        inverter = self.inverter
-        assert inverter is not None
-        inverter.to(device)
-        optimiser = torch.optim.Adam(inverter.parameters(), lr=cfg.learning_rate)
-        epochs = cfg.finetune_epochs if warm else cfg.epochs
-        best_acc, best_state, stale = -math.inf, None, 0
-        val_acc, steps, done, pairs_seen = math.nan, 0, 0, 0
-        timed_out = early = False
-        bar = tqdm(
-            total=epochs,
-            desc=f"{self.name} round {observation.round}",
-            disable=not budget.show_progress,
-            leave=False,
-        )
-        for epoch in range(epochs):
-            if time.perf_counter() >= deadline:
-                timed_out = True
-                break
-            pairs = fixed if fixed is not None else source(pseudo(size))
-            features = pairs.features(noise_gen)
-            targets = pairs.aux_x[pairs.groups]  # [P, B, L]
-            if epoch == 0:
-                inverter.fit_standardisation(features)  # refit when warm: the scale drifts
-            inverter.train()
-            shuffled = torch.randperm(pairs.num_pairs, generator=cpu_gen).to(device)
-            for begin in range(0, pairs.num_pairs, cfg.batch_size):
-                rows = shuffled[begin : begin + cfg.batch_size]
-                loss = sequence_loss(inverter(features[rows]), targets[rows])
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                optimiser.step()
-                steps += 1
-                if time.perf_counter() >= deadline:
-                    timed_out = True
-                    break
-            pairs_seen += pairs.num_pairs
-            done = epoch + 1
-            if validation is not None:
-                inverter.eval()
-                with torch.no_grad():
-                    val_acc = float(matched_accuracy(inverter(validation[0]), validation[1]).mean())
-                if val_acc > best_acc:
-                    best_acc, stale = val_acc, 0
-                    best_state = {k: v.detach().clone() for k, v in inverter.state_dict().items()}
-                else:
-                    stale += 1
-            bar.update(1)
-            bar.set_postfix(val_acc=f"{val_acc:.3f}")
-            if timed_out:
-                break
-            if cfg.patience is not None and stale >= cfg.patience:
-                early = True
-                break
-        bar.close()
-        if best_state is not None:
-            inverter.load_state_dict(best_state)
-            val_acc = best_acc
-        inverter.eval()
-        return TrainingOutcome(
-            done, steps, pairs_seen, time.perf_counter() - began, val_acc, timed_out, early
-        )
 
-    def _save_cache(self, round_: int) -> None:
-        path = self.cache_path
-        if path is None or self.inverter is None:
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu() for k, v in self.inverter.state_dict().items()}
-        meta = {
-            "key": self._key,
-            "fingerprint": self._fingerprint,
-            "round": int(round_),
-            "val_token_acc": float(self._val_acc),
-        }
-        temporary = path.with_suffix(".tmp")
-        torch.save({"state_dict": state, "meta": meta}, temporary)
-        temporary.replace(path)
+        def epoch_source(epoch: int) -> PairSource:
+            return fixed if fixed is not None else source(pseudo(size))
+
+        assert self.inverter is not None
+        self.inverter.to(device)
+        trainer = TokenInverterTrainer(
+            self.inverter, cfg, epoch_source, validation, noise_gen, cpu_gen
+        )
+        return trainer.run(
+            cfg.finetune_epochs if warm else cfg.epochs,
+            deadline,
+            began,
+            budget.show_progress,
+            f"{self.name} round {observation.round}",
+        )
 
     def _load_cache(
         self,
@@ -513,14 +474,11 @@ class TextLearningToInvert:
         if self._cache_checked or self.inverter is not None:
             return
         self._cache_checked = True
-        path = self.cache_path
-        if path is None or not path.exists():
-            return
-        saved = torch.load(path, map_location=device, weights_only=True)
-        if saved["meta"]["key"] != key:
+        saved = self._store.load(key, device)
+        if saved is None:
             return
         inverter = self._fresh_inverter(observation, featuriser, unit)
-        inverter.load_state_dict(saved["state_dict"])
+        inverter.load_state_dict(saved.state_dict)
         self.inverter = inverter.to(device)
-        self._key, self._fingerprint = key, saved["meta"]["fingerprint"]
-        self._val_acc = float(saved["meta"]["val_token_acc"])
+        self._key, self._fingerprint = key, saved.fingerprint
+        self._val_acc = saved.score("val_token_acc")

@@ -1,7 +1,9 @@
-"""One training run of an inverter on pairs computed from the attacker's auxiliary data.
+"""How an inverter trains on pairs computed from the attacker's auxiliary data.
 
-Fresh or warm-started, with the learning-rate schedule of `LTIConfig`, validation PSNR on
-held-out aux pairs, early stopping with the best epoch's weights kept, and the time budget.
+`EpochTrainer` is the loop every learned attack shares: epochs of shuffled minibatches, a time
+budget (and Ctrl-C) that ends training as if it had finished, the weights of the best
+validation epoch kept, early stopping. `InverterTrainer` is LTI's image case: the image and
+label loss, the learning-rate schedule of `LTIConfig`, validation PSNR on held-out aux pairs.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import time
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from fedleak.attacks.learned.config import LTIConfig
@@ -22,12 +24,14 @@ from fedleak.interrupt import stop_requested
 
 @dataclass(frozen=True)
 class TrainingOutcome:
-    """What one (re)training did."""
+    """What one (re)training did; `score` is the kept weights' validation score (PSNR for
+    images, token accuracy for text; NaN without validation)."""
 
     epochs: int
     steps: int
+    pairs: int
     seconds: float
-    val_psnr: float
+    score: float
     timed_out: bool
     early_stopped: bool
 
@@ -41,6 +45,105 @@ class TrainingOutcome:
             return "early-stop"
         return "epochs" if self.epochs else "reused"
 
+    @classmethod
+    def reused(cls, score: float) -> TrainingOutcome:
+        """No training in this call: the inverter was current (or frozen)."""
+        return cls(0, 0, 0, 0.0, score, False, False)
+
+
+class EpochTrainer:
+    """The training loop; subclasses say what an epoch's pairs are, the loss of a minibatch
+    and the validation score (higher is better)."""
+
+    def __init__(
+        self,
+        inverter: nn.Module,
+        optimiser: torch.optim.Optimizer,
+        batch_size: int,
+        patience: int | None,
+        cpu_gen: torch.Generator,
+        score_name: str,
+    ) -> None:
+        self.inverter = inverter
+        self.optimiser = optimiser
+        self.batch_size = batch_size
+        self.patience = patience
+        self.cpu_gen = cpu_gen
+        self.score_name = score_name
+
+    def epoch_pairs(self, epoch: int) -> tuple[Tensor, Tensor]:
+        """This epoch's features [P, F] and, per pair, the index its loss needs [P, ...]."""
+        raise NotImplementedError
+
+    def loss(self, features: Tensor, index: Tensor) -> Tensor:
+        """The training loss of a minibatch of pairs."""
+        raise NotImplementedError
+
+    def score(self) -> float | None:
+        """The validation score of the current weights (None: nothing held out)."""
+        return None
+
+    def start_epoch(self, epoch: int) -> None:
+        """Called before each epoch (learning-rate schedules)."""
+
+    def run(
+        self, epochs: int, deadline: float, began: float, show_progress: bool, description: str
+    ) -> TrainingOutcome:
+        inverter = self.inverter
+        best_score, best_state, stale = -math.inf, None, 0
+        score, steps, done, pairs_seen = math.nan, 0, 0, 0
+        timed_out = early = False
+        bar = tqdm(total=epochs, desc=description, disable=not show_progress, leave=False)
+        for epoch in range(epochs):
+            # A requested stop (Ctrl-C) ends training as the time budget would.
+            if time.perf_counter() >= deadline or stop_requested():
+                timed_out = True
+                break
+            features, index = self.epoch_pairs(epoch)
+            if epoch == 0:
+                # Refit even when warm: the features' scale follows the changing global model.
+                inverter.fit_standardisation(features)
+            self.start_epoch(epoch)
+            inverter.train()
+            order = torch.randperm(features.shape[0], generator=self.cpu_gen)
+            order = order.to(features.device)
+            for begin in range(0, features.shape[0], self.batch_size):
+                rows = order[begin : begin + self.batch_size]
+                loss = self.loss(features[rows], index[rows])
+                self.optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimiser.step()
+                steps += 1
+                if time.perf_counter() >= deadline or stop_requested():
+                    timed_out = True
+                    break
+            pairs_seen += features.shape[0]
+            done = epoch + 1
+            inverter.eval()
+            with torch.no_grad():
+                measured = self.score()
+            if measured is not None:
+                score = measured
+                if score > best_score:
+                    best_score, stale = score, 0
+                    best_state = {k: v.detach().clone() for k, v in inverter.state_dict().items()}
+                else:
+                    stale += 1
+            bar.update(1)
+            bar.set_postfix({self.score_name: f"{score:.3f}"})
+            if timed_out:
+                break
+            if self.patience is not None and stale >= self.patience:
+                early = True
+                break
+        bar.close()
+        if best_state is not None:
+            inverter.load_state_dict(best_state)
+            score = best_score
+        inverter.eval()
+        seconds = time.perf_counter() - began
+        return TrainingOutcome(done, steps, pairs_seen, seconds, score, timed_out, early)
+
 
 def psnr_per_image(images: Tensor, targets: Tensor, data_range: float) -> Tensor:
     """PSNR of each image [N, ...] against its target, in dB."""
@@ -48,8 +151,8 @@ def psnr_per_image(images: Tensor, targets: Tensor, data_range: float) -> Tensor
     return 10.0 * torch.log10(data_range**2 / mse)
 
 
-class InverterTrainer:
-    """One training run of an inverter on a pair source (fresh or warm-started)."""
+class InverterTrainer(EpochTrainer):
+    """LTI's image inverter on a pair source (fresh or warm-started)."""
 
     def __init__(
         self,
@@ -57,85 +160,50 @@ class InverterTrainer:
         config: LTIConfig,
         data_range: tuple[float, float],
         warm: bool,
+        pairs: PairSource,
+        aux: tuple[Tensor, Tensor],
+        validation: tuple[Tensor, Tensor, Tensor, Tensor] | None,
+        noise_gen: torch.Generator,
+        cpu_gen: torch.Generator,
     ) -> None:
-        self.inverter = inverter
+        optimiser = torch.optim.Adam(
+            inverter.parameters(), lr=config.learning_rate_at(0, warm), fused=True
+        )
+        super().__init__(
+            inverter, optimiser, config.batch_size, config.patience, cpu_gen, "val_psnr"
+        )
         self.config = config
         self.bounds = (float(data_range[0]), float(data_range[1]))
         self.data_range = self.bounds[1] - self.bounds[0]
         self.warm = warm
+        self.pairs = pairs
+        self.aux_x, self.aux_y = aux
+        self.validation = validation
+        self.noise_gen = noise_gen
+        self.features: Tensor | None = None
 
-    def run(
-        self,
-        pairs: PairSource,
-        aux_x: Tensor,
-        aux_y: Tensor,
-        validation: tuple[Tensor, Tensor, Tensor, Tensor] | None,
-        epochs: int,
-        noise_gen: torch.Generator,
-        cpu_gen: torch.Generator,
-        deadline: float,
-        began: float,
-        show_progress: bool,
-        description: str,
-    ) -> TrainingOutcome:
-        cfg, inverter = self.config, self.inverter
-        optimiser = torch.optim.Adam(
-            inverter.parameters(), lr=cfg.learning_rate_at(0, self.warm), fused=True
+    def epoch_pairs(self, epoch: int) -> tuple[Tensor, Tensor]:
+        pairs = self.pairs
+        if epoch > 0 and pairs.regroups:
+            pairs.regroup(self.cpu_gen)
+        if self.features is None or not pairs.fixed or pairs.regroups:
+            self.features = pairs.features(self.noise_gen)
+        return self.features, pairs.groups
+
+    def start_epoch(self, epoch: int) -> None:
+        for group in self.optimiser.param_groups:
+            group["lr"] = self.config.learning_rate_at(epoch, self.warm)
+
+    def loss(self, features: Tensor, index: Tensor) -> Tensor:
+        images, logits = self.inverter(features)
+        return inversion_loss(
+            images, logits, self.aux_x[index], self.aux_y[index], self.config.label_weight
         )
-        best_psnr, best_state, stale = -math.inf, None, 0
-        val_psnr, steps, done, timed_out, early = math.nan, 0, 0, False, False
-        features = None
-        device = aux_x.device
-        bar = tqdm(total=epochs, desc=description, disable=not show_progress, leave=False)
-        for epoch in range(epochs):
-            # A requested stop (Ctrl-C) ends training as the time budget would.
-            if time.perf_counter() >= deadline or stop_requested():
-                timed_out = True
-                break
-            if epoch > 0 and pairs.regroups:
-                pairs.regroup(cpu_gen)
-            if features is None or not pairs.fixed or pairs.regroups:
-                features = pairs.features(noise_gen)
-            if epoch == 0:
-                # Refit even when warm: the features' scale follows the changing global model.
-                inverter.fit_standardisation(features)
-            for group in optimiser.param_groups:
-                group["lr"] = cfg.learning_rate_at(epoch, self.warm)
-            inverter.train()
-            order = torch.randperm(pairs.num_pairs, generator=cpu_gen).to(device)
-            for begin in range(0, pairs.num_pairs, cfg.batch_size):
-                rows = order[begin : begin + cfg.batch_size]
-                index = pairs.groups[rows]
-                images, logits = inverter(features[rows])
-                loss = inversion_loss(images, logits, aux_x[index], aux_y[index], cfg.label_weight)
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                optimiser.step()
-                steps += 1
-                if time.perf_counter() >= deadline or stop_requested():
-                    timed_out = True
-                    break
-            done = epoch + 1
-            if validation is not None:
-                val_psnr = self.validate(*validation)
-                if val_psnr > best_psnr:
-                    best_psnr, stale = val_psnr, 0
-                    best_state = {k: v.detach().clone() for k, v in inverter.state_dict().items()}
-                else:
-                    stale += 1
-            bar.update(1)
-            bar.set_postfix(val_psnr=f"{val_psnr:.2f}")
-            if timed_out:
-                break
-            if cfg.patience is not None and stale >= cfg.patience:
-                early = True
-                break
-        bar.close()
-        if best_state is not None:
-            inverter.load_state_dict(best_state)
-            val_psnr = best_psnr
-        inverter.eval()
-        return TrainingOutcome(done, steps, time.perf_counter() - began, val_psnr, timed_out, early)
+
+    def score(self) -> float | None:
+        if self.validation is None:
+            return None
+        return self.validate(*self.validation)
 
     @torch.no_grad()
     def validate(self, features: Tensor, groups: Tensor, x: Tensor, y: Tensor) -> float:

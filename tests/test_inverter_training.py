@@ -1,0 +1,115 @@
+"""The training loop and the on-disk store every learned attack shares."""
+
+from __future__ import annotations
+
+import math
+import pickle
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from fedleak.attacks.learned.store import InverterStore
+from fedleak.attacks.learned.trainer import EpochTrainer
+
+
+class Scripted(nn.Module):
+    """A one-weight 'inverter' whose validation score is scripted per epoch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1))
+        self.register_buffer("feature_mean", torch.zeros(1))
+
+    def fit_standardisation(self, features: Tensor) -> None:
+        self.feature_mean.copy_(features.mean(0))
+
+    def forward(self, features: Tensor) -> Tensor:
+        return features * self.weight
+
+
+class ScriptedTrainer(EpochTrainer):
+    """Each epoch moves the weight by one SGD step of size 1 towards +inf, and reports the
+    next scripted score; `calls` records the epochs' pairs."""
+
+    def __init__(self, scores: list[float], patience: int | None) -> None:
+        inverter = Scripted()
+        super().__init__(
+            inverter,
+            torch.optim.SGD(inverter.parameters(), lr=1.0),
+            batch_size=4,
+            patience=patience,
+            cpu_gen=torch.Generator().manual_seed(0),
+            score_name="score",
+        )
+        self.scores = iter(scores)
+        self.calls: list[int] = []
+
+    def epoch_pairs(self, epoch: int) -> tuple[Tensor, Tensor]:
+        self.calls.append(epoch)
+        return torch.full((4, 1), 2.0), torch.arange(4)
+
+    def loss(self, features: Tensor, index: Tensor) -> Tensor:
+        return -self.inverter(features).mean() / 2.0  # gradient -1 on the weight
+
+    def score(self) -> float | None:
+        return next(self.scores)
+
+
+def run(trainer: EpochTrainer, epochs: int, seconds: float = 1e9):
+    began = time.perf_counter()
+    return trainer.run(epochs, began + seconds, began, False, "test")
+
+
+def test_the_best_epochs_weights_are_kept() -> None:
+    trainer = ScriptedTrainer([1.0, 3.0, 2.0, 0.5], patience=None)
+    outcome = run(trainer, 4)
+    assert (outcome.epochs, outcome.steps, outcome.pairs) == (4, 4, 16)
+    assert outcome.score == 3.0 and outcome.stopped_by == "epochs"
+    assert float(trainer.inverter.weight.detach()) == 2.0  # the weights after the second epoch
+    assert float(trainer.inverter.feature_mean) == 2.0  # standardisation fitted at epoch 0
+
+
+def test_patience_stops_after_epochs_without_improvement() -> None:
+    trainer = ScriptedTrainer([1.0, 0.5, 0.7, 9.0], patience=2)
+    outcome = run(trainer, 4)
+    assert outcome.early_stopped and outcome.stopped_by == "early-stop"
+    assert outcome.epochs == 3 and trainer.calls == [0, 1, 2]
+    assert outcome.score == 1.0 and float(trainer.inverter.weight.detach()) == 1.0
+
+
+def test_a_spent_budget_trains_nothing_and_says_so() -> None:
+    trainer = ScriptedTrainer([1.0], patience=None)
+    outcome = run(trainer, 3, seconds=-1.0)
+    assert outcome.timed_out and outcome.stopped_by == "seconds"
+    assert outcome.epochs == 0 and math.isnan(outcome.score)
+
+
+def test_store_round_trip_and_refusal_of_another_setting(tmp_path: Path) -> None:
+    store = InverterStore(tmp_path / "state", "lti")
+    inverter = Scripted()
+    with torch.no_grad():
+        inverter.weight.fill_(1.5)
+    store.save(inverter, "setting-a", "weights-1", 3, {"val_psnr": 17.25})
+    assert store.path == tmp_path / "state" / "lti-inverter.pt"
+    assert not store.path.with_suffix(".tmp").exists()
+    saved = store.load("setting-a", torch.device("cpu"))
+    assert saved is not None and saved.fingerprint == "weights-1"
+    assert saved.score("val_psnr") == 17.25 and math.isnan(saved.score("val_token_acc"))
+    assert float(saved.state_dict["weight"]) == 1.5 and saved.meta["round"] == 3
+    assert store.load("setting-b", torch.device("cpu")) is None
+    assert InverterStore(None, "lti").path is None
+    assert (
+        InverterStore(tmp_path / "elsewhere", "lti").load("setting-a", torch.device("cpu")) is None
+    )
+
+
+def test_store_loads_tensors_only(tmp_path: Path) -> None:
+    """A saved file that carries arbitrary Python objects is refused (weights_only)."""
+    store = InverterStore(tmp_path, "lti")
+    assert store.path is not None
+    torch.save({"state_dict": {}, "meta": {"key": "k", "payload": Path("x")}}, store.path)
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        store.load("k", torch.device("cpu"))
