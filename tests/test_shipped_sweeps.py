@@ -4,8 +4,9 @@ data split), one or two representative cells run end to end through Flower with 
 
 Each sweep is run exactly as a user would (`run_sweep` on the shipped file, `--set` overrides
 that shrink budgets but keep the sample layout, `--cells` to pick cells), so a preset that
-stops working offline fails here. Every cell must score at least 64 reconstructions per
-attack: the layout (clients attacked x samples each) is what the overrides leave alone.
+stops working offline fails here. Every cell of the image tables must score at least 64
+reconstructions per attack, the text table its 16 sequences (4 clients x 4): the layout
+(clients attacked x samples each) is what the overrides leave alone.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from fedleak.report.rundir import RunDirectory
 from fedleak.simulations.sweep import _validate, load_sweep, read_manifest, run_sweep
 
 MIN_SCORED = 64
+MIN_SCORED_TEXT = 16
 
 TINY_ATTACKS = {"attack.max-iterations": 4, "attack.images-per-client": 1}
 TINY_LTI = {
@@ -45,7 +47,26 @@ CHEAP = {
         {**TINY_ATTACKS, "num-server-rounds": 4},
         ["*dpsgd-1.0-1.1*"],
     ),
+    "text-table": (
+        {
+            "attack.max-iterations": 4,
+            "data.aux-size": 300,
+            "data.vocab-size": 300,
+            **{
+                f"attack.{name}.{key}": value
+                for name in ("lti-text", "lti-p")
+                for key, value in (("epochs", 1), ("hidden", "32"), ("hash-bins", 256))
+            },
+            "attack.lti-p.pseudo-size": 20,
+        },
+        # Sign compression: the cell with the normalised TAG beside every other attack.
+        ["cell-001-*"],
+    ),
 }
+
+
+def min_scored(name: str) -> int:
+    return MIN_SCORED_TEXT if name == "text-table" else MIN_SCORED
 
 
 @pytest.mark.parametrize("name", sorted(CHEAP))
@@ -61,7 +82,7 @@ def test_every_cell_of_the_shipped_sweeps_passes_the_preflight(name: str) -> Non
         clients = min(config.attack.clients_per_round or plan.num_clients, plan.num_clients)
         rounds = attacked_rounds(config.attack.rounds, config.num_server_rounds)
         count = len(rounds) if rounds is not None else config.num_server_rounds
-        assert clients * config.train.batch_size * count >= MIN_SCORED, cell.id
+        assert clients * config.train.batch_size * count >= min_scored(name), cell.id
 
 
 @pytest.mark.slow
@@ -81,7 +102,31 @@ def test_shipped_sweep_runs_its_cheap_cells_end_to_end(name: str, tmp_path: Path
         counts = ok.groupby("attack").size()
         attacks = run.config.attack.names
         assert set(counts.index) == set(attacks), (cell["id"], counts.to_dict())
-        assert (counts >= MIN_SCORED).all(), (cell["id"], counts.to_dict())
+        assert (counts >= min_scored(name)).all(), (cell["id"], counts.to_dict())
         assert pd.notna(run.utility()["test_accuracy"]).all()
     html, _ = build_report(sweep_dir)
     assert html.is_file()
+
+
+@pytest.mark.slow
+def test_leakage_over_rounds_runs_in_its_cheap_mode(tmp_path: Path) -> None:
+    """The long single-run preset, 10 rounds instead of 100: every fifth round attacked by
+    each of its attacks, the model evaluated every round."""
+    from fedleak.simulations.cli import main
+
+    out = tmp_path / "run"
+    tiny = {**TINY_ATTACKS, **TINY_LTI, "num-server-rounds": 10}
+    args = ["run", "leakage-over-rounds", "--out", str(out)]
+    for key, value in tiny.items():
+        args += ["--set", f"{key}={value}"]
+    assert main(args) == 0
+    run = RunDirectory.open(out)
+    rows = run.leakage()
+    ok = rows[(rows["status"] == "ok") & (rows["scored_against"] == "original")]
+    attacked = attacked_rounds(run.config.attack.rounds, 10)
+    assert attacked is not None and len(attacked) >= 2
+    assert set(ok["round"]) == set(attacked)
+    assert set(ok["attack"]) == {"aux-mean", "ig", "lti"}
+    # One attacked client's 32 per-sample updates per attacked round, every one scored.
+    assert (ok.groupby(["attack", "round"]).size() == 32).all()
+    assert len(run.utility()) >= 10 and pd.notna(run.utility()["test_accuracy"]).all()
