@@ -11,9 +11,9 @@ from fedleak.attacks.types import AttackerKnowledge, Observation
 
 PACKAGE = Path(fedleak.__file__).parent
 
-# Leaf modules every room may import: the settings parser, the registry mechanism and the stop
-# request (they import nothing from fedleak but each other).
-SHARED = {"settings", "registry", "interrupt"}
+# Leaf modules every room may import: the settings parser, the registry mechanism, the stop
+# request and the seed mixer (they import nothing from fedleak but each other).
+SHARED = {"settings", "registry", "interrupt", "seeds"}
 
 # Rooms and what each may import (DESIGN.md); `fedleak.config` is open to the rooms that read
 # run settings, `fedleak.interrupt` (a stop request, no imports) to long-running attack loops.

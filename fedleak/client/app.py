@@ -19,15 +19,12 @@ from fedleak.defenses import PartnerPool, parse_defense_spec
 from fedleak.messages import partition_answer, reply_content
 from fedleak.models import build_model
 from fedleak.runtime import federated_data, local_training, model_spec, resolve_device
+from fedleak.seeds import mix_seed
 from fedleak.training.update import compute_update
 
 
 class InjectedClientFailure(RuntimeError):
     """Raised on purpose (`sim.fail-rate`) to exercise the server's handling of failed clients."""
-
-
-def _seed_of(*parts: int) -> int:
-    return int(np.random.SeedSequence([abs(p) for p in parts]).generate_state(1)[0])
 
 
 def train_reply(msg: Message, context: Context, config: RunConfig) -> Message:
@@ -54,7 +51,7 @@ def train_reply(msg: Message, context: Context, config: RunConfig) -> Message:
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     model.to(device)
     generator = torch.Generator(device=device)
-    generator.manual_seed(_seed_of(config.seed, partition_id, server_round, 0xDEF))
+    generator.manual_seed(mix_seed(config.seed, partition_id, server_round, 0xDEF))
     public = fd.public_inputs().to(device) if fd.public.size else None
     update = compute_update(
         model,

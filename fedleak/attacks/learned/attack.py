@@ -22,12 +22,10 @@ diagnostics); the inverter trained so far still inverts, and its reconstruction 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -40,30 +38,18 @@ from fedleak.attacks.learned.pairs import (
     make_groups,
     unit_and_updates,
 )
-from fedleak.attacks.learned.store import InverterStore
+from fedleak.attacks.learned.store import InverterStore, weights_fingerprint
 from fedleak.attacks.learned.trainer import InverterTrainer, TrainingOutcome
 from fedleak.attacks.types import AttackerKnowledge, Budget, Observation, Reconstruction
 from fedleak.defenses import DefensePipeline, parse_defense_spec
 from fedleak.models import build_model
+from fedleak.seeds import mix_seed
 
 __all__ = ["LTI_PRESETS", "LTIConfig", "LTIObservationError", "LearningToInvert", "lti_config"]
 
 
 class LTIObservationError(ValueError):
     """An observation or attacker knowledge LTI cannot work with."""
-
-
-def _seed(*parts: int) -> int:
-    return int(np.random.SeedSequence([abs(int(p)) for p in parts]).generate_state(1)[0])
-
-
-def _fingerprint(weights: dict[str, Tensor]) -> str:
-    """A digest of the global weights: an inverter is current only for the weights it saw."""
-    digest = hashlib.blake2b(digest_size=16)
-    for name, tensor in weights.items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 class LearningToInvert:
@@ -130,12 +116,12 @@ class LearningToInvert:
         featuriser = Featuriser(
             sizes,
             cfg.hash_bins,
-            _seed(self.seed, 0x4853),
+            mix_seed(self.seed, 0x4853),
             cfg.hash_signed,
             cfg.block_normalise,
         )
         key = _setting_key(observation, pipeline, unit, featuriser, knowledge, cfg)
-        fingerprint = _fingerprint(observation.weights)
+        fingerprint = weights_fingerprint(observation.weights)
         self._load_cache(key, observation, knowledge, featuriser, unit, device)
         warm = self.inverter is not None and self._key == key
         needed = not (warm and self._fingerprint == fingerprint) and not (
@@ -220,7 +206,7 @@ class LearningToInvert:
     ) -> Inverter:
         cfg = self.config
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_seed(self.seed, knowledge.seed, 0x494E56))
+            torch.manual_seed(mix_seed(self.seed, knowledge.seed, 0x494E56))
             inverter = Inverter(
                 featuriser.out_features,
                 cfg.hidden,
@@ -252,7 +238,7 @@ class LearningToInvert:
         if n_val == 0:
             return (x, y), None
         order = torch.randperm(
-            count, generator=torch.Generator().manual_seed(_seed(self.seed, knowledge.seed))
+            count, generator=torch.Generator().manual_seed(mix_seed(self.seed, knowledge.seed))
         ).to(device)
         val, train = order[:n_val], order[n_val:]
         return (x[train], y[train]), (x[val], y[val])
@@ -271,7 +257,7 @@ class LearningToInvert:
     ) -> TrainingOutcome:
         cfg = self.config
         device = torch.device(knowledge.device)
-        seed = _seed(self.seed, knowledge.seed, observation.round)
+        seed = mix_seed(self.seed, knowledge.seed, observation.round)
         cpu_gen = torch.Generator().manual_seed(seed)
         noise_gen = torch.Generator(device=device).manual_seed(seed)
         (train_x, train_y), val = self._split_aux(knowledge, device)

@@ -7,6 +7,7 @@ architecture); the weights it saw (`fingerprint`) decide whether it still needs 
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,3 +60,12 @@ class InverterStore:
         if meta.get("key") != key:
             return None
         return SavedInverter(saved["state_dict"], meta.get("fingerprint"), meta)
+
+
+def weights_fingerprint(weights: dict[str, Tensor]) -> str:
+    """A digest of the global weights: an inverter is current only for the weights it saw."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in weights.items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()

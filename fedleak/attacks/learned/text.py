@@ -32,7 +32,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fedleak.attacks.learned.attack import _fingerprint, _seed
 from fedleak.attacks.learned.config import Refresh
 from fedleak.attacks.learned.inverter import ACTIVATIONS, best_assignment
 from fedleak.attacks.learned.pairs import (
@@ -42,11 +41,12 @@ from fedleak.attacks.learned.pairs import (
     make_groups,
     unit_and_updates,
 )
-from fedleak.attacks.learned.store import InverterStore
+from fedleak.attacks.learned.store import InverterStore, weights_fingerprint
 from fedleak.attacks.learned.trainer import EpochTrainer, TrainingOutcome
 from fedleak.attacks.types import AttackerKnowledge, Budget, Observation, Reconstruction
 from fedleak.defenses import DefensePipeline, parse_defense_spec
 from fedleak.models import build_model
+from fedleak.seeds import mix_seed
 from fedleak.settings import Settings, setting
 
 
@@ -275,7 +275,7 @@ class TextLearningToInvert:
         unit, shared = unit_and_updates(observation)
         sizes = {name: p.numel() for name, p in model.named_parameters()}
         featuriser = Featuriser(
-            sizes, cfg.hash_bins, _seed(self.seed, 0x4853), cfg.hash_signed, cfg.block_normalise
+            sizes, cfg.hash_bins, mix_seed(self.seed, 0x4853), cfg.hash_signed, cfg.block_normalise
         )
         key = repr(
             (
@@ -292,7 +292,7 @@ class TextLearningToInvert:
                 cfg.block_normalise,
             )
         )
-        fingerprint = _fingerprint(observation.weights)
+        fingerprint = weights_fingerprint(observation.weights)
         self._load_cache(key, observation, featuriser, unit, device)
         warm = self.inverter is not None and self._key == key
         fresh_weights = not (warm and self._fingerprint == fingerprint)
@@ -374,7 +374,7 @@ class TextLearningToInvert:
     ) -> TokenInverter:
         cfg = self.config
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_seed(self.seed, 0x494E56))
+            torch.manual_seed(mix_seed(self.seed, 0x494E56))
             return TokenInverter(
                 featuriser.out_features,
                 cfg.hidden,
@@ -398,7 +398,7 @@ class TextLearningToInvert:
     ) -> TrainingOutcome:
         cfg = self.config
         device = torch.device(knowledge.device)
-        seed = _seed(self.seed, knowledge.seed, observation.round)
+        seed = mix_seed(self.seed, knowledge.seed, observation.round)
         cpu_gen = torch.Generator().manual_seed(seed)
         noise_gen = torch.Generator(device=device).manual_seed(seed)
         aux = knowledge.aux_inputs.to(device).long()
@@ -425,7 +425,7 @@ class TextLearningToInvert:
         frequencies = marginal(train_x, vocab).to(device)
         if cfg.pseudo:
             size = cfg.pseudo_size * unit.size or train_x.shape[0]
-            draw_gen = torch.Generator(device=device).manual_seed(_seed(seed, 0x50534555))
+            draw_gen = torch.Generator(device=device).manual_seed(mix_seed(seed, 0x50534555))
 
             def pseudo(count: int) -> Tensor:
                 flat = torch.multinomial(

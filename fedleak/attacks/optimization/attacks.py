@@ -16,7 +16,6 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -48,6 +47,7 @@ from fedleak.attacks.optimization.replay import (
 from fedleak.attacks.types import AttackerKnowledge, Budget, Observation, Reconstruction
 from fedleak.defenses import DefensePipeline, InstaHide, SignCompression, parse_defense_spec
 from fedleak.models import ModelSpec, build_model, has_batchnorm
+from fedleak.seeds import mix_seed
 
 
 class ObservationError(ValueError):
@@ -56,8 +56,7 @@ class ObservationError(ValueError):
 
 def attack_seed(seed: int, knowledge: AttackerKnowledge, observation: Observation) -> int:
     """One seed per (attack, attacker, round, client): deterministic, distinct per observation."""
-    parts = [seed, knowledge.seed, observation.round, observation.client_id]
-    return int(np.random.SeedSequence([abs(int(p)) for p in parts]).generate_state(1)[0])
+    return mix_seed(seed, knowledge.seed, observation.round, observation.client_id)
 
 
 @dataclass(frozen=True)

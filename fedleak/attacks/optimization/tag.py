@@ -31,7 +31,6 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -41,6 +40,7 @@ from fedleak.attacks.optimization.replay import ClientProtocol, Replay
 from fedleak.attacks.types import AttackerKnowledge, Budget, Observation, Reconstruction
 from fedleak.defenses import DefensePipeline, Prune, SignCompression, parse_defense_spec
 from fedleak.models import build_model, has_batchnorm
+from fedleak.seeds import mix_seed
 from fedleak.settings import Settings as SettingsBase
 from fedleak.settings import setting
 
@@ -195,10 +195,6 @@ def nearest_tokens(embeddings: Tensor, table: Tensor) -> Tensor:
     return (flat @ rows.T).argmax(dim=-1).reshape(embeddings.shape[:-1])
 
 
-def _seed(*parts: int) -> int:
-    return int(np.random.SeedSequence([abs(int(p)) for p in parts]).generate_state(1)[0])
-
-
 class TAG:
     """The `tag` attack on token observations (see the module docstring)."""
 
@@ -257,7 +253,7 @@ class TAG:
         ]
         problems = restarts * targets
         length, vocab = observation.model.input_shape[0], observation.model.num_classes
-        seed = _seed(self.seed, knowledge.seed, observation.round, observation.client_id)
+        seed = mix_seed(self.seed, knowledge.seed, observation.round, observation.client_id)
         generator = torch.Generator(device=device).manual_seed(seed)
         scale = cfg.init_scale * float(table.std())
         embeddings = scale * torch.randn(
