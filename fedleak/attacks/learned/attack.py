@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -87,11 +86,6 @@ class LearningToInvert:
                 f"{self.config.aux_val_fraction:g} of them for validation, so it needs "
                 f"data.aux-size >= {needed}, got {aux}"
             )
-
-    @property
-    def cache_path(self) -> Path | None:
-        """Where the trained inverter is saved, if a cache directory is configured."""
-        return self._store.path
 
     def reconstruct(
         self, observation: Observation, knowledge: AttackerKnowledge, budget: Budget

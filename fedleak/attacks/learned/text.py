@@ -246,11 +246,6 @@ class TextLearningToInvert:
         self._store = InverterStore(self.config.cache_dir, name)
         self._cache_checked = False
 
-    @property
-    def cache_path(self) -> Path | None:
-        """Where the trained inverter is saved, if a cache directory is configured."""
-        return self._store.path
-
     def reconstruct(
         self, observation: Observation, knowledge: AttackerKnowledge, budget: Budget
     ) -> Reconstruction:
