@@ -29,6 +29,12 @@ from dataclasses import dataclass
 
 import torch
 
+from fedleak.heap import reuse_freed_memory
+
+# Benchmarks measure fedleak as its processes run it (fedleak/heap.py); FEDLEAK_HEAP=system
+# measures glibc's defaults instead.
+HEAP_REUSED = reuse_freed_memory()
+
 MIN_ROUNDS = 3
 # Paired ratios whose interquartile range exceeds this share of their median are refused.
 MAX_SCATTER = 0.5
@@ -210,7 +216,8 @@ def sync() -> None:
 
 
 def machine() -> str:
-    """The machine in one line: CPU model, cores, torch threads, CUDA device, load."""
+    """The machine in one line: CPU model, cores, torch threads, heap setting, CUDA device,
+    load."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as info:
@@ -223,7 +230,8 @@ def machine() -> str:
     cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA"
     return (
         f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} with "
-        f"{torch.get_num_threads()} threads, {cuda}, {load()}"
+        f"{torch.get_num_threads()} threads, freed memory "
+        f"{'reused' if HEAP_REUSED else 'returned (glibc defaults)'}, {cuda}, {load()}"
     )
 
 

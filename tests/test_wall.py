@@ -12,8 +12,8 @@ from fedleak.attacks.types import AttackerKnowledge, Observation
 PACKAGE = Path(fedleak.__file__).parent
 
 # Leaf modules every room may import: the settings parser, the registry mechanism, the stop
-# request and the seed mixer (they import nothing from fedleak but each other).
-SHARED = {"settings", "registry", "interrupt", "seeds"}
+# request, the seed mixer and the heap setting (they import nothing from fedleak but each other).
+SHARED = {"settings", "registry", "interrupt", "seeds", "heap"}
 
 # Rooms and what each may import (DESIGN.md); `fedleak.config` is open to the rooms that read
 # run settings, `fedleak.interrupt` (a stop request, no imports) to long-running attack loops.

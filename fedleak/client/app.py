@@ -16,6 +16,7 @@ from flwr.clientapp import ClientApp
 from fedleak.config import RunConfig, parse_flat
 from fedleak.data import client_rows, partition_rows
 from fedleak.defenses import PartnerPool, parse_defense_spec
+from fedleak.heap import reuse_freed_memory
 from fedleak.messages import partition_answer, reply_content
 from fedleak.models import build_model
 from fedleak.runtime import federated_data, local_training, model_spec, resolve_device
@@ -79,6 +80,7 @@ def make_client_app(config: RunConfig | None = None) -> ClientApp:
 
     @client.train()
     def train(msg: Message, context: Context) -> Message:
+        reuse_freed_memory()
         resolved = config or _config_from(tuple(sorted(context.run_config.items())))
         return train_reply(msg, context, resolved)
 

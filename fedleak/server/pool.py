@@ -56,6 +56,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayError
 from fedleak.attacks.registry import attack_entry, build_attack
 from fedleak.attacks.types import Attack, AttackerKnowledge, Budget, Observation, Reconstruction
 from fedleak.config import ConfigError, RunConfig
+from fedleak.heap import reuse_freed_memory
 from fedleak.server.runner import (
     AttackJob,
     AttackResult,
@@ -135,6 +136,7 @@ class AttackWorker:
         threads: int,
         fault: Fault | None,
     ) -> None:
+        reuse_freed_memory()
         torch.set_num_threads(threads)
         # A GPU share makes Ray expose that GPU to this process, so CUDA here is ours.
         self.device = torch.device(

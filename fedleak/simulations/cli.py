@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from fedleak.config import ConfigError, RunConfig, parse_flat
+from fedleak.heap import reuse_freed_memory
 
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 # One line must stay readable: longer messages are cut.
@@ -349,6 +350,7 @@ def _describe(error: BaseException) -> tuple[str, int]:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `fedleak` console command."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    reuse_freed_memory()
     verbose = "--verbose" in argv
     args: argparse.Namespace | None = None
     try:

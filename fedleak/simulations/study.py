@@ -24,6 +24,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedleak.config import RunConfig, parse_flat
+from fedleak.heap import reuse_freed_memory
 from fedleak.interrupt import RunInterrupted
 from fedleak.metrics.lpips import lpips_warning
 from fedleak.report.progress import Progress
@@ -89,6 +90,7 @@ def serve(grid: Grid, config: RunConfig, app: ForeignServer | None = None) -> Pa
     make a failed run (FAILED is written instead of DONE), and `RunInterrupted` when a stop
     was requested (every finished round is on disk; resume continues after the last one).
     """
+    reuse_freed_memory()
     validate_components(config)
     device = resolve_device(config.device)
     path = Path(config.out_dir) if config.out_dir else default_run_dir(config)
