@@ -62,13 +62,15 @@ data:
 
 # Speed ratios measured in one process each (benchmarks/timing.py): IG against breaching
 # (skipped without its environment), a round of 16 clients batched against one by one,
-# per-sample gradients against one batch gradient, LTI throughput. Whole studies (inline vs
+# per-sample gradients against one batch gradient, LTI throughput, the heap setting against
+# glibc's defaults (each in its own process). Whole studies (inline vs
 # worker pool, round time vs clients) take longer: `make bench-scale`.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_vs_breaching.py
 	$(BIN)/python benchmarks/bench_attacks.py
 	$(BIN)/python benchmarks/bench_per_sample.py
 	$(BIN)/python benchmarks/bench_lti.py
+	$(BIN)/python benchmarks/bench_heap.py
 
 bench-scale: $(STAMP)
 	$(BIN)/python benchmarks/bench_scale.py

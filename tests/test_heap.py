@@ -12,14 +12,19 @@ import pytest
 
 # Allocate, fill and free a 64 MB tensor (above glibc's 32 MB mmap ceiling) 50 times, as an
 # attack iteration does with its stacked gradients, and print the minor page faults it cost.
+# In a thread started afterwards, as the server app's thread is: threads get their own arenas.
 PROBE = """
-import resource, sys, torch
+import resource, threading, torch
 from fedleak.heap import reuse_freed_memory
 took = reuse_freed_memory()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(50):
-    torch.ones(16 * 2**20).sum()
-print(took, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+def iterate():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(50):
+        torch.ones(16 * 2**20).sum()
+    print(took, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+thread = threading.Thread(target=iterate)
+thread.start()
+thread.join()
 """
 
 

@@ -1,0 +1,144 @@
+"""Freed heap memory reused (fedleak's setting) against glibc's defaults, on IG's batched step.
+
+The case that showed it: IG on the MLP (MNIST shape), one batch of `--targets` B=1 targets
+through the inline runner, as GradAttack's B=1 cells attack a round. Its stacked per-target
+gradients pass glibc's 32 MB mmap ceiling, so with glibc's defaults every iteration maps,
+page-faults and unmaps them (`fedleak/heap.py`). The heap setting is process-wide, so each
+variant runs in its own process (`FEDLEAK_HEAP` set or not), alternating round by round;
+a process's seconds per target-iteration come from the difference of a long and a short run.
+Besides the ratio it prints the kernel's share of the CPU time and the minor page faults.
+
+    python benchmarks/bench_heap.py [--targets 64] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import HEAP_REUSED, Ratio, Reading, clock, interleave, machine, table
+
+from fedleak.attacks.registry import build_attack
+from fedleak.attacks.types import AttackerKnowledge, Budget, Observation
+from fedleak.defenses import parse_defense_spec
+from fedleak.models import ModelSpec, build_model
+from fedleak.server.runner import AttackJob, InlineRunner
+from fedleak.training.update import LocalTraining, compute_update
+
+SHAPE = (1, 28, 28)
+CLASSES = 10
+SHORT, LONG = 5, 25
+
+
+def one_process(targets: int) -> dict[str, float]:
+    """This process's seconds per target-iteration (both clocks), kernel seconds and faults."""
+    torch.set_num_threads(1)
+    spec = ModelSpec("mlp", SHAPE, CLASSES, seed=0)
+    net = build_model(spec)
+    weights = net.state_dict()
+    g = torch.Generator().manual_seed(0)
+    jobs = []
+    for client in range(targets):
+        x, y = torch.rand(1, *SHAPE, generator=g), torch.randint(0, CLASSES, (1,), generator=g)
+        none = parse_defense_spec("none")
+        update = compute_update(net, x, y, CLASSES, none, LocalTraining("fedsgd", 1), g)
+        observation = Observation(
+            round=1,
+            client_id=client,
+            model=spec,
+            weights=weights,
+            update=update.update,
+            update_kind="gradient",
+            num_examples=1,
+            batch_size=1,
+            local_steps=1,
+            learning_rate=0.1,
+            defense="none",
+        )
+        jobs.append(AttackJob(client, "ig", observation))
+    knowledge = AttackerKnowledge(
+        torch.empty(0, *SHAPE), torch.empty(0, dtype=torch.long), SHAPE, CLASSES
+    )
+    attacks = {"ig": build_attack("ig", {}, seed=0)}
+
+    def run(iterations: int) -> Reading:
+        runner = InlineRunner(attacks, knowledge, Budget(iterations, 1e9, False, 0))
+        reading = clock(lambda: runner.submit(jobs))
+        assert all(r.reconstruction.status == "ok" for r in runner.ready())
+        return reading
+
+    run(SHORT)  # warm-up
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    short, long = run(SHORT), run(LONG)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    units = (LONG - SHORT) * targets
+    return {
+        "wall": (long.wall - short.wall) / units,
+        "cpu": (long.cpu - short.cpu) / units,
+        "kernel": after.ru_stime - before.ru_stime,
+        "process": (after.ru_stime + after.ru_utime) - (before.ru_stime + before.ru_utime),
+        "faults": (after.ru_minflt - before.ru_minflt) / ((LONG + SHORT) * targets),
+        "reused": HEAP_REUSED,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--targets", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(one_process(args.targets)))
+        return
+    print(
+        f"IG on the MLP, {args.targets} B=1 targets in one batch, 1 thread: ms per "
+        "target-iteration (min / median), each variant in its own process"
+    )
+    print(machine())
+    details: dict[str, list[dict[str, float]]] = {"reused": [], "glibc defaults": []}
+
+    def variant(name: str, heap: str):
+        def measure() -> Reading:
+            env = {**os.environ, "FEDLEAK_HEAP": heap}
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", "--targets", str(args.targets)],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+            result = json.loads(out.strip().splitlines()[-1])
+            details[name].append(result)
+            return Reading(result["wall"], result["cpu"])
+
+        return measure
+
+    series = interleave(
+        {"reused": variant("reused", ""), "glibc defaults": variant("glibc defaults", "system")},
+        args.rounds,
+        warmup=0,
+    )
+    ratio = Ratio(series["reused"], series["glibc defaults"])
+    cpu = Ratio(ratio.numerator.on("cpu"), ratio.denominator.on("cpu"))
+    rows = [["heap", "ms per target-iteration", "kernel share of CPU", "page faults per it"]]
+    for name, runs in details.items():
+        if any(r["reused"] != (name == "reused") for r in runs):
+            sys.exit(f"{name}: the heap setting did not take effect (not glibc?); no ratio")
+        kernel = sum(r["kernel"] for r in runs) / sum(r["process"] for r in runs)
+        faults = sum(r["faults"] for r in runs) / len(runs)
+        rows.append([name, series[name].text(), f"{kernel:.0%}", f"{faults:.0f}"])
+    print(table(rows))
+    print(f"reused / glibc defaults: wall {ratio.text()}; CPU {cpu.text()}")
+
+
+if __name__ == "__main__":
+    main()
