@@ -26,7 +26,7 @@ from fedleak.metrics import lpips as lpips_module
 from fedleak.models import ModelSpec
 from fedleak.report import rundir
 from fedleak.report.rundir import RunDirectory, RunDirectoryError, RunLock
-from fedleak.server.grid import StoppableGrid
+from fedleak.server.grid import ClientsMissing, StoppableGrid
 from fedleak.server.payload import PayloadBudgetError, check_payload, check_round_payload
 
 HOLD = """
@@ -208,6 +208,31 @@ def test_a_stop_request_ends_an_attack_and_a_wait_for_replies() -> None:
         assert outcome.iterations == 1 and time.perf_counter() - started < 5
         with pytest.raises(interrupt.RunInterrupted, match="waiting for the clients"):
             StoppableGrid(Silent()).send_and_receive([], timeout=600)  # type: ignore[arg-type]
+    finally:
+        interrupt.clear_stop()
+
+
+def test_the_server_waits_for_the_federation_to_connect() -> None:
+    """Flower starts the ServerApp before registering the supernodes: the first looks at the
+    grid may find none, and the run must wait for them rather than count zero clients."""
+
+    class Connecting:
+        def __init__(self, empty_looks: int, nodes: int) -> None:
+            self.looks, self.empty_looks, self.nodes = 0, empty_looks, nodes
+
+        def get_node_ids(self) -> list[int]:
+            self.looks += 1
+            return [] if self.looks <= self.empty_looks else list(range(100, 100 + self.nodes))
+
+    late = Connecting(empty_looks=3, nodes=10)
+    assert StoppableGrid(late).wait_for_nodes(10, timeout=60) == 10  # type: ignore[arg-type]
+    assert late.looks == 4
+    with pytest.raises(ClientsMissing, match=r"^0 of 4 clients connected within sim.timeout=0.3 s"):
+        StoppableGrid(Connecting(10**9, 4)).wait_for_nodes(4, timeout=0.3)  # type: ignore[arg-type]
+    interrupt.request_stop()
+    try:
+        with pytest.raises(interrupt.RunInterrupted, match="clients to connect"):
+            StoppableGrid(Connecting(10**9, 4)).wait_for_nodes(4, timeout=600)  # type: ignore[arg-type]
     finally:
         interrupt.clear_stop()
 

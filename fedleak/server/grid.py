@@ -2,7 +2,8 @@
 
 Flower's grids wait for a round's replies until `sim.timeout`; clients killed by the same
 Ctrl-C never answer, so the server would sit there for an hour. This wrapper polls the wrapped
-grid itself and raises `RunInterrupted` as soon as a stop is requested.
+grid itself and raises `RunInterrupted` as soon as a stop is requested. It also waits for the
+federation to connect before the first round (`wait_for_nodes`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ from flwr.supercore.run import Run
 from fedleak.interrupt import raise_if_stopped
 
 POLL_SECONDS = 0.1
+
+
+class ClientsMissing(RuntimeError):
+    """Fewer clients connected than the run needs, within `sim.timeout`."""
 
 
 class DelegatingGrid(Grid):
@@ -82,3 +87,19 @@ class StoppableGrid(DelegatingGrid):
             if pending:
                 time.sleep(POLL_SECONDS)
         return replies
+
+    def wait_for_nodes(self, count: int, timeout: float) -> int:
+        """Wait until at least `count` nodes are connected; return how many are.
+
+        Flower's simulation starts the ServerApp's thread before it registers the supernodes,
+        so on a busy machine the server's first look can find none of them (seen at a load of 7:
+        a run that failed with "num_partitions=0")."""
+        end = time.monotonic() + timeout
+        while (connected := len(list(self.get_node_ids()))) < count:
+            raise_if_stopped("while waiting for the clients to connect")
+            if time.monotonic() >= end:
+                raise ClientsMissing(
+                    f"{connected} of {count} clients connected within sim.timeout={timeout:g} s"
+                )
+            time.sleep(POLL_SECONDS)
+        return connected

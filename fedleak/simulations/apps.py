@@ -15,13 +15,14 @@ from fedleak.config import RunConfig, parse_flat
 from fedleak.simulations.study import serve
 
 
-def make_server_app(config: RunConfig | None = None) -> ServerApp:
-    """A ServerApp bound to `config`, or reading Flower's run config when None (`flwr run`)."""
+def make_server_app(config: RunConfig | None = None, clients: int | None = None) -> ServerApp:
+    """A ServerApp bound to `config`, or reading Flower's run config when None (`flwr run`);
+    `clients`, when known, is how many supernodes the run waits for before its first round."""
     server = ServerApp()
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
-        serve(grid, config or parse_flat(context.run_config))
+        serve(grid, config or parse_flat(context.run_config), clients=clients)
 
     return server
 

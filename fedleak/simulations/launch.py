@@ -112,7 +112,7 @@ def simulate(
     torch.set_num_threads(1)
     try:
         run_simulation(
-            server_app=make_server_app(config),
+            server_app=make_server_app(config, clients=num_clients),
             client_app=make_client_app(config),
             num_supernodes=num_clients,
             backend_config={

@@ -82,9 +82,13 @@ def audit(
     return serve(grid, parse_flat(dict(settings)), server)
 
 
-def serve(grid: Grid, config: RunConfig, app: ForeignServer | None = None) -> Path:
+def serve(
+    grid: Grid, config: RunConfig, app: ForeignServer | None = None, clients: int | None = None
+) -> Path:
     """Run the whole study on `grid` and return its run directory; with `app`, the strategy
-    of a foreign Flower app is the one wrapped (`audit`).
+    of a foreign Flower app is the one wrapped (`audit`). `clients`: the federation's size
+    when the caller knows it (a simulation); the first round waits for all of them to connect
+    (else for `train.min-clients`).
 
     Holds the run directory's lock throughout. Raises `RunFailed` when the recorded rounds
     make a failed run (FAILED is written instead of DONE), and `RunInterrupted` when a stop
@@ -100,7 +104,7 @@ def serve(grid: Grid, config: RunConfig, app: ForeignServer | None = None) -> Pa
     RunDirectory.check_target(path, resume=config.sim.resume)
     with lock:
         check_resumable(config, path)
-        return _serve(StoppableGrid(grid), config, path, device, app)
+        return _serve(StoppableGrid(grid), config, path, device, app, clients)
 
 
 def check_resumable(config: RunConfig, path: Path) -> None:
@@ -125,7 +129,12 @@ def check_resumable(config: RunConfig, path: Path) -> None:
 
 
 def _serve(
-    grid: Grid, config: RunConfig, path: Path, device: torch.device, app: ForeignServer | None
+    grid: StoppableGrid,
+    config: RunConfig,
+    path: Path,
+    device: torch.device,
+    app: ForeignServer | None,
+    clients: int | None,
 ) -> Path:
     """`serve` once the run directory is checked and locked."""
     fd = federated_data(config, num_partitions=1)
@@ -156,7 +165,7 @@ def _serve(
         return _finish(run_dir, None)
 
     # ε needs every client's partition size; the server's own `fd` has a single partition.
-    num_clients = len(list(grid.get_node_ids()))
+    num_clients = grid.wait_for_nodes(clients or config.train.min_clients, config.sim.timeout)
     ledger = PrivacyLedger.from_config(config, federated_data(config, num_clients))
     recorder = RunRecorder(
         run_dir,
