@@ -38,15 +38,17 @@ LENGTHS = {"lenet": (10, 60), "resnet20-gn": (3, 13)}
 INIT = {"lenet": "uniform", "resnet20-gn": "default"}
 
 
-def round_of(model: str, clients: int) -> tuple[list[AttackJob], AttackerKnowledge]:
+def round_of(
+    model: str, clients: int, shape: tuple[int, ...] = SHAPE
+) -> tuple[list[AttackJob], AttackerKnowledge]:
     """One round: every client's B=1 FedSGD update at the same w_t, one IG job each."""
-    spec = ModelSpec(model, SHAPE, CLASSES, init=INIT[model], seed=0)
+    spec = ModelSpec(model, shape, CLASSES, init=INIT.get(model, "default"), seed=0)
     net = build_model(spec)
     weights = net.state_dict()
     g = torch.Generator().manual_seed(0)
     jobs = []
     for client in range(clients):
-        x = torch.rand(1, *SHAPE, generator=g)
+        x = torch.rand(1, *shape, generator=g)
         y = torch.randint(0, CLASSES, (1,), generator=g)
         update = compute_update(
             net, x, y, CLASSES, parse_defense_spec("none"), LocalTraining("fedsgd", 1), g
@@ -65,8 +67,8 @@ def round_of(model: str, clients: int) -> tuple[list[AttackJob], AttackerKnowled
             defense="none",
         )
         jobs.append(AttackJob(client, "ig", observation))
-    empty = torch.empty(0, *SHAPE)
-    knowledge = AttackerKnowledge(empty, torch.empty(0, dtype=torch.long), SHAPE, CLASSES)
+    empty = torch.empty(0, *shape)
+    knowledge = AttackerKnowledge(empty, torch.empty(0, dtype=torch.long), shape, CLASSES)
     return jobs, knowledge
 
 

@@ -26,49 +26,21 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_attacks import round_of
 from timing import HEAP_REUSED, Ratio, Reading, clock, interleave, machine, table
 
 from fedleak.attacks.registry import build_attack
-from fedleak.attacks.types import AttackerKnowledge, Budget, Observation
-from fedleak.defenses import parse_defense_spec
-from fedleak.models import ModelSpec, build_model
-from fedleak.server.runner import AttackJob, InlineRunner
-from fedleak.training.update import LocalTraining, compute_update
+from fedleak.attacks.types import Budget
+from fedleak.server.runner import InlineRunner
 
 SHAPE = (1, 28, 28)
-CLASSES = 10
 SHORT, LONG = 5, 25
 
 
 def one_process(targets: int) -> dict[str, float]:
     """This process's seconds per target-iteration (both clocks), kernel seconds and faults."""
     torch.set_num_threads(1)
-    spec = ModelSpec("mlp", SHAPE, CLASSES, seed=0)
-    net = build_model(spec)
-    weights = net.state_dict()
-    g = torch.Generator().manual_seed(0)
-    jobs = []
-    for client in range(targets):
-        x, y = torch.rand(1, *SHAPE, generator=g), torch.randint(0, CLASSES, (1,), generator=g)
-        none = parse_defense_spec("none")
-        update = compute_update(net, x, y, CLASSES, none, LocalTraining("fedsgd", 1), g)
-        observation = Observation(
-            round=1,
-            client_id=client,
-            model=spec,
-            weights=weights,
-            update=update.update,
-            update_kind="gradient",
-            num_examples=1,
-            batch_size=1,
-            local_steps=1,
-            learning_rate=0.1,
-            defense="none",
-        )
-        jobs.append(AttackJob(client, "ig", observation))
-    knowledge = AttackerKnowledge(
-        torch.empty(0, *SHAPE), torch.empty(0, dtype=torch.long), SHAPE, CLASSES
-    )
+    jobs, knowledge = round_of("mlp", targets, SHAPE)
     attacks = {"ig": build_attack("ig", {}, seed=0)}
 
     def run(iterations: int) -> Reading:
