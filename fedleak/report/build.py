@@ -191,8 +191,9 @@ def _rounds_section(study: Study) -> list[Block]:
             png,
             f"Per round, against the private originals: {'the success rate and ' * decided}"
             "the median of "
-            "each metric over the attacked clients' samples (band: 95% interval where few "
-            "lines share a panel), every attack a line on shared axes, the floor (reference "
+            "each metric over the attacked clients' samples (band, or bar for a single "
+            "round: 95% interval where few lines share a panel), every attack a line on "
+            "shared axes, the floor (reference "
             "baselines) dashed grey; the global model's test accuracy in the bottom row.",
         ),
         *([Heading("Learned attacks' training per round", 3), training] if training else []),

@@ -80,9 +80,17 @@ def _line(ax, rows: pd.DataFrame, metric: Metric, style: dict, band: bool) -> No
     x, mid, low, high = _per_round(rows, metric)
     if not len(x):
         return
+    if len(x) == 1 and "marker" not in style:
+        # One attacked round (e.g. a one-round FedSGD table): a line of one point without a
+        # marker draws nothing, so a floor becomes a short level segment across its round.
+        ax.hlines(mid, x - 0.3, x + 0.3, **style)
+        return
     ax.plot(x, mid, markersize=3.5, **style)
     if band and len(x) > 1:
         ax.fill_between(x, low, high, color=style.get("color"), alpha=0.12, linewidth=0)
+    elif band:
+        yerr = [mid - low, high - mid]
+        ax.errorbar(x, mid, yerr=yerr, fmt="none", color=style.get("color"), capsize=3, alpha=0.6)
 
 
 def rounds_figure(
