@@ -32,6 +32,7 @@ from timing import timed as timer
 from fedleak.attacks.learned.hashing import FeatureHasher
 from fedleak.attacks.learned.inverter import Inverter, inversion_loss
 from fedleak.attacks.learned.pairs import Featuriser, PairSource, Unit, make_groups
+from fedleak.attacks.learned.trainer import inverter_adam
 from fedleak.defenses import parse_defense_spec
 from fedleak.models import ModelSpec, build_model, count_parameters
 from fedleak.training.update import compute_update
@@ -107,7 +108,7 @@ def training(
     images = torch.rand(pairs, 1, 3, 32, 32, generator=gen).to(device)
     labels = (torch.arange(pairs) % 10).reshape(pairs, 1).to(device)
     inverter = Inverter(in_features, hidden, (3, 32, 32), 1, 10).to(device)
-    optimiser = torch.optim.Adam(inverter.parameters(), lr=1e-4)
+    optimiser = inverter_adam(inverter, 1e-4)
 
     def epoch() -> None:
         for start in range(0, pairs, batch):

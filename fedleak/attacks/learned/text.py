@@ -42,7 +42,7 @@ from fedleak.attacks.learned.pairs import (
     unit_and_updates,
 )
 from fedleak.attacks.learned.store import InverterStore, weights_fingerprint
-from fedleak.attacks.learned.trainer import EpochTrainer, TrainingOutcome
+from fedleak.attacks.learned.trainer import EpochTrainer, TrainingOutcome, inverter_adam
 from fedleak.attacks.types import AttackerKnowledge, Budget, Observation, Reconstruction
 from fedleak.defenses import DefensePipeline, parse_defense_spec
 from fedleak.models import build_model
@@ -202,7 +202,7 @@ class TokenInverterTrainer(EpochTrainer):
         noise_gen: torch.Generator,
         cpu_gen: torch.Generator,
     ) -> None:
-        optimiser = torch.optim.Adam(inverter.parameters(), lr=config.learning_rate)
+        optimiser = inverter_adam(inverter, config.learning_rate)
         super().__init__(
             inverter, optimiser, config.batch_size, config.patience, cpu_gen, "val_token_acc"
         )
