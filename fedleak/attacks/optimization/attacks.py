@@ -32,6 +32,7 @@ from fedleak.attacks.optimization.config import (
     ig_tv_weight,
 )
 from fedleak.attacks.optimization.engine import Outcome, Settings, StepDecay, optimise
+from fedleak.attacks.optimization.kernels import cpu_convolutions, native_pays
 from fedleak.attacks.optimization.losses import (
     MatchingLoss,
     batchnorm_prior,
@@ -612,7 +613,14 @@ class BatchedInversion:
         jobs = len(members)
         shared = dataclasses.replace(budget, max_seconds=budget.max_seconds * jobs)
         objective = self._objective(problem, draws, int(budget.max_iterations))
-        outcome = optimise(objective, variables, self._settings(problem, knowledge), shared)
+        native = native_pays(
+            problem.replay.model,
+            problem.input_shape,
+            problem.problems * problem.samples,
+            problem.device,
+        )
+        with cpu_convolutions(native):
+            outcome = optimise(objective, variables, self._settings(problem, knowledge), shared)
         batch = {"batch_jobs": float(jobs), "batch_problems": float(problem.problems)}
         results, offset = [], 0
         for member in members:

@@ -1,0 +1,161 @@
+"""The CPU convolution kernels an inversion problem runs on (`attacks/optimization/kernels.py`).
+
+Small single-sample problems run on torch's native kernels, everything else keeps oneDNN;
+the choice follows the model's shapes and the stack only, the process-wide switch is restored
+after every problem, and both kernels reconstruct the same images to float32 round-off.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fedleak.attacks.optimization import attacks as optimisation_attacks
+from fedleak.attacks.optimization import kernels
+from fedleak.attacks.optimization.kernels import (
+    cpu_convolutions,
+    largest_convolution,
+    native_pays,
+)
+from fedleak.attacks.registry import build_attack
+from fedleak.attacks.types import AttackerKnowledge, Budget, Observation
+from fedleak.defenses import parse_defense_spec
+from fedleak.models import ModelSpec, build_model
+from fedleak.training.update import LocalTraining, compute_update
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CPU = torch.device("cpu")
+
+
+def _model(name: str, shape: tuple[int, ...]) -> nn.Module:
+    return build_model(ModelSpec(name, shape, 10, seed=0))
+
+
+def test_largest_convolution_counts_multiply_adds_from_the_layer_shapes():
+    # LeNet's layers on 3x32x32: 12 maps of 16x16 from 3x5x5, then 12 of 8x8 from 12x5x5 (twice).
+    assert largest_convolution(_model("lenet", (3, 32, 32)), (3, 32, 32)) == max(
+        12 * 16 * 16 * 3 * 25, 12 * 8 * 8 * 12 * 25
+    )
+    # ResNet-20's widest full-resolution layer: 16 maps of 32x32 from 16x3x3.
+    assert largest_convolution(_model("resnet20-gn", (3, 32, 32)), (3, 32, 32)) == 16 * 1024 * 144
+    assert largest_convolution(_model("mlp", (1, 28, 28)), (1, 28, 28)) == 0
+    # Transposed: every one of the 4x5x5 input positions goes through a 2 x (4/2) x 3x3 kernel.
+    up = nn.Sequential(nn.ConvTranspose2d(4, 2, 3, stride=2, groups=2))
+    assert largest_convolution(up, (4, 5, 5)) == 4 * 25 * 2 * 9 // 2
+
+
+def test_largest_convolution_leaves_the_model_untouched_and_refuses_non_image_inputs():
+    model = _model("lenet", (1, 28, 28))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    largest_convolution(model, (1, 28, 28))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not model._forward_hooks and not any(m._forward_hooks for m in model.modules())
+    # Token ids are not float images: no count, so torch keeps its own choice.
+    tokens = nn.Sequential(nn.Embedding(50, 8), nn.Conv1d(4, 4, 3))
+    assert largest_convolution(tokens, (4,)) == 0
+
+
+@pytest.mark.parametrize(
+    ("name", "shape", "samples", "native"),
+    [
+        ("lenet", (3, 32, 32), 1, True),  # measured 1.4x faster on native kernels
+        ("lenet", (1, 28, 28), 2, True),
+        ("lenet", (3, 32, 32), 4, False),  # break-even
+        ("lenet", (3, 32, 32), 16, False),  # a round's stack: oneDNN 1.3x faster
+        ("resnet20-gn", (3, 32, 32), 1, False),  # oneDNN 1.4x faster
+        ("mlp", (3, 32, 32), 1, False),  # no convolution: nothing to switch
+    ],
+)
+def test_native_kernels_only_for_small_stacks_of_small_convolutions(name, shape, samples, native):
+    assert native_pays(_model(name, shape), shape, samples, CPU) is native
+
+
+def test_other_devices_keep_their_kernels():
+    # The device is checked before any forward pass, so no CUDA is needed for this.
+    assert not native_pays(_model("lenet", (1, 28, 28)), (1, 28, 28), 1, torch.device("cuda"))
+
+
+def test_the_switch_is_restored_after_the_block_even_on_error():
+    assert torch.backends.mkldnn.enabled
+    with cpu_convolutions(False):
+        assert torch.backends.mkldnn.enabled
+    with pytest.raises(RuntimeError), cpu_convolutions(True):
+        assert not torch.backends.mkldnn.enabled
+        raise RuntimeError("boom")
+    assert torch.backends.mkldnn.enabled
+
+
+def _observation(spec: ModelSpec, x: torch.Tensor, y: torch.Tensor, client: int) -> Observation:
+    model = build_model(spec)
+    update = compute_update(
+        model,
+        x,
+        y,
+        10,
+        parse_defense_spec("none"),
+        LocalTraining("fedsgd", x.shape[0]),
+        torch.Generator().manual_seed(client),
+    )
+    return Observation(
+        round=1,
+        client_id=client,
+        model=spec,
+        weights=model.state_dict(),
+        update=update.update,
+        update_kind="gradient",
+        num_examples=x.shape[0],
+        batch_size=x.shape[0],
+        local_steps=1,
+        learning_rate=0.1,
+        defense="none",
+    )
+
+
+@pytest.fixture
+def lenet_case():
+    spec = ModelSpec("lenet", (3, 32, 32), 10, init="uniform", seed=0)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(1, 3, 32, 32, generator=g), torch.tensor([3])
+    knowledge = AttackerKnowledge(torch.empty(0, 3, 32, 32), torch.empty(0).long(), (3, 32, 32), 10)
+    return spec, _observation(spec, x, y, 0), knowledge
+
+
+def test_a_single_lenet_target_is_optimised_on_native_kernels_and_a_round_on_onednn(
+    lenet_case, monkeypatch
+):
+    spec, observation, knowledge = lenet_case
+    seen: list[bool] = []
+    original = optimisation_attacks.optimise
+
+    def watching(*args, **kwargs):
+        seen.append(torch.backends.mkldnn.enabled)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(optimisation_attacks, "optimise", watching)
+    attack = build_attack("ig", {}, seed=0)
+    assert attack.reconstruct(observation, knowledge, Budget(2, 600.0)).status == "ok"
+    g = torch.Generator().manual_seed(1)
+    round_ = [
+        _observation(spec, torch.rand(1, 3, 32, 32, generator=g), torch.tensor([c]), c)
+        for c in range(8)
+    ]
+    done = attack.reconstruct_batch(round_, knowledge, Budget(2, 600.0))
+    assert all(r.status == "ok" for r in done)
+    assert seen == [False, True]
+    assert torch.backends.mkldnn.enabled
+
+
+def test_native_and_onednn_kernels_reconstruct_alike(lenet_case, monkeypatch):
+    _, observation, knowledge = lenet_case
+    runs = []
+    for bound in (0, kernels.NATIVE_BELOW):  # oneDNN, then the native kernels
+        monkeypatch.setattr(kernels, "NATIVE_BELOW", bound)
+        attack = build_attack("ig", {}, seed=0)
+        runs.append(attack.reconstruct(observation, knowledge, Budget(8, 600.0)))
+    onednn, native = runs
+    torch.testing.assert_close(native.inputs, onednn.inputs, atol=1e-4, rtol=0)
+    assert native.diagnostics["matching_loss"] == pytest.approx(
+        onednn.diagnostics["matching_loss"], rel=1e-3
+    )
