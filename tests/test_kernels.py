@@ -41,9 +41,10 @@ def test_largest_convolution_counts_multiply_adds_from_the_layer_shapes():
     # ResNet-20's widest full-resolution layer: 16 maps of 32x32 from 16x3x3.
     assert largest_convolution(_model("resnet20-gn", (3, 32, 32)), (3, 32, 32)) == 16 * 1024 * 144
     assert largest_convolution(_model("mlp", (1, 28, 28)), (1, 28, 28)) == 0
-    # Transposed: every one of the 4x5x5 input positions goes through a 2 x (4/2) x 3x3 kernel.
+    # Transposed, two groups: each of the 4x5x5 input values reaches its group's one output
+    # channel through 3x3 taps.
     up = nn.Sequential(nn.ConvTranspose2d(4, 2, 3, stride=2, groups=2))
-    assert largest_convolution(up, (4, 5, 5)) == 4 * 25 * 2 * 9 // 2
+    assert largest_convolution(up, (4, 5, 5)) == 4 * 25 * 1 * 9
 
 
 def test_largest_convolution_leaves_the_model_untouched_and_refuses_non_image_inputs():

@@ -42,12 +42,11 @@ def largest_convolution(model: nn.Module, input_shape: tuple[int, ...]) -> int:
 
     def count(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         assert isinstance(module, _ConvNd)
-        per_position = (module.in_channels // module.groups) * math.prod(module.kernel_size)
-        # A transposed convolution scatters every input position through the kernel.
-        positions = inputs[0][0].numel() // module.in_channels * module.out_channels
-        if not module.transposed:
-            positions = output[0].numel()
-        work.append(positions * per_position)
+        taps = math.prod(module.kernel_size)
+        if module.transposed:  # every input value is scattered through the kernel
+            work.append(inputs[0][0].numel() * module.out_channels // module.groups * taps)
+        else:  # every output value gathers from the kernel
+            work.append(output[0].numel() * module.in_channels // module.groups * taps)
 
     parameter = next(model.parameters())
     handles = [m.register_forward_hook(count) for m in convolutions]
