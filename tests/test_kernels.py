@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from fedleak.api import observe
 from fedleak.attacks.optimization import attacks as optimisation_attacks
 from fedleak.attacks.optimization import kernels
 from fedleak.attacks.optimization.kernels import (
@@ -89,6 +90,7 @@ def test_the_switch_is_restored_after_the_block_even_on_error():
 
 
 def _observation(spec: ModelSpec, x: torch.Tensor, y: torch.Tensor, client: int) -> Observation:
+    """Client `client`'s FedSGD update on (x, y) at the spec's weights, as the server sees it."""
     model = build_model(spec)
     update = compute_update(
         model,
@@ -99,18 +101,13 @@ def _observation(spec: ModelSpec, x: torch.Tensor, y: torch.Tensor, client: int)
         LocalTraining("fedsgd", x.shape[0]),
         torch.Generator().manual_seed(client),
     )
-    return Observation(
-        round=1,
-        client_id=client,
-        model=spec,
-        weights=model.state_dict(),
-        update=update.update,
-        update_kind="gradient",
+    return observe(
+        model,
+        update.update,
+        input_shape=spec.input_shape,
         num_examples=x.shape[0],
-        batch_size=x.shape[0],
-        local_steps=1,
-        learning_rate=0.1,
-        defense="none",
+        num_classes=10,
+        client_id=client,
     )
 
 
