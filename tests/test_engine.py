@@ -21,22 +21,37 @@ def test_batched_adam_steps_exactly_as_torch_adam():
     g = torch.Generator().manual_seed(0)
     start = [torch.randn(3, 2, 4, generator=g), torch.randn(3, 5, generator=g)]
     ours = [v.clone().requires_grad_() for v in start]
-    theirs = [v.clone().requires_grad_() for v in start]
+    fused = [v.clone().requires_grad_() for v in start]
+    unfused = [v.clone().requires_grad_() for v in start]
     adam = BatchedAdam(ours)
-    reference = torch.optim.Adam(theirs, lr=0.1)
+    references = [torch.optim.Adam(fused, lr=0.1, fused=True), torch.optim.Adam(unfused, lr=0.1)]
     for step in range(25):
         rate = 0.1 if step < 10 else 0.01  # IG's step decay changes the rate between steps
         grads = [torch.randn(v.shape, generator=g).sign() for v in start]
-        for v, grad in zip(ours, grads, strict=True):
-            v.grad = grad.clone()
-        for v, grad in zip(theirs, grads, strict=True):
-            v.grad = grad.clone()
-        for group in reference.param_groups:
-            group["lr"] = rate
+        for variables in (ours, fused, unfused):
+            for v, grad in zip(variables, grads, strict=True):
+                v.grad = grad.clone()
+        for reference in references:
+            for group in reference.param_groups:
+                group["lr"] = rate
+            reference.step()
         adam.step(rate)
-        reference.step()
-    for a, b in zip(ours, theirs, strict=True):
-        assert torch.equal(a, b)
+    for a, b, c, before in zip(ours, fused, unfused, start, strict=True):
+        assert torch.equal(a, b) and not torch.equal(a, before)
+        # The fused kernel's rounding differs from the elementwise ops' by a few ulps.
+        assert torch.allclose(a, c, rtol=0, atol=1e-6)
+
+
+def test_batched_adam_leaves_a_variable_without_gradient_in_place():
+    moving, still = torch.zeros(2, 3, requires_grad=True), torch.ones(2, 4, requires_grad=True)
+    adam = BatchedAdam([moving, still])
+    moving.grad = torch.ones(2, 3)
+    adam.step(0.1)
+    adam.step(0.1)
+    assert torch.allclose(moving, torch.full((2, 3), -0.2)) and torch.equal(still, torch.ones(2, 4))
+    still.grad = torch.ones(2, 4)
+    adam.step(0.1)  # its first step: bias corrections from its own count, as torch's Adam
+    assert torch.allclose(still, torch.full((2, 4), 0.9))
 
 
 def test_an_outcome_part_is_its_problems_alone():

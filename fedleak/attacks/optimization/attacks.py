@@ -37,6 +37,7 @@ from fedleak.attacks.optimization.losses import (
     MatchingLoss,
     batchnorm_prior,
     choose_matching,
+    flatten,
     total_variation,
 )
 from fedleak.attacks.optimization.replay import (
@@ -708,12 +709,19 @@ class InvertingGradients(BatchedInversion):
     def _objective(self, problem: Problem, draws: Draws, total: int) -> Objective:
         absolute = problem.sign_flipped
         use_bn = problem.bn_reference is not None
+        # The target of each selection of layers, flattened once (it does not change).
+        flat_targets: dict[tuple[int, ...], list[Tensor]] = {}
 
         def objective(v: Sequence[Tensor], iteration: int | None) -> tuple[Tensor, Tensor]:
             out = problem.replay(v[0], _soft_labels(problem, v), problem.matching.needs_per_sample)
             chosen, masks = self._selection(problem, iteration, total, draws)
             dummy = [out.update[i] for i in chosen]
             target = [problem.target[i] for i in chosen]
+            if masks is None:
+                key = tuple(chosen)
+                if key not in flat_targets:
+                    flat_targets[key] = flatten(target)
+                target = flat_targets[key]
             per_sample = None if out.per_sample is None else [out.per_sample[i] for i in chosen]
             if masks is not None:
                 dummy = [d * m for d, m in zip(dummy, masks, strict=True)]

@@ -163,10 +163,12 @@ class BatchedLBFGS:
 
 
 class BatchedAdam:
-    """Adam exactly as `torch.optim.Adam` computes it (default betas and eps, no weight decay),
-    without the optimiser's per-step bookkeeping, which costs more than the update itself on
-    small problems (measured ~0.45 ms a step against ~0.1 ms here). Coordinate-wise, so
-    stacked problems stay independent; the rate is given at each step (IG's step decay)."""
+    """Adam exactly as `torch.optim.Adam(fused=True)` computes it (default betas and eps, no
+    weight decay): its fused kernel, one op for every variable, without the optimiser's
+    per-step bookkeeping, which costs more than the update itself on small problems
+    (measured ~0.45 ms a step; the kernel takes ~0.01 ms on one 3x32x32 image, the unfused
+    elementwise update ~0.09 ms). Coordinate-wise, so stacked problems stay independent; the
+    rate is given at each step (IG's step decay)."""
 
     def __init__(
         self,
@@ -177,23 +179,34 @@ class BatchedAdam:
         self.variables = list(variables)
         self.beta1, self.beta2 = betas
         self.eps = eps
-        self.steps = 0
         self.first = [torch.zeros_like(v) for v in self.variables]
         self.second = [torch.zeros_like(v) for v in self.variables]
+        # Per-variable step counts as the fused kernel reads them (float, on the device).
+        self.steps = [torch.zeros((), device=v.device) for v in self.variables]
 
     @torch.no_grad()
     def step(self, rate: float) -> None:
         """One step from the gradients stored in `.grad` (variables without one stay put)."""
-        self.steps += 1
-        correction1 = 1 - self.beta1**self.steps
-        correction2 = (1 - self.beta2**self.steps) ** 0.5
-        for v, m, s in zip(self.variables, self.first, self.second, strict=True):
-            if v.grad is None:
-                continue
-            m.lerp_(v.grad, 1 - self.beta1)
-            s.mul_(self.beta2).addcmul_(v.grad, v.grad, value=1 - self.beta2)
-            denominator = (s.sqrt() / correction2).add_(self.eps)
-            v.addcdiv_(m, denominator, value=-rate / correction1)
+        moving = [i for i, v in enumerate(self.variables) if v.grad is not None]
+        if not moving:
+            return
+        steps = [self.steps[i] for i in moving]
+        torch._foreach_add_(steps, 1)
+        torch._fused_adam_(
+            [self.variables[i] for i in moving],
+            [self.variables[i].grad for i in moving],
+            [self.first[i] for i in moving],
+            [self.second[i] for i in moving],
+            [],
+            steps,
+            lr=rate,
+            beta1=self.beta1,
+            beta2=self.beta2,
+            weight_decay=0.0,
+            eps=self.eps,
+            amsgrad=False,
+            maximize=False,
+        )
 
 
 class Best:

@@ -22,7 +22,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import FunctionCtx, once_differentiable
 
 from fedleak.defenses import DefensePipeline, Prune, SignCompression
 
@@ -35,7 +37,16 @@ _EPS = 1e-12
 def _flat(updates: Updates) -> Tensor:
     """One row per problem, all coordinates: a handful of large ops instead of several per
     parameter tensor (small problems are dominated by per-op overhead)."""
+    if len(updates) == 1:
+        return updates[0].flatten(1)
     return torch.cat([u.flatten(1) for u in updates], dim=1)
+
+
+def flatten(updates: Updates) -> list[Tensor]:
+    """`updates` as one [T, all coordinates] tensor, which every matching loss accepts in
+    place of the list (the same coordinates in the same order): a target that stays fixed
+    is flattened once instead of at every iteration."""
+    return [_flat(updates)]
 
 
 def l2_distance(dummy: Updates, target: Updates, masks: Updates | None = None) -> Tensor:
@@ -46,14 +57,44 @@ def l2_distance(dummy: Updates, target: Updates, masks: Updates | None = None) -
     return squares.sum(dim=1)
 
 
+class _Cosine(torch.autograd.Function):
+    """1 - <d, t> / (|d| |t| + eps) per row, with the gradient in closed form: a few ops
+    each way where autograd's chain takes about twenty, and on small problems every op's
+    overhead counts (docs/performance.md). The loss is differentiated once, never twice."""
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, d: Tensor, t: Tensor) -> Tensor:
+        dot = torch.linalg.vecdot(d, t)
+        norm_d = torch.linalg.vector_norm(d, dim=1)
+        norm_t = torch.linalg.vector_norm(t, dim=1)
+        denominator = norm_d * norm_t + _EPS
+        ctx.save_for_backward(d, t, dot, norm_d, norm_t, denominator)
+        return 1.0 - dot / denominator
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        d, t, dot, norm_d, norm_t, denominator = ctx.saved_tensors  # type: ignore[attr-defined]
+        # d/dd = -t / D + <d, t> |t| d / (|d| D^2), D = |d| |t| + eps (symmetric in d, t).
+        scale = grad / denominator
+        ratio = scale * dot / denominator
+
+        def wrt(own: Tensor, other: Tensor, own_norm: Tensor, other_norm: Tensor) -> Tensor:
+            own_scale = ratio * other_norm / own_norm.clamp_min(_EPS)
+            return torch.addcmul(own_scale.unsqueeze(1) * own, scale.unsqueeze(1), other, value=-1)
+
+        needs = ctx.needs_input_grad  # type: ignore[attr-defined]
+        grad_d = wrt(d, t, norm_d, norm_t) if needs[0] else None
+        grad_t = wrt(t, d, norm_t, norm_d) if needs[1] else None
+        return grad_d, grad_t
+
+
 def cosine_distance(dummy: Updates, target: Updates, masks: Updates | None = None) -> Tensor:
     """1 - cosine similarity of the concatenated updates (IG), or over `masks` only."""
     d, t = _flat(dummy), _flat(target)
     if masks is not None:
         d = d * _flat(masks)
-    dot = (d * t).sum(dim=1)
-    norms = d.square().sum(dim=1).sqrt() * t.square().sum(dim=1).sqrt()
-    return 1.0 - dot / (norms + _EPS)
+    return _Cosine.apply(d, t)
 
 
 def sign_hinge(dummy: Updates, target: Updates, normalised: bool = True) -> Tensor:
@@ -96,9 +137,30 @@ def total_variation(x: Tensor, absolute: bool = False) -> Tensor:
     x [T, B, C, H, W]; on |x| when `absolute` (InstaHide flips pixel signs, GradAttack)."""
     if absolute:
         x = x.abs()
-    dh = (x[..., 1:, :] - x[..., :-1, :]).abs().flatten(1).mean(dim=1)
-    dw = (x[..., :, 1:] - x[..., :, :-1]).abs().flatten(1).mean(dim=1)
-    return dh + dw
+    return _TotalVariation.apply(x)
+
+
+class _TotalVariation(torch.autograd.Function):
+    """IG's TV with its gradient written out, for the same reason as `_Cosine`."""
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, x: Tensor) -> Tensor:
+        dh, dw = torch.diff(x, dim=-2), torch.diff(x, dim=-1)
+        ctx.save_for_backward(torch.sign(dh), torch.sign(dw))
+        return dh.abs().flatten(1).mean(dim=1) + dw.abs().flatten(1).mean(dim=1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad: Tensor) -> Tensor:
+        sign_h, sign_w = ctx.saved_tensors  # type: ignore[attr-defined]
+        # d/dx_j of sum_i |x_{i+1} - x_i| is s_{j-1} - s_j, with s zero beyond both ends.
+        padded_h, padded_w = F.pad(sign_h, (0, 0, 1, 1)), F.pad(sign_w, (1, 1))
+        along_h = padded_h[..., :-1, :] - padded_h[..., 1:, :]
+        along_w = padded_w[..., :-1] - padded_w[..., 1:]
+        per_problem = (-1,) + (1,) * (sign_h.dim() - 1)
+        scale_h = (grad / sign_h[0].numel()).reshape(per_problem)
+        scale_w = (grad / sign_w[0].numel()).reshape(per_problem)
+        return torch.addcmul(along_h * scale_h, along_w, scale_w)
 
 
 def batchnorm_prior(
