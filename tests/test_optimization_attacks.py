@@ -376,7 +376,7 @@ def test_cosine_and_tv_gradients_are_autograds():
     assert torch.autograd.gradcheck(total_variation, (x,))
     assert torch.autograd.gradcheck(lambda v: total_variation(v, absolute=True), (x,))
     images = torch.rand(4, 2, 3, 8, 8, generator=g, requires_grad=True)
-    dummy = [torch.randn(4, 6, generator=g, requires_grad=True), torch.randn(4, 3, 3)]
+    dummy = [torch.randn(4, 6, generator=g, requires_grad=True), torch.randn(4, 3, 3, generator=g)]
     target = [torch.randn(4, 6, generator=g), torch.randn(4, 3, 3, generator=g)]
     weights = torch.rand(4, generator=g)
     ours = (weights * (cosine_distance(dummy, target) + total_variation(images))).sum()

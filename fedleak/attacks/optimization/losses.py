@@ -58,9 +58,9 @@ def l2_distance(dummy: Updates, target: Updates, masks: Updates | None = None) -
 
 
 class _Cosine(torch.autograd.Function):
-    """1 - <d, t> / (|d| |t| + eps) per row, with the gradient in closed form: a few ops
-    each way where autograd's chain takes about twenty, and on small problems every op's
-    overhead counts (docs/performance.md). The loss is differentiated once, never twice."""
+    """1 - <d, t> / (|d| |t| + eps) per row, with the gradient in closed form: fewer ops than
+    autograd's chain and none of them recorded, which is what counts on small problems
+    (docs/performance.md). The loss is differentiated once, never twice."""
 
     @staticmethod
     def forward(ctx: FunctionCtx, d: Tensor, t: Tensor) -> Tensor:
