@@ -644,9 +644,11 @@ class DLG(BatchedInversion):
         self.name = name
 
     def _objective(self, problem: Problem, draws: Draws, total: int) -> Objective:
+        target = flatten(problem.target)  # fixed: flattened once, not every iteration
+
         def objective(v: Sequence[Tensor], _iteration: int | None) -> tuple[Tensor, Tensor]:
             out = problem.replay(v[0], _soft_labels(problem, v), problem.matching.needs_per_sample)
-            matching = problem.matching(out.update, problem.target, out.per_sample)
+            matching = problem.matching(out.update, target, out.per_sample)
             return matching, matching
 
         return objective
