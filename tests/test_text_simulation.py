@@ -4,6 +4,9 @@ the causal transformer on the news corpus, its leakage rows, texts, report and r
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -12,7 +15,6 @@ import torch
 
 from fedleak.config import ConfigError, parse_flat
 from fedleak.server.validate import validate_components
-from fedleak.simulations.cli import main
 from fedleak.simulations.presets import load_preset
 
 TINY = [
@@ -41,25 +43,75 @@ LEARNED = [
 ]
 
 
-def _run(out: Path, *overrides: str) -> Path:
-    args = ["run", "text-quickstart", "--out", str(out), *TINY]
-    for item in overrides:
+TIMINGS = {"seconds", "round_seconds", "attack_seconds"}
+
+
+def _start(out: Path, hash_seed: str, *overrides: str) -> subprocess.Popen:
+    """The README's `fedleak run`, in a process of its own with the given hash seed."""
+    args = [sys.executable, "-m", "fedleak.simulations.cli", "run", "text-quickstart"]
+    args += ["--out", str(out), *TINY]
+    for item in ("attack.names=aux-frequency,tag,lti-p", *LEARNED, *overrides):
         args += ["--set", item]
-    assert main(args) == 0
-    return out
+    env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+    return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _finish(process: subprocess.Popen) -> None:
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output.decode(errors="replace")[-3000:]
 
 
 @pytest.fixture(scope="module")
-def text_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("text") / "run"
-    _run(out, "attack.names=aux-frequency,tag,lti-p", *LEARNED, "num-server-rounds=1")
-    return _run(
-        out,
-        "attack.names=aux-frequency,tag,lti-p",
-        *LEARNED,
-        "num-server-rounds=2",
-        "sim.resume=true",
-    )
+def text_twins(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """One study twice: a round, then a resume in a third process; and both rounds straight."""
+    root = tmp_path_factory.mktemp("text")
+    resumed, straight = root / "resumed", root / "straight"
+    first = [
+        _start(resumed, "1", "num-server-rounds=1"),
+        _start(straight, "2", "num-server-rounds=2"),
+    ]
+    for process in first:
+        _finish(process)
+    _finish(_start(resumed, "3", "num-server-rounds=2", "sim.resume=true"))
+    return resumed, straight
+
+
+@pytest.fixture(scope="module")
+def text_run(text_twins: tuple[Path, Path]) -> Path:
+    return text_twins[0]
+
+
+def _without_timings(leakage: pd.DataFrame) -> pd.DataFrame:
+    # The learned attacks' diagnostics carry their training time next to the seeded numbers.
+    kept = leakage[[c for c in leakage.columns if c not in TIMINGS]].copy()
+    kept["diagnostics"] = [
+        {k: v for k, v in json.loads(text).items() if not k.endswith("_seconds")}
+        for text in kept.diagnostics
+    ]
+    return kept
+
+
+def test_resumed_and_straight_text_runs_in_other_processes_give_the_same_bits(
+    text_twins: tuple[Path, Path],
+) -> None:
+    weights = [
+        torch.load(run / "checkpoints" / "global.pt", weights_only=True)["state_dict"]
+        for run in text_twins
+    ]
+    assert weights[0].keys() == weights[1].keys()
+    for name in weights[0]:
+        assert torch.equal(weights[0][name], weights[1][name]), name
+    utility = [pd.read_csv(run / "utility.csv") for run in text_twins]
+    kept = [c for c in utility[0].columns if c not in TIMINGS]
+    pd.testing.assert_frame_equal(utility[0][kept], utility[1][kept], check_exact=True)
+    leakage = [_without_timings(pd.read_parquet(run / "leakage.parquet")) for run in text_twins]
+    assert len(leakage[0]) == 24
+    pd.testing.assert_frame_equal(leakage[0], leakage[1], check_exact=True)
+    texts = [sorted(p.name for p in (run / "texts").glob("*.json")) for run in text_twins]
+    assert texts[0] == texts[1]
+    for name in texts[0]:
+        pieces = [json.loads((run / "texts" / name).read_text()) for run in text_twins]
+        assert pieces[0] == pieces[1], name
 
 
 def test_text_rows_carry_text_metrics_only(text_run: Path) -> None:
