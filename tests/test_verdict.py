@@ -57,3 +57,55 @@ def test_an_attack_at_the_floor_is_called_so() -> None:
     runner_up = "; ig 0/192 (0%), median PSNR 5.72 dB, LPIPS 0.512, no closer than the floor."
     assert runner_up in sentence
     assert "no closer than the floor" not in sentence.split("; ig")[0]
+
+
+def _text_summary(attack: str, median: float, mean: float, n: int = 8) -> SettingSummary:
+    return SettingSummary(
+        group="",
+        defense="none",
+        attack=attack,
+        reference=attack == "aux-frequency",
+        success=Rate(0, 0, math.nan, math.nan),
+        psnr=Median(math.nan, math.nan, math.nan, 0, 0.95),
+        lpips=Median(math.nan, math.nan, math.nan, 0, 0.95),
+        lpips_mean=(math.nan, math.nan, 0),
+        not_converged=0,
+        attack_runs=2,
+        token_acc=Median(median, 0.0, median, n, 0.95),
+        token_acc_mean=(mean, 0.01, n),
+        rougeL=Median(0.0, 0.0, 0.0, n, 0.95),
+    )
+
+
+def test_tied_token_medians_rank_by_the_mean() -> None:
+    # An untrained model: every attack's median is 0; one recovered a token now and then.
+    tag = _text_summary("tag", 0.0, 0.0)
+    lti = _text_summary("lti-text", 0.0, 0.016)
+    lti_p = _text_summary("lti-p", 0.0, 0.0)
+    ranked = sorted((lti_p, tag, lti), key=_leak_key)
+    assert [s.attack for s in ranked] == ["lti-text", "lti-p", "tag"]
+
+
+def test_no_leader_is_named_when_every_attack_is_at_the_floor() -> None:
+    # text-quickstart cut to a few iterations: the frequency floor recovers more than any attack.
+    lti = _text_summary("lti-text", 0.0, 0.016)
+    tag = _text_summary("tag", 0.0, 0.0)
+    floor = _text_summary("aux-frequency", 0.125, 0.109)
+    setting = SettingVerdict("", "none", (lti, tag), floor, 0.014, 0.062, 2)
+    sentence = _setting_sentence(setting, setting)
+    assert "leaks most" not in sentence
+    assert sentence.startswith(
+        "Without a defense, no attack got closer than the aux-frequency floor (median token "
+        "accuracy 0.125, ROUGE-L 0.000): the closest, lti-text, reconstructed a median 0.000 "
+        "of the tokens of the private sequences (ROUGE-L 0.000); tag a median 0.000 of the "
+        "tokens, ROUGE-L 0.000. The global model's"
+    )
+    assert "no closer than the floor" not in sentence  # said once for all of them
+    # One attack above the floor is named as the leader again, with the floor beside it.
+    above = _text_summary("lti-p", 0.25, 0.3)
+    setting = SettingVerdict("", "none", (above, lti), floor, 0.014, 0.062, 2)
+    sentence = _setting_sentence(setting, setting)
+    assert sentence.startswith("Without a defense, lti-p leaks most")
+    assert "against the aux-frequency floor's median token accuracy 0.125" in sentence
+    assert "lti-text a median 0.000 of the tokens" in sentence
+    assert sentence.count("no closer than the floor") == 1

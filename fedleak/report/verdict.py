@@ -45,8 +45,11 @@ class SettingVerdict:
 
 def _leak_key(summary: SettingSummary) -> tuple[float, float, float]:
     if summary.tokens:
+        # Token accuracy is a share of L positions, so medians tie often (every attack at 0 on
+        # an untrained model); the mean then says which recovered more.
+        mean, _, count = summary.token_acc_mean
         rouge = summary.rougeL.value if summary.rougeL.n else -math.inf
-        return (-summary.token_acc.value, -rouge, 0.0)
+        return (-summary.token_acc.value, -mean if count else math.inf, -rouge)
     # Closeness first: the success rate saturates (a blurry but recognisable reconstruction
     # and an exact one both count), so it only breaks ties between equally close attacks.
     lpips, psnr, rate = summary.lpips.value, summary.psnr.value, summary.success.value
@@ -111,16 +114,18 @@ def _rate(s: SettingSummary) -> str:
 
 
 def _rate_and_scores(s: SettingSummary) -> str:
-    scores = _scores(s)
+    scores = _scores(s, rate_given=True)
     return f"{_rate(s)}, {scores}" if scores else _rate(s)
 
 
-def _scores(s: SettingSummary) -> str:
+def _scores(s: SettingSummary, rate_given: bool = False) -> str:
+    """The medians behind a verdict; a text attack's token accuracy is left out where its rate
+    (`_rate`), which is that median, was just given."""
     parts = []
-    if s.tokens:
+    if s.tokens and not rate_given:
         parts.append(f"median token accuracy {s.token_acc.value:.3f}")
-        if s.rougeL.n:
-            parts.append(f"ROUGE-L {s.rougeL.value:.3f}")
+    if s.tokens and s.rougeL.n:
+        parts.append(f"ROUGE-L {s.rougeL.value:.3f}")
     if s.psnr.n:
         parts.append(f"median PSNR {s.psnr.value:.2f} dB")
     if s.lpips.n:
@@ -151,16 +156,25 @@ def _setting_sentence(v: SettingVerdict, baseline: SettingVerdict | None) -> str
         text = f"{where}, no attack produced a scored reconstruction"
     else:
         what = "sequences" if leader.tokens else "samples"
-        text = (
-            f"{where}, {leader.attack} leaks most: it reconstructed "
-            f"{_rate(leader).removeprefix(leader.attack + ' ')} of the private {what} "
-            f"({_scores(leader)})"
-        )
-        if v.floor is not None:
-            text += f" against the {v.floor.attack} floor's {_scores(v.floor)}"
+        reconstructed = f"{_rate(leader).removeprefix(leader.attack + ' ')} of the private {what}"
+        if scores := _scores(leader, rate_given=True):
+            reconstructed += f" ({scores})"
+        floor = v.floor
+        nothing_learned = floor is not None and _at_floor(leader, v)
+        if floor is not None and nothing_learned:
+            # Naming a leader would read as a leak where the update taught no attack anything.
+            text = (
+                f"{where}, no attack got closer than the {floor.attack} floor "
+                f"({_scores(floor)}): the closest, {leader.attack}, reconstructed {reconstructed}"
+            )
+        else:
+            text = f"{where}, {leader.attack} leaks most: it reconstructed {reconstructed}"
+            if floor is not None:
+                text += f" against the {floor.attack} floor's {_scores(floor)}"
         if len(v.attacks) > 1:
             text += "; " + "; ".join(
-                _rate_and_scores(s) + (", no closer than the floor" if _at_floor(s, v) else "")
+                _rate_and_scores(s)
+                + (", no closer than the floor" if not nothing_learned and _at_floor(s, v) else "")
                 for s in v.attacks[1:]
             )
     text += f". The global model's test accuracy is {_accuracy(v.accuracy_final)}"
