@@ -31,6 +31,7 @@ from fedleak.data.text import (
 )
 from fedleak.data.text.corpus import Document, load_wikitext, wikitext_articles
 from fedleak.data.text.markup import plain_paragraphs
+from fedleak.report.text_section import _shown
 
 WIKITEXT = "\n".join(
     [
@@ -162,6 +163,23 @@ def test_tokenizer_is_trained_on_the_aux_documents_only() -> None:
     assert again.fingerprint == split.dataset.tokenizer.fingerprint
     leaked = train_bpe([corpus.documents[i].text for i in order[: len(taken) + 1]], 400)
     assert leaked.fingerprint != split.dataset.tokenizer.fingerprint
+
+
+def test_pieces_show_each_tokens_own_bytes() -> None:
+    # A vocabulary of single bytes splits every non-ASCII character across tokens.
+    tokenizer = train_bpe(["plain words"], 257)
+    text = "café — “x”\x18"
+    ids = tokenizer.encode_batch([text])[0]
+    pieces = tokenizer.pieces(ids)
+    assert pieces == [
+        *"caf", "\\xc3", "\\xa9", " ", "\\xe2", "\\x80", "\\x94", " ",
+        "\\xe2", "\\x80", "\\x9c", "x", "\\xe2", "\\x80", "\\x9d", "\x18",
+    ]  # fmt: skip
+    assert tokenizer.decode(ids) == text
+    # Whole characters read as themselves, with their leading space.
+    rich = train_bpe(["un café, deux café"] * 50, 300)
+    assert rich.pieces(rich.encode_batch([" café"])[0]) == [" café"]
+    assert _shown("\x18") == "\\x18" and _shown(" x\n") == "·x⏎" and _shown("") == "∅"
 
 
 def test_sequences_are_the_documents_text() -> None:

@@ -17,8 +17,13 @@ SEQUENCES_SHOWN = 2
 
 
 def _shown(piece: str) -> str:
-    # A leading space marks a word start; show it, since table cells trim whitespace.
-    return piece.replace("\n", "⏎").replace(" ", "·") or "∅"
+    # A leading space marks a word start; show it, since table cells trim whitespace. Other
+    # control characters would print as nothing or as a box: show their escapes.
+    visible = "".join(
+        c if c.isprintable() or c in " \n" else c.encode("unicode_escape").decode("ascii")
+        for c in piece
+    )
+    return visible.replace("\n", "⏎").replace(" ", "·") or "∅"
 
 
 def _chosen(study: Study) -> list[tuple[str, int, int, list[TokenPairs]]]:

@@ -22,6 +22,18 @@ TOKENIZER_KINDS = ("bpe", "gpt2", f"{FILE_PREFIX}<path to tokenizer.json>")
 MIN_BPE_VOCAB = 257  # the 256 byte symbols and at least one merge
 
 
+def _byte_level_symbols() -> dict[str, int]:
+    """The byte each symbol of a byte-level vocabulary stands for (GPT-2's scheme): printable
+    Latin-1 bytes stand for themselves, the other 68 take the code points from 256 on, in
+    byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    shifted = [b for b in range(256) if b not in printable]
+    return {chr(b): b for b in printable} | {chr(256 + n): b for n, b in enumerate(shifted)}
+
+
+_BYTE_OF_SYMBOL = _byte_level_symbols()
+
+
 class TokenizerError(ValueError):
     """A tokenizer setting cannot be honoured."""
 
@@ -53,8 +65,21 @@ class TextTokenizer:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
 
     def pieces(self, ids: Sequence[int]) -> list[str]:
-        """Each token decoded on its own (its leading space kept), for token-level display."""
-        return [self.tokenizer.decode([int(i)], skip_special_tokens=False) for i in ids]
+        """Each token decoded on its own (its leading space kept), for token-level display.
+
+        A byte-level token can hold part of a multi-byte character; decoded alone it would
+        read as U+FFFD whatever its bytes, so such bytes are written as `\\xNN` instead."""
+        if not isinstance(self.tokenizer.decoder, decoders.ByteLevel):
+            return [self.tokenizer.decode([int(i)], skip_special_tokens=False) for i in ids]
+        pieces = []
+        for i in ids:
+            symbols = self.tokenizer.id_to_token(int(i)) or ""
+            if all(symbol in _BYTE_OF_SYMBOL for symbol in symbols):
+                raw = bytes(_BYTE_OF_SYMBOL[symbol] for symbol in symbols)
+                pieces.append(raw.decode("utf-8", errors="backslashreplace"))
+            else:  # an added token, stored as its text
+                pieces.append(self.tokenizer.decode([int(i)], skip_special_tokens=False))
+        return pieces
 
     def record(self) -> dict[str, object]:
         """What the run's environment record says about the tokenizer."""
