@@ -16,14 +16,17 @@ MAX_TEXT_RUNS = 12
 SEQUENCES_SHOWN = 2
 
 
-def _shown(piece: str) -> str:
-    # A leading space marks a word start; show it, since table cells trim whitespace. Other
-    # control characters would print as nothing or as a box: show their escapes.
-    visible = "".join(
-        c if c.isprintable() or c in " \n" else c.encode("unicode_escape").decode("ascii")
-        for c in piece
+def _escaped(text: str, keep: str = " ") -> str:
+    """Control characters as their escapes: printed raw they show as nothing or as a box."""
+    return "".join(
+        c if c.isprintable() or c in keep else c.encode("unicode_escape").decode("ascii")
+        for c in text
     )
-    return visible.replace("\n", "⏎").replace(" ", "·") or "∅"
+
+
+def _shown(piece: str) -> str:
+    # A leading space marks a word start; show it, since table cells trim whitespace.
+    return _escaped(piece, keep=" \n").replace("\n", "⏎").replace(" ", "·") or "∅"
 
 
 def _chosen(study: Study) -> list[tuple[str, int, int, list[TokenPairs]]]:
@@ -63,8 +66,8 @@ def _grid(attacks: list[TokenPairs], target: int) -> Table | None:
             )
         )
         texts.append((saved.attack, "".join(pair.reconstruction_pieces), sum(recovered)))
-    caption = f"truth: {''.join(first.truth_pieces)!r}; " + "; ".join(
-        f"{attack} ({hits}/{length} tokens): {text!r}" for attack, text, hits in texts
+    caption = f"truth: “{_escaped(''.join(first.truth_pieces))}”; " + "; ".join(
+        f"{attack} ({hits}/{length} tokens): “{_escaped(text)}”" for attack, text, hits in texts
     )
     return Table(
         columns=("", *(str(i + 1) for i in range(length))), rows=tuple(rows), caption=caption
@@ -82,7 +85,7 @@ def texts_section(study: Study) -> list[Block]:
             "Each grid: a client's private sequence (top row, one column per token; · marks a "
             "leading space) and every attack's reconstruction of it below, matched as for "
             "scoring; highlighted cells are positions where the attack recovered the true "
-            "token. The caption gives the decoded texts."
+            "token. The caption gives the texts; bytes that are not whole characters read \\xNN."
         ),
     ]
     for run, server_round, client, attacks in chosen:
