@@ -39,7 +39,8 @@ class SettingVerdict:
 
     @property
     def leader(self) -> SettingSummary | None:
-        """The attack that leaks most here (by median LPIPS, then PSNR, then success rate)."""
+        """The attack that leaks most here (by median LPIPS, then PSNR, then success rate; text:
+        median token accuracy, then its mean, then ROUGE-L)."""
         return self.attacks[0] if self.attacks else None
 
 
