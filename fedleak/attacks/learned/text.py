@@ -67,8 +67,9 @@ class TextLTIConfig(Settings):
     defense from {1e-3, 1e-4, 1e-5} there (1e-3 here for every defense).
 
     `pseudo`: LTI-P; `pseudo_size`: pseudo-sequence groups drawn per epoch (0: as many as the
-    auxiliary training groups). `aux_val_fraction` of the auxiliary sequences (LTI-P: a fixed
-    pseudo set of that size) is held out for the validation token accuracy; `patience` epochs
+    auxiliary training groups). `aux_val_fraction` of the auxiliary sequences, the same ones
+    every round (LTI-P: a pseudo set of that size, drawn each round apart from its training
+    sequences), is held out for the validation token accuracy; `patience` epochs
     without improvement stop training (None: never) and the best epoch's weights are kept.
     """
 
@@ -414,7 +415,10 @@ class TextLearningToInvert:
                 cfg.max_cache_bytes,
             )
 
-        order = torch.randperm(aux.shape[0], generator=cpu_gen).to(device)
+        # The held-out sequences stay the same every round: a split drawn anew each round would
+        # validate a warm-started inverter on sequences it trained on in earlier rounds.
+        split_gen = torch.Generator().manual_seed(mix_seed(self.seed, knowledge.seed))
+        order = torch.randperm(aux.shape[0], generator=split_gen).to(device)
         n_val = round(cfg.aux_val_fraction * aux.shape[0])
         train_x, val_x = aux[order[n_val:]], aux[order[:n_val]]
         frequencies = marginal(train_x, vocab).to(device)
