@@ -161,7 +161,7 @@ def _setting_sentence(v: SettingVerdict, baseline: SettingVerdict | None) -> str
         if scores := _scores(leader, rate_given=True):
             reconstructed += f" ({scores})"
         floor = v.floor
-        nothing_learned = floor is not None and _at_floor(leader, v)
+        nothing_learned = _at_floor(leader, v)  # False without a floor
         if floor is not None and nothing_learned:
             # Naming a leader would read as a leak where the update taught no attack anything.
             text = (
