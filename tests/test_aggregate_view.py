@@ -81,10 +81,8 @@ def test_every_defense_records_utility_beside_leakage(
     if spec == "none":
         run = views["client"]
     else:
-        overrides = {"defense.spec": spec, "attack.max-iterations": "20"}
-        if spec.startswith("mixup"):
-            overrides["train.batch-size"] = "2"  # MixUp mixes images of the client's own batch
-        run = _run(tmp_path / "run", **overrides)
+        # One image a batch: MixUp draws the partner from the client's other images.
+        run = _run(tmp_path / "run", **{"defense.spec": spec, "attack.max-iterations": "20"})
     utility = pd.read_csv(run / "utility.csv")
     assert list(utility["round"]) == [0, 1]
     assert utility.test_accuracy.between(0, 1).all() and utility.test_loss.notna().all()

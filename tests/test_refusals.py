@@ -178,9 +178,20 @@ CASES = [
         "set data.public-size >= 3",
     ),
     Case(
-        "mixup-over-batch",
-        (*RUN, "--set", "defense.spec=mixup:4"),
-        "mixup:4 mixes 4 images of a client's batch, but a round's batch holds 2",
+        "mixup-over-client-data",
+        (
+            *RUN,
+            "--num-clients",
+            "6",
+            "--set",
+            "data.aux-size=3990",
+            "--set",
+            "train.batch-size=1",
+            "--set",
+            "defense.spec=mixup:4",
+        ),
+        "mixup:4 mixes each image with 3 others of its client's data, but client 4 holds only "
+        "1 image",
     ),
     Case(
         "aux-0-aux-mean",

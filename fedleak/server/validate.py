@@ -142,11 +142,14 @@ def check_data_split(config: RunConfig, num_clients: int) -> FederatedData:
                 f"{encoder.k - 1} images of a public pool, but data.public-size="
                 f"{data.public_size}; set data.public-size >= {encoder.k - 1}"
             )
-    elif encoder is not None and needed < encoder.k:
+    elif encoder is not None and smallest < encoder.k:
+        # Partners come from the client's whole partition (not only its batch), so B = 1 runs.
         raise ConfigError(
-            f"defense.spec={config.defense.spec!r}: {encoder.spec} mixes {encoder.k} images of "
-            f"a client's batch, but a round's batch holds {needed}; expected "
-            f"train.batch-size >= {encoder.k} or a smaller K"
+            f"defense.spec={config.defense.spec!r}: {encoder.spec} mixes each image with "
+            f"{encoder.k - 1} others of its client's data, but client {sizes.index(smallest)} "
+            f"holds only {smallest} image{'s' if smallest != 1 else ''} ({data.partition} split "
+            f"of {len(pool)} images among {num_clients} clients); expected "
+            + (f"K <= {smallest} or fewer clients" if smallest > 1 else "fewer clients")
         )
     return fd
 
