@@ -162,6 +162,15 @@ class DefenseConfig(Settings):
         0.0, low=0.0, doc="central DP noise multiplier z: std z*C/m on the mean of m clients"
     )
 
+    @property
+    def label(self) -> str:
+        """The defense as reports name it: the clients' spec, then central DP when it is on
+        (`central-dp:C:z`), so that a run protected on the server never reads as undefended."""
+        if self.central_clip <= 0:
+            return self.spec
+        central = f"central-dp:{self.central_clip:g}:{self.central_noise:g}"
+        return central if self.spec == "none" else f"{self.spec}+{central}"
+
 
 @dataclass(frozen=True)
 class AttackConfig(Settings):

@@ -230,6 +230,14 @@ def test_config_keys_parse_and_print_back() -> None:
     assert parse_flat({}).defense.central_clip == 0.0  # off by default
 
 
+def test_reports_name_central_dp_beside_the_clients_defense() -> None:
+    central = {"defense.central-clip": 0.5, "defense.central-noise": 1.2}
+    assert parse_flat(central).defense.label == "central-dp:0.5:1.2"
+    both = parse_flat({**central, "defense.spec": "prune:0.9"})
+    assert both.defense.label == "prune:0.9+central-dp:0.5:1.2"
+    assert parse_flat({"defense.spec": "sign"}).defense.label == "sign"
+
+
 def _reference(rate: float, noise: float, releases: int) -> float:
     accountant = RdpAccountant()
     event = PoissonSampledDpEvent(rate, GaussianDpEvent(noise))

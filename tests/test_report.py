@@ -45,6 +45,7 @@ def _make_run(
     rounds: int = 3,
     encoded: bool = False,
     epsilon: bool = False,
+    central: tuple[float, float] = (0.0, 0.0),
 ) -> None:
     """A plausible run: the floor and two attacks on two clients, one failed attack run, and
     image grids whose pixels agree with the rows' PSNR (LPIPS is a function of the PSNR)."""
@@ -56,6 +57,8 @@ def _make_run(
             "defense.spec": defense,
             "train.batch-size": batch_size,
             "attack.names": "aux-mean,ig,dlg",
+            "defense.central-clip": central[0],
+            "defense.central-noise": central[1],
         }
     )
     run = RunDirectory.create(path, config, {"torch": torch.__version__, "device": "cpu"})
@@ -310,6 +313,22 @@ def test_legacy_runs_without_the_reference_column_draw_aux_mean_as_the_floor(
     build_report(copy)
     table = _table((copy / "report.md").read_text(), "PSNR (dB)")
     assert [row[0] for row in table[1:]] == ["dlg", "ig", "aux-mean (floor)"]
+
+
+def test_central_dp_is_a_defense_column_not_an_undefended_group(tmp_path: Path) -> None:
+    # The dp-frontier layout: cells differ by the clients' spec or by central DP on the server.
+    sweep = tmp_path / "sweep"
+    cells = {"cell-000-none": (0.0, 0.0), "cell-001-central": (0.1, 1.0)}
+    for cell, central in cells.items():
+        _make_run(sweep / cell, rounds=2, central=central)
+    manifest = [{"id": cell, "index": i, "status": "done"} for i, cell in enumerate(cells)]
+    (sweep / "sweep.json").write_text(json.dumps({"name": "dp", "cells": manifest}))
+    build_report(sweep)
+    markdown = (sweep / "report.md").read_text()
+    assert _table(markdown, "PSNR (dB)")[0] == ["attack", "none", "central-dp:0.1:1"]
+    assert "Under central-dp:0.1:1, " in markdown
+    assert "against 0.300 without the defense" in markdown
+    assert "Without a defense (" not in markdown and "central-clip=" not in markdown
 
 
 def test_sweep_tables_group_and_separate_encoded_scores(sweep_report: Path) -> None:

@@ -3,8 +3,8 @@
 A sweep directory is recognised by its `sweep.json` manifest (cells in the manifest's order);
 a folder without one whose sub-folders are run directories is read the same way. Settings
 that differ between runs become the study's *groups* (e.g. `batch-size=4`), except the
-defense (the tables' columns), the seed (pooled into the confidence intervals) and the
-attack list (the tables' rows).
+defense (the tables' columns: the clients' spec and central DP), the seed (pooled into the
+confidence intervals) and the attack list (the tables' rows).
 """
 
 from __future__ import annotations
@@ -22,7 +22,16 @@ from fedleak.report.rundir import RunDirectory, RunDirectoryError
 MANIFEST = "sweep.json"
 SWEEP_SOURCE = "sweep.toml"
 # Keys that never define a group: they are per-run bookkeeping or the tables' own axes.
-_NOT_GROUPS = ("name", "out-dir", "seed", "defense.spec", "attack.names", "sim.resume")
+_NOT_GROUPS = (
+    "name",
+    "out-dir",
+    "seed",
+    "defense.spec",
+    "defense.central-clip",
+    "defense.central-noise",
+    "attack.names",
+    "sim.resume",
+)
 
 
 @dataclass(frozen=True)
@@ -62,8 +71,12 @@ class Study:
         return ", ".join(f"{short[k]}={flat.get(k)}" for k in self.group_keys)
 
     def leakage(self) -> pd.DataFrame:
-        """All runs' leakage rows, with `run` and `group` columns added."""
-        frames = [r.leakage.assign(run=r.name, group=self.group_of(r)) for r in self.runs]
+        """All runs' leakage rows, with `run` and `group` columns added and `defense` as the
+        tables name it (central DP included)."""
+        frames = [
+            r.leakage.assign(run=r.name, group=self.group_of(r), defense=r.config.defense.label)
+            for r in self.runs
+        ]
         return pd.concat(frames, ignore_index=True)
 
     def utility(self) -> pd.DataFrame:
@@ -72,7 +85,7 @@ class Study:
             r.utility.assign(
                 run=r.name,
                 group=self.group_of(r),
-                defense=r.config.defense.spec,
+                defense=r.config.defense.label,
                 seed=r.config.seed,
             )
             for r in self.runs
@@ -81,7 +94,7 @@ class Study:
 
     def defenses(self) -> list[str]:
         """Defense specs in first-seen order, with 'none' first (the papers' first column)."""
-        seen = list(dict.fromkeys(r.config.defense.spec for r in self.runs))
+        seen = list(dict.fromkeys(r.config.defense.label for r in self.runs))
         return sorted(seen, key=lambda d: (d != "none", seen.index(d)))
 
     def groups(self) -> list[str]:

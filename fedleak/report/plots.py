@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import textwrap
 from collections.abc import Hashable, Sequence
 
 import matplotlib
@@ -29,6 +30,8 @@ _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 MAX_SETTING_COLUMNS = 6
 # Interval bands are drawn only while they stay readable.
 MAX_BANDS = 4
+# Characters of a bold 9.5-point panel title that fit the panel's 3.6 inches.
+TITLE_CHARACTERS = 36
 FLOOR_STYLE = {"color": "0.35", "linestyle": "--", "linewidth": 1.4}
 SUCCESS = Metric("success", "success rate (%)", True, 0)
 
@@ -133,7 +136,10 @@ def rounds_figure(
                     style = {"color": colors[attack], "marker": markers[attack], "label": attack}
                     _line(ax, here[here["attack"] == attack], metric, style, len(attacks) <= 3)
                 floor_rows = here[here["reference"]]
-                title = setting_label(group, defense)
+                # Wrapped to the panel's width: long group labels would run into the next one.
+                title = textwrap.fill(
+                    setting_label(group, defense), TITLE_CHARACTERS, break_on_hyphens=False
+                )
             else:
                 for setting in settings:
                     here = leakage[

@@ -658,11 +658,11 @@ class RunDirectory:
             f"# {config.name}",
             "",
             f"{config.data.dataset}, {config.model.name}, {config.train.mode}, "
-            f"batch size {config.train.batch_size}, defense `{config.defense.spec}`, "
+            f"batch size {config.train.batch_size}, defense `{config.defense.label}`, "
             f"attacks {', '.join(config.attack.names)}, seed {config.seed}; "
             f"{self.finished_rounds()} of {config.num_server_rounds} rounds finished.",
             "",
-            "Leakage columns are medians over the attacked clients' reconstructed samples, "
+            "Leakage columns are medians over the attacked clients' scored samples, "
             "scored against the private originals; failures count failed attack runs.",
             "",
             markdown_table(table),

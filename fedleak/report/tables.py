@@ -73,7 +73,7 @@ SCORED_AGAINST = {
 FLOOR = "floor"
 NOT_CONVERGED = "†"
 INTERVAL_NOTE = (
-    "Median [95% order-statistic interval] and n over reconstructed samples, pooled over "
+    "Median [95% order-statistic interval] and n over scored samples, pooled over "
     "clients, rounds and seeds (for n < 6 the bracket is the sample range, coverage 1 - 2^(1-n))"
 )
 
@@ -344,7 +344,7 @@ def summary_table(study: Study) -> Table:
     return Table(
         columns=columns,
         rows=tuple(body),
-        caption=f"Against the private originals. n: reconstructed samples. {SUCCESS_RULE}; "
+        caption=f"Against the private originals. n: scored samples. {SUCCESS_RULE}; "
         "exact 95% interval in brackets. Medians with their 95% order-statistic interval "
         "(the sample range for n < 6). The mean is given for LPIPS, which is bounded; PSNR's "
         "mean is not, because exact reconstructions (80+ dB) dominate it.",
@@ -564,7 +564,7 @@ def runs_table(study: Study) -> Table:
             (
                 Cell(run.name),
                 Cell(study.group_of(run) or "–"),
-                Cell(run.config.defense.spec),
+                Cell(run.config.defense.label),
                 Cell(str(run.config.seed)),
                 Cell(f"{done} / {run.config.num_server_rounds}"),
                 Cell("–" if math.isnan(seconds) else f"{seconds:.1f}"),
