@@ -3,6 +3,7 @@ closest (median LPIPS, then PSNR); the success rate, which saturates, only break
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from fedleak.report.stats import Median, Rate
@@ -57,6 +58,29 @@ def test_an_attack_at_the_floor_is_called_so() -> None:
     runner_up = "; ig 0/192 (0%), median PSNR 5.72 dB, LPIPS 0.512, no closer than the floor."
     assert runner_up in sentence
     assert "no closer than the floor" not in sentence.split("; ig")[0]
+
+
+def test_an_attack_that_did_not_converge_is_no_evidence_for_the_defense() -> None:
+    # The demo under sign: IG as published cannot fit a sign update (3 of 3 runs unconverged).
+    lti = _summary("lti", 187, 13.96, 0.190)
+    ig = dataclasses.replace(_summary("ig", 0, 5.72, 0.512), not_converged=3, attack_runs=3)
+    floor = _summary("aux-mean", 0, 12.01, 0.478)
+    sentence = _setting_sentence(SettingVerdict("", "sign", (lti, ig), floor, 0.1, 0.7, 50), None)
+    assert (
+        "ig 0/192 (0%), median PSNR 5.72 dB, LPIPS 0.512, no closer than the floor (ig did not "
+        "converge in 3 of 3 attack runs: its budget ran out or it could not match the update, "
+        "so this does not show that sign stops it)." in sentence
+    )
+    # Alone, it is the closest attack, at the floor: the same caveat follows it.
+    alone = _setting_sentence(SettingVerdict("", "sign", (ig,), floor, 0.1, 0.7, 50), None)
+    assert "the closest, ig, reconstructed 0/192 (0%)" in alone
+    assert "so this does not show that sign stops it)" in alone
+    # A converged attack at the floor carries no caveat.
+    converged = _setting_sentence(
+        SettingVerdict("", "sign", (lti, _summary("ig", 0, 5.72, 0.512)), floor, 0.1, 0.7, 50),
+        None,
+    )
+    assert "did not converge" not in converged
 
 
 def _text_summary(attack: str, median: float, mean: float, n: int = 8) -> SettingSummary:

@@ -144,6 +144,21 @@ def _at_floor(s: SettingSummary, v: SettingVerdict) -> bool:
     return s.lpips.value >= v.floor.lpips.value
 
 
+def _unconverged(s: SettingSummary, v: SettingVerdict) -> str:
+    """Why an attack at the floor is no evidence for the defense, when it did not converge
+    (its matching loss fell less than tenfold: the budget ran out or the update could not be
+    matched); '' otherwise."""
+    if not s.not_converged:
+        return ""
+    note = (
+        f" ({s.attack} did not converge in {s.not_converged} of {s.attack_runs} attack runs: "
+        "its budget ran out or it could not match the update"
+    )
+    if v.defense != "none":
+        note += f", so this does not show that {v.defense} stops it"
+    return note + ")"
+
+
 def _accuracy(value: float) -> str:
     return "–" if math.isnan(value) else f"{value:.3f}"
 
@@ -167,6 +182,7 @@ def _setting_sentence(v: SettingVerdict, baseline: SettingVerdict | None) -> str
             text = (
                 f"{where}, no attack got closer than the {floor.attack} floor "
                 f"({_scores(floor)}): the closest, {leader.attack}, reconstructed {reconstructed}"
+                + _unconverged(leader, v)
             )
         else:
             text = f"{where}, {leader.attack} leaks most: it reconstructed {reconstructed}"
@@ -176,6 +192,7 @@ def _setting_sentence(v: SettingVerdict, baseline: SettingVerdict | None) -> str
             text += "; " + "; ".join(
                 _rate_and_scores(s)
                 + (", no closer than the floor" if not nothing_learned and _at_floor(s, v) else "")
+                + (_unconverged(s, v) if _at_floor(s, v) else "")
                 for s in v.attacks[1:]
             )
     text += f". The global model's test accuracy is {_accuracy(v.accuracy_final)}"
