@@ -183,7 +183,11 @@ class AttackConfig(Settings):
         doc="rounds attacked: 'all'; 'every:K' (rounds 1, 1+K, 1+2K, ... and the last); or "
         "comma-separated round numbers and/or 'last'",
     )
-    max_iterations: int = _setting(2000, low=1, doc="iteration budget of every attack")
+    max_iterations: int = _setting(
+        2000,
+        low=1,
+        doc="iteration budget of every optimisation attack (learned ones train for their epochs)",
+    )
     max_seconds: float = _setting(
         120.0, low=0.0, low_open=True, doc="time budget of one attack on one client"
     )
