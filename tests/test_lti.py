@@ -606,5 +606,5 @@ def test_lti_learns_at_batch_4(one_thread: None) -> None:
         "aux-mean": psnr(build_attack("aux-mean")),
         "class-mean": psnr(ClassMeanBaseline()),
     }
-    print(f"B=4: {scores}, LTI trained {lti._val_psnr:.2f} dB on validation")
+    print(f"B=4: {scores}, LTI trained {lti.keeper.score:.2f} dB on validation")
     assert scores["lti"] >= scores["aux-mean"] + 0.4

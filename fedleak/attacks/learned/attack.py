@@ -21,8 +21,6 @@ diagnostics); the inverter trained so far still inverts, and its reconstruction 
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import time
 
 import torch
@@ -30,18 +28,11 @@ from torch import Tensor, nn
 
 from fedleak.attacks.learned.config import LTI_PRESETS, LTIConfig, lti_config
 from fedleak.attacks.learned.inverter import Inverter
-from fedleak.attacks.learned.pairs import (
-    Featuriser,
-    PairSource,
-    Unit,
-    make_groups,
-    unit_and_updates,
-)
-from fedleak.attacks.learned.store import InverterStore, weights_fingerprint
+from fedleak.attacks.learned.keeper import InverterKeeper, LearnedSetup, Refreshed, learned_setup
+from fedleak.attacks.learned.pairs import Featuriser, PairSource, make_groups
+from fedleak.attacks.learned.store import InverterStore
 from fedleak.attacks.learned.trainer import InverterTrainer, TrainingOutcome
 from fedleak.attacks.types import AttackerKnowledge, Budget, Observation, Reconstruction
-from fedleak.defenses import DefensePipeline, parse_defense_spec
-from fedleak.models import build_model
 from fedleak.seeds import mix_seed
 
 __all__ = ["LTI_PRESETS", "LTIConfig", "LTIObservationError", "LearningToInvert", "lti_config"]
@@ -62,12 +53,9 @@ class LearningToInvert:
         self.config = config or LTIConfig()
         self.seed = seed
         self.name = name
-        self.inverter: Inverter | None = None
-        self._key: str | None = None
-        self._fingerprint: str | None = None
-        self._val_psnr = math.nan
-        self._store = InverterStore(self.config.cache_dir, name)
-        self._cache_checked = False
+        self.keeper = InverterKeeper(
+            InverterStore(self.config.cache_dir, name), self.config.refresh, "val_psnr"
+        )
 
     def aux_needed(self, targets: int) -> int:
         """The fewest auxiliary images that leave `targets` for training after the validation
@@ -100,71 +88,45 @@ class LearningToInvert:
             )
         if knowledge.aux_inputs.shape[0] == 0:
             raise LTIObservationError("lti needs auxiliary data; set data.aux-size > 0")
-        device = torch.device(knowledge.device)
-        model = build_model(observation.model)
-        model.load_state_dict(observation.weights)
-        model = model.to(device)
-        pipeline = parse_defense_spec(observation.defense)
-        unit, shared = unit_and_updates(observation)
-        sizes = {name: p.numel() for name, p in model.named_parameters()}
-        featuriser = Featuriser(
-            sizes,
-            cfg.hash_bins,
-            mix_seed(self.seed, 0x4853),
-            cfg.hash_signed,
-            cfg.block_normalise,
+        setup = learned_setup(observation, knowledge, cfg, self.seed)
+        refreshed = self.keeper.current(
+            setup.key(
+                cfg.hidden,
+                cfg.activation,
+                cfg.head,
+                cfg.hash_signed,
+                cfg.block_normalise,
+                tuple(knowledge.data_range),
+            ),
+            setup.fingerprint,
+            observation.round,
+            setup.device,
+            lambda: self._fresh_inverter(observation, knowledge, setup),
+            lambda inverter, warm: self._train(
+                inverter, setup, observation, knowledge, budget, deadline, warm
+            ),
         )
-        key = _setting_key(observation, pipeline, unit, featuriser, knowledge, cfg)
-        fingerprint = weights_fingerprint(observation.weights)
-        self._load_cache(key, observation, knowledge, featuriser, unit, device)
-        warm = self.inverter is not None and self._key == key
-        needed = not (warm and self._fingerprint == fingerprint) and not (
-            warm and cfg.refresh == "frozen"
-        )
-        outcome = None
-        if needed:
-            if cfg.refresh == "retrain" or not warm:
-                self.inverter = self._fresh_inverter(observation, knowledge, featuriser, unit)
-                warm = False
-            assert self.inverter is not None
-            self.inverter.to(device)
-            outcome = self._train(
-                model, pipeline, unit, featuriser, observation, knowledge, budget, deadline, warm
-            )
-            self._key, self._val_psnr = key, outcome.score
-            # A training cut short by the time budget goes on in the round's next call.
-            self._fingerprint = None if outcome.timed_out else fingerprint
-            self._store.save(
-                self.inverter,
-                key,
-                self._fingerprint,
-                observation.round,
-                {"val_psnr": outcome.score},
-            )
-        assert self.inverter is not None
-        inverter = self.inverter.to(device).eval()
         with torch.no_grad():
-            features = featuriser({n: t.to(device) for n, t in shared.items()})
-            images, logits = inverter(features)
+            images, logits = refreshed.inverter(setup.features())
         count = images.shape[0] * images.shape[1]
         low, high = knowledge.data_range
         inputs = images.reshape(count, *images.shape[2:]).float().clamp(low, high).cpu()
         labels = logits.argmax(dim=-1).reshape(count).cpu()
-        return self._result(inputs, labels, outcome, warm, featuriser, start)
+        return self._result(inputs, labels, refreshed, setup.featuriser, start)
 
     def _result(
         self,
         inputs: Tensor,
         labels: Tensor,
-        outcome: TrainingOutcome | None,
-        warm: bool,
+        refreshed: Refreshed,
         featuriser: Featuriser,
         start: float,
     ) -> Reconstruction:
         cfg = self.config
+        outcome, warm = refreshed.outcome, refreshed.warm
         if outcome is None:
             how = f"reused the inverter (refresh={cfg.refresh}, trained at these weights or frozen)"
-            outcome = TrainingOutcome.reused(self._val_psnr)
+            outcome = TrainingOutcome.reused(self.keeper.score)
         else:
             how = (
                 f"refresh={cfg.refresh}: {'warm start' if warm else 'trained from scratch'}, "
@@ -192,17 +154,14 @@ class LearningToInvert:
         )
 
     def _fresh_inverter(
-        self,
-        observation: Observation,
-        knowledge: AttackerKnowledge,
-        featuriser: Featuriser,
-        unit: Unit,
+        self, observation: Observation, knowledge: AttackerKnowledge, setup: LearnedSetup
     ) -> Inverter:
         cfg = self.config
+        unit = setup.unit
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(mix_seed(self.seed, knowledge.seed, 0x494E56))
             inverter = Inverter(
-                featuriser.out_features,
+                setup.featuriser.out_features,
                 cfg.hidden,
                 tuple(observation.model.input_shape),
                 unit.size,
@@ -239,10 +198,8 @@ class LearningToInvert:
 
     def _train(
         self,
-        model: nn.Module,
-        pipeline: DefensePipeline,
-        unit: Unit,
-        featuriser: Featuriser,
+        inverter: Inverter,
+        setup: LearnedSetup,
         observation: Observation,
         knowledge: AttackerKnowledge,
         budget: Budget,
@@ -250,7 +207,7 @@ class LearningToInvert:
         warm: bool,
     ) -> TrainingOutcome:
         cfg = self.config
-        device = torch.device(knowledge.device)
+        device, unit = setup.device, setup.unit
         seed = mix_seed(self.seed, knowledge.seed, observation.round)
         cpu_gen = torch.Generator().manual_seed(seed)
         noise_gen = torch.Generator(device=device).manual_seed(seed)
@@ -265,14 +222,14 @@ class LearningToInvert:
         def source(x: Tensor, y: Tensor, regroup: bool) -> PairSource:
             groups = make_groups(x.shape[0], unit.size, cpu_gen, device)
             return PairSource(
-                model,
-                pipeline,
+                setup.model,
+                setup.pipeline,
                 unit,
                 x,
                 y,
                 observation.model.num_classes,
                 groups,
-                featuriser,
+                setup.featuriser,
                 cfg.pair_chunk,
                 cfg.max_cache_bytes,
                 regroup,
@@ -285,9 +242,8 @@ class LearningToInvert:
             val_pairs = source(*val, False)
             validation = (val_pairs.features(noise_gen), val_pairs.groups, *val)
         epochs = cfg.finetune_epochs if warm else cfg.epochs
-        assert self.inverter is not None
         trainer = InverterTrainer(
-            self.inverter,
+            inverter,
             cfg,
             knowledge.data_range,
             warm,
@@ -300,52 +256,3 @@ class LearningToInvert:
         return trainer.run(
             epochs, deadline, began, budget.show_progress, f"{self.name} round {observation.round}"
         )
-
-    def _load_cache(
-        self,
-        key: str,
-        observation: Observation,
-        knowledge: AttackerKnowledge,
-        featuriser: Featuriser,
-        unit: Unit,
-        device: torch.device,
-    ) -> None:
-        """On the first call, adopt a saved inverter trained for the same setting (resume)."""
-        if self._cache_checked or self.inverter is not None:
-            return
-        self._cache_checked = True
-        saved = self._store.load(key, device)
-        if saved is None:
-            return
-        inverter = self._fresh_inverter(observation, knowledge, featuriser, unit)
-        inverter.load_state_dict(saved.state_dict)
-        self.inverter = inverter
-        self._key, self._fingerprint = key, saved.fingerprint
-        self._val_psnr = saved.score("val_psnr")
-
-
-def _setting_key(
-    observation: Observation,
-    pipeline: DefensePipeline,
-    unit: Unit,
-    featuriser: Featuriser,
-    knowledge: AttackerKnowledge,
-    cfg: LTIConfig,
-) -> str:
-    """What an inverter is specific to; a change means training from scratch."""
-    return repr(
-        (
-            observation.model.name,
-            tuple(observation.model.input_shape),
-            observation.model.num_classes,
-            pipeline.spec,
-            dataclasses.astuple(unit),
-            featuriser.out_features,
-            cfg.hidden,
-            cfg.activation,
-            cfg.head,
-            cfg.hash_signed,
-            cfg.block_normalise,
-            tuple(knowledge.data_range),
-        )
-    )

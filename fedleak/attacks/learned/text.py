@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,18 +33,11 @@ from torch import Tensor, nn
 
 from fedleak.attacks.learned.config import Refresh
 from fedleak.attacks.learned.inverter import ACTIVATIONS, best_assignment
-from fedleak.attacks.learned.pairs import (
-    Featuriser,
-    PairSource,
-    Unit,
-    make_groups,
-    unit_and_updates,
-)
-from fedleak.attacks.learned.store import InverterStore, weights_fingerprint
+from fedleak.attacks.learned.keeper import InverterKeeper, LearnedSetup, Refreshed, learned_setup
+from fedleak.attacks.learned.pairs import Featuriser, PairSource, make_groups
+from fedleak.attacks.learned.store import InverterStore
 from fedleak.attacks.learned.trainer import EpochTrainer, TrainingOutcome, inverter_adam
 from fedleak.attacks.types import AttackerKnowledge, Budget, Observation, Reconstruction
-from fedleak.defenses import DefensePipeline, parse_defense_spec
-from fedleak.models import build_model
 from fedleak.seeds import mix_seed
 from fedleak.settings import Settings, setting
 
@@ -240,12 +232,9 @@ class TextLearningToInvert:
         self.config = config or TextLTIConfig()
         self.seed = seed
         self.name = name
-        self.inverter: TokenInverter | None = None
-        self._key: str | None = None
-        self._fingerprint: str | None = None
-        self._val_acc = math.nan
-        self._store = InverterStore(self.config.cache_dir, name)
-        self._cache_checked = False
+        self.keeper = InverterKeeper(
+            InverterStore(self.config.cache_dir, name), self.config.refresh, "val_token_acc"
+        )
 
     def reconstruct(
         self, observation: Observation, knowledge: AttackerKnowledge, budget: Budget
@@ -263,81 +252,35 @@ class TextLearningToInvert:
                 f"{self.name} needs auxiliary text (LTI-P: its token frequencies); "
                 "set data.aux-size > 0"
             )
-        device = torch.device(knowledge.device)
-        model = build_model(observation.model)
-        model.load_state_dict(observation.weights)
-        model = model.to(device)
-        pipeline = parse_defense_spec(observation.defense)
-        unit, shared = unit_and_updates(observation)
-        sizes = {name: p.numel() for name, p in model.named_parameters()}
-        featuriser = Featuriser(
-            sizes, cfg.hash_bins, mix_seed(self.seed, 0x4853), cfg.hash_signed, cfg.block_normalise
+        setup = learned_setup(observation, knowledge, cfg, self.seed)
+        refreshed = self.keeper.current(
+            setup.key(cfg.hidden, cfg.activation, cfg.pseudo, cfg.hash_signed, cfg.block_normalise),
+            setup.fingerprint,
+            observation.round,
+            setup.device,
+            lambda: self._fresh_inverter(observation, setup),
+            lambda inverter, warm: self._train(
+                inverter, setup, observation, knowledge, start + budget.max_seconds, warm, budget
+            ),
         )
-        key = repr(
-            (
-                observation.model.name,
-                tuple(observation.model.input_shape),
-                observation.model.num_classes,
-                pipeline.spec,
-                dataclasses.astuple(unit),
-                featuriser.out_features,
-                cfg.hidden,
-                cfg.activation,
-                cfg.pseudo,
-                cfg.hash_signed,
-                cfg.block_normalise,
-            )
-        )
-        fingerprint = weights_fingerprint(observation.weights)
-        self._load_cache(key, observation, featuriser, unit, device)
-        warm = self.inverter is not None and self._key == key
-        fresh_weights = not (warm and self._fingerprint == fingerprint)
-        outcome = None
-        if fresh_weights and not (warm and cfg.refresh == "frozen"):
-            if cfg.refresh == "retrain" or not warm:
-                self.inverter = self._fresh_inverter(observation, featuriser, unit)
-                warm = False
-            outcome = self._train(
-                model,
-                pipeline,
-                unit,
-                featuriser,
-                observation,
-                knowledge,
-                start + budget.max_seconds,
-                warm,
-                budget,
-            )
-            self._key, self._val_acc = key, outcome.score
-            self._fingerprint = None if outcome.timed_out else fingerprint
-            self._store.save(
-                self.inverter,
-                key,
-                self._fingerprint,
-                observation.round,
-                {"val_token_acc": outcome.score},
-            )
-        assert self.inverter is not None
-        inverter = self.inverter.to(device).eval()
         with torch.no_grad():
-            features = featuriser({n: t.to(device) for n, t in shared.items()})
-            tokens = inverter(features).argmax(dim=-1)
+            tokens = refreshed.inverter(setup.features()).argmax(dim=-1)
         inputs = tokens.reshape(-1, tokens.shape[-1]).cpu()
-        return self._result(inputs, outcome, warm, featuriser, start)
+        return self._result(inputs, refreshed, setup.featuriser, start)
 
     def _result(
         self,
         inputs: Tensor,
-        outcome: TrainingOutcome | None,
-        warm: bool,
+        refreshed: Refreshed,
         featuriser: Featuriser,
         start: float,
     ) -> Reconstruction:
         cfg = self.config
+        outcome, warm = refreshed.outcome, refreshed.warm
         data = "pseudo-sequences from the aux token marginal" if cfg.pseudo else "aux sequences"
         if outcome is None:
             how = f"reused the inverter (refresh={cfg.refresh}, trained at these weights or frozen)"
-            outcome = TrainingOutcome.reused(self._val_acc)
+            outcome = TrainingOutcome.reused(self.keeper.score)
         else:
             how = (
                 f"refresh={cfg.refresh}: {'warm start' if warm else 'trained from scratch'} on "
@@ -365,27 +308,23 @@ class TextLearningToInvert:
             },
         )
 
-    def _fresh_inverter(
-        self, observation: Observation, featuriser: Featuriser, unit: Unit
-    ) -> TokenInverter:
+    def _fresh_inverter(self, observation: Observation, setup: LearnedSetup) -> TokenInverter:
         cfg = self.config
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(mix_seed(self.seed, 0x494E56))
             return TokenInverter(
-                featuriser.out_features,
+                setup.featuriser.out_features,
                 cfg.hidden,
                 int(observation.model.input_shape[0]),
                 observation.model.num_classes,
-                unit.size,
+                setup.unit.size,
                 cfg.activation,
             )
 
     def _train(
         self,
-        model: nn.Module,
-        pipeline: DefensePipeline,
-        unit: Unit,
-        featuriser: Featuriser,
+        inverter: TokenInverter,
+        setup: LearnedSetup,
         observation: Observation,
         knowledge: AttackerKnowledge,
         deadline: float,
@@ -393,7 +332,7 @@ class TextLearningToInvert:
         budget: Budget,
     ) -> TrainingOutcome:
         cfg = self.config
-        device = torch.device(knowledge.device)
+        device, unit = setup.device, setup.unit
         seed = mix_seed(self.seed, knowledge.seed, observation.round)
         cpu_gen = torch.Generator().manual_seed(seed)
         noise_gen = torch.Generator(device=device).manual_seed(seed)
@@ -403,14 +342,14 @@ class TextLearningToInvert:
         def source(x: Tensor) -> PairSource:
             groups = make_groups(x.shape[0], unit.size, cpu_gen, device)
             return PairSource(
-                model,
-                pipeline,
+                setup.model,
+                setup.pipeline,
                 unit,
                 x,
                 x,
                 vocab,
                 groups,
-                featuriser,
+                setup.featuriser,
                 cfg.pair_chunk,
                 cfg.max_cache_bytes,
             )
@@ -448,11 +387,7 @@ class TextLearningToInvert:
         def epoch_source(epoch: int) -> PairSource:
             return fixed if fixed is not None else source(pseudo(size))
 
-        assert self.inverter is not None
-        self.inverter.to(device)
-        trainer = TokenInverterTrainer(
-            self.inverter, cfg, epoch_source, validation, noise_gen, cpu_gen
-        )
+        trainer = TokenInverterTrainer(inverter, cfg, epoch_source, validation, noise_gen, cpu_gen)
         return trainer.run(
             cfg.finetune_epochs if warm else cfg.epochs,
             deadline,
@@ -460,24 +395,3 @@ class TextLearningToInvert:
             budget.show_progress,
             f"{self.name} round {observation.round}",
         )
-
-    def _load_cache(
-        self,
-        key: str,
-        observation: Observation,
-        featuriser: Featuriser,
-        unit: Unit,
-        device: torch.device,
-    ) -> None:
-        """On the first call, adopt a saved inverter trained for the same setting (resume)."""
-        if self._cache_checked or self.inverter is not None:
-            return
-        self._cache_checked = True
-        saved = self._store.load(key, device)
-        if saved is None:
-            return
-        inverter = self._fresh_inverter(observation, featuriser, unit)
-        inverter.load_state_dict(saved.state_dict)
-        self.inverter = inverter.to(device)
-        self._key, self._fingerprint = key, saved.fingerprint
-        self._val_acc = saved.score("val_token_acc")

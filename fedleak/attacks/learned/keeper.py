@@ -1,0 +1,170 @@
+"""A learned attack's inverter from round to round, shared by the image and text attacks.
+
+An inverter is current for one setting (`key`: model, defense, unit, featuriser, the
+inverter's architecture) and the global weights it was trained at (`fingerprint`). When the
+weights move, `refresh` decides: `retrain` from scratch, `finetune` the previous inverter, or
+keep it `frozen`. Every training is saved to the attack's store, and a resumed run adopts the
+saved inverter for the same setting on its first call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+from fedleak.attacks.learned.config import Refresh
+from fedleak.attacks.learned.pairs import Featuriser, Params, Unit, unit_and_updates
+from fedleak.attacks.learned.store import InverterStore, weights_fingerprint
+from fedleak.attacks.learned.trainer import TrainingOutcome
+from fedleak.attacks.types import AttackerKnowledge, Observation
+from fedleak.defenses import DefensePipeline, parse_defense_spec
+from fedleak.models import ModelSpec, build_model
+from fedleak.seeds import mix_seed
+
+
+class HashingSettings(Protocol):
+    """The featuriser's settings, common to every learned attack's configuration."""
+
+    @property
+    def hash_bins(self) -> int | float | None: ...
+    @property
+    def hash_signed(self) -> bool: ...
+    @property
+    def block_normalise(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class LearnedSetup:
+    """What one call of a learned attack works on: the global model at the observed weights,
+    the clients' public defense, the unit one update stands for, the observed updates as rows
+    and the featuriser that turns updates into the inverter's input."""
+
+    spec: ModelSpec
+    fingerprint: str
+    device: torch.device
+    model: nn.Module
+    pipeline: DefensePipeline
+    unit: Unit
+    updates: Params
+    featuriser: Featuriser
+
+    def key(self, *architecture: object) -> str:
+        """What an inverter is specific to (a change means training from scratch): this
+        setting, then the attack's `architecture` settings."""
+        return repr(
+            (
+                self.spec.name,
+                tuple(self.spec.input_shape),
+                self.spec.num_classes,
+                self.pipeline.spec,
+                dataclasses.astuple(self.unit),
+                self.featuriser.out_features,
+                *architecture,
+            )
+        )
+
+    def features(self) -> Tensor:
+        """The observed updates as the inverter's input [T, F], on the device."""
+        return self.featuriser({name: u.to(self.device) for name, u in self.updates.items()})
+
+
+def learned_setup(
+    observation: Observation, knowledge: AttackerKnowledge, hashing: HashingSettings, seed: int
+) -> LearnedSetup:
+    """The setup of one call; the hashing seed comes from the attack's seed alone, so that
+    every round's updates land in the same bins."""
+    device = torch.device(knowledge.device)
+    model = build_model(observation.model)
+    model.load_state_dict(observation.weights)
+    unit, updates = unit_and_updates(observation)
+    sizes = {name: p.numel() for name, p in model.named_parameters()}
+    featuriser = Featuriser(
+        sizes,
+        hashing.hash_bins,
+        mix_seed(seed, 0x4853),
+        hashing.hash_signed,
+        hashing.block_normalise,
+    )
+    return LearnedSetup(
+        observation.model,
+        weights_fingerprint(observation.weights),
+        device,
+        model.to(device),
+        parse_defense_spec(observation.defense),
+        unit,
+        updates,
+        featuriser,
+    )
+
+
+@dataclass(frozen=True)
+class Refreshed:
+    """The inverter to invert with in this call, and the training it took (None: reused)."""
+
+    inverter: nn.Module
+    outcome: TrainingOutcome | None
+    warm: bool
+
+
+class InverterKeeper:
+    """One attack's inverter across rounds: trained, refreshed or reused on each call, saved
+    after every training, adopted from the store on a resumed run's first call."""
+
+    def __init__(self, store: InverterStore, refresh: Refresh, score_name: str) -> None:
+        self.inverter: nn.Module | None = None
+        self.score = math.nan  # the current inverter's validation score
+        self._store = store
+        self._refresh = refresh
+        self._score_name = score_name
+        self._key: str | None = None
+        self._fingerprint: str | None = None
+        self._store_checked = False
+
+    def current(
+        self,
+        key: str,
+        fingerprint: str,
+        round_: int,
+        device: torch.device,
+        fresh: Callable[[], nn.Module],
+        train: Callable[[nn.Module, bool], TrainingOutcome],
+    ) -> Refreshed:
+        """The inverter for this setting and these weights: `fresh()` builds an untrained
+        one, `train(inverter, warm)` trains it in place."""
+        self._adopt_saved(key, device, fresh)
+        warm = self.inverter is not None and self._key == key
+        stale = not (warm and self._fingerprint == fingerprint)
+        outcome = None
+        if stale and not (warm and self._refresh == "frozen"):
+            if self._refresh == "retrain" or not warm:
+                self.inverter, warm = fresh(), False
+            assert self.inverter is not None
+            outcome = train(self.inverter.to(device), warm)
+            self._key, self.score = key, outcome.score
+            # A training cut short by the time budget goes on in the round's next call.
+            self._fingerprint = None if outcome.timed_out else fingerprint
+            self._store.save(
+                self.inverter, key, self._fingerprint, round_, {self._score_name: outcome.score}
+            )
+        assert self.inverter is not None
+        return Refreshed(self.inverter.to(device).eval(), outcome, warm)
+
+    def _adopt_saved(self, key: str, device: torch.device, fresh: Callable[[], nn.Module]) -> None:
+        """On the first call only: the saved inverter trained for this setting, if any."""
+        if self._store_checked or self.inverter is not None:
+            return
+        self._store_checked = True
+        saved = self._store.load(key, device)
+        if saved is None:
+            return
+        inverter = fresh()
+        inverter.load_state_dict(saved.state_dict)
+        self.inverter = inverter.to(device)
+        self._key, self._fingerprint = key, saved.fingerprint
+        self.score = saved.score(self._score_name)
