@@ -41,9 +41,9 @@ from fedleak.attacks.optimization.losses import (
     total_variation,
 )
 from fedleak.attacks.optimization.replay import (
-    ClientProtocol,
     Replay,
     Statistics,
+    observed_updates,
     shared_statistics,
 )
 from fedleak.attacks.types import AttackerKnowledge, Budget, Observation, Reconstruction
@@ -256,20 +256,9 @@ def prepare(
     device = torch.device(knowledge.device)
     model = _load_model(observation, device)
     pipeline = parse_defense_spec(observation.defense)
-    per_sample = observation.per_sample_updates is not None
-    if per_sample:
-        shared = observation.per_sample_updates
-        targets, samples, contributors = next(iter(shared.values())).shape[0], 1, 1
-        protocol = ClientProtocol("gradient")
-    else:
-        shared = {name: u.unsqueeze(0) for name, u in observation.update.items()}
-        targets, samples, contributors = 1, observation.num_examples, observation.contributors
-        protocol = ClientProtocol(
-            observation.update_kind,
-            observation.local_steps,
-            observation.batch_size,
-            observation.learning_rate,
-        )
+    observed = observed_updates(observation)
+    shared, protocol = observed.rows, observed.protocol
+    targets, samples, contributors = observed.count, observed.samples, observed.contributors
     names = [name for name, _ in model.named_parameters()]
     missing = [name for name in names if name not in shared]
     if missing:

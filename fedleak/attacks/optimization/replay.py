@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from fedleak.attacks.types import UpdateKind
+from fedleak.attacks.types import Observation, UpdateKind
 from fedleak.training.loss import task_loss
 from fedleak.training.per_sample import layerwise_gradients, supported
 
@@ -99,6 +99,35 @@ class ClientProtocol:
     local_steps: int = 1
     batch_size: int = 1
     learning_rate: float = 0.1
+
+
+@dataclass(frozen=True)
+class ObservedUpdates:
+    """An observation's updates as `count` targets, one row of every parameter's tensor each
+    (each sample's gradient under the per-sample threat model, else the client's one update),
+    with the samples one target stands for, the clients it sums and the client's protocol."""
+
+    rows: dict[str, Tensor]
+    count: int
+    samples: int
+    contributors: int
+    protocol: ClientProtocol
+
+
+def observed_updates(observation: Observation) -> ObservedUpdates:
+    """The targets an optimisation attack inverts in one observation."""
+    if observation.per_sample_updates is not None:
+        rows = observation.per_sample_updates
+        count = next(iter(rows.values())).shape[0]
+        return ObservedUpdates(rows, count, 1, 1, ClientProtocol("gradient"))
+    protocol = ClientProtocol(
+        observation.update_kind,
+        observation.local_steps,
+        observation.batch_size,
+        observation.learning_rate,
+    )
+    rows = {name: u.unsqueeze(0) for name, u in observation.update.items()}
+    return ObservedUpdates(rows, 1, observation.num_examples, observation.contributors, protocol)
 
 
 @dataclass(frozen=True)

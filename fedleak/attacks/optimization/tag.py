@@ -36,7 +36,7 @@ from torch import Tensor
 
 from fedleak.attacks.optimization.engine import Settings, optimise
 from fedleak.attacks.optimization.losses import tanh_mean
-from fedleak.attacks.optimization.replay import ClientProtocol, Replay
+from fedleak.attacks.optimization.replay import Replay, observed_updates
 from fedleak.attacks.types import AttackerKnowledge, Budget, Observation, Reconstruction
 from fedleak.defenses import DefensePipeline, Prune, SignCompression, parse_defense_spec
 from fedleak.models import build_model, has_batchnorm
@@ -225,20 +225,9 @@ class TAG:
                 f"model {observation.model.name!r} has no token embedding table to decode with"
             )
         pipeline = parse_defense_spec(observation.defense)
-        if observation.per_sample_updates is not None:
-            shared = observation.per_sample_updates
-            targets, samples, contributors = next(iter(shared.values())).shape[0], 1, 1
-            protocol = ClientProtocol("gradient")
-        else:
-            shared = {name: u.unsqueeze(0) for name, u in observation.update.items()}
-            targets, samples = 1, observation.num_examples
-            contributors = observation.contributors
-            protocol = ClientProtocol(
-                observation.update_kind,
-                observation.local_steps,
-                observation.batch_size,
-                observation.learning_rate,
-            )
+        observed = observed_updates(observation)
+        shared, protocol = observed.rows, observed.protocol
+        targets, samples, contributors = observed.count, observed.samples, observed.contributors
         names = [name for name, _ in model.named_parameters()]
         missing = [name for name in names if name not in shared]
         if missing:
