@@ -366,8 +366,63 @@ CASES = [
         status=1,
         setup=lambda tmp: (_finished_run(tmp), _write("done/utility.csv", BAD_CSV)(tmp)),
     ),
+    Case(
+        "resume-other-clients",
+        (*RESUME, "--num-clients", "4"),
+        "done: was run with 2 clients, not 4; the data's partitions depend on it",
+        status=1,
+        setup=lambda tmp: _two_clients(tmp),
+    ),
+    Case(
+        "check-resume-other-clients",
+        ("check", *RESUME[1:], "--num-clients", "4"),
+        "done: was run with 2 clients, not 4",
+        status=1,
+        setup=lambda tmp: _two_clients(tmp),
+    ),
+    Case(
+        "check-out-holds-a-run",
+        ("check", "{tmp}/done/config.toml", "--out", "{tmp}/done"),
+        "already holds a run (utility.csv)",
+        status=1,
+        setup=_finished_run,
+    ),
+    Case(
+        "report-over-a-user-file",
+        ("report", "{tmp}/runs"),
+        "runs/report.md: exists and was not written by fedleak",
+        status=1,
+        setup=lambda tmp: (_finished_run(tmp / "runs"), _write("runs/report.md", b"notes")(tmp)),
+        keeps=("runs/report.md",),
+    ),
+    Case(
+        "report-corrupt-environment",
+        ("report", "{tmp}/done"),
+        "environment.json: unreadable (JSONDecodeError",
+        status=1,
+        setup=lambda tmp: (_finished_run(tmp), _write("done/environment.json", b"{")(tmp)),
+    ),
+    Case(
+        "report-manifest-not-an-object",
+        ("report", "{tmp}"),
+        "sweep.json: not a sweep manifest",
+        status=1,
+        setup=lambda tmp: (_finished_run(tmp), _write("sweep.json", b"[1, 2]")(tmp)),
+    ),
+    Case("sweep-empty-cells", ("sweep", "demo", "--cells", ""), "--cells: an empty pattern"),
+    Case("abbreviated-option", ("check", "quickstart", "--verb"), "arguments: --verb"),
+    Case(
+        "aux-0-class-mean",
+        (*RUN, "--set", "data.aux-size=0", "--set", "attack.names=class-mean"),
+        "class-mean needs auxiliary data, but data.aux-size=0",
+    ),
     Case("weights-net", ("weights", "--nets", "squeeze"), "--nets='squeeze': expected names"),
 ]
+
+
+def _two_clients(tmp: Path) -> None:
+    _finished_run(tmp)
+    RunDirectory.open(tmp / "done").record_clients(2)
 
 
 def _more_rounds(tmp: Path) -> None:

@@ -93,6 +93,15 @@ def test_create_writes_config_and_environment(run: RunDirectory) -> None:
     assert "created" in reopened.environment()
 
 
+def test_the_federation_size_is_recorded_once_and_then_enforced(run: RunDirectory) -> None:
+    run.check_clients(4)  # nothing recorded yet: any size
+    run.record_clients(3)
+    assert RunDirectory.open(run.path).environment()["num_clients"] == 3
+    run.record_clients(3)
+    with pytest.raises(RunDirectoryError, match="was run with 3 clients, not 4"):
+        run.check_clients(4)
+
+
 def test_empty_frames_have_fixed_dtypes(run: RunDirectory) -> None:
     leakage, utility = run.leakage(), run.utility()
     assert list(leakage.columns) == list(LEAKAGE_COLUMNS) and leakage.empty

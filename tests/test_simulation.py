@@ -68,6 +68,8 @@ def test_run_directory_holds_every_record(attacked: Path) -> None:
         "DONE",
     ):
         assert (attacked / name).exists(), name
+    # The federation's size, which a resumed run must match (the partitions depend on it).
+    assert json.loads((attacked / "environment.json").read_text())["num_clients"] == 3
     leakage = pd.read_parquet(attacked / "leakage.parquet")
     original = leakage[leakage.scored_against == "original"]
     # 2 rounds x 2 attacked clients x 2 attacks x batch of 2

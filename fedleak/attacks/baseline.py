@@ -23,6 +23,12 @@ def _require_aux(name: str, knowledge: AttackerKnowledge) -> None:
         raise ValueError(f"{name} needs auxiliary data; set data.aux-size > 0")
 
 
+def _refuse_without_aux(name: str, aux: int) -> None:
+    """Refuse, before a run, a floor without auxiliary data, where every call would fail."""
+    if aux == 0:
+        raise ValueError(f"{name} needs auxiliary data, but data.aux-size=0; set it > 0")
+
+
 class AuxMeanBaseline:
     """Every sample is the mean auxiliary image; every label the majority auxiliary class."""
 
@@ -32,8 +38,7 @@ class AuxMeanBaseline:
 
     def check_feasible(self, targets: int, aux: int) -> None:
         """Refuse a run without auxiliary data, where every call would fail."""
-        if aux == 0:
-            raise ValueError("aux-mean needs auxiliary data, but data.aux-size=0; set it > 0")
+        _refuse_without_aux(self.name, aux)
 
     def reconstruct(
         self, observation: Observation, knowledge: AttackerKnowledge, budget: Budget
@@ -79,6 +84,10 @@ class ClassMeanBaseline:
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
+
+    def check_feasible(self, targets: int, aux: int) -> None:
+        """Refuse a run without auxiliary data, where every call would fail."""
+        _refuse_without_aux(self.name, aux)
 
     def reconstruct(
         self, observation: Observation, knowledge: AttackerKnowledge, budget: Budget

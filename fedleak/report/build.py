@@ -24,7 +24,12 @@ from fedleak.report.document import (
 from fedleak.report.document import Cell as TableCell
 from fedleak.report.gallery import gallery_figure, ranked, run_samples
 from fedleak.report.plots import frontier_figure, rounds_figure, setting_label
-from fedleak.report.rundir import atomic_write, lpips_column, replace_owned_files
+from fedleak.report.rundir import (
+    RunDirectoryError,
+    atomic_write,
+    lpips_column,
+    replace_owned_files,
+)
 from fedleak.report.tables import (
     METRICS,
     SUCCESS_RULE,
@@ -48,6 +53,8 @@ from fedleak.report.verdict import verdict
 HTML_FILE = "report.html"
 MARKDOWN_FILE = "report.md"
 FILES_DIR = "report_files"
+# Every report's title starts so: how a rebuild knows report.html and report.md are its own.
+TITLE_PREFIX = "fedleak report: "
 # Reconstructions are shown for at most this many settings of a sweep.
 MAX_GRID_SETTINGS = 24
 
@@ -349,13 +356,29 @@ def report_blocks(study: Study) -> list[Block]:
     ]
 
 
+def _check_ours(file: Path) -> None:
+    """Refuse to replace a report.html or report.md that fedleak did not write (its title
+    names fedleak near the top): a folder of runs may hold a user's own notes."""
+    if not file.exists():
+        return
+    with file.open("rb") as handle:
+        head = handle.read(2048).decode("utf-8", errors="replace")
+    if TITLE_PREFIX not in head:
+        raise RunDirectoryError(
+            f"{file}: exists and was not written by fedleak; move it away to build the report "
+            "in this folder"
+        )
+
+
 def build_report(path: Path) -> tuple[Path, Path]:
     """Write report.html and report.md (+ report_files/) into a run or sweep directory."""
     path = Path(path)
     study = load_study(path)
     blocks = report_blocks(study)
-    title = f"fedleak report: {study.name}"
+    title = f"{TITLE_PREFIX}{study.name}"
     html_path, md_path = path / HTML_FILE, path / MARKDOWN_FILE
+    for existing in (html_path, md_path):
+        _check_ours(existing)
     atomic_write(html_path, render_html(title, blocks).encode("utf-8"))
     markdown, files = render_markdown(title, blocks, FILES_DIR)
     # Figures of an earlier build that this one no longer has go; a user's own files stay.

@@ -130,6 +130,17 @@ def _varying(runs: list[RunRecord]) -> tuple[str, ...]:
     )
 
 
+def _manifest(file: Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        detail = " ".join(f"{type(error).__name__}: {error}".split())[:200]
+        raise RunDirectoryError(f"{file}: unreadable ({detail}); restore or delete it") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("cells", []), list):
+        raise RunDirectoryError(f"{file}: not a sweep manifest (a JSON object listing cells)")
+    return manifest
+
+
 def load_study(path: Path) -> Study:
     """Read a run directory or a sweep directory; RunDirectoryError if it is neither."""
     path = Path(path)
@@ -138,7 +149,7 @@ def load_study(path: Path) -> Study:
         return Study(path=path, kind="run", runs=(run,), manifest=None, group_keys=())
     manifest = None
     if (path / MANIFEST).is_file():
-        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+        manifest = _manifest(path / MANIFEST)
         folders = [path / cell["id"] for cell in manifest.get("cells", [])]
     else:
         folders = sorted(p for p in path.iterdir() if p.is_dir()) if path.is_dir() else []

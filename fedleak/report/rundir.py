@@ -352,7 +352,15 @@ class RunDirectory:
     def environment(self) -> dict[str, object]:
         """environment.json as written at creation ({} if absent)."""
         file = self.path / ENVIRONMENT_FILE
-        return json.loads(file.read_text(encoding="utf-8")) if file.exists() else {}
+        if not file.exists():
+            return {}
+        try:
+            environment = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise _unreadable(file, error) from None
+        if not isinstance(environment, dict):
+            raise _unreadable(file, TypeError("not a JSON object"))
+        return environment
 
     # Records -----------------------------------------------------------------------------
 
@@ -635,6 +643,28 @@ class RunDirectory:
             raise RunDirectoryError(
                 f"num-server-rounds={config.num_server_rounds} is fewer than the {finished} "
                 f"rounds {self.path} already finished; a resumed run may only add rounds"
+            )
+
+    def check_clients(self, num_clients: int) -> None:
+        """Refuse a federation of another size than the run's: the data's partitions depend
+        on it, so resuming with other clients would mix two studies in one directory."""
+        recorded = self.environment().get("num_clients")
+        if recorded is not None and int(recorded) != num_clients:  # type: ignore[call-overload]
+            raise RunDirectoryError(
+                f"{self.path}: was run with {recorded} clients, not {num_clients}; the data's "
+                f"partitions depend on it: resume with --num-clients {recorded} or choose "
+                "another out-dir"
+            )
+
+    def record_clients(self, num_clients: int) -> None:
+        """Note the federation's size in environment.json (`check_clients` first)."""
+        self.check_clients(num_clients)
+        environment = self.environment()
+        if environment.get("num_clients") != num_clients:
+            environment["num_clients"] = num_clients
+            atomic_write(
+                self.path / ENVIRONMENT_FILE,
+                json.dumps(environment, indent=2, default=str).encode("utf-8"),
             )
 
     def update_config(self, config: RunConfig) -> None:

@@ -17,7 +17,7 @@ import tomllib
 import traceback
 from importlib.metadata import version
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from fedleak.config import ConfigError, RunConfig, parse_flat
 from fedleak.heap import reuse_freed_memory
@@ -32,7 +32,13 @@ class UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but an error is one line (raised, not printed with the usage block)."""
+    """argparse, but an error is one line (raised, not printed with the usage block), and
+    options are spelt out: `--verbose` is looked up in argv before parsing (so that a parse
+    error shows its traceback), where an abbreviation such as `--verb` would go unseen."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message} (see `{self.prog} --help`)")
@@ -106,6 +112,9 @@ def _sweep(args: argparse.Namespace) -> int:
     out = Path(_absolute(args.out, "--out")) if args.out is not None else None
     overrides = dict(_override(item) for item in args.set or [])
     cells = [p.strip() for item in args.cells or [] for p in item.split(",") if p.strip()]
+    if args.cells is not None and not cells:
+        # An empty pattern (an unset shell variable) must not start every cell of a sweep.
+        raise UsageError("--cells: an empty pattern; give fnmatch globs such as 'cell-003-*'")
     try:
         path = run_sweep(Path(args.file), out_dir=out, overrides=overrides, cells=cells)
     except SweepFailed as failure:
@@ -177,6 +186,10 @@ def _check(args: argparse.Namespace) -> int:
 
     config = _config(args)
     validate_run(config, args.num_clients, args.client_cpus, args.client_gpus)
+    if config.out_dir:
+        from fedleak.simulations.launch import check_out_dir
+
+        check_out_dir(config, args.num_clients)
     print(config.to_toml(), end="")
     return 0
 

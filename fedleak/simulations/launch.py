@@ -49,6 +49,17 @@ class StudyInterrupted(KeyboardInterrupt):
         self.path, self.finished, self.total = path, finished, total
 
 
+def check_out_dir(config: RunConfig, num_clients: int) -> Path:
+    """The run directory a study writes, refused where it would be (`fedleak check` asks the
+    same): a run in progress there, a folder that is not new, empty or fedleak's, and a resume
+    with other settings or clients."""
+    out = Path(config.out_dir) if config.out_dir else default_run_dir(config)
+    RunLock(out).probe()  # a run in progress there is the first thing to say
+    RunDirectory.check_target(out, resume=config.sim.resume)
+    check_resumable(dataclasses.replace(config, out_dir=str(out)), out, num_clients)
+    return out
+
+
 def run_study(
     config: RunConfig,
     *,
@@ -66,13 +77,9 @@ def run_study(
     # split, infeasible attacks and rounds over the payload budget.
     validate_run(config, num_clients, client_cpus, client_gpus)
     init_args = ray_init_args(config, client_cpus, client_gpus)
-    out = Path(config.out_dir) if config.out_dir else default_run_dir(config)
+    out = check_out_dir(config, num_clients)
     config = dataclasses.replace(config, out_dir=str(out))
-    lock = RunLock(out)
-    lock.probe()  # a run in progress there is the first thing to say
-    RunDirectory.check_target(out, resume=config.sim.resume)
-    check_resumable(config, out)
-    with lock, _stop_on_first_sigint():
+    with RunLock(out), _stop_on_first_sigint():
         try:
             simulate(config, num_clients, client_cpus, client_gpus, init_args, verbose)
         except RunFailed as failure:

@@ -103,17 +103,20 @@ def serve(
     lock.probe()
     RunDirectory.check_target(path, resume=config.sim.resume)
     with lock:
-        check_resumable(config, path)
+        check_resumable(config, path, clients)
         return _serve(StoppableGrid(grid), config, path, device, app, clients)
 
 
-def check_resumable(config: RunConfig, path: Path) -> None:
-    """For `sim.resume` on an existing run: its settings match (`RunDirectory.check_resume`)
-    and its checkpoint is a fedleak checkpoint that fits the configured model."""
+def check_resumable(config: RunConfig, path: Path, clients: int | None = None) -> None:
+    """For `sim.resume` on an existing run: its settings and its number of clients (when the
+    caller knows it) match (`RunDirectory.check_resume`, `check_clients`) and its checkpoint
+    is a fedleak checkpoint that fits the configured model."""
     if not (config.sim.resume and (path / "config.toml").exists()):
         return
     run_dir = RunDirectory.open(path)
     run_dir.check_resume(config)
+    if clients is not None:
+        run_dir.check_clients(clients)
     checkpoint = run_dir.load_global_model()
     if checkpoint is None:
         return
@@ -166,6 +169,7 @@ def _serve(
 
     # ε needs every client's partition size; the server's own `fd` has a single partition.
     num_clients = grid.wait_for_nodes(clients or config.train.min_clients, config.sim.timeout)
+    run_dir.record_clients(num_clients)
     ledger = PrivacyLedger.from_config(config, federated_data(config, num_clients))
     recorder = RunRecorder(
         run_dir,

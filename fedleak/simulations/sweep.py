@@ -484,10 +484,12 @@ def _finished(path: Path) -> bool:
     return _is_run(path) and RunDirectory.open(path).is_finished()
 
 
-def _check_existing(cell: Cell, path: Path) -> None:
-    """A cell folder from an earlier start must hold this very cell's configuration."""
+def _check_existing(cell: Cell, path: Path, num_clients: int) -> None:
+    """A cell folder from an earlier start must hold this very cell's configuration, run with
+    as many clients."""
     try:
-        stored = RunDirectory.open(path).config.to_flat()
+        run = RunDirectory.open(path)
+        stored = run.config.to_flat()
     except (ConfigError, RunDirectoryError) as error:
         raise SweepError(f"{path}: unreadable cell configuration ({error})") from None
     wanted = dataclasses.replace(cell.config, out_dir=str(path)).to_flat()
@@ -497,6 +499,12 @@ def _check_existing(cell: Cell, path: Path) -> None:
                 f"{path}: was run with {key}={stored.get(key)!r}, this sweep wants "
                 f"{wanted.get(key)!r}; use another out dir or sweep name"
             )
+    recorded = run.environment().get("num_clients")
+    if recorded is not None and recorded != num_clients:
+        raise SweepError(
+            f"{path}: was run with {recorded} clients, this sweep wants num-clients = "
+            f"{num_clients}; use another out dir or sweep name"
+        )
 
 
 def _write_manifest(sweep_dir: Path, plan: SweepPlan, status: Mapping[str, dict[str, Any]]) -> None:
@@ -524,7 +532,14 @@ def _write_manifest(sweep_dir: Path, plan: SweepPlan, status: Mapping[str, dict[
 
 def read_manifest(sweep_dir: Path) -> dict[str, Any]:
     """`sweep.json` of a sweep directory."""
-    return json.loads((Path(sweep_dir) / MANIFEST).read_text(encoding="utf-8"))
+    file = Path(sweep_dir) / MANIFEST
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise SweepError(f"{file}: unreadable ({_one_line(error)}); restore or delete it") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("cells", []), list):
+        raise SweepError(f"{file}: not a sweep manifest (a JSON object listing cells)")
+    return manifest
 
 
 def _say(line: str) -> None:
@@ -563,7 +578,7 @@ def run_sweep(
     _check_folders(sweep_dir, paths)
     for cell in plan.cells:
         if _is_run(paths[cell.id]):
-            _check_existing(cell, paths[cell.id])
+            _check_existing(cell, paths[cell.id], plan.num_clients)
     with RunLock(sweep_dir):
         return _run_plan(plan, sweep_dir, paths, runner, say, missing)
 
