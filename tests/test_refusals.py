@@ -416,6 +416,12 @@ CASES = [
         (*RUN, "--set", "data.aux-size=0", "--set", "attack.names=class-mean"),
         "class-mean needs auxiliary data, but data.aux-size=0",
     ),
+    Case(
+        "model-without-class-scores",
+        (*RUN, "--set", "model.name=torch.nn:Identity"),
+        "model.name='torch.nn:Identity': outputs (1, 1, 28, 28) for one input of shape "
+        "(1, 1, 28, 28); expected (1, 10)",
+    ),
     Case("weights-net", ("weights", "--nets", "squeeze"), "--nets='squeeze': expected names"),
 ]
 

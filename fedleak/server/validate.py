@@ -14,6 +14,8 @@ from __future__ import annotations
 import math
 import re
 
+import torch
+
 from fedleak.attacks.registry import ATTACKS, attack_entry, attack_modalities, build_attack
 from fedleak.config import ConfigError, RunConfig, key_help
 from fedleak.data import (
@@ -70,9 +72,34 @@ def validate_run(
     check_resources(config, num_clients, client_cpus, client_gpus)
     ray_init_args(config, client_cpus, client_gpus)  # GPU shares, room for attack workers
     fd = check_data_split(config, num_clients)
+    check_model(model_spec(config, fd))
     check_attacks(config, fd, num_clients)
     check_payload(config, model_spec(config, fd), num_clients)
     return fd
+
+
+def check_model(spec: ModelSpec) -> None:
+    """Refuse a model that fails on one input of the data's shape or does not score every
+    class (a user's `module:factory` model): every client would fail in its first step."""
+    tokens = model_modality(spec.name) == "tokens"
+    shape = (1, *spec.input_shape)
+    expected = (*shape, spec.num_classes) if tokens else (1, spec.num_classes)
+    try:
+        model = build_model(spec).eval()
+        with torch.no_grad():
+            out = model(torch.zeros(shape, dtype=torch.long if tokens else torch.float32))
+    except Exception as error:  # the model is the user's code: any failure is theirs
+        detail = " ".join(f"{type(error).__name__}: {error}".split())[:200]
+        raise ConfigError(
+            f"model.name={spec.name!r}: fails on one input of shape {shape} ({detail})"
+        ) from None
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(
+            f"model.name={spec.name!r}: outputs {got} for one input of shape {shape}; expected "
+            f"{expected} (a score for each of the data's {spec.num_classes} "
+            f"{'tokens' if tokens else 'classes'})"
+        )
 
 
 def check_resources(
