@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import pickle
 import time
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from fedleak.attacks.learned.store import InverterStore
+from fedleak.attacks.learned.store import InverterStore, InverterStoreError
 from fedleak.attacks.learned.trainer import EpochTrainer
 
 
@@ -111,5 +110,9 @@ def test_store_loads_tensors_only(tmp_path: Path) -> None:
     store = InverterStore(tmp_path, "lti")
     assert store.path is not None
     torch.save({"state_dict": {}, "meta": {"key": "k", "payload": Path("x")}}, store.path)
-    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+    with pytest.raises(InverterStoreError, match="UnpicklingError: Weights only load failed") as e:
+        store.load("k", torch.device("cpu"))
+    assert "\n" not in str(e.value) and "delete it to train the inverter anew" in str(e.value)
+    store.path.write_bytes(b"not a checkpoint")
+    with pytest.raises(InverterStoreError, match=r"lti-inverter\.pt: unreadable"):
         store.load("k", torch.device("cpu"))

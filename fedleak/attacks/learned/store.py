@@ -15,6 +15,10 @@ import torch
 from torch import Tensor, nn
 
 
+class InverterStoreError(ValueError):
+    """A saved inverter that cannot be read."""
+
+
 @dataclass(frozen=True)
 class SavedInverter:
     """An inverter's weights and what they were trained for."""
@@ -55,11 +59,18 @@ class InverterStore:
         """The saved inverter if there is one for this setting (tensors only: weights_only)."""
         if self.path is None or not self.path.exists():
             return None
-        saved = torch.load(self.path, map_location=device, weights_only=True)
-        meta = dict(saved["meta"])
+        try:
+            saved = torch.load(self.path, map_location=device, weights_only=True)
+            meta = dict(saved["meta"])
+            state_dict = dict(saved["state_dict"])
+        except Exception as error:  # a damaged or foreign file: never unpickled beyond tensors
+            detail = " ".join(f"{type(error).__name__}: {error}".split())[:200]
+            raise InverterStoreError(
+                f"{self.path}: unreadable ({detail}); delete it to train the inverter anew"
+            ) from None
         if meta.get("key") != key:
             return None
-        return SavedInverter(saved["state_dict"], meta.get("fingerprint"), meta)
+        return SavedInverter(state_dict, meta.get("fingerprint"), meta)
 
 
 def weights_fingerprint(weights: dict[str, Tensor]) -> str:
