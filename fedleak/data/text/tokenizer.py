@@ -8,8 +8,9 @@ auxiliary text gets the same vocabulary (a test checks this across processes).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,6 +120,23 @@ def train_bpe(texts: Sequence[str], vocab_size: int) -> TextTokenizer:
     )
 
 
+@contextlib.contextmanager
+def _quiet_hub() -> Iterator[None]:
+    """The Hugging Face Hub's client logs every retry of a failed request as a warning; the
+    outcome reaches the user as one line (`DatasetUnavailable`), so they are held back."""
+    try:
+        from huggingface_hub.utils import logging as hub_logging
+    except ImportError:  # tokenizers then fails on its own, in one exception
+        yield
+        return
+    level = hub_logging.get_verbosity()
+    hub_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hub_logging.set_verbosity(level)
+
+
 def load_tokenizer(kind: str, aux_texts: Sequence[str], vocab_size: int) -> TextTokenizer:
     """The tokenizer a run names: `bpe` (trained on `aux_texts`), `gpt2` (Hugging Face Hub) or
     `file:<path>` (a saved `tokenizer.json`)."""
@@ -126,7 +144,8 @@ def load_tokenizer(kind: str, aux_texts: Sequence[str], vocab_size: int) -> Text
         return train_bpe(aux_texts, vocab_size)
     if kind == "gpt2":
         try:
-            tokenizer = Tokenizer.from_pretrained("gpt2")
+            with _quiet_hub():
+                tokenizer = Tokenizer.from_pretrained("gpt2")
         except Exception as error:  # offline: connection or hub errors
             cause = " ".join(str(error).split())[:200]
             raise DatasetUnavailable(
