@@ -422,6 +422,11 @@ CASES = [
         "model.name='torch.nn:Identity': outputs (1, 1, 28, 28) for one input of shape "
         "(1, 1, 28, 28); expected (1, 10)",
     ),
+    Case(
+        "set-value-with-a-comment",
+        (*RUN, "--set", "train.batch-size=2#x"),
+        "train.batch-size='2#x': expected an integer >= 1",
+    ),
     Case("weights-net", ("weights", "--nets", "squeeze"), "--nets='squeeze': expected names"),
 ]
 

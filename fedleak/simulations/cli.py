@@ -50,8 +50,14 @@ def _override(text: str) -> tuple[str, object]:
     if not sep or not key.strip():
         raise ConfigError(f"--set {text!r}: expected key=value, e.g. train.batch-size=4")
     try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except (ValueError, KeyError):  # TOMLDecodeError; a number too long; `raw` adds keys
+        document = tomllib.loads(f"v = {raw}")
+    except ValueError:  # TOMLDecodeError; a number too long
+        return key.strip(), raw
+    value = document.get("v", raw)
+    # A `#` the value does not hold was read as a comment (`2#x` would be 2), and a newline can
+    # add keys: neither is what was typed, so the text stays a string (and is refused if the
+    # setting wants a number).
+    if set(document) != {"v"} or ("#" in raw and "#" not in str(value)):
         value = raw
     return key.strip(), value
 
