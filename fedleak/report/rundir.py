@@ -652,8 +652,8 @@ class RunDirectory:
         if recorded is not None and int(recorded) != num_clients:  # type: ignore[call-overload]
             raise RunDirectoryError(
                 f"{self.path}: was run with {recorded} clients, not {num_clients}; the data's "
-                f"partitions depend on it: resume with --num-clients {recorded} or choose "
-                "another out-dir"
+                f"partitions depend on it: run it with {recorded} (--num-clients, or num-clients "
+                "in a sweep) or choose another out-dir"
             )
 
     def record_clients(self, num_clients: int) -> None:

@@ -499,12 +499,10 @@ def _check_existing(cell: Cell, path: Path, num_clients: int) -> None:
                 f"{path}: was run with {key}={stored.get(key)!r}, this sweep wants "
                 f"{wanted.get(key)!r}; use another out dir or sweep name"
             )
-    recorded = run.environment().get("num_clients")
-    if recorded is not None and recorded != num_clients:
-        raise SweepError(
-            f"{path}: was run with {recorded} clients, this sweep wants num-clients = "
-            f"{num_clients}; use another out dir or sweep name"
-        )
+    try:
+        run.check_clients(num_clients)
+    except RunDirectoryError as error:
+        raise SweepError(str(error)) from None
 
 
 def _write_manifest(sweep_dir: Path, plan: SweepPlan, status: Mapping[str, dict[str, Any]]) -> None:
