@@ -377,7 +377,7 @@ def _text_summary_table(summaries: list[SettingSummary], grouped: bool) -> Table
             "ROUGE-L median",
         ),
         rows=tuple(body),
-        caption="Against the private sequences. n: reconstructed sequences. Token accuracy: the "
+        caption="Against the private sequences. n: scored sequences. Token accuracy: the "
         "share of positions recovered; medians with their 95% order-statistic interval (the "
         "sample range for n < 6); the mean, bounded, with its Student-t interval.",
     )
