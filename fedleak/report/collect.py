@@ -130,7 +130,10 @@ def _varying(runs: list[RunRecord]) -> tuple[str, ...]:
     )
 
 
-def _manifest(file: Path) -> dict[str, Any]:
+def read_manifest(sweep_dir: Path) -> dict[str, Any]:
+    """`sweep.json` of a sweep directory; RunDirectoryError, in one line, if it is unreadable
+    or not a manifest."""
+    file = Path(sweep_dir) / MANIFEST
     try:
         manifest = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
@@ -149,7 +152,7 @@ def load_study(path: Path) -> Study:
         return Study(path=path, kind="run", runs=(run,), manifest=None, group_keys=())
     manifest = None
     if (path / MANIFEST).is_file():
-        manifest = _manifest(path / MANIFEST)
+        manifest = read_manifest(path)
         folders = [path / cell["id"] for cell in manifest.get("cells", [])]
     else:
         folders = sorted(p for p in path.iterdir() if p.is_dir()) if path.is_dir() else []

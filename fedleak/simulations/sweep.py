@@ -73,6 +73,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from fedleak.config import ConfigError, RunConfig, flatten_toml, parse_flat
+from fedleak.report import collect
+from fedleak.report.collect import MANIFEST
 from fedleak.report.progress import Progress
 from fedleak.report.rundir import (
     LOCK_FILE,
@@ -83,7 +85,6 @@ from fedleak.report.rundir import (
 )
 from fedleak.simulations.presets import load_preset, preset_path, read_preset_text
 
-MANIFEST = "sweep.json"
 SOURCE_COPY = "sweep.toml"
 SWEEP_KEYS = (
     "name",
@@ -529,15 +530,12 @@ def _write_manifest(sweep_dir: Path, plan: SweepPlan, status: Mapping[str, dict[
 
 
 def read_manifest(sweep_dir: Path) -> dict[str, Any]:
-    """`sweep.json` of a sweep directory."""
-    file = Path(sweep_dir) / MANIFEST
+    """`sweep.json` of a sweep directory (`fedleak.report.collect.read_manifest`), its
+    problems as a SweepError."""
     try:
-        manifest = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise SweepError(f"{file}: unreadable ({_one_line(error)}); restore or delete it") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("cells", []), list):
-        raise SweepError(f"{file}: not a sweep manifest (a JSON object listing cells)")
-    return manifest
+        return collect.read_manifest(sweep_dir)
+    except RunDirectoryError as error:
+        raise SweepError(str(error)) from None
 
 
 def _say(line: str) -> None:
