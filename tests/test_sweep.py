@@ -194,6 +194,8 @@ def test_interrupted_sweep_resumes_without_redoing_finished_cells(tmp_path: Path
     with pytest.raises(KeyboardInterrupt):
         run_sweep(source, out_dir=tmp_path, runner=first, say=lambda _: None)
     sweep_dir = tmp_path / "tiny"
+    statuses = [c["status"] for c in read_manifest(sweep_dir)["cells"]]
+    assert statuses == ["done", "interrupted", "pending", "pending"]
     done = sweep_dir / first.calls[0] / "utility.csv"
     stamp = done.stat().st_mtime_ns
     assert RunDirectory.open(sweep_dir / first.calls[1]).finished_rounds() == 1
@@ -237,6 +239,19 @@ def test_a_changed_sweep_refuses_to_reuse_cells(tmp_path: Path) -> None:
     ):
         run_sweep(_write(tmp_path, changed, "changed.toml"), out_dir=tmp_path, runner=runner)
     assert runner.calls == []
+
+
+def test_a_sweep_with_another_number_of_clients_refuses_to_reuse_cells(tmp_path: Path) -> None:
+    sweep_dir = run_sweep(
+        _write(tmp_path, GRID), out_dir=tmp_path, runner=fake_runner, say=lambda _: None
+    )
+    for cell in read_manifest(sweep_dir)["cells"]:
+        RunDirectory.open(sweep_dir / cell["id"]).record_clients(2)  # as run_study does
+    wider = GRID.replace("num-clients = 2", "num-clients = 3")
+    runner = Recorder()
+    with pytest.raises(SweepError, match=r"cell-000-B1_none.*2 clients.*3") as error:
+        run_sweep(_write(tmp_path, wider, "wider.toml"), out_dir=tmp_path, runner=runner)
+    assert "\n" not in str(error.value) and runner.calls == []
 
 
 def test_cells_without_their_data_are_skipped_not_failed(tmp_path: Path) -> None:

@@ -36,7 +36,8 @@ public pool and client partitions for `num-clients` clients); bad files raise `S
 with one line.
 
 Cells live in `<out>/<name>/cell-XXX-<short description>/`, listed with their status in
-`sweep.json`. A cell is finished when its `utility.csv` records every configured round; a
+`sweep.json` (pending, queued, running, done, failed, skipped, or interrupted after Ctrl-C).
+A cell is finished when its `utility.csv` records every configured round; a
 rerun skips finished cells and starts unfinished ones again from scratch. With
 `skip-unavailable-data`, cells whose data set is not on disk (e.g. CIFAR-10 offline) are
 recorded as skipped instead of failing, and a later rerun tries them again.
@@ -641,29 +642,37 @@ def _run_plan(
             RunDirectory(paths[cell.id]).clear()
         return dataclasses.replace(cell.config, out_dir=str(paths[cell.id]))
 
-    if plan.parallel == 1 or len(pending) <= 1:
+    try:
+        if plan.parallel == 1 or len(pending) <= 1:
+            for cell in pending:
+                status[cell.id] = {"status": "running", "message": "", "seconds": None}
+                _write_manifest(sweep_dir, plan, status)
+                say(f"  {cell.id}: running")
+                record(cell, _run_cell(runner, fresh(cell), paths[cell.id]))
+        else:
+            context = multiprocessing.get_context("spawn")
+            workers = min(plan.parallel, len(pending))
+            with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+                futures = {}
+                for cell in pending:
+                    futures[cell.id] = pool.submit(
+                        _run_cell, runner, fresh(cell), paths[cell.id], f"{cell.id}: "
+                    )
+                    status[cell.id] = {"status": "queued", "message": "", "seconds": None}
+                _write_manifest(sweep_dir, plan, status)
+                for cell in pending:
+                    try:
+                        result = futures[cell.id].result()
+                    except Exception as error:  # the worker process itself died
+                        result = ("failed", _one_line(error), 0.0)
+                    record(cell, result)
+    except BaseException:
+        # After Ctrl-C, sweep.json must not go on saying that a cell runs or waits.
         for cell in pending:
-            status[cell.id] = {"status": "running", "message": "", "seconds": None}
-            _write_manifest(sweep_dir, plan, status)
-            say(f"  {cell.id}: running")
-            record(cell, _run_cell(runner, fresh(cell), paths[cell.id]))
-    else:
-        context = multiprocessing.get_context("spawn")
-        workers = min(plan.parallel, len(pending))
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-            futures = {}
-            for cell in pending:
-                futures[cell.id] = pool.submit(
-                    _run_cell, runner, fresh(cell), paths[cell.id], f"{cell.id}: "
-                )
-                status[cell.id] = {"status": "queued", "message": "", "seconds": None}
-            _write_manifest(sweep_dir, plan, status)
-            for cell in pending:
-                try:
-                    result = futures[cell.id].result()
-                except Exception as error:  # the worker process itself died
-                    result = ("failed", _one_line(error), 0.0)
-                record(cell, result)
+            if status[cell.id]["status"] in ("running", "queued"):
+                status[cell.id] = {"status": "interrupted", "message": "", "seconds": None}
+        _write_manifest(sweep_dir, plan, status)
+        raise
 
     failed = [cell.id for cell in plan.cells if status[cell.id]["status"] == "failed"]
     if failed:
