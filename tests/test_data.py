@@ -90,6 +90,22 @@ def test_missing_torchvision_set_names_every_place_looked(tmp_path):
     assert "mnist5k" in message and "\n" not in message
 
 
+def test_a_failed_download_leaves_no_empty_folders_but_keeps_partial_files(tmp_path, monkeypatch):
+    def failing_download(name, root, download, *, train):  # as torchvision does offline
+        (root / "MNIST" / "raw").mkdir(parents=True, exist_ok=True)
+        if partial:
+            (root / "MNIST" / "raw" / "train-images-idx3-ubyte.gz").write_bytes(b"\x1f")
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
+
+    monkeypatch.setattr(torchvision_sets, "_read", failing_download)
+    (tmp_path / "kept").mkdir()
+    for partial in (False, True):
+        with pytest.raises(DatasetUnavailable, match="downloading was tried and failed"):
+            load_dataset("mnist", tmp_path / "data", download=True)
+        assert (tmp_path / "data" / "MNIST" / "raw").is_dir() == partial
+    assert (tmp_path / "kept").is_dir()
+
+
 def test_missing_fashion_mnist_names_debian_and_torchvision_places(tmp_path, monkeypatch):
     monkeypatch.setattr(torchvision_sets, "DEBIAN_FASHION_MNIST", tmp_path / "debian")
     with pytest.raises(DatasetUnavailable) as caught:

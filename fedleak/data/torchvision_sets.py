@@ -74,10 +74,12 @@ def load_torchvision_set(name: str, root: Path, download: bool) -> ImageDataset:
         looked.append(f"{DEBIAN_FASHION_MNIST} (Debian package dataset-fashion-mnist)")
     entry = TORCHVISION_SETS[name]
     looked.append(f"{root / entry.folder} (torchvision's layout under data_dir)")
+    absent = _absent_folders(root / entry.folder)
     try:
         x, y, classes = _read(name, root, download, train=True)
         tx, ty, _ = _read(name, root, download, train=False)
     except Exception as error:  # torchvision raises RuntimeError, URLError, tarfile errors, ...
+        _remove_if_empty(absent)
         # torchvision's messages span lines; keep the paragraph one line and short.
         cause = " ".join(str(error).split())[:300]
         raise DatasetUnavailable(
@@ -106,6 +108,28 @@ def _read(
         return data.data.numpy()[:, None], data.targets.numpy(), classes
     data = datasets.SVHN(str(root), split="train" if train else "test", download=download)
     return data.data, np.asarray(data.labels), DIGIT_CLASSES
+
+
+def _absent_folders(folder: Path) -> list[Path]:
+    """`folder` and those of its parents that do not exist yet, deepest first."""
+    absent = []
+    for path in (folder, *folder.parents):
+        if path.exists():
+            break
+        absent.append(path)
+    return absent
+
+
+def _remove_if_empty(folders: list[Path]) -> None:
+    """Undo the empty folders a failed download made, so a later check does not take the
+    set's folder for a damaged copy of it."""
+    for path in folders:
+        if not path.is_dir():
+            continue
+        try:
+            path.rmdir()
+        except OSError:  # not empty: a partial download that a retry can resume
+            return
 
 
 def _unavailable(
