@@ -264,3 +264,29 @@ def test_missing_text_sources_say_how_to_get_them(
         load_tokenizer("gpt2", [], 1000)
     with pytest.raises(DatasetUnavailable, match="is not a file"):
         load_tokenizer(f"file:{tmp_path / 'missing.json'}", [], 1000)
+
+
+def test_gpt2_comes_from_the_hub_cache_offline_and_fails_at_once_without_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "ENDPOINT", "https://hub.invalid")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    for name in ("https_proxy", "http_proxy", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    with pytest.raises(DatasetUnavailable, match=r"hub\.invalid:443 cannot be reached"):
+        load_tokenizer("gpt2", [], 1000)
+
+    # What a run with internet access leaves behind: a snapshot that refs/main points to.
+    repo = tmp_path / "hub" / "models--gpt2"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    trained = load_tokenizer("bpe", ["a cached tokenizer for gpt two"] * 3, 300)
+    trained.tokenizer.save(str(repo / "snapshots" / ("0" * 40) / "tokenizer.json"))
+    cached = load_tokenizer("gpt2", [], 1000)
+    assert cached.kind == "gpt2"
+    assert cached.tokenizer.get_vocab() == trained.tokenizer.get_vocab()

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
+import socket
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -137,6 +140,34 @@ def _quiet_hub() -> Iterator[None]:
         hub_logging.set_verbosity(level)
 
 
+def _gpt2_file() -> str:
+    """GPT-2's `tokenizer.json` from the Hub's cache, else fetched. Without a network the Hub
+    client retries for about half a minute; a failed connection to the Hub ends it at once."""
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return hf_hub_download("gpt2", "tokenizer.json", local_files_only=True)
+    except LocalEntryNotFoundError:
+        pass
+    endpoint = urlsplit(constants.ENDPOINT)
+    if not constants.HF_HUB_OFFLINE and not _proxied() and endpoint.hostname:
+        port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+        try:
+            socket.create_connection((endpoint.hostname, port), timeout=10).close()
+        except OSError as error:
+            raise ConnectionError(
+                f"{endpoint.hostname}:{port} cannot be reached ({error})"
+            ) from None
+    return hf_hub_download("gpt2", "tokenizer.json")
+
+
+def _proxied() -> bool:
+    """Whether requests go through a proxy, where this machine may not resolve the Hub itself."""
+    names = ("https_proxy", "http_proxy", "all_proxy")
+    return any(os.environ.get(n) or os.environ.get(n.upper()) for n in names)
+
+
 def load_tokenizer(kind: str, aux_texts: Sequence[str], vocab_size: int) -> TextTokenizer:
     """The tokenizer a run names: `bpe` (trained on `aux_texts`), `gpt2` (Hugging Face Hub) or
     `file:<path>` (a saved `tokenizer.json`)."""
@@ -145,7 +176,7 @@ def load_tokenizer(kind: str, aux_texts: Sequence[str], vocab_size: int) -> Text
     if kind == "gpt2":
         try:
             with _quiet_hub():
-                tokenizer = Tokenizer.from_pretrained("gpt2")
+                tokenizer = Tokenizer.from_file(_gpt2_file())
         except Exception as error:  # offline: connection or hub errors
             cause = " ".join(str(error).split())[:200]
             raise DatasetUnavailable(
