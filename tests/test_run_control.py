@@ -117,3 +117,52 @@ def test_a_second_run_is_refused_and_ctrl_c_keeps_finished_rounds_then_resumes(
     assert (out / "DONE").exists()
     leakage = pd.read_parquet(out / "leakage.parquet")
     assert sorted(leakage["round"].unique()) == [1, 2]
+
+
+DOUBLE_CTRL_C = """
+import subprocess, sys, time
+from fedleak.simulations.launch import _stop_on_first_sigint
+# A child with a child of its own, as Ray's raylet starts its workers.
+child = subprocess.Popen(["sh", "-c", "sleep 120 & wait"])
+with _stop_on_first_sigint():
+    time.sleep(1)
+    print(child.pid, flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_second_ctrl_c_exits_at_once_and_ends_the_processes_the_run_started() -> None:
+    run = subprocess.Popen(
+        [sys.executable, "-c", DOUBLE_CTRL_C], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        child = int(run.stdout.readline())  # type: ignore[union-attr]
+        grandchildren = [
+            int(p) for p in Path(f"/proc/{child}/task/{child}/children").read_text().split()
+        ]
+        assert grandchildren, "the child's sleep must have started"
+        run.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        assert run.poll() is None, "the first Ctrl-C only asks for a stop"
+        run.send_signal(signal.SIGINT)
+        _, err = run.communicate(timeout=30)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 130
+    assert err.decode().strip().splitlines()[-1] == (
+        "fedleak: stopped at once; finished rounds are kept"
+    )
+    _wait_for(
+        lambda: all(_ended(pid) for pid in [child, *grandchildren]),
+        10,
+        "the run's child processes to end",
+    )
+
+
+def _ended(pid: int) -> bool:
+    """Gone, or a zombie that waits for a reaper (a container's init may never reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
