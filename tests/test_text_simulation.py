@@ -46,13 +46,14 @@ LEARNED = [
 TIMINGS = {"seconds", "round_seconds", "attack_seconds"}
 
 
-def _start(out: Path, hash_seed: str, *overrides: str) -> subprocess.Popen:
-    """The README's `fedleak run`, in a process of its own with the given hash seed."""
+def _start(out: Path, hash_seed: str, *overrides: str, omp: str = "1") -> subprocess.Popen:
+    """The README's `fedleak run`, in a process of its own with the given hash seed and
+    OMP_NUM_THREADS (which must not reach the clients: their threads follow --client-cpus)."""
     args = [sys.executable, "-m", "fedleak.simulations.cli", "run", "text-quickstart"]
     args += ["--out", str(out), *TINY]
     for item in ("attack.names=aux-frequency,tag,lti-p", *LEARNED, *overrides):
         args += ["--set", item]
-    env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+    env = {**os.environ, "PYTHONHASHSEED": hash_seed, "OMP_NUM_THREADS": omp}
     return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
@@ -68,7 +69,7 @@ def text_twins(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     resumed, straight = root / "resumed", root / "straight"
     first = [
         _start(resumed, "1", "num-server-rounds=1"),
-        _start(straight, "2", "num-server-rounds=2"),
+        _start(straight, "2", "num-server-rounds=2", omp="2"),
     ]
     for process in first:
         _finish(process)

@@ -74,13 +74,20 @@ def _config_from(items: tuple[tuple[str, object], ...]) -> RunConfig:
     return parse_flat(dict(items))
 
 
-def make_client_app(config: RunConfig | None = None) -> ClientApp:
-    """A ClientApp bound to `config`, or reading Flower's run config when None (`flwr run`)."""
+def make_client_app(config: RunConfig | None = None, threads: int | None = None) -> ClientApp:
+    """A ClientApp bound to `config`, or reading Flower's run config when None (`flwr run`).
+
+    `threads`: torch's intra-op threads in the client's process. Ray sets OMP_NUM_THREADS to a
+    client's CPUs only when the user's environment has not set it, and CPU reductions round
+    differently with another thread count, so the simulation pins it (None leaves it alone).
+    """
     client = ClientApp()
 
     @client.train()
     def train(msg: Message, context: Context) -> Message:
         reuse_freed_memory()
+        if threads is not None:
+            torch.set_num_threads(threads)
         resolved = config or _config_from(tuple(sorted(context.run_config.items())))
         return train_reply(msg, context, resolved)
 

@@ -120,7 +120,7 @@ def simulate(
     try:
         run_simulation(
             server_app=make_server_app(config, clients=num_clients),
-            client_app=make_client_app(config),
+            client_app=make_client_app(config, threads=max(1, int(client_cpus))),
             num_supernodes=num_clients,
             backend_config={
                 "client_resources": {"num_cpus": client_cpus, "num_gpus": client_gpus},
