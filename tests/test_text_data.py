@@ -208,6 +208,7 @@ def test_aux_and_test_splits_do_not_depend_on_the_number_of_clients() -> None:
         ({"aux_size": 0}, 4, "data.aux-size=0: the BPE tokenizer"),
         ({"seq_len": 1}, 4, "data.seq-len=1"),
         ({"vocab_size": 100}, 4, "data.vocab-size=100"),
+        ({"vocab_size": 10**11}, 4, r"data.vocab-size=100000000000: .* to 262144"),
     ],
 )
 def test_impossible_splits_say_which_setting(
@@ -216,6 +217,16 @@ def test_impossible_splits_say_which_setting(
     with pytest.raises((DataSplitError, TokenizerError), match=match) as caught:
         _split(_corpus(), partitions=partitions, **overrides)
     assert "\n" not in str(caught.value)
+
+
+def test_a_vocabulary_the_text_cannot_fill_is_named_in_a_warning() -> None:
+    texts = ["a few words, repeated a few times"] * 5
+    small = load_tokenizer("bpe", texts, 100_000)
+    assert 257 < small.vocab_size < 400
+    warning = small.shortfall(100_000)
+    assert warning is not None and "\n" not in warning
+    assert f"data.vocab-size=100000: the auxiliary text supports only {small.vocab_size}" in warning
+    assert small.shortfall(small.vocab_size) is None
 
 
 def test_federated_text_through_the_data_room() -> None:

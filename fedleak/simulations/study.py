@@ -146,8 +146,12 @@ def _serve(
         run_dir.update_config(config)
     else:
         run_dir = RunDirectory.create(path, config, environment(device, config, data_record(fd)))
-    warning = lpips_warning(scored_lpips_nets(config))
-    if warning:
+    tokenizer = getattr(fd.dataset, "tokenizer", None)
+    warnings = [
+        lpips_warning(scored_lpips_nets(config)),
+        tokenizer.shortfall(config.data.vocab_size) if tokenizer is not None else None,
+    ]
+    for warning in filter(None, warnings):
         print(f"fedleak: warning: {warning}", file=sys.stderr, flush=True)
     announce(f"fedleak: run directory {path}")
     config = with_attack_caches(config, run_dir.state_dir)

@@ -24,6 +24,9 @@ from fedleak.data.dataset import DatasetUnavailable
 FILE_PREFIX = "file:"
 TOKENIZER_KINDS = ("bpe", "gpt2", f"{FILE_PREFIX}<path to tokenizer.json>")
 MIN_BPE_VOCAB = 257  # the 256 byte symbols and at least one merge
+# Far above any language model's vocabulary (GPT-2: 50,257); the BPE trainer allocates for the
+# size asked, and a mistyped 1e11 aborted the process inside it. config.py holds the same bounds.
+MAX_BPE_VOCAB = 262_144
 
 
 def _byte_level_symbols() -> dict[str, int]:
@@ -59,6 +62,18 @@ class TextTokenizer:
     def fingerprint(self) -> str:
         """A digest of the whole vocabulary and merges: equal fingerprints, equal tokenizers."""
         return hashlib.sha256(self.tokenizer.to_str().encode("utf-8")).hexdigest()[:16]
+
+    def shortfall(self, asked: int) -> str | None:
+        """Why a trained BPE holds fewer tokens than `data.vocab-size` asked, else None: the
+        trainer stops when the auxiliary text offers no more merges, and the run uses what
+        it got."""
+        if self.kind != "bpe" or self.vocab_size >= asked:
+            return None
+        return (
+            f"data.vocab-size={asked}: the auxiliary text supports only {self.vocab_size} BPE "
+            "tokens, which the run uses (environment.json records them); more auxiliary text "
+            "(data.aux-size) or a smaller data.vocab-size removes this warning"
+        )
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each text."""
@@ -97,9 +112,10 @@ class TextTokenizer:
 
 def train_bpe(texts: Sequence[str], vocab_size: int) -> TextTokenizer:
     """A byte-level BPE with `vocab_size` tokens learnt from `texts` (no special tokens)."""
-    if vocab_size < MIN_BPE_VOCAB:
+    if not MIN_BPE_VOCAB <= vocab_size <= MAX_BPE_VOCAB:
         raise TokenizerError(
-            f"data.vocab-size={vocab_size}: a byte-level BPE needs at least {MIN_BPE_VOCAB} tokens"
+            f"data.vocab-size={vocab_size}: expected an integer from {MIN_BPE_VOCAB} (the 256 "
+            f"bytes and one merge) to {MAX_BPE_VOCAB}"
         )
     if not any(text.strip() for text in texts):
         raise TokenizerError("the BPE tokenizer has no text to learn from")
