@@ -30,6 +30,7 @@ from fedleak.data import (
     sample_batch,
     split_auxiliary,
 )
+from fedleak.data.dataset import DatasetError, ImageDataset
 
 MNIST5K_LABELS = np.repeat(np.arange(10), 500)
 
@@ -104,6 +105,37 @@ def test_a_failed_download_leaves_no_empty_folders_but_keeps_partial_files(tmp_p
             load_dataset("mnist", tmp_path / "data", download=True)
         assert (tmp_path / "data" / "MNIST" / "raw").is_dir() == partial
     assert (tmp_path / "kept").is_dir()
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (
+            {"train_x": torch.full((4, 1, 2, 2), 255.0)},
+            r"train_x must hold pixels in \[0, 1\].* 255 to 255",
+        ),
+        (
+            {"test_x": torch.full((2, 1, 2, 2), float("nan"))},
+            r"test_x must hold pixels in \[0, 1\]",
+        ),
+        ({"train_y": torch.tensor([1, 2, 3, 10])}, r"train_y must hold labels 0 to 9 .* 1 to 10"),
+        ({"test_y": torch.tensor([-1, 0])}, r"test_y must hold labels 0 to 9"),
+        ({"train_x": torch.zeros(4, 1, 2, 2, dtype=torch.float64)}, "train_x must be float32 NCHW"),
+    ],
+)
+def test_a_data_set_that_would_corrupt_every_metric_is_refused(change, match):
+    parts = {
+        "train_x": torch.rand(4, 1, 2, 2),
+        "train_y": torch.tensor([0, 1, 2, 9]),
+        "test_x": torch.rand(2, 1, 2, 2),
+        "test_y": torch.tensor([3, 4]),
+    }
+    with pytest.raises(DatasetError, match=match) as caught:
+        ImageDataset(
+            "mine", **(parts | change), num_classes=10, class_names=tuple("abcdefghij"), source=""
+        )
+    assert str(caught.value).startswith("data set 'mine': ") and "\n" not in str(caught.value)
+    ImageDataset("mine", **parts, num_classes=10, class_names=tuple("abcdefghij"), source="")
 
 
 def test_missing_fashion_mnist_names_debian_and_torchvision_places(tmp_path, monkeypatch):

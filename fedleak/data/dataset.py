@@ -16,6 +16,10 @@ class DatasetUnavailable(RuntimeError):
     to obtain them."""
 
 
+class DatasetError(ValueError):
+    """A loaded data set breaks the form every metric relies on (e.g. pixels outside [0, 1])."""
+
+
 @dataclass(frozen=True, eq=False)
 class ImageDataset:
     """Images as float32 NCHW tensors in [0, 1] with int64 labels.
@@ -36,30 +40,42 @@ class ImageDataset:
     modality = "image"
 
     def __post_init__(self) -> None:
-        # Cheap shape and type checks: a loader bug here would silently corrupt every metric.
+        # A loader bug here would silently corrupt every metric (PSNR assumes a peak of 1, the
+        # cross-entropy labels below num_classes), so the form is checked once per load.
         for split, x, y in (
             ("train", self.train_x, self.train_y),
             ("test", self.test_x, self.test_y),
         ):
             if x.ndim != 4 or x.dtype != torch.float32:
-                raise ValueError(
-                    f"{self.name}: {split}_x must be float32 NCHW, got "
-                    f"{x.dtype} of shape {tuple(x.shape)}"
+                self._refuse(
+                    f"{split}_x must be float32 NCHW, got {x.dtype} of shape {tuple(x.shape)}"
                 )
             if y.ndim != 1 or y.dtype != torch.int64 or len(y) != len(x):
-                raise ValueError(
-                    f"{self.name}: {split}_y must be int64 with one label per image, "
-                    f"got {y.dtype} of shape {tuple(y.shape)} for {len(x)} images"
+                self._refuse(
+                    f"{split}_y must be int64 with one label per image, got {y.dtype} of shape "
+                    f"{tuple(y.shape)} for {len(x)} images"
+                )
+            if len(x) and not (torch.isfinite(x).all() and x.min() >= 0 and x.max() <= 1):
+                self._refuse(
+                    f"{split}_x must hold pixels in [0, 1] (fedleak scores and attacks in that "
+                    f"range; normalise inside the model), found {float(x.min()):.4g} to "
+                    f"{float(x.max()):.4g}"
+                )
+            if len(y) and (y.min() < 0 or y.max() >= self.num_classes):
+                self._refuse(
+                    f"{split}_y must hold labels 0 to {self.num_classes - 1} ({self.num_classes} "
+                    f"classes), found {int(y.min())} to {int(y.max())}"
                 )
         if self.test_x.shape[1:] != self.train_x.shape[1:]:
-            raise ValueError(
-                f"{self.name}: test images {tuple(self.test_x.shape[1:])} differ from "
-                f"training images {tuple(self.train_x.shape[1:])}"
+            self._refuse(
+                f"test images {tuple(self.test_x.shape[1:])} differ from training images "
+                f"{tuple(self.train_x.shape[1:])}"
             )
         if len(self.class_names) != self.num_classes:
-            raise ValueError(
-                f"{self.name}: {len(self.class_names)} class names for {self.num_classes} classes"
-            )
+            self._refuse(f"{len(self.class_names)} class names for {self.num_classes} classes")
+
+    def _refuse(self, problem: str) -> None:
+        raise DatasetError(f"data set {self.name!r}: {problem}")
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
