@@ -133,3 +133,31 @@ def test_one_status_rule_any_finite_reconstruction_of_the_right_shape_is_scored(
         results["wrong"].status == "failed" and "expected (2, 1, 4, 4)" in results["wrong"].message
     )
     assert results["few"].status == "failed" and "1 samples, expected 2" in results["few"].message
+
+
+class Returns:
+    """Returns whatever it was built with, as a plug-in with a bug might."""
+
+    def __init__(self, value: object) -> None:
+        self.value = value
+
+    def reconstruct(self, observation, knowledge, budget) -> object:
+        return self.value
+
+
+def test_an_attack_that_returns_no_reconstruction_fails_alone_and_images_are_scored_in_range():
+    scaled = Reconstruction(inputs=torch.rand(2, 1, 4, 4) * 255, labels=None)
+    attacks = {
+        "bare": Returns(torch.rand(2, 1, 4, 4)),
+        "scaled": Returns(scaled),
+        "aux-mean": AuxMeanBaseline(),
+    }
+    runner = InlineRunner(attacks, _knowledge(), Budget(10, 5.0))
+    runner.submit([AttackJob(i, name, _observation()) for i, name in enumerate(attacks)])
+    results = {r.job.attack: r.reconstruction for r in runner.ready()}
+    assert results["bare"].status == "failed"
+    assert results["bare"].message == "the attack returned Tensor, not a Reconstruction"
+    assert results["scaled"].status == "ok"
+    assert torch.equal(results["scaled"].inputs, scaled.inputs.clamp(0, 1))
+    assert "clamped to [0, 1] for scoring" in results["scaled"].message
+    assert results["aux-mean"].status == "ok" and results["aux-mean"].message == ""

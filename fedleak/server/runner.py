@@ -86,6 +86,10 @@ class AttackRunner(Protocol):
         """Release workers; outstanding jobs are abandoned (call `ready(wait=True)` first)."""
 
 
+# Float32 round-off of an attack that keeps to [0, 1] is not worth a note in its row.
+RANGE_SLACK = 1e-5
+
+
 def failed_reconstruction(error: BaseException | str, seconds: float) -> Reconstruction:
     """A failure recorded as a reconstruction, so it lands in the leakage rows."""
     if isinstance(error, BaseException):
@@ -97,20 +101,32 @@ def failed_reconstruction(error: BaseException | str, seconds: float) -> Reconst
 
 
 def checked(
-    reconstruction: Reconstruction,
+    reconstruction: object,
     seconds: float,
     expected: int,
     shape: tuple[int, ...] | None = None,
 ) -> Reconstruction:
     """Move to the CPU, time it, and give it its status by the one rule of every attack: a
     finite reconstruction of `expected` samples (of `shape` when given) is "ok" and scored,
-    whatever budget the attack ran out of; NaN or inf is "nan"; a wrong shape is "failed".
-    Images become float32; token ids stay integers."""
+    whatever budget the attack ran out of; NaN or inf is "nan"; a wrong shape, or anything
+    but a `Reconstruction`, is "failed". Images become float32 in the data's range [0, 1]
+    (clamped, and the message says so when an attack went beyond it: PSNR and LPIPS are only
+    meaningful there); token ids stay integers."""
+    if not isinstance(reconstruction, Reconstruction):
+        return failed_reconstruction(
+            f"the attack returned {type(reconstruction).__name__}, not a Reconstruction", seconds
+        )
     inputs = reconstruction.inputs.detach().cpu()
+    status, message = "ok", reconstruction.message
     if inputs.is_floating_point():
         inputs = inputs.float()
+        if inputs.numel() and torch.isfinite(inputs).all():
+            low, high = float(inputs.min()), float(inputs.max())
+            if low < -RANGE_SLACK or high > 1 + RANGE_SLACK:
+                clamped = f"values from {low:.4g} to {high:.4g} clamped to [0, 1] for scoring"
+                message = f"{message}; {clamped}" if message else clamped
+            inputs = inputs.clamp(0.0, 1.0)
     labels = None if reconstruction.labels is None else reconstruction.labels.detach().cpu()
-    status, message = "ok", reconstruction.message
     wanted = (expected, *shape) if shape is not None else None
     if inputs.dim() == 0 or inputs.shape[0] != expected:
         status = "failed"
