@@ -12,7 +12,13 @@ actors, the SuperLink's ServerApp) finds the plugin through its installed metada
 to run first: an unknown name loads the entry point of that name; listing the names loads them
 all. Loading imports the object's module; if that import registered the name (the decorator
 ran), that entry stands, otherwise the loaded object itself is adopted as the entry (each kind
-says how). Built-in components register the same way, on first use.
+says how). Built-in components register the same way, on first use; registering a name loads
+them first, so taking a built-in name is refused at the registering line (or, with
+`replace=True`, really replaces the built-in).
+
+An entry point whose name is already taken (by a built-in, by code or by another plugin) never
+runs in its place: looking that name up refuses in one line naming the distribution and the
+entry point, listing the names logs the same refusal once.
 
 Errors are one line: an unknown name names the setting, the value and the registered names; a
 plugin that fails to load names its entry point and distribution. This module imports nothing
@@ -21,9 +27,11 @@ from fedleak but `settings`, so every room may use it.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata
 import logging
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
@@ -33,6 +41,11 @@ from fedleak.settings import ConfigError, shown
 log = logging.getLogger(__name__)
 
 E = TypeVar("E")
+
+# Who registered an entry: the built-in catalog, the entry point whose import registered it, or
+# None for code (a decorator or call in the user's process).
+BUILT_IN = "built-in"
+Origin = str | importlib.metadata.EntryPoint | None
 
 
 class UnknownNameError(ConfigError):
@@ -48,6 +61,8 @@ class Registry(Generic[E]):
 
     `adopt(name, obj)` turns what an entry point loaded into an entry when the import did not
     register one itself; `builtins` imports the modules that register the built-in entries.
+    `owner(entry)` is the user's object inside an entry (its factory), whose module tells
+    whether an entry point of the same name is the plugin that registered it.
     `forbidden` lists characters a name may not hold (those that join names in settings).
     """
 
@@ -59,6 +74,7 @@ class Registry(Generic[E]):
         *,
         adopt: Callable[[str, Any], E],
         builtins: Callable[[], object] | None = None,
+        owner: Callable[[E], object] | None = None,
         forbidden: str = ",",
     ) -> None:
         self.kind = kind
@@ -66,24 +82,39 @@ class Registry(Generic[E]):
         self.setting = setting
         self._adopt = adopt
         self._builtins = builtins
+        self._owner: Callable[[E], object] = owner or (lambda entry: entry)
         self._forbidden = forbidden
         self._entries: dict[str, E] = {}
+        self._origins: dict[str, Origin] = {}
         self._tried: set[str] = set()
         self._broken: dict[str, PluginError] = {}
         self._lock = threading.RLock()
-        self._builtins_loaded = builtins is None
+        # pending -> loading -> loaded; `loading` lets the catalog's own registrations through.
+        self._builtins_state = "loaded" if builtins is None else "pending"
+        self._loading: Origin = None  # what registrations made now are attributed to
+        # Clash refusals by name (None: no clash), cached because reading the installed
+        # metadata costs tens of milliseconds; read again when sys.path changes.
+        self._clashes: dict[str, PluginError | None] = {}
+        self._warned: set[str] = set()
+        self._scanned_path: tuple[str, ...] = ()
 
     # -- registering ----------------------------------------------------------------------------
     def add(self, name: str, entry: E, *, replace: bool = False) -> E:
         """Register `entry` under `name`; a different entry under a taken name needs `replace`."""
         self._check_name(name)
+        # Built-ins load lazily: load them now, so that taking a built-in name is refused here,
+        # at the caller's line, and so that replace=True is not undone by the catalog later.
+        self._load_builtins()
         with self._lock:
             current = self._entries.get(name)
             if current is not None and current != entry and not replace:
                 raise ConfigError(
-                    f"{self.kind} {shown(name)!r} is already registered; pass replace=True to "
-                    "override it"
+                    f"{self.kind} {shown(name)!r} is already registered ({self._taken_by(name)}); "
+                    "choose another name, or pass replace=True to override it"
                 )
+            if current is None or current != entry:
+                self._origins[name] = self._loading
+                self._clashes.pop(name, None)  # another owner: check entry points again
             self._entries[name] = entry
         return entry
 
@@ -91,8 +122,11 @@ class Registry(Generic[E]):
         """Forget `name` (tests and interactive sessions)."""
         with self._lock:
             self._entries.pop(name, None)
+            self._origins.pop(name, None)
             self._tried.discard(name)
             self._broken.pop(name, None)
+            self._clashes.pop(name, None)
+            self._warned.discard(name)
 
     def _check_name(self, name: object) -> None:
         bad = (
@@ -109,12 +143,17 @@ class Registry(Generic[E]):
 
     # -- looking up -------------------------------------------------------------------------------
     def get(self, name: str) -> E:
-        """The entry of `name`, loading a plugin of that name if needed; `UnknownNameError`."""
+        """The entry of `name`, loading a plugin of that name if needed; `UnknownNameError`, or
+        `PluginError` when an installed entry point carries the name but did not register it."""
         self._load_builtins()
         with self._lock:
             if name not in self._entries and name not in self._tried:
                 self._load_plugin(name)
             if name in self._entries:
+                clash = self._clash(name)
+                if clash is not None:
+                    self._warned.add(name)  # refused: the error's own message (e.g.
+                    raise clash  # naming the allowed forms) need not repeat it as a warning
                 return self._entries[name]
             if name in self._broken:
                 raise self._broken[name]
@@ -136,16 +175,25 @@ class Registry(Generic[E]):
         return iter(self.names())
 
     def names(self) -> tuple[str, ...]:
-        """Every registered name, plugins included (a plugin that fails to load is logged and
-        left out; looking it up by name raises its error)."""
+        """Every registered name, plugins included (a plugin that fails to load, or whose name
+        is taken, is logged once; looking its name up raises its error)."""
         self._load_builtins()
         with self._lock:
-            for point in self._entry_points():
+            points = self._entry_points()
+            for point in points:
                 if point.name not in self._entries and point.name not in self._tried:
                     try:
-                        self._load_plugin(point.name)
+                        self._load_plugin(point.name, points)
                     except PluginError as error:
                         log.warning("%s", error)
+            # A clash is logged, not raised: the listing feeds error messages, `config-keys`
+            # and validation of other names, which must keep working for a user who does not
+            # use the clashing name; looking that name up refuses.
+            for name in dict.fromkeys(p.name for p in points if p.name in self._entries):
+                clash = self._clash(name, points)
+                if clash is not None and name not in self._warned:
+                    self._warned.add(name)
+                    log.warning("%s (looking %r up is refused until then)", clash, name)
             return tuple(self._entries)
 
     def items(self) -> Iterator[tuple[str, E]]:
@@ -155,37 +203,116 @@ class Registry(Generic[E]):
 
     # -- loading ----------------------------------------------------------------------------------
     def _load_builtins(self) -> None:
-        if self._builtins_loaded:
+        if self._builtins_state == "loaded":
             return
-        with self._lock:
-            if not self._builtins_loaded:
-                self._builtins_loaded = True
+        with self._lock:  # other threads wait here until the catalog is complete
+            if self._builtins_state != "pending":  # loaded, or this thread's catalog registering
+                return
+            self._builtins_state = "loading"
+            previous, self._loading = self._loading, BUILT_IN
+            try:
                 assert self._builtins is not None
                 self._builtins()
+            finally:
+                self._loading = previous
+                self._builtins_state = "loaded"
 
     def _entry_points(self) -> list[importlib.metadata.EntryPoint]:
         return list(importlib.metadata.entry_points(group=self.group))
 
-    def _load_plugin(self, name: str) -> None:
+    def _load_plugin(
+        self, name: str, points: list[importlib.metadata.EntryPoint] | None = None
+    ) -> None:
         self._tried.add(name)
-        points = [p for p in self._entry_points() if p.name == name]
-        if not points:
+        matching = [
+            p for p in (self._entry_points() if points is None else points) if p.name == name
+        ]
+        if not matching:
             return
-        point = points[0]
-        where = f"entry point {point.name!r} = {point.value!r} in group {self.group!r}"
-        if point.dist is not None:
-            where += f" of {point.dist.name} {point.dist.version}"
+        point = matching[0]
+        previous, self._loading = self._loading, point  # what its import registers is its own
         try:
             loaded = point.load()
             if name not in self._entries:  # else importing the module registered it
                 self.add(name, self._adopt(name, loaded))
         except Exception as error:
-            broken = PluginError(f"{self.kind} plugin: {where} failed to load: {_first(error)}")
+            where = f"entry point {point.name!r} = {point.value!r} in group {self.group!r}"
+            if point.dist is not None:
+                where += f" of {point.dist.name} {point.dist.version}"
+            broken = PluginError(f"{self.kind} plugin: {where} failed to load: {error_line(error)}")
             self._broken[name] = broken
             raise broken from None
+        finally:
+            self._loading = previous
+
+    # -- clashes ----------------------------------------------------------------------------------
+    def _clash(
+        self, name: str, points: list[importlib.metadata.EntryPoint] | None = None
+    ) -> PluginError | None:
+        """The refusal of an installed entry point that carries the registered `name` but did
+        not register it (it would otherwise be silently ignored), or None."""
+        path = tuple(sys.path)
+        if path != self._scanned_path:  # a new path may hold other distributions
+            self._scanned_path = path
+            self._clashes.clear()
+            self._warned.clear()
+        if name not in self._clashes:
+            points = self._entry_points() if points is None else points
+            strangers = [p for p in points if p.name == name and not self._registered_by(name, p)]
+            self._clashes[name] = self._refusal(name, strangers[0]) if strangers else None
+        return self._clashes[name]
+
+    def _registered_by(self, name: str, point: importlib.metadata.EntryPoint) -> bool:
+        origin = self._origins.get(name)
+        if isinstance(origin, importlib.metadata.EntryPoint) and origin == point:
+            return True  # its import registered the name
+        if origin is BUILT_IN:
+            return False
+        # Registered by code or while another entry point loaded: still this plugin when the
+        # registering module is in the entry point's package (a plugin module that registers
+        # itself with the decorator, imported before its name was looked up).
+        module = _module_of(self._owner(self._entries[name]))
+        return module is not None and _package(module) == _package(point.module)
+
+    def _taken_by(self, name: str) -> str:
+        origin = self._origins.get(name)
+        if origin is BUILT_IN:
+            return f"a built-in {self.kind}"
+        if isinstance(origin, importlib.metadata.EntryPoint):
+            return f"by the plug-in {_plugin(origin)}"
+        module = _module_of(self._owner(self._entries[name]))
+        return f"by module {module!r}" if module else "in code"
+
+    def _refusal(self, name: str, point: importlib.metadata.EntryPoint) -> PluginError:
+        if self._origins.get(name) is BUILT_IN:
+            uses = "a built-in name"
+        else:
+            uses = f"a name already registered {self._taken_by(name)}"
+        return PluginError(
+            f"{self.kind} {shown(name)!r}: the plug-in {_plugin(point)} uses {uses}; rename its "
+            f"entry point (names taken: {', '.join(self._entries)})"
+        )
 
 
-def _first(error: BaseException) -> str:
+def _plugin(point: importlib.metadata.EntryPoint) -> str:
+    """An entry point as users find it: its distribution and its line in the metadata."""
+    line = f"(entry point '{point.name} = {point.value}' in group {point.group!r})"
+    return line if point.dist is None else f"from distribution {point.dist.name!r} {line}"
+
+
+def _module_of(obj: object) -> str | None:
+    while isinstance(obj, functools.partial):
+        obj = obj.func
+    module = getattr(obj, "__module__", None)
+    return module if isinstance(module, str) else None
+
+
+def _package(module: str) -> str:
+    return module.partition(".")[0]
+
+
+def error_line(error: BaseException) -> str:
+    """An exception in one line: its type and the first line of its message."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
@@ -199,7 +326,7 @@ def load_object(path: str, setting: str) -> Any:
         module = importlib.import_module(module_name)
     except Exception as error:
         raise ConfigError(
-            f"{setting}={path!r}: cannot import {module_name!r} ({_first(error)})"
+            f"{setting}={path!r}: cannot import {module_name!r} ({error_line(error)})"
         ) from None
     target: Any = module
     for part in attribute.split("."):

@@ -4,8 +4,10 @@ paths for models, and validation that reads the same registries."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -355,6 +357,224 @@ def test_an_entry_point_that_gives_nothing_usable_is_refused(tmp_path: Path) -> 
     assert registry.get("plain") == "value"
     with pytest.raises(ConfigError, match=r"widget\.name='other': unknown widget; expected one of"):
         registry.get("other")
+
+
+# -- names taken twice -------------------------------------------------------------------------
+def test_registering_a_built_in_name_is_refused_at_once_or_replaces_it() -> None:
+    registry: Registry[str] = Registry(
+        "widget",
+        "fedleak.test-widgets",
+        "widget.name",
+        adopt=lambda name, obj: str(obj),
+        builtins=lambda: [registry.add(n, f"built-in {n}") for n in ("a", "b")],
+    )
+    # No lookup yet: the built-ins are still unloaded, and the clash is refused all the same.
+    with pytest.raises(ConfigError) as error:
+        registry.add("a", "mine")
+    assert str(error.value) == (
+        "widget 'a' is already registered (a built-in widget); choose another name, or pass "
+        "replace=True to override it"
+    )
+    registry.add("a", "mine", replace=True)
+    assert registry.get("a") == "mine" and registry.names() == ("a", "b")
+
+
+# Run in a fresh process: built-ins load lazily, so only there is nothing loaded yet.
+_REGISTER_BUILT_IN_NAMES = """
+import json
+import fedleak
+from fedleak.attacks.registry import attack_entry
+from fedleak.settings import ConfigError
+
+results = {}
+for register, name, obj in [
+    (fedleak.register_attack, "ig", lambda config, seed: None),
+    (fedleak.register_defense, "sign", lambda args: None),
+    (fedleak.register_model, "lenet", lambda shape, classes: None),
+    (fedleak.register_dataset, "mnist5k", lambda root, download: None),
+]:
+    try:
+        register(name)(obj)
+        results[name] = "accepted"
+    except ConfigError as error:
+        results[name] = str(error)
+
+
+def mine(config, seed):
+    return None
+
+
+fedleak.register_attack("ig", replace=True)(mine)
+results["replaced"] = attack_entry("ig").build is mine
+results["names"] = list(fedleak.attack_names())
+print(json.dumps(results))
+"""
+
+
+def test_the_decorator_refuses_a_built_in_name_in_a_fresh_process() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _REGISTER_BUILT_IN_NAMES],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    for kind, name in [("attack", "ig"), ("defense", "sign"), ("model", "lenet")]:
+        assert results[name] == (
+            f"{kind} {name!r} is already registered (a built-in {kind}); choose another name, "
+            "or pass replace=True to override it"
+        )
+    assert results["mnist5k"].startswith("data set 'mnist5k' is already registered (a built-in")
+    # replace=True replaced the built-in and left the rest of the catalog whole.
+    assert results["replaced"] is True
+    assert {"ig", "lti", "dlg", "aux-mean"} <= set(results["names"])
+
+
+# A distribution whose entry points carry names already taken; importing it would fail loudly.
+CLASH_ENTRY_POINTS = """
+[fedleak.attacks]
+ig = fedleak_clash:Anything
+test-taken = fedleak_clash:Anything
+
+[fedleak.defenses]
+sign = fedleak_clash:Anything
+
+[fedleak.models]
+lenet = fedleak_clash:Anything
+
+[fedleak.datasets]
+mnist5k = fedleak_clash:Anything
+"""
+
+
+def _install_clashing_plugin(root: Path) -> None:
+    (root / "fedleak_clash.py").write_text('raise RuntimeError("must not be imported")\n')
+    info = root / "fedleak_clash-0.2.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fedleak-clash\nVersion: 0.2\n")
+    (info / "entry_points.txt").write_text(CLASH_ENTRY_POINTS)
+
+
+def test_an_entry_point_with_a_taken_name_is_refused_when_that_name_is_used(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    _install_clashing_plugin(tmp_path)
+    register_attack("test-taken", lambda config, seed: None)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        # Listing keeps the name (the built-in) and warns once about the plugin left aside.
+        with caplog.at_level("WARNING", logger="fedleak.registry"):
+            assert "ig" in attack_names() and "ig" in attack_names()
+        warned = [
+            r.getMessage() for r in caplog.records if r.getMessage().startswith("attack 'ig'")
+        ]
+        assert len(warned) == 1 and "looking 'ig' up is refused" in warned[0]
+        source = "the plug-in from distribution 'fedleak-clash' (entry point '{} = fedleak_clash:"
+        with pytest.raises(PluginError) as error:
+            attack_entry("ig")
+        message = str(error.value)
+        assert message.startswith(
+            f"attack 'ig': {source.format('ig')}Anything' in group 'fedleak.attacks') uses a "
+            "built-in name; rename its entry point (names taken: "
+        )
+        assert "lti" in message and "\n" not in message
+        with pytest.raises(ConfigError, match="attack 'ig': the plug-in from distribution"):
+            # Other components away from the clashing names: validation reaches the attack.
+            settings = {"attack.names": "ig", "data.dataset": "cifar10", "model.name": "mlp"}
+            validate_components(parse_flat(settings))
+        with pytest.raises(ValueError) as defense:
+            parse_defense_spec("sign")
+        assert str(defense.value).startswith(
+            f"defense spec 'sign': bad part 'sign': defense 'sign': {source.format('sign')}"
+        )
+        with pytest.raises(
+            ConfigError, match=re.escape(f"model 'lenet': {source.format('lenet')}")
+        ):
+            build_model(ModelSpec("lenet", (1, 28, 28), 10))
+        with pytest.raises(
+            PluginError, match=re.escape(f"data set 'mnist5k': {source.format('mnist5k')}")
+        ):
+            load_dataset("mnist5k")
+        # A name registered in code is not the plugin's either.
+        with pytest.raises(PluginError) as taken:
+            attack_entry("test-taken")
+        assert f"uses a name already registered by module {__name__!r}" in str(taken.value)
+        # Unused, the clash breaks nothing else.
+        assert attack_entry("dlg").name == "dlg" and parse_defense_spec("gauss:0.1")
+        assert isinstance(build_model(ModelSpec("mlp", (1, 2, 2), 2)), nn.Module)
+        assert "fedleak_clash" not in sys.modules  # refused without running its code
+    finally:
+        sys.path.remove(str(tmp_path))
+        attack_registry.ATTACKS.remove("test-taken")
+    # Uninstalled, the built-ins answer again.
+    assert attack_entry("ig").name == "ig" and parse_defense_spec("sign").spec == "sign"
+
+
+# -- what plugins give back ------------------------------------------------------------------
+def test_a_defense_parser_that_raises_anything_gives_the_one_line_spec_error() -> None:
+    @register_defense("test-needarg", form="test-needarg:N")
+    @dataclass(frozen=True)
+    class NeedArg:  # written like the documented example
+        n: int
+        kind: ClassVar[str] = "test-needarg"
+        stage: ClassVar[str] = "release"
+        rank: ClassVar[float] = 3.5
+
+        @classmethod
+        def from_args(cls, args: list[str]) -> NeedArg:
+            return cls(int(args[0]))
+
+    def lookup(args: list[str]) -> object:
+        return {"a": 1}[args[0]]
+
+    def wordy(args: list[str]) -> object:
+        raise ValueError("first line\nsecond line")
+
+    register_defense("test-lookup", lookup)
+    register_defense("test-wordy", wordy)
+    try:
+        with pytest.raises(ValueError) as error:
+            parse_defense_spec("test-needarg")
+        message = str(error.value)
+        assert message.startswith(
+            "defense spec 'test-needarg': bad part 'test-needarg': the parser of defense "
+            "'test-needarg' failed (IndexError: list index out of range); expected the form "
+            "test-needarg:N; allowed: "
+        )
+        assert "\n" not in message
+        with pytest.raises(ConfigError, match=r"^defense\.spec='test-needarg': defense spec"):
+            validate_components(parse_flat({"defense.spec": "test-needarg"}))
+        # The parser's own one-line ValueError keeps its words.
+        with pytest.raises(ValueError, match="bad part 'test-needarg:x': invalid literal for int"):
+            parse_defense_spec("test-needarg:x")
+        # Without a declared form, the message does not invent one.
+        with pytest.raises(ValueError) as unknown:
+            parse_defense_spec("test-lookup:b")
+        problem = str(unknown.value).split("; allowed: ")[0]
+        assert problem.endswith("the parser of defense 'test-lookup' failed (KeyError: 'b')")
+        with pytest.raises(ValueError) as multi:
+            parse_defense_spec("test-wordy")
+        assert "bad part 'test-wordy': first line; allowed" in str(multi.value)
+        assert "second line" not in str(multi.value)
+        assert DEFENSES.get("test-needarg").parse(["3"]) == NeedArg(3)
+    finally:
+        for name in ("test-needarg", "test-lookup", "test-wordy"):
+            DEFENSES.remove(name)
+
+
+def test_a_loader_of_the_wrong_type_names_a_builder_that_imports() -> None:
+    register_dataset("test-wrong-type", lambda root, download: object())
+    try:
+        with pytest.raises(ConfigError) as error:
+            load_dataset("test-wrong-type")
+    finally:
+        DATASETS.remove("test-wrong-type")
+    found = re.search(r"\((\S+) builds one\)$", str(error.value))
+    assert found is not None, str(error.value)
+    module, _, attribute = found.group(1).rpartition(".")
+    assert callable(getattr(importlib.import_module(module), attribute))
 
 
 def _observation() -> Observation:

@@ -139,6 +139,7 @@ ATTACKS: Registry[AttackEntry] = Registry(
     "attack.names",
     adopt=_adopt,
     builtins=_builtins,
+    owner=lambda entry: entry.build,
     forbidden=",.",
 )
 

@@ -126,6 +126,7 @@ DATASETS: Registry[DatasetEntry] = Registry(
     "data.dataset",
     adopt=_adopt,
     builtins=_builtins,
+    owner=lambda entry: entry.load,
     forbidden=",:",
 )
 
@@ -257,6 +258,6 @@ def _read(name: str, root: str, download: bool) -> ImageDataset:
     if not all(hasattr(dataset, a) for a in ("train_x", "train_y", "test_x", "num_classes")):
         raise ConfigError(
             f"data.dataset={name!r}: the loader returned {type(dataset).__name__}, expected an "
-            "ImageDataset (fedleak.data.dataset_from_arrays builds one)"
+            "ImageDataset (fedleak.data.dataset.dataset_from_arrays builds one)"
         )
     return dataset

@@ -35,18 +35,56 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from fedleak.registry import Registry
+from fedleak.registry import Registry, error_line
 
 Parser = Callable[[list[str]], Any]
 
 
 @dataclass(frozen=True)
+class SpecParser:
+    """A defense's parser, guarded: whatever it raises becomes the one-line spec error.
+
+    A plugin parser written like the example above (`cls(int(args[0]))`) raises IndexError on
+    a part without arguments; `parse_defense_spec` turns only ValueError into its one-line
+    error, so every other exception is turned into a ValueError naming the defense and its form.
+    """
+
+    parser: Parser
+    name: str
+    form: str
+
+    def __call__(self, args: list[str]) -> Any:
+        try:
+            return self.parser(args)
+        except ValueError as error:
+            text = str(error).strip()
+            if text and "\n" not in text:
+                raise  # the parser's own one-line refusal, as the built-ins word theirs
+            raise ValueError(self._problem(error)) from None
+        except Exception as error:
+            raise ValueError(self._problem(error)) from None
+
+    def _problem(self, error: Exception) -> str:
+        line = next((part.strip() for part in str(error).splitlines() if part.strip()), "")
+        if isinstance(error, ValueError) and line:
+            return line
+        problem = f"the parser of defense {self.name!r} failed ({error_line(error)})"
+        # The form defaults to the bare name, which says nothing about the arguments expected.
+        return problem if self.form == self.name else f"{problem}; expected the form {self.form}"
+
+
+@dataclass(frozen=True)
 class DefenseEntry:
-    """A registered defense: its spec-part parser and the form shown in errors."""
+    """A registered defense: its spec-part parser (guarded by `SpecParser`) and the form shown
+    in errors."""
 
     name: str
     parse: Parser
     form: str
+
+    def __post_init__(self) -> None:
+        parser = self.parse.parser if isinstance(self.parse, SpecParser) else self.parse
+        object.__setattr__(self, "parse", SpecParser(parser, self.name, self.form))
 
 
 def _parser_of(obj: Any) -> Parser:
@@ -61,12 +99,24 @@ def _adopt(name: str, obj: object) -> DefenseEntry:
     return DefenseEntry(name, _parser_of(obj), getattr(obj, "form", name))
 
 
+def _owner(entry: DefenseEntry) -> object:
+    """The plugin's own parser (its module tells which plugin registered the entry)."""
+    parse = entry.parse
+    return parse.parser if isinstance(parse, SpecParser) else parse
+
+
 def _builtins() -> None:
     import fedleak.defenses.catalog  # noqa: F401  (registers the built-in defenses)
 
 
 DEFENSES: Registry[DefenseEntry] = Registry(
-    "defense", "fedleak.defenses", "defense.spec", adopt=_adopt, builtins=_builtins, forbidden=",+:"
+    "defense",
+    "fedleak.defenses",
+    "defense.spec",
+    adopt=_adopt,
+    builtins=_builtins,
+    owner=_owner,
+    forbidden=",+:",
 )
 
 

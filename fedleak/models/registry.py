@@ -60,7 +60,13 @@ def _builtins() -> None:
 
 
 MODELS: Registry[ModelEntry] = Registry(
-    "model", "fedleak.models", "model.name", adopt=_adopt, builtins=_builtins, forbidden=",:"
+    "model",
+    "fedleak.models",
+    "model.name",
+    adopt=_adopt,
+    builtins=_builtins,
+    owner=lambda entry: entry.build,
+    forbidden=",:",
 )
 
 
