@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import pytest
 import torch
@@ -533,3 +535,55 @@ def test_an_encoding_needs_k_images_in_the_clients_data() -> None:
     pool = PartnerPool(images, torch.arange(3), onehot.argmax(1), torch.tensor([2]))
     with pytest.raises(EncodingError, match=r"the client's data holds 3 \(2 besides the image"):
         MixUp(4)(images[2:], onehot[2:], _gen(), private=pool)
+
+
+@dataclass(frozen=True)
+class _Broken:
+    """A plugin release step with one of the bugs a user's defense may have."""
+
+    bug: str
+    kind: ClassVar[str] = "test-broken"
+    stage: ClassVar[str] = "release"
+    rank: ClassVar[float] = 3.5
+
+    @property
+    def spec(self) -> str:
+        return f"test-broken:{self.bug}"
+
+    def release(self, grads, generator, *, batched, dp_batch_size):
+        first = next(iter(grads))
+        if self.bug == "drop":
+            return {first: grads[first]}
+        if self.bug == "flatten":
+            return {k: v.flatten() for k, v in grads.items()}
+        return {k: v.numpy() for k, v in grads.items()}
+
+
+@pytest.mark.parametrize(
+    ("bug", "problem"),
+    [
+        ("drop", r"changed the update's keys \(missing \['0.bias'\], added \[\]\)"),
+        ("flatten", r"changed the shape of '0.weight' from \(3, 4\) to \(12,\)"),
+        ("numpy", r"returned ndarray for '0.weight', expected a tensor"),
+    ],
+)
+def test_a_plugin_defense_that_changes_the_update_is_refused_before_and_during_a_run(
+    bug: str, problem: str
+) -> None:
+    from fedleak.config import ConfigError
+    from fedleak.defenses import DefenseOutputError, register_defense
+    from fedleak.defenses.registry import DEFENSES
+    from fedleak.models.spec import ModelSpec
+    from fedleak.server.validate import check_defense
+
+    register_defense("test-broken", lambda args: _Broken(args[0]), form="test-broken:BUG")
+    try:
+        pipeline = parse_defense_spec(f"prune:0.5+test-broken:{bug}")
+        update = {"0.weight": torch.randn(3, 4), "0.bias": torch.randn(3)}
+        with pytest.raises(DefenseOutputError, match=f"defense 'test-broken:{bug}' {problem}"):
+            pipeline.share(update, 2, torch.Generator().manual_seed(0))
+        with pytest.raises(ConfigError, match=f"defense.spec='test-broken:{bug}': fails on an"):
+            check_defense(f"test-broken:{bug}", ModelSpec("mlp", (1, 2, 2), 3))
+        check_defense("prune:0.5+sign", ModelSpec("mlp", (1, 2, 2), 3))  # built-ins: no work
+    finally:
+        DEFENSES.remove("test-broken")

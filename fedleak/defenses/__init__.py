@@ -20,7 +20,14 @@ from fedleak.defenses.grammar import ALLOWED_FORMS, DefenseSpecError
 from fedleak.defenses.noise import DPSGD, GaussianNoise
 from fedleak.defenses.prune import Prune, pruned_count
 from fedleak.defenses.registry import DEFENSES, DefenseEntry, allowed_forms, register_defense
-from fedleak.defenses.spec import STAGES, DefensePipeline, Encoder, Step, parse_defense_spec
+from fedleak.defenses.spec import (
+    STAGES,
+    DefenseOutputError,
+    DefensePipeline,
+    Encoder,
+    Step,
+    parse_defense_spec,
+)
 
 __all__ = [
     "ALLOWED_FORMS",
@@ -29,6 +36,7 @@ __all__ = [
     "MAX_COEFFICIENT",
     "STAGES",
     "DefenseEntry",
+    "DefenseOutputError",
     "DefensePipeline",
     "DefenseSpecError",
     "EncodedBatch",

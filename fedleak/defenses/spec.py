@@ -119,7 +119,7 @@ class DefensePipeline:
         out = dict(per_sample)
         for step in self.steps:
             if step.stage == "clip":
-                out = step.clip(out)
+                out = _same_form(step, out, step.clip(out))
         return out
 
     def share(
@@ -153,8 +153,44 @@ class DefensePipeline:
         out = dict(grads)
         for step in self.steps:
             if step.stage != "encode":
-                out = step.release(out, generator, batched=batched, dp_batch_size=dp_batch_size)
+                released = step.release(
+                    out, generator, batched=batched, dp_batch_size=dp_batch_size
+                )
+                out = _same_form(step, out, released)
         return out
+
+
+class DefenseOutputError(ValueError):
+    """A defense step changed the form of the update (a plugin's bug): the server would
+    aggregate, and the attackers invert, something else than the model's update."""
+
+
+def _same_form(step: Any, before: dict[str, Tensor], after: object) -> dict[str, Tensor]:
+    """`after`, if it holds a tensor of the same shape under each key of `before`."""
+    problem = ""
+    if not isinstance(after, dict):
+        problem = f"returned {type(after).__name__}, expected a dict of tensors"
+    elif after.keys() != before.keys():
+        missing, extra = sorted(before.keys() - after.keys()), sorted(after.keys() - before.keys())
+        problem = f"changed the update's keys (missing {missing[:3]}, added {extra[:3]})"
+    else:
+        for key, value in after.items():
+            if not isinstance(value, Tensor):
+                problem = f"returned {type(value).__name__} for {key!r}, expected a tensor"
+            elif value.shape != before[key].shape:
+                problem = (
+                    f"changed the shape of {key!r} from {tuple(before[key].shape)} to "
+                    f"{tuple(value.shape)}"
+                )
+            if problem:
+                break
+    if problem:
+        name = getattr(step, "spec", None) or type(step).__name__
+        raise DefenseOutputError(
+            f"defense {name!r} {problem}; a defense returns every tensor of the update it is "
+            "given, under the same key and in the same shape"
+        )
+    return after  # type: ignore[return-value]
 
 
 def _parse_part(part: str) -> Any:

@@ -73,6 +73,7 @@ def validate_run(
     ray_init_args(config, client_cpus, client_gpus)  # GPU shares, room for attack workers
     fd = check_data_split(config, num_clients)
     check_model(model_spec(config, fd))
+    check_defense(config.defense.spec, model_spec(config, fd))
     check_attacks(config, fd, num_clients)
     check_payload(config, model_spec(config, fd), num_clients)
     return fd
@@ -100,6 +101,27 @@ def check_model(spec: ModelSpec) -> None:
             f"{expected} (a score for each of the data's {spec.num_classes} "
             f"{'tokens' if tokens else 'classes'})"
         )
+
+
+def check_defense(defense_spec: str, spec: ModelSpec) -> None:
+    """Release one random update of the model's shape through a plugin's defense, which may
+    drop or reshape tensors: every client would fail on it in its first round. Built-in steps
+    are tested and skip this (a ResNet-18's update costs seconds to prune)."""
+    pipeline = parse_defense_spec(defense_spec)
+    if all(type(step).__module__.startswith("fedleak.") for step in pipeline.steps):
+        return
+    generator = torch.Generator().manual_seed(0)
+    trained = [(n, p) for n, p in build_model(spec).named_parameters() if p.requires_grad]
+    update = {name: torch.randn(p.shape, generator=generator) for name, p in trained}
+    try:
+        if pipeline.needs_per_sample:
+            pipeline.clip({name: g.expand(2, *g.shape) for name, g in update.items()})
+        pipeline.share(update, 2, generator)
+    except Exception as error:  # a plugin defense is the user's code: any failure is theirs
+        detail = " ".join(f"{type(error).__name__}: {error}".split())[:300]
+        raise ConfigError(
+            f"defense.spec={defense_spec!r}: fails on an update of model {spec.name} ({detail})"
+        ) from None
 
 
 def check_resources(
