@@ -139,6 +139,24 @@ class Declaration:
                 f"declare(inputs, labels): expected inputs [N, ...] and labels [N], got "
                 f"{tuple(inputs.shape)} and {tuple(labels.shape)}"
             )
+        if not inputs.is_floating_point() or not bool(torch.isfinite(inputs).all()):
+            raise ValueError(
+                f"declare(inputs): expected finite float images in [0, 1], got {inputs.dtype}"
+                + ("" if inputs.is_floating_point() else " (token ids are not audited)")
+            )
+        low, high = float(inputs.min()), float(inputs.max())
+        if low < 0 or high > 1:
+            # Attacks reconstruct, and metrics score, in the data's range: normalisation
+            # (e.g. transforms.Normalize) belongs inside the model, after the declared batch.
+            raise ValueError(
+                f"declare(inputs): expected images in [0, 1], found values from {low:.4g} to "
+                f"{high:.4g}; declare the images before normalising them"
+            )
+        if labels.is_floating_point() or labels.is_complex() or bool((labels < 0).any()):
+            raise ValueError(
+                f"declare(labels): expected integer class indices >= 0, got {labels.dtype} "
+                f"{labels.tolist()[:8]}"
+            )
         size = len(inputs) if batch_size is None else int(batch_size)
         if size < 1 or int(local_steps) < 1 or not float(learning_rate) > 0:
             raise ValueError(

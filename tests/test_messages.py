@@ -26,6 +26,7 @@ from fedleak.messages import (
     EXTRA_RECORDS,
     METRICS,
     PER_SAMPLE,
+    Declaration,
     partition_id_of,
     partition_query,
 )
@@ -171,3 +172,23 @@ def test_a_node_answers_the_partition_query() -> None:
     query = Message(content=partition_query(), dst_node_id=3, message_type=MessageType.QUERY)
     reply = app(query, _context(2))
     assert partition_id_of(message_from_proto(message_to_proto(reply)).content) == 2
+
+
+@pytest.mark.parametrize(
+    ("inputs", "labels", "problem"),
+    [
+        (
+            (torch.linspace(0, 1, 32).reshape(2, 1, 4, 4) - 0.1307) / 0.3081,
+            [0, 1],
+            r"found values from -0\.4242 to 2\.821",
+        ),
+        (torch.full((2, 1, 4, 4), float("nan")), [0, 1], "expected finite float images"),
+        (torch.rand(2, 1, 4, 4), torch.tensor([0.0, 1.0]), "expected integer class indices"),
+        (torch.rand(2, 1, 4, 4), [-1, 1], "expected integer class indices >= 0"),
+    ],
+)
+def test_a_declared_batch_outside_the_images_attacks_score_is_refused(inputs, labels, problem):
+    labels = torch.as_tensor(labels)
+    with pytest.raises(ValueError, match=problem) as caught:
+        Declaration.of(inputs, labels, "fedsgd", 0.1, 1, None)
+    assert str(caught.value).startswith("declare(") and "\n" not in str(caught.value)
