@@ -39,7 +39,16 @@ from fedleak.training.update import LocalTraining, compute_update
 BIN = Path(sys.executable).parent
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "audited-flower-app"
 COMPARED = ["mse", "psnr", "ssim", "lpips_alex", "label_acc", "loss_final"]
-EXACT = ["round", "client_id", "attack", "sample", "target_index", "true_label", "pred_label"]
+EXACT = [
+    "round",
+    "client_id",
+    "attack",
+    "sample",
+    "target_index",
+    "true_label",
+    "pred_label",
+    "mode",  # what the client declared, whatever the audit settings say
+]
 
 
 @pytest.fixture(scope="module")

@@ -404,7 +404,12 @@ class CuriousStrategy(Strategy):
         for result in self.runner.ready(wait):
             observation = result.job.observation
             truth = self._truths.pop(result.job.job_id)
-            context = {**self.row_context, "reference": result.job.attack in self.references}
+            context = {
+                **self.row_context,
+                # What this update was (a foreign client declares its own protocol).
+                "mode": "fedsgd" if observation.update_kind == "gradient" else "fedavg",
+                "reference": result.job.attack in self.references,
+            }
             rows = self.auditor.score(
                 observation, result.job.attack, result.reconstruction, truth, context
             )
