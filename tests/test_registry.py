@@ -179,6 +179,9 @@ def test_the_decorator_registers_an_attack_with_checked_settings() -> None:
         def __init__(self, config: BlurConfig, seed: int) -> None:
             self.config, self.seed, self.name = config, seed, "test-blur"
 
+        def reconstruct(self, observation, knowledge, budget):
+            raise NotImplementedError  # only built and validated here
+
     try:
         attack = build_attack("test-blur", {"sigma": 2, "passes": 3}, seed=4)
         assert (attack.config, attack.seed) == (BlurConfig(sigma=2.0, passes=3), 4)
@@ -318,6 +321,18 @@ def test_a_registered_data_set_loads_with_a_seeded_holdout() -> None:
         DATASETS.remove("test-digits")
     with pytest.raises(ConfigError, match=r"data\.dataset='test-digits': expected one of mnist5k"):
         validate_components(parse_flat({"data.dataset": "test-digits"}))
+
+
+def test_a_loader_with_its_own_test_split_keeps_it_under_holdout() -> None:
+    from fedleak.data.dataset import with_holdout
+
+    split = with_holdout(load_mnist5k(), 0.2, seed=3)
+    register_dataset("test-split", lambda root, download: split, holdout=True)
+    try:
+        loaded = load_dataset("test-split", seed=1, test_fraction=0.1)
+        assert torch.equal(loaded.test_y, split.test_y) and len(loaded.test_x) == 1000
+    finally:
+        DATASETS.remove("test-split")
 
 
 # -- entry points ----------------------------------------------------------------------------
@@ -630,3 +645,19 @@ def test_a_plugin_runs_on_a_ray_worker_in_a_simulation(plugin: Path, tmp_path: P
     assert {int(d["pid"]) for d in diagnostics} != {process.pid}
     config = (out / "config.toml").read_text()
     assert 'spec = "halve"' in config and 'name = "fedleak_toy:tiny_model"' in config
+
+
+class _NoReconstruct:
+    """An attack class whose author forgot the method every attack needs."""
+
+    def __init__(self, config: object, seed: int) -> None:
+        self.name = "test-no-reconstruct"
+
+
+def test_an_attack_without_reconstruct_is_refused_before_the_run() -> None:
+    register_attack("test-no-reconstruct", _NoReconstruct)
+    try:
+        with pytest.raises(ConfigError, match=r"'test-no-reconstruct' builds a _NoReconstruct"):
+            validate_components(parse_flat({"attack.names": "test-no-reconstruct"}))
+    finally:
+        attack_registry.ATTACKS.remove("test-no-reconstruct")

@@ -150,6 +150,7 @@ def test_an_attack_that_returns_no_reconstruction_fails_alone_and_images_are_sco
     attacks = {
         "bare": Returns(torch.rand(2, 1, 4, 4)),
         "scaled": Returns(scaled),
+        "labels": Returns(Reconstruction(inputs=torch.rand(2, 1, 4, 4), labels=torch.zeros(5))),
         "aux-mean": AuxMeanBaseline(),
     }
     runner = InlineRunner(attacks, _knowledge(), Budget(10, 5.0))
@@ -160,4 +161,6 @@ def test_an_attack_that_returns_no_reconstruction_fails_alone_and_images_are_sco
     assert results["scaled"].status == "ok"
     assert torch.equal(results["scaled"].inputs, scaled.inputs.clamp(0, 1))
     assert "clamped to [0, 1] for scoring" in results["scaled"].message
+    assert results["labels"].status == "failed"
+    assert results["labels"].message == "labels of shape (5,), expected (2,)"
     assert results["aux-mean"].status == "ok" and results["aux-mean"].message == ""

@@ -9,9 +9,10 @@ that live there:
     def my_set(root: Path, download: bool) -> ImageDataset: ...
 
 `holdout`: the set has no official test split, so a stratified `data.test-fraction` is held out
-(seeded by the run). `input_shape` and `num_classes`, when declared, let configuration checks
-(BatchNorm, payload) run without loading the set. A package makes a set available to every
-process with an entry point in group `fedleak.datasets` (see `fedleak.registry`).
+(seeded by the run) when the loader returns none. `input_shape` and `num_classes`, when
+declared, let configuration checks (BatchNorm, payload) run without loading the set. A
+package makes a set available to every process with an entry point in group
+`fedleak.datasets` (see `fedleak.registry`).
 
 Loaded sets are cached in the process: every simulated client asks for the same set each round.
 Data files always live outside the package tree (Flower's app bundle carries only source).
@@ -248,7 +249,11 @@ def load_dataset(
 @functools.lru_cache(maxsize=16)
 def _load(name: str, root: str, seed: int, test_fraction: float, download: bool) -> ImageDataset:
     dataset = _read(name, root, download)
-    return with_holdout(dataset, test_fraction, seed) if dataset_entry(name).holdout else dataset
+    # A loader that brings its own test split keeps it (an entry point's loader is adopted
+    # with holdout=True, whatever it returns).
+    if dataset_entry(name).holdout and not len(dataset.test_x):
+        return with_holdout(dataset, test_fraction, seed)
+    return dataset
 
 
 @functools.lru_cache(maxsize=8)

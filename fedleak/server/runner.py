@@ -135,6 +135,9 @@ def checked(
     elif wanted is not None and tuple(inputs.shape) != wanted:
         status = "failed"
         message = f"reconstruction of shape {tuple(inputs.shape)}, expected {wanted}"
+    elif labels is not None and tuple(labels.shape) != (expected,):
+        status = "failed"
+        message = f"labels of shape {tuple(labels.shape)}, expected ({expected},)"
     elif not torch.isfinite(inputs).all():
         status, message = "nan", "reconstruction contains NaN or inf"
     if reconstruction.status == "failed" and status != "ok":

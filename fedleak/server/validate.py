@@ -256,6 +256,11 @@ def validate_components(config: RunConfig) -> None:
         _validate_text(config, pipeline.encoder is not None)
     for name in config.attack.names:
         attack = attack_entry(name).create(config.attack.params.get(name, {}), config.seed)
+        if not callable(getattr(attack, "reconstruct", None)):
+            raise ConfigError(
+                f"attack.names: {name!r} builds a {type(attack).__name__} without a reconstruct"
+                "(observation, knowledge, budget) method; every attack needs one"
+            )
         if modality not in attack_modalities(attack):
             fitting = [n for n in ATTACKS.names() if modality in attack_modalities(build_attack(n))]
             raise ConfigError(
