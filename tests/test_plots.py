@@ -6,9 +6,12 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+import pytest
 from matplotlib.collections import LineCollection, PolyCollection
+from matplotlib.figure import Figure
 
-from fedleak.report.plots import FLOOR_STYLE, _line
+from fedleak.report import plots
+from fedleak.report.plots import FLOOR_STYLE, _line, accuracy_top
 from fedleak.report.tables import Metric
 
 TOKEN_ACC = Metric("token_acc", "token accuracy", True, 3, True)
@@ -50,3 +53,34 @@ def test_several_rounds_draw_a_line_and_a_band() -> None:
     assert len(ax.lines) == 1 and len(ax.lines[0].get_xdata()) == 3
     assert any(isinstance(c, PolyCollection) for c in ax.collections)
     plt.close(figure)
+
+
+def test_the_accuracy_axis_fits_small_accuracies() -> None:
+    assert accuracy_top([0.006, 0.009]) == 0.01  # a language model's next-token accuracy
+    assert accuracy_top([0.09, 0.3]) == 0.5
+    assert accuracy_top([0.2, 0.6]) == 1.0 and accuracy_top([0.95]) == 1.0
+    assert accuracy_top([]) == 1.0 and accuracy_top([0.0, float("nan")]) == 1.0
+
+
+def _accuracy_axis(accuracies: list[float], monkeypatch: pytest.MonkeyPatch) -> plt.Axes:
+    """The accuracy panel of a per-round figure of one setting (the figure kept, not drawn)."""
+    drawn: list[Figure] = []
+    monkeypatch.setattr(plots, "_png", lambda figure: drawn.append(figure) or b"")
+    rounds = list(range(len(accuracies)))
+    leakage = _rows(rounds[1:]).assign(group="", defense="none", attack="tag", reference=False)
+    utility = pd.DataFrame(
+        {"round": rounds, "test_accuracy": accuracies, "group": "", "defense": "none"}
+    )
+    plots.rounds_figure(leakage, utility, [TOKEN_ACC], success=False)
+    return drawn[0].axes[-1]
+
+
+def test_the_accuracy_panel_zooms_in_on_small_accuracies_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    small = _accuracy_axis([0.0064, 0.0071, 0.0089], monkeypatch)
+    assert small.get_ylim() == (0.0, 0.01)
+    assert "fraction, axis to 0.01" in small.get_ylabel()
+    large = _accuracy_axis([0.1, 0.6, 0.8], monkeypatch)
+    assert large.get_ylim() == (0.0, 1.0) and "axis to" not in large.get_ylabel()
+    plt.close("all")

@@ -478,3 +478,40 @@ def test_attack_runs_that_did_not_converge_are_marked() -> None:
     assert not_converged(rows.drop(columns="converged")) == 0
     plain = leakage_table(rows.drop(columns="converged"), METRICS[0], ["none"], [""], "")
     assert plain.rows[0][1].text == "18.00 [5.00, 31.00] n=4"
+
+
+def test_a_text_report_marks_unconverged_tag_runs_and_renders_code(tmp_path: Path) -> None:
+    """A text run at the frequency floor: TAG's two attack runs cut their loss less than
+    tenfold, so every place that ranks it says so; `code` reads as code in the HTML."""
+    config = parse_flat({"name": "text", "num-server-rounds": 1, "attack.names": "tag"})
+    run = RunDirectory.create(tmp_path / "run", config, {"torch": torch.__version__})
+    rows = [
+        {
+            "client_id": client,
+            "attack": attack,
+            "reference": attack == "aux-frequency",
+            "sample": sample,
+            "target_index": sample,
+            "modality": "tokens",
+            "token_acc": 0.125 if attack == "aux-frequency" else 0.0,
+            "rougeL": 0.0,
+            **(
+                {"loss_start": 240.0, "loss_final": 66.0, "converged": 0.0}
+                if attack == "tag"
+                else {}
+            ),
+        }
+        for client in (0, 1)
+        for attack in ("tag", "aux-frequency")
+        for sample in (0, 1)
+    ]
+    run.append_round(1, rows, {"test_loss": 6.3, "test_accuracy": 0.007})
+    html, markdown = build_report(run.path)
+    text = markdown.read_text()
+    summary = _table(text, "Summary")
+    assert summary[0][-1] == "not converged (attack runs)"
+    assert [row[-1] for row in summary[1:]] == ["2 of 2", "0 of 2"]  # tag, then the floor
+    assert _table(text, "token accuracy")[1] == ["tag", "0.000 [0.000, 0.000] n=4 †"]
+    assert "(tag did not converge in 2 of 2 attack runs: its budget ran out" in text
+    page = html.read_text()
+    assert "<code>rouge-score</code>" in page and "`" not in re.sub(r"<pre>.*?</pre>", "", page)

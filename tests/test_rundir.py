@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
@@ -204,12 +206,45 @@ def test_state_dir_and_console_line(run: RunDirectory) -> None:
     assert "ig PSNR 20.5 LPIPS 0.200" in line and "aux-mean - (1 failed)" in line
 
 
+def test_text_rows_leave_the_label_columns_empty(run: RunDirectory) -> None:
+    text = {"round": 1, "client_id": 0, "attack": "tag", "sample": 0, "modality": "tokens"}
+    run.append_round(1, [*_rows(1, 20.0), {**text, "token_acc": 0.5}], _utility(0.3))
+    for leakage in (run.leakage(), read_leakage_parquet(run.path / "leakage.parquet")):
+        tokens = leakage[leakage["modality"] == "tokens"]
+        assert tokens[["true_label", "pred_label"]].isna().all().all() and len(tokens) == 1
+        # Image rows keep their labels, and -1 where none is known (a failed attack).
+        images = leakage[leakage["modality"] == "image"]
+        assert images.groupby("status")["true_label"].agg(set).to_dict() == {
+            "ok": {3},
+            "failed": {-1},
+        }
+    assert pq.read_schema(run.path / "leakage.parquet").field("true_label").type == pa.int64()
+    csv = pd.read_csv(run.path / "leakage.csv")
+    assert csv.loc[csv["modality"] == "tokens", "pred_label"].isna().all()
+
+
+def test_text_rows_of_older_runs_read_with_empty_labels(tmp_path: Path) -> None:
+    # Runs written before the labels were nullable hold -1 on text rows.
+    old = tmp_path / "leakage.parquet"
+    rows = [{"attack": "tag", "modality": "tokens"}, {"attack": "ig", "modality": "image"}]
+    pd.DataFrame([{**r, "true_label": -1, "pred_label": -1} for r in rows]).to_parquet(old)
+    leakage = read_leakage_parquet(old)
+    assert leakage["true_label"].isna().tolist() == [True, False]
+    assert leakage["pred_label"].tolist()[1] == -1
+
+
 def test_leakage_written_before_the_diagnostics_column_still_reads(tmp_path: Path) -> None:
     old = tmp_path / "leakage.parquet"
     added = ("diagnostics", "loss_start", "loss_final", "converged")
     columns = [c for c in LEAKAGE_COLUMNS if c not in added]
     row = {
-        c: (1 if LEAKAGE_COLUMNS[c] == "int64" else "x" if LEAKAGE_COLUMNS[c] == "str" else 0.5)
+        c: (
+            1
+            if LEAKAGE_COLUMNS[c].lower() == "int64"
+            else "x"
+            if LEAKAGE_COLUMNS[c] == "str"
+            else 0.5
+        )
         for c in columns
     }
     pd.DataFrame([row]).to_parquet(old)

@@ -34,10 +34,11 @@ from fedleak.attacks.optimization.tag import (
     nearest_tokens,
 )
 from fedleak.attacks.registry import build_attack
-from fedleak.attacks.types import AttackerKnowledge, Budget, Observation
+from fedleak.attacks.types import CONVERGED_RATIO, AttackerKnowledge, Budget, Observation
 from fedleak.data import auxiliary, build_federated_data
 from fedleak.defenses import parse_defense_spec
 from fedleak.models import ModelSpec, build_model
+from fedleak.server.auditor import Auditor, GroundTruth
 from fedleak.settings import ConfigError
 from fedleak.training.update import LocalTraining, compute_update
 
@@ -173,6 +174,34 @@ def test_nearest_tokens_find_table_rows_under_noise_and_scale() -> None:
     ids = torch.tensor([[3, 7, 7, 49]])
     noisy = 3.0 * table[ids] + 0.01 * torch.randn(1, 4, 16, generator=torch.Generator())
     assert torch.equal(nearest_tokens(noisy, table), ids)
+
+
+def test_tag_rows_record_its_matching_loss_and_convergence(
+    world: dict[str, object], one_thread: None
+) -> None:
+    private = world["private"][:2]  # type: ignore[index]
+    observation = observe(world["spec"], world["weights"], "none", private)  # type: ignore[arg-type]
+    knowledge, truth = world["knowledge"], GroundTruth(0, private, private)
+    auditor = Auditor(lpips_nets=(), decode=world["tokenizer"].decode)  # type: ignore[attr-defined]
+    attack = TAG(TAGConfig(restarts=2))
+    fitted = attack.reconstruct(observation, knowledge, Budget(30, 1e9))
+    untouched = attack.reconstruct(observation, knowledge, Budget(0, 1e9))
+    assert fitted.loss_start is not None and fitted.loss_final is not None
+    assert untouched.loss_start is not None and untouched.loss_final is not None
+    assert fitted.loss_start.shape == fitted.loss_final.shape == (2,)  # one per sequence
+    assert (fitted.loss_final < fitted.loss_start).all()
+    # The losses are those of the restart whose tokens are returned, as is `matching_loss`.
+    assert fitted.loss_final.mean().item() == pytest.approx(fitted.diagnostics["matching_loss"])
+    assert torch.equal(untouched.loss_final, untouched.loss_start)
+    for result in (fitted, untouched):
+        rows = auditor.score(observation, attack.name, result, truth, {})
+        assert len(rows) == 2
+        for row in rows:
+            start, final = result.loss_start[row["sample"]], result.loss_final[row["sample"]]
+            assert (row["loss_start"], row["loss_final"]) == (float(start), float(final))
+            cut_tenfold = row["loss_final"] <= CONVERGED_RATIO * row["loss_start"]
+            assert row["converged"] == float(cut_tenfold)
+    assert {row["converged"] for row in rows} == {0.0}  # an attack that never moved
 
 
 def test_tag_refuses_images_and_image_attacks_refuse_tokens(world: dict[str, object]) -> None:

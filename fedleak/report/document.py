@@ -116,11 +116,19 @@ img.pixel { image-rendering: pixelated; }
 .gallery { display: flex; flex-wrap: wrap; gap: 0 1.5rem; align-items: flex-start; }
 .gallery figure { margin: .3rem 0; }
 .gallery-title { font-weight: 600; margin: 1rem 0 0; }
+code { background: #f3f3f5; padding: 0 .2rem; font-size: .9em; }
 pre { background: #f6f6f8; padding: .7rem; overflow-x: auto; font-size: .8rem; }
 nav ul { columns: 2; font-size: .9rem; }
 """
 
 _NUMBER = re.compile(r"[-+–]?\d")
+_CODE = re.compile(r"`([^`]+)`")
+
+
+def _html_paragraph(text: str) -> str:
+    """Escaped text with Markdown's `code` spans as <code>: paragraphs are written once for
+    both renderings, and raw backticks would show in the HTML."""
+    return _CODE.sub(r"<code>\1</code>", html.escape(text))
 
 
 def _anchor(text: str) -> str:
@@ -182,7 +190,7 @@ def render_html(title: str, blocks: Sequence[Block]) -> str:
             if level == 2:
                 toc.append(f'<li><a href="#{anchor}">{html.escape(block.text)}</a></li>')
         elif isinstance(block, Text):
-            parts.append(f"<p>{html.escape(block.text)}</p>")
+            parts.append(f"<p>{_html_paragraph(block.text)}</p>")
         elif isinstance(block, Code):
             parts.append(f"<pre>{html.escape(block.text)}</pre>")
         elif isinstance(block, Table):

@@ -96,11 +96,26 @@ def _line(ax, rows: pd.DataFrame, metric: Metric, style: dict, band: bool) -> No
         ax.errorbar(x, mid, yerr=yerr, fmt="none", color=style.get("color"), capsize=3, alpha=0.6)
 
 
+def accuracy_top(accuracies: Sequence[float]) -> float:
+    """The top of the accuracy axis: 1, or for small accuracies (a language model's next-token
+    accuracy of 0.006) the next of 1, 2, 2.5, 5 x 10^k at least 10% above the largest, so the
+    curve does not lie flat on the axis."""
+    finite = [a for a in accuracies if np.isfinite(a)]
+    highest = max(finite, default=0.0)
+    if highest <= 0:
+        return 1.0
+    wanted = 1.1 * highest
+    decade = 10.0 ** np.floor(np.log10(wanted))
+    nice = next(decade * m for m in (1, 2, 2.5, 5, 10) if decade * m >= wanted)
+    return float(min(1.0, nice))
+
+
 def rounds_figure(
     leakage: pd.DataFrame, utility: pd.DataFrame, metrics: list[Metric], success: bool = True
 ) -> bytes:
     """Leakage per round: one row of panels per metric (success rate first when `success`),
-    sharing its y-axis, with test accuracy in the last row (0 to 1).
+    sharing its y-axis, with test accuracy in the last row (from 0 to 1, or to
+    `accuracy_top` when every accuracy is small).
 
     Up to MAX_SETTING_COLUMNS settings (group, defense) are columns and attacks are lines;
     beyond that, attacks are columns and settings are lines. `leakage` holds scored rows
@@ -164,6 +179,7 @@ def rounds_figure(
             if j == 0:
                 better = "higher" if metric.higher_is_better else "lower"
                 ax.set_ylabel(f"{metric.label}\n({better} = more leakage)", fontsize=8.5)
+    top = accuracy_top(utility["test_accuracy"].tolist())
     for j, column in enumerate(columns):
         ax = axes[-1, j]
         wanted = [column] if by_setting else settings
@@ -173,11 +189,12 @@ def rounds_figure(
                 acc = sub.groupby("round")["test_accuracy"].mean()
                 color = "black" if by_setting else colors[setting]
                 ax.plot(acc.index, acc.values, "-", marker="o", markersize=3, color=color)
-        ax.set_ylim(0, 1)
+        ax.set_ylim(0, top)
         ax.grid(alpha=0.3)
         ax.set_xlabel("round")
         if j == 0:
-            ax.set_ylabel("global model\ntest accuracy", fontsize=8.5)
+            zoomed = f"\n(fraction, axis to {top:g})" if top < 1 else ""
+            ax.set_ylabel(f"global model\ntest accuracy{zoomed}", fontsize=8.5)
     rounds = sorted(set(utility["round"]) | set(leakage["round"]))
     if 0 < len(rounds) <= 16:
         axes[-1, 0].set_xticks(rounds)

@@ -43,7 +43,7 @@ import torch
 from fedleak.config import RunConfig, load_toml
 
 # Column -> dtype. Strings use pandas' "str" dtype; ints are int64 with -1 for "not applicable";
-# bools default to False.
+# bools default to False. The labels are nullable (Int64): empty on text rows (`TEXT_EMPTY`).
 LEAKAGE_COLUMNS: Mapping[str, str] = {
     "round": "int64",
     "client_id": "int64",
@@ -62,8 +62,8 @@ LEAKAGE_COLUMNS: Mapping[str, str] = {
     "lpips_alex": "float64",
     "lpips_vgg": "float64",
     "label_acc": "float64",
-    "true_label": "int64",
-    "pred_label": "int64",
+    "true_label": "Int64",
+    "pred_label": "Int64",
     "scored_against": "str",
     "seconds": "float64",
     "iterations": "int64",
@@ -87,6 +87,9 @@ LEAKAGE_COLUMNS: Mapping[str, str] = {
     "rouge2": "float64",
     "rougeL": "float64",
 }
+# Image-only integer columns, empty (NA) on token rows as the image metrics are NaN there; image
+# rows keep -1 where no label is known.
+TEXT_EMPTY = ("true_label", "pred_label")
 # Values of columns a run written before they existed reads as (default: -1 / NaN / '').
 MISSING_COLUMN_VALUES: Mapping[str, object] = {"modality": "image"}
 
@@ -137,7 +140,7 @@ class RunDirectoryError(ValueError):
 
 
 def _default(dtype: str) -> object:
-    return {"int64": -1, "float64": math.nan, "str": "", "bool": False}[dtype]
+    return {"int64": -1, "Int64": -1, "float64": math.nan, "str": "", "bool": False}[dtype]
 
 
 def empty_frame(columns: Mapping[str, str]) -> pd.DataFrame:
@@ -179,7 +182,7 @@ def tidy(
         elif dtype == "bool":
             frame[name] = frame[name].astype(bool)
         else:
-            frame[name] = frame[name].astype("int64")
+            frame[name] = frame[name].astype(dtype)
     return frame
 
 
@@ -251,7 +254,13 @@ def _typed_leakage(frame: pd.DataFrame) -> pd.DataFrame:
     for name, dtype in LEAKAGE_COLUMNS.items():
         if name not in frame:
             frame[name] = MISSING_COLUMN_VALUES.get(name, _default(dtype))
-    return frame.astype(dict(LEAKAGE_COLUMNS))[list(LEAKAGE_COLUMNS)]
+    return _empty_on_text(frame.astype(dict(LEAKAGE_COLUMNS))[list(LEAKAGE_COLUMNS)])
+
+
+def _empty_on_text(frame: pd.DataFrame) -> pd.DataFrame:
+    """`TEXT_EMPTY` columns emptied on token rows (runs written before read -1 there)."""
+    frame.loc[frame["modality"] == "tokens", list(TEXT_EMPTY)] = pd.NA
+    return frame
 
 
 def lpips_column(frame: pd.DataFrame) -> str:
@@ -438,7 +447,7 @@ class RunDirectory:
             "leakage row",
         )
         self._check_values(frame)
-        return frame
+        return _empty_on_text(frame)
 
     def _store_leakage(self, leakage: pd.DataFrame) -> None:
         leakage = leakage.sort_values(["round", "client_id", "attack"], kind="stable")

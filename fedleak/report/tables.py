@@ -352,20 +352,22 @@ def summary_table(study: Study) -> Table:
 
 
 def _text_summary_table(summaries: list[SettingSummary], grouped: bool) -> Table:
+    flags = any(s.not_converged for s in summaries)
     body = []
     for s in summaries:
         head = [Cell(s.group)] if grouped else []
-        body.append(
-            (
-                *head,
-                Cell(s.defense),
-                Cell(attack_label(s.attack, s.reference)),
-                Cell(str(s.token_acc.n)),
-                Cell(s.token_acc.text(3)),
-                Cell(format_ci(s.token_acc_mean[0], s.token_acc_mean[1], 3)),
-                Cell(s.rougeL.text(3)),
-            )
-        )
+        row = [
+            *head,
+            Cell(s.defense),
+            Cell(attack_label(s.attack, s.reference)),
+            Cell(str(s.token_acc.n)),
+            Cell(s.token_acc.text(3)),
+            Cell(format_ci(s.token_acc_mean[0], s.token_acc_mean[1], 3)),
+            Cell(s.rougeL.text(3)),
+        ]
+        if flags:
+            row.append(Cell(f"{s.not_converged} of {s.attack_runs}"))
+        body.append(tuple(row))
     return Table(
         columns=(
             *(("group",) if grouped else ()),
@@ -375,6 +377,7 @@ def _text_summary_table(summaries: list[SettingSummary], grouped: bool) -> Table
             "token accuracy median",
             "token accuracy mean ± 95% t",
             "ROUGE-L median",
+            *(("not converged (attack runs)",) if flags else ()),
         ),
         rows=tuple(body),
         caption="Against the private sequences. n: scored sequences. Token accuracy: the "

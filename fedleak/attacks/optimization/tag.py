@@ -271,6 +271,7 @@ class TAG:
         chosen = outcome.variables[0].reshape(restarts, targets, samples, length, -1)[best, pick]
         tokens = nearest_tokens(chosen, table).reshape(targets * samples, length)
         kept = matching[best, pick]
+        initial = outcome.initial.reshape(restarts, targets)[best, pick]
         diverged = int(torch.isinf(kept).sum())
         finite = kept[torch.isfinite(kept)]
         message = f"matching={loss.name}; stopped by {outcome.stopped_by}"
@@ -289,4 +290,8 @@ class TAG:
                 "diverged_targets": float(diverged),
                 "tag_scale": cfg.tag_scale,
             },
+            # Each of a target's samples carries its problem's matching losses, from which the
+            # auditor records `loss_start`, `loss_final` and `converged` as for image attacks.
+            loss_start=initial.repeat_interleave(samples).detach().cpu(),
+            loss_final=kept.repeat_interleave(samples).detach().cpu(),
         )
