@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -456,7 +457,7 @@ def test_chromium_renders_every_image(
 
 
 def test_attack_runs_that_did_not_converge_are_marked() -> None:
-    from fedleak.report.tables import METRICS, leakage_table, not_converged
+    from fedleak.report.tables import METRICS, judged_runs, leakage_table, not_converged
 
     rows = pd.DataFrame(
         {
@@ -472,6 +473,7 @@ def test_attack_runs_that_did_not_converge_are_marked() -> None:
         }
     )
     assert not_converged(rows) == 1  # one attack run (client 1) of two
+    assert judged_runs(rows) == 2 and judged_runs(rows.assign(converged=math.nan)) == 0
     table = leakage_table(rows, METRICS[0], ["none"], [""], "")
     assert table.rows[0][1].text == "18.00 [5.00, 31.00] n=4 †"
     # Runs written before the convergence columns existed carry no mark.
@@ -510,7 +512,8 @@ def test_a_text_report_marks_unconverged_tag_runs_and_renders_code(tmp_path: Pat
     text = markdown.read_text()
     summary = _table(text, "Summary")
     assert summary[0][-1] == "not converged (attack runs)"
-    assert [row[-1] for row in summary[1:]] == ["2 of 2", "0 of 2"]  # tag, then the floor
+    # tag, then the floor, which matches no loss: neither converged nor not.
+    assert [row[-1] for row in summary[1:]] == ["2 of 2", "–"]
     assert _table(text, "token accuracy")[1] == ["tag", "0.000 [0.000, 0.000] n=4 †"]
     assert "(tag did not converge in 2 of 2 attack runs: its budget ran out" in text
     page = html.read_text()

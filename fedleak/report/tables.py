@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from fedleak.attacks.types import CONVERGED_RATIO
 from fedleak.report.collect import Study
 from fedleak.report.document import Cell, Table
 from fedleak.report.rundir import lpips_column
@@ -117,6 +118,28 @@ def not_converged(rows: pd.DataFrame) -> int:
         return 0
     runs = rows.drop_duplicates(["run", "round", "client_id", "attack"])
     return int((runs["converged"] == 0).sum())
+
+
+CONVERGENCE_NOTE = (
+    f" Not converged: attack runs whose matching loss fell less than {1 / CONVERGED_RATIO:g}-"
+    "fold (their budget ran out or they could not match the update); –: the attack matches no "
+    "loss (a learned attack or a floor)."
+)
+
+
+def judged_runs(rows: pd.DataFrame) -> int:
+    """Attack runs among `rows` whose convergence is known: those of attacks that match a
+    loss (a learned attack or a floor has none, so it is neither converged nor not)."""
+    if "converged" not in rows or rows.empty:
+        return 0
+    runs = rows.drop_duplicates(["run", "round", "client_id", "attack"])
+    return int(runs["converged"].notna().sum())
+
+
+def _convergence_cell(summary: SettingSummary) -> Cell:
+    if not summary.attack_runs:
+        return Cell("–")
+    return Cell(f"{summary.not_converged} of {summary.attack_runs}")
 
 
 def strongest(cells: dict[str, Median], metric: Metric) -> str | None:
@@ -263,7 +286,7 @@ class SettingSummary:
     lpips: Median
     lpips_mean: tuple[float, float, int]
     not_converged: int
-    attack_runs: int
+    attack_runs: int  # those whose convergence is known (`judged_runs`)
     # The language task's scores; empty (n = 0) for image settings.
     token_acc: Median = NO_MEDIAN
     token_acc_mean: tuple[float, float, int] = (math.nan, math.nan, 0)
@@ -296,7 +319,7 @@ def setting_summaries(study: Study) -> list[SettingSummary]:
                         lpips=median_interval(cell[lpips]),
                         lpips_mean=mean_ci(cell[lpips]),
                         not_converged=not_converged(cell),
-                        attack_runs=len(cell.drop_duplicates(["run", "round", "client_id"])),
+                        attack_runs=judged_runs(cell),
                         token_acc=median_interval(cell["token_acc"]),
                         token_acc_mean=mean_ci(cell["token_acc"]),
                         rougeL=median_interval(cell["rougeL"]),
@@ -327,7 +350,7 @@ def summary_table(study: Study) -> Table:
             Cell(format_ci(s.lpips_mean[0], s.lpips_mean[1], 3)),
         ]
         if flags:
-            row.append(Cell(f"{s.not_converged} of {s.attack_runs}"))
+            row.append(_convergence_cell(s))
         body.append(tuple(row))
     header = ("group",) if grouped else ()
     columns = (
@@ -347,7 +370,8 @@ def summary_table(study: Study) -> Table:
         caption=f"Against the private originals. n: scored samples. {SUCCESS_RULE}; "
         "exact 95% interval in brackets. Medians with their 95% order-statistic interval "
         "(the sample range for n < 6). The mean is given for LPIPS, which is bounded; PSNR's "
-        "mean is not, because exact reconstructions (80+ dB) dominate it.",
+        "mean is not, because exact reconstructions (80+ dB) dominate it."
+        + (CONVERGENCE_NOTE if flags else ""),
     )
 
 
@@ -366,7 +390,7 @@ def _text_summary_table(summaries: list[SettingSummary], grouped: bool) -> Table
             Cell(s.rougeL.text(3)),
         ]
         if flags:
-            row.append(Cell(f"{s.not_converged} of {s.attack_runs}"))
+            row.append(_convergence_cell(s))
         body.append(tuple(row))
     return Table(
         columns=(
@@ -382,7 +406,8 @@ def _text_summary_table(summaries: list[SettingSummary], grouped: bool) -> Table
         rows=tuple(body),
         caption="Against the private sequences. n: scored sequences. Token accuracy: the "
         "share of positions recovered; medians with their 95% order-statistic interval (the "
-        "sample range for n < 6); the mean, bounded, with its Student-t interval.",
+        "sample range for n < 6); the mean, bounded, with its Student-t interval."
+        + (CONVERGENCE_NOTE if flags else ""),
     )
 
 
