@@ -457,7 +457,14 @@ def test_chromium_renders_every_image(
 
 
 def test_attack_runs_that_did_not_converge_are_marked() -> None:
-    from fedleak.report.tables import METRICS, judged_runs, leakage_table, not_converged
+    from fedleak.attacks.types import CONVERGED_RATIO
+    from fedleak.report.tables import (
+        CONVERGENCE_NOTE,
+        METRICS,
+        judged_runs,
+        leakage_table,
+        not_converged,
+    )
 
     rows = pd.DataFrame(
         {
@@ -474,6 +481,7 @@ def test_attack_runs_that_did_not_converge_are_marked() -> None:
     )
     assert not_converged(rows) == 1  # one attack run (client 1) of two
     assert judged_runs(rows) == 2 and judged_runs(rows.assign(converged=math.nan)) == 0
+    assert CONVERGED_RATIO == 0.1 and "tenfold" in CONVERGENCE_NOTE  # the caption states it
     table = leakage_table(rows, METRICS[0], ["none"], [""], "")
     assert table.rows[0][1].text == "18.00 [5.00, 31.00] n=4 †"
     # Runs written before the convergence columns existed carry no mark.

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from fedleak.attacks.types import CONVERGED_RATIO
 from fedleak.report.collect import Study
 from fedleak.report.document import Cell, Table
 from fedleak.report.rundir import lpips_column
@@ -120,10 +119,12 @@ def not_converged(rows: pd.DataFrame) -> int:
     return int((runs["converged"] == 0).sum())
 
 
+# The rule is fedleak.attacks.types.converged (CONVERGED_RATIO = 1/10); the report room reads
+# run files only and does not import the attacks.
 CONVERGENCE_NOTE = (
-    f" Not converged: attack runs whose matching loss fell less than {1 / CONVERGED_RATIO:g}-"
-    "fold (their budget ran out or they could not match the update); –: the attack matches no "
-    "loss (a learned attack or a floor)."
+    " Not converged: attack runs whose matching loss fell less than tenfold (their budget ran "
+    "out or they could not match the update); –: the attack matches no loss (a learned attack "
+    "or a floor)."
 )
 
 
