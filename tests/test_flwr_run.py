@@ -36,23 +36,7 @@ def test_flwr_run_writes_the_same_run_directory_with_its_report(
         f"out-dir='{out}' num-server-rounds=2 attack.names='aux-mean,ig' attack.rounds='all' "
         "attack.max-iterations=20 train.batch-size=2 data.aux-size=100 attack.images-per-client=2"
     )
-    result = subprocess.run(
-        [
-            str(BIN / "flwr"),
-            "run",
-            str(REPO),
-            "--stream",
-            "--run-config",
-            settings,
-            "--federation-config",
-            "num-supernodes=2 client-resources-num-cpus=1",
-        ],
-        cwd=tmp_path,  # not the app folder: Flower then imports one copy of the code
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = _flwr_run(settings, env, tmp_path)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-3000:]
     assert f"fedleak: run directory {out}" in log, log[-3000:]
@@ -66,3 +50,30 @@ def test_flwr_run_writes_the_same_run_directory_with_its_report(
     assert set(leakage["attack"]) == {"aux-mean", "ig"}
     assert leakage.loc[leakage["attack"] == "aux-mean", "reference"].all()
     assert list(pd.read_csv(out / "utility.csv")["round"]) == [0, 1, 2]
+
+    # A bad setting reaches the user as one line in the stream (the SuperLink is already up).
+    failed = _flwr_run(f"out-dir='{tmp_path / 'bad'}' attack.names='nope'", env, tmp_path)
+    log = failed.stdout + failed.stderr
+    assert "raised an exception: UnknownNameError: attack.names=" in log, log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
+    assert not (tmp_path / "bad" / "DONE").exists()
+
+
+def _flwr_run(settings: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            str(BIN / "flwr"),
+            "run",
+            str(REPO),
+            "--stream",
+            "--run-config",
+            settings,
+            "--federation-config",
+            "num-supernodes=2 client-resources-num-cpus=1",
+        ],
+        cwd=cwd,  # not the app folder: Flower then imports one copy of the code
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )

@@ -8,11 +8,30 @@ to a fresh one (`make_server_app`).
 
 from __future__ import annotations
 
+import logging
+
 from flwr.app import Context
+from flwr.common.logger import FLOWER_LOGGER
 from flwr.serverapp import Grid, ServerApp
 
 from fedleak.config import RunConfig, parse_flat
+from fedleak.registry import error_line
 from fedleak.simulations.study import serve
+
+
+class OneLineErrors(logging.Filter):
+    """Flower logs whatever a ServerApp raises with its traceback. fedleak's own errors (a bad
+    setting, missing data) are for the user, so under `flwr run` they read as one line, as
+    `fedleak run` prints them; anything else keeps its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if error is not None and type(error).__module__.partition(".")[0] == "fedleak":
+            record.msg = f"{record.getMessage()}: {error_line(error)}"
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+        return True
 
 
 def make_server_app(config: RunConfig | None = None, clients: int | None = None) -> ServerApp:
@@ -22,6 +41,8 @@ def make_server_app(config: RunConfig | None = None, clients: int | None = None)
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
+        if config is None and not any(isinstance(f, OneLineErrors) for f in FLOWER_LOGGER.filters):
+            FLOWER_LOGGER.addFilter(OneLineErrors())
         serve(grid, config or parse_flat(context.run_config), clients=clients)
 
     return server
