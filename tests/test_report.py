@@ -26,9 +26,12 @@ from scipy import stats
 from fedleak.config import parse_flat
 from fedleak.metrics.image import psnr as psnr_of
 from fedleak.report.build import build_report
+from fedleak.report.collect import load_study
 from fedleak.report.rundir import RunDirectory
 from fedleak.report.stats import SUCCESS_FRACTION, mean_ci, median_interval, order_rank
 from fedleak.report.tables import Metric, strongest
+from fedleak.report.verdict import headline
+from fedleak.simulations.cli import main
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -272,7 +275,9 @@ def test_verdict_quotes_numbers_from_the_tables(run_report: Path) -> None:
     k, n = _successes(leakage, "ig")
     ok = leakage[(leakage["status"] == "ok") & (leakage["attack"] == "ig")]
     median = float(np.median(ok["psnr"]))
-    assert verdict.startswith(f"Without a defense, ig leaks most: it reconstructed {k}/{n} (")
+    assert verdict.startswith(
+        f"Without a defense, ig leaks most (closest by median LPIPS): it reconstructed {k}/{n} ("
+    )
     assert f"median PSNR {median:.2f} dB" in verdict
     assert "against the aux-mean floor's" in verdict
     utility = pd.read_csv(run_report / "utility.csv")
@@ -314,6 +319,25 @@ def test_legacy_runs_without_the_reference_column_draw_aux_mean_as_the_floor(
     build_report(copy)
     table = _table((copy / "report.md").read_text(), "PSNR (dB)")
     assert [row[0] for row in table[1:]] == ["dlg", "ig", "aux-mean (floor)"]
+
+
+def test_fedleak_report_on_a_sweep_rebuilds_every_cell_report(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A sweep written by an earlier fedleak: its cells' reports must not stay stale.
+    sweep = tmp_path / "sweep"
+    cells = ("cell-000-none", "cell-001-sign")
+    for cell in cells:
+        _make_run(sweep / cell, rounds=1)
+        (sweep / cell / "report.md").write_text("# fedleak report: old\n")
+    manifest = [{"id": cell, "index": i, "status": "done"} for i, cell in enumerate(cells)]
+    (sweep / "sweep.json").write_text(json.dumps({"name": "old", "cells": manifest}))
+    assert main(["report", str(sweep)]) == 0
+    assert "cell reports: 2 rebuilt" in capsys.readouterr().out
+    for cell in cells:
+        assert "## Verdict" in (sweep / cell / "report.md").read_text()
+        assert (sweep / cell / "report.html").exists()
+    assert "## Verdict" in (sweep / "report.md").read_text()
 
 
 def test_central_dp_is_a_defense_column_not_an_undefended_group(tmp_path: Path) -> None:
@@ -494,7 +518,13 @@ def test_a_text_report_marks_unconverged_tag_runs_and_renders_code(tmp_path: Pat
     """A text run at the frequency floor: TAG's two attack runs cut their loss less than
     tenfold, so every place that ranks it says so; `code` reads as code in the HTML."""
     config = parse_flat({"name": "text", "num-server-rounds": 1, "attack.names": "tag"})
-    run = RunDirectory.create(tmp_path / "run", config, {"torch": torch.__version__})
+    environment = {
+        "torch": torch.__version__,
+        "cuda": None,
+        "lpips": {},
+        "data": {"modality": "tokens", "tokenizer": {"kind": "bpe", "vocab_size": 512}},
+    }
+    run = RunDirectory.create(tmp_path / "run", config, environment)
     rows = [
         {
             "client_id": client,
@@ -524,5 +554,18 @@ def test_a_text_report_marks_unconverged_tag_runs_and_renders_code(tmp_path: Pat
     assert [row[-1] for row in summary[1:]] == ["2 of 2", "–"]
     assert _table(text, "token accuracy")[1] == ["tag", "0.000 [0.000, 0.000] n=4 †"]
     assert "(tag did not converge in 2 of 2 attack runs: its budget ran out" in text
+    assert "tag a median 0.000 of the tokens (not converged in 2 of 2 runs)" in "".join(
+        headline(load_study(run.path))
+    )
+    # The environment reads as dotted keys and plain values, not JSON.
+    environment_rows = _table(text, "## Environment")[1:]
+    assert environment_rows[environment_rows.index(["torch", torch.__version__]) :] == [
+        ["torch", torch.__version__],
+        ["cuda", "–"],
+        ["lpips", "–"],
+        ["data.modality", "tokens"],
+        ["data.tokenizer.kind", "bpe"],
+        ["data.tokenizer.vocab_size", "512"],
+    ]
     page = html.read_text()
     assert "<code>rouge-score</code>" in page and "`" not in re.sub(r"<pre>.*?</pre>", "", page)

@@ -35,7 +35,10 @@ def test_an_exact_attack_leads_a_blurry_one_with_a_higher_success_rate() -> None
     assert [s.attack for s in attacks] == ["ig", "lti"]
     setting = SettingVerdict("", "none", attacks, floor, 0.1, 0.406, 50)
     sentence = _setting_sentence(setting, setting)
-    assert sentence.startswith("Without a defense, ig leaks most: it reconstructed 185/192 (96%)")
+    # The sentence names the measure that ranks, since ig's success rate is the lower one.
+    assert sentence.startswith(
+        "Without a defense, ig leaks most (closest by median LPIPS): it reconstructed 185/192 (96%)"
+    )
     # The runner-up is quoted with its medians, so the ranking is visible in the sentence.
     assert "; lti 188/192 (98%), median PSNR 15.08 dB, LPIPS 0.146." in sentence
 
@@ -54,7 +57,9 @@ def test_an_attack_at_the_floor_is_called_so() -> None:
     floor = _summary("aux-mean", 0, 12.01, 0.478)
     setting = SettingVerdict("", "sign", (lti, ig), floor, 0.1, 0.702, 50)
     sentence = _setting_sentence(setting, None)
-    assert sentence.startswith("Under sign, lti leaks most: it reconstructed 187/192 (97%)")
+    assert sentence.startswith(
+        "Under sign, lti leaks most (closest by median LPIPS): it reconstructed 187/192 (97%)"
+    )
     runner_up = "; ig 0/192 (0%), median PSNR 5.72 dB, LPIPS 0.512, no closer than the floor."
     assert runner_up in sentence
     assert "no closer than the floor" not in sentence.split("; ig")[0]
@@ -81,6 +86,24 @@ def test_an_attack_that_did_not_converge_is_no_evidence_for_the_defense() -> Non
         None,
     )
     assert "did not converge" not in converged
+
+
+def test_a_leader_that_did_not_converge_may_leak_more() -> None:
+    # text-quickstart: TAG's loss fell 3-5x in its 300 iterations, yet it leads.
+    tag = dataclasses.replace(_text_summary("tag", 0.812, 0.805), not_converged=8, attack_runs=8)
+    lti_p = _text_summary("lti-p", 0.219, 0.211)
+    floor = _text_summary("aux-frequency", 0.0, 0.031)
+    setting = SettingVerdict("", "none", (tag, lti_p), floor, 0.005, 0.006, 2)
+    sentence = _setting_sentence(setting, setting)
+    assert sentence.startswith(
+        "Without a defense, tag leaks most (highest median token accuracy): it reconstructed a "
+        "median 0.812 of the tokens"
+    )
+    assert (
+        "(tag did not converge in 8 of 8 attack runs: its budget ran out or it could not match "
+        "the update, so it may recover more with a larger budget); lti-p" in sentence
+    )
+    assert "does not show" not in sentence
 
 
 def _text_summary(attack: str, median: float, mean: float, n: int = 8) -> SettingSummary:
@@ -129,7 +152,7 @@ def test_no_leader_is_named_when_every_attack_is_at_the_floor() -> None:
     above = _text_summary("lti-p", 0.25, 0.3)
     setting = SettingVerdict("", "none", (above, lti), floor, 0.014, 0.062, 2)
     sentence = _setting_sentence(setting, setting)
-    assert sentence.startswith("Without a defense, lti-p leaks most")
+    assert sentence.startswith("Without a defense, lti-p leaks most (highest median token")
     assert "against the aux-frequency floor's median token accuracy 0.125" in sentence
     assert "lti-text a median 0.000 of the tokens" in sentence
     assert sentence.count("no closer than the floor") == 1

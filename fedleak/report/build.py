@@ -310,11 +310,23 @@ def _images_section(study: Study) -> list[Block]:
 
 
 def _environment_table(environment: dict[str, object]) -> Table:
-    rows = tuple(
-        (TableCell(str(k)), TableCell(v if isinstance(v, str) else json.dumps(v, default=str)))
-        for k, v in environment.items()
-    )
+    rows = tuple((TableCell(key), TableCell(value)) for key, value in _leaves(environment))
     return Table(columns=("key", "value"), rows=rows)
+
+
+def _leaves(record: dict[str, object], prefix: str = "") -> list[tuple[str, str]]:
+    """A nested record as dotted keys and readable values (– where nothing was recorded),
+    so that the table shows no JSON."""
+    leaves = []
+    for key, value in record.items():
+        if isinstance(value, dict) and value:
+            leaves += _leaves(value, f"{prefix}{key}.")
+        elif value is None or value == {} or value == []:
+            leaves.append((f"{prefix}{key}", "–"))
+        else:
+            text = value if isinstance(value, str) else json.dumps(value, default=str)
+            leaves.append((f"{prefix}{key}", text))
+    return leaves
 
 
 def _setup_section(study: Study) -> list[Block]:
@@ -368,6 +380,16 @@ def _check_ours(file: Path) -> None:
             f"{file}: exists and was not written by fedleak; move it away to build the report "
             "in this folder"
         )
+
+
+def rebuild_reports(path: Path) -> list[Path]:
+    """Rebuild a run's report, or a sweep's and each of its cells' (a report written by an
+    earlier fedleak is then brought up to date everywhere); the HTML reports, cells first."""
+    study = load_study(Path(path))
+    paths = [*(run.path for run in study.runs if study.kind == "sweep"), Path(path)]
+    for existing in (folder / name for folder in paths for name in (HTML_FILE, MARKDOWN_FILE)):
+        _check_ours(existing)  # refused before anything is written
+    return [build_report(folder)[0] for folder in paths]
 
 
 def build_report(path: Path) -> tuple[Path, Path]:

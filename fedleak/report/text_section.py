@@ -85,7 +85,8 @@ def texts_section(study: Study) -> list[Block]:
             "Each grid: a client's private sequence (top row, one column per token; · marks a "
             "leading space) and every attack's reconstruction of it below, matched as for "
             "scoring; highlighted cells are positions where the attack recovered the true "
-            "token. The caption gives the texts; bytes that are not whole characters read \\xNN."
+            "token. The caption gives the texts; bytes that are not whole or printable "
+            "characters read \\xNN."
         ),
     ]
     for run, server_round, client, attacks in chosen:

@@ -145,18 +145,30 @@ def _at_floor(s: SettingSummary, v: SettingVerdict) -> bool:
 
 
 def _unconverged(s: SettingSummary, v: SettingVerdict) -> str:
-    """Why an attack at the floor is no evidence for the defense, when it did not converge
-    (its matching loss fell less than tenfold: the budget ran out or the update could not be
-    matched); '' otherwise."""
+    """A note for an attack whose runs did not converge (its matching loss fell less than
+    tenfold: the budget ran out or the update could not be matched), '' otherwise. Above the
+    floor it says the leak may be larger; at the floor, that the defense is not shown to work."""
     if not s.not_converged:
         return ""
     note = (
         f" ({s.attack} did not converge in {s.not_converged} of {s.attack_runs} attack runs: "
         "its budget ran out or it could not match the update"
     )
-    if v.defense != "none":
-        note += f", so this does not show that {v.defense} stops it"
+    if _at_floor(s, v):
+        if v.defense != "none":
+            note += f", so this does not show that {v.defense} stops it"
+    else:
+        note += ", so it may recover more with a larger budget"
     return note + ")"
+
+
+def _ranked_by(s: SettingSummary) -> str:
+    """The measure that made `s` the leader (`_leak_key`'s first)."""
+    if s.tokens:
+        return "highest median token accuracy"
+    if s.lpips.n and math.isfinite(s.lpips.value):
+        return "closest by median LPIPS"
+    return "highest median PSNR" if s.psnr.n else "highest success rate"
 
 
 def _accuracy(value: float) -> str:
@@ -185,14 +197,16 @@ def _setting_sentence(v: SettingVerdict, baseline: SettingVerdict | None) -> str
                 + _unconverged(leader, v)
             )
         else:
-            text = f"{where}, {leader.attack} leaks most: it reconstructed {reconstructed}"
+            ranked = f" ({_ranked_by(leader)})" if len(v.attacks) > 1 else ""
+            text = f"{where}, {leader.attack} leaks most{ranked}: it reconstructed {reconstructed}"
             if floor is not None:
                 text += f" against the {floor.attack} floor's {_scores(floor)}"
+            text += _unconverged(leader, v)
         if len(v.attacks) > 1:
             text += "; " + "; ".join(
                 _rate_and_scores(s)
                 + (", no closer than the floor" if not nothing_learned and _at_floor(s, v) else "")
-                + (_unconverged(s, v) if _at_floor(s, v) else "")
+                + _unconverged(s, v)
                 for s in v.attacks[1:]
             )
     text += f". The global model's test accuracy is {_accuracy(v.accuracy_final)}"
@@ -226,12 +240,18 @@ def verdict(study: Study) -> str:
     return " ".join(sentences)
 
 
+def _not_converged(s: SettingSummary) -> str:
+    if not s.not_converged:
+        return ""
+    return f" (not converged in {s.not_converged} of {s.attack_runs} runs)"
+
+
 def headline(study: Study) -> list[str]:
     """The closing console lines: per setting, each attack's success and the accuracy."""
     lines = []
     settings = setting_verdicts(study)
     for v in settings[: 2 * MAX_SETTINGS_NAMED]:
-        attacks = ", ".join(_rate(s) for s in v.attacks) or "no scored attack"
+        attacks = ", ".join(_rate(s) + _not_converged(s) for s in v.attacks) or "no scored attack"
         floor = f"; floor {v.floor.attack} {_scores(v.floor)}" if v.floor else ""
         accuracy = f"accuracy {_accuracy(v.accuracy_start)} -> {_accuracy(v.accuracy_final)}"
         what = "recovered" if any(s.tokens for s in v.attacks) else "reconstructed"

@@ -156,10 +156,12 @@ def _headline(path: Path) -> None:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from fedleak.report.build import build_report
+    from fedleak.report.build import rebuild_reports
 
-    html, markdown = build_report(Path(_absolute(args.dir, "DIR")))
-    print(f"report: {html}\nmarkdown: {markdown}")
+    *cells, html = rebuild_reports(Path(_absolute(args.dir, "DIR")))
+    if cells:
+        print(f"cell reports: {len(cells)} rebuilt")
+    print(f"report: {html}\nmarkdown: {html.with_suffix('.md')}")
     return 0
 
 
