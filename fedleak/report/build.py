@@ -117,9 +117,10 @@ def _scoring(leakage: pd.DataFrame, lpips: str) -> list[str]:
         )
     parts.append(
         "Medians come with 95% order-statistic intervals and n, pooled over clients, rounds "
-        "and seeds; the floor is what an attacker gets from its auxiliary data alone, without "
-        "looking at the update: an attack at the floor has learned nothing about the private "
-        "data."
+        "and seeds and treated as independent draws: where rounds or seeds differ widely (the "
+        "per-round figure shows it), an interval is narrower than that spread. The floor is "
+        "what an attacker gets from its auxiliary data alone, without looking at the update: "
+        "an attack at the floor has learned nothing about the private data."
     )
     return parts
 
