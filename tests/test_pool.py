@@ -154,6 +154,15 @@ def test_gpu_requests_fail_before_ray_starts(monkeypatch: pytest.MonkeyPatch) ->
         check_gpu_request(0.5, _config(**{"attack.worker-gpus": 0.5}), gpus=1)
     check_gpu_request(0.25, _config(**{"attack.worker-gpus": 0.25}), gpus=1)
     check_gpu_request(0.0, inline, gpus=0)
+    # Workers alone can ask for more than there is: Ray would wait for them forever.
+    four_whole = _config(**{"attack.workers": 4, "attack.worker-gpus": 1.0})
+    with pytest.raises(ResourceRequestError, match=r"the 2 GPUs here hold at most 2 such"):
+        check_gpu_request(0.0, four_whole, gpus=2)
+    three_fractions = _config(**{"attack.workers": 3, "attack.worker-gpus": 0.6})
+    with pytest.raises(ResourceRequestError, match=r"hold at most 2 such workers"):
+        check_gpu_request(0.0, three_fractions, gpus=2)  # 1.8 GPUs, but one 0.6 per GPU
+    check_gpu_request(0.0, _config(**{"attack.workers": 4, "attack.worker-gpus": 0.5}), gpus=2)
+    check_gpu_request(0.0, _config(**{"attack.workers": 1, "attack.worker-gpus": 2.0}), gpus=2)
 
 
 def test_init_args_take_the_workers_share_from_the_clients(

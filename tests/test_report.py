@@ -31,7 +31,7 @@ from fedleak.report.rundir import RunDirectory
 from fedleak.report.stats import SUCCESS_FRACTION, mean_ci, median_interval, order_rank
 from fedleak.report.tables import Metric, strongest
 from fedleak.report.verdict import headline
-from fedleak.simulations.cli import main
+from fedleak.simulations.cli import _headline, main
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -338,6 +338,17 @@ def test_fedleak_report_on_a_sweep_rebuilds_every_cell_report(
         assert "## Verdict" in (sweep / cell / "report.md").read_text()
         assert (sweep / cell / "report.html").exists()
     assert "## Verdict" in (sweep / "report.md").read_text()
+
+
+def test_the_console_summary_of_a_run_without_attacks_is_not_called_text(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = parse_flat({"num-server-rounds": 1, "attack.names": "none"})
+    run = RunDirectory.create(tmp_path / "run", config, {})
+    run.append_round(1, [], {"test_loss": 1.0, "test_accuracy": 0.5})
+    _headline(run.path)
+    out = capsys.readouterr().out
+    assert "what leaked (reconstructed = LPIPS at most" in out and "token" not in out
 
 
 def test_central_dp_is_a_defense_column_not_an_undefended_group(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from PIL import Image
 from fedleak import interrupt
 from fedleak.attacks.optimization.engine import Settings, optimise
 from fedleak.attacks.types import Budget
-from fedleak.config import parse_flat, parse_toml
+from fedleak.config import RunConfig, parse_flat, parse_toml
 from fedleak.data.folder import load_folder
 from fedleak.metrics import lpips as lpips_module
 from fedleak.models import ModelSpec
@@ -28,6 +28,7 @@ from fedleak.report import rundir
 from fedleak.report.rundir import RunDirectory, RunDirectoryError, RunLock
 from fedleak.server.grid import ClientsMissing, StoppableGrid
 from fedleak.server.payload import PayloadBudgetError, check_payload, check_round_payload
+from fedleak.simulations import launch
 
 HOLD = """
 import sys, time
@@ -133,6 +134,40 @@ def test_a_run_fails_when_every_client_or_one_attack_always_fails(tmp_path: Path
     assert clients.failure() == "every client failed in every one of the 2 recorded rounds"
     clients.mark_done()
     assert clients.is_finished() and not (clients.path / "FAILED").exists()
+
+
+def test_an_engine_failure_is_told_by_the_runs_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Flower ends a failed simulation with a bare RuntimeError("... Ending simulation."), which
+    # hides what the server recorded: the run's FAILED reason (or the engine's cause) is said.
+    reason = "no client replied in time in any of the 1 recorded rounds"
+
+    def engine_stops(config: RunConfig, *args: object) -> None:
+        if config.name == "recorded":
+            RunDirectory(Path(config.out_dir)).mark_failed(reason)
+        try:
+            raise ValueError("actor pool could not start")
+        except ValueError as cause:
+            raise RuntimeError("An error was encountered. Ending simulation.") from cause
+
+    monkeypatch.setattr(launch, "simulate", engine_stops)
+    monkeypatch.setattr(launch, "validate_run", lambda *args: None)  # no GPU on this machine
+    monkeypatch.setattr(launch, "ray_init_args", lambda *args: {})
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    recorded = parse_flat({"name": "recorded", "out-dir": str(tmp_path / "a")})
+    with pytest.raises(launch.StudyFailed) as failed:
+        launch.run_study(recorded, num_clients=2)
+    assert str(failed.value) == f"run failed: {reason}"  # no GPU share asked: no cluster hint
+    silent = parse_flat({"name": "silent", "out-dir": str(tmp_path / "b")})
+    with pytest.raises(launch.StudyFailed) as failed:
+        launch.run_study(silent, num_clients=2, client_gpus=0.25)
+    assert str(failed.value) == (
+        "run failed: Flower's simulation engine stopped (ValueError: actor pool could not "
+        "start); check that a node of the Ray cluster at RAY_ADDRESS offers the --client-gpus "
+        "0.25 share each client asks for"
+    )
+    assert not (tmp_path / "a" / "DONE").exists() and not (tmp_path / "b" / "DONE").exists()
 
 
 def test_the_round_check_applies_fraction_train_once_and_shows_enough_digits() -> None:

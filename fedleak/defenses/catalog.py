@@ -19,7 +19,7 @@ _INTEGER = re.compile(r"[0-9]{1,9}")
 
 def _number(text: str, what: str) -> float:
     if not _NUMBER.fullmatch(text):
-        raise ValueError(f"{what}={text!r} is not a number")
+        raise ValueError(f"{what}={text!r} is not a finite number")
     return float(text) + 0.0
 
 

@@ -515,6 +515,15 @@ class RunDirectory:
                 )
         return ""
 
+    def failed_reason(self) -> str:
+        """The reason FAILED records ('' when the run was not marked failed)."""
+        try:
+            record = json.loads((self.path / FAILED_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return ""
+        reason = record.get("reason") if isinstance(record, dict) else None
+        return reason if isinstance(reason, str) else ""
+
     def mark_done(self) -> None:
         """Write DONE: every configured round is recorded and the run did not fail."""
         (self.path / FAILED_FILE).unlink(missing_ok=True)

@@ -536,12 +536,26 @@ def check_gpu_request(
             "attack.worker-gpus=0 with device='cuda': Ray hides GPUs from attack workers "
             "without a GPU share; set attack.worker-gpus > 0 or device='auto'"
         )
+    if worker_gpus > 0 and attack.workers > _placeable(worker_gpus, gpus):
+        raise ResourceRequestError(
+            f"attack.workers={attack.workers} x attack.worker-gpus={worker_gpus:g}: the {gpus} "
+            f"GPUs here hold at most {_placeable(worker_gpus, gpus)} such workers; ask for "
+            "fewer workers or a smaller share"
+        )
     if client_gpus > 0 and client_gpus + attack.workers * worker_gpus > gpus + 1e-9:
         raise ResourceRequestError(
             f"client-gpus={client_gpus:g} + attack.workers={attack.workers} x "
             f"attack.worker-gpus={worker_gpus:g}: more than the {gpus} GPUs here, so no "
             "client would fit beside the attack workers"
         )
+
+
+def _placeable(share: float, gpus: int) -> int:
+    """How many actors asking for `share` of a GPU Ray can place on `gpus` GPUs: a fraction
+    stays on one GPU (three 0.6 shares do not fit on two), a whole number takes whole GPUs."""
+    if share <= 1:
+        return gpus * math.floor(1 / share + 1e-9)
+    return math.floor(gpus / share + 1e-9)
 
 
 def ray_init_args(

@@ -17,10 +17,13 @@ import tomllib
 import traceback
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from fedleak.config import ConfigError, RunConfig, parse_flat
 from fedleak.heap import reuse_freed_memory
+
+if TYPE_CHECKING:  # pandas loads only for the commands that read results
+    import pandas as pd
 
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 # One line must stay readable: longer messages are cut.
@@ -150,9 +153,16 @@ def _headline(path: Path) -> None:
     lines = headline(study)
     if lines:
         rule = f"reconstructed = LPIPS at most {SUCCESS_FRACTION:g} x the floor's"
-        if study.leakage()["psnr"].isna().all():
+        if _is_text(study.leakage()):
             rule = "token accuracy = share of positions recovered"
         print("\n".join(["", f"what leaked ({rule}):", *lines]))
+
+
+def _is_text(leakage: pd.DataFrame) -> bool:
+    """Rows of token sequences (a run without rows, e.g. attack.names=none, is not text)."""
+    if "modality" in leakage.columns:
+        return bool((leakage["modality"] == "tokens").any())
+    return bool(len(leakage)) and bool(leakage["psnr"].isna().all())  # before the column
 
 
 def _report(args: argparse.Namespace) -> int:

@@ -28,6 +28,7 @@ import torch
 from fedleak.client.app import make_client_app
 from fedleak.config import RunConfig
 from fedleak.interrupt import RunInterrupted, clear_stop, request_stop, stop_requested
+from fedleak.registry import error_line
 from fedleak.report.rundir import RunDirectory, RunLock
 from fedleak.server.pool import ray_init_args
 from fedleak.server.validate import validate_run
@@ -86,6 +87,10 @@ def run_study(
             raise StudyFailed(f"run failed: {failure}") from None
         except (RunInterrupted, KeyboardInterrupt):
             raise StudyInterrupted(out, _finished(out), config.num_server_rounds) from None
+        except RuntimeError as error:
+            if type(error) is not RuntimeError:  # fedleak's own, which say what happened
+                raise
+            raise StudyFailed(_engine_stopped(out, error, client_gpus)) from error
     done = _finished(out)
     if done < config.num_server_rounds:
         raise StudyFailed(
@@ -93,6 +98,21 @@ def run_study(
             f"rounds are kept in {out} (rerun with --set sim.resume=true to continue)"
         )
     return out
+
+
+def _engine_stopped(out: Path, error: RuntimeError, client_gpus: float) -> str:
+    """Flower's engine ends a failed simulation with a bare "Ending simulation"; the run's own
+    FAILED reason (or the engine's cause) says what happened, and on a Ray cluster a client GPU
+    share that no node gives is the usual cause of clients that never answer."""
+    reason = RunDirectory(out).failed_reason() if out.is_dir() else ""
+    if not reason:
+        reason = f"Flower's simulation engine stopped ({error_line(error.__cause__ or error)})"
+    if client_gpus > 0 and os.environ.get("RAY_ADDRESS", "local") not in ("", "local"):
+        reason += (
+            f"; check that a node of the Ray cluster at RAY_ADDRESS offers the "
+            f"--client-gpus {client_gpus:g} share each client asks for"
+        )
+    return f"run failed: {reason}"
 
 
 def simulate(
