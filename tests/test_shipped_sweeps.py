@@ -18,6 +18,7 @@ import pytest
 
 from fedleak.config import attacked_rounds
 from fedleak.report.rundir import RunDirectory
+from fedleak.simulations.cli import main
 from fedleak.simulations.sweep import _validate, load_sweep, read_manifest, run_sweep
 
 MIN_SCORED = 64
@@ -70,11 +71,16 @@ def min_scored(name: str) -> int:
 
 
 @pytest.mark.parametrize("name", sorted(CHEAP))
-def test_every_cell_of_the_shipped_sweeps_passes_the_preflight(name: str) -> None:
+def test_every_cell_of_the_shipped_sweeps_passes_the_preflight(
+    name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     overrides, _ = CHEAP[name]
     _validate(load_sweep(name, overrides), {})
     plan = load_sweep(name)
-    _validate(plan, {})  # components and data split, for the sweep's clients
+    # Components and data split for the sweep's clients, as `fedleak sweep NAME --check` runs.
+    assert main(["sweep", name, "--check", "--out", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.startswith(f"sweep {plan.name}: {len(plan.cells)} cells")
+    assert not any(tmp_path.iterdir())
     for cell in plan.cells:
         # Each attacked client's batch is scored whole: B single-sample updates under the
         # per-sample threat model, or one update of B samples.

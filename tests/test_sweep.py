@@ -17,6 +17,7 @@ from fedleak.simulations.presets import PRESETS_DIR, is_sweep, list_presets, loa
 from fedleak.simulations.sweep import (
     SweepError,
     SweepFailed,
+    check_sweep,
     load_sweep,
     read_manifest,
     run_sweep,
@@ -332,6 +333,27 @@ def test_data_splits_are_checked_before_any_cell_runs(tmp_path: Path, aux: int, 
     assert not (tmp_path / "tiny").exists(), "nothing may start before every cell is checked"
 
 
+def test_check_runs_the_preflight_and_writes_nothing(tmp_path: Path) -> None:
+    # The same refusals as a sweep that starts, and nothing written.
+    bad = GRID.replace("[base.attack]", "[base.data]\naux-size = 4000\n[base.attack]")
+    with pytest.raises(SweepError, match=r"cell-000-B1_none: data\.aux-size=4000 leaves none"):
+        check_sweep(_write(tmp_path, bad), out_dir=tmp_path / "out")
+    source = _write(tmp_path, GRID)
+    lines = check_sweep(source, out_dir=tmp_path / "out")
+    sweep_dir = (tmp_path / "out" / "tiny").resolve()
+    assert lines == [
+        f"sweep tiny: 4 cells checked, 4 to run (0 finished), 2 clients each, in {sweep_dir}"
+    ]
+    assert not (tmp_path / "out").exists()
+    run_sweep(source, out_dir=tmp_path / "out", runner=fake_runner, say=lambda _: None)
+    lines = check_sweep(source, out_dir=tmp_path / "out", cells=["cell-00[01]-*"])
+    assert lines[0].startswith("sweep tiny: 2 cells checked, 0 to run (2 finished)")
+    with pytest.raises(
+        SweepError, match=r"a run preset, not a sweep file.*`fedleak run quickstart`"
+    ):
+        check_sweep("quickstart")
+
+
 def test_parallel_cells_run_in_worker_processes(
     tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
@@ -376,7 +398,8 @@ def test_presets_are_listed_loaded_and_valid() -> None:
     dp = load_sweep("dp-frontier")
     assert sum(c.config.defense.spec.startswith("dpsgd") for c in dp.cells) == 3
     assert {c.config.defense.central_noise for c in dp.cells} == {0.0, 0.3, 1.0}
-    with pytest.raises(ConfigError, match=r"is a sweep; run it with `fedleak sweep lti-table`"):
+    sweep_hint = r"is a sweep; check it with `fedleak sweep lti-table --check`, run it"
+    with pytest.raises(ConfigError, match=sweep_hint):
         load_preset("lti-table")
     with pytest.raises(ConfigError, match=r"preset 'nope': unknown; expected one of "):
         load_preset("nope")

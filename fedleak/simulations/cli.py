@@ -116,7 +116,7 @@ def _run(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     from fedleak.report.build import build_report
     from fedleak.report.rundir import RunDirectoryError
-    from fedleak.simulations.sweep import SweepFailed, run_sweep
+    from fedleak.simulations.sweep import SweepFailed, check_sweep, run_sweep
 
     out = Path(_absolute(args.out, "--out")) if args.out is not None else None
     overrides = dict(_override(item) for item in args.set or [])
@@ -124,6 +124,10 @@ def _sweep(args: argparse.Namespace) -> int:
     if args.cells is not None and not cells:
         # An empty pattern (an unset shell variable) must not start every cell of a sweep.
         raise UsageError("--cells: an empty pattern; give fnmatch globs such as 'cell-003-*'")
+    if args.check:
+        lines = check_sweep(Path(args.file), out_dir=out, overrides=overrides, cells=cells)
+        print("\n".join(lines))
+        return 0
     try:
         path = run_sweep(Path(args.file), out_dir=out, overrides=overrides, cells=cells)
     except SweepFailed as failure:
@@ -293,6 +297,11 @@ def parser() -> argparse.ArgumentParser:
         action="append",
         metavar="PATTERN",
         help="run only the cells whose id matches (fnmatch, comma-separated), e.g. '*-B4_*'",
+    )
+    sweep.add_argument(
+        "--check",
+        action="store_true",
+        help="check every cell as the sweep does before it starts, and run none",
     )
     sweep.set_defaults(handler=_sweep)
 

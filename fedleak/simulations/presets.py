@@ -116,7 +116,8 @@ def load_preset(name_or_path: str | Path) -> RunConfig:
     path = preset_path(name_or_path)
     if is_sweep(path):
         raise ConfigError(
-            f"preset {str(name_or_path)!r} is a sweep; run it with `fedleak sweep {name_or_path}`"
+            f"preset {str(name_or_path)!r} is a sweep; check it with `fedleak sweep "
+            f"{name_or_path} --check`, run it with `fedleak sweep {name_or_path}`"
         )
     try:
         return parse_toml(read_preset_text(path))

@@ -301,6 +301,11 @@ def load_sweep(
     except ValueError as error:  # TOMLDecodeError, or a number too long to convert
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise SweepError(f"{source}: not valid TOML: {first}") from None
+    if "sweep" not in document and "base" not in document:
+        raise SweepError(
+            f"{source}: a run preset, not a sweep file (no [sweep] table); run it with "
+            f"`fedleak run {path}`"
+        )
     extra = sorted(set(document) - {"sweep", "base"})
     if extra:
         raise SweepError(
@@ -570,14 +575,53 @@ def run_sweep(
             client_cpus=plan.client_cpus,
             client_gpus=plan.client_gpus,
         )
+    sweep_dir, paths = _checked_folders(plan, out_dir)
+    with RunLock(sweep_dir):
+        return _run_plan(plan, sweep_dir, paths, runner, say, missing)
+
+
+def check_sweep(
+    path: str | Path,
+    *,
+    out_dir: Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    cells: Sequence[str] | None = None,
+) -> list[str]:
+    """Everything `run_sweep` checks before its first cell, with no cell run and nothing
+    written; the lines that say what the sweep would do."""
+    plan = load_sweep(path, overrides, cells)
+    missing: dict[tuple[str, str], str] = {}
+    _validate(plan, missing)
+    sweep_dir, paths = _checked_folders(plan, out_dir)
+    RunLock(sweep_dir).probe()
+    finished = [cell.id for cell in plan.cells if _finished(paths[cell.id])]
+    skipped: dict[str, list[str]] = {}
+    for cell in plan.cells:
+        unfinished = cell.id not in finished and plan.skip_unavailable_data
+        if unfinished and (reason := _unavailable(cell.config, missing)):
+            skipped.setdefault(reason, []).append(cell.id)
+    pending = len(plan.cells) - len(finished) - sum(map(len, skipped.values()))
+    lines = [
+        f"sweep {plan.name}: {len(plan.cells)} cells checked, {pending} to run "
+        f"({len(finished)} finished), {plan.num_clients} clients each, in {sweep_dir}"
+    ]
+    lines += [
+        f"  would skip {len(ids)} cells ({ids[0]} .. {ids[-1]}): {reason}"
+        for reason, ids in skipped.items()
+    ]
+    return lines
+
+
+def _checked_folders(plan: SweepPlan, out_dir: Path | None) -> tuple[Path, dict[str, Path]]:
+    """The sweep's folder and its cells', refused where a run must not write (see
+    `_check_folders`, `_check_existing`)."""
     sweep_dir = (Path(out_dir) if out_dir else Path("runs")).resolve() / plan.name
     paths = {cell.id: sweep_dir / cell.id for cell in plan.cells}
     _check_folders(sweep_dir, paths)
     for cell in plan.cells:
         if _is_run(paths[cell.id]):
             _check_existing(cell, paths[cell.id], plan.num_clients)
-    with RunLock(sweep_dir):
-        return _run_plan(plan, sweep_dir, paths, runner, say, missing)
+    return sweep_dir, paths
 
 
 def _run_plan(
