@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -91,6 +92,34 @@ def test_auditor_scores_token_rows_with_text_metrics_only() -> None:
         {},
     )
     assert failed[0]["status"] == "failed" and failed[0]["modality"] == "tokens"
+
+
+def test_sequences_shared_alone_are_scored_against_their_own_truth() -> None:
+    # Per-sample updates: reconstruction i inverts sequence i's own update, so matching it to
+    # a better-fitting neighbour would credit the attack with a leak it did not make.
+    truth = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]])
+    recon = torch.tensor([[4, 5, 6, 0], [0, 1, 2, 7]])
+    words = {i: f" w{i}" for i in range(300)}
+    auditor = Auditor(decode=lambda ids: "".join(words[i] for i in ids))
+    shared_alone = dataclasses.replace(_observation(), per_sample_updates={"w": torch.zeros(2, 1)})
+    rows = auditor.score(
+        shared_alone,
+        "tag",
+        Reconstruction(inputs=recon, labels=None),
+        GroundTruth(1, truth, truth),
+        {},
+    )
+    assert [(row["sample"], row["target_index"]) for row in rows] == [(0, 0), (1, 1)]
+    assert [row["token_acc"] for row in rows] == [0.0, 0.25]
+    # One update of the whole batch: the reconstructions come in no order, so they are matched.
+    batch = auditor.score(
+        _observation(),
+        "tag",
+        Reconstruction(inputs=recon, labels=None),
+        GroundTruth(1, truth, truth),
+        {},
+    )
+    assert sorted(row["token_acc"] for row in batch) == [0.75, 0.75]
 
 
 def test_old_runs_read_as_image_rows(tmp_path: Path) -> None:

@@ -292,6 +292,8 @@ class SettingSummary:
     token_acc: Median = NO_MEDIAN
     token_acc_mean: tuple[float, float, int] = (math.nan, math.nan, 0)
     rougeL: Median = NO_MEDIAN
+    # Attack runs that failed or diverged: their samples are in no figure above.
+    left_out: int = 0
 
     @property
     def tokens(self) -> bool:
@@ -301,7 +303,9 @@ class SettingSummary:
 
 def setting_summaries(study: Study) -> list[SettingSummary]:
     """Every (group, defense, attack) with scored samples against the originals."""
-    rows = originals(study.leakage())
+    leakage = study.leakage()
+    rows = originals(leakage)
+    unfinished = _unfinished_runs(leakage)
     lpips = lpips_column(rows)
     out = []
     for group in study.groups():
@@ -309,6 +313,11 @@ def setting_summaries(study: Study) -> list[SettingSummary]:
             sub = rows[(rows["group"] == group) & (rows["defense"] == defense)]
             for attack, reference in attack_order(sub):
                 cell = sub[sub["attack"] == attack]
+                left_out = unfinished[
+                    (unfinished["group"] == group)
+                    & (unfinished["defense"] == defense)
+                    & (unfinished["attack"] == attack)
+                ]
                 out.append(
                     SettingSummary(
                         group=group,
@@ -324,9 +333,27 @@ def setting_summaries(study: Study) -> list[SettingSummary]:
                         token_acc=median_interval(cell["token_acc"]),
                         token_acc_mean=mean_ci(cell["token_acc"]),
                         rougeL=median_interval(cell["rougeL"]),
+                        left_out=len(left_out),
                     )
                 )
     return out
+
+
+def _unfinished_runs(leakage: pd.DataFrame) -> pd.DataFrame:
+    """One row per attack run that did not finish cleanly (failed, or diverged to NaN)."""
+    runs = leakage.drop_duplicates(["run", "round", "client_id", "attack"])
+    return runs[runs["status"] != "ok"]
+
+
+LEFT_OUT = "‡"
+LEFT_OUT_NOTE = (
+    f" {LEFT_OUT}: some of the attack's runs failed or diverged; their samples are in no "
+    "figure of the row (n, rates, medians), see Failed attack runs."
+)
+
+
+def _count_cell(n: int, summary: SettingSummary) -> Cell:
+    return Cell(f"{n} {LEFT_OUT}" if summary.left_out else str(n))
 
 
 def summary_table(study: Study) -> Table:
@@ -337,6 +364,7 @@ def summary_table(study: Study) -> Table:
         return _text_summary_table(summaries, study.groups() != [""])
     grouped = study.groups() != [""]
     flags = any(s.not_converged for s in summaries)
+    left_out = any(s.left_out for s in summaries)
     body = []
     for s in summaries:
         head = [Cell(s.group)] if grouped else []
@@ -344,7 +372,7 @@ def summary_table(study: Study) -> Table:
             *head,
             Cell(s.defense),
             Cell(attack_label(s.attack, s.reference)),
-            Cell(str(s.psnr.n)),
+            _count_cell(s.psnr.n, s),
             Cell("–" if s.reference else s.success.text()),
             Cell(s.psnr.text(2)),
             Cell(s.lpips.text(3)),
@@ -372,12 +400,14 @@ def summary_table(study: Study) -> Table:
         "exact 95% interval in brackets. Medians with their 95% order-statistic interval "
         "(the sample range for n < 6). The mean is given for LPIPS, which is bounded; PSNR's "
         "mean is not, because exact reconstructions (80+ dB) dominate it."
-        + (CONVERGENCE_NOTE if flags else ""),
+        + (CONVERGENCE_NOTE if flags else "")
+        + (LEFT_OUT_NOTE if left_out else ""),
     )
 
 
 def _text_summary_table(summaries: list[SettingSummary], grouped: bool) -> Table:
     flags = any(s.not_converged for s in summaries)
+    left_out = any(s.left_out for s in summaries)
     body = []
     for s in summaries:
         head = [Cell(s.group)] if grouped else []
@@ -385,7 +415,7 @@ def _text_summary_table(summaries: list[SettingSummary], grouped: bool) -> Table
             *head,
             Cell(s.defense),
             Cell(attack_label(s.attack, s.reference)),
-            Cell(str(s.token_acc.n)),
+            _count_cell(s.token_acc.n, s),
             Cell(s.token_acc.text(3)),
             Cell(format_ci(s.token_acc_mean[0], s.token_acc_mean[1], 3)),
             Cell(s.rougeL.text(3)),
@@ -408,7 +438,8 @@ def _text_summary_table(summaries: list[SettingSummary], grouped: bool) -> Table
         caption="Against the private sequences. n: scored sequences. Token accuracy: the "
         "share of positions recovered; medians with their 95% order-statistic interval (the "
         "sample range for n < 6); the mean, bounded, with its Student-t interval."
-        + (CONVERGENCE_NOTE if flags else ""),
+        + (CONVERGENCE_NOTE if flags else "")
+        + (LEFT_OUT_NOTE if left_out else ""),
     )
 
 
@@ -475,7 +506,7 @@ def failure_table(study: Study) -> Table | None:
     """Attack runs that did not finish cleanly, by group, attack, defense and status."""
     leakage = study.leakage()
     runs = leakage.drop_duplicates(["run", "round", "client_id", "attack"])
-    bad = runs[runs["status"] != "ok"]
+    bad = _unfinished_runs(leakage)
     if bad.empty:
         return None
     body = []
@@ -499,8 +530,8 @@ def failure_table(study: Study) -> Table | None:
     return Table(
         columns=("group", "attack", "defense", "status", "attack runs", "first message"),
         rows=tuple(body),
-        caption="An attack run is one attack on one client in one round; failed runs are "
-        "left out of the leakage tables.",
+        caption="An attack run is one attack on one client in one round; failed and "
+        "diverged runs are left out of the leakage tables and the summary (marked ‡ there).",
     )
 
 

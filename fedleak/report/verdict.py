@@ -162,6 +162,15 @@ def _unconverged(s: SettingSummary, v: SettingVerdict) -> str:
     return note + ")"
 
 
+def _left_out(s: SettingSummary) -> str:
+    """Runs that failed or diverged are in no figure of the sentence: say so."""
+    if not s.left_out:
+        return ""
+    if s.left_out == 1:
+        return f" (1 {s.attack} attack run failed or diverged and is not counted)"
+    return f" ({s.left_out} {s.attack} attack runs failed or diverged and are not counted)"
+
+
 def _ranked_by(s: SettingSummary) -> str:
     """The measure that made `s` the leader (`_leak_key`'s first)."""
     if s.tokens:
@@ -202,11 +211,13 @@ def _setting_sentence(v: SettingVerdict, baseline: SettingVerdict | None) -> str
             if floor is not None:
                 text += f" against the {floor.attack} floor's {_scores(floor)}"
             text += _unconverged(leader, v)
+        text += _left_out(leader)
         if len(v.attacks) > 1:
             text += "; " + "; ".join(
                 _rate_and_scores(s)
                 + (", no closer than the floor" if not nothing_learned and _at_floor(s, v) else "")
                 + _unconverged(s, v)
+                + _left_out(s)
                 for s in v.attacks[1:]
             )
     text += f". The global model's test accuracy is {_accuracy(v.accuracy_final)}"

@@ -153,7 +153,7 @@ class Auditor:
         in_order = observation.per_sample_updates is not None
         try:
             if observation.modality == "tokens":
-                rows = self._score_tokens(base, reconstruction, truth.inputs)
+                rows = self._score_tokens(base, reconstruction, truth.inputs, in_order)
             else:
                 rows = self._score_against(
                     base, reconstruction, truth.inputs, truth.labels, "original", in_order
@@ -253,14 +253,22 @@ class Auditor:
         return rows
 
     def _score_tokens(
-        self, base: Mapping[str, object], reconstruction: Reconstruction, truth: torch.Tensor
+        self,
+        base: Mapping[str, object],
+        reconstruction: Reconstruction,
+        truth: torch.Tensor,
+        in_order: bool = False,
     ) -> list[dict[str, object]]:
-        """Token accuracy and ROUGE of each reconstructed sequence against its matched truth."""
+        """Token accuracy and ROUGE of each reconstructed sequence against its matched truth
+        (its own sequence when each was shared alone, as for images)."""
         if self.decode is None:
             raise ValueError("scoring token sequences needs the run's tokenizer (decode)")
         recon = reconstruction.inputs.detach().long().cpu()
         truth = truth.long().cpu()
-        recon_idx, truth_idx = assign(recon, truth, metric="tokens")
+        if in_order and len(recon) == len(truth):
+            recon_idx = truth_idx = torch.arange(len(truth))
+        else:
+            recon_idx, truth_idx = assign(recon, truth, metric="tokens")
         matched, targets = recon[recon_idx], truth[truth_idx]
         accuracy = token_accuracy(matched, targets)
         scores = rouge(
