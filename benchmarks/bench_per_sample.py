@@ -10,6 +10,10 @@ sample's gradient norm (vmap rounds some ReLU inputs to the other side of zero o
 ResNet-20-GN; the layer-wise gradients follow the forward pass the client computes).
 
     python benchmarks/bench_per_sample.py [--batch 64] [--rounds 7] [--threads 1]
+        [--devices cpu,cuda]
+
+On CUDA (when visible) the same methods run on the GPU; the float64 reference stays on the
+CPU.
 """
 
 from __future__ import annotations
@@ -50,18 +54,20 @@ def worst(grads: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) ->
     norms = torch.sqrt(sum(r.flatten(1).square().sum(dim=1) for r in reference.values()))
     largest, relative = 0.0, 0.0
     for key, value in grads.items():
-        diff = (value.double() - reference[key]).flatten(1).abs().max(dim=1).values
+        diff = (value.cpu().double() - reference[key]).flatten(1).abs().max(dim=1).values
         largest = max(largest, float(diff.max()))
         relative = max(relative, float((diff / norms).max()))
     return f"{largest:.1e} ({relative:.1e} of the norm)"
 
 
-def bench(name: str, batch: int, rounds: int) -> list[str]:
-    model = build_model(ModelSpec(name, (3, 32, 32), 10, seed=0)).train()
+def bench(name: str, batch: int, rounds: int, device: str) -> list[str]:
+    cpu_model = build_model(ModelSpec(name, (3, 32, 32), 10, seed=0)).train()
     generator = torch.Generator().manual_seed(0)
-    x = torch.rand(batch, 3, 32, 32, generator=generator)
-    y = torch.randint(0, 10, (batch,), generator=generator)
-    repeat = 5 if name == "lenet" else 1
+    cpu_x = torch.rand(batch, 3, 32, 32, generator=generator)
+    cpu_y = torch.randint(0, 10, (batch,), generator=generator)
+    model = copy.deepcopy(cpu_model).to(device)
+    x, y = cpu_x.to(device), cpu_y.to(device)
+    repeat = 5 if name == "lenet" or device != "cpu" else 1
     series = interleave(
         {
             "per-sample": timed(lambda: per_sample_gradients(model, x, y), repeat),
@@ -71,13 +77,14 @@ def bench(name: str, batch: int, rounds: int) -> list[str]:
         },
         rounds,
     )
-    reference = loop(copy.deepcopy(model).double(), x.double(), y)
+    reference = loop(cpu_model.double(), cpu_x.double(), cpu_y)
     ours = Ratio(series["per-sample"], series["batch"])
     verdict = ""
     if ours.problem() is None:
         verdict = " (met)" if ours.median <= TARGETS.get(name, 1.5) else " (NOT met)"
     return [
         name,
+        device,
         series["per-sample"].text(),
         series["vmap"].text(),
         series["loop"].text(),
@@ -98,12 +105,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--models", nargs="+", default=["lenet", "resnet20-gn"])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--devices", default="cpu,cuda")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    devices = [d for d in args.devices.split(",") if d != "cuda" or torch.cuda.is_available()]
     print(f"Per-sample gradients, batch {args.batch}: ms per call (min / median)")
     print(machine())
     header = [
         "model",
+        "device",
         "per-sample",
         "vmap",
         "loop",
@@ -117,9 +127,10 @@ def main() -> None:
         "load",
     ]
     rows = [header]
-    for name in args.models:
-        rows.append(bench(name, args.batch, args.rounds))
-        print(table([header, rows[-1]]).splitlines()[-1], flush=True)
+    for device in devices:
+        for name in args.models:
+            rows.append(bench(name, args.batch, args.rounds, device))
+            print(table([header, rows[-1]]).splitlines()[-1], flush=True)
     print(table(rows))
 
 

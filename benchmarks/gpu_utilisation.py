@@ -1,0 +1,56 @@
+"""GPU utilisation per benchmark of `gpu_session.sh`: nvidia-smi's samples (timestamp,
+utilisation %, memory MiB, every 200 ms) grouped by the start and end marks of each benchmark.
+
+    python benchmarks/gpu_utilisation.py util.csv marks.txt
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+from datetime import datetime
+from pathlib import Path
+
+
+def samples(path: Path) -> list[tuple[float, float, float]]:
+    """(seconds since the epoch, utilisation %, memory MiB) per nvidia-smi line."""
+    rows = []
+    for line in path.read_text().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) != 3:
+            continue
+        try:
+            when = datetime.strptime(parts[0], "%Y/%m/%d %H:%M:%S.%f")  # local time, as printed
+            rows.append((when.timestamp(), float(parts[1]), float(parts[2])))
+        except ValueError:  # a header, or a line cut when the sampler stopped
+            continue
+    return rows
+
+
+def windows(path: Path) -> dict[str, tuple[float, float]]:
+    """Benchmark name -> (start, end) from `NAME start|end SECONDS` lines."""
+    marks: dict[str, dict[str, float]] = {}
+    for line in path.read_text().splitlines():
+        name, what, seconds = line.split()
+        marks.setdefault(name, {})[what] = float(seconds)
+    return {name: (m["start"], m["end"]) for name, m in marks.items() if len(m) == 2}
+
+
+def main(util: str, marks: str) -> None:
+    rows = samples(Path(util))
+    print("GPU utilisation per benchmark (nvidia-smi, 200 ms samples)")
+    for name, (start, end) in windows(Path(marks)).items():
+        inside = [(u, m) for t, u, m in rows if start <= t <= end]
+        if not inside:
+            print(f"  {name}: no samples")
+            continue
+        use = [u for u, _ in inside]
+        print(
+            f"  {name}: {end - start:.0f} s, {len(inside)} samples, utilisation mean "
+            f"{statistics.fmean(use):.0f}% median {statistics.median(use):.0f}% max "
+            f"{max(use):.0f}%, memory max {max(m for _, m in inside):.0f} MiB"
+        )
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
