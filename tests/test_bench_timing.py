@@ -78,3 +78,27 @@ def test_a_rate_reads_the_fastest_and_the_median_round_and_refuses_bad_ones():
     assert series.rate(100).split() == ["200.0", "/", "100.0"]
     broken = timing.Series("pairs", (0.5, -1.0, 1.0))
     assert broken.rate(100) == f"invalid ({broken.problem()})"
+
+
+def test_gpu_utilisation_groups_nvidia_smi_samples_by_benchmark(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _PATH.parent / "gpu_utilisation.py"
+    spec = importlib.util.spec_from_file_location("gpu_utilisation", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    util = tmp_path / "util.csv"
+    util.write_text(
+        "2026/12/02 10:00:00.000, 10, 500\n"
+        "2026/12/02 10:00:01.000, 90, 900\n"
+        "2026/12/02 10:00:02.000, 70, 800\n"
+        "2026/12/02 10:00:0"  # cut when the sampler stopped
+    )
+    start = module.datetime(2026, 12, 2, 10, 0, 0, 500000).timestamp()
+    marks = tmp_path / "marks.txt"
+    marks.write_text(f"attacks start {start}\nattacks end {start + 2}\nlti start {start + 5}\n")
+    module.main(str(util), str(marks))
+    out = capsys.readouterr().out
+    assert "attacks: 2 s, 2 samples, utilisation mean 80% median 80% max 90%" in out
+    assert "memory max 900 MiB" in out and "lti" not in out  # no end mark: not summarised
