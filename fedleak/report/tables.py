@@ -506,7 +506,7 @@ def failure_table(study: Study) -> Table | None:
     """Attack runs that did not finish cleanly, by group, attack, defense and status."""
     leakage = study.leakage()
     runs = leakage.drop_duplicates(["run", "round", "client_id", "attack"])
-    bad = _unfinished_runs(leakage)
+    bad = runs[runs["status"] != "ok"]
     if bad.empty:
         return None
     body = []

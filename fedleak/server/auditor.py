@@ -232,10 +232,7 @@ class Auditor:
         recon = reconstruction.inputs.detach().float().cpu()
         # InstaHide encodings live in [-1, 1]; their magnitude is what an image attack can see.
         shown = targets.float().abs() if against == "encoded" else targets.float()
-        if in_order and len(recon) == len(shown):
-            recon_idx = truth_idx = torch.arange(len(shown))
-        else:
-            recon_idx, truth_idx = assign(recon, shown, metric="mse")
+        recon_idx, truth_idx = _pairing(recon, shown, in_order, "mse")
         scores = score_images(recon[recon_idx], shown[truth_idx], self.lpips_nets)
         rows = []
         for j, (r, t) in enumerate(zip(recon_idx.tolist(), truth_idx.tolist(), strict=True)):
@@ -265,10 +262,7 @@ class Auditor:
             raise ValueError("scoring token sequences needs the run's tokenizer (decode)")
         recon = reconstruction.inputs.detach().long().cpu()
         truth = truth.long().cpu()
-        if in_order and len(recon) == len(truth):
-            recon_idx = truth_idx = torch.arange(len(truth))
-        else:
-            recon_idx, truth_idx = assign(recon, truth, metric="tokens")
+        recon_idx, truth_idx = _pairing(recon, truth, in_order, "tokens")
         matched, targets = recon[recon_idx], truth[truth_idx]
         accuracy = token_accuracy(matched, targets)
         scores = rouge(
@@ -320,6 +314,18 @@ class Auditor:
 
 
 _NAN = torch.tensor([math.nan])
+
+
+def _pairing(
+    recon: torch.Tensor, truth: torch.Tensor, in_order: bool, metric: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which reconstruction is scored against which private sample: its own when each sample's
+    update was shared alone (matching would let a weak attack borrow a better-fitting
+    neighbour), else the assignment that fits best (a batch update gives them in no order)."""
+    if in_order and len(recon) == len(truth):
+        index = torch.arange(len(truth))
+        return index, index
+    return assign(recon, truth, metric=metric)
 
 
 def _convergence(reconstruction: Reconstruction, sample: int) -> dict[str, float]:
