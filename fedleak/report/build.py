@@ -104,14 +104,18 @@ def _scoring(leakage: pd.DataFrame, lpips: str) -> list[str]:
     parts = []
     if "image" in modalities:
         parts.append(
-            "Each image reconstruction is matched to one private sample (Hungarian assignment "
-            "on MSE) before scoring; images are in [0, 1] and PSNR uses a data range of 1. "
-            f"LPIPS is reported from the `{lpips}` column. {SUCCESS_RULE}."
+            "Each image reconstruction is scored against its own private sample when each "
+            "sample's update was shared alone, else matched to one (Hungarian assignment on "
+            "MSE); images are in [0, 1] and PSNR uses a data range of 1. LPIPS is reported "
+            f"from the `{lpips}` column; images under 64 px are upsampled bilinearly to 64 px "
+            "first (AlexNet takes no 28x28 input), so it is not comparable with LPIPS taken "
+            f"at 32x32. {SUCCESS_RULE}."
         )
     if "tokens" in modalities:
         parts.append(
-            "Each reconstructed token sequence is matched to one private sequence (Hungarian "
-            "assignment on the fraction of mismatched positions) and scored by token accuracy "
+            "Each reconstructed token sequence is scored against its own private sequence "
+            "when each was shared alone, else matched to one (Hungarian assignment on the "
+            "fraction of mismatched positions), by token accuracy "
             "(position by position) and by the ROUGE-1, ROUGE-2 and ROUGE-L F-measures of the "
             "decoded texts (`rouge-score`, no stemming)."
         )
