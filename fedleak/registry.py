@@ -311,6 +311,12 @@ def _package(module: str) -> str:
     return module.partition(".")[0]
 
 
+def is_own_error(error: BaseException) -> bool:
+    """An error fedleak raised on purpose (a setting, the data, a plug-in), told to the user
+    in one line, as opposed to an internal error whose traceback matters."""
+    return type(error).__module__.partition(".")[0] == "fedleak"
+
+
 def error_line(error: BaseException) -> str:
     """An exception in one line: its type and the first line of its message."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]

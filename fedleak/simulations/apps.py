@@ -15,7 +15,7 @@ from flwr.common.logger import FLOWER_LOGGER
 from flwr.serverapp import Grid, ServerApp
 
 from fedleak.config import RunConfig, parse_flat
-from fedleak.registry import error_line
+from fedleak.registry import error_line, is_own_error
 from fedleak.simulations.study import serve
 
 
@@ -26,7 +26,7 @@ class OneLineErrors(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
-        if error is not None and type(error).__module__.partition(".")[0] == "fedleak":
+        if error is not None and is_own_error(error):
             record.msg = f"{record.getMessage()}: {error_line(error)}"
             record.args = None
             record.exc_info = None

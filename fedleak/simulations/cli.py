@@ -366,6 +366,7 @@ def _interrupted(args: argparse.Namespace | None, error: KeyboardInterrupt) -> s
 
 def _describe(error: BaseException) -> tuple[str, int]:
     """The one line for an error and the exit status."""
+    from fedleak.registry import is_own_error
     from fedleak.simulations.launch import StudyFailed
     from fedleak.simulations.sweep import SweepFailed
 
@@ -375,7 +376,7 @@ def _describe(error: BaseException) -> tuple[str, int]:
         return f"fedleak: configuration error: {_one_line(str(error))}", EXIT_USAGE
     if isinstance(error, StudyFailed | SweepFailed):
         return f"fedleak: {_one_line(str(error))}", EXIT_ERROR
-    if type(error).__module__.split(".")[0] == "fedleak":
+    if is_own_error(error):
         return f"fedleak: error: {_one_line(str(error))}", EXIT_ERROR
     if isinstance(error, OSError):  # the system's own words: disk full, permission denied
         where = f"{error.filename}: " if error.filename is not None else ""

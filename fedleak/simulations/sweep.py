@@ -594,22 +594,40 @@ def check_sweep(
     _validate(plan, missing)
     sweep_dir, paths = _checked_folders(plan, out_dir)
     RunLock(sweep_dir).probe()
-    finished = [cell.id for cell in plan.cells if _finished(paths[cell.id])]
-    skipped: dict[str, list[str]] = {}
+    states = _states(plan, paths, missing)
+    count = {state: sum(s == state for s, _ in states.values()) for state in ("done", "pending")}
+    return [
+        f"sweep {plan.name}: {len(plan.cells)} cells checked, {count['pending']} to run "
+        f"({count['done']} finished), {plan.num_clients} clients each, in {sweep_dir}",
+        *(f"  would skip {line}" for line in _skipped_lines(states)),
+    ]
+
+
+def _states(
+    plan: SweepPlan, paths: Mapping[str, Path], missing: dict[tuple[str, str], str]
+) -> dict[str, tuple[str, str]]:
+    """Each cell's state before the sweep runs, with why: done, skipped (its data set cannot
+    be loaded and the sweep skips such cells) or pending."""
+    states = {}
     for cell in plan.cells:
-        unfinished = cell.id not in finished and plan.skip_unavailable_data
-        if unfinished and (reason := _unavailable(cell.config, missing)):
-            skipped.setdefault(reason, []).append(cell.id)
-    pending = len(plan.cells) - len(finished) - sum(map(len, skipped.values()))
-    lines = [
-        f"sweep {plan.name}: {len(plan.cells)} cells checked, {pending} to run "
-        f"({len(finished)} finished), {plan.num_clients} clients each, in {sweep_dir}"
+        if _finished(paths[cell.id]):
+            states[cell.id] = ("done", "")
+        elif plan.skip_unavailable_data and (reason := _unavailable(cell.config, missing)):
+            states[cell.id] = ("skipped", reason)
+        else:
+            states[cell.id] = ("pending", "")
+    return states
+
+
+def _skipped_lines(states: Mapping[str, tuple[str, str]]) -> list[str]:
+    """Per reason for skipping, the cells it skips: `N cells (first .. last): reason`."""
+    skipped: dict[str, list[str]] = {}
+    for cell_id, (state, reason) in states.items():
+        if state == "skipped":
+            skipped.setdefault(reason, []).append(cell_id)
+    return [
+        f"{len(ids)} cells ({ids[0]} .. {ids[-1]}): {reason}" for reason, ids in skipped.items()
     ]
-    lines += [
-        f"  would skip {len(ids)} cells ({ids[0]} .. {ids[-1]}): {reason}"
-        for reason, ids in skipped.items()
-    ]
-    return lines
 
 
 def _checked_folders(plan: SweepPlan, out_dir: Path | None) -> tuple[Path, dict[str, Path]]:
@@ -643,25 +661,16 @@ def _run_plan(
         if (sweep_dir / MANIFEST).exists()
         else {}
     )
-    pending = []
-    for cell in plan.cells:
-        if _finished(paths[cell.id]):
-            seconds = old.get(cell.id, {}).get("seconds")
-            status[cell.id] = {"status": "done", "message": "", "seconds": seconds}
-        elif plan.skip_unavailable_data and (reason := _unavailable(cell.config, missing)):
-            status[cell.id] = {"status": "skipped", "message": reason, "seconds": None}
-        else:
-            status[cell.id] = {"status": "pending", "message": "", "seconds": None}
-            pending.append(cell)
+    states = _states(plan, paths, missing)
+    for cell_id, (state, reason) in states.items():
+        seconds = old.get(cell_id, {}).get("seconds") if state == "done" else None
+        status[cell_id] = {"status": state, "message": reason, "seconds": seconds}
+    pending = [cell for cell in plan.cells if states[cell.id][0] == "pending"]
     _write_manifest(sweep_dir, plan, status)
 
     say(f"sweep {plan.name}: {len(plan.cells)} cells, {len(pending)} to run, in {sweep_dir}")
-    skipped: dict[str, list[str]] = {}
-    for cell in plan.cells:
-        if status[cell.id]["status"] == "skipped":
-            skipped.setdefault(status[cell.id]["message"], []).append(cell.id)
-    for reason, ids in skipped.items():
-        say(f"  skipped {len(ids)} cells ({ids[0]} .. {ids[-1]}): {reason}")
+    for line in _skipped_lines(states):
+        say(f"  skipped {line}")
 
     skipped = sum(status[c.id]["status"] == "skipped" for c in plan.cells)
     progress = Progress(
