@@ -6,7 +6,7 @@
 # The benchmarks need only torch, numpy and scipy besides fedleak's source tree, so the
 # machine's own python3 (with CUDA torch) runs them from the repository root:
 #
-#     OUT=/some/folder bash benchmarks/gpu_session.sh          # ~6 minutes on one GPU
+#     OUT=/some/folder bash benchmarks/gpu_session.sh          # at most 150 s per benchmark
 #     DEVICE=cpu ROUNDS=1 bash benchmarks/gpu_session.sh       # the same steps on a CPU
 #
 # Each benchmark writes OUT/<name>.log; OUT/utilisation.txt summarises nvidia-smi's samples
