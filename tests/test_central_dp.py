@@ -246,12 +246,13 @@ def _reference(rate: float, noise: float, releases: int) -> float:
 
 
 def test_central_epsilon_equals_the_accountant_and_grows_with_rounds() -> None:
-    # 3 of 10 clients a round, z = 1.1: Poisson-sampled Gaussian releases at rate 0.3.
+    # 3 of 10 clients a round, z = 1.1: sampled Gaussian releases at rate 0.3; Flower samples
+    # exactly 3, so an added client takes a sampled one's place (2C: the multiplier halved).
     curve = [central_epsilon(1.1, 10, {3: rounds}, DELTA) for rounds in (0, 1, 2, 5, 20)]
     assert curve[0] == 0.0
     assert all(a < b for a, b in itertools.pairwise(curve))
-    assert curve[3] == pytest.approx(_reference(0.3, 1.1, 5))
-    assert curve[4] == pytest.approx(_reference(0.3, 1.1, 20))
+    assert curve[3] == pytest.approx(_reference(0.3, 0.55, 5))
+    assert curve[4] == pytest.approx(_reference(0.3, 0.55, 20))
     assert central_epsilon(0.0, 10, {3: 1}, DELTA) == math.inf
     # With every client sampled, it is what Flower's own (no-amplification) accounting reports.
     flower = FlowerAccountant(

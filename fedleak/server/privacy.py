@@ -8,30 +8,28 @@ credited to aggregation, to secure aggregation or to the sampling of clients; a 
 sat out costs it nothing (client selection does not look at the data).
 
 One round of client c, holding n_c examples, drawing E of them (`train.examples`; the batch
-size B in FedSGD) and taking K local steps of B examples (K = 1 in FedSGD), is accounted as
-sampled Gaussian releases with noise multiplier Z (noise Z * C on a sum of gradients clipped
-to C):
+size B in FedSGD) and taking K local steps of B examples (K = 1 in FedSGD), is accounted as one
+sampled Gaussian release: the S = min(E, K * B) examples its steps use, drawn at rate
+q = S / n_c, each entering m = ceil(K * B / E) noisy steps (FedAvg cycles through the E drawn
+examples when K * B > E); m Gaussian releases of one example compose to one with multiplier
+Z / sqrt(m), and under the per-sample threat model (FedSGD only) each clipped gradient is also
+released on its own with noise Z * C, which doubles m.
 
-- When no example is used twice in the round (K * B <= E), as DP-SGD is usually accounted:
-  K releases, each sampling at rate q = B / n_c. The accountant assumes Poisson subsampling;
-  `fedleak.data.sample_batch` draws a fixed-size batch without replacement instead (and FedAvg
-  takes its K batches as disjoint slices of it), as most DP-SGD implementations do in
-  practice. The gap between the two is not bounded here.
-- When FedAvg reuses examples (K * B > E: its steps cycle through the E drawn examples, and
-  with `train.examples` = 0 every step sees the same batch), counting K fresh draws at rate
-  B / n_c would under-report ε. The round is then one release sampling at rate q = E / n_c in
-  which each drawn example enters m = ceil(K * B / E) noisy steps; m Gaussian releases of one
-  example compose to one with multiplier Z / sqrt(m).
-- Under the per-sample threat model (FedSGD only) each clipped gradient is also released on its
-  own with noise Z * C: two releases per step, multiplier Z / sqrt(2).
+The sampler draws a fixed number of examples without replacement
+(`fedleak.data.sample_batch`), not a Poisson sample, so an added example does not join the
+batch: it takes the place of one already drawn, moving the clipped sum by up to 2C rather than
+C. Adjacency stays add/remove, and that case is exactly a Poisson-sampled Gaussian of
+sensitivity 2C (an upper bound by joint convexity over which example it replaces, and
+attained when all other gradients are equal and opposite to the added one): the accounted
+multiplier is halved (`FIXED_SIZE_SENSITIVITY`). The same coupling is why FedAvg's K steps
+are one release per round rather than K at rate B / n_c: the K slices of one draw are not
+independent samples.
 
 The accountant is Flower's `RdpAccountant` (the `flwr[dp]` extra, backed by Google's
 `dp-accounting`): it ships with the framework this app is pinned to, and its Poisson path is
 the standard Rényi-DP analysis of the sampled Gaussian mechanism (Mironov et al. 2019).
-Its without-replacement path would match our sampler, but it is defined under replace-one
-adjacency and scores the Gaussian mechanism as if replacing an example moved the clipped sum
-by C rather than up to 2C, so using it correctly would need the multiplier halved; the Poisson
-path keeps the usual add/remove meaning of ε that papers report.
+Its without-replacement path is defined under replace-one adjacency and scores the Gaussian
+mechanism as if replacing an example moved the clipped sum by C, so it is not used.
 
 ε is NaN ("not DP") when the defense has no DP-SGD step (`gauss:SIGMA` alone adds noise to an
 unclipped gradient: no sensitivity bound, no guarantee), and when DP-SGD runs on the output of
@@ -44,11 +42,12 @@ Z = 0 clips without noise: ε is infinite.
 Central DP (`defense.central-clip`, `defense.central-noise`) is a different guarantee: the
 server clips each client's whole update to C and adds N(0, (z·C/m)²) to the mean of the m
 sampled clients, which is z·C on the sum: a Gaussian release of multiplier z for a client added
-to or removed from the federation. Each released aggregate is accounted as one such release,
-Poisson-sampled at rate m / N (N clients in the federation; Flower samples exactly m without
-replacement, the same substitution as above). It protects whole clients in the *released model*
-only: the curious server saw every raw update before clipping, so it says nothing about leakage
-to the server.
+to or removed from the federation. Each released aggregate is accounted as one such release
+sampled at rate m / N (N clients in the federation). Flower samples exactly m without
+replacement, so when m < N an added client takes a sampled one's place and the multiplier is
+halved as above; with every client sampled (m = N) there is no sampling and no halving. It
+protects whole clients in the *released model* only: the curious server saw every raw update
+before clipping, so it says nothing about leakage to the server.
 """
 
 from __future__ import annotations
@@ -71,21 +70,24 @@ from fedleak.config import RunConfig
 from fedleak.data import FederatedData
 from fedleak.defenses import DPSGD, InstaHide, MixUp, parse_defense_spec
 
+# How far one example added to the data moves a sum clipped to C, in units of C, when the
+# sample drawn from the data has a fixed size: the added example takes a drawn one's place.
+FIXED_SIZE_SENSITIVITY = 2.0
+
 
 @dataclass(frozen=True)
 class PrivacyLedger:
     """The DP-SGD accounting of one run: what a round costs each client, and ε after rounds.
 
-    Each round of a client is `events_per_round` sampled Gaussian releases, each drawing
-    `sample_size` of the client's `partition_sizes[c]` examples, in which a drawn example is
-    released `releases` times with multiplier `noise_multiplier` (see the module docstring).
+    Each round of a client is one sampled Gaussian release drawing `sample_size` of the
+    client's `partition_sizes[c]` examples, in which a drawn example is released `releases`
+    times with multiplier `noise_multiplier` (see the module docstring).
     `not_dp` says why ε is NaN, and is empty when the accounting applies.
     """
 
     delta: float
     noise_multiplier: float
     sample_size: int
-    events_per_round: int
     releases: int
     partition_sizes: tuple[int, ...]
     not_dp: str = ""
@@ -113,16 +115,12 @@ class PrivacyLedger:
             reason = ""
         drawn, used = train.examples_per_round, train.local_steps * train.batch_size
         per_sample = 2 if config.threat.share == "per-sample" else 1
-        if used <= drawn:
-            sample, events, releases = train.batch_size, train.local_steps, per_sample
-        else:
-            sample, events, releases = drawn, 1, -(-used // drawn) * per_sample
+        sample, reuse = min(drawn, used), -(-used // drawn)
         return cls(
             delta=config.defense.dp_delta,
             noise_multiplier=dp.noise_multiplier if dp else 0.0,
             sample_size=sample,
-            events_per_round=events,
-            releases=releases,
+            releases=reuse * per_sample,
             partition_sizes=tuple(int(n) for n in partition_sizes),
             not_dp=reason,
         )
@@ -134,8 +132,9 @@ class PrivacyLedger:
 
     @property
     def effective_noise_multiplier(self) -> float:
-        """The multiplier of one event's releases composed into one: Z / sqrt(releases)."""
-        return self.noise_multiplier / math.sqrt(self.releases)
+        """The multiplier a round is accounted with: its releases composed into one
+        (Z / sqrt(releases)), halved for the fixed-size sampler's replacement."""
+        return self.noise_multiplier / (FIXED_SIZE_SENSITIVITY * math.sqrt(self.releases))
 
     def sampling_rate(self, client: int) -> float:
         """The sampling rate of one event for client `client`."""
@@ -150,9 +149,8 @@ class PrivacyLedger:
             return 0.0
         if self.noise_multiplier == 0.0:
             return math.inf
-        count = rounds * self.events_per_round
         return _epsilon(
-            self.effective_noise_multiplier, size, ((self.sample_size, count),), self.delta
+            size, ((self.sample_size, rounds, self.effective_noise_multiplier),), self.delta
         )
 
     def epsilons(self, participation: Mapping[int, int]) -> dict[int, float]:
@@ -201,23 +199,24 @@ def central_epsilon(
 ) -> float:
     """Client-level ε at `delta` of central DP after `releases[m]` aggregates of m sampled
     clients each, out of `population` (0 before any release; infinite without noise)."""
-    events = tuple(sorted((m, count) for m, count in releases.items() if count > 0))
-    if not events:
+    if not any(count > 0 for count in releases.values()):
         return 0.0
     if noise_multiplier == 0.0:
         return math.inf
-    return _epsilon(noise_multiplier, population, events, delta)
+    events = tuple(
+        sorted(
+            (m, count, noise_multiplier / (FIXED_SIZE_SENSITIVITY if m < population else 1.0))
+            for m, count in releases.items()
+            if count > 0
+        )
+    )
+    return _epsilon(population, events, delta)
 
 
 @functools.lru_cache(maxsize=4096)
-def _epsilon(
-    noise_multiplier: float,
-    population: int,
-    events: tuple[tuple[int, int], ...],
-    delta: float,
-) -> float:
+def _epsilon(population: int, events: tuple[tuple[int, int, float], ...], delta: float) -> float:
     """ε of Poisson-sampled Gaussian releases via Flower: `count` of them at rate
-    `sample / population` for each (sample, count) of `events`.
+    `sample / population` with multiplier `noise` for each (sample, count, noise) of `events`.
 
     Cached: clients with equal partition sizes share it, and each call costs ~0.1 s.
     """
@@ -235,8 +234,8 @@ def _epsilon(
     level = absl.level
     absl.setLevel(logging.ERROR)
     try:
-        for sample, count in events:
-            event = GaussianPrivacyEvent(noise_multiplier, sample, population)
+        for sample, count, noise in events:
+            event = GaussianPrivacyEvent(noise, sample, population)
             accountant.compose(event, count=count)
         return accountant.get_epsilon(delta)
     finally:
