@@ -70,6 +70,8 @@ def reply_content(
         audit["from-public"] = update.encoded.from_public
         audit["partners"] = update.encoded.partners
         audit["partner-labels"] = update.encoded.partner_labels
+        # InstaHide's flips: the auditor scores what they leave (`fedleak.defenses.unsigned`).
+        audit["sign-flipped"] = torch.tensor(update.encoded.signs is not None)
     content = RecordDict(
         {
             ARRAYS: as_record(update.update),

@@ -8,6 +8,7 @@ import math
 import torch
 
 from fedleak.attacks.types import CONVERGED_RATIO, Observation, Reconstruction, converged
+from fedleak.defenses import unsigned
 from fedleak.models.spec import ModelSpec
 from fedleak.server.auditor import Auditor, GroundTruth
 
@@ -83,6 +84,43 @@ def test_every_private_source_counts_partners_from_outside_the_batch_included() 
     (best,) = [r for r in rows if r["scored_against"] == "original"]
     assert best["target_index"] == 2 and best["mse"] == 0.0
     assert best["true_label"] == 9 and best["label_acc"] == 1.0
+
+
+def test_instahide_is_scored_on_what_its_signs_leave() -> None:
+    # The same mixture shared under MixUp and under InstaHide, and an attack that recovers
+    # exactly what each lets it see: the mixture itself, or (InstaHide) the mixture up to its
+    # flips about the middle of the range. Only the first recovers the originals' pixels.
+    batch, partners = _images(1, 4), _images(1, 5)
+    mixture = 0.6 * batch + 0.4 * partners
+    signs = torch.where(
+        torch.rand(mixture.shape, generator=torch.Generator().manual_seed(6)) < 0.5, -1.0, 1.0
+    )
+    flipped = 0.5 + (mixture - 0.5) * signs
+
+    def rows(encoded: torch.Tensor, defense: str, guess: torch.Tensor) -> dict[str, float]:
+        audit = {
+            "inputs": batch,
+            "labels": torch.tensor([1]),
+            "encoded": encoded,
+            "sources": torch.tensor([[0, 1]]),
+            "from-public": torch.zeros(1, 2, dtype=torch.bool),
+            "partners": partners,
+            "partner-labels": torch.tensor([2]),
+        }
+        if defense.startswith("instahide"):
+            audit["sign-flipped"] = torch.tensor(True)
+        truth = GroundTruth.from_audit(0, audit)
+        recon = Reconstruction(inputs=guess, labels=None)
+        scored = Auditor(lpips_nets=()).score(_observation(1, defense), "a", recon, truth, {})
+        return {r["scored_against"]: r["mse"] for r in scored}
+
+    mixup = rows(mixture, "mixup:2", mixture.clone())
+    instahide = rows(flipped, "instahide:2", unsigned(flipped))
+    # Each attack recovered all it could see of its encoding...
+    assert mixup["encoded"] == 0.0 and instahide["encoded"] < 1e-12
+    assert torch.allclose(unsigned(flipped), unsigned(mixture))
+    # ...but the flips cost InstaHide's attacker the pixels below the middle.
+    assert instahide["original"] > 2 * mixup["original"]
 
 
 def test_the_union_keeps_each_clients_partners_apart() -> None:

@@ -26,6 +26,7 @@ from fedleak.defenses import (
     SignCompression,
     parse_defense_spec,
     pruned_count,
+    unsigned,
 )
 
 
@@ -432,10 +433,17 @@ def test_instahide_masks_are_signs_reproducible_from_the_seed() -> None:
     assert not torch.equal(encoded.signs[0], encoded.signs[1])
     assert (encoded.signs == -1).float().mean().item() == pytest.approx(0.5, abs=0.02)
     mixed = MixUp(4)(x, y, _gen(7))  # same draws before the mask
-    assert torch.allclose(encoded.inputs, mixed.inputs * encoded.signs)
+    # A flip reflects the mixture about the middle of the image range: 1 - m where the sign
+    # is -1, so encodings stay in [0, 1] like the images the model is tested on.
+    flipped = encoded.signs < 0
+    assert torch.allclose(encoded.inputs[flipped], 1 - mixed.inputs[flipped])
+    assert torch.allclose(encoded.inputs[~flipped], mixed.inputs[~flipped])
     assert torch.equal(encoded.soft_labels, mixed.soft_labels)
-    assert encoded.inputs.min() >= -1 and encoded.inputs.max() <= 1
-    assert encoded.inputs.min() < 0
+    assert encoded.inputs.min() >= 0 and encoded.inputs.max() <= 1
+    # What survives the signs is the mixture's distance from the middle: not the mixture (a
+    # flip about 0 would leave |m| = m on non-negative images and hide nothing).
+    assert torch.allclose(unsigned(encoded.inputs), unsigned(mixed.inputs))
+    assert (unsigned(encoded.inputs) - mixed.inputs).abs().max() > 0.1
 
 
 def test_inter_instahide_mixes_with_the_public_pool() -> None:
@@ -448,11 +456,12 @@ def test_inter_instahide_mixes_with_the_public_pool() -> None:
     for row in encoded.sources[:, 1:].tolist():
         assert len(set(row)) == 2
     c, s = encoded.coefficients, encoded.sources
-    manual = (
+    mixture = (
         c[:, 0, None, None, None] * x
         + c[:, 1, None, None, None] * public[s[:, 1]]
         + c[:, 2, None, None, None] * public[s[:, 2]]
-    ) * encoded.signs
+    )
+    manual = 0.5 + (mixture - 0.5) * encoded.signs
     assert torch.allclose(encoded.inputs, manual, atol=1e-6)
     # Public images carry no label: only the private share lambda_1 * y_1 remains.
     assert torch.allclose(encoded.soft_labels, c[:, :1] * y, atol=1e-6)
@@ -506,7 +515,7 @@ def test_partners_come_from_the_whole_partition_so_one_image_can_be_encoded(enco
         order = encoded.sources[0]
         mixed = (encoded.coefficients[0].view(4, 1, 1, 1) * private[order]).sum(0, keepdim=True)
         if encoded.signs is not None:
-            mixed = mixed * encoded.signs
+            mixed = 0.5 + (mixed - 0.5) * encoded.signs
         assert torch.allclose(encoded.inputs, mixed, atol=1e-6)
         labels = torch.cat([y, torch.nn.functional.one_hot(encoded.partner_labels, 10).float()])
         assert torch.allclose(encoded.soft_labels, encoded.coefficients @ labels[order], atol=1e-6)

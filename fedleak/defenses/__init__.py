@@ -15,6 +15,7 @@ from fedleak.defenses.encode import (
     PartnerPool,
     mix_images,
     mix_labels,
+    unsigned,
 )
 from fedleak.defenses.grammar import ALLOWED_FORMS, DefenseSpecError
 from fedleak.defenses.noise import DPSGD, GaussianNoise
@@ -55,4 +56,5 @@ __all__ = [
     "parse_defense_spec",
     "pruned_count",
     "register_defense",
+    "unsigned",
 ]

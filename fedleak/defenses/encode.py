@@ -10,8 +10,12 @@ accepted ones are exactly the conditioned distribution (clipping and renormalisi
   GradAttack and InstaHide define it, not only the batch: this is what lets it run at B = 1);
   encoded inputs stay in [0, 1].
 - InstaHide mixes the same way (intra: partners from the client's partition; inter: K-1
-  partners from a public pool the caller passes), then multiplies every coordinate by a random
-  sign (+1 or -1, a fresh mask per encoded image). Encoded inputs therefore lie in [-1, 1].
+  partners from a public pool the caller passes), then flips the sign of every coordinate of
+  the mixture at random (a fresh mask per encoded image) about `SIGN_CENTRE`. InstaHide
+  normalises images before mixing, so that the sign carries information; fedleak's images are
+  in [0, 1], where a flip about 0 would only change what the model sees, not what |x| shows
+  an attacker. Flipped about the middle of the range, a coordinate becomes 1 - x, and encoded
+  inputs stay in [0, 1], the range the model is tested in.
 
 The caller describes the client's partition as a `PartnerPool` (rows of an image store, read
 only where drawn); without one, the batch stands in for it. A sample is never its own partner.
@@ -36,6 +40,8 @@ from torch import Tensor
 from fedleak.defenses.grammar import DefenseSpecError
 
 MAX_COEFFICIENT = 0.65
+# The point InstaHide's sign flip reflects about: the middle of the [0, 1] image range.
+SIGN_CENTRE = 0.5
 
 
 class EncodingError(ValueError):
@@ -123,7 +129,8 @@ def mix_images(
     signs: Tensor | None = None,
     public: Tensor | None = None,
 ) -> Tensor:
-    """sum_j coefficients[:, j] * image(sources[:, j]), times the sign mask when given."""
+    """sum_j coefficients[:, j] * image(sources[:, j]); with a sign mask, each coordinate's
+    offset from `SIGN_CENTRE` multiplied by its sign."""
     if bool(from_public.any()):
         if public is None:
             raise EncodingError("this encoding mixes public images; pass the public pool")
@@ -135,7 +142,14 @@ def mix_images(
         *coefficients.shape, *[1] * (private.dim() - 1)
     )
     mixed = (weights * gathered).sum(dim=1)
-    return mixed if signs is None else mixed * signs
+    return mixed if signs is None else SIGN_CENTRE + (mixed - SIGN_CENTRE) * signs
+
+
+def unsigned(x: Tensor) -> Tensor:
+    """What an InstaHide encoding shows whatever its sign mask: each coordinate reflected to
+    the upper side of `SIGN_CENTRE` (|x - c| + c), the form an attack can recover and is
+    scored in."""
+    return SIGN_CENTRE + (x - SIGN_CENTRE).abs()
 
 
 def mix_labels(

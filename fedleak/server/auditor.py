@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from fedleak.attacks.types import Observation, Reconstruction, converged
+from fedleak.defenses import unsigned
 from fedleak.metrics import assign, label_accuracy, rouge, score_images, token_accuracy
 
 Decoder = Callable[[Sequence[int]], str]
@@ -31,7 +32,8 @@ class GroundTruth:
     images from outside the batch that were mixed in (labels `partner_labels`), and
     `sources[i]` the indices into `private` (the batch followed by the partners) of the images
     mixed into encoded sample i, -1 for images from a public pool: those are nobody's private
-    data and are never scored against.
+    data and are never scored against. `sign_flipped`: the encoding flipped signs (InstaHide),
+    so an attack can recover `encoded` only up to those flips.
     """
 
     client_id: int
@@ -41,6 +43,7 @@ class GroundTruth:
     sources: torch.Tensor | None = None
     partners: torch.Tensor | None = None
     partner_labels: torch.Tensor | None = None
+    sign_flipped: bool = False
 
     @property
     def private(self) -> torch.Tensor:
@@ -71,6 +74,7 @@ class GroundTruth:
             sources=sources,
             partners=audit.get("partners"),
             partner_labels=None if partner_labels is None else partner_labels.long(),
+            sign_flipped=bool(audit["sign-flipped"]) if "sign-flipped" in audit else False,
         )
 
     @staticmethod
@@ -107,6 +111,7 @@ class GroundTruth:
             sources=sources,
             partners=torch.cat(partners) if partners else None,
             partner_labels=torch.cat(labels).long() if labels else None,
+            sign_flipped=any(t.sign_flipped for t in truths),
         )
 
 
@@ -159,9 +164,8 @@ class Auditor:
                     base, reconstruction, truth.inputs, truth.labels, "original", in_order
                 )
             if truth.encoded is not None:
-                rows += self._score_against(
-                    base, reconstruction, truth.encoded, None, "encoded", in_order
-                )
+                shown = unsigned(truth.encoded) if truth.sign_flipped else truth.encoded
+                rows += self._score_against(base, reconstruction, shown, None, "encoded", in_order)
                 if truth.sources is not None:
                     rows = self._best_source(rows, reconstruction, truth)
         except Exception as error:  # scoring must not end the round: record it instead
@@ -230,8 +234,7 @@ class Auditor:
         in_order: bool = False,
     ) -> list[dict[str, object]]:
         recon = reconstruction.inputs.detach().float().cpu()
-        # InstaHide encodings live in [-1, 1]; their magnitude is what an image attack can see.
-        shown = targets.float().abs() if against == "encoded" else targets.float()
+        shown = targets.float()
         recon_idx, truth_idx = _pairing(recon, shown, in_order, "mse")
         scores = score_images(recon[recon_idx], shown[truth_idx], self.lpips_nets)
         rows = []

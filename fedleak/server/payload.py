@@ -105,8 +105,9 @@ def estimate_payload(
     encoder = parse_defense_spec(config.defense.spec).encoder
     if encoder is not None:
         # The encoded batch, per encoded sample the k sources it mixes and which are public,
-        # and the private partners from outside the batch: at most k - 1 per sample (intra).
-        audit += examples * (image + encoder.k * (INT64 + BOOL)) + 3 * ARRAY_HEADER
+        # whether signs were flipped, and the private partners from outside the batch: at
+        # most k - 1 per sample (intra).
+        audit += examples * (image + encoder.k * (INT64 + BOOL)) + BOOL + 4 * ARRAY_HEADER
         partners = 0 if getattr(encoder, "inter", False) else examples * (encoder.k - 1)
         audit += partners * (image + INT64) + 2 * ARRAY_HEADER
     per_sample = 0

@@ -47,7 +47,13 @@ from fedleak.attacks.optimization.replay import (
     shared_statistics,
 )
 from fedleak.attacks.types import AttackerKnowledge, Budget, Observation, Reconstruction
-from fedleak.defenses import DefensePipeline, InstaHide, SignCompression, parse_defense_spec
+from fedleak.defenses import (
+    DefensePipeline,
+    InstaHide,
+    SignCompression,
+    parse_defense_spec,
+    unsigned,
+)
 from fedleak.models import ModelSpec, build_model, has_batchnorm
 from fedleak.seeds import mix_seed
 
@@ -94,7 +100,8 @@ class Problem:
 
     @property
     def sign_flipped(self) -> bool:
-        """InstaHide multiplies pixels by random signs: the prior works on |x|."""
+        """InstaHide flips pixels at random about the range's middle: the prior and the result
+        work on what the flip leaves (`fedleak.defenses.unsigned`)."""
         return self.pipeline.find(InstaHide) is not None
 
     def batch_key(self) -> tuple[object, ...]:
@@ -363,14 +370,6 @@ def initial_inputs(
     return start
 
 
-def _box(problem: Problem, knowledge: AttackerKnowledge) -> tuple[float, float]:
-    low, high = knowledge.data_range
-    if problem.sign_flipped:
-        bound = max(abs(low), abs(high))
-        return (-bound, bound)
-    return (low, high)
-
-
 def _finish(
     problem: Problem,
     outcome: Outcome,
@@ -383,7 +382,7 @@ def _finish(
     pick = torch.arange(n, device=best.device)
     x = outcome.variables[0].reshape(r, n, b, *problem.input_shape)[best, pick]
     if problem.sign_flipped:
-        x = x.abs()
+        x = unsigned(x)
     low, high = knowledge.data_range
     inputs = x.reshape(n * b, *problem.input_shape).clamp(low, high).detach().float().cpu()
     if problem.labels is not None:
@@ -658,7 +657,7 @@ class InvertingGradients(BatchedInversion):
     """Inverting Gradients (IG), and with a BatchNorm weight the GradInversion-style prior.
 
     The same class serves `ig` (bn_weight 0, IG's TV 1e-4) and `gradinversion` (GradAttack's
-    alpha_BN = 1e-3 and per-defense TV). Under InstaHide the box is [-1, 1] and TV acts on |x|.
+    alpha_BN = 1e-3 and per-defense TV). Under InstaHide TV acts on the unsigned image.
     """
 
     def __init__(self, config: IGConfig | None = None, seed: int = 0, name: str = "ig") -> None:
@@ -738,7 +737,7 @@ class InvertingGradients(BatchedInversion):
             optimizer="adam",
             schedule=StepDecay(cfg.learning_rate, cfg.milestones, cfg.decay, self._stages()),
             signed=cfg.signed,
-            box=_box(problem, knowledge) if cfg.boxed else None,
+            box=knowledge.data_range if cfg.boxed else None,
             check_every=cfg.check_every,
             description=self.name,
             # Stages match different layers: their losses are not comparable across stages.

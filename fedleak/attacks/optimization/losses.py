@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from fedleak.defenses import DefensePipeline, Prune, SignCompression
+from fedleak.defenses import DefensePipeline, Prune, SignCompression, unsigned
 
 Updates = Sequence[Tensor]
 
@@ -134,9 +134,10 @@ def tanh_mean(per_sample: Updates, scale: float, groups: int = 0) -> list[Tensor
 
 def total_variation(x: Tensor, absolute: bool = False) -> Tensor:
     """Mean absolute difference of neighbouring pixels (IG's TV) of each problem's images
-    x [T, B, C, H, W]; on |x| when `absolute` (InstaHide flips pixel signs, GradAttack)."""
+    x [T, B, C, H, W]; on their unsigned form when `absolute` (InstaHide flips pixels about
+    the range's middle; GradAttack's TV on |x|)."""
     if absolute:
-        x = x.abs()
+        x = unsigned(x)
     return _TotalVariation.apply(x)
 
 
