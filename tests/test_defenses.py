@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -28,6 +29,7 @@ from fedleak.defenses import (
     pruned_count,
     unsigned,
 )
+from fedleak.defenses.encode import bounded_coefficients
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -401,9 +403,25 @@ def test_mixup_coefficients_sources_and_labels(k: int) -> None:
 def test_mixup_coefficients_span_the_bounded_simplex() -> None:
     x, y = _batch(200)
     coefficients = MixUp(2)(x, y, _gen(2)).coefficients
-    # K = 2: lambda is uniform on [0.35, 0.65] after rejection.
+    # K = 2: the own image's lambda is Beta(3, 1) on [0.35, 0.65] after rejection, density
+    # 3 l^2: mean (3/4) (0.65^4 - 0.35^4) / (0.65^3 - 0.35^3) = 0.529.
     assert coefficients.min() < 0.37 and coefficients.max() > 0.63
-    assert coefficients[:, 0].mean().item() == pytest.approx(0.5, abs=0.03)
+    assert coefficients[:, 0].mean().item() == pytest.approx(0.529, abs=0.02)
+
+
+def test_mixing_coefficients_follow_gradattacks_law() -> None:
+    # Dirichlet(3, 1, 1, 1) conditioned on every coefficient <= 0.65, drawn apart by numpy.
+    rng = np.random.default_rng(0)
+    reference = rng.dirichlet([3.0, 1.0, 1.0, 1.0], size=200_000)
+    reference = reference[reference.max(axis=1) <= MAX_COEFFICIENT]
+    drawn = bounded_coefficients(20_000, 4, _gen(3), torch.device("cpu"), torch.float64).numpy()
+    assert drawn.shape == (20_000, 4) and np.allclose(drawn.sum(axis=1), 1.0)
+    assert drawn.max() <= MAX_COEFFICIENT
+    assert drawn[:, 0].mean() == pytest.approx(reference[:, 0].mean(), abs=0.005)
+    assert drawn[:, 1:].mean() == pytest.approx(reference[:, 1:].mean(), abs=0.005)
+    own_largest = (drawn.argmax(axis=1) == 0).mean()
+    assert own_largest == pytest.approx((reference.argmax(axis=1) == 0).mean(), abs=0.015)
+    assert own_largest > 0.55  # the own image dominates: not the uniform law's 1 in 4
 
 
 def test_mixup_is_reproducible_from_the_generator() -> None:

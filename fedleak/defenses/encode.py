@@ -1,10 +1,11 @@
 """Input encodings: MixUp and InstaHide, as evaluated by Huang et al. (GradAttack, NeurIPS 2021).
 
 Each encoded sample i mixes its own image (source column 0) with K-1 partner images using K
-non-negative coefficients that sum to 1, no single one above 0.65 (GradAttack, after Huang et
-al. 2020). Coefficients are a uniform (Dirichlet(1, ..., 1)) draw on the simplex conditioned on
-that bound by rejection: draws with a coefficient above 0.65 are discarded and redrawn, so the
-accepted ones are exactly the conditioned distribution (clipping and renormalising would not be).
+non-negative coefficients that sum to 1, no single one above 0.65. The law is GradAttack's:
+Dirichlet(3, 1, ..., 1), the concentration 3 on the first image (here the sample's own, which
+is therefore the largest share about two times in three at K = 4), conditioned on the bound
+by rejection: draws with a coefficient above 0.65 are discarded and redrawn, so the accepted
+ones are exactly the conditioned distribution (clipping and renormalising would not be).
 
 - MixUp mixes with K-1 other images of the client's training set (its whole partition, as
   GradAttack and InstaHide define it, not only the batch: this is what lets it run at B = 1);
@@ -40,6 +41,8 @@ from torch import Tensor
 from fedleak.defenses.grammar import DefenseSpecError
 
 MAX_COEFFICIENT = 0.65
+# Dirichlet concentration of the own image's coefficient (the others': 1).
+OWN_CONCENTRATION = 3
 # The point InstaHide's sign flip reflects about: the middle of the [0, 1] image range.
 SIGN_CENTRE = 0.5
 
@@ -165,14 +168,18 @@ def mix_labels(
 def bounded_coefficients(
     rows: int, k: int, generator: torch.Generator, device: torch.device, dtype: torch.dtype
 ) -> Tensor:
-    """`rows` uniform draws from the K-simplex with every coefficient <= MAX_COEFFICIENT."""
+    """`rows` draws of Dirichlet(OWN_CONCENTRATION, 1, ..., 1) on the K-simplex with every
+    coefficient <= MAX_COEFFICIENT."""
     accepted: list[Tensor] = []
     missing = rows
+    extra = OWN_CONCENTRATION - 1
     while missing > 0:
-        # Oversample so that even K=2 (acceptance 0.3) usually needs one or two rounds.
-        draws = torch.empty(max(4 * missing, 16), k, device=device, dtype=torch.float64)
-        draws.exponential_(generator=generator)
-        draws = draws / draws.sum(dim=1, keepdim=True)
+        # Oversample so that even K=2 (acceptance 0.23) usually needs one or two rounds.
+        exp = torch.empty(max(5 * missing, 16), k + extra, device=device, dtype=torch.float64)
+        exp.exponential_(generator=generator)
+        # Gamma(c) for the own image as the sum of c unit exponentials; Gamma(1) for the rest.
+        gammas = torch.cat([exp[:, : extra + 1].sum(dim=1, keepdim=True), exp[:, extra + 1 :]], 1)
+        draws = gammas / gammas.sum(dim=1, keepdim=True)
         draws = draws[draws.max(dim=1).values <= MAX_COEFFICIENT][:missing]
         accepted.append(draws)
         missing -= draws.shape[0]
