@@ -34,7 +34,8 @@ def _finite(value: object) -> bool:
 
 @dataclass(frozen=True)
 class GaussianNoise:
-    """Add N(0, sigma^2) to every coordinate (Zhu et al.'s and LTI's noise defense)."""
+    """Add N(0, sigma^2) to every coordinate of what the client shares: the gradient in
+    FedSGD (Zhu et al.'s and LTI's noise defense), the weight change in FedAvg."""
 
     sigma: float
     kind: ClassVar[str] = "gauss"
