@@ -8,7 +8,7 @@ import math
 import torch
 
 from fedleak.attacks.types import CONVERGED_RATIO, Observation, Reconstruction, converged
-from fedleak.defenses import unsigned
+from fedleak.defenses import fold_toward, unsigned
 from fedleak.models.spec import ModelSpec
 from fedleak.server.auditor import Auditor, GroundTruth
 
@@ -116,8 +116,11 @@ def test_instahide_is_scored_on_what_its_signs_leave() -> None:
 
     mixup = rows(mixture, "mixup:2", mixture.clone())
     instahide = rows(flipped, "instahide:2", unsigned(flipped))
-    # Each attack recovered all it could see of its encoding...
+    # Each attack recovered all it could see of its encoding, whichever way it read the
+    # flips (here: every pixel below the middle)...
     assert mixup["encoded"] == 0.0 and instahide["encoded"] < 1e-12
+    lower = fold_toward(flipped, torch.zeros(()))
+    assert rows(flipped, "instahide:2", lower)["encoded"] < 1e-12
     assert torch.allclose(unsigned(flipped), unsigned(mixture))
     # ...but the flips cost InstaHide's attacker the pixels below the middle.
     assert instahide["original"] > 2 * mixup["original"]

@@ -25,6 +25,7 @@ from fedleak.defenses import (
     PartnerPool,
     Prune,
     SignCompression,
+    fold_toward,
     parse_defense_spec,
     pruned_count,
     unsigned,
@@ -462,6 +463,16 @@ def test_instahide_masks_are_signs_reproducible_from_the_seed() -> None:
     # flip about 0 would leave |m| = m on non-negative images and hide nothing).
     assert torch.allclose(unsigned(encoded.inputs), unsigned(mixed.inputs))
     assert (unsigned(encoded.inputs) - mixed.inputs).abs().max() > 0.1
+
+
+def test_an_instahide_pixel_is_read_toward_the_attackers_prior() -> None:
+    x = torch.tensor([0.1, 0.3, 0.7, 0.9])
+    dark, light = torch.zeros(4), torch.ones(4)
+    assert torch.allclose(fold_toward(x, dark), torch.tensor([0.1, 0.3, 0.3, 0.1]))
+    assert torch.allclose(fold_toward(x, light), torch.tensor([0.9, 0.7, 0.7, 0.9]))
+    # Either reading is the same pixel up to a flip, and a flip changes neither.
+    assert torch.allclose(unsigned(fold_toward(x, dark)), unsigned(x))
+    assert torch.allclose(fold_toward(1 - x, dark), fold_toward(x, dark))
 
 
 def test_inter_instahide_mixes_with_the_public_pool() -> None:

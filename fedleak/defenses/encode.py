@@ -150,9 +150,17 @@ def mix_images(
 
 def unsigned(x: Tensor) -> Tensor:
     """What an InstaHide encoding shows whatever its sign mask: each coordinate reflected to
-    the upper side of `SIGN_CENTRE` (|x - c| + c), the form an attack can recover and is
-    scored in."""
+    the upper side of `SIGN_CENTRE` (|x - c| + c): what two images equal up to flips share."""
     return SIGN_CENTRE + (x - SIGN_CENTRE).abs()
+
+
+def fold_toward(x: Tensor, reference: Tensor) -> Tensor:
+    """Of each coordinate's two readings under a flip about `SIGN_CENTRE`, c + |x - c| and
+    c - |x - c|, the one nearer `reference` (broadcast against x): how an attacker with a prior
+    image (the mean of its auxiliary data) reads an InstaHide reconstruction."""
+    offset = (x - SIGN_CENTRE).abs()
+    below = reference < SIGN_CENTRE
+    return torch.where(below, SIGN_CENTRE - offset, SIGN_CENTRE + offset)
 
 
 def mix_labels(

@@ -164,8 +164,15 @@ class Auditor:
                     base, reconstruction, truth.inputs, truth.labels, "original", in_order
                 )
             if truth.encoded is not None:
-                shown = unsigned(truth.encoded) if truth.sign_flipped else truth.encoded
-                rows += self._score_against(base, reconstruction, shown, None, "encoded", in_order)
+                rows += self._score_against(
+                    base,
+                    reconstruction,
+                    truth.encoded,
+                    None,
+                    "encoded",
+                    in_order,
+                    up_to_flips=truth.sign_flipped,
+                )
                 if truth.sources is not None:
                     rows = self._best_source(rows, reconstruction, truth)
         except Exception as error:  # scoring must not end the round: record it instead
@@ -232,9 +239,14 @@ class Auditor:
         labels: torch.Tensor | None,
         against: str,
         in_order: bool = False,
+        up_to_flips: bool = False,
     ) -> list[dict[str, object]]:
+        """Rows of `reconstruction` against `targets`; `up_to_flips` compares both in their
+        unsigned form (InstaHide's encodings, which an attack can read either way)."""
         recon = reconstruction.inputs.detach().float().cpu()
         shown = targets.float()
+        if up_to_flips:
+            recon, shown = unsigned(recon), unsigned(shown)
         recon_idx, truth_idx = _pairing(recon, shown, in_order, "mse")
         scores = score_images(recon[recon_idx], shown[truth_idx], self.lpips_nets)
         rows = []

@@ -51,8 +51,8 @@ from fedleak.defenses import (
     DefensePipeline,
     InstaHide,
     SignCompression,
+    fold_toward,
     parse_defense_spec,
-    unsigned,
 )
 from fedleak.models import ModelSpec, build_model, has_batchnorm
 from fedleak.seeds import mix_seed
@@ -370,6 +370,16 @@ def initial_inputs(
     return start
 
 
+def _prior_image(knowledge: AttackerKnowledge, like: Tensor) -> Tensor:
+    """The attacker's expectation of a pixel, for reading InstaHide's flips: the mean of its
+    auxiliary images, or the middle of the range (no preference) without any."""
+    if len(knowledge.aux_inputs) and knowledge.aux_inputs.is_floating_point():
+        return knowledge.aux_inputs.to(like.device, like.dtype).mean(dim=0)
+    low, high = knowledge.data_range
+    middle = (low + high) / 2
+    return torch.full(knowledge.input_shape, middle, device=like.device, dtype=like.dtype)
+
+
 def _finish(
     problem: Problem,
     outcome: Outcome,
@@ -382,7 +392,7 @@ def _finish(
     pick = torch.arange(n, device=best.device)
     x = outcome.variables[0].reshape(r, n, b, *problem.input_shape)[best, pick]
     if problem.sign_flipped:
-        x = unsigned(x)
+        x = fold_toward(x, _prior_image(knowledge, x))
     low, high = knowledge.data_range
     inputs = x.reshape(n * b, *problem.input_shape).clamp(low, high).detach().float().cpu()
     if problem.labels is not None:
