@@ -92,27 +92,50 @@ def test_store_round_trip_and_refusal_of_another_setting(tmp_path: Path) -> None
     with torch.no_grad():
         inverter.weight.fill_(1.5)
     store.save(inverter, "setting-a", "weights-1", 3, {"val_psnr": 17.25})
-    assert store.path == tmp_path / "state" / "lti-inverter.pt"
-    assert not store.path.with_suffix(".tmp").exists()
-    saved = store.load("setting-a", torch.device("cpu"))
+    path = tmp_path / "state" / "lti-inverter-r000003.pt"
+    assert store.file(3) == path and path.exists() and not path.with_suffix(".tmp").exists()
+    saved = store.load("setting-a", torch.device("cpu"), before=4)
     assert saved is not None and saved.fingerprint == "weights-1"
     assert saved.score("val_psnr") == 17.25 and math.isnan(saved.score("val_token_acc"))
     assert float(saved.state_dict["weight"]) == 1.5 and saved.meta["round"] == 3
-    assert store.load("setting-b", torch.device("cpu")) is None
-    assert InverterStore(None, "lti").path is None
-    assert (
-        InverterStore(tmp_path / "elsewhere", "lti").load("setting-a", torch.device("cpu")) is None
-    )
+    assert store.load("setting-b", torch.device("cpu"), before=4) is None
+    assert InverterStore(None, "lti").file(3) is None
+    elsewhere = InverterStore(tmp_path / "elsewhere", "lti")
+    assert elsewhere.load("setting-a", torch.device("cpu"), before=4) is None
+
+
+def test_a_resume_goes_on_from_the_round_before_the_one_it_attacks(tmp_path: Path) -> None:
+    # Rounds 1, 2 and 3 trained; round 3 was interrupted (its round never recorded). A resume
+    # attacking round 3 again must start from round 2's inverter, as the uninterrupted run did.
+    store = InverterStore(tmp_path, "lti")
+    for round_ in (1, 2, 3):
+        inverter = Scripted()
+        with torch.no_grad():
+            inverter.weight.fill_(float(round_))
+        store.save(inverter, "setting-a", f"weights-{round_}", round_, {})
+    # Only this round's file and the one before it are kept.
+    assert [r for r, _ in store.saved()] == [2, 3]
+    resumed = store.load("setting-a", torch.device("cpu"), before=3)
+    assert resumed is not None and float(resumed.state_dict["weight"]) == 2.0
+    assert store.load("setting-a", torch.device("cpu"), before=2) is None
+    later = store.load("setting-a", torch.device("cpu"), before=5)
+    assert later is not None and float(later.state_dict["weight"]) == 3.0
+    # A file of an earlier version (one per run) still resumes, as round 0.
+    legacy = InverterStore(tmp_path / "old", "lti")
+    legacy.save(Scripted(), "setting-a", None, 1, {})
+    (tmp_path / "old" / "lti-inverter-r000001.pt").rename(tmp_path / "old" / "lti-inverter.pt")
+    assert legacy.load("setting-a", torch.device("cpu"), before=1) is not None
 
 
 def test_store_loads_tensors_only(tmp_path: Path) -> None:
     """A saved file that carries arbitrary Python objects is refused (weights_only)."""
     store = InverterStore(tmp_path, "lti")
-    assert store.path is not None
-    torch.save({"state_dict": {}, "meta": {"key": "k", "payload": Path("x")}}, store.path)
+    path = store.file(1)
+    assert path is not None
+    torch.save({"state_dict": {}, "meta": {"key": "k", "payload": Path("x")}}, path)
     with pytest.raises(InverterStoreError, match="UnpicklingError: Weights only load failed") as e:
-        store.load("k", torch.device("cpu"))
+        store.load("k", torch.device("cpu"), before=2)
     assert "\n" not in str(e.value) and "delete it to train the inverter anew" in str(e.value)
-    store.path.write_bytes(b"not a checkpoint")
-    with pytest.raises(InverterStoreError, match=r"lti-inverter\.pt: unreadable"):
-        store.load("k", torch.device("cpu"))
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(InverterStoreError, match=r"lti-inverter-r000001\.pt: unreadable"):
+        store.load("k", torch.device("cpu"), before=2)

@@ -376,7 +376,8 @@ def test_refresh_policies_across_rounds(mnist: dict[str, torch.Tensor], tmp_path
             assert {"train_seconds", "train_epochs", "val_psnr"} <= set(run.diagnostics)
             assert math.isfinite(run.diagnostics["val_psnr"])
         assert runs[2].diagnostics["warm_start"] == float(policy == "finetune")
-        assert (tmp_path / policy / "lti-inverter.pt").exists()
+        trained_in = 1 if policy == "frozen" else 2
+        assert (tmp_path / policy / f"lti-inverter-r{trained_in:06d}.pt").exists()
     # Same weights twice: the second client of a round reuses the round's inverter.
     assert epochs == {"retrain": [2, 0, 2], "finetune": [2, 0, 1], "frozen": [2, 0, 0]}
 
@@ -387,12 +388,23 @@ def test_cache_resumes_a_fresh_instance(mnist: dict[str, torch.Tensor], tmp_path
     obs = observe(LENET, state(LENET), "sign", x, y)
     first = LearningToInvert(tiny(cache_dir=tmp_path), seed=0)
     a = first.reconstruct(obs, know, NO_LIMIT)
-    saved = torch.load(tmp_path / "lti-inverter.pt", weights_only=True)
+    saved = torch.load(tmp_path / "lti-inverter-r000001.pt", weights_only=True)
     assert saved["meta"]["round"] == 1 and "body.0.weight" in saved["state_dict"]
+    # A resumed run attacking round 2 (same weights) goes on from round 1's inverter.
     resumed = LearningToInvert(tiny(cache_dir=tmp_path), seed=0)
-    b = resumed.reconstruct(obs, know, NO_LIMIT)
+    b = resumed.reconstruct(dataclasses.replace(obs, round=2), know, NO_LIMIT)
     assert b.diagnostics["train_epochs"] == 0  # trained at these weights already
     torch.testing.assert_close(a.inputs, b.inputs)
+    # One attacking round 1 again (its round never recorded: an interrupt) trains anew, as
+    # the uninterrupted run did, and gets what it got.
+    again = LearningToInvert(tiny(cache_dir=tmp_path), seed=0).reconstruct(obs, know, NO_LIMIT)
+    assert again.diagnostics["train_epochs"] == a.diagnostics["train_epochs"] > 0
+    torch.testing.assert_close(a.inputs, again.inputs)
+    # Another run's inverter (other auxiliary data) in the same folder is never adopted.
+    other = knowledge_of(mnist, aux=120)
+    foreign = LearningToInvert(tiny(cache_dir=tmp_path), seed=0)
+    c = foreign.reconstruct(dataclasses.replace(obs, round=2), other, NO_LIMIT)
+    assert c.diagnostics["train_epochs"] > 0 and c.diagnostics["warm_start"] == 0.0
     # A different defense is another inverter: the cached one is not used.
     other = LearningToInvert(tiny(cache_dir=tmp_path), seed=0)
     c = other.reconstruct(observe(LENET, state(LENET), "none", x, y), know, NO_LIMIT)

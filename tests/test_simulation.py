@@ -189,7 +189,7 @@ def test_lti_inverter_is_cached_in_the_run_directory_and_resumed(tmp_path: Path)
         "attack.clients-per-round=1",
     ]
     out = _run(tmp_path / "lti", *lti, "num-server-rounds=1")
-    cache = out / "state" / "lti" / "lti-inverter.pt"
+    cache = out / "state" / "lti" / "lti-inverter-r000001.pt"
     assert cache.exists()
     saved = torch.load(cache, weights_only=True)
     assert saved["meta"]["round"] == 1

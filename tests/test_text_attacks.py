@@ -293,7 +293,9 @@ def test_text_lti_keeps_and_reuses_its_inverter(world: dict[str, object], tmp_pa
     assert first.diagnostics["train_epochs"] == 1 and first.diagnostics["train_pairs"] == 40
     again = attack.reconstruct(observation, knowledge, Budget(1, 1e9))
     assert again.diagnostics["train_epochs"] == 0 and torch.equal(again.inputs, first.inputs)
-    resumed = build_attack("lti-p", params).reconstruct(observation, knowledge, Budget(1, 1e9))
+    # A resumed run attacking the next round at the same weights goes on from this inverter.
+    later = dataclasses.replace(observation, round=observation.round + 1)
+    resumed = build_attack("lti-p", params).reconstruct(later, knowledge, Budget(1, 1e9))
     assert resumed.diagnostics["train_epochs"] == 0 and torch.equal(resumed.inputs, first.inputs)
     stopped = build_attack(
         "lti-text", {"epochs": 50, "hash-bins": 256, "hidden": "32"}

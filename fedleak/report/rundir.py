@@ -543,7 +543,7 @@ class RunDirectory:
             (self.path / name).unlink(missing_ok=True)
         for image in self.images():
             image.unlink()
-        for cache in (self.path / "state").glob("*/*-inverter.pt"):
+        for cache in (self.path / "state").glob("*/*-inverter*.pt"):
             cache.unlink()
         replace_owned_files(self.path / "report_files", {})
         for folder in (

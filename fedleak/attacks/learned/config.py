@@ -42,7 +42,7 @@ class LTIConfig(Settings):
     `patience` epochs without improvement stop training (None: never) and the best epoch's
     weights are kept. `regroup` (B > 1): fresh random batches of the aux samples every epoch
     (see `pairs.PairSource`). `cache_dir`: where the trained inverter is saved
-    (`<name>-inverter.pt`) and from where a fresh instance resumes.
+    (`<name>-inverter-r<round>.pt`) and from where a resumed run goes on.
     """
 
     hidden: tuple[int, ...] = setting(

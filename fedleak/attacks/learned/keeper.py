@@ -3,8 +3,8 @@
 An inverter is current for one setting (`key`: model, defense, unit, featuriser, the
 inverter's architecture) and the global weights it was trained at (`fingerprint`). When the
 weights move, `refresh` decides: `retrain` from scratch, `finetune` the previous inverter, or
-keep it `frozen`. Every training is saved to the attack's store, and a resumed run adopts the
-saved inverter for the same setting on its first call.
+keep it `frozen`. Every training is saved to the attack's store, and a resumed run adopts, on
+its first call, the inverter saved for the same setting in the last round before it.
 """
 
 from __future__ import annotations
@@ -43,9 +43,12 @@ class HashingSettings(Protocol):
 class LearnedSetup:
     """What one call of a learned attack works on: the global model at the observed weights,
     the clients' public defense, the unit one update stands for, the observed updates as rows
-    and the featuriser that turns updates into the inverter's input."""
+    and the featuriser that turns updates into the inverter's input. `trained_on` identifies
+    what the inverter learns from (the auxiliary data and the attack's seed), so that an
+    inverter saved by another run is never taken for this one's."""
 
     spec: ModelSpec
+    trained_on: str
     fingerprint: str
     device: torch.device
     model: nn.Module
@@ -65,6 +68,7 @@ class LearnedSetup:
                 self.pipeline.spec,
                 dataclasses.astuple(self.unit),
                 self.featuriser.out_features,
+                self.trained_on,
                 *architecture,
             )
         )
@@ -91,8 +95,10 @@ def learned_setup(
         hashing.hash_signed,
         hashing.block_normalise,
     )
+    aux = {"inputs": knowledge.aux_inputs, "labels": knowledge.aux_labels}
     return LearnedSetup(
         observation.model,
+        f"seed {seed}, aux {weights_fingerprint(aux)}",
         weights_fingerprint(observation.weights),
         device,
         model.to(device),
@@ -137,7 +143,7 @@ class InverterKeeper:
     ) -> Refreshed:
         """The inverter for this setting and these weights: `fresh()` builds an untrained
         one, `train(inverter, warm)` trains it in place."""
-        self._adopt_saved(key, device, fresh)
+        self._adopt_saved(key, round_, device, fresh)
         warm = self.inverter is not None and self._key == key
         stale = not (warm and self._fingerprint == fingerprint)
         outcome = None
@@ -155,12 +161,15 @@ class InverterKeeper:
         assert self.inverter is not None
         return Refreshed(self.inverter.to(device).eval(), outcome, warm)
 
-    def _adopt_saved(self, key: str, device: torch.device, fresh: Callable[[], nn.Module]) -> None:
-        """On the first call only: the saved inverter trained for this setting, if any."""
+    def _adopt_saved(
+        self, key: str, round_: int, device: torch.device, fresh: Callable[[], nn.Module]
+    ) -> None:
+        """On the first call only: the inverter saved for this setting in an earlier round,
+        if any (what an uninterrupted run would hold at this point)."""
         if self._store_checked or self.inverter is not None:
             return
         self._store_checked = True
-        saved = self._store.load(key, device)
+        saved = self._store.load(key, device, before=round_)
         if saved is None:
             return
         inverter = fresh()

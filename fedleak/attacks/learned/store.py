@@ -2,7 +2,8 @@
 
 Saved after every training (atomically: a crash mid-write leaves the previous file), adopted
 again only for the setting it was trained for (`key`: model, defense, unit, featuriser,
-architecture); the weights it saw (`fingerprint`) decide whether it still needs a refresh.
+architecture, the auxiliary data and seed) and only from a round before the one attacked; the
+weights it saw (`fingerprint`) decide whether it still needs a refresh.
 """
 
 from __future__ import annotations
@@ -33,10 +34,24 @@ class SavedInverter:
 
 
 class InverterStore:
-    """`<directory>/<attack>-inverter.pt`, or nothing when no directory is configured."""
+    """`<directory>/<attack>-inverter-r<round>.pt`, one file per round trained in (the newest
+    two kept), or nothing when no directory is configured.
+
+    A resumed run goes on from the inverter of the last round before the one it attacks: a
+    file saved in that round itself may hold a training that an interrupt cut short, or one
+    whose round was never recorded, and adopting it would make the resumed run differ from an
+    uninterrupted one.
+    """
 
     def __init__(self, directory: Path | None, attack: str) -> None:
-        self.path = None if directory is None else Path(directory) / f"{attack}-inverter.pt"
+        self.directory = None if directory is None else Path(directory)
+        self.attack = attack
+
+    def file(self, round_: int) -> Path | None:
+        """Where the inverter trained in `round_` is saved."""
+        if self.directory is None:
+            return None
+        return self.directory / f"{self.attack}-inverter-r{int(round_):06d}.pt"
 
     def save(
         self,
@@ -46,27 +61,50 @@ class InverterStore:
         round_: int,
         scores: dict[str, float],
     ) -> None:
-        if self.path is None:
+        path = self.file(round_)
+        if path is None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu() for k, v in inverter.state_dict().items()}
         meta = {"key": key, "fingerprint": fingerprint, "round": int(round_), **scores}
-        temporary = self.path.with_suffix(".tmp")
+        temporary = path.with_suffix(".tmp")
         torch.save({"state_dict": state, "meta": meta}, temporary)
-        temporary.replace(self.path)
+        temporary.replace(path)
+        # Keep this round's file and the one a resume of this round would go on from.
+        earlier = sorted(r for r, _ in self.saved() if r < round_)
+        for saved_round, saved_path in self.saved():
+            if saved_round < round_ and saved_round != earlier[-1]:
+                saved_path.unlink(missing_ok=True)
 
-    def load(self, key: str, device: torch.device) -> SavedInverter | None:
-        """The saved inverter if there is one for this setting (tensors only: weights_only)."""
-        if self.path is None or not self.path.exists():
+    def saved(self) -> list[tuple[int, Path]]:
+        """(round, file) of every saved inverter, oldest first; a file of an earlier version
+        (`<attack>-inverter.pt`, one for the whole run) counts as round 0."""
+        if self.directory is None or not self.directory.is_dir():
+            return []
+        found = []
+        for path in self.directory.glob(f"{self.attack}-inverter*.pt"):
+            suffix = path.stem.removeprefix(f"{self.attack}-inverter")
+            if suffix == "":
+                found.append((0, path))
+            elif suffix.startswith("-r") and suffix[2:].isdigit():
+                found.append((int(suffix[2:]), path))
+        return sorted(found)
+
+    def load(self, key: str, device: torch.device, before: int) -> SavedInverter | None:
+        """The inverter saved in the latest round before round `before`, if it was trained for
+        this setting (tensors only: weights_only)."""
+        candidates = [(r, path) for r, path in self.saved() if r < before]
+        if not candidates:
             return None
+        _, path = candidates[-1]
         try:
-            saved = torch.load(self.path, map_location=device, weights_only=True)
+            saved = torch.load(path, map_location=device, weights_only=True)
             meta = dict(saved["meta"])
             state_dict = dict(saved["state_dict"])
         except Exception as error:  # a damaged or foreign file: never unpickled beyond tensors
             detail = " ".join(f"{type(error).__name__}: {error}".split())[:200]
             raise InverterStoreError(
-                f"{self.path}: unreadable ({detail}); delete it to train the inverter anew"
+                f"{path}: unreadable ({detail}); delete it to train the inverter anew"
             ) from None
         if meta.get("key") != key:
             return None
