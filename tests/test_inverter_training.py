@@ -79,6 +79,20 @@ def test_patience_stops_after_epochs_without_improvement() -> None:
     assert outcome.score == 1.0 and float(trainer.inverter.weight.detach()) == 1.0
 
 
+def test_a_stop_inside_an_epoch_counts_the_steps_not_the_epoch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Epochs of 8 pairs in batches of 4: a stop (Ctrl-C, or the budget) after the third step
+    # ends training half way through the second epoch.
+    trainer = ScriptedTrainer([1.0, 2.0, 3.0], patience=None)
+    trainer.epoch_pairs = lambda epoch: (torch.full((8, 1), 2.0), torch.arange(8))  # type: ignore[method-assign]
+    checks = iter(range(100))
+    monkeypatch.setattr("fedleak.attacks.learned.trainer.stop_requested", lambda: next(checks) >= 4)
+    outcome = run(trainer, 3)
+    assert outcome.timed_out and outcome.stopped_by == "seconds"
+    assert (outcome.epochs, outcome.steps, outcome.pairs) == (1, 3, 12)
+
+
 def test_a_spent_budget_trains_nothing_and_says_so() -> None:
     trainer = ScriptedTrainer([1.0], patience=None)
     outcome = run(trainer, 3, seconds=-1.0)

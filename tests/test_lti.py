@@ -421,7 +421,9 @@ def test_time_budget_stops_training(mnist: dict[str, torch.Tensor]) -> None:
     # Running out of time is a diagnostic, not a failure: the reconstruction is kept.
     assert result.status == "ok" and "time budget ran out" in result.message
     assert result.diagnostics["stopped_by"] == "seconds"
-    assert 0 < result.diagnostics["train_epochs"] < 1000
+    # Whole epochs only (none, on a loaded machine); the optimiser steps did happen.
+    assert 0 <= result.diagnostics["train_epochs"] < 1000 and result.iterations > 0
+    assert result.diagnostics["train_pairs"] >= result.iterations
     assert result.inputs.shape == (2, 1, 28, 28)
 
 

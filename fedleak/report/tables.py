@@ -580,6 +580,11 @@ def training_table(study: Study) -> Table | None:
             else f"token acc {val_acc:.3f}"
         )
         warm = any(d.get("warm_start", 0.0) > 0 for d in trained)
+        # A training cut short inside its first epoch counts 0 epochs but was not a reuse.
+        reused = all(
+            d.get("stopped_by", "reused" if not d["train_epochs"] else "") == "reused"
+            for d in trained
+        )
         body.append(
             (
                 Cell(str(run)),
@@ -588,7 +593,7 @@ def training_table(study: Study) -> Table | None:
                 Cell(f"{epochs:.0f}"),
                 Cell(f"{seconds:.1f}"),
                 Cell(validation),
-                Cell("reused" if epochs == 0 else "warm start" if warm else "from scratch"),
+                Cell("reused" if reused else "warm start" if warm else "from scratch"),
             )
         )
     if not body:

@@ -146,8 +146,9 @@ class LearningToInvert:
             diagnostics={
                 "train_seconds": outcome.seconds,
                 "train_epochs": float(outcome.epochs),
+                "train_pairs": float(outcome.pairs),
                 "val_psnr": outcome.score,
-                "warm_start": float(warm and outcome.epochs > 0),
+                "warm_start": float(warm and outcome.steps > 0),
                 "stopped_by": outcome.stopped_by,
                 "input_features": float(featuriser.out_features),
             },

@@ -302,7 +302,7 @@ class TextLearningToInvert:
                 "train_epochs": float(outcome.epochs),
                 "train_pairs": float(outcome.pairs),
                 "val_token_acc": outcome.score,
-                "warm_start": float(warm and outcome.epochs > 0),
+                "warm_start": float(warm and outcome.steps > 0),
                 "timed_out": float(outcome.timed_out),
                 "input_features": float(featuriser.out_features),
             },

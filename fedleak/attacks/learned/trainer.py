@@ -121,11 +121,12 @@ class EpochTrainer:
                 loss.backward()
                 self.optimiser.step()
                 steps += 1
+                pairs_seen += len(rows)
                 if time.perf_counter() >= deadline or stop_requested():
                     timed_out = True
                     break
-            pairs_seen += features.shape[0]
-            done = epoch + 1
+            else:
+                done = epoch + 1  # only whole epochs count
             inverter.eval()
             with torch.no_grad():
                 measured = self.score()
