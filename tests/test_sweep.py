@@ -384,7 +384,12 @@ def test_presets_are_listed_loaded_and_valid() -> None:
     # B=1 is the per-sample threat model over batches of 16; B=4 shares batch gradients.
     columns = {(c.config.threat.share, c.config.train.batch_size) for c in lti.cells}
     assert columns == {("per-sample", 16), ("batch", 4)}
-    assert {c.config.defense.spec for c in lti.cells} == {"none", "sign", "prune:0.9", "gauss:0.1"}
+    assert {c.config.defense.spec for c in lti.cells} == {
+        "none",
+        "sign",
+        "prune:0.99:global",
+        "gauss:0.1",
+    }
     assert all(c.config.model.name == "lenet" for c in lti.cells)
     assert {c.config.data.dataset for c in lti.cells} == {"mnist5k", "fashion-mnist", "cifar10"}
     tradeoff = load_sweep("defense-tradeoff")
