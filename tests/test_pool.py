@@ -25,6 +25,7 @@ from fedleak.client.app import train_reply
 from fedleak.config import RunConfig, parse_flat
 from fedleak.data import auxiliary, client_batch
 from fedleak.defenses import parse_defense_spec
+from fedleak.interrupt import request_stop
 from fedleak.models import build_model
 from fedleak.runtime import federated_data, local_training, model_spec
 from fedleak.server.payload import (
@@ -44,8 +45,10 @@ from fedleak.server.pool import (
     check_gpu_request,
     ray_init_args,
 )
+from fedleak.server.rounds import RoundLog
 from fedleak.server.runner import AttackJob, InlineRunner
-from fedleak.simulations.launch import run_study
+from fedleak.simulations.launch import StudyInterrupted, run_study
+from fedleak.simulations.recording import RunRecorder
 from fedleak.training.update import compute_update
 
 ATTACKS = ("aux-mean", "ig")
@@ -389,3 +392,31 @@ def test_the_pool_records_inline_rows_and_a_killed_worker_only_its_own(
     utility = pd.read_csv(tmp_path / "run" / "utility.csv")
     assert list(utility["round"]) == [0, 1, 2]
     assert (tmp_path / "run" / "DONE").exists()
+
+
+def test_a_round_whose_attacks_a_stop_cut_short_is_done_again_on_resume(
+    inline_rows: pd.DataFrame, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pool attacks round 1 while round 2 trains: a stop then must not record round 1
+    without its rows, and the resumed run must hold what an uninterrupted one holds."""
+    out = tmp_path / "run"
+    ended = RunRecorder.round_finished
+
+    def stop_once_round_one_ends(self: RunRecorder, log: RoundLog, arrays: ArrayRecord) -> None:
+        ended(self, log, arrays)
+        if log.round == 1:
+            assert log.attack_jobs == 4 and self.unrecorded == (1,)  # its jobs are still out
+            request_stop()
+
+    monkeypatch.setattr(RunRecorder, "round_finished", stop_once_round_one_ends)
+    with pytest.raises(StudyInterrupted, match="stopped after 0 of 2 rounds"):
+        _study(out, **{"attack.workers": 1})
+    assert list(pd.read_csv(out / "utility.csv")["round"]) == [0]
+    assert torch.load(out / "checkpoints" / "global.pt", weights_only=True)["round"] == 0
+    monkeypatch.setattr(RunRecorder, "round_finished", ended)
+
+    rows = _study(out, **{"attack.workers": 1, "sim.resume": True})
+    pd.testing.assert_frame_equal(rows[SCORES], inline_rows[SCORES])
+    pd.testing.assert_frame_equal(rows[METRICS], inline_rows[METRICS], rtol=1e-4)
+    assert list(pd.read_csv(out / "utility.csv")["round"]) == [0, 1, 2]
+    assert (out / "DONE").exists()

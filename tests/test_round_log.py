@@ -4,6 +4,8 @@ scored job handed to the sink it was built with, late ones (a worker pool) inclu
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,11 +15,16 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedleak.attacks.types import Reconstruction
+from fedleak.config import parse_flat
 from fedleak.models.spec import ModelSpec
+from fedleak.report.rundir import RunDirectory
+from fedleak.runtime import federated_data
 from fedleak.server.auditor import Auditor
+from fedleak.server.privacy import PrivacyLedger
 from fedleak.server.rounds import RoundHistory, RoundLog, ScoredJob
 from fedleak.server.runner import AttackJob, AttackResult
 from fedleak.server.strategy import CuriousStrategy, PublicSetting
+from fedleak.simulations.recording import RunRecorder
 
 
 @pytest.fixture(autouse=True)
@@ -128,6 +135,7 @@ def test_each_round_is_logged_after_its_evaluation_and_late_jobs_follow() -> Non
     assert initial == RoundLog(round=0, evaluation={"test-loss": 0.0})
     for log, r in ((first, 1), (second, 2)):
         assert (log.round, log.replies, log.failures, log.participants) == (r, 2, 1, (0, 1))
+        assert log.attack_jobs == 2
         assert log.first_error == "ValueError: boom" and log.payload_bytes > 0
         assert log.evaluation == {"test-loss": float(r)} and math.isnan(log.central_epsilon)
     rows = sink.rows()
@@ -144,3 +152,48 @@ def test_a_resumed_run_counts_on_and_does_not_log_its_initial_model_again() -> N
     assert [log.round for log in sink.rounds] == [4, 5]
     assert [log.evaluation for log in sink.rounds] == [{"test-loss": 1.0}, {"test-loss": 2.0}]
     assert {job.round for job in sink.jobs} == {4, 5}
+
+
+def _failed_job(server_round: int, client_id: int) -> ScoredJob:
+    observation = SimpleNamespace(round=server_round, client_id=client_id)
+    failed = Reconstruction(torch.zeros(0), None, seconds=0.25, status="failed", message="x")
+    result = AttackResult(AttackJob(client_id, "aux-mean", observation), failed)
+    row = {"round": server_round, "client_id": client_id, "attack": "aux-mean"}
+    return ScoredJob(result, None, ({**row, "status": "failed", "message": "x"},))
+
+
+def test_the_recorder_writes_a_round_once_its_jobs_are_scored_and_in_order(
+    tmp_path: Path,
+) -> None:
+    """Rows, utility and checkpoint of a round go to disk together, after its last job and
+    after the rounds before it: the checkpoint never runs ahead of the leakage."""
+    config = parse_flat({"name": "t", "out-dir": str(tmp_path / "run")})
+    run_dir = RunDirectory.create(tmp_path / "run", config, {"seed": 0})
+    fd = federated_data(config, 2)
+    recorder = RunRecorder(run_dir, fd, 0, PrivacyLedger.from_config(config, fd))
+
+    def recorded() -> tuple[list[int], int, list[int]]:
+        on_disk = RunDirectory.open(run_dir.path)
+        checkpoint = on_disk.load_global_model()
+        return (
+            on_disk.utility()["round"].tolist(),
+            checkpoint[0] if checkpoint else -1,
+            on_disk.leakage()["round"].tolist(),
+        )
+
+    recorder.round_finished(RoundLog(0), ArrayRecord({"w": torch.zeros(3)}))
+    recorder.round_finished(
+        RoundLog(1, replies=2, attack_jobs=2), ArrayRecord({"w": torch.ones(3)})
+    )
+    recorder.round_finished(
+        RoundLog(2, replies=2, attack_jobs=1), ArrayRecord({"w": torch.ones(3)})
+    )
+    assert recorded() == ([0], 0, []) and recorder.unrecorded == (1, 2)
+    recorder.scored(_failed_job(2, 0))  # round 2 is complete, round 1 is not: both wait
+    recorder.scored(_failed_job(1, 1))
+    assert recorded() == ([0], 0, []) and recorder.unrecorded == (1, 2)
+    recorder.scored(_failed_job(1, 0))
+    assert recorded() == ([0, 1, 2], 2, [1, 1, 2]) and recorder.unrecorded == ()
+    assert torch.equal(run_dir.load_global_model()[1]["w"], torch.ones(3))
+    utility = RunDirectory.open(run_dir.path).utility().set_index("round")
+    assert utility.loc[1, "attack_seconds"] == 0.5 and utility.loc[2, "attack_seconds"] == 0.25

@@ -57,6 +57,7 @@ from fedleak.attacks.registry import attack_entry, build_attack
 from fedleak.attacks.types import Attack, AttackerKnowledge, Budget, Observation, Reconstruction
 from fedleak.config import ConfigError, RunConfig
 from fedleak.heap import reuse_freed_memory
+from fedleak.interrupt import raise_if_stopped
 from fedleak.server.runner import (
     AttackJob,
     AttackResult,
@@ -71,6 +72,7 @@ log = logging.getLogger(__name__)
 ATTACK_RESOURCE = "fedleak_attack"  # no dash: Flower turns dashes in backend keys into "_"
 KILL_ENV = "FEDLEAK_KILL_WORKER"
 PLACEMENT_TIMEOUT = 120.0
+WAIT_POLL_SECONDS = 0.5  # how often a wait for the workers looks for a stop request
 
 
 class PoolError(RuntimeError):
@@ -392,10 +394,13 @@ class RayAttackPool:
         return slot
 
     def ready(self, wait: bool = False) -> list[AttackResult]:
-        """Finished results in each worker's order; with `wait`, every outstanding one."""
+        """Finished results in each worker's order; with `wait`, every outstanding one (a
+        stop request ends the wait: `RunInterrupted`)."""
         results = self._harvest()
         while wait and self.outstanding:
-            ray.wait([p.future for s in self._slots for p in s.queue], num_returns=1)
+            raise_if_stopped("while waiting for the attack workers")
+            futures = [p.future for s in self._slots for p in s.queue]
+            ray.wait(futures, num_returns=1, timeout=WAIT_POLL_SECONDS)
             results += self._harvest()
         lost, self._lost = self._lost, []
         return lost + results

@@ -1,5 +1,7 @@
 """What the curious server tells whoever keeps the study: each scored attack job as it is
-scored, and one `RoundLog` per round once the round's global model is evaluated.
+scored, and one `RoundLog` per round once the round's global model is evaluated. A round's jobs
+may be scored after its log (a worker pool attacks round t while round t + 1 trains), never
+after the next round's log.
 
 `CuriousStrategy` keeps no public bookkeeping: it hands these records to the `RoundSink` it was
 built with. The server room defines the records and the protocol; the run directory that
@@ -47,7 +49,9 @@ class RoundLog:
     moved (w_t to every addressed client, and the valid replies); `participants`: the client
     ids that replied; `first_error`: the first failed reply's reason (one line), if any;
     `central_epsilon`: client-level ε of central DP so far (NaN without it); `evaluation`: the
-    global model's metrics from the run's evaluation function (`test-loss`, `test-accuracy`).
+    global model's metrics from the run's evaluation function (`test-loss`, `test-accuracy`);
+    `attack_jobs`: the attack jobs submitted on the round's updates, whose scored jobs may
+    follow the log (a worker pool): the round is complete once that many arrived.
     Round 0 is the initial model: no replies.
     """
 
@@ -59,6 +63,7 @@ class RoundLog:
     first_error: str | None = None
     central_epsilon: float = math.nan
     evaluation: Mapping[str, float] = field(default_factory=dict)
+    attack_jobs: int = 0
 
 
 class RoundSink(Protocol):
@@ -68,7 +73,8 @@ class RoundSink(Protocol):
         """An attack job was scored."""
 
     def round_finished(self, log: RoundLog, arrays: ArrayRecord) -> None:
-        """A round ended, aggregated and evaluated; `arrays` is the new global state."""
+        """A round ended, aggregated and evaluated; `arrays` is the new global state.
+        Every job of earlier rounds has been scored by then; this round's may follow."""
 
 
 class RoundHistory:

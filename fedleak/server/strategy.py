@@ -26,6 +26,7 @@ import dataclasses
 import logging
 import math
 import re
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -61,6 +62,8 @@ from fedleak.server.runner import AttackJob, AttackRunner
 from fedleak.server.selection import ClientSelection, canonical_order
 
 log = logging.getLogger(__name__)
+
+SETTLE_POLL_SECONDS = 0.05
 
 
 @dataclass(frozen=True)
@@ -185,6 +188,7 @@ class CuriousStrategy(Strategy):
         self.payload_check = payload_check
         self.global_weights: dict[str, torch.Tensor] = {}
         self._truths: dict[int, GroundTruth | None] = {}
+        self._job_rounds: dict[int, int] = {}  # outstanding job id -> its round
         self._next_job = 0
         self._sent = 0
         self._round = RoundLog(round=0)  # the current round's log, completed by `start`
@@ -222,7 +226,7 @@ class CuriousStrategy(Strategy):
                 evaluate_config=evaluate_config,
                 evaluate_fn=evaluate,
             )
-            self.collect(wait=True)
+            self.settle()
         finally:
             if self.runner is not None:
                 self.runner.close()
@@ -233,6 +237,7 @@ class CuriousStrategy(Strategy):
     ) -> RoundLog:
         """Close `server_round` (counted from the run's first round): its log, with the global
         model's evaluation, goes to the sink with the new global state."""
+        self.settle(before=server_round)
         tally = self._round if self._round.round == server_round else RoundLog(server_round)
         scalars = {k: float(v) for k, v in (metrics or {}).items() if isinstance(v, int | float)}
         log_ = dataclasses.replace(
@@ -271,6 +276,7 @@ class CuriousStrategy(Strategy):
         for reason in errors:
             log.warning("round %d: client reply failed: %s", server_round, reason)
         split = [self.split(server_round, msg) for msg in valid]
+        jobs = self.attack(server_round, split) if self.runner is not None else 0
         self._round = RoundLog(
             round=server_round,
             replies=len(valid),
@@ -278,9 +284,8 @@ class CuriousStrategy(Strategy):
             payload_bytes=self._sent + sum(reply_bytes(msg) for msg in valid),
             participants=tuple(reply.observation.client_id for reply in split),
             first_error=errors[0] if errors else None,
+            attack_jobs=jobs,
         )
-        if self.runner is not None:
-            self.attack(server_round, split)
         # A foreign app's clients send weights, which its own strategy aggregates as they are.
         foreign = any(DECLARED in msg.content for msg in valid)
         buffers = {} if foreign else average_buffers(valid)
@@ -380,11 +385,12 @@ class CuriousStrategy(Strategy):
         picked = sorted(rng.choice(len(ordered), self.clients_per_round, replace=False))
         return [ordered[i] for i in picked]
 
-    def attack(self, server_round: int, split: list[ClientReply]) -> None:
-        """Hand the chosen observations to the runner; score whatever is already finished."""
+    def attack(self, server_round: int, split: list[ClientReply]) -> int:
+        """Hand the chosen observations to the runner; score whatever is already finished.
+        Returns the number of jobs submitted for the round."""
         if self.attacked_rounds is not None and server_round not in self.attacked_rounds:
             self.collect(wait=False)
-            return
+            return 0
         targets = self.chosen(server_round, split)
         if self.public.view == "aggregate" and targets:
             targets = [self.aggregate_view(server_round, split)]
@@ -393,17 +399,38 @@ class CuriousStrategy(Strategy):
             for name in self.attacks:
                 jobs.append(AttackJob(self._next_job, name, target.observation))
                 self._truths[self._next_job] = target.truth
+                self._job_rounds[self._next_job] = server_round
                 self._next_job += 1
         self.runner.submit(jobs)
         self.collect(wait=False)
+        return len(jobs)
 
-    def collect(self, wait: bool) -> None:
-        """Score finished attacks under the round their observation came from."""
+    def settle(self, before: int | None = None) -> None:
+        """Wait for, and score, every attack job of the rounds before `before` (all of them
+        when None). A worker pool attacks round t while round t + 1 trains; waiting for it at
+        the end of round t + 1 keeps that overlap, bounds what is held in memory, and lets
+        round t be recorded, whole, before the next one. A stop request ends the wait (the
+        rounds not recorded are done again on resume)."""
         if self.runner is None:
             return
-        for result in self.runner.ready(wait):
+        if before is None:
+            self.collect(wait=True)
+            return
+        while any(r < before for r in self._job_rounds.values()):
+            raise_if_stopped(f"while waiting for round {min(self._job_rounds.values())}'s attacks")
+            if not self.collect(wait=False):
+                time.sleep(SETTLE_POLL_SECONDS)
+
+    def collect(self, wait: bool) -> int:
+        """Score finished attacks under the round their observation came from; returns how
+        many were scored."""
+        if self.runner is None:
+            return 0
+        results = self.runner.ready(wait)
+        for result in results:
             observation = result.job.observation
             truth = self._truths.pop(result.job.job_id)
+            del self._job_rounds[result.job.job_id]
             context = {
                 **self.row_context,
                 # What this update was (a foreign client declares its own protocol).
@@ -414,6 +441,7 @@ class CuriousStrategy(Strategy):
                 observation, result.job.attack, result.reconstruction, truth, context
             )
             self.sink.scored(ScoredJob(result, truth, tuple(rows)))
+        return len(results)
 
     def aggregate_view(self, server_round: int, split: list[ClientReply]) -> ClientReply:
         """What a server behind secure aggregation sees: only the weighted sum of the round."""

@@ -1,9 +1,9 @@
 """The run directory of a study, written as its rounds end: the curious server's records kept.
 
 `RunRecorder` is the `RoundSink` (`fedleak.server.rounds`) a study's `CuriousStrategy` reports
-to: it saves each scored job's images as the job is scored, and when a round ends writes the
-round's leakage rows and utility row, the global checkpoint and a console line; rows of attacks
-that finished after their round (a worker pool) follow at the next round's end or at the run's.
+to: it saves each scored job's images as the job is scored, and once a round has ended and all
+of its attack jobs are scored (a worker pool finishes them while the next round trains) writes
+the round's leakage rows and utility row, the global checkpoint and a console line.
 The helpers here describe the run for its directory (environment, data provenance, its path).
 """
 
@@ -12,7 +12,8 @@ from __future__ import annotations
 import datetime as dt
 import platform
 import time
-from collections import Counter
+from collections import Counter, defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -80,8 +81,22 @@ def environment(
     }
 
 
+@dataclass(frozen=True)
+class _EndedRound:
+    """A round that ended and waits for the rest of its attack jobs to be recorded."""
+
+    log: RoundLog
+    seconds: float  # wall time from the previous round's end to this one's
+    state: dict[str, torch.Tensor]  # the global model after the round, on the CPU
+
+
 class RunRecorder:
     """Keeps a study's rounds in its run directory (see the module docstring).
+
+    A round is written, rows, utility and checkpoint, only once every attack job submitted on
+    it is scored, and rounds are written in order: the checkpoint is always the state after
+    the last round whose leakage is complete, so an interrupted run resumes by doing again the
+    rounds whose attacks it had not finished (a worker pool runs them after their round).
 
     `ledger` turns the clients' participation into ε; a resumed run's earlier rounds
     (`offset`) were not recorded per client, so every one of `num_clients` counts in each.
@@ -105,19 +120,43 @@ class RunRecorder:
         self.progress = progress
         self.participation: Counter[int] = Counter({c: offset for c in range(num_clients)})
         self.first_error: str | None = None  # the first failed reply's reason in the run
-        self._pending: dict[int, list[Row]] = {}
+        self._ended: dict[int, _EndedRound] = {}
+        self._rows: defaultdict[int, list[Row]] = defaultdict(list)
+        self._scored: Counter[int] = Counter()
+        self._attack_seconds: defaultdict[int, float] = defaultdict(float)
         self._started = time.perf_counter()
-        self._attack_seconds = 0.0
 
     def scored(self, job: ScoredJob) -> None:
         """Keep the job's rows for its round's record; save its images now."""
-        self._attack_seconds += job.result.reconstruction.seconds
-        self._pending.setdefault(job.round, []).extend(job.rows)
+        self._attack_seconds[job.round] += job.result.reconstruction.seconds
+        self._rows[job.round].extend(job.rows)
+        self._scored[job.round] += 1
         self._save_images(job)
+        self._write_complete()
 
     def round_finished(self, log: RoundLog, arrays: ArrayRecord) -> None:
-        """Write the round: its leakage and utility rows, the late rows of earlier rounds, the
-        global checkpoint, and a console line."""
+        """Hold the ended round until its attack jobs are all scored, then write it."""
+        state = {k: v.detach().cpu() for k, v in arrays.to_torch_state_dict().items()}
+        self._ended[log.round] = _EndedRound(log, time.perf_counter() - self._started, state)
+        self._started = time.perf_counter()
+        self._write_complete()
+
+    @property
+    def unrecorded(self) -> tuple[int, ...]:
+        """Rounds that ended and are not written yet (their attack jobs are outstanding)."""
+        return tuple(sorted(self._ended))
+
+    def _write_complete(self) -> None:
+        while self._ended:
+            first = min(self._ended)
+            if self._scored[first] < self._ended[first].log.attack_jobs:
+                return
+            self._write(self._ended.pop(first))
+
+    def _write(self, ended: _EndedRound) -> None:
+        """The round's leakage and utility rows, then the global checkpoint, then a console
+        line."""
+        log = ended.log
         self.participation.update(log.participants)
         if self.first_error is None:
             self.first_error = log.first_error
@@ -129,27 +168,19 @@ class RunRecorder:
             "central_epsilon": log.central_epsilon,
             "num_replies": log.replies,
             "num_failures": log.failures,
-            "round_seconds": time.perf_counter() - self._started,
-            "attack_seconds": self._attack_seconds,
+            "round_seconds": ended.seconds,
+            "attack_seconds": self._attack_seconds.pop(log.round, 0.0),
             "payload_mb": log.payload_bytes / 1e6,
         }
-        rows = self._pending.pop(log.round, [])
+        rows = self._rows.pop(log.round, [])
+        del self._scored[log.round]
         self.run_dir.append_round(log.round, rows, utility)
-        self.flush_late_rows()
-        self.run_dir.save_global_model(
-            log.round, {k: v.cpu() for k, v in arrays.to_torch_state_dict().items()}
-        )
+        self.run_dir.save_global_model(log.round, ended.state)
         prefix = None
         if self.progress is not None:
             self.progress.advance(log.round)
             prefix = self.progress.text()
         print(console_line(log.round, utility, rows, prefix), flush=True)
-        self._started, self._attack_seconds = time.perf_counter(), 0.0
-
-    def flush_late_rows(self) -> None:
-        """Rows of rounds already recorded that a worker pool finished after them."""
-        for server_round in sorted(self._pending):
-            self.run_dir.append_leakage(server_round, self._pending.pop(server_round))
 
     def _save_images(self, job: ScoredJob) -> None:
         """Ground truth beside the reconstruction, in the auditor's matched order (the

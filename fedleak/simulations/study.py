@@ -211,7 +211,6 @@ def _serve(
     except RunInterrupted:
         run_dir.write_summary()  # the finished rounds, for whoever looks before resuming
         raise
-    recorder.flush_late_rows()
     run_dir.write_summary()
     return _finish(run_dir, recorder.first_error)
 
