@@ -455,13 +455,13 @@ def flatten_toml(document: Mapping[str, Any], parent: str = "") -> dict[str, Any
     return flat
 
 
-def parse_toml(text: str, base: RunConfig | None = None) -> RunConfig:
-    """Parse a TOML preset (nested tables or dotted keys)."""
+def parse_toml(text: str, base: RunConfig | None = None, source: str = "preset") -> RunConfig:
+    """Parse a TOML preset (nested tables or dotted keys); `source` names it in errors."""
     try:
         document = tomllib.loads(text)
     except ValueError as error:  # TOMLDecodeError, or int() of a number too long to convert
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ConfigError(f"preset is not valid TOML: {first_line}") from None
+        raise ConfigError(f"{source} is not valid TOML: {first_line}") from None
     return parse_flat(flatten_toml(document), base)
 
 
@@ -474,4 +474,4 @@ def load_toml(path: str | Path, base: RunConfig | None = None) -> RunConfig:
         raise ConfigError(f"{path}: cannot read preset ({error.strerror})") from None
     except UnicodeDecodeError as error:
         raise ConfigError(f"{path}: not UTF-8 text (byte {error.start})") from None
-    return parse_toml(text, base)
+    return parse_toml(text, base, source=str(path))

@@ -7,8 +7,10 @@ so a case that got as far as starting a simulation fails the test.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +21,10 @@ import torch
 from PIL import Image
 
 from fedleak.config import parse_flat
+from fedleak.report import rundir
 from fedleak.report.rundir import RunDirectory
 from fedleak.simulations import launch
-from fedleak.simulations.cli import main
+from fedleak.simulations.cli import _resume_hint, main, parser
 
 Setup = Callable[[Path], None]
 
@@ -374,6 +377,31 @@ CASES = [
         setup=lambda tmp: _two_clients(tmp),
     ),
     Case(
+        "resume-other-client-threads",
+        (*RESUME, "--num-clients", "2", "--client-cpus", "2"),
+        "its clients computed on 1 thread(s) each, these would on 2",
+        status=1,
+        setup=lambda tmp: _two_clients(tmp, threads=1),
+    ),
+    Case(
+        "resume-damaged-leakage",
+        RESUME,
+        "leakage.parquet: unreadable",
+        status=1,
+        setup=lambda tmp: (_finished_run(tmp), _write("done/leakage.parquet", b"PAR1 no")(tmp)),
+    ),
+    Case(
+        "resume-damaged-config",
+        ("run", "{tmp}/p.toml", "--out", "{tmp}/done", "--set", "sim.resume=true"),
+        "done/config.toml is not valid TOML",
+        status=1,
+        setup=lambda tmp: (
+            _finished_run(tmp),
+            (tmp / "p.toml").write_bytes((tmp / "done" / "config.toml").read_bytes()),
+            _write("done/config.toml", b"[data\n")(tmp),
+        ),
+    ),
+    Case(
         "check-resume-other-clients",
         ("check", *RESUME[1:], "--num-clients", "4"),
         "done: was run with 2 clients, not 4",
@@ -431,9 +459,9 @@ CASES = [
 ]
 
 
-def _two_clients(tmp: Path) -> None:
+def _two_clients(tmp: Path, threads: int | None = None) -> None:
     _finished_run(tmp)
-    RunDirectory.open(tmp / "done").record_clients(2)
+    RunDirectory.open(tmp / "done").record_clients(2, threads)
 
 
 def _more_rounds(tmp: Path) -> None:
@@ -521,5 +549,46 @@ def test_a_restarted_sweep_cell_keeps_files_fedleak_did_not_write(tmp_path: Path
     (run.path / "notes.md").write_text("mine")
     (run.path / "images").mkdir()
     (run.path / "images" / "r001_c000_ig.png").write_bytes(b"png")
+    # Writes a kill cut short, before their rename.
+    (run.path / ".leakage.parquet.k3j_x.tmp").write_bytes(b"")
+    (run.path / "checkpoints").mkdir()
+    (run.path / "checkpoints" / ".global.pt.a1b2.tmp").write_bytes(b"")
+    (run.path / "state" / "lti").mkdir(parents=True)
+    (run.path / "state" / "lti" / "lti-inverter-r000002.tmp").write_bytes(b"")
     run.clear()
     assert sorted(os.listdir(run.path)) == ["notes.md"]
+
+
+def test_a_full_disk_names_the_file_and_leaves_no_temporary_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full(_: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(rundir.os, "fsync", full)
+    with pytest.raises(OSError) as error:
+        rundir.atomic_write(tmp_path / "utility.csv", b"round\n")
+    assert error.value.errno == errno.ENOSPC
+    assert error.value.filename == str(tmp_path / "utility.csv")
+    assert os.listdir(tmp_path) == []
+
+
+def test_an_out_dir_that_cannot_be_written_is_refused_before_any_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As a read-only mount answers (root passes permission bits, not a read-only file system).
+    monkeypatch.setattr(rundir.os, "access", lambda path, mode: Path(path) != tmp_path)
+    with pytest.raises(rundir.RunDirectoryError, match="not writable"):
+        RunDirectory.check_target(tmp_path)
+    with pytest.raises(rundir.RunDirectoryError, match=f"{tmp_path} is not writable"):
+        RunDirectory.check_target(tmp_path / "new" / "run")
+
+
+def test_the_resume_hint_says_each_setting_once() -> None:
+    argv = "run quickstart --set seed=3 --set sim.resume=true --set out-dir=/x --client-cpus 2"
+    args = parser().parse_args(argv.split())
+    hint = shlex.split(_resume_hint(args, Path("/runs/x")))
+    assert hint == [
+        "fedleak", "run", "quickstart", "--set", "seed=3", "--client-cpus", "2.0",
+        "--out", "/runs/x", "--set", "sim.resume=true",
+    ]  # fmt: skip

@@ -9,12 +9,14 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from flwr.server.superlink.fleet import vce
 from PIL import Image
 
 from fedleak import interrupt
@@ -136,6 +138,24 @@ def test_a_run_fails_when_every_client_or_one_attack_always_fails(tmp_path: Path
     assert clients.is_finished() and not (clients.path / "FAILED").exists()
 
 
+def test_a_run_is_done_only_once_its_end_is_checked_and_a_resume_undoes_it(
+    tmp_path: Path,
+) -> None:
+    run = _run(tmp_path)
+    for r in (0, 1, 2):
+        run.append_round(r, [_row("aux-mean", "ok"), _row("ig", "ok")], _utility(2))
+    assert not run.is_finished()  # every round, but killed before its end was checked
+    run.mark_done()
+    assert run.is_finished()
+    more = parse_flat({**run.config.to_flat(), "num-server-rounds": 4})
+    run.check_resume(more)
+    run.update_config(more)  # resumed for two more rounds
+    assert not (run.path / "DONE").exists() and not RunDirectory.open(run.path).is_finished()
+    run.mark_failed("attack ig failed on every one of its 2 updates")
+    run.update_config(more)
+    assert not (run.path / "FAILED").exists()
+
+
 def test_an_engine_failure_is_told_by_the_runs_reason(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -168,6 +188,28 @@ def test_an_engine_failure_is_told_by_the_runs_reason(
         "0.25 share each client asks for"
     )
     assert not (tmp_path / "a" / "DONE").exists() and not (tmp_path / "b" / "DONE").exists()
+
+
+def test_a_crashed_engine_ends_the_server_thread_and_frees_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The engine dies while the ServerApp waits for its clients (sim.timeout: ten minutes).
+    def crashes(**_: object) -> None:
+        time.sleep(3)
+        raise RuntimeError("Simulation Runtime crashed.")
+
+    monkeypatch.setattr(vce, "start_vce", crashes)
+    out = tmp_path / "run"
+    config = parse_flat({"out-dir": str(out), "sim.timeout": 600.0})
+    before = set(threading.enumerate())
+    start = time.monotonic()
+    with pytest.raises(launch.StudyFailed, match="Simulation Runtime crashed"):
+        launch.run_study(config, num_clients=2)
+    assert time.monotonic() - start < 120
+    left = [t.name for t in threading.enumerate() if t not in before and not t.daemon]
+    assert left == [], "the ServerApp's thread outlived the run"
+    RunLock(out).probe()  # free: another run may start there
+    assert not interrupt.stop_requested() and not (out / "DONE").exists()
 
 
 def test_the_round_check_applies_fraction_train_once_and_shows_enough_digits() -> None:

@@ -22,6 +22,7 @@ from fedleak.report.rundir import (
     console_line,
     read_leakage_parquet,
 )
+from fedleak.simulations.launch import check_out_dir
 
 
 def _config() -> RunConfig:
@@ -102,6 +103,20 @@ def test_the_federation_size_is_recorded_once_and_then_enforced(run: RunDirector
     run.record_clients(3)
     with pytest.raises(RunDirectoryError, match="was run with 3 clients, not 4"):
         run.check_clients(4)
+
+
+def test_a_resume_must_give_its_clients_the_threads_they_had(run: RunDirectory) -> None:
+    run.record_clients(3)  # `flwr run`: the threads are not pinned, so not recorded
+    run.check_clients(3, 2)
+    run.record_clients(3, 1)
+    assert RunDirectory.open(run.path).environment()["client_threads"] == 1
+    run.check_clients(3, None)  # a caller that does not pin them is not refused
+    with pytest.raises(RunDirectoryError, match=r"on 1 thread\(s\) each.*--client-cpus 1"):
+        run.check_clients(3, 2)
+    resumed = parse_flat({**run.config.to_flat(), "out-dir": str(run.path), "sim.resume": True})
+    check_out_dir(resumed, 3, client_cpus=1.5)  # one whole CPU: one thread, as before
+    with pytest.raises(RunDirectoryError, match="--client-cpus 1 "):
+        check_out_dir(resumed, 3, client_cpus=2.0)  # refused before Ray would start
 
 
 def test_empty_frames_have_fixed_dtypes(run: RunDirectory) -> None:

@@ -7,12 +7,19 @@ a tiny 2 x 2 sweep through the real Flower simulation (`run_study`).
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from fedleak.config import ConfigError, RunConfig
+from fedleak.interrupt import stop_requested
 from fedleak.report.rundir import RunDirectory
+from fedleak.simulations.launch import StudyInterrupted, _stop_on_first_sigint
 from fedleak.simulations.presets import PRESETS_DIR, is_sweep, list_presets, load_preset
 from fedleak.simulations.sweep import (
     SweepError,
@@ -59,6 +66,7 @@ def fake_runner(config: RunConfig, path: Path) -> Path:
         ]
         run.append_round(r, rows, {"test_loss": 1.0, "test_accuracy": 0.1 * r, "num_replies": 2})
         print(f"round {r}/{config.num_server_rounds}", flush=True)
+    run.mark_done()
     return path
 
 
@@ -210,6 +218,26 @@ def test_interrupted_sweep_resumes_without_redoing_finished_cells(tmp_path: Path
     redone = RunDirectory.open(sweep_dir / first.calls[1])
     assert list(redone.utility()["round"]) == [1, 2]
     assert all(c["status"] == "done" for c in read_manifest(sweep_dir)["cells"])
+
+
+def test_a_moved_sweep_folder_is_rerun_where_it_now_is(tmp_path: Path) -> None:
+    source = _write(tmp_path, GRID)
+    run_sweep(source, out_dir=tmp_path / "before", runner=fake_runner, say=lambda _: None)
+    (tmp_path / "after").mkdir()
+    (tmp_path / "before" / "tiny").rename(tmp_path / "after" / "tiny")
+    again = Recorder()
+    run_sweep(source, out_dir=tmp_path / "after", runner=again, say=lambda _: None)
+    assert again.calls == []
+
+
+def test_a_cell_with_every_round_but_no_done_is_run_again(tmp_path: Path) -> None:
+    source = _write(tmp_path, GRID)
+    run_sweep(source, out_dir=tmp_path, runner=fake_runner, say=lambda _: None)
+    killed = next((tmp_path / "tiny").glob("cell-002-*"))
+    (killed / "DONE").unlink()  # killed after its last round, before its end was checked
+    again = Recorder()
+    run_sweep(source, out_dir=tmp_path, runner=again, say=lambda _: None)
+    assert again.calls == [killed.name]
 
 
 def test_a_failing_cell_is_recorded_and_retried_alone(tmp_path: Path) -> None:
@@ -370,6 +398,58 @@ def test_parallel_cells_run_in_worker_processes(
         json.loads((sweep_dir / c["id"] / "environment.json").read_text())["runner"] for c in cells
     }
     assert environments == {"fake"}
+
+
+def waiting_runner(config: RunConfig, path: Path) -> Path:
+    """A cell that runs until Ctrl-C, then stops as a study does (module level: picklable)."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "started").touch()
+    with _stop_on_first_sigint():
+        for _ in range(1200):
+            if stop_requested():
+                raise StudyInterrupted(path, 0, config.num_server_rounds)
+            time.sleep(0.05)
+    return fake_runner(config, path)
+
+
+PARALLEL_CTRL_C = """
+import sys
+from pathlib import Path
+from fedleak.simulations.sweep import run_sweep
+from test_sweep import waiting_runner
+try:
+    run_sweep(Path(sys.argv[1]), out_dir=Path(sys.argv[2]), runner=waiting_runner)
+except KeyboardInterrupt as error:
+    print(f"interrupted: {error}", flush=True)
+    sys.exit(130)
+"""
+
+
+def test_ctrl_c_stops_a_parallel_sweep_and_starts_no_queued_cell(tmp_path: Path) -> None:
+    source = _write(tmp_path, GRID.replace("num-clients = 2", "num-clients = 2\nparallel = 2"))
+    child = subprocess.Popen(
+        [sys.executable, "-c", PARALLEL_CTRL_C, str(source), str(tmp_path)],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    sweep_dir = tmp_path / "tiny"
+    try:
+        deadline = time.monotonic() + 180
+        while len(list(sweep_dir.glob("*/started"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(list(sweep_dir.glob("*/started"))) == 2, "the two parallel cells never ran"
+        os.killpg(child.pid, signal.SIGINT)  # a terminal's Ctrl-C: every process of the sweep
+        out, _ = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+    assert child.returncode == 130, out
+    assert len(list(sweep_dir.glob("*/started"))) == 2, "a queued cell started after Ctrl-C"
+    statuses = [c["status"] for c in read_manifest(sweep_dir)["cells"]]
+    assert statuses == ["interrupted"] * 4
 
 
 def test_presets_are_listed_loaded_and_valid() -> None:

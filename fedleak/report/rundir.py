@@ -40,7 +40,7 @@ from typing import ClassVar
 import pandas as pd
 import torch
 
-from fedleak.config import RunConfig, load_toml
+from fedleak.config import ConfigError, RunConfig, load_toml
 
 # Column -> dtype. Strings use pandas' "str" dtype; ints are int64 with -1 for "not applicable";
 # bools default to False. The labels are nullable (Int64): empty on text rows (`TEXT_EMPTY`).
@@ -122,6 +122,7 @@ UTILITY_FILE = "utility.csv"
 SUMMARY_FILE = "summary.md"
 CHECKPOINT_FILE = "checkpoints/global.pt"
 DONE_FILE = "DONE"
+TEMP_SUFFIX = ".tmp"  # `atomic_write`'s files before their rename
 FAILED_FILE = "FAILED"
 LOCK_FILE = ".fedleak.lock"
 # Lists, inside a folder fedleak fills (report_files/), the files it wrote there.
@@ -189,7 +190,7 @@ def tidy(
 def atomic_write(path: Path, data: bytes) -> None:
     """Write all of `data` to `path` or nothing: temp file in the same folder, fsync, rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
         os.chmod(fd, 0o644)  # mkstemp makes 0600 files; results are meant to be shared
         with os.fdopen(fd, "wb") as handle:
@@ -197,6 +198,11 @@ def atomic_write(path: Path, data: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as error:
+        Path(tmp).unlink(missing_ok=True)
+        if error.filename is None:  # write() and fsync() name no file: a full disk says which
+            raise OSError(error.errno, error.strerror, str(path)) from None
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -294,9 +300,16 @@ class RunDirectory:
         if not path.exists():
             if path.is_symlink():
                 raise RunDirectoryError(f"{path}: a broken symbolic link; choose another out-dir")
+            parent = next(p for p in path.parents if p.exists())
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise RunDirectoryError(
+                    f"{path}: cannot be created ({parent} is not writable); choose another out-dir"
+                )
             return
         if not path.is_dir():
             raise RunDirectoryError(f"{path}: exists and is not a folder; choose another out-dir")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise RunDirectoryError(f"{path}: not writable (read-only); choose another out-dir")
         try:
             entries = [entry.name for entry in path.iterdir() if entry.name != LOCK_FILE]
         except OSError as error:
@@ -355,7 +368,13 @@ class RunDirectory:
     def config(self) -> RunConfig:
         """The run's resolved configuration, parsed from config.toml."""
         if self._config is None:
-            self._config = load_toml(self.path / CONFIG_FILE)
+            try:
+                self._config = load_toml(self.path / CONFIG_FILE)
+            except ConfigError as error:
+                raise RunDirectoryError(
+                    f"{error} (the run's own configuration); restore it or start the run again "
+                    "in a new out-dir"
+                ) from None
         return self._config
 
     def environment(self) -> dict[str, object]:
@@ -488,8 +507,10 @@ class RunDirectory:
         return int(utility["round"].max()) if len(utility) else 0
 
     def is_finished(self) -> bool:
-        """Whether every configured round is recorded and the run was not marked failed."""
-        if (self.path / FAILED_FILE).exists():
+        """Whether the run ended well: DONE is written (the run's end checked every round and
+        found no failure) and every configured round is recorded. Rounds alone do not say it:
+        a run killed after its last round was never checked."""
+        if not (self.path / DONE_FILE).exists() or (self.path / FAILED_FILE).exists():
             return False
         return self.finished_rounds() >= self.config.num_server_rounds
 
@@ -541,10 +562,15 @@ class RunDirectory:
         own += [SUMMARY_FILE, CHECKPOINT_FILE, DONE_FILE, FAILED_FILE, "report.html", "report.md"]
         for name in own:
             (self.path / name).unlink(missing_ok=True)
+            # A write cut short by a kill leaves its temporary file beside the target.
+            target = self.path / name
+            for left in target.parent.glob(f".{target.name}.*{TEMP_SUFFIX}"):
+                left.unlink(missing_ok=True)
         for image in self.images():
             image.unlink()
-        for cache in (self.path / "state").glob("*/*-inverter*.pt"):
-            cache.unlink()
+        for pattern in ("*/*-inverter*.pt", f"*/*-inverter*{TEMP_SUFFIX}"):
+            for cache in (self.path / "state").glob(pattern):
+                cache.unlink()
         replace_owned_files(self.path / "report_files", {})
         for folder in (
             "checkpoints",
@@ -663,30 +689,48 @@ class RunDirectory:
                 f"rounds {self.path} already finished; a resumed run may only add rounds"
             )
 
-    def check_clients(self, num_clients: int) -> None:
+    def check_clients(self, num_clients: int, client_threads: int | None = None) -> None:
         """Refuse a federation of another size than the run's: the data's partitions depend
-        on it, so resuming with other clients would mix two studies in one directory."""
-        recorded = self.environment().get("num_clients")
+        on it, so resuming with other clients would mix two studies in one directory; and
+        clients on another number of threads (when both are known): CPU reductions round
+        differently, so the resumed rounds would not be those of an uninterrupted run."""
+        environment = self.environment()
+        recorded = environment.get("num_clients")
         if recorded is not None and int(recorded) != num_clients:  # type: ignore[call-overload]
             raise RunDirectoryError(
                 f"{self.path}: was run with {recorded} clients, not {num_clients}; the data's "
                 f"partitions depend on it: run it with {recorded} (--num-clients, or num-clients "
                 "in a sweep) or choose another out-dir"
             )
+        threads = environment.get("client_threads")
+        if threads is not None and client_threads is not None and threads != client_threads:
+            raise RunDirectoryError(
+                f"{self.path}: its clients computed on {threads} thread(s) each, these would on "
+                f"{client_threads}; CPU sums round differently with another thread count, so "
+                f"the resumed rounds would differ from an uninterrupted run: resume with "
+                f"--client-cpus {threads} (client-cpus in a sweep) or choose another out-dir"
+            )
 
-    def record_clients(self, num_clients: int) -> None:
-        """Note the federation's size in environment.json (`check_clients` first)."""
-        self.check_clients(num_clients)
+    def record_clients(self, num_clients: int, client_threads: int | None = None) -> None:
+        """Note the federation's size and, when pinned, its clients' threads in
+        environment.json (`check_clients` first)."""
+        self.check_clients(num_clients, client_threads)
         environment = self.environment()
-        if environment.get("num_clients") != num_clients:
-            environment["num_clients"] = num_clients
+        federation = {"num_clients": num_clients}
+        if client_threads is not None:
+            federation["client_threads"] = client_threads
+        if any(environment.get(key) != value for key, value in federation.items()):
+            environment.update(federation)
             atomic_write(
                 self.path / ENVIRONMENT_FILE,
                 json.dumps(environment, indent=2, default=str).encode("utf-8"),
             )
 
     def update_config(self, config: RunConfig) -> None:
-        """Store the configuration a resumed run continues with (`check_resume` first)."""
+        """Store the configuration a resumed run continues with (`check_resume` first). The
+        run is running again: DONE or FAILED of its earlier end no longer holds."""
+        for name in (DONE_FILE, FAILED_FILE):
+            (self.path / name).unlink(missing_ok=True)
         atomic_write(self.path / CONFIG_FILE, config.to_toml().encode("utf-8"))
         self._config = config
 

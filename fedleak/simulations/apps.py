@@ -34,16 +34,22 @@ class OneLineErrors(logging.Filter):
         return True
 
 
-def make_server_app(config: RunConfig | None = None, clients: int | None = None) -> ServerApp:
+def make_server_app(
+    config: RunConfig | None = None,
+    clients: int | None = None,
+    client_threads: int | None = None,
+) -> ServerApp:
     """A ServerApp bound to `config`, or reading Flower's run config when None (`flwr run`);
-    `clients`, when known, is how many supernodes the run waits for before its first round."""
+    `clients`, when known, is how many supernodes the run waits for before its first round,
+    and `client_threads` the torch threads each client computes with (`serve`)."""
     server = ServerApp()
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
         if config is None and not any(isinstance(f, OneLineErrors) for f in FLOWER_LOGGER.filters):
             FLOWER_LOGGER.addFilter(OneLineErrors())
-        serve(grid, config or parse_flat(context.run_config), clients=clients)
+        resolved = config or parse_flat(context.run_config)
+        serve(grid, resolved, clients=clients, client_threads=client_threads)
 
     return server
 

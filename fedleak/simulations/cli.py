@@ -211,7 +211,7 @@ def _check(args: argparse.Namespace) -> int:
     if config.out_dir:
         from fedleak.simulations.launch import check_out_dir
 
-        check_out_dir(config, args.num_clients)
+        check_out_dir(config, args.num_clients, args.client_cpus)
     print(config.to_toml(), end="")
     return 0
 
@@ -346,7 +346,8 @@ def _resume_hint(args: argparse.Namespace, path: Path) -> str:
     """The command that continues an interrupted run."""
     command = ["fedleak", "run", args.preset]
     for item in args.set or []:
-        command += ["--set", item]
+        if item.split("=", 1)[0].strip() not in ("sim.resume", "out-dir"):  # said below
+            command += ["--set", item]
     for option, default in (("num_clients", 10), ("client_cpus", 1.0), ("client_gpus", 0.0)):
         if getattr(args, option) != default:
             command += [f"--{option.replace('_', '-')}", str(getattr(args, option))]

@@ -36,6 +36,8 @@ from fedleak.simulations.apps import make_server_app
 from fedleak.simulations.recording import default_run_dir
 from fedleak.simulations.study import RunFailed, check_resumable
 
+SERVER_THREAD_GRACE_SECONDS = 60.0  # a safe point comes within a poll or an attack iteration
+
 
 class StudyFailed(RuntimeError):
     """The simulation ended before every configured round was recorded, or the recorded
@@ -49,15 +51,25 @@ class StudyInterrupted(KeyboardInterrupt):
         super().__init__(f"stopped after {finished} of {total} rounds; they are kept in {path}")
         self.path, self.finished, self.total = path, finished, total
 
+    def __reduce__(self) -> tuple[type[StudyInterrupted], tuple[Path, int, int]]:
+        # A parallel sweep's cell raises it in a worker process: it must unpickle in the sweep.
+        return type(self), (self.path, self.finished, self.total)
 
-def check_out_dir(config: RunConfig, num_clients: int) -> Path:
+
+def client_threads(client_cpus: float) -> int:
+    """The torch threads a simulated client computes with: its whole CPUs, at least one."""
+    return max(1, int(client_cpus))
+
+
+def check_out_dir(config: RunConfig, num_clients: int, client_cpus: float = 1.0) -> Path:
     """The run directory a study writes, refused where it would be (`fedleak check` asks the
     same): a run in progress there, a folder that is not new, empty or fedleak's, and a resume
     with other settings or clients."""
     out = Path(config.out_dir) if config.out_dir else default_run_dir(config)
     RunLock(out).probe()  # a run in progress there is the first thing to say
     RunDirectory.check_target(out, resume=config.sim.resume)
-    check_resumable(dataclasses.replace(config, out_dir=str(out)), out, num_clients)
+    resolved = dataclasses.replace(config, out_dir=str(out))
+    check_resumable(resolved, out, num_clients, client_threads(client_cpus))
     return out
 
 
@@ -78,7 +90,7 @@ def run_study(
     # split, infeasible attacks and rounds over the payload budget.
     validate_run(config, num_clients, client_cpus, client_gpus)
     init_args = ray_init_args(config, client_cpus, client_gpus)
-    out = check_out_dir(config, num_clients)
+    out = check_out_dir(config, num_clients, client_cpus)
     config = dataclasses.replace(config, out_dir=str(out))
     with RunLock(out), _stop_on_first_sigint():
         try:
@@ -137,10 +149,13 @@ def simulate(
     # (measured here: one IG job 25 s with two threads, 2 s with one).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    started_before = set(threading.enumerate())
     try:
         run_simulation(
-            server_app=make_server_app(config, clients=num_clients),
-            client_app=make_client_app(config, threads=max(1, int(client_cpus))),
+            server_app=make_server_app(
+                config, clients=num_clients, client_threads=client_threads(client_cpus)
+            ),
+            client_app=make_client_app(config, threads=client_threads(client_cpus)),
             num_supernodes=num_clients,
             backend_config={
                 "client_resources": {"num_cpus": client_cpus, "num_gpus": client_gpus},
@@ -150,6 +165,26 @@ def simulate(
         )
     finally:
         torch.set_num_threads(threads)
+        _end_server_thread(started_before)
+
+
+def _end_server_thread(started_before: set[threading.Thread]) -> None:
+    """Flower's simulation engine that crashes stops itself, not the ServerApp's thread, which
+    would go on waiting for replies (holding the run directory's lock, keeping the process
+    alive) until sim.timeout: ask it to stop at its next safe point and wait for it."""
+    left = [
+        thread
+        for thread in threading.enumerate()
+        if thread not in started_before and not thread.daemon and thread.is_alive()
+    ]
+    if not left:
+        return
+    asked = not stop_requested()
+    request_stop()
+    for thread in left:
+        thread.join(timeout=SERVER_THREAD_GRACE_SECONDS)
+    if asked:
+        clear_stop()
 
 
 def _finished(out: Path) -> int:

@@ -83,12 +83,17 @@ def audit(
 
 
 def serve(
-    grid: Grid, config: RunConfig, app: ForeignServer | None = None, clients: int | None = None
+    grid: Grid,
+    config: RunConfig,
+    app: ForeignServer | None = None,
+    clients: int | None = None,
+    client_threads: int | None = None,
 ) -> Path:
     """Run the whole study on `grid` and return its run directory; with `app`, the strategy
     of a foreign Flower app is the one wrapped (`audit`). `clients`: the federation's size
     when the caller knows it (a simulation); the first round waits for all of them to connect
-    (else for `train.min-clients`).
+    (else for `train.min-clients`). `client_threads`: the torch threads each client computes
+    with, when the caller pins them (a simulation): recorded, and a resume must use as many.
 
     Holds the run directory's lock throughout. Raises `RunFailed` when the recorded rounds
     make a failed run (FAILED is written instead of DONE), and `RunInterrupted` when a stop
@@ -103,20 +108,27 @@ def serve(
     lock.probe()
     RunDirectory.check_target(path, resume=config.sim.resume)
     with lock:
-        check_resumable(config, path, clients)
-        return _serve(StoppableGrid(grid), config, path, device, app, clients)
+        check_resumable(config, path, clients, client_threads)
+        return _serve(StoppableGrid(grid), config, path, device, app, clients, client_threads)
 
 
-def check_resumable(config: RunConfig, path: Path, clients: int | None = None) -> None:
-    """For `sim.resume` on an existing run: its settings and its number of clients (when the
-    caller knows it) match (`RunDirectory.check_resume`, `check_clients`) and its checkpoint
-    is a fedleak checkpoint that fits the configured model."""
+def check_resumable(
+    config: RunConfig,
+    path: Path,
+    clients: int | None = None,
+    client_threads: int | None = None,
+) -> None:
+    """For `sim.resume` on an existing run: its settings, its number of clients and their
+    threads (when the caller knows them) match (`RunDirectory.check_resume`, `check_clients`)
+    and its checkpoint is a fedleak checkpoint that fits the configured model."""
     if not (config.sim.resume and (path / "config.toml").exists()):
         return
     run_dir = RunDirectory.open(path)
     run_dir.check_resume(config)
+    run_dir.leakage()  # damaged records are said now, not after the resumed round's work
+    run_dir.utility()
     if clients is not None:
-        run_dir.check_clients(clients)
+        run_dir.check_clients(clients, client_threads)
     checkpoint = run_dir.load_global_model()
     if checkpoint is None:
         return
@@ -138,6 +150,7 @@ def _serve(
     device: torch.device,
     app: ForeignServer | None,
     clients: int | None,
+    client_threads: int | None,
 ) -> Path:
     """`serve` once the run directory is checked and locked."""
     fd = federated_data(config, num_partitions=1)
@@ -173,7 +186,7 @@ def _serve(
 
     # ε needs every client's partition size; the server's own `fd` has a single partition.
     num_clients = grid.wait_for_nodes(clients or config.train.min_clients, config.sim.timeout)
-    run_dir.record_clients(num_clients)
+    run_dir.record_clients(num_clients, client_threads)
     ledger = PrivacyLedger.from_config(config, federated_data(config, num_clients))
     recorder = RunRecorder(
         run_dir,

@@ -63,11 +63,12 @@ import math
 import multiprocessing
 import re
 import shutil
+import signal
 import sys
 import time
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -483,6 +484,13 @@ def _run_cell(
     return "done", "", seconds
 
 
+def _idle_ignores_sigint() -> None:
+    """A parallel sweep's worker process between cells: a Ctrl-C there would kill it and
+    break the pool, ending the cells still running elsewhere abruptly. A cell's study takes
+    SIGINT over while it runs (`fedleak.simulations.launch`)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _is_run(path: Path) -> bool:
     return (path / "config.toml").is_file()
 
@@ -500,8 +508,9 @@ def _check_existing(cell: Cell, path: Path, num_clients: int) -> None:
     except (ConfigError, RunDirectoryError) as error:
         raise SweepError(f"{path}: unreadable cell configuration ({error})") from None
     wanted = dataclasses.replace(cell.config, out_dir=str(path)).to_flat()
+    # A moved sweep folder is still the same sweep: where a cell was run is not its setting.
     for key in dict.fromkeys([*wanted, *stored]):
-        if key != "sim.resume" and stored.get(key) != wanted.get(key):
+        if key not in ("sim.resume", "out-dir") and stored.get(key) != wanted.get(key):
             raise SweepError(
                 f"{path}: was run with {key}={stored.get(key)!r}, this sweep wants "
                 f"{wanted.get(key)!r}; use another out dir or sweep name"
@@ -705,20 +714,37 @@ def _run_plan(
         else:
             context = multiprocessing.get_context("spawn")
             workers = min(plan.parallel, len(pending))
-            with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-                futures = {}
-                for cell in pending:
-                    futures[cell.id] = pool.submit(
-                        _run_cell, runner, fresh(cell), paths[cell.id], f"{cell.id}: "
-                    )
+            pool = ProcessPoolExecutor(
+                max_workers=workers, mp_context=context, initializer=_idle_ignores_sigint
+            )
+            try:
+                # Cells go to the pool one per free worker: the executor queues one call more
+                # than it has workers, and a queued call cannot be cancelled after a Ctrl-C.
+                queued = list(pending)
+                for cell in queued:
                     status[cell.id] = {"status": "queued", "message": "", "seconds": None}
-                _write_manifest(sweep_dir, plan, status)
-                for cell in pending:
-                    try:
-                        result = futures[cell.id].result()
-                    except Exception as error:  # the worker process itself died
-                        result = ("failed", _one_line(error), 0.0)
-                    record(cell, result)
+                running: dict[Future[tuple[str, str, float]], Cell] = {}
+                while queued or running:
+                    while queued and len(running) < workers:
+                        cell = queued.pop(0)
+                        future = pool.submit(
+                            _run_cell, runner, fresh(cell), paths[cell.id], f"{cell.id}: "
+                        )
+                        running[future] = cell
+                        status[cell.id] = {"status": "running", "message": "", "seconds": None}
+                    _write_manifest(sweep_dir, plan, status)
+                    finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                    for future in sorted(finished, key=lambda f: pending.index(running[f])):
+                        cell = running.pop(future)
+                        try:
+                            result = future.result()
+                        except Exception as error:  # the worker process itself died
+                            result = ("failed", _one_line(error), 0.0)
+                        record(cell, result)
+            finally:
+                # The running cells stop at their own safe point (a terminal's Ctrl-C reaches
+                # their processes too); nothing else starts.
+                pool.shutdown(wait=True, cancel_futures=True)
     except BaseException:
         # After Ctrl-C, sweep.json must not go on saying that a cell runs or waits.
         for cell in pending:
