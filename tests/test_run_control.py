@@ -119,6 +119,25 @@ def test_a_second_run_is_refused_and_ctrl_c_keeps_finished_rounds_then_resumes(
     assert sorted(leakage["round"].unique()) == [1, 2]
 
 
+def test_a_sigterm_stops_a_run_as_ctrl_c_does(tmp_path: Path) -> None:
+    """A scheduler ending the job: the finished rounds are kept, one line says how to resume,
+    and no crash handler dumps a stack or aborts the process."""
+    out = tmp_path / "run"
+    run = _fedleak("run", "quickstart", *SLOW_ROUNDS, "--out", str(out), start_new_session=True)
+    try:
+        _wait_for(lambda: 1 in _rounds(out), 300, "round 1 to be recorded")
+        run.send_signal(signal.SIGTERM)
+        _, err = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    assert run.returncode == 130, err
+    assert "SIGTERM received" not in err
+    assert err.strip().splitlines()[-1].startswith("fedleak: interrupted: stopped after 1 of 2")
+    assert 1 in _rounds(out) and not (out / "DONE").exists()
+    assert (out / ".fedleak.lock").read_text() == "", "the lock must be released"
+
+
 DOUBLE_CTRL_C = """
 import subprocess, sys, time
 from fedleak.simulations.launch import _stop_on_first_sigint

@@ -9,6 +9,7 @@ to a fresh one (`make_server_app`).
 from __future__ import annotations
 
 import logging
+import threading
 
 from flwr.app import Context
 from flwr.common.logger import FLOWER_LOGGER
@@ -38,14 +39,18 @@ def make_server_app(
     config: RunConfig | None = None,
     clients: int | None = None,
     client_threads: int | None = None,
+    serving: list[threading.Thread] | None = None,
 ) -> ServerApp:
     """A ServerApp bound to `config`, or reading Flower's run config when None (`flwr run`);
     `clients`, when known, is how many supernodes the run waits for before its first round,
-    and `client_threads` the torch threads each client computes with (`serve`)."""
+    and `client_threads` the torch threads each client computes with (`serve`). The thread
+    that runs the study is added to `serving`, for a caller that must wait for it."""
     server = ServerApp()
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
+        if serving is not None:
+            serving.append(threading.current_thread())
         if config is None and not any(isinstance(f, OneLineErrors) for f in FLOWER_LOGGER.filters):
             FLOWER_LOGGER.addFilter(OneLineErrors())
         resolved = config or parse_flat(context.run_config)

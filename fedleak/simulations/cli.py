@@ -394,6 +394,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     reuse_freed_memory()
     verbose = "--verbose" in argv
+    if not verbose:
+        # Ray's crash handler (read when Ray is imported) dumps a stack for a SIGTERM and then
+        # aborts (exit -6): a scheduler's SIGTERM is a stop, not a crash. --verbose keeps it.
+        os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     args: argparse.Namespace | None = None
     try:
         args = parser().parse_args(argv)

@@ -99,6 +99,12 @@ def run_study(
             raise StudyFailed(f"run failed: {failure}") from None
         except (RunInterrupted, KeyboardInterrupt):
             raise StudyInterrupted(out, _finished(out), config.num_server_rounds) from None
+        except SystemExit as exit_:
+            # Ray's driver turns SIGTERM (a scheduler ending the job) into SystemExit(15): a
+            # stop like Ctrl-C's, after which the finished rounds are kept and resumable.
+            if exit_.code != signal.SIGTERM:
+                raise
+            raise StudyInterrupted(out, _finished(out), config.num_server_rounds) from None
         except RuntimeError as error:
             if type(error) is not RuntimeError:  # fedleak's own, which say what happened
                 raise
@@ -149,11 +155,14 @@ def simulate(
     # (measured here: one IG job 25 s with two threads, 2 s with one).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    started_before = set(threading.enumerate())
+    serving: list[threading.Thread] = []
     try:
         run_simulation(
             server_app=make_server_app(
-                config, clients=num_clients, client_threads=client_threads(client_cpus)
+                config,
+                clients=num_clients,
+                client_threads=client_threads(client_cpus),
+                serving=serving,
             ),
             client_app=make_client_app(config, threads=client_threads(client_cpus)),
             num_supernodes=num_clients,
@@ -163,20 +172,26 @@ def simulate(
             },
             verbose_logging=verbose,
         )
+    except SystemExit:
+        # A SIGTERM (Ray's handler raises SystemExit) left the engine's threads waiting on
+        # clients' results that will not come: shut Ray down so that they end, or the
+        # interpreter would wait for them forever at exit.
+        _end_server_thread(serving)
+        import ray
+
+        ray.shutdown()
+        raise
     finally:
         torch.set_num_threads(threads)
-        _end_server_thread(started_before)
+        _end_server_thread(serving)
 
 
-def _end_server_thread(started_before: set[threading.Thread]) -> None:
-    """Flower's simulation engine that crashes stops itself, not the ServerApp's thread, which
-    would go on waiting for replies (holding the run directory's lock, keeping the process
-    alive) until sim.timeout: ask it to stop at its next safe point and wait for it."""
-    left = [
-        thread
-        for thread in threading.enumerate()
-        if thread not in started_before and not thread.daemon and thread.is_alive()
-    ]
+def _end_server_thread(serving: list[threading.Thread]) -> None:
+    """Flower's simulation engine that crashes (or a SIGTERM) stops the engine, not the
+    ServerApp's thread, which would go on waiting for replies (holding the run directory's
+    lock, keeping the process alive) until sim.timeout: ask it to stop at its next safe point
+    and wait for it."""
+    left = [thread for thread in serving if thread.is_alive()]
     if not left:
         return
     asked = not stop_requested()
