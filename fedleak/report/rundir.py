@@ -446,16 +446,6 @@ class RunDirectory:
         atomic_write(self.path / UTILITY_FILE, _csv_bytes(utility))
         self._utility = utility
 
-    def append_leakage(
-        self, server_round: int, leakage_rows: Sequence[Mapping[str, object]]
-    ) -> None:
-        """Add rows to a round recorded before: attacks that finished after their round ended
-        (a worker pool) land under the round whose update they attacked."""
-        if not leakage_rows:
-            return
-        new_leakage = self._leakage_frame(server_round, leakage_rows)
-        self._store_leakage(_concat(self.leakage(), new_leakage))
-
     def _leakage_frame(
         self, server_round: int, leakage_rows: Sequence[Mapping[str, object]]
     ) -> pd.DataFrame:

@@ -23,6 +23,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+import ray
 import torch
 
 from fedleak.client.app import make_client_app
@@ -177,8 +178,6 @@ def simulate(
         # clients' results that will not come: shut Ray down so that they end, or the
         # interpreter would wait for them forever at exit.
         _end_server_thread(serving)
-        import ray
-
         ray.shutdown()
         raise
     finally:
