@@ -6,8 +6,16 @@ import ast
 import dataclasses
 from pathlib import Path
 
+import pytest
+import torch
+
 import fedleak
 from fedleak.attacks.types import AttackerKnowledge, Observation
+from fedleak.config import parse_flat
+from fedleak.defenses import parse_defense_spec
+from fedleak.runtime import federated_data, model_spec
+from fedleak.seeds import attacker_seed, mix_seed
+from fedleak.server.build import build_strategy
 
 PACKAGE = Path(fedleak.__file__).parent
 
@@ -123,3 +131,37 @@ def test_every_room_is_checked() -> None:
     modules = {p.name for p in PACKAGE.glob("*.py")} - {"__init__.py"}
     checked = set(ALLOWED) | {f"{leaf}.py" for leaf in SHARED}
     assert rooms | modules <= checked, sorted((rooms | modules) - checked)
+
+
+def _client_noise(seed: int, partition: int, server_round: int) -> dict[str, torch.Tensor]:
+    """Gaussian noise on a zero update, drawn as a client draws it (fedleak.client.app)."""
+    generator = torch.Generator().manual_seed(mix_seed(seed, partition, server_round, 0xDEF))
+    zero = {"w": torch.zeros(256)}
+    return parse_defense_spec("gauss:0.1").share(zero, 1, generator)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_attacks_cannot_replay_the_clients_random_draws(workers: int) -> None:
+    """Attacks are seeded from their own stream: with the run's seed an attack could redraw a
+    client's noise and subtract it; with the seed it is given, the replay misses."""
+    config = parse_flat(
+        {
+            "seed": 7,
+            "defense.spec": "gauss:0.1",
+            "attack.names": "ig,dlg",
+            "attack.workers": workers,
+        }
+    )
+    fd = federated_data(config, 2)
+    strategy = build_strategy(config, model_spec(config, fd), fd, torch.device("cpu"), 0)
+    runner = strategy.runner
+    knowledge = runner.knowledge
+    given = {knowledge.seed} | {attack.seed for attack in getattr(runner, "attacks", {}).values()}
+    if workers:
+        given.add(runner.seed)
+    assert given == {attacker_seed(7)} and 7 not in given
+    noise = _client_noise(7, partition=1, server_round=3)["w"]
+    assert torch.equal(_client_noise(7, 1, 3)["w"], noise)  # the replay works with the run's seed
+    replayed = _client_noise(knowledge.seed, 1, 3)["w"]
+    left = noise - replayed
+    assert left.norm() > noise.norm()  # subtracting an independent draw adds noise

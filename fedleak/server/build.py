@@ -21,6 +21,7 @@ from fedleak.attacks.types import AttackerKnowledge, Budget, is_reference
 from fedleak.config import RunConfig, attacked_rounds
 from fedleak.data import FederatedData, auxiliary
 from fedleak.models import ModelSpec, build_model
+from fedleak.seeds import attacker_seed
 from fedleak.server.auditor import Auditor
 from fedleak.server.central_dp import CentralDP
 from fedleak.server.rounds import RoundSink
@@ -99,7 +100,7 @@ def build_runner(
 
         return RayAttackPool(config, knowledge, budget)
     attacks = {
-        name: build_attack(name, attack.params.get(name, {}), seed=config.seed)
+        name: build_attack(name, attack.params.get(name, {}), seed=knowledge.seed)
         for name in attack.names
     }
     return InlineRunner(attacks, knowledge, budget)
@@ -110,7 +111,7 @@ def reference_attacks(config: RunConfig) -> frozenset[str]:
     return frozenset(
         name
         for name in config.attack.names
-        if is_reference(build_attack(name, config.attack.params.get(name, {}), seed=config.seed))
+        if is_reference(build_attack(name, config.attack.params.get(name, {})))
     )
 
 
@@ -153,7 +154,7 @@ def build_strategy(
         input_shape=fd.dataset.input_shape,
         num_classes=fd.dataset.num_classes,
         device=device,
-        seed=config.seed,
+        seed=attacker_seed(config.seed),
     )
     attack = config.attack
     budget = Budget(

@@ -248,11 +248,11 @@ class RayAttackPool:
         self.worker_cpus = attack.worker_cpus
         self.worker_gpus = attack.worker_gpus
         self.device = config.device
-        self.seed = config.seed
+        self.seed = knowledge.seed
         self.specs = {name: dict(attack.params.get(name, {})) for name in attack.names}
         # Built here too: bad parameters fail before the run, and routing needs to know state.
         built = {
-            name: build_attack(name, self.specs[name], seed=config.seed) for name in attack.names
+            name: build_attack(name, self.specs[name], seed=self.seed) for name in attack.names
         }
         self.stateful = {name for name in attack.names if attack_entry(name).stateful}
         self.batched = {name for name, a in built.items() if isinstance(a, BatchAttack)}

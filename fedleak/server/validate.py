@@ -212,7 +212,7 @@ def check_attacks(config: RunConfig, fd: FederatedData, num_clients: int) -> Non
     elif config.threat.view == "aggregate":
         targets *= clients_per_round(config, num_clients)
     for name in config.attack.names:
-        attack = build_attack(name, config.attack.params.get(name, {}), seed=config.seed)
+        attack = build_attack(name, config.attack.params.get(name, {}))
         check = getattr(attack, "check_feasible", None)
         if check is None:
             continue
