@@ -8,9 +8,12 @@ on disk. Imports nothing from fedleak: every room may ask.
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Callable, Iterator
 
 _STOP = threading.Event()
+_LAST_WORDS: list[Callable[[], None]] = []
 
 
 class RunInterrupted(Exception):
@@ -36,3 +39,23 @@ def raise_if_stopped(where: str) -> None:
     """`RunInterrupted` if a stop was requested; `where` names the safe point for the message."""
     if _STOP.is_set():
         raise RunInterrupted(f"stopped on request {where}")
+
+
+@contextlib.contextmanager
+def last_words(callback: Callable[[], None]) -> Iterator[None]:
+    """While inside, a stop at once (the second Ctrl-C, which skips every `finally`) first
+    calls `callback`: a sweep marks its running cell interrupted instead of leaving it
+    "running" in its manifest."""
+    _LAST_WORDS.append(callback)
+    try:
+        yield
+    finally:
+        _LAST_WORDS.remove(callback)
+
+
+def say_last_words() -> None:
+    """Call the registered callbacks, innermost first; one that fails must not keep the
+    process from stopping."""
+    for callback in reversed(_LAST_WORDS):
+        with contextlib.suppress(Exception):
+            callback()

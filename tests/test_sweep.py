@@ -412,13 +412,15 @@ def waiting_runner(config: RunConfig, path: Path) -> Path:
     return fake_runner(config, path)
 
 
-PARALLEL_CTRL_C = """
+# A sweep in a process of its own: argv = sweep file, out dir, the runner's name in this file.
+INTERRUPTIBLE_SWEEP = """
 import sys
 from pathlib import Path
 from fedleak.simulations.sweep import run_sweep
-from test_sweep import waiting_runner
+import test_sweep
+runner = getattr(test_sweep, sys.argv[3])
 try:
-    run_sweep(Path(sys.argv[1]), out_dir=Path(sys.argv[2]), runner=waiting_runner)
+    run_sweep(Path(sys.argv[1]), out_dir=Path(sys.argv[2]), runner=runner)
 except KeyboardInterrupt as error:
     print(f"interrupted: {error}", flush=True)
     sys.exit(130)
@@ -428,7 +430,7 @@ except KeyboardInterrupt as error:
 def test_ctrl_c_stops_a_parallel_sweep_and_starts_no_queued_cell(tmp_path: Path) -> None:
     source = _write(tmp_path, GRID.replace("num-clients = 2", "num-clients = 2\nparallel = 2"))
     child = subprocess.Popen(
-        [sys.executable, "-c", PARALLEL_CTRL_C, str(source), str(tmp_path)],
+        [sys.executable, "-c", INTERRUPTIBLE_SWEEP, str(source), str(tmp_path), "waiting_runner"],
         env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -450,6 +452,90 @@ def test_ctrl_c_stops_a_parallel_sweep_and_starts_no_queued_cell(tmp_path: Path)
     assert len(list(sweep_dir.glob("*/started"))) == 2, "a queued cell started after Ctrl-C"
     statuses = [c["status"] for c in read_manifest(sweep_dir)["cells"]]
     assert statuses == ["interrupted"] * 4
+
+
+def _start_sweep(tmp_path: Path, grid: str, runner: str) -> tuple[subprocess.Popen[str], Path]:
+    """`INTERRUPTIBLE_SWEEP` of `grid` with `runner`, in a session of its own."""
+    source = str(_write(tmp_path, grid))
+    child = subprocess.Popen(
+        [sys.executable, "-c", INTERRUPTIBLE_SWEEP, source, str(tmp_path), runner],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    return child, tmp_path / "tiny"
+
+
+def _started(sweep_dir: Path, cells: int) -> None:
+    deadline = time.monotonic() + 180
+    while len(list(sweep_dir.glob("*/started"))) < cells and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(list(sweep_dir.glob("*/started"))) == cells, "the first cells never ran"
+
+
+def test_sigterm_to_a_parallel_sweep_stops_its_cells_as_ctrl_c_does(tmp_path: Path) -> None:
+    """A scheduler signals the sweep's own process only; its cells must stop with it, not
+    run on orphaned."""
+    child, sweep_dir = _start_sweep(
+        tmp_path, GRID.replace("num-clients = 2", "num-clients = 2\nparallel = 2"), "waiting_runner"
+    )
+    try:
+        _started(sweep_dir, 2)
+        workers = [
+            int(p) for p in Path(f"/proc/{child.pid}/task/{child.pid}/children").read_text().split()
+        ]
+        child.send_signal(signal.SIGTERM)
+        out, _ = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+    assert child.returncode == 130, out
+    assert "interrupted" in out
+    assert len(list(sweep_dir.glob("*/started"))) == 2, "a queued cell started after SIGTERM"
+    assert [c["status"] for c in read_manifest(sweep_dir)["cells"]] == ["interrupted"] * 4
+    assert not list(sweep_dir.glob("*/DONE"))
+    assert all(not Path(f"/proc/{pid}").exists() or _zombie(pid) for pid in workers)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def deaf_runner(config: RunConfig, path: Path) -> Path:
+    """A cell whose next safe point never comes: only a second Ctrl-C ends it."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "started").touch()
+    with _stop_on_first_sigint():
+        time.sleep(120)
+    return fake_runner(config, path)
+
+
+def test_a_second_ctrl_c_leaves_the_running_cell_marked_interrupted(tmp_path: Path) -> None:
+    """The second Ctrl-C leaves at once, skipping every `finally`; sweep.json must still not
+    say that the cell runs."""
+    child, sweep_dir = _start_sweep(tmp_path, GRID, "deaf_runner")  # one cell at a time
+    try:
+        _started(sweep_dir, 1)
+        os.killpg(child.pid, signal.SIGINT)
+        time.sleep(0.5)
+        assert child.poll() is None, "the first Ctrl-C only asks for a stop"
+        os.killpg(child.pid, signal.SIGINT)
+        out, _ = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+    assert child.returncode == 130, out
+    assert [c["status"] for c in read_manifest(sweep_dir)["cells"]] == [
+        "interrupted",
+        "pending",
+        "pending",
+        "pending",
+    ]
 
 
 def test_presets_are_listed_loaded_and_valid() -> None:

@@ -28,7 +28,13 @@ import torch
 
 from fedleak.client.app import make_client_app
 from fedleak.config import RunConfig
-from fedleak.interrupt import RunInterrupted, clear_stop, request_stop, stop_requested
+from fedleak.interrupt import (
+    RunInterrupted,
+    clear_stop,
+    request_stop,
+    say_last_words,
+    stop_requested,
+)
 from fedleak.registry import error_line
 from fedleak.report.rundir import RunDirectory, RunLock
 from fedleak.server.pool import ray_init_args
@@ -238,6 +244,7 @@ def _stop_on_first_sigint() -> Iterator[None]:
     def handler(_signum: int, _frame: object) -> None:
         if stop_requested():
             os.write(2, b"\nfedleak: stopped at once; finished rounds are kept\n")
+            say_last_words()
             _terminate_descendants()
             os._exit(130)
         request_stop()

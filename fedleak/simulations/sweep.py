@@ -61,13 +61,15 @@ import itertools
 import json
 import math
 import multiprocessing
+import os
 import re
 import shutil
 import signal
 import sys
+import threading
 import time
 import tomllib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -75,6 +77,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from fedleak.config import ConfigError, RunConfig, flatten_toml, parse_flat
+from fedleak.interrupt import last_words
 from fedleak.report import collect
 from fedleak.report.collect import MANIFEST
 from fedleak.report.progress import Progress
@@ -491,6 +494,29 @@ def _idle_ignores_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+@contextlib.contextmanager
+def _sigterm_stops_cells() -> Iterator[None]:
+    """A SIGTERM to a parallel sweep (a scheduler ending the job) stops it as a terminal's
+    Ctrl-C does: every cell still running is asked to stop at its next safe point (SIGINT to
+    the pool's processes; idle ones ignore it), a second SIGTERM stops them at once, and the
+    sweep starts no other cell. Without it the cells would run on, orphaned, to their end."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(_signum: int, _frame: object) -> None:
+        for child in multiprocessing.active_children():
+            with contextlib.suppress(OSError):
+                os.kill(child.pid, signal.SIGINT)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _is_run(path: Path) -> bool:
     return (path / "config.toml").is_file()
 
@@ -704,53 +730,63 @@ def _run_plan(
             RunDirectory(paths[cell.id]).clear()
         return dataclasses.replace(cell.config, out_dir=str(paths[cell.id]))
 
+    def mark_interrupted() -> None:
+        # After Ctrl-C, sweep.json must not go on saying that a cell runs or waits.
+        for cell in pending:
+            if status[cell.id]["status"] in ("running", "queued"):
+                status[cell.id] = {"status": "interrupted", "message": "", "seconds": None}
+        _write_manifest(sweep_dir, plan, status)
+
     try:
         if plan.parallel == 1 or len(pending) <= 1:
             for cell in pending:
                 status[cell.id] = {"status": "running", "message": "", "seconds": None}
                 _write_manifest(sweep_dir, plan, status)
                 say(f"  {cell.id}: running")
-                record(cell, _run_cell(runner, fresh(cell), paths[cell.id]))
+                with last_words(mark_interrupted):
+                    record(cell, _run_cell(runner, fresh(cell), paths[cell.id]))
         else:
             context = multiprocessing.get_context("spawn")
             workers = min(plan.parallel, len(pending))
             pool = ProcessPoolExecutor(
                 max_workers=workers, mp_context=context, initializer=_idle_ignores_sigint
             )
-            try:
-                # Cells go to the pool one per free worker: the executor queues one call more
-                # than it has workers, and a queued call cannot be cancelled after a Ctrl-C.
-                queued = list(pending)
-                for cell in queued:
-                    status[cell.id] = {"status": "queued", "message": "", "seconds": None}
-                running: dict[Future[tuple[str, str, float]], Cell] = {}
-                while queued or running:
-                    while queued and len(running) < workers:
-                        cell = queued.pop(0)
-                        future = pool.submit(
-                            _run_cell, runner, fresh(cell), paths[cell.id], f"{cell.id}: "
-                        )
-                        running[future] = cell
-                        status[cell.id] = {"status": "running", "message": "", "seconds": None}
-                    _write_manifest(sweep_dir, plan, status)
-                    finished, _ = wait(running, return_when=FIRST_COMPLETED)
-                    for future in sorted(finished, key=lambda f: pending.index(running[f])):
-                        cell = running.pop(future)
-                        try:
-                            result = future.result()
-                        except Exception as error:  # the worker process itself died
-                            result = ("failed", _one_line(error), 0.0)
-                        record(cell, result)
-            finally:
-                # The running cells stop at their own safe point (a terminal's Ctrl-C reaches
-                # their processes too); nothing else starts.
-                pool.shutdown(wait=True, cancel_futures=True)
+            with _sigterm_stops_cells():
+                try:
+                    # Cells go to the pool one per free worker: the executor queues one call
+                    # more than it has workers, and a queued call cannot be cancelled after a
+                    # Ctrl-C.
+                    queued = list(pending)
+                    for cell in queued:
+                        status[cell.id] = {"status": "queued", "message": "", "seconds": None}
+                    running: dict[Future[tuple[str, str, float]], Cell] = {}
+                    while queued or running:
+                        while queued and len(running) < workers:
+                            cell = queued.pop(0)
+                            future = pool.submit(
+                                _run_cell, runner, fresh(cell), paths[cell.id], f"{cell.id}: "
+                            )
+                            running[future] = cell
+                            status[cell.id] = {
+                                "status": "running",
+                                "message": "",
+                                "seconds": None,
+                            }
+                        _write_manifest(sweep_dir, plan, status)
+                        finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                        for future in sorted(finished, key=lambda f: pending.index(running[f])):
+                            cell = running.pop(future)
+                            try:
+                                result = future.result()
+                            except Exception as error:  # the worker process itself died
+                                result = ("failed", _one_line(error), 0.0)
+                            record(cell, result)
+                finally:
+                    # The running cells stop at their own safe point (a terminal's Ctrl-C
+                    # reaches their processes too); nothing else starts.
+                    pool.shutdown(wait=True, cancel_futures=True)
     except BaseException:
-        # After Ctrl-C, sweep.json must not go on saying that a cell runs or waits.
-        for cell in pending:
-            if status[cell.id]["status"] in ("running", "queued"):
-                status[cell.id] = {"status": "interrupted", "message": "", "seconds": None}
-        _write_manifest(sweep_dir, plan, status)
+        mark_interrupted()
         raise
 
     failed = [cell.id for cell in plan.cells if status[cell.id]["status"] == "failed"]
