@@ -348,6 +348,52 @@ def test_regrouped_pairs_are_fresh_batches_of_the_clients_updates(defense: str) 
     assert not small.regroups
 
 
+@pytest.mark.parametrize(
+    ("defense", "unit"),
+    [
+        ("sign", Unit("gradient", 2, 2, 1, 0.1, contributors=2)),
+        ("prune:0.5+sign", Unit("gradient", 6, 6, 1, 0.1, contributors=3)),
+        ("dpsgd:0.5:0", Unit("gradient", 4, 4, 1, 0.1, contributors=2)),
+    ],
+)
+def test_aggregate_pairs_average_one_release_per_contributor(defense: str, unit: Unit) -> None:
+    """Behind secure aggregation the server sees the mean of the clients' released updates;
+    a pair is built the same way (the mean of signs, not the sign of the mean)."""
+    model, x, y = _small_world("lenet")
+    pipeline = parse_defense_spec(defense)
+    sizes = {n: p.numel() for n, p in model.named_parameters()}
+    featuriser = Featuriser(sizes, None, 0, False, block_normalise=False)
+    groups = make_groups(24, unit.size, torch.Generator().manual_seed(3), torch.device("cpu"))
+    got = PairSource(model, pipeline, unit, x, y, 4, groups, featuriser, 5, 1 << 30).features(
+        torch.Generator()
+    )
+    share = unit.size // unit.contributors
+    for row in (0, groups.shape[0] - 1):
+        releases = [
+            compute_update(
+                model,
+                x[members],
+                y[members],
+                4,
+                pipeline,
+                unit.member().training(),
+                torch.Generator(),
+            ).update
+            for members in groups[row].split(share)
+        ]
+        mean = {k: sum(r[k] for r in releases) / len(releases) for k in releases[0]}
+        expected = featuriser({k: v.unsqueeze(0) for k, v in mean.items()})
+        torch.testing.assert_close(got[row : row + 1], expected, rtol=1e-4, atol=1e-5)
+        one_client = compute_update(
+            model, x[groups[row]], y[groups[row]], 4, pipeline, unit.training(), torch.Generator()
+        ).update
+        if "sign" in defense:  # one client holding the union would have sent a sign
+            alone = featuriser({k: v.unsqueeze(0) for k, v in one_client.items()})
+            assert not torch.allclose(got[row : row + 1], alone)
+    with pytest.raises(ValueError, match="shares differ"):
+        Unit("gradient", 5, 5, 1, 0.1, contributors=2).member()
+
+
 def test_groups_use_every_sample_once_per_shuffle() -> None:
     groups = make_groups(10, 3, torch.Generator().manual_seed(0), torch.device("cpu"))
     assert groups.shape == (9, 3)

@@ -4,7 +4,9 @@ The attacker simulates a client on its own auxiliary data at the current global 
 passes the result through the clients' own `DefensePipeline`, so the inverter learns to undo
 the defense (the attack is adaptive by construction). A pair's *group* is the set of aux
 samples one update is computed from: one sample for B = 1 (or the per-sample threat model),
-B samples for a FedSGD batch, the N examples of a FedAvg client.
+B samples for a FedSGD batch, the N examples of a FedAvg client. In the aggregate-only view a
+group holds every contributor's samples, and its update is the mean of one release per
+contributor (each client defends its own share), as the server observes it.
 
 How a group's update is computed, fastest first:
 - FedSGD, no input encoding, no BatchNorm: per-sample gradients by torch.func (the client's
@@ -28,6 +30,7 @@ deterministic the features themselves are cached; otherwise the pre-release upda
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -51,13 +54,24 @@ UnitKind = Literal["gradient", "delta"]
 
 @dataclass(frozen=True)
 class Unit:
-    """What one observed update is computed from: `size` samples, by FedSGD or FedAvg."""
+    """What one observed update is computed from: `size` samples, by FedSGD or FedAvg, split
+    evenly among `contributors` clients whose released updates were averaged."""
 
     kind: UnitKind
     size: int
     batch_size: int
     local_steps: int
     learning_rate: float
+    contributors: int = 1
+
+    def member(self) -> Unit:
+        """One contributor's share: what each averaged release was computed from."""
+        if self.size % self.contributors:
+            raise ValueError(
+                f"an update of {self.size} samples averaged over {self.contributors} clients: "
+                "the clients' shares differ, and learned attacks need equal ones"
+            )
+        return dataclasses.replace(self, size=self.size // self.contributors, contributors=1)
 
     def training(self) -> LocalTraining:
         """The client's declared local computation for one group."""
@@ -83,6 +97,7 @@ def unit_and_updates(observation: Observation) -> tuple[Unit, Params]:
         observation.batch_size,
         observation.local_steps,
         observation.learning_rate,
+        observation.contributors,
     )
     return unit, {name: u.unsqueeze(0) for name, u in observation.update.items()}
 
@@ -149,6 +164,10 @@ class PairSource:
     and `regroup()` draws fresh groups whose updates are means of kept gradients: a new set of
     training batches every epoch for the price of a mean, so the inverter sees many more
     distinct batches than aux samples (see `regroups` for whether it is active).
+
+    With `unit.contributors` = M > 1 each group [size] is M members of `size / M` samples
+    (consecutive in the group), computed and released one by one and averaged: the pre-release
+    cache and the loops work on members, the pairs (and `groups`) stay whole groups.
     """
 
     def __init__(
@@ -168,6 +187,8 @@ class PairSource:
         self.model = model
         self.pipeline = pipeline
         self.unit = unit
+        self.member = unit.member()
+        self.parts = unit.contributors
         self.aux_x, self.aux_y = aux_x, aux_y
         self.num_classes = num_classes
         self.groups = groups
@@ -184,7 +205,7 @@ class PairSource:
         if unit.kind == "delta" and not self.exact_loop:
             self.mode = "replay"
             protocol = ClientProtocol(
-                "delta", unit.local_steps, unit.batch_size, unit.learning_rate
+                "delta", self.member.local_steps, self.member.batch_size, unit.learning_rate
             )
             self._replay = Replay(model, protocol, bn_mode="infer", device=aux_x.device)
         if simple and self.has_bn:
@@ -204,7 +225,7 @@ class PairSource:
             and unit.size > 1
             and per_sample_bytes <= max_cache_bytes
         )
-        size = groups.shape[0] * featuriser.in_features * 4
+        size = groups.shape[0] * self.parts * featuriser.in_features * 4
         self._keep_raw = (
             not self.fixed and not self.exact_loop and not self.regroups and size <= max_cache_bytes
         )
@@ -234,27 +255,41 @@ class PairSource:
             self._features = features
         return features
 
+    def _members(self) -> Tensor:
+        """The groups cut into their contributors' shares: [P * M, size / M]."""
+        return self.groups.reshape(-1, self.member.size)
+
     def _released(self, rows: slice, generator: torch.Generator) -> Params:
+        """The released updates of the groups `rows`: each member's release, then their mean."""
+        members = slice(rows.start * self.parts, rows.stop * self.parts)
         if self.exact_loop:
-            return self._loop(rows, self.pipeline, generator)
-        if self._keep_raw:
-            if self._raw is None:
-                self._raw = self._all_raw(generator)
-            raw = _index(self._raw, rows)
+            released = self._loop(members, self.pipeline, generator)
         else:
-            raw = self._pre_release(rows, generator)
-        return self._release(raw, generator)
+            if self._keep_raw:
+                if self._raw is None:
+                    self._raw = self._all_raw(generator)
+                raw = _index(self._raw, members)
+            else:
+                raw = self._pre_release(members, generator)
+            released = self._release(raw, generator)
+        if self.parts == 1:
+            return released
+        return {
+            name: u.reshape(-1, self.parts, *u.shape[1:]).mean(dim=1)
+            for name, u in released.items()
+        }
 
     def _all_raw(self, generator: torch.Generator) -> Params:
+        count = self.num_pairs * self.parts
         parts = [
-            self._pre_release(slice(s, min(self.num_pairs, s + self.chunk)), generator)
-            for s in range(0, self.num_pairs, self.chunk)
+            self._pre_release(slice(s, min(count, s + self.chunk)), generator)
+            for s in range(0, count, self.chunk)
         ]
         return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
 
     def _pre_release(self, rows: slice, generator: torch.Generator) -> Params:
-        """Each group's update before the release (clipped mean gradient, or FedAvg delta)."""
-        group = self.groups[rows]
+        """Each member's update before the release (clipped mean gradient, or FedAvg delta)."""
+        group = self._members()[rows]
         if self.regroups:
             return {name: g[group].mean(dim=1) for name, g in self._kept_gradients().items()}
         count, size = group.shape
@@ -289,8 +324,8 @@ class PairSource:
         return self._per_sample
 
     def _release(self, raw: Params, generator: torch.Generator) -> Params:
-        """The defense's release applied to each group independently."""
-        size = self.unit.size
+        """The defense's release applied to each member independently."""
+        size = self.member.size
         if self.unit.kind == "gradient" and size > 1 and self.pipeline.find(DPSGD) is not None:
             # DP noise on a mean of `size` clipped gradients has std Z*C/size: share() per group.
             count = next(iter(raw.values())).shape[0]
@@ -303,11 +338,11 @@ class PairSource:
         return self.pipeline.share_each(raw, generator)
 
     def _loop(self, rows: slice, pipeline: DefensePipeline, generator: torch.Generator) -> Params:
-        """`compute_update` of each group: the client's computation, one group at a time."""
-        training = self.unit.training()
+        """`compute_update` of each member: the client's computation, one at a time."""
+        training = self.member.training()
         members = torch.arange(self.aux_x.shape[0])
         updates = []
-        for group in self.groups[rows]:
+        for group in self._members()[rows]:
             update = compute_update(
                 self.model,
                 self.aux_x[group],
