@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -18,6 +19,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import pandas as pd
 import pytest
@@ -32,9 +34,18 @@ START_TIMEOUT = 120.0
 
 
 def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A free port outside the kernel's ephemeral range (32768-60999) and Ray's worker ports
+    (10002-19999), where another test's Ray, which takes both, cannot grab it between this
+    check and `ray start`."""
+    rng = random.Random()
+    while True:
+        port = rng.randrange(20000, 32000)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
 def _pids_mentioning(text: str) -> list[int]:
@@ -81,6 +92,27 @@ def ray_cluster() -> Iterator[tuple[str, Path]]:
         pytest.skip("a Ray runtime is already up in this process")
     # Short: Ray's unix socket paths live under it and must stay below ~107 characters.
     temp_dir = tempfile.mkdtemp(prefix="fedleak-ray-", dir="/tmp")
+    head, log = _start_head(temp_dir)
+    if head is None:  # a port was taken after all: once more on other ports
+        log.close()
+        head, log = _start_head(temp_dir)
+    try:
+        if head is None:
+            tail = (Path(temp_dir) / "head.log").read_text(errors="replace")[-2000:]
+            pytest.fail(f"ray start --head did not come up:\n{tail}")
+        yield (Path(temp_dir) / "ray_current_cluster").read_text().strip(), Path(temp_dir)
+    finally:
+        if head is not None:
+            _stop(head, temp_dir)
+        log.close()
+        left = _pids_mentioning(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        assert not left, f"cluster processes still running: {left}"
+
+
+def _start_head(temp_dir: str) -> tuple[subprocess.Popen | None, IO[bytes]]:
+    """`ray start --head` on fresh ports, once its address is written; None if it exited
+    first (its log is in `temp_dir`/head.log)."""
     command = [
         str(RAY),
         "start",
@@ -98,7 +130,7 @@ def ray_cluster() -> Iterator[tuple[str, Path]]:
         f"--ray-client-server-port={_free_port()}",
         "--disable-usage-stats",
     ]
-    log = open(Path(temp_dir) / "head.log", "wb")  # noqa: SIM115 - closed below
+    log = open(Path(temp_dir) / "head.log", "wb")  # noqa: SIM115 - the fixture closes it
     head = subprocess.Popen(
         command,
         stdout=log,
@@ -106,21 +138,14 @@ def ray_cluster() -> Iterator[tuple[str, Path]]:
         env={**os.environ, "RAY_TMPDIR": temp_dir},
         start_new_session=True,
     )
-    try:
-        address_file = Path(temp_dir) / "ray_current_cluster"
-        deadline = time.monotonic() + START_TIMEOUT
-        while not address_file.exists() or not address_file.read_text().strip():
-            if head.poll() is not None or time.monotonic() > deadline:
-                tail = (Path(temp_dir) / "head.log").read_text(errors="replace")[-2000:]
-                pytest.fail(f"ray start --head did not come up:\n{tail}")
-            time.sleep(0.2)
-        yield address_file.read_text().strip(), Path(temp_dir)
-    finally:
-        _stop(head, temp_dir)
-        log.close()
-        left = _pids_mentioning(temp_dir)
-        shutil.rmtree(temp_dir, ignore_errors=True)
-        assert not left, f"cluster processes still running: {left}"
+    address_file = Path(temp_dir) / "ray_current_cluster"
+    deadline = time.monotonic() + START_TIMEOUT
+    while not address_file.exists() or not address_file.read_text().strip():
+        if head.poll() is not None or time.monotonic() > deadline:
+            _stop(head, temp_dir)
+            return None, log
+        time.sleep(0.2)
+    return head, log
 
 
 def test_a_two_round_study_runs_on_an_existing_cluster(
