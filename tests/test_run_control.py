@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from processes import children, ended
 
 from fedleak.simulations.cli import main
 
@@ -156,9 +157,7 @@ def test_a_second_ctrl_c_exits_at_once_and_ends_the_processes_the_run_started() 
     )
     try:
         child = int(run.stdout.readline())  # type: ignore[union-attr]
-        grandchildren = [
-            int(p) for p in Path(f"/proc/{child}/task/{child}/children").read_text().split()
-        ]
+        grandchildren = children(child)
         assert grandchildren, "the child's sleep must have started"
         run.send_signal(signal.SIGINT)
         time.sleep(0.5)
@@ -173,15 +172,7 @@ def test_a_second_ctrl_c_exits_at_once_and_ends_the_processes_the_run_started() 
         "fedleak: stopped at once; finished rounds are kept"
     )
     _wait_for(
-        lambda: all(_ended(pid) for pid in [child, *grandchildren]),
+        lambda: all(ended(pid) for pid in [child, *grandchildren]),
         10,
         "the run's child processes to end",
     )
-
-
-def _ended(pid: int) -> bool:
-    """Gone, or a zombie that waits for a reaper (a container's init may never reap it)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True

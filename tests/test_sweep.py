@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from processes import children, ended
 
 from fedleak.config import ConfigError, RunConfig
 from fedleak.interrupt import stop_requested
@@ -483,9 +484,7 @@ def test_sigterm_to_a_parallel_sweep_stops_its_cells_as_ctrl_c_does(tmp_path: Pa
     )
     try:
         _started(sweep_dir, 2)
-        workers = [
-            int(p) for p in Path(f"/proc/{child.pid}/task/{child.pid}/children").read_text().split()
-        ]
+        workers = children(child.pid)
         child.send_signal(signal.SIGTERM)
         out, _ = child.communicate(timeout=60)
     finally:
@@ -499,17 +498,9 @@ def test_sigterm_to_a_parallel_sweep_stops_its_cells_as_ctrl_c_does(tmp_path: Pa
     # The pool's processes end with the sweep (multiprocessing's resource tracker, also a
     # child, may take a moment after it).
     deadline = time.monotonic() + 20
-    while not all(_ended(pid) for pid in workers) and time.monotonic() < deadline:
+    while not all(ended(pid) for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert all(_ended(pid) for pid in workers), [p for p in workers if not _ended(p)]
-
-
-def _ended(pid: int) -> bool:
-    """Gone, or a zombie that waits for a reaper (a container's init may never reap it)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
+    assert all(ended(pid) for pid in workers), [p for p in workers if not ended(p)]
 
 
 def deaf_runner(config: RunConfig, path: Path) -> Path:
