@@ -476,14 +476,17 @@ def _started(sweep_dir: Path, cells: int) -> None:
     assert len(list(sweep_dir.glob("*/started"))) == cells, "the first cells never ran"
 
 
-def test_sigterm_to_a_parallel_sweep_stops_its_cells_as_ctrl_c_does(tmp_path: Path) -> None:
+@pytest.mark.parametrize("parallel", [1, 2])
+def test_sigterm_to_a_sweep_stops_its_cells_as_ctrl_c_does(tmp_path: Path, parallel: int) -> None:
     """A scheduler signals the sweep's own process only; its cells must stop with it, not
-    run on orphaned."""
+    run on orphaned (in the pool's processes) or be cut anywhere (in-process)."""
     child, sweep_dir = _start_sweep(
-        tmp_path, GRID.replace("num-clients = 2", "num-clients = 2\nparallel = 2"), "waiting_runner"
+        tmp_path,
+        GRID.replace("num-clients = 2", f"num-clients = 2\nparallel = {parallel}"),
+        "waiting_runner",
     )
     try:
-        _started(sweep_dir, 2)
+        _started(sweep_dir, parallel)
         workers = children(child.pid)
         child.send_signal(signal.SIGTERM)
         out, _ = child.communicate(timeout=60)
@@ -491,9 +494,12 @@ def test_sigterm_to_a_parallel_sweep_stops_its_cells_as_ctrl_c_does(tmp_path: Pa
         if child.poll() is None:
             os.killpg(child.pid, signal.SIGKILL)
     assert child.returncode == 130, out
-    assert "interrupted" in out
-    assert len(list(sweep_dir.glob("*/started"))) == 2, "a queued cell started after SIGTERM"
-    assert [c["status"] for c in read_manifest(sweep_dir)["cells"]] == ["interrupted"] * 4
+    assert out.count("stopping at the next safe point") == parallel, out  # as Ctrl-C
+    assert len(list(sweep_dir.glob("*/started"))) == parallel, "a cell started after SIGTERM"
+    statuses = [c["status"] for c in read_manifest(sweep_dir)["cells"]]
+    assert statuses == ["interrupted"] * (4 if parallel > 1 else 1) + ["pending"] * (
+        0 if parallel > 1 else 3
+    )
     assert not list(sweep_dir.glob("*/DONE"))
     # The pool's processes end with the sweep (multiprocessing's resource tracker, also a
     # child, may take a moment after it).

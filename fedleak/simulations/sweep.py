@@ -494,23 +494,25 @@ def _idle_ignores_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def _sigterm_as_ctrl_c(_signum: int, _frame: object) -> None:
+    """A sweep's SIGTERM (a scheduler ending the job) is a terminal's Ctrl-C: SIGINT to the
+    cells running in the pool's processes (idle ones ignore it) and to this process, where a
+    study running in-process stops at its next safe point and otherwise the sweep stops
+    between cells. A second SIGTERM is a second Ctrl-C. Without it a parallel sweep's cells
+    would run on, orphaned, to their end."""
+    for child in multiprocessing.active_children():
+        with contextlib.suppress(OSError):
+            os.kill(child.pid, signal.SIGINT)
+    signal.raise_signal(signal.SIGINT)
+
+
 @contextlib.contextmanager
-def _sigterm_stops_cells() -> Iterator[None]:
-    """A SIGTERM to a parallel sweep (a scheduler ending the job) stops it as a terminal's
-    Ctrl-C does: every cell still running is asked to stop at its next safe point (SIGINT to
-    the pool's processes; idle ones ignore it), a second SIGTERM stops them at once, and the
-    sweep starts no other cell. Without it the cells would run on, orphaned, to their end."""
+def _sigterm_stops_the_sweep() -> Iterator[None]:
+    """`_sigterm_as_ctrl_c` while inside (main thread only: elsewhere Python's default stays)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-
-    def handler(_signum: int, _frame: object) -> None:
-        for child in multiprocessing.active_children():
-            with contextlib.suppress(OSError):
-                os.kill(child.pid, signal.SIGINT)
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = signal.signal(signal.SIGTERM, _sigterm_as_ctrl_c)
     try:
         yield
     finally:
@@ -738,20 +740,21 @@ def _run_plan(
         _write_manifest(sweep_dir, plan, status)
 
     try:
-        if plan.parallel == 1 or len(pending) <= 1:
-            for cell in pending:
-                status[cell.id] = {"status": "running", "message": "", "seconds": None}
-                _write_manifest(sweep_dir, plan, status)
-                say(f"  {cell.id}: running")
-                with last_words(mark_interrupted):
-                    record(cell, _run_cell(runner, fresh(cell), paths[cell.id]))
-        else:
-            context = multiprocessing.get_context("spawn")
-            workers = min(plan.parallel, len(pending))
-            pool = ProcessPoolExecutor(
-                max_workers=workers, mp_context=context, initializer=_idle_ignores_sigint
-            )
-            with _sigterm_stops_cells():
+        with _sigterm_stops_the_sweep():
+            if plan.parallel == 1 or len(pending) <= 1:
+                for cell in pending:
+                    status[cell.id] = {"status": "running", "message": "", "seconds": None}
+                    _write_manifest(sweep_dir, plan, status)
+                    say(f"  {cell.id}: running")
+                    # Again for each cell: a study's Ray replaces the handler and leaves its own.
+                    with _sigterm_stops_the_sweep(), last_words(mark_interrupted):
+                        record(cell, _run_cell(runner, fresh(cell), paths[cell.id]))
+            else:
+                context = multiprocessing.get_context("spawn")
+                workers = min(plan.parallel, len(pending))
+                pool = ProcessPoolExecutor(
+                    max_workers=workers, mp_context=context, initializer=_idle_ignores_sigint
+                )
                 try:
                     # Cells go to the pool one per free worker: the executor queues one call
                     # more than it has workers, and a queued call cannot be cancelled after a
