@@ -36,8 +36,9 @@ public pool and client partitions for `num-clients` clients); bad files raise `S
 with one line.
 
 Cells live in `<out>/<name>/cell-XXX-<short description>/`, listed with their status in
-`sweep.json` (pending, queued, running, done, failed, skipped, or interrupted after Ctrl-C).
-A cell is finished when its `utility.csv` records every configured round; a
+`sweep.json` (pending, queued, running, done, failed, skipped, or interrupted after Ctrl-C or
+SIGTERM, which stop the running cells at their safe point).
+A cell is finished when its run wrote DONE (every configured round recorded and checked); a
 rerun skips finished cells and starts unfinished ones again from scratch. With
 `skip-unavailable-data`, cells whose data set is not on disk (e.g. CIFAR-10 offline) are
 recorded as skipped instead of failing, and a later rerun tries them again.
