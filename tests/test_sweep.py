@@ -429,21 +429,11 @@ except KeyboardInterrupt as error:
 
 
 def test_ctrl_c_stops_a_parallel_sweep_and_starts_no_queued_cell(tmp_path: Path) -> None:
-    source = _write(tmp_path, GRID.replace("num-clients = 2", "num-clients = 2\nparallel = 2"))
-    child = subprocess.Popen(
-        [sys.executable, "-c", INTERRUPTIBLE_SWEEP, str(source), str(tmp_path), "waiting_runner"],
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
+    child, sweep_dir = _start_sweep(
+        tmp_path, GRID.replace("num-clients = 2", "num-clients = 2\nparallel = 2"), "waiting_runner"
     )
-    sweep_dir = tmp_path / "tiny"
     try:
-        deadline = time.monotonic() + 180
-        while len(list(sweep_dir.glob("*/started"))) < 2 and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert len(list(sweep_dir.glob("*/started"))) == 2, "the two parallel cells never ran"
+        _started(sweep_dir, 2)
         os.killpg(child.pid, signal.SIGINT)  # a terminal's Ctrl-C: every process of the sweep
         out, _ = child.communicate(timeout=60)
     finally:

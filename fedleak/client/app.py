@@ -28,6 +28,11 @@ class InjectedClientFailure(RuntimeError):
     """Raised on purpose (`sim.fail-rate`) to exercise the server's handling of failed clients."""
 
 
+def defense_seed(run_seed: int, partition_id: int, server_round: int) -> int:
+    """The seed of a client's defense draws (noise, masks, MixUp partners) in one round."""
+    return mix_seed(run_seed, partition_id, server_round, 0xDEF)
+
+
 def train_reply(msg: Message, context: Context, config: RunConfig) -> Message:
     """Compute this client's update for the round and package it with its audit record."""
     partition_id = int(context.node_config["partition-id"])
@@ -52,7 +57,7 @@ def train_reply(msg: Message, context: Context, config: RunConfig) -> Message:
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     model.to(device)
     generator = torch.Generator(device=device)
-    generator.manual_seed(mix_seed(config.seed, partition_id, server_round, 0xDEF))
+    generator.manual_seed(defense_seed(config.seed, partition_id, server_round))
     public = fd.public_inputs().to(device) if fd.public.size else None
     update = compute_update(
         model,
