@@ -162,6 +162,23 @@ def test_an_error_while_scoring_becomes_a_failed_row() -> None:
     assert rows[0]["message"].startswith("auditor: ") and rows[0]["defense"] == "none"
 
 
+def test_a_diverged_run_leaves_a_row_per_private_sample_and_a_failed_one_a_single_row() -> None:
+    truth = GroundTruth(0, _images(3, 0), torch.tensor([0, 1, 2]))
+    nan = torch.full((3, 1, 4, 4), math.nan)
+    auditor = Auditor(lpips_nets=())
+    diverged = Reconstruction(inputs=nan, labels=None, status="nan", message="NaN")
+    rows = auditor.score(_observation(3), "a", diverged, truth, {})
+    assert [(r["sample"], r["target_index"], r["status"]) for r in rows] == [
+        (i, i, "nan") for i in range(3)
+    ]
+    assert all(r["scored_against"] == "original" and "psnr" not in r for r in rows)
+    failed = Reconstruction(inputs=torch.empty(0), labels=None, status="failed", message="x")
+    rows = auditor.score(_observation(3), "a", failed, truth, {})
+    assert len(rows) == 1 and rows[0]["sample"] == -1
+    # Without ground truth there is nothing to count: one row, as for a failed run.
+    assert len(auditor.score(_observation(3), "a", diverged, None, {})) == 1
+
+
 def test_rows_carry_the_matching_losses_and_the_convergence_rule() -> None:
     truth = GroundTruth(0, _images(3, 0), torch.tensor([0, 1, 2]))
     guess = Reconstruction(

@@ -51,8 +51,9 @@ def _make_run(
     epsilon: bool = False,
     central: tuple[float, float] = (0.0, 0.0),
 ) -> None:
-    """A plausible run: the floor and two attacks on two clients, one failed attack run, and
-    image grids whose pixels agree with the rows' PSNR (LPIPS is a function of the PSNR)."""
+    """A plausible run: the floor and two attacks on two clients, one failed and one diverged
+    attack run, and image grids whose pixels agree with the rows' PSNR (LPIPS is a function of
+    the PSNR)."""
     config = parse_flat(
         {
             "name": "fixture",
@@ -81,6 +82,20 @@ def _make_run(
                             "message": "RuntimeError: diverged",
                         }
                     )
+                    continue
+                if attack == "dlg" and r == 3 and client == 0:
+                    # Diverged: one row per private sample, no metrics (as the auditor writes).
+                    rows += [
+                        {
+                            "client_id": client,
+                            "attack": attack,
+                            "sample": sample,
+                            "target_index": sample,
+                            "status": "nan",
+                            "message": "reconstruction contains NaN or inf",
+                        }
+                        for sample in range(batch_size)
+                    ]
                     continue
                 if noise is None:
                     recon = torch.full_like(truth, 0.45)
@@ -192,13 +207,15 @@ def _expected_mean(values: pd.Series, digits: int) -> str:
 
 
 def _successes(leakage: pd.DataFrame, attack: str) -> tuple[int, int]:
-    """(k, n) by the documented rule: LPIPS at most SUCCESS_FRACTION x the floor's, per sample."""
+    """(k, n) by the documented rule: LPIPS at most SUCCESS_FRACTION x the floor's, per sample;
+    every sample of a diverged run counts as not reconstructed."""
     ok = leakage[(leakage["status"] == "ok") & (leakage["scored_against"] == "original")]
     keys = ["round", "client_id", "target_index"]
     floor = ok[ok["attack"] == "aux-mean"][[*keys, "lpips_alex"]]
     pairs = ok[ok["attack"] == attack].merge(floor, on=keys, suffixes=("", "_floor"))
     hits = pairs["lpips_alex"] <= SUCCESS_FRACTION * pairs["lpips_alex_floor"]
-    return int(hits.sum()), len(pairs)
+    diverged = leakage[(leakage["status"] == "nan") & (leakage["attack"] == attack)]
+    return int(hits.sum()), len(pairs) + len(diverged)
 
 
 def test_order_statistic_interval_has_the_tabulated_ranks() -> None:
@@ -261,15 +278,19 @@ def test_run_tables_match_the_parquet(run_report: Path) -> None:
     assert 0 < _successes(leakage, "ig")[0] < _successes(leakage, "ig")[1]  # a mixed result
     summary = {row[1]: row for row in _table(markdown, "Summary")[1:]}
     ig = ok[(ok["attack"] == "ig") & (ok["scored_against"] == "original")]
-    # One ig run failed: its samples are in no figure of the row, which says so.
-    assert summary["ig"][2] == f"{len(ig)} ‡" and summary["dlg"][2] == str(
-        len(ok[(ok["attack"] == "dlg") & (ok["scored_against"] == "original")])
-    )
+    # One ig run failed: its samples are in no figure of the row, which says so. One dlg run
+    # diverged: its two samples are in the success rate (as not reconstructed), not in n.
+    dlg = ok[(ok["attack"] == "dlg") & (ok["scored_against"] == "original")]
+    assert summary["ig"][2] == f"{len(ig)} ‡" and summary["dlg"][2] == f"{len(dlg)} ‡"
+    assert _successes(leakage, "dlg")[1] == len(dlg) + 2
+    k, n = _successes(leakage, "dlg")
+    assert summary["dlg"][3].startswith(f"{100 * k / n:.0f}% ({k}/{n}) [")
     assert "‡: some of the attack's runs failed or diverged" in markdown
     assert summary["ig"][6] == _expected_mean(ig["lpips_alex"], 3)
     assert summary["aux-mean (floor)"][3] == "–"
     failures = _table(markdown, "Failed attack runs")
-    assert failures[1][1:5] == ["ig", "none", "failed", "1 of 6"]
+    assert failures[1][1:5] == ["dlg", "none", "nan", "1 of 6"]
+    assert failures[2][1:5] == ["ig", "none", "failed", "1 of 6"]
 
 
 def test_verdict_quotes_numbers_from_the_tables(run_report: Path) -> None:
@@ -282,7 +303,7 @@ def test_verdict_quotes_numbers_from_the_tables(run_report: Path) -> None:
     assert verdict.startswith(
         f"Without a defense, ig leaks most (closest by median LPIPS): it reconstructed {k}/{n} ("
     )
-    assert "(1 ig attack run failed or diverged and is not counted)" in verdict
+    assert "(1 ig attack run failed and was not counted)" in verdict
     assert f"median PSNR {median:.2f} dB" in verdict
     assert "against the aux-mean floor's" in verdict
     utility = pd.read_csv(run_report / "utility.csv")

@@ -84,8 +84,11 @@ def scored(leakage: pd.DataFrame) -> pd.DataFrame:
 
 
 def originals(leakage: pd.DataFrame) -> pd.DataFrame:
-    """Scored rows against the private originals, with a `success` column (`stats.successes`)."""
-    rows = scored(leakage)
+    """Rows against the private originals, with a `success` column (`stats.successes`): the
+    scored ones, and one per private sample of each run that diverged (no metrics, success 0:
+    an attack that diverged reconstructed nothing, and leaving it out would flatter it)."""
+    diverged = (leakage["status"] == "nan") & (leakage["sample"] >= 0)
+    rows = leakage[(leakage["status"] == "ok") | diverged]
     rows = rows[rows["scored_against"] == "original"].copy()
     rows["success"] = successes(rows, lpips_column(rows)) if len(rows) else np.nan
     return rows
@@ -292,8 +295,11 @@ class SettingSummary:
     token_acc: Median = NO_MEDIAN
     token_acc_mean: tuple[float, float, int] = (math.nan, math.nan, 0)
     rougeL: Median = NO_MEDIAN
-    # Attack runs that failed or diverged: their samples are in no figure above.
+    # Attack runs that failed: their samples are in no figure above.
     left_out: int = 0
+    # Attack runs that diverged (NaN): their samples count as not reconstructed in `success`
+    # and are in no median or mean.
+    diverged: int = 0
 
     @property
     def tokens(self) -> bool:
@@ -313,11 +319,12 @@ def setting_summaries(study: Study) -> list[SettingSummary]:
             sub = rows[(rows["group"] == group) & (rows["defense"] == defense)]
             for attack, reference in attack_order(sub):
                 cell = sub[sub["attack"] == attack]
-                left_out = unfinished[
+                unfinished_here = unfinished[
                     (unfinished["group"] == group)
                     & (unfinished["defense"] == defense)
                     & (unfinished["attack"] == attack)
                 ]
+                diverged = int((unfinished_here["status"] == "nan").sum())
                 out.append(
                     SettingSummary(
                         group=group,
@@ -333,7 +340,8 @@ def setting_summaries(study: Study) -> list[SettingSummary]:
                         token_acc=median_interval(cell["token_acc"]),
                         token_acc_mean=mean_ci(cell["token_acc"]),
                         rougeL=median_interval(cell["rougeL"]),
-                        left_out=len(left_out),
+                        left_out=len(unfinished_here) - diverged,
+                        diverged=diverged,
                     )
                 )
     return out
@@ -347,13 +355,14 @@ def _unfinished_runs(leakage: pd.DataFrame) -> pd.DataFrame:
 
 LEFT_OUT = "‡"
 LEFT_OUT_NOTE = (
-    f" {LEFT_OUT}: some of the attack's runs failed or diverged; their samples are in no "
-    "figure of the row (n, rates, medians), see Failed attack runs."
+    f" {LEFT_OUT}: some of the attack's runs failed or diverged (see Failed attack runs). A "
+    "failed run's samples are in no figure of the row; a diverged run's count as not "
+    "reconstructed in the success rate and are in no median or mean."
 )
 
 
 def _count_cell(n: int, summary: SettingSummary) -> Cell:
-    return Cell(f"{n} {LEFT_OUT}" if summary.left_out else str(n))
+    return Cell(f"{n} {LEFT_OUT}" if summary.left_out or summary.diverged else str(n))
 
 
 def summary_table(study: Study) -> Table:
@@ -364,7 +373,7 @@ def summary_table(study: Study) -> Table:
         return _text_summary_table(summaries, study.groups() != [""])
     grouped = study.groups() != [""]
     flags = any(s.not_converged for s in summaries)
-    left_out = any(s.left_out for s in summaries)
+    left_out = any(s.left_out or s.diverged for s in summaries)
     body = []
     for s in summaries:
         head = [Cell(s.group)] if grouped else []
@@ -407,7 +416,7 @@ def summary_table(study: Study) -> Table:
 
 def _text_summary_table(summaries: list[SettingSummary], grouped: bool) -> Table:
     flags = any(s.not_converged for s in summaries)
-    left_out = any(s.left_out for s in summaries)
+    left_out = any(s.left_out or s.diverged for s in summaries)
     body = []
     for s in summaries:
         head = [Cell(s.group)] if grouped else []
@@ -530,8 +539,10 @@ def failure_table(study: Study) -> Table | None:
     return Table(
         columns=("group", "attack", "defense", "status", "attack runs", "first message"),
         rows=tuple(body),
-        caption="An attack run is one attack on one client in one round; failed and "
-        "diverged runs are left out of the leakage tables and the summary (marked ‡ there).",
+        caption="An attack run is one attack on one client in one round. Failed runs "
+        "(status failed) are left out of the leakage tables and the summary; diverged runs "
+        "(nan) count as reconstructing none of their samples in success rates and are in no "
+        "median (both marked ‡ in the summary).",
     )
 
 

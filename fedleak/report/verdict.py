@@ -163,12 +163,19 @@ def _unconverged(s: SettingSummary, v: SettingVerdict) -> str:
 
 
 def _left_out(s: SettingSummary) -> str:
-    """Runs that failed or diverged are in no figure of the sentence: say so."""
-    if not s.left_out:
-        return ""
-    if s.left_out == 1:
-        return f" (1 {s.attack} attack run failed or diverged and is not counted)"
-    return f" ({s.left_out} {s.attack} attack runs failed or diverged and are not counted)"
+    """Runs that failed are in no figure of the sentence, and runs that diverged count as
+    reconstructing nothing: say so."""
+    parts = []
+    if s.left_out:
+        runs = "run" if s.left_out == 1 else "runs"
+        verb = "was" if s.left_out == 1 else "were"
+        parts.append(f"{s.left_out} {s.attack} attack {runs} failed and {verb} not counted")
+    if s.diverged:
+        runs = "run" if s.diverged == 1 else "runs"
+        parts.append(
+            f"{s.diverged} {s.attack} attack {runs} diverged: counted as reconstructing nothing"
+        )
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def _ranked_by(s: SettingSummary) -> str:

@@ -151,6 +151,8 @@ class Auditor:
         that declared no batch: a real deployment) the rows are `scored_against`
         "unavailable", with NaN metrics and the recovered labels."""
         base = self._base(observation, attack, reconstruction, context)
+        if reconstruction.status == "nan" and truth is not None:
+            return self._diverged(base, truth)
         if reconstruction.status != "ok":
             return [{**base, "sample": -1, "target_index": -1, "scored_against": "original"}]
         if truth is None:
@@ -190,6 +192,16 @@ class Auditor:
                 }
             ]
         return [{**row, **_convergence(reconstruction, int(row["sample"]))} for row in rows]
+
+    @staticmethod
+    def _diverged(base: Mapping[str, object], truth: GroundTruth) -> list[dict[str, object]]:
+        """A run that diverged reconstructed none of the client's private samples: one row per
+        sample, with no metrics, so that success rates count them as not reconstructed (a run
+        that raised says nothing of its samples and keeps its one row)."""
+        return [
+            {**base, "sample": index, "target_index": index, "scored_against": "original"}
+            for index in range(len(truth.inputs))
+        ]
 
     @staticmethod
     def _unavailable(
