@@ -95,6 +95,7 @@ SWEEP_SMALL = (
 SMALL = ("--set", "train.batch-size=2", "--set", "threat.share=batch")
 RUN = ("run", "quickstart", *SMALL)
 CHECK = ("check", "quickstart", *SMALL)
+CENTRAL_DP = ("--set", "defense.central-clip=1", "--set", "defense.central-noise=1")
 RESUME = ("run", "{tmp}/done/config.toml", "--out", "{tmp}/done", "--set", "sim.resume=true")
 
 CASES = [
@@ -119,6 +120,18 @@ CASES = [
         "seed=18446744073709551616: expected an integer in [0, 2**63-1]",
     ),
     Case("seed-huge", (*CHECK, "--set", "seed=" + "9" * 5000), "(5002 characters): expected an"),
+    # A δ of 1/n or more makes the reported ε meaningless (n: a client's examples for DP-SGD,
+    # the clients for central DP).
+    Case(
+        "delta-dpsgd",
+        (*CHECK, "--set", "defense.spec=dpsgd:1:1", "--set", "defense.dp-delta=0.01"),
+        "defense.dp-delta=0.01: at least 1/n = ",
+    ),
+    Case(
+        "delta-central",
+        (*CHECK, "--num-clients", "4", "--set", "defense.dp-delta=0.3", *CENTRAL_DP),
+        "defense.dp-delta=0.3: at least 1/n = 0.25 (central DP over 4 clients)",
+    ),
     Case("nul-out-dir", (*RUN, "--set", "out-dir=/tmp/a\x00b"), "without NUL characters"),
     Case("nul-out", (*RUN, "--out", "a\x00b"), "--out='a\\x00b': expected a folder path"),
     Case("nul-preset", ("run", "pre\x00set"), "expected a preset name or a path"),

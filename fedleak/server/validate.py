@@ -5,8 +5,9 @@ sets, models, attacks, defense specs) and combinations that only a built model r
 (BatchNorm with per-sample operations) are checked by `validate_components`, each with one
 clear line. `validate_run` adds what only the number of clients and the data reveal: runs in
 which every client or every attack would fail in every round (`check_data_split`,
-`check_attacks`) and resource requests Ray cannot meet (`check_resources`); a sweep calls it
-for each cell before the first one starts.
+`check_attacks`), a δ that leaves the reported ε meaningless (`check_delta`) and resource
+requests Ray cannot meet (`check_resources`); a sweep calls it for each cell before the first
+one starts.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from fedleak.data import (
     load_corpus,
     load_dataset,
 )
-from fedleak.defenses import DefenseSpecError, InstaHide, parse_defense_spec
+from fedleak.defenses import DPSGD, DefenseSpecError, InstaHide, parse_defense_spec
 from fedleak.models import (
     ModelSpec,
     build_model,
@@ -75,6 +76,7 @@ def validate_run(
     check_model(model_spec(config, fd))
     check_defense(config.defense.spec, model_spec(config, fd))
     check_attacks(config, fd, num_clients)
+    check_delta(config, fd, num_clients)
     check_payload(config, model_spec(config, fd), num_clients)
     return fd
 
@@ -201,6 +203,27 @@ def check_data_split(config: RunConfig, num_clients: int) -> FederatedData:
             + (f"K <= {smallest} or fewer clients" if smallest > 1 else "fewer clients")
         )
     return fd
+
+
+def check_delta(config: RunConfig, fd: FederatedData, num_clients: int) -> None:
+    """Refuse a δ of 1/n or more for the ε a run reports: at δ = 1/n, releasing one of n
+    records whole is (0, δ)-DP, so such an ε bounds nothing. n is the smallest client's
+    examples for DP-SGD (example-level) and the number of clients for central DP."""
+    delta, defense = config.defense.dp_delta, config.defense
+    sizes = [len(part) for part in fd.partitions]
+    levels = []
+    if parse_defense_spec(defense.spec).find(DPSGD) is not None:
+        client = sizes.index(min(sizes))
+        levels.append((min(sizes), f"client {client} holds {min(sizes)} examples"))
+    if defense.central_clip > 0 and defense.central_noise > 0:
+        levels.append((num_clients, f"central DP over {num_clients} clients"))
+    for n, why in levels:
+        if delta >= 1 / n:
+            raise ConfigError(
+                f"defense.dp-delta={delta:g}: at least 1/n = {1 / n:.3g} ({why}), where "
+                f"releasing one record whole meets the guarantee; expected below {1 / n:.3g}, "
+                "usually far below (e.g. 1e-5)"
+            )
 
 
 def check_attacks(config: RunConfig, fd: FederatedData, num_clients: int) -> None:
