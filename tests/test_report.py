@@ -304,6 +304,10 @@ def test_verdict_quotes_numbers_from_the_tables(run_report: Path) -> None:
         f"Without a defense, ig leaks most (closest by median LPIPS): it reconstructed {k}/{n} ("
     )
     assert "(1 ig attack run failed and was not counted)" in verdict
+    console = " ".join(headline(load_study(run_report)))
+    dlg_k, dlg_n = _successes(leakage, "dlg")
+    assert f"dlg {dlg_k}/{dlg_n} " in console
+    assert "(1 dlg attack run diverged: counted as reconstructing nothing)" in console
     assert f"median PSNR {median:.2f} dB" in verdict
     assert "against the aux-mean floor's" in verdict
     utility = pd.read_csv(run_report / "utility.csv")

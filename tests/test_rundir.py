@@ -219,6 +219,12 @@ def test_state_dir_and_console_line(run: RunDirectory) -> None:
     line = console_line(3, _utility(0.42), _rows(3, 20.0))
     assert line.startswith("round 3 | acc 0.420")
     assert "ig PSNR 20.5 LPIPS 0.200" in line and "aux-mean - (1 failed)" in line
+    # A run that diverged is told apart from one that failed, once per client.
+    diverged = [
+        {"round": 3, "client_id": 2, "attack": "ig", "sample": i, "status": "nan"} for i in (0, 1)
+    ]
+    line = console_line(3, _utility(0.42), _rows(3, 20.0) + diverged)
+    assert "ig PSNR 20.5 LPIPS 0.200 (1 diverged)" in line
 
 
 def test_text_rows_leave_the_label_columns_empty(run: RunDirectory) -> None:

@@ -1052,7 +1052,8 @@ def console_line(
     for attack in sorted(frame["attack"].unique()):
         rows = frame[frame["attack"] == attack]
         good = rows[(rows["status"] == "ok") & (rows["scored_against"] == "original")]
-        failed = rows[rows["status"] != "ok"].drop_duplicates(["client_id"])
+        unfinished = rows[rows["status"] != "ok"].drop_duplicates(["client_id"])
+        diverged = int((unfinished["status"] == "nan").sum())
         if len(good) and good["token_acc"].notna().any():
             text = (
                 f"{attack} token acc {_fmt(float(good['token_acc'].median()), 3)} "
@@ -1065,8 +1066,9 @@ def console_line(
             )
         else:
             text = f"{attack} -"
-        if len(failed):
-            text += f" ({len(failed)} failed)"
+        counts = (("failed", len(unfinished) - diverged), ("diverged", diverged))
+        if notes := ", ".join(f"{n} {what}" for what, n in counts if n):
+            text += f" ({notes})"
         parts.append(text)
     failures = utility_row.get("num_failures")
     if failures:

@@ -269,7 +269,10 @@ def headline(study: Study) -> list[str]:
     lines = []
     settings = setting_verdicts(study)
     for v in settings[: 2 * MAX_SETTINGS_NAMED]:
-        attacks = ", ".join(_rate(s) + _not_converged(s) for s in v.attacks) or "no scored attack"
+        attacks = (
+            ", ".join(_rate(s) + _not_converged(s) + _left_out(s) for s in v.attacks)
+            or "no scored attack"
+        )
         floor = f"; floor {v.floor.attack} {_scores(v.floor)}" if v.floor else ""
         accuracy = f"accuracy {_accuracy(v.accuracy_start)} -> {_accuracy(v.accuracy_final)}"
         what = "recovered" if any(s.tokens for s in v.attacks) else "reconstructed"
