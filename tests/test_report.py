@@ -293,6 +293,27 @@ def test_run_tables_match_the_parquet(run_report: Path) -> None:
     assert failures[2][1:5] == ["ig", "none", "failed", "1 of 6"]
 
 
+def test_a_diverged_run_recorded_with_one_row_is_left_out_as_before(
+    run_report: Path, tmp_path: Path
+) -> None:
+    # Runs written before diverged runs had a row per sample hold one row with sample -1:
+    # nothing says which samples it had, so it is left out, not counted as reconstructing none.
+    from fedleak.report.tables import setting_summaries
+
+    legacy = tmp_path / "run"
+    shutil.copytree(run_report, legacy)
+    leakage = pd.read_parquet(legacy / "leakage.parquet")
+    nan = leakage.index[leakage["status"] == "nan"]
+    leakage.loc[nan[0], ["sample", "target_index"]] = -1
+    leakage.drop(index=nan[1:]).to_parquet(legacy / "leakage.parquet")
+    (legacy / "leakage.csv").unlink()
+    summaries = {s.attack: s for s in setting_summaries(load_study(legacy))}
+    now = {s.attack: s for s in setting_summaries(load_study(run_report))}
+    assert (now["dlg"].diverged, now["dlg"].left_out) == (1, 0)
+    assert (summaries["dlg"].diverged, summaries["dlg"].left_out) == (0, 1)
+    assert summaries["dlg"].success.n == now["dlg"].success.n - 2
+
+
 def test_verdict_quotes_numbers_from_the_tables(run_report: Path) -> None:
     leakage = pd.read_parquet(run_report / "leakage.parquet")
     markdown = (run_report / "report.md").read_text()

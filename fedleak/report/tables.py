@@ -324,7 +324,11 @@ def setting_summaries(study: Study) -> list[SettingSummary]:
                     & (unfinished["defense"] == defense)
                     & (unfinished["attack"] == attack)
                 ]
-                diverged = int((unfinished_here["status"] == "nan").sum())
+                # Diverged runs recorded before they had a row per sample (sample -1) are
+                # in no figure, as failed ones are.
+                diverged = int(
+                    ((unfinished_here["status"] == "nan") & (unfinished_here["sample"] >= 0)).sum()
+                )
                 out.append(
                     SettingSummary(
                         group=group,
