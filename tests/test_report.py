@@ -314,6 +314,24 @@ def test_a_diverged_run_recorded_with_one_row_is_left_out_as_before(
     assert summaries["dlg"].success.n == now["dlg"].success.n - 2
 
 
+def test_rounds_that_lost_an_attacks_rows_are_listed(run_report: Path, tmp_path: Path) -> None:
+    assert "Incomplete rounds" not in (run_report / "report.md").read_text()
+    # A run recorded by a worker pool before rounds were kept whole: dlg's rows of client 3 in
+    # round 1 never reached the file.
+    lossy = tmp_path / "run"
+    shutil.copytree(run_report, lossy)
+    leakage = pd.read_parquet(lossy / "leakage.parquet")
+    lost = (leakage["attack"] == "dlg") & (leakage["round"] == 1) & (leakage["client_id"] == 3)
+    leakage[~lost].to_parquet(lossy / "leakage.parquet")
+    (lossy / "leakage.csv").unlink()
+    build_report(lossy)
+    table = _table((lossy / "report.md").read_text(), "Incomplete rounds")
+    assert table == [
+        ["run", "round", "attack", "clients without rows"],
+        ["fixture", "1", "dlg", "3"],
+    ]
+
+
 def test_verdict_quotes_numbers_from_the_tables(run_report: Path) -> None:
     leakage = pd.read_parquet(run_report / "leakage.parquet")
     markdown = (run_report / "report.md").read_text()

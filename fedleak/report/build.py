@@ -37,6 +37,7 @@ from fedleak.report.tables import (
     cost_table,
     failure_table,
     final_utility,
+    incomplete_rounds_table,
     leakage_tables,
     metrics_present,
     originals,
@@ -181,6 +182,9 @@ def _leakage_section(study: Study) -> list[Block]:
     failures = failure_table(study)
     if failures is not None:
         blocks += [Heading("Failed attack runs", 3), failures]
+    incomplete = incomplete_rounds_table(study)
+    if incomplete is not None:
+        blocks += [Heading("Incomplete rounds", 3), incomplete]
     return blocks
 
 

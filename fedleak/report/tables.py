@@ -550,6 +550,38 @@ def failure_table(study: Study) -> Table | None:
     )
 
 
+def incomplete_rounds_table(study: Study) -> Table | None:
+    """Rounds in which an attack has no row for a client that another attack has rows for.
+
+    Every attack of a round attacks the same clients (`CuriousStrategy.attack`), and a round is
+    recorded only with all of its rows; runs recorded by a worker pool before that rule could
+    miss some. None when every round is whole."""
+    leakage = study.leakage()
+    body = []
+    for (run, server_round), rows in leakage.groupby(["run", "round"], sort=True):
+        clients = rows.groupby("attack")["client_id"].agg(set)
+        attacked = set().union(*clients)
+        for attack, seen in clients.items():
+            if missing := sorted(attacked - seen):
+                body.append(
+                    (
+                        Cell(str(run) or "–"),
+                        Cell(str(server_round)),
+                        Cell(str(attack)),
+                        Cell(", ".join(str(c) for c in missing)),
+                    )
+                )
+    if not body:
+        return None
+    return Table(
+        columns=("run", "round", "attack", "clients without rows"),
+        rows=tuple(body),
+        caption="Every attack of a round attacks the same clients, so these rows were lost "
+        "(a run recorded by a worker pool before rounds were kept whole can miss some): the "
+        "figures above are computed without them.",
+    )
+
+
 def cost_table(study: Study) -> Table:
     """Per attack: attack runs, mean seconds and iterations per run, from the leakage rows."""
     leakage = study.leakage()
