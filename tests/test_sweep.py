@@ -25,6 +25,7 @@ from fedleak.simulations.presets import PRESETS_DIR, is_sweep, list_presets, loa
 from fedleak.simulations.sweep import (
     SweepError,
     SweepFailed,
+    _LabelledLines,
     check_sweep,
     load_sweep,
     read_manifest,
@@ -381,6 +382,43 @@ def test_check_runs_the_preflight_and_writes_nothing(tmp_path: Path) -> None:
         SweepError, match=r"a run preset, not a sweep file.*`fedleak run quickstart`"
     ):
         check_sweep("quickstart")
+
+
+class _Writes:
+    """A stream that records each write and flush."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.calls.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        self.calls.append("<flush>")
+
+
+def test_a_cells_lines_reach_the_terminal_whole_in_one_write() -> None:
+    # print() writes a line and its newline apart; a parallel cell's process writing between
+    # the two spliced lines together ("a: b: round 1/2round 1/2"; a CI run of 4181ef8).
+    stream = _Writes()
+    lines = _LabelledLines(stream, "cell-1: ")  # type: ignore[arg-type]
+    print("round 1/2", file=lines)
+    print("two\nlines", file=lines)
+    print("a part", end="", file=lines, flush=True)
+    print(" and its end", file=lines)
+    print("never ended", end="", file=lines)
+    lines.close()
+    writes = [call for call in stream.calls if call != "<flush>"]
+    assert writes == [
+        "cell-1: round 1/2\n",
+        "cell-1: two\n",
+        "cell-1: lines\n",
+        "cell-1: a part and its end\n",
+        "cell-1: never ended\n",
+    ]
+    # Each write is flushed at once, before another process can write.
+    assert all(stream.calls[stream.calls.index(w) + 1] == "<flush>" for w in writes)
 
 
 def test_parallel_cells_run_in_worker_processes(

@@ -443,26 +443,38 @@ def _one_line(error: BaseException) -> str:
 
 class _LabelledLines(io.TextIOBase):
     """Standard output whose lines start with a label: cells running at once print to one
-    terminal, and an unlabelled `round 11/50` could belong to any of them."""
+    terminal, and an unlabelled `round 11/50` could belong to any of them.
+
+    Each line reaches the stream whole, label included, in one write and flush: `print`
+    writes a line and its newline separately, and another cell's process writing in between
+    would splice the two lines together. A partial line waits for its end (or `close`)."""
 
     def __init__(self, stream: TextIO, label: str) -> None:
         self._stream = stream
         self._label = label
-        self._line_start = True
+        self._pending = ""
 
     def writable(self) -> bool:
         return True
 
     def write(self, text: str) -> int:
-        for piece in text.splitlines(keepends=True):
-            if self._line_start:
-                self._stream.write(self._label)
-            self._stream.write(piece)
-            self._line_start = piece.endswith("\n")
+        lines = (self._pending + text).splitlines(keepends=True)
+        self._pending = lines.pop() if lines and not lines[-1].endswith("\n") else ""
+        if lines:
+            self._stream.write("".join(self._label + line for line in lines))
+            self._stream.flush()
         return len(text)
 
     def flush(self) -> None:
         self._stream.flush()
+
+    def close(self) -> None:
+        """Write a last line that never ended."""
+        if self._pending:
+            self._stream.write(f"{self._label}{self._pending}\n")
+            self._pending = ""
+            self._stream.flush()
+        super().close()
 
 
 def _run_cell(
@@ -471,12 +483,15 @@ def _run_cell(
     """Run one cell; (status, message, seconds). Executed in a worker process when parallel,
     where `label` starts each line the cell prints."""
     start = time.perf_counter()
-    labelled = contextlib.redirect_stdout(_LabelledLines(sys.stdout, label)) if label else None
+    lines = _LabelledLines(sys.stdout, label) if label else None
     try:
-        with labelled or contextlib.nullcontext():
+        with contextlib.redirect_stdout(lines) if lines else contextlib.nullcontext():
             runner(config, path)
     except Exception as error:  # one cell's failure must not stop the others
         return "failed", _one_line(error), time.perf_counter() - start
+    finally:
+        if lines:
+            lines.close()
     seconds = time.perf_counter() - start
     if not _finished(path):
         done = RunDirectory.open(path).finished_rounds() if _is_run(path) else 0
