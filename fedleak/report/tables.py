@@ -83,12 +83,17 @@ def scored(leakage: pd.DataFrame) -> pd.DataFrame:
     return leakage[leakage["status"] == "ok"]
 
 
+def _diverged(rows: pd.DataFrame) -> pd.Series:
+    """Rows of runs that diverged with a row per private sample. Runs recorded before they had
+    one (a single row, sample -1) say nothing of their samples and count as failed ones do."""
+    return (rows["status"] == "nan") & (rows["sample"] >= 0)
+
+
 def originals(leakage: pd.DataFrame) -> pd.DataFrame:
     """Rows against the private originals, with a `success` column (`stats.successes`): the
     scored ones, and one per private sample of each run that diverged (no metrics, success 0:
     an attack that diverged reconstructed nothing, and leaving it out would flatter it)."""
-    diverged = (leakage["status"] == "nan") & (leakage["sample"] >= 0)
-    rows = leakage[(leakage["status"] == "ok") | diverged]
+    rows = leakage[(leakage["status"] == "ok") | _diverged(leakage)]
     rows = rows[rows["scored_against"] == "original"].copy()
     rows["success"] = successes(rows, lpips_column(rows)) if len(rows) else np.nan
     return rows
@@ -324,11 +329,7 @@ def setting_summaries(study: Study) -> list[SettingSummary]:
                     & (unfinished["defense"] == defense)
                     & (unfinished["attack"] == attack)
                 ]
-                # Diverged runs recorded before they had a row per sample (sample -1) are
-                # in no figure, as failed ones are.
-                diverged = int(
-                    ((unfinished_here["status"] == "nan") & (unfinished_here["sample"] >= 0)).sum()
-                )
+                diverged = int(_diverged(unfinished_here).sum())
                 out.append(
                     SettingSummary(
                         group=group,
