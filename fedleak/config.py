@@ -157,6 +157,12 @@ class DefenseConfig(Settings):
     dp_delta: float = _setting(
         1e-5, low=0.0, high=1.0, low_open=True, high_open=True, doc="delta of reported epsilons"
     )
+    dp_sampling: str = _setting(
+        "fixed",
+        choices=("fixed", "poisson"),
+        doc="how a DP-SGD client draws its FedSGD batch: exactly B examples, or each of its n "
+        "with probability B/n (Poisson: no halved noise in the accounting)",
+    )
     central_clip: float = _setting(
         0.0, low=0.0, doc="server-side clip C of each client's update; 0 = no central DP"
     )
@@ -166,12 +172,14 @@ class DefenseConfig(Settings):
 
     @property
     def label(self) -> str:
-        """The defense as reports name it: the clients' spec, then central DP when it is on
+        """The defense as reports name it: the clients' spec (marked when DP-SGD draws Poisson
+        batches, whose ε differs from the same spec's), then central DP when it is on
         (`central-dp:C:z`), so that a run protected on the server never reads as undefended."""
+        spec = f"{self.spec} (poisson)" if self.dp_sampling == "poisson" else self.spec
         if self.central_clip <= 0:
-            return self.spec
+            return spec
         central = f"central-dp:{self.central_clip:g}:{self.central_noise:g}"
-        return central if self.spec == "none" else f"{self.spec}+{central}"
+        return central if spec == "none" else f"{spec}+{central}"
 
 
 @dataclass(frozen=True)

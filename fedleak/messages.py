@@ -58,6 +58,8 @@ def reply_content(
             "batch-size": config.train.batch_size,
             "local-steps": config.train.local_steps,
             "learning-rate": config.train.lr,
+            # NaN for an empty Poisson batch, which has no loss (every reply has the same keys,
+            # as Flower's aggregation requires).
             "train-loss": float(update.loss),
         }
     )

@@ -65,4 +65,5 @@ def local_training(config: RunConfig) -> LocalTraining:
         local_steps=train.local_steps,
         learning_rate=train.lr,
         share=config.threat.share,
+        sampling=config.defense.dp_sampling,
     )

@@ -196,3 +196,32 @@ def test_rows_carry_the_matching_losses_and_the_convergence_rule() -> None:
         assert math.isnan(row["loss_start"]) and math.isnan(row["converged"])
     assert converged(1.0, CONVERGED_RATIO) == 1.0 and converged(1.0, 0.11) == 0.0
     assert math.isnan(converged(0.0, 0.0)) and math.isnan(converged(math.nan, 1.0))
+
+
+def test_a_poisson_batch_of_another_size_leaves_every_private_sample_one_row() -> None:
+    truth = GroundTruth(0, _images(3, 0), torch.tensor([4, 5, 6]))
+    # The client declared 2 and drew 3: the attack reconstructed 2, one of them exactly.
+    guess = Reconstruction(
+        inputs=torch.stack([truth.inputs[2], _images(1, 9)[0]]),
+        labels=torch.tensor([6, 1]),
+        loss_start=torch.tensor([1.0, 1.0]),
+        loss_final=torch.tensor([0.01, 0.9]),
+    )
+    auditor = Auditor(lpips_nets=())
+    rows = auditor.score(_observation(2), "a", guess, truth, {})
+    assert sorted(r["target_index"] for r in rows) == [0, 1, 2]
+    exact = next(r for r in rows if r["target_index"] == 2)
+    assert exact["sample"] == 0 and exact["mse"] == 0.0 and exact["label_acc"] == 1.0
+    (missed,) = [r for r in rows if r["sample"] == -1]
+    assert missed["status"] == "ok" and "mse" not in missed and math.isnan(missed["label_acc"])
+    assert missed["true_label"] in (4, 5) and missed["pred_label"] == -1
+    assert math.isnan(missed["loss_final"]) and math.isnan(missed["converged"])
+    # Drew none: nothing private to score, so no rows.
+    empty = GroundTruth(0, _images(0, 0), torch.zeros(0, dtype=torch.long))
+    assert auditor.score(_observation(2), "a", guess, empty, {}) == []
+    # Drew fewer than declared: the surplus reconstruction has no private sample to match.
+    one = GroundTruth(0, truth.inputs[2:], truth.labels[2:])
+    assert [
+        (r["sample"], r["target_index"])
+        for r in auditor.score(_observation(2), "a", guess, one, {})
+    ] == [(0, 0)]

@@ -236,6 +236,8 @@ def test_reports_name_central_dp_beside_the_clients_defense() -> None:
     both = parse_flat({**central, "defense.spec": "prune:0.9"})
     assert both.defense.label == "prune:0.9+central-dp:0.5:1.2"
     assert parse_flat({"defense.spec": "sign"}).defense.label == "sign"
+    poisson = {"defense.spec": "dpsgd:1:1", "defense.dp-sampling": "poisson"}
+    assert parse_flat(poisson).defense.label == "dpsgd:1:1 (poisson)"
 
 
 def _reference(rate: float, noise: float, releases: int) -> float:

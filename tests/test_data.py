@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import math
 import re
 import struct
 from pathlib import Path
@@ -27,6 +28,7 @@ from fedleak.data import (
     client_batch,
     load_dataset,
     partition_indices,
+    poisson_batch,
     sample_batch,
     split_auxiliary,
 )
@@ -392,6 +394,28 @@ def test_batches_repeat_per_seed_client_round_and_vary_otherwise():
     assert np.array_equal(np.sort(whole), partition)  # without replacement
     with pytest.raises(DataSplitError, match="batch_size=65"):
         sample_batch(partition, 65, 0, 3, 1)
+
+
+def test_a_poisson_batch_draws_each_example_at_rate_b_over_n_and_repeats_per_seed():
+    partition = np.arange(1000, 1200)
+    batch = poisson_batch(partition, 8, 0, 3, 1)
+    assert np.array_equal(batch, poisson_batch(partition, 8, 0, 3, 1))
+    assert not np.array_equal(batch, poisson_batch(partition, 8, 0, 3, 2))
+    assert len(np.unique(batch)) == len(batch) and np.isin(batch, partition).all()
+    sizes = np.array([len(poisson_batch(partition, 8, 0, 3, r)) for r in range(2000)])
+    # Binomial(200, 0.04): mean 8, variance 7.68; the mean of 2,000 rounds within 4 sigma.
+    assert abs(sizes.mean() - 8) < 4 * math.sqrt(7.68 / 2000)
+    assert sizes.var() == pytest.approx(7.68, rel=0.15)
+    counts = np.bincount(
+        np.concatenate([poisson_batch(partition, 8, 0, 3, r) for r in range(2000)])
+    )
+    assert counts[partition].min() > 0  # every example is drawn in some round
+    # At B = 1 a batch is empty about (1 - 1/n)^n of the time, and sometimes holds several.
+    ones = [len(poisson_batch(partition, 1, 0, 3, r)) for r in range(2000)]
+    assert ones.count(0) / 2000 == pytest.approx((1 - 1 / 200) ** 200, abs=0.04)
+    assert max(ones) >= 3
+    with pytest.raises(DataSplitError, match="batch_size=201"):
+        poisson_batch(partition, 201, 0, 3, 1)
 
 
 def test_client_batch_returns_that_partitions_images():

@@ -180,6 +180,35 @@ def test_fedsgd_with_dpsgd_clips_per_sample_then_adds_noise() -> None:
     _assert_close(noisy.update, again.update, atol=0, rtol=0)
 
 
+def test_a_poisson_batch_shares_its_clipped_sum_over_the_declared_size() -> None:
+    model = _model("mlp", (1, 6, 6))
+    x, y = _data(5, (1, 6, 6))
+    poisson = LocalTraining("fedsgd", 4, sampling="poisson")
+    exact = parse_defense_spec("dpsgd:0.01:0")
+    clipped = DPSGD(0.01, 0).clip(per_sample_gradients(model, x, y))
+    # Five examples drawn where four were expected: the sum over 4, not the mean over 5.
+    five = compute_update(model, x, y, 10, exact, poisson, _gen())
+    _assert_close(five.update, {k: v.sum(0) / 4 for k, v in clipped.items()})
+    assert five.num_examples == 4  # the declared size, never the count drawn
+    # With exactly the declared size it is the fixed-size update, bit for bit.
+    fixed = compute_update(model, x[:4], y[:4], 10, exact, LocalTraining("fedsgd", 4), _gen())
+    same = compute_update(model, x[:4], y[:4], 10, exact, poisson, _gen())
+    _assert_close(same.update, fixed.update, atol=0, rtol=0)
+    # An empty batch still releases the noise of a mean of 4, and has no loss.
+    empty = compute_update(
+        model, x[:0], y[:0], 10, parse_defense_spec("dpsgd:0.01:4"), poisson, _gen(3)
+    )
+    noise = torch.cat([u.flatten() for u in empty.update.values()])
+    assert noise.std().item() == pytest.approx(4 * 0.01 / 4, rel=0.05)
+    assert abs(noise.mean().item()) < 0.002
+    assert empty.num_examples == 4 and empty.loss != empty.loss  # NaN
+    with pytest.raises(LocalTrainingError, match="no dpsgd step"):
+        compute_update(model, x, y, 10, NO_DEFENSE, poisson, _gen())
+    for mode, share in (("fedavg", "batch"), ("fedsgd", "per-sample")):
+        with pytest.raises(LocalTrainingError, match="a Poisson batch exists only in fedsgd"):
+            LocalTraining(mode, 4, share=share, sampling="poisson")  # type: ignore[arg-type]
+
+
 def test_encoded_update_is_the_gradient_of_the_encoded_batch() -> None:
     model = _model("lenet", (3, 8, 8))
     x, y = _data(6, (3, 8, 8))

@@ -31,3 +31,8 @@ def test_flower_aggregates_only_meaningful_training_metrics() -> None:
 
     aggregated = train_metrics([reply(0, 1, 2.0), reply(7, 3, 1.0)], "num-examples")
     assert dict(aggregated) == {"num-examples": 4, "clients": 2, "train-loss": 1.25}
+    # A client whose Poisson batch was empty has no loss: it weighs nothing in the mean.
+    empty = train_metrics(
+        [reply(0, 1, 2.0), reply(7, 3, 1.0), reply(2, 4, float("nan"))], "num-examples"
+    )
+    assert dict(empty) == {"num-examples": 8, "clients": 3, "train-loss": 1.25}

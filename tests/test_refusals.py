@@ -96,6 +96,7 @@ SMALL = ("--set", "train.batch-size=2", "--set", "threat.share=batch")
 RUN = ("run", "quickstart", *SMALL)
 CHECK = ("check", "quickstart", *SMALL)
 CENTRAL_DP = ("--set", "defense.central-clip=1", "--set", "defense.central-noise=1")
+POISSON = ("--set", "defense.spec=dpsgd:1:1", "--set", "defense.dp-sampling=poisson")
 RESUME = ("run", "{tmp}/done/config.toml", "--out", "{tmp}/done", "--set", "sim.resume=true")
 
 CASES = [
@@ -131,6 +132,43 @@ CASES = [
         "delta-central",
         (*CHECK, "--num-clients", "4", "--set", "defense.dp-delta=0.3", *CENTRAL_DP),
         "defense.dp-delta=0.3: at least 1/n = 0.25 (central DP over 4 clients)",
+    ),
+    # Poisson sampling is DP-SGD's draw of a FedSGD batch whose size stays private.
+    Case(
+        "poisson-without-dpsgd",
+        (*CHECK, "--set", "defense.dp-sampling=poisson"),
+        "defense.dp-sampling='poisson': samples DP-SGD's batch, but defense.spec='none' has no",
+    ),
+    Case(
+        "poisson-fedavg",
+        (*CHECK, *POISSON, "--set", "train.mode=fedavg"),
+        "defense.dp-sampling='poisson': draws one FedSGD batch per round; train.mode='fedavg'",
+    ),
+    Case(
+        "poisson-per-sample",
+        (*CHECK, *POISSON, "--set", "threat.share=per-sample"),
+        "hides the batch size, which threat.share='per-sample' shows",
+    ),
+    Case(
+        "poisson-encoded",
+        (
+            "check",
+            "quickstart",
+            "--set",
+            "threat.share=batch",
+            "--set",
+            "train.batch-size=1",
+            "--set",
+            "defense.spec=instahide:2+dpsgd:1:1",
+            "--set",
+            "defense.dp-sampling=poisson",
+        ),
+        "defense.dp-sampling='poisson': instahide:2 encodes a fixed batch of images",
+    ),
+    Case(
+        "poisson-typo",
+        (*CHECK, *POISSON[:2], "--set", "defense.dp-sampling=poison"),
+        "defense.dp-sampling='poison': expected one of 'fixed', 'poisson'",
     ),
     Case("nul-out-dir", (*RUN, "--set", "out-dir=/tmp/a\x00b"), "without NUL characters"),
     Case("nul-out", (*RUN, "--out", "a\x00b"), "--out='a\\x00b': expected a folder path"),

@@ -50,6 +50,7 @@ def _make_run(
     encoded: bool = False,
     epsilon: bool = False,
     central: tuple[float, float] = (0.0, 0.0),
+    dp_sampling: str = "fixed",
 ) -> None:
     """A plausible run: the floor and two attacks on two clients, one failed and one diverged
     attack run, and image grids whose pixels agree with the rows' PSNR (LPIPS is a function of
@@ -64,6 +65,7 @@ def _make_run(
             "attack.names": "aux-mean,ig,dlg",
             "defense.central-clip": central[0],
             "defense.central-noise": central[1],
+            "defense.dp-sampling": dp_sampling,
         }
     )
     run = RunDirectory.create(path, config, {"torch": torch.__version__, "device": "cpu"})
@@ -314,6 +316,41 @@ def test_a_diverged_run_recorded_with_one_row_is_left_out_as_before(
     assert summaries["dlg"].success.n == now["dlg"].success.n - 2
 
 
+def test_a_private_sample_no_reconstruction_was_matched_to_counts_as_not_reconstructed(
+    run_report: Path, tmp_path: Path
+) -> None:
+    # A Poisson batch larger than declared: the client drew a sample more than every attack
+    # reconstructed, and the auditor gave it a row with no reconstruction (sample -1).
+    from fedleak.report.tables import setting_summaries
+
+    larger = tmp_path / "run"
+    shutil.copytree(run_report, larger)
+    leakage = pd.read_parquet(larger / "leakage.parquet")
+    scored = leakage[(leakage["status"] == "ok") & (leakage["scored_against"] == "original")]
+    first = scored.sort_values(["round", "client_id"]).iloc[0]
+    extra = []
+    for attack in ("aux-mean", "ig", "dlg"):
+        row = scored[scored["attack"] == attack].iloc[0].copy()
+        row[["round", "client_id", "sample", "target_index"]] = [
+            first["round"],
+            first["client_id"],
+            -1,
+            int(scored["target_index"].max()) + 1,
+        ]
+        row[["mse", "psnr", "ssim", "lpips_alex", "label_acc"]] = np.nan
+        extra.append(row)
+    pd.concat([leakage, pd.DataFrame(extra)], ignore_index=True).to_parquet(
+        larger / "leakage.parquet"
+    )
+    (larger / "leakage.csv").unlink()
+    before = {s.attack: s for s in setting_summaries(load_study(run_report))}
+    after = {s.attack: s for s in setting_summaries(load_study(larger))}
+    for attack in ("ig", "dlg"):
+        assert after[attack].success.k == before[attack].success.k
+        assert after[attack].success.n == before[attack].success.n + 1
+        assert after[attack].psnr.n == before[attack].psnr.n  # no metric: in no median
+
+
 def test_rounds_that_lost_an_attacks_rows_are_listed(run_report: Path, tmp_path: Path) -> None:
     assert "Incomplete rounds" not in (run_report / "report.md").read_text()
     # A run recorded by a worker pool before rounds were kept whole: dlg's rows of client 3 in
@@ -434,6 +471,20 @@ def test_central_dp_is_a_defense_column_not_an_undefended_group(tmp_path: Path) 
     assert "Under central-dp:0.1:1, " in markdown
     assert "against 0.300 without the defense" in markdown
     assert "Without a defense (" not in markdown and "central-clip=" not in markdown
+
+
+def test_poisson_sampling_is_a_defense_column_not_a_group(tmp_path: Path) -> None:
+    # The dp-frontier's last cell: the same DP-SGD spec, batches drawn by Poisson sampling.
+    sweep = tmp_path / "sweep"
+    cells = {"cell-000-fixed": "fixed", "cell-001-poisson": "poisson"}
+    for cell, sampling in cells.items():
+        _make_run(sweep / cell, rounds=2, defense="dpsgd:1:1", dp_sampling=sampling)
+    manifest = [{"id": cell, "index": i, "status": "done"} for i, cell in enumerate(cells)]
+    (sweep / "sweep.json").write_text(json.dumps({"name": "dp", "cells": manifest}))
+    build_report(sweep)
+    markdown = (sweep / "report.md").read_text()
+    assert _table(markdown, "PSNR (dB)")[0] == ["attack", "dpsgd:1:1", "dpsgd:1:1 (poisson)"]
+    assert "dp-sampling=" not in markdown
 
 
 def test_sweep_tables_group_and_separate_encoded_scores(sweep_report: Path) -> None:

@@ -598,7 +598,10 @@ def test_presets_are_listed_loaded_and_valid() -> None:
     assert "cell-032-batch_B32_c2_instahide-4+prune-0.9" in ids
     assert "cell-015-fashion-mnist_batch_B4_c16_preset-cpu-batch_gauss-0.1" in ids
     dp = load_sweep("dp-frontier")
-    assert sum(c.config.defense.spec.startswith("dpsgd") for c in dp.cells) == 3
+    assert sum(c.config.defense.spec.startswith("dpsgd") for c in dp.cells) == 4
+    assert [c.id for c in dp.cells if c.config.defense.dp_sampling == "poisson"] == [
+        "cell-007-dpsgd-1.0-1.1_dp-sampling-poisson"
+    ]
     assert {c.config.defense.central_noise for c in dp.cells} == {0.0, 0.3, 1.0}
     sweep_hint = r"is a sweep; check it with `fedleak sweep lti-table --check`, run it"
     with pytest.raises(ConfigError, match=sweep_hint):

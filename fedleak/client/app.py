@@ -47,7 +47,14 @@ def train_reply(msg: Message, context: Context, config: RunConfig) -> Message:
             )
     fd = federated_data(config, num_partitions)
     device = resolve_device(config.device)
-    rows = client_rows(fd, partition_id, server_round, config.train.examples_per_round, config.seed)
+    rows = client_rows(
+        fd,
+        partition_id,
+        server_round,
+        config.train.examples_per_round,
+        config.seed,
+        poisson=config.defense.dp_sampling == "poisson",
+    )
     x, y = fd.dataset.train_x[rows], fd.dataset.train_y[rows]
     # MixUp and intra-InstaHide draw each sample's partners from the client's whole partition.
     own_data = PartnerPool(

@@ -28,7 +28,7 @@ from fedleak.data.registry import (
     load_dataset,
     register_dataset,
 )
-from fedleak.data.sampler import sample_batch
+from fedleak.data.sampler import poisson_batch, sample_batch
 from fedleak.data.stratify import DataSplitError
 from fedleak.data.text import TOKENIZER_KINDS, TokenDataset
 
@@ -61,6 +61,7 @@ __all__ = [
     "load_dataset",
     "partition_indices",
     "partition_rows",
+    "poisson_batch",
     "register_dataset",
     "sample_batch",
     "split_auxiliary",

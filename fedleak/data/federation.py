@@ -25,7 +25,7 @@ from fedleak.data.auxiliary import split_auxiliary
 from fedleak.data.dataset import ImageDataset
 from fedleak.data.partition import partition_indices
 from fedleak.data.registry import load_corpus, load_dataset
-from fedleak.data.sampler import sample_batch
+from fedleak.data.sampler import poisson_batch, sample_batch
 from fedleak.data.stratify import DataSplitError, stratified_sample
 from fedleak.data.text import TEXT_DATASETS, TokenDataset, split_text
 
@@ -157,14 +157,19 @@ def _build(
 
 
 def client_rows(
-    fd: FederatedData, partition_id: int, server_round: int, batch_size: int, seed: int
+    fd: FederatedData,
+    partition_id: int,
+    server_round: int,
+    batch_size: int,
+    seed: int,
+    poisson: bool = False,
 ) -> Tensor:
-    """The rows of `dataset.train_x` partition `partition_id` trains on in `server_round`."""
+    """The rows of `dataset.train_x` partition `partition_id` trains on in `server_round`:
+    `batch_size` of them, or a Poisson sample of that many on average."""
     if not 0 <= partition_id < fd.num_partitions:
         raise DataSplitError(f"partition_id={partition_id}: expected 0..{fd.num_partitions - 1}")
-    return _index(
-        sample_batch(fd.partitions[partition_id], batch_size, seed, partition_id, server_round)
-    )
+    draw = poisson_batch if poisson else sample_batch
+    return _index(draw(fd.partitions[partition_id], batch_size, seed, partition_id, server_round))
 
 
 @functools.lru_cache(maxsize=4)

@@ -14,10 +14,10 @@ from fedleak.data.stratify import DataSplitError
 _STREAM = 0x42415443
 
 
-def sample_batch(
+def _generator(
     partition: np.ndarray, batch_size: int, seed: int, partition_id: int, server_round: int
-) -> np.ndarray:
-    """`batch_size` distinct dataset indices drawn from `partition`, in random order."""
+) -> np.random.Generator:
+    """The draw's own random stream, after checking its arguments."""
     for setting, value in (
         ("seed", seed),
         ("partition_id", partition_id),
@@ -30,5 +30,26 @@ def sample_batch(
             f"batch_size={batch_size}: partition {partition_id} holds "
             f"{len(partition)} images, so expected 1..{len(partition)}"
         )
-    rng = np.random.default_rng(np.random.SeedSequence([seed, partition_id, server_round, _STREAM]))
+    return np.random.default_rng(
+        np.random.SeedSequence([seed, partition_id, server_round, _STREAM])
+    )
+
+
+def sample_batch(
+    partition: np.ndarray, batch_size: int, seed: int, partition_id: int, server_round: int
+) -> np.ndarray:
+    """`batch_size` distinct dataset indices drawn from `partition`, in random order."""
+    rng = _generator(partition, batch_size, seed, partition_id, server_round)
     return rng.choice(np.asarray(partition, dtype=np.int64), size=batch_size, replace=False)
+
+
+def poisson_batch(
+    partition: np.ndarray, batch_size: int, seed: int, partition_id: int, server_round: int
+) -> np.ndarray:
+    """Each index of `partition` independently with probability batch_size / len(partition),
+    in random order: DP-SGD's Poisson sample, of `batch_size` examples on average and possibly
+    none (the sampled Gaussian mechanism the accountant analyses)."""
+    rng = _generator(partition, batch_size, seed, partition_id, server_round)
+    partition = np.asarray(partition, dtype=np.int64)
+    chosen = partition[rng.random(len(partition)) < batch_size / len(partition)]
+    return rng.permutation(chosen)

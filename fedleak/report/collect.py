@@ -3,8 +3,8 @@
 A sweep directory is recognised by its `sweep.json` manifest (cells in the manifest's order);
 a folder without one whose sub-folders are run directories is read the same way. Settings
 that differ between runs become the study's *groups* (e.g. `batch-size=4`), except the
-defense (the tables' columns: the clients' spec and central DP), the seed (pooled into the
-confidence intervals) and the attack list (the tables' rows).
+defense (the tables' columns: the clients' spec, DP-SGD's sampling and central DP), the seed
+(pooled into the confidence intervals) and the attack list (the tables' rows).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ _NOT_GROUPS = (
     "out-dir",
     "seed",
     "defense.spec",
+    "defense.dp-sampling",
     "defense.central-clip",
     "defense.central-noise",
     "attack.names",

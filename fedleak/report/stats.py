@@ -165,11 +165,14 @@ def floor_values(leakage: pd.DataFrame, column: str) -> pd.Series:
 
 def successes(leakage: pd.DataFrame, lpips: str) -> pd.Series:
     """Per row: 1.0 when the sample counts as reconstructed (SUCCESS_FRACTION of the floor's
-    LPIPS or less), 0.0 when not (and for every sample of a run that diverged, status "nan":
-    it reconstructed nothing), NaN where LPIPS or the floor is missing."""
+    LPIPS or less), 0.0 when not (and for every sample of a run that diverged, status "nan",
+    or that no reconstruction was matched to, sample -1: nothing reconstructed it), NaN where
+    LPIPS or the floor is missing."""
     floor = floor_values(leakage, lpips)
     values = leakage[lpips]
     decided = np.isfinite(values) & np.isfinite(floor)
     hit = (values <= SUCCESS_FRACTION * floor).astype(float)
-    diverged = (leakage["status"] == "nan") & np.isfinite(floor)
-    return hit.where(decided, np.nan).mask(diverged, 0.0)
+    missed = (leakage["status"] == "nan") | (
+        (leakage["status"] == "ok") & (leakage["sample"] < 0) & (leakage["target_index"] >= 0)
+    )
+    return hit.where(decided, np.nan).mask(missed & np.isfinite(floor), 0.0)

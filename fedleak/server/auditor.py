@@ -177,6 +177,8 @@ class Auditor:
                 )
                 if truth.sources is not None:
                     rows = self._best_source(rows, reconstruction, truth)
+            elif not in_order:
+                rows += self._unreconstructed(base, rows, truth)
         except Exception as error:  # scoring must not end the round: record it instead
             log.warning("auditor failed on %s for client %s: %s", attack, base["client_id"], error)
             first = (str(error).strip().splitlines() or [""])[0]
@@ -201,6 +203,27 @@ class Auditor:
         return [
             {**base, "sample": index, "target_index": index, "scored_against": "original"}
             for index in range(len(truth.inputs))
+        ]
+
+    @staticmethod
+    def _unreconstructed(
+        base: Mapping[str, object], rows: list[dict[str, object]], truth: GroundTruth
+    ) -> list[dict[str, object]]:
+        """A row, with no reconstruction and no metrics, for each private sample left over when
+        the batch held more samples than the attack reconstructed (a Poisson batch larger than
+        the declared size): success rates count it as not reconstructed."""
+        matched = {int(row["target_index"]) for row in rows}
+        classes = truth.labels.dim() == 1  # token sequences carry no class label
+        return [
+            {
+                **base,
+                "sample": -1,
+                "target_index": index,
+                "scored_against": "original",
+                **(_label_fields(None, -1, truth.labels[index : index + 1]) if classes else {}),
+            }
+            for index in range(len(truth.inputs))
+            if index not in matched
         ]
 
     @staticmethod
@@ -259,6 +282,8 @@ class Auditor:
         shown = targets.float()
         if up_to_flips:
             recon, shown = unsigned(recon), unsigned(shown)
+        if not (len(recon) and len(shown)):  # an empty Poisson batch: nothing to score
+            return []
         recon_idx, truth_idx = _pairing(recon, shown, in_order, "mse")
         scores = score_images(recon[recon_idx], shown[truth_idx], self.lpips_nets)
         rows = []
@@ -289,6 +314,8 @@ class Auditor:
             raise ValueError("scoring token sequences needs the run's tokenizer (decode)")
         recon = reconstruction.inputs.detach().long().cpu()
         truth = truth.long().cpu()
+        if not (len(recon) and len(truth)):
+            return []
         recon_idx, truth_idx = _pairing(recon, truth, in_order, "tokens")
         matched, targets = recon[recon_idx], truth[truth_idx]
         accuracy = token_accuracy(matched, targets)
@@ -356,9 +383,10 @@ def _pairing(
 
 
 def _convergence(reconstruction: Reconstruction, sample: int) -> dict[str, float]:
-    """`loss_start`, `loss_final` and `converged` of one reconstructed sample."""
+    """`loss_start`, `loss_final` and `converged` of one reconstructed sample (NaN for a
+    private sample that no reconstruction was matched to, `sample` -1)."""
     start, final = reconstruction.loss_start, reconstruction.loss_final
-    if start is None or final is None:
+    if start is None or final is None or sample < 0:
         return {"loss_start": math.nan, "loss_final": math.nan, "converged": math.nan}
     first, last = float(start[sample]), float(final[sample])
     return {"loss_start": first, "loss_final": last, "converged": converged(first, last)}
@@ -372,9 +400,12 @@ def _metric_fields(scores: Mapping[str, torch.Tensor], j: int) -> dict[str, floa
 
 
 def _label_fields(
-    reconstruction: Reconstruction, sample: int, true: torch.Tensor | None
+    reconstruction: Reconstruction | None, sample: int, true: torch.Tensor | None
 ) -> dict[str, object]:
-    pred = None if reconstruction.labels is None else reconstruction.labels[sample : sample + 1]
+    """The true label, the recovered one (-1: none; no reconstruction when `reconstruction`
+    is None) and whether they agree."""
+    labels = None if reconstruction is None else reconstruction.labels
+    pred = None if labels is None else labels[sample : sample + 1]
     return {
         "label_acc": float("nan") if true is None else label_accuracy(pred, true),
         "true_label": -1 if true is None else int(true.item()),

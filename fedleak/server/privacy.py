@@ -15,15 +15,22 @@ examples when K * B > E); m Gaussian releases of one example compose to one with
 Z / sqrt(m), and under the per-sample threat model (FedSGD only) each clipped gradient is also
 released on its own with noise Z * C, which doubles m.
 
-The sampler draws a fixed number of examples without replacement
-(`fedleak.data.sample_batch`), not a Poisson sample, so an added example does not join the
-batch: it takes the place of one already drawn, moving the clipped sum by up to 2C rather than
-C. Adjacency stays add/remove, and that case is exactly a Poisson-sampled Gaussian of
-sensitivity 2C (an upper bound by joint convexity over which example it replaces, and
-attained when all other gradients are equal and opposite to the added one): the accounted
+By default (`defense.dp-sampling = "fixed"`) the sampler draws a fixed number of examples
+without replacement (`fedleak.data.sample_batch`), not a Poisson sample, so an added example
+does not join the batch: it takes the place of one already drawn, moving the clipped sum by up
+to 2C rather than C. Adjacency stays add/remove, and that case is exactly a Poisson-sampled
+Gaussian of sensitivity 2C (an upper bound by joint convexity over which example it replaces,
+and attained when all other gradients are equal and opposite to the added one): the accounted
 multiplier is halved (`FIXED_SIZE_SENSITIVITY`). The same coupling is why FedAvg's K steps
 are one release per round rather than K at rate B / n_c: the K slices of one draw are not
 independent samples.
+
+With `defense.dp-sampling = "poisson"` (FedSGD only) each of the client's examples joins the
+round's batch on its own with probability q = B / n_c (`fedleak.data.poisson_batch`), the
+clipped sum is divided by B whatever the batch's size, and the client declares B: an added
+example joins the batch or not, moves the sum by at most C, and the round is exactly the
+Poisson-sampled Gaussian the accountant analyses, at multiplier Z (Abadi et al.'s DP-SGD
+as Opacus runs it).
 
 The accountant is Flower's `RdpAccountant` (the `flwr[dp]` extra, backed by Google's
 `dp-accounting`): it ships with the framework this app is pinned to, and its Poisson path is
@@ -80,8 +87,10 @@ class PrivacyLedger:
     """The DP-SGD accounting of one run: what a round costs each client, and ε after rounds.
 
     Each round of a client is one sampled Gaussian release drawing `sample_size` of the
-    client's `partition_sizes[c]` examples, in which a drawn example is released `releases`
-    times with multiplier `noise_multiplier` (see the module docstring).
+    client's `partition_sizes[c]` examples (a fixed number, or that many on average under
+    Poisson sampling), in which a drawn example is released `releases` times with multiplier
+    `noise_multiplier`; one added example moves the clipped sum by `sensitivity` x C (see the
+    module docstring).
     `not_dp` says why ε is NaN, and is empty when the accounting applies.
     """
 
@@ -91,6 +100,7 @@ class PrivacyLedger:
     releases: int
     partition_sizes: tuple[int, ...]
     not_dp: str = ""
+    sensitivity: float = FIXED_SIZE_SENSITIVITY
 
     @classmethod
     def from_config(cls, config: RunConfig, fd: FederatedData) -> PrivacyLedger:
@@ -116,6 +126,7 @@ class PrivacyLedger:
         drawn, used = train.examples_per_round, train.local_steps * train.batch_size
         per_sample = 2 if config.threat.share == "per-sample" else 1
         sample, reuse = min(drawn, used), -(-used // drawn)
+        poisson = config.defense.dp_sampling == "poisson"
         return cls(
             delta=config.defense.dp_delta,
             noise_multiplier=dp.noise_multiplier if dp else 0.0,
@@ -123,6 +134,7 @@ class PrivacyLedger:
             releases=reuse * per_sample,
             partition_sizes=tuple(int(n) for n in partition_sizes),
             not_dp=reason,
+            sensitivity=1.0 if poisson else FIXED_SIZE_SENSITIVITY,
         )
 
     @property
@@ -133,8 +145,9 @@ class PrivacyLedger:
     @property
     def effective_noise_multiplier(self) -> float:
         """The multiplier a round is accounted with: its releases composed into one
-        (Z / sqrt(releases)), halved for the fixed-size sampler's replacement."""
-        return self.noise_multiplier / (FIXED_SIZE_SENSITIVITY * math.sqrt(self.releases))
+        (Z / sqrt(releases)), halved for the fixed-size sampler's replacement (not for a
+        Poisson sample, which an added example joins instead)."""
+        return self.noise_multiplier / (self.sensitivity * math.sqrt(self.releases))
 
     def sampling_rate(self, client: int) -> float:
         """The sampling rate of one event for client `client`."""

@@ -102,16 +102,17 @@ def train_metrics(records: list[RecordDict], weighting_metric_name: str) -> Metr
     """The round's training metrics that mean something once aggregated (FedAvg's
     `train_metrics_aggr_fn`): the example-weighted mean training loss, the examples and the
     clients. Per-client declarations (partition id, batch size, learning rate) are left out:
-    their mean describes no one."""
+    their mean describes no one. A client whose Poisson batch was empty has no loss (NaN)
+    and no weight in the mean."""
     metrics = [next(iter(record.metric_records.values())) for record in records]
     weights = [float(m[weighting_metric_name]) for m in metrics]
-    total = sum(weights)
-    aggregated = MetricRecord({"num-examples": int(total), "clients": len(metrics)})
+    aggregated = MetricRecord({"num-examples": int(sum(weights)), "clients": len(metrics)})
     losses = [
         (float(m["train-loss"]), w)
         for m, w in zip(metrics, weights, strict=True)
-        if "train-loss" in m
+        if "train-loss" in m and not math.isnan(float(m["train-loss"]))
     ]
+    total = sum(w for _, w in losses)
     if losses and total > 0:
         aggregated["train-loss"] = sum(loss * w for loss, w in losses) / total
     return aggregated

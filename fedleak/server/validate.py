@@ -31,7 +31,13 @@ from fedleak.data import (
     load_corpus,
     load_dataset,
 )
-from fedleak.defenses import DPSGD, DefenseSpecError, InstaHide, parse_defense_spec
+from fedleak.defenses import (
+    DPSGD,
+    DefensePipeline,
+    DefenseSpecError,
+    InstaHide,
+    parse_defense_spec,
+)
 from fedleak.models import (
     ModelSpec,
     build_model,
@@ -309,6 +315,7 @@ def validate_components(config: RunConfig) -> None:
                 f"attack.{name}.init='aux-mean': starts from the mean auxiliary image, so "
                 "expected data.aux-size > 0 (or another init: randn, rand, half)"
             )
+    _check_dp_sampling(config, pipeline)
     per_sample = config.threat.share == "per-sample" or pipeline.needs_per_sample
     aggregate = config.threat.view == "aggregate"
     if (per_sample or aggregate) and has_batchnorm(build_model(model_spec_of(config))):
@@ -324,6 +331,28 @@ def validate_components(config: RunConfig) -> None:
             "gradient of one batch of the union that the attacks replay; use a model without "
             f"BatchNorm ({groupnorm_advice(config.model.name)}) or threat.view='client'"
         )
+
+
+def _check_dp_sampling(config: RunConfig, pipeline: DefensePipeline) -> None:
+    """Poisson sampling is DP-SGD's draw of one FedSGD batch whose size is nobody's business:
+    refuse it where there is no DP-SGD step or where the batch size would show or be fixed."""
+    if config.defense.dp_sampling != "poisson":
+        return
+    setting = "defense.dp-sampling='poisson'"
+    if pipeline.find(DPSGD) is None:
+        reason = f"samples DP-SGD's batch, but defense.spec={config.defense.spec!r} has no dpsgd"
+    elif config.train.mode != "fedsgd":
+        reason = "draws one FedSGD batch per round; train.mode='fedavg' cycles fixed examples"
+    elif config.threat.share == "per-sample":
+        reason = "hides the batch size, which threat.share='per-sample' shows (one row each)"
+    elif pipeline.encoder is not None:
+        reason = f"{pipeline.encoder.spec} encodes a fixed batch of images"
+    else:
+        return
+    raise ConfigError(
+        f"{setting}: {reason}; expected defense.dp-sampling='fixed' or a FedSGD run with a "
+        "dpsgd step, batch sharing and no input encoding"
+    )
 
 
 _TEXT_DEFENSES = "prune, sign, gauss, dpsgd"

@@ -198,7 +198,7 @@ class RunRecorder:
         pairs = [
             (int(r["sample"]), int(r["target_index"]))  # type: ignore[call-overload]
             for r in job.rows
-            if r["scored_against"] == "original"
+            if r["scored_against"] == "original" and int(r["sample"]) >= 0  # type: ignore[call-overload]
         ][: self.images_per_client]
         if not pairs:
             return

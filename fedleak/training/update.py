@@ -8,6 +8,7 @@ modified: local training runs on detached copies of its parameters.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -27,6 +28,7 @@ from fedleak.training.gradients import (
 
 _MODES = ("fedsgd", "fedavg")
 _SHARES = ("batch", "per-sample")
+_SAMPLINGS = ("fixed", "poisson")
 
 
 class LocalTrainingError(ValueError):
@@ -39,6 +41,9 @@ class LocalTraining:
 
     `local_steps` only matters in FedAvg; FedSGD always computes one batch gradient.
     `share="per-sample"` (the per-sample threat model) exists only in FedSGD.
+    `sampling="poisson"`: DP-SGD's FedSGD batch holds each example with probability
+    batch_size / n, so it has batch_size examples on average and any number in fact; the
+    client divides its clipped sum by batch_size and declares batch_size, never the count.
     """
 
     mode: Literal["fedsgd", "fedavg"]
@@ -46,6 +51,7 @@ class LocalTraining:
     local_steps: int = 1
     learning_rate: float = 0.1
     share: Literal["batch", "per-sample"] = "batch"
+    sampling: Literal["fixed", "poisson"] = "fixed"
 
     def __post_init__(self) -> None:
         if self.mode not in _MODES:
@@ -62,6 +68,15 @@ class LocalTraining:
             raise LocalTrainingError(
                 "share='per-sample' with mode='fedavg': per-sample updates exist only in "
                 "fedsgd; use mode='fedsgd' or share='batch'"
+            )
+        if self.sampling not in _SAMPLINGS:
+            raise LocalTrainingError(
+                f"sampling={self.sampling!r}: expected one of {', '.join(_SAMPLINGS)}"
+            )
+        if self.sampling == "poisson" and (self.mode, self.share) != ("fedsgd", "batch"):
+            raise LocalTrainingError(
+                f"sampling='poisson' with mode={self.mode!r}, share={self.share!r}: a Poisson "
+                "batch exists only in fedsgd with share='batch'"
             )
 
 
@@ -107,7 +122,8 @@ def compute_update(
     """The defended update of a client holding images `x` [N, ...] and int64 labels `y` [N], or
     token sequences `x` [N, L] with `y` the same ids (a causal language model's targets).
 
-    FedSGD needs N == batch_size. FedAvg runs `local_steps` SGD steps; step k uses the N-cyclic
+    FedSGD needs N == batch_size (any N, zero included, under Poisson sampling, which needs a
+    DP-SGD step). FedAvg runs `local_steps` SGD steps; step k uses the N-cyclic
     mini-batch starting at (k * batch_size) mod N. Randomness (encoding, noise) comes from
     `generator`, on the tensors' device. `public` is the pool of inter-InstaHide; `private`
     the client's own data that MixUp and intra-InstaHide draw partners from (the batch when
@@ -115,6 +131,10 @@ def compute_update(
     BatchNorm models with per-sample operations raise `PerSampleRefused`.
     """
     _check_data(x, y, num_classes, training)
+    if training.sampling == "poisson" and pipeline.find(DPSGD) is None:
+        raise LocalTrainingError(
+            "sampling='poisson' samples DP-SGD's batch; the defense has no dpsgd step"
+        )
     encoded = None
     if pipeline.encoder is not None:
         if not x.is_floating_point():
@@ -142,7 +162,9 @@ def compute_update(
         bn_statistics=statistics,
         encoded=encoded,
         loss=float(loss),
-        num_examples=x.shape[0],
+        # A Poisson batch's size is private (one example more or less shows in it): the client
+        # declares the size it samples for, as it weights the aggregate.
+        num_examples=training.batch_size if training.sampling == "poisson" else x.shape[0],
         # Only what local computation changed travels: an average of equal floats need not be
         # bit-equal, and constant buffers (a frozen token table) would only add payload.
         buffers={k: v for k, v in buffers.items() if k in batchnorm_buffer_names(model)},
@@ -163,7 +185,7 @@ def _check_data(x: Tensor, y: Tensor, num_classes: int, training: LocalTraining)
             f"labels range {int(y.min())}..{int(y.max())}: expected 0..{num_classes - 1}"
         )
     n = x.shape[0]
-    if training.mode == "fedsgd" and n != training.batch_size:
+    if training.mode == "fedsgd" and training.sampling == "fixed" and n != training.batch_size:
         raise LocalTrainingError(
             f"fedsgd with batch_size={training.batch_size} got {n} examples; expected exactly "
             f"one batch"
@@ -185,6 +207,8 @@ def _fedsgd(
     buffers: Params,
 ) -> tuple[Params, Params | None, Tensor]:
     batch_size = inputs.shape[0]
+    if training.sampling == "poisson":
+        return _poisson_fedsgd(model, inputs, targets, pipeline, training, generator)
     if not (pipeline.needs_per_sample or training.share == "per-sample"):
         gradient, loss = batch_gradient_with_loss(model, inputs, targets, buffers=buffers)
         return pipeline.share(gradient, batch_size, generator), None, loss
@@ -196,6 +220,29 @@ def _fedsgd(
     if training.share == "per-sample":
         shared_each = pipeline.share_each(clipped, generator)
     return update, shared_each, losses.mean()
+
+
+def _poisson_fedsgd(
+    model: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    pipeline: DefensePipeline,
+    training: LocalTraining,
+    generator: torch.Generator,
+) -> tuple[Params, None, Tensor]:
+    """DP-SGD on a Poisson batch: the clipped gradients' sum over the expected batch size
+    (the mean when the batch has exactly that many), then the usual noise on that mean. An
+    empty batch still releases its noise: a client that sent nothing would show its count."""
+    if len(inputs):
+        per_sample, losses = per_sample_gradients_with_loss(model, inputs, targets)
+        clipped = pipeline.clip(per_sample)
+        total = {name: g.sum(dim=0) for name, g in clipped.items()}
+        loss = losses.mean()
+    else:
+        total = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
+        loss = torch.tensor(math.nan)
+    mean = {name: g / training.batch_size for name, g in total.items()}
+    return pipeline.share(mean, training.batch_size, generator), None, loss
 
 
 def _fedavg(
