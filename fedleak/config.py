@@ -160,8 +160,8 @@ class DefenseConfig(Settings):
     dp_sampling: str = _setting(
         "fixed",
         choices=("fixed", "poisson"),
-        doc="how a DP-SGD client draws its FedSGD batch: exactly B examples, or each of its n "
-        "with probability B/n (Poisson: no halved noise in the accounting)",
+        doc="how a DP-SGD client draws a batch: exactly B examples, or each of its n with "
+        "probability B/n (Poisson: no halved noise in the accounting; in FedAvg per step)",
     )
     central_clip: float = _setting(
         0.0, low=0.0, doc="server-side clip C of each client's update; 0 = no central DP"
@@ -264,6 +264,15 @@ class RunConfig(Settings):
     attack: AttackConfig = nested(AttackConfig, "attack.")
     metrics: MetricsConfig = nested(MetricsConfig, "metrics.")
     sim: SimulationConfig = nested(SimulationConfig, "sim.")
+
+    @property
+    def examples_per_round(self) -> int:
+        """The examples a client declares, and the attacks reconstruct, per round: the train
+        section's, or K x B when DP-SGD draws each of FedAvg's K steps a Poisson batch of B on
+        average (the count drawn stays private)."""
+        if self.defense.dp_sampling == "poisson" and self.train.mode == "fedavg":
+            return self.train.local_steps * self.train.batch_size
+        return self.train.examples_per_round
 
     def to_flat(self) -> dict[str, Any]:
         """The Flower-style flat mapping that parses back to this configuration."""

@@ -29,6 +29,7 @@ from fedleak.data import (
     load_dataset,
     partition_indices,
     poisson_batch,
+    poisson_rows,
     sample_batch,
     split_auxiliary,
 )
@@ -398,24 +399,41 @@ def test_batches_repeat_per_seed_client_round_and_vary_otherwise():
 
 def test_a_poisson_batch_draws_each_example_at_rate_b_over_n_and_repeats_per_seed():
     partition = np.arange(1000, 1200)
-    batch = poisson_batch(partition, 8, 0, 3, 1)
-    assert np.array_equal(batch, poisson_batch(partition, 8, 0, 3, 1))
-    assert not np.array_equal(batch, poisson_batch(partition, 8, 0, 3, 2))
+
+    def draw(batch_size: int, server_round: int, steps: int = 1) -> list[np.ndarray]:
+        return poisson_batch(partition, batch_size, 0, 3, server_round, steps)
+
+    (batch,) = draw(8, 1)
+    assert np.array_equal(batch, draw(8, 1)[0])
+    assert not np.array_equal(batch, draw(8, 2)[0])
     assert len(np.unique(batch)) == len(batch) and np.isin(batch, partition).all()
-    sizes = np.array([len(poisson_batch(partition, 8, 0, 3, r)) for r in range(2000)])
+    sizes = np.array([len(draw(8, r)[0]) for r in range(2000)])
     # Binomial(200, 0.04): mean 8, variance 7.68; the mean of 2,000 rounds within 4 sigma.
     assert abs(sizes.mean() - 8) < 4 * math.sqrt(7.68 / 2000)
     assert sizes.var() == pytest.approx(7.68, rel=0.15)
-    counts = np.bincount(
-        np.concatenate([poisson_batch(partition, 8, 0, 3, r) for r in range(2000)])
-    )
+    counts = np.bincount(np.concatenate([draw(8, r)[0] for r in range(2000)]))
     assert counts[partition].min() > 0  # every example is drawn in some round
     # At B = 1 a batch is empty about (1 - 1/n)^n of the time, and sometimes holds several.
-    ones = [len(poisson_batch(partition, 1, 0, 3, r)) for r in range(2000)]
+    ones = [len(draw(1, r)[0]) for r in range(2000)]
     assert ones.count(0) / 2000 == pytest.approx((1 - 1 / 200) ** 200, abs=0.04)
     assert max(ones) >= 3
+    # FedAvg's steps: each its own draw from the whole partition; the first is FedSGD's batch.
+    steps = draw(8, 1, steps=3)
+    assert np.array_equal(steps[0], batch) and len(steps) == 3
+    assert not np.array_equal(steps[1], steps[2])
     with pytest.raises(DataSplitError, match="batch_size=201"):
-        poisson_batch(partition, 201, 0, 3, 1)
+        draw(201, 1)
+
+
+def test_poisson_rows_hold_each_drawn_example_once_and_each_steps_positions():
+    fd = build_federated_data("mnist5k", None, 5, "iid", 1, aux_size=100)
+    rows, batches = poisson_rows(fd, 2, 3, 16, 1, steps=4)
+    drawn = poisson_batch(fd.partitions[2], 16, 1, 2, 3, steps=4)
+    assert torch.equal(rows, torch.from_numpy(np.unique(np.concatenate(drawn))))
+    for positions, batch in zip(batches, drawn, strict=True):
+        assert torch.equal(rows[positions], torch.from_numpy(batch))
+    with pytest.raises(DataSplitError, match="partition_id=5"):
+        poisson_rows(fd, 5, 1, 4, 1)
 
 
 def test_client_batch_returns_that_partitions_images():

@@ -204,9 +204,31 @@ def test_a_poisson_batch_shares_its_clipped_sum_over_the_declared_size() -> None
     assert empty.num_examples == 4 and empty.loss != empty.loss  # NaN
     with pytest.raises(LocalTrainingError, match="no dpsgd step"):
         compute_update(model, x, y, 10, NO_DEFENSE, poisson, _gen())
-    for mode, share in (("fedavg", "batch"), ("fedsgd", "per-sample")):
-        with pytest.raises(LocalTrainingError, match="a Poisson batch exists only in fedsgd"):
-            LocalTraining(mode, 4, share=share, sampling="poisson")  # type: ignore[arg-type]
+    with pytest.raises(LocalTrainingError, match="would show the batch's size"):
+        LocalTraining("fedsgd", 4, share="per-sample", sampling="poisson")
+
+
+def test_fedavg_on_poisson_batches_steps_on_each_steps_own_clipped_sum() -> None:
+    model = _model("mlp", (1, 6, 6))
+    x, y = _data(5, (1, 6, 6))
+    training = LocalTraining("fedavg", 2, local_steps=3, learning_rate=0.5, sampling="poisson")
+    dp = DPSGD(0.05, 0)
+    # Three steps' draws, as positions into the rows drawn: three examples, then none, then one.
+    batches = [torch.tensor([4, 0, 2]), torch.tensor([], dtype=torch.long), torch.tensor([1])]
+    result = compute_update(
+        model, x, y, 10, parse_defense_spec("dpsgd:0.05:0"), training, _gen(), batches=batches
+    )
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    for index in batches:
+        if len(index):  # an empty step's gradient is its noise alone (none here)
+            per_sample = per_sample_gradients(model, x[index], y[index], params=params)
+            step = {k: v.sum(0) / 2 for k, v in dp.clip(per_sample).items()}
+            params = {k: p - 0.5 * step[k] for k, p in params.items()}
+    start = dict(model.named_parameters())
+    _assert_close(result.update, {k: p - start[k].detach() for k, p in params.items()})
+    assert result.num_examples == 6  # 3 steps of 2, declared
+    with pytest.raises(LocalTrainingError, match="expected the 3 steps' batches, got none"):
+        compute_update(model, x, y, 10, parse_defense_spec("dpsgd:0.05:0"), training, _gen())
 
 
 def test_encoded_update_is_the_gradient_of_the_encoded_batch() -> None:

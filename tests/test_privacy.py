@@ -19,7 +19,7 @@ from scipy.optimize import brentq
 from scipy.stats import norm
 
 from fedleak.config import parse_flat
-from fedleak.data import client_rows
+from fedleak.data import poisson_rows
 from fedleak.runtime import federated_data
 from fedleak.server.privacy import PrivacyLedger
 from fedleak.simulations.cli import main
@@ -179,6 +179,26 @@ def test_poisson_sampling_is_accounted_at_the_full_multiplier_and_stays_a_bound(
     assert attained <= poisson.client_epsilon(0, 1) <= attained + 1.0
 
 
+def test_poisson_fedavg_accounts_each_local_step_as_its_own_draw() -> None:
+    settings = {
+        "train.mode": "fedavg",
+        "train.local-steps": 5,
+        "train.batch-size": 8,
+        "defense.spec": "dpsgd:1:1",
+        "defense.dp-sampling": "poisson",
+    }
+    ledger = _ledger([300], **settings)
+    accountant = RdpAccountant()
+    accountant.compose(PoissonSampledDpEvent(8 / 300, GaussianDpEvent(1.0)), 5 * 10)
+    assert ledger.client_epsilon(0, 10) == pytest.approx(accountant.get_epsilon(DELTA), rel=1e-9)
+    # Five steps a round cost more than FedSGD's one batch, far less than five rounds of a
+    # fixed draw of 40 (each example entering one step, at Z / 2).
+    fedsgd = _ledger([300], **{**settings, "train.mode": "fedsgd", "train.local-steps": 1})
+    fixed = _ledger([300], **{**settings, "defense.dp-sampling": "fixed", "train.examples": 40})
+    assert fedsgd.client_epsilon(0, 10) < ledger.client_epsilon(0, 10)
+    assert ledger.client_epsilon(0, 10) < fixed.client_epsilon(0, 10)
+
+
 def test_epsilon_grows_with_rounds_and_shrinks_with_noise() -> None:
     ledger = _ledger([400])
     curve = [ledger.client_epsilon(0, rounds) for rounds in (0, 1, 2, 4, 8, 16)]
@@ -234,12 +254,17 @@ def test_bad_queries_name_the_problem() -> None:
         ledger.epsilon({1: 1})
 
 
-def test_a_poisson_run_scores_each_drawn_batch_and_reports_its_epsilon(tmp_path: Path) -> None:
-    # Seed 1, B = 1: round 1 draws 2, 2, 0 and 0 examples for the four clients, round 2 none.
+@pytest.mark.parametrize("mode", ["fedsgd", "fedavg"])
+def test_a_poisson_run_scores_each_drawn_batch_and_reports_its_epsilon(
+    mode: str, tmp_path: Path
+) -> None:
+    steps = 3 if mode == "fedavg" else 1
     settings: dict[str, object] = {
         "seed": 1,
         "num-server-rounds": 2,
         "threat.share": "batch",
+        "train.mode": mode,
+        "train.local-steps": steps,
         "train.batch-size": 1,
         "data.aux-size": 50,
         "defense.spec": "dpsgd:1:1",
@@ -251,23 +276,27 @@ def test_a_poisson_run_scores_each_drawn_batch_and_reports_its_epsilon(tmp_path:
     }
     config = parse_flat(settings, load_preset("quickstart"))
     fd = federated_data(config, 4)
-    drawn = {
-        (r, c): len(client_rows(fd, c, r, 1, 1, poisson=True)) for r in (1, 2) for c in range(4)
-    }
-    assert [drawn[1, c] for c in range(4)] == [2, 2, 0, 0]
-    assert [drawn[2, c] for c in range(4)] == [0, 0, 0, 0]
+    drawn = {(r, c): len(poisson_rows(fd, c, r, 1, 1, steps)[0]) for r in (1, 2) for c in range(4)}
+    if mode == "fedsgd":
+        # Seed 1, B = 1: round 1 draws 2, 2, 0 and 0 examples, round 2 none at all.
+        assert [drawn[1, c] for c in range(4)] == [2, 2, 0, 0]
+        assert [drawn[2, c] for c in range(4)] == [0, 0, 0, 0]
+    else:  # three steps of one on average: clients use fewer and more than the declared 3
+        assert min(drawn.values()) < 3 < max(drawn.values())
     args = ["run", "quickstart", "--out", str(tmp_path / "run"), "--num-clients", "4"]
     for key, value in settings.items():
         args += ["--set", f"{key}={value}"]
     assert main(args) == 0
     leakage = pd.read_parquet(tmp_path / "run" / "leakage.parquet")
-    # Every drawn sample has one row (the attack reconstructed the declared 1, so one of the
-    # two is unmatched); a client that drew none has nothing to score.
+    # Every drawn sample has one row: the attack reconstructed the declared B per step, and
+    # the samples beyond those are unmatched (sample -1); a client that drew none has nothing
+    # to score.
     rows = leakage.groupby(["round", "client_id"]).size().to_dict()
-    assert rows == {(1, 0): 2, (1, 1): 2}
-    assert sorted(leakage["sample"].tolist()) == [-1, -1, 0, 0]
+    assert rows == {key: n for key, n in drawn.items() if n}
+    unmatched = leakage.groupby(["round", "client_id"])["sample"].agg(lambda s: int((s < 0).sum()))
+    assert unmatched.to_dict() == {key: max(n - steps, 0) for key, n in drawn.items() if n}
     utility = pd.read_csv(tmp_path / "run" / "utility.csv")
     ledger = PrivacyLedger.from_config(config, fd)
+    assert (ledger.effective_noise_multiplier, ledger.draws) == (1.0, steps)
     expected = [ledger.epsilon({c: r for c in range(4)}) for r in (0, 1, 2)]
     assert utility["epsilon"].tolist() == pytest.approx(expected)
-    assert ledger.effective_noise_multiplier == 1.0

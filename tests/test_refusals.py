@@ -140,9 +140,10 @@ CASES = [
         "defense.dp-sampling='poisson': samples DP-SGD's batch, but defense.spec='none' has no",
     ),
     Case(
-        "poisson-fedavg",
-        (*CHECK, *POISSON, "--set", "train.mode=fedavg"),
-        "defense.dp-sampling='poisson': draws one FedSGD batch per round; train.mode='fedavg'",
+        "poisson-fedavg-examples",
+        (*CHECK, *POISSON, "--set", "train.mode=fedavg", "--set", "train.examples=8"),
+        "defense.dp-sampling='poisson': each local step draws its own batch from the whole "
+        "partition, so train.examples=8 has no use; expected train.examples=0",
     ),
     Case(
         "poisson-per-sample",

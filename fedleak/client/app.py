@@ -14,7 +14,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedleak.config import RunConfig, parse_flat
-from fedleak.data import client_rows, partition_rows
+from fedleak.data import client_rows, partition_rows, poisson_rows
 from fedleak.defenses import PartnerPool, parse_defense_spec
 from fedleak.heap import reuse_freed_memory
 from fedleak.messages import partition_answer, reply_content
@@ -47,14 +47,15 @@ def train_reply(msg: Message, context: Context, config: RunConfig) -> Message:
             )
     fd = federated_data(config, num_partitions)
     device = resolve_device(config.device)
-    rows = client_rows(
-        fd,
-        partition_id,
-        server_round,
-        config.train.examples_per_round,
-        config.seed,
-        poisson=config.defense.dp_sampling == "poisson",
-    )
+    training = local_training(config)
+    batches = None
+    if training.sampling == "poisson":
+        steps = training.local_steps if training.mode == "fedavg" else 1
+        rows, batches = poisson_rows(
+            fd, partition_id, server_round, training.batch_size, config.seed, steps
+        )
+    else:
+        rows = client_rows(fd, partition_id, server_round, config.examples_per_round, config.seed)
     x, y = fd.dataset.train_x[rows], fd.dataset.train_y[rows]
     # MixUp and intra-InstaHide draw each sample's partners from the client's whole partition.
     own_data = PartnerPool(
@@ -72,9 +73,10 @@ def train_reply(msg: Message, context: Context, config: RunConfig) -> Message:
         y.to(device),
         fd.dataset.num_classes,
         parse_defense_spec(config.defense.spec),
-        local_training(config),
+        training,
         generator,
         public=public,
+        batches=None if batches is None else [b.to(device) for b in batches],
         private=own_data,
         share_bn_statistics=config.threat.bn_stats == "shared",
     )

@@ -9,6 +9,7 @@ from fedleak.data.federation import (
     client_batch,
     client_rows,
     partition_rows,
+    poisson_rows,
 )
 from fedleak.data.folder import FolderLayoutError
 from fedleak.data.partition import SCHEMES, partition_indices
@@ -62,6 +63,7 @@ __all__ = [
     "partition_indices",
     "partition_rows",
     "poisson_batch",
+    "poisson_rows",
     "register_dataset",
     "sample_batch",
     "split_auxiliary",

@@ -157,19 +157,37 @@ def _build(
 
 
 def client_rows(
+    fd: FederatedData, partition_id: int, server_round: int, batch_size: int, seed: int
+) -> Tensor:
+    """The rows of `dataset.train_x` partition `partition_id` trains on in `server_round`."""
+    _check_partition(fd, partition_id)
+    return _index(
+        sample_batch(fd.partitions[partition_id], batch_size, seed, partition_id, server_round)
+    )
+
+
+def poisson_rows(
     fd: FederatedData,
     partition_id: int,
     server_round: int,
     batch_size: int,
     seed: int,
-    poisson: bool = False,
-) -> Tensor:
-    """The rows of `dataset.train_x` partition `partition_id` trains on in `server_round`:
-    `batch_size` of them, or a Poisson sample of that many on average."""
+    steps: int = 1,
+) -> tuple[Tensor, list[Tensor]]:
+    """DP-SGD's Poisson batches of partition `partition_id` in `server_round`, one per local
+    step: the rows of `dataset.train_x` any step uses (each once, ascending), and each step's
+    batch as positions into them."""
+    _check_partition(fd, partition_id)
+    batches = poisson_batch(
+        fd.partitions[partition_id], batch_size, seed, partition_id, server_round, steps
+    )
+    rows = np.unique(np.concatenate(batches))
+    return _index(rows), [_index(np.searchsorted(rows, batch)) for batch in batches]
+
+
+def _check_partition(fd: FederatedData, partition_id: int) -> None:
     if not 0 <= partition_id < fd.num_partitions:
         raise DataSplitError(f"partition_id={partition_id}: expected 0..{fd.num_partitions - 1}")
-    draw = poisson_batch if poisson else sample_batch
-    return _index(draw(fd.partitions[partition_id], batch_size, seed, partition_id, server_round))
 
 
 @functools.lru_cache(maxsize=4)

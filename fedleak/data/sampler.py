@@ -44,12 +44,20 @@ def sample_batch(
 
 
 def poisson_batch(
-    partition: np.ndarray, batch_size: int, seed: int, partition_id: int, server_round: int
-) -> np.ndarray:
-    """Each index of `partition` independently with probability batch_size / len(partition),
-    in random order: DP-SGD's Poisson sample, of `batch_size` examples on average and possibly
-    none (the sampled Gaussian mechanism the accountant analyses)."""
+    partition: np.ndarray,
+    batch_size: int,
+    seed: int,
+    partition_id: int,
+    server_round: int,
+    steps: int = 1,
+) -> list[np.ndarray]:
+    """`steps` batches, each holding every index of `partition` independently with probability
+    batch_size / len(partition), in random order: DP-SGD's Poisson samples, of `batch_size`
+    examples on average and possibly none (the sampled Gaussian mechanism the accountant
+    analyses), one per local step."""
+    if steps < 1:
+        raise DataSplitError(f"steps={steps}: expected an integer >= 1")
     rng = _generator(partition, batch_size, seed, partition_id, server_round)
     partition = np.asarray(partition, dtype=np.int64)
-    chosen = partition[rng.random(len(partition)) < batch_size / len(partition)]
-    return rng.permutation(chosen)
+    rate = batch_size / len(partition)
+    return [rng.permutation(partition[rng.random(len(partition)) < rate]) for _ in range(steps)]

@@ -97,7 +97,7 @@ def estimate_payload(
     weights = sum(t.numel() for t in state.values()) * FLOAT32 + len(state) * ARRAY_HEADER
     own = dict(model.named_buffers())
     buffers = sum(t.numel() * t.element_size() for t in own.values()) + len(own) * ARRAY_HEADER
-    examples = config.train.examples_per_round
+    examples = config.examples_per_round
     image = math.prod(spec.input_shape) * FLOAT32
     audit = examples * (image + INT64) + 2 * ARRAY_HEADER
     if model_modality(spec.name) == "tokens":  # int64 ids, and the same ids as targets

@@ -25,12 +25,13 @@ multiplier is halved (`FIXED_SIZE_SENSITIVITY`). The same coupling is why FedAvg
 are one release per round rather than K at rate B / n_c: the K slices of one draw are not
 independent samples.
 
-With `defense.dp-sampling = "poisson"` (FedSGD only) each of the client's examples joins the
-round's batch on its own with probability q = B / n_c (`fedleak.data.poisson_batch`), the
-clipped sum is divided by B whatever the batch's size, and the client declares B: an added
-example joins the batch or not, moves the sum by at most C, and the round is exactly the
-Poisson-sampled Gaussian the accountant analyses, at multiplier Z (Abadi et al.'s DP-SGD
-as Opacus runs it).
+With `defense.dp-sampling = "poisson"` each of the client's examples joins a batch on its own
+with probability q = B / n_c (`fedleak.data.poisson_batch`): FedSGD's one batch, or a fresh
+batch for each of FedAvg's K steps drawn from the whole partition. The clipped sum is divided
+by B whatever the batch's size, and the client declares B per step: an added example joins a
+batch or not, moves its sum by at most C, and each step is exactly the Poisson-sampled
+Gaussian the accountant analyses, at multiplier Z, K of them per round (Abadi et al.'s
+DP-SGD as Opacus runs it).
 
 The accountant is Flower's `RdpAccountant` (the `flwr[dp]` extra, backed by Google's
 `dp-accounting`): it ships with the framework this app is pinned to, and its Poisson path is
@@ -86,8 +87,8 @@ FIXED_SIZE_SENSITIVITY = 2.0
 class PrivacyLedger:
     """The DP-SGD accounting of one run: what a round costs each client, and ε after rounds.
 
-    Each round of a client is one sampled Gaussian release drawing `sample_size` of the
-    client's `partition_sizes[c]` examples (a fixed number, or that many on average under
+    Each round of a client is `draws` sampled Gaussian releases, each drawing `sample_size` of
+    the client's `partition_sizes[c]` examples (a fixed number, or that many on average under
     Poisson sampling), in which a drawn example is released `releases` times with multiplier
     `noise_multiplier`; one added example moves the clipped sum by `sensitivity` x C (see the
     module docstring).
@@ -101,6 +102,7 @@ class PrivacyLedger:
     partition_sizes: tuple[int, ...]
     not_dp: str = ""
     sensitivity: float = FIXED_SIZE_SENSITIVITY
+    draws: int = 1
 
     @classmethod
     def from_config(cls, config: RunConfig, fd: FederatedData) -> PrivacyLedger:
@@ -126,7 +128,11 @@ class PrivacyLedger:
         drawn, used = train.examples_per_round, train.local_steps * train.batch_size
         per_sample = 2 if config.threat.share == "per-sample" else 1
         sample, reuse = min(drawn, used), -(-used // drawn)
+        draws = 1
         poisson = config.defense.dp_sampling == "poisson"
+        if poisson:  # every step its own Poisson batch of B on average, released once
+            sample, reuse = train.batch_size, 1
+            draws = train.local_steps if train.mode == "fedavg" else 1
         return cls(
             delta=config.defense.dp_delta,
             noise_multiplier=dp.noise_multiplier if dp else 0.0,
@@ -135,6 +141,7 @@ class PrivacyLedger:
             partition_sizes=tuple(int(n) for n in partition_sizes),
             not_dp=reason,
             sensitivity=1.0 if poisson else FIXED_SIZE_SENSITIVITY,
+            draws=draws,
         )
 
     @property
@@ -150,7 +157,7 @@ class PrivacyLedger:
         return self.noise_multiplier / (self.sensitivity * math.sqrt(self.releases))
 
     def sampling_rate(self, client: int) -> float:
-        """The sampling rate of one event for client `client`."""
+        """The sampling rate of one draw for client `client`."""
         return self.sample_size / self._size(client)
 
     def client_epsilon(self, client: int, rounds: int) -> float:
@@ -162,9 +169,8 @@ class PrivacyLedger:
             return 0.0
         if self.noise_multiplier == 0.0:
             return math.inf
-        return _epsilon(
-            size, ((self.sample_size, rounds, self.effective_noise_multiplier),), self.delta
-        )
+        events = ((self.sample_size, rounds * self.draws, self.effective_noise_multiplier),)
+        return _epsilon(size, events, self.delta)
 
     def epsilons(self, participation: Mapping[int, int]) -> dict[int, float]:
         """ε per client, from how many rounds each client (partition id) has taken part in."""

@@ -235,7 +235,7 @@ def check_delta(config: RunConfig, fd: FederatedData, num_clients: int) -> None:
 def check_attacks(config: RunConfig, fd: FederatedData, num_clients: int) -> None:
     """Refuse attacks that would fail on every update of this run (no auxiliary data for an
     attack that needs it, iDLG labels on batches, ...), as each attack declares."""
-    targets = config.train.examples_per_round
+    targets = config.examples_per_round
     if config.threat.share == "per-sample":
         targets = 1
     elif config.threat.view == "aggregate":
@@ -334,24 +334,27 @@ def validate_components(config: RunConfig) -> None:
 
 
 def _check_dp_sampling(config: RunConfig, pipeline: DefensePipeline) -> None:
-    """Poisson sampling is DP-SGD's draw of one FedSGD batch whose size is nobody's business:
-    refuse it where there is no DP-SGD step or where the batch size would show or be fixed."""
+    """Poisson sampling is DP-SGD's draw of batches whose size is nobody's business: refuse it
+    where there is no DP-SGD step or where a batch's size would show or be fixed."""
     if config.defense.dp_sampling != "poisson":
         return
-    setting = "defense.dp-sampling='poisson'"
+    train = config.train
     if pipeline.find(DPSGD) is None:
         reason = f"samples DP-SGD's batch, but defense.spec={config.defense.spec!r} has no dpsgd"
-    elif config.train.mode != "fedsgd":
-        reason = "draws one FedSGD batch per round; train.mode='fedavg' cycles fixed examples"
     elif config.threat.share == "per-sample":
         reason = "hides the batch size, which threat.share='per-sample' shows (one row each)"
     elif pipeline.encoder is not None:
         reason = f"{pipeline.encoder.spec} encodes a fixed batch of images"
+    elif train.mode == "fedavg" and train.examples != 0:
+        reason = (
+            f"each local step draws its own batch from the whole partition, so "
+            f"train.examples={train.examples} has no use; expected train.examples=0"
+        )
     else:
         return
     raise ConfigError(
-        f"{setting}: {reason}; expected defense.dp-sampling='fixed' or a FedSGD run with a "
-        "dpsgd step, batch sharing and no input encoding"
+        f"defense.dp-sampling='poisson': {reason}; expected defense.dp-sampling='fixed' or a "
+        "run with a dpsgd step, batch sharing and no input encoding"
     )
 
 

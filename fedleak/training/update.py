@@ -9,6 +9,7 @@ modified: local training runs on detached copies of its parameters.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -41,9 +42,10 @@ class LocalTraining:
 
     `local_steps` only matters in FedAvg; FedSGD always computes one batch gradient.
     `share="per-sample"` (the per-sample threat model) exists only in FedSGD.
-    `sampling="poisson"`: DP-SGD's FedSGD batch holds each example with probability
-    batch_size / n, so it has batch_size examples on average and any number in fact; the
-    client divides its clipped sum by batch_size and declares batch_size, never the count.
+    `sampling="poisson"`: each DP-SGD batch (FedSGD's one, each of FedAvg's steps) holds
+    each example with probability batch_size / n, so it has batch_size examples on average
+    and any number in fact; the client divides its clipped sum by batch_size and declares
+    batch_size per step, never the count.
     """
 
     mode: Literal["fedsgd", "fedavg"]
@@ -73,11 +75,16 @@ class LocalTraining:
             raise LocalTrainingError(
                 f"sampling={self.sampling!r}: expected one of {', '.join(_SAMPLINGS)}"
             )
-        if self.sampling == "poisson" and (self.mode, self.share) != ("fedsgd", "batch"):
+        if self.sampling == "poisson" and self.share != "batch":
             raise LocalTrainingError(
-                f"sampling='poisson' with mode={self.mode!r}, share={self.share!r}: a Poisson "
-                "batch exists only in fedsgd with share='batch'"
+                f"sampling='poisson' with share={self.share!r}: one update per sample would "
+                "show the batch's size; expected share='batch'"
             )
+
+    @property
+    def declared_examples(self) -> int:
+        """What a client on Poisson batches declares: batch_size for each of its steps."""
+        return self.batch_size * (self.local_steps if self.mode == "fedavg" else 1)
 
 
 @dataclass(frozen=True)
@@ -118,13 +125,15 @@ def compute_update(
     public: Tensor | None = None,
     private: PartnerPool | None = None,
     share_bn_statistics: bool = False,
+    batches: Sequence[Tensor] | None = None,
 ) -> ClientUpdate:
     """The defended update of a client holding images `x` [N, ...] and int64 labels `y` [N], or
     token sequences `x` [N, L] with `y` the same ids (a causal language model's targets).
 
-    FedSGD needs N == batch_size (any N, zero included, under Poisson sampling, which needs a
-    DP-SGD step). FedAvg runs `local_steps` SGD steps; step k uses the N-cyclic
-    mini-batch starting at (k * batch_size) mod N. Randomness (encoding, noise) comes from
+    FedSGD needs N == batch_size. FedAvg runs `local_steps` SGD steps; step k uses the N-cyclic
+    mini-batch starting at (k * batch_size) mod N. Under Poisson sampling (which needs a DP-SGD
+    step) any N will do, zero included: FedSGD's batch is all of `x`, and FedAvg's step k
+    uses the positions `batches[k]` of `x`. Randomness (encoding, noise) comes from
     `generator`, on the tensors' device. `public` is the pool of inter-InstaHide; `private`
     the client's own data that MixUp and intra-InstaHide draw partners from (the batch when
     None).
@@ -134,6 +143,13 @@ def compute_update(
     if training.sampling == "poisson" and pipeline.find(DPSGD) is None:
         raise LocalTrainingError(
             "sampling='poisson' samples DP-SGD's batch; the defense has no dpsgd step"
+        )
+    steps = training.local_steps
+    poisson_fedavg = training.sampling == "poisson" and training.mode == "fedavg"
+    if poisson_fedavg and (batches is None or len(batches) != steps):
+        raise LocalTrainingError(
+            f"sampling='poisson' in fedavg: expected the {steps} steps' batches, got "
+            f"{'none' if batches is None else len(batches)}"
         )
     encoded = None
     if pipeline.encoder is not None:
@@ -154,7 +170,9 @@ def compute_update(
             model, inputs, targets, pipeline, training, generator, buffers
         )
     else:
-        update, loss = _fedavg(model, inputs, targets, pipeline, training, generator, buffers)
+        update, loss = _fedavg(
+            model, inputs, targets, pipeline, training, generator, buffers, batches
+        )
         per_sample = None
     return ClientUpdate(
         update=update,
@@ -164,7 +182,7 @@ def compute_update(
         loss=float(loss),
         # A Poisson batch's size is private (one example more or less shows in it): the client
         # declares the size it samples for, as it weights the aggregate.
-        num_examples=training.batch_size if training.sampling == "poisson" else x.shape[0],
+        num_examples=training.declared_examples if training.sampling == "poisson" else len(x),
         # Only what local computation changed travels: an average of equal floats need not be
         # bit-equal, and constant buffers (a frozen token table) would only add payload.
         buffers={k: v for k, v in buffers.items() if k in batchnorm_buffer_names(model)},
@@ -185,7 +203,9 @@ def _check_data(x: Tensor, y: Tensor, num_classes: int, training: LocalTraining)
             f"labels range {int(y.min())}..{int(y.max())}: expected 0..{num_classes - 1}"
         )
     n = x.shape[0]
-    if training.mode == "fedsgd" and training.sampling == "fixed" and n != training.batch_size:
+    if training.sampling == "poisson":
+        return
+    if training.mode == "fedsgd" and n != training.batch_size:
         raise LocalTrainingError(
             f"fedsgd with batch_size={training.batch_size} got {n} examples; expected exactly "
             f"one batch"
@@ -230,19 +250,32 @@ def _poisson_fedsgd(
     training: LocalTraining,
     generator: torch.Generator,
 ) -> tuple[Params, None, Tensor]:
-    """DP-SGD on a Poisson batch: the clipped gradients' sum over the expected batch size
-    (the mean when the batch has exactly that many), then the usual noise on that mean. An
-    empty batch still releases its noise: a client that sent nothing would show its count."""
-    if len(inputs):
-        per_sample, losses = per_sample_gradients_with_loss(model, inputs, targets)
-        clipped = pipeline.clip(per_sample)
-        total = {name: g.sum(dim=0) for name, g in clipped.items()}
-        loss = losses.mean()
-    else:
-        total = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
-        loss = torch.tensor(math.nan)
-    mean = {name: g / training.batch_size for name, g in total.items()}
+    """DP-SGD on a Poisson batch: the clipped gradients' sum over the expected batch size,
+    then the usual noise on that mean (`pipeline.share`)."""
+    dp = pipeline.find(DPSGD)
+    assert dp is not None  # compute_update refuses Poisson sampling without DP-SGD
+    mean, loss = _poisson_mean(model, inputs, targets, dp, training.batch_size)
     return pipeline.share(mean, training.batch_size, generator), None, loss
+
+
+def _poisson_mean(
+    model: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    dp: DPSGD,
+    expected: int,
+    params: Params | None = None,
+) -> tuple[Params, Tensor]:
+    """The clipped per-sample gradients of a Poisson batch summed and divided by its expected
+    size (the mean when it holds exactly that many), and its mean loss. An empty batch gives
+    zeros, whose noise is still released (a client that sent nothing would show its count),
+    and no loss (NaN)."""
+    if not len(inputs):
+        source = params if params is not None else dict(model.named_parameters())
+        return {name: torch.zeros_like(p) for name, p in source.items()}, torch.tensor(math.nan)
+    per_sample, losses = per_sample_gradients_with_loss(model, inputs, targets, params=params)
+    clipped = dp.clip(per_sample)
+    return {name: g.sum(dim=0) / expected for name, g in clipped.items()}, losses.mean()
 
 
 def _fedavg(
@@ -253,6 +286,7 @@ def _fedavg(
     training: LocalTraining,
     generator: torch.Generator,
     buffers: Params,
+    batches: Sequence[Tensor] | None = None,
 ) -> tuple[Params, Tensor]:
     n, batch_size = inputs.shape[0], training.batch_size
     start = {name: p.detach() for name, p in model.named_parameters()}
@@ -261,9 +295,13 @@ def _fedavg(
     dp = pipeline.find(DPSGD)
     losses = []
     for step in range(training.local_steps):
-        index = (step * batch_size + offsets) % n
+        index = (step * batch_size + offsets) % n if batches is None else batches[step]
         xb, yb = inputs[index], targets[index]
-        if dp is None:
+        if dp is not None and training.sampling == "poisson":
+            # DP-SGD on this step's own Poisson batch (of any size, none included).
+            mean, loss = _poisson_mean(model, xb, yb, dp, batch_size, params)
+            gradient = dp.noise(mean, batch_size, generator)
+        elif dp is None:
             gradient, loss = batch_gradient_with_loss(model, xb, yb, params=params, buffers=buffers)
         else:
             # DP-SGD: every local step clips per sample and adds noise to its own mean.
@@ -274,4 +312,6 @@ def _fedavg(
         params = {name: p - training.learning_rate * gradient[name] for name, p in params.items()}
         losses.append(loss)
     delta = {name: params[name] - start[name] for name in start}
-    return pipeline.share_delta(delta, generator), torch.stack(losses).mean()
+    # A step on an empty Poisson batch has no loss; a round of them all, none (NaN).
+    loss = torch.stack(losses)
+    return pipeline.share_delta(delta, generator), loss.nanmean() if batches else loss.mean()
