@@ -29,7 +29,7 @@ from fedleak.report.build import build_report
 from fedleak.report.collect import load_study
 from fedleak.report.rundir import RunDirectory
 from fedleak.report.stats import SUCCESS_FRACTION, mean_ci, median_interval, order_rank
-from fedleak.report.tables import Metric, strongest
+from fedleak.report.tables import Metric, strongest, summary_table
 from fedleak.report.verdict import headline
 from fedleak.simulations.cli import _headline, main
 
@@ -349,6 +349,13 @@ def test_a_private_sample_no_reconstruction_was_matched_to_counts_as_not_reconst
         assert after[attack].success.k == before[attack].success.k
         assert after[attack].success.n == before[attack].success.n + 1
         assert after[attack].psnr.n == before[attack].psnr.n  # no metric: in no median
+        assert (after[attack].unmatched, before[attack].unmatched) == (1, 0)
+    table = summary_table(load_study(larger))
+    assert "§: the success rate also counts, as not reconstructed" in table.caption
+    counts = {row[1].text: row[2].text for row in table.rows}
+    assert counts["ig"].endswith(" ‡§") and counts["aux-mean (floor)"] == str(
+        after["aux-mean"].psnr.n
+    )
 
 
 def test_rounds_that_lost_an_attacks_rows_are_listed(run_report: Path, tmp_path: Path) -> None:

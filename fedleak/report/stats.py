@@ -172,7 +172,11 @@ def successes(leakage: pd.DataFrame, lpips: str) -> pd.Series:
     values = leakage[lpips]
     decided = np.isfinite(values) & np.isfinite(floor)
     hit = (values <= SUCCESS_FRACTION * floor).astype(float)
-    missed = (leakage["status"] == "nan") | (
-        (leakage["status"] == "ok") & (leakage["sample"] < 0) & (leakage["target_index"] >= 0)
-    )
+    missed = (leakage["status"] == "nan") | unmatched(leakage)
     return hit.where(decided, np.nan).mask(missed & np.isfinite(floor), 0.0)
+
+
+def unmatched(leakage: pd.DataFrame) -> pd.Series:
+    """Rows of private samples that no reconstruction was matched to (`sample` -1): the
+    round's batch held more than the attack reconstructed (a Poisson batch)."""
+    return (leakage["status"] == "ok") & (leakage["sample"] < 0) & (leakage["target_index"] >= 0)

@@ -28,6 +28,7 @@ from fedleak.report.stats import (
     median_interval,
     success_rate,
     successes,
+    unmatched,
 )
 
 __all__ = ["METRICS", "Metric", "format_ci", "mean_ci"]
@@ -305,6 +306,9 @@ class SettingSummary:
     # Attack runs that diverged (NaN): their samples count as not reconstructed in `success`
     # and are in no median or mean.
     diverged: int = 0
+    # Private samples no reconstruction was matched to (a Poisson batch larger than declared):
+    # not reconstructed in `success`, in no median or mean.
+    unmatched: int = 0
 
     @property
     def tokens(self) -> bool:
@@ -347,6 +351,7 @@ def setting_summaries(study: Study) -> list[SettingSummary]:
                         rougeL=median_interval(cell["rougeL"]),
                         left_out=len(unfinished_here) - diverged,
                         diverged=diverged,
+                        unmatched=int(unmatched(cell).sum()),
                     )
                 )
     return out
@@ -366,8 +371,24 @@ LEFT_OUT_NOTE = (
 )
 
 
+UNMATCHED = "§"
+
+
+def _unmatched_note(summaries: list[SettingSummary]) -> str:
+    if not any(s.unmatched for s in summaries if not s.reference):
+        return ""
+    return (
+        f" {UNMATCHED}: the success rate also counts, as not reconstructed, private samples "
+        "that no reconstruction was matched to (Poisson batches held more than the size the "
+        "clients declared and the attacks reconstructed); they are in no median or mean."
+    )
+
+
 def _count_cell(n: int, summary: SettingSummary) -> Cell:
-    return Cell(f"{n} {LEFT_OUT}" if summary.left_out or summary.diverged else str(n))
+    marks = LEFT_OUT if summary.left_out or summary.diverged else ""
+    if summary.unmatched and not summary.reference:
+        marks += UNMATCHED
+    return Cell(f"{n} {marks}" if marks else str(n))
 
 
 def summary_table(study: Study) -> Table:
@@ -415,7 +436,8 @@ def summary_table(study: Study) -> Table:
         "(the sample range for n < 6). The mean is given for LPIPS, which is bounded; PSNR's "
         "mean is not, because exact reconstructions (80+ dB) dominate it."
         + (CONVERGENCE_NOTE if flags else "")
-        + (LEFT_OUT_NOTE if left_out else ""),
+        + (LEFT_OUT_NOTE if left_out else "")
+        + _unmatched_note(summaries),
     )
 
 
@@ -453,7 +475,8 @@ def _text_summary_table(summaries: list[SettingSummary], grouped: bool) -> Table
         "share of positions recovered; medians with their 95% order-statistic interval (the "
         "sample range for n < 6); the mean, bounded, with its Student-t interval."
         + (CONVERGENCE_NOTE if flags else "")
-        + (LEFT_OUT_NOTE if left_out else ""),
+        + (LEFT_OUT_NOTE if left_out else "")
+        + _unmatched_note(summaries),
     )
 
 
