@@ -22,8 +22,12 @@ def add_gaussian(
     """Each tensor plus independent N(0, std^2) noise of its own shape."""
     if std == 0.0:
         return dict(tensors)
+    # In place on the fresh draw: the same bits as `t + std * noise` without two more
+    # tensors of the update's size (LTI draws this for every training pair every epoch).
     return {
-        name: t + std * torch.randn(t.shape, generator=generator, device=t.device, dtype=t.dtype)
+        name: torch.randn(t.shape, generator=generator, device=t.device, dtype=t.dtype)
+        .mul_(std)
+        .add_(t)
         for name, t in tensors.items()
     }
 

@@ -296,6 +296,8 @@ class PairSource:
         x, y = self.aux_x[group.flatten()], self.aux_y[group.flatten()]
         if self.mode == "vector":
             per_sample = self.pipeline.clip(per_sample_gradients(self.model, x, y))
+            if size == 1:  # each member is one sample: its gradient is the mean
+                return per_sample
             return {
                 name: g.reshape(count, size, *g.shape[1:]).mean(dim=1)
                 for name, g in per_sample.items()
