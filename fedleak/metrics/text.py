@@ -12,9 +12,12 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
-from rouge_score import rouge_scorer, tokenizers
+
+if TYPE_CHECKING:  # rouge_score imports nltk (a third of a second): only when scoring text
+    from rouge_score import rouge_scorer, tokenizers
 
 ROUGE_TYPES: tuple[str, ...] = ("rouge1", "rouge2", "rougeL")
 
@@ -49,11 +52,15 @@ def pairwise_token_mismatch(recon: torch.Tensor, truth: torch.Tensor) -> torch.T
 
 @functools.lru_cache(maxsize=1)
 def _scorer() -> rouge_scorer.RougeScorer:
+    from rouge_score import rouge_scorer
+
     return rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=False)
 
 
 @functools.lru_cache(maxsize=1)
 def _words() -> tokenizers.DefaultTokenizer:
+    from rouge_score import tokenizers
+
     return tokenizers.DefaultTokenizer(use_stemmer=False)
 
 
