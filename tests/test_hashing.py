@@ -58,6 +58,28 @@ def test_hash_dict_equals_hash_of_concatenation() -> None:
     torch.testing.assert_close(hasher.hash_dict(tensors), hasher(flat))
 
 
+@pytest.mark.parametrize("bins", [None, 6])
+@pytest.mark.parametrize("normalise", [False, True])
+def test_features_are_the_blocks_scaled_joined_and_hashed_bit_for_bit(
+    bins: int | None, normalise: bool
+) -> None:
+    """The featuriser divides each block into place (or chunk by chunk while hashing): the
+    same bits as dividing whole blocks, joining them and hashing the join."""
+    gen = torch.Generator().manual_seed(3)
+    update = {"a": torch.randn(4, 3, 5, generator=gen), "b": torch.randn(4, 7, generator=gen)}
+    featuriser = Featuriser({"a": 15, "b": 7}, bins, 0, True, block_normalise=normalise)
+    if featuriser.hasher is not None:
+        featuriser.hasher.chunk_size = 4  # several chunks per block
+    blocks = [u.flatten(1) for u in update.values()]
+    if normalise:
+        blocks = [b / b.norm(dim=1, keepdim=True).clamp_min(1e-12) for b in blocks]
+    joined = torch.cat(blocks, dim=1)
+    expected = joined if featuriser.hasher is None else featuriser.hasher(joined)
+    before = {name: u.clone() for name, u in update.items()}
+    assert torch.equal(featuriser(update), expected)
+    assert all(torch.equal(update[name], before[name]) for name in update)  # not divided in place
+
+
 def _tensor_bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 

@@ -87,14 +87,29 @@ class FeatureHasher:
         hashed = _hash32(torch.arange(start, stop, dtype=torch.int64, device=device), self.seed)
         return 1.0 - 2.0 * (hashed & 1).to(torch.float32)
 
-    def _accumulate(self, out: torch.Tensor, flat: torch.Tensor, offset: int) -> None:
-        """Adds the hashed contribution of coordinates [offset, offset + width) to `out`.
+    def _accumulate(
+        self,
+        out: torch.Tensor,
+        flat: torch.Tensor,
+        offset: int,
+        divisor: torch.Tensor | None = None,
+    ) -> None:
+        """Adds the hashed contribution of coordinates [offset, offset + width) to `out`,
+        each row divided by `divisor` [N, 1] first when given.
 
         Signed hashing scatters into 2k slots (bin, sign) of `out` [N, k, 2] and leaves the
-        difference to the caller, which saves multiplying every value by its sign.
+        difference to the caller, which saves multiplying every value by its sign. The
+        division goes chunk by chunk into one scratch chunk: the same quotients as dividing
+        the whole rows first, without a divided copy of them (a pass over fresh memory that
+        cost LTI-P about a quarter of its pair generation).
         """
         rows, width = flat.shape
         slots = out.view(rows, -1)
+        scratch = None
+        if divisor is not None:
+            scratch = torch.empty(
+                rows, min(width, self.chunk_size), dtype=out.dtype, device=out.device
+            )
         for begin in range(0, width, self.chunk_size):
             end = min(width, begin + self.chunk_size)
             index = torch.arange(offset + begin, offset + end, dtype=torch.int64, device=out.device)
@@ -102,7 +117,10 @@ class FeatureHasher:
             bins = (hashed * self.num_bins) >> 32
             if self.signed:
                 bins = bins * 2 + (hashed & 1)  # slot 0: sign +1, slot 1: sign -1
-            slots.scatter_add_(1, bins.expand(rows, -1), flat[:, begin:end].to(out.dtype))
+            values = flat[:, begin:end].to(out.dtype)
+            if scratch is not None:
+                values = torch.div(values, divisor, out=scratch[:, : end - begin])
+            slots.scatter_add_(1, bins.expand(rows, -1), values)
 
     def _empty(self, rows: int, device: torch.device) -> torch.Tensor:
         return torch.zeros(rows, self.num_bins, 2 if self.signed else 1, device=device)
@@ -118,11 +136,16 @@ class FeatureHasher:
         self._accumulate(out, flat, 0)
         return self._finish(out)
 
-    def hash_dict(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def hash_dict(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        divisors: Mapping[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """Hashes a per-parameter dict with a leading dim N, in dict order, without concatenating.
 
         Coordinates are numbered as in the concatenation of the flattened tensors, so the
-        result equals `self(torch.cat([t.flatten(1) for t in tensors.values()], 1))`.
+        result equals `self(torch.cat([t.flatten(1) for t in tensors.values()], 1))`; with
+        `divisors` (by name, [N, 1]) each tensor's rows are divided by its divisor first.
         """
         values = list(tensors.values())
         if not values:
@@ -135,8 +158,8 @@ class FeatureHasher:
             )
         out = self._empty(rows, values[0].device)
         offset = 0
-        for tensor in values:
+        for name, tensor in tensors.items():
             flat = tensor.reshape(rows, -1)
-            self._accumulate(out, flat, offset)
+            self._accumulate(out, flat, offset, None if divisors is None else divisors[name])
             offset += flat.shape[1]
         return self._finish(out)

@@ -136,13 +136,25 @@ class Featuriser:
             raise ValueError(f"the update lacks parameters {missing[:3]}; expected all of them")
         rows = next(iter(update.values())).shape[0]
         blocks = {name: update[name].reshape(rows, -1).float() for name in self.sizes}
+        norms = None
         if self.block_normalise:
-            blocks = {
-                name: b / b.norm(dim=1, keepdim=True).clamp_min(1e-12) for name, b in blocks.items()
+            norms = {
+                name: b.norm(dim=1, keepdim=True).clamp_min(1e-12) for name, b in blocks.items()
             }
-        if self.hasher is None:
-            return torch.cat(list(blocks.values()), dim=1)
-        return self.hasher.hash_dict(blocks)
+        if self.hasher is not None:
+            return self.hasher.hash_dict(blocks, norms)
+        # Each block divided straight into its place: one pass, no divided copies to join.
+        first = next(iter(blocks.values()))
+        out = torch.empty(rows, self.in_features, dtype=first.dtype, device=first.device)
+        offset = 0
+        for name, block in blocks.items():
+            place = out[:, offset : offset + block.shape[1]]
+            if norms is None:
+                place.copy_(block)
+            else:
+                torch.div(block, norms[name], out=place)
+            offset += block.shape[1]
+        return out
 
 
 def release_is_random(pipeline: DefensePipeline) -> bool:
