@@ -24,13 +24,16 @@ How a group's update is computed, fastest first:
 
 What stays fixed within a round is computed once: when the release (noise, pruning, sign) is
 deterministic the features themselves are cached; otherwise the pre-release updates are kept
-(when they fit in `max_cache_bytes`) and only the release is re-drawn each epoch.
+(when they fit in `max_cache_bytes`) and only the release is re-drawn each epoch. When the
+release only adds Gaussian noise and the features are hashed, what is kept is the clean
+updates in hash space, and each epoch draws the noise there (`binned_noise`).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -39,6 +42,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, replace_all_batch_norm_modules_, vmap
 
+from fedleak.attacks.learned.binned_noise import BinnedNoise, CleanBins, gaussian_release_std
 from fedleak.attacks.learned.hashing import FeatureHasher, resolve_num_bins
 from fedleak.attacks.optimization.replay import ClientProtocol, Replay
 from fedleak.attacks.types import Observation
@@ -241,6 +245,26 @@ class PairSource:
         self._keep_raw = (
             not self.fixed and not self.exact_loop and not self.regroups and size <= max_cache_bytes
         )
+        # Gaussian release noise drawn in hash space (`binned_noise`): exact in distribution,
+        # and an epoch redraws a few numbers per bin instead of every coordinate.
+        self._binned: BinnedNoise | None = None
+        self._clean: CleanBins | None = None
+        std = gaussian_release_std(pipeline, self.member.size)
+        hasher = featuriser.hasher
+        if not self.fixed and not self.exact_loop and hasher is not None and std is not None:
+            self._binned = BinnedNoise(
+                hasher,
+                featuriser.sizes,
+                featuriser.block_normalise,
+                std / math.sqrt(self.parts),  # the mean of `parts` members' independent noise
+                aux_x.device,
+            )
+            self._keep_raw = False
+        self._keep_clean = (
+            self._binned is not None
+            and not self.regroups
+            and groups.shape[0] * self._binned.bytes_per_row() <= max_cache_bytes
+        )
 
     @property
     def num_pairs(self) -> int:
@@ -253,6 +277,7 @@ class PairSource:
         count = self.aux_x.shape[0]
         self.groups = make_groups(count, self.unit.size, generator, self.aux_x.device)
         self._features = None
+        self._clean = None
 
     def features(self, generator: torch.Generator) -> Tensor:
         """[P, F] features; the same tensor every call when nothing random is involved."""
@@ -261,7 +286,10 @@ class PairSource:
         parts = []
         for start in range(0, self.num_pairs, self.chunk):
             rows = slice(start, min(self.num_pairs, start + self.chunk))
-            parts.append(self.featuriser(self._released(rows, generator)))
+            if self._binned is not None:
+                parts.append(self._binned.features(self._clean_bins(rows, generator), generator))
+            else:
+                parts.append(self.featuriser(self._released(rows, generator)))
         features = torch.cat(parts)
         if self.fixed:
             self._features = features
@@ -270,6 +298,33 @@ class PairSource:
     def _members(self) -> Tensor:
         """The groups cut into their contributors' shares: [P * M, size / M]."""
         return self.groups.reshape(-1, self.member.size)
+
+    def _clean_bins(self, rows: slice, generator: torch.Generator) -> CleanBins:
+        """The groups `rows` before the release noise, in hash space; all groups' kept from the
+        first call when they fit in memory."""
+        assert self._binned is not None
+        if not self._keep_clean:
+            return self._binned.clean(self._clean_mean(rows, generator))
+        if self._clean is None:
+            self._clean = CleanBins.cat(
+                [
+                    self._binned.clean(
+                        self._clean_mean(slice(s, min(self.num_pairs, s + self.chunk)), generator)
+                    )
+                    for s in range(0, self.num_pairs, self.chunk)
+                ]
+            )
+        return self._clean[rows]
+
+    def _clean_mean(self, rows: slice, generator: torch.Generator) -> Params:
+        """The groups' updates before the release: the mean of their members'."""
+        members = slice(rows.start * self.parts, rows.stop * self.parts)
+        raw = self._pre_release(members, generator)
+        if self.parts == 1:
+            return raw
+        return {
+            name: u.reshape(-1, self.parts, *u.shape[1:]).mean(dim=1) for name, u in raw.items()
+        }
 
     def _released(self, rows: slice, generator: torch.Generator) -> Params:
         """The released updates of the groups `rows`: each member's release, then their mean."""
