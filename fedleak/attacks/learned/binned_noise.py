@@ -61,19 +61,8 @@ class CleanBins:
     squares: Tensor
 
     def __getitem__(self, rows: slice) -> CleanBins:
+        """The rows `rows` (views: writing into them writes into these)."""
         return CleanBins(self.hashed[rows], self.squares[rows])
-
-    @staticmethod
-    def cat(parts: list[CleanBins]) -> CleanBins:
-        """Chunks joined along the rows."""
-        return CleanBins(
-            torch.cat([p.hashed for p in parts]), torch.cat([p.squares for p in parts])
-        )
-
-    @property
-    def nbytes(self) -> int:
-        """Memory held."""
-        return sum(t.numel() * t.element_size() for t in (self.hashed, self.squares))
 
 
 @dataclass(frozen=True)
@@ -127,18 +116,27 @@ class BinnedNoise:
         """Memory of one row of `CleanBins`."""
         return self.columns * 4 + len(self.blocks) * 8
 
-    def clean(self, update: Mapping[str, Tensor]) -> CleanBins:
-        """The hashed blocks and squared norms of clean updates (leading dim N)."""
+    def empty(self, rows: int) -> CleanBins:
+        """Room for `rows` clean updates."""
+        return CleanBins(
+            torch.empty(rows, self.columns, device=self.device),
+            torch.empty(rows, len(self.blocks), dtype=torch.float64, device=self.device),
+        )
+
+    def clean(self, update: Mapping[str, Tensor], out: CleanBins | None = None) -> CleanBins:
+        """The hashed blocks and squared norms of clean updates (leading dim N), written into
+        `out` when given (e.g. rows of a round's kept groups, without a copy to join them)."""
         rows = next(iter(update.values())).shape[0]
-        hashed = torch.empty(rows, self.columns, device=self.device)
-        squares = torch.empty(rows, len(self.blocks), dtype=torch.float64, device=self.device)
+        out = self.empty(rows) if out is None else out
+        hashed, squares = out.hashed, out.squares
         for index, block in enumerate(self.blocks):
             flat = update[block.name].reshape(rows, -1).float()
             slots = self.hasher._empty(rows, flat.device)
             self.hasher._accumulate(slots, flat, block.offset)
             hashed[:, block.columns] = self.hasher._finish(slots)[:, block.bins]
-            squares[:, index] = flat.double().square().sum(dim=1)
-        return CleanBins(hashed, squares)
+            # The featuriser's float32 norm, squared in float64 (no float64 copy of the block).
+            squares[:, index] = flat.norm(dim=1).double().square()
+        return out
 
     def features(self, clean: CleanBins, generator: torch.Generator) -> Tensor:
         """[N, bins] features of the clean updates plus fresh noise, as the featuriser would

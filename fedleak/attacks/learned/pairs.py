@@ -306,14 +306,11 @@ class PairSource:
         if not self._keep_clean:
             return self._binned.clean(self._clean_mean(rows, generator))
         if self._clean is None:
-            self._clean = CleanBins.cat(
-                [
-                    self._binned.clean(
-                        self._clean_mean(slice(s, min(self.num_pairs, s + self.chunk)), generator)
-                    )
-                    for s in range(0, self.num_pairs, self.chunk)
-                ]
-            )
+            kept = self._binned.empty(self.num_pairs)
+            for start in range(0, self.num_pairs, self.chunk):
+                chunk = slice(start, min(self.num_pairs, start + self.chunk))
+                self._binned.clean(self._clean_mean(chunk, generator), out=kept[chunk])
+            self._clean = kept
         return self._clean[rows]
 
     def _clean_mean(self, rows: slice, generator: torch.Generator) -> Params:
