@@ -131,9 +131,7 @@ class BinnedNoise:
         hashed, squares = out.hashed, out.squares
         for index, block in enumerate(self.blocks):
             flat = update[block.name].reshape(rows, -1).float()
-            slots = self.hasher._empty(rows, flat.device)
-            self.hasher._accumulate(slots, flat, block.offset)
-            hashed[:, block.columns] = self.hasher._finish(slots)[:, block.bins]
+            hashed[:, block.columns] = self.hasher.hash_part(flat, block.offset)[:, block.bins]
             # The featuriser's float32 norm, squared in float64 (no float64 copy of the block).
             squares[:, index] = flat.norm(dim=1).double().square()
         return out

@@ -316,11 +316,14 @@ class PairSource:
     def _clean_mean(self, rows: slice, generator: torch.Generator) -> Params:
         """The groups' updates before the release: the mean of their members'."""
         members = slice(rows.start * self.parts, rows.stop * self.parts)
-        raw = self._pre_release(members, generator)
+        return self._group_mean(self._pre_release(members, generator))
+
+    def _group_mean(self, members: Params) -> Params:
+        """Each group's update from its members' consecutive rows: their mean."""
         if self.parts == 1:
-            return raw
+            return members
         return {
-            name: u.reshape(-1, self.parts, *u.shape[1:]).mean(dim=1) for name, u in raw.items()
+            name: u.reshape(-1, self.parts, *u.shape[1:]).mean(dim=1) for name, u in members.items()
         }
 
     def _released(self, rows: slice, generator: torch.Generator) -> Params:
@@ -336,12 +339,7 @@ class PairSource:
             else:
                 raw = self._pre_release(members, generator)
             released = self._release(raw, generator)
-        if self.parts == 1:
-            return released
-        return {
-            name: u.reshape(-1, self.parts, *u.shape[1:]).mean(dim=1)
-            for name, u in released.items()
-        }
+        return self._group_mean(released)
 
     def _all_raw(self, generator: torch.Generator) -> Params:
         count = self.num_pairs * self.parts
