@@ -68,11 +68,13 @@ class CleanBins:
 @dataclass(frozen=True)
 class _Block:
     name: str
-    offset: int  # of the block's first coordinate in the hashed order
     size: int
     bins: Tensor  # its non-empty bins [k_b]
     root_counts: Tensor  # sqrt(c_bj) [k_b]
     columns: slice  # its place in CleanBins.hashed
+    # Each coordinate's slot among the block's own bins (x2 + sign bit when signed): hashing
+    # a clean block scatters into k_b (or 2 k_b) slots, not into all of the hasher's bins.
+    slots: Tensor  # [d_b] int64
 
 
 class BinnedNoise:
@@ -94,18 +96,23 @@ class BinnedNoise:
         self.blocks: list[_Block] = []
         offset = column = 0
         for name, size in sizes.items():
-            bins, counts = torch.unique(
-                hasher.bin_ids(offset, offset + size, device), return_counts=True
+            bins, compact, counts = torch.unique(
+                hasher.bin_ids(offset, offset + size, device),
+                return_inverse=True,
+                return_counts=True,
             )
+            if hasher.signed:
+                negative = hasher.signs(offset, offset + size, device) < 0
+                compact = compact * 2 + negative.to(torch.int64)
             width = bins.numel()
             self.blocks.append(
                 _Block(
                     name,
-                    offset,
                     size,
                     bins,
                     counts.to(torch.float32).sqrt(),
                     slice(column, column + width),
+                    compact,
                 )
             )
             offset += size
@@ -131,7 +138,12 @@ class BinnedNoise:
         hashed, squares = out.hashed, out.squares
         for index, block in enumerate(self.blocks):
             flat = update[block.name].reshape(rows, -1).float()
-            hashed[:, block.columns] = self.hasher.hash_part(flat, block.offset)[:, block.bins]
+            width = block.bins.numel()
+            slots = torch.zeros(rows, width * (2 if self.hasher.signed else 1), device=flat.device)
+            slots.scatter_add_(1, block.slots.expand(rows, -1), flat)
+            if self.hasher.signed:
+                slots = slots[:, 0::2] - slots[:, 1::2]
+            hashed[:, block.columns] = slots
             # The featuriser's float32 norm, squared in float64 (no float64 copy of the block).
             squares[:, index] = flat.norm(dim=1).double().square()
         return out
@@ -148,12 +160,13 @@ class BinnedNoise:
             z = torch.randn(rows, width, generator=generator, device=self.device)
             noisy = torch.addcmul(h, z, block.root_counts * s)
             if self.block_normalise:
-                a = (h / block.root_counts).double()
-                inside = (a + s * z.double()).square().sum(dim=1)
+                # Sums over the bins in float32 (as the featuriser's norm), combined in float64.
+                inside = (noisy / block.root_counts).square().sum(dim=1).double()
                 outside = torch.zeros_like(inside)
                 complement = block.size - width
                 if complement >= 1:
-                    rho = (clean.squares[:, index] - a.square().sum(dim=1)).clamp_min(0).sqrt()
+                    in_span = (h / block.root_counts).square().sum(dim=1).double()
+                    rho = (clean.squares[:, index] - in_span).clamp_min(0).sqrt()
                     w = torch.randn(rows, generator=generator, device=self.device).double()
                     outside = (rho + s * w).square()
                 if complement >= 2:

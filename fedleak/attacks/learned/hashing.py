@@ -136,13 +136,6 @@ class FeatureHasher:
         self._accumulate(out, flat, 0)
         return self._finish(out)
 
-    def hash_part(self, flat: torch.Tensor, offset: int) -> torch.Tensor:
-        """[N, num_bins]: the hashed contribution of coordinates [offset, offset + width) alone,
-        `flat` [N, width] (one parameter block of a longer update)."""
-        out = self._empty(flat.shape[0], flat.device)
-        self._accumulate(out, flat, offset)
-        return self._finish(out)
-
     def hash_dict(
         self,
         tensors: Mapping[str, torch.Tensor],
