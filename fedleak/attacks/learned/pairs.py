@@ -241,10 +241,6 @@ class PairSource:
             and unit.size > 1
             and per_sample_bytes <= max_cache_bytes
         )
-        size = groups.shape[0] * self.parts * featuriser.in_features * 4
-        self._keep_raw = (
-            not self.fixed and not self.exact_loop and not self.regroups and size <= max_cache_bytes
-        )
         # Gaussian release noise drawn in hash space (`binned_noise`): exact in distribution,
         # and an epoch redraws a few numbers per bin instead of every coordinate.
         self._binned: BinnedNoise | None = None
@@ -259,7 +255,14 @@ class PairSource:
                 std / math.sqrt(self.parts),  # the mean of `parts` members' independent noise
                 aux_x.device,
             )
-            self._keep_raw = False
+        size = groups.shape[0] * self.parts * featuriser.in_features * 4
+        self._keep_raw = (
+            not self.fixed
+            and not self.exact_loop
+            and not self.regroups
+            and self._binned is None
+            and size <= max_cache_bytes
+        )
         self._keep_clean = (
             self._binned is not None
             and not self.regroups
