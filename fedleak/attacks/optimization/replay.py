@@ -3,11 +3,14 @@
 A problem is one guess of a private batch (b images + labels) whose update is matched to one
 observed update. T problems (targets x restarts, of one or several observations) are stacked
 along a leading dimension and their dummy updates come out in one call, differentiable with
-respect to the dummy inputs (the attack then differentiates them once more). Three paths give
-the same function: one problem goes through plain autograd on the module itself (no vmap, no
-re-binding of parameters); stacked FedSGD problems of a model without BatchNorm through one
-batched backward and layer-wise per-problem gradients (`fedleak.training.per_sample`); every
-other case (FedAvg's unrolled steps, BatchNorm) through `torch.func.vmap` over `grad`.
+respect to the dummy inputs (the attack then differentiates them once more). Four paths give
+the same function: FedSGD problems with hard labels on a model that is one chain of
+convolutions, linear layers and activations (sigmoid LeNet, MLPs) through the gradient and
+its derivative written out (`fedleak.attacks.optimization.chain`); one problem otherwise
+through plain autograd on the module itself (no vmap, no re-binding of parameters); stacked
+FedSGD problems of a model without BatchNorm through one batched backward and layer-wise
+per-problem gradients (`fedleak.training.per_sample`); every other case (FedAvg's unrolled
+steps, BatchNorm) through `torch.func.vmap` over `grad`.
 
 BatchNorm layers are replaced by `InversionBatchNorm`, which normalises each problem with the
 dummy batch's own statistics, as the client computed them (GradAttack's `exact` and `infer`
@@ -28,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from fedleak.attacks.optimization.chain import ChainUnsupported, chain_update, layer_chain
 from fedleak.attacks.types import Observation, UpdateKind
 from fedleak.training.loss import task_loss
 from fedleak.training.per_sample import layerwise_gradients, supported
@@ -167,6 +171,9 @@ class Replay:
         # Stacked FedSGD problems without BatchNorm: per-problem gradients from one batched
         # backward (`fedleak.training.per_sample`), cheaper to differentiate than vmap.
         self.layerwise = protocol.kind == "gradient" and supported(self.model)
+        # FedSGD through a plain chain of layers: the gradient and its derivative written
+        # out (`chain`), cheaper still; None where the model is not such a chain.
+        self._chain = layer_chain(self.model) if protocol.kind == "gradient" else None
 
     @property
     def has_batchnorm(self) -> bool:
@@ -233,6 +240,13 @@ class Replay:
         """Dummy updates of T problems: `x` [T, b, ...], `y` int64 [T, b] or soft [T, b, K]
         (token sequences: embeddings [T, b, L, d] and targets [T, b, L] or soft [T, b, L, V]);
         with `per_sample` also each sample's gradient (FedSGD, no BatchNorm)."""
+        if self._chain is not None and not per_sample and not y.is_floating_point():
+            try:
+                update = chain_update(self._chain, x.flatten(0, 1), y.flatten(0, 1), x.shape[0])
+            except ChainUnsupported:
+                self._chain = None  # e.g. inputs of another rank than the chain expects
+            else:
+                return ReplayOutput(update, None, [])
         if self.layerwise and (per_sample or x.shape[0] > 1):
             return self._layerwise(x, y, per_sample)
         if per_sample:

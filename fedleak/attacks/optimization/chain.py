@@ -1,0 +1,458 @@
+"""The client's gradient of a plain layer chain, and its derivative, written out layer by layer.
+
+A model that is one chain of Conv2d, Linear, flatten and elementwise activations (sigmoid,
+tanh, ReLU), fitted by mean cross-entropy on hard labels (FedSGD), has a parameter gradient
+and a derivative of any loss of that gradient with respect to the input in closed form,
+layer by layer. An inversion iteration needs exactly these two, and computing them directly
+skips autograd's double-backward graph (hundreds of small recorded nodes per iteration on the
+sigmoid LeNet) and merges the two convolutions that each layer's derivative runs on the same
+input shape into one call of twice the channels (docs/performance.md, "The layer chain").
+
+Notation for layer l, mapping h_in to h_out: the first backward sends g_out (the loss's
+gradient at h_out) to g_in and to the parameter gradient P_l. Given v_l, the outer loss's
+gradient with respect to P_l, the derivative flows up the chain (`up`: the adjoint of g_out,
+from v_l and the adjoint of g_in) and then down it (`down`: the adjoint of h_in, from the
+adjoint of h_out and the terms in which the first backward read h_in).
+
+T independent problems of b samples each are stacked problem-major ([T * b, ...]); their
+parameter gradients [T, ...] come out side by side, per problem, as grouped convolutions and
+batched products (`fedleak.training.per_sample` does the same for the first derivative).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd.function import FunctionCtx, once_differentiable
+
+_ACTIVATIONS = {
+    nn.Sigmoid: "sigmoid",
+    nn.Tanh: "tanh",
+    nn.ReLU: "relu",
+    torch.sigmoid: "sigmoid",
+    torch.tanh: "tanh",
+    torch.relu: "relu",
+    F.relu: "relu",
+    F.sigmoid: "sigmoid",
+    F.tanh: "tanh",
+    "sigmoid": "sigmoid",
+    "tanh": "tanh",
+    "relu": "relu",
+}
+
+
+class ChainUnsupported(Exception):
+    """The model or the inputs are outside what the written-out chain covers."""
+
+
+@dataclass
+class _State:
+    """One layer's tensors from the forward pass and the first backward."""
+
+    h_in: Tensor
+    h_out: Tensor
+    g_out: Tensor | None = None
+    gbar_in: Tensor | None = None  # the adjoint of g_in, set on the way up
+    # Tensors derived once per iteration and read by later passes (an activation's slope,
+    # stacked problems laid out for grouped convolutions).
+    derived: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class _Pass:
+    """Everything the derivative needs: per-layer states, the softmax, the stack's shape."""
+
+    states: list[_State]
+    probabilities: Tensor
+    problems: int
+    samples: int
+
+
+def _grouped(t: Tensor, problems: int) -> Tensor:
+    """[T * b, C, ...] problem-major as [b, T * C, ...]: each problem's channels as one group,
+    channels last (oneDNN's grouped kernels run 2-3x faster on it: docs/performance.md)."""
+    samples = t.shape[0] // problems
+    out = t.reshape(problems, samples, *t.shape[1:]).transpose(0, 1).flatten(1, 2)
+    return out.contiguous(memory_format=torch.channels_last)
+
+
+def _ungrouped(t: Tensor, problems: int) -> Tensor:
+    """The inverse of `_grouped`."""
+    samples = t.shape[0]
+    return t.reshape(samples, problems, -1, *t.shape[2:]).transpose(0, 1).flatten(0, 1)
+
+
+class _Layer:
+    """One link of the chain; `parameters` names its parameters as the model does."""
+
+    parameters: tuple[str, ...] = ()
+
+    def forward(self, h: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def backward(
+        self, state: _State, problems: int, need_input: bool
+    ) -> tuple[Tensor | None, list[Tensor]]:
+        """(g_in or None, the parameter gradients [T, ...]) from `state.g_out`."""
+        raise NotImplementedError
+
+    def up(self, state: _State, v: list[Tensor], problems: int) -> Tensor | None:
+        """The adjoint of g_out (None where it is zero)."""
+        raise NotImplementedError
+
+    def down(self, state: _State, hbar_out: Tensor, v: list[Tensor], problems: int) -> Tensor:
+        """The adjoint of h_in."""
+        raise NotImplementedError
+
+
+class _Conv(_Layer):
+    def __init__(self, module: nn.Conv2d, prefix: str) -> None:
+        if module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str):
+            raise ChainUnsupported("grouped, padded-mode or string-padded convolution")
+        self.weight = module.weight.detach()
+        self.bias = None if module.bias is None else module.bias.detach()
+        self.stride, self.padding = list(module.stride), list(module.padding)
+        self.dilation = list(module.dilation)
+        self.parameters = (f"{prefix}weight",) + (() if self.bias is None else (f"{prefix}bias",))
+
+    def _conv(self, h: Tensor, weight: Tensor, bias: Tensor | None, groups: int = 1) -> Tensor:
+        return F.conv2d(h, weight, bias, self.stride, self.padding, self.dilation, groups)
+
+    def _backward(
+        self, g: Tensor, h: Tensor, weight: Tensor, groups: int, mask: list[bool]
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        # The bias gradient is asked for only with the layer's own weight (its sizes).
+        bias_sizes = [weight.shape[0]] if mask[2] else None
+        return torch.ops.aten.convolution_backward(
+            g,
+            h,
+            weight,
+            bias_sizes,
+            self.stride,
+            self.padding,
+            self.dilation,
+            False,
+            [0, 0],
+            groups,
+            mask,
+        )
+
+    def forward(self, h: Tensor) -> Tensor:
+        if h.dim() != 4:
+            raise ChainUnsupported("a convolution of a non-image input")
+        return self._conv(h, self.weight, self.bias)
+
+    @staticmethod
+    def _laid_out(state: _State, problems: int, v: list[Tensor] | None = None) -> dict[str, Tensor]:
+        """h_in and g_out (and v_W) of stacked problems as grouped convolutions take them."""
+        cache = state.derived
+        if "h" not in cache:
+            assert state.g_out is not None
+            cache["h"], cache["g"] = _grouped(state.h_in, problems), _grouped(state.g_out, problems)
+        if v is not None and "v" not in cache:
+            cache["v"] = v[0].flatten(0, 1).contiguous(memory_format=torch.channels_last)
+        return cache
+
+    def backward(
+        self, state: _State, problems: int, need_input: bool
+    ) -> tuple[Tensor | None, list[Tensor]]:
+        g, h = state.g_out, state.h_in
+        assert g is not None
+        bias = self.bias is not None
+        if problems == 1:
+            g_in, g_w, g_b = self._backward(g, h, self.weight, 1, [need_input, True, bias])
+            grads = [g_w.unsqueeze(0)] + ([g_b.unsqueeze(0)] if bias else [])
+            return g_in, grads
+        # Each problem's weight gradient as one group of a grouped convolution.
+        stacked = self.weight.new_empty(problems * self.weight.shape[0], *self.weight.shape[1:])
+        laid = self._laid_out(state, problems)
+        g_w = self._backward(laid["g"], laid["h"], stacked, problems, [False, True, False])[1]
+        grads = [g_w.reshape(problems, *self.weight.shape)]
+        if bias:
+            grads.append(g.sum(dim=(2, 3)).reshape(problems, -1, g.shape[1]).sum(dim=1))
+        g_in = self._backward(g, h, self.weight, 1, [True, False, False])[0] if need_input else None
+        return g_in, grads
+
+    def _vb(self, v: list[Tensor], problems: int, like: Tensor) -> Tensor | None:
+        if self.bias is None:
+            return None
+        samples = like.shape[0] // problems
+        return v[1].repeat_interleave(samples, dim=0).reshape(like.shape[0], -1, 1, 1)
+
+    def up(self, state: _State, v: list[Tensor], problems: int) -> Tensor | None:
+        # g_out enters P (the weight gradient, bilinear in h_in and g_out) and g_in (the
+        # transposed convolution of g_out): the adjoint is conv(h_in, v_W) + v_b + conv(gbar_in, W).
+        h, gbar_in = state.h_in, state.gbar_in
+        if problems == 1:
+            vb = None if self.bias is None else v[1][0]
+            if gbar_in is None:
+                return self._conv(h, v[0][0], vb)
+            both = torch.cat([h, gbar_in], dim=1)
+            return self._conv(both, torch.cat([v[0][0], self.weight], dim=1), vb)
+        laid = self._laid_out(state, problems, v)
+        out = _ungrouped(self._conv(laid["h"], laid["v"], None, problems), problems)
+        if gbar_in is not None:
+            out = out + self._conv(gbar_in, self.weight, None)
+        vb = self._vb(v, problems, out)
+        return out if vb is None else out + vb
+
+    def down(self, state: _State, hbar_out: Tensor, v: list[Tensor], problems: int) -> Tensor:
+        # h_in enters the forward pass (transposed convolution of hbar_out with W) and P
+        # (transposed convolution of g_out with v_W).
+        g, h = state.g_out, state.h_in
+        assert g is not None
+        if problems == 1:
+            both = torch.cat([hbar_out, g], dim=1)
+            weight = torch.cat([self.weight, v[0][0]], dim=0)
+            return self._backward(both, h, weight, 1, [True, False, False])[0]
+        shared = self._backward(hbar_out, h, self.weight, 1, [True, False, False])[0]
+        laid = self._laid_out(state, problems, v)
+        own = self._backward(laid["g"], laid["h"], laid["v"], problems, [True, False, False])[0]
+        return shared + _ungrouped(own, problems)
+
+
+class _Linear(_Layer):
+    def __init__(self, module: nn.Linear, prefix: str) -> None:
+        self.weight = module.weight.detach()
+        self.bias = None if module.bias is None else module.bias.detach()
+        self.parameters = (f"{prefix}weight",) + (() if self.bias is None else (f"{prefix}bias",))
+
+    def forward(self, h: Tensor) -> Tensor:
+        if h.dim() != 2:
+            raise ChainUnsupported("a linear layer on more than one dimension")
+        return F.linear(h, self.weight, self.bias)
+
+    def backward(
+        self, state: _State, problems: int, need_input: bool
+    ) -> tuple[Tensor | None, list[Tensor]]:
+        g, h = state.g_out, state.h_in
+        assert g is not None
+        g3, h3 = g.reshape(problems, -1, g.shape[1]), h.reshape(problems, -1, h.shape[1])
+        grads = [torch.bmm(g3.transpose(1, 2), h3)]
+        if self.bias is not None:
+            grads.append(g3.sum(dim=1))
+        return (g @ self.weight if need_input else None), grads
+
+    def up(self, state: _State, v: list[Tensor], problems: int) -> Tensor | None:
+        h, gbar_in = state.h_in, state.gbar_in
+        h3 = h.reshape(problems, -1, h.shape[1])
+        out = torch.bmm(h3, v[0].transpose(1, 2))
+        if self.bias is not None:
+            out = out + v[1].unsqueeze(1)
+        out = out.flatten(0, 1)
+        return out if gbar_in is None else torch.addmm(out, gbar_in, self.weight.t())
+
+    def down(self, state: _State, hbar_out: Tensor, v: list[Tensor], problems: int) -> Tensor:
+        g = state.g_out
+        assert g is not None
+        own = torch.bmm(g.reshape(problems, -1, g.shape[1]), v[0]).flatten(0, 1)
+        return torch.addmm(own, hbar_out, self.weight)
+
+
+class _Activation(_Layer):
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    def forward(self, h: Tensor) -> Tensor:
+        return getattr(torch, self.kind)(h)
+
+    def _slope(self, out: Tensor) -> Tensor:
+        if self.kind == "sigmoid":
+            return out * (1 - out)
+        if self.kind == "tanh":
+            return 1 - out.square()
+        return (out > 0).to(out.dtype)
+
+    def _curvature(self, out: Tensor, slope: Tensor) -> Tensor | None:
+        if self.kind == "sigmoid":
+            return slope * (1 - 2 * out)
+        if self.kind == "tanh":
+            return -2 * out * slope
+        return None  # ReLU's second derivative vanishes almost everywhere
+
+    def backward(
+        self, state: _State, problems: int, need_input: bool
+    ) -> tuple[Tensor | None, list[Tensor]]:
+        assert state.g_out is not None
+        slope = state.derived["slope"] = self._slope(state.h_out)
+        return state.g_out * slope, []
+
+    def up(self, state: _State, v: list[Tensor], problems: int) -> Tensor | None:
+        if state.gbar_in is None:
+            return None
+        return state.gbar_in * state.derived["slope"]
+
+    def down(self, state: _State, hbar_out: Tensor, v: list[Tensor], problems: int) -> Tensor:
+        slope = state.derived["slope"]
+        hbar_in = hbar_out * slope
+        curvature = self._curvature(state.h_out, slope)
+        if curvature is None or state.gbar_in is None:
+            return hbar_in
+        assert state.g_out is not None
+        return torch.addcmul(hbar_in, state.gbar_in * state.g_out, curvature)
+
+
+class _Flatten(_Layer):
+    def forward(self, h: Tensor) -> Tensor:
+        return h.flatten(1)
+
+    def backward(
+        self, state: _State, problems: int, need_input: bool
+    ) -> tuple[Tensor | None, list[Tensor]]:
+        assert state.g_out is not None
+        return state.g_out.reshape(state.h_in.shape), []
+
+    def up(self, state: _State, v: list[Tensor], problems: int) -> Tensor | None:
+        return None if state.gbar_in is None else state.gbar_in.flatten(1)
+
+    def down(self, state: _State, hbar_out: Tensor, v: list[Tensor], problems: int) -> Tensor:
+        return hbar_out.reshape(state.h_in.shape)
+
+
+def _is_flatten(node: torch.fx.Node, module: nn.Module | None) -> bool:
+    """Whether the node flattens all but the batch dimension (`nn.Flatten()`, `torch.flatten(x,
+    1)`, `x.flatten(1)`)."""
+    if module is not None:
+        return type(module) is nn.Flatten and (module.start_dim, module.end_dim) == (1, -1)
+    if (node.op, node.target) not in (("call_function", torch.flatten), ("call_method", "flatten")):
+        return False
+    start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+    return start == 1 and len(node.args) <= 2 and set(node.kwargs) <= {"start_dim"}
+
+
+def _link(node: torch.fx.Node, model: nn.Module) -> _Layer:
+    """The chain's link for one traced node. Layer types are matched exactly: a subclass
+    (a weight-standardised convolution, say) may compute something else."""
+    module = model.get_submodule(str(node.target)) if node.op == "call_module" else None
+    if type(module) is nn.Conv2d:
+        return _Conv(module, f"{node.target}.")
+    if type(module) is nn.Linear:
+        return _Linear(module, f"{node.target}.")
+    if _is_flatten(node, module):
+        return _Flatten()
+    kind = None
+    if module is not None:
+        kind = _ACTIVATIONS.get(type(module))
+    elif node.op == "call_function" and len(node.args) == 1 and set(node.kwargs) <= {"inplace"}:
+        # In place or not, the value is the same (the chain never writes into its inputs).
+        kind = _ACTIVATIONS.get(node.target)  # type: ignore[arg-type]
+    elif node.op == "call_method" and len(node.args) == 1 and not node.kwargs:
+        kind = _ACTIVATIONS.get(str(node.target))
+    if kind is None:
+        raise ChainUnsupported(f"{node.op} {node.target}")
+    return _Activation(kind)
+
+
+class LayerChain:
+    """A model seen as its chain of layers, for FedSGD's gradient and its derivative."""
+
+    def __init__(self, layers: Sequence[_Layer], names: Sequence[str]) -> None:
+        self.layers = list(layers)
+        order = {name: i for i, name in enumerate(names)}
+        # Where each layer's parameter gradients go in the update (the model's order).
+        self.slots = [[order[p] for p in layer.parameters] for layer in self.layers]
+        self.count = len(names)
+
+    def gradient(self, x: Tensor, y: Tensor, problems: int) -> tuple[list[Tensor], _Pass]:
+        """Each problem's mean cross-entropy gradient [T, ...] per parameter (model order)
+        for stacked inputs `x` [T * b, ...] and class indices `y` [T * b]."""
+        states, h = [], x
+        for layer in self.layers:
+            out = layer.forward(h)
+            states.append(_State(h, out))
+            h = out
+        if h.dim() != 2 or y.shape != h.shape[:1]:
+            raise ChainUnsupported("the chain does not end in one row of logits per sample")
+        samples = x.shape[0] // problems
+        probabilities = torch.softmax(h, dim=1)
+        g = probabilities.scatter_add(
+            1, y.unsqueeze(1), probabilities.new_full((y.shape[0], 1), -1.0)
+        )
+        g = g / samples
+        update: list[Tensor | None] = [None] * self.count
+        for index in range(len(self.layers) - 1, -1, -1):
+            state = states[index]
+            state.g_out = g
+            g_in, grads = self.layers[index].backward(state, problems, index > 0)
+            for slot, grad in zip(self.slots[index], grads, strict=True):
+                update[slot] = grad
+            g = g_in  # type: ignore[assignment]
+        return [u for u in update if u is not None], _Pass(states, probabilities, problems, samples)
+
+    def input_gradient(self, run: _Pass, v: Sequence[Tensor]) -> Tensor:
+        """The derivative of a loss of the update with respect to `x`, given the loss's
+        gradient `v` [T, ...] with respect to each parameter's gradient."""
+        problems = run.problems
+        gbar = None
+        for layer, state, slots in zip(self.layers, run.states, self.slots, strict=True):
+            state.gbar_in = gbar
+            gbar = layer.up(state, [v[s] for s in slots], problems)
+        # The logits' gradient is (softmax - onehot) / b: its adjoint through the softmax.
+        p = run.probabilities
+        if gbar is None:
+            hbar = torch.zeros_like(p)
+        else:
+            hbar = p * (gbar - (p * gbar).sum(dim=1, keepdim=True)) / run.samples
+        for index in range(len(self.layers) - 1, -1, -1):
+            layer, state = self.layers[index], run.states[index]
+            hbar = layer.down(state, hbar, [v[s] for s in self.slots[index]], problems)
+        return hbar
+
+
+def layer_chain(model: nn.Module) -> LayerChain | None:
+    """The model's layer chain, or None when its forward pass is not one chain of supported
+    layers covering every parameter (then autograd replays it)."""
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception:  # any model torch.fx cannot trace is simply not a chain
+        return None
+    nodes = list(graph.nodes)
+    if len(nodes) < 3 or nodes[0].op != "placeholder" or nodes[-1].op != "output":
+        return None
+    layers: list[_Layer] = []
+    previous = nodes[0]
+    try:
+        for node in nodes[1:-1]:
+            if node.all_input_nodes != [previous] or len(previous.users) != 1:
+                return None
+            layers.append(_link(node, model))
+            previous = node
+    except ChainUnsupported:
+        return None
+    if nodes[-1].all_input_nodes != [previous]:
+        return None
+    names = [name for name, _ in model.named_parameters()]
+    covered = [p for layer in layers for p in layer.parameters]
+    if sorted(covered) != sorted(names):
+        return None
+    return LayerChain(layers, names)
+
+
+class _ChainUpdate(torch.autograd.Function):
+    """The stacked problems' updates as a function of `x`, differentiable once."""
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx, x: Tensor, y: Tensor, chain: LayerChain, problems: int
+    ) -> tuple[Tensor, ...]:
+        update, run = chain.gradient(x, y, problems)
+        ctx.chain, ctx.run = chain, run  # type: ignore[attr-defined]
+        return tuple(update)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, *v: Tensor) -> tuple[Tensor, None, None, None]:
+        run = ctx.run  # type: ignore[attr-defined]
+        ctx.run = None  # type: ignore[attr-defined]
+        return ctx.chain.input_gradient(run, v), None, None, None  # type: ignore[attr-defined]
+
+
+def chain_update(chain: LayerChain, x: Tensor, y: Tensor, problems: int) -> list[Tensor]:
+    """The update of each of `problems` stacked dummy batches `x` [T * b, ...] with labels
+    `y` [T * b], as [T, ...] per parameter, differentiable once with respect to `x`."""
+    return list(_ChainUpdate.apply(x, y, chain, problems))

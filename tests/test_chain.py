@@ -1,0 +1,144 @@
+"""The written-out layer chain: the client's gradient and its derivative against autograd."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedleak.attacks.optimization.chain import chain_update, layer_chain
+from fedleak.attacks.optimization.replay import ClientProtocol, Replay
+from fedleak.models import ModelSpec, build_model
+
+
+class _Mixed(nn.Module):
+    """Every supported link once: a bias-free strided convolution, tanh and ReLU as modules
+    and as functions, flatten as a module, a sigmoid between two linear layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Conv2d(1, 4, 3, padding=1)
+        self.second = nn.Conv2d(4, 4, 3, stride=2, bias=False, dilation=1)
+        self.flat = nn.Flatten()
+        self.hidden = nn.Linear(4 * 6 * 6, 16)
+        self.out = nn.Linear(16, 5, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.tanh(self.first(x))
+        x = F.relu(self.second(x))
+        return self.out(torch.sigmoid(self.hidden(self.flat(x))))
+
+
+def _models() -> list[tuple[str, nn.Module, tuple[int, ...], int]]:
+    torch.manual_seed(0)
+    return [
+        ("lenet", build_model(ModelSpec("lenet", (3, 16, 16), 10, seed=0)), (3, 16, 16), 10),
+        ("mlp", build_model(ModelSpec("mlp", (1, 6, 6), 10, seed=0)), (1, 6, 6), 10),
+        ("mixed", _Mixed(), (1, 14, 14), 5),
+    ]
+
+
+@pytest.mark.parametrize("problems, samples", [(1, 1), (1, 3), (3, 1), (3, 2)])
+def test_the_chain_gives_autograds_gradient_and_derivative(problems, samples):
+    """In float64, for every model and stack: each problem's mean cross-entropy gradient,
+    and the derivative of a random linear function of it with respect to the inputs, agree
+    with autograd's double backward to rounding."""
+    for name, model, shape, classes in _models():
+        model = model.double()
+        chain = layer_chain(model)
+        assert chain is not None, name
+        generator = torch.Generator().manual_seed(1)
+        x = torch.randn(problems * samples, *shape, dtype=torch.float64, generator=generator)
+        x.requires_grad_()
+        y = torch.randint(0, classes, (problems * samples,), generator=generator)
+        params = list(model.parameters())
+        per_problem = []
+        for t in range(problems):
+            rows = slice(t * samples, (t + 1) * samples)
+            loss = F.cross_entropy(model(x[rows]), y[rows])
+            per_problem.append(torch.autograd.grad(loss, params, create_graph=True))
+        expected = [torch.stack([g[i] for g in per_problem]) for i in range(len(params))]
+        got = chain_update(chain, x, y, problems)
+        for e, g in zip(expected, got, strict=True):
+            assert g.shape == e.shape
+            torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+        weights = [torch.randn(e.shape, dtype=torch.float64, generator=generator) for e in expected]
+        (want,) = torch.autograd.grad(
+            sum((e * w).sum() for e, w in zip(expected, weights, strict=True)), x
+        )
+        (have,) = torch.autograd.grad(
+            sum((g * w).sum() for g, w in zip(got, weights, strict=True)), x
+        )
+        torch.testing.assert_close(have, want, rtol=1e-9, atol=1e-12 * want.abs().max().item())
+
+
+class _Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(x + torch.relu(self.a(x)))
+
+
+class _Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(torch.sigmoid(self.a(x)))
+
+
+def test_models_that_are_not_one_chain_are_refused():
+    """Residual connections, normalisation, pooling, grouped convolutions, a layer used twice
+    and a computation torch.fx cannot trace all fall back to autograd (None)."""
+
+    class Branching(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.a(x) if x.sum() > 0 else -self.a(x)
+
+    refused = [
+        _Residual(),
+        _Tied(),
+        Branching(),
+        nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Flatten(), nn.Linear(4, 2)),
+        nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(2, 2)),
+        nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.Linear(4, 2)),
+        build_model(ModelSpec("resnet20-gn", (3, 8, 8), 10, seed=0)),
+        build_model(ModelSpec("convnet", (3, 8, 8), 10, seed=0)),
+    ]
+    for model in refused:
+        assert layer_chain(model) is None, model
+
+
+@pytest.mark.parametrize("problems", [1, 4])
+def test_the_replay_takes_the_chain_and_matches_its_autograd_path(problems):
+    """Replay of sigmoid LeNet (FedSGD, hard labels) runs through the chain, single and
+    stacked, with the same update and input derivative as its autograd paths (float32); soft
+    labels (optimised jointly) still take autograd."""
+    model = build_model(ModelSpec("lenet", (3, 16, 16), 10, seed=0))
+    fast = Replay(model, ClientProtocol("gradient"))
+    slow = Replay(model, ClientProtocol("gradient"))
+    assert fast._chain is not None
+    slow._chain = None
+    generator = torch.Generator().manual_seed(2)
+    x = torch.rand(problems, 2, 3, 16, 16, generator=generator).requires_grad_()
+    y = torch.randint(0, 10, (problems, 2), generator=generator)
+    outputs = []
+    for replay in (fast, slow):
+        out = replay(x, y)
+        (derivative,) = torch.autograd.grad(sum(u.square().sum() for u in out.update), x)
+        outputs.append((out.update, derivative))
+    (fast_update, fast_derivative), (slow_update, slow_derivative) = outputs
+    assert fast_update[0].grad_fn is not None and "Chain" in type(fast_update[0].grad_fn).__name__
+    for a, b in zip(fast_update, slow_update, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(fast_derivative, slow_derivative, rtol=1e-4, atol=1e-9)
+    soft = torch.softmax(torch.randn(problems, 2, 10, generator=generator), dim=-1)
+    assert "Chain" not in type(fast(x, soft).update[0].grad_fn).__name__
