@@ -9,7 +9,7 @@ short run of every job, the variants alternate round by round (`timing.interleav
 printed ratio batched / one-after-another is the median of the paired rounds.
 Target: <= 0.2 (the round attacked in at most a fifth of the time). On CUDA too when present.
 
-    python benchmarks/bench_attacks.py [--clients 16] [--models lenet] [--threads 1]
+    python benchmarks/bench_attacks.py [--clients 16] [--models lenet mlp resnet20-gn] [--threads 1]
         [--devices cpu,cuda] [--rounds 5]
 """
 
@@ -34,7 +34,7 @@ from fedleak.training.update import LocalTraining, compute_update
 SHAPE = (3, 32, 32)
 CLASSES = 10
 # Iterations of the short and long runs per model.
-LENGTHS = {"lenet": (10, 60), "resnet20-gn": (3, 13)}
+LENGTHS = {"lenet": (10, 60), "mlp": (10, 60), "resnet20-gn": (3, 13)}
 INIT = {"lenet": "uniform", "resnet20-gn": "default"}
 
 
@@ -103,7 +103,7 @@ def compare(model: str, clients: int, device: str, rounds: int) -> Ratio:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--models", nargs="+", default=["lenet"])
+    parser.add_argument("--models", nargs="+", default=["lenet"], choices=sorted(LENGTHS))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--devices", default="cpu,cuda")
     parser.add_argument("--rounds", type=int, default=5)

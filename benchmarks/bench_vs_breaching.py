@@ -234,7 +234,9 @@ def profile(model: str, threads: int, iterations: int, image: torch.Tensor, labe
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--models", nargs="+", default=["lenet", "resnet20-gn"])
+    parser.add_argument(
+        "--models", nargs="+", default=["lenet", "resnet20-gn"], choices=sorted(LENGTHS)
+    )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--breaching-python")
     parser.add_argument("--quality", type=int, default=0, help="also compare PSNR after N its")

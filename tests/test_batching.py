@@ -191,10 +191,16 @@ def test_chunks_follow_first_appearance_and_never_split_a_member():
 
 
 def test_the_cuda_cap_comes_from_free_memory(monkeypatch: pytest.MonkeyPatch):
-    """The CUDA path on a CPU machine: a fake meter reports 300 MB peak for 2 problems."""
+    """The CUDA path on a CPU machine: a fake meter reports 300 MB peak for 2 problems. On a
+    CPU the cap comes from the size of a problem's update."""
     assert problems_that_fit(10**9, 10**6, share=0.5) == 500
     assert problems_that_fit(10, 10**6) == 1
-    assert automatic_cap(torch.device("cpu"), lambda: 1 / 0) == batching.CPU_CAP
+    cpu = torch.device("cpu")
+    assert automatic_cap(cpu, lambda: 1 / 0) == batching.CPU_CAP
+    assert automatic_cap(cpu, lambda: 1 / 0, update_bytes=63_304) == batching.CPU_CAP  # LeNet
+    # The MLP on CIFAR-10 (855,050 parameters) stacks 3 problems; a 64 MB update stands alone.
+    assert automatic_cap(cpu, lambda: 1 / 0, update_bytes=855_050 * 4) == 3
+    assert automatic_cap(cpu, lambda: 1 / 0, update_bytes=64 * 2**20) == 1
     allocated = iter([1_000, 300_001_000])
     cuda = torch.cuda
     monkeypatch.setattr(cuda, "synchronize", lambda device=None: None)

@@ -99,6 +99,11 @@ class Problem:
         return self.targets * self.restarts
 
     @property
+    def update_bytes(self) -> int:
+        """Bytes of one problem's target update (a dummy update has the same size)."""
+        return sum(t[0].numel() * t.element_size() for t in self.target)
+
+    @property
     def sign_flipped(self) -> bool:
         """InstaHide flips pixels at random about the range's middle: the prior and the result
         work on what the flip leaves (`fedleak.defenses.unsigned`)."""
@@ -569,8 +574,11 @@ class BatchedInversion:
             members.append(member)
             where.append(index)
         if members:
+            first = members[0].problem
             cap = budget.max_batch or automatic_cap(
-                members[0].problem.device, lambda: self._probe(members[0], budget)
+                first.device,
+                lambda: self._probe(members[0], budget),
+                update_bytes=first.update_bytes,
             )
             chunks = plan(
                 members,

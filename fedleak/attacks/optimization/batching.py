@@ -5,7 +5,8 @@ client's targets and restarts can then be stacked along the leading problem dime
 optimised as one batched problem (`engine`), which on a CPU gives several times the
 throughput of one job after another and on a GPU fills the device. `plan` groups compatible
 members in submission order and cuts each group into chunks of at most `cap` problems, never
-splitting one observation. `automatic_cap` sizes chunks from the free device memory on CUDA.
+splitting one observation. `automatic_cap` sizes chunks from the free device memory on CUDA
+and from the size of a problem's update on a CPU.
 """
 
 from __future__ import annotations
@@ -20,6 +21,13 @@ import torch
 # Problems per chunk on a CPU when the cap is automatic: past this the throughput per
 # target-iteration no longer improves (benchmarks/bench_attacks.py), and memory stays small.
 CPU_CAP = 128
+# ...and at most this many bytes of stacked updates: an iteration streams them several times
+# (the dummy updates, the matching loss and its gradient), and once a stack outgrows the
+# caches a batch costs more than its problems one after another. Measured on a round of 16
+# B = 1 clients, 1 thread, ms per round-iteration for chunks of 1 / 2-4 / 16 problems: the
+# MLP (3.4 MB a problem) 56-60 / 52-58 / 73, ResNet-20-GN (1.1 MB) 537 / 302-444 / 269 (11
+# problems: 261); sigmoid LeNet (63 kB) stacks all 16 (docs/performance.md).
+CPU_STACK_BYTES = 12 * 2**20
 # Share of the free CUDA memory a chunk may plan to use (the rest absorbs allocator slack).
 MEMORY_SHARE = 0.6
 
@@ -84,13 +92,17 @@ def problems_that_fit(
 
 
 def automatic_cap(
-    device: torch.device, probe: Callable[[], int], free_bytes: Callable[[], int] | None = None
+    device: torch.device,
+    probe: Callable[[], int],
+    free_bytes: Callable[[], int] | None = None,
+    update_bytes: int = 0,
 ) -> int:
-    """The chunk size when the configured cap is 0: `CPU_CAP` on a CPU; on CUDA, what fits in
-    the free memory given the peak memory of one probe step, `probe()` running one objective
-    and backward on a known number of problems and returning that number."""
+    """The chunk size when the configured cap is 0. On a CPU, as many problems as keep their
+    stacked updates (`update_bytes` each) within `CPU_STACK_BYTES`, at most `CPU_CAP`; on CUDA,
+    what fits in the free memory given the peak memory of one probe step, `probe()` running
+    one objective and backward on a known number of problems and returning that number."""
     if device.type != "cuda":
-        return CPU_CAP
+        return min(CPU_CAP, problems_that_fit(CPU_STACK_BYTES, update_bytes, share=1.0))
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
