@@ -9,8 +9,8 @@ short run of every job, the variants alternate round by round (`timing.interleav
 printed ratio batched / one-after-another is the median of the paired rounds.
 Target: <= 0.2 (the round attacked in at most a fifth of the time). On CUDA too when present.
 
-    python benchmarks/bench_attacks.py [--clients 16] [--models lenet mlp resnet20-gn] [--threads 1]
-        [--devices cpu,cuda] [--rounds 5]
+    python benchmarks/bench_attacks.py [--clients 16] [--models lenet mlp convnet resnet20-gn]
+        [--threads 1] [--devices cpu,cuda] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from fedleak.training.update import LocalTraining, compute_update
 SHAPE = (3, 32, 32)
 CLASSES = 10
 # Iterations of the short and long runs per model.
-LENGTHS = {"lenet": (10, 60), "mlp": (10, 60), "resnet20-gn": (3, 13)}
+LENGTHS = {"lenet": (10, 60), "mlp": (10, 60), "convnet": (3, 13), "resnet20-gn": (3, 13)}
 INIT = {"lenet": "uniform", "resnet20-gn": "default"}
 
 

@@ -30,12 +30,30 @@ class _Mixed(nn.Module):
         return self.out(torch.sigmoid(self.hidden(self.flat(x))))
 
 
+def _pooled() -> nn.Module:
+    """Every pooling link: max pooling (padded, ceil mode), average pooling without the
+    padding in its count, global average pooling."""
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.Tanh(),
+        nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True),
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.Sigmoid(),
+        nn.AvgPool2d(2, padding=1, count_include_pad=False),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    )
+
+
 def _models() -> list[tuple[str, nn.Module, tuple[int, ...], int]]:
     torch.manual_seed(0)
     return [
         ("lenet", build_model(ModelSpec("lenet", (3, 16, 16), 10, seed=0)), (3, 16, 16), 10),
         ("mlp", build_model(ModelSpec("mlp", (1, 6, 6), 10, seed=0)), (1, 6, 6), 10),
+        ("convnet", build_model(ModelSpec("convnet", (3, 8, 8), 10, seed=0)), (3, 8, 8), 10),
         ("mixed", _Mixed(), (1, 14, 14), 5),
+        ("pooled", _pooled(), (2, 11, 11), 3),
     ]
 
 
@@ -92,8 +110,9 @@ class _Tied(nn.Module):
 
 
 def test_models_that_are_not_one_chain_are_refused():
-    """Residual connections, normalisation, pooling, grouped convolutions, a layer used twice
-    and a computation torch.fx cannot trace all fall back to autograd (None)."""
+    """Residual connections, normalisation, grouped convolutions, an activation without a
+    rule, a layer used twice and a computation torch.fx cannot trace all fall back to
+    autograd (None)."""
 
     class Branching(nn.Module):
         def __init__(self) -> None:
@@ -108,10 +127,10 @@ def test_models_that_are_not_one_chain_are_refused():
         _Tied(),
         Branching(),
         nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Flatten(), nn.Linear(4, 2)),
-        nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(2, 2)),
+        nn.Sequential(nn.Linear(4, 4), nn.LeakyReLU(), nn.Linear(4, 2)),
         nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.Linear(4, 2)),
         build_model(ModelSpec("resnet20-gn", (3, 8, 8), 10, seed=0)),
-        build_model(ModelSpec("convnet", (3, 8, 8), 10, seed=0)),
+        build_model(ModelSpec("convnet-bn", (3, 8, 8), 10, seed=0)),
     ]
     for model in refused:
         assert layer_chain(model) is None, model

@@ -1,12 +1,13 @@
 """The client's gradient of a plain layer chain, and its derivative, written out layer by layer.
 
-A model that is one chain of Conv2d, Linear, flatten and elementwise activations (sigmoid,
-tanh, ReLU), fitted by mean cross-entropy on hard labels (FedSGD), has a parameter gradient
-and a derivative of any loss of that gradient with respect to the input in closed form,
-layer by layer. An inversion iteration needs exactly these two, and computing them directly
-skips autograd's double-backward graph (hundreds of small recorded nodes per iteration on the
-sigmoid LeNet) and merges the two convolutions that each layer's derivative runs on the same
-input shape into one call of twice the channels (docs/performance.md, "The layer chain").
+A model that is one chain of Conv2d, Linear, flatten, max and average pooling and elementwise
+activations (sigmoid, tanh, ReLU), fitted by mean cross-entropy on hard labels (FedSGD), has
+a parameter gradient and a derivative of any loss of that gradient with respect to the input
+in closed form, layer by layer. An inversion iteration needs exactly these two, and computing
+them directly skips autograd's double-backward graph (hundreds of small recorded nodes per
+iteration on the sigmoid LeNet) and merges the two convolutions that each layer's derivative
+runs on the same input shape into one call of twice the channels (docs/performance.md, "The
+layer chain").
 
 Notation for layer l, mapping h_in to h_out: the first backward sends g_out (the loss's
 gradient at h_out) to g_in and to the parameter gradient P_l. Given v_l, the outer loss's
@@ -73,12 +74,11 @@ class _Pass:
     samples: int
 
 
-def _grouped(t: Tensor, problems: int) -> Tensor:
-    """[T * b, C, ...] problem-major as [b, T * C, ...]: each problem's channels as one group,
-    channels last (oneDNN's grouped kernels run 2-3x faster on it: docs/performance.md)."""
+def _grouped(t: Tensor, problems: int, layout: torch.memory_format) -> Tensor:
+    """[T * b, C, ...] problem-major as [b, T * C, ...]: each problem's channels as one group."""
     samples = t.shape[0] // problems
     out = t.reshape(problems, samples, *t.shape[1:]).transpose(0, 1).flatten(1, 2)
-    return out.contiguous(memory_format=torch.channels_last)
+    return out.contiguous(memory_format=layout)
 
 
 def _ungrouped(t: Tensor, problems: int) -> Tensor:
@@ -92,7 +92,8 @@ class _Layer:
 
     parameters: tuple[str, ...] = ()
 
-    def forward(self, h: Tensor) -> Tensor:
+    def forward(self, h: Tensor, derived: dict[str, Tensor]) -> Tensor:
+        """h_out; what later passes need beyond h_in and h_out goes into `derived`."""
         raise NotImplementedError
 
     def backward(
@@ -116,6 +117,12 @@ class _Conv(_Layer):
             raise ChainUnsupported("grouped, padded-mode or string-padded convolution")
         self.weight = module.weight.detach()
         self.bias = None if module.bias is None else module.bias.detach()
+        # Stacked problems' grouped convolutions: oneDNN's kernels for few channels per group
+        # run 2-3x faster channels-last, for many slower (a round of 16 targets, ms per
+        # iteration, channels-last / not: sigmoid LeNet's 12 channels 7.5-7.6 / 7.8-8.0,
+        # ConvNet's 32-128 channels 188-194 / 129-135; docs/performance.md).
+        few = max(module.in_channels, module.out_channels) <= 16
+        self.layout = torch.channels_last if few else torch.contiguous_format
         self.stride, self.padding = list(module.stride), list(module.padding)
         self.dilation = list(module.dilation)
         self.parameters = (f"{prefix}weight",) + (() if self.bias is None else (f"{prefix}bias",))
@@ -142,20 +149,22 @@ class _Conv(_Layer):
             mask,
         )
 
-    def forward(self, h: Tensor) -> Tensor:
+    def forward(self, h: Tensor, derived: dict[str, Tensor]) -> Tensor:
         if h.dim() != 4:
             raise ChainUnsupported("a convolution of a non-image input")
         return self._conv(h, self.weight, self.bias)
 
-    @staticmethod
-    def _laid_out(state: _State, problems: int, v: list[Tensor] | None = None) -> dict[str, Tensor]:
+    def _laid_out(
+        self, state: _State, problems: int, v: list[Tensor] | None = None
+    ) -> dict[str, Tensor]:
         """h_in and g_out (and v_W) of stacked problems as grouped convolutions take them."""
         cache = state.derived
         if "h" not in cache:
             assert state.g_out is not None
-            cache["h"], cache["g"] = _grouped(state.h_in, problems), _grouped(state.g_out, problems)
+            cache["h"] = _grouped(state.h_in, problems, self.layout)
+            cache["g"] = _grouped(state.g_out, problems, self.layout)
         if v is not None and "v" not in cache:
-            cache["v"] = v[0].flatten(0, 1).contiguous(memory_format=torch.channels_last)
+            cache["v"] = v[0].flatten(0, 1).contiguous(memory_format=self.layout)
         return cache
 
     def backward(
@@ -222,7 +231,7 @@ class _Linear(_Layer):
         self.bias = None if module.bias is None else module.bias.detach()
         self.parameters = (f"{prefix}weight",) + (() if self.bias is None else (f"{prefix}bias",))
 
-    def forward(self, h: Tensor) -> Tensor:
+    def forward(self, h: Tensor, derived: dict[str, Tensor]) -> Tensor:
         if h.dim() != 2:
             raise ChainUnsupported("a linear layer on more than one dimension")
         return F.linear(h, self.weight, self.bias)
@@ -258,7 +267,7 @@ class _Activation(_Layer):
     def __init__(self, kind: str) -> None:
         self.kind = kind
 
-    def forward(self, h: Tensor) -> Tensor:
+    def forward(self, h: Tensor, derived: dict[str, Tensor]) -> Tensor:
         return getattr(torch, self.kind)(h)
 
     def _slope(self, out: Tensor) -> Tensor:
@@ -297,21 +306,103 @@ class _Activation(_Layer):
         return torch.addcmul(hbar_in, state.gbar_in * state.g_out, curvature)
 
 
-class _Flatten(_Layer):
-    def forward(self, h: Tensor) -> Tensor:
-        return h.flatten(1)
+class _Reshaping(_Layer):
+    """A map linear in its input once the forward pass has fixed its pattern (flatten, average
+    and max pooling): the first backward and the way down apply its transpose, the way up
+    applies the map itself to the adjoint of g_in; it has no second derivative."""
+
+    def transpose(self, g: Tensor, state: _State) -> Tensor:
+        raise NotImplementedError
+
+    def again(self, t: Tensor, state: _State) -> Tensor:
+        """The map, with the pattern of the forward pass, applied to another input."""
+        raise NotImplementedError
 
     def backward(
         self, state: _State, problems: int, need_input: bool
     ) -> tuple[Tensor | None, list[Tensor]]:
         assert state.g_out is not None
-        return state.g_out.reshape(state.h_in.shape), []
+        return self.transpose(state.g_out, state), []
 
     def up(self, state: _State, v: list[Tensor], problems: int) -> Tensor | None:
-        return None if state.gbar_in is None else state.gbar_in.flatten(1)
+        return None if state.gbar_in is None else self.again(state.gbar_in, state)
 
     def down(self, state: _State, hbar_out: Tensor, v: list[Tensor], problems: int) -> Tensor:
-        return hbar_out.reshape(state.h_in.shape)
+        return self.transpose(hbar_out, state)
+
+
+class _Flatten(_Reshaping):
+    def forward(self, h: Tensor, derived: dict[str, Tensor]) -> Tensor:
+        return h.flatten(1)
+
+    def transpose(self, g: Tensor, state: _State) -> Tensor:
+        return g.reshape(state.h_in.shape)
+
+    def again(self, t: Tensor, state: _State) -> Tensor:
+        return t.flatten(1)
+
+
+class _MaxPool(_Reshaping):
+    def __init__(self, module: nn.MaxPool2d) -> None:
+        self.module = module
+
+    def forward(self, h: Tensor, derived: dict[str, Tensor]) -> Tensor:
+        m = self.module
+        if h.dim() != 4:
+            raise ChainUnsupported("max pooling of a non-image input")
+        out, derived["indices"] = F.max_pool2d(
+            h, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, return_indices=True
+        )
+        return out
+
+    def transpose(self, g: Tensor, state: _State) -> Tensor:
+        m = self.module
+        return torch.ops.aten.max_pool2d_with_indices_backward(
+            g,
+            state.h_in,
+            _pair(m.kernel_size),
+            _pair(m.stride or m.kernel_size),
+            _pair(m.padding),
+            _pair(m.dilation),
+            m.ceil_mode,
+            state.derived["indices"],
+        )
+
+    def again(self, t: Tensor, state: _State) -> Tensor:
+        indices = state.derived["indices"]
+        return t.flatten(2).gather(2, indices.flatten(2)).view_as(indices)
+
+
+class _AvgPool(_Reshaping):
+    def __init__(self, module: nn.AvgPool2d | nn.AdaptiveAvgPool2d) -> None:
+        self.module = module
+
+    def forward(self, h: Tensor, derived: dict[str, Tensor]) -> Tensor:
+        if h.dim() != 4:
+            raise ChainUnsupported("average pooling of a non-image input")
+        return self.module(h)
+
+    def again(self, t: Tensor, state: _State) -> Tensor:
+        return self.module(t)
+
+    def transpose(self, g: Tensor, state: _State) -> Tensor:
+        m = self.module
+        if isinstance(m, nn.AdaptiveAvgPool2d):
+            return torch.ops.aten._adaptive_avg_pool2d_backward(g, state.h_in)
+        return torch.ops.aten.avg_pool2d_backward(
+            g,
+            state.h_in,
+            _pair(m.kernel_size),
+            _pair(m.stride or m.kernel_size),
+            _pair(m.padding),
+            m.ceil_mode,
+            m.count_include_pad,
+            m.divisor_override,
+        )
+
+
+def _pair(value: int | Sequence[int]) -> list[int]:
+    return [value, value] if isinstance(value, int) else list(value)
 
 
 def _is_flatten(node: torch.fx.Node, module: nn.Module | None) -> bool:
@@ -335,6 +426,10 @@ def _link(node: torch.fx.Node, model: nn.Module) -> _Layer:
         return _Linear(module, f"{node.target}.")
     if _is_flatten(node, module):
         return _Flatten()
+    if type(module) is nn.MaxPool2d and not module.return_indices:
+        return _MaxPool(module)
+    if type(module) in (nn.AvgPool2d, nn.AdaptiveAvgPool2d):
+        return _AvgPool(module)  # type: ignore[arg-type]
     kind = None
     if module is not None:
         kind = _ACTIVATIONS.get(type(module))
@@ -363,8 +458,9 @@ class LayerChain:
         for stacked inputs `x` [T * b, ...] and class indices `y` [T * b]."""
         states, h = [], x
         for layer in self.layers:
-            out = layer.forward(h)
-            states.append(_State(h, out))
+            derived: dict[str, Tensor] = {}
+            out = layer.forward(h, derived)
+            states.append(_State(h, out, derived=derived))
             h = out
         if h.dim() != 2 or y.shape != h.shape[:1]:
             raise ChainUnsupported("the chain does not end in one row of logits per sample")

@@ -5,12 +5,12 @@ observed update. T problems (targets x restarts, of one or several observations)
 along a leading dimension and their dummy updates come out in one call, differentiable with
 respect to the dummy inputs (the attack then differentiates them once more). Four paths give
 the same function: FedSGD problems with hard labels on a model that is one chain of
-convolutions, linear layers and activations (sigmoid LeNet, MLPs) through the gradient and
-its derivative written out (`fedleak.attacks.optimization.chain`); one problem otherwise
-through plain autograd on the module itself (no vmap, no re-binding of parameters); stacked
-FedSGD problems of a model without BatchNorm through one batched backward and layer-wise
-per-problem gradients (`fedleak.training.per_sample`); every other case (FedAvg's unrolled
-steps, BatchNorm) through `torch.func.vmap` over `grad`.
+convolutions, linear layers, pooling and activations (sigmoid LeNet, MLPs, ConvNet) through
+the gradient and its derivative written out (`fedleak.attacks.optimization.chain`); one
+problem otherwise through plain autograd on the module itself (no vmap, no re-binding of
+parameters); stacked FedSGD problems of a model without BatchNorm through one batched
+backward and layer-wise per-problem gradients (`fedleak.training.per_sample`); every other
+case (FedAvg's unrolled steps, BatchNorm) through `torch.func.vmap` over `grad`.
 
 BatchNorm layers are replaced by `InversionBatchNorm`, which normalises each problem with the
 dummy batch's own statistics, as the client computed them (GradAttack's `exact` and `infer`
