@@ -126,6 +126,16 @@ def test_only_compatible_observations_are_stacked_and_the_cap_cuts_chunks(mnist)
     assert [r.diagnostics["batch_problems"] for r in results] == [4, 2, 4, 4, 4]
 
 
+def test_the_automatic_cap_on_a_cpu_chunks_a_round_by_its_updates_bytes(mnist, monkeypatch):
+    """`max_batch` 0 on a CPU: the attack hands `automatic_cap` its problems' update size, so
+    a budget of two and a half LeNet updates stacks two jobs at a time (2 + 2 + 1)."""
+    observations, _, knowledge = _round(mnist, 5, 1)
+    update_bytes = sum(u.numel() * 4 for u in observations[0].update.values())
+    monkeypatch.setattr(batching, "CPU_STACK_BYTES", int(2.5 * update_bytes))
+    results = build_attack("ig").reconstruct_batch(observations, knowledge, Budget(2, 600.0))
+    assert [r.diagnostics["batch_jobs"] for r in results] == [2, 2, 2, 2, 1]
+
+
 def test_an_observation_that_cannot_be_inverted_fails_alone(mnist):
     observations, _, knowledge = _round(mnist, 3, 1)
     broken = dataclasses.replace(observations[1], modality="tokens")
@@ -190,17 +200,20 @@ def test_chunks_follow_first_appearance_and_never_split_a_member():
     assert [c.indices for c in odd] == [(0, 5), (1, 4), (2, 3)]
 
 
-def test_the_cuda_cap_comes_from_free_memory(monkeypatch: pytest.MonkeyPatch):
-    """The CUDA path on a CPU machine: a fake meter reports 300 MB peak for 2 problems. On a
-    CPU the cap comes from the size of a problem's update."""
-    assert problems_that_fit(10**9, 10**6, share=0.5) == 500
-    assert problems_that_fit(10, 10**6) == 1
+def test_the_cpu_cap_keeps_stacked_updates_within_the_budget():
+    """On a CPU the cap comes from the size of a problem's update, never from a probe."""
     cpu = torch.device("cpu")
     assert automatic_cap(cpu, lambda: 1 / 0) == batching.CPU_CAP
     assert automatic_cap(cpu, lambda: 1 / 0, update_bytes=63_304) == batching.CPU_CAP  # LeNet
     # The MLP on CIFAR-10 (855,050 parameters) stacks 3 problems; a 64 MB update stands alone.
     assert automatic_cap(cpu, lambda: 1 / 0, update_bytes=855_050 * 4) == 3
     assert automatic_cap(cpu, lambda: 1 / 0, update_bytes=64 * 2**20) == 1
+
+
+def test_the_cuda_cap_comes_from_free_memory(monkeypatch: pytest.MonkeyPatch):
+    """The CUDA path on a CPU machine: a fake meter reports 300 MB peak for 2 problems."""
+    assert problems_that_fit(10**9, 10**6, share=0.5) == 500
+    assert problems_that_fit(10, 10**6) == 1
     allocated = iter([1_000, 300_001_000])
     cuda = torch.cuda
     monkeypatch.setattr(cuda, "synchronize", lambda device=None: None)
