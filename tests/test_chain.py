@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedleak.attacks.optimization.chain import chain_update, layer_chain
 from fedleak.attacks.optimization.replay import ClientProtocol, Replay
 from fedleak.models import ModelSpec, build_model
+from fedleak.training.chain import chain_update, layer_chain
 
 
 class _Mixed(nn.Module):

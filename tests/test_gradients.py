@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import fedleak.training.gradients
 from fedleak.defenses import DPSGD, MixUp, parse_defense_spec
 from fedleak.models import ModelSpec, build_model
 from fedleak.training.gradients import (
@@ -16,6 +17,7 @@ from fedleak.training.gradients import (
     batch_gradient,
     batchnorm_statistics,
     per_sample_gradients,
+    per_sample_gradients_with_loss,
 )
 from fedleak.training.update import (
     ClientUpdate,
@@ -80,6 +82,32 @@ def test_per_sample_gradients_equal_a_loop_of_single_sample_gradients(
         for param, g in single.items():
             assert per_sample[param].shape == (batch, *g.shape)
             torch.testing.assert_close(per_sample[param][i], g, atol=1e-5, rtol=0)
+
+
+def test_a_chain_models_per_sample_gradients_are_written_out_at_the_given_weights(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Sigmoid LeNet's per-sample gradients and losses come from `fedleak.training.chain`
+    (the layer-wise path is not reached), at the weights passed in `params` (local training's
+    current weights), not the module's."""
+    model = _model("lenet", (3, 8, 8))
+    x, y = _data(5, (3, 8, 8))
+    moved = {
+        n: p.detach() + 0.05 * torch.randn(p.shape, generator=_gen(3))
+        for n, p in model.named_parameters()
+    }
+
+    def unreachable(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the layer-wise path ran")
+
+    monkeypatch.setattr(fedleak.training.gradients, "layerwise_gradients", unreachable)
+    grads, losses = per_sample_gradients_with_loss(model, x, y, params=moved)
+    other = _model("lenet", (3, 8, 8))
+    other.load_state_dict(moved)
+    torch.testing.assert_close(losses, F.cross_entropy(other(x), y, reduction="none"))
+    for i in range(5):
+        single = _autograd(other, x[i : i + 1], y[i : i + 1])
+        _assert_close({k: v[i] for k, v in grads.items()}, single, atol=1e-6, rtol=1e-5)
 
 
 def test_per_sample_gradients_take_soft_labels() -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import logging
 import os
 import signal
@@ -163,6 +164,13 @@ def simulate(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     serving: list[threading.Thread] = []
+    # Ray starts its processes with fork and runs Python in each child before exec. A garbage
+    # collection there that frees an unreachable SSL context waits forever on an OpenSSL lock
+    # another thread held at the fork (seen: a test process hung 12 minutes in
+    # `start_gcs_server`, the child spinning in `SSL_CTX_free`). Collect the garbage now and
+    # keep what is left out of every later collection while Ray starts and runs.
+    gc.collect()
+    gc.freeze()
     try:
         run_simulation(
             server_app=make_server_app(
@@ -187,6 +195,7 @@ def simulate(
         ray.shutdown()
         raise
     finally:
+        gc.unfreeze()
         torch.set_num_threads(threads)
         _end_server_thread(serving)
 

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from fedleak.models import has_batchnorm
+from fedleak.training.chain import ChainUnsupported, model_chain
 from fedleak.training.loss import check_targets, task_loss
 from fedleak.training.per_sample import layerwise_gradients, supported
 
@@ -73,10 +74,22 @@ def per_sample_gradients_with_loss(
     """Each sample's gradient of its own loss (leading dim B) and the losses [B], in one
     vectorised call; `params` replaces the model's parameters (e.g. during local training).
 
-    Models made of the layers `fedleak.training.per_sample` knows get their per-sample
-    gradients from one batched backward; any other model through vmap over `grad`."""
+    A plain chain of layers (`fedleak.training.chain`: sigmoid LeNet, the MLP) with class
+    indices gets them written out, each sample a problem of its own; other models made of the
+    layers `fedleak.training.per_sample` knows from one batched backward; any other model
+    through vmap over `grad`."""
     refuse_batchnorm(model)
     check_targets(x, y)
+    chain = model_chain(model) if x.is_floating_point() and not y.is_floating_point() else None
+    if chain is not None:
+        try:
+            with torch.no_grad():
+                weights = {name: p.detach() for name, p in _parameters(model, params).items()}
+                grads, run = chain.gradient(x, y, x.shape[0], weights)
+                losses = F.cross_entropy(run.logits, y, reduction="none")
+            return dict(zip(chain.names, grads, strict=True)), losses
+        except ChainUnsupported:
+            pass  # e.g. inputs of another shape than the chain's layers take
     buffers = buffer_copies(model)
     if supported(model) and x.is_floating_point():  # token models: vmap over the task loss
         with _training(model):

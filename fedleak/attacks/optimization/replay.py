@@ -6,7 +6,7 @@ along a leading dimension and their dummy updates come out in one call, differen
 respect to the dummy inputs (the attack then differentiates them once more). Four paths give
 the same function: FedSGD problems with hard labels on a model that is one chain of
 convolutions, linear layers, pooling and activations (sigmoid LeNet, MLPs, ConvNet) through
-the gradient and its derivative written out (`fedleak.attacks.optimization.chain`); one
+the gradient and its derivative written out (`fedleak.training.chain`); one
 problem otherwise through plain autograd on the module itself (no vmap, no re-binding of
 parameters); stacked FedSGD problems of a model without BatchNorm through one batched
 backward and layer-wise per-problem gradients (`fedleak.training.per_sample`); every other
@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from fedleak.attacks.optimization.chain import ChainUnsupported, chain_update, layer_chain
 from fedleak.attacks.types import Observation, UpdateKind
+from fedleak.training.chain import ChainUnsupported, chain_update, layer_chain
 from fedleak.training.loss import task_loss
 from fedleak.training.per_sample import layerwise_gradients, supported
 

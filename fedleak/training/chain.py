@@ -22,6 +22,7 @@ batched products (`fedleak.training.per_sample` does the same for the first deri
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -57,9 +58,10 @@ class _State:
 
     h_in: Tensor
     h_out: Tensor
+    params: list[Tensor]  # the layer's own parameters for this pass (weight, bias)
     g_out: Tensor | None = None
     gbar_in: Tensor | None = None  # the adjoint of g_in, set on the way up
-    # Tensors derived once per iteration and read by later passes (an activation's slope,
+    # Tensors derived once per iteration and read by later passes (max pooling's indices,
     # stacked problems laid out for grouped convolutions).
     derived: dict[str, Tensor] = field(default_factory=dict)
 
@@ -69,6 +71,7 @@ class _Pass:
     """Everything the derivative needs: per-layer states, the softmax, the stack's shape."""
 
     states: list[_State]
+    logits: Tensor
     probabilities: Tensor
     problems: int
     samples: int
@@ -92,7 +95,7 @@ class _Layer:
 
     parameters: tuple[str, ...] = ()
 
-    def forward(self, h: Tensor, derived: dict[str, Tensor]) -> Tensor:
+    def forward(self, h: Tensor, params: list[Tensor], derived: dict[str, Tensor]) -> Tensor:
         """h_out; what later passes need beyond h_in and h_out goes into `derived`."""
         raise NotImplementedError
 
@@ -115,8 +118,7 @@ class _Conv(_Layer):
     def __init__(self, module: nn.Conv2d, prefix: str) -> None:
         if module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str):
             raise ChainUnsupported("grouped, padded-mode or string-padded convolution")
-        self.weight = module.weight.detach()
-        self.bias = None if module.bias is None else module.bias.detach()
+        self.has_bias = module.bias is not None
         # Stacked problems' grouped convolutions: oneDNN's kernels for few channels per group
         # run 2-3x faster channels-last, for many slower (a round of 16 targets, ms per
         # iteration, channels-last / not: sigmoid LeNet's 12 channels 7.5-7.6 / 7.8-8.0,
@@ -125,7 +127,7 @@ class _Conv(_Layer):
         self.layout = torch.channels_last if few else torch.contiguous_format
         self.stride, self.padding = list(module.stride), list(module.padding)
         self.dilation = list(module.dilation)
-        self.parameters = (f"{prefix}weight",) + (() if self.bias is None else (f"{prefix}bias",))
+        self.parameters = (f"{prefix}weight",) + ((f"{prefix}bias",) if self.has_bias else ())
 
     def _conv(self, h: Tensor, weight: Tensor, bias: Tensor | None, groups: int = 1) -> Tensor:
         return F.conv2d(h, weight, bias, self.stride, self.padding, self.dilation, groups)
@@ -149,10 +151,10 @@ class _Conv(_Layer):
             mask,
         )
 
-    def forward(self, h: Tensor, derived: dict[str, Tensor]) -> Tensor:
+    def forward(self, h: Tensor, params: list[Tensor], derived: dict[str, Tensor]) -> Tensor:
         if h.dim() != 4:
             raise ChainUnsupported("a convolution of a non-image input")
-        return self._conv(h, self.weight, self.bias)
+        return self._conv(h, params[0], params[1] if self.has_bias else None)
 
     def _laid_out(
         self, state: _State, problems: int, v: list[Tensor] | None = None
@@ -170,25 +172,25 @@ class _Conv(_Layer):
     def backward(
         self, state: _State, problems: int, need_input: bool
     ) -> tuple[Tensor | None, list[Tensor]]:
-        g, h = state.g_out, state.h_in
+        g, h, weight = state.g_out, state.h_in, state.params[0]
         assert g is not None
-        bias = self.bias is not None
+        bias = self.has_bias
         if problems == 1:
-            g_in, g_w, g_b = self._backward(g, h, self.weight, 1, [need_input, True, bias])
+            g_in, g_w, g_b = self._backward(g, h, weight, 1, [need_input, True, bias])
             grads = [g_w.unsqueeze(0)] + ([g_b.unsqueeze(0)] if bias else [])
             return g_in, grads
         # Each problem's weight gradient as one group of a grouped convolution.
-        stacked = self.weight.new_empty(problems * self.weight.shape[0], *self.weight.shape[1:])
+        stacked = weight.new_empty(problems * weight.shape[0], *weight.shape[1:])
         laid = self._laid_out(state, problems)
         g_w = self._backward(laid["g"], laid["h"], stacked, problems, [False, True, False])[1]
-        grads = [g_w.reshape(problems, *self.weight.shape)]
+        grads = [g_w.reshape(problems, *weight.shape)]
         if bias:
             grads.append(g.sum(dim=(2, 3)).reshape(problems, -1, g.shape[1]).sum(dim=1))
-        g_in = self._backward(g, h, self.weight, 1, [True, False, False])[0] if need_input else None
+        g_in = self._backward(g, h, weight, 1, [True, False, False])[0] if need_input else None
         return g_in, grads
 
     def _vb(self, v: list[Tensor], problems: int, like: Tensor) -> Tensor | None:
-        if self.bias is None:
+        if not self.has_bias:
             return None
         samples = like.shape[0] // problems
         return v[1].repeat_interleave(samples, dim=0).reshape(like.shape[0], -1, 1, 1)
@@ -196,30 +198,30 @@ class _Conv(_Layer):
     def up(self, state: _State, v: list[Tensor], problems: int) -> Tensor | None:
         # g_out enters P (the weight gradient, bilinear in h_in and g_out) and g_in (the
         # transposed convolution of g_out): the adjoint is conv(h_in, v_W) + v_b + conv(gbar_in, W).
-        h, gbar_in = state.h_in, state.gbar_in
+        h, gbar_in, weight = state.h_in, state.gbar_in, state.params[0]
         if problems == 1:
-            vb = None if self.bias is None else v[1][0]
+            vb = v[1][0] if self.has_bias else None
             if gbar_in is None:
                 return self._conv(h, v[0][0], vb)
             both = torch.cat([h, gbar_in], dim=1)
-            return self._conv(both, torch.cat([v[0][0], self.weight], dim=1), vb)
+            return self._conv(both, torch.cat([v[0][0], weight], dim=1), vb)
         laid = self._laid_out(state, problems, v)
         out = _ungrouped(self._conv(laid["h"], laid["v"], None, problems), problems)
         if gbar_in is not None:
-            out = out + self._conv(gbar_in, self.weight, None)
+            out = out + self._conv(gbar_in, weight, None)
         vb = self._vb(v, problems, out)
         return out if vb is None else out + vb
 
     def down(self, state: _State, hbar_out: Tensor, v: list[Tensor], problems: int) -> Tensor:
         # h_in enters the forward pass (transposed convolution of hbar_out with W) and P
         # (transposed convolution of g_out with v_W).
-        g, h = state.g_out, state.h_in
+        g, h, weight = state.g_out, state.h_in, state.params[0]
         assert g is not None
         if problems == 1:
             both = torch.cat([hbar_out, g], dim=1)
-            weight = torch.cat([self.weight, v[0][0]], dim=0)
-            return self._backward(both, h, weight, 1, [True, False, False])[0]
-        shared = self._backward(hbar_out, h, self.weight, 1, [True, False, False])[0]
+            weights = torch.cat([weight, v[0][0]], dim=0)
+            return self._backward(both, h, weights, 1, [True, False, False])[0]
+        shared = self._backward(hbar_out, h, weight, 1, [True, False, False])[0]
         laid = self._laid_out(state, problems, v)
         own = self._backward(laid["g"], laid["h"], laid["v"], problems, [True, False, False])[0]
         return shared + _ungrouped(own, problems)
@@ -227,14 +229,13 @@ class _Conv(_Layer):
 
 class _Linear(_Layer):
     def __init__(self, module: nn.Linear, prefix: str) -> None:
-        self.weight = module.weight.detach()
-        self.bias = None if module.bias is None else module.bias.detach()
-        self.parameters = (f"{prefix}weight",) + (() if self.bias is None else (f"{prefix}bias",))
+        self.has_bias = module.bias is not None
+        self.parameters = (f"{prefix}weight",) + ((f"{prefix}bias",) if self.has_bias else ())
 
-    def forward(self, h: Tensor, derived: dict[str, Tensor]) -> Tensor:
+    def forward(self, h: Tensor, params: list[Tensor], derived: dict[str, Tensor]) -> Tensor:
         if h.dim() != 2:
             raise ChainUnsupported("a linear layer on more than one dimension")
-        return F.linear(h, self.weight, self.bias)
+        return F.linear(h, params[0], params[1] if self.has_bias else None)
 
     def backward(
         self, state: _State, problems: int, need_input: bool
@@ -243,67 +244,63 @@ class _Linear(_Layer):
         assert g is not None
         g3, h3 = g.reshape(problems, -1, g.shape[1]), h.reshape(problems, -1, h.shape[1])
         grads = [torch.bmm(g3.transpose(1, 2), h3)]
-        if self.bias is not None:
+        if self.has_bias:
             grads.append(g3.sum(dim=1))
-        return (g @ self.weight if need_input else None), grads
+        return (g @ state.params[0] if need_input else None), grads
 
     def up(self, state: _State, v: list[Tensor], problems: int) -> Tensor | None:
         h, gbar_in = state.h_in, state.gbar_in
         h3 = h.reshape(problems, -1, h.shape[1])
         out = torch.bmm(h3, v[0].transpose(1, 2))
-        if self.bias is not None:
+        if self.has_bias:
             out = out + v[1].unsqueeze(1)
         out = out.flatten(0, 1)
-        return out if gbar_in is None else torch.addmm(out, gbar_in, self.weight.t())
+        return out if gbar_in is None else torch.addmm(out, gbar_in, state.params[0].t())
 
     def down(self, state: _State, hbar_out: Tensor, v: list[Tensor], problems: int) -> Tensor:
         g = state.g_out
         assert g is not None
         own = torch.bmm(g.reshape(problems, -1, g.shape[1]), v[0]).flatten(0, 1)
-        return torch.addmm(own, hbar_out, self.weight)
+        return torch.addmm(own, hbar_out, state.params[0])
 
 
 class _Activation(_Layer):
+    """An elementwise activation, its slope applied by torch's fused backward kernels (one
+    pass over the gradient and the output, no slope tensor)."""
+
     def __init__(self, kind: str) -> None:
         self.kind = kind
 
-    def forward(self, h: Tensor, derived: dict[str, Tensor]) -> Tensor:
+    def forward(self, h: Tensor, params: list[Tensor], derived: dict[str, Tensor]) -> Tensor:
         return getattr(torch, self.kind)(h)
 
-    def _slope(self, out: Tensor) -> Tensor:
+    def _slope_times(self, t: Tensor, out: Tensor) -> Tensor:
+        """t times the activation's derivative, read from its output."""
         if self.kind == "sigmoid":
-            return out * (1 - out)
+            return torch.ops.aten.sigmoid_backward(t, out)
         if self.kind == "tanh":
-            return 1 - out.square()
-        return (out > 0).to(out.dtype)
-
-    def _curvature(self, out: Tensor, slope: Tensor) -> Tensor | None:
-        if self.kind == "sigmoid":
-            return slope * (1 - 2 * out)
-        if self.kind == "tanh":
-            return -2 * out * slope
-        return None  # ReLU's second derivative vanishes almost everywhere
+            return torch.ops.aten.tanh_backward(t, out)
+        return torch.ops.aten.threshold_backward(t, out, 0)
 
     def backward(
         self, state: _State, problems: int, need_input: bool
     ) -> tuple[Tensor | None, list[Tensor]]:
         assert state.g_out is not None
-        slope = state.derived["slope"] = self._slope(state.h_out)
-        return state.g_out * slope, []
+        return self._slope_times(state.g_out, state.h_out), []
 
     def up(self, state: _State, v: list[Tensor], problems: int) -> Tensor | None:
         if state.gbar_in is None:
             return None
-        return state.gbar_in * state.derived["slope"]
+        return self._slope_times(state.gbar_in, state.h_out)
 
     def down(self, state: _State, hbar_out: Tensor, v: list[Tensor], problems: int) -> Tensor:
-        slope = state.derived["slope"]
-        hbar_in = hbar_out * slope
-        curvature = self._curvature(state.h_out, slope)
-        if curvature is None or state.gbar_in is None:
-            return hbar_in
+        out, gbar_in = state.h_out, state.gbar_in
+        if self.kind == "relu" or gbar_in is None:  # ReLU's second derivative vanishes a.e.
+            return self._slope_times(hbar_out, out)
         assert state.g_out is not None
-        return torch.addcmul(hbar_in, state.gbar_in * state.g_out, curvature)
+        # The second derivative over the first, from the output: 1 - 2a (sigmoid), -2a (tanh).
+        ratio = 1 - 2 * out if self.kind == "sigmoid" else -2 * out
+        return self._slope_times(torch.addcmul(hbar_out, gbar_in * state.g_out, ratio), out)
 
 
 class _Reshaping(_Layer):
@@ -332,7 +329,7 @@ class _Reshaping(_Layer):
 
 
 class _Flatten(_Reshaping):
-    def forward(self, h: Tensor, derived: dict[str, Tensor]) -> Tensor:
+    def forward(self, h: Tensor, params: list[Tensor], derived: dict[str, Tensor]) -> Tensor:
         return h.flatten(1)
 
     def transpose(self, g: Tensor, state: _State) -> Tensor:
@@ -346,7 +343,7 @@ class _MaxPool(_Reshaping):
     def __init__(self, module: nn.MaxPool2d) -> None:
         self.module = module
 
-    def forward(self, h: Tensor, derived: dict[str, Tensor]) -> Tensor:
+    def forward(self, h: Tensor, params: list[Tensor], derived: dict[str, Tensor]) -> Tensor:
         m = self.module
         if h.dim() != 4:
             raise ChainUnsupported("max pooling of a non-image input")
@@ -377,7 +374,7 @@ class _AvgPool(_Reshaping):
     def __init__(self, module: nn.AvgPool2d | nn.AdaptiveAvgPool2d) -> None:
         self.module = module
 
-    def forward(self, h: Tensor, derived: dict[str, Tensor]) -> Tensor:
+    def forward(self, h: Tensor, params: list[Tensor], derived: dict[str, Tensor]) -> Tensor:
         if h.dim() != 4:
             raise ChainUnsupported("average pooling of a non-image input")
         return self.module(h)
@@ -446,21 +443,30 @@ def _link(node: torch.fx.Node, model: nn.Module) -> _Layer:
 class LayerChain:
     """A model seen as its chain of layers, for FedSGD's gradient and its derivative."""
 
-    def __init__(self, layers: Sequence[_Layer], names: Sequence[str]) -> None:
+    def __init__(
+        self, layers: Sequence[_Layer], names: Sequence[str], weights: dict[str, Tensor]
+    ) -> None:
         self.layers = list(layers)
+        self.names = list(names)
+        self.weights = weights  # the parameters a pass uses unless it is given others
         order = {name: i for i, name in enumerate(names)}
         # Where each layer's parameter gradients go in the update (the model's order).
         self.slots = [[order[p] for p in layer.parameters] for layer in self.layers]
         self.count = len(names)
 
-    def gradient(self, x: Tensor, y: Tensor, problems: int) -> tuple[list[Tensor], _Pass]:
+    def gradient(
+        self, x: Tensor, y: Tensor, problems: int, weights: dict[str, Tensor] | None = None
+    ) -> tuple[list[Tensor], _Pass]:
         """Each problem's mean cross-entropy gradient [T, ...] per parameter (model order)
-        for stacked inputs `x` [T * b, ...] and class indices `y` [T * b]."""
+        for stacked inputs `x` [T * b, ...] and class indices `y` [T * b], at `weights`
+        (parameter name -> tensor; default the model's as the chain was built)."""
+        weights = self.weights if weights is None else weights
         states, h = [], x
         for layer in self.layers:
+            params = [weights[name] for name in layer.parameters]
             derived: dict[str, Tensor] = {}
-            out = layer.forward(h, derived)
-            states.append(_State(h, out, derived=derived))
+            out = layer.forward(h, params, derived)
+            states.append(_State(h, out, params, derived=derived))
             h = out
         if h.dim() != 2 or y.shape != h.shape[:1]:
             raise ChainUnsupported("the chain does not end in one row of logits per sample")
@@ -478,7 +484,8 @@ class LayerChain:
             for slot, grad in zip(self.slots[index], grads, strict=True):
                 update[slot] = grad
             g = g_in  # type: ignore[assignment]
-        return [u for u in update if u is not None], _Pass(states, probabilities, problems, samples)
+        run = _Pass(states, h, probabilities, problems, samples)
+        return [u for u in update if u is not None], run
 
     def input_gradient(self, run: _Pass, v: Sequence[Tensor]) -> Tensor:
         """The derivative of a loss of the update with respect to `x`, given the loss's
@@ -498,6 +505,17 @@ class LayerChain:
             layer, state = self.layers[index], run.states[index]
             hbar = layer.down(state, hbar, [v[s] for s in self.slots[index]], problems)
         return hbar
+
+
+_FOUND: weakref.WeakKeyDictionary[nn.Module, LayerChain | None] = weakref.WeakKeyDictionary()
+
+
+def model_chain(model: nn.Module) -> LayerChain | None:
+    """`layer_chain(model)`, traced once per model object: for callers that pass the
+    weights of every pass themselves (a model's layers do not change, its weights do)."""
+    if model not in _FOUND:
+        _FOUND[model] = layer_chain(model)
+    return _FOUND[model]
 
 
 def layer_chain(model: nn.Module) -> LayerChain | None:
@@ -526,7 +544,7 @@ def layer_chain(model: nn.Module) -> LayerChain | None:
     covered = [p for layer in layers for p in layer.parameters]
     if sorted(covered) != sorted(names):
         return None
-    return LayerChain(layers, names)
+    return LayerChain(layers, names, {n: p.detach() for n, p in model.named_parameters()})
 
 
 class _ChainUpdate(torch.autograd.Function):
