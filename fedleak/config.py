@@ -207,7 +207,10 @@ class AttackConfig(Settings):
     worker_cpus: float = _setting(1.0, low=0.0, low_open=True, doc="CPUs per attack worker")
     worker_gpus: float = _setting(0.0, low=0.0, doc="GPU share per attack worker")
     max_batch: int = _setting(
-        0, low=0, doc="problems (targets x restarts) optimised as one batch; 0 = by device memory"
+        0,
+        low=0,
+        doc="problems (targets x restarts) optimised as one batch; 0 = automatic (CUDA: free "
+        "memory; CPU: stacked updates within 12 MiB)",
     )
     # attack.<name>.<param> values, checked by each attack's own settings (fedleak.attacks).
     params: Mapping[str, Mapping[str, Any]] = internal(dict)

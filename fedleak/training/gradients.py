@@ -74,8 +74,8 @@ def per_sample_gradients_with_loss(
     """Each sample's gradient of its own loss (leading dim B) and the losses [B], in one
     vectorised call; `params` replaces the model's parameters (e.g. during local training).
 
-    A plain chain of layers (`fedleak.training.chain`: sigmoid LeNet, the MLP) with class
-    indices gets them written out, each sample a problem of its own; other models made of the
+    A plain chain of layers (`fedleak.training.chain`: sigmoid LeNet, the MLP, ConvNet) with
+    class indices gets them written out, each sample a problem of its own; other models of the
     layers `fedleak.training.per_sample` knows from one batched backward; any other model
     through vmap over `grad`."""
     refuse_batchnorm(model)
