@@ -476,16 +476,16 @@ class LayerChain:
             1, y.unsqueeze(1), probabilities.new_full((y.shape[0], 1), -1.0)
         )
         g = g / samples
-        update: list[Tensor | None] = [None] * self.count
+        update: dict[int, Tensor] = {}
         for index in range(len(self.layers) - 1, -1, -1):
             state = states[index]
             state.g_out = g
             g_in, grads = self.layers[index].backward(state, problems, index > 0)
-            for slot, grad in zip(self.slots[index], grads, strict=True):
-                update[slot] = grad
+            update.update(zip(self.slots[index], grads, strict=True))
             g = g_in  # type: ignore[assignment]
+        # Every parameter has a slot (`layer_chain` checks it): a missing one fails here.
         run = _Pass(states, h, probabilities, problems, samples)
-        return [u for u in update if u is not None], run
+        return [update[slot] for slot in range(self.count)], run
 
     def input_gradient(self, run: _Pass, v: Sequence[Tensor]) -> Tensor:
         """The derivative of a loss of the update with respect to `x`, given the loss's
