@@ -57,11 +57,22 @@ def _models() -> list[tuple[str, nn.Module, tuple[int, ...], int]]:
     ]
 
 
+def _labels(kind: str, count: int, classes: int, generator: torch.Generator) -> torch.Tensor:
+    """Class indices, or soft labels (a softmax of free logits, as DLG optimises them, or
+    unnormalised weights, which torch's cross-entropy also takes)."""
+    if kind == "hard":
+        return torch.randint(0, classes, (count,), generator=generator)
+    free = torch.randn(count, classes, dtype=torch.float64, generator=generator)
+    soft = torch.softmax(free, dim=1) if kind == "soft" else 2 * free.sigmoid()
+    return soft.requires_grad_()
+
+
+@pytest.mark.parametrize("labels", ["hard", "soft", "unnormalised"])
 @pytest.mark.parametrize("problems, samples", [(1, 1), (1, 3), (3, 1), (3, 2)])
-def test_the_chain_gives_autograds_gradient_and_derivative(problems, samples):
+def test_the_chain_gives_autograds_gradient_and_derivative(problems, samples, labels):
     """In float64, for every model and stack: each problem's mean cross-entropy gradient,
-    and the derivative of a random linear function of it with respect to the inputs, agree
-    with autograd's double backward to rounding."""
+    and the derivative of a random linear function of it with respect to the inputs (and to
+    soft labels), agree with autograd's double backward to rounding."""
     for name, model, shape, classes in _models():
         model = model.double()
         chain = layer_chain(model)
@@ -69,7 +80,7 @@ def test_the_chain_gives_autograds_gradient_and_derivative(problems, samples):
         generator = torch.Generator().manual_seed(1)
         x = torch.randn(problems * samples, *shape, dtype=torch.float64, generator=generator)
         x.requires_grad_()
-        y = torch.randint(0, classes, (problems * samples,), generator=generator)
+        y = _labels(labels, problems * samples, classes, generator)
         params = list(model.parameters())
         per_problem = []
         for t in range(problems):
@@ -82,13 +93,16 @@ def test_the_chain_gives_autograds_gradient_and_derivative(problems, samples):
             assert g.shape == e.shape
             torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
         weights = [torch.randn(e.shape, dtype=torch.float64, generator=generator) for e in expected]
-        (want,) = torch.autograd.grad(
-            sum((e * w).sum() for e, w in zip(expected, weights, strict=True)), x
+        inputs = (x, y) if y.requires_grad else (x,)
+        wanted = torch.autograd.grad(
+            sum((e * w).sum() for e, w in zip(expected, weights, strict=True)), inputs
         )
-        (have,) = torch.autograd.grad(
-            sum((g * w).sum() for g, w in zip(got, weights, strict=True)), x
+        had = torch.autograd.grad(
+            sum((g * w).sum() for g, w in zip(got, weights, strict=True)), inputs
         )
-        torch.testing.assert_close(have, want, rtol=1e-9, atol=1e-12 * want.abs().max().item())
+        for have, want in zip(had, wanted, strict=True):
+            scale = want.abs().max().item()
+            torch.testing.assert_close(have, want, rtol=1e-9, atol=1e-12 * scale)
 
 
 class _Residual(nn.Module):
@@ -136,11 +150,12 @@ def test_models_that_are_not_one_chain_are_refused():
         assert layer_chain(model) is None, model
 
 
+@pytest.mark.parametrize("labels", ["hard", "soft"])
 @pytest.mark.parametrize("problems", [1, 4])
-def test_the_replay_takes_the_chain_and_matches_its_autograd_path(problems):
-    """Replay of sigmoid LeNet (FedSGD, hard labels) runs through the chain, single and
-    stacked, with the same update and input derivative as its autograd paths (float32); soft
-    labels (optimised jointly) still take autograd."""
+def test_the_replay_takes_the_chain_and_matches_its_autograd_path(problems, labels):
+    """Replay of sigmoid LeNet (FedSGD) runs through the chain, single and stacked, with class
+    indices and with soft labels optimised jointly (DLG's softmax of free label logits), with
+    the same update and derivatives (inputs, label logits) as its autograd paths (float32)."""
     model = build_model(ModelSpec("lenet", (3, 16, 16), 10, seed=0))
     fast = Replay(model, ClientProtocol("gradient"))
     slow = Replay(model, ClientProtocol("gradient"))
@@ -148,16 +163,18 @@ def test_the_replay_takes_the_chain_and_matches_its_autograd_path(problems):
     slow._chain = None
     generator = torch.Generator().manual_seed(2)
     x = torch.rand(problems, 2, 3, 16, 16, generator=generator).requires_grad_()
-    y = torch.randint(0, 10, (problems, 2), generator=generator)
+    free = torch.randn(problems, 2, 10, generator=generator).requires_grad_()
+    inputs = (x, free) if labels == "soft" else (x,)
     outputs = []
     for replay in (fast, slow):
+        y = torch.softmax(free, dim=-1) if labels == "soft" else free.argmax(-1)
         out = replay(x, y)
-        (derivative,) = torch.autograd.grad(sum(u.square().sum() for u in out.update), x)
-        outputs.append((out.update, derivative))
-    (fast_update, fast_derivative), (slow_update, slow_derivative) = outputs
+        derivatives = torch.autograd.grad(sum(u.square().sum() for u in out.update), inputs)
+        outputs.append((out.update, derivatives))
+    (fast_update, fast_derivatives), (slow_update, slow_derivatives) = outputs
     assert fast_update[0].grad_fn is not None and "Chain" in type(fast_update[0].grad_fn).__name__
+    assert "Chain" not in type(slow_update[0].grad_fn).__name__
     for a, b in zip(fast_update, slow_update, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
-    torch.testing.assert_close(fast_derivative, slow_derivative, rtol=1e-4, atol=1e-9)
-    soft = torch.softmax(torch.randn(problems, 2, 10, generator=generator), dim=-1)
-    assert "Chain" not in type(fast(x, soft).update[0].grad_fn).__name__
+    for a, b in zip(fast_derivatives, slow_derivatives, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-9 * max(1.0, b.abs().max().item()))

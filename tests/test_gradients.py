@@ -110,16 +110,28 @@ def test_a_chain_models_per_sample_gradients_are_written_out_at_the_given_weight
         _assert_close({k: v[i] for k, v in grads.items()}, single, atol=1e-6, rtol=1e-5)
 
 
-def test_per_sample_gradients_take_soft_labels() -> None:
-    model = _model("lenet", (3, 8, 8))
-    x, y = _data(4, (3, 8, 8))
+@pytest.mark.parametrize(
+    "name, shape, atol", [("lenet", (3, 8, 8), 1e-6), ("resnet20-gn", (3, 8, 8), 1e-4)]
+)
+def test_per_sample_gradients_take_soft_labels(
+    name: str, shape: tuple[int, ...], atol: float
+) -> None:
+    """Soft labels (an encoding's mixed labels), normalised or not, through the chain
+    (LeNet) and the layer-wise path (ResNet-20-GN, float32 rounding through its depth):
+    each sample's gradient and loss equal autograd's on that sample alone."""
+    model = _model(name, shape)
+    x, y = _data(4, shape)
     onehot = F.one_hot(y, 10).float()
     _assert_close(per_sample_gradients(model, x, onehot), per_sample_gradients(model, x, y))
     soft = torch.softmax(torch.randn(4, 10, generator=_gen(1)), dim=1)
-    per_sample = per_sample_gradients(model, x, soft)
-    for i in range(4):
-        single = _autograd(model, x[i : i + 1], soft[i : i + 1])
-        _assert_close({k: v[i] for k, v in per_sample.items()}, single)
+    unnormalised = 2 * torch.rand(4, 10, generator=_gen(2))  # the loss takes any weights
+    for labels in (soft, unnormalised):
+        per_sample, losses = per_sample_gradients_with_loss(model, x, labels)
+        expected = F.cross_entropy(model(x), labels, reduction="none")
+        torch.testing.assert_close(losses, expected, atol=1e-6, rtol=1e-5)
+        for i in range(4):
+            single = _autograd(model, x[i : i + 1], labels[i : i + 1])
+            _assert_close({k: v[i] for k, v in per_sample.items()}, single, atol=atol)
 
 
 def test_per_sample_gradients_refuse_bad_labels() -> None:

@@ -1,13 +1,13 @@
 """The client's gradient of a plain layer chain, and its derivative, written out layer by layer.
 
 A model that is one chain of Conv2d, Linear, flatten, max and average pooling and elementwise
-activations (sigmoid, tanh, ReLU), fitted by mean cross-entropy on hard labels (FedSGD), has
-a parameter gradient and a derivative of any loss of that gradient with respect to the input
-in closed form, layer by layer. An inversion iteration needs exactly these two, and computing
-them directly skips autograd's double-backward graph (hundreds of small recorded nodes per
-iteration on the sigmoid LeNet) and merges the two convolutions that each layer's derivative
-runs on the same input shape into one call of twice the channels (docs/performance.md, "The
-layer chain").
+activations (sigmoid, tanh, ReLU), fitted by mean cross-entropy on class indices or soft labels
+(FedSGD), has a parameter gradient and a derivative of any loss of that gradient with respect
+to the input (and to soft labels) in closed form, layer by layer. An inversion iteration
+needs exactly these two, and computing them directly skips autograd's double-backward graph
+(hundreds of small recorded nodes per iteration on the sigmoid LeNet) and merges the two
+convolutions that each layer's derivative runs on the same input shape into one call of
+twice the channels (docs/performance.md, "The layer chain").
 
 Notation for layer l, mapping h_in to h_out: the first backward sends g_out (the loss's
 gradient at h_out) to g_in and to the parameter gradient P_l. Given v_l, the outer loss's
@@ -75,6 +75,7 @@ class _Pass:
     probabilities: Tensor
     problems: int
     samples: int
+    mass: Tensor | None  # each soft label's total [N, 1] (None for class indices)
 
 
 def _grouped(t: Tensor, problems: int, layout: torch.memory_format) -> Tensor:
@@ -458,8 +459,9 @@ class LayerChain:
         self, x: Tensor, y: Tensor, problems: int, weights: dict[str, Tensor] | None = None
     ) -> tuple[list[Tensor], _Pass]:
         """Each problem's mean cross-entropy gradient [T, ...] per parameter (model order)
-        for stacked inputs `x` [T * b, ...] and class indices `y` [T * b], at `weights`
-        (parameter name -> tensor; default the model's as the chain was built)."""
+        for stacked inputs `x` [T * b, ...] and class indices [T * b] or soft labels
+        [T * b, K] `y`, at `weights` (parameter name -> tensor; default the model's as the
+        chain was built)."""
         weights = self.weights if weights is None else weights
         states, h = [], x
         for layer in self.layers:
@@ -468,13 +470,21 @@ class LayerChain:
             out = layer.forward(h, params, derived)
             states.append(_State(h, out, params, derived=derived))
             h = out
-        if h.dim() != 2 or y.shape != h.shape[:1]:
-            raise ChainUnsupported("the chain does not end in one row of logits per sample")
+        soft = y.is_floating_point()
+        if h.dim() != 2 or y.shape != (h.shape if soft else h.shape[:1]):
+            raise ChainUnsupported("the chain does not end in one row of logits per label")
         samples = x.shape[0] // problems
         probabilities = torch.softmax(h, dim=1)
-        g = probabilities.scatter_add(
-            1, y.unsqueeze(1), probabilities.new_full((y.shape[0], 1), -1.0)
-        )
+        mass = None
+        if soft:
+            # Cross-entropy against soft labels y (not necessarily normalised, as torch's
+            # loss takes them): its logits' gradient is softmax * sum(y) - y.
+            mass = y.sum(dim=1, keepdim=True)
+            g = torch.addcmul(-y, probabilities, mass)
+        else:
+            g = probabilities.scatter_add(
+                1, y.unsqueeze(1), probabilities.new_full((y.shape[0], 1), -1.0)
+            )
         g = g / samples
         update: dict[int, Tensor] = {}
         for index in range(len(self.layers) - 1, -1, -1):
@@ -484,27 +494,36 @@ class LayerChain:
             update.update(zip(self.slots[index], grads, strict=True))
             g = g_in  # type: ignore[assignment]
         # Every parameter has a slot (`layer_chain` checks it): a missing one fails here.
-        run = _Pass(states, h, probabilities, problems, samples)
+        run = _Pass(states, h, probabilities, problems, samples, mass)
         return [update[slot] for slot in range(self.count)], run
 
-    def input_gradient(self, run: _Pass, v: Sequence[Tensor]) -> Tensor:
-        """The derivative of a loss of the update with respect to `x`, given the loss's
-        gradient `v` [T, ...] with respect to each parameter's gradient."""
+    def input_gradient(self, run: _Pass, v: Sequence[Tensor]) -> tuple[Tensor, Tensor | None]:
+        """The derivative of a loss of the update with respect to `x`, and to soft labels
+        (None for class indices), given the loss's gradient `v` [T, ...] with respect to each
+        parameter's gradient."""
         problems = run.problems
         gbar = None
         for layer, state, slots in zip(self.layers, run.states, self.slots, strict=True):
             state.gbar_in = gbar
             gbar = layer.up(state, [v[s] for s in slots], problems)
-        # The logits' gradient is (softmax - onehot) / b: its adjoint through the softmax.
+        # The logits' gradient is (softmax * mass - y) / b: its adjoint through the softmax
+        # (mass 1 for class indices), and for soft labels through y and its mass.
         p = run.probabilities
+        ybar = None
         if gbar is None:
             hbar = torch.zeros_like(p)
+            if run.mass is not None:
+                ybar = torch.zeros_like(p)
         else:
-            hbar = p * (gbar - (p * gbar).sum(dim=1, keepdim=True)) / run.samples
+            expected = (p * gbar).sum(dim=1, keepdim=True)
+            hbar = p * (gbar - expected) / run.samples
+            if run.mass is not None:
+                hbar = hbar * run.mass
+                ybar = (expected - gbar) / run.samples
         for index in range(len(self.layers) - 1, -1, -1):
             layer, state = self.layers[index], run.states[index]
             hbar = layer.down(state, hbar, [v[s] for s in self.slots[index]], problems)
-        return hbar
+        return hbar, ybar
 
 
 _FOUND: weakref.WeakKeyDictionary[nn.Module, LayerChain | None] = weakref.WeakKeyDictionary()
@@ -560,13 +579,15 @@ class _ChainUpdate(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: FunctionCtx, *v: Tensor) -> tuple[Tensor, None, None, None]:
+    def backward(ctx: FunctionCtx, *v: Tensor) -> tuple[Tensor, Tensor | None, None, None]:
         run = ctx.run  # type: ignore[attr-defined]
         ctx.run = None  # type: ignore[attr-defined]
-        return ctx.chain.input_gradient(run, v), None, None, None  # type: ignore[attr-defined]
+        xbar, ybar = ctx.chain.input_gradient(run, v)  # type: ignore[attr-defined]
+        return xbar, ybar, None, None
 
 
 def chain_update(chain: LayerChain, x: Tensor, y: Tensor, problems: int) -> list[Tensor]:
-    """The update of each of `problems` stacked dummy batches `x` [T * b, ...] with labels
-    `y` [T * b], as [T, ...] per parameter, differentiable once with respect to `x`."""
+    """The update of each of `problems` stacked dummy batches `x` [T * b, ...] with class
+    indices [T * b] or soft labels [T * b, K] `y`, as [T, ...] per parameter, differentiable
+    once with respect to `x` and to soft labels."""
     return list(_ChainUpdate.apply(x, y, chain, problems))

@@ -4,7 +4,7 @@ A problem is one guess of a private batch (b images + labels) whose update is ma
 observed update. T problems (targets x restarts, of one or several observations) are stacked
 along a leading dimension and their dummy updates come out in one call, differentiable with
 respect to the dummy inputs (the attack then differentiates them once more). Four paths give
-the same function: FedSGD problems with hard labels on a model that is one chain of
+the same function: FedSGD problems (hard or soft labels) on a model that is one chain of
 convolutions, linear layers, pooling and activations (sigmoid LeNet, MLPs, ConvNet) through
 the gradient and its derivative written out (`fedleak.training.chain`); one
 problem otherwise through plain autograd on the module itself (no vmap, no re-binding of
@@ -240,7 +240,7 @@ class Replay:
         """Dummy updates of T problems: `x` [T, b, ...], `y` int64 [T, b] or soft [T, b, K]
         (token sequences: embeddings [T, b, L, d] and targets [T, b, L] or soft [T, b, L, V]);
         with `per_sample` also each sample's gradient (FedSGD, no BatchNorm)."""
-        if self._chain is not None and not per_sample and not y.is_floating_point():
+        if self._chain is not None and not per_sample:
             try:
                 update = chain_update(self._chain, x.flatten(0, 1), y.flatten(0, 1), x.shape[0])
             except ChainUnsupported:
