@@ -1,7 +1,8 @@
 """A round's attacks: 16 clients at B=1 inverted as one batched problem vs one after another.
 
 One FedSGD round of `--clients` clients, each holding one image (B = 1), all attacked by
-Inverting Gradients through the inline runner, as a study runs them: batched (the default:
+Inverting Gradients (or `--attack dlg`: DLG, labels optimised jointly as soft labels, L-BFGS)
+through the inline runner, as a study runs them: batched (the default:
 the round's jobs are stacked into one problem, `attack.max-batch=0`) against one job after
 another (`attack.max-batch=1`, each job its own batch, which is what the runner did before
 jobs were batched). Seconds per round-iteration come from the difference of a long and a
@@ -10,7 +11,7 @@ printed ratio batched / one-after-another is the median of the paired rounds.
 Target: <= 0.2 (the round attacked in at most a fifth of the time). On CUDA too when present.
 
     python benchmarks/bench_attacks.py [--clients 16] [--models lenet mlp convnet resnet20-gn]
-        [--threads 1] [--devices cpu,cuda] [--rounds 5]
+        [--attack ig|dlg] [--threads 1] [--devices cpu,cuda] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -39,9 +40,9 @@ INIT = {"lenet": "uniform", "resnet20-gn": "default"}
 
 
 def round_of(
-    model: str, clients: int, shape: tuple[int, ...] = SHAPE
+    model: str, clients: int, shape: tuple[int, ...] = SHAPE, attack: str = "ig"
 ) -> tuple[list[AttackJob], AttackerKnowledge]:
-    """One round: every client's B=1 FedSGD update at the same w_t, one IG job each."""
+    """One round: every client's B=1 FedSGD update at the same w_t, one job each."""
     spec = ModelSpec(model, shape, CLASSES, init=INIT.get(model, "default"), seed=0)
     net = build_model(spec)
     weights = net.state_dict()
@@ -66,18 +67,18 @@ def round_of(
             learning_rate=0.1,
             defense="none",
         )
-        jobs.append(AttackJob(client, "ig", observation))
+        jobs.append(AttackJob(client, attack, observation))
     empty = torch.empty(0, *shape)
     knowledge = AttackerKnowledge(empty, torch.empty(0, dtype=torch.long), shape, CLASSES)
     return jobs, knowledge
 
 
-def compare(model: str, clients: int, device: str, rounds: int) -> Ratio:
-    jobs, knowledge = round_of(model, clients)
+def compare(model: str, clients: int, device: str, rounds: int, attack: str = "ig") -> Ratio:
+    jobs, knowledge = round_of(model, clients, attack=attack)
     knowledge = AttackerKnowledge(
         knowledge.aux_inputs, knowledge.aux_labels, SHAPE, CLASSES, device=torch.device(device)
     )
-    attacks = {"ig": build_attack("ig", {}, seed=0)}
+    attacks = {attack: build_attack(attack, {}, seed=0)}
 
     def runner_run(cap: int):
         def run(iterations: int) -> Reading:
@@ -104,6 +105,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--models", nargs="+", default=["lenet"], choices=sorted(LENGTHS))
+    parser.add_argument("--attack", default="ig", choices=["ig", "dlg"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--devices", default="cpu,cuda")
     parser.add_argument("--rounds", type=int, default=5)
@@ -111,7 +113,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     devices = [d for d in args.devices.split(",") if d != "cuda" or torch.cuda.is_available()]
     print(
-        f"A round of {args.clients} clients at B=1 attacked by IG: ms per round-iteration "
+        f"A round of {args.clients} clients at B=1 attacked by {args.attack.upper()}: "
+        "ms per round-iteration "
         "(min / median), batched vs one after another"
     )
     print(machine())
@@ -128,7 +131,7 @@ def main() -> None:
     ]
     for device in devices:
         for model in args.models:
-            ratio = compare(model, args.clients, device, args.rounds)
+            ratio = compare(model, args.clients, device, args.rounds, args.attack)
             cpu = Ratio(ratio.numerator.on("cpu"), ratio.denominator.on("cpu"))
             rows.append(
                 [

@@ -16,6 +16,7 @@ import math
 
 import pytest
 import torch
+from torch import Tensor
 
 from fedleak.attacks.optimization.attacks import ObservationError
 from fedleak.attacks.optimization.engine import BatchedLBFGS, Settings, StepDecay, optimise
@@ -323,6 +324,73 @@ def test_batched_lbfgs_equals_torch_lbfgs_per_problem():
 
         reference.step(closure)
         assert torch.allclose(x[p].detach(), y.detach(), atol=1e-5)
+
+
+def _torch_lbfgs(start: Tensor, loss_of, steps: int, lr: float, history: int) -> Tensor:
+    """torch.optim.LBFGS without line search from `start`, `steps` iterations."""
+    y = start.clone().requires_grad_(True)
+    reference = torch.optim.LBFGS(
+        [y], lr=lr, max_iter=steps, history_size=history, tolerance_grad=0.0, tolerance_change=0.0
+    )
+
+    def closure():
+        y.grad = None
+        loss = loss_of(y)
+        loss.backward()
+        return loss
+
+    reference.step(closure)
+    return y.detach()
+
+
+def test_batched_lbfgs_equals_torch_lbfgs_over_a_long_run():
+    """In float64, 40 steps with a history of 6 (wrapped six times) on a convex but not
+    quadratic objective: every problem ends where torch.optim.LBFGS does, to 1e-9."""
+    g = torch.Generator().manual_seed(3)
+    scales = torch.rand(3, 12, generator=g, dtype=torch.float64) + 0.5
+    centers = torch.randn(3, 12, generator=g, dtype=torch.float64)
+
+    def losses(x, p=slice(None)):
+        shifted = x - centers[p]
+        return (scales[p] * shifted.square()).sum(-1) + torch.logsumexp(2 * shifted, dim=-1)
+
+    x = torch.zeros(3, 12, dtype=torch.float64, requires_grad=True)
+    batched = BatchedLBFGS([x], lr=0.5, history=6)
+    for _ in range(40):
+        x.grad = None
+        losses(x).sum().backward()
+        batched.step()
+    for p in range(3):
+        alone = _torch_lbfgs(
+            torch.zeros(12, dtype=torch.float64), lambda y, p=p: losses(y, p), 40, 0.5, 6
+        )
+        torch.testing.assert_close(x[p].detach(), alone, rtol=0, atol=1e-9)
+
+
+def test_batched_lbfgs_drops_pairs_of_negative_curvature_per_problem():
+    """On a non-convex objective some pairs have s^T y <= 0: the problem that met one drops
+    it (as torch.optim.LBFGS does, within a history that does not wrap), the others keep
+    theirs, and each problem still ends where torch's optimiser does alone."""
+    g = torch.Generator().manual_seed(4)
+    frequencies = torch.rand(3, 8, generator=g, dtype=torch.float64) * 2 + 1
+    starts = torch.randn(3, 8, generator=g, dtype=torch.float64)
+
+    def losses(x, p=slice(None)):
+        return torch.cos(frequencies[p] * x).sum(-1) + 0.05 * x.square().sum(-1)
+
+    x = starts.clone().requires_grad_(True)
+    batched = BatchedLBFGS([x], lr=0.2, history=30)
+    for _ in range(25):
+        x.grad = None
+        losses(x).sum().backward()
+        batched.step()
+    assert batched.kept is not None
+    kept = batched.kept[:, batched.order]
+    assert not bool(kept.all()), "the case needs a pair of negative curvature"
+    assert bool(kept.any(dim=1).all())
+    for p in range(3):
+        alone = _torch_lbfgs(starts[p], lambda y, p=p: losses(y, p), 25, 0.2, 30)
+        torch.testing.assert_close(x[p].detach(), alone, rtol=0, atol=1e-9)
 
 
 # ---------------------------------------------------------------- losses and registry
