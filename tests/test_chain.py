@@ -178,3 +178,33 @@ def test_the_replay_takes_the_chain_and_matches_its_autograd_path(problems, labe
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
     for a, b in zip(fast_derivatives, slow_derivatives, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-9 * max(1.0, b.abs().max().item()))
+
+
+def test_the_replay_takes_the_chain_for_per_sample_dummy_gradients():
+    """Per-sample dummy gradients (tanh-cosine's input) of stacked LeNet problems come from
+    the chain, every sample a problem: the same per-sample gradients, update and derivative
+    of a loss of the per-sample gradients as the layer-wise autograd path (float32)."""
+    model = build_model(ModelSpec("lenet", (3, 16, 16), 10, seed=0))
+    fast = Replay(model, ClientProtocol("gradient"))
+    slow = Replay(model, ClientProtocol("gradient"))
+    slow._chain = None
+    generator = torch.Generator().manual_seed(3)
+    x = torch.rand(3, 4, 3, 16, 16, generator=generator).requires_grad_()
+    y = torch.randint(0, 10, (3, 4), generator=generator)
+    outputs = []
+    for replay in (fast, slow):
+        out = replay(x, y, per_sample=True)
+        assert out.per_sample is not None and out.per_sample[0].shape[:2] == (3, 4)
+        loss = sum(torch.tanh(10 * g).sum() for g in out.per_sample)
+        (derivative,) = torch.autograd.grad(loss, x)
+        outputs.append((out, derivative))
+    (fast_out, fast_derivative), (slow_out, slow_derivative) = outputs
+    assert "Chain" in type(fast_out.per_sample[0].grad_fn.next_functions[0][0]).__name__
+    fast_all, slow_all = (
+        fast_out.per_sample + fast_out.update,
+        slow_out.per_sample + slow_out.update,
+    )
+    for a, b in zip(fast_all, slow_all, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    scale = slow_derivative.abs().max().item()
+    torch.testing.assert_close(fast_derivative, slow_derivative, rtol=1e-4, atol=1e-5 * scale)

@@ -4,13 +4,14 @@ A problem is one guess of a private batch (b images + labels) whose update is ma
 observed update. T problems (targets x restarts, of one or several observations) are stacked
 along a leading dimension and their dummy updates come out in one call, differentiable with
 respect to the dummy inputs (the attack then differentiates them once more). Four paths give
-the same function: FedSGD problems (hard or soft labels) on a model that is one chain of
-convolutions, linear layers, pooling and activations (sigmoid LeNet, MLPs, ConvNet) through
-the gradient and its derivative written out (`fedleak.training.chain`); one
-problem otherwise through plain autograd on the module itself (no vmap, no re-binding of
-parameters); stacked FedSGD problems of a model without BatchNorm through one batched
-backward and layer-wise per-problem gradients (`fedleak.training.per_sample`); every other
-case (FedAvg's unrolled steps, BatchNorm) through `torch.func.vmap` over `grad`.
+the same function: FedSGD problems (hard or soft labels, per-sample gradients too) on a model
+that is one chain of convolutions, linear layers, pooling and activations (sigmoid LeNet,
+MLPs, ConvNet) through the gradient and its derivative written out
+(`fedleak.training.chain`); one problem otherwise through plain autograd on the module
+itself (no vmap, no re-binding of parameters); stacked FedSGD problems of a model without
+BatchNorm through one batched backward and layer-wise per-problem gradients
+(`fedleak.training.per_sample`); every other case (FedAvg's unrolled steps, BatchNorm)
+through `torch.func.vmap` over `grad`.
 
 BatchNorm layers are replaced by `InversionBatchNorm`, which normalises each problem with the
 dummy batch's own statistics, as the client computed them (GradAttack's `exact` and `infer`
@@ -240,13 +241,19 @@ class Replay:
         """Dummy updates of T problems: `x` [T, b, ...], `y` int64 [T, b] or soft [T, b, K]
         (token sequences: embeddings [T, b, L, d] and targets [T, b, L] or soft [T, b, L, V]);
         with `per_sample` also each sample's gradient (FedSGD, no BatchNorm)."""
-        if self._chain is not None and not per_sample:
+        if self._chain is not None:
+            problems, samples = x.shape[0], x.shape[1]
             try:
-                update = chain_update(self._chain, x.flatten(0, 1), y.flatten(0, 1), x.shape[0])
+                # Per-sample gradients: every sample a problem of its own.
+                stacked = problems * samples if per_sample else problems
+                update = chain_update(self._chain, x.flatten(0, 1), y.flatten(0, 1), stacked)
             except ChainUnsupported:
                 self._chain = None  # e.g. inputs of another rank than the chain expects
             else:
-                return ReplayOutput(update, None, [])
+                if not per_sample:
+                    return ReplayOutput(update, None, [])
+                per = [u.reshape(problems, samples, *u.shape[1:]) for u in update]
+                return ReplayOutput([g.mean(dim=1) for g in per], per, [])
         if self.layerwise and (per_sample or x.shape[0] > 1):
             return self._layerwise(x, y, per_sample)
         if per_sample:
