@@ -20,7 +20,7 @@ import torch
 from fedleak.attacks.optimization import batching
 from fedleak.attacks.optimization.attacks import ObservationError, start
 from fedleak.attacks.optimization.batching import automatic_cap, plan, problems_that_fit
-from fedleak.attacks.optimization.engine import BatchedAdam
+from fedleak.attacks.optimization.engine import BatchedAdam, BatchedLBFGS
 from fedleak.attacks.optimization.losses import MatchingLoss, total_variation
 from fedleak.attacks.optimization.replay import ClientProtocol, Replay
 from fedleak.attacks.registry import build_attack
@@ -251,6 +251,30 @@ def test_lti_then_ig_refines_a_round_of_learned_guesses_as_one_batch(mnist):
         assert together.diagnostics["batch_jobs"] == 3
         assert together.message.startswith("lti: ") and "then ig: " in together.message
     assert [r.diagnostics["train_epochs"] for r in batched] == [2.0, 0.0, 0.0]
+
+
+def test_a_dlg_step_runs_on_a_device_that_is_not_the_cpu():
+    """DLG's step on the `meta` device: joint soft labels through the chain, the L2 matching
+    and L-BFGS's device path (batched products, small solves) past a wrapped history keep
+    every tensor on the device with the right shapes and dtypes."""
+    model = build_model(ModelSpec("lenet", (3, 16, 16), CLASSES, seed=0))
+    replay = Replay(model, ClientProtocol("gradient"), device="meta")
+    assert replay._chain is not None
+    x = torch.rand(3, 2, 3, 16, 16, device="meta").requires_grad_()
+    labels = torch.randn(3, 2, CLASSES, device="meta").requires_grad_()
+    lbfgs = BatchedLBFGS([x, labels], lr=1.0, history=2)
+    for _ in range(4):
+        x.grad, labels.grad = None, None
+        out = replay(x, torch.softmax(labels, dim=-1))
+        assert "Chain" in type(out.update[0].grad_fn).__name__
+        target = [torch.empty_like(u) for u in out.update]
+        loss = MatchingLoss("l2")(out.update, target)
+        torch.autograd.backward(loss.sum(), inputs=[x, labels])
+        assert labels.grad is not None and labels.grad.device.type == "meta"
+        lbfgs.step()
+    assert x.shape == (3, 2, 3, 16, 16) and x.device.type == "meta"
+    assert lbfgs.pairs is not None and lbfgs.pairs.device.type == "meta"
+    assert lbfgs.pairs.shape == (3, 2, 2, 2 * 3 * 16 * 16 + 2 * CLASSES)  # slots, (s, y), n
 
 
 @pytest.mark.parametrize("name", ["lenet", "resnet20-gn"])

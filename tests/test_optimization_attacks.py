@@ -367,6 +367,30 @@ def test_batched_lbfgs_equals_torch_lbfgs_over_a_long_run():
         torch.testing.assert_close(x[p].detach(), alone, rtol=0, atol=1e-9)
 
 
+def test_a_diverging_problem_leaves_the_others_of_a_batched_lbfgs_run_alone():
+    """Problem 1's loss turns NaN from iteration 5 (its gradient counts as 0 from then on):
+    it is reported diverged, and problem 0 ends exactly where it ends optimised alone."""
+    centers = torch.tensor([[1.0, -2.0, 0.5], [3.0, 4.0, -1.0]], dtype=torch.float64)
+
+    def objective_of(rows):
+        def objective(variables, iteration):
+            shifted = variables[0] - centers[rows]
+            loss = shifted.square().sum(dim=1) + torch.logsumexp(shifted, dim=1)
+            if len(rows) == 2 and (iteration is None or iteration >= 5):
+                loss = torch.stack([loss[0], loss[1] * math.nan])
+            return loss, loss
+
+        return objective
+
+    settings = Settings(optimizer="lbfgs", schedule=StepDecay(0.5, ()), history=4)
+    start = torch.zeros(2, 3, dtype=torch.float64)
+    both = optimise(objective_of([0, 1]), [start], settings, Budget(30, 60.0))
+    alone = optimise(objective_of([0]), [start[:1]], settings, Budget(30, 60.0))
+    assert both.diverged.tolist() == [False, True]
+    torch.testing.assert_close(both.variables[0][:1], alone.variables[0], rtol=0, atol=1e-12)
+    assert float(alone.matching[0]) < float(alone.initial[0])
+
+
 def test_batched_lbfgs_drops_pairs_of_negative_curvature_per_problem():
     """On a non-convex objective some pairs have s^T y <= 0: the problem that met one drops
     it (as torch.optim.LBFGS does, within a history that does not wrap), the others keep
