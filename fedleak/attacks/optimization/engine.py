@@ -188,9 +188,8 @@ class BatchedLBFGS:
         zero = torch.zeros_like(ys)
         self.sy[:, slot, slot] = torch.where(valid, ys, zero).to(torch.float64)
         self.yy[:, slot, slot] = torch.where(valid, yy, zero).to(torch.float64)
-        projected[:, 2 * slot : 2 * slot + 2] = torch.bmm(self.pairs[:, slot], g.unsqueeze(2))[
-            ..., 0
-        ]
+        fresh = torch.bmm(self.pairs[:, slot], g.unsqueeze(2)).squeeze(2)  # s_new^T g, y_new^T g
+        projected[:, 2 * slot : 2 * slot + 2] = fresh
 
     def _direction(self, g: Tensor, projected: Tensor) -> Tensor:
         """H g for each problem, from `projected` = [S, Y]^T g by slot."""
