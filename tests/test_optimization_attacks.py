@@ -392,9 +392,9 @@ def test_a_diverging_problem_leaves_the_others_of_a_batched_lbfgs_run_alone():
 
 
 def test_batched_lbfgs_drops_pairs_of_negative_curvature_per_problem():
-    """On a non-convex objective some pairs have s^T y <= 0: the problem that met one drops
-    it (as torch.optim.LBFGS does, within a history that does not wrap), the others keep
-    theirs, and each problem still ends where torch's optimiser does alone."""
+    """On a non-convex objective some pairs have s^T y <= 0: a problem drops only its own
+    such pairs (as torch.optim.LBFGS does, within a history that does not wrap) and keeps the
+    rest, and each problem still ends where torch's optimiser does alone."""
     g = torch.Generator().manual_seed(4)
     frequencies = torch.rand(3, 8, generator=g, dtype=torch.float64) * 2 + 1
     starts = torch.randn(3, 8, generator=g, dtype=torch.float64)
