@@ -295,35 +295,30 @@ def test_nan_problems_are_reported_and_keep_their_last_finite_iterate():
     assert torch.isfinite(outcome.variables[0]).all()
 
 
+def _batched_lbfgs(x: Tensor, losses, steps: int, lr: float, history: int) -> BatchedLBFGS:
+    """`steps` steps of BatchedLBFGS on the summed per-problem `losses` of `x` (in place)."""
+    batched = BatchedLBFGS([x], lr=lr, history=history)
+    for _ in range(steps):
+        x.grad = None
+        losses(x).sum().backward()
+        batched.step()
+    return batched
+
+
 def test_batched_lbfgs_equals_torch_lbfgs_per_problem():
     """Each stacked problem follows torch.optim.LBFGS (no line search) exactly."""
     g = torch.Generator().manual_seed(0)
     scales = torch.rand(3, 5, generator=g) * 4 + 0.5
     centers = torch.randn(3, 5, generator=g)
 
-    def losses(x):
-        return (scales * (x - centers).square()).sum(dim=1) + (x.prod(dim=1) * 0.1).square()
+    def losses(x, p=slice(None)):
+        return (scales[p] * (x - centers[p]).square()).sum(-1) + (x.prod(dim=-1) * 0.1).square()
 
     x = torch.zeros(3, 5, requires_grad=True)
-    batched = BatchedLBFGS([x], lr=1.0, history=4)
-    for _ in range(8):
-        x.grad = None
-        losses(x).sum().backward()
-        batched.step()
+    _batched_lbfgs(x, losses, 8, 1.0, 4)
     for p in range(3):
-        y = torch.zeros(5, requires_grad=True)
-        reference = torch.optim.LBFGS(
-            [y], lr=1.0, max_iter=8, history_size=4, tolerance_grad=0.0, tolerance_change=0.0
-        )
-
-        def closure(y=y, p=p):
-            y.grad = None
-            loss = (scales[p] * (y - centers[p]).square()).sum() + (y.prod() * 0.1).square()
-            loss.backward()
-            return loss
-
-        reference.step(closure)
-        assert torch.allclose(x[p].detach(), y.detach(), atol=1e-5)
+        alone = _torch_lbfgs(torch.zeros(5), lambda y, p=p: losses(y, p), 8, 1.0, 4)
+        assert torch.allclose(x[p].detach(), alone, atol=1e-5)
 
 
 def _torch_lbfgs(start: Tensor, loss_of, steps: int, lr: float, history: int) -> Tensor:
@@ -355,11 +350,7 @@ def test_batched_lbfgs_equals_torch_lbfgs_over_a_long_run():
         return (scales[p] * shifted.square()).sum(-1) + torch.logsumexp(2 * shifted, dim=-1)
 
     x = torch.zeros(3, 12, dtype=torch.float64, requires_grad=True)
-    batched = BatchedLBFGS([x], lr=0.5, history=6)
-    for _ in range(40):
-        x.grad = None
-        losses(x).sum().backward()
-        batched.step()
+    _batched_lbfgs(x, losses, 40, 0.5, 6)
     for p in range(3):
         alone = _torch_lbfgs(
             torch.zeros(12, dtype=torch.float64), lambda y, p=p: losses(y, p), 40, 0.5, 6
@@ -403,11 +394,7 @@ def test_batched_lbfgs_drops_pairs_of_negative_curvature_per_problem():
         return torch.cos(frequencies[p] * x).sum(-1) + 0.05 * x.square().sum(-1)
 
     x = starts.clone().requires_grad_(True)
-    batched = BatchedLBFGS([x], lr=0.2, history=30)
-    for _ in range(25):
-        x.grad = None
-        losses(x).sum().backward()
-        batched.step()
+    batched = _batched_lbfgs(x, losses, 25, 0.2, 30)
     assert batched.kept is not None
     kept = batched.kept[:, batched.order]
     assert not bool(kept.all()), "the case needs a pair of negative curvature"

@@ -117,12 +117,11 @@ class BatchedLBFGS:
         self.history = history
         self.problems = self.variables[0].shape[0]
         # By slot, allocated with the first pair: s and y [T, m, 2, n] (the filled slots one
-        # block per problem), their products s_i^T y_j and y_i^T y_j in float64 [T, m, m],
-        # which pairs each problem kept [T, m], and the last projections [S, Y]^T g [T, 2m].
+        # block per problem), their products s_i^T y_j and y_i^T y_j in float64 [T, m, m]
+        # (a dropped pair's are zero), and the last projections [S, Y]^T g [T, 2m].
         self.pairs: Tensor | None = None
         self.sy: Tensor | None = None
         self.yy: Tensor | None = None
-        self.kept: Tensor | None = None
         self.projected: Tensor | None = None
         self.order: list[int] = []  # slots, oldest pair first
         self.gamma: Tensor | None = None
@@ -133,10 +132,16 @@ class BatchedLBFGS:
         grads = [torch.zeros_like(v) if v.grad is None else v.grad for v in self.variables]
         return torch.cat([g.reshape(self.problems, -1) for g in grads], dim=1)
 
+    @property
+    def kept(self) -> Tensor | None:
+        """Which stored pairs each problem kept [T, m]: a kept pair has s^T y > 1e-10, a
+        dropped one is stored as zeros."""
+        return None if self.sy is None else torch.diagonal(self.sy, dim1=1, dim2=2) > 0
+
     def _filled(self) -> Tensor:
         """The stored pairs' rows s_0, y_0, s_1, y_1, ... of the filled slots [T, 2k, n]."""
         assert self.pairs is not None
-        filled = min(len(self.order), self.history)
+        filled = len(self.order)  # slots fill from 0 and are reused once all m are taken
         return self.pairs[:, :filled].reshape(self.problems, 2 * filled, -1)
 
     def _project(self, g: Tensor) -> Tensor:
@@ -170,8 +175,7 @@ class BatchedLBFGS:
             self.pairs = s.new_zeros(problems, m, 2, s.shape[1])
             self.sy = torch.zeros(problems, m, m, dtype=torch.float64, device=s.device)
             self.yy = torch.zeros_like(self.sy)
-            self.kept = torch.zeros(problems, m, dtype=torch.bool, device=s.device)
-        assert self.sy is not None and self.yy is not None and self.kept is not None
+        assert self.sy is not None and self.yy is not None
         # Products with the stored pairs: [S, Y]^T y = [S, Y]^T g minus the same at the
         # previous gradient (the last step's projections, over the same pairs).
         change = projected - (self.projected if self.projected is not None else 0.0)
@@ -181,7 +185,6 @@ class BatchedLBFGS:
         keep = valid.unsqueeze(1)
         self.pairs[:, slot, 0] = torch.where(keep, s, 0.0)
         self.pairs[:, slot, 1] = torch.where(keep, y, 0.0)
-        self.kept[:, slot] = valid
         self.sy[:, :, slot] = change[:, 0::2]  # s_i^T y_new (the solves read i <= new only)
         self.yy[:, :, slot] = change[:, 1::2]
         self.yy[:, slot, :] = change[:, 1::2]
@@ -196,13 +199,13 @@ class BatchedLBFGS:
         if not self.order:
             return g.clone()
         assert self.sy is not None and self.yy is not None
-        assert self.gamma is not None and self.kept is not None
+        assert self.gamma is not None
         slots = torch.tensor(self.order, device=g.device)
         gamma = self.gamma.to(torch.float64)[:, None, None]
         sg, yg = projected[:, 2 * slots].unsqueeze(2), projected[:, 2 * slots + 1].unsqueeze(2)
         sy = self.sy[:, slots][:, :, slots]
         yy = self.yy[:, slots][:, :, slots]
-        dropped = ~self.kept[:, slots]
+        dropped = torch.diagonal(sy, dim1=1, dim2=2) <= 0
         # R: the upper triangle of S^T Y (the solves read no other); a dropped pair's zero
         # row and column get a unit diagonal, so its coefficients come out zero.
         r = sy + torch.diag_embed(dropped.to(torch.float64))
