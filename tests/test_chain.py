@@ -46,14 +46,56 @@ def _pooled() -> nn.Module:
     )
 
 
+class _Blocks(nn.Module):
+    """Every link of a residual network: GroupNorm with and without affine parameters (also
+    on the model's input), residual sums (of layers' outputs and of the input's padding),
+    one output read by three layers, `nn.Identity`, strided subsampling, channel padding,
+    a strided 1x1 projection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.GroupNorm(1, 2)
+        self.stem = nn.Conv2d(2, 4, 3, padding=1)
+        self.norm = nn.GroupNorm(2, 4)
+        self.conv = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.plain = nn.GroupNorm(4, 4, affine=False)
+        self.keep = nn.Identity()
+        self.project = nn.Conv2d(4, 6, 1, stride=2, bias=False)
+        self.flat = nn.Flatten()
+        self.head = nn.Linear(6 * 3 * 3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(self.first(x)) + F.pad(x, (0, 0, 0, 0, 0, 2))
+        h = torch.tanh(self.norm(h))
+        r = F.relu(self.plain(self.conv(h)) + self.keep(h))
+        s = h + r
+        out = self.project(s) + F.pad(s[:, :, ::2, ::2], (0, 0, 0, 0, 0, 2))
+        return self.head(self.flat(torch.sigmoid(out)))
+
+
+def _scattered_norms(model: nn.Module) -> nn.Module:
+    """The model with its GroupNorm scales and shifts drawn away from 1 and 0 (a misplaced
+    scale would otherwise go unseen)."""
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.GroupNorm) and module.affine:
+                module.weight.copy_(1 + 0.3 * torch.randn(module.weight.shape, generator=generator))
+                module.bias.copy_(0.3 * torch.randn(module.bias.shape, generator=generator))
+    return model
+
+
 def _models() -> list[tuple[str, nn.Module, tuple[int, ...], int]]:
     torch.manual_seed(0)
+    resnet = build_model(ModelSpec("resnet20-gn", (3, 8, 8), 10, seed=0))
     return [
         ("lenet", build_model(ModelSpec("lenet", (3, 16, 16), 10, seed=0)), (3, 16, 16), 10),
         ("mlp", build_model(ModelSpec("mlp", (1, 6, 6), 10, seed=0)), (1, 6, 6), 10),
         ("convnet", build_model(ModelSpec("convnet", (3, 8, 8), 10, seed=0)), (3, 8, 8), 10),
         ("mixed", _Mixed(), (1, 14, 14), 5),
         ("pooled", _pooled(), (2, 11, 11), 3),
+        ("blocks", _scattered_norms(_Blocks()), (2, 6, 6), 3),
+        ("resnet20-gn", _scattered_norms(resnet), (3, 8, 8), 10),
     ]
 
 
@@ -105,15 +147,6 @@ def test_the_chain_gives_autograds_gradient_and_derivative(problems, samples, la
             torch.testing.assert_close(have, want, rtol=1e-9, atol=1e-12 * scale)
 
 
-class _Residual(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.b(x + torch.relu(self.a(x)))
-
-
 class _Tied(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -123,10 +156,28 @@ class _Tied(nn.Module):
         return self.a(torch.sigmoid(self.a(x)))
 
 
+class _Shifted(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x) + 1.0
+
+
+class _Scaled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.add(x, self.a(x), alpha=2.0))
+
+
 def test_models_that_are_not_one_chain_are_refused():
-    """Residual connections, normalisation, grouped convolutions, an activation without a
-    rule, a layer used twice and a computation torch.fx cannot trace all fall back to
-    autograd (None)."""
+    """BatchNorm, grouped convolutions, an activation without a rule, dropout, a layer used
+    twice, a constant added, a scaled sum, a dead branch and a computation torch.fx cannot
+    trace all fall back to autograd (None)."""
 
     class Branching(nn.Module):
         def __init__(self) -> None:
@@ -136,15 +187,26 @@ def test_models_that_are_not_one_chain_are_refused():
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.a(x) if x.sum() > 0 else -self.a(x)
 
+    class Dead(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 2), nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.b(x)
+            return self.a(x)
+
     refused = [
-        _Residual(),
         _Tied(),
+        _Shifted(),
+        _Scaled(),
         Branching(),
+        Dead(),
         nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Flatten(), nn.Linear(4, 2)),
         nn.Sequential(nn.Linear(4, 4), nn.LeakyReLU(), nn.Linear(4, 2)),
         nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.Linear(4, 2)),
-        build_model(ModelSpec("resnet20-gn", (3, 8, 8), 10, seed=0)),
         build_model(ModelSpec("convnet-bn", (3, 8, 8), 10, seed=0)),
+        build_model(ModelSpec("resnet20", (3, 8, 8), 10, seed=0)),
     ]
     for model in refused:
         assert layer_chain(model) is None, model

@@ -1,19 +1,22 @@
-"""The client's gradient of a plain layer chain, and its derivative, written out layer by layer.
+"""The client's gradient of a graph of plain layers, and its derivative, written out layer by layer.
 
-A model that is one chain of Conv2d, Linear, flatten, max and average pooling and elementwise
-activations (sigmoid, tanh, ReLU), fitted by mean cross-entropy on class indices or soft labels
-(FedSGD), has a parameter gradient and a derivative of any loss of that gradient with respect
-to the input (and to soft labels) in closed form, layer by layer. An inversion iteration
-needs exactly these two, and computing them directly skips autograd's double-backward graph
-(hundreds of small recorded nodes per iteration on the sigmoid LeNet) and merges the two
+A model made of Conv2d, Linear, GroupNorm, flatten, max and average pooling, elementwise
+activations (sigmoid, tanh, ReLU), strided subsampling, zero padding and residual sums (the
+CIFAR ResNets with GroupNorm, sigmoid LeNet, ConvNet), fitted by mean cross-entropy on class
+indices or soft labels (FedSGD), has a parameter gradient and a derivative of any loss of
+that gradient with respect to the input (and to soft labels) in closed form, layer by layer.
+An inversion iteration needs exactly these two, and computing them directly skips autograd's
+double-backward graph (hundreds of small recorded nodes per iteration on the sigmoid LeNet,
+about a thousand multiplies in GroupNorm's double backward on ResNet-20) and merges the two
 convolutions that each layer's derivative runs on the same input shape into one call of
 twice the channels (docs/performance.md, "The layer chain").
 
 Notation for layer l, mapping h_in to h_out: the first backward sends g_out (the loss's
 gradient at h_out) to g_in and to the parameter gradient P_l. Given v_l, the outer loss's
-gradient with respect to P_l, the derivative flows up the chain (`up`: the adjoint of g_out,
+gradient with respect to P_l, the derivative flows up the graph (`up`: the adjoint of g_out,
 from v_l and the adjoint of g_in) and then down it (`down`: the adjoint of h_in, from the
-adjoint of h_out and the terms in which the first backward read h_in).
+adjoint of h_out and the terms in which the first backward read h_in). A layer's input is the
+sum of the outputs it reads, so a residual sum costs no layer of its own.
 
 T independent problems of b samples each are stacked problem-major ([T * b, ...]); their
 parameter gradients [T, ...] come out side by side, per problem, as grouped convolutions and
@@ -22,6 +25,8 @@ batched products (`fedleak.training.per_sample` does the same for the first deri
 
 from __future__ import annotations
 
+import math
+import operator
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -399,6 +404,175 @@ class _AvgPool(_Reshaping):
         )
 
 
+def _per_row(values: Tensor, problems: int, like: Tensor) -> Tensor:
+    """Per-problem values [T, C] broadcastable against stacked rows `like` [T * b, C, ...]."""
+    trailing = [1] * (like.dim() - 2)
+    if problems == 1:
+        return values.reshape(1, values.shape[1], *trailing)
+    rows = values.repeat_interleave(like.shape[0] // problems, dim=0)
+    return rows.reshape(like.shape[0], values.shape[1], *trailing)
+
+
+class _GroupNorm(_Layer):
+    """GroupNorm, y = gamma * xhat + beta with xhat the input normalised per sample and group.
+
+    Its first backward is g_in = L(gamma * g_out), where L(u) = r * (u - mean(u) - xhat *
+    mean(u * xhat)) per sample and group (r the reciprocal standard deviation) is torch's own
+    group-norm backward without a weight, and L is its own adjoint: the way up applies it to
+    the adjoint of g_in, the way down to the adjoint of xhat."""
+
+    def __init__(self, module: nn.GroupNorm, prefix: str) -> None:
+        self.groups, self.eps, self.affine = module.num_groups, module.eps, module.affine
+        self.parameters = (f"{prefix}weight", f"{prefix}bias") if module.affine else ()
+
+    def _project(self, u: Tensor, state: _State, weight: Tensor | None = None) -> Tensor:
+        """L(weight * u) (L(u) without a weight), by torch's group-norm backward."""
+        derived, (n, c) = state.derived, u.shape[:2]
+        return torch.ops.aten.native_group_norm_backward(
+            u,
+            state.h_in,
+            derived["mean"],
+            derived["rstd"],
+            weight,
+            n,
+            c,
+            math.prod(u.shape[2:]),
+            self.groups,
+            [True, False, False],
+        )[0]
+
+    def forward(self, h: Tensor, params: list[Tensor], derived: dict[str, Tensor]) -> Tensor:
+        if h.dim() < 3 or h.shape[0] == 0:
+            raise ChainUnsupported("group normalisation of an input without positions")
+        n, c = h.shape[:2]
+        xhat, derived["mean"], derived["rstd"] = torch.native_group_norm(
+            h, None, None, n, c, math.prod(h.shape[2:]), self.groups, self.eps
+        )
+        derived["xhat"] = xhat
+        if not self.affine:
+            return xhat
+        trailing = [1] * (h.dim() - 2)
+        derived["gamma"] = params[0].view(1, c, *trailing)
+        return torch.addcmul(params[1].view(1, c, *trailing), xhat, derived["gamma"])
+
+    def backward(
+        self, state: _State, problems: int, need_input: bool
+    ) -> tuple[Tensor | None, list[Tensor]]:
+        g, derived = state.g_out, state.derived
+        assert g is not None
+        weight = state.params[0] if self.affine else None
+        grads: list[Tensor] = []
+        if self.affine and problems == 1:
+            n, c = g.shape[:2]
+            g_in, g_w, g_b = torch.ops.aten.native_group_norm_backward(
+                g,
+                state.h_in,
+                derived["mean"],
+                derived["rstd"],
+                weight,
+                n,
+                c,
+                math.prod(g.shape[2:]),
+                self.groups,
+                [need_input, True, True],
+            )
+            grads = [g_w.unsqueeze(0), g_b.unsqueeze(0)]
+        else:
+            g_in = self._project(g, state, weight) if need_input else None
+            if self.affine:
+                # Each problem's sums over its samples and positions.
+                def per_problem(t: Tensor) -> Tensor:
+                    return t.flatten(2).sum(dim=2).reshape(problems, -1, t.shape[1]).sum(dim=1)
+
+                grads = [per_problem(g * derived["xhat"]), per_problem(g)]
+        if g_in is not None:
+            derived["g_in"] = g_in
+        return g_in, grads
+
+    def up(self, state: _State, v: list[Tensor], problems: int) -> Tensor | None:
+        # g_out enters the parameter gradients (sums of g_out * xhat and of g_out) and g_in.
+        derived, gbar_in = state.derived, state.gbar_in
+        xhat = derived["xhat"]
+        out = None
+        if self.affine:
+            beta_bar, gamma_bar = _per_row(v[1], problems, xhat), _per_row(v[0], problems, xhat)
+            out = torch.addcmul(beta_bar, xhat, gamma_bar)
+        if gbar_in is not None:
+            derived["L_gbar_in"] = back = self._project(gbar_in, state)  # the way down reads it
+            if self.affine:
+                back = back * derived["gamma"]
+            out = back if out is None else out + back
+        return out
+
+    def down(self, state: _State, hbar_out: Tensor, v: list[Tensor], problems: int) -> Tensor:
+        # h_in enters through xhat (in y, in the weight's gradient and in g_in) and through r
+        # (in g_in). With u = gamma * g_out and a the adjoint of g_in, g_in = r * (u - mean(u)
+        # - xhat * mean(u * xhat)) contributes -r * (a * mean(u * xhat) + u * mean(a * xhat))
+        # to the adjoint of xhat at fixed r, which L maps to -r * (mean(u * xhat) * L(a) +
+        # mean(a * xhat) * g_in) (L is linear per group, L(u) = g_in), and through r (d r / d h
+        # = -r^2 xhat / M) -r * mean(a * g_in) * xhat.
+        g, gbar_in, derived = state.g_out, state.gbar_in, state.derived
+        assert g is not None
+        xhat = derived["xhat"]
+        xhat_bar = hbar_out
+        if self.affine:
+            xhat_bar = torch.addcmul(hbar_out * derived["gamma"], g, _per_row(v[0], problems, g))
+        out = self._project(xhat_bar, state)
+        if gbar_in is None:
+            return out
+        shape = (g.shape[0], self.groups, -1)  # one row per sample and group
+        a, x3, g_in = gbar_in.reshape(shape), xhat.reshape(shape), derived["g_in"].reshape(shape)
+        size = x3.shape[2]
+        u = g * derived["gamma"] if self.affine else g
+        r = derived["rstd"].unsqueeze(2) / size
+        u_x = torch.linalg.vecdot(u.reshape(shape), x3).unsqueeze(2)
+        a_x = torch.linalg.vecdot(a, x3).unsqueeze(2)
+        a_g = torch.linalg.vecdot(a, g_in).unsqueeze(2)
+        terms = derived["L_gbar_in"].reshape(shape) * (r * u_x)
+        terms = torch.addcmul(terms, g_in, r * a_x)
+        terms = torch.addcmul(terms, x3, r * a_g)
+        return out - terms.reshape(g.shape)
+
+
+class _Subsample(_Reshaping):
+    """Strided slicing that keeps the batch (`x[:, :, ::2, ::2]`, a shortcut's subsampling)."""
+
+    def __init__(self, index: tuple[slice, ...]) -> None:
+        self.index = index
+
+    def forward(self, h: Tensor, params: list[Tensor], derived: dict[str, Tensor]) -> Tensor:
+        if h.dim() < len(self.index):
+            raise ChainUnsupported("slicing more dimensions than the input has")
+        return h[self.index]
+
+    def transpose(self, g: Tensor, state: _State) -> Tensor:
+        out = g.new_zeros(state.h_in.shape)
+        out[self.index] = g
+        return out
+
+    def again(self, t: Tensor, state: _State) -> Tensor:
+        return t[self.index]
+
+
+class _Pad(_Reshaping):
+    """Zero padding (`F.pad` in constant mode; a shortcut's extra channels)."""
+
+    def __init__(self, pad: tuple[int, ...]) -> None:
+        self.pad = pad
+        # The slice of the padded tensor that holds the input, from the last dimension back.
+        kept = [slice(pad[2 * k], -pad[2 * k + 1] or None) for k in range(len(pad) // 2)]
+        self.index = (Ellipsis, *reversed(kept))
+
+    def forward(self, h: Tensor, params: list[Tensor], derived: dict[str, Tensor]) -> Tensor:
+        return F.pad(h, self.pad)
+
+    def transpose(self, g: Tensor, state: _State) -> Tensor:
+        return g[self.index]
+
+    def again(self, t: Tensor, state: _State) -> Tensor:
+        return F.pad(t, self.pad)
+
+
 def _pair(value: int | Sequence[int]) -> list[int]:
     return [value, value] if isinstance(value, int) else list(value)
 
@@ -414,20 +588,69 @@ def _is_flatten(node: torch.fx.Node, module: nn.Module | None) -> bool:
     return start == 1 and len(node.args) <= 2 and set(node.kwargs) <= {"start_dim"}
 
 
-def _link(node: torch.fx.Node, model: nn.Module) -> _Layer:
-    """The chain's link for one traced node. Layer types are matched exactly: a subclass
-    (a weight-standardised convolution, say) may compute something else."""
+def _slices(index: object) -> tuple[slice, ...] | None:
+    """`index` when it is a tuple of slices that keep the batch and subsample with a step
+    (`[:, :, ::2, ::2]`), else None."""
+    if not isinstance(index, tuple) or not index or index[0] != slice(None):
+        return None
+    for item in index:
+        if not isinstance(item, slice) or item.start not in (None, 0) or item.stop is not None:
+            return None
+        if not (item.step is None or (isinstance(item.step, int) and item.step >= 1)):
+            return None
+    return index
+
+
+def _link(node: torch.fx.Node, model: nn.Module) -> tuple[_Layer | None, list[torch.fx.Node]]:
+    """The chain's link for one traced node (None for the identity and for a sum of two
+    outputs, which cost no layer: their readers read the sum) and the nodes it reads. Layer
+    types are matched exactly: a subclass (a weight-standardised convolution, say) may
+    compute something else."""
+    if node.op == "call_function" and node.target in (operator.add, torch.add):
+        sources = list(node.args)
+        if node.kwargs or len(sources) != 2:
+            raise ChainUnsupported("a sum other than of two layers' outputs")
+        if not all(isinstance(s, torch.fx.Node) for s in sources):
+            raise ChainUnsupported("a constant added to a layer's output")
+        return None, sources  # type: ignore[return-value]
+    inputs = node.all_input_nodes
+    if len(inputs) != 1 or not node.args or node.args[0] is not inputs[0]:
+        raise ChainUnsupported(f"{node.op} {node.target} on other than one layer's output")
+    if node.op == "call_module" and type(model.get_submodule(str(node.target))) is nn.Identity:
+        return None, inputs
+    return _single(node, model), inputs
+
+
+def _single(node: torch.fx.Node, model: nn.Module) -> _Layer:
     module = model.get_submodule(str(node.target)) if node.op == "call_module" else None
     if type(module) is nn.Conv2d:
         return _Conv(module, f"{node.target}.")
     if type(module) is nn.Linear:
         return _Linear(module, f"{node.target}.")
+    if type(module) is nn.GroupNorm:
+        return _GroupNorm(module, f"{node.target}.")
     if _is_flatten(node, module):
         return _Flatten()
     if type(module) is nn.MaxPool2d and not module.return_indices:
         return _MaxPool(module)
     if type(module) in (nn.AvgPool2d, nn.AdaptiveAvgPool2d):
         return _AvgPool(module)  # type: ignore[arg-type]
+    if node.op == "call_function" and node.target is operator.getitem and len(node.args) == 2:
+        index = _slices(node.args[1])
+        if index is not None:
+            return _Subsample(index)
+    if node.op == "call_function" and node.target is F.pad:
+        pad = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
+        mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+        value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value")
+        if (
+            isinstance(pad, (tuple, list))
+            and all(isinstance(p, int) and p >= 0 for p in pad)
+            and len(pad) % 2 == 0
+            and mode == "constant"
+            and not value
+        ):
+            return _Pad(tuple(pad))
     kind = None
     if module is not None:
         kind = _ACTIVATIONS.get(type(module))
@@ -442,12 +665,22 @@ def _link(node: torch.fx.Node, model: nn.Module) -> _Layer:
 
 
 class LayerChain:
-    """A model seen as its chain of layers, for FedSGD's gradient and its derivative."""
+    """A model seen as its graph of layers, for FedSGD's gradient and its derivative.
+
+    Layers run in the traced order; `sources[i]` lists the layers whose outputs layer i
+    reads (-1: the model's input), and its input is their sum. A residual sum is the identity
+    on two sources; an output read by several layers collects their gradients (and, on the
+    way down, their adjoints), and their gradients' adjoint is its own."""
 
     def __init__(
-        self, layers: Sequence[_Layer], names: Sequence[str], weights: dict[str, Tensor]
+        self,
+        layers: Sequence[_Layer],
+        sources: Sequence[Sequence[int]],
+        names: Sequence[str],
+        weights: dict[str, Tensor],
     ) -> None:
         self.layers = list(layers)
+        self.sources = [list(s) for s in sources]
         self.names = list(names)
         self.weights = weights  # the parameters a pass uses unless it is given others
         order = {name: i for i, name in enumerate(names)}
@@ -463,13 +696,16 @@ class LayerChain:
         [T * b, K] `y`, at `weights` (parameter name -> tensor; default the model's as the
         chain was built)."""
         weights = self.weights if weights is None else weights
-        states, h = [], x
-        for layer in self.layers:
+        states: list[_State] = []
+        outputs: list[Tensor] = []
+        for layer, sources in zip(self.layers, self.sources, strict=True):
+            h = _total([x if s < 0 else outputs[s] for s in sources])
             params = [weights[name] for name in layer.parameters]
             derived: dict[str, Tensor] = {}
             out = layer.forward(h, params, derived)
             states.append(_State(h, out, params, derived=derived))
-            h = out
+            outputs.append(out)
+        h = outputs[-1]
         soft = y.is_floating_point()
         if h.dim() != 2 or y.shape != (h.shape if soft else h.shape[:1]):
             raise ChainUnsupported("the chain does not end in one row of logits per label")
@@ -485,14 +721,20 @@ class LayerChain:
             g = probabilities.scatter_add(
                 1, y.unsqueeze(1), probabilities.new_full((y.shape[0], 1), -1.0)
             )
-        g = g / samples
+        # Each layer's output gradient, summed over the layers that read it.
+        g_outs: list[list[Tensor]] = [[] for _ in self.layers]
+        g_outs[-1].append(g / samples)
         update: dict[int, Tensor] = {}
         for index in range(len(self.layers) - 1, -1, -1):
-            state = states[index]
-            state.g_out = g
-            g_in, grads = self.layers[index].backward(state, problems, index > 0)
+            state, sources = states[index], self.sources[index]
+            state.g_out = _total(g_outs[index])
+            g_outs[index] = []
+            need_input = any(s >= 0 for s in sources)
+            g_in, grads = self.layers[index].backward(state, problems, need_input)
             update.update(zip(self.slots[index], grads, strict=True))
-            g = g_in  # type: ignore[assignment]
+            for s in sources:
+                if s >= 0:
+                    g_outs[s].append(g_in)  # type: ignore[arg-type]
         # Every parameter has a slot (`layer_chain` checks it): a missing one fails here.
         run = _Pass(states, h, probabilities, problems, samples, mass)
         return [update[slot] for slot in range(self.count)], run
@@ -502,10 +744,15 @@ class LayerChain:
         (None for class indices), given the loss's gradient `v` [T, ...] with respect to each
         parameter's gradient."""
         problems = run.problems
-        gbar = None
-        for layer, state, slots in zip(self.layers, run.states, self.slots, strict=True):
-            state.gbar_in = gbar
-            gbar = layer.up(state, [v[s] for s in slots], problems)
+        gbars: list[Tensor | None] = []
+        for layer, state, slots, sources in zip(
+            self.layers, run.states, self.slots, self.sources, strict=True
+        ):
+            # A layer's g_in feeds each source's g_out: its adjoint is theirs, summed.
+            state.gbar_in = _total([gbars[s] for s in sources if s >= 0])
+            gbars.append(layer.up(state, [v[s] for s in slots], problems))
+        gbar = gbars[-1]
+        del gbars
         # The logits' gradient is (softmax * mass - y) / b: its adjoint through the softmax
         # (mass 1 for class indices), and for soft labels through y and its mass.
         p = run.probabilities
@@ -520,10 +767,29 @@ class LayerChain:
             if run.mass is not None:
                 hbar = hbar * run.mass
                 ybar = (expected - gbar) / run.samples
+        hbars: list[list[Tensor]] = [[] for _ in self.layers]
+        hbars[-1].append(hbar)
+        xbar: list[Tensor] = []
         for index in range(len(self.layers) - 1, -1, -1):
             layer, state = self.layers[index], run.states[index]
-            hbar = layer.down(state, hbar, [v[s] for s in self.slots[index]], problems)
-        return hbar, ybar
+            hbar_out = _total(hbars[index])
+            hbars[index] = []
+            assert hbar_out is not None  # every layer's output reaches the logits
+            hbar_in = layer.down(state, hbar_out, [v[s] for s in self.slots[index]], problems)
+            for s in self.sources[index]:
+                (xbar if s < 0 else hbars[s]).append(hbar_in)
+        return _total(xbar), ybar  # type: ignore[return-value]
+
+
+def _total(terms: Sequence[Tensor | None]) -> Tensor | None:
+    """The sum of the terms that are not None (None when none is)."""
+    present = [t for t in terms if t is not None]
+    if not present:
+        return None
+    total = present[0]
+    for t in present[1:]:
+        total = total + t
+    return total
 
 
 _FOUND: weakref.WeakKeyDictionary[nn.Module, LayerChain | None] = weakref.WeakKeyDictionary()
@@ -538,8 +804,8 @@ def model_chain(model: nn.Module) -> LayerChain | None:
 
 
 def layer_chain(model: nn.Module) -> LayerChain | None:
-    """The model's layer chain, or None when its forward pass is not one chain of supported
-    layers covering every parameter (then autograd replays it)."""
+    """The model's graph of layers, or None when its forward pass is not made of supported
+    layers and residual sums covering every parameter once (then autograd replays it)."""
     try:
         graph = torch.fx.symbolic_trace(model).graph
     except Exception:  # any model torch.fx cannot trace is simply not a chain
@@ -547,23 +813,32 @@ def layer_chain(model: nn.Module) -> LayerChain | None:
     nodes = list(graph.nodes)
     if len(nodes) < 3 or nodes[0].op != "placeholder" or nodes[-1].op != "output":
         return None
+    # The layers whose outputs sum to each node's value (-1: the model's input).
+    sums: dict[torch.fx.Node, list[int]] = {nodes[0]: [-1]}
     layers: list[_Layer] = []
-    previous = nodes[0]
+    sources: list[list[int]] = []
     try:
         for node in nodes[1:-1]:
-            if node.all_input_nodes != [previous] or len(previous.users) != 1:
+            if not node.users:  # a dead computation: its parameters would get no gradient
                 return None
-            layers.append(_link(node, model))
-            previous = node
-    except ChainUnsupported:
+            layer, reads = _link(node, model)
+            summed = [index for n in reads for index in sums[n]]
+            if layer is None:
+                sums[node] = summed
+                continue
+            sums[node] = [len(layers)]
+            sources.append(summed)
+            layers.append(layer)
+    except (ChainUnsupported, KeyError):  # KeyError: a second placeholder or a constant
         return None
-    if nodes[-1].all_input_nodes != [previous]:
+    if not layers or [sums.get(n) for n in nodes[-1].all_input_nodes] != [[len(layers) - 1]]:
         return None
     names = [name for name, _ in model.named_parameters()]
     covered = [p for layer in layers for p in layer.parameters]
     if sorted(covered) != sorted(names):
         return None
-    return LayerChain(layers, names, {n: p.detach() for n, p in model.named_parameters()})
+    weights = {n: p.detach() for n, p in model.named_parameters()}
+    return LayerChain(layers, sources, names, weights)
 
 
 class _ChainUpdate(torch.autograd.Function):

@@ -74,10 +74,10 @@ def per_sample_gradients_with_loss(
     """Each sample's gradient of its own loss (leading dim B) and the losses [B], in one
     vectorised call; `params` replaces the model's parameters (e.g. during local training).
 
-    A plain chain of layers (`fedleak.training.chain`: sigmoid LeNet, the MLP, ConvNet) on
-    images gets them written out, each sample a problem of its own; other models of the
-    layers `fedleak.training.per_sample` knows from one batched backward; any other model
-    through vmap over `grad`."""
+    A graph of plain layers (`fedleak.training.chain`: sigmoid LeNet, the MLP, ConvNet, the
+    ResNets with GroupNorm) on images gets them written out, each sample a problem of its
+    own; other models of the layers `fedleak.training.per_sample` knows from one batched
+    backward; any other model through vmap over `grad`."""
     refuse_batchnorm(model)
     check_targets(x, y)
     chain = model_chain(model) if x.is_floating_point() else None

@@ -172,8 +172,8 @@ class Replay:
         # Stacked FedSGD problems without BatchNorm: per-problem gradients from one batched
         # backward (`fedleak.training.per_sample`), cheaper to differentiate than vmap.
         self.layerwise = protocol.kind == "gradient" and supported(self.model)
-        # FedSGD through a plain chain of layers: the gradient and its derivative written
-        # out (`chain`), cheaper still; None where the model is not such a chain.
+        # FedSGD through a graph of plain layers: the gradient and its derivative written
+        # out (`chain`), cheaper still; None where the model is not such a graph.
         self._chain = layer_chain(self.model) if protocol.kind == "gradient" else None
 
     @property
