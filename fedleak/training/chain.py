@@ -126,10 +126,11 @@ class _Conv(_Layer):
             raise ChainUnsupported("grouped, padded-mode or string-padded convolution")
         self.has_bias = module.bias is not None
         # Stacked problems' grouped convolutions: oneDNN's kernels for few channels per group
-        # run 2-3x faster channels-last, for many slower (a round of 16 targets, ms per
+        # run 2-3x faster channels-last, for more slower (a round of 16 targets, ms per
         # iteration, channels-last / not: sigmoid LeNet's 12 channels 7.5-7.6 / 7.8-8.0,
-        # ConvNet's 32-128 channels 188-194 / 129-135; docs/performance.md).
-        few = max(module.in_channels, module.out_channels) <= 16
+        # ConvNet's 32-128 channels 188-194 / 129-135; ResNet-20-GN's per-sample gradients
+        # of 64 samples, 16-64 channels: 398-400 / 279-284 ms; docs/performance.md).
+        few = max(module.in_channels, module.out_channels) <= 12
         self.layout = torch.channels_last if few else torch.contiguous_format
         self.stride, self.padding = list(module.stride), list(module.padding)
         self.dilation = list(module.dilation)
@@ -445,15 +446,15 @@ class _GroupNorm(_Layer):
         if h.dim() < 3 or h.shape[0] == 0:
             raise ChainUnsupported("group normalisation of an input without positions")
         n, c = h.shape[:2]
-        xhat, derived["mean"], derived["rstd"] = torch.native_group_norm(
-            h, None, None, n, c, math.prod(h.shape[2:]), self.groups, self.eps
-        )
+        size = (n, c, math.prod(h.shape[2:]), self.groups, self.eps)
+        xhat, derived["mean"], derived["rstd"] = torch.native_group_norm(h, None, None, *size)
         derived["xhat"] = xhat
         if not self.affine:
             return xhat
-        trailing = [1] * (h.dim() - 2)
-        derived["gamma"] = params[0].view(1, c, *trailing)
-        return torch.addcmul(params[1].view(1, c, *trailing), xhat, derived["gamma"])
+        derived["gamma"] = params[0].view(1, c, *([1] * (h.dim() - 2)))
+        # torch's own kernel for the output, so that the pass computes the module's bits (a
+        # ReLU input a rounding away from zero then falls on the same side as for the client).
+        return torch.native_group_norm(h, params[0], params[1], *size)[0]
 
     def backward(
         self, state: _State, problems: int, need_input: bool
@@ -497,12 +498,10 @@ class _GroupNorm(_Layer):
         if self.affine:
             beta_bar, gamma_bar = _per_row(v[1], problems, xhat), _per_row(v[0], problems, xhat)
             out = torch.addcmul(beta_bar, xhat, gamma_bar)
-        if gbar_in is not None:
-            derived["L_gbar_in"] = back = self._project(gbar_in, state)  # the way down reads it
-            if self.affine:
-                back = back * derived["gamma"]
-            out = back if out is None else out + back
-        return out
+        if gbar_in is None:
+            return out
+        derived["L_gbar_in"] = back = self._project(gbar_in, state)  # the way down reads it
+        return back if out is None else torch.addcmul(out, back, derived["gamma"])
 
     def down(self, state: _State, hbar_out: Tensor, v: list[Tensor], problems: int) -> Tensor:
         # h_in enters through xhat (in y, in the weight's gradient and in g_in) and through r
@@ -681,6 +680,7 @@ class LayerChain:
     ) -> None:
         self.layers = list(layers)
         self.sources = [list(s) for s in sources]
+        self.inner = [[s for s in group if s >= 0] for group in self.sources]  # no input
         self.names = list(names)
         self.weights = weights  # the parameters a pass uses unless it is given others
         order = {name: i for i, name in enumerate(names)}
@@ -699,7 +699,9 @@ class LayerChain:
         states: list[_State] = []
         outputs: list[Tensor] = []
         for layer, sources in zip(self.layers, self.sources, strict=True):
-            h = _total([x if s < 0 else outputs[s] for s in sources])
+            h = x if sources[0] < 0 else outputs[sources[0]]
+            for s in sources[1:]:
+                h = h + (x if s < 0 else outputs[s])
             params = [weights[name] for name in layer.parameters]
             derived: dict[str, Tensor] = {}
             out = layer.forward(h, params, derived)
@@ -722,19 +724,16 @@ class LayerChain:
                 1, y.unsqueeze(1), probabilities.new_full((y.shape[0], 1), -1.0)
             )
         # Each layer's output gradient, summed over the layers that read it.
-        g_outs: list[list[Tensor]] = [[] for _ in self.layers]
-        g_outs[-1].append(g / samples)
+        g_outs: list[Tensor | None] = [None] * len(self.layers)
+        g_outs[-1] = g / samples
         update: dict[int, Tensor] = {}
         for index in range(len(self.layers) - 1, -1, -1):
-            state, sources = states[index], self.sources[index]
-            state.g_out = _total(g_outs[index])
-            g_outs[index] = []
-            need_input = any(s >= 0 for s in sources)
-            g_in, grads = self.layers[index].backward(state, problems, need_input)
+            state, sources = states[index], self.inner[index]
+            state.g_out, g_outs[index] = g_outs[index], None
+            g_in, grads = self.layers[index].backward(state, problems, bool(sources))
             update.update(zip(self.slots[index], grads, strict=True))
             for s in sources:
-                if s >= 0:
-                    g_outs[s].append(g_in)  # type: ignore[arg-type]
+                _accumulate(g_outs, s, g_in)  # type: ignore[arg-type]
         # Every parameter has a slot (`layer_chain` checks it): a missing one fails here.
         run = _Pass(states, h, probabilities, problems, samples, mass)
         return [update[slot] for slot in range(self.count)], run
@@ -746,10 +745,14 @@ class LayerChain:
         problems = run.problems
         gbars: list[Tensor | None] = []
         for layer, state, slots, sources in zip(
-            self.layers, run.states, self.slots, self.sources, strict=True
+            self.layers, run.states, self.slots, self.inner, strict=True
         ):
             # A layer's g_in feeds each source's g_out: its adjoint is theirs, summed.
-            state.gbar_in = _total([gbars[s] for s in sources if s >= 0])
+            gbar_in = None
+            for s in sources:
+                if gbars[s] is not None:
+                    gbar_in = gbars[s] if gbar_in is None else gbar_in + gbars[s]
+            state.gbar_in = gbar_in
             gbars.append(layer.up(state, [v[s] for s in slots], problems))
         gbar = gbars[-1]
         del gbars
@@ -767,29 +770,23 @@ class LayerChain:
             if run.mass is not None:
                 hbar = hbar * run.mass
                 ybar = (expected - gbar) / run.samples
-        hbars: list[list[Tensor]] = [[] for _ in self.layers]
-        hbars[-1].append(hbar)
-        xbar: list[Tensor] = []
+        # Each layer's output adjoint (the input's last), summed over the layers that read it.
+        hbars: list[Tensor | None] = [None] * (len(self.layers) + 1)
+        hbars[-2] = hbar
         for index in range(len(self.layers) - 1, -1, -1):
             layer, state = self.layers[index], run.states[index]
-            hbar_out = _total(hbars[index])
-            hbars[index] = []
+            hbar_out, hbars[index] = hbars[index], None
             assert hbar_out is not None  # every layer's output reaches the logits
             hbar_in = layer.down(state, hbar_out, [v[s] for s in self.slots[index]], problems)
             for s in self.sources[index]:
-                (xbar if s < 0 else hbars[s]).append(hbar_in)
-        return _total(xbar), ybar  # type: ignore[return-value]
+                _accumulate(hbars, s, hbar_in)  # -1: the input's slot
+        return hbars[-1], ybar  # type: ignore[return-value]
 
 
-def _total(terms: Sequence[Tensor | None]) -> Tensor | None:
-    """The sum of the terms that are not None (None when none is)."""
-    present = [t for t in terms if t is not None]
-    if not present:
-        return None
-    total = present[0]
-    for t in present[1:]:
-        total = total + t
-    return total
+def _accumulate(sums: list[Tensor | None], index: int, term: Tensor) -> None:
+    """sums[index] += term, where the sum starts as None."""
+    before = sums[index]
+    sums[index] = term if before is None else before + term
 
 
 _FOUND: weakref.WeakKeyDictionary[nn.Module, LayerChain | None] = weakref.WeakKeyDictionary()
