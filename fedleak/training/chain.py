@@ -521,16 +521,17 @@ class _GroupNorm(_Layer):
             return out
         shape = (g.shape[0], self.groups, -1)  # one row per sample and group
         a, x3, g_in = gbar_in.reshape(shape), xhat.reshape(shape), derived["g_in"].reshape(shape)
-        size = x3.shape[2]
         u = g * derived["gamma"] if self.affine else g
-        r = derived["rstd"].unsqueeze(2) / size
+        # The group sums of u * xhat, a * xhat and a * g_in (the means times M).
         u_x = torch.linalg.vecdot(u.reshape(shape), x3).unsqueeze(2)
         a_x = torch.linalg.vecdot(a, x3).unsqueeze(2)
         a_g = torch.linalg.vecdot(a, g_in).unsqueeze(2)
-        terms = derived["L_gbar_in"].reshape(shape) * (r * u_x)
-        terms = torch.addcmul(terms, g_in, r * a_x)
-        terms = torch.addcmul(terms, x3, r * a_g)
-        return out - terms.reshape(g.shape)
+        terms = derived["L_gbar_in"].reshape(shape) * u_x
+        terms = torch.addcmul(terms, g_in, a_x)
+        terms = torch.addcmul(terms, x3, a_g)
+        r = derived["rstd"].unsqueeze(2)
+        out = torch.addcmul(out.reshape(shape), terms, r, value=-1.0 / x3.shape[2])
+        return out.reshape(g.shape)
 
 
 class _Subsample(_Reshaping):
