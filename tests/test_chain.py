@@ -174,7 +174,7 @@ class _Scaled(nn.Module):
         return self.b(torch.add(x, self.a(x), alpha=2.0))
 
 
-def test_models_that_are_not_one_chain_are_refused():
+def test_models_the_chain_does_not_cover_are_refused():
     """BatchNorm, grouped convolutions, an activation without a rule, dropout, a layer used
     twice, a constant added, a scaled sum, a dead branch and a computation torch.fx cannot
     trace all fall back to autograd (None)."""
@@ -210,6 +210,22 @@ def test_models_that_are_not_one_chain_are_refused():
     ]
     for model in refused:
         assert layer_chain(model) is None, model
+
+
+def test_the_chains_forward_pass_computes_the_modules_bits():
+    """In float32 the chain's forward pass of ResNet-20-GN and the mixed-link model gives
+    the module's logits bit for bit (GroupNorm's output from torch's own kernel), so that a
+    ReLU input a rounding away from zero falls on the same side as for the client."""
+    for name in ("blocks", "resnet20-gn"):
+        _, model, shape, classes = next(m for m in _models() if m[0] == name)
+        chain = layer_chain(model)
+        assert chain is not None
+        generator = torch.Generator().manual_seed(4)
+        x = torch.randn(8, *shape, generator=generator)
+        y = torch.randint(0, classes, (8,), generator=generator)
+        with torch.no_grad():
+            _, run = chain.gradient(x, y, 8)
+            assert torch.equal(run.logits, model(x)), name
 
 
 @pytest.mark.parametrize("labels", ["hard", "soft"])

@@ -564,6 +564,8 @@ class _Pad(_Reshaping):
         self.index = (Ellipsis, *reversed(kept))
 
     def forward(self, h: Tensor, params: list[Tensor], derived: dict[str, Tensor]) -> Tensor:
+        if len(self.pad) // 2 >= h.dim():
+            raise ChainUnsupported("padding that adds samples")
         return F.pad(h, self.pad)
 
     def transpose(self, g: Tensor, state: _State) -> Tensor:
@@ -668,9 +670,9 @@ class LayerChain:
     """A model seen as its graph of layers, for FedSGD's gradient and its derivative.
 
     Layers run in the traced order; `sources[i]` lists the layers whose outputs layer i
-    reads (-1: the model's input), and its input is their sum. A residual sum is the identity
-    on two sources; an output read by several layers collects their gradients (and, on the
-    way down, their adjoints), and their gradients' adjoint is its own."""
+    reads (-1: the model's input), and its input is their sum, so a residual sum is no layer
+    of its own. An output read by several layers collects their gradients (and, on the way
+    down, their adjoints), and hands its gradient's adjoint up to each of them."""
 
     def __init__(
         self,
@@ -827,7 +829,7 @@ def layer_chain(model: nn.Module) -> LayerChain | None:
             sums[node] = [len(layers)]
             sources.append(summed)
             layers.append(layer)
-    except (ChainUnsupported, KeyError):  # KeyError: a second placeholder or a constant
+    except ChainUnsupported:
         return None
     if not layers or [sums.get(n) for n in nodes[-1].all_input_nodes] != [[len(layers) - 1]]:
         return None
