@@ -2,9 +2,9 @@
 
 For the sigmoid LeNet and ResNet-20-GN on 3x32x32 inputs at batch 64, each round times
 fedleak's per-sample gradients (`per_sample_gradients`: both models through the written-out
-layer chain, each sample a problem),
-vmap over `grad`, a Python loop of single-sample gradients and one batch gradient, in a
-rotating order (`timing.interleave`); ratios are medians of the paired rounds. Targets:
+layer chain, each sample a problem), vmap over `grad`, a Python loop of single-sample
+gradients and one batch gradient, in a rotating order (`timing.interleave`); ratios are
+medians of the paired rounds. Targets:
 per-sample / batch <= 1.5 on LeNet and <= 1.3 on ResNet-20-GN; loop / per-sample >= 3 on LeNet.
 Accuracy: the largest difference of each method from a float64 loop, and relative to that
 sample's gradient norm (vmap rounds some ReLU inputs to the other side of zero on
