@@ -196,7 +196,8 @@ class AttackConfig(Settings):
     max_iterations: int = _setting(
         2000,
         low=1,
-        doc="iteration budget of every optimisation attack (learned ones train for their epochs)",
+        doc="iteration budget of every optimisation attack, one update of the dummy data each "
+        "(learned ones train for their epochs)",
     )
     max_seconds: float = _setting(
         120.0, low=0.0, low_open=True, doc="time budget of one attack on one client"
