@@ -212,6 +212,37 @@ def test_models_the_chain_does_not_cover_are_refused():
         assert layer_chain(model) is None, model
 
 
+def test_torchvisions_resnet_with_groupnorm_goes_through_the_chain():
+    """A user's model as written elsewhere: torchvision's ResNet-18 with GroupNorm (max
+    pooling, in-place ReLU modules, `out += identity`, projection shortcuts in a Sequential)
+    is a chain, and its gradient and derivative for two stacked problems equal autograd's in
+    float64."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(
+        num_classes=4, norm_layer=lambda channels: nn.GroupNorm(4, channels)
+    )
+    model = _scattered_norms(model).double()
+    chain = layer_chain(model)
+    assert chain is not None
+    generator = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64, generator=generator).requires_grad_()
+    y = torch.tensor([1, 3])
+    params = list(model.parameters())
+    losses = [F.cross_entropy(model(x[t : t + 1]), y[t : t + 1]) for t in range(2)]
+    per_problem = [torch.autograd.grad(loss, params, create_graph=True) for loss in losses]
+    expected = [torch.stack([g[i] for g in per_problem]) for i in range(len(params))]
+    got = chain_update(chain, x, y, 2)
+    for e, g in zip(expected, got, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-12)
+    weights = [torch.randn(e.shape, dtype=torch.float64, generator=generator) for e in expected]
+    (want,) = torch.autograd.grad(
+        sum((e * w).sum() for e, w in zip(expected, weights, strict=True)), x
+    )
+    (have,) = torch.autograd.grad(sum((g * w).sum() for g, w in zip(got, weights, strict=True)), x)
+    torch.testing.assert_close(have, want, rtol=1e-9, atol=1e-12 * want.abs().max().item())
+
+
 def test_the_chains_forward_pass_computes_the_modules_bits():
     """In float32 the chain's forward pass of ResNet-20-GN and the mixed-link model gives
     the module's logits bit for bit (GroupNorm's output from torch's own kernel), so that a
