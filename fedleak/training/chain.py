@@ -426,21 +426,20 @@ class _GroupNorm(_Layer):
         self.groups, self.eps, self.affine = module.num_groups, module.eps, module.affine
         self.parameters = (f"{prefix}weight", f"{prefix}bias") if module.affine else ()
 
-    def _project(self, u: Tensor, state: _State, weight: Tensor | None = None) -> Tensor:
-        """L(weight * u) (L(u) without a weight), by torch's group-norm backward."""
+    def _native_backward(
+        self, u: Tensor, state: _State, weight: Tensor | None, mask: list[bool]
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """torch's group-norm backward of `u` at this layer's input: (L(weight * u), the
+        weight's and the bias's gradients summed over the batch), as `mask` asks."""
         derived, (n, c) = state.derived, u.shape[:2]
+        size = (n, c, math.prod(u.shape[2:]), self.groups, mask)
         return torch.ops.aten.native_group_norm_backward(
-            u,
-            state.h_in,
-            derived["mean"],
-            derived["rstd"],
-            weight,
-            n,
-            c,
-            math.prod(u.shape[2:]),
-            self.groups,
-            [True, False, False],
-        )[0]
+            u, state.h_in, derived["mean"], derived["rstd"], weight, *size
+        )
+
+    def _project(self, u: Tensor, state: _State, weight: Tensor | None = None) -> Tensor:
+        """L(weight * u) (L(u) without a weight)."""
+        return self._native_backward(u, state, weight, [True, False, False])[0]
 
     def forward(self, h: Tensor, params: list[Tensor], derived: dict[str, Tensor]) -> Tensor:
         if h.dim() < 3 or h.shape[0] == 0:
@@ -464,19 +463,8 @@ class _GroupNorm(_Layer):
         weight = state.params[0] if self.affine else None
         grads: list[Tensor] = []
         if self.affine and problems == 1:
-            n, c = g.shape[:2]
-            g_in, g_w, g_b = torch.ops.aten.native_group_norm_backward(
-                g,
-                state.h_in,
-                derived["mean"],
-                derived["rstd"],
-                weight,
-                n,
-                c,
-                math.prod(g.shape[2:]),
-                self.groups,
-                [need_input, True, True],
-            )
+            mask = [need_input, True, True]
+            g_in, g_w, g_b = self._native_backward(g, state, weight, mask)
             grads = [g_w.unsqueeze(0), g_b.unsqueeze(0)]
         else:
             g_in = self._project(g, state, weight) if need_input else None
