@@ -21,7 +21,7 @@ from fedleak.attacks.optimization import batching
 from fedleak.attacks.optimization.attacks import ObservationError, start
 from fedleak.attacks.optimization.batching import automatic_cap, plan, problems_that_fit
 from fedleak.attacks.optimization.engine import BatchedAdam, BatchedLBFGS
-from fedleak.attacks.optimization.losses import MatchingLoss, total_variation
+from fedleak.attacks.optimization.losses import MatchingLoss, batchnorm_prior, total_variation
 from fedleak.attacks.optimization.replay import ClientProtocol, Replay
 from fedleak.attacks.registry import build_attack
 from fedleak.attacks.types import AttackerKnowledge, Budget, Observation
@@ -275,6 +275,28 @@ def test_a_dlg_step_runs_on_a_device_that_is_not_the_cpu():
     assert x.shape == (3, 2, 3, 16, 16) and x.device.type == "meta"
     assert lbfgs.pairs is not None and lbfgs.pairs.device.type == "meta"
     assert lbfgs.pairs.shape == (3, 2, 2, 2 * 3 * 16 * 16 + 2 * CLASSES)  # slots, (s, y), n
+
+
+@pytest.mark.parametrize("mode", ["infer", "proxy"])
+def test_the_batchnorm_replay_runs_on_a_device_that_is_not_the_cpu(mode):
+    """ResNet-20 with BatchNorm replayed through the chain on the `meta` device: updates and
+    each layer's statistics keep the problem's device and shapes, and the matching loss,
+    TV and the BatchNorm prior differentiate back to the inputs there."""
+    model = build_model(ModelSpec("resnet20", (3, 16, 16), CLASSES, seed=0))
+    for problems in (1, 4):
+        replay = Replay(model, ClientProtocol("gradient"), mode, device="meta")
+        assert replay._chain is not None
+        x = torch.rand(problems, 2, 3, 16, 16, device="meta").requires_grad_()
+        out = replay(x, torch.zeros(problems, 2, dtype=torch.long, device="meta"))
+        assert len(out.statistics) == len(replay.batchnorm_names)
+        for mean, var in out.statistics:
+            assert mean.device.type == var.device.type == "meta"
+            assert mean.shape == var.shape and mean.shape[0] == problems
+        target = [torch.empty_like(u) for u in out.update]
+        prior = batchnorm_prior(out.statistics, replay.running_statistics())
+        loss = MatchingLoss("cosine")(out.update, target) + total_variation(x) + prior
+        torch.autograd.backward(loss.sum(), inputs=[x])
+        assert x.grad.shape == x.shape and x.grad.device.type == "meta"
 
 
 @pytest.mark.parametrize("name", ["lenet", "resnet20-gn"])

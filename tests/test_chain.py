@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedleak.attacks.optimization.replay import ClientProtocol, Replay
+from fedleak.attacks.optimization.replay import ClientProtocol, Replay, ReplayError
 from fedleak.models import ModelSpec, build_model
 from fedleak.training.chain import chain_update, layer_chain
 
@@ -317,3 +317,63 @@ def test_the_replay_takes_the_chain_for_per_sample_dummy_gradients():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
     scale = slow_derivative.abs().max().item()
     torch.testing.assert_close(fast_derivative, slow_derivative, rtol=1e-4, atol=1e-5 * scale)
+
+
+def _with_batchnorm(name: str) -> nn.Module:
+    """A BatchNorm model in float64 with scales, shifts and running statistics drawn away
+    from their initial values."""
+    if name == "mlp-bn":
+        model = nn.Sequential(
+            nn.Flatten(), nn.Linear(3 * 8 * 8, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 10)
+        )
+    else:
+        model = build_model(ModelSpec(name, (3, 8, 8), 10, seed=0))
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d):
+                shape = module.weight.shape
+                module.weight.copy_(1 + 0.3 * torch.randn(shape, generator=generator))
+                module.bias.copy_(0.3 * torch.randn(shape, generator=generator))
+                module.running_mean.copy_(0.2 * torch.randn(shape, generator=generator))
+                module.running_var.copy_(1 + 0.5 * torch.rand(shape, generator=generator))
+    return model.double()
+
+
+@pytest.mark.parametrize("mode", ["infer", "proxy"])
+@pytest.mark.parametrize("name", ["convnet-bn", "resnet20", "mlp-bn"])
+def test_batchnorm_replays_through_the_chain_as_through_autograd(name, mode):
+    """BatchNorm replayed as the client's training step (each problem's own statistics, or
+    the running ones) goes through the chain: for 1 and 3 problems of 1 and 2 samples, the
+    updates, each layer's input statistics (the BatchNorm prior's input) and the derivative
+    of a random linear function of both with respect to the inputs equal the autograd path's
+    in float64; per-sample dummy gradients stay refused."""
+    model = _with_batchnorm(name)
+    fast = Replay(model, ClientProtocol("gradient"), mode)
+    slow = Replay(model, ClientProtocol("gradient"), mode)
+    assert fast._chain is not None
+    slow._chain = None
+    for problems, samples in [(1, 1), (1, 2), (3, 1), (3, 2)]:
+        generator = torch.Generator().manual_seed(10 * problems + samples)
+        x = torch.randn(problems, samples, 3, 8, 8, dtype=torch.float64, generator=generator)
+        x.requires_grad_()
+        y = torch.randint(0, 10, (problems, samples), generator=generator)
+        results = []
+        for replay in (fast, slow):
+            out = replay(x, y)
+            outputs = out.update + [t for pair in out.statistics for t in pair]
+            weights = torch.Generator().manual_seed(7)
+            loss = sum(
+                (t * torch.randn(t.shape, dtype=torch.float64, generator=weights)).sum()
+                for t in outputs
+            )
+            results.append((outputs, torch.autograd.grad(loss, x)[0]))
+        (got, got_x), (want, want_x) = results
+        norms = sum(isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d) for m in model.modules())
+        assert len(got) == len(want) == len(list(model.parameters())) + 2 * norms
+        for have, expected in zip(got, want, strict=True):
+            torch.testing.assert_close(have, expected, rtol=1e-9, atol=1e-12)
+        scale = want_x.abs().max().item()
+        torch.testing.assert_close(got_x, want_x, rtol=1e-9, atol=1e-11 * scale)
+    with pytest.raises(ReplayError, match="per-sample"):
+        fast(x, y, per_sample=True)

@@ -2,9 +2,11 @@
 
 A model made of Conv2d, Linear, GroupNorm, flatten, max and average pooling, elementwise
 activations (sigmoid, tanh, ReLU), strided subsampling, zero padding and residual sums (the
-CIFAR ResNets with GroupNorm, sigmoid LeNet, ConvNet), fitted by mean cross-entropy on class
-indices or soft labels (FedSGD), has a parameter gradient and a derivative of any loss of
-that gradient with respect to the input (and to soft labels) in closed form, layer by layer.
+CIFAR ResNets with GroupNorm, sigmoid LeNet, ConvNet), and BatchNorm where a module names its
+own link (the attacks' replay of the client's training step, whose input statistics are
+outputs too, for the BatchNorm prior), fitted by mean cross-entropy on class indices or soft
+labels (FedSGD), has a parameter gradient and a derivative of any loss of that gradient with
+respect to the input (and to soft labels) in closed form, layer by layer.
 An inversion iteration needs exactly these two, and computing them directly skips autograd's
 double-backward graph (hundreds of small recorded nodes per iteration on the sigmoid LeNet,
 about a thousand multiplies in GroupNorm's double backward on ResNet-20) and merges the two
@@ -81,6 +83,7 @@ class _Pass:
     problems: int
     samples: int
     mass: Tensor | None  # each soft label's total [N, 1] (None for class indices)
+    statistics: list[tuple[Tensor, Tensor]]  # each BatchNorm input's (mean, var) [T, C]
 
 
 def _grouped(t: Tensor, problems: int, layout: torch.memory_format) -> Tensor:
@@ -101,7 +104,9 @@ class _Layer:
 
     parameters: tuple[str, ...] = ()
 
-    def forward(self, h: Tensor, params: list[Tensor], derived: dict[str, Tensor]) -> Tensor:
+    def forward(
+        self, h: Tensor, params: list[Tensor], derived: dict[str, Tensor], problems: int
+    ) -> Tensor:
         """h_out; what later passes need beyond h_in and h_out goes into `derived`."""
         raise NotImplementedError
 
@@ -158,7 +163,9 @@ class _Conv(_Layer):
             mask,
         )
 
-    def forward(self, h: Tensor, params: list[Tensor], derived: dict[str, Tensor]) -> Tensor:
+    def forward(
+        self, h: Tensor, params: list[Tensor], derived: dict[str, Tensor], problems: int
+    ) -> Tensor:
         if h.dim() != 4:
             raise ChainUnsupported("a convolution of a non-image input")
         return self._conv(h, params[0], params[1] if self.has_bias else None)
@@ -239,7 +246,9 @@ class _Linear(_Layer):
         self.has_bias = module.bias is not None
         self.parameters = (f"{prefix}weight",) + ((f"{prefix}bias",) if self.has_bias else ())
 
-    def forward(self, h: Tensor, params: list[Tensor], derived: dict[str, Tensor]) -> Tensor:
+    def forward(
+        self, h: Tensor, params: list[Tensor], derived: dict[str, Tensor], problems: int
+    ) -> Tensor:
         if h.dim() != 2:
             raise ChainUnsupported("a linear layer on more than one dimension")
         return F.linear(h, params[0], params[1] if self.has_bias else None)
@@ -278,7 +287,9 @@ class _Activation(_Layer):
     def __init__(self, kind: str) -> None:
         self.kind = kind
 
-    def forward(self, h: Tensor, params: list[Tensor], derived: dict[str, Tensor]) -> Tensor:
+    def forward(
+        self, h: Tensor, params: list[Tensor], derived: dict[str, Tensor], problems: int
+    ) -> Tensor:
         return getattr(torch, self.kind)(h)
 
     def _slope_times(self, t: Tensor, out: Tensor) -> Tensor:
@@ -336,7 +347,9 @@ class _Reshaping(_Layer):
 
 
 class _Flatten(_Reshaping):
-    def forward(self, h: Tensor, params: list[Tensor], derived: dict[str, Tensor]) -> Tensor:
+    def forward(
+        self, h: Tensor, params: list[Tensor], derived: dict[str, Tensor], problems: int
+    ) -> Tensor:
         return h.flatten(1)
 
     def transpose(self, g: Tensor, state: _State) -> Tensor:
@@ -350,7 +363,9 @@ class _MaxPool(_Reshaping):
     def __init__(self, module: nn.MaxPool2d) -> None:
         self.module = module
 
-    def forward(self, h: Tensor, params: list[Tensor], derived: dict[str, Tensor]) -> Tensor:
+    def forward(
+        self, h: Tensor, params: list[Tensor], derived: dict[str, Tensor], problems: int
+    ) -> Tensor:
         m = self.module
         if h.dim() != 4:
             raise ChainUnsupported("max pooling of a non-image input")
@@ -381,7 +396,9 @@ class _AvgPool(_Reshaping):
     def __init__(self, module: nn.AvgPool2d | nn.AdaptiveAvgPool2d) -> None:
         self.module = module
 
-    def forward(self, h: Tensor, params: list[Tensor], derived: dict[str, Tensor]) -> Tensor:
+    def forward(
+        self, h: Tensor, params: list[Tensor], derived: dict[str, Tensor], problems: int
+    ) -> Tensor:
         if h.dim() != 4:
             raise ChainUnsupported("average pooling of a non-image input")
         return self.module(h)
@@ -422,9 +439,9 @@ class _GroupNorm(_Layer):
     group-norm backward without a weight, and L is its own adjoint: the way up applies it to
     the adjoint of g_in, the way down to the adjoint of xhat."""
 
-    def __init__(self, module: nn.GroupNorm, prefix: str) -> None:
-        self.groups, self.eps, self.affine = module.num_groups, module.eps, module.affine
-        self.parameters = (f"{prefix}weight", f"{prefix}bias") if module.affine else ()
+    def __init__(self, groups: int, eps: float, affine: bool, prefix: str) -> None:
+        self.groups, self.eps, self.affine = groups, eps, affine
+        self.parameters = (f"{prefix}weight", f"{prefix}bias") if affine else ()
 
     def _native_backward(
         self, u: Tensor, state: _State, weight: Tensor | None, mask: list[bool]
@@ -441,7 +458,9 @@ class _GroupNorm(_Layer):
         """L(weight * u) (L(u) without a weight)."""
         return self._native_backward(u, state, weight, [True, False, False])[0]
 
-    def forward(self, h: Tensor, params: list[Tensor], derived: dict[str, Tensor]) -> Tensor:
+    def forward(
+        self, h: Tensor, params: list[Tensor], derived: dict[str, Tensor], problems: int
+    ) -> Tensor:
         if h.dim() < 3 or h.shape[0] == 0:
             raise ChainUnsupported("group normalisation of an input without positions")
         n, c = h.shape[:2]
@@ -522,13 +541,153 @@ class _GroupNorm(_Layer):
         return out.reshape(g.shape)
 
 
+def _per_problem(t: Tensor, problems: int) -> Tensor:
+    """Stacked rows [T * b, C, ...] as [T, C, b * positions]: each problem one sample."""
+    samples, channels = t.shape[0] // problems, t.shape[1]
+    if samples == 1:
+        return t.reshape(problems, channels, -1)
+    return (
+        t.reshape(problems, samples, channels, -1).transpose(1, 2).reshape(problems, channels, -1)
+    )
+
+
+def _stacked(t: Tensor, like: Tensor) -> Tensor:
+    """The inverse of `_per_problem`, in the shape of `like`."""
+    problems, channels = t.shape[:2]
+    samples = like.shape[0] // problems
+    if samples == 1:
+        return t.reshape(like.shape)
+    return t.reshape(problems, channels, samples, -1).transpose(1, 2).reshape(like.shape)
+
+
+class _BatchNorm(_Layer):
+    """BatchNorm in a client's training step, each stacked problem's samples one batch:
+    normalised with their own statistics per channel (`infer`: a GroupNorm of one group per
+    channel over the problem's samples and positions, each problem laid out as one sample),
+    or with fixed running statistics (`proxy`: an affine map per channel). Either way each
+    problem's input mean and biased variance [T, C] leave the pass (the BatchNorm prior's
+    input), and their adjoints join the way down."""
+
+    def __init__(
+        self, mode: str, eps: float, running: tuple[Tensor, Tensor], affine: bool, prefix: str
+    ) -> None:
+        self.mode = mode
+        self.running = running
+        self.eps = eps
+        self.affine = affine
+        self.parameters = (f"{prefix}weight", f"{prefix}bias") if affine else ()
+        # Infer mode: one group per channel, each problem one sample; proxy mode's map has the
+        # per-channel factor gamma / sqrt(running var + eps) (`derived["scale"]`).
+        self.norm = _GroupNorm(running[0].numel(), eps, affine, prefix)
+
+    def _inner(self, state: _State, problems: int) -> _State:
+        """The state as the infer mode's GroupNorm sees it (one sample per problem)."""
+        derived = state.derived
+        if "g_p" not in derived and state.g_out is not None:
+            derived["g_p"] = _per_problem(state.g_out, problems)
+        gbar = None if state.gbar_in is None else _per_problem(state.gbar_in, problems)
+        return _State(derived["h_p"], state.h_out, state.params, derived.get("g_p"), gbar, derived)
+
+    def forward(
+        self, h: Tensor, params: list[Tensor], derived: dict[str, Tensor], problems: int
+    ) -> Tensor:
+        if h.dim() < 2 or h.shape[0] % problems:
+            raise ChainUnsupported("batch normalisation of an input without channels")
+        h_p = derived["h_p"] = _per_problem(h, problems)
+        derived["batch_var"], derived["batch_mean"] = torch.var_mean(h_p, dim=2, correction=0)
+        if self.mode == "infer":
+            return _stacked(self.norm.forward(h_p, params, derived, problems), h)
+        mean, var = self.running
+        trailing = [1] * (h.dim() - 2)
+        inverse = torch.rsqrt(var + self.eps).view(1, -1, *trailing)
+        xhat = derived["xhat"] = (h - mean.view(1, -1, *trailing)) * inverse
+        derived["inverse"] = inverse
+        if not self.affine:
+            derived["scale"] = inverse
+            return xhat
+        gamma = params[0].view(1, -1, *trailing)
+        derived["scale"] = inverse * gamma
+        return torch.addcmul(params[1].view(1, -1, *trailing), xhat, gamma)
+
+    def backward(
+        self, state: _State, problems: int, need_input: bool
+    ) -> tuple[Tensor | None, list[Tensor]]:
+        g = state.g_out
+        assert g is not None
+        if self.mode == "infer":
+            g_in, grads = self.norm.backward(self._inner(state, problems), problems, need_input)
+            return (None if g_in is None else _stacked(g_in, g)), grads
+        grads = []
+        if self.affine:
+            xhat_p = _per_problem(state.derived["xhat"], problems)
+            g_p = _per_problem(g, problems)
+            grads = [(g_p * xhat_p).sum(dim=2), g_p.sum(dim=2)]
+        return (g * state.derived["scale"] if need_input else None), grads
+
+    def up(self, state: _State, v: list[Tensor], problems: int) -> Tensor | None:
+        if self.mode == "infer":
+            out = self.norm.up(self._inner(state, problems), v, problems)
+            return None if out is None else _stacked(out, state.h_in)
+        xhat, out = state.derived["xhat"], None
+        if self.affine:
+            out = torch.addcmul(
+                _per_row(v[1], problems, xhat), xhat, _per_row(v[0], problems, xhat)
+            )
+        if state.gbar_in is None:
+            return out
+        back = state.gbar_in * state.derived["scale"]
+        return back if out is None else out + back
+
+    def down(self, state: _State, hbar_out: Tensor, v: list[Tensor], problems: int) -> Tensor:
+        derived = state.derived
+        if self.mode == "infer":
+            inner = self._inner(state, problems)
+            out = _stacked(
+                self.norm.down(inner, _per_problem(hbar_out, problems), v, problems), hbar_out
+            )
+        else:
+            # h_in enters the map (its factor) and, through xhat, the weight's gradient.
+            out = hbar_out * derived["scale"]
+            if self.affine:
+                assert state.g_out is not None
+                out = torch.addcmul(
+                    out, state.g_out, _per_row(v[0], problems, out) * derived["inverse"]
+                )
+        mean_bar, var_bar = derived.pop("mean_bar", None), derived.pop("var_bar", None)
+        if mean_bar is None and var_bar is None:
+            return out
+        # The statistics' own adjoints: d mean / d h = 1 / L, d var / d h = 2 (h - mean) / L.
+        h_p = derived["h_p"]
+        size = h_p.shape[2]
+        term = None if mean_bar is None else (mean_bar / size).unsqueeze(2).expand_as(h_p)
+        if var_bar is not None:
+            centred = h_p - derived["batch_mean"].unsqueeze(2)
+            spread = centred * (2 * var_bar / size).unsqueeze(2)
+            term = spread if term is None else spread + term
+        assert term is not None
+        return out + _stacked(term, out)
+
+
+def batchnorm_link(
+    mode: str, eps: float, running: tuple[Tensor, Tensor], affine: bool, prefix: str
+) -> _Layer:
+    """The chain's link for a BatchNorm layer replayed as a client's training step (`infer`:
+    each problem's own statistics; `proxy`: the running ones), for modules that name their
+    own link (`chain_link(prefix)`)."""
+    if mode not in ("infer", "proxy"):
+        raise ChainUnsupported(f"BatchNorm mode {mode!r}")
+    return _BatchNorm(mode, eps, running, affine, prefix)
+
+
 class _Subsample(_Reshaping):
     """Strided slicing that keeps the batch (`x[:, :, ::2, ::2]`, a shortcut's subsampling)."""
 
     def __init__(self, index: tuple[slice, ...]) -> None:
         self.index = index
 
-    def forward(self, h: Tensor, params: list[Tensor], derived: dict[str, Tensor]) -> Tensor:
+    def forward(
+        self, h: Tensor, params: list[Tensor], derived: dict[str, Tensor], problems: int
+    ) -> Tensor:
         if h.dim() < len(self.index):
             raise ChainUnsupported("slicing more dimensions than the input has")
         return h[self.index]
@@ -551,7 +710,9 @@ class _Pad(_Reshaping):
         kept = [slice(pad[2 * k], -pad[2 * k + 1] or None) for k in range(len(pad) // 2)]
         self.index = (Ellipsis, *reversed(kept))
 
-    def forward(self, h: Tensor, params: list[Tensor], derived: dict[str, Tensor]) -> Tensor:
+    def forward(
+        self, h: Tensor, params: list[Tensor], derived: dict[str, Tensor], problems: int
+    ) -> Tensor:
         if len(self.pad) // 2 >= h.dim():
             raise ChainUnsupported("padding that adds samples")
         return F.pad(h, self.pad)
@@ -618,7 +779,9 @@ def _single(node: torch.fx.Node, model: nn.Module) -> _Layer:
     if type(module) is nn.Linear:
         return _Linear(module, f"{node.target}.")
     if type(module) is nn.GroupNorm:
-        return _GroupNorm(module, f"{node.target}.")
+        return _GroupNorm(module.num_groups, module.eps, module.affine, f"{node.target}.")
+    if module is not None and callable(getattr(module, "chain_link", None)):
+        return module.chain_link(f"{node.target}.")  # type: ignore[operator]
     if _is_flatten(node, module):
         return _Flatten()
     if type(module) is nn.MaxPool2d and not module.return_indices:
@@ -695,7 +858,7 @@ class LayerChain:
                 h = h + (x if s < 0 else outputs[s])
             params = [weights[name] for name in layer.parameters]
             derived: dict[str, Tensor] = {}
-            out = layer.forward(h, params, derived)
+            out = layer.forward(h, params, derived, problems)
             states.append(_State(h, out, params, derived=derived))
             outputs.append(out)
         h = outputs[-1]
@@ -726,14 +889,33 @@ class LayerChain:
             for s in sources:
                 _accumulate(g_outs, s, g_in)  # type: ignore[arg-type]
         # Every parameter has a slot (`layer_chain` checks it): a missing one fails here.
-        run = _Pass(states, h, probabilities, problems, samples, mass)
+        statistics = [
+            (state.derived["batch_mean"], state.derived["batch_var"])
+            for layer, state in zip(self.layers, states, strict=True)
+            if isinstance(layer, _BatchNorm)
+        ]
+        run = _Pass(states, h, probabilities, problems, samples, mass, statistics)
         return [update[slot] for slot in range(self.count)], run
 
-    def input_gradient(self, run: _Pass, v: Sequence[Tensor]) -> tuple[Tensor, Tensor | None]:
-        """The derivative of a loss of the update with respect to `x`, and to soft labels
-        (None for class indices), given the loss's gradient `v` [T, ...] with respect to each
-        parameter's gradient."""
+    def input_gradient(
+        self,
+        run: _Pass,
+        v: Sequence[Tensor],
+        statistics: Sequence[tuple[Tensor | None, Tensor | None]] = (),
+    ) -> tuple[Tensor, Tensor | None]:
+        """The derivative of a loss of the update (and of the BatchNorm inputs' statistics)
+        with respect to `x`, and to soft labels (None for class indices), given the loss's
+        gradient `v` [T, ...] with respect to each parameter's gradient (and `statistics`,
+        its gradient with respect to each (mean, var), None where the loss does not read it)."""
         problems = run.problems
+        if statistics:
+            layers_states = zip(self.layers, run.states, strict=True)
+            norms = [state for layer, state in layers_states if isinstance(layer, _BatchNorm)]
+            for state, (mean_bar, var_bar) in zip(norms, statistics, strict=True):
+                if mean_bar is not None:
+                    state.derived["mean_bar"] = mean_bar
+                if var_bar is not None:
+                    state.derived["var_bar"] = var_bar
         gbars: list[Tensor | None] = []
         for layer, state, slots, sources in zip(
             self.layers, run.states, self.slots, self.inner, strict=True
@@ -791,11 +973,20 @@ def model_chain(model: nn.Module) -> LayerChain | None:
     return _FOUND[model]
 
 
+class _Tracer(torch.fx.Tracer):
+    """torch.fx's tracer, with modules that name their own link (`chain_link`) kept whole."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return callable(getattr(m, "chain_link", None)) or super().is_leaf_module(
+            m, module_qualified_name
+        )
+
+
 def layer_chain(model: nn.Module) -> LayerChain | None:
     """The model's graph of layers, or None when its forward pass is not made of supported
     layers and residual sums covering every parameter once (then autograd replays it)."""
     try:
-        graph = torch.fx.symbolic_trace(model).graph
+        graph = _Tracer().trace(model)
     except Exception:  # any model torch.fx cannot trace is simply not a chain
         return None
     nodes = list(graph.nodes)
@@ -830,7 +1021,8 @@ def layer_chain(model: nn.Module) -> LayerChain | None:
 
 
 class _ChainUpdate(torch.autograd.Function):
-    """The stacked problems' updates as a function of `x`, differentiable once."""
+    """The stacked problems' updates, then each BatchNorm input's (mean, var), as a function
+    of `x` (and of soft labels), differentiable once."""
 
     @staticmethod
     def forward(
@@ -838,19 +1030,43 @@ class _ChainUpdate(torch.autograd.Function):
     ) -> tuple[Tensor, ...]:
         update, run = chain.gradient(x, y, problems)
         ctx.chain, ctx.run = chain, run  # type: ignore[attr-defined]
-        return tuple(update)
+        ctx.set_materialize_grads(False)  # statistics no loss reads stay None: no work
+        return tuple(update) + tuple(t for pair in run.statistics for t in pair)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: FunctionCtx, *v: Tensor) -> tuple[Tensor, Tensor | None, None, None]:
+    def backward(
+        ctx: FunctionCtx, *bars: Tensor | None
+    ) -> tuple[Tensor, Tensor | None, None, None]:
         run = ctx.run  # type: ignore[attr-defined]
         ctx.run = None  # type: ignore[attr-defined]
-        xbar, ybar = ctx.chain.input_gradient(run, v)  # type: ignore[attr-defined]
+        chain: LayerChain = ctx.chain  # type: ignore[attr-defined]
+        count = chain.count
+        like = run.logits
+        update = [
+            like.new_zeros(run.problems, *chain.weights[name].shape) if bar is None else bar
+            for bar, name in zip(bars[:count], chain.names, strict=True)
+        ]
+        statistics = list(zip(bars[count::2], bars[count + 1 :: 2], strict=True))
+        xbar, ybar = chain.input_gradient(run, update, statistics)
         return xbar, ybar, None, None
 
 
-def chain_update(chain: LayerChain, x: Tensor, y: Tensor, problems: int) -> list[Tensor]:
+Statistics = list[tuple[Tensor, Tensor]]
+
+
+def chain_replay(
+    chain: LayerChain, x: Tensor, y: Tensor, problems: int
+) -> tuple[list[Tensor], Statistics]:
     """The update of each of `problems` stacked dummy batches `x` [T * b, ...] with class
-    indices [T * b] or soft labels [T * b, K] `y`, as [T, ...] per parameter, differentiable
-    once with respect to `x` and to soft labels."""
-    return list(_ChainUpdate.apply(x, y, chain, problems))
+    indices [T * b] or soft labels [T * b, K] `y`, as [T, ...] per parameter, and each
+    BatchNorm layer's input statistics (mean, var) [T, C] in forward order, all
+    differentiable once with respect to `x` and to soft labels."""
+    outputs = _ChainUpdate.apply(x, y, chain, problems)
+    update, rest = list(outputs[: chain.count]), outputs[chain.count :]
+    return update, list(zip(rest[::2], rest[1::2], strict=True))
+
+
+def chain_update(chain: LayerChain, x: Tensor, y: Tensor, problems: int) -> list[Tensor]:
+    """`chain_replay`'s updates alone."""
+    return chain_replay(chain, x, y, problems)[0]

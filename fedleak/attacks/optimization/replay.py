@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from fedleak.attacks.types import Observation, UpdateKind
-from fedleak.training.chain import ChainUnsupported, chain_update, layer_chain
+from fedleak.training.chain import ChainUnsupported, batchnorm_link, chain_replay, layer_chain
 from fedleak.training.loss import task_loss
 from fedleak.training.per_sample import layerwise_gradients, supported
 
@@ -80,6 +80,11 @@ class InversionBatchNorm(nn.Module):
         if self.weight is not None:
             out = out * self.weight.reshape(shape) + self.bias.reshape(shape)
         return out
+
+    def chain_link(self, prefix: str) -> object:
+        """This layer's link in the written-out chain (`fedleak.training.chain`)."""
+        running = (self.running_mean, self.running_var)
+        return batchnorm_link(self.mode, self.eps, running, self.weight is not None, prefix)
 
 
 def _swap_batchnorm(module: nn.Module, mode: str) -> list[tuple[str, InversionBatchNorm]]:
@@ -241,17 +246,19 @@ class Replay:
         """Dummy updates of T problems: `x` [T, b, ...], `y` int64 [T, b] or soft [T, b, K]
         (token sequences: embeddings [T, b, L, d] and targets [T, b, L] or soft [T, b, L, V]);
         with `per_sample` also each sample's gradient (FedSGD, no BatchNorm)."""
-        if self._chain is not None:
+        # Per-sample gradients are undefined under BatchNorm (`_per_sample` says so).
+        if self._chain is not None and not (per_sample and self._batchnorms):
             problems, samples = x.shape[0], x.shape[1]
             try:
                 # Per-sample gradients: every sample a problem of its own.
                 stacked = problems * samples if per_sample else problems
-                update = chain_update(self._chain, x.flatten(0, 1), y.flatten(0, 1), stacked)
+                flat_x, flat_y = x.flatten(0, 1), y.flatten(0, 1)
+                update, statistics = chain_replay(self._chain, flat_x, flat_y, stacked)
             except ChainUnsupported:
                 self._chain = None  # e.g. inputs of another rank than the chain expects
             else:
                 if not per_sample:
-                    return ReplayOutput(update, None, [])
+                    return ReplayOutput(update, None, statistics)
                 per = [u.reshape(problems, samples, *u.shape[1:]) for u in update]
                 return ReplayOutput([g.mean(dim=1) for g in per], per, [])
         if self.layerwise and (per_sample or x.shape[0] > 1):
