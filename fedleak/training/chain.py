@@ -55,6 +55,9 @@ _ACTIVATIONS = {
 }
 
 
+Statistics = list[tuple[Tensor, Tensor]]
+
+
 class ChainUnsupported(Exception):
     """The model or the inputs are outside what the written-out chain covers."""
 
@@ -83,7 +86,7 @@ class _Pass:
     problems: int
     samples: int
     mass: Tensor | None  # each soft label's total [N, 1] (None for class indices)
-    statistics: list[tuple[Tensor, Tensor]]  # each BatchNorm input's (mean, var) [T, C]
+    statistics: Statistics  # each BatchNorm input's (mean, var) [T, C]
 
 
 def _grouped(t: Tensor, problems: int, layout: torch.memory_format) -> Tensor:
@@ -1050,9 +1053,6 @@ class _ChainUpdate(torch.autograd.Function):
         statistics = list(zip(bars[count::2], bars[count + 1 :: 2], strict=True))
         xbar, ybar = chain.input_gradient(run, update, statistics)
         return xbar, ybar, None, None
-
-
-Statistics = list[tuple[Tensor, Tensor]]
 
 
 def chain_replay(
