@@ -575,9 +575,10 @@ class _BatchNorm(_Layer):
         self, mode: str, eps: float, running: tuple[Tensor, Tensor], affine: bool, prefix: str
     ) -> None:
         self.mode = mode
-        self.running = running
         self.eps = eps
         self.affine = affine
+        # Proxy mode's fixed statistics: the running mean and 1 / sqrt(running var + eps).
+        self.shift, self.inverse = running[0], torch.rsqrt(running[1] + eps)
         self.parameters = (f"{prefix}weight", f"{prefix}bias") if affine else ()
         # Infer mode: one group per channel, each problem one sample; proxy mode's map has the
         # per-channel factor gamma / sqrt(running var + eps) (`derived["scale"]`).
@@ -588,8 +589,10 @@ class _BatchNorm(_Layer):
         derived = state.derived
         if "g_p" not in derived and state.g_out is not None:
             derived["g_p"] = _per_problem(state.g_out, problems)
-        gbar = None if state.gbar_in is None else _per_problem(state.gbar_in, problems)
-        return _State(derived["h_p"], state.h_out, state.params, derived.get("g_p"), gbar, derived)
+        if "gbar_p" not in derived and state.gbar_in is not None:
+            derived["gbar_p"] = _per_problem(state.gbar_in, problems)  # set on the way up
+        g_p, gbar_p = derived.get("g_p"), derived.get("gbar_p")
+        return _State(derived["h_p"], state.h_out, state.params, g_p, gbar_p, derived)
 
     def forward(
         self, h: Tensor, params: list[Tensor], derived: dict[str, Tensor], problems: int
@@ -597,13 +600,16 @@ class _BatchNorm(_Layer):
         if h.dim() < 2 or h.shape[0] % problems:
             raise ChainUnsupported("batch normalisation of an input without channels")
         h_p = derived["h_p"] = _per_problem(h, problems)
-        derived["batch_var"], derived["batch_mean"] = torch.var_mean(h_p, dim=2, correction=0)
         if self.mode == "infer":
-            return _stacked(self.norm.forward(h_p, params, derived, problems), h)
-        mean, var = self.running
+            out = self.norm.forward(h_p, params, derived, problems)
+            # The statistics the normalisation just computed: var = 1 / rstd^2 - eps.
+            derived["batch_mean"] = derived["mean"]
+            derived["batch_var"] = derived["rstd"].pow(-2) - self.eps
+            return _stacked(out, h)
+        derived["batch_var"], derived["batch_mean"] = torch.var_mean(h_p, dim=2, correction=0)
         trailing = [1] * (h.dim() - 2)
-        inverse = torch.rsqrt(var + self.eps).view(1, -1, *trailing)
-        xhat = derived["xhat"] = (h - mean.view(1, -1, *trailing)) * inverse
+        inverse = self.inverse.view(1, -1, *trailing)
+        xhat = derived["xhat"] = (h - self.shift.view(1, -1, *trailing)) * inverse
         derived["inverse"] = inverse
         if not self.affine:
             derived["scale"] = inverse
