@@ -654,7 +654,7 @@ class DLG(BatchedInversion):
 
         def objective(v: Sequence[Tensor], _iteration: int | None) -> tuple[Tensor, Tensor]:
             out = problem.replay(v[0], _soft_labels(problem, v), problem.matching.needs_per_sample)
-            matching = problem.matching(out.update, target, out.per_sample)
+            matching = problem.matching([out.rows], target, out.per_sample)
             return matching, matching
 
         return objective
@@ -719,11 +719,16 @@ class InvertingGradients(BatchedInversion):
         use_bn = problem.bn_reference is not None
         # The target of each selection of layers, flattened once (it does not change).
         flat_targets: dict[tuple[int, ...], list[Tensor]] = {}
+        everything = list(range(len(problem.target)))
 
         def objective(v: Sequence[Tensor], iteration: int | None) -> tuple[Tensor, Tensor]:
             out = problem.replay(v[0], _soft_labels(problem, v), problem.matching.needs_per_sample)
             chosen, masks = self._selection(problem, iteration, total, draws)
-            dummy = [out.update[i] for i in chosen]
+            if masks is None and chosen == everything:
+                dummy = [out.rows]  # the replay's own rows where it computed them so
+            else:
+                update = out.update
+                dummy = [update[i] for i in chosen]
             target = [problem.target[i] for i in chosen]
             if masks is None:
                 key = tuple(chosen)

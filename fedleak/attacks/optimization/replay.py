@@ -33,7 +33,13 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from fedleak.attacks.types import Observation, UpdateKind
-from fedleak.training.chain import ChainUnsupported, batchnorm_link, chain_replay, layer_chain
+from fedleak.training.chain import (
+    ChainUnsupported,
+    batchnorm_link,
+    chain_replay,
+    layer_chain,
+    split_rows,
+)
 from fedleak.training.loss import task_loss
 from fedleak.training.per_sample import layerwise_gradients, supported
 
@@ -142,12 +148,35 @@ def observed_updates(observation: Observation) -> ObservedUpdates:
 
 @dataclass(frozen=True)
 class ReplayOutput:
-    """Dummy updates [T, ...] per parameter, per-sample gradients [T, b, ...] when asked, and
-    each BatchNorm layer's dummy batch statistics (mean, var) [T, C] at w_t."""
+    """T problems' dummy updates, per-sample gradients [T, b, ...] when asked, and each
+    BatchNorm layer's dummy batch statistics (mean, var) [T, C] at w_t.
 
-    update: list[Tensor]
+    The updates come per parameter (`parts`, [T, ...] each) or, from the written-out chain,
+    as one row of all coordinates per problem (`flat` [T, P], parameters in order, with their
+    `shapes`); `update` and `rows` give either form, so that a loss over every coordinate
+    reads the chain's rows without concatenating them again."""
+
+    parts: list[Tensor] | None
     per_sample: list[Tensor] | None
     statistics: Statistics
+    flat: Tensor | None = None
+    shapes: tuple[torch.Size, ...] = ()
+
+    @property
+    def update(self) -> list[Tensor]:
+        """Each parameter's dummy updates [T, ...]."""
+        if self.parts is not None:
+            return self.parts
+        assert self.flat is not None
+        return split_rows(self.flat, self.shapes)
+
+    @property
+    def rows(self) -> Tensor:
+        """The dummy updates as rows [T, P]."""
+        if self.flat is not None:
+            return self.flat
+        assert self.parts is not None
+        return torch.cat([u.flatten(1) for u in self.parts], dim=1)
 
 
 class Replay:
@@ -253,14 +282,17 @@ class Replay:
                 # Per-sample gradients: every sample a problem of its own.
                 stacked = problems * samples if per_sample else problems
                 flat_x, flat_y = x.flatten(0, 1), y.flatten(0, 1)
-                update, statistics = chain_replay(self._chain, flat_x, flat_y, stacked)
+                rows, statistics = chain_replay(self._chain, flat_x, flat_y, stacked)
             except ChainUnsupported:
                 self._chain = None  # e.g. inputs of another rank than the chain expects
             else:
+                shapes = tuple(self._chain.shapes)
                 if not per_sample:
-                    return ReplayOutput(update, None, statistics)
+                    return ReplayOutput(None, None, statistics, rows, shapes)
+                update = split_rows(rows, shapes)
                 per = [u.reshape(problems, samples, *u.shape[1:]) for u in update]
-                return ReplayOutput([g.mean(dim=1) for g in per], per, [])
+                mean = rows.reshape(problems, samples, -1).mean(dim=1)
+                return ReplayOutput(None, per, [], mean, shapes)
         if self.layerwise and (per_sample or x.shape[0] > 1):
             return self._layerwise(x, y, per_sample)
         if per_sample:
