@@ -457,6 +457,28 @@ class _GroupNorm(_Layer):
             u, state.h_in, derived["mean"], derived["rstd"], weight, *size
         )
 
+    def _per_sample_backward(
+        self, g: Tensor, state: _State, weight: Tensor, need_input: bool
+    ) -> tuple[Tensor | None, tuple[Tensor, Tensor]]:
+        """g_in (if `need_input`) and each sample's weight and bias gradients [N, C] in one
+        call of torch's kernel. Its weight gradient is summed over the batch, so the N
+        samples' C channels enter as N * C channels of one sample (the same groups), which
+        keeps every sample's sums apart: no products and sums of the stacked tensors beside
+        the kernel (ResNet-20-GN's per-sample gradients of 64 samples: 31 -> 18 ms in
+        GroupNorm's backward)."""
+        derived, (n, c) = state.derived, g.shape[:2]
+        flat = (1, n * c, -1)
+        size = (1, n * c, math.prod(g.shape[2:]), n * self.groups, [need_input, True, True])
+        g_in, g_w, g_b = torch.ops.aten.native_group_norm_backward(
+            g.reshape(flat),
+            state.h_in.reshape(flat),
+            derived["mean"].reshape(1, -1),
+            derived["rstd"].reshape(1, -1),
+            weight.repeat(n),
+            *size,
+        )
+        return (g_in.view(g.shape) if need_input else None), (g_w.view(n, c), g_b.view(n, c))
+
     def _project(self, u: Tensor, state: _State, weight: Tensor | None = None) -> Tensor:
         """L(weight * u) (L(u) without a weight)."""
         return self._native_backward(u, state, weight, [True, False, False])[0]
@@ -467,15 +489,28 @@ class _GroupNorm(_Layer):
         if h.dim() < 3 or h.shape[0] == 0:
             raise ChainUnsupported("group normalisation of an input without positions")
         n, c = h.shape[:2]
-        size = (n, c, math.prod(h.shape[2:]), self.groups, self.eps)
-        xhat, derived["mean"], derived["rstd"] = torch.native_group_norm(h, None, None, *size)
-        derived["xhat"] = xhat
-        if not self.affine:
-            return xhat
-        derived["gamma"] = params[0].view(1, c, *([1] * (h.dim() - 2)))
+        weight, bias = params if self.affine else (None, None)
         # torch's own kernel for the output, so that the pass computes the module's bits (a
         # ReLU input a rounding away from zero then falls on the same side as for the client).
-        return torch.native_group_norm(h, params[0], params[1], *size)[0]
+        out, derived["mean"], derived["rstd"] = torch.native_group_norm(
+            h, weight, bias, n, c, math.prod(h.shape[2:]), self.groups, self.eps
+        )
+        if not self.affine:
+            derived["xhat"] = out
+            return out
+        derived["gamma"] = params[0].view(1, c, *([1] * (h.dim() - 2)))
+        return out
+
+    def _xhat(self, state: _State) -> Tensor:
+        """The normalised input, which only the derivative reads: computed on its first
+        use, so that a gradient alone (a client's per-sample gradients) runs one kernel."""
+        derived = state.derived
+        if "xhat" not in derived:
+            h = state.h_in
+            n, c = h.shape[:2]
+            size = (n, c, math.prod(h.shape[2:]), self.groups, self.eps)
+            derived["xhat"] = torch.native_group_norm(h, None, None, *size)[0]
+        return derived["xhat"]
 
     def backward(
         self, state: _State, problems: int, need_input: bool
@@ -488,14 +523,12 @@ class _GroupNorm(_Layer):
             mask = [need_input, True, True]
             g_in, g_w, g_b = self._native_backward(g, state, weight, mask)
             grads = [g_w.unsqueeze(0), g_b.unsqueeze(0)]
+        elif self.affine:
+            g_in, per_sample = self._per_sample_backward(g, state, weight, need_input)
+            # Each problem's sums over its samples.
+            grads = [t.view(problems, -1, t.shape[1]).sum(dim=1) for t in per_sample]
         else:
             g_in = self._project(g, state, weight) if need_input else None
-            if self.affine:
-                # Each problem's sums over its samples and positions.
-                def per_problem(t: Tensor) -> Tensor:
-                    return t.flatten(2).sum(dim=2).reshape(problems, -1, t.shape[1]).sum(dim=1)
-
-                grads = [per_problem(g * derived["xhat"]), per_problem(g)]
         if g_in is not None:
             derived["g_in"] = g_in
         return g_in, grads
@@ -503,7 +536,7 @@ class _GroupNorm(_Layer):
     def up(self, state: _State, v: list[Tensor], problems: int) -> Tensor | None:
         # g_out enters the parameter gradients (sums of g_out * xhat and of g_out) and g_in.
         derived, gbar_in = state.derived, state.gbar_in
-        xhat = derived["xhat"]
+        xhat = self._xhat(state)
         out = None
         if self.affine:
             beta_bar, gamma_bar = _per_row(v[1], problems, xhat), _per_row(v[0], problems, xhat)
@@ -522,7 +555,7 @@ class _GroupNorm(_Layer):
         # = -r^2 xhat / M) -r * mean(a * g_in) * xhat.
         g, gbar_in, derived = state.g_out, state.gbar_in, state.derived
         assert g is not None
-        xhat = derived["xhat"]
+        xhat = self._xhat(state)
         xhat_bar = hbar_out
         if self.affine:
             xhat_bar = torch.addcmul(hbar_out * derived["gamma"], g, _per_row(v[0], problems, g))
