@@ -139,12 +139,54 @@ def test_a_sigterm_stops_a_run_as_ctrl_c_does(tmp_path: Path) -> None:
     assert (out / ".fedleak.lock").read_text() == "", "the lock must be released"
 
 
+SIGTERM_AFTER_RAY_STARTS = """
+import time
+import ray
+from fedleak.interrupt import stop_requested
+from fedleak.simulations.launch import _stop_on_first_signal
+with _stop_on_first_signal():
+    # As inside Flower's engine: Ray's driver starts, and with it its own SIGTERM handling.
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    print("started", flush=True)
+    for _ in range(600):
+        if stop_requested():
+            print("stop requested", flush=True)
+            break
+        time.sleep(0.05)
+ray.shutdown()
+"""
+
+
+def test_a_sigterm_after_ray_started_is_a_stop_request() -> None:
+    """Ray's driver registers a SIGTERM handler that raises SystemExit wherever the main thread
+    is (and in Flower's engine that races Ray's shutdown against its worker threads, seen as
+    exit 1 with "The core worker has already been shutdown"): during a run, a SIGTERM after
+    Ray started is still fedleak's stop at the next safe point."""
+    run = subprocess.Popen(
+        [sys.executable, "-c", SIGTERM_AFTER_RAY_STARTS],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert run.stdout is not None
+        assert run.stdout.readline().strip() == "started"
+        run.send_signal(signal.SIGTERM)
+        out, err = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 0, err
+    assert out.strip() == "stop requested"
+    assert "stopping at the next safe point" in err
+
+
 DOUBLE_CTRL_C = """
 import subprocess, sys, time
-from fedleak.simulations.launch import _stop_on_first_sigint
+from fedleak.simulations.launch import _stop_on_first_signal
 # A child with a child of its own, as Ray's raylet starts its workers.
 child = subprocess.Popen(["sh", "-c", "sleep 120 & wait"])
-with _stop_on_first_sigint():
+with _stop_on_first_signal():
     time.sleep(1)
     print(child.pid, flush=True)
     time.sleep(120)

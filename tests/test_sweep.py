@@ -20,7 +20,7 @@ from processes import children, ended
 from fedleak.config import ConfigError, RunConfig
 from fedleak.interrupt import stop_requested
 from fedleak.report.rundir import RunDirectory
-from fedleak.simulations.launch import StudyInterrupted, _stop_on_first_sigint
+from fedleak.simulations.launch import StudyInterrupted, _stop_on_first_signal
 from fedleak.simulations.presets import PRESETS_DIR, is_sweep, list_presets, load_preset
 from fedleak.simulations.sweep import (
     SweepError,
@@ -443,7 +443,7 @@ def waiting_runner(config: RunConfig, path: Path) -> Path:
     """A cell that runs until Ctrl-C, then stops as a study does (module level: picklable)."""
     path.mkdir(parents=True, exist_ok=True)
     (path / "started").touch()
-    with _stop_on_first_sigint():
+    with _stop_on_first_signal():
         for _ in range(1200):
             if stop_requested():
                 raise StudyInterrupted(path, 0, config.num_server_rounds)
@@ -541,7 +541,7 @@ def deaf_runner(config: RunConfig, path: Path) -> Path:
     """A cell whose next safe point never comes: only a second Ctrl-C ends it."""
     path.mkdir(parents=True, exist_ok=True)
     (path / "started").touch()
-    with _stop_on_first_sigint():
+    with _stop_on_first_signal():
         time.sleep(120)
     return fake_runner(config, path)
 

@@ -100,18 +100,12 @@ def run_study(
     init_args = ray_init_args(config, client_cpus, client_gpus)
     out = check_out_dir(config, num_clients, client_cpus)
     config = dataclasses.replace(config, out_dir=str(out))
-    with RunLock(out), _stop_on_first_sigint():
+    with RunLock(out), _stop_on_first_signal():
         try:
             simulate(config, num_clients, client_cpus, client_gpus, init_args, verbose)
         except RunFailed as failure:
             raise StudyFailed(f"run failed: {failure}") from None
         except (RunInterrupted, KeyboardInterrupt):
-            raise StudyInterrupted(out, _finished(out), config.num_server_rounds) from None
-        except SystemExit as exit_:
-            # Ray's driver turns SIGTERM (a scheduler ending the job) into SystemExit(15): a
-            # stop like Ctrl-C's, after which the finished rounds are kept and resumable.
-            if exit_.code != signal.SIGTERM:
-                raise
             raise StudyInterrupted(out, _finished(out), config.num_server_rounds) from None
         except RuntimeError as error:
             if type(error) is not RuntimeError:  # fedleak's own, which say what happened
@@ -187,13 +181,6 @@ def simulate(
             },
             verbose_logging=verbose,
         )
-    except SystemExit:
-        # A SIGTERM (Ray's handler raises SystemExit) left the engine's threads waiting on
-        # clients' results that will not come: shut Ray down so that they end, or the
-        # interpreter would wait for them forever at exit.
-        _end_server_thread(serving)
-        ray.shutdown()
-        raise
     finally:
         gc.unfreeze()
         torch.set_num_threads(threads)
@@ -201,10 +188,9 @@ def simulate(
 
 
 def _end_server_thread(serving: list[threading.Thread]) -> None:
-    """Flower's simulation engine that crashes (or a SIGTERM) stops the engine, not the
-    ServerApp's thread, which would go on waiting for replies (holding the run directory's
-    lock, keeping the process alive) until sim.timeout: ask it to stop at its next safe point
-    and wait for it."""
+    """Flower's simulation engine that crashes stops the engine, not the ServerApp's thread,
+    which would go on waiting for replies (holding the run directory's lock, keeping the
+    process alive) until sim.timeout: ask it to stop at its next safe point and wait for it."""
     left = [thread for thread in serving if thread.is_alive()]
     if not left:
         return
@@ -240,8 +226,16 @@ def _terminate_descendants() -> None:
 
 
 @contextlib.contextmanager
-def _stop_on_first_sigint() -> Iterator[None]:
-    """The first SIGINT requests a stop at the next safe point; the second leaves at once.
+def _stop_on_first_signal() -> Iterator[None]:
+    """The first SIGINT or SIGTERM (a terminal's Ctrl-C, a scheduler ending the job) requests
+    a stop at the next safe point; the second leaves at once.
+
+    Ray's driver registers its own SIGTERM handler when it starts (`ray.init`, inside Flower's
+    engine), which raises SystemExit wherever the main thread waits; the engine then shuts
+    Ray down under its worker threads, and one of them still waiting on a client can end the
+    process from Ray's core ("The core worker has already been shutdown", exit 1) before the
+    run reports. While inside, that registration is skipped, so SIGTERM stays a stop at the
+    next safe point, after which the engine ends with no thread waiting on Ray.
 
     Only the main thread may install signal handlers; elsewhere (a sweep's worker thread, a
     notebook's executor) Python's default handling stays.
@@ -264,9 +258,21 @@ def _stop_on_first_sigint() -> Iterator[None]:
         sys.stderr.flush()
 
     clear_stop()
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {number: signal.signal(number, handler) for number in _STOP_SIGNALS}
+    ray_utils = ray._private.utils
+    registration = ray_utils.set_sigterm_handler
+    ray_utils.set_sigterm_handler = _keep_sigterm_handler
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        ray_utils.set_sigterm_handler = registration
+        for number, before in previous.items():
+            signal.signal(number, before)
         clear_stop()
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _keep_sigterm_handler(_handler: object) -> None:
+    """Ray's registration of its driver's SIGTERM handler, skipped during a run."""
