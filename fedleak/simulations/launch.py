@@ -225,6 +225,9 @@ def _terminate_descendants() -> None:
             os.kill(pid, signal.SIGTERM)
 
 
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextlib.contextmanager
 def _stop_on_first_signal() -> Iterator[None]:
     """The first SIGINT or SIGTERM (a terminal's Ctrl-C, a scheduler ending the job) requests
@@ -269,9 +272,6 @@ def _stop_on_first_signal() -> Iterator[None]:
         for number, before in previous.items():
             signal.signal(number, before)
         clear_stop()
-
-
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def _keep_sigterm_handler(_handler: object) -> None:

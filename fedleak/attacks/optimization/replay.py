@@ -286,7 +286,7 @@ class Replay:
             except ChainUnsupported:
                 self._chain = None  # e.g. inputs of another rank than the chain expects
             else:
-                shapes = tuple(self._chain.shapes)
+                shapes = self._chain.shapes
                 if not per_sample:
                     return ReplayOutput(None, None, statistics, rows, shapes)
                 update = split_rows(rows, shapes)
