@@ -232,6 +232,23 @@ def test_order_statistic_interval_has_the_tabulated_ranks() -> None:
     assert median_interval(np.array([np.nan])).n == 0
 
 
+def test_the_per_round_band_is_the_range_below_six_samples_and_its_caption_says_so(
+    run_report: Path,
+) -> None:
+    from fedleak.report.plots import _per_round
+    from fedleak.report.tables import METRICS
+
+    psnr = next(m for m in METRICS if m.column == "psnr")
+    rows = pd.DataFrame({"round": [1, 1, 2, 2, 2, 2, 2, 2], "psnr": [10.0, 14.0, *range(6)]})
+    rounds, medians, low, high = _per_round(rows, psnr)
+    # Two samples: their range (coverage 1/2); six: the order-statistic interval (k = 1).
+    assert rounds.tolist() == [1, 2] and medians.tolist() == [12.0, 2.5]
+    assert (low.tolist(), high.tolist()) == ([10.0, 0.0], [14.0, 5.0])
+    assert order_rank(2)[1] == 0.5
+    caption = (run_report / "report.md").read_text().split("## Leakage per round")[1]
+    assert "range where a round has fewer than 6 of them, coverage 1 - 2^(1-n)" in caption
+
+
 def test_mean_ci_is_the_student_t_interval() -> None:
     values = np.array([1.0, 2.0, 4.0, 7.0])
     mean, half, n = mean_ci(values)
@@ -643,6 +660,11 @@ def test_attack_runs_that_did_not_converge_are_marked() -> None:
     )
     assert not_converged(rows) == 1  # one attack run (client 1) of two
     assert judged_runs(rows) == 2 and judged_runs(rows.assign(converged=math.nan)) == 0
+    # Per-sample updates: each sample inverted on its own, so a run whose first sample
+    # converged may hold one that did not; it counts, and a run with none judged does not.
+    per_sample = rows.assign(client_id=[0, 0, 0, 1], converged=[1.0, 0.0, math.nan, math.nan])
+    assert not_converged(per_sample) == 1 and judged_runs(per_sample) == 1
+    assert not_converged(per_sample.assign(converged=[1.0, 1.0, math.nan, 1.0])) == 0
     assert CONVERGED_RATIO == 0.1 and "tenfold" in CONVERGENCE_NOTE  # the caption states it
     table = leakage_table(rows, METRICS[0], ["none"], [""], "")
     assert table.rows[0][1].text == "18.00 [5.00, 31.00] n=4 †"

@@ -120,20 +120,25 @@ def attack_order(rows: pd.DataFrame) -> list[tuple[str, bool]]:
     return [(str(a), bool(r)) for a, r in pairs]
 
 
+_RUN = ["run", "round", "client_id", "attack"]
+
+
 def not_converged(rows: pd.DataFrame) -> int:
-    """Attack runs among `rows` flagged as not converged (0 without a `converged` column)."""
+    """Attack runs among `rows` with an inversion that did not converge (0 without a
+    `converged` column). Convergence is recorded per sample: a run over per-sample updates
+    inverts each sample's update on its own, and any of them may fail where the first did not."""
     if "converged" not in rows or rows.empty:
         return 0
-    runs = rows.drop_duplicates(["run", "round", "client_id", "attack"])
-    return int((runs["converged"] == 0).sum())
+    failed = rows["converged"].eq(0).groupby([rows[c] for c in _RUN], sort=False).any()
+    return int(failed.sum())
 
 
 # The rule is fedleak.attacks.types.converged (CONVERGED_RATIO = 1/10); the report room reads
 # run files only and does not import the attacks.
 CONVERGENCE_NOTE = (
-    " Not converged: attack runs whose matching loss fell less than tenfold (their budget ran "
-    "out or they could not match the update); –: the attack matches no loss (a learned attack "
-    "or a floor)."
+    " Not converged: attack runs in which a matching loss (one per inverted update) fell less "
+    "than tenfold (their budget ran out or they could not match the update); –: the attack "
+    "matches no loss (a learned attack or a floor)."
 )
 
 
@@ -142,8 +147,8 @@ def judged_runs(rows: pd.DataFrame) -> int:
     loss (a learned attack or a floor has none, so it is neither converged nor not)."""
     if "converged" not in rows or rows.empty:
         return 0
-    runs = rows.drop_duplicates(["run", "round", "client_id", "attack"])
-    return int(runs["converged"].notna().sum())
+    judged = rows["converged"].notna().groupby([rows[c] for c in _RUN], sort=False).any()
+    return int(judged.sum())
 
 
 def _convergence_cell(summary: SettingSummary) -> Cell:
@@ -359,7 +364,7 @@ def setting_summaries(study: Study) -> list[SettingSummary]:
 
 def _unfinished_runs(leakage: pd.DataFrame) -> pd.DataFrame:
     """One row per attack run that did not finish cleanly (failed, or diverged to NaN)."""
-    runs = leakage.drop_duplicates(["run", "round", "client_id", "attack"])
+    runs = leakage.drop_duplicates(_RUN)
     return runs[runs["status"] != "ok"]
 
 
@@ -542,7 +547,7 @@ def utility_table(study: Study) -> Table:
 def failure_table(study: Study) -> Table | None:
     """Attack runs that did not finish cleanly, by group, attack, defense and status."""
     leakage = study.leakage()
-    runs = leakage.drop_duplicates(["run", "round", "client_id", "attack"])
+    runs = leakage.drop_duplicates(_RUN)
     bad = runs[runs["status"] != "ok"]
     if bad.empty:
         return None
@@ -609,7 +614,7 @@ def incomplete_rounds_table(study: Study) -> Table | None:
 def cost_table(study: Study) -> Table:
     """Per attack: attack runs, mean seconds and iterations per run, from the leakage rows."""
     leakage = study.leakage()
-    runs = leakage.drop_duplicates(["run", "round", "client_id", "attack"])
+    runs = leakage.drop_duplicates(_RUN)
     body = []
     for attack, rows in runs.groupby("attack", sort=True):
         iterations = rows.loc[rows["iterations"] >= 0, "iterations"]
@@ -633,7 +638,7 @@ def training_table(study: Study) -> Table | None:
     """Per run, round and learned attack: the training its refresh did (epochs, seconds,
     validation PSNR or token accuracy, warm start), from the attacks' diagnostics; None without
     learned attacks."""
-    runs = study.leakage().drop_duplicates(["run", "round", "client_id", "attack"])
+    runs = study.leakage().drop_duplicates(_RUN)
     body = []
     for (run, server_round, attack), rows in runs.groupby(["run", "round", "attack"], sort=True):
         trained = [d for d in map(_diagnostics, rows["diagnostics"]) if "train_epochs" in d]
