@@ -291,8 +291,14 @@ def test_text_lti_keeps_and_reuses_its_inverter(world: dict[str, object], tmp_pa
     first = attack.reconstruct(observation, knowledge, Budget(1, 1e9))
     assert first.inputs.shape == (2, LENGTH) and first.inputs.dtype == torch.int64
     assert first.diagnostics["train_epochs"] == 1 and first.diagnostics["train_pairs"] == 40
+    assert first.diagnostics["stopped_by"] == "epochs"
+    assert "trained from scratch on pseudo-sequences" in first.message
     again = attack.reconstruct(observation, knowledge, Budget(1, 1e9))
     assert again.diagnostics["train_epochs"] == 0 and torch.equal(again.inputs, first.inputs)
+    # The report's training table tells a reuse from a training cut short in its first epoch
+    # by `stopped_by`, which image and text inverters record alike.
+    assert again.diagnostics["stopped_by"] == "reused"
+    assert again.message.startswith("reused the inverter")
     # A resumed run attacking the next round at the same weights goes on from this inverter.
     later = dataclasses.replace(observation, round=observation.round + 1)
     resumed = build_attack("lti-p", params).reconstruct(later, knowledge, Budget(1, 1e9))
@@ -301,7 +307,7 @@ def test_text_lti_keeps_and_reuses_its_inverter(world: dict[str, object], tmp_pa
     # early stop) could come first, and did once in CI.
     endless = {"epochs": 10**6, "patience": 10**6, "hash-bins": 256, "hidden": "32"}
     stopped = build_attack("lti-text", endless).reconstruct(observation, knowledge, Budget(1, 0.5))
-    assert stopped.status == "ok" and stopped.diagnostics["timed_out"] == 1.0
+    assert stopped.status == "ok" and stopped.diagnostics["stopped_by"] == "seconds"
     assert "time budget ran out" in stopped.message
 
 

@@ -122,20 +122,9 @@ class LearningToInvert:
         featuriser: Featuriser,
         start: float,
     ) -> Reconstruction:
-        cfg = self.config
-        outcome, warm = refreshed.outcome, refreshed.warm
-        if outcome is None:
-            how = f"reused the inverter (refresh={cfg.refresh}, trained at these weights or frozen)"
-            outcome = TrainingOutcome.reused(self.keeper.score)
-        else:
-            how = (
-                f"refresh={cfg.refresh}: {'warm start' if warm else 'trained from scratch'}, "
-                f"{outcome.epochs} epochs, validation PSNR {outcome.score:.2f} dB"
-            )
-            if outcome.early_stopped:
-                how += " (early stop)"
-            if outcome.timed_out:
-                how += "; training stopped early: the time budget ran out"
+        outcome, how, diagnostics = self.keeper.account(
+            refreshed, lambda psnr: f"PSNR {psnr:.2f} dB"
+        )
         return Reconstruction(
             inputs=inputs,
             labels=labels,
@@ -143,15 +132,7 @@ class LearningToInvert:
             iterations=outcome.steps,
             seconds=time.perf_counter() - start,
             message=f"{how}; {featuriser.out_features} input features",
-            diagnostics={
-                "train_seconds": outcome.seconds,
-                "train_epochs": float(outcome.epochs),
-                "train_pairs": float(outcome.pairs),
-                "val_psnr": outcome.score,
-                "warm_start": float(warm and outcome.steps > 0),
-                "stopped_by": outcome.stopped_by,
-                "input_features": float(featuriser.out_features),
-            },
+            diagnostics={**diagnostics, "input_features": float(featuriser.out_features)},
         )
 
     def _fresh_inverter(

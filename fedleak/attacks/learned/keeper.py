@@ -161,6 +161,40 @@ class InverterKeeper:
         assert self.inverter is not None
         return Refreshed(self.inverter.to(device).eval(), outcome, warm)
 
+    def account(
+        self, refreshed: Refreshed, validation: Callable[[float], str], trained_on: str = ""
+    ) -> tuple[TrainingOutcome, str, dict[str, float | str]]:
+        """This call's training (a reuse is none) in words, for the result's message, and as
+        the diagnostics every learned attack records, which the report's training table reads
+        (`stopped_by` tells a training cut short in its first epoch from a reuse).
+        `validation` words the validation score."""
+        outcome, warm = refreshed.outcome, refreshed.warm
+        if outcome is None:
+            how = (
+                f"reused the inverter (refresh={self._refresh}, trained at these weights or frozen)"
+            )
+            outcome = TrainingOutcome.reused(self.score)
+        else:
+            start = "warm start" if warm else "trained from scratch"
+            on = f" on {trained_on}" if trained_on else ""
+            how = (
+                f"refresh={self._refresh}: {start}{on}, {outcome.epochs} epochs, validation "
+                f"{validation(outcome.score)}"
+            )
+            if outcome.early_stopped:
+                how += " (early stop)"
+            if outcome.timed_out:
+                how += "; training stopped early: the time budget ran out"
+        diagnostics: dict[str, float | str] = {
+            "train_seconds": outcome.seconds,
+            "train_epochs": float(outcome.epochs),
+            "train_pairs": float(outcome.pairs),
+            self._score_name: outcome.score,
+            "warm_start": float(warm and outcome.steps > 0),
+            "stopped_by": outcome.stopped_by,
+        }
+        return outcome, how, diagnostics
+
     def _adopt_saved(
         self, key: str, round_: int, device: torch.device, fresh: Callable[[], nn.Module]
     ) -> None:

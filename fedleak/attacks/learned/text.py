@@ -275,37 +275,18 @@ class TextLearningToInvert:
         featuriser: Featuriser,
         start: float,
     ) -> Reconstruction:
-        cfg = self.config
-        outcome, warm = refreshed.outcome, refreshed.warm
-        data = "pseudo-sequences from the aux token marginal" if cfg.pseudo else "aux sequences"
-        if outcome is None:
-            how = f"reused the inverter (refresh={cfg.refresh}, trained at these weights or frozen)"
-            outcome = TrainingOutcome.reused(self.keeper.score)
-        else:
-            how = (
-                f"refresh={cfg.refresh}: {'warm start' if warm else 'trained from scratch'} on "
-                f"{data}, {outcome.epochs} epochs, validation token accuracy "
-                f"{outcome.score:.3f}"
-            )
-            if outcome.early_stopped:
-                how += " (early stop)"
-            if outcome.timed_out:
-                how += "; training stopped early: the time budget ran out"
+        pseudo = self.config.pseudo
+        data = "pseudo-sequences from the aux token marginal" if pseudo else "aux sequences"
+        outcome, how, diagnostics = self.keeper.account(
+            refreshed, lambda accuracy: f"token accuracy {accuracy:.3f}", trained_on=data
+        )
         return Reconstruction(
             inputs=inputs,
             labels=None,
             iterations=outcome.steps,
             seconds=time.perf_counter() - start,
             message=f"{how}; {featuriser.out_features} input features",
-            diagnostics={
-                "train_seconds": outcome.seconds,
-                "train_epochs": float(outcome.epochs),
-                "train_pairs": float(outcome.pairs),
-                "val_token_acc": outcome.score,
-                "warm_start": float(warm and outcome.steps > 0),
-                "timed_out": float(outcome.timed_out),
-                "input_features": float(featuriser.out_features),
-            },
+            diagnostics={**diagnostics, "input_features": float(featuriser.out_features)},
         )
 
     def _fresh_inverter(self, observation: Observation, setup: LearnedSetup) -> TokenInverter:
