@@ -55,6 +55,13 @@ def _write(relative: str, data: bytes) -> Setup:
     return setup
 
 
+def _remove(relative: str) -> Setup:
+    def setup(tmp: Path) -> None:
+        (tmp / relative).unlink()
+
+    return setup
+
+
 def _finished_run(tmp: Path) -> None:
     config = parse_flat({"num-server-rounds": 1, "out-dir": str(tmp / "done")})
     run = RunDirectory.create(tmp / "done", config, {})
@@ -441,6 +448,23 @@ CASES = [
         "leakage.parquet: unreadable",
         status=1,
         setup=lambda tmp: (_finished_run(tmp), _write("done/leakage.parquet", b"PAR1 no")(tmp)),
+    ),
+    # leakage.parquet lost while utility.csv lists rounds: reading no rows would rewrite
+    # leakage.csv (the resume) or report that nothing leaked.
+    Case(
+        "resume-missing-leakage",
+        RESUME,
+        "leakage.parquet: missing, though utility.csv records 1 round(s), up to round 1",
+        status=1,
+        setup=lambda tmp: (_finished_run(tmp), _remove("done/leakage.parquet")(tmp)),
+        keeps=("done/leakage.csv", "done/utility.csv"),
+    ),
+    Case(
+        "report-missing-leakage",
+        ("report", "{tmp}/done"),
+        "leakage.parquet: missing, though utility.csv records 1 round(s)",
+        status=1,
+        setup=lambda tmp: (_finished_run(tmp), _remove("done/leakage.parquet")(tmp)),
     ),
     Case(
         "resume-damaged-config",

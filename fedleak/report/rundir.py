@@ -482,7 +482,18 @@ class RunDirectory:
     def leakage(self) -> pd.DataFrame:
         """All leakage rows recorded so far (a copy)."""
         if self._leakage is None:
-            self._leakage = read_leakage_parquet(self.path / LEAKAGE_FILE)
+            path = self.path / LEAKAGE_FILE
+            # Every recorded round writes it before utility.csv: without it the rounds that
+            # utility.csv lists lost their rows, and reading none would lose them for good
+            # (a resume rewrites leakage.csv) or report no leakage.
+            recorded = self.utility()["round"]
+            if len(recorded) and not path.exists():
+                raise RunDirectoryError(
+                    f"{path}: missing, though {UTILITY_FILE} records {len(recorded)} round(s), "
+                    f"up to round {recorded.max()}; restore it or start the run again in a new "
+                    "out-dir"
+                )
+            self._leakage = read_leakage_parquet(path)
         return self._leakage.copy()
 
     def utility(self) -> pd.DataFrame:
