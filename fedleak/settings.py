@@ -376,14 +376,18 @@ def _convert_tuple(key: str, raw: Any, element: Any, refuse: Callable[[], Except
             names = tuple(r.strip() for r in raw)
         elif isinstance(raw, str):
             names = tuple(part.strip() for part in raw.split(",") if part.strip())
-            if not names:
-                raise ConfigError(
-                    f"{shown(key)}={shown_value(raw)}: expected at least one name, or 'none'"
-                )
         else:
             raise ConfigError(
                 f"{shown(key)}={shown_value(raw)}: expected a comma-separated string of names"
             )
+        # An empty list or string names nothing by accident: 'none' says it on purpose (an
+        # empty tuple is a value already converted).
+        if not names and not isinstance(raw, tuple):
+            raise ConfigError(
+                f"{shown(key)}={shown_value(raw)}: expected at least one name, or 'none'"
+            )
+        if not all(names):
+            raise ConfigError(f"{shown(key)}={shown_value(raw)}: a blank name; expected names")
         names = () if names == ("none",) else names
         if len(set(names)) != len(names):
             raise ConfigError(

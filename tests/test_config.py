@@ -29,6 +29,10 @@ INVALID = [
     ({"num-server-rounds": 0}, "num-server-rounds=0: expected an integer >= 1"),
     ({"seed": True}, "seed=True: expected an integer in [0, 2**63-1]"),
     ({"attack.names": ""}, "attack.names='': expected at least one name"),
+    # An empty TOML list is no more 'none' than an empty string (it turned attacks off).
+    ({"attack.names": []}, "attack.names=[]: expected at least one name, or 'none'"),
+    ({"metrics.lpips-nets": []}, "metrics.lpips-nets=[]: expected at least one name"),
+    ({"attack.names": ["ig", " "]}, "attack.names=['ig', ' ']: a blank name"),
     ({"attack.max-seconds": float("nan")}, "attack.max-seconds=nan: expected a number > 0"),
     ({"device": "tpu"}, "device='tpu': expected one of 'auto', 'cpu', 'cuda'"),
     ({"data.datset": "x"}, "data.datset: unknown setting; did you mean data.dataset"),
