@@ -342,6 +342,9 @@ def test_cell_patterns_select_a_subset_with_unchanged_ids(tmp_path: Path) -> Non
     ]
     with pytest.raises(SweepError, match=r"--cells nope: matches none of the cell ids"):
         load_sweep(source, cells=["nope"])
+    # One mistyped pattern beside a good one is named, not dropped with its cells.
+    with pytest.raises(SweepError, match=r"--cells cell-01-\*: matches none of the cell ids"):
+        load_sweep(source, cells=["cell-000-*", "cell-01-*"])
 
 
 @pytest.mark.parametrize(

@@ -283,13 +283,14 @@ def _overrides(raw: Mapping[str, Any] | None, grid: Mapping[str, list[Any]]) -> 
 def _select(cells: list[Cell], patterns: Sequence[str] | None) -> tuple[Cell, ...]:
     if not patterns:
         return tuple(cells)
-    chosen = tuple(c for c in cells if any(fnmatch.fnmatchcase(c.id, p) for p in patterns))
-    if not chosen:
-        raise SweepError(
-            f"--cells {','.join(patterns)}: matches none of the cell ids ({cells[0].id}, ...); "
-            "patterns are fnmatch globs such as 'cell-003-*' or '*-B4_*'"
-        )
-    return chosen
+    # Each pattern must match: a mistyped one beside others would drop its cells unsaid.
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(c.id, pattern) for c in cells):
+            raise SweepError(
+                f"--cells {pattern}: matches none of the cell ids ({cells[0].id}, ...); "
+                "patterns are fnmatch globs such as 'cell-003-*' or '*-B4_*'"
+            )
+    return tuple(c for c in cells if any(fnmatch.fnmatchcase(c.id, p) for p in patterns))
 
 
 def load_sweep(
