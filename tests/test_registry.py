@@ -14,6 +14,7 @@ import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import ClassVar
 
 import pandas as pd
@@ -590,6 +591,28 @@ def test_a_loader_of_the_wrong_type_names_a_builder_that_imports() -> None:
     assert found is not None, str(error.value)
     module, _, attribute = found.group(1).rpartition(".")
     assert callable(getattr(importlib.import_module(module), attribute))
+
+
+def test_a_loader_returning_look_alike_fields_is_refused_before_its_pixels_are_used() -> None:
+    """An object with an ImageDataset's fields but none of its checks: 0..255 pixels would
+    have run to the end with a floor of -38 dB."""
+    digits = load_mnist5k()
+    look_alike = SimpleNamespace(
+        name="look-alike",
+        train_x=digits.train_x * 255,
+        train_y=digits.train_y,
+        test_x=digits.test_x * 255,
+        test_y=digits.test_y,
+        num_classes=digits.num_classes,
+    )
+    register_dataset("test-look-alike", lambda root, download: look_alike)
+    try:
+        with pytest.raises(
+            ConfigError, match=r"returned SimpleNamespace, expected an ImageDataset"
+        ):
+            load_dataset("test-look-alike")
+    finally:
+        DATASETS.remove("test-look-alike")
 
 
 def _observation() -> Observation:

@@ -260,7 +260,9 @@ def _load(name: str, root: str, seed: int, test_fraction: float, download: bool)
 def _read(name: str, root: str, download: bool) -> ImageDataset:
     # Cached apart from the hold-out: runs that differ only in their seed share one read.
     dataset = dataset_entry(name).load(Path(root), download)
-    if not all(hasattr(dataset, a) for a in ("train_x", "train_y", "test_x", "num_classes")):
+    # Only an ImageDataset has had its pixels, dtypes and labels checked (its constructor):
+    # an object that merely carries the same fields would take 0..255 pixels into every metric.
+    if not isinstance(dataset, ImageDataset):
         raise ConfigError(
             f"data.dataset={name!r}: the loader returned {type(dataset).__name__}, expected an "
             "ImageDataset (fedleak.data.dataset.dataset_from_arrays builds one)"
