@@ -288,3 +288,60 @@ def test_flwr_run_audits_the_example_app(
     strategy.global_weights = dict(task.Net().state_dict())
     own = [_own_reply(strategy, *_client_batch(task, p, 1), p, training) for p in (0, 1)]
     _assert_rows_agree(recorded, _rows(strategy, own))
+
+
+def test_an_audited_apps_own_errors_reach_flowers_log_as_one_line() -> None:
+    """Under `flwr run` an audited app's ServerApp error reaches the user only through
+    Flower's logger, which would print its traceback: `audit` installs the one-line filter
+    before it reads the settings, which are the first thing it may refuse."""
+    import logging
+
+    from flwr.common.logger import FLOWER_LOGGER
+
+    import fedleak
+    from fedleak.registry import UnknownNameError
+    from fedleak.simulations.study import OneLineErrors
+
+    kept = list(FLOWER_LOGGER.filters)
+    for existing in kept:
+        FLOWER_LOGGER.removeFilter(existing)
+    try:
+        with pytest.raises(UnknownNameError) as raised:
+            fedleak.audit(None, FedAvg(), {"attack.names": "nope"})  # type: ignore[arg-type]
+        filters = [f for f in FLOWER_LOGGER.filters if isinstance(f, OneLineErrors)]
+        assert len(filters) == 1
+        record = logging.LogRecord(
+            "flwr",
+            logging.ERROR,
+            __file__,
+            1,
+            "Simulation raised an exception",
+            None,
+            (UnknownNameError, raised.value, raised.value.__traceback__),
+        )
+        assert filters[0].filter(record) and record.exc_info is None
+        assert record.getMessage().startswith(
+            "Simulation raised an exception: UnknownNameError: attack.names='nope'"
+        )
+        assert "\n" not in logging.Formatter().format(record)
+    finally:
+        for added in list(FLOWER_LOGGER.filters):
+            FLOWER_LOGGER.removeFilter(added)
+        for existing in kept:
+            FLOWER_LOGGER.addFilter(existing)
+
+
+def test_a_failed_run_gets_its_report_from_the_server(tmp_path: Path) -> None:
+    """`flwr run` and an audited app have no `fedleak run` to build the report of a failed
+    run afterwards: the server writes it beside FAILED, then raises."""
+    from fedleak.simulations.study import RunFailed, _finish
+
+    config = parse_flat({"num-server-rounds": 1, "out-dir": str(tmp_path / "run")})
+    run_dir = RunDirectory.create(tmp_path / "run", config, {})
+    run_dir.append_round(0, [], {"test_loss": 2.3, "test_accuracy": 0.1})
+    failed = {"test_loss": 2.3, "test_accuracy": 0.1, "num_replies": 0, "num_failures": 2}
+    run_dir.append_round(1, [], failed)
+    with pytest.raises(RunFailed, match="every client failed"):
+        _finish(run_dir, "ValueError: boom")
+    assert (tmp_path / "run" / "FAILED").exists() and not (tmp_path / "run" / "DONE").exists()
+    assert (tmp_path / "run" / "report.html").stat().st_size > 1_000

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
+from flwr.common.logger import FLOWER_LOGGER
 from flwr.common.logger import log as flwr_log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -27,6 +28,7 @@ from fedleak.config import RunConfig, parse_flat
 from fedleak.heap import reuse_freed_memory
 from fedleak.interrupt import RunInterrupted
 from fedleak.metrics.lpips import lpips_warning
+from fedleak.registry import error_line, is_own_error
 from fedleak.report.progress import Progress
 from fedleak.report.rundir import RunDirectory, RunDirectoryError, RunLock
 from fedleak.runtime import federated_data, model_spec, resolve_device
@@ -44,6 +46,28 @@ from fedleak.simulations.recording import (
 )
 
 log = logging.getLogger(__name__)
+
+
+class OneLineErrors(logging.Filter):
+    """Flower logs whatever a ServerApp raises with its traceback. fedleak's own errors (a bad
+    setting, missing data, a failed run) are for the user, so under `flwr run` they read as
+    one line, as `fedleak run` prints them; anything else keeps its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if error is not None and is_own_error(error):
+            record.msg = f"{record.getMessage()}: {error_line(error)}"
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def log_own_errors_in_one_line() -> None:
+    """Put `OneLineErrors` on Flower's logger (once): under `flwr run` a ServerApp's error
+    reaches the user only through it, for fedleak's app as for an audited one."""
+    if not any(isinstance(f, OneLineErrors) for f in FLOWER_LOGGER.filters):
+        FLOWER_LOGGER.addFilter(OneLineErrors())
 
 
 class RunFailed(RuntimeError):
@@ -78,6 +102,7 @@ def audit(
     auxiliary data and the held-out test set), `attack.names`, `num-server-rounds`, `out-dir`.
     The app's ClientApp adds `fedleak.client.audit.fedleak_mod` and calls `declare(...)`.
     """
+    log_own_errors_in_one_line()  # before the settings are read: they may be refused
     server = ForeignServer(strategy, initial_arrays, train_config)
     return serve(grid, parse_flat(dict(settings)), server)
 
@@ -235,6 +260,7 @@ def _finish(run_dir: RunDirectory, first_error: str | None) -> Path:
         reason += f" (first error: {' '.join(first_error.split())[:300]})"
     if reason:
         run_dir.mark_failed(reason)
+        write_report(run_dir.path)  # the recorded rounds are worth a look all the same
         raise RunFailed(f"{run_dir.path}: {reason}")
     run_dir.mark_done()
     write_report(run_dir.path)
