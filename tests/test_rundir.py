@@ -198,6 +198,16 @@ def test_summary_lists_each_round_with_means(run: RunDirectory) -> None:
     assert lines[1].startswith("| 1 | 0.300 | 1.700 | ") and "20.500" in lines[1]
     assert "24.500" in lines[2] and lines[2].rstrip().endswith("| 0 | 1 |")
     assert "2 of 3 rounds finished" in text
+    assert "fedsgd, batch size 2, defense `prune:0.9`" in text  # the settings, as rows say
+
+
+def test_summary_says_what_an_audited_apps_clients_declared(run: RunDirectory) -> None:
+    """An audited app's clients declare their own mode and batch size, whatever fedleak's
+    settings say (here fedsgd, batch size 2): the summary reports what the rows record."""
+    declared = [{**row, "mode": "fedavg", "batch_size": 4} for row in _rows(1, 20.0)]
+    run.append_round(1, declared, _utility(0.3))
+    text = RunDirectory.open(run.path).write_summary().read_text()
+    assert "fedavg, batch size 4, defense" in text
 
 
 def test_images_put_truth_above_reconstruction(run: RunDirectory) -> None:

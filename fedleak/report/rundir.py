@@ -745,13 +745,15 @@ class RunDirectory:
 
     def write_summary(self) -> Path:
         """summary.md: a per-round table built from utility.csv and leakage.parquet alone."""
-        config = self.config
-        table = round_table(self.utility(), self.leakage())
+        config, leakage = self.config, self.leakage()
+        table = round_table(self.utility(), leakage)
+        mode = _recorded(leakage, "mode", config.train.mode)
+        batch = _recorded(leakage, "batch_size", config.train.batch_size)
         lines = [
             f"# {config.name}",
             "",
-            f"{config.data.dataset}, {config.model.name}, {config.train.mode}, "
-            f"batch size {config.train.batch_size}, defense `{config.defense.label}`, "
+            f"{config.data.dataset}, {config.model.name}, {mode}, "
+            f"batch size {batch}, defense `{config.defense.label}`, "
             f"attacks {', '.join(config.attack.names)}, seed {config.seed}; "
             f"{self.finished_rounds()} of {config.num_server_rounds} rounds finished.",
             "",
@@ -764,6 +766,13 @@ class RunDirectory:
         path = self.path / SUMMARY_FILE
         atomic_write(path, "\n".join(lines).encode("utf-8"))
         return path
+
+
+def _recorded(leakage: pd.DataFrame, column: str, configured: object) -> str:
+    """What the attacked clients' rows record (an audited app's clients declare their mode and
+    batch size, whatever the settings say), else the setting."""
+    values = sorted({str(v) for v in leakage[column]}) if len(leakage) else []
+    return ", ".join(values) if values else str(configured)
 
 
 def _package_version() -> str:
