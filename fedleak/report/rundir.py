@@ -771,8 +771,8 @@ class RunDirectory:
 def _recorded(leakage: pd.DataFrame, column: str, configured: object) -> str:
     """What the attacked clients' rows record (an audited app's clients declare their mode and
     batch size, whatever the settings say), else the setting."""
-    values = sorted({str(v) for v in leakage[column]}) if len(leakage) else []
-    return ", ".join(values) if values else str(configured)
+    values = sorted(set(leakage[column].dropna()))  # batch sizes in numeric order: 4, 16
+    return ", ".join(str(v) for v in values) if values else str(configured)
 
 
 def _package_version() -> str:
