@@ -187,7 +187,9 @@ class AttackConfig(Settings):
     """Which attacks the curious server runs, on whom, and with what budget."""
 
     names: tuple[str, ...] = _setting(("aux-mean",), doc="comma-separated names, or 'none'")
-    clients_per_round: int = _setting(0, low=0, doc="0 = attack every client")
+    clients_per_round: int = _setting(
+        0, low=0, doc="0 = attack every client; at most the clients a round trains"
+    )
     rounds: str = _setting(
         "all",
         doc="rounds attacked: 'all'; 'every:K' (rounds 1, 1+K, 1+2K, ... and the last); or "

@@ -69,3 +69,26 @@ def test_only_the_named_rounds_are_attacked(spec: str, expected: list[int]) -> N
         torch.testing.assert_close(aggregate.to_torch_state_dict()["w"], torch.full((3,), 0.5))
     assert sorted({job.observation.round for job in runner.jobs}) == expected
     assert len(runner.jobs) == 2 * len(expected)
+
+
+def test_fewer_replies_than_clients_per_round_attacks_all_and_says_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An audited app's pool is only known once it replies: asking for more attacked clients
+    than replied attacks every one, and the log says so."""
+    public = PublicSetting(ModelSpec("mlp", (1, 2, 2), 3), "delta", 0.1, 1.0, "none", False)
+    runner = Recorder()
+    strategy = CuriousStrategy(
+        FedAvg(fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1),
+        public,
+        runner,
+        Auditor(),
+        attacks=("aux-mean",),
+        clients_per_round=5,
+        seed=0,
+    )
+    list(strategy.configure_train(1, ArrayRecord({"w": torch.zeros(3)}), ConfigRecord(), Grid()))
+    with caplog.at_level("WARNING", logger="fedleak.server.strategy"):
+        strategy.aggregate_train(1, [_reply(0), _reply(1)])
+    assert len(runner.jobs) == 2
+    assert "attack.clients-per-round=5, but 2 clients replied; attacking all" in caplog.text

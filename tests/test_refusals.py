@@ -115,6 +115,16 @@ CASES = [
         (*RUN, "--num-clients", "2", "--set", "train.min-clients=3"),
         "num-clients=2: expected at least train.min-clients (3)",
     ),
+    Case(
+        "attacked-above-trained",
+        (*RUN, "--num-clients", "2", "--set", "attack.clients-per-round=5"),
+        "attack.clients-per-round=5: a round trains 2 of the 2 clients",
+    ),
+    Case(
+        "attacked-above-sampled",
+        (*RUN, "--set", "train.fraction-train=0.3", "--set", "attack.clients-per-round=4"),
+        "expected 0 (every client) to 3",
+    ),
     Case("cpus-0", (*RUN, "--client-cpus", "0"), "client-cpus=0.0: expected a number > 0"),
     Case("cpus-nan", (*RUN, "--client-cpus", "nan"), "client-cpus=nan: expected a number > 0"),
     Case("cpus-inf", (*RUN, "--client-cpus", "inf"), "client-cpus=inf: expected a number > 0"),

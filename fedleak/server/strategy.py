@@ -380,6 +380,14 @@ class CuriousStrategy(Strategy):
     def chosen(self, server_round: int, split: list[ClientReply]) -> list[ClientReply]:
         """The clients attacked this round: all, or a seeded sample of `clients_per_round`."""
         ordered = sorted(split, key=lambda reply: reply.observation.client_id)
+        if self.clients_per_round > len(ordered):
+            # An audited app's pool, or failed replies, can leave fewer clients than asked for.
+            log.warning(
+                "round %d: attack.clients-per-round=%d, but %d clients replied; attacking all",
+                server_round,
+                self.clients_per_round,
+                len(ordered),
+            )
         if self.clients_per_round == 0 or self.clients_per_round >= len(ordered):
             return ordered
         rng = np.random.default_rng([self.seed, server_round, 0xA77AC])

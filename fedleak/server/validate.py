@@ -234,7 +234,17 @@ def check_delta(config: RunConfig, fd: FederatedData, num_clients: int) -> None:
 
 def check_attacks(config: RunConfig, fd: FederatedData, num_clients: int) -> None:
     """Refuse attacks that would fail on every update of this run (no auxiliary data for an
-    attack that needs it, iDLG labels on batches, ...), as each attack declares."""
+    attack that needs it, iDLG labels on batches, ...), as each attack declares, and more
+    attacked clients than a round trains."""
+    trained = clients_per_round(config, num_clients)
+    wanted = config.attack.clients_per_round
+    if config.threat.view == "client" and wanted > trained:
+        # Attacking every client instead would change the study's sample size unannounced.
+        raise ConfigError(
+            f"attack.clients-per-round={wanted}: a round trains {trained} of the "
+            f"{num_clients} clients (num-clients x train.fraction-train, at least "
+            f"train.min-clients); expected 0 (every client) to {trained}"
+        )
     targets = config.examples_per_round
     if config.threat.share == "per-sample":
         targets = 1
