@@ -96,10 +96,9 @@ def attacks_inline_vs_pool(root: Path, args: argparse.Namespace) -> None:
     print(f"{'runner':<10} {'wall s':>18} {'jobs':>5} {'jobs/s':>7}")
     for workers, name in names.items():
         wall = series[name]
-        print(
-            f"{name:<10} {wall.text(1.0, 's'):>18} {jobs[workers]:5d} "
-            f"{jobs[workers] / wall.median:7.3f}"
-        )
+        # A throughput is a ratio too: none from a series `timing` calls invalid.
+        rate = "invalid" if wall.problem() else f"{jobs[workers] / wall.median:7.3f}"
+        print(f"{name:<10} {wall.text(1.0, 's'):>18} {jobs[workers]:5d} {rate:>7}")
     for workers in args.workers:
         ratio = Ratio(series[names[workers]], series["inline"])
         print(f"wall-time ratio pool x{workers} / inline: {ratio.text()}")
