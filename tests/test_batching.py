@@ -46,8 +46,11 @@ def mnist():
     return data.train_x[private], data.train_y[private], data.train_x[aux], data.train_y[aux]
 
 
-def _round(mnist, clients: int, per_client: int, share: str = "per-sample", spec=None):
-    """One round's observations (one shared weights object, as the strategy builds them)."""
+def _round(
+    mnist, clients: int, per_client: int, share: str = "per-sample", spec=None, steps: int = 0
+):
+    """One round's observations (one shared weights object, as the strategy builds them);
+    `steps` > 0: FedAvg deltas of that many local steps of one sample each."""
     x, y, aux_x, aux_y = mnist
     spec = spec or ModelSpec("lenet", tuple(x.shape[1:]), CLASSES, init="uniform", seed=0)
     model = build_model(spec)
@@ -62,7 +65,9 @@ def _round(mnist, clients: int, per_client: int, share: str = "per-sample", spec
             ys,
             CLASSES,
             parse_defense_spec("none"),
-            LocalTraining("fedsgd", per_client, share=share),
+            LocalTraining("fedavg", 1, steps, 0.1)
+            if steps
+            else LocalTraining("fedsgd", per_client, share=share),
             torch.Generator().manual_seed(client),
         )
         observations.append(
@@ -72,10 +77,10 @@ def _round(mnist, clients: int, per_client: int, share: str = "per-sample", spec
                 model=spec,
                 weights=weights,
                 update=update.update,
-                update_kind="gradient",
+                update_kind="delta" if steps else "gradient",
                 num_examples=per_client,
-                batch_size=per_client,
-                local_steps=1,
+                batch_size=1 if steps else per_client,
+                local_steps=steps or 1,
                 learning_rate=0.1,
                 defense="none",
                 per_sample_updates=update.per_sample,
@@ -87,19 +92,21 @@ def _round(mnist, clients: int, per_client: int, share: str = "per-sample", spec
 
 
 @pytest.mark.parametrize(
-    ("name", "params", "per_client", "share", "iterations"),
+    ("name", "params", "per_client", "share", "iterations", "steps"),
     [
-        ("ig", {"restarts": 2}, 1, "per-sample", 6),
-        ("ig", {}, 2, "batch", 6),
-        ("stepwise", {"stages": 2}, 2, "per-sample", 6),
+        ("ig", {"restarts": 2}, 1, "per-sample", 6, 0),
+        ("ig", {}, 2, "batch", 6, 0),
+        # FedAvg's unrolled steps: vmap over the stacked problems, autograd for one alone.
+        ("ig", {}, 2, "batch", 6, 2),
+        ("stepwise", {"stages": 2}, 2, "per-sample", 6, 0),
         # L-BFGS without line search amplifies round-off: 6e-8 after 1 step, 3e-3 after 4.
-        ("dlg", {}, 1, "batch", 3),
+        ("dlg", {}, 1, "batch", 3, 0),
     ],
 )
 def test_batched_across_clients_equals_one_at_a_time(
-    mnist, name, params, per_client, share, iterations
+    mnist, name, params, per_client, share, iterations, steps
 ):
-    observations, _, knowledge = _round(mnist, 3, per_client, share)
+    observations, _, knowledge = _round(mnist, 3, per_client, share, steps=steps)
     attack = build_attack(name, params, seed=7)
     budget = Budget(iterations, 600.0)
     batched = attack.reconstruct_batch(observations, knowledge, budget)
