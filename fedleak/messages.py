@@ -10,12 +10,14 @@ fedleak's client mod replies with its own arrays (updated weights) and metrics, 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedleak.config import RunConfig
+from fedleak.defenses import DPSGD, parse_defense_spec
 from fedleak.training.update import ClientUpdate
 
 ARRAYS, METRICS = "arrays", "metrics"
@@ -51,6 +53,9 @@ def reply_content(
     update: ClientUpdate, x: torch.Tensor, y: torch.Tensor, partition_id: int, config: RunConfig
 ) -> RecordDict:
     """Everything a simulated client sends back for one round."""
+    # Under DP-SGD the loss of the private batch would be a release outside the reported ε
+    # (exact for B = 1; under Poisson sampling NaN betrays an empty batch): it stays home.
+    private = parse_defense_spec(config.defense.spec).find(DPSGD) is not None
     metrics = MetricRecord(
         {
             NUM_EXAMPLES: update.num_examples,
@@ -58,9 +63,9 @@ def reply_content(
             "batch-size": config.train.batch_size,
             "local-steps": config.train.local_steps,
             "learning-rate": config.train.lr,
-            # NaN for an empty Poisson batch, which has no loss (every reply has the same keys,
-            # as Flower's aggregation requires).
-            "train-loss": float(update.loss),
+            # NaN for an empty Poisson batch, which has no loss, and under DP-SGD (every reply
+            # has the same keys, as Flower's aggregation requires).
+            "train-loss": math.nan if private else float(update.loss),
         }
     )
     audit = {"inputs": x, "labels": y}

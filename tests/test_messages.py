@@ -8,6 +8,8 @@ curious strategy splits it.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
@@ -125,6 +127,12 @@ def test_what_a_client_packs_is_what_the_server_unpacks(case: str, monkeypatch) 
     assert observation.local_steps == config.train.local_steps
     assert observation.learning_rate == config.train.lr
     assert observation.defense == config.defense.spec
+    # The private batch's loss crosses the wire only where no DP guarantee is claimed.
+    sent_loss = float(wire.content[METRICS]["train-loss"])
+    if case == "dpsgd":
+        assert math.isnan(sent_loss) and math.isfinite(float(update.loss))
+    else:
+        assert sent_loss == pytest.approx(float(update.loss), rel=1e-6)
     if update.per_sample is None:
         assert observation.per_sample_updates is None
     else:
