@@ -64,7 +64,7 @@ ALLOWED = {
     # Shared modules at the package root.
     "config.py": set(),
     "runtime.py": {"config", "data", "models", "training"},
-    "messages.py": {"config", "training"},
+    "messages.py": {"config", "training", "defenses"},
     "api.py": {"attacks", "metrics", "models", "defenses", "data", "training"},
 }
 
