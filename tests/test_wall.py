@@ -158,6 +158,7 @@ def test_attacks_cannot_replay_the_clients_random_draws(workers: int) -> None:
     runner = strategy.runner
     knowledge = runner.knowledge
     given = {knowledge.seed} | {attack.seed for attack in getattr(runner, "attacks", {}).values()}
+    given.add(strategy.public.model.seed)  # every observation's model spec
     if workers:
         given.add(runner.seed)
     assert given == {attacker_seed(7)} and 7 not in given

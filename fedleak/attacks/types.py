@@ -29,7 +29,9 @@ class Observation:
     (leading dimension = batch size). `bn_statistics` is set only when the run shares BatchNorm
     batch statistics (keys `<module>.mean` / `<module>.var`). `contributors`: how many released
     updates `update` averages (1 for one client; the round's clients in the aggregate-only
-    view), which adaptive losses need: the mean of several signs is not a sign.
+    view), which adaptive losses need: the mean of several signs is not a sign. `model`'s seed
+    is the attacker's, not the one that drew w_0: build the architecture from it, then load
+    `weights`.
     """
 
     round: int

@@ -163,7 +163,9 @@ def build_strategy(
     modality = fd.dataset.modality
     public = PublicSetting(
         modality=modality,
-        model=spec,
+        # Attacks get w_t itself; the seed that drew w_0 is the run's, which would let them
+        # redraw the clients' noise and masks (`fedleak.seeds`).
+        model=dataclasses.replace(spec, seed=knowledge.seed),
         update_kind="gradient" if train.mode == "fedsgd" else "delta",
         learning_rate=train.lr,
         server_lr=train.server_lr,
