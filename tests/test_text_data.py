@@ -92,7 +92,8 @@ def test_wikitext_lines_become_articles() -> None:
 
 def test_lee_news_is_the_real_corpus() -> None:
     corpus = load_corpus("lee-news")
-    assert len(corpus.documents) == 300
+    assert len(corpus.documents) == 293  # of 300 lines, 7 copies of others dropped
+    assert len({d.text for d in corpus.documents}) == 293
     assert 55_000 < sum(d.words for d in corpus.documents) < 65_000
     assert corpus.documents[0].text.startswith("Hundreds of people have been forced to vacate")
     assert corpus.source.endswith("lee_background.cor")
@@ -241,6 +242,18 @@ def test_federated_text_through_the_data_room() -> None:
     assert 0 < len(fd.dataset.test_x) <= MAX_TEST_SEQUENCES
     with pytest.raises(DataSplitError, match=r"data.partition='dirichlet'.*expected 'iid'"):
         build_federated_data("lee-news", None, 5, "dirichlet", 0, aux_size=500)
+
+
+@pytest.mark.parametrize("clients", [2, 10])
+def test_no_client_sequence_is_in_the_auxiliary_text_of_the_real_corpora(clients: int) -> None:
+    """Lee's corpus files some stories twice with small edits: whole-document splits alone put
+    24 and 11 of two clients' sequences in an auxiliary set of 1,000."""
+    for name in ("lee-news", "wikipedia"):
+        fd = build_federated_data(name, None, clients, "iid", 0, aux_size=1000)
+        rows = fd.dataset.train_x.numpy()
+        aux = {rows[i].tobytes() for i in fd.aux}
+        for partition in fd.partitions:
+            assert not any(rows[i].tobytes() in aux for i in partition), name
 
 
 def test_same_split_and_tokenizer_in_separate_processes(tmp_path: Path) -> None:

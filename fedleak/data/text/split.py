@@ -7,7 +7,8 @@ auxiliary text and tokenizer as every client):
 1. the test documents: the corpus' own test split, or a `test_fraction` of the words;
 2. the attacker's auxiliary documents: enough to hold `aux_size` sequences for sure (every
    whitespace word is at least one byte-level token, and each document loses fewer than L
-   tokens to the cut), from which exactly `aux_size` sequences are drawn;
+   tokens to the cut), from which exactly `aux_size` sequences are drawn, none of them a
+   sequence that a client's document also holds (near-copies of an article exist);
 3. the clients' documents: the rest, dealt to partitions in random order, each document to the
    partition holding the fewest sequences so far (balanced, every document whole).
 The tokenizer is trained on the auxiliary documents only, then every document is tokenised on
@@ -118,6 +119,17 @@ def split_text(
 
     aux_pool = np.concatenate([np.zeros((0, seq_len), np.int64), *aux_seqs])
     aux_owner = np.repeat(np.asarray(aux_ids, dtype=np.int64), [len(s) for s in aux_seqs])
+    # Different documents can share a passage (a news story filed twice with small edits): no
+    # sequence a client holds may reach the attacker through another document.
+    held = {row.tobytes() for seqs in client_seqs for row in seqs}
+    fresh = np.asarray([row.tobytes() not in held for row in aux_pool], dtype=bool)
+    aux_pool, aux_owner = aux_pool[fresh], aux_owner[fresh]
+    if len(aux_pool) < aux_size:
+        raise DataSplitError(
+            f"data.aux-size={aux_size}: the {corpus.name} auxiliary documents hold "
+            f"{len(aux_pool)} sequences of {seq_len} tokens that no client also holds; lower "
+            "aux-size or seq-len"
+        )
     aux_rng = np.random.default_rng([seed, _AUX_STREAM])
     chosen = np.sort(aux_rng.choice(len(aux_pool), size=aux_size, replace=False))
 
