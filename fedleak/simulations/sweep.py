@@ -39,7 +39,8 @@ Cells live in `<out>/<name>/cell-XXX-<short description>/`, listed with their st
 `sweep.json` (pending, queued, running, done, failed, skipped, or interrupted after Ctrl-C or
 SIGTERM, which stop the running cells at their safe point).
 A cell is finished when its run wrote DONE (every configured round recorded and checked); a
-rerun skips finished cells and starts unfinished ones again from scratch. With
+rerun skips finished cells, resumes interrupted ones from their finished rounds (as
+`sim.resume`) and starts failed ones, or ones this machine cannot resume, again. With
 `skip-unavailable-data`, cells whose data set is not on disk (e.g. CIFAR-10 offline) are
 recorded as skipped instead of failing, and a later rerun tries them again.
 
@@ -544,6 +545,23 @@ def _finished(path: Path) -> bool:
     return _is_run(path) and RunDirectory.open(path).is_finished()
 
 
+def _resumable_rounds(config: RunConfig, path: Path, plan: SweepPlan) -> int:
+    """The rounds an unfinished cell can go on from (0: start it over): none for a run that
+    failed, has no checkpoint, or that this machine cannot resume bit for bit (its clients
+    computed on another number of threads)."""
+    from fedleak.simulations.launch import client_threads
+    from fedleak.simulations.study import check_resumable
+
+    run = RunDirectory.open(path)
+    try:
+        if run.failed_reason() or run.load_global_model() is None:
+            return 0
+        check_resumable(config, path, plan.num_clients, client_threads(plan.client_cpus))
+        return run.finished_rounds()
+    except (ConfigError, RunDirectoryError):
+        return 0
+
+
 def _check_existing(cell: Cell, path: Path, num_clients: int) -> None:
     """A cell folder from an earlier start must hold this very cell's configuration, run with
     as many clients."""
@@ -743,11 +761,20 @@ def _run_plan(
         )
 
     def fresh(cell: Cell) -> RunConfig:
-        # An unfinished cell starts over: its partial records belong to an interrupted run.
-        # Only the run's own files go (`_check_folders` refused folders with others' files).
-        if is_run_directory(paths[cell.id]):
-            RunDirectory(paths[cell.id]).clear()
-        return dataclasses.replace(cell.config, out_dir=str(paths[cell.id]))
+        # An interrupted cell goes on from its finished rounds, as `sim.resume` does; one that
+        # failed, or cannot be resumed here, starts over. Only the run's own files go
+        # (`_check_folders` refused folders with others' files).
+        path = paths[cell.id]
+        config = dataclasses.replace(cell.config, out_dir=str(path))
+        if not is_run_directory(path):
+            return config
+        resumed = dataclasses.replace(config, sim=dataclasses.replace(config.sim, resume=True))
+        done = _resumable_rounds(resumed, path, plan)
+        if done:
+            say(f"  {cell.id}: resuming after round {done}")
+            return resumed
+        RunDirectory(path).clear()
+        return config
 
     def mark_interrupted() -> None:
         # After Ctrl-C, sweep.json must not go on saying that a cell runs or waits.
