@@ -8,10 +8,10 @@ Sources (texts in `shared/seeds/`):
 - Inverting Gradients (Geiping et al. 2020): cosine matching over all parameters, total
   variation, Adam with learning rate 0.1 on the *signs* of the input gradients, projection onto
   the data range after each step, learning rate x0.1 at 3/8, 5/8 and 7/8 of the iterations,
-  restarts keeping the lowest matching loss. TV weight 1e-4 by default (the paper's value; best
-  here on MNIST-5k digits, ~43 dB on the sigmoid LeNet). Natural images want more: on the
-  embedded CIFAR-10 images 1e-2, GradAttack's best in its CIFAR-10 search, gives ~17.6 dB
-  against ~12 dB at 1e-4 (set `attack.ig.tv-weight`).
+  restarts keeping the lowest matching loss. TV weight by default 1e-4 on one-channel images
+  (the paper's value; best here on MNIST-5k digits, ~43 dB on the sigmoid LeNet) and 1e-2 on
+  colour ones: on the embedded CIFAR-10 images 1e-2, GradAttack's best in its CIFAR-10 search,
+  gives ~17.6 dB against ~12 dB at 1e-4 (`attack.ig.tv-weight` sets it).
 - GradInversion-style BatchNorm prior as evaluated by GradAttack (Huang et al. 2021): the IG
   objective + alpha_BN * sum_l (||mean_l - mu_l||_2 + ||var_l - sigma_l^2||_2), alpha_BN = 1e-3;
   TV weight by defense as tuned there (0.05 pruning, 0.1 MixUp, 0.01 InstaHide; 1e-2 otherwise).
@@ -115,7 +115,9 @@ class IGConfig(InversionConfig):
     signed: bool = setting(True, doc="step on the signs of the input gradients")
     boxed: bool = setting(True, doc="project onto the data range after each step")
     tv_weight: float | None = setting(
-        None, low=0.0, doc="total variation weight; none: 1e-4 (GradInversion: per defense)"
+        None,
+        low=0.0,
+        doc="total variation weight; none: 1e-4 grey, 1e-2 colour (GradInversion: per defense)",
     )
     bn_weight: float = setting(0.0, low=0.0, doc="BatchNorm statistics prior weight")
     bn_mode: BatchNormMode = setting("auto", doc="whose BatchNorm statistics the prior targets")
