@@ -486,6 +486,38 @@ def test_ctrl_c_stops_a_parallel_sweep_and_starts_no_queued_cell(tmp_path: Path)
     assert statuses == ["interrupted"] * 4
 
 
+def second_cell_finishes_runner(config: RunConfig, path: Path) -> Path:
+    """The first cell stops at Ctrl-C; the second is in its last round and ends all the same."""
+    if not path.name.startswith("cell-001"):
+        return waiting_runner(config, path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "started").touch()
+    with _stop_on_first_signal():
+        while not stop_requested():
+            time.sleep(0.05)
+    (path / "started").unlink()  # the marker is no file of a run directory
+    return fake_runner(config, path)
+
+
+def test_a_cell_that_ends_while_a_parallel_sweep_stops_is_recorded_done(tmp_path: Path) -> None:
+    child, sweep_dir = _start_sweep(
+        tmp_path,
+        GRID.replace("num-clients = 2", "num-clients = 2\nparallel = 2"),
+        "second_cell_finishes_runner",
+    )
+    try:
+        _started(sweep_dir, 2)
+        os.killpg(child.pid, signal.SIGINT)
+        out, _ = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+    assert child.returncode == 130, out
+    cells = read_manifest(sweep_dir)["cells"]
+    assert [c["status"] for c in cells] == ["interrupted", "done", "interrupted", "interrupted"]
+    assert cells[1]["seconds"] > 0 and (sweep_dir / cells[1]["id"] / "DONE").exists()
+
+
 def _start_sweep(tmp_path: Path, grid: str, runner: str) -> tuple[subprocess.Popen[str], Path]:
     """`INTERRUPTIBLE_SWEEP` of `grid` with `runner`, in a session of its own."""
     source = str(_write(tmp_path, grid))

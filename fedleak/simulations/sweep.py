@@ -832,6 +832,10 @@ def _run_plan(
                     # The running cells stop at their own safe point (a terminal's Ctrl-C
                     # reaches their processes too); nothing else starts.
                     pool.shutdown(wait=True, cancel_futures=True)
+                    # A cell may reach its end before its safe point: it is done, not stopped.
+                    for future, cell in running.items():
+                        if not future.cancelled() and future.exception() is None:
+                            record(cell, future.result())
     except BaseException:
         mark_interrupted()
         raise
