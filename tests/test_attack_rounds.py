@@ -48,20 +48,27 @@ def _reply(client: int) -> Message:
     return Message(content=content, dst_node_id=client + 1, message_type="train")
 
 
-@pytest.mark.parametrize(("spec", "expected"), [("all", [1, 2, 3]), ("1,last", [1, 3])])
-def test_only_the_named_rounds_are_attacked(spec: str, expected: list[int]) -> None:
+def _strategy(
+    runner: Recorder, clients_per_round: int, attacked: frozenset[int] | None = None
+) -> CuriousStrategy:
+    """A curious FedAvg over a 3-parameter MLP that attacks with aux-mean."""
     public = PublicSetting(ModelSpec("mlp", (1, 2, 2), 3), "delta", 0.1, 1.0, "none", False)
-    runner = Recorder()
-    strategy = CuriousStrategy(
+    return CuriousStrategy(
         FedAvg(fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1),
         public,
         runner,
         Auditor(),
         attacks=("aux-mean",),
-        clients_per_round=0,
+        clients_per_round=clients_per_round,
         seed=0,
-        attacked_rounds=attacked_rounds(spec, 3),
+        attacked_rounds=attacked,
     )
+
+
+@pytest.mark.parametrize(("spec", "expected"), [("all", [1, 2, 3]), ("1,last", [1, 3])])
+def test_only_the_named_rounds_are_attacked(spec: str, expected: list[int]) -> None:
+    runner = Recorder()
+    strategy = _strategy(runner, clients_per_round=0, attacked=attacked_rounds(spec, 3))
     weights = ArrayRecord({"w": torch.zeros(3)})
     for r in (1, 2, 3):
         list(strategy.configure_train(r, weights, ConfigRecord(), Grid()))
@@ -76,17 +83,8 @@ def test_fewer_replies_than_clients_per_round_attacks_all_and_says_so(
 ) -> None:
     """An audited app's pool is only known once it replies: asking for more attacked clients
     than replied attacks every one, and the log says so."""
-    public = PublicSetting(ModelSpec("mlp", (1, 2, 2), 3), "delta", 0.1, 1.0, "none", False)
     runner = Recorder()
-    strategy = CuriousStrategy(
-        FedAvg(fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1),
-        public,
-        runner,
-        Auditor(),
-        attacks=("aux-mean",),
-        clients_per_round=5,
-        seed=0,
-    )
+    strategy = _strategy(runner, clients_per_round=5)
     list(strategy.configure_train(1, ArrayRecord({"w": torch.zeros(3)}), ConfigRecord(), Grid()))
     with caplog.at_level("WARNING", logger="fedleak.server.strategy"):
         strategy.aggregate_train(1, [_reply(0), _reply(1)])

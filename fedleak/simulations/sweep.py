@@ -84,6 +84,7 @@ from fedleak.report import collect
 from fedleak.report.collect import MANIFEST
 from fedleak.report.progress import Progress
 from fedleak.report.rundir import (
+    CHECKPOINT_FILE,
     LOCK_FILE,
     RunDirectory,
     RunDirectoryError,
@@ -554,8 +555,9 @@ def _resumable_rounds(config: RunConfig, path: Path, plan: SweepPlan) -> int:
 
     run = RunDirectory.open(path)
     try:
-        if run.failed_reason() or run.load_global_model() is None:
+        if run.failed_reason() or not (path / CHECKPOINT_FILE).is_file():
             return 0
+        # Also reads the checkpoint, and refuses one that is damaged or does not fit.
         check_resumable(config, path, plan.num_clients, client_threads(plan.client_cpus))
         return run.finished_rounds()
     except (ConfigError, RunDirectoryError):
