@@ -62,6 +62,16 @@ def _remove(relative: str) -> Setup:
     return setup
 
 
+def _cut(relative: str, count: int) -> Setup:
+    """The file less its last `count` bytes."""
+
+    def setup(tmp: Path) -> None:
+        path = tmp / relative
+        path.write_bytes(path.read_bytes()[:-count])
+
+    return setup
+
+
 def _finished_run(tmp: Path) -> None:
     config = parse_flat({"num-server-rounds": 1, "out-dir": str(tmp / "done")})
     run = RunDirectory.create(tmp / "done", config, {})
@@ -423,6 +433,22 @@ CASES = [
         status=1,
         setup=_run_with_checkpoint({"round": 1, "state_dict": {"w": torch.zeros(2)}}),
     ),
+    # A checkpoint past the recorded rounds (utility.csv restored from an older copy): the
+    # resume would start after rounds it never recorded, and write DONE.
+    Case(
+        "resume-checkpoint-past-the-records",
+        RESUME,
+        "global.pt: is from round 3, but utility.csv does not record round(s) 2-3",
+        status=1,
+        setup=_run_with_checkpoint({"round": 3, "state_dict": {}}),
+    ),
+    Case(
+        "resume-cut-utility",
+        RESUME,
+        "utility.csv: unreadable (ValueError: its last row is cut short)",
+        status=1,
+        setup=lambda tmp: (_finished_run(tmp), _cut("done/utility.csv", 4)(tmp)),
+    ),
     Case(
         "resume-not-a-checkpoint",
         RESUME,
@@ -678,3 +704,37 @@ def test_the_resume_hint_says_each_setting_once() -> None:
         "fedleak", "run", "quickstart", "--set", "seed=3", "--client-cpus", "2.0",
         "--out", "/runs/x", "--set", "sim.resume=true",
     ]  # fmt: skip
+
+
+def test_a_report_that_cannot_be_built_leaves_no_stale_one_and_the_run_exits_1(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A resumed run whose report fails (a damaged figure, say) printed the earlier report's
+    path and exited 0: the user read the rounds before the resume as the run's result."""
+    from fedleak.report import build
+    from fedleak.simulations import study
+
+    _finished_run(tmp_path)
+    done = tmp_path / "done"
+    html, markdown = build.build_report(done)
+
+    def broken(_: Path) -> tuple[Path, Path]:
+        raise ValueError("a figure is damaged")
+
+    monkeypatch.setattr(build, "build_report", broken)
+    study.write_report(done)  # as the ServerApp does at the run's end
+    assert not html.exists() and not markdown.exists()
+    assert "fedleak: report not built (ValueError: a figure is damaged)" in capsys.readouterr().out
+    monkeypatch.setattr(launch, "run_study", lambda *_, **__: done)
+    status = main(["run", str(done / "config.toml"), "--out", str(done)])
+    out, err = capsys.readouterr()
+    assert status == 1 and out == ""
+    assert err.splitlines() == [
+        "fedleak: the run finished, but its report could not be built (ValueError: a figure "
+        f"is damaged); rebuild it with `fedleak report {done}`"
+    ]
+    (tmp_path / "mine").mkdir()
+    own = tmp_path / "mine" / "report.html"
+    own.write_text("my notes")
+    build.discard_report(own.parent)  # a user's own report.html is never removed
+    assert own.read_text() == "my notes"

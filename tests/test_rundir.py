@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import pickle
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -181,11 +183,28 @@ def test_create_refuses_a_folder_with_records(run: RunDirectory) -> None:
 def test_checkpoint_round_trip_loads_tensors_only(run: RunDirectory) -> None:
     assert run.load_global_model() is None
     weights = {"conv.weight": torch.randn(4, 3, 5, 5), "fc.bias": torch.randn(10)}
+    for server_round in (1, 2):
+        run.append_round(server_round, _rows(server_round, 20.0), _utility(0.3))
     run.save_global_model(2, weights)
     server_round, loaded = RunDirectory.open(run.path).load_global_model()
     assert server_round == 2 and list(loaded) == list(weights)
     assert all(torch.equal(loaded[k], weights[k]) for k in weights)
     torch.load(run.path / "checkpoints" / "global.pt", weights_only=True)
+
+
+def test_a_legacy_pickle_checkpoint_is_refused_without_torchs_warnings(
+    run: RunDirectory,
+) -> None:
+    """torch warns on a pre-zip pickle before refusing it: two lines on stderr beside the
+    one-line error (seen from the command line)."""
+    checkpoint = run.path / "checkpoints" / "global.pt"
+    checkpoint.parent.mkdir(exist_ok=True)
+    checkpoint.write_bytes(pickle.dumps({"round": 1, "state_dict": {}}, protocol=4))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(RunDirectoryError, match=r"global\.pt: unreadable"):
+            run.load_global_model()
+    assert [str(w.message) for w in caught] == []
 
 
 def test_summary_lists_each_round_with_means(run: RunDirectory) -> None:

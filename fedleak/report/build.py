@@ -4,6 +4,7 @@ a sweep, built only from the files in DIR, so it can be rebuilt at any time with
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -390,6 +391,15 @@ def _check_ours(file: Path) -> None:
             f"{file}: exists and was not written by fedleak; move it away to build the report "
             "in this folder"
         )
+
+
+def discard_report(path: Path) -> None:
+    """Remove the run's report.html and report.md when fedleak wrote them: after a build
+    failed they show an earlier state of the run (its figures go with the next build)."""
+    for file in (path / HTML_FILE, path / MARKDOWN_FILE):
+        with contextlib.suppress(RunDirectoryError):
+            _check_ours(file)
+            file.unlink(missing_ok=True)
 
 
 def rebuild_reports(path: Path) -> list[Path]:

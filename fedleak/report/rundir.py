@@ -41,6 +41,7 @@ import pandas as pd
 import torch
 
 from fedleak.config import ConfigError, RunConfig, load_toml
+from fedleak.tensorfile import load_tensors
 
 # Column -> dtype. Strings use pandas' "str" dtype; ints are int64 with -1 for "not applicable";
 # bools default to False. The labels are nullable (Int64): empty on text rows (`TEXT_EMPTY`).
@@ -225,12 +226,28 @@ def _unreadable(path: Path, error: Exception) -> RunDirectoryError:
     )
 
 
+def _rounds_text(rounds: Sequence[int]) -> str:
+    """1, 2, 5 as '1-2, 5'."""
+    spans: list[list[int]] = []
+    for r in rounds:
+        if spans and r == spans[-1][1] + 1:
+            spans[-1][1] = r
+        else:
+            spans.append([r, r])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
 def read_utility_csv(path: Path) -> pd.DataFrame:
     """`utility.csv` with its fixed dtypes (an absent file reads as no rows)."""
     if not path.exists():
         return empty_frame(UTILITY_COLUMNS)
     try:
-        return _typed_utility(pd.read_csv(path))
+        data = path.read_bytes()
+        # Written whole (atomic_write), so it ends with a newline: a cut file's last row
+        # would otherwise read as a round with its missing fields empty.
+        if data and not data.endswith(b"\n"):
+            raise ValueError("its last row is cut short")
+        return _typed_utility(pd.read_csv(io.BytesIO(data)))
     except Exception as error:  # pandas' parser errors, bad dtypes, a folder in its place
         raise _unreadable(path, error) from None
 
@@ -644,7 +661,7 @@ class RunDirectory:
         if not file.exists():
             return None
         try:
-            saved = torch.load(file, map_location="cpu", weights_only=True)
+            saved = load_tensors(file)
         except Exception as error:  # torch's unpickling errors, truncated zip files, ...
             raise _unreadable(file, error) from None
         state = saved.get("state_dict") if isinstance(saved, dict) else None
@@ -659,6 +676,16 @@ class RunDirectory:
             raise RunDirectoryError(
                 f"{file}: not a fedleak checkpoint (expected a round and a state dict of "
                 "tensors); restore it or start the run again in a new out-dir"
+            )
+        # The checkpoint is saved after its round's records, so these hold every round up to
+        # it; a resume from a later checkpoint would skip the missing rounds for good.
+        recorded = set(self.utility()["round"].tolist())
+        missing = [r for r in range(1, server_round + 1) if r not in recorded]
+        if missing:
+            raise RunDirectoryError(
+                f"{file}: is from round {server_round}, but {UTILITY_FILE} does not record "
+                f"round(s) {_rounds_text(missing)}; restore both from one moment or start the "
+                "run again in a new out-dir"
             )
         return server_round, dict(state)
 

@@ -34,6 +34,11 @@ class UsageError(Exception):
     """A malformed command line (argparse's error), reported as one line."""
 
 
+class ReportNotBuilt(Exception):
+    """A run whose records are complete but whose report failed: the command did not give
+    what it promises, so it does not exit 0 (DONE stays: every round is recorded)."""
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but an error is one line (raised, not printed with the usage block), and
     options are spelt out: `--verbose` is looked up in argv before parsing (so that a parse
@@ -107,7 +112,14 @@ def _run(args: argparse.Namespace) -> int:
         raise
     html = path / HTML_FILE
     if not html.exists():  # the ServerApp builds it; a failure there was announced
-        html, _ = build_report(path)
+        try:
+            html, _ = build_report(path)
+        except Exception as error:
+            raise ReportNotBuilt(
+                f"the run finished, but its report could not be built "
+                f"({_one_line(f'{type(error).__name__}: {error}')}); rebuild it with "
+                f"`fedleak report {path}`"
+            ) from error
     print(f"run directory: {path}\nsummary: {path / 'summary.md'}\nreport: {html}")
     _headline(path)
     return 0
@@ -375,7 +387,7 @@ def _describe(error: BaseException) -> tuple[str, int]:
         return f"fedleak: {_one_line(str(error))}", EXIT_USAGE
     if isinstance(error, ConfigError):
         return f"fedleak: configuration error: {_one_line(str(error))}", EXIT_USAGE
-    if isinstance(error, StudyFailed | SweepFailed):
+    if isinstance(error, StudyFailed | SweepFailed | ReportNotBuilt):
         return f"fedleak: {_one_line(str(error))}", EXIT_ERROR
     if is_own_error(error):
         return f"fedleak: error: {_one_line(str(error))}", EXIT_ERROR

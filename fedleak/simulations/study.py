@@ -277,11 +277,12 @@ def announce(text: str) -> None:
 def write_report(path: Path) -> None:
     """report.html / report.md in the run directory, as `fedleak report` builds them; a report
     that cannot be built is announced, not raised: the run's records are complete without it."""
-    from fedleak.report.build import build_report
+    from fedleak.report.build import build_report, discard_report
 
     try:
         html, _ = build_report(path)
     except Exception as error:  # the records are what matters; the report can be rebuilt
+        discard_report(path)
         announce(
             f"fedleak: report not built ({type(error).__name__}: {error}); rebuild it with "
             f"`fedleak report {path}`"

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from fedleak.tensorfile import load_tensors
+
 
 class InverterStoreError(ValueError):
     """A saved inverter that cannot be read."""
@@ -98,7 +100,7 @@ class InverterStore:
             return None
         _, path = candidates[-1]
         try:
-            saved = torch.load(path, map_location=device, weights_only=True)
+            saved = load_tensors(path, device)
             meta = dict(saved["meta"])
             state_dict = dict(saved["state_dict"])
         except Exception as error:  # a damaged or foreign file: never unpickled beyond tensors
