@@ -414,6 +414,15 @@ def _check_consistency(config: RunConfig) -> None:
             f"train.examples={train.examples}: fedsgd uses one batch, so expected 0 or "
             f"train.batch-size ({train.batch_size})"
         )
+    used = train.local_steps * train.batch_size
+    # (Poisson steps draw from the whole partition: there train.examples is refused apart.)
+    if train.mode == "fedavg" and train.examples > used and config.defense.dp_sampling != "poisson":
+        # The client would declare (and be scored on) examples that never enter its update.
+        raise ConfigError(
+            f"train.examples={train.examples}: fedavg's {train.local_steps} local step(s) of "
+            f"train.batch-size={train.batch_size} use {used} examples, so the others would "
+            f"never enter the update; expected 0 or at most {used} (or more local steps)"
+        )
     if config.threat.share == "per-sample" and train.mode != "fedsgd":
         raise ConfigError(
             "threat.share='per-sample': per-sample updates exist only in fedsgd; "

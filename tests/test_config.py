@@ -102,8 +102,11 @@ def test_nested_toml_and_flat_keys_name_the_same_settings() -> None:
 def test_fedsgd_uses_exactly_one_batch() -> None:
     config = parse_flat({"train.batch-size": 8})
     assert config.train.examples_per_round == 8
-    fedavg = parse_flat({"train.mode": "fedavg", "train.examples": 32, "train.local-steps": 4})
-    assert fedavg.train.examples_per_round == 32
+    fedavg = {"train.mode": "fedavg", "train.examples": 32, "train.local-steps": 4}
+    assert parse_flat({**fedavg, "train.batch-size": 8}).train.examples_per_round == 32
+    # Examples past the local steps' K * B would be declared and scored, never trained on.
+    with pytest.raises(ConfigError, match=r"train\.examples=32: fedavg's 4 local step\(s\)"):
+        parse_flat({**fedavg, "train.batch-size": 4})
 
 
 def test_every_known_key_is_accepted_with_its_default() -> None:

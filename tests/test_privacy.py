@@ -69,11 +69,6 @@ def test_fedavg_steps_are_counted_and_reused_examples_are_not_fresh_draws() -> N
     )
     assert (one_pass.sample_size, one_pass.releases) == (30, 1)
     assert one_pass.client_epsilon(0, 20) == pytest.approx(_reference(30 / 400, 1.1, 20))
-    # Examples drawn but never used by a step do not count.
-    unused = _ledger(
-        [400], **{"train.mode": "fedavg", "train.local-steps": 2, "train.examples": 30}
-    )
-    assert (unused.sample_size, unused.releases) == (20, 1)
     # 4 steps of 5 cycling through 10 drawn examples: each is used in 2 steps of one draw.
     cycled = _ledger(
         [400],

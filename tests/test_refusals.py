@@ -167,6 +167,12 @@ CASES = [
         "defense.dp-sampling='poisson': samples DP-SGD's batch, but defense.spec='none' has no",
     ),
     Case(
+        "fedavg-examples-never-used",
+        (*CHECK, "--set", "train.mode=fedavg", "--set", "train.examples=8"),
+        "train.examples=8: fedavg's 1 local step(s) of train.batch-size=2 use 2 examples, so "
+        "the others would never enter the update; expected 0 or at most 2",
+    ),
+    Case(
         "poisson-fedavg-examples",
         (*CHECK, *POISSON, "--set", "train.mode=fedavg", "--set", "train.examples=8"),
         "defense.dp-sampling='poisson': each local step draws its own batch from the whole "
