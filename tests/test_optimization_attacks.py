@@ -18,7 +18,11 @@ import pytest
 import torch
 from torch import Tensor
 
-from fedleak.attacks.optimization.attacks import ObservationError
+from fedleak.attacks.optimization.attacks import (
+    ObservationError,
+    interchangeable_slots,
+    label_placements,
+)
 from fedleak.attacks.optimization.engine import BatchedLBFGS, Settings, StepDecay, optimise
 from fedleak.attacks.optimization.losses import (
     MatchingLoss,
@@ -72,12 +76,15 @@ def observe(
     init: str = "uniform",
     local_steps: int = 1,
     bn_statistics: bool = False,
+    batch_size: int | None = None,
+    lr: float = 0.1,
 ):
     """An observation of the client holding `data`'s private images, and the attacker's view."""
     x, y, aux_x, aux_y = data
     spec = ModelSpec(model, tuple(x.shape[1:]), NUM_CLASSES, init=init, seed=0)
     net = build_model(spec)
-    training = LocalTraining(mode, x.shape[0], local_steps, 0.1, share)
+    batch_size = batch_size or x.shape[0]
+    training = LocalTraining(mode, batch_size, local_steps, lr, share)
     update = compute_update(
         net,
         x,
@@ -96,9 +103,9 @@ def observe(
         update=update.update,
         update_kind="gradient" if mode == "fedsgd" else "delta",
         num_examples=x.shape[0],
-        batch_size=x.shape[0],
+        batch_size=batch_size,
         local_steps=local_steps,
-        learning_rate=0.1,
+        learning_rate=lr,
         defense=defense,
         per_sample_updates=update.per_sample,
         bn_statistics=update.bn_statistics,
@@ -193,6 +200,39 @@ def test_fedavg_delta_is_inverted_by_unrolling_local_steps(mnist):
     result = run("ig", observation, knowledge, 300)
     assert result.labels.tolist() == data[1].tolist()
     assert mean_psnr(result, data[0]) > baseline_psnr(observation, knowledge, data[0]) + 8
+
+
+def test_fedavg_labels_are_placed_in_the_steps_that_trained_on_them(mnist):
+    """Labels are recovered as a multiset; FedAvg's 2 steps of 2 trained on {5, 0} then
+    {7, 3}. In recovered (sorted) order, {0, 3} | {5, 7}, no image matches the update (about
+    3 dB); scored at the start, the placement is found and IG converges (about 13 dB)."""
+    order = [2, 0, 3, 1]  # the fixture's classes are 0, 3, 5, 7
+    data = (mnist[0][order], mnist[1][order], *mnist[2:])
+    observation, knowledge = observe(
+        data, "none", "batch", "fedavg", init="default", local_steps=2, batch_size=2, lr=0.01
+    )
+    placed = run("ig", observation, knowledge, 500)
+    unplaced = run("ig", observation, knowledge, 500, {"placements": 1})
+    assert sorted(placed.labels.tolist()) == sorted(unplaced.labels.tolist()) == [0, 3, 5, 7]
+    assert set(placed.labels[:2].tolist()) == {5, 0}  # the first step's
+    assert unplaced.labels.tolist() == [0, 3, 5, 7]
+    assert float(placed.loss_final.max()) < 1e-4 < float(unplaced.loss_final.min())
+    assert mean_psnr(placed, data[0]) > mean_psnr(unplaced, data[0]) + 6
+
+
+def test_placements_are_the_distinct_step_sets_of_the_labels():
+    generator = torch.Generator().manual_seed(0)
+    disjoint = interchangeable_slots(4, 2, 2)  # steps take slots 0-1 and 2-3
+    assert disjoint == [[0, 1], [2, 3]]
+    distinct = label_placements(torch.tensor([0, 3, 5, 7]), disjoint, 16, generator)
+    assert len(distinct) == 6 and distinct[0].tolist() == [0, 3, 5, 7]
+    assert len(label_placements(torch.tensor([1, 1, 2, 2]), disjoint, 16, generator)) == 3
+    eight = torch.arange(8)  # 70 placements in 2 steps of 4: 16 of them are tried
+    assert len(label_placements(eight, interchangeable_slots(8, 2, 4), 16, generator)) == 16
+    # 3 steps of 2 cycling through 4 slots: slots 0-1 train in steps 0 and 2, 2-3 in step 1.
+    assert interchangeable_slots(4, 3, 2) == [[0, 1], [2, 3]]
+    # 2 steps of 2 over 3 slots: slot 0 trains in both steps, 1 in the first, 2 in the second.
+    assert interchangeable_slots(3, 2, 2) == [[0], [1], [2]]
 
 
 # ---------------------------------------------------------------- BatchNorm threat models

@@ -81,6 +81,9 @@ class InversionConfig(Settings):
     tanh_scale: float = setting(
         1.0, low=0.0, low_open=True, doc="mean of sign releases: tanh(scale * g / rms(g))"
     )
+    placements: int = setting(
+        16, low=1, doc="FedAvg: label placements across local steps scored at the start"
+    )
     count_population: int = setting(64, low=1, doc="HFGradInv label-count search: population")
     count_generations: int = setting(60, low=1, doc="HFGradInv label-count search: generations")
 
