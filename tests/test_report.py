@@ -51,6 +51,7 @@ def _make_run(
     epsilon: bool = False,
     central: tuple[float, float] = (0.0, 0.0),
     dp_sampling: str = "fixed",
+    clients: tuple[int, ...] = (0, 3),
 ) -> None:
     """A plausible run: the floor and two attacks on two clients, one failed and one diverged
     attack run, and image grids whose pixels agree with the rows' PSNR (LPIPS is a function of
@@ -72,7 +73,7 @@ def _make_run(
     gen = torch.Generator().manual_seed(seed + 100 * batch_size)
     for r in range(0, rounds + 1):
         rows: list[dict[str, object]] = []
-        for client in (0, 3) if r else ():
+        for client in clients if r else ():
             truth = torch.rand(batch_size, 1, 12, 12, generator=gen)
             for attack, noise in _NOISE.items():
                 if attack == "ig" and r == 2 and client == 3:
@@ -439,6 +440,25 @@ def test_reconstruction_grids_show_ranked_samples(run_report: Path) -> None:
         assert image.width >= 5 * 100  # tiles upscaled far beyond 12 pixels
 
 
+def test_the_aggregate_views_reconstructions_are_shown(tmp_path: Path) -> None:
+    """The aggregate view's target is client -1, saved as `r001_c-01_ig.png`: the gallery's
+    file pattern left it out, and the report had no Reconstructions section."""
+    from fedleak.report.collect import load_study
+    from fedleak.report.gallery import run_samples
+    from fedleak.report.tables import originals
+
+    path = tmp_path / "aggregate"
+    _make_run(path, clients=(-1,))
+    assert (path / "images" / "r001_c-01_ig.png").exists()
+    study = load_study(path)
+    rows = originals(study.leakage())
+    ig = rows[rows["attack"] == "ig"]
+    assert len(run_samples(study.runs[0], ig, "lpips_alex")) == len(ig) > 0
+    build_report(path)
+    markdown = (path / "report.md").read_text()
+    assert "## Reconstructions" in markdown and "reconstructions-00.png" in markdown
+
+
 def test_legacy_runs_without_the_reference_column_draw_aux_mean_as_the_floor(
     run_report: Path, tmp_path: Path
 ) -> None:
@@ -729,3 +749,30 @@ def test_a_text_report_marks_unconverged_tag_runs_and_renders_code(tmp_path: Pat
     ]
     page = html.read_text()
     assert "<code>rouge-score</code>" in page and "`" not in re.sub(r"<pre>.*?</pre>", "", page)
+
+
+def test_a_gallery_pooling_seeds_says_each_tiles_seed(sweep_report: Path) -> None:
+    """A sweep's gallery pools a setting's seeds: two tiles could both read "round 2,
+    client 1" and show different images; each then says its run's seed too."""
+    from fedleak.report.collect import load_study
+    from fedleak.report.gallery import _LINE, gallery_figure, run_samples
+
+    study = load_study(sweep_report)
+    rows = study.leakage()
+    rows = rows[(rows["attack"] == "ig") & (rows["scored_against"] == "original")]
+    pooled = [
+        sample
+        for name, run_rows in rows.groupby("run")
+        for sample in run_samples(
+            next(r for r in study.runs if r.name == name), run_rows, "lpips_alex"
+        )
+    ]
+    assert {sample.seed for sample in pooled} == {0, 1}
+    one_seed = [s for s in pooled if s.seed == 0][:2]
+    two_seeds = one_seed[:1] + [s for s in pooled if s.seed == 1][:1]
+    heights = []
+    for chosen in (one_seed, two_seeds):
+        figure = gallery_figure({"ig": list(zip("ab", chosen, strict=True))}, "LPIPS")
+        with Image.open(io.BytesIO(figure)) as image:
+            heights.append(image.height)
+    assert heights[1] == heights[0] + _LINE  # the line that names the seed

@@ -26,7 +26,8 @@ from PIL import Image, ImageDraw, ImageFont
 from fedleak.report.collect import RunRecord
 
 PADDING = 2  # torchvision's make_grid padding used by RunDirectory.save_images
-_GRID_NAME = re.compile(r"r(\d+)_c(\d+)_(.+)\.png")
+# The aggregate view's one target per round is client -1 (`c-01`).
+_GRID_NAME = re.compile(r"r(\d+)_c(-?\d+)_(.+)\.png")
 # Columns per attack: best, quartiles, median, worst (fewer when fewer samples have images).
 COLUMNS = 5
 # A tile's recomputed PSNR must match its row within this, unless both are this high (8-bit
@@ -46,6 +47,7 @@ class Sample:
     round: int
     client_id: int
     not_converged: bool
+    seed: int = 0  # the run's: a sweep pools a setting's seeds into one gallery
 
 
 def cut_grid(png: Path, columns: int) -> list[tuple[np.ndarray, np.ndarray]] | None:
@@ -116,6 +118,7 @@ def run_samples(run: RunRecord, rows: pd.DataFrame, lpips: str) -> list[Sample]:
                     round=int(server_round),
                     client_id=int(client),
                     not_converged=converged == 0,
+                    seed=run.config.seed,
                 )
             )
     return samples
@@ -124,6 +127,10 @@ def run_samples(run: RunRecord, rows: pd.DataFrame, lpips: str) -> list[Sample]:
 def _safe(name: str) -> str:
     # The file-name form of an attack name (RunDirectory.image_path).
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "attack"
+
+
+def _whose(client_id: int) -> str:
+    return "aggregate" if client_id < 0 else f"client {client_id}"
 
 
 _QUANTILE_NAMES = {0.0: "best", 0.25: "1st quartile", 0.5: "median", 0.75: "3rd quartile"}
@@ -167,21 +174,25 @@ def _enlarge(tile: np.ndarray, scale: int) -> Image.Image:
 
 def gallery_figure(by_attack: dict[str, list[tuple[str, Sample]]], metric_label: str) -> bytes:
     """Two rows per attack (its private samples, then its reconstructions), one column per
-    chosen sample, enlarged with nearest-neighbour sampling; the rank and origin above each
-    private sample, PSNR and `metric_label` under each reconstruction (red: not converged)."""
+    chosen sample, enlarged with nearest-neighbour sampling; the rank and origin (round,
+    client, and the seed where several runs are pooled) above each private sample, PSNR and
+    `metric_label` under each reconstruction (red: not converged)."""
     attacks = [a for a, chosen in by_attack.items() if chosen]
     tile_h, tile_w = by_attack[attacks[0]][0][1].truth.shape[:2]
     scale = max(1, math.ceil(TILE_PIXELS / max(tile_h, tile_w)))
     cell_w, cell_h = tile_w * scale, tile_h * scale
     columns = max(len(by_attack[a]) for a in attacks)
-    block_h = 2 * _LINE + 4 + cell_h + 6 + cell_h + 3 * _LINE + 8 + _GAP
+    # Tiles pooled from several seeds' runs say which (the same round and client recur).
+    seeds = {sample.seed for a in attacks for _, sample in by_attack[a]}
+    heading = 3 if len(seeds) > 1 else 2
+    block_h = heading * _LINE + 4 + cell_h + 6 + cell_h + 3 * _LINE + 8 + _GAP
     width = _LABEL_WIDTH + columns * (cell_w + _GAP)
     canvas = Image.new("RGB", (width, block_h * len(attacks)), _PAPER)
     draw = ImageDraw.Draw(canvas)
     small, bold = _font(12), _font(14, bold=True)
     for i, attack in enumerate(attacks):
         top = i * block_h
-        truth_y = top + 2 * _LINE + 4
+        truth_y = top + heading * _LINE + 4
         recon_y = truth_y + cell_h + 6
         draw.text((8, truth_y + cell_h // 2), "private", font=bold, fill=_INK, anchor="lm")
         draw.text((8, recon_y + cell_h // 2), attack, font=bold, fill=_INK, anchor="lm")
@@ -190,10 +201,12 @@ def gallery_figure(by_attack: dict[str, list[tuple[str, Sample]]], metric_label:
             draw.text((x, top), label, font=_font(12, bold=True), fill=_INK)
             draw.text(
                 (x, top + _LINE),
-                f"round {sample.round}, client {sample.client_id}",
+                f"round {sample.round}, {_whose(sample.client_id)}",
                 font=small,
                 fill=_INK,
             )
+            if len(seeds) > 1:
+                draw.text((x, top + 2 * _LINE), f"seed {sample.seed}", font=small, fill=_INK)
             canvas.paste(_enlarge(sample.truth, scale), (x, truth_y))
             canvas.paste(_enlarge(sample.reconstruction, scale), (x, recon_y))
             lpips = f"{sample.lpips:.3f}" if math.isfinite(sample.lpips) else "–"

@@ -785,7 +785,8 @@ class RunDirectory:
             f"{self.finished_rounds()} of {config.num_server_rounds} rounds finished.",
             "",
             "Leakage columns are medians over the attacked clients' scored samples, "
-            "scored against the private originals; failures count failed attack runs.",
+            "scored against the private originals; attack failures count attack runs that "
+            "failed or diverged.",
             "",
             markdown_table(table),
             "",
