@@ -776,3 +776,44 @@ def test_a_gallery_pooling_seeds_says_each_tiles_seed(sweep_report: Path) -> Non
         with Image.open(io.BytesIO(figure)) as image:
             heights.append(image.height)
     assert heights[1] == heights[0] + _LINE  # the line that names the seed
+
+
+def test_a_verdict_without_lpips_compares_with_the_floor_by_psnr(tmp_path: Path) -> None:
+    """With metrics.lpips-nets = "none" the floor was dropped (it needed LPIPS), an attack
+    below it was called the leader, and "(success not decidable: ...)" was spliced into
+    "it reconstructed ... of the private samples"."""
+    from fedleak.report.collect import load_study
+    from fedleak.report.verdict import verdict
+
+    path = tmp_path / "no-lpips"
+    _make_run(path)
+    rows = pd.read_parquet(path / "leakage.parquet")
+    rows["lpips_alex"] = math.nan
+    rows.to_parquet(path / "leakage.parquet", index=False)
+    text = verdict(load_study(path))
+    assert text.startswith(
+        "Without a defense, ig leaks most (highest median PSNR): it scored median PSNR 21.19 dB "
+        "(success not decided: no LPIPS measured) against the aux-mean floor's median PSNR "
+        "10.73 dB"
+    )
+    assert "dlg (success not decided: no LPIPS measured), median PSNR 10.28 dB, no closer " in text
+    # Only attacks below the floor: none is named as leaking.
+    rows = rows[rows["attack"] != "ig"]
+    rows.to_parquet(path / "leakage.parquet", index=False)
+    text = verdict(load_study(path))
+    assert text.startswith(
+        "Without a defense, no attack got closer than the aux-mean floor (median PSNR 10.73 dB): "
+        "the closest, dlg, scored median PSNR 10.28 dB (success not decided: no LPIPS measured)"
+    )
+
+
+def test_two_floors_are_drawn_apart() -> None:
+    """aux-mean and class-mean were both grey dashed lines: where they crossed, a reader could
+    not tell which floor an attack was above."""
+    from fedleak.report.plots import floor_style
+
+    floors = ["aux-mean", "class-mean"]
+    styles = [floor_style(floors, f) for f in floors]
+    assert styles[0]["linestyle"] != styles[1]["linestyle"]
+    assert styles[0]["color"] == styles[1]["color"]  # both grey: floors, not attacks
+    assert [s["label"] for s in styles] == ["aux-mean (floor)", "class-mean (floor)"]

@@ -124,9 +124,10 @@ def _scoring(leakage: pd.DataFrame, lpips: str) -> list[str]:
     parts.append(
         "Medians come with 95% order-statistic intervals and n, pooled over clients, rounds "
         "and seeds and treated as independent draws: where rounds or seeds differ widely (the "
-        "per-round figure shows it), an interval is narrower than that spread. The floor is "
-        "what an attacker gets from its auxiliary data alone, without looking at the update: "
-        "an attack at the floor has learned nothing about the private data."
+        "per-round figure shows it), an interval is narrower than that spread. A floor is "
+        "what an attacker gets without inverting the update: aux-mean from its auxiliary data "
+        "alone, class-mean from it and the labels recovered from the update; an attack at the "
+        "floor has learned nothing about the private images themselves."
     )
     return parts
 
@@ -278,6 +279,7 @@ def _images_section(study: Study) -> list[Block]:
     leakage = originals(study.leakage())
     leakage = leakage[~leakage["reference"]]
     lpips = lpips_column(leakage)
+    measured = bool(leakage[lpips].notna().any())  # else the gallery ranks by PSNR
     runs = {run.name: run for run in study.runs}
     blocks: list[Block] = []
     settings = list(dict.fromkeys(zip(leakage["group"], leakage["defense"], strict=True)))
@@ -301,16 +303,17 @@ def _images_section(study: Study) -> list[Block]:
                 f"reconstructions-{index:02d}.png",
                 gallery_figure(by_attack, "LPIPS"),
                 f"{label}: for each attack, its private samples (top row) and its "
-                "reconstructions (below), chosen by LPIPS among the samples with saved images: "
-                "best, quartiles, median and worst.",
+                f"reconstructions (below), chosen by {'LPIPS' if measured else 'PSNR'} among "
+                "the samples with saved images: best, quartiles, median and worst.",
             )
         )
     if not blocks:
         return []
+    ranking = "LPIPS (lower = closer)" if measured else "PSNR (higher = closer; no LPIPS measured)"
     intro = Text(
         "Reconstructions as a person sees them, enlarged without smoothing. Columns are chosen "
-        "by rank of LPIPS (lower = closer), so the worst column shows how often an attack "
-        "fails, not only its best case."
+        f"by rank of {ranking}, so the worst column shows how often an attack fails, not only "
+        "its best case."
         + (
             f" Shown for the first {MAX_GRID_SETTINGS} settings."
             if len(settings) > MAX_GRID_SETTINGS

@@ -33,6 +33,16 @@ MAX_BANDS = 4
 # Characters of a bold 9.5-point panel title that fit the panel's 3.6 inches.
 TITLE_CHARACTERS = 36
 FLOOR_STYLE = {"color": "0.35", "linestyle": "--", "linewidth": 1.4}
+# Two floors (aux-mean, class-mean) in one panel must be told apart, and may cross.
+FLOOR_LINES = ("--", ":", "-.")
+
+
+def floor_style(references: Sequence[str], reference: str) -> dict[str, object]:
+    """The floor's line: grey, dashed, dotted or dash-dotted by its place among `references`."""
+    line = FLOOR_LINES[list(references).index(reference) % len(FLOOR_LINES)]
+    return {**FLOOR_STYLE, "linestyle": line, "label": attack_label(reference, True)}
+
+
 SUCCESS = Metric("success", "success rate (%)", True, 0)
 
 Setting = tuple[str, str]  # (group, defense)
@@ -169,8 +179,7 @@ def rounds_figure(
             if metric is not SUCCESS:
                 for reference in references:
                     rows = floor_rows[floor_rows["attack"] == reference]
-                    style = {**FLOOR_STYLE, "label": attack_label(reference, True)}
-                    _line(ax, rows, metric, style, False)
+                    _line(ax, rows, metric, floor_style(references, reference), False)
             else:
                 ax.set_ylim(-3, 103)
             ax.grid(alpha=0.3)
@@ -214,7 +223,7 @@ def rounds_figure(
             Line2D([], [], color=colors[s], marker="o", markersize=4, label=setting_label(*s))
             for s in settings
         ]
-    handles += [Line2D([], [], **FLOOR_STYLE, label=attack_label(r, True)) for r in references]
+    handles += [Line2D([], [], **floor_style(references, r)) for r in references]
     figure.legend(
         handles=handles,
         loc="upper left",

@@ -62,8 +62,11 @@ def _leak_key(summary: SettingSummary) -> tuple[float, float, float]:
 
 
 def _floor_key(summary: SettingSummary) -> float:
-    """The strongest floor first: lowest LPIPS, or highest token accuracy for text."""
-    return -summary.token_acc.value if summary.tokens else summary.lpips.value
+    """The strongest floor first: lowest LPIPS (highest PSNR where LPIPS was not measured), or
+    highest token accuracy for text."""
+    if summary.tokens:
+        return -summary.token_acc.value
+    return summary.lpips.value if summary.lpips.n else -summary.psnr.value
 
 
 def setting_verdicts(study: Study) -> list[SettingVerdict]:
@@ -79,7 +82,7 @@ def setting_verdicts(study: Study) -> list[SettingVerdict]:
             if not here and runs.empty:
                 continue
             attacks = tuple(sorted((s for s in here if not s.reference), key=_leak_key))
-            floors = [s for s in here if s.reference and (s.lpips.n or s.tokens)]
+            floors = [s for s in here if s.reference and (s.lpips.n or s.psnr.n or s.tokens)]
             floor = min(floors, key=_floor_key) if floors else None
             start = utility[
                 (utility["group"] == group)
@@ -110,8 +113,13 @@ def _rate(s: SettingSummary) -> str:
         return f"{s.attack} a median {s.token_acc.value:.3f} of the tokens"
     rate = s.success
     if rate.n == 0:
-        return f"{s.attack} (success not decidable: no floor or no LPIPS)"
+        return f"{s.attack} (success not decided: {_undecided(s)})"
     return f"{s.attack} {rate.k}/{rate.n} ({100 * rate.value:.0f}%)"
+
+
+def _undecided(s: SettingSummary) -> str:
+    """Why no sample was counted as reconstructed or not (the rule needs LPIPS and a floor)."""
+    return "no LPIPS measured" if not s.lpips.n else "no floor measured"
 
 
 def _rate_and_scores(s: SettingSummary) -> str:
@@ -139,9 +147,13 @@ def _at_floor(s: SettingSummary, v: SettingVerdict) -> bool:
     not above the floor's): it learned nothing from the update."""
     if v.floor is not None and s.tokens and v.floor.tokens:
         return s.token_acc.value <= v.floor.token_acc.value
-    if v.floor is None or not (s.lpips.n and v.floor.lpips.n):
+    if v.floor is None:
         return False
-    return s.lpips.value >= v.floor.lpips.value
+    if s.lpips.n and v.floor.lpips.n:
+        return s.lpips.value >= v.floor.lpips.value
+    if s.psnr.n and v.floor.psnr.n:  # LPIPS not measured (metrics.lpips-nets = "none")
+        return s.psnr.value <= v.floor.psnr.value
+    return False
 
 
 def _unconverged(s: SettingSummary, v: SettingVerdict) -> str:
@@ -200,21 +212,26 @@ def _setting_sentence(v: SettingVerdict, baseline: SettingVerdict | None) -> str
         text = f"{where}, no attack produced a scored reconstruction"
     else:
         what = "sequences" if leader.tokens else "samples"
-        reconstructed = f"{_rate(leader).removeprefix(leader.attack + ' ')} of the private {what}"
-        if scores := _scores(leader, rate_given=True):
-            reconstructed += f" ({scores})"
+        scores = _scores(leader, rate_given=True)
+        if leader.tokens or leader.success.n:
+            rate = _rate(leader).removeprefix(leader.attack + " ")
+            reconstructed = f"reconstructed {rate} of the private {what}"
+            if scores:
+                reconstructed += f" ({scores})"
+        else:
+            reconstructed = f"scored {scores} (success not decided: {_undecided(leader)})"
         floor = v.floor
         nothing_learned = _at_floor(leader, v)  # False without a floor
         if floor is not None and nothing_learned:
             # Naming a leader would read as a leak where the update taught no attack anything.
             text = (
                 f"{where}, no attack got closer than the {floor.attack} floor "
-                f"({_scores(floor)}): the closest, {leader.attack}, reconstructed {reconstructed}"
+                f"({_scores(floor)}): the closest, {leader.attack}, {reconstructed}"
                 + _unconverged(leader, v)
             )
         else:
             ranked = f" ({_ranked_by(leader)})" if len(v.attacks) > 1 else ""
-            text = f"{where}, {leader.attack} leaks most{ranked}: it reconstructed {reconstructed}"
+            text = f"{where}, {leader.attack} leaks most{ranked}: it {reconstructed}"
             if floor is not None:
                 text += f" against the {floor.attack} floor's {_scores(floor)}"
             text += _unconverged(leader, v)
