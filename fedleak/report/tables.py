@@ -250,7 +250,7 @@ def leakage_tables(study: Study) -> list[tuple[Metric, str, Table]]:
 SUCCESS_RULE = (
     f"A private sample counts as reconstructed when the attack's LPIPS to it is at most "
     f"{SUCCESS_FRACTION:g} x the floor's LPIPS to the same sample (the best reference baseline "
-    "that scored it, else the run's median floor)"
+    "that scored it, else the run's median floor) and its PSNR is above the floor's"
 )
 
 

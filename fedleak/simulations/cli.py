@@ -168,7 +168,7 @@ def _headline(path: Path) -> None:
     study = load_study(path)
     lines = headline(study)
     if lines:
-        rule = f"reconstructed = LPIPS at most {SUCCESS_FRACTION:g} x the floor's"
+        rule = f"reconstructed = LPIPS at most {SUCCESS_FRACTION:g} x the floor's, PSNR above it"
         if _is_text(study.leakage()):
             rule = "token accuracy = share of positions recovered"
         print("\n".join(["", f"what leaked ({rule}):", *lines]))
