@@ -35,17 +35,15 @@ TITLE_CHARACTERS = 36
 FLOOR_STYLE = {"color": "0.35", "linestyle": "--", "linewidth": 1.4}
 # Two floors (aux-mean, class-mean) in one panel must be told apart, and may cross.
 FLOOR_LINES = ("--", ":", "-.")
+SUCCESS = Metric("success", "success rate (%)", True, 0)
+
+Setting = tuple[str, str]  # (group, defense)
 
 
 def floor_style(references: Sequence[str], reference: str) -> dict[str, object]:
     """The floor's line: grey, dashed, dotted or dash-dotted by its place among `references`."""
     line = FLOOR_LINES[list(references).index(reference) % len(FLOOR_LINES)]
     return {**FLOOR_STYLE, "linestyle": line, "label": attack_label(reference, True)}
-
-
-SUCCESS = Metric("success", "success rate (%)", True, 0)
-
-Setting = tuple[str, str]  # (group, defense)
 
 
 def _png(figure: Figure) -> bytes:

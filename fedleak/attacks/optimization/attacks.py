@@ -57,8 +57,8 @@ from fedleak.defenses import (
 from fedleak.models import ModelSpec, build_model, has_batchnorm
 from fedleak.seeds import mix_seed
 
-# The restarts' label placements get their own stream of the attack's seed, apart from the
-# label counts' and the initial images'.
+# FedAvg's label placements draw their orders from their own stream of the attack's seed,
+# apart from the label counts' and the initial images'.
 PLACEMENT_STREAM = 7
 
 
@@ -505,18 +505,16 @@ def place_labels(problem: Problem, x: Tensor, candidates: int, seed: int) -> Pro
     # A problem with fewer distinct placements repeats its last one (the same loss).
     placed = torch.stack(
         [torch.stack([p[min(c, len(p) - 1)] for p in per_problem]) for c in range(candidates)]
-    )  # [C, T, samples]
-    placed = placed.to(labels.device).reshape(candidates * count, samples)
-    repeated = x.detach().repeat(candidates, *([1] * (x.dim() - 1)))
-    target = flatten([t.repeat(candidates, *([1] * (t.dim() - 1))) for t in problem.target])
+    ).to(labels.device)  # [C, T, samples]
+    target = flatten(problem.target)
+    losses = []
     with torch.no_grad():  # the replay still differentiates w.r.t. the weights inside
-        out = problem.replay(repeated, placed, problem.matching.needs_per_sample)
-        matching = problem.matching([out.rows], target, out.per_sample)
-    matching = torch.nan_to_num(matching, nan=math.inf).reshape(candidates, count)
+        for candidate in placed:  # one at a time: no more memory than one of the problem
+            out = problem.replay(x.detach(), candidate, problem.matching.needs_per_sample)
+            losses.append(problem.matching([out.rows], target, out.per_sample))
+    matching = torch.nan_to_num(torch.stack(losses), nan=math.inf)  # [C, T]
     best = matching.argmin(dim=0)
-    chosen = placed.reshape(candidates, count, samples)[
-        best, torch.arange(count, device=best.device)
-    ]
+    chosen = placed[best, torch.arange(count, device=best.device)]
     return dataclasses.replace(problem, labels=chosen)
 
 
