@@ -852,3 +852,20 @@ def test_success_needs_the_floors_psnr_beaten_too() -> None:
         ]
     )
     assert successes(leakage, "lpips_alex").tolist()[3:] == [1.0, 0.0, 0.0]
+
+
+def test_an_attack_below_the_floors_psnr_is_not_named_as_leaking(tmp_path: Path) -> None:
+    """Sharp but wrong images (a plug-in returning auxiliary digits) beat the floor's LPIPS and
+    lose on PSNR: as the success rule, the verdict does not call them a leak."""
+    from fedleak.report.collect import load_study
+    from fedleak.report.verdict import verdict
+
+    path = tmp_path / "wrong-digits"
+    _make_run(path)
+    rows = pd.read_parquet(path / "leakage.parquet")
+    rows = rows[rows["attack"] != "dlg"]
+    rows.loc[rows["attack"] == "ig", "psnr"] = 5.0
+    rows.to_parquet(path / "leakage.parquet", index=False)
+    text = verdict(load_study(path))
+    assert text.startswith("Without a defense, no attack got closer than the aux-mean floor")
+    assert "the closest, ig, reconstructed 0/" in text

@@ -143,17 +143,16 @@ def _scores(s: SettingSummary, rate_given: bool = False) -> str:
 
 
 def _at_floor(s: SettingSummary, v: SettingVerdict) -> bool:
-    """The attack's median LPIPS is not below the floor's (text: its median token accuracy is
-    not above the floor's): it learned nothing from the update."""
+    """The attack's median LPIPS is not below the floor's or its median PSNR not above it, as
+    the success rule asks of a sample (text: its median token accuracy is not above the
+    floor's): it learned nothing from the update."""
     if v.floor is not None and s.tokens and v.floor.tokens:
         return s.token_acc.value <= v.floor.token_acc.value
     if v.floor is None:
         return False
-    if s.lpips.n and v.floor.lpips.n:
-        return s.lpips.value >= v.floor.lpips.value
-    if s.psnr.n and v.floor.psnr.n:  # LPIPS not measured (metrics.lpips-nets = "none")
-        return s.psnr.value <= v.floor.psnr.value
-    return False
+    no_closer = s.lpips.n and v.floor.lpips.n and s.lpips.value >= v.floor.lpips.value
+    no_higher_psnr = s.psnr.n and v.floor.psnr.n and s.psnr.value <= v.floor.psnr.value
+    return bool(no_closer or no_higher_psnr)
 
 
 def _unconverged(s: SettingSummary, v: SettingVerdict) -> str:
