@@ -70,11 +70,6 @@ def idlg(weight: Tensor) -> Tensor:
     return row_sums(weight).argmin(dim=-1)
 
 
-def negative_rows(weight: Tensor) -> Tensor:
-    """How many classes have a negative row sum (the distinct labels present): [T, K, d] -> [T]."""
-    return (row_sums(weight) < 0).sum(dim=-1)
-
-
 def batch_rows(weight: Tensor, batch: int, stats: AuxiliaryStatistics | None = None) -> Tensor:
     """Distinct labels: the `batch` classes with the most negative row sums, sorted,
     [T, K, d] -> [T, batch] (classes repeat cyclically when `batch` > K).

@@ -27,14 +27,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedleak.attacks.types import Attack
-from fedleak.registry import Registry, UnknownNameError
+from fedleak.registry import Registry
 from fedleak.settings import ConfigError, KeyHelp, flat_keys, help_lines, parse_settings, render
 
 Factory = Callable[[Any, int], Attack]
-
-# Kept for callers that catch it by name; every attack-setting error is a ConfigError.
-UnknownAttackError = UnknownNameError
-AttackConfigError = ConfigError
 
 
 @dataclass(frozen=True)

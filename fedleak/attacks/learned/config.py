@@ -14,10 +14,6 @@ from fedleak.attacks.learned.inverter import ACTIVATIONS, HEADS
 from fedleak.settings import ConfigError, Settings, parse_settings, setting
 
 Refresh = Literal["retrain", "finetune", "frozen"]
-REFRESH_POLICIES: tuple[str, ...] = ("retrain", "finetune", "frozen")
-
-# Kept for callers that catch it by name: LTI's setting errors are ConfigErrors.
-LTIConfigError = ConfigError
 
 
 def _bins_ok(bins: int | float) -> bool:

@@ -44,11 +44,6 @@ Init = Literal["randn", "rand", "half", "aux-mean"]
 Matching = Literal["cosine", "l2"]
 BatchNormMode = Literal["auto", "exact", "infer", "proxy"]
 
-LABEL_METHODS: tuple[str, ...] = ("auto", "idlg", "rows", "counts", "joint")
-INITS: tuple[str, ...] = ("randn", "rand", "half", "aux-mean")
-MATCHINGS: tuple[str, ...] = ("cosine", "l2")
-BATCHNORM_MODES: tuple[str, ...] = ("auto", "exact", "infer", "proxy")
-
 
 @dataclass(frozen=True)
 class InversionConfig(Settings):
