@@ -26,15 +26,16 @@ from fedleak.config import RunConfig, parse_flat, parse_toml
 from fedleak.data.folder import load_folder
 from fedleak.metrics import lpips as lpips_module
 from fedleak.models import ModelSpec
-from fedleak.report import rundir
-from fedleak.report.rundir import RunDirectory, RunDirectoryError, RunLock
+from fedleak.report import lock
+from fedleak.report.lock import RunLock
+from fedleak.report.rundir import RunDirectory, RunDirectoryError
 from fedleak.server.grid import ClientsMissing, StoppableGrid
 from fedleak.server.payload import PayloadBudgetError, check_payload, check_round_payload
 from fedleak.simulations import launch
 
 HOLD = """
 import sys, time
-from fedleak.report.rundir import RunLock
+from fedleak.report.lock import RunLock
 RunLock(sys.argv[1]).acquire()
 print("held", flush=True)
 time.sleep(600)
@@ -76,14 +77,14 @@ def test_without_flock_a_lock_whose_process_is_gone_is_stale(
     def no_flock(_fd: int) -> None:
         raise OSError(errno.ENOLCK, "no locks on this file system")
 
-    monkeypatch.setattr(rundir, "_flock", no_flock)
+    monkeypatch.setattr(lock, "_flock", no_flock)
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"],
         capture_output=True,
         text=True,
         check=True,
     )
-    holder = {"pid": int(dead.stdout), "host": rundir.socket.gethostname(), "since": "then"}
+    holder = {"pid": int(dead.stdout), "host": lock.socket.gethostname(), "since": "then"}
     (tmp_path / ".fedleak.lock").write_text(json.dumps(holder))
     with RunLock(tmp_path):
         assert json.loads((tmp_path / ".fedleak.lock").read_text())["pid"] == os.getpid()

@@ -24,18 +24,15 @@ deletes only files it wrote itself (`clear`, `replace_owned_files`).
 from __future__ import annotations
 
 import contextlib
-import errno
 import io
 import json
 import math
 import os
 import re
-import socket
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import ClassVar
 
 import pandas as pd
 import torch
@@ -862,143 +859,6 @@ def _remove_if_empty(folder: Path) -> None:
 
 def _one_line(text: str, limit: int = 300) -> str:
     return " ".join(str(text).split())[:limit]
-
-
-class RunLock:
-    """An exclusive lock on a run directory, held by one process from start to exit.
-
-    The lock is `flock` on `.fedleak.lock`, which also records the holder's PID, host and start
-    time for the refusal message. The kernel drops it when the holder exits, however it exits
-    (crash, kill -9), so a dead run never leaves a stale lock behind. Where the file system
-    offers no `flock`, the recorded PID decides: a lock whose process is gone (on this host) is
-    stale and taken over. Re-entrant within one process (`fedleak run` takes it before Ray
-    starts, the ServerApp again when the run begins).
-    """
-
-    _held: ClassVar[dict[Path, tuple[int, int | None]]] = {}
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path).resolve()
-        self.file = self.path / LOCK_FILE
-
-    def probe(self) -> None:
-        """Raise `RunDirectoryError` if another process holds the lock; creates nothing."""
-        if self.path in self._held or not self.file.is_file():
-            return
-        try:
-            fd = os.open(self.file, os.O_RDWR)
-        except OSError:
-            return  # unreadable or gone: `acquire` will say what is wrong
-        try:
-            _flock(fd)
-        except BlockingIOError:
-            raise RunDirectoryError(
-                f"{self.path}: in use by another fedleak run ({_describe_holder(self.file)}); "
-                "wait for it to end or choose another out-dir"
-            ) from None
-        except OSError:
-            pass  # no flock here: `acquire` falls back to the recorded PID
-        finally:
-            os.close(fd)  # closing drops a lock taken just now
-
-    def acquire(self) -> RunLock:
-        """Take the lock or raise `RunDirectoryError` naming the process that holds it."""
-        if self.path in self._held:
-            count, fd = self._held[self.path]
-            self._held[self.path] = (count + 1, fd)
-            return self
-        self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            _flock(fd)
-        except BlockingIOError:
-            holder = _describe_holder(self.file)
-            os.close(fd)
-            raise RunDirectoryError(
-                f"{self.path}: in use by another fedleak run ({holder}); wait for it to end or "
-                "choose another out-dir"
-            ) from None
-        except OSError as error:
-            if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                os.close(fd)
-                raise
-            _check_pid_lock(self.file, self.path, fd)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(_holder()).encode("utf-8"), 0)
-        self._held[self.path] = (1, fd)
-        return self
-
-    def release(self) -> None:
-        """Release one acquisition; the last one empties the file and drops the lock."""
-        count, fd = self._held.get(self.path, (0, None))
-        if count > 1:
-            self._held[self.path] = (count - 1, fd)
-            return
-        self._held.pop(self.path, None)
-        if fd is not None:
-            # Emptied, not deleted: deleting would let a waiting process lock a dead inode.
-            os.ftruncate(fd, 0)
-            os.close(fd)  # closing drops the flock
-
-    def __enter__(self) -> RunLock:
-        return self.acquire()
-
-    def __exit__(self, *_: object) -> None:
-        self.release()
-
-
-def _flock(fd: int) -> None:
-    import fcntl
-
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-
-
-def _holder() -> dict[str, object]:
-    return {
-        "pid": os.getpid(),
-        "host": socket.gethostname(),
-        "since": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
-
-
-def _read_holder(file: Path) -> dict[str, object]:
-    try:
-        holder = json.loads(file.read_text(encoding="utf-8") or "{}")
-    except (OSError, ValueError):
-        return {}
-    return holder if isinstance(holder, dict) else {}
-
-
-def _describe_holder(file: Path) -> str:
-    holder = _read_holder(file)
-    if "pid" not in holder:
-        return "process unknown"
-    return f"process {holder['pid']} on {holder.get('host', '?')} since {holder.get('since', '?')}"
-
-
-def _check_pid_lock(file: Path, path: Path, fd: int) -> None:
-    """The fallback without flock: refuse while the recorded process lives (on this host)."""
-    holder = _read_holder(file)
-    pid = holder.get("pid")
-    if not isinstance(pid, int) or pid == os.getpid():
-        return
-    if holder.get("host") != socket.gethostname():
-        os.close(fd)
-        raise RunDirectoryError(
-            f"{path}: in use by another fedleak run ({_describe_holder(file)}) on another host; "
-            f"delete {file} if that run is gone"
-        )
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return  # stale: its process is gone
-    except PermissionError:
-        pass  # alive, owned by someone else
-    os.close(fd)
-    raise RunDirectoryError(
-        f"{path}: in use by another fedleak run ({_describe_holder(file)}); wait for it to end "
-        "or choose another out-dir"
-    )
 
 
 def _concat(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:

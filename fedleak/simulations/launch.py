@@ -37,7 +37,8 @@ from fedleak.interrupt import (
     stop_requested,
 )
 from fedleak.registry import error_line
-from fedleak.report.rundir import RunDirectory, RunLock
+from fedleak.report.lock import RunLock
+from fedleak.report.rundir import RunDirectory
 from fedleak.server.pool import ray_init_args
 from fedleak.server.validate import validate_run
 from fedleak.simulations.apps import make_server_app

@@ -29,8 +29,9 @@ from fedleak.heap import reuse_freed_memory
 from fedleak.interrupt import RunInterrupted
 from fedleak.metrics.lpips import lpips_warning
 from fedleak.registry import error_line, is_own_error
+from fedleak.report.lock import RunLock
 from fedleak.report.progress import Progress
-from fedleak.report.rundir import RunDirectory, RunDirectoryError, RunLock
+from fedleak.report.rundir import RunDirectory, RunDirectoryError
 from fedleak.runtime import federated_data, model_spec, resolve_device
 from fedleak.server.build import GlobalEvaluation, build_strategy, initial_state, with_attack_caches
 from fedleak.server.grid import StoppableGrid

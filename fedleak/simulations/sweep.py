@@ -82,13 +82,13 @@ from fedleak.config import ConfigError, RunConfig, flatten_toml, parse_flat
 from fedleak.interrupt import last_words
 from fedleak.report import collect
 from fedleak.report.collect import MANIFEST
+from fedleak.report.lock import RunLock
 from fedleak.report.progress import Progress
 from fedleak.report.rundir import (
     CHECKPOINT_FILE,
     LOCK_FILE,
     RunDirectory,
     RunDirectoryError,
-    RunLock,
     is_run_directory,
 )
 from fedleak.simulations.presets import load_preset, preset_path, read_preset_text
