@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -35,9 +36,13 @@ from fedleak.attacks.types import (
     Reconstruction,
     UpdateKind,
 )
+from fedleak.defenses.spec import parse_defense_spec
 from fedleak.metrics import assign, label_accuracy, score_images
 from fedleak.models import MODELS, ModelSpec, register_model
+from fedleak.server.runner import checked
 from fedleak.settings import ConfigError
+
+UPDATE_KINDS: tuple[UpdateKind, ...] = ("gradient", "delta")
 
 
 def _architecture_name(model: nn.Module) -> str:
@@ -61,16 +66,52 @@ def model_spec_for(model: nn.Module, input_shape: Sequence[int], num_classes: in
     return ModelSpec(name, tuple(int(d) for d in input_shape), int(num_classes))
 
 
-def _num_classes(model: nn.Module, input_shape: Sequence[int]) -> int:
+def _output_shape(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The model's output shape for one input of `input_shape`: proves the shape fits."""
     probe = copy.deepcopy(model).cpu().eval()
-    with torch.no_grad():
-        out = probe(torch.zeros(1, *input_shape))
-    if out.dim() != 2:
+    try:
+        with torch.no_grad():
+            out = probe(torch.zeros(1, *input_shape))
+    except (RuntimeError, ValueError, TypeError, IndexError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ConfigError(
-            f"num_classes: the model's output has shape {tuple(out.shape)} for one input; pass "
-            "num_classes= explicitly"
-        )
-    return int(out.shape[1])
+            f"input_shape={input_shape}: the model cannot take one input of that shape ({reason})"
+        ) from None
+    return tuple(out.shape)
+
+
+def _whole(name: str, value: object, low: int = 1) -> int:
+    """An integer setting of at least `low` (not a bool, not a float with a fraction)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+        raise ConfigError(f"{name}={value!r}: expected an integer >= {low}")
+    if value < low:
+        raise ConfigError(f"{name}={value!r}: expected an integer >= {low}")
+    return int(value)
+
+
+def _positive(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ConfigError(f"{name}={value!r}: expected a finite number > 0")
+    if value <= 0:
+        raise ConfigError(f"{name}={value!r}: expected a finite number > 0")
+    return float(value)
+
+
+def _tensor(name: str, value: object) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise ConfigError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def _check_shapes(
+    name: str, tensors: Mapping[str, Tensor], shapes: Mapping[str, torch.Size], lead: int | None
+) -> None:
+    """Each tensor has its parameter's shape (after a leading dimension of `lead`, if given)."""
+    for key, tensor in tensors.items():
+        _tensor(f"{name}[{key!r}]", tensor)
+        wanted = tuple(shapes[key]) if lead is None else (lead, *shapes[key])
+        if tuple(tensor.shape) != wanted:
+            raise ConfigError(f"{name}: {key!r} has shape {tuple(tensor.shape)}, expected {wanted}")
 
 
 def observe(
@@ -113,9 +154,43 @@ def observe(
     unknown = sorted(set(tensors) - set(names))
     if unknown:
         raise ConfigError(f"update: {unknown[0]!r} is not a parameter of the model")
-    shape = tuple(int(d) for d in input_shape)
-    classes = _num_classes(model, shape) if num_classes is None else int(num_classes)
+    shapes = {name: p.shape for name, p in model.named_parameters()}
+    _check_shapes("update", tensors, shapes, None)
+    if kind not in UPDATE_KINDS:
+        raise ConfigError(f"kind={kind!r}: expected one of {', '.join(UPDATE_KINDS)}")
+    examples = _whole("num_examples", num_examples)
+    batch = examples if batch_size is None else _whole("batch_size", batch_size)
+    steps = _whole("local_steps", local_steps)
+    if kind == "delta" and examples > batch * steps:
+        raise ConfigError(
+            f"num_examples={examples}: a delta from {steps} local steps of {batch} examples "
+            f"trained on at most {batch * steps}"
+        )
+    rate = _positive("learning_rate", learning_rate)
+    try:
+        parse_defense_spec(defense)
+    except ValueError as error:
+        raise ConfigError(f"defense={defense!r}: {error}") from None
+    if per_sample_updates is not None:
+        stray = sorted(set(per_sample_updates) - set(names))
+        if stray:
+            raise ConfigError(f"per_sample_updates: {stray[0]!r} is not a parameter of the model")
+        _check_shapes("per_sample_updates", per_sample_updates, shapes, examples)
+    shape = tuple(_whole("input_shape", d) for d in input_shape)
+    out = _output_shape(model, shape)
+    if num_classes is None:
+        if len(out) != 2:
+            raise ConfigError(
+                f"num_classes: the model's output has shape {out} for one input; pass "
+                "num_classes= explicitly"
+            )
+        classes = out[1]
+    else:
+        classes = _whole("num_classes", num_classes, low=2)
     state = model.state_dict() if weights is None else weights
+    missing = [key for key in model.state_dict() if key not in state]
+    if missing:
+        raise ConfigError(f"weights: no entry for the model's {missing[0]!r}")
     return Observation(
         round=int(round),
         client_id=int(client_id),
@@ -123,10 +198,10 @@ def observe(
         weights={k: v.detach().cpu().clone() for k, v in state.items()},
         update={n: tensors[n].detach().cpu().float() for n in names if n in tensors},
         update_kind=kind,
-        num_examples=int(num_examples),
-        batch_size=int(batch_size if batch_size is not None else num_examples),
-        local_steps=int(local_steps),
-        learning_rate=float(learning_rate),
+        num_examples=examples,
+        batch_size=batch,
+        local_steps=steps,
+        learning_rate=rate,
         defense=defense,
         per_sample_updates=(
             None
@@ -190,11 +265,27 @@ def reconstruct(
     keeps the process's setting.
     """
     if attacker is None:
-        attacker = knowledge(observation, aux_inputs, aux_labels, device=device)
-    budget = Budget(int(max_iterations), float(max_seconds), show_progress)
-    count = default_threads(observation, attacker.device) if threads == "auto" else threads
-    with torch_threads(count):  # type: ignore[arg-type]
-        return attack.reconstruct(observation, attacker, budget)
+        try:
+            target = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ConfigError(f"device={device!r}: expected cpu, cuda or cuda:N") from None
+        attacker = knowledge(observation, aux_inputs, aux_labels, device=target)
+    budget = Budget(
+        _whole("max_iterations", max_iterations),
+        _positive("max_seconds", max_seconds),
+        show_progress,
+    )
+    if threads == "auto":
+        count = default_threads(observation, attacker.device)
+    else:
+        count = None if threads is None else _whole("threads", threads)
+    start = time.perf_counter()
+    with torch_threads(count):
+        result = attack.reconstruct(observation, attacker, budget)
+    # The auditor's one rule: images clamped to [0, 1], NaN is "nan", a wrong shape "failed".
+    return checked(
+        result, time.perf_counter() - start, observation.num_targets, observation.model.input_shape
+    )
 
 
 @dataclass(frozen=True)
@@ -231,25 +322,45 @@ def score(
     lpips: bool = True,
 ) -> Leakage:
     """Match each reconstructed sample to a private one (Hungarian on MSE) and measure the
-    pairs: MSE, PSNR, SSIM, LPIPS (AlexNet), and label accuracy when labels are given."""
-    if isinstance(reconstruction, Reconstruction):
-        if reconstruction.status != "ok":
+    pairs: MSE, PSNR, SSIM, LPIPS (AlexNet), and label accuracy when labels are given.
+    Guesses are clamped to [0, 1] as the auditor scores them; private images must lie there."""
+    truth = _tensor("inputs", inputs).detach().cpu()
+    if not truth.is_floating_point() or truth.dim() < 2:
+        raise ConfigError(
+            f"inputs: expected float images [N, ...] in [0, 1], got {truth.dtype} of shape "
+            f"{tuple(truth.shape)}"
+        )
+    truth = truth.float()
+    if truth.numel() and not (torch.isfinite(truth).all() and 0 <= truth.min() <= truth.max() <= 1):
+        raise ConfigError(
+            f"inputs: pixel values from {float(truth.min()):.4g} to {float(truth.max()):.4g}; "
+            "expected images in [0, 1]"
+        )
+    if labels is not None:
+        labels = _tensor("labels", labels).detach().cpu()
+        if tuple(labels.shape) != (len(truth),) or labels.is_floating_point():
             raise ConfigError(
-                f"reconstruction status {reconstruction.status!r}: {reconstruction.message}"
+                f"labels: expected {len(truth)} integer labels, one per input, got "
+                f"{labels.dtype} of shape {tuple(labels.shape)}"
             )
-        guess, predicted = reconstruction.inputs, reconstruction.labels
-    else:
-        guess, predicted = reconstruction, None
-    guess = guess.detach().float().cpu()
-    truth = inputs.detach().float().cpu()
+    if not isinstance(reconstruction, Reconstruction):
+        guess = _tensor("reconstruction", reconstruction)
+        reconstruction = Reconstruction(inputs=guess, labels=None)
+    if reconstruction.status == "ok":
+        count = reconstruction.inputs.shape[0] if reconstruction.inputs.dim() else 0
+        reconstruction = checked(reconstruction, reconstruction.seconds, count, truth.shape[1:])
+    if reconstruction.status != "ok":
+        raise ConfigError(
+            f"reconstruction status {reconstruction.status!r}: {reconstruction.message}"
+        )
+    guess, predicted = reconstruction.inputs, reconstruction.labels
     recon_idx, truth_idx = assign(guess, truth, metric="mse")
     nets = ("alex",) if lpips else ()
     scores = score_images(guess[recon_idx], truth[truth_idx], nets)
     nan = torch.full((len(recon_idx),), math.nan)
     accuracy = math.nan
     if labels is not None and predicted is not None:
-        true = labels.detach().cpu()[truth_idx]
-        accuracy = label_accuracy(predicted.detach().cpu()[recon_idx], true)
+        accuracy = label_accuracy(predicted[recon_idx], labels[truth_idx])
     return Leakage(
         pairs=list(zip(recon_idx.tolist(), truth_idx.tolist(), strict=True)),
         mse=scores["mse"],

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import subprocess
 import sys
@@ -136,3 +137,132 @@ def test_reconstruct_sets_and_restores_the_thread_count() -> None:
     fedleak.reconstruct(Probe(), observation)  # type: ignore[arg-type]
     fedleak.reconstruct(Probe(), observation, threads=before + 1)  # type: ignore[arg-type]
     assert seen == [1, before + 1] and torch.get_num_threads() == before
+
+
+def _net_and_grads() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 5, padding=2, stride=2), nn.Sigmoid(), nn.Flatten())
+    model.append(nn.Linear(4 * 14 * 14, 10))
+    x, y = torch.rand(2, 1, 28, 28), torch.tensor([1, 2])
+    return model, torch.autograd.grad(nn.functional.cross_entropy(model(x), y), model.parameters())
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            {"update": "cut"},
+            r"^update: '0\.weight' has shape \(4, 1, 5, 1\), expected \(4, 1, 5, 5\)$",
+        ),
+        ({"input_shape": (3, 32, 32)}, r"^input_shape=\(3, 32, 32\): the model cannot take one"),
+        ({"kind": "weights"}, r"^kind='weights': expected one of gradient, delta$"),
+        ({"num_examples": -1}, r"^num_examples=-1: expected an integer >= 1$"),
+        ({"num_examples": 0}, r"^num_examples=0: expected an integer >= 1$"),
+        ({"num_examples": 2.5}, r"^num_examples=2\.5: expected an integer >= 1$"),
+        ({"batch_size": 0}, r"^batch_size=0: expected an integer >= 1$"),
+        ({"local_steps": 0}, r"^local_steps=0: expected an integer >= 1$"),
+        ({"learning_rate": 0.0}, r"^learning_rate=0\.0: expected a finite number > 0$"),
+        ({"kind": "delta", "batch_size": 1}, r"^num_examples=2: a delta from 1 local steps of 1"),
+        ({"defense": "gauss"}, r"^defense='gauss': "),
+        ({"num_classes": 1}, r"^num_classes=1: expected an integer >= 2$"),
+        ({"weights": {}}, r"^weights: no entry for the model's '0\.weight'$"),
+        ({"per_sample_updates": "one"}, r"^per_sample_updates: '0\.weight' has shape \(1, 4, 1"),
+    ],
+)
+def test_observe_refuses_what_no_client_could_send(change: dict, message: str) -> None:
+    """Each in one line naming the argument, before any attack runs (a cut update used to fail
+    deep in torch; `kind="weights"` and `num_examples=0` were accepted)."""
+    model, grads = _net_and_grads()
+    arguments: dict = {"input_shape": (1, 28, 28), "num_examples": 2, **change}
+    if arguments.get("update") == "cut":
+        arguments["update"] = [g[..., :1] if g.dim() > 1 else g for g in grads]
+    if arguments.get("per_sample_updates") == "one":
+        arguments["per_sample_updates"] = dict(
+            zip([n for n, _ in model.named_parameters()], [g[None] for g in grads], strict=True)
+        )
+    update = arguments.pop("update", grads)
+    with pytest.raises(ConfigError, match=message) as refused:
+        fedleak.observe(model, update, **arguments)
+    assert "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"device": "gpu"}, r"^device='gpu': expected cpu, cuda or cuda:N$"),
+        ({"max_iterations": -1}, r"^max_iterations=-1: expected an integer >= 1$"),
+        ({"max_iterations": "a"}, r"^max_iterations='a': expected an integer >= 1$"),
+        ({"max_seconds": 0}, r"^max_seconds=0: expected a finite number > 0$"),
+        ({"threads": "many"}, r"^threads='many': expected an integer >= 1$"),
+    ],
+)
+def test_reconstruct_refuses_a_bad_budget_or_device(change: dict, message: str) -> None:
+    model, grads = _net_and_grads()
+    observation = fedleak.observe(model, grads, input_shape=(1, 28, 28), num_examples=2)
+    with pytest.raises(ConfigError, match=message):
+        fedleak.reconstruct(fedleak.build_attack("ig"), observation, **change)
+
+
+def test_reconstruct_and_score_treat_a_guess_as_the_auditor_does() -> None:
+    """Out-of-range images are clamped (PSNR 1.2 dB unclamped against 13.2 the auditor gave),
+    NaN is status "nan", a wrong shape "failed"; `score` refuses what is not "ok"."""
+    model, grads = _net_and_grads()
+    observation = fedleak.observe(model, grads, input_shape=(1, 28, 28), num_examples=2)
+    x = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+
+    class Fixed:
+        name = "fixed"
+
+        def __init__(self, inputs: torch.Tensor) -> None:
+            self.inputs = inputs
+
+        def reconstruct(self, observation, knowledge, budget):
+            return Reconstruction(inputs=self.inputs, labels=None)
+
+    wide = fedleak.reconstruct(Fixed(x * 4 - 1.5), observation)  # type: ignore[arg-type]
+    assert wide.status == "ok" and "clamped to [0, 1]" in wide.message
+    assert float(wide.inputs.min()) == 0.0 and float(wide.inputs.max()) == 1.0
+    clamped = fedleak.score((x * 4 - 1.5).clamp(0, 1), x, lpips=False).summary()["psnr"]
+    assert fedleak.score(wide, x, lpips=False).summary()["psnr"] == pytest.approx(clamped)
+    assert fedleak.score(x * 4 - 1.5, x, lpips=False).summary()["psnr"] == pytest.approx(clamped)
+    assert clamped > 5.0
+    nan = fedleak.reconstruct(Fixed(torch.full_like(x, math.nan)), observation)  # type: ignore[arg-type]
+    assert nan.status == "nan"
+    with pytest.raises(ConfigError, match=r"^reconstruction status 'nan'"):
+        fedleak.score(nan, x)
+    flat = fedleak.reconstruct(Fixed(x[:, 0]), observation)  # type: ignore[arg-type]
+    assert flat.status == "failed" and "expected (2, 1, 28, 28)" in flat.message
+    with pytest.raises(ConfigError, match=r"^reconstruction status 'failed'"):
+        fedleak.score(x[:, 0], x)
+
+
+@pytest.mark.parametrize(
+    ("truth", "labels", "message"),
+    [
+        (
+            "uint8",
+            None,
+            r"^inputs: expected float images \[N, \.\.\.\] in \[0, 1\], got torch\.uint8",
+        ),
+        (
+            "255",
+            None,
+            r"^inputs: pixel values from 0\.3432 to 254\.8; expected images in \[0, 1\]$",
+        ),
+        ("numpy", None, r"^inputs: expected a torch\.Tensor, got ndarray$"),
+        (
+            "ok",
+            [1],
+            r"^labels: expected 2 integer labels, one per input, got torch\.int64 of shape \(1,\)$",
+        ),
+    ],
+)
+def test_score_refuses_what_it_cannot_measure(
+    truth: str, labels: list | None, message: str
+) -> None:
+    """A uint8 batch scored -43 dB without a word; wrong labels failed with an IndexError."""
+    x = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    inputs = {"uint8": (x * 255).to(torch.uint8), "255": x * 255, "numpy": x.numpy(), "ok": x}
+    label_tensor = None if labels is None else torch.tensor(labels)
+    with pytest.raises(ConfigError, match=message):
+        fedleak.score(x, inputs[truth], label_tensor)  # type: ignore[arg-type]

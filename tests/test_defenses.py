@@ -320,6 +320,14 @@ def test_share_applies_noise_then_prune_then_sign() -> None:
     assert all(torch.equal(shared[k], by_hand[k]) for k in grads)
 
 
+def test_share_names_the_form_it_expects() -> None:
+    """A list (what `torch.autograd.grad` returns) failed in `dict()` with "dictionary update
+    sequence element #0 has length 4"."""
+    grads = list(_grads(7).values())
+    with pytest.raises(TypeError, match=r"^the update to defend: expected a parameter name -> "):
+        parse_defense_spec("gauss:0.01").share(grads, 1, _gen(0))  # type: ignore[arg-type]
+
+
 def test_share_adds_dp_noise_before_gauss() -> None:
     pipeline = parse_defense_spec("gauss:0.2+dpsgd:1:3")
     grads = _grads(8)

@@ -15,6 +15,7 @@ attackers, who replay a pipeline on their own guesses.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, TypeVar
 
@@ -150,6 +151,11 @@ class DefensePipeline:
         dp_batch_size: int | None,
         batched: bool,
     ) -> dict[str, Tensor]:
+        if not isinstance(grads, Mapping):
+            raise TypeError(
+                f"the update to defend: expected a parameter name -> tensor mapping, got "
+                f"{type(grads).__name__} (e.g. dict(zip(names, torch.autograd.grad(...))))"
+            )
         out = dict(grads)
         for step in self.steps:
             if step.stage != "encode":
