@@ -118,6 +118,13 @@ class Registry(Generic[E]):
             self._entries[name] = entry
         return entry
 
+    def registered_by_code(self, name: str) -> bool:
+        """Whether `name` was registered by code in this process (a decorator or call), which
+        other processes (Ray's clients and workers) never run, rather than by the built-in
+        catalog or an entry point."""
+        with self._lock:
+            return name in self._entries and self._origins.get(name, BUILT_IN) is None
+
     def remove(self, name: str) -> None:
         """Forget `name` (tests and interactive sessions)."""
         with self._lock:

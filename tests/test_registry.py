@@ -31,7 +31,7 @@ from fedleak.data.embedded import load_mnist5k
 from fedleak.defenses import DEFENSES, parse_defense_spec, register_defense
 from fedleak.models import MODELS, ModelSpec, build_model, model_names, register_model
 from fedleak.registry import PluginError, Registry
-from fedleak.server.validate import validate_components
+from fedleak.server.validate import check_seen_by_ray, validate_components
 from fedleak.settings import ConfigError, Settings, setting
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -684,3 +684,45 @@ def test_an_attack_without_reconstruct_is_refused_before_the_run() -> None:
             validate_components(parse_flat({"attack.names": "test-no-reconstruct"}))
     finally:
         attack_registry.ATTACKS.remove("test-no-reconstruct")
+
+
+def test_a_component_registered_by_code_is_refused_where_ray_processes_need_it(
+    tmp_path: Path,
+) -> None:
+    """A data set registered by a decorator in the caller's process passed every check and the
+    run failed after ~50 s ("every client failed"): Ray's clients never run that code. The
+    attack is fine inline (the api.md example), not on an attack worker."""
+    from fedleak.simulations.launch import run_study
+
+    register_dataset("test-by-code", lambda root, download: load_mnist5k(), holdout=True)
+    register_model(
+        "test-by-code-net", lambda shape, k: nn.Sequential(nn.Flatten(), nn.Linear(784, k))
+    )
+    register_defense("test-by-code-halve", lambda args: parse_defense_spec("gauss:0").steps[0])
+    register_attack("test-by-code-attack", _NoReconstruct)
+    cases = [
+        ({"data.dataset": "test-by-code"}, r"^data\.dataset: 'test-by-code' is registered by code"),
+        ({"model.name": "test-by-code-net"}, r"^model\.name: 'test-by-code-net' is registered"),
+        ({"defense.spec": "test-by-code-halve"}, r"^defense\.spec: 'test-by-code-halve' is regis"),
+        (
+            {"attack.names": "aux-mean,test-by-code-attack", "attack.workers": 1},
+            r"^attack\.names: 'test-by-code-attack' .* group 'fedleak\.attacks' \(or set attack",
+        ),
+    ]
+    try:
+        for change, message in cases:
+            config = parse_flat({"out-dir": str(tmp_path / "run"), **change})
+            with pytest.raises(ConfigError, match=message):
+                check_seen_by_ray(config)
+        check_seen_by_ray(parse_flat({"attack.names": "aux-mean,test-by-code-attack"}))
+        check_seen_by_ray(parse_flat({"model.name": "lenet", "defense.spec": "gauss:0.1"}))
+        # The study refuses it before Ray starts or a run directory is made.
+        config = parse_flat({"out-dir": str(tmp_path / "run"), "data.dataset": "test-by-code"})
+        with pytest.raises(ConfigError, match=r"registered by code in this process only"):
+            run_study(config, num_clients=2)
+        assert not (tmp_path / "run").exists()
+    finally:
+        DATASETS.remove("test-by-code")
+        MODELS.remove("test-by-code-net")
+        DEFENSES.remove("test-by-code-halve")
+        attack_registry.ATTACKS.remove("test-by-code-attack")

@@ -209,6 +209,12 @@ def _parse_part(part: str) -> Any:
     return entry.parse([a.lower() for a in args])
 
 
+def defense_names(spec: str) -> list[str]:
+    """The registry names a well-formed spec uses, in its written order ("none": none)."""
+    parts = [part.strip().split(":")[0].strip().lower() for part in _JOIN.split(spec)]
+    return [name for name in parts if name and name != "none"]
+
+
 def parse_defense_spec(spec: str) -> DefensePipeline:
     """The pipeline a spec string describes; `DefenseSpecError` (one line) when malformed.
 

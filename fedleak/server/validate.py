@@ -31,6 +31,7 @@ from fedleak.data import (
     load_corpus,
     load_dataset,
 )
+from fedleak.data.registry import DATASETS
 from fedleak.defenses import (
     DPSGD,
     DefensePipeline,
@@ -38,6 +39,8 @@ from fedleak.defenses import (
     InstaHide,
     parse_defense_spec,
 )
+from fedleak.defenses.registry import DEFENSES
+from fedleak.defenses.spec import defense_names
 from fedleak.models import (
     ModelSpec,
     build_model,
@@ -47,6 +50,7 @@ from fedleak.models import (
     model_modality,
     model_names,
 )
+from fedleak.models.registry import MODELS
 from fedleak.runtime import federated_data, model_spec
 from fedleak.server.payload import check_payload, clients_per_round
 from fedleak.server.pool import _cluster_address, local_cpus, ray_init_args
@@ -85,6 +89,31 @@ def validate_run(
     check_delta(config, fd, num_clients)
     check_payload(config, model_spec(config, fd), num_clients)
     return fd
+
+
+def check_seen_by_ray(config: RunConfig) -> None:
+    """Refuse a component registered by code in this process where another process needs it:
+    Ray's client actors build the model, load the data and apply the defense, and attack
+    workers (`attack.workers` > 0) run the attacks; none of them runs the caller's code, so the
+    run would fail in its first round (or, for a replaced built-in, use the built-in)."""
+    needed = [
+        (MODELS, "model.name", config.model.name, "fedleak.models"),
+        (DATASETS, "data.dataset", config.data.dataset, "fedleak.datasets"),
+    ]
+    needed += [
+        (DEFENSES, "defense.spec", name, "fedleak.defenses")
+        for name in defense_names(config.defense.spec)
+    ]
+    if config.attack.workers > 0:
+        needed += [(ATTACKS, "attack.names", n, "fedleak.attacks") for n in config.attack.names]
+    for registry, setting, name, group in needed:
+        if registry.registered_by_code(name):
+            inline = " (or set attack.workers = 0)" if registry is ATTACKS else ""
+            raise ConfigError(
+                f"{setting}: {name!r} is registered by code in this process only, which the "
+                f"run's Ray processes do not run; ship it with an entry point in group "
+                f"{group!r}{inline} (docs/api.md)"
+            )
 
 
 def check_model(spec: ModelSpec) -> None:

@@ -40,7 +40,7 @@ from fedleak.registry import error_line
 from fedleak.report.lock import RunLock
 from fedleak.report.rundir import RunDirectory
 from fedleak.server.pool import ray_init_args
-from fedleak.server.validate import validate_run
+from fedleak.server.validate import check_seen_by_ray, validate_run
 from fedleak.simulations.apps import make_server_app
 from fedleak.simulations.recording import default_run_dir
 from fedleak.simulations.study import RunFailed, check_resumable
@@ -98,6 +98,7 @@ def run_study(
     # Refused before Ray starts: components, resources (GPU shares that do not exist), the data
     # split, infeasible attacks and rounds over the payload budget.
     validate_run(config, num_clients, client_cpus, client_gpus)
+    check_seen_by_ray(config)
     init_args = ray_init_args(config, client_cpus, client_gpus)
     out = check_out_dir(config, num_clients, client_cpus)
     config = dataclasses.replace(config, out_dir=str(out))
