@@ -156,3 +156,21 @@ def test_no_leader_is_named_when_every_attack_is_at_the_floor() -> None:
     assert "against the aux-frequency floor's median token accuracy 0.125" in sentence
     assert "lti-text a median 0.000 of the tokens" in sentence
     assert sentence.count("no closer than the floor") == 1
+
+
+def test_an_attack_with_successes_is_not_called_no_closer_than_the_floor() -> None:
+    """DLG on CIFAR-10 inverts some samples exactly and leaves the rest as noise, so its median
+    sits at the floor; the verdict said "dlg 12/24 (50%) ... no closer than the floor"."""
+    ig = _summary("ig", 9, 17.3, 0.296, n=24)
+    dlg = _summary("dlg", 12, 11.0, 0.56, n=24)
+    floor = _summary("aux-mean", 0, 12.5, 0.52, n=24)
+    setting = SettingVerdict("", "none", (ig, dlg), floor, 0.1, 0.1, 2)
+    sentence = _setting_sentence(setting, setting)
+    assert "; dlg 12/24 (50%), median PSNR 11.00 dB, LPIPS 0.560." in sentence
+    assert "no closer than the floor" not in sentence
+    # Led by such an attack, the setting is not one where no attack beat the floor.
+    alone = SettingVerdict("", "none", (dlg,), floor, 0.1, 0.1, 2)
+    assert _setting_sentence(alone, alone).startswith("Without a defense, dlg leaks most: it ")
+    # Without a success, the same medians are the floor's.
+    nothing = SettingVerdict("", "none", (_summary("dlg", 0, 11.0, 0.56, n=24),), floor, 0, 0, 2)
+    assert "no attack got closer than the aux-mean floor" in _setting_sentence(nothing, nothing)

@@ -143,12 +143,14 @@ def _scores(s: SettingSummary, rate_given: bool = False) -> str:
 
 
 def _at_floor(s: SettingSummary, v: SettingVerdict) -> bool:
-    """The attack's median LPIPS is not below the floor's or its median PSNR not above it, as
-    the success rule asks of a sample (text: its median token accuracy is not above the
-    floor's): it learned nothing from the update."""
+    """The attack reconstructed no sample, and its median LPIPS is not below the floor's or
+    its median PSNR not above it, as the success rule asks of a sample (text: its median token
+    accuracy is not above the floor's): it learned nothing from the update. An attack that
+    inverts some samples exactly and others not at all has its median at the floor, yet it
+    leaks: its successes say so."""
     if v.floor is not None and s.tokens and v.floor.tokens:
         return s.token_acc.value <= v.floor.token_acc.value
-    if v.floor is None:
+    if v.floor is None or s.success.k > 0:
         return False
     no_closer = s.lpips.n and v.floor.lpips.n and s.lpips.value >= v.floor.lpips.value
     no_higher_psnr = s.psnr.n and v.floor.psnr.n and s.psnr.value <= v.floor.psnr.value
