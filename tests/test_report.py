@@ -210,15 +210,15 @@ def _expected_mean(values: pd.Series, digits: int) -> str:
 
 
 def _successes(leakage: pd.DataFrame, attack: str) -> tuple[int, int]:
-    """(k, n) by the documented rule: LPIPS at most SUCCESS_FRACTION x the floor's and PSNR
-    above the floor's, per sample; every sample of a diverged run counts as not reconstructed."""
+    """(k, n) by the documented rule with the aux-mean floor alone: LPIPS at most
+    SUCCESS_FRACTION x the floor's and 0.35, PSNR above the floor's, per sample; every sample
+    of a diverged run counts as not reconstructed."""
     ok = leakage[(leakage["status"] == "ok") & (leakage["scored_against"] == "original")]
     keys = ["round", "client_id", "target_index"]
     floor = ok[ok["attack"] == "aux-mean"][[*keys, "lpips_alex", "psnr"]]
     pairs = ok[ok["attack"] == attack].merge(floor, on=keys, suffixes=("", "_floor"))
-    hits = (pairs["lpips_alex"] <= SUCCESS_FRACTION * pairs["lpips_alex_floor"]) & (
-        pairs["psnr"] > pairs["psnr_floor"]
-    )
+    bound = (SUCCESS_FRACTION * pairs["lpips_alex_floor"]).clip(upper=0.35)
+    hits = (pairs["lpips_alex"] <= bound) & (pairs["psnr"] > pairs["psnr_floor"])
     diverged = leakage[(leakage["status"] == "nan") & (leakage["attack"] == attack)]
     return int(hits.sum()), len(pairs) + len(diverged)
 
@@ -500,7 +500,7 @@ def test_the_console_summary_of_a_run_without_attacks_is_not_called_text(
     run.append_round(1, [], {"test_loss": 1.0, "test_accuracy": 0.5})
     _headline(run.path)
     out = capsys.readouterr().out
-    assert "what leaked (reconstructed = LPIPS at most" in out and "token" not in out
+    assert "what leaked (reconstructed = beats every floor" in out and "token" not in out
 
 
 def test_central_dp_is_a_defense_column_not_an_undefended_group(tmp_path: Path) -> None:
@@ -852,6 +852,49 @@ def test_success_needs_the_floors_psnr_beaten_too() -> None:
         ]
     )
     assert successes(leakage, "lpips_alex").tolist()[3:] == [1.0, 0.0, 0.0]
+
+
+def test_success_on_colour_images_is_capped_and_ignores_a_photo_like_class_mean() -> None:
+    """The embedded CIFAR-10 images: the mean auxiliary image sits at LPIPS 0.66, so 0.7 of it
+    counted 41% of 4x4-pixelated targets; a class mean of one auxiliary photo (LPIPS 0.30) made
+    0.7 of the best floor reject a target blurred at sigma 1 (0.24). `stats.py` has the rates."""
+    from fedleak.report.stats import successes
+
+    def row(attack: str, sample: int, lpips: float, psnr: float) -> dict[str, object]:
+        return {
+            "run": "r",
+            "round": 1,
+            "client_id": 0,
+            "target_index": sample,
+            "sample": sample,
+            "scored_against": "original",
+            "attack": attack,
+            "reference": attack.endswith("-mean"),
+            "status": "ok",
+            "lpips_alex": lpips,
+            "lpips_vgg": lpips,
+            "psnr": psnr,
+        }
+
+    floors = [row(f, i, lp, p) for i in range(4) for f, lp, p in (("aux-mean", 0.66, 12.5),)]
+    floors += [row("class-mean", i, 0.30, 11.0) for i in range(4)]
+    guesses = [
+        row("ig", 0, 0.40, 18.5),  # pixelated 6x6: under 0.7 x 0.66, above the cap
+        row("ig", 1, 0.24, 24.4),  # blurred at sigma 1: over 0.7 x the class mean's 0.30
+        row("ig", 2, 0.32, 20.0),  # under the cap, but a photo of its class is closer
+        row("ig", 3, 0.20, 12.0),  # close in LPIPS, below the floor's PSNR
+    ]
+    leakage = pd.DataFrame(floors + guesses)
+    assert successes(leakage, "lpips_alex").tolist()[-4:] == [0.0, 1.0, 0.0, 0.0]
+    # VGG's LPIPS has no measured level: the fraction of the mean auxiliary image's alone.
+    assert successes(leakage, "lpips_vgg").tolist()[-4:] == [0.0, 1.0, 0.0, 0.0]
+    leakage.loc[leakage.index[-4], "lpips_vgg"] = 0.28  # under the class mean's, 0.7 x 0.66
+    assert successes(leakage, "lpips_vgg").tolist()[-4] == 1.0
+    # Without the label-free floor, the fraction applies to the best floor there is.
+    only_class = leakage[leakage["attack"] != "aux-mean"].reset_index(drop=True)
+    assert successes(only_class, "lpips_alex").tolist()[-4:] == [0.0, 0.0, 0.0, 1.0]
+    only_class.loc[only_class.index[-3], "lpips_alex"] = 0.2
+    assert successes(only_class, "lpips_alex").tolist()[-3] == 1.0
 
 
 def test_an_attack_below_the_floors_psnr_is_not_named_as_leaking(tmp_path: Path) -> None:

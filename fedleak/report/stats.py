@@ -22,17 +22,29 @@ from scipy import stats
 
 CONFIDENCE = 0.95
 
-# Success: a private sample counts as reconstructed recognisably when the attack's LPIPS to it
-# is at most SUCCESS_FRACTION of the floor's LPIPS to the same sample (the best reference
-# baseline that ran on it; the run's median floor where none did) and its PSNR is above every
-# floor's. Calibrated by eye on 8 MNIST-5k digits (AlexNet LPIPS, per-sample updates, sigmoid
-# LeNet and MLP): the aux-mean floor scored 0.44-0.52; digits a person reads correctly
-# 0.05-0.34 (IG and LTI under sign compression, IG's binarised digits on the MLP); noise-like
-# failures 0.54-0.64. LPIPS alone favours any sharp digit over the floor's blur: a random
-# auxiliary digit of another class met the LPIPS bound for 57 of 100 MNIST-5k samples, and 0
-# of 100 once its PSNR must also beat the floor's (a wrong digit's strokes cost more squared
-# error than the blur).
+# Success: a private sample counts as reconstructed recognisably when the attack's guess beats
+# every floor on that sample (lower LPIPS, higher PSNR) and its LPIPS is at most
+# SUCCESS_FRACTION of the label-free floor's (the mean auxiliary image, which uses nothing of
+# the update) and at most SUCCESS_LPIPS (AlexNet).
+# Calibrated by eye on 8 MNIST-5k digits (AlexNet LPIPS, per-sample updates, sigmoid LeNet and
+# MLP): the aux-mean floor scored 0.44-0.52; digits a person reads correctly 0.05-0.34 (IG and
+# LTI under sign compression, IG's binarised digits on the MLP); noise-like failures 0.54-0.64.
+# LPIPS alone favours any sharp digit over the floor's blur: a random auxiliary digit of
+# another class met the LPIPS bound for 57 of 100 MNIST-5k samples, 0 of 100 with the PSNR
+# condition. On the embedded CIFAR-10 images (100 targets: 20 images x 5 crops and mirrors,
+# floors from the other 19 and their mirrors, two draws) the mean auxiliary image sits at
+# 0.66, so 0.7 of it alone counted 41% of 4x4-pixelated targets, 63-67% at 6x6 and 21-22% of
+# another class's image matched to the target's colours; and a class mean of one or two
+# auxiliary photos (LPIPS 0.26-0.6) made 0.7 of the best floor reject 17-18% of targets
+# blurred at sigma 1 and 23-25% with noise of std 0.1. This rule, with both floors (aux-mean
+# alone in brackets): pixelated 4x4 1% (1%), 6x6 26-27% (29-31%), 8x8 55-62%, the
+# colour-matched other class 5% (7-8%), another class, blur sigma 3 and flat colours 0%;
+# blur sigma 1 93-94% (95%), noise 0.1 85-91%, greyscale 85-88%, noise 0.05, JPEG quality 20
+# and a 2-pixel shift 100%. LPIPS cannot separate everything at 32 x 32: some of IG's smooth
+# colour blobs score 0.26-0.30, as do noisy but recognisable DLG images.
 SUCCESS_FRACTION = 0.7
+SUCCESS_LPIPS = {"lpips_alex": 0.35}  # measured for AlexNet only: VGG's has no such level
+LABEL_FREE_FLOOR = "aux-mean"
 
 
 @dataclass(frozen=True)
@@ -149,15 +161,22 @@ def success_rate(successes: np.ndarray | pd.Series) -> Rate:
 _SAMPLE = ["run", "round", "client_id", "target_index", "scored_against"]
 
 
-def floor_values(leakage: pd.DataFrame, column: str, higher_is_better: bool = False) -> pd.Series:
+def floor_values(
+    leakage: pd.DataFrame,
+    column: str,
+    higher_is_better: bool = False,
+    attacks: tuple[str, ...] | None = None,
+) -> pd.Series:
     """Per row, the floor's `column` on the same private sample: the best value (lowest, or
-    highest with `higher_is_better`) of the reference baselines that scored it, else the
-    median of the references in the same run.
+    highest with `higher_is_better`) of the reference baselines that scored it (only those
+    named in `attacks`, if given), else the median of those references in the same run.
 
     `leakage` holds scored rows with `run` and `reference` columns; NaN where the run has no
-    reference baseline.
+    such reference baseline.
     """
     references = leakage[leakage["reference"] & np.isfinite(leakage[column])]
+    if attacks is not None:
+        references = references[references["attack"].isin(attacks)]
     if references.empty:
         return pd.Series(np.nan, index=leakage.index)
     grouped = references.groupby(_SAMPLE)[column]
@@ -170,17 +189,21 @@ def floor_values(leakage: pd.DataFrame, column: str, higher_is_better: bool = Fa
 
 
 def successes(leakage: pd.DataFrame, lpips: str) -> pd.Series:
-    """Per row: 1.0 when the sample counts as reconstructed (SUCCESS_FRACTION of the floor's
-    LPIPS or less, and a PSNR above the floor's), 0.0 when not (and for every sample of a run
-    that diverged, status "nan", or that no reconstruction was matched to, sample -1: nothing
-    reconstructed it), NaN where LPIPS or the floor is missing."""
-    floor = floor_values(leakage, lpips)
+    """Per row: 1.0 when the sample counts as reconstructed (the rule above SUCCESS_FRACTION),
+    0.0 when not (and for every sample of a run that diverged, status "nan", or that no
+    reconstruction was matched to, sample -1: nothing reconstructed it), NaN where LPIPS or the
+    floor is missing."""
+    best = floor_values(leakage, lpips)
+    label_free = floor_values(leakage, lpips, attacks=(LABEL_FREE_FLOOR,))
+    # A run without the label-free floor takes the fraction of its best floor.
+    bound = SUCCESS_FRACTION * label_free.fillna(best)
+    bound = bound.clip(upper=SUCCESS_LPIPS.get(lpips, np.inf))
     values = leakage[lpips]
-    decided = np.isfinite(values) & np.isfinite(floor)
+    decided = np.isfinite(values) & np.isfinite(best)
     above = leakage["psnr"] > floor_values(leakage, "psnr", higher_is_better=True).fillna(-np.inf)
-    hit = ((values <= SUCCESS_FRACTION * floor) & above).astype(float)
+    hit = ((values <= bound) & (values < best) & above).astype(float)
     missed = (leakage["status"] == "nan") | unmatched(leakage)
-    return hit.where(decided, np.nan).mask(missed & np.isfinite(floor), 0.0)
+    return hit.where(decided, np.nan).mask(missed & np.isfinite(best), 0.0)
 
 
 def unmatched(leakage: pd.DataFrame) -> pd.Series:

@@ -21,6 +21,7 @@ from fedleak.report.document import Cell, Table
 from fedleak.report.rundir import lpips_column
 from fedleak.report.stats import (
     SUCCESS_FRACTION,
+    SUCCESS_LPIPS,
     Median,
     Rate,
     format_ci,
@@ -248,9 +249,9 @@ def leakage_tables(study: Study) -> list[tuple[Metric, str, Table]]:
 
 
 SUCCESS_RULE = (
-    f"A private sample counts as reconstructed when the attack's LPIPS to it is at most "
-    f"{SUCCESS_FRACTION:g} x the floor's LPIPS to the same sample (the best reference baseline "
-    "that scored it, else the run's median floor) and its PSNR is above the floor's"
+    "A private sample counts as reconstructed when the attack beats every floor on it (lower "
+    f"LPIPS, higher PSNR) and its LPIPS is at most {SUCCESS_FRACTION:g} x the mean auxiliary "
+    f"image's on the same sample and at most {SUCCESS_LPIPS['lpips_alex']:g} (AlexNet)"
 )
 
 

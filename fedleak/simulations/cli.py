@@ -162,13 +162,16 @@ def _sweep(args: argparse.Namespace) -> int:
 def _headline(path: Path) -> None:
     """The numbers that matter, per setting, after a run or sweep."""
     from fedleak.report.collect import load_study
-    from fedleak.report.stats import SUCCESS_FRACTION
+    from fedleak.report.stats import SUCCESS_FRACTION, SUCCESS_LPIPS
     from fedleak.report.verdict import headline
 
     study = load_study(path)
     lines = headline(study)
     if lines:
-        rule = f"reconstructed = LPIPS at most {SUCCESS_FRACTION:g} x the floor's, PSNR above it"
+        rule = (
+            f"reconstructed = beats every floor, LPIPS at most {SUCCESS_FRACTION:g} x the aux "
+            f"mean's and {SUCCESS_LPIPS['lpips_alex']:g}"
+        )
         if _is_text(study.leakage()):
             rule = "token accuracy = share of positions recovered"
         print("\n".join(["", f"what leaked ({rule}):", *lines]))
