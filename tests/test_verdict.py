@@ -174,3 +174,36 @@ def test_an_attack_with_successes_is_not_called_no_closer_than_the_floor() -> No
     # Without a success, the same medians are the floor's.
     nothing = SettingVerdict("", "none", (_summary("dlg", 0, 11.0, 0.56, n=24),), floor, 0, 0, 2)
     assert "no attack got closer than the aux-mean floor" in _setting_sentence(nothing, nothing)
+
+
+def test_runs_not_converged_say_how_many_samples_failed() -> None:
+    """Per-sample inversions: one failure marks its run, so "4 of 4 attack runs" read as a
+    total failure where 17 of DLG's 24 inversions had converged."""
+    dlg = dataclasses.replace(
+        _summary("dlg", 12, 21.0, 0.2, n=24),
+        not_converged=4,
+        attack_runs=4,
+        samples_not_converged=7,
+        samples_judged=24,
+    )
+    floor = _summary("aux-mean", 0, 12.5, 0.52, n=24)
+    setting = SettingVerdict("", "none", (dlg,), floor, 0.1, 0.1, 2)
+    assert "(dlg did not converge in 4 of 4 attack runs, for 7 of 24 samples: its budget" in (
+        _setting_sentence(setting, setting)
+    )
+    every = dataclasses.replace(dlg, samples_not_converged=24)
+    assert "in 4 of 4 attack runs: its" in _setting_sentence(
+        dataclasses.replace(setting, attacks=(every,)), setting
+    )
+
+
+def test_a_data_set_without_test_images_says_accuracy_was_not_measured() -> None:
+    """The embedded CIFAR-10 images have no test split: the verdict read "test accuracy is –
+    after round 2"."""
+    ig = _summary("ig", 9, 17.3, 0.296, n=24)
+    floor = _summary("aux-mean", 0, 12.5, 0.52, n=24)
+    setting = SettingVerdict("", "none", (ig,), floor, math.nan, math.nan, 2)
+    sentence = _setting_sentence(setting, setting)
+    assert sentence.endswith(
+        ". The global model's test accuracy was not measured (no test images)."
+    )

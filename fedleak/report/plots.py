@@ -187,8 +187,20 @@ def rounds_figure(
                 better = "higher" if metric.higher_is_better else "lower"
                 ax.set_ylabel(f"{metric.label}\n({better} = more leakage)", fontsize=8.5)
     top = accuracy_top(utility["test_accuracy"].tolist())
+    measured = bool(np.isfinite(utility["test_accuracy"].to_numpy(dtype=float)).any())
     for j, column in enumerate(columns):
         ax = axes[-1, j]
+        if not measured:  # a data set without test images: say so rather than draw nothing
+            ax.text(
+                0.5,
+                0.5,
+                "not measured\n(no test images)",
+                transform=ax.transAxes,
+                ha="center",
+                va="center",
+                color="grey",
+                fontsize=8.5,
+            )
         wanted = [column] if by_setting else settings
         for setting in wanted:
             sub = utility[(utility["group"] == setting[0]) & (utility["defense"] == setting[1])]

@@ -134,6 +134,13 @@ def not_converged(rows: pd.DataFrame) -> int:
     return int(failed.sum())
 
 
+def unconverged_samples(rows: pd.DataFrame) -> tuple[int, int]:
+    """(samples whose inversion did not converge, samples whose convergence is known)."""
+    if "converged" not in rows or rows.empty:
+        return 0, 0
+    return int(rows["converged"].eq(0).sum()), int(rows["converged"].notna().sum())
+
+
 # The rule is fedleak.attacks.types.converged (CONVERGED_RATIO = 1/10); the report room reads
 # run files only and does not import the attacks.
 CONVERGENCE_NOTE = (
@@ -303,6 +310,10 @@ class SettingSummary:
     lpips_mean: tuple[float, float, int]
     not_converged: int
     attack_runs: int  # those whose convergence is known (`judged_runs`)
+    # The same per private sample (`unconverged_samples`): a run of per-sample inversions
+    # counts as not converged when one of them did not.
+    samples_not_converged: int = 0
+    samples_judged: int = 0
     # The language task's scores; empty (n = 0) for image settings.
     token_acc: Median = NO_MEDIAN
     token_acc_mean: tuple[float, float, int] = (math.nan, math.nan, 0)
@@ -352,6 +363,8 @@ def setting_summaries(study: Study) -> list[SettingSummary]:
                         lpips_mean=mean_ci(cell[lpips]),
                         not_converged=not_converged(cell),
                         attack_runs=judged_runs(cell),
+                        samples_not_converged=unconverged_samples(cell)[0],
+                        samples_judged=unconverged_samples(cell)[1],
                         token_acc=median_interval(cell["token_acc"]),
                         token_acc_mean=mean_ci(cell["token_acc"]),
                         rougeL=median_interval(cell["rougeL"]),

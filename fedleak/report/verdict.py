@@ -164,8 +164,8 @@ def _unconverged(s: SettingSummary, v: SettingVerdict) -> str:
     if not s.not_converged:
         return ""
     note = (
-        f" ({s.attack} did not converge in {s.not_converged} of {s.attack_runs} attack runs: "
-        "its budget ran out or it could not match the update"
+        f" ({s.attack} did not converge in {s.not_converged} of {s.attack_runs} attack runs"
+        f"{_for_samples(s)}: its budget ran out or it could not match the update"
     )
     if _at_floor(s, v):
         if v.defense != "none":
@@ -173,6 +173,14 @@ def _unconverged(s: SettingSummary, v: SettingVerdict) -> str:
     else:
         note += ", so it may recover more with a larger budget"
     return note + ")"
+
+
+def _for_samples(s: SettingSummary) -> str:
+    """', for 7 of 24 samples' where a run holds inversions that converged beside one that
+    did not, so the runs alone would overstate the failures; '' otherwise."""
+    if 0 < s.samples_not_converged < s.samples_judged:
+        return f", for {s.samples_not_converged} of {s.samples_judged} samples"
+    return ""
 
 
 def _left_out(s: SettingSummary) -> str:
@@ -245,6 +253,8 @@ def _setting_sentence(v: SettingVerdict, baseline: SettingVerdict | None) -> str
                 + _left_out(s)
                 for s in v.attacks[1:]
             )
+    if math.isnan(v.accuracy_final) and math.isnan(v.accuracy_start):
+        return text + ". The global model's test accuracy was not measured (no test images)."
     text += f". The global model's test accuracy is {_accuracy(v.accuracy_final)}"
     if v.final_round:
         text += f" after round {v.final_round}"
@@ -279,7 +289,7 @@ def verdict(study: Study) -> str:
 def _not_converged(s: SettingSummary) -> str:
     if not s.not_converged:
         return ""
-    return f" (not converged in {s.not_converged} of {s.attack_runs} runs)"
+    return f" (not converged in {s.not_converged} of {s.attack_runs} runs{_for_samples(s)})"
 
 
 def headline(study: Study) -> list[str]:
