@@ -301,8 +301,8 @@ class RunConfig(Settings):
         lines: list[str] = []
         for head, items in sections.items():
             if head:
-                lines.append(f"\n[{head}]")
-            lines.extend(f"{k} = {_toml_value(v)}" for k, v in items.items())
+                lines.append(f"\n[{'.'.join(_toml_key(part) for part in head.split('.'))}]")
+            lines.extend(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in items.items())
         return "\n".join(lines).strip() + "\n"
 
 
@@ -328,6 +328,15 @@ def _toml_string(text: str) -> str:
         else:
             out.append(char)
     return '"' + "".join(out) + '"'
+
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _toml_key(part: str) -> str:
+    """One part of a dotted TOML key: bare where TOML allows it, quoted otherwise (an attack
+    named `lti+ig`: a bare `[attack.lti+ig]` is not TOML)."""
+    return part if _BARE_KEY.fullmatch(part) else _toml_string(part)
 
 
 def _toml_value(value: Any) -> str:

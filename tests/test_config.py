@@ -80,6 +80,14 @@ def test_defaults_round_trip_through_toml_and_flat() -> None:
     assert config.attack.params == {"ig": {"lr": 0.05}}
 
 
+def test_an_attack_name_that_is_no_bare_toml_key_round_trips() -> None:
+    """`[attack.lti+ig]` is not TOML: a run with an `attack.lti+ig.*` setting wrote a
+    config.toml that it could not read back, and ended without a report."""
+    config = parse_flat({"attack.names": "lti+ig", "attack.lti+ig.ig-tv-weight": 0.001})
+    assert '[attack."lti+ig"]' in config.to_toml()
+    assert parse_toml(config.to_toml()) == config
+
+
 def test_attacked_rounds_name_numbers_and_the_last_round() -> None:
     assert attacked_rounds("all", 5) is None
     assert attacked_rounds("1, last", 5) == frozenset({1, 5})
