@@ -311,6 +311,40 @@ def test_text_lti_keeps_and_reuses_its_inverter(world: dict[str, object], tmp_pa
     assert "time budget ran out" in stopped.message
 
 
+def test_text_lti_inverts_fedavg_deltas(world: dict[str, object]) -> None:
+    """The attacker's FedAvg pairs replay K local steps on groups of auxiliary sequences; the
+    labels (a sequence each) were reshaped as one per example, and lti-text and lti-p failed
+    on every update of every FedAvg run ("shape '[20, 1]' is invalid for input of size 160")."""
+    spec, weights, full = world["spec"], world["weights"], world["knowledge"]
+    knowledge = dataclasses.replace(full, aux_inputs=full.aux_inputs[:60])  # type: ignore[union-attr]
+    model = build_model(spec)  # type: ignore[arg-type]
+    model.load_state_dict(weights)  # type: ignore[arg-type]
+    x = world["private"][:4]  # type: ignore[index]
+    training = LocalTraining("fedavg", 2, local_steps=2, learning_rate=0.1)
+    update = compute_update(
+        model, x, x, VOCAB, parse_defense_spec("none"), training, torch.Generator().manual_seed(3)
+    )
+    observation = Observation(
+        round=1,
+        client_id=0,
+        model=spec,  # type: ignore[arg-type]
+        weights=weights,  # type: ignore[arg-type]
+        update=update.update,
+        update_kind="delta",
+        num_examples=4,
+        batch_size=2,
+        local_steps=2,
+        learning_rate=0.1,
+        defense="none",
+        modality="tokens",
+    )
+    params = {"epochs": 1, "pseudo-size": 40, "hash-bins": 256, "hidden": "32"}
+    for name in ("lti-text", "lti-p"):
+        result = build_attack(name, params).reconstruct(observation, knowledge, Budget(1, 1e9))
+        assert result.status == "ok", result.message
+        assert result.inputs.shape == (4, LENGTH) and result.inputs.dtype == torch.int64
+
+
 def test_text_lti_holds_out_the_same_sequences_every_round(
     world: dict[str, object], monkeypatch: pytest.MonkeyPatch
 ) -> None:

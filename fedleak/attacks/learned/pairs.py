@@ -373,8 +373,9 @@ class PairSource:
             )
         if self.mode == "replay":
             shape = (count, size, *x.shape[1:])
-            with torch.no_grad():
-                update = self._replay(x.reshape(shape), y.reshape(count, size)).update
+            with torch.no_grad():  # labels: one per image, or a token sequence per text
+                labels = y.reshape(count, size, *y.shape[1:])
+                update = self._replay(x.reshape(shape), labels).update
             return dict(zip(self._replay.names, update, strict=True))
         return self._loop(rows, DefensePipeline(), generator)
 
