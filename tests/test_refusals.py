@@ -114,6 +114,8 @@ RUN = ("run", "quickstart", *SMALL)
 CHECK = ("check", "quickstart", *SMALL)
 CENTRAL_DP = ("--set", "defense.central-clip=1", "--set", "defense.central-noise=1")
 POISSON = ("--set", "defense.spec=dpsgd:1:1", "--set", "defense.dp-sampling=poisson")
+SHARDS = ("--set", "data.partition=shards")
+CONVNET_BN_GRADINVERSION = ("--set", "model.name=convnet-bn", "--set", "attack.names=gradinversion")
 RESUME = ("run", "{tmp}/done/config.toml", "--out", "{tmp}/done", "--set", "sim.resume=true")
 
 CASES = [
@@ -165,6 +167,23 @@ CASES = [
         "poisson-without-dpsgd",
         (*CHECK, "--set", "defense.dp-sampling=poisson"),
         "defense.dp-sampling='poisson': samples DP-SGD's batch, but defense.spec='none' has no",
+    ),
+    Case(
+        "shards-name-the-clients",
+        (*CHECK, "--num-clients", "3", *SHARDS, "--set", "data.shards-per-client=5000"),
+        "num-clients=3 x data.shards-per-client=5000 = 15000 shards exceed the 3000 images",
+    ),
+    Case(
+        "bn-exact-without-statistics",
+        (*CHECK, *CONVNET_BN_GRADINVERSION, "--set", "attack.gradinversion.bn-mode=exact"),
+        "attack.gradinversion.bn-mode='exact' matches the clients' BatchNorm batch statistics, "
+        "but threat.bn-stats='hidden'; set threat.bn-stats='shared' or bn-mode to auto",
+    ),
+    Case(
+        "bn-prior-without-batchnorm",
+        (*CHECK, "--set", "attack.ig.bn-weight=0.01"),
+        "attack.ig.bn-weight=0.01: model.name='lenet' has no BatchNorm layer, so the BatchNorm "
+        "prior has nothing to match",
     ),
     Case(
         "fedavg-examples-never-used",

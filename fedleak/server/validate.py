@@ -12,6 +12,7 @@ one starts.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 
@@ -193,8 +194,11 @@ def check_data_split(config: RunConfig, num_clients: int) -> FederatedData:
     Reusable on its own (a sweep's preflight calls it per cell); loads the data set.
     """
     data, train = config.data, config.train
+    # The clients' pool, whatever the split: one iid partition (a 1-client shards split would
+    # be refused in the name of num-clients=1).
+    whole = dataclasses.replace(config, data=dataclasses.replace(data, partition="iid"))
     try:
-        pool = federated_data(config, 1).partitions[0]
+        pool = federated_data(whole, 1).partitions[0]
     except DataSplitError as error:
         raise ConfigError(_setting_names(str(error))) from None
     if num_clients > len(pool):
@@ -279,6 +283,7 @@ def check_attacks(config: RunConfig, fd: FederatedData, num_clients: int) -> Non
         targets = 1
     elif config.threat.view == "aggregate":
         targets *= clients_per_round(config, num_clients)
+    _check_batchnorm_prior(config, fd)
     for name in config.attack.names:
         attack = build_attack(name, config.attack.params.get(name, {}))
         check = getattr(attack, "check_feasible", None)
@@ -288,6 +293,29 @@ def check_attacks(config: RunConfig, fd: FederatedData, num_clients: int) -> Non
             check(targets, len(fd.aux))
         except ValueError as error:
             raise ConfigError(str(error)) from None
+
+
+def _check_batchnorm_prior(config: RunConfig, fd: FederatedData) -> None:
+    """Refuse a BatchNorm prior set by hand that cannot work here: `bn-mode = "exact"` while
+    the clients' batch statistics stay hidden (every inversion would fail), or a prior on a
+    model without BatchNorm (it would match nothing, and the row would still record it)."""
+    has_bn = has_batchnorm(build_model(model_spec(config, fd)))
+    for name in config.attack.names:
+        params = config.attack.params.get(name, {})
+        mode, weight = params.get("bn-mode"), params.get("bn-weight")
+        if mode == "exact" and has_bn and config.threat.bn_stats != "shared":
+            raise ConfigError(
+                f"attack.{name}.bn-mode='exact' matches the clients' BatchNorm batch "
+                "statistics, but threat.bn-stats='hidden'; set threat.bn-stats='shared' or "
+                "bn-mode to auto, infer or proxy"
+            )
+        if not has_bn and ((mode is not None and mode != "auto") or (weight or 0) > 0):
+            setting = f"bn-mode={mode!r}" if mode not in (None, "auto") else f"bn-weight={weight}"
+            raise ConfigError(
+                f"attack.{name}.{setting}: model.name={config.model.name!r} has no BatchNorm "
+                "layer, so the BatchNorm prior has nothing to match; leave it unset or choose "
+                "a model with BatchNorm (resnet20, resnet18, convnet-bn)"
+            )
 
 
 def _setting_names(message: str) -> str:
