@@ -821,26 +821,30 @@ def test_two_floors_are_drawn_apart() -> None:
     assert [s["label"] for s in styles] == ["aux-mean (floor)", "class-mean (floor)"]
 
 
+def _scored_row(attack: str, sample: int, lpips: float, psnr: float) -> dict[str, object]:
+    """A leakage row of one sample of round 1, client 0 (both LPIPS columns alike)."""
+    return {
+        "run": "r",
+        "round": 1,
+        "client_id": 0,
+        "target_index": sample,
+        "sample": sample,
+        "scored_against": "original",
+        "attack": attack,
+        "reference": attack in ("aux-mean", "class-mean"),
+        "status": "ok",
+        "lpips_alex": lpips,
+        "lpips_vgg": lpips,
+        "psnr": psnr,
+    }
+
+
 def test_success_needs_the_floors_psnr_beaten_too() -> None:
     """A sharp digit of another class beats the floor's blur in LPIPS (57 of 100 MNIST
     samples, `stats.py`) but not in PSNR: the rule asks for both."""
     from fedleak.report.stats import successes
 
-    def row(attack: str, sample: int, lpips: float, psnr: float) -> dict[str, object]:
-        return {
-            "run": "r",
-            "round": 1,
-            "client_id": 0,
-            "target_index": sample,
-            "sample": sample,
-            "scored_against": "original",
-            "attack": attack,
-            "reference": attack == "aux-mean",
-            "status": "ok",
-            "lpips_alex": lpips,
-            "psnr": psnr,
-        }
-
+    row = _scored_row
     leakage = pd.DataFrame(
         [
             row("aux-mean", 0, 0.50, 11.0),
@@ -860,23 +864,8 @@ def test_success_on_colour_images_is_capped_and_ignores_a_photo_like_class_mean(
     0.7 of the best floor reject a target blurred at sigma 1 (0.24). `stats.py` has the rates."""
     from fedleak.report.stats import successes
 
-    def row(attack: str, sample: int, lpips: float, psnr: float) -> dict[str, object]:
-        return {
-            "run": "r",
-            "round": 1,
-            "client_id": 0,
-            "target_index": sample,
-            "sample": sample,
-            "scored_against": "original",
-            "attack": attack,
-            "reference": attack.endswith("-mean"),
-            "status": "ok",
-            "lpips_alex": lpips,
-            "lpips_vgg": lpips,
-            "psnr": psnr,
-        }
-
-    floors = [row(f, i, lp, p) for i in range(4) for f, lp, p in (("aux-mean", 0.66, 12.5),)]
+    row = _scored_row
+    floors = [row("aux-mean", i, 0.66, 12.5) for i in range(4)]
     floors += [row("class-mean", i, 0.30, 11.0) for i in range(4)]
     guesses = [
         row("ig", 0, 0.40, 18.5),  # pixelated 6x6: under 0.7 x 0.66, above the cap
