@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from fedleak.attacks.outcome import checked
 from fedleak.attacks.threads import default_threads, torch_threads
 from fedleak.attacks.types import (
     Attack,
@@ -39,7 +40,6 @@ from fedleak.attacks.types import (
 from fedleak.defenses.spec import parse_defense_spec
 from fedleak.metrics import assign, label_accuracy, score_images
 from fedleak.models import MODELS, ModelSpec, register_model
-from fedleak.server.runner import checked
 from fedleak.settings import ConfigError
 
 UPDATE_KINDS: tuple[UpdateKind, ...] = ("gradient", "delta")

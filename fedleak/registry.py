@@ -118,12 +118,15 @@ class Registry(Generic[E]):
             self._entries[name] = entry
         return entry
 
-    def registered_by_code(self, name: str) -> bool:
-        """Whether `name` was registered by code in this process (a decorator or call), which
-        other processes (Ray's clients and workers) never run, rather than by the built-in
-        catalog or an entry point."""
+    def only_in_this_process(self, name: str) -> bool:
+        """Whether `name` was registered by code in this process (a decorator or call) and no
+        entry point carries it: other processes (Ray's clients and workers) would never know
+        it. A plugin module imported here before its entry point was looked up (a model's
+        import path naming it) counts as the entry point's."""
         with self._lock:
-            return name in self._entries and self._origins.get(name, BUILT_IN) is None
+            if name not in self._entries or self._origins.get(name, BUILT_IN) is not None:
+                return False
+            return not any(point.name == name for point in self._entry_points())
 
     def remove(self, name: str) -> None:
         """Forget `name` (tests and interactive sessions)."""

@@ -53,19 +53,13 @@ import ray
 import torch
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
+from fedleak.attacks.outcome import failed_reconstruction
 from fedleak.attacks.registry import attack_entry, build_attack
 from fedleak.attacks.types import Attack, AttackerKnowledge, Budget, Observation, Reconstruction
 from fedleak.config import ConfigError, RunConfig
 from fedleak.heap import reuse_freed_memory
 from fedleak.interrupt import raise_if_stopped
-from fedleak.server.runner import (
-    AttackJob,
-    AttackResult,
-    BatchAttack,
-    batches,
-    failed_reconstruction,
-    run_batch,
-)
+from fedleak.server.runner import AttackJob, AttackResult, BatchAttack, batches, run_batch
 
 log = logging.getLogger(__name__)
 

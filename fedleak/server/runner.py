@@ -13,15 +13,13 @@ problem; any other attack runs the batch's jobs one after another.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-import torch
-
+from fedleak.attacks.outcome import checked, failed_reconstruction
 from fedleak.attacks.threads import default_threads, torch_threads
 from fedleak.attacks.types import (
     Attack,
@@ -84,78 +82,6 @@ class AttackRunner(Protocol):
 
     def close(self) -> None:
         """Release workers; outstanding jobs are abandoned (call `ready(wait=True)` first)."""
-
-
-# Float32 round-off of an attack that keeps to [0, 1] is not worth a note in its row.
-RANGE_SLACK = 1e-5
-
-
-def failed_reconstruction(error: BaseException | str, seconds: float) -> Reconstruction:
-    """A failure recorded as a reconstruction, so it lands in the leakage rows."""
-    if isinstance(error, BaseException):
-        first = str(error).strip().splitlines()
-        error = f"{type(error).__name__}: {first[0]}" if first else type(error).__name__
-    return Reconstruction(
-        inputs=torch.empty(0), labels=None, seconds=seconds, status="failed", message=error[:500]
-    )
-
-
-def checked(
-    reconstruction: object,
-    seconds: float,
-    expected: int,
-    shape: tuple[int, ...] | None = None,
-) -> Reconstruction:
-    """Move to the CPU, time it, and give it its status by the one rule of every attack: a
-    finite reconstruction of `expected` samples (of `shape` when given) is "ok" and scored,
-    whatever budget the attack ran out of; NaN or inf is "nan"; a wrong shape, or anything
-    but a `Reconstruction`, is "failed". Images become float32 in the data's range [0, 1]
-    (clamped, and the message says so when an attack went beyond it: PSNR and LPIPS are only
-    meaningful there); token ids stay integers."""
-    if not isinstance(reconstruction, Reconstruction):
-        return failed_reconstruction(
-            f"the attack returned {type(reconstruction).__name__}, not a Reconstruction", seconds
-        )
-    inputs = reconstruction.inputs.detach().cpu()
-    status, message = "ok", reconstruction.message
-    if inputs.is_floating_point():
-        inputs = inputs.float()
-        if inputs.numel() and torch.isfinite(inputs).all():
-            low, high = float(inputs.min()), float(inputs.max())
-            if low < -RANGE_SLACK or high > 1 + RANGE_SLACK:
-                clamped = f"values from {low:.4g} to {high:.4g} clamped to [0, 1] for scoring"
-                message = f"{message}; {clamped}" if message else clamped
-            inputs = inputs.clamp(0.0, 1.0)
-    labels = None if reconstruction.labels is None else reconstruction.labels.detach().cpu()
-    wanted = (expected, *shape) if shape is not None else None
-    if inputs.dim() == 0 or inputs.shape[0] != expected:
-        status = "failed"
-        count = inputs.shape[0] if inputs.dim() else 0
-        message = f"reconstruction has {count} samples, expected {expected}"
-    elif wanted is not None and tuple(inputs.shape) != wanted:
-        status = "failed"
-        message = f"reconstruction of shape {tuple(inputs.shape)}, expected {wanted}"
-    elif labels is not None and tuple(labels.shape) != (expected,):
-        status = "failed"
-        message = f"labels of shape {tuple(labels.shape)}, expected ({expected},)"
-    elif not torch.isfinite(inputs).all():
-        status, message = "nan", "reconstruction contains NaN or inf"
-    if reconstruction.status == "failed" and status != "ok":
-        message = reconstruction.message or message
-    return dataclasses.replace(
-        reconstruction,
-        inputs=inputs,
-        labels=labels,
-        seconds=seconds,
-        status=status,
-        message=message,
-        loss_start=_cpu(reconstruction.loss_start),
-        loss_final=_cpu(reconstruction.loss_final),
-    )
-
-
-def _cpu(values: torch.Tensor | None) -> torch.Tensor | None:
-    return None if values is None else values.detach().double().cpu()
 
 
 def run_job(

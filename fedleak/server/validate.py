@@ -108,7 +108,7 @@ def check_seen_by_ray(config: RunConfig) -> None:
     if config.attack.workers > 0:
         needed += [(ATTACKS, "attack.names", n, "fedleak.attacks") for n in config.attack.names]
     for registry, setting, name, group in needed:
-        if registry.registered_by_code(name):
+        if registry.only_in_this_process(name):
             inline = " (or set attack.workers = 0)" if registry is ATTACKS else ""
             raise ConfigError(
                 f"{setting}: {name!r} is registered by code in this process only, which the "
