@@ -25,6 +25,7 @@ AUDIT, PER_SAMPLE, BN_STATS, BUFFERS = "audit", "per-sample", "bn-stats", "buffe
 DECLARED = "fedleak-declared"  # added to a foreign app's reply by fedleak's client mod
 EXTRA_RECORDS = (AUDIT, PER_SAMPLE, BN_STATS, BUFFERS, DECLARED)
 PARTITION_ID, NUM_EXAMPLES = "partition-id", "num-examples"
+NUM_PARTITIONS = "num-partitions"
 _QUERY = "query"
 
 
@@ -100,9 +101,21 @@ def partition_query() -> RecordDict:
     return RecordDict({_QUERY: ConfigRecord({"ask": PARTITION_ID})})
 
 
-def partition_answer(partition_id: int) -> RecordDict:
-    """A ClientApp's answer to `partition_query`."""
-    return RecordDict({METRICS: MetricRecord({PARTITION_ID: int(partition_id)})})
+def partition_answer(partition_id: int, num_partitions: int | None = None) -> RecordDict:
+    """A ClientApp's answer to `partition_query`: its partition id, and into how many
+    partitions its node was told the data is split (the federation's size, which a server
+    behind a SuperLink cannot count while nodes still join)."""
+    answer = {PARTITION_ID: int(partition_id)}
+    if num_partitions is not None:
+        answer[NUM_PARTITIONS] = int(num_partitions)
+    return RecordDict({METRICS: MetricRecord(answer)})
+
+
+def num_partitions_of(content: RecordDict) -> int | None:
+    """The number of partitions a query answer declares, or None."""
+    if METRICS not in content or NUM_PARTITIONS not in content[METRICS]:
+        return None
+    return int(content[METRICS][NUM_PARTITIONS])
 
 
 def partition_id_of(content: RecordDict) -> int | None:

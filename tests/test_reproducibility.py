@@ -25,7 +25,14 @@ from fedleak.messages import partition_answer, partition_id_of
 from fedleak.models.spec import ModelSpec
 from fedleak.server.auditor import Auditor
 from fedleak.server.central_dp import CentralDP
-from fedleak.server.selection import ClientSelection, SelectedNodes, canonical_order
+from fedleak.server.selection import (
+    ClientSelection,
+    FederationError,
+    SelectedNodes,
+    canonical_order,
+    check_distinct_partitions,
+    declared_federation,
+)
 from fedleak.server.strategy import CuriousStrategy, PublicSetting
 
 
@@ -37,10 +44,20 @@ def _message_identity() -> None:
 class FakeGrid:
     """Nodes with random ids that answer the partition query like fedleak's ClientApp."""
 
-    def __init__(self, partitions: int, seed: int, silent: tuple[int, ...] = ()) -> None:
+    def __init__(
+        self,
+        partitions: int,
+        seed: int,
+        silent: tuple[int, ...] = (),
+        declared: int | dict[int, int] | None = None,
+        ids: tuple[int, ...] | None = None,
+    ) -> None:
         rng = random.Random(seed)
-        self.partition_of = {rng.getrandbits(63): p for p in range(partitions)}
+        ids = tuple(range(partitions)) if ids is None else ids
+        self.partition_of = {rng.getrandbits(63): p for p in ids}
         self.silent = silent
+        # The num-partitions every node (or each partition's node) answers with, if any.
+        self.declared = declared
         self.queries = 0
 
     def get_node_ids(self) -> list[int]:
@@ -57,7 +74,11 @@ class FakeGrid:
             if partition in self.silent:
                 reply = Message(MessageError(code=0, reason="no query handler"), reply_to=msg)
             else:
-                reply = Message(content=partition_answer(partition), reply_to=msg)
+                size = self.declared
+                answer = partition_answer(
+                    partition, size.get(partition) if isinstance(size, dict) else size
+                )
+                reply = Message(content=answer, reply_to=msg)
             replies.append(reply)
         return replies
 
@@ -155,6 +176,21 @@ def test_permuting_a_rounds_replies_does_not_change_the_aggregate() -> None:
         plain.add(FedAvg().aggregate_train(1, valid)[0]["w"].numpy().tobytes())
     assert len(plain) > 1, "the test needs replies whose sum depends on their order"
     assert len(aggregates) == 1
+
+
+def test_the_federation_size_is_what_the_nodes_declare() -> None:
+    """Behind a SuperLink the server counted the nodes connected at the start: a node that
+    joined later was a partition the privacy ledger did not know (the ServerApp crashed in
+    round 3, and rounds 1-2 reported ε 6.29 for a partition assumed twice its size, 7.04)."""
+    assert declared_federation(FakeGrid(1, 0, declared=2), None) == 2
+    assert declared_federation(FakeGrid(3, 0), None) is None  # nodes that do not say
+    with pytest.raises(FederationError, match=r"^2 nodes declare partition-id=0 at the start"):
+        declared_federation(FakeGrid(2, 0, declared=2, ids=(0, 0)), None)
+    with pytest.raises(FederationError, match=r"^the nodes declare num-partitions 2, 3; "):
+        declared_federation(FakeGrid(2, 0, declared={0: 2, 1: 3}), None)
+    with pytest.raises(FederationError, match=r"^2 nodes declare partition-id=1 in round 3; "):
+        check_distinct_partitions([0, 1, 1], "in round 3")
+    check_distinct_partitions([0, 1, None, None], "in round 3")  # foreign nodes say nothing
 
 
 def test_canonical_order_sorts_by_partition_and_puts_errors_last() -> None:

@@ -107,9 +107,11 @@ def make_client_app(config: RunConfig | None = None, threads: int | None = None)
 
     @client.query()
     def query(msg: Message, context: Context) -> Message:
-        # The server's seeded client selection asks each node once for its partition id.
+        # The server asks each node once for its partition id (the seeded client selection)
+        # and, at the start, for the federation's size.
         partition_id = int(context.node_config["partition-id"])
-        return Message(content=partition_answer(partition_id), reply_to=msg)
+        num_partitions = int(context.node_config["num-partitions"])
+        return Message(content=partition_answer(partition_id, num_partitions), reply_to=msg)
 
     return client
 

@@ -26,13 +26,54 @@ from flwr.app import Message, MessageType
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from fedleak.messages import partition_id_of, partition_query
+from fedleak.messages import num_partitions_of, partition_id_of, partition_query
 from fedleak.server.grid import DelegatingGrid
 
 log = logging.getLogger(__name__)
 
 # Stream tag keeping the selection independent of the other draws made from the same seed.
 _STREAM = 0x53454C45
+
+
+class FederationError(ValueError):
+    """The nodes do not make one federation: two of them hold the same partition, or they
+    disagree on how many partitions there are."""
+
+
+def declared_federation(grid: Grid, timeout: float | None) -> int | None:
+    """How many partitions the connected nodes say the data is split into (their node config's
+    `num-partitions`), or None when none says (a foreign ClientApp). A server behind a
+    SuperLink cannot count the federation while nodes still join, and ε needs every
+    partition's size; nodes that disagree, or share a partition id, are refused."""
+    queries = [
+        Message(content=partition_query(), dst_node_id=node, message_type=MessageType.QUERY)
+        for node in grid.get_node_ids()
+    ]
+    declared: dict[int, tuple[int | None, int]] = {}
+    for reply in grid.send_and_receive(queries, timeout=timeout):
+        size = None if reply.has_error() else num_partitions_of(reply.content)
+        if size is not None:
+            declared[reply.metadata.src_node_id] = (partition_id_of(reply.content), size)
+    sizes = sorted({size for _, size in declared.values()})
+    if len(sizes) > 1:
+        raise FederationError(
+            f"the nodes declare num-partitions {', '.join(map(str, sizes))}; give every "
+            "SuperNode the same num-partitions in its --node-config"
+        )
+    check_distinct_partitions([partition for partition, _ in declared.values()], "at the start")
+    return sizes[0] if sizes else None
+
+
+def check_distinct_partitions(partitions: Sequence[int | None], when: str) -> None:
+    """Refuse two nodes that hold the same partition: each would train on it and be attacked,
+    and another partition would never be."""
+    seen = [p for p in partitions if p is not None]
+    repeated = sorted({p for p in seen if seen.count(p) > 1})
+    if repeated:
+        raise FederationError(
+            f"{seen.count(repeated[0])} nodes declare partition-id={repeated[0]} {when}; give "
+            "each SuperNode its own partition-id, 0 to num-partitions - 1"
+        )
 
 
 class SelectedNodes(DelegatingGrid):

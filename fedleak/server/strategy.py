@@ -59,7 +59,7 @@ from fedleak.server.central_dp import CentralDP
 from fedleak.server.payload import reply_bytes
 from fedleak.server.rounds import RoundHistory, RoundLog, RoundSink, ScoredJob
 from fedleak.server.runner import AttackJob, AttackRunner
-from fedleak.server.selection import ClientSelection, canonical_order
+from fedleak.server.selection import ClientSelection, canonical_order, check_distinct_partitions
 
 log = logging.getLogger(__name__)
 
@@ -277,6 +277,9 @@ class CuriousStrategy(Strategy):
         for reason in errors:
             log.warning("round %d: client reply failed: %s", server_round, reason)
         split = [self.split(server_round, msg) for msg in valid]
+        check_distinct_partitions(
+            [reply.observation.client_id for reply in split], f"in round {server_round}"
+        )
         jobs = self.attack(server_round, split) if self.runner is not None else 0
         self._round = RoundLog(
             round=server_round,

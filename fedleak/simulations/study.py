@@ -16,6 +16,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
@@ -37,6 +38,7 @@ from fedleak.server.build import GlobalEvaluation, build_strategy, initial_state
 from fedleak.server.grid import StoppableGrid
 from fedleak.server.payload import check_round_payload
 from fedleak.server.privacy import PrivacyLedger
+from fedleak.server.selection import FederationError, declared_federation
 from fedleak.server.validate import validate_components
 from fedleak.simulations.recording import (
     RunRecorder,
@@ -212,6 +214,11 @@ def _serve(
 
     # ε needs every client's partition size; the server's own `fd` has a single partition.
     num_clients = grid.wait_for_nodes(clients or config.train.min_clients, config.sim.timeout)
+    if clients is None:  # behind a SuperLink: the nodes say how many partitions there are
+        try:
+            num_clients = declared_federation(grid, config.sim.timeout) or num_clients
+        except FederationError as error:
+            _fail(run_dir, str(error))
     run_dir.record_clients(num_clients, client_threads)
     ledger = PrivacyLedger.from_config(config, federated_data(config, num_clients))
     recorder = RunRecorder(
@@ -250,8 +257,19 @@ def _serve(
     except RunInterrupted:
         run_dir.write_summary()  # the finished rounds, for whoever looks before resuming
         raise
+    except FederationError as error:
+        _fail(run_dir, str(error))
     run_dir.write_summary()
     return _finish(run_dir, recorder.first_error)
+
+
+def _fail(run_dir: RunDirectory, reason: str) -> NoReturn:
+    """End a run that cannot go on: FAILED with the reason, the finished rounds summarised and
+    reported, and `RunFailed` (one line) for the caller."""
+    run_dir.write_summary()
+    run_dir.mark_failed(reason)
+    write_report(run_dir.path)
+    raise RunFailed(f"{run_dir.path}: {reason}")
 
 
 def _finish(run_dir: RunDirectory, first_error: str | None) -> Path:
