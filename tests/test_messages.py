@@ -29,6 +29,8 @@ from fedleak.messages import (
     METRICS,
     PER_SAMPLE,
     Declaration,
+    num_partitions_of,
+    partition_answer,
     partition_id_of,
     partition_query,
 )
@@ -200,3 +202,14 @@ def test_a_declared_batch_outside_the_images_attacks_score_is_refused(inputs, la
     with pytest.raises(ValueError, match=problem) as caught:
         Declaration.of(inputs, labels, "fedsgd", 0.1, 1, None)
     assert str(caught.value).startswith("declare(") and "\n" not in str(caught.value)
+
+
+def test_a_node_without_its_partition_says_how_to_start_it() -> None:
+    """A SuperNode started without --node-config failed every round with a bare KeyError; the
+    query answer carries the federation's size the server asks for at the start."""
+    bare = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    with pytest.raises(client_app.NodeConfigError, match=r'--node-config "partition-id=I num'):
+        client_app.node_partition(bare)
+    assert client_app.node_partition(_context(2)) == (2, 3)
+    answer = partition_answer(*client_app.node_partition(_context(2)))
+    assert (partition_id_of(answer), num_partitions_of(answer)) == (2, 3)

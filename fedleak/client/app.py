@@ -33,10 +33,26 @@ def defense_seed(run_seed: int, partition_id: int, server_round: int) -> int:
     return mix_seed(run_seed, partition_id, server_round, 0xDEF)
 
 
+class NodeConfigError(ValueError):
+    """A SuperNode started without the partition it holds."""
+
+
+def node_partition(context: Context) -> tuple[int, int]:
+    """(partition-id, num-partitions) from the node's config, or one line saying how to set
+    them (a bare KeyError reached the server log, once per round, for every round)."""
+    try:
+        return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+    except (KeyError, TypeError, ValueError):
+        raise NodeConfigError(
+            "this SuperNode's node config gives no integer partition-id and num-partitions "
+            f"(it has {dict(context.node_config)}); start it with --node-config "
+            '"partition-id=I num-partitions=N", I from 0 to N - 1'
+        ) from None
+
+
 def train_reply(msg: Message, context: Context, config: RunConfig) -> Message:
     """Compute this client's update for the round and package it with its audit record."""
-    partition_id = int(context.node_config["partition-id"])
-    num_partitions = int(context.node_config["num-partitions"])
+    partition_id, num_partitions = node_partition(context)
     server_round = int(msg.content["config"]["server-round"])
     if config.sim.fail_rate > 0:
         draw = np.random.default_rng([config.seed, partition_id, server_round, 0xFA11]).random()
@@ -109,9 +125,7 @@ def make_client_app(config: RunConfig | None = None, threads: int | None = None)
     def query(msg: Message, context: Context) -> Message:
         # The server asks each node once for its partition id (the seeded client selection)
         # and, at the start, for the federation's size.
-        partition_id = int(context.node_config["partition-id"])
-        num_partitions = int(context.node_config["num-partitions"])
-        return Message(content=partition_answer(partition_id, num_partitions), reply_to=msg)
+        return Message(content=partition_answer(*node_partition(context)), reply_to=msg)
 
     return client
 
