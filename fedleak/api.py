@@ -80,19 +80,20 @@ def _output_shape(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, 
     return tuple(out.shape)
 
 
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _whole(name: str, value: object, low: int = 1) -> int:
-    """An integer setting of at least `low` (not a bool, not a float with a fraction)."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
-        raise ConfigError(f"{name}={value!r}: expected an integer >= {low}")
-    if value < low:
+    """An integer argument of at least `low` (not a bool, not a float with a fraction)."""
+    if not (_number(value) and math.isfinite(value) and value == int(value) and value >= low):
         raise ConfigError(f"{name}={value!r}: expected an integer >= {low}")
     return int(value)
 
 
 def _positive(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ConfigError(f"{name}={value!r}: expected a finite number > 0")
-    if value <= 0:
+    """A finite number argument above 0."""
+    if not (_number(value) and math.isfinite(value) and value > 0):
         raise ConfigError(f"{name}={value!r}: expected a finite number > 0")
     return float(value)
 
