@@ -189,7 +189,7 @@ def check_resources(
 def check_data_split(config: RunConfig, num_clients: int) -> FederatedData:
     """The clients' data split for `num_clients`, or `ConfigError` when some client could not
     train in any round: more clients than images, partitions smaller than a round's batch,
-    encodings that mix more images than a batch or the public pool holds.
+    encodings that mix more images than a client or the public pool holds.
 
     Reusable on its own (a sweep's preflight calls it per cell); loads the data set.
     """
