@@ -351,6 +351,7 @@ def setting_summaries(study: Study) -> list[SettingSummary]:
                     & (unfinished["attack"] == attack)
                 ]
                 diverged = int(_diverged(unfinished_here).sum())
+                failed_samples, judged_samples = unconverged_samples(cell)
                 out.append(
                     SettingSummary(
                         group=group,
@@ -363,8 +364,8 @@ def setting_summaries(study: Study) -> list[SettingSummary]:
                         lpips_mean=mean_ci(cell[lpips]),
                         not_converged=not_converged(cell),
                         attack_runs=judged_runs(cell),
-                        samples_not_converged=unconverged_samples(cell)[0],
-                        samples_judged=unconverged_samples(cell)[1],
+                        samples_not_converged=failed_samples,
+                        samples_judged=judged_samples,
                         token_acc=median_interval(cell["token_acc"]),
                         token_acc_mean=mean_ci(cell["token_acc"]),
                         rougeL=median_interval(cell["rougeL"]),

@@ -45,12 +45,8 @@ def declared_federation(grid: Grid, timeout: float | None) -> int | None:
     `num-partitions`), or None when none says (a foreign ClientApp). A server behind a
     SuperLink cannot count the federation while nodes still join, and ε needs every
     partition's size; nodes that disagree, or share a partition id, are refused."""
-    queries = [
-        Message(content=partition_query(), dst_node_id=node, message_type=MessageType.QUERY)
-        for node in grid.get_node_ids()
-    ]
     declared: dict[int, tuple[int | None, int]] = {}
-    for reply in grid.send_and_receive(queries, timeout=timeout):
+    for reply in _ask_partitions(grid, grid.get_node_ids(), timeout):
         size = None if reply.has_error() else num_partitions_of(reply.content)
         if size is not None:
             declared[reply.metadata.src_node_id] = (partition_id_of(reply.content), size)
@@ -74,6 +70,15 @@ def check_distinct_partitions(partitions: Sequence[int | None], when: str) -> No
             f"{seen.count(repeated[0])} nodes declare partition-id={repeated[0]} {when}; give "
             "each SuperNode its own partition-id, 0 to num-partitions - 1"
         )
+
+
+def _ask_partitions(grid: Grid, nodes: Iterable[int], timeout: float | None) -> Iterable[Message]:
+    """Each node's answer to `partition_query` (an error reply where it has no handler)."""
+    queries = [
+        Message(content=partition_query(), dst_node_id=node, message_type=MessageType.QUERY)
+        for node in nodes
+    ]
+    return grid.send_and_receive(queries, timeout=timeout)
 
 
 class SelectedNodes(DelegatingGrid):
@@ -130,11 +135,7 @@ class ClientSelection:
         unknown = [node for node in nodes if node not in self.partitions]
         if not unknown:
             return
-        queries = [
-            Message(content=partition_query(), dst_node_id=node, message_type=MessageType.QUERY)
-            for node in unknown
-        ]
-        for reply in grid.send_and_receive(queries, timeout=self.timeout):
+        for reply in _ask_partitions(grid, unknown, self.timeout):
             partition = None if reply.has_error() else partition_id_of(reply.content)
             if partition is not None:
                 self.partitions[reply.metadata.src_node_id] = partition
