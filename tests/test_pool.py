@@ -140,6 +140,7 @@ def test_known_attacks_are_spread_and_others_pinned() -> None:
 def test_fault_spec_parses_and_rejects_garbage() -> None:
     assert Fault.parse("") is None
     assert Fault.parse("aux-mean@2:1") == Fault("aux-mean", 2, 1)
+    assert Fault.parse("aux-mean@2:1:once") == Fault("aux-mean", 2, 1, once=True)
     with pytest.raises(ValueError, match=KILL_ENV):
         Fault.parse("aux-mean-2-1")
 
@@ -257,7 +258,7 @@ class TestPool:
             pool.submit(jobs[:4])  # round 1; the killed job has two jobs queued behind it
             pool.submit(jobs[4:])
             results = pool.ready(wait=True)
-            assert pool.replaced == 1
+            assert pool.replaced == 2  # the killed job was retried once on a fresh worker
             pool.submit(jobs[:1])  # the replacement keeps working
             results += pool.ready(wait=True)
         finally:
@@ -267,6 +268,22 @@ class TestPool:
         assert [(r.job.attack, r.job.observation.client_id) for r in failed] == [("aux-mean", 1)]
         assert failed[0].reconstruction.status == "failed"
         assert failed[0].reconstruction.message.startswith("worker died")
+
+    def test_a_job_whose_worker_died_once_is_retried(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A dying worker can lose the reply of the job it had just finished, which then reads
+        as dead too: one death alone does not fail a job."""
+        monkeypatch.setenv(KILL_ENV, "aux-mean@1:1:once")
+        config = _config(**{"attack.workers": 1})
+        jobs, knowledge = _jobs(config, rounds=1, clients=2)
+        pool = RayAttackPool(config, knowledge, self.budget)
+        try:
+            pool.submit(jobs)
+            results = pool.ready(wait=True)
+            assert pool.replaced == 1
+        finally:
+            pool.close()
+        assert sorted(r.job.job_id for r in results) == list(range(len(jobs)))
+        assert {r.reconstruction.status for r in results} == {"ok"}
 
     def test_workers_that_cannot_be_placed_fail_the_round_clearly(self) -> None:
         config = _config(**{"attack.workers": 3})  # 3 units asked, 2 reserved

@@ -32,9 +32,13 @@ Failures. An attack's exception becomes a failed row inside the worker (`run_job
 that dies (a segfault, the OOM killer, a lost node) costs only the job it was running: the
 actor is replaced, a batch it was running is retried one job at a time (so a batch too big
 for memory still completes, and a job that kills its worker dies alone), a single job is
-recorded as failed ("worker died: ..."), and the batches queued behind are resubmitted to
-the replacement in order. Setting `FEDLEAK_KILL_WORKER` to `<attack>@<round>:<client>`
-makes the worker that runs that job exit, for tests.
+retried once and recorded as failed ("worker died: ...") when its worker dies again, and the
+batches queued behind are resubmitted to the replacement in order. The one retry is there
+because a dying worker also loses the reply of the job it finished just before: that job
+sits at the head of the queue and reads as dead too, though it did nothing wrong.
+
+Setting `FEDLEAK_KILL_WORKER` to `<attack>@<round>:<client>` makes the worker that runs that
+job exit, for tests (`...:once`: only the first worker).
 """
 
 from __future__ import annotations
@@ -79,11 +83,14 @@ class ResourceRequestError(ConfigError):
 
 @dataclass(frozen=True)
 class Fault:
-    """A job whose worker exits on purpose: `<attack>@<round>:<client>` in `FEDLEAK_KILL_WORKER`."""
+    """A job whose worker exits on purpose: `<attack>@<round>:<client>` in `FEDLEAK_KILL_WORKER`,
+    with `:once` for a worker that dies only the first time (a transient loss: the workers
+    started after it do not carry the fault)."""
 
     attack: str
     round: int
     client: int
+    once: bool = False
 
     @classmethod
     def parse(cls, text: str | None) -> Fault | None:
@@ -92,11 +99,14 @@ class Fault:
             return None
         attack, _, rest = text.partition("@")
         server_round, _, client = rest.partition(":")
+        client, _, once = client.partition(":")
         try:
-            return cls(attack, int(server_round), int(client))
+            if once not in ("", "once"):
+                raise ValueError(once)
+            return cls(attack, int(server_round), int(client), once=once == "once")
         except ValueError:
             raise ValueError(
-                f"{KILL_ENV}={text!r}: expected <attack>@<round>:<client>, e.g. aux-mean@2:0"
+                f"{KILL_ENV}={text!r}: expected <attack>@<round>:<client>[:once], e.g. aux-mean@2:0"
             ) from None
 
     def hits(self, job: AttackJob) -> bool:
@@ -187,6 +197,7 @@ class _Pending:
     observations: list[Any]
     future: Any
     submitted: float
+    deaths: int = 0  # workers that died while this batch was the oldest they held
 
     @property
     def attack(self) -> str:
@@ -424,6 +435,7 @@ class RayAttackPool:
                     reconstructions = ray.get(pending.future)
                 except RayActorError as error:
                     message = f"worker died: {_first_line(error)}"
+                    pending.deaths += 1
                     if len(pending.jobs) > 1:
                         log.warning(
                             "attack %s: %s; retrying its batch of %d one job at a time",
@@ -432,6 +444,9 @@ class RayAttackPool:
                             len(pending.jobs),
                         )
                         slot.queue.extendleft(reversed(pending.singles()))
+                    elif pending.deaths == 1:
+                        log.warning("attack %s: %s; retrying the job once", pending.attack, message)
+                        slot.queue.appendleft(pending)
                     else:
                         log.warning("attack %s: %s", pending.attack, message)
                         failed = failed_reconstruction(message, seconds)
@@ -458,6 +473,8 @@ class RayAttackPool:
         moves to the other workers; with none left, those jobs are recorded as failed.
         """
         ray.kill(slot.actor, no_restart=True)
+        if self.fault is not None and self.fault.once:
+            self.fault = None
         slot.actor = self._new_actor()
         try:
             self._await_placement([slot.actor])
