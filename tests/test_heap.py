@@ -7,6 +7,7 @@ import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -28,8 +29,18 @@ thread.join()
 """
 
 
+def _transparent_huge_pages() -> bool:
+    """Whether the kernel backs large allocations with huge pages: one fault per 2 MB."""
+    try:
+        return "[always]" in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return False
+
+
 def _probe(heap: str) -> tuple[str, int]:
-    env = {**os.environ, "FEDLEAK_HEAP": heap}
+    # torch's own switch to huge pages would hide the faults this test counts.
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    env |= {"FEDLEAK_HEAP": heap, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(
         [sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, check=True
     ).stdout.split()
@@ -37,12 +48,13 @@ def _probe(heap: str) -> tuple[str, int]:
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the setting is glibc's")
+@pytest.mark.skipif(_transparent_huge_pages(), reason="huge pages fault once per 2 MB")
 def test_large_freed_tensors_are_reused_without_page_faults() -> None:
     took, tuned = _probe("")
     kept, system = _probe("system")
     assert (took, kept) == ("True", "False")
     pages = 50 * 64 * 2**20 // os.sysconf("SC_PAGE_SIZE")
     # glibc's defaults fault in every page of every iteration; reused memory only in the first
-    # few (measured: 3 of 50).
+    # few (measured: 3 to 9 of 50).
     assert system > 0.8 * pages, (system, pages)
-    assert tuned < 0.2 * pages, (tuned, pages)
+    assert tuned < 0.3 * pages, (tuned, pages)

@@ -410,7 +410,7 @@ CASES = [
     Case(
         "out-foreign-folder",
         (*RUN, "--out", "{tmp}/mine"),
-        "not empty and not a fedleak run directory (it holds 'config.toml' and 1 more)",
+        "not empty and not a fedleak run directory (it holds 'a' and 1 more)",
         status=1,
         setup=lambda tmp: (_write("mine/config.toml", b"mine")(tmp), _write("mine/a", b"")(tmp)),
         keeps=("mine/config.toml", "mine/a"),

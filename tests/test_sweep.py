@@ -445,8 +445,8 @@ def test_parallel_cells_run_in_worker_processes(
 def waiting_runner(config: RunConfig, path: Path) -> Path:
     """A cell that runs until Ctrl-C, then stops as a study does (module level: picklable)."""
     path.mkdir(parents=True, exist_ok=True)
-    (path / "started").touch()
     with _stop_on_first_signal():
+        (path / "started").touch()  # once the handler is in place: the test signals on it
         for _ in range(1200):
             if stop_requested():
                 raise StudyInterrupted(path, 0, config.num_server_rounds)
@@ -491,8 +491,8 @@ def second_cell_finishes_runner(config: RunConfig, path: Path) -> Path:
     if not path.name.startswith("cell-001"):
         return waiting_runner(config, path)
     path.mkdir(parents=True, exist_ok=True)
-    (path / "started").touch()
     with _stop_on_first_signal():
+        (path / "started").touch()
         while not stop_requested():
             time.sleep(0.05)
     (path / "started").unlink()  # the marker is no file of a run directory
@@ -575,8 +575,8 @@ def test_sigterm_to_a_sweep_stops_its_cells_as_ctrl_c_does(tmp_path: Path, paral
 def deaf_runner(config: RunConfig, path: Path) -> Path:
     """A cell whose next safe point never comes: only a second Ctrl-C ends it."""
     path.mkdir(parents=True, exist_ok=True)
-    (path / "started").touch()
     with _stop_on_first_signal():
+        (path / "started").touch()
         time.sleep(120)
     return fake_runner(config, path)
 

@@ -325,7 +325,7 @@ class RunDirectory:
         if not os.access(path, os.W_OK | os.X_OK):
             raise RunDirectoryError(f"{path}: not writable (read-only); choose another out-dir")
         try:
-            entries = [entry.name for entry in path.iterdir() if entry.name != LOCK_FILE]
+            entries = sorted(entry.name for entry in path.iterdir() if entry.name != LOCK_FILE)
         except OSError as error:
             raise RunDirectoryError(f"{path}: cannot list the folder ({error.strerror})") from None
         if not entries:
