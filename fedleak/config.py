@@ -87,7 +87,9 @@ class DataConfig(Settings):
     )
     aux_beta: float = _setting(1.0, low=0.0, high=1.0, doc="fraction of in-distribution aux")
     public_size: int = _setting(0, low=0, doc="public pool for InstaHide-inter, disjoint too")
-    seq_len: int = _setting(16, low=2, doc="text: tokens per sequence (L)")
+    seq_len: int = _setting(
+        16, low=2, high=1024, doc="text: tokens per sequence (L), up to the models' 1024 positions"
+    )
     vocab_size: int = _setting(
         8192, low=257, high=262_144, doc="text: tokens of the BPE trained on aux text"
     )

@@ -117,6 +117,8 @@ POISSON = ("--set", "defense.spec=dpsgd:1:1", "--set", "defense.dp-sampling=pois
 SHARDS = ("--set", "data.partition=shards")
 CONVNET_BN_GRADINVERSION = ("--set", "model.name=convnet-bn", "--set", "attack.names=gradinversion")
 RESUME = ("run", "{tmp}/done/config.toml", "--out", "{tmp}/done", "--set", "sim.resume=true")
+# The text quickstart on a small tokenizer (its BPE trains in a second).
+TEXT = ("run", "text-quickstart", "--set", "data.aux-size=400", "--set", "data.vocab-size=300")
 
 CASES = [
     # Client counts and resources (Flower divided by zero or hung on these).
@@ -264,9 +266,27 @@ CASES = [
         "train.batch-size=2: client 4 holds only 1 image ",
     ),
     Case(
+        "batch-over-text-partition",
+        (*TEXT, "--set", "train.batch-size=100000"),
+        "sequences (iid split of ",
+    ),
+    Case(
+        "seq-len-over-positions",
+        (*TEXT, "--set", "data.seq-len=1025"),
+        "data.seq-len=1025: expected an integer in [2, 1024]",
+    ),
+    Case(
+        "tokenizer-file-not-a-tokenizer",
+        (*TEXT, "--set", "data.tokenizer=file:{tmp}/tok.json"),
+        "is not a Hugging Face tokenizer.json",
+        status=1,  # as for a missing file: the data cannot be built
+        setup=_write("tok.json", b'{"not": "a tokenizer"}'),
+        keeps=("tok.json",),
+    ),
+    Case(
         "clients-over-images",
         (*RUN, "--num-clients", "20", "--set", "data.aux-size=3990"),
-        "num-clients=20: the clients share 10 training images",
+        "num-clients=20: the clients share 10 images for training",
     ),
     Case(
         "aux-over-data",

@@ -730,14 +730,18 @@ def test_a_text_report_marks_unconverged_tag_runs_and_renders_code(tmp_path: Pat
     run.append_round(1, rows, {"test_loss": 6.3, "test_accuracy": 0.007})
     html, markdown = build_report(run.path)
     text = markdown.read_text()
+    # The floors a text run reads against are its own, not the image ones.
+    assert "aux-frequency, the most frequent auxiliary token at each position" in text
+    assert "aux-mean" not in text and "private images" not in text
     summary = _table(text, "Summary")
     assert summary[0][-1] == "not converged (attack runs)"
     # tag, then the floor, which matches no loss: neither converged nor not.
     assert [row[-1] for row in summary[1:]] == ["2 of 2", "–"]
     assert _table(text, "token accuracy")[1] == ["tag", "0.000 [0.000, 0.000] n=4 †"]
     assert "(tag did not converge in 2 of 2 attack runs: its budget ran out" in text
-    assert "tag a median 0.000 of the tokens (not converged in 2 of 2 runs)" in "".join(
-        headline(load_study(run.path))
+    assert (
+        "tag a median 0.000 of the tokens (not converged in 2 of 2 runs) (at the floor)"
+        in "".join(headline(load_study(run.path)))
     )
     # The environment reads as dotted keys and plain values, not JSON.
     environment_rows = _table(text, "## Environment")[1:]

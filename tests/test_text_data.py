@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from fedleak.config import ConfigError, parse_flat
 from fedleak.data import (
     DatasetUnavailable,
     DataSplitError,
@@ -31,6 +32,7 @@ from fedleak.data.text import (
 )
 from fedleak.data.text.corpus import Document, load_wikitext, wikitext_articles
 from fedleak.data.text.markup import plain_paragraphs
+from fedleak.models.transformer import MAX_POSITIONS
 from fedleak.report.text_section import _shown
 
 WIKITEXT = "\n".join(
@@ -314,3 +316,13 @@ def test_gpt2_comes_from_the_hub_cache_offline_and_fails_at_once_without_it(
     cached = load_tokenizer("gpt2", [], 1000)
     assert cached.kind == "gpt2"
     assert cached.tokenizer.get_vocab() == trained.tokenizer.get_vocab()
+
+
+def test_the_longest_sequence_is_the_models() -> None:
+    """`data.seq-len` is refused in its own name beyond the transformer's positions (the
+    model's check would blame `model.name`)."""
+    assert parse_flat({"data.seq-len": MAX_POSITIONS}).data.seq_len == MAX_POSITIONS
+    with pytest.raises(
+        ConfigError, match=rf"data.seq-len={MAX_POSITIONS + 1}: .*{MAX_POSITIONS}\]"
+    ):
+        parse_flat({"data.seq-len": MAX_POSITIONS + 1})

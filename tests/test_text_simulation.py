@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +15,10 @@ import pytest
 import torch
 
 from fedleak.config import ConfigError, parse_flat
+from fedleak.report.rundir import RunDirectory, RunDirectoryError
 from fedleak.server.validate import validate_components
 from fedleak.simulations.presets import load_preset
+from fedleak.simulations.study import check_resumable
 
 TINY = [
     "--num-clients",
@@ -145,6 +148,21 @@ def test_texts_environment_and_report(text_run: Path) -> None:
     assert "PSNR" not in report.split("## Reconstructed text")[0].split("## Leakage per round")[0]
     summary = (text_run / "summary.md").read_text(encoding="utf-8")
     assert "tag token acc" in summary
+
+
+def test_a_resume_with_another_tokenizer_is_refused(text_run: Path, tmp_path: Path) -> None:
+    """The same settings can give another tokenizer (a `file:` one edited in place): resumed
+    rounds would train and score on other token ids, so the fingerprint must match."""
+    run = tmp_path / "run"
+    shutil.copytree(text_run, run)
+    config = parse_flat({**RunDirectory.open(run).config.to_flat(), "sim.resume": True})
+    check_resumable(config, run)  # the run's own tokenizer passes
+    environment = json.loads((run / "environment.json").read_text())
+    environment["data"]["tokenizer"]["fingerprint"] = "0123456789abcdef"
+    (run / "environment.json").write_text(json.dumps(environment))
+    with pytest.raises(RunDirectoryError, match="tokenizer of fingerprint 0123456789abcdef") as e:
+        check_resumable(config, run)
+    assert "data.tokenizer='bpe' now gives " in str(e.value) and "\n" not in str(e.value)
 
 
 def test_the_global_model_trains_on_text(text_run: Path) -> None:

@@ -121,13 +121,26 @@ def _scoring(leakage: pd.DataFrame, lpips: str) -> list[str]:
             "(position by position) and by the ROUGE-1, ROUGE-2 and ROUGE-L F-measures of the "
             "decoded texts (`rouge-score`, no stemming)."
         )
+    floors = []
+    if "image" in modalities:
+        floors.append(
+            "aux-mean from its auxiliary data alone, class-mean from it and the labels "
+            "recovered from the update"
+        )
+    if "tokens" in modalities:
+        floors.append(
+            "aux-frequency, the most frequent auxiliary token at each position, from its "
+            "auxiliary text alone"
+        )
+    private = " and ".join(
+        word for kind, word in (("image", "images"), ("tokens", "texts")) if kind in modalities
+    )
     parts.append(
         "Medians come with 95% order-statistic intervals and n, pooled over clients, rounds "
         "and seeds and treated as independent draws: where rounds or seeds differ widely (the "
         "per-round figure shows it), an interval is narrower than that spread. A floor is "
-        "what an attacker gets without inverting the update: aux-mean from its auxiliary data "
-        "alone, class-mean from it and the labels recovered from the update; an attack at the "
-        "floor has learned nothing about the private images themselves."
+        f"what an attacker gets without inverting the update: {'; '.join(floors)}. An attack "
+        f"at the floor has learned nothing about the private {private} themselves."
     )
     return parts
 

@@ -298,7 +298,13 @@ def headline(study: Study) -> list[str]:
     settings = setting_verdicts(study)
     for v in settings[: 2 * MAX_SETTINGS_NAMED]:
         attacks = (
-            ", ".join(_rate(s) + _not_converged(s) + _left_out(s) for s in v.attacks)
+            ", ".join(
+                _rate(s)
+                + _not_converged(s)
+                + _left_out(s)
+                + (" (at the floor)" if _at_floor(s, v) else "")
+                for s in v.attacks
+            )
             or "no scored attack"
         )
         floor = f"; floor {v.floor.attack} {_scores(v.floor)}" if v.floor else ""

@@ -198,15 +198,21 @@ def check_data_split(config: RunConfig, num_clients: int) -> FederatedData:
     # be refused in the name of num-clients=1).
     whole = dataclasses.replace(config, data=dataclasses.replace(data, partition="iid"))
     try:
-        pool = federated_data(whole, 1).partitions[0]
+        whole_data = federated_data(whole, 1)
     except DataSplitError as error:
         raise ConfigError(_setting_names(str(error))) from None
+    pool = whole_data.partitions[0]
+    noun = "sequence" if whole_data.dataset.modality == "tokens" else "image"
+
+    def count(n: int) -> str:
+        return f"{n} {noun}{'s' if n != 1 else ''}"
+
     if num_clients > len(pool):
         raise ConfigError(
-            f"num-clients={num_clients}: the clients share {len(pool)} training images (after "
-            f"data.aux-size={data.aux_size} and data.public-size={data.public_size} are held "
-            f"out), and every client needs at least one; use at most {len(pool)} clients or "
-            "hold out fewer images"
+            f"num-clients={num_clients}: the clients share {count(len(pool))} for training "
+            f"(after data.aux-size={data.aux_size} and data.public-size={data.public_size} are "
+            f"held out), and every client needs at least one; use at most {len(pool)} clients "
+            f"or hold out fewer {noun}s"
         )
     try:
         fd = federated_data(config, num_clients)
@@ -219,9 +225,8 @@ def check_data_split(config: RunConfig, num_clients: int) -> FederatedData:
         key = "train.batch-size" if needed == train.batch_size else "train.examples"
         client = sizes.index(smallest)
         raise ConfigError(
-            f"{key}={needed}: client {client} holds only {smallest} image"
-            f"{'s' if smallest != 1 else ''} "
-            f"({data.partition} split of {len(pool)} images among {num_clients} clients), so "
+            f"{key}={needed}: client {client} holds only {count(smallest)} "
+            f"({data.partition} split of {count(len(pool))} among {num_clients} clients), so "
             f"it could never train; expected at most {smallest}, or fewer clients"
         )
     encoder = parse_defense_spec(config.defense.spec).encoder

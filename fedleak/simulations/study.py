@@ -26,6 +26,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedleak.config import RunConfig, parse_flat
+from fedleak.data import FederatedData
 from fedleak.heap import reuse_freed_memory
 from fedleak.interrupt import RunInterrupted
 from fedleak.metrics.lpips import lpips_warning
@@ -147,8 +148,9 @@ def check_resumable(
     client_threads: int | None = None,
 ) -> None:
     """For `sim.resume` on an existing run: its settings, its number of clients and their
-    threads (when the caller knows them) match (`RunDirectory.check_resume`, `check_clients`)
-    and its checkpoint is a fedleak checkpoint that fits the configured model."""
+    threads (when the caller knows them) match (`RunDirectory.check_resume`, `check_clients`),
+    a text run's tokenizer is the one it ran with, and its checkpoint is a fedleak checkpoint
+    that fits the configured model."""
     if not (config.sim.resume and (path / "config.toml").exists()):
         return
     run_dir = RunDirectory.open(path)
@@ -157,10 +159,12 @@ def check_resumable(
     run_dir.utility()
     if clients is not None:
         run_dir.check_clients(clients, client_threads)
+    fd = federated_data(config, num_partitions=1)
+    _check_same_tokenizer(run_dir, config, fd)
     checkpoint = run_dir.load_global_model()
     if checkpoint is None:
         return
-    spec = model_spec(config, federated_data(config, num_partitions=1))
+    spec = model_spec(config, fd)
     try:
         initial_state(spec, checkpoint[1])
     except RuntimeError as error:
@@ -169,6 +173,23 @@ def check_resumable(
             f"{path / 'checkpoints' / 'global.pt'}: does not fit model {spec.name} on "
             f"{spec.input_shape} ({detail}); restore it or start again in a new out-dir"
         ) from None
+
+
+def _check_same_tokenizer(run_dir: RunDirectory, config: RunConfig, fd: FederatedData) -> None:
+    """The same settings can give another tokenizer (a `file:` tokenizer edited in place):
+    resumed rounds would then train and score on other token ids than the first ones."""
+    data = run_dir.environment().get("data")
+    recorded = data.get("tokenizer") if isinstance(data, dict) else None
+    tokenizer = getattr(fd.dataset, "tokenizer", None)
+    if not isinstance(recorded, dict) or tokenizer is None:
+        return
+    if recorded.get("fingerprint") != tokenizer.fingerprint:
+        raise RunDirectoryError(
+            f"{run_dir.path}: was run with a tokenizer of fingerprint {recorded.get('fingerprint')}"
+            f" (environment.json); data.tokenizer={config.data.tokenizer!r} now gives "
+            f"{tokenizer.fingerprint}, so resumed rounds would use other token ids: restore "
+            "the run's tokenizer or choose another out-dir"
+        )
 
 
 def _serve(

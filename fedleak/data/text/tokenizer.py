@@ -209,5 +209,13 @@ def load_tokenizer(kind: str, aux_texts: Sequence[str], vocab_size: int) -> Text
                 f"tokenizer {kind!r} is not available: {path} is not a file; save one with "
                 "`tokenizers.Tokenizer.save(path)` or use data.tokenizer=bpe"
             )
-        return TextTokenizer("file", Tokenizer.from_file(str(path)), f"tokenizer.json at {path}")
+        try:
+            tokenizer = Tokenizer.from_file(str(path))
+        except Exception as error:  # the tokenizers library raises a bare Exception
+            cause = " ".join(str(error).split())[:200]
+            raise TokenizerError(
+                f"data.tokenizer={kind!r}: {path} is not a Hugging Face tokenizer.json ({cause}); "
+                "save one with `tokenizers.Tokenizer.save(path)` or use data.tokenizer=bpe"
+            ) from None
+        return TextTokenizer("file", tokenizer, f"tokenizer.json at {path}")
     raise TokenizerError(f"data.tokenizer={kind!r}: expected one of {', '.join(TOKENIZER_KINDS)}")
