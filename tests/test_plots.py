@@ -84,3 +84,28 @@ def test_the_accuracy_panel_zooms_in_on_small_accuracies_only(
     large = _accuracy_axis([0.1, 0.6, 0.8], monkeypatch)
     assert large.get_ylim() == (0.0, 1.0) and "axis to" not in large.get_ylabel()
     plt.close("all")
+
+
+def test_many_settings_draw_each_settings_own_floor(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Beyond a column per setting, the panels are attacks and the lines settings: the floor
+    was then one line pooled over every setting, no setting's floor."""
+    drawn: list[Figure] = []
+    monkeypatch.setattr(plots, "_png", lambda figure: drawn.append(figure) or b"")
+    settings = [f"s{i}" for i in range(plots.MAX_SETTING_COLUMNS + 1)]
+    frames = []
+    for i, defense in enumerate(settings):
+        for attack, reference, level in (("tag", False, 0.5), ("floor", True, 0.1 * i)):
+            frames.append(
+                _rows([1, 2]).assign(
+                    group="", defense=defense, attack=attack, reference=reference, token_acc=level
+                )
+            )
+    leakage = pd.concat(frames, ignore_index=True)
+    utility = pd.DataFrame({"round": 1, "test_accuracy": 0.5, "group": "", "defense": settings})
+    plots.rounds_figure(leakage, utility, [TOKEN_ACC], success=False)
+    panel = drawn[0].axes[0]
+    dashed = [line for line in panel.lines if line.get_linestyle() == "--"]
+    levels = sorted(float(line.get_ydata()[0]) for line in dashed)
+    assert np.allclose(levels, [0.1 * i for i in range(len(settings))])
+    assert len({line.get_color() for line in dashed}) == len(settings)
+    plt.close("all")

@@ -905,3 +905,77 @@ def test_an_attack_below_the_floors_psnr_is_not_named_as_leaking(tmp_path: Path)
     text = verdict(load_study(path))
     assert text.startswith("Without a defense, no attack got closer than the aux-mean floor")
     assert "the closest, ig, reconstructed 0/" in text
+
+
+def _sweep_of(root: Path, cells: dict[str, dict[str, object]], waiting: tuple[str, ...] = ()):
+    """A sweep directory of `_make_run` cells (id -> its keywords) and cells not run yet."""
+    manifest = [
+        {"id": cell, "index": i, "overrides": {}, "status": "done", "message": "", "seconds": 1.0}
+        for i, cell in enumerate(cells)
+    ]
+    for cell, keywords in cells.items():
+        _make_run(root / cell, **keywords)  # type: ignore[arg-type]
+    manifest += [
+        {"id": cell, "index": len(cells) + i, "overrides": {}, "status": "pending"}
+        for i, cell in enumerate(waiting)
+    ]
+    (root / "sweep.json").write_text(json.dumps({"name": "s", "cells": manifest}))
+    return root
+
+
+def test_a_verdict_over_many_settings_names_the_least_leaking_one(tmp_path: Path) -> None:
+    """With four undefended groups the most and least leaking settings were cut off, though
+    the verdict's first sentence said they were summarised."""
+    from fedleak.report.collect import load_study
+    from fedleak.report.verdict import verdict
+
+    cells = {
+        f"cell-{b}-{d.replace(':', '-')}": {"defense": d, "batch_size": b, "rounds": 1}
+        for b in (1, 2, 3, 4)
+        for d in ("none", "prune:0.9")
+    }
+    sweep = _sweep_of(tmp_path / "sweep", cells)
+    rows = pd.read_parquet(sweep / "cell-4-prune-0.9" / "leakage.parquet")
+    attacked = ~rows["attack"].eq("aux-mean")
+    rows.loc[attacked, "lpips_alex"], rows.loc[attacked, "psnr"] = 0.99, 3.0
+    rows.to_parquet(sweep / "cell-4-prune-0.9" / "leakage.parquet", index=False)
+    text = verdict(load_study(sweep))
+    assert text.startswith(
+        "Of 8 settings, those where attacks leak most and least and 2 of the 4 undefended "
+        "ones are summarised here"
+    )
+    assert "Under prune:0.9 (batch-size=4), no attack got closer than the aux-mean floor" in text
+    assert text.count("Without a defense") + text.count("Under ") == 4
+
+
+def test_a_failed_run_is_named_and_kept_out_of_the_figures(tmp_path: Path) -> None:
+    """A cell whose every client failed recorded its untrained model: its accuracy pulled the
+    setting's mean down while the verdict read as a whole study. Runs stopped at different
+    rounds were reported "after round 2"."""
+    from fedleak.report.collect import load_study
+    from fedleak.report.verdict import verdict
+
+    cells = {f"cell-{seed}": {"seed": seed, "rounds": 2} for seed in (0, 1, 2)}
+    sweep = _sweep_of(tmp_path / "sweep", cells, waiting=("cell-3",))
+    failed = RunDirectory.open(sweep / "cell-1")
+    failed.mark_failed("every client failed in every one of the 2 recorded rounds")
+    # cell-2 stopped after its first round: its config asks for 2, it recorded 1.
+    stopped = sweep / "cell-2"
+    utility = pd.read_csv(stopped / "utility.csv")
+    utility[utility["round"] <= 1].to_csv(stopped / "utility.csv", index=False)
+    rows = pd.read_parquet(stopped / "leakage.parquet")
+    rows[rows["round"] <= 1].to_parquet(stopped / "leakage.parquet", index=False)
+
+    study = load_study(sweep)
+    assert {r.name for r in study.scored_runs} == {"cell-0", "cell-2"}
+    text = verdict(study)
+    assert text.startswith(
+        "Not every run is complete: 1 of 3 runs failed (cell-1: every client failed in every "
+        "one of the 2 recorded rounds), left out of the figures; 1 stopped early (cell-2 after "
+        "round 1 of 2); 1 of the 4 cells has not run (cell-3)."
+    )
+    # cell-0 ends at 0.1 + 0.2 = 0.300 after round 2, cell-2 at 0.1 + 0.1 + 0.02 after round 1.
+    assert "test accuracy is 0.260 (a mean over runs that stopped after rounds 1, 2)" in text
+    runs = _table(build_report(sweep)[1].read_text(), "## Runs and times")
+    status = {row[0]: (row[4], row[-1]) for row in runs[1:]}
+    assert status["cell-2"] == ("1 / 2", "done") and status["cell-1"][0] == "2 / 2"

@@ -5,6 +5,10 @@ a folder without one whose sub-folders are run directories is read the same way.
 that differ between runs become the study's *groups* (e.g. `batch-size=4`), except the
 defense (the tables' columns: the clients' spec, DP-SGD's sampling and central DP), the seed
 (pooled into the confidence intervals) and the attack list (the tables' rows).
+
+Runs marked FAILED stay in the runs table but not in the figures: a run whose every client
+failed recorded an untrained model, which would pull its setting's accuracy down. Only when
+every run failed do the figures show them, as what there is to see.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import Any
 import pandas as pd
 
 from fedleak.config import RunConfig
-from fedleak.report.rundir import RunDirectory, RunDirectoryError
+from fedleak.report.rundir import FAILED_FILE, RunDirectory, RunDirectoryError
 
 MANIFEST = "sweep.json"
 SWEEP_SOURCE = "sweep.toml"
@@ -46,6 +50,12 @@ class RunRecord:
     leakage: pd.DataFrame
     utility: pd.DataFrame
     images: tuple[Path, ...]
+    failure: str = ""  # why the run failed; '' when it did not
+
+    @property
+    def last_round(self) -> int:
+        """The last round utility.csv records (0: none)."""
+        return int(self.utility["round"].max()) if len(self.utility) else 0
 
 
 @dataclass(frozen=True)
@@ -71,17 +81,22 @@ class Study:
         short = _short_names(self.group_keys)
         return ", ".join(f"{short[k]}={flat.get(k)}" for k in self.group_keys)
 
+    @property
+    def scored_runs(self) -> tuple[RunRecord, ...]:
+        """The runs the figures show: those that did not fail, or all when every one did."""
+        return tuple(r for r in self.runs if not r.failure) or self.runs
+
     def leakage(self) -> pd.DataFrame:
-        """All runs' leakage rows, with `run` and `group` columns added and `defense` as the
-        tables name it (central DP included)."""
+        """The scored runs' leakage rows, with `run` and `group` columns added and `defense`
+        as the tables name it (central DP included)."""
         frames = [
             r.leakage.assign(run=r.name, group=self.group_of(r), defense=r.config.defense.label)
-            for r in self.runs
+            for r in self.scored_runs
         ]
         return pd.concat(frames, ignore_index=True)
 
     def utility(self) -> pd.DataFrame:
-        """All runs' utility rows, with `run`, `group`, `defense` and `seed` added."""
+        """The scored runs' utility rows, with `run`, `group`, `defense` and `seed` added."""
         frames = [
             r.utility.assign(
                 run=r.name,
@@ -89,18 +104,18 @@ class Study:
                 defense=r.config.defense.label,
                 seed=r.config.seed,
             )
-            for r in self.runs
+            for r in self.scored_runs
         ]
         return pd.concat(frames, ignore_index=True)
 
     def defenses(self) -> list[str]:
         """Defense specs in first-seen order, with 'none' first (the papers' first column)."""
-        seen = list(dict.fromkeys(r.config.defense.label for r in self.runs))
+        seen = list(dict.fromkeys(r.config.defense.label for r in self.scored_runs))
         return sorted(seen, key=lambda d: (d != "none", seen.index(d)))
 
     def groups(self) -> list[str]:
-        """Group labels in first-seen order."""
-        return list(dict.fromkeys(self.group_of(r) for r in self.runs))
+        """Group labels of the scored runs in first-seen order."""
+        return list(dict.fromkeys(self.group_of(r) for r in self.scored_runs))
 
 
 def _short_names(keys: tuple[str, ...]) -> dict[str, str]:
@@ -120,6 +135,9 @@ def _read_run(path: Path, name: str | None = None) -> RunRecord:
         leakage=run.leakage(),
         utility=run.utility(),
         images=tuple(run.images()),
+        failure=(
+            (run.failed_reason() or "no reason recorded") if (path / FAILED_FILE).exists() else ""
+        ),
     )
 
 

@@ -148,7 +148,6 @@ def rounds_figure(
         sharey="row",
         squeeze=False,
     )
-    floors = leakage[leakage["reference"]]
     for i, metric in enumerate(rows_metrics):
         for j, column in enumerate(columns):
             ax = axes[i, j]
@@ -158,7 +157,10 @@ def rounds_figure(
                 for attack in attacks:
                     style = {"color": colors[attack], "marker": markers[attack], "label": attack}
                     _line(ax, here[here["attack"] == attack], metric, style, len(attacks) <= 3)
-                floor_rows = here[here["reference"]]
+                if metric is not SUCCESS:
+                    for reference in references:
+                        rows = here[here["attack"] == reference]
+                        _line(ax, rows, metric, floor_style(references, reference), False)
                 # Wrapped to the panel's width: long group labels would run into the next one.
                 title = textwrap.fill(
                     setting_label(group, defense), TITLE_CHARACTERS, break_on_hyphens=False
@@ -172,13 +174,20 @@ def rounds_figure(
                     ]
                     style = {"color": colors[setting], "marker": "o"}
                     _line(ax, here, metric, style, len(settings) <= MAX_BANDS)
-                floor_rows = floors
+                    if metric is SUCCESS:
+                        continue
+                    # Each setting's own floor, in its colour: floors differ between data
+                    # sets and defenses, so one pooled line would be no setting's floor.
+                    for reference in references:
+                        rows = leakage[
+                            (leakage["group"] == setting[0])
+                            & (leakage["defense"] == setting[1])
+                            & (leakage["attack"] == reference)
+                        ]
+                        floor = {**floor_style(references, reference), "color": colors[setting]}
+                        _line(ax, rows, metric, {**floor, "alpha": 0.7}, False)
                 title = column
-            if metric is not SUCCESS:
-                for reference in references:
-                    rows = floor_rows[floor_rows["attack"] == reference]
-                    _line(ax, rows, metric, floor_style(references, reference), False)
-            else:
+            if metric is SUCCESS:
                 ax.set_ylim(-3, 103)
             ax.grid(alpha=0.3)
             if i == 0:

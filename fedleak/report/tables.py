@@ -258,7 +258,10 @@ def leakage_tables(study: Study) -> list[tuple[Metric, str, Table]]:
 SUCCESS_RULE = (
     "A private sample counts as reconstructed when the attack beats every floor on it (lower "
     f"LPIPS, higher PSNR) and its LPIPS is at most {SUCCESS_FRACTION:g} x the mean auxiliary "
-    f"image's on the same sample and at most {SUCCESS_LPIPS['lpips_alex']:g} (AlexNet)"
+    f"image's on the same sample and at most {SUCCESS_LPIPS['lpips_alex']:g} (AlexNet). "
+    "Where no floor scored that sample (under MixUp or InstaHide each attack is matched to "
+    "the private images it resembles most, so the floors may be matched to others), the "
+    "floors' median over the run stands in"
 )
 
 
@@ -704,18 +707,19 @@ def _diagnostics(text: str) -> dict[str, float]:
 
 
 def runs_table(study: Study) -> Table:
-    """Per run: group, defense, seed, rounds finished of configured, time; status in a sweep."""
-    final = final_utility(study)
+    """Per run (a failed one too): group, defense, seed, rounds finished of configured, time,
+    status."""
     cells = {c["id"]: c for c in (study.manifest or {}).get("cells", [])}
     body = []
     for run in study.runs:
-        done = int(final.loc[run.name, "round"]) if run.name in final.index else 0
-        seconds = (
-            final.loc[run.name, "round_seconds_total"] if run.name in final.index else math.nan
+        done = run.last_round
+        seconds = float(run.utility["round_seconds"].sum(min_count=1)) if done else math.nan
+        own = (
+            "failed"
+            if run.failure
+            else ("done" if done >= run.config.num_server_rounds else "unfinished")
         )
-        status = cells.get(run.name, {}).get(
-            "status", "done" if done >= run.config.num_server_rounds else "unfinished"
-        )
+        status = cells.get(run.name, {}).get("status", own)
         body.append(
             (
                 Cell(run.name),

@@ -30,7 +30,7 @@ class SettingVerdict:
     floor: SettingSummary | None
     accuracy_start: float
     accuracy_final: float
-    final_round: int
+    final_rounds: tuple[int, ...]  # the distinct last rounds of its runs, in order
 
     @property
     def label(self) -> str:
@@ -97,7 +97,7 @@ def setting_verdicts(study: Study) -> list[SettingVerdict]:
                     floor=floor,
                     accuracy_start=_mean(start["test_accuracy"]),
                     accuracy_final=_mean(runs["test_accuracy"]) if len(runs) else math.nan,
-                    final_round=int(runs["round"].max()) if len(runs) else 0,
+                    final_rounds=tuple(sorted({int(r) for r in runs["round"]})),
                 )
             )
     return out
@@ -256,8 +256,11 @@ def _setting_sentence(v: SettingVerdict, baseline: SettingVerdict | None) -> str
     if math.isnan(v.accuracy_final) and math.isnan(v.accuracy_start):
         return text + ". The global model's test accuracy was not measured (no test images)."
     text += f". The global model's test accuracy is {_accuracy(v.accuracy_final)}"
-    if v.final_round:
-        text += f" after round {v.final_round}"
+    if len(v.final_rounds) > 1:
+        last = ", ".join(map(str, v.final_rounds))
+        text += f" (a mean over runs that stopped after rounds {last})"
+    elif v.final_rounds and v.final_rounds[0]:
+        text += f" after round {v.final_rounds[0]}"
     if math.isfinite(v.accuracy_start):
         text += f" (round 0: {_accuracy(v.accuracy_start)})"
     if baseline is not None and baseline is not v and math.isfinite(baseline.accuracy_final):
@@ -272,18 +275,80 @@ def verdict(study: Study) -> str:
         return "No round has finished yet: nothing to conclude."
     baselines = {v.group: v for v in settings if v.defense == "none"}
     chosen = settings
+    intro = []
     if len(settings) > MAX_SETTINGS_NAMED:
         ranked = [v for v in settings if v.leader is not None]
         ranked.sort(key=lambda v: _leak_key(v.leader))  # type: ignore[arg-type]
-        chosen = list(dict.fromkeys([*baselines.values(), *ranked[:1], *ranked[-1:]]))[:4]
-    sentences = [_setting_sentence(v, baselines.get(v.group)) for v in chosen]
-    if len(chosen) < len(settings):
-        sentences.insert(
-            0,
-            f"Of {len(settings)} settings, the undefended ones and those where attacks leak "
-            "most and least are summarised here; the summary table lists every setting.",
+        # The extremes first: with many undefended groups they must not be crowded out.
+        extremes = list(dict.fromkeys([*ranked[:1], *ranked[-1:]]))
+        undefended = [v for v in baselines.values() if v not in extremes]
+        room = MAX_SETTINGS_NAMED - len(extremes)
+        picked = {id(v) for v in [*extremes, *undefended[:room]]}
+        chosen = [v for v in settings if id(v) in picked]
+        which = (
+            "the undefended ones"
+            if len(undefended) <= room
+            else f"{room} of the {len(baselines)} undefended ones"
         )
-    return " ".join(sentences)
+        intro.append(
+            f"Of {len(settings)} settings, those where attacks leak most and least and {which} "
+            "are summarised here; the summary table lists every setting."
+        )
+    sentences = [_setting_sentence(v, baselines.get(v.group)) for v in chosen]
+    return " ".join([*_incomplete(study), *intro, *sentences])
+
+
+MAX_RUNS_NAMED = 3
+
+
+def _named(items: list[str]) -> str:
+    shown = "; ".join(items[:MAX_RUNS_NAMED])
+    more = len(items) - MAX_RUNS_NAMED
+    return shown + (f"; and {more} more" if more > 0 else "")
+
+
+def _incomplete(study: Study) -> list[str]:
+    """A sentence on the runs the figures lack or hold only in part (failed, stopped before
+    their last round, cells not run yet), so a partial study does not read as a whole one."""
+    if study.kind == "run":
+        run = study.runs[0]
+        if run.failure:
+            return [f"The run failed ({run.failure}); its figures hold the rounds it recorded."]
+        if run.last_round < run.config.num_server_rounds:
+            return [
+                f"The run stopped after round {run.last_round} of {run.config.num_server_rounds}."
+            ]
+        return []
+    failed = [r for r in study.runs if r.failure]
+    stopped = [r for r in study.runs if not r.failure and r.last_round < r.config.num_server_rounds]
+    started = {r.name for r in study.runs}
+    cells = [c["id"] for c in (study.manifest or {}).get("cells", [])]
+    waiting = [cell for cell in cells if cell not in started]
+    parts = []
+    if failed:
+        kept = "shown as recorded" if len(failed) == len(study.runs) else "left out of the figures"
+        parts.append(
+            f"{len(failed)} of {len(study.runs)} runs failed ("
+            + _named([f"{r.name}: {r.failure}" for r in failed])
+            + f"), {kept}"
+        )
+    if stopped:
+        parts.append(
+            f"{len(stopped)} stopped early ("
+            + _named(
+                [
+                    f"{r.name} after round {r.last_round} of {r.config.num_server_rounds}"
+                    for r in stopped
+                ]
+            )
+            + ")"
+        )
+    if waiting:
+        have = "has" if len(waiting) == 1 else "have"
+        parts.append(f"{len(waiting)} of the {len(cells)} cells {have} not run ({_named(waiting)})")
+    if not parts:
+        return []
+    return [f"Not every run is complete: {'; '.join(parts)}."]
 
 
 def _not_converged(s: SettingSummary) -> str:
