@@ -33,7 +33,7 @@ def test_an_exact_attack_leads_a_blurry_one_with_a_higher_success_rate() -> None
     floor = _summary("aux-mean", 0, 12.01, 0.478)
     attacks = tuple(sorted((blurry, exact), key=_leak_key))
     assert [s.attack for s in attacks] == ["ig", "lti"]
-    setting = SettingVerdict("", "none", attacks, floor, 0.1, 0.406, 50)
+    setting = SettingVerdict("", "none", attacks, floor, 0.1, 0.406, (50,))
     sentence = _setting_sentence(setting, setting)
     # The sentence names the measure that ranks, since ig's success rate is the lower one.
     assert sentence.startswith(
@@ -55,7 +55,7 @@ def test_an_attack_at_the_floor_is_called_so() -> None:
     lti = _summary("lti", 187, 13.96, 0.190)
     ig = _summary("ig", 0, 5.72, 0.512)
     floor = _summary("aux-mean", 0, 12.01, 0.478)
-    setting = SettingVerdict("", "sign", (lti, ig), floor, 0.1, 0.702, 50)
+    setting = SettingVerdict("", "sign", (lti, ig), floor, 0.1, 0.702, (50,))
     sentence = _setting_sentence(setting, None)
     assert sentence.startswith(
         "Under sign, lti leaks most (closest by median LPIPS): it reconstructed 187/192 (97%)"
@@ -70,19 +70,21 @@ def test_an_attack_that_did_not_converge_is_no_evidence_for_the_defense() -> Non
     lti = _summary("lti", 187, 13.96, 0.190)
     ig = dataclasses.replace(_summary("ig", 0, 5.72, 0.512), not_converged=3, attack_runs=3)
     floor = _summary("aux-mean", 0, 12.01, 0.478)
-    sentence = _setting_sentence(SettingVerdict("", "sign", (lti, ig), floor, 0.1, 0.7, 50), None)
+    sentence = _setting_sentence(
+        SettingVerdict("", "sign", (lti, ig), floor, 0.1, 0.7, (50,)), None
+    )
     assert (
         "ig 0/192 (0%), median PSNR 5.72 dB, LPIPS 0.512, no closer than the floor (ig did not "
         "converge in 3 of 3 attack runs: its budget ran out or it could not match the update, "
         "so this does not show that sign stops it)." in sentence
     )
     # Alone, it is the closest attack, at the floor: the same caveat follows it.
-    alone = _setting_sentence(SettingVerdict("", "sign", (ig,), floor, 0.1, 0.7, 50), None)
+    alone = _setting_sentence(SettingVerdict("", "sign", (ig,), floor, 0.1, 0.7, (50,)), None)
     assert "the closest, ig, reconstructed 0/192 (0%)" in alone
     assert "so this does not show that sign stops it)" in alone
     # A converged attack at the floor carries no caveat.
     converged = _setting_sentence(
-        SettingVerdict("", "sign", (lti, _summary("ig", 0, 5.72, 0.512)), floor, 0.1, 0.7, 50),
+        SettingVerdict("", "sign", (lti, _summary("ig", 0, 5.72, 0.512)), floor, 0.1, 0.7, (50,)),
         None,
     )
     assert "did not converge" not in converged
@@ -93,7 +95,7 @@ def test_a_leader_that_did_not_converge_may_leak_more() -> None:
     tag = dataclasses.replace(_text_summary("tag", 0.812, 0.805), not_converged=8, attack_runs=8)
     lti_p = _text_summary("lti-p", 0.219, 0.211)
     floor = _text_summary("aux-frequency", 0.0, 0.031)
-    setting = SettingVerdict("", "none", (tag, lti_p), floor, 0.005, 0.006, 2)
+    setting = SettingVerdict("", "none", (tag, lti_p), floor, 0.005, 0.006, (2,))
     sentence = _setting_sentence(setting, setting)
     assert sentence.startswith(
         "Without a defense, tag leaks most (highest median token accuracy): it reconstructed a "
@@ -138,7 +140,7 @@ def test_no_leader_is_named_when_every_attack_is_at_the_floor() -> None:
     lti = _text_summary("lti-text", 0.0, 0.016)
     tag = _text_summary("tag", 0.0, 0.0)
     floor = _text_summary("aux-frequency", 0.125, 0.109)
-    setting = SettingVerdict("", "none", (lti, tag), floor, 0.014, 0.062, 2)
+    setting = SettingVerdict("", "none", (lti, tag), floor, 0.014, 0.062, (2,))
     sentence = _setting_sentence(setting, setting)
     assert "leaks most" not in sentence
     assert sentence.startswith(
@@ -150,7 +152,7 @@ def test_no_leader_is_named_when_every_attack_is_at_the_floor() -> None:
     assert "no closer than the floor" not in sentence  # said once for all of them
     # One attack above the floor is named as the leader again, with the floor beside it.
     above = _text_summary("lti-p", 0.25, 0.3)
-    setting = SettingVerdict("", "none", (above, lti), floor, 0.014, 0.062, 2)
+    setting = SettingVerdict("", "none", (above, lti), floor, 0.014, 0.062, (2,))
     sentence = _setting_sentence(setting, setting)
     assert sentence.startswith("Without a defense, lti-p leaks most (highest median token")
     assert "against the aux-frequency floor's median token accuracy 0.125" in sentence
@@ -164,15 +166,15 @@ def test_an_attack_with_successes_is_not_called_no_closer_than_the_floor() -> No
     ig = _summary("ig", 9, 17.3, 0.296, n=24)
     dlg = _summary("dlg", 12, 11.0, 0.56, n=24)
     floor = _summary("aux-mean", 0, 12.5, 0.52, n=24)
-    setting = SettingVerdict("", "none", (ig, dlg), floor, 0.1, 0.1, 2)
+    setting = SettingVerdict("", "none", (ig, dlg), floor, 0.1, 0.1, (2,))
     sentence = _setting_sentence(setting, setting)
     assert "; dlg 12/24 (50%), median PSNR 11.00 dB, LPIPS 0.560." in sentence
     assert "no closer than the floor" not in sentence
     # Led by such an attack, the setting is not one where no attack beat the floor.
-    alone = SettingVerdict("", "none", (dlg,), floor, 0.1, 0.1, 2)
+    alone = SettingVerdict("", "none", (dlg,), floor, 0.1, 0.1, (2,))
     assert _setting_sentence(alone, alone).startswith("Without a defense, dlg leaks most: it ")
     # Without a success, the same medians are the floor's.
-    nothing = SettingVerdict("", "none", (_summary("dlg", 0, 11.0, 0.56, n=24),), floor, 0, 0, 2)
+    nothing = SettingVerdict("", "none", (_summary("dlg", 0, 11.0, 0.56, n=24),), floor, 0, 0, (2,))
     assert "no attack got closer than the aux-mean floor" in _setting_sentence(nothing, nothing)
 
 
@@ -187,7 +189,7 @@ def test_runs_not_converged_say_how_many_samples_failed() -> None:
         samples_judged=24,
     )
     floor = _summary("aux-mean", 0, 12.5, 0.52, n=24)
-    setting = SettingVerdict("", "none", (dlg,), floor, 0.1, 0.1, 2)
+    setting = SettingVerdict("", "none", (dlg,), floor, 0.1, 0.1, (2,))
     assert "(dlg did not converge in 4 of 4 attack runs, for 7 of 24 samples: its budget" in (
         _setting_sentence(setting, setting)
     )
@@ -202,7 +204,7 @@ def test_a_data_set_without_test_images_says_accuracy_was_not_measured() -> None
     after round 2"."""
     ig = _summary("ig", 9, 17.3, 0.296, n=24)
     floor = _summary("aux-mean", 0, 12.5, 0.52, n=24)
-    setting = SettingVerdict("", "none", (ig,), floor, math.nan, math.nan, 2)
+    setting = SettingVerdict("", "none", (ig,), floor, math.nan, math.nan, (2,))
     sentence = _setting_sentence(setting, setting)
     assert sentence.endswith(
         ". The global model's test accuracy was not measured (no test images)."
