@@ -19,6 +19,7 @@ from fedleak.config import RunConfig, parse_flat
 from fedleak.report.rundir import (
     LEAKAGE_COLUMNS,
     UTILITY_COLUMNS,
+    Accounting,
     RunDirectory,
     RunDirectoryError,
     console_line,
@@ -190,6 +191,20 @@ def test_checkpoint_round_trip_loads_tensors_only(run: RunDirectory) -> None:
     assert server_round == 2 and list(loaded) == list(weights)
     assert all(torch.equal(loaded[k], weights[k]) for k in weights)
     torch.load(run.path / "checkpoints" / "global.pt", weights_only=True)
+    assert run.load_accounting() is None  # a checkpoint without one: the resume bounds ε
+
+
+def test_the_checkpoint_carries_the_privacy_accounting(run: RunDirectory) -> None:
+    run.append_round(1, _rows(1, 20.0), _utility(0.3))
+    accounting = Accounting({0: 1, 2: 1, 3: 0}, {2: 1})
+    run.save_global_model(1, {"w": torch.zeros(2)}, accounting)
+    assert RunDirectory.open(run.path).load_accounting() == accounting
+    checkpoint = run.path / "checkpoints" / "global.pt"
+    torch.save(
+        {"round": 1, "state_dict": {}, "participation": {0: -1}, "central_releases": {}}, checkpoint
+    )
+    with pytest.raises(RunDirectoryError, match="privacy accounting is not counts per client"):
+        run.load_accounting()
 
 
 def test_a_legacy_pickle_checkpoint_is_refused_without_torchs_warnings(

@@ -31,6 +31,7 @@ import os
 import re
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -294,6 +295,15 @@ def lpips_column(frame: pd.DataFrame) -> str:
 
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "attack"
+
+
+@dataclass(frozen=True)
+class Accounting:
+    """What a resumed run's ε continues from: the rounds each client trained in, and central
+    DP's aggregates released, by the number of clients sampled."""
+
+    participation: Mapping[int, int]
+    central_releases: Mapping[int, int]
 
 
 class RunDirectory:
@@ -640,16 +650,52 @@ class RunDirectory:
         folder = self.path / "images"
         return sorted(folder.glob("r*_c*_*.png")) if folder.is_dir() else []
 
-    def save_global_model(self, server_round: int, state_dict: Mapping[str, torch.Tensor]) -> None:
-        """Save the global weights after `server_round` (call after `append_round`).
+    def save_global_model(
+        self,
+        server_round: int,
+        state_dict: Mapping[str, torch.Tensor],
+        accounting: Accounting | None = None,
+    ) -> None:
+        """Save the global weights after `server_round` (call after `append_round`), with the
+        privacy accounting up to it.
 
         Saving after the round's records means a crash in between resumes from the previous
         checkpoint and redoes the round, whose rows are then replaced.
         """
         buffer = io.BytesIO()
         state = {k: v.detach().cpu() for k, v in state_dict.items()}
-        torch.save({"round": int(server_round), "state_dict": state}, buffer)
+        saved: dict[str, object] = {"round": int(server_round), "state_dict": state}
+        if accounting is not None:
+            saved["participation"] = {int(k): int(v) for k, v in accounting.participation.items()}
+            saved["central_releases"] = {
+                int(k): int(v) for k, v in accounting.central_releases.items()
+            }
+        torch.save(saved, buffer)
         atomic_write(self.path / CHECKPOINT_FILE, buffer.getvalue())
+
+    def load_accounting(self) -> Accounting | None:
+        """The privacy accounting the checkpoint holds; None for a checkpoint written before
+        it held one (or none at all)."""
+        file = self.path / CHECKPOINT_FILE
+        if not file.exists():
+            return None
+        try:
+            saved = load_tensors(file)
+        except Exception as error:  # torch's unpickling errors, truncated zip files, ...
+            raise _unreadable(file, error) from None
+        if not isinstance(saved, dict) or "participation" not in saved:
+            return None
+        counts = [saved.get("participation"), saved.get("central_releases")]
+        if not all(
+            isinstance(c, dict)
+            and all(type(k) is int and type(v) is int and v >= 0 for k, v in c.items())
+            for c in counts
+        ):
+            raise RunDirectoryError(
+                f"{file}: its privacy accounting is not counts per client; restore it or "
+                "start the run again in a new out-dir"
+            )
+        return Accounting(dict(counts[0]), dict(counts[1]))  # type: ignore[arg-type]
 
     def load_global_model(self) -> tuple[int, dict[str, torch.Tensor]] | None:
         """(round, weights) of the last checkpoint, or None; loads tensors only (a pickle that

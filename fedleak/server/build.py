@@ -125,11 +125,14 @@ def build_strategy(
     *,
     sink: RoundSink | None = None,
     payload_check: Callable[[int], object] | None = None,
+    central_releases: Mapping[int, int] | None = None,
 ) -> CuriousStrategy:
     """FedAvg (inside Flower's central-DP wrapper when configured) wrapped by the curious
     server, with its attacks and their budget; or `inner`, a foreign app's own strategy,
     which then selects its clients itself. `sink` receives the strategy's records (None: a
-    `RoundHistory` in memory); `payload_check` may refuse a round before any client works."""
+    `RoundHistory` in memory); `payload_check` may refuse a round before any client works;
+    `central_releases`: central DP's releases before a resume, as its checkpoint recorded them
+    (None: the `offset` rounds before it count as releases)."""
     train = config.train
     selection = None
     if inner is None:
@@ -146,7 +149,8 @@ def build_strategy(
             train.fraction_train, train.min_clients, config.seed, timeout=config.sim.timeout
         )
     if config.defense.central_clip > 0:
-        inner = CentralDP.from_config(inner, config, prior_releases=offset)
+        prior = offset if central_releases is None else central_releases
+        inner = CentralDP.from_config(inner, config, prior_releases=prior)
     aux_x, aux_y = auxiliary(fd)
     knowledge = AttackerKnowledge(
         aux_inputs=aux_x.to(device),

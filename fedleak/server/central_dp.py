@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -61,7 +61,7 @@ class CentralDP(Strategy):
         learning_rate: float,
         seed: int,
         delta: float,
-        prior_releases: int = 0,
+        prior_releases: Mapping[int, int] | int = 0,
     ) -> None:
         # m is known only once `inner` has sampled; configure_train sets it every round.
         self.dp = DifferentialPrivacyServerSideFixedClipping(inner, noise, clip, 1)
@@ -70,14 +70,20 @@ class CentralDP(Strategy):
         self.scale = -learning_rate if update_kind == "gradient" else 1.0
         self.seed = seed
         self.delta = delta
-        self.prior_releases = prior_releases
         self.population = 0
-        self.releases: Counter[int] = Counter()
+        # Releases before a resume: by m as the checkpoint recorded them, or (a checkpoint
+        # written before it recorded them) a count of rounds, taken at the first round's m.
+        exact = not isinstance(prior_releases, int)
+        self.releases: Counter[int] = Counter(prior_releases if exact else {})
+        self.prior_releases = 0 if exact else prior_releases
         self._sent: dict[str, np.ndarray] = {}
 
     @classmethod
-    def from_config(cls, inner: Strategy, config: RunConfig, prior_releases: int) -> CentralDP:
-        """The wrapper `config.defense` asks for; `prior_releases` = rounds before a resume."""
+    def from_config(
+        cls, inner: Strategy, config: RunConfig, prior_releases: Mapping[int, int] | int
+    ) -> CentralDP:
+        """The wrapper `config.defense` asks for; `prior_releases`: the releases before a
+        resume (see `__init__`)."""
         train = config.train
         return cls(
             inner,

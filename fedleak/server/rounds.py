@@ -48,7 +48,8 @@ class RoundLog:
     `replies`/`failures`: valid and failed client replies; `payload_bytes`: what the round
     moved (w_t to every addressed client, and the valid replies); `participants`: the client
     ids that replied; `first_error`: the first failed reply's reason (one line), if any;
-    `central_epsilon`: client-level ε of central DP so far (NaN without it); `evaluation`: the
+    `central_epsilon`: client-level ε of central DP so far (NaN without it), from
+    `central_releases` (aggregates released so far, by clients sampled); `evaluation`: the
     global model's metrics from the run's evaluation function (`test-loss`, `test-accuracy`);
     `attack_jobs`: the attack jobs submitted on the round's updates, whose scored jobs may
     follow the log (a worker pool): the round is complete once that many arrived.
@@ -62,6 +63,7 @@ class RoundLog:
     participants: tuple[int, ...] = ()
     first_error: str | None = None
     central_epsilon: float = math.nan
+    central_releases: Mapping[int, int] = field(default_factory=dict)
     evaluation: Mapping[str, float] = field(default_factory=dict)
     attack_jobs: int = 0
 

@@ -242,7 +242,10 @@ class CuriousStrategy(Strategy):
         tally = self._round if self._round.round == server_round else RoundLog(server_round)
         scalars = {k: float(v) for k, v in (metrics or {}).items() if isinstance(v, int | float)}
         log_ = dataclasses.replace(
-            tally, central_epsilon=self.central_epsilon(), evaluation=scalars
+            tally,
+            central_epsilon=self.central_epsilon(),
+            central_releases=dict(self.inner.releases) if isinstance(self.inner, CentralDP) else {},
+            evaluation=scalars,
         )
         self.sink.round_finished(log_, arrays)
         return log_

@@ -13,6 +13,7 @@ import datetime as dt
 import platform
 import time
 from collections import Counter, defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from fedleak.data import FederatedData
 from fedleak.data.registry import dataset_modality
 from fedleak.metrics.lpips import lpips_status
 from fedleak.report.progress import Progress
-from fedleak.report.rundir import RunDirectory, console_line
+from fedleak.report.rundir import Accounting, RunDirectory, console_line
 from fedleak.report.texts import save_token_pairs
 from fedleak.server.privacy import PrivacyLedger
 from fedleak.server.rounds import RoundLog, Row, ScoredJob
@@ -98,8 +99,10 @@ class RunRecorder:
     the last round whose leakage is complete, so an interrupted run resumes by doing again the
     rounds whose attacks it had not finished (a worker pool runs them after their round).
 
-    `ledger` turns the clients' participation into ε; a resumed run's earlier rounds
-    (`offset`) were not recorded per client, so every one of `num_clients` counts in each.
+    `ledger` turns the clients' participation into ε; a resumed run continues from the
+    `participation` its checkpoint recorded, or, from a checkpoint written before it recorded
+    one, counts every one of `num_clients` in each of the `offset` earlier rounds (an upper
+    bound).
     """
 
     def __init__(
@@ -111,6 +114,7 @@ class RunRecorder:
         *,
         num_clients: int = 0,
         offset: int = 0,
+        participation: Mapping[int, int] | None = None,
         progress: Progress | None = None,
     ) -> None:
         self.run_dir = run_dir
@@ -118,7 +122,9 @@ class RunRecorder:
         self.images_per_client = images_per_client
         self.ledger = ledger
         self.progress = progress
-        self.participation: Counter[int] = Counter({c: offset for c in range(num_clients)})
+        self.participation: Counter[int] = Counter(
+            {c: offset for c in range(num_clients)} if participation is None else participation
+        )
         self.first_error: str | None = None  # the first failed reply's reason in the run
         self._ended: dict[int, _EndedRound] = {}
         self._rows: defaultdict[int, list[Row]] = defaultdict(list)
@@ -175,7 +181,8 @@ class RunRecorder:
         rows = self._rows.pop(log.round, [])
         del self._scored[log.round]
         self.run_dir.append_round(log.round, rows, utility)
-        self.run_dir.save_global_model(log.round, ended.state)
+        accounting = Accounting(dict(self.participation), dict(log.central_releases))
+        self.run_dir.save_global_model(log.round, ended.state, accounting)
         prefix = None
         if self.progress is not None:
             self.progress.advance(log.round)

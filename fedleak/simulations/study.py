@@ -223,9 +223,11 @@ def _serve(
         states.append(app.initial_arrays.to_torch_state_dict())
     offset = 0
     checkpoint = run_dir.load_global_model() if config.sim.resume else None
+    accounting = None
     if checkpoint is not None:
         offset = checkpoint[0]
         states.append(checkpoint[1])
+        accounting = run_dir.load_accounting()
     initial = initial_state(spec, *states)
     remaining = config.num_server_rounds - offset
     if remaining <= 0:
@@ -249,6 +251,7 @@ def _serve(
         ledger,
         num_clients=num_clients,
         offset=offset,
+        participation=accounting.participation if accounting is not None else None,
         progress=Progress("round", config.num_server_rounds, offset),
     )
     strategy = build_strategy(
@@ -260,6 +263,7 @@ def _serve(
         inner=app.strategy if app is not None else None,
         sink=recorder,
         payload_check=functools.partial(check_round_payload, config, spec),
+        central_releases=accounting.central_releases if accounting is not None else None,
     )
     evaluation = GlobalEvaluation(spec, fd, device)
     train = config.train
