@@ -673,16 +673,22 @@ class RunDirectory:
         torch.save(saved, buffer)
         atomic_write(self.path / CHECKPOINT_FILE, buffer.getvalue())
 
-    def load_accounting(self) -> Accounting | None:
-        """The privacy accounting the checkpoint holds; None for a checkpoint written before
-        it held one (or none at all)."""
+    def _read_checkpoint(self) -> object:
+        """The checkpoint's unpickled content (tensors and plain values only), None without
+        one."""
         file = self.path / CHECKPOINT_FILE
         if not file.exists():
             return None
         try:
-            saved = load_tensors(file)
+            return load_tensors(file)
         except Exception as error:  # torch's unpickling errors, truncated zip files, ...
             raise _unreadable(file, error) from None
+
+    def load_accounting(self) -> Accounting | None:
+        """The privacy accounting the checkpoint holds; None for a checkpoint written before
+        it held one (or none at all)."""
+        file = self.path / CHECKPOINT_FILE
+        saved = self._read_checkpoint()
         if not isinstance(saved, dict) or "participation" not in saved:
             return None
         counts = [saved.get("participation"), saved.get("central_releases")]
@@ -703,10 +709,7 @@ class RunDirectory:
         file = self.path / CHECKPOINT_FILE
         if not file.exists():
             return None
-        try:
-            saved = load_tensors(file)
-        except Exception as error:  # torch's unpickling errors, truncated zip files, ...
-            raise _unreadable(file, error) from None
+        saved = self._read_checkpoint()
         state = saved.get("state_dict") if isinstance(saved, dict) else None
         server_round = saved.get("round") if isinstance(saved, dict) else None
         if (
