@@ -979,3 +979,25 @@ def test_a_failed_run_is_named_and_kept_out_of_the_figures(tmp_path: Path) -> No
     runs = _table(build_report(sweep)[1].read_text(), "## Runs and times")
     status = {row[0]: (row[4], row[-1]) for row in runs[1:]}
     assert status["cell-2"] == ("1 / 2", "done") and status["cell-1"][0] == "2 / 2"
+
+
+def test_attack_durations_are_a_median_and_range_never_a_negative_interval(
+    run_report: Path, tmp_path: Path
+) -> None:
+    # One slow run among fast ones (an inverter trained once, reused after) gave a mean ± t
+    # interval reaching below zero seconds.
+    from fedleak.report.tables import cost_table
+
+    skewed = tmp_path / "run"
+    shutil.copytree(run_report, skewed)
+    leakage = pd.read_parquet(skewed / "leakage.parquet")
+    ig = leakage["attack"] == "ig"
+    runs = leakage.loc[ig].groupby(["round", "client_id"]).ngroup()
+    leakage.loc[ig, "seconds"] = np.where(runs == 0, 30.0, 0.1)
+    leakage.to_parquet(skewed / "leakage.parquet")
+    (skewed / "leakage.csv").unlink()
+    table = cost_table(load_study(skewed))
+    row = next(r for r in table.rows if r[0].text == "ig")
+    assert row[2].text == "0.10 (0.10–30.00)"
+    mean, half, _ = mean_ci(np.where(runs.drop_duplicates() == 0, 30.0, 0.1))
+    assert mean - half < 0, "the case is one where a mean's interval reaches below zero"

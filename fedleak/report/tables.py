@@ -24,6 +24,7 @@ from fedleak.report.stats import (
     SUCCESS_LPIPS,
     Median,
     Rate,
+    finite,
     format_ci,
     mean_ci,
     median_interval,
@@ -640,7 +641,7 @@ def cost_table(study: Study) -> Table:
             (
                 Cell(attack),
                 Cell(str(len(rows))),
-                Cell(format_ci(*mean_ci(rows["seconds"])[:2], 2)),
+                Cell(_median_range(rows["seconds"])),
                 Cell(f"{iterations.mean():.0f}" if len(iterations) else "–"),
                 Cell(f"{rows['seconds'].sum():.1f}"),
             )
@@ -648,8 +649,21 @@ def cost_table(study: Study) -> Table:
     return Table(
         columns=("attack", "attack runs", "seconds per run", "iterations per run", "total seconds"),
         rows=tuple(body),
-        caption="Wall-clock time of each attack run on the server (mean ± 95% t-interval).",
+        caption="Wall-clock time of each attack run on the server: median (fastest–slowest). "
+        "Durations are skewed (a learned attack's run that trains its inverter takes far "
+        "longer than one that reuses it), so no interval around a mean is given.",
     )
+
+
+def _median_range(seconds: pd.Series) -> str:
+    """`1.23 (0.98–4.56)` over the finite durations; `–` without any."""
+    values = finite(seconds)
+    if values.size == 0:
+        return "–"
+    median = float(np.median(values))
+    if values.size == 1:
+        return f"{median:.2f}"
+    return f"{median:.2f} ({values.min():.2f}–{values.max():.2f})"
 
 
 def training_table(study: Study) -> Table | None:
