@@ -109,3 +109,32 @@ def test_many_settings_draw_each_settings_own_floor(monkeypatch: pytest.MonkeyPa
     assert np.allclose(levels, [0.1 * i for i in range(len(settings))])
     assert len({line.get_color() for line in dashed}) == len(settings)
     plt.close("all")
+
+
+def _visible_pixels(attack_values: dict[str, list[float]], colour: tuple[int, int, int]) -> int:
+    """Pixels of `colour` in a one-setting per-round figure of the given attacks' values."""
+    import io
+
+    from PIL import Image
+
+    frames = [
+        _rows([1, 2, 3]).assign(attack=attack, token_acc=values * 3)
+        for attack, values in attack_values.items()
+    ]
+    leakage = pd.concat(frames).assign(group="", defense="none", reference=False)
+    utility = pd.DataFrame(
+        {"round": [0, 1, 2, 3], "test_accuracy": 0.5, "group": "", "defense": "none"}
+    )
+    png = plots.rounds_figure(leakage, utility, [TOKEN_ACC], success=False)
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    return int((np.abs(pixels - np.array(colour)).sum(axis=-1) < 40).sum())
+
+
+def test_attacks_with_equal_values_stay_visible_as_nested_lines() -> None:
+    # Two attacks on the same values (both at the floor): the second was drawn over the first
+    # in the same width, leaving the first only in the legend.
+    first = tuple(int(255 * c) for c in plt.get_cmap("tab10")(0)[:3])
+    same = [0.25] * 6
+    alone = _visible_pixels({"dlg": same}, first)
+    covered = _visible_pixels({"dlg": same, "ig": same}, first)
+    assert covered > 0.4 * alone, (covered, alone)

@@ -96,12 +96,26 @@ def _line(ax, rows: pd.DataFrame, metric: Metric, style: dict, band: bool) -> No
         # marker draws nothing, so a floor becomes a short level segment across its round.
         ax.hlines(mid, x - 0.3, x + 0.3, **style)
         return
-    ax.plot(x, mid, markersize=3.5, **style)
+    ax.plot(x, mid, **{"markersize": 3.5, **style})
     if band and len(x) > 1:
         ax.fill_between(x, low, high, color=style.get("color"), alpha=0.12, linewidth=0)
     elif band:
         yerr = [mid - low, high - mid]
         ax.errorbar(x, mid, yerr=yerr, fmt="none", color=style.get("color"), capsize=3, alpha=0.6)
+
+
+def _nested(keys: Sequence[Hashable]) -> dict[Hashable, dict[str, float]]:
+    """Line width and marker size per line, widest first: lines drawn later sit on top, so
+    lines with equal values (two attacks at the floor, settings alike) show as nested strokes
+    instead of the last one hiding the others."""
+    last = max(len(keys) - 1, 1)
+    return {
+        key: {
+            "linewidth": 1.3 + 2.2 * (len(keys) - 1 - k) / last,
+            "markersize": 3.5 + 4.0 * (len(keys) - 1 - k) / last,
+        }
+        for k, key in enumerate(keys)
+    }
 
 
 def accuracy_top(accuracies: Sequence[float]) -> float:
@@ -139,6 +153,7 @@ def rounds_figure(
     columns = settings if by_setting else attacks or ["–"]
     colors = _palette(attacks if by_setting else settings)
     markers = dict(zip(attacks, itertools.cycle(_MARKERS), strict=False))
+    widths = _nested(attacks if by_setting else settings)
     n_rows, n_cols = len(rows_metrics) + 1, max(len(columns), 1)
     figure, axes = plt.subplots(
         n_rows,
@@ -155,7 +170,12 @@ def rounds_figure(
                 group, defense = column
                 here = leakage[(leakage["group"] == group) & (leakage["defense"] == defense)]
                 for attack in attacks:
-                    style = {"color": colors[attack], "marker": markers[attack], "label": attack}
+                    style = {
+                        "color": colors[attack],
+                        "marker": markers[attack],
+                        "label": attack,
+                        **widths[attack],
+                    }
                     _line(ax, here[here["attack"] == attack], metric, style, len(attacks) <= 3)
                 if metric is not SUCCESS:
                     for reference in references:
@@ -172,7 +192,7 @@ def rounds_figure(
                         & (leakage["defense"] == setting[1])
                         & (leakage["attack"] == column)
                     ]
-                    style = {"color": colors[setting], "marker": "o"}
+                    style = {"color": colors[setting], "marker": "o", **widths[setting]}
                     _line(ax, here, metric, style, len(settings) <= MAX_BANDS)
                     if metric is SUCCESS:
                         continue
@@ -234,12 +254,12 @@ def rounds_figure(
         ax.tick_params(labelbottom=True, labelleft=True, labelsize=8)
     if by_setting:
         handles = [
-            Line2D([], [], color=colors[a], marker=markers[a], markersize=4, label=a)
+            Line2D([], [], color=colors[a], marker=markers[a], label=a, **widths[a])
             for a in attacks
         ]
     else:
         handles = [
-            Line2D([], [], color=colors[s], marker="o", markersize=4, label=setting_label(*s))
+            Line2D([], [], color=colors[s], marker="o", label=setting_label(*s), **widths[s])
             for s in settings
         ]
     handles += [Line2D([], [], **floor_style(references, r)) for r in references]
