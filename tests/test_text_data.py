@@ -326,3 +326,33 @@ def test_the_longest_sequence_is_the_models() -> None:
         ConfigError, match=rf"data.seq-len={MAX_POSITIONS + 1}: .*{MAX_POSITIONS}\]"
     ):
         parse_flat({"data.seq-len": MAX_POSITIONS + 1})
+
+
+def _word_level(path: Path, words: list[str]) -> Path:
+    """A word-level tokenizer.json knowing only `words` and its unknown token."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"[UNK]": 0, **{word: i + 1 for i, word in enumerate(words)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(path))
+    return path
+
+
+def test_a_tokenizer_that_maps_text_to_its_unknown_token_is_named_in_a_warning(
+    tmp_path: Path,
+) -> None:
+    # Every [UNK] an attack guesses counts as a recovered token: a file: tokenizer whose
+    # vocabulary misses the text inflates token accuracy without a word of warning.
+    setting = f"file:{_word_level(tmp_path / 'words.json', ['the', 'a', 'of'])}"
+    words = load_tokenizer(setting, [], 0)
+    assert words.unknown_id == 0
+    ids = torch.tensor(words.encode_batch(["the cat of a dog x", "a b c d e f"]))
+    warning = words.unknown_warning(ids)
+    assert warning is not None and "\n" not in warning
+    assert "data.tokenizer: 66.7% of the training tokens are the unknown token '[UNK]'" in warning
+    assert f"tokenizer.json at {tmp_path / 'words.json'}" in warning
+    covered = torch.tensor(words.encode_batch(["the a of the a"]))
+    assert words.unknown_share(covered) == 0 and words.unknown_warning(covered) is None
+    bpe = load_tokenizer("bpe", ["a few words, repeated a few times"] * 5, 300)
+    assert bpe.unknown_id is None and bpe.unknown_warning(ids) is None

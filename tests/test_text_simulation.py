@@ -195,3 +195,35 @@ def test_text_settings_are_checked_before_any_work(
     with pytest.raises(ConfigError, match=match) as caught:
         validate_components(config)
     assert "\n" not in str(caught.value)
+
+
+def test_a_tokenizer_that_leaves_much_text_unknown_is_named_in_the_warnings_and_report(
+    tmp_path: Path,
+) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from fedleak.data.registry import load_corpus
+
+    # A word-level vocabulary of the corpus' 400 most frequent words leaves a third of its
+    # tokens unknown: the floor then "recovers" them by guessing the unknown token.
+    words = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.WordLevelTrainer(vocab_size=400, special_tokens=["[UNK]"])
+    words.train_from_iterator([d.text for d in load_corpus("lee-news").documents], trainer)
+    words.save(str(tmp_path / "words.json"))
+    out = tmp_path / "run"
+    process = _start(
+        out,
+        "0",
+        f"data.tokenizer=file:{tmp_path / 'words.json'}",
+        "data.aux-size=100",
+        "num-server-rounds=1",
+        "attack.names=aux-frequency",
+    )
+    output, _ = process.communicate(timeout=600)
+    text = output.decode(errors="replace")
+    assert process.returncode == 0, text[-3000:]
+    warning = next(line for line in text.splitlines() if "unknown token" in line)
+    assert warning.startswith("fedleak: warning: data.tokenizer: ")
+    assert "% of the training tokens are the unknown token '[UNK]'" in warning
+    assert warning.removeprefix("fedleak: warning: ") in (out / "report.md").read_text()

@@ -97,6 +97,7 @@ def _method(study: Study) -> list[Block]:
         ),
         Text(" ".join(_scoring(leakage, lpips))),
         *_lpips_note(study),
+        *_tokenizer_note(study),
     ]
 
 
@@ -163,6 +164,21 @@ def _lpips_note(study: Study) -> list[Block]:
             f"{'; '.join(missing)}. Its columns are empty; `fedleak weights --fetch` installs "
             "the weights, and the run must then be repeated to measure it."
         )
+    ]
+
+
+def _tokenizer_note(study: Study) -> list[Block]:
+    """Repeat the run's warning where its tokenizer turned much of the text into its unknown
+    token: the token scores below count every guessed unknown token as recovered."""
+    notes = {}
+    for run in study.runs:
+        data = run.environment.get("data")
+        tokenizer = data.get("tokenizer") if isinstance(data, dict) else None
+        if isinstance(tokenizer, dict) and tokenizer.get("warning"):
+            notes.setdefault(str(tokenizer["warning"]), []).append(run.name)
+    return [
+        Text(f"{'Runs' if len(names) > 1 else 'Run'} {', '.join(names)}: {warning}.")
+        for warning, names in notes.items()
     ]
 
 

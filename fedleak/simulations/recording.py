@@ -50,6 +50,9 @@ def data_record(fd: FederatedData) -> dict[str, object]:
     tokenizer = getattr(fd.dataset, "tokenizer", None)
     if tokenizer is not None:
         record["tokenizer"] = tokenizer.record()
+        unknown = tokenizer.unknown_warning(fd.dataset.train_x)
+        if unknown is not None:  # the report repeats it beside the token scores
+            record["tokenizer"]["warning"] = unknown
         record["seq_len"] = fd.dataset.input_shape[0]
     return record
 

@@ -212,6 +212,7 @@ def _serve(
     warnings = [
         lpips_warning(scored_lpips_nets(config)),
         tokenizer.shortfall(config.data.vocab_size) if tokenizer is not None else None,
+        tokenizer.unknown_warning(fd.dataset.train_x) if tokenizer is not None else None,
     ]
     for warning in filter(None, warnings):
         print(f"fedleak: warning: {warning}", file=sys.stderr, flush=True)

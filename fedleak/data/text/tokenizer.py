@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import socket
 from collections.abc import Iterator, Sequence
@@ -18,6 +19,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from torch import Tensor
 
 from fedleak.data.dataset import DatasetUnavailable
 
@@ -27,6 +29,8 @@ MIN_BPE_VOCAB = 257  # the 256 byte symbols and at least one merge
 # Far above any language model's vocabulary (GPT-2: 50,257); the BPE trainer allocates for the
 # size asked, and a mistyped 1e11 aborted the process inside it. config.py holds the same bounds.
 MAX_BPE_VOCAB = 262_144
+# Above this share of unknown tokens a run warns that token scores overstate leakage.
+UNKNOWN_SHARE = 0.01
 
 
 def _byte_level_symbols() -> dict[str, int]:
@@ -73,6 +77,38 @@ class TextTokenizer:
             f"data.vocab-size={asked}: the auxiliary text supports only {self.vocab_size} BPE "
             "tokens, which the run uses (environment.json records them); more auxiliary text "
             "(data.aux-size) or a smaller data.vocab-size removes this warning"
+        )
+
+    @property
+    def unknown_id(self) -> int | None:
+        """The id of the token that stands for text outside the vocabulary; None where the
+        model has none (byte-level BPE covers every byte)."""
+        model = json.loads(self.tokenizer.to_str()).get("model", {})
+        if isinstance(model.get("unk_id"), int):  # Unigram names it by id
+            return int(model["unk_id"])
+        token = model.get("unk_token")
+        return self.tokenizer.token_to_id(token) if isinstance(token, str) else None
+
+    def unknown_share(self, ids: Tensor) -> float | None:
+        """The share of `ids` that are the unknown token; None without one (or without ids)."""
+        unknown = self.unknown_id
+        if unknown is None or ids.numel() == 0:
+            return None
+        return float((ids == unknown).double().mean())
+
+    def unknown_warning(self, ids: Tensor) -> str | None:
+        """Why token scores of these sequences overstate leakage, else None: where more than
+        UNKNOWN_SHARE of the tokens are the unknown token, an attack that guesses it gets
+        every such position right without learning the text there."""
+        share = self.unknown_share(ids)
+        if share is None or share <= UNKNOWN_SHARE:
+            return None
+        token = self.tokenizer.id_to_token(self.unknown_id)
+        return (
+            f"data.tokenizer: {share:.1%} of the training tokens are the unknown token {token!r} "
+            f"of the {self.description} (text outside its vocabulary); every one that an attack "
+            "guesses counts as recovered, so token scores overstate what leaked. A tokenizer "
+            "that covers the text (bpe, gpt2) avoids this"
         )
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
