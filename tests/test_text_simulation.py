@@ -4,6 +4,7 @@ the causal transformer on the news corpus, its leakage rows, texts, report and r
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -148,6 +149,12 @@ def test_texts_environment_and_report(text_run: Path) -> None:
     assert "PSNR" not in report.split("## Reconstructed text")[0].split("## Leakage per round")[0]
     summary = (text_run / "summary.md").read_text(encoding="utf-8")
     assert "tag token acc" in summary
+    # The utility table gives a language model's perplexity: e to its final test loss.
+    header = next(line for line in report.splitlines() if "final perplexity" in line)
+    column = [c.strip() for c in header.split("|")].index("final perplexity")
+    row = report.splitlines()[report.splitlines().index(header) + 2]
+    final_loss = pd.read_csv(text_run / "utility.csv")["test_loss"].iloc[-1]
+    assert [c.strip() for c in row.split("|")][column] == f"{math.exp(final_loss):.1f}"
 
 
 def test_a_resume_with_another_tokenizer_is_refused(text_run: Path, tmp_path: Path) -> None:

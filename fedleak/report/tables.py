@@ -521,12 +521,17 @@ def utility_table(study: Study) -> Table:
     utility = study.utility()
     initial = utility[utility["round"] == 0]
     central = bool(final["central_epsilon"].notna().any())
+    language = _language_study(study)
     body = []
     for group in study.groups():
         for defense in study.defenses():
             runs = final[(final["group"] == group) & (final["defense"] == defense)]
             if runs.empty:
                 continue
+            # A language model's usual measure: e to the mean next-token cross-entropy.
+            perplexity = (
+                (Cell(format_ci(*mean_ci(np.exp(runs["test_loss"]))[:2], 1)),) if language else ()
+            )
             start = initial[(initial["group"] == group) & (initial["defense"] == defense)]
             epsilons = [runs["epsilon"].dropna()]
             if central:
@@ -538,6 +543,7 @@ def utility_table(study: Study) -> Table:
                     Cell(format_ci(*mean_ci(start["test_accuracy"])[:2], 3)),
                     Cell(format_ci(*mean_ci(runs["test_accuracy"])[:2], 3)),
                     Cell(format_ci(*mean_ci(runs["test_loss"])[:2], 3)),
+                    *perplexity,
                     *(Cell(f"{eps.mean():.2f}" if len(eps) else "–") for eps in epsilons),
                     Cell(", ".join(str(int(r)) for r in sorted(set(runs["round"])))),
                     Cell(str(len(runs))),
@@ -551,6 +557,7 @@ def utility_table(study: Study) -> Table:
             "round-0 accuracy",
             "final accuracy",
             "final loss",
+            *(("final perplexity",) if language else ()),
             *epsilon_columns,
             "rounds",
             "runs",
@@ -559,8 +566,23 @@ def utility_table(study: Study) -> Table:
         caption="The global model on the held-out test split before training (round 0) and "
         "after the last recorded round; mean ± 95% t-interval over seeds where a setting ran "
         "with several. ε: example-level, DP-SGD on the clients; central ε: client-level, "
-        "central DP on the released model, which does not bound what the server saw.",
+        "central DP on the released model, which does not bound what the server saw."
+        + (
+            " For a language model, accuracy is next-token accuracy, loss the mean "
+            "next-token cross-entropy (nats) and perplexity e to that loss, per run."
+            if language
+            else ""
+        ),
     )
+
+
+def _language_study(study: Study) -> bool:
+    """Whether the study's runs model text (their data set is token sequences)."""
+    for run in study.runs:
+        data = run.environment.get("data")
+        if isinstance(data, dict) and data.get("modality") == "tokens":
+            return True
+    return False
 
 
 def failure_table(study: Study) -> Table | None:
