@@ -20,8 +20,6 @@ import torch
 from dp_accounting import GaussianDpEvent, PoissonSampledDpEvent, SelfComposedDpEvent
 from dp_accounting.rdp import RdpAccountant
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp import GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, SamplingMethod
-from flwr.serverapp import RdpAccountant as FlowerAccountant
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -251,31 +249,43 @@ def _reference(rate: float, noise: float, releases: int) -> float:
 
 
 def test_central_epsilon_equals_the_accountant_and_grows_with_rounds() -> None:
-    # 3 of 10 clients a round, z = 1.1: sampled Gaussian releases at rate 0.3; Flower samples
-    # exactly 3, so an added client takes a sampled one's place (2C: the multiplier halved).
+    # 3 of 10 clients a round, z = 1.1: sampled Gaussian releases at rate 0.3; one client's
+    # data replaced moves the clipped sum by 2C (the multiplier halved).
     curve = [central_epsilon(1.1, 10, {3: rounds}, DELTA) for rounds in (0, 1, 2, 5, 20)]
     assert curve[0] == 0.0
     assert all(a < b for a, b in itertools.pairwise(curve))
     assert curve[3] == pytest.approx(_reference(0.3, 0.55, 5))
     assert curve[4] == pytest.approx(_reference(0.3, 0.55, 20))
     assert central_epsilon(0.0, 10, {3: 1}, DELTA) == math.inf
-    # With every client sampled, it is what Flower's own (no-amplification) accounting reports.
-    flower = FlowerAccountant(
-        PrivacyConfig(
-            target_delta=DELTA,
-            population_size=3,
-            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
-            sampling_method=SamplingMethod.NO_AMPLIFICATION,
-        )
-    )
-    flower.compose(GaussianPrivacyEvent(1.1, 3, 3), count=4)
-    assert central_epsilon(1.1, 3, {3: 4}, DELTA) == pytest.approx(flower.get_epsilon(DELTA))
+    # Every client sampled: no sampling, and still the halved multiplier (it was z).
+    assert central_epsilon(1.1, 3, {3: 4}, DELTA) == pytest.approx(_reference(1.0, 0.55, 4))
     # The wrapper counts its releases with the m it sampled out of the grid's N.
     strategy = _central(1.0, 1.1)
     for r in (1, 2):
         _round(strategy, _weights(), _updates((1.0, 1.0, 1.0)), r)
     assert strategy.releases == {3: 2}
-    assert strategy.epsilon() == pytest.approx(_reference(1.0, 1.1, 2))
+    assert strategy.epsilon() == pytest.approx(_reference(1.0, 0.55, 2))
+
+
+def test_the_released_noise_reveals_the_federations_size_so_adjacency_keeps_it() -> None:
+    # Every client's update zero (a valid pair of federations): the released mean is noise of
+    # std z·C/m alone, m = N. Add/remove-one-client neighbours (N = 3 against 4) then differ
+    # in scale over every coordinate, which no finite ε covers at this size; the accounting
+    # therefore holds N fixed and replaces one client's data.
+    spreads = []
+    weights = {"w": torch.zeros(20_000)}
+    for clients in (3, 4):
+        strategy = _central(1.0, 1.0)
+        messages = strategy.configure_train(1, ArrayRecord(weights), ConfigRecord(), Grid(clients))
+        assert len(list(messages)) == clients
+        replies = [_reply({"w": torch.zeros(20_000)}, c) for c in range(clients)]
+        released, _ = strategy.aggregate_train(1, replies)
+        spreads.append(float(released.to_torch_state_dict()["w"].std()))
+    # std z·C/m: 1/3 against 1/4, each measured over 20,000 coordinates (to about 1%).
+    assert spreads == pytest.approx([1 / 3, 1 / 4], rel=0.03)
+    # So ε is the replace-one figure, which an add/remove accounting at z undercuts.
+    assert central_epsilon(1.0, 3, {3: 1}, DELTA) == pytest.approx(_reference(1.0, 0.5, 1))
+    assert central_epsilon(1.0, 3, {3: 1}, DELTA) > 2 * _reference(1.0, 1.0, 1)
 
 
 def test_run_directories_written_before_central_dp_still_read(tmp_path: Path) -> None:

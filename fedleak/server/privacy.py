@@ -49,13 +49,16 @@ Z = 0 clips without noise: ε is infinite.
 
 Central DP (`defense.central-clip`, `defense.central-noise`) is a different guarantee: the
 server clips each client's whole update to C and adds N(0, (z·C/m)²) to the mean of the m
-sampled clients, which is z·C on the sum: a Gaussian release of multiplier z for a client added
-to or removed from the federation. Each released aggregate is accounted as one such release
-sampled at rate m / N (N clients in the federation). Flower samples exactly m without
-replacement, so when m < N an added client takes a sampled one's place and the multiplier is
-halved as above; with every client sampled (m = N) there is no sampling and no halving. It
-protects whole clients in the *released model* only: the curious server saw every raw update
-before clipping, so it says nothing about leakage to the server.
+sampled clients. The mean's denominator m, and so the noise's scale on the released model,
+follows from the federation's size N, which a released model therefore reveals (federations
+of 3 and 4 clients, every client sampled, give noise of std z·C/3 and z·C/4: told apart at
+any ε). So N is public and neighbouring federations have the same N and differ in one
+client's data: replacing it moves the clipped sum by up to 2C, against noise z·C on the sum,
+a Gaussian release of multiplier z / 2 (`REPLACED_CLIENT_SENSITIVITY`). Each released
+aggregate is accounted as one such release sampled at rate m / N, with the Poisson analysis
+at the halved multiplier (the coupling above; with every client sampled, m = N, there is no
+sampling). It protects whole clients in the *released model* only: the curious server saw
+every raw update before clipping, so it says nothing about leakage to the server.
 """
 
 from __future__ import annotations
@@ -81,6 +84,8 @@ from fedleak.defenses import DPSGD, InstaHide, MixUp, parse_defense_spec
 # How far one example added to the data moves a sum clipped to C, in units of C, when the
 # sample drawn from the data has a fixed size: the added example takes a drawn one's place.
 FIXED_SIZE_SENSITIVITY = 2.0
+# How far replacing one client's data moves central DP's clipped sum, in units of C.
+REPLACED_CLIENT_SENSITIVITY = 2.0
 
 
 @dataclass(frozen=True)
@@ -217,18 +222,14 @@ def central_epsilon(
     noise_multiplier: float, population: int, releases: Mapping[int, int], delta: float
 ) -> float:
     """Client-level ε at `delta` of central DP after `releases[m]` aggregates of m sampled
-    clients each, out of `population` (0 before any release; infinite without noise)."""
+    clients each, out of `population` (0 before any release; infinite without noise): one
+    client's data replaced in a federation of public size (module docstring)."""
     if not any(count > 0 for count in releases.values()):
         return 0.0
     if noise_multiplier == 0.0:
         return math.inf
-    events = tuple(
-        sorted(
-            (m, count, noise_multiplier / (FIXED_SIZE_SENSITIVITY if m < population else 1.0))
-            for m, count in releases.items()
-            if count > 0
-        )
-    )
+    noise = noise_multiplier / REPLACED_CLIENT_SENSITIVITY
+    events = tuple(sorted((m, count, noise) for m, count in releases.items() if count > 0))
     return _epsilon(population, events, delta)
 
 
