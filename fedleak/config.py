@@ -425,9 +425,16 @@ def _check_consistency(config: RunConfig) -> None:
             f"train.examples={train.examples}: fedsgd uses one batch, so expected 0 or "
             f"train.batch-size ({train.batch_size})"
         )
+    poisson = config.defense.dp_sampling == "poisson"  # draws from the whole partition
+    if train.mode == "fedavg" and 0 < train.examples < train.batch_size and not poisson:
+        raise ConfigError(
+            f"train.examples={train.examples}: fedavg's batches of train.batch-size="
+            f"{train.batch_size} are drawn from the round's examples, so expected 0 or at least "
+            f"{train.batch_size}"
+        )
     used = train.local_steps * train.batch_size
     # (Poisson steps draw from the whole partition: there train.examples is refused apart.)
-    if train.mode == "fedavg" and train.examples > used and config.defense.dp_sampling != "poisson":
+    if train.mode == "fedavg" and train.examples > used and not poisson:
         # The client would declare (and be scored on) examples that never enter its update.
         raise ConfigError(
             f"train.examples={train.examples}: fedavg's {train.local_steps} local step(s) of "

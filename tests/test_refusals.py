@@ -194,6 +194,22 @@ CASES = [
         "the others would never enter the update; expected 0 or at most 2",
     ),
     Case(
+        "fedavg-examples-under-one-batch",
+        (
+            *CHECK,
+            "--set",
+            "train.mode=fedavg",
+            "--set",
+            "train.batch-size=8",
+            "--set",
+            "train.local-steps=3",
+            "--set",
+            "train.examples=4",
+        ),
+        "train.examples=4: fedavg's batches of train.batch-size=8 are drawn from the round's "
+        "examples, so expected 0 or at least 8",
+    ),
+    Case(
         "poisson-fedavg-examples",
         (*CHECK, *POISSON, "--set", "train.mode=fedavg", "--set", "train.examples=8"),
         "defense.dp-sampling='poisson': each local step draws its own batch from the whole "
