@@ -127,13 +127,17 @@ def test_a_resume_goes_on_from_the_round_before_the_one_it_attacks(tmp_path: Pat
         with torch.no_grad():
             inverter.weight.fill_(float(round_))
         store.save(inverter, "setting-a", f"weights-{round_}", round_, {})
-    # Only this round's file and the one before it are kept.
-    assert [r for r, _ in store.saved()] == [2, 3]
+    resumed = store.load("setting-a", torch.device("cpu"), before=3)
+    assert resumed is not None and float(resumed.state_dict["weight"]) == 2.0
+    later = store.load("setting-a", torch.device("cpu"), before=5)
+    assert later is not None and float(later.state_dict["weight"]) == 3.0
+    # Under a worker pool, LTI trains round 4 while round 2 is the last recorded (round 3's
+    # other attacks still run): a resume attacking round 3 still needs round 2's file.
+    store.save(Scripted(), "setting-a", "weights-4", 4, {})
+    assert [r for r, _ in store.saved()] == [2, 3, 4]
     resumed = store.load("setting-a", torch.device("cpu"), before=3)
     assert resumed is not None and float(resumed.state_dict["weight"]) == 2.0
     assert store.load("setting-a", torch.device("cpu"), before=2) is None
-    later = store.load("setting-a", torch.device("cpu"), before=5)
-    assert later is not None and float(later.state_dict["weight"]) == 3.0
     # A file of an earlier version (one per run) still resumes, as round 0.
     legacy = InverterStore(tmp_path / "old", "lti")
     legacy.save(Scripted(), "setting-a", None, 1, {})

@@ -35,9 +35,16 @@ class SavedInverter:
         return float(self.meta.get(name, float("nan")))  # type: ignore[arg-type]
 
 
+# Files kept from before the round just saved. A worker pool attacks round t + 1 while the
+# server still waits for round t's other attacks (`CuriousStrategy.settle`), so a learned attack
+# can have saved rounds t and t + 1 while round t - 1 is the last one recorded: a resume then
+# attacks round t again and needs round t - 1's file, two before the newest.
+KEPT_EARLIER = 2
+
+
 class InverterStore:
     """`<directory>/<attack>-inverter-r<round>.pt`, one file per round trained in (the newest
-    two kept), or nothing when no directory is configured.
+    and `KEPT_EARLIER` before it kept), or nothing when no directory is configured.
 
     A resumed run goes on from the inverter of the last round before the one it attacks: a
     file saved in that round itself may hold a training that an interrupt cut short, or one
@@ -72,11 +79,10 @@ class InverterStore:
         temporary = path.with_suffix(".tmp")
         torch.save({"state_dict": state, "meta": meta}, temporary)
         temporary.replace(path)
-        # Keep this round's file and the one a resume of this round would go on from.
-        earlier = sorted(r for r, _ in self.saved() if r < round_)
-        for saved_round, saved_path in self.saved():
-            if saved_round < round_ and saved_round != earlier[-1]:
-                saved_path.unlink(missing_ok=True)
+        # Keep this round's file and those a resume of an unrecorded round would go on from.
+        earlier = [(r, p) for r, p in self.saved() if r < round_]
+        for _, saved_path in earlier[: max(len(earlier) - KEPT_EARLIER, 0)]:
+            saved_path.unlink(missing_ok=True)
 
     def saved(self) -> list[tuple[int, Path]]:
         """(round, file) of every saved inverter, oldest first; a file of an earlier version
