@@ -8,6 +8,7 @@ same federation computed by hand.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -43,20 +44,39 @@ STUDY = {
 CLIENTS = 3
 
 
-def _config(out: Path) -> RunConfig:
+# A model of the user's own (tests/plugin_models.py): InstanceNorm's running statistics and a
+# counter buffer, which local training changes like BatchNorm's.
+PLUGIN = {**STUDY, "model.name": "plugin_models:instance_norm_net"}
+
+
+def _config(out: Path, study: dict[str, object] = STUDY) -> RunConfig:
     from fedleak.simulations.presets import load_preset
 
-    return parse_flat({**STUDY, "out-dir": str(out)}, load_preset("quickstart"))
+    return parse_flat({**study, "out-dir": str(out)}, load_preset("quickstart"))
+
+
+def _run(out: Path, study: dict[str, object]) -> Path:
+    args = ["run", "quickstart", "--out", str(out), "--num-clients", str(CLIENTS)]
+    for key, value in study.items():
+        args += ["--set", f"{key}={value}"]
+    with pytest.MonkeyPatch.context() as patch:  # the clients' processes import the model
+        here = str(Path(__file__).parent)
+        patch.setenv(
+            "PYTHONPATH", os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
+        )
+        patch.syspath_prepend(here)
+        assert main(args) == 0
+    return out
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("bn") / "run"
-    args = ["run", "quickstart", "--out", str(out), "--num-clients", str(CLIENTS)]
-    for key, value in STUDY.items():
-        args += ["--set", f"{key}={value}"]
-    assert main(args) == 0
-    return out
+    return _run(tmp_path_factory.mktemp("bn") / "run", STUDY)
+
+
+@pytest.fixture(scope="module")
+def plugin_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _run(tmp_path_factory.mktemp("plugin") / "run", PLUGIN)
 
 
 def _checkpoint(run: Path) -> dict[str, torch.Tensor]:
@@ -97,7 +117,8 @@ def _by_hand(config: RunConfig) -> list[dict[str, torch.Tensor]]:
                 torch.Generator().manual_seed(0),
             )
             state = {n: p.detach() + update.update[n] for n, p in model.named_parameters()}
-            clients.append(({**state, **update.buffers}, x.shape[0]))
+            # FedAvg of whole states: a buffer the client did not send is the one it got.
+            clients.append(({**model.state_dict(), **state, **update.buffers}, x.shape[0]))
         total = sum(n for _, n in clients)
         averaged = {}
         for name, value in model.state_dict().items():
@@ -106,6 +127,25 @@ def _by_hand(config: RunConfig) -> list[dict[str, torch.Tensor]]:
         model.load_state_dict(averaged)
         states.append(averaged)
     return states
+
+
+def test_buffers_outside_batchnorm_are_aggregated_and_evaluated(plugin_run: Path) -> None:
+    # Only BatchNorm's buffers travelled: InstanceNorm's statistics and the counter stayed at
+    # their initial values in the global model, which the server evaluated with them.
+    config = _config(plugin_run, PLUGIN)
+    state = _checkpoint(plugin_run)
+    assert state["1.running_mean"].abs().max() > 1e-3
+    assert (state["1.running_var"] - 1).abs().max() > 1e-3
+    assert float(state["3.seen"]) == 4.0  # 2 local steps in each of the 2 rounds
+    expected = _by_hand(config)
+    assert expected[-1].keys() == state.keys()
+    for name, value in expected[-1].items():
+        torch.testing.assert_close(state[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    utility = pd.read_csv(plugin_run / "utility.csv").set_index("round")
+    for server_round, by_hand in zip((1, 2), expected, strict=True):
+        loss, accuracy = _evaluate(by_hand, config)
+        assert utility.loc[server_round, "test_loss"] == pytest.approx(loss, rel=1e-5)
+        assert utility.loc[server_round, "test_accuracy"] == accuracy
 
 
 def test_running_statistics_are_aggregated_and_evaluated(run: Path) -> None:

@@ -12,7 +12,15 @@ import math
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
@@ -165,7 +173,7 @@ def test_what_a_client_packs_is_what_the_server_unpacks(case: str, monkeypatch) 
             assert (rows == truth.private[source]).flatten(1).all(1).any()
 
     # buffers -> the server's average (one client: its own buffers, dtypes kept).
-    averaged = average_buffers([wire])
+    averaged = average_buffers([wire], weights)
     assert averaged.keys() == update.buffers.keys()
     for name, value in update.buffers.items():
         assert averaged[name].dtype == value.dtype and torch.equal(averaged[name], value)
@@ -213,3 +221,27 @@ def test_a_node_without_its_partition_says_how_to_start_it() -> None:
     assert client_app.node_partition(_context(2)) == (2, 3)
     answer = partition_answer(*client_app.node_partition(_context(2)))
     assert (partition_id_of(answer), num_partitions_of(answer)) == (2, 3)
+
+
+def test_a_buffer_one_client_left_unchanged_counts_at_the_value_it_was_sent() -> None:
+    # Clients send only the buffers their computation changed (plus BatchNorm's): FedAvg of
+    # whole states counts the others at w_t's value, weighted like the rest.
+    sent = {"counter": torch.tensor(2.0), "bn.num_batches_tracked": torch.tensor(4)}
+
+    def reply(buffers: dict[str, torch.Tensor], examples: int) -> Message:
+        content = RecordDict(
+            {
+                BUFFERS: ArrayRecord(buffers),
+                METRICS: MetricRecord({"num-examples": examples}),
+            }
+        )
+        return Message(content=content, dst_node_id=1, message_type=MessageType.TRAIN)
+
+    with_counter = reply(
+        {"counter": torch.tensor(5.0), "bn.num_batches_tracked": torch.tensor(5)}, 1
+    )
+    without = reply({"bn.num_batches_tracked": torch.tensor(5)}, 3)
+    averaged = average_buffers([with_counter, without], sent)
+    assert float(averaged["counter"]) == pytest.approx((5.0 * 1 + 2.0 * 3) / 4)
+    assert averaged["bn.num_batches_tracked"].dtype == torch.int64
+    assert int(averaged["bn.num_batches_tracked"]) == 5

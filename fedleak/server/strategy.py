@@ -3,9 +3,10 @@
 The wrapped strategy (FedAvg by default) never sees the extra records a simulated client
 sends (the audit batch, per-sample updates, BatchNorm statistics, buffers): they are split off
 into the attacker's `Observation` and the auditor's `GroundTruth` first, then stripped. The
-clients' buffers (BatchNorm running statistics after their local computation) are averaged
-with FedAvg's weights into the new global state beside the aggregated parameters, so that
-evaluation, and attacks that use running statistics, see what the clients computed.
+clients' buffers (BatchNorm running statistics, and any other buffer their local computation
+changed) are averaged with FedAvg's weights into the new global state beside the aggregated
+parameters, so that evaluation, and attacks that use running statistics, see what the clients
+computed.
 
 Same seed, same bits: replies are put in a canonical order (partition id, errors last) before
 anything reads them, because FedAvg sums float32 arrays in the order it is given them and
@@ -27,7 +28,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -123,22 +124,36 @@ def _metric(metrics: MetricRecord, key: str, default: float) -> float:
     return float(value)
 
 
-def average_buffers(replies: list[Message]) -> dict[str, torch.Tensor]:
-    """The clients' buffers (BatchNorm running statistics and batch counts) averaged with
-    FedAvg's `num-examples` weights, by Flower's own helper, as FedAvg averages a full state.
+def average_buffers(
+    replies: list[Message], sent: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The clients' buffers (BatchNorm running statistics and batch counts, any other buffer
+    their computation changed) averaged with FedAvg's `num-examples` weights, by Flower's own
+    helper, as FedAvg averages a full state: a reply without a buffer another reply carries
+    counts with the value `sent` to it (its computation left it there).
 
-    `num_batches_tracked` is averaged like the rest and rounded to the nearest integer: every
-    client of a round runs the same declared number of local steps, so the counts agree and
-    the average is exact; it only matters to BatchNorm layers without momentum.
+    Integer buffers (`num_batches_tracked`) are averaged like the rest and rounded to the
+    nearest integer: every client of a round runs the same declared number of local steps, so
+    the counts agree and the average is exact; it only matters to BatchNorm layers without
+    momentum.
     """
-    records = [
-        RecordDict({BUFFERS: msg.content[BUFFERS], METRICS: msg.content[METRICS]})
+    carried = [
+        (tensors_of(msg.content[BUFFERS]), msg.content[METRICS])
         for msg in replies
         if BUFFERS in msg.content
     ]
-    if not records:
+    names = sorted({name for buffers, _ in carried for name in buffers if name in sent})
+    if not names:
         return {}
-    sent = tensors_of(records[0][BUFFERS])
+    records = [
+        RecordDict(
+            {
+                BUFFERS: ArrayRecord({n: buffers.get(n, sent[n]).contiguous() for n in names}),
+                METRICS: metrics,
+            }
+        )
+        for buffers, metrics in carried
+    ]
     averaged = tensors_of(aggregate_arrayrecords(records, NUM_EXAMPLES))
     return {
         name: (value if sent[name].is_floating_point() else value.round()).to(sent[name].dtype)
@@ -295,7 +310,7 @@ class CuriousStrategy(Strategy):
         )
         # A foreign app's clients send weights, which its own strategy aggregates as they are.
         foreign = any(DECLARED in msg.content for msg in valid)
-        buffers = {} if foreign else average_buffers(valid)
+        buffers = {} if foreign else average_buffers(valid, self.global_weights)
         # Attacks cut short by a stop request must not be recorded as the round's leakage.
         raise_if_stopped(f"in round {server_round}, before it was recorded")
         for msg in valid:

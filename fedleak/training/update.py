@@ -183,10 +183,23 @@ def compute_update(
         # A Poisson batch's size is private (one example more or less shows in it): the client
         # declares the size it samples for, as it weights the aggregate.
         num_examples=training.declared_examples if training.sampling == "poisson" else len(x),
-        # Only what local computation changed travels: an average of equal floats need not be
-        # bit-equal, and constant buffers (a frozen token table) would only add payload.
-        buffers={k: v for k, v in buffers.items() if k in batchnorm_buffer_names(model)},
+        buffers=_changed_buffers(model, buffers),
     )
+
+
+def _changed_buffers(model: nn.Module, after: Params) -> Params:
+    """The buffers that travel: BatchNorm's always (every client's forward passes move them),
+    and any other that this computation changed (an InstanceNorm's running statistics, a
+    plug-in's counter). Constant ones (a frozen token table) stay home: they would only add
+    payload, and an average of equal floats need not be bit-equal. The server counts a buffer
+    a reply lacks at the value it sent (`average_buffers`), as FedAvg of whole states would."""
+    batchnorm = batchnorm_buffer_names(model)
+    before = dict(model.named_buffers())
+    return {
+        name: value
+        for name, value in after.items()
+        if name in batchnorm or not torch.equal(value, before[name])
+    }
 
 
 def _check_data(x: Tensor, y: Tensor, num_classes: int, training: LocalTraining) -> None:

@@ -1,0 +1,34 @@
+"""Models a user brings through `model.name=<module>:<factory>`, with buffers that are not
+BatchNorm's: the simulation tests put this folder on the clients' PYTHONPATH."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class ForwardCounter(nn.Module):
+    """Counts the training forward passes it sees in a buffer (a plug-in's own state)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("seen", torch.zeros(()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            self.seen += 1
+        return x
+
+
+def instance_norm_net(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """A convolution, an InstanceNorm that tracks running statistics, a forward counter and a
+    linear head."""
+    channels, height, width = input_shape
+    return nn.Sequential(
+        nn.Conv2d(channels, 4, 3, padding=1),
+        nn.InstanceNorm2d(4, affine=True, track_running_stats=True),
+        nn.ReLU(),
+        ForwardCounter(),
+        nn.Flatten(),
+        nn.Linear(4 * height * width, num_classes),
+    )
