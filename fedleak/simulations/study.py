@@ -238,7 +238,9 @@ def _serve(
 
     # ε needs every client's partition size; the server's own `fd` has a single partition.
     num_clients = grid.wait_for_nodes(clients or config.train.min_clients, config.sim.timeout)
-    if clients is None:  # behind a SuperLink: the nodes say how many partitions there are
+    # Behind a SuperLink fedleak's own nodes say how many partitions there are; a foreign
+    # ClientApp has no handler for the question (Flower logs an error on each node).
+    if clients is None and app is None:
         try:
             num_clients = declared_federation(grid, config.sim.timeout) or num_clients
         except FederationError as error:
