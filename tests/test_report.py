@@ -503,6 +503,23 @@ def test_the_console_summary_of_a_run_without_attacks_is_not_called_text(
     assert "what leaked (reconstructed = beats every floor" in out and "token" not in out
 
 
+def test_a_text_run_without_attacks_is_described_as_text(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # With no rows to read the modality from, a language run's console summary and report
+    # spoke of images, LPIPS and aux-mean.
+    config = parse_flat({"num-server-rounds": 1, "attack.names": "none"})
+    run = RunDirectory.create(tmp_path / "run", config, {"data": {"modality": "tokens"}})
+    run.append_round(1, [], {"test_loss": 1.0, "test_accuracy": 0.5})
+    _headline(run.path)
+    out = capsys.readouterr().out
+    assert "what leaked (token accuracy = share of positions recovered)" in out
+    build_report(run.path)
+    report = (run.path / "report.md").read_text(encoding="utf-8")
+    method = report.split("## How to read this report")[1].split("\n## ")[0]
+    assert "token sequence" in method and "LPIPS" not in method and "aux-mean" not in method
+
+
 def test_central_dp_is_a_defense_column_not_an_undefended_group(tmp_path: Path) -> None:
     # The dp-frontier layout: cells differ by the clients' spec or by central DP on the server.
     sweep = tmp_path / "sweep"

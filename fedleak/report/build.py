@@ -91,19 +91,17 @@ def _method(study: Study) -> list[Block]:
         Text(
             f"This report covers {what}: {len(leakage)} leakage rows from "
             f"{leakage.drop_duplicates(['run', 'round', 'client_id', 'attack']).shape[0]} "
-            f"attack runs over rounds {rounds[0] if rounds else '–'}–"
-            f"{rounds[-1] if rounds else '–'}. It was built from the directory's files alone."
-            + grouped
+            f"attack runs{f' over rounds {rounds[0]}–{rounds[-1]}' if rounds else ''}. It was "
+            "built from the directory's files alone." + grouped
         ),
-        Text(" ".join(_scoring(leakage, lpips))),
+        Text(" ".join(_scoring(study.modalities, lpips))),
         *_lpips_note(study),
         *_tokenizer_note(study),
     ]
 
 
-def _scoring(leakage: pd.DataFrame, lpips: str) -> list[str]:
+def _scoring(modalities: frozenset[str], lpips: str) -> list[str]:
     """How reconstructions were scored, for the modalities the study holds."""
-    modalities = set(leakage["modality"]) if len(leakage) else {"image"}
     parts = []
     if "image" in modalities:
         parts.append(

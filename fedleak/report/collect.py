@@ -57,6 +57,17 @@ class RunRecord:
         """The last round utility.csv records (0: none)."""
         return int(self.utility["round"].max()) if len(self.utility) else 0
 
+    @property
+    def modality(self) -> str:
+        """What the run's private data are, `image` or `tokens`: as its environment records
+        it, else from its rows (a run recorded before the environment said), else `image`."""
+        data = self.environment.get("data")
+        if isinstance(data, dict) and data.get("modality") in ("image", "tokens"):
+            return str(data["modality"])
+        if "modality" in self.leakage.columns and len(self.leakage):
+            return str(self.leakage["modality"].iloc[0])
+        return "image"
+
 
 @dataclass(frozen=True)
 class Study:
@@ -85,6 +96,11 @@ class Study:
     def scored_runs(self) -> tuple[RunRecord, ...]:
         """The runs the figures show: those that did not fail, or all when every one did."""
         return tuple(r for r in self.runs if not r.failure) or self.runs
+
+    @property
+    def modalities(self) -> frozenset[str]:
+        """The scored runs' modalities (`RunRecord.modality`)."""
+        return frozenset(r.modality for r in self.scored_runs)
 
     def leakage(self) -> pd.DataFrame:
         """The scored runs' leakage rows, with `run` and `group` columns added and `defense`

@@ -521,7 +521,7 @@ def utility_table(study: Study) -> Table:
     utility = study.utility()
     initial = utility[utility["round"] == 0]
     central = bool(final["central_epsilon"].notna().any())
-    language = _language_study(study)
+    language = "tokens" in study.modalities
     body = []
     for group in study.groups():
         for defense in study.defenses():
@@ -574,15 +574,6 @@ def utility_table(study: Study) -> Table:
             else ""
         ),
     )
-
-
-def _language_study(study: Study) -> bool:
-    """Whether the study's runs model text (their data set is token sequences)."""
-    for run in study.runs:
-        data = run.environment.get("data")
-        if isinstance(data, dict) and data.get("modality") == "tokens":
-            return True
-    return False
 
 
 def failure_table(study: Study) -> Table | None:

@@ -17,13 +17,10 @@ import tomllib
 import traceback
 from importlib.metadata import version
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn
 
 from fedleak.config import ConfigError, RunConfig, parse_flat
 from fedleak.heap import reuse_freed_memory
-
-if TYPE_CHECKING:  # pandas loads only for the commands that read results
-    import pandas as pd
 
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 # One line must stay readable: longer messages are cut.
@@ -172,16 +169,9 @@ def _headline(path: Path) -> None:
             f"reconstructed = beats every floor, LPIPS at most {SUCCESS_FRACTION:g} x the aux "
             f"mean's and {SUCCESS_LPIPS['lpips_alex']:g}"
         )
-        if _is_text(study.leakage()):
+        if "tokens" in study.modalities:
             rule = "token accuracy = share of positions recovered"
         print("\n".join(["", f"what leaked ({rule}):", *lines]))
-
-
-def _is_text(leakage: pd.DataFrame) -> bool:
-    """Rows of token sequences (a run without rows, e.g. attack.names=none, is not text)."""
-    if "modality" in leakage.columns:
-        return bool((leakage["modality"] == "tokens").any())
-    return bool(len(leakage)) and bool(leakage["psnr"].isna().all())  # before the column
 
 
 def _report(args: argparse.Namespace) -> int:
