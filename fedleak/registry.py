@@ -27,6 +27,7 @@ from fedleak but `settings`, so every room may use it.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import importlib.metadata
@@ -36,7 +37,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
-from fedleak.settings import ConfigError, shown
+from fedleak.settings import ConfigError, shown, shown_value
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,35 @@ class UnknownNameError(ConfigError):
 
 class PluginError(ConfigError):
     """An entry point that cannot be loaded or does not give a usable entry."""
+
+
+class PluginFailed(ConfigError):
+    """A plug-in's own code (a model factory, a data-set loader, an attack's factory) raised:
+    one line naming the setting, the plug-in and the error, which chains the plug-in's
+    traceback (shown with `--verbose`)."""
+
+
+class RegistrationError(ConfigError, TypeError):
+    """A registration (decorator or call) given an argument of the wrong type or value, refused
+    at the registering line. A TypeError too, as Python's own refusal would be."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PluginCall:
+    """A plug-in's callable, guarded: what it raises (but fedleak's own one-line errors, which
+    pass unchanged) becomes `PluginFailed`, `<where>: <role> raised <error's first line>`."""
+
+    function: Callable[..., Any]
+    where: str
+    role: str
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return self.function(*args, **kwargs)
+        except Exception as error:
+            if is_own_error(error):
+                raise
+            raise PluginFailed(f"{self.where}: {self.role} raised {error_line(error)}") from error
 
 
 class Registry(Generic[E]):
@@ -101,7 +131,9 @@ class Registry(Generic[E]):
     # -- registering ----------------------------------------------------------------------------
     def add(self, name: str, entry: E, *, replace: bool = False) -> E:
         """Register `entry` under `name`; a different entry under a taken name needs `replace`."""
-        self._check_name(name)
+        self.check_name(name)
+        if not isinstance(replace, bool):
+            raise self.refusal(name, f"replace={shown_value(replace)}: expected True or False")
         # Built-ins load lazily: load them now, so that taking a built-in name is refused here,
         # at the caller's line, and so that replace=True is not undone by the catalog later.
         self._load_builtins()
@@ -138,7 +170,8 @@ class Registry(Generic[E]):
             self._clashes.pop(name, None)
             self._warned.discard(name)
 
-    def _check_name(self, name: object) -> None:
+    def check_name(self, name: object) -> None:
+        """Refuse (one line) a name that would break the settings that name entries."""
         bad = (
             not isinstance(name, str)
             or not name
@@ -146,10 +179,24 @@ class Registry(Generic[E]):
             or any(c.isspace() or c in self._forbidden for c in name)
         )
         if bad:
-            raise ConfigError(
-                f"{self.kind} name {name!r}: expected a non-empty name without spaces or any of "
-                f"{' '.join(self._forbidden)!r}"
+            raise RegistrationError(
+                f"{self.kind} name {shown_value(name)}: expected a non-empty name without spaces "
+                f"or any of {' '.join(self._forbidden)!r}"
             )
+
+    def refusal(self, name: object, problem: str) -> RegistrationError:
+        """The one-line refusal of a registration of `name`: `<kind> '<name>': <problem>`."""
+        return RegistrationError(f"{self.kind} {shown(name)!r}: {problem}")
+
+    def guarded(self, name: str, function: Callable[..., Any], role: str) -> Callable[..., Any]:
+        """`function` (an entry's factory or loader) as the registry calls it: a plug-in's is
+        wrapped in `PluginCall`, so that what it raises names the setting and the plug-in;
+        fedleak's own functions stay bare, and their bugs stay internal errors."""
+        module = _module_of(function)
+        if module is not None and _package(module) == "fedleak":
+            return function
+        where = f"{self.setting}={shown(name)!r}"
+        return PluginCall(function, where, f"the plug-in {self.kind}'s {role}")
 
     # -- looking up -------------------------------------------------------------------------------
     def get(self, name: str) -> E:

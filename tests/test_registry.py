@@ -726,3 +726,192 @@ def test_a_component_registered_by_code_is_refused_where_ray_processes_need_it(
         MODELS.remove("test-by-code-net")
         DEFENSES.remove("test-by-code-halve")
         attack_registry.ATTACKS.remove("test-by-code-attack")
+
+
+# -- plug-ins that raise, registrations of the wrong type ------------------------------------
+def _exploding_net(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    raise RuntimeError("factory exploded on purpose\nsecond line")
+
+
+def _exploding_loader(root: Path, download: bool) -> object:
+    raise RuntimeError("loader exploded on purpose")
+
+
+class _ExplodingAttack:
+    stateful = False
+
+    def __init__(self, config: object, seed: int) -> None:
+        raise RuntimeError("attack exploded on purpose")
+
+
+def test_a_plug_in_that_raises_is_named_in_one_line() -> None:
+    """A plug-in's factory or loader that raised was an 'internal error' (exit 1) naming
+    nothing; like a defense that raises, it is now a configuration error naming the setting."""
+    from fedleak.registry import PluginFailed
+    from fedleak.simulations.cli import _describe
+
+    register_model("test-boom-net", _exploding_net)
+    register_dataset("test-boom-set", _exploding_loader)
+    register_attack("test-boom-attack", _ExplodingAttack)
+    try:
+        with pytest.raises(PluginFailed) as model:
+            build_model(ModelSpec("test-boom-net", (1, 28, 28), 10))
+        assert str(model.value) == (
+            "model.name='test-boom-net': the plug-in model's factory raised RuntimeError: "
+            "factory exploded on purpose"
+        )
+        assert isinstance(model.value.__cause__, RuntimeError)  # --verbose shows the plug-in
+        with pytest.raises(PluginFailed) as data:
+            load_dataset("test-boom-set")
+        assert str(data.value) == (
+            "data.dataset='test-boom-set': the plug-in data set's loader raised RuntimeError: "
+            "loader exploded on purpose"
+        )
+        with pytest.raises(PluginFailed) as attack:
+            validate_components(parse_flat({"attack.names": "test-boom-attack"}))
+        assert str(attack.value) == (
+            "attack.names='test-boom-attack': the plug-in attack's factory raised RuntimeError: "
+            "attack exploded on purpose"
+        )
+        for error in (model.value, data.value, attack.value):
+            line, status = _describe(error)
+            assert status == 2 and line.startswith("fedleak: configuration error: ")
+    finally:
+        MODELS.remove("test-boom-net")
+        DATASETS.remove("test-boom-set")
+        attack_registry.ATTACKS.remove("test-boom-attack")
+
+
+@pytest.mark.parametrize("share", ["per-sample", "batch"])
+def test_the_command_names_a_plug_in_that_raises(
+    share: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fedleak.simulations.cli import main
+
+    register_model("test-boom-net", _exploding_net)
+    try:  # under batch sharing the model check builds it first, and named it twice
+        argv = ["check", "quickstart", "--set", "model.name=test-boom-net"]
+        status = main([*argv, "--set", f"threat.share={share}"])
+    finally:
+        MODELS.remove("test-boom-net")
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert err == (
+        "fedleak: configuration error: model.name='test-boom-net': the plug-in model's factory "
+        "raised RuntimeError: factory exploded on purpose\n"
+    )
+
+
+def test_fedleak_errors_and_bugs_are_not_blamed_on_a_plug_in() -> None:
+    from fedleak.data.dataset import DatasetUnavailable
+
+    def absent(root: Path, download: bool) -> object:
+        raise DatasetUnavailable("data.dataset='test-absent': not in /nowhere")
+
+    register_dataset("test-absent", absent)
+    try:  # a plug-in's own one-line fedleak error keeps its words
+        with pytest.raises(DatasetUnavailable, match=r"^data\.dataset='test-absent': not in"):
+            load_dataset("test-absent")
+    finally:
+        DATASETS.remove("test-absent")
+    # fedleak's own factories are called bare: a bug there stays an internal error.
+    lenet = MODELS.get("lenet").build
+    assert MODELS.guarded("lenet", lenet, "factory") is lenet
+    dlg = attack_entry("dlg").build
+    assert attack_registry.ATTACKS.guarded("dlg", dlg, "factory") is dlg
+
+
+@dataclass(frozen=True)
+class _PassesConfig(Settings):
+    passes: int = setting(1, low=1, doc="how many times")
+
+
+def test_a_registration_of_the_wrong_type_is_refused_at_its_line() -> None:
+    """Each was accepted, then failed as a bare TypeError (an internal error) when used."""
+    cases = [
+        (lambda: register_attack("test-a1", config=object()), r"attack 'test-a1': config=<obj"),
+        (
+            lambda: register_attack("test-a2", config={"passes": 1}),
+            r"attack 'test-a2': config=\{'passes': 1\}: expected None or a settings dataclass",
+        ),
+        (
+            lambda: register_attack("test-a3", config=_PassesConfig),  # the class, not an instance
+            r"attack 'test-a3': config=<class .*: expected None or a settings dataclass instance",
+        ),
+        (
+            lambda: register_attack("test-a4")(42),
+            r"attack 'test-a4': expected an attack class or factory \(config, seed\) -> Attack, "
+            r"got 42$",
+        ),
+        (
+            lambda: register_attack("test-a5", presets={"cpu": _PassesConfig()}),
+            r"attack 'test-a5': default_preset=None: expected one of 'cpu'$",
+        ),
+        (
+            lambda: register_attack("test-a6", stateful="yes"),
+            r"attack 'test-a6': stateful='yes': expected True, False or None$",
+        ),
+        (
+            lambda: register_model("test-m1")(42),
+            r"model 'test-m1': expected a model factory \(input_shape, num_classes\) -> "
+            r"nn\.Module, got 42$",
+        ),
+        (
+            lambda: register_model("test-m2", min_size="big"),
+            r"model 'test-m2': min_size='big': expected an integer >= 1",
+        ),
+        (
+            lambda: register_model("test-m3", modality="audio"),
+            r"model 'test-m3': modality='audio': expected one of 'image', 'tokens'$",
+        ),
+        (
+            lambda: register_dataset("test-d1")(7),
+            r"data set 'test-d1': expected a data-set loader \(root, download\) -> "
+            r"ImageDataset, got 7$",
+        ),
+        (
+            lambda: register_dataset("test-d2", input_shape="abc"),
+            r"data set 'test-d2': input_shape='abc': expected None or a tuple of positive int",
+        ),
+        (
+            lambda: register_dataset("test-d3", num_classes=-3),
+            r"data set 'test-d3': num_classes=-3: expected None or an integer >= 1$",
+        ),
+        (
+            lambda: register_defense("test-f1")(7),
+            r"defense 'test-f1': expected a defense class with from_args or a parser",
+        ),
+        (
+            lambda: register_defense("test-f2", form=3),
+            r"defense 'test-f2': form=3: expected one line",
+        ),
+        (
+            lambda: register_model("test-m4", lambda shape, k: nn.Linear(1, 1), replace="yes"),
+            r"model 'test-m4': replace='yes': expected True or False$",
+        ),
+    ]
+    for register, message in cases:
+        with pytest.raises(ConfigError, match=f"^{message}") as error:
+            register()
+        assert "\n" not in str(error.value)
+    names = {*attack_names(), *model_names(), *dataset_names(), *DEFENSES.names()}
+    assert not {name for name in names if name.startswith("test-")}
+    # The right types still register.
+    register_attack("test-ok", config=_PassesConfig())(lambda config, seed: None)
+    register_dataset("test-ok", input_shape=[1, 28, 28], num_classes=10)(
+        lambda root, download: load_mnist5k()
+    )
+    try:
+        assert attack_entry("test-ok").configure({"passes": 2}) == _PassesConfig(passes=2)
+        assert DATASETS.get("test-ok").input_shape == (1, 28, 28)
+    finally:
+        attack_registry.ATTACKS.remove("test-ok")
+        DATASETS.remove("test-ok")
+
+
+def test_an_entry_point_class_with_a_dict_default_config_is_refused_on_adoption() -> None:
+    class DictConfig:
+        default_config: ClassVar[dict[str, int]] = {"passes": 1}
+
+    with pytest.raises(ConfigError, match=r"^attack 'x': config=\{'passes': 1\}: expected None"):
+        attack_registry._adopt("x", DictConfig)

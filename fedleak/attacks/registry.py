@@ -28,7 +28,15 @@ from typing import Any
 
 from fedleak.attacks.types import Attack
 from fedleak.registry import Registry
-from fedleak.settings import ConfigError, KeyHelp, flat_keys, help_lines, parse_settings, render
+from fedleak.settings import (
+    ConfigError,
+    KeyHelp,
+    flat_keys,
+    help_lines,
+    parse_settings,
+    render,
+    shown_value,
+)
 
 Factory = Callable[[Any, int], Attack]
 
@@ -49,6 +57,11 @@ class AttackEntry:
     default_preset: str | None = None
     stateful: bool = True
     doc: str = ""
+
+    def __post_init__(self) -> None:
+        # An entry point's class attributes (`default_config`) are checked here too: a dict
+        # would otherwise fail as a bare TypeError when the attack is first configured.
+        _check_options(self.name, self.config, self.presets, self.default_preset, self.stateful)
 
     @property
     def prefix(self) -> str:
@@ -84,8 +97,10 @@ class AttackEntry:
         return parse_settings(base, values, self.prefix)
 
     def create(self, params: Mapping[str, object] | None = None, seed: int = 0) -> Attack:
-        """The attack, configured by `params`."""
-        return self.build(self.configure(params), seed)
+        """The attack, configured by `params`; a plug-in's factory that raises gives one line
+        naming the attack (`fedleak.registry.PluginFailed`)."""
+        config = self.configure(params)
+        return ATTACKS.guarded(self.name, self.build, "factory")(config, seed)
 
     def accepts(self, key: str) -> bool:
         """Whether `key` (kebab-case) is one of this attack's parameters."""
@@ -110,13 +125,62 @@ class AttackEntry:
         return lines
 
 
+_FACTORY = "an attack class or factory (config, seed) -> Attack"
+_CONFIG = (
+    "None or a settings dataclass instance (e.g. MyConfig() of a frozen dataclass subclassing "
+    "fedleak.settings.Settings)"
+)
+
+
+def _is_config(value: object) -> bool:
+    return dataclasses.is_dataclass(value) and not isinstance(value, type)
+
+
+def _check_options(
+    name: str,
+    config: Any,
+    presets: Any,
+    default_preset: Any,
+    stateful: Any,
+) -> None:
+    """Refuse, in one line naming the argument, settings an attack could never be built with."""
+    if config is not None and not _is_config(config):
+        raise ATTACKS.refusal(name, f"config={shown_value(config)}: expected {_CONFIG}")
+    if not isinstance(presets, Mapping):
+        raise ATTACKS.refusal(
+            name, f"presets={shown_value(presets)}: expected a mapping of preset names to {_CONFIG}"
+        )
+    for preset, value in presets.items():
+        if not isinstance(preset, str) or not preset:
+            raise ATTACKS.refusal(
+                name, f"presets: key {shown_value(preset)}: expected a non-empty preset name"
+            )
+        if not _is_config(value):
+            raise ATTACKS.refusal(
+                name,
+                f"presets[{preset!r}]={shown_value(value)}: expected a settings dataclass instance",
+            )
+    if presets and default_preset not in presets:
+        raise ATTACKS.refusal(
+            name,
+            f"default_preset={shown_value(default_preset)}: expected one of "
+            f"{', '.join(repr(p) for p in presets)}",
+        )
+    if not presets and default_preset is not None:
+        raise ATTACKS.refusal(
+            name, f"default_preset={shown_value(default_preset)}: expected None (no presets)"
+        )
+    if stateful is not None and not isinstance(stateful, bool):
+        raise ATTACKS.refusal(
+            name, f"stateful={shown_value(stateful)}: expected True, False or None"
+        )
+
+
 def _adopt(name: str, obj: Any) -> AttackEntry:
     if isinstance(obj, AttackEntry):
         return dataclasses.replace(obj, name=name)
     if not callable(obj):
-        raise TypeError(
-            f"expected an attack class or factory (config, seed) -> Attack, got {obj!r}"
-        )
+        raise TypeError(f"expected {_FACTORY}, got {obj!r}")
     return AttackEntry(
         name,
         obj,
@@ -153,10 +217,15 @@ def register_attack(
     """Register an attack factory `(config, seed) -> Attack` under `name`; usable as a decorator.
 
     `config`: the default settings dataclass instance (None: the attack takes no parameters).
-    `stateful` defaults to the factory's `stateful` attribute, else True.
+    `stateful` defaults to the factory's `stateful` attribute, else True. Arguments of the
+    wrong type are refused here, in one line naming the argument (a `ConfigError`).
     """
+    ATTACKS.check_name(name)
+    _check_options(name, config, {} if presets is None else presets, default_preset, stateful)
 
     def add(factory: Factory) -> Factory:
+        if not callable(factory):
+            raise ATTACKS.refusal(name, f"expected {_FACTORY}, got {shown_value(factory)}")
         declared = getattr(factory, "stateful", True) if stateful is None else stateful
         entry = AttackEntry(
             name,

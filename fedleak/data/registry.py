@@ -39,7 +39,7 @@ from fedleak.data.text.corpus import (
 )
 from fedleak.data.torchvision_sets import TORCHVISION_SETS, load_torchvision_set
 from fedleak.registry import Registry, UnknownNameError
-from fedleak.settings import ConfigError
+from fedleak.settings import ConfigError, shown_value
 
 FOLDER_PREFIX = "folder:"
 DATA_DIR_ENV = "FEDLEAK_DATA_DIR"
@@ -78,12 +78,48 @@ class DatasetEntry:
     input_shape: tuple[int, ...] | None = None
     num_classes: int | None = None
 
+    def __post_init__(self) -> None:
+        shape = _checked_options(
+            self.name, self.holdout, self.uses_data_dir, self.input_shape, self.num_classes
+        )
+        object.__setattr__(self, "input_shape", shape)
+
+
+_LOADER = "a data-set loader (root, download) -> ImageDataset"
+
+
+def _checked_options(
+    name: str, holdout: object, uses_data_dir: object, input_shape: object, num_classes: object
+) -> tuple[int, ...] | None:
+    """Refuse, in one line naming the argument, what a data set could never be checked with;
+    the input shape as a tuple."""
+    for argument, value in (("holdout", holdout), ("uses_data_dir", uses_data_dir)):
+        if not isinstance(value, bool):
+            raise DATASETS.refusal(name, f"{argument}={shown_value(value)}: expected True or False")
+    shape = None
+    if input_shape is not None:
+        sizes = tuple(input_shape) if isinstance(input_shape, tuple | list) else ()
+        if not sizes or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in sizes):
+            raise DATASETS.refusal(
+                name,
+                f"input_shape={shown_value(input_shape)}: expected None or a tuple of positive "
+                "integers, e.g. (3, 32, 32)",
+            )
+        shape = sizes
+    if num_classes is not None and (
+        isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1
+    ):
+        raise DATASETS.refusal(
+            name, f"num_classes={shown_value(num_classes)}: expected None or an integer >= 1"
+        )
+    return shape
+
 
 def _adopt(name: str, obj: object) -> DatasetEntry:
     if isinstance(obj, DatasetEntry):
         return dataclasses.replace(obj, name=name)
     if not callable(obj):
-        raise TypeError(f"expected a data-set loader (root, download) -> ImageDataset, got {obj!r}")
+        raise TypeError(f"expected {_LOADER}, got {obj!r}")
     return DatasetEntry(name, obj, uses_data_dir=True)
 
 
@@ -142,10 +178,14 @@ def register_dataset(
     num_classes: int | None = None,
     replace: bool = False,
 ) -> object:
-    """Register a loader `(root, download) -> ImageDataset`; usable as a decorator."""
+    """Register a loader `(root, download) -> ImageDataset`; usable as a decorator. Arguments
+    of the wrong type are refused here, in one line naming the argument."""
+    DATASETS.check_name(name)
+    shape = _checked_options(name, holdout, uses_data_dir, input_shape, num_classes)
 
     def add(loader: Loader) -> Loader:
-        shape = None if input_shape is None else tuple(input_shape)
+        if not callable(loader):
+            raise DATASETS.refusal(name, f"expected {_LOADER}, got {shown_value(loader)}")
         entry = DatasetEntry(name, loader, holdout, uses_data_dir, shape, num_classes)
         DATASETS.add(name, entry, replace=replace)
         return loader
@@ -259,7 +299,9 @@ def _load(name: str, root: str, seed: int, test_fraction: float, download: bool)
 @functools.lru_cache(maxsize=8)
 def _read(name: str, root: str, download: bool) -> ImageDataset:
     # Cached apart from the hold-out: runs that differ only in their seed share one read.
-    dataset = dataset_entry(name).load(Path(root), download)
+    # A plug-in's loader that raises gives one line naming the set (PluginFailed).
+    load = DATASETS.guarded(name, dataset_entry(name).load, "loader")
+    dataset = load(Path(root), download)
     # Only an ImageDataset has had its pixels, dtypes and labels checked (its constructor):
     # an object that merely carries the same fields would take 0..255 pixels into every metric.
     if not isinstance(dataset, ImageDataset):

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedleak.registry import Registry, error_line
+from fedleak.settings import shown_value
 
 Parser = Callable[[list[str]], Any]
 
@@ -83,8 +84,19 @@ class DefenseEntry:
     form: str
 
     def __post_init__(self) -> None:
+        _check_form(self.name, self.form)
         parser = self.parse.parser if isinstance(self.parse, SpecParser) else self.parse
         object.__setattr__(self, "parse", SpecParser(parser, self.name, self.form))
+
+
+_PARSER = "a defense class with from_args or a parser (args) -> step"
+
+
+def _check_form(name: str, form: object) -> None:
+    if not isinstance(form, str) or not form.strip() or "\n" in form:
+        raise DEFENSES.refusal(
+            name, f"form={shown_value(form)}: expected one line such as {name + ':ARG'!r}"
+        )
 
 
 def _parser_of(obj: Any) -> Parser:
@@ -95,7 +107,7 @@ def _adopt(name: str, obj: object) -> DefenseEntry:
     if isinstance(obj, DefenseEntry):
         return dataclasses.replace(obj, name=name)
     if not callable(obj):
-        raise TypeError(f"expected a defense class with from_args or a parser, got {obj!r}")
+        raise TypeError(f"expected {_PARSER}, got {obj!r}")
     return DefenseEntry(name, _parser_of(obj), getattr(obj, "form", name))
 
 
@@ -124,9 +136,15 @@ def register_defense(
     name: str, parse: Any = None, *, form: str | None = None, replace: bool = False
 ) -> Any:
     """Register a defense under `name`: a parser `(args) -> step`, or a class with a
-    `from_args` class method; usable as a decorator (it returns what it decorates)."""
+    `from_args` class method; usable as a decorator (it returns what it decorates). Arguments
+    of the wrong type are refused here, in one line naming the argument."""
+    DEFENSES.check_name(name)
+    if form is not None:
+        _check_form(name, form)
 
     def add(obj: Any) -> Any:
+        if not callable(_parser_of(obj)):
+            raise DEFENSES.refusal(name, f"expected {_PARSER}, got {shown_value(obj)}")
         entry = DefenseEntry(name, _parser_of(obj), form or getattr(obj, "form", None) or name)
         DEFENSES.add(name, entry, replace=replace)
         return obj

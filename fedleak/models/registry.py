@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from fedleak.registry import Registry, load_object
+from fedleak.settings import shown_value
 
 Builder = Callable[[tuple[int, ...], int], nn.Module]
 
@@ -44,14 +45,41 @@ class ModelEntry:
     groupnorm: str | None = None
     modality: str = "image"
 
+    def __post_init__(self) -> None:
+        _check_options(self.name, self.image, self.min_size, self.groupnorm, self.modality)
+
+
+MODALITIES = ("image", "tokens")
+_FACTORY = "a model factory (input_shape, num_classes) -> nn.Module"
+
+
+def _check_options(
+    name: str, image: object, min_size: object, groupnorm: object, modality: object
+) -> None:
+    """Refuse, in one line naming the argument, what a model could never be checked with."""
+    if not isinstance(image, bool):
+        raise MODELS.refusal(name, f"image={shown_value(image)}: expected True or False")
+    if isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 1:
+        raise MODELS.refusal(
+            name, f"min_size={shown_value(min_size)}: expected an integer >= 1 (pixels a side)"
+        )
+    if groupnorm is not None and (not isinstance(groupnorm, str) or not groupnorm):
+        raise MODELS.refusal(
+            name, f"groupnorm={shown_value(groupnorm)}: expected None or a model name"
+        )
+    if modality not in MODALITIES:
+        raise MODELS.refusal(
+            name,
+            f"modality={shown_value(modality)}: expected one of "
+            f"{', '.join(repr(m) for m in MODALITIES)}",
+        )
+
 
 def _adopt(name: str, obj: object) -> ModelEntry:
     if isinstance(obj, ModelEntry):
         return dataclasses.replace(obj, name=name)
     if not callable(obj):
-        raise TypeError(
-            f"expected a model factory (input_shape, num_classes) -> nn.Module, got {obj!r}"
-        )
+        raise TypeError(f"expected {_FACTORY}, got {obj!r}")
     return ModelEntry(name, obj)
 
 
@@ -80,9 +108,14 @@ def register_model(
     modality: str = "image",
     replace: bool = False,
 ) -> object:
-    """Register a factory `(input_shape, num_classes) -> nn.Module`; usable as a decorator."""
+    """Register a factory `(input_shape, num_classes) -> nn.Module`; usable as a decorator.
+    Arguments of the wrong type are refused here, in one line naming the argument."""
+    MODELS.check_name(name)
+    _check_options(name, image, min_size, groupnorm, modality)
 
     def add(factory: Builder) -> Builder:
+        if not callable(factory):
+            raise MODELS.refusal(name, f"expected {_FACTORY}, got {shown_value(factory)}")
         entry = ModelEntry(name, factory, image, min_size, groupnorm, modality)
         MODELS.add(name, entry, replace=replace)
         return factory
@@ -96,7 +129,11 @@ def is_import_path(name: str) -> bool:
 
 
 def model_entry(name: str) -> ModelEntry:
-    """The entry of a registered name, or one made from an import path; one-line errors."""
+    """The entry of a registered name, or one made from an import path; one-line errors.
+
+    A plug-in's factory comes guarded: what it raises is one line naming the model
+    (`fedleak.registry.PluginFailed`); `build_model` words an import path's failure itself.
+    """
     if is_import_path(name):
         factory = load_object(name, "model.name")
         if not callable(factory):
@@ -104,7 +141,9 @@ def model_entry(name: str) -> ModelEntry:
 
             raise ConfigError(f"model.name={name!r}: {factory!r} is not callable")
         return ModelEntry(name, _shaped(factory))
-    return MODELS.get(name)
+    entry = MODELS.get(name)
+    build = MODELS.guarded(name, entry.build, "factory")
+    return entry if build is entry.build else dataclasses.replace(entry, build=build)
 
 
 def _shaped(factory: Callable[..., nn.Module]) -> Builder:

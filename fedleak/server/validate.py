@@ -127,6 +127,8 @@ def check_model(spec: ModelSpec) -> None:
         model = build_model(spec).eval()
         with torch.no_grad():
             out = model(torch.zeros(shape, dtype=torch.long if tokens else torch.float32))
+    except ConfigError:  # already one line naming the model (a plug-in factory that raised)
+        raise
     except Exception as error:  # the model is the user's code: any failure is theirs
         detail = " ".join(f"{type(error).__name__}: {error}".split())[:200]
         raise ConfigError(
