@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+
+import pytest
 import torch
 
 from fedleak.attacks.baseline import AuxMeanBaseline
@@ -46,12 +49,19 @@ def _knowledge() -> AttackerKnowledge:
     return AttackerKnowledge(aux, torch.tensor([0] * 7 + [1] * 3), (1, 4, 4), 2)
 
 
-def test_failures_are_recorded_and_do_not_stop_other_attacks() -> None:
+def test_failures_are_recorded_and_do_not_stop_other_attacks(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     attacks = {"raising": Raising(), "nan": NotANumber(), "aux-mean": AuxMeanBaseline()}
     runner = InlineRunner(attacks, _knowledge(), Budget(10, 5.0))
     observation = _observation()
     runner.submit([AttackJob(i, name, observation) for i, name in enumerate(attacks)])
-    results = {r.job.attack: r.reconstruction for r in runner.ready()}
+    with caplog.at_level(logging.WARNING, logger="fedleak.server.runner"):
+        results = {r.job.attack: r.reconstruction for r in runner.ready()}
+    # The warning is one line, as the row's message (the error's second line stayed in it).
+    assert [r.getMessage() for r in caplog.records] == [
+        "attack raising failed on client 3: RuntimeError: diverged"
+    ]
     assert results["raising"].status == "failed"
     assert results["raising"].message == "RuntimeError: diverged"
     assert results["nan"].status == "nan"

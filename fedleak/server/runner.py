@@ -28,6 +28,7 @@ from fedleak.attacks.types import (
     Observation,
     Reconstruction,
 )
+from fedleak.registry import error_line
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,12 @@ def run_job(
     try:
         reconstruction = attack.reconstruct(observation, knowledge, budget)
     except Exception as error:  # an attack's failure must not end the round
-        log.warning("attack %s failed on client %s: %s", job.attack, observation.client_id, error)
+        log.warning(
+            "attack %s failed on client %s: %s",
+            job.attack,
+            observation.client_id,
+            error_line(error),
+        )
         return AttackResult(job, failed_reconstruction(error, time.perf_counter() - start))
     seconds = time.perf_counter() - start
     shape = tuple(observation.model.input_shape) if observation.modality == "image" else None
@@ -112,14 +118,21 @@ def run_batch(
     try:
         outcomes = attack.reconstruct_batch(observations, knowledge, budget)
     except Exception as error:  # a failure outside any one job's work: the whole batch
-        log.warning("attack %s failed on a batch of %d jobs: %s", jobs[0].attack, len(jobs), error)
+        log.warning(
+            "attack %s failed on a batch of %d jobs: %s",
+            jobs[0].attack,
+            len(jobs),
+            error_line(error),
+        )
         outcomes = [error] * len(jobs)
     seconds = (time.perf_counter() - start) / len(jobs)
     results = []
     for job, outcome in zip(jobs, outcomes, strict=True):
         if isinstance(outcome, Exception):
             client = job.observation.client_id
-            log.warning("attack %s failed on client %s: %s", job.attack, client, outcome)
+            log.warning(
+                "attack %s failed on client %s: %s", job.attack, client, error_line(outcome)
+            )
             results.append(AttackResult(job, failed_reconstruction(outcome, seconds)))
         else:
             expected = job.observation.num_targets
