@@ -500,6 +500,9 @@ def test_an_entry_point_with_a_taken_name_is_refused_when_that_name_is_used(
             # Other components away from the clashing names: validation reaches the attack.
             settings = {"attack.names": "ig", "data.dataset": "cifar10", "model.name": "mlp"}
             validate_components(parse_flat(settings))
+        # A preset's table for the attack, left out of this run's names, refuses nothing.
+        unused = {**settings, "attack.names": "aux-mean", "attack.ig.tv-weight": 0.01}
+        validate_components(parse_flat(unused))
         with pytest.raises(ValueError) as defense:
             parse_defense_spec("sign")
         assert str(defense.value).startswith(
