@@ -113,6 +113,11 @@ def _check_shapes(
         wanted = tuple(shapes[key]) if lead is None else (lead, *shapes[key])
         if tuple(tensor.shape) != wanted:
             raise ConfigError(f"{name}: {key!r} has shape {tuple(tensor.shape)}, expected {wanted}")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ConfigError(
+                f"{name}: {key!r} holds NaN or infinite values; no client's training sends "
+                "them, and no attack can match them"
+            )
 
 
 def observe(
@@ -162,6 +167,11 @@ def observe(
     examples = _whole("num_examples", num_examples)
     batch = examples if batch_size is None else _whole("batch_size", batch_size)
     steps = _whole("local_steps", local_steps)
+    if batch > examples:
+        raise ConfigError(
+            f"batch_size={batch}: larger than the num_examples={examples} a batch is drawn "
+            "from; expected at most num_examples"
+        )
     if kind == "delta" and examples > batch * steps:
         raise ConfigError(
             f"num_examples={examples}: a delta from {steps} local steps of {batch} examples "

@@ -163,6 +163,8 @@ def _net_and_grads() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
         ({"local_steps": 0}, r"^local_steps=0: expected an integer >= 1$"),
         ({"learning_rate": 0.0}, r"^learning_rate=0\.0: expected a finite number > 0$"),
         ({"kind": "delta", "batch_size": 1}, r"^num_examples=2: a delta from 1 local steps of 1"),
+        ({"batch_size": 3}, r"^batch_size=3: larger than the num_examples=2 a batch is drawn"),
+        ({"update": "nan"}, r"^update: '0\.bias' holds NaN or infinite values"),
         ({"defense": "gauss"}, r"^defense='gauss': "),
         ({"num_classes": 1}, r"^num_classes=1: expected an integer >= 2$"),
         ({"weights": {}}, r"^weights: no entry for the model's '0\.weight'$"),
@@ -176,6 +178,8 @@ def test_observe_refuses_what_no_client_could_send(change: dict, message: str) -
     arguments: dict = {"input_shape": (1, 28, 28), "num_examples": 2, **change}
     if arguments.get("update") == "cut":
         arguments["update"] = [g[..., :1] if g.dim() > 1 else g for g in grads]
+    if arguments.get("update") == "nan":
+        arguments["update"] = [g if g.dim() > 1 else torch.full_like(g, math.nan) for g in grads]
     if arguments.get("per_sample_updates") == "one":
         arguments["per_sample_updates"] = dict(
             zip([n for n, _ in model.named_parameters()], [g[None] for g in grads], strict=True)
