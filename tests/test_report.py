@@ -748,7 +748,7 @@ def test_a_text_report_marks_unconverged_tag_runs_and_renders_code(tmp_path: Pat
     html, markdown = build_report(run.path)
     text = markdown.read_text()
     # The floors a text run reads against are its own, not the image ones.
-    assert "aux-frequency, the most frequent auxiliary token at each position" in text
+    assert "aux-frequency, the most frequent auxiliary token at every position" in text
     assert "aux-mean" not in text and "private images" not in text
     summary = _table(text, "Summary")
     assert summary[0][-1] == "not converged (attack runs)"

@@ -1,9 +1,12 @@
 """The frequency reference for text: what an attacker gets from token frequencies alone.
 
-Every reconstructed sequence is, at each position, the token most frequent at that position in
-the attacker's auxiliary sequences (positions of sequences cut at arbitrary offsets share one
-distribution, so this is about the most frequent token everywhere: the best guess without the
-update in token accuracy). It ignores the update, so any attack that inverts must beat it.
+Every reconstructed sequence is the single most frequent token of the attacker's auxiliary
+sequences, at every position (ties: the lowest id). The sequences are consecutive windows cut
+at arbitrary offsets of documents, so every position shares one distribution and per-position
+modes only add noise: measured with 4,000 auxiliary sequences, positions 1-3 became "s, e, s"
+rather than " the", and the per-position modes scored below the single mode on the clients'
+sequences (0.0225 vs 0.0241, 0.0217 vs 0.0229 on two splits). It ignores the update, so any
+attack that inverts must beat it.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from fedleak.attacks.types import AttackerKnowledge, Budget, Observation, Recons
 
 
 class TokenFrequencyBaseline:
-    """`aux-frequency`: the per-position most frequent auxiliary token, for every target."""
+    """`aux-frequency`: the most frequent auxiliary token at every position, for every target."""
 
     name = "aux-frequency"
     reference = True
@@ -32,11 +35,11 @@ class TokenFrequencyBaseline:
         if aux.shape[0] == 0:
             raise ValueError("aux-frequency needs auxiliary text; set data.aux-size > 0")
         vocab = observation.model.num_classes
-        counts = torch.zeros(aux.shape[1], vocab, dtype=torch.int64)
-        counts.scatter_add_(1, aux.T, torch.ones_like(aux.T))
-        guess = counts.argmax(dim=1)
+        counts = torch.bincount(aux.flatten(), minlength=vocab)
+        # The first of the maximal counts (torch.argmax does not promise which on ties).
+        mode = int(torch.nonzero(counts == counts.max())[0, 0])
         return Reconstruction(
-            inputs=guess.expand(observation.num_targets, -1).clone(),
+            inputs=torch.full((observation.num_targets, aux.shape[1]), mode, dtype=torch.int64),
             labels=None,
             label_method="aux-frequency",
         )

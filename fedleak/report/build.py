@@ -128,7 +128,7 @@ def _scoring(modalities: frozenset[str], lpips: str) -> list[str]:
         )
     if "tokens" in modalities:
         floors.append(
-            "aux-frequency, the most frequent auxiliary token at each position, from its "
+            "aux-frequency, the most frequent auxiliary token at every position, from its "
             "auxiliary text alone"
         )
     private = " and ".join(

@@ -7,7 +7,9 @@ jointly as soft distributions [b, L, V]; the objective is the squared L2 distanc
 dummy and the observed update plus `tag_scale` times an L1 distance weighted per parameter
 block, the weights falling linearly from 1 (first block in forward order) to 1/n (last), since
 TAG finds early layers the most informative; Adam with a linear warm-up and linear decay;
-each position is mapped to the table row of highest cosine similarity (after centring).
+each position is mapped to the table row of highest cosine similarity (after centring),
+except the last, whose embedding gets no gradient under the causal loss: it is read from the
+optimised next-token distribution at position L-2 (`read_tokens`).
 
 Defense-adaptive variants (LTI supplementary, "Language baselines"): under sign compression of
 one release, ||.||^2 and ||.||_1 act on the hinge h = max(-g * sign(s), 0) instead of the
@@ -195,6 +197,33 @@ def nearest_tokens(embeddings: Tensor, table: Tensor) -> Tensor:
     return (flat @ rows.T).argmax(dim=-1).reshape(embeddings.shape[:-1])
 
 
+def read_tokens(embeddings: Tensor, labels: Tensor, table: Tensor) -> Tensor:
+    """The reconstructed token ids [..., L] from TAG's two optimised variables: the dummy
+    embeddings [..., L, d] and the next-token logits [..., L, V] (index l: the soft target
+    of token l, predicted from position l - 1; index 0 is never a target).
+
+    Positions 0..L-2 are the embeddings' nearest tokens. The last position comes from the
+    next-token distribution at position L-2 (its argmax): the causal loss never predicts from
+    position L-1, so its embedding gets exactly zero gradient and stays at its random start,
+    while the last token does enter the update as the target of position L-2. Measured on the
+    untrained transformer3 (lee-news, 300-token BPE, B = 1, no defense): last position 0/8 from
+    the embedding, 8/8 from the distribution (L = 8); 4/4 at L = 16. Under sign compression the
+    distributions carry nothing (0/8, both hinges: they drift to the model's own predictions)
+    but the embedding there is noise too, so nothing is lost.
+
+    Positions 1..L-2 keep the embeddings alone, although the distributions estimate them too.
+    Adding 0.1 x the log-softmax of the distribution to the cosine similarity helped without a
+    defense (middle tokens recovered 45 -> 47 of 48 at L = 8, 43 -> 51 of 56 at L = 16) but
+    under sign it hurt `tag` (14 -> 6 of 48) and barely moved `tag-normalised` (25 -> 28),
+    the distributions being degenerate there: a defense-dependent mix, tuned on so few
+    sequences, was not worth its complexity.
+    """
+    tokens = nearest_tokens(embeddings, table)
+    if tokens.shape[-1] > 1:
+        tokens[..., -1] = labels[..., -1, :].argmax(dim=-1)
+    return tokens
+
+
 class TAG:
     """The `tag` attack on token observations (see the module docstring)."""
 
@@ -269,7 +298,8 @@ class TAG:
         best = matching.argmin(dim=0)
         pick = torch.arange(targets, device=best.device)
         chosen = outcome.variables[0].reshape(restarts, targets, samples, length, -1)[best, pick]
-        tokens = nearest_tokens(chosen, table).reshape(targets * samples, length)
+        labels = outcome.variables[1].reshape(restarts, targets, samples, length, -1)[best, pick]
+        tokens = read_tokens(chosen, labels, table).reshape(targets * samples, length)
         kept = matching[best, pick]
         initial = outcome.initial.reshape(restarts, targets)[best, pick]
         diverged = int(torch.isinf(kept).sum())
