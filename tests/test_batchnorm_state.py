@@ -129,6 +129,21 @@ def _by_hand(config: RunConfig) -> list[dict[str, torch.Tensor]]:
     return states
 
 
+def _assert_the_federation_by_hand(run: Path, config: RunConfig) -> None:
+    """The run's global state is the federation computed by hand, every buffer included, and
+    what the server evaluated each round is that averaged state."""
+    state = _checkpoint(run)
+    expected = _by_hand(config)
+    assert expected[-1].keys() == state.keys()
+    for name, value in expected[-1].items():
+        torch.testing.assert_close(state[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    utility = pd.read_csv(run / "utility.csv").set_index("round")
+    for server_round, by_hand in zip((1, 2), expected, strict=True):
+        loss, accuracy = _evaluate(by_hand, config)
+        assert utility.loc[server_round, "test_loss"] == pytest.approx(loss, rel=1e-5)
+        assert utility.loc[server_round, "test_accuracy"] == accuracy
+
+
 def test_buffers_outside_batchnorm_are_aggregated_and_evaluated(plugin_run: Path) -> None:
     # Only BatchNorm's buffers travelled: InstanceNorm's statistics and the counter stayed at
     # their initial values in the global model, which the server evaluated with them.
@@ -137,15 +152,7 @@ def test_buffers_outside_batchnorm_are_aggregated_and_evaluated(plugin_run: Path
     assert state["1.running_mean"].abs().max() > 1e-3
     assert (state["1.running_var"] - 1).abs().max() > 1e-3
     assert float(state["3.seen"]) == 4.0  # 2 local steps in each of the 2 rounds
-    expected = _by_hand(config)
-    assert expected[-1].keys() == state.keys()
-    for name, value in expected[-1].items():
-        torch.testing.assert_close(state[name], value, rtol=1e-5, atol=1e-6, msg=name)
-    utility = pd.read_csv(plugin_run / "utility.csv").set_index("round")
-    for server_round, by_hand in zip((1, 2), expected, strict=True):
-        loss, accuracy = _evaluate(by_hand, config)
-        assert utility.loc[server_round, "test_loss"] == pytest.approx(loss, rel=1e-5)
-        assert utility.loc[server_round, "test_accuracy"] == accuracy
+    _assert_the_federation_by_hand(plugin_run, config)
 
 
 def test_running_statistics_are_aggregated_and_evaluated(run: Path) -> None:
@@ -160,18 +167,11 @@ def test_running_statistics_are_aggregated_and_evaluated(run: Path) -> None:
             assert (value - 1).abs().max() > 1e-3, name
         if name.endswith("num_batches_tracked"):
             assert int(value) == 4, name
-    expected = _by_hand(config)
-    for name, value in expected[-1].items():
-        torch.testing.assert_close(state[name], value, rtol=1e-5, atol=1e-6, msg=name)
-    # What the server evaluated each round is the averaged state, running statistics included.
-    utility = pd.read_csv(run / "utility.csv").set_index("round")
-    for server_round, by_hand in zip((1, 2), expected, strict=True):
-        loss, accuracy = _evaluate(by_hand, config)
-        assert utility.loc[server_round, "test_loss"] == pytest.approx(loss, rel=1e-5)
-        assert utility.loc[server_round, "test_accuracy"] == accuracy
+    _assert_the_federation_by_hand(run, config)
     # ...and the statistics matter: with the initial ones the same weights score otherwise.
     initial = build_model(model_spec(config, federated_data(config, 1))).state_dict()
     stale = {n: initial[n] if "running" in n or "batches" in n else v for n, v in state.items()}
+    utility = pd.read_csv(run / "utility.csv").set_index("round")
     assert abs(_evaluate(stale, config)[0] - utility.loc[2, "test_loss"]) > 1e-3
 
 

@@ -184,6 +184,15 @@ def sweep_report(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return sweep
 
 
+def _with_leakage(run: Path, copy: Path, edit) -> Path:
+    """A copy of `run` whose leakage rows are `edit(rows)` (its CSV twin removed, so the copy
+    is read from the edited parquet)."""
+    shutil.copytree(run, copy)
+    edit(pd.read_parquet(copy / "leakage.parquet")).to_parquet(copy / "leakage.parquet")
+    (copy / "leakage.csv").unlink()
+    return copy
+
+
 def _table(markdown: str, heading: str, nth: int = 0) -> list[list[str]]:
     """The nth Markdown table after the heading line, as rows of stripped cell texts."""
     if not heading.startswith("#"):
@@ -322,13 +331,12 @@ def test_a_diverged_run_recorded_with_one_row_is_left_out_as_before(
     # nothing says which samples it had, so it is left out, not counted as reconstructing none.
     from fedleak.report.tables import setting_summaries
 
-    legacy = tmp_path / "run"
-    shutil.copytree(run_report, legacy)
-    leakage = pd.read_parquet(legacy / "leakage.parquet")
-    nan = leakage.index[leakage["status"] == "nan"]
-    leakage.loc[nan[0], ["sample", "target_index"]] = -1
-    leakage.drop(index=nan[1:]).to_parquet(legacy / "leakage.parquet")
-    (legacy / "leakage.csv").unlink()
+    def one_row(leakage: pd.DataFrame) -> pd.DataFrame:
+        nan = leakage.index[leakage["status"] == "nan"]
+        leakage.loc[nan[0], ["sample", "target_index"]] = -1
+        return leakage.drop(index=nan[1:])
+
+    legacy = _with_leakage(run_report, tmp_path / "run", one_row)
     summaries = {s.attack: s for s in setting_summaries(load_study(legacy))}
     now = {s.attack: s for s in setting_summaries(load_study(run_report))}
     assert (now["dlg"].diverged, now["dlg"].left_out) == (1, 0)
@@ -383,11 +391,12 @@ def test_rounds_that_lost_an_attacks_rows_are_listed(run_report: Path, tmp_path:
     # A run recorded by a worker pool before rounds were kept whole: dlg's rows of client 3 in
     # round 1 never reached the file.
     lossy = tmp_path / "run"
-    shutil.copytree(run_report, lossy)
-    leakage = pd.read_parquet(lossy / "leakage.parquet")
-    lost = (leakage["attack"] == "dlg") & (leakage["round"] == 1) & (leakage["client_id"] == 3)
-    leakage[~lost].to_parquet(lossy / "leakage.parquet")
-    (lossy / "leakage.csv").unlink()
+
+    def lose(leakage: pd.DataFrame) -> pd.DataFrame:
+        lost = (leakage["attack"] == "dlg") & (leakage["round"] == 1) & (leakage["client_id"] == 3)
+        return leakage[~lost]
+
+    _with_leakage(run_report, lossy, lose)
     build_report(lossy)
     table = _table((lossy / "report.md").read_text(), "Incomplete rounds")
     assert table == [
@@ -1005,16 +1014,16 @@ def test_attack_durations_are_a_median_and_range_never_a_negative_interval(
     # interval reaching below zero seconds.
     from fedleak.report.tables import cost_table
 
-    skewed = tmp_path / "run"
-    shutil.copytree(run_report, skewed)
-    leakage = pd.read_parquet(skewed / "leakage.parquet")
-    ig = leakage["attack"] == "ig"
-    runs = leakage.loc[ig].groupby(["round", "client_id"]).ngroup()
-    leakage.loc[ig, "seconds"] = np.where(runs == 0, 30.0, 0.1)
-    leakage.to_parquet(skewed / "leakage.parquet")
-    (skewed / "leakage.csv").unlink()
+    def one_slow_run(leakage: pd.DataFrame) -> pd.DataFrame:
+        ig = leakage["attack"] == "ig"
+        runs = leakage.loc[ig].groupby(["round", "client_id"]).ngroup()
+        leakage.loc[ig, "seconds"] = np.where(runs == 0, 30.0, 0.1)
+        return leakage
+
+    skewed = _with_leakage(run_report, tmp_path / "run", one_slow_run)
     table = cost_table(load_study(skewed))
     row = next(r for r in table.rows if r[0].text == "ig")
     assert row[2].text == "0.10 (0.10–30.00)"
-    mean, half, _ = mean_ci(np.where(runs.drop_duplicates() == 0, 30.0, 0.1))
+    seconds = load_study(skewed).leakage().drop_duplicates(["round", "client_id", "attack"])
+    mean, half, _ = mean_ci(seconds.loc[seconds["attack"] == "ig", "seconds"])
     assert mean - half < 0, "the case is one where a mean's interval reaches below zero"
