@@ -93,6 +93,16 @@ def test_a_stop_inside_an_epoch_counts_the_steps_not_the_epoch(
     assert (outcome.epochs, outcome.steps, outcome.pairs) == (1, 3, 12)
 
 
+def test_a_continued_training_runs_the_epochs_it_had_left() -> None:
+    trainer = ScriptedTrainer([1.0, 2.0, 3.0], patience=None)
+    began = time.perf_counter()
+    outcome = trainer.run(5, began + 1e9, began, False, "test", first_epoch=2)
+    # Epochs 2, 3 and 4 (their schedule's), this call's 3 counted; standardisation is not
+    # refitted after the first epoch of the whole training.
+    assert trainer.calls == [2, 3, 4] and outcome.epochs == 3
+    assert float(trainer.inverter.feature_mean) == 0.0
+
+
 def test_a_spent_budget_trains_nothing_and_says_so() -> None:
     trainer = ScriptedTrainer([1.0], patience=None)
     outcome = run(trainer, 3, seconds=-1.0)
@@ -157,3 +167,33 @@ def test_store_loads_tensors_only(tmp_path: Path) -> None:
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(InverterStoreError, match=r"lti-inverter-r000001\.pt: unreadable"):
         store.load("k", torch.device("cpu"), before=2)
+
+
+@pytest.mark.parametrize("refresh", ["retrain", "finetune", "frozen"])
+def test_a_training_cut_short_goes_on_in_the_next_call_at_the_same_weights(
+    refresh: str,
+) -> None:
+    # The time budget cut the first client's training after 3 of 10 epochs. `retrain` then
+    # started again from scratch in every call (cut again each time) and `frozen` kept the
+    # cut inverter for the whole run; every refresh now goes on from epoch 4, once.
+    from fedleak.attacks.learned.keeper import InverterKeeper
+    from fedleak.attacks.learned.trainer import TrainingOutcome
+
+    calls: list[tuple[bool, int]] = []
+
+    def train(inverter: nn.Module, warm: bool, first_epoch: int) -> TrainingOutcome:
+        calls.append((warm, first_epoch))
+        cut = len(calls) == 1
+        done = 3 if cut else 10 - first_epoch
+        return TrainingOutcome(done, done, 4 * done, 1.0, 12.0, cut, False)
+
+    keeper = InverterKeeper(InverterStore(None, "lti"), refresh, "val_psnr")
+    cpu = torch.device("cpu")
+    first = keeper.current("setting", "weights-1", 1, cpu, Scripted, train)
+    second = keeper.current("setting", "weights-1", 1, cpu, Scripted, train)
+    third = keeper.current("setting", "weights-1", 1, cpu, Scripted, train)
+    assert calls == [(False, 0), (False, 3)]
+    assert first.outcome.timed_out and second.continued == 3 and third.outcome is None
+    assert second.inverter is first.inverter  # the same weights went on training
+    _, how, _ = keeper.account(second, lambda psnr: f"{psnr:.1f} dB")
+    assert "cut short by the time budget in an earlier call, continued from epoch 4" in how

@@ -102,8 +102,8 @@ class LearningToInvert:
             observation.round,
             setup.device,
             lambda: self._fresh_inverter(observation, knowledge, setup),
-            lambda inverter, warm: self._train(
-                inverter, setup, observation, knowledge, budget, deadline, warm
+            lambda inverter, warm, first_epoch: self._train(
+                inverter, setup, observation, knowledge, budget, deadline, warm, first_epoch
             ),
         )
         with torch.no_grad():
@@ -187,6 +187,7 @@ class LearningToInvert:
         budget: Budget,
         deadline: float,
         warm: bool,
+        first_epoch: int,
     ) -> TrainingOutcome:
         cfg = self.config
         device, unit = setup.device, setup.unit
@@ -236,5 +237,10 @@ class LearningToInvert:
             cpu_gen,
         )
         return trainer.run(
-            epochs, deadline, began, budget.show_progress, f"{self.name} round {observation.round}"
+            epochs,
+            deadline,
+            began,
+            budget.show_progress,
+            f"{self.name} round {observation.round}",
+            first_epoch,
         )

@@ -111,11 +111,24 @@ def learned_setup(
 
 @dataclass(frozen=True)
 class Refreshed:
-    """The inverter to invert with in this call, and the training it took (None: reused)."""
+    """The inverter to invert with in this call, and the training it took (None: reused);
+    `continued`: the epoch a training cut short in an earlier call went on from (None: a
+    training of its own)."""
 
     inverter: nn.Module
     outcome: TrainingOutcome | None
     warm: bool
+    continued: int | None = None
+
+
+@dataclass(frozen=True)
+class _CutShort:
+    """A training the time budget ended: the weights it was for, whether it was a warm start,
+    and the whole epochs it completed."""
+
+    fingerprint: str
+    warm: bool
+    epochs: int
 
 
 class InverterKeeper:
@@ -130,6 +143,7 @@ class InverterKeeper:
         self._score_name = score_name
         self._key: str | None = None
         self._fingerprint: str | None = None
+        self._cut_short: _CutShort | None = None
         self._store_checked = False
 
     def current(
@@ -139,27 +153,40 @@ class InverterKeeper:
         round_: int,
         device: torch.device,
         fresh: Callable[[], nn.Module],
-        train: Callable[[nn.Module, bool], TrainingOutcome],
+        train: Callable[[nn.Module, bool, int], TrainingOutcome],
     ) -> Refreshed:
         """The inverter for this setting and these weights: `fresh()` builds an untrained
-        one, `train(inverter, warm)` trains it in place."""
+        one, `train(inverter, warm, first_epoch)` trains it in place from `first_epoch`.
+
+        A training the time budget cut short goes on, in the next call at the same weights
+        (the round's next client), from the first epoch it did not finish, whatever the
+        refresh: `retrain` would otherwise start it again and cut it again in every call, and
+        `frozen` keep the cut inverter for the whole run."""
         self._adopt_saved(key, round_, device, fresh)
         warm = self.inverter is not None and self._key == key
         stale = not (warm and self._fingerprint == fingerprint)
-        outcome = None
-        if stale and not (warm and self._refresh == "frozen"):
+        cut = self._cut_short if warm else None
+        outcome, first, continued = None, 0, None
+        if cut is not None and cut.fingerprint == fingerprint:
+            warm, first = cut.warm, cut.epochs
+            continued = first
+        elif stale and not (warm and self._refresh == "frozen"):
             if self._refresh == "retrain" or not warm:
                 self.inverter, warm = fresh(), False
+        else:
+            first = -1  # current, or frozen: no training
+        if first >= 0:
             assert self.inverter is not None
-            outcome = train(self.inverter.to(device), warm)
+            outcome = train(self.inverter.to(device), warm, first)
             self._key, self.score = key, outcome.score
-            # A training cut short by the time budget goes on in the round's next call.
+            done = first + outcome.epochs
+            self._cut_short = _CutShort(fingerprint, warm, done) if outcome.timed_out else None
             self._fingerprint = None if outcome.timed_out else fingerprint
             self._store.save(
                 self.inverter, key, self._fingerprint, round_, {self._score_name: outcome.score}
             )
         assert self.inverter is not None
-        return Refreshed(self.inverter.to(device).eval(), outcome, warm)
+        return Refreshed(self.inverter.to(device).eval(), outcome, warm, continued)
 
     def account(
         self, refreshed: Refreshed, validation: Callable[[float], str], trained_on: str = ""
@@ -176,6 +203,11 @@ class InverterKeeper:
             outcome = TrainingOutcome.reused(self.score)
         else:
             start = "warm start" if warm else "trained from scratch"
+            if refreshed.continued is not None:
+                start = (
+                    f"{start} cut short by the time budget in an earlier call, continued from "
+                    f"epoch {refreshed.continued + 1}"
+                )
             on = f" on {trained_on}" if trained_on else ""
             how = (
                 f"refresh={self._refresh}: {start}{on}, {outcome.epochs} epochs, validation "

@@ -259,8 +259,15 @@ class TextLearningToInvert:
             observation.round,
             setup.device,
             lambda: self._fresh_inverter(observation, setup),
-            lambda inverter, warm: self._train(
-                inverter, setup, observation, knowledge, start + budget.max_seconds, warm, budget
+            lambda inverter, warm, first_epoch: self._train(
+                inverter,
+                setup,
+                observation,
+                knowledge,
+                start + budget.max_seconds,
+                warm,
+                budget,
+                first_epoch,
             ),
         )
         with torch.no_grad():
@@ -311,6 +318,7 @@ class TextLearningToInvert:
         deadline: float,
         warm: bool,
         budget: Budget,
+        first_epoch: int,
     ) -> TrainingOutcome:
         cfg = self.config
         device, unit = setup.device, setup.unit
@@ -375,4 +383,5 @@ class TextLearningToInvert:
             began,
             budget.show_progress,
             f"{self.name} round {observation.round}",
+            first_epoch,
         )

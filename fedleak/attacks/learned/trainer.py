@@ -94,14 +94,26 @@ class EpochTrainer:
         """Called before each epoch (learning-rate schedules)."""
 
     def run(
-        self, epochs: int, deadline: float, began: float, show_progress: bool, description: str
+        self,
+        epochs: int,
+        deadline: float,
+        began: float,
+        show_progress: bool,
+        description: str,
+        first_epoch: int = 0,
     ) -> TrainingOutcome:
+        """Train epochs `first_epoch` to `epochs - 1` (a training the time budget cut short
+        goes on from the first epoch it did not finish, with the schedule's learning rate of
+        that epoch; the optimiser's moments start afresh). The outcome counts this call's
+        whole epochs."""
         inverter = self.inverter
         best_score, best_state, stale = -math.inf, None, 0
-        score, steps, done, pairs_seen = math.nan, 0, 0, 0
+        score, steps, done, pairs_seen = math.nan, 0, first_epoch, 0
         timed_out = early = False
-        bar = tqdm(total=epochs, desc=description, disable=not show_progress, leave=False)
-        for epoch in range(epochs):
+        bar = tqdm(
+            total=epochs - first_epoch, desc=description, disable=not show_progress, leave=False
+        )
+        for epoch in range(first_epoch, epochs):
             # A requested stop (Ctrl-C) ends training as the time budget would.
             if time.perf_counter() >= deadline or stop_requested():
                 timed_out = True
@@ -150,7 +162,9 @@ class EpochTrainer:
             score = best_score
         inverter.eval()
         seconds = time.perf_counter() - began
-        return TrainingOutcome(done, steps, pairs_seen, seconds, score, timed_out, early)
+        return TrainingOutcome(
+            done - first_epoch, steps, pairs_seen, seconds, score, timed_out, early
+        )
 
 
 def psnr_per_image(images: Tensor, targets: Tensor, data_range: float) -> Tensor:
