@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 
 _STOP = threading.Event()
 _LAST_WORDS: list[Callable[[], None]] = []
+_REQUESTS = [0]  # every request ever made in this process, which `clear_stop` leaves
 
 
 class RunInterrupted(Exception):
@@ -22,7 +23,15 @@ class RunInterrupted(Exception):
 
 def request_stop() -> None:
     """Ask the run in this process to stop at its next safe point."""
+    _REQUESTS[0] += 1
     _STOP.set()
+
+
+def stop_requests() -> int:
+    """How many stops were requested in this process so far: a sweep compares the count
+    around a cell, since a request that came after the cell's last safe point is cleared
+    with the cell's run and must still stop the sweep."""
+    return _REQUESTS[0]
 
 
 def stop_requested() -> bool:

@@ -222,6 +222,25 @@ def test_interrupted_sweep_resumes_without_redoing_finished_cells(tmp_path: Path
     assert all(c["status"] == "done" for c in read_manifest(sweep_dir)["cells"])
 
 
+def test_a_stop_after_a_cells_last_safe_point_still_stops_the_sweep(tmp_path: Path) -> None:
+    # A Ctrl-C (or a scheduler's SIGTERM) that came after the cell's last safe point: the cell
+    # ends done, its run clears the request, and the sweep ran every remaining cell, exit 0.
+    calls: list[str] = []
+
+    def stopped_late(config: RunConfig, path: Path) -> Path:
+        calls.append(path.name)
+        with _stop_on_first_signal():
+            done = fake_runner(config, path)
+            os.kill(os.getpid(), signal.SIGINT)  # the run's handler: a stop at the next safe point
+        return done
+
+    source = _write(tmp_path, GRID)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(source, out_dir=tmp_path, runner=stopped_late, say=lambda _: None)
+    statuses = [c["status"] for c in read_manifest(tmp_path / "tiny")["cells"]]
+    assert len(calls) == 1 and statuses == ["done", "pending", "pending", "pending"]
+
+
 def test_a_moved_sweep_folder_is_rerun_where_it_now_is(tmp_path: Path) -> None:
     source = _write(tmp_path, GRID)
     run_sweep(source, out_dir=tmp_path / "before", runner=fake_runner, say=lambda _: None)

@@ -79,7 +79,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from fedleak.config import ConfigError, RunConfig, flatten_toml, parse_flat
-from fedleak.interrupt import last_words
+from fedleak.interrupt import last_words, stop_requests
 from fedleak.report import collect
 from fedleak.report.collect import MANIFEST
 from fedleak.report.lock import RunLock
@@ -793,8 +793,11 @@ def _run_plan(
                     _write_manifest(sweep_dir, plan, status)
                     say(f"  {cell.id}: running")
                     # Again for each cell: a study's Ray replaces the handler and leaves its own.
+                    requests = stop_requests()
                     with _sigterm_stops_the_sweep(), last_words(mark_interrupted):
                         record(cell, _run_cell(runner, fresh(cell), paths[cell.id]))
+                    if stop_requests() != requests:  # came after the cell's last safe point
+                        raise KeyboardInterrupt
             else:
                 context = multiprocessing.get_context("spawn")
                 workers = min(plan.parallel, len(pending))
