@@ -353,12 +353,26 @@ def test_cell_patterns_select_a_subset_with_unchanged_ids(tmp_path: Path) -> Non
     runner = Recorder()
     run_sweep(source, out_dir=tmp_path, runner=runner, say=lambda _: None, cells=["cell-003-*"])
     assert runner.calls == ["cell-003-B2_prune-0.5"]
+    # The cells left out stay listed, as not run yet.
+    manifest = read_manifest(tmp_path / "tiny")["cells"]
+    assert [(c["id"][:8], c["status"]) for c in manifest] == [
+        ("cell-000", "pending"),
+        ("cell-001", "pending"),
+        ("cell-002", "pending"),
+        ("cell-003", "done"),
+    ]
     run_sweep(source, out_dir=tmp_path, runner=runner, say=lambda _: None)
     assert sorted(runner.calls[1:]) == [
         "cell-000-B1_none",
         "cell-001-B1_prune-0.5",
         "cell-002-B2_none",
     ]
+    # A later --cells run keeps every other cell's record (it cut sweep.json down to its own).
+    seconds = {c["id"]: c["seconds"] for c in read_manifest(tmp_path / "tiny")["cells"]}
+    run_sweep(source, out_dir=tmp_path, runner=runner, say=lambda _: None, cells=["cell-001-*"])
+    after = read_manifest(tmp_path / "tiny")["cells"]
+    assert [c["status"] for c in after] == ["done"] * 4
+    assert {c["id"]: c["seconds"] for c in after} == seconds
     with pytest.raises(SweepError, match=r"--cells nope: matches none of the cell ids"):
         load_sweep(source, cells=["nope"])
     # One mistyped pattern beside a good one is named, not dropped with its cells.

@@ -160,6 +160,8 @@ class SweepPlan:
     skip_unavailable_data: bool
     base: RunConfig
     cells: tuple[Cell, ...]
+    # The sweep's other cells, which `--cells` left out: sweep.json keeps listing them.
+    unselected: tuple[Cell, ...] = ()
 
     @property
     def varying(self) -> tuple[str, ...]:
@@ -368,7 +370,8 @@ def load_sweep(
         client_gpus=_float(section, "client-gpus", 0.0, positive=False),
         skip_unavailable_data=_bool(section, "skip-unavailable-data"),
         base=base,
-        cells=_select(planned, cells),
+        cells=(selected := _select(planned, cells)),
+        unselected=tuple(c for c in planned if c.id not in {s.id for s in selected}),
     )
 
 
@@ -601,7 +604,7 @@ def _write_manifest(sweep_dir: Path, plan: SweepPlan, status: Mapping[str, dict[
                 "overrides": dict(cell.overrides),
                 **status[cell.id],
             }
-            for cell in plan.cells
+            for cell in sorted((*plan.cells, *plan.unselected), key=lambda c: c.index)
         ],
     }
     tmp = sweep_dir / f".{MANIFEST}.tmp"
@@ -739,6 +742,15 @@ def _run_plan(
     for cell_id, (state, reason) in states.items():
         seconds = old.get(cell_id, {}).get("seconds") if state == "done" else None
         status[cell_id] = {"status": state, "message": reason, "seconds": seconds}
+    # Cells that `--cells` left out keep what sweep.json said of them (a first run: pending).
+    for cell in plan.unselected:
+        before = old.get(cell.id, {})
+        state = before.get("status", "pending")
+        status[cell.id] = {
+            "status": "interrupted" if state in ("running", "queued") else state,
+            "message": before.get("message", ""),
+            "seconds": before.get("seconds"),
+        }
     pending = [cell for cell in plan.cells if states[cell.id][0] == "pending"]
     _write_manifest(sweep_dir, plan, status)
 
