@@ -545,6 +545,27 @@ def test_central_dp_is_a_defense_column_not_an_undefended_group(tmp_path: Path) 
     assert "Without a defense (" not in markdown and "central-clip=" not in markdown
 
 
+def test_perplexity_is_given_for_the_language_settings_of_a_mixed_sweep_only(
+    tmp_path: Path,
+) -> None:
+    from fedleak.report.tables import utility_table
+
+    sweep = tmp_path / "sweep"
+    cells = {"cell-000-image": "none", "cell-001-text": "sign"}
+    for cell, defense in cells.items():
+        _make_run(sweep / cell, rounds=2, defense=defense)
+    environment = json.loads((sweep / "cell-001-text" / "environment.json").read_text())
+    environment["data"] = {"modality": "tokens"}
+    (sweep / "cell-001-text" / "environment.json").write_text(json.dumps(environment))
+    manifest = [{"id": cell, "index": i, "status": "done"} for i, cell in enumerate(cells)]
+    (sweep / "sweep.json").write_text(json.dumps({"name": "mixed", "cells": manifest}))
+    table = utility_table(load_study(sweep))
+    column = table.columns.index("final perplexity")
+    perplexity = {row[1].text: row[column].text for row in table.rows}
+    # Final loss 2.3 - 0.2 x 2: e^1.9 for the text run, none for the image run's LeNet.
+    assert perplexity == {"none": "–", "sign": f"{math.exp(1.9):.1f}"}
+
+
 def test_poisson_sampling_is_a_defense_column_not_a_group(tmp_path: Path) -> None:
     # The dp-frontier's last cell: the same DP-SGD spec, batches drawn by Poisson sampling.
     sweep = tmp_path / "sweep"

@@ -522,15 +522,20 @@ def utility_table(study: Study) -> Table:
     initial = utility[utility["round"] == 0]
     central = bool(final["central_epsilon"].notna().any())
     language = "tokens" in study.modalities
+    modality = {run.name: run.modality for run in study.runs}
     body = []
     for group in study.groups():
         for defense in study.defenses():
             runs = final[(final["group"] == group) & (final["defense"] == defense)]
             if runs.empty:
                 continue
-            # A language model's usual measure: e to the mean next-token cross-entropy.
+            # A language model's usual measure: e to the mean next-token cross-entropy (none
+            # for an image setting of a sweep that also holds text).
+            text = all(modality.get(name) == "tokens" for name in runs.index)
             perplexity = (
-                (Cell(format_ci(*mean_ci(np.exp(runs["test_loss"]))[:2], 1)),) if language else ()
+                (Cell(format_ci(*mean_ci(np.exp(runs["test_loss"]))[:2], 1) if text else "–"),)
+                if language
+                else ()
             )
             start = initial[(initial["group"] == group) & (initial["defense"] == defense)]
             epsilons = [runs["epsilon"].dropna()]
