@@ -33,7 +33,7 @@ from fedleak.attacks.optimization.config import IGConfig
 from fedleak.attacks.registry import build_attack
 from fedleak.attacks.types import AttackerKnowledge, Budget, Observation
 from fedleak.data import auxiliary, build_federated_data
-from fedleak.defenses import parse_defense_spec
+from fedleak.defenses import DefensePipeline, parse_defense_spec
 from fedleak.models import ModelSpec, build_model
 from fedleak.settings import ConfigError
 from fedleak.training.update import LocalTraining, compute_update
@@ -311,6 +311,26 @@ def test_random_defenses_are_redrawn_each_epoch() -> None:
     assert not torch.equal(noisy.features(gen), noisy.features(gen))
     plain = PairSource(model, parse_defense_spec("sign"), unit, x, y, 4, groups, featuriser, 7, 0)
     assert plain.features(gen) is plain.features(gen)
+    # A plug-in's step may draw from its generator: it is drawn again too (it was drawn once).
+    dropout = DefensePipeline((GradientDropout(),))
+    plugin = PairSource(model, dropout, unit, x, y, 4, groups, featuriser, 7, 1 << 30)
+    assert not plugin.fixed
+    assert not torch.equal(plugin.features(gen), plugin.features(gen))
+
+
+class GradientDropout:
+    """A plug-in's random release step: each coordinate kept with probability 1/2."""
+
+    kind = "test-dropout"
+    stage = "release"
+    rank = 3.0
+    spec = "test-dropout"
+
+    def release(self, grads, generator, *, batched, dp_batch_size):
+        return {
+            name: g * (torch.rand(g.shape, generator=generator, device=g.device) < 0.5)
+            for name, g in grads.items()
+        }
 
 
 @pytest.mark.parametrize("defense", ["prune:0.5+sign", "dpsgd:0.5:0"])

@@ -162,10 +162,17 @@ class Featuriser:
 
 
 def release_is_random(pipeline: DefensePipeline) -> bool:
-    """Whether the release step (after the mean) draws noise."""
+    """Whether the defense draws at random after the gradients: noise, or any step of a
+    plug-in, whose use of its generator fedleak cannot see (redrawing a deterministic one
+    every epoch costs time, keeping a random one's single draw would train on one sample)."""
     dp = pipeline.find(DPSGD)
     gauss = pipeline.find(GaussianNoise)
-    return (dp is not None and dp.noise_multiplier > 0) or (gauss is not None and gauss.sigma > 0)
+    plugin = any(
+        step.stage != "encode" and type(step).__module__.partition(".")[0] != "fedleak"
+        for step in pipeline.steps
+    )
+    noisy = (dp is not None and dp.noise_multiplier > 0) or (gauss is not None and gauss.sigma > 0)
+    return noisy or plugin
 
 
 def _index(params: Params, rows: slice) -> Params:
