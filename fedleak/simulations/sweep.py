@@ -361,6 +361,8 @@ def load_sweep(
             raise SweepError(f"{label}: same configuration as cell {seen[key]}; remove one")
         seen[key] = index
         planned.append(Cell(index=index, id=cell_id, overrides=overrides, config=config))
+    selected = _select(planned, cells)
+    chosen = {c.id for c in selected}
     return SweepPlan(
         name=name,
         source=source,
@@ -370,8 +372,8 @@ def load_sweep(
         client_gpus=_float(section, "client-gpus", 0.0, positive=False),
         skip_unavailable_data=_bool(section, "skip-unavailable-data"),
         base=base,
-        cells=(selected := _select(planned, cells)),
-        unselected=tuple(c for c in planned if c.id not in {s.id for s in selected}),
+        cells=selected,
+        unselected=tuple(c for c in planned if c.id not in chosen),
     )
 
 

@@ -9,6 +9,7 @@ auxiliary text gets the same vocabulary (a test checks this across processes).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -79,10 +80,11 @@ class TextTokenizer:
             "(data.aux-size) or a smaller data.vocab-size removes this warning"
         )
 
-    @property
+    @functools.cached_property
     def unknown_id(self) -> int | None:
         """The id of the token that stands for text outside the vocabulary; None where the
-        model has none (byte-level BPE covers every byte)."""
+        model has none (byte-level BPE covers every byte). Read once: it parses the whole
+        serialised tokenizer."""
         model = json.loads(self.tokenizer.to_str()).get("model", {})
         if isinstance(model.get("unk_id"), int):  # Unigram names it by id
             return int(model["unk_id"])
