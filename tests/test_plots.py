@@ -14,7 +14,7 @@ from fedleak.report import plots
 from fedleak.report.plots import FLOOR_STYLE, _line, accuracy_top
 from fedleak.report.tables import Metric
 
-TOKEN_ACC = Metric("token_acc", "token accuracy", True, 3, True)
+TOKEN_ACC = Metric("token_acc", "token accuracy", True, 3)
 
 
 def _rows(rounds: list[int]) -> pd.DataFrame:

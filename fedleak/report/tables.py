@@ -2,7 +2,8 @@
 attack, a summary per setting, utility, failures and attack cost, from a study's tidy frames.
 
 Leakage cells show the median with its order-statistic 95% interval and n (`stats`); the mean
-appears only where it is meaningful (bounded metrics). Reference baselines (aux-mean) are the
+appears only where it is meaningful (LPIPS and token accuracy, bounded; not dB or MSE, where
+exact reconstructions dominate any mean). Reference baselines (aux-mean) are the
 floor: listed last, labelled, never marked strongest. Within a column the strongest attack is
 bold only when its interval overlaps no other attack's.
 """
@@ -38,29 +39,26 @@ __all__ = ["METRICS", "Metric", "format_ci", "mean_ci"]
 
 @dataclass(frozen=True)
 class Metric:
-    """How a leakage column is labelled, which direction leaks more, its decimals, and whether
-    its mean means something (bounded metrics; not dB or MSE, where exact reconstructions
-    dominate any mean)."""
+    """How a leakage column is labelled, which direction leaks more, and its decimals."""
 
     column: str
     label: str
     higher_is_better: bool
     digits: int
-    mean_meaningful: bool = False
 
 
 METRICS: tuple[Metric, ...] = (
     Metric("psnr", "PSNR (dB)", True, 2),
-    Metric("ssim", "SSIM", True, 3, True),
-    Metric("lpips_alex", "LPIPS (AlexNet)", False, 3, True),
-    Metric("lpips_vgg", "LPIPS (VGG)", False, 3, True),
+    Metric("ssim", "SSIM", True, 3),
+    Metric("lpips_alex", "LPIPS (AlexNet)", False, 3),
+    Metric("lpips_vgg", "LPIPS (VGG)", False, 3),
     Metric("mse", "MSE", False, 4),
-    Metric("label_acc", "label accuracy", True, 3, True),
+    Metric("label_acc", "label accuracy", True, 3),
     # The language task (the LTI paper's Table 2 reports these in %); all bounded in [0, 1].
-    Metric("token_acc", "token accuracy", True, 3, True),
-    Metric("rouge1", "ROUGE-1", True, 3, True),
-    Metric("rouge2", "ROUGE-2", True, 3, True),
-    Metric("rougeL", "ROUGE-L", True, 3, True),
+    Metric("token_acc", "token accuracy", True, 3),
+    Metric("rouge1", "ROUGE-1", True, 3),
+    Metric("rouge2", "ROUGE-2", True, 3),
+    Metric("rougeL", "ROUGE-L", True, 3),
 )
 # The two metrics per modality that figures show: PSNR and LPIPS for images, token accuracy
 # and ROUGE-L for text.
