@@ -251,7 +251,7 @@ def _frontier_points(study: Study) -> pd.DataFrame:
     final = final_utility(study)
     leakage = originals(study.leakage())
     leakage = leakage[~leakage["reference"]]
-    columns = [m.column for m in METRICS if m.column in leakage]
+    metrics = [m for m in METRICS if m.column in leakage]
     rows = []
     for group in study.groups():
         for defense in study.defenses():
@@ -270,7 +270,12 @@ def _frontier_points(study: Study) -> pd.DataFrame:
                         "accuracy": float(runs["test_accuracy"].mean()),
                         "epsilon": float(eps.mean()) if len(eps) else float("nan"),
                         "central_epsilon": float(central.mean()) if len(central) else float("nan"),
-                        **{c: float(sub[c].median()) for c in columns},
+                        **{
+                            m.column: float(
+                                sub[m.column].mean() if m.share else sub[m.column].median()
+                            )
+                            for m in metrics
+                        },
                     }
                 )
     return pd.DataFrame(rows)

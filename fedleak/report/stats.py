@@ -46,7 +46,9 @@ CONFIDENCE = 0.95
 # 0.20-0.50, where AlexNet's LPIPS rates some smooth colour blobs (9 counted, e.g. 18.6 dB,
 # 0.26) as close as noisy images that show the object (5 missed, e.g. 15.9 dB, 0.36).
 SUCCESS_FRACTION = 0.7
-SUCCESS_LPIPS = {"lpips_alex": 0.35}  # measured for AlexNet only: VGG's has no such level
+# Calibrated for AlexNet only: VGG's LPIPS has no such level, and its fraction of the floor
+# was never checked, so with VGG's alone success is left undecided.
+SUCCESS_LPIPS = {"lpips_alex": 0.35}
 LABEL_FREE_FLOOR = "aux-mean"
 
 
@@ -86,6 +88,10 @@ class Rate:
     def value(self) -> float:
         """k / n (NaN for n = 0)."""
         return self.k / self.n if self.n else math.nan
+
+    def overlaps(self, other: Rate) -> bool:
+        """Whether the two intervals share a point (no 'strongest' claim between them)."""
+        return not (self.high < other.low or other.high < self.low)
 
     def text(self) -> str:
         """`75% (6/8) [35, 97]`, `–` without trials."""
@@ -195,7 +201,9 @@ def successes(leakage: pd.DataFrame, lpips: str) -> pd.Series:
     """Per row: 1.0 when the sample counts as reconstructed (the rule above SUCCESS_FRACTION),
     0.0 when not (and for every sample of a run that diverged, status "nan", or that no
     reconstruction was matched to, sample -1: nothing reconstructed it), NaN where LPIPS or the
-    floor is missing."""
+    floor is missing, and everywhere for an LPIPS the rule was not calibrated on (VGG's)."""
+    if lpips not in SUCCESS_LPIPS:
+        return pd.Series(np.nan, index=leakage.index)
     best = floor_values(leakage, lpips)
     label_free = floor_values(leakage, lpips, attacks=(LABEL_FREE_FLOOR,))
     # A run without the label-free floor takes the fraction of its best floor.

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,12 +40,15 @@ __all__ = ["METRICS", "Metric", "format_ci", "mean_ci"]
 
 @dataclass(frozen=True)
 class Metric:
-    """How a leakage column is labelled, which direction leaks more, and its decimals."""
+    """How a leakage column is labelled, which direction leaks more, and its decimals. A
+    `share` holds 0 or 1 per sample (a label right or wrong): its median can only be 0, 0.5 or
+    1, so tables give the share k/n with its exact interval instead."""
 
     column: str
     label: str
     higher_is_better: bool
     digits: int
+    share: bool = False
 
 
 METRICS: tuple[Metric, ...] = (
@@ -53,7 +57,7 @@ METRICS: tuple[Metric, ...] = (
     Metric("lpips_alex", "LPIPS (AlexNet)", False, 3),
     Metric("lpips_vgg", "LPIPS (VGG)", False, 3),
     Metric("mse", "MSE", False, 4),
-    Metric("label_acc", "label accuracy", True, 3),
+    Metric("label_acc", "label accuracy", True, 3, share=True),
     # The language task (the LTI paper's Table 2 reports these in %); all bounded in [0, 1].
     Metric("token_acc", "token accuracy", True, 3),
     Metric("rouge1", "ROUGE-1", True, 3),
@@ -76,6 +80,11 @@ NOT_CONVERGED = "†"
 INTERVAL_NOTE = (
     "Median [95% order-statistic interval] and n over scored samples, pooled over "
     "clients, rounds and seeds (for n < 6 the bracket is the sample range, coverage 1 - 2^(1-n))"
+)
+
+SHARE_NOTE = (
+    "Share of scored samples (k/n, pooled over clients, rounds and seeds) with its exact "
+    "(Clopper–Pearson) 95% interval in brackets, in percent"
 )
 
 
@@ -164,7 +173,7 @@ def _convergence_cell(summary: SettingSummary) -> Cell:
     return Cell(f"{summary.not_converged} of {summary.attack_runs}")
 
 
-def strongest(cells: dict[str, Median], metric: Metric) -> str | None:
+def strongest(cells: Mapping[str, Median | Rate], metric: Metric) -> str | None:
     """The attack whose median leaks most, if its interval overlaps no other attack's."""
     present = {a: m for a, m in cells.items() if m.n > 0}
     if len(present) < 2:
@@ -176,17 +185,24 @@ def strongest(cells: dict[str, Median], metric: Metric) -> str | None:
     return best
 
 
-def _cell_text(median: Median, digits: int, flagged: int) -> str:
-    if median.n == 0:
+def _cell_text(summary: Median | Rate, digits: int, flagged: int) -> str:
+    if summary.n == 0:
         return "–"
-    return f"{median.text(digits)} n={median.n}" + (f" {NOT_CONVERGED}" if flagged else "")
+    text = summary.text() if isinstance(summary, Rate) else f"{summary.text(digits)} n={summary.n}"
+    return text + (f" {NOT_CONVERGED}" if flagged else "")
+
+
+def _summarise(values: pd.Series, metric: Metric) -> Median | Rate:
+    """A share's k/n with its exact interval, any other metric's median with its interval."""
+    return success_rate(values) if metric.share else median_interval(values)
 
 
 def leakage_table(
     rows: pd.DataFrame, metric: Metric, defenses: list[str], groups: list[str], caption: str
 ) -> Table:
     """Rows: attacks (in blocks per group, the floor last); columns: defenses; cells: median
-    [interval] n=. Bold: the strongest attack of a column, when it is clearly so (`strongest`)."""
+    [interval] n= (a share: k/n [interval]). Bold: the strongest attack of a column, when it is
+    clearly so (`strongest`)."""
     columns = [d for d in defenses if d in set(rows["defense"])]
     grouped = groups != [""]
     body = []
@@ -198,7 +214,7 @@ def leakage_table(
             for a, _ in order
             for d in columns
         }
-        medians = {key: median_interval(cell[metric.column]) for key, cell in cells.items()}
+        medians = {key: _summarise(cell[metric.column], metric) for key, cell in cells.items()}
         best = {
             d: strongest({a: medians[a, d] for a, ref in order if not ref}, metric) for d in columns
         }
@@ -211,7 +227,7 @@ def leakage_table(
                 median = medians[attack, d]
                 flagged = not_converged(cells[attack, d])
                 title = f"n={median.n}"
-                if median.n > 1:
+                if isinstance(median, Median) and median.n > 1:
                     title += f", interval coverage {100 * median.coverage:.1f}%"
                 row.append(
                     Cell(
@@ -246,9 +262,10 @@ def leakage_tables(study: Study) -> list[tuple[Metric, str, Table]]:
             rows = rows[np.isfinite(rows[metric.column])]
             if rows.empty:
                 continue
+            note = SHARE_NOTE if metric.share else INTERVAL_NOTE
             caption = (
                 f"{metric.label} ({direction[metric.higher_is_better]}), "
-                f"{SCORED_AGAINST[against]}. {INTERVAL_NOTE}{_caption_tail(groups != [''])}"
+                f"{SCORED_AGAINST[against]}. {note}{_caption_tail(groups != [''])}"
             )
             out.append((metric, against, leakage_table(rows, metric, defenses, groups, caption)))
     return out
@@ -256,8 +273,9 @@ def leakage_tables(study: Study) -> list[tuple[Metric, str, Table]]:
 
 SUCCESS_RULE = (
     "A private sample counts as reconstructed when the attack beats every floor on it (lower "
-    f"LPIPS, higher PSNR) and its LPIPS is at most {SUCCESS_FRACTION:g} x the mean auxiliary "
-    f"image's on the same sample and at most {SUCCESS_LPIPS['lpips_alex']:g} (AlexNet). "
+    f"LPIPS, higher PSNR) and its LPIPS (AlexNet) is at most {SUCCESS_FRACTION:g} x the mean "
+    "auxiliary image's on the same sample (the best floor's where aux-mean did not run) and at "
+    f"most {SUCCESS_LPIPS['lpips_alex']:g}. "
     "Where no floor scored that sample (under MixUp or InstaHide each attack is matched to "
     "the private images it resembles most, so the floors may be matched to others), the "
     "floors' median over the run stands in"
@@ -266,7 +284,8 @@ SUCCESS_RULE = (
 
 def success_table(study: Study) -> Table | None:
     """Per attack and defense: the share of private samples reconstructed (`SUCCESS_RULE`),
-    with its exact 95% interval; None when no sample could be decided (no floor or no LPIPS)."""
+    with its exact 95% interval; None when no sample could be decided (no floor, or no AlexNet
+    LPIPS)."""
     rows = originals(study.leakage())
     rows = rows[~rows["reference"]]
     if rows.empty or not np.isfinite(rows["success"]).any():
@@ -328,6 +347,8 @@ class SettingSummary:
     # Private samples no reconstruction was matched to (a Poisson batch larger than declared):
     # not reconstructed in `success`, in no median or mean.
     unmatched: int = 0
+    # Why no sample's success was decided (`success.n == 0`); '' otherwise.
+    undecided: str = ""
 
     @property
     def tokens(self) -> bool:
@@ -354,13 +375,14 @@ def setting_summaries(study: Study) -> list[SettingSummary]:
                 ]
                 diverged = int(_diverged(unfinished_here).sum())
                 failed_samples, judged_samples = unconverged_samples(cell)
+                success = success_rate(cell["success"])
                 out.append(
                     SettingSummary(
                         group=group,
                         defense=defense,
                         attack=attack,
                         reference=reference,
-                        success=success_rate(cell["success"]),
+                        success=success,
                         psnr=median_interval(cell["psnr"]),
                         lpips=median_interval(cell[lpips]),
                         lpips_mean=mean_ci(cell[lpips]),
@@ -374,9 +396,19 @@ def setting_summaries(study: Study) -> list[SettingSummary]:
                         left_out=len(unfinished_here) - diverged,
                         diverged=diverged,
                         unmatched=int(unmatched(cell).sum()),
+                        undecided="" if success.n else _undecided(cell[lpips], lpips),
                     )
                 )
     return out
+
+
+def _undecided(lpips_values: pd.Series, lpips: str) -> str:
+    """Why the success rule decided none of a cell's samples (it needs LPIPS and a floor)."""
+    if not np.isfinite(lpips_values.to_numpy(dtype=float)).any():
+        return "no LPIPS measured"
+    if lpips not in SUCCESS_LPIPS:
+        return "its rule is calibrated on AlexNet's LPIPS, add alex to metrics.lpips-nets"
+    return "no floor measured"
 
 
 def _unfinished_runs(leakage: pd.DataFrame) -> pd.DataFrame:

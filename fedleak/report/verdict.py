@@ -113,13 +113,8 @@ def _rate(s: SettingSummary) -> str:
         return f"{s.attack} a median {s.token_acc.value:.3f} of the tokens"
     rate = s.success
     if rate.n == 0:
-        return f"{s.attack} (success not decided: {_undecided(s)})"
+        return f"{s.attack} (success not decided: {s.undecided})"
     return f"{s.attack} {rate.k}/{rate.n} ({100 * rate.value:.0f}%)"
-
-
-def _undecided(s: SettingSummary) -> str:
-    """Why no sample was counted as reconstructed or not (the rule needs LPIPS and a floor)."""
-    return "no LPIPS measured" if not s.lpips.n else "no floor measured"
 
 
 def _rate_and_scores(s: SettingSummary) -> str:
@@ -228,7 +223,7 @@ def _setting_sentence(v: SettingVerdict, baseline: SettingVerdict | None) -> str
             if scores:
                 reconstructed += f" ({scores})"
         else:
-            reconstructed = f"scored {scores} (success not decided: {_undecided(leader)})"
+            reconstructed = f"scored {scores} (success not decided: {leader.undecided})"
         floor = v.floor
         nothing_learned = _at_floor(leader, v)  # False without a floor
         if floor is not None and nothing_learned:
