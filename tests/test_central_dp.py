@@ -81,7 +81,9 @@ def _reply(update: dict[str, torch.Tensor], client: int, audit: bool = False) ->
     return Message(content=content, dst_node_id=client + 1, message_type="train")
 
 
-def _central(clip: float, noise: float, kind: str = "delta", lr: float = 0.1) -> CentralDP:
+def _central(
+    clip: float, noise: float, kind: str = "delta", lr: float = 0.1, defense: str = "none"
+) -> CentralDP:
     inner = FedAvg(fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1)
     return CentralDP(
         inner,
@@ -90,6 +92,7 @@ def _central(clip: float, noise: float, kind: str = "delta", lr: float = 0.1) ->
         update_kind=kind,
         learning_rate=lr,
         seed=7,
+        defense=defense,
         delta=DELTA,
     )
 
@@ -132,6 +135,18 @@ def test_the_aggregate_is_the_mean_of_updates_clipped_to_c(kind: str) -> None:
     for k in expected:
         assert got[k].dtype == torch.float32
         torch.testing.assert_close(got[k], expected[k], rtol=1e-6, atol=1e-7)
+
+
+def test_fedavg_signs_are_clipped_as_the_step_the_server_takes_for_them() -> None:
+    # The server steps lr per coordinate on FedAvg's signs, so C bounds lr * ||sign(Δ)||.
+    clip, lr = 1.0, 0.5
+    updates = [{k: torch.sign(v) for k, v in u.items()} for u in _updates((0.05, 0.5, 3.0))]
+    norms = [_norm(u) for u in updates]
+    assert min(norms) * lr > clip  # every client's step is clipped
+    got = _round(_central(clip, 0.0, "delta", lr, "sign"), _weights(), updates)
+    for k in updates[0]:
+        expected = sum(u[k] * clip / (n * lr) for u, n in zip(updates, norms, strict=True)) / 3
+        torch.testing.assert_close(got[k], expected, rtol=1e-6, atol=1e-7)
 
 
 def test_zero_updates_count_in_the_mean_without_breaking_flowers_clipping() -> None:

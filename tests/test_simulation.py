@@ -205,3 +205,35 @@ def test_lti_inverter_is_cached_in_the_run_directory_and_resumed(tmp_path: Path)
     report = (out / "report.md").read_text(encoding="utf-8")
     assert "Learned attacks' training per round" in report
     assert "from scratch" in report and "reused" in report
+
+
+def test_fedavg_signs_step_the_learning_rate_per_coordinate(tmp_path: Path) -> None:
+    # One local step: each client's delta is -lr * g, so its signs hardly depend on lr (only
+    # where lr * g vanishes beside the weight in float32), and two runs at lr 0.05 and 0.1
+    # differ by 0.05 x the clients' mean sign. Taken as weight changes, the signs moved every
+    # weight by up to 1 a round at any lr (the runs differed only where those signs did).
+    weights = {}
+    for lr in (0.05, 0.1):
+        out = _run(
+            tmp_path / f"lr{lr}",
+            "attack.names=none",
+            "num-server-rounds=1",
+            "train.mode=fedavg",
+            "defense.spec=sign",
+            f"train.lr={lr}",
+        )
+        checkpoint = torch.load(out / "checkpoints" / "global.pt", weights_only=True)
+        weights[lr] = checkpoint["state_dict"]
+    steps = torch.cat(
+        [
+            ((weights[0.1][name] - weights[0.05][name]) / 0.05).flatten()
+            for name in weights[0.1]
+            if isinstance(weights[0.1][name], torch.Tensor)
+            and weights[0.1][name].is_floating_point()
+        ]
+    )
+    # Two clients a round: their mean sign is -1, -1/2, 0, 1/2 or 1 (measured: 99.5% of the
+    # 13,426 coordinates there, 58% at -1 or 1).
+    on_grid = ((steps * 2 - (steps * 2).round()).abs() < 1e-4) & (steps.abs() <= 1 + 1e-4)
+    assert on_grid.float().mean() > 0.99
+    assert ((steps.abs() - 1).abs() < 1e-4).float().mean() > 0.3

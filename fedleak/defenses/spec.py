@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Protocol, TypeVar
 import torch
 from torch import Tensor
 
+from fedleak.defenses.compress import SignCompression
 from fedleak.defenses.encode import EncodedBatch, InstaHide, MixUp, PartnerPool
 from fedleak.defenses.grammar import DefenseSpecError
 from fedleak.defenses.registry import DEFENSES, allowed_forms
@@ -94,6 +95,11 @@ class DefensePipeline:
     def encoder(self) -> Encoder | None:
         """The input encoding (MixUp or InstaHide), if any."""
         return next((step for step in self.steps if step.stage == "encode"), None)
+
+    @property
+    def releases_signs(self) -> bool:
+        """Whether the last step is sign compression: the update says directions, not sizes."""
+        return bool(self.steps) and isinstance(self.steps[-1], SignCompression)
 
     @property
     def needs_per_sample(self) -> bool:

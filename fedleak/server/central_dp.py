@@ -26,6 +26,7 @@ from fedleak.attacks.types import UpdateKind
 from fedleak.config import RunConfig
 from fedleak.server.privacy import central_epsilon
 from fedleak.server.selection import federation_size
+from fedleak.server.step import unit_step
 
 ARRAYS = "arrays"
 
@@ -60,14 +61,16 @@ class CentralDP(Strategy):
         update_kind: UpdateKind,
         learning_rate: float,
         seed: int,
+        defense: str = "none",
         delta: float,
         prior_releases: Mapping[int, int] | int = 0,
     ) -> None:
         # m is known only once `inner` has sampled; configure_train sets it every round.
         self.dp = DifferentialPrivacyServerSideFixedClipping(inner, noise, clip, 1)
         self.noise = noise
-        # The reply u becomes weights w_t + scale * u.
-        self.scale = -learning_rate if update_kind == "gradient" else 1.0
+        # The reply u becomes weights w_t + scale * u, the weight change it asks for (the
+        # update's `defense` spec says whether it holds signs).
+        self.scale = unit_step(update_kind, learning_rate, defense)
         self.seed = seed
         self.delta = delta
         self.population = 0
@@ -92,6 +95,7 @@ class CentralDP(Strategy):
             update_kind="gradient" if train.mode == "fedsgd" else "delta",
             learning_rate=train.lr,
             seed=config.seed,
+            defense=config.defense.spec,
             delta=config.defense.dp_delta,
             prior_releases=prior_releases,
         )

@@ -61,6 +61,7 @@ from fedleak.server.payload import reply_bytes
 from fedleak.server.rounds import RoundHistory, RoundLog, RoundSink, ScoredJob
 from fedleak.server.runner import AttackJob, AttackRunner
 from fedleak.server.selection import ClientSelection, canonical_order, check_distinct_partitions
+from fedleak.server.step import unit_step
 
 log = logging.getLogger(__name__)
 
@@ -506,12 +507,14 @@ class CuriousStrategy(Strategy):
     def step(
         self, aggregate: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        """Apply the aggregated update to w_t (an SGD step for gradients, a sum for deltas) and
-        take the clients' averaged buffers (w_t's own where no client sent any)."""
+        """Apply the aggregated update to w_t (`unit_step`: an SGD step for gradients, a sum
+        for deltas) and take the clients' averaged buffers (w_t's own where no client sent
+        any)."""
         new = {name: value.clone() for name, value in self.global_weights.items()}
-        scale = -self.public.learning_rate * self.public.server_lr
-        if self.public.update_kind == "delta":
-            scale = self.public.server_lr
+        public = self.public
+        scale = public.server_lr * unit_step(
+            public.update_kind, public.learning_rate, public.defense
+        )
         for name, value in aggregate.items():
             new[name] = self.global_weights[name] + scale * value
         for name, value in buffers.items():
