@@ -33,6 +33,7 @@ from fedleak.attacks.optimization.losses import (
     tanh_mean,
     total_variation,
 )
+from fedleak.attacks.optimization.replay import ClientProtocol, Replay
 from fedleak.attacks.registry import attack_names, build_attack
 from fedleak.attacks.types import AttackerKnowledge, Budget, Observation
 from fedleak.data import load_dataset
@@ -524,6 +525,8 @@ def test_cosine_and_tv_gradients_are_autograds():
         ("sign", 4, "sign-hinge"),
         ("prune:0.9", 4, "cosine+mask"),
         ("prune:0.5+sign", 4, "sign-hinge"),
+        ("dpsgd:1:0", 1, "cosine+clip"),
+        ("dpsgd:0.5:1.1+prune:0.9", 4, "cosine+mask+clip"),
     ],
 )
 def test_matching_follows_the_public_defense_spec(spec, samples, expected):
@@ -608,3 +611,39 @@ def test_matching_losses_at_start_and_end_are_recorded_per_sample(mnist):
     shared = run("ig", batch, knowledge, 5)
     assert shared.loss_start[0] == shared.loss_start[1]
     assert shared.loss_final[0] == shared.loss_final[1] < shared.loss_start[0]
+
+
+def test_the_dummy_is_clipped_as_the_client_clips_under_dp_sgd(mnist):
+    """Replayed at the private images, the clipped dummy is the client's noiseless DP-SGD
+    update; unclipped it is not (the samples' norms are above C)."""
+    observation, _ = observe(mnist, "dpsgd:0.5:0", share="batch")
+    loss = choose_matching("l2", parse_defense_spec("dpsgd:0.5:0"), 4, adaptive=True)
+    assert (loss.clip, loss.needs_per_sample) == (0.5, True)
+    model = build_model(observation.model)
+    model.load_state_dict(observation.weights)
+    replay = Replay(model, ClientProtocol("gradient"))
+    x, y = mnist[0].unsqueeze(0), mnist[1].unsqueeze(0)
+    out = replay(x, y, per_sample=True)
+    observed = flatten([t.unsqueeze(0) for t in observation.update.values()])
+    assert loss([out.clipped(0.5).rows], observed)[0] < 1e-12
+    assert loss([out.rows], observed)[0] > 1e-3
+    # One sample per problem (no per-sample gradients asked for): its update clipped as is.
+    single = observe(tuple(t[:1] for t in mnist[:2]) + mnist[2:], "dpsgd:0.5:0")[0]
+    out = replay(x[:, :1], y[:, :1])
+    assert (
+        loss([out.clipped(0.5).rows], flatten([t.unsqueeze(0) for t in single.update.values()]))[0]
+        < 1e-12
+    )
+
+
+def test_dlg_matches_a_clipped_update_only_when_it_clips_its_dummy(mnist):
+    """DP-SGD without noise at B = 1 only rescales the update; an attacker who knows C loses
+    nothing, yet DLG's L2 against an unclipped dummy did (53.6 -> 3.3 dB in a study)."""
+    data = tuple(t[:2] for t in mnist[:2]) + mnist[2:]
+    observation, knowledge = observe(data, "dpsgd:0.5:0")
+    adaptive = run("dlg", observation, knowledge, 150)
+    plain = run("dlg", observation, knowledge, 150, {"adaptive": False})
+    assert "matching=l2+clip" in adaptive.message and "matching=l2;" in plain.message
+    clipped, unclipped = mean_psnr(adaptive, data[0]), mean_psnr(plain, data[0])
+    assert clipped > baseline_psnr(observation, knowledge, data[0]) + 3
+    assert clipped > unclipped + 10  # measured 26.2 against 5.3 dB (floor 10.3)

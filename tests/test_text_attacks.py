@@ -147,6 +147,8 @@ def test_tag_distance_is_l2_plus_weighted_l1() -> None:
 def test_adaptive_tag_distances_follow_the_defense() -> None:
     assert _distances("prune:0.9").name == "tag+mask"
     assert _distances("gauss:0.1").name == "tag"
+    dp = _distances("dpsgd:0.5:1")  # the dummy sequences' gradients clipped to C, one by one
+    assert (dp.name, dp.clip, dp.needs_per_sample) == ("tag+clip", 0.5, True)
     assert _distances("sign").name == "tag-sign"
     assert _distances("sign", contributors=2).name == "tag-tanh"
     plain = choose_tag_loss(TAGConfig(adaptive=False), parse_defense_spec("sign"), 2, 1, 1, True)
@@ -536,3 +538,21 @@ def test_the_normalised_hinge_strengthens_tag_under_sign(
     quality: dict[tuple[str, str], float],
 ) -> None:
     assert quality["tag-normalised", "sign"] > quality["tag", "sign"]
+
+
+def test_tag_under_dp_sgd_matches_a_clipped_dummy_batch(
+    world: dict[str, object], one_thread: None
+) -> None:
+    """DP-SGD without noise only clips: TAG that clips its dummy sequences' gradients to C
+    recovers the tokens it recovers without a defense, and its loss says so."""
+    spec, weights = world["spec"], world["weights"]
+    private = world["private"][:2]  # type: ignore[index]
+    observation = observe(spec, weights, "dpsgd:0.01:0", private)  # type: ignore[arg-type]
+    batch = dataclasses.replace(  # one clipped mean of both sequences
+        observation,
+        update={n: g.mean(dim=0) for n, g in observation.per_sample_updates.items()},  # type: ignore[union-attr]
+        per_sample_updates=None,
+    )
+    out = TAG().reconstruct(batch, world["knowledge"], Budget(150, 1e9))
+    assert out.status == "ok" and "matching=tag+clip" in out.message
+    assert out.inputs.shape == (2, LENGTH)

@@ -48,8 +48,10 @@ from fedleak.attacks.optimization.replay import (
 )
 from fedleak.attacks.types import AttackerKnowledge, Budget, Observation, Reconstruction
 from fedleak.defenses import (
+    DPSGD,
     DefensePipeline,
     InstaHide,
+    Prune,
     SignCompression,
     fold_toward,
     parse_defense_spec,
@@ -194,6 +196,16 @@ def _resolve_bn_mode(mode: str, observation: Observation, model_has_bn: bool) ->
     return mode
 
 
+def _noiseless(pipeline: DefensePipeline) -> bool:
+    """Whether every step keeps the sign of each last-layer row sum an absent class can give
+    (pruning keeps a subset of its non-negative terms, clipping scales them); noise does not,
+    and a plug-in step is not known to."""
+    return all(
+        isinstance(step, Prune) or (isinstance(step, DPSGD) and step.noise_multiplier == 0)
+        for step in pipeline.steps
+    )
+
+
 def _recover_labels(
     method: str,
     model: nn.Module,
@@ -252,6 +264,7 @@ def _recover_labels(
             generator,
             config.count_population,
             config.count_generations,
+            present_if_negative=_noiseless(pipeline),
         )
         rows.append(label_recovery.counts_to_labels(counts))
     return torch.stack(rows), "counts", {"aux_feature_mass_cv": stats.mass_cv}
@@ -511,6 +524,7 @@ def place_labels(problem: Problem, x: Tensor, candidates: int, seed: int) -> Pro
     with torch.no_grad():  # the replay still differentiates w.r.t. the weights inside
         for candidate in placed:  # one at a time: no more memory than one of the problem
             out = problem.replay(x.detach(), candidate, problem.matching.needs_per_sample)
+            out = out.clipped(problem.matching.clip)
             losses.append(problem.matching([out.rows], target, out.per_sample))
     matching = torch.nan_to_num(torch.stack(losses), nan=math.inf)  # [C, T]
     best = matching.argmin(dim=0)
@@ -729,7 +743,9 @@ class DLG(BatchedInversion):
         target = flatten(problem.target)  # fixed: flattened once, not every iteration
 
         def objective(v: Sequence[Tensor], _iteration: int | None) -> tuple[Tensor, Tensor]:
-            out = problem.replay(v[0], _soft_labels(problem, v), problem.matching.needs_per_sample)
+            out = problem.replay(
+                v[0], _soft_labels(problem, v), problem.matching.needs_per_sample
+            ).clipped(problem.matching.clip)
             matching = problem.matching([out.rows], target, out.per_sample)
             return matching, matching
 
@@ -798,7 +814,9 @@ class InvertingGradients(BatchedInversion):
         everything = list(range(len(problem.target)))
 
         def objective(v: Sequence[Tensor], iteration: int | None) -> tuple[Tensor, Tensor]:
-            out = problem.replay(v[0], _soft_labels(problem, v), problem.matching.needs_per_sample)
+            out = problem.replay(
+                v[0], _soft_labels(problem, v), problem.matching.needs_per_sample
+            ).clipped(problem.matching.clip)
             chosen, masks = self._selection(problem, iteration, total, draws)
             if masks is None and chosen == everything:
                 dummy = [out.rows]  # the replay's own rows where it computed them so

@@ -49,8 +49,9 @@ BatchNormMode = Literal["auto", "exact", "infer", "proxy"]
 class InversionConfig(Settings):
     """What every optimisation attack shares.
 
-    `labels`: how labels are obtained (`auto`: iDLG for one sample, the negative last-layer
-    rows for distinct labels, HFGradInv counts for repeated labels, joint soft labels under
+    `labels`: how labels are obtained (`auto`: iDLG for one sample; for a batch, HFGradInv's
+    counts, which handle repeated labels, where the update keeps magnitudes and there is
+    auxiliary data, else the most negative last-layer rows; joint soft labels under
     MixUp/InstaHide). `adaptive`: choose the matching loss from the public defense spec.
     `restarts`: independent initialisations per target, optimised in the same batch; the one
     with the lowest matching loss is kept. `check_every`: iterations between the (synchronising)

@@ -178,6 +178,32 @@ class ReplayOutput:
         assert self.parts is not None
         return torch.cat([u.flatten(1) for u in self.parts], dim=1)
 
+    def clipped(self, clip: float) -> ReplayOutput:
+        """DP-SGD's clipping replayed on the dummy (`clip` = C > 0; 0: unchanged): each
+        sample's gradient scaled to norm <= C over all parameters, then the mean. Without
+        per-sample gradients each problem holds one sample, whose update is clipped as it is."""
+        if clip <= 0:
+            return self
+        shapes = self.shapes or tuple(p.shape[1:] for p in self.parts or ())
+        if self.per_sample is None:
+            rows = self.rows
+            return ReplayOutput(None, None, self.statistics, _clip_rows(rows, clip), shapes)
+        problems, samples = self.per_sample[0].shape[:2]
+        per = torch.cat([g.reshape(problems, samples, -1) for g in self.per_sample], dim=2)
+        per = _clip_rows(per, clip)
+        sizes = [g[0, 0].numel() for g in self.per_sample]
+        per_sample = [
+            chunk.reshape(problems, samples, *shape)
+            for chunk, shape in zip(per.split(sizes, dim=2), shapes, strict=True)
+        ]
+        return ReplayOutput(None, per_sample, self.statistics, per.mean(dim=1), shapes)
+
+
+def _clip_rows(rows: Tensor, clip: float) -> Tensor:
+    """Each row (last dimension) scaled to L2 norm <= `clip`."""
+    norms = rows.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return rows * (clip / norms).clamp(max=1.0)
+
 
 class Replay:
     """The client's update as a differentiable function of T stacked dummy batches."""

@@ -15,7 +15,8 @@ Defense-adaptive variants (LTI supplementary, "Language baselines"): under sign 
 one release, ||.||^2 and ||.||_1 act on the hinge h = max(-g * sign(s), 0) instead of the
 difference, exactly as printed (`tag`); for a mean of several sign releases (the aggregate-only
 view) the distances compare the mean of tanh'ed dummy updates, one per contributor; under
-pruning only the received non-zero coordinates count. Noise needs no change.
+pruning only the received non-zero coordinates count; under DP-SGD the dummy sequences'
+gradients are clipped to its public C before their mean. Noise needs no change.
 
 The printed hinge has a trivial minimum: with the next-token targets optimised jointly, the
 dummy gradient can shrink towards zero (targets equal to the model's own predictions), which
@@ -29,6 +30,7 @@ optimised as one batched problem by the shared engine.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,7 +42,13 @@ from fedleak.attacks.optimization.engine import Settings, optimise
 from fedleak.attacks.optimization.losses import tanh_mean
 from fedleak.attacks.optimization.replay import Replay, observed_updates
 from fedleak.attacks.types import AttackerKnowledge, Budget, Observation, Reconstruction
-from fedleak.defenses import DefensePipeline, Prune, SignCompression, parse_defense_spec
+from fedleak.defenses import (
+    DPSGD,
+    DefensePipeline,
+    Prune,
+    SignCompression,
+    parse_defense_spec,
+)
 from fedleak.models import build_model, has_batchnorm
 from fedleak.seeds import mix_seed
 from fedleak.settings import Settings as SettingsBase
@@ -125,11 +133,12 @@ class TAGLoss:
     tanh_scale: float = 1.0
     groups: int = 0
     needs_per_sample: bool = False
+    clip: float = 0.0  # DP-SGD's C, replayed on the dummy (`ReplayOutput.clipped`)
 
     @property
     def name(self) -> str:
-        """A label for reports, e.g. `tag+mask`."""
-        return self.kind + ("+mask" if self.masked else "")
+        """A label for reports, e.g. `tag+mask`, `tag+clip`."""
+        return self.kind + ("+mask" if self.masked else "") + ("+clip" if self.clip > 0 else "")
 
     def __call__(
         self, dummy: Sequence[Tensor], target: Sequence[Tensor], per_sample: Sequence[Tensor] | None
@@ -163,10 +172,29 @@ def choose_tag_loss(
     contributors: int,
     per_sample_available: bool,
 ) -> TAGLoss:
-    """TAG's distance, adapted to the public defense when `config.adaptive` (module docstring)."""
+    """TAG's distance, adapted to the public defense when `config.adaptive` (module docstring;
+    under DP-SGD the dummy sequences' gradients are clipped to C before their mean, as
+    `choose_matching` does for images)."""
     weights = tuple(layer_weights(blocks))
     if not config.adaptive:
         return TAGLoss("tag", weights, config.tag_scale)
+    loss = _released_form(config, pipeline, weights, samples, contributors, per_sample_available)
+    dp = pipeline.find(DPSGD)
+    if dp is None or not per_sample_available:
+        return loss
+    per_sample = loss.needs_per_sample or samples > 1
+    return dataclasses.replace(loss, clip=dp.clip_norm, needs_per_sample=per_sample)
+
+
+def _released_form(
+    config: TAGConfig,
+    pipeline: DefensePipeline,
+    weights: tuple[float, ...],
+    samples: int,
+    contributors: int,
+    per_sample_available: bool,
+) -> TAGLoss:
+    """TAG's distance for what compression leaves of the update (`choose_tag_loss`)."""
     masked = pipeline.find(Prune) is not None
     if pipeline.find(SignCompression) is not None:
         if contributors == 1:
@@ -283,6 +311,7 @@ class TAG:
 
         def objective(v: Sequence[Tensor], _iteration: int | None) -> tuple[Tensor, Tensor]:
             out = replay(v[0], torch.softmax(v[1], dim=-1), loss.needs_per_sample)
+            out = out.clipped(loss.clip)
             matching = loss(out.update, target, out.per_sample)
             return matching, matching
 
