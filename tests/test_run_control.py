@@ -218,3 +218,35 @@ def test_a_second_ctrl_c_exits_at_once_and_ends_the_processes_the_run_started() 
         10,
         "the run's child processes to end",
     )
+
+
+@pytest.mark.parametrize("delay", [0.6, 0.9, 1.2])
+def test_a_ctrl_c_while_torch_loads_is_one_line_and_130(tmp_path: Path, delay: float) -> None:
+    """In the first second torch is being imported: a Ctrl-C raised inside its C++
+    initialisers aborted the process, and the handler's own import of it again crashed
+    (measured: exit -11, -6, or 1 with a 45-92 line traceback)."""
+    command = [sys.executable, "-m", "fedleak", "run", "quickstart", "--out", str(tmp_path)]
+    run = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    time.sleep(delay)
+    os.killpg(run.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole group
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 130, err
+    assert err.strip().splitlines() == ["fedleak: interrupted"], err
+
+
+def test_a_ctrl_c_while_the_command_line_loads_is_one_line_and_130() -> None:
+    # Earlier still, while the console script imports the command line's own modules.
+    interrupt_on_load = (
+        "import sys\n"
+        "class Interrupt:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'fedleak.simulations.cli':\n"
+        "            raise KeyboardInterrupt\n"
+        "sys.meta_path.insert(0, Interrupt())\n"
+        "from fedleak.__main__ import main\n"
+        "sys.exit(main())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", interrupt_on_load], capture_output=True, text=True, timeout=60
+    )
+    assert (done.returncode, done.stderr) == (130, "fedleak: interrupted\n")

@@ -12,9 +12,12 @@ import contextlib
 import functools
 import os
 import shlex
+import signal
 import sys
+import threading
 import tomllib
 import traceback
+from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any, NoReturn
@@ -360,10 +363,34 @@ def _resume_hint(args: argparse.Namespace, path: Path) -> str:
     return shlex.join(command)
 
 
-def _interrupted(args: argparse.Namespace | None, error: KeyboardInterrupt) -> str:
-    from fedleak.simulations.launch import StudyInterrupted
+@contextlib.contextmanager
+def _interrupts_held() -> Iterator[None]:
+    """Hold a Ctrl-C until the block ends, then raise it: raised inside torch's C++
+    initialisers while it is imported, it aborted the process (`terminate called ...`)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, _frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
-    if isinstance(error, StudyInterrupted) and args is not None and args.command == "run":
+
+def _interrupted(args: argparse.Namespace | None, error: KeyboardInterrupt) -> str:
+    # Nothing is imported here: a Ctrl-C in the first second cuts torch's or Ray's import
+    # short, and importing them again from this handler crashed (a traceback or a segfault).
+    launch = sys.modules.get("fedleak.simulations.launch")
+    stopped = getattr(launch, "StudyInterrupted", None)
+    if (
+        stopped is not None
+        and isinstance(error, stopped)
+        and args is not None
+        and args.command == "run"
+    ):
         return f"interrupted: {error}; resume with: {_resume_hint(args, error.path)}"
     if args is not None and args.command == "sweep":
         return "interrupted: finished cells are kept; rerun the same sweep command to continue"
@@ -406,9 +433,16 @@ def main(argv: list[str] | None = None) -> int:
     args: argparse.Namespace | None = None
     try:
         args = parser().parse_args(argv)
+        if args.command in ("run", "check", "sweep", "report", "weights"):
+            with _interrupts_held():
+                import torch  # noqa: F401  (the handler's own imports find it loaded)
         return args.handler(args)
     except KeyboardInterrupt as error:
-        print(f"fedleak: {_interrupted(args, error)}", file=sys.stderr)
+        try:
+            message = _interrupted(args, error)
+        except Exception:  # the one line and the status come first
+            message = "interrupted"
+        print(f"fedleak: {message}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         # The reader went away (`fedleak presets | head -1`): nothing left to tell it. Point
