@@ -517,7 +517,12 @@ CASES = [
         status=1,
         setup=_run_with_checkpoint([1, 2, 3]),
     ),
-    Case("report-missing", ("report", "{tmp}/nowhere"), "neither a run directory", status=1),
+    Case(
+        "report-missing",
+        ("report", "{tmp}/nowhere"),
+        "neither a fedleak run directory",
+        status=1,
+    ),
     Case(
         "report-corrupt",
         ("report", "{tmp}/done"),

@@ -1115,3 +1115,49 @@ def test_success_is_not_decided_on_vgg_lpips_alone(
     alex = _labelled_run(tmp_path / "alex")
     build_report(alex.path)
     assert "### Success rate" in (alex.path / "report.md").read_text(encoding="utf-8")
+
+
+def test_report_refuses_folders_that_are_not_fedleaks(tmp_path: Path, capsys) -> None:
+    # `run` refuses such folders; `report` wrote report.html and report.md into them.
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "config.toml").write_text('name = "x"\n')
+    (foreign / "notes.txt").write_text("keep\n")
+    assert main(["report", str(foreign)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a fedleak run directory" in err[0]
+    assert sorted(p.name for p in foreign.iterdir()) == ["config.toml", "notes.txt"]
+    # A parent of such folders is no sweep either.
+    parent = tmp_path / "project"
+    for name in ("a", "b"):
+        shutil.copytree(foreign, parent / name)
+    assert main(["report", str(parent)]) == 1
+    assert "neither a fedleak run directory nor a sweep" in capsys.readouterr().err
+    assert sorted(p.name for p in parent.rglob("report*")) == []
+
+
+def test_report_refuses_records_cut_short_and_drops_the_report_it_wrote(
+    tmp_path: Path, capsys
+) -> None:
+    run = _labelled_run(tmp_path / "run")
+    run.save_global_model(1, {"w": torch.zeros(2)})
+    run.mark_done()
+    assert main(["report", str(run.path)]) == 0
+    assert (run.path / "report.html").exists()
+    capsys.readouterr()
+    utility = run.path / "utility.csv"
+    whole = utility.read_text()
+    # utility.csv restored from an older moment: the report read it as a run that stopped
+    # after round 0, beside leakage rows, a checkpoint and DONE of round 1.
+    utility.write_text("".join(whole.splitlines(keepends=True)[:2]))
+    assert main(["report", str(run.path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not record round(s) 1" in err[0]
+    # The report it had written would show the earlier state: it is gone.
+    assert not (run.path / "report.html").exists() and not (run.path / "report.md").exists()
+    # Without a checkpoint, DONE says how far the run got.
+    (run.path / "checkpoints" / "global.pt").unlink()
+    assert main(["report", str(run.path)]) == 1
+    assert "says the run ended after round 1" in capsys.readouterr().err
+    utility.write_text(whole)
+    assert main(["report", str(run.path)]) == 0

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fedleak.report.collect import SWEEP_SOURCE, Study, load_study
+from fedleak.report.collect import MANIFEST, SWEEP_SOURCE, Study, load_study
 from fedleak.report.document import (
     Block,
     Code,
@@ -28,6 +28,7 @@ from fedleak.report.plots import frontier_figure, rounds_figure, setting_label
 from fedleak.report.rundir import (
     RunDirectoryError,
     atomic_write,
+    is_run_directory,
     lpips_column,
     replace_owned_files,
 )
@@ -440,8 +441,15 @@ def discard_report(path: Path) -> None:
 
 def rebuild_reports(path: Path) -> list[Path]:
     """Rebuild a run's report, or a sweep's and each of its cells' (a report written by an
-    earlier fedleak is then brought up to date everywhere); the HTML reports, cells first."""
-    study = load_study(Path(path))
+    earlier fedleak is then brought up to date everywhere); the HTML reports, cells first.
+    A folder whose records cannot be read loses the report fedleak wrote there: it would
+    show an earlier state."""
+    try:
+        study = load_study(Path(path))
+    except Exception:
+        if is_run_directory(Path(path)) or (Path(path) / MANIFEST).is_file():
+            discard_report(Path(path))
+        raise
     paths = [*(run.path for run in study.runs if study.kind == "sweep"), Path(path)]
     for existing in (folder / name for folder in paths for name in (HTML_FILE, MARKDOWN_FILE)):
         _check_ours(existing)  # refused before anything is written

@@ -21,7 +21,13 @@ from typing import Any
 import pandas as pd
 
 from fedleak.config import RunConfig
-from fedleak.report.rundir import FAILED_FILE, RunDirectory, RunDirectoryError
+from fedleak.report.rundir import (
+    ENVIRONMENT_FILE,
+    FAILED_FILE,
+    RunDirectory,
+    RunDirectoryError,
+    is_run_directory,
+)
 
 MANIFEST = "sweep.json"
 SWEEP_SOURCE = "sweep.toml"
@@ -142,6 +148,7 @@ def _short_names(keys: tuple[str, ...]) -> dict[str, str]:
 
 def _read_run(path: Path, name: str | None = None) -> RunRecord:
     run = RunDirectory.open(path)
+    run.check_records()
     config = run.config
     return RunRecord(
         name=name or config.name,
@@ -179,10 +186,29 @@ def read_manifest(sweep_dir: Path) -> dict[str, Any]:
     return manifest
 
 
+def _made_by_fedleak(path: Path) -> bool:
+    """A run directory, or a folder whose environment.json is damaged: reading the run then
+    says which file to restore, rather than that the folder is someone else's."""
+    if is_run_directory(path):
+        return True
+    try:
+        json.loads((path / ENVIRONMENT_FILE).read_text(encoding="utf-8"))
+    except OSError:
+        return False
+    except ValueError:
+        return True
+    return False
+
+
 def load_study(path: Path) -> Study:
     """Read a run directory or a sweep directory; RunDirectoryError if it is neither."""
     path = Path(path)
     if (path / "config.toml").is_file():
+        if not _made_by_fedleak(path):
+            raise RunDirectoryError(
+                f"{path}: holds a config.toml but is not a fedleak run directory (its "
+                f"{ENVIRONMENT_FILE} does not name fedleak); no report is written into it"
+            )
         run = _read_run(path)
         return Study(path=path, kind="run", runs=(run,), manifest=None, group_keys=())
     manifest = None
@@ -191,13 +217,11 @@ def load_study(path: Path) -> Study:
         folders = [path / cell["id"] for cell in manifest.get("cells", [])]
     else:
         folders = sorted(p for p in path.iterdir() if p.is_dir()) if path.is_dir() else []
-    runs = [
-        _read_run(folder, folder.name) for folder in folders if (folder / "config.toml").is_file()
-    ]
+    runs = [_read_run(folder, folder.name) for folder in folders if _made_by_fedleak(folder)]
     if not runs:
         raise RunDirectoryError(
-            f"{path}: neither a run directory (config.toml) nor a sweep directory with "
-            "finished or started cells"
+            f"{path}: neither a fedleak run directory nor a sweep directory with finished or "
+            "started cells"
         )
     return Study(
         path=path, kind="sweep", runs=tuple(runs), manifest=manifest, group_keys=_varying(runs)

@@ -735,6 +735,25 @@ class RunDirectory:
             )
         return server_round, dict(state)
 
+    def check_records(self) -> None:
+        """Refuse records that disagree on how far the run got: a checkpoint or DONE beyond
+        the rounds utility.csv holds (a copy restored from an older moment, or cut short), which
+        a report would read as a run that stopped early."""
+        self.load_global_model()  # raises when the checkpoint is ahead of utility.csv
+        done = self.path / DONE_FILE
+        if not done.exists():
+            return
+        try:
+            rounds = json.loads(done.read_text(encoding="utf-8")).get("rounds")
+        except (OSError, ValueError, AttributeError):
+            rounds = None
+        if isinstance(rounds, int) and self.finished_rounds() < rounds:
+            raise RunDirectoryError(
+                f"{done}: says the run ended after round {rounds}, but {UTILITY_FILE} records "
+                f"rounds up to {self.finished_rounds()}; restore both from one moment or start "
+                "the run again in a new out-dir"
+            )
+
     def check_resume(self, config: RunConfig) -> None:
         """Refuse to continue this run with settings that would mix two studies in it: only
         more rounds and bookkeeping (`RESUME_MAY_CHANGE`) may differ; every difference is named."""
