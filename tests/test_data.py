@@ -239,6 +239,20 @@ def test_image_folder_rejects_mixed_sizes_and_missing_folders(tmp_path):
         load_dataset(f"folder:{tmp_path / 'nowhere'}")
 
 
+def test_image_folder_names_the_file_pil_cannot_read(tmp_path):
+    # A cut PNG opens (its header is whole) and fails on decoding, with PIL's words alone.
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        _save_png(tmp_path / "a" / f"{i}.png", rng.integers(0, 256, (32, 32), dtype=np.uint8))
+    cut = tmp_path / "a" / "1.png"
+    cut.write_bytes(cut.read_bytes()[:500])
+    with pytest.raises(FolderLayoutError, match=re.escape(f"{cut} cannot be read")):
+        load_dataset(f"folder:{tmp_path}")
+    (tmp_path / "a" / "1.png").write_bytes(b"not an image")
+    with pytest.raises(FolderLayoutError, match=re.escape(f"{cut} cannot be read")):
+        load_dataset(f"folder:{tmp_path}")
+
+
 # --- partitions -----------------------------------------------------------------------------
 
 
@@ -349,6 +363,18 @@ def test_beta_sets_the_in_distribution_share_and_clients_hold_in_classes(beta):
     assert set(MNIST5K_LABELS[split.clients]) == {0, 1, 2, 3, 4}
     assert len(split.clients) == 2500 - round(beta * 1000)
     assert not np.intersect1d(split.aux, split.clients).size
+
+
+def test_under_the_aux_shift_the_model_is_tested_on_the_clients_classes():
+    # The clients hold classes 0-4 only; test images of 5-9 capped accuracy at 0.5.
+    shifted = build_federated_data("mnist5k", None, 4, "iid", 0, aux_size=1000, aux_beta=0.5)
+    clients = np.unique(shifted.dataset.train_y.numpy()[np.concatenate(shifted.partitions)])
+    assert clients.tolist() == [0, 1, 2, 3, 4]
+    assert np.unique(shifted.dataset.test_y.numpy()).tolist() == [0, 1, 2, 3, 4]
+    assert len(shifted.dataset.test_y) == 500  # 100 per class, as without the shift
+    plain = build_federated_data("mnist5k", None, 4, "iid", 0, aux_size=1000)
+    assert np.unique(plain.dataset.test_y.numpy()).tolist() == list(range(10))
+    assert torch.equal(plain.dataset.test_x[plain.dataset.test_y < 5], shifted.dataset.test_x)
 
 
 def test_plain_aux_keeps_all_classes_for_clients_and_is_seeded():

@@ -13,6 +13,7 @@ and client documents, a tokenizer trained on the auxiliary text, sequences of L 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,6 +134,8 @@ def _build(
     )
     labels = dataset.train_y.numpy()
     split = split_auxiliary(labels, aux_size, seed, beta=aux_beta, in_classes=aux_in_classes)
+    if aux_beta < 1.0 or aux_in_classes is not None:
+        dataset = _tested_on(dataset, np.unique(labels[split.clients]))
     if not 0 <= public_size < len(split.clients):
         raise DataSplitError(
             f"public_size={public_size}: expected 0..{len(split.clients) - 1}, since "
@@ -154,6 +157,14 @@ def _build(
     return FederatedData(
         dataset, _frozen(split.aux), tuple(_frozen(p) for p in partitions), _frozen(public)
     )
+
+
+def _tested_on(dataset: ImageDataset, classes: np.ndarray) -> ImageDataset:
+    """The data set with its test split cut to `classes`: under the auxiliary distribution
+    shift the clients hold only the in-distribution classes, and test images of the others
+    would cap the model's accuracy at their share (0.5 for half the classes)."""
+    keep = torch.from_numpy(np.isin(dataset.test_y.numpy(), classes))
+    return dataclasses.replace(dataset, test_x=dataset.test_x[keep], test_y=dataset.test_y[keep])
 
 
 def client_rows(

@@ -9,6 +9,8 @@ pixels outside 0..65535) are refused.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -65,7 +67,7 @@ def _read_all(paths: list[Path], name: str) -> np.ndarray:
     """uint8 NCHW pixels of `paths`, after checking that they share one size."""
     headers = []
     for path in paths:
-        with Image.open(path) as image:  # opening reads only the header
+        with _opened(path, name) as image:  # opening reads only the header
             headers.append((image.size, image.mode))
     (width, height), _ = headers[0]
     for path, ((w, h), _) in zip(paths, headers, strict=True):
@@ -84,12 +86,25 @@ def _read_all(paths: list[Path], name: str) -> np.ndarray:
     mode = "L" if modes <= _GRAY_MODES else "RGB"
     pixels = []
     for path in paths:
-        with Image.open(path) as image:
+        with _opened(path, name) as image:
             pixels.append(
                 _wide_gray(image, path, name) if wide else np.asarray(image.convert(mode))
             )
     stacked = np.stack(pixels)
     return stacked[:, None] if mode == "L" else stacked.transpose(0, 3, 1, 2)
+
+
+@contextlib.contextmanager
+def _opened(path: Path, name: str) -> Iterator[Image.Image]:
+    """`path` opened by PIL; what PIL cannot read (a cut file, an image past its decompression
+    limit) is one line naming the file, so it can be found among thousands."""
+    try:
+        with Image.open(path) as image:
+            yield image
+    except (OSError, Image.DecompressionBombError) as error:
+        raise FolderLayoutError(
+            f"{name}: {path} cannot be read ({error}); repair or remove it"
+        ) from None
 
 
 def _wide_gray(image: Image.Image, path: Path, name: str) -> np.ndarray:
