@@ -1143,7 +1143,7 @@ def test_report_refuses_records_cut_short_and_drops_the_report_it_wrote(
     run.save_global_model(1, {"w": torch.zeros(2)})
     run.mark_done()
     assert main(["report", str(run.path)]) == 0
-    assert (run.path / "report.html").exists()
+    assert (run.path / "report.html").exists() and (run.path / "report_files").is_dir()
     capsys.readouterr()
     utility = run.path / "utility.csv"
     whole = utility.read_text()
@@ -1153,8 +1153,9 @@ def test_report_refuses_records_cut_short_and_drops_the_report_it_wrote(
     assert main(["report", str(run.path)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "does not record round(s) 1" in err[0]
-    # The report it had written would show the earlier state: it is gone.
+    # The report it had written would show the earlier state: it is gone, figures included.
     assert not (run.path / "report.html").exists() and not (run.path / "report.md").exists()
+    assert not (run.path / "report_files").exists()
     # Without a checkpoint, DONE says how far the run got.
     (run.path / "checkpoints" / "global.pt").unlink()
     assert main(["report", str(run.path)]) == 1

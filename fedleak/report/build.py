@@ -431,12 +431,15 @@ def _check_ours(file: Path) -> None:
 
 
 def discard_report(path: Path) -> None:
-    """Remove the run's report.html and report.md when fedleak wrote them: after a build
-    failed they show an earlier state of the run (its figures go with the next build)."""
+    """Remove the run's report.html, report.md and the figures fedleak wrote for them into
+    report_files/: after a build failed they show an earlier state of the run."""
     for file in (path / HTML_FILE, path / MARKDOWN_FILE):
         with contextlib.suppress(RunDirectoryError):
             _check_ours(file)
             file.unlink(missing_ok=True)
+    replace_owned_files(path / FILES_DIR, {})
+    with contextlib.suppress(OSError):  # absent, or holds files that are not fedleak's
+        (path / FILES_DIR).rmdir()
 
 
 def rebuild_reports(path: Path) -> list[Path]:
