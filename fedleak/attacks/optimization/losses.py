@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -259,10 +260,29 @@ def choose_matching(
         normalised_hinge,
         contributors,
     )
+    return with_dp_clip(loss, defense, samples_per_target, per_sample_available)
+
+
+class _Clips(Protocol):
+    """A matching loss DP-SGD's clip can be set on (`MatchingLoss`, TAG's)."""
+
+    clip: float
+    needs_per_sample: bool
+
+
+Loss = TypeVar("Loss", bound=_Clips)
+
+
+def with_dp_clip(
+    loss: Loss, defense: DefensePipeline, samples: int, per_sample_available: bool
+) -> Loss:
+    """`loss` (a frozen dataclass) set to clip each dummy sample's gradient to DP-SGD's C,
+    where the defense clips and per-sample gradients can be formed; one sample per target
+    clips its whole update, so needs no per-sample ones."""
     dp = defense.find(DPSGD)
     if dp is None or not per_sample_available:
         return loss
-    per_sample = loss.needs_per_sample or samples_per_target > 1
+    per_sample = loss.needs_per_sample or samples > 1
     return dataclasses.replace(loss, clip=dp.clip_norm, needs_per_sample=per_sample)
 
 

@@ -30,7 +30,6 @@ optimised as one batched problem by the shared engine.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,11 +38,10 @@ import torch
 from torch import Tensor
 
 from fedleak.attacks.optimization.engine import Settings, optimise
-from fedleak.attacks.optimization.losses import tanh_mean
+from fedleak.attacks.optimization.losses import tanh_mean, with_dp_clip
 from fedleak.attacks.optimization.replay import Replay, observed_updates
 from fedleak.attacks.types import AttackerKnowledge, Budget, Observation, Reconstruction
 from fedleak.defenses import (
-    DPSGD,
     DefensePipeline,
     Prune,
     SignCompression,
@@ -179,11 +177,7 @@ def choose_tag_loss(
     if not config.adaptive:
         return TAGLoss("tag", weights, config.tag_scale)
     loss = _released_form(config, pipeline, weights, samples, contributors, per_sample_available)
-    dp = pipeline.find(DPSGD)
-    if dp is None or not per_sample_available:
-        return loss
-    per_sample = loss.needs_per_sample or samples > 1
-    return dataclasses.replace(loss, clip=dp.clip_norm, needs_per_sample=per_sample)
+    return with_dp_clip(loss, pipeline, samples, per_sample_available)
 
 
 def _released_form(
