@@ -253,6 +253,20 @@ def test_image_folder_names_the_file_pil_cannot_read(tmp_path):
         load_dataset(f"folder:{tmp_path}")
 
 
+def test_image_folder_refuses_a_file_reached_twice_through_links(tmp_path):
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        _save_png(tmp_path / "a" / f"{i}.png", rng.integers(0, 256, (8, 8), dtype=np.uint8))
+    (tmp_path / "b").symlink_to(tmp_path / "a")  # every image again, under another label
+    with pytest.raises(FolderLayoutError, match="are the same file"):
+        load_dataset(f"folder:{tmp_path}")
+    (tmp_path / "b").unlink()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "link.png").symlink_to(tmp_path / "a" / "0.png")
+    with pytest.raises(FolderLayoutError, match=re.escape(str(tmp_path / "b" / "link.png"))):
+        load_dataset(f"folder:{tmp_path}")
+
+
 # --- partitions -----------------------------------------------------------------------------
 
 

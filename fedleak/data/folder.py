@@ -58,9 +58,24 @@ def load_folder(path: Path, name: str) -> ImageDataset:
             f"images ({', '.join(sorted(IMAGE_SUFFIXES))}) and found none. Put each class's "
             "images in its own sub-folder, all of one size."
         )
+    _check_each_file_once([p for p, _ in files], name)
     images = _read_all([p for p, _ in files], name)
     labels = np.array([label for _, label in files], dtype=np.int64)
     return dataset_from_arrays(name, images, labels, tuple(classes), str(root))
+
+
+def _check_each_file_once(paths: list[Path], name: str) -> None:
+    """Refuse a file reached twice through links (a linked class folder, a linked image): its
+    copies could land with a client and in the auxiliary or test split, under two labels."""
+    seen: dict[Path, Path] = {}
+    for path in paths:
+        real = path.resolve()
+        if real in seen:
+            raise FolderLayoutError(
+                f"{name}: {path} and {seen[real]} are the same file (through a link); each "
+                "image must appear once, or the splits that must be disjoint could share it"
+            )
+        seen[real] = path
 
 
 def _read_all(paths: list[Path], name: str) -> np.ndarray:
