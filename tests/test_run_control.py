@@ -225,7 +225,8 @@ def test_a_ctrl_c_while_torch_loads_is_one_line_and_130(tmp_path: Path, delay: f
     """In the first second torch is being imported: a Ctrl-C raised inside its C++
     initialisers aborted the process, and the handler's own import of it again crashed
     (measured: exit -11, -6, or 1 with a 45-92 line traceback)."""
-    command = [sys.executable, "-m", "fedleak", "run", "quickstart", "--out", str(tmp_path)]
+    command = [sys.executable, "-m", "fedleak.simulations.console", "run", "quickstart"]
+    command += ["--out", str(tmp_path)]
     run = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=True)
     time.sleep(delay)
     os.killpg(run.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole group
@@ -243,7 +244,7 @@ def test_a_ctrl_c_while_the_command_line_loads_is_one_line_and_130() -> None:
         "        if name == 'fedleak.simulations.cli':\n"
         "            raise KeyboardInterrupt\n"
         "sys.meta_path.insert(0, Interrupt())\n"
-        "from fedleak.__main__ import main\n"
+        "from fedleak.simulations.console import main\n"
         "sys.exit(main())\n"
     )
     done = subprocess.run(

@@ -1,4 +1,4 @@
-"""The `fedleak` command (the console script and `python -m fedleak`)."""
+"""The `fedleak` console script: the command line, loaded inside its own Ctrl-C handler."""
 
 from __future__ import annotations
 
