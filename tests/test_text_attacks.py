@@ -540,11 +540,12 @@ def test_the_normalised_hinge_strengthens_tag_under_sign(
     assert quality["tag-normalised", "sign"] > quality["tag", "sign"]
 
 
-def test_tag_under_dp_sgd_matches_a_clipped_dummy_batch(
+def test_tag_under_dp_sgd_clips_its_dummy_sequences_one_by_one(
     world: dict[str, object], one_thread: None
 ) -> None:
-    """DP-SGD without noise only clips: TAG that clips its dummy sequences' gradients to C
-    recovers the tokens it recovers without a defense, and its loss says so."""
+    """Against a batch update under DP-SGD, TAG forms each dummy sequence's gradient, clips
+    it to C and matches their mean, end to end (measured on these 2 sequences at C = 0.01, 150
+    iterations: token accuracy 0.0625 clipped, 0.0 unclipped, 0.625 without a defense)."""
     spec, weights = world["spec"], world["weights"]
     private = world["private"][:2]  # type: ignore[index]
     observation = observe(spec, weights, "dpsgd:0.01:0", private)  # type: ignore[arg-type]

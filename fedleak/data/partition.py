@@ -4,9 +4,10 @@ Schemes:
 - `iid`: a random permutation cut into near-equal parts.
 - `dirichlet`: per class, proportions over partitions drawn from Dirichlet(alpha) (the
   per-class form of Yurochkin et al., 2019, and FedMA): small alpha gives each partition few
-  dominant classes, and partition sizes vary with it (10 partitions of MNIST-5k: 104-698
-  images at alpha 0.5, 1-922 at 0.05). Hsu et al. (2019) draw each client's class mix instead,
-  with equal-sized clients, so alphas are not comparable across the two.
+  dominant classes, and partition sizes vary with it (10 partitions of MNIST-5k after 1,000
+  auxiliary images, seeds 0-4: 104-698 images at alpha 0.5, 1-922 at 0.05). Hsu et al.
+  (2019) draw each client's class mix instead, with equal-sized clients, so alphas are not
+  comparable across the two.
 - `shards`: images sorted by label, cut into `num_partitions * shards_per_partition` equal
   shards, each partition gets `shards_per_partition` random shards (McMahan et al., 2017).
 """

@@ -747,11 +747,12 @@ class RunDirectory:
             rounds = json.loads(done.read_text(encoding="utf-8")).get("rounds")
         except (OSError, ValueError, AttributeError):
             rounds = None
-        if isinstance(rounds, int) and self.finished_rounds() < rounds:
+        recorded = self.finished_rounds()
+        if isinstance(rounds, int) and recorded < rounds:
             raise RunDirectoryError(
                 f"{done}: says the run ended after round {rounds}, but {UTILITY_FILE} records "
-                f"rounds up to {self.finished_rounds()}; restore both from one moment or start "
-                "the run again in a new out-dir"
+                f"rounds up to {recorded}; restore both from one moment or start the run again "
+                "in a new out-dir"
             )
 
     def check_resume(self, config: RunConfig) -> None:
