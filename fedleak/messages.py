@@ -26,6 +26,8 @@ DECLARED = "fedleak-declared"  # added to a foreign app's reply by fedleak's cli
 EXTRA_RECORDS = (AUDIT, PER_SAMPLE, BN_STATS, BUFFERS, DECLARED)
 PARTITION_ID, NUM_EXAMPLES = "partition-id", "num-examples"
 NUM_PARTITIONS = "num-partitions"
+# Words every injected client failure (`sim.fail-rate`) says, by which the server tells them apart.
+INJECTED_FAILURE = "failed on purpose"
 _QUERY = "query"
 
 

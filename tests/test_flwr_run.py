@@ -32,10 +32,16 @@ def test_flwr_run_writes_the_same_run_directory_with_its_report(
         "FLWR_HOME": str(flwr_home),
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
     }
-    settings = (
-        f"out-dir='{out}' num-server-rounds=2 attack.names='aux-mean,ig' attack.rounds='all' "
-        "attack.max-iterations=20 train.batch-size=2 data.aux-size=100 attack.images-per-client=2"
-    )
+    study = {  # values as Flower's run config reads them (TOML)
+        "num-server-rounds": "2",
+        "attack.names": "'aux-mean,ig'",
+        "attack.rounds": "'all'",
+        "attack.max-iterations": "20",
+        "train.batch-size": "2",
+        "data.aux-size": "100",
+        "attack.images-per-client": "2",
+    }
+    settings = " ".join([f"out-dir='{out}'", *(f"{key}={value}" for key, value in study.items())])
     result = _flwr_run(settings, env, tmp_path)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-3000:]
@@ -50,6 +56,21 @@ def test_flwr_run_writes_the_same_run_directory_with_its_report(
     assert set(leakage["attack"]) == {"aux-mean", "ig"}
     assert leakage.loc[leakage["attack"] == "aux-mean", "reference"].all()
     assert list(pd.read_csv(out / "utility.csv")["round"]) == [0, 1, 2]
+
+    # The same study through `fedleak run` writes the same rows, bit for bit (the server's
+    # thread count once made LPIPS differ in the 8th digit between the two paths).
+    twin = tmp_path / "twin"
+    plain = {key: value.strip("'") for key, value in study.items()}
+    sets = [arg for key, value in plain.items() for arg in ("--set", f"{key}={value}")]
+    command = [sys.executable, "-m", "fedleak.simulations.cli", "run", "quickstart", *sets]
+    command += ["--num-clients", "2", "--client-cpus", "1", "--out", str(twin)]
+    subprocess.run(command, check=True, capture_output=True, timeout=600)
+    timings = ["seconds", "round_seconds", "attack_seconds"]
+    for name in ("utility.csv", "leakage.parquet"):
+        read = pd.read_csv if name.endswith(".csv") else pd.read_parquet
+        ours, theirs = (read(folder / name) for folder in (twin, out))
+        ours, theirs = (f.drop(columns=[c for c in timings if c in f]) for f in (ours, theirs))
+        pd.testing.assert_frame_equal(ours, theirs, check_exact=True, obj=name)
 
     # A bad setting reaches the user as one line in the stream (the SuperLink is already up).
     failed = _flwr_run(f"out-dir='{tmp_path / 'bad'}' attack.names='nope'", env, tmp_path)

@@ -251,3 +251,47 @@ def test_a_ctrl_c_while_the_command_line_loads_is_one_line_and_130() -> None:
         [sys.executable, "-c", interrupt_on_load], capture_output=True, text=True, timeout=60
     )
     assert (done.returncode, done.stderr) == (130, "fedleak: interrupted\n")
+
+
+def _descendants(pid: int) -> list[int]:
+    found = []
+    for child in children(pid):
+        found += [child, *_descendants(child)]
+    return found
+
+
+def _client_actor(pid: int) -> int | None:
+    for child in _descendants(pid):
+        try:
+            if "ClientAppActor" in Path(f"/proc/{child}/cmdline").read_text():
+                return child
+        except OSError:
+            continue
+    return None
+
+
+def test_a_simulated_client_that_dies_fails_the_run_instead_of_shrinking_it(
+    tmp_path: Path,
+) -> None:
+    """Flower does not replace a client actor that died: the rounds after it would go on
+    with fewer clients than the study was configured with, and end DONE. Only sim.fail-rate's
+    injected failures belong to a study; a real one stops the run with one line."""
+    out = tmp_path / "run"
+    slow = [*SLOW_ROUNDS, "--set", "num-server-rounds=3", "--set", "attack.max-seconds=4"]
+    run = _fedleak("run", "quickstart", *slow, "--out", str(out), start_new_session=True)
+    try:
+        _wait_for(lambda: 1 in _rounds(out), 300, "round 1 to be recorded")
+        actor = _client_actor(run.pid)
+        assert actor is not None, "no Ray client actor found"
+        os.kill(actor, signal.SIGKILL)
+        _, err = run.communicate(timeout=300)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    assert run.returncode == 1, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("fedleak: run failed: "), last
+    assert "a client failed" in last and "sim.resume=true" in last
+    assert not (out / "DONE").exists()
+    assert "a client failed" in json.loads((out / "FAILED").read_text())["reason"]
+    assert _rounds(out)[-1] < 3  # the round that lost the client is not recorded

@@ -17,7 +17,7 @@ from fedleak.config import RunConfig, parse_flat
 from fedleak.data import client_rows, partition_rows, poisson_rows
 from fedleak.defenses import PartnerPool, parse_defense_spec
 from fedleak.heap import reuse_freed_memory
-from fedleak.messages import partition_answer, reply_content
+from fedleak.messages import INJECTED_FAILURE, partition_answer, reply_content
 from fedleak.models import build_model
 from fedleak.runtime import federated_data, local_training, model_spec, resolve_device
 from fedleak.seeds import mix_seed
@@ -58,7 +58,7 @@ def train_reply(msg: Message, context: Context, config: RunConfig) -> Message:
         draw = np.random.default_rng([config.seed, partition_id, server_round, 0xFA11]).random()
         if draw < config.sim.fail_rate:
             raise InjectedClientFailure(
-                f"client {partition_id} failed on purpose in round {server_round} "
+                f"client {partition_id} {INJECTED_FAILURE} in round {server_round} "
                 f"(sim.fail-rate={config.sim.fail_rate})"
             )
     fd = federated_data(config, num_partitions)

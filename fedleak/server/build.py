@@ -126,13 +126,15 @@ def build_strategy(
     sink: RoundSink | None = None,
     payload_check: Callable[[int], object] | None = None,
     central_releases: Mapping[int, int] | None = None,
+    simulated: bool = False,
 ) -> CuriousStrategy:
     """FedAvg (inside Flower's central-DP wrapper when configured) wrapped by the curious
     server, with its attacks and their budget; or `inner`, a foreign app's own strategy,
     which then selects its clients itself. `sink` receives the strategy's records (None: a
     `RoundHistory` in memory); `payload_check` may refuse a round before any client works;
     `central_releases`: central DP's releases before a resume, as its checkpoint recorded them
-    (None: the `offset` rounds before it count as releases)."""
+    (None: the `offset` rounds before it count as releases); `simulated`: the clients run in
+    Flower's simulation engine, where only injected client failures are part of the study."""
     train = config.train
     selection = None
     if inner is None:
@@ -202,4 +204,5 @@ def build_strategy(
         payload_check=payload_check,
         selection=selection,
         attacked_rounds=attacked_rounds(attack.rounds, config.num_server_rounds),
+        simulated=simulated,
     )

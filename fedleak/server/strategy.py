@@ -47,6 +47,7 @@ from fedleak.messages import (
     BUFFERS,
     DECLARED,
     EXTRA_RECORDS,
+    INJECTED_FAILURE,
     METRICS,
     NUM_EXAMPLES,
     PARTITION_ID,
@@ -88,6 +89,11 @@ class ClientReply:
 
     observation: Observation
     truth: GroundTruth | None  # None: a foreign client that declared no batch
+
+
+class ClientCrashed(RuntimeError):
+    """A simulated client failed for a reason the study did not inject (its Ray actor died,
+    its code raised): the rounds after it would silently drop that client's updates."""
 
 
 def error_line(reason: str) -> str:
@@ -188,8 +194,10 @@ class CuriousStrategy(Strategy):
         payload_check: Callable[[int], object] | None = None,
         selection: ClientSelection | None = None,
         attacked_rounds: frozenset[int] | None = None,
+        simulated: bool = False,
     ) -> None:
         self.inner = inner
+        self.simulated = simulated
         self.selection = selection
         self.public = public
         self.runner = runner
@@ -295,6 +303,7 @@ class CuriousStrategy(Strategy):
         errors = [error_line(msg.error.reason) for msg in replies if msg.has_error()]
         for reason in errors:
             log.warning("round %d: client reply failed: %s", server_round, reason)
+        self.check_failures(server_round, errors)
         split = [self.split(server_round, msg) for msg in valid]
         check_distinct_partitions(
             [reply.observation.client_id for reply in split], f"in round {server_round}"
@@ -322,6 +331,19 @@ class CuriousStrategy(Strategy):
         if aggregate is None or foreign:
             return aggregate, metrics
         return ArrayRecord(self.step(tensors_of(aggregate), buffers)), metrics
+
+    def check_failures(self, server_round: int, errors: list[str]) -> None:
+        """In a simulation, refuse a round that lost a client for any reason but
+        `sim.fail-rate`'s seeded draw: Flower does not replace a dead client actor, so every
+        later round would lose clients too, and the study would no longer be the configured
+        one. A deployment's nodes may leave; their rounds go on without them."""
+        real = [reason for reason in errors if INJECTED_FAILURE not in reason]
+        if self.simulated and real:
+            raise ClientCrashed(
+                f"round {server_round}: a client failed ({real[0]}); in a simulation only "
+                "sim.fail-rate's seeded failures belong to the study, so the run stops before "
+                "recording this round: remove the cause and resume with --set sim.resume=true"
+            )
 
     def split(self, server_round: int, msg: Message) -> ClientReply:
         """The attacker's view and the auditor's view of one reply."""

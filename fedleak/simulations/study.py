@@ -24,6 +24,7 @@ from flwr.common.logger import FLOWER_LOGGER
 from flwr.common.logger import log as flwr_log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
 from fedleak.config import RunConfig, parse_flat
 from fedleak.data import FederatedData
@@ -40,6 +41,7 @@ from fedleak.server.grid import StoppableGrid
 from fedleak.server.payload import check_round_payload
 from fedleak.server.privacy import PrivacyLedger
 from fedleak.server.selection import FederationError, declared_federation
+from fedleak.server.strategy import ClientCrashed
 from fedleak.server.validate import validate_components
 from fedleak.simulations.recording import (
     RunRecorder,
@@ -136,9 +138,17 @@ def serve(
     lock = RunLock(path)
     lock.probe()
     RunDirectory.check_target(path, resume=config.sim.resume)
-    with lock:
-        check_resumable(config, path, clients, client_threads)
-        return _serve(StoppableGrid(grid), config, path, device, app, clients, client_threads)
+    # One intra-op thread on every path (`fedleak run`, `flwr run`, a deployment's ServerApp):
+    # sums split over another number of threads round differently (LPIPS scores differed in
+    # the 8th digit under `flwr run`), and the run directory must not depend on the path.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with lock:
+            check_resumable(config, path, clients, client_threads)
+            return _serve(StoppableGrid(grid), config, path, device, app, clients, client_threads)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def check_resumable(
@@ -267,6 +277,7 @@ def _serve(
         sink=recorder,
         payload_check=functools.partial(check_round_payload, config, spec),
         central_releases=accounting.central_releases if accounting is not None else None,
+        simulated=app is None and isinstance(grid.inner, InMemoryGrid),
     )
     evaluation = GlobalEvaluation(spec, fd, device)
     train = config.train
@@ -285,7 +296,7 @@ def _serve(
     except RunInterrupted:
         run_dir.write_summary()  # the finished rounds, for whoever looks before resuming
         raise
-    except FederationError as error:
+    except (FederationError, ClientCrashed) as error:
         _fail(run_dir, str(error))
     run_dir.write_summary()
     return _finish(run_dir, recorder.first_error)
