@@ -38,7 +38,7 @@ from fedleak.attacks.types import (
     UpdateKind,
 )
 from fedleak.defenses.spec import parse_defense_spec
-from fedleak.metrics import assign, label_accuracy, score_images
+from fedleak.metrics import assign, label_multiset_accuracy, score_images
 from fedleak.models import MODELS, ModelSpec, register_model
 from fedleak.settings import ConfigError
 
@@ -304,7 +304,9 @@ class Leakage:
     """How much of a private batch a reconstruction reveals, per matched pair.
 
     `pairs`: (reconstruction index, private index) of each matched pair; `mse`, `psnr`, `ssim`,
-    `lpips` are per pair (LPIPS NaN when it was not computed); `label_accuracy` over pairs.
+    `lpips` are per pair (LPIPS NaN when it was not computed); `label_accuracy`: the share of
+    the private labels recovered, as a multiset (a batch update says which labels it holds,
+    not which image carries which).
     """
 
     pairs: list[tuple[int, int]]
@@ -371,7 +373,7 @@ def score(
     nan = torch.full((len(recon_idx),), math.nan)
     accuracy = math.nan
     if labels is not None and predicted is not None:
-        accuracy = label_accuracy(predicted[recon_idx], labels[truth_idx])
+        accuracy = label_multiset_accuracy(predicted[recon_idx], labels[truth_idx])
     return Leakage(
         pairs=list(zip(recon_idx.tolist(), truth_idx.tolist(), strict=True)),
         mse=scores["mse"],

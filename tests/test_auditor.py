@@ -3,6 +3,7 @@ the client's data included), records convergence, and never ends a round."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -225,3 +226,25 @@ def test_a_poisson_batch_of_another_size_leaves_every_private_sample_one_row() -
         (r["sample"], r["target_index"])
         for r in auditor.score(_observation(2), "a", guess, one, {})
     ] == [(0, 0)]
+
+
+def test_a_batchs_labels_are_scored_as_a_multiset_not_by_the_pixel_pairing() -> None:
+    """A batch update reveals which labels the batch holds, not which image carries which: an
+    exactly recovered multiset scores 100% however the images pair, each label once."""
+    truth = GroundTruth(0, _images(4, 0), torch.tensor([1, 5, 7, 7]))
+    # Each guess is nearest to the next private image, so the pixel pairing puts every
+    # recovered label beside another image's truth.
+    shifted = truth.inputs[[1, 2, 3, 0]] + 0.01
+    guess = Reconstruction(inputs=shifted, labels=torch.tensor([1, 5, 7, 7]))
+    rows = Auditor(lpips_nets=()).score(_observation(4), "a", guess, truth, {})
+    assert sum(r["pred_label"] == r["true_label"] for r in rows) == 1  # the pairing's view
+    assert [r["label_acc"] for r in rows] == [1.0] * 4
+    # A repeat counts as often as the batch holds it: [7, 7, 7, 1] recovers 1, 7, 7 of four.
+    repeated = Reconstruction(inputs=shifted, labels=torch.tensor([7, 7, 7, 1]))
+    rows = Auditor(lpips_nets=()).score(_observation(4), "a", repeated, truth, {})
+    assert sum(r["label_acc"] for r in rows) == 3.0
+    # Each sample shared alone keeps its own pairing: there the position is known.
+    alone = Reconstruction(inputs=truth.inputs.clone(), labels=torch.tensor([5, 1, 7, 7]))
+    single = dataclasses.replace(_observation(4), per_sample_updates={})
+    rows = Auditor(lpips_nets=()).score(single, "a", alone, truth, {})
+    assert sum(r["label_acc"] for r in rows) == 2.0

@@ -24,6 +24,7 @@ from fedleak.metrics import (
     label_multiset_accuracy,
     load_lpips,
     mse,
+    multiset_credit,
     psnr,
     score_images,
     ssim,
@@ -267,5 +268,9 @@ def test_label_accuracy() -> None:
     soft = F.one_hot(true, 5).float() * 0.7 + 0.06  # MixUp-style soft targets
     assert label_accuracy(torch.tensor([1, 2, 3, 0]), soft) == 0.75
     assert label_multiset_accuracy(torch.tensor([3, 3, 2, 2]), true) == 0.75
+    # Per pair: a pair whose own truth agrees is credited first; each true label once.
+    assert multiset_credit([3, 3, 2, 2], [1, 2, 3, 3]) == [True, True, True, False]
+    assert multiset_credit([2, 1, 3, 3], [1, 2, 3, 3]) == [True, True, True, True]
+    assert multiset_credit([7, 7, 7], [7, 1, 7]) == [True, False, True]
     with pytest.raises(ValueError, match="differ in size"):
         label_accuracy(torch.tensor([1]), true)

@@ -7,7 +7,7 @@ import torch
 
 from fedleak.metrics.assignment import ASSIGN_METRICS, assign, cost_matrix
 from fedleak.metrics.image import PSNR_MAX_DB, ImageShapeError, mse, psnr, ssim
-from fedleak.metrics.labels import label_accuracy, label_multiset_accuracy
+from fedleak.metrics.labels import label_accuracy, label_multiset_accuracy, multiset_credit
 from fedleak.metrics.lpips import (
     LPIPS_MIN_SIZE,
     LPIPS_NETS,
@@ -54,6 +54,7 @@ __all__ = [
     "label_multiset_accuracy",
     "load_lpips",
     "mse",
+    "multiset_credit",
     "pairwise_token_mismatch",
     "psnr",
     "rouge",

@@ -16,7 +16,14 @@ import torch
 
 from fedleak.attacks.types import Observation, Reconstruction, converged
 from fedleak.defenses import unsigned
-from fedleak.metrics import assign, label_accuracy, rouge, score_images, token_accuracy
+from fedleak.metrics import (
+    assign,
+    label_accuracy,
+    multiset_credit,
+    rouge,
+    score_images,
+    token_accuracy,
+)
 
 Decoder = Callable[[Sequence[int]], str]
 
@@ -299,6 +306,8 @@ class Auditor:
                     **_label_fields(reconstruction, r, true),
                 }
             )
+        if not (in_order and len(recon) == len(shown)):
+            _score_labels_as_multiset(rows)
         return rows
 
     def _score_tokens(
@@ -397,6 +406,19 @@ def _metric_fields(scores: Mapping[str, torch.Tensor], j: int) -> dict[str, floa
     fields = {"lpips_alex": float("nan"), "lpips_vgg": float("nan")}
     fields.update({name: float(values[j]) for name, values in scores.items()})
     return fields
+
+
+def _score_labels_as_multiset(rows: list[dict[str, object]]) -> None:
+    """`label_acc` of rows paired by assignment: whether each row's recovered label is one of
+    the batch's, each counted once (`multiset_credit`); `true_label` and `pred_label` keep the
+    pixel pairing."""
+    scored = [row for row in rows if not math.isnan(float(row["label_acc"]))]  # type: ignore[arg-type]
+    credit = multiset_credit(
+        [int(row["pred_label"]) for row in scored],  # type: ignore[call-overload]
+        [int(row["true_label"]) for row in scored],  # type: ignore[call-overload]
+    )
+    for row, recovered in zip(scored, credit, strict=True):
+        row["label_acc"] = float(recovered)
 
 
 def _label_fields(
