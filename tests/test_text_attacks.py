@@ -9,6 +9,7 @@ numbers are printed (run with -s to see them).
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 
 import pytest
@@ -266,6 +267,25 @@ def test_tag_rows_record_its_matching_loss_and_convergence(
             cut_tenfold = row["loss_final"] <= CONVERGED_RATIO * row["loss_start"]
             assert row["converged"] == float(cut_tenfold)
     assert {row["converged"] for row in rows} == {0.0}  # an attack that never moved
+
+
+def test_the_printed_sign_hinge_leaves_convergence_undecided(
+    world: dict[str, object], one_thread: None
+) -> None:
+    """The printed hinge is zero at any flat point (targets equal to the model's predictions),
+    so its tenfold fall certified fits that never happened; the normalised hinge still judges."""
+    private = world["private"][:2]  # type: ignore[index]
+    observation = observe(world["spec"], world["weights"], "sign", private)  # type: ignore[arg-type]
+    knowledge, truth = world["knowledge"], GroundTruth(0, private, private)
+    auditor = Auditor(lpips_nets=(), decode=world["tokenizer"].decode)  # type: ignore[attr-defined]
+    printed = TAG(TAGConfig()).reconstruct(observation, knowledge, Budget(30, 1e9))
+    assert printed.loss_start is None and printed.loss_final is None
+    assert "convergence not judged" in printed.message
+    for row in auditor.score(observation, "tag", printed, truth, {}):
+        assert math.isnan(row["converged"])
+    normalised = TAG(TAGConfig(normalised_hinge=True))
+    judged = normalised.reconstruct(observation, knowledge, Budget(30, 1e9))
+    assert judged.loss_start is not None and judged.loss_final is not None
 
 
 def test_tag_refuses_images_and_image_attacks_refuse_tokens(world: dict[str, object]) -> None:

@@ -56,7 +56,10 @@ def _bins_ok(bins: int | float) -> bool:
 class TextLTIConfig(Settings):
     """Text LTI's settings; the defaults are the paper's (section 4.2): MLP 600 -> 1,000 with
     ReLU, hashing to 10% of the update, Adam, batch 64, 20 epochs, learning rate chosen per
-    defense from {1e-3, 1e-4, 1e-5} there (1e-3 here for every defense).
+    defense from {1e-3, 1e-4, 1e-5} there (1e-3 here for every defense). Two additions are
+    not the paper's: each parameter's block of the update is scaled to unit norm before
+    hashing (`block_normalise`; false hashes the raw update as the paper does), and the
+    inverter standardises its input features by their mean and spread over its training pairs.
 
     `pseudo`: LTI-P; `pseudo_size`: pseudo-sequence groups drawn per epoch (0: as many as the
     auxiliary training groups). `aux_val_fraction` of the auxiliary sequences, the same ones

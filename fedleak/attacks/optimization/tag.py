@@ -134,6 +134,13 @@ class TAGLoss:
     clip: float = 0.0  # DP-SGD's C, replayed on the dummy (`ReplayOutput.clipped`)
 
     @property
+    def judges_fit(self) -> bool:
+        """Whether a fall of this loss says the dummy fits the update: the printed sign hinge
+        reaches zero at any point whose gradient vanishes (the module docstring), so its fall
+        from the start says nothing and `converged` is left undecided."""
+        return not (self.kind == "tag-sign" and not self.normalised_hinge)
+
+    @property
     def name(self) -> str:
         """A label for reports, e.g. `tag+mask`, `tag+clip`."""
         return self.kind + ("+mask" if self.masked else "") + ("+clip" if self.clip > 0 else "")
@@ -328,6 +335,9 @@ class TAG:
         diverged = int(torch.isinf(kept).sum())
         finite = kept[torch.isfinite(kept)]
         message = f"matching={loss.name}; stopped by {outcome.stopped_by}"
+        judged = loss.judges_fit
+        if not judged:
+            message += "; convergence not judged (the printed sign hinge is zero at any flat point)"
         if diverged:
             message += f"; {diverged} of {targets} targets diverged (last finite iterate returned)"
         return Reconstruction(
@@ -345,6 +355,6 @@ class TAG:
             },
             # Each of a target's samples carries its problem's matching losses, from which the
             # auditor records `loss_start`, `loss_final` and `converged` as for image attacks.
-            loss_start=initial.repeat_interleave(samples).detach().cpu(),
-            loss_final=kept.repeat_interleave(samples).detach().cpu(),
+            loss_start=initial.repeat_interleave(samples).detach().cpu() if judged else None,
+            loss_final=kept.repeat_interleave(samples).detach().cpu() if judged else None,
         )
