@@ -134,7 +134,15 @@ class StepwiseConfig(IGConfig):
     """HFGradInv's stepwise inversion: `stages` stages from deep to shallow layers, each with
     IG's schedule restarted over its share of the iterations; gradient dropout `dropout`; TV
     from stage `tv_stage` on and the BatchNorm prior (models with BatchNorm) from `bn_stage` on
-    (stages are numbered from 1)."""
+    (stages are numbered from 1).
+
+    Where this differs from the paper's setup (Ye et al. 2024, Eq. 11-12), which a `stepwise`
+    row must not be read past: the paper's TV is the sum of squared neighbour differences at
+    0.01, this is IG's mean absolute difference at IG's weight; its BatchNorm weight is 1e-4,
+    this 1e-3; it switches TV on at 20% and the prior at 33% of the iterations, these defaults
+    at 25% and 50% (stage boundaries); it decays one learning rate over the whole run, IG's
+    schedule restarts here in each stage; and it never matches ResNet's first block, the last
+    stage here matches every layer."""
 
     stages: int = setting(4, low=1, doc="stages from the deepest layers to all layers")
     dropout: float = setting(0.3, low=0.0, high=1.0, high_open=True, doc="gradient dropout")
