@@ -328,10 +328,13 @@ data-dir = "{tmp_path / "empty"}"
 def test_overrides_apply_to_every_cell_last(tmp_path: Path) -> None:
     text = GRID + '\n[[sweep.cells]]\n"attack.max-iterations" = 7\n'
     plan = load_sweep(_write(tmp_path, text), {"num-server-rounds": 1, "attack.max-iterations": 3})
+    # A cell's id and record show the value it runs with, not the one --set replaced.
     assert [c.id for c in plan.cells][:2] == [
-        "cell-000-max-iterations-7_B1_none",
-        "cell-001-max-iterations-7_B1_prune-0.5",
+        "cell-000-max-iterations-3_B1_none",
+        "cell-001-max-iterations-3_B1_prune-0.5",
     ]
+    assert plan.cells[0].overrides["attack.max-iterations"] == 3
+    assert plan.command_line == {"num-server-rounds": 1, "attack.max-iterations": 3}
     assert {(c.config.num_server_rounds, c.config.attack.max_iterations) for c in plan.cells} == {
         (1, 3)
     }

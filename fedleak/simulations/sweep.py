@@ -159,6 +159,7 @@ class SweepPlan:
     client_gpus: float
     skip_unavailable_data: bool
     base: RunConfig
+    command_line: Mapping[str, Any]  # the --set overrides, applied to the base and every cell
     cells: tuple[Cell, ...]
     # The sweep's other cells, which `--cells` left out: sweep.json keeps listing them.
     unselected: tuple[Cell, ...] = ()
@@ -348,7 +349,10 @@ def load_sweep(
     combos = [{**cell, **point} for cell in (explicit or [{}]) for point in points]
     planned: list[Cell] = []
     seen: dict[tuple[tuple[str, Any], ...], int] = {}
-    for index, overrides in enumerate(combos):
+    for index, combo in enumerate(combos):
+        # A --set on a key the cell sets wins, and the cell's id and record say so: a cell
+        # labelled with the value it did not run would mislabel its rows.
+        overrides = {key: extra.get(key, value) for key, value in combo.items()}
         label = f"cell {index} ({', '.join(f'{k}={v!r}' for k, v in overrides.items())})"
         try:
             config = parse_flat({**overrides, **extra}, base)
@@ -372,6 +376,7 @@ def load_sweep(
         client_gpus=_float(section, "client-gpus", 0.0, positive=False),
         skip_unavailable_data=_bool(section, "skip-unavailable-data"),
         base=base,
+        command_line=extra,
         cells=selected,
         unselected=tuple(c for c in planned if c.id not in chosen),
     )
@@ -598,6 +603,7 @@ def _write_manifest(sweep_dir: Path, plan: SweepPlan, status: Mapping[str, dict[
         "num_clients": plan.num_clients,
         "parallel": plan.parallel,
         "varying": list(plan.varying),
+        "set": dict(plan.command_line),
         "updated": datetime.now(UTC).isoformat(timespec="seconds"),
         "cells": [
             {
