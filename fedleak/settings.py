@@ -467,7 +467,10 @@ def parse_settings(base: T, values: Mapping[str, Any], prefix: str = "") -> T:
         path = _path_of(cls, key)
         spec = keys[key]
         updates[path] = coerce(prefix + key, raw, spec.kind, spec.rule)
-    return _apply(base, updates)
+    try:
+        return _apply(base, updates)
+    except ConfigError as error:  # a check across fields names its keys without the prefix
+        raise ConfigError(f"{prefix}{error}") from None
 
 
 def _path_of(cls: type, key: str) -> tuple[str, ...]:

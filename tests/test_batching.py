@@ -98,7 +98,7 @@ def _round(
         ("ig", {}, 2, "batch", 6, 0),
         # FedAvg's unrolled steps: vmap over the stacked problems, autograd for one alone.
         ("ig", {}, 2, "batch", 6, 2),
-        ("stepwise", {"stages": 2}, 2, "per-sample", 6, 0),
+        ("stepwise", {"stages": 2, "bn_stage": 2}, 2, "per-sample", 6, 0),
         # L-BFGS without line search amplifies round-off: 6e-8 after 1 step, 3e-3 after 4.
         ("dlg", {}, 1, "batch", 3, 0),
     ],

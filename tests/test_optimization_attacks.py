@@ -577,6 +577,9 @@ def test_registry_names_and_errors():
         ("ig", {"adaptive": "no"}, "attack.ig.adaptive='no': expected true or false"),
         ("ig", {"milestones": [0.5, 1.5]}, "attack.ig.milestones=[0.5, 1.5]: expected a list"),
         ("aux-mean", {"x": 1}, "attack.aux-mean.x: unknown setting; attack 'aux-mean' takes no"),
+        # A stage after the last never comes: the BatchNorm prior would silently stay off.
+        ("stepwise", {"stages": 2}, "attack.stepwise.bn-stage=3: expected a stage from 1 to"),
+        ("stepwise", {"stages": 1}, "attack.stepwise.tv-stage=2: expected a stage from 1 to"),
     ]
     for name, params, message in refusals:
         with pytest.raises(ConfigError) as error:

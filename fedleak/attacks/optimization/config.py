@@ -37,7 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from fedleak.settings import Settings, setting
+from fedleak.settings import ConfigError, Settings, setting
 
 LabelMethod = Literal["auto", "idlg", "rows", "counts", "joint"]
 Init = Literal["randn", "rand", "half", "aux-mean"]
@@ -149,6 +149,16 @@ class StepwiseConfig(IGConfig):
     tv_stage: int = setting(2, low=1, doc="first stage with total variation")
     bn_stage: int = setting(3, low=1, doc="first stage with the BatchNorm prior")
     bn_weight: float = 1e-3
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        late = {"tv-stage": self.tv_stage, "bn-stage": self.bn_stage}
+        for key, stage in late.items():
+            if stage > self.stages:
+                raise ConfigError(
+                    f"{key}={stage}: expected a stage from 1 to stages={self.stages}; a later "
+                    "stage never comes, so that term would silently stay off"
+                )
 
 
 # GradAttack's TV weights per defense (their section 5 / appendix A); 1e-2 without one.
