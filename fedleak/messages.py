@@ -26,6 +26,7 @@ DECLARED = "fedleak-declared"  # added to a foreign app's reply by fedleak's cli
 EXTRA_RECORDS = (AUDIT, PER_SAMPLE, BN_STATS, BUFFERS, DECLARED)
 PARTITION_ID, NUM_EXAMPLES = "partition-id", "num-examples"
 NUM_PARTITIONS = "num-partitions"
+CLIENT_THREADS = "client-threads"
 # Words every injected client failure (`sim.fail-rate`) says, by which the server tells them apart.
 INJECTED_FAILURE = "failed on purpose"
 _QUERY = "query"
@@ -103,14 +104,26 @@ def partition_query() -> RecordDict:
     return RecordDict({_QUERY: ConfigRecord({"ask": PARTITION_ID})})
 
 
-def partition_answer(partition_id: int, num_partitions: int | None = None) -> RecordDict:
-    """A ClientApp's answer to `partition_query`: its partition id, and into how many
-    partitions its node was told the data is split (the federation's size, which a server
-    behind a SuperLink cannot count while nodes still join)."""
+def partition_answer(
+    partition_id: int, num_partitions: int | None = None, threads: int | None = None
+) -> RecordDict:
+    """A ClientApp's answer to `partition_query`: its partition id, into how many partitions
+    its node was told the data is split (the federation's size, which a server behind a
+    SuperLink cannot count while nodes still join) and the torch threads it computes with
+    (a resume on another count would round differently)."""
     answer = {PARTITION_ID: int(partition_id)}
     if num_partitions is not None:
         answer[NUM_PARTITIONS] = int(num_partitions)
+    if threads is not None:
+        answer[CLIENT_THREADS] = int(threads)
     return RecordDict({METRICS: MetricRecord(answer)})
+
+
+def threads_of(content: RecordDict) -> int | None:
+    """The torch threads a query answer declares, or None."""
+    if METRICS not in content or CLIENT_THREADS not in content[METRICS]:
+        return None
+    return int(content[METRICS][CLIENT_THREADS])
 
 
 def num_partitions_of(content: RecordDict) -> int | None:

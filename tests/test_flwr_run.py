@@ -8,6 +8,7 @@ SuperLink it started (found by that FLWR_HOME in its command line) is stopped af
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -71,6 +72,9 @@ def test_flwr_run_writes_the_same_run_directory_with_its_report(
         ours, theirs = (read(folder / name) for folder in (twin, out))
         ours, theirs = (f.drop(columns=[c for c in timings if c in f]) for f in (ours, theirs))
         pd.testing.assert_frame_equal(ours, theirs, check_exact=True, obj=name)
+    # Both record the threads their clients computed with, which a resume must match.
+    threads = [json.loads((f / "environment.json").read_text()) for f in (out, twin)]
+    assert threads[0]["client_threads"] == threads[1]["client_threads"] == 1
 
     # A bad setting reaches the user as one line in the stream (the SuperLink is already up).
     failed = _flwr_run(f"out-dir='{tmp_path / 'bad'}' attack.names='nope'", env, tmp_path)

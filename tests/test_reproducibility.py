@@ -18,10 +18,11 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.app import Error as MessageError
+from flwr.common.constant import ErrorCode
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedleak.messages import partition_answer, partition_id_of
+from fedleak.messages import INJECTED_FAILURE, partition_answer, partition_id_of
 from fedleak.models.spec import ModelSpec
 from fedleak.server.auditor import Auditor
 from fedleak.server.central_dp import CentralDP
@@ -33,7 +34,7 @@ from fedleak.server.selection import (
     check_distinct_partitions,
     declared_federation,
 )
-from fedleak.server.strategy import CuriousStrategy, PublicSetting
+from fedleak.server.strategy import ClientCrashed, CuriousStrategy, PublicSetting
 
 
 @pytest.fixture(autouse=True)
@@ -76,7 +77,7 @@ class FakeGrid:
             else:
                 size = self.declared
                 answer = partition_answer(
-                    partition, size.get(partition) if isinstance(size, dict) else size
+                    partition, size.get(partition) if isinstance(size, dict) else size, threads=3
                 )
                 reply = Message(content=answer, reply_to=msg)
             replies.append(reply)
@@ -182,7 +183,9 @@ def test_the_federation_size_is_what_the_nodes_declare() -> None:
     """Behind a SuperLink the server counted the nodes connected at the start: a node that
     joined later was a partition the privacy ledger did not know (the ServerApp crashed in
     round 3, and rounds 1-2 reported ε 6.29 for a partition assumed twice its size, 7.04)."""
-    assert declared_federation(FakeGrid(1, 0, declared=2), None) == 2
+    declared = declared_federation(FakeGrid(1, 0, declared=2), None)
+    assert declared is not None and declared.num_partitions == 2
+    assert declared.client_threads == 3  # what the nodes compute with (FakeGrid's answer)
     assert declared_federation(FakeGrid(3, 0), None) is None  # nodes that do not say
     with pytest.raises(FederationError, match=r"^2 nodes declare partition-id=0 at the start"):
         declared_federation(FakeGrid(2, 0, declared=2, ids=(0, 0)), None)
@@ -272,3 +275,28 @@ def test_inter_instahide_runs_and_is_scored_against_private_images_only(
     assert len(original) == len(encoded) > 0
     assert set(original.target_index) == {0}
     assert original.psnr.notna().all() and original.converged.notna().any()
+
+
+def test_a_simulation_stops_on_a_client_it_did_not_mean_to_lose() -> None:
+    """Flower never replaces a dead client actor: a run that went on would lose clients in
+    every later round. Only seeded failures (and an audited app's own exceptions) are part of
+    a simulated study; a deployment's nodes may leave."""
+    raised, dead = ErrorCode.CLIENT_APP_RAISED_EXCEPTION, ErrorCode.UNKNOWN
+    injected = f"client 1 {INJECTED_FAILURE} in round 2 (sim.fail-rate=0.5)"
+    own = _strategy()
+    own.simulated = True
+    own.check_failures(2, [raised], [injected])
+    for code, reason in ((raised, "ValueError: a bug"), (dead, "The actor is dead")):
+        with pytest.raises(ClientCrashed, match=r"^round 2: a client failed \("):
+            own.check_failures(2, [code], [reason])
+    foreign = _strategy()
+    foreign.simulated, foreign.own_clients = True, False
+    foreign.check_failures(2, [raised], ["ValueError: the app's own"])
+    with pytest.raises(ClientCrashed):
+        foreign.check_failures(2, [dead], ["The actor is dead"])
+    deployed = _strategy()
+    deployed.check_failures(2, [dead, raised], ["node gone", "ValueError: a bug"])
+    # In a round: the failed reply stops it before anything is aggregated or recorded.
+    own.global_weights = {"w": torch.zeros(257)}
+    with pytest.raises(ClientCrashed):
+        own.aggregate_train(1, [_reply(0, torch.ones(257), 1), _failed(99)])

@@ -124,8 +124,9 @@ def make_client_app(config: RunConfig | None = None, threads: int | None = None)
     @client.query()
     def query(msg: Message, context: Context) -> Message:
         # The server asks each node once for its partition id (the seeded client selection)
-        # and, at the start, for the federation's size.
-        return Message(content=partition_answer(*node_partition(context)), reply_to=msg)
+        # and, at the start, for the federation's size and the threads its clients use.
+        answer = partition_answer(*node_partition(context), threads=torch.get_num_threads())
+        return Message(content=answer, reply_to=msg)
 
     return client
 

@@ -134,7 +134,8 @@ def build_strategy(
     `RoundHistory` in memory); `payload_check` may refuse a round before any client works;
     `central_releases`: central DP's releases before a resume, as its checkpoint recorded them
     (None: the `offset` rounds before it count as releases); `simulated`: the clients run in
-    Flower's simulation engine, where only injected client failures are part of the study."""
+    Flower's simulation engine, where a client lost to anything but an injected failure (or,
+    for a foreign app, its own exception) ends the run."""
     train = config.train
     selection = None
     if inner is None:
@@ -205,4 +206,5 @@ def build_strategy(
         selection=selection,
         attacked_rounds=attacked_rounds(attack.rounds, config.num_server_rounds),
         simulated=simulated,
+        own_clients=inner is None,
     )

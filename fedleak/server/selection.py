@@ -26,7 +26,7 @@ from flwr.app import Message, MessageType
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from fedleak.messages import num_partitions_of, partition_id_of, partition_query
+from fedleak.messages import num_partitions_of, partition_id_of, partition_query, threads_of
 from fedleak.server.grid import DelegatingGrid
 
 log = logging.getLogger(__name__)
@@ -40,16 +40,27 @@ class FederationError(ValueError):
     disagree on how many partitions there are."""
 
 
-def declared_federation(grid: Grid, timeout: float | None) -> int | None:
-    """How many partitions the connected nodes say the data is split into (their node config's
-    `num-partitions`), or None when none says (a foreign ClientApp). A server behind a
-    SuperLink cannot count the federation while nodes still join, and ε needs every
-    partition's size; nodes that disagree, or share a partition id, are refused."""
+@dataclass(frozen=True)
+class DeclaredFederation:
+    """What the connected nodes declare: how many partitions the data is split into, and the
+    torch threads their clients compute with (None: they do not all say the same)."""
+
+    num_partitions: int
+    client_threads: int | None
+
+
+def declared_federation(grid: Grid, timeout: float | None) -> DeclaredFederation | None:
+    """What the connected nodes declare (their node config's `num-partitions`, their thread
+    count), or None when none says (a foreign ClientApp). A server behind a SuperLink cannot
+    count the federation while nodes still join, and ε needs every partition's size; nodes
+    that disagree, or share a partition id, are refused."""
     declared: dict[int, tuple[int | None, int]] = {}
+    threads: set[int | None] = set()
     for reply in _ask_partitions(grid, grid.get_node_ids(), timeout):
         size = None if reply.has_error() else num_partitions_of(reply.content)
         if size is not None:
             declared[reply.metadata.src_node_id] = (partition_id_of(reply.content), size)
+            threads.add(threads_of(reply.content))
     sizes = sorted({size for _, size in declared.values()})
     if len(sizes) > 1:
         raise FederationError(
@@ -57,7 +68,9 @@ def declared_federation(grid: Grid, timeout: float | None) -> int | None:
             "SuperNode the same num-partitions in its --node-config"
         )
     check_distinct_partitions([partition for partition, _ in declared.values()], "at the start")
-    return sizes[0] if sizes else None
+    if not sizes:
+        return None
+    return DeclaredFederation(sizes[0], threads.pop() if len(threads) == 1 else None)
 
 
 def check_distinct_partitions(partitions: Sequence[int | None], when: str) -> None:

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
@@ -195,9 +196,11 @@ class CuriousStrategy(Strategy):
         selection: ClientSelection | None = None,
         attacked_rounds: frozenset[int] | None = None,
         simulated: bool = False,
+        own_clients: bool = True,
     ) -> None:
         self.inner = inner
         self.simulated = simulated
+        self.own_clients = own_clients
         self.selection = selection
         self.public = public
         self.runner = runner
@@ -300,10 +303,11 @@ class CuriousStrategy(Strategy):
         known = self.selection.partitions if self.selection is not None else None
         replies = canonical_order(replies, known)
         valid = [msg for msg in replies if not msg.has_error()]
-        errors = [error_line(msg.error.reason) for msg in replies if msg.has_error()]
+        failed = [msg.error for msg in replies if msg.has_error()]
+        errors = [error_line(error.reason) for error in failed]
         for reason in errors:
             log.warning("round %d: client reply failed: %s", server_round, reason)
-        self.check_failures(server_round, errors)
+        self.check_failures(server_round, [error.code for error in failed], errors)
         split = [self.split(server_round, msg) for msg in valid]
         check_distinct_partitions(
             [reply.observation.client_id for reply in split], f"in round {server_round}"
@@ -332,18 +336,23 @@ class CuriousStrategy(Strategy):
             return aggregate, metrics
         return ArrayRecord(self.step(tensors_of(aggregate), buffers)), metrics
 
-    def check_failures(self, server_round: int, errors: list[str]) -> None:
-        """In a simulation, refuse a round that lost a client for any reason but
-        `sim.fail-rate`'s seeded draw: Flower does not replace a dead client actor, so every
-        later round would lose clients too, and the study would no longer be the configured
-        one. A deployment's nodes may leave; their rounds go on without them."""
-        real = [reason for reason in errors if INJECTED_FAILURE not in reason]
-        if self.simulated and real:
-            raise ClientCrashed(
-                f"round {server_round}: a client failed ({real[0]}); in a simulation only "
-                "sim.fail-rate's seeded failures belong to the study, so the run stops before "
-                "recording this round: remove the cause and resume with --set sim.resume=true"
-            )
+    def check_failures(self, server_round: int, codes: list[int], errors: list[str]) -> None:
+        """In a simulation, refuse a round that lost a client to the engine (a dead Ray actor,
+        which Flower never replaces, so every later round would lose clients too) or, for
+        fedleak's own clients, to anything but `sim.fail-rate`'s seeded draw: the study would
+        no longer be the configured one. An audited app's own exceptions, and a deployment's
+        nodes that leave, are failed clients of the round, as its strategy counts them."""
+        if not self.simulated:
+            return
+        for code, reason in zip(codes, errors, strict=True):
+            raised = code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+            if not raised or (self.own_clients and INJECTED_FAILURE not in reason):
+                raise ClientCrashed(
+                    f"round {server_round}: a client failed ({reason}); in a simulation only "
+                    "sim.fail-rate's seeded failures belong to the study, so the run stops "
+                    "before recording this round: remove the cause and resume with --set "
+                    "sim.resume=true"
+                )
 
     def split(self, server_round: int, msg: Message) -> ClientReply:
         """The attacker's view and the auditor's view of one reply."""

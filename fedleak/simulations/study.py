@@ -252,9 +252,12 @@ def _serve(
     # ClientApp has no handler for the question (Flower logs an error on each node).
     if clients is None and app is None:
         try:
-            num_clients = declared_federation(grid, config.sim.timeout) or num_clients
+            declared = declared_federation(grid, config.sim.timeout)
         except FederationError as error:
             _fail(run_dir, str(error))
+        if declared is not None:
+            num_clients = declared.num_partitions
+            client_threads = client_threads or declared.client_threads
     run_dir.record_clients(num_clients, client_threads)
     ledger = PrivacyLedger.from_config(config, federated_data(config, num_clients))
     recorder = RunRecorder(
@@ -277,7 +280,7 @@ def _serve(
         sink=recorder,
         payload_check=functools.partial(check_round_payload, config, spec),
         central_releases=accounting.central_releases if accounting is not None else None,
-        simulated=app is None and isinstance(grid.inner, InMemoryGrid),
+        simulated=isinstance(grid.inner, InMemoryGrid),
     )
     evaluation = GlobalEvaluation(spec, fd, device)
     train = config.train
