@@ -269,11 +269,12 @@ def test_tag_rows_record_its_matching_loss_and_convergence(
     assert {row["converged"] for row in rows} == {0.0}  # an attack that never moved
 
 
-def test_the_printed_sign_hinge_leaves_convergence_undecided(
+def test_the_sign_hinges_leave_convergence_undecided(
     world: dict[str, object], one_thread: None
 ) -> None:
     """The printed hinge is zero at any flat point (targets equal to the model's predictions),
-    so its tenfold fall certified fits that never happened; the normalised hinge still judges."""
+    so its tenfold fall certified fits that never happened; the normalised hinge's fall did so
+    too when its budget was cut (token accuracy 0.11)."""
     private = world["private"][:2]  # type: ignore[index]
     observation = observe(world["spec"], world["weights"], "sign", private)  # type: ignore[arg-type]
     knowledge, truth = world["knowledge"], GroundTruth(0, private, private)
@@ -284,7 +285,10 @@ def test_the_printed_sign_hinge_leaves_convergence_undecided(
     for row in auditor.score(observation, "tag", printed, truth, {}):
         assert math.isnan(row["converged"])
     normalised = TAG(TAGConfig(normalised_hinge=True))
-    judged = normalised.reconstruct(observation, knowledge, Budget(30, 1e9))
+    undecided = normalised.reconstruct(observation, knowledge, Budget(30, 1e9))
+    assert undecided.loss_start is None and undecided.loss_final is None
+    plain = observe(world["spec"], world["weights"], "none", private)  # type: ignore[arg-type]
+    judged = normalised.reconstruct(plain, knowledge, Budget(30, 1e9))
     assert judged.loss_start is not None and judged.loss_final is not None
 
 

@@ -135,10 +135,11 @@ class TAGLoss:
 
     @property
     def judges_fit(self) -> bool:
-        """Whether a fall of this loss says the dummy fits the update: the printed sign hinge
-        reaches zero at any point whose gradient vanishes (the module docstring), so its fall
-        from the start says nothing and `converged` is left undecided."""
-        return not (self.kind == "tag-sign" and not self.normalised_hinge)
+        """Whether a fall of this loss says the dummy fits the update. Not the sign hinges':
+        the printed one reaches zero at any point whose gradient vanishes (the module
+        docstring), and the normalised one fell tenfold at a token accuracy of 0.11 when its
+        budget was cut (outside audit), so `converged` is left undecided under sign."""
+        return self.kind != "tag-sign"
 
     @property
     def name(self) -> str:
@@ -337,7 +338,7 @@ class TAG:
         message = f"matching={loss.name}; stopped by {outcome.stopped_by}"
         judged = loss.judges_fit
         if not judged:
-            message += "; convergence not judged (the printed sign hinge is zero at any flat point)"
+            message += "; convergence not judged (a sign hinge's fall does not mark a fit)"
         if diverged:
             message += f"; {diverged} of {targets} targets diverged (last finite iterate returned)"
         return Reconstruction(
