@@ -34,7 +34,7 @@ from fedleak.server.selection import (
     check_distinct_partitions,
     declared_federation,
 )
-from fedleak.server.strategy import ClientCrashed, CuriousStrategy, PublicSetting
+from fedleak.server.strategy import ClientCrashed, CuriousStrategy, PublicSetting, error_line
 
 
 @pytest.fixture(autouse=True)
@@ -296,6 +296,10 @@ def test_a_simulation_stops_on_a_client_it_did_not_mean_to_lose() -> None:
         foreign.check_failures(2, [dead], ["The actor is dead"])
     deployed = _strategy()
     deployed.check_failures(2, [dead, raised], ["node gone", "ValueError: a bug"])
+    # Ray's reason runs on for sentences: the line keeps whole ones.
+    ray = "The actor is dead because its worker process has died. " + "Worker exit type: x. " * 20
+    line = error_line(ray)
+    assert len(line) <= 300 and line.endswith(".") and ray.startswith(line + " ")
     # In a round: the failed reply stops it before anything is aggregated or recorded.
     own.global_weights = {"w": torch.zeros(257)}
     with pytest.raises(ClientCrashed):

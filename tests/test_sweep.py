@@ -335,6 +335,7 @@ def test_overrides_apply_to_every_cell_last(tmp_path: Path) -> None:
     ]
     assert plan.cells[0].overrides["attack.max-iterations"] == 3
     assert plan.command_line == {"num-server-rounds": 1, "attack.max-iterations": 3}
+    assert "attack.max-iterations" not in plan.varying  # the command line fixed it
     assert {(c.config.num_server_rounds, c.config.attack.max_iterations) for c in plan.cells} == {
         (1, 3)
     }

@@ -377,6 +377,18 @@ def _leaves(record: dict[str, object], prefix: str = "") -> list[tuple[str, str]
     return leaves
 
 
+def _command_line_settings(sweep_dir: Path) -> str:
+    """The sweep's `--set` overrides as sweep.json records them ('' when none or unreadable:
+    the configuration section shows each run's resolved settings all the same)."""
+    try:
+        recorded = json.loads((sweep_dir / MANIFEST).read_text(encoding="utf-8")).get("set")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    if not isinstance(recorded, dict):
+        return ""
+    return ", ".join(f"{key}={value}" for key, value in recorded.items())
+
+
 def _setup_section(study: Study) -> list[Block]:
     blocks: list[Block] = [
         Heading("Runs and times"),
@@ -390,6 +402,9 @@ def _setup_section(study: Study) -> list[Block]:
         source = study.path / SWEEP_SOURCE
         if source.is_file():
             blocks += [Text("The sweep file:"), Code(source.read_text(encoding="utf-8"))]
+        command_line = _command_line_settings(study.path)
+        if command_line:
+            blocks.append(Text(f"Set on the command line, over the file's values: {command_line}."))
         first = study.runs[0]
         blocks += [
             Text(

@@ -104,7 +104,12 @@ def error_line(reason: str) -> str:
     if "Message: " in text:
         text = text.rsplit("Message: ", 1)[1].removesuffix("'>")
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return (lines[-1] if lines else "no reason given")[:300]
+    line = lines[-1] if lines else "no reason given"
+    if len(line) <= 300:
+        return line
+    # Ray's reasons run on for several sentences: keep whole ones.
+    end = line.rfind(". ", 0, 300)
+    return line[: end + 1] if end > 0 else line[:297] + "..."
 
 
 def train_metrics(records: list[RecordDict], weighting_metric_name: str) -> MetricRecord:
@@ -305,9 +310,10 @@ class CuriousStrategy(Strategy):
         valid = [msg for msg in replies if not msg.has_error()]
         failed = [msg.error for msg in replies if msg.has_error()]
         errors = [error_line(error.reason) for error in failed]
+        # A round refused for its failures says so in one line, without a warning per reply.
+        self.check_failures(server_round, [error.code for error in failed], errors)
         for reason in errors:
             log.warning("round %d: client reply failed: %s", server_round, reason)
-        self.check_failures(server_round, [error.code for error in failed], errors)
         split = [self.split(server_round, msg) for msg in valid]
         check_distinct_partitions(
             [reply.observation.client_id for reply in split], f"in round {server_round}"

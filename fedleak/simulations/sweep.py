@@ -166,10 +166,10 @@ class SweepPlan:
 
     @property
     def varying(self) -> tuple[str, ...]:
-        """The keys the cells set, in first-seen order."""
+        """The keys the cells set, in first-seen order, but those the command line fixes."""
         keys: dict[str, None] = {}
         for cell in self.cells:
-            keys.update(dict.fromkeys(cell.overrides))
+            keys.update(dict.fromkeys(k for k in cell.overrides if k not in self.command_line))
         return tuple(keys)
 
 
