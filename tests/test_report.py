@@ -1162,3 +1162,24 @@ def test_report_refuses_records_cut_short_and_drops_the_report_it_wrote(
     assert "says the run ended after round 1" in capsys.readouterr().err
     utility.write_text(whole)
     assert main(["report", str(run.path)]) == 0
+
+
+def test_client_failures_reach_the_runs_table_and_the_verdict(
+    run_report: Path, tmp_path: Path
+) -> None:
+    """A round that lost a client aggregates and attacks the others only: the report says so."""
+    text = (run_report / "report.md").read_text()
+    assert _table(text, "## Runs and times")[1][5] == "0 of 6"
+    assert "failed to reply" not in text
+    lossy = tmp_path / "run"
+    shutil.copytree(run_report, lossy)
+    utility = pd.read_csv(lossy / "utility.csv")
+    second = utility["round"] == 2
+    utility.loc[second, "num_failures"] = 1
+    utility.loc[second, "num_replies"] = 1
+    utility.to_csv(lossy / "utility.csv", index=False)
+    build_report(lossy)
+    text = (lossy / "report.md").read_text()
+    runs = _table(text, "## Runs and times")
+    assert runs[0][5] == "client failures" and runs[1][5] == "1 of 6 (round 2)"
+    assert "Clients failed to reply 1 of the 6 times they were asked" in text

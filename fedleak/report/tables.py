@@ -768,9 +768,23 @@ def _diagnostics(text: str) -> dict[str, float]:
     return json.loads(text) if text else {}
 
 
+def _client_failures(utility: pd.DataFrame) -> str:
+    """Failed replies of all asked over the recorded rounds, and the rounds they fell in."""
+    if not {"num_replies", "num_failures"} <= set(utility.columns):
+        return "–"
+    rounds = utility[utility["round"] > 0]
+    failed = int(rounds["num_failures"].sum())
+    asked = failed + int(rounds["num_replies"].sum())
+    if not failed:
+        return f"0 of {asked}"
+    hit = rounds.loc[rounds["num_failures"] > 0, "round"].astype(int).tolist()
+    shown = ", ".join(map(str, hit[:5])) + (", ..." if len(hit) > 5 else "")
+    return f"{failed} of {asked} (round{'s' if len(hit) > 1 else ''} {shown})"
+
+
 def runs_table(study: Study) -> Table:
-    """Per run (a failed one too): group, defense, seed, rounds finished of configured, time,
-    status."""
+    """Per run (a failed one too): group, defense, seed, rounds finished of configured, client
+    failures, time, status."""
     cells = {c["id"]: c for c in (study.manifest or {}).get("cells", [])}
     body = []
     for run in study.runs:
@@ -789,6 +803,7 @@ def runs_table(study: Study) -> Table:
                 Cell(run.config.defense.label),
                 Cell(str(run.config.seed)),
                 Cell(f"{done} / {run.config.num_server_rounds}"),
+                Cell(_client_failures(run.utility)),
                 Cell("–" if math.isnan(seconds) else f"{seconds:.1f}"),
                 Cell(str(run.environment.get("created", "–"))),
                 Cell(status),
@@ -806,12 +821,24 @@ def runs_table(study: Study) -> Table:
                     Cell("0"),
                     Cell("–"),
                     Cell("–"),
+                    Cell("–"),
                     Cell(f"{cell.get('status')} {cell.get('message') or ''}".strip()),
                 )
             )
     return Table(
-        columns=("run", "group", "defense", "seed", "rounds", "round seconds", "started", "status"),
+        columns=(
+            "run",
+            "group",
+            "defense",
+            "seed",
+            "rounds",
+            "client failures",
+            "round seconds",
+            "started",
+            "status",
+        ),
         rows=tuple(body),
-        caption="Round seconds: the sum of the recorded rounds' wall-clock times (training, "
-        "evaluation and attacks).",
+        caption="Client failures: failed replies of all the clients asked over the recorded "
+        "rounds (the global model of those rounds aggregates the others only). Round seconds: "
+        "the sum of the recorded rounds' wall-clock times (training, evaluation and attacks).",
     )

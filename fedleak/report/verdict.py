@@ -290,7 +290,25 @@ def verdict(study: Study) -> str:
             "are summarised here; the summary table lists every setting."
         )
     sentences = [_setting_sentence(v, baselines.get(v.group)) for v in chosen]
-    return " ".join([*_incomplete(study), *intro, *sentences])
+    return " ".join([*_incomplete(study), *_lost_clients(study), *intro, *sentences])
+
+
+def _lost_clients(study: Study) -> list[str]:
+    """A sentence when clients failed to reply: their rounds aggregate and attack the others
+    only, which a reader of the pooled figures would not otherwise know."""
+    failed = asked = 0
+    for run in study.runs:
+        rounds = run.utility[run.utility["round"] > 0] if "round" in run.utility else None
+        if rounds is None or not {"num_replies", "num_failures"} <= set(rounds.columns):
+            continue
+        failed += int(rounds["num_failures"].sum())
+        asked += int(rounds["num_failures"].sum() + rounds["num_replies"].sum())
+    if not failed:
+        return []
+    return [
+        f"Clients failed to reply {failed} of the {asked} times they were asked; those rounds "
+        "aggregate and attack the others only (Runs and times lists them per run)."
+    ]
 
 
 MAX_RUNS_NAMED = 3
