@@ -276,6 +276,10 @@ def test_strongest_is_marked_only_between_separate_intervals() -> None:
     close = {"ig": median_interval(np.arange(10.0, 20.0)), "dlg": median_interval(np.arange(15.0))}
     assert strongest(close, psnr) is None
     assert strongest({"ig": apart["ig"]}, psnr) is None  # nothing to be stronger than
+    # Behind the floor: the best attack leaks nothing worth marking (the verdict says so).
+    floor = {"aux-mean": median_interval(np.arange(40.0, 50.0))}
+    assert strongest(apart, psnr, floor) is None
+    assert strongest(apart, psnr, {"aux-mean": median_interval(np.arange(20.0, 30.0))}) == "ig"
 
 
 def test_run_tables_match_the_parquet(run_report: Path) -> None:

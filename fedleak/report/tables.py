@@ -5,7 +5,7 @@ Leakage cells show the median with its order-statistic 95% interval and n (`stat
 appears only where it is meaningful (LPIPS and token accuracy, bounded; not dB or MSE, where
 exact reconstructions dominate any mean). Reference baselines (aux-mean) are the
 floor: listed last, labelled, never marked strongest. Within a column the strongest attack is
-bold only when its interval overlaps no other attack's.
+bold only when its interval overlaps no other attack's and its median beats every floor's.
 """
 
 from __future__ import annotations
@@ -173,8 +173,13 @@ def _convergence_cell(summary: SettingSummary) -> Cell:
     return Cell(f"{summary.not_converged} of {summary.attack_runs}")
 
 
-def strongest(cells: Mapping[str, Median | Rate], metric: Metric) -> str | None:
-    """The attack whose median leaks most, if its interval overlaps no other attack's."""
+def strongest(
+    cells: Mapping[str, Median | Rate],
+    metric: Metric,
+    floors: Mapping[str, Median | Rate] | None = None,
+) -> str | None:
+    """The attack whose median leaks most, if its interval overlaps no other attack's and its
+    median leaks more than every floor's (an attack behind a floor leaks nothing to mark)."""
     present = {a: m for a, m in cells.items() if m.n > 0}
     if len(present) < 2:
         return None
@@ -182,6 +187,9 @@ def strongest(cells: Mapping[str, Median | Rate], metric: Metric) -> str | None:
     best = pick(present, key=lambda a: present[a].value)
     if any(present[best].overlaps(m) for a, m in present.items() if a != best):
         return None
+    for floor in (floors or {}).values():
+        if floor.n > 0 and pick(present[best].value, floor.value) == floor.value:
+            return None
     return best
 
 
@@ -216,7 +224,12 @@ def leakage_table(
         }
         medians = {key: _summarise(cell[metric.column], metric) for key, cell in cells.items()}
         best = {
-            d: strongest({a: medians[a, d] for a, ref in order if not ref}, metric) for d in columns
+            d: strongest(
+                {a: medians[a, d] for a, ref in order if not ref},
+                metric,
+                {a: medians[a, d] for a, ref in order if ref},
+            )
+            for d in columns
         }
         for attack, reference in order:
             if all(medians[attack, d].n == 0 for d in columns):
@@ -245,7 +258,8 @@ def _caption_tail(grouped: bool) -> str:
     return (
         "; bold: the attack that leaks most against that defense"
         f"{' within its group' if grouped else ''}, only where its interval overlaps no other "
-        f"attack's; the floor (reference baseline) is never ranked; {NOT_CONVERGED}: the cell "
+        "attack's and its median leaks more than the floor's; the floor (reference baseline) is "
+        f"never ranked; {NOT_CONVERGED}: the cell "
         "holds attack runs that did not converge."
     )
 
