@@ -1115,6 +1115,11 @@ def test_success_is_not_decided_on_vgg_lpips_alone(
     assert f"(success not decided: {reason})" in report
     _headline(run.path)
     assert f"ig (success not decided: {reason})" in capsys.readouterr().out
+    # VGG's values are named where they stand, and the success column says why it is empty.
+    summary = _table(report, "### Summary")
+    assert summary[0][5:7] == ["LPIPS (VGG) median", "LPIPS (VGG) mean ± 95% t"]
+    assert {row[3] for row in summary[1:] if "floor" not in row[1]} == {"not decided"}
+    assert "LPIPS (VGG) " in report.split("## Summary")[0]  # the verdict
     # With AlexNet's measured the same rows are decided.
     alex = _labelled_run(tmp_path / "alex")
     build_report(alex.path)

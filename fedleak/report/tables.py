@@ -363,6 +363,8 @@ class SettingSummary:
     unmatched: int = 0
     # Why no sample's success was decided (`success.n == 0`); '' otherwise.
     undecided: str = ""
+    # The backbone of `lpips`: AlexNet's unless only VGG's was measured.
+    lpips_net: str = "AlexNet"
 
     @property
     def tokens(self) -> bool:
@@ -411,6 +413,7 @@ def setting_summaries(study: Study) -> list[SettingSummary]:
                         diverged=diverged,
                         unmatched=int(unmatched(cell).sum()),
                         undecided="" if success.n else _undecided(cell[lpips], lpips),
+                        lpips_net="VGG" if lpips == "lpips_vgg" else "AlexNet",
                     )
                 )
     return out
@@ -476,7 +479,7 @@ def summary_table(study: Study) -> Table:
             Cell(s.defense),
             Cell(attack_label(s.attack, s.reference)),
             _count_cell(s.psnr.n, s),
-            Cell("–" if s.reference else s.success.text()),
+            Cell("–" if s.reference else ("not decided" if s.undecided else s.success.text())),
             Cell(s.psnr.text(2)),
             Cell(s.lpips.text(3)),
             Cell(format_ci(s.lpips_mean[0], s.lpips_mean[1], 3)),
@@ -485,6 +488,8 @@ def summary_table(study: Study) -> Table:
             row.append(_convergence_cell(s))
         body.append(tuple(row))
     header = ("group",) if grouped else ()
+    # Only VGG's LPIPS measured: say so where its values stand, beside a rule about AlexNet's.
+    net = " (VGG)" if any(s.lpips_net == "VGG" for s in summaries) else ""
     columns = (
         *header,
         "defense",
@@ -492,8 +497,8 @@ def summary_table(study: Study) -> Table:
         "n",
         "success rate",
         "PSNR median (dB)",
-        "LPIPS median",
-        "LPIPS mean ± 95% t",
+        f"LPIPS{net} median",
+        f"LPIPS{net} mean ± 95% t",
         *(("not converged (attack runs)",) if flags else ()),
     )
     return Table(

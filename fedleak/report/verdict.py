@@ -133,7 +133,8 @@ def _scores(s: SettingSummary, rate_given: bool = False) -> str:
     if s.psnr.n:
         parts.append(f"median PSNR {s.psnr.value:.2f} dB")
     if s.lpips.n:
-        parts.append(f"LPIPS {s.lpips.value:.3f}")
+        net = " (VGG)" if s.lpips_net == "VGG" else ""
+        parts.append(f"LPIPS{net} {s.lpips.value:.3f}")
     return ", ".join(parts)
 
 
