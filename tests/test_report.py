@@ -25,11 +25,11 @@ from scipy import stats
 
 from fedleak.config import parse_flat
 from fedleak.metrics.image import psnr as psnr_of
-from fedleak.report.build import build_report
+from fedleak.report.build import _frontier_points, build_report
 from fedleak.report.collect import load_study
 from fedleak.report.rundir import RunDirectory
 from fedleak.report.stats import SUCCESS_FRACTION, mean_ci, median_interval, order_rank
-from fedleak.report.tables import Metric, strongest, summary_table
+from fedleak.report.tables import Metric, originals, strongest, summary_table
 from fedleak.report.verdict import headline
 from fedleak.simulations.cli import _headline, main
 
@@ -1192,3 +1192,25 @@ def test_client_failures_reach_the_runs_table_and_the_verdict(
     runs = _table(text, "## Runs and times")
     assert runs[0][5] == "client failures" and runs[1][5] == "1 of 6 (round 2)"
     assert "Clients failed to reply 1 of the 6 times they were asked" in text
+
+
+def test_the_frontier_points_carry_intervals_floors_and_convergence(sweep_report: Path) -> None:
+    """The frontier drew bare points: no interval, no floor, no mark of unconverged runs,
+    though a point below the floor, or from an attack out of budget, reads as a private one."""
+    study = load_study(sweep_report)
+    points = _frontier_points(study)
+    leakage = originals(study.leakage())  # the rows every table reads
+    for _, point in points.iterrows():
+        here = leakage[(leakage["defense"] == point["defense"])]
+        here = here[here["group"] == point["group"]]
+        rows = here[here["attack"] == point["attack"]]
+        expected = median_interval(rows["psnr"])
+        assert point["n"] == len(rows)
+        assert (point["psnr"], point["psnr_low"], point["psnr_high"]) == (
+            expected.value,
+            expected.low,
+            expected.high,
+        )
+        assert point["psnr_floor"] == here.loc[here["attack"] == "aux-mean", "psnr"].median()
+        assert point["accuracy_low"] <= point["accuracy"] <= point["accuracy_high"]
+        assert point["not_converged"] == bool(rows["converged"].eq(0).any())

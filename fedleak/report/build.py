@@ -32,6 +32,7 @@ from fedleak.report.rundir import (
     lpips_column,
     replace_owned_files,
 )
+from fedleak.report.stats import median_interval
 from fedleak.report.tables import (
     METRICS,
     SUCCESS_RULE,
@@ -42,6 +43,7 @@ from fedleak.report.tables import (
     incomplete_rounds_table,
     leakage_tables,
     metrics_present,
+    not_converged,
     originals,
     runs_table,
     scored,
@@ -249,8 +251,12 @@ def _rounds_section(study: Study) -> list[Block]:
 
 
 def _frontier_points(study: Study) -> pd.DataFrame:
+    """One row per setting and attack: final accuracy (mean over runs, and its range), each
+    metric's median with its 95% interval (a share: its mean), the best floor's median, n and
+    whether any attack run did not converge."""
     final = final_utility(study)
     leakage = originals(study.leakage())
+    floors = leakage[leakage["reference"]]
     leakage = leakage[~leakage["reference"]]
     metrics = [m for m in METRICS if m.column in leakage]
     rows = []
@@ -259,26 +265,37 @@ def _frontier_points(study: Study) -> pd.DataFrame:
             runs = final[(final["group"] == group) & (final["defense"] == defense)]
             if runs.empty:
                 continue
-            cells = leakage[(leakage["group"] == group) & (leakage["defense"] == defense)]
+            here = (leakage["group"] == group) & (leakage["defense"] == defense)
+            floor_here = floors[(floors["group"] == group) & (floors["defense"] == defense)]
             eps = runs["epsilon"].dropna()
             central = runs["central_epsilon"].dropna()
-            for attack, sub in cells.groupby("attack"):
-                rows.append(
-                    {
-                        "group": group,
-                        "defense": defense,
-                        "attack": attack,
-                        "accuracy": float(runs["test_accuracy"].mean()),
-                        "epsilon": float(eps.mean()) if len(eps) else float("nan"),
-                        "central_epsilon": float(central.mean()) if len(central) else float("nan"),
-                        **{
-                            m.column: float(
-                                sub[m.column].mean() if m.share else sub[m.column].median()
-                            )
-                            for m in metrics
-                        },
-                    }
-                )
+            accuracy = runs["test_accuracy"]
+            for attack, sub in leakage[here].groupby("attack"):
+                row = {
+                    "group": group,
+                    "defense": defense,
+                    "attack": attack,
+                    "accuracy": float(accuracy.mean()),
+                    "accuracy_low": float(accuracy.min()),
+                    "accuracy_high": float(accuracy.max()),
+                    "epsilon": float(eps.mean()) if len(eps) else float("nan"),
+                    "central_epsilon": float(central.mean()) if len(central) else float("nan"),
+                    "n": len(sub),
+                    "not_converged": not_converged(sub) > 0,
+                }
+                for m in metrics:
+                    summary = median_interval(sub[m.column])
+                    value = float(sub[m.column].mean()) if m.share else summary.value
+                    low, high = (value, value) if m.share else (summary.low, summary.high)
+                    row |= {m.column: value, f"{m.column}_low": low, f"{m.column}_high": high}
+                    floor = [
+                        float(f[m.column].median())
+                        for _, f in floor_here.groupby("attack")
+                        if m.column in f and f[m.column].notna().any()
+                    ]
+                    pick = max if m.higher_is_better else min
+                    row[f"{m.column}_floor"] = pick(floor) if floor else float("nan")
+                rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -302,7 +319,11 @@ def _frontier_section(study: Study) -> list[Block]:
                     "privacy-utility.png",
                     frontier_figure(points, metrics),
                     "Final test accuracy against median leakage, one point per defense setting "
-                    "and attack (ε where DP-SGD is on, central ε where central DP is).",
+                    "and attack (ε where DP-SGD is on, central ε where central DP is). Bars: the "
+                    "median's 95% order-statistic interval (the n of the leakage tables) and the "
+                    "accuracy's range over the setting's runs; dashed: each setting's best floor "
+                    "(a point beyond it leaks nothing an attack learned); hollow: attack runs "
+                    "that did not converge.",
                 )
             )
     blocks.append(utility_table(study))

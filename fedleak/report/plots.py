@@ -278,10 +278,13 @@ def rounds_figure(
 
 
 def frontier_figure(points: pd.DataFrame, metrics: list[Metric]) -> bytes:
-    """Final accuracy against mean leakage: one point per setting (colour) and attack (shape).
+    """Final accuracy against median leakage: one point per setting (colour) and attack
+    (shape), with the median's interval and the accuracy's range over runs as bars, each
+    setting's best floor dashed, and hollow points where attack runs did not converge.
 
-    `points` has columns group, defense, attack, accuracy, epsilon, central_epsilon and one per
-    metric column.
+    `points` has columns group, defense, attack, accuracy (with accuracy_low / _high),
+    epsilon, central_epsilon, not_converged and, per metric column, the value, its `_low`,
+    `_high` and `_floor`.
     """
     settings = _settings(points)
     colors = _palette(settings)
@@ -289,17 +292,38 @@ def frontier_figure(points: pd.DataFrame, metrics: list[Metric]) -> bytes:
     markers = dict(zip(attacks, itertools.cycle(_MARKERS), strict=False))
     figure, axes = plt.subplots(1, len(metrics), figsize=(4.8 * len(metrics), 4.0), squeeze=False)
     for ax, metric in zip(axes[0], metrics, strict=True):
+        column = metric.column
+        floors = points.drop_duplicates(["group", "defense"])
+        for _, row in floors.iterrows():
+            floor = row.get(f"{column}_floor", np.nan)
+            if np.isfinite(floor):
+                color = colors[row["group"], row["defense"]]
+                ax.axvline(floor, color=color, linestyle="--", linewidth=0.9, alpha=0.7, zorder=1)
         for _, row in points.iterrows():
-            if np.isnan(row[metric.column]):
+            x, y = row[column], row["accuracy"]
+            if np.isnan(x):
                 continue
+            color = colors[row["group"], row["defense"]]
+            low, high = row.get(f"{column}_low", x), row.get(f"{column}_high", x)
+            ax.errorbar(
+                x,
+                y,
+                xerr=[[max(x - low, 0.0)], [max(high - x, 0.0)]],
+                yerr=[[y - row.get("accuracy_low", y)], [row.get("accuracy_high", y) - y]],
+                fmt="none",
+                ecolor=color,
+                elinewidth=1.0,
+                alpha=0.7,
+                zorder=2,
+            )
             ax.scatter(
-                row[metric.column],
-                row["accuracy"],
+                x,
+                y,
                 marker=markers[row["attack"]],
                 s=46,
-                color=colors[row["group"], row["defense"]],
-                edgecolor="black",
-                linewidth=0.4,
+                color="white" if row.get("not_converged", False) else color,
+                edgecolor=color if row.get("not_converged", False) else "black",
+                linewidth=1.2 if row.get("not_converged", False) else 0.4,
                 zorder=3,
             )
         private = "left" if metric.higher_is_better else "right"
