@@ -109,6 +109,7 @@ th.text, td.text { text-align: left; }
 td:not(.text) { white-space: nowrap; }  /* a median and its interval stay on one line */
 th { background: #f3f3f5; }
 td.best { font-weight: 700; background: #cfeccf; }
+.wide { overflow-x: auto; max-width: 100%; }
 .caption { color: #555; font-size: .85rem; margin: .1rem 0 1rem; }
 figure { margin: 1rem 0; }
 figure img { max-width: 100%; border: 1px solid #eee; }
@@ -162,7 +163,10 @@ def _html_table(table: Table) -> str:
             cells.append(f"<td{attrs}>{html.escape(cell.text)}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     caption = f'<p class="caption">{html.escape(table.caption)}</p>' if table.caption else ""
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>{caption}"
+    rows_html = "".join(body)
+    # A study with many defenses makes tables wider than the page: they scroll, not overflow.
+    table_html = f"<table><thead><tr>{head}</tr></thead><tbody>{rows_html}</tbody></table>"
+    return f'<div class="wide">{table_html}</div>{caption}'
 
 
 def _html_figure(figure: Figure) -> str:
