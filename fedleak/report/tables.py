@@ -787,16 +787,24 @@ def _diagnostics(text: str) -> dict[str, float]:
     return json.loads(text) if text else {}
 
 
-def _client_failures(utility: pd.DataFrame) -> str:
-    """Failed replies of all asked over the recorded rounds, and the rounds they fell in."""
-    if not {"num_replies", "num_failures"} <= set(utility.columns):
-        return "–"
+def client_failures(utility: pd.DataFrame) -> tuple[int, int, list[int]] | None:
+    """(failed replies, clients asked, rounds with a failure) over a run's recorded rounds;
+    None where utility.csv does not count replies."""
+    if not {"round", "num_replies", "num_failures"} <= set(utility.columns):
+        return None
     rounds = utility[utility["round"] > 0]
     failed = int(rounds["num_failures"].sum())
-    asked = failed + int(rounds["num_replies"].sum())
+    hit = rounds.loc[rounds["num_failures"] > 0, "round"].astype(int).tolist()
+    return failed, failed + int(rounds["num_replies"].sum()), hit
+
+
+def _client_failures_cell(utility: pd.DataFrame) -> str:
+    counted = client_failures(utility)
+    if counted is None:
+        return "–"
+    failed, asked, hit = counted
     if not failed:
         return f"0 of {asked}"
-    hit = rounds.loc[rounds["num_failures"] > 0, "round"].astype(int).tolist()
     shown = ", ".join(map(str, hit[:5])) + (", ..." if len(hit) > 5 else "")
     return f"{failed} of {asked} (round{'s' if len(hit) > 1 else ''} {shown})"
 
@@ -822,7 +830,7 @@ def runs_table(study: Study) -> Table:
                 Cell(run.config.defense.label),
                 Cell(str(run.config.seed)),
                 Cell(f"{done} / {run.config.num_server_rounds}"),
-                Cell(_client_failures(run.utility)),
+                Cell(_client_failures_cell(run.utility)),
                 Cell("–" if math.isnan(seconds) else f"{seconds:.1f}"),
                 Cell(str(run.environment.get("created", "–"))),
                 Cell(status),

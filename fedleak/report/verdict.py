@@ -14,7 +14,12 @@ import pandas as pd
 
 from fedleak.report.collect import Study
 from fedleak.report.plots import setting_label
-from fedleak.report.tables import SettingSummary, final_utility, setting_summaries
+from fedleak.report.tables import (
+    SettingSummary,
+    client_failures,
+    final_utility,
+    setting_summaries,
+)
 
 # A verdict names every setting up to this many; beyond, only the extremes.
 MAX_SETTINGS_NAMED = 4
@@ -297,13 +302,8 @@ def verdict(study: Study) -> str:
 def _lost_clients(study: Study) -> list[str]:
     """A sentence when clients failed to reply: their rounds aggregate and attack the others
     only, which a reader of the pooled figures would not otherwise know."""
-    failed = asked = 0
-    for run in study.runs:
-        rounds = run.utility[run.utility["round"] > 0] if "round" in run.utility else None
-        if rounds is None or not {"num_replies", "num_failures"} <= set(rounds.columns):
-            continue
-        failed += int(rounds["num_failures"].sum())
-        asked += int(rounds["num_failures"].sum() + rounds["num_replies"].sum())
+    counts = [c for c in (client_failures(run.utility) for run in study.runs) if c is not None]
+    failed, asked = sum(c[0] for c in counts), sum(c[1] for c in counts)
     if not failed:
         return []
     return [
