@@ -93,8 +93,8 @@ class ClientReply:
 
 
 class ClientCrashed(RuntimeError):
-    """A simulated client failed for a reason the study did not inject (its Ray actor died,
-    its code raised): the rounds after it would silently drop that client's updates."""
+    """A simulated client was lost for a reason the study did not inject (its Ray actor died,
+    or fedleak's own client code raised): later rounds would silently drop its updates."""
 
 
 def error_line(reason: str) -> str:
