@@ -25,7 +25,7 @@ from scipy import stats
 
 from fedleak.config import parse_flat
 from fedleak.metrics.image import psnr as psnr_of
-from fedleak.report.build import _frontier_points, build_report
+from fedleak.report.build import _attacked_rounds, _frontier_points, build_report
 from fedleak.report.collect import load_study
 from fedleak.report.rundir import RunDirectory
 from fedleak.report.stats import SUCCESS_FRACTION, mean_ci, median_interval, order_rank
@@ -1028,6 +1028,12 @@ def test_a_failed_run_is_named_and_kept_out_of_the_figures(tmp_path: Path) -> No
     runs = _table(build_report(sweep)[1].read_text(), "## Runs and times")
     status = {row[0]: (row[4], row[-1]) for row in runs[1:]}
     assert status["cell-2"] == ("1 / 2", "done") and status["cell-1"][0] == "2 / 2"
+    # A cell not run yet shows what sweep.json says it sets.
+    manifest = json.loads((sweep / "sweep.json").read_text())
+    manifest["cells"][-1]["overrides"] = {"defense.spec": "sign", "seed": 3}
+    (sweep / "sweep.json").write_text(json.dumps(manifest))
+    runs = _table(build_report(sweep)[1].read_text(), "## Runs and times")
+    assert [row[2:4] for row in runs[1:] if row[0] == "cell-3"] == [["sign", "3"]]
 
 
 def test_attack_durations_are_a_median_and_range_never_a_negative_interval(
@@ -1214,3 +1220,11 @@ def test_the_frontier_points_carry_intervals_floors_and_convergence(sweep_report
         assert point["psnr_floor"] == here.loc[here["attack"] == "aux-mean", "psnr"].median()
         assert point["accuracy_low"] <= point["accuracy"] <= point["accuracy_high"]
         assert point["not_converged"] == bool(rows["converged"].eq(0).any())
+
+
+def test_the_method_names_the_rounds_attacked_not_their_span(run_report: Path) -> None:
+    """'over rounds 1–50' read as every round attacked where only 1, 26 and 50 were."""
+    assert _attacked_rounds([1, 26, 50]) == " in rounds 1, 26 and 50"
+    assert _attacked_rounds([2]) == " in round 2"
+    assert _attacked_rounds(list(range(1, 11))) == " in 10 rounds from 1 to 10"
+    assert "attack runs in rounds 1, 2 and 3." in (run_report / "report.md").read_text()

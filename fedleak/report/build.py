@@ -74,6 +74,18 @@ def _verdict(study: Study) -> list[Block]:
     ]
 
 
+def _attacked_rounds(rounds: list[int]) -> str:
+    """' in rounds 1, 26 and 50' (a few), ' in 12 rounds from 1 to 50' (many): the rounds
+    attacked, not the span they lie in ('rounds 1-50' read as every round attacked)."""
+    if not rounds:
+        return ""
+    if len(rounds) == 1:
+        return f" in round {rounds[0]}"
+    if len(rounds) <= 6:
+        return f" in rounds {', '.join(map(str, rounds[:-1]))} and {rounds[-1]}"
+    return f" in {len(rounds)} rounds from {rounds[0]} to {rounds[-1]}"
+
+
 def _method(study: Study) -> list[Block]:
     leakage = study.leakage()
     rounds = sorted(set(leakage["round"]))
@@ -94,7 +106,7 @@ def _method(study: Study) -> list[Block]:
         Text(
             f"This report covers {what}: {len(leakage)} leakage rows from "
             f"{leakage.drop_duplicates(['run', 'round', 'client_id', 'attack']).shape[0]} "
-            f"attack runs{f' over rounds {rounds[0]}–{rounds[-1]}' if rounds else ''}. It was "
+            f"attack runs{_attacked_rounds(rounds)}. It was "
             "built from the directory's files alone." + grouped
         ),
         Text(" ".join(_scoring(study.modalities, lpips))),

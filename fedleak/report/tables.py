@@ -839,12 +839,14 @@ def runs_table(study: Study) -> Table:
     listed = {r.name for r in study.runs}
     for cell_id, cell in cells.items():
         if cell_id not in listed:
+            # A cell not run yet has no run directory; sweep.json says what it sets.
+            overrides = cell.get("overrides") or {}
             body.append(
                 (
                     Cell(cell_id),
                     Cell("–"),
-                    Cell("–"),
-                    Cell("–"),
+                    Cell(str(overrides.get("defense.spec", "–"))),
+                    Cell(str(overrides.get("seed", "–"))),
                     Cell("0"),
                     Cell("–"),
                     Cell("–"),
