@@ -279,6 +279,14 @@ def _frontier_points(study: Study) -> pd.DataFrame:
                 continue
             here = (leakage["group"] == group) & (leakage["defense"] == defense)
             floor_here = floors[(floors["group"] == group) & (floors["defense"] == defense)]
+            # The setting's best floor per metric, the same for each of its attacks.
+            medians = floor_here.groupby("attack")[[m.column for m in metrics]].median()
+            best_floor = {
+                m.column: float(
+                    medians[m.column].max() if m.higher_is_better else medians[m.column].min()
+                )
+                for m in metrics
+            }
             eps = runs["epsilon"].dropna()
             central = runs["central_epsilon"].dropna()
             accuracy = runs["test_accuracy"]
@@ -299,14 +307,12 @@ def _frontier_points(study: Study) -> pd.DataFrame:
                     summary = median_interval(sub[m.column])
                     value = float(sub[m.column].mean()) if m.share else summary.value
                     low, high = (value, value) if m.share else (summary.low, summary.high)
-                    row |= {m.column: value, f"{m.column}_low": low, f"{m.column}_high": high}
-                    floor = [
-                        float(f[m.column].median())
-                        for _, f in floor_here.groupby("attack")
-                        if m.column in f and f[m.column].notna().any()
-                    ]
-                    pick = max if m.higher_is_better else min
-                    row[f"{m.column}_floor"] = pick(floor) if floor else float("nan")
+                    row |= {
+                        m.column: value,
+                        f"{m.column}_low": low,
+                        f"{m.column}_high": high,
+                        f"{m.column}_floor": best_floor[m.column],
+                    }
                 rows.append(row)
     return pd.DataFrame(rows)
 
@@ -410,13 +416,9 @@ def _leaves(record: dict[str, object], prefix: str = "") -> list[tuple[str, str]
     return leaves
 
 
-def _command_line_settings(sweep_dir: Path) -> str:
-    """The sweep's `--set` overrides as sweep.json records them ('' when none or unreadable:
-    the configuration section shows each run's resolved settings all the same)."""
-    try:
-        recorded = json.loads((sweep_dir / MANIFEST).read_text(encoding="utf-8")).get("set")
-    except (OSError, ValueError, AttributeError):
-        return ""
+def _command_line_settings(study: Study) -> str:
+    """The sweep's `--set` overrides as sweep.json records them ('' when none)."""
+    recorded = (study.manifest or {}).get("set")
     if not isinstance(recorded, dict):
         return ""
     return ", ".join(f"{key}={value}" for key, value in recorded.items())
@@ -435,7 +437,7 @@ def _setup_section(study: Study) -> list[Block]:
         source = study.path / SWEEP_SOURCE
         if source.is_file():
             blocks += [Text("The sweep file:"), Code(source.read_text(encoding="utf-8"))]
-        command_line = _command_line_settings(study.path)
+        command_line = _command_line_settings(study)
         if command_line:
             blocks.append(Text(f"Set on the command line, over the file's values: {command_line}."))
         first = study.runs[0]
