@@ -399,6 +399,42 @@ def test_plain_aux_keeps_all_classes_for_clients_and_is_seeded():
     assert np.array_equal(split_auxiliary(MNIST5K_LABELS, 50, 0).aux, split.aux)
 
 
+def test_aux_never_draws_an_image_whose_pixels_another_repeats():
+    repeated = np.zeros(len(MNIST5K_LABELS), dtype=bool)
+    repeated[::3] = True
+    for beta, in_classes in ((1.0, None), (0.3, None), (1.0, (0, 1, 2, 3, 4))):
+        split = split_auxiliary(
+            MNIST5K_LABELS, 600, 0, beta=beta, in_classes=in_classes, repeated=repeated
+        )
+        assert len(split.aux) == 600 and not repeated[split.aux].any()
+        # Without repeated images the draw is the one made without the mask.
+        unmasked = split_auxiliary(MNIST5K_LABELS, 600, 0, beta=beta, in_classes=in_classes)
+        masked = split_auxiliary(
+            MNIST5K_LABELS, 600, 0, beta=beta, in_classes=in_classes, repeated=repeated & False
+        )
+        assert np.array_equal(unmasked.aux, masked.aux)
+        assert np.array_equal(unmasked.clients, masked.clients)
+    with pytest.raises(DataSplitError, match=r"aux_size=4000 needs 4000 .* only 3333"):
+        split_auxiliary(MNIST5K_LABELS, 4000, 0, repeated=repeated)
+
+
+def test_a_copied_folder_image_never_reaches_the_attacker(tmp_path):
+    # Half of 40 images saved twice under other names (one copy in the other class): drawn by
+    # index, 20 auxiliary images of 60 would take a copy of some client's image.
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (40, 6, 6, 3), dtype=np.uint8)
+    for i, pixels in enumerate(images):
+        _save_png(tmp_path / "ab"[i % 2] / f"{i:02d}.png", pixels)
+        if i < 20:
+            _save_png(tmp_path / "ab"[(i + 1) % 2] / f"copy-{i:02d}.png", pixels)
+    fd = build_federated_data(f"folder:{tmp_path}", None, 3, "iid", 0, aux_size=20)
+    x = fd.dataset.train_x.flatten(1)
+    aux = {tuple(row.tolist()) for row in x[torch.from_numpy(fd.aux.copy())]}
+    clients = np.concatenate(fd.partitions)
+    assert len(aux) == 20 and len(clients) == len(x) - 20
+    assert not aux & {tuple(row.tolist()) for row in x[torch.from_numpy(clients)]}
+
+
 def test_bad_aux_settings_are_named():
     with pytest.raises(DataSplitError, match="aux_size=5000 leaves none"):
         split_auxiliary(MNIST5K_LABELS, 5000, 0)

@@ -9,6 +9,9 @@ Two regimes:
   fraction of the auxiliary images comes from the in-distribution classes and the remainder
   from the others, and the clients (hence the target model) only hold in-distribution images.
   beta = 1 with `in_classes` given is the ablation's in-distribution end point.
+
+Images whose pixels another training image repeats (`repeated`) are never drawn: the copies'
+indices differ, so without this a client could hold one copy while the attacker held the other.
 """
 
 from __future__ import annotations
@@ -39,9 +42,12 @@ def split_auxiliary(
     *,
     beta: float = 1.0,
     in_classes: Sequence[int] | None = None,
+    repeated: np.ndarray | None = None,
 ) -> AuxiliarySplit:
-    """Draw `aux_size` auxiliary images from `labels`' indices and leave the rest to clients."""
+    """Draw `aux_size` auxiliary images from `labels`' indices and leave the rest to clients;
+    `repeated` (a mask over the indices) marks images never to draw, copies of another image."""
     labels = np.asarray(labels)
+    drawable = np.ones(len(labels), dtype=bool) if repeated is None else ~np.asarray(repeated)
     if aux_size < 0:
         raise DataSplitError(f"aux_size={aux_size}: expected a count >= 0")
     if not 0.0 <= beta <= 1.0:
@@ -54,7 +60,8 @@ def split_auxiliary(
                 f"aux_size={aux_size} leaves none of the {len(labels)} training "
                 f"images for the clients; use at most {len(labels) - 1}"
             )
-        aux = stratified_sample(labels, everyone, aux_size, rng)
+        _check_drawable(aux_size, aux_size, int(drawable.sum()), len(labels))
+        aux = stratified_sample(labels, everyone[drawable], aux_size, rng)
         return AuxiliarySplit(aux, np.setdiff1d(everyone, aux, assume_unique=True))
 
     inside_classes = _in_classes(labels, in_classes, beta)
@@ -72,15 +79,27 @@ def split_auxiliary(
             f"aux_size={aux_size} with beta={beta} needs {n_out} out-of-distribution images but "
             f"only {len(outside)} exist; lower aux_size or raise beta"
         )
+    _check_drawable(aux_size, n_in, int(drawable[inside].sum()), len(inside))
+    _check_drawable(aux_size, n_out, int(drawable[outside].sum()), len(outside))
     aux = np.sort(
         np.concatenate(
             [
-                stratified_sample(labels, inside, n_in, rng),
-                stratified_sample(labels, outside, n_out, rng),
+                stratified_sample(labels, inside[drawable[inside]], n_in, rng),
+                stratified_sample(labels, outside[drawable[outside]], n_out, rng),
             ]
         )
     )
     return AuxiliarySplit(aux, np.setdiff1d(inside, aux, assume_unique=True))
+
+
+def _check_drawable(aux_size: int, wanted: int, drawable: int, total: int) -> None:
+    """Refuse a draw that needs images whose pixels another image repeats."""
+    if wanted > drawable:
+        raise DataSplitError(
+            f"aux_size={aux_size} needs {wanted} images from a pool of {total}, but only "
+            f"{drawable} of them have pixels no other training image repeats (a copy of a "
+            "client's image must not reach the attacker); lower data.aux-size or remove the copies"
+        )
 
 
 def _in_classes(labels: np.ndarray, in_classes: Sequence[int] | None, beta: float) -> np.ndarray:

@@ -1,7 +1,8 @@
 """Everything a run needs from the data room, built the same way in the server and every client.
 
 Order of the splits (all drawn from the training images, the test split stays with the server):
-1. the attacker's auxiliary images (`split_auxiliary`),
+1. the attacker's auxiliary images (`split_auxiliary`; never an image whose pixels another
+   training image repeats),
 2. an optional public pool (for InstaHide's inter-data-set mixing) from what is left,
 3. the clients' partitions of the rest.
 Steps 1 and 2 do not depend on the number of partitions, so a server that builds the data with
@@ -23,6 +24,7 @@ import torch
 from torch import Tensor
 
 from fedleak.data.auxiliary import split_auxiliary
+from fedleak.data.content import repeated_images
 from fedleak.data.dataset import ImageDataset
 from fedleak.data.partition import partition_indices
 from fedleak.data.registry import load_corpus, load_dataset
@@ -133,7 +135,14 @@ def _build(
         dataset_name, data_dir, seed=seed, test_fraction=test_fraction, download=download
     )
     labels = dataset.train_y.numpy()
-    split = split_auxiliary(labels, aux_size, seed, beta=aux_beta, in_classes=aux_in_classes)
+    split = split_auxiliary(
+        labels,
+        aux_size,
+        seed,
+        beta=aux_beta,
+        in_classes=aux_in_classes,
+        repeated=repeated_images(dataset.train_x) if aux_size else None,
+    )
     if aux_beta < 1.0 or aux_in_classes is not None:
         dataset = _tested_on(dataset, np.unique(labels[split.clients]))
     if not 0 <= public_size < len(split.clients):

@@ -1,0 +1,28 @@
+"""Images that share their pixels with another image of the same split.
+
+Splits are drawn by index, so two files with equal pixels (a copied or re-saved image, common in
+scraped folders) can land one with a client and one with the attacker. Such images are kept out
+of the auxiliary set, so no copy of a client's image reaches the attacker's data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+from torch import Tensor
+
+
+def repeated_images(x: Tensor) -> np.ndarray:
+    """A boolean mask over `x`'s images: True where another image has exactly the same pixels."""
+    rows = np.ascontiguousarray(x.detach().cpu().reshape(len(x), -1).numpy())
+    digests = [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in rows]
+    first: dict[bytes, int] = {}
+    repeated = np.zeros(len(rows), dtype=bool)
+    for index, digest in enumerate(digests):
+        earlier = first.setdefault(digest, index)
+        # A 128-bit digest collides by chance with probability ~2^-100 here; compare the pixels
+        # anyway, so a mask entry is never a guess.
+        if earlier != index and np.array_equal(rows[earlier], rows[index]):
+            repeated[earlier] = repeated[index] = True
+    return repeated
