@@ -22,9 +22,12 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedleak.config import parse_flat
 from fedleak.messages import INJECTED_FAILURE, partition_answer, partition_id_of
 from fedleak.models.spec import ModelSpec
+from fedleak.runtime import federated_data, model_spec
 from fedleak.server.auditor import Auditor
+from fedleak.server.build import build_strategy
 from fedleak.server.central_dp import CentralDP
 from fedleak.server.selection import (
     ClientSelection,
@@ -294,6 +297,18 @@ def test_a_simulation_stops_on_a_client_it_did_not_mean_to_lose() -> None:
     foreign.check_failures(2, [raised], ["ValueError: the app's own"])
     with pytest.raises(ClientCrashed):
         foreign.check_failures(2, [dead], ["The actor is dead"])
+    # The server as `fedleak run` and `fedleak.audit` build it: fedleak's own clients, and an
+    # audited app's behind its own strategy.
+    config = parse_flat({"attack.names": "aux-mean"})
+    fd = federated_data(config, 2)
+    built = build_strategy(config, model_spec(config, fd), fd, torch.device("cpu"), 0)
+    built.simulated = True
+    with pytest.raises(ClientCrashed):
+        built.check_failures(2, [raised], ["ValueError: a bug in a plug-in model"])
+    app = FedAvg(fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1)
+    audited = build_strategy(config, model_spec(config, fd), fd, torch.device("cpu"), 0, app)
+    audited.simulated = True
+    audited.check_failures(2, [raised], ["ValueError: the app's own"])
     deployed = _strategy()
     deployed.check_failures(2, [dead, raised], ["node gone", "ValueError: a bug"])
     # Ray's reason runs on for sentences: the line keeps whole ones.

@@ -138,6 +138,7 @@ def build_strategy(
     for a foreign app, its own exception) ends the run."""
     train = config.train
     selection = None
+    own_clients = inner is None
     if inner is None:
         # The curious strategy draws each round's clients itself (seeded, over partition
         # ids) and shows FedAvg only those, so FedAvg takes every node it is shown.
@@ -206,5 +207,5 @@ def build_strategy(
         selection=selection,
         attacked_rounds=attacked_rounds(attack.rounds, config.num_server_rounds),
         simulated=simulated,
-        own_clients=inner is None,
+        own_clients=own_clients,
     )
