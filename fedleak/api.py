@@ -11,8 +11,9 @@
 the update, the declared protocol and the public defense) into an `Observation`; any
 `nn.Module` works: its architecture is registered in this process under a name derived from
 it, so that attacks can rebuild it. `reconstruct` runs an attack with the attacker's own
-auxiliary data under a budget; `score` matches the guesses to the private batch (Hungarian on
-MSE) and measures them exactly as a run's auditor does. `docs/api.md` has runnable examples.
+auxiliary data under a budget; `score` pairs the guesses with the private batch (in order
+for per-sample updates, else Hungarian on MSE) and measures them as a run's auditor does.
+`docs/api.md` has runnable examples.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from fedleak.attacks.outcome import checked
+from fedleak.attacks.outcome import checked, image_shape
 from fedleak.attacks.threads import default_threads, torch_threads
 from fedleak.attacks.types import (
     Attack,
@@ -38,27 +39,54 @@ from fedleak.attacks.types import (
     UpdateKind,
 )
 from fedleak.defenses.spec import parse_defense_spec
-from fedleak.metrics import assign, label_multiset_accuracy, score_images
+from fedleak.metrics import assign, label_accuracy, label_multiset_accuracy, score_images
 from fedleak.models import MODELS, ModelSpec, register_model
 from fedleak.settings import ConfigError
 
 UPDATE_KINDS: tuple[UpdateKind, ...] = ("gradient", "delta")
 
 
+def _described(value: object) -> str:
+    """A module attribute as it decides the computation: plain values by value, functions and
+    other objects by identity (within this process), containers element by element."""
+    if value is None or isinstance(value, bool | int | float | str | torch.dtype):
+        return repr(value)
+    if isinstance(value, tuple | list | set | frozenset):
+        items = sorted(value, key=repr) if isinstance(value, set | frozenset) else value
+        return f"{type(value).__name__}[{','.join(_described(v) for v in items)}]"
+    if isinstance(value, Mapping):
+        return "{" + ",".join(f"{k!r}:{_described(v)}" for k, v in value.items()) + "}"
+    name = getattr(value, "__qualname__", type(value).__qualname__)
+    return f"{getattr(value, '__module__', '')}.{name}@{id(value)}"
+
+
 def _architecture_name(model: nn.Module) -> str:
-    """A registry name for a user's module: its class and a digest of its structure."""
-    digest = hashlib.blake2b(digest_size=6)
-    digest.update(f"{type(model).__module__}.{type(model).__qualname__}".encode())
-    digest.update(repr(model).encode())
-    for name, tensor in model.state_dict().items():
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+    """A registry name for a user's module: its class and a digest of everything that decides
+    its computation beyond the observed weights: each submodule's type and attributes (an
+    activation held as a plain function, a flag, a hook), parameter and buffer shapes, and
+    the values of buffers the state dict leaves out (they travel with the snapshot)."""
+    digest = hashlib.blake2b(digest_size=8)
+    for path, module in model.named_modules():
+        digest.update(f"{path}:{type(module).__module__}.{type(module).__qualname__}".encode())
+        for key, value in sorted(vars(module).items()):
+            if key in ("_parameters", "_buffers", "_modules", "training"):
+                continue
+            digest.update(f"{key}={_described(value)}".encode())
+        for key, tensor in (*module._parameters.items(), *module._buffers.items()):
+            if tensor is None:
+                digest.update(f"{key}:None".encode())
+                continue
+            digest.update(f"{key}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+            if key in module._non_persistent_buffers_set:
+                digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     clean = "".join(c if c.isalnum() else "-" for c in type(model).__name__.lower())
     return f"custom-{clean}-{digest.hexdigest()}"
 
 
 def model_spec_for(model: nn.Module, input_shape: Sequence[int], num_classes: int) -> ModelSpec:
     """A `ModelSpec` attacks can rebuild `model` from in this process: its architecture is
-    registered (a snapshot; the weights travel in the observation)."""
+    registered (a snapshot; the weights travel in the observation). Two models share a
+    snapshot only when their digests agree (`_architecture_name`)."""
     name = _architecture_name(model)
     if name not in MODELS:
         template = copy.deepcopy(model).cpu()
@@ -243,6 +271,8 @@ def knowledge(
         raise ConfigError(
             f"aux_inputs: samples of shape {tuple(aux_inputs.shape[1:])}, expected {shape}"
         )
+    if observation.modality == "image":
+        _check_auxiliary_images(aux_inputs, aux_labels, observation.model.num_classes)
     target = torch.device(device)
     return AttackerKnowledge(
         aux_inputs=aux_inputs.detach().float().to(target),
@@ -253,6 +283,36 @@ def knowledge(
         device=target,
         seed=seed,
     )
+
+
+def _check_auxiliary_images(inputs: Tensor, labels: Tensor, num_classes: int) -> None:
+    """The attacker's images as a run's data set holds them: float pixels in [0, 1] (the model
+    normalises inside, if at all), one class index per image."""
+    _tensor("aux_inputs", inputs)
+    _tensor("aux_labels", labels)
+    if not inputs.is_floating_point():
+        raise ConfigError(
+            f"aux_inputs: {inputs.dtype} images; expected float pixels in [0, 1] (divide 8-bit "
+            "pixels by 255)"
+        )
+    if inputs.numel() and not (
+        torch.isfinite(inputs).all() and 0 <= inputs.min() <= inputs.max() <= 1
+    ):
+        raise ConfigError(
+            f"aux_inputs: pixel values from {float(inputs.min()):.4g} to "
+            f"{float(inputs.max()):.4g}; expected images in [0, 1] (a normalised data set: "
+            "undo the normalisation and let the model do it)"
+        )
+    if labels.dim() != 1 or labels.is_floating_point() or labels.dtype == torch.bool:
+        raise ConfigError(
+            f"aux_labels: expected integer class indices [N], got {labels.dtype} of shape "
+            f"{tuple(labels.shape)}"
+        )
+    if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < num_classes:
+        raise ConfigError(
+            f"aux_labels: classes from {int(labels.min())} to {int(labels.max())}; expected "
+            f"0..{num_classes - 1}"
+        )
 
 
 def reconstruct(
@@ -294,9 +354,8 @@ def reconstruct(
     with torch_threads(count):
         result = attack.reconstruct(observation, attacker, budget)
     # The auditor's one rule: images clamped to [0, 1], NaN is "nan", a wrong shape "failed".
-    return checked(
-        result, time.perf_counter() - start, observation.num_targets, observation.model.input_shape
-    )
+    seconds = time.perf_counter() - start
+    return checked(result, seconds, observation.num_targets, image_shape(observation))
 
 
 @dataclass(frozen=True)
@@ -304,9 +363,11 @@ class Leakage:
     """How much of a private batch a reconstruction reveals, per matched pair.
 
     `pairs`: (reconstruction index, private index) of each matched pair; `mse`, `psnr`, `ssim`,
-    `lpips` are per pair (LPIPS NaN when it was not computed); `label_accuracy`: the share of
-    the private labels recovered, as a multiset (a batch update says which labels it holds,
-    not which image carries which).
+    `lpips` are per pair (LPIPS NaN when it was not computed); `unmatched`: the private samples
+    no reconstruction was paired with (a guess of fewer samples than the batch held), which
+    count as not reconstructed; `label_accuracy`: the share of the private labels recovered,
+    over every private sample: per pair when each sample's update was shared alone, else as a
+    multiset (a batch update says which labels it holds, not which image carries which).
     """
 
     pairs: list[tuple[int, int]]
@@ -315,15 +376,18 @@ class Leakage:
     ssim: Tensor
     lpips: Tensor
     label_accuracy: float
+    unmatched: list[int]
 
     def summary(self) -> dict[str, float]:
-        """Means over the matched pairs."""
+        """Means over the matched pairs, the label accuracy, and how many private samples
+        were left unmatched."""
         return {
             "mse": float(self.mse.mean()),
             "psnr": float(self.psnr.mean()),
             "ssim": float(self.ssim.mean()),
             "lpips": float(self.lpips.mean()),
             "label_accuracy": self.label_accuracy,
+            "unmatched": float(len(self.unmatched)),
         }
 
 
@@ -332,11 +396,18 @@ def score(
     inputs: Tensor,
     labels: Tensor | None = None,
     *,
+    observation: Observation | None = None,
     lpips: bool = True,
 ) -> Leakage:
-    """Match each reconstructed sample to a private one (Hungarian on MSE) and measure the
-    pairs: MSE, PSNR, SSIM, LPIPS (AlexNet), and label accuracy when labels are given.
-    Guesses are clamped to [0, 1] as the auditor scores them; private images must lie there."""
+    """Pair each reconstructed sample with a private one and measure the pairs as a run's
+    auditor does: MSE, PSNR, SSIM, LPIPS (AlexNet), and label accuracy when labels are given.
+
+    Pass the `observation` the attack saw: when it holds per-sample updates (each sample's
+    update shared alone), reconstruction i is scored against private sample i, as the auditor
+    scores it; otherwise (a batch update, which gives its samples in no order) the pairs are
+    the Hungarian assignment on MSE. Guesses are clamped to [0, 1] as the auditor scores them;
+    private images must lie there. Under MixUp or InstaHide a run's auditor also scores
+    against the encoded images and each encoding's sources, which this function is not given."""
     truth = _tensor("inputs", inputs).detach().cpu()
     if not truth.is_floating_point() or truth.dim() < 2:
         raise ConfigError(
@@ -356,6 +427,9 @@ def score(
                 f"labels: expected {len(truth)} integer labels, one per input, got "
                 f"{labels.dtype} of shape {tuple(labels.shape)}"
             )
+    if observation is not None and not isinstance(observation, Observation):
+        kind = type(observation).__name__
+        raise ConfigError(f"observation: expected the Observation the attack saw, got {kind}")
     if not isinstance(reconstruction, Reconstruction):
         guess = _tensor("reconstruction", reconstruction)
         reconstruction = Reconstruction(inputs=guess, labels=None)
@@ -367,13 +441,21 @@ def score(
             f"reconstruction status {reconstruction.status!r}: {reconstruction.message}"
         )
     guess, predicted = reconstruction.inputs, reconstruction.labels
-    recon_idx, truth_idx = assign(guess, truth, metric="mse")
+    alone = observation is not None and observation.per_sample_updates is not None
+    if alone and len(guess) == len(truth):
+        recon_idx = truth_idx = torch.arange(len(truth))
+    else:
+        recon_idx, truth_idx = assign(guess, truth, metric="mse")
     nets = ("alex",) if lpips else ()
     scores = score_images(guess[recon_idx], truth[truth_idx], nets)
     nan = torch.full((len(recon_idx),), math.nan)
     accuracy = math.nan
     if labels is not None and predicted is not None:
-        accuracy = label_multiset_accuracy(predicted[recon_idx], labels[truth_idx])
+        if alone and len(guess) == len(truth):
+            accuracy = label_accuracy(predicted, labels)
+        else:
+            # Over every private label: one no guess was paired with is not recovered.
+            accuracy = label_multiset_accuracy(predicted[recon_idx], labels)
     return Leakage(
         pairs=list(zip(recon_idx.tolist(), truth_idx.tolist(), strict=True)),
         mse=scores["mse"],
@@ -381,4 +463,5 @@ def score(
         ssim=scores["ssim"],
         lpips=scores.get("lpips_alex", nan),
         label_accuracy=accuracy,
+        unmatched=sorted(set(range(len(truth))) - set(truth_idx.tolist())),
     )

@@ -69,7 +69,8 @@ def test_the_settings_example_registers_a_configurable_attack() -> None:
             fedleak.build_attack("blurred-mean", {"passes": 0})
         observation, _, _ = _client(batch=3)
         aux = torch.rand(6, 1, 28, 28)
-        result = fedleak.reconstruct(attack, observation, aux, torch.zeros(6))  # type: ignore[arg-type]
+        labels = torch.zeros(6, dtype=torch.long)
+        result = fedleak.reconstruct(attack, observation, aux, labels)  # type: ignore[arg-type]
         assert result.inputs.shape == (3, 1, 28, 28)
     finally:
         attack_registry.ATTACKS.remove("blurred-mean")
@@ -270,3 +271,119 @@ def test_score_refuses_what_it_cannot_measure(
     label_tensor = None if labels is None else torch.tensor(labels)
     with pytest.raises(ConfigError, match=message):
         fedleak.score(x, inputs[truth], label_tensor)  # type: ignore[arg-type]
+
+
+class _Activated(nn.Module):
+    """A model whose activation is a plain function: not a submodule, not in its repr."""
+
+    def __init__(self, activation) -> None:
+        super().__init__()
+        self.first, self.last = nn.Linear(784, 16), nn.Linear(16, 10)
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last(self.activation(self.first(x.flatten(1))))
+
+
+def test_observe_snapshots_what_decides_the_computation() -> None:
+    """Two models of one class and repr, one with sigmoid and one with ReLU, shared the first
+    one's snapshot: the second was attacked as a sigmoid network (IG 7.5 against 81.7 dB)."""
+    x, y = torch.rand(1, 1, 28, 28), torch.tensor([3])
+    names = []
+    for activation in (torch.sigmoid, torch.relu, torch.sigmoid):
+        torch.manual_seed(0)
+        model = _Activated(activation)
+        grads = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), model.parameters())
+        observation = fedleak.observe(model, grads, input_shape=(1, 28, 28), num_examples=1)
+        rebuilt = fedleak.build_model(observation.model)
+        rebuilt.load_state_dict(observation.weights)
+        with torch.no_grad():
+            assert torch.equal(rebuilt(x), model(x))
+        names.append(observation.model.name)
+    assert names[0] != names[1] and names[0] == names[2]
+
+
+def test_integer_images_are_refused_not_scored_as_pixels() -> None:
+    """A uint8 guess of the exact images scored -43 dB with status "ok"."""
+    model, grads = _net_and_grads()
+    observation = fedleak.observe(model, grads, input_shape=(1, 28, 28), num_examples=2)
+    x = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    pixels = (x * 255).round().to(torch.uint8)
+
+    class Fixed:
+        name = "fixed"
+
+        def reconstruct(self, observation, knowledge, budget):
+            return Reconstruction(inputs=pixels, labels=None)
+
+    result = fedleak.reconstruct(Fixed(), observation)  # type: ignore[arg-type]
+    assert result.status == "failed"
+    assert result.message == "images of dtype torch.uint8; expected float pixels in [0, 1]"
+    with pytest.raises(ConfigError, match=r"^reconstruction status 'failed': images of dtype"):
+        fedleak.score(pixels, x)
+
+
+def test_score_pairs_per_sample_updates_in_order_as_the_auditor_does() -> None:
+    """Given the observation of per-sample updates, a guess that swapped two samples is scored
+    sample by sample (9.6 dB and wrong labels), not rematched to 100 dB."""
+    model, _ = _net_and_grads()
+    x = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    y = torch.tensor([1, 2, 3])
+    rows = [
+        torch.autograd.grad(
+            nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1]), model.parameters()
+        )
+        for i in range(3)
+    ]
+    names = [name for name, _ in model.named_parameters()]
+    per_sample = {n: torch.stack([r[k] for r in rows]) for k, n in enumerate(names)}
+    mean = {n: t.mean(0) for n, t in per_sample.items()}
+    observation = fedleak.observe(
+        model, mean, input_shape=(1, 28, 28), num_examples=3, per_sample_updates=per_sample
+    )
+    swapped = Reconstruction(inputs=x[[1, 0, 2]], labels=y[[1, 0, 2]])
+    leak = fedleak.score(swapped, x, y, observation=observation, lpips=False)
+    assert leak.pairs == [(0, 0), (1, 1), (2, 2)]
+    assert float(leak.psnr[2]) == 100.0 and float(leak.psnr[0]) < 20.0
+    assert leak.label_accuracy == pytest.approx(1 / 3)
+    truth = GroundTruth(0, x, y)
+    audited = Auditor(lpips_nets=()).score(observation, "test", swapped, truth, {})
+    by_sample = {int(r["sample"]): r for r in audited}
+    for index, (sample, _) in enumerate(leak.pairs):
+        assert float(leak.psnr[index]) == pytest.approx(by_sample[sample]["psnr"])
+    label_share = sum(float(r["label_acc"]) for r in audited) / 3
+    assert leak.label_accuracy == pytest.approx(label_share)
+    rematched = fedleak.score(swapped, x, y, lpips=False)  # a batch update: no order
+    assert rematched.summary()["psnr"] == 100.0 and rematched.label_accuracy == 1.0
+
+
+def test_score_counts_the_private_samples_no_guess_was_paired_with() -> None:
+    """Two exact guesses of a batch of four read label accuracy 1.0 and nothing else."""
+    x = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(4))
+    y = torch.tensor([5, 6, 7, 8])
+    leak = fedleak.score(Reconstruction(inputs=x[:2], labels=y[:2]), x, y, lpips=False)
+    assert leak.pairs == [(0, 0), (1, 1)] and leak.unmatched == [2, 3]
+    assert leak.label_accuracy == 0.5
+    assert leak.summary()["unmatched"] == 2.0
+
+
+@pytest.mark.parametrize(
+    ("aux", "labels", "message"),
+    [
+        ("normalised", None, r"^aux_inputs: pixel values from -0\.42\d* to 2\.8\d*; expected"),
+        ("uint8", None, r"^aux_inputs: torch\.uint8 images; expected float pixels in \[0, 1\]"),
+        ("ok", [0, 10], r"^aux_labels: classes from 0 to 10; expected 0\.\.9$"),
+        ("ok", [[0], [1]], r"^aux_labels: expected integer class indices \[N\], got torch\.int64"),
+    ],
+)
+def test_the_attackers_images_are_checked_as_a_runs_data_set(
+    aux: str, labels: list | None, message: str
+) -> None:
+    """Normalised auxiliary images trained LTI on the wrong pixels without a word."""
+    observation, _, _ = _client(batch=1)
+    x = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(5))
+    x[0, 0, 0, 0], x[1, 0, 0, 0] = 0.0, 1.0
+    inputs = {"normalised": (x - 0.1307) / 0.3081, "uint8": (x * 255).to(torch.uint8), "ok": x}
+    aux_labels = torch.tensor([0, 1] if labels is None else labels)
+    with pytest.raises(ConfigError, match=message):
+        fedleak.knowledge(observation, inputs[aux], aux_labels)

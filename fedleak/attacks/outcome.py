@@ -7,7 +7,7 @@ import dataclasses
 
 import torch
 
-from fedleak.attacks.types import Reconstruction
+from fedleak.attacks.types import Observation, Reconstruction
 
 # Float32 round-off of an attack that keeps to [0, 1] is not worth a note in its row.
 RANGE_SLACK = 1e-5
@@ -23,6 +23,12 @@ def failed_reconstruction(error: BaseException | str, seconds: float) -> Reconst
     )
 
 
+def image_shape(observation: Observation) -> tuple[int, ...] | None:
+    """The shape `checked` holds an observation's reconstructed samples to: its images', or
+    None for token sequences."""
+    return tuple(observation.model.input_shape) if observation.modality == "image" else None
+
+
 def checked(
     reconstruction: object,
     seconds: float,
@@ -32,9 +38,9 @@ def checked(
     """Move to the CPU, time it, and give it its status by the one rule of every attack: a
     finite reconstruction of `expected` samples (of `shape` when given) is "ok" and scored,
     whatever budget the attack ran out of; NaN or inf is "nan"; a wrong shape, or anything
-    but a `Reconstruction`, is "failed". Images become float32 in the data's range [0, 1]
-    (clamped, and the message says so when an attack went beyond it: PSNR and LPIPS are only
-    meaningful there); token ids stay integers."""
+    but a `Reconstruction`, is "failed". Images (`shape` given) must be floats and become
+    float32 in the data's range [0, 1] (clamped, and the message says so when an attack went
+    beyond it: PSNR and LPIPS are only meaningful there); token ids stay integers."""
     if not isinstance(reconstruction, Reconstruction):
         return failed_reconstruction(
             f"the attack returned {type(reconstruction).__name__}, not a Reconstruction", seconds
@@ -51,7 +57,11 @@ def checked(
             inputs = inputs.clamp(0.0, 1.0)
     labels = None if reconstruction.labels is None else reconstruction.labels.detach().cpu()
     wanted = (expected, *shape) if shape is not None else None
-    if inputs.dim() == 0 or inputs.shape[0] != expected:
+    if shape is not None and not inputs.is_floating_point():
+        # 0..255 pixels scored as [0, 1] ones read as -40 dB: refuse rather than guess a scale.
+        status = "failed"
+        message = f"images of dtype {inputs.dtype}; expected float pixels in [0, 1]"
+    elif inputs.dim() == 0 or inputs.shape[0] != expected:
         status = "failed"
         count = inputs.shape[0] if inputs.dim() else 0
         message = f"reconstruction has {count} samples, expected {expected}"

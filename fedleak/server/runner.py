@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from fedleak.attacks.outcome import checked, failed_reconstruction
+from fedleak.attacks.outcome import checked, failed_reconstruction, image_shape
 from fedleak.attacks.threads import default_threads, torch_threads
 from fedleak.attacks.types import (
     Attack,
@@ -102,8 +102,9 @@ def run_job(
         )
         return AttackResult(job, failed_reconstruction(error, time.perf_counter() - start))
     seconds = time.perf_counter() - start
-    shape = tuple(observation.model.input_shape) if observation.modality == "image" else None
-    return AttackResult(job, checked(reconstruction, seconds, observation.num_targets, shape))
+    return AttackResult(
+        job, checked(reconstruction, seconds, observation.num_targets, image_shape(observation))
+    )
 
 
 def run_batch(
@@ -135,8 +136,9 @@ def run_batch(
             )
             results.append(AttackResult(job, failed_reconstruction(outcome, seconds)))
         else:
-            expected = job.observation.num_targets
-            results.append(AttackResult(job, checked(outcome, seconds, expected)))
+            observation = job.observation
+            outcome = checked(outcome, seconds, observation.num_targets, image_shape(observation))
+            results.append(AttackResult(job, outcome))
     return results
 
 
