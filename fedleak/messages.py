@@ -81,6 +81,8 @@ def reply_content(
         audit["from-public"] = update.encoded.from_public
         audit["partners"] = update.encoded.partners
         audit["partner-labels"] = update.encoded.partner_labels
+        # Each encoded sample's mixed label: the label a reconstruction of it is scored against.
+        audit["soft-labels"] = update.encoded.soft_labels
         # InstaHide's flips: the auditor scores what they leave (`fedleak.defenses.unsigned`).
         audit["sign-flipped"] = torch.tensor(update.encoded.signs is not None)
     content = RecordDict(

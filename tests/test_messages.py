@@ -161,12 +161,13 @@ def test_what_a_client_packs_is_what_the_server_unpacks(case: str, monkeypatch) 
     assert torch.equal(truth.inputs, x) and torch.equal(truth.labels, y)
     encoded = update.encoded
     if encoded is None:
-        assert truth.encoded is None and truth.sources is None
+        assert truth.encoded is None and truth.sources is None and truth.soft_labels is None
     else:
         assert torch.equal(truth.encoded, encoded.inputs)
         assert torch.equal(truth.sources, torch.where(encoded.from_public, -1, encoded.sources))
         assert torch.equal(truth.partners, encoded.partners)
         assert torch.equal(truth.partner_labels, encoded.partner_labels)
+        assert torch.equal(truth.soft_labels, encoded.soft_labels)
         # Every private source resolves to an image of the client's partition.
         rows = fd.dataset.train_x[partition_rows(fd, 1)]
         for source in truth.sources[truth.sources >= 0].tolist():

@@ -595,6 +595,10 @@ def test_sweep_tables_group_and_separate_encoded_scores(sweep_report: Path) -> N
     assert original[0] == ["group", "attack", "none", "instahide:2"]
     assert encoded[0] == ["group", "attack", "instahide:2"]
     assert "scored against the encoded images" in markdown
+    # Labels are scored against each encoded sample's own label in both views: one table.
+    labels = markdown.split("\n### label accuracy\n", 1)[1].split("\n### ", 1)[0]
+    assert len(re.findall(r"^\| group \| attack", labels, flags=re.M)) == 1
+    assert "each encoded sample's own label" in labels
     cells = {(row[0], row[1].removesuffix(" (floor)")): row[2:] for row in original[1:]}
     for batch in (1, 4):
         for attack in ("aux-mean", "ig", "dlg"):

@@ -51,6 +51,7 @@ class GroundTruth:
     partners: torch.Tensor | None = None
     partner_labels: torch.Tensor | None = None
     sign_flipped: bool = False
+    soft_labels: torch.Tensor | None = None
 
     @property
     def private(self) -> torch.Tensor:
@@ -82,6 +83,7 @@ class GroundTruth:
             partners=audit.get("partners"),
             partner_labels=None if partner_labels is None else partner_labels.long(),
             sign_flipped=bool(audit["sign-flipped"]) if "sign-flipped" in audit else False,
+            soft_labels=audit.get("soft-labels"),
         )
 
     @staticmethod
@@ -110,6 +112,9 @@ class GroundTruth:
             sources = torch.cat(shifted)
         partners = [t.partners for t in truths if t.partners is not None and len(t.partners)]
         labels = [t.partner_labels for t in truths if t.partners is not None and len(t.partners)]
+        soft = None
+        if encoded is not None and all(t.soft_labels is not None for t in truths):
+            soft = torch.cat([t.soft_labels for t in truths])  # type: ignore[misc]
         return GroundTruth(
             client_id=-1,
             inputs=torch.cat([t.inputs for t in truths]),
@@ -119,6 +124,7 @@ class GroundTruth:
             partners=torch.cat(partners) if partners else None,
             partner_labels=torch.cat(labels).long() if labels else None,
             sign_flipped=any(t.sign_flipped for t in truths),
+            soft_labels=soft,
         )
 
 
@@ -184,6 +190,8 @@ class Auditor:
                 )
                 if truth.sources is not None:
                     rows = self._best_source(rows, reconstruction, truth)
+                if truth.soft_labels is not None:
+                    _score_encoded_labels(rows, reconstruction, truth.soft_labels, in_order)
             elif not in_order:
                 rows += self._unreconstructed(base, rows, truth)
         except Exception as error:  # scoring must not end the round: record it instead
@@ -419,6 +427,31 @@ def _score_labels_as_multiset(rows: list[dict[str, object]]) -> None:
     )
     for row, recovered in zip(scored, credit, strict=True):
         row["label_acc"] = float(recovered)
+
+
+def _score_encoded_labels(
+    rows: list[dict[str, object]],
+    reconstruction: Reconstruction,
+    soft_labels: torch.Tensor,
+    in_order: bool,
+) -> None:
+    """Label accuracy under an encoding, apart from the pixels: a recovered label counts when
+    it is the class carrying most of the mixed label of the encoded sample its reconstruction
+    was paired with (the sample itself when each was shared alone; on a batch, as a multiset
+    over the batch's encoded samples, as for unencoded batches). Rows against a private source
+    take their encoded row's label fields: scoring the label of the source the image resembles
+    credited a class-mean floor with 84% under MixUp (random labels: 47%)."""
+    encoded = [row for row in rows if row["scored_against"] == "encoded"]
+    for row in encoded:
+        true = soft_labels[int(row["target_index"])].float().argmax().reshape(1)
+        row.update(_label_fields(reconstruction, int(row["sample"]), true))
+    if not (in_order and len(encoded) == len(soft_labels)):
+        _score_labels_as_multiset(encoded)
+    by_sample = {int(row["sample"]): row for row in encoded}
+    for row in rows:
+        if row["scored_against"] == "original" and int(row["sample"]) in by_sample:
+            own = by_sample[int(row["sample"])]
+            row.update({key: own[key] for key in ("label_acc", "true_label", "pred_label")})
 
 
 def _label_fields(
