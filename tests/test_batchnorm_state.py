@@ -219,3 +219,18 @@ def test_infer_and_proxy_read_the_aggregated_running_statistics(run: Path, mode:
         model.eval()
         with torch.no_grad():
             torch.testing.assert_close(problem.replay.model(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_model_with_nan_weights_has_no_accuracy() -> None:
+    """NaN logits' argmax is class 0: a NaN global model read "accuracy 0.100" in a report."""
+    from fedleak.server.build import evaluate
+
+    config = parse_flat({"attack.names": "aux-mean"})
+    fd = federated_data(config, 1)
+    model = build_model(model_spec(config, fd))
+    loss, accuracy = evaluate(model, fd, torch.device("cpu"))
+    assert 0 < accuracy <= 1 and loss > 0
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    loss, accuracy = evaluate(model, fd, torch.device("cpu"))
+    assert loss != loss and accuracy != accuracy  # both NaN

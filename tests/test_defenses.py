@@ -603,6 +603,8 @@ class _Broken:
             return {first: grads[first]}
         if self.bug == "flatten":
             return {k: v.flatten() for k, v in grads.items()}
+        if self.bug == "nan":
+            return {k: torch.full_like(v, math.nan) for k, v in grads.items()}
         return {k: v.numpy() for k, v in grads.items()}
 
 
@@ -612,6 +614,8 @@ class _Broken:
         ("drop", r"changed the update's keys \(missing \['0.bias'\], added \[\]\)"),
         ("flatten", r"changed the shape of '0.weight' from \(3, 4\) to \(12,\)"),
         ("numpy", r"returned ndarray for '0.weight', expected a tensor"),
+        # A NaN update made a NaN global model, reported at accuracy 0.100 and DONE.
+        ("nan", r"turned the finite '0.weight' into NaN or infinite values"),
     ],
 )
 def test_a_plugin_defense_that_changes_the_update_is_refused_before_and_during_a_run(

@@ -178,7 +178,8 @@ class DefenseOutputError(ValueError):
 
 
 def _same_form(step: Any, before: dict[str, Tensor], after: object) -> dict[str, Tensor]:
-    """`after`, if it holds a tensor of the same shape under each key of `before`."""
+    """`after`, if it holds a tensor of the same shape under each key of `before`, finite
+    where `before` was."""
     problem = ""
     if not isinstance(after, dict):
         problem = f"returned {type(after).__name__}, expected a dict of tensors"
@@ -194,6 +195,9 @@ def _same_form(step: Any, before: dict[str, Tensor], after: object) -> dict[str,
                     f"changed the shape of {key!r} from {tuple(before[key].shape)} to "
                     f"{tuple(value.shape)}"
                 )
+            elif not bool(torch.isfinite(value).all()) and bool(torch.isfinite(before[key]).all()):
+                # No client's training sends NaN, and the global model would take it.
+                problem = f"turned the finite {key!r} into NaN or infinite values"
             if problem:
                 break
     if problem:

@@ -9,6 +9,7 @@ sink that keeps its records (`fedleak.server.rounds`).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -35,8 +36,9 @@ from fedleak.training.loss import task_scores
 def evaluate(
     model: torch.nn.Module, fd: FederatedData, device: torch.device
 ) -> tuple[float, float]:
-    """Test loss and accuracy of the global model on the held-out split (NaN when it is empty):
-    per image, or per predicted next token of a language model."""
+    """Test loss and accuracy of the global model on the held-out split (NaN when it is empty,
+    and both NaN when the loss is: the argmax of NaN logits is no prediction): per image, or
+    per predicted next token of a language model."""
     x, y = fd.dataset.test_x, fd.dataset.test_y
     if len(x) == 0:
         return float("nan"), float("nan")
@@ -46,6 +48,8 @@ def evaluate(
         logits = model(x[start : start + 256].to(device))
         scores = task_scores(logits, y[start : start + 256].to(device))
         loss, correct, count = loss + scores[0], correct + scores[1], count + scores[2]
+    if not math.isfinite(loss):
+        return float("nan"), float("nan")
     return loss / count, correct / count
 
 
