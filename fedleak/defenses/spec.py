@@ -204,7 +204,7 @@ def _same_form(step: Any, before: dict[str, Tensor], after: object) -> dict[str,
         name = getattr(step, "spec", None) or type(step).__name__
         raise DefenseOutputError(
             f"defense {name!r} {problem}; a defense returns every tensor of the update it is "
-            "given, under the same key and in the same shape"
+            "given, under the same key, in the same shape and finite where it was"
         )
     return after  # type: ignore[return-value]
 
