@@ -226,10 +226,10 @@ STUDY = {
 TIMINGS = {"seconds", "round_seconds", "attack_seconds"}
 
 
-def _study(out: Path, hash_seed: str) -> subprocess.Popen:
+def _study(out: Path, hash_seed: str, spec: str) -> subprocess.Popen:
     args = [sys.executable, "-m", "fedleak.simulations.cli", "run", "quickstart"]
     args += ["--out", str(out), "--num-clients", "4"]
-    for key, value in STUDY.items():
+    for key, value in {**STUDY, "defense.spec": spec}.items():
         args += ["--set", f"{key}={value}"]
     env = {**os.environ, "PYTHONHASHSEED": hash_seed}
     return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -239,11 +239,23 @@ def _study(out: Path, hash_seed: str) -> subprocess.Popen:
 def twins(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("twins")
     runs = (root / "first", root / "second")
-    for out, hash_seed in zip(runs, ("1", "2"), strict=True):
-        process = _study(out, hash_seed)
+    # The second writes the same defense otherwise: one pipeline, one setting.
+    specs = (STUDY["defense.spec"], " InstaHide:2:INTER ")
+    for out, hash_seed, spec in zip(runs, ("1", "2"), specs, strict=True):
+        process = _study(out, hash_seed, spec)
         output, _ = process.communicate(timeout=600)
         assert process.returncode == 0, output.decode(errors="replace")[-3000:]
     return runs
+
+
+def test_a_defense_written_otherwise_is_recorded_as_one_setting(
+    twins: tuple[Path, Path],
+) -> None:
+    """The report named a pipeline as written: `prune:0.9+mixup:4` and `mixup:4+prune:0.9`
+    (one pipeline, the same bits) were two settings, and ` NONE ` was not the baseline."""
+    for run in twins:
+        assert 'spec = "instahide:2:inter"' in (run / "config.toml").read_text()
+        assert set(pd.read_parquet(run / "leakage.parquet").defense) == {"instahide:2:inter"}
 
 
 def test_the_same_study_in_two_processes_gives_the_same_bits(twins: tuple[Path, Path]) -> None:

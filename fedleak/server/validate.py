@@ -93,6 +93,19 @@ def validate_run(
     return fd
 
 
+def canonical(config: RunConfig) -> RunConfig:
+    """The configuration with its defense spec in canonical form (`mixup:4+prune:0.9` however
+    it was written, `none` for ` NONE `), so one pipeline is one setting in a run's records
+    and reports; a spec that does not parse is left for the checks to refuse."""
+    try:
+        spec = parse_defense_spec(config.defense.spec).spec
+    except ValueError:
+        return config
+    if spec == config.defense.spec:
+        return config
+    return dataclasses.replace(config, defense=dataclasses.replace(config.defense, spec=spec))
+
+
 def check_seen_by_ray(config: RunConfig) -> None:
     """Refuse a component registered by code in this process where another process needs it:
     Ray's client actors build the model, load the data and apply the defense, and attack

@@ -42,7 +42,7 @@ from fedleak.server.payload import check_round_payload
 from fedleak.server.privacy import PrivacyLedger
 from fedleak.server.selection import FederationError, declared_federation
 from fedleak.server.strategy import ClientCrashed
-from fedleak.server.validate import validate_components
+from fedleak.server.validate import canonical, validate_components
 from fedleak.simulations.recording import (
     RunRecorder,
     data_record,
@@ -132,6 +132,7 @@ def serve(
     """
     reuse_freed_memory()
     validate_components(config)
+    config = canonical(config)
     device = resolve_device(config.device)
     path = Path(config.out_dir) if config.out_dir else default_run_dir(config)
     config = dataclasses.replace(config, out_dir=str(path))
@@ -163,6 +164,7 @@ def check_resumable(
     that fits the configured model."""
     if not (config.sim.resume and (path / "config.toml").exists()):
         return
+    config = canonical(config)
     run_dir = RunDirectory.open(path)
     run_dir.check_resume(config)
     run_dir.leakage()  # damaged records are said now, not after the resumed round's work
