@@ -19,6 +19,7 @@ for per-sample updates, else Hungarian on MSE) and measures them as a run's audi
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import math
 import time
@@ -46,21 +47,31 @@ from fedleak.settings import ConfigError
 UPDATE_KINDS: tuple[UpdateKind, ...] = ("gradient", "delta")
 
 
-def _described(value: object) -> str:
+# Every object a registered snapshot's name describes by identity, kept alive: a freed object's
+# id goes to the next one allocated, and a later model would then reuse a stale snapshot.
+_IDENTIFIED: dict[str, list[object]] = {}
+
+
+def _described(value: object, identified: list[object]) -> str:
     """A module attribute as it decides the computation: plain values by value, functions and
-    other objects by identity (within this process), containers element by element."""
+    other objects by identity (appended to `identified`), containers element by element."""
     if value is None or isinstance(value, bool | int | float | str | torch.dtype):
         return repr(value)
     if isinstance(value, tuple | list | set | frozenset):
         items = sorted(value, key=repr) if isinstance(value, set | frozenset) else value
-        return f"{type(value).__name__}[{','.join(_described(v) for v in items)}]"
+        inner = ",".join(_described(v, identified) for v in items)
+        return f"{type(value).__name__}[{inner}]"
     if isinstance(value, Mapping):
-        return "{" + ",".join(f"{k!r}:{_described(v)}" for k, v in value.items()) + "}"
+        return "{" + ",".join(f"{k!r}:{_described(v, identified)}" for k, v in value.items()) + "}"
+    if isinstance(value, functools.partial):  # by value: a new one per model is common
+        arguments = _described((value.args, dict(value.keywords)), identified)
+        return f"partial({_described(value.func, identified)},{arguments})"
+    identified.append(value)
     name = getattr(value, "__qualname__", type(value).__qualname__)
     return f"{getattr(value, '__module__', '')}.{name}@{id(value)}"
 
 
-def _architecture_name(model: nn.Module) -> str:
+def _architecture_name(model: nn.Module, identified: list[object]) -> str:
     """A registry name for a user's module: its class and a digest of everything that decides
     its computation beyond the observed weights: each submodule's type and attributes (an
     activation held as a plain function, a flag, a hook), parameter and buffer shapes, and
@@ -71,7 +82,7 @@ def _architecture_name(model: nn.Module) -> str:
         for key, value in sorted(vars(module).items()):
             if key in ("_parameters", "_buffers", "_modules", "training"):
                 continue
-            digest.update(f"{key}={_described(value)}".encode())
+            digest.update(f"{key}={_described(value, identified)}".encode())
         for key, tensor in (*module._parameters.items(), *module._buffers.items()):
             if tensor is None:
                 digest.update(f"{key}:None".encode())
@@ -87,10 +98,12 @@ def model_spec_for(model: nn.Module, input_shape: Sequence[int], num_classes: in
     """A `ModelSpec` attacks can rebuild `model` from in this process: its architecture is
     registered (a snapshot; the weights travel in the observation). Two models share a
     snapshot only when their digests agree (`_architecture_name`)."""
-    name = _architecture_name(model)
+    identified: list[object] = []
+    name = _architecture_name(model, identified)
     if name not in MODELS:
         template = copy.deepcopy(model).cpu()
         register_model(name, lambda _shape, _classes: copy.deepcopy(template), replace=True)
+        _IDENTIFIED[name] = identified
     return ModelSpec(name, tuple(int(d) for d in input_shape), int(num_classes))
 
 
@@ -174,6 +187,15 @@ def observe(
     `learning_rate`: the local-training protocol the client declares. `defense`: the public
     defense spec the update went through (adaptive attacks read it).
     """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+    if frozen:
+        raise ConfigError(
+            f"model: parameter {frozen[0]!r} is frozen (requires_grad=False); fedleak's "
+            "attacks match a gradient for every parameter: hold fixed tensors as buffers "
+            "(register_buffer), or pass a model whose parameters all train"
+        )
     names = [name for name, _ in model.named_parameters()]
     if isinstance(update, Mapping):
         tensors = dict(update)
@@ -188,6 +210,12 @@ def observe(
     unknown = sorted(set(tensors) - set(names))
     if unknown:
         raise ConfigError(f"update: {unknown[0]!r} is not a parameter of the model")
+    missing = [name for name in names if name not in tensors]
+    if missing:
+        raise ConfigError(
+            f"update: no tensor for the model's parameter {missing[0]!r}; a client's update "
+            "holds one for every parameter"
+        )
     shapes = {name: p.shape for name, p in model.named_parameters()}
     _check_shapes("update", tensors, shapes, None)
     if kind not in UPDATE_KINDS:
@@ -215,6 +243,11 @@ def observe(
         if stray:
             raise ConfigError(f"per_sample_updates: {stray[0]!r} is not a parameter of the model")
         _check_shapes("per_sample_updates", per_sample_updates, shapes, examples)
+    if not isinstance(input_shape, Sequence) or len(input_shape) != 3:
+        raise ConfigError(
+            f"input_shape={input_shape!r}: expected one image's shape (C, H, W); a model on "
+            "flat vectors flattens its images itself"
+        )
     shape = tuple(_whole("input_shape", d) for d in input_shape)
     out = _output_shape(model, shape)
     if num_classes is None:
@@ -224,12 +257,23 @@ def observe(
                 "num_classes= explicitly"
             )
         classes = out[1]
+        if classes < 2:
+            raise ConfigError(
+                f"num_classes: the model's output has {classes} column for one input; a "
+                "classifier of at least 2 classes is expected"
+            )
     else:
         classes = _whole("num_classes", num_classes, low=2)
-    state = model.state_dict() if weights is None else weights
-    missing = [key for key in model.state_dict() if key not in state]
+    own = model.state_dict()
+    state = own if weights is None else weights
+    missing = [key for key in own if key not in state]
     if missing:
         raise ConfigError(f"weights: no entry for the model's {missing[0]!r}")
+    if weights is not None:
+        stray = sorted(set(state) - set(own))
+        if stray:
+            raise ConfigError(f"weights: {stray[0]!r} is not in the model's state")
+        _check_shapes("weights", dict(state), {k: v.shape for k, v in own.items()}, None)
     return Observation(
         round=int(round),
         client_id=int(client_id),
@@ -257,10 +301,10 @@ def knowledge(
     *,
     device: str | torch.device = "cpu",
     seed: int = 0,
-    data_range: tuple[float, float] = (0.0, 1.0),
 ) -> AttackerKnowledge:
     """The attacker's resources for an observation: its own auxiliary data (none by default),
-    shaped like the observed model's inputs."""
+    shaped like the observed model's inputs, on `device`; `seed` seeds the attack's own random
+    draws (a run's attacks take `fedleak.seeds.attacker_seed` of the run's seed)."""
     shape = tuple(observation.model.input_shape)
     if aux_inputs is None:
         aux_inputs = torch.zeros(0, *shape)
@@ -273,16 +317,34 @@ def knowledge(
         )
     if observation.modality == "image":
         _check_auxiliary_images(aux_inputs, aux_labels, observation.model.num_classes)
-    target = torch.device(device)
+    target = _device(device)
     return AttackerKnowledge(
         aux_inputs=aux_inputs.detach().float().to(target),
         aux_labels=aux_labels.detach().long().to(target),
         input_shape=shape,
         num_classes=observation.model.num_classes,
-        data_range=data_range,
         device=target,
-        seed=seed,
+        seed=_whole("seed", seed, low=0),
     )
+
+
+def _device(device: object) -> torch.device:
+    """A device attacks can run on here: the CPU, or a CUDA device this machine has."""
+    try:
+        target = torch.device(device)  # type: ignore[arg-type]
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device={device!r}: expected cpu, cuda or cuda:N") from None
+    if target.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = 0 if target.index is None else target.index
+        if index >= count:
+            raise ConfigError(
+                f"device={device!r}: this machine has {count} CUDA device(s); use cpu"
+                + (f" or cuda:0..cuda:{count - 1}" if count else "")
+            )
+    elif target.type != "cpu":
+        raise ConfigError(f"device={device!r}: expected cpu, cuda or cuda:N")
+    return target
 
 
 def _check_auxiliary_images(inputs: Tensor, labels: Tensor, num_classes: int) -> None:
@@ -336,11 +398,7 @@ def reconstruct(
     keeps the process's setting.
     """
     if attacker is None:
-        try:
-            target = torch.device(device)
-        except (RuntimeError, TypeError):
-            raise ConfigError(f"device={device!r}: expected cpu, cuda or cuda:N") from None
-        attacker = knowledge(observation, aux_inputs, aux_labels, device=target)
+        attacker = knowledge(observation, aux_inputs, aux_labels, device=_device(device))
     budget = Budget(
         _whole("max_iterations", max_iterations),
         _positive("max_seconds", max_seconds),
@@ -409,10 +467,10 @@ def score(
     private images must lie there. Under MixUp or InstaHide a run's auditor also scores
     against the encoded images and each encoding's sources, which this function is not given."""
     truth = _tensor("inputs", inputs).detach().cpu()
-    if not truth.is_floating_point() or truth.dim() < 2:
+    if not truth.is_floating_point() or truth.dim() != 4 or len(truth) == 0:
         raise ConfigError(
-            f"inputs: expected float images [N, ...] in [0, 1], got {truth.dtype} of shape "
-            f"{tuple(truth.shape)}"
+            f"inputs: expected float images [N, C, H, W] in [0, 1], N >= 1, got {truth.dtype} "
+            f"of shape {tuple(truth.shape)}"
         )
     truth = truth.float()
     if truth.numel() and not (torch.isfinite(truth).all() and 0 <= truth.min() <= truth.max() <= 1):

@@ -170,6 +170,17 @@ def _net_and_grads() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
         ({"num_classes": 1}, r"^num_classes=1: expected an integer >= 2$"),
         ({"weights": {}}, r"^weights: no entry for the model's '0\.weight'$"),
         ({"per_sample_updates": "one"}, r"^per_sample_updates: '0\.weight' has shape \(1, 4, 1"),
+        # Once accepted, then torch's errors (or an ImageShapeError) deep inside an attack.
+        (
+            {"weights": "narrow"},
+            r"^weights: '3\.weight' has shape \(10, 1\), expected \(10, 784\)$",
+        ),
+        ({"weights": "nan"}, r"^weights: '0\.bias' holds NaN or infinite values"),
+        ({"update": "half"}, r"^update: no tensor for the model's parameter '3\.weight'; a client"),
+        ({"input_shape": 784}, r"^input_shape=784: expected one image's shape \(C, H, W\)"),
+        ({"input_shape": (784,)}, r"^input_shape=\(784,\): expected one image's shape"),
+        ({"model": None}, r"^model: expected a torch\.nn\.Module, got NoneType$"),
+        ({"model": "frozen"}, r"^model: parameter '0\.weight' is frozen \(requires_grad=False\)"),
     ],
 )
 def test_observe_refuses_what_no_client_could_send(change: dict, message: str) -> None:
@@ -185,6 +196,21 @@ def test_observe_refuses_what_no_client_could_send(change: dict, message: str) -
         arguments["per_sample_updates"] = dict(
             zip([n for n, _ in model.named_parameters()], [g[None] for g in grads], strict=True)
         )
+    names = [n for n, _ in model.named_parameters()]
+    if arguments.get("update") == "half":
+        arguments["update"] = dict(zip(names[:2], grads[:2], strict=True))
+    if arguments.get("weights") in ("narrow", "nan"):
+        state = dict(model.state_dict())
+        if arguments["weights"] == "narrow":
+            state["3.weight"] = torch.zeros(10, 1)
+        else:
+            state["0.bias"] = torch.full_like(state["0.bias"], math.nan)
+        arguments["weights"] = state
+    if arguments.get("model") == "frozen":
+        model[0].weight.requires_grad_(False)
+    if "model" in arguments:
+        model = arguments.pop("model") if arguments["model"] is None else model
+        arguments.pop("model", None)
     update = arguments.pop("update", grads)
     with pytest.raises(ConfigError, match=message) as refused:
         fedleak.observe(model, update, **arguments)
@@ -195,6 +221,8 @@ def test_observe_refuses_what_no_client_could_send(change: dict, message: str) -
     ("change", "message"),
     [
         ({"device": "gpu"}, r"^device='gpu': expected cpu, cuda or cuda:N$"),
+        ({"device": "meta"}, r"^device='meta': expected cpu, cuda or cuda:N$"),
+        ({"device": "cuda:7"}, r"^device='cuda:7': this machine has \d+ CUDA device\(s\); use cpu"),
         ({"max_iterations": -1}, r"^max_iterations=-1: expected an integer >= 1$"),
         ({"max_iterations": "a"}, r"^max_iterations='a': expected an integer >= 1$"),
         ({"max_seconds": 0}, r"^max_seconds=0: expected a finite number > 0$"),
@@ -247,7 +275,7 @@ def test_reconstruct_and_score_treat_a_guess_as_the_auditor_does() -> None:
         (
             "uint8",
             None,
-            r"^inputs: expected float images \[N, \.\.\.\] in \[0, 1\], got torch\.uint8",
+            r"^inputs: expected float images \[N, C, H, W\] in \[0, 1\], N >= 1, got torch\.uint8",
         ),
         (
             "255",
@@ -285,6 +313,16 @@ class _Activated(nn.Module):
         return self.last(self.activation(self.first(x.flatten(1))))
 
 
+class _Leaky:
+    """An activation object (a snapshot holds a deep copy of it, not the object itself)."""
+
+    def __init__(self, slope: float) -> None:
+        self.slope = slope
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        return nn.functional.leaky_relu(t, self.slope)
+
+
 def test_observe_snapshots_what_decides_the_computation() -> None:
     """Two models of one class and repr, one with sigmoid and one with ReLU, shared the first
     one's snapshot: the second was attacked as a sigmoid network (IG 7.5 against 81.7 dB)."""
@@ -301,6 +339,18 @@ def test_observe_snapshots_what_decides_the_computation() -> None:
             assert torch.equal(rebuilt(x), model(x))
         names.append(observation.model.name)
     assert names[0] != names[1] and names[0] == names[2]
+    # A new activation object per model, freed with it: CPython hands a freed object's id to
+    # the next one, and 40-80% of 200 such models were rebuilt with the other's activation.
+    for step in range(40):
+        slope = (0.01, -1.0)[step % 2]
+        model = _Activated(_Leaky(slope))
+        grads = [torch.zeros_like(p) for p in model.parameters()]
+        observation = fedleak.observe(model, grads, input_shape=(1, 28, 28), num_examples=1)
+        rebuilt = fedleak.build_model(observation.model)
+        rebuilt.load_state_dict(observation.weights)
+        with torch.no_grad():
+            assert torch.equal(rebuilt(x), model(x)), step
+        del model, observation, rebuilt
 
 
 def test_integer_images_are_refused_not_scored_as_pixels() -> None:

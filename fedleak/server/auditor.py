@@ -193,7 +193,7 @@ class Auditor:
                 if truth.soft_labels is not None:
                     _score_encoded_labels(rows, reconstruction, truth.soft_labels, in_order)
             elif not in_order:
-                rows += self._unreconstructed(base, rows, truth)
+                rows += self._unreconstructed(base, rows, truth, reconstruction.labels is not None)
         except Exception as error:  # scoring must not end the round: record it instead
             log.warning("auditor failed on %s for client %s: %s", attack, base["client_id"], error)
             first = (str(error).strip().splitlines() or [""])[0]
@@ -222,11 +222,16 @@ class Auditor:
 
     @staticmethod
     def _unreconstructed(
-        base: Mapping[str, object], rows: list[dict[str, object]], truth: GroundTruth
+        base: Mapping[str, object],
+        rows: list[dict[str, object]],
+        truth: GroundTruth,
+        labelled: bool,
     ) -> list[dict[str, object]]:
-        """A row, with no reconstruction and no metrics, for each private sample left over when
-        the batch held more samples than the attack reconstructed (a Poisson batch larger than
-        the declared size): success rates count it as not reconstructed."""
+        """A row, with no reconstruction and no image metrics, for each private sample left
+        over when the batch held more samples than the attack reconstructed (a Poisson batch
+        larger than the declared size): success rates count it as not reconstructed, and, when
+        the attack recovers labels (`labelled`), label accuracy as a label not recovered
+        (`fedleak.score` counts it the same way)."""
         matched = {int(row["target_index"]) for row in rows}
         classes = truth.labels.dim() == 1  # token sequences carry no class label
         return [
@@ -236,6 +241,7 @@ class Auditor:
                 "target_index": index,
                 "scored_against": "original",
                 **(_label_fields(None, -1, truth.labels[index : index + 1]) if classes else {}),
+                **({"label_acc": 0.0} if classes and labelled else {}),
             }
             for index in range(len(truth.inputs))
             if index not in matched
