@@ -189,6 +189,12 @@ def observe(
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    wide = [(name, p.dtype) for name, p in model.named_parameters() if p.dtype != torch.float32]
+    if wide:
+        raise ConfigError(
+            f"model: parameter {wide[0][0]!r} is {wide[0][1]}; fedleak's attacks and metrics "
+            "work in float32 (pass model.float())"
+        )
     frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
     if frozen:
         raise ConfigError(

@@ -181,6 +181,7 @@ def _net_and_grads() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
         ({"input_shape": (784,)}, r"^input_shape=\(784,\): expected one image's shape"),
         ({"model": None}, r"^model: expected a torch\.nn\.Module, got NoneType$"),
         ({"model": "frozen"}, r"^model: parameter '0\.weight' is frozen \(requires_grad=False\)"),
+        ({"model": "double"}, r"^model: parameter '0\.weight' is torch\.float64; fedleak's"),
     ],
 )
 def test_observe_refuses_what_no_client_could_send(change: dict, message: str) -> None:
@@ -208,6 +209,8 @@ def test_observe_refuses_what_no_client_could_send(change: dict, message: str) -
         arguments["weights"] = state
     if arguments.get("model") == "frozen":
         model[0].weight.requires_grad_(False)
+    if arguments.get("model") == "double":
+        model.double()
     if "model" in arguments:
         model = arguments.pop("model") if arguments["model"] is None else model
         arguments.pop("model", None)
