@@ -157,6 +157,24 @@ def test_a_run_is_done_only_once_its_end_is_checked_and_a_resume_undoes_it(
     assert not (run.path / "FAILED").exists()
 
 
+def test_a_run_recorded_with_a_spec_as_written_resumes_under_its_canonical_form(
+    tmp_path: Path,
+) -> None:
+    """Runs record the canonical defense spec since 5 December; one recorded before, as
+    written, was refused on resume though its own config.toml was given back."""
+    from fedleak.simulations.study import check_resumable
+
+    settings = {"num-server-rounds": 1, "attack.names": "aux-mean", "sim.resume": True}
+    written = parse_flat({**settings, "defense.spec": "prune:0.9+gauss:0.01"})
+    run = RunDirectory.create(tmp_path / "run", written, {})
+    run.append_round(0, [], _utility(0))
+    more = parse_flat({**written.to_flat(), "num-server-rounds": 2})
+    check_resumable(more, run.path)
+    other = parse_flat({**more.to_flat(), "defense.spec": "prune:0.5+gauss:0.01"})
+    with pytest.raises(RunDirectoryError, match=r"differing: defense.spec='gauss:0.01\+prune:0.5'"):
+        check_resumable(other, run.path)
+
+
 def test_an_engine_failure_is_told_by_the_runs_reason(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

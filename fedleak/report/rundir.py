@@ -755,10 +755,11 @@ class RunDirectory:
                 "in a new out-dir"
             )
 
-    def check_resume(self, config: RunConfig) -> None:
+    def check_resume(self, config: RunConfig, recorded: RunConfig | None = None) -> None:
         """Refuse to continue this run with settings that would mix two studies in it: only
-        more rounds and bookkeeping (`RESUME_MAY_CHANGE`) may differ; every difference is named."""
-        stored, wanted = self.config.to_flat(), config.to_flat()
+        more rounds and bookkeeping (`RESUME_MAY_CHANGE`) may differ; every difference is named.
+        `recorded`: the run's settings as the caller normalised them (default: as stored)."""
+        stored, wanted = (recorded or self.config).to_flat(), config.to_flat()
         changed = [
             f"{key}={wanted.get(key)!r} (the run has {stored.get(key)!r})"
             for key in dict.fromkeys([*stored, *wanted])

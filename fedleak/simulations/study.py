@@ -166,7 +166,8 @@ def check_resumable(
         return
     config = canonical(config)
     run_dir = RunDirectory.open(path)
-    run_dir.check_resume(config)
+    # A run recorded before specs were stored canonically is the same study.
+    run_dir.check_resume(config, canonical(run_dir.config))
     run_dir.leakage()  # damaged records are said now, not after the resumed round's work
     run_dir.utility()
     if clients is not None:
