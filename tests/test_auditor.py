@@ -8,6 +8,7 @@ import math
 
 import torch
 
+import fedleak
 from fedleak.attacks.types import CONVERGED_RATIO, Observation, Reconstruction, converged
 from fedleak.defenses import fold_toward, unsigned
 from fedleak.models.spec import ModelSpec
@@ -266,6 +267,13 @@ def test_a_poisson_batch_of_another_size_leaves_every_private_sample_one_row() -
     ]
     assert math.isnan(missed["label_acc"])  # an attack that recovers no labels is not scored
     assert math.isnan(missed["loss_final"]) and math.isnan(missed["converged"])
+    # Labels the batch holds count wherever the pixels paired them: two right labels of a
+    # batch of four read 2/4 here and in `fedleak.score` (the rows read 0/4).
+    four = GroundTruth(0, _images(4, 3), torch.tensor([0, 2, 6, 9]))
+    two = Reconstruction(inputs=four.inputs[2:].clone(), labels=torch.tensor([0, 2]))
+    rows = auditor.score(_observation(2), "a", two, four, {})
+    assert sum(r["label_acc"] for r in rows) == 2.0 and len(rows) == 4
+    assert fedleak.score(two, four.inputs, four.labels, lpips=False).label_accuracy == 0.5
     # Drew none: nothing private to score, so no rows.
     empty = GroundTruth(0, _images(0, 0), torch.zeros(0, dtype=torch.long))
     assert auditor.score(_observation(2), "a", guess, empty, {}) == []

@@ -37,17 +37,22 @@ def label_multiset_accuracy(pred: torch.Tensor | None, true: torch.Tensor) -> fl
     return sum((p & t).values()) / sum(t.values())
 
 
-def multiset_credit(pred: list[int], true: list[int]) -> list[bool]:
+def multiset_credit(pred: list[int], true: list[int], pool: list[int] | None = None) -> list[bool]:
     """Which pairs' predicted labels count as recovered when a batch's labels are scored as a
     multiset, as label-recovery papers score them: an attack on a batch update finds which
     labels it holds, not which image carries which, and pairing images by pixels would turn an
-    exactly recovered multiset into a lottery over permutations. Each true label is recovered
-    at most as often as it occurs; pairs whose own truth agrees take the credit first."""
+    exactly recovered multiset into a lottery over permutations. `pool`: every label the batch
+    holds (default `true`; more when the batch held samples no pair reached). Each label of
+    the pool is recovered at most as often as it occurs; pairs whose own truth agrees take the
+    credit first."""
     if len(pred) != len(true):
         raise ValueError(f"label lists differ in length: {len(pred)} vs {len(true)}")
-    left = Counter(true)
-    credit = [p == t for p, t in zip(pred, true, strict=True)]
-    left.subtract(p for p, own in zip(pred, credit, strict=True) if own)
+    left = Counter(true if pool is None else pool)
+    credit = [False] * len(pred)
+    for i, (p, t) in enumerate(zip(pred, true, strict=True)):
+        if p == t and left[p] > 0:
+            credit[i] = True
+            left[p] -= 1
     for i, p in enumerate(pred):
         if not credit[i] and left[p] > 0:
             credit[i] = True

@@ -320,8 +320,8 @@ class Auditor:
                     **_label_fields(reconstruction, r, true),
                 }
             )
-        if not (in_order and len(recon) == len(shown)):
-            _score_labels_as_multiset(rows)
+        if labels is not None and not (in_order and len(recon) == len(shown)):
+            _score_labels_as_multiset(rows, labels.tolist())
         return rows
 
     def _score_tokens(
@@ -422,14 +422,15 @@ def _metric_fields(scores: Mapping[str, torch.Tensor], j: int) -> dict[str, floa
     return fields
 
 
-def _score_labels_as_multiset(rows: list[dict[str, object]]) -> None:
+def _score_labels_as_multiset(rows: list[dict[str, object]], pool: list[int]) -> None:
     """`label_acc` of rows paired by assignment: whether each row's recovered label is one of
-    the batch's, each counted once (`multiset_credit`); `true_label` and `pred_label` keep the
-    pixel pairing."""
+    the batch's labels (`pool`, all of them, also those of samples no row reached), each
+    counted once (`multiset_credit`); `true_label` and `pred_label` keep the pixel pairing."""
     scored = [row for row in rows if not math.isnan(float(row["label_acc"]))]  # type: ignore[arg-type]
     credit = multiset_credit(
         [int(row["pred_label"]) for row in scored],  # type: ignore[call-overload]
         [int(row["true_label"]) for row in scored],  # type: ignore[call-overload]
+        pool,
     )
     for row, recovered in zip(scored, credit, strict=True):
         row["label_acc"] = float(recovered)
@@ -452,7 +453,7 @@ def _score_encoded_labels(
         true = soft_labels[int(row["target_index"])].float().argmax().reshape(1)
         row.update(_label_fields(reconstruction, int(row["sample"]), true))
     if not (in_order and len(encoded) == len(soft_labels)):
-        _score_labels_as_multiset(encoded)
+        _score_labels_as_multiset(encoded, soft_labels.float().argmax(dim=1).tolist())
     by_sample = {int(row["sample"]): row for row in encoded}
     for row in rows:
         if row["scored_against"] == "original" and int(row["sample"]) in by_sample:
