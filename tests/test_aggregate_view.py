@@ -74,7 +74,7 @@ def test_aggregate_view_leaks_less_than_per_client_observation(views: dict[str, 
     assert client.mse.mean() < aggregate.mse.mean()
 
 
-@pytest.mark.parametrize("spec", ["none", "prune:0.9", "dpsgd:1.0:1.0", "mixup:2"])
+@pytest.mark.parametrize("spec", ["none", "prune:0.9", "dpsgd:1:1", "mixup:2"])
 def test_every_defense_records_utility_beside_leakage(
     spec: str, views: dict[str, Path], tmp_path: Path
 ) -> None:

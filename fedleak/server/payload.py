@@ -104,10 +104,11 @@ def estimate_payload(
         audit = examples * 2 * math.prod(spec.input_shape) * INT64 + 2 * ARRAY_HEADER
     encoder = parse_defense_spec(config.defense.spec).encoder
     if encoder is not None:
-        # The encoded batch, per encoded sample the k sources it mixes and which are public,
-        # whether signs were flipped, and the private partners from outside the batch: at
-        # most k - 1 per sample (intra).
-        audit += examples * (image + encoder.k * (INT64 + BOOL)) + BOOL + 4 * ARRAY_HEADER
+        # The encoded batch, per encoded sample the k sources it mixes and which are public
+        # and its mixed label, whether signs were flipped, and the private partners from
+        # outside the batch: at most k - 1 per sample (intra).
+        mixed = encoder.k * (INT64 + BOOL) + spec.num_classes * FLOAT32
+        audit += examples * (image + mixed) + BOOL + 5 * ARRAY_HEADER
         partners = 0 if getattr(encoder, "inter", False) else examples * (encoder.k - 1)
         audit += partners * (image + INT64) + 2 * ARRAY_HEADER
     per_sample = 0
