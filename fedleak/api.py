@@ -47,9 +47,10 @@ from fedleak.settings import ConfigError
 UPDATE_KINDS: tuple[UpdateKind, ...] = ("gradient", "delta")
 
 
-# Every object a registered snapshot's name describes by identity, kept alive: a freed object's
-# id goes to the next one allocated, and a later model would then reuse a stale snapshot.
-_IDENTIFIED: dict[str, list[object]] = {}
+# Each registered snapshot's skeleton, and every object its name describes by identity, kept
+# alive: a freed object's id goes to the next one allocated, and a later model would then
+# reuse a stale snapshot.
+_SNAPSHOTS: dict[str, tuple[nn.Module, list[object]]] = {}
 
 
 def _described(value: object, identified: list[object]) -> str:
@@ -57,6 +58,8 @@ def _described(value: object, identified: list[object]) -> str:
     other objects by identity (appended to `identified`), containers element by element."""
     if value is None or isinstance(value, bool | int | float | str | torch.dtype):
         return repr(value)
+    if isinstance(value, Tensor):  # a plain tensor attribute: state (a cached activation)
+        return f"tensor{tuple(value.shape)}:{value.dtype}"
     if isinstance(value, tuple | list | set | frozenset):
         items = sorted(value, key=repr) if isinstance(value, set | frozenset) else value
         inner = ",".join(_described(v, identified) for v in items)
@@ -101,15 +104,64 @@ def model_spec_for(model: nn.Module, input_shape: Sequence[int], num_classes: in
     identified: list[object] = []
     name = _architecture_name(model, identified)
     if name not in MODELS:
-        template = copy.deepcopy(model).cpu()
-        register_model(name, lambda _shape, _classes: copy.deepcopy(template), replace=True)
-        _IDENTIFIED[name] = identified
+        template = _skeleton(model)
+        register_model(name, lambda _shape, _classes: _materialised(template), replace=True)
+        _SNAPSHOTS[name] = (template, identified)
     return ModelSpec(name, tuple(int(d) for d in input_shape), int(num_classes))
+
+
+def _skeleton(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose parameters and persistent buffers are on the meta device: a
+    snapshot holds the architecture, never the weights (they travel in each observation), so
+    a model observed with changing attributes (a call counter) adds little per snapshot."""
+    memo: dict[int, object] = {}
+    for module in model.modules():
+        for tensor in module._parameters.values():
+            if tensor is not None and id(tensor) not in memo:
+                meta = torch.empty_like(tensor, device="meta")
+                memo[id(tensor)] = nn.Parameter(meta, requires_grad=tensor.requires_grad)
+        for key, tensor in module._buffers.items():
+            if tensor is None or id(tensor) in memo:
+                continue
+            if key in module._non_persistent_buffers_set:  # not in the observed weights
+                memo[id(tensor)] = tensor.detach().cpu().clone()
+            else:
+                memo[id(tensor)] = torch.empty_like(tensor, device="meta")
+    try:
+        return copy.deepcopy(model, memo)
+    except (RuntimeError, TypeError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        reason = reason.split(". ")[0].rstrip(".")
+        raise ConfigError(
+            f"model: cannot be copied to rebuild it ({reason}); detach tensors it keeps as "
+            "attributes (a cached activation) or register them as buffers"
+        ) from None
+
+
+def _materialised(skeleton: nn.Module) -> nn.Module:
+    """The skeleton with zeroed CPU tensors in place of its meta ones (shared ones stay
+    shared), ready for `load_state_dict` of an observation's weights."""
+    model = copy.deepcopy(skeleton)
+    made: dict[int, Tensor] = {}
+    for module in model.modules():
+        for store in (module._parameters, module._buffers):
+            for key, tensor in list(store.items()):
+                if tensor is None or not tensor.is_meta:
+                    continue
+                if id(tensor) not in made:
+                    zeros = torch.zeros_like(tensor, device="cpu")
+                    if isinstance(tensor, nn.Parameter):
+                        zeros = nn.Parameter(zeros, requires_grad=tensor.requires_grad)
+                    made[id(tensor)] = zeros
+                store[key] = made[id(tensor)]
+    return model
 
 
 def _output_shape(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, ...]:
     """The model's output shape for one input of `input_shape`: proves the shape fits."""
-    probe = copy.deepcopy(model).cpu().eval()
+    probe = _materialised(_skeleton(model))
+    probe.load_state_dict(model.state_dict())
+    probe.eval()
     try:
         with torch.no_grad():
             out = probe(torch.zeros(1, *input_shape))
