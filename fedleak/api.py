@@ -58,8 +58,11 @@ def _described(value: object, identified: list[object]) -> str:
     other objects by identity (appended to `identified`), containers element by element."""
     if value is None or isinstance(value, bool | int | float | str | torch.dtype):
         return repr(value)
-    if isinstance(value, Tensor):  # a plain tensor attribute: state (a cached activation)
-        return f"tensor{tuple(value.shape)}:{value.dtype}"
+    if isinstance(value, Tensor):  # a constant (a normalising mean) or a cached activation
+        data = value.detach().cpu().contiguous()
+        raw = data.flatten().view(torch.uint8).numpy().tobytes()
+        digest = hashlib.blake2b(raw, digest_size=8).hexdigest()
+        return f"tensor{tuple(value.shape)}:{value.dtype}:{digest}"
     if isinstance(value, tuple | list | set | frozenset):
         items = sorted(value, key=repr) if isinstance(value, set | frozenset) else value
         inner = ",".join(_described(v, identified) for v in items)
@@ -570,8 +573,9 @@ def score(
         if alone and len(guess) == len(truth):
             accuracy = label_accuracy(predicted, labels)
         else:
-            # Over every private label: one no guess was paired with is not recovered.
-            accuracy = label_multiset_accuracy(predicted[recon_idx], labels)
+            # Over every private label and every recovered one, wherever the pixels paired
+            # them: a private sample no guess reached is not recovered.
+            accuracy = label_multiset_accuracy(predicted, labels)
     return Leakage(
         pairs=list(zip(recon_idx.tolist(), truth_idx.tolist(), strict=True)),
         mse=scores["mse"],

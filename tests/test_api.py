@@ -371,6 +371,18 @@ class _Stateful(nn.Module):
         return self.head(h)
 
 
+class _Centred(nn.Module):
+    """Normalises inside, with its mean held as a plain tensor attribute."""
+
+    def __init__(self, mean: float) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.mean, self.head = torch.tensor(mean), nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x - self.mean)
+
+
 def test_a_model_observed_in_a_loop_adds_no_weights_per_snapshot() -> None:
     """A model whose attributes change between calls (a counter) is a new snapshot each time:
     200 of them held 200 copies of the weights (RSS 768 -> 932 MB in an outside check). A
@@ -392,11 +404,17 @@ def test_a_model_observed_in_a_loop_adds_no_weights_per_snapshot() -> None:
     for name in names:
         skeleton, _ = api._SNAPSHOTS[name]
         assert all(p.is_meta for p in skeleton.parameters())
-    model.calls = 0  # a cached activation of another batch is the same architecture
-    first = model_spec_for(model, (1, 28, 28), 10).name
-    model(torch.rand(2, 1, 28, 28))
-    model.calls = 0
-    assert model_spec_for(model, (1, 28, 28), 10).name == first
+    # A tensor held as an attribute is a constant of the computation (a normalising mean):
+    # two models differing only in it shared a snapshot (IG 15.8 against 78.3 dB).
+    specs = {}
+    for mean in (0.1307, 0.5, 0.1307):
+        centred = _Centred(mean)
+        specs.setdefault(mean, set()).add(model_spec_for(centred, (1, 28, 28), 10).name)
+        rebuilt = fedleak.build_model(model_spec_for(centred, (1, 28, 28), 10))
+        rebuilt.load_state_dict(centred.state_dict())
+        with torch.no_grad():
+            assert torch.equal(rebuilt(x), centred(x))
+    assert len(specs[0.1307]) == 1 and specs[0.1307] != specs[0.5]
     attached = _Stateful(detach=False)
     attached(x)
     grads = [torch.zeros_like(p) for p in attached.parameters()]

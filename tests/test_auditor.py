@@ -274,6 +274,15 @@ def test_a_poisson_batch_of_another_size_leaves_every_private_sample_one_row() -
     rows = auditor.score(_observation(2), "a", two, four, {})
     assert sum(r["label_acc"] for r in rows) == 2.0 and len(rows) == 4
     assert fedleak.score(two, four.inputs, four.labels, lpips=False).label_accuracy == 0.5
+    # More guesses than samples: the label recovered counts whichever image carries it.
+    single = GroundTruth(0, _images(1, 4), torch.tensor([4]))
+    for labels in ([1, 4], [4, 1]):
+        guesses = torch.stack([single.inputs[0], _images(1, 5)[0]])
+        surplus = Reconstruction(inputs=guesses, labels=torch.tensor(labels))
+        (row,) = auditor.score(_observation(2), "a", surplus, single, {})
+        assert row["label_acc"] == 1.0, labels
+        api = fedleak.score(surplus, single.inputs, single.labels, lpips=False)
+        assert api.label_accuracy == 1.0, labels
     # Drew none: nothing private to score, so no rows.
     empty = GroundTruth(0, _images(0, 0), torch.zeros(0, dtype=torch.long))
     assert auditor.score(_observation(2), "a", guess, empty, {}) == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 
 import torch
 
@@ -37,14 +38,17 @@ def label_multiset_accuracy(pred: torch.Tensor | None, true: torch.Tensor) -> fl
     return sum((p & t).values()) / sum(t.values())
 
 
-def multiset_credit(pred: list[int], true: list[int], pool: list[int] | None = None) -> list[bool]:
+def multiset_credit(
+    pred: list[int], true: list[int], pool: list[int] | None = None, spare: Sequence[int] = ()
+) -> list[bool]:
     """Which pairs' predicted labels count as recovered when a batch's labels are scored as a
     multiset, as label-recovery papers score them: an attack on a batch update finds which
     labels it holds, not which image carries which, and pairing images by pixels would turn an
     exactly recovered multiset into a lottery over permutations. `pool`: every label the batch
-    holds (default `true`; more when the batch held samples no pair reached). Each label of
-    the pool is recovered at most as often as it occurs; pairs whose own truth agrees take the
-    credit first."""
+    holds (default `true`; more when the batch held samples no pair reached); `spare`: labels
+    recovered by guesses no pair holds (more guesses than samples), which credit pairs left
+    without. Each label of the pool is recovered at most as often as it occurs; pairs whose own
+    truth agrees take the credit first."""
     if len(pred) != len(true):
         raise ValueError(f"label lists differ in length: {len(pred)} vs {len(true)}")
     left = Counter(true if pool is None else pool)
@@ -57,4 +61,10 @@ def multiset_credit(pred: list[int], true: list[int], pool: list[int] | None = N
         if not credit[i] and left[p] > 0:
             credit[i] = True
             left[p] -= 1
+    for p in spare:
+        waiting = [i for i, own in enumerate(credit) if not own]
+        if not waiting or left[p] <= 0:
+            continue
+        credit[next((i for i in waiting if true[i] == p), waiting[0])] = True
+        left[p] -= 1
     return credit

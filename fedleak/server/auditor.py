@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -320,8 +321,13 @@ class Auditor:
                     **_label_fields(reconstruction, r, true),
                 }
             )
-        if labels is not None and not (in_order and len(recon) == len(shown)):
-            _score_labels_as_multiset(rows, labels.tolist())
+        predicted = reconstruction.labels
+        if (
+            labels is not None
+            and predicted is not None
+            and not (in_order and len(recon) == len(shown))
+        ):
+            _score_labels_as_multiset(rows, labels.tolist(), _hard_labels(predicted))
         return rows
 
     def _score_tokens(
@@ -422,18 +428,31 @@ def _metric_fields(scores: Mapping[str, torch.Tensor], j: int) -> dict[str, floa
     return fields
 
 
-def _score_labels_as_multiset(rows: list[dict[str, object]], pool: list[int]) -> None:
+def _score_labels_as_multiset(
+    rows: list[dict[str, object]], pool: list[int], predicted: list[int]
+) -> None:
     """`label_acc` of rows paired by assignment: whether each row's recovered label is one of
     the batch's labels (`pool`, all of them, also those of samples no row reached), each
-    counted once (`multiset_credit`); `true_label` and `pred_label` keep the pixel pairing."""
+    counted once (`multiset_credit`), with the labels of guesses no row holds (`predicted`:
+    every recovered label) crediting rows left without; `true_label` and `pred_label` keep
+    the pixel pairing."""
     scored = [row for row in rows if not math.isnan(float(row["label_acc"]))]  # type: ignore[arg-type]
+    spare = Counter(predicted)
+    spare.subtract(int(row["pred_label"]) for row in scored)  # type: ignore[call-overload]
     credit = multiset_credit(
         [int(row["pred_label"]) for row in scored],  # type: ignore[call-overload]
         [int(row["true_label"]) for row in scored],  # type: ignore[call-overload]
         pool,
+        sorted(spare.elements()),
     )
     for row, recovered in zip(scored, credit, strict=True):
         row["label_acc"] = float(recovered)
+
+
+def _hard_labels(labels: torch.Tensor) -> list[int]:
+    """Class indices of recovered labels (soft ones by their argmax), as `_label_fields` reads
+    each row's."""
+    return (labels.argmax(dim=1) if labels.dim() == 2 else labels.reshape(-1)).long().tolist()
 
 
 def _score_encoded_labels(
@@ -452,8 +471,9 @@ def _score_encoded_labels(
     for row in encoded:
         true = soft_labels[int(row["target_index"])].float().argmax().reshape(1)
         row.update(_label_fields(reconstruction, int(row["sample"]), true))
-    if not (in_order and len(encoded) == len(soft_labels)):
-        _score_labels_as_multiset(encoded, soft_labels.float().argmax(dim=1).tolist())
+    if reconstruction.labels is not None and not (in_order and len(encoded) == len(soft_labels)):
+        dominant = soft_labels.float().argmax(dim=1).tolist()
+        _score_labels_as_multiset(encoded, dominant, _hard_labels(reconstruction.labels))
     by_sample = {int(row["sample"]): row for row in encoded}
     for row in rows:
         if row["scored_against"] == "original" and int(row["sample"]) in by_sample:
