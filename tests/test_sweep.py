@@ -142,6 +142,16 @@ seed = [0, 1]
             r"sweep\.grid\.train\.batch-size=4: expected a list of values",
         ),
         ("[sweep]\n[sweep.grid]\nseed = [1, 1]\n", r"sweep\.grid\.seed: lists 1 more than once"),
+        # One pipeline spelt two ways ran twice and was pooled as one setting of n=4 from 2.
+        (
+            '[sweep]\n[sweep.grid]\n"defense.spec" = ["mixup:4+prune:0.9", "prune:0.9+mixup:4"]\n',
+            r"sweep\.grid\.defense\.spec: lists 'prune:0\.9\+mixup:4' more than once",
+        ),
+        (
+            '[sweep]\n[[sweep.cells]]\n"defense.spec" = "sign+prune:0.9"\n'
+            '[[sweep.cells]]\n"defense.spec" = "prune:0.9+sign"\n',
+            r"cell 1 \(defense\.spec='prune:0\.9\+sign'\): same configuration as cell 0",
+        ),
         (
             "[sweep]\n[sweep.grid]\nseed = [1, 2]\n[[sweep.cells]]\nseed = 3\n",
             r"sweep\.cells #1: seed=3 clashes with sweep\.grid\.seed",

@@ -207,8 +207,9 @@ def _leakage_section(study: Study) -> list[Block]:
         blocks.append(
             Text(
                 "Runs with an input encoding (MixUp, InstaHide) are scored twice: against the "
-                "private originals (the privacy question) and, in a second table per metric, "
-                "against the encoded images the gradient was computed on."
+                "private originals (the privacy question) and, in a second table per image "
+                "metric, against the encoded images the gradient was computed on; a recovered "
+                "label is scored once, against the encoded sample's own label."
             )
         )
     current = None

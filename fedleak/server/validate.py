@@ -93,14 +93,19 @@ def validate_run(
     return fd
 
 
-def canonical(config: RunConfig) -> RunConfig:
-    """The configuration with its defense spec in canonical form (`mixup:4+prune:0.9` however
-    it was written, `none` for ` NONE `), so one pipeline is one setting in a run's records
-    and reports; a spec that does not parse is left for the checks to refuse."""
+def canonical_spec(spec: str) -> str:
+    """A defense spec in canonical form (`mixup:4+prune:0.9` however it was written, `none`
+    for ` NONE `); one that does not parse is left for the checks to refuse."""
     try:
-        spec = parse_defense_spec(config.defense.spec).spec
+        return parse_defense_spec(spec).spec
     except ValueError:
-        return config
+        return spec
+
+
+def canonical(config: RunConfig) -> RunConfig:
+    """The configuration with its defense spec in canonical form, so one pipeline is one
+    setting in a run's records and reports."""
+    spec = canonical_spec(config.defense.spec)
     if spec == config.defense.spec:
         return config
     return dataclasses.replace(config, defense=dataclasses.replace(config.defense, spec=spec))

@@ -212,10 +212,11 @@ COLUMNS = ("key", "kind", "default")
 
 
 def _check(args: argparse.Namespace) -> int:
-    from fedleak.server.validate import validate_run
+    from fedleak.server.validate import canonical, validate_run
 
     config = _config(args)
     validate_run(config, args.num_clients, args.client_cpus, args.client_gpus)
+    config = canonical(config)  # as the run would record it
     if config.out_dir:
         from fedleak.simulations.launch import check_out_dir
 

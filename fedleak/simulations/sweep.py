@@ -217,6 +217,13 @@ def _check_key(where: str, key: str) -> None:
         raise SweepError(f"{where}.{key}: set by the sweep for each cell; remove it")
 
 
+def _defense_form(value: Any) -> Any:
+    """A defense spec as a run records it: two spellings of one pipeline are one cell."""
+    from fedleak.server.validate import canonical_spec
+
+    return canonical_spec(value) if isinstance(value, str) else value
+
+
 def _grid(raw: Any) -> dict[str, list[Any]]:
     if not isinstance(raw, dict):
         raise SweepError(f"sweep.grid={raw!r}: expected a table of key = [values]")
@@ -227,8 +234,9 @@ def _grid(raw: Any) -> dict[str, list[Any]]:
             raise SweepError(f"sweep.grid.{key}={values!r}: expected a list of values")
         if not values:
             raise SweepError(f"sweep.grid.{key}: empty list; give at least one value")
+        same = _defense_form if key == "defense.spec" else (lambda value: value)
         for i, value in enumerate(values):
-            if value in values[:i]:
+            if same(value) in [same(v) for v in values[:i]]:
                 raise SweepError(f"sweep.grid.{key}: lists {value!r} more than once")
         grid[key] = values
     return grid
@@ -360,7 +368,9 @@ def load_sweep(
             raise SweepError(f"{label}: {error}") from None
         cell_id = f"cell-{index:03d}-{_slug(overrides)}"
         config = dataclasses.replace(config, name=cell_id)
-        key = tuple(sorted((k, repr(v)) for k, v in config.to_flat().items() if k != "name"))
+        flat = config.to_flat()
+        flat["defense.spec"] = _defense_form(flat["defense.spec"])  # as the run records it
+        key = tuple(sorted((k, repr(v)) for k, v in flat.items() if k != "name"))
         if key in seen:
             raise SweepError(f"{label}: same configuration as cell {seen[key]}; remove one")
         seen[key] = index
