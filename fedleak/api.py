@@ -458,6 +458,13 @@ def reconstruct(
     a million parameters on the CPU (several threads only wait on each other there), None
     keeps the process's setting.
     """
+    if not callable(getattr(attack, "reconstruct", None)):
+        raise ConfigError(
+            f"attack: expected an attack (fedleak.build_attack(name)), got {type(attack).__name__}"
+        )
+    if not isinstance(observation, Observation):
+        kind = type(observation).__name__
+        raise ConfigError(f"observation: expected an Observation (fedleak.observe), got {kind}")
     if attacker is None:
         attacker = knowledge(observation, aux_inputs, aux_labels, device=_device(device))
     budget = Budget(

@@ -239,6 +239,16 @@ def test_reconstruct_refuses_a_bad_budget_or_device(change: dict, message: str) 
         fedleak.reconstruct(fedleak.build_attack("ig"), observation, **change)
 
 
+def test_reconstruct_names_what_it_was_given_instead() -> None:
+    """An attack's name or a dict in place of the objects raised AttributeError."""
+    model, grads = _net_and_grads()
+    observation = fedleak.observe(model, grads, input_shape=(1, 28, 28), num_examples=2)
+    with pytest.raises(ConfigError, match=r"^attack: expected an attack \(fedleak\.build_attack"):
+        fedleak.reconstruct("ig", observation)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"^observation: expected an Observation .* got dict$"):
+        fedleak.reconstruct(fedleak.build_attack("ig"), {})  # type: ignore[arg-type]
+
+
 def test_reconstruct_and_score_treat_a_guess_as_the_auditor_does() -> None:
     """Out-of-range images are clamped (PSNR 1.2 dB unclamped against 13.2 the auditor gave),
     NaN is status "nan", a wrong shape "failed"; `score` refuses what is not "ok"."""
