@@ -53,16 +53,21 @@ UPDATE_KINDS: tuple[UpdateKind, ...] = ("gradient", "delta")
 _SNAPSHOTS: dict[str, tuple[nn.Module, list[object]]] = {}
 
 
+def _values_digest(tensor: Tensor) -> str:
+    """A digest of a tensor's shape, dtype and values (any dtype, any device)."""
+    raw = tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes()
+    values = hashlib.blake2b(raw, digest_size=8).hexdigest()
+    return f"tensor{tuple(tensor.shape)}:{tensor.dtype}:{values}"
+
+
 def _described(value: object, identified: list[object]) -> str:
-    """A module attribute as it decides the computation: plain values by value, functions and
-    other objects by identity (appended to `identified`), containers element by element."""
+    """A module attribute as it decides the computation: plain values and tensors (a
+    normalising mean) by value, functions and other objects by identity (appended to
+    `identified`), containers element by element."""
     if value is None or isinstance(value, bool | int | float | str | torch.dtype):
         return repr(value)
-    if isinstance(value, Tensor):  # a constant (a normalising mean) or a cached activation
-        data = value.detach().cpu().contiguous()
-        raw = data.flatten().view(torch.uint8).numpy().tobytes()
-        digest = hashlib.blake2b(raw, digest_size=8).hexdigest()
-        return f"tensor{tuple(value.shape)}:{value.dtype}:{digest}"
+    if isinstance(value, Tensor):
+        return _values_digest(value)
     if isinstance(value, tuple | list | set | frozenset):
         items = sorted(value, key=repr) if isinstance(value, set | frozenset) else value
         inner = ",".join(_described(v, identified) for v in items)
@@ -80,8 +85,9 @@ def _described(value: object, identified: list[object]) -> str:
 def _architecture_name(model: nn.Module, identified: list[object]) -> str:
     """A registry name for a user's module: its class and a digest of everything that decides
     its computation beyond the observed weights: each submodule's type and attributes (an
-    activation held as a plain function, a flag, a hook), parameter and buffer shapes, and
-    the values of buffers the state dict leaves out (they travel with the snapshot)."""
+    activation held as a plain function, a flag, a hook, a tensor constant), parameter and
+    buffer shapes, and the values of buffers the state dict leaves out (they travel with the
+    snapshot)."""
     digest = hashlib.blake2b(digest_size=8)
     for path, module in model.named_modules():
         digest.update(f"{path}:{type(module).__module__}.{type(module).__qualname__}".encode())
@@ -93,9 +99,10 @@ def _architecture_name(model: nn.Module, identified: list[object]) -> str:
             if tensor is None:
                 digest.update(f"{key}:None".encode())
                 continue
-            digest.update(f"{key}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
             if key in module._non_persistent_buffers_set:
-                digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+                digest.update(f"{key}:{_values_digest(tensor)}".encode())
+            else:
+                digest.update(f"{key}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
     clean = "".join(c if c.isalnum() else "-" for c in type(model).__name__.lower())
     return f"custom-{clean}-{digest.hexdigest()}"
 
