@@ -73,7 +73,9 @@ class DataConfig(Settings):
     dataset: str = _setting("mnist5k", doc="registry name, or folder:<path>")
     data_dir: str = _setting("", doc="where torchvision sets live; '' = $FEDLEAK_DATA_DIR or cache")
     partition: str = _setting(
-        "iid", choices=("iid", "dirichlet", "shards"), doc="how client partitions are drawn"
+        "iid",
+        choices=("iid", "dirichlet", "dirichlet-clients", "shards"),
+        doc="how client partitions are drawn",
     )
     dirichlet_alpha: float = _setting(
         0.5, low=0.0, low_open=True, doc="Dirichlet concentration (smaller: more skewed labels)"

@@ -282,7 +282,7 @@ def _check_partitions(parts: list[np.ndarray], pool: np.ndarray, n: int) -> None
 @given(
     labels=st.lists(st.integers(0, 5), min_size=1, max_size=200),
     n=st.integers(1, 12),
-    scheme=st.sampled_from(["iid", "dirichlet", "shards"]),
+    scheme=st.sampled_from(["iid", "dirichlet", "dirichlet-clients", "shards"]),
     seed=st.integers(0, 2**32 - 1),
     alpha=st.floats(0.01, 10.0),
     shards=st.integers(1, 4),
@@ -318,6 +318,18 @@ def test_small_alpha_dirichlet_is_skewed_and_iid_is_not():
     shards = partition_indices(MNIST5K_LABELS, 10, "shards", 0, shards_per_partition=2)
     assert all(len(np.unique(MNIST5K_LABELS[p])) <= 2 for p in shards)
     assert not np.array_equal(partition_indices(MNIST5K_LABELS, 10, "iid", 1)[0], iid[0])
+
+
+def test_per_client_dirichlet_gives_equal_clients_whose_mix_follows_alpha():
+    """Hsu et al.'s form: each client draws its class mix, all clients the same size."""
+    for alpha, low, high in ((0.05, 0.8, 1.0), (100.0, 0.0, 0.3)):
+        parts = partition_indices(MNIST5K_LABELS, 10, "dirichlet-clients", 0, alpha=alpha)
+        _check_partitions(parts, np.arange(len(MNIST5K_LABELS)), 10)
+        assert {len(p) for p in parts} == {len(MNIST5K_LABELS) // 10}
+        assert low < _dominant_share(MNIST5K_LABELS, parts) < high
+    # The per-class form at the same alpha gives clients of very different sizes.
+    per_class = partition_indices(MNIST5K_LABELS, 10, "dirichlet", 0, alpha=0.05)
+    assert max(len(p) for p in per_class) > 2 * min(len(p) for p in per_class)
 
 
 def test_tiny_alpha_still_gives_every_partition_an_image():

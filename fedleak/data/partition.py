@@ -5,9 +5,11 @@ Schemes:
 - `dirichlet`: per class, proportions over partitions drawn from Dirichlet(alpha) (the
   per-class form of Yurochkin et al., 2019, and FedMA): small alpha gives each partition few
   dominant classes, and partition sizes vary with it (10 partitions of MNIST-5k after 1,000
-  auxiliary images, seeds 0-4: 104-698 images at alpha 0.5, 1-922 at 0.05). Hsu et al.
-  (2019) draw each client's class mix instead, with equal-sized clients, so alphas are not
-  comparable across the two.
+  auxiliary images, seeds 0-4: 104-698 images at alpha 0.5, 1-922 at 0.05).
+- `dirichlet-clients`: Hsu et al. (2019)'s form: each partition draws its class mix q from
+  Dirichlet(alpha * p), p the pool's class shares, and takes an equal share of the pool by
+  that mix, a class that has run out passing its weight to those left. Partition sizes are
+  equal; alphas are not comparable with the per-class form's.
 - `shards`: images sorted by label, cut into `num_partitions * shards_per_partition` equal
   shards, each partition gets `shards_per_partition` random shards (McMahan et al., 2017).
 """
@@ -18,7 +20,7 @@ import numpy as np
 
 from fedleak.data.stratify import DataSplitError
 
-SCHEMES = ("iid", "dirichlet", "shards")
+SCHEMES = ("iid", "dirichlet", "dirichlet-clients", "shards")
 # Stream tag keeping partitioning independent of the other draws made from the same seed.
 _STREAM = 0x50415254
 
@@ -49,10 +51,11 @@ def partition_indices(
     rng = np.random.default_rng([seed, _STREAM])
     if scheme == "iid":
         parts = np.array_split(rng.permutation(pool), num_partitions)
-    elif scheme == "dirichlet":
+    elif scheme in ("dirichlet", "dirichlet-clients"):
         if not alpha > 0:
             raise DataSplitError(f"alpha={alpha}: expected a positive Dirichlet concentration")
-        parts = _dirichlet(labels[pool], pool, num_partitions, alpha, rng)
+        split = _dirichlet if scheme == "dirichlet" else _dirichlet_clients
+        parts = split(labels[pool], pool, num_partitions, alpha, rng)
     else:
         if shards_per_partition < 1:
             raise DataSplitError(f"shards_per_partition={shards_per_partition}: expected >= 1")
@@ -96,6 +99,31 @@ def _dirichlet(
         sizes[empty] += 1
     order = np.argsort(owner, kind="stable")
     return np.split(pool[order], np.cumsum(sizes)[:-1])
+
+
+def _dirichlet_clients(
+    pool_labels: np.ndarray, pool: np.ndarray, n: int, alpha: float, rng: np.random.Generator
+) -> list[np.ndarray]:
+    _, inverse = np.unique(pool_labels, return_inverse=True)
+    members = [rng.permutation(np.flatnonzero(inverse == k)) for k in range(inverse.max() + 1)]
+    prior = np.array([len(m) for m in members], dtype=np.float64) / len(pool)
+    left = np.array([len(m) for m in members], dtype=np.int64)
+    parts = []
+    for size in (len(part) for part in np.array_split(np.arange(len(pool)), n)):
+        mix = rng.dirichlet(alpha * prior)
+        counts = np.zeros(len(members), dtype=np.int64)
+        while counts.sum() < size:
+            weights = mix * (left > counts)
+            if not weights.sum() > 0:  # its classes ran out: the rest in proportion to stock
+                weights = (left - counts).astype(np.float64)
+            need = size - int(counts.sum())
+            draw = rng.multinomial(need, weights / weights.sum())
+            counts += np.minimum(draw, left - counts)  # each round takes at least one image
+        starts = [len(m) - lk for m, lk in zip(members, left, strict=True)]
+        taken = [m[a : a + c] for m, a, c in zip(members, starts, counts, strict=True)]
+        left -= counts
+        parts.append(pool[np.concatenate(taken)])
+    return parts
 
 
 def _shards(
