@@ -575,7 +575,8 @@ def score(
         )
     guess, predicted = reconstruction.inputs, reconstruction.labels
     alone = observation is not None and observation.per_sample_updates is not None
-    if alone and len(guess) == len(truth):
+    in_order = alone and len(guess) == len(truth)
+    if in_order:
         recon_idx = truth_idx = torch.arange(len(truth))
     else:
         recon_idx, truth_idx = assign(guess, truth, metric="mse")
@@ -584,7 +585,7 @@ def score(
     nan = torch.full((len(recon_idx),), math.nan)
     accuracy = math.nan
     if labels is not None and predicted is not None:
-        if alone and len(guess) == len(truth):
+        if in_order:
             accuracy = label_accuracy(predicted, labels)
         else:
             # Over every private label and every recovered one, wherever the pixels paired

@@ -7,7 +7,12 @@ import torch
 
 from fedleak.metrics.assignment import ASSIGN_METRICS, assign, cost_matrix
 from fedleak.metrics.image import PSNR_MAX_DB, ImageShapeError, mse, psnr, ssim
-from fedleak.metrics.labels import label_accuracy, label_multiset_accuracy, multiset_credit
+from fedleak.metrics.labels import (
+    hard_labels,
+    label_accuracy,
+    label_multiset_accuracy,
+    multiset_credit,
+)
 from fedleak.metrics.lpips import (
     LPIPS_MIN_SIZE,
     LPIPS_NETS,
@@ -50,6 +55,7 @@ __all__ = [
     "UnsafePickleError",
     "assign",
     "cost_matrix",
+    "hard_labels",
     "label_accuracy",
     "label_multiset_accuracy",
     "load_lpips",

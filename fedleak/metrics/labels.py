@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 
 
-def _hard(labels: torch.Tensor) -> torch.Tensor:
+def hard_labels(labels: torch.Tensor) -> torch.Tensor:
     """Class indices from indices [B], or from soft labels / scores [B, K] by argmax."""
     return labels.argmax(dim=1) if labels.dim() == 2 else labels.reshape(-1).long()
 
@@ -18,7 +18,7 @@ def label_accuracy(pred: torch.Tensor | None, true: torch.Tensor) -> float:
     were predicted. Either side may be soft ([B, K], e.g. MixUp targets): its argmax counts."""
     if pred is None:
         return float("nan")
-    p, t = _hard(pred), _hard(true)
+    p, t = hard_labels(pred), hard_labels(true)
     if p.shape != t.shape:
         raise ValueError(f"label batches differ in size: {tuple(p.shape)} vs {tuple(t.shape)}")
     if t.numel() == 0:
@@ -31,10 +31,10 @@ def label_multiset_accuracy(pred: torch.Tensor | None, true: torch.Tensor) -> fl
     label-recovery score of iDLG / LLG-style attacks, which find labels but not positions)."""
     if pred is None:
         return float("nan")
-    t = Counter(_hard(true).tolist())
+    t = Counter(hard_labels(true).tolist())
     if not t:
         return float("nan")
-    p = Counter(_hard(pred).tolist())
+    p = Counter(hard_labels(pred).tolist())
     return sum((p & t).values()) / sum(t.values())
 
 

@@ -19,6 +19,7 @@ from fedleak.attacks.types import Observation, Reconstruction, converged
 from fedleak.defenses import unsigned
 from fedleak.metrics import (
     assign,
+    hard_labels,
     label_accuracy,
     multiset_credit,
     rouge,
@@ -327,7 +328,7 @@ class Auditor:
             and predicted is not None
             and not (in_order and len(recon) == len(shown))
         ):
-            _score_labels_as_multiset(rows, labels.tolist(), _hard_labels(predicted))
+            _score_labels_as_multiset(rows, labels.tolist(), hard_labels(predicted).tolist())
         return rows
 
     def _score_tokens(
@@ -449,12 +450,6 @@ def _score_labels_as_multiset(
         row["label_acc"] = float(recovered)
 
 
-def _hard_labels(labels: torch.Tensor) -> list[int]:
-    """Class indices of recovered labels (soft ones by their argmax), as `_label_fields` reads
-    each row's."""
-    return (labels.argmax(dim=1) if labels.dim() == 2 else labels.reshape(-1)).long().tolist()
-
-
 def _score_encoded_labels(
     rows: list[dict[str, object]],
     reconstruction: Reconstruction,
@@ -468,12 +463,13 @@ def _score_encoded_labels(
     take their encoded row's label fields: scoring the label of the source the image resembles
     credited a class-mean floor with 84% under MixUp (random labels: 47%)."""
     encoded = [row for row in rows if row["scored_against"] == "encoded"]
+    dominant = hard_labels(soft_labels)
     for row in encoded:
-        true = soft_labels[int(row["target_index"])].float().argmax().reshape(1)
-        row.update(_label_fields(reconstruction, int(row["sample"]), true))
+        target = int(row["target_index"])
+        row.update(_label_fields(reconstruction, int(row["sample"]), dominant[target : target + 1]))
     if reconstruction.labels is not None and not (in_order and len(encoded) == len(soft_labels)):
-        dominant = soft_labels.float().argmax(dim=1).tolist()
-        _score_labels_as_multiset(encoded, dominant, _hard_labels(reconstruction.labels))
+        predicted = hard_labels(reconstruction.labels).tolist()
+        _score_labels_as_multiset(encoded, dominant.tolist(), predicted)
     by_sample = {int(row["sample"]): row for row in encoded}
     for row in rows:
         if row["scored_against"] == "original" and int(row["sample"]) in by_sample:
