@@ -22,6 +22,7 @@ without registering it is adopted with the class attributes `default_config` and
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -100,7 +101,7 @@ class AttackEntry:
         """The attack, configured by `params`; a plug-in's factory that raises gives one line
         naming the attack (`fedleak.registry.PluginFailed`)."""
         config = self.configure(params)
-        return ATTACKS.guarded(self.name, self.build, "factory")(config, seed)
+        return ATTACKS.guarded(self.name, self.build, "factory")(config, attack_seed(seed))
 
     def accepts(self, key: str) -> bool:
         """Whether `key` (kebab-case) is one of this attack's parameters."""
@@ -260,6 +261,14 @@ def attack_names() -> tuple[str, ...]:
 def attack_modalities(attack: Attack) -> tuple[str, ...]:
     """What an attack reconstructs: its `modalities` attribute, images when it declares none."""
     return tuple(getattr(attack, "modalities", ("image",)))
+
+
+def attack_seed(seed: object) -> int:
+    """`seed` as an attack's seed: a whole number >= 0 (the attacks' streams come from
+    `mix_seed`, which drops signs: seeds -3 and 3 would draw the same guesses)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ConfigError(f"seed={seed!r}: expected an integer >= 0")
+    return int(seed)
 
 
 def build_attack(name: str, params: Mapping[str, object] | None = None, *, seed: int = 0) -> Attack:
