@@ -1226,6 +1226,26 @@ def test_the_frontier_points_carry_intervals_floors_and_convergence(sweep_report
         assert point["not_converged"] == bool(rows["converged"].eq(0).any())
 
 
+def test_a_frontier_of_runs_at_one_accuracy_draws(tmp_path: Path) -> None:
+    """Three runs at chance accuracy: their float mean, 0.10000000000000002, lay above their
+    maximum, and matplotlib refused the negative error bar, so the sweep had no report."""
+    sweep = tmp_path / "sweep"
+    cells = []
+    for index, (defense, seed) in enumerate((d, s) for d in ("none", "sign") for s in (0, 1, 2)):
+        cell = f"cell-{index:03d}-{defense}_seed{seed}"
+        _make_run(sweep / cell, defense=defense, seed=seed, rounds=2)
+        utility = pd.read_csv(sweep / cell / "utility.csv")
+        utility["test_accuracy"] = 0.1
+        utility.to_csv(sweep / cell / "utility.csv", index=False)
+        cells.append({"id": cell, "index": index, "overrides": {}, "status": "done"})
+    (sweep / "sweep.json").write_text(json.dumps({"name": "chance", "cells": cells}))
+    (sweep / "sweep.toml").write_text('[sweep]\nname = "chance"\n')
+    build_report(sweep)
+    points = _frontier_points(load_study(sweep))
+    assert len(points) and (points["accuracy"] == 0.1).all()
+    assert (sweep / "report_files" / "privacy-utility.png").exists()
+
+
 def test_the_method_names_the_rounds_attacked_not_their_span(run_report: Path) -> None:
     """'over rounds 1–50' read as every round attacked where only 1, 26 and 50 were."""
     assert _attacked_rounds([1, 26, 50]) == " in rounds 1, 26 and 50"

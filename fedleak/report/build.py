@@ -296,7 +296,9 @@ def _frontier_points(study: Study) -> pd.DataFrame:
                     "group": group,
                     "defense": defense,
                     "attack": attack,
-                    "accuracy": float(accuracy.mean()),
+                    # Clipped: the float mean of equal accuracies can land above their
+                    # maximum (3 x 0.1 -> 0.10000000000000002), a negative error bar.
+                    "accuracy": float(np.clip(accuracy.mean(), accuracy.min(), accuracy.max())),
                     "accuracy_low": float(accuracy.min()),
                     "accuracy_high": float(accuracy.max()),
                     "epsilon": float(eps.mean()) if len(eps) else float("nan"),
