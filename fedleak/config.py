@@ -23,6 +23,7 @@ from typing import Any
 
 from fedleak.settings import (
     INT64_MAX,
+    SEED_MAX,
     ConfigError,
     KeyHelp,
     Settings,
@@ -258,8 +259,10 @@ class RunConfig(Settings):
         allowed=NAME_RULE,
         doc="run name, part of the default run directory",
     )
+    # 32 bits: torch's generators keep only a seed's low 32 bits, so seeds 0 and 2**32 drew
+    # the same initial model.
     seed: int = _setting(
-        0, low=0, high=INT64_MAX, doc="every random choice of the run derives from it"
+        0, low=0, high=SEED_MAX, doc="every random choice of the run derives from it"
     )
     num_server_rounds: int = _setting(3, low=1, doc="federated rounds")
     out_dir: str = _setting("", doc="absolute run directory; '' = runs/<time>-<name>")

@@ -33,6 +33,8 @@ T = TypeVar("T")
 
 # Flower's run config carries integers as signed 64-bit values (the `flwr run` path).
 INT64_MAX = 2**63 - 1
+# The largest seed: torch's generators keep a seed's low 32 bits only.
+SEED_MAX = 2**32 - 1
 
 
 class ConfigError(ValueError):

@@ -27,7 +27,9 @@ INVALID = [
     ({"data.aux-beta": 1.5}, "data.aux-beta=1.5: expected a number in [0, 1]"),
     ({"data.dirichlet-alpha": 0}, "data.dirichlet-alpha=0: expected a number > 0"),
     ({"num-server-rounds": 0}, "num-server-rounds=0: expected an integer >= 1"),
-    ({"seed": True}, "seed=True: expected an integer in [0, 2**63-1]"),
+    ({"seed": True}, "seed=True: expected an integer in [0, 4294967295]"),
+    # torch keeps a seed's low 32 bits: seed 2**32 drew seed 0's initial model.
+    ({"seed": 2**32}, "seed=4294967296: expected an integer in [0, 4294967295]"),
     ({"attack.names": ""}, "attack.names='': expected at least one name"),
     # An empty TOML list is no more 'none' than an empty string (it turned attacks off).
     ({"attack.names": []}, "attack.names=[]: expected at least one name, or 'none'"),

@@ -30,6 +30,7 @@ from typing import Any
 from fedleak.attacks.types import Attack
 from fedleak.registry import Registry
 from fedleak.settings import (
+    SEED_MAX,
     ConfigError,
     KeyHelp,
     flat_keys,
@@ -264,10 +265,14 @@ def attack_modalities(attack: Attack) -> tuple[str, ...]:
 
 
 def attack_seed(seed: object) -> int:
-    """`seed` as an attack's seed: a whole number >= 0 (the attacks' streams come from
-    `mix_seed`, which drops signs: seeds -3 and 3 would draw the same guesses)."""
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise ConfigError(f"seed={seed!r}: expected an integer >= 0")
+    """`seed` as an attack's seed: a whole number in [0, 2**32) (the attacks' streams come
+    from `mix_seed`, which drops signs, and torch's generators, which keep 32 bits)."""
+    if (
+        isinstance(seed, bool)
+        or not isinstance(seed, numbers.Integral)
+        or not 0 <= seed <= SEED_MAX
+    ):
+        raise ConfigError(f"seed={seed!r}: expected an integer in [0, {SEED_MAX}]")
     return int(seed)
 
 

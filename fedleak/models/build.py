@@ -11,7 +11,7 @@ from torch import nn
 from fedleak.models.registry import is_import_path, model_entry
 from fedleak.models.spec import ModelSpec
 from fedleak.models.transformer import MAX_POSITIONS
-from fedleak.settings import ConfigError
+from fedleak.settings import SEED_MAX, ConfigError
 
 INIT_NAMES: tuple[str, ...] = ("default", "uniform")
 
@@ -33,8 +33,8 @@ def _validate(spec: ModelSpec) -> None:
         )
     if spec.num_classes < 1:
         raise ModelSpecError(f"model.num_classes={spec.num_classes} must be at least 1")
-    if spec.seed < 0:
-        raise ModelSpecError(f"model.seed={spec.seed} must be a non-negative integer")
+    if not 0 <= spec.seed <= SEED_MAX:
+        raise ModelSpecError(f"model.seed={spec.seed}: expected an integer in [0, {SEED_MAX}]")
     shape = tuple(spec.input_shape)
     if any(d < 1 for d in shape):
         raise ModelSpecError(f"model.input_shape={shape} must have positive sizes")
