@@ -576,12 +576,14 @@ def score(
     guess, predicted = reconstruction.inputs, reconstruction.labels
     alone = observation is not None and observation.per_sample_updates is not None
     in_order = alone and len(guess) == len(truth)
-    if in_order:
-        recon_idx = truth_idx = torch.arange(len(truth))
-    else:
-        recon_idx, truth_idx = assign(guess, truth, metric="mse")
     nets = ("alex",) if lpips else ()
-    scores = score_images(guess[recon_idx], truth[truth_idx], nets)
+    # One thread, as a run's auditor scores: LPIPS at two threads differed in the 8th digit.
+    with torch_threads(1):
+        if in_order:
+            recon_idx = truth_idx = torch.arange(len(truth))
+        else:
+            recon_idx, truth_idx = assign(guess, truth, metric="mse")
+        scores = score_images(guess[recon_idx], truth[truth_idx], nets)
     nan = torch.full((len(recon_idx),), math.nan)
     accuracy = math.nan
     if labels is not None and predicted is not None:

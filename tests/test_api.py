@@ -123,6 +123,28 @@ def test_score_matches_the_auditor_rows() -> None:
     assert leak.label_accuracy == 1.0
 
 
+def test_score_measures_at_one_thread_as_the_auditor_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """LPIPS at two threads differed from the run's rows (scored at one) in the 8th digit."""
+    _, x, y = _client(batch=2)
+    seen: list[int] = []
+    measure = fedleak.api.score_images
+
+    def probe(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(fedleak.api, "score_images", probe)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        fedleak.score(Reconstruction(inputs=x.clone(), labels=y), x, y, lpips=False)
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_reconstruct_sets_and_restores_the_thread_count() -> None:
     observation, _, _ = _client(batch=1)
     seen: list[int] = []
