@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -102,3 +104,33 @@ def test_gpu_utilisation_groups_nvidia_smi_samples_by_benchmark(
     out = capsys.readouterr().out
     assert "attacks: 2 s, 2 samples, utilisation mean 80% median 80% max 90%" in out
     assert "memory max 900 MiB" in out and "lti" not in out  # no end mark: not summarised
+
+
+def test_the_attacks_run_without_tqdm_when_no_bar_is_shown():
+    """The GPU session's benchmarks run on a machine's bare torch, numpy and scipy: the
+    optimiser and the inverter's trainer imported tqdm for a bar they did not show."""
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.modules["tqdm"] = sys.modules["tqdm.auto"] = None  # as if not installed
+        import torch
+        from torch import nn
+        import fedleak
+        import fedleak.attacks.learned.trainer
+
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+        x, y = torch.rand(1, 1, 2, 2), torch.tensor([1])
+        grads = torch.autograd.grad(
+            nn.functional.cross_entropy(model(x), y), model.parameters()
+        )
+        observation = fedleak.observe(model, grads, input_shape=(1, 2, 2), num_examples=1)
+        result = fedleak.reconstruct(fedleak.build_attack("ig"), observation, max_iterations=3)
+        print(result.status)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == "ok"

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from fedleak.attacks.learned.config import LTIConfig
 from fedleak.attacks.learned.inverter import Inverter, best_assignment, inversion_loss
 from fedleak.attacks.learned.pairs import PairSource
+from fedleak.attacks.progress import progress_bar
 from fedleak.interrupt import stop_requested
 
 
@@ -110,9 +110,7 @@ class EpochTrainer:
         best_score, best_state, stale = -math.inf, None, 0
         score, steps, done, pairs_seen = math.nan, 0, first_epoch, 0
         timed_out = early = False
-        bar = tqdm(
-            total=epochs - first_epoch, desc=description, disable=not show_progress, leave=False
-        )
+        bar = progress_bar(epochs - first_epoch, description, show_progress)
         for epoch in range(first_epoch, epochs):
             # A requested stop (Ctrl-C) ends training as the time budget would.
             if time.perf_counter() >= deadline or stop_requested():

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
+from fedleak.attacks.progress import progress_bar
 from fedleak.attacks.types import Budget
 from fedleak.interrupt import stop_requested
 
@@ -344,9 +344,7 @@ def optimise(
         lbfgs = BatchedLBFGS(variables, settings.schedule.learning_rate, settings.history)
     start = time.perf_counter()
     stopped_by, iteration = "iterations", 0
-    progress = tqdm(
-        total=total, desc=settings.description, disable=not budget.show_progress, leave=False
-    )
+    progress = progress_bar(total, settings.description, budget.show_progress)
     try:
         while iteration < total:
             for v in variables:

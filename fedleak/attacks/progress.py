@@ -1,0 +1,31 @@
+"""The progress bar an attack shows while it optimises or trains, when asked to."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class SilentBar:
+    """Counts like a tqdm bar and shows nothing: a hidden bar needs no tqdm, so the
+    benchmarks run on a machine's bare torch, numpy and scipy."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def update(self, count: int = 1) -> None:
+        self.n += count
+
+    def set_postfix(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(total: int, description: str, show: bool) -> Any:
+    """A tqdm bar over `total` steps when `show`, else a `SilentBar`."""
+    if not show:
+        return SilentBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=description, leave=False)
