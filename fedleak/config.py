@@ -239,8 +239,13 @@ class MetricsConfig(Settings):
 class SimulationConfig(Settings):
     """Fault injection and continuation."""
 
+    # Below 1: a run in which every client fails could only end FAILED.
     fail_rate: float = _setting(
-        0.0, low=0.0, high=1.0, doc="probability a client fails on purpose (fault tests)"
+        0.0,
+        low=0.0,
+        high=1.0,
+        high_open=True,
+        doc="probability a client fails on purpose (fault tests)",
     )
     resume: bool = _setting(False, doc="continue the run in out-dir after its last round")
     timeout: float = _setting(

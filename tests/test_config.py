@@ -24,6 +24,8 @@ INVALID = [
     ({"train.mode": "fedprox"}, "train.mode='fedprox': expected one of 'fedsgd', 'fedavg'"),
     ({"data.partition": "random"}, "data.partition='random': expected one of"),
     ({"data.test-fraction": 1.0}, "data.test-fraction=1.0: expected a number in [0, 1)"),
+    # Every client failing on purpose: a run that could only end FAILED.
+    ({"sim.fail-rate": 1.0}, "sim.fail-rate=1.0: expected a number in [0, 1)"),
     ({"data.aux-beta": 1.5}, "data.aux-beta=1.5: expected a number in [0, 1]"),
     ({"data.dirichlet-alpha": 0}, "data.dirichlet-alpha=0: expected a number > 0"),
     ({"num-server-rounds": 0}, "num-server-rounds=0: expected an integer >= 1"),
