@@ -1204,6 +1204,27 @@ def test_client_failures_reach_the_runs_table_and_the_verdict(
     assert "Clients failed to reply 1 of the 6 times they were asked" in text
 
 
+def test_the_failure_sentence_counts_the_runs_the_figures_show(tmp_path: Path) -> None:
+    """A FAILED run's lost clients were counted in 'those rounds aggregate and attack the
+    others only', a sentence about the pooled figures, which leave that run out."""
+    sweep = tmp_path / "sweep"
+    cells = []
+    for index, seed in enumerate((0, 1)):
+        cell = f"cell-{index:03d}-none_seed{seed}"
+        _make_run(sweep / cell, seed=seed, rounds=2)
+        cells.append({"id": cell, "index": index, "overrides": {}, "status": "done"})
+    failed = sweep / cells[1]["id"]
+    utility = pd.read_csv(failed / "utility.csv")
+    utility["num_failures"], utility["num_replies"] = 2, 0
+    utility.to_csv(failed / "utility.csv", index=False)
+    RunDirectory.open(failed).mark_failed("every client failed")
+    cells[1]["status"] = "failed"
+    (sweep / "sweep.json").write_text(json.dumps({"name": "lost", "cells": cells}))
+    (sweep / "sweep.toml").write_text('[sweep]\nname = "lost"\n')
+    build_report(sweep)
+    assert "Clients failed to reply" not in (sweep / "report.md").read_text()
+
+
 def test_the_frontier_points_carry_intervals_floors_and_convergence(sweep_report: Path) -> None:
     """The frontier drew bare points: no interval, no floor, no mark of unconverged runs,
     though a point below the floor, or from an attack out of budget, reads as a private one."""

@@ -302,7 +302,9 @@ def verdict(study: Study) -> str:
 def _lost_clients(study: Study) -> list[str]:
     """A sentence when clients failed to reply: their rounds aggregate and attack the others
     only, which a reader of the pooled figures would not otherwise know."""
-    counts = [c for c in (client_failures(run.utility) for run in study.runs) if c is not None]
+    # The figures' runs only: a FAILED run aggregated and attacked nothing.
+    runs = study.scored_runs
+    counts = [c for c in (client_failures(run.utility) for run in runs) if c is not None]
     failed, asked = sum(c[0] for c in counts), sum(c[1] for c in counts)
     if not failed:
         return []
