@@ -288,6 +288,22 @@ def test_a_failing_cell_is_recorded_and_retried_alone(tmp_path: Path) -> None:
     assert retry.calls == ["cell-002-B2_none"]
 
 
+def _dies_after_one_round(config: RunConfig, path: Path) -> Path:
+    """What a cell killed in its process leaves: a round recorded, no DONE, no FAILED."""
+    RunDirectory.create(path, config, {}).append_round(1, [], {"test_loss": 1.0})
+    return path
+
+
+def test_a_cell_whose_process_died_is_marked_failed_in_its_folder(tmp_path: Path) -> None:
+    """The sweep recorded the cell failed, but its folder said nothing: the reports pooled its
+    rounds as those of a run that had merely stopped early."""
+    with pytest.raises(SweepFailed, match="runner returned after 1 of 2 rounds"):
+        run_sweep(_write(tmp_path, GRID), out_dir=tmp_path, runner=_dies_after_one_round, say=print)
+    for cell in read_manifest(tmp_path / "tiny")["cells"]:
+        run = RunDirectory.open(tmp_path / "tiny" / cell["id"])
+        assert cell["status"] == "failed" and run.failed_reason() == cell["message"]
+
+
 def test_a_changed_sweep_refuses_to_reuse_cells(tmp_path: Path) -> None:
     run_sweep(_write(tmp_path, GRID), out_dir=tmp_path, runner=fake_runner, say=lambda _: None)
     changed = GRID + "[base.train]\nlr = 0.05\n"

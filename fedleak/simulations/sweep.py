@@ -86,6 +86,7 @@ from fedleak.report.lock import RunLock
 from fedleak.report.progress import Progress
 from fedleak.report.rundir import (
     CHECKPOINT_FILE,
+    FAILED_FILE,
     LOCK_FILE,
     RunDirectory,
     RunDirectoryError,
@@ -783,6 +784,11 @@ def _run_plan(
 
     def record(cell: Cell, result: tuple[str, str, float]) -> None:
         state, message, seconds = result
+        path = paths[cell.id]
+        if state == "failed" and is_run_directory(path) and not (path / FAILED_FILE).exists():
+            # A cell whose process died wrote no FAILED: its report and the sweep's would
+            # pool its rounds as a run that merely stopped early.
+            RunDirectory.open(path).mark_failed(message)
         status[cell.id] = {"status": state, "message": message, "seconds": round(seconds, 3)}
         _write_manifest(sweep_dir, plan, status)
         progress.advance()
