@@ -570,6 +570,29 @@ def test_perplexity_is_given_for_the_language_settings_of_a_mixed_sweep_only(
     assert perplexity == {"none": "–", "sign": f"{math.exp(1.9):.1f}"}
 
 
+def test_a_settings_epsilon_is_the_largest_of_its_runs_at_the_stated_delta(
+    tmp_path: Path,
+) -> None:
+    """Seeds whose runs spent 6.53, 6.14 and 6.14 were shown as their mean, 6.27: less than
+    seed 0's run spent, with no δ and no word that it was the worst client's."""
+    from fedleak.report.tables import utility_table
+
+    sweep = tmp_path / "sweep"
+    cells = [f"cell-00{seed}-dpsgd_seed{seed}" for seed in range(3)]
+    for seed, (cell, spent) in enumerate(zip(cells, (6.532, 6.139, 6.139), strict=True)):
+        _make_run(sweep / cell, rounds=2, seed=seed, defense="dpsgd:1:1", epsilon=True)
+        utility = pd.read_csv(sweep / cell / "utility.csv")
+        utility.loc[utility["round"] == 2, "epsilon"] = spent
+        utility.to_csv(sweep / cell / "utility.csv", index=False)
+    manifest = [{"id": cell, "index": i, "status": "done"} for i, cell in enumerate(cells)]
+    (sweep / "sweep.json").write_text(json.dumps({"name": "dp", "cells": manifest}))
+    study = load_study(sweep)
+    table = utility_table(study)
+    assert [row[table.columns.index("ε")].text for row in table.rows] == ["6.53"]
+    assert "the worst client's" in table.caption and "δ = 1e-05" in table.caption
+    assert _frontier_points(study)["epsilon"].unique().tolist() == [6.532]
+
+
 def test_poisson_sampling_is_a_defense_column_not_a_group(tmp_path: Path) -> None:
     # The dp-frontier's last cell: the same DP-SGD spec, batches drawn by Poisson sampling.
     sweep = tmp_path / "sweep"
