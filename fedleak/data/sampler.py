@@ -54,7 +54,9 @@ def poisson_batch(
     """`steps` batches, each holding every index of `partition` independently with probability
     batch_size / len(partition), in random order: DP-SGD's Poisson samples, of `batch_size`
     examples on average and possibly none (the sampled Gaussian mechanism the accountant
-    analyses), one per local step."""
+    analyses), one per local step. The rate is the protocol's constant for the partition the
+    client was assigned; the accounted ε holds for neighbours sampled at that same rate
+    (docs/privacy.md)."""
     if steps < 1:
         raise DataSplitError(f"steps={steps}: expected an integer >= 1")
     rng = _generator(partition, batch_size, seed, partition_id, server_round)
