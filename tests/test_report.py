@@ -1248,6 +1248,64 @@ def test_the_failure_sentence_counts_the_runs_the_figures_show(tmp_path: Path) -
     assert "Clients failed to reply" not in (sweep / "report.md").read_text()
 
 
+def test_cells_differing_only_in_their_attacks_share_one_floor_and_one_model(
+    tmp_path: Path,
+) -> None:
+    """A grid over attack.names trains one model per seed and scores the floor in each cell:
+    pooled as independent, the floor's n doubled and one seed read as two."""
+    sweep = tmp_path / "sweep"
+    cells = ["cell-000-with-dlg", "cell-001-without-dlg"]
+    for cell in cells:
+        _make_run(sweep / cell, rounds=2)
+    second = sweep / cells[1]
+    config = (second / "config.toml").read_text()
+    (second / "config.toml").write_text(config.replace('"aux-mean,ig,dlg"', '"aux-mean,ig"'))
+    leakage = pd.read_parquet(second / "leakage.parquet")
+    leakage[leakage["attack"] != "dlg"].to_parquet(second / "leakage.parquet")
+    (second / "leakage.csv").unlink()
+    manifest = [{"id": cell, "index": i, "status": "done"} for i, cell in enumerate(cells)]
+    (sweep / "sweep.json").write_text(json.dumps({"name": "attacks", "cells": manifest}))
+    study = load_study(sweep)
+    assert study.group_keys == ()
+    one = pd.read_parquet(sweep / cells[0] / "leakage.parquet")
+    pooled = study.leakage()
+    for attack in ("aux-mean", "ig", "dlg"):
+        assert (pooled["attack"] == attack).sum() == (one["attack"] == attack).sum()
+    assert set(study.utility()["run"]) == {cells[0]}
+    build_report(sweep)
+    assert _table((sweep / "report.md").read_text(), "## Privacy–utility frontier")[1][-1] == "1"
+
+
+def test_a_setting_has_one_colour_in_every_figure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The per-round figure coloured settings in cell order (the grid's last key fastest),
+    the frontier groups first: 'batch-size=1 · sign' was green in one and orange in the other."""
+    from fedleak.report import plots
+
+    sweep = tmp_path / "sweep"
+    cells = []
+    defenses = ("none", "sign", "prune:0.5", "gauss:0.1")
+    for index, (defense, batch) in enumerate((d, b) for d in defenses for b in (1, 2)):
+        cell = f"cell-{index:03d}-{defense.replace(':', '-')}_B{batch}"
+        _make_run(sweep / cell, defense=defense, batch_size=batch, rounds=2)
+        cells.append({"id": cell, "index": index, "status": "done"})
+    (sweep / "sweep.json").write_text(json.dumps({"name": "colours", "cells": cells}))
+    palettes: list[dict] = []
+    palette = plots._palette
+
+    def recorded(keys):
+        colours = palette(keys)
+        palettes.append(colours)
+        return colours
+
+    monkeypatch.setattr(plots, "_palette", recorded)
+    build_report(sweep)
+    by_setting = [p for p in palettes if all(isinstance(k, tuple) for k in p)]
+    assert len(by_setting) >= 2 and len(by_setting[0]) == 8
+    assert all(p == by_setting[0] for p in by_setting)
+
+
 def test_the_frontier_points_carry_intervals_floors_and_convergence(sweep_report: Path) -> None:
     """The frontier drew bare points: no interval, no floor, no mark of unconverged runs,
     though a point below the floor, or from an attack out of budget, reads as a private one."""

@@ -243,7 +243,8 @@ def _rounds_section(study: Study) -> list[Block]:
         return []
     # Success is decided on LPIPS: text rows (and runs without LPIPS weights) have none.
     decided = "success" in leakage and bool(np.isfinite(leakage["success"]).any())
-    png = rounds_figure(leakage, utility, metrics, success=decided)
+    order = _setting_order(study)
+    png = rounds_figure(leakage, utility, metrics, success=decided, setting_order=order)
     training = training_table(study)
     return [
         Heading("Leakage per round"),
@@ -321,6 +322,18 @@ def _frontier_points(study: Study) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _setting_order(study: Study) -> list[tuple[str, str]]:
+    """The study's (group, defense) settings in the tables' order: one colour per setting in
+    every figure."""
+    present = {(study.group_of(r), r.config.defense.label) for r in study.scored_runs}
+    return [
+        (group, defense)
+        for group in study.groups()
+        for defense in study.defenses()
+        if (group, defense) in present
+    ]
+
+
 def _frontier_section(study: Study) -> list[Block]:
     points = _frontier_points(study)
     blocks: list[Block] = [Heading("Privacy–utility frontier")]
@@ -339,7 +352,7 @@ def _frontier_section(study: Study) -> list[Block]:
             blocks.append(
                 Figure.of(
                     "privacy-utility.png",
-                    frontier_figure(points, metrics),
+                    frontier_figure(points, metrics, _setting_order(study)),
                     "Final test accuracy against median leakage, one point per defense setting "
                     "and attack (ε where DP-SGD is on, central ε where central DP is). Bars: the "
                     "median's 95% order-statistic interval (the n of the leakage tables) and the "

@@ -108,17 +108,32 @@ class Study:
         """The scored runs' modalities (`RunRecord.modality`)."""
         return frozenset(r.modality for r in self.scored_runs)
 
+    def _training(self, run: RunRecord) -> tuple[str, str, int]:
+        """What a run trained: runs of one setting and seed differ at most in `attack.names`
+        (every other key is a group key), and attacks do not touch training."""
+        return self.group_of(run), run.config.defense.label, run.config.seed
+
     def leakage(self) -> pd.DataFrame:
         """The scored runs' leakage rows, with `run` and `group` columns added and `defense`
-        as the tables name it (central DP included)."""
-        frames = [
-            r.leakage.assign(run=r.name, group=self.group_of(r), defense=r.config.defense.label)
-            for r in self.scored_runs
-        ]
+        as the tables name it (central DP included). An attack that an earlier run of the same
+        training already scored (cells differing only in `attack.names` share the floor) is
+        taken once: the same samples twice would halve the intervals."""
+        frames, scored = [], {}
+        for r in self.scored_runs:
+            seen = scored.setdefault(self._training(r), set())
+            rows = r.leakage
+            if "attack" in rows.columns:
+                rows = rows[~rows["attack"].isin(seen)]
+                seen.update(r.leakage["attack"].dropna())
+            frames.append(
+                rows.assign(run=r.name, group=self.group_of(r), defense=r.config.defense.label)
+            )
         return pd.concat(frames, ignore_index=True)
 
     def utility(self) -> pd.DataFrame:
-        """The scored runs' utility rows, with `run`, `group`, `defense` and `seed` added."""
+        """The scored runs' utility rows, with `run`, `group`, `defense` and `seed` added, one
+        run per training (the same model measured twice is one seed, not two)."""
+        trainings = {self._training(r): r for r in reversed(self.scored_runs)}
         frames = [
             r.utility.assign(
                 run=r.name,
@@ -127,6 +142,7 @@ class Study:
                 seed=r.config.seed,
             )
             for r in self.scored_runs
+            if trainings[self._training(r)] is r
         ]
         return pd.concat(frames, ignore_index=True)
 

@@ -63,11 +63,13 @@ def _palette(keys: Sequence[Hashable]) -> dict[Hashable, object]:
     return {k: cmap(i % cmap.N) for i, k in enumerate(keys)}
 
 
-def _settings(*frames: pd.DataFrame) -> list[Setting]:
+def _settings(*frames: pd.DataFrame, order: Sequence[Setting] = ()) -> list[Setting]:
+    """The settings the frames hold, in `order` (the study's: groups, then defenses)."""
     seen: dict[Setting, None] = {}
     for frame in frames:
         seen.update(dict.fromkeys(zip(frame["group"], frame["defense"], strict=True)))
-    return list(seen)
+    rank = {setting: index for index, setting in enumerate(order)}
+    return sorted(seen, key=lambda setting: rank.get(setting, len(rank)))
 
 
 def _per_round(rows: pd.DataFrame, metric: Metric) -> tuple[np.ndarray, ...]:
@@ -133,7 +135,11 @@ def accuracy_top(accuracies: Sequence[float]) -> float:
 
 
 def rounds_figure(
-    leakage: pd.DataFrame, utility: pd.DataFrame, metrics: list[Metric], success: bool = True
+    leakage: pd.DataFrame,
+    utility: pd.DataFrame,
+    metrics: list[Metric],
+    success: bool = True,
+    setting_order: Sequence[Setting] = (),
 ) -> bytes:
     """Leakage per round: one row of panels per metric (success rate first when `success`),
     sharing its y-axis, with test accuracy in the last row (from 0 to 1, or to
@@ -142,16 +148,17 @@ def rounds_figure(
     Up to MAX_SETTING_COLUMNS settings (group, defense) are columns and attacks are lines;
     beyond that, attacks are columns and settings are lines. `leakage` holds scored rows
     against the originals with `group`, `reference` and (for the success row) `success`;
-    `utility` the utility rows with `group` and `defense`.
+    `utility` the utility rows with `group` and `defense`; `setting_order` the study's
+    settings, which give each its colour (the same in every figure of a report).
     """
-    settings = _settings(utility, leakage)
+    settings = _settings(utility, leakage, order=setting_order)
     order = attack_order(leakage)
     attacks = [a for a, ref in order if not ref]
     references = [a for a, ref in order if ref]
     rows_metrics = ([SUCCESS] if success and "success" in leakage else []) + list(metrics)
     by_setting = len(settings) <= MAX_SETTING_COLUMNS
     columns = settings if by_setting else attacks or ["–"]
-    colors = _palette(attacks if by_setting else settings)
+    colors = _palette(attacks) if by_setting else _palette(list(setting_order) or settings)
     markers = dict(zip(attacks, itertools.cycle(_MARKERS), strict=False))
     widths = _nested(attacks if by_setting else settings)
     n_rows, n_cols = len(rows_metrics) + 1, max(len(columns), 1)
@@ -277,17 +284,19 @@ def rounds_figure(
     return _png(figure)
 
 
-def frontier_figure(points: pd.DataFrame, metrics: list[Metric]) -> bytes:
+def frontier_figure(
+    points: pd.DataFrame, metrics: list[Metric], setting_order: Sequence[Setting] = ()
+) -> bytes:
     """Final accuracy against median leakage: one point per setting (colour) and attack
     (shape), with the median's interval and the accuracy's range over runs as bars, each
     setting's best floor dashed, and hollow points where attack runs did not converge.
 
     `points` has columns group, defense, attack, accuracy (with accuracy_low / _high),
     epsilon, central_epsilon, not_converged and, per metric column, the value, its `_low`,
-    `_high` and `_floor`.
+    `_high` and `_floor`; `setting_order` as for `rounds_figure`.
     """
-    settings = _settings(points)
-    colors = _palette(settings)
+    settings = _settings(points, order=setting_order)
+    colors = _palette(list(setting_order) or settings)
     attacks = sorted(points["attack"].unique())
     markers = dict(zip(attacks, itertools.cycle(_MARKERS), strict=False))
     figure, axes = plt.subplots(1, len(metrics), figsize=(4.8 * len(metrics), 4.0), squeeze=False)
