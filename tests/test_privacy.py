@@ -220,6 +220,11 @@ def test_runs_without_a_per_example_guarantee_report_nan(spec: str, reason: str)
     assert reason in ledger.not_dp
     assert math.isnan(ledger.epsilon({0: 5}))
     assert math.isnan(ledger.client_epsilon(0, 5))
+    # A run with DP-SGD whose ε is blank says why (its report shows "–" as for no DP).
+    if "dpsgd" in spec:
+        assert ledger.warning == f"defense.spec: DP-SGD runs, but no ε is reported: {ledger.not_dp}"
+    else:
+        assert ledger.warning is None
 
 
 def test_post_processing_keeps_the_guarantee_and_no_noise_has_none() -> None:
@@ -229,6 +234,7 @@ def test_post_processing_keeps_the_guarantee_and_no_noise_has_none() -> None:
     for spec in ("gauss:0.5+dpsgd:1:1+prune:0.5+sign", "instahide:2:inter+dpsgd:1:1"):
         assert _ledger([400], **{"defense.spec": spec}).client_epsilon(0, 5) == plain
     assert _ledger([400], **{"defense.spec": "dpsgd:1:0"}).client_epsilon(0, 5) == math.inf
+    assert _ledger([400], **{"defense.spec": "dpsgd:1:1"}).warning is None
 
 
 def test_partition_sizes_come_from_the_federated_data() -> None:

@@ -108,6 +108,7 @@ class PrivacyLedger:
     not_dp: str = ""
     sensitivity: float = FIXED_SIZE_SENSITIVITY
     draws: int = 1
+    clipped: bool = False  # the defense has a dpsgd step, whether or not ε applies
 
     @classmethod
     def from_config(cls, config: RunConfig, fd: FederatedData) -> PrivacyLedger:
@@ -147,7 +148,16 @@ class PrivacyLedger:
             not_dp=reason,
             sensitivity=1.0 if poisson else FIXED_SIZE_SENSITIVITY,
             draws=draws,
+            clipped=dp is not None,
         )
+
+    @property
+    def warning(self) -> str | None:
+        """Why a DP-SGD run reports no ε (None when it reports one, or has no DP-SGD): its
+        utility.csv and report show ε as blank, as for a run without DP."""
+        if self.clipped and self.not_dp:
+            return f"defense.spec: DP-SGD runs, but no ε is reported: {self.not_dp}"
+        return None
 
     @property
     def applies(self) -> bool:

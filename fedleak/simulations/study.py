@@ -263,6 +263,8 @@ def _serve(
             client_threads = client_threads or declared.client_threads
     run_dir.record_clients(num_clients, client_threads)
     ledger = PrivacyLedger.from_config(config, federated_data(config, num_clients))
+    if ledger.warning:
+        print(f"fedleak: warning: {ledger.warning}", file=sys.stderr, flush=True)
     recorder = RunRecorder(
         run_dir,
         fd,
