@@ -94,6 +94,12 @@ def test_a_second_run_is_refused_and_ctrl_c_keeps_finished_rounds_then_resumes(
         err = capsys.readouterr().err
         assert len(err.splitlines()) == 1
         assert f"in use by another fedleak run (process {first.pid} " in err
+        # A report of the live run read "The run stopped after round 0": refused in one line.
+        assert main(["report", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1
+        assert f"a fedleak run is still writing it (process {first.pid} " in err
+        assert not (out / "report.md").exists()
         assert first.poll() is None, "the first run must still be running"
 
         _wait_for(lambda: 1 in _rounds(out), 300, "round 1 to be recorded")

@@ -30,25 +30,33 @@ class RunLock:
         self.path = Path(path).resolve()
         self.file = self.path / LOCK_FILE
 
-    def probe(self) -> None:
-        """Raise `RunDirectoryError` if another process holds the lock; creates nothing."""
+    def holder(self) -> str | None:
+        """Who holds the lock when another process does (PID, host, start), else None;
+        creates nothing."""
         if self.path in self._held or not self.file.is_file():
-            return
+            return None
         try:
             fd = os.open(self.file, os.O_RDWR)
         except OSError:
-            return  # unreadable or gone: `acquire` will say what is wrong
+            return None  # unreadable or gone: `acquire` will say what is wrong
         try:
             _flock(fd)
         except BlockingIOError:
-            raise RunDirectoryError(
-                f"{self.path}: in use by another fedleak run ({_describe_holder(self.file)}); "
-                "wait for it to end or choose another out-dir"
-            ) from None
+            return _describe_holder(self.file)
         except OSError:
             pass  # no flock here: `acquire` falls back to the recorded PID
         finally:
             os.close(fd)  # closing drops a lock taken just now
+        return None
+
+    def probe(self) -> None:
+        """Raise `RunDirectoryError` if another process holds the lock; creates nothing."""
+        holder = self.holder()
+        if holder is not None:
+            raise RunDirectoryError(
+                f"{self.path}: in use by another fedleak run ({holder}); "
+                "wait for it to end or choose another out-dir"
+            )
 
     def acquire(self) -> RunLock:
         """Take the lock or raise `RunDirectoryError` naming the process that holds it."""

@@ -179,8 +179,18 @@ def _headline(path: Path) -> None:
 
 def _report(args: argparse.Namespace) -> int:
     from fedleak.report.build import rebuild_reports
+    from fedleak.report.lock import RunLock
+    from fedleak.report.rundir import RunDirectoryError
 
-    *cells, html = rebuild_reports(Path(_absolute(args.dir, "DIR")))
+    path = Path(_absolute(args.dir, "DIR"))
+    # A report of a run still writing read "The run stopped after round 0 of 50".
+    holder = RunLock(path).holder()
+    if holder is not None:
+        raise RunDirectoryError(
+            f"{path}: a fedleak run is still writing it ({holder}); it writes the report "
+            "when it ends (rebuild one with `fedleak report` after that)"
+        )
+    *cells, html = rebuild_reports(path)
     if cells:
         print(f"cell reports: {len(cells)} rebuilt")
     print(f"report: {html}\nmarkdown: {html.with_suffix('.md')}")
