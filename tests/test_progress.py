@@ -24,6 +24,21 @@ def test_eta_extrapolates_the_pace_of_this_process_only() -> None:
     assert (clock(59.6), clock(3725)) == ("1m00s", "1h02m")
 
 
+def test_attacked_rounds_and_the_others_are_timed_apart() -> None:
+    """One attacked round of a minute among rounds of a fifth of a second made the demo's
+    first ETA 1h26m for five minutes' work."""
+    now = [0.0]
+    attacked = {1, 26, 50}
+    progress = Progress("round", 50, now=lambda: now[0], kind=lambda r: r in attacked)
+    now[0] += 60.0
+    progress.advance(1)
+    assert progress.eta() is None  # no unattacked round timed yet
+    now[0] += 0.2
+    progress.advance(2)
+    assert progress.eta() == pytest.approx(46 * 0.2 + 2 * 60.0)
+    assert progress.text() == "round 2/50 (1m00s, ETA 2m09s)"
+
+
 def test_flower_aggregates_only_meaningful_training_metrics() -> None:
     def reply(partition: int, examples: int, loss: float) -> RecordDict:
         metrics = {"num-examples": examples, "partition-id": partition, "train-loss": loss}

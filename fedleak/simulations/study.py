@@ -13,7 +13,7 @@ import dataclasses
 import functools
 import logging
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -26,7 +26,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
-from fedleak.config import RunConfig, parse_flat
+from fedleak.config import RunConfig, attacked_rounds, parse_flat
 from fedleak.data import FederatedData
 from fedleak.heap import reuse_freed_memory
 from fedleak.interrupt import RunInterrupted
@@ -273,7 +273,7 @@ def _serve(
         num_clients=num_clients,
         offset=offset,
         participation=accounting.participation if accounting is not None else None,
-        progress=Progress("round", config.num_server_rounds, offset),
+        progress=Progress("round", config.num_server_rounds, offset, kind=_round_kind(config)),
     )
     strategy = build_strategy(
         config,
@@ -317,6 +317,14 @@ def _fail(run_dir: RunDirectory, reason: str) -> NoReturn:
     run_dir.mark_failed(reason)
     write_report(run_dir.path)
     raise RunFailed(f"{run_dir.path}: {reason}")
+
+
+def _round_kind(config: RunConfig) -> Callable[[int], bool]:
+    """Whether a round is attacked: the ETA times attacked rounds and the others apart."""
+    attacked = attacked_rounds(config.attack.rounds, config.num_server_rounds)
+    if config.attack.names == ("none",) or attacked is None:
+        return lambda server_round: True
+    return lambda server_round: server_round in attacked
 
 
 def _finish(run_dir: RunDirectory, first_error: str | None) -> Path:
