@@ -51,3 +51,15 @@ def test_flower_aggregates_only_meaningful_training_metrics() -> None:
         [reply(0, 1, 2.0), reply(7, 3, 1.0), reply(2, 4, float("nan"))], "num-examples"
     )
     assert dict(empty) == {"num-examples": 8, "clients": 3, "train-loss": 1.25}
+
+
+def test_a_run_without_attacks_times_every_round_as_one_kind() -> None:
+    from fedleak.config import parse_flat
+    from fedleak.simulations.study import _round_kind
+
+    schedule = {"attack.rounds": "1", "num-server-rounds": 4}
+    attacked = _round_kind(parse_flat(schedule))
+    assert [attacked(r) for r in range(1, 5)] == [True, False, False, False]
+    # 'none' parses to no names: no round is slower, so no round waits for another kind.
+    off = _round_kind(parse_flat({**schedule, "attack.names": "none"}))
+    assert len({off(r) for r in range(1, 5)}) == 1

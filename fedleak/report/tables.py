@@ -618,7 +618,7 @@ def utility_table(study: Study) -> Table:
                 )
             )
     epsilon_columns = ("ε", "central ε") if central else ("ε",)
-    deltas = sorted({run.config.defense.dp_delta for run in study.runs})
+    deltas = sorted({run.config.defense.dp_delta for run in study.scored_runs})
     delta = f"δ = {deltas[0]:g}" if len(deltas) == 1 else "each run's defense.dp-delta"
     return Table(
         columns=(

@@ -322,7 +322,7 @@ def _fail(run_dir: RunDirectory, reason: str) -> NoReturn:
 def _round_kind(config: RunConfig) -> Callable[[int], bool]:
     """Whether a round is attacked: the ETA times attacked rounds and the others apart."""
     attacked = attacked_rounds(config.attack.rounds, config.num_server_rounds)
-    if config.attack.names == ("none",) or attacked is None:
+    if not config.attack.names or attacked is None:  # 'none' parses to no names
         return lambda server_round: True
     return lambda server_round: server_round in attacked
 
