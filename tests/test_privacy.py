@@ -301,3 +301,22 @@ def test_a_poisson_run_scores_each_drawn_batch_and_reports_its_epsilon(
     assert (ledger.effective_noise_multiplier, ledger.draws) == (1.0, steps)
     expected = [ledger.epsilon({c: r for c in range(4)}) for r in (0, 1, 2)]
     assert utility["epsilon"].tolist() == pytest.approx(expected)
+
+
+def test_the_report_says_why_a_dpsgd_run_shows_no_epsilon(tmp_path: Path) -> None:
+    """The reason was printed once at the run's start; the report showed a bare '–'."""
+    args = ["run", "quickstart", "--out", str(tmp_path / "run"), "--num-clients", "2"]
+    settings = {
+        "num-server-rounds": 1,
+        "defense.spec": "mixup:2+dpsgd:1:1",
+        "attack.names": "aux-mean",
+        "data.aux-size": 20,
+    }
+    for key, value in settings.items():
+        args += ["--set", f"{key}={value}"]
+    assert main(args) == 0
+    config = parse_flat(settings, load_preset("quickstart"))
+    reason = PrivacyLedger.from_settings(config, [1]).not_dp
+    assert "mixup:2 mixes each private image" in reason
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert f"No ε for mixup:2+dpsgd:1:1: {reason}." in report

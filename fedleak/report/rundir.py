@@ -115,6 +115,8 @@ SCORED_AGAINST = ("original", "encoded", "unavailable")
 
 CONFIG_FILE = "config.toml"
 ENVIRONMENT_FILE = "environment.json"
+# environment.json's note of why a DP-SGD run reports no ε.
+NO_EPSILON_KEY = "no_epsilon"
 LEAKAGE_FILE = "leakage.parquet"
 LEAKAGE_CSV = "leakage.csv"
 UTILITY_FILE = "utility.csv"
@@ -816,6 +818,17 @@ class RunDirectory:
             federation["client_threads"] = client_threads
         if any(environment.get(key) != value for key, value in federation.items()):
             environment.update(federation)
+            atomic_write(
+                self.path / ENVIRONMENT_FILE,
+                json.dumps(environment, indent=2, default=str).encode("utf-8"),
+            )
+
+    def record_no_epsilon(self, reason: str) -> None:
+        """Note in environment.json why a DP-SGD run reports no ε: the report's utility
+        table shows the reason beside its blank ε, not only the console at the run's start."""
+        environment = self.environment()
+        if environment.get(NO_EPSILON_KEY) != reason:
+            environment[NO_EPSILON_KEY] = reason
             atomic_write(
                 self.path / ENVIRONMENT_FILE,
                 json.dumps(environment, indent=2, default=str).encode("utf-8"),

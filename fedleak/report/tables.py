@@ -20,7 +20,7 @@ import pandas as pd
 
 from fedleak.report.collect import Study
 from fedleak.report.document import Cell, Table
-from fedleak.report.rundir import lpips_column
+from fedleak.report.rundir import NO_EPSILON_KEY, lpips_column
 from fedleak.report.stats import (
     SUCCESS_FRACTION,
     SUCCESS_LPIPS,
@@ -638,12 +638,27 @@ def utility_table(study: Study) -> Table:
         "with several. ε: example-level, DP-SGD on the clients, the worst client's; central "
         "ε: client-level, central DP on the released model, which does not bound what the "
         f"server saw; both at {delta}, the largest over a setting's runs."
+        + _no_epsilon_note(study)
         + (
             " For a language model, accuracy is next-token accuracy, loss the mean "
             "next-token cross-entropy (nats) and perplexity e to that loss, per run."
             if language
             else ""
         ),
+    )
+
+
+def _no_epsilon_note(study: Study) -> str:
+    """Why a setting that ran DP-SGD shows no ε, as its runs recorded it."""
+    reasons: dict[str, list[str]] = {}
+    for run in study.scored_runs:
+        reason = run.environment.get(NO_EPSILON_KEY)
+        if isinstance(reason, str) and reason:
+            defenses = reasons.setdefault(reason, [])
+            if run.config.defense.label not in defenses:
+                defenses.append(run.config.defense.label)
+    return "".join(
+        f" No ε for {', '.join(defenses)}: {reason}." for reason, defenses in reasons.items()
     )
 
 

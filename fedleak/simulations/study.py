@@ -265,6 +265,7 @@ def _serve(
     ledger = PrivacyLedger.from_config(config, federated_data(config, num_clients))
     if ledger.warning:
         print(f"fedleak: warning: {ledger.warning}", file=sys.stderr, flush=True)
+        run_dir.record_no_epsilon(ledger.not_dp)
     recorder = RunRecorder(
         run_dir,
         fd,
