@@ -175,6 +175,23 @@ def test_a_run_recorded_with_a_spec_as_written_resumes_under_its_canonical_form(
         check_resumable(other, run.path)
 
 
+def test_a_run_begun_on_a_gpu_is_not_resumed_on_the_cpu(tmp_path: Path) -> None:
+    """`device=auto` on a machine without the GPU the run began on resumed it on the CPU:
+    its resumed rounds were attacked and evaluated with other kernels."""
+    from fedleak.simulations.study import check_resumable
+
+    settings = parse_flat({"num-server-rounds": 1, "attack.names": "aux-mean", "sim.resume": True})
+    run = RunDirectory.create(tmp_path / "run", settings, {"device": "cpu", "cuda": None})
+    run.append_round(0, [], _utility(0))
+    check_resumable(settings, run.path)
+    gpu = RunDirectory.create(tmp_path / "gpu", settings, {"device": "cuda", "cuda": "H100"})
+    gpu.append_round(0, [], _utility(0))
+    with pytest.raises(
+        RunDirectoryError, match=r"computed on cuda \(H100\), this process would on cpu"
+    ):
+        check_resumable(settings, gpu.path)
+
+
 def test_an_engine_failure_is_told_by_the_runs_reason(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

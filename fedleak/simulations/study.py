@@ -172,6 +172,7 @@ def check_resumable(
     run_dir.utility()
     if clients is not None:
         run_dir.check_clients(clients, client_threads)
+    _check_same_device(run_dir, resolve_device(config.device))
     fd = federated_data(config, num_partitions=1)
     _check_same_tokenizer(run_dir, config, fd)
     checkpoint = run_dir.load_global_model()
@@ -186,6 +187,26 @@ def check_resumable(
             f"{path / 'checkpoints' / 'global.pt'}: does not fit model {spec.name} on "
             f"{spec.input_shape} ({detail}); restore it or start again in a new out-dir"
         ) from None
+
+
+def _check_same_device(run_dir: RunDirectory, device: torch.device) -> None:
+    """The server attacks and evaluates on its device: a run begun on the CPU and resumed
+    where `device=auto` finds a GPU (or on another GPU model) would score its resumed rounds
+    with other kernels than an uninterrupted run."""
+    environment = run_dir.environment()
+    recorded, gpu = environment.get("device"), environment.get("cuda")
+    if not isinstance(recorded, str):
+        return
+    now = torch.cuda.get_device_name(0) if device.type == "cuda" else None
+    if torch.device(recorded).type == device.type and gpu == now:
+        return
+    was, would = (f"{d}{f' ({g})' if g else ''}" for d, g in ((recorded, gpu), (device, now)))
+    raise RunDirectoryError(
+        f"{run_dir.path}: its server computed on {was}, this process would on {would}; other "
+        "kernels round differently, so the resumed rounds would differ from an uninterrupted "
+        f"run: resume on the same device (--set device={torch.device(recorded).type}) or "
+        "choose another out-dir"
+    )
 
 
 def _check_same_tokenizer(run_dir: RunDirectory, config: RunConfig, fd: FederatedData) -> None:

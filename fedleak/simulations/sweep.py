@@ -570,7 +570,7 @@ def _finished(path: Path) -> bool:
 def _resumable_rounds(config: RunConfig, path: Path, plan: SweepPlan) -> int:
     """The rounds an unfinished cell can go on from (0: start it over): none for a run that
     failed, has no checkpoint, or that this machine cannot resume bit for bit (its clients
-    computed on another number of threads)."""
+    computed on another number of threads, or its server on another device)."""
     from fedleak.simulations.launch import client_threads
     from fedleak.simulations.study import check_resumable
 
