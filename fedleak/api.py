@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from fedleak.attacks.outcome import checked, image_shape
+from fedleak.attacks.outcome import checked, image_shape, num_classes
 from fedleak.attacks.threads import default_threads, torch_threads
 from fedleak.attacks.types import (
     Attack,
@@ -488,7 +488,13 @@ def reconstruct(
         result = attack.reconstruct(observation, attacker, budget)
     # The auditor's one rule: images clamped to [0, 1], NaN is "nan", a wrong shape "failed".
     seconds = time.perf_counter() - start
-    return checked(result, seconds, observation.num_targets, image_shape(observation))
+    return checked(
+        result,
+        seconds,
+        observation.num_targets,
+        image_shape(observation),
+        num_classes(observation),
+    )
 
 
 @dataclass(frozen=True)
@@ -568,7 +574,10 @@ def score(
         reconstruction = Reconstruction(inputs=guess, labels=None)
     if reconstruction.status == "ok":
         count = reconstruction.inputs.shape[0] if reconstruction.inputs.dim() else 0
-        reconstruction = checked(reconstruction, reconstruction.seconds, count, truth.shape[1:])
+        classes = num_classes(observation) if observation is not None else None
+        reconstruction = checked(
+            reconstruction, reconstruction.seconds, count, truth.shape[1:], classes
+        )
     if reconstruction.status != "ok":
         raise ConfigError(
             f"reconstruction status {reconstruction.status!r}: {reconstruction.message}"

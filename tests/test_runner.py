@@ -174,3 +174,28 @@ def test_an_attack_that_returns_no_reconstruction_fails_alone_and_images_are_sco
     assert results["labels"].status == "failed"
     assert results["labels"].message == "labels of shape (5,), expected (2,)"
     assert results["aux-mean"].status == "ok" and results["aux-mean"].message == ""
+
+
+def test_recovered_labels_must_be_class_indices_of_the_model() -> None:
+    """A plug-in's label 99 of 10 classes was scored `ok` with label accuracy 0."""
+    images = torch.rand(2, 1, 4, 4)
+    classes = _observation().model.num_classes
+    attacks = {
+        "beyond": Returns(Reconstruction(images, torch.tensor([1, classes]))),
+        "negative": Returns(Reconstruction(images, torch.tensor([-1, 0]))),
+        "soft": Returns(Reconstruction(images, torch.tensor([0.0, 1.0]))),
+        "fine": Returns(Reconstruction(images, torch.tensor([0, classes - 1]))),
+    }
+    runner = InlineRunner(attacks, _knowledge(), Budget(10, 5.0))
+    runner.submit([AttackJob(i, name, _observation()) for i, name in enumerate(attacks)])
+    results = {r.job.attack: r.reconstruction for r in runner.ready()}
+    bound = f"expected class indices 0 to {classes - 1}"
+    assert (results["beyond"].status, results["beyond"].message) == (
+        "failed",
+        f"labels from 1 to {classes}; {bound}",
+    )
+    assert results["negative"].status == "failed" and bound in results["negative"].message
+    assert (
+        results["soft"].message == "labels of dtype torch.float32; expected integer class indices"
+    )
+    assert results["fine"].status == "ok"

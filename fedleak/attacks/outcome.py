@@ -23,6 +23,11 @@ def failed_reconstruction(error: BaseException | str, seconds: float) -> Reconst
     )
 
 
+def num_classes(observation: Observation) -> int:
+    """The class count `checked` holds an observation's recovered labels to."""
+    return observation.model.num_classes
+
+
 def image_shape(observation: Observation) -> tuple[int, ...] | None:
     """The shape `checked` holds an observation's reconstructed samples to: its images', or
     None for token sequences."""
@@ -34,13 +39,15 @@ def checked(
     seconds: float,
     expected: int,
     shape: tuple[int, ...] | None = None,
+    classes: int | None = None,
 ) -> Reconstruction:
     """Move to the CPU, time it, and give it its status by the one rule of every attack: a
     finite reconstruction of `expected` samples (of `shape` when given) is "ok" and scored,
     whatever budget the attack ran out of; NaN or inf is "nan"; a wrong shape, or anything
     but a `Reconstruction`, is "failed". Images (`shape` given) must be floats and become
     float32 in the data's range [0, 1] (clamped, and the message says so when an attack went
-    beyond it: PSNR and LPIPS are only meaningful there); token ids stay integers."""
+    beyond it: PSNR and LPIPS are only meaningful there); token ids stay integers. Recovered
+    labels must be `expected` class indices, below `classes` when given."""
     if not isinstance(reconstruction, Reconstruction):
         return failed_reconstruction(
             f"the attack returned {type(reconstruction).__name__}, not a Reconstruction", seconds
@@ -71,6 +78,14 @@ def checked(
     elif labels is not None and tuple(labels.shape) != (expected,):
         status = "failed"
         message = f"labels of shape {tuple(labels.shape)}, expected ({expected},)"
+    elif labels is not None and (labels.is_floating_point() or labels.dtype == torch.bool):
+        status = "failed"
+        message = f"labels of dtype {labels.dtype}; expected integer class indices"
+    elif labels is not None and labels.numel() and _outside(labels, classes):
+        status = "failed"
+        bound = f"0 to {classes - 1}" if classes is not None else "0 or more"
+        found = f"{int(labels.min())} to {int(labels.max())}"
+        message = f"labels from {found}; expected class indices {bound}"
     elif not torch.isfinite(inputs).all():
         status, message = "nan", "reconstruction contains NaN or inf"
     if reconstruction.status == "failed" and status != "ok":
@@ -85,6 +100,10 @@ def checked(
         loss_start=_cpu(reconstruction.loss_start),
         loss_final=_cpu(reconstruction.loss_final),
     )
+
+
+def _outside(labels: torch.Tensor, classes: int | None) -> bool:
+    return int(labels.min()) < 0 or (classes is not None and int(labels.max()) >= classes)
 
 
 def _cpu(values: torch.Tensor | None) -> torch.Tensor | None:

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from fedleak.attacks.outcome import checked, failed_reconstruction, image_shape
+from fedleak.attacks.outcome import checked, failed_reconstruction, image_shape, num_classes
 from fedleak.attacks.threads import default_threads, torch_threads
 from fedleak.attacks.types import (
     Attack,
@@ -103,7 +103,14 @@ def run_job(
         return AttackResult(job, failed_reconstruction(error, time.perf_counter() - start))
     seconds = time.perf_counter() - start
     return AttackResult(
-        job, checked(reconstruction, seconds, observation.num_targets, image_shape(observation))
+        job,
+        checked(
+            reconstruction,
+            seconds,
+            observation.num_targets,
+            image_shape(observation),
+            num_classes(observation),
+        ),
     )
 
 
@@ -137,7 +144,13 @@ def run_batch(
             results.append(AttackResult(job, failed_reconstruction(outcome, seconds)))
         else:
             observation = job.observation
-            outcome = checked(outcome, seconds, observation.num_targets, image_shape(observation))
+            outcome = checked(
+                outcome,
+                seconds,
+                observation.num_targets,
+                image_shape(observation),
+                num_classes(observation),
+            )
             results.append(AttackResult(job, outcome))
     return results
 
