@@ -835,6 +835,36 @@ def test_a_text_report_marks_unconverged_tag_runs_and_renders_code(tmp_path: Pat
     assert "<code>rouge-score</code>" in page and "`" not in re.sub(r"<pre>.*?</pre>", "", page)
 
 
+def test_an_aggregate_text_run_shows_its_reconstructed_text(tmp_path: Path) -> None:
+    """The aggregate view's one target per round is client -1, saved as `c-01`: the report
+    dropped its "Reconstructed text" section without a word."""
+    from fedleak.report.texts import save_token_pairs
+
+    config = parse_flat({"name": "text", "num-server-rounds": 1, "attack.names": "tag"})
+    environment = {"data": {"modality": "tokens"}}
+    run = RunDirectory.create(tmp_path / "run", config, environment)
+    truth = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    guess = torch.tensor([[1, 2, 0], [4, 0, 0]])
+    save_token_pairs(run.path, 1, -1, "tag", truth, guess, lambda ids: [f"t{i}" for i in ids])
+    rows = [
+        {
+            "client_id": -1,
+            "attack": "tag",
+            "sample": sample,
+            "target_index": sample,
+            "modality": "tokens",
+            "token_acc": accuracy,
+        }
+        for sample, accuracy in ((0, 2 / 3), (1, 1 / 3))
+    ]
+    run.append_round(1, rows, {"test_loss": 6.3, "test_accuracy": 0.007})
+    _, markdown = build_report(run.path)
+    text = markdown.read_text()
+    assert "## Reconstructed text" in text
+    assert "### round 1, aggregate, sequence 0" in text
+    assert "tag (2/3 tokens): “t1t2t0”" in text
+
+
 def test_a_gallery_pooling_seeds_says_each_tiles_seed(sweep_report: Path) -> None:
     """A sweep's gallery pools a setting's seeds: two tiles could both read "round 2,
     client 1" and show different images; each then says its run's seed too."""

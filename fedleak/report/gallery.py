@@ -129,7 +129,8 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "attack"
 
 
-def _whose(client_id: int) -> str:
+def whose(client_id: int) -> str:
+    """A target's name in captions: the aggregate view's one target is client -1."""
     return "aggregate" if client_id < 0 else f"client {client_id}"
 
 
@@ -201,7 +202,7 @@ def gallery_figure(by_attack: dict[str, list[tuple[str, Sample]]], metric_label:
             draw.text((x, top), label, font=_font(12, bold=True), fill=_INK)
             draw.text(
                 (x, top + _LINE),
-                f"round {sample.round}, {_whose(sample.client_id)}",
+                f"round {sample.round}, {whose(sample.client_id)}",
                 font=small,
                 fill=_INK,
             )

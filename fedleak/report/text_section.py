@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from fedleak.report.collect import Study
 from fedleak.report.document import Block, Cell, Heading, Table, Text
+from fedleak.report.gallery import whose
 from fedleak.report.texts import TokenPairs, load_token_pairs, text_files
 
 MAX_TEXT_RUNS = 12
@@ -96,7 +97,7 @@ def texts_section(study: Study) -> list[Block]:
             grid = _grid(attacks, target)
             if grid is not None:
                 blocks += [
-                    Heading(f"{where}round {server_round}, client {client}, sequence {target}", 3),
+                    Heading(f"{where}round {server_round}, {whose(client)}, sequence {target}", 3),
                     grid,
                 ]
     return blocks

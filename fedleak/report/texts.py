@@ -19,7 +19,8 @@ import torch
 from fedleak.report.rundir import atomic_write
 
 TEXTS_DIR = "texts"
-_NAME = re.compile(r"r(\d+)_c(\d+)_(.+)\.json")
+# The aggregate view's one target per round is client -1 (`c-01`).
+_NAME = re.compile(r"r(\d+)_c(-?\d+)_(.+)\.json")
 
 Pieces = Callable[[Sequence[int]], list[str]]
 
