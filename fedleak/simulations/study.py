@@ -237,9 +237,12 @@ def _serve(
 ) -> Path:
     """`serve` once the run directory is checked and locked."""
     fd = federated_data(config, num_partitions=1)
-    if config.sim.resume and (path / "config.toml").exists():
+    # A resumed run's config and DONE/FAILED change only once its federation is checked:
+    # behind a SuperLink the clients say who they are after the run has begun, and a refusal
+    # must leave a finished run as it was.
+    resumed = config.sim.resume and (path / "config.toml").exists()
+    if resumed:
         run_dir = RunDirectory.open(path)
-        run_dir.update_config(config)
     else:
         run_dir = RunDirectory.create(path, config, environment(device, config, data_record(fd)))
     tokenizer = getattr(fd.dataset, "tokenizer", None)
@@ -267,6 +270,7 @@ def _serve(
     remaining = config.num_server_rounds - offset
     if remaining <= 0:
         log.info("run %s already has all %d rounds", path, config.num_server_rounds)
+        run_dir.update_config(config)
         run_dir.write_summary()
         return _finish(run_dir, None)
 
@@ -278,11 +282,15 @@ def _serve(
         try:
             declared = declared_federation(grid, config.sim.timeout)
         except FederationError as error:
+            if resumed:
+                raise RunDirectoryError(f"{path}: {error}; the run is left as it was") from None
             _fail(run_dir, str(error))
         if declared is not None:
             num_clients = declared.num_partitions
             client_threads = client_threads or declared.client_threads
     run_dir.record_clients(num_clients, client_threads)
+    if resumed:
+        run_dir.update_config(config)
     ledger = PrivacyLedger.from_config(config, federated_data(config, num_clients))
     if ledger.warning:
         print(f"fedleak: warning: {ledger.warning}", file=sys.stderr, flush=True)
