@@ -334,6 +334,9 @@ def test_a_run_records_central_epsilon_in_utility_csv(tmp_path: Path) -> None:
     expected = [central_epsilon(1.0, 3, {3: r}, DELTA) for r in (0, 1, 2)]  # round 0: w_0
     assert utility["central_epsilon"].tolist() == pytest.approx(expected)
     assert utility["epsilon"].isna().all()  # no DP-SGD: no example-level guarantee
+    # The rows name the run's defense as its report does: not 'none', the clients' spec.
+    leakage = pd.read_parquet(tmp_path / "run" / "leakage.parquet")
+    assert len(leakage) and set(leakage["defense"]) == {"central-dp:0.5:1"}
     for shown in ("summary.md", "report.md"):
         assert "central ε" in (tmp_path / "run" / shown).read_text()
 

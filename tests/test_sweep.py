@@ -758,7 +758,7 @@ def test_real_sweep_end_to_end_with_an_interruption(tmp_path: Path) -> None:
         run = RunDirectory.open(sweep_dir / cell["id"])
         leakage = run.leakage()
         assert run.finished_rounds() == 1 and set(leakage["attack"]) == {"aux-mean"}
-        assert set(leakage["defense"]) == {run.config.defense.spec}
+        assert set(leakage["defense"]) == {run.config.defense.label}
     html, _ = build_report(sweep_dir)
     assert "gauss:0.01" in html.read_text()
 

@@ -422,7 +422,7 @@ class RunDirectory:
         """Run-wide columns a producer may leave out, taken from the config."""
         config = self.config
         return {
-            "defense": config.defense.spec,
+            "defense": config.defense.label,
             "batch_size": config.train.batch_size,
             "mode": config.train.mode,
             "dataset": config.data.dataset,

@@ -186,7 +186,7 @@ def build_strategy(
         view=config.threat.view,
     )
     context = {
-        "defense": config.defense.spec,
+        "defense": config.defense.label,
         "mode": train.mode,
         "dataset": config.data.dataset,
         "model": config.model.name,
