@@ -143,6 +143,7 @@ CASES = [
     Case("cpus-nan", (*RUN, "--client-cpus", "nan"), "client-cpus=nan: expected a number > 0"),
     Case("cpus-inf", (*RUN, "--client-cpus", "inf"), "client-cpus=inf: expected a number > 0"),
     Case("cpus-huge", (*RUN, "--client-cpus", "100000"), "Ray could never start a client"),
+    Case("cpus-tiny", (*RUN, "--client-cpus", "1e-9"), "client-cpus=1e-09: Flower would start"),
     Case("gpus-nan", (*RUN, "--client-gpus", "nan"), "client-gpus=nan: expected a number >= 0"),
     Case("clients-text", (*RUN, "--num-clients", "many"), "invalid int value: 'many'"),
     # Settings out of range or unsafe.

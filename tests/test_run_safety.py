@@ -202,6 +202,8 @@ def test_an_engine_failure_is_told_by_the_runs_reason(
     def engine_stops(config: RunConfig, *args: object) -> None:
         if config.name == "recorded":
             RunDirectory(Path(config.out_dir)).mark_failed(reason)
+        if config.name == "begun":  # the run had begun, and wrote no FAILED of its own
+            RunDirectory.create(Path(config.out_dir), config, {})
         try:
             raise ValueError("actor pool could not start")
         except ValueError as cause:
@@ -224,6 +226,13 @@ def test_an_engine_failure_is_told_by_the_runs_reason(
         "0.25 share each client asks for"
     )
     assert not (tmp_path / "a" / "DONE").exists() and not (tmp_path / "b" / "DONE").exists()
+    # A run directory the crash left behind reads as failed, not as a run merely stopped.
+    begun = parse_flat({"name": "begun", "out-dir": str(tmp_path / "c")})
+    with pytest.raises(launch.StudyFailed, match="engine stopped"):
+        launch.run_study(begun, num_clients=2)
+    assert RunDirectory.open(tmp_path / "c").failed_reason() == (
+        "Flower's simulation engine stopped (ValueError: actor pool could not start)"
+    )
 
 
 def test_a_crashed_engine_ends_the_server_thread_and_frees_the_run(

@@ -200,10 +200,21 @@ def check_resources(
     if not (math.isfinite(client_gpus) and client_gpus >= 0):
         raise ConfigError(f"client-gpus={client_gpus!r}: expected a number >= 0")
     cpus = local_cpus()
-    if _cluster_address() is None and client_cpus > cpus:
+    if _cluster_address() is not None:
+        return
+    if client_cpus > cpus:
         raise ConfigError(
             f"client-cpus={client_cpus:g}: this machine has {cpus} CPUs, so Ray could never "
             f"start a client; expected at most {cpus}"
+        )
+    # Flower starts floor(CPUs / client-cpus) client processes whatever the clients' number
+    # (about 1 GB each): client-cpus=1e-9 crashed its engine, 0.1 would start 20 on 2 cores.
+    processes, useful = int(cpus / client_cpus), max(num_clients, cpus)
+    if client_gpus == 0 and processes > useful:
+        raise ConfigError(
+            f"client-cpus={client_cpus:g}: Flower would start {processes} client processes "
+            f"({cpus} CPUs / client-cpus) for {num_clients} clients; expected more than "
+            f"{cpus / (useful + 1):.3g}"
         )
 
 

@@ -38,7 +38,7 @@ from fedleak.interrupt import (
 )
 from fedleak.registry import error_line
 from fedleak.report.lock import RunLock
-from fedleak.report.rundir import RunDirectory
+from fedleak.report.rundir import RunDirectory, is_run_directory
 from fedleak.server.pool import ray_init_args
 from fedleak.server.validate import check_seen_by_ray, validate_run
 from fedleak.simulations.apps import make_server_app
@@ -112,14 +112,30 @@ def run_study(
         except RuntimeError as error:
             if type(error) is not RuntimeError:  # fedleak's own, which say what happened
                 raise
-            raise StudyFailed(_engine_stopped(out, error, client_gpus)) from error
+            raise StudyFailed(
+                _marked_failed(out, _engine_stopped(out, error, client_gpus))
+            ) from error
     done = _finished(out)
     if done < config.num_server_rounds:
         raise StudyFailed(
-            f"run failed: it stopped after {done} of {config.num_server_rounds} rounds; finished "
-            f"rounds are kept in {out} (rerun with --set sim.resume=true to continue)"
+            _marked_failed(
+                out,
+                f"run failed: it stopped after {done} of {config.num_server_rounds} rounds; "
+                f"finished rounds are kept in {out} (rerun with --set sim.resume=true to "
+                "continue)",
+            )
         )
     return out
+
+
+def _marked_failed(out: Path, message: str) -> str:
+    """`message`, written as the run's FAILED where the run did not write its own: a run that
+    failed never leaves a directory that reads as merely stopped."""
+    if is_run_directory(out):
+        run = RunDirectory.open(out)
+        if not run.failed_reason():
+            run.mark_failed(message.removeprefix("run failed: "))
+    return message
 
 
 def _engine_stopped(out: Path, error: RuntimeError, client_gpus: float) -> str:
