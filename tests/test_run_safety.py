@@ -422,3 +422,26 @@ def test_a_resume_refused_for_its_federation_leaves_the_finished_run_as_it_was(
     more = ["--set", "num-server-rounds=2", "--set", "sim.resume=true"]
     assert main([*first, "--num-clients", "3", *more]) != 0
     assert (out / "DONE").exists() and (out / "config.toml").read_text() == written
+
+
+def test_behind_a_superlink_the_federations_checks_run_before_round_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`fedleak run` refuses a batch larger than a client's data before Ray starts; under
+    `flwr run` every client raised in round 1 (hundreds of lines of tracebacks) and FAILED
+    advised a resume that could only fail again."""
+    from fedleak.simulations.cli import main
+
+    out = tmp_path / "run"
+    served = launch.make_server_app
+    # As under `flwr run`: the server learns the federation's size from its nodes.
+    monkeypatch.setattr(launch, "validate_run", lambda *_: None)
+    monkeypatch.setattr(
+        launch, "make_server_app", lambda config, serving, **_: served(config, serving=serving)
+    )
+    args = ["run", "quickstart", "--out", str(out), "--num-clients", "2"]
+    settings = ["--set", "train.batch-size=3000", "--set", "attack.names=aux-mean"]
+    assert main([*args, *settings, "--set", "data.aux-size=20"]) != 0
+    reason = RunDirectory.open(out).failed_reason()
+    assert reason.startswith("train.batch-size=3000") and "resume" not in reason
+    assert RunDirectory.open(out).utility().empty  # not even round 0 was evaluated

@@ -84,6 +84,13 @@ def validate_run(
     validate_components(config)
     check_resources(config, num_clients, client_cpus, client_gpus)
     ray_init_args(config, client_cpus, client_gpus)  # GPU shares, room for attack workers
+    return validate_federation(config, num_clients)
+
+
+def validate_federation(config: RunConfig, num_clients: int) -> FederatedData:
+    """The checks that need the federation's size (`validate_run`'s, and a server's behind a
+    SuperLink once its nodes have said it): the data split, the model, the defense and the
+    attacks on it, δ and the payload; returns the clients' data split."""
     fd = check_data_split(config, num_clients)
     check_model(model_spec(config, fd))
     check_defense(config.defense.spec, model_spec(config, fd))

@@ -26,7 +26,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
-from fedleak.config import RunConfig, attacked_rounds, parse_flat
+from fedleak.config import ConfigError, RunConfig, attacked_rounds, parse_flat
 from fedleak.data import FederatedData
 from fedleak.heap import reuse_freed_memory
 from fedleak.interrupt import RunInterrupted
@@ -42,7 +42,7 @@ from fedleak.server.payload import check_round_payload
 from fedleak.server.privacy import PrivacyLedger
 from fedleak.server.selection import FederationError, declared_federation
 from fedleak.server.strategy import ClientCrashed
-from fedleak.server.validate import canonical, validate_components
+from fedleak.server.validate import canonical, validate_components, validate_federation
 from fedleak.simulations.recording import (
     RunRecorder,
     data_record,
@@ -281,13 +281,15 @@ def _serve(
     if clients is None and app is None:
         try:
             declared = declared_federation(grid, config.sim.timeout)
-        except FederationError as error:
+            if declared is not None:
+                num_clients = declared.num_partitions
+                client_threads = client_threads or declared.client_threads
+                # `fedleak run` checks these before Ray starts; here the size is known now.
+                validate_federation(config, num_clients)
+        except (FederationError, ConfigError) as error:
             if resumed:
                 raise RunDirectoryError(f"{path}: {error}; the run is left as it was") from None
             _fail(run_dir, str(error))
-        if declared is not None:
-            num_clients = declared.num_partitions
-            client_threads = client_threads or declared.client_threads
     run_dir.record_clients(num_clients, client_threads)
     if resumed:
         run_dir.update_config(config)
