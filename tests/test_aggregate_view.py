@@ -74,6 +74,17 @@ def test_aggregate_view_leaks_less_than_per_client_observation(views: dict[str, 
     assert client.mse.mean() < aggregate.mse.mean()
 
 
+def test_the_reports_say_the_server_saw_only_the_aggregate(views: dict[str, Path]) -> None:
+    """An aggregate run's summary read "batch size 3" (the round's union) and its report never
+    said that the attacks saw only the aggregate."""
+    summary = (views["aggregate"] / "summary.md").read_text()
+    assert "batch size 1 per client, attacked as the round's aggregate" in summary
+    assert "batch size 1," in (views["client"] / "summary.md").read_text()
+    said = "The server saw only each round's aggregate of the clients' updates"
+    assert said in (views["aggregate"] / "report.md").read_text()
+    assert "aggregate of the clients' updates" not in (views["client"] / "report.md").read_text()
+
+
 @pytest.mark.parametrize("spec", ["none", "prune:0.9", "dpsgd:1:1", "mixup:2"])
 def test_every_defense_records_utility_beside_leakage(
     spec: str, views: dict[str, Path], tmp_path: Path

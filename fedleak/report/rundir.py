@@ -855,12 +855,18 @@ class RunDirectory:
         config, leakage = self.config, self.leakage()
         table = round_table(self.utility(), leakage)
         mode = _recorded(leakage, "mode", config.train.mode)
-        batch = _recorded(leakage, "batch_size", config.train.batch_size)
+        batch = f"batch size {_recorded(leakage, 'batch_size', config.train.batch_size)}"
+        if config.threat.view == "aggregate":
+            # The rows record the attacked update's batch: the round's aggregate.
+            batch = (
+                f"batch size {config.train.batch_size} per client, attacked as the round's "
+                "aggregate (threat.view = aggregate)"
+            )
         lines = [
             f"# {config.name}",
             "",
             f"{config.data.dataset}, {config.model.name}, {mode}, "
-            f"batch size {batch}, defense `{config.defense.label}`, "
+            f"{batch}, defense `{config.defense.label}`, "
             f"attacks {', '.join(config.attack.names)}, seed {config.seed}; "
             f"{self.finished_rounds()} of {config.num_server_rounds} rounds finished.",
             "",

@@ -296,7 +296,23 @@ def verdict(study: Study) -> str:
             "are summarised here; the summary table lists every setting."
         )
     sentences = [_setting_sentence(v, baselines.get(v.group)) for v in chosen]
-    return " ".join([*_incomplete(study), *_lost_clients(study), *intro, *sentences])
+    return " ".join(
+        [*_incomplete(study), *_lost_clients(study), *_aggregate_view(study), *intro, *sentences]
+    )
+
+
+def _aggregate_view(study: Study) -> list[str]:
+    """A sentence when the server saw only the round's aggregate: read as usual, its pooled
+    figures would describe an ordinary client of a batch as large as the round's."""
+    runs = [r for r in study.scored_runs if r.config.threat.view == "aggregate"]
+    if not runs:
+        return []
+    where = "" if len(runs) == len(study.scored_runs) else "In the runs with that view, "
+    return [
+        f"{where}{'t' if where else 'T'}he server saw only each round's aggregate of the "
+        "clients' updates (threat.view = aggregate, as under secure aggregation): every attack "
+        "inverts one update of all the round's samples, and is scored against all of them."
+    ]
 
 
 def _lost_clients(study: Study) -> list[str]:
