@@ -88,6 +88,12 @@ def test_an_attack_that_did_not_converge_is_no_evidence_for_the_defense() -> Non
         None,
     )
     assert "did not converge" not in converged
+    # Central DP noises only the released model: the server's view is the clients' spec's.
+    for label, named in (("central-dp:1:1", None), ("sign+central-dp:1:1", "sign")):
+        verdict = SettingVerdict("", label, (ig,), floor, 0.1, 0.7, (50,))
+        sentence = _setting_sentence(verdict, None)
+        assert "central-dp:1:1 stops it" not in sentence
+        assert ("so this does not show that sign stops it" in sentence) == (named == "sign")
 
 
 def test_a_leader_that_did_not_converge_may_leak_more() -> None:

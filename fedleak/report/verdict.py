@@ -169,11 +169,20 @@ def _unconverged(s: SettingSummary, v: SettingVerdict) -> str:
         f"{_for_samples(s)}: its budget ran out or it could not match the update"
     )
     if _at_floor(s, v):
-        if v.defense != "none":
-            note += f", so this does not show that {v.defense} stops it"
+        clients = _clients_defense(v.defense)
+        if clients != "none":
+            note += f", so this does not show that {clients} stops it"
     else:
         note += ", so it may recover more with a larger budget"
     return note + ")"
+
+
+def _clients_defense(label: str) -> str:
+    """The part of a defense label that acts on what the server sees: central DP
+    (`central-dp:C:z`, `DefenseConfig.label`) noises only the model it releases."""
+    if label.startswith("central-dp:"):
+        return "none"
+    return label.split("+central-dp:")[0]
 
 
 def _for_samples(s: SettingSummary) -> str:
