@@ -289,8 +289,21 @@ class Registry(Generic[E]):
         point = matching[0]
         previous, self._loading = self._loading, point  # what its import registers is its own
         try:
+            before = set(self._entries)
             loaded = point.load()
             if name not in self._entries:  # else importing the module registered it
+                # Registered under another name by its own decorator, it would be adopted
+                # here without the settings it registered with.
+                other = [
+                    n
+                    for n in self._entries
+                    if n not in before and self._owner(self._entries[n]) is loaded
+                ]
+                if other:
+                    raise ValueError(
+                        f"it registers itself as {other[0]!r}, not {name!r}: give the entry "
+                        f"point that name, or register it as {name!r}"
+                    )
                 self.add(name, self._adopt(name, loaded))
         except Exception as error:
             where = f"entry point {point.name!r} = {point.value!r} in group {self.group!r}"

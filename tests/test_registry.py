@@ -537,6 +537,52 @@ def test_an_entry_point_with_a_taken_name_is_refused_when_that_name_is_used(
     assert attack_entry("ig").name == "ig" and parse_defense_spec("sign").spec == "sign"
 
 
+def test_an_entry_point_named_otherwise_than_its_registration_is_refused(tmp_path: Path) -> None:
+    """The class registers itself (with its settings) as 'blur-registered', the entry point
+    calls it 'blur-listed': adopted under that name without settings, it failed in the run."""
+    (tmp_path / "fedleak_misnamed.py").write_text(
+        textwrap.dedent(
+            """
+            from dataclasses import dataclass
+
+            from fedleak import register_attack
+            from fedleak.settings import Settings, setting
+
+            @dataclass(frozen=True)
+            class BlurConfig(Settings):
+                passes: int = setting(1, low=1, doc="how many times")
+
+            @register_attack("blur-registered", config=BlurConfig())
+            class Blur:
+                def __init__(self, config, seed):
+                    self.config = config
+
+                def reconstruct(self, observation, knowledge, budget):
+                    raise NotImplementedError
+            """
+        )
+    )
+    info = tmp_path / "fedleak_misnamed-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fedleak-misnamed\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(
+        "[fedleak.attacks]\nblur-listed = fedleak_misnamed:Blur\n"
+    )
+    sys.path.insert(0, str(tmp_path))
+    try:
+        with pytest.raises(PluginError) as error:
+            attack_entry("blur-listed")
+        assert str(error.value).endswith(
+            "failed to load: ValueError: it registers itself as 'blur-registered', not "
+            "'blur-listed': give the entry point that name, or register it as 'blur-listed'"
+        )
+    finally:
+        sys.path.remove(str(tmp_path))
+        for name in ("blur-registered", "blur-listed"):
+            attack_registry.ATTACKS.remove(name)
+        sys.modules.pop("fedleak_misnamed", None)
+
+
 # -- what plugins give back ------------------------------------------------------------------
 def test_a_defense_parser_that_raises_anything_gives_the_one_line_spec_error() -> None:
     @register_defense("test-needarg", form="test-needarg:N")
