@@ -4,6 +4,7 @@ paths for models, and validation that reads the same registries."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import os
@@ -27,6 +28,7 @@ from fedleak.attacks.registry import attack_entry, attack_names, build_attack, r
 from fedleak.attacks.types import AttackerKnowledge, Budget, Observation
 from fedleak.config import parse_flat
 from fedleak.data import DATASETS, dataset_names, load_dataset, register_dataset
+from fedleak.data.dataset import ImageDataset
 from fedleak.data.embedded import load_mnist5k
 from fedleak.defenses import DEFENSES, parse_defense_spec, register_defense
 from fedleak.models import MODELS, ModelSpec, build_model, model_names, register_model
@@ -668,6 +670,41 @@ def test_a_loader_returning_look_alike_fields_is_refused_before_its_pixels_are_u
             load_dataset("test-look-alike")
     finally:
         DATASETS.remove("test-look-alike")
+
+
+def test_a_loaders_set_must_be_what_its_registration_declares() -> None:
+    """Declared (3, 32, 32) in 100 classes, loaded as MNIST: accepted, while the checks made
+    without loading the set (payload, BatchNorm) trusted the declaration."""
+    digits = load_mnist5k()
+    register_dataset("test-misdeclared", input_shape=(3, 32, 32), num_classes=100)(
+        lambda root, download: digits
+    )
+    try:
+        with pytest.raises(ConfigError) as error:
+            load_dataset("test-misdeclared")
+        assert str(error.value) == (
+            "data.dataset='test-misdeclared': registered with input_shape=(3, 32, 32) and "
+            "num_classes=100, but its loader returned images of shape (1, 28, 28) in 10 "
+            "classes; declare what it returns (or neither)"
+        )
+    finally:
+        DATASETS.remove("test-misdeclared")
+
+
+def test_a_loaders_pixels_out_of_range_name_the_setting() -> None:
+    """The form ImageDataset checks is refused as the setting's error (exit 2), as a loader
+    of the wrong type is, not as `data set 'x': ...` (exit 1)."""
+    digits = load_mnist5k()
+
+    def scaled(root: Path, download: bool) -> ImageDataset:
+        return dataclasses.replace(digits, name="test-255", train_x=digits.train_x * 255)
+
+    register_dataset("test-255", scaled)
+    try:
+        with pytest.raises(ConfigError, match=r"^data\.dataset='test-255': train_x must hold"):
+            load_dataset("test-255")
+    finally:
+        DATASETS.remove("test-255")
 
 
 def _observation() -> Observation:

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedleak.data.dataset import DatasetUnavailable, ImageDataset, with_holdout
+from fedleak.data.dataset import DatasetError, DatasetUnavailable, ImageDataset, with_holdout
 from fedleak.data.embedded import load_cifar10_foolbox, load_mnist5k
 from fedleak.data.folder import load_folder
 from fedleak.data.text.corpus import (
@@ -300,13 +300,28 @@ def _load(name: str, root: str, seed: int, test_fraction: float, download: bool)
 def _read(name: str, root: str, download: bool) -> ImageDataset:
     # Cached apart from the hold-out: runs that differ only in their seed share one read.
     # A plug-in's loader that raises gives one line naming the set (PluginFailed).
-    load = DATASETS.guarded(name, dataset_entry(name).load, "loader")
-    dataset = load(Path(root), download)
+    entry = dataset_entry(name)
+    load = DATASETS.guarded(name, entry.load, "loader")
+    try:
+        dataset = load(Path(root), download)
+    except DatasetError as error:  # the form its constructor checks: say it as the setting's
+        problem = str(error).split(": ", 1)[-1]
+        raise ConfigError(f"data.dataset={name!r}: {problem}") from None
     # Only an ImageDataset has had its pixels, dtypes and labels checked (its constructor):
     # an object that merely carries the same fields would take 0..255 pixels into every metric.
     if not isinstance(dataset, ImageDataset):
         raise ConfigError(
             f"data.dataset={name!r}: the loader returned {type(dataset).__name__}, expected an "
             "ImageDataset (fedleak.data.dataset.dataset_from_arrays builds one)"
+        )
+    # The declared shape and classes stand in for the set in checks made without loading it
+    # (BatchNorm, payload, the model's spec): they must be the loaded set's.
+    declared = (entry.input_shape, entry.num_classes)
+    loaded = (tuple(dataset.input_shape), dataset.num_classes)
+    if any(d is not None and d != value for d, value in zip(declared, loaded, strict=True)):
+        raise ConfigError(
+            f"data.dataset={name!r}: registered with input_shape={entry.input_shape} and "
+            f"num_classes={entry.num_classes}, but its loader returned images of shape "
+            f"{loaded[0]} in {loaded[1]} classes; declare what it returns (or neither)"
         )
     return dataset
