@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -356,3 +357,22 @@ def test_a_tokenizer_that_maps_text_to_its_unknown_token_is_named_in_a_warning(
     assert words.unknown_share(covered) == 0 and words.unknown_warning(covered) is None
     bpe = load_tokenizer("bpe", ["a few words, repeated a few times"] * 5, 300)
     assert bpe.unknown_id is None and bpe.unknown_warning(ids) is None
+
+
+def test_too_few_auxiliary_sequences_says_why_not_a_false_bound(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A tokenizer that leaves most text unknown makes the auxiliary sequences alike to the
+    clients' ones; the refusal gave the count of this aux-size's documents as if it were a
+    bound, and aux-size 239, then 127, was asked for in turn."""
+    from fedleak.simulations.cli import main
+
+    setting = f"file:{_word_level(tmp_path / 'words.json', ['the', 'a', 'of', 'and', 'in'])}"
+    args = ["check", "text-quickstart", "--num-clients", "2", "--set", f"data.tokenizer={setting}"]
+    assert main([*args, "--set", "data.aux-size=300"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error
+    assert re.search(
+        r"data.aux-size=300: the \d+ \S+ documents drawn for it hold \d+ sequences", error
+    )
+    assert "of them also held by a client (a tokenizer that leaves much text unknown" in error

@@ -125,10 +125,14 @@ def split_text(
     fresh = np.asarray([row.tobytes() not in held for row in aux_pool], dtype=bool)
     aux_pool, aux_owner = aux_pool[fresh], aux_owner[fresh]
     if len(aux_pool) < aux_size:
+        # The documents drawn depend on aux-size, so the count here is no bound for a lower
+        # one; what is said is why these documents fell short.
+        alike = int((~fresh).sum())
         raise DataSplitError(
-            f"data.aux-size={aux_size}: the {corpus.name} auxiliary documents hold "
-            f"{len(aux_pool)} sequences of {seq_len} tokens that no client also holds; lower "
-            "aux-size or seq-len"
+            f"data.aux-size={aux_size}: the {len(aux_ids)} {corpus.name} documents drawn for it "
+            f"hold {len(fresh)} sequences of {seq_len} tokens, {alike} of them also held by a "
+            "client (a tokenizer that leaves much text unknown makes sequences alike); lower "
+            "aux-size or seq-len, or use a tokenizer that knows more of the text"
         )
     aux_rng = np.random.default_rng([seed, _AUX_STREAM])
     chosen = np.sort(aux_rng.choice(len(aux_pool), size=aux_size, replace=False))
