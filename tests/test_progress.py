@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from flwr.app import MetricRecord, RecordDict
 
-from fedleak.report.progress import Progress, clock
+from fedleak.report.progress import Progress, clock, parallel_eta
 from fedleak.server.strategy import train_metrics
 
 
@@ -22,6 +22,26 @@ def test_eta_extrapolates_the_pace_of_this_process_only() -> None:
     progress.advance(10)
     assert progress.text() == "round 10/10 (1m30s)"
     assert (clock(59.6), clock(3725)) == ("1m00s", "1h02m")
+
+
+def test_a_parallel_sweeps_eta_schedules_the_cells_left_on_its_workers() -> None:
+    """The demo's two cells finish ten seconds apart; timed one after another, the first
+    said "cells 1/2 (3m17s, ETA 3m17s)"."""
+    assert parallel_eta(197.0, [187.0], 0, 2) == pytest.approx(10.0)
+    assert parallel_eta(100.0, [120.0], 0, 2) == 0.0  # overdue: no negative time
+    # Two workers, one cell at 40 s of 100, the other idle, three queued: the idle worker
+    # takes one (done at 100), the busy one the next (160), the first the last (200).
+    assert parallel_eta(100.0, [40.0], 3, 2) == pytest.approx(200.0)
+    assert parallel_eta(100.0, [], 0, 2) == 0.0
+    now = [0.0]
+    running = [[150.0]]
+    progress = Progress(
+        "cells", 3, now=lambda: now[0], estimate=lambda: parallel_eta(200.0, running[0], 0, 2)
+    )
+    assert progress.text() == "cells 0/3 (0s)"  # nothing finished: no estimate asked
+    now[0] += 200.0
+    progress.advance()
+    assert progress.text() == "cells 1/3 (3m20s, ETA 50s)"
 
 
 def test_attacked_rounds_and_the_others_are_timed_apart() -> None:

@@ -83,7 +83,7 @@ from fedleak.interrupt import last_words, stop_requests
 from fedleak.report import collect
 from fedleak.report.collect import MANIFEST
 from fedleak.report.lock import RunLock
-from fedleak.report.progress import Progress
+from fedleak.report.progress import Progress, parallel_eta
 from fedleak.report.rundir import (
     CHECKPOINT_FILE,
     FAILED_FILE,
@@ -778,12 +778,32 @@ def _run_plan(
         say(f"  skipped {line}")
 
     skipped = sum(status[c.id]["status"] == "skipped" for c in plan.cells)
+    # A parallel sweep's cells run side by side: its ETA schedules the cells left on the
+    # workers at the mean time of the cells done here (`parallel_eta`).
+    durations: list[float] = []
+    started: dict[str, float] = {}
+    queued: list[Cell] = []
+
+    def side_by_side() -> float | None:
+        if not durations:
+            return None
+        now = time.monotonic()
+        running = [now - started[cell_id] for cell_id in started]
+        mean = sum(durations) / len(durations)
+        return parallel_eta(mean, running, len(queued), min(plan.parallel, len(pending)))
+
     progress = Progress(
-        "cells", len(plan.cells) - skipped, len(plan.cells) - skipped - len(pending)
+        "cells",
+        len(plan.cells) - skipped,
+        len(plan.cells) - skipped - len(pending),
+        estimate=side_by_side if plan.parallel > 1 and len(pending) > 1 else None,
     )
 
     def record(cell: Cell, result: tuple[str, str, float]) -> None:
         state, message, seconds = result
+        started.pop(cell.id, None)
+        if state == "done":
+            durations.append(seconds)
         path = paths[cell.id]
         if state == "failed" and is_run_directory(path) and not (path / FAILED_FILE).exists():
             # A cell whose process died wrote no FAILED: its report and the sweep's would
@@ -844,7 +864,7 @@ def _run_plan(
                     # Cells go to the pool one per free worker: the executor queues one call
                     # more than it has workers, and a queued call cannot be cancelled after a
                     # Ctrl-C.
-                    queued = list(pending)
+                    queued[:] = pending
                     for cell in queued:
                         status[cell.id] = {"status": "queued", "message": "", "seconds": None}
                     running: dict[Future[tuple[str, str, float]], Cell] = {}
@@ -855,6 +875,7 @@ def _run_plan(
                                 _run_cell, runner, fresh(cell), paths[cell.id], f"{cell.id}: "
                             )
                             running[future] = cell
+                            started[cell.id] = time.monotonic()
                             status[cell.id] = {
                                 "status": "running",
                                 "message": "",
