@@ -812,23 +812,21 @@ class RunDirectory:
         """Note the federation's size and, when pinned, its clients' threads in
         environment.json (`check_clients` first)."""
         self.check_clients(num_clients, client_threads)
-        environment = self.environment()
         federation = {"num_clients": num_clients}
         if client_threads is not None:
             federation["client_threads"] = client_threads
-        if any(environment.get(key) != value for key, value in federation.items()):
-            environment.update(federation)
-            atomic_write(
-                self.path / ENVIRONMENT_FILE,
-                json.dumps(environment, indent=2, default=str).encode("utf-8"),
-            )
+        self._note(federation)
 
     def record_no_epsilon(self, reason: str) -> None:
         """Note in environment.json why a DP-SGD run reports no ε: the report's utility
         table shows the reason beside its blank ε, not only the console at the run's start."""
+        self._note({NO_EPSILON_KEY: reason})
+
+    def _note(self, fields: Mapping[str, object]) -> None:
+        """Add `fields` to environment.json, rewriting it only when one changes."""
         environment = self.environment()
-        if environment.get(NO_EPSILON_KEY) != reason:
-            environment[NO_EPSILON_KEY] = reason
+        if any(environment.get(key) != value for key, value in fields.items()):
+            environment.update(fields)
             atomic_write(
                 self.path / ENVIRONMENT_FILE,
                 json.dumps(environment, indent=2, default=str).encode("utf-8"),

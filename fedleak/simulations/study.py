@@ -195,17 +195,20 @@ def _check_same_device(run_dir: RunDirectory, device: torch.device) -> None:
     with other kernels than an uninterrupted run."""
     environment = run_dir.environment()
     recorded, gpu = environment.get("device"), environment.get("cuda")
-    if not isinstance(recorded, str):
+    try:
+        kind = torch.device(recorded).type if isinstance(recorded, str) else None
+    except RuntimeError:  # not a device torch knows: nothing to compare with
+        kind = None
+    if kind is None:
         return
     now = torch.cuda.get_device_name(0) if device.type == "cuda" else None
-    if torch.device(recorded).type == device.type and gpu == now:
+    if kind == device.type and gpu == now:
         return
     was, would = (f"{d}{f' ({g})' if g else ''}" for d, g in ((recorded, gpu), (device, now)))
     raise RunDirectoryError(
         f"{run_dir.path}: its server computed on {was}, this process would on {would}; other "
         "kernels round differently, so the resumed rounds would differ from an uninterrupted "
-        f"run: resume on the same device (--set device={torch.device(recorded).type}) or "
-        "choose another out-dir"
+        f"run: resume on the same device (--set device={kind}) or choose another out-dir"
     )
 
 
