@@ -865,6 +865,33 @@ def test_an_aggregate_text_run_shows_its_reconstructed_text(tmp_path: Path) -> N
     assert "tag (2/3 tokens): “t1t2t0”" in text
 
 
+def test_the_training_table_reads_the_hybrids_inverter_not_its_optimiser(tmp_path: Path) -> None:
+    """`lti+ig` keeps its inverter's warm start and stop as `lti_*`, IG's own `stopped_by`
+    beside them: the table called every round of it "from scratch"."""
+    from fedleak.report.tables import training_table
+
+    config = parse_flat({"name": "hybrid", "num-server-rounds": 3, "attack.names": "lti+ig"})
+    run = RunDirectory.create(tmp_path / "run", config, {})
+    trained = {"train_seconds": 1.0, "val_psnr": 14.0, "stopped_by": "iterations"}
+    hows = {
+        1: {"train_epochs": 4, "lti_warm_start": 0.0, "lti_stopped_by": "epochs"},
+        2: {"train_epochs": 2, "lti_warm_start": 1.0, "lti_stopped_by": "epochs"},
+        3: {"train_epochs": 0, "lti_warm_start": 0.0, "lti_stopped_by": "reused"},
+    }
+    for server_round, how in hows.items():
+        row = {
+            "client_id": 0,
+            "attack": "lti+ig",
+            "sample": 0,
+            "psnr": 14.0,
+            "diagnostics": json.dumps({**trained, **how}),
+        }
+        run.append_round(server_round, [row], {"test_loss": 2.0, "test_accuracy": 0.1})
+    table = training_table(load_study(run.path))
+    assert table is not None
+    assert [row[-1].text for row in table.rows] == ["from scratch", "warm start", "reused"]
+
+
 def test_a_gallery_pooling_seeds_says_each_tiles_seed(sweep_report: Path) -> None:
     """A sweep's gallery pools a setting's seeds: two tiles could both read "round 2,
     client 1" and show different images; each then says its run's seed too."""

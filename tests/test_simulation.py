@@ -180,7 +180,9 @@ def test_resume_refuses_any_change_but_more_rounds(tmp_path: Path, capsys) -> No
     assert not (out / "utility.csv").exists()
 
 
-def test_lti_inverter_is_cached_in_the_run_directory_and_resumed(tmp_path: Path) -> None:
+def test_lti_inverter_is_cached_in_the_run_directory_and_resumed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     lti = [
         "attack.names=lti",
         "attack.lti.preset=cpu-small",
@@ -194,6 +196,9 @@ def test_lti_inverter_is_cached_in_the_run_directory_and_resumed(tmp_path: Path)
     saved = torch.load(cache, weights_only=True)
     assert saved["meta"]["round"] == 1
     _run(out, *lti, "num-server-rounds=2", "sim.resume=true")
+    # The folder the run gave its cache is no setting of the study: a resume with the
+    # study's own settings must not read as another one.
+    assert "cache-dir" not in (out / "config.toml").read_text()
     leakage = pd.read_parquet(out / "leakage.parquet")
     second = leakage[(leakage["round"] == 2) & (leakage.scored_against == "original")]
     assert len(second) > 0
@@ -205,6 +210,18 @@ def test_lti_inverter_is_cached_in_the_run_directory_and_resumed(tmp_path: Path)
     report = (out / "report.md").read_text(encoding="utf-8")
     assert "Learned attacks' training per round" in report
     assert "from scratch" in report and "reused" in report
+    # A damaged inverter is refused before the resumed rounds: round 3 would have trained
+    # anew (and failed round 2's successor), unlike the run it continues.
+    (out / "state" / "lti" / "lti-inverter-r000001.pt").write_bytes(b"garbage\n")
+    args = ["run", "quickstart", "--out", str(out), *TINY]
+    for item in (*lti, "num-server-rounds=3", "sim.resume=true"):
+        args += ["--set", item]
+    assert main(args) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f"fedleak: error: {out / 'state' / 'lti' / 'lti-inverter-r000001.pt'}")
+    assert error.endswith("restore it, or start the run again in a new out-dir")
+    assert pd.read_parquet(out / "leakage.parquet")["round"].max() == 2
+    assert (out / "DONE").exists()
 
 
 def test_fedavg_signs_step_the_learning_rate_per_coordinate(tmp_path: Path) -> None:

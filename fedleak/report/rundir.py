@@ -842,9 +842,13 @@ class RunDirectory:
 
     def state_dir(self, name: str) -> Path:
         """A folder under `state/` for caches that outlive a round (created if needed)."""
-        folder = self.path / "state" / _safe(name)
+        folder = self.state_path(name)
         folder.mkdir(parents=True, exist_ok=True)
         return folder
+
+    def state_path(self, name: str) -> Path:
+        """Where `state_dir` keeps `name`'s caches, without creating it."""
+        return self.path / "state" / _safe(name)
 
     # Summary ------------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -765,6 +766,12 @@ def _median_range(seconds: pd.Series) -> str:
     return f"{median:.2f} ({values.min():.2f}–{values.max():.2f})"
 
 
+def _trained(diagnostics: Mapping[str, Any], key: str, default: Any) -> Any:
+    """A training diagnostic: a hybrid (`lti+ig`) keeps its inverter's as `lti_<key>`, beside
+    its optimiser's own `stopped_by`."""
+    return diagnostics.get(f"lti_{key}", diagnostics.get(key, default))
+
+
 def training_table(study: Study) -> Table | None:
     """Per run, round and learned attack: the training its refresh did (epochs, seconds,
     validation PSNR or token accuracy, warm start), from the attacks' diagnostics; None without
@@ -786,10 +793,10 @@ def training_table(study: Study) -> Table | None:
             if math.isnan(val_acc)
             else f"token acc {val_acc:.3f}"
         )
-        warm = any(d.get("warm_start", 0.0) > 0 for d in trained)
+        warm = any(_trained(d, "warm_start", 0.0) > 0 for d in trained)
         # A training cut short inside its first epoch counts 0 epochs but was not a reuse.
         reused = all(
-            d.get("stopped_by", "reused" if not d["train_epochs"] else "") == "reused"
+            _trained(d, "stopped_by", "reused" if not d["train_epochs"] else "") == "reused"
             for d in trained
         )
         body.append(

@@ -17,6 +17,7 @@ import torch
 from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp.strategy import FedAvg, Strategy
 
+from fedleak.attacks.learned.store import check_saved_inverters
 from fedleak.attacks.registry import attack_entry, build_attack
 from fedleak.attacks.types import AttackerKnowledge, Budget, is_reference
 from fedleak.config import RunConfig, attacked_rounds
@@ -90,6 +91,15 @@ def with_attack_caches(config: RunConfig, cache_dir: Callable[[str], Path]) -> R
         if not any(key.replace("_", "-") == "cache-dir" for key in given):
             given["cache-dir"] = str(cache_dir(name))
     return dataclasses.replace(config, attack=dataclasses.replace(config.attack, params=params))
+
+
+def check_attack_state(config: RunConfig) -> None:
+    """What the attacks of a resumed run go on from (`with_attack_caches`' folders) reads
+    back; `InverterStoreError` (one line) otherwise."""
+    for name in config.attack.names:
+        for key, folder in config.attack.params.get(name, {}).items():
+            if key.replace("_", "-") == "cache-dir" and folder:
+                check_saved_inverters(Path(str(folder)))
 
 
 def build_runner(

@@ -36,7 +36,13 @@ from fedleak.report.lock import RunLock
 from fedleak.report.progress import Progress
 from fedleak.report.rundir import RunDirectory, RunDirectoryError
 from fedleak.runtime import federated_data, model_spec, resolve_device
-from fedleak.server.build import GlobalEvaluation, build_strategy, initial_state, with_attack_caches
+from fedleak.server.build import (
+    GlobalEvaluation,
+    build_strategy,
+    check_attack_state,
+    initial_state,
+    with_attack_caches,
+)
 from fedleak.server.grid import StoppableGrid
 from fedleak.server.payload import check_round_payload
 from fedleak.server.privacy import PrivacyLedger
@@ -173,6 +179,10 @@ def check_resumable(
     if clients is not None:
         run_dir.check_clients(clients, client_threads)
     _check_same_device(run_dir, resolve_device(config.device))
+    try:
+        check_attack_state(with_attack_caches(config, run_dir.state_path))
+    except ValueError as error:  # a saved inverter that does not read back
+        raise RunDirectoryError(str(error)) from None
     fd = federated_data(config, num_partitions=1)
     _check_same_tokenizer(run_dir, config, fd)
     checkpoint = run_dir.load_global_model()
@@ -257,6 +267,7 @@ def _serve(
     for warning in filter(None, warnings):
         print(f"fedleak: warning: {warning}", file=sys.stderr, flush=True)
     announce(f"fedleak: run directory {path}")
+    stored = config  # as config.toml holds it: the caches' folders are this run's own
     config = with_attack_caches(config, run_dir.state_dir)
     spec = model_spec(config, fd)
     states = []
@@ -273,7 +284,7 @@ def _serve(
     remaining = config.num_server_rounds - offset
     if remaining <= 0:
         log.info("run %s already has all %d rounds", path, config.num_server_rounds)
-        run_dir.update_config(config)
+        run_dir.update_config(stored)
         run_dir.write_summary()
         return _finish(run_dir, None)
 
@@ -295,7 +306,7 @@ def _serve(
             _fail(run_dir, str(error))
     run_dir.record_clients(num_clients, client_threads)
     if resumed:
-        run_dir.update_config(config)
+        run_dir.update_config(stored)
     ledger = PrivacyLedger.from_config(config, federated_data(config, num_clients))
     if ledger.warning:
         print(f"fedleak: warning: {ledger.warning}", file=sys.stderr, flush=True)

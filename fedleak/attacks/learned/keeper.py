@@ -234,8 +234,10 @@ class InverterKeeper:
         if any (what an uninterrupted run would hold at this point)."""
         if self._store_checked or self.inverter is not None:
             return
-        self._store_checked = True
+        # Checked once it reads: a file that cannot fails every call, rather than the first
+        # only and a silent training from scratch after it.
         saved = self._store.load(key, device, before=round_)
+        self._store_checked = True
         if saved is None:
             return
         inverter = fresh()

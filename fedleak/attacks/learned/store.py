@@ -9,6 +9,7 @@ weights it saw (`fingerprint`) decide whether it still needs a refresh.
 from __future__ import annotations
 
 import hashlib
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,18 +106,30 @@ class InverterStore:
         if not candidates:
             return None
         _, path = candidates[-1]
-        try:
-            saved = load_tensors(path, device)
-            meta = dict(saved["meta"])
-            state_dict = dict(saved["state_dict"])
-        except Exception as error:  # a damaged or foreign file: never unpickled beyond tensors
-            detail = " ".join(f"{type(error).__name__}: {error}".split())[:200]
-            raise InverterStoreError(
-                f"{path}: unreadable ({detail}); delete it to train the inverter anew"
-            ) from None
+        meta, state_dict = _read(path, device)
         if meta.get("key") != key:
             return None
         return SavedInverter(state_dict, meta.get("fingerprint"), meta)
+
+
+def check_saved_inverters(directory: Path) -> None:
+    """Every inverter saved in `directory` reads back: a resumed run goes on from them, and
+    one that cannot be read would have the resumed rounds train anew, unlike the run they
+    continue (`InverterStoreError`, one line, before any round)."""
+    for path in sorted(Path(directory).glob("*-inverter*.pt")):
+        _read(path, "cpu")
+
+
+def _read(path: Path, device: torch.device | str) -> tuple[dict, dict[str, Tensor]]:
+    try:
+        saved = load_tensors(path, device)
+        return dict(saved["meta"]), dict(saved["state_dict"])
+    except Exception as error:  # a damaged or foreign file: never unpickled beyond tensors
+        detail = textwrap.shorten(f"{type(error).__name__}: {error}", 200, placeholder=" ...")
+        raise InverterStoreError(
+            f"{path}: unreadable ({detail}); the run's later rounds go on from it: restore it, "
+            "or start the run again in a new out-dir"
+        ) from None
 
 
 def weights_fingerprint(weights: dict[str, Tensor]) -> str:
