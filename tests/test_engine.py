@@ -90,3 +90,28 @@ def test_keep_best_returns_the_iterate_of_lowest_matching_loss():
     assert float(best.matching[1]) < float(last.matching[1])
     assert float(best.matching[1]) == pytest.approx(0.05**2)
     assert torch.equal(best.variables[0][1], torch.tensor([0.05]))  # the start was its best
+
+
+def test_a_problem_that_goes_non_finite_is_diverged_in_a_batch_as_alone():
+    """The kept snapshot of a problem that went NaN is an old iterate (perhaps its start):
+    in a batch whose others ran on, it read as stopped by iterations, 0 diverged targets,
+    its final loss its starting one."""
+
+    def objective(variables, iteration):
+        loss = variables[0].square().sum(dim=1)
+        if iteration is not None and iteration >= 3:
+            loss = loss * torch.tensor([1.0, float("nan")])
+        return loss, loss
+
+    start = [torch.tensor([[3.0], [2.0]])]
+    settings = Settings(optimizer="adam", schedule=StepDecay(0.1, ()), check_every=2)
+    outcome = optimise(objective, start, settings, Budget(6, 60.0))
+    assert outcome.diverged.tolist() == [False, True]
+    assert torch.isfinite(outcome.matching[0]) and torch.isinf(outcome.matching[1])
+    assert outcome.stopped_by == "iterations"  # the batch ran on for the first problem
+    assert (outcome.part(0, 1).stopped_by, outcome.part(1, 2).stopped_by) == ("iterations", "nan")
+    # With keep-best the best iterate seen is the result, however the run ended.
+    best = optimise(
+        objective, start, dataclasses.replace(settings, keep_best=True), Budget(6, 60.0)
+    )
+    assert best.diverged.tolist() == [False, False]

@@ -90,9 +90,12 @@ class Outcome:
                 return [cut(v) for v in value]
             return value
 
-        return dataclasses.replace(
+        part = dataclasses.replace(
             self, **{f.name: cut(getattr(self, f.name)) for f in dataclasses.fields(self)}
         )
+        if part.diverged.numel() and bool(part.diverged.all()):
+            part = dataclasses.replace(part, stopped_by="nan")  # as alone: every problem lost
+        return part
 
 
 class BatchedLBFGS:
@@ -344,6 +347,9 @@ def optimise(
         lbfgs = BatchedLBFGS(variables, settings.schedule.learning_rate, settings.history)
     start = time.perf_counter()
     stopped_by, iteration = "iterations", 0
+    # Problems whose iterate went non-finite at a check: the snapshot kept for them is an
+    # older iterate (perhaps the start), whose finite loss must not read as their result.
+    lost = torch.zeros(initial.shape, dtype=torch.bool, device=initial.device)
     progress = progress_bar(total, settings.description, budget.show_progress)
     try:
         while iteration < total:
@@ -374,6 +380,7 @@ def optimise(
             if iteration % settings.check_every == 0 or iteration == total or out_of_time:
                 finite = _finite_per_problem(variables, matching.detach())
                 _keep(snapshot, variables, finite)
+                lost |= ~finite
                 progress.update(iteration - progress.n)
                 if budget.show_progress:
                     progress.set_postfix(matching=f"{matching.detach().mean().item():.4g}")
@@ -389,7 +396,9 @@ def optimise(
         with torch.no_grad():
             best.offer(variables, objective(variables, None)[1])
         snapshot = best.variables
+        lost[:] = False  # the best iterate seen is a result of the run, however it ended
     matching = _final_matching(objective, snapshot)
+    matching = torch.where(lost, torch.full_like(matching, math.inf), matching)
     return Outcome(
         variables=snapshot,
         matching=matching,
