@@ -144,6 +144,12 @@ CASES = [
     Case("cpus-inf", (*RUN, "--client-cpus", "inf"), "client-cpus=inf: expected a number > 0"),
     Case("cpus-huge", (*RUN, "--client-cpus", "100000"), "Ray could never start a client"),
     Case("cpus-tiny", (*RUN, "--client-cpus", "1e-9"), "client-cpus=1e-09: Flower would start"),
+    # The attack writes its state after its first training, rounds into the run.
+    Case(
+        "cache-dir-under-a-file",
+        (*CHECK, "--set", "attack.names=lti", "--set", "attack.lti.cache-dir=/dev/null/lti"),
+        "attack.lti.cache-dir='/dev/null/lti': /dev/null is not a folder",
+    ),
     Case("gpus-nan", (*RUN, "--client-gpus", "nan"), "client-gpus=nan: expected a number >= 0"),
     Case("clients-text", (*RUN, "--num-clients", "many"), "invalid int value: 'many'"),
     # Settings out of range or unsafe.

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
+from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 
@@ -329,6 +332,7 @@ def check_attacks(config: RunConfig, fd: FederatedData, num_clients: int) -> Non
         targets *= clients_per_round(config, num_clients)
     _check_batchnorm_prior(config, fd)
     for name in config.attack.names:
+        _check_cache_dir(name, config.attack.params.get(name, {}))
         attack = build_attack(name, config.attack.params.get(name, {}))
         check = getattr(attack, "check_feasible", None)
         if check is None:
@@ -337,6 +341,26 @@ def check_attacks(config: RunConfig, fd: FederatedData, num_clients: int) -> Non
             check(targets, len(fd.aux))
         except ValueError as error:
             raise ConfigError(str(error)) from None
+
+
+def _check_cache_dir(name: str, params: Mapping[str, object]) -> None:
+    """A folder given for an attack's saved state must be one it can create: the attack
+    writes it after its first training, rounds into the run."""
+    for key, value in params.items():
+        if key.replace("_", "-") != "cache-dir" or not value:
+            continue
+        folder = Path(str(value)).expanduser()
+        existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+        if existing is not None and not existing.is_dir():
+            raise ConfigError(
+                f"attack.{name}.cache-dir={str(value)!r}: {existing} is not a folder; expected "
+                "a folder the attack can create or write"
+            )
+        if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError(
+                f"attack.{name}.cache-dir={str(value)!r}: {existing} is not writable; expected "
+                "a folder the attack can create or write"
+            )
 
 
 def _check_batchnorm_prior(config: RunConfig, fd: FederatedData) -> None:
