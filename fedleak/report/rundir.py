@@ -900,6 +900,13 @@ def _package_version() -> str:
         return "unknown"
 
 
+def mark_failed_if_silent(path: Path, reason: str) -> None:
+    """FAILED with `reason` in the run directory at `path`, unless it holds one already: a run
+    whose process died, or whose engine crashed, wrote none and would read as merely stopped."""
+    if is_run_directory(path) and not (Path(path) / FAILED_FILE).exists():
+        RunDirectory.open(path).mark_failed(reason)
+
+
 def is_run_directory(path: Path) -> bool:
     """Whether `path` is a folder fedleak made for a run: its environment.json names fedleak."""
     try:

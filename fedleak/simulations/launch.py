@@ -38,7 +38,7 @@ from fedleak.interrupt import (
 )
 from fedleak.registry import error_line
 from fedleak.report.lock import RunLock
-from fedleak.report.rundir import RunDirectory, is_run_directory
+from fedleak.report.rundir import RunDirectory, mark_failed_if_silent
 from fedleak.server.pool import ray_init_args
 from fedleak.server.validate import check_seen_by_ray, validate_run
 from fedleak.simulations.apps import make_server_app
@@ -131,10 +131,7 @@ def run_study(
 def _marked_failed(out: Path, message: str) -> str:
     """`message`, written as the run's FAILED where the run did not write its own: a run that
     failed never leaves a directory that reads as merely stopped."""
-    if is_run_directory(out):
-        run = RunDirectory.open(out)
-        if not run.failed_reason():
-            run.mark_failed(message.removeprefix("run failed: "))
+    mark_failed_if_silent(out, message.removeprefix("run failed: "))
     return message
 
 

@@ -86,11 +86,11 @@ from fedleak.report.lock import RunLock
 from fedleak.report.progress import Progress, parallel_eta
 from fedleak.report.rundir import (
     CHECKPOINT_FILE,
-    FAILED_FILE,
     LOCK_FILE,
     RunDirectory,
     RunDirectoryError,
     is_run_directory,
+    mark_failed_if_silent,
 )
 from fedleak.simulations.presets import load_preset, preset_path, read_preset_text
 
@@ -805,10 +805,10 @@ def _run_plan(
         if state == "done":
             durations.append(seconds)
         path = paths[cell.id]
-        if state == "failed" and is_run_directory(path) and not (path / FAILED_FILE).exists():
+        if state == "failed":
             # A cell whose process died wrote no FAILED: its report and the sweep's would
             # pool its rounds as a run that merely stopped early.
-            RunDirectory.open(path).mark_failed(message)
+            mark_failed_if_silent(path, message)
         status[cell.id] = {"status": state, "message": message, "seconds": round(seconds, 3)}
         _write_manifest(sweep_dir, plan, status)
         progress.advance()
