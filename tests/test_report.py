@@ -27,9 +27,9 @@ from fedleak.config import parse_flat
 from fedleak.metrics.image import psnr as psnr_of
 from fedleak.report.build import _attacked_rounds, _frontier_points, build_report
 from fedleak.report.collect import load_study
-from fedleak.report.rundir import RunDirectory
+from fedleak.report.rundir import RunDirectory, lpips_column
 from fedleak.report.stats import SUCCESS_FRACTION, mean_ci, median_interval, order_rank
-from fedleak.report.tables import Metric, originals, strongest, summary_table
+from fedleak.report.tables import Metric, originals, scored, strongest, summary_table
 from fedleak.report.verdict import headline
 from fedleak.simulations.cli import _headline, main
 
@@ -964,6 +964,7 @@ def _scored_row(attack: str, sample: int, lpips: float, psnr: float) -> dict[str
     """A leakage row of one sample of round 1, client 0 (both LPIPS columns alike)."""
     return {
         "run": "r",
+        "training": "r",
         "round": 1,
         "client_id": 0,
         "target_index": sample,
@@ -1331,6 +1332,39 @@ def test_cells_differing_only_in_their_attacks_share_one_floor_and_one_model(
     assert set(study.utility()["run"]) == {cells[0]}
     build_report(sweep)
     assert _table((sweep / "report.md").read_text(), "## Privacy–utility frontier")[1][-1] == "1"
+
+
+def test_a_later_cells_attacks_meet_the_floor_an_earlier_cell_of_the_training_scored(
+    tmp_path: Path,
+) -> None:
+    """The floor of cells differing only in `attack.names` is kept from the first cell, and
+    floors were matched per run: the second cell's attacks found none ("success not
+    decided"), or only another floor than the one the rule names (audit AK1)."""
+    from fedleak.report.stats import floor_values, successes
+
+    sweep = tmp_path / "sweep"
+    cells = ["cell-000-without-dlg", "cell-001-with-dlg"]
+    for cell in cells:
+        _make_run(sweep / cell, rounds=2)
+    first = sweep / cells[0]
+    config = (first / "config.toml").read_text()
+    (first / "config.toml").write_text(config.replace('"aux-mean,ig,dlg"', '"aux-mean,ig"'))
+    leakage = pd.read_parquet(first / "leakage.parquet")
+    leakage[leakage["attack"] != "dlg"].to_parquet(first / "leakage.parquet")
+    (first / "leakage.csv").unlink()
+    manifest = [{"id": cell, "index": i, "status": "done"} for i, cell in enumerate(cells)]
+    (sweep / "sweep.json").write_text(json.dumps({"name": "attacks", "cells": manifest}))
+    pooled = scored(load_study(sweep).leakage())
+    alone = scored(load_study(sweep / cells[1]).leakage())
+    lpips = lpips_column(pooled)
+    dlg = (pooled["attack"] == "dlg") & np.isfinite(pooled[lpips])
+    assert dlg.any() and set(pooled.loc[dlg, "run"]) == {cells[1]}
+    assert np.isfinite(floor_values(pooled, lpips)[dlg]).all()
+    same = alone[(alone["attack"] == "dlg") & np.isfinite(alone[lpips])]
+    assert (
+        floor_values(pooled, lpips)[dlg].tolist() == floor_values(alone, lpips)[same.index].tolist()
+    )
+    assert successes(pooled, lpips)[dlg].tolist() == successes(alone, lpips)[same.index].tolist()
 
 
 def test_a_setting_has_one_colour_in_every_figure(

@@ -117,16 +117,24 @@ class Study:
         """The scored runs' leakage rows, with `run` and `group` columns added and `defense`
         as the tables name it (central DP included). An attack that an earlier run of the same
         training already scored (cells differing only in `attack.names` share the floor) is
-        taken once: the same samples twice would halve the intervals."""
-        frames, scored = [], {}
+        taken once: the same samples twice would halve the intervals. `training` names the
+        first run of each training, so that a later run's attacks meet the floors an earlier
+        one scored on the same samples."""
+        frames, scored, first = [], {}, {}
         for r in self.scored_runs:
-            seen = scored.setdefault(self._training(r), set())
+            training = self._training(r)
+            seen = scored.setdefault(training, set())
             rows = r.leakage
             if "attack" in rows.columns:
                 rows = rows[~rows["attack"].isin(seen)]
                 seen.update(r.leakage["attack"].dropna())
             frames.append(
-                rows.assign(run=r.name, group=self.group_of(r), defense=r.config.defense.label)
+                rows.assign(
+                    run=r.name,
+                    training=first.setdefault(training, r.name),
+                    group=self.group_of(r),
+                    defense=r.config.defense.label,
+                )
             )
         return pd.concat(frames, ignore_index=True)
 

@@ -167,7 +167,9 @@ def success_rate(successes: np.ndarray | pd.Series) -> Rate:
     return Rate(k, n, float(interval.low), float(interval.high))
 
 
-_SAMPLE = ["run", "round", "client_id", "target_index", "scored_against"]
+# A sample is named by its training, not its run: cells that differ only in `attack.names`
+# share their samples, and the floor is scored once for all of them.
+_SAMPLE = ["training", "round", "client_id", "target_index", "scored_against"]
 
 
 def floor_values(
@@ -178,10 +180,10 @@ def floor_values(
 ) -> pd.Series:
     """Per row, the floor's `column` on the same private sample: the best value (lowest, or
     highest with `higher_is_better`) of the reference baselines that scored it (only those
-    named in `attacks`, if given), else the median of those references in the same run.
+    named in `attacks`, if given), else the median of those references in the same training.
 
-    `leakage` holds scored rows with `run` and `reference` columns; NaN where the run has no
-    such reference baseline.
+    `leakage` holds scored rows with `training` and `reference` columns; NaN where the
+    training has no such reference baseline.
     """
     references = leakage[leakage["reference"] & np.isfinite(leakage[column])]
     if attacks is not None:
@@ -190,10 +192,10 @@ def floor_values(
         return pd.Series(np.nan, index=leakage.index)
     grouped = references.groupby(_SAMPLE)[column]
     per_sample = grouped.max() if higher_is_better else grouped.min()
-    per_run = references.groupby("run")[column].median()
+    per_training = references.groupby("training")[column].median()
     keys = pd.MultiIndex.from_frame(leakage[_SAMPLE])
     exact = pd.Series(per_sample.reindex(keys).to_numpy(), index=leakage.index)
-    fallback = leakage["run"].map(per_run)
+    fallback = leakage["training"].map(per_training)
     return exact.fillna(fallback)
 
 
