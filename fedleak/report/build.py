@@ -256,7 +256,8 @@ def _rounds_section(study: Study) -> list[Block]:
             "each metric over the attacked clients' samples (band, or bar for a single "
             "round, where few lines share a panel: the median's 95% interval, or the "
             "samples' range where a round has fewer than 6 of them, coverage 1 - 2^(1-n)), "
-            "every attack a line on shared axes, the floor (reference baselines) dashed: "
+            "every attack a line on shared axes, the floor (reference baselines) dashed, dotted "
+            "or dash-dotted, one style per baseline: "
             "grey in a panel of one setting, in each setting's colour in a panel of one "
             "attack across many settings; the global model's test accuracy in the bottom row.",
         ),

@@ -1,8 +1,9 @@
 """The report's figures, drawn with matplotlib's headless Agg backend into PNG bytes.
 
 Leakage per round shares its axes: every attack is a line in the same panel (one colour per
-attack, the same in every figure), reference baselines are dashed grey floor lines, and each
-metric's panels share one y-axis, so an attack below the floor cannot hide on its own scale.
+attack, the same in every figure), reference baselines are grey floor lines (one dash style
+each), and each metric's panels share one y-axis, so an attack below the floor cannot hide on
+its own scale.
 """
 
 from __future__ import annotations
