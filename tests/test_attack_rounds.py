@@ -90,3 +90,14 @@ def test_fewer_replies_than_clients_per_round_attacks_all_and_says_so(
         strategy.aggregate_train(1, [_reply(0), _reply(1)])
     assert len(runner.jobs) == 2
     assert "attack.clients-per-round=5, but 2 clients replied; attacking all" in caplog.text
+
+
+def test_a_round_without_replies_is_not_said_to_attack_all(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Every client of the round failed: "0 clients replied; attacking all" read as if an
+    attack ran (audit AK3); the failures are reported on their own lines."""
+    strategy = _strategy(Recorder(), clients_per_round=1)
+    with caplog.at_level("WARNING", logger="fedleak.server.strategy"):
+        assert strategy.chosen(1, []) == []
+    assert "attacking all" not in caplog.text

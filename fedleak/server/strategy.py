@@ -439,7 +439,7 @@ class CuriousStrategy(Strategy):
     def chosen(self, server_round: int, split: list[ClientReply]) -> list[ClientReply]:
         """The clients attacked this round: all, or a seeded sample of `clients_per_round`."""
         ordered = sorted(split, key=lambda reply: reply.observation.client_id)
-        if self.clients_per_round > len(ordered):
+        if self.clients_per_round > len(ordered) > 0:
             # An audited app's pool, or failed replies, can leave fewer clients than asked for.
             log.warning(
                 "round %d: attack.clients-per-round=%d, but %d clients replied; attacking all",
