@@ -274,6 +274,11 @@ class RunConfig(Settings):
     device: str = _setting(
         "auto", choices=("auto", "cpu", "cuda"), doc="auto: CUDA where a process sees a GPU"
     )
+    deterministic: bool = _setting(
+        True,
+        doc="on CUDA, deterministic kernels only (slower): a repeat on the same GPU model "
+        "gives the same bits",
+    )
     data: DataConfig = nested(DataConfig, "data.")
     model: ModelConfig = nested(ModelConfig, "model.")
     train: TrainConfig = nested(TrainConfig, "train.")

@@ -7,6 +7,9 @@ exactly the same objects from the same `RunConfig`.
 
 from __future__ import annotations
 
+import os
+import warnings
+
 import torch
 
 from fedleak.config import RunConfig
@@ -22,6 +25,25 @@ def resolve_device(requested: str) -> torch.device:
     if requested == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda")
+
+
+def deterministic_kernels(device: torch.device, enabled: bool) -> None:
+    """On CUDA, keep this process to kernels that give the same bits on every repeat.
+
+    cuDNN picks convolution algorithms by timing them and several CUDA backward kernels sum
+    with atomics, so two runs of one seed differ in the last bits, which the attacks amplify.
+    cuBLAS reads its workspace setting when its first handle is made, which in every fedleak
+    process comes after this call. Nothing changes on the CPU, whose kernels are
+    deterministic already and where torch's switch would fill every new tensor with NaN.
+    A kernel torch has no deterministic form of warns once instead of failing the run.
+    """
+    if not enabled or device.type != "cuda":
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    warnings.filterwarnings("once", message=".*does not have a deterministic implementation")
 
 
 def federated_data(config: RunConfig, num_partitions: int) -> FederatedData:

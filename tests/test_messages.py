@@ -246,3 +246,23 @@ def test_a_buffer_one_client_left_unchanged_counts_at_the_value_it_was_sent() ->
     assert float(averaged["counter"]) == pytest.approx((5.0 * 1 + 2.0 * 3) / 4)
     assert averaged["bn.num_batches_tracked"].dtype == torch.int64
     assert int(averaged["bn.num_batches_tracked"]) == 5
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_the_client_applies_the_runs_kernel_setting_on_its_device(
+    deterministic: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each client process keeps to deterministic kernels as the run says, on its device."""
+    config = parse_flat({**BASE, "deterministic": deterministic})
+    weights = build_model(model_spec(config, federated_data(config, 3))).state_dict()
+    sent = Message(
+        content=RecordDict(
+            {"arrays": ArrayRecord(weights), "config": ConfigRecord({"server-round": 1})}
+        ),
+        dst_node_id=2,
+        message_type=MessageType.TRAIN,
+    )
+    calls = []
+    monkeypatch.setattr(client_app, "deterministic_kernels", lambda *args: calls.append(args))
+    client_app.train_reply(sent, _context(1), config)
+    assert calls == [(torch.device("cpu"), deterministic)]

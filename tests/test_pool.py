@@ -437,3 +437,25 @@ def test_a_round_whose_attacks_a_stop_cut_short_is_done_again_on_resume(
     pd.testing.assert_frame_equal(rows[METRICS], inline_rows[METRICS], rtol=1e-4)
     assert list(pd.read_csv(out / "utility.csv")["round"]) == [0, 1, 2]
     assert (out / "DONE").exists()
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_an_attack_worker_applies_the_runs_kernel_setting_on_its_device(
+    deterministic: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An attack worker is a process of its own: it keeps to deterministic kernels as the run
+    says, on the device it found."""
+    import fedleak.server.pool as pool
+
+    config = _config(deterministic=deterministic)
+    _, knowledge = _jobs(config, rounds=1, clients=1)
+    calls = []
+    monkeypatch.setattr(pool, "deterministic_kernels", lambda *args: calls.append(args))
+    threads = torch.get_num_threads()
+    try:
+        pool.AttackWorker(
+            {"aux-mean": {}}, 0, knowledge, Budget(1, 1.0), "auto", threads, None, deterministic
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert calls == [(torch.device("cpu"), deterministic)]

@@ -331,3 +331,55 @@ def test_a_simulation_stops_on_a_client_it_did_not_mean_to_lose() -> None:
     own.global_weights = {"w": torch.zeros(257)}
     with pytest.raises(ClientCrashed):
         own.aggregate_train(1, [_reply(0, torch.ones(257), 1), _failed(99)])
+
+
+_KERNELS = """
+import os, torch
+from fedleak.runtime import deterministic_kernels
+deterministic_kernels(torch.device("cpu"), True)
+deterministic_kernels(torch.device("cuda"), False)
+print(torch.are_deterministic_algorithms_enabled(), "CUBLAS_WORKSPACE_CONFIG" in os.environ)
+deterministic_kernels(torch.device("cuda"), True)
+print(
+    torch.are_deterministic_algorithms_enabled(),
+    torch.is_deterministic_algorithms_warn_only_enabled(),
+    torch.backends.cudnn.deterministic,
+    torch.backends.cudnn.benchmark,
+    os.environ["CUBLAS_WORKSPACE_CONFIG"],
+)
+"""
+
+
+def test_cuda_runs_keep_to_deterministic_kernels_and_the_cpu_is_left_alone() -> None:
+    """cuDNN's timed algorithm choice and CUDA's atomic sums made two runs of one seed differ
+    on a GPU, with no setting to stop it. On the CPU torch's switch would only cost time (it
+    fills new tensors with NaN), so it stays off there and with `deterministic = false`.
+    A fresh process: the switches are process-wide."""
+    env = {k: v for k, v in os.environ.items() if k != "CUBLAS_WORKSPACE_CONFIG"}
+    done = subprocess.run(
+        [sys.executable, "-c", _KERNELS], env=env, capture_output=True, text=True, check=True
+    )
+    assert done.stdout.split("\n")[:2] == ["False False", "True True True False :4096:8"]
+
+
+def test_the_server_applies_the_runs_kernel_setting_before_it_computes(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The server attacks, scores and evaluates on its device: it keeps to deterministic
+    kernels as the run says before any of that (checked by stopping at the call)."""
+    from fedleak.simulations import study
+
+    class Reached(Exception):
+        pass
+
+    calls = []
+
+    def record(*args: object) -> None:
+        calls.append(args)
+        raise Reached
+
+    monkeypatch.setattr(study, "deterministic_kernels", record)
+    config = parse_flat({"deterministic": False, "out-dir": str(tmp_path / "run")})
+    with pytest.raises(Reached):
+        study.serve(None, config)  # type: ignore[arg-type]
+    assert calls == [(torch.device("cpu"), False)] and not (tmp_path / "run").exists()

@@ -19,7 +19,13 @@ from fedleak.defenses import PartnerPool, parse_defense_spec
 from fedleak.heap import reuse_freed_memory
 from fedleak.messages import INJECTED_FAILURE, partition_answer, reply_content
 from fedleak.models import build_model
-from fedleak.runtime import federated_data, local_training, model_spec, resolve_device
+from fedleak.runtime import (
+    deterministic_kernels,
+    federated_data,
+    local_training,
+    model_spec,
+    resolve_device,
+)
 from fedleak.seeds import mix_seed
 from fedleak.training.update import compute_update
 
@@ -63,6 +69,7 @@ def train_reply(msg: Message, context: Context, config: RunConfig) -> Message:
             )
     fd = federated_data(config, num_partitions)
     device = resolve_device(config.device)
+    deterministic_kernels(device, config.deterministic)
     training = local_training(config)
     batches = None
     if training.sampling == "poisson":

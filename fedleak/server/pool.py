@@ -63,6 +63,7 @@ from fedleak.attacks.types import Attack, AttackerKnowledge, Budget, Observation
 from fedleak.config import ConfigError, RunConfig
 from fedleak.heap import reuse_freed_memory
 from fedleak.interrupt import raise_if_stopped
+from fedleak.runtime import deterministic_kernels
 from fedleak.server.runner import AttackJob, AttackResult, BatchAttack, batches, run_batch
 
 log = logging.getLogger(__name__)
@@ -141,6 +142,7 @@ class AttackWorker:
         device: str,
         threads: int,
         fault: Fault | None,
+        deterministic: bool,
     ) -> None:
         reuse_freed_memory()
         torch.set_num_threads(threads)
@@ -150,6 +152,7 @@ class AttackWorker:
         )
         if device == "cuda" and self.device.type != "cuda":
             raise RuntimeError("device='cuda' but this attack worker sees no CUDA device")
+        deterministic_kernels(self.device, deterministic)
         self.knowledge = dataclasses.replace(
             knowledge,
             aux_inputs=knowledge.aux_inputs.to(self.device),
@@ -256,6 +259,7 @@ class RayAttackPool:
         self.worker_cpus = attack.worker_cpus
         self.worker_gpus = attack.worker_gpus
         self.device = config.device
+        self.deterministic = config.deterministic
         self.seed = knowledge.seed
         self.specs = {name: dict(attack.params.get(name, {})) for name in attack.names}
         # Built here too: bad parameters fail before the run, and routing needs to know state.
@@ -325,6 +329,7 @@ class RayAttackPool:
             self.device,
             threads,
             self.fault,
+            self.deterministic,
         )
 
     def _await_placement(self, actors: list[Any]) -> None:

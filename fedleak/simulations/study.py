@@ -35,7 +35,7 @@ from fedleak.registry import error_line, is_own_error
 from fedleak.report.lock import RunLock
 from fedleak.report.progress import Progress
 from fedleak.report.rundir import RunDirectory, RunDirectoryError
-from fedleak.runtime import federated_data, model_spec, resolve_device
+from fedleak.runtime import deterministic_kernels, federated_data, model_spec, resolve_device
 from fedleak.server.build import (
     GlobalEvaluation,
     build_strategy,
@@ -140,6 +140,7 @@ def serve(
     validate_components(config)
     config = canonical(config)
     device = resolve_device(config.device)
+    deterministic_kernels(device, config.deterministic)
     path = Path(config.out_dir) if config.out_dir else default_run_dir(config)
     config = dataclasses.replace(config, out_dir=str(path))
     lock = RunLock(path)
