@@ -150,6 +150,15 @@ CASES = [
         (*CHECK, "--set", "attack.names=lti", "--set", "attack.lti.cache-dir=/dev/null/lti"),
         "attack.lti.cache-dir='/dev/null/lti': /dev/null is not a folder",
     ),
+    # Another run's inverters there: the new run would go on from them (audit AM1).
+    Case(
+        "cache-dir-of-another-run",
+        (*RUN, "--set", "attack.names=lti", "--set", "attack.lti.cache-dir={tmp}/shared"),
+        "/shared' holds inverters another run saved (the latest lti-inverter-r000003.pt), "
+        "which this new run would start from",
+        setup=_write("shared/lti-inverter-r000003.pt", b"saved"),
+        keeps=("shared/lti-inverter-r000003.pt",),
+    ),
     Case("gpus-nan", (*RUN, "--client-gpus", "nan"), "client-gpus=nan: expected a number >= 0"),
     Case("clients-text", (*RUN, "--num-clients", "many"), "invalid int value: 'many'"),
     # Settings out of range or unsafe.
