@@ -1282,7 +1282,26 @@ def test_client_failures_reach_the_runs_table_and_the_verdict(
     text = (lossy / "report.md").read_text()
     runs = _table(text, "## Runs and times")
     assert runs[0][5] == "client failures" and runs[1][5] == "1 of 6 (round 2)"
-    assert "Clients failed to reply 1 of the 6 times they were asked" in text
+    said = "Clients failed to reply 1 of the 6 times they were asked; those rounds aggregate"
+    assert said in " ".join(text.split())
+
+
+def test_under_central_dp_a_round_with_a_failed_reply_is_said_to_release_no_model(
+    tmp_path: Path,
+) -> None:
+    """Central DP releases no model from a round with a failed reply, yet the report said such
+    rounds 'aggregate ... the others only' (audit AO1)."""
+    run = tmp_path / "central"
+    _make_run(run, rounds=2, central=(0.05, 1.0))
+    utility = pd.read_csv(run / "utility.csv")
+    second = utility["round"] == 2
+    utility.loc[second, "num_failures"] = 1
+    utility.loc[second, "num_replies"] = 1
+    utility.to_csv(run / "utility.csv", index=False)
+    build_report(run)
+    text = " ".join((run / "report.md").read_text().split())
+    assert "those rounds attack the others only and release no model" in text
+    assert "aggregate and attack the others only" not in text
 
 
 def test_the_failure_sentence_counts_the_runs_the_figures_show(tmp_path: Path) -> None:

@@ -333,9 +333,23 @@ def _lost_clients(study: Study) -> list[str]:
     failed, asked = sum(c[0] for c in counts), sum(c[1] for c in counts)
     if not failed:
         return []
+    # Flower's central-DP wrapper releases no model from a round with a failed reply.
+    central = {run.config.defense.central_clip > 0 for run in runs}
+    if central == {True}:
+        rounds = (
+            "those rounds attack the others only and release no model (central DP does not "
+            "release a round with a failed reply: the global model stays as it was)"
+        )
+    elif True in central:
+        rounds = (
+            "those rounds aggregate and attack the others only, and under central DP release "
+            "no model (the global model stays as it was)"
+        )
+    else:
+        rounds = "those rounds aggregate and attack the others only"
     return [
-        f"Clients failed to reply {failed} of the {asked} times they were asked; those rounds "
-        "aggregate and attack the others only (Runs and times lists them per run)."
+        f"Clients failed to reply {failed} of the {asked} times they were asked; {rounds} "
+        "(Runs and times lists them per run)."
     ]
 
 
