@@ -209,6 +209,19 @@ def atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
+def append_synced(path: Path, text: str) -> None:
+    """Append `text` to `path` and fsync it; a full disk names the file."""
+    try:
+        with path.open("ab") as handle:
+            handle.write(text.encode("utf-8"))
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as error:
+        if error.filename is None:
+            raise OSError(error.errno, error.strerror, str(path)) from None
+        raise
+
+
 def _csv_bytes(frame: pd.DataFrame) -> bytes:
     return frame.to_csv(index=False).encode("utf-8")
 
@@ -316,6 +329,9 @@ class RunDirectory:
         self._config: RunConfig | None = None
         self._leakage: pd.DataFrame | None = None
         self._utility: pd.DataFrame | None = None
+        # Whether leakage.csv is known to hold exactly the parquet's rows: written whole by
+        # this object, so a later round can be appended to it (see `_store_leakage`).
+        self._csv_whole = False
 
     @staticmethod
     def check_target(path: Path, resume: bool = False) -> None:
@@ -464,7 +480,11 @@ class RunDirectory:
         )
 
         leakage = self.leakage()
-        self._store_leakage(_concat(leakage[leakage["round"] != server_round], new_leakage))
+        later = not len(leakage) or server_round > leakage["round"].max()
+        self._store_leakage(
+            _concat(leakage[leakage["round"] != server_round], new_leakage),
+            appended=new_leakage if later else None,
+        )
 
         utility = self.utility()
         utility = utility[utility["round"] != server_round]
@@ -484,16 +504,25 @@ class RunDirectory:
         self._check_values(frame)
         return _empty_on_text(frame)
 
-    def _store_leakage(self, leakage: pd.DataFrame) -> None:
-        leakage = leakage.sort_values(["round", "client_id", "attack"], kind="stable")
-        leakage = leakage.reset_index(drop=True)
+    def _store_leakage(self, leakage: pd.DataFrame, appended: pd.DataFrame | None = None) -> None:
+        """Write every row to leakage.parquet; leakage.csv gets only `appended` (a round after
+        every recorded one) when it is known whole: rewriting tens of thousands of rows as
+        text cost seconds a round, and the cost grew with every round. A crash mid-append
+        leaves a torn line, which the next process's first write replaces."""
+        order = ["round", "client_id", "attack"]
+        leakage = leakage.sort_values(order, kind="stable").reset_index(drop=True)
         # LPIPS backbones the run did not ask for would be columns of NaN only: leave them out
         # of the files (they read back as NaN).
         requested = self.config.metrics.lpips_nets
         unused = [c for net, c in LPIPS_COLUMNS.items() if net not in requested]
         written = leakage.drop(columns=unused)
         atomic_write(self.path / LEAKAGE_FILE, _parquet_bytes(written))
-        atomic_write(self.path / LEAKAGE_CSV, _csv_bytes(written))
+        if self._csv_whole and appended is not None:
+            rows = appended.sort_values(order, kind="stable").drop(columns=unused)
+            append_synced(self.path / LEAKAGE_CSV, rows.to_csv(index=False, header=False))
+        else:
+            atomic_write(self.path / LEAKAGE_CSV, _csv_bytes(written))
+            self._csv_whole = True
         self._leakage = leakage
 
     @staticmethod
