@@ -602,6 +602,24 @@ CASES = [
         status=1,
         setup=lambda tmp: _two_clients(tmp),
     ),
+    # A sweep refuses its folders as `run` refuses its out-dir, with the same status; and the
+    # reason for a path under a file is the file, not a folder that is not writable (AL1, AL2).
+    Case(
+        "sweep-out-is-a-file",
+        ("sweep", "{tmp}/s.toml", "--out", "{tmp}/file"),
+        "file/s/cell-000-seed1: cannot be created (",  # then "<tmp>/file is a file)"
+        status=1,
+        setup=lambda tmp: (_write("s.toml", SWEEP_SMALL)(tmp), _write("file", b"x")(tmp)),
+        keeps=("s.toml", "file"),
+    ),
+    Case(
+        "out-under-a-file",
+        (*CHECK, "--out", "{tmp}/file/run"),
+        "file/run: cannot be created (",
+        status=1,
+        setup=_write("file", b"x"),
+        keeps=("file",),
+    ),
     Case(
         "check-out-holds-a-run",
         ("check", "{tmp}/done/config.toml", "--out", "{tmp}/done"),

@@ -344,3 +344,11 @@ def test_leakage_csv_appended_round_by_round_equals_one_written_whole(tmp_path: 
     # Written whole once in this process (round 3) and again for the redone round 4 only.
     assert files[0] == files[1] != files[2] == files[3]
     assert sorted(set(pd.read_csv(run.path / "leakage.csv")["round"])) == [1, 2, 3, 4, 5]
+
+
+def test_a_run_folder_under_a_file_is_refused_for_the_file(tmp_path: Path) -> None:
+    """The nearest existing parent a file: the refusal said it was 'not writable' (AL2)."""
+    (tmp_path / "file").write_text("x")
+    refused = r"file/run: cannot be created \(.*/file is a file\)"
+    with pytest.raises(RunDirectoryError, match=refused):
+        RunDirectory.check_target(tmp_path / "file" / "run")

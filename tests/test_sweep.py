@@ -19,7 +19,7 @@ from processes import children, ended
 
 from fedleak.config import ConfigError, RunConfig
 from fedleak.interrupt import stop_requested
-from fedleak.report.rundir import RunDirectory
+from fedleak.report.rundir import RunDirectory, RunDirectoryError
 from fedleak.simulations.launch import StudyInterrupted, _stop_on_first_signal
 from fedleak.simulations.presets import PRESETS_DIR, is_sweep, list_presets, load_preset
 from fedleak.simulations.sweep import (
@@ -309,7 +309,7 @@ def test_a_changed_sweep_refuses_to_reuse_cells(tmp_path: Path) -> None:
     changed = GRID + "[base.train]\nlr = 0.05\n"
     runner = Recorder()
     with pytest.raises(
-        SweepError,
+        RunDirectoryError,
         match=r"cell-000-B1_none: was run with train\.lr=0\.1, this "
         r"sweep wants 0\.05; use another out dir or sweep name",
     ):
@@ -325,7 +325,7 @@ def test_a_sweep_with_another_number_of_clients_refuses_to_reuse_cells(tmp_path:
         RunDirectory.open(sweep_dir / cell["id"]).record_clients(2)  # as run_study does
     wider = GRID.replace("num-clients = 2", "num-clients = 3")
     runner = Recorder()
-    with pytest.raises(SweepError, match=r"cell-000-B1_none.*2 clients.*3") as error:
+    with pytest.raises(RunDirectoryError, match=r"cell-000-B1_none.*2 clients.*3") as error:
         run_sweep(_write(tmp_path, wider, "wider.toml"), out_dir=tmp_path, runner=runner)
     assert "\n" not in str(error.value) and runner.calls == []
 

@@ -343,6 +343,10 @@ class RunDirectory:
             if path.is_symlink():
                 raise RunDirectoryError(f"{path}: a broken symbolic link; choose another out-dir")
             parent = next(p for p in path.parents if p.exists())
+            if not parent.is_dir():
+                raise RunDirectoryError(
+                    f"{path}: cannot be created ({parent} is a file); choose another out-dir"
+                )
             if not os.access(parent, os.W_OK | os.X_OK):
                 raise RunDirectoryError(
                     f"{path}: cannot be created ({parent} is not writable); choose another out-dir"

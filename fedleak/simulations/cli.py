@@ -1,8 +1,8 @@
 """The `fedleak` command line: run studies and sweeps, build reports, list presets.
 
 Every error reaches the user as one line on stderr with a non-zero exit status (2: a bad
-setting or argument; 1: anything else; 130: stopped by Ctrl-C); `--verbose` adds the
-traceback.
+setting or argument; 1: anything else, a run or sweep folder that cannot be used or resumed as
+asked included; 130: stopped by Ctrl-C); `--verbose` adds the traceback.
 """
 
 from __future__ import annotations

@@ -405,21 +405,21 @@ def _study_runner(
 
 
 def _check_folders(sweep_dir: Path, paths: Mapping[str, Path]) -> None:
-    """Refuse a sweep folder, or a cell folder, that holds files fedleak did not write."""
+    """Refuse a sweep folder, or a cell folder, that holds files fedleak did not write
+    (`RunDirectoryError`, exit 1, as `fedleak run` refuses its out-dir)."""
     if sweep_dir.exists():
         if not sweep_dir.is_dir():
-            raise SweepError(f"{sweep_dir}: exists and is not a folder; choose another --out")
+            raise RunDirectoryError(
+                f"{sweep_dir}: exists and is not a folder; choose another --out"
+            )
         entries = [p.name for p in sweep_dir.iterdir() if p.name != LOCK_FILE]
         if entries and not (sweep_dir / MANIFEST).is_file():
-            raise SweepError(
+            raise RunDirectoryError(
                 f"{sweep_dir}: not empty and not a fedleak sweep directory (no {MANIFEST}); "
                 "choose another --out or sweep name"
             )
     for path in paths.values():
-        try:
-            RunDirectory.check_target(path, resume=True)
-        except RunDirectoryError as error:
-            raise SweepError(str(error)) from None
+        RunDirectory.check_target(path, resume=True)
 
 
 def _validate(plan: SweepPlan, missing: dict[tuple[str, str], str]) -> None:
@@ -587,24 +587,21 @@ def _resumable_rounds(config: RunConfig, path: Path, plan: SweepPlan) -> int:
 
 def _check_existing(cell: Cell, path: Path, num_clients: int) -> None:
     """A cell folder from an earlier start must hold this very cell's configuration, run with
-    as many clients."""
+    as many clients (`RunDirectoryError`, exit 1, as a resume of `fedleak run` is refused)."""
     try:
         run = RunDirectory.open(path)
         stored = run.config.to_flat()
     except (ConfigError, RunDirectoryError) as error:
-        raise SweepError(f"{path}: unreadable cell configuration ({error})") from None
+        raise RunDirectoryError(f"{path}: unreadable cell configuration ({error})") from None
     wanted = dataclasses.replace(cell.config, out_dir=str(path)).to_flat()
     # A moved sweep folder is still the same sweep: where a cell was run is not its setting.
     for key in dict.fromkeys([*wanted, *stored]):
         if key not in ("sim.resume", "out-dir") and stored.get(key) != wanted.get(key):
-            raise SweepError(
+            raise RunDirectoryError(
                 f"{path}: was run with {key}={stored.get(key)!r}, this sweep wants "
                 f"{wanted.get(key)!r}; use another out dir or sweep name"
             )
-    try:
-        run.check_clients(num_clients)
-    except RunDirectoryError as error:
-        raise SweepError(str(error)) from None
+    run.check_clients(num_clients)
 
 
 def _write_manifest(sweep_dir: Path, plan: SweepPlan, status: Mapping[str, dict[str, Any]]) -> None:
