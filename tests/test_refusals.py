@@ -621,6 +621,12 @@ CASES = [
         keeps=("file",),
     ),
     Case(
+        "out-twice",
+        (*CHECK, "--out", "{tmp}/a", "--set", "out-dir={tmp}/b"),
+        "/a' and --set out-dir=",
+        setup=_nothing,
+    ),
+    Case(
         "check-out-holds-a-run",
         ("check", "{tmp}/done/config.toml", "--out", "{tmp}/done"),
         "already holds a run (utility.csv)",

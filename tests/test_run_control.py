@@ -193,7 +193,7 @@ import subprocess, sys, time
 from fedleak.simulations.launch import _stop_on_first_signal
 # A child with a child of its own, as Ray's raylet starts its workers.
 child = subprocess.Popen(["sh", "-c", "sleep 120 & wait"])
-with _stop_on_first_signal():
+with _stop_on_first_signal("fedleak run quickstart --out /x --set sim.resume=true"):
     time.sleep(1)
     print(child.pid, flush=True)
     time.sleep(120)
@@ -217,8 +217,10 @@ def test_a_second_ctrl_c_exits_at_once_and_ends_the_processes_the_run_started() 
         if run.poll() is None:
             run.kill()
     assert run.returncode == 130
+    # The line names the resume, as the first Ctrl-C's end would have (audit AL4).
     assert err.decode().strip().splitlines()[-1] == (
-        "fedleak: stopped at once; finished rounds are kept"
+        "fedleak: stopped at once; finished rounds are kept; resume with: "
+        "fedleak run quickstart --out /x --set sim.resume=true"
     )
     _wait_for(
         lambda: all(ended(pid) for pid in [child, *grandchildren]),
@@ -302,3 +304,29 @@ def test_a_simulated_client_that_dies_fails_the_run_instead_of_shrinking_it(
     assert not (out / "DONE").exists()
     assert "a client failed" in json.loads((out / "FAILED").read_text())["reason"]
     assert _rounds(out)[-1] < 3  # the round that lost the client is not recorded
+
+
+def test_fedleak_run_gives_the_stop_at_once_its_resume_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`fedleak run` hands the command that resumes this very run to the second Ctrl-C's line
+    (the simulation itself replaced: the run then ends with no round, as a failed run)."""
+    import contextlib
+
+    from fedleak.simulations import launch
+
+    said = []
+
+    @contextlib.contextmanager
+    def recorded(resume: str | None = None):
+        said.append(resume)
+        yield
+
+    monkeypatch.setattr(launch, "_stop_on_first_signal", recorded)
+    monkeypatch.setattr(launch, "simulate", lambda *args, **kwargs: None)
+    out = tmp_path / "run"
+    status = main(["run", "quickstart", "--set", "seed=3", "--num-clients", "4", "--out", str(out)])
+    assert status == 1
+    assert said == [
+        f"fedleak run quickstart --set seed=3 --num-clients 4 --out {out} --set sim.resume=true"
+    ]

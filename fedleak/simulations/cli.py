@@ -76,7 +76,15 @@ def _config(args: argparse.Namespace) -> RunConfig:
     config = load_preset(args.preset)
     overrides = dict(_override(item) for item in args.set or [])
     if args.out is not None:
-        overrides["out-dir"] = _absolute(args.out, "--out")
+        out = _absolute(args.out, "--out")
+        given = overrides.get("out-dir")
+        if given is not None and _absolute(str(given), "out-dir") != out:
+            # Either could be the one meant, and a run in the other folder is hard to find.
+            raise UsageError(
+                f"--out={args.out!r} and --set out-dir={given!r} name different folders; "
+                "give one of them"
+            )
+        overrides["out-dir"] = out
     return parse_flat(overrides, config)
 
 
@@ -101,6 +109,7 @@ def _run(args: argparse.Namespace) -> int:
             client_cpus=args.client_cpus,
             client_gpus=args.client_gpus,
             verbose=getattr(args, "verbose", False),
+            resume_command=functools.partial(_resume_hint, args),
         )
     except StudyFailed:
         out = Path(config.out_dir) if config.out_dir else None

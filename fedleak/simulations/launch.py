@@ -21,7 +21,7 @@ import signal
 import sys
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import ray
@@ -89,8 +89,11 @@ def run_study(
     client_cpus: float = 1.0,
     client_gpus: float = 0.0,
     verbose: bool = False,
+    resume_command: Callable[[Path], str] | None = None,
 ) -> Path:
     """Simulate `num_clients` clients for the configured rounds; return the run directory.
+    `resume_command(run directory)`: the command a second Ctrl-C, which stops at once, names
+    for continuing the run.
 
     Raises `ConfigError` (and `DatasetUnavailable`, `RunDirectoryError`) before Ray starts,
     `StudyFailed` for a failed run and `StudyInterrupted` after a Ctrl-C.
@@ -102,7 +105,8 @@ def run_study(
     init_args = ray_init_args(config, client_cpus, client_gpus)
     out = check_out_dir(config, num_clients, client_cpus)
     config = dataclasses.replace(config, out_dir=str(out))
-    with RunLock(out), _stop_on_first_signal():
+    resume = None if resume_command is None else resume_command(out)
+    with RunLock(out), _stop_on_first_signal(resume):
         try:
             simulate(config, num_clients, client_cpus, client_gpus, init_args, verbose)
         except RunFailed as failure:
@@ -244,9 +248,10 @@ _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @contextlib.contextmanager
-def _stop_on_first_signal() -> Iterator[None]:
+def _stop_on_first_signal(resume: str | None = None) -> Iterator[None]:
     """The first SIGINT or SIGTERM (a terminal's Ctrl-C, a scheduler ending the job) requests
-    a stop at the next safe point; the second leaves at once.
+    a stop at the next safe point; the second leaves at once, its line naming the `resume`
+    command when there is one.
 
     Ray's driver registers its own SIGTERM handler when it starts (`ray.init`, inside Flower's
     engine), which raises SystemExit wherever the main thread waits; the engine then shuts
@@ -264,7 +269,8 @@ def _stop_on_first_signal() -> Iterator[None]:
 
     def handler(_signum: int, _frame: object) -> None:
         if stop_requested():
-            os.write(2, b"\nfedleak: stopped at once; finished rounds are kept\n")
+            then = f"; resume with: {resume}" if resume else ""
+            os.write(2, f"\nfedleak: stopped at once; finished rounds are kept{then}\n".encode())
             say_last_words()
             _terminate_descendants()
             os._exit(130)
