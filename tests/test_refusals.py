@@ -284,7 +284,17 @@ CASES = [
     ),
     Case("set-no-equals", (*RUN, "--set", "seed"), "--set 'seed': expected key=value"),
     Case("unknown-key", (*RUN, "--set", "trian.lr=1"), "trian.lr: unknown setting"),
-    Case("unknown-option", (*RUN, "--bogus"), "unrecognized arguments: --bogus"),
+    # The subcommand's help lists its options; the top level's does not (audit AL7).
+    Case(
+        "unknown-option",
+        (*RUN, "--bogus"),
+        "unrecognized arguments: --bogus (see `fedleak run --help`)",
+    ),
+    Case(
+        "config-keys-unknown-attack",
+        ("config-keys", "--attack", "nope"),
+        "--attack='nope': unknown attack; expected one of aux-mean,",
+    ),
     Case("unknown-command", ("fly",), "invalid choice: 'fly'"),
     # Runs in which every client, or every attack, would fail in every round.
     Case(

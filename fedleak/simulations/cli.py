@@ -217,7 +217,11 @@ def _presets(_: argparse.Namespace) -> int:
 def _keys(args: argparse.Namespace) -> int:
     from fedleak.server.validate import setting_help
 
-    lines = setting_help(args.attack)
+    try:
+        lines = setting_help(args.attack)
+    except ConfigError as error:  # it names the setting attack.names, not this option
+        reason = str(error).split(": ", 1)[-1]
+        raise UsageError(f"--attack={args.attack!r}: {reason}") from None
     widths = [max(len(getattr(line, column)) for line in lines) for column in COLUMNS[:3]]
     widths = [min(width, 40) for width in widths]
     print("  ".join(f"{c.upper():{w}}" for c, w in zip(COLUMNS, widths, strict=False)) + "  HELP")
@@ -452,7 +456,11 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     args: argparse.Namespace | None = None
     try:
-        args = parser().parse_args(argv)
+        args, unknown = parser().parse_known_args(argv)
+        if unknown:  # the subcommand's own help lists what it takes
+            raise UsageError(
+                f"unrecognized arguments: {' '.join(unknown)} (see `fedleak {args.command} --help`)"
+            )
         if args.command in ("run", "check", "sweep", "report", "weights"):
             with _interrupts_held():
                 import torch  # noqa: F401  (the handler's own imports find it loaded)
