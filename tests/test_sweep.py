@@ -505,6 +505,25 @@ def test_parallel_cells_run_in_worker_processes(
     assert environments == {"fake"}
 
 
+def stopping_runner(config: RunConfig, path: Path) -> Path:
+    """A cell that says on standard error what a study says at a Ctrl-C (picklable)."""
+    sys.stderr.write("\nfedleak: stopping at the next safe point\n")
+    return fake_runner(config, path)
+
+
+def test_parallel_cells_label_their_standard_error_too(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A Ctrl-C reaches every running cell and each said it stops, unlabelled (audit AL5)."""
+    source = _write(tmp_path, GRID.replace("num-clients = 2", "num-clients = 2\nparallel = 2"))
+    sweep_dir = run_sweep(source, out_dir=tmp_path, runner=stopping_runner, say=lambda _: None)
+    cells = read_manifest(sweep_dir)["cells"]
+    said = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+    assert sorted(said) == sorted(
+        f"{c['id']}: fedleak: stopping at the next safe point" for c in cells
+    )
+
+
 def waiting_runner(config: RunConfig, path: Path) -> Path:
     """A cell that runs until Ctrl-C, then stops as a study does (module level: picklable)."""
     path.mkdir(parents=True, exist_ok=True)

@@ -485,7 +485,9 @@ class _LabelledLines(io.TextIOBase):
         lines = (self._pending + text).splitlines(keepends=True)
         self._pending = lines.pop() if lines and not lines[-1].endswith("\n") else ""
         if lines:
-            self._stream.write("".join(self._label + line for line in lines))
+            # A blank line (the one a Ctrl-C message starts with) stays blank.
+            labelled = (self._label + line if line.strip() else line for line in lines)
+            self._stream.write("".join(labelled))
             self._stream.flush()
         return len(text)
 
@@ -505,17 +507,23 @@ def _run_cell(
     runner: Runner, config: RunConfig, path: Path, label: str | None = None
 ) -> tuple[str, str, float]:
     """Run one cell; (status, message, seconds). Executed in a worker process when parallel,
-    where `label` starts each line the cell prints."""
+    where `label` starts each line the cell prints, on standard output and error (a Ctrl-C
+    reaches every running cell, and each says it stops)."""
     start = time.perf_counter()
-    lines = _LabelledLines(sys.stdout, label) if label else None
+    out = _LabelledLines(sys.stdout, label) if label else None
+    err = _LabelledLines(sys.stderr, label) if label else None
     try:
-        with contextlib.redirect_stdout(lines) if lines else contextlib.nullcontext():
+        with contextlib.ExitStack() as redirected:
+            if out and err:
+                redirected.enter_context(contextlib.redirect_stdout(out))
+                redirected.enter_context(contextlib.redirect_stderr(err))
             runner(config, path)
     except Exception as error:  # one cell's failure must not stop the others
         return "failed", _one_line(error), time.perf_counter() - start
     finally:
-        if lines:
-            lines.close()
+        for lines in (out, err):
+            if lines:
+                lines.close()
     seconds = time.perf_counter() - start
     if not _finished(path):
         done = RunDirectory.open(path).finished_rounds() if _is_run(path) else 0
