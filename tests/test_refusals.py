@@ -78,6 +78,18 @@ def _finished_run(tmp: Path) -> None:
     run.append_round(1, [], {"test_loss": 1.0, "test_accuracy": 0.5, "num_replies": 2})
 
 
+def _finished_run_on(fingerprint: str) -> Setup:
+    """A finished run whose environment.json says it began on data of `fingerprint`."""
+
+    def setup(tmp: Path) -> None:
+        config = parse_flat({"num-server-rounds": 1, "out-dir": str(tmp / "done")})
+        data = {"source": "a folder since edited", "fingerprint": fingerprint}
+        run = RunDirectory.create(tmp / "done", config, {"data": data})
+        run.append_round(1, [], {"test_loss": 1.0, "test_accuracy": 0.5, "num_replies": 2})
+
+    return setup
+
+
 def _run_with_checkpoint(state: object) -> Setup:
     def setup(tmp: Path) -> None:
         _finished_run(tmp)
@@ -498,6 +510,16 @@ CASES = [
         "differing: name='quickstart' (the run has 'run')",
         status=1,
         setup=_finished_run,
+    ),
+    # The same data.dataset loading other samples (a folder edited in place, a relative path
+    # read from another directory): the resumed rounds mixed two data sets (audit AP1).
+    Case(
+        "resume-other-data",
+        (*RESUME, "--set", "num-server-rounds=2"),
+        f"began on data of fingerprint {'0' * 32} (environment.json, from a folder since "
+        "edited); data.dataset='mnist5k' now loads ",
+        status=1,
+        setup=_finished_run_on("0" * 32),
     ),
     Case(
         "resume-fewer-rounds",

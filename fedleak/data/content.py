@@ -1,8 +1,10 @@
-"""Images that share their pixels with another image of the same split.
+"""What a data set holds: a digest of all of it, and images that share their pixels.
 
-Splits are drawn by index, so two files with equal pixels (a copied or re-saved image, common in
-scraped folders) can land one with a client and one with the attacker. Such images are kept out
-of the auxiliary set, so no copy of a client's image reaches the attacker's data.
+A resumed run must train and score on the very data it began with, whatever its name or path
+says (a `folder:` edited in place, a relative path read from another directory): the digest
+tells. Splits are drawn by index, so two files with equal pixels (a copied or re-saved image,
+common in scraped folders) can land one with a client and one with the attacker. Such images
+are kept out of the auxiliary set, so no copy of a client's image reaches the attacker's data.
 """
 
 from __future__ import annotations
@@ -11,6 +13,18 @@ import hashlib
 
 import numpy as np
 from torch import Tensor
+
+
+def data_fingerprint(dataset: object) -> str:
+    """A digest of a loaded data set's splits (inputs and labels, with shapes and types)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for split in ("train_x", "train_y", "test_x", "test_y"):
+        tensor = getattr(dataset, split, None)
+        if tensor is None:
+            continue
+        digest.update(f"{split} {tuple(tensor.shape)} {tensor.dtype};".encode())
+        digest.update(np.ascontiguousarray(tensor.detach().cpu().numpy()).tobytes())
+    return digest.hexdigest()
 
 
 def repeated_images(x: Tensor) -> np.ndarray:

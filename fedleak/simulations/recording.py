@@ -22,6 +22,7 @@ from flwr.app import ArrayRecord
 
 from fedleak.config import ConfigError, RunConfig
 from fedleak.data import FederatedData
+from fedleak.data.content import data_fingerprint
 from fedleak.data.registry import dataset_modality
 from fedleak.metrics.lpips import lpips_status
 from fedleak.report.progress import Progress
@@ -45,8 +46,13 @@ def default_run_dir(config: RunConfig, root: Path | None = None) -> Path:
 
 
 def data_record(fd: FederatedData) -> dict[str, object]:
-    """Where the data came from and, for text, which tokenizer the federation uses."""
-    record: dict[str, object] = {"source": fd.dataset.source, "modality": fd.dataset.modality}
+    """Where the data came from, a digest of what it held (a resume checks it) and, for text,
+    which tokenizer the federation uses."""
+    record: dict[str, object] = {
+        "source": fd.dataset.source,
+        "modality": fd.dataset.modality,
+        "fingerprint": data_fingerprint(fd.dataset),
+    }
     tokenizer = getattr(fd.dataset, "tokenizer", None)
     if tokenizer is not None:
         record["tokenizer"] = tokenizer.record()

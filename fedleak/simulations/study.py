@@ -28,6 +28,7 @@ from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
 from fedleak.config import ConfigError, RunConfig, attacked_rounds, parse_flat
 from fedleak.data import FederatedData
+from fedleak.data.content import data_fingerprint
 from fedleak.heap import reuse_freed_memory
 from fedleak.interrupt import RunInterrupted
 from fedleak.metrics.lpips import lpips_warning
@@ -186,6 +187,7 @@ def check_resumable(
         raise RunDirectoryError(str(error)) from None
     fd = federated_data(config, num_partitions=1)
     _check_same_tokenizer(run_dir, config, fd)
+    _check_same_data(run_dir, config, fd)
     checkpoint = run_dir.load_global_model()
     if checkpoint is None:
         return
@@ -237,6 +239,24 @@ def _check_same_tokenizer(run_dir: RunDirectory, config: RunConfig, fd: Federate
             f" (environment.json); data.tokenizer={config.data.tokenizer!r} now gives "
             f"{tokenizer.fingerprint}, so resumed rounds would use other token ids: restore "
             "the run's tokenizer or choose another out-dir"
+        )
+
+
+def _check_same_data(run_dir: RunDirectory, config: RunConfig, fd: FederatedData) -> None:
+    """The same `data.dataset` can name other data (a folder edited in place, a relative path
+    read from another directory): resumed rounds would train and score on other samples than
+    the first ones, in one set of records."""
+    data = run_dir.environment().get("data")
+    recorded = data.get("fingerprint") if isinstance(data, dict) else None
+    if recorded is None:  # a run recorded before data sets were fingerprinted
+        return
+    now = data_fingerprint(fd.dataset)
+    if recorded != now:
+        raise RunDirectoryError(
+            f"{run_dir.path}: began on data of fingerprint {recorded} (environment.json, from "
+            f"{data.get('source')}); data.dataset={config.data.dataset!r} now loads "
+            f"{now} from {fd.dataset.source}, so resumed rounds would use other samples: "
+            "restore the run's data or choose another out-dir"
         )
 
 
