@@ -124,6 +124,11 @@ def test_a_failed_download_leaves_no_empty_folders_but_keeps_partial_files(tmp_p
         ({"train_y": torch.tensor([1, 2, 3, 10])}, r"train_y must hold labels 0 to 9 .* 1 to 10"),
         ({"test_y": torch.tensor([-1, 0])}, r"test_y must hold labels 0 to 9"),
         ({"train_x": torch.zeros(4, 1, 2, 2, dtype=torch.float64)}, "train_x must be float32 NCHW"),
+        # LPIPS and the image grids read grey or RGB: found after training (audit AP2).
+        (
+            {"train_x": torch.rand(4, 4, 2, 2), "test_x": torch.rand(2, 4, 2, 2)},
+            r"train_x must hold 1 \(grey\) or 3 \(RGB\) channels, got 4",
+        ),
     ],
 )
 def test_a_data_set_that_would_corrupt_every_metric_is_refused(change, match):
@@ -139,6 +144,23 @@ def test_a_data_set_that_would_corrupt_every_metric_is_refused(change, match):
         )
     assert str(caught.value).startswith("data set 'mine': ") and "\n" not in str(caught.value)
     ImageDataset("mine", **parts, num_classes=10, class_names=tuple("abcdefghij"), source="")
+
+
+def test_a_data_set_of_one_class_is_refused() -> None:
+    """One class: the loss is 0 for every input, every update 0, and the run still scored
+    every row ok at label accuracy 1 (audit AP4)."""
+    x = torch.rand(4, 1, 2, 2)
+    with pytest.raises(DatasetError, match=r"data set 'one': 1 class; expected at least 2"):
+        ImageDataset(
+            "one",
+            x,
+            torch.zeros(4, dtype=torch.int64),
+            x,
+            torch.zeros(4, dtype=torch.int64),
+            1,
+            ("only",),
+            "",
+        )
 
 
 def test_missing_fashion_mnist_names_debian_and_torchvision_places(tmp_path, monkeypatch):

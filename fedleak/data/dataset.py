@@ -50,6 +50,13 @@ class ImageDataset:
                 self._refuse(
                     f"{split}_x must be float32 NCHW, got {x.dtype} of shape {tuple(x.shape)}"
                 )
+            if x.shape[1] not in (1, 3):
+                # LPIPS, the image grids and the report read grey or RGB images only; found
+                # after a round's training, it failed every attack or lost the round.
+                self._refuse(
+                    f"{split}_x must hold 1 (grey) or 3 (RGB) channels, got {x.shape[1]} "
+                    f"(shape {tuple(x.shape)})"
+                )
             if y.ndim != 1 or y.dtype != torch.int64 or len(y) != len(x):
                 self._refuse(
                     f"{split}_y must be int64 with one label per image, got {y.dtype} of shape "
@@ -73,6 +80,10 @@ class ImageDataset:
             )
         if len(self.class_names) != self.num_classes:
             self._refuse(f"{len(self.class_names)} class names for {self.num_classes} classes")
+        if self.num_classes < 2:
+            # Cross-entropy over one class is 0 for every input: every update would be 0 and
+            # every "reconstruction" scored against nothing learned.
+            self._refuse(f"{self.num_classes} class; expected at least 2")
 
     def _refuse(self, problem: str) -> None:
         raise DatasetError(f"data set {self.name!r}: {problem}")
