@@ -94,6 +94,22 @@ def test_missing_torchvision_set_names_every_place_looked(tmp_path):
     assert "mnist5k" in message and "\n" not in message
 
 
+def test_a_damaged_copy_is_said_to_be_damaged_not_a_failed_download(tmp_path):
+    """Truncated idx files read as "downloading was tried and failed" (audit AP3)."""
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for stem in ("train-images-idx3-ubyte", "t10k-images-idx3-ubyte"):
+        (raw / stem).write_bytes(b"\x00\x00\x08\x03" + (60000).to_bytes(4, "big") + bytes(16))
+    for stem in ("train-labels-idx1-ubyte", "t10k-labels-idx1-ubyte"):
+        (raw / stem).write_bytes(b"\x00\x00\x08\x01" + (60000).to_bytes(4, "big") + bytes(8))
+    for download in (False, True):
+        with pytest.raises(DatasetUnavailable) as caught:
+            load_dataset("mnist", tmp_path, download=download)
+        message = str(caught.value)
+        assert f"{raw} holds t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte," in message
+        assert "damaged or partial copy" in message and "downloading was" not in message
+
+
 def test_a_failed_download_leaves_no_empty_folders_but_keeps_partial_files(tmp_path, monkeypatch):
     def failing_download(name, root, download, *, train):  # as torchvision does offline
         (root / "MNIST" / "raw").mkdir(parents=True, exist_ok=True)

@@ -75,15 +75,24 @@ def load_torchvision_set(name: str, root: Path, download: bool) -> ImageDataset:
     entry = TORCHVISION_SETS[name]
     looked.append(f"{root / entry.folder} (torchvision's layout under data_dir)")
     absent = _absent_folders(root / entry.folder)
+    folder = root / entry.folder
+    held = sorted(p.name for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
     try:
         x, y, classes = _read(name, root, download, train=True)
         tx, ty, _ = _read(name, root, download, train=False)
     except Exception as error:  # torchvision raises RuntimeError, URLError, tarfile errors, ...
         _remove_if_empty(absent)
         # torchvision's messages span lines; keep the paragraph one line and short.
-        cause = " ".join(str(error).split())[:300]
+        cause = f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
+        if held:  # files that were there and did not read: not a failed download
+            shown = ", ".join(held[:4]) + (f" and {len(held) - 4} more" if len(held) > 4 else "")
+            raise DatasetUnavailable(
+                f"data set {name!r}: {folder} holds {shown}, which did not read ({cause}): a "
+                f"damaged or partial copy; delete them to download again, or copy "
+                f"{entry.files} there anew"
+            ) from error
         raise DatasetUnavailable(
-            _unavailable(name, entry, root, download, looked, f"{type(error).__name__}: {cause}")
+            _unavailable(name, entry, root, download, looked, cause)
         ) from error
     source = f"torchvision {entry.dataset_class} at {root}"
     return dataset_from_arrays(name, x, y, classes, source, test_images=tx, test_labels=ty)
