@@ -570,3 +570,19 @@ def test_client_batch_returns_that_partitions_images():
     assert torch.equal(y, fd.dataset.train_y[torch.from_numpy(chosen)])
     with pytest.raises(DataSplitError, match="partition_id=5"):
         client_batch(fd, 5, 1, 4, 1)
+
+
+def test_the_hold_out_keeps_no_copy_of_a_training_image() -> None:
+    """Every image with a copy: the stratified hold-out put copies on both sides, and the test
+    accuracy counted images the model trained on (audit AP5)."""
+    from fedleak.data.dataset import with_holdout
+
+    distinct = torch.rand(20, 1, 4, 4)
+    x = torch.cat([distinct, distinct])  # each image twice
+    y = torch.arange(20).remainder(2).repeat(2)
+    none_x, none_y = torch.zeros(0, 1, 4, 4), torch.zeros(0, dtype=torch.int64)
+    dataset = ImageDataset("dups", x, y, none_x, none_y, 2, ("a", "b"), "")
+    split = with_holdout(dataset, 0.5, seed=0)
+    train = {row.numpy().tobytes() for row in split.train_x}
+    assert len(split.test_x) and not any(row.numpy().tobytes() in train for row in split.test_x)
+    assert len(split.train_x) == 20  # the training side is as drawn

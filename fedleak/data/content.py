@@ -27,10 +27,29 @@ def data_fingerprint(dataset: object) -> str:
     return digest.hexdigest()
 
 
+def copies_of(x: Tensor, reference: Tensor) -> np.ndarray:
+    """A boolean mask over `x`'s images: True where an image of `reference` has exactly the
+    same pixels."""
+    rows = np.ascontiguousarray(x.detach().cpu().flatten(1).numpy())
+    known = np.ascontiguousarray(reference.detach().cpu().flatten(1).numpy())
+    index = {_digest(row): i for i, row in enumerate(known)}
+    return np.array(
+        [
+            (i := index.get(_digest(row))) is not None and np.array_equal(known[i], row)
+            for row in rows
+        ],
+        dtype=bool,
+    )
+
+
+def _digest(row: np.ndarray) -> bytes:
+    return hashlib.blake2b(row.tobytes(), digest_size=16).digest()
+
+
 def repeated_images(x: Tensor) -> np.ndarray:
     """A boolean mask over `x`'s images: True where another image has exactly the same pixels."""
-    rows = np.ascontiguousarray(x.detach().cpu().reshape(len(x), -1).numpy())
-    digests = [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in rows]
+    rows = np.ascontiguousarray(x.detach().cpu().flatten(1).numpy())
+    digests = [_digest(row) for row in rows]
     first: dict[bytes, int] = {}
     repeated = np.zeros(len(rows), dtype=bool)
     for index, digest in enumerate(digests):

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fedleak.data.content import copies_of
 from fedleak.data.stratify import holdout_split
 
 
@@ -135,11 +136,15 @@ def dataset_from_arrays(
 
 
 def with_holdout(dataset: ImageDataset, test_fraction: float, seed: int) -> ImageDataset:
-    """Move a stratified `test_fraction` of the training images into the (empty) test split."""
+    """Move a stratified `test_fraction` of the training images into the (empty) test split,
+    less those whose pixels a training image repeats: a copy on both sides (common in scraped
+    folders) would measure accuracy on images the model trained on."""
     if len(dataset.test_x):
         raise ValueError(f"{dataset.name} already has a test split")
     train, test = holdout_split(dataset.train_y.numpy(), test_fraction, seed)
     train_t, test_t = torch.from_numpy(train), torch.from_numpy(test)
+    seen = copies_of(dataset.train_x[test_t], dataset.train_x[train_t])
+    test_t = test_t[torch.from_numpy(~seen)]
     return ImageDataset(
         name=dataset.name,
         train_x=dataset.train_x[train_t],
