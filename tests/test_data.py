@@ -586,3 +586,12 @@ def test_the_hold_out_keeps_no_copy_of_a_training_image() -> None:
     train = {row.numpy().tobytes() for row in split.train_x}
     assert len(split.test_x) and not any(row.numpy().tobytes() in train for row in split.test_x)
     assert len(split.train_x) == 20  # the training side is as drawn
+
+
+def test_too_few_training_images_for_any_auxiliary_set_say_so() -> None:
+    """One training image left (a high test fraction): the refusal said "use at most 0",
+    which no attack that needs auxiliary images accepts (audit AP6)."""
+    from fedleak.data import DataSplitError, split_auxiliary
+
+    with pytest.raises(DataSplitError, match=r"aux_size=8: the training split holds 1 image"):
+        split_auxiliary(np.array([0]), 8, seed=0)

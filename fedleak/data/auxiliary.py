@@ -55,6 +55,13 @@ def split_auxiliary(
     rng = np.random.default_rng([seed, _STREAM])
     everyone = np.arange(len(labels), dtype=np.int64)
     if beta == 1.0 and in_classes is None:
+        if aux_size >= len(labels) and len(labels) < 2:
+            # "use at most 0" would be no fix: the attacks need auxiliary images.
+            raise DataSplitError(
+                f"aux_size={aux_size}: the training split holds {len(labels)} image(s), too few "
+                "for an auxiliary set and the clients; lower test_fraction where the set is "
+                "held out for testing, or use a larger data set"
+            )
         if aux_size >= len(labels):
             raise DataSplitError(
                 f"aux_size={aux_size} leaves none of the {len(labels)} training "
