@@ -919,6 +919,22 @@ def test_a_gallery_pooling_seeds_says_each_tiles_seed(sweep_report: Path) -> Non
     assert heights[1] == heights[0] + _LINE  # the line that names the seed
 
 
+def test_a_gallery_of_narrow_images_leaves_each_caption_its_column() -> None:
+    """Images narrower than their caption ("round 1, client 0"): the caption ran into the next
+    column's (audit AP7)."""
+    from PIL import ImageDraw
+
+    from fedleak.report.gallery import _GAP, _LABEL_WIDTH, Sample, _font, gallery_figure
+
+    narrow = np.zeros((20, 12, 3), dtype=np.uint8)
+    samples = [Sample(narrow, narrow, 20.0, 0.1, 1, client, False) for client in (0, 1)]
+    figure = gallery_figure({"ig": list(zip("ab", samples, strict=True))}, "LPIPS")
+    with Image.open(io.BytesIO(figure)) as image:
+        column = (image.width - _LABEL_WIDTH) / 2 - _GAP
+    caption = ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength("round 1, client 0", _font(12))
+    assert column >= caption > 12 * 6  # wider than the enlarged tile
+
+
 def test_a_verdict_without_lpips_compares_with_the_floor_by_psnr(tmp_path: Path) -> None:
     """With metrics.lpips-nets = "none" the floor was dropped (it needed LPIPS), an attack
     below it was called the leader, and "(success not decidable: ...)" was spliced into

@@ -187,10 +187,18 @@ def gallery_figure(by_attack: dict[str, list[tuple[str, Sample]]], metric_label:
     seeds = {sample.seed for a in attacks for _, sample in by_attack[a]}
     heading = 3 if len(seeds) > 1 else 2
     block_h = heading * _LINE + 4 + cell_h + 6 + cell_h + 3 * _LINE + 8 + _GAP
-    width = _LABEL_WIDTH + columns * (cell_w + _GAP)
+    small, bold = _font(12), _font(14, bold=True)
+    # A column as wide as its longest caption: narrow images' captions ran into the next tile.
+    captions = [
+        f"round {sample.round}, {whose(sample.client_id)}"
+        for a in attacks
+        for _, sample in by_attack[a]
+    ]
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    column_w = max(cell_w, *(math.ceil(measure.textlength(c, font=small)) for c in captions))
+    width = _LABEL_WIDTH + columns * (column_w + _GAP)
     canvas = Image.new("RGB", (width, block_h * len(attacks)), _PAPER)
     draw = ImageDraw.Draw(canvas)
-    small, bold = _font(12), _font(14, bold=True)
     for i, attack in enumerate(attacks):
         top = i * block_h
         truth_y = top + heading * _LINE + 4
@@ -198,7 +206,7 @@ def gallery_figure(by_attack: dict[str, list[tuple[str, Sample]]], metric_label:
         draw.text((8, truth_y + cell_h // 2), "private", font=bold, fill=_INK, anchor="lm")
         draw.text((8, recon_y + cell_h // 2), attack, font=bold, fill=_INK, anchor="lm")
         for j, (label, sample) in enumerate(by_attack[attack]):
-            x = _LABEL_WIDTH + j * (cell_w + _GAP)
+            x = _LABEL_WIDTH + j * (column_w + _GAP)
             draw.text((x, top), label, font=_font(12, bold=True), fill=_INK)
             draw.text(
                 (x, top + _LINE),
