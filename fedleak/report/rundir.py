@@ -523,7 +523,9 @@ class RunDirectory:
         atomic_write(self.path / LEAKAGE_FILE, _parquet_bytes(written))
         if self._csv_whole and appended is not None:
             rows = appended.sort_values(order, kind="stable").drop(columns=unused)
+            self._csv_whole = False  # until the append is complete (a full disk cuts it)
             append_synced(self.path / LEAKAGE_CSV, rows.to_csv(index=False, header=False))
+            self._csv_whole = True
         else:
             atomic_write(self.path / LEAKAGE_CSV, _csv_bytes(written))
             self._csv_whole = True
