@@ -23,7 +23,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import Ratio, Reading, clock, interleave, load, machine, per_unit, table
+from timing import (
+    Ratio,
+    Reading,
+    chosen_devices,
+    clock,
+    interleave,
+    load,
+    machine,
+    per_unit,
+    table,
+)
 
 from fedleak.attacks.registry import build_attack
 from fedleak.attacks.types import AttackerKnowledge, Budget, Observation
@@ -110,11 +120,11 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["lenet"], choices=sorted(LENGTHS))
     parser.add_argument("--attack", default="ig", choices=["ig", "dlg"])
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--devices", default="cpu,cuda")
+    parser.add_argument("--devices", help="cpu, cuda or cpu,cuda (default: those present)")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    devices = [d for d in args.devices.split(",") if d != "cuda" or torch.cuda.is_available()]
+    devices = chosen_devices(args.devices)
     print(
         f"A round of {args.clients} clients at B=1 attacked by {args.attack.upper()}: "
         "ms per round-iteration "

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import Ratio, Series, interleave, load, machine
+from timing import Ratio, Series, chosen_device, interleave, load, machine
 from timing import timed as timer
 
 from fedleak.attacks.learned.hashing import FeatureHasher
@@ -144,7 +144,7 @@ def hashing(
 def main() -> None:
     global ROUNDS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda where present)")
     parser.add_argument("--pairs", type=int, default=512)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument("--rounds", type=int, default=ROUNDS)
@@ -152,7 +152,7 @@ def main() -> None:
     ROUNDS = args.rounds
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = chosen_device(args.device)
     print(f"LTI throughput on {device}, pairs {args.pairs}; rates best / median of {ROUNDS} rounds")
     print(machine())
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import Ratio, interleave, load, machine, table, timed
+from timing import Ratio, chosen_devices, interleave, load, machine, table, timed
 
 from fedleak.models import ModelSpec, build_model
 from fedleak.training.gradients import (
@@ -106,10 +106,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--models", nargs="+", default=["lenet", "resnet20-gn"])
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--devices", default="cpu,cuda")
+    parser.add_argument("--devices", help="cpu, cuda or cpu,cuda (default: those present)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    devices = [d for d in args.devices.split(",") if d != "cuda" or torch.cuda.is_available()]
+    devices = chosen_devices(args.devices)
     print(f"Per-sample gradients, batch {args.batch}: ms per call (min / median)")
     print(machine())
     header = [

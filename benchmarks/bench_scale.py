@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import shutil
 import statistics
 import subprocess
@@ -33,7 +34,7 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import Ratio, interleave, machine
+from timing import MIN_ROUNDS, Ratio, Reading, clock, interleave, machine, per_unit, timed
 
 from fedleak.config import RunConfig, parse_flat
 from fedleak.simulations.launch import run_study
@@ -110,36 +111,34 @@ def round_time_vs_clients(root: Path, args: argparse.Namespace) -> None:
     flat = {"num-server-rounds": args.rounds, "model.name": "mlp", "attack.names": "none"}
     for clients in args.scaling:
         r = study(root / f"clients{clients}", clients, **flat)
+        if not math.isfinite(r["round"]):  # round 1 holds start-up work and is not counted
+            print(f"{clients:7d} invalid: no round after the first (--rounds >= 2)")
+            continue
         print(
             f"{clients:7d} {r['round']:8.2f} {r['round'] / clients * 1e3:14.1f} {r['wall']:13.1f}"
         )
 
 
-def _timed(work, repeats: int) -> float:
-    work()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        work()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / repeats
-
-
-def gpu_kernels() -> None:
+def gpu_kernels(device: torch.device) -> None:
+    """Per-sample gradient and IG iteration times on `device` (CUDA in this script; the CPU
+    runs the same steps as a check of the script itself)."""
     from fedleak.attacks.registry import build_attack
     from fedleak.attacks.types import AttackerKnowledge, Budget, Observation
     from fedleak.models import ModelSpec, build_model
     from fedleak.training.gradients import batch_gradient, per_sample_gradients
 
-    print(f"\n3a. on {torch.cuda.get_device_name(0)}")
-    device = torch.device("cuda")
+    where = torch.cuda.get_device_name(0) if device.type == "cuda" else str(device)
+    print(f"\n3a. on {where}")
     for name in ("lenet", "resnet20-gn"):
         spec = ModelSpec(name, (3, 32, 32), 10, seed=0)
         model = build_model(spec).to(device)
         x = torch.rand(64, 3, 32, 32, device=device)
         y = torch.randint(0, 10, (64,), device=device)
-        vmap = _timed(lambda m=model, x=x, y=y: per_sample_gradients(m, x, y), 10)
-        print(f"per-sample gradients, {name}, batch 64: {vmap * 1e3:.2f} ms")
+        vmap = interleave(
+            {"per-sample": timed(lambda m=model, x=x, y=y: per_sample_gradients(m, x, y), 10)},
+            MIN_ROUNDS,
+        )["per-sample"]
+        print(f"per-sample gradients, {name}, batch 64: {vmap.text()} (min / median)")
         observation = Observation(
             round=1,
             client_id=0,
@@ -158,14 +157,14 @@ def gpu_kernels() -> None:
             aux, torch.randint(0, 10, (100,), device=device), (3, 32, 32), 10, device=device
         )
         attack = build_attack("ig", {}, seed=0)
-        times = {}
-        for iterations in (50, 250):
-            start = time.perf_counter()
-            attack.reconstruct(observation, knowledge, Budget(iterations, 600.0))
-            torch.cuda.synchronize()
-            times[iterations] = time.perf_counter() - start
-        per_iteration = (times[250] - times[50]) / 200
-        print(f"IG iteration, {name}, batch 1: {per_iteration * 1e3:.2f} ms")
+
+        def run(iterations: int, o=observation, k=knowledge, a=attack) -> Reading:
+            return clock(lambda: a.reconstruct(o, k, Budget(iterations, 600.0)))
+
+        # The difference of 250 and 50 iterations, warmed up and repeated: a first CUDA call
+        # holds start-up work, and one difference alone could come out negative.
+        ig = interleave({"IG": per_unit(run, 50, 250)}, MIN_ROUNDS)["IG"]
+        print(f"IG iteration, {name}, batch 1: {ig.text()} (min / median)")
 
 
 def gpu_study(root: Path, args: argparse.Namespace) -> None:
@@ -227,7 +226,7 @@ def main() -> None:
             round_time_vs_clients(root, args)
         if "gpu" not in args.skip:
             if torch.cuda.is_available():
-                gpu_kernels()
+                gpu_kernels(torch.device("cuda"))
                 gpu_study(root, args)
             else:
                 print("\n3. no CUDA device: GPU timings and utilisation not measured")

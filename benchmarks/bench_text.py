@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import Ratio, Reading, clock, interleave, machine, per_unit, timed
+from timing import Ratio, Reading, chosen_device, clock, interleave, machine, per_unit, timed
 
 from fedleak.attacks.learned.pairs import Featuriser, PairSource, Unit
 from fedleak.attacks.learned.text import TokenInverter, sequence_loss
@@ -171,15 +171,17 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=20)
     parser.add_argument("--pairs", type=int, default=128)
     parser.add_argument("--bins", type=int, default=4096)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda where present)")
     parser.add_argument(
         "--threads", type=int, default=0, help="torch CPU threads (0: torch's default)"
     )
     args = parser.parse_args()
+    if args.iterations < 2:  # a short run and a longer one, whose difference is timed
+        raise SystemExit(f"--iterations={args.iterations}: expected at least 2")
     ROUNDS = args.rounds
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = chosen_device(args.device)
     spec = ModelSpec("transformer3", (args.length,), args.vocab)
     trainable = sum(p.numel() for p in build_model(spec).parameters())
     print(machine())

@@ -27,6 +27,20 @@ if command -v nvidia-smi > /dev/null; then
         -lms 200 > "$OUT/util.csv" &
     sampler=$!
 fi
+# Ended from outside (a session's time limit): stop the sampler and the benchmark running, or
+# nvidia-smi samples on, orphaned, for good. Each benchmark runs as a background job that the
+# script waits for, since bash runs a trap only once a foreground command has ended.
+job=""
+stop() {
+    [ -z "$sampler" ] || kill "$sampler" 2> /dev/null
+    if [ -n "$job" ]; then
+        pkill -TERM -P "$job" 2> /dev/null
+        kill "$job" 2> /dev/null
+    fi
+    echo "== stopped ($(date -u +%T))"
+    exit 130
+}
+trap stop INT TERM
 
 status=0
 bench() {
@@ -34,8 +48,11 @@ bench() {
     shift
     echo "== $name ($(date -u +%T))"
     echo "$name start $(date -u +%s.%N)" >> "$OUT/marks.txt"
-    timeout "$LIMIT" "$PYTHON" "$@" 2>&1 | tee "$OUT/$name.log"
-    local code=${PIPESTATUS[0]}
+    (timeout "$LIMIT" "$PYTHON" "$@" 2>&1 | tee "$OUT/$name.log"; exit "${PIPESTATUS[0]}") &
+    job=$!
+    wait "$job"
+    local code=$?
+    job=""
     echo "$name end $(date -u +%s.%N)" >> "$OUT/marks.txt"
     [ "$code" -eq 0 ] || { echo "== $name exited $code"; status=1; }
 }

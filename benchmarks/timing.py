@@ -209,6 +209,31 @@ def timed(work: Callable[[], object], repeat: int = 1) -> Callable[[], Reading]:
     return measure
 
 
+def chosen_devices(asked: str | None) -> list[str]:
+    """`--devices`: as asked, or the CPU and CUDA where this torch sees a GPU. Asking for CUDA
+    where there is none exits in one line: a benchmark that measured nothing and exited 0
+    would read as a clean run (a GPU session's logs)."""
+    if asked is None:
+        return ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+    devices = [d.strip() for d in asked.split(",") if d.strip()]
+    if not devices or set(devices) - {"cpu", "cuda"}:
+        raise SystemExit(f"--devices={asked!r}: expected cpu, cuda or cpu,cuda")
+    if "cuda" in devices and not torch.cuda.is_available():
+        raise SystemExit(f"--devices={asked!r}: torch {torch.__version__} sees no CUDA device")
+    return devices
+
+
+def chosen_device(asked: str | None) -> torch.device:
+    """`--device`: as asked (see `chosen_devices`), or CUDA where there is one."""
+    if asked is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if asked not in ("cpu", "cuda"):
+        raise SystemExit(f"--device={asked!r}: expected cpu or cuda")
+    if asked == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device='cuda': torch {torch.__version__} sees no CUDA device")
+    return torch.device(asked)
+
+
 def sync() -> None:
     """Wait for queued CUDA work, so that wall time covers it."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
