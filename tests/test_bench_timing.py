@@ -134,3 +134,22 @@ def test_the_attacks_run_without_tqdm_when_no_bar_is_shown():
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split()[-1] == "ok"
+
+
+def test_asking_for_cuda_where_there_is_none_stops_the_benchmark(monkeypatch) -> None:
+    """`--devices cuda` on a machine without CUDA measured nothing and exited 0 (or failed
+    with a traceback): a GPU session's logs would look clean (audit AR3)."""
+    monkeypatch.setattr(timing.torch.cuda, "is_available", lambda: False)
+    assert timing.chosen_devices(None) == ["cpu"]
+    assert timing.chosen_devices("cpu") == ["cpu"]
+    assert str(timing.chosen_device(None)) == "cpu"
+    for asked in ("cuda", "cpu,cuda"):
+        with pytest.raises(SystemExit, match=f"--devices='{asked}': torch .* sees no CUDA"):
+            timing.chosen_devices(asked)
+    with pytest.raises(SystemExit, match=r"--device='cuda': torch .* sees no CUDA"):
+        timing.chosen_device("cuda")
+    with pytest.raises(SystemExit, match="expected cpu, cuda or cpu,cuda"):
+        timing.chosen_devices("gpu")
+    monkeypatch.setattr(timing.torch.cuda, "is_available", lambda: True)
+    assert timing.chosen_devices(None) == ["cpu", "cuda"]
+    assert timing.chosen_devices("cuda") == ["cuda"]
