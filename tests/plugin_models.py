@@ -3,6 +3,8 @@ BatchNorm's: the simulation tests put this folder on the clients' PYTHONPATH."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -32,3 +34,12 @@ def instance_norm_net(input_shape: tuple[int, ...], num_classes: int) -> nn.Modu
         nn.Flatten(),
         nn.Linear(4 * height * width, num_classes),
     )
+
+
+def frozen_head_net(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """A linear model whose first layer is frozen (fine-tuning style)."""
+    model = nn.Sequential(
+        nn.Flatten(), nn.Linear(math.prod(input_shape), 8), nn.Linear(8, num_classes)
+    )
+    model[1].requires_grad_(False)
+    return model

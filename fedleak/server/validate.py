@@ -55,6 +55,7 @@ from fedleak.models import (
     model_modality,
     model_names,
 )
+from fedleak.models.fitness import unfit_reason
 from fedleak.models.registry import MODELS
 from fedleak.registry import PluginError
 from fedleak.runtime import federated_data, model_spec
@@ -472,7 +473,9 @@ def validate_components(config: RunConfig) -> None:
     _check_dp_sampling(config, pipeline)
     per_sample = config.threat.share == "per-sample" or pipeline.needs_per_sample
     aggregate = config.threat.view == "aggregate"
-    if (per_sample or aggregate) and has_batchnorm(build_model(model_spec_of(config))):
+    spec = model_spec_of(config)
+    model = build_model(spec)
+    if (per_sample or aggregate) and has_batchnorm(model):
         if per_sample:
             raise ConfigError(
                 f"model.name={config.model.name!r}: BatchNorm couples the samples of a batch, "
@@ -485,6 +488,9 @@ def validate_components(config: RunConfig) -> None:
             "gradient of one batch of the union that the attacks replay; use a model without "
             f"BatchNorm ({groupnorm_advice(config.model.name)}) or threat.view='client'"
         )
+    reason = unfit_reason(model, spec, per_sample)
+    if reason is not None:
+        raise ConfigError(f"model.name={config.model.name!r}: {reason}")
 
 
 def _check_dp_sampling(config: RunConfig, pipeline: DefensePipeline) -> None:

@@ -1,0 +1,92 @@
+"""What a model must be for a study to measure it: every parameter trained, each under one
+name, no train-mode randomness, and, where clients share per-sample gradients, samples that
+do not meet in the forward.
+
+Each failed rule ran before: a frozen parameter trained anyway, an aliased one was reset to its
+first value by the stale copy under its second name, Dropout drew from an unseeded generator
+(two runs of one seed differed), and a forward that mixed samples, or changed buffers that a
+per-sample update does not carry, gave per-sample gradients and statistics that no client had.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from fedleak.models.spec import ModelSpec
+
+# Batched and one-sample forwards of independent samples differ by rounding only.
+_TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
+
+
+def unfit_reason(model: nn.Module, spec: ModelSpec, per_sample: bool) -> str | None:
+    """Why a study cannot measure `model` as built from `spec`, or None. `per_sample`: the
+    clients share (or their defense works on) per-sample gradients."""
+    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+    if frozen:
+        return (
+            f"parameter {frozen[0]!r} is frozen (requires_grad=False), but clients train and "
+            "share every parameter; hold fixed tensors as buffers (register_buffer)"
+        )
+    unique = {id(p) for p in model.parameters()}
+    names = [name for name, _ in model.named_parameters(remove_duplicate=False)]
+    if len(names) != len(unique):
+        first = dict(model.named_parameters())
+        alias = next(name for name in names if name not in first)
+        return (
+            f"parameter {alias!r} is another name of a parameter (tied weights): the global "
+            "model carries both names and the stale one overwrites the trained one; use the "
+            "shared module's weight in forward instead of assigning it to a second attribute"
+        )
+    random = _train_mode_randomness(model)
+    if random is not None:
+        return (
+            f"{random} draws random masks in training from an unseeded generator, so two "
+            "runs of one seed would differ; set its dropout to 0"
+        )
+    if per_sample:
+        return _coupling(model, spec)
+    return None
+
+
+def _train_mode_randomness(model: nn.Module) -> str | None:
+    for name, module in model.named_modules():
+        rate = None
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            rate = module.p
+        elif isinstance(module, nn.MultiheadAttention):
+            rate = module.dropout
+        if rate:
+            return f"{type(module).__name__} {name or '(the model)'!r} (p={rate:g})"
+    return None
+
+
+def _coupling(model: nn.Module, spec: ModelSpec) -> str | None:
+    """Samples that meet in a training-mode forward (a batch mean, a branch on a batch
+    statistic), or buffers that the forward changes: a per-sample update carries neither."""
+    probe = copy.deepcopy(model).train()
+    generator = torch.Generator().manual_seed(0)
+    if len(spec.input_shape) == 1:  # token ids
+        x = torch.randint(0, spec.num_classes, (2, *spec.input_shape), generator=generator)
+    else:
+        x = torch.rand((2, *spec.input_shape), generator=generator)
+    before = {name: b.clone() for name, b in probe.named_buffers()}
+    with torch.no_grad():
+        together = probe(x)
+        changed = [name for name, b in probe.named_buffers() if not torch.equal(b, before[name])]
+        alone = torch.cat([probe(x[i : i + 1]) for i in range(len(x))])
+    if changed:
+        return (
+            f"buffer {changed[0]!r} changes in the forward (running statistics), but a "
+            "per-sample update carries no buffers, so it would never train; use "
+            "threat.share='batch' or a model without such buffers"
+        )
+    if together.shape != alone.shape or not torch.allclose(together, alone, **_TOLERANCE):
+        return (
+            "a sample's output depends on the other samples of its batch (a batch statistic "
+            "or a branch on one), so per-sample gradients are undefined; use "
+            "threat.share='batch' or a model that treats samples apart"
+        )
+    return None

@@ -1,0 +1,90 @@
+"""A model a study cannot measure is refused before the run, in one line (audit AQ1-AQ5):
+each of these ran before and gave results no client had."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from fedleak.config import ConfigError, parse_flat
+from fedleak.models import ModelSpec
+from fedleak.models.fitness import unfit_reason
+from fedleak.server.validate import validate_components
+
+SPEC = ModelSpec("mine", (1, 4, 4), 3)
+
+
+def _linear() -> nn.Sequential:
+    return nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+class _Tied(nn.Module):
+    """One layer under two attribute names, as `decoder.weight = encoder.weight` makes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.head = nn.Linear(16, 16), nn.Linear(16, 3)
+        self.again = self.first
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.again(torch.relu(self.first(x.flatten(1)))))
+
+
+class _BatchCentred(nn.Module):
+    """Subtracts the batch mean: a sample's output depends on the others."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = _linear()
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.body(x)
+        return out - out.mean(0, keepdim=True)
+
+
+def test_a_model_every_rule_accepts_passes_for_batch_and_per_sample() -> None:
+    for per_sample in (False, True):
+        assert unfit_reason(_linear(), SPEC, per_sample) is None
+
+
+def test_a_frozen_parameter_is_refused() -> None:
+    model = _linear()
+    model[1].requires_grad_(False)
+    assert unfit_reason(model, SPEC, False).startswith("parameter '1.weight' is frozen")
+
+
+def test_a_tied_parameter_is_refused_under_its_second_name() -> None:
+    assert unfit_reason(_Tied(), SPEC, False).startswith("parameter 'again.weight' is another")
+
+
+@pytest.mark.parametrize(
+    "layer", [nn.Dropout(0.1), nn.Dropout2d(0.5), nn.MultiheadAttention(16, 2, dropout=0.1)]
+)
+def test_train_mode_randomness_is_refused(layer: nn.Module) -> None:
+    model = nn.Sequential(_linear(), layer)
+    assert "draws random masks in training from an unseeded generator" in unfit_reason(
+        model, SPEC, False
+    )
+    off = nn.Sequential(_linear(), nn.Dropout(0.0))
+    assert unfit_reason(off, SPEC, False) is None
+
+
+def test_per_sample_sharing_refuses_coupled_samples_and_changing_buffers() -> None:
+    assert unfit_reason(_BatchCentred(), SPEC, False) is None  # a batch update is defined
+    assert "depends on the other samples of its batch" in unfit_reason(_BatchCentred(), SPEC, True)
+    tracked = nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding=1),
+        nn.InstanceNorm2d(2, track_running_stats=True),
+        nn.Flatten(),
+        nn.Linear(32, 3),
+    )
+    assert unfit_reason(tracked, SPEC, False) is None
+    assert unfit_reason(tracked, SPEC, True).startswith("buffer '1.running_mean' changes")
+
+
+def test_the_run_refuses_it_naming_the_model_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent))
+    config = parse_flat({"model.name": "plugin_models:frozen_head_net", "attack.names": "ig"})
+    with pytest.raises(ConfigError, match=r"^model.name='plugin_models:frozen_head_net': param"):
+        validate_components(config)
