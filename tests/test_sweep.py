@@ -867,3 +867,70 @@ def _rounds_of(path: Path) -> list[int]:
         return sorted(pd.read_csv(path / "utility.csv")["round"].tolist())
     except (FileNotFoundError, pd.errors.EmptyDataError, KeyError):
         return []
+
+
+def _lti_grid(folders: list[Path]) -> str:
+    """One cell per defense, each keeping LTI's inverters in its folder of `folders`."""
+    cells = "".join(
+        f'[[sweep.cells]]\n"defense.spec" = "{d}"\n"attack.lti.cache-dir" = "{f}"\n'
+        for d, f in zip(("none", "sign"), folders, strict=True)
+    )
+    return f"""
+[sweep]
+name = "cached"
+num-clients = 2
+{cells}
+[base]
+num-server-rounds = 2
+[base.attack]
+names = "aux-mean,lti"
+"""
+
+
+def saving_runner(config: RunConfig, path: Path) -> Path:
+    """`fake_runner`, and an inverter saved in the cell's LTI cache as a run saves it."""
+    folder = Path(config.attack.params["lti"]["cache-dir"])
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "lti-inverter-r000002.pt").write_bytes(b"saved")
+    return fake_runner(config, path)
+
+
+def failing_saver(config: RunConfig, path: Path) -> Path:
+    """Saves its inverter after its first round, then fails."""
+    folder = Path(config.attack.params["lti"]["cache-dir"])
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "lti-inverter-r000001.pt").write_bytes(b"saved")
+    run = RunDirectory.create(path, config, {})
+    run.append_round(1, [], {"test_loss": 1.0, "test_accuracy": 0.1, "num_replies": 2})
+    raise RuntimeError("client crashed")
+
+
+def test_a_sweep_with_cache_dirs_runs_again_and_starts_a_failed_cell_over_clean(
+    tmp_path: Path,
+) -> None:
+    """A cell's cache held its own inverters: a rerun of the finished sweep was refused ("holds
+    inverters another run saved"), and a failed cell could never start over (audit AS1)."""
+    source = _write(tmp_path, _lti_grid([tmp_path / "cache" / d for d in ("none", "sign")]))
+    quiet = {"out_dir": tmp_path, "say": lambda _: None}
+    with pytest.raises(SweepFailed):
+        run_sweep(source, runner=failing_saver, **quiet)
+    saved = [tmp_path / "cache" / cell / "lti-inverter-r000001.pt" for cell in ("none", "sign")]
+    assert all(path.exists() for path in saved)
+    recorder = Recorder()
+    run_sweep(source, runner=recorder, **quiet)  # both cells failed: both start over
+    assert len(recorder.calls) == 2 and not any(path.exists() for path in saved)
+    run_sweep(source, runner=saving_runner, **quiet)
+    run_sweep(source, runner=recorder, **quiet)  # finished: nothing to run, nothing refused
+    assert len(recorder.calls) == 2
+    check_sweep(source, out_dir=tmp_path)  # each cell checked as `fedleak run` would
+
+
+def test_cells_sharing_a_cache_dir_are_refused_before_any_runs(tmp_path: Path) -> None:
+    """One folder for two cells' inverters: the second cell started from the first's files,
+    or failed after the first had run (audit AS2)."""
+    source = _write(tmp_path, _lti_grid([tmp_path / "shared"] * 2))
+    recorder = Recorder()
+    shared = r"^cell-001-sign\S*: attack\.lti\.cache-dir=.* is cell-000"
+    with pytest.raises(SweepError, match=shared):
+        run_sweep(source, out_dir=tmp_path, runner=recorder, say=lambda _: None)
+    assert recorder.calls == []

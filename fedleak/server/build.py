@@ -17,10 +17,10 @@ import torch
 from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp.strategy import FedAvg, Strategy
 
-from fedleak.attacks.learned.store import check_saved_inverters
+from fedleak.attacks.learned.store import InverterStore, check_saved_inverters
 from fedleak.attacks.registry import attack_entry, build_attack
 from fedleak.attacks.types import AttackerKnowledge, Budget, is_reference
-from fedleak.config import RunConfig, attacked_rounds
+from fedleak.config import ConfigError, RunConfig, attacked_rounds
 from fedleak.data import FederatedData, auxiliary
 from fedleak.models import ModelSpec, build_model
 from fedleak.seeds import attacker_seed
@@ -93,13 +93,44 @@ def with_attack_caches(config: RunConfig, cache_dir: Callable[[str], Path]) -> R
     return dataclasses.replace(config, attack=dataclasses.replace(config.attack, params=params))
 
 
+def cache_dirs(config: RunConfig) -> dict[str, Path]:
+    """The folders attacks keep their saved state in (`cache-dir`), by attack: the user's
+    choice, and after `with_attack_caches` the run's own folders for the others."""
+    return {
+        name: Path(str(folder)).expanduser()
+        for name in config.attack.names
+        for key, folder in config.attack.params.get(name, {}).items()
+        if key.replace("_", "-") == "cache-dir" and folder
+    }
+
+
+def check_fresh_caches(config: RunConfig) -> None:
+    """A new run's chosen cache folders hold no inverter of its attacks: the attack would go
+    on from another run's, trained on other settings, and the same configuration would no
+    longer give the same run (`ConfigError`, one line)."""
+    for name, folder in cache_dirs(config).items():
+        saved = InverterStore(folder, name).saved()
+        if saved:
+            raise ConfigError(
+                f"attack.{name}.cache-dir={str(folder)!r} holds inverters another run saved "
+                f"(the latest {saved[-1][1].name}), which this new run would start from; "
+                "expected an empty or new folder, or sim.resume=true to go on with the run "
+                "that saved them"
+            )
+
+
+def clear_cached_inverters(config: RunConfig) -> None:
+    """Delete the inverters a run saved in its chosen cache folders (a run started over)."""
+    for name, folder in cache_dirs(config).items():
+        for _, path in InverterStore(folder, name).saved():
+            path.unlink(missing_ok=True)
+
+
 def check_attack_state(config: RunConfig) -> None:
     """What the attacks of a resumed run go on from (`with_attack_caches`' folders) reads
     back; `InverterStoreError` (one line) otherwise."""
-    for name in config.attack.names:
-        for key, folder in config.attack.params.get(name, {}).items():
-            if key.replace("_", "-") == "cache-dir" and folder:
-                check_saved_inverters(Path(str(folder)))
+    for folder in cache_dirs(config).values():
+        check_saved_inverters(folder)
 
 
 def build_runner(

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 
-from fedleak.attacks.learned.store import InverterStore
 from fedleak.attacks.registry import ATTACKS, attack_entry, attack_modalities, build_attack
 from fedleak.config import ConfigError, RunConfig, key_help
 from fedleak.data import (
@@ -334,7 +333,7 @@ def check_attacks(config: RunConfig, fd: FederatedData, num_clients: int) -> Non
         targets *= clients_per_round(config, num_clients)
     _check_batchnorm_prior(config, fd)
     for name in config.attack.names:
-        _check_cache_dir(name, config.attack.params.get(name, {}), config.sim.resume)
+        _check_cache_dir(name, config.attack.params.get(name, {}))
         attack = build_attack(name, config.attack.params.get(name, {}))
         check = getattr(attack, "check_feasible", None)
         if check is None:
@@ -345,11 +344,10 @@ def check_attacks(config: RunConfig, fd: FederatedData, num_clients: int) -> Non
             raise ConfigError(str(error)) from None
 
 
-def _check_cache_dir(name: str, params: Mapping[str, object], resume: bool) -> None:
+def _check_cache_dir(name: str, params: Mapping[str, object]) -> None:
     """A folder given for an attack's saved state must be one it can create: the attack
-    writes it after its first training, rounds into the run. A fresh run's folder must hold
-    no inverter of this attack: the attack would go on from another run's, trained on other
-    settings, and the same configuration would no longer give the same run."""
+    writes it after its first training, rounds into the run. (That a new run's folder holds
+    no other run's inverters is `build.check_fresh_caches`, where a run knows it is new.)"""
     for key, value in params.items():
         if key.replace("_", "-") != "cache-dir" or not value:
             continue
@@ -364,14 +362,6 @@ def _check_cache_dir(name: str, params: Mapping[str, object], resume: bool) -> N
             raise ConfigError(
                 f"attack.{name}.cache-dir={str(value)!r}: {existing} is not writable; expected "
                 "a folder the attack can create or write"
-            )
-        saved = InverterStore(folder, name).saved()
-        if saved and not resume:
-            raise ConfigError(
-                f"attack.{name}.cache-dir={str(value)!r} holds inverters another run saved "
-                f"(the latest {saved[-1][1].name}), which this new run would start from; "
-                "expected an empty or new folder, or sim.resume=true to go on with the run "
-                "that saved them"
             )
 
 

@@ -41,6 +41,7 @@ from fedleak.server.build import (
     GlobalEvaluation,
     build_strategy,
     check_attack_state,
+    check_fresh_caches,
     initial_state,
     with_attack_caches,
 )
@@ -169,8 +170,10 @@ def check_resumable(
     """For `sim.resume` on an existing run: its settings, its number of clients and their
     threads (when the caller knows them) match (`RunDirectory.check_resume`, `check_clients`),
     a text run's tokenizer is the one it ran with, and its checkpoint is a fedleak checkpoint
-    that fits the configured model."""
+    that fits the configured model. For a new run: the cache folders it was given hold no
+    other run's inverters (`check_fresh_caches`)."""
     if not (config.sim.resume and (path / "config.toml").exists()):
+        check_fresh_caches(config)  # a new run
         return
     config = canonical(config)
     run_dir = RunDirectory.open(path)

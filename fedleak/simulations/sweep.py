@@ -731,12 +731,30 @@ def _skipped_lines(states: Mapping[str, tuple[str, str]]) -> list[str]:
     ]
 
 
+def _check_cache_owners(plan: SweepPlan) -> None:
+    """Cells name their inverters' files alike (`<attack>-inverter-r<round>.pt`): one cache
+    folder for two cells would mix them, and the second cell would start from the first's."""
+    from fedleak.server.build import cache_dirs
+
+    owners: dict[tuple[str, Path], str] = {}
+    for cell in plan.cells:
+        for name, folder in cache_dirs(cell.config).items():
+            other = owners.setdefault((name, folder.resolve()), cell.id)
+            if other != cell.id:
+                raise SweepError(
+                    f"{cell.id}: attack.{name}.cache-dir={str(folder)!r} is {other}'s too; "
+                    "give each cell its own folder, or leave cache-dir unset (each cell's run "
+                    "folder)"
+                )
+
+
 def _checked_folders(plan: SweepPlan, out_dir: Path | None) -> tuple[Path, dict[str, Path]]:
     """The sweep's folder and its cells', refused where a run must not write (see
     `_check_folders`, `_check_existing`)."""
     sweep_dir = (Path(out_dir) if out_dir else Path("runs")).resolve() / plan.name
     paths = {cell.id: sweep_dir / cell.id for cell in plan.cells}
     _check_folders(sweep_dir, paths)
+    _check_cache_owners(plan)
     for cell in plan.cells:
         if _is_run(paths[cell.id]):
             _check_existing(cell, paths[cell.id], plan.num_clients)
@@ -836,7 +854,10 @@ def _run_plan(
         if done:
             say(f"  {cell.id}: resuming after round {done}")
             return resumed
+        from fedleak.server.build import clear_cached_inverters
+
         RunDirectory(path).clear()
+        clear_cached_inverters(config)  # the cell's own (no other cell shares its folders)
         return config
 
     def mark_interrupted() -> None:
