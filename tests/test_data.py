@@ -586,6 +586,12 @@ def test_the_hold_out_keeps_no_copy_of_a_training_image() -> None:
     train = {row.numpy().tobytes() for row in split.train_x}
     assert len(split.test_x) and not any(row.numpy().tobytes() in train for row in split.test_x)
     assert len(split.train_x) == 20  # the training side is as drawn
+    dropped = 20 - len(split.test_x)
+    assert split.source.endswith(f"(test split less {dropped} copies of training images)")
+    # Every held-out image a copy: no test split was left, silently (audit AS3).
+    same = ImageDataset("same", torch.zeros(40, 1, 4, 4), y, none_x, none_y, 2, ("a", "b"), "")
+    with pytest.raises(DatasetError, match=r"each of the 20 images held out .* no test split"):
+        with_holdout(same, 0.5, seed=0)
 
 
 def test_too_few_training_images_for_any_auxiliary_set_say_so() -> None:

@@ -144,6 +144,16 @@ def with_holdout(dataset: ImageDataset, test_fraction: float, seed: int) -> Imag
     train, test = holdout_split(dataset.train_y.numpy(), test_fraction, seed)
     train_t, test_t = torch.from_numpy(train), torch.from_numpy(test)
     seen = copies_of(dataset.train_x[test_t], dataset.train_x[train_t])
+    source = dataset.source
+    if seen.any():
+        if seen.all():
+            raise DatasetError(
+                f"data set {dataset.name!r}: each of the {len(seen)} images held out for the "
+                "test split repeats a training image's pixels, so no test split is left; "
+                "remove the copies from the data"
+            )
+        # Said where the run records the data's provenance (environment.json, the report).
+        source = f"{source} (test split less {int(seen.sum())} copies of training images)"
     test_t = test_t[torch.from_numpy(~seen)]
     return ImageDataset(
         name=dataset.name,
@@ -153,5 +163,5 @@ def with_holdout(dataset: ImageDataset, test_fraction: float, seed: int) -> Imag
         test_y=dataset.train_y[test_t],
         num_classes=dataset.num_classes,
         class_names=dataset.class_names,
-        source=dataset.source,
+        source=source,
     )
