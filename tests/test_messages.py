@@ -81,19 +81,24 @@ def _context(partition: int) -> Context:
     )
 
 
+def _train_message(weights: dict[str, torch.Tensor], server_round: int) -> Message:
+    """The server's train message to node 2 with the global weights."""
+    return Message(
+        content=RecordDict(
+            {"arrays": ArrayRecord(weights), "config": ConfigRecord({"server-round": server_round})}
+        ),
+        dst_node_id=2,
+        message_type=MessageType.TRAIN,
+    )
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_what_a_client_packs_is_what_the_server_unpacks(case: str, monkeypatch) -> None:
     config = parse_flat({**BASE, **CASES[case]})
     fd = federated_data(config, 3)
     spec = model_spec(config, fd)
     weights = build_model(spec).state_dict()
-    sent = Message(
-        content=RecordDict(
-            {"arrays": ArrayRecord(weights), "config": ConfigRecord({"server-round": 2})}
-        ),
-        dst_node_id=2,
-        message_type=MessageType.TRAIN,
-    )
+    sent = _train_message(weights, 2)
     captured = []
 
     def capture(*args, **kwargs):
@@ -255,13 +260,7 @@ def test_the_client_applies_the_runs_kernel_setting_on_its_device(
     """Each client process keeps to deterministic kernels as the run says, on its device."""
     config = parse_flat({**BASE, "deterministic": deterministic})
     weights = build_model(model_spec(config, federated_data(config, 3))).state_dict()
-    sent = Message(
-        content=RecordDict(
-            {"arrays": ArrayRecord(weights), "config": ConfigRecord({"server-round": 1})}
-        ),
-        dst_node_id=2,
-        message_type=MessageType.TRAIN,
-    )
+    sent = _train_message(weights, 1)
     calls = []
     monkeypatch.setattr(client_app, "deterministic_kernels", lambda *args: calls.append(args))
     client_app.train_reply(sent, _context(1), config)

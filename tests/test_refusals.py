@@ -72,22 +72,17 @@ def _cut(relative: str, count: int) -> Setup:
     return setup
 
 
-def _finished_run(tmp: Path) -> None:
+def _finished_run(tmp: Path, environment: dict[str, object] | None = None) -> None:
     config = parse_flat({"num-server-rounds": 1, "out-dir": str(tmp / "done")})
-    run = RunDirectory.create(tmp / "done", config, {})
+    run = RunDirectory.create(tmp / "done", config, environment or {})
     run.append_round(1, [], {"test_loss": 1.0, "test_accuracy": 0.5, "num_replies": 2})
 
 
 def _finished_run_on(fingerprint: str) -> Setup:
     """A finished run whose environment.json says it began on data of `fingerprint`."""
 
-    def setup(tmp: Path) -> None:
-        config = parse_flat({"num-server-rounds": 1, "out-dir": str(tmp / "done")})
-        data = {"source": "a folder since edited", "fingerprint": fingerprint}
-        run = RunDirectory.create(tmp / "done", config, {"data": data})
-        run.append_round(1, [], {"test_loss": 1.0, "test_accuracy": 0.5, "num_replies": 2})
-
-    return setup
+    data = {"source": "a folder since edited", "fingerprint": fingerprint}
+    return lambda tmp: _finished_run(tmp, {"data": data})
 
 
 def _run_with_checkpoint(state: object) -> Setup:

@@ -1341,6 +1341,21 @@ def test_the_failure_sentence_counts_the_runs_the_figures_show(tmp_path: Path) -
     assert "Clients failed to reply" not in (sweep / "report.md").read_text()
 
 
+def _sweep_over_attack_names(sweep: Path, cells: list[str], without_dlg: str) -> None:
+    """Two cells of one training (seed 0), which differ only in `without_dlg` leaving dlg out
+    of attack.names."""
+    for cell in cells:
+        _make_run(sweep / cell, rounds=2)
+    lacking = sweep / without_dlg
+    config = (lacking / "config.toml").read_text()
+    (lacking / "config.toml").write_text(config.replace('"aux-mean,ig,dlg"', '"aux-mean,ig"'))
+    leakage = pd.read_parquet(lacking / "leakage.parquet")
+    leakage[leakage["attack"] != "dlg"].to_parquet(lacking / "leakage.parquet")
+    (lacking / "leakage.csv").unlink()
+    manifest = [{"id": cell, "index": i, "status": "done"} for i, cell in enumerate(cells)]
+    (sweep / "sweep.json").write_text(json.dumps({"name": "attacks", "cells": manifest}))
+
+
 def test_cells_differing_only_in_their_attacks_share_one_floor_and_one_model(
     tmp_path: Path,
 ) -> None:
@@ -1348,16 +1363,7 @@ def test_cells_differing_only_in_their_attacks_share_one_floor_and_one_model(
     pooled as independent, the floor's n doubled and one seed read as two."""
     sweep = tmp_path / "sweep"
     cells = ["cell-000-with-dlg", "cell-001-without-dlg"]
-    for cell in cells:
-        _make_run(sweep / cell, rounds=2)
-    second = sweep / cells[1]
-    config = (second / "config.toml").read_text()
-    (second / "config.toml").write_text(config.replace('"aux-mean,ig,dlg"', '"aux-mean,ig"'))
-    leakage = pd.read_parquet(second / "leakage.parquet")
-    leakage[leakage["attack"] != "dlg"].to_parquet(second / "leakage.parquet")
-    (second / "leakage.csv").unlink()
-    manifest = [{"id": cell, "index": i, "status": "done"} for i, cell in enumerate(cells)]
-    (sweep / "sweep.json").write_text(json.dumps({"name": "attacks", "cells": manifest}))
+    _sweep_over_attack_names(sweep, cells, without_dlg=cells[1])
     study = load_study(sweep)
     assert study.group_keys == ()
     one = pd.read_parquet(sweep / cells[0] / "leakage.parquet")
@@ -1379,16 +1385,7 @@ def test_a_later_cells_attacks_meet_the_floor_an_earlier_cell_of_the_training_sc
 
     sweep = tmp_path / "sweep"
     cells = ["cell-000-without-dlg", "cell-001-with-dlg"]
-    for cell in cells:
-        _make_run(sweep / cell, rounds=2)
-    first = sweep / cells[0]
-    config = (first / "config.toml").read_text()
-    (first / "config.toml").write_text(config.replace('"aux-mean,ig,dlg"', '"aux-mean,ig"'))
-    leakage = pd.read_parquet(first / "leakage.parquet")
-    leakage[leakage["attack"] != "dlg"].to_parquet(first / "leakage.parquet")
-    (first / "leakage.csv").unlink()
-    manifest = [{"id": cell, "index": i, "status": "done"} for i, cell in enumerate(cells)]
-    (sweep / "sweep.json").write_text(json.dumps({"name": "attacks", "cells": manifest}))
+    _sweep_over_attack_names(sweep, cells, without_dlg=cells[0])
     pooled = scored(load_study(sweep).leakage())
     alone = scored(load_study(sweep / cells[1]).leakage())
     lpips = lpips_column(pooled)

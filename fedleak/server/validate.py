@@ -16,7 +16,6 @@ import dataclasses
 import math
 import os
 import re
-from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -58,6 +57,7 @@ from fedleak.models.fitness import unfit_reason
 from fedleak.models.registry import MODELS
 from fedleak.registry import PluginError
 from fedleak.runtime import federated_data, model_spec
+from fedleak.server.build import cache_dirs
 from fedleak.server.payload import check_payload, clients_per_round
 from fedleak.server.pool import _cluster_address, local_cpus, ray_init_args
 from fedleak.settings import KeyHelp
@@ -332,8 +332,9 @@ def check_attacks(config: RunConfig, fd: FederatedData, num_clients: int) -> Non
     elif config.threat.view == "aggregate":
         targets *= clients_per_round(config, num_clients)
     _check_batchnorm_prior(config, fd)
+    for name, folder in cache_dirs(config).items():
+        _check_cache_dir(name, folder)
     for name in config.attack.names:
-        _check_cache_dir(name, config.attack.params.get(name, {}))
         attack = build_attack(name, config.attack.params.get(name, {}))
         check = getattr(attack, "check_feasible", None)
         if check is None:
@@ -344,25 +345,21 @@ def check_attacks(config: RunConfig, fd: FederatedData, num_clients: int) -> Non
             raise ConfigError(str(error)) from None
 
 
-def _check_cache_dir(name: str, params: Mapping[str, object]) -> None:
+def _check_cache_dir(name: str, folder: Path) -> None:
     """A folder given for an attack's saved state must be one it can create: the attack
     writes it after its first training, rounds into the run. (That a new run's folder holds
     no other run's inverters is `build.check_fresh_caches`, where a run knows it is new.)"""
-    for key, value in params.items():
-        if key.replace("_", "-") != "cache-dir" or not value:
-            continue
-        folder = Path(str(value)).expanduser()
-        existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
-        if existing is not None and not existing.is_dir():
-            raise ConfigError(
-                f"attack.{name}.cache-dir={str(value)!r}: {existing} is not a folder; expected "
-                "a folder the attack can create or write"
-            )
-        if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
-            raise ConfigError(
-                f"attack.{name}.cache-dir={str(value)!r}: {existing} is not writable; expected "
-                "a folder the attack can create or write"
-            )
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ConfigError(
+            f"attack.{name}.cache-dir={str(folder)!r}: {existing} is not a folder; expected "
+            "a folder the attack can create or write"
+        )
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"attack.{name}.cache-dir={str(folder)!r}: {existing} is not writable; expected "
+            "a folder the attack can create or write"
+        )
 
 
 def _check_batchnorm_prior(config: RunConfig, fd: FederatedData) -> None:
