@@ -934,3 +934,22 @@ def test_cells_sharing_a_cache_dir_are_refused_before_any_runs(tmp_path: Path) -
     with pytest.raises(SweepError, match=shared):
         run_sweep(source, out_dir=tmp_path, runner=recorder, say=lambda _: None)
     assert recorder.calls == []
+
+
+def test_a_cell_whose_folder_is_absent_is_skipped_not_refused_by_the_model_checks(
+    tmp_path: Path,
+) -> None:
+    """With skip-unavailable-data, the model checks (which need the data's shape) loaded an
+    absent `folder:` set and refused the whole sweep instead of skipping the cell."""
+    text = f"""
+[sweep]
+name = "skipfold"
+num-clients = 2
+skip-unavailable-data = true
+[sweep.grid]
+"data.dataset" = ["mnist5k", "folder:{tmp_path / "absent"}"]
+[base]
+num-server-rounds = 1
+"""
+    lines = check_sweep(_write(tmp_path, text), out_dir=tmp_path)
+    assert any("would skip 1 cells" in line for line in lines)

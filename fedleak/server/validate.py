@@ -460,7 +460,12 @@ def validate_components(config: RunConfig) -> None:
     _check_dp_sampling(config, pipeline)
     per_sample = config.threat.share == "per-sample" or pipeline.needs_per_sample
     aggregate = config.threat.view == "aggregate"
-    spec = model_spec_of(config)
+    try:
+        spec = model_spec_of(config)
+    except DatasetUnavailable:
+        # A set whose files are absent has no shape to build the model at: its absence is
+        # said where the data is loaded (`validate_run`), or a sweep skips the cell.
+        return
     model = build_model(spec)
     if (per_sample or aggregate) and has_batchnorm(model):
         if per_sample:
