@@ -34,7 +34,17 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import MIN_ROUNDS, Ratio, Reading, clock, interleave, machine, per_unit, timed
+from timing import (
+    MIN_ROUNDS,
+    InvalidMeasurement,
+    Ratio,
+    Reading,
+    clock,
+    interleave,
+    machine,
+    per_unit,
+    timed,
+)
 
 from fedleak.config import RunConfig, parse_flat
 from fedleak.simulations.launch import run_study
@@ -86,7 +96,10 @@ def attacks_inline_vs_pool(root: Path, args: argparse.Namespace) -> None:
             pool = {"attack.workers": workers, "attack.worker-cpus": args.worker_cpus}
             r = study(root / f"w{workers}-{next(counter)}", args.clients, **flat, **pool)
             if r["failed"]:
-                raise RuntimeError(f"{r['failed']} attack jobs failed with {workers} workers")
+                # A study that attacked fewer samples is not the same work: its time is no
+                # measurement, but the other variants' still are.
+                print(f"  {r['failed']} attack jobs failed with {workers} workers")
+                raise InvalidMeasurement(f"{r['failed']} attack jobs failed")
             jobs[workers] = r["jobs"]
             return r["wall"]
 
@@ -98,8 +111,10 @@ def attacks_inline_vs_pool(root: Path, args: argparse.Namespace) -> None:
     for workers, name in names.items():
         wall = series[name]
         # A throughput is a ratio too: none from a series `timing` calls invalid.
-        rate = "invalid" if wall.problem() else f"{jobs[workers] / wall.median:7.3f}"
-        print(f"{name:<10} {wall.text(1.0, 's'):>18} {jobs[workers]:5d} {rate:>7}")
+        done = jobs.get(workers)
+        rate = "invalid" if wall.problem() or done is None else f"{done / wall.median:7.3f}"
+        count = "-" if done is None else str(done)
+        print(f"{name:<10} {wall.text(1.0, 's'):>18} {count:>5} {rate:>7}")
     for workers in args.workers:
         ratio = Ratio(series[names[workers]], series["inline"])
         print(f"wall-time ratio pool x{workers} / inline: {ratio.text()}")

@@ -153,3 +153,27 @@ def test_asking_for_cuda_where_there_is_none_stops_the_benchmark(monkeypatch) ->
     monkeypatch.setattr(timing.torch.cuda, "is_available", lambda: True)
     assert timing.chosen_devices(None) == ["cpu", "cuda"]
     assert timing.chosen_devices("cuda") == ["cuda"]
+
+
+def test_a_pool_study_with_failed_attack_jobs_is_no_measurement(tmp_path, capsys) -> None:
+    """bench_scale stopped with a RuntimeError when one study's attack jobs failed, losing
+    the other variants' times (audit AR5): that study's time is invalid, the rest print."""
+    path = _PATH.parent / "bench_scale.py"
+    spec = importlib.util.spec_from_file_location("bench_scale", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def study(out, num_clients, **flat):
+        failed = 1 if flat["attack.workers"] == 2 else 0
+        return {"wall": 2.0 - 0.5 * (flat["attack.workers"] == 1), "jobs": 4, "failed": failed}
+
+    module.study = study
+    args = module.argparse.Namespace(
+        clients=2, rounds=1, iterations=5, workers=[1, 2], worker_cpus=1.0, repeats=3
+    )
+    module.attacks_inline_vs_pool(tmp_path, args)
+    out = capsys.readouterr().out
+    assert "1 attack jobs failed with 2 workers" in out
+    assert "pool x2: invalid" in out and "wall-time ratio pool x2 / inline: no ratio" in out
+    assert "wall-time ratio pool x1 / inline: 0.75" in out
