@@ -18,6 +18,7 @@ from fedleak.training.gradients import (
     batchnorm_statistics,
     per_sample_gradients,
     per_sample_gradients_with_loss,
+    vmap_per_sample_gradients_with_loss,
 )
 from fedleak.training.update import (
     ClientUpdate,
@@ -353,3 +354,34 @@ def test_local_training_and_inputs_are_validated() -> None:
         compute_update(model, x, y, 10, NO_DEFENSE, LocalTraining("fedavg", 4), _gen())
     with pytest.raises(LocalTrainingError, match=r"expected 0\.\.9"):
         compute_update(model, x, y + 10, 10, NO_DEFENSE, LocalTraining("fedsgd", 3), _gen())
+
+
+class _SharedLayer(nn.Module):
+    """One Linear reached under two attribute names, applied twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(4, 4)
+        self.again = self.first
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.again(torch.tanh(self.first(x.flatten(1))))))
+
+
+def test_a_layer_under_two_names_keeps_its_parameters_and_gets_exact_gradients() -> None:
+    """torch's functional_call left plain tensors in such a model: after per-sample gradients
+    the caller's model had no parameters to train (audit AQ7)."""
+    torch.manual_seed(0)
+    model = _SharedLayer()
+    x, y = torch.rand(3, 1, 2, 2), torch.tensor([0, 1, 2])
+    before = {name: id(p) for name, p in model.named_parameters()}
+    grads = vmap_per_sample_gradients_with_loss(model, x, y)[0]
+    batch = batch_gradient(model, x, y)
+    assert {name: id(p) for name, p in model.named_parameters()} == before
+    assert all(isinstance(p, nn.Parameter) for p in model.parameters())
+    for i in range(3):
+        model.zero_grad()
+        F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
+        assert torch.allclose(grads["first.weight"][i], model.first.weight.grad, atol=1e-6)
+    torch.testing.assert_close(batch["first.weight"], grads["first.weight"].mean(0))

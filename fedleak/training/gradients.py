@@ -38,12 +38,21 @@ class PerSampleRefused(ValueError):
 
 @contextmanager
 def _training(model: nn.Module) -> Iterator[None]:
+    """Train mode for the block; afterwards the caller's mode, parameters and buffers.
+
+    torch's `functional_call` leaves plain tensors in place of the parameters of a module
+    reachable under two attribute names (`self.b = self.a`): the caller's model would stop
+    training. The registered tensors are put back as they were."""
     was_training = model.training
+    held = [(m, dict(m._parameters), dict(m._buffers)) for m in model.modules()]
     model.train()
     try:
         yield
     finally:
         model.train(was_training)
+        for module, parameters, buffers in held:
+            module._parameters.update(parameters)
+            module._buffers.update(buffers)
 
 
 def _parameters(model: nn.Module, params: Params | None) -> Params:
