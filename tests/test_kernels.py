@@ -157,3 +157,41 @@ def test_native_and_onednn_kernels_reconstruct_alike(lenet_case, monkeypatch):
     assert native.diagnostics["matching_loss"] == pytest.approx(
         onednn.diagnostics["matching_loss"], rel=1e-3
     )
+
+
+class _Attention(nn.Module):
+    """Rows of a 1x8x8 image attend to each other through torch's fused attention kernel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, 16)
+        self.attend = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self.embed(x.flatten(1, 2))
+        mixed, _ = self.attend(rows, rows, rows, need_weights=False)
+        return self.head(mixed.mean(1))
+
+
+@pytest.mark.parametrize("name", ["dlg", "ig"])
+def test_gradient_matching_differentiates_through_attention(name):
+    """torch's fused attention has no second derivative: every optimisation attack on a model
+    with nn.MultiheadAttention failed ("derivative for ..._flash_attention_for_cpu_backward is
+    not implemented", audit AQ6). The attacks match its gradient, and the switch is undone."""
+    torch.manual_seed(0)
+    model = _Attention()
+    x, y = torch.rand(1, 1, 8, 8), torch.tensor([2])
+    grads = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), model.parameters())
+    observation = observe(model, grads, input_shape=(1, 8, 8), num_examples=1)
+    knowledge = AttackerKnowledge(torch.empty(0, 1, 8, 8), torch.empty(0).long(), (1, 8, 8), 4)
+    attack = build_attack(name, {"restarts": 1})
+    first, last = (
+        attack.reconstruct(observation, knowledge, Budget(iterations, 600.0))
+        for iterations in (1, 200)
+    )
+    assert first.status == last.status == "ok"
+    assert last.diagnostics["matching_loss"] < 0.01 * first.diagnostics["matching_loss"]
+    assert (
+        torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    )

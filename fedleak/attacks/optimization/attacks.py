@@ -32,7 +32,11 @@ from fedleak.attacks.optimization.config import (
     ig_tv_weight,
 )
 from fedleak.attacks.optimization.engine import Outcome, Settings, StepDecay, optimise
-from fedleak.attacks.optimization.kernels import cpu_convolutions, native_pays
+from fedleak.attacks.optimization.kernels import (
+    cpu_convolutions,
+    differentiable_attention,
+    native_pays,
+)
 from fedleak.attacks.optimization.losses import (
     MatchingLoss,
     batchnorm_prior,
@@ -664,28 +668,29 @@ class BatchedInversion:
             members.append(member)
             where.append(index)
         if members:
-            first = members[0].problem
-            cap = budget.max_batch or automatic_cap(
-                first.device,
-                lambda: self._probe(members[0], budget),
-                update_bytes=first.update_bytes,
-            )
-            chunks = plan(
-                members,
-                key=lambda m: m.problem.batch_key(),
-                same=lambda a, b: a.problem.same_weights(b.problem),
-                problems=lambda m: m.problem.problems,
-                cap=cap,
-            )
-            for chunk in chunks:
-                try:
-                    done: Sequence[Reconstruction | Exception] = self._solve(
-                        chunk.members, knowledge, budget
-                    )
-                except Exception as error:  # e.g. out of memory: this stack's jobs fail
-                    done = [error] * chunk.size
-                for index, result in zip(chunk.indices, done, strict=True):
-                    results[where[index]] = result
+            with differentiable_attention():
+                first = members[0].problem
+                cap = budget.max_batch or automatic_cap(
+                    first.device,
+                    lambda: self._probe(members[0], budget),
+                    update_bytes=first.update_bytes,
+                )
+                chunks = plan(
+                    members,
+                    key=lambda m: m.problem.batch_key(),
+                    same=lambda a, b: a.problem.same_weights(b.problem),
+                    problems=lambda m: m.problem.problems,
+                    cap=cap,
+                )
+                for chunk in chunks:
+                    try:
+                        done: Sequence[Reconstruction | Exception] = self._solve(
+                            chunk.members, knowledge, budget
+                        )
+                    except Exception as error:  # e.g. out of memory: this stack's jobs fail
+                        done = [error] * chunk.size
+                    for index, result in zip(chunk.indices, done, strict=True):
+                        results[where[index]] = result
         assert all(result is not None for result in results)
         return results  # type: ignore[return-value]
 

@@ -1,4 +1,4 @@
-"""Which CPU convolution kernels an inversion problem runs on.
+"""Which kernels an inversion problem runs on: CPU convolutions, and attention.
 
 torch sends a float32 CPU convolution to oneDNN whenever the batch exceeds one or the kernel
 exceeds 3x3. oneDNN sets up every call anew (about 100 us here, against about 20 us of
@@ -12,6 +12,8 @@ round's stacked problems keep oneDNN (docs/performance.md, "CPU convolution kern
 
 The choice depends only on the model, the input shape and the stack, never on timing, so
 the same run computes the same bits on a loaded and an idle machine.
+
+Attention runs by its plain formula while an attack inverts (`differentiable_attention`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.modules.conv import _ConvNd
 
 # Multiply-adds of the largest convolution over the whole stack below which the native
@@ -88,3 +91,13 @@ def cpu_convolutions(native: bool) -> Iterator[None]:
         yield
     finally:
         torch.backends.mkldnn.enabled = before
+
+
+@contextmanager
+def differentiable_attention() -> Iterator[None]:
+    """`scaled_dot_product_attention` (and `nn.MultiheadAttention`) by its plain formula inside
+    the block: torch's fused attention kernels have no second derivative, and matching a
+    gradient differentiates the model's gradient, so every optimisation attack on a model with
+    attention failed. Process-wide like `cpu_convolutions`, and restored on the way out."""
+    with sdpa_kernel(SDPBackend.MATH):
+        yield

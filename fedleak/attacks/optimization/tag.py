@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from fedleak.attacks.optimization.engine import Settings, optimise
+from fedleak.attacks.optimization.kernels import differentiable_attention
 from fedleak.attacks.optimization.losses import tanh_mean, with_dp_clip
 from fedleak.attacks.optimization.replay import Replay, observed_updates
 from fedleak.attacks.types import AttackerKnowledge, Budget, Observation, Reconstruction
@@ -324,7 +325,8 @@ class TAG:
             check_every=cfg.check_every,
             description=self.name,
         )
-        outcome = optimise(objective, [embeddings, logits], settings, budget)
+        with differentiable_attention():
+            outcome = optimise(objective, [embeddings, logits], settings, budget)
         matching = outcome.matching.reshape(restarts, targets)
         best = matching.argmin(dim=0)
         pick = torch.arange(targets, device=best.device)
