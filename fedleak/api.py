@@ -22,6 +22,7 @@ import copy
 import functools
 import hashlib
 import math
+import numbers
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from fedleak.attacks.outcome import checked, image_shape, num_classes
+from fedleak.attacks.registry import attack_modalities, attack_seed
 from fedleak.attacks.threads import default_threads, torch_threads
 from fedleak.attacks.types import (
     Attack,
@@ -41,7 +43,8 @@ from fedleak.attacks.types import (
 )
 from fedleak.defenses.spec import parse_defense_spec
 from fedleak.metrics import assign, label_accuracy, label_multiset_accuracy, score_images
-from fedleak.models import MODELS, ModelSpec, register_model
+from fedleak.models import MODELS, ModelSpec, has_batchnorm, register_model
+from fedleak.models.fitness import random_in_training
 from fedleak.settings import ConfigError
 
 UPDATE_KINDS: tuple[UpdateKind, ...] = ("gradient", "delta")
@@ -90,7 +93,8 @@ def _architecture_name(model: nn.Module, identified: list[object]) -> str:
     snapshot)."""
     digest = hashlib.blake2b(digest_size=8)
     for path, module in model.named_modules():
-        digest.update(f"{path}:{type(module).__module__}.{type(module).__qualname__}".encode())
+        # The class by identity: a notebook cell run again defines a new class of one name.
+        digest.update(f"{path}:{_described(type(module), identified)}".encode())
         for key, value in sorted(vars(module).items()):
             if key in ("_parameters", "_buffers", "_modules", "training"):
                 continue
@@ -184,7 +188,8 @@ def _output_shape(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, 
 
 
 def _number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    # numpy's integers and floats are numbers.Real too; bools are not counts.
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _whole(name: str, value: object, low: int = 1) -> int:
@@ -264,6 +269,15 @@ def observe(
             "attacks match a gradient for every parameter: hold fixed tensors as buffers "
             "(register_buffer), or pass a model whose parameters all train"
         )
+    random = random_in_training(model)
+    if random is not None:
+        raise ConfigError(f"model: {random}")
+    if not model.training and has_batchnorm(model):
+        raise ConfigError(
+            "model: in eval() mode with BatchNorm, which normalises differently in training; "
+            "attacks replay a client's training step (train mode): pass the model in train() "
+            "mode, as it computed the update"
+        )
     names = [name for name, _ in model.named_parameters()]
     if isinstance(update, Mapping):
         tensors = dict(update)
@@ -310,6 +324,12 @@ def observe(
         stray = sorted(set(per_sample_updates) - set(names))
         if stray:
             raise ConfigError(f"per_sample_updates: {stray[0]!r} is not a parameter of the model")
+        absent = [name for name in names if name not in per_sample_updates]
+        if absent:
+            raise ConfigError(
+                f"per_sample_updates: no tensor for the model's parameter {absent[0]!r}; each "
+                "sample's update holds one for every parameter"
+            )
         _check_shapes("per_sample_updates", per_sample_updates, shapes, examples)
     if not isinstance(input_shape, Sequence) or len(input_shape) != 3:
         raise ConfigError(
@@ -332,6 +352,11 @@ def observe(
             )
     else:
         classes = _whole("num_classes", num_classes, low=2)
+        if len(out) == 2 and out[1] != classes:
+            raise ConfigError(
+                f"num_classes={classes}: the model scores {out[1]} classes for one input; "
+                f"expected num_classes={out[1]} (or leave it out)"
+            )
     own = model.state_dict()
     state = own if weights is None else weights
     missing = [key for key in own if key not in state]
@@ -343,11 +368,12 @@ def observe(
             raise ConfigError(f"weights: {stray[0]!r} is not in the model's state")
         _check_shapes("weights", dict(state), {k: v.shape for k, v in own.items()}, None)
     return Observation(
-        round=int(round),
-        client_id=int(client_id),
+        round=_whole("round", round),
+        client_id=_whole("client_id", client_id, low=0),
         model=model_spec_for(model, shape, classes),
         weights={k: v.detach().cpu().clone() for k, v in state.items()},
-        update={n: tensors[n].detach().cpu().float() for n in names if n in tensors},
+        # Copies: a caller's optimiser step or zero_grad() must not change what was seen.
+        update={n: _copy(tensors[n]) for n in names},
         update_kind=kind,
         num_examples=examples,
         batch_size=batch,
@@ -357,9 +383,14 @@ def observe(
         per_sample_updates=(
             None
             if per_sample_updates is None
-            else {k: v.detach().cpu().float() for k, v in per_sample_updates.items()}
+            else {k: _copy(v) for k, v in per_sample_updates.items()}
         ),
     )
+
+
+def _copy(tensor: Tensor) -> Tensor:
+    """A float32 CPU copy that shares no memory with the caller's tensor."""
+    return tensor.detach().to("cpu", torch.float32, copy=True)
 
 
 def knowledge(
@@ -392,7 +423,7 @@ def knowledge(
         input_shape=shape,
         num_classes=observation.model.num_classes,
         device=target,
-        seed=_whole("seed", seed, low=0),
+        seed=attack_seed(seed),
     )
 
 
@@ -445,6 +476,29 @@ def _check_auxiliary_images(inputs: Tensor, labels: Tensor, num_classes: int) ->
         )
 
 
+def _check_auxiliary_count(
+    attack: Attack, observation: Observation, attacker: AttackerKnowledge
+) -> None:
+    """Refuse, in the API's own words, an attack that needs more auxiliary data than given
+    (the attack's own check speaks of a run's data.aux-size)."""
+    check = getattr(attack, "check_feasible", None)
+    if check is None:
+        return
+    targets, count = observation.num_targets, len(attacker.aux_inputs)
+    try:
+        check(targets, count)
+    except ValueError as error:
+        try:
+            check(targets, max(count, 1) * 10**6)
+        except ValueError:
+            raise ConfigError(str(error)) from None
+        name = getattr(attack, "name", type(attack).__name__)
+        raise ConfigError(
+            f"aux_inputs: {name} needs more auxiliary data than the {count} samples given; "
+            "pass the attacker's own images as aux_inputs, aux_labels"
+        ) from None
+
+
 def reconstruct(
     attack: Attack,
     observation: Observation,
@@ -474,6 +528,19 @@ def reconstruct(
         raise ConfigError(f"observation: expected an Observation (fedleak.observe), got {kind}")
     if attacker is None:
         attacker = knowledge(observation, aux_inputs, aux_labels, device=_device(device))
+    elif aux_inputs is not None or aux_labels is not None:
+        raise ConfigError(
+            "aux_inputs, aux_labels: given beside attacker=, which holds the auxiliary data "
+            "already; pass one or the other"
+        )
+    modalities = attack_modalities(attack)
+    if observation.modality not in modalities:
+        name = getattr(attack, "name", type(attack).__name__)
+        raise ConfigError(
+            f"attack: {name} reconstructs {', '.join(modalities)}, but the observation's "
+            f"inputs are {observation.modality}"
+        )
+    _check_auxiliary_count(attack, observation, attacker)
     budget = Budget(
         _whole("max_iterations", max_iterations),
         _positive("max_seconds", max_seconds),
@@ -559,6 +626,9 @@ def score(
             f"inputs: pixel values from {float(truth.min()):.4g} to {float(truth.max()):.4g}; "
             "expected images in [0, 1]"
         )
+    if observation is not None and not isinstance(observation, Observation):
+        kind = type(observation).__name__
+        raise ConfigError(f"observation: expected the Observation the attack saw, got {kind}")
     if labels is not None:
         labels = _tensor("labels", labels).detach().cpu()
         if tuple(labels.shape) != (len(truth),) or labels.is_floating_point():
@@ -566,12 +636,27 @@ def score(
                 f"labels: expected {len(truth)} integer labels, one per input, got "
                 f"{labels.dtype} of shape {tuple(labels.shape)}"
             )
-    if observation is not None and not isinstance(observation, Observation):
-        kind = type(observation).__name__
-        raise ConfigError(f"observation: expected the Observation the attack saw, got {kind}")
+        classes = None if observation is None else num_classes(observation)
+        top = " >= 0" if classes is None else f" 0..{classes - 1}"
+        if int(labels.min()) < 0 or (classes is not None and int(labels.max()) >= classes):
+            raise ConfigError(
+                f"labels: classes from {int(labels.min())} to {int(labels.max())}; expected "
+                f"class indices{top}"
+            )
     if not isinstance(reconstruction, Reconstruction):
         guess = _tensor("reconstruction", reconstruction)
         reconstruction = Reconstruction(inputs=guess, labels=None)
+    inputs_guessed = reconstruction.inputs
+    guessed = (
+        tuple(inputs_guessed.shape[1:])
+        if isinstance(inputs_guessed, Tensor) and inputs_guessed.dim()
+        else ()
+    )
+    if reconstruction.status == "ok" and len(guessed) == 3 and guessed != tuple(truth.shape[1:]):
+        raise ConfigError(
+            f"inputs, reconstruction: private images of shape {tuple(truth.shape[1:])} and "
+            f"guesses of shape {guessed}; expected both [N, C, H, W] of one image shape"
+        )
     if reconstruction.status == "ok":
         count = reconstruction.inputs.shape[0] if reconstruction.inputs.dim() else 0
         classes = num_classes(observation) if observation is not None else None

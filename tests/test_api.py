@@ -204,6 +204,13 @@ def _net_and_grads() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
         ({"model": None}, r"^model: expected a torch\.nn\.Module, got NoneType$"),
         ({"model": "frozen"}, r"^model: parameter '0\.weight' is frozen \(requires_grad=False\)"),
         ({"model": "double"}, r"^model: parameter '0\.weight' is torch\.float64; fedleak's"),
+        # Audit AT: each was accepted and then inverted wrongly or failed deep in an attack.
+        ({"model": "dropout"}, r"^model: Dropout '4' \(p=0\.5\) draws random masks"),
+        ({"model": "eval-bn"}, r"^model: in eval\(\) mode with BatchNorm, which normalises"),
+        ({"num_classes": 100}, r"^num_classes=100: the model scores 10 classes for one input"),
+        ({"per_sample_updates": "part"}, r"^per_sample_updates: no tensor for the model's param"),
+        ({"round": 0}, r"^round=0: expected an integer >= 1$"),
+        ({"client_id": "a"}, r"^client_id='a': expected an integer >= 0$"),
     ],
 )
 def test_observe_refuses_what_no_client_could_send(change: dict, message: str) -> None:
@@ -233,6 +240,14 @@ def test_observe_refuses_what_no_client_could_send(change: dict, message: str) -
         model[0].weight.requires_grad_(False)
     if arguments.get("model") == "double":
         model.double()
+    if arguments.get("model") == "dropout":
+        model.insert(4, nn.Dropout(0.5))
+    if arguments.get("model") == "eval-bn":
+        model.insert(1, nn.BatchNorm2d(4))
+        model.eval()
+        grads = (*grads[:2], torch.zeros(4), torch.zeros(4), *grads[2:])
+    if arguments.get("per_sample_updates") == "part":
+        arguments["per_sample_updates"] = {"0.weight": torch.stack([grads[0]] * 2)}
     if "model" in arguments:
         model = arguments.pop("model") if arguments["model"] is None else model
         arguments.pop("model", None)
@@ -538,3 +553,84 @@ def test_the_attackers_images_are_checked_as_a_runs_data_set(
     aux_labels = torch.tensor([0, 1] if labels is None else labels)
     with pytest.raises(ConfigError, match=message):
         fedleak.knowledge(observation, inputs[aux], aux_labels)
+
+
+def test_a_class_defined_again_gets_its_own_snapshot() -> None:
+    """A notebook cell run again with a new forward defined a class of the same name and
+    module: the attack rebuilt the old class and inverted the wrong function (audit AT1)."""
+
+    def defined(activation) -> type[nn.Module]:
+        class Net(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.layer = nn.Linear(4, 3)
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return self.layer(activation(x.flatten(1)))
+
+        return Net
+
+    x = torch.rand(1, 1, 2, 2)
+    outputs = []
+    for activation in (torch.sigmoid, torch.relu):
+        torch.manual_seed(0)
+        model = defined(activation)()
+        grads = torch.autograd.grad(model(x).sum(), model.parameters())
+        observation = fedleak.observe(model, grads, input_shape=(1, 2, 2), num_examples=1)
+        rebuilt = fedleak.build_model(observation.model)
+        rebuilt.load_state_dict(observation.weights)
+        with torch.no_grad():
+            torch.testing.assert_close(rebuilt(x), model(x))
+            outputs.append(rebuilt(x))
+    assert not torch.allclose(*outputs)
+
+
+def test_the_observation_keeps_its_own_copy_of_the_update() -> None:
+    """An optimiser's zero_grad() after observe() emptied the observed gradient (audit AT5)."""
+    model, _ = _net_and_grads()
+    x, y = torch.rand(2, 1, 28, 28), torch.tensor([1, 2])
+    nn.functional.cross_entropy(model(x), y).backward()
+    grads = [p.grad for p in model.parameters()]
+    per_sample = {n: torch.stack([p.grad] * 2) for n, p in model.named_parameters()}
+    observation = fedleak.observe(
+        model, grads, input_shape=(1, 28, 28), num_examples=2, per_sample_updates=per_sample
+    )
+    seen = {n: u.clone() for n, u in observation.update.items()}
+    model.zero_grad(set_to_none=False)
+    for tensor in per_sample.values():
+        tensor.zero_()
+    assert all(torch.equal(observation.update[n], seen[n]) for n in seen)
+    assert all(u.abs().sum() > 0 for u in observation.per_sample_updates.values())
+
+
+def test_reconstruct_speaks_of_its_own_arguments() -> None:
+    """An attack needing auxiliary data said "set data.aux-size > 0", a run's setting; a text
+    attack on images failed inside the attack; aux data beside attacker= was dropped."""
+    observation, x, y = _client(batch=2)
+    for name in ("aux-mean", "lti"):
+        with pytest.raises(ConfigError, match=rf"^aux_inputs: {re.escape(name)} needs more aux"):
+            fedleak.reconstruct(fedleak.build_attack(name), observation)
+    with pytest.raises(ConfigError, match=r"^attack: aux-frequency reconstructs tokens, but"):
+        fedleak.reconstruct(fedleak.build_attack("aux-frequency"), observation)
+    attacker = fedleak.knowledge(observation, x, y)
+    with pytest.raises(ConfigError, match=r"^aux_inputs, aux_labels: given beside attacker="):
+        fedleak.reconstruct(fedleak.build_attack("ig"), observation, x, y, attacker=attacker)
+    with pytest.raises(ConfigError, match=r"^seed=4294967296: expected an integer in"):
+        fedleak.knowledge(observation, seed=2**32)
+
+
+def test_score_refuses_labels_and_shapes_that_do_not_fit() -> None:
+    """Labels out of range scored an accuracy of 0; a HWC batch was blamed on the guess."""
+    observation, x, y = _client(batch=2)
+    with pytest.raises(
+        ConfigError, match=r"^labels: classes from -\d+ to -\d+; expected class indices >= 0$"
+    ):
+        fedleak.score(x, x, y - 10)
+    with pytest.raises(
+        ConfigError, match=r"^labels: classes from 1\d to 1\d; expected class indices 0\.\.9$"
+    ):
+        fedleak.score(x, x, y + 10, observation=observation)
+    with pytest.raises(
+        ConfigError, match=r"^inputs, reconstruction: private images of shape \(28, 28, 1\)"
+    ):
+        fedleak.score(x, x.permute(0, 2, 3, 1).contiguous())

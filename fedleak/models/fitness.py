@@ -40,18 +40,16 @@ def unfit_reason(model: nn.Module, spec: ModelSpec, per_sample: bool) -> str | N
             "model carries both names and the stale one overwrites the trained one; use the "
             "shared module's weight in forward instead of assigning it to a second attribute"
         )
-    random = _train_mode_randomness(model)
+    random = random_in_training(model)
     if random is not None:
-        return (
-            f"{random} draws random masks in training from an unseeded generator, so two "
-            "runs of one seed would differ; set its dropout to 0"
-        )
+        return random
     if per_sample:
         return _coupling(model, spec)
     return None
 
 
-def _train_mode_randomness(model: nn.Module) -> str | None:
+def random_in_training(model: nn.Module) -> str | None:
+    """Why the model's training forward is random (a Dropout layer), or None."""
     for name, module in model.named_modules():
         rate = None
         if isinstance(module, nn.modules.dropout._DropoutNd):
@@ -59,7 +57,11 @@ def _train_mode_randomness(model: nn.Module) -> str | None:
         elif isinstance(module, nn.MultiheadAttention):
             rate = module.dropout
         if rate:
-            return f"{type(module).__name__} {name or '(the model)'!r} (p={rate:g})"
+            return (
+                f"{type(module).__name__} {name or '(the model)'!r} (p={rate:g}) draws random "
+                "masks in training from an unseeded generator, so two runs of one seed would "
+                "differ and no replay meets the client's masks; set its dropout to 0"
+            )
     return None
 
 
