@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -115,3 +116,19 @@ def test_a_problem_that_goes_non_finite_is_diverged_in_a_batch_as_alone():
         objective, start, dataclasses.replace(settings, keep_best=True), Budget(6, 60.0)
     )
     assert best.diverged.tolist() == [False, False]
+
+
+def test_a_part_whose_problems_were_all_lost_stops_where_it_would_alone():
+    outcome = Outcome(
+        variables=[torch.zeros(3, 2)],
+        matching=torch.tensor([math.inf, math.inf, 1.0]),
+        diverged=torch.tensor([True, True, False]),
+        iterations=20,
+        seconds=1.0,
+        stopped_by="iterations",
+        initial=torch.ones(3),
+        lost_at=torch.tensor([5, 10, -1]),
+    )
+    assert (outcome.part(0, 2).iterations, outcome.part(0, 2).stopped_by) == (10, "nan")
+    assert (outcome.part(0, 1).iterations, outcome.part(2, 3).iterations) == (5, 20)
+    assert outcome.part(2, 3).stopped_by == "iterations"

@@ -118,7 +118,8 @@ def run_batch(
     jobs: Sequence[AttackJob], attack: Attack, knowledge: AttackerKnowledge, budget: Budget
 ) -> list[AttackResult]:
     """Run one attack's jobs where this process is: as one batched call when the attack can,
-    else one job after another. Each job is charged an equal share of the batch's time."""
+    else one job after another. Each job is charged the seconds the attack reports for it,
+    or an equal share of the batch's time where it reports none."""
     if len(jobs) < 2 or not isinstance(attack, BatchAttack):
         return [run_job(job, attack, knowledge, budget) for job in jobs]
     observations = [job.observation for job in jobs]
@@ -144,9 +145,10 @@ def run_batch(
             results.append(AttackResult(job, failed_reconstruction(outcome, seconds)))
         else:
             observation = job.observation
+            own = getattr(outcome, "seconds", 0.0)
             outcome = checked(
                 outcome,
-                seconds,
+                own if isinstance(own, int | float) and own > 0 else seconds,
                 observation.num_targets,
                 image_shape(observation),
                 num_classes(observation),

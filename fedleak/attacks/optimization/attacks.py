@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -603,12 +604,15 @@ class BatchedInversion:
     `Budget.max_batch` problems, 0: automatic), optimises each stack as one problem and splits
     the outcome, so each observation gets the reconstruction and diagnostics it would get
     alone. Iterations are per problem; the seconds of a stack are those its jobs would have
-    had one after another (`max_seconds` x jobs), and each job is charged an equal share.
-    Subclasses give the objective, the optimiser settings and their diagnostics.
+    had one after another (`max_seconds` x jobs), and each job is charged its own set-up and
+    an equal share of its stack's time. Subclasses give the objective, the optimiser settings
+    and their diagnostics; one with `stacks_observations = False` solves each observation
+    (with its restarts) alone.
     """
 
     reference = False
     stateful = False  # every random choice comes from (seed, round, client): any worker will do
+    stacks_observations = True
 
     config: InversionConfig
     seed: int
@@ -657,7 +661,9 @@ class BatchedInversion:
         results: list[Reconstruction | Exception | None] = [None] * len(observations)
         members: list[Member] = []
         where: list[int] = []
+        set_up: list[float] = []
         for index, (observation, initial) in enumerate(zip(observations, starts, strict=True)):
+            began = time.perf_counter()
             try:
                 member = start(
                     self.seed, observation, knowledge, self.config, self._bn_mode(), initial
@@ -667,14 +673,18 @@ class BatchedInversion:
                 continue
             members.append(member)
             where.append(index)
+            set_up.append(time.perf_counter() - began)
         if members:
             with differentiable_attention():
                 first = members[0].problem
-                cap = budget.max_batch or automatic_cap(
-                    first.device,
-                    lambda: self._probe(members[0], budget),
-                    update_bytes=first.update_bytes,
-                )
+                if not self.stacks_observations:
+                    cap = 1  # a member larger than the cap is a chunk of its own
+                else:
+                    cap = budget.max_batch or automatic_cap(
+                        first.device,
+                        lambda: self._probe(members[0], budget),
+                        update_bytes=first.update_bytes,
+                    )
                 chunks = plan(
                     members,
                     key=lambda m: m.problem.batch_key(),
@@ -683,13 +693,18 @@ class BatchedInversion:
                     cap=cap,
                 )
                 for chunk in chunks:
+                    began = time.perf_counter()
                     try:
                         done: Sequence[Reconstruction | Exception] = self._solve(
                             chunk.members, knowledge, budget
                         )
                     except Exception as error:  # e.g. out of memory: this stack's jobs fail
                         done = [error] * chunk.size
+                    share = (time.perf_counter() - began) / chunk.size
                     for index, result in zip(chunk.indices, done, strict=True):
+                        if isinstance(result, Reconstruction):
+                            seconds = set_up[index] + share
+                            result = dataclasses.replace(result, seconds=seconds)
                         results[where[index]] = result
         assert all(result is not None for result in results)
         return results  # type: ignore[return-value]
@@ -738,6 +753,11 @@ class BatchedInversion:
 
 class DLG(BatchedInversion):
     """Deep Leakage from Gradients (and iDLG with `labels='auto'`): L2 matching, L-BFGS."""
+
+    # L-BFGS without a line search turns the round-off by which a stacked replay differs from
+    # a lone one (1e-7) into results up to 33 dB apart (audit AW1): a client's row must not
+    # depend on which clients shared its round, on attack.max-batch or on free GPU memory.
+    stacks_observations = False
 
     def __init__(self, config: DLGConfig | None = None, seed: int = 0, name: str = "dlg") -> None:
         self.config = config or DLGConfig()

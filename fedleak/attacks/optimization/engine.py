@@ -68,7 +68,8 @@ class Outcome:
     """The optimised variables (detached, the last finite iterate for diverged problems), the
     final matching loss per problem (+inf where diverged), the matching loss of the starting
     point per problem (`initial`, same evaluation as the final one; +inf where not finite),
-    and what the run used."""
+    and what the run used. `lost_at`: per problem, the iteration of the check that found its
+    iterate non-finite (-1 where none did)."""
 
     variables: list[Tensor]
     matching: Tensor
@@ -77,6 +78,7 @@ class Outcome:
     seconds: float
     stopped_by: str
     initial: Tensor
+    lost_at: Tensor | None = None
 
     def part(self, start: int, stop: int) -> Outcome:
         """Problems `start:stop` of a batched run: every per-problem tensor (leading dimension
@@ -94,7 +96,12 @@ class Outcome:
             self, **{f.name: cut(getattr(self, f.name)) for f in dataclasses.fields(self)}
         )
         if part.diverged.numel() and bool(part.diverged.all()):
-            part = dataclasses.replace(part, stopped_by="nan")  # as alone: every problem lost
+            # As alone: the run stops at the check that finds its last problem lost.
+            lost_at = part.lost_at
+            alone = part.iterations
+            if lost_at is not None and bool((lost_at >= 0).all()):
+                alone = int(lost_at.max())
+            part = dataclasses.replace(part, stopped_by="nan", iterations=alone)
         return part
 
 
@@ -350,6 +357,7 @@ def optimise(
     # Problems whose iterate went non-finite at a check: the snapshot kept for them is an
     # older iterate (perhaps the start), whose finite loss must not read as their result.
     lost = torch.zeros(initial.shape, dtype=torch.bool, device=initial.device)
+    lost_at = torch.full(initial.shape, -1, dtype=torch.long, device=initial.device)
     progress = progress_bar(total, settings.description, budget.show_progress)
     try:
         while iteration < total:
@@ -380,6 +388,7 @@ def optimise(
             if iteration % settings.check_every == 0 or iteration == total or out_of_time:
                 finite = _finite_per_problem(variables, matching.detach())
                 _keep(snapshot, variables, finite)
+                lost_at.masked_fill_(~finite & ~lost, iteration)
                 lost |= ~finite
                 progress.update(iteration - progress.n)
                 if budget.show_progress:
@@ -397,6 +406,7 @@ def optimise(
             best.offer(variables, objective(variables, None)[1])
         snapshot = best.variables
         lost[:] = False  # the best iterate seen is a result of the run, however it ended
+        lost_at[:] = -1
     matching = _final_matching(objective, snapshot)
     matching = torch.where(lost, torch.full_like(matching, math.inf), matching)
     return Outcome(
@@ -407,6 +417,7 @@ def optimise(
         seconds=time.perf_counter() - start,
         stopped_by=stopped_by,
         initial=initial,
+        lost_at=lost_at,
     )
 
 
