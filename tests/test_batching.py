@@ -151,6 +151,17 @@ def test_an_observation_that_cannot_be_inverted_fails_alone(mnist):
     assert isinstance(results[1], ObservationError) and "modality" in str(results[1])
     assert [r.status for r in (results[0], results[2])] == ["ok", "ok"]
     assert results[0].diagnostics["batch_jobs"] == 2
+    # An update of the wrong shape failed its whole stack in torch.cat (audit AW4).
+    observations, _, knowledge = _round(mnist, 3, 1, "batch")
+    update = dict(observations[1].update)
+    name = next(iter(update))
+    update[name] = torch.cat([update[name], update[name][:1]])
+    misshapen = dataclasses.replace(observations[1], update=update)
+    results = build_attack("ig").reconstruct_batch(
+        [observations[0], misshapen, observations[2]], knowledge, Budget(2, 600.0)
+    )
+    assert isinstance(results[1], ObservationError) and "has shape" in str(results[1])
+    assert [r.status for r in (results[0], results[2])] == ["ok", "ok"]
 
 
 def test_a_batch_shares_the_seconds_its_jobs_would_have_had(mnist):

@@ -297,6 +297,13 @@ def prepare(
     missing = [name for name in names if name not in shared]
     if missing:
         raise ObservationError(f"the update lacks parameters {missing[:3]}; expected all of them")
+    for name, parameter in model.named_parameters():
+        if tuple(shared[name].shape) != (targets, *parameter.shape):
+            # Else stacking it with other clients' updates fails them all.
+            raise ObservationError(
+                f"the update's {name!r} has shape {tuple(shared[name].shape[1:])}, expected "
+                f"{tuple(parameter.shape)}"
+            )
     target = [shared[name].to(device).float() for name in names]
     has_bn = has_batchnorm(model)
     mode = _resolve_bn_mode(bn_mode, observation, has_bn)

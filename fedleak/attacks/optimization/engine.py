@@ -3,7 +3,8 @@
 The objective returns one loss per problem; the loop sums them before `backward`, which keeps
 the problems independent (each problem's variables only receive its own gradient), and the
 optimisers act per coordinate (Adam) or per problem (the batched L-BFGS below), so a batch of
-T problems gives the same result as T separate runs, only faster.
+T problems gives the result of T separate runs, only faster, up to the round-off by which a
+stacked replay differs from a lone one (L-BFGS amplifies it: DLG solves each client alone).
 
 Nothing in the inner loop moves data to the host: NaN detection, snapshots and progress run
 every `check_every` iterations (the only synchronisations), the clock is read on the host every
