@@ -175,6 +175,25 @@ def test_a_run_recorded_with_a_spec_as_written_resumes_under_its_canonical_form(
         check_resumable(other, run.path)
 
 
+def test_an_attack_parameter_at_its_default_or_of_an_unused_attack_changes_no_study(
+    tmp_path: Path,
+) -> None:
+    """`attack.ig.restarts=1` (IG's default), or a key of an attack the run does not use,
+    refused the resume of a run begun without it: `flwr run`'s table lists such keys
+    (audit AV R1). A parameter that takes another value is still refused."""
+    from fedleak.simulations.study import check_resumable
+
+    settings = {"num-server-rounds": 1, "attack.names": "aux-mean,ig", "sim.resume": True}
+    run = RunDirectory.create(tmp_path / "run", parse_flat(settings), {})
+    run.append_round(0, [], _utility(0))
+    more = {**settings, "num-server-rounds": 2}
+    check_resumable(
+        parse_flat({**more, "attack.ig.restarts": 1, "attack.lti.cache-dir": "none"}), run.path
+    )
+    with pytest.raises(RunDirectoryError, match=r"differing: attack\.ig\.restarts='2' \(the run"):
+        check_resumable(parse_flat({**more, "attack.ig.restarts": 2}), run.path)
+
+
 def test_a_run_begun_on_a_gpu_is_not_resumed_on_the_cpu(tmp_path: Path) -> None:
     """`device=auto` on a machine without the GPU the run began on resumed it on the CPU:
     its resumed rounds were attacked and evaluated with other kernels."""

@@ -60,7 +60,7 @@ from fedleak.runtime import federated_data, model_spec
 from fedleak.server.build import cache_dirs
 from fedleak.server.payload import check_payload, clients_per_round
 from fedleak.server.pool import _cluster_address, local_cpus, ray_init_args
-from fedleak.settings import KeyHelp
+from fedleak.settings import KeyHelp, help_lines
 
 # What each modality's inputs are called in a refusal ("reconstructs images, not the tokens").
 _PLURAL = {"image": "images", "tokens": "tokens"}
@@ -120,6 +120,23 @@ def canonical(config: RunConfig) -> RunConfig:
     if spec == config.defense.spec:
         return config
     return dataclasses.replace(config, defense=dataclasses.replace(config.defense, spec=spec))
+
+
+def resume_form(config: RunConfig) -> RunConfig:
+    """The configuration as a resume compares it: each attack of the run with every parameter
+    at the value it takes (a key set to its default changes nothing), and the parameters of
+    attacks the run does not use dropped (they change nothing either)."""
+    params: dict[str, dict[str, object]] = {}
+    for name in config.attack.names:
+        given = config.attack.params.get(name, {})
+        try:
+            settings = attack_entry(name).configure(given)
+        except (ConfigError, PluginError):  # refused in its own words where it is used
+            params[name] = dict(given)
+            continue
+        if settings is not None:
+            params[name] = {line.key: line.default for line in help_lines(settings)}
+    return dataclasses.replace(config, attack=dataclasses.replace(config.attack, params=params))
 
 
 def check_seen_by_ray(config: RunConfig) -> None:

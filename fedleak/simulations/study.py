@@ -50,7 +50,12 @@ from fedleak.server.payload import check_round_payload
 from fedleak.server.privacy import PrivacyLedger
 from fedleak.server.selection import FederationError, declared_federation
 from fedleak.server.strategy import ClientCrashed
-from fedleak.server.validate import canonical, validate_components, validate_federation
+from fedleak.server.validate import (
+    canonical,
+    resume_form,
+    validate_components,
+    validate_federation,
+)
 from fedleak.simulations.recording import (
     RunRecorder,
     data_record,
@@ -177,8 +182,9 @@ def check_resumable(
         return
     config = canonical(config)
     run_dir = RunDirectory.open(path)
-    # A run recorded before specs were stored canonically is the same study.
-    run_dir.check_resume(config, canonical(run_dir.config))
+    # A run recorded before specs were stored canonically is the same study, and so is one
+    # that names an attack parameter at its default value (`flwr run`'s table lists keys).
+    run_dir.check_resume(resume_form(config), resume_form(canonical(run_dir.config)))
     run_dir.leakage()  # damaged records are said now, not after the resumed round's work
     run_dir.utility()
     if clients is not None:
