@@ -516,6 +516,18 @@ def test_the_console_summary_of_a_run_without_attacks_is_not_called_text(
     assert "what leaked (reconstructed = beats every floor" in out and "token" not in out
 
 
+def test_a_run_that_failed_before_its_first_round_says_why(tmp_path: Path) -> None:
+    """Its report and summary said only that no round had finished (audit AV D2)."""
+    config = parse_flat({"num-server-rounds": 2, "attack.names": "aux-mean"})
+    run = RunDirectory.create(tmp_path / "run", config, {})
+    run.mark_failed("ClientsMissing: 2 of 3 clients connected within sim.timeout=30 s")
+    build_report(run.path)
+    for name in ("report.md", "report.html"):
+        text = (run.path / name).read_text()
+        assert "The run failed (ClientsMissing: 2 of 3 clients connected" in text, name
+        assert "No round has finished yet" in text, name
+
+
 def test_a_text_run_without_attacks_is_described_as_text(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -464,3 +464,32 @@ def test_behind_a_superlink_the_federations_checks_run_before_round_one(
     reason = RunDirectory.open(out).failed_reason()
     assert reason.startswith("train.batch-size=3000") and "resume" not in reason
     assert RunDirectory.open(out).utility().empty  # not even round 0 was evaluated
+
+
+def test_a_federation_that_never_reaches_min_clients_ends_failed_with_its_reason(
+    tmp_path: Path,
+) -> None:
+    """Under `flwr run` with fewer supernodes than train.min-clients, the run folder was
+    left with neither DONE nor FAILED, and its summary did not say why (audit AV D1)."""
+    from fedleak.simulations.study import RunFailed, serve
+
+    class TwoNodes:
+        def get_node_ids(self) -> list[int]:
+            return [1, 2]
+
+    out = tmp_path / "run"
+    config = parse_flat(
+        {
+            "out-dir": str(out),
+            "num-server-rounds": 1,
+            "attack.names": "aux-mean",
+            "train.min-clients": 3,
+            "sim.timeout": 0.3,
+        }
+    )
+    with pytest.raises(RunFailed, match=r"2 of 3 clients connected within sim\.timeout=0\.3 s"):
+        serve(TwoNodes(), config)  # type: ignore[arg-type]
+    run = RunDirectory.open(out)
+    assert "2 of 3 clients connected" in run.failed_reason()
+    assert "**The run failed:** 2 of 3 clients connected" in (out / "summary.md").read_text()
+    assert not (out / "DONE").exists()

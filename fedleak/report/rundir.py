@@ -914,6 +914,9 @@ class RunDirectory:
             markdown_table(table),
             "",
         ]
+        failed = self.failed_reason()
+        if failed:
+            lines[4:4] = [f"**The run failed:** {failed}", ""]
         path = self.path / SUMMARY_FILE
         atomic_write(path, "\n".join(lines).encode("utf-8"))
         return path

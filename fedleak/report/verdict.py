@@ -282,7 +282,8 @@ def verdict(study: Study) -> str:
     """One paragraph: which attack leaks most under which defense, at what accuracy."""
     settings = setting_verdicts(study)
     if not settings:
-        return "No round has finished yet: nothing to conclude."
+        # A run that failed before its first round says why, not only that nothing finished.
+        return " ".join([*_incomplete(study), "No round has finished yet: nothing to conclude."])
     baselines = {v.group: v for v in settings if v.defense == "none"}
     chosen = settings
     intro = []

@@ -45,7 +45,7 @@ from fedleak.server.build import (
     initial_state,
     with_attack_caches,
 )
-from fedleak.server.grid import StoppableGrid
+from fedleak.server.grid import ClientsMissing, StoppableGrid
 from fedleak.server.payload import check_round_payload
 from fedleak.server.privacy import PrivacyLedger
 from fedleak.server.selection import FederationError, declared_federation
@@ -319,7 +319,13 @@ def _serve(
         return _finish(run_dir, None)
 
     # ε needs every client's partition size; the server's own `fd` has a single partition.
-    num_clients = grid.wait_for_nodes(clients or config.train.min_clients, config.sim.timeout)
+    try:
+        num_clients = grid.wait_for_nodes(clients or config.train.min_clients, config.sim.timeout)
+    except ClientsMissing as error:
+        # A new run's folder says why it ended; a resumed one is left as it was.
+        if resumed:
+            raise RunDirectoryError(f"{path}: {error}; the run is left as it was") from None
+        _fail(run_dir, f"{error} (train.min-clients={config.train.min_clients})")
     # Behind a SuperLink fedleak's own nodes say how many partitions there are; a foreign
     # ClientApp has no handler for the question (Flower logs an error on each node).
     if clients is None and app is None:
@@ -389,8 +395,8 @@ def _serve(
 def _fail(run_dir: RunDirectory, reason: str) -> NoReturn:
     """End a run that cannot go on: FAILED with the reason, the finished rounds summarised and
     reported, and `RunFailed` (one line) for the caller."""
-    run_dir.write_summary()
     run_dir.mark_failed(reason)
+    run_dir.write_summary()
     write_report(run_dir.path)
     raise RunFailed(f"{run_dir.path}: {reason}")
 
@@ -410,6 +416,7 @@ def _finish(run_dir: RunDirectory, first_error: str | None) -> Path:
         reason += f" (first error: {' '.join(first_error.split())[:300]})"
     if reason:
         run_dir.mark_failed(reason)
+        run_dir.write_summary()
         write_report(run_dir.path)  # the recorded rounds are worth a look all the same
         raise RunFailed(f"{run_dir.path}: {reason}")
     run_dir.mark_done()
