@@ -495,7 +495,7 @@ CASES = [
     Case(
         "out-holds-a-run",
         (*RUN, "--out", "{tmp}/done", "--set", "num-server-rounds=1"),
-        "already holds a run (utility.csv); resume it with --set sim.resume=true",
+        "already holds a run (utility.csv); resume it with sim.resume=true (--set with fedleak",
         status=1,
         setup=_finished_run,
     ),

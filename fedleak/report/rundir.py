@@ -373,8 +373,9 @@ class RunDirectory:
         for name in (UTILITY_FILE, LEAKAGE_FILE):
             if (path / name).exists():
                 raise RunDirectoryError(
-                    f"{path}: already holds a run ({name}); resume it with "
-                    "--set sim.resume=true or choose another out-dir"
+                    f"{path}: already holds a run ({name}); resume it with sim.resume=true "
+                    "(--set with fedleak run, --run-config with flwr run) or choose another "
+                    "out-dir"
                 )
 
     @classmethod

@@ -356,8 +356,8 @@ class CuriousStrategy(Strategy):
                 raise ClientCrashed(
                     f"round {server_round}: a client failed ({reason}); in a simulation only "
                     "sim.fail-rate's seeded failures belong to the study, so the run stops "
-                    "before recording this round: remove the cause and resume with --set "
-                    "sim.resume=true"
+                    "before recording this round: remove the cause and resume with sim.resume=true "
+                    "(--set with fedleak run, --run-config with flwr run)"
                 )
 
     def split(self, server_round: int, msg: Message) -> ClientReply:
