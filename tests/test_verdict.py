@@ -215,3 +215,33 @@ def test_a_data_set_without_test_images_says_accuracy_was_not_measured() -> None
     assert sentence.endswith(
         ". The global model's test accuracy was not measured (no test images)."
     )
+
+
+def test_the_verdict_says_what_the_attacker_saw_and_knew() -> None:
+    """A report under sign read "ig leaks most" without saying the server saw each sample's
+    own update, or that ig ignored the defense (adaptive = false) (audit AX1)."""
+    from types import SimpleNamespace
+
+    from fedleak.config import parse_flat
+    from fedleak.report.verdict import _threat_model
+
+    def study(*flats: dict) -> SimpleNamespace:
+        runs = [SimpleNamespace(config=parse_flat(flat)) for flat in flats]
+        return SimpleNamespace(scored_runs=runs)
+
+    base = {"attack.names": "aux-mean,ig,lti", "threat.share": "per-sample"}
+    blind = {**base, "defense.spec": "sign", "attack.ig.adaptive": "false"}
+    saw, knew = _threat_model(study(blind))
+    assert saw.startswith("The server saw each sample's own update (threat.share = per-sample)")
+    assert knew.startswith("Under the defenses, ig matched the updates as if undefended")
+    assert "is not shown to stop an attack that knows the defense" in knew
+    # Undefended, adaptation changes nothing; batch sharing needs no sentence.
+    undefended = {**base, "attack.ig.adaptive": False, "threat.share": "batch"}
+    assert _threat_model(study(undefended)) == []
+    adaptive = {**base, "defense.spec": "sign"}
+    mixed = _threat_model(study(adaptive, {**adaptive, "threat.share": "batch"}))
+    assert mixed == [
+        "In some runs the server saw each sample's own update (threat.share = per-sample), not "
+        "one update per client's batch: every attack inverts one sample at a time, the "
+        "attacker's easiest case."
+    ]

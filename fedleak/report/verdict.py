@@ -307,7 +307,14 @@ def verdict(study: Study) -> str:
         )
     sentences = [_setting_sentence(v, baselines.get(v.group)) for v in chosen]
     return " ".join(
-        [*_incomplete(study), *_lost_clients(study), *_aggregate_view(study), *intro, *sentences]
+        [
+            *_incomplete(study),
+            *_lost_clients(study),
+            *_aggregate_view(study),
+            *_threat_model(study),
+            *intro,
+            *sentences,
+        ]
     )
 
 
@@ -323,6 +330,43 @@ def _aggregate_view(study: Study) -> list[str]:
         "clients' updates (threat.view = aggregate, as under secure aggregation): every attack "
         "inverts one update of all the round's samples, and is scored against all of them."
     ]
+
+
+_PER_SAMPLE = ("per-sample", "client")
+
+
+def _threat_model(study: Study) -> list[str]:
+    """What the attacker saw and knew where a reader could assume less: each sample's own
+    update, and attacks told to ignore the defense they faced (a defense that stops such an
+    attack is not shown to stop one that adapts to it)."""
+    runs = study.scored_runs
+    sentences = []
+    alone = [r for r in runs if (r.config.threat.share, r.config.threat.view) == _PER_SAMPLE]
+    if alone:
+        where = "The server" if len(alone) == len(runs) else "In some runs the server"
+        sentences.append(
+            f"{where} saw each sample's own update (threat.share = per-sample), not one update "
+            "per client's batch: every attack inverts one sample at a time, the attacker's "
+            "easiest case."
+        )
+    blind = sorted(
+        {
+            attack
+            for r in runs
+            if r.config.defense.spec != "none"
+            for attack in r.config.attack.names
+            if str(r.config.attack.params.get(attack, {}).get("adaptive", "")).lower()
+            in ("false", "0")
+        }
+    )
+    if blind:
+        them = "it" if len(blind) == 1 else "them"
+        sentences.append(
+            f"Under the defenses, {', '.join(blind)} matched the updates as if undefended "
+            f"(attack.<name>.adaptive = false): a defense that stops {them} is not shown to "
+            "stop an attack that knows the defense."
+        )
+    return sentences
 
 
 def _lost_clients(study: Study) -> list[str]:
