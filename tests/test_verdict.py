@@ -233,7 +233,9 @@ def test_the_verdict_says_what_the_attacker_saw_and_knew() -> None:
     blind = {**base, "defense.spec": "sign", "attack.ig.adaptive": "false"}
     saw, knew = _threat_model(study(blind))
     assert saw.startswith("The server saw each sample's own update (threat.share = per-sample)")
-    assert knew.startswith("Under the defenses, ig matched the updates as if undefended")
+    assert knew.startswith(
+        "Under the defenses, ig matched the updates as if undefended (attack.ig.adaptive = false)"
+    )
     assert "is not shown to stop an attack that knows the defense" in knew
     # Undefended, adaptation changes nothing; batch sharing needs no sentence.
     undefended = {**base, "attack.ig.adaptive": False, "threat.share": "batch"}

@@ -361,10 +361,11 @@ def _threat_model(study: Study) -> list[str]:
     )
     if blind:
         them = "it" if len(blind) == 1 else "them"
+        key = f"attack.{blind[0] if len(blind) == 1 else '<name>'}.adaptive"
         sentences.append(
             f"Under the defenses, {', '.join(blind)} matched the updates as if undefended "
-            f"(attack.<name>.adaptive = false): a defense that stops {them} is not shown to "
-            "stop an attack that knows the defense."
+            f"({key} = false): a defense that stops {them} is not shown to stop an attack "
+            "that knows the defense."
         )
     return sentences
 
