@@ -493,3 +493,30 @@ def test_a_federation_that_never_reaches_min_clients_ends_failed_with_its_reason
     assert "2 of 3 clients connected" in run.failed_reason()
     assert "**The run failed:** 2 of 3 clients connected" in (out / "summary.md").read_text()
     assert not (out / "DONE").exists()
+
+
+def test_a_cache_folder_under_a_file_is_refused_before_a_run_folder_exists(
+    tmp_path: Path,
+) -> None:
+    """Under `flwr run` the run folder is made before the federation is known, and this
+    check waited for it: the refusal left a FAILED folder behind (audit AV D2)."""
+    from fedleak.settings import ConfigError
+    from fedleak.simulations.study import serve
+
+    class TwoNodes:
+        def get_node_ids(self) -> list[int]:
+            return [1, 2]
+
+    (tmp_path / "afile").write_text("x")
+    out = tmp_path / "run"
+    config = parse_flat(
+        {
+            "out-dir": str(out),
+            "num-server-rounds": 1,
+            "attack.names": "lti",
+            "attack.lti.cache-dir": str(tmp_path / "afile" / "sub"),
+        }
+    )
+    with pytest.raises(ConfigError, match=r"^attack\.lti\.cache-dir=.*afile is not a folder"):
+        serve(TwoNodes(), config)  # type: ignore[arg-type]
+    assert not out.exists()

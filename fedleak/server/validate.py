@@ -349,8 +349,6 @@ def check_attacks(config: RunConfig, fd: FederatedData, num_clients: int) -> Non
     elif config.threat.view == "aggregate":
         targets *= clients_per_round(config, num_clients)
     _check_batchnorm_prior(config, fd)
-    for name, folder in cache_dirs(config).items():
-        _check_cache_dir(name, folder)
     for name in config.attack.names:
         attack = build_attack(name, config.attack.params.get(name, {}))
         check = getattr(attack, "check_feasible", None)
@@ -474,6 +472,9 @@ def validate_components(config: RunConfig) -> None:
                 f"attack.{name}.init='aux-mean': starts from the mean auxiliary image, so "
                 "expected data.aux-size > 0 (or another init: randn, rand, half)"
             )
+    # Before any run folder exists (`flwr run` makes it before its federation is known).
+    for name, folder in cache_dirs(config).items():
+        _check_cache_dir(name, folder)
     _check_dp_sampling(config, pipeline)
     per_sample = config.threat.share == "per-sample" or pipeline.needs_per_sample
     aggregate = config.threat.view == "aggregate"
