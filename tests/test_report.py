@@ -976,6 +976,25 @@ def test_a_verdict_without_lpips_compares_with_the_floor_by_psnr(tmp_path: Path)
     )
 
 
+def test_a_report_without_lpips_does_not_describe_its_rule(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With no LPIPS measured, the report still said how LPIPS was taken and stated the
+    success rule as applied, and the console the rule's thresholds (audit BH3)."""
+    path = tmp_path / "no-lpips"
+    _make_run(path)
+    rows = pd.read_parquet(path / "leakage.parquet")
+    rows["lpips_alex"] = math.nan
+    rows.to_parquet(path / "leakage.parquet", index=False)
+    build_report(path)
+    markdown = (path / "report.md").read_text()
+    assert "LPIPS was not measured." in markdown
+    assert "LPIPS is reported from" not in markdown and "AlexNet) is at most" not in markdown
+    assert markdown.count("No sample's success is decided") == 2  # method and summary table
+    _headline(path)
+    assert "what leaked (reconstructed = not decided: no AlexNet LPIPS" in capsys.readouterr().out
+
+
 def test_two_floors_are_drawn_apart() -> None:
     """aux-mean and class-mean were both grey dashed lines: where they crossed, a reader could
     not tell which floor an attack was above."""
@@ -1160,12 +1179,16 @@ def test_attack_durations_are_a_median_and_range_never_a_negative_interval(
         ig = leakage["attack"] == "ig"
         runs = leakage.loc[ig].groupby(["round", "client_id"]).ngroup()
         leakage.loc[ig, "seconds"] = np.where(runs == 0, 30.0, 0.1)
+        # Iterations as a learned attack's: one training run, reuses of 0 (audit BH2: the
+        # column was their mean, beside a median of seconds).
+        leakage.loc[ig, "iterations"] = np.where(runs == 0, 90, 0)
         return leakage
 
     skewed = _with_leakage(run_report, tmp_path / "run", one_slow_run)
     table = cost_table(load_study(skewed))
     row = next(r for r in table.rows if r[0].text == "ig")
     assert row[2].text == "0.10 (0.10–30.00)"
+    assert row[3].text == "0 (0–90)"
     seconds = load_study(skewed).leakage().drop_duplicates(["round", "client_id", "attack"])
     mean, half, _ = mean_ci(seconds.loc[seconds["attack"] == "ig", "seconds"])
     assert mean - half < 0, "the case is one where a mean's interval reaches below zero"

@@ -35,7 +35,6 @@ from fedleak.report.rundir import (
 from fedleak.report.stats import median_interval
 from fedleak.report.tables import (
     METRICS,
-    SUCCESS_RULE,
     TEXT_FIGURE_METRICS,
     cost_table,
     failure_table,
@@ -47,6 +46,7 @@ from fedleak.report.tables import (
     originals,
     runs_table,
     scored,
+    success_rule,
     success_table,
     summary_table,
     training_table,
@@ -109,23 +109,29 @@ def _method(study: Study) -> list[Block]:
             f"attack runs{_attacked_rounds(rounds)}. It was "
             "built from the directory's files alone." + grouped
         ),
-        Text(" ".join(_scoring(study.modalities, lpips))),
+        Text(" ".join(_scoring(study.modalities, lpips, leakage))),
         *_lpips_note(study),
         *_tokenizer_note(study),
     ]
 
 
-def _scoring(modalities: frozenset[str], lpips: str) -> list[str]:
+def _scoring(modalities: frozenset[str], lpips: str, leakage: pd.DataFrame) -> list[str]:
     """How reconstructions were scored, for the modalities the study holds."""
     parts = []
     if "image" in modalities:
+        measured = lpips in leakage and leakage[lpips].notna().any()
+        how = (
+            f"LPIPS is reported from the `{lpips}` column; images under 64 px are upsampled "
+            "bilinearly to 64 px first (AlexNet takes no 28x28 input), so it is not comparable "
+            "with LPIPS taken at 32x32."
+            if measured
+            else "LPIPS was not measured."
+        )
         parts.append(
             "Each image reconstruction is scored against its own private sample when each "
             "sample's update was shared alone, else matched to one (Hungarian assignment on "
-            "MSE); images are in [0, 1] and PSNR uses a data range of 1. LPIPS is reported "
-            f"from the `{lpips}` column; images under 64 px are upsampled bilinearly to 64 px "
-            "first (AlexNet takes no 28x28 input), so it is not comparable with LPIPS taken "
-            f"at 32x32. {SUCCESS_RULE}."
+            f"MSE); images are in [0, 1] and PSNR uses a data range of 1. {how} "
+            f"{success_rule(leakage)}."
         )
     if "tokens" in modalities:
         parts.append(

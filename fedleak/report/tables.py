@@ -308,6 +308,24 @@ SUCCESS_RULE = (
     "the private images it resembles most, so the floors may be matched to others), the "
     "floors' median over the run stands in"
 )
+NO_SUCCESS_RULE = (
+    "No sample's success is decided: a sample counts as reconstructed by a rule on its "
+    "AlexNet LPIPS against the floors', and these runs measured none (metrics.lpips-nets, or "
+    "no pretrained weights)"
+)
+
+
+def success_decidable(leakage: pd.DataFrame) -> bool:
+    """Whether AlexNet's LPIPS, which the success rule reads, was measured on any row (or
+    there are no rows, which leave nothing undecided)."""
+    if leakage.empty:
+        return True
+    return "lpips_alex" in leakage and bool(leakage["lpips_alex"].notna().any())
+
+
+def success_rule(leakage: pd.DataFrame) -> str:
+    """`SUCCESS_RULE` where it could be applied, else why no success was decided."""
+    return SUCCESS_RULE if success_decidable(leakage) else NO_SUCCESS_RULE
 
 
 def success_table(study: Study) -> Table | None:
@@ -518,7 +536,8 @@ def summary_table(study: Study) -> Table:
     return Table(
         columns=columns,
         rows=tuple(body),
-        caption=f"Against the private originals. n: scored samples. {SUCCESS_RULE}; "
+        caption=f"Against the private originals. n: scored samples. "
+        f"{success_rule(study.leakage())}; "
         "exact 95% interval in brackets. Medians with their 95% order-statistic interval "
         "(the sample range for n < 6). The mean is given for LPIPS, which is bounded; PSNR's "
         "mean is not, because exact reconstructions (80+ dB) dominate it."
@@ -731,7 +750,7 @@ def incomplete_rounds_table(study: Study) -> Table | None:
 
 
 def cost_table(study: Study) -> Table:
-    """Per attack: attack runs, mean seconds and iterations per run, from the leakage rows."""
+    """Per attack: attack runs, seconds and iterations per run, from the leakage rows."""
     leakage = study.leakage()
     runs = leakage.drop_duplicates(_RUN)
     body = []
@@ -742,28 +761,28 @@ def cost_table(study: Study) -> Table:
                 Cell(attack),
                 Cell(str(len(rows))),
                 Cell(_median_range(rows["seconds"])),
-                Cell(f"{iterations.mean():.0f}" if len(iterations) else "–"),
+                Cell(_median_range(iterations, places=0)),
                 Cell(f"{rows['seconds'].sum():.1f}"),
             )
         )
     return Table(
         columns=("attack", "attack runs", "seconds per run", "iterations per run", "total seconds"),
         rows=tuple(body),
-        caption="Wall-clock time of each attack run on the server: median (fastest–slowest). "
-        "Durations are skewed (a learned attack's run that trains its inverter takes far "
-        "longer than one that reuses it), so no interval around a mean is given.",
+        caption="Wall-clock time and iterations of each attack run on the server: median "
+        "(smallest–largest). Both are skewed (a learned attack's run that trains its inverter "
+        "takes far longer than one that reuses it), so no mean is given.",
     )
 
 
-def _median_range(seconds: pd.Series) -> str:
-    """`1.23 (0.98–4.56)` over the finite durations; `–` without any."""
-    values = finite(seconds)
+def _median_range(values: pd.Series, places: int = 2) -> str:
+    """`1.23 (0.98–4.56)` over the finite values; `–` without any."""
+    values = finite(values)
     if values.size == 0:
         return "–"
     median = float(np.median(values))
     if values.size == 1:
-        return f"{median:.2f}"
-    return f"{median:.2f} ({values.min():.2f}–{values.max():.2f})"
+        return f"{median:.{places}f}"
+    return f"{median:.{places}f} ({values.min():.{places}f}–{values.max():.{places}f})"
 
 
 def _trained(diagnostics: Mapping[str, Any], key: str, default: Any) -> Any:

@@ -172,6 +172,7 @@ def _headline(path: Path) -> None:
     """The numbers that matter, per setting, after a run or sweep."""
     from fedleak.report.collect import load_study
     from fedleak.report.stats import SUCCESS_FRACTION, SUCCESS_LPIPS
+    from fedleak.report.tables import success_decidable
     from fedleak.report.verdict import headline
 
     study = load_study(path)
@@ -181,6 +182,8 @@ def _headline(path: Path) -> None:
             f"reconstructed = beats every floor, AlexNet LPIPS at most {SUCCESS_FRACTION:g} x "
             f"the aux mean's (or best floor's) and {SUCCESS_LPIPS['lpips_alex']:g}"
         )
+        if not success_decidable(study.leakage()):
+            rule = "reconstructed = not decided: no AlexNet LPIPS measured (metrics.lpips-nets)"
         if "tokens" in study.modalities:
             rule = "token accuracy = share of positions recovered"
         print("\n".join(["", f"what leaked ({rule}):", *lines]))
