@@ -96,6 +96,21 @@ def _strategy(
     return build_strategy(config, spec, fd, torch.device("cpu"), 0, inner, sink=sink)
 
 
+def test_the_server_neither_tests_on_nor_hands_the_attacker_a_clients_digit(app) -> None:
+    """The example named mnist5k, whose every digit its clients also trained on: its test
+    accuracy was on training digits and 80 of 400 private samples were in the attacker's
+    auxiliary set (audit BC1)."""
+    task, server_app = app
+    fd = federated_data(parse_flat(_settings(server_app)), 1)
+    clients = torch.cat([task.load_partition(p, 2)[0] for p in range(2)]).flatten(1)
+    seen = {row.numpy().tobytes() for row in clients}
+    auxiliary = fd.dataset.train_x[torch.from_numpy(fd.aux)]
+    for name, images in (("test", fd.dataset.test_x), ("auxiliary", auxiliary)):
+        assert len(images) >= 500, name
+        shared = sum(row.numpy().tobytes() in seen for row in images.flatten(1))
+        assert shared == 0, f"{shared} {name} digits are a client's"
+
+
 def _client_batch(task, partition: int, server_round: int, seed: int = 0, examples: int = 4):
     """The batch the example's ClientApp trains on (its own data loading and sampling)."""
     x, y = task.load_partition(partition, 2)

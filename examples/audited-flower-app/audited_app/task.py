@@ -39,12 +39,30 @@ def _digits() -> tuple[torch.Tensor, torch.Tensor]:
     return images, torch.from_numpy(table[:, 784].astype(np.int64))
 
 
+# The digits in a fixed order, cut three ways that share no digit: the clients' private data,
+# the app's held-out test digits, and public digits no client holds (an attacker's auxiliary
+# data of the clients' kind).
+CLIENT_DIGITS = 3_000
+TEST_DIGITS = 1_000
+
+
+def _order() -> torch.Tensor:
+    return torch.randperm(len(_digits()[0]), generator=torch.Generator().manual_seed(2024))
+
+
 def load_partition(partition_id: int, num_partitions: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """This client's share of the digits: an IID split, the same in every process."""
+    """This client's share of the clients' digits: an IID split, the same in every process."""
     images, labels = _digits()
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(2024))
-    mine = order[partition_id::num_partitions]
+    mine = _order()[:CLIENT_DIGITS][partition_id::num_partitions]
     return images[mine], labels[mine]
+
+
+def held_out() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The digits no client holds: (test images, test labels, public images, public labels)."""
+    images, labels = _digits()
+    rest = _order()[CLIENT_DIGITS:]
+    test, public = rest[:TEST_DIGITS], rest[TEST_DIGITS:]
+    return images[test], labels[test], images[public], labels[public]
 
 
 def local_batch(
