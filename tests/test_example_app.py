@@ -111,6 +111,33 @@ def test_the_server_neither_tests_on_nor_hands_the_attacker_a_clients_digit(app)
         assert shared == 0, f"{shared} {name} digits are a client's"
 
 
+def test_a_model_name_that_does_not_take_the_apps_weights_is_refused_first(
+    app, tmp_path: Path
+) -> None:
+    """torch's multi-line load_state_dict error came after the run folder was made (BC6)."""
+    import fedleak
+    from fedleak.settings import ConfigError
+
+    task, server_app = app
+    settings = {**_settings(server_app), "model.name": "lenet", "out-dir": str(tmp_path / "r")}
+    initial = ArrayRecord(task.Net().state_dict())
+    with pytest.raises(ConfigError, match=r"^model\.name='lenet': does not take the app's in"):
+        fedleak.audit(None, FedAvg(), settings, initial_arrays=initial)  # type: ignore[arg-type]
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_resumed_stateful_strategy_is_said_to_start_afresh() -> None:
+    """FedAdam's moments are in no checkpoint: its resumed rounds differed silently (BC2)."""
+    from flwr.serverapp.strategy import FedAdam, FedProx
+
+    from fedleak.simulations.study import ForeignServer, _restarted_state
+
+    assert _restarted_state(ForeignServer(FedAvg())) is None
+    assert _restarted_state(ForeignServer(FedProx())) is None
+    warning = _restarted_state(ForeignServer(FedAdam()))
+    assert warning is not None and warning.startswith("the app's FedAdam starts its own state")
+
+
 def _client_batch(task, partition: int, server_round: int, seed: int = 0, examples: int = 4):
     """The batch the example's ClientApp trains on (its own data loading and sampling)."""
     x, y = task.load_partition(partition, 2)

@@ -23,7 +23,16 @@ from flwr.app import ArrayRecord, ConfigRecord
 from flwr.common.logger import FLOWER_LOGGER
 from flwr.common.logger import log as flwr_log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy import (
+    Bulyan,
+    FedAvg,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    Krum,
+    MultiKrum,
+    Strategy,
+)
 from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
 from fedleak.config import ConfigError, RunConfig, attacked_rounds, parse_flat
@@ -145,6 +154,8 @@ def serve(
     """
     reuse_freed_memory()
     validate_components(config)
+    if app is not None:
+        _check_foreign_app(app, config)
     config = canonical(config)
     device = resolve_device(config.device)
     deterministic_kernels(device, config.deterministic)
@@ -269,6 +280,39 @@ def _check_same_data(run_dir: RunDirectory, config: RunConfig, fd: FederatedData
         )
 
 
+# Flower's strategies that keep nothing across rounds but the global weights, which the
+# checkpoint holds: a resumed audit of one of them continues the uninterrupted run.
+_STATELESS = (FedAvg, FedProx, FedMedian, FedTrimmedAvg, Krum, MultiKrum, Bulyan)
+
+
+def _check_foreign_app(app: ForeignServer, config: RunConfig) -> None:
+    """Before a run folder exists: the app's initial weights fit `model.name`'s model (else the
+    attacks would replay another model)."""
+    if app.initial_arrays is not None:
+        try:
+            with torch.random.fork_rng(devices=[]):  # the run's own draws stay as they were
+                spec = model_spec(config, federated_data(config, num_partitions=1))
+                initial_state(spec, app.initial_arrays.to_torch_state_dict())
+        except RuntimeError as error:
+            detail = " ".join(str(error).split())[:200]
+            raise ConfigError(
+                f"model.name={config.model.name!r}: does not take the app's initial_arrays "
+                f"({detail}); name the model class the app's strategy trains"
+            ) from None
+
+
+def _restarted_state(app: ForeignServer | None) -> str | None:
+    """Why a resumed audit is not the uninterrupted run: its strategy keeps state of its own
+    (a server-side optimiser's moments, momentum), which no checkpoint holds."""
+    if app is None or type(app.strategy) in _STATELESS:
+        return None
+    return (
+        f"the app's {type(app.strategy).__name__} starts its own state afresh (e.g. a "
+        "server-side optimiser's moments): fedleak's checkpoint holds the global weights only, "
+        "so the resumed rounds differ from an uninterrupted run"
+    )
+
+
 def _serve(
     grid: StoppableGrid,
     config: RunConfig,
@@ -290,6 +334,7 @@ def _serve(
         run_dir = RunDirectory.create(path, config, environment(device, config, data_record(fd)))
     tokenizer = getattr(fd.dataset, "tokenizer", None)
     warnings = [
+        _restarted_state(app) if resumed else None,
         lpips_warning(scored_lpips_nets(config)),
         tokenizer.shortfall(config.data.vocab_size) if tokenizer is not None else None,
         tokenizer.unknown_warning(fd.dataset.train_x) if tokenizer is not None else None,
