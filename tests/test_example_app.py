@@ -183,6 +183,46 @@ def _foreign_reply(task, weights, x, y, partition: int, training: LocalTraining,
     return Message(content=content, dst_node_id=partition + 1, message_type="train")
 
 
+def test_a_foreign_reply_is_read_under_its_strategys_keys_or_refused_in_one_line(app) -> None:
+    """FedAvg(arrayrecord_key=..., weighted_by_key=...) aggregates replies under its own keys,
+    but the curious server read "arrays" and "metrics" (KeyError; an undeclared client then
+    counted 0 examples and crashed the image grid); a ClientApp without fedleak's mod raised
+    KeyError 'audit' (audit BC3-BC5). Each is read, or refused as the run's one line."""
+    from fedleak.server.selection import FederationError
+
+    task, server_app = app
+    settings = _settings(server_app)
+    config = parse_flat(settings)
+    fd = federated_data(config, 1)
+    inner = FedAvg(
+        fraction_evaluate=0.0,
+        min_train_nodes=1,
+        min_available_nodes=1,
+        arrayrecord_key="weights",
+        weighted_by_key="n",
+    )
+    strategy = build_strategy(config, model_spec(config, fd), fd, torch.device("cpu"), 0, inner)
+    strategy.global_weights = dict(task.Net().state_dict())
+    x, y = _client_batch(task, 0, 1)
+    training = LocalTraining("fedavg", 2, 2, 0.1)
+
+    def reply(metrics: dict, declare: bool = False, mod: bool = True) -> Message:
+        sent = _foreign_reply(task, strategy.global_weights, x, y, 0, training, declare)
+        content = RecordDict(
+            {"weights": sent.content["arrays"], "train_metrics": MetricRecord(metrics)}
+        )
+        if mod:
+            add_declaration(content, 0, None)
+        return Message(content=content, dst_node_id=1, message_type="train")
+
+    observation = strategy.split(1, reply({"n": 4})).observation
+    assert observation.num_examples == 4 and observation.client_id == 0
+    with pytest.raises(FederationError, match=r"^round 1, client 0: the reply declares no batch"):
+        strategy.split(1, reply({"num-examples": 4}))
+    with pytest.raises(FederationError, match=r"^round 1: a reply carries no fedleak declaration"):
+        strategy.split(1, reply({"n": 4}, mod=False))
+
+
 def _rows(strategy: CuriousStrategy, replies: list[Message], server_round: int = 1):
     strategy.aggregate_train(server_round, replies)
     strategy.collect(wait=True)

@@ -62,7 +62,12 @@ from fedleak.server.central_dp import CentralDP
 from fedleak.server.payload import reply_bytes
 from fedleak.server.rounds import RoundHistory, RoundLog, RoundSink, ScoredJob
 from fedleak.server.runner import AttackJob, AttackRunner
-from fedleak.server.selection import ClientSelection, canonical_order, check_distinct_partitions
+from fedleak.server.selection import (
+    ClientSelection,
+    FederationError,
+    canonical_order,
+    check_distinct_partitions,
+)
 from fedleak.server.step import unit_step
 
 log = logging.getLogger(__name__)
@@ -365,6 +370,12 @@ class CuriousStrategy(Strategy):
         content = msg.content
         if DECLARED in content:
             return self.split_foreign(server_round, msg)
+        if AUDIT not in content or METRICS not in content:  # not fedleak's own client either
+            raise FederationError(
+                f"round {server_round}: a reply carries no fedleak declaration: the app's "
+                "ClientApp needs fedleak's client mod (ClientApp(mods=[fedleak_mod]), from "
+                "fedleak.client.audit)"
+            )
         metrics = content[METRICS]
         client_id = int(_metric(metrics, PARTITION_ID, -1))
         per_sample = tensors_of(content[PER_SAMPLE]) if PER_SAMPLE in content else None
@@ -399,11 +410,33 @@ class CuriousStrategy(Strategy):
         content = msg.content
         declared = content[DECLARED]
         client_id = int(declared[PARTITION_ID])
-        after = tensors_of(content[ARRAYS])
+        where = f"round {server_round}, client {client_id}"
+        # The records the app's strategy reads, under the keys it reads them by.
+        arrays_key = getattr(self.inner, "arrayrecord_key", ARRAYS)
+        if arrays_key not in content.array_records:
+            raise FederationError(
+                f"{where}: the reply holds no ArrayRecord {arrays_key!r} (the strategy's "
+                f"arrayrecord_key); it holds {sorted(content.array_records)}"
+            )
+        after = tensors_of(content[arrays_key])
         names = self.parameter_names()
         lr = float(declared.get("learning-rate", self.public.learning_rate))
-        reported = _metric(content[METRICS], NUM_EXAMPLES, 0) if METRICS in content else 0
-        examples = int(declared.get(NUM_EXAMPLES, reported))
+        weighted_by = getattr(self.inner, "weighted_by_key", NUM_EXAMPLES)
+        reported = next(
+            (
+                record[weighted_by]
+                for record in content.metric_records.values()
+                if weighted_by in record
+            ),
+            0,
+        )
+        examples = int(declared.get(NUM_EXAMPLES, reported))  # type: ignore[arg-type]
+        if examples < 1:
+            raise FederationError(
+                f"{where}: the reply declares no batch and its metrics report no "
+                f"{weighted_by!r} (the strategy's weighted_by_key): call declare(...) with the "
+                "batch the client trained on, or report how many examples it trained on"
+            )
         kind: UpdateKind = "delta"
         update = {n: after[n] - self.global_weights[n] for n in names}
         if declared.get("mode") == "fedsgd":
