@@ -202,6 +202,11 @@ class Declaration:
                 f"declare(batch_size={size}, local_steps={local_steps}, "
                 f"learning_rate={learning_rate}): expected positive values"
             )
+        if size > len(inputs):
+            raise ValueError(
+                f"declare(batch_size={size}): larger than the {len(inputs)} declared inputs its "
+                "mini-batches are drawn from; expected at most that"
+            )
         if mode == "fedsgd" and (int(local_steps) != 1 or size != len(inputs)):
             raise ValueError(
                 "declare(mode='fedsgd'): one step on one batch, so expected local_steps=1 and "

@@ -25,7 +25,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedleak.config import parse_flat
 from fedleak.defenses import parse_defense_spec
-from fedleak.messages import Declaration, add_declaration, reply_content, tensors_of
+from fedleak.messages import AUDIT, Declaration, add_declaration, reply_content, tensors_of
 from fedleak.models import build_model
 from fedleak.report.rundir import RunDirectory
 from fedleak.runtime import federated_data, model_spec
@@ -221,6 +221,12 @@ def test_a_foreign_reply_is_read_under_its_strategys_keys_or_refused_in_one_line
         strategy.split(1, reply({"num-examples": 4}))
     with pytest.raises(FederationError, match=r"^round 1: a reply carries no fedleak declaration"):
         strategy.split(1, reply({"n": 4}, mod=False))
+    # Declared labels the model cannot score were scored with a label accuracy of 0 (BC7).
+    wrong = _foreign_reply(task, strategy.global_weights, x, y, 0, training, True)
+    wrong.content["weights"] = wrong.content["arrays"]
+    wrong.content[AUDIT] = ArrayRecord({"inputs": x, "labels": y + 10})
+    with pytest.raises(FederationError, match=r"^round 1, client 0: declared labels up to 1\d,"):
+        strategy.split(1, wrong)
 
 
 def _rows(strategy: CuriousStrategy, replies: list[Message], server_round: int = 1):

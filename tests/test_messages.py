@@ -218,6 +218,14 @@ def test_a_declared_batch_outside_the_images_attacks_score_is_refused(inputs, la
     assert str(caught.value).startswith("declare(") and "\n" not in str(caught.value)
 
 
+def test_a_declared_batch_size_above_the_declared_inputs_is_refused() -> None:
+    """batch_size=400 with 4 inputs was accepted and reported as the batch size (audit BC7)."""
+    inputs, labels = torch.rand(4, 1, 4, 4), torch.tensor([0, 1, 2, 3])
+    with pytest.raises(ValueError, match=r"^declare\(batch_size=400\): larger than the 4 decl"):
+        Declaration.of(inputs, labels, "fedavg", 0.1, 2, 400)
+    assert Declaration.of(inputs, labels, "fedavg", 0.1, 2, 2).batch_size == 2
+
+
 def test_a_node_without_its_partition_says_how_to_start_it() -> None:
     """A SuperNode started without --node-config failed every round with a bare KeyError; the
     query answer carries the federation's size the server asks for at the start."""

@@ -459,6 +459,13 @@ class CuriousStrategy(Strategy):
         truth = None
         if AUDIT in content:
             truth = GroundTruth.from_audit(client_id, tensors_of(content[AUDIT]))
+            classes = self.public.model.num_classes
+            if truth.labels.numel() and int(truth.labels.max()) >= classes:
+                raise FederationError(
+                    f"{where}: declared labels up to {int(truth.labels.max())}, but "
+                    f"model.name={self.public.model.name!r} scores {classes} classes; expected "
+                    f"class indices 0..{classes - 1}"
+                )
         return ClientReply(observation, truth)
 
     def parameter_names(self) -> tuple[str, ...]:
