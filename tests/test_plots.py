@@ -138,3 +138,13 @@ def test_attacks_with_equal_values_stay_visible_as_nested_lines() -> None:
     alone = _visible_pixels({"dlg": same}, first)
     covered = _visible_pixels({"dlg": same, "ig": same}, first)
     assert covered > 0.4 * alone, (covered, alone)
+
+
+def test_the_frontiers_attack_keys_are_not_drawn_hollow() -> None:
+    """Hollow points mean attack runs that did not converge; the legend drew every attack's
+    key hollow (white), which read as "not converged" (audit BH5)."""
+    from matplotlib.colors import to_rgba
+
+    key = plots.attack_key("ig", "s")
+    assert key.get_label() == "attack: ig" and key.get_marker() == "s"
+    assert to_rgba(key.get_markerfacecolor()) != to_rgba("white")

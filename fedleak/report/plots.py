@@ -36,6 +36,8 @@ TITLE_CHARACTERS = 36
 FLOOR_STYLE = {"color": "0.35", "linestyle": "--", "linewidth": 1.4}
 # Two floors (aux-mean, class-mean) in one panel must be told apart, and may cross.
 FLOOR_LINES = ("--", ":", "-.")
+# An attack's marker in the frontier's legend: neither a setting's colour nor hollow.
+ATTACK_KEY_GREY = "0.6"
 SUCCESS = Metric("success", "success rate (%)", True, 0)
 
 Setting = tuple[str, str]  # (group, defense)
@@ -285,6 +287,21 @@ def rounds_figure(
     return _png(figure)
 
 
+def attack_key(attack: str, marker: str) -> Line2D:
+    """The legend's key to an attack's marker: filled grey, since a hollow point means that
+    the attack's runs did not converge."""
+    return Line2D(
+        [],
+        [],
+        linestyle="",
+        marker=marker,
+        markersize=7,
+        color=ATTACK_KEY_GREY,
+        markeredgecolor="black",
+        label=f"attack: {attack}",
+    )
+
+
 def frontier_figure(
     points: pd.DataFrame, metrics: list[Metric], setting_order: Sequence[Setting] = ()
 ) -> bytes:
@@ -359,19 +376,7 @@ def frontier_figure(
                 [], [], linestyle="", marker="o", markersize=7, color=colors[setting], label=label
             )
         )
-    handles += [
-        Line2D(
-            [],
-            [],
-            linestyle="",
-            marker=markers[a],
-            markersize=7,
-            color="white",
-            markeredgecolor="black",
-            label=f"attack: {a}",
-        )
-        for a in attacks
-    ]
+    handles += [attack_key(a, markers[a]) for a in attacks]
     figure.legend(
         handles=handles, loc="upper left", bbox_to_anchor=(1.0, 0.95), fontsize=8, frameon=False
     )
