@@ -247,3 +247,13 @@ def test_the_verdict_says_what_the_attacker_saw_and_knew() -> None:
         "one update per client's batch: every attack inverts one sample at a time, the "
         "attacker's easiest case."
     ]
+
+
+def test_an_accuracy_over_several_seeds_says_it_is_a_mean() -> None:
+    """Two seeds' runs read as one run's accuracy (audit BH6)."""
+    floor = _summary("aux-mean", 0, 12.01, 0.478)
+    ig = _summary("ig", 185, 47.61, 0.0001)
+    alone = SettingVerdict("", "none", (ig,), floor, 0.1, 0.102, (2,))
+    assert "is 0.102 after round 2 (round 0" in _setting_sentence(alone, alone)
+    seeds = SettingVerdict("", "none", (ig,), floor, 0.1, 0.102, (2,), final_runs=2)
+    assert "is 0.102 after round 2 (the mean of its 2 runs)" in _setting_sentence(seeds, seeds)

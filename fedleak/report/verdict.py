@@ -36,6 +36,7 @@ class SettingVerdict:
     accuracy_start: float
     accuracy_final: float
     final_rounds: tuple[int, ...]  # the distinct last rounds of its runs, in order
+    final_runs: int = 1  # the runs its final accuracy is the mean of
 
     @property
     def label(self) -> str:
@@ -103,6 +104,7 @@ def setting_verdicts(study: Study) -> list[SettingVerdict]:
                     accuracy_start=_mean(start["test_accuracy"]),
                     accuracy_final=_mean(runs["test_accuracy"]) if len(runs) else math.nan,
                     final_rounds=tuple(sorted({int(r) for r in runs["round"]})),
+                    final_runs=max(1, int(runs["test_accuracy"].notna().sum())),
                 )
             )
     return out
@@ -271,6 +273,8 @@ def _setting_sentence(v: SettingVerdict, baseline: SettingVerdict | None) -> str
         text += f" (a mean over runs that stopped after rounds {last})"
     elif v.final_rounds and v.final_rounds[0]:
         text += f" after round {v.final_rounds[0]}"
+        if v.final_runs > 1:
+            text += f" (the mean of its {v.final_runs} runs)"
     if math.isfinite(v.accuracy_start):
         text += f" (round 0: {_accuracy(v.accuracy_start)})"
     if baseline is not None and baseline is not v and math.isfinite(baseline.accuracy_final):
