@@ -257,3 +257,19 @@ def test_an_accuracy_over_several_seeds_says_it_is_a_mean() -> None:
     assert "is 0.102 after round 2 (round 0" in _setting_sentence(alone, alone)
     seeds = SettingVerdict("", "none", (ig,), floor, 0.1, 0.102, (2,), final_runs=2)
     assert "is 0.102 after round 2 (the mean of its 2 runs)" in _setting_sentence(seeds, seeds)
+
+
+def test_a_leader_behind_the_floor_in_both_medians_says_it_leaks_through_few_samples() -> None:
+    """ "ig leaks most: it reconstructed 4/64 ... (median PSNR 11.11 dB, LPIPS 0.326) against
+    the floor's 12.34 dB, 0.278" read as beating the floor (audit BH4)."""
+    floor = _summary("class-mean", 0, 12.34, 0.278, n=64)
+    ig = _summary("ig", 4, 11.11, 0.326, n=64)
+    sentence = _setting_sentence(SettingVerdict("", "none", (ig,), floor, 0.1, 0.5, (2,)), None)
+    assert "ig leaks most: it reconstructed 4/64 (6%)" in sentence
+    assert (
+        "; its typical reconstruction is no closer than the floor's, so it leaks through "
+        "those 4 samples alone" in sentence
+    )
+    ahead = _summary("ig", 40, 20.0, 0.1, n=64)
+    sentence = _setting_sentence(SettingVerdict("", "none", (ahead,), floor, 0.1, 0.5, (2,)), None)
+    assert "typical reconstruction" not in sentence

@@ -160,6 +160,15 @@ def _at_floor(s: SettingSummary, v: SettingVerdict) -> bool:
     return bool(no_closer or no_higher_psnr)
 
 
+def _typically_behind(s: SettingSummary, floor: SettingSummary) -> bool:
+    """Both of the attack's image medians are at or behind the floor's (LPIPS not lower, PSNR
+    not higher), though some of its samples beat the floor ("leaks most" alone would read as a
+    typical reconstruction closer than the floor's)."""
+    if s.tokens or not (s.lpips.n and floor.lpips.n and s.psnr.n and floor.psnr.n):
+        return False
+    return s.lpips.value >= floor.lpips.value and s.psnr.value <= floor.psnr.value
+
+
 def _unconverged(s: SettingSummary, v: SettingVerdict) -> str:
     """A note for an attack whose runs did not converge (its matching loss fell less than
     tenfold: the budget ran out or the update could not be matched), '' otherwise. Above the
@@ -255,6 +264,11 @@ def _setting_sentence(v: SettingVerdict, baseline: SettingVerdict | None) -> str
             text = f"{where}, {leader.attack} leaks most{ranked}: it {reconstructed}"
             if floor is not None:
                 text += f" against the {floor.attack} floor's {_scores(floor)}"
+                if _typically_behind(leader, floor):
+                    text += (
+                        f"; its typical reconstruction is no closer than the floor's, so it "
+                        f"leaks through those {leader.success.k} samples alone"
+                    )
             text += _unconverged(leader, v)
         text += _left_out(leader)
         if len(v.attacks) > 1:
