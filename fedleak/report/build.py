@@ -409,8 +409,9 @@ def _images_section(study: Study) -> list[Block]:
     ranking = "LPIPS (lower = closer)" if measured else "PSNR (higher = closer; no LPIPS measured)"
     intro = Text(
         "Reconstructions as a person sees them, enlarged without smoothing. Columns are chosen "
-        f"by rank of {ranking}, so the worst column shows how often an attack fails, not only "
-        "its best case."
+        f"by rank of {ranking} among the samples whose images were saved (the first "
+        "attack.images-per-client of each attacked client), so the worst column shows how an "
+        "attack fails, not only its best case; the tables rank every scored sample."
         + (
             f" Shown for the first {MAX_GRID_SETTINGS} settings."
             if len(settings) > MAX_GRID_SETTINGS
