@@ -104,7 +104,7 @@ def test_the_server_neither_tests_on_nor_hands_the_attacker_a_clients_digit(app)
     fd = federated_data(parse_flat(_settings(server_app)), 1)
     clients = torch.cat([task.load_partition(p, 2)[0] for p in range(2)]).flatten(1)
     seen = {row.numpy().tobytes() for row in clients}
-    auxiliary = fd.dataset.train_x[torch.from_numpy(fd.aux)]
+    auxiliary = fd.dataset.train_x[fd.aux.tolist()]
     for name, images in (("test", fd.dataset.test_x), ("auxiliary", auxiliary)):
         assert len(images) >= 500, name
         shared = sum(row.numpy().tobytes() in seen for row in images.flatten(1))

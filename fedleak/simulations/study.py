@@ -212,14 +212,23 @@ def check_resumable(
     if checkpoint is None:
         return
     spec = model_spec(config, fd)
-    try:
-        initial_state(spec, checkpoint[1])
-    except RuntimeError as error:
-        detail = " ".join(str(error).split())[:200]
+    detail = _misfit(config, fd, checkpoint[1])
+    if detail is not None:
         raise RunDirectoryError(
             f"{path / 'checkpoints' / 'global.pt'}: does not fit model {spec.name} on "
             f"{spec.input_shape} ({detail}); restore it or start again in a new out-dir"
-        ) from None
+        )
+
+
+def _misfit(config: RunConfig, fd: FederatedData, state: Mapping[str, torch.Tensor]) -> str | None:
+    """Why `state` does not load into the configured model (torch's message, on one line), or
+    None. The check draws nothing from the run's own random streams."""
+    try:
+        with torch.random.fork_rng(devices=[]):
+            initial_state(model_spec(config, fd), state)
+    except RuntimeError as error:
+        return " ".join(str(error).split())[:200]
+    return None
 
 
 def _check_same_device(run_dir: RunDirectory, device: torch.device) -> None:
@@ -288,17 +297,15 @@ _STATELESS = (FedAvg, FedProx, FedMedian, FedTrimmedAvg, Krum, MultiKrum, Bulyan
 def _check_foreign_app(app: ForeignServer, config: RunConfig) -> None:
     """Before a run folder exists: the app's initial weights fit `model.name`'s model (else the
     attacks would replay another model)."""
-    if app.initial_arrays is not None:
-        try:
-            with torch.random.fork_rng(devices=[]):  # the run's own draws stay as they were
-                spec = model_spec(config, federated_data(config, num_partitions=1))
-                initial_state(spec, app.initial_arrays.to_torch_state_dict())
-        except RuntimeError as error:
-            detail = " ".join(str(error).split())[:200]
-            raise ConfigError(
-                f"model.name={config.model.name!r}: does not take the app's initial_arrays "
-                f"({detail}); name the model class the app's strategy trains"
-            ) from None
+    if app.initial_arrays is None:
+        return
+    fd = federated_data(config, num_partitions=1)
+    detail = _misfit(config, fd, app.initial_arrays.to_torch_state_dict())
+    if detail is not None:
+        raise ConfigError(
+            f"model.name={config.model.name!r}: does not take the app's initial_arrays "
+            f"({detail}); name the model class the app's strategy trains"
+        )
 
 
 def _restarted_state(app: ForeignServer | None) -> str | None:
