@@ -24,6 +24,7 @@ import hashlib
 import math
 import numbers
 import time
+import types
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -50,9 +51,9 @@ from fedleak.settings import ConfigError
 UPDATE_KINDS: tuple[UpdateKind, ...] = ("gradient", "delta")
 
 
-# Each registered snapshot's skeleton, and every object its name describes by identity, kept
-# alive: a freed object's id goes to the next one allocated, and a later model would then
-# reuse a stale snapshot.
+# Each registered snapshot's skeleton, and the objects its name describes (classes, functions,
+# other attribute objects), kept alive: a model shares a snapshot only with the very objects
+# it was registered with, and a freed object's id would otherwise go to a later one.
 _SNAPSHOTS: dict[str, tuple[nn.Module, list[object]]] = {}
 
 
@@ -63,10 +64,42 @@ def _values_digest(tensor: Tensor) -> str:
     return f"tensor{tuple(tensor.shape)}:{tensor.dtype}:{values}"
 
 
+def _code_text(code: types.CodeType) -> str:
+    """What a function computes: its bytecode, constants and names, not where it lies (a
+    notebook cell's file name changes with the process)."""
+    consts = ",".join(
+        _code_text(c)
+        if isinstance(c, types.CodeType)
+        else repr(sorted(c, key=repr) if isinstance(c, frozenset) else c)
+        for c in code.co_consts
+    )
+    return f"{code.co_code.hex()}|{consts}|{code.co_names}|{code.co_varnames}"
+
+
+def _code_of(value: object) -> str:
+    """The code of a Python function, or of a class's own methods outside torch (its MRO);
+    '' for what has none (a builtin such as torch.sigmoid, named by module and name)."""
+    function = getattr(value, "__func__", value)
+    code = getattr(function, "__code__", None)
+    if isinstance(code, types.CodeType):
+        return _code_text(code)
+    if not isinstance(value, type):
+        return ""
+    methods = [
+        f"{klass.__qualname__}.{key}:{_code_of(member)}"
+        for klass in value.__mro__
+        if klass is not object and not klass.__module__.startswith("torch")
+        for key, member in sorted(vars(klass).items())
+        if callable(getattr(member, "__func__", member)) and _code_of(member)
+    ]
+    return ";".join(methods)
+
+
 def _described(value: object, identified: list[object]) -> str:
     """A module attribute as it decides the computation: plain values and tensors (a
-    normalising mean) by value, functions and other objects by identity (appended to
-    `identified`), containers element by element."""
+    normalising mean) by value, containers element by element, and functions, classes and
+    other objects by module, name and code (the same in every process), each appended to
+    `identified`: `model_spec_for` tells apart objects of one description."""
     if value is None or isinstance(value, bool | int | float | str | torch.dtype):
         return repr(value)
     if isinstance(value, Tensor):
@@ -82,7 +115,8 @@ def _described(value: object, identified: list[object]) -> str:
         return f"partial({_described(value.func, identified)},{arguments})"
     identified.append(value)
     name = getattr(value, "__qualname__", type(value).__qualname__)
-    return f"{getattr(value, '__module__', '')}.{name}@{id(value)}"
+    code = hashlib.blake2b(_code_of(value).encode(), digest_size=8).hexdigest()
+    return f"{getattr(value, '__module__', '')}.{name}#{code}"
 
 
 def _architecture_name(model: nn.Module, identified: list[object]) -> str:
@@ -93,7 +127,7 @@ def _architecture_name(model: nn.Module, identified: list[object]) -> str:
     snapshot)."""
     digest = hashlib.blake2b(digest_size=8)
     for path, module in model.named_modules():
-        # The class by identity: a notebook cell run again defines a new class of one name.
+        # The class with its code: a notebook cell run again defines a new class of one name.
         digest.update(f"{path}:{_described(type(module), identified)}".encode())
         for key, value in sorted(vars(module).items()):
             if key in ("_parameters", "_buffers", "_modules", "training"):
@@ -114,14 +148,26 @@ def _architecture_name(model: nn.Module, identified: list[object]) -> str:
 def model_spec_for(model: nn.Module, input_shape: Sequence[int], num_classes: int) -> ModelSpec:
     """A `ModelSpec` attacks can rebuild `model` from in this process: its architecture is
     registered (a snapshot; the weights travel in the observation). Two models share a
-    snapshot only when their digests agree (`_architecture_name`)."""
+    snapshot only when their digests agree (`_architecture_name`) and they hold the same
+    objects; the first model of a digest gets the same name in every process (an attack's
+    saved state, keyed by it, is found again), others of that digest a numbered one."""
     identified: list[object] = []
-    name = _architecture_name(model, identified)
+    base = _architecture_name(model, identified)
+    name, copies = base, 1
+    while name in _SNAPSHOTS and not _same_objects(_SNAPSHOTS[name][1], identified):
+        copies += 1
+        name = f"{base}-{copies}"
     if name not in MODELS:
         template = _skeleton(model)
         register_model(name, lambda _shape, _classes: _materialised(template), replace=True)
         _SNAPSHOTS[name] = (template, identified)
     return ModelSpec(name, tuple(int(d) for d in input_shape), int(num_classes))
+
+
+def _same_objects(kept: list[object], described: list[object]) -> bool:
+    if len(kept) != len(described):
+        return False
+    return all(a is b for a, b in zip(kept, described, strict=True))
 
 
 def _skeleton(model: nn.Module) -> nn.Module:

@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -634,3 +636,39 @@ def test_score_refuses_labels_and_shapes_that_do_not_fit() -> None:
         ConfigError, match=r"^inputs, reconstruction: private images of shape \(28, 28, 1\)"
     ):
         fedleak.score(x, x.permute(0, 2, 3, 1).contiguous())
+
+
+def test_a_models_snapshot_has_one_name_in_every_process() -> None:
+    """Naming a snapshot by its class's id gave each process another name, so LTI never found
+    the inverter an earlier process had saved for the same model (audit AY R1)."""
+    code = textwrap.dedent(
+        """
+        import torch
+        from torch import nn
+        import fedleak
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.layer, self.activation = nn.Linear(4, 3), torch.sigmoid
+                self.scale = lambda t: 2 * t
+
+            def forward(self, x):
+                return self.layer(self.scale(self.activation(x.flatten(1))))
+
+        model = Net()
+        grads = [torch.zeros_like(p) for p in model.parameters()]
+        print(fedleak.observe(model, grads, input_shape=(1, 2, 2), num_examples=1).model.name)
+        """
+    )
+    names = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+        ).stdout.strip()
+        for seed in ("1", "2")
+    }
+    assert len(names) == 1 and next(iter(names)).startswith("custom-net-")
