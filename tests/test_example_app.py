@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedleak.config import parse_flat
@@ -217,6 +217,13 @@ def test_a_foreign_reply_is_read_under_its_strategys_keys_or_refused_in_one_line
 
     observation = strategy.split(1, reply({"n": 4})).observation
     assert observation.num_examples == 4 and observation.client_id == 0
+    # Flower's DP wrappers hold the wrapped strategy, and its keys, as `.strategy` (AY D1).
+    wrapped = DifferentialPrivacyServerSideFixedClipping(
+        inner, noise_multiplier=0.1, clipping_norm=1.0, num_sampled_clients=1
+    )
+    private = build_strategy(config, model_spec(config, fd), fd, torch.device("cpu"), 0, wrapped)
+    private.global_weights = strategy.global_weights
+    assert private.split(1, reply({"n": 4})).observation.num_examples == 4
     with pytest.raises(FederationError, match=r"^round 1, client 0: the reply declares no batch"):
         strategy.split(1, reply({"num-examples": 4}))
     with pytest.raises(FederationError, match=r"^round 1: a reply carries no fedleak declaration"):

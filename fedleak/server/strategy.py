@@ -412,7 +412,7 @@ class CuriousStrategy(Strategy):
         client_id = int(declared[PARTITION_ID])
         where = f"round {server_round}, client {client_id}"
         # The records the app's strategy reads, under the keys it reads them by.
-        arrays_key = getattr(self.inner, "arrayrecord_key", ARRAYS)
+        arrays_key = _strategy_setting(self.inner, "arrayrecord_key", ARRAYS)
         if arrays_key not in content.array_records:
             raise FederationError(
                 f"{where}: the reply holds no ArrayRecord {arrays_key!r} (the strategy's "
@@ -421,7 +421,7 @@ class CuriousStrategy(Strategy):
         after = tensors_of(content[arrays_key])
         names = self.parameter_names()
         lr = float(declared.get("learning-rate", self.public.learning_rate))
-        weighted_by = getattr(self.inner, "weighted_by_key", NUM_EXAMPLES)
+        weighted_by = _strategy_setting(self.inner, "weighted_by_key", NUM_EXAMPLES)
         reported = next(
             (
                 record[weighted_by]
@@ -625,3 +625,16 @@ class CuriousStrategy(Strategy):
     def central_epsilon(self) -> float:
         """Client-level ε of central DP so far (`CentralDP` as the inner strategy), else NaN."""
         return self.inner.epsilon() if isinstance(self.inner, CentralDP) else math.nan
+
+
+def _strategy_setting(strategy: Strategy, name: str, default: str) -> str:
+    """A setting of an app's strategy, read through wrappers (Flower's DP wrappers hold the
+    strategy they wrap as `.strategy`, without its settings)."""
+    seen: set[int] = set()
+    current: object = strategy
+    while current is not None and id(current) not in seen:
+        if hasattr(current, name):
+            return str(getattr(current, name))
+        seen.add(id(current))
+        current = getattr(current, "strategy", None)
+    return default
