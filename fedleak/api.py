@@ -44,7 +44,7 @@ from fedleak.attacks.types import (
 )
 from fedleak.defenses.spec import parse_defense_spec
 from fedleak.metrics import assign, label_accuracy, label_multiset_accuracy, score_images
-from fedleak.models import MODELS, ModelSpec, has_batchnorm, register_model
+from fedleak.models import MODELS, ModelSpec, register_model
 from fedleak.models.fitness import random_in_training
 from fedleak.settings import ConfigError
 
@@ -318,7 +318,12 @@ def observe(
     random = random_in_training(model)
     if random is not None:
         raise ConfigError(f"model: {random}")
-    if not model.training and has_batchnorm(model):
+    tracking = [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
+    if not model.training and tracking:
         raise ConfigError(
             "model: in eval() mode with BatchNorm, which normalises differently in training; "
             "attacks replay a client's training step (train mode): pass the model in train() "

@@ -638,6 +638,17 @@ def test_score_refuses_labels_and_shapes_that_do_not_fit() -> None:
         fedleak.score(x, x.permute(0, 2, 3, 1).contiguous())
 
 
+def test_batchnorm_without_running_statistics_may_be_observed_in_eval_mode() -> None:
+    """It normalises with the batch's own statistics in both modes (audit AY D2)."""
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2, track_running_stats=False), nn.Flatten()
+    )
+    model.append(nn.Linear(2 * 4 * 4, 3)).eval()
+    grads = [torch.zeros_like(p) for p in model.parameters()]
+    observation = fedleak.observe(model, grads, input_shape=(1, 6, 6), num_examples=2)
+    assert observation.num_examples == 2
+
+
 def test_a_models_snapshot_has_one_name_in_every_process() -> None:
     """Naming a snapshot by its class's id gave each process another name, so LTI never found
     the inverter an earlier process had saved for the same model (audit AY R1)."""

@@ -132,8 +132,12 @@ def test_a_resumed_stateful_strategy_is_said_to_start_afresh() -> None:
 
     from fedleak.simulations.study import ForeignServer, _restarted_state
 
+    class Renamed(FedAvg):  # aggregates as FedAvg does (audit AY D3)
+        pass
+
     assert _restarted_state(ForeignServer(FedAvg())) is None
     assert _restarted_state(ForeignServer(FedProx())) is None
+    assert _restarted_state(ForeignServer(Renamed())) is None
     warning = _restarted_state(ForeignServer(FedAdam()))
     assert warning is not None and warning.startswith("the app's FedAdam starts its own state")
 
