@@ -808,6 +808,11 @@ def test_a_component_registered_by_code_is_refused_where_ray_processes_need_it(
                 check_seen_by_ray(config)
         check_seen_by_ray(parse_flat({"attack.names": "aux-mean,test-by-code-attack"}))
         check_seen_by_ray(parse_flat({"model.name": "lenet", "defense.spec": "gauss:0.1"}))
+        # An audited app's clients are its own: only attack workers need the model (BC9).
+        audited = {"model.name": "test-by-code-net", "data.dataset": "test-by-code"}
+        check_seen_by_ray(parse_flat(audited), own_clients=False)
+        with pytest.raises(ConfigError, match=r"^model\.name: 'test-by-code-net' .* \(or set at"):
+            check_seen_by_ray(parse_flat({**audited, "attack.workers": 1}), own_clients=False)
         # The study refuses it before Ray starts or a run directory is made.
         config = parse_flat({"out-dir": str(tmp_path / "run"), "data.dataset": "test-by-code"})
         with pytest.raises(ConfigError, match=r"registered by code in this process only"):

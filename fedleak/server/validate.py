@@ -139,24 +139,30 @@ def resume_form(config: RunConfig) -> RunConfig:
     return dataclasses.replace(config, attack=dataclasses.replace(config.attack, params=params))
 
 
-def check_seen_by_ray(config: RunConfig) -> None:
+def check_seen_by_ray(config: RunConfig, own_clients: bool = True) -> None:
     """Refuse a component registered by code in this process where another process needs it:
     Ray's client actors build the model, load the data and apply the defense, and attack
-    workers (`attack.workers` > 0) run the attacks; none of them runs the caller's code, so the
-    run would fail in its first round (or, for a replaced built-in, use the built-in)."""
-    needed = [
-        (MODELS, "model.name", config.model.name, "fedleak.models"),
-        (DATASETS, "data.dataset", config.data.dataset, "fedleak.datasets"),
-    ]
-    needed += [
-        (DEFENSES, "defense.spec", name, "fedleak.defenses")
-        for name in defense_names(config.defense.spec)
-    ]
+    workers (`attack.workers` > 0) build the model and run the attacks; none of them runs the
+    caller's code, so the run would fail in its first round (or, for a replaced built-in, use
+    the built-in). An audited app's clients are its own (`own_clients` False)."""
+    needed = []
+    if own_clients:
+        needed += [
+            (MODELS, "model.name", config.model.name, "fedleak.models"),
+            (DATASETS, "data.dataset", config.data.dataset, "fedleak.datasets"),
+        ]
+        needed += [
+            (DEFENSES, "defense.spec", name, "fedleak.defenses")
+            for name in defense_names(config.defense.spec)
+        ]
     if config.attack.workers > 0:
+        if not own_clients:
+            needed.append((MODELS, "model.name", config.model.name, "fedleak.models"))
         needed += [(ATTACKS, "attack.names", n, "fedleak.attacks") for n in config.attack.names]
     for registry, setting, name, group in needed:
         if registry.only_in_this_process(name):
-            inline = " (or set attack.workers = 0)" if registry is ATTACKS else ""
+            workers_only = registry is ATTACKS or not own_clients
+            inline = " (or set attack.workers = 0)" if workers_only else ""
             raise ConfigError(
                 f"{setting}: {name!r} is registered by code in this process only, which the "
                 f"run's Ray processes do not run; ship it with an entry point in group "

@@ -61,6 +61,7 @@ from fedleak.server.selection import FederationError, declared_federation
 from fedleak.server.strategy import ClientCrashed
 from fedleak.server.validate import (
     canonical,
+    check_seen_by_ray,
     resume_form,
     validate_components,
     validate_federation,
@@ -296,7 +297,8 @@ _STATELESS = (FedAvg, FedProx, FedMedian, FedTrimmedAvg, Krum, MultiKrum, Bulyan
 
 def _check_foreign_app(app: ForeignServer, config: RunConfig) -> None:
     """Before a run folder exists: the app's initial weights fit `model.name`'s model (else the
-    attacks would replay another model)."""
+    attacks would replay another model), and attack workers find what they build."""
+    check_seen_by_ray(config, own_clients=False)
     if app.initial_arrays is None:
         return
     fd = federated_data(config, num_partitions=1)
