@@ -995,6 +995,25 @@ def test_a_report_without_lpips_does_not_describe_its_rule(
     assert "what leaked (reconstructed = not decided: no AlexNet LPIPS" in capsys.readouterr().out
 
 
+def test_a_protocol_the_clients_declared_is_said_beside_the_configuration(
+    tmp_path: Path,
+) -> None:
+    """An audited app's report showed only fedleak's own train.* (batch size 1, one local
+    step) beside rows of clients that declared batch 2 (audit BC8)."""
+    path = tmp_path / "audited"
+    _make_run(path)
+    build_report(path)
+    assert "declared another protocol" not in (path / "report.md").read_text()
+    rows = pd.read_parquet(path / "leakage.parquet")
+    rows["batch_size"] = 7
+    rows.to_parquet(path / "leakage.parquet", index=False)
+    build_report(path)
+    assert (
+        "The attacked clients declared another protocol than `train.*` below (batch size 7)"
+        in (path / "report.md").read_text()
+    )
+
+
 def test_two_floors_are_drawn_apart() -> None:
     """aux-mean and class-mean were both grey dashed lines: where they crossed, a reader could
     not tell which floor an attack was above."""

@@ -449,6 +449,32 @@ def _command_line_settings(study: Study) -> str:
     return ", ".join(f"{key}={value}" for key, value in recorded.items())
 
 
+def _declared_protocol(study: Study) -> list[Block]:
+    """A note where the attacked clients recorded another protocol than `train.*`: an audited
+    app's clients declare their own, and `train.*` then describes no client of the run."""
+    leakage, config = study.leakage(), study.runs[0].config
+    if config.threat.view == "aggregate":  # its rows record the round's pooled batch
+        return []
+    train = config.train
+    recorded = {
+        column: sorted({str(v) for v in leakage[column].dropna()})
+        for column in ("mode", "batch_size")
+        if column in leakage
+    }
+    configured = {"mode": str(train.mode), "batch_size": str(train.batch_size)}
+    differing = {k: v for k, v in recorded.items() if v and v != [configured[k]]}
+    if not differing:
+        return []
+    shown = "; ".join(f"{k.replace('_', ' ')} {', '.join(v)}" for k, v in differing.items())
+    return [
+        Text(
+            f"The attacked clients declared another protocol than `train.*` below ({shown}): "
+            "an audited app's clients train as the app does, and the rows and the summary "
+            "record what they declared."
+        )
+    ]
+
+
 def _setup_section(study: Study) -> list[Block]:
     blocks: list[Block] = [
         Heading("Runs and times"),
@@ -457,6 +483,7 @@ def _setup_section(study: Study) -> list[Block]:
         Heading("Configuration"),
     ]
     if study.kind == "run":
+        blocks += _declared_protocol(study)
         blocks.append(Code((study.runs[0].path / "config.toml").read_text(encoding="utf-8")))
     else:
         source = study.path / SWEEP_SOURCE
