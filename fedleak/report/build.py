@@ -30,6 +30,7 @@ from fedleak.report.rundir import (
     atomic_write,
     is_run_directory,
     lpips_column,
+    recorded,
     replace_owned_files,
 )
 from fedleak.report.stats import median_interval
@@ -456,19 +457,20 @@ def _declared_protocol(study: Study) -> list[Block]:
     if config.threat.view == "aggregate":  # its rows record the round's pooled batch
         return []
     train = config.train
-    recorded = {
-        column: sorted({str(v) for v in leakage[column].dropna()})
-        for column in ("mode", "batch_size")
-        if column in leakage
-    }
-    configured = {"mode": str(train.mode), "batch_size": str(train.batch_size)}
-    differing = {k: v for k, v in recorded.items() if v and v != [configured[k]]}
+    differing = [
+        f"{label} {shown}"
+        for column, label, configured in (
+            ("mode", "mode", train.mode),
+            ("batch_size", "batch size", train.batch_size),
+        )
+        if (shown := recorded(leakage, column, configured)) != str(configured)
+    ]
     if not differing:
         return []
-    shown = "; ".join(f"{k.replace('_', ' ')} {', '.join(v)}" for k, v in differing.items())
     return [
         Text(
-            f"The attacked clients declared another protocol than `train.*` below ({shown}): "
+            "The attacked clients declared another protocol than `train.*` below "
+            f"({'; '.join(differing)}): "
             "an audited app's clients train as the app does, and the rows and the summary "
             "record what they declared."
         )

@@ -892,8 +892,8 @@ class RunDirectory:
         """summary.md: a per-round table built from utility.csv and leakage.parquet alone."""
         config, leakage = self.config, self.leakage()
         table = round_table(self.utility(), leakage)
-        mode = _recorded(leakage, "mode", config.train.mode)
-        batch = f"batch size {_recorded(leakage, 'batch_size', config.train.batch_size)}"
+        mode = recorded(leakage, "mode", config.train.mode)
+        batch = f"batch size {recorded(leakage, 'batch_size', config.train.batch_size)}"
         if config.threat.view == "aggregate":
             # The rows record the attacked update's batch: the round's aggregate.
             batch = (
@@ -923,7 +923,7 @@ class RunDirectory:
         return path
 
 
-def _recorded(leakage: pd.DataFrame, column: str, configured: object) -> str:
+def recorded(leakage: pd.DataFrame, column: str, configured: object) -> str:
     """What the attacked clients' rows record (an audited app's clients declare their mode and
     batch size, whatever the settings say), else the setting."""
     values = sorted(set(leakage[column].dropna()))  # batch sizes in numeric order: 4, 16

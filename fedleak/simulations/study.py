@@ -313,8 +313,8 @@ def _check_foreign_app(app: ForeignServer, config: RunConfig) -> None:
 def _restarted_state(app: ForeignServer | None) -> str | None:
     """Why a resumed audit is not the uninterrupted run: its strategy keeps state of its own
     (a server-side optimiser's moments, momentum), which no checkpoint holds."""
-    aggregate = type(app.strategy).aggregate_train if app is not None else None
-    if app is None or aggregate in {kind.aggregate_train for kind in _STATELESS}:
+    stateless = {kind.aggregate_train for kind in _STATELESS}
+    if app is None or type(app.strategy).aggregate_train in stateless:
         return None  # one of them, or a subclass that aggregates as it does
     return (
         f"the app's {type(app.strategy).__name__} starts its own state afresh (e.g. a "
