@@ -21,7 +21,13 @@ from fedleak.config import ConfigError, RunConfig
 from fedleak.interrupt import stop_requested
 from fedleak.report.rundir import RunDirectory, RunDirectoryError
 from fedleak.simulations.launch import StudyInterrupted, _stop_on_first_signal
-from fedleak.simulations.presets import PRESETS_DIR, is_sweep, list_presets, load_preset
+from fedleak.simulations.presets import (
+    PRESETS_DIR,
+    is_sweep,
+    list_presets,
+    load_preset,
+    preset_path,
+)
 from fedleak.simulations.sweep import (
     SweepError,
     SweepFailed,
@@ -684,6 +690,22 @@ def test_a_second_ctrl_c_leaves_the_running_cell_marked_interrupted(tmp_path: Pa
         "pending",
         "pending",
     ]
+
+
+def test_a_shipped_name_is_the_shipped_preset_whatever_the_working_directory_holds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A sweep run with `--out .` leaves a folder of the sweep's name: rerunning the same command
+    # must continue the sweep, and a stray file of a preset's name must not replace the preset.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dp-frontier").mkdir()
+    (tmp_path / "quickstart").write_text('name = "not-the-preset"\n')
+    assert preset_path("dp-frontier") == PRESETS_DIR / "dp-frontier.toml"
+    assert is_sweep("dp-frontier")
+    assert load_preset("quickstart").name == "quickstart"
+    assert load_preset("./quickstart").name == "not-the-preset"
+    (tmp_path / "mine").write_text('name = "mine"\n')
+    assert load_preset("mine").name == "mine"
 
 
 def test_presets_are_listed_loaded_and_valid() -> None:

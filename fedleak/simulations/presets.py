@@ -28,10 +28,16 @@ def _names() -> list[str]:
 
 
 def preset_path(name_or_path: str | Path) -> Path:
-    """The file of a preset name (`lti-table`) or an existing TOML path; ConfigError otherwise."""
+    """The file of a preset name (`lti-table`) or an existing TOML path; ConfigError otherwise.
+
+    A bare shipped name means the shipped preset even where the working directory holds a file
+    or folder of that name (a sweep run with `--out .` leaves one); `./name` reads the local one."""
     text = str(name_or_path)
     if not text or "\x00" in text:
         raise ConfigError(f"preset {text!r}: expected a preset name or a path to a .toml file")
+    shipped = PRESETS_DIR / f"{text}.toml"
+    if "/" not in text and not text.endswith(".toml") and shipped.is_file():
+        return shipped
     candidate = Path(name_or_path)
     try:
         exists = candidate.exists()
@@ -44,13 +50,9 @@ def preset_path(name_or_path: str | Path) -> Path:
             kind = "a folder" if candidate.is_dir() else "not a regular file"
             raise ConfigError(f"{candidate}: {kind}; expected a preset (.toml) file")
         return candidate
-    path = PRESETS_DIR / f"{name_or_path}.toml"
-    if not path.is_file():
-        raise ConfigError(
-            f"preset {str(name_or_path)!r}: unknown; expected one of {', '.join(_names())} "
-            "or a path to a .toml file"
-        )
-    return path
+    raise ConfigError(
+        f"preset {text!r}: unknown; expected one of {', '.join(_names())} or a path to a .toml file"
+    )
 
 
 def read_preset_text(path: Path) -> str:
