@@ -34,6 +34,17 @@ TINY_LTI = {
 }
 
 CHEAP = {
+    "demo": (
+        {
+            **TINY_LTI,
+            "attack.max-iterations": 4,
+            "num-server-rounds": 2,
+            "attack.rounds": "every:1",
+        },
+        # Under sign compression; cell 000 is the quickstart preset itself, which other
+        # tests run.
+        ["cell-001-*"],
+    ),
     "lti-table": (
         {**TINY_ATTACKS, **TINY_LTI},
         # B=1 (per-sample) without defense; B=4 under sign compression.
