@@ -199,3 +199,32 @@ def test_recovered_labels_must_be_class_indices_of_the_model() -> None:
         results["soft"].message == "labels of dtype torch.float32; expected integer class indices"
     )
     assert results["fine"].status == "ok"
+
+
+class CountingThreads:
+    name = "threads"
+
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+
+    def reconstruct(self, observation, knowledge, budget) -> Reconstruction:
+        self.seen.append(torch.get_num_threads())
+        return Reconstruction(inputs=torch.zeros(2, 1, 4, 4), labels=None)
+
+
+def test_a_runs_attacks_compute_with_one_thread_whatever_fedleak_threads_says(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """FEDLEAK_THREADS tunes `fedleak.reconstruct`; in a run it changed DLG's rows, which
+    nothing recorded, so the run's inline attacks keep to one thread as every server path."""
+    monkeypatch.setenv("FEDLEAK_THREADS", "2")
+    counting = CountingThreads()
+    runner = InlineRunner({"threads": counting}, _knowledge(), Budget(10, 5.0))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        runner.submit([AttackJob(0, "threads", _observation())])
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
+    assert counting.seen == [1]

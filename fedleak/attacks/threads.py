@@ -2,8 +2,8 @@
 
 An attack on a small model is a long chain of small tensor operations; several intra-op threads
 add synchronisation to each, and on a busy machine (a simulation's client actors, other jobs)
-they wait on each other (docs/api.md has the measurements). Used by `fedleak.reconstruct` and
-by the server's inline attack runner alike.
+they wait on each other (docs/api.md has the measurements). `fedleak.reconstruct` chooses by
+`default_threads`; a run's inline attack runner always uses one thread, as every server path.
 """
 
 from __future__ import annotations

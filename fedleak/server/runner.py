@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from fedleak.attacks.outcome import checked, failed_reconstruction, image_shape, num_classes
-from fedleak.attacks.threads import default_threads, torch_threads
+from fedleak.attacks.threads import torch_threads
 from fedleak.attacks.types import (
     Attack,
     AttackerKnowledge,
@@ -174,8 +174,9 @@ class InlineRunner:
         done = []
         for batch in batches(jobs):
             attack = self.attacks[batch[0].attack]
-            # One thread for small models, as `fedleak.reconstruct` (the clients hold cores).
-            with torch_threads(default_threads(batch[0].observation, self.knowledge.device)):
+            # One thread whatever the model or FEDLEAK_THREADS say: a run's rows must not
+            # depend on its environment, and every server path computes with one (README).
+            with torch_threads(1):
                 done += run_batch(batch, attack, self.knowledge, self.budget)
         self._done += sorted(done, key=lambda result: result.job.job_id)
 
