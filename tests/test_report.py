@@ -830,7 +830,7 @@ def test_a_text_report_marks_unconverged_tag_runs_and_renders_code(tmp_path: Pat
     assert _table(text, "token accuracy")[1] == ["tag", "0.000 [0.000, 0.000] n=4 †"]
     assert "(tag did not converge in 2 of 2 attack runs: its budget ran out" in text
     assert (
-        "tag a median 0.000 of the tokens (not converged in 2 of 2 runs) (at the floor)"
+        "tag a median 0.000 of the tokens (not converged in 2 of 2 runs) (below the floor)"
         in "".join(headline(load_study(run.path)))
     )
     # The environment reads as dotted keys and plain values, not JSON.

@@ -8,7 +8,7 @@ import math
 
 from fedleak.report.stats import Median, Rate
 from fedleak.report.tables import SettingSummary
-from fedleak.report.verdict import SettingVerdict, _leak_key, _setting_sentence
+from fedleak.report.verdict import SettingVerdict, _floor_mark, _leak_key, _setting_sentence
 
 
 def _summary(attack: str, k: int, psnr: float, lpips: float, n: int = 192) -> SettingSummary:
@@ -273,3 +273,36 @@ def test_a_leader_behind_the_floor_in_both_medians_says_it_leaks_through_few_sam
     ahead = _summary("ig", 40, 20.0, 0.1, n=64)
     sentence = _setting_sentence(SettingVerdict("", "none", (ahead,), floor, 0.1, 0.5, (2,)), None)
     assert "typical reconstruction" not in sentence
+
+
+def test_a_text_leader_within_the_floors_interval_is_not_told_apart_from_it() -> None:
+    """text-table cheap: tag 0.062 [0.000, 0.062] led against the floor's 0.000 [0.000, 0.062]
+    and the verdict read as a leak the tables (which bold nothing there) do not support."""
+    floor = dataclasses.replace(
+        _text_summary("aux-frequency", 0.0, 0.01), token_acc=Median(0.0, 0.0, 0.062, 32, 0.95)
+    )
+    close = dataclasses.replace(
+        _text_summary("tag", 0.062, 0.05), token_acc=Median(0.062, 0.0, 0.062, 32, 0.95)
+    )
+    sentence = _setting_sentence(SettingVerdict("", "none", (close,), floor, 0.0, 0.0, (2,)), None)
+    assert sentence.startswith("Without a defense, tag leaks most: it reconstructed a median 0.062")
+    assert (
+        "; its interval [0.000, 0.062] overlaps the floor's [0.000, 0.062], so these sequences "
+        "do not tell the two apart." in sentence
+    )
+    clear = dataclasses.replace(
+        _text_summary("tag", 0.5, 0.5), token_acc=Median(0.5, 0.375, 0.625, 32, 0.95)
+    )
+    sentence = _setting_sentence(SettingVerdict("", "none", (clear,), floor, 0.0, 0.0, (2,)), None)
+    assert "overlaps" not in sentence
+
+
+def test_the_headline_says_below_the_floor_for_a_text_attack_under_it() -> None:
+    floor = _text_summary("aux-frequency", 0.75, 0.75)
+    below = _text_summary("tag", 0.375, 0.4)
+    level = _text_summary("lti-p", 0.75, 0.7)
+    setting = SettingVerdict("", "none", (level, below), floor, 0.0, 0.0, (1,))
+    assert _floor_mark(below, setting) == " (below the floor)"
+    assert _floor_mark(level, setting) == " (at the floor)"
+    above = _text_summary("lti-text", 0.875, 0.8)
+    assert _floor_mark(above, setting) == ""

@@ -169,6 +169,28 @@ def _typically_behind(s: SettingSummary, floor: SettingSummary) -> bool:
     return s.lpips.value >= floor.lpips.value and s.psnr.value <= floor.psnr.value
 
 
+def _within_floor_noise(s: SettingSummary, floor: SettingSummary) -> str:
+    """A text attack has no per-sequence success rule to show its lead over the floor: where
+    the two medians' intervals overlap (the tables then bold nothing), say that the sequences
+    do not tell them apart; '' otherwise."""
+    if not (s.tokens and floor.tokens and s.token_acc.overlaps(floor.token_acc)):
+        return ""
+    ours, theirs = s.token_acc, floor.token_acc
+    return (
+        f"; its interval [{ours.low:.3f}, {ours.high:.3f}] overlaps the floor's "
+        f"[{theirs.low:.3f}, {theirs.high:.3f}], so these sequences do not tell the two apart"
+    )
+
+
+def _floor_mark(s: SettingSummary, v: SettingVerdict) -> str:
+    """' (at the floor)' for an attack that learned nothing, ' (below the floor)' for a text
+    attack whose median token accuracy is under the floor's."""
+    if not _at_floor(s, v):
+        return ""
+    below = v.floor is not None and s.tokens and s.token_acc.value < v.floor.token_acc.value
+    return " (below the floor)" if below else " (at the floor)"
+
+
 def _unconverged(s: SettingSummary, v: SettingVerdict) -> str:
     """A note for an attack whose runs did not converge (its matching loss fell less than
     tenfold: the budget ran out or the update could not be matched), '' otherwise. Above the
@@ -269,6 +291,7 @@ def _setting_sentence(v: SettingVerdict, baseline: SettingVerdict | None) -> str
                         f"; its typical reconstruction is no closer than the floor's, so it "
                         f"leaks through those {leader.success.k} samples alone"
                     )
+                text += _within_floor_noise(leader, floor)
             text += _unconverged(leader, v)
         text += _left_out(leader)
         if len(v.attacks) > 1:
@@ -483,11 +506,7 @@ def headline(study: Study) -> list[str]:
     for v in settings[: 2 * MAX_SETTINGS_NAMED]:
         attacks = (
             ", ".join(
-                _rate(s)
-                + _not_converged(s)
-                + _left_out(s)
-                + (" (at the floor)" if _at_floor(s, v) else "")
-                for s in v.attacks
+                _rate(s) + _not_converged(s) + _left_out(s) + _floor_mark(s, v) for s in v.attacks
             )
             or "no scored attack"
         )
