@@ -224,6 +224,9 @@ def test_pruned_count_avoids_binary_rounding_surprises() -> None:
     assert pruned_count(0.29, 100) == 29  # 0.29 * 100 == 28.999999999999996
     assert pruned_count(0.9, 10) == 9
     assert pruned_count(0.0, 7) == 0
+    # A rate just under 1 prunes all but one of a 12-weight bias, not all of it.
+    assert pruned_count(0.99999999, 12) == 11
+    assert pruned_count(0.99, 100) == 99 and pruned_count(0.999, 1000) == 999
 
 
 @pytest.mark.parametrize("rate", [0.5, 0.9, 0.999])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import ClassVar, Literal
 
 import torch
@@ -14,14 +15,13 @@ from fedleak.defenses.grammar import DefenseSpecError, format_number
 PruneScope = Literal["layer", "global"]
 PRUNE_SCOPES: tuple[str, ...] = ("layer", "global")
 
-# Guards floor(rate * n) against rates such as 0.29 whose binary value lies just below the decimal.
-_ROUNDING_SLACK = 1e-6
-
 
 def pruned_count(rate: float, numel: int) -> int:
     """How many of `numel` coordinates a rate prunes: floor(rate * numel), so exactly
-    numel - pruned_count of them are kept."""
-    return min(numel, math.floor(rate * numel + _ROUNDING_SLACK))
+    numel - pruned_count of them are kept. The rate is read as the decimal it was written as
+    (0.29 * 100 is 28.999999999999996 in binary), and a rate just under 1 keeps a coordinate
+    of a small layer (a fixed slack rounded 0.99999999 * 12 up to all 12)."""
+    return min(numel, math.floor(Fraction(repr(float(rate))) * numel))
 
 
 def _keep_largest(rows: Tensor, rate: float) -> Tensor:
