@@ -104,6 +104,24 @@ def _write(tmp_path: Path, text: str, name: str = "sweep.toml") -> Path:
     return path
 
 
+def test_a_cell_names_its_defenses_in_the_order_they_apply(tmp_path: Path) -> None:
+    # `sign+prune:0.9` prunes first and signs after (as its rows and config.toml record it):
+    # a cell called `sign+prune-0.9` would read as the other order.
+    text = """
+[sweep]
+name = "order"
+[sweep.grid]
+"defense.spec" = ["sign+prune:0.9", "gauss:0.01+dpsgd:1.0:1", "mixup:2+sign", "dpsgd:1.0:0.5"]
+"""
+    plan = load_sweep(_write(tmp_path, text))
+    assert [c.id for c in plan.cells] == [
+        "cell-000-prune-0.9+sign",
+        "cell-001-dpsgd-1.0-1+gauss-0.01",
+        "cell-002-mixup-2+sign",
+        "cell-003-dpsgd-1.0-0.5",
+    ]
+
+
 def test_grid_and_cells_cross_in_a_fixed_order(tmp_path: Path) -> None:
     text = """
 [sweep]

@@ -225,6 +225,20 @@ def _defense_form(value: Any) -> Any:
     return canonical_spec(value) if isinstance(value, str) else value
 
 
+def _applied_order(value: Any) -> Any:
+    """A defense spec's steps as written, in the order they apply (`sign+prune:0.9` names
+    `prune:0.9+sign`); the recorded form where a step's name is not written as recorded."""
+    if not isinstance(value, str):
+        return value
+    recorded = _defense_form(value)
+    applied = [step.split(":")[0] for step in recorded.split("+")]
+    written = [step.strip() for step in value.split("+")]
+    names = [step.split(":")[0].lower() for step in written]
+    if sorted(names) != sorted(applied):
+        return recorded
+    return "+".join(sorted(written, key=lambda step: applied.index(step.split(":")[0].lower())))
+
+
 def _grid(raw: Any) -> dict[str, list[Any]]:
     if not isinstance(raw, dict):
         raise SweepError(f"sweep.grid={raw!r}: expected a table of key = [values]")
@@ -367,7 +381,12 @@ def load_sweep(
             config = parse_flat({**overrides, **extra}, base)
         except ConfigError as error:
             raise SweepError(f"{label}: {error}") from None
-        cell_id = f"cell-{index:03d}-{_slug(overrides)}"
+        # A defense is named in the order its steps apply, as its rows and config.toml name it.
+        named = {
+            key: _applied_order(value) if key == "defense.spec" else value
+            for key, value in overrides.items()
+        }
+        cell_id = f"cell-{index:03d}-{_slug(named)}"
         config = dataclasses.replace(config, name=cell_id)
         flat = config.to_flat()
         flat["defense.spec"] = _defense_form(flat["defense.spec"])  # as the run records it
