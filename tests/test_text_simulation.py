@@ -205,7 +205,7 @@ def test_text_settings_are_checked_before_any_work(
 
 
 def test_a_tokenizer_that_leaves_much_text_unknown_is_named_in_the_warnings_and_report(
-    tmp_path: Path,
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
@@ -218,6 +218,13 @@ def test_a_tokenizer_that_leaves_much_text_unknown_is_named_in_the_warnings_and_
     trainer = trainers.WordLevelTrainer(vocab_size=400, special_tokens=["[UNK]"])
     words.train_from_iterator([d.text for d in load_corpus("lee-news").documents], trainer)
     words.save(str(tmp_path / "words.json"))
+    # `fedleak check` runs the same checks as the run, so it gives the same warning.
+    from fedleak.simulations.cli import main
+
+    settings = [*TINY, "--set", f"data.tokenizer=file:{tmp_path / 'words.json'}"]
+    assert main(["check", "text-quickstart", *settings, "--set", "data.aux-size=100"]) == 0
+    checked = capsys.readouterr().err
+    assert "fedleak: warning: data.tokenizer: " in checked
     out = tmp_path / "run"
     process = _start(
         out,
@@ -234,3 +241,4 @@ def test_a_tokenizer_that_leaves_much_text_unknown_is_named_in_the_warnings_and_
     assert warning.startswith("fedleak: warning: data.tokenizer: ")
     assert "% of the training tokens are the unknown token '[UNK]'" in warning
     assert warning.removeprefix("fedleak: warning: ") in (out / "report.md").read_text()
+    assert warning in checked

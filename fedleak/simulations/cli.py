@@ -241,12 +241,16 @@ def _check(args: argparse.Namespace) -> int:
     from fedleak.server.validate import canonical, validate_run
 
     config = _config(args)
-    validate_run(config, args.num_clients, args.client_cpus, args.client_gpus)
+    fd = validate_run(config, args.num_clients, args.client_cpus, args.client_gpus)
     config = canonical(config)  # as the run would record it
     if config.out_dir:
         from fedleak.simulations.launch import check_out_dir
 
         check_out_dir(config, args.num_clients, args.client_cpus)
+    from fedleak.simulations.recording import setup_warnings
+
+    for warning in setup_warnings(config, fd):
+        print(f"fedleak: warning: {warning}", file=sys.stderr)
     print(config.to_toml(), end="")
     return 0
 

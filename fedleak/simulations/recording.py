@@ -24,7 +24,7 @@ from fedleak.config import ConfigError, RunConfig
 from fedleak.data import FederatedData
 from fedleak.data.content import data_fingerprint
 from fedleak.data.registry import dataset_modality
-from fedleak.metrics.lpips import lpips_status
+from fedleak.metrics.lpips import lpips_status, lpips_warning
 from fedleak.report.progress import Progress
 from fedleak.report.rundir import Accounting, RunDirectory, console_line
 from fedleak.report.texts import save_token_pairs
@@ -67,6 +67,19 @@ def scored_lpips_nets(config: RunConfig) -> tuple[str, ...]:
     """The LPIPS backbones the run scores with: none on text, where LPIPS does not apply (so a
     text run neither warns about nor records missing image weights)."""
     return config.metrics.lpips_nets if dataset_modality(config.data.dataset) == "image" else ()
+
+
+def setup_warnings(config: RunConfig, fd: FederatedData) -> list[str]:
+    """What a run warns about before its first round, and `fedleak check` with it: LPIPS
+    weights it cannot load, a BPE vocabulary short of `data.vocab-size`, a tokenizer that
+    turns much of the text into its unknown token."""
+    tokenizer = getattr(fd.dataset, "tokenizer", None)
+    warnings = [
+        lpips_warning(scored_lpips_nets(config)),
+        tokenizer.shortfall(config.data.vocab_size) if tokenizer is not None else None,
+        tokenizer.unknown_warning(fd.dataset.train_x) if tokenizer is not None else None,
+    ]
+    return [warning for warning in warnings if warning]
 
 
 def environment(

@@ -40,7 +40,6 @@ from fedleak.data import FederatedData
 from fedleak.data.content import data_fingerprint
 from fedleak.heap import reuse_freed_memory
 from fedleak.interrupt import RunInterrupted
-from fedleak.metrics.lpips import lpips_warning
 from fedleak.registry import error_line, is_own_error
 from fedleak.report.lock import RunLock
 from fedleak.report.progress import Progress
@@ -71,7 +70,7 @@ from fedleak.simulations.recording import (
     data_record,
     default_run_dir,
     environment,
-    scored_lpips_nets,
+    setup_warnings,
 )
 
 log = logging.getLogger(__name__)
@@ -342,13 +341,7 @@ def _serve(
         run_dir = RunDirectory.open(path)
     else:
         run_dir = RunDirectory.create(path, config, environment(device, config, data_record(fd)))
-    tokenizer = getattr(fd.dataset, "tokenizer", None)
-    warnings = [
-        _restarted_state(app) if resumed else None,
-        lpips_warning(scored_lpips_nets(config)),
-        tokenizer.shortfall(config.data.vocab_size) if tokenizer is not None else None,
-        tokenizer.unknown_warning(fd.dataset.train_x) if tokenizer is not None else None,
-    ]
+    warnings = [_restarted_state(app) if resumed else None, *setup_warnings(config, fd)]
     for warning in filter(None, warnings):
         print(f"fedleak: warning: {warning}", file=sys.stderr, flush=True)
     announce(f"fedleak: run directory {path}")

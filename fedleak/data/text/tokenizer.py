@@ -30,7 +30,7 @@ MIN_BPE_VOCAB = 257  # the 256 byte symbols and at least one merge
 # Far above any language model's vocabulary (GPT-2: 50,257); the BPE trainer allocates for the
 # size asked, and a mistyped 1e11 aborted the process inside it. config.py holds the same bounds.
 MAX_BPE_VOCAB = 262_144
-# Above this share of unknown tokens a run warns that token scores overstate leakage.
+# Above this share of unknown tokens a run warns that token scores and ROUGE overstate leakage.
 UNKNOWN_SHARE = 0.01
 
 
@@ -99,7 +99,7 @@ class TextTokenizer:
         return float((ids == unknown).double().mean())
 
     def unknown_warning(self, ids: Tensor) -> str | None:
-        """Why token scores of these sequences overstate leakage, else None: where more than
+        """Why the scores of these sequences overstate leakage, else None: where more than
         UNKNOWN_SHARE of the tokens are the unknown token, an attack that guesses it gets
         every such position right without learning the text there."""
         share = self.unknown_share(ids)
@@ -109,8 +109,9 @@ class TextTokenizer:
         return (
             f"data.tokenizer: {share:.1%} of the training tokens are the unknown token {token!r} "
             f"of the {self.description} (text outside its vocabulary); every one that an attack "
-            "guesses counts as recovered, so token scores overstate what leaked. A tokenizer "
-            "that covers the text (bpe, gpt2) avoids this"
+            "guesses counts as recovered, in token accuracy and in ROUGE (which reads it as a "
+            "word), so both overstate what leaked. A tokenizer that covers the text (bpe, gpt2) "
+            "avoids this"
         )
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
