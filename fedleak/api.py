@@ -385,7 +385,8 @@ def observe(
     if not isinstance(input_shape, Sequence) or len(input_shape) != 3:
         raise ConfigError(
             f"input_shape={input_shape!r}: expected one image's shape (C, H, W); a model on "
-            "flat vectors flattens its images itself"
+            "flat vectors flattens its images itself (the library attacks image models; the "
+            "language task runs through `fedleak run text-quickstart`)"
         )
     shape = tuple(_whole("input_shape", d) for d in input_shape)
     out = _output_shape(model, shape)

@@ -203,6 +203,8 @@ def _net_and_grads() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
         ({"update": "half"}, r"^update: no tensor for the model's parameter '3\.weight'; a client"),
         ({"input_shape": 784}, r"^input_shape=784: expected one image's shape \(C, H, W\)"),
         ({"input_shape": (784,)}, r"^input_shape=\(784,\): expected one image's shape"),
+        # A token model's (L,): the message says where the language task runs.
+        ({"input_shape": (16,)}, r"image models; the language task runs through `fedleak run"),
         ({"model": None}, r"^model: expected a torch\.nn\.Module, got NoneType$"),
         ({"model": "frozen"}, r"^model: parameter '0\.weight' is frozen \(requires_grad=False\)"),
         ({"model": "double"}, r"^model: parameter '0\.weight' is torch\.float64; fedleak's"),
@@ -683,3 +685,12 @@ def test_a_models_snapshot_has_one_name_in_every_process() -> None:
         for seed in ("1", "2")
     }
     assert len(names) == 1 and next(iter(names)).startswith("custom-net-")
+
+
+def test_a_text_corpus_asked_of_load_dataset_names_the_loader_that_exists() -> None:
+    import fedleak.data
+
+    with pytest.raises(ConfigError, match=r"load it with fedleak\.data\.load_corpus") as caught:
+        fedleak.load_dataset("lee-news")
+    assert "\n" not in str(caught.value)
+    assert fedleak.data.load_corpus("lee-news").documents

@@ -204,7 +204,10 @@ def dataset_entry(name: str) -> DatasetEntry:
     if name.startswith(FOLDER_PREFIX):
         return DatasetEntry(name, lambda root, _download: load_folder(root, name), holdout=True)
     if name in TEXT_DATASETS:
-        raise UnknownNameError(f"data.dataset={name!r} is a text corpus: load it with load_corpus")
+        raise UnknownNameError(
+            f"data.dataset={name!r} is a text corpus: load it with fedleak.data.load_corpus "
+            "(the language task runs through `fedleak run text-quickstart`)"
+        )
     try:
         return DATASETS.get(name)
     except UnknownNameError:
