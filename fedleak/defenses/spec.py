@@ -133,7 +133,8 @@ class DefensePipeline:
         self, grad: dict[str, Tensor], batch_size: int, generator: torch.Generator
     ) -> dict[str, Tensor]:
         """What leaves the client for a mean gradient of `batch_size` samples: DP noise
-        (std Z*C/batch_size), Gaussian noise, pruning, sign."""
+        (std Z*C/batch_size), Gaussian noise, pruning, sign. DP-SGD's clip is not here: it
+        acts on each sample's gradient before the mean (`clip`)."""
         return self._release(grad, generator, dp_batch_size=batch_size, batched=False)
 
     def share_each(
