@@ -50,6 +50,24 @@ def _holder(path: Path) -> subprocess.Popen[str]:
     return process
 
 
+def test_a_linked_lock_file_is_refused_and_its_target_left_alone(tmp_path: Path) -> None:
+    """A run folder from elsewhere may hold `.fedleak.lock` as a link to any of the user's
+    files: taking the lock truncated and rewrote it."""
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep these bytes")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".fedleak.lock").symlink_to(precious)
+    with pytest.raises(RunDirectoryError, match=r"\.fedleak\.lock: a symbolic link; expected"):
+        RunLock(run).acquire()
+    assert RunLock(run).holder() is None
+    assert precious.read_text() == "keep these bytes"
+    (run / ".fedleak.lock").unlink()
+    os.mkfifo(run / ".fedleak.lock")
+    with pytest.raises(RunDirectoryError, match="not a regular file"):
+        RunLock(run).acquire()
+
+
 def test_the_lock_refuses_a_second_process_and_dies_with_the_first(tmp_path: Path) -> None:
     holder = _holder(tmp_path)
     try:

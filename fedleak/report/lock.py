@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import socket
+import stat
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import ClassVar
@@ -36,9 +37,9 @@ class RunLock:
         if self.path in self._held or not self.file.is_file():
             return None
         try:
-            fd = os.open(self.file, os.O_RDWR)
+            fd = os.open(self.file, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError:
-            return None  # unreadable or gone: `acquire` will say what is wrong
+            return None  # unreadable, a link or gone: `acquire` will say what is wrong
         try:
             _flock(fd)
         except BlockingIOError:
@@ -65,7 +66,7 @@ class RunLock:
             self._held[self.path] = (count + 1, fd)
             return self
         self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = self._open_lock_file()
         try:
             _flock(fd)
         except BlockingIOError:
@@ -84,6 +85,23 @@ class RunLock:
         os.pwrite(fd, json.dumps(_holder()).encode("utf-8"), 0)
         self._held[self.path] = (1, fd)
         return self
+
+    def _open_lock_file(self) -> int:
+        """The lock file, opened without following a link: it is truncated and written, and a
+        run folder from elsewhere could hold a link to any file of the user's."""
+        try:
+            fd = os.open(self.file, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+        except OSError as error:
+            kind = "a symbolic link" if error.errno == errno.ELOOP else error.strerror
+            raise RunDirectoryError(
+                f"{self.file}: {kind}; expected fedleak's lock file (remove it)"
+            ) from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise RunDirectoryError(
+                f"{self.file}: not a regular file; expected fedleak's lock file"
+            )
+        return fd
 
     def release(self) -> None:
         """Release one acquisition; the last one empties the file and drops the lock."""
