@@ -682,6 +682,25 @@ CASES = [
         status=1,
         setup=lambda tmp: (_finished_run(tmp), _write("sweep.json", b"[1, 2]")(tmp)),
     ),
+    # Audit BG3: cell ids are folder names; '../x' or '/x' read and wrote runs elsewhere, and
+    # a cell that is not an object was an internal error.
+    Case(
+        "report-manifest-cell-outside",
+        ("report", "{tmp}/sweep"),
+        "sweep.json: cell id '../done' is not a run name",
+        status=1,
+        setup=lambda tmp: (
+            _finished_run(tmp),
+            _write("sweep/sweep.json", b'{"cells": [{"id": "../done"}]}')(tmp),
+        ),
+    ),
+    Case(
+        "report-manifest-cell-not-an-object",
+        ("report", "{tmp}/sweep"),
+        "sweep.json: cell id None is not a run name",
+        status=1,
+        setup=_write("sweep/sweep.json", b'{"cells": [5]}'),
+    ),
     Case("sweep-empty-cells", ("sweep", "demo", "--cells", ""), "--cells: an empty pattern"),
     Case("abbreviated-option", ("check", "quickstart", "--verb"), "arguments: --verb"),
     Case(

@@ -14,13 +14,14 @@ every run failed do the figures show them, as what there is to see.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from fedleak.config import RunConfig
+from fedleak.config import NAME_PATTERN, RunConfig
 from fedleak.report.rundir import (
     ENVIRONMENT_FILE,
     FAILED_FILE,
@@ -207,6 +208,15 @@ def read_manifest(sweep_dir: Path) -> dict[str, Any]:
         raise RunDirectoryError(f"{file}: unreadable ({detail}); restore or delete it") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("cells", []), list):
         raise RunDirectoryError(f"{file}: not a sweep manifest (a JSON object listing cells)")
+    for cell in manifest.get("cells", []):
+        # A cell's id is the name of its folder inside the sweep's: a path ('../x', '/x')
+        # would read and write runs elsewhere.
+        name = cell.get("id") if isinstance(cell, dict) else None
+        if not isinstance(name, str) or re.fullmatch(NAME_PATTERN, name) is None:
+            raise RunDirectoryError(
+                f"{file}: cell id {name!r} is not a run name (letters, digits, '.', '_', '+', "
+                "'-'; a folder inside the sweep's); restore or delete the manifest"
+            )
     return manifest
 
 
