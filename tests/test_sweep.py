@@ -233,6 +233,30 @@ def test_tiny_sweep_runs_every_cell_and_a_rerun_skips_them(tmp_path: Path) -> No
     assert again.calls == [] and "0 to run" in lines[-1]
 
 
+def test_a_sweep_folder_with_links_where_fedleak_writes_leaves_their_targets_alone(
+    tmp_path: Path,
+) -> None:
+    """A sweep folder from elsewhere may hold `sweep.toml` and `sweep.json` as links to the
+    user's files: the copy and the manifest were written through them."""
+    source = _write(tmp_path, GRID)
+    sweep_dir = run_sweep(source, out_dir=tmp_path / "out", runner=fake_runner)
+    targets = {}
+    for name in ("sweep.toml", "sweep.json"):
+        target = tmp_path / f"precious-{name}"
+        target.write_text("keep")
+        path = sweep_dir / name
+        if name == "sweep.json":
+            target.write_text(path.read_text())  # a manifest fedleak can still read
+        targets[name] = target.read_text()
+        path.unlink()
+        path.symlink_to(target)
+    run_sweep(source, out_dir=tmp_path / "out", runner=Recorder())
+    for name, text in targets.items():
+        assert (tmp_path / f"precious-{name}").read_text() == text
+        assert not (sweep_dir / name).is_symlink()
+    assert (sweep_dir / "sweep.toml").read_text() == GRID
+
+
 def test_interrupted_sweep_resumes_without_redoing_finished_cells(tmp_path: Path) -> None:
     source = _write(tmp_path, GRID)
     first = Recorder(interrupt_at=2)

@@ -65,7 +65,6 @@ import math
 import multiprocessing
 import os
 import re
-import shutil
 import signal
 import sys
 import threading
@@ -89,6 +88,7 @@ from fedleak.report.rundir import (
     LOCK_FILE,
     RunDirectory,
     RunDirectoryError,
+    atomic_write,
     is_run_directory,
     mark_failed_if_silent,
 )
@@ -650,9 +650,9 @@ def _write_manifest(sweep_dir: Path, plan: SweepPlan, status: Mapping[str, dict[
             for cell in sorted((*plan.cells, *plan.unselected), key=lambda c: c.index)
         ],
     }
-    tmp = sweep_dir / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, default=str), encoding="utf-8")
-    tmp.replace(sweep_dir / MANIFEST)
+    # A fresh temporary file renamed over the manifest: a sweep folder from elsewhere may hold
+    # links where fedleak writes, and writing through one changes the file it points to.
+    atomic_write(sweep_dir / MANIFEST, json.dumps(manifest, indent=2, default=str).encode())
 
 
 def read_manifest(sweep_dir: Path) -> dict[str, Any]:
@@ -790,8 +790,8 @@ def _run_plan(
 ) -> Path:
     """`run_sweep` once its folders are checked and locked."""
     copy = sweep_dir / SOURCE_COPY
-    if not (copy.exists() and copy.samefile(plan.source)):
-        shutil.copyfile(plan.source, copy)
+    if copy.is_symlink() or not (copy.exists() and copy.samefile(plan.source)):
+        atomic_write(copy, plan.source.read_bytes())
 
     status: dict[str, dict[str, Any]] = {}
     old = (
