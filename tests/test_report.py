@@ -27,7 +27,7 @@ from fedleak.config import parse_flat
 from fedleak.metrics.image import psnr as psnr_of
 from fedleak.report.build import _attacked_rounds, _frontier_points, build_report
 from fedleak.report.collect import load_study
-from fedleak.report.rundir import RunDirectory, lpips_column
+from fedleak.report.rundir import RunDirectory, RunDirectoryError, lpips_column
 from fedleak.report.stats import SUCCESS_FRACTION, mean_ci, median_interval, order_rank
 from fedleak.report.tables import Metric, originals, scored, strongest, summary_table
 from fedleak.report.verdict import headline
@@ -704,6 +704,30 @@ def test_report_rebuilds_from_files_alone(run_report: Path, tmp_path: Path) -> N
         str(run_report), str(copy)
     )
     assert html.exists()
+
+
+def test_a_report_that_cannot_be_rebuilt_is_removed_not_left_stale(
+    run_report: Path, tmp_path: Path
+) -> None:
+    """Audit BG4: an unreadable image (or a damaged environment.json) failed the rebuild in
+    one line (or as an internal error) and left the earlier report showing."""
+    from fedleak.report.build import rebuild_reports
+
+    copy = tmp_path / "copied"
+    shutil.copytree(run_report, copy)
+    grid = copy / "images" / "r001_c000_ig.png"
+    grid.write_bytes(b"not a png")
+    with pytest.raises(RunDirectoryError, match=rf"{grid.name}: unreadable image \("):
+        rebuild_reports(copy)
+    assert not (copy / "report.html").exists() and not (copy / "report.md").exists()
+    assert not (copy / "report_files").exists()
+    grid.unlink()  # as the message says: its samples leave the gallery
+    rebuild_reports(copy)
+    environment = json.loads((copy / "environment.json").read_text())
+    (copy / "environment.json").write_text(json.dumps({**environment, "lpips": "zz"}))
+    with pytest.raises(RunDirectoryError, match="'lpips' is a str, not a JSON object"):
+        rebuild_reports(copy)
+    assert not (copy / "report.html").exists()
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")

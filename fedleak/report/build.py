@@ -560,7 +560,17 @@ def rebuild_reports(path: Path) -> list[Path]:
     paths = [*(run.path for run in study.runs if study.kind == "sweep"), Path(path)]
     for existing in (folder / name for folder in paths for name in (HTML_FILE, MARKDOWN_FILE)):
         _check_ours(existing)  # refused before anything is written
-    return [build_report(folder)[0] for folder in paths]
+    built = []
+    for folder in paths:
+        try:
+            built.append(build_report(folder)[0])
+        except Exception:
+            # Left in place, the folder's report (and the sweep's, built from its cells)
+            # would show an earlier state as if it were the current one.
+            for stale in dict.fromkeys((folder, Path(path))):
+                discard_report(stale)
+            raise
+    return built
 
 
 def build_report(path: Path) -> tuple[Path, Path]:

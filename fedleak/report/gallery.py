@@ -24,6 +24,7 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
 from fedleak.report.collect import RunRecord
+from fedleak.report.rundir import RunDirectoryError
 
 PADDING = 2  # torchvision's make_grid padding used by RunDirectory.save_images
 # The aggregate view's one target per round is client -1 (`c-01`).
@@ -53,8 +54,15 @@ class Sample:
 def cut_grid(png: Path, columns: int) -> list[tuple[np.ndarray, np.ndarray]] | None:
     """(truth, reconstruction) tiles of a saved two-row grid with `columns` columns; None when
     the file's size does not fit that layout."""
-    with Image.open(png) as image:
-        pixels = np.asarray(image.convert("RGB"))
+    try:
+        with Image.open(png) as image:
+            pixels = np.asarray(image.convert("RGB"))
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        detail = " ".join(f"{type(error).__name__}: {error}".split())[:200]
+        raise RunDirectoryError(
+            f"{png}: unreadable image ({detail}); restore it, or delete it to leave its "
+            "samples out of the gallery"
+        ) from None
     height, width = pixels.shape[:2]
     tile_h, rest_h = divmod(height - PADDING, 2)
     tile_w, rest_w = divmod(width - PADDING, columns)

@@ -115,6 +115,8 @@ SCORED_AGAINST = ("original", "encoded", "unavailable")
 
 CONFIG_FILE = "config.toml"
 ENVIRONMENT_FILE = "environment.json"
+# The entries of environment.json that fedleak writes as objects and reads by key.
+ENVIRONMENT_OBJECTS = ("data", "lpips")
 # environment.json's note of why a DP-SGD run reports no ε.
 NO_EPSILON_KEY = "no_epsilon"
 LEAKAGE_FILE = "leakage.parquet"
@@ -435,6 +437,10 @@ class RunDirectory:
             raise _unreadable(file, error) from None
         if not isinstance(environment, dict):
             raise _unreadable(file, TypeError("not a JSON object"))
+        for key in ENVIRONMENT_OBJECTS:
+            if key in environment and not isinstance(environment[key], dict):
+                kind = type(environment[key]).__name__
+                raise _unreadable(file, TypeError(f"{key!r} is a {kind}, not a JSON object"))
         return environment
 
     # Records -----------------------------------------------------------------------------
