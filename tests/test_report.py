@@ -730,6 +730,29 @@ def test_a_report_that_cannot_be_rebuilt_is_removed_not_left_stale(
     assert not (copy / "report.html").exists()
 
 
+def test_figures_are_never_written_into_a_users_files(run_report: Path, tmp_path: Path) -> None:
+    """Audit BG5: a run folder from elsewhere with report_files/ linked to a folder of the
+    user's got fedleak's figures written into it, over a file of a figure's name."""
+    copy = tmp_path / "copied"
+    shutil.copytree(run_report, copy)
+    shutil.rmtree(copy / "report_files")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "leakage-per-round.png").write_text("keep")
+    (copy / "report_files").symlink_to(mine)
+    with pytest.raises(RunDirectoryError, match="report_files: a symbolic link"):
+        build_report(copy)
+    assert [p.name for p in mine.iterdir()] == ["leakage-per-round.png"]
+    assert (mine / "leakage-per-round.png").read_text() == "keep"
+    # Not linked, but a user's file of a figure's name, not listed as fedleak's: refused too.
+    (copy / "report_files").unlink()
+    (copy / "report_files").mkdir()
+    (copy / "report_files" / "leakage-per-round.png").write_text("keep")
+    with pytest.raises(RunDirectoryError, match=r"leakage-per-round\.png: exists and was not"):
+        build_report(copy)
+    assert (copy / "report_files" / "leakage-per-round.png").read_text() == "keep"
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
 @pytest.mark.parametrize("which", ["run_report", "sweep_report"])
 def test_chromium_renders_every_image(

@@ -541,7 +541,8 @@ def discard_report(path: Path) -> None:
         with contextlib.suppress(RunDirectoryError):
             _check_ours(file)
             file.unlink(missing_ok=True)
-    replace_owned_files(path / FILES_DIR, {})
+    with contextlib.suppress(RunDirectoryError):  # a link: nothing of fedleak's to remove
+        replace_owned_files(path / FILES_DIR, {})
     with contextlib.suppress(OSError):  # absent, or holds files that are not fedleak's
         (path / FILES_DIR).rmdir()
 
@@ -582,9 +583,10 @@ def build_report(path: Path) -> tuple[Path, Path]:
     html_path, md_path = path / HTML_FILE, path / MARKDOWN_FILE
     for existing in (html_path, md_path):
         _check_ours(existing)
-    atomic_write(html_path, render_html(title, blocks).encode("utf-8"))
     markdown, files = render_markdown(title, blocks, FILES_DIR)
-    # Figures of an earlier build that this one no longer has go; a user's own files stay.
+    # Figures of an earlier build that this one no longer has go; a user's own files stay
+    # (and refuse the build where one has a figure's name), before anything is written.
     replace_owned_files(path / FILES_DIR, files)
+    atomic_write(html_path, render_html(title, blocks).encode("utf-8"))
     atomic_write(md_path, markdown.encode("utf-8"))
     return html_path, md_path

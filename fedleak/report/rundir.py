@@ -966,6 +966,9 @@ def replace_owned_files(folder: Path, files: Mapping[str, bytes]) -> None:
     delete what an earlier call wrote there and `files` no longer holds. Files fedleak did not
     write (not listed in the folder's manifest) are never touched."""
     folder = Path(folder)
+    if folder.is_symlink():
+        # A run folder from elsewhere could point it at any folder of the user's.
+        raise RunDirectoryError(f"{folder}: a symbolic link; expected fedleak's own folder")
     manifest = folder / OWNED_MANIFEST
     try:
         earlier = json.loads(manifest.read_text(encoding="utf-8"))
@@ -976,6 +979,11 @@ def replace_owned_files(folder: Path, files: Mapping[str, bytes]) -> None:
     for name in files:
         if Path(name).name != name or name in ("", ".", "..", OWNED_MANIFEST):
             raise RunDirectoryError(f"{name!r}: not a plain file name for {folder}")
+        target = folder / name
+        if (target.exists() or target.is_symlink()) and name not in earlier:
+            raise RunDirectoryError(
+                f"{target}: exists and was not written by fedleak; move it away to write the report"
+            )
     for name in earlier:
         if isinstance(name, str) and Path(name).name == name and name not in files:
             (folder / name).unlink(missing_ok=True)
