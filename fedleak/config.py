@@ -511,12 +511,19 @@ def attacked_rounds(spec: str, num_rounds: int) -> frozenset[int] | None:
 def flatten_toml(document: Mapping[str, Any], parent: str = "") -> dict[str, Any]:
     """Nested TOML tables to dotted keys, as Flower flattens `[tool.flwr.app.config]`."""
     flat: dict[str, Any] = {}
-    for key, value in document.items():
-        dotted = f"{parent}.{key}" if parent else str(key)
-        if isinstance(value, dict):
-            flat.update(flatten_toml(value, dotted))
-        else:
+    # A stack rather than recursion (a file may nest tables thousands deep), keys in the
+    # order they were written.
+    stack = [(parent, iter(document.items()))]
+    while stack:
+        prefix, items = stack[-1]
+        for key, value in items:
+            dotted = f"{prefix}.{key}" if prefix else str(key)
+            if isinstance(value, dict):
+                stack.append((dotted, iter(value.items())))
+                break
             flat[dotted] = value
+        else:
+            stack.pop()
     return flat
 
 
@@ -524,7 +531,7 @@ def parse_toml(text: str, base: RunConfig | None = None, source: str = "preset")
     """Parse a TOML preset (nested tables or dotted keys); `source` names it in errors."""
     try:
         document = tomllib.loads(text)
-    except ValueError as error:  # TOMLDecodeError, or int() of a number too long to convert
+    except (ValueError, RecursionError) as error:  # TOMLDecodeError, a number too long, nesting
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ConfigError(f"{source} is not valid TOML: {first_line}") from None
     return parse_flat(flatten_toml(document), base)

@@ -440,6 +440,25 @@ CASES = [
         setup=_write("p.toml", b'name = "caf\xe9"\n'),
         keeps=("p.toml",),
     ),
+    # Audit BG7: nesting thousands deep was an internal RecursionError.
+    Case(
+        "preset-deep-arrays",
+        ("check", "{tmp}/p.toml"),
+        "p.toml: not valid TOML: maximum recursion depth exceeded",
+        setup=_write("p.toml", b"x = " + b"[" * 5000 + b"]" * 5000 + b"\n"),
+    ),
+    Case(
+        "preset-deep-tables",
+        ("check", "{tmp}/p.toml"),
+        "p.toml: a.a.a.a",
+        setup=_write("p.toml", b"[" + b".".join([b"a"] * 3000) + b"]\nb = 1\n"),
+    ),
+    Case(
+        "sweep-deep-tables",
+        ("sweep", "{tmp}/p.toml", "--check"),
+        "configuration error: cell 0 (a.a.a.a",
+        setup=_write("p.toml", b"[sweep.grid." + b".".join([b"a"] * 3000) + b"]\nb = [1]\n"),
+    ),
     Case(
         "preset-long-number",
         ("run", "{tmp}/p.toml"),

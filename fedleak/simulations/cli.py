@@ -59,7 +59,7 @@ def _override(text: str) -> tuple[str, object]:
         raise ConfigError(f"--set {text!r}: expected key=value, e.g. train.batch-size=4")
     try:
         document = tomllib.loads(f"v = {raw}")
-    except ValueError:  # TOMLDecodeError; a number too long
+    except (ValueError, RecursionError):  # TOMLDecodeError; a number too long; nesting
         return key.strip(), raw
     value = document.get("v", raw)
     # A `#` the value does not hold was read as a comment (`2#x` would be 2), and a newline can

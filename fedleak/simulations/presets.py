@@ -89,7 +89,7 @@ def _document(path: Path) -> dict[str, object]:
     text = read_preset_text(path)
     try:
         return tomllib.loads(text)
-    except ValueError as error:  # TOMLDecodeError, or int() of a number too long to convert
+    except (ValueError, RecursionError) as error:  # TOMLDecodeError, a number too long, nesting
         raise ConfigError(f"{path}: not valid TOML: {_first_line(error)}") from None
 
 

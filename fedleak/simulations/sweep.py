@@ -332,7 +332,7 @@ def load_sweep(
     source = preset_path(path)
     try:
         document = tomllib.loads(read_preset_text(source))
-    except ValueError as error:  # TOMLDecodeError, or a number too long to convert
+    except (ValueError, RecursionError) as error:  # TOMLDecodeError, a number too long, nesting
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise SweepError(f"{source}: not valid TOML: {first}") from None
     if "sweep" not in document and "base" not in document:
