@@ -1578,3 +1578,21 @@ def test_the_method_names_the_rounds_attacked_not_their_span(run_report: Path) -
     assert _attacked_rounds([2]) == " in round 2"
     assert _attacked_rounds(list(range(1, 11))) == " in 10 rounds from 1 to 10"
     assert "attack runs in rounds 1, 2 and 3." in (run_report / "report.md").read_text()
+
+
+def test_markdown_shows_a_records_html_as_text() -> None:
+    """Audit BG6: report.html escaped every string from a run's records, report.md passed
+    them on raw (an attack name, an environment value, a corpus' text), and Markdown viewers
+    render raw HTML."""
+    from fedleak.report.document import Cell, Table, Text, render_markdown
+
+    blocks = [
+        Text("attack <script>alert(1)</script> leads; run `fedleak report <dir>`"),
+        Table(("key", "value"), ((Cell("torch"), Cell("<img src=x onerror=alert(2)>")),)),
+    ]
+    markdown, _ = render_markdown("t", blocks, "report_files")
+    assert "<script>" not in markdown and "<img" not in markdown
+    assert "attack &lt;script>alert(1)&lt;/script> leads" in markdown
+    assert "`fedleak report <dir>`" in markdown  # a code span shows its text as it is
+    assert "| torch | &lt;img src=x onerror=alert(2)> |" in markdown
+    assert render_markdown("t", [Text("for n < 6 the range")], "f")[0].endswith("n < 6 the range\n")

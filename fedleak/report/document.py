@@ -215,8 +215,19 @@ def render_html(title: str, blocks: Sequence[Block]) -> str:
     )
 
 
+_TAG_OPEN = re.compile(r"<(?=[A-Za-z/!?])")
+
+
 def _md_escape(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+    return _no_html(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _no_html(text: str) -> str:
+    """A `<` that opens a tag (or comment) outside code spans as `&lt;`: a run's records
+    (attack names, environment values, text from a corpus) would otherwise reach a Markdown
+    viewer as HTML it renders. `n < 6` stays as it is."""
+    pieces = text.split("`")
+    return "`".join(p if i % 2 else _TAG_OPEN.sub("&lt;", p) for i, p in enumerate(pieces))
 
 
 def _md_table(table: Table) -> str:
@@ -226,7 +237,7 @@ def _md_table(table: Table) -> str:
         texts = [f"**{_md_escape(c.text)}**" if c.bold else _md_escape(c.text) for c in row]
         lines.append("| " + " | ".join(texts) + " |")
     if table.caption:
-        lines += ["", f"_{table.caption}_"]
+        lines += ["", f"_{_no_html(table.caption)}_"]
     return "\n".join(lines)
 
 
@@ -249,9 +260,9 @@ def render_markdown(
     files: dict[str, bytes] = {}
     for block in blocks:
         if isinstance(block, Heading):
-            parts.append("#" * min(max(block.level, 2), 4) + " " + block.text)
+            parts.append("#" * min(max(block.level, 2), 4) + " " + _no_html(block.text))
         elif isinstance(block, Text):
-            parts.append(block.text)
+            parts.append(_no_html(block.text))
         elif isinstance(block, Code):
             parts.append("```\n" + block.text.rstrip("\n") + "\n```")
         elif isinstance(block, Table):
@@ -261,12 +272,12 @@ def render_markdown(
             for figure in block.figures:
                 _add_file(files, figure)
             images = " ".join(_md_image(f, files_dir) for f in block.figures)
-            captions = "; ".join(f.caption for f in block.figures)
-            title_md = f"**{block.title}**\n\n" if block.title else ""
+            captions = _no_html("; ".join(f.caption for f in block.figures))
+            title_md = f"**{_no_html(block.title)}**\n\n" if block.title else ""
             parts.append(f"{title_md}{images}\n\n_{captions}_")
         else:
             _add_file(files, block)
             parts.append(_md_image(block, files_dir))
             if block.caption:
-                parts.append(f"_{block.caption}_")
+                parts.append(f"_{_no_html(block.caption)}_")
     return "\n\n".join(parts) + "\n", files
