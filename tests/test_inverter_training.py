@@ -128,6 +128,26 @@ def test_store_round_trip_and_refusal_of_another_setting(tmp_path: Path) -> None
     assert elsewhere.load("setting-a", torch.device("cpu"), before=4) is None
 
 
+def test_two_saves_of_one_round_write_through_temporary_files_of_their_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two processes saving one round shared `<file>.tmp`: one renamed the other's away and
+    failed with FileNotFoundError (audit BF1)."""
+    import fedleak.attacks.learned.store as store_module
+
+    written = []
+    save = torch.save
+    monkeypatch.setattr(
+        store_module.torch, "save", lambda obj, path: (written.append(path), save(obj, path))
+    )
+    store = InverterStore(tmp_path, "lti")
+    store.save(Scripted(), "setting-a", None, 1, {})
+    store.save(Scripted(), "setting-a", None, 1, {})
+    assert len(set(written)) == 2
+    assert all(Path(p).parent == tmp_path and str(p).endswith(".tmp") for p in written)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lti-inverter-r000001.pt"]
+
+
 def test_a_resume_goes_on_from_the_round_before_the_one_it_attacks(tmp_path: Path) -> None:
     # Rounds 1, 2 and 3 trained; round 3 was interrupted (its round never recorded). A resume
     # attacking round 3 again must start from round 2's inverter, as the uninterrupted run did.

@@ -68,6 +68,34 @@ def test_a_linked_lock_file_is_refused_and_its_target_left_alone(tmp_path: Path)
         RunLock(run).acquire()
 
 
+def test_a_chosen_cache_folder_is_one_runs_while_it_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Audit BF1: two runs given one cache-dir at once both ran, and a resume of one then went
+    on from the other's inverters; BF2: a relative cache-dir named another folder when the
+    run was resumed from another directory."""
+    from fedleak.server.validate import canonical
+    from fedleak.simulations import study
+    from fedleak.simulations.presets import load_preset
+
+    monkeypatch.chdir(tmp_path)
+    run = str(tmp_path / "run")
+    settings = {"attack.names": "lti", "attack.lti.cache-dir": "cache", "out-dir": run}
+    config = parse_flat(settings, load_preset("quickstart"))
+    assert canonical(config).attack.params["lti"]["cache-dir"] == str(tmp_path / "cache")
+    holder = _holder(tmp_path / "cache")
+    try:
+        with pytest.raises(
+            RunDirectoryError,
+            match=rf"cache: in use by another fedleak run \(process {holder.pid} .*; wait for it "
+            r"to end or give attack\.lti\.cache-dir another folder$",
+        ):
+            study.serve(object(), config)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_the_lock_refuses_a_second_process_and_dies_with_the_first(tmp_path: Path) -> None:
     holder = _holder(tmp_path)
     try:

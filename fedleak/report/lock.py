@@ -27,9 +27,10 @@ class RunLock:
 
     _held: ClassVar[dict[Path, tuple[int, int | None]]] = {}
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, instead: str = "choose another out-dir") -> None:
         self.path = Path(path).resolve()
         self.file = self.path / LOCK_FILE
+        self.instead = instead  # what a refused user can do besides waiting
 
     def holder(self) -> str | None:
         """Who holds the lock when another process does (PID, host, start), else None;
@@ -56,7 +57,7 @@ class RunLock:
         if holder is not None:
             raise RunDirectoryError(
                 f"{self.path}: in use by another fedleak run ({holder}); "
-                "wait for it to end or choose another out-dir"
+                f"wait for it to end or {self.instead}"
             )
 
     def acquire(self) -> RunLock:
@@ -74,13 +75,13 @@ class RunLock:
             os.close(fd)
             raise RunDirectoryError(
                 f"{self.path}: in use by another fedleak run ({holder}); wait for it to end or "
-                "choose another out-dir"
+                f"{self.instead}"
             ) from None
         except OSError as error:
             if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                 os.close(fd)
                 raise
-            _check_pid_lock(self.file, self.path, fd)
+            _check_pid_lock(self.file, self.path, fd, self.instead)
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(_holder()).encode("utf-8"), 0)
         self._held[self.path] = (1, fd)
@@ -151,7 +152,7 @@ def _describe_holder(file: Path) -> str:
     return f"process {holder['pid']} on {holder.get('host', '?')} since {holder.get('since', '?')}"
 
 
-def _check_pid_lock(file: Path, path: Path, fd: int) -> None:
+def _check_pid_lock(file: Path, path: Path, fd: int, instead: str) -> None:
     """The fallback without flock: refuse while the recorded process lives (on this host)."""
     holder = _read_holder(file)
     pid = holder.get("pid")
@@ -172,5 +173,5 @@ def _check_pid_lock(file: Path, path: Path, fd: int) -> None:
     os.close(fd)
     raise RunDirectoryError(
         f"{path}: in use by another fedleak run ({_describe_holder(file)}); wait for it to end "
-        "or choose another out-dir"
+        f"or {instead}"
     )

@@ -115,11 +115,23 @@ def canonical_spec(spec: str) -> str:
 
 def canonical(config: RunConfig) -> RunConfig:
     """The configuration with its defense spec in canonical form, so one pipeline is one
-    setting in a run's records and reports."""
+    setting in a run's records and reports, and each attack's `cache-dir` an absolute path: a
+    relative one, resumed from another directory, named another folder without a word."""
     spec = canonical_spec(config.defense.spec)
-    if spec == config.defense.spec:
+    if spec != config.defense.spec:
+        config = dataclasses.replace(config, defense=dataclasses.replace(config.defense, spec=spec))
+    params = {
+        name: {
+            key: os.path.abspath(os.path.expanduser(value))
+            if key.replace("_", "-") == "cache-dir" and isinstance(value, str) and value
+            else value
+            for key, value in given.items()
+        }
+        for name, given in config.attack.params.items()
+    }
+    if params == config.attack.params:
         return config
-    return dataclasses.replace(config, defense=dataclasses.replace(config.defense, spec=spec))
+    return dataclasses.replace(config, attack=dataclasses.replace(config.attack, params=params))
 
 
 def resume_form(config: RunConfig) -> RunConfig:

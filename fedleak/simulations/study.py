@@ -9,6 +9,7 @@ in that app's ServerApp.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -48,6 +49,7 @@ from fedleak.runtime import deterministic_kernels, federated_data, model_spec, r
 from fedleak.server.build import (
     GlobalEvaluation,
     build_strategy,
+    cache_dirs,
     check_attack_state,
     check_fresh_caches,
     initial_state,
@@ -170,7 +172,13 @@ def serve(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with lock:
+        with lock, contextlib.ExitStack() as caches:
+            # A cache folder of the user's is this run's alone while it runs: another run
+            # writing its inverters there would have this one resume from them.
+            for name, folder in cache_dirs(config).items():
+                caches.enter_context(
+                    RunLock(folder, instead=f"give attack.{name}.cache-dir another folder")
+                )
             check_resumable(config, path, clients, client_threads)
             return _serve(StoppableGrid(grid), config, path, device, app, clients, client_threads)
     finally:

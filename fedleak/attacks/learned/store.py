@@ -9,6 +9,8 @@ weights it saw (`fingerprint`) decide whether it still needs a refresh.
 from __future__ import annotations
 
 import hashlib
+import os
+import tempfile
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,9 +79,15 @@ class InverterStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu() for k, v in inverter.state_dict().items()}
         meta = {"key": key, "fingerprint": fingerprint, "round": int(round_), **scores}
-        temporary = path.with_suffix(".tmp")
-        torch.save({"state_dict": state, "meta": meta}, temporary)
-        temporary.replace(path)
+        # A name no other process writes (two runs, or a run's workers, saving one round).
+        handle, temporary = tempfile.mkstemp(prefix=f"{path.stem}.", suffix=".tmp", dir=path.parent)
+        os.close(handle)
+        try:
+            torch.save({"state_dict": state, "meta": meta}, temporary)
+            os.replace(temporary, path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
         # Keep this round's file and those a resume of an unrecorded round would go on from.
         earlier = [(r, p) for r, p in self.saved() if r < round_]
         for _, saved_path in earlier[: max(len(earlier) - KEPT_EARLIER, 0)]:
