@@ -440,6 +440,13 @@ CASES = [
         setup=_write("p.toml", b'name = "caf\xe9"\n'),
         keeps=("p.toml",),
     ),
+    # Audit BF4: `check` without --out passed where the run is refused.
+    Case(
+        "check-cache-holds-inverters",
+        ("check", "quickstart", "--set", "attack.lti.cache-dir={tmp}/y"),
+        "y' holds inverters another run saved (the latest lti-inverter-r000001.pt)",
+        setup=_write("y/lti-inverter-r000001.pt", b"saved"),
+    ),
     # Audit BG7: nesting thousands deep was an internal RecursionError.
     Case(
         "preset-deep-arrays",

@@ -247,6 +247,10 @@ def _check(args: argparse.Namespace) -> int:
         from fedleak.simulations.launch import check_out_dir
 
         check_out_dir(config, args.num_clients, args.client_cpus)
+    else:  # a new run, in runs/<time>-<name>
+        from fedleak.server.build import check_fresh_caches
+
+        check_fresh_caches(config)
     from fedleak.simulations.recording import setup_warnings
 
     for warning in setup_warnings(config, fd):
