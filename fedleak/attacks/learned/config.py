@@ -76,7 +76,9 @@ class LTIConfig(Settings):
     regroup: bool = setting(False, doc="B > 1: fresh random batches of aux samples every epoch")
     pair_chunk: int = setting(256, low=1, doc="training pairs computed per vectorised chunk")
     max_cache_bytes: int = setting(1 << 30, low=1, doc="memory for cached training features")
-    cache_dir: Path | None = setting(None, doc="where the trained inverter is saved and resumed")
+    cache_dir: Path | None = setting(
+        None, doc="where the trained inverter is saved and resumed; locked by the run using it"
+    )
 
     def learning_rate_at(self, epoch: int, warm: bool) -> float:
         """The learning rate of an epoch (0-based) of a fresh or a warm-started training."""

@@ -100,7 +100,9 @@ class TextLTIConfig(Settings):
     patience: int | None = setting(None, low=1, doc="epochs without improvement before stopping")
     pair_chunk: int = setting(32, low=1, doc="training pairs computed per vectorised chunk")
     max_cache_bytes: int = setting(1 << 30, low=1, doc="memory for cached training features")
-    cache_dir: Path | None = setting(None, doc="where the trained inverter is saved and resumed")
+    cache_dir: Path | None = setting(
+        None, doc="where the trained inverter is saved and resumed; locked by the run using it"
+    )
 
 
 # CPU-sized settings: hashing to 4,096 bins keeps the first layer small, and LTI-P draws 2,000
