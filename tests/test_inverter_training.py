@@ -220,3 +220,29 @@ def test_a_training_cut_short_goes_on_in_the_next_call_at_the_same_weights(
     assert second.inverter is first.inverter  # the same weights went on training
     _, how, _ = keeper.account(second, lambda psnr: f"{psnr:.1f} dB")
     assert "cut short by the time budget in an earlier call, continued from epoch 4" in how
+
+
+def test_a_saved_inverter_that_does_not_fit_fails_every_call_naming_its_file(
+    tmp_path: Path,
+) -> None:
+    """Audit BF3: a file saved under this setting's key but holding another architecture's
+    weights failed the first call with torch's cut-off message, and every later call then
+    trained from scratch without a word."""
+    from fedleak.attacks.learned.keeper import InverterKeeper
+    from fedleak.attacks.learned.store import InverterStoreError
+
+    class Wider(Scripted):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.zeros(3))
+
+    store = InverterStore(tmp_path, "lti")
+    store.save(Wider(), "setting", "weights-1", 1, {"val_psnr": 10.0})
+    keeper = InverterKeeper(store, "finetune", "val_psnr")
+
+    def train(inverter: nn.Module, warm: bool, first_epoch: int) -> None:
+        raise AssertionError("a run must not train anew over its saved inverter")
+
+    for _ in range(2):
+        with pytest.raises(InverterStoreError, match=r"lti-inverter-r000001\.pt: does not fit"):
+            keeper.current("setting", "weights-2", 2, torch.device("cpu"), Scripted, train)

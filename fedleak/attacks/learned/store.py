@@ -32,6 +32,7 @@ class SavedInverter:
     state_dict: dict[str, Tensor]
     fingerprint: str | None
     meta: dict[str, object]
+    path: Path | None = None  # the file it was read from
 
     def score(self, name: str) -> float:
         """A validation score saved with the weights (NaN when absent)."""
@@ -117,7 +118,7 @@ class InverterStore:
         meta, state_dict = _read(path, device)
         if meta.get("key") != key:
             return None
-        return SavedInverter(state_dict, meta.get("fingerprint"), meta)
+        return SavedInverter(state_dict, meta.get("fingerprint"), meta, path)
 
 
 def check_saved_inverters(directory: Path) -> None:
