@@ -257,6 +257,34 @@ def test_a_sweep_folder_with_links_where_fedleak_writes_leaves_their_targets_alo
     assert (sweep_dir / "sweep.toml").read_text() == GRID
 
 
+def recording_runner(config: RunConfig, path: Path) -> Path:
+    """`fake_runner` recording the configuration as a run does (module level: picklable)."""
+    from fedleak.server.validate import canonical
+
+    return fake_runner(canonical(config), path)
+
+
+def test_a_sweep_with_relative_cache_folders_reruns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run records its cache-dir as an absolute path; the rerun compared that with the
+    cell's relative one and refused the sweep it had just run (audit BI R1)."""
+    monkeypatch.chdir(tmp_path)
+    text = GRID.replace(
+        '[sweep.grid]\n"train.batch-size" = [1, 2]\ndefense.spec = ["none", "prune:0.5"]',
+        '[sweep.grid]\n"attack.lti.cache-dir" = ["cacheA", "cacheB"]',
+    )
+    text = text.replace('names = "aux-mean"', 'names = "aux-mean,lti"')
+    assert "cacheA" in text and "prune" not in text
+    source = _write(tmp_path, text)
+    sweep_dir = run_sweep(source, out_dir=tmp_path / "out", runner=recording_runner)
+    recorded = RunDirectory.open(sweep_dir / read_manifest(sweep_dir)["cells"][0]["id"]).config
+    assert recorded.attack.params["lti"]["cache-dir"] == str(tmp_path / "cacheA")
+    again = Recorder()
+    run_sweep(source, out_dir=tmp_path / "out", runner=again)
+    assert again.calls == []
+
+
 def test_interrupted_sweep_resumes_without_redoing_finished_cells(tmp_path: Path) -> None:
     source = _write(tmp_path, GRID)
     first = Recorder(interrupt_at=2)

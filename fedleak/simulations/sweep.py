@@ -615,12 +615,15 @@ def _resumable_rounds(config: RunConfig, path: Path, plan: SweepPlan) -> int:
 def _check_existing(cell: Cell, path: Path, num_clients: int) -> None:
     """A cell folder from an earlier start must hold this very cell's configuration, run with
     as many clients (`RunDirectoryError`, exit 1, as a resume of `fedleak run` is refused)."""
+    from fedleak.server.validate import canonical
+
     try:
         run = RunDirectory.open(path)
-        stored = run.config.to_flat()
+        stored = canonical(run.config).to_flat()
     except (ConfigError, RunDirectoryError) as error:
         raise RunDirectoryError(f"{path}: unreadable cell configuration ({error})") from None
-    wanted = dataclasses.replace(cell.config, out_dir=str(path)).to_flat()
+    # Both as a run records its settings (a defense's steps in order, cache folders absolute).
+    wanted = canonical(dataclasses.replace(cell.config, out_dir=str(path))).to_flat()
     # A moved sweep folder is still the same sweep: where a cell was run is not its setting.
     for key in dict.fromkeys([*wanted, *stored]):
         if key not in ("sim.resume", "out-dir") and stored.get(key) != wanted.get(key):
