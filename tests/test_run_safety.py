@@ -96,6 +96,27 @@ def test_a_chosen_cache_folder_is_one_runs_while_it_runs(
         holder.wait()
 
 
+def test_a_cache_folder_inside_the_new_runs_folder_does_not_stop_it(tmp_path: Path) -> None:
+    """The cache folder's lock created it before the run checked that its folder was new,
+    and the run was refused for holding 'cache' (audit BI R2)."""
+    from fedleak.simulations import study
+    from fedleak.simulations.presets import load_preset
+
+    class GridReached(Exception):
+        pass
+
+    class Grid:
+        def __getattr__(self, name: str) -> object:
+            raise GridReached(name)
+
+    run = tmp_path / "run"
+    settings = {"attack.names": "lti", "attack.lti.cache-dir": str(run / "cache")}
+    config = parse_flat({**settings, "out-dir": str(run)}, load_preset("quickstart"))
+    with pytest.raises(GridReached):
+        study.serve(Grid(), config)
+    assert (run / "config.toml").is_file()
+
+
 def test_the_lock_refuses_a_second_process_and_dies_with_the_first(tmp_path: Path) -> None:
     holder = _holder(tmp_path)
     try:

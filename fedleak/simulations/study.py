@@ -174,11 +174,13 @@ def serve(
     try:
         with lock, contextlib.ExitStack() as caches:
             # A cache folder of the user's is this run's alone while it runs: another run
-            # writing its inverters there would have this one resume from them.
+            # writing its inverters there would have this one resume from them. One inside
+            # the run's folder is under the run's lock (and must not exist before it starts).
             for name, folder in cache_dirs(config).items():
-                caches.enter_context(
-                    RunLock(folder, instead=f"give attack.{name}.cache-dir another folder")
-                )
+                if not folder.resolve().is_relative_to(path.resolve()):
+                    caches.enter_context(
+                        RunLock(folder, instead=f"give attack.{name}.cache-dir another folder")
+                    )
             check_resumable(config, path, clients, client_threads)
             return _serve(StoppableGrid(grid), config, path, device, app, clients, client_threads)
     finally:
