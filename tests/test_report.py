@@ -733,6 +733,8 @@ def test_a_report_that_cannot_be_rebuilt_is_removed_not_left_stale(
 def test_figures_are_never_written_into_a_users_files(run_report: Path, tmp_path: Path) -> None:
     """Audit BG5: a run folder from elsewhere with report_files/ linked to a folder of the
     user's got fedleak's figures written into it, over a file of a figure's name."""
+    from fedleak.report.build import rebuild_reports
+
     copy = tmp_path / "copied"
     shutil.copytree(run_report, copy)
     shutil.rmtree(copy / "report_files")
@@ -744,13 +746,25 @@ def test_figures_are_never_written_into_a_users_files(run_report: Path, tmp_path
         build_report(copy)
     assert [p.name for p in mine.iterdir()] == ["leakage-per-round.png"]
     assert (mine / "leakage-per-round.png").read_text() == "keep"
-    # Not linked, but a user's file of a figure's name, not listed as fedleak's: refused too.
+    # Not linked, but a user's file of a figure's name that fedleak's list of its own files
+    # does not hold: refused too, and the reports there stay as they were.
     (copy / "report_files").unlink()
-    (copy / "report_files").mkdir()
-    (copy / "report_files" / "leakage-per-round.png").write_text("keep")
-    with pytest.raises(RunDirectoryError, match=r"leakage-per-round\.png: exists and was not"):
-        build_report(copy)
-    assert (copy / "report_files" / "leakage-per-round.png").read_text() == "keep"
+    build_report(copy)
+    before = {p.name: p.read_bytes() for p in copy.iterdir() if p.is_file()}
+    (copy / "report_files" / "reconstructions-00.png").unlink()
+    owned = copy / "report_files" / ".fedleak-files"
+    owned.write_text(json.dumps(["leakage-per-round.png"]))
+    (copy / "report_files" / "reconstructions-00.png").write_text("keep")
+    with pytest.raises(RunDirectoryError, match=r"reconstructions-00\.png: exists and was not"):
+        rebuild_reports(copy)
+    assert (copy / "report_files" / "reconstructions-00.png").read_text() == "keep"
+    assert {p.name: p.read_bytes() for p in copy.iterdir() if p.is_file()} == before
+    # A report_files/ without that list (fedleak kept none before 30 November 2026): its
+    # figures are fedleak's, and the report is rebuilt over them (audit BI R3).
+    (copy / "report_files" / "reconstructions-00.png").unlink()
+    owned.unlink()
+    rebuild_reports(copy)
+    assert json.loads(owned.read_text()) == ["leakage-per-round.png", "reconstructions-00.png"]
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")

@@ -26,6 +26,7 @@ from fedleak.report.document import Cell as TableCell
 from fedleak.report.gallery import gallery_figure, ranked, run_samples
 from fedleak.report.plots import frontier_figure, rounds_figure, setting_label
 from fedleak.report.rundir import (
+    ForeignFileError,
     RunDirectoryError,
     atomic_write,
     is_run_directory,
@@ -565,6 +566,8 @@ def rebuild_reports(path: Path) -> list[Path]:
     for folder in paths:
         try:
             built.append(build_report(folder)[0])
+        except ForeignFileError:
+            raise  # refused before writing: the reports there are as they were
         except Exception:
             # Left in place, the folder's report (and the sweep's, built from its cells)
             # would show an earlier state as if it were the current one.

@@ -143,6 +143,11 @@ class RunDirectoryError(ValueError):
     """A run directory is missing, already used, or given rows it cannot record."""
 
 
+class ForeignFileError(RunDirectoryError):
+    """A file or link that fedleak did not write stands where it would write: refused before
+    anything is written, and nothing of fedleak's is removed because of it."""
+
+
 def _default(dtype: str) -> object:
     return {"int64": -1, "Int64": -1, "float64": math.nan, "str": "", "bool": False}[dtype]
 
@@ -968,23 +973,25 @@ def replace_owned_files(folder: Path, files: Mapping[str, bytes]) -> None:
     folder = Path(folder)
     if folder.is_symlink():
         # A run folder from elsewhere could point it at any folder of the user's.
-        raise RunDirectoryError(f"{folder}: a symbolic link; expected fedleak's own folder")
+        raise ForeignFileError(f"{folder}: a symbolic link; expected fedleak's own folder")
     manifest = folder / OWNED_MANIFEST
     try:
         earlier = json.loads(manifest.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        earlier = []
+        earlier = None
     if not isinstance(earlier, list):
-        earlier = []
+        earlier = None
     for name in files:
         if Path(name).name != name or name in ("", ".", "..", OWNED_MANIFEST):
             raise RunDirectoryError(f"{name!r}: not a plain file name for {folder}")
         target = folder / name
-        if (target.exists() or target.is_symlink()) and name not in earlier:
-            raise RunDirectoryError(
+        # Without a manifest (fedleak before 30 November 2026 kept none, or it was lost) the
+        # figures of fedleak's names are taken as its own, as they were then.
+        if target.is_symlink() or (earlier is not None and target.exists() and name not in earlier):
+            raise ForeignFileError(
                 f"{target}: exists and was not written by fedleak; move it away to write the report"
             )
-    for name in earlier:
+    for name in earlier or []:
         if isinstance(name, str) and Path(name).name == name and name not in files:
             (folder / name).unlink(missing_ok=True)
     if not files:
