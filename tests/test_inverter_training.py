@@ -136,16 +136,26 @@ def test_two_saves_of_one_round_write_through_temporary_files_of_their_own(
     import fedleak.attacks.learned.store as store_module
 
     written = []
-    save = torch.save
-    monkeypatch.setattr(
-        store_module.torch, "save", lambda obj, path: (written.append(path), save(obj, path))
-    )
+    mkstemp = store_module.tempfile.mkstemp
+
+    def recorded(**kwargs: object) -> tuple[int, str]:
+        handle, name = mkstemp(**kwargs)
+        written.append(name)
+        return handle, name
+
+    monkeypatch.setattr(store_module.tempfile, "mkstemp", recorded)
     store = InverterStore(tmp_path, "lti")
     store.save(Scripted(), "setting-a", None, 1, {})
+    first = (tmp_path / "lti-inverter-r000001.pt").read_bytes()
     store.save(Scripted(), "setting-a", None, 1, {})
     assert len(set(written)) == 2
     assert all(Path(p).parent == tmp_path and str(p).endswith(".tmp") for p in written)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lti-inverter-r000001.pt"]
+    # The same inverter, the same bytes (the temporary name is not in the archive), and
+    # readable by others as the run's other files.
+    saved = tmp_path / "lti-inverter-r000001.pt"
+    assert saved.read_bytes() == first
+    assert saved.stat().st_mode & 0o777 == 0o644
 
 
 def test_a_resume_goes_on_from_the_round_before_the_one_it_attacks(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ weights it saw (`fingerprint`) decide whether it still needs a refresh.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import tempfile
 import textwrap
@@ -80,11 +81,18 @@ class InverterStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu() for k, v in inverter.state_dict().items()}
         meta = {"key": key, "fingerprint": fingerprint, "round": int(round_), **scores}
+        # Serialised in memory: torch names the archive's records after the file it writes,
+        # and the same inverter must give the same bytes in every run.
+        buffer = io.BytesIO()
+        torch.save({"state_dict": state, "meta": meta}, buffer)
         # A name no other process writes (two runs, or a run's workers, saving one round).
         handle, temporary = tempfile.mkstemp(prefix=f"{path.stem}.", suffix=".tmp", dir=path.parent)
-        os.close(handle)
         try:
-            torch.save({"state_dict": state, "meta": meta}, temporary)
+            with os.fdopen(handle, "wb") as out:
+                out.write(buffer.getvalue())
+                out.flush()
+                os.fsync(out.fileno())
+            os.chmod(temporary, 0o644)  # as the run's other files (mkstemp makes 0600)
             os.replace(temporary, path)
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
