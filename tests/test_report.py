@@ -1610,3 +1610,6 @@ def test_markdown_shows_a_records_html_as_text() -> None:
     assert "`fedleak report <dir>`" in markdown  # a code span shows its text as it is
     assert "| torch | &lt;img src=x onerror=alert(2)> |" in markdown
     assert render_markdown("t", [Text("for n < 6 the range")], "f")[0].endswith("n < 6 the range\n")
+    # After an unpaired backtick (a corpus' text may hold one) the rest is not code.
+    unpaired = render_markdown("t", [Text("it's a `quote; tag: <img src=x>")], "f")[0]
+    assert "<img" not in unpaired and "`quote; tag: &lt;img src=x>" in unpaired

@@ -227,7 +227,11 @@ def _no_html(text: str) -> str:
     (attack names, environment values, text from a corpus) would otherwise reach a Markdown
     viewer as HTML it renders. `n < 6` stays as it is."""
     pieces = text.split("`")
-    return "`".join(p if i % 2 else _TAG_OPEN.sub("&lt;", p) for i, p in enumerate(pieces))
+    # Odd pieces lie between two backticks; after an unpaired last one, text is not code.
+    closed = len(pieces) - (len(pieces) % 2 == 0)
+    return "`".join(
+        p if i % 2 and i < closed else _TAG_OPEN.sub("&lt;", p) for i, p in enumerate(pieces)
+    )
 
 
 def _md_table(table: Table) -> str:
