@@ -305,4 +305,6 @@ def test_the_headline_says_below_the_floor_for_a_text_attack_under_it() -> None:
     assert _floor_mark(below, setting) == " (below the floor)"
     assert _floor_mark(level, setting) == " (at the floor)"
     above = _text_summary("lti-text", 0.875, 0.8)
-    assert _floor_mark(above, setting) == ""
+    assert _floor_mark(above, setting) == " (not told apart from the floor)"  # [0, 0.875]
+    clear = dataclasses.replace(above, token_acc=Median(0.875, 0.8, 0.9, 8, 0.95))
+    assert _floor_mark(clear, setting) == ""

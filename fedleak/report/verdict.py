@@ -184,9 +184,11 @@ def _within_floor_noise(s: SettingSummary, floor: SettingSummary) -> str:
 
 def _floor_mark(s: SettingSummary, v: SettingVerdict) -> str:
     """' (at the floor)' for an attack that learned nothing, ' (below the floor)' for a text
-    attack whose median token accuracy is under the floor's."""
+    attack whose median token accuracy is under the floor's, and ' (not told apart from the
+    floor)' for one above it within the two medians' intervals."""
     if not _at_floor(s, v):
-        return ""
+        close = v.floor is not None and _within_floor_noise(s, v.floor)
+        return " (not told apart from the floor)" if close else ""
     below = v.floor is not None and s.tokens and s.token_acc.value < v.floor.token_acc.value
     return " (below the floor)" if below else " (at the floor)"
 
