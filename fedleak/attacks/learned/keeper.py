@@ -237,19 +237,19 @@ class InverterKeeper:
         # Checked once it reads: a file that cannot fails every call, rather than the first
         # only and a silent training from scratch after it.
         saved = self._store.load(key, device, before=round_)
-        inverter = fresh() if saved is not None else None
-        if saved is not None and inverter is not None:
-            try:
-                inverter.load_state_dict(saved.state_dict)
-            except RuntimeError as error:  # another architecture's weights under this key
-                detail = " ".join(str(error).split())[:200]
-                raise InverterStoreError(
-                    f"{saved.path}: does not fit this attack's inverter ({detail}); restore "
-                    "it, or start the run again in a new out-dir"
-                ) from None
-        self._store_checked = True
-        if saved is None or inverter is None:
+        if saved is None:
+            self._store_checked = True
             return
+        inverter = fresh()
+        try:
+            inverter.load_state_dict(saved.state_dict)
+        except RuntimeError as error:  # another architecture's weights under this key
+            detail = " ".join(str(error).split())[:200]
+            raise InverterStoreError(
+                f"{saved.path}: does not fit this attack's inverter ({detail}); restore it, "
+                "or start the run again in a new out-dir"
+            ) from None
+        self._store_checked = True
         self.inverter = inverter.to(device)
         self._key, self._fingerprint = key, saved.fingerprint
         self.score = saved.score(self._score_name)
