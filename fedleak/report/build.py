@@ -529,7 +529,7 @@ def _check_ours(file: Path) -> None:
     with file.open("rb") as handle:
         head = handle.read(2048).decode("utf-8", errors="replace")
     if TITLE_PREFIX not in head:
-        raise RunDirectoryError(
+        raise ForeignFileError(
             f"{file}: exists and was not written by fedleak; move it away to build the report "
             "in this folder"
         )

@@ -329,6 +329,8 @@ def load_sweep(
     """Parse and check a sweep file (a path, or a shipped sweep preset's name); `overrides`
     (flat run-config keys) apply to the base and to every cell, after the cell's own keys;
     `cells` (fnmatch patterns on cell ids) keeps only the matching cells, ids unchanged."""
+    from fedleak.server.validate import canonical
+
     source = preset_path(path)
     try:
         document = tomllib.loads(read_preset_text(source))
@@ -388,8 +390,7 @@ def load_sweep(
         }
         cell_id = f"cell-{index:03d}-{_slug(named)}"
         config = dataclasses.replace(config, name=cell_id)
-        flat = config.to_flat()
-        flat["defense.spec"] = _defense_form(flat["defense.spec"])  # as the run records it
+        flat = canonical(config).to_flat()  # as the run records it
         key = tuple(sorted((k, repr(v)) for k, v in flat.items() if k != "name"))
         if key in seen:
             raise SweepError(f"{label}: same configuration as cell {seen[key]}; remove one")
