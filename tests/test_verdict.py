@@ -295,6 +295,14 @@ def test_a_text_leader_within_the_floors_interval_is_not_told_apart_from_it() ->
     )
     sentence = _setting_sentence(SettingVerdict("", "none", (clear,), floor, 0.0, 0.0, (2,)), None)
     assert "overlaps" not in sentence
+    # An attack after the leader carries the same note as in the console's summary.
+    both = SettingVerdict("", "none", (clear, close), floor, 0.0, 0.0, (2,))
+    assert "; tag a median 0.062 of the tokens, ROUGE-L 0.000, not told apart from the floor." in (
+        _setting_sentence(both, None)
+    )
+    assert "not told apart from the floor" not in _setting_sentence(
+        SettingVerdict("", "none", (clear, clear), floor, 0.0, 0.0, (2,)), None
+    )
 
 
 def test_the_headline_says_below_the_floor_for_a_text_attack_under_it() -> None:

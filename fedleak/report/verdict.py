@@ -257,6 +257,16 @@ def _accuracy(value: float) -> str:
     return "–" if math.isnan(value) else f"{value:.3f}"
 
 
+def _runner_up_floor(s: SettingSummary, v: SettingVerdict, nothing_learned: bool) -> str:
+    """How an attack after the leader stands to the floor: where the leader already stands at
+    it, the sentence has said so for all of them."""
+    if nothing_learned or v.floor is None:
+        return ""
+    if _at_floor(s, v):
+        return ", no closer than the floor"
+    return ", not told apart from the floor" if _within_floor_noise(s, v.floor) else ""
+
+
 def _setting_sentence(v: SettingVerdict, baseline: SettingVerdict | None) -> str:
     where = "Without a defense" if v.defense == "none" else f"Under {v.defense}"
     if v.group:
@@ -299,7 +309,7 @@ def _setting_sentence(v: SettingVerdict, baseline: SettingVerdict | None) -> str
         if len(v.attacks) > 1:
             text += "; " + "; ".join(
                 _rate_and_scores(s)
-                + (", no closer than the floor" if not nothing_learned and _at_floor(s, v) else "")
+                + _runner_up_floor(s, v, nothing_learned)
                 + _unconverged(s, v)
                 + _left_out(s)
                 for s in v.attacks[1:]
