@@ -22,7 +22,9 @@ from fedleak.attacks.optimization.attacks import (
     ObservationError,
     interchangeable_slots,
     label_placements,
+    prepare,
 )
+from fedleak.attacks.optimization.config import IGConfig
 from fedleak.attacks.optimization.engine import BatchedLBFGS, Settings, StepDecay, optimise
 from fedleak.attacks.optimization.losses import (
     MatchingLoss,
@@ -533,6 +535,18 @@ def test_matching_follows_the_public_defense_spec(spec, samples, expected):
     pipeline = parse_defense_spec(spec)
     assert choose_matching("cosine", pipeline, samples, adaptive=True).name == expected
     assert choose_matching("cosine", pipeline, samples, adaptive=False).name == "cosine"
+
+
+@pytest.mark.parametrize(("defense", "unadapted"), [("gauss:0.01", 0.0), ("sign", 1.0)])
+def test_an_attack_told_to_ignore_the_defense_records_whether_adapting_would_change_it(
+    mnist, defense, unadapted
+):
+    """The report warned that ig ignored Gaussian noise, which no adaptive loss matches
+    differently (audit BL1): the rows now say where ignoring it changed the attack."""
+    observation, knowledge = observe(mnist, defense)
+    plain = IGConfig(adaptive=False)
+    assert prepare(observation, knowledge, plain, "infer", 0).diagnostics["unadapted"] == unadapted
+    assert "unadapted" not in prepare(observation, knowledge, IGConfig(), "infer", 0).diagnostics
 
 
 @pytest.mark.parametrize(

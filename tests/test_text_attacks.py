@@ -241,6 +241,21 @@ def test_tag_reads_the_last_token_of_the_kept_restart_in_a_batch_update(
     assert any(torch.equal(out.inputs[:, -1], last[r]) for r in range(2))
 
 
+@pytest.mark.parametrize(("defense", "unadapted"), [("gauss:0.01", 0.0), ("prune:0.9", 1.0)])
+def test_tag_told_to_ignore_the_defense_records_whether_adapting_would_change_it(
+    world: dict[str, object], one_thread: None, defense: str, unadapted: float
+) -> None:
+    """Reports warn about a blind attack only where adapting would have changed its loss."""
+    private = world["private"][:1]  # type: ignore[index]
+    observation = observe(world["spec"], world["weights"], defense, private)  # type: ignore[arg-type]
+    plain = TAG(TAGConfig(adaptive=False)).reconstruct(
+        observation, world["knowledge"], Budget(1, 1e9)
+    )
+    assert plain.diagnostics["unadapted"] == unadapted
+    adapted = TAG(TAGConfig()).reconstruct(observation, world["knowledge"], Budget(1, 1e9))
+    assert "unadapted" not in adapted.diagnostics
+
+
 def test_tag_rows_record_its_matching_loss_and_convergence(
     world: dict[str, object], one_thread: None
 ) -> None:

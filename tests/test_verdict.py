@@ -4,7 +4,10 @@ closest (median LPIPS, then PSNR); the success rate, which saturates, only break
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+
+import pandas as pd
 
 from fedleak.report.stats import Median, Rate
 from fedleak.report.tables import SettingSummary
@@ -225,8 +228,10 @@ def test_the_verdict_says_what_the_attacker_saw_and_knew() -> None:
     from fedleak.config import parse_flat
     from fedleak.report.verdict import _threat_model
 
-    def study(*flats: dict) -> SimpleNamespace:
-        runs = [SimpleNamespace(config=parse_flat(flat)) for flat in flats]
+    def study(*flats: dict, unadapted: float | None = None) -> SimpleNamespace:
+        said = {} if unadapted is None else {"unadapted": unadapted}
+        rows = pd.DataFrame({"attack": ["ig"], "diagnostics": [json.dumps(said)]})
+        runs = [SimpleNamespace(config=parse_flat(flat), leakage=rows) for flat in flats]
         return SimpleNamespace(scored_runs=runs)
 
     base = {"attack.names": "aux-mean,ig,lti", "threat.share": "per-sample"}
@@ -237,6 +242,11 @@ def test_the_verdict_says_what_the_attacker_saw_and_knew() -> None:
         "Under the defenses, ig matched the updates as if undefended (attack.ig.adaptive = false)"
     )
     assert "is not shown to stop an attack that knows the defense" in knew
+    assert _threat_model(study(blind, unadapted=1.0))[1] == knew
+    # Under noise an adaptive ig matches the update as a blind one does (audit BL1).
+    noised = {**blind, "defense.spec": "gauss:0.01", "threat.share": "batch"}
+    assert _threat_model(study(noised, unadapted=0.0)) == []
+    assert _threat_model(study(noised)) != []  # rows from before the attacks said so
     # Undefended, adaptation changes nothing; batch sharing needs no sentence.
     undefended = {**base, "attack.ig.adaptive": False, "threat.share": "batch"}
     assert _threat_model(study(undefended)) == []

@@ -7,12 +7,13 @@ there. Reference baselines are quoted as the floor, never as an attack that leak
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
 import pandas as pd
 
-from fedleak.report.collect import Study
+from fedleak.report.collect import RunRecord, Study
 from fedleak.report.plots import setting_label
 from fedleak.report.tables import (
     SettingSummary,
@@ -388,6 +389,21 @@ def _aggregate_view(study: Study) -> list[str]:
 _PER_SAMPLE = ("per-sample", "client")
 
 
+def _adapting_changes(run: RunRecord, attack: str) -> bool:
+    """Whether an attack told to ignore the defense would have matched the updates otherwise
+    (noise, for one, needs no other loss): its rows say so (`unadapted`); rows written before
+    they did, or none at all, are taken as yes."""
+    rows = run.leakage
+    if "attack" not in rows.columns or "diagnostics" not in rows.columns:
+        return True
+    said = [
+        json.loads(text).get("unadapted")
+        for text in rows.loc[rows["attack"] == attack, "diagnostics"]
+        if isinstance(text, str) and text
+    ]
+    return not said or None in said or any(value != 0 for value in said)
+
+
 def _threat_model(study: Study) -> list[str]:
     """What the attacker saw and knew where a reader could assume less: each sample's own
     update, and attacks told to ignore the defense they faced (a defense that stops such an
@@ -410,6 +426,7 @@ def _threat_model(study: Study) -> list[str]:
             for attack in r.config.attack.names
             if str(r.config.attack.params.get(attack, {}).get("adaptive", "")).lower()
             in ("false", "0")
+            and _adapting_changes(r, attack)
         }
     )
     if blind:

@@ -328,16 +328,23 @@ def prepare(
     elif has_bn:
         bn_reference = replay.running_statistics()
     per_sample_possible = not has_bn and protocol.kind == "gradient"
-    matching = choose_matching(
-        config.matching,
-        pipeline,
-        samples,
-        config.adaptive,
-        config.tanh_scale,
-        per_sample_possible,
-        config.normalised_hinge,
-        contributors,
-    )
+
+    def matching_for(adaptive: bool) -> MatchingLoss:
+        return choose_matching(
+            config.matching,
+            pipeline,
+            samples,
+            adaptive,
+            config.tanh_scale,
+            per_sample_possible,
+            config.normalised_hinge,
+            contributors,
+        )
+
+    matching = matching_for(config.adaptive)
+    if not config.adaptive:
+        # Reports warn about an attack blind to the defense only where adapting would change it.
+        diagnostics = {**diagnostics, "unadapted": float(matching_for(True) != matching)}
     return Problem(
         replay=replay,
         target=[t.repeat((restarts,) + (1,) * (t.dim() - 1)) for t in target],

@@ -30,6 +30,7 @@ optimised as one batched problem by the shared engine.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -295,6 +296,14 @@ class TAG:
         replay = Replay(model, protocol, "infer", device)
         per_sample_ok = not has_batchnorm(model) and protocol.kind == "gradient"
         loss = choose_tag_loss(cfg, pipeline, len(names), samples, contributors, per_sample_ok)
+        adaptation: dict[str, float] = {}
+        if not cfg.adaptive:
+            # Reports warn about an attack blind to the defense only where adapting would change it.
+            adapted = dataclasses.replace(cfg, adaptive=True)
+            adaptive_loss = choose_tag_loss(
+                adapted, pipeline, len(names), samples, contributors, per_sample_ok
+            )
+            adaptation["unadapted"] = float(adaptive_loss != loss)
         restarts = cfg.restarts
         target = [
             shared[name].to(device).float().repeat((restarts,) + (1,) * (shared[name].dim() - 1))
@@ -355,6 +364,7 @@ class TAG:
                 "restarts": float(restarts),
                 "diverged_targets": float(diverged),
                 "tag_scale": cfg.tag_scale,
+                **adaptation,
             },
             # Each of a target's samples carries its problem's matching losses, from which the
             # auditor records `loss_start`, `loss_final` and `converged` as for image attacks.
