@@ -684,6 +684,11 @@ def test_every_referenced_image_exists(which: str, request: pytest.FixtureReques
     assert len(refs) >= 2 and all(ref.startswith("report_files/") for ref in refs)
     assert "report_files/leakage-per-round.png" in refs
     assert any(ref.startswith("report_files/reconstructions-") for ref in refs)
+    # The success panel's band is the rate's own interval, not a median's (audit BL3).
+    assert (
+        "_Per round, against the private originals: the success rate (band: its exact "
+        "(Clopper–Pearson) 95% interval) and the median of each metric" in markdown
+    )
     for ref in refs:
         with Image.open(path / ref) as img:
             img.load()

@@ -259,8 +259,9 @@ def _rounds_section(study: Study) -> list[Block]:
         Figure.of(
             "leakage-per-round.png",
             png,
-            f"Per round, against the private originals: {'the success rate and ' * decided}"
-            "the median of "
+            "Per round, against the private originals: "
+            + "the success rate (band: its exact (Clopper–Pearson) 95% interval) and " * decided
+            + "the median of "
             "each metric over the attacked clients' samples (band, or bar for a single "
             "round, where few lines share a panel: the median's 95% interval, or the "
             "samples' range where a round has fewer than 6 of them, coverage 1 - 2^(1-n)), "
