@@ -326,3 +326,15 @@ def test_the_headline_says_below_the_floor_for_a_text_attack_under_it() -> None:
     assert _floor_mark(above, setting) == " (not told apart from the floor)"  # [0, 0.875]
     clear = dataclasses.replace(above, token_acc=Median(0.875, 0.8, 0.9, 8, 0.95))
     assert _floor_mark(clear, setting) == ""
+
+
+def test_an_image_attack_behind_the_floor_in_every_median_is_marked_below_it() -> None:
+    """ig at 5.0 dB against the floor's 12.1 dB read "(at the floor)" (audit BL)."""
+    floor = _summary("aux-mean", 0, 12.1, 0.47)
+    behind = _summary("ig", 0, 5.0, 0.6)
+    level = _summary("dlg", 0, 11.0, 0.40)  # closer by LPIPS, lower PSNR: not behind in both
+    setting = SettingVerdict("", "gauss:0.01", (level, behind), floor, 0.1, 0.1, (1,))
+    assert _floor_mark(behind, setting) == " (below the floor)"
+    assert _floor_mark(level, setting) == " (at the floor)"
+    no_lpips = dataclasses.replace(behind, lpips=Median(math.nan, math.nan, math.nan, 0, 0.95))
+    assert _floor_mark(no_lpips, setting) == " (below the floor)"

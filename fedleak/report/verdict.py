@@ -184,14 +184,27 @@ def _within_floor_noise(s: SettingSummary, floor: SettingSummary) -> str:
 
 
 def _floor_mark(s: SettingSummary, v: SettingVerdict) -> str:
-    """' (at the floor)' for an attack that learned nothing, ' (below the floor)' for a text
-    attack whose median token accuracy is under the floor's, and ' (not told apart from the
-    floor)' for one above it within the two medians' intervals."""
+    """' (at the floor)' for an attack that learned nothing, ' (below the floor)' for one
+    whose medians are all behind the floor's (5 dB against its 12 read as "at"), and ' (not
+    told apart from the floor)' for a text attack above it within the two medians'
+    intervals."""
     if not _at_floor(s, v):
         close = v.floor is not None and _within_floor_noise(s, v.floor)
         return " (not told apart from the floor)" if close else ""
-    below = v.floor is not None and s.tokens and s.token_acc.value < v.floor.token_acc.value
-    return " (below the floor)" if below else " (at the floor)"
+    return " (below the floor)" if _behind_floor(s, v) else " (at the floor)"
+
+
+def _behind_floor(s: SettingSummary, v: SettingVerdict) -> bool:
+    """Every median of the attack is strictly worse than the floor's (text: token accuracy;
+    images: LPIPS and PSNR, or PSNR alone without LPIPS)."""
+    floor = v.floor
+    if floor is None:
+        return False
+    if s.tokens:
+        return s.token_acc.value < floor.token_acc.value
+    if not (s.psnr.n and floor.psnr.n) or s.psnr.value >= floor.psnr.value:
+        return False
+    return not (s.lpips.n and floor.lpips.n) or s.lpips.value > floor.lpips.value
 
 
 def _unconverged(s: SettingSummary, v: SettingVerdict) -> str:
