@@ -47,6 +47,7 @@ from timing import (
 )
 
 from fedleak.config import RunConfig, parse_flat
+from fedleak.server.pool import ResourceRequestError, ray_init_args
 from fedleak.simulations.launch import run_study
 
 
@@ -105,7 +106,7 @@ def attacks_inline_vs_pool(root: Path, args: argparse.Namespace) -> None:
 
         return run
 
-    names = {0: "inline", **{w: f"pool x{w}" for w in args.workers}}
+    names = {0: "inline", **{w: f"pool x{w}" for w in _pools_that_fit(args)}}
     series = interleave({names[w]: variant(w) for w in names}, args.repeats, warmup=0)
     print(f"{'runner':<10} {'wall s':>18} {'jobs':>5} {'jobs/s':>7}")
     for workers, name in names.items():
@@ -115,9 +116,25 @@ def attacks_inline_vs_pool(root: Path, args: argparse.Namespace) -> None:
         rate = "invalid" if wall.problem() or done is None else f"{done / wall.median:7.3f}"
         count = "-" if done is None else str(done)
         print(f"{name:<10} {wall.text(1.0, 's'):>18} {count:>5} {rate:>7}")
-    for workers in args.workers:
+    for workers in list(names)[1:]:
         ratio = Ratio(series[names[workers]], series["inline"])
         print(f"wall-time ratio pool x{workers} / inline: {ratio.text()}")
+
+
+def _pools_that_fit(args: argparse.Namespace) -> list[int]:
+    """The worker counts this machine can give their CPUs beside one client (1 CPU), as a
+    study checks it before Ray starts; each other one is named and skipped, so that it does
+    not end the benchmark after the variants before it have run."""
+    fit = []
+    for workers in args.workers:
+        pool = {"attack.workers": workers, "attack.worker-cpus": args.worker_cpus}
+        try:
+            ray_init_args(parse_flat(pool), client_cpus=1.0, client_gpus=0.0)
+        except ResourceRequestError as error:
+            print(f"  pool x{workers}: skipped, {error}")
+            continue
+        fit.append(workers)
+    return fit
 
 
 def round_time_vs_clients(root: Path, args: argparse.Namespace) -> None:
@@ -226,12 +243,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--scaling", type=int, nargs="+", default=[10, 50, 100])
     parser.add_argument("--skip", nargs="*", default=[], choices=["pool", "scaling", "gpu"])
-    parser.add_argument(
-        "--server-threads", type=int, default=0, help="torch threads of the server (0: default)"
-    )
     args = parser.parse_args()
-    if args.server_threads:
-        torch.set_num_threads(args.server_threads)
     print(machine())
     root = Path(tempfile.mkdtemp(prefix="bench-scale-"))
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 import subprocess
@@ -169,6 +170,7 @@ def test_a_pool_study_with_failed_attack_jobs_is_no_measurement(tmp_path, capsys
         return {"wall": 2.0 - 0.5 * (flat["attack.workers"] == 1), "jobs": 4, "failed": failed}
 
     module.study = study
+    module.ray_init_args = lambda *args, **kwargs: {}  # as on a machine with room for both
     args = module.argparse.Namespace(
         clients=2, rounds=1, iterations=5, workers=[1, 2], worker_cpus=1.0, repeats=3
     )
@@ -177,3 +179,22 @@ def test_a_pool_study_with_failed_attack_jobs_is_no_measurement(tmp_path, capsys
     assert "1 attack jobs failed with 2 workers" in out
     assert "pool x2: invalid" in out and "wall-time ratio pool x2 / inline: no ratio" in out
     assert "wall-time ratio pool x1 / inline: 0.75" in out
+
+
+def test_a_pool_the_machine_cannot_hold_is_skipped_not_a_traceback(tmp_path, capsys) -> None:
+    """`make bench-scale` on 2 cores ran inline and one worker, then raised on two workers of
+    one CPU each and printed nothing it had measured (audit BJ2)."""
+    path = _PATH.parent / "bench_scale.py"
+    spec = importlib.util.spec_from_file_location("bench_scale", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.study = lambda out, num_clients, **flat: {"wall": 1.0, "jobs": 4, "failed": 0}
+    module.ray_init_args = functools.partial(module.ray_init_args, cpus=2)
+    args = module.argparse.Namespace(
+        clients=2, rounds=1, iterations=5, workers=[1, 2], worker_cpus=1.0, repeats=3
+    )
+    module.attacks_inline_vs_pool(tmp_path, args)
+    out = capsys.readouterr().out
+    assert "pool x2: skipped, attack.workers=2 x attack.worker-cpus=1 (and GPU shares)" in out
+    assert "wall-time ratio pool x1 / inline: 1.00" in out and "pool x2 /" not in out
