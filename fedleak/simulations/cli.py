@@ -24,6 +24,7 @@ from typing import Any, NoReturn
 
 from fedleak.config import ConfigError, RunConfig, parse_flat
 from fedleak.heap import reuse_freed_memory
+from fedleak.simulations.terminal import printing_safely
 
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 # One line must stay readable: longer messages are cut.
@@ -458,6 +459,11 @@ def _describe(error: BaseException) -> tuple[str, int]:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `fedleak` console command."""
+    with printing_safely():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     reuse_freed_memory()
     verbose = "--verbose" in argv
@@ -483,11 +489,6 @@ def main(argv: list[str] | None = None) -> int:
             message = "interrupted"
         print(f"fedleak: {message}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except BrokenPipeError:
-        # The reader went away (`fedleak presets | head -1`): nothing left to tell it. Point
-        # stdout at /dev/null so that Python's final flush does not complain either.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_ERROR
     except Exception as error:
         if verbose and not isinstance(error, UsageError):
             traceback.print_exc()

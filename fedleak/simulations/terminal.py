@@ -1,0 +1,79 @@
+"""The command line's standard streams: what it prints must never be what ends a study.
+
+A study prints a line per round. Piped into a reader that stops early (`fedleak run ... |
+head -1`) the next line raised BrokenPipeError between rounds, and the run ended without a
+word or a FAILED; on a terminal that cannot encode 'ε' (`PYTHONIOENCODING=ascii`) the first
+DP round's line ended it too. `printing_safely` makes both harmless for one command.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import sys
+from collections.abc import Iterator
+from typing import TextIO
+
+
+class OutlivedStream(io.TextIOBase):
+    """A text stream that outlives its reader: once the pipe behind it has closed, what is
+    left to print is dropped (its descriptor then points at /dev/null, so that Python's last
+    flush is quiet too) and the caller goes on."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self.reader_gone = False
+
+    def write(self, text: str) -> int:
+        if not self.reader_gone:
+            try:
+                return self._stream.write(text)
+            except BrokenPipeError:
+                self._reader_left()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.reader_gone:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self._reader_left()
+
+    def _reader_left(self) -> None:
+        self.reader_gone = True
+        with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self._stream.fileno())
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+    def isatty(self) -> bool:
+        return self._stream.isatty()
+
+    def writable(self) -> bool:
+        return True
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(self._stream, "encoding", "utf-8")
+
+
+@contextlib.contextmanager
+def printing_safely() -> Iterator[None]:
+    """For one command: characters the terminal cannot encode are written as escapes, and
+    stdout outlives its reader (`OutlivedStream`)."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="backslashreplace")
+    stdout = sys.stdout
+    if stdout is None:  # no console at all (pythonw): nothing to guard
+        yield
+        return
+    sys.stdout = OutlivedStream(stdout)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stdout = stdout

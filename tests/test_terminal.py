@@ -1,0 +1,69 @@
+"""What the command line prints never ends what it does: a reader that leaves early, or a
+terminal that cannot encode a character, costs output, not the study (audit BK1, BK2)."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from fedleak.simulations.cli import main
+
+
+class _ClosedAfter(io.StringIO):
+    """A pipe whose reader takes `lines` writes and then goes away."""
+
+    def __init__(self, lines: int) -> None:
+        super().__init__()
+        self.left = lines
+
+    def write(self, text: str) -> int:
+        if self.left <= 0:
+            raise BrokenPipeError(32, "Broken pipe")
+        self.left -= 1
+        return super().write(text)
+
+
+def test_a_reader_that_leaves_early_costs_only_the_output(monkeypatch, capsys) -> None:
+    stream = _ClosedAfter(1)
+    monkeypatch.setattr(sys, "stdout", stream)
+    assert main(["config-keys"]) == 0
+    assert stream.getvalue().startswith("KEY ") and stream.getvalue().count("\n") <= 1
+    assert sys.stdout is stream  # the command's own stream is handed back
+    assert capsys.readouterr().err == ""
+
+
+def test_characters_the_terminal_cannot_encode_are_escaped(monkeypatch) -> None:
+    raw = io.BytesIO()
+    ascii_terminal = io.TextIOWrapper(raw, encoding="ascii")
+    monkeypatch.setattr(sys, "stdout", ascii_terminal)
+    assert main(["presets"]) == 0
+    ascii_terminal.flush()
+    assert b"accuracy and \\u03b5" in raw.getvalue()  # dp-frontier's line, whole
+
+
+def test_a_study_piped_into_a_reader_that_stops_runs_to_its_end(tmp_path: Path) -> None:
+    """`fedleak run ... | head -1` ended the run silently after round 0: no DONE, no FAILED,
+    no line."""
+    out = tmp_path / "piped"
+    argv = ["run", "quickstart", "--num-clients", "2", "--out", str(out)]
+    for setting in ("num-server-rounds=2", "attack.names=aux-mean", "train.batch-size=2"):
+        argv += ["--set", setting]
+    env = {**os.environ, "PYTHONIOENCODING": "ascii"}  # ... and its ε lines on an ASCII stdout
+    argv += ["--set", "defense.spec=dpsgd:1:1"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fedleak.simulations.console", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    assert process.stdout is not None and process.stderr is not None
+    first = process.stdout.readline()
+    process.stdout.close()
+    error = process.stderr.read().decode()
+    assert process.wait(timeout=600) == 0, error
+    assert first.startswith(b"fedleak: run directory")
+    assert (out / "DONE").exists() and not (out / "FAILED").exists()
+    assert "Traceback" not in error and "error" not in error
