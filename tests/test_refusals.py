@@ -534,6 +534,20 @@ CASES = [
     ),
     # The same data.dataset loading other samples (a folder edited in place, a relative path
     # read from another directory): the resumed rounds mixed two data sets (audit AP1).
+    # A run from before runs recorded their federation and data passed every check a resume
+    # makes by having nothing to compare: resumed on 3 clients it mixed two federations (BM1).
+    Case(
+        "resume-older-run",
+        (*RESUME, "--set", "num-server-rounds=2"),
+        "done: was made by an older fedleak (its environment.json records no run format); this "
+        "one writes format 1 and cannot check that the resumed rounds would continue it: "
+        "`fedleak report` still reads it; run the study again in a new out-dir",
+        status=1,
+        setup=lambda tmp: (
+            _finished_run(tmp),
+            _write("done/environment.json", b'{"fedleak": "0.1.0", "num_clients": 2}')(tmp),
+        ),
+    ),
     Case(
         "resume-other-data",
         (*RESUME, "--set", "num-server-rounds=2"),

@@ -149,9 +149,21 @@ def test_failing_clients_are_recorded_and_the_run_completes(tmp_path: Path) -> N
     assert (out / "DONE").exists()
 
 
-def test_resume_continues_after_the_last_finished_round(tmp_path: Path) -> None:
+def test_resume_continues_after_the_last_finished_round(tmp_path: Path, capsys) -> None:
     out = _run(tmp_path / "resumed", "attack.names=aux-mean", "num-server-rounds=1")
+    began = json.loads((out / "environment.json").read_text())
+    assert began["run_format"] == 1 and len(began["fedleak_source"]) == 16
+    # As if begun under another torch: the resume says so and environment.json keeps it, as
+    # the added rounds may differ from an uninterrupted run's (audit BM3).
+    (out / "environment.json").write_text(json.dumps({**began, "torch": "0.0"}))
+    capsys.readouterr()
     _run(out, "attack.names=aux-mean", "num-server-rounds=2", "sim.resume=true")
+    change = f"torch 0.0 -> {torch.__version__}"
+    assert (
+        f"began with other software ({change}): the rounds it adds may" in capsys.readouterr().err
+    )
+    resumed = json.loads((out / "environment.json").read_text())
+    assert resumed["torch"] == "0.0" and resumed["resumed_with"] == [[change]]
     utility = pd.read_csv(out / "utility.csv")
     assert list(utility["round"]) == [0, 1, 2]
     assert sorted(pd.read_parquet(out / "leakage.parquet")["round"].unique()) == [1, 2]

@@ -119,6 +119,13 @@ ENVIRONMENT_FILE = "environment.json"
 ENVIRONMENT_OBJECTS = ("data", "lpips")
 # environment.json's note of why a DP-SGD run reports no ε.
 NO_EPSILON_KEY = "no_epsilon"
+# What a run directory records, as a number in environment.json: raise it when a new fedleak
+# records what an older one did not and a resume relies on it (the federation's size and
+# threads, the data's fingerprint, the attack seed stream: format 1). Older runs still report.
+RUN_FORMAT = 1
+RUN_FORMAT_KEY = "run_format"
+# environment.json's list of resumes under other software than the run began with.
+RESUMED_WITH_KEY = "resumed_with"
 LEAKAGE_FILE = "leakage.parquet"
 LEAKAGE_CSV = "leakage.csv"
 UTILITY_FILE = "utility.csv"
@@ -400,6 +407,7 @@ class RunDirectory:
         env = {
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "fedleak": _package_version(),
+            RUN_FORMAT_KEY: RUN_FORMAT,
             **environment,
         }
         atomic_write(
@@ -833,6 +841,24 @@ class RunDirectory:
                 f"rounds {self.path} already finished; a resumed run may only add rounds"
             )
 
+    def check_format(self) -> None:
+        """Refuse to continue a run whose records are not this fedleak's: one made before runs
+        recorded their federation, data and format would pass every check a resume makes by
+        having nothing to compare, and its rows would sit beside rows another version drew."""
+        recorded = self.environment().get(RUN_FORMAT_KEY)
+        if recorded == RUN_FORMAT:
+            return
+        made = (
+            "an older fedleak (its environment.json records no run format)"
+            if recorded is None
+            else f"a fedleak of another run format ({recorded!r})"
+        )
+        raise RunDirectoryError(
+            f"{self.path}: was made by {made}; this one writes format {RUN_FORMAT} and cannot "
+            "check that the resumed rounds would continue it: `fedleak report` still reads it; "
+            "run the study again in a new out-dir"
+        )
+
     def check_clients(self, num_clients: int, client_threads: int | None = None) -> None:
         """Refuse a federation of another size than the run's: the data's partitions depend
         on it, so resuming with other clients would mix two studies in one directory; and
@@ -863,6 +889,13 @@ class RunDirectory:
         if client_threads is not None:
             federation["client_threads"] = client_threads
         self._note(federation)
+
+    def record_resumed_with(self, changed: Sequence[str]) -> None:
+        """Note in environment.json a resume under other software than the run began with
+        (`changed`, e.g. 'torch 2.14.0 -> 2.14.1'): its rows then come from two versions."""
+        earlier = self.environment().get(RESUMED_WITH_KEY)
+        resumes = earlier if isinstance(earlier, list) else []
+        self._note({RESUMED_WITH_KEY: [*resumes, list(changed)]})
 
     def record_no_epsilon(self, reason: str) -> None:
         """Note in environment.json why a DP-SGD run reports no ε: the report's utility

@@ -10,6 +10,8 @@ The helpers here describe the run for its directory (environment, data provenanc
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import hashlib
 import platform
 import time
 from collections import Counter, defaultdict
@@ -82,18 +84,46 @@ def setup_warnings(config: RunConfig, fd: FederatedData) -> list[str]:
     return [warning for warning in warnings if warning]
 
 
+@functools.cache
+def source_fingerprint() -> str:
+    """A hash of fedleak's own Python files: its version number stays the same across changes
+    that move a run's bits (an attack's seed stream, a kernel), so a resume compares this."""
+    root = Path(__import__("fedleak").__file__).parent
+    digest = hashlib.sha256()
+    for file in sorted(root.rglob("*.py")):
+        digest.update(file.relative_to(root).as_posix().encode() + b"\0" + file.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def software() -> dict[str, str]:
+    """The code a run computes with, as environment.json records it."""
+    import flwr
+
+    return {
+        "fedleak": __import__("fedleak").__version__,
+        "fedleak_source": source_fingerprint(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "flwr": flwr.__version__,
+    }
+
+
+def changed_software(recorded: Mapping[str, object]) -> list[str]:
+    """What of `software()` differs from a run's environment.json, as 'torch 2.14.0 -> 2.14.1'."""
+    return [
+        f"{key} {recorded.get(key, 'unrecorded')} -> {value}"
+        for key, value in software().items()
+        if recorded.get(key) != value
+    ]
+
+
 def environment(
     device: torch.device, config: RunConfig, data: dict[str, object] | None = None
 ) -> dict[str, object]:
     """Versions, device, seed, the data's provenance and where LPIPS's weights came from: what
     a reader needs to reproduce the run."""
-    import flwr
-
     return {
-        "fedleak": __import__("fedleak").__version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "flwr": flwr.__version__,
+        **software(),
         "platform": platform.platform(),
         "device": str(device),
         "cuda": torch.cuda.get_device_name(0) if device.type == "cuda" else None,

@@ -69,6 +69,7 @@ from fedleak.server.validate import (
 )
 from fedleak.simulations.recording import (
     RunRecorder,
+    changed_software,
     data_record,
     default_run_dir,
     environment,
@@ -203,6 +204,7 @@ def check_resumable(
         return
     config = canonical(config)
     run_dir = RunDirectory.open(path)
+    run_dir.check_format()
     # A run recorded before specs were stored canonically is the same study, and so is one
     # that names an attack parameter at its default value (`flwr run`'s table lists keys).
     run_dir.check_resume(resume_form(config), resume_form(canonical(run_dir.config)))
@@ -351,7 +353,19 @@ def _serve(
         run_dir = RunDirectory.open(path)
     else:
         run_dir = RunDirectory.create(path, config, environment(device, config, data_record(fd)))
-    warnings = [_restarted_state(app) if resumed else None, *setup_warnings(config, fd)]
+    software = changed_software(run_dir.environment()) if resumed else []
+    if software:
+        software_warning = (
+            f"{path} began with other software ({'; '.join(software)}): the rounds it adds may "
+            "differ from those of an uninterrupted run"
+        )
+    else:
+        software_warning = None
+    warnings = [
+        _restarted_state(app) if resumed else None,
+        software_warning,
+        *setup_warnings(config, fd),
+    ]
     for warning in filter(None, warnings):
         print(f"fedleak: warning: {warning}", file=sys.stderr, flush=True)
     announce(f"fedleak: run directory {path}")
@@ -401,6 +415,8 @@ def _serve(
     run_dir.record_clients(num_clients, client_threads)
     if resumed:
         run_dir.update_config(stored)
+        if software:
+            run_dir.record_resumed_with(software)
     ledger = PrivacyLedger.from_config(config, federated_data(config, num_clients))
     if ledger.warning:
         print(f"fedleak: warning: {ledger.warning}", file=sys.stderr, flush=True)
