@@ -1618,3 +1618,27 @@ def test_markdown_shows_a_records_html_as_text() -> None:
     # After an unpaired backtick (a corpus' text may hold one) the rest is not code.
     unpaired = render_markdown("t", [Text("it's a `quote; tag: <img src=x>")], "f")[0]
     assert "<img" not in unpaired and "`quote; tag: &lt;img src=x>" in unpaired
+
+
+def test_a_report_rebuilds_in_a_folder_the_locale_cannot_encode(
+    run_report: Path, tmp_path: Path
+) -> None:
+    """Under an ASCII locale without UTF-8 mode a folder named 'run ε' reaches Python as
+    surrogates: pyarrow could not open its leakage.parquet, and the rebuild deleted the report
+    and called the records unreadable (audit BK3)."""
+    import os
+    import sys
+
+    folder = tmp_path / "run ε"
+    shutil.copytree(run_report, folder)
+    ascii_locale = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0"}
+    ascii_locale.pop("PYTHONIOENCODING", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "fedleak.simulations.console", "report", os.fsencode(folder)],
+        capture_output=True,
+        env=ascii_locale,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    assert "run ε" in (folder / "report.md").read_text(encoding="utf-8")
+    assert (folder / "report.html").exists()

@@ -591,6 +591,7 @@ def build_report(path: Path) -> tuple[Path, Path]:
     # Figures of an earlier build that this one no longer has go; a user's own files stay
     # (and refuse the build where one has a figure's name), before anything is written.
     replace_owned_files(path / FILES_DIR, files)
-    atomic_write(html_path, render_html(title, blocks).encode("utf-8"))
-    atomic_write(md_path, markdown.encode("utf-8"))
+    # A folder name the locale could not decode (surrogates) is written as its own bytes.
+    atomic_write(html_path, render_html(title, blocks).encode("utf-8", "surrogateescape"))
+    atomic_write(md_path, markdown.encode("utf-8", "surrogateescape"))
     return html_path, md_path

@@ -292,7 +292,9 @@ def read_leakage_parquet(path: Path) -> pd.DataFrame:
     if not path.exists():
         return empty_frame(LEAKAGE_COLUMNS)
     try:
-        return _typed_leakage(pd.read_parquet(path))
+        # Read by Python, not pyarrow: a path pyarrow cannot encode (a non-ASCII folder under
+        # an ASCII locale) is a readable file all the same.
+        return _typed_leakage(pd.read_parquet(io.BytesIO(path.read_bytes())))
     except Exception as error:  # pyarrow's errors, bad dtypes, a folder in its place
         raise _unreadable(path, error) from None
 
@@ -963,7 +965,7 @@ class RunDirectory:
         if failed:
             lines[4:4] = [f"**The run failed:** {failed}", ""]
         path = self.path / SUMMARY_FILE
-        atomic_write(path, "\n".join(lines).encode("utf-8"))
+        atomic_write(path, "\n".join(lines).encode("utf-8", "surrogateescape"))
         return path
 
 
