@@ -442,7 +442,9 @@ def _within(value: Any, rule: Rule) -> bool:
 # -- parsing ----------------------------------------------------------------------------------
 def unknown(key: str, known: list[str], where: str = "") -> ConfigError:
     """The one-line error for a key nobody declared, with the closest known keys."""
-    close = difflib.get_close_matches(key, known, n=3)
+    # Keys are lower case: `TRAIN.BATCH-SIZE` is as close to its key as `train.batch-size`.
+    lowered = {name.lower(): name for name in known}
+    close = [lowered[m] for m in difflib.get_close_matches(key.lower(), list(lowered), n=3)]
     if close:
         hint = f"; did you mean {', '.join(close)}?"
     elif known and len(known) <= 40:

@@ -40,6 +40,7 @@ INVALID = [
     ({"attack.max-seconds": float("nan")}, "attack.max-seconds=nan: expected a number > 0"),
     ({"device": "tpu"}, "device='tpu': expected one of 'auto', 'cpu', 'cuda'"),
     ({"data.datset": "x"}, "data.datset: unknown setting; did you mean data.dataset"),
+    ({"TRAIN.BATCH-SIZE": 4}, "TRAIN.BATCH-SIZE: unknown setting; did you mean train.batch-size"),
     ({"out-dir": "relative/dir"}, "out-dir='relative/dir': expected an absolute path"),
     ({"train.local-steps": 3}, "train.local-steps=3: fedsgd shares one gradient"),
     (
