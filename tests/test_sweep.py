@@ -1045,3 +1045,23 @@ num-server-rounds = 1
 """
     lines = check_sweep(_write(tmp_path, text), out_dir=tmp_path)
     assert any("would skip 1 cells" in line for line in lines)
+
+
+def test_cells_a_set_makes_equal_are_refused_naming_the_set(tmp_path: Path) -> None:
+    """Cell 1 is `sign` in the file; the message named the --set value as if the file had
+    listed it twice (audit BK4)."""
+    cell = '[[sweep.cells]]\n"defense.spec" = "{}"\n'
+    text = "[sweep]\n" + cell.format("none") + cell.format("sign")
+    runner = Recorder()
+    with pytest.raises(ConfigError) as error:
+        run_sweep(
+            _write(tmp_path, text),
+            out_dir=tmp_path / "out",
+            runner=runner,
+            overrides={"defense.spec": "prune:0.5"},
+        )
+    assert str(error.value).endswith(
+        "cell 1 (defense.spec='prune:0.5'): same configuration as cell 0 once --set gives "
+        "defense.spec to every cell; drop that --set or choose cells with --cells"
+    )
+    assert runner.calls == []

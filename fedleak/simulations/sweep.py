@@ -393,6 +393,13 @@ def load_sweep(
         flat = canonical(config).to_flat()  # as the run records it
         key = tuple(sorted((k, repr(v)) for k, v in flat.items() if k != "name"))
         if key in seen:
+            overridden = sorted(set(combo) & set(extra))
+            if overridden:  # the file's cells differ; the command line made them one
+                raise SweepError(
+                    f"{label}: same configuration as cell {seen[key]} once --set gives "
+                    f"{', '.join(overridden)} to every cell; drop that --set or choose cells "
+                    "with --cells"
+                )
             raise SweepError(f"{label}: same configuration as cell {seen[key]}; remove one")
         seen[key] = index
         planned.append(Cell(index=index, id=cell_id, overrides=overrides, config=config))
