@@ -331,6 +331,18 @@ def test_a_simulation_stops_on_a_client_it_did_not_mean_to_lose() -> None:
     own.global_weights = {"w": torch.zeros(257)}
     with pytest.raises(ClientCrashed):
         own.aggregate_train(1, [_reply(0, torch.ones(257), 1), _failed(99)])
+    # A client whose reply never came (Flower hands over what arrived within the timeout) was
+    # neither a failure nor a reply: `utility.csv` read "client failures 0 of 0" (audit BO1).
+    own._asked, own._timeout = 2, 0.01
+    with pytest.raises(
+        ClientCrashed, match=r"a client failed \(no reply within sim.timeout=0.01 s\)"
+    ):
+        own.aggregate_train(1, [_reply(0, torch.ones(257), 1)])
+    deployed.global_weights, deployed._asked, deployed._timeout = {"w": torch.zeros(257)}, 2, 5.0
+    deployed.aggregate_train(1, [_reply(0, torch.ones(257), 1)])
+    tally = deployed._round
+    assert (tally.replies, tally.failures) == (1, 1)
+    assert tally.first_error == "no reply within sim.timeout=5 s"
 
 
 _KERNELS = """

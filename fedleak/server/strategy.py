@@ -97,6 +97,10 @@ class ClientReply:
     truth: GroundTruth | None  # None: a foreign client that declared no batch
 
 
+# The error code `check_failures` gets for a client whose reply never came (Flower's are >= 0).
+TIMED_OUT = -1
+
+
 class ClientCrashed(RuntimeError):
     """A simulated client was lost for a reason the study did not inject (its Ray actor died,
     or fedleak's own client code raised): later rounds would silently drop its updates."""
@@ -229,6 +233,8 @@ class CuriousStrategy(Strategy):
         self._job_rounds: dict[int, int] = {}  # outstanding job id -> its round
         self._next_job = 0
         self._sent = 0
+        self._asked = 0  # clients addressed this round: those that never reply failed too
+        self._timeout = math.inf
         self._round = RoundLog(round=0)  # the current round's log, completed by `start`
         self._parameters: tuple[str, ...] | None = None
 
@@ -254,6 +260,7 @@ class CuriousStrategy(Strategy):
                 self.end_round(server_round + self.round_offset, arrays, metrics)
             return metrics
 
+        self._timeout = timeout
         try:
             result = super().start(
                 grid=grid,
@@ -302,6 +309,7 @@ class CuriousStrategy(Strategy):
         if self.payload_check is not None:
             self.payload_check(len(messages))  # refuse the round before any client works
         self._sent = len(messages) * sum(len(array.data) for array in arrays.values())
+        self._asked = len(messages)
         return messages
 
     def aggregate_train(
@@ -315,8 +323,13 @@ class CuriousStrategy(Strategy):
         valid = [msg for msg in replies if not msg.has_error()]
         failed = [msg.error for msg in replies if msg.has_error()]
         errors = [error_line(error.reason) for error in failed]
+        # Flower hands over only the replies that came within the timeout.
+        unanswered = max(0, self._asked - len(replies))
+        errors += [f"no reply within sim.timeout={self._timeout:g} s"] * unanswered
         # A round refused for its failures says so in one line, without a warning per reply.
-        self.check_failures(server_round, [error.code for error in failed], errors)
+        self.check_failures(
+            server_round, [error.code for error in failed] + [TIMED_OUT] * unanswered, errors
+        )
         for reason in errors:
             log.warning("round %d: client reply failed: %s", server_round, reason)
         split = [self.split(server_round, msg) for msg in valid]
