@@ -581,6 +581,26 @@ def test_parallel_cells_run_in_worker_processes(
     assert environments == {"fake"}
 
 
+def epsilon_runner(config: RunConfig, path: Path) -> Path:
+    """A cell whose progress line holds a character an ASCII terminal cannot encode."""
+    print("ε 1.5", flush=True)
+    return fake_runner(config, path)
+
+
+def test_parallel_cells_print_as_safely_as_the_sweep_itself(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On an ASCII stdout a DP cell's ε failed it in a worker process, while the same cell ran
+    in the sweep's own process (audit BN D2)."""
+    monkeypatch.setenv("PYTHONIOENCODING", "ascii")  # the pool's processes start with it
+    source = _write(tmp_path, GRID.replace("num-clients = 2", "num-clients = 2\nparallel = 2"))
+    sweep_dir = run_sweep(source, out_dir=tmp_path, runner=epsilon_runner, say=lambda _: None)
+    cells = read_manifest(sweep_dir)["cells"]
+    assert [c["status"] for c in cells] == ["done"] * 4, cells
+    printed = [line for line in capfd.readouterr().out.splitlines() if "1.5" in line]
+    assert sorted(printed) == sorted(f"{c['id']}: \\u03b5 1.5" for c in cells)
+
+
 def stopping_runner(config: RunConfig, path: Path) -> Path:
     """A cell that says on standard error what a study says at a Ctrl-C (picklable)."""
     sys.stderr.write("\nfedleak: stopping at the next safe point\n")
@@ -1065,3 +1085,26 @@ def test_cells_a_set_makes_equal_are_refused_naming_the_set(tmp_path: Path) -> N
         "defense.spec to every cell; drop that --set or choose cells with --cells"
     )
     assert runner.calls == []
+
+
+def test_a_cell_an_older_fedleak_left_unfinished_is_started_over_with_a_line(
+    tmp_path: Path,
+) -> None:
+    """Its rounds went without a word, where `fedleak run` refuses such a folder in one line
+    (audit BN D3)."""
+    source = _write(tmp_path, GRID)
+    sweep_dir = run_sweep(source, out_dir=tmp_path, runner=fake_runner, say=lambda _: None)
+    cell = sweep_dir / read_manifest(sweep_dir)["cells"][0]["id"]
+    (cell / "DONE").unlink()
+    (cell / "checkpoints").mkdir(exist_ok=True)
+    (cell / "checkpoints" / "global.pt").write_bytes(b"an older fedleak's")
+    environment = json.loads((cell / "environment.json").read_text())
+    del environment["run_format"]
+    (cell / "environment.json").write_text(json.dumps(environment))
+    said: list[str] = []
+    run_sweep(source, out_dir=tmp_path, runner=fake_runner, say=said.append)
+    assert (
+        f"  {cell.name}: starting over, its rounds cannot be continued (was made by an older "
+        "fedleak (its environment.json records no run format);" in "\n".join(said)
+    )
+    assert (cell / "DONE").exists()

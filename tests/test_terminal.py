@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from fedleak.simulations.cli import main
+from fedleak.simulations.terminal import OutlivedStream, guard_worker_streams
 
 
 class _ClosedAfter(io.StringIO):
@@ -33,6 +34,18 @@ def test_a_reader_that_leaves_early_costs_only_the_output(monkeypatch, capsys) -
     assert stream.getvalue().startswith("KEY ") and stream.getvalue().count("\n") <= 1
     assert sys.stdout is stream  # the command's own stream is handed back
     assert capsys.readouterr().err == ""
+
+
+def test_a_worker_process_keeps_its_guard_for_good(monkeypatch) -> None:
+    """A parallel sweep's cells print from processes of their own (audit BN D1)."""
+    stream = _ClosedAfter(1)
+    monkeypatch.setattr(sys, "stdout", stream)
+    guard_worker_streams()
+    guard_worker_streams()  # twice: one wrapper
+    assert isinstance(sys.stdout, OutlivedStream) and sys.stdout._stream is stream
+    print("round 1/2")
+    print("round 2/2")  # the reader has gone: dropped, not raised
+    assert stream.getvalue() == "round 1/2"
 
 
 def test_characters_the_terminal_cannot_encode_are_escaped(monkeypatch) -> None:

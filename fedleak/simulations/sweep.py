@@ -93,6 +93,7 @@ from fedleak.report.rundir import (
     mark_failed_if_silent,
 )
 from fedleak.simulations.presets import load_preset, preset_path, read_preset_text
+from fedleak.simulations.terminal import guard_worker_streams
 
 SOURCE_COPY = "sweep.toml"
 SWEEP_KEYS = (
@@ -562,11 +563,13 @@ def _run_cell(
     return "done", "", seconds
 
 
-def _idle_ignores_sigint() -> None:
-    """A parallel sweep's worker process between cells: a Ctrl-C there would kill it and
-    break the pool, ending the cells still running elsewhere abruptly. A cell's study takes
-    SIGINT over while it runs (`fedleak.simulations.launch`)."""
+def _start_worker() -> None:
+    """A parallel sweep's worker process: between cells it ignores Ctrl-C, which would kill
+    it and break the pool, ending the cells still running elsewhere abruptly (a cell's study
+    takes SIGINT over while it runs, `fedleak.simulations.launch`); and what its cells print
+    must not end them, as in the sweep's own process (`guard_worker_streams`)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    guard_worker_streams()
 
 
 def _sigterm_as_ctrl_c(_signum: int, _frame: object) -> None:
@@ -602,22 +605,23 @@ def _finished(path: Path) -> bool:
     return _is_run(path) and RunDirectory.open(path).is_finished()
 
 
-def _resumable_rounds(config: RunConfig, path: Path, plan: SweepPlan) -> int:
-    """The rounds an unfinished cell can go on from (0: start it over): none for a run that
-    failed, has no checkpoint, or that this machine cannot resume bit for bit (its clients
-    computed on another number of threads, or its server on another device)."""
+def _resumable_rounds(config: RunConfig, path: Path, plan: SweepPlan) -> tuple[int, str]:
+    """The rounds an unfinished cell can go on from (0: start it over) and, where it has
+    rounds it cannot go on from, why: none for a run that failed, has no checkpoint, or that
+    this fedleak cannot resume bit for bit (its clients computed on another number of
+    threads, its server on another device, an older fedleak made it)."""
     from fedleak.simulations.launch import client_threads
     from fedleak.simulations.study import check_resumable
 
     run = RunDirectory.open(path)
     try:
         if run.failed_reason() or not (path / CHECKPOINT_FILE).is_file():
-            return 0
+            return 0, ""
         # Also reads the checkpoint, and refuses one that is damaged or does not fit.
         check_resumable(config, path, plan.num_clients, client_threads(plan.client_cpus))
-        return run.finished_rounds()
-    except (ConfigError, RunDirectoryError):
-        return 0
+        return run.finished_rounds(), ""
+    except (ConfigError, RunDirectoryError) as error:
+        return 0, str(error).removeprefix(f"{path}: ")
 
 
 def _check_existing(cell: Cell, path: Path, num_clients: int) -> None:
@@ -880,10 +884,12 @@ def _run_plan(
         if not is_run_directory(path):
             return config
         resumed = dataclasses.replace(config, sim=dataclasses.replace(config.sim, resume=True))
-        done = _resumable_rounds(resumed, path, plan)
+        done, why_not = _resumable_rounds(resumed, path, plan)
         if done:
             say(f"  {cell.id}: resuming after round {done}")
             return resumed
+        if why_not:  # its finished rounds go: say so, where `fedleak run` would refuse
+            say(f"  {cell.id}: starting over, its rounds cannot be continued ({why_not})")
         from fedleak.server.build import clear_cached_inverters
 
         RunDirectory(path).clear()
@@ -914,7 +920,7 @@ def _run_plan(
                 context = multiprocessing.get_context("spawn")
                 workers = min(plan.parallel, len(pending))
                 pool = ProcessPoolExecutor(
-                    max_workers=workers, mp_context=context, initializer=_idle_ignores_sigint
+                    max_workers=workers, mp_context=context, initializer=_start_worker
                 )
                 try:
                     # Cells go to the pool one per free worker: the executor queues one call

@@ -59,14 +59,27 @@ class OutlivedStream(io.TextIOBase):
         return getattr(self._stream, "encoding", "utf-8")
 
 
-@contextlib.contextmanager
-def printing_safely() -> Iterator[None]:
-    """For one command: characters the terminal cannot encode are written as escapes, and
-    stdout outlives its reader (`OutlivedStream`)."""
+def escape_unencodable() -> None:
+    """Characters the terminal cannot encode are written as escapes (`\\u03b5`)."""
     for stream in (sys.stdout, sys.stderr):
         reconfigure = getattr(stream, "reconfigure", None)
         if reconfigure is not None:
             reconfigure(errors="backslashreplace")
+
+
+def guard_worker_streams() -> None:
+    """`printing_safely` for the rest of a worker process's life (a parallel sweep's cells
+    print to the sweep's stdout from processes of their own)."""
+    escape_unencodable()
+    if sys.stdout is not None and not isinstance(sys.stdout, OutlivedStream):
+        sys.stdout = OutlivedStream(sys.stdout)
+
+
+@contextlib.contextmanager
+def printing_safely() -> Iterator[None]:
+    """For one command: characters the terminal cannot encode are written as escapes, and
+    stdout outlives its reader (`OutlivedStream`)."""
+    escape_unencodable()
     stdout = sys.stdout
     if stdout is None:  # no console at all (pythonw): nothing to guard
         yield
