@@ -247,6 +247,10 @@ def test_the_verdict_says_what_the_attacker_saw_and_knew() -> None:
     noised = {**blind, "defense.spec": "gauss:0.01", "threat.share": "batch"}
     assert _threat_model(study(noised, unadapted=0.0)) == []
     assert _threat_model(study(noised)) != []  # rows from before the attacks said so
+    # A sweep of both names the defenses the sentence is about (audit BN D5).
+    both = study(blind, noised, unadapted=1.0)
+    both.scored_runs[1].leakage = study(noised, unadapted=0.0).scored_runs[0].leakage
+    assert _threat_model(both)[1].startswith("Under sign, ig matched the updates as if")
     # Undefended, adaptation changes nothing; batch sharing needs no sentence.
     undefended = {**base, "attack.ig.adaptive": False, "threat.share": "batch"}
     assert _threat_model(study(undefended)) == []

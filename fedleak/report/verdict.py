@@ -431,22 +431,24 @@ def _threat_model(study: Study) -> list[str]:
             "per client's batch: every attack inverts one sample at a time, the attacker's "
             "easiest case."
         )
-    blind = sorted(
-        {
-            attack
-            for r in runs
-            if r.config.defense.spec != "none"
-            for attack in r.config.attack.names
-            if str(r.config.attack.params.get(attack, {}).get("adaptive", "")).lower()
-            in ("false", "0")
-            and _adapting_changes(r, attack)
-        }
-    )
-    if blind:
+    defended = [r for r in runs if r.config.defense.spec != "none"]
+    blind_in = [
+        (attack, r.config.defense.label)
+        for r in defended
+        for attack in r.config.attack.names
+        if str(r.config.attack.params.get(attack, {}).get("adaptive", "")).lower() in ("false", "0")
+        and _adapting_changes(r, attack)
+    ]
+    if blind_in:
+        blind = sorted({attack for attack, _ in blind_in})
+        defenses = sorted({defense for _, defense in blind_in})
+        # A sweep's other defenses (noise, which no adaptive loss matches otherwise) are not it.
+        every = defenses == sorted({r.config.defense.label for r in defended})
+        under = "the defenses" if every else ", ".join(defenses)
         them = "it" if len(blind) == 1 else "them"
         key = f"attack.{blind[0] if len(blind) == 1 else '<name>'}.adaptive"
         sentences.append(
-            f"Under the defenses, {', '.join(blind)} matched the updates as if undefended "
+            f"Under {under}, {', '.join(blind)} matched the updates as if undefended "
             f"({key} = false): a defense that stops {them} is not shown to stop an attack "
             "that knows the defense."
         )
