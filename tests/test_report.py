@@ -1251,6 +1251,13 @@ def test_a_failed_run_is_named_and_kept_out_of_the_figures(tmp_path: Path) -> No
     (sweep / "sweep.json").write_text(json.dumps(manifest))
     runs = _table(build_report(sweep)[1].read_text(), "## Runs and times")
     assert [row[2:4] for row in runs[1:] if row[0] == "cell-3"] == [["sign", "3"]]
+    # A sweep killed while cell-2 ran and cell-3 waited left them "running" and "queued" in
+    # sweep.json; the report, built once no sweep writes, called cell-2 running (audit BO2).
+    manifest["cells"][2]["status"], manifest["cells"][3]["status"] = "running", "queued"
+    (sweep / "sweep.json").write_text(json.dumps(manifest))
+    runs = _table(build_report(sweep)[1].read_text(), "## Runs and times")
+    status = {row[0]: row[-1] for row in runs[1:]}
+    assert status["cell-2"] == status["cell-3"] == "interrupted"
 
 
 def test_attack_durations_are_a_median_and_range_never_a_negative_interval(

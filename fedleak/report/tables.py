@@ -867,6 +867,13 @@ def _client_failures_cell(utility: pd.DataFrame) -> str:
     return f"{failed} of {asked} (round{'s' if len(hit) > 1 else ''} {shown})"
 
 
+def _settled(status: object) -> str:
+    """A cell's status as a report shows it: reports are built once no sweep writes the folder
+    (`fedleak report` checks its lock), so a cell sweep.json still calls running or queued
+    was cut off by a sweep that died without recording it (a kill -9, a lost machine)."""
+    return "interrupted" if status in ("running", "queued") else str(status)
+
+
 def runs_table(study: Study) -> Table:
     """Per run (a failed one too): group, defense, seed, rounds finished of configured, client
     failures, time, status."""
@@ -880,7 +887,7 @@ def runs_table(study: Study) -> Table:
             if run.failure
             else ("done" if done >= run.config.num_server_rounds else "unfinished")
         )
-        status = cells.get(run.name, {}).get("status", own)
+        status = _settled(cells.get(run.name, {}).get("status", own))
         body.append(
             (
                 Cell(run.name),
@@ -909,7 +916,7 @@ def runs_table(study: Study) -> Table:
                     Cell("–"),
                     Cell("–"),
                     Cell("–"),
-                    Cell(f"{cell.get('status')} {cell.get('message') or ''}".strip()),
+                    Cell(f"{_settled(cell.get('status'))} {cell.get('message') or ''}".strip()),
                 )
             )
     return Table(
