@@ -1206,9 +1206,10 @@ def test_a_verdict_over_many_settings_names_the_least_leaking_one(tmp_path: Path
     rows.loc[attacked, "lpips_alex"], rows.loc[attacked, "psnr"] = 0.99, 3.0
     rows.to_parquet(sweep / "cell-4-prune-0.9" / "leakage.parquet", index=False)
     text = verdict(load_study(sweep))
+    # Which of the summarised settings is which extreme is said (audit BO3).
     assert text.startswith(
-        "Of 8 settings, those where attacks leak most and least and 2 of the 4 undefended "
-        "ones are summarised here"
+        "Of 8 settings, attacks leak most without a defense (batch-size=3) and least under "
+        "prune:0.9 (batch-size=4); those two and 2 of the 4 undefended ones are summarised here"
     )
     assert "Under prune:0.9 (batch-size=4), no attack got closer than the aux-mean floor" in text
     assert text.count("Without a defense") + text.count("Under ") == 4

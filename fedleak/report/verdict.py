@@ -368,10 +368,18 @@ def verdict(study: Study) -> str:
             if len(undefended) <= room
             else f"{room} of the {len(baselines)} undefended ones"
         )
-        intro.append(
-            f"Of {len(settings)} settings, those where attacks leak most and least and {which} "
-            "are summarised here; the summary table lists every setting."
-        )
+        if len(extremes) == 2:
+            most, least = (_setting_named(v) for v in extremes)
+            intro.append(
+                f"Of {len(settings)} settings, attacks leak most {most} and least {least}; "
+                f"those two and {which} are summarised here; the summary table lists every "
+                "setting."
+            )
+        else:
+            intro.append(
+                f"Of {len(settings)} settings, those where attacks leak most and least and "
+                f"{which} are summarised here; the summary table lists every setting."
+            )
     sentences = [_setting_sentence(v, baselines.get(v.group)) for v in chosen]
     return " ".join(
         [
@@ -383,6 +391,13 @@ def verdict(study: Study) -> str:
             *sentences,
         ]
     )
+
+
+def _setting_named(v: SettingVerdict) -> str:
+    """'without a defense (batch-size=4)', 'under sign (batch-size=1)': as its sentence
+    begins, so that a reader finds it below."""
+    where = "without a defense" if v.defense == "none" else f"under {v.defense}"
+    return f"{where} ({v.group})" if v.group else where
 
 
 def _aggregate_view(study: Study) -> list[str]:
