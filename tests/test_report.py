@@ -1650,3 +1650,17 @@ def test_a_report_rebuilds_in_a_folder_the_locale_cannot_encode(
     assert done.returncode == 0, done.stderr.decode()
     assert "run ε" in (folder / "report.md").read_text(encoding="utf-8")
     assert (folder / "report.html").exists()
+
+
+def test_a_key_only_failed_cells_change_labels_no_setting(tmp_path: Path) -> None:
+    """Two cells that failed with sim.timeout=0.01 put "timeout=3600.0" into every setting's
+    label, in every table and legend (audit BO4)."""
+    from fedleak.report.collect import load_study
+
+    cells = {"cell-0": {"seed": 0}, "cell-1": {"seed": 1}, "cell-2": {"batch_size": 4}}
+    sweep = _sweep_of(tmp_path / "sweep", cells)
+    assert load_study(sweep).group_keys == ("train.batch-size",)
+    RunDirectory.open(sweep / "cell-2").mark_failed("every client failed in every round")
+    study = load_study(sweep)
+    assert study.group_keys == ()
+    assert {study.group_of(r) for r in study.runs} == {""}

@@ -257,6 +257,9 @@ def load_study(path: Path) -> Study:
             f"{path}: neither a fedleak run directory nor a sweep directory with finished or "
             "started cells"
         )
+    # Settings are told apart by what varies among the runs the figures show: a key only the
+    # failed cells change would otherwise label every setting.
+    scored = [r for r in runs if not r.failure] or runs
     return Study(
-        path=path, kind="sweep", runs=tuple(runs), manifest=manifest, group_keys=_varying(runs)
+        path=path, kind="sweep", runs=tuple(runs), manifest=manifest, group_keys=_varying(scored)
     )
