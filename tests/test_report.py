@@ -1664,3 +1664,18 @@ def test_a_key_only_failed_cells_change_labels_no_setting(tmp_path: Path) -> Non
     study = load_study(sweep)
     assert study.group_keys == ()
     assert {study.group_of(r) for r in study.runs} == {""}
+
+
+def test_a_sweep_report_leads_to_each_cells_own_report(sweep_report: Path, tmp_path: Path) -> None:
+    """A researcher had to look for each cell's report.html among the folders (audit BO7)."""
+    sweep = tmp_path / "sweep"
+    shutil.copytree(sweep_report, sweep)
+    first, *_ = json.loads((sweep / "sweep.json").read_text())["cells"]
+    build_report(sweep / first["id"])  # this cell's report exists, the others' do not
+    markdown = build_report(sweep)[1].read_text()
+    runs = _table(markdown, "## Runs and times")
+    linked = [row[0] for row in runs[1:] if row[0].startswith("[")]
+    assert linked == [f"[{first['id']}]({first['id']}/report.html)"]
+    page = (sweep / "report.html").read_text()
+    assert f'<a href="{first["id"]}/report.html">{first["id"]}</a>' in page
+    assert (sweep / first["id"] / "report.html").is_file()

@@ -13,6 +13,7 @@ import io
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from urllib.parse import quote
 
 from PIL import Image
 
@@ -41,11 +42,13 @@ class Code:
 
 @dataclass(frozen=True)
 class Cell:
-    """A table cell: `bold` marks the best value of its column; `title` is a hover note."""
+    """A table cell: `bold` marks the best value of its column; `title` is a hover note;
+    `link` a page relative to the report (a sweep's cell report) the text leads to."""
 
     text: str
     bold: bool = False
     title: str = ""
+    link: str = ""
 
 
 @dataclass(frozen=True)
@@ -160,7 +163,10 @@ def _html_table(table: Table) -> str:
             attrs = f' class="{classes}"' if classes else ""
             if cell.title:
                 attrs += f' title="{html.escape(cell.title)}"'
-            cells.append(f"<td{attrs}>{html.escape(cell.text)}</td>")
+            content = html.escape(cell.text)
+            if cell.link:
+                content = f'<a href="{html.escape(quote(cell.link))}">{content}</a>'
+            cells.append(f"<td{attrs}>{content}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     caption = f'<p class="caption">{html.escape(table.caption)}</p>' if table.caption else ""
     rows_html = "".join(body)
@@ -238,11 +244,18 @@ def _md_table(table: Table) -> str:
     rule = "|".join("---:" if num else "---" for num in _numeric_columns(table))
     lines = ["| " + " | ".join(_md_escape(c) for c in table.columns) + " |", f"|{rule}|"]
     for row in table.rows:
-        texts = [f"**{_md_escape(c.text)}**" if c.bold else _md_escape(c.text) for c in row]
+        texts = [_md_cell(c) for c in row]
         lines.append("| " + " | ".join(texts) + " |")
     if table.caption:
         lines += ["", f"_{_no_html(table.caption)}_"]
     return "\n".join(lines)
+
+
+def _md_cell(cell: Cell) -> str:
+    text = _md_escape(cell.text)
+    if cell.link:
+        text = f"[{text.replace(']', ')')}]({quote(cell.link)})"
+    return f"**{text}**" if cell.bold else text
 
 
 def _add_file(files: dict[str, bytes], figure: Figure) -> None:

@@ -888,9 +888,12 @@ def runs_table(study: Study) -> Table:
             else ("done" if done >= run.config.num_server_rounds else "unfinished")
         )
         status = _settled(cells.get(run.name, {}).get("status", own))
+        # A sweep's cell leads to its own report, where that was written.
+        report = run.path / "report.html"
+        link = f"{run.name}/report.html" if study.kind == "sweep" and report.is_file() else ""
         body.append(
             (
-                Cell(run.name),
+                Cell(run.name, link=link),
                 Cell(study.group_of(run) or "–"),
                 Cell(run.config.defense.label),
                 Cell(str(run.config.seed)),
