@@ -373,8 +373,12 @@ def _dies_after_one_round(config: RunConfig, path: Path) -> Path:
 def test_a_cell_whose_process_died_is_marked_failed_in_its_folder(tmp_path: Path) -> None:
     """The sweep recorded the cell failed, but its folder said nothing: the reports pooled its
     rounds as those of a run that had merely stopped early."""
-    with pytest.raises(SweepFailed, match="runner returned after 1 of 2 rounds"):
+    with pytest.raises(SweepFailed, match="runner returned after 1 of 2 rounds") as error:
         run_sweep(_write(tmp_path, GRID), out_dir=tmp_path, runner=_dies_after_one_round, say=print)
+    # Every failed cell is named, not the first alone (audit BO7).
+    assert "; also cell-001-B1_prune-0.5, cell-002-B2_none, cell-003-B2_prune-0.5); " in str(
+        error.value
+    )
     for cell in read_manifest(tmp_path / "tiny")["cells"]:
         run = RunDirectory.open(tmp_path / "tiny" / cell["id"])
         assert cell["status"] == "failed" and run.failed_reason() == cell["message"]

@@ -158,6 +158,7 @@ def _sweep(args: argparse.Namespace) -> int:
         with contextlib.suppress(Exception):
             html, _ = build_report(failure.sweep_dir)
             print(f"sweep directory: {failure.sweep_dir}\nreport: {html}")
+            _headline(failure.sweep_dir)  # what the finished cells measured
         raise
     try:
         html, _ = build_report(path)

@@ -967,9 +967,11 @@ def _run_plan(
     failed = [cell.id for cell in plan.cells if status[cell.id]["status"] == "failed"]
     if failed:
         first = status[failed[0]]["message"]
+        others = failed[1:4] + (["..."] if len(failed) > 4 else [])
+        also = f"; also {', '.join(others)}" if others else ""
         raise SweepFailed(
-            f"{len(failed)} of {len(plan.cells)} cells failed ({failed[0]}: {first}); finished "
-            f"cells are kept in {sweep_dir}; rerun the sweep to retry the rest",
+            f"{len(failed)} of {len(plan.cells)} cells failed ({failed[0]}: {first}{also}); "
+            f"finished cells are kept in {sweep_dir}; rerun the sweep to retry the rest",
             sweep_dir,
         )
     return sweep_dir
