@@ -148,3 +148,24 @@ def test_the_frontiers_attack_keys_are_not_drawn_hollow() -> None:
     key = plots.attack_key("ig", "s")
     assert key.get_label() == "attack: ig" and key.get_marker() == "s"
     assert to_rgba(key.get_markerfacecolor()) != to_rgba("white")
+
+
+def test_the_widest_per_round_figure_stays_readable_in_the_page(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """At six setting columns the figure was 2,416 px wide and its labels unreadable in the
+    report (audit BO5)."""
+    drawn: list[Figure] = []
+    monkeypatch.setattr(plots, "_png", lambda figure: drawn.append(figure) or b"")
+    settings = [f"s{i}" for i in range(plots.MAX_SETTING_COLUMNS)]
+    leakage = pd.concat(
+        [
+            _rows([1, 2]).assign(group="", defense=d, attack="tag", reference=False, token_acc=0.5)
+            for d in settings
+        ],
+        ignore_index=True,
+    )
+    utility = pd.DataFrame({"round": 1, "test_accuracy": 0.5, "group": "", "defense": settings})
+    plots.rounds_figure(leakage, utility, [TOKEN_ACC], success=False)
+    assert len(drawn[0].axes[0].figure.axes) >= len(settings)  # a column per setting
+    assert drawn[0].get_size_inches()[0] * 110 <= 1600

@@ -28,7 +28,9 @@ from fedleak.report.tables import Metric, attack_label, attack_order
 
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 # Settings side by side in the per-round figure; more are drawn as lines per attack panel.
-MAX_SETTING_COLUMNS = 6
+# Six columns made a figure 2,400 px wide, shown at half size in the page: its labels were
+# 4-5 px tall (audit BO5). Four keep it within 1,600 px.
+MAX_SETTING_COLUMNS = 4
 # Interval bands are drawn only while they stay readable.
 MAX_BANDS = 4
 # Characters of a bold 9.5-point panel title that fit the panel's 3.6 inches.
