@@ -169,3 +169,33 @@ def test_the_widest_per_round_figure_stays_readable_in_the_page(
     plots.rounds_figure(leakage, utility, [TOKEN_ACC], success=False)
     assert len(drawn[0].axes[0].figure.axes) >= len(settings)  # a column per setting
     assert drawn[0].get_size_inches()[0] * 110 <= 1600
+
+
+def test_settings_sharing_a_floor_draw_it_once_in_grey(monkeypatch: pytest.MonkeyPatch) -> None:
+    """prune:0.9 and sign of one group share the aux-mean floor: their dashed lines lay on top
+    of each other and only the last setting's colour showed (audit BO6)."""
+    drawn: list[Figure] = []
+    monkeypatch.setattr(plots, "_png", lambda figure: drawn.append(figure) or b"")
+    metric = Metric("psnr", "PSNR (dB)", True, 2)
+    points = pd.DataFrame(
+        {
+            "group": "",
+            "defense": ["none", "sign", "prune:0.9"],
+            "attack": "ig",
+            "accuracy": 0.5,
+            "accuracy_low": 0.5,
+            "accuracy_high": 0.5,
+            "epsilon": np.nan,
+            "central_epsilon": np.nan,
+            "not_converged": False,
+            "psnr": [30.0, 10.0, 12.0],
+            "psnr_low": [29.0, 9.0, 11.0],
+            "psnr_high": [31.0, 11.0, 13.0],
+            "psnr_floor": [12.1, 12.1, 13.5],  # prune's own floor differs
+        }
+    )
+    plots.frontier_figure(points, [metric])
+    dashed = [line for line in drawn[0].axes[0].lines if line.get_linestyle() == "--"]
+    assert sorted(float(line.get_xdata()[0]) for line in dashed) == [12.1, 13.5]
+    colour = {float(line.get_xdata()[0]): line.get_color() for line in dashed}
+    assert colour[12.1] == plots.SHARED_FLOOR_GREY and colour[13.5] != plots.SHARED_FLOOR_GREY

@@ -366,8 +366,9 @@ def _frontier_section(study: Study) -> list[Block]:
                     "Final test accuracy against median leakage, one point per defense setting "
                     "and attack (ε where DP-SGD is on, central ε where central DP is). Bars: the "
                     "median's 95% order-statistic interval (the n of the leakage tables) and the "
-                    "accuracy's range over the setting's runs; dashed: each setting's best floor "
-                    "(a point beyond it leaks nothing an attack learned); hollow: attack runs "
+                    "accuracy's range over the setting's runs; dashed: each setting's best floor, "
+                    "grey where settings share it (a point beyond it leaks nothing an attack "
+                    "learned); hollow: attack runs "
                     "that did not converge.",
                 )
             )

@@ -40,6 +40,8 @@ FLOOR_STYLE = {"color": "0.35", "linestyle": "--", "linewidth": 1.4}
 FLOOR_LINES = ("--", ":", "-.")
 # An attack's marker in the frontier's legend: neither a setting's colour nor hollow.
 ATTACK_KEY_GREY = "0.6"
+# A floor several settings share, in the privacy-utility figure.
+SHARED_FLOOR_GREY = "0.35"
 SUCCESS = Metric("success", "success rate (%)", True, 0)
 
 Setting = tuple[str, str]  # (group, defense)
@@ -323,11 +325,17 @@ def frontier_figure(
     for ax, metric in zip(axes[0], metrics, strict=True):
         column = metric.column
         floors = points.drop_duplicates(["group", "defense"])
-        for _, row in floors.iterrows():
-            floor = row.get(f"{column}_floor", np.nan)
-            if np.isfinite(floor):
-                color = colors[row["group"], row["defense"]]
-                ax.axvline(floor, color=color, linestyle="--", linewidth=0.9, alpha=0.7, zorder=1)
+        if f"{column}_floor" in floors:
+            # Settings of one group share their floor (it ignores the defense): one grey line,
+            # not coloured lines on top of each other of which only the last shows.
+            for floor, sharing in floors.groupby(f"{column}_floor"):
+                if np.isfinite(floor):
+                    only = len(sharing) == 1
+                    row = sharing.iloc[0]
+                    color = colors[row["group"], row["defense"]] if only else SHARED_FLOOR_GREY
+                    ax.axvline(
+                        floor, color=color, linestyle="--", linewidth=0.9, alpha=0.7, zorder=1
+                    )
         for _, row in points.iterrows():
             x, y = row[column], row["accuracy"]
             if np.isnan(x):
