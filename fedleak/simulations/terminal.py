@@ -43,7 +43,11 @@ class OutlivedStream(io.TextIOBase):
     def _reader_left(self) -> None:
         self.reader_gone = True
         with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), self._stream.fileno())
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(devnull, self._stream.fileno())
+            finally:
+                os.close(devnull)
 
     def fileno(self) -> int:
         return self._stream.fileno()
