@@ -1086,9 +1086,17 @@ def test_cells_a_set_makes_equal_are_refused_naming_the_set(tmp_path: Path) -> N
         )
     assert str(error.value).endswith(
         "cell 1 (defense.spec='prune:0.5'): same configuration as cell 0 once --set gives "
-        "defense.spec to every cell; drop that --set or choose cells with --cells"
+        "defense.spec to every cell; drop that --set"
     )
     assert runner.calls == []
+    # A file that lists one cell twice is the file's doing, --set or not (audit BP1).
+    with pytest.raises(ConfigError, match=r"same configuration as cell 0; remove one$"):
+        run_sweep(
+            _write(tmp_path, "[sweep]\n" + cell.format("sign") + cell.format("sign")),
+            out_dir=tmp_path / "out",
+            runner=runner,
+            overrides={"defense.spec": "prune:0.5"},
+        )
 
 
 def test_a_cell_an_older_fedleak_left_unfinished_is_started_over_with_a_line(
@@ -1109,6 +1117,6 @@ def test_a_cell_an_older_fedleak_left_unfinished_is_started_over_with_a_line(
     run_sweep(source, out_dir=tmp_path, runner=fake_runner, say=said.append)
     assert (
         f"  {cell.name}: starting over, its rounds cannot be continued (was made by an older "
-        "fedleak (its environment.json records no run format);" in "\n".join(said)
+        "fedleak (its environment.json records no run format))" in said
     )
     assert (cell / "DONE").exists()

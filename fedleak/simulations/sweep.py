@@ -394,12 +394,13 @@ def load_sweep(
         flat = canonical(config).to_flat()  # as the run records it
         key = tuple(sorted((k, repr(v)) for k, v in flat.items() if k != "name"))
         if key in seen:
-            overridden = sorted(set(combo) & set(extra))
+            earlier = combos[seen[key]]
+            differed = {k for k in set(combo) | set(earlier) if combo.get(k) != earlier.get(k)}
+            overridden = sorted(differed & set(extra))
             if overridden:  # the file's cells differ; the command line made them one
                 raise SweepError(
                     f"{label}: same configuration as cell {seen[key]} once --set gives "
-                    f"{', '.join(overridden)} to every cell; drop that --set or choose cells "
-                    "with --cells"
+                    f"{', '.join(overridden)} to every cell; drop that --set"
                 )
             raise SweepError(f"{label}: same configuration as cell {seen[key]}; remove one")
         seen[key] = index
@@ -889,7 +890,9 @@ def _run_plan(
             say(f"  {cell.id}: resuming after round {done}")
             return resumed
         if why_not:  # its finished rounds go: say so, where `fedleak run` would refuse
-            say(f"  {cell.id}: starting over, its rounds cannot be continued ({why_not})")
+            # The reason's first clause: the rest advises a `fedleak run` user what to do.
+            reason = why_not.split(";")[0]
+            say(f"  {cell.id}: starting over, its rounds cannot be continued ({reason})")
         from fedleak.server.build import clear_cached_inverters
 
         RunDirectory(path).clear()
