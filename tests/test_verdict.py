@@ -342,3 +342,41 @@ def test_an_image_attack_behind_the_floor_in_every_median_is_marked_below_it() -
     assert _floor_mark(level, setting) == " (at the floor)"
     no_lpips = dataclasses.replace(behind, lpips=Median(math.nan, math.nan, math.nan, 0, 0.95))
     assert _floor_mark(no_lpips, setting) == " (below the floor)"
+
+
+def test_the_choice_of_settings_names_extremes_only_where_an_attack_leaks() -> None:
+    """Over settings where nothing beat its floor the verdict still named a setting where
+    "attacks leak most" (audit BP2), and said "those two and the undefended ones" where the
+    only undefended setting was one of the two (BP4)."""
+    from fedleak.report.verdict import _choice_said
+
+    floor = _summary("aux-mean", 0, 12.0, 0.47)
+    at_floor = [
+        SettingVerdict(f"batch-size={b}", d, (_summary("ig", 0, 5.0, 0.6),), floor, 0.1, 0.1, (1,))
+        for b, d in ((4, "sign"), (1, "none"))
+    ]
+    text = _choice_said(6, at_floor, [], 2, 2, leaks=False)
+    assert text.startswith("Of 6 settings, in none did an attack get closer than its floor; 2 ")
+    assert "leak most" not in text
+    leaking = _choice_said(6, at_floor, [], 2, 2, leaks=True)
+    assert leaking.startswith(
+        "Of 6 settings, attacks leak most under sign (batch-size=4) and least without a "
+        "defense (batch-size=1); those two are summarised here;"
+    )
+    assert _choice_said(6, [], [], 4, 0, leaks=False).startswith(
+        "Of 6 settings, none has a scored attack;"
+    )
+
+
+def test_an_attack_that_never_ran_gets_no_caveat_about_ignoring_the_defense() -> None:
+    """Every cell failed before its first attack, and the verdict still said "ig matched the
+    updates as if undefended" (audit BP3)."""
+    from types import SimpleNamespace
+
+    from fedleak.config import parse_flat
+    from fedleak.report.verdict import _threat_model
+
+    flat = {"attack.names": "aux-mean,ig", "defense.spec": "sign", "attack.ig.adaptive": "false"}
+    empty = pd.DataFrame({"attack": pd.Series([], dtype=str), "diagnostics": []})
+    failed = SimpleNamespace(config=parse_flat(flat), leakage=empty)
+    assert _threat_model(SimpleNamespace(scored_runs=[failed])) == []

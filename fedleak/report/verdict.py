@@ -363,23 +363,9 @@ def verdict(study: Study) -> str:
         room = MAX_SETTINGS_NAMED - len(extremes)
         picked = {id(v) for v in [*extremes, *undefended[:room]]}
         chosen = [v for v in settings if id(v) in picked]
-        which = (
-            "the undefended ones"
-            if len(undefended) <= room
-            else f"{room} of the {len(baselines)} undefended ones"
-        )
-        if len(extremes) == 2:
-            most, least = (_setting_named(v) for v in extremes)
-            intro.append(
-                f"Of {len(settings)} settings, attacks leak most {most} and least {least}; "
-                f"those two and {which} are summarised here; the summary table lists every "
-                "setting."
-            )
-        else:
-            intro.append(
-                f"Of {len(settings)} settings, those where attacks leak most and least and "
-                f"{which} are summarised here; the summary table lists every setting."
-            )
+        leaks = any(not _at_floor(v.leader, v) for v in ranked)  # type: ignore[arg-type]
+        said = _choice_said(len(settings), extremes, undefended, room, len(baselines), leaks)
+        intro.append(said)
     sentences = [_setting_sentence(v, baselines.get(v.group)) for v in chosen]
     return " ".join(
         [
@@ -390,6 +376,47 @@ def verdict(study: Study) -> str:
             *intro,
             *sentences,
         ]
+    )
+
+
+def _choice_said(
+    count: int,
+    extremes: list[SettingVerdict],
+    undefended: list[SettingVerdict],
+    room: int,
+    baselines: int,
+    leaks: bool,
+) -> str:
+    """Which of `count` settings the verdict goes on to summarise: the extremes, named as
+    such only where an attack beat its floor in some setting (`leaks`; a most and a least
+    among settings at their floor would read as one defense leaking more than another), and
+    the undefended ones there is room for."""
+    which = (
+        "the undefended ones"
+        if len(undefended) <= room
+        else f"{room} of the {baselines} undefended ones"
+    )
+    listed = f" and {which}" if undefended else ""
+    tail = "; the summary table lists every setting."
+    if not extremes:
+        shown = f"; {which} are summarised here" if undefended else ""
+        return f"Of {count} settings, none has a scored attack{shown}{tail}"
+    if not leaks:
+        summarised = len(extremes) + min(len(undefended), room)
+        return (
+            f"Of {count} settings, in none did an attack get closer than its floor; "
+            f"{summarised} of them are summarised here{tail}"
+        )
+    if len(extremes) == 1:
+        verb = "are" if listed else "is"
+        return (
+            f"Of {count} settings, the only one with a scored attack{listed} {verb} "
+            f"summarised here{tail}"
+        )
+    most, least = (_setting_named(v) for v in extremes)
+    return (
+        f"Of {count} settings, attacks leak most {most} and least {least}; those two{listed} "
+        f"are summarised here{tail}"
     )
 
 
@@ -420,16 +447,21 @@ _PER_SAMPLE = ("per-sample", "client")
 def _adapting_changes(run: RunRecord, attack: str) -> bool:
     """Whether an attack told to ignore the defense would have matched the updates otherwise
     (noise, for one, needs no other loss): its rows say so (`unadapted`); rows written before
-    they did, or none at all, are taken as yes."""
+    they did are taken as yes, and an attack without rows (a run that failed first) ran on
+    nothing to caution about."""
     rows = run.leakage
-    if "attack" not in rows.columns or "diagnostics" not in rows.columns:
+    if "attack" not in rows.columns:
+        return False
+    mine = rows.loc[rows["attack"] == attack]
+    if mine.empty:
+        return False
+    if "diagnostics" not in mine.columns:
         return True
     said = [
-        json.loads(text).get("unadapted")
-        for text in rows.loc[rows["attack"] == attack, "diagnostics"]
-        if isinstance(text, str) and text
+        json.loads(text).get("unadapted") if isinstance(text, str) and text else None
+        for text in mine["diagnostics"]
     ]
-    return not said or None in said or any(value != 0 for value in said)
+    return None in said or any(value != 0 for value in said)
 
 
 def _threat_model(study: Study) -> list[str]:
