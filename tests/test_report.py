@@ -1679,3 +1679,13 @@ def test_a_sweep_report_leads_to_each_cells_own_report(sweep_report: Path, tmp_p
     page = (sweep / "report.html").read_text()
     assert f'<a href="{first["id"]}/report.html">{first["id"]}</a>' in page
     assert (sweep / first["id"] / "report.html").is_file()
+
+
+def test_a_linked_name_with_brackets_keeps_them_in_markdown() -> None:
+    """`run #1 [a]` became the link text `run #1 [a)` (audit BP5)."""
+    from fedleak.report.document import Cell, Table, _md_table
+
+    table = Table(columns=("run",), rows=((Cell("run #1 [a]", link="run #1 [a]/report.html"),),))
+    assert _md_table(table).splitlines()[-1] == (
+        "| [run #1 \\[a\\]](run%20%231%20%5Ba%5D/report.html) |"
+    )

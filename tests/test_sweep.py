@@ -357,6 +357,7 @@ def test_a_failing_cell_is_recorded_and_retried_alone(tmp_path: Path) -> None:
     ) as error:
         run_sweep(source, out_dir=tmp_path, runner=runner, say=lambda _: None)
     assert "\n" not in str(error.value) and len(runner.calls) == 4
+    assert "; finished cells are kept in " in str(error.value)
     cells = read_manifest(tmp_path / "tiny")["cells"]
     assert [c["status"] for c in cells] == ["done", "done", "failed", "done"]
     retry = Recorder()
@@ -379,6 +380,7 @@ def test_a_cell_whose_process_died_is_marked_failed_in_its_folder(tmp_path: Path
     assert "; also cell-001-B1_prune-0.5, cell-002-B2_none, cell-003-B2_prune-0.5); " in str(
         error.value
     )
+    assert "; no cell finished; rerun the sweep" in str(error.value)  # none to keep (BP3)
     for cell in read_manifest(tmp_path / "tiny")["cells"]:
         run = RunDirectory.open(tmp_path / "tiny" / cell["id"])
         assert cell["status"] == "failed" and run.failed_reason() == cell["message"]

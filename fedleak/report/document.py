@@ -254,7 +254,7 @@ def _md_table(table: Table) -> str:
 def _md_cell(cell: Cell) -> str:
     text = _md_escape(cell.text)
     if cell.link:
-        text = f"[{text.replace(']', ')')}]({quote(cell.link)})"
+        text = "[" + text.replace("[", "\\[").replace("]", "\\]") + f"]({quote(cell.link)})"
     return f"**{text}**" if cell.bold else text
 
 

@@ -178,6 +178,8 @@ def _headline(path: Path) -> None:
     from fedleak.report.verdict import headline
 
     study = load_study(path)
+    if all(run.failure for run in study.runs):  # nothing was measured to sum up
+        return
     lines = headline(study)
     if lines:
         rule = (

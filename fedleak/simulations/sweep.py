@@ -972,9 +972,11 @@ def _run_plan(
         first = status[failed[0]]["message"]
         others = failed[1:4] + (["..."] if len(failed) > 4 else [])
         also = f"; also {', '.join(others)}" if others else ""
+        finished = any(status[cell.id]["status"] == "done" for cell in plan.cells)
+        kept = f"finished cells are kept in {sweep_dir}" if finished else "no cell finished"
         raise SweepFailed(
             f"{len(failed)} of {len(plan.cells)} cells failed ({failed[0]}: {first}{also}); "
-            f"finished cells are kept in {sweep_dir}; rerun the sweep to retry the rest",
+            f"{kept}; rerun the sweep to retry the rest",
             sweep_dir,
         )
     return sweep_dir
