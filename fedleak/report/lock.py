@@ -55,10 +55,7 @@ class RunLock:
         """Raise `RunDirectoryError` if another process holds the lock; creates nothing."""
         holder = self.holder()
         if holder is not None:
-            raise RunDirectoryError(
-                f"{self.path}: in use by another fedleak run ({holder}); "
-                f"wait for it to end or {self.instead}"
-            )
+            raise _in_use(self.path, holder, self.instead)
 
     def acquire(self) -> RunLock:
         """Take the lock or raise `RunDirectoryError` naming the process that holds it."""
@@ -73,10 +70,7 @@ class RunLock:
         except BlockingIOError:
             holder = _describe_holder(self.file)
             os.close(fd)
-            raise RunDirectoryError(
-                f"{self.path}: in use by another fedleak run ({holder}); wait for it to end or "
-                f"{self.instead}"
-            ) from None
+            raise _in_use(self.path, holder, self.instead) from None
         except OSError as error:
             if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                 os.close(fd)
@@ -171,7 +165,11 @@ def _check_pid_lock(file: Path, path: Path, fd: int, instead: str) -> None:
     except PermissionError:
         pass  # alive, owned by someone else
     os.close(fd)
-    raise RunDirectoryError(
-        f"{path}: in use by another fedleak run ({_describe_holder(file)}); wait for it to end "
-        f"or {instead}"
+    raise _in_use(path, _describe_holder(file), instead)
+
+
+def _in_use(path: Path, holder: str, instead: str) -> RunDirectoryError:
+    """The refusal of a folder another live fedleak run holds."""
+    return RunDirectoryError(
+        f"{path}: in use by another fedleak run ({holder}); wait for it to end or {instead}"
     )

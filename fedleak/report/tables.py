@@ -798,7 +798,7 @@ def training_table(study: Study) -> Table | None:
     runs = study.leakage().drop_duplicates(_RUN)
     body = []
     for (run, server_round, attack), rows in runs.groupby(["run", "round", "attack"], sort=True):
-        trained = [d for d in map(_diagnostics, rows["diagnostics"]) if "train_epochs" in d]
+        trained = [d for d in map(row_diagnostics, rows["diagnostics"]) if "train_epochs" in d]
         if not trained:
             continue
         epochs = sum(d["train_epochs"] for d in trained)
@@ -841,8 +841,9 @@ def training_table(study: Study) -> Table | None:
     )
 
 
-def _diagnostics(text: str) -> dict[str, float]:
-    return json.loads(text) if text else {}
+def row_diagnostics(text: object) -> dict[str, float]:
+    """A leakage row's `diagnostics` (JSON; {} when empty or missing)."""
+    return json.loads(text) if isinstance(text, str) and text else {}
 
 
 def client_failures(utility: pd.DataFrame) -> tuple[int, int, list[int]] | None:

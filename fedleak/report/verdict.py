@@ -7,7 +7,6 @@ there. Reference baselines are quoted as the floor, never as an attack that leak
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 
@@ -19,6 +18,7 @@ from fedleak.report.tables import (
     SettingSummary,
     client_failures,
     final_utility,
+    row_diagnostics,
     setting_summaries,
 )
 
@@ -282,9 +282,8 @@ def _runner_up_floor(s: SettingSummary, v: SettingVerdict, nothing_learned: bool
 
 
 def _setting_sentence(v: SettingVerdict, baseline: SettingVerdict | None) -> str:
-    where = "Without a defense" if v.defense == "none" else f"Under {v.defense}"
-    if v.group:
-        where += f" ({v.group})"
+    named = _setting_named(v)
+    where = named[0].upper() + named[1:]
     leader = v.leader
     if leader is None:
         text = f"{where}, no attack produced a scored reconstruction"
@@ -449,19 +448,9 @@ def _adapting_changes(run: RunRecord, attack: str) -> bool:
     (noise, for one, needs no other loss): its rows say so (`unadapted`); rows written before
     they did are taken as yes, and an attack without rows (a run that failed first) ran on
     nothing to caution about."""
-    rows = run.leakage
-    if "attack" not in rows.columns:
-        return False
-    mine = rows.loc[rows["attack"] == attack]
-    if mine.empty:
-        return False
-    if "diagnostics" not in mine.columns:
-        return True
-    said = [
-        json.loads(text).get("unadapted") if isinstance(text, str) and text else None
-        for text in mine["diagnostics"]
-    ]
-    return None in said or any(value != 0 for value in said)
+    mine = run.leakage.loc[run.leakage["attack"] == attack, "diagnostics"]
+    said = [row_diagnostics(text).get("unadapted") for text in mine]
+    return bool(said) and (None in said or any(value != 0 for value in said))
 
 
 def _threat_model(study: Study) -> list[str]:

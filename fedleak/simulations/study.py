@@ -354,16 +354,12 @@ def _serve(
     else:
         run_dir = RunDirectory.create(path, config, environment(device, config, data_record(fd)))
     software = changed_software(run_dir.environment()) if resumed else []
-    if software:
-        software_warning = (
-            f"{path} began with other software ({'; '.join(software)}): the rounds it adds may "
-            "differ from those of an uninterrupted run"
-        )
-    else:
-        software_warning = None
     warnings = [
         _restarted_state(app) if resumed else None,
-        software_warning,
+        f"{path} began with other software ({'; '.join(software)}): the rounds it adds may "
+        "differ from those of an uninterrupted run"
+        if software
+        else None,
         *setup_warnings(config, fd),
     ]
     for warning in filter(None, warnings):
