@@ -22,12 +22,13 @@ entry point, listing the names logs the same refusal once.
 
 Errors are one line: an unknown name names the setting, the value and the registered names; a
 plugin that fails to load names its entry point and distribution. This module imports nothing
-from fedleak but `settings`, so every room may use it.
+from fedleak but `settings` and `lines`, so every room may use it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import importlib
 import importlib.metadata
@@ -37,6 +38,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
+from fedleak.lines import error_line
 from fedleak.settings import ConfigError, shown, shown_value
 
 log = logging.getLogger(__name__)
@@ -214,9 +216,14 @@ class Registry(Generic[E]):
                 return self._entries[name]
             if name in self._broken:
                 raise self._broken[name]
+        names = self.names()
+        lowered = {known.lower(): known for known in names}
+        close = [lowered[name.lower()]] if name.lower() in lowered else []  # names are lower case
+        close = close or [lowered[m] for m in difflib.get_close_matches(name.lower(), lowered, n=2)]
+        hint = f"did you mean {' or '.join(close)}? " if close else ""
         raise UnknownNameError(
-            f"{self.setting}={shown(name)!r}: unknown {self.kind}; expected one of "
-            f"{', '.join(self.names())}"
+            f"{self.setting}={shown(name)!r}: unknown {self.kind}; {hint}expected one of "
+            f"{', '.join(names)}"
         )
 
     def __contains__(self, name: object) -> bool:
@@ -385,12 +392,6 @@ def is_own_error(error: BaseException) -> bool:
     """An error fedleak raised on purpose (a setting, the data, a plug-in), told to the user
     in one line, as opposed to an internal error whose traceback matters."""
     return type(error).__module__.partition(".")[0] == "fedleak"
-
-
-def error_line(error: BaseException) -> str:
-    """An exception in one line: its type and the first line of its message."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def load_object(path: str, setting: str) -> Any:

@@ -383,6 +383,20 @@ def test_an_entry_point_that_gives_nothing_usable_is_refused(tmp_path: Path) -> 
         registry.get("other")
 
 
+def test_an_unknown_name_suggests_the_registered_one_it_resembles() -> None:
+    from fedleak.attacks.registry import attack_entry
+
+    with pytest.raises(ConfigError) as upper:
+        attack_entry("IG")  # names are lower case: the same name in capitals is meant
+    assert "unknown attack; did you mean ig? expected one of aux-mean," in str(upper.value)
+    with pytest.raises(ConfigError) as typo:
+        attack_entry("tag-normalized")
+    assert "did you mean tag-normalised?" in str(typo.value)
+    with pytest.raises(ConfigError) as far:
+        attack_entry("zzz")
+    assert "did you mean" not in str(far.value)
+
+
 # -- names taken twice -------------------------------------------------------------------------
 def test_registering_a_built_in_name_is_refused_at_once_or_replaces_it() -> None:
     registry: Registry[str] = Registry(

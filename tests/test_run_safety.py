@@ -193,6 +193,10 @@ def test_a_run_fails_when_every_client_or_one_attack_always_fails(tmp_path: Path
     assert run.failure() == ""  # ig failed once, and once diverged: a measurement
     run.append_round(1, [_row("aux-mean", "ok"), _row("ig", "failed", "Boom: x")], _utility(2))
     assert run.failure() == "attack ig failed on every one of its 2 updates (first error: Boom: x)"
+    worded = _run(tmp_path / "worded")
+    worded.append_round(1, [_row("ig", "failed", "Boom: " + "tensor too large " * 40)], _utility(1))
+    reason = worded.failure()  # a stored message is cut at a word, and says so
+    assert reason.endswith("...)") and reason[:-4].rsplit(" ", 1)[1] in {"tensor", "too", "large"}
     run.mark_failed(run.failure())
     assert not run.is_finished() and not (run.path / "DONE").exists()
     clients = _run(tmp_path / "other", "none")

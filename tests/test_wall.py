@@ -21,9 +21,9 @@ from fedleak.server.build import build_strategy
 PACKAGE = Path(fedleak.__file__).parent
 
 # Leaf modules every room may import: the settings parser, the registry mechanism, the stop
-# request, the seed mixer, the heap setting and the restricted tensor reader (they import
-# nothing from fedleak but each other).
-SHARED = {"settings", "registry", "interrupt", "seeds", "heap", "tensorfile"}
+# request, the seed mixer, the heap setting, the restricted tensor reader and failures as one
+# line (they import nothing from fedleak but each other).
+SHARED = {"settings", "registry", "interrupt", "seeds", "heap", "tensorfile", "lines"}
 
 # Rooms and what each may import (DESIGN.md); `fedleak.config` is open to the rooms that read
 # run settings, `fedleak.interrupt` (a stop request, no imports) to long-running attack loops.

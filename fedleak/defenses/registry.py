@@ -35,7 +35,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from fedleak.registry import Registry, error_line
+from fedleak.lines import error_line
+from fedleak.registry import Registry
 from fedleak.settings import shown_value
 
 Parser = Callable[[list[str]], Any]

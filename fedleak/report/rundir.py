@@ -39,6 +39,7 @@ import pandas as pd
 import torch
 
 from fedleak.config import ConfigError, RunConfig, load_toml
+from fedleak.lines import one_line
 from fedleak.tensorfile import load_tensors
 
 # Column -> dtype. Strings use pandas' "str" dtype; ints are int64 with -1 for "not applicable";
@@ -616,7 +617,7 @@ class RunDirectory:
                 message = next((m for m in rows["message"] if m), "no message")
                 return (
                     f"attack {attack} failed on every one of its {len(rows)} updates "
-                    f"(first error: {_one_line(message)})"
+                    f"(first error: {one_line(message)})"
                 )
         return ""
 
@@ -1048,10 +1049,6 @@ def _subfolders(folder: Path) -> list[str]:
 def _remove_if_empty(folder: Path) -> None:
     with contextlib.suppress(OSError):  # absent, or holds files that are not fedleak's
         folder.rmdir()
-
-
-def _one_line(text: str, limit: int = 300) -> str:
-    return " ".join(str(text).split())[:limit]
 
 
 def _concat(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:

@@ -17,6 +17,7 @@ import torch
 
 from fedleak.attacks.types import Observation, Reconstruction, converged
 from fedleak.defenses import unsigned
+from fedleak.lines import error_line
 from fedleak.metrics import (
     assign,
     hard_labels,
@@ -198,8 +199,7 @@ class Auditor:
                 rows += self._unreconstructed(base, rows, truth, reconstruction.labels is not None)
         except Exception as error:  # scoring must not end the round: record it instead
             log.warning("auditor failed on %s for client %s: %s", attack, base["client_id"], error)
-            first = (str(error).strip().splitlines() or [""])[0]
-            message = f"auditor: {type(error).__name__}: {first}"[:500]
+            message = f"auditor: {error_line(error, 500)}"
             return [
                 {
                     **base,

@@ -63,6 +63,7 @@ from fedleak.attacks.types import Attack, AttackerKnowledge, Budget, Observation
 from fedleak.config import ConfigError, RunConfig
 from fedleak.heap import reuse_freed_memory
 from fedleak.interrupt import raise_if_stopped
+from fedleak.lines import first_line
 from fedleak.runtime import deterministic_kernels
 from fedleak.server.runner import AttackJob, AttackResult, BatchAttack, batches, run_batch
 
@@ -231,11 +232,6 @@ class _Slot:
     queue: deque[_Pending] = field(default_factory=deque)
 
 
-def _first_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
-
-
 class RayAttackPool:
     """`attack.workers` Ray actors running attack jobs asynchronously (see the module doc)."""
 
@@ -345,7 +341,7 @@ class RayAttackPool:
                 "clients' share, or add the resource (docs/scale.md)"
             ) from None
         except RayActorError as error:
-            raise PoolError(f"an attack worker failed to start: {_first_line(error)}") from None
+            raise PoolError(f"an attack worker failed to start: {first_line(error)}") from None
         log.info("attack workers ready on %s", ", ".join(devices))
 
     def _request(self) -> str:
@@ -442,7 +438,7 @@ class RayAttackPool:
                 try:
                     reconstructions = ray.get(pending.future)
                 except RayActorError as error:
-                    message = f"worker died: {_first_line(error)}"
+                    message = f"worker died: {first_line(error)}"
                     pending.deaths += 1
                     if len(pending.jobs) > 1:
                         log.warning(

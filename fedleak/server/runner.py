@@ -28,7 +28,7 @@ from fedleak.attacks.types import (
     Observation,
     Reconstruction,
 )
-from fedleak.registry import error_line
+from fedleak.lines import error_line
 
 log = logging.getLogger(__name__)
 

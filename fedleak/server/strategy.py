@@ -41,6 +41,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from fedleak.attacks.types import Modality, Observation, UpdateKind
 from fedleak.interrupt import raise_if_stopped
+from fedleak.lines import one_line
 from fedleak.messages import (
     ARRAYS,
     AUDIT,
@@ -118,7 +119,7 @@ def error_line(reason: str) -> str:
         return line
     # Ray's reasons run on for several sentences: keep whole ones.
     end = line.rfind(". ", 0, 300)
-    return line[: end + 1] if end > 0 else line[:297] + "..."
+    return line[: end + 1] if end > 0 else one_line(line)
 
 
 def train_metrics(records: list[RecordDict], weighting_metric_name: str) -> MetricRecord:

@@ -44,6 +44,7 @@ from fedleak.defenses import (
 )
 from fedleak.defenses.registry import DEFENSES
 from fedleak.defenses.spec import defense_names
+from fedleak.lines import one_line
 from fedleak.models import (
     ModelSpec,
     build_model,
@@ -195,7 +196,7 @@ def check_model(spec: ModelSpec) -> None:
     except ConfigError:  # already one line naming the model (a plug-in factory that raised)
         raise
     except Exception as error:  # the model is the user's code: any failure is theirs
-        detail = " ".join(f"{type(error).__name__}: {error}".split())[:200]
+        detail = one_line(f"{type(error).__name__}: {error}", 200)
         raise ConfigError(
             f"model.name={spec.name!r}: fails on one input of shape {shape} ({detail})"
         ) from None
@@ -223,7 +224,7 @@ def check_defense(defense_spec: str, spec: ModelSpec) -> None:
             pipeline.clip({name: g.expand(2, *g.shape) for name, g in update.items()})
         pipeline.share(update, 2, generator)
     except Exception as error:  # a plugin defense is the user's code: any failure is theirs
-        detail = " ".join(f"{type(error).__name__}: {error}".split())[:300]
+        detail = one_line(f"{type(error).__name__}: {error}")
         raise ConfigError(
             f"defense.spec={defense_spec!r}: fails on an update of model {spec.name} ({detail})"
         ) from None

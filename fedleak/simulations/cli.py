@@ -24,6 +24,7 @@ from typing import Any, NoReturn
 
 from fedleak.config import ConfigError, RunConfig, parse_flat
 from fedleak.heap import reuse_freed_memory
+from fedleak.lines import one_line
 from fedleak.simulations.terminal import printing_safely
 
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
@@ -127,7 +128,7 @@ def _run(args: argparse.Namespace) -> int:
         except Exception as error:
             raise ReportNotBuilt(
                 f"the run finished, but its report could not be built "
-                f"({_one_line(f'{type(error).__name__}: {error}')}); rebuild it with "
+                f"({one_line(f'{type(error).__name__}: {error}', MAX_LINE)}); rebuild it with "
                 f"`fedleak report {path}`"
             ) from error
     print(f"run directory: {path}\nsummary: {path / 'summary.md'}\nreport: {html}")
@@ -384,11 +385,6 @@ def parser() -> argparse.ArgumentParser:
     return main
 
 
-def _one_line(text: str) -> str:
-    line = " ".join(str(text).split())
-    return line if len(line) <= MAX_LINE else line[: MAX_LINE - 3] + "..."
-
-
 def _resume_hint(args: argparse.Namespace, path: Path) -> str:
     """The command that continues an interrupted run."""
     command = ["fedleak", "run", args.preset]
@@ -443,17 +439,17 @@ def _describe(error: BaseException) -> tuple[str, int]:
     from fedleak.simulations.sweep import SweepFailed
 
     if isinstance(error, UsageError):
-        return f"fedleak: {_one_line(str(error))}", EXIT_USAGE
+        return f"fedleak: {one_line(error, MAX_LINE)}", EXIT_USAGE
     if isinstance(error, ConfigError):
-        return f"fedleak: configuration error: {_one_line(str(error))}", EXIT_USAGE
+        return f"fedleak: configuration error: {one_line(error, MAX_LINE)}", EXIT_USAGE
     if isinstance(error, StudyFailed | SweepFailed | ReportNotBuilt):
-        return f"fedleak: {_one_line(str(error))}", EXIT_ERROR
+        return f"fedleak: {one_line(error, MAX_LINE)}", EXIT_ERROR
     if is_own_error(error):
-        return f"fedleak: error: {_one_line(str(error))}", EXIT_ERROR
+        return f"fedleak: error: {one_line(error, MAX_LINE)}", EXIT_ERROR
     if isinstance(error, OSError):  # the system's own words: disk full, permission denied
         where = f"{error.filename}: " if error.filename is not None else ""
-        return f"fedleak: error: {where}{_one_line(error.strerror or str(error))}", EXIT_ERROR
-    detail = _one_line(f"{type(error).__name__}: {error}")
+        return f"fedleak: error: {where}{one_line(error.strerror or error, MAX_LINE)}", EXIT_ERROR
+    detail = one_line(f"{type(error).__name__}: {error}", MAX_LINE)
     return (
         f"fedleak: internal error ({detail}); rerun with --verbose for the traceback",
         EXIT_ERROR,

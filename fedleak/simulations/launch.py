@@ -36,7 +36,7 @@ from fedleak.interrupt import (
     say_last_words,
     stop_requested,
 )
-from fedleak.registry import error_line
+from fedleak.lines import error_line
 from fedleak.report.lock import RunLock
 from fedleak.report.rundir import RunDirectory, mark_failed_if_silent
 from fedleak.server.pool import ray_init_args

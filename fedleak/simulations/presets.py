@@ -16,6 +16,7 @@ import tomllib
 from pathlib import Path
 
 from fedleak.config import ConfigError, RunConfig, parse_toml
+from fedleak.lines import first_line
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 _DESCRIPTION = "# description:"
@@ -90,12 +91,7 @@ def _document(path: Path) -> dict[str, object]:
     try:
         return tomllib.loads(text)
     except (ValueError, RecursionError) as error:  # TOMLDecodeError, a number too long, nesting
-        raise ConfigError(f"{path}: not valid TOML: {_first_line(error)}") from None
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
+        raise ConfigError(f"{path}: not valid TOML: {first_line(error)}") from None
 
 
 def is_sweep(name_or_path: str | Path) -> bool:

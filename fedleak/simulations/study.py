@@ -41,7 +41,8 @@ from fedleak.data import FederatedData
 from fedleak.data.content import data_fingerprint
 from fedleak.heap import reuse_freed_memory
 from fedleak.interrupt import RunInterrupted
-from fedleak.registry import error_line, is_own_error
+from fedleak.lines import error_line, one_line
+from fedleak.registry import is_own_error
 from fedleak.report.lock import RunLock
 from fedleak.report.progress import Progress
 from fedleak.report.rundir import RunDirectory, RunDirectoryError
@@ -239,7 +240,7 @@ def _misfit(config: RunConfig, fd: FederatedData, state: Mapping[str, torch.Tens
         with torch.random.fork_rng(devices=[]):
             initial_state(model_spec(config, fd), state)
     except RuntimeError as error:
-        return " ".join(str(error).split())[:200]
+        return one_line(error, 200)
     return None
 
 
@@ -483,7 +484,7 @@ def _finish(run_dir: RunDirectory, first_error: str | None) -> Path:
     """Mark the run DONE, or FAILED and raise `RunFailed` when its rounds make a failed run."""
     reason = run_dir.failure()
     if reason.startswith("every client failed") and first_error:
-        reason += f" (first error: {' '.join(first_error.split())[:300]})"
+        reason += f" (first error: {one_line(first_error)})"
     if reason:
         run_dir.mark_failed(reason)
         run_dir.write_summary()

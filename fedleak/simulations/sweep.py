@@ -79,6 +79,7 @@ from typing import Any, TextIO
 
 from fedleak.config import ConfigError, RunConfig, flatten_toml, parse_flat
 from fedleak.interrupt import last_words, stop_requests
+from fedleak.lines import error_line
 from fedleak.report import collect
 from fedleak.report.collect import MANIFEST
 from fedleak.report.lock import RunLock
@@ -468,7 +469,7 @@ def _validate(plan: SweepPlan, missing: dict[tuple[str, str], str]) -> None:
             raise SweepError(f"{cell.id}: {error}") from None
         except DatasetUnavailable as error:
             raise SweepError(
-                f"{cell.id}: {_one_line(error)} (set skip-unavailable-data = true in [sweep] "
+                f"{cell.id}: {error_line(error)} (set skip-unavailable-data = true in [sweep] "
                 "to run the other cells)"
             ) from None
 
@@ -486,12 +487,6 @@ def _unavailable(config: RunConfig, known: dict[tuple[str, str], str]) -> str:
     if key not in known:
         known[key] = _missing_data(config)
     return known[key]
-
-
-def _one_line(error: BaseException) -> str:
-    """`Type: first line of the message`, at most 300 characters."""
-    lines = str(error).strip().splitlines()
-    return (f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__)[:300]
 
 
 class _LabelledLines(io.TextIOBase):
@@ -548,7 +543,7 @@ def _run_cell(
                 redirected.enter_context(contextlib.redirect_stderr(err))
             runner(config, path)
     except Exception as error:  # one cell's failure must not stop the others
-        return "failed", _one_line(error), time.perf_counter() - start
+        return "failed", error_line(error), time.perf_counter() - start
     finally:
         for lines in (out, err):
             if lines:
@@ -953,7 +948,7 @@ def _run_plan(
                             try:
                                 result = future.result()
                             except Exception as error:  # the worker process itself died
-                                result = ("failed", _one_line(error), 0.0)
+                                result = ("failed", error_line(error), 0.0)
                             record(cell, result)
                 finally:
                     # The running cells stop at their own safe point (a terminal's Ctrl-C
