@@ -700,15 +700,16 @@ def test_every_referenced_image_exists(which: str, request: pytest.FixtureReques
 
 
 def test_report_rebuilds_from_files_alone(run_report: Path, tmp_path: Path) -> None:
-    copy = tmp_path / "copied"
+    # A copy elsewhere rebuilds to the same bytes: reports named the folder's absolute path,
+    # which also showed where the author keeps files (audit BS2).
+    copy = tmp_path / "elsewhere é" / run_report.name
     shutil.copytree(run_report, copy)
     (copy / "report.html").unlink()
     shutil.rmtree(copy / "report_files")
     html, markdown = build_report(copy)
-    assert markdown.read_text() == (run_report / "report.md").read_text().replace(
-        str(run_report), str(copy)
-    )
-    assert html.exists()
+    assert markdown.read_bytes() == (run_report / "report.md").read_bytes()
+    assert html.read_bytes() == (run_report / "report.html").read_bytes()
+    assert str(run_report.parent) not in markdown.read_text()
 
 
 def test_a_report_that_cannot_be_rebuilt_is_removed_not_left_stale(
@@ -1259,6 +1260,29 @@ def test_a_failed_run_is_named_and_kept_out_of_the_figures(tmp_path: Path) -> No
     runs = _table(build_report(sweep)[1].read_text(), "## Runs and times")
     status = {row[0]: row[-1] for row in runs[1:]}
     assert status["cell-2"] == status["cell-3"] == "interrupted"
+
+
+def test_a_finished_cell_whose_folder_is_gone_is_called_missing_not_done_or_not_run(
+    tmp_path: Path,
+) -> None:
+    """A sweep copied without one cell's folder showed that cell "done" in the runs table and
+    "has not run" in the verdict (audit BS1)."""
+    import shutil
+
+    from fedleak.report.collect import load_study
+    from fedleak.report.verdict import verdict
+
+    cells = {f"cell-{seed}": {"seed": seed, "rounds": 2} for seed in (0, 1)}
+    sweep = _sweep_of(tmp_path / "sweep", cells)
+    shutil.rmtree(sweep / "cell-1")
+    text = verdict(load_study(sweep))
+    assert text.startswith(
+        "Not every run is complete: 1 cell finished but its folder is missing from the sweep "
+        "(cell-1; `fedleak sweep` runs it again)."
+    )
+    runs = _table(build_report(sweep)[1].read_text(), "## Runs and times")
+    status = {row[0]: row[-1] for row in runs[1:]}
+    assert status == {"cell-0": "done", "cell-1": "missing (its folder is gone)"}
 
 
 def test_attack_durations_are_a_median_and_range_never_a_negative_interval(

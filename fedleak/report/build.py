@@ -92,10 +92,12 @@ def _method(study: Study) -> list[Block]:
     leakage = study.leakage()
     rounds = sorted(set(leakage["round"]))
     lpips = lpips_column(leakage)
+    # The folder's name, not its path: a copy elsewhere rebuilds to the same report, and a
+    # shared report does not show where its author keeps files.
     what = (
-        f"one run ({study.runs[0].path})"
+        f"one run (folder {study.runs[0].path.name})"
         if study.kind == "run"
-        else f"a sweep of {len(study.runs)} runs ({study.path})"
+        else f"a sweep of {len(study.runs)} runs (folder {study.path.name})"
     )
     grouped = (
         f" Runs are grouped by the settings that vary besides the defense and the seed: "

@@ -99,6 +99,13 @@ class Study:
         short = _short_names(self.group_keys)
         return ", ".join(f"{short[k]}={flat.get(k)}" for k in self.group_keys)
 
+    def cells_without_runs(self) -> tuple[dict[str, Any], ...]:
+        """A sweep's cells (as `sweep.json` records them) that have no run here: not run yet,
+        skipped, or finished and later deleted or left out of a copy (status "done")."""
+        started = {r.name for r in self.runs}
+        cells = (self.manifest or {}).get("cells", [])
+        return tuple(cell for cell in cells if cell["id"] not in started)
+
     @property
     def scored_runs(self) -> tuple[RunRecord, ...]:
         """The runs the figures show: those that did not fail, or all when every one did."""

@@ -905,24 +905,25 @@ def runs_table(study: Study) -> Table:
                 Cell(status),
             )
         )
-    listed = {r.name for r in study.runs}
-    for cell_id, cell in cells.items():
-        if cell_id not in listed:
-            # A cell not run yet has no run directory; sweep.json says what it sets.
-            overrides = cell.get("overrides") or {}
-            body.append(
-                (
-                    Cell(cell_id),
-                    Cell("–"),
-                    Cell(str(overrides.get("defense.spec", "–"))),
-                    Cell(str(overrides.get("seed", "–"))),
-                    Cell("0"),
-                    Cell("–"),
-                    Cell("–"),
-                    Cell("–"),
-                    Cell(f"{_settled(cell.get('status'))} {cell.get('message') or ''}".strip()),
-                )
+    for cell in study.cells_without_runs():
+        # A cell not run yet has no run directory; sweep.json says what it sets.
+        overrides = cell.get("overrides") or {}
+        status = _settled(cell.get("status"))
+        if status == "done":  # finished, then its folder was deleted or left out of a copy
+            status = "missing (its folder is gone)"
+        body.append(
+            (
+                Cell(cell["id"]),
+                Cell("–"),
+                Cell(str(overrides.get("defense.spec", "–"))),
+                Cell(str(overrides.get("seed", "–"))),
+                Cell("0"),
+                Cell("–"),
+                Cell("–"),
+                Cell("–"),
+                Cell(f"{status} {cell.get('message') or ''}".strip()),
             )
+        )
     return Table(
         columns=(
             "run",

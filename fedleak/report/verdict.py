@@ -543,9 +543,10 @@ def _incomplete(study: Study) -> list[str]:
         return []
     failed = [r for r in study.runs if r.failure]
     stopped = [r for r in study.runs if not r.failure and r.last_round < r.config.num_server_rounds]
-    started = {r.name for r in study.runs}
-    cells = [c["id"] for c in (study.manifest or {}).get("cells", [])]
-    waiting = [cell for cell in cells if cell not in started]
+    cells = (study.manifest or {}).get("cells", [])
+    unlisted = study.cells_without_runs()
+    lost = [cell["id"] for cell in unlisted if cell.get("status") == "done"]
+    waiting = [cell["id"] for cell in unlisted if cell.get("status") != "done"]
     parts = []
     if failed:
         kept = "shown as recorded" if len(failed) == len(study.runs) else "left out of the figures"
@@ -568,6 +569,16 @@ def _incomplete(study: Study) -> list[str]:
     if waiting:
         have = "has" if len(waiting) == 1 else "have"
         parts.append(f"{len(waiting)} of the {len(cells)} cells {have} not run ({_named(waiting)})")
+    if lost:
+        which = (
+            "cell finished but its folder is"
+            if len(lost) == 1
+            else "cells finished but their folders are"
+        )
+        parts.append(
+            f"{len(lost)} {which} missing from the sweep ({_named(lost)}; "
+            "`fedleak sweep` runs it again)"
+        )
     if not parts:
         return []
     return [f"Not every run is complete: {'; '.join(parts)}."]
