@@ -352,3 +352,18 @@ def test_a_run_folder_under_a_file_is_refused_for_the_file(tmp_path: Path) -> No
     refused = r"file/run: cannot be created \(.*/file is a file\)"
     with pytest.raises(RunDirectoryError, match=refused):
         RunDirectory.check_target(tmp_path / "file" / "run")
+
+
+def test_docs_describe_every_column_a_run_folder_records() -> None:
+    """Columns were described only in code comments (audit BS3): a new one must reach the
+    page users read."""
+    import re
+
+    from fedleak.report.rundir import LEAKAGE_COLUMNS, UTILITY_COLUMNS
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "outputs.md").read_text()
+    described = set()
+    for row in re.findall(r"^\| (`[^|]+) \|", page, flags=re.MULTILINE):
+        described |= set(re.findall(r"`([^`]+)`", row))
+    assert set(LEAKAGE_COLUMNS) - described == set()
+    assert set(UTILITY_COLUMNS) - described == set()
