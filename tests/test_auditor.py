@@ -240,6 +240,8 @@ def test_rows_carry_the_matching_losses_and_the_convergence_rule() -> None:
         assert math.isnan(row["loss_start"]) and math.isnan(row["converged"])
     assert converged(1.0, CONVERGED_RATIO) == 1.0 and converged(1.0, 0.11) == 0.0
     assert math.isnan(converged(0.0, 0.0)) and math.isnan(converged(math.nan, 1.0))
+    # A loss infinite from the start to the end never fitted anything (audit BQ1).
+    assert converged(math.inf, math.inf) == 0.0 and math.isnan(converged(math.inf, 1.0))
 
 
 def test_a_poisson_batch_of_another_size_leaves_every_private_sample_one_row() -> None:

@@ -23,6 +23,9 @@ def failed_reconstruction(error: BaseException | str, seconds: float) -> Reconst
     )
 
 
+NOT_FINITE = "reconstruction contains NaN or inf"
+
+
 def num_classes(observation: Observation) -> int:
     """The class count `checked` holds an observation's recovered labels to."""
     return observation.model.num_classes
@@ -87,7 +90,8 @@ def checked(
         found = f"{int(labels.min())} to {int(labels.max())}"
         message = f"labels from {found}; expected class indices {bound}"
     elif not torch.isfinite(inputs).all():
-        status, message = "nan", "reconstruction contains NaN or inf"
+        # The attack's own words first: they may say why (a matching loss never finite).
+        status, message = "nan", "; ".join(filter(None, [message, NOT_FINITE]))
     if reconstruction.status == "failed" and status != "ok":
         message = reconstruction.message or message
     return dataclasses.replace(

@@ -97,8 +97,9 @@ CONVERGED_RATIO = 0.1
 
 def converged(loss_start: float, loss_final: float) -> float:
     """1.0 when the final matching loss is at most `CONVERGED_RATIO` (1/10) times the starting
-    one, 0.0 when it is not (a diverged, +inf, final loss included), NaN when the rule does not
-    apply: no matching loss (NaN), or a start that is not a positive finite number.
+    one, 0.0 when it is not (a diverged, +inf, final loss included, from any start), NaN when
+    the rule does not apply: no matching loss (NaN), or a finite final loss after a start that
+    is not a positive finite number.
 
     A relative rule, because matching losses live on different scales (cosine distance in
     [0, 2], squared L2, hinges). Measured on MNIST-5k, sigmoid LeNet, B = 1 (final / start):
@@ -111,6 +112,8 @@ def converged(loss_start: float, loss_final: float) -> float:
     """
     if math.isnan(loss_start) or math.isnan(loss_final):
         return math.nan
+    if math.isinf(loss_final):  # diverged, whatever the start was (+inf too: never finite)
+        return 0.0
     if not (math.isfinite(loss_start) and loss_start > 0):
         return math.nan
     return 1.0 if loss_final <= CONVERGED_RATIO * loss_start else 0.0
