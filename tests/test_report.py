@@ -605,6 +605,39 @@ def test_a_settings_epsilon_is_the_largest_of_its_runs_at_the_stated_delta(
     assert _frontier_points(study)["epsilon"].unique().tolist() == [6.532]
 
 
+def test_a_model_whose_test_loss_stops_being_finite_is_called_diverged(tmp_path: Path) -> None:
+    """A global model trained to NaN read as accuracy "–", as if nothing had been measured
+    (audit BQ2); one diverged seed among others was silently left out of their mean."""
+    from fedleak.report.verdict import headline, verdict
+
+    sweep = tmp_path / "sweep"
+    cells = [f"cell-00{seed}-none_seed{seed}" for seed in range(3)]
+    for seed, cell in enumerate(cells):
+        _make_run(sweep / cell, rounds=3, seed=seed)
+    manifest = [{"id": cell, "index": i, "status": "done"} for i, cell in enumerate(cells)]
+    (sweep / "sweep.json").write_text(json.dumps({"name": "lr", "cells": manifest}))
+
+    def diverge(cell: str) -> None:
+        utility = pd.read_csv(sweep / cell / "utility.csv")
+        utility.loc[utility["round"] >= 2, ["test_loss", "test_accuracy"]] = math.nan
+        utility.to_csv(sweep / cell / "utility.csv", index=False)
+
+    diverge(cells[0])
+    text = verdict(load_study(sweep))
+    assert (
+        "test accuracy is 0.415 after round 3 (the mean of its 2 runs; 1 more run diverged, "
+        "test loss not finite; round 0: 0.110)." in text
+    )
+    for cell in cells[1:]:
+        diverge(cell)
+    study = load_study(sweep)
+    assert (
+        "The global model diverged: its test loss is not finite from round 2 on (round 0: "
+        "accuracy 0.110), so the updates attacked since it did" in verdict(study)
+    )
+    assert "accuracy 0.110 -> diverged" in headline(study)[-1]
+
+
 def test_poisson_sampling_is_a_defense_column_not_a_group(tmp_path: Path) -> None:
     # The dp-frontier's last cell: the same DP-SGD spec, batches drawn by Poisson sampling.
     sweep = tmp_path / "sweep"
@@ -1243,7 +1276,9 @@ def test_a_failed_run_is_named_and_kept_out_of_the_figures(tmp_path: Path) -> No
         "round 1 of 2); 1 of the 4 cells has not run (cell-3)."
     )
     # cell-0 ends at 0.1 + 0.2 = 0.300 after round 2, cell-2 at 0.1 + 0.1 + 0.02 after round 1.
-    assert "test accuracy is 0.260 (a mean over runs that stopped after rounds 1, 2)" in text
+    assert (
+        "test accuracy is 0.260 (a mean over runs that stopped after rounds 1, 2; round 0:" in text
+    )
     runs = _table(build_report(sweep)[1].read_text(), "## Runs and times")
     status = {row[0]: (row[4], row[-1]) for row in runs[1:]}
     assert status["cell-2"] == ("1 / 2", "done") and status["cell-1"][0] == "2 / 2"

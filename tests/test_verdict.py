@@ -270,7 +270,9 @@ def test_an_accuracy_over_several_seeds_says_it_is_a_mean() -> None:
     alone = SettingVerdict("", "none", (ig,), floor, 0.1, 0.102, (2,))
     assert "is 0.102 after round 2 (round 0" in _setting_sentence(alone, alone)
     seeds = SettingVerdict("", "none", (ig,), floor, 0.1, 0.102, (2,), final_runs=2)
-    assert "is 0.102 after round 2 (the mean of its 2 runs)" in _setting_sentence(seeds, seeds)
+    assert "is 0.102 after round 2 (the mean of its 2 runs; round 0: 0.100)." in _setting_sentence(
+        seeds, seeds
+    )
 
 
 def test_a_leader_behind_the_floor_in_both_medians_says_it_leaks_through_few_samples() -> None:

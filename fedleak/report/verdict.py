@@ -38,6 +38,10 @@ class SettingVerdict:
     accuracy_final: float
     final_rounds: tuple[int, ...]  # the distinct last rounds of its runs, in order
     final_runs: int = 1  # the runs its final accuracy is the mean of
+    # Runs whose model was measured at round 0 and not at their last round: its test loss
+    # became non-finite (training diverged), so their accuracy is left out of the mean.
+    diverged_runs: int = 0
+    diverged_from: int = 0  # the first round whose loss was not finite in any of them
 
     @property
     def label(self) -> str:
@@ -96,6 +100,13 @@ def setting_verdicts(study: Study) -> list[SettingVerdict]:
                 & (utility["defense"] == defense)
                 & (utility["round"] == 0)
             ]
+            measured = set(start.loc[start["test_accuracy"].notna(), "run"])
+            lost = runs["test_accuracy"].isna() & runs.index.isin(measured)
+            unmeasured = utility[
+                utility["run"].isin(runs.index[lost])
+                & (utility["round"] > 0)
+                & utility["test_accuracy"].isna()
+            ]
             out.append(
                 SettingVerdict(
                     group=group,
@@ -106,6 +117,8 @@ def setting_verdicts(study: Study) -> list[SettingVerdict]:
                     accuracy_final=_mean(runs["test_accuracy"]) if len(runs) else math.nan,
                     final_rounds=tuple(sorted({int(r) for r in runs["round"]})),
                     final_runs=max(1, int(runs["test_accuracy"].notna().sum())),
+                    diverged_runs=int(lost.sum()),
+                    diverged_from=int(unmeasured["round"].min()) if len(unmeasured) else 0,
                 )
             )
     return out
@@ -329,16 +342,29 @@ def _setting_sentence(v: SettingVerdict, baseline: SettingVerdict | None) -> str
             )
     if math.isnan(v.accuracy_final) and math.isnan(v.accuracy_start):
         return text + ". The global model's test accuracy was not measured (no test images)."
+    if math.isnan(v.accuracy_final) and v.diverged_runs:
+        return (
+            text + f". The global model diverged: its test loss is not finite from round "
+            f"{v.diverged_from} on "
+            f"(round 0: accuracy {_accuracy(v.accuracy_start)}), so the updates attacked since "
+            "it did are not those of a model that learns"
+        ) + "."
     text += f". The global model's test accuracy is {_accuracy(v.accuracy_final)}"
+    notes = []
     if len(v.final_rounds) > 1:
         last = ", ".join(map(str, v.final_rounds))
-        text += f" (a mean over runs that stopped after rounds {last})"
+        notes.append(f"a mean over runs that stopped after rounds {last}")
     elif v.final_rounds and v.final_rounds[0]:
         text += f" after round {v.final_rounds[0]}"
         if v.final_runs > 1:
-            text += f" (the mean of its {v.final_runs} runs)"
+            notes.append(f"the mean of its {v.final_runs} runs")
+    if v.diverged_runs:
+        runs = "run" if v.diverged_runs == 1 else "runs"
+        notes.append(f"{v.diverged_runs} more {runs} diverged, test loss not finite")
     if math.isfinite(v.accuracy_start):
-        text += f" (round 0: {_accuracy(v.accuracy_start)})"
+        notes.append(f"round 0: {_accuracy(v.accuracy_start)}")
+    if notes:
+        text += f" ({'; '.join(notes)})"
     if baseline is not None and baseline is not v and math.isfinite(baseline.accuracy_final):
         text += f", against {_accuracy(baseline.accuracy_final)} without the defense"
     return text + "."
@@ -602,7 +628,8 @@ def headline(study: Study) -> list[str]:
             or "no scored attack"
         )
         floor = f"; floor {v.floor.attack} {_scores(v.floor)}" if v.floor else ""
-        accuracy = f"accuracy {_accuracy(v.accuracy_start)} -> {_accuracy(v.accuracy_final)}"
+        end = "diverged" if math.isnan(v.accuracy_final) and v.diverged_runs else None
+        accuracy = f"accuracy {_accuracy(v.accuracy_start)} -> {end or _accuracy(v.accuracy_final)}"
         what = "recovered" if any(s.tokens for s in v.attacks) else "reconstructed"
         lines.append(f"{v.label}: {accuracy} | {what}: {attacks}{floor}")
     if len(settings) > 2 * MAX_SETTINGS_NAMED:

@@ -12,7 +12,9 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import hashlib
+import math
 import platform
+import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Mapping
@@ -183,6 +185,7 @@ class RunRecorder:
         self._scored: Counter[int] = Counter()
         self._attack_seconds: defaultdict[int, float] = defaultdict(float)
         self._started = time.perf_counter()
+        self._said_diverged = False
 
     def scored(self, job: ScoredJob) -> None:
         """Keep the job's rows for its round's record; save its images now."""
@@ -240,6 +243,22 @@ class RunRecorder:
             self.progress.advance(log.round)
             prefix = self.progress.text()
         print(console_line(log.round, utility, rows, prefix), flush=True)
+        self._warn_if_diverged(log.round, utility["test_loss"])
+
+    def _warn_if_diverged(self, server_round: int, test_loss: float) -> None:
+        """Say once that the global model's test loss stopped being finite: the run goes on as
+        configured, but what it attacks from then on is not a model that learns."""
+        if self._said_diverged or server_round == 0 or not len(self.fd.dataset.test_x):
+            return
+        if not math.isfinite(test_loss):
+            self._said_diverged = True
+            print(
+                f"fedleak: warning: the global model's test loss is not finite after round "
+                f"{server_round}: training diverged (a lower train.lr may help); the run goes "
+                "on and its report says so",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def _save_images(self, job: ScoredJob) -> None:
         """Ground truth beside the reconstruction, in the auditor's matched order (the
