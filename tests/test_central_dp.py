@@ -27,7 +27,7 @@ from fedleak.config import ConfigError, parse_flat
 from fedleak.models.spec import ModelSpec
 from fedleak.report.rundir import UTILITY_COLUMNS, read_utility_csv
 from fedleak.server.auditor import Auditor
-from fedleak.server.central_dp import CentralDP
+from fedleak.server.central_dp import CentralDP, CentralNoiseOverflow
 from fedleak.server.privacy import central_epsilon
 from fedleak.server.runner import AttackJob
 from fedleak.server.strategy import CuriousStrategy, PublicSetting
@@ -183,6 +183,18 @@ def test_the_noise_has_std_z_c_over_m_and_comes_from_the_seed() -> None:
     assert torch.equal(first, again)
     other_round = _round(_central(clip, noise), weights, updates, r=2)["w"]
     assert not torch.equal(first, other_round)
+
+
+def test_noise_that_overflows_the_models_precision_stops_the_run_in_one_line() -> None:
+    """Noise of std 5e39 made a float32 global model NaN and the run went on to exit 0,
+    accuracy "–" from round 1 (audit BQ3)."""
+    with pytest.raises(CentralNoiseOverflow) as error:
+        _round(_central(1.0, 1e40), _weights(), _updates((0.5, 1.0, 2.0)))
+    message = str(error.value)
+    assert message.startswith("defense.central-noise=1e+40 with defense.central-clip=1: round 1")
+    assert "noise std 3.33e+39" in message and "\n" not in message
+    finite = _round(_central(1.0, 1e30), _weights(), _updates((0.5, 1.0, 2.0)))
+    assert all(torch.isfinite(v).all() for v in finite.values())  # large, still a number
 
 
 def test_attacks_see_raw_updates_and_the_model_gets_the_clipped_noised_aggregate() -> None:

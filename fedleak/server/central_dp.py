@@ -31,6 +31,11 @@ from fedleak.server.step import unit_step
 ARRAYS = "arrays"
 
 
+class CentralNoiseOverflow(RuntimeError):
+    """Central DP's noise made the global model non-finite: every later round would train and
+    attack a model of NaN, so the run stops."""
+
+
 @contextlib.contextmanager
 def seeded_global_numpy(seed: int, server_round: int) -> Iterator[None]:
     """Flower draws the wrapper's noise from NumPy's global generator (`np.random.normal`):
@@ -149,10 +154,19 @@ class CentralDP(Strategy):
         self.releases[sampled] += 1
         share = len(kept) / sampled if complete and nonzero else 1.0
         weights = _arrays(aggregate)
-        update = {
-            k: ((weights[k] - self._sent[k]) / self.scale * share).astype(dtype)
-            for k, dtype in dtypes.items()
-        }
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused below
+            update = {
+                k: ((weights[k] - self._sent[k]) / self.scale * share).astype(dtype)
+                for k, dtype in dtypes.items()
+            }
+        if not all(np.isfinite(v).all() for v in update.values()):
+            std = compute_stdv(self.noise, self.dp.clipping_norm, sampled)
+            raise CentralNoiseOverflow(
+                f"defense.central-noise={self.noise:g} with defense.central-clip="
+                f"{self.dp.clipping_norm:g}: round {server_round}'s noised aggregate is not "
+                f"finite in the model's precision (noise std {std:.3g}); expected a smaller "
+                "noise multiplier or clipping norm"
+            )
         return ArrayRecord({k: Array(v) for k, v in update.items()}), metrics
 
     def _noise_only(

@@ -56,6 +56,7 @@ from fedleak.server.build import (
     initial_state,
     with_attack_caches,
 )
+from fedleak.server.central_dp import CentralNoiseOverflow
 from fedleak.server.grid import ClientsMissing, StoppableGrid
 from fedleak.server.payload import check_round_payload
 from fedleak.server.privacy import PrivacyLedger
@@ -457,7 +458,7 @@ def _serve(
     except RunInterrupted:
         run_dir.write_summary()  # the finished rounds, for whoever looks before resuming
         raise
-    except (FederationError, ClientCrashed) as error:
+    except (FederationError, ClientCrashed, CentralNoiseOverflow) as error:
         _fail(run_dir, str(error))
     run_dir.write_summary()
     return _finish(run_dir, recorder.first_error)
