@@ -259,20 +259,26 @@ def test_tag_told_to_ignore_the_defense_records_whether_adapting_would_change_it
 def test_tag_rows_record_its_matching_loss_and_convergence(
     world: dict[str, object], one_thread: None
 ) -> None:
+    """Convergence is judged on the tokens scored: the matching loss of the tokens read at
+    the end against that of the tokens read at the start. The continuous iterate's loss fell
+    to only 0.23 of its start on sequences recovered exactly, which read as a budget run out
+    (audit BR1)."""
     private = world["private"][:2]  # type: ignore[index]
     observation = observe(world["spec"], world["weights"], "none", private)  # type: ignore[arg-type]
     knowledge, truth = world["knowledge"], GroundTruth(0, private, private)
     auditor = Auditor(lpips_nets=(), decode=world["tokenizer"].decode)  # type: ignore[attr-defined]
     attack = TAG(TAGConfig(restarts=2))
-    fitted = attack.reconstruct(observation, knowledge, Budget(30, 1e9))
+    fitted = attack.reconstruct(observation, knowledge, Budget(200, 1e9))
     untouched = attack.reconstruct(observation, knowledge, Budget(0, 1e9))
     assert fitted.loss_start is not None and fitted.loss_final is not None
     assert untouched.loss_start is not None and untouched.loss_final is not None
     assert fitted.loss_start.shape == fitted.loss_final.shape == (2,)  # one per sequence
-    assert (fitted.loss_final < fitted.loss_start).all()
-    # The losses are those of the restart whose tokens are returned, as is `matching_loss`.
-    assert fitted.loss_final.mean().item() == pytest.approx(fitted.diagnostics["matching_loss"])
+    # Both runs start from the same guesses: the same tokens read at the start.
+    assert torch.equal(fitted.loss_start, untouched.loss_start)
     assert torch.equal(untouched.loss_final, untouched.loss_start)
+    exact = (fitted.inputs == private).all(dim=1)
+    assert bool(exact.any())  # measured: both sequences of 8 tokens, at 200 iterations
+    assert (fitted.loss_final[exact] < 1e-3 * fitted.loss_start[exact]).all()
     for result in (fitted, untouched):
         rows = auditor.score(observation, attack.name, result, truth, {})
         assert len(rows) == 2
@@ -281,6 +287,8 @@ def test_tag_rows_record_its_matching_loss_and_convergence(
             assert (row["loss_start"], row["loss_final"]) == (float(start), float(final))
             cut_tenfold = row["loss_final"] <= CONVERGED_RATIO * row["loss_start"]
             assert row["converged"] == float(cut_tenfold)
+            if result is fitted and row["token_acc"] == 1.0:
+                assert row["converged"] == 1.0
     assert {row["converged"] for row in rows} == {0.0}  # an attack that never moved
 
 
