@@ -138,6 +138,9 @@ def test_any_string_parses_or_raises_one_line_spec_error(spec: str) -> None:
         ("dpsgd:1", "expected the form dpsgd:C:Z"),
         ("dpsgd:0:1", "C=0.0 must be a finite number > 0"),
         ("dpsgd:1:-1", "Z=-1.0 must be a finite number >= 0"),
+        # Noise beyond float32's range made every update infinite at run time (audit BQ4).
+        ("gauss:1e39", "SIGMA=1e+39 must be at most 3.403e+38 (float32's largest number"),
+        ("dpsgd:1e20:1e20", "C x Z = 1e+40 must be at most 3.403e+38"),
         ("mixup:1", "K=1 must be an integer >= 2"),
         ("mixup:2.5", "K='2.5' is not a whole number"),
         ("instahide:4:outer", "mode 'outer' must be intra or inter"),

@@ -32,6 +32,10 @@ def add_gaussian(
     }
 
 
+# Updates are float32: a noise scale above its largest number makes every coordinate infinite.
+LARGEST_SCALE = float(torch.finfo(torch.float32).max)
+
+
 def _finite(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -49,6 +53,11 @@ class GaussianNoise:
     def __post_init__(self) -> None:
         if not (_finite(self.sigma) and self.sigma >= 0):
             raise DefenseSpecError(f"gauss: SIGMA={self.sigma!r} must be a finite number >= 0")
+        if self.sigma > LARGEST_SCALE:
+            raise DefenseSpecError(
+                f"gauss: SIGMA={self.sigma:g} must be at most {LARGEST_SCALE:.4g} (float32's "
+                "largest number: a larger one makes every shared update infinite)"
+            )
 
     @property
     def spec(self) -> str:
@@ -88,6 +97,12 @@ class DPSGD:
         if not (_finite(self.noise_multiplier) and self.noise_multiplier >= 0):
             raise DefenseSpecError(
                 f"dpsgd: Z={self.noise_multiplier!r} must be a finite number >= 0"
+            )
+        if self.clip_norm * self.noise_multiplier > LARGEST_SCALE:
+            raise DefenseSpecError(
+                f"dpsgd: C x Z = {self.clip_norm * self.noise_multiplier:g} must be at most "
+                f"{LARGEST_SCALE:.4g} (float32's largest number: a larger noise scale makes "
+                "every shared update infinite)"
             )
 
     @property
