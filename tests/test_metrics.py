@@ -274,3 +274,23 @@ def test_label_accuracy() -> None:
     assert multiset_credit([7, 7, 7], [7, 1, 7]) == [True, False, True]
     with pytest.raises(ValueError, match="differ in size"):
         label_accuracy(torch.tensor([1]), true)
+
+
+def test_multiset_chance_is_the_expected_credit_of_a_guess_from_the_prior() -> None:
+    from fedleak.metrics import multiset_chance
+
+    assert multiset_chance([1, 0, 0], [0.2, 0.3, 0.5]) == pytest.approx(0.2)  # B = 1: p_true
+    # Two samples of two classes, fair guesses: each class is guessed at least once w.p. 3/4.
+    assert multiset_chance([1, 1], [0.5, 0.5]) == pytest.approx(0.75)
+    # Monte Carlo with the credit rule itself, at a batch where chance is high (audit BQ5).
+    counts, prior = [40, 30, 20, 10], [0.4, 0.3, 0.2, 0.1]
+    true = torch.tensor([c for c, n in enumerate(counts) for _ in range(n)])
+    generator = torch.Generator().manual_seed(0)
+    draws = [
+        label_multiset_accuracy(
+            torch.multinomial(torch.tensor(prior), 100, True, generator=generator), true
+        )
+        for _ in range(4000)
+    ]
+    assert multiset_chance(counts, prior) == pytest.approx(float(np.mean(draws)), abs=0.003)
+    assert multiset_chance(counts, prior) > 0.9

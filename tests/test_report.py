@@ -1748,3 +1748,49 @@ def test_a_linked_name_with_brackets_keeps_them_in_markdown() -> None:
     assert _md_table(table).splitlines()[-1] == (
         "| [run #1 \\[a\\]](run%20%231%20%5Ba%5D/report.html) |"
     )
+
+
+@pytest.mark.parametrize(("share", "multiset"), [("batch", True), ("per-sample", False)])
+def test_the_label_table_says_what_chance_scores_by_its_rule(
+    tmp_path: Path, share: str, multiset: bool
+) -> None:
+    """At B = 1,500 any guess scored about 0.95 by the multiset rule and the report did not
+    say so (audit BQ5): the caption names chance, per batch size, by the rows' own rule."""
+    from fedleak.metrics import multiset_chance
+    from fedleak.report.tables import label_chance, leakage_tables
+
+    flat = {"attack.names": "ig", "train.batch-size": 8, "threat.share": share}
+    run = RunDirectory.create(tmp_path / share, parse_flat(flat), {})
+    labels = torch.Generator().manual_seed(1)
+    batches = []
+    for client in range(6):
+        truth = torch.randint(0, 3, (8,), generator=labels).tolist()
+        batches.append(truth)
+        rows = [
+            {
+                "client_id": client,
+                "attack": "ig",
+                "sample": i,
+                "target_index": i,
+                "batch_size": 8,
+                "true_label": label,
+                "pred_label": 0,
+                "label_acc": float(label == 0),
+                "psnr": 10.0,
+            }
+            for i, label in enumerate(truth)
+        ]
+        run.append_round(1 + client, rows, {"test_accuracy": 0.5})
+    study = load_study(run.path)
+    pooled = [label for batch in batches for label in batch]
+    prior = [pooled.count(c) / len(pooled) for c in range(3)]
+    expected = (
+        np.mean([multiset_chance([b.count(c) for c in range(3)], prior) for b in batches])
+        if multiset
+        else np.mean([prior[label] for label in pooled])
+    )
+    chance, said_multiset = label_chance(study, study.leakage())
+    assert chance == {8: pytest.approx(expected)} and said_multiset == multiset
+    (caption,) = [t.caption for m, _, t in leakage_tables(study) if m.column == "label_acc"]
+    assert f"would score {expected:.3f} at B = 8 by the same rule" in caption
+    assert ("so chance grows with B" in caption) == multiset

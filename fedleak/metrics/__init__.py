@@ -11,6 +11,7 @@ from fedleak.metrics.labels import (
     hard_labels,
     label_accuracy,
     label_multiset_accuracy,
+    multiset_chance,
     multiset_credit,
 )
 from fedleak.metrics.lpips import (
@@ -60,6 +61,7 @@ __all__ = [
     "label_multiset_accuracy",
     "load_lpips",
     "mse",
+    "multiset_chance",
     "multiset_credit",
     "pairwise_token_mismatch",
     "psnr",

@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 
+import numpy as np
 import torch
+from scipy.stats import binom
 
 
 def hard_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -68,3 +70,20 @@ def multiset_credit(
         credit[next((i for i in waiting if true[i] == p), waiting[0])] = True
         left[p] -= 1
     return credit
+
+
+def multiset_chance(counts: Sequence[int], prior: Sequence[float]) -> float:
+    """The share of a batch's labels (`counts[c]` samples of class c) that a guess of as many
+    labels, each drawn from `prior`, recovers on average when scored as a multiset: the sum
+    over classes of E[min(n_c, M_c)] / B, M_c ~ Binomial(B, p_c). It grows with B: with many
+    samples per class almost any guess holds most of the batch's labels."""
+    size = int(sum(counts))
+    if size == 0:
+        return float("nan")
+    drawn = np.arange(size + 1)
+    expected = sum(
+        float((np.minimum(n, drawn) * binom.pmf(drawn, size, p)).sum())
+        for n, p in zip(counts, prior, strict=True)
+        if n
+    )
+    return expected / size

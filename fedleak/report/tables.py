@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from fedleak.metrics import multiset_chance
 from fedleak.report.collect import Study
 from fedleak.report.document import Cell, Table
 from fedleak.report.rundir import NO_EPSILON_KEY, lpips_column
@@ -295,8 +296,61 @@ def leakage_tables(study: Study) -> list[tuple[Metric, str, Table]]:
                 f"{metric.label} ({direction[metric.higher_is_better]}), "
                 f"{target}. {note}{_caption_tail(groups != [''])}"
             )
+            if labels and not encodings:
+                caption += label_chance_note(study, rows)
             out.append((metric, against, leakage_table(rows, metric, defenses, groups, caption)))
     return out
+
+
+# Labels per class seen below which their frequencies are too rough a prior for chance (four
+# labels of four classes would put chance at 0.25 on a ten-class data set).
+MIN_LABELS_PER_CLASS = 5
+
+
+def label_chance(study: Study, rows: pd.DataFrame) -> tuple[dict[int, float], bool]:
+    """Per batch size, the label accuracy a guess drawn from the private labels' class
+    frequencies scores on average by the rule the rows were scored by: position by position
+    where each sample was shared alone, as a multiset (`multiset_chance`) where a batch was;
+    and whether any batch of several samples was scored as a multiset."""
+    rows = rows[rows["true_label"] >= 0]
+    if rows.empty:
+        return {}, False
+    classes = np.sort(rows["true_label"].unique())
+    share = {run.name: run.config.threat.share for run in study.runs}
+    batches = []
+    for (run, _, _), batch in rows.groupby(["run", "round", "client_id"], sort=False):
+        one = batch[batch["attack"] == batch["attack"].iloc[0]]  # every attack saw this batch
+        batches.append((share.get(run), one["batch_size"].iloc[0], one["true_label"].to_numpy()))
+    pooled = np.concatenate([labels for _, _, labels in batches])
+    if len(pooled) < MIN_LABELS_PER_CLASS * len(classes):
+        return {}, False  # too few labels to estimate the frequencies: chance would be its own
+    prior = np.array([(pooled == c).mean() for c in classes])
+    index = {c: i for i, c in enumerate(classes)}
+    chances: dict[int, list[float]] = {}
+    multiset = False
+    for kind, size, labels in batches:
+        if kind == "per-sample" or len(labels) == 1:
+            value = float(prior[[index[c] for c in labels]].mean())
+        else:
+            counts = np.bincount([index[c] for c in labels], minlength=len(classes))
+            value, multiset = multiset_chance(counts.tolist(), prior.tolist()), True
+        chances.setdefault(int(size), []).append(value)
+    return {size: float(np.mean(v)) for size, v in sorted(chances.items())}, multiset
+
+
+def label_chance_note(study: Study, rows: pd.DataFrame) -> str:
+    """The caption's sentence on what label accuracy chance gives (empty without labels)."""
+    chance, multiset = label_chance(study, rows)
+    if not chance:
+        return ""
+    said = ", ".join(f"{value:.3f} at B = {size}" for size, value in chance.items())
+    why = (
+        " (a shared batch's labels count as a multiset, so chance grows with B)" if multiset else ""
+    )
+    return (
+        f" Chance: labels drawn from the private labels' class frequencies would score {said} "
+        f"by the same rule{why}."
+    )
 
 
 SUCCESS_RULE = (
