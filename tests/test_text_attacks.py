@@ -292,6 +292,27 @@ def test_tag_rows_record_its_matching_loss_and_convergence(
     assert {row["converged"] for row in rows} == {0.0}  # an attack that never moved
 
 
+def test_tag_on_an_update_that_is_not_finite_has_no_result(
+    world: dict[str, object], one_thread: None
+) -> None:
+    """Tokens read from the random start were scored as TAG's result on a NaN update (audit
+    BQ1, as for images); token ids cannot hold NaN, so the attack's "nan" stands."""
+    from fedleak.attacks.outcome import checked
+
+    private = world["private"][:2]  # type: ignore[index]
+    observation = observe(world["spec"], world["weights"], "none", private)  # type: ignore[arg-type]
+    poisoned = {k: torch.full_like(v, math.nan) for k, v in observation.update.items()}
+    per_sample = {
+        k: torch.full_like(v, math.nan) for k, v in observation.per_sample_updates.items()
+    }  # type: ignore[union-attr]
+    bad = dataclasses.replace(observation, update=poisoned, per_sample_updates=per_sample)
+    result = TAG().reconstruct(bad, world["knowledge"], Budget(20, 1e9))
+    assert result.status == "nan" and "was never finite" in result.message
+    assert checked(result, 1.0, 2).status == "nan"
+    fine = TAG().reconstruct(observation, world["knowledge"], Budget(5, 1e9))
+    assert fine.status == checked(fine, 1.0, 2).status == "ok"
+
+
 def test_the_sign_hinges_leave_convergence_undecided(
     world: dict[str, object], one_thread: None
 ) -> None:

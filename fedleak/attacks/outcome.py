@@ -46,7 +46,8 @@ def checked(
 ) -> Reconstruction:
     """Move to the CPU, time it, and give it its status by the one rule of every attack: a
     finite reconstruction of `expected` samples (of `shape` when given) is "ok" and scored,
-    whatever budget the attack ran out of; NaN or inf is "nan"; a wrong shape, or anything
+    whatever budget the attack ran out of; NaN or inf is "nan" (token ids, which cannot hold
+    it, are "nan" when the attack says so); a wrong shape, or anything
     but a `Reconstruction`, is "failed". Images (`shape` given) must be floats and become
     float32 in the data's range [0, 1] (clamped, and the message says so when an attack went
     beyond it: PSNR and LPIPS are only meaningful there); token ids stay integers. Recovered
@@ -92,6 +93,8 @@ def checked(
     elif not torch.isfinite(inputs).all():
         # The attack's own words first: they may say why (a matching loss never finite).
         status, message = "nan", "; ".join(filter(None, [message, NOT_FINITE]))
+    elif not inputs.is_floating_point() and reconstruction.status == "nan":
+        status = "nan"  # token ids cannot hold NaN: the attack's own word stands
     if reconstruction.status == "failed" and status != "ok":
         message = reconstruction.message or message
     return dataclasses.replace(

@@ -364,18 +364,27 @@ class TAG:
             loss_start = hard_loss(kept_tokens([embeddings, logits]))
         tokens = tokens.reshape(targets * samples, length)
         diverged = int(torch.isinf(kept).sum())
+        # As for images: lost with no finite loss even at the start (a NaN update), a target's
+        # tokens are read from its random start; when all are, the run has no result.
+        initial = outcome.initial.reshape(restarts, targets)[best, pick]
+        lost = int((torch.isinf(kept) & ~torch.isfinite(initial)).sum())
         finite = kept[torch.isfinite(kept)]
         message = f"matching={loss.name}; stopped by {outcome.stopped_by}"
         if not judged:
             message += "; convergence not judged (a sign hinge's fall does not mark a fit)"
-        if diverged:
+        if lost:
+            message += (
+                f"; the matching loss of {lost} of {targets} targets was never finite "
+                "(the update or its loss is not finite)"
+            )
+        if diverged > lost:
             message += f"; {diverged} of {targets} targets diverged (last finite iterate returned)"
         return Reconstruction(
             inputs=tokens.cpu(),
             labels=None,
             iterations=outcome.iterations,
             seconds=outcome.seconds,
-            status="nan" if diverged == targets else "ok",
+            status="nan" if lost == targets else "ok",
             message=message,
             diagnostics={
                 "matching_loss": float(finite.mean()) if finite.numel() else math.nan,
