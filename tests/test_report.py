@@ -1792,5 +1792,5 @@ def test_the_label_table_says_what_chance_scores_by_its_rule(
     chance, said_multiset = label_chance(study, study.leakage())
     assert chance == {8: pytest.approx(expected)} and said_multiset == multiset
     (caption,) = [t.caption for m, _, t in leakage_tables(study) if m.column == "label_acc"]
-    assert f"would score {expected:.3f} at B = 8 by the same rule" in caption
+    assert f"would score {100 * expected:.1f}% at B = 8 by the same rule" in caption
     assert ("so chance grows with B" in caption) == multiset

@@ -343,7 +343,8 @@ def label_chance_note(study: Study, rows: pd.DataFrame) -> str:
     chance, multiset = label_chance(study, rows)
     if not chance:
         return ""
-    said = ", ".join(f"{value:.3f} at B = {size}" for size, value in chance.items())
+    # In percent, as the table's shares.
+    said = ", ".join(f"{100 * value:.1f}% at B = {size}" for size, value in chance.items())
     why = (
         " (a shared batch's labels count as a multiset, so chance grows with B)" if multiset else ""
     )
