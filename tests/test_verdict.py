@@ -382,3 +382,27 @@ def test_an_attack_that_never_ran_gets_no_caveat_about_ignoring_the_defense() ->
     empty = pd.DataFrame({"attack": pd.Series([], dtype=str), "diagnostics": []})
     failed = SimpleNamespace(config=parse_flat(flat), leakage=empty)
     assert _threat_model(SimpleNamespace(scored_runs=[failed])) == []
+
+
+def test_attacks_whose_every_run_diverged_are_not_ranked_as_leaking() -> None:
+    """Every run of ig and dlg diverged (a model trained to NaN): the verdict said "dlg leaks
+    most (highest success rate): it reconstructed 0/64 (0%)" (audit BT D2)."""
+    empty = Median(math.nan, math.nan, math.nan, 0, 0.95)
+    lost = {
+        attack: dataclasses.replace(
+            _summary(attack, 0, 0.0, 0.0, n=64), psnr=empty, lpips=empty, diverged=2
+        )
+        for attack in ("dlg", "ig")
+    }
+    floor = _summary("aux-mean", 0, 11.5, 0.355)
+    setting = SettingVerdict("", "none", (lost["dlg"], lost["ig"]), floor, 0.065, math.nan, (2,))
+    sentence = _setting_sentence(setting, setting)
+    assert sentence.startswith(
+        "Without a defense, no attack produced a reconstruction to score (2 dlg attack runs "
+        "diverged: counted as reconstructing nothing; 2 ig attack runs diverged: counted as "
+        "reconstructing nothing)."
+    )
+    assert "leaks most" not in sentence
+    # One that still scored is ranked as before.
+    scored = dataclasses.replace(setting, attacks=(_summary("ig", 3, 20.0, 0.1), lost["dlg"]))
+    assert "ig leaks most" in _setting_sentence(scored, scored)

@@ -174,6 +174,14 @@ def _at_floor(s: SettingSummary, v: SettingVerdict) -> bool:
     return bool(no_closer or no_higher_psnr)
 
 
+def _scored_nothing(s: SettingSummary) -> bool:
+    """No sample of the attack was scored and none counts as reconstructed: its runs all
+    diverged or failed."""
+    if s.success.k > 0:
+        return False
+    return not s.token_acc.n if s.tokens else not (s.lpips.n or s.psnr.n)
+
+
 def _typically_behind(s: SettingSummary, floor: SettingSummary) -> bool:
     """Both of the attack's image medians are at or behind the floor's (LPIPS not lower, PSNR
     not higher), though some of its samples beat the floor ("leaks most" alone would read as a
@@ -300,6 +308,12 @@ def _setting_sentence(v: SettingVerdict, baseline: SettingVerdict | None) -> str
     leader = v.leader
     if leader is None:
         text = f"{where}, no attack produced a scored reconstruction"
+    elif all(_scored_nothing(s) for s in v.attacks):
+        # Every run diverged or failed: ranking them at 0% would name a leak that never was.
+        why = "; ".join(_left_out(s).strip(" ()") for s in v.attacks if _left_out(s))
+        text = f"{where}, no attack produced a reconstruction to score" + (
+            f" ({why})" if why else ""
+        )
     else:
         what = "sequences" if leader.tokens else "samples"
         scores = _scores(leader, rate_given=True)
