@@ -216,15 +216,20 @@ class Registry(Generic[E]):
                 return self._entries[name]
             if name in self._broken:
                 raise self._broken[name]
-        names = self.names()
-        lowered = {known.lower(): known for known in names}
-        close = [lowered[name.lower()]] if name.lower() in lowered else []  # names are lower case
-        close = close or [lowered[m] for m in difflib.get_close_matches(name.lower(), lowered, n=2)]
+        close = self.closest(name)
         hint = f"did you mean {' or '.join(close)}? " if close else ""
         raise UnknownNameError(
             f"{self.setting}={shown(name)!r}: unknown {self.kind}; {hint}expected one of "
-            f"{', '.join(names)}"
+            f"{', '.join(self.names())}"
         )
+
+    def closest(self, name: str) -> list[str]:
+        """The registered names an unknown `name` was likely meant as (at most two): the same
+        name in other capitals first, then the closest spellings."""
+        lowered = {known.lower(): known for known in self.names()}
+        if name.lower() in lowered:
+            return [lowered[name.lower()]]
+        return [lowered[m] for m in difflib.get_close_matches(name.lower(), lowered, n=2)]
 
     def __contains__(self, name: object) -> bool:
         if not isinstance(name, str):

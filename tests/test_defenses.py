@@ -122,7 +122,9 @@ def test_any_string_parses_or_raises_one_line_spec_error(spec: str) -> None:
     [
         ("", "empty part"),
         ("prune:0.9++sign", "empty part"),
-        ("foo", "unknown defense 'foo'"),
+        ("foo", "unknown defense 'foo'; allowed"),
+        ("sgin", "unknown defense 'sgin' (did you mean sign?)"),  # audit BT D6
+        ("prnue:0.5", "unknown defense 'prnue' (did you mean prune?)"),
         ("none+sign", "'none' cannot be combined"),
         ("prune", "expected the form prune:P[:layer|:global]"),
         ("prune:1", "rate P=1.0 must be a number in [0, 1)"),

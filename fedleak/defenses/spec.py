@@ -216,7 +216,9 @@ def _parse_part(part: str) -> Any:
     try:
         entry = DEFENSES.get(name)
     except UnknownNameError:
-        raise ValueError(f"unknown defense {name!r}") from None
+        close = DEFENSES.closest(name)
+        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+        raise ValueError(f"unknown defense {name!r}{hint}") from None
     return entry.parse([a.lower() for a in args])
 
 
