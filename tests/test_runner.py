@@ -228,3 +228,15 @@ def test_a_runs_attacks_compute_with_one_thread_whatever_fedleak_threads_says(
     finally:
         torch.set_num_threads(previous)
     assert counting.seen == [1]
+
+
+def test_a_long_failure_is_stored_cut_at_a_word_and_marked() -> None:
+    """A plugin's 600-character error was stored as its first 500 characters, mid-word and
+    unmarked (audit BT D5)."""
+    from fedleak.attacks.outcome import failed_reconstruction
+
+    error = ValueError("the update is " + "not what this attack reads in any way " * 20)
+    message = failed_reconstruction(error, 1.0).message
+    assert len(message) <= 500 and message.endswith("...")
+    assert message.startswith("ValueError: the update is not what")
+    assert message[:-3].rsplit(" ", 1)[1] in set("not what this attack reads in any way".split())

@@ -8,6 +8,7 @@ import dataclasses
 import torch
 
 from fedleak.attacks.types import Observation, Reconstruction
+from fedleak.lines import error_line, one_line
 
 # Float32 round-off of an attack that keeps to [0, 1] is not worth a note in its row.
 RANGE_SLACK = 1e-5
@@ -15,11 +16,9 @@ RANGE_SLACK = 1e-5
 
 def failed_reconstruction(error: BaseException | str, seconds: float) -> Reconstruction:
     """A failure recorded as a reconstruction, so it lands in the leakage rows."""
-    if isinstance(error, BaseException):
-        first = str(error).strip().splitlines()
-        error = f"{type(error).__name__}: {first[0]}" if first else type(error).__name__
+    message = error_line(error, 500) if isinstance(error, BaseException) else one_line(error, 500)
     return Reconstruction(
-        inputs=torch.empty(0), labels=None, seconds=seconds, status="failed", message=error[:500]
+        inputs=torch.empty(0), labels=None, seconds=seconds, status="failed", message=message
     )
 
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from fedleak.data.dataset import DatasetUnavailable, ImageDataset, dataset_from_arrays
 from fedleak.data.embedded import DIGIT_CLASSES
+from fedleak.lines import one_line
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_FILES = (
@@ -83,7 +84,7 @@ def load_torchvision_set(name: str, root: Path, download: bool) -> ImageDataset:
     except Exception as error:  # torchvision raises RuntimeError, URLError, tarfile errors, ...
         _remove_if_empty(absent)
         # torchvision's messages span lines; keep the paragraph one line and short.
-        cause = f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
+        cause = one_line(f"{type(error).__name__}: {error}")
         if held:  # files that were there and did not read: not a failed download
             shown = ", ".join(held[:4]) + (f" and {len(held) - 4} more" if len(held) > 4 else "")
             raise DatasetUnavailable(

@@ -22,6 +22,7 @@ from typing import Any
 import pandas as pd
 
 from fedleak.config import NAME_PATTERN, RunConfig
+from fedleak.lines import one_line
 from fedleak.report.rundir import (
     ENVIRONMENT_FILE,
     FAILED_FILE,
@@ -211,7 +212,7 @@ def read_manifest(sweep_dir: Path) -> dict[str, Any]:
     try:
         manifest = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
-        detail = " ".join(f"{type(error).__name__}: {error}".split())[:200]
+        detail = one_line(f"{type(error).__name__}: {error}", 200)
         raise RunDirectoryError(f"{file}: unreadable ({detail}); restore or delete it") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("cells", []), list):
         raise RunDirectoryError(f"{file}: not a sweep manifest (a JSON object listing cells)")

@@ -248,7 +248,7 @@ def _parquet_bytes(frame: pd.DataFrame) -> bytes:
 
 
 def _unreadable(path: Path, error: Exception) -> RunDirectoryError:
-    detail = " ".join(f"{type(error).__name__}: {error}".split())[:200]
+    detail = one_line(f"{type(error).__name__}: {error}", 200)
     return RunDirectoryError(
         f"{path}: unreadable ({detail}); restore it or start the run again in a new out-dir"
     )

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from fedleak.lines import one_line
 from fedleak.metrics import multiset_chance
 from fedleak.report.collect import Study
 from fedleak.report.document import Cell, Table
@@ -759,7 +760,7 @@ def failure_table(study: Study) -> Table | None:
                 Cell(defense),
                 Cell(status),
                 Cell(f"{len(rows)} of {len(total)}"),
-                Cell(example[:120]),
+                Cell(one_line(example, 120)),
             )
         )
     return Table(

@@ -24,6 +24,7 @@ from fedleak.attacks.learned.store import InverterStore, InverterStoreError, wei
 from fedleak.attacks.learned.trainer import TrainingOutcome
 from fedleak.attacks.types import AttackerKnowledge, Observation
 from fedleak.defenses import DefensePipeline, parse_defense_spec
+from fedleak.lines import one_line
 from fedleak.models import ModelSpec, build_model
 from fedleak.seeds import mix_seed
 
@@ -244,7 +245,7 @@ class InverterKeeper:
         try:
             inverter.load_state_dict(saved.state_dict)
         except RuntimeError as error:  # another architecture's weights under this key
-            detail = " ".join(str(error).split())[:200]
+            detail = one_line(error, 200)
             raise InverterStoreError(
                 f"{saved.path}: does not fit this attack's inverter ({detail}); restore it, "
                 "or start the run again in a new out-dir"

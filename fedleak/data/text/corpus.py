@@ -32,6 +32,7 @@ from pathlib import Path
 from fedleak.data.dataset import DatasetUnavailable
 from fedleak.data.embedded import package_dirs
 from fedleak.data.text.markup import CLEANER_VERSION, plain_paragraphs
+from fedleak.lines import one_line
 
 GENSIM_DATA = Path("test") / "test_data"
 WIKIPEDIA_FILE = (
@@ -187,7 +188,7 @@ def load_wikitext(name: str, root: Path, download: bool) -> TextCorpus:
         )
         train, test = loaded["train"]["text"], loaded["test"]["text"]
     except Exception as error:  # datasets raises ConnectionError, FileNotFoundError, ...
-        cause = " ".join(str(error).split())[:300]
+        cause = one_line(error)
         raise DatasetUnavailable(
             _wikitext_unavailable(name, cache, download, f"{type(error).__name__}: {cause}")
         ) from error

@@ -23,6 +23,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import Tensor
 
 from fedleak.data.dataset import DatasetUnavailable
+from fedleak.lines import one_line
 
 FILE_PREFIX = "file:"
 TOKENIZER_KINDS = ("bpe", "gpt2", f"{FILE_PREFIX}<path to tokenizer.json>")
@@ -233,7 +234,7 @@ def load_tokenizer(kind: str, aux_texts: Sequence[str], vocab_size: int) -> Text
             with _quiet_hub():
                 tokenizer = Tokenizer.from_file(_gpt2_file())
         except Exception as error:  # offline: connection or hub errors
-            cause = " ".join(str(error).split())[:200]
+            cause = one_line(error, 200)
             raise DatasetUnavailable(
                 f"tokenizer 'gpt2' is not available: fetching it from the Hugging Face Hub "
                 f"failed ({type(error).__name__}: {cause}). Run once with internet access (the "
@@ -251,7 +252,7 @@ def load_tokenizer(kind: str, aux_texts: Sequence[str], vocab_size: int) -> Text
         try:
             tokenizer = Tokenizer.from_file(str(path))
         except Exception as error:  # the tokenizers library raises a bare Exception
-            cause = " ".join(str(error).split())[:200]
+            cause = one_line(error, 200)
             raise TokenizerError(
                 f"data.tokenizer={kind!r}: {path} is not a Hugging Face tokenizer.json ({cause}); "
                 "save one with `tokenizers.Tokenizer.save(path)` or use data.tokenizer=bpe"
