@@ -92,8 +92,7 @@ def _method(study: Study) -> list[Block]:
     leakage = study.leakage()
     rounds = sorted(set(leakage["round"]))
     lpips = lpips_column(leakage)
-    # The folder's name, not its path: a copy elsewhere rebuilds to the same report, and a
-    # shared report does not show where its author keeps files.
+    # The folder's name, not its path: a copy elsewhere rebuilds to the same report.
     what = (
         f"one run (folder {study.runs[0].path.name})"
         if study.kind == "run"
