@@ -625,8 +625,8 @@ def test_a_model_whose_test_loss_stops_being_finite_is_called_diverged(tmp_path:
     diverge(cells[0])
     text = verdict(load_study(sweep))
     assert (
-        "test accuracy is 0.415 after round 3 (the mean of its 2 runs; 1 more run diverged, "
-        "test loss not finite; round 0: 0.110)." in text
+        "test accuracy is 0.415 after round 3 (the mean of its 2 runs; cell-000-none_seed0 "
+        "left out: its test loss is not finite from round 2 on (diverged); round 0: 0.110)." in text
     )
     for cell in cells[1:]:
         diverge(cell)

@@ -40,7 +40,7 @@ class SettingVerdict:
     final_runs: int = 1  # the runs its final accuracy is the mean of
     # Runs whose model was measured at round 0 and not at their last round: its test loss
     # became non-finite (training diverged), so their accuracy is left out of the mean.
-    diverged_runs: int = 0
+    diverged: tuple[str, ...] = ()
     diverged_from: int = 0  # the first round whose loss was not finite in any of them
 
     @property
@@ -117,7 +117,7 @@ def setting_verdicts(study: Study) -> list[SettingVerdict]:
                     accuracy_final=_mean(runs["test_accuracy"]) if len(runs) else math.nan,
                     final_rounds=tuple(sorted({int(r) for r in runs["round"]})),
                     final_runs=max(1, int(runs["test_accuracy"].notna().sum())),
-                    diverged_runs=int(lost.sum()),
+                    diverged=tuple(runs.index[lost]),
                     diverged_from=int(unmeasured["round"].min()) if len(unmeasured) else 0,
                 )
             )
@@ -356,7 +356,7 @@ def _setting_sentence(v: SettingVerdict, baseline: SettingVerdict | None) -> str
             )
     if math.isnan(v.accuracy_final) and math.isnan(v.accuracy_start):
         return text + ". The global model's test accuracy was not measured (no test images)."
-    if math.isnan(v.accuracy_final) and v.diverged_runs:
+    if math.isnan(v.accuracy_final) and v.diverged:
         return (
             text + f". The global model diverged: its test loss is not finite from round "
             f"{v.diverged_from} on "
@@ -372,9 +372,12 @@ def _setting_sentence(v: SettingVerdict, baseline: SettingVerdict | None) -> str
         text += f" after round {v.final_rounds[0]}"
         if v.final_runs > 1:
             notes.append(f"the mean of its {v.final_runs} runs")
-    if v.diverged_runs:
-        runs = "run" if v.diverged_runs == 1 else "runs"
-        notes.append(f"{v.diverged_runs} more {runs} diverged, test loss not finite")
+    if v.diverged:
+        whose = "its test loss is" if len(v.diverged) == 1 else "their test losses are"
+        notes.append(
+            f"{_named(list(v.diverged))} left out: {whose} not finite from round "
+            f"{v.diverged_from} on (diverged)"
+        )
     if math.isfinite(v.accuracy_start):
         notes.append(f"round 0: {_accuracy(v.accuracy_start)}")
     if notes:
@@ -642,7 +645,7 @@ def headline(study: Study) -> list[str]:
             or "no scored attack"
         )
         floor = f"; floor {v.floor.attack} {_scores(v.floor)}" if v.floor else ""
-        end = "diverged" if math.isnan(v.accuracy_final) and v.diverged_runs else None
+        end = "diverged" if math.isnan(v.accuracy_final) and v.diverged else None
         accuracy = f"accuracy {_accuracy(v.accuracy_start)} -> {end or _accuracy(v.accuracy_final)}"
         what = "recovered" if any(s.tokens for s in v.attacks) else "reconstructed"
         lines.append(f"{v.label}: {accuracy} | {what}: {attacks}{floor}")
