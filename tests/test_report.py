@@ -608,6 +608,7 @@ def test_a_settings_epsilon_is_the_largest_of_its_runs_at_the_stated_delta(
 def test_a_model_whose_test_loss_stops_being_finite_is_called_diverged(tmp_path: Path) -> None:
     """A global model trained to NaN read as accuracy "–", as if nothing had been measured
     (audit BQ2); one diverged seed among others was silently left out of their mean."""
+    from fedleak.report.tables import utility_table
     from fedleak.report.verdict import headline, verdict
 
     sweep = tmp_path / "sweep"
@@ -628,9 +629,14 @@ def test_a_model_whose_test_loss_stops_being_finite_is_called_diverged(tmp_path:
         "test accuracy is 0.415 after round 3 (the mean of its 2 runs; cell-000-none_seed0 "
         "left out: its test loss is not finite from round 2 on (diverged); round 0: 0.110)." in text
     )
+    table = utility_table(load_study(sweep))
+    final = [row[table.columns.index("final accuracy")].text for row in table.rows]
+    assert final[0].endswith(" (1 diverged)")  # a mean over the other 2 runs, and says so
     for cell in cells[1:]:
         diverge(cell)
     study = load_study(sweep)
+    table = utility_table(study)
+    assert [row[table.columns.index("final accuracy")].text for row in table.rows] == ["diverged"]
     assert (
         "The global model diverged: its test loss is not finite from round 2 on (round 0: "
         "accuracy 0.110), so the updates attacked since it did" in verdict(study)

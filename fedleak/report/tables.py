@@ -652,6 +652,22 @@ def final_utility(study: Study) -> pd.DataFrame:
     return last.join(totals.add_suffix("_total"))
 
 
+def diverged_runs(final: pd.DataFrame, initial: pd.DataFrame) -> pd.Series:
+    """Which of `final`'s runs (indexed by run) diverged: their model was measured at round 0
+    (`initial`'s rows) and not at their last round, its test loss having become non-finite."""
+    measured = set(initial.loc[initial["test_accuracy"].notna(), "run"])
+    return final["test_accuracy"].isna() & final.index.isin(measured)
+
+
+def _final_accuracy(runs: pd.DataFrame, start: pd.DataFrame) -> str:
+    """Mean ± t over the runs measured at their end, and how many diverged (left out)."""
+    lost = int(diverged_runs(runs, start).sum())
+    if lost and lost == len(runs):
+        return "diverged"
+    shown = format_ci(*mean_ci(runs["test_accuracy"])[:2], 3)
+    return f"{shown} ({lost} diverged)" if lost else shown
+
+
 def utility_table(study: Study) -> Table:
     """Per group and defense: accuracy at round 0 and at the end, final loss (mean ± CI over
     seeds), ε, central ε where any run has it, rounds."""
@@ -684,7 +700,7 @@ def utility_table(study: Study) -> Table:
                     Cell(group or "–"),
                     Cell(defense),
                     Cell(format_ci(*mean_ci(start["test_accuracy"])[:2], 3)),
-                    Cell(format_ci(*mean_ci(runs["test_accuracy"])[:2], 3)),
+                    Cell(_final_accuracy(runs, start)),
                     Cell(format_ci(*mean_ci(runs["test_loss"])[:2], 3)),
                     *perplexity,
                     # The largest: a guarantee holds only where every run meets it.

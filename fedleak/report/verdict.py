@@ -17,6 +17,7 @@ from fedleak.report.plots import setting_label
 from fedleak.report.tables import (
     SettingSummary,
     client_failures,
+    diverged_runs,
     final_utility,
     row_diagnostics,
     setting_summaries,
@@ -100,8 +101,7 @@ def setting_verdicts(study: Study) -> list[SettingVerdict]:
                 & (utility["defense"] == defense)
                 & (utility["round"] == 0)
             ]
-            measured = set(start.loc[start["test_accuracy"].notna(), "run"])
-            lost = runs["test_accuracy"].isna() & runs.index.isin(measured)
+            lost = diverged_runs(runs, start)
             unmeasured = utility[
                 utility["run"].isin(runs.index[lost])
                 & (utility["round"] > 0)
