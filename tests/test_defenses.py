@@ -646,3 +646,16 @@ def test_a_plugin_defense_that_changes_the_update_is_refused_before_and_during_a
         check_defense("prune:0.5+sign", ModelSpec("mlp", (1, 2, 2), 3))  # built-ins: no work
     finally:
         DEFENSES.remove("test-broken")
+
+
+def test_noise_that_overflows_says_why_not_that_a_plugin_broke_its_contract() -> None:
+    """gauss:1e38 is within float32's range but overflows once added: the failure blamed a
+    plugin's contract on a built-in defense (audit BT D3)."""
+    from fedleak.defenses import DefenseOutputError
+
+    update = {"0.weight": torch.full((64, 64), 1e38)}
+    with pytest.raises(DefenseOutputError) as error:
+        parse_defense_spec("gauss:1e38").share(update, 1, torch.Generator().manual_seed(0))
+    message = str(error.value)
+    assert message.startswith("defense 'gauss:1e38' turned the finite '0.weight' into NaN")
+    assert "updates are float32" in message and "a defense returns every tensor" not in message

@@ -181,7 +181,7 @@ class DefenseOutputError(ValueError):
 def _same_form(step: Any, before: dict[str, Tensor], after: object) -> dict[str, Tensor]:
     """`after`, if it holds a tensor of the same shape under each key of `before`, finite
     where `before` was."""
-    problem = ""
+    problem, overflow = "", False
     if not isinstance(after, dict):
         problem = f"returned {type(after).__name__}, expected a dict of tensors"
     elif after.keys() != before.keys():
@@ -199,14 +199,19 @@ def _same_form(step: Any, before: dict[str, Tensor], after: object) -> dict[str,
             elif not bool(torch.isfinite(value).all()) and bool(torch.isfinite(before[key]).all()):
                 # No client's training sends NaN, and the global model would take it.
                 problem = f"turned the finite {key!r} into NaN or infinite values"
+                overflow = True
             if problem:
                 break
     if problem:
         name = getattr(step, "spec", None) or type(step).__name__
-        raise DefenseOutputError(
-            f"defense {name!r} {problem}; a defense returns every tensor of the update it is "
-            "given, under the same key, in the same shape and finite where it was"
+        rule = (
+            "its output must be finite where the update was (updates are float32: noise "
+            "within a few orders of its largest number, 3.4e38, overflows once added or summed)"
+            if overflow
+            else "a defense returns every tensor of the update it is given, under the same key, "
+            "in the same shape and finite where it was"
         )
+        raise DefenseOutputError(f"defense {name!r} {problem}; {rule}")
     return after  # type: ignore[return-value]
 
 
