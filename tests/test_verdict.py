@@ -11,7 +11,13 @@ import pandas as pd
 
 from fedleak.report.stats import Median, Rate
 from fedleak.report.tables import SettingSummary
-from fedleak.report.verdict import SettingVerdict, _floor_mark, _leak_key, _setting_sentence
+from fedleak.report.verdict import (
+    SettingVerdict,
+    _floor_mark,
+    _leak_key,
+    _rate,
+    _setting_sentence,
+)
 
 
 def _summary(attack: str, k: int, psnr: float, lpips: float, n: int = 192) -> SettingSummary:
@@ -403,6 +409,9 @@ def test_attacks_whose_every_run_diverged_are_not_ranked_as_leaking() -> None:
         "reconstructing nothing)."
     )
     assert "leaks most" not in sentence
+    # A text attack with nothing scored is not "undecided for want of LPIPS".
+    text = dataclasses.replace(lost["ig"], attack="tag", success=Rate(0, 0, 0.0, 1.0))
+    assert _rate(text) == "tag nothing scored"
     # One that still scored is ranked as before.
     scored = dataclasses.replace(setting, attacks=(_summary("ig", 3, 20.0, 0.1), lost["dlg"]))
     assert "ig leaks most" in _setting_sentence(scored, scored)

@@ -133,6 +133,8 @@ def _rate(s: SettingSummary) -> str:
     if s.tokens:
         return f"{s.attack} a median {s.token_acc.value:.3f} of the tokens"
     rate = s.success
+    if rate.n == 0 and _scored_nothing(s):  # a text attack whose every run diverged or failed
+        return f"{s.attack} nothing scored"
     if rate.n == 0:
         return f"{s.attack} (success not decided: {s.undecided})"
     return f"{s.attack} {rate.k}/{rate.n} ({100 * rate.value:.0f}%)"
