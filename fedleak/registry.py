@@ -28,7 +28,6 @@ from fedleak but `settings` and `lines`, so every room may use it.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 import importlib
 import importlib.metadata
@@ -39,7 +38,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
 from fedleak.lines import error_line
-from fedleak.settings import ConfigError, shown, shown_value
+from fedleak.settings import ConfigError, close_names, shown, shown_value
 
 log = logging.getLogger(__name__)
 
@@ -226,10 +225,9 @@ class Registry(Generic[E]):
     def closest(self, name: str) -> list[str]:
         """The registered names an unknown `name` was likely meant as (at most two): the same
         name in other capitals first, then the closest spellings."""
-        lowered = {known.lower(): known for known in self.names()}
-        if name.lower() in lowered:
-            return [lowered[name.lower()]]
-        return [lowered[m] for m in difflib.get_close_matches(name.lower(), lowered, n=2)]
+        names = self.names()
+        exact = [known for known in names if known.lower() == name.lower()]
+        return exact or close_names(name, names, 2)
 
     def __contains__(self, name: object) -> bool:
         if not isinstance(name, str):

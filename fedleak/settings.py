@@ -24,7 +24,7 @@ import difflib
 import functools
 import math
 import types
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -440,11 +440,16 @@ def _within(value: Any, rule: Rule) -> bool:
 
 
 # -- parsing ----------------------------------------------------------------------------------
+def close_names(name: str, known: Iterable[str], n: int) -> list[str]:
+    """Up to `n` of `known` closest to `name`, compared in lower case: names are lower case,
+    so `TRAIN.BATCH-SIZE` is as close to its key as `train.batch-size`."""
+    lowered = {known_name.lower(): known_name for known_name in known}
+    return [lowered[m] for m in difflib.get_close_matches(name.lower(), list(lowered), n=n)]
+
+
 def unknown(key: str, known: list[str], where: str = "") -> ConfigError:
     """The one-line error for a key nobody declared, with the closest known keys."""
-    # Keys are lower case: `TRAIN.BATCH-SIZE` is as close to its key as `train.batch-size`.
-    lowered = {name.lower(): name for name in known}
-    close = [lowered[m] for m in difflib.get_close_matches(key.lower(), list(lowered), n=3)]
+    close = close_names(key, known, 3)
     if close:
         hint = f"; did you mean {', '.join(close)}?"
     elif known and len(known) <= 40:

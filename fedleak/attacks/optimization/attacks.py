@@ -32,7 +32,7 @@ from fedleak.attacks.optimization.config import (
     StepwiseConfig,
     ig_tv_weight,
 )
-from fedleak.attacks.optimization.engine import Outcome, Settings, StepDecay, optimise
+from fedleak.attacks.optimization.engine import Lost, Outcome, Settings, StepDecay, optimise
 from fedleak.attacks.optimization.kernels import (
     cpu_convolutions,
     differentiable_attention,
@@ -438,32 +438,20 @@ def _finish(
     inputs = x.reshape(n * b, *problem.input_shape).clamp(low, high).detach().float().cpu()
     matching = outcome.matching.reshape(r, n)[best, pick]
     initial = outcome.initial.reshape(r, n)[best, pick]
-    # A target lost with no finite matching loss even at its start (a NaN update, a loss that
-    # overflows) holds its starting guess. When every target did, the run has no result: NaN
-    # makes it "nan" (otherwise the others are scored, these marked not converged).
-    never_finite = torch.isinf(matching) & ~torch.isfinite(initial)
-    lost = int(never_finite.sum())
-    if lost == n:
+    lost = Lost.of(matching, initial)
+    if lost.nothing:  # NaN makes the run "nan"; otherwise the others are scored
         inputs.fill_(math.nan)
     if problem.labels is not None:
         labels = problem.labels.reshape(r, n, b)[best, pick].reshape(-1)
     else:
         logits = outcome.variables[1].reshape(r, n, b, -1)[best, pick]
         labels = logits.argmax(dim=-1).reshape(-1)
-    diverged = int(torch.isinf(matching).sum())
-    message = f"matching={problem.matching.name}; stopped by {outcome.stopped_by}"
-    if lost:
-        message += (
-            f"; the matching loss of {lost} of {n} targets was never finite "
-            "(the update or its loss is not finite)"
-        )
-    if diverged > lost:
-        message += f"; {diverged} of {n} targets diverged (last finite iterate returned)"
+    message = f"matching={problem.matching.name}; stopped by {outcome.stopped_by}" + lost.note()
     finite = matching[torch.isfinite(matching)]
     diagnostics: dict[str, float | str] = {
         "matching_loss": float(finite.mean()) if finite.numel() else math.nan,
         "restarts": float(r),
-        "diverged_targets": float(diverged),
+        "diverged_targets": float(lost.diverged),
         "stopped_by": outcome.stopped_by,
         **problem.diagnostics,
         **extra,

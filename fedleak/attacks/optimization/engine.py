@@ -65,6 +65,44 @@ class Settings:
 
 
 @dataclass(frozen=True)
+class Lost:
+    """How a run's kept targets ended: `diverged` targets went non-finite (their last finite
+    iterate is returned), `never_finite` of them had no finite matching loss even at the start
+    (a NaN update, a loss that overflows): those hold their starting guess, not a result."""
+
+    diverged: int
+    never_finite: int
+    targets: int
+
+    @classmethod
+    def of(cls, matching: Tensor, initial: Tensor) -> Lost:
+        """From the kept targets' final and starting matching losses (+inf where lost)."""
+        lost = torch.isinf(matching)
+        never = lost & ~torch.isfinite(initial)
+        return cls(int(lost.sum()), int(never.sum()), len(matching))
+
+    @property
+    def nothing(self) -> bool:
+        """Every target never had a finite loss: the run has no result."""
+        return self.never_finite == self.targets
+
+    def note(self) -> str:
+        """What the run's message adds ('' when nothing was lost)."""
+        note = ""
+        if self.never_finite:
+            note += (
+                f"; the matching loss of {self.never_finite} of {self.targets} targets was never "
+                "finite (the update or its loss is not finite)"
+            )
+        if self.diverged > self.never_finite:
+            note += (
+                f"; {self.diverged} of {self.targets} targets diverged (last finite iterate "
+                "returned)"
+            )
+        return note
+
+
+@dataclass(frozen=True)
 class Outcome:
     """The optimised variables (detached, the last finite iterate for diverged problems), the
     final matching loss per problem (+inf where diverged), the matching loss of the starting

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fedleak.attacks.optimization.engine import Settings, optimise
+from fedleak.attacks.optimization.engine import Lost, Settings, optimise
 from fedleak.attacks.optimization.kernels import differentiable_attention
 from fedleak.attacks.optimization.losses import tanh_mean, with_dp_clip
 from fedleak.attacks.optimization.replay import Replay, observed_updates
@@ -363,33 +363,25 @@ class TAG:
             loss_final = torch.where(torch.isfinite(kept), hard_loss(tokens), kept)
             loss_start = hard_loss(kept_tokens([embeddings, logits]))
         tokens = tokens.reshape(targets * samples, length)
-        diverged = int(torch.isinf(kept).sum())
-        # As for images: lost with no finite loss even at the start (a NaN update), a target's
-        # tokens are read from its random start; when all are, the run has no result.
-        initial = outcome.initial.reshape(restarts, targets)[best, pick]
-        lost = int((torch.isinf(kept) & ~torch.isfinite(initial)).sum())
+        # As for images: a target with no finite loss even at the start (a NaN update) has its
+        # tokens read from its random start; when all are, the run has no result.
+        lost = Lost.of(kept, outcome.initial.reshape(restarts, targets)[best, pick])
         finite = kept[torch.isfinite(kept)]
         message = f"matching={loss.name}; stopped by {outcome.stopped_by}"
         if not judged:
             message += "; convergence not judged (a sign hinge's fall does not mark a fit)"
-        if lost:
-            message += (
-                f"; the matching loss of {lost} of {targets} targets was never finite "
-                "(the update or its loss is not finite)"
-            )
-        if diverged > lost:
-            message += f"; {diverged} of {targets} targets diverged (last finite iterate returned)"
+        message += lost.note()
         return Reconstruction(
             inputs=tokens.cpu(),
             labels=None,
             iterations=outcome.iterations,
             seconds=outcome.seconds,
-            status="nan" if lost == targets else "ok",
+            status="nan" if lost.nothing else "ok",
             message=message,
             diagnostics={
                 "matching_loss": float(finite.mean()) if finite.numel() else math.nan,
                 "restarts": float(restarts),
-                "diverged_targets": float(diverged),
+                "diverged_targets": float(lost.diverged),
                 "tag_scale": cfg.tag_scale,
                 **adaptation,
             },
