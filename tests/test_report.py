@@ -28,7 +28,13 @@ from fedleak.metrics.image import psnr as psnr_of
 from fedleak.report.build import _attacked_rounds, _frontier_points, build_report
 from fedleak.report.collect import load_study
 from fedleak.report.rundir import RunDirectory, RunDirectoryError, lpips_column
-from fedleak.report.stats import SUCCESS_FRACTION, mean_ci, median_interval, order_rank
+from fedleak.report.stats import (
+    SUCCESS_FRACTION,
+    format_ci,
+    mean_ci,
+    median_interval,
+    order_rank,
+)
 from fedleak.report.tables import Metric, originals, scored, strongest, summary_table
 from fedleak.report.verdict import headline
 from fedleak.simulations.cli import _headline, main
@@ -267,6 +273,17 @@ def test_mean_ci_is_the_student_t_interval() -> None:
     low, high = stats.t.interval(0.95, 3, loc=values.mean(), scale=stats.sem(values))
     assert (n, mean) == (4, 3.5) and half == pytest.approx((high - low) / 2)
     assert mean_ci(np.array([5.0, np.nan]))[1:] == (pytest.approx(np.nan, nan_ok=True), 1)
+
+
+def test_a_mean_interval_past_its_measures_range_is_cut_to_it() -> None:
+    """Two seeds' accuracies read "0.081 ± 0.241" and LPIPS "0.054 ± 0.056": intervals that
+    claim a mean below 0 is plausible (audit BL2)."""
+    mean, half, _ = mean_ci(np.array([0.0, 0.162]))
+    assert format_ci(mean, half, 3) == f"0.081 ± {half:.3f}"
+    assert format_ci(mean, half, 3, 0.0, 1.0) == "0.081 [0.000, 1.000]"
+    assert format_ci(0.9, 0.2, 2, 0.0, 1.0) == "0.90 [0.70, 1.00]"
+    assert format_ci(0.5, 0.1, 2, 0.0, 1.0) == "0.50 ± 0.10"  # inside: as before
+    assert format_ci(0.5, math.nan, 2, 0.0, 1.0) == "0.50"
 
 
 def test_strongest_is_marked_only_between_separate_intervals() -> None:
@@ -642,6 +659,25 @@ def test_a_model_whose_test_loss_stops_being_finite_is_called_diverged(tmp_path:
         "accuracy 0.110), so the updates attacked since it did" in verdict(study)
     )
     assert "accuracy 0.110 -> diverged" in headline(study)[-1]
+
+
+def test_the_utility_table_cuts_a_wide_interval_to_the_accuracy_range(tmp_path: Path) -> None:
+    from fedleak.report.tables import CUT_NOTE, utility_table
+
+    sweep = tmp_path / "sweep"
+    cells = [f"cell-00{seed}-none_seed{seed}" for seed in range(2)]
+    for seed, (cell, accuracy) in enumerate(zip(cells, (0.0, 0.162), strict=True)):
+        _make_run(sweep / cell, rounds=2, seed=seed)
+        utility = pd.read_csv(sweep / cell / "utility.csv")
+        utility.loc[utility["round"] == 2, "test_accuracy"] = accuracy
+        utility.to_csv(sweep / cell / "utility.csv", index=False)
+    manifest = [{"id": cell, "index": i, "status": "done"} for i, cell in enumerate(cells)]
+    (sweep / "sweep.json").write_text(json.dumps({"name": "seeds", "cells": manifest}))
+    table = utility_table(load_study(sweep))
+    assert [row[table.columns.index("final accuracy")].text for row in table.rows] == [
+        "0.081 [0.000, 1.000]"
+    ]
+    assert CUT_NOTE in table.caption
 
 
 def test_poisson_sampling_is_a_defense_column_not_a_group(tmp_path: Path) -> None:

@@ -33,6 +33,7 @@ from fedleak.report.stats import (
     format_ci,
     mean_ci,
     median_interval,
+    passes_range,
     success_rate,
     successes,
     unmatched,
@@ -522,6 +523,17 @@ def _unfinished_runs(leakage: pd.DataFrame) -> pd.DataFrame:
     return runs[runs["status"] != "ok"]
 
 
+# The ranges the means' t-intervals are cut to (`format_ci`).
+LPIPS_RANGE = (0.0, math.inf)
+ACCURACY_RANGE = (0.0, 1.0)
+LOSS_RANGE = (0.0, math.inf)
+PERPLEXITY_RANGE = (1.0, math.inf)
+CUT_NOTE = (
+    " A mean's t-interval that passes the measure's range (few runs make it wide) is cut to "
+    "that range and shown in brackets."
+)
+
+
 LEFT_OUT = "‡"
 LEFT_OUT_NOTE = (
     f" {LEFT_OUT}: some of the attack's runs failed or diverged (see Failed attack runs). A "
@@ -559,6 +571,7 @@ def summary_table(study: Study) -> Table:
     grouped = study.groups() != [""]
     flags = any(s.not_converged for s in summaries)
     left_out = any(s.left_out or s.diverged for s in summaries)
+    cut = any(passes_range(*s.lpips_mean[:2], *LPIPS_RANGE) for s in summaries)
     body = []
     for s in summaries:
         head = [Cell(s.group)] if grouped else []
@@ -570,7 +583,7 @@ def summary_table(study: Study) -> Table:
             Cell("–" if s.reference else ("not decided" if s.undecided else s.success.text())),
             Cell(s.psnr.text(2)),
             Cell(s.lpips.text(3)),
-            Cell(format_ci(s.lpips_mean[0], s.lpips_mean[1], 3)),
+            Cell(format_ci(*s.lpips_mean[:2], 3, *LPIPS_RANGE)),
         ]
         if flags:
             row.append(_convergence_cell(s))
@@ -597,6 +610,7 @@ def summary_table(study: Study) -> Table:
         "exact 95% interval in brackets. Medians with their 95% order-statistic interval "
         "(the sample range for n < 6). The mean is given for LPIPS, which is bounded; PSNR's "
         "mean is not, because exact reconstructions (80+ dB) dominate it."
+        + (CUT_NOTE if cut else "")
         + (CONVERGENCE_NOTE if flags else "")
         + (LEFT_OUT_NOTE if left_out else "")
         + _unmatched_note(summaries),
@@ -606,6 +620,7 @@ def summary_table(study: Study) -> Table:
 def _text_summary_table(summaries: list[SettingSummary], grouped: bool) -> Table:
     flags = any(s.not_converged for s in summaries)
     left_out = any(s.left_out or s.diverged for s in summaries)
+    cut = any(passes_range(*s.token_acc_mean[:2], *ACCURACY_RANGE) for s in summaries)
     body = []
     for s in summaries:
         head = [Cell(s.group)] if grouped else []
@@ -615,7 +630,7 @@ def _text_summary_table(summaries: list[SettingSummary], grouped: bool) -> Table
             Cell(attack_label(s.attack, s.reference)),
             _count_cell(s.token_acc.n, s),
             Cell(s.token_acc.text(3)),
-            Cell(format_ci(s.token_acc_mean[0], s.token_acc_mean[1], 3)),
+            Cell(format_ci(*s.token_acc_mean[:2], 3, *ACCURACY_RANGE)),
             Cell(s.rougeL.text(3)),
         ]
         if flags:
@@ -636,6 +651,7 @@ def _text_summary_table(summaries: list[SettingSummary], grouped: bool) -> Table
         caption="Against the private sequences. n: scored sequences. Token accuracy: the "
         "share of positions recovered; medians with their 95% order-statistic interval (the "
         "sample range for n < 6); the mean, bounded, with its Student-t interval."
+        + (CUT_NOTE if cut else "")
         + (CONVERGENCE_NOTE if flags else "")
         + (LEFT_OUT_NOTE if left_out else "")
         + _unmatched_note(summaries),
@@ -659,13 +675,22 @@ def diverged_runs(final: pd.DataFrame, initial: pd.DataFrame) -> pd.Series:
     return final["test_accuracy"].isna() & final.index.isin(measured)
 
 
-def _final_accuracy(runs: pd.DataFrame, start: pd.DataFrame) -> str:
-    """Mean ± t over the runs measured at their end, and how many diverged (left out)."""
+def _mean_text(
+    values: pd.Series, digits: int, value_range: tuple[float, float]
+) -> tuple[str, bool]:
+    """The values' mean ± t (`format_ci`), and whether its interval was cut to the range."""
+    mean, half, _ = mean_ci(values)
+    return format_ci(mean, half, digits, *value_range), passes_range(mean, half, *value_range)
+
+
+def _final_accuracy(runs: pd.DataFrame, start: pd.DataFrame) -> tuple[str, bool]:
+    """Mean ± t over the runs measured at their end, and how many diverged (left out); and
+    whether the interval was cut to the range."""
     lost = int(diverged_runs(runs, start).sum())
     if lost and lost == len(runs):
-        return "diverged"
-    shown = format_ci(*mean_ci(runs["test_accuracy"])[:2], 3)
-    return f"{shown} ({lost} diverged)" if lost else shown
+        return "diverged", False
+    shown, cut = _mean_text(runs["test_accuracy"], 3, ACCURACY_RANGE)
+    return (f"{shown} ({lost} diverged)" if lost else shown), cut
 
 
 def utility_table(study: Study) -> Table:
@@ -678,20 +703,25 @@ def utility_table(study: Study) -> Table:
     language = "tokens" in study.modalities
     modality = {run.name: run.modality for run in study.runs}
     body = []
+    cut = False
     for group in study.groups():
         for defense in study.defenses():
             runs = final[(final["group"] == group) & (final["defense"] == defense)]
             if runs.empty:
                 continue
+            start = initial[(initial["group"] == group) & (initial["defense"] == defense)]
+            means = [
+                _mean_text(start["test_accuracy"], 3, ACCURACY_RANGE),
+                _final_accuracy(runs, start),
+                _mean_text(runs["test_loss"], 3, LOSS_RANGE),
+            ]
             # A language model's usual measure: e to the mean next-token cross-entropy (none
             # for an image setting of a sweep that also holds text).
-            text = all(modality.get(name) == "tokens" for name in runs.index)
-            perplexity = (
-                (Cell(format_ci(*mean_ci(np.exp(runs["test_loss"]))[:2], 1) if text else "–"),)
-                if language
-                else ()
-            )
-            start = initial[(initial["group"] == group) & (initial["defense"] == defense)]
+            if language and all(modality.get(name) == "tokens" for name in runs.index):
+                means.append(_mean_text(np.exp(runs["test_loss"]), 1, PERPLEXITY_RANGE))
+            elif language:
+                means.append(("–", False))
+            cut = cut or any(passes for _, passes in means)
             epsilons = [runs["epsilon"].dropna()]
             if central:
                 epsilons.append(runs["central_epsilon"].dropna())
@@ -699,10 +729,7 @@ def utility_table(study: Study) -> Table:
                 (
                     Cell(group or "–"),
                     Cell(defense),
-                    Cell(format_ci(*mean_ci(start["test_accuracy"])[:2], 3)),
-                    Cell(_final_accuracy(runs, start)),
-                    Cell(format_ci(*mean_ci(runs["test_loss"])[:2], 3)),
-                    *perplexity,
+                    *(Cell(text) for text, _ in means),
                     # The largest: a guarantee holds only where every run meets it.
                     *(Cell(f"{eps.max():.2f}" if len(eps) else "–") for eps in epsilons),
                     Cell(", ".join(str(int(r)) for r in sorted(set(runs["round"])))),
@@ -730,6 +757,7 @@ def utility_table(study: Study) -> Table:
         "with several. ε: example-level, DP-SGD on the clients, the worst client's; central "
         "ε: client-level, central DP on the released model, which does not bound what the "
         f"server saw; both at {delta}, the largest over a setting's runs."
+        + (CUT_NOTE if cut else "")
         + _no_epsilon_note(study)
         + (
             " For a language model, accuracy is next-token accuracy, loss the mean "
