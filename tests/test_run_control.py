@@ -4,6 +4,7 @@ every finished round, and the command it prints resumes the run to the end."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -164,6 +165,11 @@ ray.shutdown()
 """
 
 
+# As `fedleak` sets it (without --verbose) before Ray is imported; set here, not inherited from
+# an earlier test that ran the command line in this process.
+RAY_ENVIRONMENT = {**os.environ, "RAY_DISABLE_FAILURE_SIGNAL_HANDLER": "1"}
+
+
 def test_a_sigterm_after_ray_started_is_a_stop_request() -> None:
     """Ray's driver registers a SIGTERM handler that raises SystemExit wherever the main thread
     is (and in Flower's engine that races Ray's shutdown against its worker threads, seen as
@@ -174,6 +180,7 @@ def test_a_sigterm_after_ray_started_is_a_stop_request() -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env=RAY_ENVIRONMENT,
     )
     try:
         assert run.stdout is not None
@@ -186,6 +193,41 @@ def test_a_sigterm_after_ray_started_is_a_stop_request() -> None:
     assert run.returncode == 0, err
     assert out.strip() == "stop requested"
     assert "stopping at the next safe point" in err
+
+
+def _gcs_started(pid: int) -> bool:
+    """Whether `pid` has started Ray's GCS server (the first of Ray's node processes)."""
+    for child in children(pid):
+        with contextlib.suppress(OSError):
+            if b"gcs_server" in Path(f"/proc/{child}/cmdline").read_bytes():
+                return True
+    return False
+
+
+def test_a_sigterm_to_the_process_group_while_ray_starts_is_a_stop_request() -> None:
+    """`kill -- -PGID` (a shell's job control, a CI runner) while Ray was starting killed its
+    GCS with the driver's group: the driver then waited 60 s and exited 1 with Ray's message
+    (audit BJ1). Ray's node processes now run in a session of their own."""
+    run = subprocess.Popen(
+        [sys.executable, "-c", SIGTERM_AFTER_RAY_STARTS],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=RAY_ENVIRONMENT,
+        start_new_session=True,
+    )
+    try:
+        _wait_for(lambda: _gcs_started(run.pid), 60, "Ray's GCS server to start")
+        ray_processes = children(run.pid)
+        os.killpg(run.pid, signal.SIGTERM)
+        out, err = run.communicate(timeout=45)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    assert run.returncode == 0, err
+    assert out.splitlines() == ["started", "stop requested"]
+    assert "GCS" not in err, err
+    _wait_for(lambda: all(ended(pid) for pid in ray_processes), 30, "Ray's processes to end")
 
 
 DOUBLE_CTRL_C = """

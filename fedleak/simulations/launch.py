@@ -260,6 +260,12 @@ def _stop_on_first_signal(resume: str | None = None) -> Iterator[None]:
     run reports. While inside, that registration is skipped, so SIGTERM stays a stop at the
     next safe point, after which the engine ends with no thread waiting on Ray.
 
+    A scheduler or `timeout` that ends a job signals its whole process group, which also held
+    Ray's node processes: killed while Ray was starting, they left the driver waiting 60 s for
+    them and exiting with Ray's own message. While inside, Ray starts them in a session of their
+    own where the kernel ends them with their parent (`_ray_in_own_session`), so the group's
+    SIGTERM reaches the driver alone and stops the run like any other.
+
     Only the main thread may install signal handlers; elsewhere (a sweep's worker thread, a
     notebook's executor) Python's default handling stays.
     """
@@ -287,12 +293,37 @@ def _stop_on_first_signal(resume: str | None = None) -> Iterator[None]:
     registration = ray_utils.set_sigterm_handler
     ray_utils.set_sigterm_handler = _keep_sigterm_handler
     try:
-        yield
+        with _ray_in_own_session():
+            yield
     finally:
         ray_utils.set_sigterm_handler = registration
         for number, before in previous.items():
             signal.signal(number, before)
         clear_stop()
+
+
+@contextlib.contextmanager
+def _ray_in_own_session() -> Iterator[None]:
+    """Ray's node processes started in a new session, where Linux's fate-sharing (they are
+    killed when their parent dies) keeps them from outliving the driver; Ray does the same with
+    process groups on Windows. Without fate-sharing they stay in the caller's group, where
+    Ray's reaper finds them."""
+    services = ray._private.services
+    if not sys.platform.startswith("linux") or not ray._private.utils.detect_fate_sharing_support():
+        yield
+        return
+    popen = services.ConsolePopen
+
+    class OwnSessionPopen(popen):  # type: ignore[misc,valid-type]
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            kwargs["start_new_session"] = True
+            super().__init__(*args, **kwargs)
+
+    services.ConsolePopen = OwnSessionPopen
+    try:
+        yield
+    finally:
+        services.ConsolePopen = popen
 
 
 def _keep_sigterm_handler(_handler: object) -> None:
