@@ -325,6 +325,27 @@ def test_an_engine_failure_is_told_by_the_runs_reason(
     )
 
 
+def test_a_run_that_raised_anything_is_marked_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plug-in's AttributeError ended `fedleak run` with exit 1 and a folder that the report
+    read as "stopped after round 0" (audit BU1): any error that ends a run marks it FAILED."""
+
+    def plug_in_bug(config: RunConfig, *args: object) -> None:
+        RunDirectory.create(Path(config.out_dir), config, {})
+        raise AttributeError("'list' object has no attribute 'detach'")
+
+    monkeypatch.setattr(launch, "simulate", plug_in_bug)
+    monkeypatch.setattr(launch, "validate_run", lambda *args: None)
+    monkeypatch.setattr(launch, "ray_init_args", lambda *args: {})
+    config = parse_flat({"out-dir": str(tmp_path / "run")})
+    with pytest.raises(AttributeError):
+        launch.run_study(config, num_clients=2)
+    run = RunDirectory.open(tmp_path / "run")
+    assert run.failed_reason() == "AttributeError: 'list' object has no attribute 'detach'"
+    assert not (tmp_path / "run" / "DONE").exists()
+
+
 def test_a_crashed_engine_ends_the_server_thread_and_frees_the_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

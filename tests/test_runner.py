@@ -161,6 +161,9 @@ def test_an_attack_that_returns_no_reconstruction_fails_alone_and_images_are_sco
         "bare": Returns(torch.rand(2, 1, 4, 4)),
         "scaled": Returns(scaled),
         "labels": Returns(Reconstruction(inputs=torch.rand(2, 1, 4, 4), labels=torch.zeros(5))),
+        # Crashed the whole run with "'list' object has no attribute 'detach'" (audit BU1).
+        "listed": Returns(Reconstruction(inputs=torch.rand(2, 1, 4, 4), labels=[0, 1])),  # type: ignore[arg-type]
+        "array": Returns(Reconstruction(inputs=torch.rand(2, 1, 4, 4).numpy(), labels=None)),  # type: ignore[arg-type]
         "aux-mean": AuxMeanBaseline(),
     }
     runner = InlineRunner(attacks, _knowledge(), Budget(10, 5.0))
@@ -173,6 +176,9 @@ def test_an_attack_that_returns_no_reconstruction_fails_alone_and_images_are_sco
     assert "clamped to [0, 1] for scoring" in results["scaled"].message
     assert results["labels"].status == "failed"
     assert results["labels"].message == "labels of shape (5,), expected (2,)"
+    assert results["listed"].status == results["array"].status == "failed"
+    assert results["listed"].message == "the attack's labels is a list, not a tensor"
+    assert results["array"].message == "the attack's inputs is a ndarray, not a tensor"
     assert results["aux-mean"].status == "ok" and results["aux-mean"].message == ""
 
 

@@ -55,6 +55,11 @@ def checked(
         return failed_reconstruction(
             f"the attack returned {type(reconstruction).__name__}, not a Reconstruction", seconds
         )
+    for name in ("inputs", "labels", "loss_start", "loss_final"):
+        value = getattr(reconstruction, name)
+        if not isinstance(value, torch.Tensor) and (name == "inputs" or value is not None):
+            kind = type(value).__name__
+            return failed_reconstruction(f"the attack's {name} is a {kind}, not a tensor", seconds)
     inputs = reconstruction.inputs.detach().cpu()
     status, message = "ok", reconstruction.message
     if inputs.is_floating_point():

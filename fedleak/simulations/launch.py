@@ -115,10 +115,14 @@ def run_study(
             raise StudyInterrupted(out, _finished(out), config.num_server_rounds) from None
         except RuntimeError as error:
             if type(error) is not RuntimeError:  # fedleak's own, which say what happened
+                _marked_failed(out, error_line(error))
                 raise
             raise StudyFailed(
                 _marked_failed(out, _engine_stopped(out, error, client_gpus))
             ) from error
+        except Exception as error:  # a plug-in's bug, or fedleak's: the run still failed
+            _marked_failed(out, error_line(error))
+            raise
     done = _finished(out)
     if done < config.num_server_rounds:
         raise StudyFailed(
