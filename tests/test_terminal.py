@@ -80,3 +80,13 @@ def test_a_study_piped_into_a_reader_that_stops_runs_to_its_end(tmp_path: Path) 
     assert first.startswith(b"fedleak: run directory")
     assert (out / "DONE").exists() and not (out / "FAILED").exists()
     assert "Traceback" not in error and "error" not in error
+
+
+def test_the_guarded_stream_is_closed_when_its_stream_is() -> None:
+    """Ray's colorama hook asks `closed` before `isatty` at exit; the guard answered False for
+    a closed stream, and isatty then raised "I/O operation on closed file"."""
+    stream = io.StringIO()
+    guarded = OutlivedStream(stream)
+    assert not guarded.closed
+    stream.close()
+    assert guarded.closed

@@ -55,6 +55,11 @@ class OutlivedStream(io.TextIOBase):
     def isatty(self) -> bool:
         return self._stream.isatty()
 
+    @property
+    def closed(self) -> bool:  # type: ignore[override]
+        # The stream's own: colorama's exit hook (Ray's) asks before it calls isatty.
+        return self._stream.closed
+
     def writable(self) -> bool:
         return True
 
