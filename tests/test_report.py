@@ -275,6 +275,45 @@ def test_mean_ci_is_the_student_t_interval() -> None:
     assert mean_ci(np.array([5.0, np.nan]))[1:] == (pytest.approx(np.nan, nan_ok=True), 1)
 
 
+def test_an_attack_is_not_bolded_above_the_floor_on_samples_the_floor_also_scored() -> None:
+    """An attack that returned the floor's own image, whose failed runs left it the 12 easier
+    of 24 samples, was bolded as leaking most: its median beat the floor's over all 24 (audit
+    BW1). The floor is compared on the samples the attack scored."""
+    from fedleak.report.tables import leakage_table
+
+    psnr = Metric("psnr", "PSNR", True, 2)
+    floor = np.arange(24, dtype=float)  # the floor's PSNR of the 24 samples, 0 to 23 dB
+    frames = []
+    for attack, reference, samples, values in (
+        ("aux-mean", True, np.arange(24), floor),
+        ("copy", False, np.arange(12, 24), floor[12:]),  # the floor's image, easy samples only
+        ("weak", False, np.arange(24), floor - 100.0),
+    ):
+        frames.append(
+            pd.DataFrame(
+                {
+                    "group": "",
+                    "attack": attack,
+                    "defense": "none",
+                    "reference": reference,
+                    "training": "t",
+                    "run": "r",
+                    "round": 1,
+                    "client_id": samples // 4,
+                    "target_index": samples % 4,
+                    "scored_against": "original",
+                    "psnr": values,
+                }
+            )
+        )
+    table = leakage_table(pd.concat(frames, ignore_index=True), psnr, ["none"], [""], "")
+    assert not any(cell.bold for row in table.rows for cell in row)
+    # Beating the floor on its own samples still marks it.
+    frames[1]["psnr"] += 1.0
+    table = leakage_table(pd.concat(frames, ignore_index=True), psnr, ["none"], [""], "")
+    assert [row[0].text for row in table.rows if row[1].bold] == ["copy"]
+
+
 def test_a_mean_interval_past_its_measures_range_is_cut_to_it() -> None:
     """Two seeds' accuracies read "0.081 ± 0.241" and LPIPS "0.054 ± 0.056": intervals that
     claim a mean below 0 is plausible (audit BL2)."""
@@ -295,8 +334,9 @@ def test_strongest_is_marked_only_between_separate_intervals() -> None:
     assert strongest({"ig": apart["ig"]}, psnr) is None  # nothing to be stronger than
     # Behind the floor: the best attack leaks nothing worth marking (the verdict says so).
     floor = {"aux-mean": median_interval(np.arange(40.0, 50.0))}
-    assert strongest(apart, psnr, floor) is None
-    assert strongest(apart, psnr, {"aux-mean": median_interval(np.arange(20.0, 30.0))}) == "ig"
+    assert strongest(apart, psnr, lambda _: floor) is None
+    behind = {"aux-mean": median_interval(np.arange(20.0, 30.0))}
+    assert strongest(apart, psnr, lambda _: behind) == "ig"
 
 
 def test_run_tables_match_the_parquet(run_report: Path) -> None:

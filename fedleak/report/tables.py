@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,7 @@ from fedleak.report.stats import (
     Median,
     Rate,
     finite,
+    floor_values,
     format_ci,
     mean_ci,
     median_interval,
@@ -186,10 +188,13 @@ def _convergence_cell(summary: SettingSummary) -> Cell:
 def strongest(
     cells: Mapping[str, Median | Rate],
     metric: Metric,
-    floors: Mapping[str, Median | Rate] | None = None,
+    floors: Callable[[str], Mapping[str, Median | Rate]] | None = None,
 ) -> str | None:
     """The attack whose median leaks most, if its interval overlaps no other attack's and its
-    median leaks more than every floor's (an attack behind a floor leaks nothing to mark)."""
+    median leaks more than every floor's (an attack behind a floor leaks nothing to mark).
+    `floors(attack)`: each floor's summary on the samples that attack scored, so that an
+    attack whose failed runs left it the easier samples is not ranked above a floor that
+    scored them all."""
     present = {a: m for a, m in cells.items() if m.n > 0}
     if len(present) < 2:
         return None
@@ -197,10 +202,28 @@ def strongest(
     best = pick(present, key=lambda a: present[a].value)
     if any(present[best].overlaps(m) for a, m in present.items() if a != best):
         return None
-    for floor in (floors or {}).values():
+    for floor in (floors(best) if floors else {}).values():
         if floor.n > 0 and pick(present[best].value, floor.value) == floor.value:
             return None
     return best
+
+
+def _paired_floors(
+    cells: Mapping[tuple[str, str], pd.DataFrame],
+    floors: list[str],
+    defense: str,
+    metric: Metric,
+    attack: str,
+) -> dict[str, Median | Rate]:
+    """Each floor's summary over the private samples `attack` scored under `defense`
+    (`floor_values`; `cells`: rows by attack and defense)."""
+    attack_rows = cells[attack, defense]
+    out: dict[str, Median | Rate] = {}
+    for floor in floors:
+        both = pd.concat([attack_rows, cells[floor, defense]])
+        paired = floor_values(both, metric.column, metric.higher_is_better, attacks=(floor,))
+        out[floor] = _summarise(paired.iloc[: len(attack_rows)], metric)
+    return out
 
 
 def _cell_text(summary: Median | Rate, digits: int, flagged: int) -> str:
@@ -237,7 +260,7 @@ def leakage_table(
             d: strongest(
                 {a: medians[a, d] for a, ref in order if not ref},
                 metric,
-                {a: medians[a, d] for a, ref in order if ref},
+                partial(_paired_floors, cells, [a for a, ref in order if ref], d, metric),
             )
             for d in columns
         }
