@@ -52,6 +52,30 @@ def test_an_exact_attack_leads_a_blurry_one_with_a_higher_success_rate() -> None
     assert "; lti 188/192 (98%), median PSNR 15.08 dB, LPIPS 0.146." in sentence
 
 
+def test_a_leader_whose_interval_overlaps_the_next_attacks_is_said_not_told_apart() -> None:
+    """ "gradinversion leaks most (closest by median LPIPS)" stood beside LPIPS intervals
+    [0.001, 0.471] and [0.016, 0.316], which the tables rightly did not bold (audit BW2)."""
+    close = dataclasses.replace(
+        _summary("gradinversion", 4, 18.0, 0.10, n=8), lpips=Median(0.10, 0.001, 0.471, 8, 0.93)
+    )
+    near = dataclasses.replace(
+        _summary("ig", 3, 17.0, 0.12, n=8), lpips=Median(0.12, 0.016, 0.316, 8, 0.93)
+    )
+    far = dataclasses.replace(
+        _summary("dlg", 0, 9.0, 0.6, n=8), lpips=Median(0.6, 0.55, 0.7, 8, 0.93)
+    )
+    floor = _summary("aux-mean", 0, 12.0, 0.5, n=8)
+    setting = SettingVerdict("", "none", (close, near, far), floor, 0.1, 0.4, (1,))
+    assert _setting_sentence(setting, None).startswith(
+        "Without a defense, gradinversion leaks most (closest by median LPIPS, not told apart "
+        "from ig: their 95% intervals overlap): it reconstructed"
+    )
+    apart = SettingVerdict("", "none", (close, far), floor, 0.1, 0.4, (1,))
+    assert "gradinversion leaks most (closest by median LPIPS): it" in _setting_sentence(
+        apart, None
+    )
+
+
 def test_without_lpips_psnr_ranks_and_success_breaks_ties() -> None:
     a = _summary("a", 10, 20.0, math.nan)
     b = _summary("b", 12, 25.0, math.nan)
@@ -107,7 +131,12 @@ def test_an_attack_that_did_not_converge_is_no_evidence_for_the_defense() -> Non
 
 def test_a_leader_that_did_not_converge_may_leak_more() -> None:
     # text-quickstart: TAG's loss fell 3-5x in its 300 iterations, yet it leads.
-    tag = dataclasses.replace(_text_summary("tag", 0.812, 0.805), not_converged=8, attack_runs=8)
+    tag = dataclasses.replace(
+        _text_summary("tag", 0.812, 0.805),
+        not_converged=8,
+        attack_runs=8,
+        token_acc=Median(0.812, 0.75, 0.875, 8, 0.93),
+    )
     lti_p = _text_summary("lti-p", 0.219, 0.211)
     floor = _text_summary("aux-frequency", 0.0, 0.031)
     setting = SettingVerdict("", "none", (tag, lti_p), floor, 0.005, 0.006, (2,))

@@ -14,6 +14,7 @@ import pandas as pd
 
 from fedleak.report.collect import RunRecord, Study
 from fedleak.report.plots import setting_label
+from fedleak.report.stats import Median, Rate
 from fedleak.report.tables import (
     SettingSummary,
     client_failures,
@@ -290,6 +291,27 @@ def _ranked_by(s: SettingSummary) -> str:
     return "highest median PSNR" if s.psnr.n else "highest success rate"
 
 
+def _ranked_measure(s: SettingSummary) -> Median | Rate:
+    """The summary `_ranked_by` names, with its interval."""
+    if s.tokens:
+        return s.token_acc
+    if s.lpips.n and math.isfinite(s.lpips.value):
+        return s.lpips
+    return s.psnr if s.psnr.n else s.success
+
+
+def _not_told_apart(leader: SettingSummary, others: tuple[SettingSummary, ...]) -> list[str]:
+    """The other attacks whose interval on the leader's measure overlaps the leader's: the
+    order between them is a point estimate's (or, on equal values, the names')."""
+    measure = _ranked_measure(leader)
+    out = []
+    for other in others:
+        theirs = _ranked_measure(other)
+        if type(theirs) is type(measure) and theirs.n and measure.overlaps(theirs):  # type: ignore[arg-type]
+            out.append(other.attack)
+    return out
+
+
 def _accuracy(value: float) -> str:
     return "–" if math.isnan(value) else f"{value:.3f}"
 
@@ -337,6 +359,12 @@ def _setting_sentence(v: SettingVerdict, baseline: SettingVerdict | None) -> str
             )
         else:
             ranked = f" ({_ranked_by(leader)})" if len(v.attacks) > 1 else ""
+            alike = _not_told_apart(leader, v.attacks[1:])
+            if alike:
+                ranked = (
+                    f" ({_ranked_by(leader)}, not told apart from {', '.join(alike)}: their "
+                    "95% intervals overlap)"
+                )
             text = f"{where}, {leader.attack} leaks most{ranked}: it {reconstructed}"
             if floor is not None:
                 text += f" against the {floor.attack} floor's {_scores(floor)}"
