@@ -25,7 +25,7 @@ import math
 import numbers
 import time
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -230,7 +230,32 @@ def _output_shape(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, 
         raise ConfigError(
             f"input_shape={input_shape}: the model cannot take one input of that shape ({reason})"
         ) from None
+    if not isinstance(out, torch.Tensor):
+        raise ConfigError(
+            f"model: its forward returns a {type(out).__name__}; the attacks replay a "
+            "classifier whose forward returns the logits tensor (wrap the model so that it "
+            "does, e.g. returning the first element)"
+        )
     return tuple(out.shape)
+
+
+def _by_name(what: str, tensors: object, names: list[str]) -> dict[str, torch.Tensor]:
+    """`tensors` as name -> tensor: a mapping as given, any other collection (a tuple is what
+    `torch.func` returns for a tuple of parameters) in model.parameters() order."""
+    if isinstance(tensors, Mapping):
+        return dict(tensors)
+    if isinstance(tensors, torch.Tensor) or not isinstance(tensors, Iterable):
+        raise ConfigError(
+            f"{what}: a {type(tensors).__name__}; pass a name -> tensor mapping or one tensor "
+            "per parameter in model.parameters() order"
+        )
+    tensors = list(tensors)
+    if len(tensors) != len(names):
+        raise ConfigError(
+            f"{what}: {len(tensors)} tensors for the model's {len(names)} parameters; pass "
+            "one per parameter in model.parameters() order, or a name -> tensor mapping"
+        )
+    return dict(zip(names, tensors, strict=True))
 
 
 def _number(value: object) -> bool:
@@ -318,28 +343,21 @@ def observe(
     random = random_in_training(model)
     if random is not None:
         raise ConfigError(f"model: {random}")
+    # BatchNorm and InstanceNorm that track running statistics use them in eval() only.
     tracking = [
         m
         for m in model.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats
     ]
     if not model.training and tracking:
+        kind = type(tracking[0]).__name__
         raise ConfigError(
-            "model: in eval() mode with BatchNorm, which normalises differently in training; "
+            f"model: in eval() mode with {kind}, which normalises differently in training; "
             "attacks replay a client's training step (train mode): pass the model in train() "
             "mode, as it computed the update"
         )
     names = [name for name, _ in model.named_parameters()]
-    if isinstance(update, Mapping):
-        tensors = dict(update)
-    else:
-        tensors = list(update)
-        if len(tensors) != len(names):
-            raise ConfigError(
-                f"update: {len(tensors)} tensors for the model's {len(names)} parameters; pass "
-                "one per parameter in model.parameters() order, or a name -> tensor mapping"
-            )
-        tensors = dict(zip(names, tensors, strict=True))
+    tensors = _by_name("update", update, names)
     unknown = sorted(set(tensors) - set(names))
     if unknown:
         raise ConfigError(f"update: {unknown[0]!r} is not a parameter of the model")
@@ -372,6 +390,7 @@ def observe(
     except ValueError as error:
         raise ConfigError(f"defense={defense!r}: {error}") from None
     if per_sample_updates is not None:
+        per_sample_updates = _by_name("per_sample_updates", per_sample_updates, names)
         stray = sorted(set(per_sample_updates) - set(names))
         if stray:
             raise ConfigError(f"per_sample_updates: {stray[0]!r} is not a parameter of the model")

@@ -172,6 +172,13 @@ def _net_and_grads() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     return model, torch.autograd.grad(nn.functional.cross_entropy(model(x), y), model.parameters())
 
 
+class Both(nn.Module):
+    """A research model's habit: the logits and the features."""
+
+    def forward(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return logits, logits
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
@@ -210,9 +217,14 @@ def _net_and_grads() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
         ({"model": "double"}, r"^model: parameter '0\.weight' is torch\.float64; fedleak's"),
         # Audit AT: each was accepted and then inverted wrongly or failed deep in an attack.
         ({"model": "dropout"}, r"^model: Dropout '4' \(p=0\.5\) draws random masks"),
-        ({"model": "eval-bn"}, r"^model: in eval\(\) mode with BatchNorm, which normalises"),
+        ({"model": "eval-bn"}, r"^model: in eval\(\) mode with BatchNorm2d, which normalises"),
         ({"num_classes": 100}, r"^num_classes=100: the model scores 10 classes for one input"),
         ({"per_sample_updates": "part"}, r"^per_sample_updates: no tensor for the model's param"),
+        # Audit BU: the first was accepted and inverted as the wrong model, the others raised
+        # torch's or Python's own errors.
+        ({"model": "eval-in"}, r"^model: in eval\(\) mode with InstanceNorm2d, which normalises"),
+        ({"model": "tuple-out"}, r"^model: its forward returns a tuple; the attacks replay a"),
+        ({"per_sample_updates": "tensor"}, r"^per_sample_updates: a Tensor; pass a name -> tensor"),
         ({"round": 0}, r"^round=0: expected an integer >= 1$"),
         ({"client_id": "a"}, r"^client_id='a': expected an integer >= 0$"),
     ],
@@ -250,6 +262,14 @@ def test_observe_refuses_what_no_client_could_send(change: dict, message: str) -
         model.insert(1, nn.BatchNorm2d(4))
         model.eval()
         grads = (*grads[:2], torch.zeros(4), torch.zeros(4), *grads[2:])
+    if arguments.get("model") == "eval-in":
+        model.insert(1, nn.InstanceNorm2d(4, affine=True, track_running_stats=True))
+        model.eval()
+        grads = (*grads[:2], torch.zeros(4), torch.zeros(4), *grads[2:])
+    if arguments.get("model") == "tuple-out":
+        model.append(Both())
+    if arguments.get("per_sample_updates") == "tensor":
+        arguments["per_sample_updates"] = torch.stack([grads[0]] * 2)
     if arguments.get("per_sample_updates") == "part":
         arguments["per_sample_updates"] = {"0.weight": torch.stack([grads[0]] * 2)}
     if "model" in arguments:
@@ -511,6 +531,16 @@ def test_score_pairs_per_sample_updates_in_order_as_the_auditor_does() -> None:
     observation = fedleak.observe(
         model, mean, input_shape=(1, 28, 28), num_examples=3, per_sample_updates=per_sample
     )
+    # In parameters() order, as vmap(grad(...)) over a tuple of parameters returns them: the
+    # same observation (it raised "Boolean value of Tensor ... is ambiguous", audit BU3).
+    ordered = fedleak.observe(
+        model,
+        list(mean.values()),
+        input_shape=(1, 28, 28),
+        num_examples=3,
+        per_sample_updates=tuple(per_sample.values()),
+    )
+    assert all(torch.equal(ordered.per_sample_updates[n], per_sample[n]) for n in names)
     swapped = Reconstruction(inputs=x[[1, 0, 2]], labels=y[[1, 0, 2]])
     leak = fedleak.score(swapped, x, y, observation=observation, lpips=False)
     assert leak.pairs == [(0, 0), (1, 1), (2, 2)]
