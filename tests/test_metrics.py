@@ -199,6 +199,15 @@ def test_lpips_unavailable_returns_nan_with_reason(monkeypatch: pytest.MonkeyPat
         assign(_images(2), _images(2), metric="lpips", scorer=scorer)
 
 
+def test_building_an_lpips_scorer_leaves_the_global_generator_alone() -> None:
+    """Its placeholder backbone is initialised at random, which moved torch's global generator
+    on a script's first `fedleak.score(..., lpips=True)` (audit BU5)."""
+    torch.manual_seed(5)
+    before = torch.random.get_rng_state()
+    LPIPSScorer("alex")
+    assert torch.equal(torch.random.get_rng_state(), before)
+
+
 def test_lpips_unknown_net() -> None:
     with pytest.raises(LPIPSNetError, match="lpips net='squeeze' is unknown"):
         load_lpips("squeeze")

@@ -174,7 +174,9 @@ def _without_backbone(net: str) -> lpips_package.LPIPS:
     `pnet_rand=True` builds torchvision's architecture without weights)."""
     import lpips as lpips_package
 
-    with warnings.catch_warnings():
+    # The placeholder's random initialisation draws from torch's global generator, which is
+    # the caller's: scoring must not change what a script draws next.
+    with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
         # torchvision's deprecation notices for lpips' `pretrained=False` call.
         warnings.simplefilter("ignore")
         return lpips_package.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
