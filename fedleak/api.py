@@ -604,6 +604,19 @@ def reconstruct(
             "aux_inputs, aux_labels: given beside attacker=, which holds the auxiliary data "
             "already; pass one or the other"
         )
+    elif not isinstance(attacker, AttackerKnowledge):
+        kind = type(attacker).__name__
+        raise ConfigError(f"attacker: expected fedleak.knowledge(...)'s result, got {kind}")
+    elif (tuple(attacker.input_shape), attacker.num_classes) != (
+        tuple(observation.model.input_shape),
+        observation.model.num_classes,
+    ):
+        raise ConfigError(
+            f"attacker: knowledge of inputs {tuple(attacker.input_shape)} and "
+            f"{attacker.num_classes} classes, but the observation's model takes "
+            f"{tuple(observation.model.input_shape)} and scores "
+            f"{observation.model.num_classes}; build it with fedleak.knowledge(observation, ...)"
+        )
     modalities = attack_modalities(attack)
     if observation.modality not in modalities:
         name = getattr(attack, "name", type(attack).__name__)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -655,6 +656,12 @@ def test_reconstruct_speaks_of_its_own_arguments() -> None:
         fedleak.reconstruct(fedleak.build_attack("ig"), observation, x, y, attacker=attacker)
     with pytest.raises(ConfigError, match=r"^seed=4294967296: expected an integer in"):
         fedleak.knowledge(observation, seed=2**32)
+    # Knowledge of another model: LTI raised torch's error, the floors failed (audit BU6).
+    other = dataclasses.replace(attacker, input_shape=(3, 4, 4), num_classes=3)
+    with pytest.raises(ConfigError, match=r"^attacker: knowledge of inputs \(3, 4, 4\) and 3 "):
+        fedleak.reconstruct(fedleak.build_attack("lti"), observation, attacker=other)
+    with pytest.raises(ConfigError, match=r"^attacker: expected fedleak\.knowledge"):
+        fedleak.reconstruct(fedleak.build_attack("ig"), observation, attacker=(x, y))  # type: ignore[arg-type]
 
 
 def test_score_refuses_labels_and_shapes_that_do_not_fit() -> None:
