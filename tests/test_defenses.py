@@ -302,6 +302,30 @@ def test_dpsgd_clips_each_sample_over_all_parameters() -> None:
     assert torch.allclose(ratio, ratio.flatten()[0].expand_as(ratio))
 
 
+def test_dpsgd_clips_a_scalar_parameters_gradient_with_the_others() -> None:
+    """A learnable scalar (a temperature) has per-sample gradients of shape [B]: flatten(1)
+    raised IndexError on them."""
+    per_sample = {"w": torch.tensor([[3.0, 4.0], [0.3, 0.4]]), "t": torch.tensor([0.0, 0.0])}
+    clipped = parse_defense_spec("dpsgd:1:1").clip(per_sample)
+    assert torch.allclose(clipped["w"], torch.tensor([[0.6, 0.8], [0.3, 0.4]]))
+    assert torch.equal(clipped["t"], per_sample["t"])
+
+
+def test_the_public_defense_calls_refuse_what_they_cannot_defend_in_one_line() -> None:
+    """Each raised Python's or torch's own error (ZeroDivisionError, IndexError) or went on
+    with a meaningless value, e.g. a batch of -1 (audit BU7)."""
+    spec = parse_defense_spec("dpsgd:1:1")
+    grads = {"w": torch.ones(4, 3), "b": torch.ones(3)}
+    for batch in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match=rf"^batch_size={batch!r}: expected an integer >= 1"):
+            spec.share(grads, batch, _gen())  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"^per_sample: tensors of shapes \(4, 3\), \(3,\)"):
+        spec.clip({"w": torch.ones(4, 3), "b": torch.ones(3)})  # a batch gradient
+    x = torch.rand(2, 1, 4, 4)
+    with pytest.raises(ValueError, match=r"^y_onehot: torch\.int64 of shape \(2,\); expected"):
+        parse_defense_spec("mixup:2").encode(x, torch.tensor([0, 1]), _gen())
+
+
 def test_dpsgd_noise_std_is_z_c_over_b() -> None:
     dp = DPSGD(clip_norm=1.5, noise_multiplier=2.0)
     batch = 8

@@ -192,6 +192,9 @@ def test_the_decorator_registers_an_attack_with_checked_settings() -> None:
         assert "test-blur" in attack_names() and not attack_entry("test-blur").stateful
         with pytest.raises(ConfigError, match=r"^attack\.test-blur\.sigma=-1: expected a number"):
             build_attack("test-blur", {"sigma": -1})
+        # A list of names raised dict()'s ValueError (audit BU7).
+        with pytest.raises(ConfigError, match=r"^params: a list; expected a mapping of test-blur"):
+            build_attack("test-blur", ["sigma"])  # type: ignore[arg-type]
         # Streams come from mix_seed, which drops signs: -1 would repeat seed 1's guesses.
         for seed in (-1, 1.5, True, 2**32):
             with pytest.raises(

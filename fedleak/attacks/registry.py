@@ -84,6 +84,11 @@ class AttackEntry:
 
     def configure(self, params: Mapping[str, object] | None = None) -> Any:
         """The attack's settings with `params` applied and checked (one-line `ConfigError`)."""
+        if params is not None and not isinstance(params, Mapping):
+            raise ConfigError(
+                f"params: a {type(params).__name__}; expected a mapping of {self.name}'s "
+                'settings to values, e.g. {"max-iterations": 100}'
+            )
         values = dict(params or {})
         preset = values.pop("preset", None) if self.presets else None
         if preset is not None and not isinstance(preset, str):

@@ -118,7 +118,8 @@ class DPSGD:
         """Per-sample gradients (leading dim B) scaled so that each sample's norm is <= C."""
         if not per_sample:
             return {}
-        squares = sum(t.flatten(1).square().sum(dim=1) for t in per_sample.values())
+        # reshape, not flatten(1): a scalar parameter's per-sample gradient is one number a row.
+        squares = sum(t.reshape(len(t), -1).square().sum(dim=1) for t in per_sample.values())
         norms = torch.sqrt(squares)
         scale = self.clip_norm / norms.clamp(min=self.clip_norm)
         return {name: t * scale.reshape(-1, *[1] * (t.dim() - 1)) for name, t in per_sample.items()}

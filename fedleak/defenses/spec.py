@@ -116,6 +116,11 @@ class DefensePipeline:
     ) -> EncodedBatch:
         """The encoded batch; the identity (K = 1, no signs) when there is no encoder.
         `private` is the client's own data partners are drawn from (the batch when None)."""
+        if not y_onehot.is_floating_point() or y_onehot.dim() != 2 or len(y_onehot) != len(x):
+            raise ValueError(
+                f"y_onehot: {y_onehot.dtype} of shape {tuple(y_onehot.shape)}; expected float "
+                f"one-hot labels [{len(x)}, classes] (torch.nn.functional.one_hot(y).float())"
+            )
         encoder = self.encoder
         if encoder is None:
             return EncodedBatch.identity(x, y_onehot)
@@ -123,6 +128,13 @@ class DefensePipeline:
 
     def clip(self, per_sample: dict[str, Tensor]) -> dict[str, Tensor]:
         """Per-sample clipping (leading dim = samples); the identity without a clip step."""
+        rows = {t.shape[0] if t.dim() else -1 for t in per_sample.values()}
+        if self.needs_per_sample and (len(rows) > 1 or -1 in rows):
+            shapes = ", ".join(str(tuple(t.shape)) for t in list(per_sample.values())[:3])
+            raise ValueError(
+                f"per_sample: tensors of shapes {shapes}...; expected per-sample gradients, one "
+                "row per sample in front of each parameter's shape (a batch gradient has none)"
+            )
         out = dict(per_sample)
         for step in self.steps:
             if step.stage == "clip":
@@ -135,6 +147,11 @@ class DefensePipeline:
         """What leaves the client for a mean gradient of `batch_size` samples: DP noise
         (std Z*C/batch_size), Gaussian noise, pruning, sign. DP-SGD's clip is not here: it
         acts on each sample's gradient before the mean (`clip`)."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(
+                f"batch_size={batch_size!r}: expected an integer >= 1, the samples the mean "
+                "gradient is over"
+            )
         return self._release(grad, generator, dp_batch_size=batch_size, batched=False)
 
     def share_each(
