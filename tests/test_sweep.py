@@ -185,6 +185,17 @@ seed = [0, 1]
             r"cell 1 \(seed=3\): same configuration as cell 0",
         ),
         ("[sweep]\n[[sweep.cells]]\nseed = [3]\n", r"a cell sets one value"),
+        # An attack parameter at its default, or of an attack the cells do not run, made cells
+        # that ran the same study twice (audit BV1).
+        (
+            '[sweep]\n[[sweep.cells]]\n"attack.ig.restarts" = 1\n'
+            '[[sweep.cells]]\n"attack.ig.check-every" = 50\n',
+            r"cell 1 \(attack\.ig\.check-every=50\): same configuration as cell 0",
+        ),
+        (
+            '[sweep]\n[sweep.grid]\n"attack.dlg.restarts" = [1, 2]\n',
+            r"cell 1 \(attack\.dlg\.restarts=2\): same configuration as cell 0",
+        ),
         (
             "[sweep]\nparalel = 2\n[sweep.grid]\nseed = [1]\n",
             r"sweep\.paralel: unknown sweep setting",
@@ -397,6 +408,25 @@ def test_a_changed_sweep_refuses_to_reuse_cells(tmp_path: Path) -> None:
     ):
         run_sweep(_write(tmp_path, changed, "changed.toml"), out_dir=tmp_path, runner=runner)
     assert runner.calls == []
+
+
+def test_a_rerun_that_changes_nothing_the_cells_run_reuses_them(tmp_path: Path) -> None:
+    """A parameter at its default, or of an attack the cells do not run, was refused as "was
+    run with attack.ig.restarts=None, this sweep wants 1" (audit BV1); a resume takes both."""
+    sweep_dir = run_sweep(
+        _write(tmp_path, GRID), out_dir=tmp_path, runner=fake_runner, say=lambda _: None
+    )
+    runner = Recorder()
+    for overrides in ({"attack.ig.restarts": 4}, {"attack.dlg.history": 7}):
+        again = run_sweep(
+            _write(tmp_path, GRID),
+            out_dir=tmp_path,
+            runner=runner,
+            say=lambda _: None,
+            overrides=overrides,
+        )
+        assert again == sweep_dir
+    assert runner.calls == []  # every cell done already: none runs again
 
 
 def test_a_sweep_with_another_number_of_clients_refuses_to_reuse_cells(tmp_path: Path) -> None:

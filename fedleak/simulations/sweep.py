@@ -331,7 +331,7 @@ def load_sweep(
     """Parse and check a sweep file (a path, or a shipped sweep preset's name); `overrides`
     (flat run-config keys) apply to the base and to every cell, after the cell's own keys;
     `cells` (fnmatch patterns on cell ids) keeps only the matching cells, ids unchanged."""
-    from fedleak.server.validate import canonical
+    from fedleak.server.validate import canonical, resume_form
 
     source = preset_path(path)
     try:
@@ -392,7 +392,9 @@ def load_sweep(
         }
         cell_id = f"cell-{index:03d}-{_slug(named)}"
         config = dataclasses.replace(config, name=cell_id)
-        flat = canonical(config).to_flat()  # as the run records it
+        # As a resume compares runs: an attack parameter at its default, or one of an attack
+        # the cell does not run, changes nothing.
+        flat = resume_form(canonical(config)).to_flat()
         key = tuple(sorted((k, repr(v)) for k, v in flat.items() if k != "name"))
         if key in seen:
             earlier = combos[seen[key]]
@@ -623,15 +625,16 @@ def _resumable_rounds(config: RunConfig, path: Path, plan: SweepPlan) -> tuple[i
 def _check_existing(cell: Cell, path: Path, num_clients: int) -> None:
     """A cell folder from an earlier start must hold this very cell's configuration, run with
     as many clients (`RunDirectoryError`, exit 1, as a resume of `fedleak run` is refused)."""
-    from fedleak.server.validate import canonical
+    from fedleak.server.validate import canonical, resume_form
 
     try:
         run = RunDirectory.open(path)
-        stored = canonical(run.config).to_flat()
+        stored = resume_form(canonical(run.config)).to_flat()
     except (ConfigError, RunDirectoryError) as error:
         raise RunDirectoryError(f"{path}: unreadable cell configuration ({error})") from None
     # Both as a run records its settings (a defense's steps in order, cache folders absolute).
-    wanted = canonical(dataclasses.replace(cell.config, out_dir=str(path))).to_flat()
+    # An attack parameter at its default, or of an attack not run, is no change (`resume_form`).
+    wanted = resume_form(canonical(dataclasses.replace(cell.config, out_dir=str(path)))).to_flat()
     # A moved sweep folder is still the same sweep: where a cell was run is not its setting.
     for key in dict.fromkeys([*wanted, *stored]):
         if key not in ("sim.resume", "out-dir") and stored.get(key) != wanted.get(key):
