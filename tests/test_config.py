@@ -245,3 +245,19 @@ def test_the_demo_is_the_quickstart_without_and_with_sign_compression() -> None:
     for cell in plan.cells:
         same = dataclasses.replace(cell.config, name=quickstart.name, defense=quickstart.defense)
         assert same == quickstart, cell.id
+
+
+def test_a_set_for_an_attack_that_does_not_run_is_named_in_a_warning(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`--set attack.dlg.restarts=2` beside the quickstart's attacks was accepted without a word
+    (audit BV2): a typo of the attack's name went unseen."""
+    from fedleak.simulations.cli import main
+
+    assert main(["check", "quickstart", "--set", "attack.dlg.restarts=2"]) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        "fedleak: warning: --set attack.dlg.restarts has no effect: attack.names runs "
+        "aux-mean, ig, lti"
+    ]
+    assert main(["check", "quickstart", "--set", "attack.ig.restarts=2"]) == 0
+    assert capsys.readouterr().err == ""

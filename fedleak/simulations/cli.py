@@ -87,7 +87,24 @@ def _config(args: argparse.Namespace) -> RunConfig:
                 "give one of them"
             )
         overrides["out-dir"] = out
-    return parse_flat(overrides, config)
+    config = parse_flat(overrides, config)
+    # A --set for an attack that does not run (dlg typed for idlg) would go unseen.
+    unused = sorted(
+        {
+            key
+            for key in overrides
+            if key.startswith("attack.")
+            and key.count(".") >= 2
+            and key.split(".")[1] not in config.attack.names
+        }
+    )
+    if unused:
+        print(
+            f"fedleak: warning: --set {', '.join(unused)} has no effect: attack.names runs "
+            f"{', '.join(config.attack.names)}",
+            file=sys.stderr,
+        )
+    return config
 
 
 def _absolute(text: str, option: str) -> str:
