@@ -185,6 +185,11 @@ seed = [0, 1]
             r"cell 1 \(seed=3\): same configuration as cell 0",
         ),
         ("[sweep]\n[[sweep.cells]]\nseed = [3]\n", r"a cell sets one value"),
+        # Checked for minutes in silence before starting 10,000 runs (audit BV3).
+        (
+            f'[sweep]\n[sweep.grid]\nseed = {list(range(700))}\n"train.lr" = [0.1, 0.2, 0.3]\n',
+            r"^sweep: 2,100 cells \(700 x 3 grid values\); at most 2,000 in one sweep file",
+        ),
         # An attack parameter at its default, or of an attack the cells do not run, made cells
         # that ran the same study twice (audit BV1).
         (

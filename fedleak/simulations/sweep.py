@@ -97,6 +97,9 @@ from fedleak.simulations.presets import load_preset, preset_path, read_preset_te
 from fedleak.simulations.terminal import guard_worker_streams
 
 SOURCE_COPY = "sweep.toml"
+# Each cell's configuration is parsed and checked before any runs (about 0.05-0.25 s a cell
+# here), so a grid of 10,000 cells sat silent for most of an hour before starting 10,000 runs.
+MAX_CELLS = 2000
 SWEEP_KEYS = (
     "name",
     "preset",
@@ -372,6 +375,14 @@ def load_sweep(
         except ConfigError as error:
             raise SweepError(f"--set: {error}") from None
 
+    count = math.prod(len(values) for values in grid.values()) * max(len(explicit), 1)
+    if count > MAX_CELLS:
+        sizes = " x ".join(str(len(values)) for values in grid.values())
+        raise SweepError(
+            f"sweep: {count:,} cells ({sizes} grid values"
+            + (f" x {len(explicit)} cells" if explicit else "")
+            + f"); at most {MAX_CELLS:,} in one sweep file: split it into several"
+        )
     points = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
     combos = [{**cell, **point} for cell in (explicit or [{}]) for point in points]
     planned: list[Cell] = []
