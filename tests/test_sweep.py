@@ -185,6 +185,10 @@ seed = [0, 1]
             r"cell 1 \(seed=3\): same configuration as cell 0",
         ),
         ("[sweep]\n[[sweep.cells]]\nseed = [3]\n", r"a cell sets one value"),
+        (
+            '[sweep]\npreset = "demo"\n[sweep.grid]\nseed = [1]\n',
+            r"^sweep\.preset='demo': preset 'demo' is a sweep",
+        ),
         # Checked for minutes in silence before starting 10,000 runs (audit BV3).
         (
             f'[sweep]\n[sweep.grid]\nseed = {list(range(700))}\n"train.lr" = [0.1, 0.2, 0.3]\n',

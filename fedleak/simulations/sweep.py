@@ -288,7 +288,10 @@ def _base(document: Mapping[str, Any], section: Mapping[str, Any]) -> RunConfig:
     preset = section.get("preset")
     if preset is not None and not isinstance(preset, str):
         raise SweepError(f"sweep.preset={preset!r}: expected a preset name or path")
-    base = load_preset(preset) if preset else RunConfig()
+    try:
+        base = load_preset(preset) if preset else RunConfig()
+    except ConfigError as error:  # a sweep named as the base, a typo
+        raise SweepError(f"sweep.preset={preset!r}: {error}") from None
     table = document.get("base", {})
     if not isinstance(table, dict):
         raise SweepError("base: expected a table of run-config keys")
