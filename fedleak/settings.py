@@ -520,6 +520,13 @@ def help_lines(cls_or_base: Any, prefix: str = "") -> list[KeyHelp]:
     return lines
 
 
+def flat_values(settings: Any) -> dict[str, Any]:
+    """Every key of a settings instance with the value it holds (parsed, not rendered: a
+    rendered float keeps 6 digits, so 0.1 and 0.1000001 would read alike)."""
+    cls = type(settings)
+    return {key: _value_at(settings, _path_of(cls, key)) for key, _ in flat_keys(cls)}
+
+
 def _value_at(base: Any, path: tuple[str, ...]) -> Any:
     for name in path:
         base = getattr(base, name)

@@ -261,3 +261,17 @@ def test_a_set_for_an_attack_that_does_not_run_is_named_in_a_warning(
     ]
     assert main(["check", "quickstart", "--set", "attack.ig.restarts=2"]) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_the_resume_form_tells_apart_floats_that_differ_past_six_digits() -> None:
+    """It compared rendered values ("0.1" for 0.1000001): a sweep refused the second cell as
+    the same configuration, and a rerun reused lr=0.1's results for lr=0.1000001 (audit BX1)."""
+    from fedleak.server.validate import resume_form
+
+    def form(**params: object) -> dict:
+        flat = {"attack.names": "ig", **{f"attack.ig.{k}": v for k, v in params.items()}}
+        return resume_form(parse_flat(flat)).to_flat()
+
+    assert form(**{"learning-rate": 0.1}) != form(**{"learning-rate": 0.1000001})
+    assert form(restarts=1) == form()  # a default is no change
+    assert form(adaptive="True") == form(adaptive=True)  # nor a spelling

@@ -61,7 +61,7 @@ from fedleak.runtime import federated_data, model_spec
 from fedleak.server.build import cache_dirs
 from fedleak.server.payload import check_payload, clients_per_round
 from fedleak.server.pool import _cluster_address, local_cpus, ray_init_args
-from fedleak.settings import KeyHelp, help_lines
+from fedleak.settings import KeyHelp, flat_values
 
 # What each modality's inputs are called in a refusal ("reconstructs images, not the tokens").
 _PLURAL = {"image": "images", "tokens": "tokens"}
@@ -148,7 +148,7 @@ def resume_form(config: RunConfig) -> RunConfig:
             params[name] = dict(given)
             continue
         if settings is not None:
-            params[name] = {line.key: line.default for line in help_lines(settings)}
+            params[name] = flat_values(settings)
     return dataclasses.replace(config, attack=dataclasses.replace(config.attack, params=params))
 
 

@@ -29,6 +29,7 @@ import torch
 
 from fedleak.client.app import make_client_app
 from fedleak.config import RunConfig
+from fedleak.data.dataset import DatasetUnavailable
 from fedleak.interrupt import (
     RunInterrupted,
     clear_stop,
@@ -38,9 +39,10 @@ from fedleak.interrupt import (
 )
 from fedleak.lines import error_line
 from fedleak.report.lock import RunLock
-from fedleak.report.rundir import RunDirectory, mark_failed_if_silent
+from fedleak.report.rundir import RunDirectory, RunDirectoryError, mark_failed_if_silent
 from fedleak.server.pool import ray_init_args
 from fedleak.server.validate import check_seen_by_ray, validate_run
+from fedleak.settings import ConfigError
 from fedleak.simulations.apps import make_server_app
 from fedleak.simulations.recording import default_run_dir
 from fedleak.simulations.study import RunFailed, check_resumable
@@ -113,6 +115,8 @@ def run_study(
             raise StudyFailed(f"run failed: {failure}") from None
         except (RunInterrupted, KeyboardInterrupt):
             raise StudyInterrupted(out, _finished(out), config.num_server_rounds) from None
+        except (ConfigError, RunDirectoryError, DatasetUnavailable):
+            raise  # a refusal (a resume under other settings): the folder stays as it was
         except RuntimeError as error:
             if type(error) is not RuntimeError:  # fedleak's own, which say what happened
                 _marked_failed(out, error_line(error))
