@@ -271,6 +271,29 @@ def test_a_second_ctrl_c_exits_at_once_and_ends_the_processes_the_run_started() 
     )
 
 
+def test_a_sigterm_passed_on_as_sigint_is_one_stop_request() -> None:
+    """A parallel sweep's cells got the group's SIGTERM and, a moment later, the sweep's own
+    passed on as SIGINT: each cell stopped at once, as after two Ctrl-C (audit BY1)."""
+    run = subprocess.Popen(
+        [sys.executable, "-c", DOUBLE_CTRL_C], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        run.stdout.readline()  # type: ignore[union-attr]
+        run.send_signal(signal.SIGTERM)
+        time.sleep(0.05)
+        run.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        assert run.poll() is None, "the SIGINT repeated the SIGTERM's request"
+        run.send_signal(signal.SIGTERM)  # the same signal again: a second request
+        _, err = run.communicate(timeout=30)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 130
+    assert err.decode().count("stopping at the next safe point") == 1
+    assert "stopped at once" in err.decode()
+
+
 @pytest.mark.parametrize("delay", [0.6, 0.9, 1.2])
 def test_a_ctrl_c_while_torch_loads_is_one_line_and_130(tmp_path: Path, delay: float) -> None:
     """In the first second torch is being imported: a Ctrl-C raised inside its C++

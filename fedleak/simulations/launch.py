@@ -20,6 +20,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -274,6 +275,9 @@ def _stop_on_first_signal(resume: str | None = None) -> Iterator[None]:
     own where the kernel ends them with their parent (`_ray_in_own_session`), so the group's
     SIGTERM reaches the driver alone and stops the run like any other.
 
+    The other signal within ECHO_SECONDS of the first repeats its request (`_echo`: a
+    parallel sweep passes the group's SIGTERM on to its cells as SIGINT).
+
     Only the main thread may install signal handlers; elsewhere (a sweep's worker thread, a
     notebook's executor) Python's default handling stays.
     """
@@ -281,7 +285,11 @@ def _stop_on_first_signal(resume: str | None = None) -> Iterator[None]:
         yield
         return
 
-    def handler(_signum: int, _frame: object) -> None:
+    first: list[tuple[int, float]] = []  # the signal that asked for the stop, and when
+
+    def handler(signum: int, _frame: object) -> None:
+        if first and _echo(first[0], (signum, time.monotonic())):
+            return
         if stop_requested():
             then = f"; resume with: {resume}" if resume else ""
             os.write(2, f"\nfedleak: stopped at once; finished rounds are kept{then}\n".encode())
@@ -289,6 +297,7 @@ def _stop_on_first_signal(resume: str | None = None) -> Iterator[None]:
             _terminate_descendants()
             os._exit(130)
         request_stop()
+        first.append((signum, time.monotonic()))
         sys.stderr.write(
             "\nfedleak: stopping at the next safe point, keeping every finished round "
             "(Ctrl-C again to stop at once)\n"
@@ -332,6 +341,18 @@ def _ray_in_own_session() -> Iterator[None]:
         yield
     finally:
         services.ConsolePopen = popen
+
+
+# A parallel sweep's cells share its process group: a SIGTERM to the group reaches each cell,
+# and the sweep passes its own on to them as SIGINT a moment later. That is one stop request,
+# not the second one that stops at once (a person's second Ctrl-C repeats the same signal).
+ECHO_SECONDS = 2.0
+
+
+def _echo(first: tuple[int, float], now: tuple[int, float]) -> bool:
+    """Whether the signal `now` (number, time) repeats the stop request `first` made: another
+    signal within ECHO_SECONDS."""
+    return now[0] != first[0] and now[1] - first[1] < ECHO_SECONDS
 
 
 def _keep_sigterm_handler(_handler: object) -> None:
