@@ -261,6 +261,11 @@ def test_a_set_for_an_attack_that_does_not_run_is_named_in_a_warning(
     ]
     assert main(["check", "quickstart", "--set", "attack.ig.restarts=2"]) == 0
     assert capsys.readouterr().err == ""
+    assert (
+        main(["check", "quickstart", "--set", "attack.names=none", "--set", "attack.ig.restarts=2"])
+        == 0
+    )
+    assert capsys.readouterr().err.endswith("attack.names runs no attack\n")
 
 
 def test_the_resume_form_tells_apart_floats_that_differ_past_six_digits() -> None:

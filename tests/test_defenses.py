@@ -319,6 +319,7 @@ def test_the_public_defense_calls_refuse_what_they_cannot_defend_in_one_line() -
     for batch in (0, -1, 2.5, True):
         with pytest.raises(ValueError, match=rf"^batch_size={batch!r}: expected an integer >= 1"):
             spec.share(grads, batch, _gen())  # type: ignore[arg-type]
+    assert spec.share(grads, np.int64(4), _gen()).keys() == grads.keys()  # numpy's integers too
     with pytest.raises(ValueError, match=r"^per_sample: tensors of shapes \(4, 3\), \(3,\)"):
         spec.clip({"w": torch.ones(4, 3), "b": torch.ones(3)})  # a batch gradient
     x = torch.rand(2, 1, 4, 4)

@@ -186,13 +186,19 @@ seed = [0, 1]
         ),
         ("[sweep]\n[[sweep.cells]]\nseed = [3]\n", r"a cell sets one value"),
         (
+            "[sweep]\n"
+            + "[[sweep.cells]]\nseed = 1\n" * 1001
+            + "[sweep.grid]\ntrain.lr = [1, 2]\n",
+            r"^sweep: 2,002 cells \(2 x 1,001 cells\); at most 2,000",
+        ),
+        (
             '[sweep]\npreset = "demo"\n[sweep.grid]\nseed = [1]\n',
             r"^sweep\.preset='demo': preset 'demo' is a sweep",
         ),
         # Checked for minutes in silence before starting 10,000 runs (audit BV3).
         (
             f'[sweep]\n[sweep.grid]\nseed = {list(range(700))}\n"train.lr" = [0.1, 0.2, 0.3]\n',
-            r"^sweep: 2,100 cells \(700 x 3 grid values\); at most 2,000 in one sweep file",
+            r"^sweep: 2,100 cells \(700 x 3\); at most 2,000 in one sweep file",
         ),
         # An attack parameter at its default, or of an attack the cells do not run, made cells
         # that ran the same study twice (audit BV1).

@@ -14,6 +14,7 @@ attackers, who replay a pipeline on their own guesses.
 
 from __future__ import annotations
 
+import numbers
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -147,7 +148,11 @@ class DefensePipeline:
         """What leaves the client for a mean gradient of `batch_size` samples: DP noise
         (std Z*C/batch_size), Gaussian noise, pruning, sign. DP-SGD's clip is not here: it
         acts on each sample's gradient before the mean (`clip`)."""
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        if (
+            isinstance(batch_size, bool)
+            or not isinstance(batch_size, numbers.Integral)
+            or batch_size < 1
+        ):
             raise ValueError(
                 f"batch_size={batch_size!r}: expected an integer >= 1, the samples the mean "
                 "gradient is over"

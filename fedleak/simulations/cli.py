@@ -101,7 +101,7 @@ def _config(args: argparse.Namespace) -> RunConfig:
     if unused:
         print(
             f"fedleak: warning: --set {', '.join(unused)} has no effect: attack.names runs "
-            f"{', '.join(config.attack.names)}",
+            f"{', '.join(config.attack.names) or 'no attack'}",
             file=sys.stderr,
         )
     return config

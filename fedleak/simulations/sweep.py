@@ -380,11 +380,11 @@ def load_sweep(
 
     count = math.prod(len(values) for values in grid.values()) * max(len(explicit), 1)
     if count > MAX_CELLS:
-        sizes = " x ".join(str(len(values)) for values in grid.values())
+        made = [*(f"{len(values):,}" for values in grid.values())]
+        made += [f"{len(explicit):,} cells"] if explicit else []
         raise SweepError(
-            f"sweep: {count:,} cells ({sizes} grid values"
-            + (f" x {len(explicit)} cells" if explicit else "")
-            + f"); at most {MAX_CELLS:,} in one sweep file: split it into several"
+            f"sweep: {count:,} cells ({' x '.join(made)}); at most {MAX_CELLS:,} in one sweep "
+            "file: split it into several"
         )
     points = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
     combos = [{**cell, **point} for cell in (explicit or [{}]) for point in points]
