@@ -324,7 +324,9 @@ def _ray_in_own_session() -> Iterator[None]:
     """Ray's node processes started in a new session, where Linux's fate-sharing (they are
     killed when their parent dies) keeps them from outliving the driver; Ray does the same with
     process groups on Windows. Without fate-sharing they stay in the caller's group, where
-    Ray's reaper finds them."""
+    Ray's reaper finds them. The price: after a SIGKILL of the whole group, the raylet's two
+    agent processes (started by it, in its session) outlive it by up to about a minute, until
+    they notice, as they already did after a SIGKILL of the driver alone."""
     services = ray._private.services
     if not sys.platform.startswith("linux") or not ray._private.utils.detect_fate_sharing_support():
         yield
