@@ -327,6 +327,33 @@ def test_a_ctrl_c_while_the_command_line_loads_is_one_line_and_130() -> None:
     assert (done.returncode, done.stderr) == (130, "fedleak: interrupted\n")
 
 
+def test_a_sigterm_while_the_command_line_loads_is_one_line_and_130() -> None:
+    """A scheduler's SIGTERM in the first seconds ended fedleak with exit -15 and no word, where
+    a Ctrl-C gave one line and 130 (audit BY2)."""
+    slow_load = (
+        "import sys, time\n"
+        "class Slow:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'fedleak.simulations.cli':\n"
+        "            print('loading', flush=True)\n"
+        "            time.sleep(60)\n"
+        "sys.meta_path.insert(0, Slow())\n"
+        "from fedleak.simulations.console import main\n"
+        "sys.exit(main())\n"
+    )
+    run = subprocess.Popen(
+        [sys.executable, "-c", slow_load], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert run.stdout is not None and run.stdout.readline() == "loading\n"
+        run.send_signal(signal.SIGTERM)
+        _, err = run.communicate(timeout=30)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert (run.returncode, err) == (130, "fedleak: interrupted\n")
+
+
 def _descendants(pid: int) -> list[int]:
     found = []
     for child in children(pid):

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 
 EXIT_INTERRUPTED = 130
 
 
+def _terminated(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> int:
     """Load the command line, then run it. Loading takes most of a second (torch and the
-    settings): a Ctrl-C in that time is the same one line as later, not a traceback."""
+    settings): a Ctrl-C in that time is the same one line as later, not a traceback. A SIGTERM
+    (a scheduler ending the job) is a Ctrl-C from the start: before a run installs its own
+    handling it ended the process with no word (exit -15)."""
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         from fedleak.simulations.cli import main as run
     except KeyboardInterrupt:
