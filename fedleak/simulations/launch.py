@@ -275,8 +275,8 @@ def _stop_on_first_signal(resume: str | None = None) -> Iterator[None]:
     own where the kernel ends them with their parent (`_ray_in_own_session`), so the group's
     SIGTERM reaches the driver alone and stops the run like any other.
 
-    The other signal within ECHO_SECONDS of the first repeats its request (`_echo`: a
-    parallel sweep passes the group's SIGTERM on to its cells as SIGINT).
+    One signal of the other kind within ECHO_SECONDS of the first repeats its request
+    (`_echo`: a parallel sweep passes the group's SIGTERM on to its cells as SIGINT).
 
     Only the main thread may install signal handlers; elsewhere (a sweep's worker thread, a
     notebook's executor) Python's default handling stays.
@@ -289,6 +289,7 @@ def _stop_on_first_signal(resume: str | None = None) -> Iterator[None]:
 
     def handler(signum: int, _frame: object) -> None:
         if first and _echo(first[0], (signum, time.monotonic())):
+            first.clear()  # one echo: a person's Ctrl-C after it is their second request
             return
         if stop_requested():
             then = f"; resume with: {resume}" if resume else ""
@@ -346,8 +347,8 @@ def _ray_in_own_session() -> Iterator[None]:
 
 
 # A parallel sweep's cells share its process group: a SIGTERM to the group reaches each cell,
-# and the sweep passes its own on to them as SIGINT a moment later. That is one stop request,
-# not the second one that stops at once (a person's second Ctrl-C repeats the same signal).
+# and the sweep passes its own on to them as SIGINT a moment later. That one echo is the same
+# stop request, not the second one that stops at once; any signal after it is.
 ECHO_SECONDS = 2.0
 
 
