@@ -280,3 +280,5 @@ def test_the_resume_form_tells_apart_floats_that_differ_past_six_digits() -> Non
     assert form(**{"learning-rate": 0.1}) != form(**{"learning-rate": 0.1000001})
     assert form(restarts=1) == form()  # a default is no change
     assert form(adaptive="True") == form(adaptive=True)  # nor a spelling
+    # The milestones' order means nothing to the schedule (audit BZ D2).
+    assert form(milestones="0.625,0.375,0.875") == form()

@@ -121,6 +121,12 @@ class IGConfig(InversionConfig):
     bn_weight: float = setting(0.0, low=0.0, doc="BatchNorm statistics prior weight")
     bn_mode: BatchNormMode = setting("auto", doc="whose BatchNorm statistics the prior targets")
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        # The schedule counts the milestones passed, so their order means nothing: one order,
+        # so that two spellings of one schedule are one setting (a resume, a sweep's cells).
+        object.__setattr__(self, "milestones", tuple(sorted(self.milestones)))
+
 
 @dataclass(frozen=True)
 class GradInversionConfig(IGConfig):
