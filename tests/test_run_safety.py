@@ -261,7 +261,9 @@ def test_an_attack_parameter_at_its_default_or_of_an_unused_attack_changes_no_st
     check_resumable(
         parse_flat({**more, "attack.ig.restarts": 1, "attack.lti.cache-dir": "none"}), run.path
     )
-    with pytest.raises(RunDirectoryError, match=r"differing: attack\.ig\.restarts='2' \(the run"):
+    with pytest.raises(
+        RunDirectoryError, match=r"differing: attack\.ig\.restarts=2 \(the run has 1\)"
+    ):
         check_resumable(parse_flat({**more, "attack.ig.restarts": 2}), run.path)
 
 
