@@ -12,8 +12,9 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -54,6 +55,27 @@ def _wait_for(condition: Callable[[], bool], seconds: float, what: str) -> None:
     while not condition():
         assert time.monotonic() < end, f"timed out waiting for {what}"
         time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def _python(code: str, **popen: Any) -> Iterator[subprocess.Popen[str]]:
+    """`code` running in a Python of its own, its output piped as text; killed (with its group
+    when it has one) if the test leaves it running."""
+    run = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
+    try:
+        yield run
+    finally:
+        if run.poll() is None:
+            if popen.get("start_new_session"):
+                os.killpg(run.pid, signal.SIGKILL)
+            else:
+                run.kill()
 
 
 def _rounds(out: Path) -> list[int]:
@@ -175,21 +197,11 @@ def test_a_sigterm_after_ray_started_is_a_stop_request() -> None:
     is (and in Flower's engine that races Ray's shutdown against its worker threads, seen as
     exit 1 with "The core worker has already been shutdown"): during a run, a SIGTERM after
     Ray started is still fedleak's stop at the next safe point."""
-    run = subprocess.Popen(
-        [sys.executable, "-c", SIGTERM_AFTER_RAY_STARTS],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=RAY_ENVIRONMENT,
-    )
-    try:
+    with _python(SIGTERM_AFTER_RAY_STARTS, env=RAY_ENVIRONMENT) as run:
         assert run.stdout is not None
         assert run.stdout.readline().strip() == "started"
         run.send_signal(signal.SIGTERM)
         out, err = run.communicate(timeout=120)
-    finally:
-        if run.poll() is None:
-            run.kill()
     assert run.returncode == 0, err
     assert out.strip() == "stop requested"
     assert "stopping at the next safe point" in err
@@ -208,22 +220,11 @@ def test_a_sigterm_to_the_process_group_while_ray_starts_is_a_stop_request() -> 
     """`kill -- -PGID` (a shell's job control, a CI runner) while Ray was starting killed its
     GCS with the driver's group: the driver then waited 60 s and exited 1 with Ray's message
     (audit BJ1). Ray's node processes now run in a session of their own."""
-    run = subprocess.Popen(
-        [sys.executable, "-c", SIGTERM_AFTER_RAY_STARTS],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=RAY_ENVIRONMENT,
-        start_new_session=True,
-    )
-    try:
+    with _python(SIGTERM_AFTER_RAY_STARTS, env=RAY_ENVIRONMENT, start_new_session=True) as run:
         _wait_for(lambda: _gcs_started(run.pid), 60, "Ray's GCS server to start")
         ray_processes = children(run.pid)
         os.killpg(run.pid, signal.SIGTERM)
         out, err = run.communicate(timeout=45)
-    finally:
-        if run.poll() is None:
-            os.killpg(run.pid, signal.SIGKILL)
     assert run.returncode == 0, err
     assert out.splitlines() == ["started", "stop requested"]
     assert "GCS" not in err, err
@@ -243,10 +244,7 @@ with _stop_on_first_signal("fedleak run quickstart --out /x --set sim.resume=tru
 
 
 def test_a_second_ctrl_c_exits_at_once_and_ends_the_processes_the_run_started() -> None:
-    run = subprocess.Popen(
-        [sys.executable, "-c", DOUBLE_CTRL_C], stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    try:
+    with _python(DOUBLE_CTRL_C) as run:
         child = int(run.stdout.readline())  # type: ignore[union-attr]
         grandchildren = children(child)
         assert grandchildren, "the child's sleep must have started"
@@ -255,12 +253,9 @@ def test_a_second_ctrl_c_exits_at_once_and_ends_the_processes_the_run_started() 
         assert run.poll() is None, "the first Ctrl-C only asks for a stop"
         run.send_signal(signal.SIGINT)
         _, err = run.communicate(timeout=30)
-    finally:
-        if run.poll() is None:
-            run.kill()
     assert run.returncode == 130
     # The line names the resume, as the first Ctrl-C's end would have (audit AL4).
-    assert err.decode().strip().splitlines()[-1] == (
+    assert err.strip().splitlines()[-1] == (
         "fedleak: stopped at once; finished rounds are kept; resume with: "
         "fedleak run quickstart --out /x --set sim.resume=true"
     )
@@ -274,10 +269,7 @@ def test_a_second_ctrl_c_exits_at_once_and_ends_the_processes_the_run_started() 
 def test_a_sigterm_passed_on_as_sigint_is_one_stop_request() -> None:
     """A parallel sweep's cells got the group's SIGTERM and, a moment later, the sweep's own
     passed on as SIGINT: each cell stopped at once, as after two Ctrl-C (audit BY1)."""
-    run = subprocess.Popen(
-        [sys.executable, "-c", DOUBLE_CTRL_C], stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    try:
+    with _python(DOUBLE_CTRL_C) as run:
         run.stdout.readline()  # type: ignore[union-attr]
         run.send_signal(signal.SIGTERM)
         time.sleep(0.05)
@@ -287,12 +279,9 @@ def test_a_sigterm_passed_on_as_sigint_is_one_stop_request() -> None:
         # One echo only: a person's Ctrl-C after it is their second request (audit BZ D1).
         run.send_signal(signal.SIGINT)
         _, err = run.communicate(timeout=30)
-    finally:
-        if run.poll() is None:
-            run.kill()
     assert run.returncode == 130
-    assert err.decode().count("stopping at the next safe point") == 1
-    assert "stopped at once" in err.decode()
+    assert err.count("stopping at the next safe point") == 1
+    assert "stopped at once" in err
 
 
 @pytest.mark.parametrize("delay", [0.6, 0.9, 1.2])
@@ -342,16 +331,10 @@ def test_a_sigterm_while_the_command_line_loads_is_one_line_and_130() -> None:
         "from fedleak.simulations.console import main\n"
         "sys.exit(main())\n"
     )
-    run = subprocess.Popen(
-        [sys.executable, "-c", slow_load], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    try:
+    with _python(slow_load) as run:
         assert run.stdout is not None and run.stdout.readline() == "loading\n"
         run.send_signal(signal.SIGTERM)
         _, err = run.communicate(timeout=30)
-    finally:
-        if run.poll() is None:
-            run.kill()
     assert (run.returncode, err) == (130, "fedleak: interrupted\n")
 
 
