@@ -267,6 +267,23 @@ def test_an_attack_parameter_at_its_default_or_of_an_unused_attack_changes_no_st
         check_resumable(parse_flat({**more, "attack.ig.restarts": 2}), run.path)
 
 
+def test_an_attack_added_on_resume_is_named_once_not_once_per_parameter(
+    tmp_path: Path,
+) -> None:
+    """Resuming with an attack the run did not run listed `attack.names` and then every
+    parameter of the new attack at its default, a dozen lines saying the same (audit BZ D3)."""
+    from fedleak.simulations.study import check_resumable
+
+    settings = {"num-server-rounds": 1, "attack.names": "aux-mean", "sim.resume": True}
+    run = RunDirectory.create(tmp_path / "run", parse_flat(settings), {})
+    run.append_round(0, [], _utility(0))
+    more = {**settings, "num-server-rounds": 2, "attack.names": "aux-mean,ig"}
+    with pytest.raises(RunDirectoryError) as refused:
+        check_resumable(parse_flat(more), run.path)
+    differing = str(refused.value).split("differing: ")[1].split(". ")[0]
+    assert differing == "attack.names='aux-mean,ig' (the run has 'aux-mean')"
+
+
 def test_a_run_begun_on_a_gpu_is_not_resumed_on_the_cpu(tmp_path: Path) -> None:
     """`device=auto` on a machine without the GPU the run began on resumed it on the CPU:
     its resumed rounds were attacked and evaluated with other kernels."""

@@ -325,6 +325,11 @@ def lpips_column(frame: pd.DataFrame) -> str:
     return "lpips_alex"
 
 
+def _parameter_of(key: str, attacks: set[str]) -> bool:
+    """Whether flat `key` is a parameter of one of `attacks` (`attack.<name>.<param>`)."""
+    return any(key.startswith(f"attack.{name}.") for name in attacks)
+
+
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "attack"
 
@@ -819,11 +824,16 @@ class RunDirectory:
         """Refuse to continue this run with settings that would mix two studies in it: only
         more rounds and bookkeeping (`RESUME_MAY_CHANGE`) may differ; every difference is named.
         `recorded`: the run's settings as the caller normalised them (default: as stored)."""
-        stored, wanted = (recorded or self.config).to_flat(), config.to_flat()
+        recorded = recorded or self.config
+        stored, wanted = recorded.to_flat(), config.to_flat()
+        # An attack added or dropped is named once, by `attack.names`, not once per parameter.
+        one_sided = set(recorded.attack.names) ^ set(config.attack.names)
         changed = [
             f"{key}={wanted.get(key)!r} (the run has {stored.get(key)!r})"
             for key in dict.fromkeys([*stored, *wanted])
-            if key not in RESUME_MAY_CHANGE and stored.get(key) != wanted.get(key)
+            if key not in RESUME_MAY_CHANGE
+            and stored.get(key) != wanted.get(key)
+            and not _parameter_of(key, one_sided)
         ]
         if changed:
             raise RunDirectoryError(
