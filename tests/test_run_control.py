@@ -406,3 +406,18 @@ def test_fedleak_run_gives_the_stop_at_once_its_resume_command(
     assert said == [
         f"fedleak run quickstart --set seed=3 --num-clients 4 --out {out} --set sim.resume=true"
     ]
+
+
+def test_a_ctrl_c_during_a_sweep_check_does_not_speak_of_kept_cells(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`fedleak sweep --check` runs no cell; its Ctrl-C said "finished cells are kept; rerun
+    the same sweep command to continue", as if a sweep had been stopped."""
+    from fedleak.simulations import sweep
+
+    def stopped(*args: object, **kwargs: object) -> list[str]:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep, "check_sweep", stopped)
+    assert main(["sweep", "demo", "--check", "--out", str(tmp_path)]) == 130
+    assert capsys.readouterr().err.strip() == "fedleak: interrupted"

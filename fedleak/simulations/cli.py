@@ -444,7 +444,7 @@ def _interrupted(args: argparse.Namespace | None, error: KeyboardInterrupt) -> s
         and args.command == "run"
     ):
         return f"interrupted: {error}; resume with: {_resume_hint(args, error.path)}"
-    if args is not None and args.command == "sweep":
+    if args is not None and args.command == "sweep" and not getattr(args, "check", False):
         return "interrupted: finished cells are kept; rerun the same sweep command to continue"
     return "interrupted"
 
