@@ -42,6 +42,10 @@ def test_rouge_is_the_reference_port() -> None:
     assert scores["rouge1"][0] == scores["rouge2"][0] == scores["rougeL"][0] == 1.0
     assert scores["rouge1"][1] == 0.0 and scores["rougeL"][1] == 0.0
     assert all(math.isnan(scores[name][2]) for name in scores)
+    # One word has no word pair: ROUGE-2 is undefined there, not 0 for an exact reconstruction.
+    single = rouge(["land", "sea"], ["land", "land"])
+    assert single["rouge1"] == single["rougeL"] == [1.0, 0.0]
+    assert all(math.isnan(value) for value in single["rouge2"])
     partial = rouge(["the cat on a mat"], ["the cat sat on the mat"])
     # 4 of 6 reference unigrams, 4 of 5 predicted: F = 2 * 0.8 * 0.667 / 1.467
     assert partial["rouge1"][0] == pytest.approx(2 * (4 / 5) * (4 / 6) / (4 / 5 + 4 / 6))

@@ -65,16 +65,20 @@ def _words() -> tokenizers.DefaultTokenizer:
 
 
 def rouge(recon_texts: Sequence[str], truth_texts: Sequence[str]) -> dict[str, list[float]]:
-    """ROUGE-1, ROUGE-2 and ROUGE-L F-measures of each reconstruction against its truth."""
+    """ROUGE-1, ROUGE-2 and ROUGE-L F-measures of each reconstruction against its truth; NaN
+    where the truth gives the measure nothing to count (no word; for ROUGE-2, no word pair),
+    since ROUGE would score even an exact reconstruction 0 there."""
     if len(recon_texts) != len(truth_texts):
         raise TokenShapeError(f"{len(recon_texts)} reconstructions for {len(truth_texts)} texts")
     scores: dict[str, list[float]] = {name: [] for name in ROUGE_TYPES}
     for recon, truth in zip(recon_texts, truth_texts, strict=True):
-        if not _words().tokenize(truth):
+        words = len(_words().tokenize(truth))
+        if not words:
             for name in ROUGE_TYPES:
                 scores[name].append(math.nan)
             continue
         result = _scorer().score(truth, recon)  # (target, prediction)
         for name in ROUGE_TYPES:
-            scores[name].append(float(result[name].fmeasure))
+            undefined = name == "rouge2" and words < 2
+            scores[name].append(math.nan if undefined else float(result[name].fmeasure))
     return scores
