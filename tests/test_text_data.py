@@ -134,6 +134,21 @@ def _split(corpus: TextCorpus, partitions: int = 4, **overrides: object):
     return split_text(corpus, partitions, 3, **options)  # type: ignore[arg-type]
 
 
+def test_auxiliary_text_held_by_clients_asks_for_longer_sequences_not_shorter() -> None:
+    """Sequences of two tokens from three words recur in every document: the refusal advised
+    lowering seq-len, already at its minimum (audit CB2); longer sequences pass."""
+    rng = np.random.default_rng(0)
+    documents = tuple(
+        Document(f"d{d}", " ".join(rng.choice(["a", "b", "c"], 200))) for d in range(40)
+    )
+    corpus = TextCorpus("synthetic", documents, (), "generated in the test")
+    with pytest.raises(DataSplitError) as refused:
+        _split(corpus, seq_len=2, vocab_size=260)
+    advice = str(refused.value).split("; ", 1)[1]
+    assert "raise data.seq-len" in advice and "lower" not in advice
+    assert len(_split(corpus, seq_len=8, vocab_size=260).aux) == 100
+
+
 def test_documents_are_split_whole_and_the_aux_text_is_disjoint() -> None:
     corpus = _corpus()
     split = _split(corpus)

@@ -128,11 +128,19 @@ def split_text(
         # The documents drawn depend on aux-size, so the count here is no bound for a lower
         # one; what is said is why these documents fell short.
         alike = int((~fresh).sum())
+        # Mostly alike: short sequences of few distinct tokens recur in every document, and
+        # fewer or shorter ones would only recur more.
+        advice = (
+            "sequences this short or of tokens this few recur across documents; raise "
+            "data.seq-len or, with the BPE tokenizer, data.vocab-size (a tokenizer that leaves "
+            "much text unknown makes sequences alike too)"
+            if 2 * alike >= len(fresh)
+            else "lower data.aux-size or data.seq-len"
+        )
         raise DataSplitError(
             f"data.aux-size={aux_size}: the {len(aux_ids)} {corpus.name} documents drawn for it "
             f"hold {len(fresh)} sequences of {seq_len} tokens, {alike} of them also held by a "
-            "client (a tokenizer that leaves much text unknown makes sequences alike); lower "
-            "aux-size or seq-len, or use a tokenizer that knows more of the text"
+            f"client; {advice}"
         )
     aux_rng = np.random.default_rng([seed, _AUX_STREAM])
     chosen = np.sort(aux_rng.choice(len(aux_pool), size=aux_size, replace=False))
