@@ -317,7 +317,7 @@ CASES = [
     Case(
         "batch-over-text-partition",
         (*TEXT, "--set", "train.batch-size=100000"),
-        "sequences (iid split of ",
+        "sequences (document split of ",
     ),
     Case(
         "seq-len-over-positions",

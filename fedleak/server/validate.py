@@ -303,9 +303,11 @@ def check_data_split(config: RunConfig, num_clients: int) -> FederatedData:
     if needed > smallest:
         key = "train.batch-size" if needed == train.batch_size else "train.examples"
         client = sizes.index(smallest)
+        # A corpus is dealt to clients as whole documents, whatever data.partition says.
+        split = "document" if noun == "sequence" else data.partition
         raise ConfigError(
             f"{key}={needed}: client {client} holds only {count(smallest)} "
-            f"({data.partition} split of {count(len(pool))} among {num_clients} clients), so "
+            f"({split} split of {count(len(pool))} among {num_clients} clients), so "
             f"it could never train; expected at most {smallest}, or fewer clients"
         )
     encoder = parse_defense_spec(config.defense.spec).encoder
