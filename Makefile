@@ -3,7 +3,11 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.fedleak-installed
+# The stamp is named for what pyproject.toml installs (build system, [project], setuptools'
+# tables): editing its Flower run configuration, as README's Flower section says to, is no
+# reason to install again. Without tomllib (Python < 3.11) any edit of the file is.
+INSTALL_KEY := $(shell $(PYTHON) -c "import hashlib, json, tomllib; d = tomllib.load(open('pyproject.toml', 'rb')); k = [d['build-system'], d['project'], d['tool'].get('setuptools')]; print(hashlib.sha256(json.dumps(k, sort_keys=True).encode()).hexdigest()[:12])" 2>/dev/null)
+STAMP := $(VENV)/.fedleak-installed$(if $(INSTALL_KEY),-$(INSTALL_KEY))
 
 .PHONY: demo flwr-run test install lint bench bench-scale clean data
 
@@ -17,7 +21,7 @@ install: $(STAMP)
 # way to get them.
 PIP := $(BIN)/python -m pip install --quiet -c constraints.txt
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): $(if $(INSTALL_KEY),,pyproject.toml) constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(PIP) torch torchvision

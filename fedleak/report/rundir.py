@@ -882,8 +882,8 @@ class RunDirectory:
         if recorded is not None and int(recorded) != num_clients:  # type: ignore[call-overload]
             raise RunDirectoryError(
                 f"{self.path}: was run with {recorded} clients, not {num_clients}; the data's "
-                f"partitions depend on it: run it with {recorded} (--num-clients, or num-clients "
-                "in a sweep) or choose another out-dir"
+                f"partitions depend on it: run it with {recorded} (--num-clients, num-clients "
+                "in a sweep, num-supernodes with flwr run) or choose another out-dir"
             )
         threads = environment.get("client_threads")
         if threads is not None and client_threads is not None and threads != client_threads:

@@ -362,7 +362,8 @@ def check_attacks(config: RunConfig, fd: FederatedData, num_clients: int) -> Non
         raise ConfigError(
             f"attack.clients-per-round={wanted}: a round trains {trained} of the "
             f"{num_clients} clients (num-clients x train.fraction-train, at least "
-            f"train.min-clients); expected 0 (every client) to {trained}"
+            "train.min-clients; under flwr run num-clients is num-supernodes); expected 0 "
+            f"(every client) to {trained}"
         )
     targets = config.examples_per_round
     if config.threat.share == "per-sample":
