@@ -199,6 +199,22 @@ def test_the_federation_size_is_what_the_nodes_declare() -> None:
     check_distinct_partitions([0, 1, None, None], "in round 3")  # foreign nodes say nothing
 
 
+def test_a_rounds_first_error_does_not_depend_on_the_node_ids_drawn() -> None:
+    """Flower draws node ids afresh in every run; failed replies were read in node-id order,
+    so FAILED and the summary named client 3 in one run and client 1 in the next (audit CC1)."""
+    seen = set()
+    for client_on_node in ({7: 3, 8: 1}, {7: 1, 8: 3}):
+        replies = [_reply(0, torch.ones(257), 2)]
+        for node, client in client_on_node.items():
+            query = Message(content=RecordDict(), dst_node_id=node, message_type="train")
+            error = MessageError(code=0, reason=f"client {client} failed on purpose")
+            replies.append(Message(error, reply_to=query))
+        strategy = _strategy()
+        strategy.aggregate_train(1, replies)
+        seen.add(strategy._round.first_error)
+    assert seen == {"client 1 failed on purpose"}
+
+
 def test_canonical_order_sorts_by_partition_and_puts_errors_last() -> None:
     replies = [_reply(p, torch.zeros(2), 1) for p in (3, 0, 2)]
     replies.insert(1, _failed(5))

@@ -322,7 +322,11 @@ class CuriousStrategy(Strategy):
         known = self.selection.partitions if self.selection is not None else None
         replies = canonical_order(replies, known)
         valid = [msg for msg in replies if not msg.has_error()]
-        failed = [msg.error for msg in replies if msg.has_error()]
+        # Failed replies by what they say: node ids are drawn afresh by every run, and the
+        # round's first error (FAILED, the summary) must be the same in every run.
+        failed = sorted(
+            (msg.error for msg in replies if msg.has_error()), key=lambda e: error_line(e.reason)
+        )
         errors = [error_line(error.reason) for error in failed]
         # Flower hands over only the replies that came within the timeout.
         unanswered = max(0, self._asked - len(replies))
