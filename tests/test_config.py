@@ -168,6 +168,8 @@ def test_flower_app_defaults_equal_the_quickstart_preset() -> None:
     pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     app_config = flatten_toml(pyproject["tool"]["flwr"]["app"]["config"])
     assert parse_flat(app_config) == load_preset("quickstart")
+    # Flower takes only listed keys; the resume hints tell flwr users to pass this one.
+    assert app_config["sim.resume"] is False
 
 
 def test_config_keys_prints_type_default_and_help(capsys: pytest.CaptureFixture[str]) -> None:
