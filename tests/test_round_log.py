@@ -197,3 +197,24 @@ def test_the_recorder_writes_a_round_once_its_jobs_are_scored_and_in_order(
     assert torch.equal(run_dir.load_global_model()[1]["w"], torch.ones(3))
     utility = RunDirectory.open(run_dir.path).utility().set_index("round")
     assert utility.loc[1, "attack_seconds"] == 0.5 and utility.loc[2, "attack_seconds"] == 0.25
+
+
+def test_a_rounds_images_appear_with_its_rows_not_before(tmp_path: Path) -> None:
+    """Images were saved as each job was scored: a run stopped before the round was recorded
+    kept pictures of reconstructions the stop had cut short, beside no rows (audit CC2)."""
+    config = parse_flat({"name": "t", "out-dir": str(tmp_path / "run")})
+    run_dir = RunDirectory.create(tmp_path / "run", config, {"seed": 0})
+    fd = federated_data(config, 2)
+    recorder = RunRecorder(run_dir, fd, 1, PrivacyLedger.from_config(config, fd))
+    recorder.round_finished(RoundLog(0), ArrayRecord({"w": torch.zeros(3)}))
+    observation = SimpleNamespace(round=1, client_id=0, modality="image")
+    guess = Reconstruction(torch.rand(1, 1, 28, 28), None, seconds=0.1)
+    result = AttackResult(AttackJob(0, "aux-mean", observation), guess)
+    row = {"round": 1, "client_id": 0, "attack": "aux-mean", "status": "ok"}
+    recorder.scored(ScoredJob(result, None, (row,)))
+    picture = run_dir.path / "images" / "r001_c000_aux-mean.png"
+    assert not picture.exists() and recorder.unrecorded == ()
+    recorder.round_finished(
+        RoundLog(1, replies=1, attack_jobs=1), ArrayRecord({"w": torch.ones(3)})
+    )
+    assert picture.exists() and RunDirectory.open(run_dir.path).leakage()["round"].tolist() == [1]

@@ -17,7 +17,7 @@ import platform
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -182,17 +182,22 @@ class RunRecorder:
         self.first_error: str | None = None  # the first failed reply's reason in the run
         self._ended: dict[int, _EndedRound] = {}
         self._rows: defaultdict[int, list[Row]] = defaultdict(list)
+        # Written with the round's rows: a stopped run leaves no picture of a round it did
+        # not record (an attack the stop cut short).
+        self._images: defaultdict[int, list[Callable[[], object]]] = defaultdict(list)
         self._scored: Counter[int] = Counter()
         self._attack_seconds: defaultdict[int, float] = defaultdict(float)
         self._started = time.perf_counter()
         self._said_diverged = False
 
     def scored(self, job: ScoredJob) -> None:
-        """Keep the job's rows for its round's record; save its images now."""
+        """Keep the job's rows, and the samples its images show, for its round's record."""
         self._attack_seconds[job.round] += job.result.reconstruction.seconds
         self._rows[job.round].extend(job.rows)
         self._scored[job.round] += 1
-        self._save_images(job)
+        image = self._image_of(job)
+        if image is not None:
+            self._images[job.round].append(image)
         self._write_complete()
 
     def round_finished(self, log: RoundLog, arrays: ArrayRecord) -> None:
@@ -235,6 +240,8 @@ class RunRecorder:
         }
         rows = self._rows.pop(log.round, [])
         del self._scored[log.round]
+        for save in self._images.pop(log.round, []):
+            save()
         self.run_dir.append_round(log.round, rows, utility)
         accounting = Accounting(dict(self.participation), dict(log.central_releases))
         self.run_dir.save_global_model(log.round, ended.state, accounting)
@@ -260,37 +267,37 @@ class RunRecorder:
                 flush=True,
             )
 
-    def _save_images(self, job: ScoredJob) -> None:
-        """Ground truth beside the reconstruction, in the auditor's matched order (the
-        reconstruction alone when there is no ground truth)."""
+    def _image_of(self, job: ScoredJob) -> Callable[[], object] | None:
+        """What saves ground truth beside the reconstruction, in the auditor's matched order
+        (the reconstruction alone when there is no ground truth); it holds only the samples
+        shown."""
         reconstruction, observation = job.result.reconstruction, job.result.job.observation
         if reconstruction.status != "ok" or self.images_per_client == 0:
-            return
+            return None
         where = (observation.round, observation.client_id, job.result.job.attack)
         if job.truth is None:
-            if observation.modality == "image":
-                self.run_dir.save_images(
-                    *where, None, reconstruction.inputs[: self.images_per_client]
-                )
-            return
+            if observation.modality != "image":
+                return None
+            shown = reconstruction.inputs[: self.images_per_client]
+            return functools.partial(self.run_dir.save_images, *where, None, shown)
         pairs = [
             (int(r["sample"]), int(r["target_index"]))  # type: ignore[call-overload]
             for r in job.rows
             if r["scored_against"] == "original" and int(r["sample"]) >= 0  # type: ignore[call-overload]
         ][: self.images_per_client]
         if not pairs:
-            return
+            return None
         samples, targets = zip(*pairs, strict=True)
+        guesses = reconstruction.inputs[list(samples)]
         if observation.modality == "tokens":
-            save_token_pairs(
+            return functools.partial(
+                save_token_pairs,
                 self.run_dir.path,
                 *where,
                 job.truth.inputs[list(targets)],
-                reconstruction.inputs[list(samples)],
+                guesses,
                 self.fd.dataset.tokenizer.pieces,
                 targets,
             )
-        else:
-            self.run_dir.save_images(
-                *where, job.truth.private[list(targets)], reconstruction.inputs[list(samples)]
-            )
+        truth = job.truth.private[list(targets)]
+        return functools.partial(self.run_dir.save_images, *where, truth, guesses)
