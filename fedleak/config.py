@@ -210,7 +210,9 @@ class AttackConfig(Settings):
         120.0, low=0.0, low_open=True, doc="time budget of one attack on one client"
     )
     show_progress: bool = _setting(False, doc="progress bars for long attacks")
-    images_per_client: int = _setting(8, low=0, doc="samples saved to image grids")
+    images_per_client: int = _setting(
+        8, low=0, doc="samples saved to image grids (texts/ pairs on text)"
+    )
     workers: int = _setting(0, low=0, doc="Ray attack workers; 0 = run attacks inline")
     worker_cpus: float = _setting(1.0, low=0.0, low_open=True, doc="CPUs per attack worker")
     worker_gpus: float = _setting(0.0, low=0.0, doc="GPU share per attack worker")
