@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 ELLIPSIS = "..."
+# The longest line an error shows the user (`fedleak` and `flwr run` alike): a message of
+# several clauses (what failed, why, how to go on) must not lose its remedy to the cut.
+MAX_LINE = 2000
 
 
 def one_line(text: object, limit: int = 300) -> str:

@@ -432,6 +432,21 @@ def test_an_audited_apps_own_errors_reach_flowers_log_as_one_line() -> None:
             FLOWER_LOGGER.addFilter(existing)
 
 
+def test_a_long_error_under_flwr_run_keeps_its_remedy() -> None:
+    """The stream's line was cut at 300 characters, `fedleak run`'s at 2,000: a client's
+    failure lost "resume with sim.resume=true" under `flwr run` (audit CA5)."""
+    import logging
+
+    from fedleak.simulations.study import OneLineErrors, RunFailed
+
+    error = RunFailed(f"/runs/x: round 2: a client failed ({'why ' * 80}); resume with it")
+    record = logging.LogRecord(
+        "flwr", logging.ERROR, __file__, 1, "failed", None, (RunFailed, error, None)
+    )
+    assert OneLineErrors().filter(record)
+    assert record.getMessage().endswith("; resume with it")
+
+
 def test_a_failed_run_gets_its_report_from_the_server(tmp_path: Path) -> None:
     """`flwr run` and an audited app have no `fedleak run` to build the report of a failed
     run afterwards: the server writes it beside FAILED, then raises."""

@@ -24,12 +24,10 @@ from typing import Any, NoReturn
 
 from fedleak.config import ConfigError, RunConfig, parse_flat
 from fedleak.heap import reuse_freed_memory
-from fedleak.lines import one_line
+from fedleak.lines import MAX_LINE, one_line
 from fedleak.simulations.terminal import printing_safely
 
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
-# One line must stay readable: longer messages are cut.
-MAX_LINE = 2000
 
 
 class UsageError(Exception):

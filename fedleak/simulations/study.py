@@ -41,7 +41,7 @@ from fedleak.data import FederatedData
 from fedleak.data.content import data_fingerprint
 from fedleak.heap import reuse_freed_memory
 from fedleak.interrupt import RunInterrupted
-from fedleak.lines import error_line, one_line
+from fedleak.lines import MAX_LINE, error_line, one_line
 from fedleak.registry import is_own_error
 from fedleak.report.lock import RunLock
 from fedleak.report.progress import Progress
@@ -89,7 +89,7 @@ class OneLineErrors(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
         if error is not None and is_own_error(error):
-            record.msg = f"{record.getMessage()}: {error_line(error)}"
+            record.msg = f"{record.getMessage()}: {error_line(error, MAX_LINE)}"
             record.args = None
             record.exc_info = None
             record.exc_text = None
