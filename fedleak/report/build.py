@@ -142,7 +142,8 @@ def _scoring(modalities: frozenset[str], lpips: str, leakage: pd.DataFrame) -> l
             "when each was shared alone, else matched to one (Hungarian assignment on the "
             "fraction of mismatched positions), by token accuracy "
             "(position by position) and by the ROUGE-1, ROUGE-2 and ROUGE-L F-measures of the "
-            "decoded texts (`rouge-score`, no stemming)."
+            "decoded texts (`rouge-score`, no stemming); a sequence whose truth holds no word "
+            "pair has no ROUGE-2 (nor, with no word, any ROUGE), so ROUGE's n can be smaller."
         )
     floors = []
     if "image" in modalities:

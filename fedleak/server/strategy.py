@@ -122,6 +122,11 @@ def error_line(reason: str) -> str:
     return line[: end + 1] if end > 0 else one_line(line)
 
 
+def _numbers_as_numbers(text: str) -> tuple[str | int, ...]:
+    """A sort key that orders the digit runs in `text` by value."""
+    return tuple(int(part) if i % 2 else part for i, part in enumerate(re.split(r"(\d+)", text)))
+
+
 def train_metrics(records: list[RecordDict], weighting_metric_name: str) -> MetricRecord:
     """The round's training metrics that mean something once aggregated (FedAvg's
     `train_metrics_aggr_fn`): the example-weighted mean training loss, the examples and the
@@ -322,10 +327,12 @@ class CuriousStrategy(Strategy):
         known = self.selection.partitions if self.selection is not None else None
         replies = canonical_order(replies, known)
         valid = [msg for msg in replies if not msg.has_error()]
-        # Failed replies by what they say: node ids are drawn afresh by every run, and the
-        # round's first error (FAILED, the summary) must be the same in every run.
+        # Failed replies by what they say, numbers as numbers (client 3 before client 10):
+        # node ids are drawn afresh by every run, and the round's first error (FAILED, the
+        # summary) must be the same in every run.
         failed = sorted(
-            (msg.error for msg in replies if msg.has_error()), key=lambda e: error_line(e.reason)
+            (msg.error for msg in replies if msg.has_error()),
+            key=lambda e: _numbers_as_numbers(error_line(e.reason)),
         )
         errors = [error_line(error.reason) for error in failed]
         # Flower hands over only the replies that came within the timeout.
