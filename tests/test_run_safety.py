@@ -311,12 +311,18 @@ def test_an_engine_failure_is_told_by_the_runs_reason(
     def engine_stops(config: RunConfig, *args: object) -> None:
         if config.name == "recorded":
             RunDirectory(Path(config.out_dir)).mark_failed(reason)
-        if config.name == "begun":  # the run had begun, and wrote no FAILED of its own
+        if config.name in ("begun", "half"):  # the run had begun, and wrote no FAILED
             RunDirectory.create(Path(config.out_dir), config, {})
+        if config.name == "half":  # the engine failed before config.toml was written
+            (Path(config.out_dir) / "config.toml").unlink()
+        # Flower wraps the cause twice (audit CE2: only the middle "crashed" was said).
         try:
-            raise ValueError("actor pool could not start")
-        except ValueError as cause:
-            raise RuntimeError("An error was encountered. Ending simulation.") from cause
+            try:
+                raise ValueError("actor pool could not start")
+            except ValueError as cause:
+                raise RuntimeError("Simulation Runtime crashed.") from cause
+        except RuntimeError as crash:
+            raise RuntimeError("An error was encountered. Ending simulation.") from crash
 
     monkeypatch.setattr(launch, "simulate", engine_stops)
     monkeypatch.setattr(launch, "validate_run", lambda *args: None)  # no GPU on this machine
@@ -342,6 +348,12 @@ def test_an_engine_failure_is_told_by_the_runs_reason(
     assert RunDirectory.open(tmp_path / "c").failed_reason() == (
         "Flower's simulation engine stopped (ValueError: actor pool could not start)"
     )
+    # Without its config.toml the folder could not be opened to write FAILED, and that error
+    # ("not a run directory") replaced the engine's (audit CE1).
+    half = parse_flat({"name": "half", "out-dir": str(tmp_path / "d")})
+    with pytest.raises(launch.StudyFailed, match=r"engine stopped \(ValueError: actor pool"):
+        launch.run_study(half, num_clients=2)
+    assert RunDirectory(tmp_path / "d").failed_reason().startswith("Flower's simulation engine")
 
 
 def test_a_run_that_raised_anything_is_marked_failed(

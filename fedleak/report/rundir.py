@@ -1000,7 +1000,8 @@ def mark_failed_if_silent(path: Path, reason: str) -> None:
     """FAILED with `reason` in the run directory at `path`, unless it holds one already: a run
     whose process died, or whose engine crashed, wrote none and would read as merely stopped."""
     if is_run_directory(path) and not (Path(path) / FAILED_FILE).exists():
-        RunDirectory.open(path).mark_failed(reason)
+        # Not `open`: an engine that failed early left no config.toml to open it by.
+        RunDirectory(path).mark_failed(reason)
 
 
 def is_run_directory(path: Path) -> bool:

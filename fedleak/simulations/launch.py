@@ -154,13 +154,24 @@ def _engine_stopped(out: Path, error: RuntimeError, client_gpus: float) -> str:
     share that no node gives is the usual cause of clients that never answer."""
     reason = RunDirectory(out).failed_reason() if out.is_dir() else ""
     if not reason:
-        reason = f"Flower's simulation engine stopped ({error_line(error.__cause__ or error)})"
+        reason = f"Flower's simulation engine stopped ({error_line(_root_cause(error))})"
     if client_gpus > 0 and os.environ.get("RAY_ADDRESS", "local") not in ("", "local"):
         reason += (
             f"; check that a node of the Ray cluster at RAY_ADDRESS offers the "
             f"--client-gpus {client_gpus:g} share each client asks for"
         )
     return f"run failed: {reason}"
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """The innermost of the errors `error` was raised from: Flower wraps an engine's failure
+    (Ray that cannot start: a socket path too long, a locale that cannot encode the out-dir)
+    in two errors that only say it crashed."""
+    seen = {id(error)}
+    while error.__cause__ is not None and id(error.__cause__) not in seen:
+        error = error.__cause__
+        seen.add(id(error))
+    return error
 
 
 def simulate(
