@@ -83,3 +83,22 @@ def test_a_run_without_attacks_times_every_round_as_one_kind() -> None:
     # 'none' parses to no names: no round is slower, so no round waits for another kind.
     off = _round_kind(parse_flat({**schedule, "attack.names": "none"}))
     assert len({off(r) for r in range(1, 5)}) == 1
+
+
+def test_an_attack_bar_in_a_log_ends_on_a_line_of_its_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`attack.show-progress` into a pipe erased its bar with carriage returns and glued it to
+    the round's line (audit CE3): off a terminal the bar is kept and ends with a newline."""
+    import io
+
+    from fedleak.attacks.progress import progress_bar
+
+    log = io.StringIO()  # not a terminal
+    monkeypatch.setattr("sys.stderr", log)
+    bar = progress_bar(20, "ig", show=True)
+    bar.update(20)
+    bar.close()
+    print("round 1/1", file=log)
+    last = log.getvalue().rsplit("\r", 1)[-1]
+    assert last.startswith("ig: 100%") and last.endswith("\nround 1/1\n")
