@@ -421,3 +421,26 @@ def test_a_ctrl_c_during_a_sweep_check_does_not_speak_of_kept_cells(
     monkeypatch.setattr(sweep, "check_sweep", stopped)
     assert main(["sweep", "demo", "--check", "--out", str(tmp_path)]) == 130
     assert capsys.readouterr().err.strip() == "fedleak: interrupted"
+
+
+def test_a_deleted_working_directory_is_one_line(tmp_path: Path) -> None:
+    """A command that loads torch, run from a folder removed since, ended with torch's
+    libraries failing to load ("Intel oneMKL FATAL ERROR") and exit 2, the status of bad
+    arguments (audit CE6)."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    # The interpreter must start there: torch loads from a folder removed afterwards.
+    command = (
+        'cd "$1" && rmdir "$1" && exec "$2" -c "import sys; sys.argv = [\'fedleak\', '
+        "'config-keys']; from fedleak.simulations.console import main; sys.exit(main())\""
+    )
+    done = subprocess.run(
+        ["bash", "-c", command, "-", str(gone), sys.executable],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        "fedleak: error: the working directory no longer exists; cd to one"
+    ]

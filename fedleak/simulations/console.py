@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
-EXIT_INTERRUPTED = 130
+EXIT_ERROR, EXIT_INTERRUPTED = 1, 130
 
 
 def _terminated(_signum: int, _frame: object) -> None:
@@ -18,6 +19,11 @@ def main() -> int:
     (a scheduler ending the job) is a Ctrl-C from the start: before a run installs its own
     handling it ended the process with no word (exit -15)."""
     signal.signal(signal.SIGTERM, _terminated)
+    try:
+        os.getcwd()
+    except FileNotFoundError:  # torch's libraries then fail to load with a fatal MKL line
+        print("fedleak: error: the working directory no longer exists; cd to one", file=sys.stderr)
+        return EXIT_ERROR
     try:
         from fedleak.simulations.cli import main as run
     except KeyboardInterrupt:
