@@ -10,7 +10,11 @@ import sys
 from pathlib import Path
 
 from fedleak.simulations.cli import main
-from fedleak.simulations.terminal import OutlivedStream, guard_worker_streams
+from fedleak.simulations.terminal import (
+    OutlivedStream,
+    escape_unencodable,
+    guard_worker_streams,
+)
 
 
 class _ClosedAfter(io.StringIO):
@@ -55,6 +59,17 @@ def test_characters_the_terminal_cannot_encode_are_escaped(monkeypatch) -> None:
     assert main(["presets"]) == 0
     ascii_terminal.flush()
     assert b"accuracy and \\u03b5" in raw.getvalue()  # dp-frontier's line, whole
+
+
+def test_a_paths_undecodable_bytes_are_printed_as_themselves(monkeypatch) -> None:
+    """In a C locale a path with 'ü' is held as surrogates; backslash escapes printed it as
+    "\\udcc3\\udcbc", a path no one could copy and use (audit CE4)."""
+    raw = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(raw, encoding="ascii"))
+    escape_unencodable()
+    print("report: /runs/\udcc3\udcbc/report.html (\u03b5)")
+    sys.stdout.flush()
+    assert raw.getvalue() == b"report: /runs/\xc3\xbc/report.html (\\u03b5)\n"
 
 
 def test_a_study_piped_into_a_reader_that_stops_runs_to_its_end(tmp_path: Path) -> None:

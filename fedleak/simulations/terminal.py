@@ -8,6 +8,7 @@ DP round's line ended it too. `printing_safely` makes both harmless for one comm
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import io
 import os
@@ -68,12 +69,28 @@ class OutlivedStream(io.TextIOBase):
         return getattr(self._stream, "encoding", "utf-8")
 
 
+def _paths_as_bytes_others_escaped(error: UnicodeError) -> tuple[str | bytes, int]:
+    """Undecodable bytes of a file name (which Python holds as surrogates U+DC80..U+DCFF) go
+    back out as those bytes, so a printed path can be copied and used; any other character
+    the terminal cannot encode is written as an escape."""
+    if isinstance(error, UnicodeEncodeError):
+        chunk = error.object[error.start : error.end]
+        if all(0xDC80 <= ord(char) <= 0xDCFF for char in chunk):
+            return bytes(ord(char) - 0xDC00 for char in chunk), error.end
+    return codecs.backslashreplace_errors(error)
+
+
+ESCAPE_ERRORS = "fedleak-escape"
+codecs.register_error(ESCAPE_ERRORS, _paths_as_bytes_others_escaped)
+
+
 def escape_unencodable() -> None:
-    """Characters the terminal cannot encode are written as escapes (`\\u03b5`)."""
+    """Characters the terminal cannot encode are written as escapes (`\\u03b5`), a path's
+    undecodable bytes as themselves."""
     for stream in (sys.stdout, sys.stderr):
         reconfigure = getattr(stream, "reconfigure", None)
         if reconfigure is not None:
-            reconfigure(errors="backslashreplace")
+            reconfigure(errors=ESCAPE_ERRORS)
 
 
 def guard_worker_streams() -> None:
