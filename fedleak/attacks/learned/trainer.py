@@ -147,8 +147,10 @@ class EpochTrainer:
                     best_state = {k: v.detach().clone() for k, v in inverter.state_dict().items()}
                 else:
                     stale += 1
+            # The postfix first, without a redraw of its own: the update redraws (at most as
+            # often as the bar allows, which off a terminal is rarely).
+            bar.set_postfix({self.score_name: f"{score:.3f}"}, refresh=False)
             bar.update(1)
-            bar.set_postfix({self.score_name: f"{score:.3f}"})
             if timed_out:
                 break
             if self.patience is not None and stale >= self.patience:

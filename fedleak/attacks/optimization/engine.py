@@ -429,9 +429,10 @@ def optimise(
                 _keep(snapshot, variables, finite)
                 lost_at.masked_fill_(~finite & ~lost, iteration)
                 lost |= ~finite
+                if budget.show_progress:  # shown by the update's redraw, not one of its own
+                    mean = matching.detach().mean().item()
+                    progress.set_postfix(matching=f"{mean:.4g}", refresh=False)
                 progress.update(iteration - progress.n)
-                if budget.show_progress:
-                    progress.set_postfix(matching=f"{matching.detach().mean().item():.4g}")
                 if not bool(finite.any()):
                     stopped_by = "nan"
                     break
