@@ -202,17 +202,22 @@ def test_the_federation_size_is_what_the_nodes_declare() -> None:
 def test_a_rounds_first_error_does_not_depend_on_the_node_ids_drawn() -> None:
     """Flower draws node ids afresh in every run; failed replies were read in node-id order,
     so FAILED and the summary named client 3 in one run and client 1 in the next (audit CC1)."""
-    seen = set()
-    for client_on_node in ({7: 10, 8: 3}, {7: 3, 8: 10}):
+
+    def first_error(reason_on_node: dict[int, str]) -> str | None:
         replies = [_reply(0, torch.ones(257), 2)]
-        for node, client in client_on_node.items():
+        for node, reason in reason_on_node.items():
             query = Message(content=RecordDict(), dst_node_id=node, message_type="train")
-            error = MessageError(code=0, reason=f"client {client} failed on purpose")
-            replies.append(Message(error, reply_to=query))
+            replies.append(Message(MessageError(code=0, reason=reason), reply_to=query))
         strategy = _strategy()
         strategy.aggregate_train(1, replies)
-        seen.add(strategy._round.first_error)
-    assert seen == {"client 3 failed on purpose"}  # by number: not "client 10" as text
+        return strategy._round.first_error
+
+    three, ten = "client 3 failed on purpose", "client 10 failed on purpose"
+    # By number: not "client 10", which sorts first as text.
+    assert first_error({7: ten, 8: three}) == first_error({7: three, 8: ten}) == three
+    # Texts whose numbers read alike ("1.5", "1.05") still differ (audit CF2).
+    wide, narrow = "loss 1.5 is not finite", "loss 1.05 is not finite"
+    assert first_error({7: wide, 8: narrow}) == first_error({7: narrow, 8: wide})
 
 
 def test_canonical_order_sorts_by_partition_and_puts_errors_last() -> None:

@@ -332,7 +332,7 @@ class CuriousStrategy(Strategy):
         # summary) must be the same in every run.
         failed = sorted(
             (msg.error for msg in replies if msg.has_error()),
-            key=lambda e: _numbers_as_numbers(error_line(e.reason)),
+            key=lambda e: (_numbers_as_numbers(error_line(e.reason)), error_line(e.reason)),
         )
         errors = [error_line(error.reason) for error in failed]
         # Flower hands over only the replies that came within the timeout.
