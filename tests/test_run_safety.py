@@ -643,3 +643,15 @@ def test_a_cache_folder_under_a_file_is_refused_before_a_run_folder_exists(
     with pytest.raises(ConfigError, match=r"^attack\.lti\.cache-dir=.*afile is not a folder"):
         serve(TwoNodes(), config)  # type: ignore[arg-type]
     assert not out.exists()
+
+
+def test_an_out_dir_that_is_not_utf8_is_refused_before_ray_starts(tmp_path: Path) -> None:
+    """A folder name with a byte no locale decodes passed `check`, then failed 20 s later,
+    after Ray started, with an encoding error that named no setting (audit CF1)."""
+    from fedleak.config import ConfigError
+    from fedleak.simulations.launch import check_out_dir
+
+    config = parse_flat({"out-dir": f"{tmp_path}/run\udcff"})
+    with pytest.raises(ConfigError, match=r"^out-dir='.*run\\udcff': the path holds bytes"):
+        check_out_dir(config, num_clients=2)
+    assert list(tmp_path.iterdir()) == []

@@ -1167,3 +1167,17 @@ def test_a_cell_an_older_fedleak_left_unfinished_is_started_over_with_a_line(
         "fedleak (its environment.json records no run format))" in said
     )
     assert (cell / "DONE").exists()
+
+
+def test_a_failed_cells_line_keeps_its_remedy(tmp_path: Path) -> None:
+    """A cell's failure was cut at 300 characters, losing "resume with sim.resume=true" from a
+    client crash's message, in the cell's line and in sweep.json (audit CF4)."""
+    from fedleak.config import parse_flat
+    from fedleak.simulations.launch import StudyFailed
+    from fedleak.simulations.sweep import _run_cell
+
+    def crashed(config: RunConfig, path: Path) -> None:
+        raise StudyFailed(f"run failed: round 2: a client failed ({'why ' * 80}); resume with it")
+
+    status, message, _ = _run_cell(crashed, parse_flat({}), tmp_path / "cell")
+    assert status == "failed" and message.endswith("; resume with it")

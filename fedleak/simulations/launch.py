@@ -38,7 +38,7 @@ from fedleak.interrupt import (
     say_last_words,
     stop_requested,
 )
-from fedleak.lines import error_line
+from fedleak.lines import MAX_LINE, error_line
 from fedleak.report.lock import RunLock
 from fedleak.report.rundir import RunDirectory, RunDirectoryError, mark_failed_if_silent
 from fedleak.server.pool import ray_init_args
@@ -78,6 +78,13 @@ def check_out_dir(config: RunConfig, num_clients: int, client_cpus: float = 1.0)
     same): a run in progress there, a folder that is not new, empty or fedleak's, and a resume
     with other settings or clients."""
     out = Path(config.out_dir) if config.out_dir else default_run_dir(config)
+    try:
+        str(out).encode("utf-8")
+    except UnicodeEncodeError:  # bytes no locale decoded: Python holds them as surrogates
+        raise ConfigError(
+            f"out-dir={str(out)!r}: the path holds bytes that are not UTF-8 text, which the "
+            "run's records (config.toml) cannot name; expected a path of UTF-8 characters"
+        ) from None
     RunLock(out).probe()  # a run in progress there is the first thing to say
     RunDirectory.check_target(out, resume=config.sim.resume)
     resolved = dataclasses.replace(config, out_dir=str(out))
@@ -120,13 +127,13 @@ def run_study(
             raise  # a refusal (a resume under other settings): the folder stays as it was
         except RuntimeError as error:
             if type(error) is not RuntimeError:  # fedleak's own, which say what happened
-                _marked_failed(out, error_line(error))
+                _marked_failed(out, error_line(error, MAX_LINE))
                 raise
             raise StudyFailed(
                 _marked_failed(out, _engine_stopped(out, error, client_gpus))
             ) from error
         except Exception as error:  # a plug-in's bug, or fedleak's: the run still failed
-            _marked_failed(out, error_line(error))
+            _marked_failed(out, error_line(error, MAX_LINE))
             raise
     done = _finished(out)
     if done < config.num_server_rounds:

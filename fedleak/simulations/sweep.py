@@ -79,7 +79,7 @@ from typing import Any, TextIO
 
 from fedleak.config import ConfigError, RunConfig, flatten_toml, parse_flat
 from fedleak.interrupt import last_words, stop_requests
-from fedleak.lines import error_line
+from fedleak.lines import MAX_LINE, error_line
 from fedleak.report import collect
 from fedleak.report.collect import MANIFEST
 from fedleak.report.lock import RunLock
@@ -559,7 +559,7 @@ def _run_cell(
                 redirected.enter_context(contextlib.redirect_stderr(err))
             runner(config, path)
     except Exception as error:  # one cell's failure must not stop the others
-        return "failed", error_line(error), time.perf_counter() - start
+        return "failed", error_line(error, MAX_LINE), time.perf_counter() - start
     finally:
         for lines in (out, err):
             if lines:
@@ -965,7 +965,7 @@ def _run_plan(
                             try:
                                 result = future.result()
                             except Exception as error:  # the worker process itself died
-                                result = ("failed", error_line(error), 0.0)
+                                result = ("failed", error_line(error, MAX_LINE), 0.0)
                             record(cell, result)
                 finally:
                     # The running cells stop at their own safe point (a terminal's Ctrl-C
