@@ -102,3 +102,26 @@ def test_an_attack_bar_in_a_log_ends_on_a_line_of_its_own(
     print("round 1/1", file=log)
     last = log.getvalue().rsplit("\r", 1)[-1]
     assert last.startswith("ig: 100%") and last.endswith("\nround 1/1\n")
+
+
+def test_a_notebooks_attack_bar_stays_live(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a notebook `tqdm.auto` gives a widget bar and stderr is no terminal: the log
+    file's 30-second bar would have frozen the widget for half a minute at a time."""
+    import io
+
+    import tqdm.auto
+    import tqdm.autonotebook
+
+    from fedleak.attacks.progress import progress_bar
+
+    made: list[dict] = []
+
+    class Widget:
+        def __init__(self, **options: object) -> None:
+            made.append(options)
+
+    monkeypatch.setattr("sys.stderr", io.StringIO())
+    monkeypatch.setattr(tqdm.autonotebook, "tqdm", Widget)  # what it picks in a notebook
+    monkeypatch.setattr(tqdm.auto, "tqdm", Widget)
+    progress_bar(20, "ig", show=True)
+    assert made == [{"total": 20, "desc": "ig", "leave": False}]

@@ -25,13 +25,15 @@ class SilentBar:
 def progress_bar(total: int, description: str, show: bool) -> Any:
     """A tqdm bar over `total` steps when `show`, else a `SilentBar`. Off a terminal (a log
     file, a pipe) the bar redraws at most every 30 s and ends on a line of its own: a bar
-    erased with carriage returns glued itself to the round's line."""
+    erased with carriage returns glued itself to the round's line. A notebook's widget bar
+    (whose stderr is no terminal either) stays live."""
     if not show:
         return SilentBar()
     import sys
 
+    from tqdm import autonotebook, std
     from tqdm.auto import tqdm
 
-    if sys.stderr.isatty():
+    if sys.stderr.isatty() or autonotebook.tqdm is not std.tqdm:
         return tqdm(total=total, desc=description, leave=False)
     return tqdm(total=total, desc=description, leave=True, mininterval=30.0)
