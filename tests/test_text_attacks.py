@@ -273,9 +273,14 @@ def test_tag_rows_record_its_matching_loss_and_convergence(
     assert fitted.loss_start is not None and fitted.loss_final is not None
     assert untouched.loss_start is not None and untouched.loss_final is not None
     assert fitted.loss_start.shape == fitted.loss_final.shape == (2,)  # one per sequence
-    # Both runs start from the same guesses: the same tokens read at the start.
-    assert torch.equal(fitted.loss_start, untouched.loss_start)
     assert torch.equal(untouched.loss_final, untouched.loss_start)
+    # The start is that of the restart kept, which the budget decides (the best at the end,
+    # or at the start): with one restart, both runs read the same tokens at the start. (With
+    # two, which restart won a sequence at 200 iterations differed between CPUs.)
+    single = TAG(TAGConfig(restarts=1))
+    moved = single.reconstruct(observation, knowledge, Budget(20, 1e9)).loss_start
+    still = single.reconstruct(observation, knowledge, Budget(0, 1e9)).loss_start
+    assert moved is not None and still is not None and torch.equal(moved, still)
     exact = (fitted.inputs == private).all(dim=1)
     assert bool(exact.any())  # measured: both sequences of 8 tokens, at 200 iterations
     assert (fitted.loss_final[exact] < 1e-3 * fitted.loss_start[exact]).all()
