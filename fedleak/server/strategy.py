@@ -122,9 +122,11 @@ def error_line(reason: str) -> str:
     return line[: end + 1] if end > 0 else one_line(line)
 
 
-def _numbers_as_numbers(text: str) -> tuple[str | int, ...]:
-    """A sort key that orders the digit runs in `text` by value."""
-    return tuple(int(part) if i % 2 else part for i, part in enumerate(re.split(r"(\d+)", text)))
+def _reading_order(text: str) -> tuple[tuple[str | int, ...], str]:
+    """A sort key that orders the digit runs in `text` by value (client 3 before client 10),
+    then by the text itself (1.5 and 1.05 read alike as numbers)."""
+    parts = re.split(r"(\d+)", text)
+    return tuple(int(part) if i % 2 else part for i, part in enumerate(parts)), text
 
 
 def train_metrics(records: list[RecordDict], weighting_metric_name: str) -> MetricRecord:
@@ -327,20 +329,19 @@ class CuriousStrategy(Strategy):
         known = self.selection.partitions if self.selection is not None else None
         replies = canonical_order(replies, known)
         valid = [msg for msg in replies if not msg.has_error()]
-        # Failed replies by what they say, numbers as numbers (client 3 before client 10):
-        # node ids are drawn afresh by every run, and the round's first error (FAILED, the
-        # summary) must be the same in every run.
+        # Failed replies by what they say, not by node ids, which every run draws afresh: the
+        # round's first error (FAILED, the summary) is the same in every run.
         failed = sorted(
-            (msg.error for msg in replies if msg.has_error()),
-            key=lambda e: (_numbers_as_numbers(error_line(e.reason)), error_line(e.reason)),
+            ((error_line(msg.error.reason), msg.error.code) for msg in replies if msg.has_error()),
+            key=lambda failure: _reading_order(failure[0]),
         )
-        errors = [error_line(error.reason) for error in failed]
+        errors = [line for line, _ in failed]
         # Flower hands over only the replies that came within the timeout.
         unanswered = max(0, self._asked - len(replies))
         errors += [f"no reply within sim.timeout={self._timeout:g} s"] * unanswered
         # A round refused for its failures says so in one line, without a warning per reply.
         self.check_failures(
-            server_round, [error.code for error in failed] + [TIMED_OUT] * unanswered, errors
+            server_round, [code for _, code in failed] + [TIMED_OUT] * unanswered, errors
         )
         for reason in errors:
             log.warning("round %d: client reply failed: %s", server_round, reason)

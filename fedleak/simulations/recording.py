@@ -278,7 +278,7 @@ class RunRecorder:
         if job.truth is None:
             if observation.modality != "image":
                 return None
-            shown = reconstruction.inputs[: self.images_per_client]
+            shown = reconstruction.inputs[: self.images_per_client].clone()
             return functools.partial(self.run_dir.save_images, *where, None, shown)
         pairs = [
             (int(r["sample"]), int(r["target_index"]))  # type: ignore[call-overload]
