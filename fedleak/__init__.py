@@ -8,7 +8,8 @@ As a library (`docs/api.md`):
   settings (`fedleak config-keys` lists them);
 - `reconstruct(attack, observation, aux_inputs, aux_labels, max_iterations=...)`: run it;
 - `score(reconstruction, inputs, labels)`: match the guesses to the private batch and measure
-  them (MSE, PSNR, SSIM, LPIPS, label accuracy);
+  them (MSE, PSNR, SSIM, LPIPS, label accuracy; token accuracy and ROUGE for a language
+  model's token sequences);
 - `audit(grid, strategy, settings, ...)`: inside your own Flower ServerApp, in place of
   `strategy.start(...)`: your strategy wrapped in fedleak's `CuriousStrategy` (your ClientApp
   adds `fedleak.client.audit.fedleak_mod` and declares its batch; README "Audit your Flower
@@ -34,6 +35,7 @@ _EXPORTS = {
     "knowledge": "fedleak.api",
     "torch_threads": "fedleak.api",
     "Leakage": "fedleak.api",
+    "TextLeakage": "fedleak.api",
     "audit": "fedleak.simulations.study",
     "build_attack": "fedleak.attacks.registry",
     "attack_names": "fedleak.attacks.registry",

@@ -25,7 +25,7 @@ import math
 import numbers
 import time
 import types
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -43,7 +43,15 @@ from fedleak.attacks.types import (
     UpdateKind,
 )
 from fedleak.defenses.spec import parse_defense_spec
-from fedleak.metrics import assign, label_accuracy, label_multiset_accuracy, score_images
+from fedleak.metrics import (
+    ROUGE_TYPES,
+    assign,
+    label_accuracy,
+    label_multiset_accuracy,
+    rouge,
+    score_images,
+    token_accuracy,
+)
 from fedleak.models import MODELS, ModelSpec, register_model
 from fedleak.models.fitness import random_in_training
 from fedleak.settings import ConfigError
@@ -145,7 +153,9 @@ def _architecture_name(model: nn.Module, identified: list[object]) -> str:
     return f"custom-{clean}-{digest.hexdigest()}"
 
 
-def model_spec_for(model: nn.Module, input_shape: Sequence[int], num_classes: int) -> ModelSpec:
+def model_spec_for(
+    model: nn.Module, input_shape: Sequence[int], num_classes: int, modality: str = "image"
+) -> ModelSpec:
     """A `ModelSpec` attacks can rebuild `model` from in this process: its architecture is
     registered (a snapshot; the weights travel in the observation). Two models share a
     snapshot only when their digests agree (`_architecture_name`) and they hold the same
@@ -159,7 +169,12 @@ def model_spec_for(model: nn.Module, input_shape: Sequence[int], num_classes: in
         name = f"{base}-{copies}"
     if name not in MODELS:
         template = _skeleton(model)
-        register_model(name, lambda _shape, _classes: _materialised(template), replace=True)
+        register_model(
+            name,
+            lambda _shape, _classes: _materialised(template),
+            modality=modality,
+            replace=True,
+        )
         _SNAPSHOTS[name] = (template, identified)
     return ModelSpec(name, tuple(int(d) for d in input_shape), int(num_classes))
 
@@ -217,14 +232,17 @@ def _materialised(skeleton: nn.Module) -> nn.Module:
     return model
 
 
-def _output_shape(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The model's output shape for one input of `input_shape`: proves the shape fits."""
+def _output_shape(
+    model: nn.Module, input_shape: tuple[int, ...], tokens: bool = False
+) -> tuple[int, ...]:
+    """The model's output shape for one input of `input_shape` (token ids when `tokens`):
+    proves the shape fits."""
     probe = _materialised(_skeleton(model))
     probe.load_state_dict(model.state_dict())
     probe.eval()
     try:
         with torch.no_grad():
-            out = probe(torch.zeros(1, *input_shape))
+            out = probe(torch.zeros(1, *input_shape, dtype=torch.long if tokens else None))
     except (RuntimeError, ValueError, TypeError, IndexError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ConfigError(
@@ -401,15 +419,18 @@ def observe(
                 "sample's update holds one for every parameter"
             )
         _check_shapes("per_sample_updates", per_sample_updates, shapes, examples)
-    if not isinstance(input_shape, Sequence) or len(input_shape) != 3:
+    if not isinstance(input_shape, Sequence) or len(input_shape) not in (1, 3):
         raise ConfigError(
-            f"input_shape={input_shape!r}: expected one image's shape (C, H, W); a model on "
-            "flat vectors flattens its images itself (the library attacks image models; the "
-            "language task runs through `fedleak run text-quickstart`)"
+            f"input_shape={input_shape!r}: expected one image's shape (C, H, W), or (L,) for a "
+            "language model's sequences of L token ids; a model on flat vectors flattens its "
+            "images itself"
         )
     shape = tuple(_whole("input_shape", d) for d in input_shape)
-    out = _output_shape(model, shape)
-    if num_classes is None:
+    tokens = len(shape) == 1
+    out = _output_shape(model, shape, tokens)
+    if tokens:
+        classes = _vocabulary(out, shape[0], num_classes)
+    elif num_classes is None:
         if len(out) != 2:
             raise ConfigError(
                 f"num_classes: the model's output has shape {out} for one input; pass "
@@ -441,7 +462,7 @@ def observe(
     return Observation(
         round=_whole("round", round),
         client_id=_whole("client_id", client_id, low=0),
-        model=model_spec_for(model, shape, classes),
+        model=model_spec_for(model, shape, classes, "tokens" if tokens else "image"),
         weights={k: v.detach().cpu().clone() for k, v in state.items()},
         # Copies: a caller's optimiser step or zero_grad() must not change what was seen.
         update={n: _copy(tensors[n]) for n in names},
@@ -456,7 +477,25 @@ def observe(
             if per_sample_updates is None
             else {k: _copy(v) for k, v in per_sample_updates.items()}
         ),
+        modality="tokens" if tokens else "image",
     )
+
+
+def _vocabulary(out: tuple[int, ...], length: int, num_classes: object) -> int:
+    """The vocabulary of a language model whose output for one sequence of `length` tokens
+    has shape `out`: next-token logits [1, L, V]."""
+    if len(out) != 3 or out[:2] != (1, length) or out[2] < 2:
+        raise ConfigError(
+            f"input_shape=({length},): the model's output for one sequence of {length} token "
+            f"ids has shape {out}; a language model returns next-token logits [1, {length}, V] "
+            "over a vocabulary of V >= 2 tokens"
+        )
+    if num_classes is not None and _whole("num_classes", num_classes, low=2) != out[2]:
+        raise ConfigError(
+            f"num_classes={num_classes}: the model scores a vocabulary of {out[2]} tokens; "
+            f"expected num_classes={out[2]} (or leave it out)"
+        )
+    return out[2]
 
 
 def _copy(tensor: Tensor) -> Tensor:
@@ -474,22 +513,29 @@ def knowledge(
 ) -> AttackerKnowledge:
     """The attacker's resources for an observation: its own auxiliary data (none by default),
     shaped like the observed model's inputs, on `device`; `seed` seeds the attack's own random
-    draws (a run's attacks take `fedleak.seeds.attacker_seed` of the run's seed)."""
+    draws (a run's attacks take `fedleak.seeds.attacker_seed` of the run's seed). A language
+    model's auxiliary data are token sequences [N, L], which are their own labels (leave
+    `aux_labels` out)."""
     shape = tuple(observation.model.input_shape)
+    tokens = observation.modality == "tokens"
     if aux_inputs is None:
-        aux_inputs = torch.zeros(0, *shape)
-        aux_labels = torch.zeros(0, dtype=torch.long)
+        aux_inputs = torch.zeros(0, *shape, dtype=torch.long if tokens else None)
+        aux_labels = None if tokens else torch.zeros(0, dtype=torch.long)
+    _tensor("aux_inputs", aux_inputs)
+    if tokens:
+        _check_auxiliary_tokens(aux_inputs, aux_labels, shape, observation.model.num_classes)
+        aux_labels = aux_inputs  # a causal language model's targets are its inputs
     if aux_labels is None or len(aux_labels) != len(aux_inputs):
         raise ConfigError("aux_labels: expected one label per auxiliary input")
     if tuple(aux_inputs.shape[1:]) != shape:
         raise ConfigError(
             f"aux_inputs: samples of shape {tuple(aux_inputs.shape[1:])}, expected {shape}"
         )
-    if observation.modality == "image":
+    if not tokens:
         _check_auxiliary_images(aux_inputs, aux_labels, observation.model.num_classes)
     target = _device(device)
     return AttackerKnowledge(
-        aux_inputs=aux_inputs.detach().float().to(target),
+        aux_inputs=(aux_inputs.long() if tokens else aux_inputs.float()).detach().to(target),
         aux_labels=aux_labels.detach().long().to(target),
         input_shape=shape,
         num_classes=observation.model.num_classes,
@@ -515,6 +561,28 @@ def _device(device: object) -> torch.device:
     elif target.type != "cpu":
         raise ConfigError(f"device={device!r}: expected cpu, cuda or cuda:N")
     return target
+
+
+def _check_auxiliary_tokens(
+    inputs: Tensor, labels: object, shape: tuple[int, ...], vocabulary: int
+) -> None:
+    """The attacker's text as a run's data set holds it: token ids [N, L] of the observed
+    model's vocabulary."""
+    own = isinstance(labels, Tensor) and labels.shape == inputs.shape and labels.equal(inputs)
+    if labels is not None and not own:
+        raise ConfigError(
+            "aux_labels: token sequences are their own next-token targets; leave aux_labels out"
+        )
+    if inputs.is_floating_point() or inputs.dtype == torch.bool or inputs.dim() != 2:
+        raise ConfigError(
+            f"aux_inputs: expected token ids [N, {shape[0]}] (an integer tensor), got "
+            f"{inputs.dtype} of shape {tuple(inputs.shape)}"
+        )
+    if inputs.numel() and not 0 <= int(inputs.min()) <= int(inputs.max()) < vocabulary:
+        raise ConfigError(
+            f"aux_inputs: token ids from {int(inputs.min())} to {int(inputs.max())}; expected "
+            f"0..{vocabulary - 1} (the model's vocabulary)"
+        )
 
 
 def _check_auxiliary_images(inputs: Tensor, labels: Tensor, num_classes: int) -> None:
@@ -681,6 +749,35 @@ class Leakage:
         }
 
 
+@dataclass(frozen=True)
+class TextLeakage:
+    """How much of a private batch of token sequences a reconstruction reveals, per matched
+    pair.
+
+    `token_accuracy`: the share of positions whose token was recovered (the LTI paper's
+    accuracy); `rouge1`, `rouge2`, `rougeL`: F-measures of the decoded texts, NaN without a
+    `decode` and where the truth holds no word (for ROUGE-2, no word pair); `pairs` and
+    `unmatched` as in `Leakage`.
+    """
+
+    pairs: list[tuple[int, int]]
+    token_accuracy: Tensor
+    rouge1: Tensor
+    rouge2: Tensor
+    rougeL: Tensor
+    unmatched: list[int]
+
+    def summary(self) -> dict[str, float]:
+        """Means over the matched pairs (ROUGE over the pairs where it is defined, as the
+        reports average it), and how many private sequences were left unmatched."""
+        means = {"token_accuracy": float(self.token_accuracy.mean())}
+        for name in ROUGE_TYPES:
+            values = getattr(self, name)
+            defined = values[~values.isnan()]
+            means[name] = float(defined.mean()) if defined.numel() else math.nan
+        return {**means, "unmatched": float(len(self.unmatched))}
+
+
 def score(
     reconstruction: Reconstruction | Tensor,
     inputs: Tensor,
@@ -688,17 +785,34 @@ def score(
     *,
     observation: Observation | None = None,
     lpips: bool = True,
-) -> Leakage:
+    decode: Callable[[list[int]], str] | None = None,
+) -> Leakage | TextLeakage:
     """Pair each reconstructed sample with a private one and measure the pairs as a run's
-    auditor does: MSE, PSNR, SSIM, LPIPS (AlexNet), and label accuracy when labels are given.
+    auditor does: MSE, PSNR, SSIM, LPIPS (AlexNet), and label accuracy when labels are given;
+    for token sequences (integer `inputs` [N, L]), token accuracy and, with `decode` (token
+    ids -> text, the tokenizer's), ROUGE-1/2/L in a `TextLeakage`.
 
     Pass the `observation` the attack saw: when it holds per-sample updates (each sample's
     update shared alone), reconstruction i is scored against private sample i, as the auditor
     scores it; otherwise (a batch update, which gives its samples in no order) the pairs are
-    the Hungarian assignment on MSE. Guesses are clamped to [0, 1] as the auditor scores them;
-    private images must lie there. Under MixUp or InstaHide a run's auditor also scores
-    against the encoded images and each encoding's sources, which this function is not given."""
-    truth = _tensor("inputs", inputs).detach().cpu()
+    the Hungarian assignment on MSE (on mismatched positions for tokens). Guesses are clamped
+    to [0, 1] as the auditor scores them; private images must lie there. Under MixUp or
+    InstaHide a run's auditor also scores against the encoded images and each encoding's
+    sources, which this function is not given."""
+    _tensor("inputs", inputs)
+    if observation is not None and not isinstance(observation, Observation):
+        kind = type(observation).__name__
+        raise ConfigError(f"observation: expected the Observation the attack saw, got {kind}")
+    if not inputs.is_floating_point() and inputs.dim() == 2:
+        return _score_tokens(reconstruction, inputs, labels, observation, decode)
+    if observation is not None and observation.modality == "tokens":
+        raise ConfigError(
+            f"inputs: {inputs.dtype} of shape {tuple(inputs.shape)}, but the observation's "
+            "model reads token ids; expected the private sequences as integers [N, L]"
+        )
+    if decode is not None:
+        raise ConfigError("decode: given for images; it turns token sequences into text")
+    truth = inputs.detach().cpu()
     if not truth.is_floating_point() or truth.dim() != 4 or len(truth) == 0:
         raise ConfigError(
             f"inputs: expected float images [N, C, H, W] in [0, 1], N >= 1, got {truth.dtype} "
@@ -710,9 +824,6 @@ def score(
             f"inputs: pixel values from {float(truth.min()):.4g} to {float(truth.max()):.4g}; "
             "expected images in [0, 1]"
         )
-    if observation is not None and not isinstance(observation, Observation):
-        kind = type(observation).__name__
-        raise ConfigError(f"observation: expected the Observation the attack saw, got {kind}")
     if labels is not None:
         labels = _tensor("labels", labels).detach().cpu()
         if tuple(labels.shape) != (len(truth),) or labels.is_floating_point():
@@ -780,3 +891,90 @@ def score(
         label_accuracy=accuracy,
         unmatched=sorted(set(range(len(truth))) - set(truth_idx.tolist())),
     )
+
+
+def _score_tokens(
+    reconstruction: Reconstruction | Tensor,
+    inputs: Tensor,
+    labels: Tensor | None,
+    observation: Observation | None,
+    decode: Callable[[list[int]], str] | None,
+) -> TextLeakage:
+    """`score` for token sequences, as a run's auditor scores a language model's rows."""
+    truth = inputs.detach().cpu().long()
+    if inputs.dtype == torch.bool or len(truth) == 0:
+        raise ConfigError(
+            f"inputs: expected token ids [N, L], N >= 1, got {inputs.dtype} of shape "
+            f"{tuple(inputs.shape)}"
+        )
+    if labels is not None:
+        raise ConfigError(
+            "labels: token sequences are their own next-token targets; leave labels out"
+        )
+    if observation is not None and observation.modality != "tokens":
+        raise ConfigError(
+            f"inputs: token ids of shape {tuple(truth.shape)}, but the observation's model "
+            f"reads images of shape {tuple(observation.model.input_shape)}"
+        )
+    vocabulary = None if observation is None else observation.model.num_classes
+    _check_ids("inputs", truth, vocabulary)
+    if decode is not None and not callable(decode):
+        raise ConfigError(
+            f"decode: expected a function of token ids to text (a tokenizer's decode), got "
+            f"{type(decode).__name__}"
+        )
+    if not isinstance(reconstruction, Reconstruction):
+        reconstruction = Reconstruction(
+            inputs=_tensor("reconstruction", reconstruction), labels=None
+        )
+    if reconstruction.status == "ok":
+        guessed = reconstruction.inputs
+        count = guessed.shape[0] if isinstance(guessed, Tensor) and guessed.dim() else 0
+        reconstruction = checked(reconstruction, reconstruction.seconds, count)
+    if reconstruction.status != "ok":
+        raise ConfigError(
+            f"reconstruction status {reconstruction.status!r}: {reconstruction.message}"
+        )
+    guess = reconstruction.inputs
+    if guess.is_floating_point() or guess.dim() != 2 or guess.shape[1] != truth.shape[1]:
+        raise ConfigError(
+            f"inputs, reconstruction: private sequences of shape {tuple(truth.shape)} and "
+            f"guesses of {guess.dtype} of shape {tuple(guess.shape)}; expected both token ids "
+            "[N, L] of one length"
+        )
+    guess = guess.long()
+    _check_ids("reconstruction", guess, vocabulary)
+    in_order = observation is not None and observation.per_sample_updates is not None
+    if in_order and len(guess) == len(truth):
+        recon_idx = truth_idx = torch.arange(len(truth))
+    else:
+        recon_idx, truth_idx = assign(guess, truth, metric="tokens")
+    matched, targets = guess[recon_idx], truth[truth_idx]
+    nan = torch.full((len(recon_idx),), math.nan)
+    measures = dict.fromkeys(ROUGE_TYPES, nan)
+    if decode is not None:
+        texts = [_decoded(decode, t.tolist()) for t in (*matched, *targets)]
+        scores = rouge(texts[: len(matched)], texts[len(matched) :])
+        measures = {name: torch.tensor(values) for name, values in scores.items()}
+    return TextLeakage(
+        pairs=list(zip(recon_idx.tolist(), truth_idx.tolist(), strict=True)),
+        token_accuracy=token_accuracy(matched, targets),
+        **measures,
+        unmatched=sorted(set(range(len(truth))) - set(truth_idx.tolist())),
+    )
+
+
+def _check_ids(name: str, ids: Tensor, vocabulary: int | None) -> None:
+    """Token ids are whole numbers of the vocabulary (from 0, below `vocabulary` if known)."""
+    if ids.numel() and (int(ids.min()) < 0 or (vocabulary and int(ids.max()) >= vocabulary)):
+        bound = f"0..{vocabulary - 1}" if vocabulary else "ids >= 0"
+        raise ConfigError(
+            f"{name}: token ids from {int(ids.min())} to {int(ids.max())}; expected {bound}"
+        )
+
+
+def _decoded(decode: Callable[[list[int]], str], ids: list[int]) -> str:
+    text = decode(ids)
+    if not isinstance(text, str):
+        raise ConfigError(f"decode: returned a {type(text).__name__} for token ids, not a str")
+    return text

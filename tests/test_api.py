@@ -30,8 +30,9 @@ def _examples() -> list[str]:
 
 
 def test_every_example_of_the_page_is_run_here() -> None:
-    """Three examples, each executed by one test below: a new one must get its test."""
-    assert len(_examples()) == 3
+    """Four examples, each executed by one test (the language model's in test_api_tokens.py):
+    a new one must get its test."""
+    assert len(_examples()) == 4
     assert "tests/test_api.py" in DOC.read_text(encoding="utf-8")
 
 
@@ -65,7 +66,7 @@ def test_the_lti_example_trains_on_the_given_aux_data() -> None:
 def test_the_settings_example_registers_a_configurable_attack() -> None:
     namespace: dict[str, object] = {}
     try:
-        exec(compile(_examples()[2], f"{DOC}:settings", "exec"), namespace)
+        exec(compile(_examples()[3], f"{DOC}:settings", "exec"), namespace)
         attack = namespace["attack"]
         assert attack.config.passes == 2  # type: ignore[attr-defined]
         with pytest.raises(ConfigError, match=r"^attack\.blurred-mean\.passes=0: expected"):
@@ -210,9 +211,9 @@ class Both(nn.Module):
         ({"weights": "nan"}, r"^weights: '0\.bias' holds NaN or infinite values"),
         ({"update": "half"}, r"^update: no tensor for the model's parameter '3\.weight'; a client"),
         ({"input_shape": 784}, r"^input_shape=784: expected one image's shape \(C, H, W\)"),
-        ({"input_shape": (784,)}, r"^input_shape=\(784,\): expected one image's shape"),
-        # A token model's (L,): the message says where the language task runs.
-        ({"input_shape": (16,)}, r"image models; the language task runs through `fedleak run"),
+        # (L,) declares token ids, which the image model cannot take.
+        ({"input_shape": (784,)}, r"^input_shape=\(784,\): the model cannot take one input of"),
+        ({"input_shape": (1, 28)}, r"^input_shape=\(1, 28\): expected one image's shape \(C, H"),
         ({"model": None}, r"^model: expected a torch\.nn\.Module, got NoneType$"),
         ({"model": "frozen"}, r"^model: parameter '0\.weight' is frozen \(requires_grad=False\)"),
         ({"model": "double"}, r"^model: parameter '0\.weight' is torch\.float64; fedleak's"),

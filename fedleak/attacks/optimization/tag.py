@@ -283,7 +283,10 @@ class TAG:
         table = getattr(model, "token_embedding", None)
         if not isinstance(table, Tensor):
             raise TokenObservationError(
-                f"model {observation.model.name!r} has no token embedding table to decode with"
+                f"model {observation.model.name!r} has no token embedding table to decode with: "
+                "TAG optimises embeddings, so the model needs its frozen input embedding as a "
+                "`token_embedding` tensor [V, d] and a forward that takes embeddings [B, L, d] "
+                "in place of token ids (as fedleak's transformer3 does)"
             )
         pipeline = parse_defense_spec(observation.defense)
         observed = observed_updates(observation)
