@@ -351,9 +351,13 @@ def _convert(key: str, raw: Any, kind: Any, rule: Rule, refuse: Callable[[], Exc
             raise refuse()
         return raw if isinstance(raw, float) else value
     if kind is str:
-        if isinstance(raw, int) and not isinstance(raw, bool):
-            # `--set attack.rounds=5` or `name = 2024` reads as a TOML integer; its digits are
-            # the text the user meant (the setting's own rule still judges them).
+        if isinstance(raw, bool):
+            # `--set name=true` reads as a TOML bool: the word is what the user meant.
+            raw = "true" if raw else "false"
+        elif isinstance(raw, int | float):
+            # `--set attack.rounds=5`, `name = 2024` or `--set name=nan` reads as a TOML number;
+            # its text is what the user meant (the setting's own rule still judges it). A
+            # float comes back as Python writes it (1e3 as 1000.0): quote to keep the digits.
             raw = str(raw)
         if not isinstance(raw, str):
             raise refuse()

@@ -101,6 +101,11 @@ def test_attacked_rounds_name_numbers_and_the_last_round() -> None:
     # `--set attack.rounds=3` (or `rounds = 3` in a preset) reads as a TOML integer: one round.
     assert parse_flat({"attack.rounds": 3, "num-server-rounds": 3}).attack.rounds == "3"
     assert parse_flat({"name": 2024}).name == "2024"
+    # `--set name=nan` and `--set name=true` read as a TOML float and bool: refused as
+    # "expected letters, digits, ..." and shown as True (audit CH5). Their words stand.
+    assert parse_flat({"name": float("nan")}).name == "nan"
+    assert parse_flat({"name": True}).name == "true"
+    assert parse_flat({"name": 0.5}).name == "0.5"
     with pytest.raises(ConfigError, match=r"attack\.rounds='4': expected 'all'"):
         parse_flat({"attack.rounds": 4, "num-server-rounds": 3})
 
