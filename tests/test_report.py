@@ -573,6 +573,39 @@ def test_the_console_summary_of_a_run_without_attacks_is_not_called_text(
     assert "what leaked (reconstructed = beats every floor" in out and "token" not in out
 
 
+def test_an_image_run_whose_every_attack_run_diverged_keeps_the_image_tables(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With nothing scored it got the language task's summary (token accuracy, "against the
+    private sequences"), and the report and console blamed metrics.lpips-nets (audit CH1,
+    CH3)."""
+    config = parse_flat({"num-server-rounds": 1, "attack.names": "idlg"})
+    run = RunDirectory.create(tmp_path / "run", config, {"data": {"modality": "image"}})
+    diverged = [
+        {
+            "client_id": client,
+            "attack": "idlg",
+            "sample": 0,
+            "target_index": 0,
+            "status": "nan",
+            "message": "reconstruction contains NaN or inf",
+        }
+        for client in (0, 1)
+    ]
+    run.append_round(1, diverged, {"test_loss": 1.0, "test_accuracy": 0.5})
+    _headline(run.path)
+    out = capsys.readouterr().out
+    assert "not decided: no attack run returned a reconstruction" in out, out
+    assert "lpips-nets" not in out
+    build_report(run.path)
+    report = (run.path / "report.md").read_text(encoding="utf-8")
+    summary = _table(report, "Summary")
+    assert "PSNR median (dB)" in summary[0] and not any("token" in c for c in summary[0])
+    assert summary[1][summary[0].index("attack")] == "idlg"
+    assert "no attack run returned a reconstruction to score" in report
+    assert "metrics.lpips-nets" not in report
+
+
 def test_a_run_that_failed_before_its_first_round_says_why(tmp_path: Path) -> None:
     """Its report and summary said only that no round had finished (audit AV D2)."""
     config = parse_flat({"num-server-rounds": 2, "attack.names": "aux-mean"})

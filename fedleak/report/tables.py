@@ -395,6 +395,12 @@ NO_SUCCESS_RULE = (
 )
 
 
+NOTHING_SCORED_RULE = (
+    "No sample's success is decided: no attack run returned a reconstruction to score (see "
+    "Failed attack runs)"
+)
+
+
 def success_decidable(leakage: pd.DataFrame) -> bool:
     """Whether AlexNet's LPIPS, which the success rule reads, was measured on any row (or
     there are no rows, which leave nothing undecided)."""
@@ -403,9 +409,17 @@ def success_decidable(leakage: pd.DataFrame) -> bool:
     return "lpips_alex" in leakage and bool(leakage["lpips_alex"].notna().any())
 
 
+def nothing_scored(leakage: pd.DataFrame) -> bool:
+    """Whether attack runs were recorded but none returned a reconstruction (every one failed
+    or diverged): then no LPIPS could be measured, whatever the settings."""
+    return not leakage.empty and not (leakage["status"] == "ok").any()
+
+
 def success_rule(leakage: pd.DataFrame) -> str:
     """`SUCCESS_RULE` where it could be applied, else why no success was decided."""
-    return SUCCESS_RULE if success_decidable(leakage) else NO_SUCCESS_RULE
+    if success_decidable(leakage):
+        return SUCCESS_RULE
+    return NOTHING_SCORED_RULE if nothing_scored(leakage) else NO_SUCCESS_RULE
 
 
 def success_table(study: Study) -> Table | None:
@@ -524,16 +538,18 @@ def setting_summaries(study: Study) -> list[SettingSummary]:
                         left_out=len(unfinished_here) - diverged,
                         diverged=diverged,
                         unmatched=int(unmatched(cell).sum()),
-                        undecided="" if success.n else _undecided(cell[lpips], lpips),
+                        undecided="" if success.n else _undecided(cell, lpips),
                         lpips_net="VGG" if lpips == "lpips_vgg" else "AlexNet",
                     )
                 )
     return out
 
 
-def _undecided(lpips_values: pd.Series, lpips: str) -> str:
+def _undecided(cell: pd.DataFrame, lpips: str) -> str:
     """Why the success rule decided none of a cell's samples (it needs LPIPS and a floor)."""
-    if not np.isfinite(lpips_values.to_numpy(dtype=float)).any():
+    if nothing_scored(cell):
+        return "nothing scored"
+    if not np.isfinite(cell[lpips].to_numpy(dtype=float)).any():
         return "no LPIPS measured"
     if lpips not in SUCCESS_LPIPS:
         return "its rule is calibrated on AlexNet's LPIPS, add alex to metrics.lpips-nets"
@@ -589,7 +605,9 @@ def summary_table(study: Study) -> Table:
     """One row per setting and attack: success rate, median PSNR and LPIPS, LPIPS mean (for
     the language task: token accuracy median and mean, ROUGE-L median)."""
     summaries = setting_summaries(study)
-    if summaries and all(s.tokens or s.token_acc.n == s.psnr.n == 0 for s in summaries):
+    # By what the runs' data are: a setting with nothing scored (every run diverged) is the
+    # language task's only if its runs are.
+    if summaries and study.modalities == {"tokens"}:
         return _text_summary_table(summaries, study.groups() != [""])
     grouped = study.groups() != [""]
     flags = any(s.not_converged for s in summaries)

@@ -190,7 +190,7 @@ def _headline(path: Path) -> None:
     """The numbers that matter, per setting, after a run or sweep."""
     from fedleak.report.collect import load_study
     from fedleak.report.stats import SUCCESS_FRACTION, SUCCESS_LPIPS
-    from fedleak.report.tables import success_decidable
+    from fedleak.report.tables import nothing_scored, success_decidable
     from fedleak.report.verdict import headline
 
     study = load_study(path)
@@ -202,8 +202,11 @@ def _headline(path: Path) -> None:
             f"reconstructed = beats every floor, AlexNet LPIPS at most {SUCCESS_FRACTION:g} x "
             f"the aux mean's (or best floor's) and {SUCCESS_LPIPS['lpips_alex']:g}"
         )
-        if not success_decidable(study.leakage()):
+        leakage = study.leakage()
+        if not success_decidable(leakage):
             rule = "reconstructed = not decided: no AlexNet LPIPS measured (metrics.lpips-nets)"
+            if nothing_scored(leakage):
+                rule = "reconstructed = not decided: no attack run returned a reconstruction"
         if "tokens" in study.modalities:
             rule = "token accuracy = share of positions recovered"
         print("\n".join(["", f"what leaked ({rule}):", *lines]))
