@@ -909,7 +909,9 @@ def _score_tokens(
         )
     if labels is not None:
         raise ConfigError(
-            "labels: token sequences are their own next-token targets; leave labels out"
+            f"labels: given beside integer inputs of shape {tuple(truth.shape)}, which score as "
+            "token sequences (their own next-token targets: leave labels out); images are "
+            "floats [N, C, H, W] in [0, 1]"
         )
     if observation is not None and observation.modality != "tokens":
         raise ConfigError(

@@ -178,7 +178,7 @@ def test_bad_token_input_is_refused_in_one_line() -> None:
         ),
         (
             lambda: fedleak.score(x, x, torch.zeros(2, dtype=torch.long)),
-            r"^labels: token sequences are their own next-token targets",
+            r"^labels: given beside integer inputs of shape \(2, 6\), which score as token",
         ),
         (
             lambda: fedleak.score(x, x.float(), observation=observation),
