@@ -32,6 +32,7 @@ from fedleak.simulations.sweep import (
     SweepError,
     SweepFailed,
     _LabelledLines,
+    _skipped_lines,
     check_sweep,
     load_sweep,
     read_manifest,
@@ -1181,3 +1182,17 @@ def test_a_failed_cells_line_keeps_its_remedy(tmp_path: Path) -> None:
 
     status, message, _ = _run_cell(crashed, parse_flat({}), tmp_path / "cell")
     assert status == "failed" and message.endswith("; resume with it")
+
+
+def test_skipped_cells_are_counted_in_words_that_fit_their_number() -> None:
+    """One skipped cell read "skipped 1 cells (cell-016 .. cell-016)" (audit CI4)."""
+    states = {
+        "cell-001": ("skipped", "no CIFAR-10 files"),
+        "cell-002": ("pending", ""),
+        "cell-003": ("skipped", "no GPU"),
+        "cell-004": ("skipped", "no GPU"),
+    }
+    assert _skipped_lines(states) == [
+        "1 cell (cell-001): no CIFAR-10 files",
+        "2 cells (cell-003 .. cell-004): no GPU",
+    ]

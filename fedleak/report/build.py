@@ -125,8 +125,8 @@ def _scoring(modalities: frozenset[str], lpips: str, leakage: pd.DataFrame) -> l
         measured = lpips in leakage and leakage[lpips].notna().any()
         how = (
             f"LPIPS is reported from the `{lpips}` column; images under 64 px are upsampled "
-            "bilinearly to 64 px first (AlexNet takes no 28x28 input), so it is not comparable "
-            "with LPIPS taken at 32x32."
+            "bilinearly to 64 px first (the LPIPS networks take no 28x28 input), so it is not "
+            "comparable with LPIPS taken at 32x32."
             if measured
             else "LPIPS was not measured."
         )

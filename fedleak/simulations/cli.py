@@ -350,7 +350,9 @@ def parser() -> argparse.ArgumentParser:
     sweep = commands.add_parser(
         "sweep", help="run a grid of studies from a sweep file", parents=[common]
     )
-    sweep.add_argument("file")
+    sweep.add_argument(
+        "file", help="a [sweep] study's name (see `fedleak presets`) or a sweep TOML file"
+    )
     sweep.add_argument("--out", help="directory that holds the sweep (default runs/)")
     sweep.add_argument(
         "--set",

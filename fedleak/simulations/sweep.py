@@ -774,7 +774,10 @@ def _skipped_lines(states: Mapping[str, tuple[str, str]]) -> list[str]:
         if state == "skipped":
             skipped.setdefault(reason, []).append(cell_id)
     return [
-        f"{len(ids)} cells ({ids[0]} .. {ids[-1]}): {reason}" for reason, ids in skipped.items()
+        f"{len(ids)} cells ({ids[0]} .. {ids[-1]}): {reason}"
+        if len(ids) > 1
+        else f"1 cell ({ids[0]}): {reason}"
+        for reason, ids in skipped.items()
     ]
 
 
