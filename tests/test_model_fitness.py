@@ -88,3 +88,20 @@ def test_the_run_refuses_it_naming_the_model_setting(monkeypatch: pytest.MonkeyP
     config = parse_flat({"model.name": "plugin_models:frozen_head_net", "attack.names": "ig"})
     with pytest.raises(ConfigError, match=r"^model.name='plugin_models:frozen_head_net': param"):
         validate_components(config)
+
+
+def test_a_refusal_caused_by_dpsgd_advises_the_defense_not_the_threat_model(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Under batch sharing with DP-SGD (which clips each sample), the refusal advised
+    threat.share='batch', which the run already had (audit CG1)."""
+    monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent))
+    flat = {"model.name": "plugin_models:instance_norm_net", "attack.names": "aux-mean"}
+    dpsgd = parse_flat({**flat, "defense.spec": "dpsgd:1:1", "threat.share": "batch"})
+    with pytest.raises(ConfigError, match="changes in the forward") as caught:
+        validate_components(dpsgd)
+    assert "threat.share" not in str(caught.value)
+    assert "use a defense.spec without per-sample clipping (not 'dpsgd:1:1')" in str(caught.value)
+    shared = parse_flat({**flat, "threat.share": "per-sample"})
+    with pytest.raises(ConfigError, match=r"use threat\.share='batch' or a model without such"):
+        validate_components(shared)

@@ -522,6 +522,13 @@ def validate_components(config: RunConfig) -> None:
         )
     reason = unfit_reason(model, spec, per_sample)
     if reason is not None:
+        if per_sample and config.threat.share != "per-sample":
+            # The defense asked for per-sample gradients: the advice names it, not the
+            # threat.share the run already has.
+            reason = reason.replace(
+                "use threat.share='batch'",
+                f"use a defense.spec without per-sample clipping (not {config.defense.spec!r})",
+            )
         raise ConfigError(f"model.name={config.model.name!r}: {reason}")
 
 
@@ -533,20 +540,25 @@ def _check_dp_sampling(config: RunConfig, pipeline: DefensePipeline) -> None:
     train = config.train
     if pipeline.find(DPSGD) is None:
         reason = f"samples DP-SGD's batch, but defense.spec={config.defense.spec!r} has no dpsgd"
+        instead = "a dpsgd step in defense.spec"
     elif config.threat.share == "per-sample":
         reason = "hides the batch size, which threat.share='per-sample' shows (one row each)"
+        instead = "threat.share='batch'"
     elif pipeline.encoder is not None:
         reason = f"{pipeline.encoder.spec} encodes a fixed batch of images"
+        instead = "a defense.spec without an input encoding"
     elif train.mode == "fedavg" and train.examples != 0:
         reason = (
             f"each local step draws its own batch from the whole partition, so "
-            f"train.examples={train.examples} has no use; expected train.examples=0"
+            f"train.examples={train.examples} has no use"
         )
+        instead = "train.examples=0"
     else:
         return
+    # Each reason names its own remedy: a generic list read as advice the run had followed.
     raise ConfigError(
-        f"defense.dp-sampling='poisson': {reason}; expected defense.dp-sampling='fixed' or a "
-        "run with a dpsgd step, batch sharing and no input encoding"
+        f"defense.dp-sampling='poisson': {reason}; expected {instead} or "
+        "defense.dp-sampling='fixed'"
     )
 
 
