@@ -289,3 +289,20 @@ def test_the_resume_form_tells_apart_floats_that_differ_past_six_digits() -> Non
     assert form(adaptive="True") == form(adaptive=True)  # nor a spelling
     # The milestones' order means nothing to the schedule (audit BZ D2).
     assert form(milestones="0.625,0.375,0.875") == form()
+
+
+def test_check_warns_that_dpsgd_under_an_encoding_reports_no_epsilon(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`run` warned that DP-SGD with MixUp reports no ε; `check`, which promises the same
+    checks, said nothing (audit CG2)."""
+    from fedleak.simulations.cli import main
+
+    spec = "defense.spec=dpsgd:1:1+mixup:2"
+    assert main(["check", "quickstart", "--num-clients", "3", "--set", spec]) == 0
+    err = capsys.readouterr().err
+    assert "fedleak: warning: defense.spec: DP-SGD runs, but no ε is reported: dpsgd clips" in err
+    assert (
+        main(["check", "quickstart", "--num-clients", "3", "--set", "defense.spec=dpsgd:1:1"]) == 0
+    )
+    assert capsys.readouterr().err == ""

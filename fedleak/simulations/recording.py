@@ -76,10 +76,11 @@ def scored_lpips_nets(config: RunConfig) -> tuple[str, ...]:
 def setup_warnings(config: RunConfig, fd: FederatedData) -> list[str]:
     """What a run warns about before its first round, and `fedleak check` with it: LPIPS
     weights it cannot load, a BPE vocabulary short of `data.vocab-size`, a tokenizer that
-    turns much of the text into its unknown token."""
+    turns much of the text into its unknown token, DP-SGD without a reported ε."""
     tokenizer = getattr(fd.dataset, "tokenizer", None)
     warnings = [
         lpips_warning(scored_lpips_nets(config)),
+        PrivacyLedger.from_config(config, fd).warning,
         tokenizer.shortfall(config.data.vocab_size) if tokenizer is not None else None,
         tokenizer.unknown_warning(fd.dataset.train_x) if tokenizer is not None else None,
     ]

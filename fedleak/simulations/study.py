@@ -416,8 +416,7 @@ def _serve(
         if software:
             run_dir.record_resumed_with(software)
     ledger = PrivacyLedger.from_config(config, federated_data(config, num_clients))
-    if ledger.warning:
-        print(f"fedleak: warning: {ledger.warning}", file=sys.stderr, flush=True)
+    if ledger.warning:  # said with the other setup warnings
         run_dir.record_no_epsilon(ledger.not_dp)
     recorder = RunRecorder(
         run_dir,
