@@ -577,7 +577,9 @@ LEFT_OUT = "‡"
 LEFT_OUT_NOTE = (
     f" {LEFT_OUT}: some of the attack's runs failed or diverged (see Failed attack runs). A "
     "failed run's samples are in no figure of the row; a diverged run's count as not "
-    "reconstructed in the success rate and are in no median or mean."
+    "reconstructed in the success rate and are in no median or mean. The floor's medians "
+    "cover every sample it scored, so they and such a row's stand on different samples; the "
+    "success rate compares each sample with the floor on that sample."
 )
 
 
