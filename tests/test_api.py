@@ -212,7 +212,7 @@ class Both(nn.Module):
         ({"update": "half"}, r"^update: no tensor for the model's parameter '3\.weight'; a client"),
         ({"input_shape": 784}, r"^input_shape=784: expected one image's shape \(C, H, W\)"),
         # (L,) declares token ids, which the image model cannot take.
-        ({"input_shape": (784,)}, r"^input_shape=\(784,\): the model cannot take one input of"),
+        ({"input_shape": (784,)}, r"^input_shape=\(784,\): the model cannot take one sequence"),
         ({"input_shape": (1, 28)}, r"^input_shape=\(1, 28\): expected one image's shape \(C, H"),
         ({"model": None}, r"^model: expected a torch\.nn\.Module, got NoneType$"),
         ({"model": "frozen"}, r"^model: parameter '0\.weight' is frozen \(requires_grad=False\)"),

@@ -133,7 +133,7 @@ def test_tag_says_what_a_model_of_ones_own_needs() -> None:
     grads = torch.autograd.grad(task_loss(model(x), x), model.parameters())
     observation = fedleak.observe(model, grads, input_shape=(LENGTH,), num_examples=1)
     assert observation.modality == "tokens"
-    with pytest.raises(ValueError, match=r"needs its frozen input embedding as a `token_embed"):
+    with pytest.raises(ConfigError, match=r"needs its frozen input embedding as a `token_embed"):
         fedleak.reconstruct(fedleak.build_attack("tag"), observation, max_iterations=2)
     aux = torch.randint(0, VOCAB, (3, LENGTH))
     floor = fedleak.reconstruct(fedleak.build_attack("aux-frequency"), observation, aux)
@@ -219,3 +219,125 @@ def test_a_token_batch_is_refused_against_an_image_observation() -> None:
     x = torch.zeros(1, LENGTH, dtype=torch.long)
     with pytest.raises(ConfigError, match=r"^inputs: token ids of shape \(1, 6\), but the obs"):
         fedleak.score(x, x, observation=observation)
+
+
+class _OwnLM(nn.Module):
+    """A causal language model of one's own: a token table, one linear layer, a head."""
+
+    def __init__(self, rows: int = VOCAB, trained: bool = False, embeddings: bool = True) -> None:
+        super().__init__()
+        table = torch.randn(rows, 8)
+        if trained:
+            self.token_embedding = nn.Parameter(table)
+        else:
+            self.register_buffer("token_embedding", table)
+        self.body, self.head = nn.Linear(8, 8), nn.Linear(8, VOCAB)
+        self.embeddings = embeddings
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.embeddings:
+            x = self.token_embedding[x]  # ids only: float embeddings cannot index
+        elif not x.is_floating_point():
+            x = self.token_embedding[x]
+        return self.head(torch.tanh(self.body(x)))
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        # Accepted, then the matching loss stayed above zero at the true tokens (audit CJ3).
+        (lambda: _OwnLM(trained=True), r"its token_embedding is trained \(a parameter\)"),
+        # A raw IndexError from inside the model's forward (CJ4).
+        (lambda: _OwnLM(embeddings=False), r"cannot take embeddings \[1, 6, 8\] \(tensors used"),
+        # An IndexError after the whole optimisation (CJ5).
+        (lambda: _OwnLM(rows=VOCAB + 4), r"token_embedding of shape \(20, 8\) for a vocabulary"),
+    ],
+)
+def test_tag_refuses_a_model_it_cannot_invert_before_it_starts(model, message: str) -> None:
+    torch.manual_seed(0)
+    own = model()
+    x = torch.randint(0, VOCAB, (1, LENGTH))
+    grads = torch.autograd.grad(task_loss(own(x), x), [p for p in own.parameters()])
+    observation = fedleak.observe(own, grads, input_shape=(LENGTH,), num_examples=1)
+    with pytest.raises(ConfigError, match=message) as caught:
+        fedleak.reconstruct(fedleak.build_attack("tag"), observation, max_iterations=2)
+    assert "\n" not in str(caught.value)
+    ok = fedleak.observe(
+        _OwnLM(),
+        [torch.zeros_like(p) for p in _OwnLM().parameters()],
+        input_shape=(LENGTH,),
+        num_examples=1,
+    )
+    assert fedleak.reconstruct(fedleak.build_attack("tag"), ok, max_iterations=2).status == "ok"
+
+
+def test_per_sample_deltas_are_refused_not_inverted_as_gradients() -> None:
+    """Replayed as gradients, per-sample deltas came back negated (audit CJ1)."""
+    observation, _, model = _client(batch=2, per_sample=True)
+    with pytest.raises(ConfigError, match=r"^per_sample_updates: given with kind='delta'"):
+        fedleak.observe(
+            model,
+            observation.update,
+            input_shape=(LENGTH,),
+            num_examples=2,
+            kind="delta",
+            per_sample_updates=observation.per_sample_updates,
+        )
+
+
+def test_a_token_model_of_ones_own_may_be_longer_than_fedleaks() -> None:
+    """The 1,024 positions of fedleak's transformer were applied to every token model (CJ6);
+    one token is refused where observe takes it, not deep inside an attack."""
+    torch.manual_seed(0)
+    own = _OwnLM()
+    grads = [torch.zeros_like(p) for p in own.parameters()]
+    long = fedleak.observe(own, grads, input_shape=(1100,), num_examples=1)
+    floor = fedleak.reconstruct(
+        fedleak.build_attack("aux-frequency"), long, torch.zeros(2, 1100, dtype=torch.long)
+    )
+    assert floor.status == "ok" and floor.inputs.shape == (1, 1100)
+    assert fedleak.build_model(long.model) is not None
+    with pytest.raises(ConfigError, match=r"^input_shape=1: expected an integer >= 2$"):
+        fedleak.observe(own, grads, input_shape=(1,), num_examples=1)
+    flat = nn.Sequential(nn.Linear(16, 10))
+    with pytest.raises(ConfigError, match=r"\(L,\) declares a language model's token ids"):
+        fedleak.observe(
+            flat, [torch.zeros(10, 16), torch.zeros(10)], input_shape=(16,), num_examples=1
+        )
+
+
+def test_text_attacks_without_enough_auxiliary_text_are_refused_in_one_line() -> None:
+    """They raised their own ValueErrors from inside the attack, naming a run's setting (audit
+    CJ7); a run refuses them before it starts."""
+    observation, _, _ = _client(batch=2)
+    for attack, aux in (("aux-frequency", 0), ("lti-text", 0), ("lti-p", 0), ("lti-text", 1)):
+        with pytest.raises(ConfigError) as caught:
+            fedleak.reconstruct(
+                fedleak.build_attack(attack),
+                observation,
+                torch.zeros(aux, LENGTH, dtype=torch.long),
+            )
+        assert str(caught.value) == (
+            f"aux_inputs: {attack} needs more auxiliary data than the {aux} samples given; "
+            "pass the attacker's own sequences as aux_inputs"
+        )
+    words = {
+        "aux-frequency": "aux-frequency needs auxiliary text, but data.aux-size=0",
+        "lti-text": "lti-text needs auxiliary text (sequences to train on), but data.aux-size=0",
+        "lti-p": "lti-p needs auxiliary text (its token frequencies), but data.aux-size=0",
+    }
+    for attack, start in words.items():
+        with pytest.raises(ValueError, match="^" + re.escape(start)):
+            fedleak.build_attack(attack).check_feasible(1, 0)  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match=r"so it needs data\.aux-size >= 12, got 11$"):
+        fedleak.build_attack("lti-text").check_feasible(11, 11)  # type: ignore[attr-defined]
+
+
+def test_lti_p_without_a_validation_hold_out_trains() -> None:
+    """aux-val-fraction 0 (or a hold-out that rounds to none) drew zero pseudo-sequences and
+    raised torch's "cannot sample n_sample <= 0 samples" (audit CJ2)."""
+    observation, _, _ = _client(batch=1)
+    aux = torch.randint(0, VOCAB, (40, LENGTH), generator=torch.Generator().manual_seed(1))
+    params = {"epochs": 1, "pseudo-size": 4, "aux-val-fraction": 0.0, "hash-bins": 64}
+    result = fedleak.reconstruct(fedleak.build_attack("lti-p", params), observation, aux)
+    assert result.status == "ok" and result.inputs.shape == (1, LENGTH)

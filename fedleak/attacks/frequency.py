@@ -23,6 +23,11 @@ class TokenFrequencyBaseline:
     reference = True
     modalities = ("tokens",)
 
+    def check_feasible(self, targets: int, aux: int) -> None:
+        """Refuse, before a run, a floor without auxiliary text, where every call would fail."""
+        if aux == 0:
+            raise ValueError("aux-frequency needs auxiliary text, but data.aux-size=0; set it > 0")
+
     def reconstruct(
         self, observation: Observation, knowledge: AttackerKnowledge, budget: Budget
     ) -> Reconstruction:

@@ -10,7 +10,6 @@ from torch import nn
 
 from fedleak.models.registry import is_import_path, model_entry
 from fedleak.models.spec import ModelSpec
-from fedleak.models.transformer import MAX_POSITIONS
 from fedleak.settings import SEED_MAX, ConfigError
 
 INIT_NAMES: tuple[str, ...] = ("default", "uniform")
@@ -39,11 +38,13 @@ def _validate(spec: ModelSpec) -> None:
     if any(d < 1 for d in shape):
         raise ModelSpecError(f"model.input_shape={shape} must have positive sizes")
     if entry.modality == "tokens":
-        if len(shape) != 1 or not 2 <= shape[0] <= MAX_POSITIONS or spec.num_classes < 2:
+        # No upper bound on L here: a model of one's own may hold more positions than
+        # fedleak's transformer (its own forward refuses longer ones; data.seq-len is bounded).
+        if len(shape) != 1 or shape[0] < 2 or spec.num_classes < 2:
             raise ModelSpecError(
                 f"model {spec.name!r} reads token sequences: expected input_shape (L,) with "
-                f"2 <= L <= {MAX_POSITIONS} and a vocabulary (num_classes) of at least 2, got "
-                f"{shape} and {spec.num_classes}"
+                f"L >= 2 and a vocabulary (num_classes) of at least 2, got {shape} and "
+                f"{spec.num_classes}"
             )
     elif entry.image and (len(shape) != 3 or min(shape[1:]) < entry.min_size):
         raise ModelSpecError(

@@ -241,6 +241,28 @@ class TextLearningToInvert:
             InverterStore(self.config.cache_dir, name), self.config.refresh, "val_token_acc"
         )
 
+    def _needs(self) -> str:
+        what = "its token frequencies" if self.config.pseudo else "sequences to train on"
+        return f"{self.name} needs auxiliary text ({what})"
+
+    def check_feasible(self, targets: int, aux: int) -> None:
+        """Refuse, before a run, auxiliary text too small to train on updates of `targets`
+        sequences (LTI-P draws its own from the token frequencies, unless `pseudo_size` 0
+        asks for as many as the auxiliary groups)."""
+        if aux == 0:
+            raise ValueError(f"{self._needs()}, but data.aux-size=0; set it > 0")
+        if self.config.pseudo and self.config.pseudo_size:
+            return
+        needed = targets
+        while needed - round(self.config.aux_val_fraction * needed) < targets:
+            needed += 1
+        if aux < needed:
+            raise ValueError(
+                f"{self.name} trains on groups of {targets} auxiliary sequences and holds out "
+                f"{self.config.aux_val_fraction:g} of them for validation, so it needs "
+                f"data.aux-size >= {needed}, got {aux}"
+            )
+
     def reconstruct(
         self, observation: Observation, knowledge: AttackerKnowledge, budget: Budget
     ) -> Reconstruction:
@@ -253,10 +275,7 @@ class TextLearningToInvert:
                 "sequences"
             )
         if knowledge.aux_inputs.shape[0] == 0:
-            raise TextLTIObservationError(
-                f"{self.name} needs auxiliary text (LTI-P: its token frequencies); "
-                "set data.aux-size > 0"
-            )
+            raise TextLTIObservationError(f"{self._needs()}; set data.aux-size > 0")
         setup = learned_setup(observation, knowledge, cfg, self.seed)
         refreshed = self.keeper.current(
             setup.key(cfg.hidden, cfg.activation, cfg.pseudo, cfg.hash_signed, cfg.block_normalise),
@@ -365,7 +384,7 @@ class TextLearningToInvert:
                 )
                 return flat.reshape(count, aux.shape[1])
 
-            val_x = pseudo(n_val)
+            val_x = pseudo(n_val) if n_val else val_x  # no hold-out: nothing to draw
         if (train_x.shape[0] if not cfg.pseudo else size) < unit.size:
             raise TextLTIObservationError(
                 f"{self.name} needs at least {unit.size} training sequences for groups of "

@@ -51,13 +51,13 @@ from fedleak.defenses import (
 )
 from fedleak.models import build_model, has_batchnorm
 from fedleak.seeds import mix_seed
+from fedleak.settings import ConfigError, setting
 from fedleak.settings import Settings as SettingsBase
-from fedleak.settings import setting
 
 _EPS = 1e-12
 
 
-class TokenObservationError(ValueError):
+class TokenObservationError(ConfigError):
     """An observation a token attack cannot invert (images, or a model without embeddings)."""
 
 
@@ -256,6 +256,43 @@ def read_tokens(embeddings: Tensor, labels: Tensor, table: Tensor) -> Tensor:
     return tokens
 
 
+_NEEDS = (
+    "TAG optimises embeddings, so the model needs its frozen input embedding as a "
+    "`token_embedding` buffer [V, d] and a forward that takes embeddings [B, L, d] in place of "
+    "token ids (as fedleak's transformer3 does)"
+)
+
+
+def _embedding_table(model: torch.nn.Module, observation: Observation) -> Tensor:
+    """The model's frozen token embedding [V, d], once its forward is seen to take rows of it."""
+    name, vocab = observation.model.name, observation.model.num_classes
+    table = getattr(model, "token_embedding", None)
+    if not isinstance(table, Tensor):
+        raise TokenObservationError(f"model {name!r} has no token embedding table: {_NEEDS}")
+    if isinstance(table, torch.nn.Parameter) or table.requires_grad:
+        # Replayed as inputs, a trained table's own gradient through them goes missing: the
+        # matching loss stays above zero at the true tokens.
+        raise TokenObservationError(
+            f"model {name!r}: its token_embedding is trained (a parameter); {_NEEDS}"
+        )
+    if table.dim() != 2 or table.shape[0] != vocab:
+        raise TokenObservationError(
+            f"model {name!r}: token_embedding of shape {tuple(table.shape)} for a vocabulary "
+            f"of {vocab} tokens; expected [{vocab}, d], one row per token the model scores"
+        )
+    length = observation.model.input_shape[0]
+    try:
+        with torch.no_grad():
+            model(table[torch.zeros(1, length, dtype=torch.long, device=table.device)])
+    except (RuntimeError, ValueError, TypeError, IndexError) as error:
+        reason = (str(error).splitlines() or [type(error).__name__])[0]
+        raise TokenObservationError(
+            f"model {name!r} cannot take embeddings [1, {length}, {table.shape[1]}] ({reason}); "
+            f"{_NEEDS}"
+        ) from None
+    return table
+
+
 class TAG:
     """The `tag` attack on token observations (see the module docstring)."""
 
@@ -280,14 +317,7 @@ class TAG:
         model = build_model(observation.model)
         model.load_state_dict(observation.weights)
         model = model.to(device)
-        table = getattr(model, "token_embedding", None)
-        if not isinstance(table, Tensor):
-            raise TokenObservationError(
-                f"model {observation.model.name!r} has no token embedding table to decode with: "
-                "TAG optimises embeddings, so the model needs its frozen input embedding as a "
-                "`token_embedding` tensor [V, d] and a forward that takes embeddings [B, L, d] "
-                "in place of token ids (as fedleak's transformer3 does)"
-            )
+        table = _embedding_table(model, observation)
         pipeline = parse_defense_spec(observation.defense)
         observed = observed_updates(observation)
         shared, protocol = observed.rows, observed.protocol
