@@ -367,3 +367,32 @@ def test_docs_describe_every_column_a_run_folder_records() -> None:
         described |= set(re.findall(r"`([^`]+)`", row))
     assert set(LEAKAGE_COLUMNS) - described == set()
     assert set(UTILITY_COLUMNS) - described == set()
+
+
+@pytest.mark.parametrize("folder", ["images", "checkpoints", "state/lti", "texts"])
+def test_a_linked_folder_is_refused_before_anything_is_deleted_or_written(
+    tmp_path: Path, folder: str
+) -> None:
+    """Starting a failed sweep cell again deleted the user's r*_c*_*.png files through a
+    linked images/, and a resume overwrote a linked checkpoints/global.pt (audit CN1, CN2)."""
+    from fedleak.report.rundir import ForeignFileError
+
+    run = RunDirectory.create(tmp_path / "run", parse_flat({"num-server-rounds": 1}), {})
+    run.append_round(1, [], {"test_loss": 1.0, "test_accuracy": 0.5})
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    kept = {
+        "r001_c000_ig.png": b"precious",
+        "global.pt": b"another run's state",
+        "lti-inverter-r000001.pt": b"an inverter",
+    }
+    for name, data in kept.items():
+        (victim / name).write_bytes(data)
+    link = run.path / folder
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(victim, target_is_directory=True)
+    with pytest.raises(ForeignFileError, match=r": a symbolic link; expected fedleak's own folder"):
+        RunDirectory(run.path).clear()
+    with pytest.raises(ForeignFileError, match=r": a symbolic link; expected fedleak's own folder"):
+        RunDirectory.open(run.path)
+    assert {p.name: p.read_bytes() for p in victim.iterdir()} == kept

@@ -432,6 +432,7 @@ class RunDirectory:
         path = Path(path)
         if not (path / CONFIG_FILE).is_file():
             raise RunDirectoryError(f"{path}: not a run directory (no {CONFIG_FILE})")
+        refuse_linked_folders(path)
         return cls(path)
 
     @property
@@ -648,6 +649,7 @@ class RunDirectory:
 
     def clear(self) -> None:
         """Delete this run's own files, and nothing else, so that it can start again."""
+        refuse_linked_folders(self.path)
         own = [CONFIG_FILE, ENVIRONMENT_FILE, LEAKAGE_FILE, LEAKAGE_CSV, UTILITY_FILE]
         own += [SUMMARY_FILE, CHECKPOINT_FILE, DONE_FILE, FAILED_FILE, "report.html", "report.md"]
         for name in own:
@@ -1011,6 +1013,26 @@ def is_run_directory(path: Path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(environment, dict) and "fedleak" in environment
+
+
+# The folders fedleak writes in a run directory (and deletes from when the run starts again).
+OWN_FOLDERS: tuple[str, ...] = ("checkpoints", "images", "texts", "report_files", "state")
+
+
+def refuse_linked_folders(path: Path) -> None:
+    """Refuse a run directory in which one of fedleak's folders (or an attack's folder under
+    `state/`) is a symbolic link: a run folder from elsewhere could point it at any folder of
+    the user's, whose files starting the run again would delete and resuming it overwrite."""
+    folders = [path / name for name in OWN_FOLDERS]
+    state = path / "state"
+    if state.is_dir() and not state.is_symlink():
+        folders += sorted(state.iterdir())
+    for folder in folders:
+        if folder.is_symlink():
+            raise ForeignFileError(
+                f"{folder}: a symbolic link; expected fedleak's own folder (replace the link "
+                "with a copy of its folder, or start the run in a new out-dir)"
+            )
 
 
 def replace_owned_files(folder: Path, files: Mapping[str, bytes]) -> None:
