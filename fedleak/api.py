@@ -407,6 +407,13 @@ def observe(
             f"batch_size={batch}: larger than the num_examples={examples} a batch is drawn "
             "from; expected at most num_examples"
         )
+    if kind == "gradient" and (steps != 1 or batch != examples):
+        # FedSGD's one gradient is the mean over all the examples it was computed from.
+        raise ConfigError(
+            f"kind='gradient' with batch_size={batch} and local_steps={steps}: a gradient "
+            f"is one step over all num_examples={examples}; expected batch_size={examples} "
+            "(or leave it out) and local_steps=1, or kind='delta' for local training"
+        )
     if kind == "delta" and examples > batch * steps:
         raise ConfigError(
             f"num_examples={examples}: a delta from {steps} local steps of {batch} examples "

@@ -341,3 +341,14 @@ def test_lti_p_without_a_validation_hold_out_trains() -> None:
     params = {"epochs": 1, "pseudo-size": 4, "aux-val-fraction": 0.0, "hash-bins": 64}
     result = fedleak.reconstruct(fedleak.build_attack("lti-p", params), observation, aux)
     assert result.status == "ok" and result.inputs.shape == (1, LENGTH)
+
+
+def test_a_gradient_declared_with_local_training_is_refused() -> None:
+    """A FedSGD gradient with batch_size below num_examples or several local steps was
+    accepted and replayed as something no client computes (audit CM4)."""
+    observation, _, model = _client(batch=2)
+    for extra in ({"batch_size": 1}, {"local_steps": 3}):
+        with pytest.raises(ConfigError, match=r"^kind='gradient' with batch_size=\d and local"):
+            fedleak.observe(
+                model, observation.update, input_shape=(LENGTH,), num_examples=2, **extra
+            )
