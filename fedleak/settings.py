@@ -20,6 +20,7 @@ every room may use it.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import difflib
 import functools
 import math
@@ -354,6 +355,9 @@ def _convert(key: str, raw: Any, kind: Any, rule: Rule, refuse: Callable[[], Exc
         if isinstance(raw, bool):
             # `--set name=true` reads as a TOML bool: the word is what the user meant.
             raw = "true" if raw else "false"
+        elif isinstance(raw, dt.date | dt.time):
+            # `--set name=2024-01-01` reads as a TOML date: its ISO text is what was typed.
+            raw = raw.isoformat()
         elif isinstance(raw, int | float):
             # `--set attack.rounds=5`, `name = 2024` or `--set name=nan` reads as a TOML number;
             # its text is what the user meant (the setting's own rule still judges it). A

@@ -106,6 +106,7 @@ def test_attacked_rounds_name_numbers_and_the_last_round() -> None:
     assert parse_flat({"name": float("nan")}).name == "nan"
     assert parse_flat({"name": True}).name == "true"
     assert parse_flat({"name": 0.5}).name == "0.5"
+    assert parse_flat({"name": __import__("datetime").date(2024, 1, 1)}).name == "2024-01-01"
     with pytest.raises(ConfigError, match=r"attack\.rounds='4': expected 'all'"):
         parse_flat({"attack.rounds": 4, "num-server-rounds": 3})
 

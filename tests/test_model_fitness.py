@@ -105,3 +105,7 @@ def test_a_refusal_caused_by_dpsgd_advises_the_defense_not_the_threat_model(
     shared = parse_flat({**flat, "threat.share": "per-sample"})
     with pytest.raises(ConfigError, match=r"use threat\.share='batch' or a model without such"):
         validate_components(shared)
+    # Both ask for per-sample gradients: the advice names both (audit CO4).
+    both = parse_flat({**flat, "threat.share": "per-sample", "defense.spec": "dpsgd:1:1"})
+    with pytest.raises(ConfigError, match=r"use threat\.share='batch' and a defense\.spec with"):
+        validate_components(both)

@@ -236,7 +236,7 @@ CASES = [
         "poisson-fedavg-examples",
         (*CHECK, *POISSON, "--set", "train.mode=fedavg", "--set", "train.examples=8"),
         "defense.dp-sampling='poisson': each local step draws its own batch from the whole "
-        "partition, so train.examples=8 has no use; expected train.examples=0 or "
+        "partition, so train.examples=8 has no use; expected train.examples=0, or "
         "defense.dp-sampling='fixed'",
     ),
     Case(

@@ -595,7 +595,7 @@ def test_an_image_run_whose_every_attack_run_diverged_keeps_the_image_tables(
     run.append_round(1, diverged, {"test_loss": 1.0, "test_accuracy": 0.5})
     _headline(run.path)
     out = capsys.readouterr().out
-    assert "not decided: no attack run returned a reconstruction" in out, out
+    assert "not decided: nothing was scored against a private sample" in out, out
     assert "lpips-nets" not in out
     build_report(run.path)
     report = (run.path / "report.md").read_text(encoding="utf-8")
@@ -604,6 +604,33 @@ def test_an_image_run_whose_every_attack_run_diverged_keeps_the_image_tables(
     assert summary[1][summary[0].index("attack")] == "idlg"
     assert "no attack run returned a reconstruction to score" in report
     assert "metrics.lpips-nets" not in report
+
+
+def test_a_run_without_ground_truth_does_not_blame_the_lpips_setting(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Rows of clients that declared no batch (scored against nothing) were said to lack
+    LPIPS because of metrics.lpips-nets (audit CO3)."""
+    config = parse_flat({"num-server-rounds": 1, "attack.names": "idlg"})
+    run = RunDirectory.create(tmp_path / "run", config, {"data": {"modality": "image"}})
+    rows = [
+        {
+            "client_id": client,
+            "attack": "idlg",
+            "sample": sample,
+            "target_index": -1,
+            "scored_against": "unavailable",
+        }
+        for client in (0, 1)
+        for sample in (0, 1)
+    ]
+    run.append_round(1, rows, {"test_loss": 1.0, "test_accuracy": 0.5})
+    _headline(run.path)
+    out = capsys.readouterr().out
+    assert "nothing was scored against a private sample" in out and "lpips-nets" not in out
+    build_report(run.path)
+    report = (run.path / "report.md").read_text(encoding="utf-8")
+    assert "or no client declared its batch" in report and "metrics.lpips-nets" not in report
 
 
 def test_a_run_that_failed_before_its_first_round_says_why(tmp_path: Path) -> None:

@@ -1116,7 +1116,7 @@ skip-unavailable-data = true
 num-server-rounds = 1
 """
     lines = check_sweep(_write(tmp_path, text), out_dir=tmp_path)
-    assert any("would skip 1 cells" in line for line in lines)
+    assert any("would skip 1 cell (" in line for line in lines)
 
 
 def test_cells_a_set_makes_equal_are_refused_naming_the_set(tmp_path: Path) -> None:
@@ -1194,5 +1194,8 @@ def test_skipped_cells_are_counted_in_words_that_fit_their_number() -> None:
     }
     assert _skipped_lines(states) == [
         "1 cell (cell-001): no CIFAR-10 files",
-        "2 cells (cell-003 .. cell-004): no GPU",
+        "2 cells (cell-003, cell-004): no GPU",
     ]
+    # Cells skipped apart are not a range: "cell-000 .. cell-003" read as all four (CO6).
+    apart = {f"cell-00{i}": ("skipped" if i % 2 else "done", "no GPU") for i in range(8)}
+    assert _skipped_lines(apart) == ["4 cells (cell-001, cell-003, ..., cell-007): no GPU"]

@@ -396,8 +396,9 @@ NO_SUCCESS_RULE = (
 
 
 NOTHING_SCORED_RULE = (
-    "No sample's success is decided: no attack run returned a reconstruction to score (see "
-    "Failed attack runs)"
+    "No sample's success is decided: no attack run returned a reconstruction to score against "
+    "a private sample (their runs failed or diverged, see Failed attack runs, or no client "
+    "declared its batch)"
 )
 
 
@@ -410,9 +411,15 @@ def success_decidable(leakage: pd.DataFrame) -> bool:
 
 
 def nothing_scored(leakage: pd.DataFrame) -> bool:
-    """Whether attack runs were recorded but none returned a reconstruction (every one failed
-    or diverged): then no LPIPS could be measured, whatever the settings."""
-    return not leakage.empty and not (leakage["status"] == "ok").any()
+    """Whether attack rows were recorded but none was scored against a private sample (every
+    run failed or diverged, or no client declared its batch): then no LPIPS could be measured,
+    whatever the settings."""
+    if leakage.empty:
+        return False
+    ok = leakage["status"] == "ok"
+    if "scored_against" in leakage:
+        ok &= leakage["scored_against"] != "unavailable"
+    return not ok.any()
 
 
 def success_rule(leakage: pd.DataFrame) -> str:
@@ -574,6 +581,11 @@ CUT_NOTE = (
 
 
 LEFT_OUT = "‡"
+TEXT_LEFT_OUT_NOTE = (
+    f" {LEFT_OUT}: some of the attack's runs failed or diverged (see Failed attack runs); "
+    "their sequences are in no figure of the row, so its medians and the floor's may stand "
+    "on different sequences."
+)
 LEFT_OUT_NOTE = (
     f" {LEFT_OUT}: some of the attack's runs failed or diverged (see Failed attack runs). A "
     "failed run's samples are in no figure of the row; a diverged run's count as not "
@@ -655,7 +667,7 @@ def summary_table(study: Study) -> Table:
         "mean is not, because exact reconstructions (80+ dB) dominate it."
         + (CUT_NOTE if cut else "")
         + (CONVERGENCE_NOTE if flags else "")
-        + (LEFT_OUT_NOTE if left_out else "")
+        + (TEXT_LEFT_OUT_NOTE if left_out else "")
         + _unmatched_note(summaries),
     )
 
@@ -696,7 +708,7 @@ def _text_summary_table(summaries: list[SettingSummary], grouped: bool) -> Table
         "sample range for n < 6); the mean, bounded, with its Student-t interval."
         + (CUT_NOTE if cut else "")
         + (CONVERGENCE_NOTE if flags else "")
-        + (LEFT_OUT_NOTE if left_out else "")
+        + (TEXT_LEFT_OUT_NOTE if left_out else "")
         + _unmatched_note(summaries),
     )
 

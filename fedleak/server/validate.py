@@ -522,12 +522,14 @@ def validate_components(config: RunConfig) -> None:
         )
     reason = unfit_reason(model, spec, per_sample)
     if reason is not None:
-        if per_sample and config.threat.share != "per-sample":
-            # The defense asked for per-sample gradients: the advice names it, not the
-            # threat.share the run already has.
+        if per_sample and pipeline.needs_per_sample:
+            # The defense asks for per-sample gradients too: the advice names it (alone where
+            # the run already shares batches).
+            clipping = f"a defense.spec without per-sample clipping (not {config.defense.spec!r})"
+            both = config.threat.share == "per-sample"
             reason = reason.replace(
                 "use threat.share='batch'",
-                f"use a defense.spec without per-sample clipping (not {config.defense.spec!r})",
+                f"use threat.share='batch' and {clipping}" if both else f"use {clipping}",
             )
         raise ConfigError(f"model.name={config.model.name!r}: {reason}")
 
@@ -538,26 +540,44 @@ def _check_dp_sampling(config: RunConfig, pipeline: DefensePipeline) -> None:
     if config.defense.dp_sampling != "poisson":
         return
     train = config.train
+    # Every condition the run misses, each with its remedy: naming one at a time made a chain
+    # of refusals, each remedy met by the next.
+    problems: list[tuple[str, str]] = []
     if pipeline.find(DPSGD) is None:
-        reason = f"samples DP-SGD's batch, but defense.spec={config.defense.spec!r} has no dpsgd"
-        instead = "a dpsgd step in defense.spec"
-    elif config.threat.share == "per-sample":
-        reason = "hides the batch size, which threat.share='per-sample' shows (one row each)"
-        instead = "threat.share='batch'"
-    elif pipeline.encoder is not None:
-        reason = f"{pipeline.encoder.spec} encodes a fixed batch of images"
-        instead = "a defense.spec without an input encoding"
-    elif train.mode == "fedavg" and train.examples != 0:
-        reason = (
-            f"each local step draws its own batch from the whole partition, so "
-            f"train.examples={train.examples} has no use"
+        problems.append(
+            (
+                f"samples DP-SGD's batch, but defense.spec={config.defense.spec!r} has no dpsgd",
+                "a dpsgd step in defense.spec",
+            )
         )
-        instead = "train.examples=0"
-    else:
+    if config.threat.share == "per-sample":
+        problems.append(
+            (
+                "hides the batch size, which threat.share='per-sample' shows (one row each)",
+                "threat.share='batch'",
+            )
+        )
+    if pipeline.encoder is not None:
+        problems.append(
+            (
+                f"{pipeline.encoder.spec} encodes a fixed batch of images",
+                "a defense.spec without an input encoding",
+            )
+        )
+    if train.mode == "fedavg" and train.examples != 0:
+        problems.append(
+            (
+                f"each local step draws its own batch from the whole partition, so "
+                f"train.examples={train.examples} has no use",
+                "train.examples=0",
+            )
+        )
+    if not problems:
         return
-    # Each reason names its own remedy: a generic list read as advice the run had followed.
+    reasons = "; it ".join(reason for reason, _ in problems)
+    remedies = ", ".join(remedy for _, remedy in problems)
     raise ConfigError(
-        f"defense.dp-sampling='poisson': {reason}; expected {instead} or "
+        f"defense.dp-sampling='poisson': {reasons}; expected {remedies}, or "
         "defense.dp-sampling='fixed'"
     )
 

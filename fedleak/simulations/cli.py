@@ -206,7 +206,7 @@ def _headline(path: Path) -> None:
         if not success_decidable(leakage):
             rule = "reconstructed = not decided: no AlexNet LPIPS measured (metrics.lpips-nets)"
             if nothing_scored(leakage):
-                rule = "reconstructed = not decided: no attack run returned a reconstruction"
+                rule = "reconstructed = not decided: nothing was scored against a private sample"
         if "tokens" in study.modalities:
             rule = "token accuracy = share of positions recovered"
         print("\n".join(["", f"what leaked ({rule}):", *lines]))

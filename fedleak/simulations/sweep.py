@@ -773,12 +773,16 @@ def _skipped_lines(states: Mapping[str, tuple[str, str]]) -> list[str]:
     for cell_id, (state, reason) in states.items():
         if state == "skipped":
             skipped.setdefault(reason, []).append(cell_id)
-    return [
-        f"{len(ids)} cells ({ids[0]} .. {ids[-1]}): {reason}"
-        if len(ids) > 1
-        else f"1 cell ({ids[0]}): {reason}"
-        for reason, ids in skipped.items()
-    ]
+    return [f"{_counted(ids)}: {reason}" for reason, ids in skipped.items()]
+
+
+def _counted(ids: list[str]) -> str:
+    """`1 cell (a)`, `2 cells (a, b)`, `3 cells (a, b, c)`, or `N cells (a, b, ..., z)`: a
+    range would read as every cell between the first and the last."""
+    if len(ids) == 1:
+        return f"1 cell ({ids[0]})"
+    shown = ", ".join(ids) if len(ids) <= 3 else f"{ids[0]}, {ids[1]}, ..., {ids[-1]}"
+    return f"{len(ids)} cells ({shown})"
 
 
 def _check_cache_owners(plan: SweepPlan) -> None:
