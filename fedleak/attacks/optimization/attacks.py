@@ -42,6 +42,7 @@ from fedleak.attacks.optimization.losses import (
     MatchingLoss,
     batchnorm_prior,
     choose_matching,
+    fedavg_step_clip,
     flatten,
     total_variation,
 )
@@ -307,7 +308,8 @@ def prepare(
     target = [shared[name].to(device).float() for name in names]
     has_bn = has_batchnorm(model)
     mode = _resolve_bn_mode(bn_mode, observation, has_bn)
-    replay = Replay(model, protocol, "proxy" if mode == "proxy" else "infer", device)
+    step_clip = fedavg_step_clip(pipeline, protocol.kind, config.adaptive)
+    replay = Replay(model, protocol, "proxy" if mode == "proxy" else "infer", device, step_clip)
     labels, method, diagnostics = _recover_labels(
         config.labels,
         model,
@@ -344,7 +346,8 @@ def prepare(
     matching = matching_for(config.adaptive)
     if not config.adaptive:
         # Reports warn about an attack blind to the defense only where adapting would change it.
-        diagnostics = {**diagnostics, "unadapted": float(matching_for(True) != matching)}
+        blind = matching_for(True) != matching or fedavg_step_clip(pipeline, protocol.kind, True)
+        diagnostics = {**diagnostics, "unadapted": float(bool(blind))}
     return Problem(
         replay=replay,
         target=[t.repeat((restarts,) + (1,) * (t.dim() - 1)) for t in target],

@@ -240,8 +240,9 @@ def choose_matching(
 
     Under DP-SGD the dummy samples' gradients are clipped to the public C before their mean,
     as the client's are (a distance like DLG's L2 otherwise matches an unclipped dummy to a
-    clipped update); where per-sample gradients cannot be formed (FedAvg's unrolled steps,
-    BatchNorm) the dummy stays unclipped. Its noise needs no change.
+    clipped update); FedAvg's unrolled steps clip inside the replay (`fedavg_step_clip`),
+    and under BatchNorm, which DP-SGD runs refuse, the dummy stays unclipped. Its noise needs
+    no change.
 
     Under sign compression, one contributor's release is the sign of its update: the hinge.
     A mean over `contributors` > 1 releases gets tanh-cosine, one tanh per contributor of
@@ -271,6 +272,17 @@ class _Clips(Protocol):
 
 
 Loss = TypeVar("Loss", bound=_Clips)
+
+
+def fedavg_step_clip(defense: DefensePipeline, kind: str, adaptive: bool) -> float:
+    """DP-SGD's C for an adaptive attack's replay of FedAvg's local steps, each of which
+    clips its samples' gradients before their mean (0.0 where there is nothing to replay: no
+    dpsgd, FedSGD, whose clip acts on the matched update, or an attack blind to the defense).
+    Unreplayed, the true batch did not reproduce the delta (cosine distance 0.4-0.6)."""
+    dp = defense.find(DPSGD)
+    if dp is None or kind != "delta" or not adaptive:
+        return 0.0
+    return float(dp.clip_norm)
 
 
 def with_dp_clip(

@@ -214,9 +214,13 @@ class Replay:
         protocol: ClientProtocol,
         bn_mode: str = "infer",
         device: torch.device | str = "cpu",
+        step_clip: float = 0.0,
     ) -> None:
         if bn_mode not in BN_MODES:
             raise ReplayError(f"bn_mode={bn_mode!r}: allowed {', '.join(BN_MODES)}")
+        # DP-SGD inside FedAvg: every local step's gradient is the mean of its samples'
+        # gradients clipped to C, as the client computes it (0: the plain batch gradient).
+        self.step_clip = step_clip if protocol.kind == "delta" else 0.0
         self.model = copy.deepcopy(model).train()
         self._batchnorms = _swap_batchnorm(self.model, bn_mode)
         self.model.to(device)
@@ -293,9 +297,28 @@ class Replay:
         current = params
         for step in range(self.protocol.local_steps):
             index = [(step * size + j) % count for j in range(size)]
-            gradient, _ = gradient_of(current, x[index], y[index], False)
+            if self.step_clip > 0:
+                gradient = self._clipped_step(current, x[index], y[index])
+            else:
+                gradient, _ = gradient_of(current, x[index], y[index], False)
             current = {n: current[n] - lr * gradient[n] for n in self.names}
         return [current[n] - params[n] for n in self.names], statistics
+
+    def _clipped_step(self, params: dict[str, Tensor], x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        """One DP-SGD step's gradient: each sample's gradient scaled to norm <= C over all
+        parameters (`DPSGD.clip`'s rule), then their mean."""
+
+        def sample_loss(p: dict[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:
+            return self._loss(p, xi.unsqueeze(0), yi.unsqueeze(0), False)[0]
+
+        per = vmap(grad(sample_loss), in_dims=(None, 0, 0))(params, x, y)
+        squares = sum(per[n].reshape(len(x), -1).square().sum(dim=1) for n in self.names)
+        norms = torch.sqrt(squares)
+        scale = self.step_clip / norms.clamp(min=self.step_clip)
+        return {
+            n: (per[n] * scale.reshape(-1, *[1] * (per[n].dim() - 1))).mean(dim=0)
+            for n in self.names
+        }
 
     def __call__(self, x: Tensor, y: Tensor, per_sample: bool = False) -> ReplayOutput:
         """Dummy updates of T problems: `x` [T, b, ...], `y` int64 [T, b] or soft [T, b, K]

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from fedleak.attacks.optimization.engine import Lost, Settings, optimise
 from fedleak.attacks.optimization.kernels import differentiable_attention
-from fedleak.attacks.optimization.losses import tanh_mean, with_dp_clip
+from fedleak.attacks.optimization.losses import fedavg_step_clip, tanh_mean, with_dp_clip
 from fedleak.attacks.optimization.replay import Replay, observed_updates
 from fedleak.attacks.types import AttackerKnowledge, Budget, Observation, Reconstruction
 from fedleak.defenses import (
@@ -326,7 +326,8 @@ class TAG:
         missing = [name for name in names if name not in shared]
         if missing:
             raise TokenObservationError(f"the update lacks parameters {missing[:3]}")
-        replay = Replay(model, protocol, "infer", device)
+        step_clip = fedavg_step_clip(pipeline, protocol.kind, cfg.adaptive)
+        replay = Replay(model, protocol, "infer", device, step_clip)
         per_sample_ok = not has_batchnorm(model) and protocol.kind == "gradient"
         loss = choose_tag_loss(cfg, pipeline, len(names), samples, contributors, per_sample_ok)
         adaptation: dict[str, float] = {}
@@ -336,7 +337,8 @@ class TAG:
             adaptive_loss = choose_tag_loss(
                 adapted, pipeline, len(names), samples, contributors, per_sample_ok
             )
-            adaptation["unadapted"] = float(adaptive_loss != loss)
+            blind = adaptive_loss != loss or fedavg_step_clip(pipeline, protocol.kind, True)
+            adaptation["unadapted"] = float(bool(blind))
         restarts = cfg.restarts
         target = [
             shared[name].to(device).float().repeat((restarts,) + (1,) * (shared[name].dim() - 1))
