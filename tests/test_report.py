@@ -1936,3 +1936,22 @@ def test_the_label_table_says_what_chance_scores_by_its_rule(
     (caption,) = [t.caption for m, _, t in leakage_tables(study) if m.column == "label_acc"]
     assert f"would score {100 * expected:.1f}% at B = 8 by the same rule" in caption
     assert ("so chance grows with B" in caption) == multiset
+
+
+def test_markdown_carries_no_html_past_backtick_runs() -> None:
+    """A sweep file's ``` closed the code block it was pasted in, and a cell's ``` read as
+    three single backticks, so an <img onerror=...> reached report.md as HTML (audit CN3)."""
+    markdown_it = pytest.importorskip("markdown_it")
+    from fedleak.report.document import Cell, Code, Table, Text, render_markdown
+
+    attack = "<img src=x onerror=alert(1)>"
+    blocks = [
+        Code(f"[sweep]\n```\n{attack}\n```\nname = 'x'\n"),
+        Text(f"```{attack}` and `{attack}` and ``{attack}`` and n < 6"),
+        Table(("key", "value"), ((Cell("env"), Cell(f"```{attack}`")),)),
+    ]
+    text, _ = render_markdown("t", blocks, "files")
+    tokens = markdown_it.MarkdownIt("commonmark").parse(text)
+    kinds = {t.type for t in tokens} | {c.type for t in tokens for c in t.children or []}
+    assert not kinds & {"html_inline", "html_block"}, text
+    assert "n < 6" in text  # a bare comparison stays as written

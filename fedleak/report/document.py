@@ -228,16 +228,33 @@ def _md_escape(text: str) -> str:
     return _no_html(text).replace("|", "\\|").replace("\n", " ")
 
 
+_TICKS = re.compile(r"`+")
+
+
 def _no_html(text: str) -> str:
     """A `<` that opens a tag (or comment) outside code spans as `&lt;`: a run's records
     (attack names, environment values, text from a corpus) would otherwise reach a Markdown
-    viewer as HTML it renders. `n < 6` stays as it is."""
-    pieces = text.split("`")
-    # Odd pieces lie between two backticks; after an unpaired last one, text is not code.
-    closed = len(pieces) - (len(pieces) % 2 == 0)
-    return "`".join(
-        p if i % 2 and i < closed else _TAG_OPEN.sub("&lt;", p) for i, p in enumerate(pieces)
-    )
+    viewer as HTML it renders. `n < 6` stays as it is. Code spans as CommonMark reads them: a
+    run of N backticks up to the next run of exactly N (a run of three read as three single
+    ones let "```<img ...>`" through)."""
+    out, start, position = [], 0, 0
+    while (opening := _TICKS.search(text, position)) is not None:
+        width = len(opening.group())
+        closing = re.compile(f"(?<!`){'`' * width}(?!`)").search(text, opening.end())
+        if closing is None:  # an unpaired run is literal text
+            position = opening.end()
+            continue
+        out.append(_TAG_OPEN.sub("&lt;", text[start : opening.start()]))
+        out.append(text[opening.start() : closing.end()])
+        start = position = closing.end()
+    out.append(_TAG_OPEN.sub("&lt;", text[start:]))
+    return "".join(out)
+
+
+def _fence(text: str) -> str:
+    """A code fence longer than any run of backticks in `text`, which would close a shorter one."""
+    longest = max((len(run) for run in _TICKS.findall(text)), default=0)
+    return "`" * max(3, longest + 1)
 
 
 def _md_table(table: Table) -> str:
@@ -281,7 +298,8 @@ def render_markdown(
         elif isinstance(block, Text):
             parts.append(_no_html(block.text))
         elif isinstance(block, Code):
-            parts.append("```\n" + block.text.rstrip("\n") + "\n```")
+            fence = _fence(block.text)
+            parts.append(f"{fence}\n" + block.text.rstrip("\n") + f"\n{fence}")
         elif isinstance(block, Table):
             parts.append(_md_table(block))
         elif isinstance(block, Gallery):
