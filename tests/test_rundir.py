@@ -396,3 +396,23 @@ def test_a_linked_folder_is_refused_before_anything_is_deleted_or_written(
     with pytest.raises(ForeignFileError, match=r": a symbolic link; expected fedleak's own folder"):
         RunDirectory.open(run.path)
     assert {p.name: p.read_bytes() for p in victim.iterdir()} == kept
+
+
+def test_crafted_files_in_a_run_directory_give_one_line_not_a_hang_or_internal_error(
+    tmp_path: Path,
+) -> None:
+    """A named pipe as FAILED blocked `fedleak report`, a deeply nested environment.json was an
+    internal RecursionError, and a 54 MB config.toml took 47 s and 1.7 GB (audit CN4-CN6)."""
+    import os
+
+    from fedleak.report.rundir import RunDirectoryError
+
+    run = RunDirectory.create(tmp_path / "run", parse_flat({"num-server-rounds": 1}), {})
+    os.mkfifo(run.path / "FAILED")
+    assert RunDirectory(run.path).failed_reason() == ""  # returns, does not wait on the pipe
+    (run.path / "environment.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(RunDirectoryError, match=r"environment\.json"):
+        RunDirectory(run.path).environment()
+    (run.path / "config.toml").write_text("# padding\n" * 200_000)
+    with pytest.raises(RunDirectoryError, match=r"config\.toml: larger than 1 MB"):
+        _ = RunDirectory.open(run.path).config

@@ -211,7 +211,7 @@ def read_manifest(sweep_dir: Path) -> dict[str, Any]:
     file = Path(sweep_dir) / MANIFEST
     try:
         manifest = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, RecursionError) as error:
         detail = one_line(f"{type(error).__name__}: {error}", 200)
         raise RunDirectoryError(f"{file}: unreadable ({detail}); restore or delete it") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("cells", []), list):

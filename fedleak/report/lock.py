@@ -134,7 +134,7 @@ def _holder() -> dict[str, object]:
 def _read_holder(file: Path) -> dict[str, object]:
     try:
         holder = json.loads(file.read_text(encoding="utf-8") or "{}")
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
     return holder if isinstance(holder, dict) else {}
 

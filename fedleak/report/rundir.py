@@ -455,7 +455,7 @@ class RunDirectory:
             return {}
         try:
             environment = json.loads(file.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as error:
+        except (OSError, ValueError, RecursionError) as error:
             raise _unreadable(file, error) from None
         if not isinstance(environment, dict):
             raise _unreadable(file, TypeError("not a JSON object"))
@@ -629,9 +629,11 @@ class RunDirectory:
 
     def failed_reason(self) -> str:
         """The reason FAILED records ('' when the run was not marked failed)."""
+        if not (self.path / FAILED_FILE).is_file():  # a named pipe there would block the read
+            return ""
         try:
             record = json.loads((self.path / FAILED_FILE).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             return ""
         reason = record.get("reason") if isinstance(record, dict) else None
         return reason if isinstance(reason, str) else ""
@@ -1010,7 +1012,7 @@ def is_run_directory(path: Path) -> bool:
     """Whether `path` is a folder fedleak made for a run: its environment.json names fedleak."""
     try:
         environment = json.loads((Path(path) / ENVIRONMENT_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return False
     return isinstance(environment, dict) and "fedleak" in environment
 
@@ -1046,7 +1048,7 @@ def replace_owned_files(folder: Path, files: Mapping[str, bytes]) -> None:
     manifest = folder / OWNED_MANIFEST
     try:
         earlier = json.loads(manifest.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         earlier = None
     if not isinstance(earlier, list):
         earlier = None

@@ -15,13 +15,13 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
-from fedleak.config import ConfigError, RunConfig, parse_toml
+from fedleak.config import MAX_TOML_BYTES, ConfigError, RunConfig, parse_toml
 from fedleak.lines import first_line
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 _DESCRIPTION = "# description:"
 # A preset is a short text file; anything larger is almost surely the wrong file.
-MAX_PRESET_BYTES = 1_000_000
+MAX_PRESET_BYTES = MAX_TOML_BYTES
 
 
 def _names() -> list[str]:
