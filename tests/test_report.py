@@ -35,7 +35,7 @@ from fedleak.report.stats import (
     median_interval,
     order_rank,
 )
-from fedleak.report.tables import Metric, originals, scored, strongest, summary_table
+from fedleak.report.tables import Metric, originals, scored, strongest, summary_tables
 from fedleak.report.verdict import headline
 from fedleak.simulations.cli import _headline, main
 
@@ -439,7 +439,7 @@ def test_a_private_sample_no_reconstruction_was_matched_to_counts_as_not_reconst
         assert after[attack].success.n == before[attack].success.n + 1
         assert after[attack].psnr.n == before[attack].psnr.n  # no metric: in no median
         assert (after[attack].unmatched, before[attack].unmatched) == (1, 0)
-    table = summary_table(load_study(larger))
+    table = summary_tables(load_study(larger))[0]
     assert "§: the success rate also counts, as not reconstructed" in table.caption
     counts = {row[1].text: row[2].text for row in table.rows}
     assert counts["ig"].endswith(" ‡§") and counts["aux-mean (floor)"] == str(
@@ -697,6 +697,36 @@ def test_perplexity_is_given_for_the_language_settings_of_a_mixed_sweep_only(
     perplexity = {row[1].text: row[column].text for row in table.rows}
     # Final loss 2.3 - 0.2 x 2: e^1.9 for the text run, none for the image run's LeNet.
     assert perplexity == {"none": "–", "sign": f"{math.exp(1.9):.1f}"}
+
+
+def test_a_sweep_of_both_tasks_gets_a_summary_table_for_each(tmp_path: Path) -> None:
+    """The language settings of a mixed sweep sat in the image table as "n 0, not decided"
+    while their token accuracy appeared only further down (audit CO1)."""
+    from fedleak.report.tables import summary_tables
+
+    sweep = tmp_path / "sweep"
+    cells = {"cell-000-image": "none", "cell-001-text": "sign"}
+    for cell, defense in cells.items():
+        _make_run(sweep / cell, rounds=3, defense=defense)
+    text = sweep / "cell-001-text"
+    environment = json.loads((text / "environment.json").read_text())
+    environment["data"] = {"modality": "tokens"}
+    (text / "environment.json").write_text(json.dumps(environment))
+    rows = pd.read_parquet(text / "leakage.parquet")
+    rows["token_acc"] = np.where(rows["status"] == "ok", 0.5, np.nan)
+    rows[["psnr", "mse", "ssim", "lpips_alex"]] = np.nan
+    rows.to_parquet(text / "leakage.parquet")
+    (text / "leakage.csv").unlink()
+    manifest = [{"id": cell, "index": i, "status": "done"} for i, cell in enumerate(cells)]
+    (sweep / "sweep.json").write_text(json.dumps({"name": "mixed", "cells": manifest}))
+    image, language = summary_tables(load_study(sweep))
+    assert "PSNR median (dB)" in image.columns and "token accuracy median" in language.columns
+    defense = image.columns.index("defense")
+    assert {row[defense].text for row in image.rows} == {"none"}
+    assert {row[language.columns.index("defense")].text for row in language.rows} == {"sign"}
+    # Both hold a failed and a diverged run (‡); the text table has no success rate (CO5).
+    assert "the success rate compares each sample with the floor" in image.caption
+    assert "‡" in language.caption and "success rate" not in language.caption
 
 
 def test_a_settings_epsilon_is_the_largest_of_its_runs_at_the_stated_delta(

@@ -50,7 +50,7 @@ from fedleak.report.tables import (
     scored,
     success_rule,
     success_table,
-    summary_table,
+    summary_tables,
     training_table,
     utility_table,
 )
@@ -67,12 +67,12 @@ MAX_GRID_SETTINGS = 24
 
 
 def _verdict(study: Study) -> list[Block]:
-    summary = summary_table(study)
+    tables = [table for table in summary_tables(study) if table.rows]
     return [
         Heading("Verdict"),
         Text(verdict(study)),
         Heading("Summary", 3),
-        summary if summary.rows else Text("No attack has produced a scored reconstruction."),
+        *(tables or [Text("No attack has produced a scored reconstruction.")]),
     ]
 
 

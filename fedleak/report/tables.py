@@ -615,15 +615,29 @@ def _count_cell(n: int, summary: SettingSummary) -> Cell:
     return Cell(f"{n} {marks}" if marks else str(n))
 
 
-def summary_table(study: Study) -> Table:
-    """One row per setting and attack: success rate, median PSNR and LPIPS, LPIPS mean (for
-    the language task: token accuracy median and mean, ROUGE-L median)."""
+def summary_tables(study: Study) -> list[Table]:
+    """One row per setting and attack: success rate, median PSNR and LPIPS, LPIPS mean; for
+    the language task's settings, token accuracy median and mean, ROUGE-L median. A sweep of
+    both tasks gets one table each."""
     summaries = setting_summaries(study)
-    # By what the runs' data are: a setting with nothing scored (every run diverged) is the
-    # language task's only if its runs are.
-    if summaries and study.modalities == {"tokens"}:
-        return _text_summary_table(summaries, study.groups() != [""])
     grouped = study.groups() != [""]
+    # By what the runs' data are, not by what was scored: a setting whose every run diverged
+    # scored nothing either way.
+    language = {
+        (study.group_of(run), run.config.defense.label)
+        for run in study.scored_runs
+        if run.modality == "tokens"
+    }
+    images = [s for s in summaries if (s.group, s.defense) not in language]
+    texts = [s for s in summaries if (s.group, s.defense) in language]
+    if not texts:
+        return [_image_summary_table(study, images, grouped)]
+    if not images:
+        return [_text_summary_table(texts, grouped)]
+    return [_image_summary_table(study, images, grouped), _text_summary_table(texts, grouped)]
+
+
+def _image_summary_table(study: Study, summaries: list[SettingSummary], grouped: bool) -> Table:
     flags = any(s.not_converged for s in summaries)
     left_out = any(s.left_out or s.diverged for s in summaries)
     cut = any(passes_range(*s.lpips_mean[:2], *LPIPS_RANGE) for s in summaries)
@@ -667,7 +681,7 @@ def summary_table(study: Study) -> Table:
         "mean is not, because exact reconstructions (80+ dB) dominate it."
         + (CUT_NOTE if cut else "")
         + (CONVERGENCE_NOTE if flags else "")
-        + (TEXT_LEFT_OUT_NOTE if left_out else "")
+        + (LEFT_OUT_NOTE if left_out else "")
         + _unmatched_note(summaries),
     )
 

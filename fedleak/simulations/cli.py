@@ -208,7 +208,8 @@ def _headline(path: Path) -> None:
             if nothing_scored(leakage):
                 rule = "reconstructed = not decided: nothing was scored against a private sample"
         if "tokens" in study.modalities:
-            rule = "token accuracy = share of positions recovered"
+            words = "token accuracy = share of positions recovered"
+            rule = f"{rule}; {words}" if "image" in study.modalities else words
         print("\n".join(["", f"what leaked ({rule}):", *lines]))
 
 
