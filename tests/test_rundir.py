@@ -416,3 +416,43 @@ def test_crafted_files_in_a_run_directory_give_one_line_not_a_hang_or_internal_e
     (run.path / "config.toml").write_text("# padding\n" * 200_000)
     with pytest.raises(RunDirectoryError, match=r"config\.toml: larger than 1 MB"):
         _ = RunDirectory.open(run.path).config
+
+
+def test_a_failed_language_run_starts_again_without_its_earlier_texts(tmp_path: Path) -> None:
+    """clear() left texts/ behind, so the folder read as someone else's and a failed text cell
+    could never start again; a new run in a failed run's folder showed the earlier attempt's
+    reconstructions (audit CP1, CP2)."""
+    config = parse_flat({"num-server-rounds": 1})
+    run = RunDirectory.create(tmp_path / "run", config, {"data": {"modality": "tokens"}})
+    (run.path / "texts").mkdir()
+    (run.path / "texts" / "r001_c000_tag.json").write_text("{}")
+    run.mark_failed("killed in round 1")
+    again = RunDirectory.create(run.path, config, {"data": {"modality": "tokens"}})
+    assert not (again.path / "texts").exists()
+    (again.path / "texts").mkdir()
+    (again.path / "texts" / "r001_c000_tag.json").write_text("{}")
+    (again.path / "texts" / "notes.txt").write_text("mine")
+    RunDirectory(again.path).clear()
+    assert [p.name for p in (again.path / "texts").iterdir()] == ["notes.txt"]
+
+
+def test_named_pipes_and_deep_json_elsewhere_in_a_run_directory_give_one_line(
+    tmp_path: Path,
+) -> None:
+    """Only FAILED was guarded: a pipe as environment.json, DONE or utility.csv still hung the
+    report, and deep JSON in DONE was an internal RecursionError (audit CP4)."""
+    import os
+
+    from fedleak.report.rundir import RunDirectoryError, is_run_directory, read_utility_csv
+
+    run = RunDirectory.create(tmp_path / "run", parse_flat({"num-server-rounds": 1}), {})
+    run.append_round(1, [], {"test_loss": 1.0, "test_accuracy": 0.5})
+    (run.path / "DONE").write_text("[" * 100_000 + "]" * 100_000)
+    RunDirectory(run.path).check_records()  # an unreadable DONE says nothing of the rounds
+    pipes = tmp_path / "pipes"
+    pipes.mkdir()
+    for name in ("environment.json", "utility.csv"):
+        os.mkfifo(pipes / name)
+    assert not is_run_directory(pipes)
+    with pytest.raises(RunDirectoryError, match=r"utility\.csv"):
+        read_utility_csv(pipes / "utility.csv")

@@ -233,11 +233,13 @@ def _made_by_fedleak(path: Path) -> bool:
     says which file to restore, rather than that the folder is someone else's."""
     if is_run_directory(path):
         return True
+    if not (path / ENVIRONMENT_FILE).is_file():
+        return False
     try:
         json.loads((path / ENVIRONMENT_FILE).read_text(encoding="utf-8"))
     except OSError:
         return False
-    except ValueError:
+    except (ValueError, RecursionError):
         return True
     return False
 

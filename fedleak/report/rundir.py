@@ -270,6 +270,8 @@ def read_utility_csv(path: Path) -> pd.DataFrame:
     if not path.exists():
         return empty_frame(UTILITY_COLUMNS)
     try:
+        if not path.is_file():  # a named pipe would block the read
+            raise OSError("not a regular file")
         data = path.read_bytes()
         # Written whole (atomic_write), so it ends with a newline: a cut file's last row
         # would otherwise read as a round with its missing fields empty.
@@ -408,9 +410,11 @@ class RunDirectory:
         or files that are not fedleak's (`check_target`)."""
         path = Path(path)
         cls.check_target(path)
+        if is_run_directory(path):
+            # A run that failed before recording a round: nothing of its attempt may stay to
+            # be read as this run's (reconstructions of an attack it does not run).
+            cls(path).clear()
         path.mkdir(parents=True, exist_ok=True)
-        for name in (DONE_FILE, FAILED_FILE):
-            (path / name).unlink(missing_ok=True)
         # environment.json first: it marks the folder as a run directory (`is_run_directory`).
         env = {
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -454,6 +458,8 @@ class RunDirectory:
         if not file.exists():
             return {}
         try:
+            if not file.is_file():  # a named pipe would block the read
+                raise OSError(f"{file.name} is not a regular file")
             environment = json.loads(file.read_text(encoding="utf-8"))
         except (OSError, ValueError, RecursionError) as error:
             raise _unreadable(file, error) from None
@@ -662,6 +668,10 @@ class RunDirectory:
                 left.unlink(missing_ok=True)
         for image in self.images():
             image.unlink()
+        texts = self.path / "texts"
+        if texts.is_dir():  # the language task's reconstructions, named as images are
+            for text in texts.glob("r*_c*_*.json"):
+                text.unlink()
         for pattern in ("*/*-inverter*.pt", f"*/*-inverter*{TEMP_SUFFIX}"):
             for cache in (self.path / "state").glob(pattern):
                 cache.unlink()
@@ -669,6 +679,7 @@ class RunDirectory:
         for folder in (
             "checkpoints",
             "images",
+            "texts",
             "report_files",
             *_subfolders(self.path / "state"),
             "state",
@@ -813,8 +824,10 @@ class RunDirectory:
         if not done.exists():
             return
         try:
+            if not done.is_file():
+                raise OSError("not a regular file")
             rounds = json.loads(done.read_text(encoding="utf-8")).get("rounds")
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError, AttributeError, RecursionError):
             rounds = None
         recorded = self.finished_rounds()
         if isinstance(rounds, int) and recorded < rounds:
@@ -1010,6 +1023,8 @@ def mark_failed_if_silent(path: Path, reason: str) -> None:
 
 def is_run_directory(path: Path) -> bool:
     """Whether `path` is a folder fedleak made for a run: its environment.json names fedleak."""
+    if not (Path(path) / ENVIRONMENT_FILE).is_file():  # a named pipe would block the read
+        return False
     try:
         environment = json.loads((Path(path) / ENVIRONMENT_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):
@@ -1047,6 +1062,8 @@ def replace_owned_files(folder: Path, files: Mapping[str, bytes]) -> None:
         raise ForeignFileError(f"{folder}: a symbolic link; expected fedleak's own folder")
     manifest = folder / OWNED_MANIFEST
     try:
+        if manifest.exists() and not manifest.is_file():
+            raise OSError("not a regular file")
         earlier = json.loads(manifest.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):
         earlier = None
