@@ -1978,7 +1978,10 @@ def test_markdown_carries_no_html_past_backtick_runs() -> None:
     blocks = [
         Code(f"[sweep]\n```\n{attack}\n```\nname = 'x'\n"),
         Text(f"```{attack}` and `{attack}` and ``{attack}`` and n < 6"),
+        # An escaped backtick opens no code span (audit CP3).
+        Text(f"\\`{attack}\\` and \\\\`code` and \\``x`{attack}`"),
         Table(("key", "value"), ((Cell("env"), Cell(f"```{attack}`")),)),
+        Table(("key", "value"), ((Cell("platform"), Cell(f"\\`{attack}\\` Linux")),)),
     ]
     text, _ = render_markdown("t", blocks, "files")
     tokens = markdown_it.MarkdownIt("commonmark").parse(text)

@@ -239,13 +239,19 @@ def _no_html(text: str) -> str:
     ones let "```<img ...>`" through)."""
     out, start, position = [], 0, 0
     while (opening := _TICKS.search(text, position)) is not None:
-        width = len(opening.group())
+        begin, width = opening.start(), len(opening.group())
+        backslashes = begin - len(text[:begin].rstrip("\\"))
+        if backslashes % 2:  # an escaped backtick is literal; the rest of its run may open
+            begin, width = begin + 1, width - 1
+            if not width:
+                position = opening.end()
+                continue
         closing = re.compile(f"(?<!`){'`' * width}(?!`)").search(text, opening.end())
         if closing is None:  # an unpaired run is literal text
             position = opening.end()
             continue
-        out.append(_TAG_OPEN.sub("&lt;", text[start : opening.start()]))
-        out.append(text[opening.start() : closing.end()])
+        out.append(_TAG_OPEN.sub("&lt;", text[start:begin]))
+        out.append(text[begin : closing.end()])
         start = position = closing.end()
     out.append(_TAG_OPEN.sub("&lt;", text[start:]))
     return "".join(out)
