@@ -62,7 +62,6 @@ def test_the_tag_example_recovers_most_tokens(one_thread: None) -> None:
     assert isinstance(result, Reconstruction) and "stopped by iterations" in result.message
     summary = leak.summary()  # type: ignore[union-attr]
     assert summary["token_accuracy"] >= 0.6 and summary["rouge1"] >= 0.4
-    # The aux-frequency floor of the same sequence: every position its most frequent token.
     assert summary["unmatched"] == 0.0
 
 

@@ -80,6 +80,18 @@ class GaussianNoise:
         return self(grads, generator)
 
 
+def clip_per_sample(per_sample: dict[str, Tensor], clip_norm: float) -> dict[str, Tensor]:
+    """Per-sample gradients (leading dim B) scaled so that each sample's norm over all
+    parameters is <= `clip_norm`: DP-SGD's clip, as clients and adaptive replays apply it."""
+    if not per_sample:
+        return {}
+    # reshape, not flatten(1): a scalar parameter's per-sample gradient is one number a row.
+    squares = sum(t.reshape(len(t), -1).square().sum(dim=1) for t in per_sample.values())
+    norms = torch.sqrt(squares)
+    scale = clip_norm / norms.clamp(min=clip_norm)
+    return {name: t * scale.reshape(-1, *[1] * (t.dim() - 1)) for name, t in per_sample.items()}
+
+
 @dataclass(frozen=True)
 class DPSGD:
     """DP-SGD (Abadi et al. 2016): clip each sample's gradient to L2 norm <= C over all
@@ -116,13 +128,7 @@ class DPSGD:
 
     def clip(self, per_sample: dict[str, Tensor]) -> dict[str, Tensor]:
         """Per-sample gradients (leading dim B) scaled so that each sample's norm is <= C."""
-        if not per_sample:
-            return {}
-        # reshape, not flatten(1): a scalar parameter's per-sample gradient is one number a row.
-        squares = sum(t.reshape(len(t), -1).square().sum(dim=1) for t in per_sample.values())
-        norms = torch.sqrt(squares)
-        scale = self.clip_norm / norms.clamp(min=self.clip_norm)
-        return {name: t * scale.reshape(-1, *[1] * (t.dim() - 1)) for name, t in per_sample.items()}
+        return clip_per_sample(per_sample, self.clip_norm)
 
     def noise(
         self, mean: dict[str, Tensor], batch_size: int, generator: torch.Generator

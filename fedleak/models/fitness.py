@@ -21,9 +21,12 @@ from fedleak.models.spec import ModelSpec
 _TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
 
 
-def unfit_reason(model: nn.Module, spec: ModelSpec, per_sample: bool) -> str | None:
+def unfit_reason(
+    model: nn.Module, spec: ModelSpec, per_sample: bool, remedy: str = "threat.share='batch'"
+) -> str | None:
     """Why a study cannot measure `model` as built from `spec`, or None. `per_sample`: the
-    clients share (or their defense works on) per-sample gradients."""
+    clients share (or their defense works on) per-sample gradients; `remedy`: the settings
+    change that would spare them, named in the refusal beside another model."""
     frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
     if frozen:
         return (
@@ -44,7 +47,7 @@ def unfit_reason(model: nn.Module, spec: ModelSpec, per_sample: bool) -> str | N
     if random is not None:
         return random
     if per_sample:
-        return _coupling(model, spec)
+        return _coupling(model, spec, remedy)
     return None
 
 
@@ -65,7 +68,7 @@ def random_in_training(model: nn.Module) -> str | None:
     return None
 
 
-def _coupling(model: nn.Module, spec: ModelSpec) -> str | None:
+def _coupling(model: nn.Module, spec: ModelSpec, remedy: str) -> str | None:
     """Samples that meet in a training-mode forward (a batch mean, a branch on a batch
     statistic), or buffers that the forward changes: a per-sample update carries neither."""
     probe = copy.deepcopy(model).train()
@@ -82,13 +85,13 @@ def _coupling(model: nn.Module, spec: ModelSpec) -> str | None:
     if changed:
         return (
             f"buffer {changed[0]!r} changes in the forward (running statistics), but a "
-            "per-sample update carries no buffers, so it would never train; use "
-            "threat.share='batch' or a model without such buffers"
+            f"per-sample update carries no buffers, so it would never train; use {remedy} "
+            "or a model without such buffers"
         )
     if together.shape != alone.shape or not torch.allclose(together, alone, **_TOLERANCE):
         return (
             "a sample's output depends on the other samples of its batch (a batch statistic "
-            "or a branch on one), so per-sample gradients are undefined; use "
-            "threat.share='batch' or a model that treats samples apart"
+            f"or a branch on one), so per-sample gradients are undefined; use {remedy} or a "
+            "model that treats samples apart"
         )
     return None

@@ -520,17 +520,12 @@ def validate_components(config: RunConfig) -> None:
             "gradient of one batch of the union that the attacks replay; use a model without "
             f"BatchNorm ({groupnorm_advice(config.model.name)}) or threat.view='client'"
         )
-    reason = unfit_reason(model, spec, per_sample)
+    # What asks for per-sample gradients: the threat model, the defense's clipping, or both.
+    causes = ["threat.share='batch'"] if config.threat.share == "per-sample" else []
+    if pipeline.needs_per_sample:
+        causes.append(f"a defense.spec without per-sample clipping (not {config.defense.spec!r})")
+    reason = unfit_reason(model, spec, per_sample, " and ".join(causes) or "threat.share='batch'")
     if reason is not None:
-        if per_sample and pipeline.needs_per_sample:
-            # The defense asks for per-sample gradients too: the advice names it (alone where
-            # the run already shares batches).
-            clipping = f"a defense.spec without per-sample clipping (not {config.defense.spec!r})"
-            both = config.threat.share == "per-sample"
-            reason = reason.replace(
-                "use threat.share='batch'",
-                f"use threat.share='batch' and {clipping}" if both else f"use {clipping}",
-            )
         raise ConfigError(f"model.name={config.model.name!r}: {reason}")
 
 

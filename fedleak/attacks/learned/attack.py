@@ -26,7 +26,7 @@ import time
 import torch
 from torch import Tensor, nn
 
-from fedleak.attacks.learned.config import LTI_PRESETS, LTIConfig, lti_config
+from fedleak.attacks.learned.config import LTI_PRESETS, LTIConfig, aux_needed, lti_config
 from fedleak.attacks.learned.inverter import Inverter
 from fedleak.attacks.learned.keeper import InverterKeeper, LearnedSetup, Refreshed, learned_setup
 from fedleak.attacks.learned.pairs import Featuriser, PairSource, make_groups
@@ -60,10 +60,7 @@ class LearningToInvert:
     def aux_needed(self, targets: int) -> int:
         """The fewest auxiliary images that leave `targets` for training after the validation
         hold-out (`aux_val_fraction`), so that one training group can be built."""
-        count = targets
-        while count - round(self.config.aux_val_fraction * count) < targets:
-            count += 1
-        return count
+        return aux_needed(targets, self.config.aux_val_fraction)
 
     def check_feasible(self, targets: int, aux: int) -> None:
         """Refuse, before a run, auxiliary data too small to train on updates of `targets`."""

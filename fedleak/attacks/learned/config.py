@@ -145,6 +145,15 @@ LTI_PRESETS: dict[str, LTIConfig] = {
 }
 
 
+def aux_needed(targets: int, val_fraction: float) -> int:
+    """The fewest auxiliary samples that leave `targets` for training after the validation
+    hold-out (`val_fraction`, rounded), so that one training group can be built."""
+    count = targets
+    while count - round(val_fraction * count) < targets:
+        count += 1
+    return count
+
+
 def lti_config(preset: str = "paper", **overrides: object) -> LTIConfig:
     """A preset with some fields replaced (keys may use dashes); one-line errors."""
     if preset not in LTI_PRESETS:

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from fedleak.attacks.types import Observation, UpdateKind
+from fedleak.defenses.noise import clip_per_sample
 from fedleak.training.chain import (
     ChainUnsupported,
     batchnorm_link,
@@ -305,20 +306,15 @@ class Replay:
         return [current[n] - params[n] for n in self.names], statistics
 
     def _clipped_step(self, params: dict[str, Tensor], x: Tensor, y: Tensor) -> dict[str, Tensor]:
-        """One DP-SGD step's gradient: each sample's gradient scaled to norm <= C over all
-        parameters (`DPSGD.clip`'s rule), then their mean."""
+        """One DP-SGD step's gradient: each sample's gradient clipped to C as the client
+        clips it (`clip_per_sample`), then their mean."""
 
         def sample_loss(p: dict[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:
             return self._loss(p, xi.unsqueeze(0), yi.unsqueeze(0), False)[0]
 
         per = vmap(grad(sample_loss), in_dims=(None, 0, 0))(params, x, y)
-        squares = sum(per[n].reshape(len(x), -1).square().sum(dim=1) for n in self.names)
-        norms = torch.sqrt(squares)
-        scale = self.step_clip / norms.clamp(min=self.step_clip)
-        return {
-            n: (per[n] * scale.reshape(-1, *[1] * (per[n].dim() - 1))).mean(dim=0)
-            for n in self.names
-        }
+        clipped = clip_per_sample({n: per[n] for n in self.names}, self.step_clip)
+        return {n: clipped[n].mean(dim=0) for n in self.names}
 
     def __call__(self, x: Tensor, y: Tensor, per_sample: bool = False) -> ReplayOutput:
         """Dummy updates of T problems: `x` [T, b, ...], `y` int64 [T, b] or soft [T, b, K]
