@@ -286,6 +286,23 @@ def _by_name(what: str, tensors: object, names: list[str]) -> dict[str, torch.Te
     return dict(zip(names, tensors, strict=True))
 
 
+def _one_per_parameter(
+    what: str, tensors: object, names: list[str], holder: str
+) -> dict[str, torch.Tensor]:
+    """`tensors` by name (`_by_name`), refused unless it holds exactly the model's parameters."""
+    tensors = _by_name(what, tensors, names)
+    unknown = sorted(set(tensors) - set(names))
+    if unknown:
+        raise ConfigError(f"{what}: {unknown[0]!r} is not a parameter of the model")
+    missing = [name for name in names if name not in tensors]
+    if missing:
+        raise ConfigError(
+            f"{what}: no tensor for the model's parameter {missing[0]!r}; {holder} holds one "
+            "for every parameter"
+        )
+    return tensors
+
+
 def _number(value: object) -> bool:
     # numpy's integers and floats are numbers.Real too; bools are not counts.
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
@@ -385,16 +402,7 @@ def observe(
             "mode, as it computed the update"
         )
     names = [name for name, _ in model.named_parameters()]
-    tensors = _by_name("update", update, names)
-    unknown = sorted(set(tensors) - set(names))
-    if unknown:
-        raise ConfigError(f"update: {unknown[0]!r} is not a parameter of the model")
-    missing = [name for name in names if name not in tensors]
-    if missing:
-        raise ConfigError(
-            f"update: no tensor for the model's parameter {missing[0]!r}; a client's update "
-            "holds one for every parameter"
-        )
+    tensors = _one_per_parameter("update", update, names, "a client's update")
     shapes = {name: p.shape for name, p in model.named_parameters()}
     _check_shapes("update", tensors, shapes, None)
     if kind not in UPDATE_KINDS:
@@ -432,16 +440,9 @@ def observe(
             "kind='gradient' or no per_sample_updates"
         )
     if per_sample_updates is not None:
-        per_sample_updates = _by_name("per_sample_updates", per_sample_updates, names)
-        stray = sorted(set(per_sample_updates) - set(names))
-        if stray:
-            raise ConfigError(f"per_sample_updates: {stray[0]!r} is not a parameter of the model")
-        absent = [name for name in names if name not in per_sample_updates]
-        if absent:
-            raise ConfigError(
-                f"per_sample_updates: no tensor for the model's parameter {absent[0]!r}; each "
-                "sample's update holds one for every parameter"
-            )
+        per_sample_updates = _one_per_parameter(
+            "per_sample_updates", per_sample_updates, names, "each sample's update"
+        )
         _check_shapes("per_sample_updates", per_sample_updates, shapes, examples)
     if not isinstance(input_shape, Sequence) or len(input_shape) not in (1, 3):
         raise ConfigError(

@@ -178,6 +178,18 @@ def test_factories_read_run_parameters() -> None:
         build_attack("lti", {"hidden": "wide"})
 
 
+def test_too_little_auxiliary_data_is_refused_with_the_size_needed() -> None:
+    # B = 4 with a 0.2 hold-out: 5 images leave 4 to train on, 4 leave 3 (round(0.8) = 1).
+    attack = build_attack("lti", {"preset": "cpu-small", "aux-val-fraction": 0.2})
+    attack.check_feasible(4, 5)
+    with pytest.raises(
+        ValueError,
+        match=r"^lti trains on groups of 4 auxiliary images and holds "
+        r"out 0\.2 of them for validation, so it needs data\.aux-size >= 5, got 4$",
+    ):
+        attack.check_feasible(4, 4)
+
+
 def test_unknown_preset_or_parameter() -> None:
     with pytest.raises(ConfigError, match=r"attack\.lti\.preset='gpu-huge': expected one of"):
         lti_config("gpu-huge")

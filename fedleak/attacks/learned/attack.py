@@ -26,7 +26,7 @@ import time
 import torch
 from torch import Tensor, nn
 
-from fedleak.attacks.learned.config import LTI_PRESETS, LTIConfig, aux_needed, lti_config
+from fedleak.attacks.learned.config import LTI_PRESETS, LTIConfig, check_aux_size, lti_config
 from fedleak.attacks.learned.inverter import Inverter
 from fedleak.attacks.learned.keeper import InverterKeeper, LearnedSetup, Refreshed, learned_setup
 from fedleak.attacks.learned.pairs import Featuriser, PairSource, make_groups
@@ -57,20 +57,9 @@ class LearningToInvert:
             InverterStore(self.config.cache_dir, name), self.config.refresh, "val_psnr"
         )
 
-    def aux_needed(self, targets: int) -> int:
-        """The fewest auxiliary images that leave `targets` for training after the validation
-        hold-out (`aux_val_fraction`), so that one training group can be built."""
-        return aux_needed(targets, self.config.aux_val_fraction)
-
     def check_feasible(self, targets: int, aux: int) -> None:
         """Refuse, before a run, auxiliary data too small to train on updates of `targets`."""
-        needed = self.aux_needed(targets)
-        if aux < needed:
-            raise ValueError(
-                f"{self.name} trains on groups of {targets} auxiliary images and holds out "
-                f"{self.config.aux_val_fraction:g} of them for validation, so it needs "
-                f"data.aux-size >= {needed}, got {aux}"
-            )
+        check_aux_size(self.name, targets, aux, self.config.aux_val_fraction, "images")
 
     def reconstruct(
         self, observation: Observation, knowledge: AttackerKnowledge, budget: Budget

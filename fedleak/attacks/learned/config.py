@@ -154,6 +154,18 @@ def aux_needed(targets: int, val_fraction: float) -> int:
     return count
 
 
+def check_aux_size(name: str, targets: int, aux: int, val_fraction: float, unit: str) -> None:
+    """Refuse auxiliary data too small for one training group of `targets` `unit` after the
+    validation hold-out."""
+    needed = aux_needed(targets, val_fraction)
+    if aux < needed:
+        raise ValueError(
+            f"{name} trains on groups of {targets} auxiliary {unit} and holds out "
+            f"{val_fraction:g} of them for validation, so it needs data.aux-size >= {needed}, "
+            f"got {aux}"
+        )
+
+
 def lti_config(preset: str = "paper", **overrides: object) -> LTIConfig:
     """A preset with some fields replaced (keys may use dashes); one-line errors."""
     if preset not in LTI_PRESETS:

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fedleak.attacks.learned.config import Refresh, aux_needed
+from fedleak.attacks.learned.config import Refresh, check_aux_size
 from fedleak.attacks.learned.inverter import ACTIVATIONS, best_assignment
 from fedleak.attacks.learned.keeper import InverterKeeper, LearnedSetup, Refreshed, learned_setup
 from fedleak.attacks.learned.pairs import Featuriser, PairSource, make_groups
@@ -253,13 +253,7 @@ class TextLearningToInvert:
             raise ValueError(f"{self._needs()}, but data.aux-size=0; set it > 0")
         if self.config.pseudo and self.config.pseudo_size:
             return
-        needed = aux_needed(targets, self.config.aux_val_fraction)
-        if aux < needed:
-            raise ValueError(
-                f"{self.name} trains on groups of {targets} auxiliary sequences and holds out "
-                f"{self.config.aux_val_fraction:g} of them for validation, so it needs "
-                f"data.aux-size >= {needed}, got {aux}"
-            )
+        check_aux_size(self.name, targets, aux, self.config.aux_val_fraction, "sequences")
 
     def reconstruct(
         self, observation: Observation, knowledge: AttackerKnowledge, budget: Budget
