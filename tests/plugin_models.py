@@ -43,3 +43,26 @@ def frozen_head_net(input_shape: tuple[int, ...], num_classes: int) -> nn.Module
     )
     model[1].requires_grad_(False)
     return model
+
+
+class _WithFeatures(nn.Module):
+    """Returns (logits, features), as many models of the user's own do."""
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), 8), nn.ReLU())
+        self.head = nn.Linear(8, num_classes)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        features = self.body(x)
+        return self.head(features), features
+
+
+def tuple_net(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """A classifier whose forward returns a tuple, not the logits tensor."""
+    return _WithFeatures(input_shape, num_classes)
+
+
+def eleven_class_net(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """A linear classifier with one class more than the data set has."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), num_classes + 1))

@@ -9,6 +9,7 @@ reconstructions saved, its metrics marked unavailable. The end-to-end test runs 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -461,3 +462,34 @@ def test_a_failed_run_gets_its_report_from_the_server(tmp_path: Path) -> None:
         _finish(run_dir, "ValueError: boom")
     assert (tmp_path / "run" / "FAILED").exists() and not (tmp_path / "run" / "DONE").exists()
     assert (tmp_path / "run" / "report.html").stat().st_size > 1_000
+
+
+def test_an_audited_strategy_that_raises_ends_the_run_as_failed_in_one_line(
+    app, tmp_path: Path
+) -> None:
+    """The app's own strategy raised through fedleak as a traceback and left its folder with
+    neither DONE nor FAILED, which a new start then refused (audit CS4)."""
+    import fedleak
+    from fedleak.simulations.study import RunFailed
+
+    task, server_app = app
+
+    class Broken(FedAvg):
+        def configure_train(self, *args: object, **kwargs: object) -> list[Message]:
+            raise ValueError("no clients today\nsecond line")
+
+    class TwoNodes:
+        """A grid whose two nodes are connected; no message is ever sent to them."""
+
+        def get_node_ids(self) -> list[int]:
+            return [1, 2]
+
+    run = tmp_path / "run"
+    settings = {**_settings(server_app), "out-dir": str(run)}
+    initial = ArrayRecord(task.Net().state_dict())
+    with pytest.raises(RunFailed) as failed:
+        fedleak.audit(TwoNodes(), Broken(), settings, initial_arrays=initial)  # type: ignore[arg-type]
+    line = "round 1: the app's Broken.configure_train raised ValueError: no clients today"
+    assert str(failed.value) == f"{run}: {line} second line"
+    assert json.loads((run / "FAILED").read_text()) == {"reason": f"{line} second line"}
+    assert not (run / "DONE").exists() and (run / "report.html").is_file()

@@ -109,3 +109,23 @@ def test_a_refusal_caused_by_dpsgd_advises_the_defense_not_the_threat_model(
     both = parse_flat({**flat, "threat.share": "per-sample", "defense.spec": "dpsgd:1:1"})
     with pytest.raises(ConfigError, match=r"use threat\.share='batch' and a defense\.spec with"):
         validate_components(both)
+
+
+@pytest.mark.parametrize("share", ["per-sample", "batch"])
+@pytest.mark.parametrize(
+    ("factory", "got"), [("tuple_net", "tuple"), ("eleven_class_net", r"\(1, 11\)")]
+)
+def test_a_model_without_one_score_per_class_is_refused_before_any_other_probe(
+    monkeypatch: pytest.MonkeyPatch, share: str, factory: str, got: str
+) -> None:
+    """The per-sample probe assumed a tensor and a tuple-returning model was an internal error
+    (audit CS3); `fedleak.audit`, which checks no federation, ran such models into a raw
+    traceback or a failed round (CS1, CS2): the components' check now says it for every path."""
+    monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent))
+    config = parse_flat(
+        {"model.name": f"plugin_models:{factory}", "attack.names": "ig", "threat.share": share}
+    )
+    with pytest.raises(
+        ConfigError, match=rf"^model.name='plugin_models:{factory}': outputs {got} "
+    ):
+        validate_components(config)

@@ -23,12 +23,13 @@ every scored attack job, and one `RoundLog` per round after its evaluation (`sta
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -105,6 +106,11 @@ TIMED_OUT = -1
 class ClientCrashed(RuntimeError):
     """A simulated client was lost for a reason the study did not inject (its Ray actor died,
     or fedleak's own client code raised): later rounds would silently drop its updates."""
+
+
+class AppStrategyFailed(RuntimeError):
+    """The audited app's own strategy raised: the user's code, which ends the run as failed
+    (FAILED, one line) rather than with a traceback that leaves the folder unfinished."""
 
 
 def error_line(reason: str) -> str:
@@ -313,7 +319,8 @@ class CuriousStrategy(Strategy):
         server_round += self.round_offset
         if self.selection is not None:
             grid = self.selection.grid_for(server_round, grid)
-        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
+        with self._app_code("configure_train", server_round):
+            messages = list(self.inner.configure_train(server_round, arrays, config, grid))
         if self.payload_check is not None:
             self.payload_check(len(messages))  # refuse the round before any client works
         self._sent = len(messages) * sum(len(array.data) for array in arrays.values())
@@ -368,7 +375,8 @@ class CuriousStrategy(Strategy):
             for key in EXTRA_RECORDS:
                 if key in msg.content:
                     del msg.content[key]
-        aggregate, metrics = self.inner.aggregate_train(server_round, replies)
+        with self._app_code("aggregate_train", server_round):
+            aggregate, metrics = self.inner.aggregate_train(server_round, replies)
         if aggregate is None or foreign:
             return aggregate, metrics
         return ArrayRecord(self.step(tensors_of(aggregate), buffers)), metrics
@@ -630,13 +638,17 @@ class CuriousStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Federated evaluation is the wrapped strategy's business."""
-        return self.inner.configure_evaluate(server_round + self.round_offset, arrays, config, grid)
+        server_round += self.round_offset
+        with self._app_code("configure_evaluate", server_round):
+            return list(self.inner.configure_evaluate(server_round, arrays, config, grid))
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         """Federated evaluation is the wrapped strategy's business."""
-        return self.inner.aggregate_evaluate(server_round + self.round_offset, replies)
+        server_round += self.round_offset
+        with self._app_code("aggregate_evaluate", server_round):
+            return self.inner.aggregate_evaluate(server_round, replies)
 
     def summary(self) -> None:
         """Log the wrapped strategy and what this one adds."""
@@ -647,6 +659,20 @@ class CuriousStrategy(Strategy):
             self.clients_per_round or "all",
             self.public.defense,
         )
+
+    @contextlib.contextmanager
+    def _app_code(self, hook: str, server_round: int) -> Iterator[None]:
+        """Around a call into an audited app's strategy: what it raises becomes one line
+        naming the hook and the round (fedleak's own strategies raise as they are)."""
+        try:
+            yield
+        except Exception as error:
+            if self.own_clients:
+                raise
+            raise AppStrategyFailed(
+                f"round {server_round}: the app's {type(self.inner).__name__}.{hook} raised "
+                f"{one_line(f'{type(error).__name__}: {error}', 240)}"
+            ) from error
 
     def central_epsilon(self) -> float:
         """Client-level ε of central DP so far (`CentralDP` as the inner strategy), else NaN."""

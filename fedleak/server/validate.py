@@ -94,10 +94,9 @@ def validate_run(
 
 def validate_federation(config: RunConfig, num_clients: int) -> FederatedData:
     """The checks that need the federation's size (`validate_run`'s, and a server's behind a
-    SuperLink once its nodes have said it): the data split, the model, the defense and the
-    attacks on it, δ and the payload; returns the clients' data split."""
+    SuperLink once its nodes have said it): the data split, the defense and the attacks on the
+    model, δ and the payload; returns the clients' data split."""
     fd = check_data_split(config, num_clients)
-    check_model(model_spec(config, fd))
     check_defense(config.defense.spec, model_spec(config, fd))
     check_attacks(config, fd, num_clients)
     check_delta(config, fd, num_clients)
@@ -506,6 +505,8 @@ def validate_components(config: RunConfig) -> None:
         # A set whose files are absent has no shape to build the model at: its absence is
         # said where the data is loaded (`validate_run`), or a sweep skips the cell.
         return
+    # First: the probes below and every path's first step assume one score per class.
+    check_model(spec)
     model = build_model(spec)
     if (per_sample or aggregate) and has_batchnorm(model):
         if per_sample:
