@@ -189,9 +189,10 @@ def test_no_leader_is_named_when_every_attack_is_at_the_floor() -> None:
     assert "leaks most" not in sentence
     assert sentence.startswith(
         "Without a defense, no attack got closer than the aux-frequency floor (median token "
-        "accuracy 0.125, ROUGE-L 0.000): the closest, lti-text, reconstructed a median 0.000 "
-        "of the tokens of the private sequences (ROUGE-L 0.000); tag a median 0.000 of the "
-        "tokens, ROUGE-L 0.000. The global model's"
+        "accuracy 0.125, ROUGE-L 0.000): the closest, lti-text (highest median token "
+        "accuracy, not told apart from tag: their 95% intervals overlap), reconstructed a "
+        "median 0.000 of the tokens of the private sequences (ROUGE-L 0.000); tag a median "
+        "0.000 of the tokens, ROUGE-L 0.000. The global model's"
     )
     assert "no closer than the floor" not in sentence  # said once for all of them
     # One attack above the floor is named as the leader again, with the floor beside it.
@@ -444,3 +445,38 @@ def test_attacks_whose_every_run_diverged_are_not_ranked_as_leaking() -> None:
     # One that still scored is ranked as before.
     scored = dataclasses.replace(setting, attacks=(_summary("ig", 3, 20.0, 0.1), lost["dlg"]))
     assert "ig leaks most" in _setting_sentence(scored, scored)
+
+
+def test_the_closest_attack_at_the_floor_says_by_what_measure() -> None:
+    """ "the closest, dlg" named the attack with the lower PSNR, closest by LPIPS alone and not
+    told apart from ig there (audit CR4)."""
+    floor = _summary("aux-mean", 0, 10.9, 0.55)
+    dlg = dataclasses.replace(
+        _summary("dlg", 0, 4.82, 0.584), lpips=Median(0.584, 0.570, 0.599, 192, 0.95)
+    )
+    ig = dataclasses.replace(
+        _summary("ig", 0, 6.29, 0.588), lpips=Median(0.588, 0.578, 0.601, 192, 0.95)
+    )
+    setting = SettingVerdict("", "none", (dlg, ig), floor, 0.1, 0.1, (2,))
+    assert "the closest, dlg (closest by median LPIPS, not told apart from ig: their 95% " in (
+        _setting_sentence(setting, setting)
+    )
+    alone = SettingVerdict("", "none", (dlg,), floor, 0.1, 0.1, (2,))
+    assert "the closest, dlg, reconstructed 0/192 " in _setting_sentence(alone, alone)
+
+
+def test_an_accuracy_is_not_set_against_a_baseline_stopped_at_another_round() -> None:
+    """Sign's model after round 3 read against the no-defense model after round 1, which a stop
+    had cut short: 0.100 against 0.138 looked like the defense's cost (audit CR1)."""
+    floor = _summary("aux-mean", 0, 12.0, 0.478)
+    ig = _summary("ig", 185, 47.61, 0.0001)
+    baseline = SettingVerdict("", "none", (ig,), floor, 0.1, 0.138, (1,))
+    signed = dataclasses.replace(baseline, defense="sign", accuracy_final=0.1, final_rounds=(3,))
+    assert _setting_sentence(signed, baseline).endswith(
+        "is 0.100 after round 3 (round 0: 0.100), against 0.138 without the defense after round "
+        "1, so the two are not compared at one round."
+    )
+    finished = dataclasses.replace(baseline, accuracy_final=0.103, final_rounds=(3,))
+    assert _setting_sentence(signed, finished).endswith(
+        "(round 0: 0.100), against 0.103 without the defense."
+    )

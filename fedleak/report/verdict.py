@@ -350,21 +350,22 @@ def _setting_sentence(v: SettingVerdict, baseline: SettingVerdict | None) -> str
             reconstructed = f"scored {scores} (success not decided: {leader.undecided})"
         floor = v.floor
         nothing_learned = _at_floor(leader, v)  # False without a floor
+        # By what measure the leader leads, said wherever there are others to lead.
+        ranked = f" ({_ranked_by(leader)})" if len(v.attacks) > 1 else ""
+        alike = _not_told_apart(leader, v.attacks[1:])
+        if alike:
+            ranked = (
+                f" ({_ranked_by(leader)}, not told apart from {', '.join(alike)}: their "
+                "95% intervals overlap)"
+            )
         if floor is not None and nothing_learned:
             # Naming a leader would read as a leak where the update taught no attack anything.
             text = (
                 f"{where}, no attack got closer than the {floor.attack} floor "
-                f"({_scores(floor)}): the closest, {leader.attack}, {reconstructed}"
+                f"({_scores(floor)}): the closest, {leader.attack}{ranked}, {reconstructed}"
                 + _unconverged(leader, v)
             )
         else:
-            ranked = f" ({_ranked_by(leader)})" if len(v.attacks) > 1 else ""
-            alike = _not_told_apart(leader, v.attacks[1:])
-            if alike:
-                ranked = (
-                    f" ({_ranked_by(leader)}, not told apart from {', '.join(alike)}: their "
-                    "95% intervals overlap)"
-                )
             text = f"{where}, {leader.attack} leaks most{ranked}: it {reconstructed}"
             if floor is not None:
                 text += f" against the {floor.attack} floor's {_scores(floor)}"
@@ -414,6 +415,13 @@ def _setting_sentence(v: SettingVerdict, baseline: SettingVerdict | None) -> str
         text += f" ({'; '.join(notes)})"
     if baseline is not None and baseline is not v and math.isfinite(baseline.accuracy_final):
         text += f", against {_accuracy(baseline.accuracy_final)} without the defense"
+        if baseline.final_rounds != v.final_rounds:
+            # A stopped or shorter baseline run: its accuracy is no measure of the defense's cost.
+            rounds = ", ".join(map(str, baseline.final_rounds))
+            text += (
+                f" after round{'s' if len(baseline.final_rounds) > 1 else ''} {rounds}, so the "
+                "two are not compared at one round"
+            )
     return text + "."
 
 
