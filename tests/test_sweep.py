@@ -212,6 +212,11 @@ seed = [0, 1]
             '[sweep]\n[sweep.grid]\n"attack.dlg.restarts" = [1, 2]\n',
             r"cell 1 \(attack\.dlg\.restarts=2\): same configuration as cell 0",
         ),
+        # The same attacks in another order ran the same study twice (audit CR2).
+        (
+            '[sweep]\n[sweep.grid]\n"attack.names" = ["ig,aux-mean", "aux-mean,ig"]\n',
+            r"cell 1 \(attack\.names='aux-mean,ig'\): same configuration as cell 0",
+        ),
         (
             "[sweep]\nparalel = 2\n[sweep.grid]\nseed = [1]\n",
             r"sweep\.paralel: unknown sweep setting",
@@ -443,6 +448,25 @@ def test_a_rerun_that_changes_nothing_the_cells_run_reuses_them(tmp_path: Path) 
         )
         assert again == sweep_dir
     assert runner.calls == []  # every cell done already: none runs again
+
+
+def test_the_same_attacks_named_in_another_order_reuse_the_cells(tmp_path: Path) -> None:
+    """Reordering attack.names of a finished sweep was refused as a change ("was run with
+    attack.names='aux-mean,dlg', this sweep wants 'dlg,aux-mean'"), though no row would
+    differ (audit CR2)."""
+    grid = GRID.replace('names = "aux-mean"', 'names = "aux-mean,dlg"')
+    sweep_dir = run_sweep(
+        _write(tmp_path, grid), out_dir=tmp_path, runner=fake_runner, say=lambda _: None
+    )
+    runner = Recorder()
+    again = run_sweep(
+        _write(tmp_path, grid),
+        out_dir=tmp_path,
+        runner=runner,
+        say=lambda _: None,
+        overrides={"attack.names": "dlg,aux-mean"},
+    )
+    assert again == sweep_dir and runner.calls == []
 
 
 def test_a_sweep_with_another_number_of_clients_refuses_to_reuse_cells(tmp_path: Path) -> None:

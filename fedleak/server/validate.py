@@ -136,8 +136,9 @@ def canonical(config: RunConfig) -> RunConfig:
 
 def resume_form(config: RunConfig) -> RunConfig:
     """The configuration as a resume compares it: each attack of the run with every parameter
-    at the value it takes (a key set to its default changes nothing), and the parameters of
-    attacks the run does not use dropped (they change nothing either)."""
+    at the value it takes (a key set to its default changes nothing), the parameters of
+    attacks the run does not use dropped (they change nothing either), and the attacks named
+    in one order (each draws from its own seeded streams: their order changes no row)."""
     params: dict[str, dict[str, object]] = {}
     for name in config.attack.names:
         given = config.attack.params.get(name, {})
@@ -148,7 +149,8 @@ def resume_form(config: RunConfig) -> RunConfig:
             continue
         if settings is not None:
             params[name] = flat_values(settings)
-    return dataclasses.replace(config, attack=dataclasses.replace(config.attack, params=params))
+    attack = dataclasses.replace(config.attack, names=tuple(sorted(config.attack.names)))
+    return dataclasses.replace(config, attack=dataclasses.replace(attack, params=params))
 
 
 def check_seen_by_ray(config: RunConfig, own_clients: bool = True) -> None:
