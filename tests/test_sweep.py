@@ -359,6 +359,29 @@ def test_a_stop_after_a_cells_last_safe_point_still_stops_the_sweep(tmp_path: Pa
     assert len(calls) == 1 and statuses == ["done", "pending", "pending", "pending"]
 
 
+def test_a_stop_after_the_last_cells_last_safe_point_finishes_the_sweep(tmp_path: Path) -> None:
+    """Every cell done, yet the sweep raised KeyboardInterrupt, so `fedleak sweep` wrote no
+    report (only a rerun with nothing to run then wrote it) and exited 130 (audit CR3)."""
+    calls: list[str] = []
+    said: list[str] = []
+
+    def last_stopped_late(config: RunConfig, path: Path) -> Path:
+        calls.append(path.name)
+        with _stop_on_first_signal():
+            done = fake_runner(config, path)
+            if len(calls) == 4:
+                os.kill(os.getpid(), signal.SIGINT)
+        return done
+
+    source = _write(tmp_path, GRID)
+    sweep_dir = run_sweep(source, out_dir=tmp_path, runner=last_stopped_late, say=said.append)
+    assert (
+        len(calls) == 4
+        and "  stop requested after the last cell finished: the sweep is done" in said
+    )
+    assert [c["status"] for c in read_manifest(sweep_dir)["cells"]] == ["done"] * 4
+
+
 def test_a_moved_sweep_folder_is_rerun_where_it_now_is(tmp_path: Path) -> None:
     source = _write(tmp_path, GRID)
     run_sweep(source, out_dir=tmp_path / "before", runner=fake_runner, say=lambda _: None)

@@ -937,7 +937,10 @@ def _run_plan(
                     with _sigterm_stops_the_sweep(), last_words(mark_interrupted):
                         record(cell, _run_cell(runner, fresh(cell), paths[cell.id]))
                     if stop_requests() != requests:  # came after the cell's last safe point
-                        raise KeyboardInterrupt
+                        if cell is not pending[-1]:
+                            raise KeyboardInterrupt
+                        # Nothing is left to stop: the sweep is whole and gets its report.
+                        say("  stop requested after the last cell finished: the sweep is done")
             else:
                 context = multiprocessing.get_context("spawn")
                 workers = min(plan.parallel, len(pending))
