@@ -655,3 +655,29 @@ def test_an_out_dir_that_is_not_utf8_is_refused_before_ray_starts(tmp_path: Path
     with pytest.raises(ConfigError, match=r"^out-dir='.*run\\udcff': the path holds bytes"):
         check_out_dir(config, num_clients=2)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_resume_with_no_run_to_resume_says_it_starts_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A mistyped out-dir with sim.resume=true ran the whole study again without a word
+    (audit CQ2)."""
+    from fedleak.simulations import study
+    from fedleak.simulations.presets import load_preset
+
+    class GridReached(Exception):
+        pass
+
+    class Grid:
+        def __getattr__(self, name: str) -> object:
+            raise GridReached(name)
+
+    run = tmp_path / "typo"
+    config = parse_flat({"out-dir": str(run), "sim.resume": True}, load_preset("quickstart"))
+    with pytest.raises(GridReached):
+        study.serve(Grid(), config)
+    warning = f"fedleak: warning: sim.resume=true, but {run} holds no run to resume: starting it"
+    assert f"{warning} from round 1\n" in capsys.readouterr().err
+    with pytest.raises(GridReached):  # a run to resume (config.toml written above): no warning
+        study.serve(Grid(), config)
+    assert "holds no run" not in capsys.readouterr().err

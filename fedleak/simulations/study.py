@@ -357,6 +357,10 @@ def _serve(
         run_dir = RunDirectory.create(path, config, environment(device, config, data_record(fd)))
     software = changed_software(run_dir.environment()) if resumed else []
     warnings = [
+        # A mistyped out-dir would otherwise run the whole study again without a word.
+        f"sim.resume=true, but {path} holds no run to resume: starting it from round 1"
+        if config.sim.resume and not resumed
+        else None,
         _restarted_state(app) if resumed else None,
         f"{path} began with other software ({'; '.join(software)}): the rounds it adds may "
         "differ from those of an uninterrupted run"
