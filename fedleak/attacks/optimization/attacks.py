@@ -808,8 +808,9 @@ class DLG(BatchedInversion):
 class InvertingGradients(BatchedInversion):
     """Inverting Gradients (IG), and with a BatchNorm weight the GradInversion-style prior.
 
-    The same class serves `ig` (bn_weight 0, IG's TV 1e-4) and `gradinversion` (GradAttack's
-    alpha_BN = 1e-3 and per-defense TV). Under InstaHide TV acts on the unsigned image.
+    The same class serves `ig` (bn_weight 0, IG's TV: 1e-4 on grey images, 1e-2 on colour)
+    and `gradinversion` (GradAttack's alpha_BN = 1e-3 and per-defense TV). Under InstaHide TV
+    acts on the unsigned image.
     """
 
     def __init__(self, config: IGConfig | None = None, seed: int = 0, name: str = "ig") -> None:
