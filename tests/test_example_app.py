@@ -464,8 +464,17 @@ def test_a_failed_run_gets_its_report_from_the_server(tmp_path: Path) -> None:
     assert (tmp_path / "run" / "report.html").stat().st_size > 1_000
 
 
+@pytest.mark.parametrize(
+    ("hook", "central", "when"),
+    [
+        ("configure_train", False, "round 1: "),
+        # Under central DP fedleak's wrapper holds the app's strategy: the app's is named (CU2).
+        ("configure_train", True, "round 1: "),
+        ("summary", False, ""),  # Flower calls it before the first round (audit CU1)
+    ],
+)
 def test_an_audited_strategy_that_raises_ends_the_run_as_failed_in_one_line(
-    app, tmp_path: Path
+    app, tmp_path: Path, hook: str, central: bool, when: str
 ) -> None:
     """The app's own strategy raised through fedleak as a traceback and left its folder with
     neither DONE nor FAILED, which a new start then refused (audit CS4)."""
@@ -474,9 +483,10 @@ def test_an_audited_strategy_that_raises_ends_the_run_as_failed_in_one_line(
 
     task, server_app = app
 
-    class Broken(FedAvg):
-        def configure_train(self, *args: object, **kwargs: object) -> list[Message]:
-            raise ValueError("no clients today\nsecond line")
+    def fail(*args: object, **kwargs: object) -> None:
+        raise ValueError("no clients today\nsecond line")
+
+    Broken = type("Broken", (FedAvg,), {hook: fail})
 
     class TwoNodes:
         """A grid whose two nodes are connected; no message is ever sent to them."""
@@ -486,10 +496,29 @@ def test_an_audited_strategy_that_raises_ends_the_run_as_failed_in_one_line(
 
     run = tmp_path / "run"
     settings = {**_settings(server_app), "out-dir": str(run)}
+    if central:
+        settings |= {"defense.central-clip": 1.0, "defense.central-noise": 0.1}
     initial = ArrayRecord(task.Net().state_dict())
     with pytest.raises(RunFailed) as failed:
         fedleak.audit(TwoNodes(), Broken(), settings, initial_arrays=initial)  # type: ignore[arg-type]
-    line = "round 1: the app's Broken.configure_train raised ValueError: no clients today"
+    line = f"{when}the app's Broken.{hook} raised ValueError: no clients today"
     assert str(failed.value) == f"{run}: {line} second line"
     assert json.loads((run / "FAILED").read_text()) == {"reason": f"{line} second line"}
     assert not (run / "DONE").exists() and (run / "report.html").is_file()
+
+
+def test_fedleaks_own_errors_inside_an_audited_strategy_are_not_blamed_on_the_app(app) -> None:
+    """Central DP's noise overflow, raised by fedleak's wrapper around the app's strategy,
+    read as "the app's CentralDP.aggregate_train raised ..." (audit CU2)."""
+    from fedleak.server.central_dp import CentralNoiseOverflow
+    from fedleak.server.strategy import AppStrategyFailed
+
+    _, server_app = app
+    strategy = _strategy(_settings(server_app))
+    overflow = CentralNoiseOverflow("defense.central-noise=1e300: the noise overflows")
+    with pytest.raises(CentralNoiseOverflow) as raised, strategy._app_code("aggregate_train", 1):
+        raise overflow
+    assert raised.value is overflow
+    failed = pytest.raises(AppStrategyFailed, match=r"^round 1: the app's FedAvg\.aggregate_train ")
+    with failed, strategy._app_code("aggregate_train", 1):
+        raise KeyError("arrays")

@@ -22,7 +22,7 @@ from PIL import Image
 from fedleak import interrupt
 from fedleak.attacks.optimization.engine import Settings, optimise
 from fedleak.attacks.types import Budget
-from fedleak.config import RunConfig, parse_flat, parse_toml
+from fedleak.config import ConfigError, RunConfig, parse_flat, parse_toml
 from fedleak.data.folder import load_folder
 from fedleak.metrics import lpips as lpips_module
 from fedleak.models import ModelSpec
@@ -681,3 +681,14 @@ def test_a_resume_with_no_run_to_resume_says_it_starts_one(
     with pytest.raises(GridReached):  # a run to resume (config.toml written above): no warning
         study.serve(Grid(), config)
     assert "holds no run" not in capsys.readouterr().err
+
+
+def test_a_resume_without_a_folder_is_refused_before_anything_runs() -> None:
+    """Without out-dir a run gets a new timestamped folder, which cannot hold a run: the
+    warning that there was nothing to resume was all a user got (audit CU3)."""
+    from fedleak.server.validate import validate_components
+    from fedleak.simulations.presets import load_preset
+
+    config = parse_flat({"sim.resume": True}, load_preset("quickstart"))
+    with pytest.raises(ConfigError, match=r"^sim\.resume=true without out-dir: a run without one"):
+        validate_components(config)

@@ -212,6 +212,12 @@ seed = [0, 1]
             '[sweep]\n[sweep.grid]\n"attack.dlg.restarts" = [1, 2]\n',
             r"cell 1 \(attack\.dlg\.restarts=2\): same configuration as cell 0",
         ),
+        # The sweep resumes its cells itself; a --set made every new cell warn (audit CU3).
+        (
+            "[sweep]\n[sweep.grid]\nseed = [1]\n[base.sim]\nresume = true\n",
+            r"^base\.sim\.resume: set by the sweep for each cell \(rerunning the sweep resumes "
+            r"its interrupted cells\); remove it$",
+        ),
         # The same attacks in another order ran the same study twice (audit CR2).
         (
             '[sweep]\n[sweep.grid]\n"attack.names" = ["ig,aux-mean", "aux-mean,ig"]\n',

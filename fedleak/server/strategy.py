@@ -652,7 +652,8 @@ class CuriousStrategy(Strategy):
 
     def summary(self) -> None:
         """Log the wrapped strategy and what this one adds."""
-        self.inner.summary()
+        with self._app_code("summary"):
+            self.inner.summary()
         log.info(
             "CuriousStrategy: attacks %s on %s clients per round, defense %r",
             ",".join(self.attacks) or "none",
@@ -661,16 +662,20 @@ class CuriousStrategy(Strategy):
         )
 
     @contextlib.contextmanager
-    def _app_code(self, hook: str, server_round: int) -> Iterator[None]:
+    def _app_code(self, hook: str, server_round: int | None = None) -> Iterator[None]:
         """Around a call into an audited app's strategy: what it raises becomes one line
-        naming the hook and the round (fedleak's own strategies raise as they are)."""
+        naming the app's class, the hook and the round. fedleak's own strategies, and
+        fedleak's errors on the way (central DP's settings), raise as they are."""
         try:
             yield
         except Exception as error:
-            if self.own_clients:
+            if self.own_clients or type(error).__module__.startswith("fedleak."):
                 raise
+            # Central DP wraps the app's strategy in fedleak's own: the app's is inside.
+            app = self.inner.dp.strategy if isinstance(self.inner, CentralDP) else self.inner
+            when = f"round {server_round}: " if server_round is not None else ""
             raise AppStrategyFailed(
-                f"round {server_round}: the app's {type(self.inner).__name__}.{hook} raised "
+                f"{when}the app's {type(app).__name__}.{hook} raised "
                 f"{one_line(f'{type(error).__name__}: {error}', 240)}"
             ) from error
 

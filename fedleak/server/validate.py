@@ -432,6 +432,12 @@ def _setting_names(message: str) -> str:
 
 def validate_components(config: RunConfig) -> None:
     """Raise `ConfigError` for the first setting no registry accepts."""
+    if config.sim.resume and not config.out_dir:
+        raise ConfigError(
+            "sim.resume=true without out-dir: a run without one gets a new folder "
+            "(runs/<time>-<name>), which holds nothing to resume; give the folder of the run "
+            "to resume (fedleak run --out DIR, or out-dir)"
+        )
     dataset = config.data.dataset
     if dataset.startswith(FOLDER_PREFIX) and not dataset[len(FOLDER_PREFIX) :].strip():
         raise ConfigError(

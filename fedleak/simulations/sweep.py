@@ -112,7 +112,7 @@ SWEEP_KEYS = (
     "cells",
 )
 # Set by the sweep for every cell, so a sweep file may not set them.
-_RESERVED = ("name", "out-dir")
+_RESERVED = ("name", "out-dir", "sim.resume")
 _SHORT = {
     "train.batch-size": "B",
     "seed": "seed",
@@ -220,7 +220,8 @@ def _bool(section: Mapping[str, Any], key: str) -> bool:
 
 def _check_key(where: str, key: str) -> None:
     if key in _RESERVED:
-        raise SweepError(f"{where}.{key}: set by the sweep for each cell; remove it")
+        why = " (rerunning the sweep resumes its interrupted cells)" if key == "sim.resume" else ""
+        raise SweepError(f"{where}.{key}: set by the sweep for each cell{why}; remove it")
 
 
 def _defense_form(value: Any) -> Any:
@@ -399,6 +400,8 @@ def load_sweep(
             config = parse_flat({**overrides, **extra}, base)
         except ConfigError as error:
             raise SweepError(f"{label}: {error}") from None
+        # The sweep decides which cells resume (a base preset may be a resumed run's record).
+        config = dataclasses.replace(config, sim=dataclasses.replace(config.sim, resume=False))
         # A defense is named in the order its steps apply, as its rows and config.toml name it.
         named = {
             key: _applied_order(value) if key == "defense.spec" else value
