@@ -480,3 +480,38 @@ def test_an_accuracy_is_not_set_against_a_baseline_stopped_at_another_round() ->
     assert _setting_sentence(signed, finished).endswith(
         "(round 0: 0.100), against 0.103 without the defense."
     )
+
+
+def test_a_matching_loss_that_ran_to_infinity_is_not_blamed_on_the_budget() -> None:
+    """Every target of ig and dlg diverged at a huge learning rate and their starting noise was
+    scored; the verdict said "its budget ran out or it could not match the update" (audit
+    CT1)."""
+    from fedleak.report.tables import runaway_runs
+
+    rows = pd.DataFrame(
+        {
+            "run": 0,
+            "round": 1,
+            "client_id": [0, 0, 1, 1],
+            "attack": "ig",
+            "loss_final": [math.inf, 0.5, 0.4, 0.3],
+        }
+    )
+    assert runaway_runs(rows) == 1 and runaway_runs(rows.assign(loss_final=0.1)) == 0
+    floor = _summary("aux-mean", 0, 12.0, 0.5)
+    ig = dataclasses.replace(_summary("ig", 0, 5.2, 0.9), not_converged=2, attack_runs=2)
+    runaway = dataclasses.replace(ig, runaway=2)
+    setting = SettingVerdict("", "none", (runaway,), floor, 0.1, 0.1, (1,))
+    sentence = _setting_sentence(setting, setting)
+    assert (
+        "(ig did not converge in 2 of 2 attack runs: its matching loss ran to infinity in 2 of "
+        "them (typically a learning rate too large for the update's scale; the last finite "
+        "iterate is scored))" in sentence
+    )
+    assert "budget" not in sentence
+    partly = SettingVerdict(
+        "", "sign", (dataclasses.replace(ig, runaway=1),), floor, 0.1, 0.1, (1,)
+    )
+    assert ", and elsewhere its budget ran out or it could not match the update, so this does " in (
+        _setting_sentence(partly, setting)
+    )

@@ -154,6 +154,16 @@ def not_converged(rows: pd.DataFrame) -> int:
     return int(failed.sum())
 
 
+def runaway_runs(rows: pd.DataFrame) -> int:
+    """Attack runs among `rows` in which a matching loss ran to infinity: the attack kept its
+    last finite iterate (often its starting guess), scored and not converged, for a step too
+    large for the update's scale rather than a budget too small."""
+    if "loss_final" not in rows or rows.empty:
+        return 0
+    runaway = np.isinf(rows["loss_final"].to_numpy(dtype=float))
+    return int(pd.Series(runaway, index=rows.index).groupby([rows[c] for c in _RUN]).any().sum())
+
+
 def unconverged_samples(rows: pd.DataFrame) -> tuple[int, int]:
     """(samples whose inversion did not converge, samples whose convergence is known)."""
     if "converged" not in rows or rows.empty:
@@ -165,8 +175,9 @@ def unconverged_samples(rows: pd.DataFrame) -> tuple[int, int]:
 # run files only and does not import the attacks.
 CONVERGENCE_NOTE = (
     " Not converged: attack runs in which a matching loss (one per inverted update) fell less "
-    "than tenfold (their budget ran out or they could not match the update); –: the attack "
-    "matches no loss (a learned attack or a floor)."
+    "than tenfold (their budget ran out or they could not match the update) or ran to infinity "
+    "(their last finite iterate is scored); –: the attack matches no loss (a learned attack or "
+    "a floor)."
 )
 
 
@@ -482,6 +493,8 @@ class SettingSummary:
     # counts as not converged when one of them did not.
     samples_not_converged: int = 0
     samples_judged: int = 0
+    # Not converged because a matching loss ran to infinity (`runaway_runs`).
+    runaway: int = 0
     # The language task's scores; empty (n = 0) for image settings.
     token_acc: Median = NO_MEDIAN
     token_acc_mean: tuple[float, float, int] = (math.nan, math.nan, 0)
@@ -539,6 +552,7 @@ def setting_summaries(study: Study) -> list[SettingSummary]:
                         attack_runs=judged_runs(cell),
                         samples_not_converged=failed_samples,
                         samples_judged=judged_samples,
+                        runaway=runaway_runs(cell),
                         token_acc=median_interval(cell["token_acc"]),
                         token_acc_mean=mean_ci(cell["token_acc"]),
                         rougeL=median_interval(cell["rougeL"]),

@@ -237,14 +237,24 @@ def _unconverged(s: SettingSummary, v: SettingVerdict) -> str:
     floor it says the leak may be larger; at the floor, that the defense is not shown to work."""
     if not s.not_converged:
         return ""
+    why = "its budget ran out or it could not match the update"
+    if s.runaway:
+        # A larger budget would not help these: the step, not the budget, is the cause.
+        why = (
+            f"its matching loss ran to infinity in {s.runaway} of them (typically a learning "
+            "rate too large for the update's scale; the last finite iterate is scored)"
+            + ("" if s.runaway == s.not_converged else f", and elsewhere {why}")
+        )
     note = (
         f" ({s.attack} did not converge in {s.not_converged} of {s.attack_runs} attack runs"
-        f"{_for_samples(s)}: its budget ran out or it could not match the update"
+        f"{_for_samples(s)}: {why}"
     )
     if _at_floor(s, v):
         clients = _clients_defense(v.defense)
         if clients != "none":
             note += f", so this does not show that {clients} stops it"
+    elif s.runaway == s.not_converged:
+        note += ", so it may recover more with a smaller learning rate"
     else:
         note += ", so it may recover more with a larger budget"
     return note + ")"
