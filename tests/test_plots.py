@@ -199,3 +199,24 @@ def test_settings_sharing_a_floor_draw_it_once_in_grey(monkeypatch: pytest.Monke
     assert sorted(float(line.get_xdata()[0]) for line in dashed) == [12.1, 13.5]
     colour = {float(line.get_xdata()[0]): line.get_color() for line in dashed}
     assert colour[12.1] == plots.SHARED_FLOOR_GREY and colour[13.5] != plots.SHARED_FLOOR_GREY
+
+
+def test_a_bounded_measure_of_zeros_is_drawn_on_its_own_range(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """ROUGE-L at 0 in every round was drawn on an axis from -0.04 to 0.04, below the range
+    a ROUGE score can take (audit CT4)."""
+    from fedleak.report.tables import METRICS
+
+    rouge = next(m for m in METRICS if m.column == "rougeL")
+    drawn: list[Figure] = []
+    monkeypatch.setattr(plots, "_png", lambda figure: drawn.append(figure) or b"")
+    leakage = pd.DataFrame(
+        {"round": [1, 1, 2, 2], "rougeL": 0.0, "group": "", "defense": "none"}
+    ).assign(attack="tag", reference=False)
+    utility = pd.DataFrame(
+        {"round": [0, 1, 2], "test_accuracy": 0.1, "group": "", "defense": "none"}
+    )
+    plots.rounds_figure(leakage, utility, [rouge], success=False)
+    assert drawn[0].axes[0].get_ylim() == (-0.03, 1.03)
+    plt.close("all")

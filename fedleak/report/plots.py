@@ -223,6 +223,8 @@ def rounds_figure(
                 title = column
             if metric is SUCCESS:
                 ax.set_ylim(-3, 103)
+            elif metric.unit_range:
+                ax.set_ylim(-0.03, 1.03)
             ax.grid(alpha=0.3)
             if i == 0:
                 ax.set_title(title, fontsize=9.5, loc="left", fontweight="bold")

@@ -55,6 +55,9 @@ class Metric:
     higher_is_better: bool
     digits: int
     share: bool = False
+    # A measure in [0, 1] (token accuracy, ROUGE, a share): its panels span that range, so a
+    # run of zeros is not drawn on an axis that runs below 0.
+    unit_range: bool = False
 
 
 METRICS: tuple[Metric, ...] = (
@@ -63,12 +66,12 @@ METRICS: tuple[Metric, ...] = (
     Metric("lpips_alex", "LPIPS (AlexNet)", False, 3),
     Metric("lpips_vgg", "LPIPS (VGG)", False, 3),
     Metric("mse", "MSE", False, 4),
-    Metric("label_acc", "label accuracy", True, 3, share=True),
+    Metric("label_acc", "label accuracy", True, 3, share=True, unit_range=True),
     # The language task (the LTI paper's Table 2 reports these in %); all bounded in [0, 1].
-    Metric("token_acc", "token accuracy", True, 3),
-    Metric("rouge1", "ROUGE-1", True, 3),
-    Metric("rouge2", "ROUGE-2", True, 3),
-    Metric("rougeL", "ROUGE-L", True, 3),
+    Metric("token_acc", "token accuracy", True, 3, unit_range=True),
+    Metric("rouge1", "ROUGE-1", True, 3, unit_range=True),
+    Metric("rouge2", "ROUGE-2", True, 3, unit_range=True),
+    Metric("rougeL", "ROUGE-L", True, 3, unit_range=True),
 )
 # The two metrics per modality that figures show: PSNR and LPIPS for images, token accuracy
 # and ROUGE-L for text.
