@@ -1927,7 +1927,9 @@ def test_the_label_table_says_what_chance_scores_by_its_rule(
     tmp_path: Path, share: str, multiset: bool
 ) -> None:
     """At B = 1,500 any guess scored about 0.95 by the multiset rule and the report did not
-    say so (audit BQ5): the caption names chance, per batch size, by the rows' own rule."""
+    say so (audit BQ5): the caption names chance, per batch size, by the rows' own rule;
+    per-sample updates hold one sample each, so their chance is said at B = 1, not at the
+    client's batch size (audit CT3)."""
     from fedleak.metrics import multiset_chance
     from fedleak.report.tables import label_chance, leakage_tables
 
@@ -1962,9 +1964,10 @@ def test_the_label_table_says_what_chance_scores_by_its_rule(
         else np.mean([prior[label] for label in pooled])
     )
     chance, said_multiset = label_chance(study, study.leakage())
-    assert chance == {8: pytest.approx(expected)} and said_multiset == multiset
+    size = 8 if multiset else 1
+    assert chance == {size: pytest.approx(expected)} and said_multiset == multiset
     (caption,) = [t.caption for m, _, t in leakage_tables(study) if m.column == "label_acc"]
-    assert f"would score {100 * expected:.1f}% at B = 8 by the same rule" in caption
+    assert f"would score {100 * expected:.1f}% at B = {size} by the same rule" in caption
     assert ("so chance grows with B" in caption) == multiset
 
 

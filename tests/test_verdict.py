@@ -274,8 +274,9 @@ def test_the_verdict_says_what_the_attacker_saw_and_knew() -> None:
     blind = {**base, "defense.spec": "sign", "attack.ig.adaptive": "false"}
     saw, knew = _threat_model(study(blind))
     assert saw.startswith("The server saw each sample's own update (threat.share = per-sample)")
+    # One defense is named, not "the defenses" (audit CT5).
     assert knew.startswith(
-        "Under the defenses, ig matched the updates as if undefended (attack.ig.adaptive = false)"
+        "Under sign, ig matched the updates as if undefended (attack.ig.adaptive = false)"
     )
     assert "is not shown to stop an attack that knows the defense" in knew
     assert _threat_model(study(blind, unadapted=1.0))[1] == knew
@@ -287,6 +288,10 @@ def test_the_verdict_says_what_the_attacker_saw_and_knew() -> None:
     both = study(blind, noised, unadapted=1.0)
     both.scored_runs[1].leakage = study(noised, unadapted=0.0).scored_runs[0].leakage
     assert _threat_model(both)[1].startswith("Under sign, ig matched the updates as if")
+    pruned = {**blind, "defense.spec": "prune:0.9"}
+    assert _threat_model(study(blind, pruned, unadapted=1.0))[1].startswith(
+        "Under the defenses, ig matched"
+    )
     # Undefended, adaptation changes nothing; batch sharing needs no sentence.
     undefended = {**base, "attack.ig.adaptive": False, "threat.share": "batch"}
     assert _threat_model(study(undefended)) == []

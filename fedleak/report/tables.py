@@ -370,6 +370,8 @@ def label_chance(study: Study, rows: pd.DataFrame) -> tuple[dict[int, float], bo
     for kind, size, labels in batches:
         if kind == "per-sample" or len(labels) == 1:
             value = float(prior[[index[c] for c in labels]].mean())
+            # Each sample's update alone: B = 1 by the rule, whatever batch the client drew.
+            size = 1
         else:
             counts = np.bincount([index[c] for c in labels], minlength=len(classes))
             value, multiset = multiset_chance(counts.tolist(), prior.tolist()), True

@@ -571,7 +571,8 @@ def _threat_model(study: Study) -> list[str]:
         defenses = sorted({defense for _, defense in blind_in})
         # A sweep's other defenses (noise, which no adaptive loss matches otherwise) are not it.
         every = defenses == sorted({r.config.defense.label for r in defended})
-        under = "the defenses" if every else ", ".join(defenses)
+        # One defense is named: "under the defenses" read as several where there was one.
+        under = "the defenses" if every and len(defenses) > 1 else ", ".join(defenses)
         them = "it" if len(blind) == 1 else "them"
         key = f"attack.{blind[0] if len(blind) == 1 else '<name>'}.adaptive"
         sentences.append(
