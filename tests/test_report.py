@@ -1460,6 +1460,14 @@ def test_a_failed_run_is_named_and_kept_out_of_the_figures(tmp_path: Path) -> No
     (sweep / "sweep.json").write_text(json.dumps(manifest))
     runs = _table(build_report(sweep)[1].read_text(), "## Runs and times")
     assert [row[2:4] for row in runs[1:] if row[0] == "cell-3"] == [["sign", "3"]]
+    # ... as its run would record it: central DP's cell showed no defense at all, DP-SGD's its
+    # spec as written, the rounds no total (audit CT2).
+    manifest["cells"][-1] |= {"defense": "central-dp:0.1:1", "seed": 3, "rounds": 2}
+    (sweep / "sweep.json").write_text(json.dumps(manifest))
+    runs = _table(build_report(sweep)[1].read_text(), "## Runs and times")
+    assert [row[2:5] for row in runs[1:] if row[0] == "cell-3"] == [
+        ["central-dp:0.1:1", "3", "0 / 2"]
+    ]
     # A sweep killed while cell-2 ran and cell-3 waited left them "running" and "queued" in
     # sweep.json; the report, built once no sweep writes, called cell-2 running (audit BO2).
     manifest["cells"][2]["status"], manifest["cells"][3]["status"] = "running", "queued"

@@ -572,6 +572,11 @@ def test_cell_patterns_select_a_subset_with_unchanged_ids(tmp_path: Path) -> Non
         ("cell-002", "pending"),
         ("cell-003", "done"),
     ]
+    # What the report lists for them, as their runs would record it (audit CT2).
+    assert [(c["defense"], c["seed"], c["rounds"]) for c in manifest[:2]] == [
+        ("none", 0, 2),
+        ("prune:0.5", 0, 2),
+    ]
     run_sweep(source, out_dir=tmp_path, runner=runner, say=lambda _: None)
     assert sorted(runner.calls[1:]) == [
         "cell-000-B1_none",

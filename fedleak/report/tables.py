@@ -1099,13 +1099,15 @@ def runs_table(study: Study) -> Table:
         status = _settled(cell.get("status"))
         if status == "done":  # finished, then its folder was deleted or left out of a copy
             status = "missing (its folder is gone)"
+        # Manifests written before they held the cell's settings give its overrides only.
+        rounds = cell.get("rounds")
         body.append(
             (
                 Cell(cell["id"]),
                 Cell("–"),
-                Cell(str(overrides.get("defense.spec", "–"))),
-                Cell(str(overrides.get("seed", "–"))),
-                Cell("0"),
+                Cell(str(cell.get("defense", overrides.get("defense.spec", "–")))),
+                Cell(str(cell.get("seed", overrides.get("seed", "–")))),
+                Cell("0" if rounds is None else f"0 / {rounds}"),
                 Cell("–"),
                 Cell("–"),
                 Cell("–"),

@@ -676,6 +676,10 @@ def _write_manifest(sweep_dir: Path, plan: SweepPlan, status: Mapping[str, dict[
                 "id": cell.id,
                 "index": cell.index,
                 "overrides": dict(cell.overrides),
+                # What the report lists for a cell not run yet, as its run would record it.
+                "defense": cell.config.defense.label,
+                "seed": cell.config.seed,
+                "rounds": cell.config.num_server_rounds,
                 **status[cell.id],
             }
             for cell in sorted((*plan.cells, *plan.unselected), key=lambda c: c.index)
