@@ -220,3 +220,29 @@ def test_a_bounded_measure_of_zeros_is_drawn_on_its_own_range(
     plots.rounds_figure(leakage, utility, [rouge], success=False)
     assert drawn[0].axes[0].get_ylim() == (-0.03, 1.03)
     plt.close("all")
+
+
+def test_the_frontier_draws_a_bounded_measure_on_its_own_range(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A text sweep's frontier drew token accuracy at 0 on an axis from -0.055 (audit CW5)."""
+    from fedleak.report.tables import METRICS
+
+    drawn: list[Figure] = []
+    monkeypatch.setattr(plots, "_png", lambda figure: drawn.append(figure) or b"")
+    metric = next(m for m in METRICS if m.column == "token_acc")
+    points = pd.DataFrame(
+        {
+            "group": "",
+            "defense": ["none", "sign"],
+            "attack": "tag",
+            "accuracy": 0.1,
+            "epsilon": np.nan,
+            "central_epsilon": np.nan,
+            "not_converged": False,
+            "token_acc": 0.0,
+        }
+    )
+    plots.frontier_figure(points, [metric])
+    assert drawn[0].axes[0].get_xlim() == (-0.03, 1.03)
+    plt.close("all")

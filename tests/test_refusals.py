@@ -743,6 +743,17 @@ CASES = [
         setup=_write("sweep/sweep.json", b'{"cells": [5]}'),
     ),
     Case("sweep-empty-cells", ("sweep", "demo", "--cells", ""), "--cells: an empty pattern"),
+    # Settings take out_dir for out-dir: that spelling went past both refusals (audit CW6).
+    Case(
+        "out-and-out_dir",
+        (*CHECK, "--out", "{tmp}/a", "--set", "out_dir={tmp}/b"),
+        "--set out_dir='",
+    ),
+    Case(
+        "sweep-out_dir",
+        ("sweep", "demo", "--check", "--set", "out_dir={tmp}/b"),
+        "--set.out_dir: set by the sweep for each cell; remove it",
+    ),
     Case("abbreviated-option", ("check", "quickstart", "--verb"), "arguments: --verb"),
     Case(
         "aux-0-class-mean",

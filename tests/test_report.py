@@ -1498,6 +1498,12 @@ def test_a_finished_cell_whose_folder_is_gone_is_called_missing_not_done_or_not_
     runs = _table(build_report(sweep)[1].read_text(), "## Runs and times")
     status = {row[0]: row[-1] for row in runs[1:]}
     assert status == {"cell-0": "done", "cell-1": "missing (its folder is gone)"}
+    # Its rounds are unknown, not none (audit CW3).
+    manifest = json.loads((sweep / "sweep.json").read_text())
+    next(c for c in manifest["cells"] if c["id"] == "cell-1")["rounds"] = 2
+    (sweep / "sweep.json").write_text(json.dumps(manifest))
+    runs = _table(build_report(sweep)[1].read_text(), "## Runs and times")
+    assert [row[4] for row in runs[1:] if row[0] == "cell-1"] == ["– / 2"]
 
 
 def test_attack_durations_are_a_median_and_range_never_a_negative_interval(
@@ -1930,14 +1936,18 @@ def test_a_linked_name_with_brackets_keeps_them_in_markdown() -> None:
     )
 
 
-@pytest.mark.parametrize(("share", "multiset"), [("batch", True), ("per-sample", False)])
+@pytest.mark.parametrize(
+    ("share", "multiset", "client"),
+    [("batch", True, 0), ("per-sample", False, 0), ("per-sample", True, -1)],
+)
 def test_the_label_table_says_what_chance_scores_by_its_rule(
-    tmp_path: Path, share: str, multiset: bool
+    tmp_path: Path, share: str, multiset: bool, client: int
 ) -> None:
     """At B = 1,500 any guess scored about 0.95 by the multiset rule and the report did not
     say so (audit BQ5): the caption names chance, per batch size, by the rows' own rule;
     per-sample updates hold one sample each, so their chance is said at B = 1, not at the
-    client's batch size (audit CT3)."""
+    client's batch size (audit CT3), except in the aggregate view (client -1), whose one
+    update of the round's samples is scored as a batch (CW1)."""
     from fedleak.metrics import multiset_chance
     from fedleak.report.tables import label_chance, leakage_tables
 
@@ -1945,12 +1955,12 @@ def test_the_label_table_says_what_chance_scores_by_its_rule(
     run = RunDirectory.create(tmp_path / share, parse_flat(flat), {})
     labels = torch.Generator().manual_seed(1)
     batches = []
-    for client in range(6):
+    for index in range(6):
         truth = torch.randint(0, 3, (8,), generator=labels).tolist()
         batches.append(truth)
         rows = [
             {
-                "client_id": client,
+                "client_id": index if client >= 0 else client,
                 "attack": "ig",
                 "sample": i,
                 "target_index": i,
@@ -1962,7 +1972,7 @@ def test_the_label_table_says_what_chance_scores_by_its_rule(
             }
             for i, label in enumerate(truth)
         ]
-        run.append_round(1 + client, rows, {"test_accuracy": 0.5})
+        run.append_round(1 + index, rows, {"test_accuracy": 0.5})
     study = load_study(run.path)
     pooled = [label for batch in batches for label in batch]
     prior = [pooled.count(c) / len(pooled) for c in range(3)]

@@ -572,10 +572,16 @@ def test_cell_patterns_select_a_subset_with_unchanged_ids(tmp_path: Path) -> Non
         ("cell-002", "pending"),
         ("cell-003", "done"),
     ]
-    # What the report lists for them, as their runs would record it (audit CT2).
+    # What the report lists for them, as their runs would record it (audit CT2), the spec in
+    # the canonical form config.toml holds (CW2).
     assert [(c["defense"], c["seed"], c["rounds"]) for c in manifest[:2]] == [
         ("none", 0, 2),
         ("prune:0.5", 0, 2),
+    ]
+    spelt = _write(tmp_path, GRID.replace('"prune:0.5"', '"sign+gauss:0.10"'), "spelt.toml")
+    assert [cell.defense_label for cell in load_sweep(spelt).cells][:2] == [
+        "none",
+        "gauss:0.1+sign",
     ]
     run_sweep(source, out_dir=tmp_path, runner=runner, say=lambda _: None)
     assert sorted(runner.calls[1:]) == [

@@ -503,6 +503,9 @@ def test_a_matching_loss_that_ran_to_infinity_is_not_blamed_on_the_budget() -> N
         }
     )
     assert runaway_runs(rows) == 1 and runaway_runs(rows.assign(loss_final=0.1)) == 0
+    # A loss never finite is the update's, not the step's (audit CW4).
+    assert runaway_runs(rows.assign(loss_start=[math.inf, 1.0, 1.0, 1.0])) == 0
+    assert runaway_runs(rows.assign(loss_start=1.0)) == 1
     floor = _summary("aux-mean", 0, 12.0, 0.5)
     ig = dataclasses.replace(_summary("ig", 0, 5.2, 0.9), not_converged=2, attack_runs=2)
     runaway = dataclasses.replace(ig, runaway=2)
@@ -510,8 +513,8 @@ def test_a_matching_loss_that_ran_to_infinity_is_not_blamed_on_the_budget() -> N
     sentence = _setting_sentence(setting, setting)
     assert (
         "(ig did not converge in 2 of 2 attack runs: its matching loss ran to infinity in 2 of "
-        "them (typically a learning rate too large for the update's scale; the last finite "
-        "iterate is scored))" in sentence
+        "them, typically from a learning rate too large for the update's scale, and their last "
+        "finite iterate is scored)" in sentence
     )
     assert "budget" not in sentence
     partly = SettingVerdict(

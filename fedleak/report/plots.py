@@ -369,6 +369,8 @@ def frontier_figure(
         ax.set_xlabel(f"{metric.label} (median over samples)")
         ax.set_ylabel("final test accuracy")
         ax.set_title(f"more private to the {private}, more useful up", fontsize=9, loc="left")
+        if metric.unit_range:
+            ax.set_xlim(-0.03, 1.03)
         ax.grid(alpha=0.3)
     epsilons = points.groupby(["group", "defense"], sort=False)[
         ["epsilon", "central_epsilon"]

@@ -164,6 +164,8 @@ def runaway_runs(rows: pd.DataFrame) -> int:
     if "loss_final" not in rows or rows.empty:
         return 0
     runaway = np.isinf(rows["loss_final"].to_numpy(dtype=float))
+    if "loss_start" in rows:  # a loss never finite is the update's, not the step's
+        runaway &= np.isfinite(rows["loss_start"].to_numpy(dtype=float))
     return int(pd.Series(runaway, index=rows.index).groupby([rows[c] for c in _RUN]).any().sum())
 
 
@@ -357,9 +359,12 @@ def label_chance(study: Study, rows: pd.DataFrame) -> tuple[dict[int, float], bo
     classes = np.sort(rows["true_label"].unique())
     share = {run.name: run.config.threat.share for run in study.runs}
     batches = []
-    for (run, _, _), batch in rows.groupby(["run", "round", "client_id"], sort=False):
+    for (run, _, client), batch in rows.groupby(["run", "round", "client_id"], sort=False):
         one = batch[batch["attack"] == batch["attack"].iloc[0]]  # every attack saw this batch
-        batches.append((share.get(run), one["batch_size"].iloc[0], one["true_label"].to_numpy()))
+        # The aggregate view (client -1) inverts one update of the round's samples, per-sample
+        # sharing or not: its labels are scored as one batch.
+        kind = share.get(run) if client >= 0 else "batch"
+        batches.append((kind, one["batch_size"].iloc[0], one["true_label"].to_numpy()))
     pooled = np.concatenate([labels for _, _, labels in batches])
     if len(pooled) < MIN_LABELS_PER_CLASS * len(classes):
         return {}, False  # too few labels to estimate the frequencies: chance would be its own
@@ -1097,8 +1102,9 @@ def runs_table(study: Study) -> Table:
         # A cell not run yet has no run directory; sweep.json says what it sets.
         overrides = cell.get("overrides") or {}
         status = _settled(cell.get("status"))
+        finished = "0"
         if status == "done":  # finished, then its folder was deleted or left out of a copy
-            status = "missing (its folder is gone)"
+            status, finished = "missing (its folder is gone)", "–"
         # Manifests written before they held the cell's settings give its overrides only.
         rounds = cell.get("rounds")
         body.append(
@@ -1107,7 +1113,7 @@ def runs_table(study: Study) -> Table:
                 Cell("–"),
                 Cell(str(cell.get("defense", overrides.get("defense.spec", "–")))),
                 Cell(str(cell.get("seed", overrides.get("seed", "–")))),
-                Cell("0" if rounds is None else f"0 / {rounds}"),
+                Cell(finished if rounds is None else f"{finished} / {rounds}"),
                 Cell("–"),
                 Cell("–"),
                 Cell("–"),

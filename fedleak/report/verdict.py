@@ -241,9 +241,9 @@ def _unconverged(s: SettingSummary, v: SettingVerdict) -> str:
     if s.runaway:
         # A larger budget would not help these: the step, not the budget, is the cause.
         why = (
-            f"its matching loss ran to infinity in {s.runaway} of them (typically a learning "
-            "rate too large for the update's scale; the last finite iterate is scored)"
-            + ("" if s.runaway == s.not_converged else f", and elsewhere {why}")
+            f"its matching loss ran to infinity in {s.runaway} of them, typically from a "
+            "learning rate too large for the update's scale, and their last finite iterate is "
+            "scored" + ("" if s.runaway == s.not_converged else f", and elsewhere {why}")
         )
     note = (
         f" ({s.attack} did not converge in {s.not_converged} of {s.attack_runs} attack runs"

@@ -77,13 +77,15 @@ def _config(args: argparse.Namespace) -> RunConfig:
     overrides = dict(_override(item) for item in args.set or [])
     if args.out is not None:
         out = _absolute(args.out, "--out")
-        given = overrides.get("out-dir")
-        if given is not None and _absolute(str(given), "out-dir") != out:
-            # Either could be the one meant, and a run in the other folder is hard to find.
-            raise UsageError(
-                f"--out={args.out!r} and --set out-dir={given!r} name different folders; "
-                "give one of them"
-            )
+        # Settings take `out_dir` for `out-dir`: either spelling names the folder.
+        for key in [key for key in overrides if key.replace("_", "-") == "out-dir"]:
+            given = overrides.pop(key)
+            if _absolute(str(given), "out-dir") != out:
+                # Either could be the one meant, and a run in the other folder is hard to find.
+                raise UsageError(
+                    f"--out={args.out!r} and --set {key}={given!r} name different folders; "
+                    "give one of them"
+                )
         overrides["out-dir"] = out
     config = parse_flat(overrides, config)
     # A --set for an attack that does not run (dlg typed for idlg) would go unseen.

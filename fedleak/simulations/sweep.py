@@ -152,6 +152,13 @@ class Cell:
     overrides: Mapping[str, Any]
     config: RunConfig
 
+    @property
+    def defense_label(self) -> str:
+        """The defense as the cell's run records it (its spec in canonical form)."""
+        from fedleak.server.validate import canonical
+
+        return canonical(self.config).defense.label
+
 
 @dataclass(frozen=True)
 class SweepPlan:
@@ -219,7 +226,7 @@ def _bool(section: Mapping[str, Any], key: str) -> bool:
 
 
 def _check_key(where: str, key: str) -> None:
-    if key in _RESERVED:
+    if key.replace("_", "-") in _RESERVED:  # settings take `out_dir` for `out-dir`
         why = " (rerunning the sweep resumes its interrupted cells)" if key == "sim.resume" else ""
         raise SweepError(f"{where}.{key}: set by the sweep for each cell{why}; remove it")
 
@@ -677,7 +684,7 @@ def _write_manifest(sweep_dir: Path, plan: SweepPlan, status: Mapping[str, dict[
                 "index": cell.index,
                 "overrides": dict(cell.overrides),
                 # What the report lists for a cell not run yet, as its run would record it.
-                "defense": cell.config.defense.label,
+                "defense": cell.defense_label,
                 "seed": cell.config.seed,
                 "rounds": cell.config.num_server_rounds,
                 **status[cell.id],
