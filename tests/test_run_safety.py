@@ -96,24 +96,28 @@ def test_a_chosen_cache_folder_is_one_runs_while_it_runs(
         holder.wait()
 
 
+class GridReached(Exception):
+    """A run got as far as its federation: everything before it was accepted."""
+
+
+class UnreachedGrid:
+    """A grid that stops a run at its first use."""
+
+    def __getattr__(self, name: str) -> object:
+        raise GridReached(name)
+
+
 def test_a_cache_folder_inside_the_new_runs_folder_does_not_stop_it(tmp_path: Path) -> None:
     """The cache folder's lock created it before the run checked that its folder was new,
     and the run was refused for holding 'cache' (audit BI R2)."""
     from fedleak.simulations import study
     from fedleak.simulations.presets import load_preset
 
-    class GridReached(Exception):
-        pass
-
-    class Grid:
-        def __getattr__(self, name: str) -> object:
-            raise GridReached(name)
-
     run = tmp_path / "run"
     settings = {"attack.names": "lti", "attack.lti.cache-dir": str(run / "cache")}
     config = parse_flat({**settings, "out-dir": str(run)}, load_preset("quickstart"))
     with pytest.raises(GridReached):
-        study.serve(Grid(), config)
+        study.serve(UnreachedGrid(), config)
     assert (run / "config.toml").is_file()
 
 
@@ -665,21 +669,14 @@ def test_a_resume_with_no_run_to_resume_says_it_starts_one(
     from fedleak.simulations import study
     from fedleak.simulations.presets import load_preset
 
-    class GridReached(Exception):
-        pass
-
-    class Grid:
-        def __getattr__(self, name: str) -> object:
-            raise GridReached(name)
-
     run = tmp_path / "typo"
     config = parse_flat({"out-dir": str(run), "sim.resume": True}, load_preset("quickstart"))
     with pytest.raises(GridReached):
-        study.serve(Grid(), config)
+        study.serve(UnreachedGrid(), config)
     warning = f"fedleak: warning: sim.resume=true, but {run} holds no run to resume: starting it"
     assert f"{warning} from round 1\n" in capsys.readouterr().err
     with pytest.raises(GridReached):  # a run to resume (config.toml written above): no warning
-        study.serve(Grid(), config)
+        study.serve(UnreachedGrid(), config)
     assert "holds no run" not in capsys.readouterr().err
 
 
