@@ -141,8 +141,8 @@ def run_study(
             _marked_failed(
                 out,
                 f"run failed: it stopped after {done} of {config.num_server_rounds} rounds; "
-                f"finished rounds are kept in {out} (rerun with --set sim.resume=true to "
-                "continue)",
+                f"finished rounds are kept in {out} (rerun with --out {out} --set "
+                "sim.resume=true to continue)",
             )
         )
     return out
