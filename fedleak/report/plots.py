@@ -42,6 +42,8 @@ FLOOR_LINES = ("--", ":", "-.")
 ATTACK_KEY_GREY = "0.6"
 # A floor several settings share, in the privacy-utility figure.
 SHARED_FLOOR_GREY = "0.35"
+# A measure in [0, 1] on its axis, with a margin so that points at 0 and 1 show whole.
+UNIT_LIMITS = (-0.03, 1.03)
 SUCCESS = Metric("success", "success rate (%)", True, 0)
 
 Setting = tuple[str, str]  # (group, defense)
@@ -224,7 +226,7 @@ def rounds_figure(
             if metric is SUCCESS:
                 ax.set_ylim(-3, 103)
             elif metric.unit_range:
-                ax.set_ylim(-0.03, 1.03)
+                ax.set_ylim(*UNIT_LIMITS)
             ax.grid(alpha=0.3)
             if i == 0:
                 ax.set_title(title, fontsize=9.5, loc="left", fontweight="bold")
@@ -370,7 +372,7 @@ def frontier_figure(
         ax.set_ylabel("final test accuracy")
         ax.set_title(f"more private to the {private}, more useful up", fontsize=9, loc="left")
         if metric.unit_range:
-            ax.set_xlim(-0.03, 1.03)
+            ax.set_xlim(*UNIT_LIMITS)
         ax.grid(alpha=0.3)
     epsilons = points.groupby(["group", "defense"], sort=False)[
         ["epsilon", "central_epsilon"]

@@ -151,13 +151,7 @@ class Cell:
     id: str
     overrides: Mapping[str, Any]
     config: RunConfig
-
-    @property
-    def defense_label(self) -> str:
-        """The defense as the cell's run records it (its spec in canonical form)."""
-        from fedleak.server.validate import canonical
-
-        return canonical(self.config).defense.label
+    defense_label: str  # as the cell's run records it (its spec in canonical form)
 
 
 @dataclass(frozen=True)
@@ -418,7 +412,8 @@ def load_sweep(
         config = dataclasses.replace(config, name=cell_id)
         # As a resume compares runs: an attack parameter at its default, or one of an attack
         # the cell does not run, changes nothing.
-        flat = resume_form(canonical(config)).to_flat()
+        recorded = canonical(config)
+        flat = resume_form(recorded).to_flat()
         key = tuple(sorted((k, repr(v)) for k, v in flat.items() if k != "name"))
         if key in seen:
             earlier = combos[seen[key]]
@@ -431,7 +426,8 @@ def load_sweep(
                 )
             raise SweepError(f"{label}: same configuration as cell {seen[key]}; remove one")
         seen[key] = index
-        planned.append(Cell(index=index, id=cell_id, overrides=overrides, config=config))
+        label = recorded.defense.label
+        planned.append(Cell(index, cell_id, overrides, config, label))
     selected = _select(planned, cells)
     chosen = {c.id for c in selected}
     return SweepPlan(
