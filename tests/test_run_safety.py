@@ -680,6 +680,21 @@ def test_a_resume_with_no_run_to_resume_says_it_starts_one(
     assert "holds no run" not in capsys.readouterr().err
 
 
+def test_check_warns_of_a_resume_with_no_run_to_resume(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`fedleak check` says what the run would: a resume in an empty folder starts a run
+    (audit CW)."""
+    from fedleak.simulations.cli import main
+
+    run = tmp_path / "empty"
+    run.mkdir()
+    assert main(["check", "quickstart", "--out", str(run), "--set", "sim.resume=true"]) == 0
+    warning = f"fedleak: warning: sim.resume=true, but {run} holds no run to resume"
+    assert warning in capsys.readouterr().err
+    assert list(run.iterdir()) == []  # a check writes nothing
+
+
 def test_a_resume_without_a_folder_is_refused_before_anything_runs() -> None:
     """Without out-dir a run gets a new timestamped folder, which cannot hold a run: the
     warning that there was nothing to resume was all a user got (audit CU3)."""

@@ -269,17 +269,20 @@ def _check(args: argparse.Namespace) -> int:
     config = _config(args)
     fd = validate_run(config, args.num_clients, args.client_cpus, args.client_gpus)
     config = canonical(config)  # as the run would record it
+    warnings = []
     if config.out_dir:
         from fedleak.simulations.launch import check_out_dir
+        from fedleak.simulations.study import nothing_to_resume
 
-        check_out_dir(config, args.num_clients, args.client_cpus)
+        out = check_out_dir(config, args.num_clients, args.client_cpus)
+        warnings.append(nothing_to_resume(config, out))
     else:  # a new run, in runs/<time>-<name>
         from fedleak.server.build import check_fresh_caches
 
         check_fresh_caches(config)
     from fedleak.simulations.recording import setup_warnings
 
-    for warning in setup_warnings(config, fd):
+    for warning in filter(None, [*warnings, *setup_warnings(config, fd)]):
         print(f"fedleak: warning: {warning}", file=sys.stderr)
     print(config.to_toml(), end="")
     return 0

@@ -336,6 +336,14 @@ def _restarted_state(app: ForeignServer | None) -> str | None:
     )
 
 
+def nothing_to_resume(config: RunConfig, path: Path) -> str | None:
+    """The warning for `sim.resume` on a folder without a run: a mistyped out-dir would
+    otherwise run the whole study again without a word."""
+    if config.sim.resume and not (path / "config.toml").exists():
+        return f"sim.resume=true, but {path} holds no run to resume: starting it from round 1"
+    return None
+
+
 def _serve(
     grid: StoppableGrid,
     config: RunConfig,
@@ -351,16 +359,14 @@ def _serve(
     # behind a SuperLink the clients say who they are after the run has begun, and a refusal
     # must leave a finished run as it was.
     resumed = config.sim.resume and (path / "config.toml").exists()
+    unresumed = nothing_to_resume(config, path)  # before create() writes a config.toml
     if resumed:
         run_dir = RunDirectory.open(path)
     else:
         run_dir = RunDirectory.create(path, config, environment(device, config, data_record(fd)))
     software = changed_software(run_dir.environment()) if resumed else []
     warnings = [
-        # A mistyped out-dir would otherwise run the whole study again without a word.
-        f"sim.resume=true, but {path} holds no run to resume: starting it from round 1"
-        if config.sim.resume and not resumed
-        else None,
+        unresumed,
         _restarted_state(app) if resumed else None,
         f"{path} began with other software ({'; '.join(software)}): the rounds it adds may "
         "differ from those of an uninterrupted run"
