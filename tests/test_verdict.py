@@ -292,6 +292,13 @@ def test_the_verdict_says_what_the_attacker_saw_and_knew() -> None:
     assert _threat_model(study(blind, pruned, unadapted=1.0))[1].startswith(
         "Under the defenses, ig matched"
     )
+    # Some of the defenses, and several attacks: lists that read as lists (audit CW).
+    dlg = {**blind, "attack.names": "aux-mean,dlg,ig", "attack.dlg.adaptive": "false"}
+    some = study({**dlg, "defense.spec": "prune:0.9"}, dlg, noised, unadapted=1.0)
+    for run in some.scored_runs[:2]:
+        run.leakage = pd.concat([run.leakage, run.leakage.assign(attack="dlg")])
+    some.scored_runs[2].leakage = study(noised, unadapted=0.0).scored_runs[0].leakage
+    assert _threat_model(some)[1].startswith("Under prune:0.9 and sign, dlg and ig matched")
     # Undefended, adaptation changes nothing; batch sharing needs no sentence.
     undefended = {**base, "attack.ig.adaptive": False, "threat.share": "batch"}
     assert _threat_model(study(undefended)) == []
