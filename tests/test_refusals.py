@@ -398,6 +398,23 @@ CASES = [
         (*RUN, "--set", "attack.names=ig", "--set", "attack.ig.labels=idlg"),
         "attack.ig.labels='idlg' reads one label per update, but each update holds 2",
     ),
+    Case(  # the aggregate of per-sample updates holds every sample of the round (audit CX1)
+        "idlg-on-an-aggregate-of-samples",
+        (
+            *CHECK,
+            "--num-clients",
+            "2",
+            "--set",
+            "threat.share=per-sample",
+            "--set",
+            "threat.view=aggregate",
+            "--set",
+            "attack.names=ig",
+            "--set",
+            "attack.ig.labels=idlg",
+        ),
+        "attack.ig.labels='idlg' reads one label per update, but each update holds 4",
+    ),
     Case(
         "payload-budget",
         (*RUN, "--set", "sim.payload-budget-mb=0.3"),

@@ -367,10 +367,10 @@ def check_attacks(config: RunConfig, fd: FederatedData, num_clients: int) -> Non
             f"(every client) to {trained}"
         )
     targets = config.examples_per_round
-    if config.threat.share == "per-sample":
-        targets = 1
-    elif config.threat.view == "aggregate":
+    if config.threat.view == "aggregate":  # the round's sum, of per-sample updates too
         targets *= clients_per_round(config, num_clients)
+    elif config.threat.share == "per-sample":
+        targets = 1
     _check_batchnorm_prior(config, fd)
     for name in config.attack.names:
         attack = build_attack(name, config.attack.params.get(name, {}))
