@@ -393,6 +393,11 @@ CASES = [
         (*RUN, "--set", "data.aux-size=1", "--set", "attack.names=lti"),
         "lti trains on groups of 2 auxiliary images",
     ),
+    Case(  # a warm start of no epochs read as a refresh, with no score (audit CZ3)
+        "lti-finetune-of-no-epochs",
+        (*CHECK, "--set", "attack.names=lti", "--set", "attack.lti.finetune-epochs=0"),
+        "attack.lti.finetune-epochs=0: expected an integer >= 1 (for no refresh: refresh=frozen)",
+    ),
     Case(
         "idlg-on-batches",
         (*RUN, "--set", "attack.names=ig", "--set", "attack.ig.labels=idlg"),

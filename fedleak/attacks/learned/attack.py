@@ -76,14 +76,7 @@ class LearningToInvert:
             raise LTIObservationError("lti needs auxiliary data; set data.aux-size > 0")
         setup = learned_setup(observation, knowledge, cfg, self.seed)
         refreshed = self.keeper.current(
-            setup.key(
-                cfg.hidden,
-                cfg.activation,
-                cfg.head,
-                cfg.hash_signed,
-                cfg.block_normalise,
-                tuple(knowledge.data_range),
-            ),
+            setup.key(cfg, tuple(knowledge.data_range)),
             setup.fingerprint,
             observation.round,
             setup.device,

@@ -57,7 +57,13 @@ class LTIConfig(Settings):
     lr_drop_to: float = setting(1e-5, low=0.0, low_open=True, doc="learning rate after the drop")
     label_weight: float = setting(1.0, low=0.0, doc="weight of the label cross-entropy")
     refresh: Refresh = setting("finetune", doc="inverter refresh when the global model moves")
-    finetune_epochs: int = setting(20, low=0, doc="epochs of a warm-started refresh")
+    # 0 would be `refresh=frozen` that reads as a refresh (a warm start with no score).
+    finetune_epochs: int = setting(
+        20,
+        low=1,
+        allowed="an integer >= 1 (for no refresh: refresh=frozen)",
+        doc="epochs of a warm-started refresh",
+    )
     finetune_learning_rate: float | None = setting(
         None, low=0.0, low_open=True, doc="learning rate of a refresh; none: learning-rate"
     )

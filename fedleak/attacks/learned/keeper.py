@@ -13,6 +13,7 @@ import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -40,6 +41,11 @@ class HashingSettings(Protocol):
     def block_normalise(self) -> bool: ...
 
 
+# Settings of a learned attack that decide how fast its inverter trains or where it is kept,
+# not what it learns: a change keeps the saved inverter.
+NOT_LEARNED = frozenset({"pair_chunk", "max_cache_bytes", "cache_dir"})
+
+
 @dataclass(frozen=True)
 class LearnedSetup:
     """What one call of a learned attack works on: the global model at the observed weights,
@@ -58,9 +64,15 @@ class LearnedSetup:
     updates: Params
     featuriser: Featuriser
 
-    def key(self, *architecture: object) -> str:
+    def key(self, settings: object, *extra: object) -> str:
         """What an inverter is specific to (a change means training from scratch): this
-        setting, then the attack's `architecture` settings."""
+        setting, every one of the attack's `settings` that shapes what it learns (an
+        inverter trained for 2 epochs is no answer to a call asking for 15), and `extra`."""
+        learned = tuple(
+            (field.name, getattr(settings, field.name))
+            for field in dataclasses.fields(settings)  # type: ignore[arg-type]
+            if field.name not in NOT_LEARNED
+        )
         return repr(
             (
                 self.spec.name,
@@ -70,7 +82,8 @@ class LearnedSetup:
                 dataclasses.astuple(self.unit),
                 self.featuriser.out_features,
                 self.trained_on,
-                *architecture,
+                learned,
+                *extra,
             )
         )
 
@@ -114,12 +127,14 @@ def learned_setup(
 class Refreshed:
     """The inverter to invert with in this call, and the training it took (None: reused);
     `continued`: the epoch a training cut short in an earlier call went on from (None: a
-    training of its own)."""
+    training of its own); `passed_over`: the file of a saved inverter not adopted, since it
+    was trained for other settings."""
 
     inverter: nn.Module
     outcome: TrainingOutcome | None
     warm: bool
     continued: int | None = None
+    passed_over: Path | None = None  # a saved inverter trained for other settings
 
 
 @dataclass(frozen=True)
@@ -146,6 +161,7 @@ class InverterKeeper:
         self._fingerprint: str | None = None
         self._cut_short: _CutShort | None = None
         self._store_checked = False
+        self._passed_over: Path | None = None
 
     def current(
         self,
@@ -187,7 +203,8 @@ class InverterKeeper:
                 self.inverter, key, self._fingerprint, round_, {self._score_name: outcome.score}
             )
         assert self.inverter is not None
-        return Refreshed(self.inverter.to(device).eval(), outcome, warm, continued)
+        passed_over, self._passed_over = self._passed_over, None  # said once
+        return Refreshed(self.inverter.to(device).eval(), outcome, warm, continued, passed_over)
 
     def account(
         self, refreshed: Refreshed, validation: Callable[[float], str], trained_on: str = ""
@@ -218,6 +235,8 @@ class InverterKeeper:
                 how += " (early stop)"
             if outcome.timed_out:
                 how += "; training stopped early: the time budget ran out"
+        if refreshed.passed_over is not None:
+            how += f"; {refreshed.passed_over.name} was trained for other settings, not adopted"
         diagnostics: dict[str, float | str] = {
             "train_seconds": outcome.seconds,
             "train_epochs": float(outcome.epochs),
@@ -240,6 +259,8 @@ class InverterKeeper:
         saved = self._store.load(key, device, before=round_)
         if saved is None:
             self._store_checked = True
+            # Said in the result: a resumed run would otherwise train anew without a word.
+            self._passed_over = self._store.latest(before=round_)
             return
         inverter = fresh()
         try:

@@ -1,8 +1,8 @@
 """A learned attack's inverter on disk, so that a resumed run goes on from the inverter it had.
 
 Saved after every training (atomically: a crash mid-write leaves the previous file), adopted
-again only for the setting it was trained for (`key`: model, defense, unit, featuriser,
-architecture, the auxiliary data and seed) and only from a round before the one attacked; the
+again only for the setting it was trained for (`key`: model, defense, unit, featuriser, the
+attack's settings, the auxiliary data and seed) and only from a round before the one attacked; the
 weights it saw (`fingerprint`) decide whether it still needs a refresh.
 """
 
@@ -116,13 +116,17 @@ class InverterStore:
                 found.append((int(suffix[2:]), path))
         return sorted(found)
 
+    def latest(self, before: int) -> Path | None:
+        """The file of the inverter saved in the latest round before round `before`."""
+        candidates = [path for r, path in self.saved() if r < before]
+        return candidates[-1] if candidates else None
+
     def load(self, key: str, device: torch.device, before: int) -> SavedInverter | None:
         """The inverter saved in the latest round before round `before`, if it was trained for
         this setting (tensors only: weights_only)."""
-        candidates = [(r, path) for r, path in self.saved() if r < before]
-        if not candidates:
+        path = self.latest(before)
+        if path is None:
             return None
-        _, path = candidates[-1]
         meta, state_dict = _read(path, device)
         if meta.get("key") != key:
             return None

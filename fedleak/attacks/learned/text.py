@@ -80,7 +80,13 @@ class TextLTIConfig(Settings):
     batch_size: int = setting(64, low=1, doc="training pairs per step")
     epochs: int = setting(20, low=1, doc="epochs of a training from scratch")
     refresh: Refresh = setting("finetune", doc="inverter refresh when the global model moves")
-    finetune_epochs: int = setting(5, low=0, doc="epochs of a warm-started refresh")
+    # 0 would be `refresh=frozen` that reads as a refresh (a warm start with no score).
+    finetune_epochs: int = setting(
+        5,
+        low=1,
+        allowed="an integer >= 1 (for no refresh: refresh=frozen)",
+        doc="epochs of a warm-started refresh",
+    )
     hash_bins: int | float | None = setting(
         0.1,
         check=_bins_ok,
@@ -270,7 +276,7 @@ class TextLearningToInvert:
             raise TextLTIObservationError(f"{self._needs()}; set data.aux-size > 0")
         setup = learned_setup(observation, knowledge, cfg, self.seed)
         refreshed = self.keeper.current(
-            setup.key(cfg.hidden, cfg.activation, cfg.pseudo, cfg.hash_signed, cfg.block_normalise),
+            setup.key(cfg),
             setup.fingerprint,
             observation.round,
             setup.device,
