@@ -307,7 +307,10 @@ def _bn(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
 def test_batchnorm_checks_and_groupnorm_advice_apply_to_every_model() -> None:
     with pytest.raises(ConfigError) as registered:
         validate_components(parse_flat({"model.name": "resnet20", "defense.spec": "dpsgd:1:0"}))
-    assert "use a GroupNorm variant such as 'resnet20-gn'" in str(registered.value)
+    assert "use 'resnet20-gn', its variant without BatchNorm" in str(registered.value)
+    with pytest.raises(ConfigError) as plain:  # convnet has no normalisation (audit CX6)
+        validate_components(parse_flat({"model.name": "convnet-bn", "defense.spec": "dpsgd:1:0"}))
+    assert "use 'convnet', its variant without BatchNorm" in str(plain.value)
     path = f"{__name__}:_bn"
     with pytest.raises(ConfigError) as imported:
         validate_components(parse_flat({"model.name": path, "threat.share": "per-sample"}))

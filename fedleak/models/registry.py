@@ -179,5 +179,5 @@ def groupnorm_advice(name: str) -> str:
     if not is_import_path(name):
         variant = model_entry(name).groupnorm
         if variant is not None:
-            return f"use a GroupNorm variant such as {variant!r}"
+            return f"use {variant!r}, its variant without BatchNorm"
     return "replace its BatchNorm layers by torch.nn.GroupNorm (per-sample statistics)"
