@@ -307,3 +307,21 @@ def test_check_warns_that_dpsgd_under_an_encoding_reports_no_epsilon(
         main(["check", "quickstart", "--num-clients", "3", "--set", "defense.spec=dpsgd:1:1"]) == 0
     )
     assert capsys.readouterr().err == ""
+
+
+def test_a_batchnorm_prior_with_no_batchnorm_to_match_is_named_in_a_warning(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """gradinversion on LeNet ran as IG with another TV weight, its rows recording the prior
+    it never applied, without a word (audit CX3)."""
+    from fedleak.simulations.cli import main
+
+    names = "attack.names=aux-mean,gradinversion,ig,stepwise"
+    assert main(["check", "quickstart", "--num-clients", "3", "--set", names]) == 0
+    assert (
+        "fedleak: warning: gradinversion, stepwise without a BatchNorm prior: model.name='lenet' "
+        "has no BatchNorm layer, so the prior is left out (the rows record bn_weight 0)"
+    ) in capsys.readouterr().err
+    bn = ("--set", "model.name=convnet-bn", "--set", "threat.share=batch")
+    assert main(["check", "quickstart", "--num-clients", "3", "--set", names, *bn]) == 0
+    assert "BatchNorm prior" not in capsys.readouterr().err

@@ -393,6 +393,11 @@ CASES = [
         (*RUN, "--set", "data.aux-size=1", "--set", "attack.names=lti"),
         "lti trains on groups of 2 auxiliary images",
     ),
+    Case(  # accepted and ignored: stages' losses do not rank iterates (audit CX4)
+        "stepwise-keep-best",
+        (*CHECK, "--set", "attack.names=stepwise", "--set", "attack.stepwise.keep-best=true"),
+        "attack.stepwise.keep-best=true: the stages match different layers, with gradient",
+    ),
     Case(  # a warm start of no epochs read as a refresh, with no score (audit CZ3)
         "lti-finetune-of-no-epochs",
         (*CHECK, "--set", "attack.names=lti", "--set", "attack.lti.finetune-epochs=0"),

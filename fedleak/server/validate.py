@@ -423,6 +423,25 @@ def _check_batchnorm_prior(config: RunConfig, fd: FederatedData) -> None:
             )
 
 
+def unused_batchnorm_prior(config: RunConfig, fd: FederatedData) -> str | None:
+    """A warning for attacks whose BatchNorm prior is on by default (gradinversion,
+    stepwise) on a model without BatchNorm: they run without it, which their name hides
+    (`_check_batchnorm_prior` refuses the prior where it is set by hand)."""
+    if has_batchnorm(build_model(model_spec(config, fd))):
+        return None
+    unused = []
+    for name in config.attack.names:
+        settings = getattr(build_attack(name, config.attack.params.get(name, {})), "config", None)
+        if getattr(settings, "bn_weight", 0.0) > 0:  # plug-ins' settings may have none
+            unused.append(name)
+    if not unused:
+        return None
+    return (
+        f"{', '.join(unused)} without a BatchNorm prior: model.name={config.model.name!r} has "
+        "no BatchNorm layer, so the prior is left out (the rows record bn_weight 0)"
+    )
+
+
 def _setting_names(message: str) -> str:
     """A data-room message with its argument names replaced by the settings' keys, wherever
     they occur ("lower aux_size or raise beta" names settings too)."""

@@ -34,6 +34,7 @@ from fedleak.report.rundir import Accounting, RunDirectory, console_line
 from fedleak.report.texts import save_token_pairs
 from fedleak.server.privacy import PrivacyLedger
 from fedleak.server.rounds import RoundLog, Row, ScoredJob
+from fedleak.server.validate import unused_batchnorm_prior
 
 
 def default_run_dir(config: RunConfig, root: Path | None = None) -> Path:
@@ -76,11 +77,13 @@ def scored_lpips_nets(config: RunConfig) -> tuple[str, ...]:
 def setup_warnings(config: RunConfig, fd: FederatedData) -> list[str]:
     """What a run warns about before its first round, and `fedleak check` with it: LPIPS
     weights it cannot load, a BPE vocabulary short of `data.vocab-size`, a tokenizer that
-    turns much of the text into its unknown token, DP-SGD without a reported ε."""
+    turns much of the text into its unknown token, DP-SGD without a reported ε, a BatchNorm
+    prior with no BatchNorm to match."""
     tokenizer = getattr(fd.dataset, "tokenizer", None)
     warnings = [
         lpips_warning(scored_lpips_nets(config)),
         PrivacyLedger.from_config(config, fd).warning,
+        unused_batchnorm_prior(config, fd),
         tokenizer.shortfall(config.data.vocab_size) if tokenizer is not None else None,
         tokenizer.unknown_warning(fd.dataset.train_x) if tokenizer is not None else None,
     ]

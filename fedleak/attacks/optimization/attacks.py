@@ -902,14 +902,14 @@ class InvertingGradients(BatchedInversion):
             box=knowledge.data_range if cfg.boxed else None,
             check_every=cfg.check_every,
             description=self.name,
-            # Stages match different layers: their losses are not comparable across stages.
-            keep_best=cfg.keep_best and self._stages() == 1,
+            keep_best=cfg.keep_best,  # over several stages refused by StepwiseConfig
         )
 
     def _extra(self, problem: Problem) -> dict[str, float]:
         extra = {
             "tv_weight": self.tv_weight(problem.pipeline, problem.input_shape[0]),
-            "bn_weight": self.ig.bn_weight,
+            # As applied: a model without BatchNorm gives the prior nothing (audit CX3).
+            "bn_weight": self.ig.bn_weight if problem.bn_reference is not None else 0.0,
         }
         if problem.bn_reference is not None:
             extra["bn_exact"] = float(problem.bn_exact)

@@ -70,7 +70,7 @@ class InversionConfig(Settings):
     init: Init = setting("randn", doc="initial dummy inputs")
     check_every: int = setting(50, low=1, doc="iterations between budget/NaN/progress checks")
     # Measured on 8 CIFAR-10 / MNIST-5k images, IG 1,000 iterations: -0.02 dB (IG's step decay
-    # ends at its best), so off by default; stepwise ignores it.
+    # ends at its best), so off by default; stepwise refuses it over several stages.
     keep_best: bool = setting(
         False, doc="return each target's iterate of lowest matching loss, not the last one"
     )
@@ -161,6 +161,11 @@ class StepwiseConfig(IGConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.keep_best and self.stages > 1:
+            raise ConfigError(
+                "keep-best=true: the stages match different layers, with gradient dropout, "
+                "so their matching losses do not rank iterates; expected false, or stages=1"
+            )
         late = {"tv-stage": self.tv_stage, "bn-stage": self.bn_stage}
         for key, stage in late.items():
             if stage > self.stages:
