@@ -224,6 +224,9 @@ def test_names_that_would_break_settings_are_refused() -> None:
             register_attack(bad, lambda config, seed: None)
     with pytest.raises(ConfigError, match="defense name"):
         register_defense("a+b", lambda args: None)
+    # Specs are read in lower case: "MyClamp" could never be named (audit CY1).
+    with pytest.raises(ConfigError, match=r"^defense 'MyClamp': expected a lower-case name"):
+        register_defense("MyClamp", lambda args: None)
     with pytest.raises(ConfigError, match="model name"):
         register_model("pkg:thing", lambda shape, k: nn.Linear(1, 1))
 
