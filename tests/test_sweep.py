@@ -123,6 +123,32 @@ name = "order"
     ]
 
 
+def test_cell_patterns_also_match_the_defense_as_runs_record_it(tmp_path: Path) -> None:
+    """Folders keep the spec as written (`DPSGD:2:1e0`), rows and reports the canonical one
+    (`dpsgd:2:1`): a pattern written after the report matched nothing (audit CY2)."""
+    text = """
+[sweep]
+name = "spelled"
+[sweep.grid]
+"defense.spec" = ["Sign + Prune:0.5", "DPSGD:2:1e0", "instahide:2:INTER"]
+"""
+    path = _write(tmp_path, text)
+    plan = load_sweep(path)
+    assert [c.id for c in plan.cells] == [
+        "cell-000-Prune-0.5+Sign",
+        "cell-001-DPSGD-2-1e0",
+        "cell-002-instahide-2-INTER",
+    ]
+    for pattern, picked in (
+        ("*dpsgd-2-1", [1]),
+        ("*DPSGD-2-1e0", [1]),
+        ("*inter*", [2]),
+        ("*prune*", [0]),
+        ("cell-00[02]-*", [0, 2]),
+    ):
+        assert [c.index for c in load_sweep(path, cells=[pattern]).cells] == picked
+
+
 def test_grid_and_cells_cross_in_a_fixed_order(tmp_path: Path) -> None:
     text = """
 [sweep]

@@ -30,10 +30,10 @@ Cells are the explicit cells (outer) crossed with the grid points (inner, last k
 with only one of the two, its own list. A key may be set by the grid or by the cells, not
 both. Overrides given to `run_sweep` (`fedleak sweep FILE --set key=value`) apply to every cell
 last, e.g. to run a shipped sweep cheaply (fewer iterations, smaller auxiliary set), and
-`cells` patterns (`--cells 'cell-00[0-3]-*'`, fnmatch on the cell ids) run a subset. Every cell
-is parsed and checked before any run starts, its data split included (the auxiliary set,
-public pool and client partitions for `num-clients` clients); bad files raise `SweepError`
-with one line.
+`cells` patterns (`--cells 'cell-00[0-3]-*'`, fnmatch on the cell ids, or on the ids with the
+defense spelled as the runs record it) run a subset. Every cell is parsed and checked before
+any run starts, its data split included (the auxiliary set, public pool and client partitions
+for `num-clients` clients); bad files raise `SweepError` with one line.
 
 Cells live in `<out>/<name>/cell-XXX-<short description>/`, listed with their status in
 `sweep.json` (pending, queued, running, done, failed, skipped, or interrupted after Ctrl-C or
@@ -318,17 +318,32 @@ def _overrides(raw: Mapping[str, Any] | None, grid: Mapping[str, list[Any]]) -> 
     return overrides
 
 
+def _names(cell: Cell) -> tuple[str, ...]:
+    """What `--cells` patterns match: the cell's id, and the id its defense gives as its
+    rows, report and sweep.json name it (`DPSGD:2:1e0`, a folder `...-DPSGD-2-1e0`, is
+    `dpsgd:2:1` there)."""
+    spec = cell.overrides.get("defense.spec")
+    if not isinstance(spec, str):
+        return (cell.id,)
+    recorded = {**cell.overrides, "defense.spec": _defense_form(spec)}
+    return (cell.id, f"cell-{cell.index:03d}-{_slug(recorded)}")
+
+
+def _matches(cell: Cell, pattern: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for name in _names(cell))
+
+
 def _select(cells: list[Cell], patterns: Sequence[str] | None) -> tuple[Cell, ...]:
     if not patterns:
         return tuple(cells)
     # Each pattern must match: a mistyped one beside others would drop its cells unsaid.
     for pattern in patterns:
-        if not any(fnmatch.fnmatchcase(c.id, pattern) for c in cells):
+        if not any(_matches(c, pattern) for c in cells):
             raise SweepError(
                 f"--cells {pattern}: matches none of the cell ids ({cells[0].id}, ...); "
                 "patterns are fnmatch globs such as 'cell-003-*' or '*-B4_*'"
             )
-    return tuple(c for c in cells if any(fnmatch.fnmatchcase(c.id, p) for p in patterns))
+    return tuple(c for c in cells if any(_matches(c, p) for p in patterns))
 
 
 def load_sweep(
