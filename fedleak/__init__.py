@@ -30,6 +30,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "observe": "fedleak.api",
+    "batchnorm_statistics": "fedleak.training.gradients",
     "reconstruct": "fedleak.api",
     "score": "fedleak.api",
     "knowledge": "fedleak.api",

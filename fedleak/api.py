@@ -360,6 +360,7 @@ def observe(
     round: int = 1,
     client_id: int = 0,
     per_sample_updates: Mapping[str, Tensor] | None = None,
+    bn_statistics: Mapping[str, Tensor] | None = None,
 ) -> Observation:
     """What a curious server sees of one client's update, from your own model and update.
 
@@ -368,7 +369,10 @@ def observe(
     order (what `torch.autograd.grad` returns). `weights`: the weights the update was computed
     at (default: the model's current state). `num_examples`, `batch_size`, `local_steps`,
     `learning_rate`: the local-training protocol the client declares. `defense`: the public
-    defense spec the update went through (adaptive attacks read it).
+    defense spec the update went through (adaptive attacks read it). `bn_statistics`: the
+    batch mean and variance each BatchNorm layer normalised the client's batch with
+    (`<module>.mean`, `<module>.var`; `batchnorm_statistics(model, inputs)` computes them),
+    where the threat model lets the server see them (GradInversion's `bn-mode="exact"`).
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -444,6 +448,8 @@ def observe(
             "per_sample_updates", per_sample_updates, names, "each sample's update"
         )
         _check_shapes("per_sample_updates", per_sample_updates, shapes, examples)
+    if bn_statistics is not None:
+        bn_statistics = _batchnorm_statistics(model, bn_statistics)
     if not isinstance(input_shape, Sequence) or len(input_shape) not in (1, 3):
         raise ConfigError(
             f"input_shape={input_shape!r}: expected one image's shape (C, H, W), or (L,) for a "
@@ -502,8 +508,56 @@ def observe(
             if per_sample_updates is None
             else {k: _copy(v) for k, v in per_sample_updates.items()}
         ),
+        bn_statistics=bn_statistics,
         modality="tokens" if tokens else "image",
     )
+
+
+def _batchnorm_statistics(model: nn.Module, given: object) -> dict[str, Tensor]:
+    """`bn_statistics` checked against the model's BatchNorm layers, copied: a mean and a
+    non-negative variance of one value per channel for each, and nothing else."""
+    layers = {
+        name: module.num_features
+        for name, module in model.named_modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm)
+    }
+    if not layers:
+        raise ConfigError(
+            "bn_statistics: the model has no BatchNorm layer, so there are no batch statistics "
+            "to share; leave bn_statistics out"
+        )
+    if not isinstance(given, Mapping):
+        raise ConfigError(
+            f"bn_statistics: expected a mapping of '<module>.mean' and '<module>.var' to "
+            f"tensors, got {type(given).__name__}"
+        )
+    wanted = [f"{name}.{kind}" for name in layers for kind in ("mean", "var")]
+    missing = [key for key in wanted if key not in given]
+    stray = sorted(str(key) for key in given if key not in wanted)
+    if missing or stray:
+        which = f"no entry for {missing[0]!r}" if missing else f"{stray[0]!r} names no layer"
+        raise ConfigError(
+            f"bn_statistics: {which}; expected '<module>.mean' and '<module>.var' for each "
+            f"BatchNorm layer ({', '.join(layers)})"
+        )
+    checked_stats = {}
+    for key in wanted:
+        value = given[key]
+        channels = layers[key.rpartition(".")[0]]
+        if not isinstance(value, Tensor) or tuple(value.shape) != (channels,):
+            shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise ConfigError(
+                f"bn_statistics[{key!r}]: expected a tensor of shape ({channels},), one value "
+                f"per channel, got {shape}"
+            )
+        value = value.detach().float().cpu().clone()
+        if not bool(torch.isfinite(value).all()) or (key.endswith(".var") and value.min() < 0):
+            raise ConfigError(
+                f"bn_statistics[{key!r}]: expected finite values"
+                + (", a variance >= 0" if key.endswith(".var") else "")
+            )
+        checked_stats[key] = value
+    return checked_stats
 
 
 def _vocabulary(out: tuple[int, ...], length: int, num_classes: object) -> int:

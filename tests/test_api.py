@@ -749,3 +749,38 @@ def test_an_attacks_progress_in_a_log_is_a_few_lines_not_one_per_check(
     drawn = log.getvalue()
     assert "ig" in drawn and drawn.endswith("\n")
     assert drawn.count("\r") <= 3, drawn
+
+
+def test_batchnorm_statistics_reach_gradinversions_exact_prior() -> None:
+    """`bn-mode="exact"` could not be reached from the library: `observe` took no batch
+    statistics (audit CX5)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten())
+    model.append(nn.Linear(4 * 28 * 28, 10))
+    data = fedleak.load_dataset("mnist5k")
+    x, y = data.train_x[:2], data.train_y[:2]
+    grads = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), model.parameters())
+    stats = fedleak.batchnorm_statistics(model, x)
+    assert sorted(stats) == ["1.mean", "1.var"]
+    torch.testing.assert_close(stats["1.mean"], model[0](x).mean(dim=(0, 2, 3)))
+    shape = {"input_shape": (1, 28, 28), "num_examples": 2}
+    seen = fedleak.observe(model, grads, bn_statistics=stats, **shape)
+    exact = fedleak.build_attack("gradinversion", {"bn-mode": "exact"})
+    result = fedleak.reconstruct(exact, seen, max_iterations=5)
+    assert result.diagnostics["bn_exact"] == 1.0 and result.diagnostics["bn_weight"] == 1e-3
+    blind = fedleak.observe(model, grads, **shape)
+    with pytest.raises(ValueError, match=r"observe\(\.\.\., bn_statistics=\) in the library"):
+        fedleak.reconstruct(exact, blind, max_iterations=5)
+    for given, message in (
+        ({"1.mean": stats["1.mean"]}, r"no entry for '1\.var'"),
+        ({**stats, "2.mean": stats["1.mean"]}, r"'2\.mean' names no layer"),
+        ({**stats, "1.var": torch.zeros(3)}, r"\['1\.var'\]: expected a tensor of shape \(4,\)"),
+        ({**stats, "1.var": -torch.ones(4)}, r"expected finite values, a variance >= 0"),
+        ([stats["1.mean"]], "expected a mapping"),
+    ):
+        with pytest.raises(ConfigError, match=f"^bn_statistics.*{message}"):
+            fedleak.observe(model, grads, bn_statistics=given, **shape)  # type: ignore[arg-type]
+    plain = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+    plain_grads = [torch.zeros_like(p) for p in plain.parameters()]
+    with pytest.raises(ConfigError, match=r"^bn_statistics: the model has no BatchNorm layer"):
+        fedleak.observe(plain, plain_grads, bn_statistics=stats, **shape)

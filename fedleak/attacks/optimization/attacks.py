@@ -197,7 +197,8 @@ def _resolve_bn_mode(mode: str, observation: Observation, model_has_bn: bool) ->
     if mode == "exact" and model_has_bn and not observation.bn_statistics:
         raise ObservationError(
             "attack parameter bn-mode='exact' needs BatchNorm statistics in the observation; "
-            "share them (threat model) or use bn-mode=auto, infer or proxy"
+            "share them (threat.bn-stats='shared' in a run, observe(..., bn_statistics=) in "
+            "the library) or use bn-mode=auto, infer or proxy"
         )
     return mode
 
