@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_attacks import round_of
-from timing import HEAP_REUSED, Ratio, Reading, clock, interleave, machine, table
+from timing import HEAP_REUSED, Ratio, Reading, clock, interleave, machine, positive, table
 
 from fedleak.attacks.registry import build_attack
 from fedleak.attacks.types import Budget
@@ -68,8 +68,8 @@ def one_process(targets: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--targets", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--targets", type=positive, default=64)
+    parser.add_argument("--rounds", type=positive, default=3)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -89,14 +89,17 @@ def main() -> None:
     def variant(name: str, heap: str):
         def measure() -> Reading:
             env = {**os.environ, "FEDLEAK_HEAP": heap}
-            out = subprocess.run(
+            child = subprocess.run(
                 [sys.executable, __file__, "--child", "--targets", str(args.targets)],
                 env=env,
                 capture_output=True,
                 text=True,
-                check=True,
-            ).stdout
-            result = json.loads(out.strip().splitlines()[-1])
+                check=False,
+            )
+            if child.returncode != 0:
+                why = (child.stderr.strip().splitlines() or ["no message"])[-1]
+                sys.exit(f"bench_heap: the {name} child failed: {why}")
+            result = json.loads(child.stdout.strip().splitlines()[-1])
             details[name].append(result)
             return Reading(result["wall"], result["cpu"])
 

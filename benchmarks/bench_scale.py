@@ -14,6 +14,8 @@ Every study runs through `run_study`, as `fedleak run` does. Numbers depend on t
 its load; the script prints both, so read ratios from one run only.
 
     python benchmarks/bench_scale.py [--clients 6] [--rounds 3] [--iterations 200]
+        [--workers 1 2] [--worker-cpus 1.0] [--repeats 3] [--scaling 10 50 100]
+        [--skip pool scaling gpu]
 """
 
 from __future__ import annotations

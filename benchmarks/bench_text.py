@@ -12,8 +12,8 @@ min and median per variant, ratios are medians of the paired rounds or are refus
    fused Adam, against torch's default Adam).
 Runs on CUDA as well when a GPU is visible (`--device cuda`).
 
-    python benchmarks/bench_text.py [--vocab 2048] [--length 16] [--threads 1] [--device cpu]
-        [--rounds 5]
+    python benchmarks/bench_text.py [--vocab 2048] [--length 16] [--batch 16] [--targets 8]
+        [--iterations 20] [--pairs 128] [--bins 4096] [--threads 1] [--device cpu] [--rounds 5]
 """
 
 from __future__ import annotations

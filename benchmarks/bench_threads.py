@@ -61,6 +61,11 @@ def main() -> None:
     parser.add_argument("--load", type=int, default=2, help="busy processes in the loaded runs")
     args = parser.parse_args()
     default = torch.get_num_threads()
+    if default == 1:  # the two variants would be one setting: their ratio would be noise
+        parser.error(
+            "torch's default is one thread here (OMP_NUM_THREADS=1, or one core), so there is "
+            "nothing to compare; unset OMP_NUM_THREADS on a machine with several cores"
+        )
     print(machine())
     print(f"torch default threads: {default}; seconds per run (min / median)")
     cases = {

@@ -28,6 +28,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -52,7 +53,8 @@ def find_breaching(given: str | None) -> Path | None:
     """The Python of breaching's environment: --breaching-python, $BREACHING_PYTHON, or a
     `breaching-venv` beside this checkout or one of its parents."""
     if given or os.environ.get("BREACHING_PYTHON"):
-        return Path(given or os.environ["BREACHING_PYTHON"])
+        # Absolute: a bare name would be looked up on PATH, not in this folder.
+        return Path(given or os.environ["BREACHING_PYTHON"]).absolute()
     for folder in HERE.parents:
         candidate = folder / "breaching-venv" / "bin" / "python"
         if candidate.exists():
@@ -66,6 +68,8 @@ def breaching_missing(python: Path | None) -> str | None:
         return "no breaching environment found (--breaching-python or $BREACHING_PYTHON)"
     if not python.exists():
         return f"no breaching environment at {python} (--breaching-python or $BREACHING_PYTHON)"
+    if not (python.is_file() and os.access(python, os.X_OK)):
+        return f"{python} is not an executable file; expected the Python of breaching's venv"
     check = subprocess.run(
         [str(python), "-c", "import breaching"], capture_output=True, text=True, check=False
     )
@@ -75,27 +79,43 @@ def breaching_missing(python: Path | None) -> str | None:
     return None
 
 
+class BreachingFailed(RuntimeError):
+    """breaching's side of the comparison failed; the message says why, in one line."""
+
+
 class Breaching:
     """breaching's IG in its own process, driven one JSON line at a time."""
 
     def __init__(self, python: Path, setup: dict) -> None:
+        # A file, not a pipe nobody reads while the side runs: its last line says why it died.
+        self.errors = tempfile.TemporaryFile("w+")  # noqa: SIM115 (lives as the side does)
         self.process = subprocess.Popen(
             [str(python), str(HERE / "breaching_side.py")],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
+            stderr=self.errors,
             text=True,
         )
         self.ask({"op": "setup", **setup})
 
     def ask(self, command: dict) -> dict:
         assert self.process.stdin is not None and self.process.stdout is not None
-        self.process.stdin.write(json.dumps(command) + "\n")
-        self.process.stdin.flush()
-        reply = json.loads(self.process.stdout.readline() or '{"error": "breaching side died"}')
+        try:
+            self.process.stdin.write(json.dumps(command) + "\n")
+            self.process.stdin.flush()
+            line = self.process.stdout.readline()
+        except BrokenPipeError:
+            line = ""
+        reply = json.loads(line) if line else {"error": f"it died ({self.last_error()})"}
         if "error" in reply:
-            raise RuntimeError(f"breaching side: {reply['error']}")
+            raise BreachingFailed(f"breaching side: {reply['error']}")
         return reply
+
+    def last_error(self) -> str:
+        """The last line the side wrote to stderr (its exception, when it died of one)."""
+        self.errors.seek(0)
+        lines = [line.strip() for line in self.errors.read().splitlines() if line.strip()]
+        return lines[-1] if lines else "no message"
 
     def run(self, iterations: int) -> dict:
         return self.ask({"op": "run", "iterations": iterations})
@@ -109,6 +129,7 @@ class Breaching:
         except BrokenPipeError:
             pass
         self.process.wait(timeout=60)
+        self.errors.close()
 
 
 def victim(model: str, image: torch.Tensor, label: int) -> tuple[Observation, AttackerKnowledge]:
@@ -322,4 +343,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except BreachingFailed as error:
+        sys.exit(f"bench_vs_breaching: {error}")

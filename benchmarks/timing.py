@@ -18,6 +18,7 @@ the machine is shared.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import math
 import os
@@ -36,8 +37,12 @@ from fedleak.heap import reuse_freed_memory
 HEAP_REUSED = reuse_freed_memory()
 
 MIN_ROUNDS = 3
-# Paired ratios whose interquartile range exceeds this share of their median are refused.
+# Paired ratios whose interquartile range (their range, below 5 rounds, where quartiles of
+# three values are half their range) exceeds this share of their median are refused.
 MAX_SCATTER = 0.5
+# A series whose median round took this many times its fastest is refused: a load burst, or a
+# difference of two runs that fell to noise (0.024 against 29 ms was printed as min / median).
+MAX_SPREAD = 4.0
 
 
 class InvalidMeasurement(ValueError):
@@ -74,6 +79,11 @@ class Series:
             return f"{self.name}: {len(bad)} of {len(self.values)} measurements <= 0 or not finite"
         if len(self.values) < MIN_ROUNDS:
             return f"{self.name}: {len(self.values)} rounds, fewer than {MIN_ROUNDS}"
+        if self.median > MAX_SPREAD * self.min:
+            return (
+                f"{self.name}: its median round took {self.median / self.min:.1f}x its fastest "
+                "(a load change, or a measurement of noise)"
+            )
         return None
 
     @property
@@ -117,11 +127,15 @@ class Ratio:
                 return reason
         paired = sorted(self.paired())
         middle = statistics.median(paired)
-        q1, _, q3 = statistics.quantiles(paired, n=4, method="inclusive")
-        if (q3 - q1) > MAX_SCATTER * middle:
+        if len(paired) < 5:
+            spread, measure = paired[-1] - paired[0], "range"
+        else:
+            q1, _, q3 = statistics.quantiles(paired, n=4, method="inclusive")
+            spread, measure = q3 - q1, "interquartile range"
+        if spread > MAX_SCATTER * middle:
             return (
-                f"paired ratios scatter too much (interquartile range {q3 - q1:.2f} around a "
-                f"median of {middle:.2f}): the load changed during the run"
+                f"paired ratios scatter too much ({measure} {spread:.2f} around a median of "
+                f"{middle:.2f}): the load changed during the run"
             )
         return None
 
@@ -143,6 +157,17 @@ class Ratio:
         return (
             f"{self.median:.2f} (ratio of minima {self.of_minima:.2f}, {len(self.paired())} rounds)"
         )
+
+
+def positive(text: str) -> int:
+    """An argparse type: a whole number >= 1 (a size of 0 measures nothing)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 1")
+    return value
 
 
 def interleave(

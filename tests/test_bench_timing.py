@@ -51,6 +51,20 @@ def test_scattered_paired_ratios_are_refused():
     assert "scatter too much" in ratio.problem()
 
 
+def test_three_rounds_are_judged_by_their_range():
+    """Quartiles of three values are half their range: a ratio moved 0.72 -> 0.95 by a load
+    burst passed (audit DA3)."""
+    ratio = timing.Ratio(timing.Series("a", (1.0, 1.8, 1.0)), timing.Series("b", (1.0, 1.0, 1.0)))
+    assert "scatter too much (range 0.80 around a median of 1.00)" in ratio.problem()
+
+
+def test_a_series_whose_fastest_round_is_a_fraction_of_its_median_is_refused():
+    """DLG's difference of two runs printed 0.024 / 29.113 ms as min / median (audit DA3)."""
+    noise = timing.Series("one after another", (0.024e-3, 29.1e-3, 30.2e-3))
+    assert "its median round took 1212.5x its fastest" in noise.problem()
+    assert noise.text() == "one after another: invalid"
+
+
 def test_a_negative_difference_of_runs_is_recorded_as_not_a_number():
     seconds = {10: timing.Reading(2.0, 1.0), 20: timing.Reading(1.5, 2.0)}
     measure = timing.per_unit(seconds.__getitem__, 10, 20)
