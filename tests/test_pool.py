@@ -191,6 +191,38 @@ def test_init_args_take_the_workers_share_from_the_clients(
     assert ray_init_args(one, 1.0, 0.0, cpus=2, gpus=0) == {}
 
 
+def test_a_cluster_address_nothing_answers_at_is_refused_before_ray(monkeypatch) -> None:
+    """`ray.init` retried an unreachable RAY_ADDRESS without end, and SIGTERM waited for a
+    safe point that never came (audit DB1)."""
+    import socket
+
+    from ray._private import services
+
+    from fedleak.server.validate import check_resources
+
+    config = parse_flat({})
+    with socket.socket() as closed:  # a port bound here and never listened on: refused
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+        monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+        with pytest.raises(ResourceRequestError, match=rf"^RAY_ADDRESS='127\.0\.0\.1:{port}': no"):
+            check_resources(config, 2, 1.0, 0.0)
+    monkeypatch.setenv("RAY_ADDRESS", "head-without-port")
+    with pytest.raises(ResourceRequestError, match="expected HOST:PORT of a running cluster"):
+        check_resources(config, 2, 1.0, 0.0)
+    with socket.create_server(("127.0.0.1", 0)) as head:  # something answers: Ray's to join
+        monkeypatch.setenv("RAY_ADDRESS", f"ray://127.0.0.1:{head.getsockname()[1]}")
+        check_resources(config, 2, 1.0, 0.0)
+
+    def no_cluster(address: str) -> str:
+        raise ConnectionError("Could not find any running Ray instance.")
+
+    monkeypatch.setattr(services, "canonicalize_bootstrap_address", no_cluster)
+    monkeypatch.setenv("RAY_ADDRESS", "auto")
+    with pytest.raises(ResourceRequestError, match=r"^RAY_ADDRESS='auto': no Ray cluster was"):
+        check_resources(config, 2, 1.0, 0.0)
+
+
 @pytest.fixture(scope="class")
 def local_ray():
     """A small Ray of this process's own, with the attack resource a study would reserve."""

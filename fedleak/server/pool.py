@@ -47,6 +47,7 @@ import dataclasses
 import logging
 import math
 import os
+import socket
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -508,6 +509,46 @@ def _cluster_address() -> str | None:
     """The existing cluster `ray.init()` will join (RAY_ADDRESS), or None for a local Ray."""
     address = os.environ.get("RAY_ADDRESS", "")
     return None if address in ("", "local") else address
+
+
+# How long a cluster's head may take to accept a connection before it counts as absent.
+CLUSTER_PROBE_SECONDS = 5.0
+
+
+def check_cluster_address() -> None:
+    """Refuse a `RAY_ADDRESS` no Ray cluster answers at, before the run starts: `ray.init`
+    retries the connection without end, and a stop request waits for a safe point that never
+    comes. `auto`: the cluster last started on this machine, as Ray finds it."""
+    address = _cluster_address()
+    if address is None:
+        return
+    expected = (
+        "expected HOST:PORT of a running cluster's head (`ray start --head` prints it), 'auto', "
+        "or no RAY_ADDRESS to run on this machine"
+    )
+    target = address
+    if address == "auto":
+        try:  # Ray's own lookup (its session files); a Ray without it is left to find it
+            from ray._private.services import canonicalize_bootstrap_address
+        except ImportError:
+            return
+        try:
+            target = canonicalize_bootstrap_address("auto") or ""
+        except ConnectionError:
+            raise ResourceRequestError(
+                f"RAY_ADDRESS='auto': no Ray cluster was started on this machine; {expected}"
+            ) from None
+    host, colon, port = target.removeprefix("ray://").rpartition(":")
+    if not (colon and host and port.isdigit() and 0 < int(port) < 65536):
+        raise ResourceRequestError(f"RAY_ADDRESS={address!r}: {expected}")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), CLUSTER_PROBE_SECONDS):
+            pass
+    except OSError as error:
+        why = error.strerror or type(error).__name__
+        raise ResourceRequestError(
+            f"RAY_ADDRESS={address!r}: no Ray cluster answers at {host}:{port} ({why}); {expected}"
+        ) from None
 
 
 def local_cpus() -> int:

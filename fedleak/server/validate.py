@@ -60,7 +60,12 @@ from fedleak.registry import PluginError
 from fedleak.runtime import federated_data, model_spec
 from fedleak.server.build import cache_dirs
 from fedleak.server.payload import check_payload, clients_per_round
-from fedleak.server.pool import _cluster_address, local_cpus, ray_init_args
+from fedleak.server.pool import (
+    _cluster_address,
+    check_cluster_address,
+    local_cpus,
+    ray_init_args,
+)
 from fedleak.settings import KeyHelp, flat_values
 
 # What each modality's inputs are called in a refusal ("reconstructs images, not the tokens").
@@ -249,6 +254,7 @@ def check_resources(
         raise ConfigError(f"client-gpus={client_gpus!r}: expected a number >= 0")
     cpus = local_cpus()
     if _cluster_address() is not None:
+        check_cluster_address()
         return
     if client_cpus > cpus:
         raise ConfigError(
