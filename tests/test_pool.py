@@ -158,6 +158,10 @@ def test_gpu_requests_fail_before_ray_starts(monkeypatch: pytest.MonkeyPatch) ->
         check_gpu_request(0.5, _config(**{"attack.worker-gpus": 0.5}), gpus=1)
     check_gpu_request(0.25, _config(**{"attack.worker-gpus": 0.25}), gpus=1)
     check_gpu_request(0.0, inline, gpus=0)
+    # No GPU at all: said first, not advice to ask for a share no GPU could give (audit DB2).
+    cuda = _config(**{"device": "cuda", "attack.workers": 0})
+    with pytest.raises(ResourceRequestError, match=r"^device='cuda': no CUDA GPU is visible"):
+        check_gpu_request(0.0, cuda, gpus=0)
     # Workers alone can ask for more than there is: Ray would wait for them forever.
     four_whole = _config(**{"attack.workers": 4, "attack.worker-gpus": 1.0})
     with pytest.raises(ResourceRequestError, match=r"the 2 GPUs here hold at most 2 such"):

@@ -573,6 +573,10 @@ def check_gpu_request(
     if _cluster_address() is not None:
         return
     gpus = torch.cuda.device_count() if gpus is None else gpus
+    if config.device == "cuda" and gpus == 0:  # before advice about shares no GPU could give
+        raise ResourceRequestError(
+            "device='cuda': no CUDA GPU is visible to this process; set device='auto' or 'cpu'"
+        )
     attack = config.attack
     worker_gpus = attack.worker_gpus if attack.workers > 0 else 0.0
     asks = (("client-gpus", client_gpus), ("attack.worker-gpus", worker_gpus))
