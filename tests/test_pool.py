@@ -390,6 +390,13 @@ def test_a_round_over_budget_is_refused_in_one_line() -> None:
     message = str(refused.value)
     assert message.startswith(f"sim.payload-budget-mb={budget:g}: a round would move ")
     assert "30 clients" in message and "\n" not in message
+    assert message.endswith("or use fewer clients, a smaller batch or threat.share='batch'")
+    # Batch sharing: neither the batch nor the sharing would shrink the weights and the
+    # update; only what would is advised (audit DB3).
+    shared = parse_flat({"threat.share": "batch", "sim.payload-budget-mb": 0.01})
+    with pytest.raises(PayloadBudgetError) as refused:
+        check_payload(shared, spec, num_clients=30)
+    assert str(refused.value).endswith("; raise the budget, or use fewer clients")
     sampled = parse_flat({"train.fraction-train": 0.1, "train.min-clients": 3})
     assert clients_per_round(sampled, 100) == 10 and clients_per_round(sampled, 10) == 3
 

@@ -137,9 +137,17 @@ def check_payload(
     payload = estimate_payload(config, spec, num_clients, sampled=sampled)
     budget = config.sim.payload_budget_mb
     if budget > 0 and payload.total_mb > budget:
+        # Only what would shrink this payload: the batch sizes per-sample updates and the
+        # audit batch, not the weights or the update, so it is named where those weigh more.
+        ways = ["fewer clients"]
+        if payload.per_sample + payload.audit > payload.weights + payload.update:
+            ways.append("a smaller batch")
+        if payload.per_sample:
+            ways.append("threat.share='batch'")
+        listed = " or ".join(filter(None, [", ".join(ways[:-1]), ways[-1]]))
         raise PayloadBudgetError(
             f"sim.payload-budget-mb={budget:g}: a round would move {payload.describe(budget)}; "
-            "raise the budget, or use fewer clients, a smaller batch or threat.share='batch'"
+            f"raise the budget, or use {listed}"
         )
     return payload
 
