@@ -125,3 +125,19 @@ def test_a_notebooks_attack_bar_stays_live(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(tqdm.auto, "tqdm", Widget)
     progress_bar(20, "ig", show=True)
     assert made == [{"total": 20, "desc": "ig", "leave": False}]
+
+
+def test_the_start_up_round_stops_counting_once_another_is_timed() -> None:
+    """Round 1 of 50 clients took 22 s (Ray and its client actors starting), the others 0.5 s:
+    "round 1/3 (22s, ETA 43s)" for a second's work, and the mean kept it (audit DB4)."""
+    now = [0.0]
+    progress = Progress("round", 10, now=lambda: now[0])
+    now[0] += 22.0
+    progress.advance()
+    assert progress.eta() == pytest.approx(9 * 22.0)  # all there is to go by
+    now[0] += 0.5
+    progress.advance()
+    assert progress.eta() == pytest.approx(8 * 0.5)
+    now[0] += 1.5
+    progress.advance()
+    assert progress.eta() == pytest.approx(7 * 1.0)  # later rounds all count
