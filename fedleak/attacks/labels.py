@@ -6,8 +6,7 @@ sigmoid or ReLU) and p_i the softmax. Hence:
 
 - iDLG (Zhao et al. 2020), B = 1: the true class is the only row with a negative sum.
 - Batch rows (Yin et al. 2021 / GradAttack), distinct labels: the B most negative rows, or,
-  with auxiliary data, the B classes of largest estimated count (see `batch_rows`); under sign
-  compression the negative rows' classes, repeated to fill the batch (`sign_rows`).
+  with auxiliary data, the B classes of largest estimated count (see `batch_rows`).
 - Counts for repeated labels (after HFGradInv, Ye et al. 2024): last-layer features have a small
   coefficient of variation of their mass ||h||_1 across samples (measured on the attacker's
   auxiliary data and reported), so every sample's mass may be replaced by the auxiliary mean m.
@@ -87,24 +86,6 @@ def batch_rows(weight: Tensor, batch: int, stats: AuxiliaryStatistics | None = N
         order = score.to(weight.device).argsort(dim=-1, descending=True)
     repeats = -(-batch // order.shape[-1])
     return order.repeat(1, repeats)[:, :batch].sort(dim=-1).values
-
-
-def sign_rows(weight: Tensor, batch: int) -> Tensor:
-    """`batch_rows` for an update that keeps only signs (sign compression), [T, K, d] ->
-    [T, batch]: a class whose row sums negative is in the batch; a class no sample has gives
-    an all-positive row (p_c h_i > 0), and those rows tie at +d, so taking the next rows would
-    add absent classes in index order. The slots beyond the negative rows repeat their classes,
-    most negative first; without a negative row, `batch_rows`."""
-    sums = row_sums(weight)
-    labels = []
-    for problem, rows in zip(weight, sums, strict=True):
-        present = rows.argsort(stable=True)[: int((rows < 0).sum())]
-        if not len(present):
-            labels.append(batch_rows(problem[None], batch)[0])
-            continue
-        repeats = -(-batch // len(present))
-        labels.append(present.repeat(repeats)[:batch].sort().values)
-    return torch.stack(labels)
 
 
 @dataclass(frozen=True)

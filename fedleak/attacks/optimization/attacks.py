@@ -257,8 +257,6 @@ def _recover_labels(
             model, layer, knowledge.aux_inputs, knowledge.aux_labels, num_classes
         )
     if method == "rows":
-        if not magnitudes:
-            return label_recovery.sign_rows(weight, samples), "rows", {}
         return label_recovery.batch_rows(weight, samples, stats), "rows", {}
     assert stats is not None
     bias = None if layer.bias is None else target[names.index(layer.bias)] * scale

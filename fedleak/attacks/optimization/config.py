@@ -53,8 +53,7 @@ class InversionConfig(Settings):
     estimated after HFGradInv (fedleak's own equations and search, `attacks/labels.py`, not
     the paper's cosine objective and genetic search), which handle repeated labels, where the
     update keeps magnitudes and there is auxiliary data, else the most negative last-layer
-    rows (under sign compression the classes of negative rows, repeated to fill the batch);
-    joint soft labels under MixUp/InstaHide). `adaptive`: choose the matching loss from
+    rows; joint soft labels under MixUp/InstaHide). `adaptive`: choose the matching loss from
     the public defense spec.
     `restarts`: independent initialisations per target, optimised in the same batch; the one
     with the lowest matching loss is kept. `check_every`: iterations between the (synchronising)
