@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import Ratio, Series, chosen_device, interleave, load, machine
+from timing import Ratio, Series, chosen_device, interleave, load, machine, positive
 from timing import timed as timer
 
 from fedleak.attacks.learned.hashing import FeatureHasher
@@ -145,9 +145,9 @@ def main() -> None:
     global ROUNDS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", help="cpu or cuda (default: cuda where present)")
-    parser.add_argument("--pairs", type=int, default=512)
+    parser.add_argument("--pairs", type=positive, default=512)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
-    parser.add_argument("--rounds", type=int, default=ROUNDS)
+    parser.add_argument("--rounds", type=positive, default=ROUNDS)
     args = parser.parse_args()
     ROUNDS = args.rounds
     if args.threads:

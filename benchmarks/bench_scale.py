@@ -45,6 +45,7 @@ from timing import (
     interleave,
     machine,
     per_unit,
+    positive,
     timed,
 )
 
@@ -237,13 +238,13 @@ def gpu_study(root: Path, args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clients", type=int, default=6)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--iterations", type=int, default=200)
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--clients", type=positive, default=6)
+    parser.add_argument("--rounds", type=positive, default=3)
+    parser.add_argument("--iterations", type=positive, default=200)
+    parser.add_argument("--workers", type=positive, nargs="+", default=[1, 2])
     parser.add_argument("--worker-cpus", type=float, default=1.0)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--scaling", type=int, nargs="+", default=[10, 50, 100])
+    parser.add_argument("--repeats", type=positive, default=3)
+    parser.add_argument("--scaling", type=positive, nargs="+", default=[10, 50, 100])
     parser.add_argument("--skip", nargs="*", default=[], choices=["pool", "scaling", "gpu"])
     args = parser.parse_args()
     print(machine())

@@ -25,7 +25,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import Ratio, Reading, chosen_device, clock, interleave, machine, per_unit, timed
+from timing import (
+    Ratio,
+    Reading,
+    chosen_device,
+    clock,
+    interleave,
+    machine,
+    per_unit,
+    positive,
+    timed,
+)
 
 from fedleak.attacks.learned.pairs import Featuriser, PairSource, Unit
 from fedleak.attacks.learned.text import TokenInverter, sequence_loss
@@ -163,14 +173,14 @@ def lti_p(spec: ModelSpec, pairs: int, bins: int, device: torch.device, defense:
 def main() -> None:
     global ROUNDS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--vocab", type=int, default=2048)
-    parser.add_argument("--length", type=int, default=16)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=ROUNDS)
-    parser.add_argument("--targets", type=int, default=8)
-    parser.add_argument("--iterations", type=int, default=20)
-    parser.add_argument("--pairs", type=int, default=128)
-    parser.add_argument("--bins", type=int, default=4096)
+    parser.add_argument("--vocab", type=positive, default=2048)
+    parser.add_argument("--length", type=positive, default=16)
+    parser.add_argument("--batch", type=positive, default=16)
+    parser.add_argument("--rounds", type=positive, default=ROUNDS)
+    parser.add_argument("--targets", type=positive, default=8)
+    parser.add_argument("--iterations", type=positive, default=20)
+    parser.add_argument("--pairs", type=positive, default=128)
+    parser.add_argument("--bins", type=positive, default=4096)
     parser.add_argument("--device", help="cpu or cuda (default: cuda where present)")
     parser.add_argument(
         "--threads", type=int, default=0, help="torch CPU threads (0: torch's default)"

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import Ratio, Reading, clock, interleave, machine
+from timing import Ratio, Reading, clock, interleave, machine, positive
 
 import fedleak
 
@@ -56,8 +56,8 @@ def _run(observation: object, iterations: int, threads: int) -> Reading:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--iterations", type=int, default=100)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--iterations", type=positive, default=100)
+    parser.add_argument("--rounds", type=positive, default=3)
     parser.add_argument("--load", type=int, default=2, help="busy processes in the loaded runs")
     args = parser.parse_args()
     default = torch.get_num_threads()
