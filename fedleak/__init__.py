@@ -30,7 +30,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "observe": "fedleak.api",
-    "batchnorm_statistics": "fedleak.training.gradients",
+    "batchnorm_statistics": "fedleak.api",
     "reconstruct": "fedleak.api",
     "score": "fedleak.api",
     "knowledge": "fedleak.api",

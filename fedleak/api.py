@@ -43,6 +43,7 @@ from fedleak.attacks.types import (
     UpdateKind,
 )
 from fedleak.defenses.spec import parse_defense_spec
+from fedleak.lines import one_line
 from fedleak.metrics import (
     ROUGE_TYPES,
     assign,
@@ -55,6 +56,7 @@ from fedleak.metrics import (
 from fedleak.models import MODELS, ModelSpec, register_model
 from fedleak.models.fitness import random_in_training
 from fedleak.settings import ConfigError
+from fedleak.training import gradients as training_gradients
 
 UPDATE_KINDS: tuple[UpdateKind, ...] = ("gradient", "delta")
 
@@ -511,6 +513,26 @@ def observe(
         bn_statistics=bn_statistics,
         modality="tokens" if tokens else "image",
     )
+
+
+def batchnorm_statistics(model: nn.Module, inputs: Tensor) -> dict[str, Tensor]:
+    """The batch mean and variance each BatchNorm layer of `model` normalises `inputs` with
+    in train mode (`<module>.mean`, `<module>.var`), for `observe(..., bn_statistics=)`; the
+    model's running statistics are left as they were."""
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise ConfigError("model: no BatchNorm layer, so there are no batch statistics")
+    if not isinstance(inputs, Tensor) or not inputs.is_floating_point():
+        given = inputs.dtype if isinstance(inputs, Tensor) else type(inputs).__name__
+        raise ConfigError(f"inputs: expected a float tensor, the client's batch; got {given}")
+    try:
+        return training_gradients.batchnorm_statistics(model, inputs)
+    except (RuntimeError, ValueError, TypeError) as error:
+        raise ConfigError(
+            f"inputs: the model cannot take a batch of shape {tuple(inputs.shape)} "
+            f"({one_line(f'{type(error).__name__}: {error}', 200)})"
+        ) from None
 
 
 def _batchnorm_statistics(model: nn.Module, given: object) -> dict[str, Tensor]:

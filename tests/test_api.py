@@ -780,7 +780,17 @@ def test_batchnorm_statistics_reach_gradinversions_exact_prior() -> None:
     ):
         with pytest.raises(ConfigError, match=f"^bn_statistics.*{message}"):
             fedleak.observe(model, grads, bn_statistics=given, **shape)  # type: ignore[arg-type]
+    # What the model cannot take is one line naming the argument (audit DC3).
+    for bad, message in (
+        (x[:, 0], r"^inputs: the model cannot take a batch of shape \(2, 28, 28\) \("),
+        (x.long(), r"^inputs: expected a float tensor, the client's batch; got torch.int64"),
+        ("pixels", r"^inputs: expected a float tensor, the client's batch; got str"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            fedleak.batchnorm_statistics(model, bad)  # type: ignore[arg-type]
     plain = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+    with pytest.raises(ConfigError, match=r"^model: no BatchNorm layer"):
+        fedleak.batchnorm_statistics(plain, x)
     plain_grads = [torch.zeros_like(p) for p in plain.parameters()]
     with pytest.raises(ConfigError, match=r"^bn_statistics: the model has no BatchNorm layer"):
         fedleak.observe(plain, plain_grads, bn_statistics=stats, **shape)

@@ -319,8 +319,9 @@ def test_a_batchnorm_prior_with_no_batchnorm_to_match_is_named_in_a_warning(
     names = "attack.names=aux-mean,gradinversion,ig,stepwise"
     assert main(["check", "quickstart", "--num-clients", "3", "--set", names]) == 0
     assert (
-        "fedleak: warning: gradinversion, stepwise without a BatchNorm prior: model.name='lenet' "
-        "has no BatchNorm layer, so the prior is left out (the rows record bn_weight 0)"
+        "fedleak: warning: gradinversion and stepwise run without a BatchNorm prior: "
+        "model.name='lenet' has no BatchNorm layer, so the prior is left out (the rows record "
+        "bn_weight 0)"
     ) in capsys.readouterr().err
     bn = ("--set", "model.name=convnet-bn", "--set", "threat.share=batch")
     assert main(["check", "quickstart", "--num-clients", "3", "--set", names, *bn]) == 0

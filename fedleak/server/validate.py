@@ -442,9 +442,10 @@ def unused_batchnorm_prior(config: RunConfig, fd: FederatedData) -> str | None:
             unused.append(name)
     if not unused:
         return None
+    names = " and ".join(filter(None, [", ".join(unused[:-1]), unused[-1]]))
     return (
-        f"{', '.join(unused)} without a BatchNorm prior: model.name={config.model.name!r} has "
-        "no BatchNorm layer, so the prior is left out (the rows record bn_weight 0)"
+        f"{names} run without a BatchNorm prior: model.name={config.model.name!r} has no "
+        "BatchNorm layer, so the prior is left out (the rows record bn_weight 0)"
     )
 
 

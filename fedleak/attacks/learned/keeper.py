@@ -236,7 +236,10 @@ class InverterKeeper:
             if outcome.timed_out:
                 how += "; training stopped early: the time budget ran out"
         if refreshed.passed_over is not None:
-            how += f"; {refreshed.passed_over.name} was trained for other settings, not adopted"
+            how += (
+                f"; {refreshed.passed_over.name} was trained for other settings (or saved by "
+                "another fedleak version), not adopted"
+            )
         diagnostics: dict[str, float | str] = {
             "train_seconds": outcome.seconds,
             "train_epochs": float(outcome.epochs),
