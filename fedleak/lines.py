@@ -1,4 +1,5 @@
-"""Failures as one line: what fedleak stores in a run's records and prints to the user."""
+"""Failures as one line: what fedleak stores in a run's records and prints to the user; and
+lists within such lines."""
 
 from __future__ import annotations
 
@@ -33,3 +34,8 @@ def first_line(error: BaseException, limit: int = 300) -> str:
     """The first non-blank line of the message (the type's name when there is none)."""
     lines = [line for line in str(error).splitlines() if line.strip()]
     return one_line(lines[0], limit) if lines else type(error).__name__
+
+
+def listed(items: list[str], conjunction: str = "and") -> str:
+    """'a, b and c': with commas alone, "Under prune:0.9, sign, ig matched" read as one list."""
+    return f" {conjunction} ".join(filter(None, [", ".join(items[:-1]), items[-1]]))

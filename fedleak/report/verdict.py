@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from fedleak.lines import listed
 from fedleak.report.collect import RunRecord, Study
 from fedleak.report.plots import setting_label
 from fedleak.report.stats import Median, Rate
@@ -572,21 +573,15 @@ def _threat_model(study: Study) -> list[str]:
         # A sweep's other defenses (noise, which no adaptive loss matches otherwise) are not it.
         every = defenses == sorted({r.config.defense.label for r in defended})
         # One defense is named: "under the defenses" read as several where there was one.
-        under = "the defenses" if every and len(defenses) > 1 else _and_listed(defenses)
+        under = "the defenses" if every and len(defenses) > 1 else listed(defenses)
         them = "it" if len(blind) == 1 else "them"
         key = f"attack.{blind[0] if len(blind) == 1 else '<name>'}.adaptive"
         sentences.append(
-            f"Under {under}, {_and_listed(blind)} matched the updates as if undefended "
+            f"Under {under}, {listed(blind)} matched the updates as if undefended "
             f"({key} = false): a defense that stops {them} is not shown to stop an attack "
             "that knows the defense."
         )
     return sentences
-
-
-def _and_listed(names: list[str]) -> str:
-    """'a, b and c': with commas alone, "Under prune:0.9, sign, ig matched" read as one list
-    (audit CW)."""
-    return " and ".join(filter(None, [", ".join(names[:-1]), names[-1]]))
 
 
 def _lost_clients(study: Study) -> list[str]:

@@ -18,6 +18,7 @@ from torch import nn
 
 from fedleak.config import ConfigError, RunConfig
 from fedleak.defenses import parse_defense_spec
+from fedleak.lines import listed
 from fedleak.models import ModelSpec, build_model, model_modality
 
 MB = 1_000_000
@@ -144,10 +145,9 @@ def check_payload(
             ways.append("a smaller batch")
         if payload.per_sample:
             ways.append("threat.share='batch'")
-        listed = " or ".join(filter(None, [", ".join(ways[:-1]), ways[-1]]))
         raise PayloadBudgetError(
             f"sim.payload-budget-mb={budget:g}: a round would move {payload.describe(budget)}; "
-            f"raise the budget, or use {listed}"
+            f"raise the budget, or use {listed(ways, 'or')}"
         )
     return payload
 

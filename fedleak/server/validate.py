@@ -44,7 +44,7 @@ from fedleak.defenses import (
 )
 from fedleak.defenses.registry import DEFENSES
 from fedleak.defenses.spec import defense_names
-from fedleak.lines import one_line
+from fedleak.lines import listed, one_line
 from fedleak.models import (
     ModelSpec,
     build_model,
@@ -442,9 +442,8 @@ def unused_batchnorm_prior(config: RunConfig, fd: FederatedData) -> str | None:
             unused.append(name)
     if not unused:
         return None
-    names = " and ".join(filter(None, [", ".join(unused[:-1]), unused[-1]]))
     return (
-        f"{names} run without a BatchNorm prior: model.name={config.model.name!r} has no "
+        f"{listed(unused)} run without a BatchNorm prior: model.name={config.model.name!r} has no "
         "BatchNorm layer, so the prior is left out (the rows record bn_weight 0)"
     )
 
