@@ -53,7 +53,7 @@ from fedleak.metrics import (
     score_images,
     token_accuracy,
 )
-from fedleak.models import MODELS, ModelSpec, register_model
+from fedleak.models import MODELS, ModelSpec, has_batchnorm, register_model
 from fedleak.models.fitness import random_in_training
 from fedleak.settings import ConfigError
 from fedleak.training import gradients as training_gradients
@@ -521,7 +521,7 @@ def batchnorm_statistics(model: nn.Module, inputs: Tensor) -> dict[str, Tensor]:
     model's running statistics are left as they were."""
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+    if not has_batchnorm(model):
         raise ConfigError("model: no BatchNorm layer, so there are no batch statistics")
     if not isinstance(inputs, Tensor) or not inputs.is_floating_point():
         given = inputs.dtype if isinstance(inputs, Tensor) else type(inputs).__name__

@@ -48,23 +48,16 @@ class Progress:
         self._now = now
         self._start = self._last = now()
         self._kind = kind
-        self._seconds: dict[Hashable, list[float]] = {}
-        self._startup_kind = kind(already + 1)
-        self._startup_timed = False  # the start-up item's time is its kind's only one
+        self._seconds: dict[Hashable, list[tuple[int, float]]] = {}  # (item, seconds)
 
     def advance(self, done: int | None = None) -> None:
         """Mark one more item (or `done` items in all) as finished."""
         finished = range(self.done + 1, (self.done + 1 if done is None else done) + 1)
-        startup = self.already + 1  # the first item of this process
         now = self._now()
         for item in finished:
-            kind = self._kind(item)
-            seconds = self._seconds.setdefault(kind, [])
-            if self._startup_timed and kind == self._startup_kind:
-                seconds.clear()  # the start-up item: a second of its kind times it better
-                self._startup_timed = False
-            seconds.append((now - self._last) / len(finished))
-            self._startup_timed = self._startup_timed or item == startup
+            self._seconds.setdefault(self._kind(item), []).append(
+                (item, (now - self._last) / len(finished))
+            )
         self._last = now
         self.done = self.done + 1 if done is None else done
 
@@ -80,9 +73,11 @@ class Progress:
             return self._estimate() if self.done > self.already else None
         left = 0.0
         for item in range(self.done + 1, self.total + 1):
-            seconds = self._seconds.get(self._kind(item))
-            if not seconds:
+            timed = self._seconds.get(self._kind(item))
+            if not timed:
                 return None
+            # The start-up item (this process's first) counts while it is its kind's only one.
+            seconds = [s for done, s in timed if done != self.already + 1] or [timed[0][1]]
             left += sum(seconds) / len(seconds)
         return left if self.done > self.already else None
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from fedleak.attacks.learned.inverter import ACTIVATIONS, HEADS
 from fedleak.settings import ConfigError, Settings, parse_settings, setting
@@ -20,6 +20,17 @@ def _bins_ok(bins: int | float) -> bool:
     if isinstance(bins, int):
         return bins >= 1
     return 0.0 < bins <= 1.0
+
+
+def finetune_epochs_setting(default: int) -> Any:
+    """`finetune-epochs` of a learned attack. 0 would be `refresh=frozen` reading as a refresh
+    (a warm start with no score), so it is refused with that pointer."""
+    return setting(
+        default,
+        low=1,
+        allowed="an integer >= 1 (for no refresh: refresh=frozen)",
+        doc="epochs of a warm-started refresh",
+    )
 
 
 @dataclass(frozen=True)
@@ -57,13 +68,7 @@ class LTIConfig(Settings):
     lr_drop_to: float = setting(1e-5, low=0.0, low_open=True, doc="learning rate after the drop")
     label_weight: float = setting(1.0, low=0.0, doc="weight of the label cross-entropy")
     refresh: Refresh = setting("finetune", doc="inverter refresh when the global model moves")
-    # 0 would be `refresh=frozen` that reads as a refresh (a warm start with no score).
-    finetune_epochs: int = setting(
-        20,
-        low=1,
-        allowed="an integer >= 1 (for no refresh: refresh=frozen)",
-        doc="epochs of a warm-started refresh",
-    )
+    finetune_epochs: int = finetune_epochs_setting(20)
     finetune_learning_rate: float | None = setting(
         None, low=0.0, low_open=True, doc="learning rate of a refresh; none: learning-rate"
     )

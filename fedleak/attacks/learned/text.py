@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fedleak.attacks.learned.config import Refresh, check_aux_size
+from fedleak.attacks.learned.config import Refresh, check_aux_size, finetune_epochs_setting
 from fedleak.attacks.learned.inverter import ACTIVATIONS, best_assignment
 from fedleak.attacks.learned.keeper import InverterKeeper, LearnedSetup, Refreshed, learned_setup
 from fedleak.attacks.learned.pairs import Featuriser, PairSource, make_groups
@@ -80,13 +80,7 @@ class TextLTIConfig(Settings):
     batch_size: int = setting(64, low=1, doc="training pairs per step")
     epochs: int = setting(20, low=1, doc="epochs of a training from scratch")
     refresh: Refresh = setting("finetune", doc="inverter refresh when the global model moves")
-    # 0 would be `refresh=frozen` that reads as a refresh (a warm start with no score).
-    finetune_epochs: int = setting(
-        5,
-        low=1,
-        allowed="an integer >= 1 (for no refresh: refresh=frozen)",
-        doc="epochs of a warm-started refresh",
-    )
+    finetune_epochs: int = finetune_epochs_setting(5)
     hash_bins: int | float | None = setting(
         0.1,
         check=_bins_ok,
