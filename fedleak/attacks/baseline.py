@@ -72,8 +72,9 @@ class ClassMeanBaseline:
     """Each sample is the mean auxiliary image of the class recovered for it from the update.
 
     Labels come from the last layer exactly as the optimisation attacks recover them (`auto`:
-    iDLG for one sample, HFGradInv-style counts for a batch, the most negative rows without
-    magnitudes). Under MixUp/InstaHide, whose labels are mixtures, the rows rule names the
+    iDLG for one sample, HFGradInv-style counts for a batch, counts calibrated on simulated
+    sign-compressed rows under sign compression, the most negative rows under noise or pruning
+    with signs). Under MixUp/InstaHide, whose labels are mixtures, the rows rule names the
     classes present. The images say nothing the labels do not: this is the floor of an attack
     that reads labels and guesses the typical image of each.
     """
