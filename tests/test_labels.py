@@ -189,6 +189,32 @@ def test_counts_to_labels_and_last_layer():
         L.find_last_layer(model, 7)
 
 
+class _HeadDeclaredFirst(torch.nn.Module):
+    """A classifier whose head is registered before a hidden layer exactly as wide."""
+
+    def __init__(self, features: int, classes: int) -> None:
+        super().__init__()
+        self.head = torch.nn.Linear(classes, classes)
+        self.hidden = torch.nn.Linear(features, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.sigmoid(self.hidden(x.flatten(1))))
+
+
+def test_the_last_layer_is_the_one_that_runs_last_not_the_last_registered(mnist):
+    x, y = mnist[0][:20], mnist[1][:20]
+    model = _HeadDeclaredFirst(x[0].numel(), NUM_CLASSES)
+    layer = L.find_last_layer(model, NUM_CLASSES, tuple(x.shape[1:]))
+    assert layer == L.LastLayer("head.weight", "head.bias")
+    assert L.find_last_layer(model, NUM_CLASSES).weight == "hidden.weight"  # no shape to run
+    rows = []
+    for sample, label in zip(x, y, strict=True):
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(sample[None]), label[None]).backward()
+        rows.append(model.get_parameter(layer.weight).grad.clone())
+    assert torch.equal(L.idlg(torch.stack(rows)), y)
+
+
 def _observation(spec, model, update, defense, batch):
     return Observation(
         round=1,

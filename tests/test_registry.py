@@ -325,6 +325,41 @@ def test_batchnorm_checks_and_groupnorm_advice_apply_to_every_model() -> None:
         validate_components(parse_flat({"model.name": "nowhere:model"}))
 
 
+def _conv_head(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """Logits from a convolution: no linear layer with a row per class to read labels off."""
+    return nn.Sequential(
+        nn.Conv2d(input_shape[0], 2, 3, padding=1),
+        nn.Sigmoid(),
+        nn.Conv2d(2, num_classes, (input_shape[1], input_shape[2])),
+        nn.Flatten(),
+    )
+
+
+@pytest.mark.parametrize(
+    ("names", "params", "advice"),
+    [
+        ("ig", {}, "set attack.ig.labels='joint'"),
+        ("aux-mean,class-mean", {}, "set attack.names without 'class-mean'"),
+        ("lti+ig", {}, "set attack.lti+ig.ig-labels='joint'"),
+        ("ig", {"attack.ig.labels": "joint"}, None),
+        ("dlg", {}, None),
+    ],
+)
+def test_attacks_that_read_labels_off_a_missing_last_layer_are_refused_before_a_round(
+    names: str, params: dict[str, str], advice: str | None
+) -> None:
+    settings = {"model.name": f"{__name__}:_conv_head", "attack.names": names, **params}
+    if advice is None:
+        validate_components(parse_flat(settings))
+        return
+    with pytest.raises(ConfigError) as refused:
+        validate_components(parse_flat(settings))
+    message = str(refused.value)
+    assert "reads labels off the classifier's last layer, but there is no 2-D parameter" in message
+    assert f"; {advice}" in message
+    assert "\n" not in message
+
+
 def test_a_registered_data_set_loads_with_a_seeded_holdout() -> None:
     register_dataset("test-digits", lambda root, download: load_mnist5k(), holdout=True)
     try:

@@ -90,6 +90,10 @@ class ClassMeanBaseline:
         """Refuse a run without auxiliary data, where every call would fail."""
         _refuse_without_aux(self.name, aux)
 
+    def label_layer_remedy(self, encoded: bool) -> str:
+        """It always reads labels off the classifier's last layer: without one, leave it out."""
+        return f"attack.names without {self.name!r}"
+
     def reconstruct(
         self, observation: Observation, knowledge: AttackerKnowledge, budget: Budget
     ) -> Reconstruction:

@@ -53,17 +53,52 @@ class LastLayer:
         return self.weight.rpartition(".")[0]
 
 
-def find_last_layer(model: nn.Module, num_classes: int) -> LastLayer:
-    """The last linear layer producing `num_classes` outputs."""
+def find_last_layer(
+    model: nn.Module, num_classes: int, input_shape: tuple[int, ...] | None = None
+) -> LastLayer:
+    """The linear layer producing the `num_classes` logits: of the 2-D parameters with that
+    many rows, the one whose module finishes last in a forward pass of `input_shape`, since a
+    hidden layer as wide as the classes may be registered after the head; without a shape,
+    the last registered."""
     names = [n for n, p in model.named_parameters() if p.dim() == 2 and p.shape[0] == num_classes]
     if not names:
         raise LabelRecoveryError(
             f"no 2-D parameter with {num_classes} rows (a linear classifier) to read labels from"
         )
+    if len(names) > 1 and input_shape is not None:
+        names = _in_forward_order(model, names, input_shape)
     weight = names[-1]
     bias = weight.rpartition(".")[0] + ".bias"
     params = dict(model.named_parameters())
     return LastLayer(weight, bias if bias in params and params[bias].dim() == 1 else None)
+
+
+@torch.no_grad()
+def _in_forward_order(
+    model: nn.Module, names: list[str], input_shape: tuple[int, ...]
+) -> list[str]:
+    """`names` ordered by when their modules' forward passes end on a batch of zeros (those
+    never run left out); as given when the model cannot run one."""
+    probe = copy.deepcopy(model).eval()
+    owners = {name.rpartition(".")[0] for name in names}
+    finished: list[str] = []
+    hooks = [
+        probe.get_submodule(owner).register_forward_hook(
+            lambda _m, _a, _o, owner=owner: finished.append(owner)
+        )
+        for owner in owners
+    ]
+    parameter = next(probe.parameters())
+    try:
+        probe(torch.zeros(2, *input_shape, dtype=parameter.dtype, device=parameter.device))
+    except Exception:  # a model that cannot run zeros keeps the registration order
+        return names
+    finally:
+        for hook in hooks:
+            hook.remove()
+    last = {owner: step for step, owner in enumerate(finished)}
+    ran = [name for name in names if name.rpartition(".")[0] in last]
+    return sorted(ran, key=lambda name: last[name.rpartition(".")[0]]) or names
 
 
 def row_sums(weight: Tensor) -> Tensor:

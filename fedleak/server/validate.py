@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from fedleak.attacks.labels import LabelRecoveryError, find_last_layer
 from fedleak.attacks.registry import ATTACKS, attack_entry, attack_modalities, build_attack
 from fedleak.config import ConfigError, RunConfig, key_help
 from fedleak.data import (
@@ -554,6 +555,7 @@ def validate_components(config: RunConfig) -> None:
             "gradient of one batch of the union that the attacks replay; use a model without "
             f"BatchNorm ({groupnorm_advice(config.model.name)}) or threat.view='client'"
         )
+    _check_label_layer(config, model, spec, pipeline)
     # What asks for per-sample gradients: the threat model, the defense's clipping, or both.
     causes = ["threat.share='batch'"] if config.threat.share == "per-sample" else []
     if pipeline.needs_per_sample:
@@ -561,6 +563,29 @@ def validate_components(config: RunConfig) -> None:
     reason = unfit_reason(model, spec, per_sample, " and ".join(causes) or "threat.share='batch'")
     if reason is not None:
         raise ConfigError(f"model.name={config.model.name!r}: {reason}")
+
+
+def _check_label_layer(
+    config: RunConfig, model: torch.nn.Module, spec: ModelSpec, pipeline: DefensePipeline
+) -> None:
+    """Refuse an attack that reads labels off a classifier's last layer the model lacks: it
+    would fail on every update, after the first round's training."""
+    encoded = pipeline.encoder is not None
+    for name in config.attack.names:
+        remedy = getattr(
+            build_attack(name, config.attack.params.get(name, {})), "label_layer_remedy", None
+        )
+        advice = None if remedy is None else remedy(encoded)
+        if advice is None:
+            continue
+        try:
+            find_last_layer(model, spec.num_classes, spec.input_shape)
+        except LabelRecoveryError as error:
+            raise ConfigError(
+                f"model.name={config.model.name!r}: attack {name!r} reads labels off the "
+                f"classifier's last layer, but there is {error}; set {advice}"
+            ) from None
+        return
 
 
 def _check_dp_sampling(config: RunConfig, pipeline: DefensePipeline) -> None:

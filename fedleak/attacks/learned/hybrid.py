@@ -58,6 +58,12 @@ class LTIThenIG:
         self.lti.check_feasible(targets, aux)
         self.ig.check_feasible(targets, aux)
 
+    def label_layer_remedy(self, encoded: bool) -> str | None:
+        """IG's stage reads its labels as IG alone does (see its `label_layer_remedy`)."""
+        if self.ig.label_layer_remedy(encoded) is None:
+            return None
+        return f"attack.{self.name}.ig-labels='joint' (labels optimised with the images)"
+
     def reconstruct(
         self, observation: Observation, knowledge: AttackerKnowledge, budget: Budget
     ) -> Reconstruction:

@@ -250,7 +250,7 @@ def _recover_labels(
     if method == "joint":
         return None, "joint", {}
     num_classes = observation.model.num_classes
-    layer = label_recovery.find_last_layer(model, num_classes)
+    layer = label_recovery.find_last_layer(model, num_classes, observation.model.input_shape)
     # -delta ~ lr * K * (mean gradient) when FedAvg's local steps cover the data evenly.
     scale = 1.0
     if observation.update_kind == "delta":
@@ -680,6 +680,13 @@ class BatchedInversion:
     def check_feasible(self, targets: int, aux: int) -> None:
         """See `check_feasible`: `targets` samples per observed update, `aux` auxiliary images."""
         check_feasible(self.config, self.name, targets, aux)
+
+    def label_layer_remedy(self, encoded: bool) -> str | None:
+        """What to set instead when this attack reads labels off the classifier's last layer
+        (every label method but `joint`; `auto` is joint under MixUp and InstaHide), else None."""
+        if self.config.labels == "joint" or (self.config.labels == "auto" and encoded):
+            return None
+        return f"attack.{self.name}.labels='joint' (labels optimised with the images)"
 
     def reconstruct(
         self,
