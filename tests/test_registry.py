@@ -311,6 +311,8 @@ def test_batchnorm_checks_and_groupnorm_advice_apply_to_every_model() -> None:
     with pytest.raises(ConfigError) as registered:
         validate_components(parse_flat({"model.name": "resnet20", "defense.spec": "dpsgd:1:0"}))
     assert "use 'resnet20-gn', its variant without BatchNorm" in str(registered.value)
+    # The setting that asks for per-sample gradients is named, not one that does not (DD4).
+    assert "asked for by defense.spec='dpsgd:1:0')" in str(registered.value)
     with pytest.raises(ConfigError) as plain:  # convnet has no normalisation (audit CX6)
         validate_components(parse_flat({"model.name": "convnet-bn", "defense.spec": "dpsgd:1:0"}))
     assert "use 'convnet', its variant without BatchNorm" in str(plain.value)
@@ -319,6 +321,7 @@ def test_batchnorm_checks_and_groupnorm_advice_apply_to_every_model() -> None:
         validate_components(parse_flat({"model.name": path, "threat.share": "per-sample"}))
     message = str(imported.value)
     assert message.startswith(f"model.name={path!r}: BatchNorm couples the samples")
+    assert "(asked for by threat.share='per-sample')" in message and "'none'" not in message
     assert "torch.nn.GroupNorm" in message and "\n" not in message
     validate_components(parse_flat({"model.name": f"{__name__}:_two_layer"}))
     with pytest.raises(ConfigError, match="cannot import 'nowhere'"):

@@ -544,10 +544,16 @@ def validate_components(config: RunConfig) -> None:
     model = build_model(spec)
     if (per_sample or aggregate) and has_batchnorm(model):
         if per_sample:
+            # Name what asks for per-sample gradients, not a setting that does not.
+            asks = []
+            if config.threat.share == "per-sample":
+                asks.append(f"threat.share={config.threat.share!r}")
+            if pipeline.needs_per_sample:
+                asks.append(f"defense.spec={config.defense.spec!r}")
             raise ConfigError(
                 f"model.name={config.model.name!r}: BatchNorm couples the samples of a batch, "
-                f"so per-sample operations (threat.share / defense {config.defense.spec!r}) are "
-                f"undefined; {groupnorm_advice(config.model.name)}"
+                f"so per-sample gradients (asked for by {listed(asks)}) are undefined; "
+                f"{groupnorm_advice(config.model.name)}"
             )
         raise ConfigError(
             f"threat.view='aggregate' with model.name={config.model.name!r}: each client "
