@@ -528,6 +528,17 @@ def test_batches_and_fedavg_give_one_image_per_example(mnist: dict[str, torch.Te
         assert math.isfinite(result.diagnostics["val_psnr"])
 
 
+def test_training_without_a_validation_set_says_so(mnist: dict[str, torch.Tensor]) -> None:
+    """Too few auxiliary images to hold out one update's worth: no score, no early stopping,
+    and the message says that instead of 'PSNR nan dB' (audit DD6)."""
+    know = knowledge_of(mnist, aux=5)
+    x, y = mnist["x"][:4], mnist["y"][:4]
+    obs = observe(LENET, state(LENET), "none", x, y, training=LocalTraining("fedsgd", 4))
+    result = LearningToInvert(tiny(epochs=1), seed=0).reconstruct(obs, know, NO_LIMIT)
+    assert math.isnan(result.diagnostics["val_psnr"]) and "nan" not in result.message
+    assert "validation none (too few auxiliary samples held out" in result.message
+
+
 def test_seeded_runs_are_identical(mnist: dict[str, torch.Tensor]) -> None:
     know = knowledge_of(mnist, aux=120)
     obs = observe(LENET, state(LENET), "gauss:0.1", mnist["x"][:2], mnist["y"][:2])

@@ -227,9 +227,15 @@ class InverterKeeper:
                     f"epoch {refreshed.continued + 1}"
                 )
             on = f" on {trained_on}" if trained_on else ""
+            scored = (
+                validation(outcome.score)
+                if math.isfinite(outcome.score)
+                # The held-out share of the auxiliary data held less than one update's samples.
+                else "none (too few auxiliary samples held out; the last epoch kept)"
+            )
             how = (
                 f"refresh={self._refresh}: {start}{on}, {outcome.epochs} epochs, validation "
-                f"{validation(outcome.score)}"
+                f"{scored}"
             )
             if outcome.early_stopped:
                 how += " (early stop)"
