@@ -370,7 +370,10 @@ def observe(
     training (`kind="delta"`, FedAvg), as a name -> tensor mapping or in `model.parameters()`
     order (what `torch.autograd.grad` returns). `weights`: the weights the update was computed
     at (default: the model's current state). `num_examples`, `batch_size`, `local_steps`,
-    `learning_rate`: the local-training protocol the client declares. `defense`: the public
+    `learning_rate`: the local-training protocol the client declares; a delta is replayed as
+    `local_steps` SGD steps where step k trains on the `batch_size` samples starting at
+    k * batch_size mod num_examples, wrapping around (a data loader that reshuffles each
+    epoch or ends one on a shorter batch made another update). `defense`: the public
     defense spec the update went through (adaptive attacks read it). `bn_statistics`: the
     batch mean and variance each BatchNorm layer normalised the client's batch with
     (`<module>.mean`, `<module>.var`; `batchnorm_statistics(model, inputs)` computes them),
