@@ -381,6 +381,30 @@ def test_a_run_that_raised_anything_is_marked_failed(
     assert not (tmp_path / "run" / "DONE").exists()
 
 
+def test_a_disk_too_full_for_failed_keeps_the_runs_own_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Out of inodes, an image write failed the run and then FAILED could not be written: that
+    second error replaced the first, pointing at a temporary file (audit DE2)."""
+
+    def disk_full(config: RunConfig, *args: object) -> None:
+        RunDirectory.create(Path(config.out_dir), config, {})
+        raise OSError(28, "No space left on device", "images/r007_c000_ig.png")
+
+    def refuse(self: RunDirectory, reason: str) -> None:
+        raise OSError(28, "No space left on device", str(self.path / ".FAILED.tmp"))
+
+    monkeypatch.setattr(launch, "simulate", disk_full)
+    monkeypatch.setattr(launch, "validate_run", lambda *args: None)
+    monkeypatch.setattr(launch, "ray_init_args", lambda *args: {})
+    monkeypatch.setattr(RunDirectory, "mark_failed", refuse)
+    config = parse_flat({"out-dir": str(tmp_path / "run")})
+    with pytest.raises(OSError, match=r"r007_c000_ig\.png"):
+        launch.run_study(config, num_clients=2)
+    warning = capsys.readouterr().err
+    assert "could not write FAILED in" in warning and "(No space left on device)" in warning
+
+
 def test_a_crashed_engine_ends_the_server_thread_and_frees_the_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

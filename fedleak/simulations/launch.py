@@ -151,7 +151,17 @@ def run_study(
 def _marked_failed(out: Path, message: str) -> str:
     """`message`, written as the run's FAILED where the run did not write its own: a run that
     failed never leaves a directory that reads as merely stopped."""
-    mark_failed_if_silent(out, message.removeprefix("run failed: "))
+    try:
+        mark_failed_if_silent(out, message.removeprefix("run failed: "))
+    except OSError as error:
+        # The full disk that failed the run may refuse FAILED too: the run's own error stays
+        # the one reported, and this line says why the folder holds no FAILED.
+        print(
+            f"fedleak: warning: could not write FAILED in {out} "
+            f"({error.strerror or type(error).__name__})",
+            file=sys.stderr,
+            flush=True,
+        )
     return message
 
 
