@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -156,6 +157,42 @@ def test_two_saves_of_one_round_write_through_temporary_files_of_their_own(
     saved = tmp_path / "lti-inverter-r000001.pt"
     assert saved.read_bytes() == first
     assert saved.stat().st_mode & 0o777 == 0o644
+
+
+def test_a_disk_that_refuses_the_inverter_stops_the_run_not_the_attack(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk failed every later LTI call as an attack failure while the run went on to
+    DONE (audit DE1): the save's error names the file and passes the attack runner."""
+    import fedleak.attacks.learned.store as store_module
+    from fedleak.attacks.types import StateNotSaved
+    from fedleak.server import runner
+
+    def full(*args: object, **kwargs: object) -> tuple[int, str]:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store_module.tempfile, "mkstemp", full)
+    store = InverterStore(tmp_path, "lti")
+    with pytest.raises(StateNotSaved, match=r"No space left on device: .*lti-inverter-r000002\.pt"):
+        store.save(Scripted(), "setting-a", None, 2, {})
+
+    class Saving:
+        name = "lti"
+
+        def reconstruct(self, *args: object) -> None:
+            store.save(Scripted(), "setting-a", None, 2, {})
+
+    class Failing:
+        name = "ig"
+
+        def reconstruct(self, *args: object) -> None:
+            raise OSError(28, "No space left on device")  # the attack's own: recorded
+
+    job = SimpleNamespace(observation=SimpleNamespace(client_id=0), attack="lti")
+    with pytest.raises(StateNotSaved):
+        runner.run_job(job, Saving(), None, None)  # type: ignore[arg-type]
+    failed = runner.run_job(job, Failing(), None, None)  # type: ignore[arg-type]
+    assert failed.reconstruction.status == "failed"
 
 
 def test_a_resume_goes_on_from_the_round_before_the_one_it_attacks(tmp_path: Path) -> None:

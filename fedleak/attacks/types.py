@@ -119,6 +119,12 @@ def converged(loss_start: float, loss_final: float) -> float:
     return 1.0 if loss_final <= CONVERGED_RATIO * loss_start else 0.0
 
 
+class StateNotSaved(OSError):
+    """An attack could not write its saved state into the run folder (a full disk, a folder
+    turned read-only): the run's environment failed, not the attack, so the run stops as when
+    its records cannot be written, instead of recording every later call as a failed attack."""
+
+
 @dataclass(frozen=True)
 class Reconstruction:
     """An attack's guess of the private batch. `inputs` is on the CPU, in the data range.

@@ -60,7 +60,14 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
 from fedleak.attacks.outcome import failed_reconstruction
 from fedleak.attacks.registry import attack_entry, build_attack
-from fedleak.attacks.types import Attack, AttackerKnowledge, Budget, Observation, Reconstruction
+from fedleak.attacks.types import (
+    Attack,
+    AttackerKnowledge,
+    Budget,
+    Observation,
+    Reconstruction,
+    StateNotSaved,
+)
 from fedleak.config import ConfigError, RunConfig
 from fedleak.heap import reuse_freed_memory
 from fedleak.interrupt import raise_if_stopped
@@ -462,6 +469,8 @@ class RayAttackPool:
                     # An error outside `run_job` (e.g. unpickling); report its cause, not Ray's
                     # wrapper, whose first line is only the task's name.
                     cause = getattr(error, "cause", None) or error
+                    if isinstance(cause, StateNotSaved):
+                        raise cause from None  # the run folder's failure: see `run_job`
                     failed = failed_reconstruction(cause, seconds)
                     results += [AttackResult(job, failed) for job in pending.jobs]
                 else:

@@ -27,6 +27,7 @@ from fedleak.attacks.types import (
     Budget,
     Observation,
     Reconstruction,
+    StateNotSaved,
 )
 from fedleak.lines import error_line
 
@@ -93,6 +94,8 @@ def run_job(
     start = time.perf_counter()
     try:
         reconstruction = attack.reconstruct(observation, knowledge, budget)
+    except StateNotSaved:
+        raise  # the run folder's failure, not the attack's: the run stops
     except Exception as error:  # an attack's failure must not end the round
         log.warning(
             "attack %s failed on client %s: %s",
@@ -126,6 +129,8 @@ def run_batch(
     start = time.perf_counter()
     try:
         outcomes = attack.reconstruct_batch(observations, knowledge, budget)
+    except StateNotSaved:
+        raise
     except Exception as error:  # a failure outside any one job's work: the whole batch
         log.warning(
             "attack %s failed on a batch of %d jobs: %s",

@@ -10,7 +10,13 @@ from fedleak.attacks.learned.attack import LearningToInvert
 from fedleak.attacks.learned.config import LTI_PRESETS, LTIConfig
 from fedleak.attacks.optimization.attacks import InvertingGradients
 from fedleak.attacks.optimization.config import IGConfig
-from fedleak.attacks.types import AttackerKnowledge, Budget, Observation, Reconstruction
+from fedleak.attacks.types import (
+    AttackerKnowledge,
+    Budget,
+    Observation,
+    Reconstruction,
+    StateNotSaved,
+)
 from fedleak.settings import Settings, nested
 
 # A smaller IG learning rate than IG's 0.1 keeps the refinement near the learned guess.
@@ -85,6 +91,8 @@ class LTIThenIG:
         for observation in observations:
             try:
                 firsts.append(self.lti.reconstruct(observation, knowledge, budget))
+            except StateNotSaved:
+                raise  # the run folder's failure: see `run_job`
             except Exception as error:  # this observation only
                 firsts.append(error)
         done = [i for i, first in enumerate(firsts) if isinstance(first, Reconstruction)]

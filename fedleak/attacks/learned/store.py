@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from fedleak.attacks.types import StateNotSaved
 from fedleak.tensorfile import load_tensors
 
 
@@ -78,6 +79,20 @@ class InverterStore:
         path = self.file(round_)
         if path is None:
             return
+        try:
+            self._write(path, inverter, key, fingerprint, round_, scores)
+        except OSError as error:
+            raise StateNotSaved(error.errno, error.strerror, str(path)) from error
+
+    def _write(
+        self,
+        path: Path,
+        inverter: nn.Module,
+        key: str,
+        fingerprint: str | None,
+        round_: int,
+        scores: dict[str, float],
+    ) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu() for k, v in inverter.state_dict().items()}
         meta = {"key": key, "fingerprint": fingerprint, "round": int(round_), **scores}
