@@ -184,6 +184,10 @@ def test_canonical_forms_and_accessors() -> None:
     # `+` joins parts but is also an exponent sign; canonical numbers never carry it.
     assert parse_defense_spec("gauss:1e+3+sign").spec == "gauss:1000+sign"
     assert parse_defense_spec("gauss:1E+16").spec == "gauss:1e16"
+    # After a colon it is a value's sign, not a join: the refusal names the value as typed,
+    # not an empty 'mixup:' and a stray part '4' (audit CY4).
+    with pytest.raises(DefenseSpecError, match=r"bad part 'mixup:\+4': K='\+4' is not a whole"):
+        parse_defense_spec("mixup:+4")
 
 
 def test_written_order_does_not_change_the_pipeline() -> None:

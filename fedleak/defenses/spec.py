@@ -35,8 +35,9 @@ S = TypeVar("S")
 # The applied order of the stages; within a stage, steps go by `rank`.
 STAGES: tuple[str, ...] = ("encode", "clip", "release")
 
-# `+` joins parts, except as the exponent sign of a number such as 1e+3.
-_JOIN = re.compile(r"(?<![0-9.][eE])\+")
+# `+` joins parts, except as the sign of a number: an exponent's (1e+3), or a value's right
+# after its colon (mixup:+4, which no join can mean: it would leave the part 'mixup:').
+_JOIN = re.compile(r"(?<![0-9.][eE])(?<!:)\+")
 
 
 class Step(Protocol):
