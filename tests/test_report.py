@@ -839,6 +839,16 @@ def test_sweep_tables_group_and_separate_encoded_scores(sweep_report: Path) -> N
     labels = markdown.split("\n### label accuracy\n", 1)[1].split("\n### ", 1)[0]
     assert len(re.findall(r"^\| group \| attack", labels, flags=re.M)) == 1
     assert "each encoded sample's own label" in labels
+    # One encoded cell took the chance sentence from every column (audit DF2): it is the
+    # plain cells' now, and says so.
+    assert "Chance where no encoding mixed the labels: labels drawn" in labels
+    from fedleak.report.tables import _without_encoded_batches
+
+    study_rows = load_study(sweep_report).leakage()
+    plain = _without_encoded_batches(study_rows, study_rows)
+    assert (
+        set(plain["defense"]) == {"none"} and len(plain) == (study_rows["defense"] == "none").sum()
+    )
     cells = {(row[0], row[1].removesuffix(" (floor)")): row[2:] for row in original[1:]}
     for batch in (1, 4):
         for attack in ("aux-mean", "ig", "dlg"):

@@ -339,6 +339,9 @@ def leakage_tables(study: Study) -> list[tuple[Metric, str, Table]]:
             )
             if labels and not encodings:
                 caption += label_chance_note(study, rows)
+            elif labels:  # chance of a mixed label is another question: the plain cells'
+                plain = _without_encoded_batches(rows, leakage)
+                caption += label_chance_note(study, plain, " where no encoding mixed the labels")
             out.append((metric, against, leakage_table(rows, metric, defenses, groups, caption)))
     return out
 
@@ -384,8 +387,17 @@ def label_chance(study: Study, rows: pd.DataFrame) -> tuple[dict[int, float], bo
     return {size: float(np.mean(v)) for size, v in sorted(chances.items())}, multiset
 
 
-def label_chance_note(study: Study, rows: pd.DataFrame) -> str:
-    """The caption's sentence on what label accuracy chance gives (empty without labels)."""
+def _without_encoded_batches(rows: pd.DataFrame, leakage: pd.DataFrame) -> pd.DataFrame:
+    """`rows` less the batches (run, round, client) that MixUp or InstaHide encoded."""
+    key = ["run", "round", "client_id"]
+    encoded = leakage.loc[leakage["scored_against"] == "encoded", key].drop_duplicates()
+    marked = rows.merge(encoded.assign(_encoded=True), on=key, how="left")
+    return rows[marked["_encoded"].isna().to_numpy()]
+
+
+def label_chance_note(study: Study, rows: pd.DataFrame, where: str = "") -> str:
+    """The caption's sentence on what label accuracy chance gives (empty without labels);
+    `where` narrows it to the rows it was computed from."""
     chance, multiset = label_chance(study, rows)
     if not chance:
         return ""
@@ -395,8 +407,8 @@ def label_chance_note(study: Study, rows: pd.DataFrame) -> str:
         " (a shared batch's labels count as a multiset, so chance grows with B)" if multiset else ""
     )
     return (
-        f" Chance: labels drawn from the private labels' class frequencies would score {said} "
-        f"by the same rule{why}."
+        f" Chance{where}: labels drawn from the private labels' class frequencies would score "
+        f"{said} by the same rule{why}."
     )
 
 
