@@ -551,7 +551,8 @@ CASES = [
     Case(
         "out-holds-a-run",
         (*RUN, "--out", "{tmp}/done", "--set", "num-server-rounds=1"),
-        "already holds a run (utility.csv); resume it with sim.resume=true (--set with fedleak",
+        "already holds a run (utility.csv); resume it with sim.resume=true (--set with fedleak "
+        "run, --run-config with flwr run, in the settings passed to fedleak.audit)",
         status=1,
         setup=_finished_run,
     ),

@@ -398,8 +398,8 @@ class RunDirectory:
             if (path / name).exists():
                 raise RunDirectoryError(
                     f"{path}: already holds a run ({name}); resume it with sim.resume=true "
-                    "(--set with fedleak run, --run-config with flwr run) or choose another "
-                    "out-dir"
+                    "(--set with fedleak run, --run-config with flwr run, in the settings "
+                    "passed to fedleak.audit) or choose another out-dir"
                 )
 
     @classmethod

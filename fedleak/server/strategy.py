@@ -396,7 +396,8 @@ class CuriousStrategy(Strategy):
                     f"round {server_round}: a client failed ({reason}); in a simulation only "
                     "sim.fail-rate's seeded failures belong to the study, so the run stops "
                     "before recording this round: remove the cause and resume with sim.resume=true "
-                    "(--set with fedleak run, --run-config with flwr run)"
+                    "(--set with fedleak run, --run-config with flwr run, in the settings "
+                    "passed to fedleak.audit)"
                 )
 
     def split(self, server_round: int, msg: Message) -> ClientReply:
