@@ -18,7 +18,11 @@ sigmoid or ReLU) and p_i the softmax. Hence:
   its negative coordinates grows with its class's count. `sign_calibration` simulates
   sign-compressed rows of auxiliary batches at w_t (class mixes from iid to one-class, as
   client partitions give) and `sign_counts` estimates each class's count as the mean count of
-  the simulated rows whose negative share is nearest the observed one.
+  the simulated rows whose negative share is nearest the observed one. An update that keeps
+  magnitudes has signs too: `simulated_accuracy` scores both rules on further simulated
+  batches, and the attacks take the better for the model at hand (the equations were exact on
+  untrained models, the signs better once the model had trained). A class the auxiliary data
+  lacks is never simulated: it gets at most the one sample its negative signs show.
 - Joint soft labels (DLG) are optimised with the inputs by the attacks themselves.
 
 All functions take gradients: for a FedAvg delta pass -delta / (lr * local steps), which is
@@ -28,6 +32,7 @@ about the mean gradient when the local steps cover the data evenly.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -140,6 +145,24 @@ class AuxiliaryStatistics:
     class_softmax: Tensor
 
 
+@dataclass(frozen=True)
+class AuxiliaryForward:
+    """The auxiliary data as the last layer sees it at w_t: the `features` [N, d] entering it
+    and the softmax `probs` [N, K] (on the model's device), with the `labels` [N]."""
+
+    features: Tensor
+    probs: Tensor
+    labels: Tensor
+
+
+def auxiliary_forward(
+    model: nn.Module, layer: LastLayer, inputs: Tensor, labels: Tensor, chunk: int = 256
+) -> AuxiliaryForward:
+    """Forward the auxiliary data through a copy of `model` (train mode, as clients compute)."""
+    features, probs = _last_layer_inputs(model, layer, inputs, chunk)
+    return AuxiliaryForward(features, probs, labels.long())
+
+
 @torch.no_grad()
 def _last_layer_inputs(
     model: nn.Module, layer: LastLayer, inputs: Tensor, chunk: int
@@ -174,9 +197,14 @@ def auxiliary_statistics(
     chunk: int = 256,
 ) -> AuxiliaryStatistics:
     """Forward the auxiliary data through a copy of `model` (train mode, as clients compute)."""
-    features, p = _last_layer_inputs(model, layer, inputs, chunk)
+    return statistics_of(auxiliary_forward(model, layer, inputs, labels, chunk), num_classes)
+
+
+def statistics_of(forward: AuxiliaryForward, num_classes: int) -> AuxiliaryStatistics:
+    """The counts method's statistics of auxiliary data already forwarded."""
+    features, p = forward.features, forward.probs
     mass = features.sum(dim=1)
-    y = labels.to(p.device).long()
+    y = forward.labels.to(p.device)
     onehot = F.one_hot(y, num_classes).to(p.dtype)
     per_class = onehot.T @ p
     counts = onehot.sum(dim=0)
@@ -299,6 +327,12 @@ CONCENTRATION_DECADES = (-1.0, 2.0)
 # this share of the simulated batches does (without it, distinct batches of 8 on the untrained
 # LeNet came back 0.859 right against 0.944 for the negative rows; with it 1.000).
 DISTINCT_SHARE = 0.25
+# Simulated batches on which `simulated_accuracy` compares the count rules.
+VALIDATION_BATCHES = 16
+
+# A count rule: one batch's last-layer weight [K, d] and bias [K] gradients (None without a
+# bias) and a generator for its random choices -> how many samples of each class, [K].
+CountRule = Callable[[Tensor, Tensor | None, torch.Generator], Tensor]
 
 
 def _negative_share(rows: Tensor) -> Tensor:
@@ -307,30 +341,19 @@ def _negative_share(rows: Tensor) -> Tensor:
     return (rows < 0).sum(dim=-1) / nonzero
 
 
-@torch.no_grad()
-def sign_calibration(
-    model: nn.Module,
-    layer: LastLayer,
-    inputs: Tensor,
-    labels: Tensor,
-    num_classes: int,
-    batch: int,
-    generator: torch.Generator,
-    batches: int = CALIBRATION_BATCHES,
-    chunk: int = 256,
-) -> SignCalibration:
-    """Simulate `batches` FedSGD batches of `batch` auxiliary samples and their last-layer
-    rows' signs. Each batch's class mix is drawn from a Dirichlet around the auxiliary class
-    frequencies whose concentration spans iid to one-class clients: the attacker does not
-    know how the federation partitioned its data."""
-    features, probs = _last_layer_inputs(model, layer, inputs, chunk)
-    features, probs = features.double().cpu(), probs.double().cpu()
+def _simulated_batches(
+    labels: Tensor, num_classes: int, batch: int, batches: int, rng: np.random.Generator
+) -> tuple[Tensor, Tensor]:
+    """Indices into the auxiliary data [R, B] of `batches` simulated batches of `batch`, and
+    each batch's class counts [R, K]. Each batch's class mix is drawn from a Dirichlet around
+    the auxiliary class frequencies whose concentration spans iid to one-class clients (the
+    attacker does not know how the federation partitioned its data); a share of the batches
+    hold distinct labels instead."""
     y = labels.long().cpu()
     frequency = torch.bincount(y, minlength=num_classes).double()
     present = torch.nonzero(frequency > 0).squeeze(1)
     members = torch.argsort(y, stable=True)
     first = torch.cumsum(frequency, 0).long() - frequency.long()
-    rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
     low, high = CONCENTRATION_DECADES
     concentration = 10 ** rng.uniform(low, high, batches) * present.numel()
     share = (frequency[present] / frequency.sum()).numpy()
@@ -346,14 +369,63 @@ def sign_calibration(
     drawn = torch.from_numpy(drawn)
     offset = torch.from_numpy(rng.random((batches, batch)))
     index = members[first[drawn] + (offset * frequency[drawn]).long()]
+    return index, F.one_hot(drawn, num_classes).sum(dim=1)
+
+
+def _simulated_updates(
+    forward: AuxiliaryForward, index: Tensor, num_classes: int
+) -> tuple[Tensor, Tensor]:
+    """The FedSGD last-layer weight [n, K, d] and bias [n, K] gradients of the batches `index`
+    [n, B] of auxiliary samples, in float64 on the CPU."""
+    where = index.to(forward.features.device)
+    features = forward.features[where].double().cpu()
+    error = (
+        forward.probs[where].double().cpu()
+        - F.one_hot(forward.labels.cpu()[index], num_classes).double()
+    )
+    batch = index.shape[1]
+    return error.transpose(1, 2) @ features / batch, error.mean(dim=1)
+
+
+@torch.no_grad()
+def sign_calibration(
+    forward: AuxiliaryForward,
+    num_classes: int,
+    batch: int,
+    generator: torch.Generator,
+    batches: int = CALIBRATION_BATCHES,
+) -> SignCalibration:
+    """Simulate `batches` FedSGD batches of `batch` auxiliary samples (`_simulated_batches`)
+    and their last-layer rows' signs."""
+    rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
+    index, counts = _simulated_batches(forward.labels, num_classes, batch, batches, rng)
     negative = []
     for start in range(0, batches, 32):
-        part = index[start : start + 32]
-        error = probs[part] - F.one_hot(y[part], num_classes).double()
-        rows = error.transpose(1, 2) @ features[part]
+        rows, _ = _simulated_updates(forward, index[start : start + 32], num_classes)
         negative.append(_negative_share(rows))
-    counts = F.one_hot(drawn, num_classes).sum(dim=1)
     return SignCalibration(torch.cat(negative), counts)
+
+
+@torch.no_grad()
+def simulated_accuracy(
+    forward: AuxiliaryForward,
+    num_classes: int,
+    batch: int,
+    generator: torch.Generator,
+    rules: dict[str, CountRule],
+    batches: int = VALIDATION_BATCHES,
+) -> dict[str, float]:
+    """Each rule's share of labels right, counted as multisets, on `batches` simulated
+    batches drawn as the calibration's are but apart from them (`generator` draws them and
+    feeds the rules)."""
+    rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
+    index, counts = _simulated_batches(forward.labels, num_classes, batch, batches, rng)
+    weights, biases = _simulated_updates(forward, index, num_classes)
+    right = dict.fromkeys(rules, 0)
+    for weight, bias, truth in zip(weights, biases, counts, strict=True):
+        for name, rule in rules.items():
+            right[name] += int(torch.minimum(rule(weight, bias, generator).cpu(), truth).sum())
+    return {name: hits / (batches * batch) for name, hits in right.items()}
 
 
 def sign_counts(

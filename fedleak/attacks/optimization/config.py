@@ -52,9 +52,11 @@ class InversionConfig(Settings):
     `labels`: how labels are obtained (`auto`: iDLG for one sample; for a batch, label counts
     estimated after HFGradInv (fedleak's own equations and search, `attacks/labels.py`, not
     the paper's cosine objective and genetic search), which handle repeated labels, where there
-    is auxiliary data and the update keeps magnitudes or only its signs (sign compression
-    without noise or pruning: counts from the share of negative signs, `sign_counts`), else
-    the most negative last-layer rows; joint soft labels under MixUp/InstaHide). `adaptive`:
+    is auxiliary data and the update keeps magnitudes or only one release's signs (sign
+    compression without noise or pruning: counts from the share of negative signs,
+    `sign_counts`; with magnitudes and no noise or pruning, whichever of the two rules reads
+    simulated batches better), else the most negative last-layer rows; joint soft labels
+    under MixUp/InstaHide). `adaptive`:
     choose the matching loss from the public defense spec.
     `restarts`: independent initialisations per target, optimised in the same batch; the one
     with the lowest matching loss is kept. `check_every`: iterations between the (synchronising)
