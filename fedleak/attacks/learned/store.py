@@ -76,35 +76,30 @@ class InverterStore:
         round_: int,
         scores: dict[str, float],
     ) -> None:
+        """Save `inverter` as trained in `round_` (nothing without a directory); a file the
+        folder cannot take stops the run (`StateNotSaved`)."""
         path = self.file(round_)
         if path is None:
             return
-        try:
-            self._write(path, inverter, key, fingerprint, round_, scores)
-        except OSError as error:
-            raise StateNotSaved(error.errno, error.strerror, str(path)) from error
-
-    def _write(
-        self,
-        path: Path,
-        inverter: nn.Module,
-        key: str,
-        fingerprint: str | None,
-        round_: int,
-        scores: dict[str, float],
-    ) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu() for k, v in inverter.state_dict().items()}
         meta = {"key": key, "fingerprint": fingerprint, "round": int(round_), **scores}
         # Serialised in memory: torch names the archive's records after the file it writes,
         # and the same inverter must give the same bytes in every run.
         buffer = io.BytesIO()
         torch.save({"state_dict": state, "meta": meta}, buffer)
+        try:
+            self._write(path, buffer.getvalue(), round_)
+        except OSError as error:
+            raise StateNotSaved(error.errno, error.strerror, str(path)) from error
+
+    def _write(self, path: Path, data: bytes, round_: int) -> None:
+        """`data` as `path`, through a temporary file, then the files no resume needs deleted."""
+        path.parent.mkdir(parents=True, exist_ok=True)
         # A name no other process writes (two runs, or a run's workers, saving one round).
         handle, temporary = tempfile.mkstemp(prefix=f"{path.stem}.", suffix=".tmp", dir=path.parent)
         try:
             with os.fdopen(handle, "wb") as out:
-                out.write(buffer.getvalue())
+                out.write(data)
                 out.flush()
                 os.fsync(out.fileno())
             os.chmod(temporary, 0o644)  # as the run's other files (mkstemp makes 0600)
