@@ -272,7 +272,9 @@ def _recover_labels(
             )
         return label_recovery.idlg(weight).unsqueeze(1), "idlg", {}
     forward = stats = None
-    if has_aux or method == "counts":  # counts without aux data: a one-line refusal here
+    # The rows read the statistics only with magnitudes; counts without aux data: a one-line
+    # refusal here.
+    if method == "counts" or (magnitudes and has_aux):
         forward = label_recovery.auxiliary_forward(
             model, layer, knowledge.aux_inputs, knowledge.aux_labels
         )
