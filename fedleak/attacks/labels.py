@@ -449,13 +449,13 @@ def sign_counts(
     looks_present = (observed > 0).double().sum()
     simulated_present = (calibration.negative > 0).double().sum(dim=1)
     classes = observed.numel()
-    estimate = torch.empty(classes, dtype=torch.float64)
-    for c in range(classes):
-        distance = (calibration.negative[:, c] - observed[c]).abs() + 0.5 * (
-            simulated_present - looks_present
-        ).abs() / classes
-        cut = distance.sort().values[min(neighbours, distance.numel()) - 1]
-        estimate[c] = calibration.counts[distance <= cut, c].double().mean()
+    # [R, K]: each simulation's distance from the update, class by class.
+    distance = (calibration.negative - observed).abs() + (
+        0.5 * (simulated_present - looks_present).abs() / classes
+    ).unsqueeze(1)
+    cut = distance.kthvalue(min(neighbours, distance.shape[0]), dim=0).values
+    near = distance <= cut  # ties at the cut all count
+    estimate = (calibration.counts * near).sum(dim=0).double() / near.sum(dim=0)
     required = torch.zeros(classes, dtype=torch.long)
     if present_if_negative and int((observed > 0).sum()) <= batch:
         required = (observed > 0).long()
