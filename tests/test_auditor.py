@@ -285,6 +285,17 @@ def test_a_poisson_batch_of_another_size_leaves_every_private_sample_one_row() -
         assert row["label_acc"] == 1.0, labels
         api = fedleak.score(surplus, single.inputs, single.labels, lpips=False)
         assert api.label_accuracy == 1.0, labels
+    # A surplus guess credits only a label no paired guess already took, and one the batch
+    # holds: [1, 0] on the two exact images plus a 5 recover one of [1, 1] (audit DJ1).
+    pair = GroundTruth(0, _images(2, 3), torch.tensor([1, 1]))
+    for labels, recovered in (([1, 0, 5], 1.0), ([1, 0, 1], 2.0), ([0, 0, 0], 0.0)):
+        extra = Reconstruction(
+            inputs=torch.cat([pair.inputs.clone(), _images(1, 9)]), labels=torch.tensor(labels)
+        )
+        rows = auditor.score(_observation(3), "a", extra, pair, {})
+        assert sum(r["label_acc"] for r in rows) == recovered, labels
+        api = fedleak.score(extra, pair.inputs, pair.labels, lpips=False)
+        assert api.label_accuracy == recovered / 2, labels
     # Drew none: nothing private to score, so no rows.
     empty = GroundTruth(0, _images(0, 0), torch.zeros(0, dtype=torch.long))
     assert auditor.score(_observation(2), "a", guess, empty, {}) == []

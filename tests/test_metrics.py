@@ -281,6 +281,12 @@ def test_label_accuracy() -> None:
     assert multiset_credit([3, 3, 2, 2], [1, 2, 3, 3]) == [True, True, True, False]
     assert multiset_credit([2, 1, 3, 3], [1, 2, 3, 3]) == [True, True, True, True]
     assert multiset_credit([7, 7, 7], [7, 1, 7]) == [True, False, True]
+    # Spare guesses (more guesses than samples) credit a pair left without only with a label
+    # the batch still holds, its own truth first (audit DJ1).
+    assert multiset_credit([0, 0], [1, 2], spare=[9, 0]) == [False, False]
+    assert multiset_credit([0, 0], [1, 2], spare=[2]) == [False, True]
+    assert multiset_credit([1, 0], [1, 1], spare=[1, 1]) == [True, True]
+    assert multiset_credit([1, 0], [1, 1], pool=[1, 1, 3], spare=[3, 5]) == [True, True]
     with pytest.raises(ValueError, match="differ in size"):
         label_accuracy(torch.tensor([1]), true)
 
