@@ -125,6 +125,10 @@ def test_score_matches_the_auditor_rows() -> None:
         assert float(leak.ssim[index]) == pytest.approx(by_sample[sample]["ssim"])
         assert float(leak.lpips[index]) == pytest.approx(by_sample[sample]["lpips_alex"])
     assert leak.label_accuracy == 1.0
+    # No guesses at all: every private sample unmatched and unrecovered, not a crash (DI1).
+    none = fedleak.score(Reconstruction(inputs=x[:0], labels=y[:0]), x, y)
+    assert none.pairs == [] and none.unmatched == [0, 1, 2] and none.label_accuracy == 0.0
+    assert none.ssim.shape == none.psnr.shape == (0,)
 
 
 def test_score_measures_at_one_thread_as_the_auditor_does(

@@ -116,6 +116,7 @@ def test_ssim_tiny_images_shrink_the_window() -> None:
     x = _images(3, (1, 8, 8))
     assert torch.allclose(ssim(x, x), torch.ones(3), atol=1e-6)
     assert (ssim(x, 1 - x) < 0.5).all()
+    assert ssim(x[:0], x[:0]).shape == (0,)  # no pairs: no scores, as the other metrics
 
 
 # --- LPIPS -------------------------------------------------------------------------------------

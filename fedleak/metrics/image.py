@@ -67,6 +67,8 @@ def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> torch.Ten
     """
     _check_pair(a, b, min_dims=4)
     batch, _, height, width = a.shape
+    if batch == 0:  # as the other metrics: no pairs, no scores
+        return torch.zeros(0)
     size = min(SSIM_WINDOW, height - (1 - height % 2), width - (1 - width % 2))
     # The 2D Gaussian is separable: filter columns then rows, each as one float64 matmul with
     # a banded matrix (much faster on the CPU than a float64 depthwise convolution).
