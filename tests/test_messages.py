@@ -273,3 +273,26 @@ def test_the_client_applies_the_runs_kernel_setting_on_its_device(
     monkeypatch.setattr(client_app, "deterministic_kernels", lambda *args: calls.append(args))
     client_app.train_reply(sent, _context(1), config)
     assert calls == [(torch.device("cpu"), deterministic)]
+
+
+def test_a_clients_defense_draws_are_new_each_round_and_its_own() -> None:
+    """The noise a client adds (its update with `gauss` less the same update without) is
+    drawn afresh each round and apart from other clients: noise repeated across rounds would
+    cancel in the difference of two rounds' updates (audit DJ4)."""
+    plain, noisy = (parse_flat({**BASE, "defense.spec": spec}) for spec in ("none", "gauss:0.1"))
+    fd = federated_data(plain, 3)
+    weights = build_model(model_spec(plain, fd)).state_dict()
+
+    def noise(server_round: int, partition: int) -> torch.Tensor:
+        sent = _train_message(weights, server_round)
+        flat = []
+        for config in (noisy, plain):
+            reply = client_app.train_reply(sent, _context(partition), config)
+            update = reply.content[ARRAYS].to_torch_state_dict()
+            flat.append(torch.cat([value.flatten() for value in update.values()]))
+        return flat[0] - flat[1]
+
+    first, second, other = noise(1, 1), noise(2, 1), noise(1, 2)
+    assert 0.09 < float(first.std()) < 0.11
+    for draws in (second, other):
+        assert abs(float(torch.corrcoef(torch.stack([first, draws]))[0, 1])) < 0.05
