@@ -183,6 +183,23 @@ def test_counts_are_deterministic_under_the_seed(mnist, split, spec):
     assert torch.equal(runs[0], runs[1])
 
 
+def test_the_count_search_draws_only_from_its_generator():
+    """A short search on a large batch stops before it converges, so its result depends on
+    its draws: the same generator seed gives the same counts whatever the global RNG holds,
+    and other seeds give others (audit DJ5: a draw off the generator passed the test above)."""
+    g = torch.Generator().manual_seed(0)
+    weight, bias = 0.05 * torch.randn(10, 20, generator=g), 0.05 * torch.randn(10, generator=g)
+    stats = L.AuxiliaryStatistics(1.0, 0.1, torch.softmax(torch.randn(10, 10, generator=g), 1))
+
+    def counts(seed: int, global_seed: int) -> tuple[int, ...]:
+        torch.manual_seed(global_seed)
+        drawn = torch.Generator().manual_seed(seed)
+        return tuple(L.label_counts(weight, bias, 64, stats, drawn, 16, 10).tolist())
+
+    assert len({counts(7, global_seed) for global_seed in range(4)}) == 1
+    assert len({counts(seed, 0) for seed in range(4)}) > 1
+
+
 def test_counts_to_labels_and_last_layer():
     assert L.counts_to_labels(torch.tensor([2, 0, 1])).tolist() == [0, 0, 2]
     model = build_model(ModelSpec("mlp", (1, 4, 4), 3))
