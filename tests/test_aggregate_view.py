@@ -13,10 +13,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from fedleak.attacks.types import Observation, Reconstruction
 from fedleak.models.spec import ModelSpec
 from fedleak.server.auditor import Auditor, GroundTruth
+from fedleak.server.strategy import ClientReply, CuriousStrategy, PublicSetting
 from fedleak.simulations.cli import main
 
 # Batch 1 per client: inverting one client's gradient is easy, inverting the mean of three
@@ -164,3 +168,42 @@ def test_the_aggregate_view_is_scored_against_originals_and_encodings() -> None:
         (2, 3),
         (3, 2),
     ]
+
+
+def test_the_aggregate_view_is_the_mean_fedavg_takes() -> None:
+    """Clients of unequal batches: the view is the example-weighted mean Flower's FedAvg
+    aggregates, not a sum or a plain mean (audit DJ3: every other test had equal batches)."""
+    spec = ModelSpec("mlp", (1, 4, 4), 10)
+    public = PublicSetting(spec, "gradient", 0.1, 1.0, "none", False, view="aggregate")
+    strategy = CuriousStrategy(
+        FedAvg(), public, None, Auditor(lpips_nets=()), attacks=(), clients_per_round=0, seed=0
+    )
+    generator = torch.Generator().manual_seed(0)
+    split, records = [], []
+    for client, examples in enumerate((1, 3, 4)):
+        update = {
+            "w": torch.randn(3, 2, generator=generator),
+            "b": torch.randn(3, generator=generator),
+        }
+        observation = Observation(
+            round=1,
+            client_id=client,
+            model=spec,
+            weights={},
+            update=update,
+            update_kind="gradient",
+            num_examples=examples,
+            batch_size=examples,
+            local_steps=1,
+            learning_rate=0.1,
+            defense="none",
+        )
+        split.append(ClientReply(observation, None))
+        records.append(
+            RecordDict({"arrays": ArrayRecord(update), "metrics": MetricRecord({"n": examples})})
+        )
+    view = strategy.aggregate_view(1, split).observation
+    honest = aggregate_arrayrecords(records, "n").to_torch_state_dict()
+    assert view.num_examples == view.batch_size == 8 and view.contributors == 3
+    for name, value in honest.items():
+        torch.testing.assert_close(view.update[name], value, rtol=1e-6, atol=1e-7)
