@@ -71,16 +71,17 @@ def test_image_metrics_reject_mismatched_shapes() -> None:
 # --- SSIM --------------------------------------------------------------------------------------
 
 
-def _ssim_direct(x: np.ndarray, y: np.ndarray) -> float:
-    """Wang et al.'s SSIM written out position by position (one channel, 11x11, sigma 1.5)."""
-    ax = np.arange(11) - 5.0
+def _ssim_direct(x: np.ndarray, y: np.ndarray, size: int = 11) -> float:
+    """Wang et al.'s SSIM written out position by position (one channel, a `size` x `size`
+    Gaussian window centred on its middle pixel, sigma 1.5)."""
+    ax = np.arange(size) - (size - 1) / 2
     window = np.exp(-(ax[:, None] ** 2 + ax[None, :] ** 2) / (2 * 1.5**2))
     window /= window.sum()
     c1, c2 = 0.01**2, 0.03**2
     values = []
-    for i in range(x.shape[0] - 10):
-        for j in range(x.shape[1] - 10):
-            px, py = x[i : i + 11, j : j + 11], y[i : i + 11, j : j + 11]
+    for i in range(x.shape[0] - size + 1):
+        for j in range(x.shape[1] - size + 1):
+            px, py = x[i : i + size, j : j + size], y[i : i + size, j : j + size]
             mx, my = (window * px).sum(), (window * py).sum()
             vx = (window * (px - mx) ** 2).sum()
             vy = (window * (py - my) ** 2).sum()
@@ -113,6 +114,12 @@ def test_ssim_identity_and_degradation_order() -> None:
 
 
 def test_ssim_tiny_images_shrink_the_window() -> None:
+    # The largest odd window that fits, centred (audit DJ6): 9 px for 9 x 10, 7 for 8 x 8.
+    for shape, size in (((1, 9, 10), 9), ((1, 8, 8), 7)):
+        x = _images(1, shape)
+        y = (x + 0.15 * _images(1, shape, seed=1)).clamp(0, 1)
+        expected = _ssim_direct(x[0, 0].double().numpy(), y[0, 0].double().numpy(), size)
+        assert ssim(x, y).item() == pytest.approx(expected, abs=1e-6), shape
     x = _images(3, (1, 8, 8))
     assert torch.allclose(ssim(x, x), torch.ones(3), atol=1e-6)
     assert (ssim(x, 1 - x) < 0.5).all()
