@@ -259,6 +259,10 @@ def test_a_buffer_one_client_left_unchanged_counts_at_the_value_it_was_sent() ->
     assert float(averaged["counter"]) == pytest.approx((5.0 * 1 + 2.0 * 3) / 4)
     assert averaged["bn.num_batches_tracked"].dtype == torch.int64
     assert int(averaged["bn.num_batches_tracked"]) == 5
+    # Integer counts that disagree round to the nearest, not down (audit DJ7): (4*3 + 7)/4.
+    fewer = reply({"bn.num_batches_tracked": torch.tensor(4)}, 3)
+    more = reply({"bn.num_batches_tracked": torch.tensor(7)}, 1)
+    assert int(average_buffers([fewer, more], sent)["bn.num_batches_tracked"]) == 5
 
 
 @pytest.mark.parametrize("deterministic", [True, False])
