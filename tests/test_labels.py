@@ -183,6 +183,16 @@ def test_counts_are_deterministic_under_the_seed(mnist, split, spec):
     assert torch.equal(runs[0], runs[1])
 
 
+def test_distinct_count_rows_are_torchs_unique_rows():
+    """The search's fast de-duplication keeps torch's `unique(dim=0)`: the same rows in the
+    same (lexicographic) order, so the survivors and their ties are unchanged."""
+    g = torch.Generator().manual_seed(0)
+    for classes, batch in ((10, 8), (3, 64), (100, 32)):  # the last too wide for one integer
+        rows = torch.randint(0, 3, (128, classes), generator=g).clamp(max=batch)
+        rows = torch.cat([rows, rows[:40]])
+        assert torch.equal(L._distinct_rows(rows, batch), rows.unique(dim=0))
+
+
 def test_the_count_search_draws_only_from_its_generator():
     """A short search on a large batch stops before it converges, so its result depends on
     its draws: the same generator seed gives the same counts whatever the global RNG holds,
