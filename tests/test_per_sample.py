@@ -12,11 +12,13 @@ from torch import nn
 
 from fedleak.attacks.optimization.replay import ClientProtocol, Replay
 from fedleak.models import ModelSpec, build_model
+from fedleak.training.chain import layer_chain
 from fedleak.training.gradients import (
     per_sample_gradients,
     per_sample_gradients_with_loss,
     vmap_per_sample_gradients_with_loss,
 )
+from fedleak.training.loss import task_loss
 from fedleak.training.per_sample import supported
 
 
@@ -50,6 +52,26 @@ class Shared(nn.Module):
         return self.head(torch.tanh(self.linear(torch.tanh(self.linear(h)))).mean(dim=1))
 
 
+class Pooled(nn.Module):
+    """A plug-in's kind of image model that is no chain of plain layers (two poolings of one
+    feature map concatenated): its per-sample gradients come from the layer-wise rules, where
+    the built-in models take the chain's (audit DJ2: zeroed rules passed every test)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.norm = nn.GroupNorm(2, 4)
+        self.positions = nn.Linear(4, 4)  # applied at every position: sums over them
+        self.mix = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.norm(self.conv(x))).flatten(2).transpose(1, 2)
+        h = torch.tanh(self.positions(h))
+        pooled = torch.cat([h.mean(dim=1), h.amax(dim=1)], dim=1)
+        return self.head(torch.tanh(self.mix(pooled)))
+
+
 class RawParameter(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -81,6 +103,23 @@ def test_layerwise_equals_vmap_with_hard_and_soft_labels(name, shape):
         for key in ours:
             torch.testing.assert_close(ours[key], theirs[key], atol=2e-6, rtol=1e-4, msg=key)
         torch.testing.assert_close(our_losses, their_losses)
+
+
+def test_a_model_outside_the_chain_gets_layerwise_gradients_equal_to_a_loop():
+    model = Pooled()
+    assert supported(model) and layer_chain(model) is None
+    x, y = _data(5, (3, 6, 6))
+    ours, losses = per_sample_gradients_with_loss(model, x, y)
+    expected = _loop(model, x, y)
+    assert list(ours) == list(expected)
+    for key in ours:
+        torch.testing.assert_close(ours[key], expected[key], atol=1e-6, rtol=1e-5, msg=key)
+    torch.testing.assert_close(losses, F.cross_entropy(model(x), y, reduction="none"))
+    model.spare = nn.Linear(3, 3)  # a layer the forward pass never calls: zero gradients
+    with_spare, _ = per_sample_gradients_with_loss(model, x, y)
+    assert not with_spare["spare.weight"].any() and with_spare["spare.bias"].shape == (5, 3)
+    for key in ours:
+        torch.testing.assert_close(with_spare[key], ours[key], atol=0, rtol=0, msg=key)
 
 
 def test_replaced_parameters_are_the_ones_differentiated():
@@ -126,19 +165,23 @@ def test_layerwise_agrees_with_a_float64_loop_on_resnet20_gn():
         torch.testing.assert_close(ours[key].double(), reference[key], atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize(("name", "shape"), [("lenet", (3, 16, 16)), ("resnet20-gn", (3, 8, 8))])
+@pytest.mark.parametrize(
+    ("name", "shape"), [("lenet", (3, 16, 16)), ("resnet20-gn", (3, 8, 8)), ("pooled", (3, 6, 6))]
+)
 @pytest.mark.parametrize("per_sample", [False, True])
 def test_the_inversion_replay_differentiates_layerwise_as_through_vmap(name, shape, per_sample):
     """Stacked dummy problems (3 problems of 2 images, soft labels): the layer-wise replay's
-    updates and their derivative with respect to the dummy inputs equal vmap's."""
-    model = build_model(ModelSpec(name, shape, 10, seed=0))
+    updates and their derivative with respect to the dummy inputs equal vmap's (the built-in
+    models replay through their chain, `Pooled` through the layer-wise rules)."""
+    model = Pooled() if name == "pooled" else build_model(ModelSpec(name, shape, 10, seed=0))
     g = torch.Generator().manual_seed(0)
     x = torch.rand(3, 2, *shape, generator=g, requires_grad=True)
     y = torch.softmax(torch.randn(3, 2, 10, generator=g), dim=-1)
     layerwise = Replay(model, ClientProtocol("gradient"))
     vmapped = Replay(model, ClientProtocol("gradient"))
-    assert layerwise.layerwise
+    assert layerwise.layerwise and (layerwise._chain is None) == (name == "pooled")
     vmapped.layerwise = False
+    vmapped._chain = None
     ours, theirs = layerwise(x, y, per_sample), vmapped(x, y, per_sample)
     pairs = list(zip(ours.update, theirs.update, strict=True))
     if per_sample:
@@ -155,3 +198,155 @@ def test_the_inversion_replay_differentiates_layerwise_as_through_vmap(name, sha
     # vmap rounds a few ReLU inputs differently (see the float64 test): a relative tolerance.
     scale = float(reference.abs().max())
     torch.testing.assert_close(outer(ours.update), reference, atol=1e-4 * scale, rtol=0)
+
+
+class Normed(nn.Module):
+    """Affine LayerNorm and InstanceNorm, whose fused kernels vmap differentiates wrongly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.instance = nn.InstanceNorm2d(4, affine=True)
+        self.layer = nn.LayerNorm([4, 6, 6])
+        self.head = nn.Linear(144, 10)
+        with torch.no_grad():
+            for norm in (self.instance, self.layer):
+                norm.weight.normal_(generator=torch.Generator().manual_seed(3))
+                norm.bias.normal_(generator=torch.Generator().manual_seed(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.layer(torch.tanh(self.instance(self.conv(x)))))
+        return self.head(h.flatten(1))
+
+
+@pytest.mark.parametrize("case", ["transformer3", "normed-fedsgd", "normed-fedavg"])
+def test_stacked_problems_differentiate_as_each_alone(case):
+    """Problems stacked through vmap (a model no other path takes: token models, FedAvg)
+    have the derivatives of each problem replayed alone through plain autograd; with the
+    fused LayerNorm and InstanceNorm kernels they were off by up to 4e-2 of their scale."""
+    g = torch.Generator().manual_seed(0)
+    protocol = ClientProtocol("gradient")
+    if case == "transformer3":
+        model = build_model(ModelSpec("transformer3", (6,), 40, seed=0))
+        width = model.token_embedding.shape[1]  # TAG replays embeddings of the tokens
+        x = torch.randn(2, 2, 6, width, generator=g, requires_grad=True)
+        y = torch.softmax(torch.randn(2, 2, 6, 40, generator=g), dim=-1)
+    else:
+        model = Normed()
+        if case == "normed-fedavg":
+            protocol = ClientProtocol("delta", local_steps=2, batch_size=1, learning_rate=0.1)
+        x = torch.rand(2, 2, 3, 6, 6, generator=g, requires_grad=True)
+        y = torch.softmax(torch.randn(2, 2, 10, generator=g), dim=-1)
+    replay = Replay(model, protocol)
+    assert not replay.layerwise or case == "normed-fedsgd"
+    replay.layerwise = False  # the vmap path, which the fused kernels broke
+    stacked = replay(x, y).update
+    each = [replay(x[i : i + 1], y[i : i + 1]).update for i in range(2)]
+    alone = [torch.cat(parts) for parts in zip(*each, strict=True)]
+    for a, b in zip(stacked, alone, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    directions = [torch.randn(u.shape, generator=g) for u in stacked]
+
+    def outer(updates: list[torch.Tensor]) -> torch.Tensor:
+        total = sum((u * d).sum() for u, d in zip(updates, directions, strict=True))
+        return torch.autograd.grad(total, x, retain_graph=True)[0]
+
+    reference = outer(alone)
+    scale = float(reference.abs().max())
+    torch.testing.assert_close(outer(stacked), reference, atol=1e-5 * scale, rtol=0)
+
+
+class Positions(nn.Module):
+    """A learned position table looked up at arange(L) and added to the inputs: that layer
+    sees positions, not samples, along its first dimension."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pos = nn.Embedding(4, 6)
+        self.hidden = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.hidden(x + self.pos(torch.arange(x.shape[1]))))
+        return self.head(h.mean(dim=1))
+
+
+@pytest.mark.parametrize("batch", [2, 4])  # 4: as many samples as positions
+def test_a_layer_fed_other_than_the_batch_falls_back_to_vmap(batch):
+    """Its per-sample gradients equal a loop's on the client and in the replay (audit DK1:
+    the layer-wise rules split the position table's input as if it were the batch)."""
+    model = Positions()
+    assert supported(model)
+    x, y = _data(batch, (4, 6))
+    ours, _ = per_sample_gradients_with_loss(model, x, y)
+    expected = _loop(model, x, y)
+    for key in ours:
+        torch.testing.assert_close(ours[key], expected[key], atol=1e-6, rtol=1e-5, msg=key)
+    replay = Replay(model, ClientProtocol("gradient"))
+    stacked = replay(x.unsqueeze(1), y.unsqueeze(1)).update
+    for name, update in zip(replay.names, stacked, strict=True):
+        torch.testing.assert_close(update, expected[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+class TinyLanguageModel(nn.Module):
+    """A plug-in language model of plain layers on embeddings of a frozen table."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("token_embedding", torch.randn(32, 8, generator=_seeded(5)))
+        self.hidden = nn.Linear(8, 8)
+        self.norm = nn.LayerNorm(8)
+        self.out = nn.Linear(8, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x if x.is_floating_point() else F.embedding(x, self.token_embedding)
+        return self.out(torch.tanh(self.norm(self.hidden(h))))
+
+
+def _seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_stacked_language_model_problems_replay_the_clients_shifted_loss():
+    """Stacked dummy sequences (the layer-wise path) replay the causal loss over shifted
+    positions, as the client computes it (audit DK2: an unshifted loss was 7.7x off)."""
+    model = TinyLanguageModel()
+    assert supported(model)
+    tokens = torch.randint(0, 32, (2, 6), generator=_seeded(0))
+    replay = Replay(model, ClientProtocol("gradient"))
+    embedded = model.token_embedding[tokens].unsqueeze(1)  # [T=2, b=1, L, d]
+    for targets in (tokens.unsqueeze(1), F.one_hot(tokens, 32).float().unsqueeze(1)):
+        stacked = replay(embedded, targets).update
+        for t in range(2):
+            sequence = tokens[t : t + 1]
+            loss = task_loss(model(sequence), sequence)
+            client = torch.autograd.grad(loss, list(model.parameters()))
+            for ours, theirs in zip(stacked, client, strict=True):
+                torch.testing.assert_close(ours[t], theirs, atol=1e-6, rtol=1e-5)
+
+
+class TrackedInstanceNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.norm = nn.InstanceNorm2d(4, affine=True, track_running_stats=True)
+        self.head = nn.Linear(4 * 36, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.norm(self.conv(x))).flatten(1))
+
+
+def test_an_instance_norm_tracking_statistics_replays_stacked_problems():
+    """Stacked problems through vmap normalise each sample with its own statistics and
+    leave the running ones alone (audit DK4: vmap refused their in-place update)."""
+    model = TrackedInstanceNorm()
+    before = {name: b.clone() for name, b in model.named_buffers()}
+    x, y = _data(2, (3, 6, 6))
+    replay = Replay(model, ClientProtocol("gradient"))
+    stacked = replay(x.unsqueeze(1), y.unsqueeze(1)).update
+    for t in range(2):
+        expected = _loop(model, x[t : t + 1], y[t : t + 1])
+        for name, update in zip(replay.names, stacked, strict=True):
+            torch.testing.assert_close(update[t], expected[name][0], atol=1e-6, rtol=1e-5)
+    for name, buffer in replay.model.named_buffers():
+        assert torch.equal(buffer, before[name]), name

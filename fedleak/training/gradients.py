@@ -23,8 +23,8 @@ from torch.func import functional_call, grad, vmap
 
 from fedleak.models import has_batchnorm
 from fedleak.training.chain import ChainUnsupported, model_chain
-from fedleak.training.loss import check_targets, task_loss
-from fedleak.training.per_sample import layerwise_gradients, supported
+from fedleak.training.loss import check_targets, per_sample_task_loss, task_loss
+from fedleak.training.per_sample import batch_first, layerwise_gradients, supported
 
 Params = dict[str, Tensor]
 
@@ -100,10 +100,11 @@ def per_sample_gradients_with_loss(
         except ChainUnsupported:
             pass  # e.g. inputs of another shape than the chain's layers take
     buffers = buffer_copies(model)
-    if supported(model) and x.is_floating_point():  # token models: vmap over the task loss
+    # Token ids: vmap over the task loss; a layer fed other than the batch: vmap too.
+    if supported(model) and x.is_floating_point() and batch_first(model, x):
         with _training(model):
             grads, losses = layerwise_gradients(
-                model, _parameters(model, params), buffers, x, y, _per_sample_loss
+                model, _parameters(model, params), buffers, x, y, per_sample_task_loss
             )
         return grads, losses
     return _vmapped(model, x, y, params, buffers)
@@ -121,10 +122,6 @@ def _vmapped(
     with _training(model):
         grads, losses = per_sample(_parameters(model, params), x, y)
     return {name: g.detach() for name, g in grads.items()}, losses
-
-
-def _per_sample_loss(logits: Tensor, y: Tensor) -> Tensor:
-    return F.cross_entropy(logits, y, reduction="none")
 
 
 def vmap_per_sample_gradients_with_loss(

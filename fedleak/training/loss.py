@@ -25,6 +25,16 @@ def task_loss(logits: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy(logits, targets)
 
 
+def per_sample_task_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Each sample's own `task_loss` [B] (a language model's: the mean over its shifted
+    positions), so that their mean is the batch's `task_loss`."""
+    if is_sequence(logits):
+        batch = logits.shape[0]
+        logits, targets = logits[:, :-1].flatten(0, 1), targets[:, 1:].flatten(0, 1)
+        return F.cross_entropy(logits, targets, reduction="none").reshape(batch, -1).mean(dim=1)
+    return F.cross_entropy(logits, targets, reduction="none")
+
+
 def task_scores(logits: Tensor, targets: Tensor) -> tuple[float, int, int]:
     """(summed loss, correct predictions, predictions) of hard targets, for evaluation: classes,
     or next tokens of a language model."""

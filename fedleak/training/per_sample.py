@@ -24,6 +24,7 @@ of independent dummy problems. Models with parameters outside these layers are n
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -57,6 +58,52 @@ def supported(model: nn.Module) -> bool:
         ):
             return False
     return True
+
+
+# Per model, per (sample shape, dtype, device): whether its layers see the samples batch-first.
+_BATCH_FIRST: weakref.WeakKeyDictionary[nn.Module, dict[tuple[object, ...], bool]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def batch_first(model: nn.Module, sample: Tensor) -> bool:
+    """Whether every layer with parameters takes and returns the samples along the first
+    dimension of its input and output, as the layer-wise rules split them. A layer fed
+    something else (a position table looked up at arange(L), a map of a constant buffer) is
+    not, and its per-sample gradients would come out wrong (audit DK1). A probe forward of one
+    and of two copies of `sample`'s first row tells, where shapes alone are fooled when L
+    equals B; cached per model and sample shape."""
+    key = (tuple(sample.shape[1:]), sample.dtype, sample.device)
+    known = _BATCH_FIRST.setdefault(model, {})
+    if key not in known:
+        known[key] = _probe_batch_first(model, sample[:1].detach())
+    return known[key]
+
+
+@torch.no_grad()
+def _probe_batch_first(model: nn.Module, first: Tensor) -> bool:
+    """`batch_first` by running `model` (in eval mode, so no buffer changes) on 1 and 2
+    samples and reading each layer's leading dimensions, call by call."""
+    calls: list[tuple[int, int, int]] = []  # (samples fed, input's and output's first dims)
+    samples = 0
+
+    def record(_module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        leading = [t.shape[0] if t.dim() else 0 for t in (inputs[0], output)]
+        calls.append((samples, *leading))
+
+    layers = [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
+    handles = [layer.register_forward_hook(record) for layer in layers]
+    modes = {module: module.training for module in model.modules()}
+    try:
+        model.eval()
+        for samples in (1, 2):
+            model(torch.cat([first] * samples))
+    finally:
+        for module, training in modes.items():
+            module.training = training
+        for handle in handles:
+            handle.remove()
+    return all(fed == seen_in == seen_out for fed, seen_in, seen_out in calls)
 
 
 @dataclass
@@ -234,7 +281,11 @@ def _assemble(
             if summed is not None:  # a layer called more than once: its uses add up
                 parts = [a + b for a, b in zip(summed, parts, strict=True)]
             summed = parts
-        for key, grad in zip(names, summed or [], strict=True):
+        if summed is None:  # a layer the forward pass never called: its gradients are zero
+            summed = [
+                leaves[prefix + key].new_zeros(groups, *leaves[prefix + key].shape) for key in names
+            ]
+        for key, grad in zip(names, summed, strict=True):
             shape = leaves[prefix + key].shape
             value = grad.reshape(groups, *shape)
             gradients[prefix + key] = value if create_graph else value.detach()

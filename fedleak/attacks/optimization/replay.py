@@ -23,8 +23,9 @@ inputs), which is why shared statistics enter through the prior.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -41,8 +42,8 @@ from fedleak.training.chain import (
     layer_chain,
     split_rows,
 )
-from fedleak.training.loss import task_loss
-from fedleak.training.per_sample import layerwise_gradients, supported
+from fedleak.training.loss import per_sample_task_loss, task_loss
+from fedleak.training.per_sample import batch_first, layerwise_gradients, supported
 
 Statistics = list[tuple[Tensor, Tensor]]
 
@@ -104,6 +105,87 @@ def _swap_batchnorm(module: nn.Module, mode: str) -> list[tuple[str, InversionBa
             setattr(parent, attr, replacement)
             swapped.append((name, replacement))
     return swapped
+
+
+class _SplitAffine:
+    """A normalisation layer that, while `split` is on, applies its affine step outside the
+    fused kernel. Under vmap, torch 2.14's rules for the fused LayerNorm and InstanceNorm
+    backward give wrong derivatives of the per-problem gradients with respect to the inputs
+    once the layer is affine (measured against plain autograd: transformer3's stacked TAG
+    problems off by 3e-4 of their scale, a two-layer LayerNorm net's by 4e-2, an affine
+    InstanceNorm2d's by 2e-2; split, they agree to 1e-7). The replay turns it on around its
+    vmap calls only: elsewhere the fused forward is the client's own, bit for bit."""
+
+    split = False
+
+
+class _SplitAffineLayerNorm(_SplitAffine, nn.LayerNorm):
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.split:
+            return super().forward(x)
+        out = F.layer_norm(x, self.normalized_shape, None, None, self.eps)
+        if self.weight is not None:
+            out = out * self.weight
+        return out if self.bias is None else out + self.bias
+
+
+class _SplitAffineInstanceNorm(_SplitAffine, nn.modules.instancenorm._InstanceNorm):
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.split:
+            return super().forward(x)
+        stats = self.training or not self.track_running_stats
+        # With the instance's own statistics the running ones are neither read nor updated:
+        # vmap refuses in-place updates of unbatched buffers (audit DK4).
+        running = (None, None) if stats else (self.running_mean, self.running_var)
+        out = F.instance_norm(x, *running, None, None, stats, 0.0, self.eps)
+        if not self.affine:
+            return out
+        shape = [-1] + [1] * (x.dim() - 2)
+        return out * self.weight.reshape(shape) + self.bias.reshape(shape)
+
+
+class _SplitAffineInstanceNorm1d(_SplitAffineInstanceNorm, nn.InstanceNorm1d):
+    pass
+
+
+class _SplitAffineInstanceNorm2d(_SplitAffineInstanceNorm, nn.InstanceNorm2d):
+    pass
+
+
+class _SplitAffineInstanceNorm3d(_SplitAffineInstanceNorm, nn.InstanceNorm3d):
+    pass
+
+
+_SPLIT_AFFINE: dict[type[nn.Module], type[nn.Module]] = {
+    nn.LayerNorm: _SplitAffineLayerNorm,
+    nn.InstanceNorm1d: _SplitAffineInstanceNorm1d,
+    nn.InstanceNorm2d: _SplitAffineInstanceNorm2d,
+    nn.InstanceNorm3d: _SplitAffineInstanceNorm3d,
+}
+
+
+def _with_split_affines(model: nn.Module) -> list[_SplitAffine]:
+    """Make the replay's copy of every LayerNorm and InstanceNorm a `_SplitAffine` (same
+    parameters, names and types for the layer-wise rules) and return them."""
+    swapped = []
+    for module in model.modules():
+        split = _SPLIT_AFFINE.get(type(module))
+        if split is not None:
+            module.__class__ = split
+            swapped.append(module)
+    return swapped
+
+
+@contextlib.contextmanager
+def _split(norms: list[_SplitAffine]) -> Iterator[None]:
+    """The split affine forward for the duration of a vmap call."""
+    for norm in norms:
+        norm.split = True
+    try:
+        yield
+    finally:
+        for norm in norms:
+            norm.split = False
 
 
 @dataclass(frozen=True)
@@ -224,6 +306,7 @@ class Replay:
         self.step_clip = step_clip if protocol.kind == "delta" else 0.0
         self.model = copy.deepcopy(model).train()
         self._batchnorms = _swap_batchnorm(self.model, bn_mode)
+        self._norms = _with_split_affines(self.model)
         self.model.to(device)
         self.protocol = protocol
         self.bn_mode = bn_mode
@@ -312,7 +395,8 @@ class Replay:
         def sample_loss(p: dict[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:
             return self._loss(p, xi.unsqueeze(0), yi.unsqueeze(0), False)[0]
 
-        per = vmap(grad(sample_loss), in_dims=(None, 0, 0))(params, x, y)
+        with _split(self._norms):
+            per = vmap(grad(sample_loss), in_dims=(None, 0, 0))(params, x, y)
         clipped = clip_per_sample({n: per[n] for n in self.names}, self.step_clip)
         return {n: clipped[n].mean(dim=0) for n in self.names}
 
@@ -338,7 +422,11 @@ class Replay:
                 per = [u.reshape(problems, samples, *u.shape[1:]) for u in update]
                 mean = rows.reshape(problems, samples, -1).mean(dim=1)
                 return ReplayOutput(None, per, [], mean, shapes)
-        if self.layerwise and (per_sample or x.shape[0] > 1):
+        if (
+            self.layerwise
+            and (per_sample or x.shape[0] > 1)
+            and batch_first(self.model, x.flatten(0, 1))
+        ):
             return self._layerwise(x, y, per_sample)
         if per_sample:
             return self._per_sample(x, y)
@@ -350,7 +438,8 @@ class Replay:
                 None,
                 [(m.unsqueeze(0), v.unsqueeze(0)) for m, v in statistics],
             )
-        update, statistics = vmap(self._problem, in_dims=(None, 0, 0))(self.params, x, y)
+        with _split(self._norms):
+            update, statistics = vmap(self._problem, in_dims=(None, 0, 0))(self.params, x, y)
         return ReplayOutput(list(update), None, list(statistics))
 
     def _layerwise(self, x: Tensor, y: Tensor, per_sample: bool) -> ReplayOutput:
@@ -358,7 +447,8 @@ class Replay:
         scale = 1.0 if per_sample else 1.0 / samples  # the client's loss is the batch mean
 
         def loss_of(logits: Tensor, target: Tensor) -> Tensor:
-            return F.cross_entropy(logits, target, reduction="none") * scale
+            # The client's task loss, per sample: a language model's is over shifted positions.
+            return per_sample_task_loss(logits, target) * scale
 
         groups = problems * samples if per_sample else problems
         grads, _ = layerwise_gradients(
@@ -386,7 +476,8 @@ class Replay:
             return self._loss(params, xi.unsqueeze(0), yi.unsqueeze(0), False)[0]
 
         each = vmap(vmap(grad(sample_loss), in_dims=(None, 0, 0)), in_dims=(None, 0, 0))
-        grads = each(self.params, x, y)
+        with _split(self._norms):
+            grads = each(self.params, x, y)
         per = [grads[n] for n in self.names]
         return ReplayOutput([g.mean(dim=1) for g in per], per, [])
 
