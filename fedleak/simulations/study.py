@@ -22,7 +22,6 @@ from typing import NoReturn
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.common.logger import FLOWER_LOGGER
-from flwr.common.logger import log as flwr_log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     Bulyan,
@@ -506,10 +505,10 @@ def _finish(run_dir: RunDirectory, first_error: str | None) -> Path:
 
 
 def announce(text: str) -> None:
-    """A line for the person running the study: printed (`fedleak run`) and logged through
-    Flower's logger, which `flwr run --stream` relays from the ServerApp's process."""
+    """A line for the person running the study. Printed only: Flower's ServerApp processes
+    mirror stdout into the log `flwr run --stream` relays, so logging it as well showed it
+    twice there (audit DG3)."""
     print(text, flush=True)
-    flwr_log(logging.INFO, "%s", text)
 
 
 def write_report(path: Path) -> None:
