@@ -350,3 +350,95 @@ def test_an_instance_norm_tracking_statistics_replays_stacked_problems():
             torch.testing.assert_close(update[t], expected[name][0], atol=1e-6, rtol=1e-5)
     for name, buffer in replay.model.named_buffers():
         assert torch.equal(buffer, before[name]), name
+
+
+class DirectWeights(nn.Module):
+    """Parameters used outside their layers' calls: a position table read as a tensor and a
+    linear layer's weight used again, tied, as a second map."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pos = nn.Embedding(8, 6)
+        self.hidden = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.hidden(x + self.pos.weight[: x.shape[1]]))
+        h = torch.tanh(F.linear(h, self.hidden.weight))
+        return self.head(h.mean(dim=1))
+
+
+@pytest.mark.parametrize(("model", "shape"), [(DirectWeights(), (5, 6)), (Positions(), (1, 6))])
+def test_per_sample_gradients_of_parameters_the_layer_rules_cannot_see(model, shape):
+    """A weight read directly or tied (audit DL1: zeros, or a tied use missing) and a
+    position table at a single position (the probe feeds one and two samples) take vmap."""
+    if shape == (1, 6):
+        model.pos = nn.Embedding(1, 6)
+    x, y = _data(3, shape)
+    ours, _ = per_sample_gradients_with_loss(model, x, y)
+    expected = _loop(model, x, y)
+    for key in ours:
+        torch.testing.assert_close(ours[key], expected[key], atol=1e-6, rtol=1e-5, msg=key)
+    replay = Replay(model, ClientProtocol("gradient"))
+    stacked = replay(x.unsqueeze(1), y.unsqueeze(1)).update
+    for name, update in zip(replay.names, stacked, strict=True):
+        torch.testing.assert_close(update, expected[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_the_probe_leaves_the_models_modes_as_they_were():
+    model = Pooled().train()
+    model.mix.eval()  # a frozen part of a training model
+    modes = {name: m.training for name, m in model.named_modules()}
+    per_sample_gradients_with_loss(model, *_data(2, (3, 6, 6)))
+    assert {name: m.training for name, m in model.named_modules()} == modes
+
+
+class Float32LayerNorm(nn.LayerNorm):
+    """A plug-in's LayerNorm subclass with a forward of its own around the parent's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).to(x.dtype)
+
+
+class BatchStatistics(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.norm = nn.BatchNorm2d(4, affine=False)
+        self.head = nn.Linear(4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.norm(self.conv(x))).amax(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("case", ["layer-norm-subclass", "batchnorm-without-parameters"])
+def test_more_models_stack_problems_as_each_alone(case):
+    """A LayerNorm subclass is split inside vmap too (audit DL2); a BatchNorm without
+    parameters keeps each problem's batch statistics apart (DL3: the layer-wise path pooled
+    every problem's samples in one forward)."""
+    g = torch.Generator().manual_seed(0)
+    if case == "layer-norm-subclass":
+        model = nn.Sequential(nn.Linear(12, 8), Float32LayerNorm(8), nn.Tanh(), nn.Linear(8, 10))
+        with torch.no_grad():
+            model[1].weight.normal_(generator=g)
+        protocol = ClientProtocol("delta", local_steps=2, batch_size=1, learning_rate=0.1)
+        x = torch.rand(2, 2, 12, generator=g, requires_grad=True)
+    else:
+        model, protocol = BatchStatistics(), ClientProtocol("gradient")
+        x = torch.rand(2, 2, 3, 6, 6, generator=g, requires_grad=True)
+    y = torch.softmax(torch.randn(2, 2, 10, generator=g), dim=-1)
+    replay = Replay(model, protocol)
+    stacked = replay(x, y).update
+    each = [replay(x[i : i + 1], y[i : i + 1]).update for i in range(2)]
+    alone = [torch.cat(parts) for parts in zip(*each, strict=True)]
+    for a, b in zip(stacked, alone, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    directions = [torch.randn(u.shape, generator=g) for u in stacked]
+
+    def outer(updates: list[torch.Tensor]) -> torch.Tensor:
+        total = sum((u * d).sum() for u, d in zip(updates, directions, strict=True))
+        return torch.autograd.grad(total, x, retain_graph=True)[0]
+
+    reference = outer(alone)
+    scale = float(reference.abs().max())
+    torch.testing.assert_close(outer(stacked), reference, atol=1e-5 * scale, rtol=0)

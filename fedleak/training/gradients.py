@@ -24,7 +24,7 @@ from torch.func import functional_call, grad, vmap
 from fedleak.models import has_batchnorm
 from fedleak.training.chain import ChainUnsupported, model_chain
 from fedleak.training.loss import check_targets, per_sample_task_loss, task_loss
-from fedleak.training.per_sample import batch_first, layerwise_gradients, supported
+from fedleak.training.per_sample import layerwise_exact, layerwise_gradients, supported
 
 Params = dict[str, Tensor]
 
@@ -43,14 +43,13 @@ def _training(model: nn.Module) -> Iterator[None]:
     torch's `functional_call` leaves plain tensors in place of the parameters of a module
     reachable under two attribute names (`self.b = self.a`): the caller's model would stop
     training. The registered tensors are put back as they were."""
-    was_training = model.training
-    held = [(m, dict(m._parameters), dict(m._buffers)) for m in model.modules()]
+    held = [(m, m.training, dict(m._parameters), dict(m._buffers)) for m in model.modules()]
     model.train()
     try:
         yield
     finally:
-        model.train(was_training)
-        for module, parameters, buffers in held:
+        for module, training, parameters, buffers in held:
+            module.training = training  # each its own: a frozen part stays in eval
             module._parameters.update(parameters)
             module._buffers.update(buffers)
 
@@ -101,7 +100,7 @@ def per_sample_gradients_with_loss(
             pass  # e.g. inputs of another shape than the chain's layers take
     buffers = buffer_copies(model)
     # Token ids: vmap over the task loss; a layer fed other than the batch: vmap too.
-    if supported(model) and x.is_floating_point() and batch_first(model, x):
+    if supported(model) and x.is_floating_point() and layerwise_exact(model, x):
         with _training(model):
             grads, losses = layerwise_gradients(
                 model, _parameters(model, params), buffers, x, y, per_sample_task_loss

@@ -60,30 +60,36 @@ def supported(model: nn.Module) -> bool:
     return True
 
 
-# Per model, per (sample shape, dtype, device): whether its layers see the samples batch-first.
-_BATCH_FIRST: weakref.WeakKeyDictionary[nn.Module, dict[tuple[object, ...], bool]] = (
+# Per model, per (sample shape, dtype, device): whether the layer-wise rules are exact for it.
+_EXACT: weakref.WeakKeyDictionary[nn.Module, dict[tuple[object, ...], bool]] = (
     weakref.WeakKeyDictionary()
 )
 
 
-def batch_first(model: nn.Module, sample: Tensor) -> bool:
-    """Whether every layer with parameters takes and returns the samples along the first
-    dimension of its input and output, as the layer-wise rules split them. A layer fed
-    something else (a position table looked up at arange(L), a map of a constant buffer) is
-    not, and its per-sample gradients would come out wrong (audit DK1). A probe forward of one
-    and of two copies of `sample`'s first row tells, where shapes alone are fooled when L
-    equals B; cached per model and sample shape."""
+def layerwise_exact(model: nn.Module, sample: Tensor) -> bool:
+    """Whether the layer-wise rules give this `supported` model's per-sample gradients for
+    inputs like `sample`: every layer with parameters takes and returns the samples along the
+    first dimension (a position table looked up at arange(L) does not, audit DK1), and every
+    parameter is used only through its layer's calls (a weight read directly or also used
+    tied elsewhere is not, DL1). A probe of one and two copies of `sample`'s first row tells,
+    where shapes alone are fooled when L equals B; cached per model and sample shape."""
     key = (tuple(sample.shape[1:]), sample.dtype, sample.device)
-    known = _BATCH_FIRST.setdefault(model, {})
+    known = _EXACT.setdefault(model, {})
     if key not in known:
-        known[key] = _probe_batch_first(model, sample[:1].detach())
+        first = sample[:1].detach()
+        modes = {module: module.training for module in model.modules()}
+        try:
+            model.eval()  # no buffer changes, no dropout draws
+            known[key] = _batch_first(model, first) and _gradients_add_up(model, first)
+        finally:
+            for module, training in modes.items():
+                module.training = training
     return known[key]
 
 
 @torch.no_grad()
-def _probe_batch_first(model: nn.Module, first: Tensor) -> bool:
-    """`batch_first` by running `model` (in eval mode, so no buffer changes) on 1 and 2
-    samples and reading each layer's leading dimensions, call by call."""
+def _batch_first(model: nn.Module, first: Tensor) -> bool:
+    """Run `model` on 1 and 2 samples and read each layer's leading dimensions."""
     calls: list[tuple[int, int, int]] = []  # (samples fed, input's and output's first dims)
     samples = 0
 
@@ -93,17 +99,39 @@ def _probe_batch_first(model: nn.Module, first: Tensor) -> bool:
 
     layers = [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
     handles = [layer.register_forward_hook(record) for layer in layers]
-    modes = {module: module.training for module in model.modules()}
     try:
-        model.eval()
         for samples in (1, 2):
             model(torch.cat([first] * samples))
     finally:
-        for module, training in modes.items():
-            module.training = training
         for handle in handles:
             handle.remove()
     return all(fed == seen_in == seen_out for fed, seen_in, seen_out in calls)
+
+
+def _gradients_add_up(model: nn.Module, first: Tensor) -> bool:
+    """Whether two samples' layer-wise gradients of their summed outputs add up to autograd's
+    gradient of the whole: a parameter used outside its layer's calls is missing from them."""
+    x = torch.cat([first, 0.5 * first if first.is_floating_point() else first])
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+
+    def summed(logits: Tensor, _targets: Tensor) -> Tensor:
+        return logits.flatten(1).sum(dim=1)
+
+    try:
+        per_sample, _ = layerwise_gradients(model, params, buffers, x, x, summed)
+    except (RuntimeError, ValueError):  # e.g. a layer's input that does not split by sample
+        return False
+    leaves = {name: p.requires_grad_() for name, p in params.items()}
+    with torch.enable_grad():
+        outputs = functional_call(model, (leaves, dict(buffers)), (x,))
+        whole = torch.autograd.grad(outputs.sum(), list(leaves.values()), allow_unused=True)
+    for ours, theirs in zip(per_sample.values(), whole, strict=True):
+        expected = torch.zeros_like(ours[0]) if theirs is None else theirs
+        scale = float(expected.abs().max()) + 1e-12
+        if not torch.allclose(ours.sum(dim=0), expected, rtol=1e-4, atol=1e-5 * scale):
+            return False
+    return True
 
 
 @dataclass

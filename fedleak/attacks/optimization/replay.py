@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -43,7 +44,7 @@ from fedleak.training.chain import (
     split_rows,
 )
 from fedleak.training.loss import per_sample_task_loss, task_loss
-from fedleak.training.per_sample import batch_first, layerwise_gradients, supported
+from fedleak.training.per_sample import layerwise_exact, layerwise_gradients, supported
 
 Statistics = list[tuple[Tensor, Tensor]]
 
@@ -164,12 +165,23 @@ _SPLIT_AFFINE: dict[type[nn.Module], type[nn.Module]] = {
 }
 
 
+@functools.cache
+def _split_class(kind: type[nn.Module]) -> type[nn.Module] | None:
+    """The `_SplitAffine` class for a LayerNorm or InstanceNorm class. A subclass keeps its
+    own forward and reaches the split one through `super()` (an fp32 LayerNorm casting around
+    it, audit DL2); one that calls the functional kernel itself stays unsplit."""
+    for base, split in _SPLIT_AFFINE.items():
+        if issubclass(kind, base):
+            return split if kind is base else type(kind.__name__, (kind, split), {})
+    return None
+
+
 def _with_split_affines(model: nn.Module) -> list[_SplitAffine]:
     """Make the replay's copy of every LayerNorm and InstanceNorm a `_SplitAffine` (same
     parameters, names and types for the layer-wise rules) and return them."""
     swapped = []
     for module in model.modules():
-        split = _SPLIT_AFFINE.get(type(module))
+        split = _split_class(type(module))
         if split is not None:
             module.__class__ = split
             swapped.append(module)
@@ -319,7 +331,11 @@ class Replay:
             leaf.requires_grad_(True)
         # Stacked FedSGD problems without BatchNorm: per-problem gradients from one batched
         # backward (`fedleak.training.per_sample`), cheaper to differentiate than vmap.
-        self.layerwise = protocol.kind == "gradient" and supported(self.model)
+        # (A BatchNorm without parameters passes `supported`, but one forward of every
+        # problem's samples would mix their batch statistics: audit DL3.)
+        self.layerwise = (
+            protocol.kind == "gradient" and supported(self.model) and not self._batchnorms
+        )
         # FedSGD through a graph of plain layers: the gradient and its derivative written
         # out (`chain`), cheaper still; None where the model is not such a graph.
         self._chain = layer_chain(self.model) if protocol.kind == "gradient" else None
@@ -425,7 +441,7 @@ class Replay:
         if (
             self.layerwise
             and (per_sample or x.shape[0] > 1)
-            and batch_first(self.model, x.flatten(0, 1))
+            and layerwise_exact(self.model, x.flatten(0, 1))
         ):
             return self._layerwise(x, y, per_sample)
         if per_sample:
