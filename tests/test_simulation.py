@@ -149,21 +149,52 @@ def test_failing_clients_are_recorded_and_the_run_completes(tmp_path: Path) -> N
     assert (out / "DONE").exists()
 
 
-def test_resume_continues_after_the_last_finished_round(tmp_path: Path, capsys) -> None:
-    out = _run(tmp_path / "resumed", "attack.names=aux-mean", "num-server-rounds=1")
+LTI = [
+    "attack.names=lti",
+    "attack.lti.preset=cpu-small",
+    "attack.lti.epochs=2",
+    "attack.lti.refresh=frozen",
+    "attack.clients-per-round=1",
+]
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """One run of 1 round resumed in a fresh run for 2 (each run its own Ray), shared by the
+    resume test and the LTI cache test: a resume is a resume whichever attack it runs, and
+    each run costs most of a minute. What the tests check of the run before its resume is
+    kept here; test_lti_... damages the cache last (it comes after test_resume_... in this
+    module, which pytest and `--dist loadscope` run in order)."""
+    out = _run(tmp_path_factory.mktemp("resumed") / "lti", *LTI, "num-server-rounds=1")
+    cache = out / "state" / "lti" / "lti-inverter-r000001.pt"
+    cached = cache.exists()
+    cached_round = torch.load(cache, weights_only=True)["meta"]["round"] if cached else None
     began = json.loads((out / "environment.json").read_text())
-    assert began["run_format"] == 1 and len(began["fedleak_source"]) == 16
     # As if begun under another torch: the resume says so and environment.json keeps it, as
     # the added rounds may differ from an uninterrupted run's (audit BM3).
     (out / "environment.json").write_text(json.dumps({**began, "torch": "0.0"}))
-    capsys.readouterr()
-    _run(out, "attack.names=aux-mean", "num-server-rounds=2", "sim.resume=true")
+    error = io.StringIO()
+    with contextlib.redirect_stderr(error):
+        _run(out, *LTI, "num-server-rounds=2", "sim.resume=true")
+    return {
+        "out": out,
+        "began": began,
+        "cached": cached,
+        "cached_round": cached_round,
+        "err": error.getvalue(),
+    }
+
+
+def test_resume_continues_after_the_last_finished_round(resumed: dict[str, object]) -> None:
+    out = resumed["out"]
+    assert isinstance(out, Path)
+    began = resumed["began"]
+    assert isinstance(began, dict)
+    assert began["run_format"] == 1 and len(began["fedleak_source"]) == 16
     change = f"torch 0.0 -> {torch.__version__}"
-    assert (
-        f"began with other software ({change}): the rounds it adds may" in capsys.readouterr().err
-    )
-    resumed = json.loads((out / "environment.json").read_text())
-    assert resumed["torch"] == "0.0" and resumed["resumed_with"] == [[change]]
+    assert f"began with other software ({change}): the rounds it adds may" in resumed["err"]
+    resumed_env = json.loads((out / "environment.json").read_text())
+    assert resumed_env["torch"] == "0.0" and resumed_env["resumed_with"] == [[change]]
     utility = pd.read_csv(out / "utility.csv")
     assert list(utility["round"]) == [0, 1, 2]
     assert sorted(pd.read_parquet(out / "leakage.parquet")["round"].unique()) == [1, 2]
@@ -193,21 +224,13 @@ def test_resume_refuses_any_change_but_more_rounds(tmp_path: Path, capsys) -> No
 
 
 def test_lti_inverter_is_cached_in_the_run_directory_and_resumed(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    resumed: dict[str, object], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    lti = [
-        "attack.names=lti",
-        "attack.lti.preset=cpu-small",
-        "attack.lti.epochs=2",
-        "attack.lti.refresh=frozen",
-        "attack.clients-per-round=1",
-    ]
-    out = _run(tmp_path / "lti", *lti, "num-server-rounds=1")
-    cache = out / "state" / "lti" / "lti-inverter-r000001.pt"
-    assert cache.exists()
-    saved = torch.load(cache, weights_only=True)
-    assert saved["meta"]["round"] == 1
-    _run(out, *lti, "num-server-rounds=2", "sim.resume=true")
+    out = resumed["out"]
+    assert isinstance(out, Path)
+    # After the first run (1 round), before its resume.
+    assert resumed["cached"]
+    assert resumed["cached_round"] == 1
     # The folder the run gave its cache is no setting of the study: a resume with the
     # study's own settings must not read as another one.
     assert "cache-dir" not in (out / "config.toml").read_text()
@@ -226,7 +249,7 @@ def test_lti_inverter_is_cached_in_the_run_directory_and_resumed(
     # anew (and failed round 2's successor), unlike the run it continues.
     (out / "state" / "lti" / "lti-inverter-r000001.pt").write_bytes(b"garbage\n")
     args = ["run", "quickstart", "--out", str(out), *TINY]
-    for item in (*lti, "num-server-rounds=3", "sim.resume=true"):
+    for item in (*LTI, "num-server-rounds=3", "sim.resume=true"):
         args += ["--set", item]
     assert main(args) == 1
     error = capsys.readouterr().err.strip().splitlines()[-1]
