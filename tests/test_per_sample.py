@@ -240,20 +240,7 @@ def test_stacked_problems_differentiate_as_each_alone(case):
     replay = Replay(model, protocol)
     assert not replay.layerwise or case == "normed-fedsgd"
     replay.layerwise = False  # the vmap path, which the fused kernels broke
-    stacked = replay(x, y).update
-    each = [replay(x[i : i + 1], y[i : i + 1]).update for i in range(2)]
-    alone = [torch.cat(parts) for parts in zip(*each, strict=True)]
-    for a, b in zip(stacked, alone, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
-    directions = [torch.randn(u.shape, generator=g) for u in stacked]
-
-    def outer(updates: list[torch.Tensor]) -> torch.Tensor:
-        total = sum((u * d).sum() for u, d in zip(updates, directions, strict=True))
-        return torch.autograd.grad(total, x, retain_graph=True)[0]
-
-    reference = outer(alone)
-    scale = float(reference.abs().max())
-    torch.testing.assert_close(outer(stacked), reference, atol=1e-5 * scale, rtol=0)
+    _assert_stacked_as_each_alone(replay, x, y, g)
 
 
 class Positions(nn.Module):
@@ -269,23 +256,6 @@ class Positions(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.tanh(self.hidden(x + self.pos(torch.arange(x.shape[1]))))
         return self.head(h.mean(dim=1))
-
-
-@pytest.mark.parametrize("batch", [2, 4])  # 4: as many samples as positions
-def test_a_layer_fed_other_than_the_batch_falls_back_to_vmap(batch):
-    """Its per-sample gradients equal a loop's on the client and in the replay (audit DK1:
-    the layer-wise rules split the position table's input as if it were the batch)."""
-    model = Positions()
-    assert supported(model)
-    x, y = _data(batch, (4, 6))
-    ours, _ = per_sample_gradients_with_loss(model, x, y)
-    expected = _loop(model, x, y)
-    for key in ours:
-        torch.testing.assert_close(ours[key], expected[key], atol=1e-6, rtol=1e-5, msg=key)
-    replay = Replay(model, ClientProtocol("gradient"))
-    stacked = replay(x.unsqueeze(1), y.unsqueeze(1)).update
-    for name, update in zip(replay.names, stacked, strict=True):
-        torch.testing.assert_close(update, expected[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
 class TinyLanguageModel(nn.Module):
@@ -368,13 +338,25 @@ class DirectWeights(nn.Module):
         return self.head(h.mean(dim=1))
 
 
-@pytest.mark.parametrize(("model", "shape"), [(DirectWeights(), (5, 6)), (Positions(), (1, 6))])
-def test_per_sample_gradients_of_parameters_the_layer_rules_cannot_see(model, shape):
-    """A weight read directly or tied (audit DL1: zeros, or a tied use missing) and a
-    position table at a single position (the probe feeds one and two samples) take vmap."""
-    if shape == (1, 6):
+@pytest.mark.parametrize(
+    ("case", "batch", "shape"),
+    [
+        ("positions", 2, (4, 6)),
+        ("positions", 4, (4, 6)),  # as many samples as positions
+        ("one-position", 3, (1, 6)),
+        ("direct-weights", 3, (5, 6)),
+    ],
+)
+def test_parameters_the_layer_rules_cannot_see_take_vmap(case, batch, shape):
+    """Per-sample gradients equal a loop's on the client and in the replay where the
+    layer-wise rules do not apply: a position table's input split as if it were the batch
+    (audit DK1; at one position too, which is why the probe feeds one and two samples), a
+    weight read directly or tied (DL1: zeros, or the tied use missing)."""
+    model = DirectWeights() if case == "direct-weights" else Positions()
+    if case == "one-position":
         model.pos = nn.Embedding(1, 6)
-    x, y = _data(3, shape)
+    assert supported(model)
+    x, y = _data(batch, shape)
     ours, _ = per_sample_gradients_with_loss(model, x, y)
     expected = _loop(model, x, y)
     for key in ours:
@@ -428,8 +410,16 @@ def test_more_models_stack_problems_as_each_alone(case):
         x = torch.rand(2, 2, 3, 6, 6, generator=g, requires_grad=True)
     y = torch.softmax(torch.randn(2, 2, 10, generator=g), dim=-1)
     replay = Replay(model, protocol)
+    _assert_stacked_as_each_alone(replay, x, y, g)
+
+
+def _assert_stacked_as_each_alone(
+    replay: Replay, x: torch.Tensor, y: torch.Tensor, g: torch.Generator
+) -> None:
+    """The stacked problems' updates, and their derivative along random directions with
+    respect to the dummy inputs `x`, equal those of each problem replayed alone."""
     stacked = replay(x, y).update
-    each = [replay(x[i : i + 1], y[i : i + 1]).update for i in range(2)]
+    each = [replay(x[i : i + 1], y[i : i + 1]).update for i in range(x.shape[0])]
     alone = [torch.cat(parts) for parts in zip(*each, strict=True)]
     for a, b in zip(stacked, alone, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
