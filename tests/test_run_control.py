@@ -22,8 +22,10 @@ from processes import children, ended
 
 from fedleak.simulations.cli import main
 
-# Rounds that take at least 12 s of attack time each, so that a second run is refused while the
-# first one is busy and a signal lands inside a round.
+# Rounds that take at least 6 s of attack time each (inline, wall-clock: the same under load),
+# so that a second run is refused while the first one is busy and a signal sent once round 1 is
+# recorded (polled every 0.2 s) lands inside round 2. The tests wait for round 1 and signal at
+# once; a longer round (it was 12 s) only made each run and its resume slower.
 SLOW_ROUNDS = [
     "--num-clients",
     "2",
@@ -36,7 +38,7 @@ SLOW_ROUNDS = [
     "--set",
     "attack.max-iterations=1000000000",
     "--set",
-    "attack.max-seconds=12",
+    "attack.max-seconds=6",
     "--set",
     "attack.clients-per-round=1",
 ]

@@ -1,7 +1,7 @@
 """Sweeps: one-line errors before any run, cells as run directories, skip-finished reruns.
 
 Most tests use a fake runner that writes a plausible run directory; the end-to-end test runs
-a tiny 2 x 2 sweep through the real Flower simulation (`run_study`).
+a tiny 2-cell sweep through the real Flower simulation (`run_study`).
 """
 
 from __future__ import annotations
@@ -705,24 +705,6 @@ def test_a_cells_lines_reach_the_terminal_whole_in_one_write() -> None:
     assert all(stream.calls[stream.calls.index(w) + 1] == "<flush>" for w in writes)
 
 
-def test_parallel_cells_run_in_worker_processes(
-    tmp_path: Path, capfd: pytest.CaptureFixture[str]
-) -> None:
-    source = _write(tmp_path, GRID.replace("num-clients = 2", "num-clients = 2\nparallel = 2"))
-    sweep_dir = run_sweep(source, out_dir=tmp_path, runner=fake_runner, say=lambda _: None)
-    cells = read_manifest(sweep_dir)["cells"]
-    assert [c["status"] for c in cells] == ["done"] * 4
-    # Cells printing at once: every line of theirs says whose it is.
-    printed = capfd.readouterr().out.splitlines()
-    assert sorted(printed) == sorted(f"{c['id']}: round {r}/2" for c in cells for r in (1, 2)), (
-        printed
-    )
-    environments = {
-        json.loads((sweep_dir / c["id"] / "environment.json").read_text())["runner"] for c in cells
-    }
-    assert environments == {"fake"}
-
-
 def epsilon_runner(config: RunConfig, path: Path) -> Path:
     """A cell whose progress line holds a character an ASCII terminal cannot encode."""
     print("ε 1.5", flush=True)
@@ -749,14 +731,28 @@ def stopping_runner(config: RunConfig, path: Path) -> Path:
     return fake_runner(config, path)
 
 
-def test_parallel_cells_label_their_standard_error_too(
+def test_parallel_cells_run_in_worker_processes_and_label_both_their_streams(
     tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    """A Ctrl-C reaches every running cell and each said it stops, unlabelled (audit AL5)."""
+    """Cells of a parallel sweep run in the pool's processes and every line they print says
+    whose it is, on standard output and on standard error: a Ctrl-C reaches every running cell
+    and each said it stops, unlabelled (audit AL5). One sweep (its pool's start-up is most of
+    the time) checks both streams; `stopping_runner` prints the rounds as `fake_runner` does."""
     source = _write(tmp_path, GRID.replace("num-clients = 2", "num-clients = 2\nparallel = 2"))
     sweep_dir = run_sweep(source, out_dir=tmp_path, runner=stopping_runner, say=lambda _: None)
     cells = read_manifest(sweep_dir)["cells"]
-    said = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+    assert [c["status"] for c in cells] == ["done"] * 4
+    captured = capfd.readouterr()
+    # Cells printing at once: every line of theirs says whose it is.
+    printed = captured.out.splitlines()
+    assert sorted(printed) == sorted(f"{c['id']}: round {r}/2" for c in cells for r in (1, 2)), (
+        printed
+    )
+    environments = {
+        json.loads((sweep_dir / c["id"] / "environment.json").read_text())["runner"] for c in cells
+    }
+    assert environments == {"fake"}
+    said = [line for line in captured.err.splitlines() if line.strip()]
     assert sorted(said) == sorted(
         f"{c['id']}: fedleak: stopping at the next safe point" for c in cells
     )
@@ -789,23 +785,6 @@ except KeyboardInterrupt as error:
 """
 
 
-def test_ctrl_c_stops_a_parallel_sweep_and_starts_no_queued_cell(tmp_path: Path) -> None:
-    child, sweep_dir = _start_sweep(
-        tmp_path, GRID.replace("num-clients = 2", "num-clients = 2\nparallel = 2"), "waiting_runner"
-    )
-    try:
-        _started(sweep_dir, 2)
-        os.killpg(child.pid, signal.SIGINT)  # a terminal's Ctrl-C: every process of the sweep
-        out, _ = child.communicate(timeout=60)
-    finally:
-        if child.poll() is None:
-            os.killpg(child.pid, signal.SIGKILL)
-    assert child.returncode == 130, out
-    assert len(list(sweep_dir.glob("*/started"))) == 2, "a queued cell started after Ctrl-C"
-    statuses = [c["status"] for c in read_manifest(sweep_dir)["cells"]]
-    assert statuses == ["interrupted"] * 4
-
-
 def second_cell_finishes_runner(config: RunConfig, path: Path) -> Path:
     """The first cell stops at Ctrl-C; the second is in its last round and ends all the same."""
     if not path.name.startswith("cell-001"):
@@ -819,7 +798,13 @@ def second_cell_finishes_runner(config: RunConfig, path: Path) -> Path:
     return fake_runner(config, path)
 
 
-def test_a_cell_that_ends_while_a_parallel_sweep_stops_is_recorded_done(tmp_path: Path) -> None:
+def test_ctrl_c_stops_a_parallel_sweep_starts_no_queued_cell_and_records_one_that_ends(
+    tmp_path: Path,
+) -> None:
+    """Ctrl-C while two cells run: the one that stops is interrupted, the one in its last round
+    that ends all the same is recorded done, and no queued cell starts, not even in the slot
+    the finished cell leaves. (One sweep for both cases: its pool's start-up is most of the
+    time.)"""
     child, sweep_dir = _start_sweep(
         tmp_path,
         GRID.replace("num-clients = 2", "num-clients = 2\nparallel = 2"),
@@ -827,13 +812,16 @@ def test_a_cell_that_ends_while_a_parallel_sweep_stops_is_recorded_done(tmp_path
     )
     try:
         _started(sweep_dir, 2)
-        os.killpg(child.pid, signal.SIGINT)
+        os.killpg(child.pid, signal.SIGINT)  # a terminal's Ctrl-C: every process of the sweep
         out, _ = child.communicate(timeout=60)
     finally:
         if child.poll() is None:
             os.killpg(child.pid, signal.SIGKILL)
     assert child.returncode == 130, out
     cells = read_manifest(sweep_dir)["cells"]
+    # cell-001 removed its own marker when it finished; cell-000's is the only one left.
+    started = [path.parent.name for path in sweep_dir.glob("*/started")]
+    assert started == [cells[0]["id"]], "a queued cell started after Ctrl-C"
     assert [c["status"] for c in cells] == ["interrupted", "done", "interrupted", "interrupted"]
     assert cells[1]["seconds"] > 0 and (sweep_dir / cells[1]["id"] / "DONE").exists()
 
@@ -986,9 +974,11 @@ REAL = """
 name = "real"
 num-clients = 1
 
+# Two cells, each a real simulation (Ray starts for each): one finished before the
+# interruption and kept, one run by the resumed sweep. A seed axis (2 x 2) only ran the same
+# path twice more.
 [sweep.grid]
 "defense.spec" = ["none", "gauss:0.01"]
-seed = [0, 1]
 
 [base]
 num-server-rounds = 1
@@ -1003,7 +993,8 @@ images-per-client = 1
 
 @pytest.mark.slow
 def test_real_sweep_end_to_end_with_an_interruption(tmp_path: Path) -> None:
-    """2 x 2 cells through the real Flower simulation; stopped after one cell, then resumed."""
+    """2 cells through the real Flower simulation; stopped after one cell, then resumed (the
+    resumed sweep runs the other cell in the same process, after the first cell's engine)."""
     from fedleak.report.build import build_report
     from fedleak.simulations.sweep import _study_runner
 
@@ -1025,7 +1016,8 @@ def test_real_sweep_end_to_end_with_an_interruption(tmp_path: Path) -> None:
 
     run_sweep(source, out_dir=tmp_path, say=lambda _: None)  # the default runner: run_study
     cells = read_manifest(sweep_dir)["cells"]
-    assert [c["status"] for c in cells] == ["done"] * 4
+    assert [c["status"] for c in cells] == ["done"] * 2
+    assert calls[1] != calls[0] and (sweep_dir / calls[1]).is_dir()  # run by the resumed sweep
     assert (first / "utility.csv").stat().st_mtime_ns == stamp, "the finished cell was redone"
     for cell in cells:
         run = RunDirectory.open(sweep_dir / cell["id"])
