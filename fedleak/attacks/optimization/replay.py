@@ -114,7 +114,7 @@ class _SplitAffine:
     backward give wrong derivatives of the per-problem gradients with respect to the inputs
     once the layer is affine (measured against plain autograd: transformer3's stacked TAG
     problems off by 3e-4 of their scale, a two-layer LayerNorm net's by 4e-2, an affine
-    InstanceNorm2d's by 2e-2; split, they agree to 1e-7). The replay turns it on around its
+    InstanceNorm2d's by 2e-2; split, within 4e-7 of it). The replay turns it on around its
     vmap calls only: elsewhere the fused forward is the client's own, bit for bit."""
 
     split = False
