@@ -201,6 +201,13 @@ class DefenseOutputError(ValueError):
     aggregate, and the attackers invert, something else than the model's update."""
 
 
+def _all_finite(tensor: Tensor) -> bool:
+    """Whether every value is finite. A finite sum proves it in one reduction (a NaN or an
+    infinity makes the sum NaN or infinite), several times faster than `isfinite` on every
+    value, which is left for finite values whose sum overflows."""
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
+
+
 def _same_form(step: Any, before: dict[str, Tensor], after: object) -> dict[str, Tensor]:
     """`after`, if it holds a tensor of the same shape under each key of `before`, finite
     where `before` was."""
@@ -219,7 +226,7 @@ def _same_form(step: Any, before: dict[str, Tensor], after: object) -> dict[str,
                     f"changed the shape of {key!r} from {tuple(before[key].shape)} to "
                     f"{tuple(value.shape)}"
                 )
-            elif not bool(torch.isfinite(value).all()) and bool(torch.isfinite(before[key]).all()):
+            elif not _all_finite(value) and _all_finite(before[key]):
                 # No client's training sends NaN, and the global model would take it.
                 problem = f"turned the finite {key!r} into NaN or infinite values"
                 overflow = True
