@@ -728,3 +728,22 @@ def test_a_resume_without_a_folder_is_refused_before_anything_runs() -> None:
     config = parse_flat({"sim.resume": True}, load_preset("quickstart"))
     with pytest.raises(ConfigError, match=r"^sim\.resume=true without out-dir: a run without one"):
         validate_components(config)
+
+
+def test_a_failed_run_whose_failed_cannot_be_written_reports_its_own_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every client failed, then the full disk refused FAILED: the run ended on the write's
+    error, not on why it failed (audit DH2)."""
+    from fedleak.simulations import study
+
+    def refuse(self: RunDirectory, reason: str) -> None:
+        raise OSError(28, "No space left on device", str(self.path / ".FAILED.tmp"))
+
+    config = parse_flat({"out-dir": str(tmp_path / "run")})
+    run_dir = RunDirectory.create(tmp_path / "run", config, {})
+    monkeypatch.setattr(RunDirectory, "mark_failed", refuse)
+    with pytest.raises(study.RunFailed, match=r"run: every client failed in round 1$"):
+        study._fail(run_dir, "every client failed in round 1")
+    warning = capsys.readouterr().err
+    assert f"could not record the failure in {run_dir.path} (No space left on device)" in warning

@@ -475,10 +475,25 @@ def _serve(
 def _fail(run_dir: RunDirectory, reason: str) -> NoReturn:
     """End a run that cannot go on: FAILED with the reason, the finished rounds summarised and
     reported, and `RunFailed` (one line) for the caller."""
-    run_dir.mark_failed(reason)
-    run_dir.write_summary()
-    write_report(run_dir.path)
+    _record_failure(run_dir, reason)
     raise RunFailed(f"{run_dir.path}: {reason}")
+
+
+def _record_failure(run_dir: RunDirectory, reason: str) -> None:
+    """FAILED with the reason, then the summary and the report. A disk that refuses them (the
+    full disk that failed the run, say) is warned about: the run's own reason stays the error
+    the caller reports, not the write's (audit DH2)."""
+    try:
+        run_dir.mark_failed(reason)
+        run_dir.write_summary()
+        write_report(run_dir.path)
+    except OSError as error:
+        print(
+            f"fedleak: warning: could not record the failure in {run_dir.path} "
+            f"({error.strerror or type(error).__name__})",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _round_kind(config: RunConfig) -> Callable[[int], bool]:
@@ -495,10 +510,7 @@ def _finish(run_dir: RunDirectory, first_error: str | None) -> Path:
     if reason.startswith("every client failed") and first_error:
         reason += f" (first error: {one_line(first_error)})"
     if reason:
-        run_dir.mark_failed(reason)
-        run_dir.write_summary()
-        write_report(run_dir.path)  # the recorded rounds are worth a look all the same
-        raise RunFailed(f"{run_dir.path}: {reason}")
+        _fail(run_dir, reason)  # the recorded rounds are reported all the same
     run_dir.mark_done()
     write_report(run_dir.path)
     return run_dir.path
