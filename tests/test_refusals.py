@@ -210,6 +210,31 @@ CASES = [
         "attack.ig.bn-weight=0.01: model.name='lenet' has no BatchNorm layer, so the BatchNorm "
         "prior has nothing to match",
     ),
+    # Keys written with underscores, and lti+ig's refinement's, passed and failed the run in
+    # its first round (audit DO1).
+    Case(
+        "bn-exact-written-with-an-underscore",
+        (*CHECK, *CONVNET_BN_GRADINVERSION, "--set", "attack.gradinversion.bn_mode=exact"),
+        "attack.gradinversion.bn-mode='exact' matches the clients' BatchNorm batch statistics",
+    ),
+    Case(
+        "bn-exact-of-the-hybrids-refinement",
+        (
+            *CHECK,
+            "--set",
+            "model.name=convnet-bn",
+            "--set",
+            "attack.names=lti+ig",
+            "--set",
+            "attack.lti+ig.ig-bn-mode=exact",
+        ),
+        "attack.lti+ig.ig-bn-mode='exact' matches the clients' BatchNorm batch statistics",
+    ),
+    Case(
+        "bn-prior-without-batchnorm-written-with-an-underscore",
+        (*CHECK, "--set", "attack.ig.bn_weight=0.01"),
+        "attack.ig.bn-weight=0.01: model.name='lenet' has no BatchNorm layer",
+    ),
     Case(
         "fedavg-examples-never-used",
         (*CHECK, "--set", "train.mode=fedavg", "--set", "train.examples=8"),

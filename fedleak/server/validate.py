@@ -67,7 +67,7 @@ from fedleak.server.pool import (
     local_cpus,
     ray_init_args,
 )
-from fedleak.settings import KeyHelp, flat_values
+from fedleak.settings import KeyHelp, flat_values, key_of
 
 # What each modality's inputs are called in a refusal ("reconstructs images, not the tokens").
 _PLURAL = {"image": "images", "tokens": "tokens"}
@@ -413,21 +413,26 @@ def _check_batchnorm_prior(config: RunConfig, fd: FederatedData) -> None:
     model without BatchNorm (it would match nothing, and the row would still record it)."""
     has_bn = has_batchnorm(build_model(model_spec(config, fd)))
     for name in config.attack.names:
-        params = config.attack.params.get(name, {})
-        mode, weight = params.get("bn-mode"), params.get("bn-weight")
-        if mode == "exact" and has_bn and config.threat.bn_stats != "shared":
-            raise ConfigError(
-                f"attack.{name}.bn-mode='exact' matches the clients' BatchNorm batch "
-                "statistics, but threat.bn-stats='hidden'; set threat.bn-stats='shared' or "
-                "bn-mode to auto, infer or proxy"
-            )
-        if not has_bn and ((mode is not None and mode != "auto") or (weight or 0) > 0):
-            setting = f"bn-mode={mode!r}" if mode not in (None, "auto") else f"bn-weight={weight}"
-            raise ConfigError(
-                f"attack.{name}.{setting}: model.name={config.model.name!r} has no BatchNorm "
-                "layer, so the BatchNorm prior has nothing to match; leave it unset or choose "
-                "a model with BatchNorm (resnet20, resnet18, convnet-bn)"
-            )
+        # However the key was written: `bn_mode`, or `ig-bn-mode` for lti+ig's refinement
+        # (audit DO1: those spellings passed, and the run failed in its first round).
+        given = {key_of(key): value for key, value in config.attack.params.get(name, {}).items()}
+        for prefix in ("", "ig-"):
+            mode, weight = given.get(f"{prefix}bn-mode"), given.get(f"{prefix}bn-weight")
+            if mode == "exact" and has_bn and config.threat.bn_stats != "shared":
+                raise ConfigError(
+                    f"attack.{name}.{prefix}bn-mode='exact' matches the clients' BatchNorm "
+                    "batch statistics, but threat.bn-stats='hidden'; set "
+                    "threat.bn-stats='shared' or bn-mode to auto, infer or proxy"
+                )
+            if not has_bn and ((mode is not None and mode != "auto") or (weight or 0) > 0):
+                setting = (
+                    f"bn-mode={mode!r}" if mode not in (None, "auto") else f"bn-weight={weight}"
+                )
+                raise ConfigError(
+                    f"attack.{name}.{prefix}{setting}: model.name={config.model.name!r} has no "
+                    "BatchNorm layer, so the BatchNorm prior has nothing to match; leave it "
+                    "unset or choose a model with BatchNorm (resnet20, resnet18, convnet-bn)"
+                )
 
 
 def unused_batchnorm_prior(config: RunConfig, fd: FederatedData) -> str | None:
