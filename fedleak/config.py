@@ -30,6 +30,7 @@ from fedleak.settings import (
     flat_keys,
     help_lines,
     internal,
+    key_of,
     nested,
     parse_settings,
     setting,
@@ -408,6 +409,20 @@ def parse_flat(flat: Mapping[str, Any], base: RunConfig | None = None) -> RunCon
     config = dataclasses.replace(config, attack=dataclasses.replace(config.attack, params=params))
     _check_consistency(config)
     return config
+
+
+def canonical_key(key: str) -> str:
+    """A flat key as the run records it: a setting's with hyphens for underscores, an attack
+    parameter's with its parameter's (`attack.ig.bn_mode` is `attack.ig.bn-mode`; the
+    attack's own name stays as written). Keys neither names are returned unchanged."""
+    hyphens = key.replace("_", "-")
+    if hyphens in set(known_keys()):
+        return hyphens
+    head, _, rest = key.partition(".")
+    attack, _, param = rest.partition(".")
+    if head == "attack" and attack and param:
+        return f"attack.{attack}.{key_of(param)}"
+    return key
 
 
 def _check_param(key: str, raw: Any) -> None:

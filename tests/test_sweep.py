@@ -579,6 +579,28 @@ def test_overrides_apply_to_every_cell_last(tmp_path: Path) -> None:
         load_sweep(_write(tmp_path, GRID), {"train.batchsize": 2})
 
 
+def test_a_key_written_with_underscores_is_the_same_setting(tmp_path: Path) -> None:
+    """`--set train.batch_size=8` ran batch 8 in cells named and recorded B32, and a cell's
+    `train.batch_size` beside the grid's `train.batch-size` was dropped (audit DO2)."""
+    text = GRID + '\n[[sweep.cells]]\n"attack.max_iterations" = 7\n'
+    plan = load_sweep(_write(tmp_path, text), {"attack.max_iterations": 3})
+    assert plan.cells[0].id == "cell-000-max-iterations-3_B1_none"
+    assert plan.cells[0].overrides["attack.max-iterations"] == 3
+    assert plan.cells[0].config.attack.max_iterations == 3
+    with pytest.raises(SweepError, match=r"--set train.batch-size: the sweep's grid varies"):
+        load_sweep(_write(tmp_path, GRID), {"train.batch_size": 2})
+    clash = GRID + '\n[[sweep.cells]]\n"train.batch_size" = 4\n'
+    with pytest.raises(SweepError, match=r"train.batch-size=4 clashes with sweep.grid"):
+        load_sweep(_write(tmp_path, clash))
+    twice = GRID.replace(
+        '"train.batch-size" = [1, 2]', '"train.batch-size" = [1]\ntrain.batch_size = [2]'
+    )
+    with pytest.raises(
+        SweepError, match=r"sweep.grid: train.batch-size and train.batch_size name the same"
+    ):
+        load_sweep(_write(tmp_path, twice))
+
+
 def test_cell_patterns_select_a_subset_with_unchanged_ids(tmp_path: Path) -> None:
     source = _write(tmp_path, GRID)
     plan = load_sweep(source, cells=["*-B2_*", "cell-000-*"])

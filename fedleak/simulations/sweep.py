@@ -77,7 +77,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from fedleak.config import ConfigError, RunConfig, flatten_toml, parse_flat
+from fedleak.config import ConfigError, RunConfig, canonical_key, flatten_toml, parse_flat
 from fedleak.interrupt import last_words, stop_requests
 from fedleak.lines import MAX_LINE, error_line
 from fedleak.report import collect
@@ -246,11 +246,27 @@ def _applied_order(value: Any) -> Any:
     return "+".join(sorted(written, key=lambda step: applied.index(step.split(":")[0].lower())))
 
 
+def _canonical(flat: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """`flat` under the keys its settings are recorded by: `train.batch_size` compared as
+    `train.batch-size` with the grid's keys and named so in the cell's id (audit DO2: a cell
+    was labelled and recorded with the grid's value while an override ran another)."""
+    keyed: dict[str, Any] = {}
+    written: dict[str, str] = {}
+    for key, value in flat.items():
+        canonical = canonical_key(key) if isinstance(key, str) else key
+        if canonical in keyed:
+            raise SweepError(
+                f"{where}: {written[canonical]} and {key} name the same setting; give it once"
+            )
+        keyed[canonical], written[canonical] = value, key
+    return keyed
+
+
 def _grid(raw: Any) -> dict[str, list[Any]]:
     if not isinstance(raw, dict):
         raise SweepError(f"sweep.grid={raw!r}: expected a table of key = [values]")
-    grid = {}
-    for key, values in flatten_toml(raw).items():
+    grid: dict[str, list[Any]] = {}
+    for key, values in _canonical(flatten_toml(raw), "sweep.grid").items():
         _check_key("sweep.grid", key)
         if not isinstance(values, list):
             raise SweepError(f"sweep.grid.{key}={values!r}: expected a list of values")
@@ -269,7 +285,7 @@ def _cells(raw: Any, grid: Mapping[str, list[Any]]) -> list[dict[str, Any]]:
         raise SweepError("sweep.cells: expected [[sweep.cells]] tables of key = value")
     cells = []
     for number, table in enumerate(raw, start=1):
-        cell = flatten_toml(table)
+        cell = _canonical(flatten_toml(table), f"sweep.cells #{number}")
         for key, value in cell.items():
             _check_key(f"sweep.cells #{number}", key)
             if key in grid:
@@ -307,7 +323,7 @@ def _base(document: Mapping[str, Any], section: Mapping[str, Any]) -> RunConfig:
 
 
 def _overrides(raw: Mapping[str, Any] | None, grid: Mapping[str, list[Any]]) -> dict[str, Any]:
-    overrides = dict(raw or {})
+    overrides = _canonical(raw or {}, "--set")
     for key in overrides:
         _check_key("--set", key)
         if key in grid:
