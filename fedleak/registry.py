@@ -81,7 +81,7 @@ class PluginCall:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         try:
             return self.function(*args, **kwargs)
-        except Exception as error:
+        except (Exception, SystemExit) as error:  # a script's sys.exit() ends no run
             if is_own_error(error):
                 raise
             raise PluginFailed(f"{self.where}: {self.role} raised {error_line(error)}") from error
@@ -315,7 +315,9 @@ class Registry(Generic[E]):
                         f"point that name, or register it as {name!r}"
                     )
                 self.add(name, self._adopt(name, loaded))
-        except Exception as error:
+        # A module written as a script exits at import (a missing `if __name__ == "__main__"`,
+        # argparse at module level): that ended every fedleak command silently, even with 0.
+        except (Exception, SystemExit) as error:
             where = f"entry point {point.name!r} = {point.value!r} in group {self.group!r}"
             if point.dist is not None:
                 where += f" of {point.dist.name} {point.dist.version}"
@@ -404,7 +406,7 @@ def load_object(path: str, setting: str) -> Any:
         raise ConfigError(f"{setting}={path!r}: expected an import path package.module:factory")
     try:
         module = importlib.import_module(module_name)
-    except Exception as error:
+    except (Exception, SystemExit) as error:  # a module written as a script exits at import
         raise ConfigError(
             f"{setting}={path!r}: cannot import {module_name!r} ({error_line(error)})"
         ) from None

@@ -32,7 +32,7 @@ from fedleak.data.dataset import ImageDataset
 from fedleak.data.embedded import load_mnist5k
 from fedleak.defenses import DEFENSES, parse_defense_spec, register_defense
 from fedleak.models import MODELS, ModelSpec, build_model, model_names, register_model
-from fedleak.registry import PluginError, Registry
+from fedleak.registry import PluginCall, PluginError, PluginFailed, Registry
 from fedleak.server.validate import check_seen_by_ray, validate_components
 from fedleak.settings import ConfigError, Settings, setting
 
@@ -1073,3 +1073,35 @@ def test_an_entry_point_class_with_a_dict_default_config_is_refused_on_adoption(
 
     with pytest.raises(ConfigError, match=r"^attack 'x': config=\{'passes': 1\}: expected None"):
         attack_registry._adopt("x", DictConfig)
+
+
+def test_a_plugin_that_exits_at_import_or_when_called_is_one_line_not_the_end(
+    tmp_path: Path,
+) -> None:
+    """A plug-in module written as a script (`sys.exit(0)` at import, argparse at module
+    level) ended every fedleak command silently with its exit code, 0 included (audit DM1)."""
+    (tmp_path / "fedleak_script.py").write_text(
+        "import sys\n\n\nclass Attack:\n    pass\n\n\nsys.exit(0)\n"
+    )
+    info = tmp_path / "fedleak_script-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fedleak-script\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(
+        "[fedleak.attacks]\ntest-script = fedleak_script:Attack\n"
+    )
+    sys.path.insert(0, str(tmp_path))
+    try:
+        with pytest.raises(PluginError) as error:
+            attack_entry("test-script")
+        assert str(error.value).endswith("of fedleak-script 0.1 failed to load: SystemExit: 0")
+        with pytest.raises(ConfigError, match=r"cannot import 'fedleak_script' \(SystemExit: 0\)"):
+            build_model(ModelSpec("fedleak_script:Attack", (1, 2, 2), 2))
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("fedleak_script", None)
+
+    def usage(*args: object) -> None:
+        raise SystemExit("usage: attack.py [-h] --epochs EPOCHS")
+
+    with pytest.raises(PluginFailed, match=r"^plug-in x: reconstruct raised SystemExit: usage"):
+        PluginCall(usage, "plug-in x", "reconstruct")()

@@ -63,10 +63,10 @@ class SpecParser:
             if text and "\n" not in text:
                 raise  # the parser's own one-line refusal, as the built-ins word theirs
             raise ValueError(self._problem(error)) from None
-        except Exception as error:
+        except (Exception, SystemExit) as error:
             raise ValueError(self._problem(error)) from None
 
-    def _problem(self, error: Exception) -> str:
+    def _problem(self, error: BaseException) -> str:
         line = next((part.strip() for part in str(error).splitlines() if part.strip()), "")
         if isinstance(error, ValueError) and line:
             return line
