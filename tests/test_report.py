@@ -1387,6 +1387,7 @@ def test_an_attack_below_the_floors_psnr_is_not_named_as_leaking(tmp_path: Path)
     text = verdict(load_study(path))
     assert text.startswith("Without a defense, no attack got closer than the aux-mean floor")
     assert "the closest, ig, reconstructed 0/" in text
+    assert "), closer by LPIPS alone" in text  # what its medians do show (audit DN1)
 
 
 def _sweep_of(root: Path, cells: dict[str, dict[str, object]], waiting: tuple[str, ...] = ()):

@@ -389,7 +389,7 @@ def test_an_image_attack_behind_the_floor_in_every_median_is_marked_below_it() -
     level = _summary("dlg", 0, 11.0, 0.40)  # closer by LPIPS, lower PSNR: not behind in both
     setting = SettingVerdict("", "gauss:0.01", (level, behind), floor, 0.1, 0.1, (1,))
     assert _floor_mark(behind, setting) == " (below the floor)"
-    assert _floor_mark(level, setting) == " (at the floor)"
+    assert _floor_mark(level, setting) == " (closer than the floor by LPIPS alone)"
     no_lpips = dataclasses.replace(behind, lpips=Median(math.nan, math.nan, math.nan, 0, 0.95))
     assert _floor_mark(no_lpips, setting) == " (below the floor)"
 
@@ -529,4 +529,28 @@ def test_a_matching_loss_that_ran_to_infinity_is_not_blamed_on_the_budget() -> N
     )
     assert ", and elsewhere its budget ran out or it could not match the update, so this does " in (
         _setting_sentence(partly, setting)
+    )
+
+
+def test_an_attack_closer_than_the_floor_by_one_median_alone_says_so() -> None:
+    """ig at LPIPS 0.393 against the floor's 0.443 (PSNR 11.15 against 11.60 dB) was said to
+    get no closer than the floor, its medians quoted beside the claim (audit DN1)."""
+    floor = _summary("aux-mean", 0, 11.60, 0.443)
+    ig = _summary("ig", 0, 11.15, 0.393)
+    setting = SettingVerdict("", "none", (ig,), floor, 0.1, 0.1, (1,))
+    sentence = _setting_sentence(setting, setting)
+    assert sentence.startswith(
+        "Without a defense, no attack got closer than the aux-mean floor (median PSNR 11.60 dB, "
+        "LPIPS 0.443) by both medians: the closest, ig, reconstructed 0/192 (0%) of the private "
+        "samples (median PSNR 11.15 dB, LPIPS 0.393), closer by LPIPS alone"
+    )
+    assert _floor_mark(ig, setting) == " (closer than the floor by LPIPS alone)"
+    sharper = _summary("ig-sharp", 0, 12.5, 0.47)
+    both = SettingVerdict("", "none", (ig, sharper), floor, 0.1, 0.1, (1,))
+    runner_up = "; ig-sharp 0/192 (0%), median PSNR 12.50 dB, LPIPS 0.470, closer than the floor"
+    assert f"{runner_up} by PSNR alone." in _setting_sentence(both, both)
+    # Behind the floor on both medians, as before.
+    behind = _summary("ig", 0, 11.15, 0.50)
+    assert _floor_mark(behind, SettingVerdict("", "none", (behind,), floor, 0.1, 0.1, (1,))) == (
+        " (below the floor)"
     )

@@ -164,9 +164,9 @@ def _scores(s: SettingSummary, rate_given: bool = False) -> str:
 
 
 def _at_floor(s: SettingSummary, v: SettingVerdict) -> bool:
-    """The attack reconstructed no sample, and its median LPIPS is not below the floor's or
-    its median PSNR not above it, as the success rule asks of a sample (text: its median token
-    accuracy is not above the floor's): it learned nothing from the update. An attack that
+    """The attack reconstructed no sample, and neither its median LPIPS is below the floor's
+    nor its median PSNR above it (closer by one alone: `_closer_by_one`; text: its median
+    token accuracy is not above the floor's): it learned nothing from the update. An attack that
     inverts some samples exactly and others not at all has its median at the floor, yet it
     leaks: its successes say so."""
     if v.floor is not None and s.tokens and v.floor.tokens:
@@ -175,7 +175,24 @@ def _at_floor(s: SettingSummary, v: SettingVerdict) -> bool:
         return False
     no_closer = s.lpips.n and v.floor.lpips.n and s.lpips.value >= v.floor.lpips.value
     no_higher_psnr = s.psnr.n and v.floor.psnr.n and s.psnr.value <= v.floor.psnr.value
-    return bool(no_closer or no_higher_psnr)
+    return bool(no_closer or no_higher_psnr) and not _closer_by_one(s, v)
+
+
+def _closer_by_one(s: SettingSummary, v: SettingVerdict) -> str:
+    """The one image median ("LPIPS" or "PSNR") by which an attack that reconstructed no
+    sample is closer than the floor while the other is not; '' otherwise. Such an attack did
+    get closer by that measure: "no attack got closer" contradicted the medians quoted beside
+    it (audit DN1)."""
+    floor = v.floor
+    if floor is None or s.tokens or s.success.k > 0:
+        return ""
+    if not (s.lpips.n and floor.lpips.n and s.psnr.n and floor.psnr.n):
+        return ""
+    closer = s.lpips.value < floor.lpips.value
+    higher = s.psnr.value > floor.psnr.value
+    if closer == higher:
+        return ""
+    return "LPIPS" if closer else "PSNR"
 
 
 def _scored_nothing(s: SettingSummary) -> bool:
@@ -214,6 +231,8 @@ def _floor_mark(s: SettingSummary, v: SettingVerdict) -> str:
     told apart from the floor)' for a text attack above it within the two medians'
     intervals."""
     if not _at_floor(s, v):
+        if _closer_by_one(s, v):
+            return f" (closer than the floor by {_closer_by_one(s, v)} alone)"
         close = v.floor is not None and _within_floor_noise(s, v.floor)
         return " (not told apart from the floor)" if close else ""
     return " (below the floor)" if _behind_floor(s, v) else " (at the floor)"
@@ -334,6 +353,8 @@ def _runner_up_floor(s: SettingSummary, v: SettingVerdict, nothing_learned: bool
         return ""
     if _at_floor(s, v):
         return ", no closer than the floor"
+    if _closer_by_one(s, v):
+        return f", closer than the floor by {_closer_by_one(s, v)} alone"
     return ", not told apart from the floor" if _within_floor_noise(s, v.floor) else ""
 
 
@@ -374,6 +395,13 @@ def _setting_sentence(v: SettingVerdict, baseline: SettingVerdict | None) -> str
             text = (
                 f"{where}, no attack got closer than the {floor.attack} floor "
                 f"({_scores(floor)}): the closest, {leader.attack}{ranked}, {reconstructed}"
+                + _unconverged(leader, v)
+            )
+        elif floor is not None and _closer_by_one(leader, v):
+            text = (
+                f"{where}, no attack got closer than the {floor.attack} floor "
+                f"({_scores(floor)}) by both medians: the closest, {leader.attack}{ranked}, "
+                f"{reconstructed}, closer by {_closer_by_one(leader, v)} alone"
                 + _unconverged(leader, v)
             )
         else:
