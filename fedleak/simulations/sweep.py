@@ -253,6 +253,7 @@ def _canonical(flat: Mapping[str, Any], where: str) -> dict[str, Any]:
     keyed: dict[str, Any] = {}
     written: dict[str, str] = {}
     for key, value in flat.items():
+        _check_key(where, key)  # named as written
         canonical = canonical_key(key) if isinstance(key, str) else key
         if canonical in keyed:
             raise SweepError(
@@ -267,7 +268,6 @@ def _grid(raw: Any) -> dict[str, list[Any]]:
         raise SweepError(f"sweep.grid={raw!r}: expected a table of key = [values]")
     grid: dict[str, list[Any]] = {}
     for key, values in _canonical(flatten_toml(raw), "sweep.grid").items():
-        _check_key("sweep.grid", key)
         if not isinstance(values, list):
             raise SweepError(f"sweep.grid.{key}={values!r}: expected a list of values")
         if not values:
@@ -287,7 +287,6 @@ def _cells(raw: Any, grid: Mapping[str, list[Any]]) -> list[dict[str, Any]]:
     for number, table in enumerate(raw, start=1):
         cell = _canonical(flatten_toml(table), f"sweep.cells #{number}")
         for key, value in cell.items():
-            _check_key(f"sweep.cells #{number}", key)
             if key in grid:
                 raise SweepError(
                     f"sweep.cells #{number}: {key}={value!r} clashes with sweep.grid.{key}; "
@@ -325,7 +324,6 @@ def _base(document: Mapping[str, Any], section: Mapping[str, Any]) -> RunConfig:
 def _overrides(raw: Mapping[str, Any] | None, grid: Mapping[str, list[Any]]) -> dict[str, Any]:
     overrides = _canonical(raw or {}, "--set")
     for key in overrides:
-        _check_key("--set", key)
         if key in grid:
             raise SweepError(
                 f"--set {key}: the sweep's grid varies {key}; an override would make its cells "
