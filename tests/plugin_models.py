@@ -66,3 +66,25 @@ def tuple_net(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
 def eleven_class_net(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """A linear classifier with one class more than the data set has."""
     return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), num_classes + 1))
+
+
+class _OneRow(nn.Module):
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, *, pool: bool) -> None:
+        super().__init__()
+        self.linear = nn.Linear(math.prod(input_shape), num_classes)
+        self.pool = pool
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.pool:  # the batch's mean input: one row whatever the batch
+            return self.linear(x.flatten(1).mean(dim=0, keepdim=True))
+        return self.linear(x.view(1, -1))
+
+
+def one_row_net(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """A classifier that flattens its whole batch into one row: right for one input only."""
+    return _OneRow(input_shape, num_classes, pool=False)
+
+
+def pooled_batch_net(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """A classifier that scores its batch's mean input: one row of scores for any batch."""
+    return _OneRow(input_shape, num_classes, pool=True)

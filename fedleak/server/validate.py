@@ -191,29 +191,38 @@ def check_seen_by_ray(config: RunConfig, own_clients: bool = True) -> None:
 
 
 def check_model(spec: ModelSpec) -> None:
-    """Refuse a model that fails on one input of the data's shape or does not score every
-    class (a user's `module:factory` model): every client would fail in its first step."""
+    """Refuse a model that fails on one input of the data's shape or on a batch of two (a
+    forward that flattens to one row, audit DM4), or does not score every class (a user's
+    `module:factory` model): every client would fail in its first step."""
     tokens = model_modality(spec.name) == "tokens"
-    shape = (1, *spec.input_shape)
-    expected = (*shape, spec.num_classes) if tokens else (1, spec.num_classes)
     try:
         model = build_model(spec).eval()
-        with torch.no_grad():
-            out = model(torch.zeros(shape, dtype=torch.long if tokens else torch.float32))
     except ConfigError:  # already one line naming the model (a plug-in factory that raised)
         raise
     except Exception as error:  # the model is the user's code: any failure is theirs
         detail = one_line(f"{type(error).__name__}: {error}", 200)
-        raise ConfigError(
-            f"model.name={spec.name!r}: fails on one input of shape {shape} ({detail})"
-        ) from None
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
-        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ConfigError(
-            f"model.name={spec.name!r}: outputs {got} for one input of shape {shape}; expected "
-            f"{expected} (a score for each of the data's {spec.num_classes} "
-            f"{'tokens' if tokens else 'classes'})"
-        )
+        raise ConfigError(f"model.name={spec.name!r}: cannot be built ({detail})") from None
+    for count in (1, 2):
+        shape = (count, *spec.input_shape)
+        inputs = "one input" if count == 1 else f"a batch of {count} inputs"
+        expected = (*shape, spec.num_classes) if tokens else (count, spec.num_classes)
+        try:
+            with torch.no_grad():
+                out = model(torch.zeros(shape, dtype=torch.long if tokens else torch.float32))
+        except ConfigError:
+            raise
+        except Exception as error:
+            detail = one_line(f"{type(error).__name__}: {error}", 200)
+            raise ConfigError(
+                f"model.name={spec.name!r}: fails on {inputs} of shape {shape} ({detail})"
+            ) from None
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ConfigError(
+                f"model.name={spec.name!r}: outputs {got} for {inputs} of shape {shape}; "
+                f"expected {expected} (a score for each of the data's {spec.num_classes} "
+                f"{'tokens' if tokens else 'classes'})"
+            )
 
 
 def check_defense(defense_spec: str, spec: ModelSpec) -> None:
