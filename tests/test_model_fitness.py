@@ -54,6 +54,26 @@ def test_a_frozen_parameter_is_refused() -> None:
     assert unfit_reason(model, SPEC, False).startswith("parameter '1.weight' is frozen")
 
 
+class _FailsInTraining(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = _linear()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            raise RuntimeError("expected an eval-mode batch")
+        return self.body(x)
+
+
+def test_a_training_forward_that_fails_is_the_models_reason_not_an_internal_error() -> None:
+    """The per-sample probe called the user's forward unguarded (audit DM4)."""
+    reason = unfit_reason(_FailsInTraining(), SPEC, True)
+    assert reason == (
+        "fails in a training-mode forward on random inputs (RuntimeError: expected an "
+        "eval-mode batch)"
+    )
+
+
 def test_a_tied_parameter_is_refused_under_its_second_name() -> None:
     assert unfit_reason(_Tied(), SPEC, False).startswith("parameter 'again.weight' is another")
 

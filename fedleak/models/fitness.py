@@ -15,6 +15,7 @@ import copy
 import torch
 from torch import nn
 
+from fedleak.lines import error_line
 from fedleak.models.spec import ModelSpec
 
 # Batched and one-sample forwards of independent samples differ by rounding only.
@@ -78,10 +79,13 @@ def _coupling(model: nn.Module, spec: ModelSpec, remedy: str) -> str | None:
     else:
         x = torch.rand((2, *spec.input_shape), generator=generator)
     before = {name: b.clone() for name, b in probe.named_buffers()}
-    with torch.no_grad():
-        together = probe(x)
-        changed = [name for name, b in probe.named_buffers() if not torch.equal(b, before[name])]
-        alone = torch.cat([probe(x[i : i + 1]) for i in range(len(x))])
+    try:
+        with torch.no_grad():
+            together = probe(x)
+            changed = [n for n, b in probe.named_buffers() if not torch.equal(b, before[n])]
+            alone = torch.cat([probe(x[i : i + 1]) for i in range(len(x))])
+    except Exception as error:  # the model is the user's code: its failure is not fedleak's
+        return f"fails in a training-mode forward on random inputs ({error_line(error)})"
     if changed:
         return (
             f"buffer {changed[0]!r} changes in the forward (running statistics), but a "
