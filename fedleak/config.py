@@ -64,6 +64,7 @@ _setting = setting
 
 # A run's name becomes a folder name (runs/<time>-<name>): one safe path component. '+' is
 # allowed because sweep cells are named after combined defenses (`mixup-4+prune-0.9`).
+MAX_ROUNDS = 1_000_000
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}"
 NAME_RULE = "letters, digits, '.', '_', '+' or '-', starting with a letter or digit, at most 100"
 
@@ -272,7 +273,9 @@ class RunConfig(Settings):
     seed: int = _setting(
         0, low=0, high=SEED_MAX, doc="every random choice of the run derives from it"
     )
-    num_server_rounds: int = _setting(3, low=1, doc="federated rounds")
+    # Bounded: the attacked rounds are a set of round numbers, which 1e12 rounds made
+    # validation itself run out of memory (audit DO3); studies run thousands.
+    num_server_rounds: int = _setting(3, low=1, high=MAX_ROUNDS, doc="federated rounds")
     out_dir: str = _setting("", doc="absolute run directory; '' = runs/<time>-<name>")
     device: str = _setting(
         "auto", choices=("auto", "cpu", "cuda"), doc="auto: CUDA where a process sees a GPU"

@@ -28,7 +28,7 @@ INVALID = [
     ({"sim.fail-rate": 1.0}, "sim.fail-rate=1.0: expected a number in [0, 1)"),
     ({"data.aux-beta": 1.5}, "data.aux-beta=1.5: expected a number in [0, 1]"),
     ({"data.dirichlet-alpha": 0}, "data.dirichlet-alpha=0: expected a number > 0"),
-    ({"num-server-rounds": 0}, "num-server-rounds=0: expected an integer >= 1"),
+    ({"num-server-rounds": 0}, "num-server-rounds=0: expected an integer in [1, 1000000]"),
     ({"seed": True}, "seed=True: expected an integer in [0, 4294967295]"),
     # torch keeps a seed's low 32 bits: seed 2**32 drew seed 0's initial model.
     ({"seed": 2**32}, "seed=4294967296: expected an integer in [0, 4294967295]"),

@@ -174,6 +174,12 @@ CASES = [
         (*CHECK, "--set", "seed=18446744073709551616"),
         "seed=18446744073709551616: expected an integer in [0, 4294967295]",
     ),
+    # The attacked rounds are a set: 1e12 rounds ran validation out of memory (audit DO3).
+    Case(
+        "rounds-huge",
+        (*CHECK, "--set", "num-server-rounds=1000000000000"),
+        "num-server-rounds=1000000000000: expected an integer in [1, 1000000]",
+    ),
     Case("seed-huge", (*CHECK, "--set", "seed=" + "9" * 5000), "(5002 characters): expected an"),
     # A δ of 1/n or more makes the reported ε meaningless (n: a client's examples for DP-SGD,
     # the clients for central DP).
