@@ -385,7 +385,8 @@ def _convert_tuple(key: str, raw: Any, element: Any, refuse: Callable[[], Except
         if isinstance(raw, (list, tuple)) and all(isinstance(r, str) for r in raw):
             names = tuple(r.strip() for r in raw)
         elif isinstance(raw, str):
-            names = tuple(part.strip() for part in raw.split(",") if part.strip())
+            # A blank between commas is refused below, not dropped (audit DO4: `ig,,aux-mean`).
+            names = tuple(part.strip() for part in raw.split(",")) if raw.strip() else ()
         else:
             raise ConfigError(
                 f"{shown(key)}={shown_value(raw)}: expected a comma-separated string of names"
@@ -405,7 +406,11 @@ def _convert_tuple(key: str, raw: Any, element: Any, refuse: Callable[[], Except
             )
         return names
     if isinstance(raw, str):
-        parts = [p.strip() for p in raw.replace("x", ",").split(",") if p.strip()]
+        parts = [p.strip() for p in raw.replace("x", ",").split(",")]
+        # A blank item, or a blank value (an unset shell variable), is refused: dropped, `=`
+        # alone turned IG's step decay off (audit DO4).
+        if not all(parts):
+            raise refuse()
         try:
             raw_items: list[Any] = [element(p) if element is int else float(p) for p in parts]
         except ValueError:

@@ -174,6 +174,22 @@ CASES = [
         (*CHECK, "--set", "seed=18446744073709551616"),
         "seed=18446744073709551616: expected an integer in [0, 4294967295]",
     ),
+    # Blank list items were dropped: `=` alone turned IG's step decay off (audit DO4).
+    Case(
+        "blank-name-between-commas",
+        (*CHECK, "--set", "attack.names=ig,,aux-mean"),
+        "attack.names='ig,,aux-mean': a blank name; expected names",
+    ),
+    Case(
+        "blank-number-between-commas",
+        (*CHECK, "--set", "attack.lti.hidden=1000,,10"),
+        "attack.lti.hidden='1000,,10': expected a non-empty list of whole numbers >= 1",
+    ),
+    Case(
+        "blank-list",
+        (*CHECK, "--set", "attack.ig.milestones="),
+        "attack.ig.milestones='': expected a list of numbers in (0, 1)",
+    ),
     # The attacked rounds are a set: 1e12 rounds ran validation out of memory (audit DO3).
     Case(
         "rounds-huge",
