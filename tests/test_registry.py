@@ -1105,3 +1105,25 @@ def test_a_plugin_that_exits_at_import_or_when_called_is_one_line_not_the_end(
 
     with pytest.raises(PluginFailed, match=r"^plug-in x: reconstruct raised SystemExit: usage"):
         PluginCall(usage, "plug-in x", "reconstruct")()
+
+
+def test_a_resume_warns_that_a_stateful_plugin_attack_without_a_cache_starts_afresh() -> None:
+    """Its rows after a resume differed from an uninterrupted run's without a word (audit
+    DM2); LTI's inverter, saved in its cache-dir, is not warned about."""
+    from fedleak.server.build import restarted_attacks
+
+    @register_attack("test-counter")
+    class Counter:
+        def __init__(self, config: object, seed: int) -> None:
+            self.calls = 0
+
+        def reconstruct(self, observation, knowledge, budget):  # type: ignore[no-untyped-def]
+            raise NotImplementedError
+
+    try:
+        warning = restarted_attacks(parse_flat({"attack.names": "aux-mean,lti,test-counter"}))
+        assert warning is not None
+        assert warning.startswith("test-counter keeps state across rounds (stateful) and saves")
+        assert restarted_attacks(parse_flat({"attack.names": "aux-mean,lti,ig"})) is None
+    finally:
+        attack_registry.ATTACKS.remove("test-counter")

@@ -22,6 +22,7 @@ from fedleak.attacks.registry import attack_entry, build_attack
 from fedleak.attacks.types import AttackerKnowledge, Budget, is_reference
 from fedleak.config import ConfigError, RunConfig, attacked_rounds
 from fedleak.data import FederatedData, auxiliary
+from fedleak.lines import listed
 from fedleak.models import ModelSpec, build_model
 from fedleak.seeds import attacker_seed
 from fedleak.server.auditor import Auditor
@@ -91,6 +92,25 @@ def with_attack_caches(config: RunConfig, cache_dir: Callable[[str], Path]) -> R
         if not any(key.replace("_", "-") == "cache-dir" for key in given):
             given["cache-dir"] = str(cache_dir(name))
     return dataclasses.replace(config, attack=dataclasses.replace(config.attack, params=params))
+
+
+def restarted_attacks(config: RunConfig) -> str | None:
+    """Why a resumed run's attacks may not continue the uninterrupted run: a plug-in attack
+    that keeps state across rounds (`stateful`) and saves none (no `cache-dir` setting, as
+    LTI's inverter has) starts afresh (audit DM2: every resumed row of one differed)."""
+    fresh = [
+        name
+        for name in config.attack.names
+        if attack_entry(name).stateful and not attack_entry(name).accepts("cache-dir")
+    ]
+    if not fresh:
+        return None
+    return (
+        f"{listed(fresh)} {'keeps' if len(fresh) == 1 else 'keep'} state across rounds "
+        "(stateful) and saves none (no cache-dir setting), so the resumed rounds start it "
+        "afresh and its rows may differ from an uninterrupted run's; declare stateful = False "
+        "if it keeps nothing, or give it a cache-dir setting to save and restore its state"
+    )
 
 
 def cache_dirs(config: RunConfig) -> dict[str, Path]:

@@ -53,6 +53,7 @@ from fedleak.server.build import (
     check_attack_state,
     check_fresh_caches,
     initial_state,
+    restarted_attacks,
     with_attack_caches,
 )
 from fedleak.server.central_dp import CentralNoiseOverflow
@@ -367,6 +368,7 @@ def _serve(
     warnings = [
         unresumed,
         _restarted_state(app) if resumed else None,
+        restarted_attacks(config) if resumed else None,
         f"{path} began with other software ({'; '.join(software)}): the rounds it adds may "
         "differ from those of an uninterrupted run"
         if software
