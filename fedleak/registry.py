@@ -31,6 +31,7 @@ import dataclasses
 import functools
 import importlib
 import importlib.metadata
+import inspect
 import logging
 import sys
 import threading
@@ -160,6 +161,15 @@ class Registry(Generic[E]):
             if name not in self._entries or self._origins.get(name, BUILT_IN) is not None:
                 return False
             return not any(point.name == name for point in self._entry_points())
+
+    def source_file(self, name: str) -> str | None:
+        """The file of the module that defines plug-in `name` (None for a built-in, or code
+        without a file): a resume compares its contents with the run's first (audit DM3)."""
+        entry = self.get(name)
+        if self._origins.get(name, BUILT_IN) is BUILT_IN:
+            return None
+        module = inspect.getmodule(self._owner(entry))
+        return getattr(module, "__file__", None)
 
     def remove(self, name: str) -> None:
         """Forget `name` (tests and interactive sessions)."""

@@ -1127,3 +1127,42 @@ def test_a_resume_warns_that_a_stateful_plugin_attack_without_a_cache_starts_afr
         assert restarted_attacks(parse_flat({"attack.names": "aux-mean,lti,ig"})) is None
     finally:
         attack_registry.ATTACKS.remove("test-counter")
+
+
+def test_a_resume_names_a_plugin_whose_source_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plug-in edited between two resumes changed the rows without a word; fedleak's own
+    source was compared, the plug-in's not (audit DM3)."""
+    from fedleak.simulations.recording import changed_software, environment
+
+    module = tmp_path / "fedleak_edited.py"
+    module.write_text(
+        "from torch import nn\n\n\ndef net(shape, classes):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(784, classes))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    @register_attack("test-edited")
+    class Edited:
+        stateful = False
+
+        def __init__(self, config: object, seed: int) -> None:
+            pass
+
+    try:
+        config = parse_flat(
+            {"model.name": "fedleak_edited:net", "attack.names": "aux-mean,test-edited"}
+        )
+        began = environment(torch.device("cpu"), config)
+        assert set(began["plugins"]) == {"model fedleak_edited:net", "attack test-edited"}
+        assert changed_software(began, config) == []
+        module.write_text(module.read_text() + "# a changed line\n")
+        was = began["plugins"]["model fedleak_edited:net"]
+        [change] = changed_software(began, config)
+        assert change.startswith(f"model fedleak_edited:net source {was} -> ")
+        assert not change.endswith(was)
+        # Built-in components are fedleak's own source, compared as such.
+        assert "plugins" not in environment(torch.device("cpu"), parse_flat({}))
+    finally:
+        attack_registry.ATTACKS.remove("test-edited")

@@ -33,6 +33,7 @@ from fedleak.report.progress import Progress
 from fedleak.report.rundir import Accounting, RunDirectory, console_line
 from fedleak.report.texts import save_token_pairs
 from fedleak.server.privacy import PrivacyLedger
+from fedleak.server.provenance import plugin_sources
 from fedleak.server.rounds import RoundLog, Row, ScoredJob
 from fedleak.server.validate import unused_batchnorm_prior
 
@@ -114,13 +115,22 @@ def software() -> dict[str, str]:
     }
 
 
-def changed_software(recorded: Mapping[str, object]) -> list[str]:
-    """What of `software()` differs from a run's environment.json, as 'torch 2.14.0 -> 2.14.1'."""
-    return [
+def changed_software(recorded: Mapping[str, object], config: RunConfig) -> list[str]:
+    """What of `software()` and of the plug-ins' sources differs from a run's environment.json,
+    as 'torch 2.14.0 -> 2.14.1' or 'attack blur source 1f2e... -> 9a8b...'."""
+    changed = [
         f"{key} {recorded.get(key, 'unrecorded')} -> {value}"
         for key, value in software().items()
         if recorded.get(key) != value
     ]
+    before = recorded.get("plugins")
+    before = before if isinstance(before, dict) else {}
+    now = plugin_sources(config)
+    for what in sorted(set(before) | set(now)):
+        if before.get(what) != now.get(what):
+            was, is_ = before.get(what, "unrecorded"), now.get(what, "none")
+            changed.append(f"{what} source {was} -> {is_}")
+    return changed
 
 
 def environment(
@@ -137,6 +147,7 @@ def environment(
         "lpips": lpips_status(scored_lpips_nets(config)),
         "started": dt.datetime.now().isoformat(timespec="seconds"),
         **({"data": data} if data is not None else {}),
+        **({"plugins": plugins} if (plugins := plugin_sources(config)) else {}),
     }
 
 

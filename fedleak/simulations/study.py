@@ -364,7 +364,7 @@ def _serve(
         run_dir = RunDirectory.open(path)
     else:
         run_dir = RunDirectory.create(path, config, environment(device, config, data_record(fd)))
-    software = changed_software(run_dir.environment()) if resumed else []
+    software = changed_software(run_dir.environment(), config) if resumed else []
     warnings = [
         unresumed,
         _restarted_state(app) if resumed else None,

@@ -1,0 +1,50 @@
+"""Which plug-in code a run computes with: a hash of each used plug-in's source file, recorded
+in environment.json beside fedleak's own source hash so that a resume under changed plug-in
+code says so, as it does for changed software (audit DM3: a plug-in edited between two
+resumes changed the rows without a word)."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+from pathlib import Path
+
+from fedleak.attacks.registry import ATTACKS
+from fedleak.config import RunConfig
+from fedleak.data import FOLDER_PREFIX
+from fedleak.data.registry import DATASETS
+from fedleak.defenses.registry import DEFENSES
+from fedleak.defenses.spec import defense_names
+from fedleak.models.registry import MODELS
+
+
+def plugin_sources(config: RunConfig) -> dict[str, str]:
+    """'<kind> <name>' -> a hash of the file defining it, for every plug-in the run uses
+    (attacks, defense steps, the model, the data set; registered or by import path)."""
+    files: dict[str, str | None] = {}
+    for name in config.attack.names:
+        files[f"attack {name}"] = ATTACKS.source_file(name)
+    for name in defense_names(config.defense.spec):
+        files[f"defense {name}"] = DEFENSES.source_file(name)
+    model = config.model.name
+    files[f"model {model}"] = _module_file(model) if ":" in model else MODELS.source_file(model)
+    dataset = config.data.dataset
+    if not dataset.startswith(FOLDER_PREFIX):
+        files[f"data set {dataset}"] = DATASETS.source_file(dataset)
+    return {what: _digest(Path(file)) for what, file in files.items() if file}
+
+
+def _module_file(path: str) -> str | None:
+    """The file of the module an import path `package.module:factory` names."""
+    try:
+        spec = importlib.util.find_spec(path.partition(":")[0])
+    except (ImportError, ValueError):  # validation names the path's problem
+        return None
+    return spec.origin if spec is not None and spec.has_location else None
+
+
+def _digest(file: Path) -> str:
+    try:
+        return hashlib.sha256(file.read_bytes()).hexdigest()[:16]
+    except OSError:
+        return "unreadable"
