@@ -554,3 +554,18 @@ def test_an_attack_closer_than_the_floor_by_one_median_alone_says_so() -> None:
     assert _floor_mark(behind, SettingVerdict("", "none", (behind,), floor, 0.1, 0.1, (1,))) == (
         " (below the floor)"
     )
+
+
+def test_a_rate_between_none_and_all_never_reads_as_none_or_all() -> None:
+    """1/320 read "0%" and 319/320 "100%" beside their counts (audit DN2)."""
+    from fedleak.report.stats import success_rate
+
+    def text(k: int, n: int) -> str:
+        return success_rate(pd.Series([True] * k + [False] * (n - k))).text()
+
+    assert text(1, 320).startswith("<1% (1/320) [0, ")
+    assert text(319, 320).startswith(">99% (319/320) [")
+    assert text(199, 200).startswith(">99% (199/200)")
+    assert text(0, 320).startswith("0% (0/320)") and text(320, 320).startswith("100% (320/320)")
+    assert text(3, 8).startswith("38% (3/8)")
+    assert _rate(_summary("ig", 1, 20.0, 0.2, n=320)) == "ig 1/320 (<1%)"

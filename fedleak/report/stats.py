@@ -93,14 +93,21 @@ class Rate:
         """Whether the two intervals share a point (no 'strongest' claim between them)."""
         return not (self.high < other.low or other.high < self.low)
 
+    def percent(self) -> str:
+        """`75%`; `<1%` and `>99%` where rounding would read as none or all (1/320 is not
+        0%, audit DN2)."""
+        share = 100 * self.k / self.n
+        if self.k > 0 and round(share) == 0:
+            return "<1%"
+        if self.k < self.n and round(share) == 100:
+            return ">99%"
+        return f"{share:.0f}%"
+
     def text(self) -> str:
         """`75% (6/8) [35, 97]`, `–` without trials."""
         if self.n == 0:
             return "–"
-        return (
-            f"{100 * self.value:.0f}% ({self.k}/{self.n}) "
-            f"[{100 * self.low:.0f}, {100 * self.high:.0f}]"
-        )
+        return f"{self.percent()} ({self.k}/{self.n}) [{100 * self.low:.0f}, {100 * self.high:.0f}]"
 
 
 def finite(values: np.ndarray | pd.Series) -> np.ndarray:

@@ -139,7 +139,7 @@ def _rate(s: SettingSummary) -> str:
         return f"{s.attack} nothing scored"
     if rate.n == 0:
         return f"{s.attack} (success not decided: {s.undecided})"
-    return f"{s.attack} {rate.k}/{rate.n} ({100 * rate.value:.0f}%)"
+    return f"{s.attack} {rate.k}/{rate.n} ({rate.percent()})"
 
 
 def _rate_and_scores(s: SettingSummary) -> str:
