@@ -636,6 +636,8 @@ class _Broken:
 
     def release(self, grads, generator, *, batched, dp_batch_size):
         first = next(iter(grads))
+        if self.bug == "batched":
+            return {k: v[0] for k, v in grads.items()} if batched else grads
         if self.bug == "drop":
             return {first: grads[first]}
         if self.bug == "flatten":
@@ -673,6 +675,27 @@ def test_a_plugin_defense_that_changes_the_update_is_refused_before_and_during_a
         with pytest.raises(ConfigError, match=f"defense.spec='test-broken:{bug}': fails on an"):
             check_defense(f"test-broken:{bug}", ModelSpec("mlp", (1, 2, 2), 3))
         check_defense("prune:0.5+sign", ModelSpec("mlp", (1, 2, 2), 3))  # built-ins: no work
+    finally:
+        DEFENSES.remove("test-broken")
+
+
+def test_a_plugin_defense_broken_on_per_sample_updates_only_is_refused_before_a_run() -> None:
+    """It passed the check, which released one batch update, and failed every client in the
+    run's first round (audit DM6)."""
+    from fedleak.config import ConfigError
+    from fedleak.defenses import register_defense
+    from fedleak.defenses.registry import DEFENSES
+    from fedleak.models.spec import ModelSpec
+    from fedleak.server.validate import check_defense
+
+    register_defense("test-broken", lambda args: _Broken(args[0]), form="test-broken:BUG")
+    try:
+        with pytest.raises(
+            ConfigError,
+            match=r"defense.spec='test-broken:batched': fails on per-sample updates of model "
+            r"mlp \(DefenseOutputError: defense 'test-broken:batched' changed the shape of",
+        ):
+            check_defense("test-broken:batched", ModelSpec("mlp", (1, 2, 2), 3))
     finally:
         DEFENSES.remove("test-broken")
 

@@ -235,15 +235,24 @@ def check_defense(defense_spec: str, spec: ModelSpec) -> None:
     generator = torch.Generator().manual_seed(0)
     trained = [(n, p) for n, p in build_model(spec).named_parameters() if p.requires_grad]
     update = {name: torch.randn(p.shape, generator=generator) for name, p in trained}
-    try:
-        if pipeline.needs_per_sample:
-            pipeline.clip({name: g.expand(2, *g.shape) for name, g in update.items()})
-        pipeline.share(update, 2, generator)
-    except Exception as error:  # a plugin defense is the user's code: any failure is theirs
-        detail = one_line(f"{type(error).__name__}: {error}")
-        raise ConfigError(
-            f"defense.spec={defense_spec!r}: fails on an update of model {spec.name} ({detail})"
-        ) from None
+    pair = {name: torch.stack([g, -g]) for name, g in update.items()}
+    # Every way a client or a learned attack releases an update: the batched one (each of a
+    # client's per-sample gradients) failed only in the run's first round (audit DM6).
+    releases = {
+        "an update": lambda: pipeline.share(update, 2, generator),
+        "per-sample updates": lambda: pipeline.share_each(pair, generator),
+        "a FedAvg delta": lambda: pipeline.share_delta(update, generator),
+    }
+    if pipeline.needs_per_sample:
+        releases = {"per-sample gradients": lambda: pipeline.clip(pair), **releases}
+    for what, release in releases.items():
+        try:
+            release()
+        except Exception as error:  # a plugin defense is the user's code: any failure is theirs
+            detail = one_line(f"{type(error).__name__}: {error}")
+            raise ConfigError(
+                f"defense.spec={defense_spec!r}: fails on {what} of model {spec.name} ({detail})"
+            ) from None
 
 
 def check_resources(
