@@ -203,6 +203,14 @@ def test_a_run_fails_when_every_client_or_one_attack_always_fails(tmp_path: Path
     assert reason.endswith("...)") and reason[:-4].rsplit(" ", 1)[1] in {"tensor", "too", "large"}
     run.mark_failed(run.failure())
     assert not run.is_finished() and not (run.path / "DONE").exists()
+    # Two attacks that always failed: both are named, not the first alone (audit DM7).
+    both = _run(tmp_path / "both", "aux-mean,ig,dlg")
+    rows = [_row("aux-mean", "ok"), _row("ig", "failed", "Boom: x"), _row("dlg", "failed", "No")]
+    both.append_round(1, rows, _utility(1))
+    assert both.failure() == (
+        "attack ig failed on every one of its 1 updates (first error: Boom: x); attack dlg "
+        "failed on every one of its 1 updates (first error: No)"
+    )
     clients = _run(tmp_path / "other", "none")
     clients.append_round(0, [], _utility(0))
     clients.append_round(1, [], _utility(0, failures=3))

@@ -623,15 +623,17 @@ class RunDirectory:
                 f"no client replied in time in any of the {len(rounds)} recorded rounds (each "
                 f"failed or did not answer within sim.timeout={self.config.sim.timeout:g} s)"
             )
+        # Every such attack is named: the first alone hid the others (audit DM7).
+        failed = []
         for attack in self.config.attack.names:
             rows = leakage[leakage["attack"] == attack]
             if len(rows) and (rows["status"] == "failed").all():
                 message = next((m for m in rows["message"] if m), "no message")
-                return (
+                failed.append(
                     f"attack {attack} failed on every one of its {len(rows)} updates "
                     f"(first error: {one_line(message)})"
                 )
-        return ""
+        return "; ".join(failed)
 
     def failed_reason(self) -> str:
         """The reason FAILED records ('' when the run was not marked failed)."""
