@@ -986,7 +986,8 @@ class RunDirectory:
             "",
             "Leakage columns are medians over the attacked clients' scored samples, "
             "scored against the private originals; attack failures count attack runs that "
-            "failed or diverged.",
+            "failed or never reached a finite matching loss (status `failed` or `nan`; a run "
+            "that diverged after a finite step is scored at its last finite iterate).",
             "",
             markdown_table(table),
             "",
