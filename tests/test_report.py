@@ -2000,6 +2000,36 @@ def test_the_label_table_says_what_chance_scores_by_its_rule(
     assert ("so chance grows with B" in caption) == multiset
 
 
+def test_chance_is_said_at_the_batch_sizes_poisson_sampling_drew(tmp_path: Path) -> None:
+    """Under Poisson sampling the batches held 6 to 12 labels and chance was said "at B = 8",
+    the declared size (audit DN4)."""
+    from fedleak.report.tables import label_chance
+
+    flat = {"attack.names": "ig", "train.batch-size": 8, "threat.share": "batch"}
+    run = RunDirectory.create(tmp_path / "poisson", parse_flat(flat), {})
+    labels = torch.Generator().manual_seed(1)
+    for index, size in enumerate([6, 10, 10, 6, 10, 6]):
+        truth = torch.randint(0, 3, (size,), generator=labels).tolist()
+        rows = [
+            {
+                "client_id": index,
+                "attack": "ig",
+                "sample": i,
+                "target_index": i,
+                "batch_size": 8,
+                "true_label": label,
+                "pred_label": 0,
+                "label_acc": float(label == 0),
+                "psnr": 10.0,
+            }
+            for i, label in enumerate(truth)
+        ]
+        run.append_round(1 + index, rows, {"test_accuracy": 0.5})
+    study = load_study(run.path)
+    chance, multiset = label_chance(study, study.leakage())
+    assert sorted(chance) == [6, 10] and multiset
+
+
 def test_markdown_carries_no_html_past_backtick_runs() -> None:
     """A sweep file's ``` closed the code block it was pasted in, and a cell's ``` read as
     three single backticks, so an <img onerror=...> reached report.md as HTML (audit CN3)."""

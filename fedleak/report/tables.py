@@ -352,8 +352,9 @@ MIN_LABELS_PER_CLASS = 5
 
 
 def label_chance(study: Study, rows: pd.DataFrame) -> tuple[dict[int, float], bool]:
-    """Per batch size, the label accuracy a guess drawn from the private labels' class
-    frequencies scores on average by the rule the rows were scored by: position by position
+    """Per batch size (the labels a batch held), the label accuracy a guess drawn from the
+    private labels' class frequencies scores on average by the rule the rows were scored by:
+    position by position
     where each sample was shared alone, as a multiset (`multiset_chance`) where a batch was;
     and whether any batch of several samples was scored as a multiset."""
     rows = rows[rows["true_label"] >= 0]
@@ -383,6 +384,9 @@ def label_chance(study: Study, rows: pd.DataFrame) -> tuple[dict[int, float], bo
         else:
             counts = np.bincount([index[c] for c in labels], minlength=len(classes))
             value, multiset = multiset_chance(counts.tolist(), prior.tolist()), True
+            # The batch it was: a Poisson-sampled batch holds more or fewer than the declared
+            # size, and chance at "B = 8" read as 8 labels (audit DN4).
+            size = len(labels)
         chances.setdefault(int(size), []).append(value)
     return {size: float(np.mean(v)) for size, v in sorted(chances.items())}, multiset
 
