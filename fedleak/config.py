@@ -14,6 +14,7 @@ A new setting is one field: `name: int = _setting(3, low=1, doc="one line of hel
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import tomllib
 from collections.abc import Mapping
@@ -412,6 +413,12 @@ def parse_flat(flat: Mapping[str, Any], base: RunConfig | None = None) -> RunCon
     config = dataclasses.replace(config, attack=dataclasses.replace(config.attack, params=params))
     _check_consistency(config)
     return config
+
+
+@functools.cache
+def text_keys() -> frozenset[str]:
+    """The run-config keys whose value is text (a name, a folder, a spec)."""
+    return frozenset(key for key, spec in flat_keys(RunConfig) if spec.kind is str)
 
 
 def canonical_key(key: str) -> str:

@@ -111,6 +111,20 @@ def test_attacked_rounds_name_numbers_and_the_last_round() -> None:
         parse_flat({"attack.rounds": 4, "num-server-rounds": 3})
 
 
+def test_a_text_setting_on_the_command_line_keeps_what_was_typed() -> None:
+    """`--set name=1e3` ran as "1000.0" and `out-dir=0x1F` in the folder "31": read as TOML
+    numbers first (audit DO5). Number settings still read numbers; quotes still unquote."""
+    from fedleak.simulations.cli import _override
+
+    assert _override("name=1e3") == ("name", "1e3")
+    assert _override("out_dir=0x1F") == ("out_dir", "0x1F")
+    assert _override("name=1_000") == ("name", "1_000")
+    assert _override("name=2024-01-01T10:00:00") == ("name", "2024-01-01T10:00:00")
+    assert _override('name="1e3"') == ("name", "1e3")
+    assert _override("train.lr=1e3") == ("train.lr", 1000.0)
+    assert _override("attack.lti.hidden=1000") == ("attack.lti.hidden", 1000)
+
+
 def test_nested_toml_and_flat_keys_name_the_same_settings() -> None:
     nested = parse_toml('[train]\nbatch-size = 4\nmode = "fedavg"\nlocal-steps = 3\n')
     flat = parse_flat({"train.batch-size": 4, "train.mode": "fedavg", "train.local-steps": 3})
