@@ -183,12 +183,18 @@ CASES = [
     Case(
         "blank-number-between-commas",
         (*CHECK, "--set", "attack.lti.hidden=1000,,10"),
-        "attack.lti.hidden='1000,,10': expected a non-empty list of whole numbers >= 1",
+        "attack.lti.hidden='1000,,10': expected a non-empty list of whole numbers in [1, ",
     ),
     Case(
         "blank-list",
         (*CHECK, "--set", "attack.ig.milestones="),
         "attack.ig.milestones='': expected a list of numbers in (0, 1)",
+    ),
+    # Passed, then failed round 1 allocating 1.6 PB of weights (audit DO8).
+    Case(
+        "inverter-absurdly-wide",
+        (*CHECK, "--set", "attack.names=aux-mean,lti", "--set", "attack.lti.hidden=99999999999"),
+        "attack.lti.hidden=99999999999: expected a non-empty list of whole numbers in [1, 100000]",
     ),
     # The attacked rounds are a set: 1e12 rounds ran validation out of memory (audit DO3).
     Case(

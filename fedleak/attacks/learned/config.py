@@ -13,6 +13,9 @@ from typing import Any, Literal
 from fedleak.attacks.learned.inverter import ACTIVATIONS, HEADS
 from fedleak.settings import ConfigError, Settings, parse_settings, setting
 
+# The widest hidden layer an inverter may have (a 4,096-feature input: 1.6 GB of weights).
+MAX_HIDDEN = 100_000
+
 Refresh = Literal["retrain", "finetune", "frozen"]
 
 
@@ -55,8 +58,11 @@ class LTIConfig(Settings):
     hidden: tuple[int, ...] = setting(
         (3000, 3000),
         low=1,
+        # A width of 1e11 passed and failed the run in round 1 allocating its weights (audit
+        # DO8); the paper's are 3,000 or fewer.
+        high=MAX_HIDDEN,
         check=bool,
-        allowed="a non-empty list of whole numbers >= 1 (e.g. 3000,3000)",
+        allowed=f"a non-empty list of whole numbers in [1, {MAX_HIDDEN}] (e.g. 3000,3000)",
         doc="hidden layer sizes of the inverter MLP",
     )
     activation: str = setting("relu", choices=ACTIVATIONS, doc="hidden activation")

@@ -31,7 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fedleak.attacks.learned.config import Refresh, check_aux_size, finetune_epochs_setting
+from fedleak.attacks.learned.config import (
+    MAX_HIDDEN,
+    Refresh,
+    check_aux_size,
+    finetune_epochs_setting,
+)
 from fedleak.attacks.learned.inverter import ACTIVATIONS, best_assignment
 from fedleak.attacks.learned.keeper import InverterKeeper, LearnedSetup, Refreshed, learned_setup
 from fedleak.attacks.learned.pairs import Featuriser, PairSource, make_groups
@@ -71,8 +76,11 @@ class TextLTIConfig(Settings):
     hidden: tuple[int, ...] = setting(
         (600, 1000),
         low=1,
+        # A width of 1e11 passed and failed the run in round 1 allocating its weights (audit
+        # DO8); the paper's are 3,000 or fewer.
+        high=MAX_HIDDEN,
         check=bool,
-        allowed="a non-empty list of whole numbers >= 1 (e.g. 600,1000)",
+        allowed=f"a non-empty list of whole numbers in [1, {MAX_HIDDEN}] (e.g. 600,1000)",
         doc="hidden layer sizes of the inverter MLP",
     )
     activation: str = setting("relu", choices=ACTIVATIONS, doc="hidden activation")
