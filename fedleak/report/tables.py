@@ -354,9 +354,9 @@ MIN_LABELS_PER_CLASS = 5
 def label_chance(study: Study, rows: pd.DataFrame) -> tuple[dict[int, float], bool]:
     """Per batch size (the labels a batch held), the label accuracy a guess drawn from the
     private labels' class frequencies scores on average by the rule the rows were scored by:
-    position by position
-    where each sample was shared alone, as a multiset (`multiset_chance`) where a batch was;
-    and whether any batch of several samples was scored as a multiset."""
+    position by position where each sample was shared alone, as a multiset
+    (`multiset_chance`) where a batch was; and whether any batch of several samples was scored
+    as a multiset."""
     rows = rows[rows["true_label"] >= 0]
     if rows.empty:
         return {}, False
