@@ -253,6 +253,10 @@ def test_parameters_of_unused_attacks_are_checked_and_unknown_attacks_refused() 
         validate_components(parse_flat({"attack.igg.lr": 0.05}))
     with pytest.raises(ConfigError, match=r"attack\.ig\.restarts=0: "):
         validate_components(parse_flat({"attack.names": "aux-mean", "attack.ig.restarts": 0}))
+    # An unused attack's aux-mean start needs no aux data: it was warned of as having no
+    # effect, then refused (audit DO6).
+    unused = {"attack.names": "none", "attack.ig.init": "aux-mean", "data.aux-size": 0}
+    validate_components(parse_flat(unused))
 
 
 def test_the_demo_is_the_quickstart_without_and_with_sign_compression() -> None:

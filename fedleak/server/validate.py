@@ -545,7 +545,9 @@ def validate_components(config: RunConfig) -> None:
             continue
         entry.configure(config.attack.params.get(name, {}))
         init = [v for k, v in config.attack.params.get(name, {}).items() if k.endswith("init")]
-        if "aux-mean" in init and config.data.aux_size == 0:
+        # An attack that does not run needs no aux data: its table is only checked (audit DO6:
+        # warned of as having no effect, then refused).
+        if "aux-mean" in init and config.data.aux_size == 0 and name in config.attack.names:
             raise ConfigError(
                 f"attack.{name}.init='aux-mean': starts from the mean auxiliary image, so "
                 "expected data.aux-size > 0 (or another init: randn, rand, half)"
