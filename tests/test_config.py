@@ -344,3 +344,26 @@ def test_a_batchnorm_prior_with_no_batchnorm_to_match_is_named_in_a_warning(
     bn = ("--set", "model.name=convnet-bn", "--set", "threat.share=batch")
     assert main(["check", "quickstart", "--num-clients", "3", "--set", names, *bn]) == 0
     assert "BatchNorm prior" not in capsys.readouterr().err
+
+
+def test_settings_a_run_never_reads_are_named_in_a_warning() -> None:
+    """Batch statistics on a model without BatchNorm, a δ without DP and a tokenizer on image
+    data were accepted without a word (audit DO6)."""
+    from fedleak.runtime import federated_data
+    from fedleak.server.validate import ineffective_settings
+
+    def warning(flat: dict[str, object]) -> str | None:
+        config = parse_flat({"data.aux-size": 50, **flat})
+        return ineffective_settings(config, federated_data(config, num_partitions=1))
+
+    assert warning({}) is None
+    assert warning({"threat.bn-stats": "shared"}) == (
+        "threat.bn-stats='shared' (model.name='lenet' has no BatchNorm layer): no effect in "
+        "this run"
+    )
+    assert warning({"threat.bn-stats": "shared", "model.name": "convnet-bn"}) is None
+    assert warning({"defense.dp-delta": 0.5}).startswith("defense.dp-delta=0.5 (neither DP-SGD")
+    assert warning({"defense.dp-delta": 1e-6, "defense.spec": "dpsgd:1:1"}) is None
+    assert warning({"data.tokenizer": "foo"}) == (
+        "data.tokenizer='foo' (text settings; mnist5k holds images): no effect in this run"
+    )

@@ -453,6 +453,40 @@ def _check_batchnorm_prior(config: RunConfig, fd: FederatedData) -> None:
                 )
 
 
+def ineffective_settings(config: RunConfig, fd: FederatedData) -> str | None:
+    """A warning naming settings changed from their defaults that this run never reads: batch
+    statistics of a model without BatchNorm, a δ without a DP mechanism, the text settings on
+    image data (audit DO6: accepted without a word)."""
+    default = RunConfig()
+    unused = []
+    if config.threat.bn_stats != default.threat.bn_stats and not has_batchnorm(
+        build_model(model_spec(config, fd))
+    ):
+        unused.append(
+            f"threat.bn-stats={config.threat.bn_stats!r} (model.name={config.model.name!r} has "
+            "no BatchNorm layer)"
+        )
+    private = "dpsgd" in defense_names(config.defense.spec) or config.defense.central_noise > 0
+    if config.defense.dp_delta != default.defense.dp_delta and not private:
+        unused.append(
+            f"defense.dp-delta={config.defense.dp_delta:g} (neither DP-SGD nor central noise "
+            "runs, so no ε is reported)"
+        )
+    if getattr(fd.dataset, "tokenizer", None) is None:
+        text = [
+            f"{key}={value!r}"
+            for key, value, base in (
+                ("data.tokenizer", config.data.tokenizer, default.data.tokenizer),
+                ("data.vocab-size", config.data.vocab_size, default.data.vocab_size),
+                ("data.seq-len", config.data.seq_len, default.data.seq_len),
+            )
+            if value != base
+        ]
+        if text:
+            unused.append(f"{', '.join(text)} (text settings; {config.data.dataset} holds images)")
+    return f"{'; '.join(unused)}: no effect in this run" if unused else None
+
+
 def unused_batchnorm_prior(config: RunConfig, fd: FederatedData) -> str | None:
     """A warning for attacks whose BatchNorm prior is on by default (gradinversion,
     stepwise) on a model without BatchNorm: they run without it, which their name hides

@@ -35,7 +35,7 @@ from fedleak.report.texts import save_token_pairs
 from fedleak.server.privacy import PrivacyLedger
 from fedleak.server.provenance import plugin_sources
 from fedleak.server.rounds import RoundLog, Row, ScoredJob
-from fedleak.server.validate import unused_batchnorm_prior
+from fedleak.server.validate import ineffective_settings, unused_batchnorm_prior
 
 
 def default_run_dir(config: RunConfig, root: Path | None = None) -> Path:
@@ -85,6 +85,7 @@ def setup_warnings(config: RunConfig, fd: FederatedData) -> list[str]:
         lpips_warning(scored_lpips_nets(config)),
         PrivacyLedger.from_config(config, fd).warning,
         unused_batchnorm_prior(config, fd),
+        ineffective_settings(config, fd),
         tokenizer.shortfall(config.data.vocab_size) if tokenizer is not None else None,
         tokenizer.unknown_warning(fd.dataset.train_x) if tokenizer is not None else None,
     ]
