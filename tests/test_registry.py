@@ -1166,3 +1166,52 @@ def test_a_resume_names_a_plugin_whose_source_changed(
         assert "plugins" not in environment(torch.device("cpu"), parse_flat({}))
     finally:
         attack_registry.ATTACKS.remove("test-edited")
+
+
+def test_a_plugin_that_exits_in_its_factory_forward_or_anywhere_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A model factory's sys.exit(0) ended `fedleak run` silently with status 0, as did an
+    exit in a model's forward or a defense's release (audit DP1)."""
+    from fedleak.config import ConfigError
+    from fedleak.server.validate import check_model
+    from fedleak.simulations import cli
+
+    (tmp_path / "fedleak_exits.py").write_text(
+        textwrap.dedent(
+            """
+            import sys
+            from torch import nn
+
+            def net(shape, classes):
+                sys.exit(0)
+
+            class _Usage(nn.Module):
+                def __init__(self):
+                    super().__init__()
+                    self.linear = nn.Linear(4, 3)
+
+                def forward(self, x):
+                    if x.shape[0] > 1:
+                        sys.exit("usage: bad")
+                    return self.linear(x.flatten(1))
+
+            def usage(shape, classes):
+                return _Usage()
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError, match=r"the factory failed .* \(SystemExit: 0\)$"):
+        build_model(ModelSpec("fedleak_exits:net", (1, 2, 2), 3))
+    with pytest.raises(ConfigError, match=r"fails on a batch of 2 .* \(SystemExit: usage: bad\)$"):
+        check_model(ModelSpec("fedleak_exits:usage", (1, 2, 2), 3))
+
+    # Anywhere else in a command: one line and status 1, not a silent 0.
+    def exits(args: object) -> None:
+        sys.exit(0)
+
+    monkeypatch.setattr(cli, "_config", exits)
+    assert cli.main(["check"]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("fedleak: error: plug-in code ended the command with sys.exit(0)")

@@ -73,7 +73,7 @@ def build_model(spec: ModelSpec) -> nn.Module:
         torch.manual_seed(spec.seed)
         try:
             model = build(shape, spec.num_classes)
-        except Exception as error:
+        except (Exception, SystemExit) as error:  # a factory's sys.exit ends no command
             if not is_import_path(spec.name):
                 raise
             first = (str(error).strip().splitlines() or [type(error).__name__])[0]

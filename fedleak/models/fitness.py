@@ -79,18 +79,26 @@ def _coupling(model: nn.Module, spec: ModelSpec, remedy: str) -> str | None:
     else:
         x = torch.rand((2, *spec.input_shape), generator=generator)
     before = {name: b.clone() for name, b in probe.named_buffers()}
+    # The user's forward: its failure, an exit included, is the model's reason, not fedleak's.
     try:
         with torch.no_grad():
             together = probe(x)
-            changed = [n for n, b in probe.named_buffers() if not torch.equal(b, before[n])]
-            alone = torch.cat([probe(x[i : i + 1]) for i in range(len(x))])
-    except Exception as error:  # the model is the user's code: its failure is not fedleak's
+    except (Exception, SystemExit) as error:
         return f"fails in a training-mode forward on random inputs ({error_line(error)})"
+    changed = [n for n, b in probe.named_buffers() if not torch.equal(b, before[n])]
     if changed:
         return (
             f"buffer {changed[0]!r} changes in the forward (running statistics), but a "
             f"per-sample update carries no buffers, so it would never train; use {remedy} "
             "or a model without such buffers"
+        )
+    try:
+        with torch.no_grad():
+            alone = torch.cat([probe(x[i : i + 1]) for i in range(len(x))])
+    except (Exception, SystemExit) as error:
+        return (
+            f"fails in a training-mode forward on one sample ({error_line(error)}), which "
+            f"per-sample gradients need; use {remedy} or a model that treats samples apart"
         )
     if together.shape != alone.shape or not torch.allclose(together, alone, **_TOLERANCE):
         return (

@@ -199,7 +199,7 @@ def check_model(spec: ModelSpec) -> None:
         model = build_model(spec).eval()
     except ConfigError:  # already one line naming the model (a plug-in factory that raised)
         raise
-    except Exception as error:  # the model is the user's code: any failure is theirs
+    except (Exception, SystemExit) as error:  # the user's code: any failure is theirs
         detail = one_line(f"{type(error).__name__}: {error}", 200)
         raise ConfigError(f"model.name={spec.name!r}: cannot be built ({detail})") from None
     for count in (1, 2):
@@ -211,7 +211,7 @@ def check_model(spec: ModelSpec) -> None:
                 out = model(torch.zeros(shape, dtype=torch.long if tokens else torch.float32))
         except ConfigError:
             raise
-        except Exception as error:
+        except (Exception, SystemExit) as error:  # the user's forward; its exit ends nothing
             detail = one_line(f"{type(error).__name__}: {error}", 200)
             raise ConfigError(
                 f"model.name={spec.name!r}: fails on {inputs} of shape {shape} ({detail})"
@@ -248,7 +248,8 @@ def check_defense(defense_spec: str, spec: ModelSpec) -> None:
     for what, release in releases.items():
         try:
             release()
-        except Exception as error:  # a plugin defense is the user's code: any failure is theirs
+        # A plugin defense is the user's code: any failure is theirs, an exit included.
+        except (Exception, SystemExit) as error:
             detail = one_line(f"{type(error).__name__}: {error}")
             raise ConfigError(
                 f"defense.spec={defense_spec!r}: fails on {what} of model {spec.name} ({detail})"

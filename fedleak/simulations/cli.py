@@ -34,6 +34,10 @@ class UsageError(Exception):
     """A malformed command line (argparse's error), reported as one line."""
 
 
+class PluginExited(RuntimeError):
+    """Code a command ran (a plug-in) called sys.exit."""
+
+
 class ReportNotBuilt(Exception):
     """A run whose records are complete but whose report failed: the command did not give
     what it promises, so it does not exit 0 (DONE stays: every round is recorded)."""
@@ -510,7 +514,16 @@ def _main(argv: list[str] | None) -> int:
         if args.command in ("run", "check", "sweep", "report", "weights"):
             with _interrupts_held():
                 import torch  # noqa: F401  (the handler's own imports find it loaded)
-        return args.handler(args)
+        try:
+            return args.handler(args)
+        except SystemExit as exit_:
+            # fedleak's commands return their status: an exit from inside one is a plug-in's
+            # (argparse or sys.exit in code it runs), which ended commands silently, even
+            # with 0 (audits DM1, DP1).
+            raise PluginExited(
+                f"plug-in code ended the command with sys.exit({exit_.code!r}); fedleak runs "
+                "plug-ins as libraries, so they must raise instead of exiting"
+            ) from None
     except KeyboardInterrupt as error:
         try:
             message = _interrupted(args, error)

@@ -132,7 +132,8 @@ def run_study(
             raise StudyFailed(
                 _marked_failed(out, _engine_stopped(out, error, client_gpus))
             ) from error
-        except Exception as error:  # a plug-in's bug, or fedleak's: the run still failed
+        # A plug-in's bug (or its sys.exit), or fedleak's: the run still failed.
+        except (Exception, SystemExit) as error:
             _marked_failed(out, error_line(error, MAX_LINE))
             raise
     done = _finished(out)
