@@ -638,6 +638,8 @@ class _Broken:
         first = next(iter(grads))
         if self.bug == "batched":
             return {k: v[0] for k, v in grads.items()} if batched else grads
+        if self.bug == "fedsgd-only":  # works wherever a batch size is given
+            return {k: v / dp_batch_size**0.5 for k, v in grads.items()}
         if self.bug == "drop":
             return {first: grads[first]}
         if self.bug == "flatten":
@@ -696,6 +698,11 @@ def test_a_plugin_defense_broken_on_per_sample_updates_only_is_refused_before_a_
             r"mlp \(DefenseOutputError: defense 'test-broken:batched' changed the shape of",
         ):
             check_defense("test-broken:batched", ModelSpec("mlp", (1, 2, 2), 3))
+        # A step that reads dp_batch_size works in FedSGD runs, whose clients always give one;
+        # only FedAvg's deltas come without (audit DP2: it was refused for FedSGD too).
+        check_defense("test-broken:fedsgd-only", ModelSpec("mlp", (1, 2, 2), 3), "fedsgd")
+        with pytest.raises(ConfigError, match=r"fails on a FedAvg delta of model mlp"):
+            check_defense("test-broken:fedsgd-only", ModelSpec("mlp", (1, 2, 2), 3), "fedavg")
     finally:
         DEFENSES.remove("test-broken")
 

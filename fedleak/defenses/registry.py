@@ -8,8 +8,9 @@ colon-separated arguments (lower-cased) and the step is a frozen dataclass with
   `clip` for per-sample clipping, `encode` for an input encoding;
 - `rank`: its place among release steps (built-ins: DP noise 1, gauss 2, prune 3, sign 4);
 - for release steps, `release(grads, generator, *, batched, dp_batch_size) -> grads`
-  (`batched`: dim 0 indexes samples transformed independently; draw randomness only from
-  `generator`, so runs are reproducible).
+  (`batched`: dim 0 indexes samples transformed independently; `dp_batch_size`: the samples
+  a FedSGD gradient averages, 1 for per-sample updates, None for a FedAvg delta; draw
+  randomness only from `generator`, so runs are reproducible).
 
     @register_defense("round", form="round:DECIMALS")
     @dataclass(frozen=True)

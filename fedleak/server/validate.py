@@ -103,7 +103,7 @@ def validate_federation(config: RunConfig, num_clients: int) -> FederatedData:
     SuperLink once its nodes have said it): the data split, the defense and the attacks on the
     model, δ and the payload; returns the clients' data split."""
     fd = check_data_split(config, num_clients)
-    check_defense(config.defense.spec, model_spec(config, fd))
+    check_defense(config.defense.spec, model_spec(config, fd), config.train.mode)
     check_attacks(config, fd, num_clients)
     check_delta(config, fd, num_clients)
     check_payload(config, model_spec(config, fd), num_clients)
@@ -225,7 +225,7 @@ def check_model(spec: ModelSpec) -> None:
             )
 
 
-def check_defense(defense_spec: str, spec: ModelSpec) -> None:
+def check_defense(defense_spec: str, spec: ModelSpec, mode: str = "fedsgd") -> None:
     """Release one random update of the model's shape through a plugin's defense, which may
     drop or reshape tensors: every client would fail on it in its first round. Built-in steps
     are tested and skip this (a ResNet-18's update costs seconds to prune)."""
@@ -236,13 +236,15 @@ def check_defense(defense_spec: str, spec: ModelSpec) -> None:
     trained = [(n, p) for n, p in build_model(spec).named_parameters() if p.requires_grad]
     update = {name: torch.randn(p.shape, generator=generator) for name, p in trained}
     pair = {name: torch.stack([g, -g]) for name, g in update.items()}
-    # Every way a client or a learned attack releases an update: the batched one (each of a
-    # client's per-sample gradients) failed only in the run's first round (audit DM6).
+    # Every way a client or a learned attack of a `mode` run releases an update: the batched
+    # one (each of a client's per-sample gradients, LTI's training pairs) failed only in the
+    # run's first round (audit DM6); a FedAvg delta only FedAvg's clients release (DP2).
     releases = {
         "an update": lambda: pipeline.share(update, 2, generator),
         "per-sample updates": lambda: pipeline.share_each(pair, generator),
-        "a FedAvg delta": lambda: pipeline.share_delta(update, generator),
     }
+    if mode == "fedavg":
+        releases["a FedAvg delta"] = lambda: pipeline.share_delta(update, generator)
     if pipeline.needs_per_sample:
         releases = {"per-sample gradients": lambda: pipeline.clip(pair), **releases}
     for what, release in releases.items():
