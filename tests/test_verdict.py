@@ -569,3 +569,15 @@ def test_a_rate_between_none_and_all_never_reads_as_none_or_all() -> None:
     assert text(0, 320).startswith("0% (0/320)") and text(320, 320).startswith("100% (320/320)")
     assert text(3, 8).startswith("38% (3/8)")
     assert _rate(_summary("ig", 1, 20.0, 0.2, n=320)) == "ig 1/320 (<1%)"
+
+
+def test_closer_by_one_median_is_not_said_of_a_setting_where_another_is_closer_by_both() -> None:
+    """The words "no attack got closer than the floor by both medians" stood beside dlg at
+    12.50 dB and 0.420 against the floor's 11.60 dB and 0.443 (audit DP3)."""
+    floor = _summary("aux-mean", 0, 11.60, 0.443)
+    ig = _summary("ig", 0, 11.15, 0.393)
+    dlg = _summary("dlg", 0, 12.50, 0.420)
+    setting = SettingVerdict("", "none", (ig, dlg), floor, 0.1, 0.1, (1,))
+    sentence = _setting_sentence(setting, setting)
+    assert "by both medians" not in sentence and "no attack got closer" not in sentence
+    assert sentence.startswith("Without a defense, ig leaks most (closest by median LPIPS)")

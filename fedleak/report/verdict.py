@@ -178,6 +178,17 @@ def _at_floor(s: SettingSummary, v: SettingVerdict) -> bool:
     return bool(no_closer or no_higher_psnr) and not _closer_by_one(s, v)
 
 
+def _closer_by_both(s: SettingSummary, v: SettingVerdict) -> bool:
+    """Both image medians of the attack are closer than the floor's (lower LPIPS, higher
+    PSNR)."""
+    floor = v.floor
+    if floor is None or s.tokens or not (s.lpips.n and floor.lpips.n):
+        return False
+    if not (s.psnr.n and floor.psnr.n):
+        return False
+    return s.lpips.value < floor.lpips.value and s.psnr.value > floor.psnr.value
+
+
 def _closer_by_one(s: SettingSummary, v: SettingVerdict) -> str:
     """The one image median ("LPIPS" or "PSNR") by which an attack that reconstructed no
     sample is closer than the floor while the other is not; '' otherwise. Such an attack did
@@ -397,7 +408,12 @@ def _setting_sentence(v: SettingVerdict, baseline: SettingVerdict | None) -> str
                 f"({_scores(floor)}): the closest, {leader.attack}{ranked}, {reconstructed}"
                 + _unconverged(leader, v)
             )
-        elif floor is not None and _closer_by_one(leader, v):
+        elif (
+            floor is not None
+            and _closer_by_one(leader, v)
+            # Closest by LPIPS alone, it may trail another that is closer by both (audit DP3).
+            and not any(_closer_by_both(s, v) for s in v.attacks)
+        ):
             text = (
                 f"{where}, no attack got closer than the {floor.attack} floor "
                 f"({_scores(floor)}) by both medians: the closest, {leader.attack}{ranked}, "
