@@ -394,10 +394,18 @@ class FunctionalNorms(nn.Module):
         self.gain = nn.Parameter(torch.randn(4, 6, 6, generator=g))
         self.head = nn.Linear(144, 10)
 
+        self.torch_spelling = False  # torch.layer_norm / torch.instance_norm, the same calls
+        self.normed = True  # False: the norms wait for a later forward
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.tanh(F.instance_norm(self.conv(x), weight=self.scale, bias=self.shift))
-        h = torch.tanh(F.layer_norm(h, (4, 6, 6), self.gain))
-        return self.head(h.flatten(1))
+        h = self.conv(x)
+        if self.normed and self.torch_spelling:
+            h = torch.instance_norm(h, self.scale, self.shift, None, None, True, 0.1, 1e-5, False)
+            h = torch.layer_norm(torch.tanh(h), (4, 6, 6), self.gain, None, 1e-5, False)
+        elif self.normed:
+            h = torch.tanh(F.instance_norm(h, weight=self.scale, bias=self.shift))
+            h = F.layer_norm(h, (4, 6, 6), self.gain)
+        return self.head(torch.tanh(h).flatten(1))
 
 
 class BatchStatistics(nn.Module):
@@ -412,7 +420,14 @@ class BatchStatistics(nn.Module):
 
 
 @pytest.mark.parametrize(
-    "case", ["layer-norm-subclass", "functional-norms", "batchnorm-without-parameters"]
+    "case",
+    [
+        "layer-norm-subclass",
+        "functional-norms",
+        "functional-norms-spelt-torch",
+        "functional-norms-later",
+        "batchnorm-without-parameters",
+    ],
 )
 def test_more_models_stack_problems_as_each_alone(case):
     """A LayerNorm subclass and the functional kernels called with weights are split inside
@@ -420,8 +435,9 @@ def test_more_models_stack_problems_as_each_alone(case):
     BatchNorm without parameters keeps each problem's batch statistics apart (DL3: the
     layer-wise path pooled every problem's samples in one forward)."""
     g = torch.Generator().manual_seed(0)
-    if case == "functional-norms":
+    if case.startswith("functional-norms"):
         model, protocol = FunctionalNorms(), ClientProtocol("gradient")
+        model.torch_spelling = case == "functional-norms-spelt-torch"
         x = torch.rand(2, 2, 3, 6, 6, generator=g, requires_grad=True)
     elif case == "layer-norm-subclass":
         model = nn.Sequential(nn.Linear(12, 8), Float32LayerNorm(8), nn.Tanh(), nn.Linear(8, 10))
@@ -434,10 +450,14 @@ def test_more_models_stack_problems_as_each_alone(case):
         x = torch.rand(2, 2, 3, 6, 6, generator=g, requires_grad=True)
     y = torch.softmax(torch.randn(2, 2, 10, generator=g), dim=-1)
     replay = Replay(model, protocol)
+    if case == "functional-norms-later":  # a first call without them (audit DP4)
+        replay.model.normed = False
+        _assert_stacked_as_each_alone(replay, x, y, g)
+        replay.model.normed = True
     _assert_stacked_as_each_alone(replay, x, y, g)
     if case != "batchnorm-without-parameters":
         # The functional split costs a mode around every call: kept only where it splits.
-        assert replay._split.functional == (case == "functional-norms")
+        assert replay._split.functional == case.startswith("functional-norms")
 
 
 def _assert_stacked_as_each_alone(
