@@ -1163,7 +1163,20 @@ def test_a_resume_names_a_plugin_whose_source_changed(
         assert change.startswith(f"model fedleak_edited:net source {was} -> ")
         assert not change.endswith(was)
         # Built-in components are fedleak's own source, compared as such.
-        assert "plugins" not in environment(torch.device("cpu"), parse_flat({}))
+        assert environment(torch.device("cpu"), parse_flat({}))["plugins"] == {}
+        # A folder from before plug-ins were recorded: nothing to compare, no false change
+        # (audit DP6).
+        older = {key: value for key, value in began.items() if key != "plugins"}
+        assert changed_software(older, config) == []
+        # A factory re-exported by the module the path names: its defining module's source
+        # is the one hashed (audit DP5).
+        (tmp_path / "fedleak_reexport.py").write_text("from fedleak_edited import net\n")
+        again = parse_flat({"model.name": "fedleak_reexport:net", "attack.names": "aux-mean"})
+        recorded = environment(torch.device("cpu"), again)
+        module.write_text(module.read_text() + "# another changed line\n")
+        assert [c.split(" source ")[0] for c in changed_software(recorded, again)] == [
+            "model fedleak_reexport:net"
+        ]
     finally:
         attack_registry.ATTACKS.remove("test-edited")
 

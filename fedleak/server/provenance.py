@@ -6,16 +6,17 @@ resumes changed the rows without a word)."""
 from __future__ import annotations
 
 import hashlib
-import importlib.util
+import inspect
 from pathlib import Path
 
 from fedleak.attacks.registry import ATTACKS
-from fedleak.config import RunConfig
+from fedleak.config import ConfigError, RunConfig
 from fedleak.data import FOLDER_PREFIX
 from fedleak.data.registry import DATASETS
 from fedleak.defenses.registry import DEFENSES
 from fedleak.defenses.spec import defense_names
 from fedleak.models.registry import MODELS
+from fedleak.registry import load_object
 
 
 def plugin_sources(config: RunConfig) -> dict[str, str]:
@@ -35,12 +36,14 @@ def plugin_sources(config: RunConfig) -> dict[str, str]:
 
 
 def _module_file(path: str) -> str | None:
-    """The file of the module an import path `package.module:factory` names."""
+    """The file of the module that defines the factory an import path `package.module:factory`
+    names (audit DP5: a module that only re-exports it hid edits to its source)."""
     try:
-        spec = importlib.util.find_spec(path.partition(":")[0])
-    except (ImportError, ValueError):  # validation names the path's problem
+        factory = load_object(path, "model.name")
+    except ConfigError:  # validation names the path's problem
         return None
-    return spec.origin if spec is not None and spec.has_location else None
+    module = inspect.getmodule(factory)
+    return getattr(module, "__file__", None)
 
 
 def _digest(file: Path) -> str:

@@ -125,7 +125,8 @@ def changed_software(recorded: Mapping[str, object], config: RunConfig) -> list[
         if recorded.get(key) != value
     ]
     before = recorded.get("plugins")
-    before = before if isinstance(before, dict) else {}
+    if not isinstance(before, dict):  # a folder from before plug-ins were recorded (DP6)
+        return changed
     now = plugin_sources(config)
     for what in sorted(set(before) | set(now)):
         if before.get(what) != now.get(what):
@@ -148,7 +149,7 @@ def environment(
         "lpips": lpips_status(scored_lpips_nets(config)),
         "started": dt.datetime.now().isoformat(timespec="seconds"),
         **({"data": data} if data is not None else {}),
-        **({"plugins": plugins} if (plugins := plugin_sources(config)) else {}),
+        "plugins": plugin_sources(config),  # {} without plug-ins: recorded all the same
     }
 
 
