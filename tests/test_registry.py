@@ -1162,8 +1162,11 @@ def test_a_resume_names_a_plugin_whose_source_changed(
         [change] = changed_software(began, config)
         assert change.startswith(f"model fedleak_edited:net source {was} -> ")
         assert not change.endswith(was)
-        # Built-in components are fedleak's own source, compared as such.
+        # Built-in components are fedleak's own source, compared as such; the text corpora
+        # are read outside the data set registry.
         assert environment(torch.device("cpu"), parse_flat({}))["plugins"] == {}
+        text = parse_flat({"data.dataset": "wikipedia", "model.name": "transformer3"})
+        assert environment(torch.device("cpu"), text)["plugins"] == {}
         # A folder from before plug-ins were recorded: nothing to compare, no false change
         # (audit DP6).
         older = {key: value for key, value in began.items() if key != "plugins"}

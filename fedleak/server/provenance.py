@@ -11,12 +11,12 @@ from pathlib import Path
 
 from fedleak.attacks.registry import ATTACKS
 from fedleak.config import ConfigError, RunConfig
-from fedleak.data import FOLDER_PREFIX
+from fedleak.data import FOLDER_PREFIX, TEXT_DATASETS
 from fedleak.data.registry import DATASETS
 from fedleak.defenses.registry import DEFENSES
 from fedleak.defenses.spec import defense_names
 from fedleak.models.registry import MODELS
-from fedleak.registry import load_object
+from fedleak.registry import Registry, load_object
 
 
 def plugin_sources(config: RunConfig) -> dict[str, str]:
@@ -24,15 +24,26 @@ def plugin_sources(config: RunConfig) -> dict[str, str]:
     (attacks, defense steps, the model, the data set; registered or by import path)."""
     files: dict[str, str | None] = {}
     for name in config.attack.names:
-        files[f"attack {name}"] = ATTACKS.source_file(name)
+        files[f"attack {name}"] = _registered_file(ATTACKS, name)
     for name in defense_names(config.defense.spec):
-        files[f"defense {name}"] = DEFENSES.source_file(name)
+        files[f"defense {name}"] = _registered_file(DEFENSES, name)
     model = config.model.name
-    files[f"model {model}"] = _module_file(model) if ":" in model else MODELS.source_file(model)
+    files[f"model {model}"] = (
+        _module_file(model) if ":" in model else _registered_file(MODELS, model)
+    )
     dataset = config.data.dataset
-    if not dataset.startswith(FOLDER_PREFIX):
-        files[f"data set {dataset}"] = DATASETS.source_file(dataset)
+    # Folders and the text corpora are fedleak's own readers, outside the data set registry.
+    if not dataset.startswith(FOLDER_PREFIX) and dataset not in TEXT_DATASETS:
+        files[f"data set {dataset}"] = _registered_file(DATASETS, dataset)
     return {what: _digest(Path(file)) for what, file in files.items() if file}
+
+
+def _registered_file(registry: Registry, name: str) -> str | None:
+    """`registry.source_file(name)`, None for a name it does not hold (validation says so)."""
+    try:
+        return registry.source_file(name)
+    except ConfigError:
+        return None
 
 
 def _module_file(path: str) -> str | None:
