@@ -1947,6 +1947,24 @@ def test_a_linked_name_with_brackets_keeps_them_in_markdown() -> None:
     )
 
 
+def _labelled_rows(truth: list[int], client_id: int) -> list[dict[str, object]]:
+    """ig's rows for one batch of a declared 8 whose labels are `truth`, all guessed 0."""
+    return [
+        {
+            "client_id": client_id,
+            "attack": "ig",
+            "sample": i,
+            "target_index": i,
+            "batch_size": 8,
+            "true_label": label,
+            "pred_label": 0,
+            "label_acc": float(label == 0),
+            "psnr": 10.0,
+        }
+        for i, label in enumerate(truth)
+    ]
+
+
 @pytest.mark.parametrize(
     ("share", "multiset", "client"),
     [("batch", True, 0), ("per-sample", False, 0), ("per-sample", True, -1)],
@@ -1969,21 +1987,8 @@ def test_the_label_table_says_what_chance_scores_by_its_rule(
     for index in range(6):
         truth = torch.randint(0, 3, (8,), generator=labels).tolist()
         batches.append(truth)
-        rows = [
-            {
-                "client_id": index if client >= 0 else client,
-                "attack": "ig",
-                "sample": i,
-                "target_index": i,
-                "batch_size": 8,
-                "true_label": label,
-                "pred_label": 0,
-                "label_acc": float(label == 0),
-                "psnr": 10.0,
-            }
-            for i, label in enumerate(truth)
-        ]
-        run.append_round(1 + index, rows, {"test_accuracy": 0.5})
+        client_id = index if client >= 0 else client
+        run.append_round(1 + index, _labelled_rows(truth, client_id), {"test_accuracy": 0.5})
     study = load_study(run.path)
     pooled = [label for batch in batches for label in batch]
     prior = [pooled.count(c) / len(pooled) for c in range(3)]
@@ -2010,21 +2015,7 @@ def test_chance_is_said_at_the_batch_sizes_poisson_sampling_drew(tmp_path: Path)
     labels = torch.Generator().manual_seed(1)
     for index, size in enumerate([6, 10, 10, 6, 10, 6]):
         truth = torch.randint(0, 3, (size,), generator=labels).tolist()
-        rows = [
-            {
-                "client_id": index,
-                "attack": "ig",
-                "sample": i,
-                "target_index": i,
-                "batch_size": 8,
-                "true_label": label,
-                "pred_label": 0,
-                "label_acc": float(label == 0),
-                "psnr": 10.0,
-            }
-            for i, label in enumerate(truth)
-        ]
-        run.append_round(1 + index, rows, {"test_accuracy": 0.5})
+        run.append_round(1 + index, _labelled_rows(truth, index), {"test_accuracy": 0.5})
     study = load_study(run.path)
     chance, multiset = label_chance(study, study.leakage())
     assert sorted(chance) == [6, 10] and multiset
