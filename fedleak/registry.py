@@ -95,7 +95,8 @@ class Registry(Generic[E]):
     register one itself; `builtins` imports the modules that register the built-in entries.
     `owner(entry)` is the user's object inside an entry (its factory), whose module tells
     whether an entry point of the same name is the plugin that registered it.
-    `forbidden` lists characters a name may not hold (those that join names in settings).
+    `forbidden` lists characters a name may not hold (those that join names in settings);
+    `lower_case` refuses capitals, for kinds whose settings are read in lower case.
     """
 
     def __init__(
@@ -108,6 +109,7 @@ class Registry(Generic[E]):
         builtins: Callable[[], object] | None = None,
         owner: Callable[[E], object] | None = None,
         forbidden: str = ",",
+        lower_case: bool = False,
     ) -> None:
         self.kind = kind
         self.group = group
@@ -116,6 +118,7 @@ class Registry(Generic[E]):
         self._builtins = builtins
         self._owner: Callable[[E], object] = owner or (lambda entry: entry)
         self._forbidden = forbidden
+        self._lower_case = lower_case
         self._entries: dict[str, E] = {}
         self._origins: dict[str, Origin] = {}
         self._tried: set[str] = set()
@@ -194,6 +197,10 @@ class Registry(Generic[E]):
                 f"{self.kind} name {shown_value(name)}: expected a non-empty name without spaces "
                 f"or any of {' '.join(self._forbidden)!r}"
             )
+        if self._lower_case and name != name.lower():  # no setting could name it
+            raise self.refusal(
+                name, f"expected a lower-case name: {self.setting} is read in lower case"
+            )
 
     def refusal(self, name: object, problem: str) -> RegistrationError:
         """The one-line refusal of a registration of `name`: `<kind> '<name>': <problem>`."""
@@ -226,6 +233,12 @@ class Registry(Generic[E]):
             if name in self._broken:
                 raise self._broken[name]
         close = self.closest(name)
+        # An entry point that failed to load under this name in other capitals (a capital
+        # letter in a lower-case kind) says why, rather than suggesting the name typed.
+        with self._lock:
+            broken = [e for n, e in self._broken.items() if n.lower() == name.lower()]
+        if broken:
+            raise broken[0]
         hint = f"did you mean {' or '.join(close)}? " if close else ""
         raise UnknownNameError(
             f"{self.setting}={shown(name)!r}: unknown {self.kind}; {hint}expected one of "

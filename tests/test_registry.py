@@ -31,6 +31,7 @@ from fedleak.data import DATASETS, dataset_names, load_dataset, register_dataset
 from fedleak.data.dataset import ImageDataset
 from fedleak.data.embedded import load_mnist5k
 from fedleak.defenses import DEFENSES, parse_defense_spec, register_defense
+from fedleak.defenses.grammar import DefenseSpecError
 from fedleak.models import MODELS, ModelSpec, build_model, model_names, register_model
 from fedleak.registry import PluginCall, PluginError, PluginFailed, Registry
 from fedleak.server.validate import check_seen_by_ray, validate_components
@@ -644,6 +645,35 @@ def test_an_entry_point_named_otherwise_than_its_registration_is_refused(tmp_pat
         for name in ("blur-registered", "blur-listed"):
             attack_registry.ATTACKS.remove(name)
         sys.modules.pop("fedleak_misnamed", None)
+
+
+def test_a_defense_entry_point_in_capitals_says_why_no_spec_names_it(tmp_path: Path) -> None:
+    """Specs are read in lower case, so 'UpRound' could never be named: typing it suggested
+    the very name typed (audit DM5)."""
+    (tmp_path / "fedleak_capitals.py").write_text(
+        textwrap.dedent(
+            """
+            def parse(args):
+                raise NotImplementedError
+            """
+        )
+    )
+    info = tmp_path / "fedleak_capitals-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fedleak-capitals\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[fedleak.defenses]\nUpRound = fedleak_capitals:parse\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        with pytest.raises(DefenseSpecError) as error:
+            parse_defense_spec("UpRound:2")
+        message = str(error.value)
+        assert "entry point 'UpRound'" in message and "fedleak-capitals 0.1" in message
+        assert "expected a lower-case name: defense.spec is read in lower case" in message
+        assert "did you mean" not in message and "\n" not in message
+        assert "UpRound" not in DEFENSES.names()
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("fedleak_capitals", None)
 
 
 # -- what plugins give back ------------------------------------------------------------------

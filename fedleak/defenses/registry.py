@@ -131,6 +131,7 @@ DEFENSES: Registry[DefenseEntry] = Registry(
     builtins=_builtins,
     owner=_owner,
     forbidden=",+:",
+    lower_case=True,
 )
 
 
@@ -141,8 +142,6 @@ def register_defense(
     `from_args` class method; usable as a decorator (it returns what it decorates). Arguments
     of the wrong type are refused here, in one line naming the argument."""
     DEFENSES.check_name(name)
-    if name != name.lower():  # no spec could name it
-        raise DEFENSES.refusal(name, "expected a lower-case name: specs are read in lower case")
     if form is not None:
         _check_form(name, form)
 
