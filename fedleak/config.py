@@ -37,6 +37,7 @@ from fedleak.settings import (
     setting,
     shown,
     shown_value,
+    takes_text,
     unknown,
 )
 
@@ -417,8 +418,8 @@ def parse_flat(flat: Mapping[str, Any], base: RunConfig | None = None) -> RunCon
 
 @functools.cache
 def text_keys() -> frozenset[str]:
-    """The run-config keys whose value is text (a name, a folder, a spec)."""
-    return frozenset(key for key, spec in flat_keys(RunConfig) if spec.kind is str)
+    """The run-config keys whose value is text (a name, a list of names, a folder, a spec)."""
+    return frozenset(key for key, spec in flat_keys(RunConfig) if takes_text(spec.kind))
 
 
 def canonical_key(key: str) -> str:

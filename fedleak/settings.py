@@ -204,6 +204,17 @@ def _optional(kind: Any) -> tuple[Any, bool]:
     return kind, False
 
 
+def takes_text(kind: Any) -> bool:
+    """Whether a setting of `kind` holds text (a name, a list of names, a word among choices,
+    a path): a value typed for it is meant as written, even when it reads as a number."""
+    inner, _ = _optional(kind)
+    if get_origin(inner) is tuple:
+        return get_args(inner)[0] is str
+    if get_origin(inner) is Literal:
+        return all(isinstance(choice, str) for choice in get_args(inner))
+    return inner in (str, Path)
+
+
 def _is_number_union(kind: Any) -> bool:
     return get_origin(kind) in (Union, types.UnionType) and set(get_args(kind)) == {int, float}
 

@@ -123,6 +123,13 @@ def test_a_text_setting_on_the_command_line_keeps_what_was_typed() -> None:
     assert _override('name="1e3"') == ("name", "1e3")
     assert _override("train.lr=1e3") == ("train.lr", 1000.0)
     assert _override("attack.lti.hidden=1000") == ("attack.lti.hidden", 1000)
+    # Names, an attack's text parameters and its preset too (audit DP7); an unknown attack's
+    # parameter reads as TOML, and validating the run names the attack.
+    assert _override("attack.names=1e3") == ("attack.names", "1e3")
+    assert _override("attack.ig.bn_mode=1e3") == ("attack.ig.bn_mode", "1e3")
+    assert _override("attack.lti.preset=1e3") == ("attack.lti.preset", "1e3")
+    assert _override("attack.lti.cache-dir=0x1F") == ("attack.lti.cache-dir", "0x1F")
+    assert _override("attack.no-such.x=1e3") == ("attack.no-such.x", 1000.0)
 
 
 def test_nested_toml_and_flat_keys_name_the_same_settings() -> None:

@@ -38,6 +38,7 @@ from fedleak.settings import (
     parse_settings,
     render,
     shown_value,
+    takes_text,
 )
 
 Factory = Callable[[Any, int], Attack]
@@ -113,6 +114,13 @@ class AttackEntry:
         """Whether `key` (kebab-case) is one of this attack's parameters."""
         config = self.defaults()
         return config is not None and key in dict(flat_keys(type(config)))
+
+    def text_params(self) -> frozenset[str]:
+        """The parameters whose value is text (a preset, a mode, a folder)."""
+        config = self.defaults()
+        keys = [] if config is None else flat_keys(type(config))
+        texts = {key for key, spec in keys if takes_text(spec.kind)}
+        return frozenset(texts | ({"preset"} if self.presets else set()))
 
     def help(self) -> list[KeyHelp]:
         """Type, default and help of each parameter (`fedleak config-keys`)."""

@@ -22,7 +22,7 @@ import torch
 
 from fedleak.attacks.labels import LabelRecoveryError, find_last_layer
 from fedleak.attacks.registry import ATTACKS, attack_entry, attack_modalities, build_attack
-from fedleak.config import ConfigError, RunConfig, key_help
+from fedleak.config import ConfigError, RunConfig, canonical_key, key_help, text_keys
 from fedleak.data import (
     FOLDER_PREFIX,
     TOKENIZER_KINDS,
@@ -769,6 +769,22 @@ def data_unavailable(config: RunConfig) -> str:
         first = " ".join(str(error).split())
         return f"data set {config.data.dataset!r} unavailable: {first}"
     return ""
+
+
+def takes_text(key: str) -> bool:
+    """Whether the setting `key` (a run setting or an attack's parameter) holds text, so that
+    what was typed for it is kept as written: read as TOML, `1e3` was "1000.0" (audit DP7)."""
+    key = canonical_key(key)
+    if key in text_keys():
+        return True
+    head, _, rest = key.partition(".")
+    name, _, param = rest.partition(".")
+    if head != "attack" or not param:
+        return False
+    try:
+        return param in attack_entry(name).text_params()
+    except ConfigError:  # an unknown or broken attack: validating the run names it
+        return False
 
 
 def setting_help(attack: str | None = None) -> list[KeyHelp]:

@@ -22,7 +22,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any, NoReturn
 
-from fedleak.config import ConfigError, RunConfig, canonical_key, parse_flat, text_keys
+from fedleak.config import ConfigError, RunConfig, parse_flat
 from fedleak.heap import reuse_freed_memory
 from fedleak.lines import MAX_LINE, one_line
 from fedleak.simulations.terminal import printing_safely
@@ -73,8 +73,11 @@ def _override(text: str) -> tuple[str, object]:
         value = raw
     # A text setting keeps what was typed: read as TOML, `name=1e3` was "1000.0" and
     # `out-dir=0x1F` the folder "31" (audit DO5). A quoted value is TOML's string.
-    if not isinstance(value, str) and canonical_key(key.strip()) in text_keys():
-        value = raw.strip()
+    if not isinstance(value, str):
+        from fedleak.server.validate import takes_text
+
+        if takes_text(key.strip()):
+            value = raw.strip()
     return key.strip(), value
 
 
