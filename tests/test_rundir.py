@@ -456,3 +456,31 @@ def test_named_pipes_and_deep_json_elsewhere_in_a_run_directory_give_one_line(
     assert not is_run_directory(pipes)
     with pytest.raises(RunDirectoryError, match=r"utility\.csv"):
         read_utility_csv(pipes / "utility.csv")
+
+
+def test_environment_records_every_parameter_each_attack_ran_with() -> None:
+    """config.toml keeps an attack's parameters as given (a preset's name, two overrides); a
+    reader of the run finds every value it ran with in environment.json (audit DO7)."""
+    import json
+
+    from fedleak.simulations.recording import environment
+
+    config = parse_flat(
+        {
+            "attack.names": "ig,lti,aux-mean",
+            "attack.lti.preset": "cpu-small",
+            "attack.lti.epochs": 3,
+            "attack.ig.tv-weight": 0.02,
+            "attack.dlg.restarts": 4,  # an attack the run does not use
+        }
+    )
+    recorded = json.loads(json.dumps(environment(torch.device("cpu"), config)))["attacks"]
+    assert set(recorded) == {"ig", "lti"}  # aux-mean takes no parameters
+    assert recorded["lti"]["hidden"] == [500]  # the preset's, not the default's 1000
+    assert recorded["lti"]["epochs"] == 3 and recorded["lti"]["cache-dir"] is None
+    assert recorded["ig"]["tv-weight"] == 0.02 and recorded["ig"]["milestones"] == [
+        0.375,
+        0.625,
+        0.875,
+    ]
+    assert recorded["ig"]["matching"] == "cosine"

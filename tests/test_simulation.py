@@ -234,6 +234,10 @@ def test_lti_inverter_is_cached_in_the_run_directory_and_resumed(
     # The folder the run gave its cache is no setting of the study: a resume with the
     # study's own settings must not read as another one.
     assert "cache-dir" not in (out / "config.toml").read_text()
+    # environment.json names the folder it ran with, and the preset's values (audit DO7).
+    ran = resumed["began"]["attacks"]["lti"]
+    assert ran["cache-dir"] == str(out / "state" / "lti") and ran["refresh"] == "frozen"
+    assert ran["hidden"] == [500] and ran["epochs"] == 2
     leakage = pd.read_parquet(out / "leakage.parquet")
     second = leakage[(leakage["round"] == 2) & (leakage.scored_against == "original")]
     assert len(second) > 0

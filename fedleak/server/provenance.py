@@ -1,7 +1,7 @@
-"""Which plug-in code a run computes with: a hash of each used plug-in's source file, recorded
-in environment.json beside fedleak's own source hash so that a resume under changed plug-in
-code says so, as it does for changed software (audit DM3: a plug-in edited between two
-resumes changed the rows without a word)."""
+"""What a run computes with, beyond its config.toml: a hash of each used plug-in's source file,
+recorded in environment.json beside fedleak's own source hash so that a resume under changed
+plug-in code says so, as it does for changed software (audit DM3: a plug-in edited between two
+resumes changed the rows without a word); and every parameter each attack ran with."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import hashlib
 import inspect
 from pathlib import Path
 
-from fedleak.attacks.registry import ATTACKS
+from fedleak.attacks.registry import ATTACKS, attack_entry
 from fedleak.config import ConfigError, RunConfig
 from fedleak.data import FOLDER_PREFIX, TEXT_DATASETS
 from fedleak.data.registry import DATASETS
@@ -17,6 +17,7 @@ from fedleak.defenses.registry import DEFENSES
 from fedleak.defenses.spec import defense_names
 from fedleak.models.registry import MODELS
 from fedleak.registry import Registry, load_object
+from fedleak.settings import flat_values
 
 
 def plugin_sources(config: RunConfig) -> dict[str, str]:
@@ -36,6 +37,24 @@ def plugin_sources(config: RunConfig) -> dict[str, str]:
     if not dataset.startswith(FOLDER_PREFIX) and dataset not in TEXT_DATASETS:
         files[f"data set {dataset}"] = _registered_file(DATASETS, dataset)
     return {what: _digest(Path(file)) for what, file in files.items() if file}
+
+
+def attack_settings(config: RunConfig) -> dict[str, dict[str, object]]:
+    """Each attack's parameters as it runs them, defaults and its preset's values included:
+    config.toml keeps the parameters as given, because a value given differs from the same
+    value by default (a cache folder of one's own, a BatchNorm prior asked for by hand)."""
+    settings = {}
+    for name in config.attack.names:
+        resolved = attack_entry(name).configure(config.attack.params.get(name, {}))
+        if resolved is not None:
+            settings[name] = {key: _json(value) for key, value in flat_values(resolved).items()}
+    return settings
+
+
+def _json(value: object) -> object:
+    if isinstance(value, tuple):
+        return [_json(item) for item in value]
+    return str(value) if isinstance(value, Path) else value
 
 
 def _registered_file(registry: Registry, name: str) -> str | None:

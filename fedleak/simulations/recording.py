@@ -33,7 +33,7 @@ from fedleak.report.progress import Progress
 from fedleak.report.rundir import Accounting, RunDirectory, console_line
 from fedleak.report.texts import save_token_pairs
 from fedleak.server.privacy import PrivacyLedger
-from fedleak.server.provenance import plugin_sources
+from fedleak.server.provenance import attack_settings, plugin_sources
 from fedleak.server.rounds import RoundLog, Row, ScoredJob
 from fedleak.server.validate import ineffective_settings, unused_batchnorm_prior
 
@@ -150,6 +150,7 @@ def environment(
         "started": dt.datetime.now().isoformat(timespec="seconds"),
         **({"data": data} if data is not None else {}),
         "plugins": plugin_sources(config),  # {} without plug-ins: recorded all the same
+        "attacks": attack_settings(config),
     }
 
 

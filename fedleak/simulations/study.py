@@ -363,7 +363,9 @@ def _serve(
     if resumed:
         run_dir = RunDirectory.open(path)
     else:
-        run_dir = RunDirectory.create(path, config, environment(device, config, data_record(fd)))
+        # Recorded with the cache folders the attacks will use, this run's own by default.
+        ran = with_attack_caches(config, RunDirectory(path).state_path)
+        run_dir = RunDirectory.create(path, config, environment(device, ran, data_record(fd)))
     software = changed_software(run_dir.environment(), config) if resumed else []
     warnings = [
         unresumed,
