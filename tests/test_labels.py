@@ -472,3 +472,53 @@ def test_counts_take_the_rule_that_reads_simulated_batches_best(mnist, split, sp
         scores = problem.diagnostics
         assert scores["label_rule_equations"] >= scores["label_rule_signs"]
         assert sorted(problem.labels[0].tolist()) == sorted(mnist[1][index].tolist())
+
+
+def _tanh_net() -> torch.nn.Module:
+    """A custom classifier whose last layer reads tanh features: their mass is negative on
+    MNIST here, so every row of the last layer's gradient has the sign the rules expect
+    flipped (audit DS1: iDLG got 0 of 10 labels)."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 12, 5, padding=2, stride=2),
+        torch.nn.Tanh(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(12 * 14 * 14, NUM_CLASSES),
+    )
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_labels_are_read_whichever_sign_the_last_layers_features_have(mnist, split, bias):
+    import fedleak
+
+    x, y = mnist
+    model = _tanh_net()
+    if not bias:
+        model[-1].bias = None
+    first = [int((y == c).nonzero()[0]) for c in range(NUM_CLASSES)]
+    mass = model[:-1](x[first]).sum(dim=1)
+    assert (mass < 0).all()  # the case the rules once read upside down
+    aux = split[0]
+    found = []
+    for i in first:
+        grads = torch.autograd.grad(
+            torch.nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1]),
+            model.parameters(),
+        )
+        observation = fedleak.observe(model, grads, input_shape=(1, 28, 28), num_examples=1)
+        # iDLG reads the sign off the bias; without one, off the auxiliary data's features.
+        knowledge = {} if bias else {"aux_inputs": x[aux], "aux_labels": y[aux]}
+        result = fedleak.reconstruct(build_attack("ig"), observation, max_iterations=1, **knowledge)
+        assert result.label_method == "idlg"
+        found.append(int(result.labels[0]))
+    assert found == list(range(NUM_CLASSES))
+    # Distinct labels in one batch, without auxiliary data: the most negative rows, so oriented.
+    if bias:
+        batch = first[1:8:2]
+        grads = torch.autograd.grad(
+            torch.nn.functional.cross_entropy(model(x[batch]), y[batch]), model.parameters()
+        )
+        observation = fedleak.observe(model, grads, input_shape=(1, 28, 28), num_examples=4)
+        result = fedleak.reconstruct(build_attack("ig"), observation, max_iterations=1)
+        assert result.label_method == "rows"
+        assert sorted(result.labels.tolist()) == [1, 3, 5, 7]

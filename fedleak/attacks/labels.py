@@ -1,8 +1,10 @@
 """Label recovery from the last layer's update.
 
 With softmax cross-entropy, row c of the last layer's weight gradient is
-(1/B) sum_i (p_ic - y_ic) h_i, where h_i >= 0 are the features entering the layer (after a
-sigmoid or ReLU) and p_i the softmax. Hence:
+(1/B) sum_i (p_ic - y_ic) h_i, where h_i are the features entering the layer and p_i the
+softmax. After a sigmoid or ReLU h_i >= 0; after a tanh or a normalisation their mass may be
+negative, and every row's sign flips: `feature_sign` reads it off the update (the rules below
+are written for h_i >= 0 and take the sign). Hence:
 
 - iDLG (Zhao et al. 2020), B = 1: the true class is the only row with a negative sum.
 - Batch rows (Yin et al. 2021 / GradAttack), distinct labels: the B most negative rows, or,
@@ -112,22 +114,47 @@ def row_sums(weight: Tensor) -> Tensor:
     return weight.sum(dim=-1)
 
 
-def idlg(weight: Tensor) -> Tensor:
-    """iDLG: the class whose row sum is most negative, per problem: [T, K, d] -> [T] int64."""
-    return row_sums(weight).argmin(dim=-1)
+def feature_sign(weight: Tensor, bias: Tensor | None, mean_mass: float | None = None) -> Tensor:
+    """The sign of the feature mass entering the last layer, per problem: [T, K, d] -> [T, 1].
+
+    Bias entry c is (1/B) sum_i (p_ic - y_ic), so sum_c rowsum_c * bias_c is a sum of squares
+    times the features' mass (exactly so at B = 1, nearly when the masses are alike): its sign
+    is theirs. Without a bias, the sign of the auxiliary data's `mean_mass`; without either,
+    non-negative features (ReLU, sigmoid) are assumed. A custom model with tanh features got
+    every iDLG label wrong (audit DS1).
+    """
+    if bias is not None:
+        dot = (row_sums(weight) * bias).sum(dim=-1, keepdim=True)
+        return torch.where(dot < 0, -1.0, 1.0).to(weight.dtype)
+    sign = -1.0 if mean_mass is not None and mean_mass < 0 else 1.0
+    return torch.full((*weight.shape[:-2], 1), sign, dtype=weight.dtype, device=weight.device)
 
 
-def batch_rows(weight: Tensor, batch: int, stats: AuxiliaryStatistics | None = None) -> Tensor:
+def idlg(weight: Tensor, sign: Tensor | None = None) -> Tensor:
+    """iDLG: the class whose row sum is most negative (features of `sign`, `feature_sign`;
+    default non-negative), per problem: [T, K, d] -> [T] int64."""
+    sums = row_sums(weight)
+    return (sums if sign is None else sums * sign).argmin(dim=-1)
+
+
+def batch_rows(
+    weight: Tensor,
+    batch: int,
+    stats: AuxiliaryStatistics | None = None,
+    sign: Tensor | None = None,
+) -> Tensor:
     """Distinct labels: the `batch` classes with the most negative row sums, sorted,
     [T, K, d] -> [T, batch] (classes repeat cyclically when `batch` > K).
 
     With `stats`, classes are ranked by their estimated count `estimated_counts` instead: the
     plain rule assumes little softmax mass per class, and fails when the model concentrates
     it (the untrained uniform-init LeNet puts ~0.7 on one class: that class's row is positive
-    even when it is in the batch).
+    even when it is in the batch). `sign`: the features' (`feature_sign`; default
+    non-negative).
     """
     if stats is None:
-        order = row_sums(weight).argsort(dim=-1)
+        sums = row_sums(weight)
+        order = (sums if sign is None else sums * sign).argsort(dim=-1)
     else:
         score = torch.stack([estimated_counts(w, None, batch, stats) for w in weight])
         order = score.to(weight.device).argsort(dim=-1, descending=True)
@@ -289,7 +316,8 @@ def label_counts(
 
     `present_if_negative`: every class whose row sums below zero holds at least one sample
     (HFGradInv's coarse label set). An absent class's row is a sum of p_ic h_i >= 0, so only a
-    present class's can be negative; noise breaks this, pruning and clipping do not. The
+    present class's can be negative (with features of negative mass, every row's sign flips:
+    `feature_sign`); noise breaks this, pruning and clipping do not. The
     estimate alone misses such classes once the model has trained (a sigmoid LeNet after
     1,000 SGD steps, 40 batches of 8 MNIST-5k images: 0.544 -> 0.647 of the labels with
     distinct labels, 0.622 -> 0.644 with repeated ones; `tests/test_labels.py`).
@@ -300,8 +328,12 @@ def label_counts(
     classes = rows.shape[0]
     estimate = estimated_counts(weight.double().cpu(), bias, batch, stats)
     required = torch.zeros(classes, dtype=torch.long)
-    if present_if_negative and int((rows < 0).sum()) <= batch:
-        required = (rows < 0).long()
+    sign = feature_sign(
+        weight.double().cpu()[None], None if bias is None else bias[None], stats.mean_mass
+    )
+    negative = rows * float(sign) < 0
+    if present_if_negative and int(negative.sum()) <= batch:
+        required = negative.long()
     rest = _largest_remainder(estimate - required, batch - int(required.sum()))
     start = required + rest
     pool = start.unsqueeze(0).repeat(population, 1)

@@ -264,13 +264,22 @@ def _recover_labels(
     if observation.update_kind == "delta":
         scale = -1.0 / (observation.learning_rate * observation.local_steps)
     weight = target[names.index(layer.weight)] * scale
+    has_bias = layer.bias is not None
+    bias = target[names.index(layer.bias)] * scale if has_bias else None
     if method == "idlg":
         if samples != 1:
             raise ObservationError(
                 f"attack parameter labels='idlg' needs one sample per target, got {samples}; "
                 "use labels=auto, rows, counts or joint"
             )
-        return label_recovery.idlg(weight).unsqueeze(1), "idlg", {}
+        mass = None
+        if bias is None and has_aux:  # the sign of the features' mass, from the aux data
+            features = label_recovery.auxiliary_forward(
+                model, layer, knowledge.aux_inputs, knowledge.aux_labels
+            ).features
+            mass = float(features.sum(dim=1).mean())
+        sign = label_recovery.feature_sign(weight, bias, mass)
+        return label_recovery.idlg(weight, sign).unsqueeze(1), "idlg", {}
     forward = stats = None
     # The rows read the statistics only with magnitudes; counts without aux data: a one-line
     # refusal here.
@@ -280,11 +289,12 @@ def _recover_labels(
         )
         stats = label_recovery.statistics_of(forward, num_classes) if magnitudes else None
     if method == "rows":
-        return label_recovery.batch_rows(weight, samples, stats), "rows", {}
+        mass = None if stats is None else stats.mean_mass
+        sign = label_recovery.feature_sign(weight, bias, mass)
+        return label_recovery.batch_rows(weight, samples, stats, sign), "rows", {}
     assert forward is not None
     generator = torch.Generator().manual_seed(seed)
     present = _noiseless(pipeline)
-    has_bias = layer.bias is not None
     rules: dict[str, label_recovery.CountRule] = {}
     diagnostics: dict[str, float] = {}
     if stats is not None:
@@ -313,7 +323,6 @@ def _recover_labels(
         scores = label_recovery.simulated_accuracy(forward, num_classes, samples, trial, rules)
         diagnostics.update({f"label_rule_{name}": score for name, score in scores.items()})
         rule = rules[max(rules, key=lambda name: scores[name])]
-    bias = target[names.index(layer.bias)] * scale if has_bias else None
     rows = [
         label_recovery.counts_to_labels(
             rule(weight[t], None if bias is None else bias[t], generator)
