@@ -506,7 +506,8 @@ def test_labels_are_read_whichever_sign_the_last_layers_features_have(mnist, spl
             model.parameters(),
         )
         observation = fedleak.observe(model, grads, input_shape=(1, 28, 28), num_examples=1)
-        # iDLG reads the sign off the bias; without one, off the auxiliary data's features.
+        # Without auxiliary data iDLG reads the sign off the bias; without a bias, off the
+        # auxiliary data's features.
         knowledge = {} if bias else {"aux_inputs": x[aux], "aux_labels": y[aux]}
         result = fedleak.reconstruct(build_attack("ig"), observation, max_iterations=1, **knowledge)
         assert result.label_method == "idlg"
@@ -522,3 +523,22 @@ def test_labels_are_read_whichever_sign_the_last_layers_features_have(mnist, spl
         result = fedleak.reconstruct(build_attack("ig"), observation, max_iterations=1)
         assert result.label_method == "rows"
         assert sorted(result.labels.tolist()) == [1, 3, 5, 7]
+
+
+def test_noise_leaves_the_sign_of_the_built_in_models_features_alone(mnist, split, spec):
+    """Under DP-SGD's noise the bias no longer tells the features' sign (about one unit of
+    noise per coordinate flips it): without auxiliary data the rows read as for ReLU and
+    sigmoid features, as before the sign was read at all."""
+    x, y = mnist
+    index = split[1][:24]
+    model, update = _update(spec, x[index], y[index], "dpsgd:1:0.5", share="per-sample")
+    layer = L.find_last_layer(model, NUM_CLASSES)
+    observation = dataclasses.replace(
+        _observation(spec, model, update, "dpsgd:1:0.5", 24), num_examples=24, batch_size=1
+    )
+    no_aux = AttackerKnowledge(x[:0], y[:0], tuple(x.shape[1:]), NUM_CLASSES)
+    result = build_attack("ig", {"labels": "idlg"}).reconstruct(
+        observation, no_aux, Budget(1, 60.0)
+    )
+    assert result.label_method == "idlg"
+    assert torch.equal(result.labels, L.idlg(update.per_sample[layer.weight]))

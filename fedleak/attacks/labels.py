@@ -114,16 +114,20 @@ def row_sums(weight: Tensor) -> Tensor:
     return weight.sum(dim=-1)
 
 
-def feature_sign(weight: Tensor, bias: Tensor | None, mean_mass: float | None = None) -> Tensor:
+def feature_sign(
+    weight: Tensor, bias: Tensor | None = None, mean_mass: float | None = None
+) -> Tensor:
     """The sign of the feature mass entering the last layer, per problem: [T, K, d] -> [T, 1].
 
-    Bias entry c is (1/B) sum_i (p_ic - y_ic), so sum_c rowsum_c * bias_c is a sum of squares
-    times the features' mass (exactly so at B = 1, nearly when the masses are alike): its sign
-    is theirs. Without a bias, the sign of the auxiliary data's `mean_mass`; without either,
+    The auxiliary data's `mean_mass` at w_t tells it first (a forward pass, free of the
+    update's noise). Else the `bias` gradient: entry c is (1/B) sum_i (p_ic - y_ic), so
+    sum_c rowsum_c * bias_c is a sum of squares times the features' mass (exactly so at B = 1,
+    nearly when the masses are alike); noise of about one unit per coordinate flips it long
+    before it hides the labels, so pass a bias only from a noiseless update. Without either,
     non-negative features (ReLU, sigmoid) are assumed. A custom model with tanh features got
     every iDLG label wrong (audit DS1).
     """
-    if bias is not None:
+    if mean_mass is None and bias is not None:
         dot = (row_sums(weight) * bias).sum(dim=-1, keepdim=True)
         return torch.where(dot < 0, -1.0, 1.0).to(weight.dtype)
     sign = -1.0 if mean_mass is not None and mean_mass < 0 else 1.0
@@ -328,10 +332,7 @@ def label_counts(
     classes = rows.shape[0]
     estimate = estimated_counts(weight.double().cpu(), bias, batch, stats)
     required = torch.zeros(classes, dtype=torch.long)
-    sign = feature_sign(
-        weight.double().cpu()[None], None if bias is None else bias[None], stats.mean_mass
-    )
-    negative = rows * float(sign) < 0
+    negative = rows * (-1.0 if stats.mean_mass < 0 else 1.0) < 0
     if present_if_negative and int(negative.sum()) <= batch:
         required = negative.long()
     rest = _largest_remainder(estimate - required, batch - int(required.sum()))

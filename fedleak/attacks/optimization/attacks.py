@@ -227,6 +227,30 @@ def _signs_as_simulated(pipeline: DefensePipeline, contributors: int) -> bool:
     return one_release and _noiseless(pipeline) and pipeline.find(Prune) is None
 
 
+def _feature_sign(
+    weight: Tensor,
+    bias: Tensor | None,
+    forward: label_recovery.AuxiliaryForward | None,
+    model: nn.Module,
+    layer: label_recovery.LastLayer,
+    knowledge: AttackerKnowledge,
+    pipeline: DefensePipeline,
+) -> Tensor:
+    """The sign of the last layer's features (`labels.feature_sign`): from the auxiliary
+    data's forward pass when there is auxiliary data, else from a noiseless update's bias."""
+    if (
+        forward is None
+        and knowledge.aux_inputs.shape[0] > 0
+        and not (bias is not None and _noiseless(pipeline))
+    ):
+        forward = label_recovery.auxiliary_forward(
+            model, layer, knowledge.aux_inputs, knowledge.aux_labels
+        )
+    if forward is not None:
+        return label_recovery.feature_sign(weight, None, float(forward.features.sum(1).mean()))
+    return label_recovery.feature_sign(weight, bias if _noiseless(pipeline) else None)
+
+
 def _recover_labels(
     method: str,
     model: nn.Module,
@@ -272,13 +296,7 @@ def _recover_labels(
                 f"attack parameter labels='idlg' needs one sample per target, got {samples}; "
                 "use labels=auto, rows, counts or joint"
             )
-        mass = None
-        if bias is None and has_aux:  # the sign of the features' mass, from the aux data
-            features = label_recovery.auxiliary_forward(
-                model, layer, knowledge.aux_inputs, knowledge.aux_labels
-            ).features
-            mass = float(features.sum(dim=1).mean())
-        sign = label_recovery.feature_sign(weight, bias, mass)
+        sign = _feature_sign(weight, bias, None, model, layer, knowledge, pipeline)
         return label_recovery.idlg(weight, sign).unsqueeze(1), "idlg", {}
     forward = stats = None
     # The rows read the statistics only with magnitudes; counts without aux data: a one-line
@@ -289,8 +307,7 @@ def _recover_labels(
         )
         stats = label_recovery.statistics_of(forward, num_classes) if magnitudes else None
     if method == "rows":
-        mass = None if stats is None else stats.mean_mass
-        sign = label_recovery.feature_sign(weight, bias, mass)
+        sign = _feature_sign(weight, bias, forward, model, layer, knowledge, pipeline)
         return label_recovery.batch_rows(weight, samples, stats, sign), "rows", {}
     assert forward is not None
     generator = torch.Generator().manual_seed(seed)
