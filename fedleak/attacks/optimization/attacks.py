@@ -77,7 +77,9 @@ class ObservationError(ValueError):
 
 
 def attack_seed(seed: int, knowledge: AttackerKnowledge, observation: Observation) -> int:
-    """One seed per (attack, attacker, round, client): deterministic, distinct per observation."""
+    """One seed per (attacker, round, client): deterministic, distinct per observation. The
+    attack's name is left out on purpose: attacks on one update start from the same draw
+    (common random numbers), so their rows differ by method, not by luck (audit DR1)."""
     return mix_seed(seed, knowledge.seed, observation.round, observation.client_id)
 
 
