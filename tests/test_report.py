@@ -2041,3 +2041,20 @@ def test_markdown_carries_no_html_past_backtick_runs() -> None:
     kinds = {t.type for t in tokens} | {c.type for t in tokens for c in t.children or []}
     assert not kinds & {"html_inline", "html_block"}, text
     assert "n < 6" in text  # a bare comparison stays as written
+
+
+def test_the_report_lists_every_parameter_each_attack_ran_with(tmp_path: Path) -> None:
+    """config.toml holds the parameters set; environment.json every one an attack ran with
+    (audit DO7), shown as `--set` writes them, one row per attack, not as dotted keys in the
+    environment table."""
+    config = parse_flat({"num-server-rounds": 1, "attack.names": "ig,aux-mean"})
+    ran = {"matching": "cosine", "milestones": [0.375, 0.625], "tv-weight": None, "boxed": True}
+    run = RunDirectory.create(tmp_path / "run", config, {"device": "cpu", "attacks": {"ig": ran}})
+    run.append_round(1, [], {"test_loss": 1.0, "test_accuracy": 0.5})
+    _, markdown = build_report(run.path)
+    text = markdown.read_text()
+    assert _table(text, "## Configuration") == [
+        ["attack", "parameters"],
+        ["ig", "matching=cosine, milestones=0.375,0.625, tv-weight=none, boxed=true"],
+    ]
+    assert not any(row[0].startswith("attacks") for row in _table(text, "## Environment"))

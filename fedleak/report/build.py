@@ -56,6 +56,7 @@ from fedleak.report.tables import (
 )
 from fedleak.report.text_section import texts_section
 from fedleak.report.verdict import verdict
+from fedleak.settings import render
 
 HTML_FILE = "report.html"
 MARKDOWN_FILE = "report.md"
@@ -428,8 +429,41 @@ def _images_section(study: Study) -> list[Block]:
 
 
 def _environment_table(environment: dict[str, object]) -> Table:
-    rows = tuple((TableCell(key), TableCell(value)) for key, value in _leaves(environment))
+    shown = {key: value for key, value in environment.items() if key != ATTACK_SETTINGS}
+    rows = tuple((TableCell(key), TableCell(value)) for key, value in _leaves(shown))
     return Table(columns=("key", "value"), rows=rows)
+
+
+# environment.json's record of every parameter each attack ran with (`attack_settings`).
+ATTACK_SETTINGS = "attacks"
+
+
+def _attack_settings(environment: dict[str, object]) -> list[Block]:
+    """One row per attack with every parameter it ran with, as `--set` would write them:
+    config.toml above holds only those set (nothing for a run from before they were kept)."""
+    recorded = environment.get(ATTACK_SETTINGS)
+    if not isinstance(recorded, dict):
+        return []
+    rows = tuple(
+        (
+            TableCell(name),
+            TableCell(
+                ", ".join(
+                    f"{key}={render(tuple(value) if isinstance(value, list) else value)}"
+                    for key, value in params.items()
+                )
+            ),
+        )
+        for name, params in recorded.items()
+        if isinstance(params, dict) and params
+    )
+    if not rows:
+        return []
+    note = Text(
+        "Every parameter each attack ran with, its defaults and its preset's values included "
+        "(the configuration above holds those set):"
+    )
+    return [note, Table(columns=("attack", "parameters"), rows=rows)]
 
 
 def _leaves(record: dict[str, object], prefix: str = "") -> list[tuple[str, str]]:
@@ -492,6 +526,7 @@ def _setup_section(study: Study) -> list[Block]:
     if study.kind == "run":
         blocks += _declared_protocol(study)
         blocks.append(Code((study.runs[0].path / "config.toml").read_text(encoding="utf-8")))
+        blocks += _attack_settings(study.runs[0].environment)
     else:
         source = study.path / SWEEP_SOURCE
         if source.is_file():
@@ -506,6 +541,7 @@ def _setup_section(study: Study) -> list[Block]:
                 "in the keys their names and groups show:"
             ),
             Code((first.path / "config.toml").read_text(encoding="utf-8")),
+            *_attack_settings(first.environment),
         ]
     blocks += [Heading("Environment"), _environment_table(study.runs[0].environment)]
     return blocks
