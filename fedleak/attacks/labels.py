@@ -3,8 +3,8 @@
 With softmax cross-entropy, row c of the last layer's weight gradient is
 (1/B) sum_i (p_ic - y_ic) h_i, where h_i are the features entering the layer and p_i the
 softmax. After a sigmoid or ReLU h_i >= 0; after a tanh or a normalisation their mass may be
-negative, and every row's sign flips: `feature_sign` reads it off the update (the rules below
-are written for h_i >= 0 and take the sign). Hence:
+negative, and every row's sign flips: `feature_sign` reads it off a noiseless update or the
+auxiliary data (the rules below are written for h_i >= 0 and take the sign). Hence:
 
 - iDLG (Zhao et al. 2020), B = 1: the true class is the only row with a negative sum.
 - Batch rows (Yin et al. 2021 / GradAttack), distinct labels: the B most negative rows, or,

@@ -238,8 +238,9 @@ def _feature_sign(
     knowledge: AttackerKnowledge,
     pipeline: DefensePipeline,
 ) -> Tensor:
-    """The sign of the last layer's features (`labels.feature_sign`): from the auxiliary
-    data's forward pass when there is auxiliary data, else from a noiseless update's bias."""
+    """The sign of the last layer's features (`labels.feature_sign`): from a noiseless
+    update's bias (free), else from the auxiliary data's forward pass (`forward` when the
+    caller has it), else non-negative features are assumed."""
     if (
         forward is None
         and knowledge.aux_inputs.shape[0] > 0
