@@ -130,6 +130,8 @@ def test_a_text_setting_on_the_command_line_keeps_what_was_typed() -> None:
     assert _override("attack.lti.preset=1e3") == ("attack.lti.preset", "1e3")
     assert _override("attack.lti.cache-dir=0x1F") == ("attack.lti.cache-dir", "0x1F")
     assert _override("attack.no-such.x=1e3") == ("attack.no-such.x", 1000.0)
+    assert _override('attack.names=["ig", "dlg"]') == ("attack.names", ["ig", "dlg"])
+    assert parse_flat(dict([_override('attack.names=["ig", "dlg"]')])).attack.names == ("ig", "dlg")
 
 
 def test_nested_toml_and_flat_keys_name_the_same_settings() -> None:

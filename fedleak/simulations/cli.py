@@ -72,8 +72,9 @@ def _override(text: str) -> tuple[str, object]:
     if set(document) != {"v"} or ("#" in raw and "#" not in str(value)):
         value = raw
     # A text setting keeps what was typed: read as TOML, `name=1e3` was "1000.0" and
-    # `out-dir=0x1F` the folder "31" (audit DO5). A quoted value is TOML's string.
-    if not isinstance(value, str):
+    # `out-dir=0x1F` the folder "31" (audit DO5). A quoted value is TOML's string, and a TOML
+    # list (`attack.names=["ig","dlg"]`) the names it holds.
+    if not isinstance(value, str | list | dict):
         from fedleak.server.validate import takes_text
 
         if takes_text(key.strip()):
