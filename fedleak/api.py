@@ -648,6 +648,11 @@ def knowledge(
     )
 
 
+def _same_device(one: torch.device, other: torch.device) -> bool:
+    """`cuda` and `cuda:0` are one device."""
+    return (one.type, one.index or 0) == (other.type, other.index or 0)
+
+
 def _device(device: object) -> torch.device:
     """A device attacks can run on here: the CPU, or a CUDA device this machine has."""
     try:
@@ -756,12 +761,15 @@ def reconstruct(
     attacker: AttackerKnowledge | None = None,
     max_iterations: int = 2000,
     max_seconds: float = 120.0,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     threads: int | str | None = "auto",
     show_progress: bool = False,
 ) -> Reconstruction:
     """Run `attack` on `observation` with the attacker's auxiliary data (or a prepared
     `attacker` knowledge) under a budget; the guess comes back on the CPU.
+
+    `device`: where the attack runs, the CPU by default; with `attacker=`, its own device
+    (another one is refused: the knowledge was placed there).
 
     `threads`: torch intra-op threads while the attack runs; "auto" takes one for models under
     a million parameters on the CPU (several threads only wait on each other there), None
@@ -775,7 +783,7 @@ def reconstruct(
         kind = type(observation).__name__
         raise ConfigError(f"observation: expected an Observation (fedleak.observe), got {kind}")
     if attacker is None:
-        attacker = knowledge(observation, aux_inputs, aux_labels, device=_device(device))
+        attacker = knowledge(observation, aux_inputs, aux_labels, device=_device(device or "cpu"))
     elif aux_inputs is not None or aux_labels is not None:
         raise ConfigError(
             "aux_inputs, aux_labels: given beside attacker=, which holds the auxiliary data "
@@ -784,6 +792,12 @@ def reconstruct(
     elif not isinstance(attacker, AttackerKnowledge):
         kind = type(attacker).__name__
         raise ConfigError(f"attacker: expected fedleak.knowledge(...)'s result, got {kind}")
+    elif device is not None and not _same_device(_device(device), torch.device(attacker.device)):
+        # It ran on the knowledge's device without a word (audit DV6).
+        raise ConfigError(
+            f"device={str(device)!r}: the attacker's knowledge is on {attacker.device}; build it "
+            "with fedleak.knowledge(..., device=) or leave device out"
+        )
     elif (tuple(attacker.input_shape), attacker.num_classes) != (
         tuple(observation.model.input_shape),
         observation.model.num_classes,

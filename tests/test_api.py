@@ -663,6 +663,20 @@ def test_reconstruct_speaks_of_its_own_arguments() -> None:
         fedleak.reconstruct(fedleak.build_attack("lti"), observation, attacker=other)
     with pytest.raises(ConfigError, match=r"^attacker: expected fedleak\.knowledge"):
         fedleak.reconstruct(fedleak.build_attack("ig"), observation, attacker=(x, y))  # type: ignore[arg-type]
+    # A device beside attacker= was ignored: the attack ran on the knowledge's (audit DV6).
+    elsewhere = dataclasses.replace(attacker, device=torch.device("cuda", 0))
+    with pytest.raises(ConfigError, match=r"^device='cpu': the attacker's knowledge is on cuda:0"):
+        fedleak.reconstruct(
+            fedleak.build_attack("ig"), observation, attacker=elsewhere, device="cpu"
+        )
+    with pytest.raises(ConfigError, match=r"^device='cuda:7': this machine has"):
+        fedleak.reconstruct(
+            fedleak.build_attack("ig"), observation, attacker=attacker, device="cuda:7"
+        )
+    kept = fedleak.reconstruct(
+        fedleak.build_attack("ig"), observation, attacker=attacker, device="cpu", max_iterations=1
+    )
+    assert kept.status == "ok"
 
 
 def test_score_refuses_labels_and_shapes_that_do_not_fit() -> None:

@@ -269,6 +269,48 @@ def test_a_training_cut_short_goes_on_in_the_next_call_at_the_same_weights(
     assert "cut short by the time budget in an earlier call, continued from epoch 4" in how
 
 
+@pytest.mark.parametrize("refresh", ["retrain", "finetune"])
+def test_a_training_stopped_by_ctrl_c_is_not_reused_as_trained(refresh: str) -> None:
+    """A call interrupted while training at new weights left a fresh (retrain) or half-tuned
+    (finetune) inverter under the old weights' key: the next call at those weights reused it
+    as "trained at these weights" (audit DV1). It now trains again, from scratch."""
+    from fedleak.attacks.learned.keeper import InverterKeeper
+    from fedleak.attacks.learned.trainer import TrainingOutcome
+
+    calls: list[tuple[bool, int]] = []
+
+    def train(inverter: nn.Module, warm: bool, first_epoch: int) -> TrainingOutcome:
+        calls.append((warm, first_epoch))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return TrainingOutcome(5, 5, 20, 1.0, 12.0, False, False)
+
+    keeper = InverterKeeper(InverterStore(None, "lti"), refresh, "val_psnr")
+    cpu = torch.device("cpu")
+    first = keeper.current("setting", "weights-1", 1, cpu, Scripted, train)
+    with pytest.raises(KeyboardInterrupt):
+        keeper.current("setting", "weights-2", 2, cpu, Scripted, train)
+    again = keeper.current("setting", "weights-1", 1, cpu, Scripted, train)
+    assert first.outcome is not None and again.outcome is not None
+    assert calls[-1] == (False, 0) and again.inverter is not first.inverter
+    _, how, _ = keeper.account(again, lambda psnr: f"{psnr:.1f} dB")
+    assert "trained from scratch" in how and "reused" not in how
+
+
+def test_a_training_the_budget_ended_before_its_first_epoch_says_so() -> None:
+    """It read "too few auxiliary samples held out" with 120 held out (audit DV3)."""
+    from fedleak.attacks.learned.keeper import InverterKeeper
+    from fedleak.attacks.learned.trainer import TrainingOutcome
+
+    def train(inverter: nn.Module, warm: bool, first_epoch: int) -> TrainingOutcome:
+        return TrainingOutcome(0, 0, 0, 1.3, math.nan, True, False)
+
+    keeper = InverterKeeper(InverterStore(None, "lti"), "finetune", "val_psnr")
+    cut = keeper.current("setting", "weights-1", 1, torch.device("cpu"), Scripted, train)
+    _, how, _ = keeper.account(cut, lambda psnr: f"{psnr:.1f} dB")
+    assert "0 epochs, validation none (no epoch finished)" in how and "held out" not in how
+
+
 def test_a_saved_inverter_that_does_not_fit_fails_every_call_naming_its_file(
     tmp_path: Path,
 ) -> None:

@@ -546,6 +546,21 @@ def test_seeded_runs_are_identical(mnist: dict[str, torch.Tensor]) -> None:
     torch.testing.assert_close(runs[0].inputs, runs[1].inputs, rtol=0, atol=0)
 
 
+def test_an_attack_reused_under_another_attackers_seed_trains_for_it(
+    mnist: dict[str, torch.Tensor],
+) -> None:
+    """The attacker's seed draws the inverter's start and batches: an attack object reused
+    with another one reused the first seed's inverter (audit DV4)."""
+    obs = observe(LENET, state(LENET), "none", mnist["x"][:2], mnist["y"][:2])
+    knowing = [dataclasses.replace(knowledge_of(mnist, aux=120), seed=s) for s in (0, 1)]
+    reused = LearningToInvert(tiny(), seed=3)
+    reused.reconstruct(obs, knowing[0], NO_LIMIT)
+    again = reused.reconstruct(obs, knowing[1], NO_LIMIT)
+    fresh = LearningToInvert(tiny(), seed=3).reconstruct(obs, knowing[1], NO_LIMIT)
+    assert "reused the inverter" not in again.message
+    torch.testing.assert_close(again.inputs, fresh.inputs, rtol=0, atol=0)
+
+
 def test_needs_aux_data(mnist: dict[str, torch.Tensor]) -> None:
     empty = AttackerKnowledge(
         torch.zeros(0, 1, 28, 28), torch.zeros(0, dtype=torch.long), (1, 28, 28), 10

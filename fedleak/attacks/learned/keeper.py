@@ -112,7 +112,9 @@ def learned_setup(
     aux = {"inputs": knowledge.aux_inputs, "labels": knowledge.aux_labels}
     return LearnedSetup(
         observation.model,
-        f"seed {seed}, aux {weights_fingerprint(aux)}",
+        # The attacker's seed too: it draws the inverter's start and its training batches, and
+        # an attack object reused with another seed reused the first seed's inverter (DV4).
+        f"seed {seed}, attacker seed {knowledge.seed}, aux {weights_fingerprint(aux)}",
         weights_fingerprint(observation.weights),
         device,
         model.to(device),
@@ -194,7 +196,14 @@ class InverterKeeper:
             first = -1  # current, or frozen: no training
         if first >= 0:
             assert self.inverter is not None
-            outcome = train(self.inverter.to(device), warm, first)
+            try:
+                outcome = train(self.inverter.to(device), warm, first)
+            except BaseException:
+                # A training stopped by Ctrl-C or an error left the inverter half-trained (or
+                # fresh) under the old key: the next call must not reuse it as trained (DV1).
+                self.inverter, self._key, self._fingerprint = None, None, None
+                self._cut_short = None
+                raise
             self._key, self.score = key, outcome.score
             done = first + outcome.epochs
             self._cut_short = _CutShort(fingerprint, warm, done) if outcome.timed_out else None
@@ -227,12 +236,12 @@ class InverterKeeper:
                     f"epoch {refreshed.continued + 1}"
                 )
             on = f" on {trained_on}" if trained_on else ""
-            scored = (
-                validation(outcome.score)
-                if math.isfinite(outcome.score)
-                # The held-out share of the auxiliary data held less than one update's samples.
-                else "none (too few auxiliary samples held out; the last epoch kept)"
-            )
+            if math.isfinite(outcome.score):
+                scored = validation(outcome.score)
+            elif outcome.epochs == 0:  # the time budget ended before the first epoch did
+                scored = "none (no epoch finished)"
+            else:  # the held-out share of the aux data held less than one update's samples
+                scored = "none (too few auxiliary samples held out; the last epoch kept)"
             how = (
                 f"refresh={self._refresh}: {start}{on}, {outcome.epochs} epochs, validation "
                 f"{scored}"
