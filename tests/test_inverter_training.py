@@ -311,6 +311,25 @@ def test_a_training_the_budget_ended_before_its_first_epoch_says_so() -> None:
     assert "0 epochs, validation none (no epoch finished)" in how and "held out" not in how
 
 
+def test_a_cache_folder_that_cannot_be_made_stops_the_call_before_training(
+    tmp_path: Path,
+) -> None:
+    """A `cache-dir` through a file was refused only after the whole training, naming a file
+    inside it (audit DV5)."""
+    from fedleak.attacks.learned.keeper import InverterKeeper
+    from fedleak.attacks.types import StateNotSaved
+
+    (tmp_path / "a-file").write_text("")
+    keeper = InverterKeeper(InverterStore(tmp_path / "a-file", "lti"), "finetune", "val_psnr")
+
+    def train(inverter: nn.Module, warm: bool, first_epoch: int) -> None:
+        raise AssertionError("trained although its inverter could not be saved")
+
+    with pytest.raises(StateNotSaved) as error:
+        keeper.current("setting", "weights-1", 1, torch.device("cpu"), Scripted, train)
+    assert str(error.value).endswith(f"'{tmp_path / 'a-file'}'")
+
+
 def test_a_saved_inverter_that_does_not_fit_fails_every_call_naming_its_file(
     tmp_path: Path,
 ) -> None:

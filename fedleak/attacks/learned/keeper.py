@@ -196,6 +196,7 @@ class InverterKeeper:
             first = -1  # current, or frozen: no training
         if first >= 0:
             assert self.inverter is not None
+            self._store.prepare()
             try:
                 outcome = train(self.inverter.to(device), warm, first)
             except BaseException:

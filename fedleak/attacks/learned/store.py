@@ -68,6 +68,17 @@ class InverterStore:
             return None
         return self.directory / f"{self.attack}-inverter-r{int(round_):06d}.pt"
 
+    def prepare(self) -> None:
+        """Make the folder before a training whose inverter it must hold: a folder that cannot
+        be made (a file in the way, no such parent) stops the call before the training, not
+        after it, with the training lost (audit DV5)."""
+        if self.directory is None:
+            return
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise StateNotSaved(error.errno, error.strerror, str(self.directory)) from error
+
     def save(
         self,
         inverter: nn.Module,
