@@ -620,6 +620,9 @@ def knowledge(
     draws (a run's attacks take `fedleak.seeds.attacker_seed` of the run's seed). A language
     model's auxiliary data are token sequences [N, L], which are their own labels (leave
     `aux_labels` out)."""
+    if not isinstance(observation, Observation):
+        kind = type(observation).__name__
+        raise ConfigError(f"observation: expected an Observation (fedleak.observe), got {kind}")
     shape = tuple(observation.model.input_shape)
     tokens = observation.modality == "tokens"
     if aux_inputs is None:

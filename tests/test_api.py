@@ -812,3 +812,31 @@ def test_batchnorm_statistics_reach_gradinversions_exact_prior() -> None:
     plain_grads = [torch.zeros_like(p) for p in plain.parameters()]
     with pytest.raises(ConfigError, match=r"^bn_statistics: the model has no BatchNorm layer"):
         fedleak.observe(plain, plain_grads, bn_statistics=stats, **shape)
+
+
+def test_arguments_of_the_wrong_type_are_refused_in_one_line(tmp_path: Path) -> None:
+    """knowledge(None) and audit(object(), ...) failed as AttributeErrors deep inside, audit's
+    after it had made the run folder; run_study(client_cpus="1") as a TypeError (audit DV7)."""
+    from unittest.mock import MagicMock
+
+    from flwr.serverapp import Grid
+    from flwr.serverapp.strategy import FedAvg
+
+    from fedleak.config import parse_flat
+    from fedleak.server.validate import check_resources
+
+    with pytest.raises(
+        ConfigError, match=r"^observation: expected an Observation .* got NoneType$"
+    ):
+        fedleak.knowledge(None)  # type: ignore[arg-type]
+    out = tmp_path / "run"
+    settings = {"out-dir": str(out), "num-server-rounds": 1}
+    with pytest.raises(ConfigError, match=r"^grid: expected the Grid .* got object$"):
+        fedleak.audit(object(), FedAvg(), settings)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"^strategy: expected .* got int$"):
+        fedleak.audit(MagicMock(spec=Grid), 5, settings)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"^settings: expected a mapping .* got NoneType$"):
+        fedleak.audit(MagicMock(spec=Grid), FedAvg(), None)  # type: ignore[arg-type]
+    assert not out.exists()
+    with pytest.raises(ConfigError, match=r"^client-cpus='1': expected a number > 0$"):
+        check_resources(parse_flat({}), 2, "1", 0.0)  # type: ignore[arg-type]

@@ -258,6 +258,10 @@ def check_defense(defense_spec: str, spec: ModelSpec, mode: str = "fedsgd") -> N
             ) from None
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def check_resources(
     config: RunConfig, num_clients: int, client_cpus: float, client_gpus: float
 ) -> None:
@@ -270,9 +274,9 @@ def check_resources(
             f"num-clients={num_clients}: expected at least train.min-clients "
             f"({config.train.min_clients})"
         )
-    if not (math.isfinite(client_cpus) and client_cpus > 0):
+    if not _is_number(client_cpus) or not (math.isfinite(client_cpus) and client_cpus > 0):
         raise ConfigError(f"client-cpus={client_cpus!r}: expected a number > 0")
-    if not (math.isfinite(client_gpus) and client_gpus >= 0):
+    if not _is_number(client_gpus) or not (math.isfinite(client_gpus) and client_gpus >= 0):
         raise ConfigError(f"client-gpus={client_gpus!r}: expected a number >= 0")
     cpus = local_cpus()
     if _cluster_address() is not None:

@@ -136,6 +136,17 @@ def audit(
     The app's ClientApp adds `fedleak.client.audit.fedleak_mod` and calls `declare(...)`.
     """
     log_own_errors_in_one_line()  # before the settings are read: they may be refused
+    # Checked before a run folder exists: a wrong argument failed deep inside, as an
+    # AttributeError, after the folder was made (audit DV7).
+    for name, value, kind, expected in (
+        ("grid", grid, Grid, "the Grid its ServerApp's main receives"),
+        ("strategy", strategy, Strategy, "a flwr.serverapp.strategy.Strategy, e.g. FedAvg()"),
+        ("settings", settings, Mapping, 'a mapping of fedleak settings, e.g. {"seed": 0}'),
+        ("initial_arrays", initial_arrays, ArrayRecord | None, "an ArrayRecord or None"),
+        ("train_config", train_config, ConfigRecord | None, "a ConfigRecord or None"),
+    ):
+        if not isinstance(value, kind):
+            raise ConfigError(f"{name}: expected {expected}, got {type(value).__name__}")
     server = ForeignServer(strategy, initial_arrays, train_config)
     return serve(grid, parse_flat(dict(settings)), server)
 
