@@ -542,3 +542,42 @@ def test_noise_leaves_the_sign_of_the_built_in_models_features_alone(mnist, spli
     )
     assert result.label_method == "idlg"
     assert torch.equal(result.labels, L.idlg(update.per_sample[layer.weight]))
+
+
+def test_sign_counts_of_tanh_features_do_not_force_every_class_present(mnist, split):
+    """A coordinate of tanh features is negative for absent classes too: read as "present",
+    every class was forced to hold a sample of a batch of 16 from 3 classes (27 of 48 labels
+    right, against 48 without the defense; audit DU1)."""
+    import fedleak
+
+    x, y = mnist
+    model = _tanh_net()
+    g = torch.Generator().manual_seed(3)
+    aux = torch.randperm(x.shape[0], generator=g)[:300]
+    right = 0
+    for _ in range(3):
+        classes = torch.randperm(NUM_CLASSES, generator=g)[:3]
+        index = []
+        for c in classes[torch.randint(0, 3, (16,), generator=g)].tolist():
+            pool = (y == c).nonzero().flatten()
+            index.append(int(pool[torch.randint(0, pool.numel(), (1,), generator=g)]))
+        batch = torch.tensor(index)
+        grads = torch.autograd.grad(
+            torch.nn.functional.cross_entropy(model(x[batch]), y[batch]), model.parameters()
+        )
+        observation = fedleak.observe(
+            model,
+            [t.sign() for t in grads],
+            input_shape=(1, 28, 28),
+            num_examples=16,
+            defense="sign",
+        )
+        result = fedleak.reconstruct(
+            build_attack("ig", {"labels": "counts"}), observation, x[aux], y[aux], max_iterations=1
+        )
+        truth = torch.bincount(y[batch], minlength=NUM_CLASSES)
+        found = torch.bincount(result.labels.flatten(), minlength=NUM_CLASSES)
+        assert int((found > 0).sum()) < NUM_CLASSES
+        right += int(torch.minimum(truth, found).sum())
+    print(f"tanh features under sign: {right} of 48 labels right")
+    assert right >= 36

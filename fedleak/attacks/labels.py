@@ -492,7 +492,8 @@ def sign_counts(
     batches closest in its row's negative share and in how many rows hold a negative
     coordinate (how many classes look present bounds how the batch is split). With
     `present_if_negative`, a class whose row has a negative coordinate keeps at least one
-    sample: an absent class's row is a sum of p_ic h_i >= 0, and sign keeps that sign.
+    sample: an absent class's row is a sum of p_ic h_i >= 0, and sign keeps that sign (so only
+    for features that are never negative, as after a ReLU or sigmoid).
     """
     observed = _negative_share(weight.detach().double().cpu())
     looks_present = (observed > 0).double().sum()

@@ -314,7 +314,12 @@ def _recover_labels(
         return label_recovery.batch_rows(weight, samples, stats, sign), "rows", {}
     assert forward is not None
     generator = torch.Generator().manual_seed(seed)
-    present = _noiseless(pipeline)
+    # The coarse label sets read "an absent class gives no negative value": a row sum needs
+    # every sample's feature mass of one sign, a coordinate every feature non-negative. Mixed
+    # signs (tanh) made every class look present, each forced to hold a sample (audit DU1).
+    noiseless, mass = _noiseless(pipeline), forward.features.sum(dim=1)
+    present = noiseless and bool((mass > 0).all() or (mass < 0).all())
+    present_coordinates = noiseless and bool((forward.features >= 0).all())
     rules: dict[str, label_recovery.CountRule] = {}
     diagnostics: dict[str, float] = {}
     if stats is not None:
@@ -333,7 +338,7 @@ def _recover_labels(
     if stats is None or _signs_as_simulated(pipeline, contributors):
         calibration = label_recovery.sign_calibration(forward, num_classes, samples, generator)
         rules["signs"] = lambda weight, _bias, _draws: label_recovery.sign_counts(
-            weight, samples, calibration, present
+            weight, samples, calibration, present_coordinates
         )
     rule = next(iter(rules.values()))
     if len(rules) > 1:
