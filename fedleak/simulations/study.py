@@ -137,9 +137,8 @@ def audit(
     """
     log_own_errors_in_one_line()  # before the settings are read: they may be refused
     # Checked before a run folder exists: a wrong argument failed deep inside, as an
-    # AttributeError, after the folder was made (audit DV7).
+    # AttributeError, after the folder was made (audit DV7). The grid once the settings are.
     for name, value, kind, expected in (
-        ("grid", grid, Grid, "the Grid its ServerApp's main receives"),
         ("strategy", strategy, Strategy, "a flwr.serverapp.strategy.Strategy, e.g. FedAvg()"),
         ("settings", settings, Mapping, 'a mapping of fedleak settings, e.g. {"seed": 0}'),
         ("initial_arrays", initial_arrays, ArrayRecord | None, "an ArrayRecord or None"),
@@ -172,6 +171,10 @@ def serve(
     validate_components(config)
     if app is not None:
         _check_foreign_app(app, config)
+        if not callable(getattr(grid, "get_node_ids", None)):
+            raise ConfigError(
+                f"grid: expected the Grid its ServerApp's main receives, got {type(grid).__name__}"
+            )
     config = canonical(config)
     device = resolve_device(config.device)
     deterministic_kernels(device, config.deterministic)
