@@ -299,8 +299,16 @@ def _recover_labels(
                 f"attack parameter labels='idlg' needs one sample per target, got {samples}; "
                 "use labels=auto, rows, counts or joint"
             )
-        sign = _feature_sign(weight, bias, None, model, layer, knowledge, pipeline)
-        return label_recovery.idlg(weight, sign).unsqueeze(1), "idlg", {}
+        # Without noise the rows tell each sample's label whatever its features' sign (noise
+        # flips the signs of small inner products); else the row sums, read with one sign.
+        labels = decided = None
+        if _noiseless(pipeline):
+            labels, decided = label_recovery.odd_row_out(weight)
+        if decided is None or not bool(decided.all()):
+            sign = _feature_sign(weight, bias, None, model, layer, knowledge, pipeline)
+            summed = label_recovery.idlg(weight, sign)
+            labels = summed if labels is None else torch.where(decided, labels, summed)
+        return labels.unsqueeze(1), "idlg", {}
     forward = stats = None
     # The rows read the statistics only with magnitudes; counts without aux data: a one-line
     # refusal here.
