@@ -2058,3 +2058,21 @@ def test_the_report_lists_every_parameter_each_attack_ran_with(tmp_path: Path) -
         ["ig", "matching=cosine, milestones=0.375,0.625, tv-weight=none, boxed=true"],
     ]
     assert not any(row[0].startswith("attacks") for row in _table(text, "## Environment"))
+
+
+def test_a_sweeps_attack_settings_say_which_parameters_differ_by_run() -> None:
+    """The first cell's values read as every cell's, a grid over tv-weight included (DU2)."""
+    from fedleak.report.build import _attack_settings
+    from fedleak.report.document import Table
+
+    cells = [
+        {"attacks": {"ig": {"tv-weight": 0.01, "boxed": True}, "lti": {"hidden": [16]}}},
+        {"attacks": {"ig": {"tv-weight": 0.5, "boxed": True}}},
+        {},  # a run from before the parameters were recorded
+    ]
+    table = _attack_settings(cells)[1]
+    assert isinstance(table, Table)
+    assert [[cell.text for cell in row] for row in table.rows] == [
+        ["ig", "tv-weight=(differs by run), boxed=true"],
+        ["lti", "hidden=16"],
+    ]

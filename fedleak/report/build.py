@@ -438,24 +438,20 @@ def _environment_table(environment: dict[str, object]) -> Table:
 ATTACK_SETTINGS = "attacks"
 
 
-def _attack_settings(environment: dict[str, object]) -> list[Block]:
+def _attack_settings(environments: list[dict[str, object]]) -> list[Block]:
     """One row per attack with every parameter it ran with, as `--set` would write them:
-    config.toml above holds only those set (nothing for a run from before they were kept)."""
-    recorded = environment.get(ATTACK_SETTINGS)
-    if not isinstance(recorded, dict):
-        return []
+    config.toml above holds only those set (nothing for a run from before they were kept).
+    Over a sweep's runs, a parameter whose value differs between them says so: the first
+    run's value would read as every cell's (audit DU2)."""
+    attacks: dict[str, list[dict[str, object]]] = {}
+    for environment in environments:
+        recorded = environment.get(ATTACK_SETTINGS)
+        for name, params in (recorded if isinstance(recorded, dict) else {}).items():
+            if isinstance(params, dict) and params:
+                attacks.setdefault(name, []).append(params)
     rows = tuple(
-        (
-            TableCell(name),
-            TableCell(
-                ", ".join(
-                    f"{key}={render(tuple(value) if isinstance(value, list) else value)}"
-                    for key, value in params.items()
-                )
-            ),
-        )
-        for name, params in recorded.items()
-        if isinstance(params, dict) and params
+        (TableCell(name), TableCell(", ".join(_settings_across(runs))))
+        for name, runs in attacks.items()
     )
     if not rows:
         return []
@@ -464,6 +460,21 @@ def _attack_settings(environment: dict[str, object]) -> list[Block]:
         "(the configuration above holds those set):"
     )
     return [note, Table(columns=("attack", "parameters"), rows=rows)]
+
+
+def _settings_across(runs: list[dict[str, object]]) -> list[str]:
+    """`key=value` for each parameter of one attack in the runs that ran it, or `key=(differs
+    by run)` where they differ."""
+    keys = dict.fromkeys(key for params in runs for key in params)
+    shown = []
+    for key in keys:
+        values = {json.dumps(params.get(key), sort_keys=True, default=str) for params in runs}
+        if len(values) > 1:
+            shown.append(f"{key}=(differs by run)")
+            continue
+        value = runs[0].get(key)
+        shown.append(f"{key}={render(tuple(value) if isinstance(value, list) else value)}")
+    return shown
 
 
 def _leaves(record: dict[str, object], prefix: str = "") -> list[tuple[str, str]]:
@@ -526,7 +537,7 @@ def _setup_section(study: Study) -> list[Block]:
     if study.kind == "run":
         blocks += _declared_protocol(study)
         blocks.append(Code((study.runs[0].path / "config.toml").read_text(encoding="utf-8")))
-        blocks += _attack_settings(study.runs[0].environment)
+        blocks += _attack_settings([study.runs[0].environment])
     else:
         source = study.path / SWEEP_SOURCE
         if source.is_file():
@@ -541,7 +552,7 @@ def _setup_section(study: Study) -> list[Block]:
                 "in the keys their names and groups show:"
             ),
             Code((first.path / "config.toml").read_text(encoding="utf-8")),
-            *_attack_settings(first.environment),
+            *_attack_settings([run.environment for run in study.runs]),
         ]
     blocks += [Heading("Environment"), _environment_table(study.runs[0].environment)]
     return blocks
