@@ -232,13 +232,18 @@ class Registry(Generic[E]):
                 return self._entries[name]
             if name in self._broken:
                 raise self._broken[name]
-        close = self.closest(name)
-        # An entry point that failed to load under this name in other capitals (a capital
-        # letter in a lower-case kind) says why, rather than suggesting the name typed.
+        # An entry point under this name in other capitals that fails to load (a capital in
+        # a lower-case kind) says why, once, rather than suggesting the name typed; loaded
+        # here, before listing the names would log its failure as well (audit DU3).
         with self._lock:
-            broken = [e for n, e in self._broken.items() if n.lower() == name.lower()]
-        if broken:
-            raise broken[0]
+            for point in self._entry_points():
+                if point.name == name or point.name.lower() != name.lower():
+                    continue
+                if point.name not in self._tried:
+                    self._load_plugin(point.name)
+                if point.name in self._broken:
+                    raise self._broken[point.name]
+        close = self.closest(name)
         hint = f"did you mean {' or '.join(close)}? " if close else ""
         raise UnknownNameError(
             f"{self.setting}={shown(name)!r}: unknown {self.kind}; {hint}expected one of "

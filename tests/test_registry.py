@@ -647,7 +647,9 @@ def test_an_entry_point_named_otherwise_than_its_registration_is_refused(tmp_pat
         sys.modules.pop("fedleak_misnamed", None)
 
 
-def test_a_defense_entry_point_in_capitals_says_why_no_spec_names_it(tmp_path: Path) -> None:
+def test_a_defense_entry_point_in_capitals_says_why_no_spec_names_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """Specs are read in lower case, so 'UpRound' could never be named: typing it suggested
     the very name typed (audit DM5)."""
     (tmp_path / "fedleak_capitals.py").write_text(
@@ -670,6 +672,8 @@ def test_a_defense_entry_point_in_capitals_says_why_no_spec_names_it(tmp_path: P
         assert "entry point 'UpRound'" in message and "fedleak-capitals 0.1" in message
         assert "expected a lower-case name: defense.spec is read in lower case" in message
         assert "did you mean" not in message and "\n" not in message
+        # Said once: not also logged as a warning while the names were listed (audit DU3).
+        assert not [r for r in caplog.records if "UpRound" in r.getMessage()]
         assert "UpRound" not in DEFENSES.names()
     finally:
         sys.path.remove(str(tmp_path))
