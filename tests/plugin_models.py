@@ -88,3 +88,8 @@ def one_row_net(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
 def pooled_batch_net(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """A classifier that scores its batch's mean input: one row of scores for any batch."""
     return _OneRow(input_shape, num_classes, pool=True)
+
+
+def double_net(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """A classifier in float64: every forward of float32 inputs fails."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), num_classes)).double()

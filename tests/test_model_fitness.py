@@ -160,3 +160,18 @@ def test_a_model_without_one_score_per_class_is_refused_before_any_other_probe(
     expected = rf"outputs {got} " if got else r"fails on a batch of 2 inputs of shape \(2, "
     with pytest.raises(ConfigError, match=rf"^model.name='plugin_models:{factory}': {expected}"):
         validate_components(config)
+
+
+def test_a_model_in_float64_is_named_as_such_before_a_forward_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The check said torch's "Input type (float) and bias type (double) should be the
+    same"; the Python API's observe says what to do (audit DT4)."""
+    monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent))
+    config = parse_flat({"model.name": "plugin_models:double_net", "attack.names": "ig"})
+    with pytest.raises(
+        ConfigError,
+        match=r"^model.name='plugin_models:double_net': parameter '1.weight' is torch.float64; "
+        r".* \(return model.float\(\) from the factory\)$",
+    ):
+        validate_components(config)

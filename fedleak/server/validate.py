@@ -202,6 +202,13 @@ def check_model(spec: ModelSpec) -> None:
     except (Exception, SystemExit) as error:  # the user's code: any failure is theirs
         detail = one_line(f"{type(error).__name__}: {error}", 200)
         raise ConfigError(f"model.name={spec.name!r}: cannot be built ({detail})") from None
+    # Said before a forward fails on float32 inputs with torch's own words (audit DT4).
+    wide = [(name, p.dtype) for name, p in model.named_parameters() if p.dtype != torch.float32]
+    if wide:
+        raise ConfigError(
+            f"model.name={spec.name!r}: parameter {wide[0][0]!r} is {wide[0][1]}; fedleak's "
+            "clients, attacks and metrics work in float32 (return model.float() from the factory)"
+        )
     for count in (1, 2):
         shape = (count, *spec.input_shape)
         inputs = "one input" if count == 1 else f"a batch of {count} inputs"
