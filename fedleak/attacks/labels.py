@@ -6,7 +6,8 @@ softmax. After a sigmoid or ReLU h_i >= 0; after a tanh or a normalisation their
 negative, and every row's sign flips: `feature_sign` reads it off a noiseless update or the
 auxiliary data (the rules below are written for h_i >= 0 and take the sign). Hence:
 
-- iDLG (Zhao et al. 2020), B = 1: the true class is the only row with a negative sum.
+- iDLG (Zhao et al. 2020), B = 1: the true class is the only row with a negative sum; without
+  noise `odd_row_out` needs no sign: the true class's row is the one pointing against all others.
 - Batch rows (Yin et al. 2021 / GradAttack), distinct labels: the B most negative rows, or,
   with auxiliary data, the B classes of largest estimated count (see `batch_rows`).
 - Counts for repeated labels (after HFGradInv, Ye et al. 2024): last-layer features have a small
