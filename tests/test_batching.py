@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 
 import pytest
 import torch
@@ -221,17 +222,21 @@ def test_a_job_lost_to_nan_reports_the_iterations_it_ran_alone(mnist):
 
 def test_each_chunk_charges_its_own_time(mnist):
     """With one job per stack, the runner charged a job of 8 targets and one of 1 the mean of
-    the round's whole call, overwriting what the attack measured (audit AW3)."""
+    the round's whole call, overwriting what the attack measured (audit AW3): the two were
+    equal. (Their ratio is no test: under CI's load 8 targets took 1.8 times 1 target's.)"""
     big = _round(mnist, 1, 8)[0][0]
     small, _, knowledge = _round(mnist, 1, 1)
     jobs = [AttackJob(0, "ig", big), AttackJob(1, "ig", dataclasses.replace(small[0], client_id=1))]
     runner = InlineRunner(
         {"ig": build_attack("ig", seed=0)}, knowledge, Budget(30, 600.0, max_batch=1)
     )
+    began = time.perf_counter()
     runner.submit(jobs)
     results = [result.reconstruction for result in runner.ready()]
+    wall = time.perf_counter() - began
     assert results[0].diagnostics["batch_jobs"] == results[1].diagnostics["batch_jobs"] == 1
-    assert results[0].seconds > 2 * results[1].seconds
+    assert results[0].seconds != results[1].seconds
+    assert 0 < results[0].seconds + results[1].seconds <= wall
 
 
 @pytest.mark.slow
