@@ -786,7 +786,8 @@ def reconstruct(
         kind = type(observation).__name__
         raise ConfigError(f"observation: expected an Observation (fedleak.observe), got {kind}")
     if attacker is None:
-        attacker = knowledge(observation, aux_inputs, aux_labels, device=_device(device or "cpu"))
+        where = _device("cpu" if device is None else device)
+        attacker = knowledge(observation, aux_inputs, aux_labels, device=where)
     elif aux_inputs is not None or aux_labels is not None:
         raise ConfigError(
             "aux_inputs, aux_labels: given beside attacker=, which holds the auxiliary data "

@@ -26,6 +26,7 @@ from fedleak.report.document import Cell as TableCell
 from fedleak.report.gallery import gallery_figure, ranked, run_samples
 from fedleak.report.plots import frontier_figure, rounds_figure, setting_label
 from fedleak.report.rundir import (
+    ATTACK_SETTINGS_KEY,
     ForeignFileError,
     RunDirectoryError,
     atomic_write,
@@ -429,13 +430,9 @@ def _images_section(study: Study) -> list[Block]:
 
 
 def _environment_table(environment: dict[str, object]) -> Table:
-    shown = {key: value for key, value in environment.items() if key != ATTACK_SETTINGS}
+    shown = {key: value for key, value in environment.items() if key != ATTACK_SETTINGS_KEY}
     rows = tuple((TableCell(key), TableCell(value)) for key, value in _leaves(shown))
     return Table(columns=("key", "value"), rows=rows)
-
-
-# environment.json's record of every parameter each attack ran with (`attack_settings`).
-ATTACK_SETTINGS = "attacks"
 
 
 def _attack_settings(environments: list[dict[str, object]]) -> list[Block]:
@@ -445,7 +442,7 @@ def _attack_settings(environments: list[dict[str, object]]) -> list[Block]:
     run's value would read as every cell's (audit DU2)."""
     attacks: dict[str, list[dict[str, object]]] = {}
     for environment in environments:
-        recorded = environment.get(ATTACK_SETTINGS)
+        recorded = environment.get(ATTACK_SETTINGS_KEY)
         for name, params in (recorded if isinstance(recorded, dict) else {}).items():
             if isinstance(params, dict) and params:
                 attacks.setdefault(name, []).append(params)

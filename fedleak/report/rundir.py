@@ -120,6 +120,8 @@ ENVIRONMENT_FILE = "environment.json"
 ENVIRONMENT_OBJECTS = ("data", "lpips")
 # environment.json's note of why a DP-SGD run reports no ε.
 NO_EPSILON_KEY = "no_epsilon"
+# environment.json's record of every parameter each attack ran with (config.toml: as given).
+ATTACK_SETTINGS_KEY = "attacks"
 # What a run directory records, as a number in environment.json: raise it when a new fedleak
 # records what an older one did not and a resume relies on it (the federation's size and
 # threads, the data's fingerprint, the attack seed stream: format 1). Older runs still report.

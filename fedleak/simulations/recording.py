@@ -30,7 +30,7 @@ from fedleak.data.content import data_fingerprint
 from fedleak.data.registry import dataset_modality
 from fedleak.metrics.lpips import lpips_status, lpips_warning
 from fedleak.report.progress import Progress
-from fedleak.report.rundir import Accounting, RunDirectory, console_line
+from fedleak.report.rundir import ATTACK_SETTINGS_KEY, Accounting, RunDirectory, console_line
 from fedleak.report.texts import save_token_pairs
 from fedleak.server.privacy import PrivacyLedger
 from fedleak.server.provenance import attack_settings, plugin_sources
@@ -150,7 +150,7 @@ def environment(
         "started": dt.datetime.now().isoformat(timespec="seconds"),
         **({"data": data} if data is not None else {}),
         "plugins": plugin_sources(config),  # {} without plug-ins: recorded all the same
-        "attacks": attack_settings(config),
+        ATTACK_SETTINGS_KEY: attack_settings(config),
     }
 
 
