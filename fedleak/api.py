@@ -331,14 +331,25 @@ def _tensor(name: str, value: object) -> Tensor:
 
 
 def _check_shapes(
-    name: str, tensors: Mapping[str, Tensor], shapes: Mapping[str, torch.Size], lead: int | None
+    name: str,
+    tensors: Mapping[str, Tensor],
+    shapes: Mapping[str, torch.Size],
+    lead: int | None,
+    gradient: bool = True,
 ) -> None:
-    """Each tensor has its parameter's shape (after a leading dimension of `lead`, if given)."""
+    """Each tensor has its parameter's shape (after a leading dimension of `lead`, if given),
+    and a `gradient`'s values are floating-point (weights may hold integer buffers)."""
     for key, tensor in tensors.items():
         _tensor(f"{name}[{key!r}]", tensor)
         wanted = tuple(shapes[key]) if lead is None else (lead, *shapes[key])
         if tuple(tensor.shape) != wanted:
             raise ConfigError(f"{name}: {key!r} has shape {tuple(tensor.shape)}, expected {wanted}")
+        if gradient and not tensor.is_floating_point():
+            # Cast silently, counts or a mask would be attacked as if they were a gradient.
+            raise ConfigError(
+                f"{name}: {key!r} is {tensor.dtype}; expected floating-point values, the "
+                "gradient or weight delta the client computed"
+            )
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise ConfigError(
                 f"{name}: {key!r} holds NaN or infinite values; no client's training sends "
@@ -494,7 +505,9 @@ def observe(
         stray = sorted(set(state) - set(own))
         if stray:
             raise ConfigError(f"weights: {stray[0]!r} is not in the model's state")
-        _check_shapes("weights", dict(state), {k: v.shape for k, v in own.items()}, None)
+        _check_shapes(
+            "weights", dict(state), {k: v.shape for k, v in own.items()}, None, gradient=False
+        )
     return Observation(
         round=_whole("round", round),
         client_id=_whole("client_id", client_id, low=0),
@@ -529,6 +542,12 @@ def batchnorm_statistics(model: nn.Module, inputs: Tensor) -> dict[str, Tensor]:
     if not isinstance(inputs, Tensor) or not inputs.is_floating_point():
         given = inputs.dtype if isinstance(inputs, Tensor) else type(inputs).__name__
         raise ConfigError(f"inputs: expected a float tensor, the client's batch; got {given}")
+    wanted = next((p.dtype for p in model.parameters()), inputs.dtype)
+    if inputs.dtype != wanted:
+        raise ConfigError(
+            f"inputs: {inputs.dtype}, the model's parameters are {wanted}; expected inputs of "
+            f"the model's dtype (inputs.to({wanted}))"
+        )
     try:
         return training_gradients.batchnorm_statistics(model, inputs)
     except (RuntimeError, ValueError, TypeError) as error:

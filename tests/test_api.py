@@ -170,6 +170,20 @@ def test_reconstruct_sets_and_restores_the_thread_count() -> None:
     assert seen == [1, before + 1] and torch.get_num_threads() == before
 
 
+@pytest.mark.parametrize("chosen", ["0", "-2", "two"])
+def test_fedleak_threads_outside_its_range_is_refused(
+    chosen: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FEDLEAK_THREADS=0 ran on one thread, against its own message's "an integer >= 1" (audit
+    DV8)."""
+    observation, _, _ = _client(batch=1)
+    monkeypatch.setenv("FEDLEAK_THREADS", chosen)
+    with pytest.raises(
+        ConfigError, match=rf"^FEDLEAK_THREADS='{chosen}': expected an integer >= 1$"
+    ):
+        fedleak.reconstruct(fedleak.build_attack("ig"), observation, max_iterations=1)
+
+
 def _net_and_grads() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 4, 5, padding=2, stride=2), nn.Sigmoid(), nn.Flatten())
@@ -233,6 +247,9 @@ class Both(nn.Module):
         ({"per_sample_updates": "tensor"}, r"^per_sample_updates: a Tensor; pass a name -> tensor"),
         ({"round": 0}, r"^round=0: expected an integer >= 1$"),
         ({"client_id": "a"}, r"^client_id='a': expected an integer >= 0$"),
+        # Audit DV8: cast silently to floats and attacked as if a gradient.
+        ({"update": "int"}, r"^update: '0\.weight' is torch\.int64; expected floating-point"),
+        ({"per_sample_updates": "bool"}, r"^per_sample_updates: '0\.weight' is torch\.bool;"),
     ],
 )
 def test_observe_refuses_what_no_client_could_send(change: dict, message: str) -> None:
@@ -276,6 +293,11 @@ def test_observe_refuses_what_no_client_could_send(change: dict, message: str) -
         model.append(Both())
     if arguments.get("per_sample_updates") == "tensor":
         arguments["per_sample_updates"] = torch.stack([grads[0]] * 2)
+    if arguments.get("update") == "int":
+        arguments["update"] = [(g * 1e3).long() for g in grads]
+    if arguments.get("per_sample_updates") == "bool":
+        pairs = zip(names, grads, strict=True)
+        arguments["per_sample_updates"] = {n: torch.stack([g, g]) > 0 for n, g in pairs}
     if arguments.get("per_sample_updates") == "part":
         arguments["per_sample_updates"] = {"0.weight": torch.stack([grads[0]] * 2)}
     if "model" in arguments:
@@ -787,7 +809,8 @@ def test_batchnorm_statistics_reach_gradinversions_exact_prior() -> None:
     result = fedleak.reconstruct(exact, seen, max_iterations=5)
     assert result.diagnostics["bn_exact"] == 1.0 and result.diagnostics["bn_weight"] == 1e-3
     blind = fedleak.observe(model, grads, **shape)
-    with pytest.raises(ValueError, match=r"observe\(\.\.\., bn_statistics=\) in the library"):
+    # A ConfigError like every other refusal of the API's input (audit DV7).
+    with pytest.raises(ConfigError, match=r"observe\(\.\.\., bn_statistics=\) in the library"):
         fedleak.reconstruct(exact, blind, max_iterations=5)
     for given, message in (
         ({"1.mean": stats["1.mean"]}, r"no entry for '1\.var'"),
@@ -803,6 +826,8 @@ def test_batchnorm_statistics_reach_gradinversions_exact_prior() -> None:
         (x[:, 0], r"^inputs: the model cannot take a batch of shape \(2, 28, 28\) \("),
         (x.long(), r"^inputs: expected a float tensor, the client's batch; got torch.int64"),
         ("pixels", r"^inputs: expected a float tensor, the client's batch; got str"),
+        # Blamed on the batch's shape before (audit DV8).
+        (x.double(), r"^inputs: torch\.float64, the model's parameters are torch\.float32;"),
     ):
         with pytest.raises(ConfigError, match=message):
             fedleak.batchnorm_statistics(model, bad)  # type: ignore[arg-type]

@@ -43,9 +43,12 @@ def default_threads(observation: Observation, device: torch.device) -> int | Non
     chosen = os.environ.get("FEDLEAK_THREADS", "")
     if chosen:
         try:
-            return max(1, int(chosen))
+            count = int(chosen)
         except ValueError:
-            raise ConfigError(f"FEDLEAK_THREADS={chosen!r}: expected an integer >= 1") from None
+            count = 0
+        if count < 1:
+            raise ConfigError(f"FEDLEAK_THREADS={chosen!r}: expected an integer >= 1")
+        return count
     if device.type != "cpu":
         return None
     size = sum(t.numel() for t in observation.update.values())

@@ -34,11 +34,12 @@ from fedleak.attacks.learned.store import InverterStore
 from fedleak.attacks.learned.trainer import InverterTrainer, TrainingOutcome
 from fedleak.attacks.types import AttackerKnowledge, Budget, Observation, Reconstruction
 from fedleak.seeds import mix_seed
+from fedleak.settings import ConfigError
 
 __all__ = ["LTI_PRESETS", "LTIConfig", "LTIObservationError", "LearningToInvert", "lti_config"]
 
 
-class LTIObservationError(ValueError):
+class LTIObservationError(ConfigError):
     """An observation or attacker knowledge LTI cannot work with."""
 
 

@@ -44,10 +44,10 @@ from fedleak.attacks.learned.store import InverterStore
 from fedleak.attacks.learned.trainer import EpochTrainer, TrainingOutcome, inverter_adam
 from fedleak.attacks.types import AttackerKnowledge, Budget, Observation, Reconstruction
 from fedleak.seeds import mix_seed
-from fedleak.settings import Settings, setting
+from fedleak.settings import ConfigError, Settings, setting
 
 
-class TextLTIObservationError(ValueError):
+class TextLTIObservationError(ConfigError):
     """An observation or attacker knowledge the text inverter cannot work with."""
 
 

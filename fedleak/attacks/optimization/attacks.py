@@ -64,6 +64,7 @@ from fedleak.defenses import (
 )
 from fedleak.models import ModelSpec, build_model, has_batchnorm
 from fedleak.seeds import mix_seed
+from fedleak.settings import ConfigError
 
 # FedAvg's label placements draw their orders from their own stream of the attack's seed,
 # apart from the label counts' and the initial images'.
@@ -72,7 +73,7 @@ PLACEMENT_STREAM = 7
 RULE_TRIAL_STREAM = 11
 
 
-class ObservationError(ValueError):
+class ObservationError(ConfigError):
     """An observation this attack cannot invert (wrong modality, missing statistics)."""
 
 
