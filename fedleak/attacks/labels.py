@@ -142,19 +142,38 @@ def feature_sign(
     return torch.full((*weight.shape[:-2], 1), sign, dtype=weight.dtype, device=weight.device)
 
 
+# Relative: float32 norms of the same row agree far closer, and a true row within it of another
+# belongs to a model whose other classes hold almost no probability.
+_NORM_TIE = 1e-4
+
+
 def odd_row_out(weight: Tensor) -> tuple[Tensor, Tensor]:
     """B = 1 without noise: row c is (p_c - y_c) h, so the true class's row points against
     every other row and each other row against it alone, whatever the features' signs: the
     class whose row has a negative inner product with the most rows, per problem
-    [T, K, d] -> ([T] int64, [T] bool: whether that count is unique and at least 2). Sign
-    compression and pruning keep it (a pruned row counts with none). One sign for all
-    samples got those of a tanh model whose masses differ in sign wrong (audit DT1), and
-    under sign compression a row sum can be 0 for every class."""
+    [T, K, d] -> ([T] int64, [T] bool: whether it was told). Sign compression keeps it. One
+    sign for all samples got those of a tanh model whose masses differ in sign wrong (audit
+    DT1), and under sign compression a row sum can be 0 for every class.
+
+    Pruning may leave the true row and one other, each against the other alone (audit DY1:
+    0.59 right at prune:0.85): such a tie goes to the row of the largest norm, since the true
+    row's coefficient sum_{k != y} p_k is at least any other's p_k, and a layer's pruning
+    keeps every row's largest products, so a surviving row's coordinates are among the true
+    row's. A tie of norms within `_NORM_TIE` stays untold."""
     gram = weight @ weight.transpose(-1, -2)
     against = (gram < 0).sum(dim=-1)
     most = against.max(dim=-1)
-    unique = (against == most.values.unsqueeze(-1)).sum(dim=-1) == 1
-    return most.indices, unique & (most.values >= 2)
+    tied = against == most.values.unsqueeze(-1)
+    counted = (tied.sum(dim=-1) == 1) & (most.values >= 2)
+    norms = weight.norm(dim=-1)
+    candidates = torch.where(tied & (norms > 0), norms, torch.zeros_like(norms))
+    largest = candidates.topk(min(2, candidates.shape[-1]), dim=-1)
+    second = (
+        largest.values[..., -1] if candidates.shape[-1] > 1 else torch.zeros_like(norms[..., 0])
+    )
+    by_norm = largest.values[..., 0] > second * (1 + _NORM_TIE)
+    labels = torch.where(counted, most.indices, largest.indices[..., 0])
+    return labels, counted | by_norm
 
 
 def idlg(weight: Tensor, sign: Tensor | None = None) -> Tensor:
