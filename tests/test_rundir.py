@@ -484,3 +484,23 @@ def test_environment_records_every_parameter_each_attack_ran_with() -> None:
         0.875,
     ]
     assert recorded["ig"]["matching"] == "cosine"
+
+
+def test_a_folder_removed_mid_run_is_not_made_again(tmp_path: Path) -> None:
+    """The writers make the folders they write into: a run whose folder was removed after
+    round 1 wrote the later rounds and DONE into a new one without config.toml, which nothing
+    could resume or report (audit DW1). The run stops at its next write instead."""
+    import shutil
+
+    run = RunDirectory.create(tmp_path / "run", _config(), {})
+    run.append_round(1, _rows(1, 20.0), {"test_loss": 1.0})
+    shutil.rmtree(tmp_path / "run")
+    for write in (
+        lambda: run.append_round(2, _rows(2, 21.0), {"test_loss": 0.9}),
+        lambda: run.save_global_model(2, {"w": torch.zeros(2)}),
+        run.mark_done,
+    ):
+        with pytest.raises(RunDirectoryError, match=r"run: removed during the run \(config\.toml"):
+            write()
+    run.mark_failed("the folder is gone")
+    assert not (tmp_path / "run").exists()

@@ -503,6 +503,7 @@ class RunDirectory:
         `leakage.parquet`/`.csv` are written first and `utility.csv` last, so a round counts
         as finished only when all of its rows are on disk.
         """
+        self.check_present()
         for row in leakage_rows:
             if row.get("round", server_round) != server_round:
                 raise RunDirectoryError(
@@ -648,14 +649,28 @@ class RunDirectory:
         reason = record.get("reason") if isinstance(record, dict) else None
         return reason if isinstance(reason, str) else ""
 
+    def check_present(self) -> None:
+        """The run's folder is still there: the writers make the folders they write into, and
+        a folder removed mid-run came back holding the later rounds and DONE, but no
+        config.toml, so that nothing could resume or report it (audit DW1)."""
+        if not (self.path / CONFIG_FILE).is_file():
+            raise RunDirectoryError(
+                f"{self.path}: removed during the run ({CONFIG_FILE} is gone); the run stops "
+                "here, at its round's records"
+            )
+
     def mark_done(self) -> None:
         """Write DONE: every configured round is recorded and the run did not fail."""
+        self.check_present()
         (self.path / FAILED_FILE).unlink(missing_ok=True)
         rounds = {"rounds": self.config.num_server_rounds}
         atomic_write(self.path / DONE_FILE, json.dumps(rounds).encode("utf-8"))
 
     def mark_failed(self, reason: str) -> None:
-        """Write FAILED with the reason (and no DONE): a sweep retries such a run."""
+        """Write FAILED with the reason (and no DONE): a sweep retries such a run. A folder
+        removed mid-run is not made again for it."""
+        if not self.path.is_dir():
+            return
         (self.path / DONE_FILE).unlink(missing_ok=True)
         atomic_write(self.path / FAILED_FILE, json.dumps({"reason": reason}).encode("utf-8"))
 
@@ -746,6 +761,7 @@ class RunDirectory:
         Saving after the round's records means a crash in between resumes from the previous
         checkpoint and redoes the round, whose rows are then replaced.
         """
+        self.check_present()
         buffer = io.BytesIO()
         state = {k: v.detach().cpu() for k, v in state_dict.items()}
         saved: dict[str, object] = {"round": int(server_round), "state_dict": state}

@@ -241,6 +241,7 @@ class RunRecorder:
         """The round's leakage and utility rows, then the global checkpoint, then a console
         line."""
         log = ended.log
+        self.run_dir.check_present()  # before the round's images make their folder again
         self.participation.update(log.participants)
         if self.first_error is None:
             self.first_error = log.first_error
