@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from fedleak.config import parse_flat
+from fedleak.models import ModelSpec, build_model
 from fedleak.report import rundir
 from fedleak.report.rundir import RunDirectory
 from fedleak.simulations import launch
@@ -72,10 +73,22 @@ def _cut(relative: str, count: int) -> Setup:
     return setup
 
 
-def _finished_run(tmp: Path, environment: dict[str, object] | None = None) -> None:
-    config = parse_flat({"num-server-rounds": 1, "out-dir": str(tmp / "done")})
+def _finished_run(
+    tmp: Path,
+    environment: dict[str, object] | None = None,
+    attacks: dict[str, object] | None = None,
+) -> None:
+    """A one-round run as a run leaves it: its round recorded, then its checkpoint saved.
+    `attacks`: settings of the attacks' table (attack.names and their parameters)."""
+    config = parse_flat({"num-server-rounds": 1, "out-dir": str(tmp / "done"), **(attacks or {})})
     run = RunDirectory.create(tmp / "done", config, environment or {})
-    run.append_round(1, [], {"test_loss": 1.0, "test_accuracy": 0.5, "num_replies": 2})
+    rows = [
+        {"attack": name, "diagnostics": json.dumps({"train_seconds": 1.0})}
+        for name in config.attack.names
+    ]
+    run.append_round(1, rows, {"test_loss": 1.0, "test_accuracy": 0.5, "num_replies": 2})
+    lenet = build_model(ModelSpec("lenet", (1, 28, 28), 10))
+    run.save_global_model(1, lenet.state_dict())
 
 
 def _finished_run_on(fingerprint: str) -> Setup:
@@ -88,9 +101,7 @@ def _finished_run_on(fingerprint: str) -> Setup:
 def _run_with_checkpoint(state: object) -> Setup:
     def setup(tmp: Path) -> None:
         _finished_run(tmp)
-        checkpoint = tmp / "done" / "checkpoints" / "global.pt"
-        checkpoint.parent.mkdir()
-        torch.save(state, checkpoint)
+        torch.save(state, tmp / "done" / "checkpoints" / "global.pt")
 
     return setup
 
@@ -670,6 +681,24 @@ CASES = [
         status=1,
         setup=_run_with_checkpoint({"round": 3, "state_dict": {}}),
     ),
+    # Removed: the resume started every round again, without a word (audit DW3).
+    Case(
+        "resume-checkpoint-removed",
+        RESUME,
+        "global.pt: missing, though utility.csv records rounds up to 1; a resume would start",
+        status=1,
+        setup=lambda tmp: (_finished_run(tmp), _remove("done/checkpoints/global.pt")(tmp)),
+    ),
+    # Removed: LTI trained anew in the resumed rounds, and its rows differed (audit DW2).
+    Case(
+        "resume-inverter-removed",
+        (*RESUME, "--set", "attack.names=lti", "--set", "data.aux-size=500"),
+        "lti-inverter-r000001.pt: missing, though the records show lti trained in round 1;",
+        status=1,
+        setup=lambda tmp: _finished_run(
+            tmp, attacks={"attack.names": ["lti"], "data.aux-size": 500}
+        ),
+    ),
     Case(
         "resume-cut-utility",
         RESUME,
@@ -950,7 +979,6 @@ def test_a_restarted_sweep_cell_keeps_files_fedleak_did_not_write(tmp_path: Path
     (run.path / "images" / "r001_c000_ig.png").write_bytes(b"png")
     # Writes a kill cut short, before their rename.
     (run.path / ".leakage.parquet.k3j_x.tmp").write_bytes(b"")
-    (run.path / "checkpoints").mkdir()
     (run.path / "checkpoints" / ".global.pt.a1b2.tmp").write_bytes(b"")
     (run.path / "state" / "lti").mkdir(parents=True)
     (run.path / "state" / "lti" / "lti-inverter-r000002.tmp").write_bytes(b"")

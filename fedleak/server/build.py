@@ -17,7 +17,7 @@ import torch
 from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp.strategy import FedAvg, Strategy
 
-from fedleak.attacks.learned.store import InverterStore, check_saved_inverters
+from fedleak.attacks.learned.store import InverterStore, InverterStoreError, check_saved_inverters
 from fedleak.attacks.registry import attack_entry, build_attack
 from fedleak.attacks.types import AttackerKnowledge, Budget, is_reference
 from fedleak.config import ConfigError, RunConfig, attacked_rounds
@@ -146,11 +146,23 @@ def clear_cached_inverters(config: RunConfig) -> None:
             path.unlink(missing_ok=True)
 
 
-def check_attack_state(config: RunConfig) -> None:
+def check_attack_state(config: RunConfig, last_trained: Mapping[str, int]) -> None:
     """What the attacks of a resumed run go on from (`with_attack_caches`' folders) reads
-    back; `InverterStoreError` (one line) otherwise."""
-    for folder in cache_dirs(config).values():
+    back, and the inverter each saved in its last training the records show
+    (`last_trained`: attack -> round) is there; `InverterStoreError` (one line) otherwise. A
+    missing one had the resumed rounds train anew, or go on from an older one, without a word
+    (audit DW2: LTI's rows differed from the uninterrupted run's)."""
+    for name, folder in cache_dirs(config).items():
         check_saved_inverters(folder)
+        if name not in last_trained:
+            continue
+        file = InverterStore(folder, name).file(last_trained[name])
+        if file is not None and not file.is_file():
+            raise InverterStoreError(
+                f"{file}: missing, though the records show {name} trained in round "
+                f"{last_trained[name]}; the resumed rounds would train anew: restore it, or "
+                "start the run again in a new out-dir"
+            )
 
 
 def build_runner(

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
+import pandas as pd
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.common.logger import FLOWER_LOGGER
@@ -44,7 +45,8 @@ from fedleak.lines import MAX_LINE, error_line, one_line
 from fedleak.registry import is_own_error
 from fedleak.report.lock import RunLock
 from fedleak.report.progress import Progress
-from fedleak.report.rundir import RunDirectory, RunDirectoryError
+from fedleak.report.rundir import CHECKPOINT_FILE, UTILITY_FILE, RunDirectory, RunDirectoryError
+from fedleak.report.tables import row_diagnostics
 from fedleak.runtime import deterministic_kernels, federated_data, model_spec, resolve_device
 from fedleak.server.build import (
     GlobalEvaluation,
@@ -224,19 +226,30 @@ def check_resumable(
     # A run recorded before specs were stored canonically is the same study, and so is one
     # that names an attack parameter at its default value (`flwr run`'s table lists keys).
     run_dir.check_resume(resume_form(config), resume_form(canonical(run_dir.config)))
-    run_dir.leakage()  # damaged records are said now, not after the resumed round's work
-    run_dir.utility()
+    leakage = run_dir.leakage()  # damaged records are said now, not after the resumed work
+    recorded = run_dir.utility()["round"]
     if clients is not None:
         run_dir.check_clients(clients, client_threads)
     _check_same_device(run_dir, resolve_device(config.device))
+    checkpoint = run_dir.load_global_model()
+    if checkpoint is None and len(recorded) and int(recorded.max()) >= 1:
+        # Saved after every round's records, round 0's included: this one was removed, and a
+        # resume would start every round again without a word (audit DW3).
+        raise RunDirectoryError(
+            f"{path / CHECKPOINT_FILE}: missing, though {UTILITY_FILE} records rounds up to "
+            f"{int(recorded.max())}; a resume would start them all again: restore it, or "
+            "start the run again in a new out-dir"
+        )
+    up_to = checkpoint[0] if checkpoint is not None else 0
     try:
-        check_attack_state(with_attack_caches(config, run_dir.state_path))
-    except ValueError as error:  # a saved inverter that does not read back
+        check_attack_state(
+            with_attack_caches(config, run_dir.state_path), _last_trained(leakage, up_to)
+        )
+    except ValueError as error:  # a saved inverter that does not read back, or is gone
         raise RunDirectoryError(str(error)) from None
     fd = federated_data(config, num_partitions=1)
     _check_same_tokenizer(run_dir, config, fd)
     _check_same_data(run_dir, config, fd)
-    checkpoint = run_dir.load_global_model()
     if checkpoint is None:
         return
     spec = model_spec(config, fd)
@@ -246,6 +259,19 @@ def check_resumable(
             f"{path / 'checkpoints' / 'global.pt'}: does not fit model {spec.name} on "
             f"{spec.input_shape} ({detail}); restore it or start again in a new out-dir"
         )
+
+
+def _last_trained(leakage: pd.DataFrame, up_to: int) -> dict[str, int]:
+    """attack -> the last round up to `up_to` whose rows show it trained (a learned attack's
+    inverter, saved in that round)."""
+    rounds: dict[str, int] = {}
+    kept = leakage[leakage["round"] <= up_to]
+    for attack, round_, text in zip(
+        kept["attack"], kept["round"], kept["diagnostics"], strict=True
+    ):
+        if row_diagnostics(text).get("train_seconds", 0.0) > 0:
+            rounds[attack] = max(rounds.get(attack, 0), int(round_))
+    return rounds
 
 
 def _misfit(config: RunConfig, fd: FederatedData, state: Mapping[str, torch.Tensor]) -> str | None:
