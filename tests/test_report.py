@@ -1109,6 +1109,9 @@ def test_a_text_report_marks_unconverged_tag_runs_and_renders_code(tmp_path: Pat
     assert summary[0][-1] == "not converged (attack runs)"
     # tag, then the floor, which matches no loss: neither converged nor not.
     assert [row[-1] for row in summary[1:]] == ["2 of 2", "–"]
+    # The dash also marks TAG under sign, whose hinge's fall judges nothing: not "a learned
+    # attack or a floor" alone (audit DX2).
+    assert "or its loss's fall does not mark a fit (a sign hinge" in text
     assert _table(text, "token accuracy")[1] == ["tag", "0.000 [0.000, 0.000] n=4 †"]
     assert "(tag did not converge in 2 of 2 attack runs: its budget ran out" in text
     assert (

@@ -181,8 +181,9 @@ def unconverged_samples(rows: pd.DataFrame) -> tuple[int, int]:
 CONVERGENCE_NOTE = (
     " Not converged: attack runs in which a matching loss (one per inverted update) fell less "
     "than tenfold (their budget ran out or they could not match the update) or ran to infinity "
-    "(their last finite iterate is scored); –: the attack matches no loss (a learned attack or "
-    "a floor)."
+    "(their last finite iterate is scored); –: none of the attack's runs is judged: it matches "
+    "no loss (a learned attack or a floor), or its loss's fall does not mark a fit (a sign "
+    "hinge; the rows' message says so)."
 )
 
 
