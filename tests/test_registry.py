@@ -1265,3 +1265,36 @@ def test_a_plugin_that_exits_in_its_factory_forward_or_anywhere_is_one_line(
     assert cli.main(["check"]) == 1
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("fedleak: error: plug-in code ended the command with sys.exit(0)")
+
+
+@dataclass(frozen=True)
+class KeptConfig(Settings):
+    cache_dir: Path | None = setting(None, doc="where the state is kept")
+
+
+def test_a_resume_checks_inverter_files_only_of_attacks_that_say_where_theirs_are(
+    tmp_path: Path,
+) -> None:
+    """A plug-in keeping state of its own in its cache-dir and reporting `train_seconds` was
+    refused every resume, for a missing file of LTI's naming it never writes (audit DZ2)."""
+    from fedleak.attacks.learned.store import InverterStoreError
+    from fedleak.server.build import check_attack_state, with_attack_caches
+
+    @register_attack("test-kept-state", config=KeptConfig())
+    class Kept:
+        stateful = True
+
+        def __init__(self, config: KeptConfig, seed: int) -> None:
+            self.config, self.seed, self.name = config, seed, "test-kept-state"
+
+        def reconstruct(self, observation, knowledge, budget):
+            raise NotImplementedError  # only built here
+
+    try:
+        flat = {"attack.names": "aux-mean,test-kept-state,lti", "data.aux-size": 500}
+        config = with_attack_caches(parse_flat(flat), lambda name: tmp_path / name)
+        check_attack_state(config, {"test-kept-state": 1})
+        with pytest.raises(InverterStoreError, match=r"lti-inverter-r000001\.pt: missing, though"):
+            check_attack_state(config, {"test-kept-state": 1, "lti": 1})
+    finally:
+        attack_registry.ATTACKS.remove("test-kept-state")

@@ -148,15 +148,21 @@ def clear_cached_inverters(config: RunConfig) -> None:
 
 def check_attack_state(config: RunConfig, last_trained: Mapping[str, int]) -> None:
     """What the attacks of a resumed run go on from (`with_attack_caches`' folders) reads
-    back, and the inverter each saved in its last training the records show
-    (`last_trained`: attack -> round) is there; `InverterStoreError` (one line) otherwise. A
-    missing one had the resumed rounds train anew, or go on from an older one, without a word
-    (audit DW2: LTI's rows differed from the uninterrupted run's)."""
+    back, and the file saved in the last training the records show (`last_trained`: attack
+    -> round) is there, for the attacks that say where it is (`saved_state`: the learned
+    ones); `InverterStoreError` (one line) otherwise. A missing one had the resumed rounds
+    train anew, or go on from an older one, without a word (audit DW2: LTI's rows differed
+    from the uninterrupted run's). A plug-in keeping state of its own in its cache-dir is
+    not checked (audit DZ2)."""
     for name, folder in cache_dirs(config).items():
         check_saved_inverters(folder)
         if name not in last_trained:
             continue
-        file = InverterStore(folder, name).file(last_trained[name])
+        attack = build_attack(name, config.attack.params.get(name, {}))
+        locate = getattr(attack, "saved_state", None)
+        if locate is None:
+            continue
+        file = locate(last_trained[name])
         if file is not None and not file.is_file():
             raise InverterStoreError(
                 f"{file}: missing, though the records show {name} trained in round "

@@ -22,6 +22,7 @@ diagnostics); the inverter trained so far still inverts, and its reconstruction 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -57,6 +58,10 @@ class LearningToInvert:
         self.keeper = InverterKeeper(
             InverterStore(self.config.cache_dir, name), self.config.refresh, "val_psnr"
         )
+
+    def saved_state(self, round_: int) -> Path | None:
+        """The file a resumed run goes on from after this attack trained in `round_`."""
+        return self.keeper.saved_file(round_)
 
     def check_feasible(self, targets: int, aux: int) -> None:
         """Refuse, before a run, auxiliary data too small to train on updates of `targets`."""

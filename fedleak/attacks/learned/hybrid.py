@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from fedleak.attacks.learned.attack import LearningToInvert
 from fedleak.attacks.learned.config import LTI_PRESETS, LTIConfig
@@ -58,6 +59,10 @@ class LTIThenIG:
         self.lti = lti
         self.ig = ig
         self.name = name
+
+    def saved_state(self, round_: int) -> Path | None:
+        """LTI's inverter file, which a resumed run goes on from (see its `saved_state`)."""
+        return self.lti.saved_state(round_)
 
     def check_feasible(self, targets: int, aux: int) -> None:
         """Both stages' conditions (see their `check_feasible`)."""

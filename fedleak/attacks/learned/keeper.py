@@ -216,6 +216,10 @@ class InverterKeeper:
         passed_over, self._passed_over = self._passed_over, None  # said once
         return Refreshed(self.inverter.to(device).eval(), outcome, warm, continued, passed_over)
 
+    def saved_file(self, round_: int) -> Path | None:
+        """Where the inverter trained in `round_` is saved (None without a folder)."""
+        return self._store.file(round_)
+
     def account(
         self, refreshed: Refreshed, validation: Callable[[float], str], trained_on: str = ""
     ) -> tuple[TrainingOutcome, str, dict[str, float | str]]:

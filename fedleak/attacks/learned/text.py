@@ -249,6 +249,10 @@ class TextLearningToInvert:
             InverterStore(self.config.cache_dir, name), self.config.refresh, "val_token_acc"
         )
 
+    def saved_state(self, round_: int) -> Path | None:
+        """The file a resumed run goes on from after this attack trained in `round_`."""
+        return self.keeper.saved_file(round_)
+
     def _needs(self) -> str:
         what = "its token frequencies" if self.config.pseudo else "sequences to train on"
         return f"{self.name} needs auxiliary text ({what})"
