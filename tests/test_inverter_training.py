@@ -354,3 +354,25 @@ def test_a_saved_inverter_that_does_not_fit_fails_every_call_naming_its_file(
     for _ in range(2):
         with pytest.raises(InverterStoreError, match=r"lti-inverter-r000001\.pt: does not fit"):
             keeper.current("setting", "weights-2", 2, torch.device("cpu"), Scripted, train)
+
+
+def test_a_folder_removed_mid_run_is_not_made_again_for_an_inverter(tmp_path: Path) -> None:
+    """The store made a run folder removed mid-run again for its inverter, which then blocked
+    the next run in that folder (audit DZ1); a folder that did not exist yet is made."""
+    import shutil
+
+    from fedleak.attacks.types import StateNotSaved
+
+    new = InverterStore(tmp_path / "caches" / "mine", "lti")  # a user's cache-dir, not there yet
+    new.prepare()
+    new.save(Scripted(), "setting-a", None, 1, {})
+    assert (tmp_path / "caches" / "mine" / "lti-inverter-r000001.pt").is_file()
+    (tmp_path / "run").mkdir()
+    store = InverterStore(tmp_path / "run" / "state" / "lti", "lti")
+    shutil.rmtree(tmp_path / "run")
+    for save in (store.prepare, lambda: store.save(Scripted(), "setting-a", None, 1, {})):
+        with pytest.raises(
+            StateNotSaved, match=r"removed during the run, so not made again: .*/run"
+        ):
+            save()
+    assert not (tmp_path / "run").exists()

@@ -8,6 +8,7 @@ weights it saw (`fingerprint`) decide whether it still needs a refresh.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
@@ -61,6 +62,13 @@ class InverterStore:
     def __init__(self, directory: Path | None, attack: str) -> None:
         self.directory = None if directory is None else Path(directory)
         self.attack = attack
+        # The nearest folder that exists now (a run's own folder, for its state): one removed
+        # later was removed mid-run, and saving must not make it again (audit DZ1).
+        self._anchor = None
+        if self.directory is not None:
+            self._anchor = next(
+                (p for p in (self.directory, *self.directory.parents) if p.is_dir()), None
+            )
 
     def file(self, round_: int) -> Path | None:
         """Where the inverter trained in `round_` is saved."""
@@ -74,10 +82,17 @@ class InverterStore:
         after it, with the training lost (audit DV5)."""
         if self.directory is None:
             return
+        self._check_anchor()
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise StateNotSaved(error.errno, error.strerror, str(self.directory)) from error
+
+    def _check_anchor(self) -> None:
+        if self._anchor is not None and not self._anchor.is_dir():
+            raise StateNotSaved(
+                errno.ENOENT, "removed during the run, so not made again", str(self._anchor)
+            )
 
     def save(
         self,
@@ -105,6 +120,7 @@ class InverterStore:
 
     def _write(self, path: Path, data: bytes, round_: int) -> None:
         """`data` as `path`, through a temporary file, then the files no resume needs deleted."""
+        self._check_anchor()
         path.parent.mkdir(parents=True, exist_ok=True)
         # A name no other process writes (two runs, or a run's workers, saving one round).
         handle, temporary = tempfile.mkstemp(prefix=f"{path.stem}.", suffix=".tmp", dir=path.parent)
