@@ -1274,6 +1274,21 @@ def test_a_cell_an_older_fedleak_left_unfinished_is_started_over_with_a_line(
     assert (cell / "DONE").exists()
 
 
+def test_a_cell_whose_checkpoint_was_removed_says_why_it_starts_over(tmp_path: Path) -> None:
+    """Its recorded rounds went without a word, where `fedleak run` refuses such a folder in
+    one line (audit DZ3)."""
+    source = _write(tmp_path, GRID)
+    sweep_dir = run_sweep(source, out_dir=tmp_path, runner=fake_runner, say=lambda _: None)
+    cell = sweep_dir / read_manifest(sweep_dir)["cells"][0]["id"]
+    (cell / "DONE").unlink()
+    (cell / "checkpoints" / "global.pt").unlink(missing_ok=True)
+    said: list[str] = []
+    run_sweep(source, out_dir=tmp_path, runner=fake_runner, say=said.append)
+    lines = [line for line in said if line.startswith(f"  {cell.name}: starting over")]
+    assert len(lines) == 1 and "global.pt: missing, though utility.csv records rounds" in lines[0]
+    assert (cell / "DONE").exists()
+
+
 def test_a_failed_cells_line_keeps_its_remedy(tmp_path: Path) -> None:
     """A cell's failure was cut at 300 characters, losing "resume with sim.resume=true" from a
     client crash's message, in the cell's line and in sweep.json (audit CF4)."""

@@ -662,8 +662,10 @@ def _resumable_rounds(config: RunConfig, path: Path, plan: SweepPlan) -> tuple[i
 
     run = RunDirectory.open(path)
     try:
-        if run.failed_reason() or not (path / CHECKPOINT_FILE).is_file():
+        if run.failed_reason():
             return 0, ""
+        if not (path / CHECKPOINT_FILE).is_file() and not (run.utility()["round"] >= 1).any():
+            return 0, ""  # stopped before its first checkpoint; one removed later is said
         # Also reads the checkpoint, and refuses one that is damaged or does not fit.
         check_resumable(config, path, plan.num_clients, client_threads(plan.client_cpus))
         return run.finished_rounds(), ""
