@@ -376,3 +376,13 @@ def test_settings_a_run_never_reads_are_named_in_a_warning() -> None:
     assert warning({"data.tokenizer": "foo"}) == (
         "data.tokenizer='foo' (text settings; mnist5k holds images): no effect in this run"
     )
+    # A non-iid study asked for by its concentration alone ran iid (audit EA2).
+    assert warning({"data.dirichlet-alpha": 0.1}) == (
+        "data.dirichlet-alpha=0.1 (data.partition='iid'; it shapes the dirichlet partitions): "
+        "no effect in this run"
+    )
+    assert warning({"data.dirichlet-alpha": 0.1, "data.partition": "dirichlet-clients"}) is None
+    assert warning({"data.shards-per-client": 5, "data.partition": "dirichlet"}).startswith(
+        "data.shards-per-client=5 (data.partition='dirichlet'; it shapes the shards partition)"
+    )
+    assert warning({"data.shards-per-client": 5, "data.partition": "shards"}) is None

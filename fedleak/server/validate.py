@@ -469,8 +469,9 @@ def _check_batchnorm_prior(config: RunConfig, fd: FederatedData) -> None:
 
 def ineffective_settings(config: RunConfig, fd: FederatedData) -> str | None:
     """A warning naming settings changed from their defaults that this run never reads: batch
-    statistics of a model without BatchNorm, a δ without a DP mechanism, the text settings on
-    image data (audit DO6: accepted without a word)."""
+    statistics of a model without BatchNorm, a δ without a DP mechanism, a partition's shape
+    under another partition (audit EA2), the text settings on image data (audit DO6: accepted
+    without a word)."""
     default = RunConfig()
     unused = []
     if config.threat.bn_stats != default.threat.bn_stats and not has_batchnorm(
@@ -485,6 +486,17 @@ def ineffective_settings(config: RunConfig, fd: FederatedData) -> str | None:
         unused.append(
             f"defense.dp-delta={config.defense.dp_delta:g} (neither DP-SGD nor central noise "
             "runs, so no ε is reported)"
+        )
+    partition = config.data.partition
+    if config.data.dirichlet_alpha != default.data.dirichlet_alpha and "dirichlet" not in partition:
+        unused.append(
+            f"data.dirichlet-alpha={config.data.dirichlet_alpha:g} (data.partition={partition!r}; "
+            "it shapes the dirichlet partitions)"
+        )
+    if config.data.shards_per_client != default.data.shards_per_client and partition != "shards":
+        unused.append(
+            f"data.shards-per-client={config.data.shards_per_client} (data.partition="
+            f"{partition!r}; it shapes the shards partition)"
         )
     if getattr(fd.dataset, "tokenizer", None) is None:
         text = [
