@@ -394,9 +394,11 @@ def parse_flat(flat: Mapping[str, Any], base: RunConfig | None = None) -> RunCon
     known = set(known_keys())
     values: dict[str, Any] = {}
     params = {name: dict(p) for name, p in base.attack.params.items()}
+    spelled: dict[str, str] = {}
     for key, raw in flat.items():
         if not isinstance(key, str):
             raise ConfigError(f"{key!r}: setting names must be strings")
+        _check_one_spelling(key, raw, flat, spelled)
         head, _, rest = key.partition(".")
         if key.replace("_", "-") in known:
             values[key] = raw
@@ -407,7 +409,11 @@ def parse_flat(flat: Mapping[str, Any], base: RunConfig | None = None) -> RunCon
                     f"{shown(key)}: attack parameters are written attack.<name>.<param>"
                 )
             _check_param(key, raw)
-            params.setdefault(attack, {})[param] = raw
+            given = params.setdefault(attack, {})
+            # The base's other spelling of this parameter is overridden, not kept beside it.
+            for other in [p for p in given if p != param and key_of(p) == key_of(param)]:
+                del given[other]
+            given[param] = raw
         else:
             raise unknown(key, sorted(known))
     config = parse_settings(base, values)
@@ -434,6 +440,20 @@ def canonical_key(key: str) -> str:
     if head == "attack" and attack and param:
         return f"attack.{attack}.{key_of(param)}"
     return key
+
+
+def _check_one_spelling(
+    key: str, raw: Any, flat: Mapping[str, Any], spelled: dict[str, str]
+) -> None:
+    """One setting is given once by one source: `tv_weight` and `tv-weight` with other values
+    both ran, the last written winning, and config.toml recorded both (audit EA1)."""
+    canonical = canonical_key(key)
+    other = spelled.setdefault(canonical, key)
+    if other != key and flat[other] != raw:
+        raise ConfigError(
+            f"{shown(key)}={raw!r} and {shown(other)}={flat[other]!r}: two spellings of "
+            f"{canonical} with different values; give one"
+        )
 
 
 def _check_param(key: str, raw: Any) -> None:

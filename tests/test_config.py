@@ -386,3 +386,19 @@ def test_settings_a_run_never_reads_are_named_in_a_warning() -> None:
         "data.shards-per-client=5 (data.partition='dirichlet'; it shapes the shards partition)"
     )
     assert warning({"data.shards-per-client": 5, "data.partition": "shards"}) is None
+
+
+def test_one_setting_is_given_once_whatever_its_spelling() -> None:
+    """`tv_weight` and `tv-weight` with other values both ran, the last written winning, and
+    config.toml recorded both (audit EA1): one source gives one value; a later source's
+    spelling replaces the base's."""
+    for flat in (
+        {"attack.ig.tv_weight": 0.1, "attack.ig.tv-weight": 0.5},
+        {"train.batch_size": 4, "train.batch-size": 8},
+    ):
+        with pytest.raises(ConfigError, match=r"two spellings of .* with different values; give"):
+            parse_flat(flat)
+    same = parse_flat({"attack.ig.tv_weight": 0.5, "attack.ig.tv-weight": 0.5})
+    assert same.attack.params["ig"] == {"tv-weight": 0.5}
+    base = parse_flat({"attack.ig.tv_weight": 0.2})
+    assert parse_flat({"attack.ig.tv-weight": 0.7}, base).attack.params["ig"] == {"tv-weight": 0.7}
