@@ -500,7 +500,7 @@ def verdict(study: Study) -> str:
         chosen = [v for v in settings if id(v) in picked]
         leaks = any(not _at_floor(v.leader, v) for v in ranked)  # type: ignore[arg-type]
         said = _choice_said(len(settings), extremes, undefended, room, len(baselines), leaks)
-        intro.append(said)
+        intro.append(said.replace("; those two", _untold(ranked), 1))
     sentences = [_setting_sentence(v, baselines.get(v.group)) for v in chosen]
     return " ".join(
         [
@@ -512,6 +512,29 @@ def verdict(study: Study) -> str:
             *sentences,
         ]
     )
+
+
+_RANKED_BY = {"token_acc": "median token accuracy", "lpips": "median LPIPS", "psnr": "median PSNR"}
+
+
+def _untold(ranked: list[SettingVerdict]) -> str:
+    """What a 'most' and a 'least' among settings rest on (the first measure of `_leak_key`),
+    and how many other settings each is not told apart from by their 95% intervals: a most
+    0.006 closer in median LPIPS than three settings where the same attack reconstructed more
+    read as a finding (audit EA3)."""
+    first = ranked[0].leader
+    assert first is not None
+    measure = "token_acc" if first.tokens else ("lpips" if first.lpips.n else "psnr")
+    parts = []
+    for name, end, others in (("most", ranked[0], ranked[1:]), ("least", ranked[-1], ranked[:-1])):
+        mine: Median = getattr(end.leader, measure)
+        tied = sum(mine.overlaps(getattr(v.leader, measure)) for v in others)
+        if tied:
+            parts.append(
+                f"the {name} is not told apart from {tied} other setting{'s' * (tied > 1)}"
+            )
+    told = f"; {' and '.join(parts)}, their 95% intervals overlapping" if parts else ""
+    return f" (by the leading attack's {_RANKED_BY[measure]}{told}); those two"
 
 
 def _choice_said(
