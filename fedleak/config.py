@@ -384,11 +384,14 @@ def key_help() -> list[KeyHelp]:
     return help_lines(RunConfig)
 
 
-def parse_flat(flat: Mapping[str, Any], base: RunConfig | None = None) -> RunConfig:
+def parse_flat(
+    flat: Mapping[str, Any], base: RunConfig | None = None, recorded: bool = False
+) -> RunConfig:
     """Parse Flower's flat run config (dotted keys) on top of `base` (defaults if None).
 
     Keys `attack.<attack-name>.<param>` carry per-attack hyper-parameters; the attack
-    validates them when it is built.
+    validates them when it is built. `recorded`: a run's own config.toml, in which an
+    earlier fedleak may have kept two spellings of a key; the last one, which ran, is read.
     """
     base = base or RunConfig()
     known = set(known_keys())
@@ -398,7 +401,8 @@ def parse_flat(flat: Mapping[str, Any], base: RunConfig | None = None) -> RunCon
     for key, raw in flat.items():
         if not isinstance(key, str):
             raise ConfigError(f"{key!r}: setting names must be strings")
-        _check_one_spelling(key, raw, flat, spelled)
+        if not recorded:
+            _check_one_spelling(key, raw, flat, spelled)
         head, _, rest = key.partition(".")
         if key.replace("_", "-") in known:
             values[key] = raw
@@ -575,14 +579,17 @@ def flatten_toml(document: Mapping[str, Any], parent: str = "") -> dict[str, Any
     return flat
 
 
-def parse_toml(text: str, base: RunConfig | None = None, source: str = "preset") -> RunConfig:
-    """Parse a TOML preset (nested tables or dotted keys); `source` names it in errors."""
+def parse_toml(
+    text: str, base: RunConfig | None = None, source: str = "preset", recorded: bool = False
+) -> RunConfig:
+    """Parse a TOML preset (nested tables or dotted keys); `source` names it in errors;
+    `recorded` as for `parse_flat`."""
     try:
         document = tomllib.loads(text)
     except (ValueError, RecursionError) as error:  # TOMLDecodeError, a number too long, nesting
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ConfigError(f"{source} is not valid TOML: {first_line}") from None
-    return parse_flat(flatten_toml(document), base)
+    return parse_flat(flatten_toml(document), base, recorded)
 
 
 # A configuration is a few kilobytes; a file far larger is no preset (and parsing one of
@@ -590,8 +597,9 @@ def parse_toml(text: str, base: RunConfig | None = None, source: str = "preset")
 MAX_TOML_BYTES = 1_000_000
 
 
-def load_toml(path: str | Path, base: RunConfig | None = None) -> RunConfig:
-    """Read and parse a TOML preset file (a run's config.toml included)."""
+def load_toml(path: str | Path, base: RunConfig | None = None, recorded: bool = False) -> RunConfig:
+    """Read and parse a TOML preset file (a run's config.toml included; `recorded` as for
+    `parse_flat`)."""
     path = Path(path)
     try:
         with path.open("rb") as handle:
@@ -606,4 +614,4 @@ def load_toml(path: str | Path, base: RunConfig | None = None) -> RunConfig:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:
         raise ConfigError(f"{path}: not UTF-8 text (byte {error.start})") from None
-    return parse_toml(text, base, source=str(path))
+    return parse_toml(text, base, source=str(path), recorded=recorded)

@@ -446,7 +446,8 @@ class RunDirectory:
         """The run's resolved configuration, parsed from config.toml."""
         if self._config is None:
             try:
-                self._config = load_toml(self.path / CONFIG_FILE)
+                # What an earlier fedleak recorded reads as it ran (audit EB2).
+                self._config = load_toml(self.path / CONFIG_FILE, recorded=True)
             except ConfigError as error:
                 raise RunDirectoryError(
                     f"{error} (the run's own configuration); restore it or start the run again "
