@@ -358,17 +358,26 @@ def test_a_saved_inverter_that_does_not_fit_fails_every_call_naming_its_file(
 
 def test_a_folder_removed_mid_run_is_not_made_again_for_an_inverter(tmp_path: Path) -> None:
     """The store made a run folder removed mid-run again for its inverter, which then blocked
-    the next run in that folder (audit DZ1); a folder that did not exist yet is made."""
+    the next run in that folder (audit DZ1); a user's cache-dir is made whenever it is
+    missing, before or after a first save (audit EB1)."""
     import shutil
 
     from fedleak.attacks.types import StateNotSaved
+    from fedleak.config import RunConfig
+    from fedleak.report.rundir import CONFIG_FILE, RunDirectory
 
-    new = InverterStore(tmp_path / "caches" / "mine", "lti")  # a user's cache-dir, not there yet
-    new.prepare()
-    new.save(Scripted(), "setting-a", None, 1, {})
-    assert (tmp_path / "caches" / "mine" / "lti-inverter-r000001.pt").is_file()
-    (tmp_path / "run").mkdir()
-    store = InverterStore(tmp_path / "run" / "state" / "lti", "lti")
+    mine = tmp_path / "caches" / "mine"
+    InverterStore(mine, "lti").save(Scripted(), "setting-a", None, 1, {})  # made, not there
+    new = InverterStore(mine, "lti")  # built while it is there
+    shutil.rmtree(mine)
+    for round_ in (1, 2):
+        new.prepare()
+        new.save(Scripted(), "setting-a", None, round_, {})
+        assert (mine / f"lti-inverter-r00000{round_}.pt").is_file()
+        shutil.rmtree(mine)
+    run = RunDirectory.create(tmp_path / "run", RunConfig(), {})
+    assert run.state_path("lti").parent.name == "state" and CONFIG_FILE == "config.toml"
+    store = InverterStore(run.state_path("lti"), "lti")
     shutil.rmtree(tmp_path / "run")
     for save in (store.prepare, lambda: store.save(Scripted(), "setting-a", None, 1, {})):
         with pytest.raises(

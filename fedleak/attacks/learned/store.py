@@ -42,6 +42,11 @@ class SavedInverter:
         return float(self.meta.get(name, float("nan")))  # type: ignore[arg-type]
 
 
+# How a run folder holds an attack's state (`RunDirectory.state_path`), named here because the
+# attacks do not read run folders.
+RUN_STATE_FOLDER = "state"
+RUN_CONFIG_FILE = "config.toml"
+
 # Files kept from before the round just saved. A worker pool attacks round t + 1 while the
 # server still waits for round t's other attacks (`CuriousStrategy.settle`), so a learned attack
 # can have saved rounds t and t + 1 while round t - 1 is the last one recorded: a resume then
@@ -62,13 +67,13 @@ class InverterStore:
     def __init__(self, directory: Path | None, attack: str) -> None:
         self.directory = None if directory is None else Path(directory)
         self.attack = attack
-        # The nearest folder that exists now (a run's own folder, for its state): one removed
-        # later was removed mid-run, and saving must not make it again (audit DZ1).
+        # A run's own state folder (`<run>/state/<attack>`, beside the run's config.toml): a
+        # run folder removed mid-run must not be made again by a save (audit DZ1). A user's
+        # cache-dir is made whenever it is missing (audit EB1).
         self._anchor = None
-        if self.directory is not None:
-            self._anchor = next(
-                (p for p in (self.directory, *self.directory.parents) if p.is_dir()), None
-            )
+        if self.directory is not None and self.directory.parent.name == RUN_STATE_FOLDER:
+            run = self.directory.parent.parent
+            self._anchor = run if (run / RUN_CONFIG_FILE).is_file() else None
 
     def file(self, round_: int) -> Path | None:
         """Where the inverter trained in `round_` is saved."""
