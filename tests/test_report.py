@@ -1432,11 +1432,48 @@ def test_a_verdict_over_many_settings_names_the_least_leaking_one(tmp_path: Path
     assert text.startswith(
         "Of 8 settings, attacks leak most without a defense (batch-size=3) and least under "
         "prune:0.9 (batch-size=4) (by the leading attack's median LPIPS; the most is not told "
-        "apart from 6 other settings, their 95% intervals overlapping); those two and 2 of the "
-        "4 undefended ones are summarised here"
+        "apart from 6 other settings and the least is not told apart from 4 other settings "
+        "(overlapping 95% intervals, or fewer than 6 samples)); those two and 2 of the 4 "
+        "undefended ones are summarised here"
     )
     assert "Under prune:0.9 (batch-size=4), no attack got closer than the aux-mean floor" in text
     assert text.count("Without a defense") + text.count("Under ") == 4
+
+
+@pytest.mark.parametrize("case", ["one-sample", "no-lpips"])
+def test_the_extremes_of_many_settings_are_not_told_apart_on_what_cannot_tell_them(
+    tmp_path: Path, case: str
+) -> None:
+    """One sample per setting made each median a point, 0.001 apart in LPIPS, and the most and
+    least were named without a caveat (audit EB3); a setting whose LPIPS was not measured was
+    ranked least "by median LPIPS" (EB4)."""
+    from fedleak.report.collect import load_study
+    from fedleak.report.verdict import verdict
+
+    cells = {
+        f"cell-{b}-{d.replace(':', '-')}": {"defense": d, "batch_size": b, "rounds": 1}
+        | ({"clients": (0,)} if case == "one-sample" else {})
+        for b in (1, 2, 3)
+        for d in ("none", "prune:0.9")
+    }
+    sweep = _sweep_of(tmp_path / "sweep", cells)
+    for i, cell in enumerate(cells):
+        path = sweep / cell / "leakage.parquet"
+        rows = pd.read_parquet(path)
+        attacked = rows["attack"] != "aux-mean"
+        if case == "one-sample":
+            rows = rows[rows["sample"] == 0]
+            attacked = rows["attack"] != "aux-mean"
+            rows.loc[attacked, "lpips_alex"] += 0.001 * i
+        elif cell == "cell-2-none":
+            rows["lpips_alex"] = math.nan
+        rows.to_parquet(path, index=False)
+    text = verdict(load_study(sweep))
+    first = text.split("; those two")[0]
+    assert "(by the leading attack's median LPIPS; the most is not told apart from" in first
+    if case == "no-lpips":
+        assert first.endswith("; 1 setting without it not ranked)")
+        assert "least without a defense (batch-size=2)" not in first
 
 
 def test_a_failed_run_is_named_and_kept_out_of_the_figures(tmp_path: Path) -> None:
