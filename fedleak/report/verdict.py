@@ -492,12 +492,6 @@ def verdict(study: Study) -> str:
     if len(settings) > MAX_SETTINGS_NAMED:
         ranked = [v for v in settings if v.leader is not None]
         ranked.sort(key=lambda v: _leak_key(v.leader))  # type: ignore[arg-type]
-        unmeasured = 0
-        if ranked:
-            # A setting without the measure the others are ranked by is no extreme of it.
-            measure = _ranking_measure(ranked)
-            measured = [v for v in ranked if getattr(v.leader, measure).n]
-            unmeasured, ranked = len(ranked) - len(measured), measured
         # The extremes first: with many undefended groups they must not be crowded out.
         extremes = list(dict.fromkeys([*ranked[:1], *ranked[-1:]]))
         undefended = [v for v in baselines.values() if v not in extremes]
@@ -507,7 +501,7 @@ def verdict(study: Study) -> str:
         leaks = any(not _at_floor(v.leader, v) for v in ranked)  # type: ignore[arg-type]
         said = _choice_said(len(settings), extremes, undefended, room, len(baselines), leaks)
         if "; those two" in said:  # a most and a least are named
-            said = said.replace("; those two", _untold(ranked, unmeasured), 1)
+            said = said.replace("; those two", _untold(ranked), 1)
         intro.append(said)
     sentences = [_setting_sentence(v, baselines.get(v.group)) for v in chosen]
     return " ".join(
@@ -540,33 +534,32 @@ def _told_apart(one: Median, other: Median) -> bool:
     return min(one.n, other.n) >= _FEWEST_FOR_INTERVAL and not one.overlaps(other)
 
 
-def _untold(ranked: list[SettingVerdict], unmeasured: int) -> str:
+def _untold(ranked: list[SettingVerdict]) -> str:
     """What a 'most' and a 'least' among settings rest on (the first measure of `_leak_key`),
-    how many other settings each is not told apart from (overlapping 95% intervals, or too
-    few samples for one), and how many settings lack the measure and are left out: a most
-    0.006 closer in median LPIPS than three settings where the same attack reconstructed more
-    read as a finding (audits EA3, EB3, EB4)."""
+    and how many other settings each is not told apart from (overlapping 95% intervals, or
+    too few samples for one): a most 0.006 closer in median LPIPS than three settings where
+    the same attack reconstructed more read as a finding (audits EA3, EB3). A least that
+    lacks the measure is said to be ranked last for it (EB4)."""
     measure = _ranking_measure(ranked)
-    parts = []
+    ties, missing = [], []
     for name, end, others in (("most", ranked[0], ranked[1:]), ("least", ranked[-1], ranked[:-1])):
         mine: Median = getattr(end.leader, measure)
+        if not mine.n:
+            missing.append(name)
+            continue
         tied = sum(not _told_apart(mine, getattr(v.leader, measure)) for v in others)
         if tied:
-            parts.append(
-                f"the {name} is not told apart from {tied} other setting{'s' * (tied > 1)}"
-            )
-    told = (
-        f"; {' and '.join(parts)} (overlapping 95% intervals, or fewer than "
-        f"{_FEWEST_FOR_INTERVAL} samples)"
-        if parts
-        else ""
-    )
-    left = (
-        f"; {unmeasured} setting{'s' * (unmeasured > 1)} without it not ranked"
-        if unmeasured
-        else ""
-    )
-    return f" (by the leading attack's {_RANKED_BY[measure]}{told}{left}); those two"
+            ties.append(f"the {name} is not told apart from {tied} other setting{'s' * (tied > 1)}")
+    told = ""
+    if ties:
+        told += (
+            f"; {' and '.join(ties)} (overlapping 95% intervals, or fewer than "
+            f"{_FEWEST_FOR_INTERVAL} samples)"
+        )
+    if missing:
+        what = _RANKED_BY[measure].removeprefix("median ")
+        told += f"; the {' and the '.join(missing)} has no {what} and is ranked last"
+    return f" (by the leading attack's {_RANKED_BY[measure]}{told}); those two"
 
 
 def _choice_said(
