@@ -358,10 +358,12 @@ def test_a_saved_inverter_that_does_not_fit_fails_every_call_naming_its_file(
 
 def test_a_folder_removed_mid_run_is_not_made_again_for_an_inverter(tmp_path: Path) -> None:
     """The store made a run folder removed mid-run again for its inverter, which then blocked
-    the next run in that folder (audit DZ1); a user's cache-dir is made whenever it is
-    missing, before or after a first save (audit EB1)."""
+    the next run in that folder (audit DZ1), also from a cache-dir inside it (EC3); a user's
+    cache-dir elsewhere is made whenever it is missing, before or after a first save (EB1)."""
+    import functools
     import shutil
 
+    import fedleak.attacks.learned.store as store_module
     from fedleak.attacks.types import StateNotSaved
     from fedleak.config import RunConfig
     from fedleak.report.rundir import CONFIG_FILE, RunDirectory
@@ -375,13 +377,16 @@ def test_a_folder_removed_mid_run_is_not_made_again_for_an_inverter(tmp_path: Pa
         new.save(Scripted(), "setting-a", None, round_, {})
         assert (mine / f"lti-inverter-r00000{round_}.pt").is_file()
         shutil.rmtree(mine)
-    run = RunDirectory.create(tmp_path / "run", RunConfig(), {})
-    assert run.state_path("lti").parent.name == "state" and CONFIG_FILE == "config.toml"
-    store = InverterStore(run.state_path("lti"), "lti")
-    shutil.rmtree(tmp_path / "run")
-    for save in (store.prepare, lambda: store.save(Scripted(), "setting-a", None, 1, {})):
-        with pytest.raises(
-            StateNotSaved, match=r"removed during the run, so not made again: .*/run"
-        ):
-            save()
-    assert not (tmp_path / "run").exists()
+    assert CONFIG_FILE == store_module.RUN_CONFIG_FILE
+    # The run's own state folder, or a cache-dir inside the run folder (audit EC3).
+    for inside in (Path("state") / "lti", Path("inverters")):
+        run = RunDirectory.create(tmp_path / "run", RunConfig(), {})
+        store = InverterStore(run.path / inside, "lti")
+        shutil.rmtree(tmp_path / "run")
+        saving = functools.partial(store.save, Scripted(), "setting-a", None, 1, {})
+        for save in (store.prepare, saving):
+            with pytest.raises(
+                StateNotSaved, match=r"removed during the run, so not made again: .*/run"
+            ):
+                save()
+        assert not (tmp_path / "run").exists()

@@ -42,9 +42,8 @@ class SavedInverter:
         return float(self.meta.get(name, float("nan")))  # type: ignore[arg-type]
 
 
-# How a run folder holds an attack's state (`RunDirectory.state_path`), named here because the
-# attacks do not read run folders.
-RUN_STATE_FOLDER = "state"
+# What marks a run folder (`RunDirectory`), named here because the attacks do not read run
+# folders.
 RUN_CONFIG_FILE = "config.toml"
 
 # Files kept from before the round just saved. A worker pool attacks round t + 1 while the
@@ -67,13 +66,14 @@ class InverterStore:
     def __init__(self, directory: Path | None, attack: str) -> None:
         self.directory = None if directory is None else Path(directory)
         self.attack = attack
-        # A run's own state folder (`<run>/state/<attack>`, beside the run's config.toml): a
-        # run folder removed mid-run must not be made again by a save (audit DZ1). A user's
-        # cache-dir is made whenever it is missing (audit EB1).
+        # The run folder the state is kept in (the nearest folder above it holding a run's
+        # config.toml; `<run>/state/<attack>` unless cache-dir names another folder inside
+        # the run's): one removed mid-run must not be made again by a save (audits DZ1,
+        # EC3). A user's cache-dir elsewhere is made whenever it is missing (EB1).
         self._anchor = None
-        if self.directory is not None and self.directory.parent.name == RUN_STATE_FOLDER:
-            run = self.directory.parent.parent
-            self._anchor = run if (run / RUN_CONFIG_FILE).is_file() else None
+        if self.directory is not None:
+            runs = (p for p in self.directory.parents if (p / RUN_CONFIG_FILE).is_file())
+            self._anchor = next(runs, None)
 
     def file(self, round_: int) -> Path | None:
         """Where the inverter trained in `round_` is saved."""
