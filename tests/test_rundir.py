@@ -508,10 +508,21 @@ def test_a_folder_removed_mid_run_is_not_made_again(tmp_path: Path) -> None:
 
 def test_a_recorded_config_with_two_spellings_of_a_key_still_reads(tmp_path: Path) -> None:
     """An earlier fedleak recorded both spellings of a key given twice; refusing them since
-    (audit EA1) left such a run unreportable (audit EB2). The last one, which ran, is read."""
+    (audit EA1) left such a run unreportable (audit EB2) and unresumable (EC4). The last one,
+    which ran, is read."""
     run = RunDirectory.create(tmp_path / "run", _config(), {})
     text = (run.path / "config.toml").read_text()
     (run.path / "config.toml").write_text(
         text.replace("[attack.ig]\n", "[attack.ig]\ntv_weight = 0.2\ntv-weight = 0.25\n", 1)
     )
     assert RunDirectory.open(run.path).config.attack.params["ig"]["tv-weight"] == 0.25
+    # So does the resume command's `fedleak run DIR/config.toml` (audit EC4); a preset of
+    # one's own with two spellings is still refused.
+    from fedleak.config import ConfigError
+    from fedleak.simulations.presets import load_preset
+
+    assert load_preset(run.path / "config.toml").attack.params["ig"]["tv-weight"] == 0.25
+    own = tmp_path / "mine.toml"
+    own.write_text("[attack.ig]\ntv_weight = 0.2\ntv-weight = 0.25\n")
+    with pytest.raises(ConfigError, match=r"^mine\.toml: .*two spellings"):
+        load_preset(own)

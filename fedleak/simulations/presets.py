@@ -117,7 +117,12 @@ def load_preset(name_or_path: str | Path) -> RunConfig:
             f"preset {str(name_or_path)!r} is a sweep; check it with `fedleak sweep "
             f"{name_or_path} --check`, run it with `fedleak sweep {name_or_path}`"
         )
+    from fedleak.report.rundir import CONFIG_FILE, is_run_directory  # torch: only when read
+
+    # A run's own config.toml (the resume command's) reads as the run recorded it, in which an
+    # earlier fedleak may have kept two spellings of a key (audit EC4).
+    recorded = is_run_directory(path.parent) and path.name == CONFIG_FILE
     try:
-        return parse_toml(read_preset_text(path))
+        return parse_toml(read_preset_text(path), recorded=recorded)
     except ConfigError as error:
         raise ConfigError(f"{path.name}: {error}") from None
