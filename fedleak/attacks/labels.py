@@ -167,11 +167,8 @@ def odd_row_out(weight: Tensor) -> tuple[Tensor, Tensor]:
     counted = (tied.sum(dim=-1) == 1) & (most.values >= 2)
     norms = weight.norm(dim=-1)
     candidates = torch.where(tied & (norms > 0), norms, torch.zeros_like(norms))
-    largest = candidates.topk(min(2, candidates.shape[-1]), dim=-1)
-    second = (
-        largest.values[..., -1] if candidates.shape[-1] > 1 else torch.zeros_like(norms[..., 0])
-    )
-    by_norm = largest.values[..., 0] > second * (1 + _NORM_TIE)
+    largest = candidates.topk(2, dim=-1)  # a classifier has at least 2 classes
+    by_norm = largest.values[..., 0] > largest.values[..., 1] * (1 + _NORM_TIE)
     labels = torch.where(counted, most.indices, largest.indices[..., 0])
     return labels, counted | by_norm
 

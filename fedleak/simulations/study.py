@@ -265,7 +265,11 @@ def _last_trained(leakage: pd.DataFrame, up_to: int) -> dict[str, int]:
     """attack -> the last round up to `up_to` whose rows show it trained (a learned attack's
     inverter, saved in that round)."""
     rounds: dict[str, int] = {}
-    kept = leakage[leakage["round"] <= up_to]
+    # Parsed only where the key is: a long run holds a row per reconstructed sample.
+    kept = leakage[
+        (leakage["round"] <= up_to)
+        & leakage["diagnostics"].astype(str).str.contains("train_seconds", regex=False)
+    ]
     for attack, round_, text in zip(
         kept["attack"], kept["round"], kept["diagnostics"], strict=True
     ):

@@ -421,11 +421,10 @@ def load_sweep(
     combos = [{**cell, **point} for cell in (explicit or [{}]) for point in points]
     planned: list[Cell] = []
     seen: dict[tuple[tuple[str, Any], ...], int] = {}
-    given = {canonical_key(key): value for key, value in extra.items()}  # either spelling
     for index, combo in enumerate(combos):
         # A --set on a key the cell sets wins, and the cell's id and record say so: a cell
         # labelled with the value it did not run would mislabel its rows.
-        overrides = {key: given.get(canonical_key(key), value) for key, value in combo.items()}
+        overrides = {key: extra.get(key, value) for key, value in combo.items()}
         label = f"cell {index} ({', '.join(f'{k}={v!r}' for k, v in overrides.items())})"
         try:
             config = parse_flat({**overrides, **extra}, base)
