@@ -339,6 +339,18 @@ def test_strongest_is_marked_only_between_separate_intervals() -> None:
     assert strongest(apart, psnr, lambda _: behind) == "ig"
 
 
+def test_strongest_is_not_marked_on_medians_of_too_few_samples() -> None:
+    """One sample each is a point 'interval': any two differ, and one was bolded (audit EC5).
+    Below 6 samples the range covers less than 95%."""
+    psnr = Metric("psnr", "PSNR", True, 2)
+    single = {"ig": median_interval([30.0]), "dlg": median_interval([10.0])}
+    assert strongest(single, psnr) is None
+    five = {"ig": median_interval(np.arange(30.0, 35.0)), "dlg": median_interval(np.arange(5.0))}
+    assert strongest(five, psnr) is None
+    six = {"ig": median_interval(np.arange(30.0, 36.0)), "dlg": median_interval(np.arange(6.0))}
+    assert strongest(six, psnr) == "ig"
+
+
 def test_run_tables_match_the_parquet(run_report: Path) -> None:
     leakage = pd.read_parquet(run_report / "leakage.parquet")
     ok = leakage[leakage["status"] == "ok"]

@@ -76,6 +76,23 @@ def test_a_leader_whose_interval_overlaps_the_next_attacks_is_said_not_told_apar
     )
 
 
+def test_a_leader_of_too_few_samples_is_not_told_apart_by_its_point_medians() -> None:
+    """Two samples each: the medians' 'intervals' are the ranges, of 50% coverage; disjoint
+    ranges were read as a lead (audit EC5)."""
+    few = dataclasses.replace(
+        _summary("ig", 2, 30.0, 0.05, n=2), lpips=Median(0.05, 0.04, 0.06, 2, 0.5)
+    )
+    other = dataclasses.replace(
+        _summary("dlg", 0, 9.0, 0.6, n=2), lpips=Median(0.6, 0.55, 0.65, 2, 0.5)
+    )
+    floor = _summary("aux-mean", 0, 12.0, 0.7, n=2)
+    setting = SettingVerdict("", "none", (few, other), floor, 0.1, 0.4, (1,))
+    assert _setting_sentence(setting, None).startswith(
+        "Without a defense, ig leaks most (closest by median LPIPS, not told apart from dlg: "
+        "fewer than 6 samples give no 95% interval): it reconstructed"
+    )
+
+
 def test_without_lpips_psnr_ranks_and_success_breaks_ties() -> None:
     a = _summary("a", 10, 20.0, math.nan)
     b = _summary("b", 12, 25.0, math.nan)

@@ -50,6 +50,9 @@ SUCCESS_FRACTION = 0.7
 # was never checked, so with VGG's alone success is left undecided.
 SUCCESS_LPIPS = {"lpips_alex": 0.35}
 LABEL_FREE_FLOOR = "aux-mean"
+# Below this many values a median's interval is the values' range, of less than 95% coverage
+# (at one value, a point): two such medians are not told apart by their intervals.
+FEWEST_FOR_INTERVAL = 6
 
 
 @dataclass(frozen=True)
@@ -63,8 +66,14 @@ class Median:
     coverage: float
 
     def overlaps(self, other: Median) -> bool:
-        """Whether the two intervals share a point (no 'strongest' claim between them)."""
+        """Whether the two intervals share a point."""
         return not (self.high < other.low or other.high < self.low)
+
+    def told_apart(self, other: Median) -> bool:
+        """Whether both intervals reach 95% coverage and share no point: only then may one
+        median be called larger (two single values differ in every run, audit EC5)."""
+        fewest = min(self.n, other.n)
+        return fewest >= FEWEST_FOR_INTERVAL and not self.overlaps(other)
 
     def text(self, digits: int) -> str:
         """`12.34 [11.02, 13.50]`, the value alone for n = 1, `–` without data."""
@@ -90,8 +99,12 @@ class Rate:
         return self.k / self.n if self.n else math.nan
 
     def overlaps(self, other: Rate) -> bool:
-        """Whether the two intervals share a point (no 'strongest' claim between them)."""
+        """Whether the two intervals share a point."""
         return not (self.high < other.low or other.high < self.low)
+
+    def told_apart(self, other: Rate) -> bool:
+        """Whether the two exact intervals share no point (they keep 95% at any n)."""
+        return min(self.n, other.n) > 0 and not self.overlaps(other)
 
     def percent(self) -> str:
         """`75%`; `<1%` and `>99%` where rounding would read as none or all (1/320 is not

@@ -5,7 +5,8 @@ Leakage cells show the median with its order-statistic 95% interval and n (`stat
 appears only where it is meaningful (LPIPS and token accuracy, bounded; not dB or MSE, where
 exact reconstructions dominate any mean). Reference baselines (aux-mean) are the
 floor: listed last, labelled, never marked strongest. Within a column the strongest attack is
-bold only when its interval overlaps no other attack's and its median beats every floor's.
+bold only when its 95% interval (6 samples or more) overlaps no other attack's and its median
+beats every floor's.
 """
 
 from __future__ import annotations
@@ -207,7 +208,8 @@ def strongest(
     metric: Metric,
     floors: Callable[[str], Mapping[str, Median | Rate]] | None = None,
 ) -> str | None:
-    """The attack whose median leaks most, if its interval overlaps no other attack's and its
+    """The attack whose median leaks most, if it is told apart from every other attack's
+    (`Median.told_apart`: disjoint 95% intervals) and its
     median leaks more than every floor's (an attack behind a floor leaks nothing to mark).
     `floors(attack)`: each floor's summary on the samples that attack scored, so that an
     attack whose failed runs left it the easier samples is not ranked above a floor that
@@ -217,7 +219,7 @@ def strongest(
         return None
     pick = max if metric.higher_is_better else min
     best = pick(present, key=lambda a: present[a].value)
-    if any(present[best].overlaps(m) for a, m in present.items() if a != best):
+    if not all(present[best].told_apart(m) for a, m in present.items() if a != best):  # type: ignore[arg-type]
         return None
     for floor in (floors(best) if floors else {}).values():
         if floor.n > 0 and pick(present[best].value, floor.value) == floor.value:
@@ -307,10 +309,10 @@ def leakage_table(
 def _caption_tail(grouped: bool) -> str:
     return (
         "; bold: the attack that leaks most against that defense"
-        f"{' within its group' if grouped else ''}, only where its interval overlaps no other "
-        "attack's and its median leaks more than the floor's; the floor (reference baseline) is "
-        f"never ranked; {NOT_CONVERGED}: the cell "
-        "holds attack runs that did not converge."
+        f"{' within its group' if grouped else ''}, only where its 95% interval overlaps no "
+        "other attack's (6 samples or more each) and its median leaks more than the floor's; "
+        f"the floor (reference baseline) is never ranked; {NOT_CONVERGED}: the cell holds "
+        "attack runs that did not converge."
     )
 
 

@@ -15,7 +15,7 @@ import pandas as pd
 from fedleak.lines import listed
 from fedleak.report.collect import RunRecord, Study
 from fedleak.report.plots import setting_label
-from fedleak.report.stats import Median, Rate
+from fedleak.report.stats import FEWEST_FOR_INTERVAL, Median, Rate
 from fedleak.report.tables import (
     SettingSummary,
     client_failures,
@@ -341,16 +341,25 @@ def _ranked_measure(s: SettingSummary) -> Median | Rate:
     return s.psnr if s.psnr.n else s.success
 
 
-def _not_told_apart(leader: SettingSummary, others: tuple[SettingSummary, ...]) -> list[str]:
-    """The other attacks whose interval on the leader's measure overlaps the leader's: the
-    order between them is a point estimate's (or, on equal values, the names')."""
+def _not_told_apart(
+    leader: SettingSummary, others: tuple[SettingSummary, ...]
+) -> tuple[list[str], str]:
+    """The other attacks the leader's measure does not tell apart from it (overlapping 95%
+    intervals, or too few samples for one): the order between them is a point estimate's (or,
+    on equal values, the names'), and why, in a phrase."""
     measure = _ranked_measure(leader)
-    out = []
+    out, reasons = [], set()
     for other in others:
         theirs = _ranked_measure(other)
-        if type(theirs) is type(measure) and theirs.n and measure.overlaps(theirs):  # type: ignore[arg-type]
+        if type(theirs) is type(measure) and theirs.n and not measure.told_apart(theirs):  # type: ignore[arg-type]
             out.append(other.attack)
-    return out
+            few = isinstance(measure, Median) and min(measure.n, theirs.n) < FEWEST_FOR_INTERVAL
+            reasons.add("few" if few else "overlap")
+    if reasons == {"few"}:
+        return out, f"fewer than {FEWEST_FOR_INTERVAL} samples give no 95% interval"
+    if reasons == {"few", "overlap"}:
+        return out, f"95% intervals overlap, or fewer than {FEWEST_FOR_INTERVAL} samples give none"
+    return out, "their 95% intervals overlap"
 
 
 def _accuracy(value: float) -> str:
@@ -395,12 +404,9 @@ def _setting_sentence(v: SettingVerdict, baseline: SettingVerdict | None) -> str
         nothing_learned = _at_floor(leader, v)  # False without a floor
         # By what measure the leader leads, said wherever there are others to lead.
         ranked = f" ({_ranked_by(leader)})" if len(v.attacks) > 1 else ""
-        alike = _not_told_apart(leader, v.attacks[1:])
+        alike, why = _not_told_apart(leader, v.attacks[1:])
         if alike:
-            ranked = (
-                f" ({_ranked_by(leader)}, not told apart from {', '.join(alike)}: their "
-                "95% intervals overlap)"
-            )
+            ranked = f" ({_ranked_by(leader)}, not told apart from {', '.join(alike)}: {why})"
         if floor is not None and nothing_learned:
             # Naming a leader would read as a leak where the update taught no attack anything.
             text = (
@@ -517,9 +523,6 @@ def verdict(study: Study) -> str:
 
 
 _RANKED_BY = {"token_acc": "median token accuracy", "lpips": "median LPIPS", "psnr": "median PSNR"}
-# Below this many samples a median's interval is the samples' range, of less than 95% coverage
-# (at one sample, a point): such settings are not told apart by it.
-_FEWEST_FOR_INTERVAL = 6
 
 
 def _ranking_measure(ranked: list[SettingVerdict]) -> str:
@@ -528,10 +531,6 @@ def _ranking_measure(ranked: list[SettingVerdict]) -> str:
     first = ranked[0].leader
     assert first is not None
     return "token_acc" if first.tokens else ("lpips" if first.lpips.n else "psnr")
-
-
-def _told_apart(one: Median, other: Median) -> bool:
-    return min(one.n, other.n) >= _FEWEST_FOR_INTERVAL and not one.overlaps(other)
 
 
 def _untold(ranked: list[SettingVerdict]) -> str:
@@ -547,14 +546,14 @@ def _untold(ranked: list[SettingVerdict]) -> str:
         if not mine.n:
             missing.append(name)
             continue
-        tied = sum(not _told_apart(mine, getattr(v.leader, measure)) for v in others)
+        tied = sum(not mine.told_apart(getattr(v.leader, measure)) for v in others)
         if tied:
             ties.append(f"the {name} is not told apart from {tied} other setting{'s' * (tied > 1)}")
     told = ""
     if ties:
         told += (
             f"; {' and '.join(ties)} (overlapping 95% intervals, or fewer than "
-            f"{_FEWEST_FOR_INTERVAL} samples)"
+            f"{FEWEST_FOR_INTERVAL} samples)"
         )
     if missing:
         what = _RANKED_BY[measure].removeprefix("median ")
