@@ -207,6 +207,18 @@ CASES = [
         (*CHECK, "--set", "attack.names=aux-mean,lti", "--set", "attack.lti.hidden=99999999999"),
         "attack.lti.hidden=99999999999: expected a non-empty list of whole numbers in [1, 100000]",
     ),
+    # Each width in range, 40 GB of weights between the two (audit DU).
+    Case(
+        "inverter-layers-wide-together",
+        (*CHECK, "--set", "attack.names=aux-mean,lti", "--set", "attack.lti.hidden=100000,100000"),
+        "attack.lti.hidden='100000,100000': expected a non-empty list of whole numbers in "
+        "[1, 100000], neighbours' product at most 409,600,000",
+    ),
+    Case(
+        "text-inverter-layers-wide-together",
+        ("check", "text-quickstart", "--set", "attack.lti-text.hidden=30000,30000"),
+        "attack.lti-text.hidden='30000,30000': expected a non-empty list of whole numbers",
+    ),
     # The attacked rounds are a set: 1e12 rounds ran validation out of memory (audit DO3).
     Case(
         "rounds-huge",

@@ -6,6 +6,7 @@ Every field is a setting (`fedleak.settings`): `attack.lti.<key>` in a run (with
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -15,6 +16,19 @@ from fedleak.settings import ConfigError, Settings, parse_settings, setting
 
 # The widest hidden layer an inverter may have (a 4,096-feature input: 1.6 GB of weights).
 MAX_HIDDEN = 100_000
+# The most weights between two hidden layers, the widest layer's from a 4,096-feature input:
+# two layers of 100,000 passed and would allocate 40 GB in round 1.
+MAX_HIDDEN_PRODUCT = MAX_HIDDEN * 4096
+HIDDEN_ALLOWED = (
+    f"a non-empty list of whole numbers in [1, {MAX_HIDDEN}], neighbours' product at most "
+    f"{MAX_HIDDEN_PRODUCT:,}"
+)
+
+
+def hidden_fits(widths: tuple[int, ...]) -> bool:
+    """A non-empty list of hidden widths whose weights between neighbours stay in bounds."""
+    return bool(widths) and all(a * b <= MAX_HIDDEN_PRODUCT for a, b in itertools.pairwise(widths))
+
 
 Refresh = Literal["retrain", "finetune", "frozen"]
 
@@ -61,8 +75,8 @@ class LTIConfig(Settings):
         # A width of 1e11 passed and failed the run in round 1 allocating its weights (audit
         # DO8); the paper's are 3,000 or fewer.
         high=MAX_HIDDEN,
-        check=bool,
-        allowed=f"a non-empty list of whole numbers in [1, {MAX_HIDDEN}] (e.g. 3000,3000)",
+        check=hidden_fits,
+        allowed=f"{HIDDEN_ALLOWED} (e.g. 3000,3000)",
         doc="hidden layer sizes of the inverter MLP",
     )
     activation: str = setting("relu", choices=ACTIVATIONS, doc="hidden activation")

@@ -32,10 +32,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedleak.attacks.learned.config import (
+    HIDDEN_ALLOWED,
     MAX_HIDDEN,
     Refresh,
     check_aux_size,
     finetune_epochs_setting,
+    hidden_fits,
 )
 from fedleak.attacks.learned.inverter import ACTIVATIONS, best_assignment
 from fedleak.attacks.learned.keeper import InverterKeeper, LearnedSetup, Refreshed, learned_setup
@@ -79,8 +81,8 @@ class TextLTIConfig(Settings):
         # A width of 1e11 passed and failed the run in round 1 allocating its weights (audit
         # DO8); the paper's are 3,000 or fewer.
         high=MAX_HIDDEN,
-        check=bool,
-        allowed=f"a non-empty list of whole numbers in [1, {MAX_HIDDEN}] (e.g. 600,1000)",
+        check=hidden_fits,
+        allowed=f"{HIDDEN_ALLOWED} (e.g. 600,1000)",
         doc="hidden layer sizes of the inverter MLP",
     )
     activation: str = setting("relu", choices=ACTIVATIONS, doc="hidden activation")
