@@ -141,8 +141,13 @@ def test_any_string_parses_or_raises_one_line_spec_error(spec: str) -> None:
         ("dpsgd:0:1", "C=0.0 must be a finite number > 0"),
         ("dpsgd:1:-1", "Z=-1.0 must be a finite number >= 0"),
         # Noise beyond float32's range made every update infinite at run time (audit BQ4).
-        ("gauss:1e39", "SIGMA=1e+39 must be at most 3.403e+38 (float32's largest number"),
-        ("dpsgd:1e20:1e20", "C x Z = 1e+40 must be at most 3.403e+38"),
+        ("gauss:1e39", "SIGMA=1e+39 must be at most 2.127e+37 (float32's largest number"),
+        ("dpsgd:1e20:1e20", "C x Z = 1e+40 must be at most 2.127e+37"),
+        # Within float32's range, yet a draw of a few standard deviations overflowed (EF4).
+        ("gauss:5e37", "SIGMA=5e+37 must be at most 2.127e+37 (float32's largest number over 16"),
+        # 1e-50 is 0 in float32: every update was zero, the run trained nothing (audit EF4).
+        ("dpsgd:1e-50:1", "C=1e-50 must be at least 1.175e-38 (float32's smallest normal"),
+        ("dpsgd:1e-40:1", "C=1e-40 must be at least 1.175e-38"),
         ("mixup:1", "K=1 must be an integer >= 2"),
         ("mixup:2.5", "K='2.5' is not a whole number"),
         ("instahide:4:outer", "mode 'outer' must be intra or inter"),
@@ -708,13 +713,13 @@ def test_a_plugin_defense_broken_on_per_sample_updates_only_is_refused_before_a_
 
 
 def test_noise_that_overflows_says_why_not_that_a_plugin_broke_its_contract() -> None:
-    """gauss:1e38 is within float32's range but overflows once added: the failure blamed a
-    plugin's contract on a built-in defense (audit BT D3)."""
+    """Noise within float32's range overflows once added to an update near its largest
+    number: the failure blamed a plugin's contract on a built-in defense (audit BT D3)."""
     from fedleak.defenses import DefenseOutputError
 
-    update = {"0.weight": torch.full((64, 64), 1e38)}
+    update = {"0.weight": torch.full((64, 64), 3.3e38)}
     with pytest.raises(DefenseOutputError) as error:
-        parse_defense_spec("gauss:1e38").share(update, 1, torch.Generator().manual_seed(0))
+        parse_defense_spec("gauss:2e37").share(update, 1, torch.Generator().manual_seed(0))
     message = str(error.value)
-    assert message.startswith("defense 'gauss:1e38' turned the finite '0.weight' into NaN")
+    assert message.startswith("defense 'gauss:2e37' turned the finite '0.weight' into NaN")
     assert "updates are float32" in message and "a defense returns every tensor" not in message

@@ -32,8 +32,13 @@ def add_gaussian(
     }
 
 
-# Updates are float32: a noise scale above its largest number makes every coordinate infinite.
-LARGEST_SCALE = float(torch.finfo(torch.float32).max)
+# Updates are float32. Normal draws reach several standard deviations, so a scale within a
+# few orders of float32's largest number made some coordinates infinite and failed the round
+# (5e37 did, audit EF4); at this bound a draw would need 16 of them.
+LARGEST_SCALE = float(torch.finfo(torch.float32).max) / 16
+# float32's smallest normal number: a clip norm below it is 0 or a subnormal in float32, which
+# zeroed every update (the run trained nothing and reported ε) or divided 0 by 0.
+SMALLEST_CLIP = float(torch.finfo(torch.float32).tiny)
 
 
 def _finite(value: object) -> bool:
@@ -56,7 +61,7 @@ class GaussianNoise:
         if self.sigma > LARGEST_SCALE:
             raise DefenseSpecError(
                 f"gauss: SIGMA={self.sigma:g} must be at most {LARGEST_SCALE:.4g} (float32's "
-                "largest number: a larger one makes every shared update infinite)"
+                "largest number over 16: a larger one makes shared updates infinite)"
             )
 
     @property
@@ -106,6 +111,11 @@ class DPSGD:
     def __post_init__(self) -> None:
         if not (_finite(self.clip_norm) and self.clip_norm > 0):
             raise DefenseSpecError(f"dpsgd: C={self.clip_norm!r} must be a finite number > 0")
+        if self.clip_norm < SMALLEST_CLIP:
+            raise DefenseSpecError(
+                f"dpsgd: C={self.clip_norm:g} must be at least {SMALLEST_CLIP:.4g} (float32's "
+                "smallest normal number: a smaller clip norm zeroes every update)"
+            )
         if not (_finite(self.noise_multiplier) and self.noise_multiplier >= 0):
             raise DefenseSpecError(
                 f"dpsgd: Z={self.noise_multiplier!r} must be a finite number >= 0"
@@ -113,8 +123,8 @@ class DPSGD:
         if self.clip_norm * self.noise_multiplier > LARGEST_SCALE:
             raise DefenseSpecError(
                 f"dpsgd: C x Z = {self.clip_norm * self.noise_multiplier:g} must be at most "
-                f"{LARGEST_SCALE:.4g} (float32's largest number: a larger noise scale makes "
-                "every shared update infinite)"
+                f"{LARGEST_SCALE:.4g} (float32's largest number over 16: a larger noise scale "
+                "makes shared updates infinite)"
             )
 
     @property
