@@ -355,6 +355,23 @@ def test_a_batchnorm_prior_with_no_batchnorm_to_match_is_named_in_a_warning(
     assert "BatchNorm prior" not in capsys.readouterr().err
 
 
+def test_a_public_pool_no_encoding_mixes_from_is_named_in_a_warning(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The pool shrank every client's data though no encoding mixed from it (audit EF3)."""
+    from fedleak.simulations.cli import main
+
+    pool = ("--num-clients", "3", "--set", "data.public-size=100")
+    assert main(["check", "quickstart", *pool, "--set", "defense.spec=instahide:4"]) == 0
+    assert (
+        "fedleak: warning: data.public-size=100: only instahide:K:inter mixes public images, "
+        "yet the pool is held out of the clients' data, so each client holds fewer examples; "
+        "set data.public-size=0"
+    ) in capsys.readouterr().err
+    assert main(["check", "quickstart", *pool, "--set", "defense.spec=instahide:4:inter"]) == 0
+    assert "data.public-size" not in capsys.readouterr().err
+
+
 def test_settings_a_run_never_reads_are_named_in_a_warning() -> None:
     """Batch statistics on a model without BatchNorm, a δ without DP and a tokenizer on image
     data were accepted without a word (audit DO6)."""

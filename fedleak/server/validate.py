@@ -513,6 +513,19 @@ def ineffective_settings(config: RunConfig, fd: FederatedData) -> str | None:
     return f"{'; '.join(unused)}: no effect in this run" if unused else None
 
 
+def unused_public_pool(config: RunConfig) -> str | None:
+    """A warning for a public pool no encoding mixes from: it is held out of the clients' data
+    all the same, so their partitions shrink without a word (audit EF3)."""
+    encoder = parse_defense_spec(config.defense.spec).encoder
+    if config.data.public_size == 0 or (isinstance(encoder, InstaHide) and encoder.inter):
+        return None
+    return (
+        f"data.public-size={config.data.public_size}: only instahide:K:inter mixes public "
+        "images, yet the pool is held out of the clients' data, so each client holds fewer "
+        "examples; set data.public-size=0"
+    )
+
+
 def unused_batchnorm_prior(config: RunConfig, fd: FederatedData) -> str | None:
     """A warning for attacks whose BatchNorm prior is on by default (gradinversion,
     stepwise) on a model without BatchNorm: they run without it, which their name hides

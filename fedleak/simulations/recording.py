@@ -35,7 +35,11 @@ from fedleak.report.texts import save_token_pairs
 from fedleak.server.privacy import PrivacyLedger
 from fedleak.server.provenance import attack_settings, plugin_sources
 from fedleak.server.rounds import RoundLog, Row, ScoredJob
-from fedleak.server.validate import ineffective_settings, unused_batchnorm_prior
+from fedleak.server.validate import (
+    ineffective_settings,
+    unused_batchnorm_prior,
+    unused_public_pool,
+)
 
 
 def default_run_dir(config: RunConfig, root: Path | None = None) -> Path:
@@ -79,13 +83,15 @@ def setup_warnings(config: RunConfig, fd: FederatedData) -> list[str]:
     """What a run warns about before its first round, and `fedleak check` with it: LPIPS
     weights it cannot load, a BPE vocabulary short of `data.vocab-size`, a tokenizer that
     turns much of the text into its unknown token, DP-SGD without a reported ε, a BatchNorm
-    prior with no BatchNorm to match."""
+    prior with no BatchNorm to match, settings the run never reads or a public pool it never
+    mixes from."""
     tokenizer = getattr(fd.dataset, "tokenizer", None)
     warnings = [
         lpips_warning(scored_lpips_nets(config)),
         PrivacyLedger.from_config(config, fd).warning,
         unused_batchnorm_prior(config, fd),
         ineffective_settings(config, fd),
+        unused_public_pool(config),
         tokenizer.shortfall(config.data.vocab_size) if tokenizer is not None else None,
         tokenizer.unknown_warning(fd.dataset.train_x) if tokenizer is not None else None,
     ]
