@@ -320,3 +320,22 @@ def test_the_report_says_why_a_dpsgd_run_shows_no_epsilon(tmp_path: Path) -> Non
     assert "mixup:2 mixes each private image" in reason
     report = (tmp_path / "run" / "report.md").read_text()
     assert f"No ε for mixup:2+dpsgd:1:1: {reason}." in report
+
+
+def test_gauss_noise_after_dpsgd_is_said_not_to_count_in_epsilon() -> None:
+    """`dpsgd:1:0+gauss:S` reported ε = inf (as clipping without noise) beside a noised
+    release, without a word (audit EF2): a run now says that the noise is not counted."""
+    from fedleak.server.privacy import uncounted_noise
+
+    def warning(spec: str) -> str | None:
+        return uncounted_noise(parse_flat({"defense.spec": spec}))
+
+    assert warning("dpsgd:1:0+gauss:0.03") == (
+        "defense.spec='dpsgd:1:0+gauss:0.03': the gauss:0.03 noise is not counted in ε, which "
+        "is accounted at dpsgd's Z=0 alone (inf, as for clipping without noise); to have noise "
+        "counted, give it as dpsgd's Z"
+    )
+    assert "(an upper bound)" in warning("prune:0.5+gauss:0.1+dpsgd:1:1")
+    assert warning("dpsgd:1:1") is None
+    assert warning("gauss:0.1") is None  # no ε at all: the ledger says why
+    assert warning("dpsgd:1:1+gauss:0") is None

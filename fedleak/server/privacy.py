@@ -79,7 +79,8 @@ from flwr.serverapp import (
 
 from fedleak.config import RunConfig
 from fedleak.data import FederatedData
-from fedleak.defenses import DPSGD, InstaHide, MixUp, parse_defense_spec
+from fedleak.defenses import DPSGD, GaussianNoise, InstaHide, MixUp, parse_defense_spec
+from fedleak.defenses.grammar import format_number
 
 # How far one example added to the data moves a sum clipped to C, in units of C, when the
 # sample drawn from the data has a fixed size: the added example takes a drawn one's place.
@@ -226,6 +227,22 @@ class PrivacyLedger:
                 f"{self.sample_size} (the examples one accounted release draws)"
             )
         return size
+
+
+def uncounted_noise(config: RunConfig) -> str | None:
+    """A warning where `gauss` noise follows `dpsgd`: ε is accounted at dpsgd's Z alone, so
+    it bounds the release from above, and `dpsgd:C:0+gauss:S` reads as inf though noised
+    (audit EF2). Counting it would need the noise per step and per release of each mode."""
+    pipeline = parse_defense_spec(config.defense.spec)
+    dp, gauss = pipeline.find(DPSGD), pipeline.find(GaussianNoise)
+    if dp is None or gauss is None or gauss.sigma == 0:
+        return None
+    alone = "inf, as for clipping without noise" if dp.noise_multiplier == 0 else "an upper bound"
+    return (
+        f"defense.spec={config.defense.spec!r}: the {gauss.spec} noise is not counted in ε, "
+        f"which is accounted at dpsgd's Z={format_number(dp.noise_multiplier)} alone ({alone}); "
+        "to have noise counted, give it as dpsgd's Z"
+    )
 
 
 def central_epsilon(

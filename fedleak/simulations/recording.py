@@ -32,7 +32,7 @@ from fedleak.metrics.lpips import lpips_status, lpips_warning
 from fedleak.report.progress import Progress
 from fedleak.report.rundir import ATTACK_SETTINGS_KEY, Accounting, RunDirectory, console_line
 from fedleak.report.texts import save_token_pairs
-from fedleak.server.privacy import PrivacyLedger
+from fedleak.server.privacy import PrivacyLedger, uncounted_noise
 from fedleak.server.provenance import attack_settings, plugin_sources
 from fedleak.server.rounds import RoundLog, Row, ScoredJob
 from fedleak.server.validate import (
@@ -89,6 +89,7 @@ def setup_warnings(config: RunConfig, fd: FederatedData) -> list[str]:
     warnings = [
         lpips_warning(scored_lpips_nets(config)),
         PrivacyLedger.from_config(config, fd).warning,
+        uncounted_noise(config),
         unused_batchnorm_prior(config, fd),
         ineffective_settings(config, fd),
         unused_public_pool(config),
