@@ -666,3 +666,16 @@ def test_dlg_matches_a_clipped_update_only_when_it_clips_its_dummy(mnist):
     clipped, unclipped = mean_psnr(adaptive, data[0]), mean_psnr(plain, data[0])
     assert clipped > baseline_psnr(observation, knowledge, data[0]) + 3
     assert clipped > unclipped + 10  # measured 26.2 against 5.3 dB (floor 10.3)
+
+
+def test_convergence_is_not_judged_on_a_sign_hinge(mnist):
+    """The hinge fell tenfold within 10 iterations while IG's guesses were still noise, below
+    the aux-mean floor, and the rows read as fitted (audit EG1): left undecided, as TAG's."""
+    observation, knowledge = observe(mnist, "sign")
+    hinge = run("ig", observation, knowledge, 10)
+    assert "matching=sign-hinge" in hinge.message
+    assert "convergence not judged" in hinge.message
+    assert hinge.loss_start is None and hinge.loss_final is None
+    cosine = run("ig", observation, knowledge, 10, {"adaptive": False})
+    assert "convergence not judged" not in cosine.message
+    assert cosine.loss_start is not None and cosine.loss_final is not None

@@ -108,7 +108,8 @@ def converged(loss_start: float, loss_final: float) -> float:
     under gauss:0.1 0.6, gauss:1.0 and dpsgd:1:1 0.9 to 0.95. A row that did not converge did
     not fit the update: its poor reconstruction tells of a budget that ran out or of an update
     the attack could not match (noise sets a floor under the loss), not of an attack that
-    matched the update and still found the wrong image.
+    matched the update and still found the wrong image. Sign hinges fall tenfold before the
+    guess fits, so attacks matching one record no losses (`MatchingLoss.judges_fit`).
     """
     if math.isnan(loss_start) or math.isnan(loss_final):
         return math.nan

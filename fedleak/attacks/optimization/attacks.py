@@ -540,7 +540,11 @@ def _finish(
     else:
         logits = outcome.variables[1].reshape(r, n, b, -1)[best, pick]
         labels = logits.argmax(dim=-1).reshape(-1)
-    message = f"matching={problem.matching.name}; stopped by {outcome.stopped_by}" + lost.note()
+    message = f"matching={problem.matching.name}; stopped by {outcome.stopped_by}"
+    judged = problem.matching.judges_fit
+    if not judged:
+        message += "; convergence not judged (a sign hinge's fall does not mark a fit)"
+    message += lost.note()
     finite = matching[torch.isfinite(matching)]
     diagnostics: dict[str, float | str] = {
         "matching_loss": float(finite.mean()) if finite.numel() else math.nan,
@@ -559,8 +563,8 @@ def _finish(
         message=message,
         diagnostics=diagnostics,
         # Each of a target's b samples carries its problem's matching losses.
-        loss_start=initial.repeat_interleave(b).detach().cpu(),
-        loss_final=matching.repeat_interleave(b).detach().cpu(),
+        loss_start=initial.repeat_interleave(b).detach().cpu() if judged else None,
+        loss_final=matching.repeat_interleave(b).detach().cpu() if judged else None,
     )
 
 

@@ -203,6 +203,13 @@ class MatchingLoss:
         """A label for reports, e.g. `cosine+mask`, `l2+clip`."""
         return self.kind + ("+mask" if self.masked else "") + ("+clip" if self.clip > 0 else "")
 
+    @property
+    def judges_fit(self) -> bool:
+        """Whether a tenfold fall of this loss says the dummy fits the update. Not the sign
+        hinge's: IG's fell 12- to 32-fold in 10 iterations on MNIST under sign, at 6 dB
+        against the aux-mean floor's 12 (audit EG1), so `converged` is left undecided."""
+        return self.kind != "sign-hinge"
+
     def __call__(
         self, dummy: Updates, target: Updates, per_sample: Updates | None = None
     ) -> Tensor:
