@@ -306,11 +306,14 @@ def leakage_table(
     return Table(columns=(*header, *columns), rows=tuple(body), caption=caption)
 
 
-def _caption_tail(grouped: bool) -> str:
+def _caption_tail(grouped: bool, share: bool) -> str:
+    # An exact binomial interval keeps 95% at any n; a median's needs 6 samples (`told_apart`).
+    enough = "" if share else " (6 samples or more each)"
+    value = "share" if share else "median"
     return (
         "; bold: the attack that leaks most against that defense"
         f"{' within its group' if grouped else ''}, only where its 95% interval overlaps no "
-        "other attack's (6 samples or more each) and its median leaks more than the floor's; "
+        f"other attack's{enough} and its {value} leaks more than the floor's; "
         f"the floor (reference baseline) is never ranked; {NOT_CONVERGED}: the cell holds "
         "attack runs that did not converge."
     )
@@ -338,7 +341,7 @@ def leakage_tables(study: Study) -> list[tuple[Metric, str, Table]]:
                 target = ENCODED_LABELS
             caption = (
                 f"{metric.label} ({direction[metric.higher_is_better]}), "
-                f"{target}. {note}{_caption_tail(groups != [''])}"
+                f"{target}. {note}{_caption_tail(groups != [''], metric.share)}"
             )
             if labels and not encodings:
                 caption += label_chance_note(study, rows)
