@@ -450,3 +450,39 @@ def test_a_deleted_working_directory_is_one_line(tmp_path: Path) -> None:
     assert done.stderr.strip().splitlines()[-1] == (
         "fedleak: error: the working directory no longer exists; cd to one"
     )
+
+
+def test_two_runs_started_in_one_second_without_out_get_folders_of_their_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both named runs/<second>-quickstart: the one that locked it second was refused as
+    "in use by another fedleak run", though its user chose no folder (audit ED4)."""
+    from fedleak.report.lock import RunLock
+    from fedleak.simulations import launch
+
+    taken = tmp_path / "runs" / "20261207-103507-quickstart"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(launch, "default_run_dir", lambda config: taken)
+    used = []
+    monkeypatch.setattr(launch, "simulate", lambda config, *_, **__: used.append(config.out_dir))
+    # The other run, in another process: it made the folder and holds its lock.
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from fedleak.report.lock import RunLock; "
+            "RunLock(Path(sys.argv[1])).acquire(); print('held', flush=True); time.sleep(60)",
+            str(taken),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        assert RunLock(taken).holder() is not None
+        status = main(["run", "quickstart", "--num-clients", "3"])
+    finally:
+        holder.kill()
+        holder.wait()
+    assert used == [str(taken.with_name(taken.name + "-2"))]
+    assert status == 1  # the replaced simulation finished no round

@@ -45,7 +45,7 @@ from fedleak.server.pool import ray_init_args
 from fedleak.server.validate import check_seen_by_ray, validate_run
 from fedleak.settings import ConfigError
 from fedleak.simulations.apps import make_server_app
-from fedleak.simulations.recording import default_run_dir
+from fedleak.simulations.recording import claim_run_dir, default_run_dir
 from fedleak.simulations.study import RunFailed, check_resumable
 
 SERVER_THREAD_GRACE_SECONDS = 60.0  # a safe point comes within a poll or an attack iteration
@@ -113,7 +113,19 @@ def run_study(
     validate_run(config, num_clients, client_cpus, client_gpus)
     check_seen_by_ray(config)
     init_args = ray_init_args(config, client_cpus, client_gpus)
-    out = check_out_dir(config, num_clients, client_cpus)
+    made: list[Path] = []
+    if not config.out_dir:  # fedleak's own name: made now, so no other run takes it
+        default = default_run_dir(config)
+        made = [default.parent] if not default.parent.exists() else []
+        made.append(claim_run_dir(default))
+        config = dataclasses.replace(config, out_dir=str(made[-1]))
+    try:
+        out = check_out_dir(config, num_clients, client_cpus)
+    except BaseException:
+        for folder in reversed(made):  # a refused run leaves nothing behind
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
     config = dataclasses.replace(config, out_dir=str(out))
     resume = None if resume_command is None else resume_command(out)
     with RunLock(out), _stop_on_first_signal(resume):

@@ -30,7 +30,13 @@ from fedleak.data.content import data_fingerprint
 from fedleak.data.registry import dataset_modality
 from fedleak.metrics.lpips import lpips_status, lpips_warning
 from fedleak.report.progress import Progress
-from fedleak.report.rundir import ATTACK_SETTINGS_KEY, Accounting, RunDirectory, console_line
+from fedleak.report.rundir import (
+    ATTACK_SETTINGS_KEY,
+    Accounting,
+    RunDirectory,
+    RunDirectoryError,
+    console_line,
+)
 from fedleak.report.texts import save_token_pairs
 from fedleak.server.privacy import PrivacyLedger, uncounted_noise
 from fedleak.server.provenance import attack_settings, plugin_sources
@@ -53,6 +59,24 @@ def default_run_dir(config: RunConfig, root: Path | None = None) -> Path:
     if path.parent != runs:
         raise ConfigError(f"name={config.name!r}: expected one folder name inside {runs}")
     return path
+
+
+def claim_run_dir(path: Path) -> Path:
+    """`path`, made here, or where another process made it first (two runs started in the same
+    second name the same `default_run_dir`, and one was refused as in use, audit ED4) the first
+    of `path-2`, `path-3`, ... that this process makes."""
+    candidate, attempt = path, 1
+    while True:
+        try:
+            candidate.mkdir(parents=True)
+            return candidate
+        except FileExistsError:
+            attempt += 1
+            candidate = path.with_name(f"{path.name}-{attempt}")
+        except OSError as error:
+            raise RunDirectoryError(
+                f"{candidate}: cannot be created ({error.strerror}); choose an out-dir"
+            ) from None
 
 
 def data_record(fd: FederatedData) -> dict[str, object]:
