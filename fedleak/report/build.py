@@ -24,6 +24,7 @@ from fedleak.report.document import (
 )
 from fedleak.report.document import Cell as TableCell
 from fedleak.report.gallery import gallery_figure, ranked, run_samples
+from fedleak.report.lock import RunLock
 from fedleak.report.plots import frontier_figure, rounds_figure, setting_label
 from fedleak.report.rundir import (
     ATTACK_SETTINGS_KEY,
@@ -608,6 +609,14 @@ def rebuild_reports(path: Path) -> list[Path]:
             discard_report(Path(path))
         raise
     paths = [*(run.path for run in study.runs if study.kind == "sweep"), Path(path)]
+    for folder in paths[:-1]:
+        # A cell a resumed run is writing read "stopped after round 111 of 200" (audit ED3).
+        holder = RunLock(folder).holder()
+        if holder is not None:
+            raise RunDirectoryError(
+                f"{folder}: a fedleak run is still writing this cell ({holder}); rebuild the "
+                "sweep's report when it ends"
+            )
     for existing in (folder / name for folder in paths for name in (HTML_FILE, MARKDOWN_FILE)):
         _check_ours(existing)  # refused before anything is written
     built = []
