@@ -177,6 +177,15 @@ CASES = [
         setup=_write("shared/lti-inverter-r000003.pt", b"saved"),
         keeps=("shared/lti-inverter-r000003.pt",),
     ),
+    # Inside a running run's folder, before it saved there: both runs wrote one folder, and
+    # that run's resume went on from this one's inverter (audit ED1).
+    Case(
+        "cache-dir-in-another-runs-folder",
+        (*RUN, "--set", "attack.names=lti", "--set", "attack.lti.cache-dir={tmp}/other/state/lti"),
+        "/other/state/lti' lies in ",
+        setup=_write("other/config.toml", b'name = "other"\n'),
+        keeps=("other/config.toml",),
+    ),
     Case("gpus-nan", (*RUN, "--client-gpus", "nan"), "client-gpus=nan: expected a number >= 0"),
     Case("clients-text", (*RUN, "--num-clients", "many"), "invalid int value: 'many'"),
     # Settings out of range or unsafe.

@@ -17,7 +17,12 @@ import torch
 from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp.strategy import FedAvg, Strategy
 
-from fedleak.attacks.learned.store import InverterStore, InverterStoreError, check_saved_inverters
+from fedleak.attacks.learned.store import (
+    RUN_CONFIG_FILE,
+    InverterStore,
+    InverterStoreError,
+    check_saved_inverters,
+)
 from fedleak.attacks.registry import attack_entry, build_attack
 from fedleak.attacks.types import AttackerKnowledge, Budget, is_reference
 from fedleak.config import ConfigError, RunConfig, attacked_rounds
@@ -127,8 +132,19 @@ def cache_dirs(config: RunConfig) -> dict[str, Path]:
 def check_fresh_caches(config: RunConfig) -> None:
     """A new run's chosen cache folders hold no inverter of its attacks: the attack would go
     on from another run's, trained on other settings, and the same configuration would no
-    longer give the same run (`ConfigError`, one line)."""
+    longer give the same run (`ConfigError`, one line). Nor does one lie in another run's
+    folder: both runs' inverters would share it, and that run resume from this one's (audit
+    ED1: a cache-dir in a running run's state/lti was taken before it saved there)."""
+    run = Path(config.out_dir).resolve() if config.out_dir else None
     for name, folder in cache_dirs(config).items():
+        where = folder.resolve()
+        owner = next((p for p in (where, *where.parents) if (p / RUN_CONFIG_FILE).is_file()), None)
+        if owner is not None and (run is None or not where.is_relative_to(run)):
+            raise ConfigError(
+                f"attack.{name}.cache-dir={str(folder)!r} lies in {owner}, another run's "
+                "folder, which keeps its own inverters there; expected a folder of this run's "
+                "or one outside every run's"
+            )
         saved = InverterStore(folder, name).saved()
         if saved:
             raise ConfigError(
