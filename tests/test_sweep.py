@@ -6,6 +6,7 @@ a tiny 2-cell sweep through the real Flower simulation (`run_study`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -900,6 +901,39 @@ def test_sigterm_to_a_sweep_stops_its_cells_as_ctrl_c_does(tmp_path: Path, paral
     while not all(ended(pid) for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert all(ended(pid) for pid in workers), [p for p in workers if not ended(p)]
+
+
+def test_a_parallel_sweeps_workers_end_when_it_is_killed(tmp_path: Path) -> None:
+    """After kill -9 of the sweep, its pool's processes ran their cells to the end and stayed
+    alive after; a rerun found every cell in use (audit ED2). They stop their cells as a
+    second Ctrl-C does and end."""
+    child, sweep_dir = _start_sweep(
+        tmp_path,
+        GRID.replace("num-clients = 2", "num-clients = 2\nparallel = 2"),
+        "waiting_runner",
+    )
+    workers: list[int] = []
+    try:
+        _started(sweep_dir, 2)
+        workers = [pid for pid in children(child.pid) if "spawn_main" in _command(pid)]
+        assert len(workers) == 2, workers
+        child.kill()
+        child.wait(timeout=10)
+        deadline = time.monotonic() + 20
+        while not all(ended(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert all(ended(pid) for pid in workers), [p for p in workers if not ended(p)]
+    finally:
+        for pid in workers:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _command(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
 
 
 def deaf_runner(config: RunConfig, path: Path) -> Path:

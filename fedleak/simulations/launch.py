@@ -275,7 +275,7 @@ def _finished(out: Path) -> int:
     return RunDirectory.open(out).finished_rounds() if (out / "config.toml").exists() else 0
 
 
-def _terminate_descendants() -> None:
+def terminate_descendants() -> None:
     """SIGTERM to every process this one started, Ray's included (its node processes and
     workers would otherwise wait a minute or more to notice that their driver is gone).
     Linux only: elsewhere there is no /proc to read the process tree from."""
@@ -336,7 +336,7 @@ def _stop_on_first_signal(resume: str | None = None) -> Iterator[None]:
             then = f"; resume with: {resume}" if resume else ""
             os.write(2, f"\nfedleak: stopped at once; finished rounds are kept{then}\n".encode())
             say_last_words()
-            _terminate_descendants()
+            terminate_descendants()
             os._exit(130)
         request_stop()
         first.append((signum, time.monotonic()))

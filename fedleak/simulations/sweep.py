@@ -587,6 +587,7 @@ def _run_cell(
     start = time.perf_counter()
     out = _LabelledLines(sys.stdout, label) if label else None
     err = _LabelledLines(sys.stderr, label) if label else None
+    _cell_running.set()
     try:
         with contextlib.ExitStack() as redirected:
             if out and err:
@@ -596,6 +597,7 @@ def _run_cell(
     except Exception as error:  # one cell's failure must not stop the others
         return "failed", error_line(error, MAX_LINE), time.perf_counter() - start
     finally:
+        _cell_running.clear()
         for lines in (out, err):
             if lines:
                 lines.close()
@@ -613,10 +615,40 @@ def _run_cell(
 def _start_worker() -> None:
     """A parallel sweep's worker process: between cells it ignores Ctrl-C, which would kill
     it and break the pool, ending the cells still running elsewhere abruptly (a cell's study
-    takes SIGINT over while it runs, `fedleak.simulations.launch`); and what its cells print
-    must not end them, as in the sweep's own process (`guard_worker_streams`)."""
+    takes SIGINT over while it runs, `fedleak.simulations.launch`); what its cells print
+    must not end them, as in the sweep's own process (`guard_worker_streams`); and it ends
+    with the sweep (`_end_with_the_sweep`)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     guard_worker_streams()
+    threading.Thread(target=_end_with_the_sweep, args=(os.getppid(),), daemon=True).start()
+
+
+# How often a worker looks for its sweep, and how long a running cell's study then has to stop.
+ORPHAN_POLL_SECONDS = 1.0
+ORPHAN_GRACE_SECONDS = 10.0
+_cell_running = threading.Event()  # set while a worker runs a cell
+
+
+def _end_with_the_sweep(sweep: int) -> None:
+    """A worker's watch over its sweep's process. Once that is gone (kill -9, the OOM
+    killer), no one collects the cells' results: workers ran their cells to the end, a rerun
+    found every cell "in use by another fedleak run", and they stayed alive after (audit
+    ED2). A running cell's study gets a second Ctrl-C, which stops it at once with its
+    finished rounds kept; the worker then ends, its own processes with it."""
+    while os.getppid() == sweep:
+        time.sleep(ORPHAN_POLL_SECONDS)
+    if _cell_running.is_set():
+        for _ in range(2):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)
+        # Outside its study the worker ignores SIGINT: the cell may need the grace to end.
+        deadline = time.monotonic() + ORPHAN_GRACE_SECONDS
+        while _cell_running.is_set() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    from fedleak.simulations.launch import terminate_descendants
+
+    terminate_descendants()
+    os._exit(1)
 
 
 def _sigterm_as_ctrl_c(_signum: int, _frame: object) -> None:
