@@ -148,7 +148,9 @@ class ThreatConfig(Settings):
         "batch", choices=("batch", "per-sample"), doc="what a client's update reveals"
     )
     bn_stats: str = _setting(
-        "hidden", choices=("hidden", "shared"), doc="whether BatchNorm batch statistics are seen"
+        "hidden",
+        choices=("hidden", "shared"),
+        doc="whether the attacks are given BatchNorm batch statistics",
     )
     view: str = _setting(
         "client",

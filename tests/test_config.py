@@ -419,3 +419,23 @@ def test_one_setting_is_given_once_whatever_its_spelling() -> None:
     assert same.attack.params["ig"] == {"tv-weight": 0.5}
     base = parse_flat({"attack.ig.tv_weight": 0.2})
     assert parse_flat({"attack.ig.tv-weight": 0.7}, base).attack.params["ig"] == {"tv-weight": 0.7}
+
+
+def test_batchnorm_statistics_left_to_the_attacks_unused_are_named_in_a_warning(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Each client's running statistics reach the server, from which its batch statistics
+    follow; under threat.bn-stats = hidden the run says that its attacker leaves them unused
+    (audit EF1)."""
+    from fedleak.simulations.cli import main
+
+    bn = ("--num-clients", "3", "--set", "model.name=convnet-bn", "--set", "threat.share=batch")
+    assert main(["check", "quickstart", *bn]) == 0
+    assert (
+        "fedleak: warning: threat.bn-stats='hidden': the attacks are not given the clients' "
+        "BatchNorm batch statistics, yet each client's running statistics reach the server"
+    ) in capsys.readouterr().err
+    assert main(["check", "quickstart", *bn, "--set", "threat.bn-stats=shared"]) == 0
+    assert "threat.bn-stats" not in capsys.readouterr().err
+    assert main(["check", "quickstart", "--num-clients", "3"]) == 0  # LeNet: no BatchNorm
+    assert "threat.bn-stats" not in capsys.readouterr().err

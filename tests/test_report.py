@@ -2169,3 +2169,25 @@ def test_a_sweeps_report_is_not_rebuilt_while_a_run_writes_one_of_its_cells(
     assert sorted(p.name for p in cell.iterdir() if p.name != ".fedleak.lock") == before
     built = rebuild_reports(copy)  # once the run ended: every cell's and the sweep's
     assert cell / "report.html" in built and copy / "report.html" in built
+
+
+def test_batchnorm_statistics_the_attacks_were_not_given_are_said_to_reach_the_server(
+    run_report: Path, tmp_path: Path
+) -> None:
+    """Under threat.bn-stats = hidden each client's running statistics still reached the
+    server, its batch statistics exactly recoverable, without a word (audit EF1)."""
+    from fedleak.report.verdict import verdict
+
+    copy = tmp_path / "bn"
+    shutil.copytree(run_report, copy)
+    said = "models have BatchNorm, whose running statistics each client sent for averaging"
+    assert said not in verdict(load_study(copy))  # recorded before the model was
+    environment = json.loads((copy / "environment.json").read_text())
+    (copy / "environment.json").write_text(
+        json.dumps({**environment, "model": {"batchnorm": True}})
+    )
+    assert f"The clients' {said}" in verdict(load_study(copy))
+    config = (copy / "config.toml").read_text()
+    assert 'bn-stats = "hidden"' in config
+    (copy / "config.toml").write_text(config.replace('bn-stats = "hidden"', 'bn-stats = "shared"'))
+    assert said not in verdict(load_study(copy))  # given to the attacks: nothing unused

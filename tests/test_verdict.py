@@ -284,7 +284,10 @@ def test_the_verdict_says_what_the_attacker_saw_and_knew() -> None:
     def study(*flats: dict, unadapted: float | None = None) -> SimpleNamespace:
         said = {} if unadapted is None else {"unadapted": unadapted}
         rows = pd.DataFrame({"attack": ["ig"], "diagnostics": [json.dumps(said)]})
-        runs = [SimpleNamespace(config=parse_flat(flat), leakage=rows) for flat in flats]
+        runs = [
+            SimpleNamespace(config=parse_flat(flat), leakage=rows, batchnorm=False)
+            for flat in flats
+        ]
         return SimpleNamespace(scored_runs=runs)
 
     base = {"attack.names": "aux-mean,ig,lti", "threat.share": "per-sample"}
@@ -445,7 +448,7 @@ def test_an_attack_that_never_ran_gets_no_caveat_about_ignoring_the_defense() ->
 
     flat = {"attack.names": "aux-mean,ig", "defense.spec": "sign", "attack.ig.adaptive": "false"}
     empty = pd.DataFrame({"attack": pd.Series([], dtype=str), "diagnostics": []})
-    failed = SimpleNamespace(config=parse_flat(flat), leakage=empty)
+    failed = SimpleNamespace(config=parse_flat(flat), leakage=empty, batchnorm=False)
     assert _threat_model(SimpleNamespace(scored_runs=[failed])) == []
 
 

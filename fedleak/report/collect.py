@@ -66,6 +66,13 @@ class RunRecord:
         return int(self.utility["round"].max()) if len(self.utility) else 0
 
     @property
+    def batchnorm(self) -> bool:
+        """Whether the run's model has BatchNorm, as its environment records it (False for a
+        run recorded before it said)."""
+        model = self.environment.get("model")
+        return isinstance(model, dict) and model.get("batchnorm") is True
+
+    @property
     def modality(self) -> str:
         """What the run's private data are, `image` or `tokens`: as its environment records
         it, else from its rows (a run recorded before the environment said), else `image`."""

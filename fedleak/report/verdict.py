@@ -637,9 +637,10 @@ def _adapting_changes(run: RunRecord, attack: str) -> bool:
 
 
 def _threat_model(study: Study) -> list[str]:
-    """What the attacker saw and knew where a reader could assume less: each sample's own
-    update, and attacks told to ignore the defense they faced (a defense that stops such an
-    attack is not shown to stop one that adapts to it)."""
+    """What the attacker saw and knew where a reader could assume less or more: each
+    sample's own update; BatchNorm statistics the server received but the attacks were not
+    given (audit EF1); and attacks told to ignore the defense they faced (a defense that stops
+    such an attack is not shown to stop one that adapts to it)."""
     runs = study.scored_runs
     sentences = []
     alone = [r for r in runs if (r.config.threat.share, r.config.threat.view) == _PER_SAMPLE]
@@ -649,6 +650,19 @@ def _threat_model(study: Study) -> list[str]:
             f"{where} saw each sample's own update (threat.share = per-sample), not one update "
             "per client's batch: every attack inverts one sample at a time, the attacker's "
             "easiest case."
+        )
+    unused = [
+        r
+        for r in runs
+        if (r.config.threat.bn_stats, r.config.threat.view) == ("hidden", "client") and r.batchnorm
+    ]
+    if unused:
+        where = "The clients'" if len(unused) == len(runs) else "In some runs the clients'"
+        sentences.append(
+            f"{where} models have BatchNorm, whose running statistics each client sent for "
+            "averaging: its batch statistics follow from them (exactly after one local step), "
+            "but the attacks were not given them (threat.bn-stats = hidden), so a server that "
+            "uses them may reconstruct more."
         )
     defended = [r for r in runs if r.config.defense.spec != "none"]
     blind_in = [

@@ -513,6 +513,29 @@ def ineffective_settings(config: RunConfig, fd: FederatedData) -> str | None:
     return f"{'; '.join(unused)}: no effect in this run" if unused else None
 
 
+def uses_batchnorm(config: RunConfig, fd: FederatedData) -> bool:
+    """Whether the run's model has a BatchNorm layer."""
+    return has_batchnorm(build_model(model_spec(config, fd)))
+
+
+def hidden_batchnorm_statistics(config: RunConfig, fd: FederatedData) -> str | None:
+    """A warning for `threat.bn-stats = hidden` on a BatchNorm model: each client's running
+    statistics still reach the server, from which its batch statistics follow (exactly after
+    one local step: new = (1 - m) sent + m batch), so the run measures an attacker that leaves
+    them unused, not one that cannot have them (audit EF1)."""
+    if config.threat.bn_stats != "hidden" or config.threat.view != "client":
+        return None
+    if not uses_batchnorm(config, fd):
+        return None
+    return (
+        f"threat.bn-stats='hidden': the attacks are not given the clients' BatchNorm batch "
+        f"statistics, yet each client's running statistics reach the server (model.name="
+        f"{config.model.name!r}; they are averaged into the global model), and after one local "
+        "step its batch's mean and variance follow from them exactly: this run measures an "
+        "attacker that leaves them unused (threat.bn-stats='shared': one that uses them)"
+    )
+
+
 def unused_public_pool(config: RunConfig) -> str | None:
     """A warning for a public pool no encoding mixes from: it is held out of the clients' data
     all the same, so their partitions shrink without a word (audit EF3)."""

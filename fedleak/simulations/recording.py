@@ -42,9 +42,11 @@ from fedleak.server.privacy import PrivacyLedger, uncounted_noise
 from fedleak.server.provenance import attack_settings, plugin_sources
 from fedleak.server.rounds import RoundLog, Row, ScoredJob
 from fedleak.server.validate import (
+    hidden_batchnorm_statistics,
     ineffective_settings,
     unused_batchnorm_prior,
     unused_public_pool,
+    uses_batchnorm,
 )
 
 
@@ -107,14 +109,15 @@ def setup_warnings(config: RunConfig, fd: FederatedData) -> list[str]:
     """What a run warns about before its first round, and `fedleak check` with it: LPIPS
     weights it cannot load, a BPE vocabulary short of `data.vocab-size`, a tokenizer that
     turns much of the text into its unknown token, DP-SGD without a reported ε, a BatchNorm
-    prior with no BatchNorm to match, settings the run never reads or a public pool it never
-    mixes from."""
+    prior with no BatchNorm to match, BatchNorm statistics the attacks leave unused, settings
+    the run never reads or a public pool it never mixes from."""
     tokenizer = getattr(fd.dataset, "tokenizer", None)
     warnings = [
         lpips_warning(scored_lpips_nets(config)),
         PrivacyLedger.from_config(config, fd).warning,
         uncounted_noise(config),
         unused_batchnorm_prior(config, fd),
+        hidden_batchnorm_statistics(config, fd),
         ineffective_settings(config, fd),
         unused_public_pool(config),
         tokenizer.shortfall(config.data.vocab_size) if tokenizer is not None else None,
@@ -166,11 +169,20 @@ def changed_software(recorded: Mapping[str, object], config: RunConfig) -> list[
     return changed
 
 
+def model_record(config: RunConfig, fd: FederatedData) -> dict[str, object]:
+    """What the report says of the model: whether it has BatchNorm (whose running statistics
+    the clients send, `hidden_batchnorm_statistics`)."""
+    return {"batchnorm": uses_batchnorm(config, fd)}
+
+
 def environment(
-    device: torch.device, config: RunConfig, data: dict[str, object] | None = None
+    device: torch.device,
+    config: RunConfig,
+    data: dict[str, object] | None = None,
+    model: dict[str, object] | None = None,
 ) -> dict[str, object]:
-    """Versions, device, seed, the data's provenance and where LPIPS's weights came from: what
-    a reader needs to reproduce the run."""
+    """Versions, device, seed, the data's provenance and the model's, where LPIPS's weights
+    came from: what a reader needs to reproduce the run."""
     return {
         **software(),
         "platform": platform.platform(),
@@ -180,6 +192,7 @@ def environment(
         "lpips": lpips_status(scored_lpips_nets(config)),
         "started": dt.datetime.now().isoformat(timespec="seconds"),
         **({"data": data} if data is not None else {}),
+        **({"model": model} if model is not None else {}),
         "plugins": plugin_sources(config),  # {} without plug-ins: recorded all the same
         ATTACK_SETTINGS_KEY: attack_settings(config),
     }

@@ -77,6 +77,7 @@ from fedleak.simulations.recording import (
     data_record,
     default_run_dir,
     environment,
+    model_record,
     setup_warnings,
 )
 
@@ -409,7 +410,9 @@ def _serve(
     else:
         # Recorded with the cache folders the attacks will use, this run's own by default.
         ran = with_attack_caches(config, RunDirectory(path).state_path)
-        run_dir = RunDirectory.create(path, config, environment(device, ran, data_record(fd)))
+        run_dir = RunDirectory.create(
+            path, config, environment(device, ran, data_record(fd), model_record(config, fd))
+        )
     software = changed_software(run_dir.environment(), config) if resumed else []
     warnings = [
         unresumed,
