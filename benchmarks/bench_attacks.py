@@ -35,7 +35,9 @@ from timing import (
     machine,
     per_unit,
     positive,
+    run_main,
     table,
+    timing_rounds,
 )
 
 from fedleak.attacks.registry import build_attack
@@ -123,7 +125,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["lenet"], choices=sorted(LENGTHS))
     parser.add_argument("--attack", default="ig", choices=["ig", "dlg"])
     parser.add_argument("--devices", help="cpu, cuda or cpu,cuda (default: those present)")
-    parser.add_argument("--rounds", type=positive, default=5)
+    parser.add_argument("--rounds", type=timing_rounds, default=5)
     args = parser.parse_args()
     torch.set_num_threads(1)  # as the runner computes: the header says so
     devices = chosen_devices(args.devices)
@@ -172,4 +174,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

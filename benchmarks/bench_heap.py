@@ -27,7 +27,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_attacks import round_of
-from timing import HEAP_REUSED, Ratio, Reading, clock, interleave, machine, positive, table
+from timing import (
+    HEAP_REUSED,
+    Ratio,
+    Reading,
+    clock,
+    interleave,
+    machine,
+    positive,
+    run_main,
+    table,
+    timing_rounds,
+)
 
 from fedleak.attacks.registry import build_attack
 from fedleak.attacks.types import Budget
@@ -69,7 +80,7 @@ def one_process(targets: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--targets", type=positive, default=64)
-    parser.add_argument("--rounds", type=positive, default=3)
+    parser.add_argument("--rounds", type=timing_rounds, default=3)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -124,4 +135,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

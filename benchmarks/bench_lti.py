@@ -26,7 +26,18 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import Ratio, Series, chosen_device, interleave, load, machine, positive
+from timing import (
+    Ratio,
+    Series,
+    chosen_device,
+    interleave,
+    load,
+    machine,
+    positive,
+    run_main,
+    timing_rounds,
+    whole,
+)
 from timing import timed as timer
 
 from fedleak.attacks.learned.hashing import FeatureHasher
@@ -141,13 +152,21 @@ def hashing(
     return pair(lambda: hasher(x), lambda: x.sum(1)), x.numel() * 4 / 1e9
 
 
+def pair_count(text: str) -> int:
+    """`--pairs`: FedAvg's training pairs are groups of 4 examples, so at least 4 (2 failed
+    after the first table, with a traceback)."""
+    if positive(text) < 4:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 4")
+    return int(text)
+
+
 def main() -> None:
     global ROUNDS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", help="cpu or cuda (default: cuda where present)")
-    parser.add_argument("--pairs", type=positive, default=512)
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
-    parser.add_argument("--rounds", type=positive, default=ROUNDS)
+    parser.add_argument("--pairs", type=pair_count, default=512)
+    parser.add_argument("--threads", type=whole, default=0, help="torch CPU threads (0: default)")
+    parser.add_argument("--rounds", type=timing_rounds, default=ROUNDS)
     args = parser.parse_args()
     ROUNDS = args.rounds
     if args.threads:
@@ -197,4 +216,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

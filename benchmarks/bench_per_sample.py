@@ -28,7 +28,18 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import Ratio, chosen_devices, interleave, load, machine, positive, table, timed
+from timing import (
+    Ratio,
+    chosen_devices,
+    interleave,
+    load,
+    machine,
+    positive,
+    run_main,
+    table,
+    timed,
+    timing_rounds,
+)
 
 from fedleak.models import ModelSpec, build_model
 from fedleak.training.gradients import (
@@ -105,7 +116,7 @@ def bench(name: str, batch: int, rounds: int, device: str) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=positive, default=64)
-    parser.add_argument("--rounds", type=positive, default=7)
+    parser.add_argument("--rounds", type=timing_rounds, default=7)
     parser.add_argument("--models", nargs="+", default=["lenet", "resnet20-gn"], choices=MODELS)
     parser.add_argument("--threads", type=positive, default=1)
     parser.add_argument("--devices", help="cpu, cuda or cpu,cuda (default: those present)")
@@ -138,4 +149,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

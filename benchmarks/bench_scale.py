@@ -46,7 +46,10 @@ from timing import (
     machine,
     per_unit,
     positive,
+    positive_number,
+    run_main,
     timed,
+    timing_rounds,
 )
 
 from fedleak.config import RunConfig, parse_flat
@@ -242,8 +245,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=positive, default=3)
     parser.add_argument("--iterations", type=positive, default=200)
     parser.add_argument("--workers", type=positive, nargs="+", default=[1, 2])
-    parser.add_argument("--worker-cpus", type=float, default=1.0)
-    parser.add_argument("--repeats", type=positive, default=3)
+    parser.add_argument("--worker-cpus", type=positive_number, default=1.0)
+    parser.add_argument("--repeats", type=timing_rounds, default=3)
     parser.add_argument("--scaling", type=positive, nargs="+", default=[10, 50, 100])
     parser.add_argument("--skip", nargs="*", default=[], choices=["pool", "scaling", "gpu"])
     args = parser.parse_args()
@@ -265,4 +268,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

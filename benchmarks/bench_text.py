@@ -34,7 +34,10 @@ from timing import (
     machine,
     per_unit,
     positive,
+    run_main,
     timed,
+    timing_rounds,
+    whole,
 )
 
 from fedleak.attacks.learned.pairs import Featuriser, PairSource, Unit
@@ -176,14 +179,14 @@ def main() -> None:
     parser.add_argument("--vocab", type=positive, default=2048)
     parser.add_argument("--length", type=positive, default=16)
     parser.add_argument("--batch", type=positive, default=16)
-    parser.add_argument("--rounds", type=positive, default=ROUNDS)
+    parser.add_argument("--rounds", type=timing_rounds, default=ROUNDS)
     parser.add_argument("--targets", type=positive, default=8)
     parser.add_argument("--iterations", type=positive, default=20)
     parser.add_argument("--pairs", type=positive, default=128)
     parser.add_argument("--bins", type=positive, default=4096)
     parser.add_argument("--device", help="cpu or cuda (default: cuda where present)")
     parser.add_argument(
-        "--threads", type=int, default=0, help="torch CPU threads (0: torch's default)"
+        "--threads", type=whole, default=0, help="torch CPU threads (0: torch's default)"
     )
     args = parser.parse_args()
     if args.iterations < 2:  # a short run and a longer one, whose difference is timed
@@ -205,4 +208,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

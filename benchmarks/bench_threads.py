@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import Ratio, Reading, clock, interleave, machine, positive
+from timing import Ratio, Reading, clock, interleave, machine, positive, run_main, timing_rounds
 
 import fedleak
 
@@ -57,8 +57,10 @@ def _run(observation: object, iterations: int, threads: int) -> Reading:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--iterations", type=positive, default=100)
-    parser.add_argument("--rounds", type=positive, default=3)
-    parser.add_argument("--load", type=int, default=2, help="busy processes in the loaded runs")
+    parser.add_argument("--rounds", type=timing_rounds, default=3)
+    parser.add_argument(
+        "--load", type=positive, default=2, help="busy processes in the loaded runs"
+    )
     args = parser.parse_args()
     default = torch.get_num_threads()
     if default == 1:  # the two variants would be one setting: their ratio would be noise
@@ -100,4 +102,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -6,9 +6,10 @@ last), and a variant's value is its seconds per unit (an iteration, a target-ite
 gradient). Ratios are taken per round between variants measured moments apart, so a load
 change on a shared machine hits both sides of a ratio; the printed ratio is the median of
 those paired ratios, beside the ratio of the minima. A ratio is refused, with the reason,
-when a measurement is non-positive or not finite (e.g. a difference of two runs whose short
-run met more load than the long one), when too few rounds are valid, or when the paired
-ratios scatter so much that their median means little.
+when any round's measurement is non-positive or not finite (e.g. a difference of two runs
+whose short run met more load than the long one, `per_unit`), when a series has fewer than
+MIN_ROUNDS rounds or its median round took over MAX_SPREAD times its fastest, or when the
+paired ratios scatter so much that their median means little (MAX_SCATTER).
 
 Two clocks are read: wall time (what a user waits) and the process's CPU time (what the work
 costs, far less sensitive to other jobs on a shared machine; with several threads it adds
@@ -24,13 +25,17 @@ import math
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 
 from fedleak.heap import reuse_freed_memory
+from fedleak.lines import error_line
+from fedleak.registry import is_own_error
 
 # Benchmarks measure fedleak as its processes run it (fedleak/heap.py); FEDLEAK_HEAP=system
 # measures glibc's defaults instead.
@@ -43,6 +48,9 @@ MAX_SCATTER = 0.5
 # A series whose median round took this many times its fastest is refused: a load burst, or a
 # difference of two runs that fell to noise (0.024 against 29 ms was printed as min / median).
 MAX_SPREAD = 4.0
+# A difference of two runs whose CPU time exceeds this share of its wall time per thread is a
+# measurement the load distorted (`per_unit`); 1.1 leaves room for the clocks' granularity.
+MAX_CPU_PER_WALL = 1.1
 
 
 class InvalidMeasurement(ValueError):
@@ -159,15 +167,55 @@ class Ratio:
         )
 
 
-def positive(text: str) -> int:
-    """An argparse type: a whole number >= 1 (a size of 0 measures nothing)."""
+def _whole_at_least(text: str, low: int, why: str = "") -> int:
     try:
         value = int(text)
     except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 1")
+        value = low - 1
+    if value < low:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= {low}{why}")
     return value
+
+
+def positive(text: str) -> int:
+    """An argparse type: a whole number >= 1 (a size of 0 measures nothing)."""
+    return _whole_at_least(text, 1)
+
+
+def whole(text: str) -> int:
+    """An argparse type: a whole number >= 0 (0: the option is off, or its default)."""
+    return _whole_at_least(text, 0)
+
+
+def timing_rounds(text: str) -> int:
+    """An argparse type for a timing's rounds: fewer than MIN_ROUNDS give no ratio at all, and
+    such a run measured in full to print only refusals."""
+    return _whole_at_least(text, MIN_ROUNDS, " (fewer give no ratio)")
+
+
+def positive_number(text: str) -> float:
+    """An argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number > 0")
+    return value
+
+
+def run_main(main: Callable[[], int | None]) -> NoReturn:
+    """Exit with `main()`'s status; an error fedleak raised on purpose (a setting out of
+    range, a model that cannot be built) ends in one line, as the CLI's do, not a traceback."""
+    name = os.path.basename(sys.argv[0]).removesuffix(".py")
+    try:
+        status = main()
+    except Exception as error:
+        if not is_own_error(error):
+            raise
+        print(f"{name}: error: {error_line(error)}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(status or 0)
 
 
 def interleave(
@@ -210,6 +258,11 @@ def per_unit(run: Callable[[int], Reading], short: int, long: int) -> Callable[[
         second = run(long)
         wall = (second.wall - first.wall) / (long - short)
         cpu = (second.cpu - first.cpu) / (long - short)
+        # CPU time cannot outrun wall time times the threads that spend it: a wall difference
+        # below that is a short run slowed by load, not a fast long one (2.2 ms wall beside
+        # 3.6 ms of CPU on one thread was printed as a minimum, audit EE6).
+        if cpu > MAX_CPU_PER_WALL * torch.get_num_threads() * wall:
+            wall = math.nan
         return Reading(wall if wall > 0 else math.nan, cpu if cpu > 0 else math.nan)
 
     return measure

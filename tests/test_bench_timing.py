@@ -72,6 +72,55 @@ def test_a_negative_difference_of_runs_is_recorded_as_not_a_number():
     assert math.isnan(reading.wall) and reading.cpu == pytest.approx(0.1)
 
 
+def test_a_wall_difference_below_its_cpu_time_per_thread_is_not_a_number(monkeypatch):
+    """A short run slowed by load left 2.2 ms of wall time beside 3.6 ms of CPU on one thread,
+    printed as the variant's minimum (audit EE6)."""
+    monkeypatch.setattr(timing.torch, "get_num_threads", lambda: 1)
+    seconds = {10: timing.Reading(1.0, 1.0), 20: timing.Reading(1.022, 1.036)}
+    reading = timing.per_unit(seconds.__getitem__, 10, 20)()
+    assert math.isnan(reading.wall) and reading.cpu == pytest.approx(0.0036)
+    monkeypatch.setattr(timing.torch, "get_num_threads", lambda: 2)  # two threads can spend it
+    assert timing.per_unit(seconds.__getitem__, 10, 20)().wall == pytest.approx(0.0022)
+
+
+@pytest.mark.parametrize(
+    ("script", "argv", "says"),
+    [
+        ("bench_vs_breaching.py", ["--profile", "-5"], "--profile: '-5': expected a whole number"),
+        ("bench_vs_breaching.py", ["--threads", "0"], "--threads: '0': expected a whole number"),
+        ("bench_attacks.py", ["--rounds", "2"], "'2': expected a whole number >= 3"),
+        ("bench_lti.py", ["--pairs", "2"], "--pairs: '2': expected a whole number >= 4"),
+        ("bench_scale.py", ["--worker-cpus", "-1"], "'-1': expected a number > 0"),
+        ("bench_threads.py", ["--load", "-1"], "--load: '-1': expected a whole number >= 1"),
+    ],
+)
+def test_odd_arguments_are_refused_in_one_line_before_any_work(script, argv, says):
+    """A negative profile length printed a negative time; 0 threads and 2 pairs ended in
+    tracebacks; 2 rounds measured in full to refuse every ratio (audit EE3-EE5)."""
+    done = subprocess.run(
+        [sys.executable, str(_PATH.parent / script), *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 2 and says in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_model_that_cannot_be_built_ends_a_benchmark_in_one_line():
+    done = subprocess.run(
+        [sys.executable, str(_PATH.parent / "bench_text.py"), "--vocab", "1", "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("bench_text: error: ModelSpecError: model 'transformer3'")
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
 def test_interleave_rotates_the_order_and_marks_invalid_rounds():
     calls: list[str] = []
 
