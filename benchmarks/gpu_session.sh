@@ -7,7 +7,7 @@
 # machine's own python3 (with CUDA torch) runs them from the repository root:
 #
 #     OUT=/some/folder bash benchmarks/gpu_session.sh          # at most 150 s per benchmark
-#     DEVICE=cpu ROUNDS=1 bash benchmarks/gpu_session.sh       # the same steps on a CPU
+#     DEVICE=cpu bash benchmarks/gpu_session.sh                # the same steps on a CPU
 #
 # Each benchmark writes OUT/<name>.log; OUT/utilisation.txt summarises nvidia-smi's samples
 # per benchmark (absent without nvidia-smi).
