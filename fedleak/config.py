@@ -562,8 +562,11 @@ def attacked_rounds(spec: str, num_rounds: int) -> frozenset[int] | None:
     return frozenset(rounds)
 
 
-def flatten_toml(document: Mapping[str, Any], parent: str = "") -> dict[str, Any]:
-    """Nested TOML tables to dotted keys, as Flower flattens `[tool.flwr.app.config]`."""
+def flatten_toml(document: Mapping[str, Any], parent: str = "", where: str = "") -> dict[str, Any]:
+    """Nested TOML tables to dotted keys, as Flower flattens `[tool.flwr.app.config]`. One key
+    written twice with different values (`"a.b" = 1` beside a table `[a]` holding `b = 2`,
+    which TOML allows) is refused: the later one won without a word (audit EI1). `where`
+    names the table in that error."""
     flat: dict[str, Any] = {}
     # A stack rather than recursion (a file may nest tables thousands deep), keys in the
     # order they were written.
@@ -575,6 +578,12 @@ def flatten_toml(document: Mapping[str, Any], parent: str = "") -> dict[str, Any
             if isinstance(value, dict):
                 stack.append((dotted, iter(value.items())))
                 break
+            if dotted in flat and flat[dotted] != value:
+                named = f"{where}.{dotted}" if where else dotted
+                raise ConfigError(
+                    f"{named}={value!r} and {named}={flat[dotted]!r}: one key written twice "
+                    "(as a dotted key and inside a table); give it once"
+                )
             flat[dotted] = value
         else:
             stack.pop()

@@ -162,6 +162,14 @@ def test_bad_toml_is_a_config_error() -> None:
         parse_toml("[train\nbatch-size = ")
 
 
+def test_one_key_written_as_a_dotted_key_and_in_a_table_is_refused() -> None:
+    """TOML allows both; the later one won without a word (audit EI1)."""
+    with pytest.raises(ConfigError, match=r"^train\.lr=0\.2 and train\.lr=0\.5: one key"):
+        parse_toml('"train.lr" = 0.5\n[train]\nlr = 0.2\n')
+    # The same value twice says the same thing: accepted.
+    assert parse_toml('"train.lr" = 0.2\n[train]\nlr = 0.2\n').train.lr == 0.2
+
+
 values = st.one_of(
     st.integers(-(10**6), 10**6), st.floats(allow_nan=True), st.booleans(), st.text(max_size=12)
 )

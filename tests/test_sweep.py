@@ -267,6 +267,22 @@ seed = [0, 1]
         ("[sweep]\n[sweep.grid]\nseed = [1, -1]\n", r"cell 1 \(seed=-1\): seed=-1: expected"),
         ('[sweep]\npreset = "nope"\n[sweep.grid]\nseed = [1]\n', r"preset 'nope': unknown"),
         ("[sweep\n", r"not valid TOML"),
+        # TOML allows a dotted key beside a table of the same path: the later one won, and a
+        # grid of none and sign ran prune alone (audit EI1).
+        (
+            '[sweep]\n[sweep.grid]\n"defense.spec" = ["none", "sign"]\n'
+            '[sweep.grid.defense]\nspec = ["prune:0.9"]\n',
+            r"^sweep\.grid\.defense\.spec=\['prune:0\.9'\] and sweep\.grid\.defense\.spec="
+            r"\['none', 'sign'\]: one key written twice",
+        ),
+        (
+            '[sweep]\n[[sweep.cells]]\n"train.lr" = 0.5\n[sweep.cells.train]\nlr = 0.2\n',
+            r"^sweep\.cells #1\.train\.lr=0\.2 and sweep\.cells #1\.train\.lr=0\.5: one key",
+        ),
+        (
+            '[sweep]\n[sweep.grid]\nseed = [1]\n[base]\n"train.lr" = 0.5\n[base.train]\nlr = 0.2\n',
+            r"^base\.train\.lr=0\.2 and base\.train\.lr=0\.5: one key written twice",
+        ),
     ],
 )
 def test_bad_sweep_files_fail_with_one_line_before_any_run(

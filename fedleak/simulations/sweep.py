@@ -267,7 +267,7 @@ def _grid(raw: Any) -> dict[str, list[Any]]:
     if not isinstance(raw, dict):
         raise SweepError(f"sweep.grid={raw!r}: expected a table of key = [values]")
     grid: dict[str, list[Any]] = {}
-    for key, values in _canonical(flatten_toml(raw), "sweep.grid").items():
+    for key, values in _canonical(flatten_toml(raw, where="sweep.grid"), "sweep.grid").items():
         if not isinstance(values, list):
             raise SweepError(f"sweep.grid.{key}={values!r}: expected a list of values")
         if not values:
@@ -285,7 +285,8 @@ def _cells(raw: Any, grid: Mapping[str, list[Any]]) -> list[dict[str, Any]]:
         raise SweepError("sweep.cells: expected [[sweep.cells]] tables of key = value")
     cells = []
     for number, table in enumerate(raw, start=1):
-        cell = _canonical(flatten_toml(table), f"sweep.cells #{number}")
+        where = f"sweep.cells #{number}"
+        cell = _canonical(flatten_toml(table, where=where), where)
         for key, value in cell.items():
             if key in grid:
                 raise SweepError(
@@ -312,7 +313,7 @@ def _base(document: Mapping[str, Any], section: Mapping[str, Any]) -> RunConfig:
     table = document.get("base", {})
     if not isinstance(table, dict):
         raise SweepError("base: expected a table of run-config keys")
-    flat = flatten_toml(table)
+    flat = flatten_toml(table, where="base")
     for key in flat:
         _check_key("base", key)
     try:
