@@ -503,6 +503,23 @@ def test_a_changed_sweep_refuses_to_reuse_cells(tmp_path: Path) -> None:
     assert runner.calls == []
 
 
+def test_a_rerun_may_change_what_a_resumed_run_may_but_not_its_rounds(tmp_path: Path) -> None:
+    """A longer timeout after a cell timed out was refused ("use another out dir"), though
+    `fedleak run` resumes with it (audit EI2); more rounds stay refused: a finished cell
+    would not run them."""
+    run_sweep(_write(tmp_path, GRID), out_dir=tmp_path, runner=fake_runner, say=lambda _: None)
+    # Appended to GRID's [base.attack] table, then a table of its own.
+    bookkeeping = (
+        GRID + '"show-progress" = true\n[base.sim]\ntimeout = 100\n"payload-budget-mb" = 100\n'
+    )
+    runner = Recorder()
+    run_sweep(_write(tmp_path, bookkeeping, "b.toml"), out_dir=tmp_path, runner=runner)
+    assert runner.calls == []  # every cell had finished: none runs again
+    more = GRID.replace("num-server-rounds = 2", "num-server-rounds = 3")
+    with pytest.raises(RunDirectoryError, match=r"was run with num-server-rounds=2, this sweep"):
+        run_sweep(_write(tmp_path, more, "m.toml"), out_dir=tmp_path, runner=runner)
+
+
 def test_a_rerun_that_changes_nothing_the_cells_run_reuses_them(tmp_path: Path) -> None:
     """A parameter at its default, or of an attack the cells do not run, was refused as "was
     run with attack.ig.restarts=None, this sweep wants 1" (audit BV1); a resume takes both."""
