@@ -29,6 +29,7 @@ from fedleak.settings import (
     KeyHelp,
     Settings,
     flat_keys,
+    format_number,
     help_lines,
     internal,
     key_of,
@@ -189,7 +190,9 @@ class DefenseConfig(Settings):
         spec = f"{self.spec} (poisson)" if self.dp_sampling == "poisson" else self.spec
         if self.central_clip <= 0:
             return spec
-        central = f"central-dp:{self.central_clip:g}:{self.central_noise:g}"
+        # Every digit: at 6 (`:g`) two cells of a sweep read as one setting (audit EI3).
+        clip, noise = format_number(self.central_clip), format_number(self.central_noise)
+        central = f"central-dp:{clip}:{noise}"
         return central if spec == "none" else f"{spec}+{central}"
 
 

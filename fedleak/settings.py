@@ -557,6 +557,13 @@ def _value_at(base: Any, path: tuple[str, ...]) -> Any:
     return base
 
 
+def format_number(value: float) -> str:
+    """The shortest text that parses back to `value`, without a trailing `.0` and without the
+    `+` of a positive exponent (`1e16`, not `1e+16`: `+` joins defenses)."""
+    text = repr(float(value) + 0.0).replace("e+", "e")
+    return text[:-2] if text.endswith(".0") else text
+
+
 def render(value: Any) -> str:
     """A default as a user would write it."""
     if value is dataclasses.MISSING:

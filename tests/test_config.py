@@ -447,3 +447,16 @@ def test_batchnorm_statistics_left_to_the_attacks_unused_are_named_in_a_warning(
     assert "threat.bn-stats" not in capsys.readouterr().err
     assert main(["check", "quickstart", "--num-clients", "3"]) == 0  # LeNet: no BatchNorm
     assert "threat.bn-stats" not in capsys.readouterr().err
+
+
+def test_central_dp_labels_keep_every_digit() -> None:
+    """Two sweep cells whose clip norms differ past the sixth digit were one setting in the
+    report, and the second cell's rows were dropped as duplicates (audit EI3)."""
+
+    def label(clip: float, noise: float) -> str:
+        flat = {"defense.central-clip": clip, "defense.central-noise": noise}
+        return parse_flat(flat).defense.label
+
+    assert label(0.1234561, 0.5) == "central-dp:0.1234561:0.5"
+    assert label(0.1234561, 0.5) != label(0.1234564, 0.5)
+    assert label(1.0, 1.1) == "central-dp:1:1.1"  # as before for the usual values

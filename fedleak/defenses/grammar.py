@@ -1,5 +1,5 @@
-"""The grammar of defense spec strings: the accepted forms, number rendering, and the one error
-that every malformed or conflicting spec raises."""
+"""The grammar of defense spec strings: the accepted forms and the one error that every
+malformed or conflicting spec raises (numbers are written by `fedleak.settings.format_number`)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,3 @@ ALLOWED_FORMS = (
 
 class DefenseSpecError(ValueError):
     """A defense spec (or a defense's parameter) is malformed or conflicts with another part."""
-
-
-def format_number(value: float) -> str:
-    """The shortest text that parses back to `value`, without a trailing `.0` and without the
-    `+` of a positive exponent (`1e16`, not `1e+16`: `+` joins defenses)."""
-    text = repr(float(value) + 0.0).replace("e+", "e")
-    return text[:-2] if text.endswith(".0") else text

@@ -13,7 +13,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from fedleak.defenses.grammar import DefenseSpecError, format_number
+from fedleak.defenses.grammar import DefenseSpecError
+from fedleak.settings import format_number
 
 
 def add_gaussian(

@@ -10,7 +10,8 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor
 
-from fedleak.defenses.grammar import DefenseSpecError, format_number
+from fedleak.defenses.grammar import DefenseSpecError
+from fedleak.settings import format_number
 
 PruneScope = Literal["layer", "global"]
 PRUNE_SCOPES: tuple[str, ...] = ("layer", "global")

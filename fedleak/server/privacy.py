@@ -80,7 +80,7 @@ from flwr.serverapp import (
 from fedleak.config import RunConfig
 from fedleak.data import FederatedData
 from fedleak.defenses import DPSGD, GaussianNoise, InstaHide, MixUp, parse_defense_spec
-from fedleak.defenses.grammar import format_number
+from fedleak.settings import format_number
 
 # How far one example added to the data moves a sum clipped to C, in units of C, when the
 # sample drawn from the data has a fixed size: the added example takes a drawn one's place.
