@@ -490,6 +490,24 @@ def test_a_cell_whose_process_died_is_marked_failed_in_its_folder(tmp_path: Path
         assert cell["status"] == "failed" and run.failed_reason() == cell["message"]
 
 
+def _last_cell_dies(config: RunConfig, path: Path) -> Path:
+    """Cells 0-2 finish, cell 3 dies after its first round (module level: picklable)."""
+    if path.name.startswith("cell-003"):
+        return _dies_after_one_round(config, path)
+    return fake_runner(config, path)
+
+
+def test_a_failed_retry_with_cells_says_that_finished_cells_are_kept(tmp_path: Path) -> None:
+    """Retrying the one failed cell of four with `--cells` said "no cell finished" beside
+    three finished ones (audit EI4)."""
+    source = _write(tmp_path, GRID)
+    quiet = {"out_dir": tmp_path, "runner": _last_cell_dies, "say": lambda _: None}
+    with pytest.raises(SweepFailed, match="; finished cells are kept in "):
+        run_sweep(source, **quiet)
+    with pytest.raises(SweepFailed, match=r"1 of 1 cells failed .*; finished cells are kept in "):
+        run_sweep(source, **quiet, cells=["cell-003-*"])
+
+
 def test_a_changed_sweep_refuses_to_reuse_cells(tmp_path: Path) -> None:
     run_sweep(_write(tmp_path, GRID), out_dir=tmp_path, runner=fake_runner, say=lambda _: None)
     changed = GRID + "[base.train]\nlr = 0.05\n"

@@ -1072,7 +1072,9 @@ def _run_plan(
         first = status[failed[0]]["message"]
         others = failed[1:4] + (["..."] if len(failed) > 4 else [])
         also = f"; also {', '.join(others)}" if others else ""
-        finished = any(status[cell.id]["status"] == "done" for cell in plan.cells)
+        # Cells `--cells` left out count too: a retry of one failed cell said "no cell
+        # finished" beside three finished ones (audit EI4).
+        finished = any(entry["status"] == "done" for entry in status.values())
         kept = f"finished cells are kept in {sweep_dir}" if finished else "no cell finished"
         raise SweepFailed(
             f"{len(failed)} of {len(plan.cells)} cells failed ({failed[0]}: {first}{also}); "
