@@ -2191,3 +2191,24 @@ def test_batchnorm_statistics_the_attacks_were_not_given_are_said_to_reach_the_s
     assert 'bn-stats = "hidden"' in config
     (copy / "config.toml").write_text(config.replace('bn-stats = "hidden"', 'bn-stats = "shared"'))
     assert said not in verdict(load_study(copy))  # given to the attacks: nothing unused
+
+
+def test_an_image_runs_group_is_not_labelled_with_text_settings() -> None:
+    """A sweep of image and text cells labelled its image cells `vocab-size=8192`, a setting
+    they never read (audit EI6)."""
+    from fedleak.config import parse_flat
+    from fedleak.report.collect import RunRecord, Study
+
+    def record(flat: dict[str, object], modality: str) -> RunRecord:
+        environment = {"data": {"modality": modality}}
+        empty = pd.DataFrame()
+        return RunRecord("r", Path("r"), parse_flat(flat), environment, empty, empty, ())
+
+    image = record({"model.name": "lenet"}, "image")
+    text = record(
+        {"model.name": "transformer3", "data.dataset": "lee-news", "data.vocab-size": 300},
+        "tokens",
+    )
+    study = Study(Path("s"), "sweep", (image, text), None, ("data.vocab-size", "model.name"))
+    assert study.group_of(image) == "name=lenet"
+    assert study.group_of(text) == "vocab-size=300, name=transformer3"

@@ -267,6 +267,11 @@ seed = [0, 1]
         ("[sweep]\n[sweep.grid]\nseed = [1, -1]\n", r"cell 1 \(seed=-1\): seed=-1: expected"),
         ('[sweep]\npreset = "nope"\n[sweep.grid]\nseed = [1]\n', r"preset 'nope': unknown"),
         ("[sweep\n", r"not valid TOML"),
+        # "did you mean train.min-clients?" pointed at another setting (audit EI6).
+        (
+            "[sweep]\n[sweep.grid]\nnum-clients = [2, 4]\n",
+            r"^sweep\.grid\.num-clients: a setting of the whole sweep, one value per sweep file",
+        ),
         # TOML allows a dotted key beside a table of the same path: the later one won, and a
         # grid of none and sign ran prune alone (audit EI1).
         (

@@ -102,10 +102,13 @@ class Study:
         return str((self.manifest or {}).get("name", self.path.name))
 
     def group_of(self, run: RunRecord) -> str:
-        """The label of a run's group: its values of the varying keys ('' when none vary)."""
+        """The label of a run's group: its values of the varying keys ('' when none vary),
+        without the text settings on an image run, where they do nothing (a mixed sweep's
+        image cells were labelled `vocab-size=8192`, audit EI6)."""
         flat = run.config.to_flat()
         short = _short_names(self.group_keys)
-        return ", ".join(f"{short[k]}={flat.get(k)}" for k in self.group_keys)
+        keys = [k for k in self.group_keys if run.modality != "image" or k not in _TEXT_ONLY]
+        return ", ".join(f"{short[k]}={flat.get(k)}" for k in keys)
 
     def cells_without_runs(self) -> tuple[dict[str, Any], ...]:
         """A sweep's cells (as `sweep.json` records them) that have no run here: not run yet,
@@ -202,6 +205,10 @@ def _read_run(path: Path, name: str | None = None) -> RunRecord:
             (run.failed_reason() or "no reason recorded") if (path / FAILED_FILE).exists() else ""
         ),
     )
+
+
+# Settings only a text run reads (`ineffective_settings` warns when an image run sets them).
+_TEXT_ONLY = frozenset({"data.tokenizer", "data.vocab-size", "data.seq-len"})
 
 
 def _varying(runs: list[RunRecord]) -> tuple[str, ...]:

@@ -114,6 +114,8 @@ SWEEP_KEYS = (
 )
 # Set by the sweep for every cell, so a sweep file may not set them.
 _RESERVED = ("name", "out-dir", "sim.resume")
+# Sweep settings that are no run's: given in a grid, cell or base, they name the wrong table.
+_WHOLE_SWEEP = ("num-clients", "parallel", "client-cpus", "client-gpus", "skip-unavailable-data")
 _SHORT = {
     "train.batch-size": "B",
     "seed": "seed",
@@ -224,6 +226,12 @@ def _check_key(where: str, key: str) -> None:
     if key.replace("_", "-") in _RESERVED:  # settings take `out_dir` for `out-dir`
         why = " (rerunning the sweep resumes its interrupted cells)" if key == "sim.resume" else ""
         raise SweepError(f"{where}.{key}: set by the sweep for each cell{why}; remove it")
+    if key.replace("_", "-") in _WHOLE_SWEEP:
+        # Not a run setting: "did you mean train.min-clients?" pointed elsewhere (audit EI6).
+        raise SweepError(
+            f"{where}.{key}: a setting of the whole sweep, one value per sweep file ([sweep] "
+            f"{key.replace('_', '-')} = ...); write a sweep file per value"
+        )
 
 
 def _defense_form(value: Any) -> Any:
