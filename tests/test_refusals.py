@@ -56,6 +56,14 @@ def _write(relative: str, data: bytes) -> Setup:
     return setup
 
 
+def _writes(*files: tuple[str, bytes]) -> Setup:
+    def setup(tmp: Path) -> None:
+        for relative, data in files:
+            _write(relative, data)(tmp)
+
+    return setup
+
+
 def _remove(relative: str) -> Setup:
     def setup(tmp: Path) -> None:
         (tmp / relative).unlink()
@@ -183,8 +191,19 @@ CASES = [
         "cache-dir-in-another-runs-folder",
         (*RUN, "--set", "attack.names=lti", "--set", "attack.lti.cache-dir={tmp}/other/state/lti"),
         "/other/state/lti' lies in ",
-        setup=_write("other/config.toml", b'name = "other"\n'),
-        keeps=("other/config.toml",),
+        setup=_writes(
+            ("other/config.toml", b'name = "other"\n'), ("other/environment.json", b"{}")
+        ),
+        keeps=("other/config.toml", "other/environment.json"),
+    ),
+    # ... or one that has only locked its folder yet: it wrote nothing else before Ray started,
+    # and then failed on the "not a fedleak run directory" this run made of it (audit EH2).
+    Case(
+        "cache-dir-in-a-starting-runs-folder",
+        (*RUN, "--set", "attack.names=lti", "--set", "attack.lti.cache-dir={tmp}/other/state/lti"),
+        "/other/state/lti' lies in ",
+        setup=_write("other/.fedleak.lock", b""),
+        keeps=("other/.fedleak.lock",),
     ),
     Case("gpus-nan", (*RUN, "--client-gpus", "nan"), "client-gpus=nan: expected a number >= 0"),
     Case("clients-text", (*RUN, "--num-clients", "many"), "invalid int value: 'many'"),
@@ -968,6 +987,17 @@ def test_every_error_of_fedleak_is_one_line_and_verbose_shows_the_traceback(
     err = capsys.readouterr().err
     assert "Traceback (most recent call last)" in err
     assert err.splitlines()[-1].startswith("fedleak: error: data set")
+
+
+def test_a_cache_dir_beside_a_projects_own_config_toml_is_accepted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A study file named config.toml in the project folder made every cache-dir below it
+    "another run's folder" (audit EH1): a run folder holds its environment.json too."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "config.toml").write_text('name = "mine"\n')
+    cache = ("--set", "attack.names=aux-mean,lti", "--set", "attack.lti.cache-dir=cache")
+    assert main(["check", "config.toml", *SMALL, *cache]) == 0
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:

@@ -526,3 +526,14 @@ def test_a_recorded_config_with_two_spellings_of_a_key_still_reads(tmp_path: Pat
     own.write_text("[attack.ig]\ntv_weight = 0.2\ntv-weight = 0.25\n")
     with pytest.raises(ConfigError, match=r"^mine\.toml: .*two spellings"):
         load_preset(own)
+
+
+def test_the_attacks_name_the_run_folders_files_as_the_run_directory_does() -> None:
+    """`fedleak.attacks.learned.store` recognises run folders by name without importing the
+    report room: its names must be the run directory's."""
+    from fedleak.attacks.learned import store
+    from fedleak.report import rundir
+
+    assert store.RUN_LOCK_FILE == rundir.LOCK_FILE
+    assert store.RUN_CONFIG_FILE == rundir.CONFIG_FILE
+    assert store.RUN_ENVIRONMENT_FILE == rundir.ENVIRONMENT_FILE

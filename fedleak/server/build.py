@@ -18,10 +18,11 @@ from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp.strategy import FedAvg, Strategy
 
 from fedleak.attacks.learned.store import (
-    RUN_CONFIG_FILE,
     InverterStore,
     InverterStoreError,
     check_saved_inverters,
+    is_run_folder,
+    run_folder_above,
 )
 from fedleak.attacks.registry import attack_entry, build_attack
 from fedleak.attacks.types import AttackerKnowledge, Budget, is_reference
@@ -138,12 +139,12 @@ def check_fresh_caches(config: RunConfig) -> None:
     run = Path(config.out_dir).resolve() if config.out_dir else None
     for name, folder in cache_dirs(config).items():
         where = folder.resolve()
-        owner = next((p for p in (where, *where.parents) if (p / RUN_CONFIG_FILE).is_file()), None)
+        owner = where if is_run_folder(where) else run_folder_above(where)
         if owner is not None and (run is None or not where.is_relative_to(run)):
             raise ConfigError(
-                f"attack.{name}.cache-dir={str(folder)!r} lies in {owner}, another run's "
-                "folder, which keeps its own inverters there; expected a folder of this run's "
-                "or one outside every run's"
+                f"attack.{name}.cache-dir={str(folder)!r} lies in {owner}, another fedleak "
+                "run's (or sweep's) folder, whose own inverters may be kept there; expected a "
+                "folder of this run's or one outside every run's"
             )
         saved = InverterStore(folder, name).saved()
         if saved:

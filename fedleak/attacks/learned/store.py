@@ -42,9 +42,28 @@ class SavedInverter:
         return float(self.meta.get(name, float("nan")))  # type: ignore[arg-type]
 
 
-# What marks a run folder (`RunDirectory`), named here because the attacks do not read run
-# folders.
+# What marks a run folder (`RunDirectory`, `RunLock`), named here because the attacks do not
+# read run folders.
 RUN_CONFIG_FILE = "config.toml"
+RUN_ENVIRONMENT_FILE = "environment.json"
+RUN_LOCK_FILE = ".fedleak.lock"
+
+
+def run_folder_above(directory: Path) -> Path | None:
+    """The nearest folder above `directory` that a fedleak run (or sweep) holds: one with the
+    lock file a run takes from its start, before it writes anything else (audit EH2), or a
+    run's config.toml beside its environment.json (a run folder copied without its lock). A
+    project's own config.toml alone makes none (audit EH1)."""
+    for folder in Path(directory).parents:
+        if (folder / RUN_LOCK_FILE).is_file() or is_run_folder(folder):
+            return folder
+    return None
+
+
+def is_run_folder(folder: Path) -> bool:
+    """Whether `folder` holds a run's records (config.toml and environment.json)."""
+    return (folder / RUN_CONFIG_FILE).is_file() and (folder / RUN_ENVIRONMENT_FILE).is_file()
+
 
 # Files kept from before the round just saved. A worker pool attacks round t + 1 while the
 # server still waits for round t's other attacks (`CuriousStrategy.settle`), so a learned attack
@@ -72,8 +91,7 @@ class InverterStore:
         # EC3). A user's cache-dir elsewhere is made whenever it is missing (EB1).
         self._anchor = None
         if self.directory is not None:
-            runs = (p for p in self.directory.parents if (p / RUN_CONFIG_FILE).is_file())
-            self._anchor = next(runs, None)
+            self._anchor = run_folder_above(self.directory)
 
     def file(self, round_: int) -> Path | None:
         """Where the inverter trained in `round_` is saved."""
