@@ -72,6 +72,12 @@ NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}"
 NAME_RULE = "letters, digits, '.', '_', '+' or '-', starting with a letter or digit, at most 100"
 
 
+# float32's smallest normal number and its largest over 16, the bounds the clients' defenses
+# hold their clip norms and noise scales to (`fedleak.defenses.noise`): updates are float32.
+FLOAT32_TINY = 2.0**-126
+FLOAT32_NOISE_MAX = (2 - 2.0**-23) * 2.0**127 / 16
+
+
 @dataclass(frozen=True)
 class DataConfig(Settings):
     """Which data set, how it is split among clients, and what the attacker holds."""
@@ -176,7 +182,13 @@ class DefenseConfig(Settings):
         "probability B/n (Poisson: no halved noise in the accounting; in FedAvg per step)",
     )
     central_clip: float = _setting(
-        0.0, low=0.0, doc="server-side clip C of each client's update; 0 = no central DP"
+        0.0,
+        low=0.0,
+        # Below float32's smallest normal number every clipped update was zero: the model never
+        # moved and the run reported a central ε (audit EH3).
+        check=lambda clip: clip == 0 or clip >= FLOAT32_TINY,
+        allowed=f"0 (no central DP) or a number >= {FLOAT32_TINY:.4g} (float32's smallest normal)",
+        doc="server-side clip C of each client's update; 0 = no central DP",
     )
     central_noise: float = _setting(
         0.0, low=0.0, doc="central DP noise multiplier z: std z*C/m on the mean of m clients"
@@ -519,6 +531,13 @@ def _check_consistency(config: RunConfig) -> None:
             "expected train.mode='fedsgd' or threat.share='batch'"
         )
     defense = config.defense
+    if defense.central_noise * defense.central_clip > FLOAT32_NOISE_MAX:
+        raise ConfigError(
+            f"defense.central-noise={defense.central_noise:g} with defense.central-clip="
+            f"{defense.central_clip:g}: z x C = {defense.central_noise * defense.central_clip:g} "
+            f"must be at most {FLOAT32_NOISE_MAX:.4g} (float32's largest number over 16: the "
+            "noised aggregate overflows)"
+        )
     if defense.central_noise > 0 and defense.central_clip == 0:
         raise ConfigError(
             f"defense.central-noise={defense.central_noise:g}: central DP noise is calibrated to "

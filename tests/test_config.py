@@ -9,6 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedleak.config import (
+    FLOAT32_NOISE_MAX,
+    FLOAT32_TINY,
     ConfigError,
     RunConfig,
     attacked_rounds,
@@ -460,3 +462,16 @@ def test_central_dp_labels_keep_every_digit() -> None:
     assert label(0.1234561, 0.5) == "central-dp:0.1234561:0.5"
     assert label(0.1234561, 0.5) != label(0.1234564, 0.5)
     assert label(1.0, 1.1) == "central-dp:1:1.1"  # as before for the usual values
+
+
+def test_central_dp_is_held_to_the_clients_float32_bounds() -> None:
+    """A central clip of 1e-45 zeroed every update while the run reported a central ε, and
+    noise of 1e38 failed round 1 (audit EH3): refused as the clients' dpsgd and gauss are."""
+    from fedleak.defenses import noise
+
+    assert (FLOAT32_TINY, FLOAT32_NOISE_MAX) == (noise.SMALLEST_CLIP, noise.LARGEST_SCALE)
+    with pytest.raises(ConfigError, match=r"^defense\.central-clip=1e-45: expected 0 \(no"):
+        parse_flat({"defense.central-clip": 1e-45, "defense.central-noise": 1.0})
+    with pytest.raises(ConfigError, match=r"z x C = 1e\+38 must be at most 2\.127e\+37"):
+        parse_flat({"defense.central-clip": 1.0, "defense.central-noise": 1e38})
+    assert parse_flat({"defense.central-clip": 2.0**-126, "defense.central-noise": 1.0})
