@@ -339,3 +339,7 @@ def test_gauss_noise_after_dpsgd_is_said_not_to_count_in_epsilon() -> None:
     assert warning("dpsgd:1:1") is None
     assert warning("gauss:0.1") is None  # no ε at all: the ledger says why
     assert warning("dpsgd:1:1+gauss:0") is None
+    # No ε at all under an encoding that mixes images: only the ledger's reason is said
+    # (audit EH6: an "upper bound" followed a "no ε is reported").
+    assert warning("mixup:2+dpsgd:1:1+gauss:0.1") is None
+    assert warning("instahide:2:inter+dpsgd:1:1+gauss:0.1") is not None

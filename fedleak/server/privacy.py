@@ -79,7 +79,14 @@ from flwr.serverapp import (
 
 from fedleak.config import RunConfig
 from fedleak.data import FederatedData
-from fedleak.defenses import DPSGD, GaussianNoise, InstaHide, MixUp, parse_defense_spec
+from fedleak.defenses import (
+    DPSGD,
+    DefensePipeline,
+    GaussianNoise,
+    InstaHide,
+    MixUp,
+    parse_defense_spec,
+)
 from fedleak.settings import format_number
 
 # How far one example added to the data moves a sum clipped to C, in units of C, when the
@@ -122,16 +129,7 @@ class PrivacyLedger:
         pipeline = parse_defense_spec(config.defense.spec)
         train = config.train
         dp = pipeline.find(DPSGD)
-        encoder = pipeline.encoder
-        if dp is None:
-            reason = "no dpsgd step in the defense (noise without clipping has no DP guarantee)"
-        elif isinstance(encoder, MixUp) or (isinstance(encoder, InstaHide) and not encoder.inter):
-            reason = (
-                f"dpsgd clips encoded samples, and {encoder.spec} mixes each private image into "
-                "several of them: the accounted ε would not bound one image's influence"
-            )
-        else:
-            reason = ""
+        reason = _not_dp(pipeline)
         drawn, used = train.examples_per_round, train.local_steps * train.batch_size
         per_sample = 2 if config.threat.share == "per-sample" else 1
         sample, reuse = min(drawn, used), -(-used // drawn)
@@ -229,13 +227,27 @@ class PrivacyLedger:
         return size
 
 
+def _not_dp(pipeline: DefensePipeline) -> str:
+    """Why a defense gets no per-example ε ('' where it does)."""
+    encoder = pipeline.encoder
+    if pipeline.find(DPSGD) is None:
+        return "no dpsgd step in the defense (noise without clipping has no DP guarantee)"
+    if isinstance(encoder, MixUp) or (isinstance(encoder, InstaHide) and not encoder.inter):
+        return (
+            f"dpsgd clips encoded samples, and {encoder.spec} mixes each private image into "
+            "several of them: the accounted ε would not bound one image's influence"
+        )
+    return ""
+
+
 def uncounted_noise(config: RunConfig) -> str | None:
     """A warning where `gauss` noise follows `dpsgd`: ε is accounted at dpsgd's Z alone, so
     it bounds the release from above, and `dpsgd:C:0+gauss:S` reads as inf though noised
     (audit EF2). Counting it would need the noise per step and per release of each mode."""
     pipeline = parse_defense_spec(config.defense.spec)
     dp, gauss = pipeline.find(DPSGD), pipeline.find(GaussianNoise)
-    if dp is None or gauss is None or gauss.sigma == 0:
+    # Without an ε at all, the ledger's warning says why (audit EH6: the two contradicted).
+    if dp is None or gauss is None or gauss.sigma == 0 or _not_dp(pipeline):
         return None
     alone = "inf, as for clipping without noise" if dp.noise_multiplier == 0 else "an upper bound"
     return (
