@@ -14,6 +14,7 @@ import math
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -2212,3 +2213,34 @@ def test_an_image_runs_group_is_not_labelled_with_text_settings() -> None:
     study = Study(Path("s"), "sweep", (image, text), None, ("data.vocab-size", "model.name"))
     assert study.group_of(image) == "name=lenet"
     assert study.group_of(text) == "vocab-size=300, name=transformer3"
+
+
+def test_a_run_recorded_before_its_model_was_is_judged_by_the_models_name() -> None:
+    """Runs recorded before environment.json said whether the model has BatchNorm got no
+    sentence about the statistics it sent, rebuilt or resumed (audit EH5)."""
+    from fedleak.config import parse_flat
+    from fedleak.models import ModelSpec, build_model
+    from fedleak.models.build import has_batchnorm
+    from fedleak.models.registry import model_entry
+    from fedleak.report.collect import BATCHNORM_BUILTINS, RunRecord
+
+    # fedleak's own image models, from a fresh process: other tests in this one may have
+    # registered plug-ins and the Python API's custom models.
+    names = subprocess.run(
+        [sys.executable, "-c", "from fedleak.models import model_names; print(*model_names())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    images = [n for n in names if model_entry(n).modality == "image"]
+    assert {"lenet", "convnet-bn", "resnet18-gn"} <= set(images)
+    built = {n for n in images if has_batchnorm(build_model(ModelSpec(n, (3, 32, 32), 10)))}
+    assert built == set(BATCHNORM_BUILTINS)
+
+    def record(name: str, environment: dict[str, object]) -> RunRecord:
+        empty = pd.DataFrame()
+        config = parse_flat({"model.name": name})
+        return RunRecord("r", Path("r"), config, environment, empty, empty, ())
+
+    assert record("convnet-bn", {}).batchnorm and not record("lenet", {}).batchnorm
+    assert not record("convnet-bn", {"model": {"batchnorm": False}}).batchnorm  # as recorded

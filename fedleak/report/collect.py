@@ -67,10 +67,13 @@ class RunRecord:
 
     @property
     def batchnorm(self) -> bool:
-        """Whether the run's model has BatchNorm, as its environment records it (False for a
-        run recorded before it said)."""
+        """Whether the run's model has BatchNorm, as its environment records it; for a run
+        recorded before it said, whether its model is one of fedleak's with BatchNorm (a
+        plug-in's is not known then, audit EH5)."""
         model = self.environment.get("model")
-        return isinstance(model, dict) and model.get("batchnorm") is True
+        if isinstance(model, dict) and isinstance(model.get("batchnorm"), bool):
+            return model["batchnorm"]
+        return self.config.model.name in BATCHNORM_BUILTINS
 
     @property
     def modality(self) -> str:
@@ -207,6 +210,8 @@ def _read_run(path: Path, name: str | None = None) -> RunRecord:
     )
 
 
+# fedleak's own models with BatchNorm layers (the report room builds no model to ask).
+BATCHNORM_BUILTINS = frozenset({"convnet-bn", "resnet20", "resnet18"})
 # Settings only a text run reads (`ineffective_settings` warns when an image run sets them).
 _TEXT_ONLY = frozenset({"data.tokenizer", "data.vocab-size", "data.seq-len"})
 
