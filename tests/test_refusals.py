@@ -242,6 +242,22 @@ CASES = [
         "attack.lti.hidden='100000,100000': expected a non-empty list of whole numbers in "
         "[1, 100000], neighbours' product at most 409,600,000",
     ),
+    # One width in range, but 6.7 GB of weights to the 16 targets' images (audit EH4).
+    Case(
+        "inverter-too-wide-for-its-outputs",
+        (
+            *CHECK,
+            "--set",
+            "attack.names=aux-mean,lti",
+            "--set",
+            "threat.share=batch",
+            "--set",
+            "train.batch-size=16",
+            "--set",
+            "attack.lti.hidden=100000",
+        ),
+        "attack.lti.hidden=100000: the inverter would hold ",
+    ),
     Case(
         "text-inverter-layers-wide-together",
         ("check", "text-quickstart", "--set", "attack.lti-text.hidden=30000,30000"),

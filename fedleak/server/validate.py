@@ -13,6 +13,7 @@ one starts.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 import re
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 
 from fedleak.attacks.labels import LabelRecoveryError, find_last_layer
+from fedleak.attacks.learned.hashing import resolve_num_bins
 from fedleak.attacks.registry import ATTACKS, attack_entry, attack_modalities, build_attack
 from fedleak.config import ConfigError, RunConfig, canonical_key, key_help, text_keys
 from fedleak.data import (
@@ -49,6 +51,7 @@ from fedleak.lines import listed, one_line
 from fedleak.models import (
     ModelSpec,
     build_model,
+    count_parameters,
     groupnorm_advice,
     has_batchnorm,
     model_entry,
@@ -413,6 +416,7 @@ def check_attacks(config: RunConfig, fd: FederatedData, num_clients: int) -> Non
     _check_batchnorm_prior(config, fd)
     for name in config.attack.names:
         attack = build_attack(name, config.attack.params.get(name, {}))
+        _check_inverter_size(config, fd, name, getattr(attack, "config", None), targets)
         check = getattr(attack, "check_feasible", None)
         if check is None:
             continue
@@ -420,6 +424,41 @@ def check_attacks(config: RunConfig, fd: FederatedData, num_clients: int) -> Non
             check(targets, len(fd.aux))
         except ValueError as error:
             raise ConfigError(str(error)) from None
+
+
+# The most weights a learned attack's inverter may have: 4 GB in float32, about 16 GB to train
+# with Adam (gradients and two moments beside the weights).
+MAX_INVERTER_WEIGHTS = 1_000_000_000
+
+
+def _check_inverter_size(
+    config: RunConfig, fd: FederatedData, name: str, settings: object, targets: int
+) -> None:
+    """Refuse an inverter MLP (`hidden` widths of a learned attack) too large to allocate:
+    its first layer reads the update (or its hashed bins) and its last writes every target's
+    image and label (or a sequence's token distributions); bounds on the hidden widths alone
+    passed 100,000 wide layers of 5 to 97 GB (audit EH4)."""
+    hidden = getattr(settings, "hidden", None)
+    if not hidden:
+        return
+    spec = model_spec(config, fd)
+    update = count_parameters(build_model(spec))
+    bins = getattr(settings, "hash_bins", None)
+    features = update if bins is None else resolve_num_bins(bins, update)
+    if model_modality(spec.name) == "tokens":  # L distributions over the vocabulary
+        outputs = targets * spec.input_shape[0] * spec.num_classes
+    else:
+        outputs = targets * (math.prod(spec.input_shape) + spec.num_classes)
+    widths = [features, *hidden, outputs]
+    weights = sum(a * b + b for a, b in itertools.pairwise(widths))
+    if weights > MAX_INVERTER_WEIGHTS:
+        raise ConfigError(
+            f"attack.{name}.hidden={','.join(map(str, hidden))}: the inverter would hold "
+            f"{weights:,} weights ({features:,} inputs, {outputs:,} outputs; "
+            f"{weights * 4 / 1e9:.1f} GB in float32, about 4 times that to train); expected at "
+            f"most {MAX_INVERTER_WEIGHTS:,}: narrower hidden layers, or fewer inputs "
+            f"(attack.{name}.hash-bins)"
+        )
 
 
 def _check_cache_dir(name: str, folder: Path) -> None:
