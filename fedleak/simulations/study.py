@@ -74,6 +74,7 @@ from fedleak.server.validate import (
 from fedleak.simulations.recording import (
     RunRecorder,
     changed_software,
+    claim_run_dir,
     data_record,
     default_run_dir,
     environment,
@@ -181,7 +182,9 @@ def serve(
     config = canonical(config)
     device = resolve_device(config.device)
     deterministic_kernels(device, config.deterministic)
-    path = Path(config.out_dir) if config.out_dir else default_run_dir(config)
+    # Made before it is locked, as `fedleak run` does: two servers started in one second
+    # would name the same folder (audit ED4).
+    path = Path(config.out_dir) if config.out_dir else claim_run_dir(default_run_dir(config))
     config = dataclasses.replace(config, out_dir=str(path))
     lock = RunLock(path)
     lock.probe()
