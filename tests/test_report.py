@@ -2140,8 +2140,7 @@ def test_a_sweeps_report_is_not_rebuilt_while_a_run_writes_one_of_its_cells(
 ) -> None:
     """`fedleak report CELL` refused a cell a resumed run was writing, `fedleak report SWEEP`
     rebuilt it ("stopped after round 111 of 200" while it ran on) (audit ED3)."""
-    import subprocess
-    import sys
+    from processes import lock_held_elsewhere
 
     from fedleak.report.build import rebuild_reports
 
@@ -2149,24 +2148,11 @@ def test_a_sweeps_report_is_not_rebuilt_while_a_run_writes_one_of_its_cells(
     shutil.copytree(sweep_report, copy)
     cell = sorted(p for p in copy.iterdir() if p.is_dir() and (p / "config.toml").is_file())[0]
     before = sorted(p.name for p in cell.iterdir() if p.name != ".fedleak.lock")
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys, time; from pathlib import Path; from fedleak.report.lock import RunLock; "
-            "RunLock(Path(sys.argv[1])).acquire(); print('held', flush=True); time.sleep(60)",
-            str(cell),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
-        with pytest.raises(RunDirectoryError, match="a fedleak run is still writing this cell"):
-            rebuild_reports(copy)
-    finally:
-        holder.kill()
-        holder.wait()
+    with (
+        lock_held_elsewhere(cell),
+        pytest.raises(RunDirectoryError, match="a fedleak run is still writing this cell"),
+    ):
+        rebuild_reports(copy)
     assert sorted(p.name for p in cell.iterdir() if p.name != ".fedleak.lock") == before
     built = rebuild_reports(copy)  # once the run ended: every cell's and the sweep's
     assert cell / "report.html" in built and copy / "report.html" in built

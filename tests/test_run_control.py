@@ -18,7 +18,7 @@ from typing import Any
 
 import pandas as pd
 import pytest
-from processes import children, ended
+from processes import children, ended, lock_held_elsewhere
 
 from fedleak.simulations.cli import main
 
@@ -465,24 +465,8 @@ def test_two_runs_started_in_one_second_without_out_get_folders_of_their_own(
     monkeypatch.setattr(launch, "default_run_dir", lambda config: taken)
     used = []
     monkeypatch.setattr(launch, "simulate", lambda config, *_, **__: used.append(config.out_dir))
-    # The other run, in another process: it made the folder and holds its lock.
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys, time; from pathlib import Path; from fedleak.report.lock import RunLock; "
-            "RunLock(Path(sys.argv[1])).acquire(); print('held', flush=True); time.sleep(60)",
-            str(taken),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    with lock_held_elsewhere(taken):  # the other run: it made the folder and holds its lock
         assert RunLock(taken).holder() is not None
         status = main(["run", "quickstart", "--num-clients", "3"])
-    finally:
-        holder.kill()
-        holder.wait()
     assert used == [str(taken.with_name(taken.name + "-2"))]
     assert status == 1  # the replaced simulation finished no round
