@@ -1016,6 +1016,22 @@ def test_a_cache_dir_beside_a_projects_own_config_toml_is_accepted(
     assert main(["check", "config.toml", *SMALL, *cache]) == 0
 
 
+@pytest.mark.parametrize("lock", [".fedleak-cache.lock", ".fedleak.lock"])
+def test_a_cache_dir_below_a_cache_folder_a_run_used_is_accepted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lock: str
+) -> None:
+    """A run's lock on its cache folder made every cache-dir below it "another fedleak run's
+    folder" (audit EJ1); caches are locked under a name of their own, and one locked by an
+    earlier fedleak is told by the inverters it holds."""
+    monkeypatch.chdir(tmp_path)
+    used = tmp_path / "cacheA"
+    used.mkdir()
+    (used / lock).write_text("")
+    (used / "lti-inverter-r000001.pt").write_bytes(b"saved")
+    cache = ("--set", "attack.names=aux-mean,lti", "--set", f"attack.lti.cache-dir={used}/exp2")
+    assert main(["check", "quickstart", *SMALL, *cache]) == 0
+
+
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_:
         main(["--version"])

@@ -28,7 +28,7 @@ from fedleak.metrics import lpips as lpips_module
 from fedleak.models import ModelSpec
 from fedleak.report import lock
 from fedleak.report.lock import RunLock
-from fedleak.report.rundir import RunDirectory, RunDirectoryError
+from fedleak.report.rundir import CACHE_LOCK_FILE, LOCK_FILE, RunDirectory, RunDirectoryError
 from fedleak.server.grid import ClientsMissing, StoppableGrid
 from fedleak.server.payload import PayloadBudgetError, check_payload, check_round_payload
 from fedleak.simulations import launch
@@ -36,15 +36,15 @@ from fedleak.simulations import launch
 HOLD = """
 import sys, time
 from fedleak.report.lock import RunLock
-RunLock(sys.argv[1]).acquire()
+RunLock(sys.argv[1], file_name=sys.argv[2]).acquire()
 print("held", flush=True)
 time.sleep(600)
 """
 
 
-def _holder(path: Path) -> subprocess.Popen[str]:
+def _holder(path: Path, file_name: str = LOCK_FILE) -> subprocess.Popen[str]:
     process = subprocess.Popen(
-        [sys.executable, "-c", HOLD, str(path)], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", HOLD, str(path), file_name], stdout=subprocess.PIPE, text=True
     )
     assert process.stdout is not None and process.stdout.readline().strip() == "held"
     return process
@@ -83,7 +83,7 @@ def test_a_chosen_cache_folder_is_one_runs_while_it_runs(
     settings = {"attack.names": "lti", "attack.lti.cache-dir": "cache", "out-dir": run}
     config = parse_flat(settings, load_preset("quickstart"))
     assert canonical(config).attack.params["lti"]["cache-dir"] == str(tmp_path / "cache")
-    holder = _holder(tmp_path / "cache")
+    holder = _holder(tmp_path / "cache", CACHE_LOCK_FILE)
     try:
         with pytest.raises(
             RunDirectoryError,

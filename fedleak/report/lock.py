@@ -27,9 +27,11 @@ class RunLock:
 
     _held: ClassVar[dict[Path, tuple[int, int | None]]] = {}
 
-    def __init__(self, path: Path, instead: str = "choose another out-dir") -> None:
+    def __init__(
+        self, path: Path, instead: str = "choose another out-dir", file_name: str = LOCK_FILE
+    ) -> None:
         self.path = Path(path).resolve()
-        self.file = self.path / LOCK_FILE
+        self.file = self.path / file_name
         self.instead = instead  # what a refused user can do besides waiting
 
     def holder(self) -> str | None:

@@ -138,6 +138,9 @@ DONE_FILE = "DONE"
 TEMP_SUFFIX = ".tmp"  # `atomic_write`'s files before their rename
 FAILED_FILE = "FAILED"
 LOCK_FILE = ".fedleak.lock"
+# The lock a run holds on a cache folder of the user's: named apart, so that a cache folder a
+# run has used is not taken for a run's folder (audit EJ1).
+CACHE_LOCK_FILE = ".fedleak-cache.lock"
 # Lists, inside a folder fedleak fills (report_files/), the files it wrote there.
 OWNED_MANIFEST = ".fedleak-files"
 # Settings a resumed run may change: how long it runs and bookkeeping, not what it measures.

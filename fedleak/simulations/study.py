@@ -45,7 +45,13 @@ from fedleak.lines import MAX_LINE, error_line, one_line
 from fedleak.registry import is_own_error
 from fedleak.report.lock import RunLock
 from fedleak.report.progress import Progress
-from fedleak.report.rundir import CHECKPOINT_FILE, UTILITY_FILE, RunDirectory, RunDirectoryError
+from fedleak.report.rundir import (
+    CACHE_LOCK_FILE,
+    CHECKPOINT_FILE,
+    UTILITY_FILE,
+    RunDirectory,
+    RunDirectoryError,
+)
 from fedleak.report.tables import row_diagnostics
 from fedleak.runtime import deterministic_kernels, federated_data, model_spec, resolve_device
 from fedleak.server.build import (
@@ -202,7 +208,11 @@ def serve(
             for name, folder in cache_dirs(config).items():
                 if not folder.resolve().is_relative_to(path.resolve()):
                     caches.enter_context(
-                        RunLock(folder, instead=f"give attack.{name}.cache-dir another folder")
+                        RunLock(
+                            folder,
+                            instead=f"give attack.{name}.cache-dir another folder",
+                            file_name=CACHE_LOCK_FILE,
+                        )
                     )
             check_resumable(config, path, clients, client_threads)
             return _serve(StoppableGrid(grid), config, path, device, app, clients, client_threads)

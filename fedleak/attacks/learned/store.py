@@ -55,7 +55,11 @@ def run_folder_above(directory: Path) -> Path | None:
     run's config.toml beside its environment.json (a run folder copied without its lock). A
     project's own config.toml alone makes none (audit EH1)."""
     for folder in Path(directory).parents:
-        if (folder / RUN_LOCK_FILE).is_file() or is_run_folder(folder):
+        if is_run_folder(folder) or (
+            (folder / RUN_LOCK_FILE).is_file()
+            # A cache folder locked by a fedleak from before its lock was named apart.
+            and not any(folder.glob("*-inverter-r*.pt"))
+        ):
             return folder
     return None
 
