@@ -2230,3 +2230,19 @@ def test_a_run_recorded_before_its_model_was_is_judged_by_the_models_name() -> N
 
     assert record("convnet-bn", {}).batchnorm and not record("lenet", {}).batchnorm
     assert not record("convnet-bn", {"model": {"batchnorm": False}}).batchnorm  # as recorded
+
+
+def test_settings_a_rerun_may_change_define_no_group() -> None:
+    """A sweep rerun with a longer sim.timeout split its cells into groups by timeout, each
+    defense alone in its tables (audit EJ2)."""
+    from fedleak.config import parse_flat
+    from fedleak.report.collect import RunRecord, _varying
+
+    def record(flat: dict[str, object]) -> RunRecord:
+        empty = pd.DataFrame()
+        return RunRecord("r", Path("r"), parse_flat(flat), {}, empty, empty, ())
+
+    before = record({"sim.timeout": 3600, "defense.spec": "none"})
+    after = record({"sim.timeout": 7200, "attack.show-progress": True, "defense.spec": "sign"})
+    assert _varying([before, after]) == ()
+    assert _varying([before, record({"train.lr": 0.5})]) == ("train.lr",)

@@ -26,6 +26,7 @@ from fedleak.lines import one_line
 from fedleak.report.rundir import (
     ENVIRONMENT_FILE,
     FAILED_FILE,
+    RESUME_MAY_CHANGE,
     RunDirectory,
     RunDirectoryError,
     is_run_directory,
@@ -44,6 +45,9 @@ _NOT_GROUPS = (
     "defense.central-noise",
     "attack.names",
     "sim.resume",
+    # What a resumed run or rerun sweep may change (a longer timeout split a sweep's cells
+    # into groups by it, audit EJ2); more rounds stay a group's.
+    *sorted(RESUME_MAY_CHANGE - {"num-server-rounds"}),
 )
 
 
