@@ -470,8 +470,13 @@ def test_central_dp_is_held_to_the_clients_float32_bounds() -> None:
     from fedleak.defenses import noise
 
     assert (FLOAT32_TINY, FLOAT32_NOISE_MAX) == (noise.SMALLEST_CLIP, noise.LARGEST_SCALE)
-    with pytest.raises(ConfigError, match=r"^defense\.central-clip=1e-45: expected 0 \(no"):
+    with pytest.raises(
+        ConfigError, match=r"^defense\.central-clip=1e-45: expected 0 \(no central DP\) or a finite"
+    ):
         parse_flat({"defense.central-clip": 1e-45, "defense.central-noise": 1.0})
     with pytest.raises(ConfigError, match=r"z x C = 1e\+38 must be at most 2\.127e\+37"):
         parse_flat({"defense.central-clip": 1.0, "defense.central-noise": 1e38})
     assert parse_flat({"defense.central-clip": 2.0**-126, "defense.central-noise": 1.0})
+    # A run that recorded such a clip still reads as it ran, for its report (audit EJ3).
+    tiny = {"defense.central-clip": 1e-40, "defense.central-noise": 1.0}
+    assert parse_flat(tiny, recorded=True).defense.central_clip == 1e-40
