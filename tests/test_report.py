@@ -2246,3 +2246,5 @@ def test_settings_a_rerun_may_change_define_no_group() -> None:
     after = record({"sim.timeout": 7200, "attack.show-progress": True, "defense.spec": "sign"})
     assert _varying([before, after]) == ()
     assert _varying([before, record({"train.lr": 0.5})]) == ("train.lr",)
+    # Image runs apart in text settings alone are one group (audit EJ5).
+    assert _varying([record({"data.vocab-size": 300}), record({"data.vocab-size": 512})]) == ()

@@ -221,7 +221,16 @@ _TEXT_ONLY = frozenset({"data.tokenizer", "data.vocab-size", "data.seq-len"})
 
 
 def _varying(runs: list[RunRecord]) -> tuple[str, ...]:
-    flats = [r.config.to_flat() for r in runs]
+    # An image run's text settings do nothing: image runs apart in them alone are one group
+    # (and the report said it grouped by a key its labels left out, audit EJ5).
+    flats = [
+        {
+            k: v
+            for k, v in r.config.to_flat().items()
+            if r.modality != "image" or k not in _TEXT_ONLY
+        }
+        for r in runs
+    ]
     keys = list(dict.fromkeys(k for flat in flats for k in flat))
     return tuple(
         k for k in keys if k not in _NOT_GROUPS and len({repr(flat.get(k)) for flat in flats}) > 1
