@@ -96,6 +96,26 @@ def test_a_chosen_cache_folder_is_one_runs_while_it_runs(
         holder.wait()
 
 
+def test_a_refused_server_leaves_no_default_folder_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`flwr run` and `fedleak.audit` left runs/<time>-<name>/ holding only its lock after a
+    refusal, which later cache-dir checks took for a run's folder (audit EJ4)."""
+    from fedleak.config import ConfigError
+    from fedleak.simulations import study
+    from fedleak.simulations.presets import load_preset
+
+    monkeypatch.chdir(tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.toml").write_text('name = "other"\n')
+    (other / "environment.json").write_text("{}")
+    settings = {"attack.names": "lti", "attack.lti.cache-dir": str(other / "state" / "lti")}
+    with pytest.raises(ConfigError, match="another fedleak run's"):
+        study.serve(object(), parse_flat(settings, load_preset("quickstart")))
+    assert list((tmp_path / "runs").iterdir()) == []
+
+
 class GridReached(Exception):
     """A run got as far as its federation: everything before it was accepted."""
 

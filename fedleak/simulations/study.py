@@ -48,6 +48,7 @@ from fedleak.report.progress import Progress
 from fedleak.report.rundir import (
     CACHE_LOCK_FILE,
     CHECKPOINT_FILE,
+    LOCK_FILE,
     UTILITY_FILE,
     RunDirectory,
     RunDirectoryError,
@@ -190,6 +191,7 @@ def serve(
     deterministic_kernels(device, config.deterministic)
     # Made before it is locked, as `fedleak run` does: two servers started in one second
     # would name the same folder (audit ED4).
+    claimed = not config.out_dir
     path = Path(config.out_dir) if config.out_dir else claim_run_dir(default_run_dir(config))
     config = dataclasses.replace(config, out_dir=str(path))
     lock = RunLock(path)
@@ -200,24 +202,40 @@ def serve(
     # the 8th digit under `flwr run`), and the run directory must not depend on the path.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    refused = False
     try:
         with lock, contextlib.ExitStack() as caches:
-            # A cache folder of the user's is this run's alone while it runs: another run
-            # writing its inverters there would have this one resume from them. One inside
-            # the run's folder is under the run's lock (and must not exist before it starts).
-            for name, folder in cache_dirs(config).items():
-                if not folder.resolve().is_relative_to(path.resolve()):
-                    caches.enter_context(
-                        RunLock(
-                            folder,
-                            instead=f"give attack.{name}.cache-dir another folder",
-                            file_name=CACHE_LOCK_FILE,
+            try:
+                # A cache folder of the user's is this run's alone while it runs: another run
+                # writing its inverters there would have this one resume from them. One inside
+                # the run's folder is under the run's lock (and must not exist before it
+                # starts).
+                for name, folder in cache_dirs(config).items():
+                    if not folder.resolve().is_relative_to(path.resolve()):
+                        caches.enter_context(
+                            RunLock(
+                                folder,
+                                instead=f"give attack.{name}.cache-dir another folder",
+                                file_name=CACHE_LOCK_FILE,
+                            )
                         )
-                    )
-            check_resumable(config, path, clients, client_threads)
+                check_resumable(config, path, clients, client_threads)
+            except BaseException:
+                refused = True
+                raise
             return _serve(StoppableGrid(grid), config, path, device, app, clients, client_threads)
     finally:
         torch.set_num_threads(threads)
+        if refused and claimed:  # a refused run leaves no folder of its own name behind
+            _remove_unused(path)
+
+
+def _remove_unused(path: Path) -> None:
+    """Remove a run folder that holds nothing but its (released) lock file (audit EJ4)."""
+    with contextlib.suppress(OSError):
+        if {entry.name for entry in path.iterdir()} <= {LOCK_FILE}:
+            (path / LOCK_FILE).unlink(missing_ok=True)
+            path.rmdir()
 
 
 def check_resumable(
