@@ -21,12 +21,12 @@ from typing import Any
 
 import pandas as pd
 
-from fedleak.config import NAME_PATTERN, RunConfig
+from fedleak.config import NAME_PATTERN, TEXT_ONLY_KEYS, RunConfig
 from fedleak.lines import one_line
 from fedleak.report.rundir import (
     ENVIRONMENT_FILE,
     FAILED_FILE,
-    RESUME_MAY_CHANGE,
+    RESUME_BOOKKEEPING,
     RunDirectory,
     RunDirectoryError,
     is_run_directory,
@@ -47,7 +47,7 @@ _NOT_GROUPS = (
     "sim.resume",
     # What a resumed run or rerun sweep may change (a longer timeout split a sweep's cells
     # into groups by it, audit EJ2); more rounds stay a group's.
-    *sorted(RESUME_MAY_CHANGE - {"num-server-rounds"}),
+    *sorted(RESUME_BOOKKEEPING),
 )
 
 
@@ -114,7 +114,7 @@ class Study:
         image cells were labelled `vocab-size=8192`, audit EI6)."""
         flat = run.config.to_flat()
         short = _short_names(self.group_keys)
-        keys = [k for k in self.group_keys if run.modality != "image" or k not in _TEXT_ONLY]
+        keys = [k for k in self.group_keys if run.modality != "image" or k not in TEXT_ONLY_KEYS]
         return ", ".join(f"{short[k]}={flat.get(k)}" for k in keys)
 
     def cells_without_runs(self) -> tuple[dict[str, Any], ...]:
@@ -216,8 +216,6 @@ def _read_run(path: Path, name: str | None = None) -> RunRecord:
 
 # fedleak's own models with BatchNorm layers (the report room builds no model to ask).
 BATCHNORM_BUILTINS = frozenset({"convnet-bn", "resnet20", "resnet18"})
-# Settings only a text run reads (`ineffective_settings` warns when an image run sets them).
-_TEXT_ONLY = frozenset({"data.tokenizer", "data.vocab-size", "data.seq-len"})
 
 
 def _varying(runs: list[RunRecord]) -> tuple[str, ...]:
@@ -227,7 +225,7 @@ def _varying(runs: list[RunRecord]) -> tuple[str, ...]:
         {
             k: v
             for k, v in r.config.to_flat().items()
-            if r.modality != "image" or k not in _TEXT_ONLY
+            if r.modality != "image" or k not in TEXT_ONLY_KEYS
         }
         for r in runs
     ]

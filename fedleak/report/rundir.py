@@ -148,6 +148,9 @@ RESUME_MAY_CHANGE = frozenset(
     {"sim.resume", "out-dir", "num-server-rounds", "sim.timeout", "attack.show-progress"}
     | {"sim.payload-budget-mb"}
 )
+# Of those, the ones that do not change what a run does (a sweep's rerun of a finished cell,
+# which would not run more rounds, and the report's groups may ignore them).
+RESUME_BOOKKEEPING = RESUME_MAY_CHANGE - {"num-server-rounds"}
 # Optional columns: written only when the run asked for them (LPIPS backbones).
 LPIPS_COLUMNS = {"alex": "lpips_alex", "vgg": "lpips_vgg"}
 

@@ -24,7 +24,14 @@ import torch
 from fedleak.attacks.labels import LabelRecoveryError, find_last_layer
 from fedleak.attacks.learned.hashing import resolve_num_bins
 from fedleak.attacks.registry import ATTACKS, attack_entry, attack_modalities, build_attack
-from fedleak.config import ConfigError, RunConfig, canonical_key, key_help, text_keys
+from fedleak.config import (
+    TEXT_ONLY_KEYS,
+    ConfigError,
+    RunConfig,
+    canonical_key,
+    key_help,
+    text_keys,
+)
 from fedleak.data import (
     FOLDER_PREFIX,
     TOKENIZER_KINDS,
@@ -482,7 +489,7 @@ def _check_batchnorm_prior(config: RunConfig, fd: FederatedData) -> None:
     """Refuse a BatchNorm prior set by hand that cannot work here: `bn-mode = "exact"` while
     the clients' batch statistics stay hidden (every inversion would fail), or a prior on a
     model without BatchNorm (it would match nothing, and the row would still record it)."""
-    has_bn = has_batchnorm(build_model(model_spec(config, fd)))
+    has_bn = uses_batchnorm(config, fd)
     for name in config.attack.names:
         # However the key was written: `bn_mode`, or `ig-bn-mode` for lti+ig's refinement
         # (audit DO1: those spellings passed, and the run failed in its first round).
@@ -513,9 +520,7 @@ def ineffective_settings(config: RunConfig, fd: FederatedData) -> str | None:
     without a word)."""
     default = RunConfig()
     unused = []
-    if config.threat.bn_stats != default.threat.bn_stats and not has_batchnorm(
-        build_model(model_spec(config, fd))
-    ):
+    if config.threat.bn_stats != default.threat.bn_stats and not uses_batchnorm(config, fd):
         unused.append(
             f"threat.bn-stats={config.threat.bn_stats!r} (model.name={config.model.name!r} has "
             "no BatchNorm layer)"
@@ -538,15 +543,8 @@ def ineffective_settings(config: RunConfig, fd: FederatedData) -> str | None:
             f"{partition!r}; it shapes the shards partition)"
         )
     if getattr(fd.dataset, "tokenizer", None) is None:
-        text = [
-            f"{key}={value!r}"
-            for key, value, base in (
-                ("data.tokenizer", config.data.tokenizer, default.data.tokenizer),
-                ("data.vocab-size", config.data.vocab_size, default.data.vocab_size),
-                ("data.seq-len", config.data.seq_len, default.data.seq_len),
-            )
-            if value != base
-        ]
+        given, defaults = config.to_flat(), default.to_flat()
+        text = [f"{key}={given[key]!r}" for key in TEXT_ONLY_KEYS if given[key] != defaults[key]]
         if text:
             unused.append(f"{', '.join(text)} (text settings; {config.data.dataset} holds images)")
     return f"{'; '.join(unused)}: no effect in this run" if unused else None
@@ -592,7 +590,7 @@ def unused_batchnorm_prior(config: RunConfig, fd: FederatedData) -> str | None:
     """A warning for attacks whose BatchNorm prior is on by default (gradinversion,
     stepwise) on a model without BatchNorm: they run without it, which their name hides
     (`_check_batchnorm_prior` refuses the prior where it is set by hand)."""
-    if has_batchnorm(build_model(model_spec(config, fd))):
+    if uses_batchnorm(config, fd):
         return None
     unused = []
     for name in config.attack.names:

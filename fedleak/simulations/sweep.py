@@ -87,7 +87,7 @@ from fedleak.report.progress import Progress, parallel_eta
 from fedleak.report.rundir import (
     CHECKPOINT_FILE,
     LOCK_FILE,
-    RESUME_MAY_CHANGE,
+    RESUME_BOOKKEEPING,
     RunDirectory,
     RunDirectoryError,
     atomic_write,
@@ -731,9 +731,8 @@ def _check_existing(cell: Cell, path: Path, num_clients: int) -> None:
     # A moved sweep folder is still the same sweep: where a cell was run is not its setting;
     # nor is bookkeeping a resumed run may change (a longer timeout after a cell timed out
     # was refused, audit EI2). More rounds are not: a finished cell would not run them.
-    may_change = RESUME_MAY_CHANGE - {"num-server-rounds"}
     for key in dict.fromkeys([*wanted, *stored]):
-        if key not in may_change and stored.get(key) != wanted.get(key):
+        if key not in RESUME_BOOKKEEPING and stored.get(key) != wanted.get(key):
             raise RunDirectoryError(
                 f"{path}: was run with {key}={stored.get(key)!r}, this sweep wants "
                 f"{wanted.get(key)!r}; use another out dir or sweep name"
