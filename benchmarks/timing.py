@@ -200,7 +200,7 @@ def positive_number(text: str) -> float:
     except ValueError:
         value = math.nan
     if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a number > 0")
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a finite number > 0")
     return value
 
 

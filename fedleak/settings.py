@@ -261,13 +261,17 @@ def _describe_inner(kind: Any, rule: Rule) -> str:
             return "comma-separated names, or 'none'"
         noun = "integers" if element is int else "numbers"
         return f"a list of {noun}{_range(rule)}"
+    number = kind is float or _is_number_union(kind)
+    if number and (rule.low is None or rule.high is None):
+        # inf and nan are refused too, which a bound with no end would not say.
+        return "a finite number" + _range(rule)
     name = {
         int: "an integer",
         float: "a number",
         bool: "true or false",
         str: "a string",
         Path: "a path",
-    }.get(kind, "a number" if _is_number_union(kind) else getattr(kind, "__name__", str(kind)))
+    }.get(kind, "a number" if number else getattr(kind, "__name__", str(kind)))
     return name + _range(rule)
 
 

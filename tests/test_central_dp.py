@@ -239,9 +239,12 @@ def test_attacks_see_raw_updates_and_the_model_gets_the_clipped_noised_aggregate
     [
         (
             {"defense.central-clip": -1.0},
-            "defense.central-clip=-1.0: expected a number >= 0",
+            "defense.central-clip=-1.0: expected a finite number >= 0",
         ),
-        ({"defense.central-noise": "lots"}, "defense.central-noise='lots': expected a number"),
+        (
+            {"defense.central-noise": "lots"},
+            "defense.central-noise='lots': expected a finite number >= 0",
+        ),
         (
             {"defense.central-noise": 1.0},
             "defense.central-noise=1: central DP noise is calibrated to the clipping norm",

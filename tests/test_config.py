@@ -29,7 +29,7 @@ INVALID = [
     # Every client failing on purpose: a run that could only end FAILED.
     ({"sim.fail-rate": 1.0}, "sim.fail-rate=1.0: expected a number in [0, 1)"),
     ({"data.aux-beta": 1.5}, "data.aux-beta=1.5: expected a number in [0, 1]"),
-    ({"data.dirichlet-alpha": 0}, "data.dirichlet-alpha=0: expected a number > 0"),
+    ({"data.dirichlet-alpha": 0}, "data.dirichlet-alpha=0: expected a finite number > 0"),
     ({"num-server-rounds": 0}, "num-server-rounds=0: expected an integer in [1, 1000000]"),
     ({"seed": True}, "seed=True: expected an integer in [0, 4294967295]"),
     # torch keeps a seed's low 32 bits: seed 2**32 drew seed 0's initial model.
@@ -39,7 +39,12 @@ INVALID = [
     ({"attack.names": []}, "attack.names=[]: expected at least one name, or 'none'"),
     ({"metrics.lpips-nets": []}, "metrics.lpips-nets=[]: expected at least one name"),
     ({"attack.names": ["ig", " "]}, "attack.names=['ig', ' ']: a blank name"),
-    ({"attack.max-seconds": float("nan")}, "attack.max-seconds=nan: expected a number > 0"),
+    ({"attack.max-seconds": float("nan")}, "attack.max-seconds=nan: expected a finite number > 0"),
+    # inf is >= 0, so the line says why it is refused.
+    (
+        {"defense.central-noise": float("inf")},
+        "defense.central-noise=inf: expected a finite number >= 0",
+    ),
     ({"device": "tpu"}, "device='tpu': expected one of 'auto', 'cpu', 'cuda'"),
     ({"data.datset": "x"}, "data.datset: unknown setting; did you mean data.dataset"),
     ({"TRAIN.BATCH-SIZE": 4}, "TRAIN.BATCH-SIZE: unknown setting; did you mean train.batch-size"),

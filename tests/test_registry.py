@@ -191,7 +191,8 @@ def test_the_decorator_registers_an_attack_with_checked_settings() -> None:
         assert (attack.config, attack.seed) == (BlurConfig(sigma=2.0, passes=3), 4)
         assert isinstance(attack.config.sigma, float)
         assert "test-blur" in attack_names() and not attack_entry("test-blur").stateful
-        with pytest.raises(ConfigError, match=r"^attack\.test-blur\.sigma=-1: expected a number"):
+        refused = r"^attack\.test-blur\.sigma=-1: expected a finite number >= 0$"
+        with pytest.raises(ConfigError, match=refused):
             build_attack("test-blur", {"sigma": -1})
         # A list of names raised dict()'s ValueError (audit BU7).
         with pytest.raises(ConfigError, match=r"^params: a list; expected a mapping of test-blur"):

@@ -292,9 +292,9 @@ def check_resources(
             f"({config.train.min_clients})"
         )
     if not _is_number(client_cpus) or not (math.isfinite(client_cpus) and client_cpus > 0):
-        raise ConfigError(f"client-cpus={client_cpus!r}: expected a number > 0")
+        raise ConfigError(f"client-cpus={client_cpus!r}: expected a finite number > 0")
     if not _is_number(client_gpus) or not (math.isfinite(client_gpus) and client_gpus >= 0):
-        raise ConfigError(f"client-gpus={client_gpus!r}: expected a number >= 0")
+        raise ConfigError(f"client-gpus={client_gpus!r}: expected a finite number >= 0")
     cpus = local_cpus()
     if _cluster_address() is not None:
         check_cluster_address()

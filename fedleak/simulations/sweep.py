@@ -211,7 +211,8 @@ def _float(section: Mapping[str, Any], key: str, default: float, *, positive: bo
     ok = not isinstance(value, bool) and isinstance(value, (int, float))
     ok = ok and math.isfinite(value) and (value > 0 if positive else value >= 0)
     if not ok:
-        raise SweepError(f"sweep.{key}={value!r}: expected a number {'>' if positive else '>='} 0")
+        sign = ">" if positive else ">="
+        raise SweepError(f"sweep.{key}={value!r}: expected a finite number {sign} 0")
     return float(value)
 
 
