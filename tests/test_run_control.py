@@ -470,3 +470,25 @@ def test_two_runs_started_in_one_second_without_out_get_folders_of_their_own(
         status = main(["run", "quickstart", "--num-clients", "3"])
     assert used == [str(taken.with_name(taken.name + "-2"))]
     assert status == 1  # the replaced simulation finished no round
+
+
+def test_a_run_refused_inside_the_server_leaves_no_default_folder_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A cache-dir another run holds is refused by the server, after `fedleak run` made
+    runs/<time>-<name>/: the folder stayed, holding only its lock (audit EJ4's carry)."""
+    from fedleak.report.rundir import RunDirectoryError
+    from fedleak.simulations import launch
+
+    def refused(config: object, *_: object, **__: object) -> None:
+        raise RunDirectoryError("/cache: in use by another fedleak run")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(launch, "simulate", refused)
+    assert main(["run", "quickstart", "--num-clients", "3"]) == 1
+    assert capsys.readouterr().err.strip().endswith("in use by another fedleak run")
+    assert not (tmp_path / "runs").exists()
+    # A folder the user named stays, as it was given.
+    (tmp_path / "mine").mkdir()
+    assert main(["run", "quickstart", "--num-clients", "3", "--out", str(tmp_path / "mine")]) == 1
+    assert (tmp_path / "mine").is_dir()

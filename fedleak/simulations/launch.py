@@ -45,7 +45,7 @@ from fedleak.server.pool import ray_init_args
 from fedleak.server.validate import check_seen_by_ray, validate_run
 from fedleak.settings import ConfigError
 from fedleak.simulations.apps import make_server_app
-from fedleak.simulations.recording import claim_run_dir, default_run_dir
+from fedleak.simulations.recording import claim_run_dir, default_run_dir, release_claimed
 from fedleak.simulations.study import RunFailed, check_resumable
 
 SERVER_THREAD_GRACE_SECONDS = 60.0  # a safe point comes within a poll or an attack iteration
@@ -122,32 +122,36 @@ def run_study(
     try:
         out = check_out_dir(config, num_clients, client_cpus)
     except BaseException:
-        for folder in reversed(made):  # a refused run leaves nothing behind
-            with contextlib.suppress(OSError):
-                folder.rmdir()
+        _release(made)
         raise
     config = dataclasses.replace(config, out_dir=str(out))
     resume = None if resume_command is None else resume_command(out)
-    with RunLock(out), _stop_on_first_signal(resume):
-        try:
-            simulate(config, num_clients, client_cpus, client_gpus, init_args, verbose)
-        except RunFailed as failure:
-            raise StudyFailed(f"run failed: {failure}") from None
-        except (RunInterrupted, KeyboardInterrupt):
-            raise StudyInterrupted(out, _finished(out), config.num_server_rounds) from None
-        except (ConfigError, RunDirectoryError, DatasetUnavailable):
-            raise  # a refusal (a resume under other settings): the folder stays as it was
-        except RuntimeError as error:
-            if type(error) is not RuntimeError:  # fedleak's own, which say what happened
+    try:
+        with RunLock(out), _stop_on_first_signal(resume):
+            try:
+                simulate(config, num_clients, client_cpus, client_gpus, init_args, verbose)
+            except RunFailed as failure:
+                raise StudyFailed(f"run failed: {failure}") from None
+            except (RunInterrupted, KeyboardInterrupt):
+                raise StudyInterrupted(out, _finished(out), config.num_server_rounds) from None
+            except (ConfigError, RunDirectoryError, DatasetUnavailable):
+                raise  # a refusal (a resume under other settings): the folder stays as it was
+            except RuntimeError as error:
+                if type(error) is not RuntimeError:  # fedleak's own, which say what happened
+                    _marked_failed(out, error_line(error, MAX_LINE))
+                    raise
+                raise StudyFailed(
+                    _marked_failed(out, _engine_stopped(out, error, client_gpus))
+                ) from error
+            # A plug-in's bug (or its sys.exit), or fedleak's: the run still failed.
+            except (Exception, SystemExit) as error:
                 _marked_failed(out, error_line(error, MAX_LINE))
                 raise
-            raise StudyFailed(
-                _marked_failed(out, _engine_stopped(out, error, client_gpus))
-            ) from error
-        # A plug-in's bug (or its sys.exit), or fedleak's: the run still failed.
-        except (Exception, SystemExit) as error:
-            _marked_failed(out, error_line(error, MAX_LINE))
-            raise
+    except (ConfigError, RunDirectoryError, DatasetUnavailable):
+        # Refused inside the server (a cache folder another run holds): a folder made for
+        # this run is removed once its lock is released.
+        _release(made)
+        raise
     done = _finished(out)
     if done < config.num_server_rounds:
         raise StudyFailed(
@@ -159,6 +163,12 @@ def run_study(
             )
         )
     return out
+
+
+def _release(made: list[Path]) -> None:
+    """Undo what `run_study` made for a refused run: it leaves no folder of its own behind."""
+    for folder in reversed(made):
+        release_claimed(folder)
 
 
 def _marked_failed(out: Path, message: str) -> str:

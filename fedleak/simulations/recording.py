@@ -9,6 +9,7 @@ The helpers here describe the run for its directory (environment, data provenanc
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import hashlib
@@ -29,9 +30,11 @@ from fedleak.data import FederatedData
 from fedleak.data.content import data_fingerprint
 from fedleak.data.registry import dataset_modality
 from fedleak.metrics.lpips import lpips_status, lpips_warning
+from fedleak.report.lock import RunLock
 from fedleak.report.progress import Progress
 from fedleak.report.rundir import (
     ATTACK_SETTINGS_KEY,
+    LOCK_FILE,
     Accounting,
     RunDirectory,
     RunDirectoryError,
@@ -79,6 +82,16 @@ def claim_run_dir(path: Path) -> Path:
             raise RunDirectoryError(
                 f"{candidate}: cannot be created ({error.strerror}); choose an out-dir"
             ) from None
+
+
+def release_claimed(path: Path) -> None:
+    """Remove a folder `claim_run_dir` made for a run that was then refused: it holds nothing
+    but its released lock file, and later checks would take it for a run's folder (audit
+    EJ4). Anything else in it is kept."""
+    with contextlib.suppress(OSError):
+        if {entry.name for entry in path.iterdir()} <= {LOCK_FILE} and not RunLock(path).holder():
+            (path / LOCK_FILE).unlink(missing_ok=True)
+            path.rmdir()
 
 
 def data_record(fd: FederatedData) -> dict[str, object]:

@@ -48,7 +48,6 @@ from fedleak.report.progress import Progress
 from fedleak.report.rundir import (
     CACHE_LOCK_FILE,
     CHECKPOINT_FILE,
-    LOCK_FILE,
     UTILITY_FILE,
     RunDirectory,
     RunDirectoryError,
@@ -86,6 +85,7 @@ from fedleak.simulations.recording import (
     default_run_dir,
     environment,
     model_record,
+    release_claimed,
     setup_warnings,
 )
 
@@ -227,15 +227,7 @@ def serve(
     finally:
         torch.set_num_threads(threads)
         if refused and claimed:  # a refused run leaves no folder of its own name behind
-            _remove_unused(path)
-
-
-def _remove_unused(path: Path) -> None:
-    """Remove a run folder that holds nothing but its (released) lock file (audit EJ4)."""
-    with contextlib.suppress(OSError):
-        if {entry.name for entry in path.iterdir()} <= {LOCK_FILE}:
-            (path / LOCK_FILE).unlink(missing_ok=True)
-            path.rmdir()
+            release_claimed(path)
 
 
 def check_resumable(
