@@ -1364,6 +1364,30 @@ def test_a_cell_an_older_fedleak_left_unfinished_is_started_over_with_a_line(
     assert (cell / "DONE").exists()
 
 
+def test_a_cell_a_newer_fedleak_made_is_refused_and_kept(tmp_path: Path) -> None:
+    """A folder of a newer run format was taken for an older one's: the sweep cleared the
+    cell's rounds and started it over, and its report read it without a word (audit EM2)."""
+    from fedleak.report.build import rebuild_reports
+
+    source = _write(tmp_path, GRID)
+    sweep_dir = run_sweep(source, out_dir=tmp_path, runner=fake_runner, say=lambda _: None)
+    cell = sweep_dir / read_manifest(sweep_dir)["cells"][0]["id"]
+    (cell / "DONE").unlink()
+    environment = json.loads((cell / "environment.json").read_text())
+    environment["run_format"] += 1
+    (cell / "environment.json").write_text(json.dumps(environment))
+    rounds = (cell / "utility.csv").read_text()
+    newer = rf"{cell}: was made by a newer fedleak \(run format 2; this one knows formats up to 1\)"
+    runner = Recorder()
+    with pytest.raises(RunDirectoryError, match=rf"^{newer}; report or continue it with that"):
+        run_sweep(source, out_dir=tmp_path, runner=runner, say=lambda _: None)
+    assert runner.calls == [] and (cell / "utility.csv").read_text() == rounds
+    with pytest.raises(RunDirectoryError, match=newer):
+        rebuild_reports(sweep_dir)
+    with pytest.raises(RunDirectoryError, match=newer):
+        RunDirectory.open(cell).check_format()  # a resume of the run
+
+
 def test_a_cell_whose_checkpoint_was_removed_says_why_it_starts_over(tmp_path: Path) -> None:
     """Its recorded rounds went without a word, where `fedleak run` refuses such a folder in
     one line (audit DZ3)."""

@@ -845,7 +845,8 @@ class RunDirectory:
     def check_records(self) -> None:
         """Refuse records that disagree on how far the run got: a checkpoint or DONE beyond
         the rounds utility.csv holds (a copy restored from an older moment, or cut short), which
-        a report would read as a run that stopped early."""
+        a report would read as a run that stopped early; and a folder a newer fedleak made."""
+        self.check_not_newer()
         self.load_global_model()  # raises when the checkpoint is ahead of utility.csv
         done = self.path / DONE_FILE
         if not done.exists():
@@ -902,6 +903,7 @@ class RunDirectory:
         """Refuse to continue a run whose records are not this fedleak's: one made before runs
         recorded their federation, data and format would pass every check a resume makes by
         having nothing to compare, and its rows would sit beside rows another version drew."""
+        self.check_not_newer()
         recorded = self.environment().get(RUN_FORMAT_KEY)
         if recorded == RUN_FORMAT:
             return
@@ -915,6 +917,17 @@ class RunDirectory:
             "check that the resumed rounds would continue it: `fedleak report` still reads it; "
             "run the study again in a new out-dir"
         )
+
+    def check_not_newer(self) -> None:
+        """Refuse a folder a newer fedleak made: this one cannot tell what its records mean,
+        so a report would misread them and a resume or a sweep start it over (audit EM2)."""
+        recorded = self.environment().get(RUN_FORMAT_KEY)
+        if type(recorded) is int and recorded > RUN_FORMAT:
+            raise RunDirectoryError(
+                f"{self.path}: was made by a newer fedleak (run format {recorded}; this one "
+                f"knows formats up to {RUN_FORMAT}); report or continue it with that fedleak "
+                "or a newer one"
+            )
 
     def check_clients(self, num_clients: int, client_threads: int | None = None) -> None:
         """Refuse a federation of another size than the run's: the data's partitions depend

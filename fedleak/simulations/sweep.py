@@ -721,6 +721,7 @@ def _check_existing(cell: Cell, path: Path, num_clients: int) -> None:
     as many clients (`RunDirectoryError`, exit 1, as a resume of `fedleak run` is refused)."""
     from fedleak.server.validate import canonical, resume_form
 
+    RunDirectory.open(path).check_not_newer()  # its rounds must not be cleared as "not resumable"
     try:
         run = RunDirectory.open(path)
         stored = resume_form(canonical(run.config)).to_flat()
