@@ -209,6 +209,24 @@ CASES = [
         setup=_write("other/.fedleak.lock", b""),
         keeps=("other/.fedleak.lock",),
     ),
+    # The folder itself: a run's, or a sweep's that holds only its lock, was taken as a cache
+    # (the inverters then lay in the sweep's folder, audit EN1).
+    Case(
+        "cache-dir-is-another-runs-folder",
+        (*RUN, "--set", "attack.names=lti", "--set", "attack.lti.cache-dir={tmp}/other"),
+        "/other' is ",
+        setup=_writes(
+            ("other/config.toml", b'name = "other"\n'), ("other/environment.json", b"{}")
+        ),
+        keeps=("other/config.toml", "other/environment.json"),
+    ),
+    Case(
+        "cache-dir-is-a-sweeps-folder",
+        (*RUN, "--set", "attack.names=lti", "--set", "attack.lti.cache-dir={tmp}/sweep"),
+        "/sweep' is ",
+        setup=_write("sweep/.fedleak.lock", b""),
+        keeps=("sweep/.fedleak.lock",),
+    ),
     Case(
         "gpus-nan", (*RUN, "--client-gpus", "nan"), "client-gpus=nan: expected a finite number >= 0"
     ),

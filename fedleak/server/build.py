@@ -21,8 +21,7 @@ from fedleak.attacks.learned.store import (
     InverterStore,
     InverterStoreError,
     check_saved_inverters,
-    is_run_folder,
-    run_folder_above,
+    run_folder_at,
 )
 from fedleak.attacks.registry import attack_entry, build_attack
 from fedleak.attacks.types import AttackerKnowledge, Budget, is_reference
@@ -139,10 +138,11 @@ def check_fresh_caches(config: RunConfig) -> None:
     run = Path(config.out_dir).resolve() if config.out_dir else None
     for name, folder in cache_dirs(config).items():
         where = folder.resolve()
-        owner = where if is_run_folder(where) else run_folder_above(where)
+        owner = run_folder_at(where)
         if owner is not None and (run is None or not where.is_relative_to(run)):
+            relation = "is" if owner == where else "lies in"
             raise ConfigError(
-                f"attack.{name}.cache-dir={str(folder)!r} lies in {owner}, another fedleak "
+                f"attack.{name}.cache-dir={str(folder)!r} {relation} {owner}, another fedleak "
                 "run's (or sweep's) folder, whose own inverters may be kept there; expected a "
                 "folder of this run's or one outside every run's"
             )

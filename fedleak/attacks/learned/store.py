@@ -54,14 +54,22 @@ def run_folder_above(directory: Path) -> Path | None:
     lock file a run takes from its start, before it writes anything else (audit EH2), or a
     run's config.toml beside its environment.json (a run folder copied without its lock). A
     project's own config.toml alone makes none (audit EH1)."""
-    for folder in Path(directory).parents:
-        if is_run_folder(folder) or (
-            (folder / RUN_LOCK_FILE).is_file()
-            # A cache folder locked by a fedleak from before its lock was named apart.
-            and not any(folder.glob("*-inverter-r*.pt"))
-        ):
-            return folder
-    return None
+    return next((folder for folder in Path(directory).parents if _holds_a_run(folder)), None)
+
+
+def run_folder_at(directory: Path) -> Path | None:
+    """`directory` itself when a fedleak run (or sweep) holds it, else `run_folder_above`:
+    a sweep's folder, locked but holding no run's records yet, was taken for a cache (audit
+    EN1)."""
+    return directory if _holds_a_run(Path(directory)) else run_folder_above(directory)
+
+
+def _holds_a_run(folder: Path) -> bool:
+    return is_run_folder(folder) or (
+        (folder / RUN_LOCK_FILE).is_file()
+        # A cache folder locked by a fedleak from before its lock was named apart.
+        and not any(folder.glob("*-inverter-r*.pt"))
+    )
 
 
 def is_run_folder(folder: Path) -> bool:
