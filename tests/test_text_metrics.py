@@ -147,3 +147,28 @@ def test_token_pairs_round_trip(tmp_path: Path) -> None:
     assert first.target_index == 1 and first.recovered == (True, False, True)
     assert first.truth_pieces == ("<1>", "<2>", "<3>")
     assert json.loads(path.read_text())["pairs"][1]["reconstruction"] == [4, 5, 6]
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ('{"round": 1, "client": 0, "attack": "tag", "pairs": [', "JSONDecodeError"),
+        ("[]", "not an object with a list of pairs"),
+        ('{"round": 1, "client": 0, "attack": "tag", "pairs": [{"truth": [1]}]}', "KeyError"),
+        ('{"round": "1", "client": 0, "attack": "tag", "pairs": []}', "of the wrong type"),
+        (
+            '{"round": 1, "client": 0, "attack": "tag", "pairs": [{"target_index": 0, '
+            '"truth": [1, 2], "reconstruction": [1], "truth_pieces": ["a", "b"], '
+            '"reconstruction_pieces": ["a"]}]}',
+            "differ in length",
+        ),
+    ],
+)
+def test_a_damaged_pair_file_is_one_line_naming_it(tmp_path: Path, text: str, why: str) -> None:
+    """A damaged texts/*.json failed `fedleak report` with "internal error" (audit EK4)."""
+    from fedleak.report.rundir import RunDirectoryError
+
+    path = tmp_path / "r001_c000_tag.json"
+    path.write_text(text)
+    with pytest.raises(RunDirectoryError, match=rf"^{path}: unreadable token pairs \(.*{why}"):
+        load_token_pairs(path)

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from fedleak.report.rundir import atomic_write
+from fedleak.lines import one_line
+from fedleak.report.rundir import RunDirectoryError, atomic_write
 
 TEXTS_DIR = "texts"
 # The aggregate view's one target per round is client -1 (`c-01`).
@@ -97,21 +98,50 @@ def save_token_pairs(
 
 
 def load_token_pairs(path: Path) -> TokenPairs:
-    """One saved file (see `save_token_pairs`)."""
-    document = json.loads(Path(path).read_text(encoding="utf-8"))
-    pairs = tuple(
-        TokenPair(
-            target_index=int(row["target_index"]),
-            truth=tuple(row["truth"]),
-            reconstruction=tuple(row["reconstruction"]),
-            truth_pieces=tuple(row["truth_pieces"]),
-            reconstruction_pieces=tuple(row["reconstruction_pieces"]),
-        )
-        for row in document["pairs"]
+    """One saved file (see `save_token_pairs`); `RunDirectoryError`, one line naming the file,
+    when it is unreadable or not such a file (a damaged one failed the report with "internal
+    error", audit EK4)."""
+    try:
+        document = json.loads(Path(path).read_text(encoding="utf-8"))
+        if not isinstance(document, dict) or not isinstance(document.get("pairs"), list):
+            raise ValueError("not an object with a list of pairs")
+        pairs = tuple(_pair(row) for row in document["pairs"])
+        header = (document["round"], document["client"], document["attack"])
+        if not (_is_int(header[0]) and _is_int(header[1]) and isinstance(header[2], str)):
+            raise ValueError("round, client or attack of the wrong type")
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as error:
+        detail = one_line(f"{type(error).__name__}: {error}", 200)
+        raise RunDirectoryError(
+            f"{path}: unreadable token pairs ({detail}); restore it, or delete it to leave its "
+            "sequences out of the report"
+        ) from None
+    return TokenPairs(header[0], header[1], header[2], pairs)
+
+
+def _pair(row: object) -> TokenPair:
+    if not isinstance(row, dict):
+        raise ValueError("a pair is not an object")
+    ids = [row["truth"], row["reconstruction"]]
+    pieces = [row["truth_pieces"], row["reconstruction_pieces"]]
+    if not _is_int(row["target_index"]) or not all(
+        isinstance(seq, list) and all(_is_int(t) for t in seq) for seq in ids
+    ):
+        raise ValueError("a pair's target_index or token ids are not integers")
+    if not all(isinstance(seq, list) and all(isinstance(p, str) for p in seq) for seq in pieces):
+        raise ValueError("a pair's pieces are not strings")
+    if len({len(seq) for seq in (*ids, *pieces)}) != 1:
+        raise ValueError("a pair's token ids and pieces differ in length")
+    return TokenPair(
+        target_index=row["target_index"],
+        truth=tuple(ids[0]),
+        reconstruction=tuple(ids[1]),
+        truth_pieces=tuple(pieces[0]),
+        reconstruction_pieces=tuple(pieces[1]),
     )
-    return TokenPairs(
-        int(document["round"]), int(document["client"]), str(document["attack"]), pairs
-    )
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def text_files(run: Path) -> list[Path]:
