@@ -42,7 +42,7 @@ from fedleak.data import auxiliary, build_federated_data
 from fedleak.defenses import parse_defense_spec
 from fedleak.models import ModelSpec, build_model
 from fedleak.server.auditor import Auditor, GroundTruth
-from fedleak.settings import ConfigError
+from fedleak.settings import ConfigError, flat_values
 from fedleak.training.update import LocalTraining, compute_update
 
 VOCAB, LENGTH = 300, 8
@@ -405,6 +405,13 @@ def test_text_lti_defaults_are_the_papers() -> None:
         assert "\n" not in str(caught.value)
     with pytest.raises(ConfigError, match="preset"):
         build_attack("lti-text", {"preset": "gpu"})
+    # Only LTI-P draws pseudo-sequences: lti-text took the setting, recorded it and read none
+    # of it (audit EK1).
+    with pytest.raises(ConfigError, match=r"^attack\.lti-text\.pseudo-size: unknown setting"):
+        build_attack("lti-text", {"pseudo-size": 5})
+    assert build_attack("lti-p", {}).config.pseudo_size == 2000  # type: ignore[attr-defined]
+    lti_text = build_attack("lti-text", {}).config  # type: ignore[attr-defined]
+    assert "pseudo-size" not in flat_values(lti_text)
 
 
 def test_sequence_loss_matches_outputs_to_sequences() -> None:
@@ -488,9 +495,10 @@ def test_text_lti_inverts_fedavg_deltas(world: dict[str, object]) -> None:
         defense="none",
         modality="tokens",
     )
-    params = {"epochs": 1, "pseudo-size": 40, "hash-bins": 256, "hidden": "32"}
-    for name in ("lti-text", "lti-p"):
-        result = build_attack(name, params).reconstruct(observation, knowledge, Budget(1, 1e9))
+    params = {"epochs": 1, "hash-bins": 256, "hidden": "32"}
+    for name, own in (("lti-text", {}), ("lti-p", {"pseudo-size": 40})):
+        attack = build_attack(name, {**params, **own})
+        result = attack.reconstruct(observation, knowledge, Budget(1, 1e9))
         assert result.status == "ok", result.message
         assert result.inputs.shape == (4, LENGTH) and result.inputs.dtype == torch.int64
 

@@ -20,12 +20,12 @@ it runs out (said in the message and the `timed_out` diagnostic).
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -68,12 +68,14 @@ class TextLTIConfig(Settings):
     hashing (`block_normalise`; false hashes the raw update as the paper does), and the
     inverter standardises its input features by their mean and spread over its training pairs.
 
-    `pseudo`: LTI-P; `pseudo_size`: pseudo-sequence groups drawn per epoch (0: as many as the
-    auxiliary training groups). `aux_val_fraction` of the auxiliary sequences, the same ones
-    every round (LTI-P: a pseudo set of that size, drawn each round apart from its training
-    sequences), is held out for the validation token accuracy; `patience` epochs
-    without improvement stop training (None: never) and the best epoch's weights are kept.
+    `aux_val_fraction` of the auxiliary sequences, the same ones every round (LTI-P: a pseudo
+    set of that size, drawn each round apart from its training sequences), is held out for
+    the validation token accuracy; `patience` epochs without improvement stop training (None:
+    never) and the best epoch's weights are kept.
     """
+
+    # LTI-P's (`TextLTIPConfig`): trained on pseudo-sequences, not the auxiliary sequences.
+    pseudo: ClassVar[bool] = False
 
     hidden: tuple[int, ...] = setting(
         (600, 1000),
@@ -99,11 +101,6 @@ class TextLTIConfig(Settings):
     )
     hash_signed: bool = setting(False, doc="signed feature hashing")
     block_normalise: bool = setting(True, doc="scale each parameter's block to unit norm")
-    # Fixed by the attack's name (lti-text: False, lti-p: True), not a setting.
-    pseudo: bool = field(default=False, metadata={"internal": True})
-    pseudo_size: int = setting(
-        0, low=0, doc="LTI-P: pseudo-sequence groups per epoch; 0 = as many as aux groups"
-    )
     aux_val_fraction: float = setting(
         0.1, low=0.0, high=1.0, high_open=True, doc="aux data held out for validation"
     )
@@ -115,15 +112,28 @@ class TextLTIConfig(Settings):
     )
 
 
+@dataclass(frozen=True)
+class TextLTIPConfig(TextLTIConfig):
+    """LTI-P's settings: text LTI's, trained on pseudo-sequences drawn from the auxiliary
+    text's token marginal; `pseudo_size` groups of them per epoch (0: as many as the auxiliary
+    training groups). lti-text has no such setting: it read none (audit EK1)."""
+
+    pseudo: ClassVar[bool] = True
+    pseudo_size: int = setting(
+        0, low=0, doc="pseudo-sequence groups per epoch; 0 = as many as aux groups"
+    )
+
+
 # CPU-sized settings: hashing to 4,096 bins keeps the first layer small, and LTI-P draws 2,000
 # pseudo-sequences per epoch; the MLP is the paper's.
+_CPU: dict[str, Any] = {"epochs": 10, "finetune_epochs": 3, "hash_bins": 4096}
 TEXT_LTI_PRESETS: dict[str, TextLTIConfig] = {
     "paper": TextLTIConfig(),
-    "cpu": TextLTIConfig(epochs=10, finetune_epochs=3, hash_bins=4096, pseudo_size=2000),
+    "cpu": TextLTIConfig(**_CPU),
 }
-# LTI-P: the same settings, trained on pseudo-sequences drawn from the token marginal.
 TEXT_LTI_P_PRESETS: dict[str, TextLTIConfig] = {
-    name: dataclasses.replace(config, pseudo=True) for name, config in TEXT_LTI_PRESETS.items()
+    "paper": TextLTIPConfig(),
+    "cpu": TextLTIPConfig(**_CPU, pseudo_size=2000),
 }
 
 
@@ -265,7 +275,7 @@ class TextLearningToInvert:
         asks for as many as the auxiliary groups)."""
         if aux == 0:
             raise ValueError(f"{self._needs()}, but data.aux-size=0; set it > 0")
-        if self.config.pseudo and self.config.pseudo_size:
+        if isinstance(self.config, TextLTIPConfig) and self.config.pseudo_size:
             return
         check_aux_size(self.name, targets, aux, self.config.aux_val_fraction, "sequences")
 
@@ -380,7 +390,7 @@ class TextLearningToInvert:
         n_val = round(cfg.aux_val_fraction * aux.shape[0])
         train_x, val_x = aux[order[n_val:]], aux[order[:n_val]]
         frequencies = marginal(train_x, vocab).to(device)
-        if cfg.pseudo:
+        if isinstance(cfg, TextLTIPConfig):
             size = cfg.pseudo_size * unit.size or train_x.shape[0]
             draw_gen = torch.Generator(device=device).manual_seed(mix_seed(seed, 0x50534555))
 
