@@ -271,6 +271,10 @@ def test_a_data_set_without_test_images_says_accuracy_was_not_measured() -> None
     assert sentence.endswith(
         ". The global model's test accuracy was not measured (no test images)."
     )
+    # A text run without a test split has no test images either (audit EK3).
+    tag = _text_summary("tag", 0.5, 0.5)
+    text = SettingVerdict("", "none", (tag,), None, math.nan, math.nan, (2,))
+    assert _setting_sentence(text, text).endswith("not measured (no test sequences).")
 
 
 def test_the_verdict_says_what_the_attacker_saw_and_knew() -> None:

@@ -235,13 +235,14 @@ def rounds_figure(
                 ax.set_ylabel(f"{metric.label}\n({better} = more leakage)", fontsize=8.5)
     top = accuracy_top(utility["test_accuracy"].tolist())
     measured = bool(np.isfinite(utility["test_accuracy"].to_numpy(dtype=float)).any())
+    text = "modality" in leakage.columns and bool(leakage["modality"].eq("tokens").any())
     for j, column in enumerate(columns):
         ax = axes[-1, j]
-        if not measured:  # a data set without test images: say so rather than draw nothing
+        if not measured:  # a data set without a test split: say so rather than draw nothing
             ax.text(
                 0.5,
                 0.5,
-                "not measured\n(no test images)",
+                f"not measured\n(no test {'sequences' if text else 'images'})",
                 transform=ax.transAxes,
                 ha="center",
                 va="center",

@@ -447,7 +447,8 @@ def _setting_sentence(v: SettingVerdict, baseline: SettingVerdict | None) -> str
                 for s in v.attacks[1:]
             )
     if math.isnan(v.accuracy_final) and math.isnan(v.accuracy_start):
-        return text + ". The global model's test accuracy was not measured (no test images)."
+        held = "sequences" if any(s.tokens for s in v.attacks) else "images"
+        return text + f". The global model's test accuracy was not measured (no test {held})."
     if math.isnan(v.accuracy_final) and v.diverged:
         return (
             text + f". The global model diverged: its test loss is not finite from round "
