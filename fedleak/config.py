@@ -72,9 +72,17 @@ NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}"
 NAME_RULE = "letters, digits, '.', '_', '+' or '-', starting with a letter or digit, at most 100"
 
 
-# The settings only a text run reads (an image run warns of them, and its report leaves them
-# out of its group's label).
+# The settings only a text run reads, and only an image run: a run of the other kind warns of
+# them, and its report leaves them out of its group's label.
 TEXT_ONLY_KEYS = ("data.tokenizer", "data.vocab-size", "data.seq-len")
+IMAGE_ONLY_KEYS = ("metrics.lpips-nets",)
+
+
+def keys_without_effect(modality: str) -> tuple[str, ...]:
+    """The settings a run on data of `modality` (`image` or `tokens`) never reads."""
+    return TEXT_ONLY_KEYS if modality == "image" else IMAGE_ONLY_KEYS
+
+
 # float32's smallest normal number and its largest over 16, the bounds the clients' defenses
 # hold their clip norms and noise scales to (`fedleak.defenses.noise`): updates are float32.
 FLOAT32_TINY = 2.0**-126

@@ -418,6 +418,16 @@ def test_settings_a_run_never_reads_are_named_in_a_warning() -> None:
         "data.shards-per-client=5 (data.partition='dirichlet'; it shapes the shards partition)"
     )
     assert warning({"data.shards-per-client": 5, "data.partition": "shards"}) is None
+    # LPIPS backbones on text: scored on images only (audit EK2); the data's tokenizer is all
+    # the check reads of it.
+    from types import SimpleNamespace
+
+    text = SimpleNamespace(dataset=SimpleNamespace(tokenizer=object()))
+    on_text = parse_flat({"data.dataset": "wikipedia", "metrics.lpips-nets": "alex,vgg"})
+    assert ineffective_settings(on_text, text) == (  # type: ignore[arg-type]
+        "metrics.lpips-nets='alex,vgg' (image metrics; wikipedia holds text): no effect in this run"
+    )
+    assert ineffective_settings(parse_flat({"data.dataset": "wikipedia"}), text) is None  # type: ignore[arg-type]
 
 
 def test_one_setting_is_given_once_whatever_its_spelling() -> None:

@@ -127,6 +127,9 @@ def test_text_rows_carry_text_metrics_only(text_run: Path) -> None:
     assert (leakage.status == "ok").all() and (leakage.modality == "tokens").all()
     assert leakage.token_acc.between(0, 1).all() and leakage.rougeL.notna().any()
     assert leakage[["psnr", "ssim", "mse", "label_acc"]].isna().all().all()
+    # No LPIPS on text: its columns held NaN only (audit EK2).
+    written = [*pd.read_csv(text_run / "leakage.csv").columns, *leakage.columns]
+    assert not [column for column in written if column.startswith("lpips")]
     utility = pd.read_csv(text_run / "utility.csv")
     assert list(utility["round"]) == [0, 1, 2]
     # Next-token accuracy of the global model on held-out text.

@@ -21,7 +21,7 @@ from typing import Any
 
 import pandas as pd
 
-from fedleak.config import NAME_PATTERN, TEXT_ONLY_KEYS, RunConfig
+from fedleak.config import NAME_PATTERN, RunConfig, keys_without_effect
 from fedleak.lines import one_line
 from fedleak.report.rundir import (
     ENVIRONMENT_FILE,
@@ -110,11 +110,12 @@ class Study:
 
     def group_of(self, run: RunRecord) -> str:
         """The label of a run's group: its values of the varying keys ('' when none vary),
-        without the text settings on an image run, where they do nothing (a mixed sweep's
-        image cells were labelled `vocab-size=8192`, audit EI6)."""
+        without the settings its kind of data never reads (a mixed sweep's image cells were
+        labelled `vocab-size=8192`, audit EI6)."""
         flat = run.config.to_flat()
         short = _short_names(self.group_keys)
-        keys = [k for k in self.group_keys if run.modality != "image" or k not in TEXT_ONLY_KEYS]
+        unread = keys_without_effect(run.modality)
+        keys = [k for k in self.group_keys if k not in unread]
         return ", ".join(f"{short[k]}={flat.get(k)}" for k in keys)
 
     def cells_without_runs(self) -> tuple[dict[str, Any], ...]:
@@ -219,14 +220,11 @@ BATCHNORM_BUILTINS = frozenset({"convnet-bn", "resnet20", "resnet18"})
 
 
 def _varying(runs: list[RunRecord]) -> tuple[str, ...]:
-    # An image run's text settings do nothing: image runs apart in them alone are one group
-    # (and the report said it grouped by a key its labels left out, audit EJ5).
+    # An image run's text settings do nothing (a text run's LPIPS backbones neither): runs
+    # apart in them alone are one group (and the report said it grouped by a key its labels
+    # left out, audit EJ5).
     flats = [
-        {
-            k: v
-            for k, v in r.config.to_flat().items()
-            if r.modality != "image" or k not in TEXT_ONLY_KEYS
-        }
+        {k: v for k, v in r.config.to_flat().items() if k not in keys_without_effect(r.modality)}
         for r in runs
     ]
     keys = list(dict.fromkeys(k for flat in flats for k in flat))

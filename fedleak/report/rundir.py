@@ -560,9 +560,11 @@ class RunDirectory:
         leaves a torn line, which the next process's first write replaces."""
         order = ["round", "client_id", "attack"]
         leakage = leakage.sort_values(order, kind="stable").reset_index(drop=True)
-        # LPIPS backbones the run did not ask for would be columns of NaN only: leave them out
-        # of the files (they read back as NaN).
-        requested = self.config.metrics.lpips_nets
+        # LPIPS backbones the run did not ask for, or any on text, would be columns of NaN
+        # only: leave them out of the files (they read back as NaN).
+        data = self.environment().get("data")
+        text = isinstance(data, dict) and data.get("modality") == "tokens"
+        requested = () if text else self.config.metrics.lpips_nets
         unused = [c for net, c in LPIPS_COLUMNS.items() if net not in requested]
         written = leakage.drop(columns=unused)
         atomic_write(self.path / LEAKAGE_FILE, _parquet_bytes(written))

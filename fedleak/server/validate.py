@@ -25,11 +25,11 @@ from fedleak.attacks.labels import LabelRecoveryError, find_last_layer
 from fedleak.attacks.learned.hashing import resolve_num_bins
 from fedleak.attacks.registry import ATTACKS, attack_entry, attack_modalities, build_attack
 from fedleak.config import (
-    TEXT_ONLY_KEYS,
     ConfigError,
     RunConfig,
     canonical_key,
     key_help,
+    keys_without_effect,
     text_keys,
 )
 from fedleak.data import (
@@ -517,7 +517,7 @@ def ineffective_settings(config: RunConfig, fd: FederatedData) -> str | None:
     """A warning naming settings changed from their defaults that this run never reads: batch
     statistics of a model without BatchNorm, a δ without a DP mechanism, a partition's shape
     under another partition (audit EA2), the text settings on image data (audit DO6: accepted
-    without a word)."""
+    without a word) and LPIPS backbones on text (audit EK2)."""
     default = RunConfig()
     unused = []
     if config.threat.bn_stats != default.threat.bn_stats and not uses_batchnorm(config, fd):
@@ -542,11 +542,17 @@ def ineffective_settings(config: RunConfig, fd: FederatedData) -> str | None:
             f"data.shards-per-client={config.data.shards_per_client} (data.partition="
             f"{partition!r}; it shapes the shards partition)"
         )
-    if getattr(fd.dataset, "tokenizer", None) is None:
-        given, defaults = config.to_flat(), default.to_flat()
-        text = [f"{key}={given[key]!r}" for key in TEXT_ONLY_KEYS if given[key] != defaults[key]]
-        if text:
-            unused.append(f"{', '.join(text)} (text settings; {config.data.dataset} holds images)")
+    modality = "image" if getattr(fd.dataset, "tokenizer", None) is None else "tokens"
+    given, defaults = config.to_flat(), default.to_flat()
+    other = [
+        f"{key}={given[key]!r}"
+        for key in keys_without_effect(modality)
+        if given[key] != defaults[key]
+    ]
+    if other:
+        kind = "text settings" if modality == "image" else "image metrics"
+        holds = "images" if modality == "image" else "text"
+        unused.append(f"{', '.join(other)} ({kind}; {config.data.dataset} holds {holds})")
     return f"{'; '.join(unused)}: no effect in this run" if unused else None
 
 
