@@ -863,5 +863,10 @@ def test_arguments_of_the_wrong_type_are_refused_in_one_line(tmp_path: Path) -> 
     with pytest.raises(ConfigError, match=r"^settings: expected a mapping .* got NoneType$"):
         fedleak.audit(MagicMock(spec=Grid), FedAvg(), None)  # type: ignore[arg-type]
     assert not out.exists()
+    # What only fedleak's own clients apply: recorded as applied, ε included (audit EO3).
+    for key, value in (("defense.spec", "sign"), ("sim.fail-rate", 0.3)):
+        with pytest.raises(ConfigError, match=rf"^{key}={value!r}: only fedleak's own clients"):
+            fedleak.audit(MagicMock(spec=Grid), FedAvg(), {**settings, key: value})
+    assert not out.exists()
     with pytest.raises(ConfigError, match=r"^client-cpus='1': expected a finite number > 0$"):
         check_resources(parse_flat({}), 2, "1", 0.0)  # type: ignore[arg-type]

@@ -377,6 +377,9 @@ def test_flwr_run_audits_the_example_app(
     )
     log = result.stdout + result.stderr
     assert result.returncode == 0 and (out / "DONE").exists(), log[-3000:]
+    # A resume checks that it goes on with this strategy (audits EO4, EO5).
+    environment = json.loads((out / "environment.json").read_text())
+    assert environment["audited_strategy"] == "flwr.serverapp.strategy.fedavg.FedAvg"
     # The client mod answers the server's partition query (the app has no query handler).
     assert "No query function registered" not in log and "Traceback" not in log, log[-3000:]
     recorded = pd.read_parquet(out / "leakage.parquet")

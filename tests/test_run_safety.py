@@ -775,3 +775,21 @@ def test_a_failed_run_whose_failed_cannot_be_written_reports_its_own_reason(
         study._fail(run_dir, "every client failed in round 1")
     warning = capsys.readouterr().err
     assert f"could not record the failure in {run_dir.path} (No space left on device)" in warning
+
+
+def test_an_audit_goes_on_only_with_its_own_apps_strategy(tmp_path: Path) -> None:
+    """`fedleak run <audit>/config.toml --set sim.resume=true` went on with fedleak's own
+    clients, and an audit resumed under FedMedian after FedAvg, both without a word (audits
+    EO4, EO5)."""
+    from fedleak.simulations.presets import load_preset
+    from fedleak.simulations.study import check_resumable
+
+    run = tmp_path / "audit"
+    config = parse_flat({"out-dir": str(run)}, load_preset("quickstart"))
+    RunDirectory.create(run, config, {"run_format": 1, "audited_strategy": "flwr.FedAvg"})
+    resumed = parse_flat({"out-dir": str(run), "sim.resume": True}, load_preset("quickstart"))
+    with pytest.raises(RunDirectoryError, match=r"audits a Flower app \(its flwr\.FedAvg\); it"):
+        check_resumable(resumed, run)
+    with pytest.raises(RunDirectoryError, match=r"audited the app's flwr\.FedAvg, not my\.Median"):
+        check_resumable(resumed, run, strategy="my.Median")
+    check_resumable(resumed, run, strategy="flwr.FedAvg")

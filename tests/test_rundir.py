@@ -37,7 +37,7 @@ def _config() -> RunConfig:
             "defense.spec": "prune:0.9",
             "train.batch-size": 2,
             "attack.names": "aux-mean,ig",
-            "attack.ig.tv": 0.01,
+            "attack.ig.restarts": 2,
         }
     )
 

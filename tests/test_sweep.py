@@ -7,6 +7,7 @@ a tiny 2-cell sweep through the real Flower simulation (`run_study`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -1386,6 +1387,28 @@ def test_a_cell_a_newer_fedleak_made_is_refused_and_kept(tmp_path: Path) -> None
         rebuild_reports(sweep_dir)
     with pytest.raises(RunDirectoryError, match=newer):
         RunDirectory.open(cell).check_format()  # a resume of the run
+
+
+def test_a_run_recorded_with_a_parameter_now_refused_is_one_line(tmp_path: Path) -> None:
+    """An earlier fedleak accepted `finetune-epochs = 0`: the resume compared that raw with
+    every resolved LTI parameter and listed 19 differences that do not exist (audit EM1)."""
+    from fedleak.simulations.study import check_resumable
+
+    source = _write(tmp_path, GRID.replace('names = "aux-mean"', 'names = "aux-mean,lti"'))
+    sweep_dir = run_sweep(source, out_dir=tmp_path, runner=fake_runner, say=lambda _: None)
+    cell = sweep_dir / read_manifest(sweep_dir)["cells"][0]["id"]
+    resumed = RunDirectory.open(cell).config  # as the user resumes it: LTI at its defaults
+    resumed = dataclasses.replace(resumed, sim=dataclasses.replace(resumed.sim, resume=True))
+    with (cell / "config.toml").open("a") as config:
+        config.write("\n[attack.lti]\nfinetune-epochs = 0\n")
+    refused = (
+        r"the run was made with settings this fedleak refuses \(attack\.lti\.finetune-epochs=0: "
+        r"expected an integer >= 1"
+    )
+    with pytest.raises(RunDirectoryError, match=rf"^{cell}: {refused}.*\); it cannot be continued"):
+        check_resumable(resumed, cell)
+    with pytest.raises(RunDirectoryError, match=refused):
+        run_sweep(source, out_dir=tmp_path, runner=fake_runner, say=lambda _: None)
 
 
 def test_a_cell_whose_checkpoint_was_removed_says_why_it_starts_over(tmp_path: Path) -> None:

@@ -150,18 +150,29 @@ def canonical(config: RunConfig) -> RunConfig:
     return dataclasses.replace(config, attack=dataclasses.replace(config.attack, params=params))
 
 
-def resume_form(config: RunConfig) -> RunConfig:
+def resume_form(config: RunConfig, recorded: bool = False) -> RunConfig:
     """The configuration as a resume compares it: each attack of the run with every parameter
     at the value it takes (a key set to its default changes nothing), the parameters of
     attacks the run does not use dropped (they change nothing either), and the attacks named
-    in one order (each draws from its own seeded streams: their order changes no row)."""
+    in one order (each draws from its own seeded streams: their order changes no row).
+
+    `recorded`: a run's own configuration, whose attack parameters an earlier fedleak may
+    have accepted where this one refuses them: `ConfigError` naming the parameter (compared
+    raw, every resolved parameter read as a difference, audit EM1)."""
     params: dict[str, dict[str, object]] = {}
     for name in config.attack.names:
         given = config.attack.params.get(name, {})
         try:
             settings = attack_entry(name).configure(given)
-        except (ConfigError, PluginError):  # refused in its own words where it is used
+        except PluginError:  # a plug-in missing here: said where it is used
             params[name] = dict(given)
+            continue
+        except ConfigError as error:
+            if recorded:
+                raise ConfigError(
+                    f"the run was made with settings this fedleak refuses ({error})"
+                ) from None
+            params[name] = dict(given)  # refused in its own words where it is used
             continue
         if settings is not None:
             params[name] = flat_values(settings)

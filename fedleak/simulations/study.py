@@ -46,6 +46,7 @@ from fedleak.registry import is_own_error
 from fedleak.report.lock import RunLock
 from fedleak.report.progress import Progress
 from fedleak.report.rundir import (
+    AUDITED_STRATEGY_KEY,
     CACHE_LOCK_FILE,
     CHECKPOINT_FILE,
     UTILITY_FILE,
@@ -219,7 +220,7 @@ def serve(
                                 file_name=CACHE_LOCK_FILE,
                             )
                         )
-                check_resumable(config, path, clients, client_threads)
+                check_resumable(config, path, clients, client_threads, strategy_name(app))
             except BaseException:
                 refused = True
                 raise
@@ -235,21 +236,31 @@ def check_resumable(
     path: Path,
     clients: int | None = None,
     client_threads: int | None = None,
+    strategy: str | None = None,
 ) -> None:
     """For `sim.resume` on an existing run: its settings, its number of clients and their
     threads (when the caller knows them) match (`RunDirectory.check_resume`, `check_clients`),
-    a text run's tokenizer is the one it ran with, and its checkpoint is a fedleak checkpoint
-    that fits the configured model. For a new run: the cache folders it was given hold no
-    other run's inverters (`check_fresh_caches`)."""
+    so does the audited app's strategy (`strategy`, none for fedleak's own clients), a text
+    run's tokenizer is the one it ran with, and its checkpoint is a fedleak checkpoint that
+    fits the configured model. For a new run: the cache folders it was given hold no other
+    run's inverters (`check_fresh_caches`)."""
     if not (config.sim.resume and (path / "config.toml").exists()):
         check_fresh_caches(config)  # a new run
         return
     config = canonical(config)
     run_dir = RunDirectory.open(path)
     run_dir.check_format()
+    _check_same_app(run_dir, strategy)
     # A run recorded before specs were stored canonically is the same study, and so is one
     # that names an attack parameter at its default value (`flwr run`'s table lists keys).
-    run_dir.check_resume(resume_form(config), resume_form(canonical(run_dir.config)))
+    try:
+        stored = resume_form(canonical(run_dir.config), recorded=True)
+    except ConfigError as error:
+        raise RunDirectoryError(
+            f"{path}: {error}; it cannot be continued: `fedleak report` still reads it; run the "
+            "study again in a new out-dir"
+        ) from None
+    run_dir.check_resume(resume_form(config), stored)
     leakage = run_dir.leakage()  # damaged records are said now, not after the resumed work
     recorded = run_dir.utility()["round"]
     if clients is not None:
@@ -376,9 +387,50 @@ def _check_same_data(run_dir: RunDirectory, config: RunConfig, fd: FederatedData
 _STATELESS = (FedAvg, FedProx, FedMedian, FedTrimmedAvg, Krum, MultiKrum, Bulyan)
 
 
+# Settings only fedleak's own clients and client sampling read: an audited app's clients and
+# strategy never do, yet its rows and ε would record them as applied (audit EO3).
+OWN_CLIENTS_ONLY = ("defense.spec", "train.fraction-train", "sim.fail-rate")
+
+
+def strategy_name(app: ForeignServer | None) -> str | None:
+    """The audited app's strategy as `module.Class`; None for fedleak's own clients."""
+    if app is None:
+        return None
+    kind = type(app.strategy)
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
+def _check_same_app(run_dir: RunDirectory, strategy: str | None) -> None:
+    """Refuse to continue an audit with fedleak's own clients or another strategy: one folder
+    would hold two federations (audits EO4, EO5). A run from before the strategy was recorded
+    is not checked."""
+    recorded = run_dir.environment().get(AUDITED_STRATEGY_KEY)
+    if recorded is None or recorded == strategy:
+        return
+    if strategy is None:
+        raise RunDirectoryError(
+            f"{run_dir.path}: audits a Flower app (its {recorded}); it goes on only in that app, "
+            "with sim.resume among the settings it passes to fedleak.audit, not with fedleak's "
+            "own clients"
+        )
+    raise RunDirectoryError(
+        f"{run_dir.path}: audited the app's {recorded}, not {strategy}; resume it with the "
+        "strategy it ran with, or choose another out-dir"
+    )
+
+
 def _check_foreign_app(app: ForeignServer, config: RunConfig) -> None:
-    """Before a run folder exists: the app's initial weights fit `model.name`'s model (else the
-    attacks would replay another model), and attack workers find what they build."""
+    """Before a run folder exists: no setting that only fedleak's own clients apply, the app's
+    initial weights fit `model.name`'s model (else the attacks would replay another model),
+    and attack workers find what they build."""
+    given, defaults = config.to_flat(), RunConfig().to_flat()
+    unread = [f"{key}={given[key]!r}" for key in OWN_CLIENTS_ONLY if given[key] != defaults[key]]
+    if unread:
+        raise ConfigError(
+            f"{', '.join(unread)}: only fedleak's own clients apply this; the app's clients "
+            "and strategy never read it, yet the run would record it as applied; leave it out "
+            "of the audit's settings (the app applies its own defenses and sampling)"
+        )
     check_seen_by_ray(config, own_clients=False)
     if app.initial_arrays is None:
         return
@@ -433,9 +485,10 @@ def _serve(
     else:
         # Recorded with the cache folders the attacks will use, this run's own by default.
         ran = with_attack_caches(config, RunDirectory(path).state_path)
-        run_dir = RunDirectory.create(
-            path, config, environment(device, ran, data_record(fd), model_record(config, fd))
-        )
+        recorded = environment(device, ran, data_record(fd), model_record(config, fd))
+        if app is not None:
+            recorded[AUDITED_STRATEGY_KEY] = strategy_name(app)
+        run_dir = RunDirectory.create(path, config, recorded)
     software = changed_software(run_dir.environment(), config) if resumed else []
     warnings = [
         unresumed,

@@ -724,7 +724,7 @@ def _check_existing(cell: Cell, path: Path, num_clients: int) -> None:
     RunDirectory.open(path).check_not_newer()  # its rounds must not be cleared as "not resumable"
     try:
         run = RunDirectory.open(path)
-        stored = resume_form(canonical(run.config)).to_flat()
+        stored = resume_form(canonical(run.config), recorded=True).to_flat()
     except (ConfigError, RunDirectoryError) as error:
         raise RunDirectoryError(f"{path}: unreadable cell configuration ({error})") from None
     # Both as a run records its settings (a defense's steps in order, cache folders absolute).
