@@ -660,9 +660,12 @@ def knowledge(
     if not tokens:
         _check_auxiliary_images(aux_inputs, aux_labels, observation.model.num_classes)
     target = _device(device)
+    # Copies: the caller's tensors changed in place later (a normalisation, a relabelling)
+    # would otherwise change the knowledge past the checks above (audit EL1).
+    inputs = (aux_inputs.long() if tokens else aux_inputs.float()).detach().to(target, copy=True)
     return AttackerKnowledge(
-        aux_inputs=(aux_inputs.long() if tokens else aux_inputs.float()).detach().to(target),
-        aux_labels=aux_labels.detach().long().to(target),
+        aux_inputs=inputs,
+        aux_labels=inputs if tokens else aux_labels.detach().long().to(target, copy=True),
         input_shape=shape,
         num_classes=observation.model.num_classes,
         device=target,
@@ -801,6 +804,7 @@ def reconstruct(
         raise ConfigError(
             f"attack: expected an attack (fedleak.build_attack(name)), got {type(attack).__name__}"
         )
+    _flag("show_progress", show_progress)
     if not isinstance(observation, Observation):
         kind = type(observation).__name__
         raise ConfigError(f"observation: expected an Observation (fedleak.observe), got {kind}")
@@ -924,6 +928,12 @@ class TextLeakage:
         return {**means, "unmatched": float(len(self.unmatched))}
 
 
+def _flag(name: str, value: object) -> None:
+    """A yes/no argument is a bool: any other value ("no" included) read as true."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name}={value!r}: expected True or False")
+
+
 def score(
     reconstruction: Reconstruction | Tensor,
     inputs: Tensor,
@@ -945,6 +955,7 @@ def score(
     to [0, 1] as the auditor scores them; private images must lie there. Under MixUp or
     InstaHide a run's auditor also scores against the encoded images and each encoding's
     sources, which this function is not given."""
+    _flag("lpips", lpips)
     _tensor("inputs", inputs)
     if observation is not None and not isinstance(observation, Observation):
         kind = type(observation).__name__
@@ -972,7 +983,11 @@ def score(
         )
     if labels is not None:
         labels = _tensor("labels", labels).detach().cpu()
-        if tuple(labels.shape) != (len(truth),) or labels.is_floating_point():
+        if (
+            tuple(labels.shape) != (len(truth),)
+            or labels.is_floating_point()
+            or labels.dtype == torch.bool  # True/False read as classes 1/0 (audit EL4)
+        ):
             raise ConfigError(
                 f"labels: expected {len(truth)} integer labels, one per input, got "
                 f"{labels.dtype} of shape {tuple(labels.shape)}"

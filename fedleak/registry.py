@@ -220,6 +220,8 @@ class Registry(Generic[E]):
     def get(self, name: str) -> E:
         """The entry of `name`, loading a plugin of that name if needed; `UnknownNameError`, or
         `PluginError` when an installed entry point carries the name but did not register it."""
+        if not isinstance(name, str):  # a Python caller's slip: said as a setting's would be
+            raise ConfigError(f"{self.setting}={name!r}: expected a name (a string)")
         self._load_builtins()
         with self._lock:
             if name not in self._entries and name not in self._tried:

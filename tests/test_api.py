@@ -665,6 +665,48 @@ def test_the_observation_keeps_its_own_copy_of_the_update() -> None:
     assert all(u.abs().sum() > 0 for u in observation.per_sample_updates.values())
 
 
+def test_the_knowledge_keeps_its_own_copy_of_the_checked_aux_data() -> None:
+    """A normalisation of the caller's aux images, done in place after knowledge(), reached
+    the attacks past its range check (audit EL1)."""
+    model, grads = _net_and_grads()
+    observation = fedleak.observe(model, grads, input_shape=(1, 28, 28), num_examples=1)
+    aux_x, aux_y = torch.rand(4, 1, 28, 28), torch.tensor([0, 1, 2, 3])
+    attacker = fedleak.knowledge(observation, aux_x, aux_y)
+    aux_x.sub_(0.1307).div_(0.3081)
+    aux_y[0] = 12
+    assert attacker.aux_inputs.min() >= 0 and attacker.aux_inputs.max() <= 1
+    assert attacker.aux_labels.tolist() == [0, 1, 2, 3]
+
+
+def test_arguments_of_the_wrong_type_are_one_line_errors() -> None:
+    """Python's AttributeError or torch's errors from deep inside, or a "no" read as yes
+    (audit EL3, EL4)."""
+    from fedleak.defenses.spec import parse_defense_spec
+
+    with pytest.raises(ConfigError, match=r"^attack\.names=3: expected a name \(a string\)$"):
+        fedleak.build_attack(3)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"^data\.dataset=3: expected a name \(a string\)$"):
+        fedleak.load_dataset(3)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"^spec: expected a ModelSpec, got str$"):
+        fedleak.build_model("lenet")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"^model\.num_classes=10\.0: expected an integer$"):
+        fedleak.build_model(fedleak.ModelSpec("lenet", (1, 28, 28), 10.0))  # type: ignore[arg-type]
+    noise, generator = parse_defense_spec("gauss:0.01"), torch.Generator().manual_seed(0)
+    with pytest.raises(TypeError, match=r"^the update to defend: 'w' is torch\.int64, not a"):
+        noise.share({"w": torch.zeros(3, dtype=torch.long)}, 1, generator)
+    with pytest.raises(TypeError, match=r"^generator: expected a torch\.Generator, got NoneType"):
+        noise.share({"w": torch.zeros(3)}, 1, None)  # type: ignore[arg-type]
+    model, grads = _net_and_grads()
+    observation = fedleak.observe(model, grads, input_shape=(1, 28, 28), num_examples=2)
+    x = torch.rand(2, 1, 28, 28)
+    with pytest.raises(ConfigError, match=r"^lpips='no': expected True or False$"):
+        fedleak.score(x, x, lpips="no")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"^labels: expected 2 integer labels, one per input"):
+        fedleak.score(x, x, torch.tensor([True, False]), lpips=False)
+    with pytest.raises(ConfigError, match=r"^show_progress='no': expected True or False$"):
+        fedleak.reconstruct(fedleak.build_attack("aux-mean"), observation, show_progress="no")  # type: ignore[arg-type]
+
+
 def test_reconstruct_speaks_of_its_own_arguments() -> None:
     """An attack needing auxiliary data said "set data.aux-size > 0", a run's setting; a text
     attack on images failed inside the attack; aux data beside attacker= was dropped."""

@@ -914,6 +914,9 @@ def test_a_component_registered_by_code_is_refused_where_ray_processes_need_it(
         with pytest.raises(ConfigError, match=r"registered by code in this process only"):
             run_study(config, num_clients=2)
         assert not (tmp_path / "run").exists()
+        # An import path into the calling script: every client failed in round 1 (audit EL2).
+        with pytest.raises(ConfigError, match=r"^model\.name='__main__:make_net': names the call"):
+            check_seen_by_ray(parse_flat({"model.name": "__main__:make_net"}))
     finally:
         DATASETS.remove("test-by-code")
         MODELS.remove("test-by-code-net")

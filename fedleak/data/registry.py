@@ -201,6 +201,8 @@ def dataset_names() -> tuple[str, ...]:
 def dataset_entry(name: str) -> DatasetEntry:
     """The entry of an image set `name`; a one-line error naming every registered set and
     `folder:<path>` (a text corpus is loaded with `load_corpus`)."""
+    if not isinstance(name, str):
+        raise ConfigError(f"data.dataset={name!r}: expected a name (a string)")
     if name.startswith(FOLDER_PREFIX):
         return DatasetEntry(name, lambda root, _download: load_folder(root, name), holdout=True)
     if name in TEXT_DATASETS:

@@ -186,6 +186,15 @@ class DefensePipeline:
                 f"the update to defend: expected a parameter name -> tensor mapping, got "
                 f"{type(grads).__name__} (e.g. dict(zip(names, torch.autograd.grad(...))))"
             )
+        for name, value in grads.items():
+            if not (isinstance(value, Tensor) and value.is_floating_point()):
+                kind = value.dtype if isinstance(value, Tensor) else type(value).__name__
+                raise TypeError(f"the update to defend: {name!r} is {kind}, not a float tensor")
+        if not isinstance(generator, torch.Generator):
+            # None drew from the global RNG: the same seed no longer gave the same release.
+            raise TypeError(
+                f"generator: expected a torch.Generator, got {type(generator).__name__}"
+            )
         out = dict(grads)
         for step in self.steps:
             if step.stage != "encode":

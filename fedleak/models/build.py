@@ -22,6 +22,10 @@ class ModelSpecError(ConfigError):
 
 
 def _validate(spec: ModelSpec) -> None:
+    if not isinstance(spec, ModelSpec):
+        raise ModelSpecError(f"spec: expected a ModelSpec, got {type(spec).__name__}")
+    if isinstance(spec.num_classes, bool) or not isinstance(spec.num_classes, int):
+        raise ModelSpecError(f"model.num_classes={spec.num_classes!r}: expected an integer")
     try:
         entry = model_entry(spec.name)
     except ConfigError as error:

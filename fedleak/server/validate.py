@@ -201,6 +201,12 @@ def check_seen_by_ray(config: RunConfig, own_clients: bool = True) -> None:
             needed.append((MODELS, "model.name", config.model.name, "fedleak.models"))
         needed += [(ATTACKS, "attack.names", n, "fedleak.attacks") for n in config.attack.names]
     for registry, setting, name, group in needed:
+        if name.partition(":")[0] == "__main__":  # the caller's script, which Ray never runs
+            raise ConfigError(
+                f"{setting}={name!r}: names the calling script's own module, which the run's "
+                "Ray processes do not import; move it to a module on their PYTHONPATH, or ship "
+                f"it with an entry point in group {group!r} (docs/api.md)"
+            )
         if registry.only_in_this_process(name):
             workers_only = registry is ATTACKS or not own_clients
             inline = " (or set attack.workers = 0)" if workers_only else ""
