@@ -268,6 +268,18 @@ def test_image_folder_loads_classes_in_name_order(tmp_path):
     )
 
 
+def test_image_folder_reads_the_nested_folders_of_a_class(tmp_path):
+    """Half a class in `class/batch2/` was left out without a word (audit EO2); a hidden
+    folder stays out, as at the top."""
+    where = ("a/0.png", "a/batch2/1.png", "a/batch2/deeper/2.png", "b/3.png", "b/.git/4.png")
+    for i, path in enumerate(where):
+        _save_png(tmp_path / path, np.full((4, 4), 40 * i, dtype=np.uint8))
+    data = load_dataset(f"folder:{tmp_path}", test_fraction=0.2, seed=0)
+    assert data.class_names == ("a", "b")
+    labels = torch.cat([data.train_y, data.test_y]).tolist()
+    assert sorted(labels) == [0, 0, 0, 1]
+
+
 def test_image_folder_rejects_mixed_sizes_and_missing_folders(tmp_path):
     _save_png(tmp_path / "a" / "0.png", np.zeros((8, 8, 3), dtype=np.uint8))
     _save_png(tmp_path / "b" / "1.png", np.zeros((9, 8, 3), dtype=np.uint8))
