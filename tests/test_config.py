@@ -408,6 +408,9 @@ def test_settings_a_run_never_reads_are_named_in_a_warning() -> None:
     assert warning({"data.tokenizer": "foo"}) == (
         "data.tokenizer='foo' (text settings; mnist5k holds images): no effect in this run"
     )
+    assert warning({"data.seq-len": 64}) == (
+        "data.seq-len=64 (text settings; mnist5k holds images): no effect in this run"
+    )
     # A non-iid study asked for by its concentration alone ran iid (audit EA2).
     assert warning({"data.dirichlet-alpha": 0.1}) == (
         "data.dirichlet-alpha=0.1 (data.partition='iid'; it shapes the dirichlet partitions): "
@@ -495,3 +498,9 @@ def test_central_dp_is_held_to_the_clients_float32_bounds() -> None:
     # A run that recorded such a clip still reads as it ran, for its report (audit EJ3).
     tiny = {"defense.central-clip": 1e-40, "defense.central-noise": 1.0}
     assert parse_flat(tiny, recorded=True).defense.central_clip == 1e-40
+    # So does one that recorded such noise, and the largest allowed noise is allowed (audit
+    # EN4, EN5).
+    loud = {"defense.central-clip": 1.0, "defense.central-noise": 1e38}
+    assert parse_flat(loud, recorded=True).defense.central_noise == 1e38
+    largest = {"defense.central-clip": 1.0, "defense.central-noise": FLOAT32_NOISE_MAX}
+    assert parse_flat(largest).defense.central_noise == FLOAT32_NOISE_MAX

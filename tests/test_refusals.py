@@ -282,6 +282,19 @@ CASES = [
         ),
         "attack.lti.hidden=100000: the inverter would hold ",
     ),
+    # A text inverter's outputs are every position's token logits (audit EN2).
+    Case(
+        "text-inverter-too-wide-for-its-outputs",
+        (
+            "check",
+            "text-quickstart",
+            "--set",
+            "train.batch-size=16",
+            "--set",
+            "attack.lti-text.hidden=10000",
+        ),
+        "attack.lti-text.hidden=10000: the inverter would hold ",
+    ),
     Case(
         "text-inverter-layers-wide-together",
         ("check", "text-quickstart", "--set", "attack.lti-text.hidden=30000,30000"),
@@ -1038,6 +1051,29 @@ def test_a_cache_dir_beside_a_projects_own_config_toml_is_accepted(
     (tmp_path / "config.toml").write_text('name = "mine"\n')
     cache = ("--set", "attack.names=aux-mean,lti", "--set", "attack.lti.cache-dir=cache")
     assert main(["check", "config.toml", *SMALL, *cache]) == 0
+
+
+@pytest.mark.parametrize(
+    "hidden",
+    [
+        "100000",  # fits under the default 4,096 hash bins of the update (audit EN3)
+        "4096,100000",  # neighbours' product exactly at its bound (audit EN5)
+    ],
+)
+def test_an_inverter_at_its_bounds_is_accepted(hidden: str) -> None:
+    assert (
+        main(
+            [
+                "check",
+                "quickstart",
+                "--set",
+                "attack.names=aux-mean,lti",
+                "--set",
+                f"attack.lti.hidden={hidden}",
+            ]
+        )
+        == 0
+    )
 
 
 @pytest.mark.parametrize("lock", [".fedleak-cache.lock", ".fedleak.lock"])

@@ -2135,6 +2135,62 @@ def test_a_sweeps_attack_settings_say_which_parameters_differ_by_run() -> None:
     ]
 
 
+def test_a_group_label_never_reads_as_a_top_level_setting() -> None:
+    """A sweep over models labelled its groups `name=lenet`, the run name's key (audit EO6)."""
+    from fedleak.report.collect import _short_names
+
+    assert _short_names(("model.name", "train.batch-size", "seed")) == {
+        "model.name": "model.name",
+        "train.batch-size": "batch-size",
+        "seed": "seed",
+    }
+
+
+def test_a_tables_bold_rule_names_the_samples_a_median_needs_and_a_share_does_not() -> None:
+    """An exact binomial interval holds at any n; a median's needs 6 samples (audit EN8)."""
+    from fedleak.report.tables import _caption_tail
+
+    assert "overlaps no other attack's (6 samples or more each) and its median" in (
+        _caption_tail(grouped=False, share=False)
+    )
+    share = _caption_tail(grouped=True, share=True)
+    assert (
+        "within its group, only where its 95% interval overlaps no other attack's and its share "
+        "leaks more"
+    ) in share
+    assert "samples" not in share
+
+
+def test_a_sweeps_environment_lists_each_value_a_key_takes_with_its_runs() -> None:
+    """A cell resumed under other software showed the first cell's fedleak as the whole
+    sweep's, without a word (audit EM3)."""
+    from types import SimpleNamespace
+
+    from fedleak.report.build import _environment_table
+
+    def run(name: str, **environment: object) -> SimpleNamespace:
+        return SimpleNamespace(name=name, environment={"python": "3.11.7", **environment})
+
+    runs = [
+        run("cell-000", fedleak_source="aa", resumed_with=[{"fedleak_source": "bb"}]),
+        run("cell-001", fedleak_source="bb"),
+        *(run(f"cell-00{i}", fedleak_source="bb") for i in range(2, 6)),
+        *(run(f"cell-01{i}", started=f"2026-12-07T1{i}:00:00") for i in range(5)),
+    ]
+    table = _environment_table(runs)  # type: ignore[arg-type]
+    rows = {key.text: value.text for key, value in table.rows}
+    assert rows["python"] == "3.11.7"
+    assert rows["fedleak_source"] == (
+        "aa (cell-000); bb (cell-001, cell-002, cell-003 and 2 more); – (cell-010, cell-011, "
+        "cell-012 and 2 more)"
+    )
+    assert rows["resumed_with"].startswith('[{"fedleak_source": "bb"}] (cell-000); – (')
+    assert rows["started"] == "differs by run (6 values)"
+    assert "a key that differs between them lists each value" in table.caption
+    alone = _environment_table(runs[:1])  # type: ignore[arg-type]
+    assert {k.text: v.text for k, v in alone.rows}["fedleak_source"] == "aa" and not alone.caption
+
+
 def test_a_sweeps_report_is_not_rebuilt_while_a_run_writes_one_of_its_cells(
     sweep_report: Path, tmp_path: Path
 ) -> None:
@@ -2197,8 +2253,8 @@ def test_an_image_runs_group_is_not_labelled_with_text_settings() -> None:
         "tokens",
     )
     study = Study(Path("s"), "sweep", (image, text), None, ("data.vocab-size", "model.name"))
-    assert study.group_of(image) == "name=lenet"
-    assert study.group_of(text) == "vocab-size=300, name=transformer3"
+    assert study.group_of(image) == "model.name=lenet"
+    assert study.group_of(text) == "vocab-size=300, model.name=transformer3"
 
 
 def test_a_run_recorded_before_its_model_was_is_judged_by_the_models_name() -> None:

@@ -492,3 +492,12 @@ def test_a_run_refused_inside_the_server_leaves_no_default_folder_behind(
     (tmp_path / "mine").mkdir()
     assert main(["run", "quickstart", "--num-clients", "3", "--out", str(tmp_path / "mine")]) == 1
     assert (tmp_path / "mine").is_dir()
+    # Refused before Ray, by the same checks: neither runs/ nor its folder stays (audit EN6).
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.toml").write_text('name = "other"\n')
+    (other / "environment.json").write_text("{}")
+    cache = ("--set", "attack.names=lti", "--set", f"attack.lti.cache-dir={other}/state/lti")
+    assert main(["run", "quickstart", "--num-clients", "3", *cache]) == 2
+    assert "another fedleak run's" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()

@@ -114,6 +114,14 @@ def test_a_refused_server_leaves_no_default_folder_behind(
     with pytest.raises(ConfigError, match="another fedleak run's"):
         study.serve(object(), parse_flat(settings, load_preset("quickstart")))
     assert list((tmp_path / "runs").iterdir()) == []
+    # A folder the user named, empty or not, is theirs: it stays (audit EN7).
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    with pytest.raises(ConfigError, match="another fedleak run's"):
+        study.serve(
+            object(), parse_flat({**settings, "out-dir": str(mine)}, load_preset("quickstart"))
+        )
+    assert mine.is_dir()
 
 
 class GridReached(Exception):

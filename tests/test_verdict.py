@@ -91,6 +91,15 @@ def test_a_leader_of_too_few_samples_is_not_told_apart_by_its_point_medians() ->
         "Without a defense, ig leaks most (closest by median LPIPS, not told apart from dlg: "
         "fewer than 6 samples give no 95% interval): it reconstructed"
     )
+    # One rival overlapping, another of too few samples: both reasons (audit EN8).
+    near = dataclasses.replace(
+        _summary("lti", 2, 29.0, 0.05, n=8), lpips=Median(0.055, 0.03, 0.07, 8, 0.93)
+    )
+    wide = dataclasses.replace(few, lpips=Median(0.05, 0.04, 0.06, 8, 0.93))
+    both = SettingVerdict("", "none", (wide, near, other), floor, 0.1, 0.4, (1,))
+    assert (
+        "not told apart from lti, dlg: 95% intervals overlap, or fewer than 6 samples give none)"
+    ) in _setting_sentence(both, None)
 
 
 def test_without_lpips_psnr_ranks_and_success_breaks_ties() -> None:
@@ -333,6 +342,13 @@ def test_the_verdict_says_what_the_attacker_saw_and_knew() -> None:
         "one update per client's batch: every attack inverts one sample at a time, the "
         "attacker's easiest case."
     ]
+    # BatchNorm statistics the attacks were not given, in every run or some (audit EN8).
+    batch = {**base, "threat.share": "batch"}
+    normed = study(batch, batch)
+    normed.scored_runs[0].batchnorm = True
+    assert _threat_model(normed)[0].startswith("In some runs the clients' models have BatchNorm")
+    normed.scored_runs[1].batchnorm = True
+    assert _threat_model(normed)[0].startswith("The clients' models have BatchNorm, whose running")
 
 
 def test_an_accuracy_over_several_seeds_says_it_is_a_mean() -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fedleak.report.collect import MANIFEST, SWEEP_SOURCE, Study, load_study
+from fedleak.report.collect import MANIFEST, SWEEP_SOURCE, RunRecord, Study, load_study
 from fedleak.report.document import (
     Block,
     Code,
@@ -67,6 +67,8 @@ FILES_DIR = "report_files"
 TITLE_PREFIX = "fedleak report: "
 # Reconstructions are shown for at most this many settings of a sweep.
 MAX_GRID_SETTINGS = 24
+# Distinct values of one environment key listed with their runs; more read as a count.
+MAX_ENVIRONMENT_VALUES = 4
 
 
 def _verdict(study: Study) -> list[Block]:
@@ -430,10 +432,39 @@ def _images_section(study: Study) -> list[Block]:
     return [Heading("Reconstructions"), intro, *blocks]
 
 
-def _environment_table(environment: dict[str, object]) -> Table:
-    shown = {key: value for key, value in environment.items() if key != ATTACK_SETTINGS_KEY}
-    rows = tuple((TableCell(key), TableCell(value)) for key, value in _leaves(shown))
-    return Table(columns=("key", "value"), rows=rows)
+def _environment_table(runs: list[RunRecord]) -> Table:
+    """Each environment key with its value; over a sweep's runs, a key whose value differs
+    between them lists each value with its runs (the first run's read as every cell's: cells
+    resumed under other software, audit EM3)."""
+    values: dict[str, dict[str, list[str]]] = {}
+    for run in runs:
+        shown = {k: v for k, v in run.environment.items() if k != ATTACK_SETTINGS_KEY}
+        for key, value in _leaves(shown):
+            values.setdefault(key, {}).setdefault(value, []).append(run.name)
+    rows = []
+    for key, by_value in values.items():
+        missing = [run.name for run in runs if all(run.name not in n for n in by_value.values())]
+        if missing:
+            by_value["–"] = by_value.get("–", []) + missing
+        if len(by_value) == 1:
+            rows.append((TableCell(key), TableCell(next(iter(by_value)))))
+        elif len(by_value) > MAX_ENVIRONMENT_VALUES:
+            rows.append((TableCell(key), TableCell(f"differs by run ({len(by_value)} values)")))
+        else:
+            text = "; ".join(f"{value} ({_names(names)})" for value, names in by_value.items())
+            rows.append((TableCell(key), TableCell(text)))
+    caption = (
+        f"Over the {len(runs)} runs: a key that differs between them lists each value with "
+        "its runs."
+        if len(runs) > 1
+        else ""
+    )
+    return Table(columns=("key", "value"), rows=tuple(rows), caption=caption)
+
+
+def _names(names: list[str]) -> str:
+    shown = ", ".join(names[:3])
+    return shown if len(names) <= 3 else f"{shown} and {len(names) - 3} more"
 
 
 def _attack_settings(environments: list[dict[str, object]]) -> list[Block]:
@@ -552,7 +583,7 @@ def _setup_section(study: Study) -> list[Block]:
             Code((first.path / "config.toml").read_text(encoding="utf-8")),
             *_attack_settings([run.environment for run in study.runs]),
         ]
-    blocks += [Heading("Environment"), _environment_table(study.runs[0].environment)]
+    blocks += [Heading("Environment"), _environment_table(list(study.runs))]
     return blocks
 
 

@@ -192,9 +192,15 @@ class Study:
 
 
 def _short_names(keys: tuple[str, ...]) -> dict[str, str]:
-    """Last dotted part of each key (`batch-size`), unless two keys would then look alike."""
+    """Last dotted part of each key (`batch-size`), unless two keys would then look alike, or
+    it would read as a top-level setting (`model.name` as `name`, the run's name, audit
+    EO6)."""
     last = [k.rsplit(".", 1)[-1] for k in keys]
-    return {k: (s if last.count(s) == 1 else k) for k, s in zip(keys, last, strict=True)}
+    top_level = {k for k in RunConfig().to_flat() if "." not in k}
+    return {
+        k: (s if last.count(s) == 1 and (s == k or s not in top_level) else k)
+        for k, s in zip(keys, last, strict=True)
+    }
 
 
 def _read_run(path: Path, name: str | None = None) -> RunRecord:
