@@ -164,15 +164,16 @@ def _specs(cls: type) -> dict[str, Spec]:
 
 def _is_setting(cls: type, name: str) -> bool:
     """Fields declared by `setting` are settings, and so is every field of a `Settings` class
-    except those marked `internal` (values filled by code, such as a mapping of parameters)."""
-    declared = [
-        getattr(klass, "__dataclass_fields__", {})[name].metadata
+    except those marked `internal` (values filled by code, such as a mapping of parameters).
+    The nearest declaration decides: a subclass may make a base's internal field a setting."""
+    nearest = next(
+        klass.__dataclass_fields__[name].metadata
         for klass in cls.__mro__
         if name in getattr(klass, "__dataclass_fields__", {})
-    ]
-    if any("internal" in metadata for metadata in declared):
+    )
+    if "internal" in nearest:
         return False
-    return issubclass(cls, Settings) or any("rule" in metadata for metadata in declared)
+    return issubclass(cls, Settings) or "rule" in nearest
 
 
 def internal(default_factory: Callable[[], Any]) -> Any:

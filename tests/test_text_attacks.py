@@ -18,6 +18,7 @@ import torch
 from fedleak.attacks.frequency import TokenFrequencyBaseline
 from fedleak.attacks.learned import text as text_attacks
 from fedleak.attacks.learned.text import (
+    TEXT_LTI_P_PRESETS,
     TEXT_LTI_PRESETS,
     TokenInverter,
     marginal,
@@ -412,6 +413,14 @@ def test_text_lti_defaults_are_the_papers() -> None:
     assert build_attack("lti-p", {}).config.pseudo_size == 2000  # type: ignore[attr-defined]
     lti_text = build_attack("lti-text", {}).config  # type: ignore[attr-defined]
     assert "pseudo-size" not in flat_values(lti_text)
+    # A saved inverter's key lists every field in order: those of runs from before keep
+    # matching, so a resume goes on from them (audit EP1).
+    for presets, pseudo in ((TEXT_LTI_PRESETS, False), (TEXT_LTI_P_PRESETS, True)):
+        listed = [
+            (f.name, getattr(presets["cpu"], f.name)) for f in dataclasses.fields(presets["cpu"])
+        ]
+        at = [name for name, _ in listed].index("block_normalise")
+        assert listed[at + 1 : at + 3] == [("pseudo", pseudo), ("pseudo_size", 2000)]
 
 
 def test_sequence_loss_matches_outputs_to_sequences() -> None:

@@ -23,9 +23,9 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -74,9 +74,6 @@ class TextLTIConfig(Settings):
     never) and the best epoch's weights are kept.
     """
 
-    # LTI-P's (`TextLTIPConfig`): trained on pseudo-sequences, not the auxiliary sequences.
-    pseudo: ClassVar[bool] = False
-
     hidden: tuple[int, ...] = setting(
         (600, 1000),
         low=1,
@@ -101,6 +98,12 @@ class TextLTIConfig(Settings):
     )
     hash_signed: bool = setting(False, doc="signed feature hashing")
     block_normalise: bool = setting(True, doc="scale each parameter's block to unit norm")
+    # Fixed by the attack's name (LTI-P: `TextLTIPConfig`), not settings. lti-text keeps a
+    # pseudo_size it never reads, at its presets' earlier values, only because a saved
+    # inverter's key lists every field in this order: runs from before it stopped being a
+    # setting resume from their inverters (audit EP1).
+    pseudo: bool = field(default=False, metadata={"internal": True})
+    pseudo_size: int = field(default=0, metadata={"internal": True})
     aux_val_fraction: float = setting(
         0.1, low=0.0, high=1.0, high_open=True, doc="aux data held out for validation"
     )
@@ -118,7 +121,7 @@ class TextLTIPConfig(TextLTIConfig):
     text's token marginal; `pseudo_size` groups of them per epoch (0: as many as the auxiliary
     training groups). lti-text has no such setting: it read none (audit EK1)."""
 
-    pseudo: ClassVar[bool] = True
+    pseudo: bool = field(default=True, metadata={"internal": True})
     pseudo_size: int = setting(
         0, low=0, doc="pseudo-sequence groups per epoch; 0 = as many as aux groups"
     )
@@ -129,7 +132,7 @@ class TextLTIPConfig(TextLTIConfig):
 _CPU: dict[str, Any] = {"epochs": 10, "finetune_epochs": 3, "hash_bins": 4096}
 TEXT_LTI_PRESETS: dict[str, TextLTIConfig] = {
     "paper": TextLTIConfig(),
-    "cpu": TextLTIConfig(**_CPU),
+    "cpu": TextLTIConfig(**_CPU, pseudo_size=2000),
 }
 TEXT_LTI_P_PRESETS: dict[str, TextLTIConfig] = {
     "paper": TextLTIPConfig(),
