@@ -910,5 +910,8 @@ def test_arguments_of_the_wrong_type_are_refused_in_one_line(tmp_path: Path) -> 
         with pytest.raises(ConfigError, match=rf"^{key}={value!r}: only fedleak's own clients"):
             fedleak.audit(MagicMock(spec=Grid), FedAvg(), {**settings, key: value})
     assert not out.exists()
+    from fedleak.simulations.study import ForeignServer, _check_foreign_app
+
+    _check_foreign_app(ForeignServer(FedAvg()), parse_flat({"defense.spec": " NONE "}))  # EP6
     with pytest.raises(ConfigError, match=r"^client-cpus='1': expected a finite number > 0$"):
         check_resources(parse_flat({}), 2, "1", 0.0)  # type: ignore[arg-type]

@@ -801,3 +801,11 @@ def test_an_audit_goes_on_only_with_its_own_apps_strategy(tmp_path: Path) -> Non
     with pytest.raises(RunDirectoryError, match=r"audited the app's flwr\.FedAvg, not my\.Median"):
         check_resumable(resumed, run, strategy="my.Median")
     check_resumable(resumed, run, strategy="flwr.FedAvg")
+    # A run of fedleak's own clients is not continued as an audit (audit EP2); one from
+    # before the key was recorded is not checked.
+    own = tmp_path / "own"
+    RunDirectory.create(own, config, {"run_format": 1, "audited_strategy": None})
+    resumed_own = parse_flat({"out-dir": str(own), "sim.resume": True}, load_preset("quickstart"))
+    with pytest.raises(RunDirectoryError, match=r"was run by fedleak's own clients; an audit"):
+        check_resumable(resumed_own, own, strategy="flwr.FedAvg")
+    check_resumable(resumed_own, own)

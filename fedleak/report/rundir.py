@@ -118,8 +118,8 @@ CONFIG_FILE = "config.toml"
 ENVIRONMENT_FILE = "environment.json"
 # The entries of environment.json that fedleak writes as objects and reads by key.
 ENVIRONMENT_OBJECTS = ("data", "lpips")
-# environment.json's name of an audited app's strategy (`module.Class`); none for a run of
-# fedleak's own clients.
+# environment.json's name of an audited app's strategy (`module.Class`); null for a run of
+# fedleak's own clients (absent: a run from before it was recorded).
 AUDITED_STRATEGY_KEY = "audited_strategy"
 # environment.json's note of why a DP-SGD run reports no ε.
 NO_EPSILON_KEY = "no_epsilon"

@@ -401,12 +401,20 @@ def strategy_name(app: ForeignServer | None) -> str | None:
 
 
 def _check_same_app(run_dir: RunDirectory, strategy: str | None) -> None:
-    """Refuse to continue an audit with fedleak's own clients or another strategy: one folder
-    would hold two federations (audits EO4, EO5). A run from before the strategy was recorded
-    is not checked."""
-    recorded = run_dir.environment().get(AUDITED_STRATEGY_KEY)
-    if recorded is None or recorded == strategy:
+    """Refuse to continue an audit with fedleak's own clients or another strategy, or a run of
+    fedleak's own clients as an audit: one folder would hold two federations (audits EO4,
+    EO5, EP2). A run from before the key was recorded is not checked."""
+    environment = run_dir.environment()
+    if AUDITED_STRATEGY_KEY not in environment:
         return
+    recorded = environment[AUDITED_STRATEGY_KEY]
+    if recorded == strategy:
+        return
+    if recorded is None:
+        raise RunDirectoryError(
+            f"{run_dir.path}: was run by fedleak's own clients; an audit of a Flower app "
+            "cannot continue it: give the audit another out-dir"
+        )
     if strategy is None:
         raise RunDirectoryError(
             f"{run_dir.path}: audits a Flower app (its {recorded}); it goes on only in that app, "
@@ -423,7 +431,7 @@ def _check_foreign_app(app: ForeignServer, config: RunConfig) -> None:
     """Before a run folder exists: no setting that only fedleak's own clients apply, the app's
     initial weights fit `model.name`'s model (else the attacks would replay another model),
     and attack workers find what they build."""
-    given, defaults = config.to_flat(), RunConfig().to_flat()
+    given, defaults = canonical(config).to_flat(), RunConfig().to_flat()  # "NONE" is none
     unread = [f"{key}={given[key]!r}" for key in OWN_CLIENTS_ONLY if given[key] != defaults[key]]
     if unread:
         raise ConfigError(
@@ -486,8 +494,7 @@ def _serve(
         # Recorded with the cache folders the attacks will use, this run's own by default.
         ran = with_attack_caches(config, RunDirectory(path).state_path)
         recorded = environment(device, ran, data_record(fd), model_record(config, fd))
-        if app is not None:
-            recorded[AUDITED_STRATEGY_KEY] = strategy_name(app)
+        recorded[AUDITED_STRATEGY_KEY] = strategy_name(app)  # none: fedleak's own clients
         run_dir = RunDirectory.create(path, config, recorded)
     software = changed_software(run_dir.environment(), config) if resumed else []
     warnings = [
