@@ -278,6 +278,17 @@ def test_image_folder_reads_the_nested_folders_of_a_class(tmp_path):
     assert data.class_names == ("a", "b")
     labels = torch.cat([data.train_y, data.test_y]).tolist()
     assert sorted(labels) == [0, 0, 0, 1]
+    # A linked sub-folder is read too, once, and a link to a folder above ends (audit EP4).
+    linked = tmp_path / "linked"
+    for i, path in enumerate(("a/0.png", "a/1.png", "b/2.png", "elsewhere/3.png")):
+        _save_png(
+            linked.parent / ("" if path.startswith("elsewhere") else "linked") / path,
+            np.full((4, 4), 30 * i, dtype=np.uint8),
+        )
+    (linked / "b" / "more").symlink_to(tmp_path / "elsewhere")
+    (linked / "b" / "loop").symlink_to(linked / "b")
+    data = load_dataset(f"folder:{linked}", test_fraction=0.2, seed=0)
+    assert sorted(torch.cat([data.train_y, data.test_y]).tolist()) == [0, 0, 1, 1]
 
 
 def test_image_folder_rejects_mixed_sizes_and_missing_folders(tmp_path):

@@ -63,11 +63,19 @@ def load_folder(path: Path, name: str) -> ImageDataset:
 
 
 def _images_under(folder: Path) -> list[Path]:
-    """The image files in `folder` and its sub-folders, hidden ones aside, in path order; linked
-    sub-folders are not entered (a link to a folder above would never end)."""
+    """The image files in `folder` and its sub-folders, hidden ones aside, in path order; a
+    linked sub-folder is read as ImageFolder does, once (a link to a folder above would never
+    end; a file reached twice is refused by `_check_each_file_once`)."""
     found = []
-    for here, folders, names in os.walk(folder):
-        folders[:] = [f for f in folders if not f.startswith(".")]
+    entered = {folder.resolve()}
+    for here, folders, names in os.walk(folder, followlinks=True):
+        kept = []
+        for name in sorted(folders):
+            real = (Path(here) / name).resolve()
+            if not name.startswith(".") and real not in entered:
+                entered.add(real)
+                kept.append(name)
+        folders[:] = kept
         found += [
             Path(here) / n
             for n in names
