@@ -28,6 +28,7 @@ import types
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -930,7 +931,7 @@ class TextLeakage:
 
 def _flag(name: str, value: object) -> None:
     """A yes/no argument is a bool: any other value ("no" included) read as true."""
-    if not isinstance(value, bool):
+    if not isinstance(value, bool | np.bool_):
         raise ConfigError(f"{name}={value!r}: expected True or False")
 
 

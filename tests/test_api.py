@@ -12,6 +12,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -689,6 +690,9 @@ def test_arguments_of_the_wrong_type_are_one_line_errors() -> None:
         fedleak.load_dataset(3)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match=r"^spec: expected a ModelSpec, got str$"):
         fedleak.build_model("lenet")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"^model\.name=5: expected a name \(a string\)$"):
+        fedleak.build_model(fedleak.ModelSpec(5, (1, 28, 28), 10))  # type: ignore[arg-type]
+    fedleak.build_model(fedleak.ModelSpec("lenet", (1, 28, 28), np.int64(10)))  # numpy's, EP5
     with pytest.raises(ConfigError, match=r"^model\.num_classes=10\.0: expected an integer$"):
         fedleak.build_model(fedleak.ModelSpec("lenet", (1, 28, 28), 10.0))  # type: ignore[arg-type]
     noise, generator = parse_defense_spec("gauss:0.01"), torch.Generator().manual_seed(0)
@@ -699,6 +703,7 @@ def test_arguments_of_the_wrong_type_are_one_line_errors() -> None:
     model, grads = _net_and_grads()
     observation = fedleak.observe(model, grads, input_shape=(1, 28, 28), num_examples=2)
     x = torch.rand(2, 1, 28, 28)
+    fedleak.score(x, x, lpips=np.False_)  # numpy's bool is a bool (EP5)
     with pytest.raises(ConfigError, match=r"^lpips='no': expected True or False$"):
         fedleak.score(x, x, lpips="no")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match=r"^labels: expected 2 integer labels, one per input"):

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import nn
 
@@ -24,7 +26,9 @@ class ModelSpecError(ConfigError):
 def _validate(spec: ModelSpec) -> None:
     if not isinstance(spec, ModelSpec):
         raise ModelSpecError(f"spec: expected a ModelSpec, got {type(spec).__name__}")
-    if isinstance(spec.num_classes, bool) or not isinstance(spec.num_classes, int):
+    if not isinstance(spec.name, str):
+        raise ModelSpecError(f"model.name={spec.name!r}: expected a name (a string)")
+    if isinstance(spec.num_classes, bool) or not isinstance(spec.num_classes, numbers.Integral):
         raise ModelSpecError(f"model.num_classes={spec.num_classes!r}: expected an integer")
     try:
         entry = model_entry(spec.name)
