@@ -284,6 +284,9 @@ def test_a_data_set_without_test_images_says_accuracy_was_not_measured() -> None
     tag = _text_summary("tag", 0.5, 0.5)
     text = SettingVerdict("", "none", (tag,), None, math.nan, math.nan, (2,))
     assert _setting_sentence(text, text).endswith("not measured (no test sequences).")
+    # ... and a text run whose attacks left no rows (audit EP3).
+    bare = SettingVerdict("", "none", (), None, math.nan, math.nan, (1,), text=True)
+    assert _setting_sentence(bare, bare).endswith("not measured (no test sequences).")
 
 
 def test_the_verdict_says_what_the_attacker_saw_and_knew() -> None:

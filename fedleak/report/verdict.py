@@ -45,6 +45,7 @@ class SettingVerdict:
     # became non-finite (training diverged), so their accuracy is left out of the mean.
     diverged: tuple[str, ...] = ()
     diverged_from: int = 0  # the first round whose loss was not finite in any of them
+    text: bool = False  # its runs' data are token sequences (said even when no attack ran)
 
     @property
     def label(self) -> str:
@@ -121,6 +122,7 @@ def setting_verdicts(study: Study) -> list[SettingVerdict]:
                     final_runs=max(1, int(runs["test_accuracy"].notna().sum())),
                     diverged=tuple(runs.index[lost]),
                     diverged_from=int(unmeasured["round"].min()) if len(unmeasured) else 0,
+                    text=any(r.modality == "tokens" for r in study.runs if r.name in runs.index),
                 )
             )
     return out
@@ -447,7 +449,7 @@ def _setting_sentence(v: SettingVerdict, baseline: SettingVerdict | None) -> str
                 for s in v.attacks[1:]
             )
     if math.isnan(v.accuracy_final) and math.isnan(v.accuracy_start):
-        held = "sequences" if any(s.tokens for s in v.attacks) else "images"
+        held = "sequences" if v.text or any(s.tokens for s in v.attacks) else "images"
         return text + f". The global model's test accuracy was not measured (no test {held})."
     if math.isnan(v.accuracy_final) and v.diverged:
         return (
