@@ -436,16 +436,15 @@ def _environment_table(runs: list[RunRecord]) -> Table:
     """Each environment key with its value; over a sweep's runs, a key whose value differs
     between them lists each value with its runs (the first run's read as every cell's: cells
     resumed under other software, audit EM3)."""
-    values: dict[str, dict[str, list[str]]] = {}
-    for run in runs:
-        shown = {k: v for k, v in run.environment.items() if k != ATTACK_SETTINGS_KEY}
-        for key, value in _leaves(shown):
-            values.setdefault(key, {}).setdefault(value, []).append(run.name)
+    leaves = [
+        dict(_leaves({k: v for k, v in run.environment.items() if k != ATTACK_SETTINGS_KEY}))
+        for run in runs
+    ]
     rows = []
-    for key, by_value in values.items():
-        missing = [run.name for run in runs if all(run.name not in n for n in by_value.values())]
-        if missing:
-            by_value["–"] = by_value.get("–", []) + missing
+    for key in dict.fromkeys(key for leaf in leaves for key in leaf):
+        by_value: dict[str, list[str]] = {}
+        for run, leaf in zip(runs, leaves, strict=True):  # a run without the key: –
+            by_value.setdefault(leaf.get(key, "–"), []).append(run.name)
         if len(by_value) == 1:
             rows.append((TableCell(key), TableCell(next(iter(by_value)))))
         elif len(by_value) > MAX_ENVIRONMENT_VALUES:
