@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedleak.attacks.optimization.losses import fedavg_step_clip
-from fedleak.attacks.optimization.replay import ClientProtocol, Replay
+from fedleak.attacks.optimization.replay import ClientProtocol, Replay, ReplayError
 from fedleak.defenses import parse_defense_spec
 from fedleak.training.update import LocalTraining, compute_update
 
@@ -60,3 +60,52 @@ def test_the_step_clip_is_replayed_only_where_fedavg_clips() -> None:
     assert fedavg_step_clip(dpsgd, "gradient", adaptive=True) == 0.0  # the loss clips FedSGD
     assert fedavg_step_clip(dpsgd, "delta", adaptive=False) == 0.0
     assert fedavg_step_clip(gauss, "delta", adaptive=True) == 0.0
+
+
+class _Drifting(nn.Module):
+    """A forward that updates plain buffers in place, as a user's model may (audit EO1): a
+    step counter and a running mean of its inputs, which the next step's output depends on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 4)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self.register_buffer("centre", torch.zeros(16))
+        self.register_buffer("scale", torch.ones(()))  # read, never changed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)
+        if self.training:
+            self.calls += 1
+            self.centre.mul_(0.5).add_(0.5 * x.detach().mean(dim=0))
+        return self.fc((x - self.centre) * self.scale * (1.0 + 0.1 * self.calls))
+
+
+@pytest.mark.parametrize("problems", [1, 3])
+@pytest.mark.parametrize(("kind", "steps"), [("delta", 3), ("gradient", 1)])
+def test_a_forward_that_updates_buffers_replays_the_clients_update(
+    problems: int, kind: str, steps: int
+) -> None:
+    torch.manual_seed(0)
+    model = _Drifting()
+    generator = torch.Generator().manual_seed(1)
+    batch = 2
+    x = torch.rand(problems, batch * steps, 1, 4, 4, generator=generator)
+    y = torch.randint(0, 4, (problems, batch * steps), generator=generator)
+    mode = "fedavg" if kind == "delta" else "fedsgd"
+    training = LocalTraining(mode, batch * steps if kind == "gradient" else batch, steps, 0.1)
+    pipeline = parse_defense_spec("none")
+    names = [name for name, _ in model.named_parameters()]
+    protocol = ClientProtocol(kind, steps, batch, 0.1)  # type: ignore[arg-type]
+    replay = Replay(model, protocol)
+    for _ in range(2):  # a second call (the attack's next iteration) starts from the same state
+        replayed = replay(x, y).update
+        for t in range(problems):
+            sent = compute_update(model, x[t], y[t], 4, pipeline, training, generator).update
+            for name, u in zip(names, replayed, strict=True):
+                torch.testing.assert_close(u[t], sent[name], rtol=1e-4, atol=1e-6)
+    assert int(model.calls) == 0 and not model.centre.any()  # the client's copy: untouched
+    assert int(replay.model.calls) == 0 and not replay.model.centre.any()
+    if kind == "gradient":  # no sample's gradient stands alone where a buffer couples them
+        with pytest.raises(ReplayError, match="buffers that its forward changes"):
+            replay(x, y, per_sample=True)

@@ -422,11 +422,18 @@ class Replay:
         self.bn_mode = bn_mode
         self.params = {name: p.detach() for name, p in self.model.named_parameters()}
         self.names = list(self.params)
+        # Buffers a train-mode forward updates in place (a step counter, a running average;
+        # BatchNorm's are replaced above), found by the first call: every problem starts from
+        # the shared values and carries its own copy through the local steps, as the client
+        # does. The copies enter the transformed function as inputs, since torch.func refuses
+        # in-place updates of captured tensors (audit EO1); the module keeps the shared values.
+        self._state: dict[str, Tensor] | None = None
         # The single-problem path differentiates with plain autograd w.r.t. the module's own
         # parameters and calls the module directly (no re-binding of parameters per call).
         self._leaves = dict(self.model.named_parameters())
         for leaf in self._leaves.values():
             leaf.requires_grad_(True)
+        sent = {name: b.clone() for name, b in self.model.named_buffers()}
         # Stacked FedSGD problems without BatchNorm: per-problem gradients from one batched
         # backward (`fedleak.training.per_sample`), cheaper to differentiate than vmap.
         # (A BatchNorm without parameters passes `supported`, but one forward of every
@@ -437,6 +444,11 @@ class Replay:
         # FedSGD through a graph of plain layers: the gradient and its derivative written
         # out (`chain`), cheaper still; None where the model is not such a graph.
         self._chain = layer_chain(self.model) if protocol.kind == "gradient" else None
+        # Both probe the model with forwards, which may have moved its buffers from the sent
+        # values every replay starts from.
+        with torch.no_grad():
+            for name, b in self.model.named_buffers():
+                b.copy_(sent[name])
 
     @property
     def has_batchnorm(self) -> bool:
@@ -452,28 +464,57 @@ class Replay:
         """The model's running (mean, var) of each BatchNorm layer: the prior of `infer`."""
         return [(bn.running_mean, bn.running_var) for _, bn in self._batchnorms]
 
+    def _changing_buffers(self, x: Tensor) -> dict[str, Tensor]:
+        """The buffers, BatchNorm's aside, that a train-mode forward of batch `x` changes.
+        The others stay the module's own: a fixed mask or table need not be copied per
+        problem (nor batched under vmap)."""
+        inverted = {
+            f"{name}.{b}" for name, _ in self._batchnorms for b in ("running_mean", "running_var")
+        }
+        shared = {n: b for n, b in self.model.named_buffers() if n not in inverted}
+        probe = {n: b.clone() for n, b in shared.items()}
+        if probe:
+            with torch.no_grad():
+                functional_call(self.model, probe, (x,))
+        return {n: b.detach() for n, b in shared.items() if not torch.equal(probe[n], b)}
+
+    def _fresh_state(self, state: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """Copies of the changing buffers (`state`, else the shared values) for a forward."""
+        held = self._state if state is None else state
+        return {name: b.clone() for name, b in (held or {}).items()}
+
     def _loss(
-        self, params: dict[str, Tensor], x: Tensor, y: Tensor, record: bool
+        self,
+        params: dict[str, Tensor],
+        state: dict[str, Tensor],
+        x: Tensor,
+        y: Tensor,
+        record: bool,
     ) -> tuple[Tensor, tuple[tuple[Tensor, Tensor], ...]]:
         recorded: list[tuple[Tensor, Tensor]] = []
         for _, bn in self._batchnorms:
             bn.record = recorded if record else None
         try:
             if params is self._leaves:
-                logits = self.model(x)
+                logits = functional_call(self.model, state, (x,)) if state else self.model(x)
             else:
-                logits = functional_call(self.model, params, (x,))
+                logits = functional_call(self.model, (params, state), (x,))
         finally:
             for _, bn in self._batchnorms:
                 bn.record = None
         return task_loss(logits, y), tuple(recorded)
 
     def _autograd(
-        self, params: dict[str, Tensor], x: Tensor, y: Tensor, record: bool
+        self,
+        params: dict[str, Tensor],
+        state: dict[str, Tensor],
+        x: Tensor,
+        y: Tensor,
+        record: bool,
     ) -> tuple[dict[str, Tensor], tuple[tuple[Tensor, Tensor], ...]]:
         """`grad(self._loss, has_aux=True)` with plain autograd (graph kept for the outer
         derivative): one problem needs no vmap, and functorch's wrappers cost ~1.5x here."""
-        loss, statistics = self._loss(params, x, y, record)
+        loss, statistics = self._loss(params, state, x, y, record)
         inputs = [params[n] for n in self.names]
         grads = torch.autograd.grad(loss, inputs, create_graph=True, allow_unused=True)
         gradient = {
@@ -483,22 +524,30 @@ class Replay:
         return gradient, statistics
 
     def _problem(
-        self, params: dict[str, Tensor], x: Tensor, y: Tensor, single: bool = False
+        self,
+        params: dict[str, Tensor],
+        state: dict[str, Tensor],
+        x: Tensor,
+        y: Tensor,
+        single: bool = False,
     ) -> tuple[list[Tensor], tuple[tuple[Tensor, Tensor], ...]]:
+        """One problem's update; `state`: its own copy of the shared buffers."""
         gradient_of = self._autograd if single else grad(self._loss, has_aux=True)
         if self.protocol.kind == "gradient":
-            gradient, statistics = gradient_of(params, x, y, True)
+            gradient, statistics = gradient_of(params, state, x, y, True)
             return [gradient[n] for n in self.names], statistics
         # Statistics (for the prior) of the whole dummy batch at w_t, as the client shares them.
-        statistics = self._loss(params, x, y, True)[1]
+        statistics = self._loss(params, self._fresh_state(state), x, y, True)[1]
         count, size, lr = x.shape[0], self.protocol.batch_size, self.protocol.learning_rate
         current = params
         for step in range(self.protocol.local_steps):
             index = [(step * size + j) % count for j in range(size)]
+            # Each step updates a copy: an earlier step's graph may hold the values it read.
+            state = self._fresh_state(state)
             if self.step_clip > 0:
                 gradient = self._clipped_step(current, x[index], y[index])
             else:
-                gradient, _ = gradient_of(current, x[index], y[index], False)
+                gradient, _ = gradient_of(current, state, x[index], y[index], False)
             current = {n: current[n] - lr * gradient[n] for n in self.names}
         return [current[n] - params[n] for n in self.names], statistics
 
@@ -507,7 +556,7 @@ class Replay:
         clips it (`clip_per_sample`), then their mean."""
 
         def sample_loss(p: dict[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:
-            return self._loss(p, xi.unsqueeze(0), yi.unsqueeze(0), False)[0]
+            return self._loss(p, {}, xi.unsqueeze(0), yi.unsqueeze(0), False)[0]
 
         with self._split():
             per = vmap(grad(sample_loss), in_dims=(None, 0, 0))(params, x, y)
@@ -518,6 +567,8 @@ class Replay:
         """Dummy updates of T problems: `x` [T, b, ...], `y` int64 [T, b] or soft [T, b, K]
         (token sequences: embeddings [T, b, L, d] and targets [T, b, L] or soft [T, b, L, V]);
         with `per_sample` also each sample's gradient (FedSGD, no BatchNorm)."""
+        if self._state is None:
+            self._state = self._changing_buffers(x[0])
         # Per-sample gradients are undefined under BatchNorm (`_per_sample` says so).
         if self._chain is not None and not (per_sample and self._batchnorms):
             problems, samples = x.shape[0], x.shape[1]
@@ -536,8 +587,10 @@ class Replay:
                 per = [u.reshape(problems, samples, *u.shape[1:]) for u in update]
                 mean = rows.reshape(problems, samples, -1).mean(dim=1)
                 return ReplayOutput(None, per, [], mean, shapes)
+        # One forward of every problem's samples would mix them in a changing buffer.
         if (
             self.layerwise
+            and not self._state
             and (per_sample or x.shape[0] > 1)
             and layerwise_exact(self.model, x.flatten(0, 1))
         ):
@@ -546,14 +599,19 @@ class Replay:
             return self._per_sample(x, y)
         if x.shape[0] == 1:
             with torch.enable_grad():  # also under no_grad: the update is a gradient
-                update, statistics = self._problem(self._leaves, x[0], y[0], single=True)
+                state = self._fresh_state()
+                update, statistics = self._problem(self._leaves, state, x[0], y[0], single=True)
             return ReplayOutput(
                 [u.unsqueeze(0) for u in update],
                 None,
                 [(m.unsqueeze(0), v.unsqueeze(0)) for m, v in statistics],
             )
+        problems = x.shape[0]
+        state = {n: b.expand(problems, *b.shape).clone() for n, b in (self._state or {}).items()}
         with self._split():
-            update, statistics = vmap(self._problem, in_dims=(None, 0, 0))(self.params, x, y)
+            update, statistics = vmap(self._problem, in_dims=(None, 0, 0, 0))(
+                self.params, state, x, y
+            )
         return ReplayOutput(list(update), None, list(statistics))
 
     def _layerwise(self, x: Tensor, y: Tensor, per_sample: bool) -> ReplayOutput:
@@ -568,7 +626,7 @@ class Replay:
         grads, _ = layerwise_gradients(
             self.model,
             self.params,
-            {},
+            self._fresh_state(),
             x.reshape(problems * samples, *x.shape[2:]),
             y.reshape(problems * samples, *y.shape[2:]),
             loss_of,
@@ -581,13 +639,14 @@ class Replay:
         return ReplayOutput([g.mean(dim=1) for g in per], per, [])
 
     def _per_sample(self, x: Tensor, y: Tensor) -> ReplayOutput:
-        if self.has_batchnorm or self.protocol.kind != "gradient":
+        if self.has_batchnorm or self._state or self.protocol.kind != "gradient":
             raise ReplayError(
-                "per-sample dummy gradients need a FedSGD gradient and a model without BatchNorm"
+                "per-sample dummy gradients need a FedSGD gradient and a model without BatchNorm "
+                "or other buffers that its forward changes"
             )
 
         def sample_loss(params: dict[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:
-            return self._loss(params, xi.unsqueeze(0), yi.unsqueeze(0), False)[0]
+            return self._loss(params, {}, xi.unsqueeze(0), yi.unsqueeze(0), False)[0]
 
         each = vmap(vmap(grad(sample_loss), in_dims=(None, 0, 0)), in_dims=(None, 0, 0))
         with self._split():
