@@ -142,6 +142,15 @@ def test_a_resumed_stateful_strategy_is_said_to_start_afresh() -> None:
     warning = _restarted_state(ForeignServer(FedAdam()))
     assert warning is not None and warning.startswith("the app's FedAdam starts its own state")
 
+    class Scheduled(FedProx):  # aggregates as FedProx, but counts its rounds (audit EO4)
+        def configure_train(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
+            self.calls = getattr(self, "calls", 0) + 1
+            return super().configure_train(server_round, arrays, config, grid)
+
+    warning = _restarted_state(ForeignServer(Scheduled()))
+    assert warning is not None
+    assert warning.startswith("the app's Scheduled overrides FedProx's configure_train, which")
+
 
 def _client_batch(task, partition: int, server_round: int, seed: int = 0, examples: int = 4):
     """The batch the example's ClientApp trains on (its own data loading and sampling)."""

@@ -385,6 +385,7 @@ def _check_same_data(run_dir: RunDirectory, config: RunConfig, fd: FederatedData
 # Flower's strategies that keep nothing across rounds but the global weights, which the
 # checkpoint holds: a resumed audit of one of them continues the uninterrupted run.
 _STATELESS = (FedAvg, FedProx, FedMedian, FedTrimmedAvg, Krum, MultiKrum, Bulyan)
+_ROUND_HOOKS = ("configure_train", "configure_evaluate", "aggregate_evaluate")
 
 
 # Settings only fedleak's own clients and client sampling read: an audited app's clients and
@@ -452,15 +453,28 @@ def _check_foreign_app(app: ForeignServer, config: RunConfig) -> None:
 
 
 def _restarted_state(app: ForeignServer | None) -> str | None:
-    """Why a resumed audit is not the uninterrupted run: its strategy keeps state of its own
-    (a server-side optimiser's moments, momentum), which no checkpoint holds."""
-    stateless = {kind.aggregate_train for kind in _STATELESS}
-    if app is None or type(app.strategy).aggregate_train in stateless:
-        return None  # one of them, or a subclass that aggregates as it does
+    """Why a resumed audit may not be the uninterrupted run: its strategy keeps state of its
+    own (a server-side optimiser's moments, momentum, a schedule), which no checkpoint holds."""
+    if app is None:
+        return None
+    kind = type(app.strategy)
+    base = next((c for c in kind.__mro__ if c in _STATELESS), None)
+    name = kind.__name__
+    if base is None or kind.aggregate_train is not base.aggregate_train:
+        return (
+            f"the app's {name} starts its own state afresh (e.g. a server-side optimiser's "
+            "moments): fedleak's checkpoint holds the global weights only, so the resumed "
+            "rounds differ from an uninterrupted run"
+        )
+    # A subclass that aggregates as its base may still count rounds in another hook.
+    changed = [hook for hook in _ROUND_HOOKS if getattr(kind, hook) is not getattr(base, hook)]
+    if not changed:
+        return None  # one of them, or a subclass that runs its rounds as it does
     return (
-        f"the app's {type(app.strategy).__name__} starts its own state afresh (e.g. a "
-        "server-side optimiser's moments): fedleak's checkpoint holds the global weights only, "
-        "so the resumed rounds differ from an uninterrupted run"
+        f"the app's {name} overrides {base.__name__}'s {', '.join(changed)}, which may keep "
+        "state across rounds (e.g. a schedule or a sampling history) that starts afresh: "
+        "fedleak's checkpoint holds the global weights only, so the resumed rounds may differ "
+        "from an uninterrupted run"
     )
 
 
