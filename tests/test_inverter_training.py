@@ -47,7 +47,7 @@ class ScriptedTrainer(EpochTrainer):
         self.scores = iter(scores)
         self.calls: list[int] = []
 
-    def epoch_pairs(self, epoch: int) -> tuple[Tensor, Tensor]:
+    def epoch_pairs(self, epoch: int, deadline: float) -> tuple[Tensor, Tensor] | None:
         self.calls.append(epoch)
         return torch.full((4, 1), 2.0), torch.arange(4)
 
@@ -86,7 +86,7 @@ def test_a_stop_inside_an_epoch_counts_the_steps_not_the_epoch(
     # Epochs of 8 pairs in batches of 4: a stop (Ctrl-C, or the budget) after the third step
     # ends training half way through the second epoch.
     trainer = ScriptedTrainer([1.0, 2.0, 3.0], patience=None)
-    trainer.epoch_pairs = lambda epoch: (torch.full((8, 1), 2.0), torch.arange(8))  # type: ignore[method-assign]
+    trainer.epoch_pairs = lambda epoch, deadline: (torch.full((8, 1), 2.0), torch.arange(8))  # type: ignore[method-assign]
     checks = iter(range(100))
     monkeypatch.setattr("fedleak.attacks.learned.trainer.stop_requested", lambda: next(checks) >= 4)
     outcome = run(trainer, 3)
@@ -109,6 +109,17 @@ def test_a_spent_budget_trains_nothing_and_says_so() -> None:
     outcome = run(trainer, 3, seconds=-1.0)
     assert outcome.timed_out and outcome.stopped_by == "seconds"
     assert outcome.epochs == 0 and math.isnan(outcome.score)
+
+
+def test_pairs_the_budget_cut_short_end_the_training_before_their_epoch() -> None:
+    """An epoch's pairs cost as many client computations as it has pairs: a budget spent
+    while they were computed ends the training there (audit DV2)."""
+    trainer = ScriptedTrainer([1.0, 2.0, 3.0], patience=None)
+    built = trainer.epoch_pairs
+    trainer.epoch_pairs = lambda epoch, deadline: None if epoch == 1 else built(epoch, deadline)  # type: ignore[method-assign]
+    outcome = run(trainer, 3)
+    assert outcome.timed_out and outcome.stopped_by == "seconds"
+    assert (outcome.epochs, outcome.steps, outcome.score) == (1, 1, 1.0)
 
 
 def test_store_round_trip_and_refusal_of_another_setting(tmp_path: Path) -> None:

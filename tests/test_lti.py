@@ -330,6 +330,54 @@ def test_random_defenses_are_redrawn_each_epoch() -> None:
     assert not torch.equal(plugin.features(gen), plugin.features(gen))
 
 
+@pytest.mark.parametrize(
+    ("defense", "size", "cache", "regroup", "kept"),
+    [
+        ("sign", 1, 1 << 30, False, "_features"),  # fixed pairs, kept once built
+        ("gauss:0.1", 1, 0, False, None),  # hash-space noise, each chunk's bins in turn
+        ("gauss:0.1", 1, 1 << 30, False, "_clean"),  # ... on every group's kept clean bins
+        ("gauss:0.1+prune:0.5", 1, 1 << 30, False, "_raw"),  # every update before the release
+        ("gauss:0.1+prune:0.5", 2, 1 << 30, True, "_per_sample"),  # regrouped: aux gradients
+    ],
+)
+def test_pair_building_stops_at_its_deadline(
+    defense: str,
+    size: int,
+    cache: int,
+    regroup: bool,
+    kept: str | None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Building an epoch's pairs stops between chunks once the deadline has passed, in every
+    way pairs are built, and a later call with time left builds them whole (audit DV2)."""
+    import fedleak.attacks.learned.pairs as pairs_module
+
+    model, x, y = _small_world("lenet")
+    sizes = {n: p.numel() for n, p in model.named_parameters()}
+    featuriser = Featuriser(sizes, 64, 0, True, block_normalise=True)
+    groups = make_groups(24, size, torch.Generator().manual_seed(3), torch.device("cpu"))
+    unit = Unit("gradient", size, size, 1, 0.1)
+    pipeline = parse_defense_spec(defense)
+    source = PairSource(model, pipeline, unit, x, y, 4, groups, featuriser, 5, cache, regroup)
+    calls = []
+    computed = pairs_module.per_sample_gradients
+    monkeypatch.setattr(
+        pairs_module,
+        "per_sample_gradients",
+        lambda *args: calls.append(1) or computed(*args),
+    )
+    gen = torch.Generator().manual_seed(0)
+    assert source.features(gen, deadline=time.perf_counter() - 1.0) is None
+    assert len(calls) == 1  # the first chunk, then no more
+    if kept is not None:
+        assert getattr(source, kept) is None  # no cache holds a part of what it keeps
+    features = source.features(gen)
+    assert features is not None and features.shape[0] == groups.shape[0]
+    if kept is not None:
+        assert getattr(source, kept) is not None
+    assert torch.isfinite(features).all()
+
+
 class GradientDropout:
     """A plug-in's random release step: each coordinate kept with probability 1/2."""
 

@@ -208,7 +208,9 @@ class LearningToInvert:
         validation = None
         if val is not None and val[0].shape[0] >= unit.size:
             val_pairs = source(*val, False)
-            validation = (val_pairs.features(noise_gen), val_pairs.groups, *val)
+            features = val_pairs.features(noise_gen, deadline)
+            # Out of time already: the trainer stops before its first epoch.
+            validation = None if features is None else (features, val_pairs.groups, *val)
         epochs = cfg.finetune_epochs if warm else cfg.epochs
         trainer = InverterTrainer(
             inverter,

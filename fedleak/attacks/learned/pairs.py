@@ -34,6 +34,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -47,6 +48,7 @@ from fedleak.attacks.learned.hashing import FeatureHasher, resolve_num_bins
 from fedleak.attacks.optimization.replay import ClientProtocol, Replay
 from fedleak.attacks.types import Observation
 from fedleak.defenses import DPSGD, DefensePipeline, GaussianNoise, PartnerPool
+from fedleak.interrupt import stop_requested
 from fedleak.models import has_batchnorm
 from fedleak.training.gradients import per_sample_gradients, refuse_batchnorm
 from fedleak.training.loss import task_loss
@@ -54,6 +56,10 @@ from fedleak.training.update import LocalTraining, compute_update
 
 Params = dict[str, Tensor]
 UnitKind = Literal["gradient", "delta"]
+
+
+class _OutOfTime(Exception):
+    """The deadline of `PairSource.features` came, or a stop was requested, between chunks."""
 
 
 @dataclass(frozen=True)
@@ -251,6 +257,7 @@ class PairSource:
         # Gaussian release noise drawn in hash space (`binned_noise`): exact in distribution,
         # and an epoch redraws a few numbers per bin instead of every coordinate.
         self._binned: BinnedNoise | None = None
+        self._deadline = math.inf  # of the `features` call in progress
         self._clean: CleanBins | None = None
         std = gaussian_release_std(pipeline, self.member.size)
         hasher = featuriser.hasher
@@ -289,17 +296,27 @@ class PairSource:
         self._features = None
         self._clean = None
 
-    def features(self, generator: torch.Generator) -> Tensor:
-        """[P, F] features; the same tensor every call when nothing random is involved."""
+    def features(self, generator: torch.Generator, deadline: float = math.inf) -> Tensor | None:
+        """[P, F] features; the same tensor every call when nothing random is involved. None
+        when `deadline` (a `time.perf_counter()` value) or a requested stop comes first: an
+        epoch's pairs cost as many client computations as it has pairs."""
         if self._features is not None:
             return self._features
-        parts = []
-        for start in range(0, self.num_pairs, self.chunk):
-            rows = slice(start, min(self.num_pairs, start + self.chunk))
-            if self._binned is not None:
-                parts.append(self._binned.features(self._clean_bins(rows, generator), generator))
-            else:
-                parts.append(self.featuriser(self._released(rows, generator)))
+        self._deadline = deadline
+        try:
+            parts = []
+            for start in range(0, self.num_pairs, self.chunk):
+                self._check_time(start)
+                rows = slice(start, min(self.num_pairs, start + self.chunk))
+                if self._binned is not None:
+                    clean = self._clean_bins(rows, generator)
+                    parts.append(self._binned.features(clean, generator))
+                else:
+                    parts.append(self.featuriser(self._released(rows, generator)))
+        except _OutOfTime:
+            return None  # the caches filled so far are whole; a later call goes on from them
+        finally:
+            self._deadline = math.inf
         features = torch.cat(parts)
         if self.fixed:
             self._features = features
@@ -308,6 +325,11 @@ class PairSource:
     def _members(self) -> Tensor:
         """The groups cut into their contributors' shares: [P * M, size / M]."""
         return self.groups.reshape(-1, self.member.size)
+
+    def _check_time(self, start: int) -> None:
+        """Between chunks (`start` > 0) of one `features` call: stop at its deadline."""
+        if start and (time.perf_counter() >= self._deadline or stop_requested()):
+            raise _OutOfTime
 
     def _clean_bins(self, rows: slice, generator: torch.Generator) -> CleanBins:
         """The groups `rows` before the release noise, in hash space; all groups' kept from the
@@ -318,6 +340,7 @@ class PairSource:
         if self._clean is None:
             kept = self._binned.empty(self.num_pairs)
             for start in range(0, self.num_pairs, self.chunk):
+                self._check_time(start)
                 chunk = slice(start, min(self.num_pairs, start + self.chunk))
                 self._binned.clean(self._clean_mean(chunk, generator), out=kept[chunk])
             self._clean = kept
@@ -353,10 +376,10 @@ class PairSource:
 
     def _all_raw(self, generator: torch.Generator) -> Params:
         count = self.num_pairs * self.parts
-        parts = [
-            self._pre_release(slice(s, min(count, s + self.chunk)), generator)
-            for s in range(0, count, self.chunk)
-        ]
+        parts = []
+        for start in range(0, count, self.chunk):
+            self._check_time(start)
+            parts.append(self._pre_release(slice(start, min(count, start + self.chunk)), generator))
         return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
 
     def _pre_release(self, rows: slice, generator: torch.Generator) -> Params:
@@ -392,6 +415,7 @@ class PairSource:
             count = self.aux_x.shape[0]
             parts = []
             for start in range(0, count, self.chunk):
+                self._check_time(start)
                 rows = slice(start, min(count, start + self.chunk))
                 gradients = per_sample_gradients(self.model, self.aux_x[rows], self.aux_y[rows])
                 parts.append(self.pipeline.clip(gradients))

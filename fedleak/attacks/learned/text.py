@@ -232,10 +232,11 @@ class TokenInverterTrainer(EpochTrainer):
         self.noise_gen = noise_gen
         self.tokens: Tensor | None = None
 
-    def epoch_pairs(self, epoch: int) -> tuple[Tensor, Tensor]:
+    def epoch_pairs(self, epoch: int, deadline: float) -> tuple[Tensor, Tensor] | None:
         pairs = self.epoch_source(epoch)
         self.tokens = pairs.aux_x
-        return pairs.features(self.noise_gen), pairs.groups
+        features = pairs.features(self.noise_gen, deadline)
+        return None if features is None else (features, pairs.groups)
 
     def loss(self, features: Tensor, index: Tensor) -> Tensor:
         assert self.tokens is not None
@@ -414,7 +415,9 @@ class TextLearningToInvert:
         validation = None
         if val_x.shape[0] >= unit.size:
             val_pairs = source(val_x)
-            validation = (val_pairs.features(noise_gen), val_x[val_pairs.groups])
+            features = val_pairs.features(noise_gen, deadline)
+            # Out of time already: the trainer stops before its first epoch.
+            validation = None if features is None else (features, val_x[val_pairs.groups])
 
         def epoch_source(epoch: int) -> PairSource:
             return fixed if fixed is not None else source(pseudo(size))

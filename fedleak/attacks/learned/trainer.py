@@ -78,8 +78,9 @@ class EpochTrainer:
         self.cpu_gen = cpu_gen
         self.score_name = score_name
 
-    def epoch_pairs(self, epoch: int) -> tuple[Tensor, Tensor]:
-        """This epoch's features [P, F] and, per pair, the index its loss needs [P, ...]."""
+    def epoch_pairs(self, epoch: int, deadline: float) -> tuple[Tensor, Tensor] | None:
+        """This epoch's features [P, F] and, per pair, the index its loss needs [P, ...]; None
+        when `deadline` came before they were built."""
         raise NotImplementedError
 
     def loss(self, features: Tensor, index: Tensor) -> Tensor:
@@ -116,7 +117,11 @@ class EpochTrainer:
             if time.perf_counter() >= deadline or stop_requested():
                 timed_out = True
                 break
-            features, index = self.epoch_pairs(epoch)
+            built = self.epoch_pairs(epoch, deadline)
+            if built is None:  # the budget ran out while the pairs were computed
+                timed_out = True
+                break
+            features, index = built
             if epoch == 0:
                 # Refit even when warm: the features' scale follows the changing global model.
                 inverter.fit_standardisation(features)
@@ -202,12 +207,14 @@ class InverterTrainer(EpochTrainer):
         self.noise_gen = noise_gen
         self.features: Tensor | None = None
 
-    def epoch_pairs(self, epoch: int) -> tuple[Tensor, Tensor]:
+    def epoch_pairs(self, epoch: int, deadline: float) -> tuple[Tensor, Tensor] | None:
         pairs = self.pairs
         if epoch > 0 and pairs.regroups:
             pairs.regroup(self.cpu_gen)
         if self.features is None or not pairs.fixed or pairs.regroups:
-            self.features = pairs.features(self.noise_gen)
+            self.features = pairs.features(self.noise_gen, deadline)
+        if self.features is None:
+            return None
         return self.features, pairs.groups
 
     def start_epoch(self, epoch: int) -> None:
