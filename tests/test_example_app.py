@@ -127,6 +127,46 @@ def test_a_model_name_that_does_not_take_the_apps_weights_is_refused_first(
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("data.dataset", "folder:imgs"),
+        ("data.data-dir", "data"),
+        ("data.tokenizer", "file:tok.json"),
+        ("attack.lti.cache-dir", "cache"),
+    ],
+)
+def test_a_relative_path_is_refused_where_flower_starts_the_server_app(
+    key: str, value: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under `flwr run` the ServerApp runs in the SuperLink's working directory: a relative
+    `folder:` silently read a folder of the same name there (audit EQ1). Refused in one line,
+    as `out-dir` is, before any folder is made; `fedleak run` reads them where the user is."""
+    import fedleak
+    from fedleak.server.validate import check_absolute_paths
+    from fedleak.settings import ConfigError
+    from fedleak.simulations.apps import make_server_app
+
+    monkeypatch.chdir(tmp_path)  # where a same-named folder would be taken for the user's
+    (tmp_path / "imgs" / "a").mkdir(parents=True)
+    settings = {"out-dir": str(tmp_path / "r"), "attack.names": "lti", key: value}
+    expected = rf"^{key}='{value}': expected an absolute path \(the ServerApp runs in the Super"
+    with pytest.raises(ConfigError, match=expected):
+        fedleak.audit(None, FedAvg(), settings)  # type: ignore[arg-type]
+
+    class Context:  # what Flower hands the ServerApp's main under `flwr run`
+        run_config = settings
+
+    main = make_server_app()._main
+    assert main is not None
+    with pytest.raises(ConfigError, match=expected):
+        main(None, Context())
+    assert not (tmp_path / "r").exists()
+    prefix, _, path = value.rpartition(":")
+    absolute = f"{prefix}:{tmp_path / path}" if prefix else str(tmp_path / path)
+    check_absolute_paths(parse_flat({**settings, key: absolute}))  # accepted
+
+
 def test_a_resumed_stateful_strategy_is_said_to_start_afresh() -> None:
     """FedAdam's moments are in no checkpoint: its resumed rounds differed silently (BC2)."""
     from flwr.serverapp.strategy import FedAdam, FedProx

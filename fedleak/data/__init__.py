@@ -31,11 +31,12 @@ from fedleak.data.registry import (
 )
 from fedleak.data.sampler import poisson_batch, sample_batch
 from fedleak.data.stratify import DataSplitError
-from fedleak.data.text import TOKENIZER_KINDS, TokenDataset
+from fedleak.data.text import FILE_PREFIX, TOKENIZER_KINDS, TokenDataset
 
 __all__ = [
     "DATASETS",
     "DATA_DIR_ENV",
+    "FILE_PREFIX",
     "FOLDER_PREFIX",
     "SCHEMES",
     "TEXT_DATASETS",

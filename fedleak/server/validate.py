@@ -33,6 +33,7 @@ from fedleak.config import (
     text_keys,
 )
 from fedleak.data import (
+    FILE_PREFIX,
     FOLDER_PREFIX,
     TOKENIZER_KINDS,
     DatasetUnavailable,
@@ -214,6 +215,30 @@ def check_seen_by_ray(config: RunConfig, own_clients: bool = True) -> None:
                 f"{setting}: {name!r} is registered by code in this process only, which the "
                 f"run's Ray processes do not run; ship it with an entry point in group "
                 f"{group!r}{inline} (docs/api.md)"
+            )
+
+
+def check_absolute_paths(config: RunConfig) -> None:
+    """Refuse a relative path in the settings of a ServerApp that Flower starts (`flwr run`,
+    an audited app): it would be read from the SuperLink's working directory, not the user's,
+    and a folder of the same name there silently taken for the user's (audit EQ1), as
+    `out-dir` is refused. `fedleak run` reads its paths where the user is."""
+    named = [("data.dataset", config.data.dataset, FOLDER_PREFIX)]
+    named += [("data.tokenizer", config.data.tokenizer, FILE_PREFIX)]
+    named += [("data.data-dir", config.data.data_dir, "")]
+    named += [
+        (f"attack.{name}.{key}", str(value), "")
+        for name, given in config.attack.params.items()
+        for key, value in given.items()
+        if key.replace("_", "-") == "cache-dir" and value
+    ]
+    for setting, value, prefix in named:
+        if not value or not value.startswith(prefix):
+            continue
+        if not Path(value.removeprefix(prefix)).expanduser().is_absolute():
+            raise ConfigError(
+                f"{setting}={value!r}: expected an absolute path (the ServerApp runs in the "
+                "SuperLink's working directory, not yours)"
             )
 
 

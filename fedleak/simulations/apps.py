@@ -14,6 +14,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedleak.config import RunConfig, parse_flat
+from fedleak.server.validate import check_absolute_paths
 from fedleak.simulations.study import log_own_errors_in_one_line, serve
 
 
@@ -36,6 +37,8 @@ def make_server_app(
         if config is None:  # `flwr run`: `fedleak run` prints its errors itself
             log_own_errors_in_one_line()
         resolved = config or parse_flat(context.run_config)
+        if config is None:
+            check_absolute_paths(resolved)
         serve(grid, resolved, clients=clients, client_threads=client_threads)
 
     return server

@@ -73,6 +73,7 @@ from fedleak.server.selection import FederationError, declared_federation
 from fedleak.server.strategy import AppStrategyFailed, ClientCrashed
 from fedleak.server.validate import (
     canonical,
+    check_absolute_paths,
     check_seen_by_ray,
     resume_form,
     validate_components,
@@ -159,7 +160,9 @@ def audit(
         if not isinstance(value, kind):
             raise ConfigError(f"{name}: expected {expected}, got {type(value).__name__}")
     server = ForeignServer(strategy, initial_arrays, train_config)
-    return serve(grid, parse_flat(dict(settings)), server)
+    config = parse_flat(dict(settings))
+    check_absolute_paths(config)
+    return serve(grid, config, server)
 
 
 def serve(

@@ -12,6 +12,7 @@ from fedleak.data.text.corpus import (
 from fedleak.data.text.dataset import TokenDataset
 from fedleak.data.text.split import MAX_TEST_SEQUENCES, TextSplit, split_text
 from fedleak.data.text.tokenizer import (
+    FILE_PREFIX,
     TOKENIZER_KINDS,
     TextTokenizer,
     TokenizerError,
@@ -20,6 +21,7 @@ from fedleak.data.text.tokenizer import (
 )
 
 __all__ = [
+    "FILE_PREFIX",
     "MAX_TEST_SEQUENCES",
     "OFFLINE_TEXT",
     "TEXT_DATASETS",
