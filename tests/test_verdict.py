@@ -624,3 +624,31 @@ def test_closer_by_one_median_is_not_said_of_a_setting_where_another_is_closer_b
     sentence = _setting_sentence(setting, setting)
     assert "by both medians" not in sentence and "no attack got closer" not in sentence
     assert sentence.startswith("Without a defense, ig leaks most (closest by median LPIPS)")
+
+
+def test_a_text_run_without_rows_or_test_split_says_sequences_everywhere(
+    tmp_path, monkeypatch
+) -> None:
+    """The verdict learns a run's data from its records, not from rows it may lack (audit
+    EP3), and so does the leakage-per-round figure, whose panel said "no test images" (ER1)."""
+    import matplotlib.axes
+
+    from fedleak.config import parse_flat
+    from fedleak.report.build import build_report
+    from fedleak.report.rundir import RunDirectory
+
+    said: list[str] = []
+    drawn = matplotlib.axes.Axes.text
+
+    def spy(self, x, y, s, *args, **kwargs):  # type: ignore[no-untyped-def]
+        said.append(s)
+        return drawn(self, x, y, s, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "text", spy)
+    config = parse_flat({"num-server-rounds": 1, "attack.names": "none"})
+    run = RunDirectory.create(tmp_path / "run", config, {"data": {"modality": "tokens"}})
+    run.append_round(1, [], {"test_loss": math.nan, "test_accuracy": math.nan})
+    build_report(tmp_path / "run")
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "not measured (no test sequences)" in report and "no test images" not in report
+    assert [s for s in said if "not measured" in s] == ["not measured\n(no test sequences)"]

@@ -259,7 +259,8 @@ def _rounds_section(study: Study) -> list[Block]:
     # Success is decided on LPIPS: text rows (and runs without LPIPS weights) have none.
     decided = "success" in leakage and bool(np.isfinite(leakage["success"]).any())
     order = _setting_order(study)
-    png = rounds_figure(leakage, utility, metrics, success=decided, setting_order=order)
+    text = any(run.modality == "tokens" for run in study.runs)
+    png = rounds_figure(leakage, utility, metrics, success=decided, setting_order=order, text=text)
     training = training_table(study)
     return [
         Heading("Leakage per round"),

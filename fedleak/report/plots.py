@@ -149,6 +149,7 @@ def rounds_figure(
     metrics: list[Metric],
     success: bool = True,
     setting_order: Sequence[Setting] = (),
+    text: bool = False,
 ) -> bytes:
     """Leakage per round: one row of panels per metric (success rate first when `success`),
     sharing its y-axis, with test accuracy in the last row (from 0 to 1, or to
@@ -158,7 +159,8 @@ def rounds_figure(
     beyond that, attacks are columns and settings are lines. `leakage` holds scored rows
     against the originals with `group`, `reference` and (for the success row) `success`;
     `utility` the utility rows with `group` and `defense`; `setting_order` the study's
-    settings, which give each its colour (the same in every figure of a report).
+    settings, which give each its colour (the same in every figure of a report); `text`
+    whether the study's data are token sequences (its test split is of sequences).
     """
     settings = _settings(utility, leakage, order=setting_order)
     order = attack_order(leakage)
@@ -235,7 +237,9 @@ def rounds_figure(
                 ax.set_ylabel(f"{metric.label}\n({better} = more leakage)", fontsize=8.5)
     top = accuracy_top(utility["test_accuracy"].tolist())
     measured = bool(np.isfinite(utility["test_accuracy"].to_numpy(dtype=float)).any())
-    text = "modality" in leakage.columns and bool(leakage["modality"].eq("tokens").any())
+    # A text run without a row still says what it lacks (audit ER1).
+    tokens = "modality" in leakage.columns and bool(leakage["modality"].eq("tokens").any())
+    text = text or tokens
     for j, column in enumerate(columns):
         ax = axes[-1, j]
         if not measured:  # a data set without a test split: say so rather than draw nothing
