@@ -162,6 +162,28 @@ def test_token_pairs_round_trip(tmp_path: Path) -> None:
             '"reconstruction_pieces": ["a"]}]}',
             "differ in length",
         ),
+        # Each check that was left untested (audit ER2): ids, pieces, header types, bools.
+        (
+            '{"round": 1, "client": 0, "attack": "tag", "pairs": [{"target_index": 0, '
+            '"truth": ["x"], "reconstruction": ["y"], "truth_pieces": ["a"], '
+            '"reconstruction_pieces": ["a"]}]}',
+            "token ids are not integers",
+        ),
+        (
+            '{"round": 1, "client": 0, "attack": "tag", "pairs": [{"target_index": 0, '
+            '"truth": [1], "reconstruction": [1], "truth_pieces": [1], '
+            '"reconstruction_pieces": [1]}]}',
+            "pieces are not strings",
+        ),
+        ('{"round": 1, "client": "0", "attack": "tag", "pairs": []}', "of the wrong type"),
+        ('{"round": 1, "client": 0, "attack": 7, "pairs": []}', "of the wrong type"),
+        ('{"round": true, "client": 0, "attack": "tag", "pairs": []}', "of the wrong type"),
+        (
+            '{"round": 1, "client": 0, "attack": "tag", "pairs": [{"target_index": false, '
+            '"truth": [1], "reconstruction": [1], "truth_pieces": ["a"], '
+            '"reconstruction_pieces": ["a"]}]}',
+            "token ids are not integers",
+        ),
     ],
 )
 def test_a_damaged_pair_file_is_one_line_naming_it(tmp_path: Path, text: str, why: str) -> None:
