@@ -911,7 +911,11 @@ def test_arguments_of_the_wrong_type_are_refused_in_one_line(tmp_path: Path) -> 
         fedleak.audit(MagicMock(spec=Grid), FedAvg(), None)  # type: ignore[arg-type]
     assert not out.exists()
     # What only fedleak's own clients apply: recorded as applied, ε included (audit EO3).
-    for key, value in (("defense.spec", "sign"), ("sim.fail-rate", 0.3)):
+    for key, value in (
+        ("defense.spec", "sign"),
+        ("sim.fail-rate", 0.3),
+        ("train.fraction-train", 0.5),
+    ):
         with pytest.raises(ConfigError, match=rf"^{key}={value!r}: only fedleak's own clients"):
             fedleak.audit(MagicMock(spec=Grid), FedAvg(), {**settings, key: value})
     assert not out.exists()

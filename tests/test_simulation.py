@@ -69,7 +69,11 @@ def test_run_directory_holds_every_record(attacked: Path) -> None:
     ):
         assert (attacked / name).exists(), name
     # The federation's size, which a resumed run must match (the partitions depend on it).
-    assert json.loads((attacked / "environment.json").read_text())["num_clients"] == 3
+    environment = json.loads((attacked / "environment.json").read_text())
+    assert environment["num_clients"] == 3
+    # Run by fedleak's own clients: recorded as such, so no audit of an app can take it over
+    # (audit ER3).
+    assert "audited_strategy" in environment and environment["audited_strategy"] is None
     leakage = pd.read_parquet(attacked / "leakage.parquet")
     original = leakage[leakage.scored_against == "original"]
     # 2 rounds x 2 attacked clients x 2 attacks x batch of 2
