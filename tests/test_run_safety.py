@@ -50,6 +50,24 @@ def _holder(path: Path, file_name: str = LOCK_FILE) -> subprocess.Popen[str]:
     return process
 
 
+def test_a_claimed_folder_another_process_holds_is_not_released(tmp_path: Path) -> None:
+    """A refused run removes the default folder it claimed, unless another fedleak started
+    on the same path holds it: that run's folder would vanish under it (audit ER8)."""
+    from fedleak.simulations.recording import release_claimed
+
+    claimed = tmp_path / "claimed"
+    claimed.mkdir()
+    holder = _holder(claimed)
+    try:
+        release_claimed(claimed)
+        assert claimed.is_dir() and (claimed / LOCK_FILE).is_file()
+    finally:
+        holder.kill()
+        holder.wait()
+    release_claimed(claimed)  # released: nothing but its lock file, removed
+    assert not claimed.exists()
+
+
 def test_a_linked_lock_file_is_refused_and_its_target_left_alone(tmp_path: Path) -> None:
     """A run folder from elsewhere may hold `.fedleak.lock` as a link to any of the user's
     files: taking the lock truncated and rewrote it."""
