@@ -287,6 +287,10 @@ def test_image_folder_reads_the_nested_folders_of_a_class(tmp_path):
         )
     (linked / "b" / "more").symlink_to(tmp_path / "elsewhere")
     (linked / "b" / "loop").symlink_to(linked / "b")
+    # ... at any depth: a nested folder's link to itself (audit ER7).
+    (linked / "a" / "sub").mkdir()
+    (linked / "a" / "1.png").rename(linked / "a" / "sub" / "1.png")
+    (linked / "a" / "sub" / "loop").symlink_to(linked / "a" / "sub")
     data = load_dataset(f"folder:{linked}", test_fraction=0.2, seed=0)
     assert sorted(torch.cat([data.train_y, data.test_y]).tolist()) == [0, 0, 1, 1]
 
@@ -298,6 +302,17 @@ def test_image_folder_rejects_mixed_sizes_and_missing_folders(tmp_path):
         load_dataset(f"folder:{tmp_path}")
     with pytest.raises(DatasetUnavailable, match=re.escape(str(tmp_path / "nowhere"))):
         load_dataset(f"folder:{tmp_path / 'nowhere'}")
+
+
+def test_image_folder_refuses_a_link_to_an_image_that_is_gone(tmp_path):
+    """Skipped without a word, it left an image out of its class (audit ER12); ImageFolder
+    lists it and fails on it."""
+    for i, path in enumerate(("a/0.png", "a/1.png", "b/2.png", "b/3.png")):
+        _save_png(tmp_path / path, np.full((4, 4), 40 * i, dtype=np.uint8))
+    moved = tmp_path / "a" / "moved.png"
+    moved.symlink_to(tmp_path / "nowhere.png")
+    with pytest.raises(FolderLayoutError, match=re.escape(f"{moved} cannot be read (")):
+        load_dataset(f"folder:{tmp_path}")
 
 
 def test_image_folder_names_the_file_pil_cannot_read(tmp_path):

@@ -65,7 +65,9 @@ def load_folder(path: Path, name: str) -> ImageDataset:
 def _images_under(folder: Path) -> list[Path]:
     """The image files in `folder` and its sub-folders, hidden ones aside, in path order; a
     linked sub-folder is read as ImageFolder does, once (a link to a folder above would never
-    end; a file reached twice is refused by `_check_each_file_once`)."""
+    end; a file reached twice is refused by `_check_each_file_once`). A link named like an
+    image whose target is gone is listed, as ImageFolder lists it, for `_read_all` to refuse:
+    skipped, it left an image out without a word."""
     found = []
     entered = {folder.resolve()}
     for here, folders, names in os.walk(folder, followlinks=True):
@@ -76,11 +78,7 @@ def _images_under(folder: Path) -> list[Path]:
                 entered.add(real)
                 kept.append(name)
         folders[:] = kept
-        found += [
-            Path(here) / n
-            for n in names
-            if Path(n).suffix.lower() in IMAGE_SUFFIXES and (Path(here) / n).is_file()
-        ]
+        found += [Path(here) / n for n in names if Path(n).suffix.lower() in IMAGE_SUFFIXES]
     return sorted(found)
 
 
