@@ -695,6 +695,8 @@ def test_arguments_of_the_wrong_type_are_one_line_errors() -> None:
     fedleak.build_model(fedleak.ModelSpec("lenet", (1, 28, 28), np.int64(10)))  # numpy's, EP5
     with pytest.raises(ConfigError, match=r"^model\.num_classes=10\.0: expected an integer$"):
         fedleak.build_model(fedleak.ModelSpec("lenet", (1, 28, 28), 10.0))  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"^model\.num_classes=True: expected an integer$"):
+        fedleak.build_model(fedleak.ModelSpec("lenet", (1, 28, 28), True))  # ER9
     noise, generator = parse_defense_spec("gauss:0.01"), torch.Generator().manual_seed(0)
     with pytest.raises(TypeError, match=r"^the update to defend: 'w' is torch\.int64, not a"):
         noise.share({"w": torch.zeros(3, dtype=torch.long)}, 1, generator)
