@@ -672,6 +672,13 @@ CASES = [
         setup=_write("s.toml", SWEEP_NAN_CPUS),
         keeps=("s.toml",),
     ),
+    Case(  # inf is a number: the line says why it is refused (audit ER11)
+        "sweep-inf-cpus",
+        ("sweep", "{tmp}/s.toml", "--out", "{tmp}/out"),
+        "sweep.client-cpus=inf: expected a finite number > 0",
+        setup=_write("s.toml", SWEEP_NAN_CPUS.replace(b"nan", b"inf")),
+        keeps=("s.toml",),
+    ),
     Case(
         "sweep-payload-budget",
         ("sweep", "{tmp}/s.toml", "--out", "{tmp}/out"),

@@ -171,6 +171,8 @@ def plugin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 class BlurConfig(Settings):
     sigma: float = setting(1.0, low=0.0, doc="blur of the guess")
     passes: int = setting(1, low=1, doc="how many times")
+    gain: float = setting(1.0, doc="no bound at all")
+    cap: float = setting(1.0, high=10.0, doc="an upper bound only")
 
 
 def test_the_decorator_registers_an_attack_with_checked_settings() -> None:
@@ -194,6 +196,13 @@ def test_the_decorator_registers_an_attack_with_checked_settings() -> None:
         refused = r"^attack\.test-blur\.sigma=-1: expected a finite number >= 0$"
         with pytest.raises(ConfigError, match=refused):
             build_attack("test-blur", {"sigma": -1})
+        # inf is a number: without a lower bound the line still says why it is refused (ER10).
+        for key, value, expected in (
+            ("gain", "inf", "a finite number"),
+            ("cap", "-inf", "a finite number <= 10"),
+        ):
+            with pytest.raises(ConfigError, match=rf"\.{key}=-?inf: expected {expected}$"):
+                build_attack("test-blur", {key: float(value)})
         # A list of names raised dict()'s ValueError (audit BU7).
         with pytest.raises(ConfigError, match=r"^params: a list; expected a mapping of test-blur"):
             build_attack("test-blur", ["sigma"])  # type: ignore[arg-type]

@@ -2255,6 +2255,17 @@ def test_an_image_runs_group_is_not_labelled_with_text_settings() -> None:
     study = Study(Path("s"), "sweep", (image, text), None, ("data.vocab-size", "model.name"))
     assert study.group_of(image) == "model.name=lenet"
     assert study.group_of(text) == "vocab-size=300, model.name=transformer3"
+    # ... nor a text run with the LPIPS backbones it never reads, nor two text runs apart by
+    # them (audit EK2's carry, ER5).
+    from fedleak.report.collect import _varying
+
+    flat = {"model.name": "transformer3", "data.dataset": "lee-news"}
+    alex = record({**flat, "metrics.lpips-nets": "alex"}, "tokens")
+    vgg = record({**flat, "metrics.lpips-nets": "vgg"}, "tokens")
+    assert _varying([alex, vgg]) == ()
+    pictured = record({"metrics.lpips-nets": "vgg"}, "image")
+    study = Study(Path("s"), "sweep", (pictured, alex), None, ("metrics.lpips-nets",))
+    assert study.group_of(alex) == "" and study.group_of(pictured) == "lpips-nets=vgg"
 
 
 def test_a_run_recorded_before_its_model_was_is_judged_by_the_models_name() -> None:
