@@ -836,7 +836,8 @@ CASES = [
     Case(
         "resume-other-client-threads",
         (*RESUME, "--num-clients", "2", "--client-cpus", "2"),
-        "its clients computed on 1 thread(s) each, these would on 2",
+        "resume with --client-cpus 1 (client-cpus in a sweep, client-resources-num-cpus=1 in "
+        "flwr run's --federation-config)",  # flwr run has no --client-cpus (audit EQ4)
         status=1,
         setup=lambda tmp: _two_clients(tmp, threads=1),
     ),

@@ -953,7 +953,8 @@ class RunDirectory:
                 f"{self.path}: its clients computed on {threads} thread(s) each, these would on "
                 f"{client_threads}; CPU sums round differently with another thread count, so "
                 f"the resumed rounds would differ from an uninterrupted run: resume with "
-                f"--client-cpus {threads} (client-cpus in a sweep) or choose another out-dir"
+                f"--client-cpus {threads} (client-cpus in a sweep, client-resources-num-cpus="
+                f"{threads} in flwr run's --federation-config) or choose another out-dir"
             )
 
     def record_clients(self, num_clients: int, client_threads: int | None = None) -> None:
