@@ -391,6 +391,18 @@ def test_without_a_declaration_attacks_run_and_reconstructions_are_saved(
     }
     for name, value in aggregate.to_torch_state_dict().items():
         torch.testing.assert_close(value, expected[name])
+    # The summary and the report say what the attacks assumed, not a protocol "declared"
+    # (audit EQ5).
+    from fedleak.report.build import build_report
+
+    summary = run_dir.write_summary().read_text()
+    assert "protocol not declared, attacked as one step over the 4 examples each reported" in (
+        summary
+    )
+    build_report(run_dir.path)
+    report = (run_dir.path / "report.md").read_text()
+    assert "declared another protocol" not in report
+    assert "clients that declared no batch (`declare` not called) were attacked as one" in report
 
 
 @pytest.mark.slow

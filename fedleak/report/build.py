@@ -35,6 +35,7 @@ from fedleak.report.rundir import (
     lpips_column,
     recorded,
     replace_owned_files,
+    undeclared_rows,
 )
 from fedleak.report.stats import median_interval
 from fedleak.report.tables import (
@@ -535,6 +536,20 @@ def _declared_protocol(study: Study) -> list[Block]:
     leakage, config = study.leakage(), study.runs[0].config
     if config.threat.view == "aggregate":  # its rows record the round's pooled batch
         return []
+    unknown = undeclared_rows(leakage)
+    blocks: list[Block] = []
+    if unknown.any():
+        examples = recorded(leakage[unknown], "batch_size", "?")
+        blocks.append(
+            Text(
+                "Attacked clients that declared no batch (`declare` not called) were attacked "
+                f"as one local step over the examples each reported ({examples}): their rows "
+                "hold no ground truth, and `train.*` below describes none of them."
+            )
+        )
+    leakage = leakage[~unknown]
+    if leakage.empty:
+        return blocks
     train = config.train
     differing = [
         f"{label} {shown}"
@@ -545,14 +560,15 @@ def _declared_protocol(study: Study) -> list[Block]:
         if (shown := recorded(leakage, column, configured)) != str(configured)
     ]
     if not differing:
-        return []
+        return blocks
     return [
         Text(
             "The attacked clients declared another protocol than `train.*` below "
             f"({'; '.join(differing)}): "
             "an audited app's clients train as the app does, and the rows and the summary "
             "record what they declared."
-        )
+        ),
+        *blocks,
     ]
 
 

@@ -1012,8 +1012,7 @@ class RunDirectory:
         """summary.md: a per-round table built from utility.csv and leakage.parquet alone."""
         config, leakage = self.config, self.leakage()
         table = round_table(self.utility(), leakage)
-        mode = recorded(leakage, "mode", config.train.mode)
-        batch = f"batch size {recorded(leakage, 'batch_size', config.train.batch_size)}"
+        mode, batch = attacked_protocol(leakage, config)
         if config.threat.view == "aggregate":
             # The rows record the attacked update's batch: the round's aggregate.
             batch = (
@@ -1042,6 +1041,30 @@ class RunDirectory:
         path = self.path / SUMMARY_FILE
         atomic_write(path, "\n".join(lines).encode("utf-8", "surrogateescape"))
         return path
+
+
+def undeclared_rows(leakage: pd.DataFrame) -> pd.Series:
+    """Which rows come from clients that declared no batch (an audited app's, `declare`
+    not called): their mode and batch size are the attacks' assumption, not the client's."""
+    if "scored_against" not in leakage:
+        return pd.Series(False, index=leakage.index)
+    return leakage["scored_against"].eq("unavailable")
+
+
+def attacked_protocol(leakage: pd.DataFrame, config: RunConfig) -> tuple[str, str]:
+    """The mode and the batch size the attacked clients' rows record, as summary.md says them;
+    for clients that declared none, what the attacks assumed (audit EQ5)."""
+    unknown = undeclared_rows(leakage)
+    declared = leakage[~unknown]
+    mode = recorded(declared, "mode", config.train.mode)
+    batch = f"batch size {recorded(declared, 'batch_size', config.train.batch_size)}"
+    if not unknown.any():
+        return mode, batch
+    examples = recorded(leakage[unknown], "batch_size", "?")
+    assumed = f"attacked as one step over the {examples} examples each reported"
+    if declared.empty:
+        return "protocol not declared", assumed
+    return mode, f"{batch}; clients that declared none {assumed}"
 
 
 def recorded(leakage: pd.DataFrame, column: str, configured: object) -> str:
