@@ -14,10 +14,12 @@ import math
 from dataclasses import dataclass
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 
 from fedleak.config import RunConfig
 from fedleak.defenses import DPSGD, parse_defense_spec
+from fedleak.lines import one_line
 from fedleak.training.update import ClientUpdate
 
 ARRAYS, METRICS = "arrays", "metrics"
@@ -238,3 +240,16 @@ def add_declaration(content: RecordDict, partition_id: int, declared: Declaratio
         )
         content[AUDIT] = ArrayRecord({"inputs": declared.inputs, "labels": declared.labels})
     content[DECLARED] = record
+
+
+# Long enough for a refusal's remedy: the server keeps whole sentences of the reason.
+_REASON_LIMIT = 2000
+
+
+def error_reply(msg: Message, error: Exception) -> Message:
+    """The reply to `msg` for an exception fedleak raised in a client (a refused `declare`, a
+    node without its partition, an injected failure): an error reply whose reason is its one
+    line, as the server reports it, where Flower and Ray would print every client's
+    traceback (audit EQ2)."""
+    reason = one_line(str(error) or type(error).__name__, _REASON_LIMIT)
+    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)

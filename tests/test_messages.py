@@ -300,3 +300,40 @@ def test_a_clients_defense_draws_are_new_each_round_and_its_own() -> None:
     assert 0.09 < float(first.std()) < 0.11
     for draws in (second, other):
         assert abs(float(torch.corrcoef(torch.stack([first, draws]))[0, 1])) < 0.05
+
+
+def test_fedleaks_own_client_errors_are_one_line_error_replies() -> None:
+    """Under `flwr run` a refused `declare` reached the log as a Ray traceback per client
+    (audit EQ2): fedleak's own errors become error replies with their one line, which the
+    server reports; any other exception (a bug, the app's own code) keeps its traceback."""
+    from flwr.app import Error
+    from flwr.clientapp import ClientApp
+    from flwr.common.constant import ErrorCode
+
+    from fedleak.client.audit import declare, fedleak_mod
+
+    app = ClientApp(mods=[fedleak_mod])
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        if msg.content["config"]["server-round"] == 1:
+            declare(
+                torch.rand(4, 1, 4, 4), torch.tensor([0, 1, 2, 3]), learning_rate=0.1, batch_size=0
+            )
+        raise KeyError("the app's own bug")
+
+    sent = _train_message({"w": torch.zeros(2)}, 1)
+    reply = app(sent, _context(1))
+    assert reply.has_error() and isinstance(reply.error, Error)
+    assert reply.error.code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+    assert (
+        reply.error.reason.startswith("declare(batch_size=0, ") and "\n" not in reply.error.reason
+    )
+    with pytest.raises(KeyError, match="the app's own bug"):
+        app(_train_message({"w": torch.zeros(2)}, 2), _context(1))
+    # fedleak's own ClientApp: a node without its partition, in a round and when queried.
+    bare = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    own = client_app.make_client_app(parse_flat(BASE))
+    for message in (sent, Message(RecordDict(), dst_node_id=2, message_type=MessageType.QUERY)):
+        reply = own(message, bare)
+        assert reply.has_error() and '--node-config "partition-id=I num' in reply.error.reason

@@ -17,7 +17,7 @@ from fedleak.config import RunConfig, parse_flat
 from fedleak.data import client_rows, partition_rows, poisson_rows
 from fedleak.defenses import PartnerPool, parse_defense_spec
 from fedleak.heap import reuse_freed_memory
-from fedleak.messages import INJECTED_FAILURE, partition_answer, reply_content
+from fedleak.messages import INJECTED_FAILURE, error_reply, partition_answer, reply_content
 from fedleak.models import build_model
 from fedleak.runtime import (
     deterministic_kernels,
@@ -125,14 +125,20 @@ def make_client_app(config: RunConfig | None = None, threads: int | None = None)
         reuse_freed_memory()
         if threads is not None:
             torch.set_num_threads(threads)
-        resolved = config or _config_from(tuple(sorted(context.run_config.items())))
-        return train_reply(msg, context, resolved)
+        try:
+            resolved = config or _config_from(tuple(sorted(context.run_config.items())))
+            return train_reply(msg, context, resolved)
+        except Exception as error:  # one line each, as every error of fedleak's
+            return error_reply(msg, error)
 
     @client.query()
     def query(msg: Message, context: Context) -> Message:
         # The server asks each node once for its partition id (the seeded client selection)
         # and, at the start, for the federation's size and the threads its clients use.
-        answer = partition_answer(*node_partition(context), threads=torch.get_num_threads())
+        try:
+            answer = partition_answer(*node_partition(context), threads=torch.get_num_threads())
+        except Exception as error:
+            return error_reply(msg, error)
         return Message(content=answer, reply_to=msg)
 
     return client

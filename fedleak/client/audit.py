@@ -24,13 +24,15 @@ cyclic mini-batch of the declared inputs starting at (k * batch_size) mod N.
 
 from __future__ import annotations
 
+import traceback
 from contextvars import ContextVar
+from pathlib import Path
 
 import torch
 from flwr.app import Context, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable
 
-from fedleak.messages import Declaration, add_declaration
+from fedleak.messages import Declaration, add_declaration, error_reply
 
 _DECLARED: ContextVar[Declaration | None] = ContextVar("fedleak_declared", default=None)
 
@@ -50,12 +52,24 @@ def declare(
     _DECLARED.set(declaration)
 
 
+def _raised_in_fedleak(error: BaseException) -> bool:
+    """Whether `error` came from fedleak's code called by the app (`declare`), not from the
+    app's own: a frame of the fedleak package below the mod's own."""
+    package = Path(__file__).resolve().parents[1]
+    frames = traceback.extract_tb(error.__traceback__)[1:]  # [0] is `fedleak_mod` itself
+    return any(Path(frame.filename).resolve().is_relative_to(package) for frame in frames)
+
+
 def fedleak_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Flower client mod: attach the declaration (or its absence) to train replies."""
     token = _DECLARED.set(None)
     try:
         reply = call_next(msg, context)
         declaration = _DECLARED.get()
+    except Exception as error:
+        if not _raised_in_fedleak(error):
+            raise  # the app's own error keeps Flower's report of it
+        return error_reply(msg, error)  # a refused `declare`: one line, not a traceback
     finally:
         _DECLARED.reset(token)
     if msg.metadata.message_type.split(".")[0] != MessageType.TRAIN or reply.has_error():
