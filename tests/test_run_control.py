@@ -104,6 +104,10 @@ def test_a_run_in_which_every_client_fails_exits_non_zero_and_is_not_done(
     assert not (out / "DONE").exists()
     assert "every client failed" in json.loads((out / "FAILED").read_text())["reason"]
     assert (out / "report.html").exists()  # the failed run can still be looked at
+    # ... and its verdict says nothing was aggregated or attacked, not "the others" (ES2).
+    report = (out / "report.md").read_text()
+    assert "failed to reply all 2 times they were asked: no update was aggregated" in report
+    assert "(round 0: 0.100; no client's update reached the model)" in report
 
 
 def test_a_second_run_is_refused_and_ctrl_c_keeps_finished_rounds_then_resumes(

@@ -354,6 +354,23 @@ def test_the_verdict_says_what_the_attacker_saw_and_knew() -> None:
     assert _threat_model(normed)[0].startswith("The clients' models have BatchNorm, whose running")
 
 
+def test_models_no_update_reached_are_not_compared() -> None:
+    """Every client failed in both settings: "0.100 after round 2 (round 0: 0.100), against
+    0.100 without the defense" compared two models that never trained (audit ES2)."""
+    floor = _summary("aux-mean", 0, 12.01, 0.478)
+    ig = _summary("ig", 185, 47.61, 0.0001)
+    none = SettingVerdict("", "none", (ig,), floor, 0.1, 0.1, (2,), untrained=True)
+    sign = SettingVerdict("", "sign", (ig,), floor, 0.1, 0.1, (2,), untrained=True)
+    sentence = _setting_sentence(sign, none)
+    assert "(round 0: 0.100; no client's update reached the model)." in sentence
+    assert "without the defense" not in sentence
+    trained = dataclasses.replace(none, untrained=False, accuracy_final=0.4)
+    assert "against 0.400 without the defense" not in _setting_sentence(sign, trained)
+    assert "against 0.400 without the defense" in _setting_sentence(
+        dataclasses.replace(sign, untrained=False), trained
+    )
+
+
 def test_an_accuracy_over_several_seeds_says_it_is_a_mean() -> None:
     """Two seeds' runs read as one run's accuracy (audit BH6)."""
     floor = _summary("aux-mean", 0, 12.01, 0.478)
@@ -377,6 +394,9 @@ def test_a_leader_behind_the_floor_in_both_medians_says_it_leaks_through_few_sam
         "; its typical reconstruction is no closer than the floor's, so it leaks through "
         "those 4 samples alone" in sentence
     )
+    one = _summary("ig", 1, 11.11, 0.326, n=64)  # "those 1 samples" (audit ES3)
+    sentence = _setting_sentence(SettingVerdict("", "none", (one,), floor, 0.1, 0.5, (2,)), None)
+    assert "so it leaks through that 1 sample alone" in sentence
     ahead = _summary("ig", 40, 20.0, 0.1, n=64)
     sentence = _setting_sentence(SettingVerdict("", "none", (ahead,), floor, 0.1, 0.5, (2,)), None)
     assert "typical reconstruction" not in sentence

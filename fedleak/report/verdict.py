@@ -46,6 +46,7 @@ class SettingVerdict:
     diverged: tuple[str, ...] = ()
     diverged_from: int = 0  # the first round whose loss was not finite in any of them
     text: bool = False  # its runs' data are token sequences (said even when no attack ran)
+    untrained: bool = False  # no client's update reached the model in any of its rounds
 
     @property
     def label(self) -> str:
@@ -110,6 +111,7 @@ def setting_verdicts(study: Study) -> list[SettingVerdict]:
                 & (utility["round"] > 0)
                 & utility["test_accuracy"].isna()
             ]
+            trained = utility[utility["run"].isin(runs.index) & (utility["round"] > 0)]
             out.append(
                 SettingVerdict(
                     group=group,
@@ -123,6 +125,9 @@ def setting_verdicts(study: Study) -> list[SettingVerdict]:
                     diverged=tuple(runs.index[lost]),
                     diverged_from=int(unmeasured["round"].min()) if len(unmeasured) else 0,
                     text=any(r.modality == "tokens" for r in study.runs if r.name in runs.index),
+                    untrained="num_replies" in trained
+                    and len(trained) > 0
+                    and not trained["num_replies"].any(),
                 )
             )
     return out
@@ -433,9 +438,11 @@ def _setting_sentence(v: SettingVerdict, baseline: SettingVerdict | None) -> str
             if floor is not None:
                 text += f" against the {floor.attack} floor's {_scores(floor)}"
                 if _typically_behind(leader, floor):
+                    k = leader.success.k
+                    those = "that 1 sample" if k == 1 else f"those {k} samples"
                     text += (
                         f"; its typical reconstruction is no closer than the floor's, so it "
-                        f"leaks through those {leader.success.k} samples alone"
+                        f"leaks through {those} alone"
                     )
                 text += _within_floor_noise(leader, floor)
             text += _unconverged(leader, v)
@@ -475,9 +482,16 @@ def _setting_sentence(v: SettingVerdict, baseline: SettingVerdict | None) -> str
         )
     if math.isfinite(v.accuracy_start):
         notes.append(f"round 0: {_accuracy(v.accuracy_start)}")
+    if v.untrained:  # every client failed: the accuracy is round 0's model's (audit ES2)
+        notes.append("no client's update reached the model")
     if notes:
         text += f" ({'; '.join(notes)})"
-    if baseline is not None and baseline is not v and math.isfinite(baseline.accuracy_final):
+    if (
+        baseline is not None
+        and baseline is not v
+        and math.isfinite(baseline.accuracy_final)
+        and not (v.untrained or baseline.untrained)
+    ):
         text += f", against {_accuracy(baseline.accuracy_final)} without the defense"
         if baseline.final_rounds != v.final_rounds:
             # A stopped or shorter baseline run: its accuracy is no measure of the defense's cost.
@@ -701,6 +715,11 @@ def _lost_clients(study: Study) -> list[str]:
     failed, asked = sum(c[0] for c in counts), sum(c[1] for c in counts)
     if not failed:
         return []
+    if failed == asked:  # every run failed, and is shown as recorded (audit ES2)
+        return [
+            f"Clients failed to reply all {asked} times they were asked: no update was "
+            "aggregated or attacked (Runs and times lists them per run)."
+        ]
     # Flower's central-DP wrapper releases no model from a round with a failed reply.
     central = {run.config.defense.central_clip > 0 for run in runs}
     if central == {True}:
