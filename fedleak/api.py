@@ -1024,6 +1024,12 @@ def score(
         raise ConfigError(
             f"reconstruction status {reconstruction.status!r}: {reconstruction.message}"
         )
+    # After the shape checks: an HWC batch reads as H channels and is refused for its shape.
+    if lpips and truth.shape[1] not in (1, 3):
+        raise ConfigError(
+            f"inputs: {truth.shape[1]}-channel images; LPIPS scores 1- or 3-channel images "
+            "only: pass lpips=False for the other metrics"
+        )
     guess, predicted = reconstruction.inputs, reconstruction.labels
     alone = observation is not None and observation.per_sample_updates is not None
     in_order = alone and len(guess) == len(truth)

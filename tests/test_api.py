@@ -370,6 +370,11 @@ def test_reconstruct_and_score_treat_a_guess_as_the_auditor_does() -> None:
     assert flat.status == "failed" and "expected (2, 1, 28, 28)" in flat.message
     with pytest.raises(ConfigError, match=r"^reconstruction status 'failed'"):
         fedleak.score(x[:, 0], x)
+    # A model of one's own may read 4-channel images, which LPIPS cannot (audit ET1).
+    four = torch.rand(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ConfigError, match=r"^inputs: 4-channel images; LPIPS scores 1- or 3-"):
+        fedleak.score(four, four)
+    assert fedleak.score(four, four, lpips=False).summary()["psnr"] > 60
 
 
 @pytest.mark.parametrize(
