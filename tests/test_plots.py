@@ -169,6 +169,26 @@ def test_the_widest_per_round_figure_stays_readable_in_the_page(
     plots.rounds_figure(leakage, utility, [TOKEN_ACC], success=False)
     assert len(drawn[0].axes[0].figure.axes) >= len(settings)  # a column per setting
     assert drawn[0].get_size_inches()[0] * 110 <= 1600
+    # Small accuracies get labels 5-6 characters wide ("0.0200"): on every panel they ran
+    # into the panel on their left (audit ES1). No label lies on another panel.
+    drawn.clear()
+    utility = utility.assign(test_accuracy=0.02)
+    plots.rounds_figure(leakage, utility, [TOKEN_ACC], success=False)
+    figure = drawn[0]
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()  # type: ignore[attr-defined]
+    panels = [ax for ax in figure.axes if ax.get_visible()]
+    labelled = 0
+    for ax in panels:
+        for label in ax.get_yticklabels():
+            if not (label.get_visible() and label.get_text()):
+                continue
+            labelled += 1
+            box = label.get_window_extent(renderer)
+            for other in panels:
+                if other is not ax:
+                    assert not box.overlaps(other.get_window_extent(renderer)), label.get_text()
+    assert labelled > 0
 
 
 def test_settings_sharing_a_floor_draw_it_once_in_grey(monkeypatch: pytest.MonkeyPatch) -> None:
