@@ -311,6 +311,12 @@ def shown(text: object) -> str:
 
 
 # -- coercing ---------------------------------------------------------------------------------
+def means_none(raw: object) -> bool:
+    """Whether `raw` spells no value for an optional setting: None, '', 'none' or 'null' (a
+    `cache-dir = "none"` is no folder, not one named none)."""
+    return raw is None or (isinstance(raw, str) and raw.strip().lower() in ("", "none", "null"))
+
+
 def coerce(key: str, raw: Any, kind: Any, rule: Rule) -> Any:
     """`raw` converted to the setting's type and checked against its rule, or `ConfigError`."""
     inner, optional = _optional(kind)
@@ -318,9 +324,7 @@ def coerce(key: str, raw: Any, kind: Any, rule: Rule) -> Any:
     def refuse() -> ConfigError:
         return ConfigError(f"{shown(key)}={shown_value(raw)}: expected {describe(kind, rule)}")
 
-    if raw is None or (
-        optional and isinstance(raw, str) and raw.strip().lower() in ("", "none", "null")
-    ):
+    if raw is None or (optional and means_none(raw)):
         if optional:
             return None
         raise refuse()

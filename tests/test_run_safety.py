@@ -101,6 +101,15 @@ def test_a_chosen_cache_folder_is_one_runs_while_it_runs(
     settings = {"attack.names": "lti", "attack.lti.cache-dir": "cache", "out-dir": run}
     config = parse_flat(settings, load_preset("quickstart"))
     assert canonical(config).attack.params["lti"]["cache-dir"] == str(tmp_path / "cache")
+    # "none" is no cache, as the setting reads it: not a folder named none (audit EU1).
+    from fedleak.server.build import cache_dirs
+    from fedleak.server.validate import check_absolute_paths
+
+    for spelling in ("none", " Null ", ""):
+        unset = parse_flat({**settings, "attack.lti.cache-dir": spelling})
+        assert canonical(unset).attack.params["lti"]["cache-dir"] == spelling
+        assert cache_dirs(unset) == {}
+        check_absolute_paths(unset)  # under flwr run too
     holder = _holder(tmp_path / "cache", CACHE_LOCK_FILE)
     try:
         with pytest.raises(

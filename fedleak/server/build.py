@@ -36,6 +36,7 @@ from fedleak.server.rounds import RoundSink
 from fedleak.server.runner import AttackRunner, InlineRunner
 from fedleak.server.selection import ClientSelection
 from fedleak.server.strategy import CuriousStrategy, PublicSetting, train_metrics
+from fedleak.settings import means_none
 from fedleak.training.loss import task_scores
 
 
@@ -125,7 +126,7 @@ def cache_dirs(config: RunConfig) -> dict[str, Path]:
         name: Path(str(folder)).expanduser()
         for name in config.attack.names
         for key, folder in config.attack.params.get(name, {}).items()
-        if key.replace("_", "-") == "cache-dir" and folder
+        if key.replace("_", "-") == "cache-dir" and not means_none(folder)
     }
 
 

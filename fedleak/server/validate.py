@@ -78,7 +78,7 @@ from fedleak.server.pool import (
     local_cpus,
     ray_init_args,
 )
-from fedleak.settings import KeyHelp, flat_values, key_of
+from fedleak.settings import KeyHelp, flat_values, key_of, means_none
 
 # What each modality's inputs are called in a refusal ("reconstructs images, not the tokens").
 _PLURAL = {"image": "images", "tokens": "tokens"}
@@ -140,7 +140,9 @@ def canonical(config: RunConfig) -> RunConfig:
     params = {
         name: {
             key: os.path.abspath(os.path.expanduser(value))
-            if key.replace("_", "-") == "cache-dir" and isinstance(value, str) and value
+            if key.replace("_", "-") == "cache-dir"
+            and isinstance(value, str)
+            and not means_none(value)
             else value
             for key, value in given.items()
         }
@@ -230,7 +232,7 @@ def check_absolute_paths(config: RunConfig) -> None:
         (f"attack.{name}.{key}", str(value), "")
         for name, given in config.attack.params.items()
         for key, value in given.items()
-        if key.replace("_", "-") == "cache-dir" and value
+        if key.replace("_", "-") == "cache-dir" and not means_none(value)
     ]
     for setting, value, prefix in named:
         if not value or not value.startswith(prefix):
