@@ -313,6 +313,10 @@ def test_image_folder_refuses_a_link_to_an_image_that_is_gone(tmp_path):
     moved.symlink_to(tmp_path / "nowhere.png")
     with pytest.raises(FolderLayoutError, match=re.escape(f"{moved} cannot be read (")):
         load_dataset(f"folder:{tmp_path}")
+    moved.unlink()
+    moved.symlink_to(moved)  # a loop: "internal error (RuntimeError ...)" (audit EU3)
+    with pytest.raises(FolderLayoutError, match=re.escape(f"{moved} cannot be read (")):
+        load_dataset(f"folder:{tmp_path}")
 
 
 def test_image_folder_names_the_file_pil_cannot_read(tmp_path):

@@ -87,7 +87,12 @@ def _check_each_file_once(paths: list[Path], name: str) -> None:
     copies could land with a client and in the auxiliary or test split, under two labels."""
     seen: dict[Path, Path] = {}
     for path in paths:
-        real = path.resolve()
+        try:
+            real = path.resolve()
+        except (OSError, RuntimeError) as error:  # a link loop named like an image
+            raise FolderLayoutError(
+                f"{name}: {path} cannot be read ({error}); repair or remove it"
+            ) from None
         if real in seen:
             raise FolderLayoutError(
                 f"{name}: {path} and {seen[real]} are the same file (through a link); each "
