@@ -19,7 +19,7 @@ from flwr.common.constant import ErrorCode
 
 from fedleak.config import RunConfig
 from fedleak.defenses import DPSGD, parse_defense_spec
-from fedleak.lines import one_line
+from fedleak.lines import error_line, one_line
 from fedleak.training.update import ClientUpdate
 
 ARRAYS, METRICS = "arrays", "metrics"
@@ -250,6 +250,9 @@ def error_reply(msg: Message, error: Exception) -> Message:
     """The reply to `msg` for an exception fedleak raised in a client (a refused `declare`, a
     node without its partition, an injected failure): an error reply whose reason is its one
     line, as the server reports it, where Flower and Ray would print every client's
-    traceback (audit EQ2)."""
-    reason = one_line(str(error) or type(error).__name__, _REASON_LIMIT)
+    traceback (audit EQ2). An exception of another type than fedleak's own says its type: a
+    bare "'server-round'" would not say it was a KeyError (audit EU2)."""
+    own = type(error).__module__.partition(".")[0] == "fedleak"
+    text = str(error) if own and str(error) else error_line(error, _REASON_LIMIT)
+    reason = one_line(text, _REASON_LIMIT)
     return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)

@@ -302,7 +302,9 @@ def test_a_clients_defense_draws_are_new_each_round_and_its_own() -> None:
         assert abs(float(torch.corrcoef(torch.stack([first, draws]))[0, 1])) < 0.05
 
 
-def test_fedleaks_own_client_errors_are_one_line_error_replies() -> None:
+def test_fedleaks_own_client_errors_are_one_line_error_replies(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     """Under `flwr run` a refused `declare` reached the log as a Ray traceback per client
     (audit EQ2): fedleak's own errors become error replies with their one line, which the
     server reports; any other exception (a bug, the app's own code) keeps its traceback."""
@@ -327,7 +329,8 @@ def test_fedleaks_own_client_errors_are_one_line_error_replies() -> None:
     assert reply.has_error() and isinstance(reply.error, Error)
     assert reply.error.code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION
     assert (
-        reply.error.reason.startswith("declare(batch_size=0, ") and "\n" not in reply.error.reason
+        reply.error.reason.startswith("ValueError: declare(batch_size=0, ")
+        and "\n" not in reply.error.reason
     )
     with pytest.raises(KeyError, match="the app's own bug"):
         app(_train_message({"w": torch.zeros(2)}, 2), _context(1))
@@ -337,3 +340,13 @@ def test_fedleaks_own_client_errors_are_one_line_error_replies() -> None:
     for message in (sent, Message(RecordDict(), dst_node_id=2, message_type=MessageType.QUERY)):
         reply = own(message, bare)
         assert reply.has_error() and '--node-config "partition-id=I num' in reply.error.reason
+    # Another type than fedleak's says which (a bare "'config'" did not, audit EU2), and
+    # `fedleak --verbose` prints its traceback, where Ray sends it to the driver.
+    unconfigured = Message(RecordDict(), dst_node_id=2, message_type=MessageType.TRAIN)
+    capsys.readouterr()
+    reply = own(unconfigured, _context(1))
+    assert reply.error.reason.startswith("KeyError: ")
+    assert "Traceback" not in capsys.readouterr().err
+    verbose = client_app.make_client_app(parse_flat(BASE), verbose=True)
+    assert verbose(unconfigured, _context(1)).error.reason == reply.error.reason
+    assert "Traceback (most recent call last)" in capsys.readouterr().err

@@ -7,6 +7,7 @@ private batch. Only the server's auditor reads it; the strategy strips it before
 from __future__ import annotations
 
 import functools
+import traceback
 
 import numpy as np
 import torch
@@ -111,8 +112,11 @@ def _config_from(items: tuple[tuple[str, object], ...]) -> RunConfig:
     return parse_flat(dict(items))
 
 
-def make_client_app(config: RunConfig | None = None, threads: int | None = None) -> ClientApp:
+def make_client_app(
+    config: RunConfig | None = None, threads: int | None = None, verbose: bool = False
+) -> ClientApp:
     """A ClientApp bound to `config`, or reading Flower's run config when None (`flwr run`).
+    Its errors reply in one line; `verbose` (`fedleak --verbose`) also prints their traceback.
 
     `threads`: torch's intra-op threads in the client's process. Ray sets OMP_NUM_THREADS to a
     client's CPUs only when the user's environment has not set it, and CPU reductions round
@@ -129,6 +133,8 @@ def make_client_app(config: RunConfig | None = None, threads: int | None = None)
             resolved = config or _config_from(tuple(sorted(context.run_config.items())))
             return train_reply(msg, context, resolved)
         except Exception as error:  # one line each, as every error of fedleak's
+            if verbose:
+                traceback.print_exc()
             return error_reply(msg, error)
 
     @client.query()

@@ -252,7 +252,9 @@ def simulate(
                 client_threads=client_threads(client_cpus),
                 serving=serving,
             ),
-            client_app=make_client_app(config, threads=client_threads(client_cpus)),
+            client_app=make_client_app(
+                config, threads=client_threads(client_cpus), verbose=verbose
+            ),
             num_supernodes=num_clients,
             backend_config={
                 "client_resources": {"num_cpus": client_cpus, "num_gpus": client_gpus},
