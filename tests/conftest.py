@@ -10,6 +10,7 @@ import socket
 import sys
 import tempfile
 import time
+import types
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,6 +32,23 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     worker busy after the other is done."""
     slow_modules = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: item.module.__name__ not in slow_modules)
+
+
+@pytest.fixture
+def pair_chunks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A clock that reads every learned attack's budget as spent while its training pairs
+    are built (and only there), and the chunks of pairs built, one entry each."""
+    import fedleak.attacks.learned.pairs as pairs_module
+    from fedleak.attacks.learned.pairs import PairSource
+
+    spent = types.SimpleNamespace(perf_counter=lambda: 1e18)  # past any finite deadline
+    monkeypatch.setattr(pairs_module, "time", spent)
+    chunks: list[int] = []
+    built = PairSource._pre_release
+    monkeypatch.setattr(
+        PairSource, "_pre_release", lambda self, *args: chunks.append(1) or built(self, *args)
+    )
+    return chunks
 
 
 @pytest.fixture(scope="module")

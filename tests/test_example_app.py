@@ -165,6 +165,8 @@ def test_a_relative_path_is_refused_where_flower_starts_the_server_app(
     prefix, _, path = value.rpartition(":")
     absolute = f"{prefix}:{tmp_path / path}" if prefix else str(tmp_path / path)
     check_absolute_paths(parse_flat({**settings, key: absolute}))  # accepted
+    home = f"{prefix}:~/{path}" if prefix else f"~/{path}"
+    check_absolute_paths(parse_flat({**settings, key: home}))  # every loader expands ~
 
 
 def test_a_resumed_stateful_strategy_is_said_to_start_afresh() -> None:
@@ -190,6 +192,12 @@ def test_a_resumed_stateful_strategy_is_said_to_start_afresh() -> None:
     warning = _restarted_state(ForeignServer(Scheduled()))
     assert warning is not None
     assert warning.startswith("the app's Scheduled overrides FedProx's configure_train, which")
+    for hook in ("configure_evaluate", "aggregate_evaluate"):  # a best-accuracy history, say
+        kind = type("KeepsBest", (FedAvg,), {hook: getattr(FedAvg, hook)})
+        kind_with_own = type("KeepsBest", (FedAvg,), {hook: lambda self, *args: None})
+        assert _restarted_state(ForeignServer(kind())) is None  # the base's own hook
+        warning = _restarted_state(ForeignServer(kind_with_own()))
+        assert warning is not None and f"overrides FedAvg's {hook}, which may keep" in warning
 
 
 def _client_batch(task, partition: int, server_round: int, seed: int = 0, examples: int = 4):

@@ -565,6 +565,22 @@ def test_time_budget_stops_training(mnist: dict[str, torch.Tensor]) -> None:
     assert result.inputs.shape == (2, 1, 28, 28)
 
 
+@pytest.mark.parametrize("defense", ["none", "gauss:0.1"])  # pairs kept once; drawn each epoch
+def test_a_budget_spent_while_pairs_are_built_stops_their_building(
+    mnist: dict[str, torch.Tensor], pair_chunks: list[int], defense: str
+) -> None:
+    """The attack hands its deadline to every pair building, the held-out pairs' and each
+    epoch's: built whole, they overran a 2 s budget by 15 s (audit DV2, EV1). A clock that
+    reads the budget as spent in pair building alone leaves one chunk of each built."""
+    know = knowledge_of(mnist, aux=100)  # 80 training pairs and 20 held out, chunks of 10
+    obs = observe(LENET, state(LENET), defense, mnist["x"][:1], mnist["y"][:1])
+    attack = LearningToInvert(tiny(epochs=3, pair_chunk=10), seed=0)
+    result = attack.reconstruct(obs, know, Budget(max_iterations=1, max_seconds=600))
+    assert result.status == "ok" and result.diagnostics["stopped_by"] == "seconds"
+    assert result.diagnostics["train_epochs"] == 0
+    assert len(pair_chunks) == 2  # the held-out pairs' first chunk, then epoch 0's
+
+
 def test_batches_and_fedavg_give_one_image_per_example(mnist: dict[str, torch.Tensor]) -> None:
     know = knowledge_of(mnist, aux=120)
     x, y = mnist["x"][:3], mnist["y"][:3]

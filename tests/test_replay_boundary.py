@@ -72,13 +72,17 @@ class _Drifting(nn.Module):
         self.register_buffer("calls", torch.zeros((), dtype=torch.long))
         self.register_buffer("centre", torch.zeros(16))
         self.register_buffer("scale", torch.ones(()))  # read, never changed
+        self.register_buffer("gain", torch.ones(16))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.flatten(1)
         if self.training:
             self.calls += 1
             self.centre.mul_(0.5).add_(0.5 * x.detach().mean(dim=0))
-        return self.fc((x - self.centre) * self.scale * (1.0 + 0.1 * self.calls))
+            self.gain.mul_(0.9).add_(0.1 * x.detach().std(dim=0))
+        # A product keeps `gain` for its backward: the next step's update must not change it.
+        shifted = (x - self.centre) * self.gain
+        return self.fc(shifted * self.scale * (1.0 + 0.1 * self.calls))
 
 
 @pytest.mark.parametrize("problems", [1, 3])
@@ -104,6 +108,10 @@ def test_a_forward_that_updates_buffers_replays_the_clients_update(
             sent = compute_update(model, x[t], y[t], 4, pipeline, training, generator).update
             for name, u in zip(names, replayed, strict=True):
                 torch.testing.assert_close(u[t], sent[name], rtol=1e-4, atol=1e-6)
+    # What an attack does with the update: differentiate it with respect to the dummy data.
+    dummy = x.clone().requires_grad_(True)
+    sum(u.square().sum() for u in replay(dummy, y).update).backward()
+    assert dummy.grad is not None and torch.isfinite(dummy.grad).all() and dummy.grad.any()
     assert int(model.calls) == 0 and not model.centre.any()  # the client's copy: untouched
     assert int(replay.model.calls) == 0 and not replay.model.centre.any()
     if kind == "gradient":  # no sample's gradient stands alone where a buffer couples them

@@ -537,3 +537,27 @@ def test_the_attacks_name_the_run_folders_files_as_the_run_directory_does() -> N
     assert store.RUN_LOCK_FILE == rundir.LOCK_FILE
     assert store.RUN_CONFIG_FILE == rundir.CONFIG_FILE
     assert store.RUN_ENVIRONMENT_FILE == rundir.ENVIRONMENT_FILE
+
+
+def test_the_summary_says_what_the_attacks_assumed_for_clients_that_declared_no_batch() -> None:
+    """Clients that declared no batch read as if they had declared one (audit EQ5): alone,
+    and beside clients that did (EV5)."""
+    from fedleak.config import parse_flat
+    from fedleak.report.rundir import attacked_protocol
+
+    config = parse_flat({"train.batch-size": 2})
+    declared = pd.DataFrame({"mode": ["fedavg"], "batch_size": [8], "scored_against": "original"})
+    undeclared = pd.DataFrame(
+        {"mode": ["fedavg"], "batch_size": [4], "scored_against": "unavailable"}
+    )
+    assert attacked_protocol(declared, config) == ("fedavg", "batch size 8")
+    assert attacked_protocol(undeclared, config) == (
+        "protocol not declared",
+        "attacked as one step over the 4 examples each reported",
+    )
+    both = pd.concat([declared, undeclared], ignore_index=True)
+    assert attacked_protocol(both, config) == (
+        "fedavg",
+        "batch size 8; clients that declared none attacked as one step over the 4 examples "
+        "each reported",
+    )

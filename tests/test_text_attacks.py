@@ -477,6 +477,25 @@ def test_text_lti_keeps_and_reuses_its_inverter(world: dict[str, object], tmp_pa
     assert "time budget ran out" in stopped.message
 
 
+@pytest.mark.parametrize("name", ["lti-text", "lti-p"])
+def test_a_budget_spent_while_text_pairs_are_built_stops_their_building(
+    world: dict[str, object], pair_chunks: list[int], name: str
+) -> None:
+    """LTI-P's first epoch of pseudo-sequences took 17 s on a 2 s budget (audit DV2): the
+    held-out pairs and each epoch's stop at the deadline (EV1). A clock that reads the
+    budget as spent in pair building alone leaves one chunk of each built."""
+    spec, weights, full = world["spec"], world["weights"], world["knowledge"]
+    knowledge = dataclasses.replace(full, aux_inputs=full.aux_inputs[:60])  # type: ignore[union-attr]
+    observation = observe(spec, weights, "none", world["private"][:1])  # type: ignore[arg-type]
+    params = {"epochs": 3, "hash-bins": 256, "hidden": "32", "pair-chunk": 4}
+    if name == "lti-p":
+        params["pseudo-size"] = 40
+    result = build_attack(name, params).reconstruct(observation, knowledge, Budget(1, 600))
+    assert result.status == "ok" and result.diagnostics["stopped_by"] == "seconds"
+    assert result.diagnostics["train_epochs"] == 0
+    assert len(pair_chunks) == 2  # the held-out pairs' first chunk, then epoch 0's
+
+
 def test_text_lti_inverts_fedavg_deltas(world: dict[str, object]) -> None:
     """The attacker's FedAvg pairs replay K local steps on groups of auxiliary sequences; the
     labels (a sequence each) were reshaped as one per example, and lti-text and lti-p failed

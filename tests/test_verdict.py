@@ -366,6 +366,10 @@ def test_models_no_update_reached_are_not_compared() -> None:
     assert "without the defense" not in sentence
     trained = dataclasses.replace(none, untrained=False, accuracy_final=0.4)
     assert "against 0.400 without the defense" not in _setting_sentence(sign, trained)
+    # ... nor a trained setting with a baseline that never trained.
+    assert "without the defense" not in _setting_sentence(
+        dataclasses.replace(sign, untrained=False, accuracy_final=0.6), none
+    )
     assert "against 0.400 without the defense" in _setting_sentence(
         dataclasses.replace(sign, untrained=False), trained
     )
