@@ -199,10 +199,12 @@ def test_a_disk_that_refuses_the_inverter_stops_the_run_not_the_attack(
         def reconstruct(self, *args: object) -> None:
             raise OSError(28, "No space left on device")  # the attack's own: recorded
 
-    job = SimpleNamespace(observation=SimpleNamespace(client_id=0), attack="lti")
+    empty = dict.fromkeys(["weights", "update", "per_sample_updates", "bn_statistics"])
+    job = SimpleNamespace(observation=SimpleNamespace(round=2, client_id=0, **empty), attack="lti")
+    knowledge = SimpleNamespace(seed=0)
     with pytest.raises(StateNotSaved):
-        runner.run_job(job, Saving(), None, None)  # type: ignore[arg-type]
-    failed = runner.run_job(job, Failing(), None, None)  # type: ignore[arg-type]
+        runner.run_job(job, Saving(), knowledge, None)  # type: ignore[arg-type]
+    failed = runner.run_job(job, Failing(), knowledge, None)  # type: ignore[arg-type]
     assert failed.reconstruction.status == "failed"
 
 

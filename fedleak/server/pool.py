@@ -73,7 +73,14 @@ from fedleak.heap import reuse_freed_memory
 from fedleak.interrupt import raise_if_stopped
 from fedleak.lines import first_line
 from fedleak.runtime import deterministic_kernels
-from fedleak.server.runner import AttackJob, AttackResult, BatchAttack, batches, run_batch
+from fedleak.server.runner import (
+    AttackJob,
+    AttackResult,
+    BatchAttack,
+    ObservationChanged,
+    batches,
+    run_batch,
+)
 
 log = logging.getLogger(__name__)
 
@@ -469,8 +476,8 @@ class RayAttackPool:
                     # An error outside `run_job` (e.g. unpickling); report its cause, not Ray's
                     # wrapper, whose first line is only the task's name.
                     cause = getattr(error, "cause", None) or error
-                    if isinstance(cause, StateNotSaved):
-                        raise cause from None  # the run folder's failure: see `run_job`
+                    if isinstance(cause, StateNotSaved | ObservationChanged):
+                        raise cause from None  # the run stops: see `run_job`
                     failed = failed_reconstruction(cause, seconds)
                     results += [AttackResult(job, failed) for job in pending.jobs]
                 else:

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from fedleak.attacks.isolation import ObservationChanged, isolated
 from fedleak.attacks.outcome import checked, failed_reconstruction, image_shape, num_classes
 from fedleak.attacks.threads import torch_threads
 from fedleak.attacks.types import (
@@ -93,10 +94,11 @@ def run_job(
     observation = job.observation
     start = time.perf_counter()
     try:
-        reconstruction = attack.reconstruct(observation, knowledge, budget)
-    except StateNotSaved:
-        raise  # the run folder's failure, not the attack's: the run stops
-    except Exception as error:  # an attack's failure must not end the round
+        with isolated(job.attack, [observation], knowledge.seed):
+            reconstruction = attack.reconstruct(observation, knowledge, budget)
+    except (StateNotSaved, ObservationChanged):
+        raise  # the run folder's failure, or a broken attack's that any later row may carry
+    except (Exception, SystemExit) as error:  # an attack's failure must not end the round
         log.warning(
             "attack %s failed on client %s: %s",
             job.attack,
@@ -128,10 +130,11 @@ def run_batch(
     observations = [job.observation for job in jobs]
     start = time.perf_counter()
     try:
-        outcomes = attack.reconstruct_batch(observations, knowledge, budget)
-    except StateNotSaved:
+        with isolated(jobs[0].attack, observations, knowledge.seed):
+            outcomes = attack.reconstruct_batch(observations, knowledge, budget)
+    except (StateNotSaved, ObservationChanged):
         raise
-    except Exception as error:  # a failure outside any one job's work: the whole batch
+    except (Exception, SystemExit) as error:  # outside any one job's work: the whole batch
         log.warning(
             "attack %s failed on a batch of %d jobs: %s",
             jobs[0].attack,

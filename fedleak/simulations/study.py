@@ -69,6 +69,7 @@ from fedleak.server.central_dp import CentralNoiseOverflow
 from fedleak.server.grid import ClientsMissing, StoppableGrid
 from fedleak.server.payload import check_round_payload
 from fedleak.server.privacy import PrivacyLedger
+from fedleak.server.runner import ObservationChanged
 from fedleak.server.selection import FederationError, declared_federation
 from fedleak.server.strategy import AppStrategyFailed, ClientCrashed
 from fedleak.server.validate import (
@@ -617,7 +618,13 @@ def _serve(
     except RunInterrupted:
         run_dir.write_summary()  # the finished rounds, for whoever looks before resuming
         raise
-    except (FederationError, ClientCrashed, CentralNoiseOverflow, AppStrategyFailed) as error:
+    except (
+        FederationError,
+        ClientCrashed,
+        CentralNoiseOverflow,
+        AppStrategyFailed,
+        ObservationChanged,
+    ) as error:
         _fail(run_dir, str(error))
     run_dir.write_summary()
     return _finish(run_dir, recorder.first_error)

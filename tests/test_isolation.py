@@ -1,0 +1,232 @@
+"""An attack call leaves what it was given as it found it, and draws the same numbers from the
+process's global generators on every run of one seed (audit EX1-EX3)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedleak.attacks.baseline import AuxMeanBaseline
+from fedleak.attacks.isolation import ObservationChanged
+from fedleak.attacks.types import AttackerKnowledge, Budget, Observation, Reconstruction
+from fedleak.models.spec import ModelSpec
+from fedleak.server.runner import AttackJob, InlineRunner
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _observation(client: int = 3) -> Observation:
+    weights = {"0.weight": torch.ones(2, 16), "0.bias": torch.zeros(2)}
+    return Observation(
+        round=1,
+        client_id=client,
+        model=ModelSpec("mlp", (1, 4, 4), 2),
+        weights=weights,
+        update={name: torch.full_like(w, 0.5) for name, w in weights.items()},
+        update_kind="gradient",
+        num_examples=2,
+        batch_size=2,
+        local_steps=1,
+        learning_rate=0.1,
+        defense="none",
+    )
+
+
+def _knowledge() -> AttackerKnowledge:
+    aux = torch.rand(10, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    return AttackerKnowledge(aux, torch.tensor([0] * 7 + [1] * 3), (1, 4, 4), 2, seed=11)
+
+
+class _Writes:
+    """Writes into one tensor of its observation, then returns or raises."""
+
+    def __init__(self, name: str, write, raises: bool = False) -> None:
+        self.name, self.write, self.raises = name, write, raises
+
+    def reconstruct(self, observation, knowledge, budget) -> Reconstruction:
+        self.write(observation)
+        if self.raises:
+            raise RuntimeError("failed after writing")
+        return Reconstruction(inputs=torch.zeros(2, 1, 4, 4), labels=None)
+
+
+class _WritesInBatch(_Writes):
+    def reconstruct_batch(self, observations, knowledge, budget) -> list[Reconstruction]:
+        return [self.reconstruct(observation, knowledge, budget) for observation in observations]
+
+
+def _run(attack, observations: list[Observation]) -> list[Reconstruction]:
+    runner = InlineRunner({attack.name: attack}, _knowledge(), Budget(4, 5.0))
+    runner.submit([AttackJob(i, attack.name, o) for i, o in enumerate(observations)])
+    return [result.reconstruction for result in runner.ready()]
+
+
+@pytest.mark.parametrize(
+    ("write", "written"),
+    [
+        (lambda o: o.weights["0.weight"].add_(1.0), r"observation\.weights\['0\.weight'\]"),
+        (lambda o: o.update["0.bias"].div_(2.0), r"observation\.update\['0\.bias'\]"),
+        # A replaced entry is the strategy's dict changed all the same.
+        (
+            lambda o: o.weights.update({"0.bias": torch.ones(2)}),
+            r"observation\.weights\['0\.bias'\]",
+        ),
+        (lambda o: o.update.pop("0.bias"), r"observation\.update\['0\.bias'\]"),
+    ],
+)
+def test_an_attack_that_writes_into_its_observation_stops_the_run_naming_the_tensor(
+    write, written: str
+) -> None:
+    """The inline runner hands attacks the strategy's global weights and every attack of a
+    round the same observation: a write changed the global model (test loss 14.6 against
+    14.2 after round 2) or the next attack's input, and the run went on to DONE (audit EX1)."""
+    for attack, observations in [
+        (_Writes("writer", write), [_observation()]),
+        (_Writes("writer", write, raises=True), [_observation()]),  # a failure is no excuse
+        (_WritesInBatch("writer", write), [_observation(1), _observation(2)]),
+    ]:
+        with pytest.raises(ObservationChanged, match=rf"^attack 'writer' wrote into {written}, "):
+            _run(attack, observations)
+    # Reading it, an in-place write of the same bits, or a copy changed are fine.
+    harmless = [
+        lambda o: o.weights["0.weight"].mul_(1.0),
+        lambda o: o.update["0.bias"].clone().add_(1.0),
+    ]
+    for write in harmless:
+        assert [r.status for r in _run(_Writes("reader", write), [_observation()])] == ["ok"]
+    assert [r.status for r in _run(AuxMeanBaseline(), [_observation(), _observation(4)])] == [
+        "ok",
+        "ok",
+    ]
+
+
+def test_an_attack_that_calls_sys_exit_fails_alone() -> None:
+    """`reconstruct` calling sys.exit() ended the whole run with "stopped after 0 of 2 rounds"
+    and lost the round's other rows (audit EX3)."""
+
+    class Exits:
+        name = "exits"
+
+        def reconstruct(self, observation, knowledge, budget):
+            sys.exit("gave up")
+
+    attacks = {"exits": Exits(), "aux-mean": AuxMeanBaseline()}
+    runner = InlineRunner(attacks, _knowledge(), Budget(4, 5.0))
+    observation = _observation()
+    runner.submit([AttackJob(i, name, observation) for i, name in enumerate(attacks)])
+    results = {r.job.attack: r.reconstruction for r in runner.ready()}
+    assert (results["exits"].status, results["exits"].message) == ("failed", "SystemExit: gave up")
+    assert results["aux-mean"].status == "ok"
+
+
+_DRAWS = """
+import random, sys
+import numpy as np, torch
+sys.path.insert(0, {tests!r})
+from test_isolation import _knowledge, _observation
+from fedleak.attacks.types import Budget, Reconstruction
+from fedleak.server.runner import AttackJob, InlineRunner
+
+class Draws:
+    name = "draws"
+    def reconstruct(self, observation, knowledge, budget):
+        layer = torch.nn.Linear(16, 1)  # its initialisation draws from torch's generator
+        row = [*torch.rand(3).tolist(), *np.random.rand(3).tolist(), random.random(),
+               float(layer.weight[0, 0])]
+        return Reconstruction(inputs=torch.zeros(2, 1, 4, 4), labels=None, diagnostics=dict(
+            (str(i), value) for i, value in enumerate(row)))
+
+# Whatever the process drew before (another attack, a data loader) changes nothing.
+torch.rand(int(sys.argv[1])); np.random.rand(int(sys.argv[1])); random.random()
+after = torch.Generator().set_state(torch.get_rng_state())
+runner = InlineRunner({{"draws": Draws()}}, _knowledge(), Budget(4, 5.0))
+runner.submit([AttackJob(i, "draws", _observation(client)) for i, client in enumerate((3, 4))])
+rows = [r.reconstruction.diagnostics for r in runner.ready()]
+# ... and the process's own draws go on as if the attack had not run.
+assert torch.equal(torch.rand(4), torch.rand(4, generator=after))
+print(json.dumps(rows))
+"""
+
+
+def test_a_plug_in_drawing_from_global_generators_draws_the_same_on_every_run() -> None:
+    """A plug-in attack calling torch.rand, or building an nn.Module, gave other rows on each
+    run of one seed: nothing seeded the global generators around an attack (audit EX2).
+    Separate processes, other hash seeds and other draws before the attack."""
+    script = "import json\n" + _DRAWS.format(tests=str(ROOT / "tests"))
+    outputs = []
+    for hash_seed, drawn in (("1", "5"), ("2", "17")):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed, "PYTHONPATH": str(ROOT)}
+        done = subprocess.run(
+            [sys.executable, "-c", script, drawn], env=env, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        outputs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    assert outputs[0] == outputs[1]
+    first, second = outputs[0]
+    assert first != second  # each client's call has draws of its own
+
+
+_WRITER = '''
+import torch
+from fedleak.attacks.types import Reconstruction
+
+
+class TouchWeights:
+    """Adds 1 to the first tensor of the global weights it was shown."""
+
+    stateful = False
+
+    def __init__(self, config, seed):
+        self.name = "touch-weights"
+
+    def reconstruct(self, observation, knowledge, budget):
+        next(iter(observation.weights.values())).add_(1.0)
+        count = observation.num_targets
+        shape = observation.model.input_shape
+        return Reconstruction(inputs=torch.zeros(count, *shape), labels=None)
+'''
+
+
+def test_a_run_whose_attack_wrote_into_its_observation_fails_in_one_line(tmp_path: Path) -> None:
+    """Through the command, the attack on an attack worker (the pool re-raises the worker's
+    error): exit 1, FAILED with the reason, no DONE."""
+    (tmp_path / "fedleak_writer.py").write_text(textwrap.dedent(_WRITER))
+    info = tmp_path / "fedleak_writer-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fedleak-writer\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(
+        "[fedleak.attacks]\ntouch-weights = fedleak_writer:TouchWeights\n"
+    )
+    settings = {
+        "num-server-rounds": 2,
+        "train.batch-size": 2,
+        "threat.share": "batch",
+        "attack.names": "aux-mean,touch-weights",
+        "attack.clients-per-round": 1,
+        "attack.workers": 1,
+        "attack.images-per-client": 0,
+        "data.aux-size": 200,
+    }
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "fedleak.simulations.cli", "run", "quickstart"]
+    for key, value in settings.items():
+        command += ["--set", f"{key}={json.dumps(value)}"]
+    command += ["--num-clients", "2", "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    expected = "attack 'touch-weights' wrote into observation.weights['features.0.weight'], "
+    assert last.startswith(f"fedleak: run failed: {out}: {expected}"), last
+    assert "Traceback" not in done.stderr
+    assert json.loads((out / "FAILED").read_text())["reason"].startswith(expected)
+    assert not (out / "DONE").exists()
+    # The run stopped in the round it happened, not later with the attack's rows as failed.
+    assert (out / "leakage.csv").read_text().count("\n") == 1
