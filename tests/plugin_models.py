@@ -93,3 +93,41 @@ def pooled_batch_net(input_shape: tuple[int, ...], num_classes: int) -> nn.Modul
 def double_net(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """A classifier in float64: every forward of float32 inputs fails."""
     return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), num_classes)).double()
+
+
+class _NotFinite(nn.Module):
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, *, always: bool) -> None:
+        super().__init__()
+        self.linear = nn.Linear(math.prod(input_shape), num_classes)
+        self.always = always
+
+    def forward(self, x: Tensor) -> Tensor:
+        scores = self.linear(x.flatten(1))
+        return scores * math.nan if self.always or self.training else scores
+
+
+def nan_net(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """A classifier whose every score is NaN."""
+    return _NotFinite(input_shape, num_classes, always=True)
+
+
+def nan_in_training_net(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """A classifier whose scores are NaN in training mode only."""
+    return _NotFinite(input_shape, num_classes, always=False)
+
+
+class _SmallBatches(nn.Module):
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(math.prod(input_shape), num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if len(x) > 16:
+            raise RuntimeError("batch too big for my buffer")
+        return self.linear(x.flatten(1))
+
+
+def small_batch_net(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """A classifier whose forward takes at most 16 inputs: a client's batch, not the server's
+    evaluation batch."""
+    return _SmallBatches(input_shape, num_classes)

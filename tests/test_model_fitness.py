@@ -3,6 +3,10 @@ each of these ran before and gave results no client had."""
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import pytest
 import torch
 from torch import Tensor, nn
@@ -11,6 +15,7 @@ from fedleak.config import ConfigError, parse_flat
 from fedleak.models import ModelSpec
 from fedleak.models.fitness import unfit_reason
 from fedleak.server.validate import validate_components
+from fedleak.simulations.cli import main
 
 SPEC = ModelSpec("mine", (1, 4, 4), 3)
 
@@ -175,3 +180,55 @@ def test_a_model_in_float64_is_named_as_such_before_a_forward_fails(
         r".* \(return model.float\(\) from the factory\)$",
     ):
         validate_components(config)
+
+
+@pytest.mark.parametrize("share", ["per-sample", "batch"])
+def test_a_model_with_scores_that_are_not_finite_is_refused_for_that(
+    monkeypatch: pytest.MonkeyPatch, share: str
+) -> None:
+    """A NaN model was refused as one that mixes its batch's samples (NaN equals nothing), and
+    under batch sharing it ran to DONE with NaN loss and accuracy in every round (audit EX4)."""
+    monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent))
+    flat = {"model.name": "plugin_models:nan_net", "attack.names": "ig", "threat.share": share}
+    with pytest.raises(
+        ConfigError,
+        match=r"^model.name='plugin_models:nan_net': outputs NaN or infinite scores for one "
+        r"input of shape \(1, 1, 28, 28\); expected finite scores$",
+    ):
+        validate_components(parse_flat(flat))
+    # Finite in evaluation, NaN in training: the per-sample probe trains it and says so.
+    trained = {**flat, "model.name": "plugin_models:nan_in_training_net"}
+    with pytest.raises(ConfigError, match=r"outputs NaN or infinite scores in a training-mode"):
+        validate_components(parse_flat({**trained, "threat.share": "per-sample"}))
+
+
+def test_a_forward_that_fails_in_the_servers_evaluation_is_named_as_the_models(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The start-up probes take one and two inputs, the evaluation 256: the failure read as
+    "Flower's simulation engine stopped (RuntimeError: ...)" (audit EX5)."""
+    here = str(Path(__file__).parent)
+    out = tmp_path / "run"
+    args = ["run", "quickstart", "--out", str(out), "--num-clients", "2"]
+    for key, value in {
+        "model.name": "plugin_models:small_batch_net",
+        "threat.share": "batch",
+        "train.batch-size": 2,
+        "num-server-rounds": 1,
+        "attack.names": "none",
+    }.items():
+        args += ["--set", f"{key}={value}"]
+    with pytest.MonkeyPatch.context() as patch:  # the clients' processes import the model
+        patch.setenv(
+            "PYTHONPATH", os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
+        )
+        patch.syspath_prepend(here)
+        assert main(args) == 1
+    expected = (
+        "model.name='plugin_models:small_batch_net': evaluating round 0's global model on the "
+        "held-out split failed (RuntimeError: batch too big for my buffer)"
+    )
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"fedleak: run failed: {out}: {expected}"
+    )
+    assert json.loads((out / "FAILED").read_text())["reason"] == expected

@@ -85,6 +85,8 @@ def _coupling(model: nn.Module, spec: ModelSpec, remedy: str) -> str | None:
             together = probe(x)
     except (Exception, SystemExit) as error:
         return f"fails in a training-mode forward on random inputs ({error_line(error)})"
+    if isinstance(together, torch.Tensor) and not bool(torch.isfinite(together).all()):
+        return "outputs NaN or infinite scores in a training-mode forward on random inputs"
     changed = [n for n, b in probe.named_buffers() if not torch.equal(b, before[n])]
     if changed:
         return (

@@ -27,7 +27,7 @@ from fedleak.attacks.registry import attack_entry, build_attack
 from fedleak.attacks.types import AttackerKnowledge, Budget, is_reference
 from fedleak.config import ConfigError, RunConfig, attacked_rounds
 from fedleak.data import FederatedData, auxiliary
-from fedleak.lines import listed
+from fedleak.lines import error_line, listed
 from fedleak.models import ModelSpec, build_model
 from fedleak.seeds import attacker_seed
 from fedleak.server.auditor import Auditor
@@ -61,10 +61,16 @@ def evaluate(
     return loss / count, correct / count
 
 
+class EvaluationFailed(RuntimeError):
+    """The model's forward failed on the held-out split (a plug-in's forward that cannot take
+    the evaluation's batches): the run stops, naming the model rather than Flower's engine."""
+
+
 class GlobalEvaluation:
     """Flower's `evaluate_fn`: test loss and accuracy of each round's global model."""
 
     def __init__(self, spec: ModelSpec, fd: FederatedData, device: torch.device) -> None:
+        self.spec = spec
         self.model = build_model(spec)
         self.fd = fd
         self.device = device
@@ -73,7 +79,13 @@ class GlobalEvaluation:
         """Load the global state and evaluate it."""
         self.model.load_state_dict(arrays.to_torch_state_dict())
         self.model.to(self.device)
-        loss, accuracy = evaluate(self.model, self.fd, self.device)
+        try:
+            loss, accuracy = evaluate(self.model, self.fd, self.device)
+        except (Exception, SystemExit) as error:  # the model's forward is often the user's
+            raise EvaluationFailed(
+                f"model.name={self.spec.name!r}: evaluating round {server_round}'s global model "
+                f"on the held-out split failed ({error_line(error)})"
+            ) from None
         return MetricRecord({"test-loss": loss, "test-accuracy": accuracy})
 
 

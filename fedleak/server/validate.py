@@ -284,6 +284,12 @@ def check_model(spec: ModelSpec) -> None:
                 f"expected {expected} (a score for each of the data's {spec.num_classes} "
                 f"{'tokens' if tokens else 'classes'})"
             )
+        if not bool(torch.isfinite(out).all()):
+            # Every loss, accuracy and gradient would be NaN, and the run went on to DONE.
+            raise ConfigError(
+                f"model.name={spec.name!r}: outputs NaN or infinite scores for {inputs} of "
+                f"shape {shape}; expected finite scores"
+            )
 
 
 def check_defense(defense_spec: str, spec: ModelSpec, mode: str = "fedsgd") -> None:

@@ -56,6 +56,7 @@ from fedleak.report.rundir import (
 from fedleak.report.tables import row_diagnostics
 from fedleak.runtime import deterministic_kernels, federated_data, model_spec, resolve_device
 from fedleak.server.build import (
+    EvaluationFailed,
     GlobalEvaluation,
     build_strategy,
     cache_dirs,
@@ -623,6 +624,7 @@ def _serve(
         ClientCrashed,
         CentralNoiseOverflow,
         AppStrategyFailed,
+        EvaluationFailed,
         ObservationChanged,
     ) as error:
         _fail(run_dir, str(error))
