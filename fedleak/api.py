@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fedleak.attacks.isolation import isolated
+from fedleak.attacks.isolation import ReadOnly, isolated
 from fedleak.attacks.outcome import checked, image_shape, num_classes
 from fedleak.attacks.registry import attack_modalities, attack_seed
 from fedleak.attacks.threads import default_threads, torch_threads
@@ -855,8 +855,8 @@ def reconstruct(
     else:
         count = None if threads is None else _whole("threads", threads)
     start = time.perf_counter()
-    name = getattr(attack, "name", type(attack).__name__)
-    with torch_threads(count), isolated(str(name), [observation], attacker.seed):
+    read_only = ReadOnly([observation], attacker)
+    with torch_threads(count), isolated(attack, [observation], attacker.seed, read_only):
         result = attack.reconstruct(observation, attacker, budget)
     # The auditor's one rule: images clamped to [0, 1], NaN is "nan", a wrong shape "failed".
     seconds = time.perf_counter() - start

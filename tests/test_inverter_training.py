@@ -201,7 +201,7 @@ def test_a_disk_that_refuses_the_inverter_stops_the_run_not_the_attack(
 
     empty = dict.fromkeys(["weights", "update", "per_sample_updates", "bn_statistics"])
     job = SimpleNamespace(observation=SimpleNamespace(round=2, client_id=0, **empty), attack="lti")
-    knowledge = SimpleNamespace(seed=0)
+    knowledge = SimpleNamespace(seed=0, aux_inputs=torch.zeros(1), aux_labels=torch.zeros(1))
     with pytest.raises(StateNotSaved):
         runner.run_job(job, Saving(), knowledge, None)  # type: ignore[arg-type]
     failed = runner.run_job(job, Failing(), knowledge, None)  # type: ignore[arg-type]

@@ -3,16 +3,20 @@ process's global generators on every run of one seed (audit EX1-EX3)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import random
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+import fedleak
 from fedleak.attacks.baseline import AuxMeanBaseline
 from fedleak.attacks.isolation import ObservationChanged
 from fedleak.attacks.types import AttackerKnowledge, Budget, Observation, Reconstruction
@@ -36,6 +40,7 @@ def _observation(client: int = 3) -> Observation:
         local_steps=1,
         learning_rate=0.1,
         defense="none",
+        per_sample_updates={name: torch.full((2, *w.shape), 0.5) for name, w in weights.items()},
     )
 
 
@@ -45,13 +50,14 @@ def _knowledge() -> AttackerKnowledge:
 
 
 class _Writes:
-    """Writes into one tensor of its observation, then returns or raises."""
+    """Writes into what it was given (`write(observation, knowledge)`), then returns or
+    raises."""
 
     def __init__(self, name: str, write, raises: bool = False) -> None:
         self.name, self.write, self.raises = name, write, raises
 
     def reconstruct(self, observation, knowledge, budget) -> Reconstruction:
-        self.write(observation)
+        self.write(observation, knowledge)
         if self.raises:
             raise RuntimeError("failed after writing")
         return Reconstruction(inputs=torch.zeros(2, 1, 4, 4), labels=None)
@@ -62,42 +68,57 @@ class _WritesInBatch(_Writes):
         return [self.reconstruct(observation, knowledge, budget) for observation in observations]
 
 
-def _run(attack, observations: list[Observation]) -> list[Reconstruction]:
-    runner = InlineRunner({attack.name: attack}, _knowledge(), Budget(4, 5.0))
+def _run(attack, observations: list[Observation], knowledge=None) -> list[Reconstruction]:
+    runner = InlineRunner({attack.name: attack}, knowledge or _knowledge(), Budget(4, 5.0))
     runner.submit([AttackJob(i, attack.name, o) for i, o in enumerate(observations)])
     return [result.reconstruction for result in runner.ready()]
+
+
+def _reinterpret(tensors: dict[str, torch.Tensor]) -> None:
+    tensors["0.bias"].data = tensors["0.bias"].view(torch.int32)  # the same bytes
 
 
 @pytest.mark.parametrize(
     ("write", "written"),
     [
-        (lambda o: o.weights["0.weight"].add_(1.0), r"observation\.weights\['0\.weight'\]"),
-        (lambda o: o.update["0.bias"].div_(2.0), r"observation\.update\['0\.bias'\]"),
+        (lambda o, k: o.weights["0.weight"].add_(1.0), r"observation\.weights\['0\.weight'\]"),
+        (lambda o, k: o.update["0.bias"].div_(2.0), r"observation\.update\['0\.bias'\]"),
+        (
+            lambda o, k: o.per_sample_updates["0.weight"][1].zero_(),
+            r"observation\.per_sample_updates\['0\.weight'\]",
+        ),
         # A replaced entry is the strategy's dict changed all the same.
         (
-            lambda o: o.weights.update({"0.bias": torch.ones(2)}),
+            lambda o, k: o.weights.update({"0.bias": torch.ones(2)}),
             r"observation\.weights\['0\.bias'\]",
         ),
-        (lambda o: o.update.pop("0.bias"), r"observation\.update\['0\.bias'\]"),
+        (lambda o, k: o.update.pop("0.bias"), r"observation\.update\['0\.bias'\]"),
+        (lambda o, k: _reinterpret(o.update), r"observation\.update\['0\.bias'\]"),
+        # The auxiliary data: every later attack's, the floors' included (audit EY1).
+        (lambda o, k: k.aux_inputs.mul_(0.0), r"knowledge\.aux_inputs"),
+        (lambda o, k: k.aux_labels.fill_(1), r"knowledge\.aux_labels"),
     ],
 )
-def test_an_attack_that_writes_into_its_observation_stops_the_run_naming_the_tensor(
+def test_an_attack_that_writes_into_what_it_reads_stops_the_run_naming_the_tensor(
     write, written: str
 ) -> None:
     """The inline runner hands attacks the strategy's global weights and every attack of a
     round the same observation: a write changed the global model (test loss 14.6 against
     14.2 after round 2) or the next attack's input, and the run went on to DONE (audit EX1)."""
-    for attack, observations in [
-        (_Writes("writer", write), [_observation()]),
-        (_Writes("writer", write, raises=True), [_observation()]),  # a failure is no excuse
-        (_WritesInBatch("writer", write), [_observation(1), _observation(2)]),
+    for attack, observations, whose in [
+        (_Writes("writer", write), [_observation()], ""),
+        (_Writes("writer", write, raises=True), [_observation()], ""),  # no excuse
+        (_WritesInBatch("writer", write), [_observation(1), _observation(2)], "( .round 1.*)?"),
     ]:
-        with pytest.raises(ObservationChanged, match=rf"^attack 'writer' wrote into {written}, "):
+        with pytest.raises(
+            ObservationChanged, match=rf"^attack 'writer' wrote into {written}{whose}, "
+        ):
             _run(attack, observations)
     # Reading it, an in-place write of the same bits, or a copy changed are fine.
     harmless = [
-        lambda o: o.weights["0.weight"].mul_(1.0),
-        lambda o: o.update["0.bias"].clone().add_(1.0),
+        lambda o, k: o.weights["0.weight"].mul_(1.0),
+        lambda o, k: o.update["0.bias"].clone().add_(1.0),
+        lambda o, k: k.aux_inputs.mean(),
     ]
     for write in harmless:
         assert [r.status for r in _run(_Writes("reader", write), [_observation()])] == ["ok"]
@@ -107,9 +128,49 @@ def test_an_attack_that_writes_into_its_observation_stops_the_run_naming_the_ten
     ]
 
 
+def test_a_write_into_an_earlier_call_s_observation_is_caught_too() -> None:
+    """An attack that kept the last call's update wrote into it on its next call: client 1's
+    update went from 0.5 to 50 for every later attack of the round (audit EY4)."""
+
+    class Stash:
+        name = "stash"
+        previous: dict[str, torch.Tensor] | None = None
+
+        def reconstruct(self, observation, knowledge, budget) -> Reconstruction:
+            if self.previous is not None:
+                self.previous["0.bias"].mul_(100.0)
+            self.previous = observation.update
+            return Reconstruction(inputs=torch.zeros(2, 1, 4, 4), labels=None)
+
+    with pytest.raises(
+        ObservationChanged,
+        match=r"^attack 'stash' wrote into observation\.update\['0\.bias'\] \(round 1, "
+        r"client 1\), ",
+    ):
+        _run(Stash(), [_observation(1), _observation(2)])
+
+
+def test_a_round_reads_its_tensors_once_before_and_once_after_each_attack(monkeypatch) -> None:
+    """Checked after every call, a round of N clients read every observation N times over per
+    attack (1.5 GB a pass for ten ResNet-18 clients' per-sample updates, audit EY5)."""
+    import fedleak.attacks.isolation as isolation
+
+    reads: list[int] = []
+    checksum = isolation._checksum
+    monkeypatch.setattr(isolation, "_checksum", lambda t: reads.append(1) or checksum(t))
+    observations = [_observation(client) for client in (1, 2, 3)]
+    isolation.ReadOnly(observations, _knowledge())
+    one_pass, reads[:] = len(reads), []
+    attacks = {"a": AuxMeanBaseline(), "b": AuxMeanBaseline()}
+    runner = InlineRunner(attacks, _knowledge(), Budget(4, 5.0))
+    runner.submit([AttackJob(0, name, o) for name in attacks for o in observations])
+    assert [r.reconstruction.status for r in runner.ready()] == 6 * ["ok"]
+    assert len(reads) == (1 + len(attacks)) * one_pass
+
+
 def test_an_attack_that_calls_sys_exit_fails_alone() -> None:
     """`reconstruct` calling sys.exit() ended the whole run with "stopped after 0 of 2 rounds"
-    and lost the round's other rows (audit EX3)."""
+    and lost the round's other rows (audit EX3); so does a batch's call for its jobs."""
 
     class Exits:
         name = "exits"
@@ -117,13 +178,75 @@ def test_an_attack_that_calls_sys_exit_fails_alone() -> None:
         def reconstruct(self, observation, knowledge, budget):
             sys.exit("gave up")
 
-    attacks = {"exits": Exits(), "aux-mean": AuxMeanBaseline()}
+    class ExitsInBatch(Exits):
+        name = "exits-in-batch"
+
+        def reconstruct_batch(self, observations, knowledge, budget):
+            sys.exit("gave up on all")
+
+    attacks = {"exits": Exits(), "exits-in-batch": ExitsInBatch(), "aux-mean": AuxMeanBaseline()}
     runner = InlineRunner(attacks, _knowledge(), Budget(4, 5.0))
-    observation = _observation()
-    runner.submit([AttackJob(i, name, observation) for i, name in enumerate(attacks)])
-    results = {r.job.attack: r.reconstruction for r in runner.ready()}
-    assert (results["exits"].status, results["exits"].message) == ("failed", "SystemExit: gave up")
-    assert results["aux-mean"].status == "ok"
+    observations = [_observation(1), _observation(2)]
+    runner.submit(
+        [
+            AttackJob(len(attacks) * i + j, name, observation)
+            for i, observation in enumerate(observations)
+            for j, name in enumerate(attacks)
+        ]
+    )
+    results = [
+        (r.job.attack, r.reconstruction.status, r.reconstruction.message) for r in runner.ready()
+    ]
+    assert results == 2 * [
+        ("exits", "failed", "SystemExit: gave up"),
+        ("exits-in-batch", "failed", "SystemExit: gave up on all"),
+        ("aux-mean", "ok", ""),
+    ]
+
+
+class _Draws:
+    """A plug-in that draws from every global generator."""
+
+    name = "draws"
+
+    def reconstruct(self, observation, knowledge, budget) -> Reconstruction:
+        row = [*torch.rand(2).tolist(), *np.random.rand(2).tolist(), random.random()]
+        return Reconstruction(
+            inputs=torch.zeros(2, 1, 4, 4),
+            labels=None,
+            diagnostics={str(i): value for i, value in enumerate(row)},
+        )
+
+
+def test_a_call_s_draws_follow_the_attacker_seed_the_attack_the_round_and_the_client() -> None:
+    """Each part of the seed moves the draws; the Python API draws what a study's runner does
+    for the same attack and observation (audit EY6)."""
+
+    def draws(observation: Observation, knowledge: AttackerKnowledge | None = None) -> list:
+        (result,) = _run(_Draws(), [observation], knowledge)
+        return list(result.diagnostics.values())
+
+    base = draws(_observation())
+    assert draws(_observation()) == base
+    other_round = _observation()
+    object.__setattr__(other_round, "round", 2)
+    other_seed = dataclasses.replace(_knowledge(), seed=12)
+    renamed = _Draws()
+    renamed.name = "draws-2"
+    (result,) = _run(renamed, [_observation()])
+    moved = [
+        draws(_observation(4)),
+        draws(other_round),
+        draws(_observation(), other_seed),
+        list(result.diagnostics.values()),
+    ]
+    assert all(row != base and len(set(row) & set(base)) == 0 for row in moved)
+    api = fedleak.reconstruct(_Draws(), _observation(), attacker=_knowledge())
+    assert list(api.diagnostics.values()) == base
+    # Seeded by the attack's own name, which the API knows too, not the one it was set by.
+    runner = InlineRunner({"set-by": _Draws()}, _knowledge(), Budget(4, 5.0))
+    runner.submit([AttackJob(0, "set-by", _observation())])
+    assert list(runner.ready()[0].reconstruction.diagnostics.values()) == base
 
 
 _DRAWS = """
@@ -146,11 +269,16 @@ class Draws:
 # Whatever the process drew before (another attack, a data loader) changes nothing.
 torch.rand(int(sys.argv[1])); np.random.rand(int(sys.argv[1])); random.random()
 after = torch.Generator().set_state(torch.get_rng_state())
+after_numpy, after_python = np.random.RandomState(), random.Random()
+after_numpy.set_state(np.random.get_state())
+after_python.setstate(random.getstate())
 runner = InlineRunner({{"draws": Draws()}}, _knowledge(), Budget(4, 5.0))
 runner.submit([AttackJob(i, "draws", _observation(client)) for i, client in enumerate((3, 4))])
 rows = [r.reconstruction.diagnostics for r in runner.ready()]
 # ... and the process's own draws go on as if the attack had not run.
 assert torch.equal(torch.rand(4), torch.rand(4, generator=after))
+assert np.random.rand(4).tolist() == after_numpy.rand(4).tolist()
+assert random.random() == after_python.random()
 print(json.dumps(rows))
 """
 

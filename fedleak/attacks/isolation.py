@@ -10,7 +10,6 @@ initialisation) gave other rows on every run of one seed (audit EX2).
 
 from __future__ import annotations
 
-import hashlib
 import random
 import zlib
 from collections.abc import Iterator, Sequence
@@ -19,7 +18,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from fedleak.attacks.types import Observation
+from fedleak.attacks.types import AttackerKnowledge, Observation
 from fedleak.seeds import mix_seed
 
 # The observation's fields that hold tensors, each a name -> tensor mapping (or None).
@@ -58,66 +57,86 @@ def seeded_generators(seed: int) -> Iterator[None]:
             np.random.set_state(numpy_state)
 
 
-Fingerprint = dict[tuple[int, str, str], tuple[int, str]]
+class ReadOnly:
+    """What attack calls read and must not write: observations (the inline runner's hold the
+    strategy's global weights, and a round's attacks share one per client) and the attacker's
+    knowledge (every call's auxiliary data). Each tensor is remembered by the object it is
+    and a checksum of its dtype, shape and bytes."""
+
+    def __init__(self, observations: Sequence[Observation], knowledge: AttackerKnowledge) -> None:
+        self.observations = list(observations)
+        self.knowledge = knowledge
+        self.before = self._fingerprint()
+
+    def check(self, attack: str) -> None:
+        """Raise `ObservationChanged` naming the first tensor written, added or removed."""
+        after = self._fingerprint()
+        changed = next(
+            (k for k in [*self.before, *after] if self.before.get(k) != after.get(k)), None
+        )
+        if changed is not None:
+            raise ObservationChanged(
+                f"attack {attack!r} wrote into {changed}, which it may only read (the global "
+                "model's weights, the updates and the auxiliary data every attack is given): "
+                "copy a tensor before changing it"
+            )
+
+    def _fingerprint(self) -> dict[str, tuple[int, int]]:
+        sums: dict[int, int] = {}  # tensors shared by several observations are read once
+
+        def entry(tensor: object) -> tuple[int, int]:
+            if id(tensor) not in sums:
+                sums[id(tensor)] = _checksum(tensor)
+            return id(tensor), sums[id(tensor)]
+
+        found = {
+            f"knowledge.{name}": entry(getattr(self.knowledge, name))
+            for name in ("aux_inputs", "aux_labels")
+        }
+        many = len(self.observations) > 1
+        for observation in self.observations:
+            whose = f" (round {observation.round}, client {observation.client_id})" if many else ""
+            for field in _TENSOR_FIELDS:
+                for name, tensor in (getattr(observation, field) or {}).items():
+                    found[f"observation.{field}[{str(name)!r}]{whose}"] = entry(tensor)
+        return found
 
 
-def fingerprint(observations: Sequence[Observation]) -> Fingerprint:
-    """Every tensor of the observations, keyed by (observation, field, name): the object it
-    is and a digest of its dtype, shape and bytes. Tensors shared by several observations
-    (the global weights) are read once."""
-    digests: dict[int, str] = {}
-    found: Fingerprint = {}
-    for index, observation in enumerate(observations):
-        for field in _TENSOR_FIELDS:
-            for name, tensor in (getattr(observation, field) or {}).items():
-                if id(tensor) not in digests:
-                    digests[id(tensor)] = _digest(tensor)
-                found[(index, field, str(name))] = (id(tensor), digests[id(tensor)])
-    return found
-
-
-def first_change(before: Fingerprint, observations: Sequence[Observation]) -> str | None:
-    """The first tensor written, added or removed since `before`, as
-    `observation.<field>[<name>]`, or None."""
-    after = fingerprint(observations)
-    for key in [*before, *after]:
-        if before.get(key) != after.get(key):
-            _, field, name = key
-            return f"observation.{field}[{name!r}]"
-    return None
-
-
-def _digest(tensor: torch.Tensor) -> str:
-    # Anything that is not a tensor is compared by identity alone.
+def _checksum(tensor: object) -> int:
+    """CRC-32 of a tensor's dtype, shape and bytes (3-4 GB/s here, against 1-2 GB/s for a
+    cryptographic hash: this guards against mistakes, not adversaries); 0 for a non-tensor,
+    which is compared by identity alone."""
     if not isinstance(tensor, torch.Tensor):
-        return ""
+        return 0
     flat = tensor.detach().cpu().contiguous().reshape(-1)
-    blake = hashlib.blake2b(f"{flat.dtype}{tuple(tensor.shape)}".encode(), digest_size=16)
-    blake.update(flat.view(torch.uint8).numpy().data if flat.numel() else b"")
-    return blake.hexdigest()
+    checksum = zlib.crc32(f"{flat.dtype}{tuple(tensor.shape)}".encode())
+    return zlib.crc32(flat.view(torch.uint8).numpy().data, checksum) if flat.numel() else checksum
+
+
+def attack_label(attack: object) -> str:
+    """The name an attack's draws are seeded by, the same in a study and through the API."""
+    return str(getattr(attack, "name", None) or type(attack).__name__)
 
 
 @contextmanager
 def isolated(
-    attack: str, observations: Sequence[Observation], attacker_seed: int
+    attack: object,
+    observations: Sequence[Observation],
+    attacker_seed: int,
+    read_only: ReadOnly | None,
+    name: str = "",
 ) -> Iterator[None]:
-    """One call of `attack` on `observations`: the global generators seeded for them inside,
-    and `ObservationChanged` after a call that wrote into one, whether it returned or raised."""
-    before = fingerprint(observations)
-
-    def unchanged() -> None:
-        changed = first_change(before, observations)
-        if changed is not None:
-            raise ObservationChanged(
-                f"attack {attack!r} wrote into {changed}, which it may only read (the global "
-                "model's weights and the update every attack of the round is given): copy a "
-                "tensor before changing it"
-            )
-
+    """One call of `attack` (named `name` in its settings) on `observations`: the global
+    generators seeded for them inside (`call_seed`), and `ObservationChanged` after a call
+    that wrote into what `read_only` holds (None: the caller checks), whether it returned or
+    raised."""
+    label = attack_label(attack)
     try:
-        with seeded_generators(call_seed(attacker_seed, attack, observations)):
+        with seeded_generators(call_seed(attacker_seed, label, observations)):
             yield
     except (Exception, SystemExit):
-        unchanged()  # a failed call that wrote into its input taints the rows after it too
+        if read_only is not None:  # a failed call that wrote into its input taints later rows
+            read_only.check(name or label)
         raise
-    unchanged()
+    if read_only is not None:
+        read_only.check(name or label)

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from fedleak.attacks.isolation import ObservationChanged, isolated
+from fedleak.attacks.isolation import ObservationChanged, ReadOnly, isolated
 from fedleak.attacks.outcome import checked, failed_reconstruction, image_shape, num_classes
 from fedleak.attacks.threads import torch_threads
 from fedleak.attacks.types import (
@@ -90,11 +90,23 @@ class AttackRunner(Protocol):
 def run_job(
     job: AttackJob, attack: Attack, knowledge: AttackerKnowledge, budget: Budget
 ) -> AttackResult:
-    """Run one job where this process is; an exception or NaN becomes a recorded status."""
+    """Run one job where this process is; an exception or NaN becomes a recorded status. The
+    call must leave its observation and `knowledge` as it found them."""
+    return _run_one(job, attack, knowledge, budget, ReadOnly([job.observation], knowledge))
+
+
+def _run_one(
+    job: AttackJob,
+    attack: Attack,
+    knowledge: AttackerKnowledge,
+    budget: Budget,
+    read_only: ReadOnly | None,
+) -> AttackResult:
+    """`run_job`, checking `read_only` after the call (None: the caller checks)."""
     observation = job.observation
     start = time.perf_counter()
     try:
-        with isolated(job.attack, [observation], knowledge.seed):
+        with isolated(attack, [observation], knowledge.seed, read_only, job.attack):
             reconstruction = attack.reconstruct(observation, knowledge, budget)
     except (StateNotSaved, ObservationChanged):
         raise  # the run folder's failure, or a broken attack's that any later row may carry
@@ -120,17 +132,27 @@ def run_job(
 
 
 def run_batch(
-    jobs: Sequence[AttackJob], attack: Attack, knowledge: AttackerKnowledge, budget: Budget
+    jobs: Sequence[AttackJob],
+    attack: Attack,
+    knowledge: AttackerKnowledge,
+    budget: Budget,
+    read_only: ReadOnly | None = None,
 ) -> list[AttackResult]:
     """Run one attack's jobs where this process is: as one batched call when the attack can,
     else one job after another. Each job is charged the seconds the attack reports for it,
-    or an equal share of the batch's time where it reports none."""
-    if len(jobs) < 2 or not isinstance(attack, BatchAttack):
-        return [run_job(job, attack, knowledge, budget) for job in jobs]
+    or an equal share of the batch's time where it reports none. `read_only`: what each call
+    must leave unchanged (by default the jobs' observations and `knowledge`)."""
     observations = [job.observation for job in jobs]
+    read_only = read_only or ReadOnly(observations, knowledge)
+    if len(jobs) < 2 or not isinstance(attack, BatchAttack):
+        # One check after all of them: each call's would read every observation again.
+        results = [_run_one(job, attack, knowledge, budget, None) for job in jobs]
+        if jobs:
+            read_only.check(jobs[0].attack)
+        return results
     start = time.perf_counter()
     try:
-        with isolated(jobs[0].attack, observations, knowledge.seed):
+        with isolated(attack, observations, knowledge.seed, read_only, jobs[0].attack):
             outcomes = attack.reconstruct_batch(observations, knowledge, budget)
     except (StateNotSaved, ObservationChanged):
         raise
@@ -145,7 +167,7 @@ def run_batch(
     seconds = (time.perf_counter() - start) / len(jobs)
     results = []
     for job, outcome in zip(jobs, outcomes, strict=True):
-        if isinstance(outcome, Exception):
+        if isinstance(outcome, Exception | SystemExit):
             client = job.observation.client_id
             log.warning(
                 "attack %s failed on client %s: %s", job.attack, client, error_line(outcome)
@@ -180,12 +202,15 @@ class InlineRunner:
     def submit(self, jobs: Sequence[AttackJob]) -> None:
         """Run every job now, each attack's jobs as one batch; results in submission order."""
         done = []
+        # Every call is checked against all of the round's observations: an attack that kept
+        # an earlier call's update could write into it, and every later attack reads it.
+        read_only = ReadOnly([job.observation for job in jobs], self.knowledge)
         for batch in batches(jobs):
             attack = self.attacks[batch[0].attack]
             # One thread whatever the model or FEDLEAK_THREADS say: a run's rows must not
             # depend on its environment, and every server path computes with one (README).
             with torch_threads(1):
-                done += run_batch(batch, attack, self.knowledge, self.budget)
+                done += run_batch(batch, attack, self.knowledge, self.budget, read_only)
         self._done += sorted(done, key=lambda result: result.job.job_id)
 
     def ready(self, wait: bool = False) -> list[AttackResult]:
