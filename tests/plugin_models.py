@@ -4,6 +4,8 @@ BatchNorm's: the simulation tests put this folder on the clients' PYTHONPATH."""
 from __future__ import annotations
 
 import math
+import os
+import sys
 
 import torch
 from torch import Tensor, nn
@@ -117,17 +119,59 @@ def nan_in_training_net(input_shape: tuple[int, ...], num_classes: int) -> nn.Mo
 
 
 class _SmallBatches(nn.Module):
-    def __init__(self, input_shape: tuple[int, ...], num_classes: int) -> None:
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, *, exits: bool) -> None:
         super().__init__()
         self.linear = nn.Linear(math.prod(input_shape), num_classes)
+        self.exits = exits
 
     def forward(self, x: Tensor) -> Tensor:
-        if len(x) > 16:
+        if len(x) > 16 and os.environ.get("FEDLEAK_TEST_SMALL_BATCHES") != "0":
+            if self.exits:
+                sys.exit("batch too big, bye")
             raise RuntimeError("batch too big for my buffer")
         return self.linear(x.flatten(1))
 
 
 def small_batch_net(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """A classifier whose forward takes at most 16 inputs: a client's batch, not the server's
-    evaluation batch."""
-    return _SmallBatches(input_shape, num_classes)
+    """A classifier whose forward takes at most 16 inputs (any number while
+    FEDLEAK_TEST_SMALL_BATCHES=0): a client's batch, not the server's evaluation batch."""
+    return _SmallBatches(input_shape, num_classes, exits=False)
+
+
+def exiting_net(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """`small_batch_net` that calls sys.exit() where the other raises."""
+    return _SmallBatches(input_shape, num_classes, exits=True)
+
+
+class _BatchStandardised(nn.Module):
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int) -> None:
+        super().__init__()
+        self.hidden = nn.Linear(math.prod(input_shape), 8)
+        self.out = nn.Linear(8, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.hidden(x.flatten(1))
+        if self.training:  # NaN for a batch of one (the spread of one sample)
+            centred = h - h.mean(0)
+            h = centred / ((centred**2).sum(0) / (len(h) - 1)).sqrt()
+        return self.out(h.relu())
+
+
+def batch_std_net(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """A classifier that standardises its hidden layer over the batch in training."""
+    return _BatchStandardised(input_shape, num_classes)
+
+
+class _OneInfinite(nn.Module):
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(math.prod(input_shape), num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        scores = self.linear(x.flatten(1))
+        return torch.cat([torch.full_like(scores[:, :1], math.inf), scores[:, 1:]], dim=1)
+
+
+def one_infinite_net(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """A classifier whose first class always scores +inf, the others finite."""
+    return _OneInfinite(input_shape, num_classes)

@@ -7,13 +7,17 @@ import json
 import os
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
+from flwr.app import ArrayRecord
 from torch import Tensor, nn
 
 from fedleak.config import ConfigError, parse_flat
-from fedleak.models import ModelSpec
+from fedleak.models import ModelSpec, build_model
 from fedleak.models.fitness import unfit_reason
+from fedleak.runtime import federated_data, model_spec
+from fedleak.server.build import EvaluationFailed, GlobalEvaluation
 from fedleak.server.validate import validate_components
 from fedleak.simulations.cli import main
 
@@ -187,26 +191,56 @@ def test_a_model_with_scores_that_are_not_finite_is_refused_for_that(
     monkeypatch: pytest.MonkeyPatch, share: str
 ) -> None:
     """A NaN model was refused as one that mixes its batch's samples (NaN equals nothing), and
-    under batch sharing it ran to DONE with NaN loss and accuracy in every round (audit EX4)."""
-    monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent))
-    flat = {"model.name": "plugin_models:nan_net", "attack.names": "ig", "threat.share": share}
+    under batch sharing it ran to DONE with NaN loss and accuracy in every round (audit EX4);
+    a model NaN in training only, under batch sharing, too, blaming the learning rate (EY2)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    flat = {"attack.names": "ig", "threat.share": share, "train.batch-size": 4}
+    for model, given in (("nan_net", "one input"), ("one_infinite_net", "one input")):
+        with pytest.raises(
+            ConfigError,
+            match=rf"^model.name='plugin_models:{model}': outputs NaN or infinite scores for "
+            rf"{given} of shape \(1, 1, 28, 28\); expected finite scores$",
+        ):
+            validate_components(parse_flat({**flat, "model.name": f"plugin_models:{model}"}))
+    # Finite in evaluation, NaN in training: the training probe says so, whatever is shared.
     with pytest.raises(
         ConfigError,
-        match=r"^model.name='plugin_models:nan_net': outputs NaN or infinite scores for one "
-        r"input of shape \(1, 1, 28, 28\); expected finite scores$",
+        match=r"^model.name='plugin_models:nan_in_training_net': outputs NaN or infinite "
+        r"scores in a training-mode forward on a batch of 4 random inputs \(train.batch-size=4\)",
     ):
-        validate_components(parse_flat(flat))
-    # Finite in evaluation, NaN in training: the per-sample probe trains it and says so.
-    trained = {**flat, "model.name": "plugin_models:nan_in_training_net"}
-    with pytest.raises(ConfigError, match=r"outputs NaN or infinite scores in a training-mode"):
-        validate_components(parse_flat({**trained, "threat.share": "per-sample"}))
+        validate_components(parse_flat({**flat, "model.name": "plugin_models:nan_in_training_net"}))
+    # NaN on a batch of one only: refused at the clients' batch of one, accepted at two.
+    standardised = {**flat, "model.name": "plugin_models:batch_std_net"}
+    if share == "batch":
+        with pytest.raises(
+            ConfigError, match=r"on a batch of 1 random inputs \(train.batch-size=1"
+        ):
+            validate_components(parse_flat({**standardised, "train.batch-size": 1}))
+        validate_components(parse_flat({**standardised, "train.batch-size": 2}))
+
+
+def test_an_evaluation_that_exits_names_the_model_and_the_round() -> None:
+    """A forward calling sys.exit() in the evaluation ends no run unexplained."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(Path(__file__).parent))
+        config = parse_flat({"model.name": "plugin_models:exiting_net"})
+        fd = federated_data(config, 1)
+        spec = model_spec(config, fd)
+        evaluation = GlobalEvaluation(spec, fd, torch.device("cpu"))
+        with pytest.raises(
+            EvaluationFailed,
+            match=r"^model.name='plugin_models:exiting_net': evaluating round 4's global model "
+            r"on the held-out split failed \(SystemExit: batch too big, bye\)$",
+        ):
+            evaluation(4, ArrayRecord(build_model(spec).state_dict()))
 
 
 def test_a_forward_that_fails_in_the_servers_evaluation_is_named_as_the_models(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The start-up probes take one and two inputs, the evaluation 256: the failure read as
-    "Flower's simulation engine stopped (RuntimeError: ...)" (audit EX5)."""
+    "Flower's simulation engine stopped (RuntimeError: ...)" (audit EX5). Here in a resumed
+    run, whose round is counted from the run's first (it read "round 0", audit EY3)."""
     here = str(Path(__file__).parent)
     out = tmp_path / "run"
     args = ["run", "quickstart", "--out", str(out), "--num-clients", "2"]
@@ -214,7 +248,6 @@ def test_a_forward_that_fails_in_the_servers_evaluation_is_named_as_the_models(
         "model.name": "plugin_models:small_batch_net",
         "threat.share": "batch",
         "train.batch-size": 2,
-        "num-server-rounds": 1,
         "attack.names": "none",
     }.items():
         args += ["--set", f"{key}={value}"]
@@ -223,12 +256,18 @@ def test_a_forward_that_fails_in_the_servers_evaluation_is_named_as_the_models(
             "PYTHONPATH", os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
         )
         patch.syspath_prepend(here)
-        assert main(args) == 1
+        patch.setenv("FEDLEAK_TEST_SMALL_BATCHES", "0")  # the first round evaluates
+        assert main([*args, "--set", "num-server-rounds=1"]) == 0
+        patch.delenv("FEDLEAK_TEST_SMALL_BATCHES")
+        resume = ["--set", "num-server-rounds=2", "--set", "sim.resume=true"]
+        assert main([*args, *resume]) == 1
     expected = (
-        "model.name='plugin_models:small_batch_net': evaluating round 0's global model on the "
+        "model.name='plugin_models:small_batch_net': evaluating round 1's global model on the "
         "held-out split failed (RuntimeError: batch too big for my buffer)"
     )
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"fedleak: run failed: {out}: {expected}"
     )
     assert json.loads((out / "FAILED").read_text())["reason"] == expected
+    assert not (out / "DONE").exists()
+    assert pd.read_csv(out / "utility.csv")["round"].tolist() == [0, 1]  # kept

@@ -23,11 +23,16 @@ _TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
 
 
 def unfit_reason(
-    model: nn.Module, spec: ModelSpec, per_sample: bool, remedy: str = "threat.share='batch'"
+    model: nn.Module,
+    spec: ModelSpec,
+    per_sample: bool,
+    remedy: str = "threat.share='batch'",
+    batch_size: int = 2,
 ) -> str | None:
     """Why a study cannot measure `model` as built from `spec`, or None. `per_sample`: the
     clients share (or their defense works on) per-sample gradients; `remedy`: the settings
-    change that would spare them, named in the refusal beside another model."""
+    change that would spare them, named in the refusal beside another model; `batch_size`:
+    the clients' (train.batch-size), which a training-mode forward is tried on."""
     frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
     if frozen:
         return (
@@ -47,6 +52,9 @@ def unfit_reason(
     random = random_in_training(model)
     if random is not None:
         return random
+    trained = _training_forward(model, spec, batch_size)
+    if trained is not None:
+        return trained
     if per_sample:
         return _coupling(model, spec, remedy)
     return None
@@ -69,15 +77,38 @@ def random_in_training(model: nn.Module) -> str | None:
     return None
 
 
+def _random_inputs(spec: ModelSpec, count: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    if len(spec.input_shape) == 1:  # token ids
+        return torch.randint(0, spec.num_classes, (count, *spec.input_shape), generator=generator)
+    return torch.rand((count, *spec.input_shape), generator=generator)
+
+
+def _training_forward(model: nn.Module, spec: ModelSpec, batch_size: int) -> str | None:
+    """Why a training-mode forward on a client's batch fails or scores NaN (a statistic of a
+    batch of one, say), or None: every client's update would be NaN, and the run blamed the
+    learning rate. Batches above 16 are tried at 16, which costs less and fails alike."""
+    count = min(batch_size, 16)
+    probe = copy.deepcopy(model).train()
+    # The user's forward: its failure, an exit included, is the model's reason, not fedleak's.
+    try:
+        with torch.no_grad():
+            scores = probe(_random_inputs(spec, count))
+    except (Exception, SystemExit) as error:
+        return f"fails in a training-mode forward on random inputs ({error_line(error)})"
+    if isinstance(scores, torch.Tensor) and not bool(torch.isfinite(scores).all()):
+        return (
+            "outputs NaN or infinite scores in a training-mode forward on a batch of "
+            f"{count} random inputs (train.batch-size={batch_size}); expected finite scores"
+        )
+    return None
+
+
 def _coupling(model: nn.Module, spec: ModelSpec, remedy: str) -> str | None:
     """Samples that meet in a training-mode forward (a batch mean, a branch on a batch
     statistic), or buffers that the forward changes: a per-sample update carries neither."""
     probe = copy.deepcopy(model).train()
-    generator = torch.Generator().manual_seed(0)
-    if len(spec.input_shape) == 1:  # token ids
-        x = torch.randint(0, spec.num_classes, (2, *spec.input_shape), generator=generator)
-    else:
-        x = torch.rand((2, *spec.input_shape), generator=generator)
+    x = _random_inputs(spec, 2)
     before = {name: b.clone() for name, b in probe.named_buffers()}
     # The user's forward: its failure, an exit included, is the model's reason, not fedleak's.
     try:

@@ -269,9 +269,11 @@ class CuriousStrategy(Strategy):
         The runner is closed however the loop ends (a stop request, a failure)."""
 
         def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-            metrics = evaluate_fn(server_round, arrays) if evaluate_fn is not None else None
+            # Counted from the run's first round, as the records are (a resumed run's too).
+            counted = server_round + self.round_offset
+            metrics = evaluate_fn(counted, arrays) if evaluate_fn is not None else None
             if server_round > 0 or self.round_offset == 0:
-                self.end_round(server_round + self.round_offset, arrays, metrics)
+                self.end_round(counted, arrays, metrics)
             return metrics
 
         self._timeout = timeout

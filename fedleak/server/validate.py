@@ -780,7 +780,8 @@ def validate_components(config: RunConfig) -> None:
     causes = ["threat.share='batch'"] if config.threat.share == "per-sample" else []
     if pipeline.needs_per_sample:
         causes.append(f"a defense.spec without per-sample clipping (not {config.defense.spec!r})")
-    reason = unfit_reason(model, spec, per_sample, " and ".join(causes) or "threat.share='batch'")
+    remedy = " and ".join(causes) or "threat.share='batch'"
+    reason = unfit_reason(model, spec, per_sample, remedy, config.train.batch_size)
     if reason is not None:
         raise ConfigError(f"model.name={config.model.name!r}: {reason}")
 
