@@ -22,6 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import run_main
+
 from fedleak.report.build import build_report
 from fedleak.report.collect import load_study
 from fedleak.report.verdict import headline, setting_verdicts
@@ -102,4 +105,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

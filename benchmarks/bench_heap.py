@@ -32,6 +32,7 @@ from timing import (
     Ratio,
     Reading,
     clock,
+    difference,
     interleave,
     machine,
     positive,
@@ -66,10 +67,10 @@ def one_process(targets: int) -> dict[str, float]:
     before = resource.getrusage(resource.RUSAGE_SELF)
     short, long = run(SHORT), run(LONG)
     after = resource.getrusage(resource.RUSAGE_SELF)
-    units = (LONG - SHORT) * targets
+    per_unit = difference(short, long, (LONG - SHORT) * targets)
     return {
-        "wall": (long.wall - short.wall) / units,
-        "cpu": (long.cpu - short.cpu) / units,
+        "wall": per_unit.wall,
+        "cpu": per_unit.cpu,
         "kernel": after.ru_stime - before.ru_stime,
         "process": (after.ru_stime + after.ru_utime) - (before.ru_stime + before.ru_utime),
         "faults": (after.ru_minflt - before.ru_minflt) / ((LONG + SHORT) * targets),

@@ -28,18 +28,32 @@ def samples(path: Path) -> list[tuple[float, float, float]]:
 
 
 def windows(path: Path) -> dict[str, tuple[float, float]]:
-    """Benchmark name -> (start, end) from `NAME start|end SECONDS` lines."""
+    """Benchmark name -> (start, end) from `NAME start|end SECONDS` lines; a line cut when the
+    session stopped, and a benchmark without both marks, are left out."""
     marks: dict[str, dict[str, float]] = {}
     for line in path.read_text().splitlines():
-        name, what, seconds = line.split()
-        marks.setdefault(name, {})[what] = float(seconds)
+        parts = line.split()
+        if len(parts) != 3 or parts[1] not in ("start", "end"):
+            continue
+        try:
+            marks.setdefault(parts[0], {})[parts[1]] = float(parts[2])
+        except ValueError:
+            continue
     return {name: (m["start"], m["end"]) for name, m in marks.items() if len(m) == 2}
 
 
-def main(util: str, marks: str) -> None:
-    rows = samples(Path(util))
+def main(arguments: list[str]) -> int:
+    if len(arguments) != 2:
+        print("usage: gpu_utilisation.py UTIL_CSV MARKS_TXT", file=sys.stderr)
+        return 2
+    util, marks = (Path(argument) for argument in arguments)
+    for path in (util, marks):
+        if not path.is_file():
+            print(f"gpu_utilisation: error: {path}: no such file", file=sys.stderr)
+            return 2
+    rows = samples(util)
     print("GPU utilisation per benchmark (nvidia-smi, 200 ms samples)")
-    for name, (start, end) in windows(Path(marks)).items():
+    for name, (start, end) in windows(marks).items():
         inside = [(u, m) for t, u, m in rows if start <= t <= end]
         if not inside:
             print(f"  {name}: no samples")
@@ -53,4 +67,4 @@ def main(util: str, marks: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    sys.exit(main(sys.argv[1:]))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import math
 import os
 import platform
@@ -254,27 +255,40 @@ def per_unit(run: Callable[[int], Reading], short: int, long: int) -> Callable[[
         raise ValueError(f"short={short}, long={long}: need 0 < short < long")
 
     def measure() -> Reading:
-        first = run(short)
-        second = run(long)
-        wall = (second.wall - first.wall) / (long - short)
-        cpu = (second.cpu - first.cpu) / (long - short)
-        # CPU time cannot outrun wall time times the threads that spend it: a wall difference
-        # below that is a short run slowed by load, not a fast long one (2.2 ms wall beside
-        # 3.6 ms of CPU on one thread was printed as a minimum, audit EE6).
-        if cpu > MAX_CPU_PER_WALL * torch.get_num_threads() * wall:
-            wall = math.nan
-        return Reading(wall if wall > 0 else math.nan, cpu if cpu > 0 else math.nan)
+        return difference(run(short), run(long), long - short)
 
     return measure
 
 
+def difference(short: Reading, long: Reading, units: float) -> Reading:
+    """Seconds per unit from a short and a long run of `units` more; NaN on a clock where the
+    difference is not positive, and on the wall clock where it is below the CPU time per
+    thread: CPU time cannot outrun wall time times the threads that spend it, so that is a
+    short run slowed by load, not a fast long one (2.2 ms wall beside 3.6 ms of CPU on one
+    thread was printed as a minimum, audit EE6; bench_heap took its own difference, EZ1)."""
+    wall = (long.wall - short.wall) / units
+    cpu = (long.cpu - short.cpu) / units
+    if cpu > MAX_CPU_PER_WALL * torch.get_num_threads() * wall:
+        wall = math.nan
+    return Reading(wall if wall > 0 else math.nan, cpu if cpu > 0 else math.nan)
+
+
 def clock(work: Callable[[], object]) -> Reading:
-    """Run `work` once (CUDA work synchronised) and read both clocks."""
+    """Run `work` once (CUDA work synchronised) and read both clocks. Python's cyclic garbage
+    collector is off meanwhile, as in `timeit`: allocation is deterministic, so a collection
+    of 0.1-0.2 s fell in the same round of every run and refused the ratios of 40 ms calls
+    (audit EZ2)."""
     sync()
-    wall, cpu = time.perf_counter(), time.process_time()
-    work()
-    sync()
-    return Reading(time.perf_counter() - wall, time.process_time() - cpu)
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        wall, cpu = time.perf_counter(), time.process_time()
+        work()
+        sync()
+        return Reading(time.perf_counter() - wall, time.process_time() - cpu)
+    finally:
+        if collecting:
+            gc.enable()
 
 
 def timed(work: Callable[[], object], repeat: int = 1) -> Callable[[], Reading]:
