@@ -475,6 +475,11 @@ def test_losses_behave_as_documented():
     assert tanh_mean(per_sample, 1.0)[0].abs().max() <= 1.0
     flat = torch.full((2, 1, 1, 5, 5), 0.3)
     assert torch.equal(total_variation(flat), torch.zeros(2))
+    # An axis of one pixel has no neighbours: the other axis alone (it was NaN, audit FB1).
+    row = torch.tensor([0.0, 1.0, 0.0, 0.5]).reshape(1, 1, 1, 1, 4).repeat(2, 1, 1, 1, 1)
+    assert torch.allclose(total_variation(row), torch.full((2,), 2.5 / 3))
+    assert torch.allclose(total_variation(row.transpose(-1, -2)), torch.full((2,), 2.5 / 3))
+    assert torch.equal(total_variation(torch.ones(2, 1, 1, 1, 1)), torch.zeros(2))
 
 
 def _cosine_by_autograd(d: list[torch.Tensor], t: list[torch.Tensor]) -> torch.Tensor:
@@ -503,6 +508,8 @@ def test_cosine_and_tv_gradients_are_autograds():
     assert torch.autograd.gradcheck(lambda *u: cosine_distance(u[:2], u[2:], masks), (*d, *t))
     x = torch.randn(2, 3, 1, 5, 6, generator=g, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(total_variation, (x,))
+    for thin in (x[..., :1, :], x[..., :1], x[..., :1, :1]):  # one row, one column, one pixel
+        assert torch.autograd.gradcheck(total_variation, (thin.detach().requires_grad_(),))
     assert torch.autograd.gradcheck(lambda v: total_variation(v, absolute=True), (x,))
     images = torch.rand(4, 2, 3, 8, 8, generator=g, requires_grad=True)
     dummy = [torch.randn(4, 6, generator=g, requires_grad=True), torch.randn(4, 3, 3, generator=g)]
@@ -679,3 +686,20 @@ def test_convergence_is_not_judged_on_a_sign_hinge(mnist):
     cosine = run("ig", observation, knowledge, 10, {"adaptive": False})
     assert "convergence not judged" not in cosine.message
     assert cosine.loss_start is not None and cosine.loss_final is not None
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 40), (1, 40, 1)])
+def test_ig_inverts_images_one_pixel_high_or_wide(shape: tuple[int, ...]) -> None:
+    """A signal stored as a 1 x L image: TV was NaN there, its zeroed gradient left IG at its
+    random start for any budget, and the row said `ok` (5.4 dB at 10 and at 300 iterations,
+    audit FB1)."""
+    import fedleak
+
+    torch.manual_seed(0)
+    x, y = torch.rand(1, *shape), torch.tensor([1])
+    model = fedleak.build_model(fedleak.ModelSpec("mlp", shape, 2))
+    grads = torch.autograd.grad(torch.nn.functional.cross_entropy(model(x), y), model.parameters())
+    observation = fedleak.observe(model, grads, input_shape=shape, num_examples=1)
+    result = fedleak.reconstruct(fedleak.build_attack("ig"), observation, max_iterations=300)
+    assert result.status == "ok"
+    assert fedleak.score(result, x, y).summary()["psnr"] > 30.0

@@ -145,13 +145,16 @@ def total_variation(x: Tensor, absolute: bool = False) -> Tensor:
 
 
 class _TotalVariation(torch.autograd.Function):
-    """IG's TV with its gradient written out, for the same reason as `_Cosine`."""
+    """IG's TV with its gradient written out, for the same reason as `_Cosine`. An axis of one
+    pixel (images one row high, a signal stored as 1 x L) has no neighbours and adds nothing:
+    the mean over no differences was NaN, whose zeroed gradient left IG at its random start,
+    reported `ok` (audit FB1)."""
 
     @staticmethod
     def forward(ctx: FunctionCtx, x: Tensor) -> Tensor:
         dh, dw = torch.diff(x, dim=-2), torch.diff(x, dim=-1)
         ctx.save_for_backward(torch.sign(dh), torch.sign(dw))
-        return dh.abs().flatten(1).mean(dim=1) + dw.abs().flatten(1).mean(dim=1)
+        return _mean_absolute(dh) + _mean_absolute(dw)
 
     @staticmethod
     @once_differentiable
@@ -162,9 +165,16 @@ class _TotalVariation(torch.autograd.Function):
         along_h = padded_h[..., :-1, :] - padded_h[..., 1:, :]
         along_w = padded_w[..., :-1] - padded_w[..., 1:]
         per_problem = (-1,) + (1,) * (sign_h.dim() - 1)
-        scale_h = (grad / sign_h[0].numel()).reshape(per_problem)
-        scale_w = (grad / sign_w[0].numel()).reshape(per_problem)
+        scale_h = (grad / max(1, sign_h[0].numel())).reshape(per_problem)
+        scale_w = (grad / max(1, sign_w[0].numel())).reshape(per_problem)
         return torch.addcmul(along_h * scale_h, along_w, scale_w)
+
+
+def _mean_absolute(differences: Tensor) -> Tensor:
+    """Each problem's mean |difference|, 0 where an axis of one pixel has none."""
+    if differences[0].numel() == 0:
+        return differences.new_zeros(len(differences))
+    return differences.abs().flatten(1).mean(dim=1)
 
 
 def batchnorm_prior(
