@@ -71,17 +71,18 @@ def test_image_metrics_reject_mismatched_shapes() -> None:
 # --- SSIM --------------------------------------------------------------------------------------
 
 
-def _ssim_direct(x: np.ndarray, y: np.ndarray, size: int = 11) -> float:
-    """Wang et al.'s SSIM written out position by position (one channel, a `size` x `size`
-    Gaussian window centred on its middle pixel, sigma 1.5)."""
-    ax = np.arange(size) - (size - 1) / 2
-    window = np.exp(-(ax[:, None] ** 2 + ax[None, :] ** 2) / (2 * 1.5**2))
+def _ssim_direct(x: np.ndarray, y: np.ndarray, size: int = 11, width: int = 0) -> float:
+    """Wang et al.'s SSIM written out position by position (one channel, a `size` x `width`
+    Gaussian window, square by default, centred on its middle pixel, sigma 1.5)."""
+    width = width or size
+    along_h, along_w = np.arange(size) - (size - 1) / 2, np.arange(width) - (width - 1) / 2
+    window = np.exp(-(along_h[:, None] ** 2 + along_w[None, :] ** 2) / (2 * 1.5**2))
     window /= window.sum()
     c1, c2 = 0.01**2, 0.03**2
     values = []
     for i in range(x.shape[0] - size + 1):
-        for j in range(x.shape[1] - size + 1):
-            px, py = x[i : i + size, j : j + size], y[i : i + size, j : j + size]
+        for j in range(x.shape[1] - width + 1):
+            px, py = x[i : i + size, j : j + width], y[i : i + size, j : j + width]
             mx, my = (window * px).sum(), (window * py).sum()
             vx = (window * (px - mx) ** 2).sum()
             vy = (window * (py - my) ** 2).sum()
@@ -123,6 +124,18 @@ def test_ssim_tiny_images_shrink_the_window() -> None:
     x = _images(3, (1, 8, 8))
     assert torch.allclose(ssim(x, x), torch.ones(3), atol=1e-6)
     assert (ssim(x, 1 - x) < 0.5).all()
+
+
+def test_ssim_fits_its_window_to_each_side() -> None:
+    """A square window that fitted both sides of a 1 x 40 image was 1 x 1: no contrast or
+    structure term, and unrelated noise scored about 0.7 (audit FB2)."""
+    for shape, window in (((1, 1, 40), (1, 11)), ((1, 40, 1), (11, 1)), ((1, 8, 30), (7, 11))):
+        x = _images(1, shape)
+        y = (x + 0.15 * _images(1, shape, seed=1)).clamp(0, 1)
+        expected = _ssim_direct(x[0, 0].double().numpy(), y[0, 0].double().numpy(), *window)
+        assert ssim(x, y).item() == pytest.approx(expected, abs=1e-6), shape
+        unrelated = _images(1, shape, seed=2)
+        assert ssim(x, unrelated).item() < 0.3, shape
     assert ssim(x[:0], x[:0]).shape == (0,)  # no pairs: no scores, as the other metrics
 
 

@@ -62,18 +62,19 @@ def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> torch.Ten
 
     Gaussian window 11x11 with sigma 1.5, K1 = 0.01, K2 = 0.03, computed per channel over the
     valid region (no padding, as in the authors' reference code), then the mean over channels
-    and positions. Images smaller than 11 px use the largest odd window that fits. Computed in
-    float64, so SSIM(x, x) is 1 to rounding.
+    and positions. Along a side shorter than 11 px the window is the largest odd length that
+    fits: a 1 x L image gets a 1 x 11 window (a square window that fitted both sides was 1 x 1
+    there, which scored unrelated noise about 0.7, audit FB2). Computed in float64, so SSIM(x,
+    x) is 1 to rounding.
     """
     _check_pair(a, b, min_dims=4)
     batch, _, height, width = a.shape
     if batch == 0:  # as the other metrics: no pairs, no scores
         return torch.zeros(0)
-    size = min(SSIM_WINDOW, height - (1 - height % 2), width - (1 - width % 2))
     # The 2D Gaussian is separable: filter columns then rows, each as one float64 matmul with
     # a banded matrix (much faster on the CPU than a float64 depthwise convolution).
-    rows = _gaussian_band(height, size, a.device)
-    cols = _gaussian_band(width, size, a.device)
+    rows = _gaussian_band(height, min(SSIM_WINDOW, height - (1 - height % 2)), a.device)
+    cols = _gaussian_band(width, min(SSIM_WINDOW, width - (1 - width % 2)), a.device)
     x, y = a.double(), b.double()
     # The five local moments in one pass, stacked along the batch dimension.
     moments = rows @ torch.cat([x, y, x * x, y * y, x * y]) @ cols.T
