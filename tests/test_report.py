@@ -1245,6 +1245,30 @@ def test_a_gallery_of_narrow_images_leaves_each_caption_its_column() -> None:
     assert column >= caption > 12 * 6  # wider than the enlarged tile
 
 
+def test_a_gallery_of_thin_images_keeps_its_labels_apart() -> None:
+    """1 x 40 signals were 3 px rows, and the "private" and attack labels centred on them were
+    drawn over each other (audit FB3)."""
+    from fedleak.report.gallery import _LINE, TILE_PIXELS, Sample, gallery_figure, tile_scale
+
+    assert tile_scale(28, 28) == 4 and tile_scale(32, 32) == 4  # square tiles as before
+    assert tile_scale(20, 36) == 4
+    assert (tile_scale(1, 40), tile_scale(40, 1)) == (11, 11)  # 11 x 440
+    assert tile_scale(1, 2000) == 1  # too long to enlarge: the row is a label high anyway
+    assert tile_scale(2, 300) * 300 <= 4 * TILE_PIXELS
+    heights = []
+    for shape in ((1, 40, 3), (1, 2000, 3)):
+        thin = np.zeros(shape, dtype=np.uint8)
+        samples = [Sample(thin, thin, 20.0, 0.1, 1, 0, False)]
+        with Image.open(io.BytesIO(gallery_figure({"ig": [("a", samples[0])]}, "LPIPS"))) as im:
+            heights.append(im.height)
+    # Two rows (private, reconstruction) each at least a label high: 11 px tiles lie in them.
+    assert heights[0] == heights[1]
+    square = np.zeros((28, 28, 3), dtype=np.uint8)
+    sample = Sample(square, square, 20.0, 0.1, 1, 0, False)
+    with Image.open(io.BytesIO(gallery_figure({"ig": [("a", sample)]}, "LPIPS"))) as image:
+        assert image.height - heights[0] == 2 * (28 * 4 - _LINE)
+
+
 def test_a_verdict_without_lpips_compares_with_the_floor_by_psnr(tmp_path: Path) -> None:
     """With metrics.lpips-nets = "none" the floor was dropped (it needed LPIPS), an attack
     below it was called the leader, and "(success not decidable: ...)" was spliced into

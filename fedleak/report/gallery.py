@@ -177,6 +177,15 @@ def _font(size: int, bold: bool = False) -> ImageFont.FreeTypeFont | ImageFont.I
         return ImageFont.load_default(size=size)
 
 
+def tile_scale(height: int, width: int) -> int:
+    """The whole factor a tile is enlarged by: its longer side to at least TILE_PIXELS, and its
+    shorter side to a label's height where the longer one stays within 4 x TILE_PIXELS (a
+    1 x 40 signal: 11 x 440 pixels, not 3 x 120)."""
+    longer, shorter = max(height, width), min(height, width)
+    readable = min(math.ceil(_LINE / shorter), 4 * TILE_PIXELS // longer)
+    return max(1, math.ceil(TILE_PIXELS / longer), readable)
+
+
 def _enlarge(tile: np.ndarray, scale: int) -> Image.Image:
     image = Image.fromarray(tile)
     return image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
@@ -189,13 +198,15 @@ def gallery_figure(by_attack: dict[str, list[tuple[str, Sample]]], metric_label:
     `metric_label` under each reconstruction (red: not converged)."""
     attacks = [a for a, chosen in by_attack.items() if chosen]
     tile_h, tile_w = by_attack[attacks[0]][0][1].truth.shape[:2]
-    scale = max(1, math.ceil(TILE_PIXELS / max(tile_h, tile_w)))
+    scale = tile_scale(tile_h, tile_w)
     cell_w, cell_h = tile_w * scale, tile_h * scale
+    # A row at least a label high: the labels of 3 px rows of 1 x 40 tiles overlapped (FB3).
+    row_h = max(cell_h, _LINE)
     columns = max(len(by_attack[a]) for a in attacks)
     # Tiles pooled from several seeds' runs say which (the same round and client recur).
     seeds = {sample.seed for a in attacks for _, sample in by_attack[a]}
     heading = 3 if len(seeds) > 1 else 2
-    block_h = heading * _LINE + 4 + cell_h + 6 + cell_h + 3 * _LINE + 8 + _GAP
+    block_h = heading * _LINE + 4 + row_h + 6 + row_h + 3 * _LINE + 8 + _GAP
     small, bold = _font(12), _font(14, bold=True)
     # A column as wide as its longest caption: narrow images' captions ran into the next tile.
     captions = [
@@ -211,9 +222,9 @@ def gallery_figure(by_attack: dict[str, list[tuple[str, Sample]]], metric_label:
     for i, attack in enumerate(attacks):
         top = i * block_h
         truth_y = top + heading * _LINE + 4
-        recon_y = truth_y + cell_h + 6
-        draw.text((8, truth_y + cell_h // 2), "private", font=bold, fill=_INK, anchor="lm")
-        draw.text((8, recon_y + cell_h // 2), attack, font=bold, fill=_INK, anchor="lm")
+        recon_y = truth_y + row_h + 6
+        draw.text((8, truth_y + row_h // 2), "private", font=bold, fill=_INK, anchor="lm")
+        draw.text((8, recon_y + row_h // 2), attack, font=bold, fill=_INK, anchor="lm")
         for j, (label, sample) in enumerate(by_attack[attack]):
             x = _LABEL_WIDTH + j * (column_w + _GAP)
             draw.text((x, top), label, font=_font(12, bold=True), fill=_INK)
@@ -225,11 +236,12 @@ def gallery_figure(by_attack: dict[str, list[tuple[str, Sample]]], metric_label:
             )
             if len(seeds) > 1:
                 draw.text((x, top + 2 * _LINE), f"seed {sample.seed}", font=small, fill=_INK)
-            canvas.paste(_enlarge(sample.truth, scale), (x, truth_y))
-            canvas.paste(_enlarge(sample.reconstruction, scale), (x, recon_y))
+            inset = (row_h - cell_h) // 2
+            canvas.paste(_enlarge(sample.truth, scale), (x, truth_y + inset))
+            canvas.paste(_enlarge(sample.reconstruction, scale), (x, recon_y + inset))
             lpips = f"{sample.lpips:.3f}" if math.isfinite(sample.lpips) else "–"
             color = _ALERT if sample.not_converged else _INK
-            below = recon_y + cell_h + 3
+            below = recon_y + row_h + 3
             draw.text((x, below), f"PSNR {sample.psnr:.1f} dB", font=small, fill=color)
             draw.text((x, below + _LINE), f"{metric_label} {lpips}", font=small, fill=color)
             if sample.not_converged:  # its own line: beside the score it ran into the next tile
