@@ -15,7 +15,7 @@ from pathlib import Path
 def samples(path: Path) -> list[tuple[float, float, float]]:
     """(seconds since the epoch, utilisation %, memory MiB) per nvidia-smi line."""
     rows = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(errors="replace").splitlines():
         parts = [p.strip() for p in line.split(",")]
         if len(parts) != 3:
             continue
@@ -31,7 +31,7 @@ def windows(path: Path) -> dict[str, tuple[float, float]]:
     """Benchmark name -> (start, end) from `NAME start|end SECONDS` lines; a line cut when the
     session stopped, and a benchmark without both marks, are left out."""
     marks: dict[str, dict[str, float]] = {}
-    for line in path.read_text().splitlines():
+    for line in path.read_text(errors="replace").splitlines():
         parts = line.split()
         if len(parts) != 3 or parts[1] not in ("start", "end"):
             continue
@@ -49,7 +49,8 @@ def main(arguments: list[str]) -> int:
     util, marks = (Path(argument) for argument in arguments)
     for path in (util, marks):
         if not path.is_file():
-            print(f"gpu_utilisation: error: {path}: no such file", file=sys.stderr)
+            why = "not a file" if path.exists() else "no such file"
+            print(f"gpu_utilisation: error: {path}: {why}", file=sys.stderr)
             return 2
     rows = samples(util)
     print("GPU utilisation per benchmark (nvidia-smi, 200 ms samples)")

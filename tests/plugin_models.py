@@ -98,24 +98,31 @@ def double_net(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
 
 
 class _NotFinite(nn.Module):
-    def __init__(self, input_shape: tuple[int, ...], num_classes: int, *, always: bool) -> None:
+    def __init__(
+        self, input_shape: tuple[int, ...], num_classes: int, *, always: bool, value: float
+    ) -> None:
         super().__init__()
         self.linear = nn.Linear(math.prod(input_shape), num_classes)
-        self.always = always
+        self.always, self.value = always, value
 
     def forward(self, x: Tensor) -> Tensor:
         scores = self.linear(x.flatten(1))
-        return scores * math.nan if self.always or self.training else scores
+        return scores + self.value if self.always or self.training else scores
 
 
 def nan_net(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """A classifier whose every score is NaN."""
-    return _NotFinite(input_shape, num_classes, always=True)
+    return _NotFinite(input_shape, num_classes, always=True, value=math.nan)
 
 
 def nan_in_training_net(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """A classifier whose scores are NaN in training mode only."""
-    return _NotFinite(input_shape, num_classes, always=False)
+    return _NotFinite(input_shape, num_classes, always=False, value=math.nan)
+
+
+def inf_in_training_net(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """A classifier whose scores are +inf in training mode only."""
+    return _NotFinite(input_shape, num_classes, always=False, value=math.inf)
 
 
 class _SmallBatches(nn.Module):

@@ -144,6 +144,7 @@ def test_a_garbage_collection_falls_outside_every_measured_call():
         ("bench_demo.py", ["--out", __file__], "bench_demo: error: RunDirectoryError: "),
         ("gpu_utilisation.py", [], "usage: gpu_utilisation.py UTIL_CSV MARKS_TXT"),
         ("gpu_utilisation.py", ["/nowhere/u.csv", __file__], "error: /nowhere/u.csv: no such"),
+        ("gpu_utilisation.py", ["/", __file__], "gpu_utilisation: error: /: not a file"),
     ],
 )
 def test_odd_arguments_are_refused_in_one_line_before_any_work(script, argv, says):
@@ -216,8 +217,10 @@ def test_gpu_utilisation_groups_nvidia_smi_samples_by_benchmark(
     start = module.datetime(2026, 12, 2, 10, 0, 0, 500000).timestamp()
     marks = tmp_path / "marks.txt"
     marks.write_text(
-        f"attacks start {start}\nattacks end {start + 2}\nlti start {start + 5}\nlti en"
-    )  # the last line cut when the session stopped (a traceback, audit EZ4)
+        f"attacks start {start}\nattacks end {start + 2}\nlti start {start + 5}\n"
+        f"lti begin {start + 6}\nlti en"
+    )  # a mark of another kind, and the last line cut when the session stopped (EZ4, FA2)
+    util.write_bytes(util.read_bytes() + b"\n\xff\xfe binary\n")  # not UTF-8 (audit FA1)
     assert module.main([str(util), str(marks)]) is None
     out = capsys.readouterr().out
     assert "attacks: 2 s, 2 samples, utilisation mean 80% median 80% max 90%" in out

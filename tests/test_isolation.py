@@ -21,7 +21,7 @@ from fedleak.attacks.baseline import AuxMeanBaseline
 from fedleak.attacks.isolation import ObservationChanged
 from fedleak.attacks.types import AttackerKnowledge, Budget, Observation, Reconstruction
 from fedleak.models.spec import ModelSpec
-from fedleak.server.runner import AttackJob, InlineRunner
+from fedleak.server.runner import AttackJob, InlineRunner, run_job
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,6 +93,11 @@ def _reinterpret(tensors: dict[str, torch.Tensor]) -> None:
             r"observation\.weights\['0\.bias'\]",
         ),
         (lambda o, k: o.update.pop("0.bias"), r"observation\.update\['0\.bias'\]"),
+        # An equal copy in its place is another tensor in the strategy's dict all the same.
+        (
+            lambda o, k: o.weights.update({"0.bias": o.weights["0.bias"].clone()}),
+            r"observation\.weights\['0\.bias'\]",
+        ),
         (lambda o, k: _reinterpret(o.update), r"observation\.update\['0\.bias'\]"),
         # The auxiliary data: every later attack's, the floors' included (audit EY1).
         (lambda o, k: k.aux_inputs.mul_(0.0), r"knowledge\.aux_inputs"),
@@ -105,15 +110,22 @@ def test_an_attack_that_writes_into_what_it_reads_stops_the_run_naming_the_tenso
     """The inline runner hands attacks the strategy's global weights and every attack of a
     round the same observation: a write changed the global model (test loss 14.6 against
     14.2 after round 2) or the next attack's input, and the run went on to DONE (audit EX1)."""
-    for attack, observations, whose in [
-        (_Writes("writer", write), [_observation()], ""),
-        (_Writes("writer", write, raises=True), [_observation()], ""),  # no excuse
-        (_WritesInBatch("writer", write), [_observation(1), _observation(2)], "( .round 1.*)?"),
+    for attack, clients, whose in [
+        (_Writes("writer", write), [3], ""),
+        (_Writes("writer", write, raises=True), [3], ""),  # no excuse
+        (_WritesInBatch("writer", write), [1, 2], "( .round 1.*)?"),
+        (_WritesInBatch("writer", write, raises=True), [1, 2], "( .round 1.*)?"),
     ]:
         with pytest.raises(
             ObservationChanged, match=rf"^attack 'writer' wrote into {written}{whose}, "
         ):
-            _run(attack, observations)
+            _run(attack, [_observation(client) for client in clients])
+    # One job run alone, and the Python API, check their call the same way.
+    alone = AttackJob(0, "writer", _observation())
+    with pytest.raises(ObservationChanged, match=rf"^attack 'writer' wrote into {written}, "):
+        run_job(alone, _Writes("writer", write), _knowledge(), Budget(4, 5.0))
+    with pytest.raises(ObservationChanged, match=rf"^attack 'writer' wrote into {written}, "):
+        fedleak.reconstruct(_Writes("writer", write), _observation(), attacker=_knowledge())
     # Reading it, an in-place write of the same bits, or a copy changed are fine.
     harmless = [
         lambda o, k: o.weights["0.weight"].mul_(1.0),

@@ -202,13 +202,18 @@ def test_a_model_with_scores_that_are_not_finite_is_refused_for_that(
             rf"{given} of shape \(1, 1, 28, 28\); expected finite scores$",
         ):
             validate_components(parse_flat({**flat, "model.name": f"plugin_models:{model}"}))
-    # Finite in evaluation, NaN in training: the training probe says so, whatever is shared.
-    with pytest.raises(
-        ConfigError,
-        match=r"^model.name='plugin_models:nan_in_training_net': outputs NaN or infinite "
-        r"scores in a training-mode forward on a batch of 4 random inputs \(train.batch-size=4\)",
-    ):
-        validate_components(parse_flat({**flat, "model.name": "plugin_models:nan_in_training_net"}))
+    # Finite in evaluation, NaN or inf in training: the training probe says so, whatever is
+    # shared.
+    for model in ("nan_in_training_net", "inf_in_training_net"):
+        with pytest.raises(
+            ConfigError,
+            match=rf"^model.name='plugin_models:{model}': outputs NaN or infinite scores in a "
+            r"training-mode forward on a batch of 4 random inputs \(train.batch-size=4\)",
+        ):
+            validate_components(parse_flat({**flat, "model.name": f"plugin_models:{model}"}))
+    # The probe takes at most 16 samples: a forward that refuses more is fine for the check.
+    small = {**flat, "model.name": "plugin_models:small_batch_net", "train.batch-size": 64}
+    validate_components(parse_flat(small))
     # NaN on a batch of one only: refused at the clients' batch of one, accepted at two.
     standardised = {**flat, "model.name": "plugin_models:batch_std_net"}
     if share == "batch":
