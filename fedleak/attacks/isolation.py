@@ -26,8 +26,9 @@ _TENSOR_FIELDS = ("weights", "update", "per_sample_updates", "bn_statistics")
 
 
 class ObservationChanged(RuntimeError):
-    """An attack wrote into the observation it was given: the run stops, since the global
-    model or a later attack's input may be what it changed."""
+    """An attack wrote into what it was given to read (an observation, or the attacker's
+    auxiliary data): the run stops, since the global model or a later attack's input may be
+    what it changed."""
 
 
 def call_seed(attacker_seed: int, attack: str, observations: Sequence[Observation]) -> int:
@@ -103,9 +104,9 @@ class ReadOnly:
 
 
 def _checksum(tensor: object) -> int:
-    """CRC-32 of a tensor's dtype, shape and bytes (3-4 GB/s here, against 1-2 GB/s for a
-    cryptographic hash: this guards against mistakes, not adversaries); 0 for a non-tensor,
-    which is compared by identity alone."""
+    """CRC-32 of a tensor's dtype, shape and bytes (about 4 GB/s on the CPU machine of
+    docs/performance.md, against 1-2 GB/s for a cryptographic hash: this guards against
+    mistakes, not adversaries); 0 for a non-tensor, which is compared by identity alone."""
     if not isinstance(tensor, torch.Tensor):
         return 0
     flat = tensor.detach().cpu().contiguous().reshape(-1)

@@ -85,9 +85,9 @@ def _random_inputs(spec: ModelSpec, count: int) -> torch.Tensor:
 
 
 def _training_forward(model: nn.Module, spec: ModelSpec, batch_size: int) -> str | None:
-    """Why a training-mode forward on a client's batch fails or scores NaN (a statistic of a
-    batch of one, say), or None: every client's update would be NaN, and the run blamed the
-    learning rate. Batches above 16 are tried at 16, which costs less and fails alike."""
+    """Why a training-mode forward on a client's batch fails or scores NaN or infinity (a
+    statistic of a batch of one, say), or None: every client's update would be NaN, and the
+    run blamed the learning rate. Batches above 16 are tried at 16, which costs less."""
     count = min(batch_size, 16)
     probe = copy.deepcopy(model).train()
     # The user's forward: its failure, an exit included, is the model's reason, not fedleak's.

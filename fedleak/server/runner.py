@@ -202,8 +202,8 @@ class InlineRunner:
     def submit(self, jobs: Sequence[AttackJob]) -> None:
         """Run every job now, each attack's jobs as one batch; results in submission order."""
         done = []
-        # Every call is checked against all of the round's observations: an attack that kept
-        # an earlier call's update could write into it, and every later attack reads it.
+        # Each attack's calls are checked against all of the round's observations: an attack
+        # that kept an earlier call's update could write into it, and every later attack reads it.
         read_only = ReadOnly([job.observation for job in jobs], self.knowledge)
         for batch in batches(jobs):
             attack = self.attacks[batch[0].attack]
