@@ -182,3 +182,11 @@ class _OneInfinite(nn.Module):
 def one_infinite_net(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """A classifier whose first class always scores +inf, the others finite."""
     return _OneInfinite(input_shape, num_classes)
+
+
+def batchnorm1d_net(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """An MLP with BatchNorm1d: its training forward fails on a batch of one sample."""
+    features = math.prod(input_shape)
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(features, 8), nn.BatchNorm1d(8), nn.Linear(8, num_classes)
+    )

@@ -224,6 +224,21 @@ def test_a_model_with_scores_that_are_not_finite_is_refused_for_that(
         validate_components(parse_flat({**standardised, "train.batch-size": 2}))
 
 
+def test_an_audited_apps_model_is_not_probed_at_a_batch_size_its_clients_do_not_use(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An audited app's clients train on batches of their own: a BatchNorm1d model, whose
+    training forward fails on one sample, is refused at fedleak's train.batch-size=1 only
+    where fedleak's clients train."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    flat = {"model.name": "plugin_models:batchnorm1d_net", "threat.share": "batch"}
+    config = parse_flat({**flat, "attack.names": "aux-mean", "train.batch-size": 1})
+    with pytest.raises(ConfigError, match=r"fails in a training-mode forward on random inputs"):
+        validate_components(config)
+    validate_components(config, own_clients=False)
+    validate_components(parse_flat({**flat, "attack.names": "aux-mean", "train.batch-size": 2}))
+
+
 def test_an_evaluation_that_exits_names_the_model_and_the_round() -> None:
     """A forward calling sys.exit() in the evaluation ends no run unexplained."""
     with pytest.MonkeyPatch.context() as patch:

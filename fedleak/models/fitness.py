@@ -27,12 +27,13 @@ def unfit_reason(
     spec: ModelSpec,
     per_sample: bool,
     remedy: str = "threat.share='batch'",
-    batch_size: int = 2,
+    batch_size: int | None = 2,
 ) -> str | None:
     """Why a study cannot measure `model` as built from `spec`, or None. `per_sample`: the
     clients share (or their defense works on) per-sample gradients; `remedy`: the settings
     change that would spare them, named in the refusal beside another model; `batch_size`:
-    the clients' (train.batch-size), which a training-mode forward is tried on."""
+    the clients' (train.batch-size), which a training-mode forward is tried on (None: not
+    known, as an audited app's clients choose their own)."""
     frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
     if frozen:
         return (
@@ -52,7 +53,7 @@ def unfit_reason(
     random = random_in_training(model)
     if random is not None:
         return random
-    trained = _training_forward(model, spec, batch_size)
+    trained = None if batch_size is None else _training_forward(model, spec, batch_size)
     if trained is not None:
         return trained
     if per_sample:

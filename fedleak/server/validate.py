@@ -668,8 +668,10 @@ def _setting_names(message: str) -> str:
     return named if _SPLIT_ARGUMENT.match(message) else f"data split: {named}"
 
 
-def validate_components(config: RunConfig) -> None:
-    """Raise `ConfigError` for the first setting no registry accepts."""
+def validate_components(config: RunConfig, own_clients: bool = True) -> None:
+    """Raise `ConfigError` for the first setting no registry accepts. `own_clients`: fedleak's
+    clients train, on `train.batch-size`; an audited app's train on batches of their own,
+    which the model's training-mode probe cannot know."""
     if config.sim.resume and not config.out_dir:
         raise ConfigError(
             "sim.resume=true without out-dir: a run without one gets a new folder "
@@ -781,7 +783,8 @@ def validate_components(config: RunConfig) -> None:
     if pipeline.needs_per_sample:
         causes.append(f"a defense.spec without per-sample clipping (not {config.defense.spec!r})")
     remedy = " and ".join(causes) or "threat.share='batch'"
-    reason = unfit_reason(model, spec, per_sample, remedy, config.train.batch_size)
+    batch = config.train.batch_size if own_clients else None
+    reason = unfit_reason(model, spec, per_sample, remedy, batch)
     if reason is not None:
         raise ConfigError(f"model.name={config.model.name!r}: {reason}")
 

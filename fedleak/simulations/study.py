@@ -185,7 +185,7 @@ def serve(
     was requested (every finished round is on disk; resume continues after the last one).
     """
     reuse_freed_memory()
-    validate_components(config)
+    validate_components(config, own_clients=app is None)
     if app is not None:
         _check_foreign_app(app, config)
         if not callable(getattr(grid, "get_node_ids", None)):
