@@ -1248,21 +1248,23 @@ def test_a_gallery_of_narrow_images_leaves_each_caption_its_column() -> None:
 def test_a_gallery_of_thin_images_keeps_its_labels_apart() -> None:
     """1 x 40 signals were 3 px rows, and the "private" and attack labels centred on them were
     drawn over each other (audit FB3)."""
-    from fedleak.report.gallery import _LINE, TILE_PIXELS, Sample, gallery_figure, tile_scale
+    from fedleak.report.gallery import _LINE, Sample, gallery_figure, tile_scale
 
     assert tile_scale(28, 28) == 4 and tile_scale(32, 32) == 4  # square tiles as before
     assert tile_scale(20, 36) == 4
-    assert (tile_scale(1, 40), tile_scale(40, 1)) == (11, 11)  # 11 x 440
-    assert tile_scale(1, 2000) == 1  # too long to enlarge: the row is a label high anyway
-    assert tile_scale(2, 300) * 300 <= 4 * TILE_PIXELS
-    heights = []
+    # Not enlarged further than their long side asks: five columns of 1 x 40 at 11 x 440 made
+    # a 2,420 px figure that the report shrank to unreadable captions (audit FC1).
+    assert (tile_scale(1, 40), tile_scale(40, 1), tile_scale(1, 2000)) == (3, 3, 1)
+    heights, widths = [], []
     for shape in ((1, 40, 3), (1, 2000, 3)):
         thin = np.zeros(shape, dtype=np.uint8)
-        samples = [Sample(thin, thin, 20.0, 0.1, 1, 0, False)]
-        with Image.open(io.BytesIO(gallery_figure({"ig": [("a", samples[0])]}, "LPIPS"))) as im:
-            heights.append(im.height)
-    # Two rows (private, reconstruction) each at least a label high: 11 px tiles lie in them.
+        chosen = [(label, Sample(thin, thin, 20.0, 0.1, 1, 0, False)) for label in "abcde"]
+        with Image.open(io.BytesIO(gallery_figure({"ig": chosen}, "LPIPS"))) as image:
+            heights.append(image.height)
+            widths.append(image.width)
+    # Two rows (private, reconstruction) each a label high, whatever the tile's height.
     assert heights[0] == heights[1]
+    assert widths[0] <= 1200  # within the report's column, shown at full size
     square = np.zeros((28, 28, 3), dtype=np.uint8)
     sample = Sample(square, square, 20.0, 0.1, 1, 0, False)
     with Image.open(io.BytesIO(gallery_figure({"ig": [("a", sample)]}, "LPIPS"))) as image:

@@ -178,12 +178,10 @@ def _font(size: int, bold: bool = False) -> ImageFont.FreeTypeFont | ImageFont.I
 
 
 def tile_scale(height: int, width: int) -> int:
-    """The whole factor a tile is enlarged by: its longer side to at least TILE_PIXELS, and its
-    shorter side to a label's height where the longer one stays within 4 x TILE_PIXELS (a
-    1 x 40 signal: 11 x 440 pixels, not 3 x 120)."""
-    longer, shorter = max(height, width), min(height, width)
-    readable = min(math.ceil(_LINE / shorter), 4 * TILE_PIXELS // longer)
-    return max(1, math.ceil(TILE_PIXELS / longer), readable)
+    """The whole factor a tile is enlarged by: its longer side to at least TILE_PIXELS. A thin
+    tile is not enlarged further (a 1 x 40 signal at 11 x 440 made five columns 2,420 px wide,
+    which the report shrank to unreadable captions, audit FC1); its row is a label high."""
+    return max(1, math.ceil(TILE_PIXELS / max(height, width)))
 
 
 def _enlarge(tile: np.ndarray, scale: int) -> Image.Image:
