@@ -20,6 +20,7 @@ from flwr.common.constant import ErrorCode
 from fedleak.config import RunConfig
 from fedleak.defenses import DPSGD, parse_defense_spec
 from fedleak.lines import error_line, one_line
+from fedleak.registry import is_own_error
 from fedleak.training.update import ClientUpdate
 
 ARRAYS, METRICS = "arrays", "metrics"
@@ -252,7 +253,6 @@ def error_reply(msg: Message, error: Exception) -> Message:
     line, as the server reports it, where Flower and Ray would print every client's
     traceback (audit EQ2). An exception of another type than fedleak's own says its type: a
     bare "'server-round'" would not say it was a KeyError (audit EU2)."""
-    own = type(error).__module__.partition(".")[0] == "fedleak"
-    text = str(error) if own and str(error) else error_line(error, _REASON_LIMIT)
+    text = str(error) if is_own_error(error) and str(error) else error_line(error, _REASON_LIMIT)
     reason = one_line(text, _REASON_LIMIT)
     return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
