@@ -255,16 +255,29 @@ def test_lti_inverter_is_cached_in_the_run_directory_and_resumed(
     assert "from scratch" in report and "reused" in report
     # A damaged inverter is refused before the resumed rounds: round 3 would have trained
     # anew (and failed round 2's successor), unlike the run it continues.
-    (out / "state" / "lti" / "lti-inverter-r000001.pt").write_bytes(b"garbage\n")
+    saved = out / "state" / "lti" / "lti-inverter-r000001.pt"
+    trained = torch.load(saved, weights_only=True)
+    saved.write_bytes(b"garbage\n")
     args = ["run", "quickstart", "--out", str(out), *TINY]
     for item in (*LTI, "num-server-rounds=3", "sim.resume=true"):
         args += ["--set", item]
     assert main(args) == 1
     error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert error.startswith(f"fedleak: error: {out / 'state' / 'lti' / 'lti-inverter-r000001.pt'}")
+    assert error.startswith(f"fedleak: error: {saved}")
     assert error.endswith("restore it, or start the run again in a new out-dir")
     assert pd.read_parquet(out / "leakage.parquet")["round"].max() == 2
     assert (out / "DONE").exists()
+    # One that reads but does not fit the inverter is found only in the round that loads it:
+    # it failed that round's rows and every later round's, and the run still ended DONE
+    # with exit 0 (audit FE1).
+    first = next(name for name in trained["state_dict"] if name.endswith("weight"))
+    trained["state_dict"][first] = trained["state_dict"][first][:-1]
+    torch.save(trained, saved)
+    assert main(args) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("fedleak: error: ") and f"{saved}: does not fit" in error
+    assert not (out / "DONE").exists() and (out / "FAILED").exists()
+    assert pd.read_parquet(out / "leakage.parquet")["round"].max() == 2
 
 
 def test_fedavg_signs_step_the_learning_rate_per_coordinate(tmp_path: Path) -> None:

@@ -120,7 +120,13 @@ def converged(loss_start: float, loss_final: float) -> float:
     return 1.0 if loss_final <= CONVERGED_RATIO * loss_start else 0.0
 
 
-class StateNotSaved(OSError):
+class RunStateError(Exception):
+    """The state a run's attacks keep across rounds (saved inverters) cannot be written or
+    used: the run stops, rather than recording every later call as a failed attack and still
+    ending as done (audit FE1)."""
+
+
+class StateNotSaved(OSError, RunStateError):
     """An attack could not write its saved state into the run folder (a full disk, a folder
     turned read-only): the run's environment failed, not the attack, so the run stops as when
     its records cannot be written, instead of recording every later call as a failed attack."""

@@ -66,7 +66,7 @@ from fedleak.attacks.types import (
     Budget,
     Observation,
     Reconstruction,
-    StateNotSaved,
+    RunStateError,
 )
 from fedleak.config import ConfigError, RunConfig
 from fedleak.heap import reuse_freed_memory
@@ -476,7 +476,7 @@ class RayAttackPool:
                     # An error outside `run_job` (e.g. unpickling); report its cause, not Ray's
                     # wrapper, whose first line is only the task's name.
                     cause = getattr(error, "cause", None) or error
-                    if isinstance(cause, StateNotSaved | ObservationChanged):
+                    if isinstance(cause, RunStateError | ObservationChanged):
                         raise cause from None  # the run stops: see `run_job`
                     failed = failed_reconstruction(cause, seconds)
                     results += [AttackResult(job, failed) for job in pending.jobs]

@@ -28,7 +28,7 @@ from fedleak.attacks.types import (
     Budget,
     Observation,
     Reconstruction,
-    StateNotSaved,
+    RunStateError,
 )
 from fedleak.lines import error_line
 
@@ -108,8 +108,8 @@ def _run_one(
     try:
         with isolated(attack, [observation], knowledge.seed, read_only, job.attack):
             reconstruction = attack.reconstruct(observation, knowledge, budget)
-    except (StateNotSaved, ObservationChanged):
-        raise  # the run folder's failure, or a broken attack's that any later row may carry
+    except (RunStateError, ObservationChanged):
+        raise  # the run's kept state failed, or a broken attack's that any later row may carry
     except (Exception, SystemExit) as error:  # an attack's failure must not end the round
         log.warning(
             "attack %s failed on client %s: %s",
@@ -154,7 +154,7 @@ def run_batch(
     try:
         with isolated(attack, observations, knowledge.seed, read_only, jobs[0].attack):
             outcomes = attack.reconstruct_batch(observations, knowledge, budget)
-    except (StateNotSaved, ObservationChanged):
+    except (RunStateError, ObservationChanged):
         raise
     except (Exception, SystemExit) as error:  # outside any one job's work: the whole batch
         log.warning(

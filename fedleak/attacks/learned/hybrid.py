@@ -16,7 +16,7 @@ from fedleak.attacks.types import (
     Budget,
     Observation,
     Reconstruction,
-    StateNotSaved,
+    RunStateError,
 )
 from fedleak.settings import Settings, nested
 
@@ -96,8 +96,8 @@ class LTIThenIG:
         for observation in observations:
             try:
                 firsts.append(self.lti.reconstruct(observation, knowledge, budget))
-            except StateNotSaved:
-                raise  # the run folder's failure: see `run_job`
+            except RunStateError:
+                raise  # the run's kept state failed: see `run_job`
             except Exception as error:  # this observation only
                 firsts.append(error)
         done = [i for i, first in enumerate(firsts) if isinstance(first, Reconstruction)]

@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from fedleak.attacks.types import StateNotSaved
+from fedleak.attacks.types import RunStateError, StateNotSaved
 from fedleak.tensorfile import load_tensors
 
 
-class InverterStoreError(ValueError):
-    """A saved inverter that cannot be read."""
+class InverterStoreError(ValueError, RunStateError):
+    """A saved inverter that cannot be read, or does not fit the inverter it was saved for."""
 
 
 @dataclass(frozen=True)
