@@ -423,9 +423,17 @@ def test_regrouped_pairs_are_fresh_batches_of_the_clients_updates(defense: str) 
         ).update
         expected = featuriser({k: v.unsqueeze(0) for k, v in update.items()})
         torch.testing.assert_close(got[row : row + 1], expected, rtol=1e-4, atol=1e-5)
-    # Regrouping keeps every aux sample's gradient in memory; without room it stays off.
+    # Without room to keep every aux sample's gradient, regrouping went off without a word,
+    # so `max-cache-bytes` changed what the inverter learned (audit FE2): the groups' updates
+    # are computed again instead.
     small = PairSource(model, pipeline, unit, x, y, 4, groups, featuriser, 5, 1000, True)
-    assert not small.regroups
+    assert small.regroups and small._keep_per_sample is False
+    small.regroup(torch.Generator().manual_seed(3))
+    source.regroup(torch.Generator().manual_seed(3))
+    assert torch.equal(small.groups, source.groups)
+    got = small.features(torch.Generator())
+    assert small._per_sample is None
+    torch.testing.assert_close(got, source.features(torch.Generator()), rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -540,6 +548,15 @@ def test_cache_resumes_a_fresh_instance(mnist: dict[str, torch.Tensor], tmp_path
     chunked = LearningToInvert(tiny(cache_dir=tmp_path, pair_chunk=7), seed=0)
     c = chunked.reconstruct(dataclasses.replace(obs, round=2), know, NO_LIMIT)
     assert c.diagnostics["train_epochs"] == 0 and "not adopted" not in c.message
+    # Under noise the chunk decides how the noise is drawn, so what is learned (audit FE2).
+    noisy = observe(LENET, state(LENET), "gauss:0.01", x, y)
+    LearningToInvert(tiny(cache_dir=tmp_path / "noisy"), seed=0).reconstruct(noisy, know, NO_LIMIT)
+    later = dataclasses.replace(noisy, round=2)
+    for chunk, epochs in ((7, 2), (256, 0)):
+        attack = LearningToInvert(tiny(cache_dir=tmp_path / "noisy", pair_chunk=chunk), seed=0)
+        c = attack.reconstruct(later, know, NO_LIMIT)
+        assert c.diagnostics["train_epochs"] == epochs
+        assert ("not adopted" in c.message) == (epochs > 0)
     # A different defense is another inverter: the cached one is not used.
     other = LearningToInvert(tiny(cache_dir=tmp_path), seed=0)
     c = other.reconstruct(observe(LENET, state(LENET), "none", x, y), know, NO_LIMIT)
@@ -601,6 +618,12 @@ def test_training_without_a_validation_set_says_so(mnist: dict[str, torch.Tensor
     result = LearningToInvert(tiny(epochs=1), seed=0).reconstruct(obs, know, NO_LIMIT)
     assert math.isnan(result.diagnostics["val_psnr"]) and "nan" not in result.message
     assert "validation none (too few auxiliary samples held out" in result.message
+    # Nothing held out by choice (the paper preset): the message blamed too few samples
+    # (audit FE4).
+    chosen = LearningToInvert(tiny(epochs=1, aux_val_fraction=0.0), seed=0)
+    result = chosen.reconstruct(obs, knowledge_of(mnist, aux=40), NO_LIMIT)
+    assert "validation none (aux-val-fraction=0: nothing held out" in result.message
+    assert "too few" not in result.message
 
 
 def test_seeded_runs_are_identical(mnist: dict[str, torch.Tensor]) -> None:

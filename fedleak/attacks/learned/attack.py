@@ -56,7 +56,10 @@ class LearningToInvert:
         self.seed = seed
         self.name = name
         self.keeper = InverterKeeper(
-            InverterStore(self.config.cache_dir, name), self.config.refresh, "val_psnr"
+            InverterStore(self.config.cache_dir, name),
+            self.config.refresh,
+            "val_psnr",
+            holds_out=self.config.aux_val_fraction > 0,
         )
 
     def saved_state(self, round_: int) -> Path | None:

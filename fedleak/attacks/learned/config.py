@@ -105,7 +105,11 @@ class LTIConfig(Settings):
     )
     patience: int | None = setting(20, low=1, doc="epochs without improvement before stopping")
     regroup: bool = setting(False, doc="B > 1: fresh random batches of aux samples every epoch")
-    pair_chunk: int = setting(256, low=1, doc="training pairs computed per vectorised chunk")
+    pair_chunk: int = setting(
+        256,
+        low=1,
+        doc="training pairs computed per vectorised chunk (under noise, also how it is drawn)",
+    )
     max_cache_bytes: int = setting(1 << 30, low=1, doc="memory for cached training features")
     cache_dir: Path | None = setting(
         None, doc="where the trained inverter is saved and resumed; locked by the run using it"

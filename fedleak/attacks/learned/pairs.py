@@ -189,10 +189,10 @@ class PairSource:
     """Featurised defended updates of groups of aux samples, re-drawn per call if random.
 
     `groups` [P, size] indexes `aux_x`/`aux_y` (already on the device). With `regroup` (FedSGD
-    batches of size > 1, no input encoding, no BatchNorm), each aux sample's gradient is kept
-    and `regroup()` draws fresh groups whose updates are means of kept gradients: a new set of
-    training batches every epoch for the price of a mean, so the inverter sees many more
-    distinct batches than aux samples (see `regroups` for whether it is active).
+    batches of size > 1, no input encoding, no BatchNorm), `regroup()` draws fresh groups
+    every epoch, so the inverter sees many more distinct batches than aux samples (see
+    `regroups` for whether it is active); where `max_cache_bytes` holds every aux sample's
+    gradient, a group's update is then the mean of kept gradients, else it is computed again.
 
     With `unit.contributors` = M > 1 each group [size] is M members of `size / M` samples
     (consecutive in the group), computed and released one by one and averaged: the pre-release
@@ -247,13 +247,12 @@ class PairSource:
         self._features: Tensor | None = None
         self._raw: Params | None = None
         self._per_sample: Params | None = None
+        self.regroups = regroup and self.mode == "vector" and unit.size > 1
+        # Every aux sample's gradient kept, when it fits: each epoch's groups are then means of
+        # kept rows; otherwise they are computed again for each epoch's groups. Regrouping
+        # stayed off without the room, so `max-cache-bytes` changed what was learned (audit FE2).
         per_sample_bytes = aux_x.shape[0] * featuriser.in_features * 4
-        self.regroups = (
-            regroup
-            and self.mode == "vector"
-            and unit.size > 1
-            and per_sample_bytes <= max_cache_bytes
-        )
+        self._keep_per_sample = self.regroups and per_sample_bytes <= max_cache_bytes
         # Gaussian release noise drawn in hash space (`binned_noise`): exact in distribution,
         # and an epoch redraws a few numbers per bin instead of every coordinate.
         self._binned: BinnedNoise | None = None
@@ -385,7 +384,7 @@ class PairSource:
     def _pre_release(self, rows: slice, generator: torch.Generator) -> Params:
         """Each member's update before the release (clipped mean gradient, or FedAvg delta)."""
         group = self._members()[rows]
-        if self.regroups:
+        if self._keep_per_sample:
             return {name: g[group].mean(dim=1) for name, g in self._kept_gradients().items()}
         count, size = group.shape
         x, y = self.aux_x[group.flatten()], self.aux_y[group.flatten()]

@@ -108,7 +108,11 @@ class TextLTIConfig(Settings):
         0.1, low=0.0, high=1.0, high_open=True, doc="aux data held out for validation"
     )
     patience: int | None = setting(None, low=1, doc="epochs without improvement before stopping")
-    pair_chunk: int = setting(32, low=1, doc="training pairs computed per vectorised chunk")
+    pair_chunk: int = setting(
+        32,
+        low=1,
+        doc="training pairs computed per vectorised chunk (under noise, also how it is drawn)",
+    )
     max_cache_bytes: int = setting(1 << 30, low=1, doc="memory for cached training features")
     cache_dir: Path | None = setting(
         None, doc="where the trained inverter is saved and resumed; locked by the run using it"
@@ -262,7 +266,10 @@ class TextLearningToInvert:
         self.seed = seed
         self.name = name
         self.keeper = InverterKeeper(
-            InverterStore(self.config.cache_dir, name), self.config.refresh, "val_token_acc"
+            InverterStore(self.config.cache_dir, name),
+            self.config.refresh,
+            "val_token_acc",
+            holds_out=self.config.aux_val_fraction > 0,
         )
 
     def saved_state(self, round_: int) -> Path | None:
