@@ -431,6 +431,60 @@ def test_settings_a_run_never_reads_are_named_in_a_warning() -> None:
         "metrics.lpips-nets='alex,vgg' (image metrics; wikipedia holds text): no effect in this run"
     )
     assert ineffective_settings(parse_flat({"data.dataset": "wikipedia"}), text) is None  # type: ignore[arg-type]
+    # A tokenizer that brings its vocabulary leaves data.vocab-size unread (audit FD1).
+    gpt2 = parse_flat(
+        {"data.dataset": "wikipedia", "data.tokenizer": "gpt2", "data.vocab-size": 512}
+    )
+    assert ineffective_settings(gpt2, text) == (  # type: ignore[arg-type]
+        "data.vocab-size=512 (data.tokenizer='gpt2' brings its own vocabulary; it sizes the BPE "
+        "trained on the auxiliary text): no effect in this run"
+    )
+    bpe = parse_flat({"data.dataset": "wikipedia", "data.vocab-size": 512})
+    assert ineffective_settings(bpe, text) is None  # type: ignore[arg-type]
+
+
+def test_learned_attack_settings_other_settings_leave_unread_are_named() -> None:
+    """Fine-tuning epochs under refresh=retrain, patience with nothing held out, signed hashing
+    without hashing: the rows came out the same, without a word (audit FE3)."""
+    from fedleak.runtime import federated_data
+    from fedleak.server.validate import ineffective_settings
+
+    def warning(flat: dict[str, object]) -> str | None:
+        config = parse_flat({"data.aux-size": 50, "attack.names": "lti,ig", **flat})
+        return ineffective_settings(config, federated_data(config, num_partitions=1))
+
+    assert warning({"attack.lti.finetune-epochs": 7}) is None
+    assert warning({"attack.lti.refresh": "retrain", "attack.lti.finetune-epochs": 7}) == (
+        "attack.lti.finetune-epochs=7 (refresh='retrain': it trains anew): no effect in this run"
+    )
+    assert warning({"attack.lti.refresh": "frozen", "attack.lti.finetune_learning_rate": 0.01}) == (
+        "attack.lti.finetune-learning-rate=0.01 (refresh='frozen': it never refreshes): no "
+        "effect in this run"
+    )
+    assert warning({"attack.lti.aux-val-fraction": 0, "attack.lti.patience": 3}) == (
+        "attack.lti.patience=3 (aux-val-fraction=0: nothing held out to stop on): no effect "
+        "in this run"
+    )
+    # The preset decides too: `paper` holds nothing out and retrains.
+    paper = {"attack.lti.preset": "paper", "attack.lti.patience": 3}
+    assert warning(paper).startswith("attack.lti.patience=3 (aux-val-fraction=0")
+    assert warning({**paper, "attack.lti.aux-val-fraction": 0.1}) is None
+    assert warning({"attack.lti.hash-bins": "none", "attack.lti.hash-signed": True}) == (
+        "attack.lti.hash-signed=True (hash-bins=none: the update is not hashed): no effect in "
+        "this run"
+    )
+    assert warning({"attack.lti.lr-drop-epoch": "none", "attack.lti.lr-drop-to": 1e-3}).startswith(
+        "attack.lti.lr-drop-to=0.001 (lr-drop-epoch=none: the rate never drops)"
+    )
+    # At drop epoch 0 the learning rate still sets a refresh's, unless that has its own.
+    assert warning({"attack.lti.lr-drop-epoch": 0, "attack.lti.learning-rate": 0.01}) is None
+    assert warning(
+        {
+            "attack.lti.lr-drop-epoch": 0,
+            "attack.lti.learning-rate": 0.01,
+            "attack.lti.finetune-learning-rate": 0.001,
+        }
+    ).startswith("attack.lti.learning-rate=0.01 (lr-drop-epoch=0: every training runs at")
 
 
 def test_one_setting_is_given_once_whatever_its_spelling() -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from fedleak.attacks.labels import LabelRecoveryError, find_last_layer
+from fedleak.attacks.learned.config import idle_settings
 from fedleak.attacks.learned.hashing import resolve_num_bins
 from fedleak.attacks.registry import ATTACKS, attack_entry, attack_modalities, build_attack
 from fedleak.config import (
@@ -78,7 +79,7 @@ from fedleak.server.pool import (
     local_cpus,
     ray_init_args,
 )
-from fedleak.settings import KeyHelp, flat_values, key_of, means_none
+from fedleak.settings import KeyHelp, Settings, flat_values, key_of, means_none
 
 # What each modality's inputs are called in a refusal ("reconstructs images, not the tokens").
 _PLURAL = {"image": "images", "tokens": "tokens"}
@@ -592,6 +593,13 @@ def ineffective_settings(config: RunConfig, fd: FederatedData) -> str | None:
             f"data.shards-per-client={config.data.shards_per_client} (data.partition="
             f"{partition!r}; it shapes the shards partition)"
         )
+    tokenizer = config.data.tokenizer
+    if config.data.vocab_size != default.data.vocab_size and tokenizer != "bpe":
+        unused.append(
+            f"data.vocab-size={config.data.vocab_size} (data.tokenizer={tokenizer!r} brings its "
+            "own vocabulary; it sizes the BPE trained on the auxiliary text)"
+        )
+    unused += idle_attack_settings(config)
     modality = "image" if getattr(fd.dataset, "tokenizer", None) is None else "tokens"
     given, defaults = config.to_flat(), default.to_flat()
     other = [
@@ -604,6 +612,23 @@ def ineffective_settings(config: RunConfig, fd: FederatedData) -> str | None:
         holds = "images" if modality == "image" else "text"
         unused.append(f"{', '.join(other)} ({kind}; {config.data.dataset} holds {holds})")
     return f"{'; '.join(unused)}: no effect in this run" if unused else None
+
+
+def idle_attack_settings(config: RunConfig) -> list[str]:
+    """The settings given to a learned attack that its other settings leave unread, e.g.
+    `finetune-epochs` under `refresh=retrain` (audit FE3: the rows came out the same)."""
+    unused = []
+    for name in config.attack.names:
+        given = config.attack.params.get(name) or {}
+        settings = getattr(build_attack(name, given), "config", None)
+        if not isinstance(settings, Settings):
+            continue
+        idle = idle_settings(settings)
+        for key in given:
+            dashed = key.replace("_", "-")
+            if dashed in idle:
+                unused.append(f"attack.{name}.{dashed}={given[key]!r} ({idle[dashed]})")
+    return unused
 
 
 def uses_batchnorm(config: RunConfig, fd: FederatedData) -> bool:

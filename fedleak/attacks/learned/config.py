@@ -6,6 +6,7 @@ Every field is a setting (`fedleak.settings`): `attack.lti.<key>` in a run (with
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,6 +200,29 @@ def check_aux_size(name: str, targets: int, aux: int, val_fraction: float, unit:
             f"{val_fraction:g} of them for validation, so it needs data.aux-size >= {needed}, "
             f"got {aux}"
         )
+
+
+def idle_settings(config: Settings) -> dict[str, str]:
+    """A learned attack's settings its other settings leave unread (dashed key -> why), for
+    the run's "no effect" warning: e.g. fine-tuning epochs under `refresh=retrain`."""
+    get = functools.partial(getattr, config)
+    idle = {}
+    refresh = get("refresh", "finetune")
+    if refresh != "finetune":
+        why = "it trains anew" if refresh == "retrain" else "it never refreshes"
+        for key in ("finetune-epochs", "finetune-learning-rate"):
+            idle[key] = f"refresh={refresh!r}: {why}"
+    if get("aux_val_fraction", 0.1) == 0:
+        idle["patience"] = "aux-val-fraction=0: nothing held out to stop on"
+    if get("hash_bins", 1) is None:
+        idle["hash-signed"] = "hash-bins=none: the update is not hashed"
+    drop = get("lr_drop_epoch", None)
+    if hasattr(config, "lr_drop_epoch") and drop is None:
+        idle["lr-drop-to"] = "lr-drop-epoch=none: the rate never drops"
+    warm_reads_it = refresh == "finetune" and get("finetune_learning_rate", None) is None
+    if drop == 0 and not warm_reads_it:
+        idle["learning-rate"] = "lr-drop-epoch=0: every training runs at lr-drop-to"
+    return idle
 
 
 def lti_config(preset: str = "paper", **overrides: object) -> LTIConfig:
