@@ -201,6 +201,31 @@ def test_pieces_show_each_tokens_own_bytes() -> None:
     assert _shown("\x18") == "\\x18" and _shown(" x\n") == "·x⏎" and _shown("") == "∅"
 
 
+@pytest.mark.parametrize("kind", ["word-level", "wordpiece"])
+def test_pieces_of_a_tokenizer_that_is_not_byte_level_join_into_its_text(kind: str) -> None:
+    """Word-level and WordPiece tokenizers put the spaces in their decoders: each token
+    decoded alone ran the report's captions together (audit FD2)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from fedleak.data.text.tokenizer import TextTokenizer
+
+    texts = ["the fire was out on Monday, the government said"] * 20
+    if kind == "word-level":
+        inner = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+        trainer = trainers.WordLevelTrainer(vocab_size=100, special_tokens=["[UNK]"])
+    else:
+        inner = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        inner.decoder = decoders.WordPiece()
+        trainer = trainers.WordPieceTrainer(vocab_size=40, special_tokens=["[UNK]"])
+    inner.pre_tokenizer = pre_tokenizers.Whitespace()
+    inner.train_from_iterator(texts, trainer=trainer)
+    tokenizer = TextTokenizer("file", inner, "a test tokenizer")
+    ids = tokenizer.encode_batch(["The government said the fire was out."])[0]
+    pieces = tokenizer.pieces(ids)
+    assert len(pieces) == len(ids) and "".join(pieces) == tokenizer.decode(ids)
+    assert tokenizer.decode(ids).startswith("[UNK] government said the")
+
+
 def test_sequences_are_the_documents_text() -> None:
     corpus = _corpus(count=12)
     split = _split(corpus, partitions=2, aux_size=20)

@@ -129,7 +129,7 @@ class TextTokenizer:
         A byte-level token can hold part of a multi-byte character; decoded alone it would
         read as U+FFFD whatever its bytes, so such bytes are written as `\\xNN` instead."""
         if not isinstance(self.tokenizer.decoder, decoders.ByteLevel):
-            return [self.tokenizer.decode([int(i)], skip_special_tokens=False) for i in ids]
+            return self._decoded_pieces([int(i) for i in ids])
         pieces = []
         for i in ids:
             symbols = self.tokenizer.id_to_token(int(i)) or ""
@@ -138,6 +138,21 @@ class TextTokenizer:
                 pieces.append(raw.decode("utf-8", errors="backslashreplace"))
             else:  # an added token, stored as its text
                 pieces.append(self.tokenizer.decode([int(i)], skip_special_tokens=False))
+        return pieces
+
+    def _decoded_pieces(self, ids: list[int]) -> list[str]:
+        """What each token adds to the decoded text: a tokenizer that is not byte-level (word
+        level, WordPiece) puts the spaces between tokens in its decoder, so tokens decoded
+        alone ran the words together (audit FD2). A token whose decoding rewrites the text
+        before it is shown decoded alone."""
+        pieces, text = [], ""
+        for end in range(1, len(ids) + 1):
+            longer = self.tokenizer.decode(ids[:end], skip_special_tokens=False)
+            if longer.startswith(text):
+                pieces.append(longer[len(text) :])
+            else:
+                pieces.append(self.tokenizer.decode(ids[end - 1 : end], skip_special_tokens=False))
+            text = longer
         return pieces
 
     def record(self) -> dict[str, object]:
