@@ -451,9 +451,17 @@ def observe(
         )
     rate = _positive("learning_rate", learning_rate)
     try:
-        parse_defense_spec(defense)
+        pipeline = parse_defense_spec(defense)
     except ValueError as error:
         raise ConfigError(f"defense={defense!r}: {error}") from None
+    # An update the declared defense cannot have released: the adaptive attacks would match
+    # a defense it never went through (audit FG1).
+    contradiction = pipeline.contradiction(tensors)
+    if contradiction is not None:
+        raise ConfigError(
+            f"defense={defense!r}: the update: {contradiction}; pass the update as the "
+            "defense released it, or the defense it went through"
+        )
     if per_sample_updates is not None and kind != "gradient":
         # Replayed as gradients, each sample's delta came back negated (1.8 dB against 55.7).
         raise ConfigError(
@@ -466,6 +474,12 @@ def observe(
             "per_sample_updates", per_sample_updates, names, "each sample's update"
         )
         _check_shapes("per_sample_updates", per_sample_updates, shapes, examples)
+        contradiction = pipeline.contradiction(per_sample_updates, batched=True)
+        if contradiction is not None:
+            raise ConfigError(
+                f"defense={defense!r}: per_sample_updates: {contradiction}; pass each sample's "
+                "update as the defense released it, or the defense it went through"
+            )
     if bn_statistics is not None:
         bn_statistics = _batchnorm_statistics(model, bn_statistics)
     if not isinstance(input_shape, Sequence) or len(input_shape) not in (1, 3):

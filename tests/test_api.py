@@ -251,6 +251,25 @@ class Both(nn.Module):
         # Audit DV8: cast silently to floats and attacked as if a gradient.
         ({"update": "int"}, r"^update: '0\.weight' is torch\.int64; expected floating-point"),
         ({"per_sample_updates": "bool"}, r"^per_sample_updates: '0\.weight' is torch\.bool;"),
+        # Audit FG1: a plain gradient declared as defended had the adaptive attacks match a
+        # defense it never went through.
+        (
+            {"defense": "sign"},
+            r"^defense='sign': the update: '0\.weight' holds -?[0-9.e-]+, yet sign compression",
+        ),
+        (
+            {"defense": "gauss:0.1+prune:0.5"},
+            r"^defense='gauss:0\.1\+prune:0\.5': the update: '0\.weight' has 0 zeros among 100 "
+            r"coordinates, yet prune:0\.5 leaves at least 50; pass",
+        ),
+        (
+            {"defense": "prune:0.9:global", "update": "signs"},
+            r"^defense='prune:0\.9:global': the update: it has 0 zeros among \d+ coordinates",
+        ),
+        (
+            {"defense": "sign", "update": "signs", "per_sample_updates": "one-each"},
+            r"^defense='sign': per_sample_updates: '0\.weight' holds",
+        ),
     ],
 )
 def test_observe_refuses_what_no_client_could_send(change: dict, message: str) -> None:
@@ -299,6 +318,12 @@ def test_observe_refuses_what_no_client_could_send(change: dict, message: str) -
     if arguments.get("per_sample_updates") == "bool":
         pairs = zip(names, grads, strict=True)
         arguments["per_sample_updates"] = {n: torch.stack([g, g]) > 0 for n, g in pairs}
+    if arguments.get("update") == "signs":
+        arguments["update"] = tuple(torch.where(g >= 0, 1.0, -1.0) for g in grads)
+    if arguments.get("per_sample_updates") == "one-each":
+        arguments["per_sample_updates"] = {
+            n: torch.stack([torch.sign(g), g]) for n, g in zip(names, grads, strict=True)
+        }
     if arguments.get("per_sample_updates") == "part":
         arguments["per_sample_updates"] = {"0.weight": torch.stack([grads[0]] * 2)}
     if "model" in arguments:
@@ -308,6 +333,32 @@ def test_observe_refuses_what_no_client_could_send(change: dict, message: str) -
     with pytest.raises(ConfigError, match=message) as refused:
         fedleak.observe(model, update, **arguments)
     assert "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "defense", ["sign", "prune:0.9", "prune:0.9:global", "gauss:0.1+prune:0.5+sign", "dpsgd:1:0.5"]
+)
+def test_observe_takes_what_the_defense_released(defense: str) -> None:
+    """The check of an update against its declared defense refuses none that the defense
+    released, per-sample updates included."""
+    from fedleak.defenses import parse_defense_spec
+
+    model, grads = _net_and_grads()
+    names = [n for n, _ in model.named_parameters()]
+    spec = parse_defense_spec(defense)
+    generator = torch.Generator().manual_seed(0)
+    released = spec.share(dict(zip(names, grads, strict=True)), 2, generator)
+    pairs = zip(names, grads, strict=True)
+    each = spec.share_each({n: torch.stack([g, -g]) for n, g in pairs}, generator)
+    observation = fedleak.observe(
+        model,
+        released,
+        input_shape=(1, 28, 28),
+        num_examples=2,
+        defense=defense,
+        per_sample_updates=each,
+    )
+    assert observation.defense == defense
 
 
 @pytest.mark.parametrize(

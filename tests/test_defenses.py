@@ -723,3 +723,33 @@ def test_noise_that_overflows_says_why_not_that_a_plugin_broke_its_contract() ->
     message = str(error.value)
     assert message.startswith("defense 'gauss:2e37' turned the finite '0.weight' into NaN")
     assert "updates are float32" in message and "a defense returns every tensor" not in message
+
+
+@pytest.mark.parametrize("spec", ["prune:0.7", "prune:0.7:global", "prune:0.7+sign"])
+def test_a_released_update_is_told_from_one_the_defense_cannot_have_released(spec: str) -> None:
+    """Pruning leaves at least floor(P n) zeros (per tensor, or over all of them with
+    `global`) and signs are -1, 0 or 1: exactly that many zeros pass, one fewer does not
+    (audit FG1: a plain gradient declared as defended was attacked as if defended)."""
+    pipeline = parse_defense_spec(spec)
+    torch.manual_seed(0)
+    grads = {"a": torch.randn(10), "b": torch.randn(4, 5)}
+    released = pipeline.share(grads, 1, torch.Generator())
+    assert pipeline.contradiction(released) is None
+    assert sum(int((t == 0).sum()) for t in released.values()) == 7 + 14
+    short = {name: t.clone() for name, t in released.items()}
+    short["b"].view(-1)[int((short["b"] == 0).flatten().nonzero()[0])] = 1.0
+    reason = pipeline.contradiction(short)
+    assert reason is not None and "zeros among" in reason
+
+
+def test_signs_and_each_samples_zeros_are_checked() -> None:
+    signs = parse_defense_spec("sign").contradiction
+    assert signs({"a": torch.tensor([1.0, -1.0, 0.0])}) is None
+    assert signs({"a": torch.tensor([1.0, 0.5])}) == (
+        "'a' holds 0.5, yet sign compression shares only -1, 0 and 1"
+    )
+    rows = {"a": torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 1.0]])}
+    assert parse_defense_spec("prune:0.6").contradiction(rows, batched=True) is None
+    assert parse_defense_spec("prune:0.67").contradiction(rows, batched=True) == (
+        "'a' has 1 zeros among 3 coordinates in a sample, yet prune:0.67 leaves at least 2"
+    )

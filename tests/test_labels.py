@@ -641,9 +641,12 @@ def _idlg_labels(mnist, split, model, per_sample, defense) -> torch.Tensor:
     import fedleak
 
     x, y = mnist
+    # The batch update as a client releases it beside its samples' (a sign of the mean, not
+    # the mean of signs: observe refuses what the defense cannot have released).
+    mean = {n: g.mean(0) for n, g in per_sample.items()}
     observation = fedleak.observe(
         model,
-        {n: g.mean(0) for n, g in per_sample.items()},
+        parse_defense_spec(defense).share(mean, 32, torch.Generator()),
         input_shape=(1, 28, 28),
         num_examples=32,
         per_sample_updates=per_sample,

@@ -36,3 +36,12 @@ class SignCompression:
     ) -> dict[str, Tensor]:
         """The pipeline's hook: signs."""
         return self(grads)
+
+    def contradiction(self, grads: dict[str, Tensor], *, batched: bool) -> str | None:
+        """Why `grads` cannot be this step's output: a value other than -1, 0 or 1."""
+        for name, t in grads.items():
+            odd = t[(t != 0) & (t.abs() != 1)]
+            if odd.numel():
+                value = odd[0].item()
+                return f"{name!r} holds {value:.6g}, yet sign compression shares only -1, 0 and 1"
+        return None

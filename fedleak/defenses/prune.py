@@ -85,3 +85,24 @@ class Prune:
     ) -> dict[str, Tensor]:
         """The pipeline's hook: prune (each sample on its own when `batched`)."""
         return self(grads, batched=batched)
+
+    def contradiction(self, grads: dict[str, Tensor], *, batched: bool) -> str | None:
+        """Why `grads` cannot be this step's output: fewer zeros than the rate prunes (in a
+        tensor, or over all of them with the `global` scope; per sample when `batched`)."""
+        if not grads:
+            return None
+        rows = next(iter(grads.values())).shape[0] if batched else 1
+        flat = {name: t.reshape(rows, -1) for name, t in grads.items()}
+        if self.scope == "global":
+            flat = {"": torch.cat(list(flat.values()), dim=1)}
+        for name, f in flat.items():
+            zeros = int((f == 0).sum(dim=1).min())
+            needed = pruned_count(self.rate, f.shape[1])
+            if zeros < needed:
+                where = f"{name!r} has" if name else "it has"
+                sample = " in a sample" if batched else ""
+                return (
+                    f"{where} {zeros} zeros among {f.shape[1]} coordinates{sample}, yet "
+                    f"{self.spec} leaves at least {needed}"
+                )
+        return None

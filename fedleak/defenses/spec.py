@@ -26,6 +26,7 @@ from torch import Tensor
 from fedleak.defenses.compress import SignCompression
 from fedleak.defenses.encode import EncodedBatch, InstaHide, MixUp, PartnerPool
 from fedleak.defenses.grammar import DefenseSpecError
+from fedleak.defenses.prune import Prune
 from fedleak.defenses.registry import DEFENSES, allowed_forms
 from fedleak.registry import UnknownNameError
 
@@ -102,6 +103,19 @@ class DefensePipeline:
     def releases_signs(self) -> bool:
         """Whether the last step is sign compression: the update says directions, not sizes."""
         return bool(self.steps) and isinstance(self.steps[-1], SignCompression)
+
+    def contradiction(self, grads: Mapping[str, Tensor], *, batched: bool = False) -> str | None:
+        """Why `grads` cannot be what this pipeline released, or None: a value sign
+        compression never shares, fewer zeros than pruning leaves. Read from the last step
+        back while the steps are these two (a sign keeps pruned zeros); a plug-in's step may
+        change anything."""
+        for step in reversed(self.steps):
+            if not isinstance(step, SignCompression | Prune):
+                break
+            reason = step.contradiction(dict(grads), batched=batched)
+            if reason is not None:
+                return reason
+        return None
 
     @property
     def needs_per_sample(self) -> bool:
