@@ -419,6 +419,13 @@ def _convert_tuple(key: str, raw: Any, element: Any, refuse: Callable[[], Except
             )
         if not all(names):
             raise ConfigError(f"{shown(key)}={shown_value(raw)}: a blank name; expected names")
+        if "none" in names and len(names) > 1:
+            # It read as an unknown name quoted alone, its allowed values leaving 'none' out
+            # (audit FF2).
+            raise ConfigError(
+                f"{shown(key)}={shown_value(raw)}: 'none' stands alone; give names without "
+                "it, or 'none' alone"
+            )
         names = () if names == ("none",) else names
         if len(set(names)) != len(names):
             raise ConfigError(

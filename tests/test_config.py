@@ -55,6 +55,9 @@ INVALID = [
         "threat.share='per-sample': per-sample updates exist only in fedsgd",
     ),
     ({"attack.names": "ig,aux-mean,ig"}, "attack.names='ig,aux-mean,ig': names a value twice"),
+    # It read "attack.names='none': unknown attack", leaving 'none' out of the allowed (FF2).
+    ({"attack.names": "ig,none"}, "attack.names='ig,none': 'none' stands alone; give names"),
+    ({"metrics.lpips-nets": ["none", "alex"]}, "metrics.lpips-nets=['none', 'alex']: 'none' st"),
     (
         {"threat.view": "aggregate", "train.mode": "fedavg"},
         "threat.view='aggregate' with train.mode='fedavg': the aggregate of FedAvg deltas",
@@ -441,6 +444,17 @@ def test_settings_a_run_never_reads_are_named_in_a_warning() -> None:
     )
     bpe = parse_flat({"data.dataset": "wikipedia", "data.vocab-size": 512})
     assert ineffective_settings(bpe, text) is None  # type: ignore[arg-type]
+    own = parse_flat(
+        {"data.dataset": "wikipedia", "data.tokenizer": "file:/t.json", "data.vocab-size": 512}
+    )
+    assert ineffective_settings(own, text).startswith(  # type: ignore[arg-type, union-attr]
+        "data.vocab-size=512 (data.tokenizer='file:/t.json' brings its own vocabulary"
+    )
+    # On images both are text settings, named once as such (audit FH2).
+    assert warning({"data.tokenizer": "gpt2", "data.vocab-size": 512}) == (
+        "data.tokenizer='gpt2', data.vocab-size=512 (text settings; mnist5k holds images): no "
+        "effect in this run"
+    )
 
 
 def test_learned_attack_settings_other_settings_leave_unread_are_named() -> None:
@@ -476,6 +490,23 @@ def test_learned_attack_settings_other_settings_leave_unread_are_named() -> None
     assert warning({"attack.lti.lr-drop-epoch": "none", "attack.lti.lr-drop-to": 1e-3}).startswith(
         "attack.lti.lr-drop-to=0.001 (lr-drop-epoch=none: the rate never drops)"
     )
+    # A drop epoch the training never reaches (audit FH3).
+    assert warning({"attack.lti.epochs": 20, "attack.lti.lr-drop-to": 1e-5}) == (
+        "attack.lti.lr-drop-to=1e-05 (lr-drop-epoch=20 >= epochs=20: no drop comes): no effect "
+        "in this run"
+    )
+    assert warning({"attack.lti.epochs": 21, "attack.lti.lr-drop-to": 1e-5}) is None
+    # lti+ig's learned stage, under its own keys (audit FH1).
+    hybrid = {"attack.names": "lti+ig", "attack.lti+ig.refresh": "retrain"}
+    assert warning({**hybrid, "attack.lti+ig.finetune-epochs": 3}) == (
+        "attack.lti+ig.finetune-epochs=3 (refresh='retrain': it trains anew): no effect in this run"
+    )
+    assert warning({**hybrid, "attack.lti+ig.ig-tv-weight": 0.1}) is None
+    # The attack workers' share without workers (audit FF1).
+    assert warning({"attack.worker-gpus": 0.5}) == (
+        "attack.worker-gpus=0.5 (attack.workers=0: the attacks run inline): no effect in this run"
+    )
+    assert warning({"attack.worker-cpus": 2, "attack.workers": 1}) is None
     # At drop epoch 0 the learning rate still sets a refresh's, unless that has its own.
     assert warning({"attack.lti.lr-drop-epoch": 0, "attack.lti.learning-rate": 0.01}) is None
     assert warning(

@@ -26,6 +26,7 @@ from fedleak.attacks.learned.config import idle_settings
 from fedleak.attacks.learned.hashing import resolve_num_bins
 from fedleak.attacks.registry import ATTACKS, attack_entry, attack_modalities, build_attack
 from fedleak.config import (
+    AttackConfig,
     ConfigError,
     RunConfig,
     canonical_key,
@@ -593,14 +594,15 @@ def ineffective_settings(config: RunConfig, fd: FederatedData) -> str | None:
             f"data.shards-per-client={config.data.shards_per_client} (data.partition="
             f"{partition!r}; it shapes the shards partition)"
         )
+    modality = "image" if getattr(fd.dataset, "tokenizer", None) is None else "tokens"
     tokenizer = config.data.tokenizer
-    if config.data.vocab_size != default.data.vocab_size and tokenizer != "bpe":
+    vocabulary = config.data.vocab_size != default.data.vocab_size
+    if modality == "tokens" and vocabulary and tokenizer != "bpe":
         unused.append(
             f"data.vocab-size={config.data.vocab_size} (data.tokenizer={tokenizer!r} brings its "
             "own vocabulary; it sizes the BPE trained on the auxiliary text)"
         )
     unused += idle_attack_settings(config)
-    modality = "image" if getattr(fd.dataset, "tokenizer", None) is None else "tokens"
     given, defaults = config.to_flat(), default.to_flat()
     other = [
         f"{key}={given[key]!r}"
@@ -615,12 +617,23 @@ def ineffective_settings(config: RunConfig, fd: FederatedData) -> str | None:
 
 
 def idle_attack_settings(config: RunConfig) -> list[str]:
-    """The settings given to a learned attack that its other settings leave unread, e.g.
+    """The attack settings a run leaves unread: the attack workers' without workers (audit
+    FF1), and those given to a learned attack that its other settings leave unread, e.g.
     `finetune-epochs` under `refresh=retrain` (audit FE3: the rows came out the same)."""
-    unused = []
-    for name in config.attack.names:
-        given = config.attack.params.get(name) or {}
-        settings = getattr(build_attack(name, given), "config", None)
+    attack, default = config.attack, AttackConfig()
+    unused = [
+        f"attack.{key.replace('_', '-')}={getattr(attack, key):g} (attack.workers=0: the "
+        "attacks run inline)"
+        for key in ("worker_cpus", "worker_gpus")
+        if attack.names and attack.workers == 0 and getattr(attack, key) != getattr(default, key)
+    ]
+    for name in attack.names:
+        given = attack.params.get(name) or {}
+        built = build_attack(name, given)
+        # lti+ig: its learned stage's settings, under their own keys.
+        settings = getattr(built, "config", None) or getattr(
+            getattr(built, "lti", None), "config", None
+        )
         if not isinstance(settings, Settings):
             continue
         idle = idle_settings(settings)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -219,6 +220,8 @@ def idle_settings(config: Settings) -> dict[str, str]:
     drop = get("lr_drop_epoch", None)
     if hasattr(config, "lr_drop_epoch") and drop is None:
         idle["lr-drop-to"] = "lr-drop-epoch=none: the rate never drops"
+    elif drop is not None and drop >= get("epochs", math.inf):  # a refresh never drops it
+        idle["lr-drop-to"] = f"lr-drop-epoch={drop} >= epochs={get('epochs')}: no drop comes"
     warm_reads_it = refresh == "finetune" and get("finetune_learning_rate", None) is None
     if drop == 0 and not warm_reads_it:
         idle["learning-rate"] = "lr-drop-epoch=0: every training runs at lr-drop-to"
