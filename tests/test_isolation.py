@@ -370,3 +370,28 @@ def test_a_run_whose_attack_wrote_into_its_observation_fails_in_one_line(tmp_pat
     assert not (out / "DONE").exists()
     # The run stopped in the round it happened, not later with the attack's rows as failed.
     assert (out / "leakage.csv").read_text().count("\n") == 1
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_a_run_state_error_stops_the_round_alone_or_batched(batched: bool) -> None:
+    """A saved inverter that does not fit, raised from a call alone, from a batched call or
+    from lti+ig's learned stage inside one, stops the run rather than failing the row and
+    every later round's (audits FE1, FH4)."""
+    from fedleak.attacks.learned.hybrid import LTIThenIG
+    from fedleak.attacks.learned.store import InverterStoreError
+
+    class Misfit:
+        name = "misfit"
+
+        def reconstruct(self, observation, knowledge, budget):
+            raise InverterStoreError("lti-inverter-r000001.pt: does not fit")
+
+    class MisfitInBatch(Misfit):
+        def reconstruct_batch(self, observations, knowledge, budget):
+            raise InverterStoreError("lti-inverter-r000001.pt: does not fit")
+
+    hybrid = LTIThenIG(Misfit(), fedleak.build_attack("ig"), name="misfit")  # type: ignore[arg-type]
+    attacks = [MisfitInBatch(), hybrid] if batched else [Misfit()]
+    for attack in attacks:
+        with pytest.raises(InverterStoreError, match="does not fit"):
+            _run(attack, [_observation(1), _observation(2)])
