@@ -75,7 +75,6 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from types import FrameType
 from typing import Any, TextIO
 
 from fedleak.config import ConfigError, RunConfig, canonical_key, flatten_toml, parse_flat
@@ -629,11 +628,8 @@ def _start_worker() -> None:
     it and break the pool, ending the cells still running elsewhere abruptly (a cell's study
     takes SIGINT over while it runs, `fedleak.simulations.launch`); what its cells print
     must not end them, as in the sweep's own process (`guard_worker_streams`); and it ends
-    with the sweep (`_end_with_the_sweep`). In a process group of its own, it gets each
-    Ctrl-C once, from the sweep (`_ctrl_c_to_the_cells`), whether a terminal sent it to the
-    whole group or `kill -INT` to the sweep alone, which its cells never saw (audit FF3)."""
+    with the sweep (`_end_with_the_sweep`)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    os.setpgid(0, 0)
     guard_worker_streams()
     threading.Thread(target=_end_with_the_sweep, args=(os.getppid(),), daemon=True).start()
 
@@ -667,38 +663,28 @@ def _end_with_the_sweep(sweep: int) -> None:
 
 
 def _sigterm_as_ctrl_c(_signum: int, _frame: object) -> None:
-    """A sweep's SIGTERM (a scheduler ending the job) is a terminal's Ctrl-C: SIGINT to this
-    process, where a study running in-process stops at its next safe point, a parallel
-    sweep passes it on to its cells (`_ctrl_c_to_the_cells`), and otherwise the sweep stops
-    between cells. A second SIGTERM is a second Ctrl-C."""
-    signal.raise_signal(signal.SIGINT)
-
-
-def _ctrl_c_to_the_cells(signum: int, frame: FrameType | None) -> None:
-    """A parallel sweep's Ctrl-C: passed on to the cells running in the pool's processes
-    (idle ones ignore it), which see no other, then a KeyboardInterrupt here. Without it
-    they would run on, orphaned, to their end."""
+    """A sweep's SIGTERM (a scheduler ending the job) is a terminal's Ctrl-C: SIGINT to the
+    cells running in the pool's processes (idle ones ignore it) and to this process, where a
+    study running in-process stops at its next safe point and otherwise the sweep stops
+    between cells. A second SIGTERM is a second Ctrl-C. Without it a parallel sweep's cells
+    would run on, orphaned, to their end."""
     for child in multiprocessing.active_children():
         with contextlib.suppress(OSError):
             os.kill(child.pid, signal.SIGINT)
-    signal.default_int_handler(signum, frame)
+    signal.raise_signal(signal.SIGINT)
 
 
 @contextlib.contextmanager
-def _sigterm_stops_the_sweep(parallel: bool = False) -> Iterator[None]:
-    """`_sigterm_as_ctrl_c` while inside, and with `parallel` `_ctrl_c_to_the_cells` (main
-    thread only: elsewhere Python's default stays)."""
+def _sigterm_stops_the_sweep() -> Iterator[None]:
+    """`_sigterm_as_ctrl_c` while inside (main thread only: elsewhere Python's default stays)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = signal.signal(signal.SIGTERM, _sigterm_as_ctrl_c)
-    interrupt = signal.signal(signal.SIGINT, _ctrl_c_to_the_cells) if parallel else None
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-        if interrupt is not None:
-            signal.signal(signal.SIGINT, interrupt)
 
 
 def _is_run(path: Path) -> bool:
@@ -1026,10 +1012,9 @@ def _run_plan(
                 status[cell.id] = {"status": "interrupted", "message": "", "seconds": None}
         _write_manifest(sweep_dir, plan, status)
 
-    parallel = plan.parallel > 1 and len(pending) > 1
     try:
-        with _sigterm_stops_the_sweep(parallel):
-            if not parallel:
+        with _sigterm_stops_the_sweep():
+            if plan.parallel == 1 or len(pending) <= 1:
                 for cell in pending:
                     status[cell.id] = {"status": "running", "message": "", "seconds": None}
                     _write_manifest(sweep_dir, plan, status)
@@ -1080,19 +1065,13 @@ def _run_plan(
                                 result = ("failed", error_line(error, MAX_LINE), 0.0)
                             record(cell, result)
                 finally:
-                    # The running cells stop at their own safe point (the Ctrl-C passed on
-                    # by `_ctrl_c_to_the_cells`); nothing else starts.
+                    # The running cells stop at their own safe point (a terminal's Ctrl-C
+                    # reaches their processes too); nothing else starts.
                     pool.shutdown(wait=True, cancel_futures=True)
                     # A cell may reach its end before its safe point: it is done, not stopped.
                     for future, cell in running.items():
                         if not future.cancelled() and future.exception() is None:
                             record(cell, future.result())
-    except KeyboardInterrupt:
-        if not all(status[cell.id]["status"] == "done" for cell in pending):
-            mark_interrupted()
-            raise
-        # Every cell ended before its next safe point: the sweep is whole, with its report.
-        say("  stop requested after the last cells finished: the sweep is done")
     except BaseException:
         mark_interrupted()
         raise
