@@ -742,6 +742,30 @@ def test_a_released_update_is_told_from_one_the_defense_cannot_have_released(spe
     assert reason is not None and "zeros among" in reason
 
 
+@dataclass(frozen=True)
+class _ScalesAfterSign:
+    """A plug-in's release step ranked after sign: it may change anything sign left."""
+
+    kind: ClassVar[str] = "test-scale"
+    stage: ClassVar[str] = "release"
+    rank: ClassVar[float] = 5.0
+    spec: ClassVar[str] = "test-scale"
+
+    def release(self, grads, generator, *, batched, dp_batch_size):
+        return {name: 0.01 * g for name, g in grads.items()}
+
+
+def test_a_plug_in_step_after_sign_and_prune_ends_the_check() -> None:
+    """What a plug-in's later step releases is not checked against the steps before it: a
+    scaled sign, or a pruned update it fills, is what such a client sends (audit FH5)."""
+    pipeline = DefensePipeline((SignCompression(), Prune(0.5), _ScalesAfterSign()))
+    assert isinstance(pipeline.steps[-1], _ScalesAfterSign)
+    released = pipeline.share({"a": torch.randn(8)}, 1, torch.Generator())
+    assert float(released["a"].abs().max()) == pytest.approx(0.01)
+    assert pipeline.contradiction(released) is None
+    assert pipeline.contradiction({"a": torch.randn(8)}) is None
+
+
 def test_signs_and_each_samples_zeros_are_checked() -> None:
     signs = parse_defense_spec("sign").contradiction
     assert signs({"a": torch.tensor([1.0, -1.0, 0.0])}) is None
