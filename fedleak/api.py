@@ -44,7 +44,7 @@ from fedleak.attacks.types import (
     Reconstruction,
     UpdateKind,
 )
-from fedleak.defenses.spec import parse_defense_spec
+from fedleak.defenses.spec import DefensePipeline, parse_defense_spec
 from fedleak.lines import one_line
 from fedleak.metrics import (
     ROUGE_TYPES,
@@ -456,12 +456,7 @@ def observe(
         raise ConfigError(f"defense={defense!r}: {error}") from None
     # An update the declared defense cannot have released: the adaptive attacks would match
     # a defense it never went through (audit FG1).
-    contradiction = pipeline.contradiction(tensors)
-    if contradiction is not None:
-        raise ConfigError(
-            f"defense={defense!r}: the update: {contradiction}; pass the update as the "
-            "defense released it, or the defense it went through"
-        )
+    _check_released(defense, pipeline, tensors, "the update", "the update")
     if per_sample_updates is not None and kind != "gradient":
         # Replayed as gradients, each sample's delta came back negated (1.8 dB against 55.7).
         raise ConfigError(
@@ -474,12 +469,14 @@ def observe(
             "per_sample_updates", per_sample_updates, names, "each sample's update"
         )
         _check_shapes("per_sample_updates", per_sample_updates, shapes, examples)
-        contradiction = pipeline.contradiction(per_sample_updates, batched=True)
-        if contradiction is not None:
-            raise ConfigError(
-                f"defense={defense!r}: per_sample_updates: {contradiction}; pass each sample's "
-                "update as the defense released it, or the defense it went through"
-            )
+        _check_released(
+            defense,
+            pipeline,
+            per_sample_updates,
+            "per_sample_updates",
+            "each sample's update",
+            batched=True,
+        )
     if bn_statistics is not None:
         bn_statistics = _batchnorm_statistics(model, bn_statistics)
     if not isinstance(input_shape, Sequence) or len(input_shape) not in (1, 3):
@@ -545,6 +542,24 @@ def observe(
         bn_statistics=bn_statistics,
         modality="tokens" if tokens else "image",
     )
+
+
+def _check_released(
+    defense: str,
+    pipeline: DefensePipeline,
+    tensors: Mapping[str, Tensor],
+    argument: str,
+    what: str,
+    batched: bool = False,
+) -> None:
+    """`ConfigError` naming `argument` where `tensors` (each sample's along dim 0 when
+    `batched`) cannot be what `defense` released."""
+    contradiction = pipeline.contradiction(tensors, batched=batched)
+    if contradiction is not None:
+        raise ConfigError(
+            f"defense={defense!r}: {argument}: {contradiction}; pass {what} as the defense "
+            "released it, or the defense it went through"
+        )
 
 
 def batchnorm_statistics(model: nn.Module, inputs: Tensor) -> dict[str, Tensor]:

@@ -36,6 +36,12 @@ def _keep_largest(rows: Tensor, rate: float) -> Tensor:
     return rows * mask
 
 
+def _as_rows(grads: dict[str, Tensor], batched: bool) -> dict[str, Tensor]:
+    """Each tensor as [rows, n]: one row, or one per sample along dim 0 when `batched`."""
+    rows = next(iter(grads.values())).shape[0] if batched else 1
+    return {name: t.reshape(rows, -1) for name, t in grads.items()}
+
+
 @dataclass(frozen=True)
 class Prune:
     """Keep the top (1 - rate) fraction of coordinates by magnitude, per parameter tensor
@@ -65,8 +71,7 @@ class Prune:
         """Pruned copies; with `batched`, dim 0 indexes samples pruned independently."""
         if not grads:
             return {}
-        rows = next(iter(grads.values())).shape[0] if batched else 1
-        flat = {name: t.reshape(rows, -1) for name, t in grads.items()}
+        flat = _as_rows(grads, batched)
         if self.scope == "layer":
             kept = {name: _keep_largest(f, self.rate) for name, f in flat.items()}
         else:
@@ -91,8 +96,7 @@ class Prune:
         tensor, or over all of them with the `global` scope; per sample when `batched`)."""
         if not grads:
             return None
-        rows = next(iter(grads.values())).shape[0] if batched else 1
-        flat = {name: t.reshape(rows, -1) for name, t in grads.items()}
+        flat = _as_rows(grads, batched)
         if self.scope == "global":
             flat = {"": torch.cat(list(flat.values()), dim=1)}
         for name, f in flat.items():
